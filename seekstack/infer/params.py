@@ -67,6 +67,11 @@ class _NotGiven:
 NOT_GIVEN: Any = _NotGiven()
 
 
+def min_tokens_limit(length_name: str, length: int) -> str:
+    """What a min_tokens above the reply's length must be, naming the length as the caller gave it."""
+    return f"at most {length_name} ({length}), as vLLM's: no reply reaches more"
+
+
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
@@ -81,6 +86,9 @@ def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
                 f"{max_tokens!r}")  # fmt: skip
         require(max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
                 f"max_new_tokens={max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
+        min_tokens = values.get("min_tokens", 0)
+        require(max_tokens is None or type(min_tokens) is not int or min_tokens <= max_tokens, "min_tokens",
+                min_tokens_limit("max_tokens", max_tokens))  # fmt: skip
         values["max_new_tokens"] = max_tokens
     for name, default in VLLM_NONE_DEFAULTS.items():
         if name in values and values[name] is None:
@@ -156,7 +164,7 @@ class SamplingParams:
 
     @max_tokens.setter
     def max_tokens(self, value: int | None) -> None:
-        self.max_new_tokens = read_vllm_forms({"max_tokens": value})["max_new_tokens"]
+        self.max_new_tokens = read_vllm_forms({"max_tokens": value, "min_tokens": self.min_tokens})["max_new_tokens"]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -176,8 +184,8 @@ class SamplingParams:
                 "tokens), -1 for its last max_model_len, or None for all of it: an empty prompt has nothing to "
                 "continue")  # fmt: skip
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
-        require(params.max_new_tokens is None or params.min_tokens <= params.max_new_tokens, "min_tokens", f"at most "
-                f"max_new_tokens ({params.max_new_tokens}), as vLLM's: no reply reaches more")  # fmt: skip
+        require(params.max_new_tokens is None or params.min_tokens <= params.max_new_tokens, "min_tokens",
+                min_tokens_limit("max_new_tokens", params.max_new_tokens))  # fmt: skip
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params

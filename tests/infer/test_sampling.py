@@ -94,6 +94,31 @@ def test_dataclasses_replace_takes_vllms_max_tokens_over_the_length_it_copies():
         SamplingParams(max_tokens=5, max_new_tokens=10)  # both given by the caller: still refused
 
 
+def max_tokens_set(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    """`params` after vLLM's `params.max_tokens = max_tokens`."""
+    params.max_tokens = max_tokens
+    return params
+
+
+@pytest.mark.parametrize(
+    "shorter",
+    [
+        lambda: SamplingParams(max_tokens=2, min_tokens=3),
+        lambda: SamplingParams.from_dict({"max_tokens": 2, "min_tokens": 3}),
+        lambda: dataclasses.replace(SamplingParams(min_tokens=3), max_tokens=2),
+        lambda: max_tokens_set(SamplingParams(min_tokens=3), 2),
+    ],
+    ids=["constructor", "from_dict", "replace", "attribute"],
+)
+def test_min_tokens_above_vllms_max_tokens_is_refused_naming_max_tokens(shorter):
+    """A min_tokens above the length was refused as "at most max_new_tokens (2)" where the caller wrote max_tokens=2,
+    a name vLLM's users never gave; the length is named as given (max_new_tokens where that was the name)."""
+    with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_tokens \(2\), as vLLM's"):
+        shorter().validate()
+    with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_new_tokens \(2\), as vLLM's"):
+        SamplingParams(max_new_tokens=2, min_tokens=3).validate()
+
+
 def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
     """vLLM's SamplingParams(stop=None, logprobs=None, ...) are its defaults; here they were ConfigErrors ("field 'stop'
     has value None: input should be a valid array"), so code passing an optional value through failed."""
