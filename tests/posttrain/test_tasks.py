@@ -468,6 +468,18 @@ def test_a_math_style_or_a_sized_parenthesis_is_nothing_to_the_number_as_math_ve
     assert read_number(answer) == 7
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{\\bf 7}", 7), ("\\boxed{{\\bf 7}}", 7), ("$\\rm 7$", 7), ("\\boxed{\\it -7}", -7),
+     ("\\boxed{\\bf\\frac{14}{2}}", 7), ("\\boxed{\\large 7}", 7), ("\\boxed{\\bfseries 7\\text{ cm}}", 7),
+     ("\\boxed{\\item 7}", None), ("\\boxed{\\bf{7}}", None)],
+)  # fmt: skip
+def test_a_font_or_size_declaration_is_nothing_to_the_number_as_math_verify_reads_it(answer, value):
+    """\\boxed{\\bf 7}, TeX's bold declaration as models write it, was no number (scored 0 against 7), where
+    math-verify reads 7; "\\bf{7}" (a declaration given an argument) is no number there either."""
+    assert read_number(answer) == value
+
+
 def test_a_sized_bracket_encloses_a_tuple_or_an_interval_as_left_and_right_do():
     assert read_items("\\boxed{\\Big(1, 2\\Big)}") == Items("()", (1, 2))
     assert read_items("\\bigl[0, 1\\bigr)") == Items("[)", (0, 1))

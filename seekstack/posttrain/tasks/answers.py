@@ -25,8 +25,13 @@ BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 # Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
 MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar sign
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-# LaTeX's sizing of parentheses (\left( \Big( \bigr)) and its math styles (\displaystyle), nothing to the value
-SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
+# LaTeX's sizing of parentheses (\left( \Big( \bigr)), its math styles (\displaystyle) and its declarations of a font
+# ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a size (\large, ...), nothing to the value (math-verify reads through them)
+FONT = r"bf|it|rm|sf|tt|sl|sc|em|cal|mit|bfseries|itshape|rmfamily|sffamily|ttfamily|mdseries|upshape|normalfont"
+SIZE = r"tiny|scriptsize|footnotesize|small|normalsize|large|Large|LARGE|huge|Huge"
+STYLE = re.compile(
+    rf"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style|{FONT}|{SIZE})(?![A-Za-z])"
+)
 # LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\;", "\:", "\!", "\quad", "\qquad" (math-verify drops them)
 LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"
 OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\boxed{\,57\,}", "\boxed{\quad 57}")
@@ -271,15 +276,16 @@ def read_items(answer: str) -> Items | None:
 
 def _answer_text(answer: str) -> str | None:
     """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), a closing
-    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it), its sizing, braces around it whole (`\\boxed{{5}}`, a
-    TeX group math-verify reads through), unit and `x = `; None when the last box is never closed."""
+    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it), its sizing and fonts (STYLE: `\\boxed{\\bf 5}`), braces
+    around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit and `x = `; None when the last box is
+    never closed."""
     text = final_answer(answer)
     if text is None:
         return None
     text = _less_latex_space(OPENING_SPACE.sub("", text).removesuffix("."))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
-    text = _without_unit(SIZING.sub("", text))
+    text = _without_unit(STYLE.sub("", text))
     named = VARIABLE.match(text)
     return text[named.end() if named else 0 :].strip()
 
