@@ -64,7 +64,9 @@ def evaluate(
     "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples"
     of each task (the examples each ran with, its own default where num_fewshot is None; its documents, all and
     scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task
-    read them)}. ConfigError (field tasks) for no task."""
+    read them)}; a task named twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError (field tasks)
+    for no task."""
+    tasks = tuple(dict.fromkeys(tasks))  # lm_eval's command line drops a repeated name the same way, keeping the order
     if not tasks:  # lm_eval's own refusal, "No tasks specified, or no tasks found", names neither
         raise ConfigError(
             f": {tasks!r} names no task: give at least one, a local task ({', '.join(CODE_TASKS)}, reason_addition, "

@@ -332,6 +332,18 @@ def test_no_task_is_refused_naming_the_tasks_field_before_lm_eval_runs(checkpoin
     assert str(refused.value).startswith("field 'tasks': () names no task: give at least one, a local task (code_cloze")
 
 
+def test_a_task_named_twice_runs_and_is_recorded_once_as_lm_evals_command_line_takes_it(checkpoint, tmp_path):
+    """--tasks code_perplexity,code_cloze,code_perplexity built code_perplexity twice and recorded it twice in the
+    options (and so in report's rerun command); lm_eval's --tasks drops a repeated name, keeping the first's place."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE.replace("compute", "measure")])
+    tasks = ("code_perplexity", "code_cloze", "code_perplexity")
+    report = evaluate(checkpoint, tasks, corpus, limit=1, device="cpu")
+    assert report["options"]["tasks"] == ["code_perplexity", "code_cloze"]
+    assert set(report["results"]) == set(report["n-samples"]) == {"code_perplexity", "code_cloze"}
+
+
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
     checkpoint,
     your_task,  # noqa: F811  (the fixture imported above)
