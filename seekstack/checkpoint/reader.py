@@ -321,12 +321,12 @@ class CheckpointReader:
         return 4 if configured in INT8_HELD_BITS and configured <= 4 else 8
 
     def zero_points(self, layer: str) -> torch.Tensor | None:
-        """The zero points z of int8/int4 layer `layer`, whose weight is (q - z) x s: its `weight_zero_point` as int8
-        (..., O, G), one per scale, where the config group applying to it says `symmetric: false` (llm-compressor's
-        W4A16_ASYM); else None. A layer of a symmetric group may store all-zero ones (earlier compressed-tensors
-        versions wrote them): None, the key accounted for. CheckpointError naming the file and the key for zero
-        points stored in no int dtype, an asymmetric layer's missing or misshapen ones, and a symmetric layer's not
-        all 0 (naming the group)."""
+        """The zero points z of int8/int4 layer `layer`, whose weight is (q - z) x s: its `weight_zero_point` (..., O,
+        G), one per scale, in int8 or the int32 it is stored in (unpacked where compressed-tensors packs them), where
+        the config group applying to it says `symmetric: false` (llm-compressor's W4A16_ASYM); else None. A layer of
+        a symmetric group may store all-zero ones (earlier compressed-tensors versions wrote them): None, the key
+        accounted for. CheckpointError naming the file and the key for zero points stored in no int dtype, an
+        asymmetric layer's missing or misshapen ones, and a symmetric layer's not all 0 (naming the group)."""
         key, config = f"{layer}.weight_zero_point", self.directory / CONFIG_FILE
         group, weights = self._group_of(layer) or (None, {})
         asymmetric = weights.get("symmetric", True) is not True
@@ -346,7 +346,10 @@ class CheckpointReader:
                 f"as int8, or int32 words packing them (pack-quantized's); {DAMAGED}"
             )
         points = self._get(key)
-        if points.dtype == torch.int32:  # pack-quantized packs them along the rows, as its codes along the columns
+        # pack-quantized packs a group or channel layer's zero points along the rows, as its codes along the columns;
+        # it stores others (a matrix's one, int-quantized's, a frozen checkpoint's) as they are, int32 ones included
+        packed = f"{layer}.weight_packed" in self and weights.get("strategy") in ("group", "channel")
+        if packed and points.dtype == torch.int32:
             rows = self.unpacked_shape(self.weight_key(layer))[-2]
             points = unpack_codes(points.transpose(-2, -1), self.code_bits(layer)).transpose(-2, -1)[..., :rows, :]
         if not asymmetric:
@@ -366,7 +369,7 @@ class CheckpointReader:
                 f"{self.file_of(key)}: key {key!r} holds {tuple(points.shape)} zero points, but {layer!r} has "
                 f"{scales} scales, one zero point each: {DAMAGED}"
             )
-        return points.to(torch.int8)
+        return points
 
     def float_block(self, key: str) -> tuple[int, int] | None:
         """The (rows, columns) scale block of layer `key` where the compressed-tensors config group applying to it says

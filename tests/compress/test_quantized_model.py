@@ -366,19 +366,21 @@ def test_a_float_quantized_fp8_checkpoint_loads_its_layers_as_the_library_dequan
 
 
 @pytest.mark.parametrize(
-    "base_scheme, quant_format, weights, stored_dtype",
+    "base_scheme, quant_format, weights, stored_dtype, zero_dtype",
     [
-        ("int4", "pack-quantized", {"num_bits": 4, "strategy": "group", "group_size": 32}, torch.int32),
-        ("int8", "int-quantized", {"num_bits": 8, "strategy": "channel"}, torch.int8),
+        ("int4", "pack-quantized", {"num_bits": 4, "strategy": "group", "group_size": 32}, torch.int32, torch.int8),
+        ("int8", "int-quantized", {"num_bits": 8, "strategy": "channel"}, torch.int8, torch.int8),
+        ("int8", "int-quantized", {"num_bits": 8, "strategy": "channel"}, torch.int8, torch.int32),
     ],
-    ids=["W4A16_ASYM packed", "int8 channel unpacked"],
+    ids=["W4A16_ASYM packed", "int8 channel unpacked", "int8 channel, int32 zero points"],
 )
 def test_an_asymmetric_checkpoint_loads_its_layers_as_the_library_dequantizes_them(
-    tmp_path, base_scheme, quant_format, weights, stored_dtype
+    tmp_path, base_scheme, quant_format, weights, stored_dtype, zero_dtype
 ):
     """llm-compressor's W4A16_ASYM (`symmetric: false`: codes q with zero points z, weight (q - z) x s) was refused.
     Each layer written by compressed-tensors' own compressor, zero points packed along the rows where it packs them;
-    the layers load in float, with a note, equal to what the library decompresses."""
+    the layers load in float, with a note, equal to what the library decompresses. Zero points it stores unpacked in
+    int32 (int-quantized keeps the dtype given) were unpacked as packed words: weights up to 4.7 off, silently."""
     weights = {"type": "int", "symmetric": False, **weights}
     half = 2 ** (weights["num_bits"] - 1)
 
@@ -387,7 +389,7 @@ def test_an_asymmetric_checkpoint_loads_its_layers_as_the_library_dequantizes_th
         return torch.rand(weight.shape[0], groups, generator=generator).bfloat16() / 100 + 0.01
 
     def zero_points(scale, generator):
-        return torch.randint(-half, half, scale.shape, generator=generator, dtype=torch.int8)
+        return torch.randint(-half, half, scale.shape, generator=generator, dtype=torch.int8).to(zero_dtype)
 
     theirs = rewrite_with_compressor(tmp_path, base_scheme, quant_format, weights, scales, stored_dtype, zero_points)
     for dequantize in (False, True):
