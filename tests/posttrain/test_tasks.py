@@ -334,6 +334,18 @@ def test_a_latex_space_before_a_degree_sign_is_dropped_with_it_as_math_verify_dr
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\\text{30}^\\circ}", 30), ("\\boxed{\\textbf{30}^{\\circ}}", 30), ("$\\mathrm{30}\\,^\\circ$", 30),
+     ("\\boxed{\\text{ -30 }^\\circ}", -30), ("\\boxed{\\text{30}^2^\\circ}", None),
+     ("\\boxed{5\\text{30}^\\circ}", None), ("\\boxed{\\text{30 cm}^\\circ}", None)],
+)  # fmt: skip
+def test_a_number_in_text_before_a_degree_sign_reads_as_math_verify_reads_it(answer, value):
+    """\\boxed{\\text{30}^\\circ} was no number (scored 0 against 30): the words of \\text{30} are read when they are
+    all there is, but not once a degree sign was dropped after them; math-verify reads 30 (and 900 for a square)."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed{-(42)}", -42), ("\\boxed{- (42)}", -42), ("\\boxed{-\\left(\\frac{1}{2}\\right)}", Fraction(-1, 2)),
      ("\\boxed{+(42)}", 42), ("\\boxed{(-42)}", -42), ("\\boxed{(42)}", 42), ("\\boxed{(42)(1)}", None)],
 )  # fmt: skip

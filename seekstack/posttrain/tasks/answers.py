@@ -330,7 +330,7 @@ def _without_unit(text: str) -> str:
     """`text` less its closing `\\text{...}` (TEXT_UNIT), of up to MAX_UNITS parts, each with the LaTeX space before
     it (`12\\,\\text{cm}`, `9.8\\,\\text{m}\\,\\text{s}^{-2}`, `9.8\\text{ m}/\\text{s}^2`), and its degree sign
     (DEGREES) and the LaTeX space before it (`30\\,^\\circ`), as math-verify drops a unit; the words inside
-    `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
+    `\\text{...}` when they are all there is, a degree sign after them maybe (`\\text{57}^\\circ` is 57)."""
     for part in range(MAX_UNITS):
         unit = TEXT_UNIT.search(text)
         if unit is None:
@@ -343,7 +343,11 @@ def _without_unit(text: str) -> str:
         factor = _less_latex_space(rest.removesuffix(product)) if product else rest
         text = factor if product and TEXT_UNIT.search(factor) else rest
     degrees = DEGREES.search(text)
-    return _less_latex_space(text[: degrees.start()]) if degrees else text
+    if degrees is None:
+        return text
+    text = _less_latex_space(text[: degrees.start()])
+    words = TEXT_UNIT.match(text)  # the words of a unit alone before the degree sign ("\\text{30}^\\circ" is 30)
+    return words["words"].strip() if words and words.end("words") == len(text) - 1 else text
 
 
 def _less_latex_space(text: str) -> str:
