@@ -174,9 +174,11 @@ _EMAILS = (_email_pattern(UNSPACED_SCRIPT_RANGES), _email_pattern(""))
 # An octet may be zero-padded, as fixed-width tables and logs write it (`093.184.216.034`): a reader reads the address
 # without the zeros, and so it is judged (`_address`).
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d|0\d{1,2})"
-# An address stands apart from the word characters around it (`v1.2.3.4`, `1.2.3.4a`, `fe80::1x` are none), but not
-# from those of the scripts written without spaces, whose text writes it against the next word (`服务器IP为<IP>，`).
-_WORD_BESIDE = f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
+# An address stands apart from the letters and digits around it (`v1.2.3.4`, `1.2.3.4a`, `fe80::1x` are none), but
+# not from an underscore, which parts the words of a name as a dash does (`host_93.184.216.34`, a log file's
+# `93.184.216.34_access.log`: datatrove's PIIFormatter replaces those too), nor from the letters of the scripts
+# written without spaces, whose text writes it against the next word (`服务器IP为<IP>，`).
+_WORD_BESIDE = f"[^\\W_{UNSPACED_SCRIPT_RANGES}]"
 # (The lookahead first: the lookbehind's large set is tested only where an address may start.) A prefix length after
 # it (`/24`, CIDR notation), not a path (`http://93.184.216.34/2024/05/x.html`), is read with it: `_is_host` tells a
 # network from a host.

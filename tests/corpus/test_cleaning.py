@@ -938,6 +938,16 @@ def test_a_public_ip_with_zero_padded_octets_is_replaced_as_it_reads_without_the
     assert scrub_pii(kept) == (kept, {})
 
 
+def test_a_public_ip_beside_an_underscore_is_replaced_as_beside_a_dash() -> None:
+    """An underscore parts the words of a name as a dash does (`host_93.184.216.34`, `93.184.216.34_access.log`), and
+    datatrove's PIIFormatter replaces such an address; it was kept, read as inside a word. Letters and digits still
+    make it no address (`v1.2.3.4`, `ab93.184.216.34`), and private ones and versions stay."""
+    text = "host_93.184.216.34 wrote 93.184.216.34_access.log, peer_2606:2800:220:1:248:1893:25c8:1946_up\n"
+    assert scrub_pii(text) == ("host_<IP> wrote <IP>_access.log, peer_<IP>_up\n", {"ip": 3})
+    kept = "ab93.184.216.34, 93.184.216.34ab, lan_192.168.1.1, pkg_2.7.2.2, loop_::1_x\n"
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_an_address_with_an_invisible_character_inside_is_replaced_whole() -> None:
     """An e-mail or IP address holding a zero-width space, joiner or soft hyphen (HTML's `&shy;`, set by hyphenation or
     against harvesters), which reads as the address, was kept whole or in part ('jo\u200d<EMAIL>'); it is matched
