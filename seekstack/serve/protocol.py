@@ -17,6 +17,7 @@ from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (
+    MAX_ENGINE_REQUESTS,
     ChatCompletionRequest,
     ChatLogprobs,
     CompletionLogprobs,
@@ -31,7 +32,6 @@ from seekstack.tokenizer import Tokenizer, byte_level_bytes, tools_prompt
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
-MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
 NO_FUNCTIONS = "functions and function_call are OpenAI's deprecated forms of tools and tool_choice: send those"
 # Chat fields declared only to be refused when set (schemas.ChatCompletionRequest): why this server cannot honour each
 REFUSED_CHAT_FIELDS = {

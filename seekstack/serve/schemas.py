@@ -32,7 +32,10 @@ from seekstack.infer.params import LOGIT_BIAS_LIMIT, MAX_TOP_LOGPROBS, SamplingP
 from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
-MAX_PROMPTS = 16  # prompts in one completions request
+MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
+# prompts in one completions request: as many as the generations it may start (vLLM sets no limit): lm-eval's
+# local-completions sends its batch_size of prompts in each request, so 16 refused every batch_size of 32 or 64
+MAX_PROMPTS = MAX_ENGINE_REQUESTS
 # OpenAI's limit is 4, vLLM sets none: lm-eval's local-completions sends a task's `until` whole with the EOS text (6
 # for humaneval, 5 for aime), so 4 refused whole tasks that vLLM serves
 MAX_STOP_STRINGS = 16

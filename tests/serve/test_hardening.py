@@ -213,12 +213,12 @@ def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     async def scenario(client):
         unknown = await client.post("/v1/completions", json={**COMPLETION, "model": "gpt-9"})
         out_of_vocabulary = await client.post("/v1/completions", json={**COMPLETION, "prompt": [10**6]})
-        too_many = await client.post("/v1/completions", json={**COMPLETION, "prompt": ["a"] * 17})
+        too_many = await client.post("/v1/completions", json={**COMPLETION, "prompt": ["a"] * 65})
         return unknown, out_of_vocabulary, too_many
 
     unknown, out_of_vocabulary, too_many = run(app, scenario)
     message = error_of(too_many, 400)["message"]  # its bound, once: not every union branch of `prompt` failing
-    assert message.startswith("invalid request: prompt: List should have at most 16 items") and ";" not in message
+    assert message.startswith("invalid request: prompt: List should have at most 64 items") and ";" not in message
     assert error_of(unknown, 404) == {**unknown.json()["error"], "type": "invalid_request_error", "param": "model"}
     assert error_of(out_of_vocabulary, 400)["type"] == "invalid_request_error"
     assert out_of_vocabulary.json()["error"]["param"] == "prompt"
@@ -878,6 +878,22 @@ def test_a_list_of_prompts_gets_n_choices_each_in_order(engine, tmp_path):
     assert {choice["index"] for event in events for choice in event["choices"]} == {0, 1}
     assert events[-1]["usage"]["prompt_tokens"] == 3 and events[-1]["usage"]["completion_tokens"] == 8
     assert error_of(too_many, 400)["param"] == "n"
+
+
+def test_a_batch_of_32_prompts_as_lm_evals_local_completions_sends_is_scored(engine, tmp_path):
+    """lm-eval's local-completions sends its batch_size of prompts in one request (vLLM takes any number): 32 were
+    refused, 'prompt: List should have at most 16 items'."""
+    prompts = [f"hello {number}" for number in range(32)]
+    batch = {**COMPLETION, "prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1}
+
+    async def scenario(client):
+        return await client.post("/v1/completions", json=batch, timeout=120)
+
+    answered = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    assert answered.status_code == 200, answered.text
+    choices = answered.json()["choices"]
+    assert [choice["index"] for choice in choices] == list(range(32))
+    assert [choice["text"][: len(prompt)] for choice, prompt in zip(choices, prompts, strict=True)] == prompts
 
 
 def test_prompt_tokens_read_from_the_prefix_cache_are_reported_and_billed_at_the_cached_price(engine, tmp_path):
