@@ -238,12 +238,18 @@ def _model_args(folders: ModelFolders) -> dict[str, str]:
     return {"pretrained": str(weights), "peft": str(adapter), "tokenizer": str(tokenizer)}
 
 
+def documents_key(report: dict[str, Any]) -> str:
+    """Which key of a results.json holds each task's documents: lm_eval's "n-samples", or "samples" in one written
+    before "n-samples" was kept (its scored counts alone)."""
+    return "samples" if "n-samples" not in report and "samples" in report else "n-samples"
+
+
 def documents_scored(report: dict[str, Any]) -> dict[str, int]:
-    """Each task's documents scored: lm_eval's "n-samples" "effective" count (after --limit), or the "samples" counts
-    of a results.json written before "n-samples" was kept."""
-    if "n-samples" in report:
-        return {task: counts["effective"] for task, counts in report["n-samples"].items()}
-    return report.get("samples", {})
+    """Each task's documents scored (`documents_key`): lm_eval's "n-samples" "effective" count (after --limit), or
+    the "samples" counts of an earlier results.json."""
+    key = documents_key(report)
+    counts = report.get(key, {})
+    return counts if key == "samples" else {task: n["effective"] for task, n in counts.items()}
 
 
 def results_table(report: dict[str, Any]) -> str:

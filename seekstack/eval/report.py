@@ -464,7 +464,7 @@ def _steps_label(first: int, last: int) -> str:
 def _evaluation(run_dir: Path, checkpoint: Path | None) -> str:
     """The Evaluation section: eval/results.json's table, naming the checkpoint it measured and saying when the run
     has a newer one; nothing for a run without a checkpoint nor results."""
-    from seekstack.eval.evaluate import results_table
+    from seekstack.eval.evaluate import documents_key, results_table
 
     path = run_dir / EVAL_RESULTS
     if not path.is_file():
@@ -473,8 +473,7 @@ def _evaluation(run_dir: Path, checkpoint: Path | None) -> str:
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
     results = _json_object(path, remedy)
-    # each task's documents: lm_eval's "n-samples", or the "samples" counts of a file written before eval kept those
-    counts = "samples" if "n-samples" not in results and "samples" in results else "n-samples"
+    counts = documents_key(results)
     checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), (counts, dict), ("model", str),
               ("options", dict))  # fmt: skip
     for key, kind in checks:
