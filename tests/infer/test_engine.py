@@ -104,6 +104,26 @@ def test_a_sequence_decoded_alone_equals_it_decoded_among_others(model, tokenize
         )
 
 
+@pytest.mark.parametrize("prompt_logprobs", [None, 3], ids=["last-position", "every-position"])
+def test_prompts_prefilled_together_padded_to_one_width_score_as_each_alone(model, tokenizer, prompt_logprobs):
+    """One prefill chunk holds prompts of 1 to 30 tokens, padded to the longest: the padding is masked from every
+    real query and the first token is read at each row's last real position, so tokens and logprobs (the first
+    token's, and the prompt's) are each prompt's alone."""
+    batch = prompts([3, 30, 17, 1])
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=5,
+                            prompt_logprobs=prompt_logprobs)  # fmt: skip
+    together = Engine(model, tokenizer, prefill_chunk=256).generate(batch, params)
+    for prompt, completion in zip(batch, together, strict=True):
+        alone = Engine(model, tokenizer).generate([prompt], params)[0]
+        assert completion.token_ids == alone.token_ids
+        for mine, its in zip(completion.logprobs, alone.logprobs, strict=True):
+            assert mine.logprob == pytest.approx(its.logprob, abs=1e-5)
+            assert [token for token, _, _ in mine.top] == [token for token, _, _ in its.top]
+        if prompt_logprobs is not None:
+            for mine, its in zip(completion.prompt_logprobs[1:], alone.prompt_logprobs[1:], strict=True):
+                assert (mine.token_id, mine.logprob) == (its.token_id, pytest.approx(its.logprob, abs=1e-5))
+
+
 def test_request_joining_mid_decode_does_not_change_running_ones(model, tokenizer):
     first, second = prompts([6, 40])
     expected = Engine(model, tokenizer).generate([first], GREEDY)[0].token_ids
