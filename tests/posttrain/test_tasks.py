@@ -230,6 +230,18 @@ def test_a_space_after_the_sign_is_read_as_latex_and_math_verify_read_it(answer,
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{--3}", 3), ("$- -3$", 3), ("\\boxed{-+3}", -3), ("\\boxed{+-3}", -3), ("\\boxed{---3}", -3),
+     ("\\frac{--6}{2}", 3), ("6/--2", 3), ("\\boxed{--(3)}", 3), ("\\boxed{-(--3)}", -3),
+     ("\\boxed{--1\\frac12}", 1.5)],
+)  # fmt: skip
+def test_repeated_signs_each_negate_or_not_as_math_verify_reads_them(answer, value):
+    """\\boxed{--3} was no number (scored 0 against 3): one sign was read before a number or a pair of parentheses;
+    math-verify reads each sign, --3 as 3 and -+3 as -3."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\frac{1}{-2}", Fraction(-1, 2)), ("\\boxed{\\dfrac{3}{- 4}}", Fraction(-3, 4)), ("1/-2", Fraction(-1, 2)),
      ("\\frac{-3}{-4}", Fraction(3, 4)), ("-\\frac{3}{-4}", Fraction(3, 4)), ("-1/\u22122", Fraction(1, 2))],
 )  # fmt: skip
@@ -679,6 +691,9 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\text{a}/" * 7_000 + "\\text{a}",  # a unit of more than MAX_UNITS parts is no answer
         "1" + "\\text{a}^{-1}" * 5_000,
         "\\text{{a}" * 7_000,
+        "- " * 35_000 + "x",
+        "\\frac{" + "-" * 70_000,
+        "(" + "- " * 35_000 + "x)",
         "所以答案是" * 14_000 + "x",
         "答案" + " " * 70_000 + "x",
     ],

@@ -96,8 +96,9 @@ UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12", and
 # "1\,\frac12" with a LaTeX space as math-verify reads it)
 WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\[ ,;:])*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
-# A sign, and the whitespace LaTeX ignores after it ("- 5", "\frac{- 1}{2}", as math-verify reads them)
-SIGN = r"(?:[+\-\u2212]\s*)?"
+# Signs, and the whitespace LaTeX ignores after each ("- 5", "\frac{- 1}{2}", "--5", "-+5", as math-verify reads them:
+# 5 and -5)
+SIGN = r"(?:[+\-\u2212]\s*+)*+"
 # \frac{a}{b}, \dfrac, \tfrac, \cfrac (amsmath's, which math-verify reads too), \frac12; spaces around its arguments
 # as LaTeX takes them ("\frac 12", "\frac {1} {2}")
 FRACTION = (
@@ -115,10 +116,10 @@ RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30"
 # Parentheses around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)", "-(-42)", "-(-(42))",
 # "-\left(\frac{1}{2}\right)"), as math-verify reads them: the opening ones with their signs, and (matched on the
 # answer reversed, so in linear time) the closing ones
-OPENING_PARENTHESES = re.compile(r"(?:[+\-\u2212]?\s*+\(\s*+)*+")
+OPENING_PARENTHESES = re.compile(rf"(?:{SIGN}\(\s*+)*+")
 CLOSING_PARENTHESES = re.compile(r"\s*+(?:\)\s*+)*+")
 COMMA = re.compile(r"(?<!\\),")  # not LaTeX's thin space "\,"
-# NUMBER's groups of a sign ("-\frac{1}{-2}", "1/-2"): a minus in an odd number of them makes the number negative
+# NUMBER's groups of signs ("-\frac{1}{-2}", "1/-2"): an odd number of minus signs in them makes the number negative
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"{DOLLAR}(?P<sign>{SIGN}){DOLLAR}(?:(?:{WHOLE})?{FRACTION}"
@@ -253,8 +254,7 @@ def _unparenthesized(text: str) -> tuple[bool, str] | None:
     inside = text[opening.end() : len(text) - closing.end()].strip()
     if depth and COMMA.search(inside):
         return None
-    negative = (opening.group().count("-") + opening.group().count("\u2212")) % 2 == 1
-    return negative, inside
+    return _negates(opening.group()), inside
 
 
 class Items(NamedTuple):
@@ -322,8 +322,13 @@ def _number(text: str) -> Reading | None:
         value = (_fraction(match["whole"] or "0") + _fraction(top) / _fraction(bottom)) * Fraction(10) ** exponent
     except (ValueError, ZeroDivisionError):
         return None
-    negative = sum((match[group] or "")[:1] in ("-", "\u2212") for group in SIGNS) % 2 == 1
+    negative = _negates("".join(match[group] or "" for group in SIGNS))
     return Reading(-value if negative else value, bool(match["percent"]))
+
+
+def _negates(signs: str) -> bool:
+    """Whether `signs` hold an odd number of minus signs (`-`, `−`)."""
+    return (signs.count("-") + signs.count("\u2212")) % 2 == 1
 
 
 def _without_unit(text: str) -> str:
