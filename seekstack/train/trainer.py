@@ -616,9 +616,14 @@ class _Run:
         self._say(f"MFU against a peak of {flops_text(self.peak_flops)}{ranks_note}: {peak.source}")
         # a run refused here (a damaged metrics.jsonl, an out_dir ranks do not share) writes nothing: a refused
         # resume leaves the run's train_config.json and metrics.jsonl as they were
-        if ranks.is_main:
+        kept_metrics: list[dict[str, Any]] | None = None  # rank 0's alone, which writes the run's files
+
+        def hold_and_read_metrics() -> None:
+            nonlocal kept_metrics
             held.enter_context(out_dir_held(self.out_dir))  # before the run's first write into it
             kept_metrics = self._kept_metrics()
+
+        distributed.done_by_main(hold_and_read_metrics, ranks)  # its refusal met by every rank, none left waiting
         if is_sharded(model) or self.expert_parallel or (self.comm is not None and self.comm.keeps_state):
             distributed.require_shared_folder(self.out_dir, ranks)  # each rank writes its part of every checkpoint
         if ranks.is_main:

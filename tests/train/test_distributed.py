@@ -366,3 +366,26 @@ def test_peak_flops_given_for_cpu_ranks_of_one_machine_counts_once_as_the_cpus_t
     assert (
         logged[0]["peak_source"] == "peak_flops, as the config gives it, per machine (its CPUs, which its ranks share)"
     )
+
+
+def _rank_resuming(rank: int, world_size: int, port: int, config, refused) -> None:
+    try:
+        _rank_main(rank, world_size, port, config, resume=True)
+    except Exception as error:
+        refused[rank] = (type(error).__name__, str(error))
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_a_resume_rank_0_refuses_over_its_metrics_file_is_refused_on_every_rank_quoting_it(data_dir, tmp_path):  # noqa: F811
+    """Rank 0 alone reads metrics.jsonl: its refusal of a damaged line left rank 1 going on into its next collective,
+    which met gloo's 'Connection closed by peer' once rank 0 had ended."""
+    run = tmp_path / "run"
+    train(run_config(data_dir, run, max_steps=2, save_every=2, eval_every=0))
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0][:-20], *lines[1:]]) + "\n")
+    refused = mp.Manager().dict()
+    config = run_config(data_dir, run, max_steps=4, save_every=2, eval_every=0)
+    mp.spawn(_rank_resuming, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    assert refused[0][0] == "ValueError" and refused[0][1].startswith(f"{metrics}:1: not valid JSON")
+    assert refused[1] == ("ConfigError", f"ValueError on rank 0: {refused[0][1]}")
