@@ -124,7 +124,9 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     too, for `_is_address` to tell: an scp-style remote (`git@github.com:user/repo.git`, `bob@server:~/notes`) whole,
     as group `remote_login`, and an unknown ASCII top-level domain before a ">" (".>"), as group `unknown_domain`. A
     domain may also be an IPv4 address literal in brackets (RFC 5321: `postmaster@[93.184.216.34]`), the mailbox of
-    a host without a name, replaced whole, as datatrove's PIIFormatter replaces it."""
+    a host without a name, replaced whole, as datatrove's PIIFormatter replaces it; or an IPv4 address unbracketed,
+    as group `address`: a login or message id at a host (`ann@93.184.216.34`), replaced whole when the host is public
+    (`_is_address`)."""
     outside = re.compile(f"[^{excluded}]" if excluded else r"[\s\S]")
     marks = "".join(mark for mark in _COMBINING_MARKS if outside.match(mark))
     # A mark continues a part, never starts one. Marks are a set beside the letters' rather than a branch: re tests
@@ -161,6 +163,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
         rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))|\[\d{{1,3}}(?:\.\d{{1,3}}){{3}}\]"
+        r"|(?P<address>[0-9]{1,3}(?:\.[0-9]{1,3}){3})(?!\.?\w|@)"
         rf"|(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"
         rf"(?:(?:{one_case}(?i:{_any_of(_TOP_LEVEL_DOMAINS)})|(?P<unknown_domain>[A-Za-z]{{2,}}(?=\.?>))"
         rf"|{other_letter}(?:{other_letter}|[{marks}])+){word_end}"
@@ -242,10 +245,14 @@ def _is_address(match: re.Match[str]) -> bool:
     """Whether an e-mail-like match is an address: not a login at a host, an scp-style remote's
     (`git@github.com:user/repo.git`) or a URL's user (`ssh://git@github.com/x`, `ftp://anonymous@ftp.gnu.org`,
     `cvs://:pserver:anoncvs@host`; `mailto:` names an address), and ending in a known top-level domain unless it is a
-    mailbox in angle brackets, as a changelog names its authors (`Tim Waugh <twaugh@worm.elk>`)."""
+    mailbox in angle brackets, as a changelog names its authors (`Tim Waugh <twaugh@worm.elk>`). A name at a public
+    IPv4 address written without brackets (`ann@93.184.216.34`) is one too, as at a host's name (`ann@example.com`):
+    the user or mailbox of one host; at a private one (`pi@192.168.1.10`, `root@127.0.0.1`) it identifies nobody."""
     start = match.start()
     if match["remote_login"] or _URL_USER_BEFORE.search(match.string, max(0, start - URL_USER_CHARS), start):
         return False
+    if match["address"] is not None:
+        return _looks_like_ip(match) and _is_public_ip(_address(match))
     return not match["unknown_domain"] or match.string[start - 1 : start] == "<"
 
 

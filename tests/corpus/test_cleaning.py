@@ -983,6 +983,21 @@ def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
     assert scrub_pii("http://user@[93.184.216.34]/") == ("http://user@[<IP>]/", {"ip": 1})
 
 
+def test_a_name_at_a_public_ip_written_without_brackets_is_replaced_whole() -> None:
+    """`ann@93.184.216.34` had its IP alone replaced, `ann@<IP>` keeping the user or mailbox of one host, which at a
+    host's name (`ann@example.com`) is replaced whole, as datatrove's PIIFormatter replaces both. At a private host it
+    identifies nobody and stays, as do a version, a URL's user and an scp-style remote (their IP replaced)."""
+    text = "ssh ann@93.184.216.34 -p 22, <5.2.0.9@93.184.216.34>, bo@093.184.216.034.\n"
+    assert scrub_pii(text) == ("ssh <EMAIL> -p 22, <<EMAIL>>, <EMAIL>.\n", {"email": 3})
+    kept = "ssh pi@192.168.1.10, root@127.0.0.1 and pkg@2.7.2.2\n"
+    assert scrub_pii(kept) == (kept, {})
+    assert scrub_pii("ssh://ann@93.184.216.34/x and ann@93.184.216.34:/tmp/") == (
+        "ssh://ann@<IP>/x and ann@<IP>:/tmp/",
+        {"ip": 2},
+    )
+    assert scrub_pii("get_addr_spec('star@172.17.0.1@example.com')") == ("get_addr_spec('star@<EMAIL>')", {"email": 1})
+
+
 def test_file_names_with_an_at_sign_are_not_e_mail_addresses() -> None:
     """Retina images (`logo@2x.png`) and pinned packages (`react-dom@18.2.0.js`) were replaced with <EMAIL>; an address
     whose domain merely holds such a label is still one."""
