@@ -467,9 +467,9 @@ class Tokenizer:
         (`drop_past_reasoning`), the `tools` offered (OpenAI's definitions) listed after the system prompts
         (`tools_prompt`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
         last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
-        prompt follows; ValueError when it is not an assistant's, and, as transformers raises, when
-        `add_generation_prompt` is given true beside it (None, the default: a generation prompt unless the last message
-        is continued). A chat ending with tool results ends with
+        prompt follows; ValueError when it is not an assistant's, and, as transformers raises, for no messages and
+        when `add_generation_prompt` is given true beside it (None, the default: a generation prompt unless the last
+        message is continued). A chat ending with tool results ends with
         <｜tool▁outputs▁end｜>, where the reply follows (DeepSeek's templates write no generation prompt there).
         A tokenizer without the DeepSeek-V3 role tokens writes the chat in its checkpoint's own template
         (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"), as transformers' `apply_chat_template` does, the
@@ -490,8 +490,7 @@ class Tokenizer:
         add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         messages = self._chat_messages(messages, continue_final_message, tools)
         if not self.has_role_tokens:
-            special_tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
-            return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
+            return self._own_template(messages, add_generation_prompt, continue_final_message)
         pieces = self._chat_pieces(messages, tools)
         chat = "".join(text for text, _ in pieces)
         if continue_final_message:
@@ -516,14 +515,14 @@ class Tokenizer:
         it is) rendered alone, an assistant's trained after its generation prompt ("Assistant:"). ValueError naming
         the template's file where the turns alone do not make the chat."""
         messages = self._templated(messages)
-        bos = self.render_chat([], add_generation_prompt=False)
-        role = self.render_chat([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
+        bos = self._own_template([], add_generation_prompt=False)
+        role = self._own_template([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
         opening = next((p for p, message in enumerate(messages) if message["role"] != "system"), len(messages))
-        pieces = [(self.render_chat(messages[:opening], add_generation_prompt=False), False)]
+        pieces = [(self._own_template(messages[:opening], add_generation_prompt=False), False)]
         for message in messages[opening:]:
-            turn = self.render_chat([message], add_generation_prompt=False).removeprefix(bos)
+            turn = self._own_template([message], add_generation_prompt=False).removeprefix(bos)
             pieces += [(role, False), (turn.removeprefix(role), True)] if is_trained(message) else [(turn, False)]
-        if "".join(text for text, _ in pieces) != self.render_chat(messages, add_generation_prompt=False):
+        if "".join(text for text, _ in pieces) != self._own_template(messages, add_generation_prompt=False):
             raise ValueError(
                 f"the chat template of {self.chat_template.source} writes a conversation's turns otherwise alone "
                 "than together, so its assistant's tokens cannot be told apart for training"
@@ -535,9 +534,11 @@ class Tokenizer:
     ) -> list[dict]:
         """`messages` templated as `render_chat` writes them, and its ValueErrors but the first."""
         messages = self._templated(messages)
-        if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
-            last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
-            raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise ValueError(
+                "a chat continued from its last message must end with an assistant message; its last message is a "
+                f"{messages[-1]['role']} message"
+            )
         if continue_final_message and messages[-1].get("tool_calls"):
             raise ValueError(
                 f"chat message {len(messages) - 1} has tool_calls, which close its turn: a chat continued from it has "
@@ -571,10 +572,20 @@ class Tokenizer:
             raise ValueError(f"the tools offered contain the special token {forged!r}")
         return messages
 
+    def _own_template(
+        self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool = False
+    ) -> str:
+        """Templated `messages` written in the checkpoint's own chat template, with this tokenizer's BOS and EOS."""
+        special_tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
+
     def _templated(self, messages: list[dict]) -> list[dict]:
         """`messages` as the chat format takes them (`template_message`): in DeepSeek-V3's, the assistant turns before
         the last user message without their reasoning (`drop_past_reasoning`); a checkpoint's own template gets them
-        as transformers' `apply_chat_template` passes them, and writes what it writes of each."""
+        as transformers' `apply_chat_template` passes them, and writes what it writes of each. ValueError for no
+        messages, as transformers refuses them (the chat string was a BOS and a generation prompt)."""
+        if not messages:
+            raise ValueError("a chat has no messages: give at least one, as transformers' apply_chat_template asks")
         templated = [self.template_message(position, message) for position, message in enumerate(messages)]
         return drop_past_reasoning(templated) if self.has_role_tokens else templated
 

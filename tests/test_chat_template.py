@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.conversations import encode_conversation, read_conversations
-from seekstack.tokenizer import EOS, REASONING_FIELDS, Tokenizer
+from seekstack.tokenizer import EOS, REASONING_FIELDS, Tokenizer, train_tokenizer
 from tests.interop.release import V2_CHAT_TEMPLATE, v2_chat_tokenizer
+from tests.test_tokenizer import stdlib_texts
 
 # a template that writes an assistant's reasoning apart, as reasoning models' templates (Qwen3's) read it
 REASONING_TEMPLATE = V2_CHAT_TEMPLATE.replace(
@@ -71,3 +72,18 @@ def test_an_earlier_turns_think_block_is_written_as_the_checkpoints_template_wri
     expected = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert ours.encode_chat(chat) == expected
     assert f"Assistant: <think>\nadd\n</think>\n\n5{EOS}" in ours.decode(expected)
+
+
+def test_a_chat_of_no_messages_is_refused_as_transformers_refuses_it(v2_folder, tmp_path):
+    """transformers' apply_chat_template refuses an empty conversation; seekstack wrote BOS and a generation prompt
+    ("<｜begin▁of▁sentence｜><｜Assistant｜>", "<｜begin▁of▁sentence｜>Assistant:") for the model to answer nothing."""
+    train_tokenizer(stdlib_texts(20_000), 300, tmp_path)
+    for folder in (v2_folder, tmp_path):
+        tokenizer = Tokenizer.from_file(folder)
+        with pytest.raises(ValueError, match="empty conversation"):
+            AutoTokenizer.from_pretrained(folder).apply_chat_template([], add_generation_prompt=True)
+        for write in (tokenizer.render_chat, tokenizer.encode_chat, tokenizer.chat_pieces):
+            with pytest.raises(ValueError, match=r"^a chat has no messages: give at least one"):
+                write([])
+        with pytest.raises(ValueError, match=r"^a chat has no messages"):
+            tokenizer.render_chat([], add_generation_prompt=False, continue_final_message=True)
