@@ -20,7 +20,7 @@ from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations, conversation_prompts, generated_positions
 from seekstack.distill.run import run_distill
 from seekstack.distill.teacher import Teacher, TopKCache, layer_outputs
-from seekstack.infer import Engine
+from seekstack.infer import Engine, SamplingParams
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.conversations import (
@@ -414,15 +414,17 @@ def test_packed_conversations_are_answered_each_on_its_own_and_the_answers_packe
     assert torch.equal(compared, expected_compared)
 
 
-def test_packed_conversations_are_answered_all_at_once_not_a_rows_worth_at_a_time(workspace, tmp_path, monkeypatch):
+def test_packed_conversations_are_answered_in_one_wave_each_as_its_seed_draws_it_alone(
+    workspace, tmp_path, monkeypatch
+):
     """The engine was made for batch_size answers at once, so 2 packed rows of 11 conversations were answered in 6
-    waves of 2 (2.89 s, now 0.66 s); the answers are those each seed draws, whatever runs beside them."""
+    waves of 2 (2.89 s, now 0.66 s); in one wave, each answer is still the one its seed draws answered alone."""
     data = write_conversations(SHORT_CHATS * 4, tmp_path / "chats.jsonl")
     config = conversation_config(workspace, tmp_path, data=str(data), task="", packing=True, lmbda=1.0)
     packed = SFTSource(config, packing=True)
     input_ids, labels, positions = packed.batch(2, 0.0)
-    conversations = int((positions == 0).sum())
-    assert input_ids.shape[0] == 2 and conversations > 4
+    prompts = conversation_prompts(input_ids, labels, positions)
+    assert input_ids.shape[0] == 2 and len(prompts) > 4
     torch.manual_seed(0)
     student = Transformer(config.model_config())
     step, together = Engine.step, []
@@ -432,15 +434,22 @@ def test_packed_conversations_are_answered_all_at_once_not_a_rows_worth_at_a_tim
         return step(engine)
 
     monkeypatch.setattr(Engine, "step", counted_step)
-    answered = {}
-    for rows in (2, conversations):
-        generations = StudentGenerations(student, packed.tokenizer, rows, 128, prompt_tokens=None, temperature=1.0)
-        together.clear()
-        torch.manual_seed(1)
-        answered[rows] = generations(input_ids, labels, positions)
-        assert max(together) == conversations  # every conversation answered in one wave
-    for ours, alone in zip(answered[2], answered[conversations], strict=True):
-        assert torch.equal(ours, alone)
+    generations = StudentGenerations(student, packed.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
+    torch.manual_seed(1)
+    rows, _, _, counted, answered_positions = generations(input_ids, labels, positions)
+    assert max(together) == len(prompts)  # every conversation answered in one wave
+    answers = []  # the packed rows' conversations, each its prompt and the student's answer
+    for row, starts in enumerate(answered_positions == 0):
+        offsets, length = starts.nonzero().flatten().tolist(), int(counted[row].sum())
+        answers += [rows[row, start:end].tolist() for start, end in zip(offsets, [*offsets[1:], length], strict=True)]
+
+    torch.manual_seed(1)  # each conversation's seed, drawn as StudentGenerations draws them
+    seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+    alone = Engine(student, packed.tokenizer, max_batch_size=1, max_model_len=128)
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        params = SamplingParams(max_new_tokens=128 - len(prompt), temperature=1.0, seed=seed)
+        answers.remove(prompt + alone.generate([prompt], params)[0].token_ids)  # ValueError where it differs
+    assert answers == []
 
 
 def test_packed_conversation_distillation_trains_off_and_on_policy(workspace, tmp_path):
