@@ -200,7 +200,7 @@ _KNOWN_TOKENS = re.compile(
     r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
     r"|AIza[0-9A-Za-z_-]{35}"  # Google
     r"|[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
-    r"|hf_[A-Za-z]{34}\b"  # Hugging Face access token
+    r"|hf_(?=[A-Za-z][a-z]*[A-Z])(?=[A-Z]*[a-z])[A-Za-z]{34}\b"  # Hugging Face: random letters, not a word's cases
     r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab personal access token
     r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"  # PyPI API token: a macaroon whose base64 opens with "pypi.org"
     r"|npm_[A-Za-z0-9]{36}\b)"  # npm access token

@@ -794,6 +794,21 @@ def test_hugging_face_gitlab_pypi_and_npm_tokens_are_replaced_by_their_prefixes(
     )
 
 
+def test_an_identifier_of_34_letters_after_hf_in_one_case_is_no_hugging_face_token() -> None:
+    """A Hugging Face token's 34 letters are random, of both cases; an identifier of 34 letters after `hf_` written in
+    one case or capitalised, as names are, was replaced as one (`<SECRET>`) and is kept."""
+    identifiers = (
+        "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 = 1\n"
+        "HF = 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\n"
+        "class 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: ...\n"
+    )
+    assert scrub_pii(identifiers) == (identifiers, {})
+    assert scrub_pii("token hf_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgH, hf_ABcdefghijklmnopqrstuvwxyzabcdefgh") == (
+        "token <SECRET>, <SECRET>",
+        {"secret": 2},
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [
