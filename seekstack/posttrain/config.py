@@ -210,7 +210,8 @@ class GRPOConfig(TrainConfig):
     min_p: Fraction = 0.0
     num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
     epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio
-    epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon
+    # clip range above 1 (DAPO's clip-higher), any size: the ratio's bound 1 + epsilon_high; None = epsilon
+    epsilon_high: NonNegativeFloat | None = None
     beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the starting policy; 0 keeps no reference model
     # DeepSeek-Math's per-completion mean (grpo) by default; TRL 1.16's default is dapo (the batch's token mean)
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"

@@ -256,6 +256,20 @@ def test_top_k_minus_one_is_vllms_and_verls_off_sampling_as_zero(tmp_path, monke
     assert sum(len(set(map(tuple, group.tolist()))) for group in rollouts[0].input_ids.view(2, 4, -1)) == 8
 
 
+def test_epsilon_high_above_one_bounds_the_ratio_as_trl_and_verl_take_it(tmp_path):
+    """epsilon_high=2 (a ratio bound of 3) was refused ("input should be less than or equal to 1") where TRL's
+    epsilon_high and verl's clip_ratio_high take any bound above 1; a negative one stays refused."""
+    with pytest.raises(ConfigError, match="'epsilon_high' has value -0.1: input should be greater than or equal to 0"):
+        resolve_train_config(None, ["epsilon_high=-0.1"], cls=GRPOConfig)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = resolve_train_config(None, [f"init_from={model_dir}", "epsilon_high=2"], cls=GRPOConfig)
+    assert config.clip_high == 2.0
+    ratio = torch.tensor([[2.5, 3.5]])  # one under the bound of 3, one over it
+    loss = policy_loss(ratio.log(), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2), "dapo", 0.2, config.clip_high)
+    assert loss.clip_high_fraction == 0.5
+    assert float(loss.loss) == pytest.approx(-(2.5 + 3.0) / 2)
+
+
 def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
     """TRL's bnpo divides by a micro-batch's tokens, its dapo by the generation batch's: one and the same batch here."""
     choices = "input should be 'grpo', 'dr_grpo' or 'dapo'"
