@@ -71,13 +71,9 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
     """The device of every unit in `names` from `pattern=device` entries; ValueError naming an entry that matches
     nothing (but an MTP entry where `names` hold no MTP module), a bad device, or a unit no entry places."""
     placement: dict[str, str] = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        pattern, _, device = entry.partition("=")
-        if not device:
-            raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
-        device = device_name(device, f"device map entry {entry!r}")
-        matched = [name for name in names if _matches(pattern.strip(), name)]
-        if not matched and pattern.strip().startswith("mtp.") and not any(name.startswith("mtp.") for name in names):
+    for entry, pattern, device in _entries(text):
+        matched = [name for name in names if _matches(pattern, name)]
+        if not matched and pattern.startswith("mtp.") and not any(name.startswith("mtp.") for name in names):
             continue  # a plan's MTP entry, for a model loaded without its MTP module (no speculative decoding)
         if not matched:
             raise ValueError(f"device map entry {entry!r} matches no part of the model (parts: {names[0]}, ...)")
@@ -108,8 +104,38 @@ def named_devices(text: str) -> list[str]:
     them, disk among them where named; ValueError naming an entry that names no device."""
     if text.startswith("auto:"):
         return list(parse_budgets(text.removeprefix("auto:")))
-    entries = filter(None, (part.strip() for part in text.split(",")))
-    return [device_name(entry.partition("=")[2], f"device map entry {entry!r}") for entry in entries]
+    return [device for _, _, device in _entries(text)]
+
+
+ACCELERATE_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # its device_map= plans from free memory
+
+
+def _entries(text: str) -> list[tuple[str, str, str]]:
+    """Each entry of device map `text` with its pattern and device (as `device_name` writes it): `pattern=device`, or
+    a device alone for the whole model (`*=device`, as transformers' device_map="cuda:0"); ValueError naming an entry
+    that is neither, and accelerate's device_map="auto" (or another of its strategies), which needs budgets here."""
+    entries = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        pattern, equals, device = entry.partition("=")
+        if entry.lower() in ACCELERATE_STRATEGIES:
+            raise ValueError(
+                f"device map {entry!r}: seekstack plans within the budgets you give, not from free memory as "
+                "accelerate's: auto:cuda:0=70GiB,cpu=100GiB (its max_memory; `seekstack plan` shows the placement), "
+                "or pattern=device entries"
+            )
+        if not equals:
+            try:
+                entries.append((entry, "*", device_name(entry, f"device map entry {entry!r}")))
+            except ValueError:
+                raise ValueError(
+                    f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu, or a device "
+                    "alone for the whole model"
+                ) from None
+        elif not device.strip():
+            raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
+        else:
+            entries.append((entry, pattern.strip(), device_name(device, f"device map entry {entry!r}")))
+    return entries
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -609,6 +609,25 @@ def test_a_bare_gpu_number_names_that_cuda_device_as_accelerate_takes_it():
         parse_budgets("-1=1GiB")
 
 
+def test_a_device_alone_places_the_whole_model_and_accelerates_auto_is_refused_asking_for_budgets(tmp_path):
+    """transformers' device_map="cpu" (or "cuda:0", 0) puts the whole model there, and accelerate's device_map="auto"
+    plans from free memory; here both were refused as "device map entry 'auto': '' is not cpu, disk, cuda:N or a GPU
+    number N", which names no way on."""
+    names = ["embed_tokens", "norm", "lm_head"]
+    assert parse_device_map("cpu", names) == dict.fromkeys(names, "cpu")
+    assert parse_device_map("0,lm_head=cpu", names) == {"embed_tokens": "cuda:0", "norm": "cuda:0", "lm_head": "cpu"}
+    assert map_devices("Cuda") == ["cuda:0"]
+    for strategy in ("auto", "balanced"):
+        with pytest.raises(ValueError, match=rf"^device map '{strategy}': seekstack plans within the budgets you give"
+                                             r".*auto:cuda:0=70GiB,cpu=100GiB"):  # fmt: skip
+            map_devices(strategy)
+    with pytest.raises(ConfigError, match=r"device map entry 'layers.0': expected pattern=device.*or a device alone"):
+        EngineOptions(device_map="layers.0").validate()
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map="cpu")
+    assert set(engine.model.placement.values()) == {"cpu"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
 def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
     model_dir(tmp_path)
