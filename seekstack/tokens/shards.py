@@ -167,7 +167,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
         dtype = np.dtype(index["dtype"])
         shards, total_tokens = index["shards"], index["total_tokens"]
         counted = sum(shard["tokens"] for shard in shards)
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: no JSON, or no UTF-8 (saved again as UTF-16)
         raise ValueError(f"{path} is corrupt ({error!r}); tokenize the split again") from error
     if counted != total_tokens:
         raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")

@@ -334,6 +334,16 @@ def test_missing_or_corrupt_index_is_named(tmp_path):
         TokenWindows(tmp_path, "val", SEQ_LEN)
 
 
+def test_an_index_saved_again_in_another_encoding_is_named(tmp_path, tokenizer, documents):
+    """An index re-saved as UTF-16 (Windows PowerShell 5's Out-File, Notepad's "Unicode") raised the bare
+    "'utf-8' codec can't decode byte 0xff in position 0", naming no file."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train")
+    index = tmp_path / "train_index.json"
+    index.write_text(index.read_text(encoding="utf-8"), encoding="utf-16")
+    with pytest.raises(ValueError, match=r"train_index.json is corrupt \(UnicodeDecodeError.*tokenize the split again"):
+        TokenWindows(tmp_path, "train", SEQ_LEN)
+
+
 def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
     tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
     shard = tmp_path / "train_00001.bin"
