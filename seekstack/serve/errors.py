@@ -45,7 +45,8 @@ class APIError(Exception):
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
-LENGTH_ERRORS = ("too_long", "too_short")  # pydantic's types for a sequence outside its length bounds
+# pydantic's types for a sequence or a string outside its length bounds
+LENGTH_ERRORS = ("too_long", "too_short", "string_too_long", "string_too_short")
 
 
 def parse_body(schema: type[Model], raw: bytes) -> Model:
@@ -67,9 +68,14 @@ def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
     `raw` (the body as sent) makes it so, where pydantic's message does not say it."""
     problems, params = [], []
     found = error.errors()
-    # A field whose length is out of bounds (17 prompts) failed every branch of its union too: its bound says it.
-    bounded = {problem["loc"][0] for problem in found if problem["type"] in LENGTH_ERRORS and problem["loc"]}
-    found = [p for p in found if not p["loc"] or p["loc"][0] not in bounded or p["type"] in LENGTH_ERRORS]
+    # A value whose length is out of bounds (65 prompts, a prompt or stop string "") failed every other branch of its
+    # field's union too, as a value of another type: its bound says it.
+    bounded = [_union_branch(problem["loc"]) for problem in found if problem["type"] in LENGTH_ERRORS]
+    found = [
+        problem
+        for problem in found
+        if problem["type"] in LENGTH_ERRORS or not any(_in_other_branch(problem["loc"], *at) for at in bounded if at)
+    ]
     for problem in found:
         if problem["type"] == "json_invalid":
             return _invalid_text(raw) or APIError(
@@ -129,6 +135,21 @@ def _strings(value: Any, path: list) -> Iterator[tuple[list, str]]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _strings(item, [*path, index])
+
+
+def _union_branch(location: tuple) -> tuple[tuple, str] | None:
+    """Where a validation error's location enters its first union: the union's field, and the branch pydantic names
+    ('str', 'list[int]'); None outside a union."""
+    for index, part in enumerate(location):
+        if isinstance(part, str) and UNION_MEMBER.fullmatch(part):
+            return location[:index], part
+    return None
+
+
+def _in_other_branch(location: tuple, field: tuple, branch: str) -> bool:
+    """Whether `location` lies in a branch other than `branch` of the union at `field`."""
+    inside = location[: len(field)] == field and len(location) > len(field)
+    return inside and location[len(field)] != branch
 
 
 def _field_path(location: tuple) -> list:

@@ -207,6 +207,32 @@ def test_stop_strings_are_matched_on_the_unreleased_tail_exactly_as_on_the_whole
                 break
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": ["hi", ""]}, "prompt.1"),
+        ("/v1/completions", {"stop": ""}, "stop"),
+        ("/v1/completions", {"stop": ["a", ""]}, "stop.1"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ""}, "stop"),
+    ],
+)
+def test_an_empty_prompt_or_stop_string_is_refused_by_its_one_rule(engine, tmp_path, path, fields, param):
+    """Was: every branch of the field's union failing, "prompt: String should have at least 1 character, got '';
+    prompt: Input should be a valid array, got ''"."""
+    body = {**COMPLETION, **fields}
+    if path == "/v1/chat/completions":
+        del body["prompt"]
+
+    async def scenario(client):
+        return await client.post(path, json=body)
+
+    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    assert (error["message"], error["param"]) == (
+        f"invalid request: {param}: String should have at least 1 character, got ''", param,
+    )  # fmt: skip
+
+
 def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"))
 
