@@ -45,6 +45,7 @@ from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
 from seekstack.posttrain.config import ConversationConfig
+from seekstack.posttrain.conversations import HELD_OUT_FILE
 from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
@@ -164,19 +165,21 @@ def lora_train_config(
     data_dir: str | Path | None,
     out: str | Path,
     overrides: Sequence[str] = (),
-    resume: bool = False,
+    resume: bool | Path = False,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[TrainConfig, AdapterConfig]:
     """The run's TrainConfig and AdapterConfig: `lora.FIELD=V` overrides go to the adapter, the rest to training.
 
     Both are checked before DATA is prepared (text tokenized into `out`, seekstack.adapters.data). A resumed run
-    starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape); a
-    new run refuses an `out` that holds a run already."""
+    starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape), or
+    where `out` holds no run and `resume` is another run's checkpoint folder, from that run's (`started_run`); a new
+    run refuses an `out` that holds a run already."""
     adapter_overrides = _adapter_overrides(overrides)
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
-    saved = Path(out) / CONFIG_FILE
+    run = started_run(resume, out) if resume else Path(out)
+    saved = run / CONFIG_FILE
     if resume and data_dir is not None:  # the run's own tokens when DATA is the text they were tokenized from
-        data_dir = resumed_data(data_dir, out)
+        data_dir = resumed_data(data_dir, run)
     given = [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
     if resume:
         if adapter_overrides:
@@ -188,12 +191,12 @@ def lora_train_config(
         train_config = resolve_train_config(
             None,
             [f"out_dir={out}", *given, *train_overrides],
-            True,
+            resume,
             changes.append,
             cls=LoraTrainConfig,
             resume_reads_init_from=True,
         )
-        refuse_another_base_or_data(train_config, load_config(TrainConfig, Path(out) / TRAIN_CONFIG_FILE))
+        refuse_another_base_or_data(train_config, run / TRAIN_CONFIG_FILE)
         if warn is not None:
             for change in changes:
                 warn(change)
@@ -313,33 +316,44 @@ def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
     return [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
 
 
-def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> None:
-    """A ConfigError when a resumed run's `config` names another base or DATA than the run in its out_dir trains
-    with (`started`, its train_config.json): its adapter's factors are trained on that base and data. A saved path
+def refuse_another_base_or_data(config: TrainConfig, saved: Path) -> None:
+    """A ConfigError when a resumed run's `config` names another base or DATA than the run it continues trains
+    with (`saved`, its train_config.json): its adapter's factors are trained on that base and data. A saved path
     that names nothing any more (a relative one of a run copied or moved elsewhere) is the one given."""
-    saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
+    started = load_config(TrainConfig, saved)
     for name, thing in (("init_from", "BASE"), ("data_dir", "DATA")):
         given, kept = getattr(config, name), getattr(started, name)
         if not same_value(name, kept, given) and Path(kept).exists():
             raise ConfigError(
-                f"{given}: the run in {config.out_dir} trains its adapter with {thing} {kept} ({saved}); resume it "
+                f"{given}: the run in {saved.parent} trains its adapter with {thing} {kept} ({saved}); resume it "
                 f"with that {thing} (or none: `seekstack lora train --resume --out {config.out_dir}`), or train a new "
                 f"adapter with this {thing} into another --out"
             )
 
 
-def own_checkpoint(resume: bool | Path, out: str | Path) -> bool | Path:
-    """`resume` (True, or a checkpoint folder: `lora train --resume-from FOLDER`) when it continues the run in `out`;
-    a ConfigError for a folder of another run, whose adapter settings, base, data and held-out conversations are in
-    that run's folder, not in `out`."""
-    run = run_holding(resume) if isinstance(resume, Path) else None
-    if isinstance(resume, Path) and (run is None or run.resolve() != Path(out).resolve()):
+def started_run(resume: bool | Path, out: str | Path) -> Path:
+    """The run folder whose configs (train_config.json, lora_config.json) and held-out record a resumed run in `out`
+    goes on with: `out`'s own, or where `out` holds no run yet and `resume` is a checkpoint folder of another run
+    (`lora train --resume-from FOLDER`), that run's, which continues into `out` as `seekstack train` and HF's
+    `resume_from_checkpoint=path` continue another run's checkpoint into a new output folder. A ConfigError for a
+    checkpoint of another run when `out` holds one (its adapter may be of another shape), or a folder no run holds."""
+    out = Path(out)
+    run = run_holding(resume) if isinstance(resume, Path) else out
+    if run is not None and run.resolve() == out.resolve():
+        return out
+    if (out / TRAIN_CONFIG_FILE).is_file():
         raise ConfigError(
-            f"--resume-from {resume}: `lora train` continues the run in --out {out} from one of its own checkpoints "
-            f"({checkpoint_dir(out)}/step_N); give that step (--resume-from N), or resume the run holding {resume} "
-            "with --out its folder"
+            f"--resume-from {resume}: --out {out} holds a run, which `lora train` continues from one of its own "
+            f"checkpoints ({checkpoint_dir(out)}/step_N); give that step (--resume-from N), or continue the run "
+            f"holding {resume} into an --out that holds no run yet"
         )
-    return resume
+    if run is None or not (run / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"--resume-from {resume}: no checkpoint of a `lora train` run (out/checkpoints/step_N beside "
+            f"out/{CONFIG_FILE}), whose adapter settings a run continued from it takes; give one, or train a new "
+            f"adapter on a base of that checkpoint's weights (BASE {resume})"
+        )
+    return run
 
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool | Path = False) -> TrainResult:
@@ -353,8 +367,11 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []  # refuses chat data
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume or not (out / CONFIG_FILE).is_file():  # a new run, or another run's checkpoint continued in `out`
         adapter.save(out)
+    held_out = started_run(resume, out) / HELD_OUT_FILE if resume else None
+    if held_out is not None and not (out / HELD_OUT_FILE).is_file() and held_out.is_file():
+        shutil.copyfile(held_out, out / HELD_OUT_FILE)  # the conversations the continued run holds out
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     try:
         result = train(train_config, resume, hooks, chat_source(train_config, bool(resume)))

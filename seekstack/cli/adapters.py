@@ -51,17 +51,19 @@ def train_command(
 ) -> None:
     """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
     adapter_model.safetensors (peft's format) into --out."""
-    from seekstack.adapters.training import lora_train_config, own_checkpoint, train_adapter, undone_if_refused
+    from seekstack.adapters.training import lora_train_config, train_adapter, undone_if_refused
     from seekstack.cli.train import resume_request
     from seekstack.parallel.distributed import is_main_process
+    from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
     from seekstack.train.runs import step_dir
     from seekstack.train.trainer import TrainingDiverged
 
     resumed, step = resume_request(resume, resume_from)
-    with user_errors(), contextlib.nullcontext() if resumed else undone_if_refused(out):
-        checkpoint = step_dir(out, step) if step is not None else own_checkpoint(resumed, out)
+    continued_elsewhere = isinstance(resumed, Path) and not (out / TRAIN_CONFIG_FILE).is_file()
+    with user_errors(), undone_if_refused(out) if continued_elsewhere or not resumed else contextlib.nullcontext():
+        checkpoint = step_dir(out, step) if step is not None else resumed
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
-        train_config, adapter = lora_train_config(base, data, out, overrides, bool(resumed), warn)
+        train_config, adapter = lora_train_config(base, data, out, overrides, checkpoint, warn)
         try:
             result = train_adapter(train_config, adapter, checkpoint)
         except TrainingDiverged as error:

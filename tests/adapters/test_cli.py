@@ -99,8 +99,39 @@ def test_lora_train_resumes_from_a_step_or_its_folder_as_the_other_stages_do(tmp
         app, ["lora", "train", "--out", str(out), "--resume-from", str(other / "checkpoints" / "step_3")]
     )
     assert result.exit_code == 1, result.output
-    assert f"`lora train` continues the run in --out {out} from one of its own checkpoints" in " ".join(
+    assert f"--out {out} holds a run, which `lora train` continues from one of its own checkpoints" in " ".join(
         result.output.split()
     )
     both = runner.invoke(app, ["lora", "train", "--out", str(out), "--resume", "--resume-from", "3"])
     assert both.exit_code == 2 and "--resume and --resume-from 3 both given" in " ".join(both.output.split())
+
+
+def test_lora_train_continues_another_runs_checkpoint_into_a_new_out_as_train_does(tmp_path):
+    """`lora train --resume-from OTHER/checkpoints/step_3 --out NEW` was refused ("continues the run in --out NEW from
+    one of its own checkpoints"), where `seekstack train` and HF's resume_from_checkpoint continue another run's
+    checkpoint into a new output folder: the new run takes that run's adapter and training settings."""
+    from tests.train.test_trainer import write_split
+
+    base, data, out, new = write_base(tmp_path / "base"), tmp_path / "shards", tmp_path / "adapter", tmp_path / "new"
+    write_split(data, "train", 8_000, seed=1)
+    write_split(data, "val", 1_000, seed=2)
+    run = ["seq_len=32", "batch_size=4", "max_steps=6", "save_every=3", "eval_every=0", "lora.rank=2"]
+    invoke("lora", "train", str(base), str(data), *run, "--out", str(out))
+    result = runner.invoke(
+        app, ["lora", "train", "--out", str(new), "--resume-from", str(out / "checkpoints" / "step_3")]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"resumed from step 3 ({out / 'checkpoints' / 'step_3'})" in result.output
+    assert "trained to step 6" in result.stdout
+    whole = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    continued = [json.loads(line) for line in (new / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in continued] == [(m["step"], m["loss"]) for m in whole if m["step"] > 3]
+    assert json.loads((new / "lora_config.json").read_text()) == json.loads((out / "lora_config.json").read_text())
+    assert (new / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    again = runner.invoke(app, ["lora", "train", "--out", str(new), "--resume", "max_steps=7"])  # a run of its own
+    assert again.exit_code == 0 and "trained to step 7" in again.stdout, again.output
+    model = runner.invoke(app, ["lora", "train", "--out", str(tmp_path / "none"), "--resume-from", str(base)])
+    assert model.exit_code == 1 and f"--resume-from {base}: no checkpoint of a `lora train` run" in " ".join(
+        model.output.split()
+    )
+    assert not (tmp_path / "none").exists()
