@@ -879,6 +879,11 @@ def open_source(
         return Rows(read_json, path, field, id_field)
     if source_kind(path) in (".csv", ".tsv"):
         return Rows(read_csv, path, field, id_field)
-    if path.suffix.lower() == ".parquet":
+    if source_kind(path) == ".parquet":
+        if path.suffix.lower() != ".parquet":  # read by seeking to its footer and pages, which no stream allows
+            raise DataSourceError(
+                f"{path}: a Parquet file compressed whole, which is read by seeking in it (its pages are compressed "
+                f"within it already); decompress it to {uncompressed(path).name} and give that"
+            )
         return Rows(read_parquet, path, field, id_field)
     return read_text_file(path)

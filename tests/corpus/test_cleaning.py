@@ -1325,6 +1325,21 @@ def test_a_compressed_file_of_another_kind_is_named_not_read_as_text(
     assert [doc.text for doc in open_source(tmp_path / "par1.txt")] == [(tmp_path / "par1.txt").read_text()]
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".ZST"])
+def test_a_parquet_file_compressed_whole_is_refused_naming_the_file_to_give(tmp_path: Path, suffix: str) -> None:
+    """`rows.parquet.gz` was refused as 'a Parquet file whose name does not end in .parquet ... gzip ... read through
+    when the name ends in .gz', though its name ends in both: Parquet is read by seeking, which no decompressing
+    stream allows. The refusal says so and names the file to decompress it to."""
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["a row"]}), table)
+    compressed = tmp_path / f"rows.parquet{suffix}"
+    compressed.write_bytes(COMPRESSORS[suffix.lower()](table.read_bytes()))
+    expected = f"{compressed}: a Parquet file compressed whole, which is read by seeking in it (its pages are "
+    with pytest.raises(DataSourceError, match=re.escape(expected) + ".*decompress it to rows.parquet and give that"):
+        list(open_source(compressed))
+    assert [doc.text for doc in open_source(table)] == ["a row"]
+
+
 def _zstd_compress(data: bytes) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.CompressedOutputStream(sink, "zstd") as compressed:
