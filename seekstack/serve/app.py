@@ -326,7 +326,7 @@ class Server:
         bill.prompt_tokens = prompt_tokens
         # the request's id (a client's X-Request-Id, else a new one) names the response, as vLLM names it
         response_id = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{request_id_of(request)}"
-        usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
+        usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body), billed=not echo_only(body))
         if self.log_requests:
             log.info("Received request %s: model %r, %d prompt tokens, %d choices of at most %d tokens%s", response_id,
                      bill.model, prompt_tokens, len(choices), max(params.max_new_tokens for params in choices),
@@ -696,17 +696,19 @@ class Server:
 
 class ChoicesUsage:
     """The tokens of a call's engine requests (`per_prompt` for each prompt, of `prompt_tokens` tokens each, in order)
-    as they come: completion tokens summed over all; cached prompt tokens, for each prompt the most any of its choices
-    read (they share the prompt, billed once), summed over the prompts."""
+    as they come: completion tokens summed over all (none unless `billed`: the token an echo of max_tokens 0 samples
+    after its prompt, not shown, is neither reported nor billed); cached prompt tokens, for each prompt the most any of
+    its choices read (they share the prompt, billed once), summed over the prompts."""
 
-    def __init__(self, prompt_tokens: list[int], per_prompt: int):
-        self.prompt_tokens, self.per_prompt = prompt_tokens, per_prompt
+    def __init__(self, prompt_tokens: list[int], per_prompt: int, billed: bool):
+        self.prompt_tokens, self.per_prompt, self.billed = prompt_tokens, per_prompt, billed
         requests = len(prompt_tokens) * per_prompt
         self.completion_tokens, self.cached_tokens = [0] * requests, [0] * requests
 
     def count(self, index: int, output, bill: Bill) -> None:
         """Take request `index`'s latest `output` into `bill`."""
-        self.completion_tokens[index], self.cached_tokens[index] = output.completion_tokens, output.cached_tokens
+        self.completion_tokens[index] = output.completion_tokens if self.billed else 0
+        self.cached_tokens[index] = output.cached_tokens
         bill.completion_tokens = sum(self.completion_tokens)
         prompts = range(0, len(self.cached_tokens), self.per_prompt)
         bill.cached_tokens = sum(max(self.cached_tokens[first : first + self.per_prompt]) for first in prompts)

@@ -17,6 +17,7 @@ from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.errors import APIError, parse_body
+from seekstack.serve.ledger import Ledger
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tests.serve.server import error_of, make_model_dir, run
@@ -149,6 +150,24 @@ def test_an_echoed_prompt_of_max_tokens_0_is_scored_alone_as_openai_and_vllm_tak
     assert tokens == scored["logprobs"]["tokens"] and events[-1]["choices"][0]["finish_reason"] == "length"
     error = error_of(no_echo, 400)
     assert error["param"] == "max_tokens" and "echo: true for the prompt alone" in error["message"]
+
+
+def test_an_echoed_prompt_of_max_tokens_0_reports_and_bills_no_completion_tokens(engine, tmp_path):
+    """The token the engine samples after a scored prompt is not shown: usage said completion_tokens 1, and the ledger
+    billed it, for an answer holding the prompt alone."""
+    scored = {**COMPLETION, "echo": True, "max_tokens": 0}
+    whole, streamed = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", scored),
+        ("/v1/completions", {**scored, "stream": True, "stream_options": {"include_usage": True}}),
+    ])  # fmt: skip
+    prompt_tokens = len(engine.tokenizer.encode(COMPLETION["prompt"]))
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    for usage in (whole.json()["usage"], events[-1]["usage"]):
+        assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+            prompt_tokens, 0, prompt_tokens,
+        )  # fmt: skip
+    rows = Ledger(open_database(tmp_path / "db")).records()
+    assert [(row["prompt_tokens"], row["completion_tokens"]) for row in rows] == [(prompt_tokens, 0)] * 2
 
 
 VLLM_REFUSED = {
