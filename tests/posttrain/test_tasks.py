@@ -504,6 +504,18 @@ def test_a_font_or_size_declaration_is_nothing_to_the_number_as_math_verify_read
     assert read_number(answer) == value
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{\\left.5\\right.}", 5), ("\\left. 5 \\right.", 5), ("\\boxed{\\left.\\frac{1}{2}\\right.}", 0.5),
+     ("\\boxed{\\left. 12.5 \\right.}", 12.5), ("\\bigl.5\\bigr.", 5), ("\\boxed{\\left(0.5\\right)}", 0.5)],
+)  # fmt: skip
+def test_a_null_delimiter_is_nothing_to_the_number_it_sizes(answer, value):
+    """\\left. and \\right., LaTeX's null delimiters, draw nothing: \\boxed{\\left.5\\right.} read 0.5 (the
+    delimiters' periods left as a decimal point) and scored 1 against 0.5 and 0 against 5; math-verify reads
+    \\left. 12.5 \\right. as 12.5."""
+    assert read_number(answer) == value
+
+
 def test_a_sized_bracket_encloses_a_tuple_or_an_interval_as_left_and_right_do():
     assert read_items("\\boxed{\\Big(1, 2\\Big)}") == Items("()", (1, 2))
     assert read_items("\\bigl[0, 1\\bigr)") == Items("[)", (0, 1))

@@ -25,12 +25,14 @@ BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 # Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
 MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar sign
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-# LaTeX's sizing of parentheses (\left( \Big( \bigr)), its math styles (\displaystyle) and its declarations of a font
-# ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a size (\large, ...), nothing to the value (math-verify reads through them)
+# LaTeX's sizing of parentheses (\left( \Big( \bigr); with its null delimiter "." too, \left. and \right., which draw
+# nothing), its math styles (\displaystyle) and its declarations of a font ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a
+# size (\large, ...), nothing to the value (math-verify reads through them)
 FONT = r"bf|it|rm|sf|tt|sl|sc|em|cal|mit|bfseries|itshape|rmfamily|sffamily|ttfamily|mdseries|upshape|normalfont"
 SIZE = r"tiny|scriptsize|footnotesize|small|normalsize|large|Large|LARGE|huge|Huge"
 STYLE = re.compile(
-    rf"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style|{FONT}|{SIZE})(?![A-Za-z])"
+    rf"\\(?:(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])(?:\s*\.)?"
+    rf"|(?:(?:display|text|script|scriptscript)style|{FONT}|{SIZE})(?![A-Za-z]))"
 )
 # LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\;", "\:", "\!", "\quad", "\qquad" (math-verify drops them)
 LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"
