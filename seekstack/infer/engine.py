@@ -37,7 +37,14 @@ from seekstack.infer.generation_config import eos_token_ids, sampling_defaults
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
-from seekstack.infer.placement import check_reachable, device_map_for, layer_devices, offload_while_loading, place
+from seekstack.infer.placement import (
+    check_reachable,
+    device_map_for,
+    device_map_text,
+    layer_devices,
+    offload_while_loading,
+    place,
+)
 from seekstack.infer.precision import map_devices
 from seekstack.infer.sampling import (
     NO_DISTRIBUTION,
@@ -301,15 +308,15 @@ class Engine:
         tokenizer: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         adapter: str | Path | None = None,
-        device_map: str | None = None,
+        device_map: str | int | Mapping[str, str | int] | None = None,
         offload_dir: str | Path | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
 
-        `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries, or
-        `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights not mapped from the checkpoint
-        are copied under `offload_dir` (default `model_dir`/offload).
+        `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries (or
+        accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights
+        not mapped from the checkpoint are copied under `offload_dir` (default `model_dir`/offload).
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
@@ -329,6 +336,7 @@ class Engine:
             weightless_adapter(config, adapter)
         device = kwargs.get("device") or "cpu"
         if device_map is not None:  # before the weights are read and the disk parts written: hours for a large model
+            device_map = device_map_text(device_map)
             check_reachable(map_devices(device_map))
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.

@@ -26,7 +26,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,9 +133,23 @@ def _entries(text: str) -> list[tuple[str, str, str]]:
                 ) from None
         elif not device.strip():
             raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
-        else:
-            entries.append((entry, pattern.strip(), device_name(device, f"device map entry {entry!r}")))
+        else:  # accelerate's "" is the whole model, and its module names are transformers' (model.layers.3)
+            pattern = pattern.strip().removeprefix("model.") or "*"
+            entries.append((entry, pattern, device_name(device, f"device map entry {entry!r}")))
     return entries
+
+
+def device_map_text(device_map: str | int | Mapping[str, str | int]) -> str:
+    """A device map as text: as given, a device alone (transformers' device_map=0), or accelerate's dict of module
+    names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device` entries; TypeError for another."""
+    if isinstance(device_map, Mapping):
+        return ",".join(f"{name}={device}" for name, device in device_map.items())
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int)):
+        raise TypeError(
+            f"device_map {device_map!r}: give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them, as "
+            "accelerate's {module name: device}"
+        )
+    return str(device_map)
 
 
 def _matches(pattern: str, name: str) -> bool:

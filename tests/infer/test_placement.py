@@ -32,6 +32,7 @@ from seekstack.infer.placement import (
     _inputs_to,
     _outputs_to,
     device_map_for,
+    device_map_text,
     format_device_map,
     layer_devices,
     mapped_file,
@@ -626,6 +627,21 @@ def test_a_device_alone_places_the_whole_model_and_accelerates_auto_is_refused_a
     model_dir(tmp_path)
     engine = Engine.from_pretrained(tmp_path, device_map="cpu")
     assert set(engine.model.placement.values()) == {"cpu"}
+
+
+def test_accelerates_dict_of_transformers_module_names_places_the_parts_it_names(tmp_path, model):
+    """accelerate's device_map is a dict, {"": 0} or {"model.layers.3": "cpu", ...}, keyed by transformers' module
+    names; Engine.from_pretrained raised AttributeError: 'dict' object has no attribute 'startswith'."""
+    hf_names = {"": "cpu", "model.layers": "disk", "model.layers.1.mlp.experts": 0, "model.norm": "disk"}
+    placement = parse_device_map(device_map_text(hf_names), list(units(model)))
+    assert [name for name, device in placement.items() if device == "cuda:0"] == ["layers.1.mlp.experts"]
+    assert placement["layers.0.self_attn"] == placement["layers.2.mlp.experts"] == placement["norm"] == "disk"
+    assert placement["embed_tokens"] == placement["mtp.0"] == placement["lm_head"] == "cpu"
+    with pytest.raises(TypeError, match=r"^device_map \['cpu'\]: give pattern=device text, a device"):
+        device_map_text(["cpu"])
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map={"": "cpu", "model.layers.2.mlp.experts": "disk"})
+    assert [name for name, device in engine.model.placement.items() if device != "cpu"] == ["layers.2.mlp.experts"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
