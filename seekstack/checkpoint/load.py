@@ -273,11 +273,11 @@ def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> Non
 
 def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> bool:
     """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype, at an ALIGNMENT boundary: its
-    memory-mapped pages are it (not a weight computed with its `_scale`: a frozen one's, fake-quantized). Others are
+    memory-mapped pages are it (not a weight computed with scales: a frozen one's, fake-quantized). Others are
     copied: into `target`, or, piece by piece, into its disk copy."""
     stored = SAFETENSORS_DTYPES.get(target.dtype)
     in_dtype = target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
-    in_dtype = in_dtype and f"{key}_scale" not in reader
+    in_dtype = in_dtype and not reader.rounds_in_float(key)
     return in_dtype and reader.starts_aligned(key)
 
 

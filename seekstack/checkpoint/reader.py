@@ -25,7 +25,7 @@ from seekstack.checkpoint.keys import (
     TORCH_DTYPES,
     CheckpointError,
 )
-from seekstack.compress.formats import dequantize_int, fake_quantize, unpack_codes
+from seekstack.compress.formats import dequantize_int, dynamic_scales, fake_quantize, unpack_codes
 from seekstack.config import ModelConfig
 
 # naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
@@ -167,6 +167,7 @@ class CheckpointReader:
         _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
+        self.ignored = _targets({"ignore": {"targets": (quantization or {}).get("ignore")}}, directory / CONFIG_FILE)
         self.kv_cache_scheme: dict[str, Any] | None = (quantization or {}).get("kv_cache_scheme")
         self.used: set[str] = set()
         if self.kv_cache_scheme:  # its scales, read by none (kv_cache_note)
@@ -557,7 +558,7 @@ class CheckpointReader:
             points = self.zero_points(key.removesuffix(".weight")) if tensor.dtype == torch.int8 else None
             scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
             return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale, points)
-        if key + "_scale" in self.key_to_file and key.endswith(".weight"):  # a float weight: fake-quantized
+        if self.rounds_in_float(key):
             return self._fake_quantized(key, tensor)
         if tensor.dtype == torch.float8_e4m3fn:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
@@ -565,9 +566,23 @@ class CheckpointReader:
             tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
         return tensor  # a float weight memory-mapped as it is, aligned or not (`_maps_in_place` asks)
 
+    def rounds_in_float(self, key: str) -> bool:
+        """Whether float weight `key` loads quantized and dequantized (`_fake_quantized`): it has a `_scale` beside it,
+        or its checkpoint is saved uncompressed and its layer, a linear one not in the config's `ignore`, is of a
+        config group that computes its scales dynamically."""
+        if not key.endswith(".weight"):
+            return False
+        layer = key.removesuffix(".weight")
+        linear = layer.endswith(("_proj", "lm_head")) and not any(
+            name == layer or (pattern and pattern.match(layer)) for name, (_, pattern) in self.ignored.items()
+        )
+        dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") is True
+        return f"{key}_scale" in self.key_to_file or dynamic
+
     def _fake_quantized(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """Float weight `key` (`weight`) of a compressed-tensors checkpoint saved uncompressed (quantization_status
-        "frozen": its `weight_scale` and `weight_zero_point` beside it) as that library's forward uses it: quantized
+        "frozen": its `weight_scale` and `weight_zero_point` beside it, or none where its group is `dynamic: true`
+        and the library computes them from the weight, `dynamic_scales`) as that library's forward uses it: quantized
         and dequantized by them (`fake_quantize`). CheckpointError naming config.json and the group where no config
         group targets the layer or its group is in a format seekstack does not round by."""
         layer, config = key.removesuffix(".weight"), self.directory / CONFIG_FILE
@@ -586,6 +601,16 @@ class CheckpointReader:
                 "channel, group, tensor or block only; compress the checkpoint where it was made (compressed-tensors) "
                 "or give a float one"
             )
+        if weights.get("dynamic") is True:
+            size = weights.get("group_size") if strategy == "group" else None
+            if strategy not in ("group", "tensor") or (size and weight.shape[-1] % size):
+                per = f"group of {size}" if size else strategy
+                raise CheckpointError(
+                    f"{config}: quantization_config group {group!r} quantizes weights dynamically per {per}, which "
+                    f"{key!r} ({weight.shape[-1]} columns) cannot be: compressed-tensors computes dynamic scales per "
+                    "tensor or per group of a size dividing the columns; give a checkpoint of stored scales"
+                )
+            return fake_quantize(weight, *dynamic_scales(weight, weights), weights)
         self.check_scales(key)
         self.used.add(key + "_scale")
         scale = self._get(key + "_scale")

@@ -87,6 +87,40 @@ def fake_quantize(
     return rounded * scale
 
 
+def dynamic_scales(weight: torch.Tensor, args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales (O, G), or (1, 1) under strategy "tensor", and zero points (None where symmetric) compressed-tensors
+    computes from a float `weight` (O, I) of dynamic quantization args (`dynamic: true`, no scales stored) before it
+    fake-quantizes it: its min-max over each group of `group_size` columns or the whole matrix, widened to hold 0,
+    s = amax / (range / 2) or, asymmetric, (max - min) / range with z = round(q_min - min / s) in the int range;
+    rounded to `scale_dtype` where the args set one (`calculate_qparams`), in `weight`'s dtype."""
+    if args.get("type") == "float":
+        q_min, q_max = -torch.finfo(torch.float8_e4m3fn).max, torch.finfo(torch.float8_e4m3fn).max
+    else:
+        q_min, q_max = -(2.0 ** (args["num_bits"] - 1)), 2.0 ** (args["num_bits"] - 1) - 1
+    if args.get("strategy") == "group":
+        grouped = weight.unflatten(-1, (weight.shape[-1] // args["group_size"], args["group_size"]))
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    else:
+        low, high = (bound.reshape(1, 1) for bound in torch.aminmax(weight))
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    bit_range = torch.tensor(q_max - q_min).to(weight.dtype)
+    if args.get("symmetric", True):
+        scale, zero_point = torch.max(low.abs(), high.abs()) / (bit_range / 2), None
+    else:
+        scale = (high - low) / bit_range
+        zero_point = torch.clamp(q_min - low / scale, q_min, q_max)
+    if args.get("scale_dtype") is not None:
+        scale_dtype = getattr(torch, str(args["scale_dtype"]).removeprefix("torch."))
+        scale = scale.clamp(torch.finfo(scale_dtype).min, torch.finfo(scale_dtype).max).to(scale_dtype).to(scale.dtype)
+    else:
+        scale_dtype = scale.dtype
+    epsilon = 0.125 if scale_dtype == torch.float8_e4m3fn else torch.finfo(scale_dtype).eps
+    scale = torch.where(scale == 0, torch.tensor(epsilon, dtype=scale.dtype), scale)
+    if zero_point is not None:
+        zero_point = zero_point.clamp(-128, 127).round().to(torch.int8)
+    return scale, zero_point
+
+
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """q (..., O, I) int8 codes of `bits` (4 or 8) bits -> (..., O, I * bits / 32) int32 words, pack-quantized."""
     if q.shape[-1] % (32 // bits):

@@ -936,3 +936,69 @@ def test_a_frozen_checkpoint_loads_its_float_weights_rounded_by_their_scales_as_
         for key, weight in theirs.items():
             assert not torch.equal(weight, tensors[key].float()), key  # the rounding is there to see
             assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], weight), (key, dequantize)
+
+
+DYNAMIC_SCHEMES = {
+    "int4 group": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8},
+    "int8 tensor asymmetric": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor"},
+    "fp8 tensor": FP8 | {"strategy": "tensor"},
+    "int4 group, bfloat16 scales": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 8,
+                                    "scale_dtype": "torch.bfloat16"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", DYNAMIC_SCHEMES)
+def test_a_frozen_checkpoint_of_dynamic_weights_loads_them_rounded_by_the_scales_compressed_tensors_computes(
+    tmp_path, scheme
+):
+    """A checkpoint saved uncompressed whose config group quantizes weights dynamically (`dynamic: true`: no scales
+    stored; compressed-tensors computes them from each weight before its matmul) loaded its float weights unrounded,
+    silently; they load rounded by the scales (and zero points) the library computes."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors
+
+    weights = DYNAMIC_SCHEMES[scheme] | {"dynamic": True}
+    seekstack.save_pretrained(model_for_tests(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = QuantizationArgs(**weights)
+    stored = read_safetensors(tmp_path / SINGLE_FILE)  # what loading gave before
+    theirs = {
+        key: fake_quantize(weight, *compute_dynamic_scales_and_zp(weight, args, module=None), args)
+        for key, weight in stored.items()
+        if key.endswith("_proj.weight")
+    }
+    for dequantize in (False, True):
+        loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
+        for key, weight in theirs.items():
+            assert not torch.equal(weight, stored[key]), key  # the rounding is there to see
+            assert torch.equal(loaded[key], weight), (key, dequantize)
+        for key in ("lm_head.weight", "model.layers.0.input_layernorm.weight"):  # ignored; no linear layer's
+            assert torch.equal(loaded[key], stored[key]), (key, dequantize)
+
+
+def test_a_frozen_checkpoint_of_dynamic_groups_that_do_not_divide_a_layer_is_refused_naming_the_group(tmp_path):
+    """compressed-tensors cannot compute dynamic scales of groups that do not divide a layer's columns (its reshape
+    fails); loading refuses such a checkpoint naming config.json, the group and the layer."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "dynamic": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(seekstack.checkpoint.CheckpointError) as refused:
+        seekstack.load_pretrained(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path / 'config.json'}: quantization_config group 'group_0' quantizes weights dynamically per group of "
+        "16, which 'model.layers.0.self_attn.kv_b_proj.weight' (24 columns) cannot be: compressed-tensors computes "
+        "dynamic scales per tensor or per group of a size dividing the columns; give a checkpoint of stored scales"
+    )
