@@ -45,7 +45,8 @@ def train_command(
         typer.Option(
             metavar="STEP|FOLDER",
             help="Continue the run in --out, as --resume does, from the checkpoint of this step (40 or step_40: "
-            "--out/checkpoints/step_40) or this checkpoint folder of it",
+            "--out/checkpoints/step_40) or this checkpoint folder (another run's: continued in an --out holding no "
+            "run yet)",
         ),
     ] = None,
 ) -> None:

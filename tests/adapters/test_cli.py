@@ -135,3 +135,5 @@ def test_lora_train_continues_another_runs_checkpoint_into_a_new_out_as_train_do
         model.output.split()
     )
     assert not (tmp_path / "none").exists()
+    said = " ".join(invoke("lora", "train", "--help").split())
+    assert "or this checkpoint folder (another run's: continued in an --out holding no run yet)" in said
