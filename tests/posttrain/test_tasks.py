@@ -585,6 +585,21 @@ def test_thousands_grouped_by_two_separators_are_no_number_as_math_verify_refuse
     assert read_number(answer.replace(" ", ",").replace("\\,", ",").replace("{,}", ",").replace("\u202f", ",")) == 10**6
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{10,\\!000}", 10_000), ("\\boxed{\\$1,\\!000,\\!000}", 10**6), ("-3,\\!000.5", -3000.5),
+     ("\\boxed{1,\\!000,000}", 10**6), ("\\boxed{1,\\!00}", None), ("\\boxed{1\\,000,\\!000}", None)],
+)  # fmt: skip
+def test_thousands_by_a_comma_and_a_negative_space_read_as_the_math_dataset_writes_them(tmp_path, answer, value):
+    """The MATH dataset writes its answers' thousands "10,\\!000" (a comma less the space after it): such an answer was
+    no number (scored 0 against 10000), and such a gold in a problems file was refused; math-verify reads 10000."""
+    assert read_number(answer) == value
+    if value is not None:
+        path = problems_file(tmp_path / "math.jsonl", [{"question": "How much?", "answer": answer}])
+        [problem] = make_task(path).problems
+        assert make_task(path).verify(problem, str(value))
+
+
 @pytest.mark.parametrize("answer", ["5%", "\\boxed{5\\%}", "$5\\%$", "5 %", "\\boxed{5\\ \\%}", "$5\\,\\%$"])
 def test_a_percentage_verifies_as_its_number_or_its_hundredth_as_math_verify_tries_both(tmp_path, answer):
     """Against a gold 0.05, 5% scored 0: the % was dropped and 5 alone compared. "5 %" (a space before it, as

@@ -90,9 +90,10 @@ OPENINGS, CLOSINGS = ("(", "[", "\\{"), (")", "]", "\\}")
 # A number plus or minus ("\pm 5", "\mp 5", "±5"): the set of both, {-5, 5}, as math-verify reads it
 PLUS_MINUS = re.compile(r"(?:\\(?:pm|mp)(?![A-Za-z])|[\u00b1\u2213])\s*")
 MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no answer (and read in bounded time)
-# Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000"), a
-# no-break space (U+00A0, as French text groups them)
-THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u00a0\u2009\u202f]"
+# Between thousands: ",", ",\!" (the MATH dataset's answers, "10,\!000": a comma less its space after it), "{,}",
+# LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000"), a no-break space (U+00A0, as French
+# text groups them)
+THOUSANDS_SEPARATOR = r",\\!|,|\{,\}|\\,|[ \u00a0\u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12", and
@@ -367,8 +368,8 @@ def _less_latex_space(text: str) -> str:
 
 def _fraction(number: str) -> Fraction:
     """An UNSIGNED number as a Fraction (thousands separators dropped); a ValueError when it groups its thousands by
-    two separators ("1,000 000"), which math-verify refuses."""
-    if len(set(re.findall(THOUSANDS_SEPARATOR, number))) > 1:
+    two separators ("1,000 000"), which math-verify refuses (",\\!" is "," less a space: "1,\\!000,000" is one)."""
+    if len({separator.removesuffix("\\!") for separator in re.findall(THOUSANDS_SEPARATOR, number)}) > 1:
         raise ValueError(f"{number!r}: thousands by two separators")
     plain = re.sub(THOUSANDS_SEPARATOR, "", number)
     return Fraction(plain + "0" if plain.endswith(".") else plain)
