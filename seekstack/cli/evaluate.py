@@ -46,6 +46,13 @@ def eval_command(
     apply_chat_template: Annotated[
         bool, typer.Option(help="Prompts in the model's chat template, the examples as earlier turns (as lm_eval)")
     ] = False,
+    fewshot_as_multiturn: Annotated[
+        bool | None,
+        typer.Option(
+            help="With --apply-chat-template: the few-shot examples as earlier turns (the default, as lm_eval), or "
+            "with --no-fewshot-as-multiturn all in the first user turn, as lm_eval's --fewshot_as_multiturn false"
+        ),
+    ] = None,
     dtype: Annotated[
         str,
         typer.Option(
@@ -102,7 +109,7 @@ def eval_command(
         with options_named(("batch_size", "limit", "seed")):  # a value evaluate() refuses, as the parser's own
             report = evaluate(
                 model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-                samples_folder, include_path, dtype, difficulty, seed,
+                samples_folder, include_path, dtype, difficulty, seed, fewshot_as_multiturn,
             )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

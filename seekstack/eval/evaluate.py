@@ -51,13 +51,16 @@ def evaluate(
     dtype: str = "float32",
     difficulty: int | None = None,
     seed: str | None = None,
+    fewshot_as_multiturn: bool | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
     holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
-    own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); with `samples_folder`, lm_eval's
-    own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; task
-    YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; the
+    own) and `apply_chat_template` (the examples as earlier turns unless `fewshot_as_multiturn` is False, as lm_eval's
+    --fewshot_as_multiturn false puts them in the first user turn; None: lm_eval's default); with `samples_folder`,
+    lm_eval's own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes
+    them; task YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's
+    --include_path; the
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
     reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
     lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
@@ -99,6 +102,11 @@ def evaluate(
             f"{', '.join(reasoning)}: their prompts are in the model's chat template already, which "
             "--apply-chat-template would wrap in a second one; evaluate them without it"
         )
+    if fewshot_as_multiturn and not apply_chat_template:  # lm_eval's rule, its message naming neither option
+        raise ValueError(
+            "--fewshot-as-multiturn puts the few-shot examples in the chat template as earlier turns: give "
+            "--apply-chat-template too (with it they are earlier turns unless --no-fewshot-as-multiturn)"
+        )
     if difficulty is not None and not reasoning:
         raise ValueError(f"--difficulty {difficulty} applies to the reason_* tasks only, and none is asked for")
     if num_fewshot and reasoning:
@@ -125,6 +133,7 @@ def evaluate(
             output = lm_eval.simple_evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
+                fewshot_as_multiturn=apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn,
                 evaluation_tracker=tracker, task_manager=tasks_found, random_seed=seeds[0], numpy_random_seed=seeds[1],
                 torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
             )  # fmt: skip
@@ -144,6 +153,7 @@ def evaluate(
         "backend": backend, "batch_size": batch_size, "limit": limit,
         "per_module": per_module if any(task in LINE_TASKS for task in local) else None, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
+        "fewshot_as_multiturn": fewshot_as_multiturn,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
         "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)),
     }  # fmt: skip

@@ -46,7 +46,7 @@ SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's f
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 EVAL_OPTIONS = (  # as results.json has them
     "tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device", "num_fewshot", "apply_chat_template",
-    "include_path", "dtype", "difficulty", "seed",
+    "fewshot_as_multiturn", "include_path", "dtype", "difficulty", "seed",
 )  # fmt: skip
 
 
@@ -510,8 +510,8 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
     words = ["seekstack", "eval", str(run_dir)]
     for key in EVAL_OPTIONS:
         value, flag = options.get(key), f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):
-            words += [flag] if value else []
+        if isinstance(value, bool):  # fewshot_as_multiturn False is --no-...: its default (None) is not False
+            words += [flag] if value else [f"--no-{flag[2:]}"] if key == "fewshot_as_multiturn" else []
         elif value is not None:
             words += [flag, ",".join(value) if key == "tasks" else str(value)]
     return f"`{shlex.join(words)}`"

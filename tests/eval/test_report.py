@@ -59,8 +59,8 @@ def test_eval_writes_json_and_a_table(small_run):
     assert saved["options"] == {
         "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
         "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu", "num_fewshot": None,
-        "apply_chat_template": False, "include_path": None, "dtype": "float32", "difficulty": None,
-        "seed": None,
+        "apply_chat_template": False, "fewshot_as_multiturn": None, "include_path": None, "dtype": "float32",
+        "difficulty": None, "seed": None,
     }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
@@ -251,6 +251,36 @@ def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns
         evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", apply_chat_template=True)
     with pytest.raises(ValueError, match="reason_addition: each prompt is a whole chat .* --num-fewshot 2 would glue"):
         evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", num_fewshot=2)
+
+
+def test_no_fewshot_as_multiturn_puts_the_examples_in_one_turn_as_lm_evals_and_the_report_reruns_it(
+    tmp_path, monkeypatch
+):
+    """seekstack eval had no --fewshot-as-multiturn: with --apply-chat-template the examples were always earlier
+    turns, where lm_eval's --fewshot_as_multiturn false puts them in the first user turn."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    (tmp_path / "config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "2",
+                                      "--apply-chat-template", "--no-fewshot-as-multiturn", "--out",
+                                      str(tmp_path / "results")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (asked[-1]["apply_chat_template"], asked[-1]["fewshot_as_multiturn"]) == (True, False)
+    options = json.loads((tmp_path / "results.json").read_text())["options"]
+    assert (options["apply_chat_template"], options["fewshot_as_multiturn"]) == (True, False)
+    assert "--apply-chat-template --no-fewshot-as-multiturn --dtype" in _eval_again(tmp_path, {"options": options})
+    # lm_eval's default: earlier turns in the chat template (recorded as not given), nothing without it
+    for chat, multiturn in ((True, True), (False, False)):
+        report = evaluate(tmp_path, ("mc",), device="cpu", apply_chat_template=chat)
+        assert asked[-1]["fewshot_as_multiturn"] is multiturn and report["options"]["fewshot_as_multiturn"] is None
+    with pytest.raises(ValueError, match="--fewshot-as-multiturn puts the few-shot examples .* --apply-chat-template"):
+        evaluate(tmp_path, ("mc",), device="cpu", fewshot_as_multiturn=True)
 
 
 def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(tmp_path, monkeypatch):
