@@ -76,7 +76,8 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
         if not matched and pattern.startswith("mtp.") and not any(name.startswith("mtp.") for name in names):
             continue  # a plan's MTP entry, for a model loaded without its MTP module (no speculative decoding)
         if not matched:
-            raise ValueError(f"device map entry {entry!r} matches no part of the model (parts: {names[0]}, ...)")
+            parts = ", ".join(pattern for pattern, _ in _ranged(dict.fromkeys(names, "")))
+            raise ValueError(f"device map entry {entry!r} matches no part of the model; each is placed whole: {parts}")
         placement.update(dict.fromkeys(matched, device))
     missing = [name for name in names if name not in placement]
     if missing:
@@ -170,11 +171,16 @@ def _matches(pattern: str, name: str) -> bool:
 
 def format_device_map(placement: dict[str, str]) -> str:
     """`placement` as device map text, a part of consecutive layers on one device written as one range."""
+    return ",".join(f"{pattern}={device}" for pattern, device in _ranged(placement))
+
+
+def _ranged(placement: dict[str, str]) -> list[tuple[str, str]]:
+    """`placement`'s parts as patterns with their devices, a part of consecutive layers on one device as one range."""
     entries, runs = [], {}  # runs: part -> [first layer, last layer, device] for each run
     for name, device in placement.items():
         pieces = name.split(".")
         if pieces[0] != "layers":
-            entries.append(f"{name}={device}")
+            entries.append((name, device))
             continue
         layer, part_runs = int(pieces[1]), runs.setdefault(".".join(pieces[2:]), [])
         if part_runs and part_runs[-1][1:] == [layer - 1, device]:
@@ -184,8 +190,8 @@ def format_device_map(placement: dict[str, str]) -> str:
     for part, part_runs in runs.items():
         for first, last, device in part_runs:
             layers = str(first) if first == last else f"{first}-{last}"
-            entries.append(f"layers.{layers}.{part}={device}")
-    return ",".join(entries)
+            entries.append((f"layers.{layers}.{part}", device))
+    return entries
 
 
 # ---------------------------------------------------------------------------------------- planning

@@ -69,6 +69,18 @@ def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
         parse_device_map("*=gpu7", names)
 
 
+def test_an_entry_finer_than_a_part_is_refused_listing_the_parts_a_map_places(model):
+    """accelerate places modules down to one expert (model.layers.1.mlp.experts.3); here such an entry was refused
+    as matching no part "(parts: embed_tokens, ...)", the one part it named telling nothing of the others."""
+    with pytest.raises(ValueError) as refusal:
+        parse_device_map("*=cpu,layers.1.mlp.experts.3=disk", list(units(model)))
+    assert str(refusal.value) == (
+        "device map entry 'layers.1.mlp.experts.3=disk' matches no part of the model; each is placed whole: "
+        "embed_tokens, mtp.0, norm, lm_head, layers.0-2.self_attn, layers.0.mlp, layers.1-2.mlp.shared_experts, "
+        "layers.1-2.mlp.experts"
+    )
+
+
 def test_the_plan_puts_the_bytes_read_most_per_token_on_the_fastest_device():
     config = seekstack.preset("deepseek-v3")
     plan = plan_placement(config, parse_budgets("cuda:0=141GiB,cpu=512GiB"), tensor_bytes_at_width(config, 1.0))
