@@ -2,10 +2,12 @@
 
 The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3x the forward, MTP included).
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
-- CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H800/H200 989 TFLOP/s, A100 312, B200
-  2250, MI300X 1307, A10G 70, ...); a card not in the table is given an A100's, and its source says so, as it says
-  that a float32 run (the default dtype) multiplies without its bf16 tensor cores, far below it (nanochat and
-  torchtitan, which train in bf16, divide by the same spec).
+- CUDA: the card's dense data-sheet peak, looked up by name, in the precision the run multiplies in: bf16 tensor cores
+  for dtype=bfloat16 (H100/H800/H200 989 TFLOP/s, A100 312, B200 2250, MI300X 1307, A10G 70, ...; nanochat and
+  torchtitan, which train in bf16, divide by the same spec); for float32 (the default dtype), its float32 rate (H100
+  67, A100 19.5), or its TF32 tensor-core rate (H100 494.5, A100 156) where torch is allowed TF32
+  (`torch.backends.cuda.matmul.allow_tf32`, `torch.set_float32_matmul_precision("high")`). A card not in the table is
+  given an A100's, and its source says so.
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
   dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
   matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
@@ -35,23 +37,30 @@ LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this sma
 # which operands of a training step's matmuls are transposed: x @ W.T (a Linear's forward), g @ W (its input's
 # gradient), g.T @ x (its weight's gradient)
 MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
-# Dense (no sparsity) bf16 tensor peak FLOP/s per device, from the vendors' data sheets (nanochat's and torchtitan's
-# tables): the first row whose words all appear in the lower-cased device name, so a variant comes before its family
+# Dense (no sparsity) peak FLOP/s per device, from the vendors' data sheets (the bf16 column is nanochat's and
+# torchtitan's tables'): bf16 and TF32 on tensor cores (None: the card has no TF32, and multiplies float32 at its
+# float32 rate), and float32 without them (an AMD card's matrix FP32, the rate its BLAS multiplies float32 at). The
+# first row whose words all appear in the lower-cased device name is the card's, so a variant comes before its family
 # ("h100 pcie" before "h100", "l40s" before "l40" before "l4"); an MI250X is two devices, its peak per die. AWS's A10G
 # (G5 instances) is no A10: its data sheet (NVIDIA A10G for AWS, 2022) gives 70 TFLOP/s dense bf16 (140 with sparsity)
 # and 35 FP32, where the A10's gives 125 and 31.2
-CARD_BF16_PEAK_FLOPS = (
-    (("gb200",), "GB200", 2.5e15), (("b200",), "B200", 2.25e15), (("b100",), "B100", 1.8e15),
-    (("h200", "nvl"), "H200 NVL", 836e12), (("h200",), "H200", 989e12),
-    (("h100", "nvl"), "H100 NVL", 835e12), (("h100", "pcie"), "H100 PCIe", 756e12), (("h100",), "H100", 989e12),
-    (("h800", "pcie"), "H800 PCIe", 756e12), (("h800",), "H800", 989e12), (("h20",), "H20", 148e12),
-    (("a100",), "A100", 312e12), (("a800",), "A800", 312e12), (("a10g",), "A10G", 70e12),
-    (("a10",), "A10", 125e12),
-    (("l40s",), "L40S", 362e12), (("l40",), "L40", 181e12), (("l4",), "L4", 121e12),
-    (("mi355",), "MI355X", 2.5e15), (("mi325",), "MI325X", 1.3074e15), (("mi300x",), "MI300X", 1.3074e15),
-    (("mi250x",), "MI250X", 191.5e12),
+CARD_PEAK_FLOPS = (  # words, card, bf16, tf32, float32
+    (("gb200",), "GB200", 2.5e15, 1.25e15, 80e12), (("b200",), "B200", 2.25e15, 1.125e15, 75e12),
+    (("b100",), "B100", 1.8e15, 0.9e15, 60e12),
+    (("h200", "nvl"), "H200 NVL", 836e12, 418e12, 60e12), (("h200",), "H200", 989e12, 494.5e12, 67e12),
+    (("h100", "nvl"), "H100 NVL", 835e12, 417.5e12, 60e12), (("h100", "pcie"), "H100 PCIe", 756e12, 378e12, 51e12),
+    (("h100",), "H100", 989e12, 494.5e12, 67e12),
+    (("h800", "pcie"), "H800 PCIe", 756e12, 378e12, 51e12), (("h800",), "H800", 989e12, 494.5e12, 67e12),
+    (("h20",), "H20", 148e12, 74e12, 44e12),
+    (("a100",), "A100", 312e12, 156e12, 19.5e12), (("a800",), "A800", 312e12, 156e12, 19.5e12),
+    (("a10g",), "A10G", 70e12, 35e12, 35e12), (("a10",), "A10", 125e12, 62.5e12, 31.2e12),
+    (("l40s",), "L40S", 362e12, 183e12, 91.6e12), (("l40",), "L40", 181e12, 90.5e12, 90.5e12),
+    (("l4",), "L4", 121e12, 60e12, 30.3e12),
+    (("mi355",), "MI355X", 2.5e15, None, 157.3e12), (("mi325",), "MI325X", 1.3074e15, 653.7e12, 163.4e12),
+    (("mi300x",), "MI300X", 1.3074e15, 653.7e12, 163.4e12), (("mi250x",), "MI250X", 191.5e12, None, 47.85e12),
 )  # fmt: skip
-UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
+PRECISIONS = ("bf16", "tf32", "float32")  # CARD_PEAK_FLOPS's columns
+UNKNOWN_GPU_PEAK_FLOPS = {"bf16": 312e12, "tf32": 156e12, "float32": 19.5e12}  # an A100's, for cards not in the table
 FLOPS_UNITS = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("", 1.0))
 Probed = TypeVar("Probed")
 
@@ -66,30 +75,38 @@ class Peak:
 
 
 def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
-    """Peak FLOP/s of one `device`: by card name on CUDA (its bf16 spec, whose source says so for a run in another
-    `dtype`), the measured `dtype` matmul rate on a CPU."""
+    """Peak FLOP/s of one `device`: by card name on CUDA, its spec in the precision `dtype` multiplies in (float32:
+    TF32 where torch is allowed it, `torch.get_float32_matmul_precision()` not "highest"), the measured `dtype` matmul
+    rate on a CPU."""
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
-        card = card_peak_flops(torch.cuda.get_device_name(device))
         if dtype == torch.bfloat16:
-            return card
-        # torch multiplies float32 without the bf16 tensor cores (no TF32 unless allowed): an H100's 67 TFLOP/s of 989
-        return Peak(card.flops, f"{card.source} (this run multiplies in {dtype_name}, far below it: dtype=bfloat16)")
+            precision = "bf16"
+        else:  # torch multiplies float32 on the tensor cores only as TF32, and only where allowed
+            precision = "float32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return card_peak_flops(torch.cuda.get_device_name(device), precision)
     threads = torch.get_num_threads()
     probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
     return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {threads} CPU threads")
 
 
 @functools.cache
-def card_peak_flops(name: str) -> Peak:
-    """The dense bf16 peak of the card named `name` (`CARD_BF16_PEAK_FLOPS`); an A100's for a card the table does not
-    name, which its source says."""
+def card_peak_flops(name: str, precision: str = "bf16") -> Peak:
+    """The dense peak of the card named `name` in `precision` (bf16, tf32 or float32: `CARD_PEAK_FLOPS`); a card
+    without TF32 multiplies float32 at its float32 rate; an A100's for a card the table does not name. Its source says
+    which."""
     words = name.lower()
-    card = next((row for row in CARD_BF16_PEAK_FLOPS if all(word in words for word in row[0])), None)
+    card = next((row for row in CARD_PEAK_FLOPS if all(word in words for word in row[0])), None)
     if card is None:
-        return Peak(UNKNOWN_GPU_PEAK_FLOPS, f"{name}: no bf16 peak known for it, an A100's assumed (set peak_flops)")
-    _, label, flops = card
-    return Peak(flops, f"{name}: the {label}'s dense bf16 spec")
+        return Peak(
+            UNKNOWN_GPU_PEAK_FLOPS[precision],
+            f"{name}: no {precision} peak known for it, an A100's assumed (set peak_flops)",
+        )
+    label, *peaks = card[1:]
+    flops = dict(zip(PRECISIONS, peaks, strict=True))
+    if flops[precision] is None:
+        return Peak(flops["float32"], f"{name}: the {label}'s dense float32 spec (it has no TF32 tensor cores)")
+    return Peak(flops[precision], f"{name}: the {label}'s dense {precision} spec")
 
 
 @functools.cache

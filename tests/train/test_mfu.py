@@ -1,5 +1,5 @@
-"""The peak FLOP/s MFU divides by: a card's dense bf16 spec, and CPU ranks that share a machine's cores share its
-peak."""
+"""The peak FLOP/s MFU divides by: a card's dense spec in the run's precision, and CPU ranks that share a machine's
+cores share its peak."""
 
 from __future__ import annotations
 
@@ -90,19 +90,34 @@ def test_a_cards_peak_is_its_dense_bf16_spec_looked_up_by_its_name(name, flops, 
 
 
 @pytest.mark.parametrize(
-    ("dtype", "note"),
+    ("name", "dtype", "precision", "peak"),
     [
-        (torch.bfloat16, ""),
-        (torch.float32, " (this run multiplies in float32, far below it: dtype=bfloat16)"),
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, "highest", Peak(989e12, "the H100's dense bf16 spec")),
+        ("NVIDIA H100 80GB HBM3", torch.float32, "highest", Peak(67e12, "the H100's dense float32 spec")),
+        ("NVIDIA H100 80GB HBM3", torch.float32, "high", Peak(494.5e12, "the H100's dense tf32 spec")),
+        ("NVIDIA A100-SXM4-80GB", torch.float32, "highest", Peak(19.5e12, "the A100's dense float32 spec")),
+        ("NVIDIA A100-SXM4-80GB", torch.float32, "medium", Peak(156e12, "the A100's dense tf32 spec")),
+        (
+            "AMD Instinct MI250X",
+            torch.float32,
+            "high",
+            Peak(47.85e12, "the MI250X's dense float32 spec (it has no TF32 tensor cores)"),
+        ),
+        ("NVIDIA RTX PRO 6000", torch.float32, "highest", Peak(19.5e12, "no float32 peak known for it, an A100's "
+                                                                        "assumed (set peak_flops)")),
     ],
-)
-def test_a_cards_bf16_peak_says_so_for_a_run_that_multiplies_in_float32(monkeypatch, dtype, note):
-    """A run in the default dtype, float32, was told its MFU against the H100's 989 TFLOP/s of bf16 alone, where its
-    matmuls run at a fraction of that (67 in float32): an MFU of a few percent, unexplained."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert default_peak_flops(torch.device("cuda"), dtype) == Peak(
-        989e12, f"NVIDIA H100 80GB HBM3: the H100's dense bf16 spec{note}"
-    )
+)  # fmt: skip
+def test_a_cards_peak_is_its_spec_in_the_precision_the_run_multiplies_in(monkeypatch, name, dtype, precision, peak):
+    """A run in the default dtype, float32, was given its MFU against the H100's 989 TFLOP/s of bf16 (only a note said
+    so), where torch multiplies float32 at 67 without TF32 (the default) and at 494.5 with it: an MFU of a few percent
+    read against a peak it cannot reach."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert default_peak_flops(torch.device("cuda"), dtype) == Peak(peak.flops, f"{name}: {peak.source}")
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_a_card_not_in_the_table_is_given_an_a100s_peak_and_its_source_says_so():
