@@ -270,8 +270,9 @@ def sampling_params(
 ) -> list[SamplingParams]:
     """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
     seed + i); 400 when the context cannot hold it. A chat request without max_tokens may fill the context's room,
-    or at most `unasked_limit` tokens when that is given (what its key's tokens per minute leave it). Sampling fields
-    the request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults."""
+    or at most `model_defaults`' max_new_tokens (generation_config.json's, as vLLM's default max_tokens) and
+    `unasked_limit` tokens when those are given (what its key's tokens per minute leave it). Sampling fields the
+    request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     requested = requested_max_tokens(request)
@@ -299,7 +300,8 @@ def sampling_params(
     if echo_only(request):
         max_new_tokens = 1  # the one token the engine samples after the prompt, not shown
     else:
-        max_new_tokens = requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1)))
+        unasked = min(room, model_defaults.get("max_new_tokens", room))
+        max_new_tokens = requested or (unasked if unasked_limit is None else min(unasked, max(unasked_limit, 1)))
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built

@@ -170,6 +170,20 @@ def test_an_echoed_prompt_of_max_tokens_0_reports_and_bills_no_completion_tokens
     assert [(row["prompt_tokens"], row["completion_tokens"]) for row in rows] == [(prompt_tokens, 0)] * 2
 
 
+def test_a_chat_without_max_tokens_stops_at_the_checkpoints_generation_config_max_new_tokens(tmp_path):
+    """vLLM takes generation_config.json's max_new_tokens as its default max_tokens (and `seekstack generate` and
+    `chat` read it, abe92f6): a chat leaving max_tokens unset filled the context's room instead."""
+    model_dir = make_model_dir(tmp_path / "shipped")
+    (model_dir / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))
+    unset = {name: value for name, value in CHAT.items() if name != "max_tokens"}
+    left, given = post_each(Engine.from_pretrained(model_dir), tmp_path / "db", [
+        ("/v1/chat/completions", unset),
+        ("/v1/chat/completions", {**unset, "max_tokens": 5}),
+    ])  # fmt: skip
+    assert [(answer.json()["usage"]["completion_tokens"], answer.json()["choices"][0]["finish_reason"])
+            for answer in (left, given)] == [(3, "length"), (5, "length")]  # fmt: skip
+
+
 VLLM_REFUSED = {
     "use_beam_search": True,
     "include_stop_str_in_output": True,
