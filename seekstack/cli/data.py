@@ -18,15 +18,15 @@ def data_build(
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Folders, .txt/.jsonl/.json/.parquet/.csv/.tsv files, saved datasets; default: 'stdlib', the "
-            "embedded corpus"
+            help="Folders, .txt/.jsonl/.json/.parquet/.csv/.tsv/.arrow files, saved datasets; default: 'stdlib', "
+            "the embedded corpus"
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for train.jsonl, val.jsonl, report.json")] = Path(
         "data/corpus"
     ),
     field: Annotated[
-        str, typer.Option(help="Text field of .jsonl/.json, column of .parquet/.csv/.tsv and saved datasets")
+        str, typer.Option(help="Text field of .jsonl/.json, column of .parquet/.csv/.tsv/.arrow and saved datasets")
     ] = "text",
     id_field: Annotated[
         str | None,

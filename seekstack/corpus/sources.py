@@ -121,7 +121,8 @@ _HTML_START = re.compile(r"(?i)(?:\s|<!--.*?-->|<\?xml[^>]*>)*<(?:!doctype\s+htm
 # Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
 VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 # read as rows when an input names the file, not inside a folder
-ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
+ARROW_FILE_MAGIC = b"ARROW1"  # how Arrow's random-access file format opens; `datasets` writes the stream format
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -257,9 +258,9 @@ class TextFolder:
 
 
 class Rows:
-    """The rows of a JSONL, Parquet or saved-dataset source (`read` of `path`, text in `field`, ids from `id_field`
-    where given) as documents, counting in `null_texts` by file the rows whose text is null (dataset exports hold
-    them), which are skipped, for the build report."""
+    """The rows of a JSONL, Parquet, Arrow or saved-dataset source (`read` of `path`, text in `field`, ids from
+    `id_field` where given) as documents, counting in `null_texts` by file the rows whose text is null (dataset exports
+    hold them), which are skipped, for the build report."""
 
     def __init__(self, read: Callable[..., Iterator[Document]], path: Path, field: str, id_field: str | None = None):
         self.read, self.path, self.field, self.id_field = read, path, field, id_field
@@ -816,12 +817,25 @@ def read_saved_dataset(
     for arrow_file in arrow_files:
         if not arrow_file.is_file():
             raise DataSourceError(f"{folder / 'state.json'}: lists {arrow_file.name}, which does not exist")
-        with (
-            _arrow_errors_named(arrow_file, "an Arrow stream"),
-            pa.memory_map(str(arrow_file)) as mapped,
-            pa.ipc.open_stream(mapped) as reader,
-        ):
-            yield from _documents_from_batches(iter(reader), column, arrow_file, null_texts, id_field)
+        yield from read_arrow(arrow_file, column, id_field, null_texts)
+
+
+def read_arrow(
+    path: str | Path, column: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
+    """Rows of an Arrow IPC file, memory-mapped and read by record batches, text in `column`; ids are column
+    `id_field`'s or `file:row`: the stream format that `datasets` writes its cache and `save_to_disk` files in
+    (`data-00000-of-00001.arrow`, which `load_dataset("arrow", data_files=...)` reads), or Arrow's file format (opening
+    with `ARROW1`). Rows whose text is null are skipped, and counted under the file's name in `null_texts`."""
+    path = Path(path)
+    with _arrow_errors_named(path, "an Arrow stream or file"), pa.memory_map(str(path)) as mapped:
+        if mapped.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC:
+            reader = pa.ipc.open_file(mapped)
+            batches = (reader.get_batch(number) for number in range(reader.num_record_batches))
+        else:
+            mapped.seek(0)
+            batches = iter(pa.ipc.open_stream(mapped))
+        yield from _documents_from_batches(batches, column, path, null_texts, id_field)
 
 
 def read_stdlib() -> Iterator[Document]:
@@ -847,13 +861,17 @@ def expanded_inputs(specs: list[str]) -> list[str]:
     return expanded
 
 
+# The row formats read by seeking in the file (Parquet's footer, memory-mapped Arrow), by suffix: name and reader
+_READ_BY_SEEKING = {".parquet": ("a Parquet", read_parquet), ".arrow": ("an Arrow", read_arrow)}
+
+
 def open_source(
     spec: str | Path, field: str = "text", id_field: str | None = None, rows_field: str | None = None
 ) -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given; a JSON file's rows under the key
-    `rows_field`, where given, which no other source has), a file or a named pipe; a saved DatasetDict is refused,
-    naming its splits' folders."""
+    `.json`, `.parquet`, `.csv`, `.tsv`, `.arrow` (`Rows`, ids from `id_field` where given; a JSON file's rows under
+    the key `rows_field`, where given, which no other source has), a file or a named pipe; a saved DatasetDict is
+    refused, naming its splits' folders, and so is a Parquet or Arrow file compressed whole."""
     path = Path(spec)
     if rows_field is not None and (
         str(spec) == "stdlib" or path.is_dir() or source_kind(path) not in (".json", ".jsonl")
@@ -879,11 +897,12 @@ def open_source(
         return Rows(read_json, path, field, id_field)
     if source_kind(path) in (".csv", ".tsv"):
         return Rows(read_csv, path, field, id_field)
-    if source_kind(path) == ".parquet":
-        if path.suffix.lower() != ".parquet":  # read by seeking to its footer and pages, which no stream allows
+    if source_kind(path) in _READ_BY_SEEKING:
+        if path.suffix.lower() in COMPRESSIONS:  # no decompressing stream seeks
             raise DataSourceError(
-                f"{path}: a Parquet file compressed whole, which is read by seeking in it (its pages are compressed "
-                f"within it already); decompress it to {uncompressed(path).name} and give that"
+                f"{path}: {_READ_BY_SEEKING[source_kind(path)][0]} file compressed whole, which is read by seeking "
+                f"in it (its columns may be compressed within it); decompress it to {uncompressed(path).name} and "
+                "give that"
             )
-        return Rows(read_parquet, path, field, id_field)
+        return Rows(_READ_BY_SEEKING[source_kind(path)][1], path, field, id_field)
     return read_text_file(path)

@@ -1334,10 +1334,36 @@ def test_a_parquet_file_compressed_whole_is_refused_naming_the_file_to_give(tmp_
     pq.write_table(pa.table({"text": ["a row"]}), table)
     compressed = tmp_path / f"rows.parquet{suffix}"
     compressed.write_bytes(COMPRESSORS[suffix.lower()](table.read_bytes()))
-    expected = f"{compressed}: a Parquet file compressed whole, which is read by seeking in it (its pages are "
+    expected = f"{compressed}: a Parquet file compressed whole, which is read by seeking in it (its columns may be "
     with pytest.raises(DataSourceError, match=re.escape(expected) + ".*decompress it to rows.parquet and give that"):
         list(open_source(compressed))
     assert [doc.text for doc in open_source(table)] == ["a row"]
+
+
+def test_an_arrow_file_is_read_as_rows_in_the_stream_and_the_file_format(tmp_path: Path) -> None:
+    """A `datasets` cache or `save_to_disk` file given alone (`data-00000-of-00001.arrow`, which `load_dataset("arrow",
+    data_files=...)` reads) was read as one text document of its bytes ('\xff\xff\xff\xffp\x00...'). It is read as
+    rows, in Arrow's stream format (what `datasets` writes) or file format, ids from --id-field and nulls counted as a
+    Parquet file's; one compressed whole is refused as such a Parquet file is."""
+    table = pa.table({"text": ["a first row", None, "a third row"], "id": ["r1", "r2", "r3"]})
+    with (
+        pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as out,
+    ):
+        out.write_table(table)
+    with pa.OSFile(str(tmp_path / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+        out.write_table(table)
+    for name, ids in (("data-00000-of-00001.arrow", ["r1", "r3"]), ("rows.arrow", ["r1", "r3"])):
+        source = open_source(tmp_path / name, id_field="id")
+        assert [(doc.doc_id, doc.text, doc.source) for doc in source] == [
+            (ids[0], "a first row", name),
+            (ids[1], "a third row", name),
+        ]
+        assert source.null_texts == {name: 1}
+    assert [doc.doc_id for doc in open_source(tmp_path / "rows.arrow")] == ["rows.arrow:1", "rows.arrow:3"]
+    (tmp_path / "rows.arrow.zst").write_bytes(_zstd_compress((tmp_path / "rows.arrow").read_bytes()))
+    with pytest.raises(DataSourceError, match=r"rows.arrow.zst: an Arrow file compressed whole, .* to rows.arrow and"):
+        list(open_source(tmp_path / "rows.arrow.zst"))
 
 
 def _zstd_compress(data: bytes) -> bytes:
