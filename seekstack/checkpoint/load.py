@@ -316,7 +316,7 @@ def _read_pieces(
     """The tensors of the checkpoint keys `sources` names, each in `dtype` and checked against the shape of the view
     it fills; one at a time, in the order `sources` gives (a stacked tensor's memory order: `expert_sources`)."""
     for key, view in sources:
-        yield reader.read(key, shape=tuple(view.shape)).to(dtype)
+        yield reader.read(key, shape=tuple(view.shape), dtype=dtype).to(dtype)
 
 
 def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:

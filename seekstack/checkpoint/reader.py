@@ -527,11 +527,15 @@ class CheckpointReader:
             )
         return math.prod(self.stored_shape(key)) * width
 
-    def read(self, key: str, dequantize: bool = True, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def read(
+        self, key: str, dequantize: bool = True, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
         float32 unless `dequantize` is False, and then starts at an ALIGNMENT boundary (the int kernels use it in
         place; copied where the file's does not). With `shape` (what the config implies), CheckpointError naming the
-        file and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
+        file and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it.
+        With `dtype` (the model's), a float weight loaded rounded by its scales (`rounds_in_float`) is rounded in it, as
+        compressed-tensors rounds it in the dtype transformers holds the model in."""
         if key.endswith((".weight", ".weight_packed")):  # its layer's activation scale, read by none (activation_note)
             self.used.add(f"{key.rpartition('.')[0]}.input_scale")
         packed_key = key + "_packed"
@@ -559,7 +563,7 @@ class CheckpointReader:
             scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
             return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale, points)
         if self.rounds_in_float(key):
-            return self._fake_quantized(key, tensor)
+            return self._fake_quantized(key, tensor if dtype is None else tensor.to(dtype))
         if tensor.dtype == torch.float8_e4m3fn:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
             self.used.add(key + "_scale_inv")

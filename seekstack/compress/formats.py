@@ -61,7 +61,7 @@ def fake_quantize(
     """compressed-tensors' quantize-dequantize of a float `weight` (O, I) by its stored scales, which its forward runs
     on each weight of quantization_status "frozen" (a checkpoint saved uncompressed): q = round(W / s + z), clamped to
     the range of `args` (int of `num_bits`, or float8 e4m3), then (q - z) x s (its `_quantize_dequantize`), in
-    `weight`'s dtype (transformers holds weight and scales in the model's: the same where it loads in the stored one).
+    `weight`'s dtype (give it in the model's: transformers holds weight and scales in it, and rounds there).
     `scale` and `zero_point` are (O, G), one per row and group of columns, or, with `block` (rows, columns),
     (ceil(O / rows), ceil(I / columns)), one per block."""
 

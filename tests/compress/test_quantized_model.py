@@ -1002,3 +1002,35 @@ def test_a_frozen_checkpoint_of_dynamic_groups_that_do_not_divide_a_layer_is_ref
         "16, which 'model.layers.0.self_attn.kv_b_proj.weight' (24 columns) cannot be: compressed-tensors computes "
         "dynamic scales per tensor or per group of a size dividing the columns; give a checkpoint of stored scales"
     )
+
+
+@pytest.mark.parametrize("stored_dtype, dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_frozen_checkpoint_loaded_in_another_dtype_is_rounded_in_the_dtype_it_loads_in(tmp_path, stored_dtype, dtype):
+    """A frozen checkpoint's weights were rounded by their scales in the stored dtype, then cast to the one loaded:
+    transformers casts weight and scales to the model's dtype and compressed-tensors rounds them there, so every
+    layer differed (by up to a whole step, 0.021, where a rounding decision flipped)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8}
+    seekstack.save_pretrained(model_for_tests().to(stored_dtype), tmp_path)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    generator, theirs = torch.Generator().manual_seed(0), {}
+    for key in [key for key in tensors if key.endswith("_proj.weight")]:
+        rows, columns = tensors[key].shape
+        scale = (torch.rand(rows, columns // 8, generator=generator) / 50 + 0.001).to(stored_dtype)
+        tensors[f"{key}_scale"] = scale
+        theirs[key] = fake_quantize(tensors[key].to(dtype), scale.to(dtype), None, QuantizationArgs(**weights))
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for dequantize in (False, True):
+        loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dtype=dtype, dequantize=dequantize)))
+        for key, weight in theirs.items():
+            assert loaded[key].dtype == dtype and torch.equal(loaded[key], weight), (key, dequantize)
