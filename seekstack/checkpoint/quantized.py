@@ -149,7 +149,7 @@ def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int,
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     """The names of the stored tensors of checkpoint layer `key`'s quantized weight, its codes' then its scales', or
     None for a layer read in float: stored so, or in a format loading dequantizes (float-quantized fp8, int codes
-    with zero points)."""
+    with zero points: the int8 kernel takes none, and the int4 kernel's bfloat16 offset -z x s would round them)."""
     if f"{key}.weight_packed" in reader:
         reader.check_stored_format(f"{key}.weight_packed")
         reader.used.add(f"{key}.weight_shape")
