@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.tasks import check_task
+from seekstack.posttrain.tasks import check_task, is_problems_file
 from seekstack.schema import (
     Fraction,
     NonNegative,
@@ -257,6 +257,12 @@ class GRPOConfig(TrainConfig):
                 "num_generations",
                 f"at least 2, not {config.num_generations}: a completion's advantage is its reward against the mean "
                 "and std of its prompt's group, which one completion alone does not have",
+            )
+            require(
+                config.difficulty is None or not is_problems_file(config.task),
+                "difficulty",
+                f"unset with task={config.task}, not {config.difficulty}: a file of problems has no difficulty, its "
+                "questions are as written",
             )
             require(
                 config.beta == 0 or bool(config.init_from),

@@ -190,6 +190,21 @@ def test_a_problems_file_whose_questions_are_all_held_out_is_refused_naming_task
     assert refused.output.startswith(reason) and "leaving none to train on; add questions" in refused.output
 
 
+def test_a_difficulty_for_a_problems_file_is_refused_naming_difficulty_before_a_config_is_written(tmp_path):
+    """difficulty=3 beside task=problems.jsonl passed the config's checks, so --write-config wrote a config that
+    cannot run, and a run was refused only once its source was built, naming no field ("error: difficulty 3: task
+    ... is a file of problems, which has none")."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"question": "What is 1 + 1?", "answer": 2}) + "\n")
+    written = tmp_path / "rl.yaml"
+    args = ["rl", f"init_from={model_dir}", f"task={path}", "difficulty=3", "--write-config", str(written)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and not written.exists()
+    assert refused.output.startswith(f"error: field 'difficulty' must be unset with task={path}, not 3: a file of")
+    assert CliRunner().invoke(app, args[:-3] + ["--write-config", str(written)]).exit_code == 0 and written.exists()
+
+
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
     config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
