@@ -33,10 +33,23 @@ ModelDir = Annotated[
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 UNTIL_CONTEXT = -1  # --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
+
+
+def reply_length(max_new_tokens: int | None) -> int | None:
+    """--max-new-tokens as given: at least 1, or -1 (UNTIL_CONTEXT); else a usage error saying both (the field's own
+    check, "greater than 0", would leave out the -1 the option takes)."""
+    if max_new_tokens is not None and max_new_tokens < 1 and max_new_tokens != UNTIL_CONTEXT:
+        raise typer.BadParameter(
+            f"has value {max_new_tokens}: give at least 1, or {UNTIL_CONTEXT} for until the context is full"
+        )
+    return max_new_tokens
+
+
 ReplyTokens = Annotated[
     int | None,
     typer.Option(
-        help=f"Most tokens of each reply; -1: until the context is full (llama-cli's -n -1) [{CHECKPOINT_DEFAULT} 512]"
+        help=f"Most tokens of each reply; -1: until the context is full (llama-cli's -n -1) [{CHECKPOINT_DEFAULT} 512]",
+        callback=reply_length,
     ),
 ]
 Temperature = Annotated[
@@ -161,7 +174,8 @@ def generate_command(
         int | None,
         typer.Option(
             help=f"Most tokens to generate; -1: until the context is full (llama-cli's -n -1) [{CHECKPOINT_DEFAULT} "
-            f"{SamplingParams.max_new_tokens}]"
+            f"{SamplingParams.max_new_tokens}]",
+            callback=reply_length,
         ),
     ] = None,
     temperature: Temperature = None,

@@ -189,6 +189,18 @@ def test_a_bad_option_value_is_named_by_its_option(checkpoint, command, option, 
     assert result.exit_code == 2 and f"Invalid value for '{option}': " in result.stderr and "field" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_reply_length_below_one_is_refused_naming_the_minus_one_the_option_takes(checkpoint, command, value):
+    """--max-new-tokens takes -1 (until the context is full), but -2 and 0 were refused as "input should be greater
+    than 0", the field's check, as if -1 were refused too."""
+    prompt = ["x"] if command == "generate" else []
+    result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, "--max-new-tokens", value], input="")
+    assert result.exit_code == 2
+    assert (f"Invalid value for '--max-new-tokens': has value {value}: give at least 1, or -1 for until the context "
+            "is full") in " ".join(result.stderr.split())  # fmt: skip
+
+
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--speculative",
             "--draft-tokens", "2", "--no-adaptive-drafts", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs",
