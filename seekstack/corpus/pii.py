@@ -4,8 +4,9 @@ Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----` with a base64 bod
 to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as
 `{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are kept), the tokens
 of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face
-`hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), and long random values
-assigned to a name like api_key, secret, token or password.
+`hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens
+(`Authorization: Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept), and long random
+values assigned to a name like api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -231,6 +232,13 @@ _ASSIGNED_SECRET = re.compile(
     r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b|[A-Za-z0-9+/]{32,}={0,2})"
 )
 
+# An HTTP bearer credential (RFC 6750's `Authorization: Bearer <token>`, as curl examples and request code write it),
+# whole: 20 or more of its token characters, which may hold dots (Google's OAuth tokens, `ya29.a0Af...`). The word in
+# any case, by character sets, its first letter before the lookbehind: 3x faster than (?i) and a lookbehind first.
+_BEARER_TOKEN = re.compile(
+    r"(?P<scheme>[Bb](?<![\w-][Bb])[Ee][Aa][Rr][Ee][Rr][ \t]+)(?P<token>[A-Za-z0-9._~+/-]{20,}+=*)(?![\w=])"
+)
+
 
 # A URL's scheme and what of its user precedes an e-mail-like match (read in the `URL_USER_CHARS` characters before it)
 _URL_USER_BEFORE = re.compile(r"(?i)(?<!mailto)://[^\s/?#@]*\Z")
@@ -300,9 +308,14 @@ def _looks_like_ip(match: re.Match[str]) -> bool:
     return len([group for group in candidate.split(":") if group]) >= 3
 
 
+def _mixes_letters_and_digits(token: str) -> bool:
+    """A secret mixes letters and digits; a placeholder such as `YOUR_ACCESS_TOKEN` does not."""
+    return any(char.isdigit() for char in token) and any(char.isalpha() for char in token)
+
+
 def _looks_random(token: str) -> bool:
-    """A secret mixes letters and digits; an identifier such as `my_token_name` or a dotted path does not."""
-    return any(char.isdigit() for char in token) and any(char.isalpha() for char in token) and "." not in token
+    """A value assigned to a secret's name that mixes letters and digits, not a dotted path (`settings.TOKEN2`)."""
+    return _mixes_letters_and_digits(token) and "." not in token
 
 
 def scrub_pii(text: str) -> tuple[str, Counter[str]]:
@@ -315,6 +328,12 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
             return match[0]
         counts["secret"] += 1
         return f"{match['name']}{quote}{SECRET}{quote}"
+
+    def replace_bearer_token(match: re.Match[str]) -> str:
+        if not _mixes_letters_and_digits(match["token"]):
+            return match[0]
+        counts["secret"] += 1
+        return f"{match['scheme']}{SECRET}"
 
     def replace_private_key(match: re.Match[str]) -> str:
         if _PRIVATE_KEY_BODY.search(match["body"]) is None:
@@ -341,6 +360,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     ):
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found
+    text = _BEARER_TOKEN.sub(replace_bearer_token, text)
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     folded = _folded(text)
     for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV4, replace_ip), (_IPV6, replace_ip)):

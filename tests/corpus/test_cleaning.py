@@ -794,6 +794,27 @@ def test_hugging_face_gitlab_pypi_and_npm_tokens_are_replaced_by_their_prefixes(
     )
 
 
+def test_an_http_bearer_token_is_replaced_and_a_placeholder_is_kept() -> None:
+    """`Authorization: Bearer <token>` (RFC 6750), as curl examples and request code write it, kept its token whole
+    unless it was a JWT: no secret-like name is assigned it. A token of 20 or more characters mixing letters and
+    digits is replaced, dots and base64 padding included; placeholders and prose stay."""
+    text = (
+        'curl -H "Authorization: Bearer 8f3a9c0d2b7e4f1a6c5d8e9f0a1b2c3d" https://api.example.com/v1\n'
+        'headers = {"Authorization": "bearer ya29.a0AfH6SMBx3kVq1234567890abcdef"}\n'
+        "BEARER aGVsbG8gd29ybGQgMTIzNDU2Nzg5MA==\n"
+    )
+    assert scrub_pii(text) == (
+        'curl -H "Authorization: Bearer <SECRET>" https://api.example.com/v1\n'
+        'headers = {"Authorization": "bearer <SECRET>"}\nBEARER <SECRET>\n',
+        {"secret": 3},
+    )
+    kept = (
+        'Bearer YOUR_ACCESS_TOKEN_HERE_PLEASE, f"Bearer {self.token}", "Bearer ${API_TOKEN}", Bearer deadbeef12346\n'
+        "The bearer authorization header2024 and the bearer of bad news in 2024.\n"
+    )
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_an_identifier_of_34_letters_after_hf_in_one_case_is_no_hugging_face_token() -> None:
     """A Hugging Face token's 34 letters are random, of both cases; an identifier of 34 letters after `hf_` written in
     one case or capitalised, as names are, was replaced as one (`<SECRET>`) and is kept."""
