@@ -299,12 +299,23 @@ def test_a_chain_of_names_equal_to_the_answer_reads_as_its_right_side_as_math_ve
 @pytest.mark.parametrize(
     ("answer", "value"),
     [("\\boxed{x \\approx 30}", 30), ("\\boxed{x\\approx30}", 30), ("$x \u2248 30$", 30),
-     ("\\boxed{x = y \\approx 30}", 30), ("\\boxed{\\approx 30}", None),
-     ("\\boxed{\\frac{61}{2} \\approx 30}", None), ("\\boxed{x \\approxeq 30}", None)],
+     ("\\boxed{x = y \\approx 30}", 30), ("\\boxed{\\frac{61}{2} \\approx 30}", None),
+     ("\\boxed{x \\approxeq 30}", None)],
 )  # fmt: skip
 def test_a_name_approximately_equal_to_the_answer_reads_as_its_right_side_as_math_verify_reads_it(answer, value):
     """\\boxed{x \\approx 30} was no number (scored 0 against 30; math-verify, as TRL's accuracy_reward calls it,
     accepts it): \\approx was taken for a command of the name, which then had no "="."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{\\approx 30}", 30), ("\\boxed{= 30}", 30), ("$\\approx 30$", 30), ("\\boxed{\u2248 30}", 30),
+     ("\\boxed{=30}", 30), ("\\boxed{30 = 30}", None), ("\\boxed{=}", None)],
+)  # fmt: skip
+def test_a_relation_with_no_name_before_the_answer_reads_as_math_verify_reads_it(answer, value):
+    """\\boxed{\\approx 30} and \\boxed{= 30} were no number (scored 0 against 30), where math-verify reads 30: a
+    relation was read after a name alone."""
     assert read_number(answer) == value
 
 
@@ -718,6 +729,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\text{a}/" * 7_000 + "\\text{a}",  # a unit of more than MAX_UNITS parts is no answer
         "1" + "\\text{a}^{-1}" * 5_000,
         "\\text{{a}" * 7_000,
+        "= " * 35_000 + "x",
         "- " * 35_000 + "x",
         "\\frac{" + "-" * 70_000,
         "(" + "- " * 35_000 + "x)",

@@ -44,7 +44,8 @@ CLOSING_SPACE = re.compile(rf"(?:{LATEX_SPACE}|\\)\Z")
 # after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
 # parentheses ("f(2)"), primes. A number makes it an expression, no name: "2 + 55 = 57", "\frac{1}{2} = 57",
 # "\frac12 = 57", "x \cdot 2 = 57". Names may be chained, as math-verify reads them: "x = y = 57" ("x = 56 = 57" not).
-# A name approximately equal to the answer ("x \approx 57", "x ≈ 57") is read alike, as math-verify reads it
+# A name approximately equal to the answer ("x \approx 57", "x ≈ 57") is read alike, as math-verify reads it, and so is
+# the relation with no name before it ("\boxed{= 57}", "\boxed{\approx 57}": math-verify reads 57)
 APPROX = r"\\approx(?![A-Za-z])|\u2248"
 COMMAND = r"\\(?!approx(?![A-Za-z]))[A-Za-z]++"  # a LaTeX command in a name, not the relation \approx
 # A command's argument, no digit but in a group inside it ("\overline{AB}", "\overline{A_{1}B}"), a subscript ("x_1",
@@ -53,7 +54,7 @@ ARGUMENT = r"\{(?:[^{}0-9=]|\{[^{}=]*+\})*+\}"
 SUBSCRIPT = rf"_(?:\{{(?:[^{{}}=]|\{{[^{{}}=]*+\}})*+\}}|[A-Za-z0-9]|{COMMAND})"
 PARENTHESES = r"\((?:[^()=]|\([^()=]*+\))*+\)"
 VARIABLE = re.compile(
-    rf"(?:(?:{COMMAND}|[A-Za-z][0-9]*+)(?:{COMMAND}|[A-Za-z][0-9]*+|{ARGUMENT}|{SUBSCRIPT}|{PARENTHESES}|['\s])*+"
+    rf"(?:(?:(?:{COMMAND}|[A-Za-z][0-9]*+)(?:{COMMAND}|[A-Za-z][0-9]*+|{ARGUMENT}|{SUBSCRIPT}|{PARENTHESES}|['\s])*+)?"
     rf"(?:=|{APPROX})\s*)++"
 )
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
