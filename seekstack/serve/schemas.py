@@ -298,6 +298,11 @@ class ChatMessage(StrictRequest):
     content: str | list[TextPart | RefusalPart] | None = Field(None, validate_default=True)
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
     refusal: str | None = None  # a replayed assistant turn that refused (OpenAI's reply: its content null), its text
+    # a replayed reply's reasoning given apart (tokenizer.REASONING_FIELDS: DeepSeek's, vLLM's, transformers' names):
+    # text or null, left out of the prompt as DeepSeek's API drops it
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
     # a tool result's call, required of one (as OpenAI requires it); the chat template does not write it, as DeepSeek's
     tool_call_id: str | None = Field(None, validate_default=True)
     function_call: Any = None  # OpenAI's deprecated form of a call: refused

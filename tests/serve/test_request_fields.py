@@ -184,6 +184,27 @@ def test_a_chat_without_max_tokens_stops_at_the_checkpoints_generation_config_ma
             for answer in (left, given)] == [(3, "length"), (5, "length")]  # fmt: skip
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_a_replayed_reasoning_must_be_text_as_content_is(engine, tmp_path, field):
+    """A replayed assistant turn's reasoning given apart (DeepSeek's, vLLM's, transformers' field) was accepted of any
+    type ({"reasoning": 5}) and dropped unseen; text is still left out of the prompt."""
+
+    def chat(**reasoning) -> dict:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", **reasoning}]
+        return {**CHAT, "messages": [*turns, {"role": "user", "content": "Hello"}]}
+
+    plain, reasoned, numbered = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", chat()),
+        ("/v1/chat/completions", chat(**{field: "2 + 3 is 5"})),
+        ("/v1/chat/completions", chat(**{field: 5})),
+    ])  # fmt: skip
+    assert reasoned.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+    error = error_of(numbered, 400)
+    assert (error["param"], error["message"]) == (
+        f"messages.1.{field}", f"invalid request: messages.1.{field}: Input should be a valid string, got 5",
+    )  # fmt: skip
+
+
 VLLM_REFUSED = {
     "use_beam_search": True,
     "include_stop_str_in_output": True,
