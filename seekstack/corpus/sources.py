@@ -49,7 +49,10 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte UTF-8 cannot decode, as surrogateescape holds it
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
+# A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
+TEXT_SUFFIXES = (
+    ".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".js", ".ts", ".java", ".sh",
+)  # fmt: skip
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
 # text: their first `SNIFF_BYTES` bytes hold no control character but whitespace, backspace and escape (those of
 # terminal output and man pages), as `file` tells text; a NUL byte, as git tells a binary file, is one such character.

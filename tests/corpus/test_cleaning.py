@@ -29,7 +29,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
-from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind
+from seekstack.corpus.kinds import CODE_SUFFIXES, UNSPACED_WORD_CHARS, detect_kind
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -44,9 +44,11 @@ from seekstack.corpus.rules import (
     rule_kind,
 )
 from seekstack.corpus.sources import (
+    TEXT_SUFFIXES,
     DataSourceError,
     Document,
     MissingTextField,
+    TextFolder,
     open_source,
     read_jsonl,
     read_parquet,
@@ -1696,6 +1698,22 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     assert [doc.text for doc in open_source(tmp_path / "rows.jsonl.gz")] == ["a row"]
     with pytest.raises(DataSourceError, match="missing.jsonl: no such file or folder"):
         open_source(tmp_path / "missing.jsonl")
+
+
+def test_a_folders_source_files_of_every_suffix_the_kinds_know_are_read(tmp_path: Path) -> None:
+    """A C++ project's `.cc` sources and `.hpp` headers (Google's and Boost's styles), which detect_kind knows as C++,
+    were skipped by a folder's reading ('.cc 1, .hpp 1' files of other suffixes) while its `.cpp` and `.h` were read."""
+    (tmp_path / "engine.cc").write_text("int main() { return 0; }\n")
+    (tmp_path / "engine.hpp").write_text("#pragma once\nint run();\n")
+    (tmp_path / "engine.h").write_text("int stop();\n")
+    folder = TextFolder(tmp_path)
+    assert [(doc.doc_id, detect_kind(doc.text, doc.doc_id).lang) for doc in folder] == [
+        ("engine.cc", "cpp"),
+        ("engine.h", "c"),
+        ("engine.hpp", "cpp"),
+    ]
+    assert folder.skipped == {}
+    assert set(CODE_SUFFIXES) <= set(TEXT_SUFFIXES)
 
 
 def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: Path) -> None:
