@@ -53,6 +53,13 @@ def eval_command(
             "with --no-fewshot-as-multiturn all in the first user turn, as lm_eval's --fewshot_as_multiturn false"
         ),
     ] = None,
+    system_instruction: Annotated[
+        str | None,
+        typer.Option(
+            help="lm_eval's --system_instruction: the system message of each prompt in the chat template, else the "
+            "text before each prompt"
+        ),
+    ] = None,
     dtype: Annotated[
         str,
         typer.Option(
@@ -109,7 +116,7 @@ def eval_command(
         with options_named(("batch_size", "limit", "seed")):  # a value evaluate() refuses, as the parser's own
             report = evaluate(
                 model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-                samples_folder, include_path, dtype, difficulty, seed, fewshot_as_multiturn,
+                samples_folder, include_path, dtype, difficulty, seed, fewshot_as_multiturn, system_instruction,
             )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

@@ -52,15 +52,17 @@ def evaluate(
     difficulty: int | None = None,
     seed: str | None = None,
     fewshot_as_multiturn: bool | None = None,
+    system_instruction: str | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
     holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
     own) and `apply_chat_template` (the examples as earlier turns unless `fewshot_as_multiturn` is False, as lm_eval's
-    --fewshot_as_multiturn false puts them in the first user turn; None: lm_eval's default); with `samples_folder`,
-    lm_eval's own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes
-    them; task YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's
-    --include_path; the
+    --fewshot_as_multiturn false puts them in the first user turn; None: lm_eval's default) and `system_instruction`
+    (lm_eval's --system_instruction: the chat's system message, else the text before each prompt); with
+    `samples_folder`, lm_eval's own results JSON and per-task samples JSONL written there as its --output_path
+    --log_samples writes them; task YAML files (and groups of them) in the folder `include_path` found by name, as
+    lm_eval's --include_path; the
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
     reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
     lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
@@ -107,6 +109,11 @@ def evaluate(
             "--fewshot-as-multiturn puts the few-shot examples in the chat template as earlier turns: give "
             "--apply-chat-template too (with it they are earlier turns unless --no-fewshot-as-multiturn)"
         )
+    if system_instruction is not None and reasoning:
+        raise ValueError(
+            f"{', '.join(reasoning)}: each prompt is a whole chat with its own system prompt (R1's), so "
+            "--system-instruction would be put before it as text; evaluate them without it"
+        )
     if difficulty is not None and not reasoning:
         raise ValueError(f"--difficulty {difficulty} applies to the reason_* tasks only, and none is asked for")
     if num_fewshot and reasoning:
@@ -134,6 +141,7 @@ def evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
                 fewshot_as_multiturn=apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn,
+                system_instruction=system_instruction,
                 evaluation_tracker=tracker, task_manager=tasks_found, random_seed=seeds[0], numpy_random_seed=seeds[1],
                 torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
             )  # fmt: skip
@@ -153,7 +161,7 @@ def evaluate(
         "backend": backend, "batch_size": batch_size, "limit": limit,
         "per_module": per_module if any(task in LINE_TASKS for task in local) else None, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
-        "fewshot_as_multiturn": fewshot_as_multiturn,
+        "fewshot_as_multiturn": fewshot_as_multiturn, "system_instruction": system_instruction,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
         "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)),
     }  # fmt: skip

@@ -59,8 +59,8 @@ def test_eval_writes_json_and_a_table(small_run):
     assert saved["options"] == {
         "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
         "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu", "num_fewshot": None,
-        "apply_chat_template": False, "fewshot_as_multiturn": None, "include_path": None, "dtype": "float32",
-        "difficulty": None, "seed": None,
+        "apply_chat_template": False, "fewshot_as_multiturn": None, "system_instruction": None, "include_path": None,
+        "dtype": "float32", "difficulty": None, "seed": None,
     }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl

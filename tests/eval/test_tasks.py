@@ -233,6 +233,33 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
         evaluate(checkpoint, ("sums",), include_path=tmp_path / "none")
 
 
+def test_a_system_instruction_is_the_chat_system_message_or_the_text_before_each_prompt_as_lm_evals(
+    checkpoint, tmp_path
+):
+    """seekstack eval had no --system-instruction (lm_eval's): no task could be asked under a system prompt."""
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "sums.jsonl").write_text(json.dumps({"q": "1 + 1?", "choices": ["2", "3"], "label": 0}) + "\n")
+    (tasks / "sums_a.yaml").write_text(TASK_YAML.format(name="sums_a", data=tasks / "sums.jsonl"))
+    contexts = {}
+    for chat in (True, False):
+        folder = tmp_path / f"lm_{chat}"
+        report = evaluate(checkpoint, ("sums_a",), device="cpu", include_path=tasks, apply_chat_template=chat,
+                          samples_folder=folder, system_instruction="Answer with a number.")  # fmt: skip
+        assert report["options"]["system_instruction"] == "Answer with a number."
+        assert "--system-instruction 'Answer with a number.'" in _eval_again(tmp_path, report)  # report's rerun
+        [samples_file] = folder.glob("*/samples_sums_a_*.jsonl")
+        [sample] = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        contexts[chat] = {argument["arg_0"] for argument in sample["arguments"].values()}
+    assert contexts[True] == {f"{BOS}Answer with a number.{USER}Question: 1 + 1?\nAnswer:{ASSISTANT}"}
+    assert contexts[False] == {"Answer with a number.Question: 1 + 1?\nAnswer:"}  # lm_eval's own joining
+    with pytest.raises(ValueError, match="reason_addition: each prompt is a whole chat with its own system prompt"):
+        evaluate(checkpoint, ("reason_addition",), system_instruction="Be brief.")
+
+
 def test_a_few_shot_example_of_the_line_tasks_ends_its_line_before_the_next_question(tmp_path):
     """With --num-fewshot, an example's line ran into the next question's context ('rv = reductor(x)import sys')."""
     from lm_eval.api.task import ConfigurableTask
