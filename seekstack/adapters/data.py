@@ -5,9 +5,10 @@
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
   of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
   text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
-- chat: a `.jsonl` of {"messages": [...]} (or TRL's {"prompt": [...], "completion": [...]} or {"conversations":
-  [{"from": ..., "value": ...}, ...]}): the conversations of chat SFT (seekstack.posttrain.sft's batch source), the
-  loss on the assistant's tokens only, those `seekstack sft` holds out by default held out as the validation split.
+- chat: a `.jsonl` (or a `.json` of JSON Lines, as datasets' `to_json` writes) of {"messages": [...]} (or TRL's
+  {"prompt": [...], "completion": [...]} or {"conversations": [{"from": ..., "value": ...}, ...]}): the conversations
+  of chat SFT (seekstack.posttrain.sft's batch source), the loss on the assistant's tokens only, those `seekstack
+  sft` holds out by default held out as the validation split.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
 adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
@@ -57,10 +58,11 @@ def is_token_shards(path: Path) -> bool:
 
 
 def is_chat(path: Path) -> bool:
-    """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one) whose first
-    record is a conversation (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or
-    its from/value `conversations`)."""
-    if source_kind(path) != ".jsonl" or not path.is_file():
+    """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one; a `.json` too,
+    the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes) whose first record is a conversation
+    (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or its from/value
+    `conversations`)."""
+    if source_kind(path) not in (".jsonl", ".json") or not path.is_file():
         return False
     try:
         with closing(jsonl_records(path)) as records:  # read as `seekstack sft` reads it: a BOM, a compression

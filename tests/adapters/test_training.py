@@ -192,13 +192,14 @@ def test_text_and_chat_data_train_an_adapter(tmp_path):
 
 
 def test_a_compressed_chat_file_or_one_opening_with_a_bom_is_chat_as_sft_reads_it(tmp_path):
-    """`seekstack sft` reads a .jsonl.gz (.bz2, .xz, .zst) through its compression and skips a byte order mark; lora
-    train took such a chat file for text and refused it: "no field 'text', only 'messages' ... write each record's
-    text as 'text'"."""
+    """`seekstack sft` reads a .jsonl.gz (.bz2, .xz, .zst) through its compression, skips a byte order mark, and reads
+    the JSON Lines of a .json (datasets' `Dataset.to_json("train.json")` writes them so); lora train took such a chat
+    file for text and refused it: "no field 'text', only 'messages' ... write each record's text as 'text'"."""
     base = write_base(tmp_path / "base", with_tokenizer=True)
     turn = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
     lines = "".join(json.dumps({"messages": turn}) + "\n" for _ in range(3)).encode()
-    files = {"chats.jsonl.gz": gzip.compress(lines), "chats.jsonl.bz2": bz2.compress(lines), "bom.jsonl": BOM + lines}
+    files = {"chats.jsonl.gz": gzip.compress(lines), "chats.jsonl.bz2": bz2.compress(lines), "bom.jsonl": BOM + lines,
+             "to_json.json": lines, "to_json.json.gz": gzip.compress(lines)}  # fmt: skip
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
