@@ -416,11 +416,12 @@ class ChatCompletionRequest(SamplingFields):
         return choice
 
     def offered_tools(self) -> list[dict[str, Any]] | None:
-        """The tools the model may call, as the chat template lists them; None with tool_choice "none" (the reply is
-        text, and the tools are left out of the prompt, as vLLM's --exclude-tools-when-tool-choice-none)."""
+        """The tools the model may call, for the chat template to list (`tokenizer.listed_tool`, which leaves out a
+        function's null fields); None with tool_choice "none" (the reply is text, and the tools are left out of the
+        prompt, as vLLM's --exclude-tools-when-tool-choice-none)."""
         if not self.tools or self.tool_choice == "none":
             return None
-        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return [tool.model_dump() for tool in self.tools]
 
 
 class CompletionRequest(SamplingFields):

@@ -349,9 +349,14 @@ def test_a_stop_string_cutting_a_later_call_gives_the_calls_before_it_and_tool_c
     assert (first.content, first.tool_calls, reason) == ("Moving.", None, "stop")
 
 
-def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tmp_path):
-    """vLLM's /tokenize takes the chat's tools; without them its count was the prompt's less the tools' listing."""
-    body = {"model": "model", "messages": ASK, "tools": [MOVE]}
+NULL_FIELDS = {"type": "function", "function": {**STOP["function"], "description": None, "strict": None}}
+
+
+@pytest.mark.parametrize("tools", [[MOVE], [MOVE, NULL_FIELDS]])
+def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tmp_path, tools):
+    """vLLM's /tokenize takes the chat's tools; without them its count was the prompt's less the tools' listing. A
+    function's fields sent as null are listed as left out (tokenizer.listed_tool)."""
+    body = {"model": "model", "messages": ASK, "tools": tools}
 
     async def scenario(client):
         counted = await client.post("/tokenize", json=body)
@@ -360,7 +365,7 @@ def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tm
 
     counted, billed = run(create_app(engine, open_database(tmp_path / "db")), scenario)
     assert counted.json()["count"] == billed.json()["usage"]["prompt_tokens"]
-    assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE])
+    assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE, STOP][: len(tools)])
 
 
 def test_a_call_leaves_special_tokens_out_of_its_arguments_so_that_it_can_be_replayed_whole_and_streamed():
