@@ -909,6 +909,20 @@ def test_a_task_that_is_not_one_is_refused_naming_the_field_and_what_is_wrong(yo
     assert refused.value.field == "task"
 
 
+@pytest.mark.parametrize("name", ["problems.json", "train.csv"])
+def test_a_file_of_problems_not_named_jsonl_is_refused_saying_how_a_file_of_problems_is_named(tmp_path, name):
+    """task=problems.json (what datasets' to_json names its JSON Lines) was "unknown task ...; known tasks are addition,
+    ..., or your own as module:Class", naming neither files of problems nor their suffix; an unknown name now names
+    files of problems too."""
+    path = problems_file(tmp_path / name, [{"question": "What is 1 + 1?", "answer": 2}])
+    refusal = f"task {path!r}: a file, but a file of problems is JSON Lines named .jsonl"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        resolve_train_config(None, [f"task={path}", "tokenizer=", "init_from="], cls=GRPOConfig)
+    unknown = r"unknown task .*, or your own as module:Class, or a file of problems, path/to/problems.jsonl$"
+    with pytest.raises(ConfigError, match=unknown):
+        resolve_train_config(None, [f"task={tmp_path / 'none.json'}", "tokenizer=", "init_from="], cls=GRPOConfig)
+
+
 def problems_file(path, lines):
     """A JSON Lines file of problems at `path`, one line each of `lines` (objects, or raw text)."""
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))

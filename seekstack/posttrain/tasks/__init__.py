@@ -46,7 +46,15 @@ def task_class(name: str) -> type:
         return TASKS[name]
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name:
-        raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(TASKS)}, or your own as module:Class")
+        if Path(name).is_file():  # "problems.json", "train.csv": a file of problems in another format or name
+            raise ValueError(
+                f"task {name!r}: a file, but a file of problems is JSON Lines named .jsonl (.jsonl.gz compressed), "
+                '{"question": ..., "answer": ...} a line; convert or rename it (datasets\' to_json writes JSON Lines)'
+            )
+        raise ValueError(
+            f"unknown task {name!r}; known tasks are {', '.join(TASKS)}, or your own as module:Class, or a file of "
+            "problems, path/to/problems.jsonl"
+        )
     module = _task_module(name, module_name)
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
