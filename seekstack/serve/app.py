@@ -56,6 +56,7 @@ from seekstack.serve.protocol import (
     vllm_prompt_logprobs,
 )
 from seekstack.serve.ratelimit import (
+    LIMIT_HEADERS,
     STATE,
     Charge,
     NeverFits,
@@ -833,7 +834,7 @@ def create_app(
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id", *LIMIT_HEADERS],
                            max_age=600)  # fmt: skip
     app.add_middleware(RateLimitHeaders)  # a counted request's x-ratelimit-* headers, on its answer or error
     app.add_middleware(RequestIds)  # every response's X-Request-Id

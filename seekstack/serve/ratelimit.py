@@ -24,6 +24,10 @@ from seekstack.serve.database import Database, Statements, retrying_while_busy
 
 WINDOW_S = 60.0
 STATE = "rate_limits"  # a request's `x-ratelimit-*` headers, in its scope's state, once it is counted
+# every header `Window.headers` may write, for CORS to let a web page read them
+LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{part}-{unit}" for unit in ("requests", "tokens") for part in ("limit", "remaining", "reset")
+)
 
 
 @dataclass(frozen=True)
