@@ -112,8 +112,10 @@ def save_checkpoint(
     keep: int,
     extra_files: list[Path] = (),
     write_model: ModelWriter = write_pretrained_files,
+    left_after: int | None = None,
 ) -> Path:
-    """Write `checkpoints/step_{step}` whole or not at all (`atomic_directory`); keep the last `keep`.
+    """Write `checkpoints/step_{step}` whole or not at all (`atomic_directory`); keep the last `keep` (and delete
+    those after step `left_after`: `prune_checkpoints`).
 
     `extra_files` (the tokenizer's) are copied in, so the directory is also a model an inference engine loads.
     `write_model` writes the model's files (by default the whole model; a LoRA run writes its adapter).
@@ -121,7 +123,7 @@ def save_checkpoint(
     final = step_dir(out_dir, train_state["step"])
     with atomic_directory(final) as staging:
         write_training_files(staging, model, train_state, extra_files, write_model)
-    prune_checkpoints(out_dir, keep, final)
+    prune_checkpoints(out_dir, keep, final, left_after)
     return final
 
 
@@ -162,15 +164,18 @@ def rank_compression_file(rank: int) -> str:
     return f"compression_rank{rank}.pt"
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int, saved: Path) -> None:
+def prune_checkpoints(out_dir: str | Path, keep: int, saved: Path, left_after: int | None = None) -> None:
     """Keep checkpoint `saved`, the one just written, and the `keep` - 1 before it; delete the others, each gone whole
     at once (`delete_directory`: a kill during the deletion leaves no step_N with some files gone for a resume or
     export to pick), and what saves and deletions killed outright left of any step's. Those after `saved` go too: a
     run resumed from an earlier checkpoint has left their history (and trimmed its metrics), and kept they would
-    outrank the new ones, for this deletion and for the next --resume."""
+    outrank the new ones, for this deletion and for the next --resume; so do, at a resumed run's first save, those
+    after the step it resumed from (`left_after`), whatever their step: none of them is of its history."""
     saved_step = step_number(saved)
     checkpoints = list_checkpoints(out_dir)
-    kept = [checkpoint for checkpoint in checkpoints if step_number(checkpoint) <= saved_step][-keep:]
+    left = range(left_after + 1, saved_step) if left_after is not None else range(0)
+    kept = [checkpoint for checkpoint in checkpoints if step_number(checkpoint) <= saved_step
+            and step_number(checkpoint) not in left][-keep:]  # fmt: skip
     for old in checkpoints:
         if old not in kept:
             delete_directory(old)

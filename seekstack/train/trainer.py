@@ -505,6 +505,7 @@ class _Run:
         self.evaluation_pending = False  # this step's evaluation is due and not yet logged
         self.step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
         self.resumed_from: Path | None = None
+        self.history_left_after: int | None = None  # the step a resumed run went on from, until its first save
         train_state: dict[str, Any] | None = None
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
@@ -552,6 +553,7 @@ class _Run:
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
             self.resumed_from = path
+            self.history_left_after = self.step
         else:
             refuse_new_run_into(self.out_dir)
             torch.manual_seed(config.seed)
@@ -997,8 +999,11 @@ class _Run:
         elif self.ranks.is_main:
             state["optimizer"] = self.optimizer.state_dict()
             write_model = write_pretrained_files if self.hooks is None else self.hooks.write
-            path = save_checkpoint(self.out_dir, self.model, state, keep, self.checkpoint_files, write_model)
+            path = save_checkpoint(
+                self.out_dir, self.model, state, keep, self.checkpoint_files, write_model, self.history_left_after
+            )
         distributed.barrier(self.ranks)
+        self.history_left_after = None  # the later checkpoints of the history the run left are gone
         return path
 
     def _save_in_parts(self, state: dict[str, Any]) -> Path | None:
@@ -1020,7 +1025,7 @@ class _Run:
                 self._write_model_and_state(staging, gathered, state)
         if not self.ranks.is_main:
             return None
-        prune_checkpoints(self.out_dir, self.config.keep_checkpoints, final)
+        prune_checkpoints(self.out_dir, self.config.keep_checkpoints, final, self.history_left_after)
         return final
 
     def _gathered_model_state(self) -> dict[str, torch.Tensor] | None:

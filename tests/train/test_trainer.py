@@ -495,6 +495,17 @@ def test_a_resume_from_an_earlier_checkpoint_names_the_later_ones_its_first_save
     assert list_checkpoints(tmp_path) == [resumed.checkpoint] == [tmp_path / "checkpoints" / "step_4"]
 
 
+def test_a_resumed_runs_first_save_after_the_later_checkpoints_still_deletes_them(data_dir, tmp_path, capsys):
+    """Resumed from step_2 of a run holding step_4 and step_6, and told its first save deletes them, a run whose first
+    save came at step 8 kept them (they are below it) as the newest but one of its history, which they are not: a
+    --resume-from 6 then went on from the history the run had left."""
+    train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, eval_every=0, keep_checkpoints=3))
+    back = run_config(data_dir, tmp_path, max_steps=8, save_every=0, eval_every=0, keep_checkpoints=3)
+    train(back, resume=tmp_path / "checkpoints" / "step_2")
+    assert "its first save deletes the run's later checkpoints step_4, step_6" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_8"]
+
+
 def test_ctrl_c_before_a_resumed_runs_first_step_saves_nothing_and_keeps_the_later_checkpoints(
     data_dir, tmp_path, monkeypatch, capsys
 ):
