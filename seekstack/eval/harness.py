@@ -133,6 +133,7 @@ class SeekstackLM(TemplateLM):
         device: str | None = None,
         peft: str | Path | None = None,
         think_end_token: str | int | None = None,
+        add_bos_token: bool | None = None,
         trust_remote_code: bool = False,
         **unknown: object,
     ):
@@ -140,7 +141,9 @@ class SeekstackLM(TemplateLM):
         adapter checkpoint: the base its adapter records, with the adapter as `peft`), as `seekstack eval` reads them.
         `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg.
         `think_end_token`: the text (or token id) that ends a reasoning model's thinking; a generation is scored on
-        what follows its last one, as the HF backend's arg. `trust_remote_code`: taken, as HF model args carry it, and
+        what follows its last one, as the HF backend's arg. `add_bos_token`: the HF backend's, whether a context or text
+        is framed by the tokenizer's post-processor (a DeepSeek release's puts BOS first; None: as the tokenizer
+        frames it, True the same, False never). `trust_remote_code`: taken, as HF model args carry it, and
         without effect: seekstack runs no code from a checkpoint. Any other model arg is refused, naming those taken."""
         if unknown:
             taken = [name for name in inspect.signature(SeekstackLM).parameters if name != "unknown"]
@@ -174,6 +177,7 @@ class SeekstackLM(TemplateLM):
         self.pretrained = str(measured)
         digits = isinstance(think_end_token, str) and think_end_token.isdigit()
         self.think_end_token = int(think_end_token) if digits else think_end_token  # a token id, as HF reads it
+        self.add_bos_token = add_bos_token
 
     @functools.cached_property
     def engine(self) -> Engine:
@@ -220,9 +224,12 @@ class SeekstackLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: object) -> list[int]:
         """Token ids of `string` as the HF backend encodes them: framed by the tokenizer's post-processor unless
-        `add_special_tokens` is False or the string already starts with BOS (a rendered chat): a DeepSeek release's
-        puts BOS first (`Tokenizer.encode_prompt`), seekstack's own tokenizers add nothing."""
-        if add_special_tokens is False or (add_special_tokens is None and string.startswith(BOS)):
+        `add_special_tokens` (when None: the model arg `add_bos_token`) is False or, `add_special_tokens` None, the
+        string already starts with BOS (a rendered chat): a DeepSeek release's puts BOS first
+        (`Tokenizer.encode_prompt`), seekstack's own tokenizers add nothing."""
+        if add_special_tokens is None:
+            add_special_tokens = False if string.startswith(BOS) else self.add_bos_token
+        if add_special_tokens is False:
             return self.tokenizer_.encode(string)
         return self.tokenizer_.encode_prompt(string)
 

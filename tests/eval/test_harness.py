@@ -418,9 +418,33 @@ def test_hf_model_args_trust_remote_code_is_taken_and_one_the_backend_lacks_is_n
 
     lm = get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True,max_length=64")
     assert lm.max_length == 64
-    refusal = "model args 'add_bos_token', 'revision': not taken by the seekstack backend; it takes pretrained, "
-    with pytest.raises(ValueError, match=refusal + "tokenizer, batch_size, .*think_end_token, trust_remote_code$"):
-        get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},revision=main,add_bos_token=True")
+    refusal = "model args 'logits_cache', 'revision': not taken by the seekstack backend; it takes pretrained, "
+    with pytest.raises(ValueError, match=refusal + "tokenizer, batch_size, .*add_bos_token, trust_remote_code$"):
+        get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},revision=main,logits_cache=False")
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_add_bos_token_frames_contexts_as_lm_evals_hf_backend_does_on_a_release(tmp_path_factory, add_bos_token):
+    """`--model_args pretrained=X,add_bos_token=True` (the HF backend's arg, common in lm_eval command lines) was
+    refused as a model arg the seekstack backend does not take."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    from tests.interop.release import deepseek_v3_release
+
+    release = deepseek_v3_release(tmp_path_factory.mktemp("release"))
+    args = f"pretrained={release},add_bos_token={add_bos_token},batch_size=2,dtype=float32"
+    ours = get_model("seekstack").create_from_arg_string(args + ",max_gen_toks=32")
+    theirs = HFLM(pretrained=str(release), device="cpu", batch_size=2, dtype="float32", add_bos_token=add_bos_token)
+    framed = ours.tok_encode(TEXTS[0])
+    assert framed == theirs.tok_encode(TEXTS[0]) and (framed[0] == ours.prefix_token_id) is add_bos_token
+    pairs = requests("loglikelihood", PAIRS[:2])
+    for (our_logprob, our_greedy), (their_logprob, their_greedy) in zip(
+        ours.loglikelihood(pairs), theirs.loglikelihood(pairs), strict=True
+    ):
+        assert our_logprob == pytest.approx(their_logprob, abs=ATOL) and our_greedy == their_greedy
+    rolling = requests("loglikelihood_rolling", [(text,) for text in TEXTS])
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
 
 
 def test_a_negative_max_length_is_refused_naming_it_and_0_means_the_models_context(checkpoint):
