@@ -443,6 +443,17 @@ def test_an_answer_stated_in_a_sentence_reads_as_lm_eval_gsm8k_cot_and_minerva_m
 
 
 @pytest.mark.parametrize(
+    "answer",
+    ["Final Answer: The final answer is $7$. I hope it is correct", "The final answer is 7. I hope it is correct",
+     "Final Answer: The final answer is 7 I hope it is correct", "The final answer is 7. I hope it is correct\u3002"],
+)  # fmt: skip
+def test_minervas_closing_sentence_without_its_period_is_dropped_as_with_it(answer):
+    """Minerva's "... The final answer is $7$. I hope it is correct" with no closing period (a reply that ends there)
+    was no number (scored 0 against 7), where the sentence with its period is dropped; math-verify reads 7."""
+    assert read_number(answer) == 7
+
+
+@pytest.mark.parametrize(
     ("answer", "value"),
     [("There are 15 trees. Then 21. So 21 - 15 = 6 were planted. The answer is 6.", 6),
      ("48 / 2 = 24 in May, 48 + 24 = 72 in all.\nSo the answer is 72.", 72),

@@ -71,7 +71,8 @@ ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}
 LABEL_OPENING = re.compile(rf"(?<![A-Za-z0-9_*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
-MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
+# The sentence after Minerva's final answer, which minerva_math drops (its period too, or none: a reply cut at it)
+MINERVA_CLOSING = "I hope it is correct"
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
 # "5\text{ cm}^{-1}"); a unit of several, by LaTeX spaces, "/" or \cdot maybe ("9.8\,\text{m}\,\text{s}^{-2}",
 # "9.8\text{ m}/\text{s}^2", "9.8\,\mathrm{m\,s^{-2}}": one group inside), is dropped whole as math-verify drops it, up
@@ -147,7 +148,7 @@ def final_answer(answer: str) -> str | None:
         end = MATH_END.search(answer, start)
         return _less_period(answer[start : end.start() if end else len(answer)])
     text = _from_last_label(_tagged(answer).rpartition(GSM8K_MARKER)[2])
-    text = _less_period(text.strip().removesuffix(MINERVA_CLOSING))
+    text = _less_period(_less_period(text).removesuffix(MINERVA_CLOSING))
     labelled = ANSWER_LABEL.match(text)
     if labelled is None:  # "**The answer is 57.**", the sentence in bold
         text = _unadorned(text)
