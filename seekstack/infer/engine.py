@@ -874,6 +874,7 @@ class Engine:
             [r.constraint for r in batch], self.tokenizer.vocab_size if padded else None,
             [r.stop_ids | self.eos_ids if len(r.output_ids) < r.params.min_tokens else frozenset()
              for r in batch],  # min_tokens: EOS too with ignore_eos, as vLLM bans its all_stop_token_ids
+            [r.params.min_tokens - len(r.output_ids) for r in batch],
         )  # fmt: skip
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -116,10 +116,13 @@ class SamplingBatch:
         constraints: list[TokenConstraint | None] | None = None,
         token_count: int | None = None,
         banned: list[frozenset[int]] | None = None,
+        banned_for: list[int] | None = None,
     ):
         """`token_count`: the tokenizer's ids, where the model's vocabulary is padded past them (as released
         checkpoints round it up): the ids from it on decode to no token and are never sampled. None: all are ids.
-        `banned`: each row's ids never sampled this step (a request short of its min_tokens: its EOS and stop ids)."""
+        `banned`: each row's ids never sampled (a request short of its min_tokens: its EOS and stop ids), for its
+        `banned_for` next tokens (the min_tokens it lacks: a speculative step's later columns may come after them;
+        None: every token of the step)."""
         self.params, self.uniforms, self.penalties = params, uniforms, penalties
         self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
@@ -132,6 +135,7 @@ class SamplingBatch:
         self.biased = any(p.logit_bias for p in params)
         self.restricted = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
         self.banned = banned if banned is not None and any(banned) else None
+        self.banned_for = banned_for
 
     @property
     def raw_argmax(self) -> bool:
@@ -176,16 +180,21 @@ class SamplingBatch:
 
     def adjust(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count`, each
-        row's `banned` ids and the ids outside its `allowed_token_ids` at -inf, logit bias, then penalties
-        (`penalize`)."""
+        row's `banned` ids (while its `banned_for` lasts: `extra_tokens`, the drafts before this column, count) and
+        the ids outside its `allowed_token_ids` at -inf, logit bias, then penalties (`penalize`)."""
         if self.restricted:
             logits = logits.masked_fill(self._disallowed(logits.shape[-1]), float("-inf"))
         if self.token_count is not None:
             padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
             logits = logits.index_fill(-1, padded, float("-inf"))
-        if self.banned is not None:
-            rows = [row for row, ids in enumerate(self.banned) for _ in ids]
-            ids = [token for row_ids in self.banned for token in row_ids]
+        column = 0 if extra_tokens is None else extra_tokens.shape[1]  # this step's tokens before the one drawn
+        banned = self.banned and [
+            ids if self.banned_for is None or column < self.banned_for[row] else frozenset()
+            for row, ids in enumerate(self.banned)
+        ]
+        if banned and any(banned):
+            rows = [row for row, ids in enumerate(banned) for _ in ids]
+            ids = [token for row_ids in banned for token in row_ids]
             logits = logits.float().index_put((self._column(rows), self._column(ids)), self._column(float("-inf")))
         return self.penalize(self.bias(logits), extra_tokens)
 

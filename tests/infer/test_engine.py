@@ -971,6 +971,30 @@ def test_min_tokens_holds_off_eos_with_ignore_eos_too_as_vllms(model, tokenizer,
     assert held.finish_reason == "length"
 
 
+@pytest.mark.parametrize("min_tokens", [2, 4])
+def test_speculative_greedy_with_min_tokens_stops_where_plain_greedy_does(model, tokenizer, min_tokens):
+    """min_tokens banned the stop ids at every column of a speculative step that began short of it, so an accepted
+    draft at or past min_tokens that plain decoding takes as its stop was replaced: min_tokens=2 with the third greedy
+    token for a stop id gave 12 tokens where plain greedy gives 3. Each column is now banned while it lies before
+    min_tokens. The drafts are overwritten with plain greedy's next tokens, which the random MTP module never
+    guesses."""
+    prompt = prompts([6])[0]
+    plain_params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    greedy = Engine(model, tokenizer).generate([prompt], plain_params)[0].token_ids
+    params = dataclasses.replace(plain_params, stop_token_ids=(greedy[min_tokens],), min_tokens=min_tokens)
+    assert greedy[min_tokens] not in greedy[:min_tokens]  # else the plain run stops elsewhere
+    [plain] = Engine(model, tokenizer).generate([prompt], params)
+    assert plain.token_ids == greedy[: min_tokens + 1] and plain.finish_reason == "stop"
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=False)
+    request_id, tokens = engine.add_request(prompt, params), []
+    while engine.has_unfinished():
+        tokens += [token for output in engine.step() if output.request_id == request_id for token in output.token_ids]
+        for request in engine.running:
+            generated = len(request.ids) - len(request.prompt_ids)
+            request.drafts = (greedy + [0] * 3)[generated : generated + 3]
+    assert tokens == plain.token_ids and engine.stats().spec_accepted > 0
+
+
 @pytest.mark.parametrize(
     ("prompt", "fields", "message"),
     [
