@@ -687,6 +687,10 @@ def test_config_accepts_int_for_float_and_keeps_each_kinds_defaults(tmp_path: Pa
             "field 'near_duplicate_threshold' has value 0.7: must be at most 0.63 with minhash_permutations=4",
         ),
         ("minhash_permutations: 1\n", "field 'minhash_permutations' must be at least 2"),
+        (  # 49 of 50 unrelated documents went as near duplicates: LSH's chance pairs, each at least 0 alike
+            "near_duplicate_threshold: 0\n",
+            "field 'near_duplicate_threshold' has value 0.0: must be above 0; at 0 any document that shares a MinHash",
+        ),
         (  # a lower bound above its upper bound fails every document of the kind, once the corpus is read
             "prose:\n  min_chars: 500\n  max_chars: 100\n",
             "field 'prose.max_chars' has value 100: must be at least prose.min_chars=500, or no prose document",
