@@ -505,16 +505,15 @@ class Tokenizer:
         0`), the text CHAT_TEMPLATE's `{% generation %}` blocks mark. Pieces meet at a special token (a role token, an
         EOS, a tool-call token), which the tokenizer never merges across, so they encode alone as they do together; a
         checkpoint's own template is rendered turn by turn. ValueError as `render_chat`'s."""
-        if not self.has_role_tokens:
-            return self._template_pieces(messages)
-        return self._chat_pieces(self._chat_messages(messages, False, tools), tools)
+        messages = self._chat_messages(messages, False, tools)
+        return self._chat_pieces(messages, tools) if self.has_role_tokens else self._template_pieces(messages)
 
     def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """`chat_pieces` in the checkpoint's own template (DeepSeek-V2-Chat's, which holds no tools): the system
-        messages it opens with, then each other turn (a later system message too, which such a template writes where
-        it is) rendered alone, an assistant's trained after its generation prompt ("Assistant:"). ValueError naming
-        the template's file where the turns alone do not make the chat."""
-        messages = self._templated(messages)
+        """`chat_pieces` of messages `_chat_messages` templated and checked (no tools, which it refuses here) in the
+        checkpoint's own template (DeepSeek-V2-Chat's): the system messages it opens with, then each other turn (a
+        later system message too, which such a template writes where it is) rendered alone, an assistant's trained
+        after its generation prompt ("Assistant:"). ValueError naming the template's file where the turns alone do not
+        make the chat."""
         bos = self._own_template([], add_generation_prompt=False)
         role = self._own_template([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
         opening = next((p for p, message in enumerate(messages) if message["role"] != "system"), len(messages))
@@ -558,6 +557,18 @@ class Tokenizer:
                 or not isinstance(function.get("name"), str)
             ):
                 raise ValueError(f"tools[{index}] must be {TOOL_SHAPE}, OpenAI's tool definition, got {tool!r:.80}")
+        self.check_tool_use(messages, tools)
+        forged = (
+            self.special_token_in(json.dumps([listed_tool(t) for t in tools], ensure_ascii=False)) if tools else None
+        )
+        if forged:
+            raise ValueError(f"the tools offered contain the special token {forged!r}")
+        return messages
+
+    def check_tool_use(self, messages: list[dict], tools: list[dict] | None) -> None:
+        """ValueError when templated `messages` hold tool calls or results, or `tools` are offered, and this tokenizer
+        has no DeepSeek-V3 tool-call tokens to write them with (a checkpoint's own template, DeepSeek-V2-Chat's, writes
+        no tools: it dropped them)."""
         uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         if uses_tools and not (self.has_role_tokens and self.has_tool_tokens):
             raise ValueError(
@@ -565,12 +576,6 @@ class Tokenizer:
                 "cannot offer tools or hold tool calls and results: train the tokenizer again with this seekstack "
                 "(its tokenizers have them), or leave the tools out"
             )
-        forged = (
-            self.special_token_in(json.dumps([listed_tool(t) for t in tools], ensure_ascii=False)) if tools else None
-        )
-        if forged:
-            raise ValueError(f"the tools offered contain the special token {forged!r}")
-        return messages
 
     def _own_template(
         self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool = False

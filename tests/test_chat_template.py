@@ -87,3 +87,27 @@ def test_a_chat_of_no_messages_is_refused_as_transformers_refuses_it(v2_folder, 
                 write([])
         with pytest.raises(ValueError, match=r"^a chat has no messages"):
             tokenizer.render_chat([], add_generation_prompt=False, continue_final_message=True)
+
+
+def test_tools_and_tool_turns_are_refused_by_a_template_without_tool_tokens_in_chat_pieces_and_sft_naming_the_line(
+    v2_folder, tmp_path
+):
+    """DeepSeek-V2-Chat's template writes no tools: render_chat refused them, but chat_pieces (SFT's rows) dropped the
+    tools offered and an assistant's tool calls unsaid and wrote a tool result as nothing, and `seekstack sft` refused
+    a line offering tools only once every line was read, naming no line."""
+    tokenizer = Tokenizer.from_file(v2_folder)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"id": "c0", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    chat = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]
+    calling = [chat[0], {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "content": "5", "tool_call_id": "c0"}, chat[1]]  # fmt: skip
+    refusal = r"has no DeepSeek-V3 tool-call tokens .* or leave the tools out"
+    for messages, offered in ((chat, tools), (calling, None)):
+        with pytest.raises(ValueError, match=refusal):
+            tokenizer.chat_pieces(messages, offered)
+    assert "".join(text for text, _ in tokenizer.chat_pieces(chat)) == tokenizer.render_chat(chat, False)
+    for line in ({"messages": chat, "tools": tools}, {"messages": calling}):
+        path = tmp_path / "chats.jsonl"
+        path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=f"^{path}:2: tokenizer .*{refusal}"):
+            read_conversations(path, tokenizer)

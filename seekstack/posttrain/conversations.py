@@ -178,7 +178,8 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
     completion's, every message of the completion the assistant's (or a tool result) and the prompt's assistant
     messages context of weight 0 (TRL's completion_only_loss trains the completion alone). ValueError for a record of
     another shape, naming it and what to write instead, holding both forms (TRL would train its prompt and completion,
-    not its messages), with no trained assistant message, or with tool turns that do not follow (`check_tool_turns`)."""
+    not its messages), with no trained assistant message, or with tool turns that do not follow (`check_tool_turns`)
+    or, with `tokenizer`, that it has no tokens to write (`Tokenizer.check_tool_use`)."""
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
@@ -216,6 +217,8 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
             "the conversation out"
         )
     tools = offered(column_tools(record.get("tools")), tokenizer)
+    if tokenizer:  # here, where the error names the line: the tokenizer may have no tokens to write them with
+        tokenizer.check_tool_use(templated, tools)
     check_tool_turns(templated, tools)
     return Conversation(templated, tools)
 
