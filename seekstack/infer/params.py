@@ -3,6 +3,7 @@ their defaults, written once here for the engine, the command line and the serve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -165,6 +166,11 @@ class SamplingParams:
     @max_tokens.setter
     def max_tokens(self, value: int | None) -> None:
         self.max_new_tokens = read_vllm_forms({"max_tokens": value, "min_tokens": self.min_tokens})["max_new_tokens"]
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, as vLLM's SamplingParams.clone(): changing it (its max_tokens, its stop list or logit_bias in
+        place) leaves this one as it was."""
+        return copy.deepcopy(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:

@@ -94,6 +94,17 @@ def test_dataclasses_replace_takes_vllms_max_tokens_over_the_length_it_copies():
         SamplingParams(max_tokens=5, max_new_tokens=10)  # both given by the caller: still refused
 
 
+def test_clone_is_a_copy_whose_changes_leave_the_original_as_vllms():
+    """vLLM scripts derive a request's parameters with sp.clone() then set fields; here clone raised AttributeError."""
+    params = SamplingParams(max_tokens=10, stop=["a"], logit_bias={3: 1.0}, temperature=0.5)
+    copied = params.clone()
+    copied.max_tokens = 5
+    copied.stop.append("b")
+    copied.logit_bias[4] = -1.0
+    assert copied == SamplingParams(max_tokens=5, stop=["a", "b"], logit_bias={3: 1.0, 4: -1.0}, temperature=0.5)
+    assert params == SamplingParams(max_tokens=10, stop=["a"], logit_bias={3: 1.0}, temperature=0.5)
+
+
 def max_tokens_set(params: SamplingParams, max_tokens: int) -> SamplingParams:
     """`params` after vLLM's `params.max_tokens = max_tokens`."""
     params.max_tokens = max_tokens
