@@ -443,6 +443,19 @@ def test_an_answer_stated_in_a_sentence_reads_as_lm_eval_gsm8k_cot_and_minerva_m
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("### Final Answer\n7", 7), ("## Final Answer\n\n$7$", 7), ("2 + 5 = 7.\n\n### Final Answer\n\n7", 7),
+     ("#### Final Answer\n7", 7), ("# Answer:\n7", 7), ("### Final Answer\nThe answer is 7.", 7),
+     ("### Final Answer\n6 or 7", None), ("### Answer key\n7", None)],
+)  # fmt: skip
+def test_an_answer_under_a_markdown_heading_reads_as_math_verify_reads_it(answer, value):
+    """A Markdown heading "### Final Answer" on a line of its own, then the answer, as chat models close a reply, was
+    no number (scored 0 against 7), where math-verify reads 7; one of four "#" is cut at GSM8K's marker, leaving the
+    words alone on their line, which are a label too."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["Final Answer: The final answer is $7$. I hope it is correct", "The final answer is 7. I hope it is correct",
      "Final Answer: The final answer is 7 I hope it is correct", "The final answer is 7. I hope it is correct\u3002"],
@@ -741,6 +754,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1" + "\\text{a}^{-1}" * 5_000,
         "\\text{{a}" * 7_000,
         "= " * 35_000 + "x",
+        "### answer" * 7_000 + "x",
+        "the answer \t" * 7_000 + "\nx",
         "- " * 35_000 + "x",
         "\\frac{" + "-" * 70_000,
         "(" + "- " * 35_000 + "x)",

@@ -60,15 +60,21 @@ VARIABLE = re.compile(
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
 # Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both; in
-# Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them);
-# in Chinese, "答案是 57。", "最终答案：57" (lighteval's multilingual math metrics read its answer word
-# 答案 and its colon)
+# Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them)
+# or heading ("### Final Answer" on a line of its own, then 57); in Chinese, "答案是 57。", "最终答案：57" (lighteval's
+# multilingual math metrics read its answer word 答案 and its colon)
 ANSWER_WORDS = r"(?:(?:the\s+)?(?:final\s+)?answer|(?:最终)?答案)"
 LABEL_END = r"(?:\s*[:：]|\s+is\b(?:\s*:)?|\s*[是为](?:\s*[:：])?)"
-ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*[:：]?)\s*)+")
+HEADING = r"#{1,6}[ \t]*"  # Markdown's, before a label
+ANSWER_LABEL = re.compile(
+    rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*[:：]?|{HEADING}{ANSWER_WORDS}{LABEL_END}?"
+    rf"|{ANSWER_WORDS}[ \t]*(?=\n))\s*)+"  # the words alone on their line too: a heading's after GSM8K's "####" went
+)
 # Where such a label opens after the working ("... so 48 + 24 = 72. The answer is 72.", gsm8k_cot's exemplars): the
 # final answer follows the last one, as lm-eval's gsm8k_cot searches the whole reply for the sentence
-LABEL_OPENING = re.compile(rf"(?<![A-Za-z0-9_*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
+LABEL_OPENING = re.compile(
+    rf"(?<![A-Za-z0-9_*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))|(?<!#){HEADING}(?i:{ANSWER_WORDS})"
+)
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
 # The sentence after Minerva's final answer, which minerva_math drops (its period too, or none: a reply cut at it)
