@@ -49,7 +49,7 @@ def corpus_folder(data_dir: str | os.PathLike) -> Path | None:
     for index in sorted(Path(data_dir).glob("*_index.json")):
         try:
             source = json.loads(index.read_text(encoding="utf-8")).get("source")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, AttributeError):  # ValueError: no JSON, or no UTF-8 (saved again as UTF-16)
             continue
         if isinstance(source, str) and (Path(source).parent / "train.jsonl").is_file():
             return Path(source).parent

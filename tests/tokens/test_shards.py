@@ -113,6 +113,19 @@ def test_index_records_the_corpus_path_whole_so_any_working_folder_finds_the_cor
     assert corpus_folder(tmp_path / "tokens") == tmp_path.resolve() / "corpus"
 
 
+def test_the_corpus_of_shards_is_found_past_an_index_that_is_no_utf8(tmp_path, tokenizer):
+    """An index beside the others that is not UTF-8 (saved again as UTF-16, damaged) made corpus_folder, which
+    the retokenize command and the tokenizer-mismatch error are written with, raise the bare UnicodeDecodeError in
+    place of the error it was writing; it is passed over, as an index that is no JSON is."""
+    from seekstack.tokens.provenance import corpus_folder
+
+    (tmp_path / "corpus").mkdir()
+    write_corpus(tmp_path / "corpus" / "train.jsonl", ["def f(x):\n    return x\n"])
+    tokenize_corpus(tmp_path / "corpus" / "train.jsonl", tokenizer, tmp_path / "tokens", "train")
+    (tmp_path / "tokens" / "a_index.json").write_text(json.dumps({"source": "elsewhere"}), encoding="utf-16")
+    assert corpus_folder(tmp_path / "tokens") == tmp_path.resolve() / "corpus"
+
+
 def test_the_retokenize_command_for_shards_or_a_checkpoint_given_as_dot_names_a_folder_beside_them(
     tmp_path, tokenizer, monkeypatch
 ):
