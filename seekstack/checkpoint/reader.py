@@ -45,6 +45,9 @@ FAKE_QUANTIZED_STATUSES = ("initialized", "calibration", "frozen")
 INT8_HELD_BITS = range(2, 9)  # the num_bits whose codes compressed-tensors' int-quantized stores as int8
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
+# The dtypes scales load from: float, or e8m0 (powers of two, exact in float32), which transformers stores an fp8
+# checkpoint's weight_scale_inv in where its quantization_config says scale_fmt "ue8m0" (DeepSeek-V3.1's)
+SCALE_STORED = (*FLOAT_STORED, "F8_E8M0")
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32", "F8_E4M3")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
@@ -481,10 +484,10 @@ class CheckpointReader:
                 f"{weight_key!r} takes {wanted}; {DAMAGED}"
             )
         stored = self.stored_dtype(scale_key)
-        if stored not in FLOAT_STORED:  # an integer, bool or e4m3 scale would be read as another number, silently
+        if stored not in SCALE_STORED:  # an integer, bool or e4m3 scale would be read as another number, silently
             raise CheckpointError(
                 f"{self.file_of(scale_key)}: key {scale_key!r} is stored as {stored}, but the scales of {weight_key!r} "
-                f"load only from a float dtype ({', '.join(FLOAT_STORED)}); {DAMAGED}"
+                f"load only from a float dtype ({', '.join(SCALE_STORED)}); {DAMAGED}"
             )
 
     def check_stored_format(self, key: str) -> None:
@@ -501,6 +504,8 @@ class CheckpointReader:
             expected = f"int8 codes, fp8 e4m3 values or a float weight, as its {key}_scale says"
         elif f"{key}_scale" in self:
             loadable, expected = ("I8", "F8_E4M3"), f"int8 codes or fp8 e4m3 values, as its {key}_scale says"
+        elif key.endswith("_scale_inv"):
+            loadable, expected = SCALE_STORED, f"a scale ({', '.join(SCALE_STORED)})"
         else:
             loadable, expected = (*FLOAT_STORED, "F8_E4M3"), f"a float weight ({', '.join(FLOAT_STORED)})"
         if stored not in loadable:
@@ -509,7 +514,7 @@ class CheckpointReader:
                 f"{DAMAGED}"
             )
         configured = QUANTIZED_STORED.get(self.quant_method or "", ())
-        if stored not in FLOAT_STORED and self.quant_method is not None and stored not in configured:
+        if stored not in SCALE_STORED and self.quant_method is not None and stored not in configured:
             raise CheckpointError(
                 f"{self.file_of(key)}: key {key!r} is stored as {stored}, but the quantization_config of "
                 f"{self.directory / CONFIG_FILE} is {self.quant_method!r}, whose weights are {', '.join(configured)}; "

@@ -538,6 +538,34 @@ def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     }
 
 
+def test_an_fp8_checkpoint_of_ue8m0_scales_loads_as_the_same_scales_in_float32(tmp_path):
+    """transformers stores an fp8 checkpoint's weight_scale_inv in e8m0 where its quantization_config says scale_fmt
+    "ue8m0" (DeepSeek-V3.1's: powers of two); loading refused it ("stored as F8_E8M0, but the scales ... load only
+    from a float dtype ...; re-save or re-download the checkpoint"). Its scales are exact in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="fp8"))
+    seekstack.save_pretrained(model, tmp_path)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith("_scale_inv")]:  # the scales made powers of two
+        tensors[key] = torch.pow(2.0, torch.ceil(torch.log2(tensors[key])))
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    expected = {dequantize: logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)) for dequantize in (0, 1)}
+    save_aligned({k: t.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else t for k, t in tensors.items()},
+                 tmp_path / SINGLE_FILE)  # fmt: skip
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["scale_fmt"] = "ue8m0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert stored(tmp_path)["model.layers.0.self_attn.q_a_proj.weight_scale_inv"][0] == "F8_E8M0"
+    for dequantize in (0, 1):
+        assert torch.equal(logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)), expected[dequantize])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(logits(reference), expected[1], atol=1e-5)
+
+
 def test_quantizing_to_fp8_notes_the_layers_whose_sides_are_not_block_multiples(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     assignment, notes = quantize_checkpoint(tmp_path / "float", tmp_path / "blocks_128", QuantConfig(scheme="fp8"))
