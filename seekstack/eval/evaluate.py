@@ -37,7 +37,7 @@ LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy'
 
 def evaluate(
     model_dir: str | Path,
-    tasks: tuple[str, ...] = CODE_TASKS,
+    tasks: tuple[str, ...] | str = CODE_TASKS,
     corpus: str | Path | None = None,
     backend: str = "seekstack",
     batch_size: int | str = 8,
@@ -54,23 +54,23 @@ def evaluate(
     fewshot_as_multiturn: bool | None = None,
     system_instruction: str | None = None,
 ) -> dict[str, Any]:
-    """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
-    (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
-    holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
-    own) and `apply_chat_template` (the examples as earlier turns unless `fewshot_as_multiturn` is False, as lm_eval's
-    --fewshot_as_multiturn false puts them in the first user turn; None: lm_eval's default) and `system_instruction`
-    (lm_eval's --system_instruction: the chat's system message, else the text before each prompt); with
-    `samples_folder`, lm_eval's own results JSON and per-task samples JSONL written there as its --output_path
+    """Run `tasks` (local names built from `corpus`, others looked up by lm_eval; a string: comma-separated names) on
+    the checkpoint, on `device` (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto"
+    (the most the device holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples
+    (None: each task's own) and `apply_chat_template` (the examples as earlier turns unless `fewshot_as_multiturn` is
+    False, as lm_eval's --fewshot_as_multiturn false puts them in the first user turn; None: lm_eval's default) and
+    `system_instruction` (lm_eval's --system_instruction: the chat's system message, else the text before each prompt);
+    with `samples_folder`, lm_eval's own results JSON and per-task samples JSONL written there as its --output_path
     --log_samples writes them; task YAML files (and groups of them) in the folder `include_path` found by name, as
-    lm_eval's --include_path; the
-    model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
-    reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
-    lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
-    "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples"
-    of each task (the examples each ran with, its own default where num_fewshot is None; its documents, all and
-    scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task
-    read them)}; a task named twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError (field tasks)
-    for no task."""
+    lm_eval's --include_path; the model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as
+    transformers reads it); the reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k
+    --difficulty` takes it); `seed` as lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend", "wall_s",
+    "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples" of each task
+    (the examples each ran with, its own default where num_fewshot is None; its documents, all and scored), "options":
+    what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task read them)}; a task named
+    twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError (field tasks) for no task."""
+    if isinstance(tasks, str):  # comma-separated, as lm_eval's --tasks and its EvaluatorConfig take a string
+        tasks = tuple(name.strip() for name in tasks.split(",") if name.strip())
     tasks = tuple(dict.fromkeys(tasks))  # lm_eval's command line drops a repeated name the same way, keeping the order
     if not tasks:  # lm_eval's own refusal, "No tasks specified, or no tasks found", names neither
         raise ConfigError(

@@ -371,6 +371,16 @@ def test_a_task_named_twice_runs_and_is_recorded_once_as_lm_evals_command_line_t
     assert set(report["results"]) == set(report["n-samples"]) == {"code_perplexity", "code_cloze"}
 
 
+def test_tasks_given_as_one_string_are_its_comma_separated_names_as_lm_evals(checkpoint, tmp_path):
+    """evaluate(model, "code_perplexity") ran each character as a task: "lm_eval: Spec 'c' is not a registered
+    task/group/tag name or valid YAML path"; lm_eval's --tasks and its EvaluatorConfig take a comma-separated string."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    report = evaluate(checkpoint, "code_perplexity, code_perplexity", corpus, limit=1, device="cpu")
+    assert report["options"]["tasks"] == ["code_perplexity"] and set(report["results"]) == {"code_perplexity"}
+
+
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
     checkpoint,
     your_task,  # noqa: F811  (the fixture imported above)
