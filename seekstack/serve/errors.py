@@ -84,7 +84,9 @@ def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
         param = ".".join(str(part) for part in _field_path(problem["loc"])) or "body"
         shown = repr(problem["input"])
         shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
-        detail = problem["msg"] if problem["type"] == "missing" else f"{problem['msg']}, got {shown}"
+        # a check of the server's says its own words, without pydantic's "Value error, " before them
+        said = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+        detail = said if problem["type"] == "missing" else f"{said}, got {shown}"
         if f"{param}: {detail}" not in problems:  # union branches failing alike say it once
             problems.append(f"{param}: {detail}")
             params.append(param)

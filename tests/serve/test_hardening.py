@@ -233,6 +233,23 @@ def test_an_empty_prompt_or_stop_string_is_refused_by_its_one_rule(engine, tmp_p
     )  # fmt: skip
 
 
+def test_a_check_of_the_servers_says_its_words_without_pydantics_value_error_before_them(engine, tmp_path):
+    """Every server check's 400 read 'tool_choice: Value error, "auto" needs tools ...', pydantic's wrapper words."""
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}
+
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=chat), await client.post("/tokenize", json={})
+
+    no_tools, neither = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    assert error_of(no_tools, 400)["message"] == (
+        'invalid request: tool_choice: "auto" needs tools to call: send them in tools, or leave tool_choice out, got '
+        "'auto'"
+    )
+    assert error_of(neither, 400)["message"] == (
+        "invalid request: body: give either prompt (a completion's text) or messages (a chat's), one of the two, got {}"
+    )
+
+
 def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"))
 
