@@ -54,7 +54,9 @@ SCRIPT_CODES = {
     "SYRIAC": "Syrc", "THAANA": "Thaa", "DEVANAGARI": "Deva", "BENGALI": "Beng", "GURMUKHI": "Guru",
     "GUJARATI": "Gujr", "ORIYA": "Orya", "TAMIL": "Taml", "TELUGU": "Telu", "KANNADA": "Knda", "MALAYALAM": "Mlym",
     "SINHALA": "Sinh", "THAI": "Thai", "LAO": "Laoo", "TIBETAN": "Tibt", "MYANMAR": "Mymr", "KHMER": "Khmr",
-    "ETHIOPIC": "Ethi", "MONGOLIAN": "Mong", "CHEROKEE": "Cher", "CANADIAN": "Cans",
+    "ETHIOPIC": "Ethi", "MONGOLIAN": "Mong", "CHEROKEE": "Cher", "CANADIAN": "Cans", "TIFINAGH": "Tfng",
+    "NKO": "Nkoo", "ADLAM": "Adlm", "VAI": "Vaii", "OL": "Olck", "MEETEI": "Mtei", "LIMBU": "Limb", "LISU": "Lisu",
+    "JAVANESE": "Java", "BALINESE": "Bali", "SUNDANESE": "Sund", "BUGINESE": "Bugi", "CHAM": "Cham", "YI": "Yiii",
 }  # fmt: skip
 
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"

@@ -172,6 +172,28 @@ def test_prose_of_no_detected_language_is_labelled_with_its_script(text: str, la
     assert detect_kind(text) == DetectedKind("prose", lang)
 
 
+@pytest.mark.parametrize(
+    ("text", "lang"),
+    [
+        ("\u2d30\u2d63\u2d53\u2d4d \u2d3c\u2d4d\u2d4d\u2d30\u2d61\u2d4f. " * 6, "und-Tfng"),  # Tifinagh: Berber
+        ("\u07d2\u07ec \u07d3\u07ca\u07ef \u07e3\u07cc\u07eb \u07db\u07cd\u07f2\u07ec. " * 6, "und-Nkoo"),  # N'Ko
+        ("\u1c65\u1c5f\u1c71\u1c5b\u1c5f\u1c72\u1c64 \u1c6f\u1c5f\u1c79\u1c68\u1c65\u1c64\u1c7e " * 6, "und-Olck"),
+        ("\ua9a7\ua9b1\ua997\ua9ae \ua9a7\ua9b1\ua997\ua9ae\ua9c9 " * 6, "und-Java"),  # Javanese
+        ("\uabc3\uabe9\uabc7\uabe9\uabc2\uabe3\uabdf \uabc3\uabe9\uabc7\uabe9\uabeb " * 6, "und-Mtei"),
+        (
+            "\U0001e906\U0001e935\U0001e924\U0001e922\U0001e92a \U0001e906\U0001e935\U0001e924\U0001e922. " * 6,
+            "und-Adlm",
+        ),
+    ],
+)
+def test_prose_in_the_scripts_whose_sentence_stops_the_rules_know_is_labelled_with_its_script(
+    text: str, lang: str
+) -> None:
+    """Berber in Tifinagh, Manding in N'Ko, Santali in Ol Chiki, Javanese, Manipuri in Meetei Mayek and Fula in Adlam,
+    prose the rules judge as they judge Hindi's, were counted with German and Turkish as one `prose/und`."""
+    assert detect_kind(text) == DetectedKind("prose", lang)
+
+
 def test_chinese_tutorial_with_code_listing_is_cjk() -> None:
     listing = 'fn main() {\n    let x = 5;\n    println!("{}", x);\n}\n'
     assert detect_kind(CHINESE_ARTICLE[:200] + "\n" + listing + CHINESE_ARTICLE[200:]).kind == "cjk"
