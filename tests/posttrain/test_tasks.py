@@ -949,6 +949,16 @@ def test_a_file_of_problems_not_named_jsonl_is_refused_saying_how_a_file_of_prob
         resolve_train_config(None, [f"task={tmp_path / 'none.json'}", "tokenizer=", "init_from="], cls=GRPOConfig)
 
 
+def test_a_folder_named_as_a_file_of_problems_is_refused_as_a_folder_not_a_missing_file(tmp_path):
+    """task=problems.jsonl naming a folder (a dataset saved by datasets' save_to_disk under that name) was refused as
+    "no such file of problems", though the path is there."""
+    (tmp_path / "problems.jsonl").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"task '{tmp_path}/problems.jsonl': a folder, not a file of")):
+        make_task(str(tmp_path / "problems.jsonl"))
+    with pytest.raises(ValueError, match=re.escape(f"task '{tmp_path}/none.jsonl': no such file of problems (")):
+        make_task(str(tmp_path / "none.jsonl"))
+
+
 def problems_file(path, lines):
     """A JSON Lines file of problems at `path`, one line each of `lines` (objects, or raw text)."""
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))

@@ -45,7 +45,8 @@ class ProblemsFile:
     def read(cls, path: str) -> ProblemsFile:
         """The problems of `path`; a ValueError naming the file, the line and the field at fault."""
         if not Path(path).is_file():
-            raise ValueError(f"task {path!r}: no such file of problems ({LINE_FORMAT})")
+            why = "a folder, not a file" if Path(path).is_dir() else "no such file"
+            raise ValueError(f"task {path!r}: {why} of problems ({LINE_FORMAT})")
         problems: dict[str, tuple[int, Problem]] = {}
         for number, record in jsonl_records(path):
             where = f"{path}:{number}"
