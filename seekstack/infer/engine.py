@@ -1184,6 +1184,11 @@ class Engine:
         from seekstack.posttrain.conversations import offered
         from seekstack.serve.tool_calls import completion_with_calls
 
+        if isinstance(messages, str):  # its characters would read as messages: "chat message 0 ... got 'h'"
+            raise TypeError(
+                f"messages is a str; give a conversation, [{{'role': 'user', 'content': {messages[:20]!r}}}], or a "
+                "list of them (generate continues a text as it is)"
+            )
         offered_tools = offered(list(tools), self.tokenizer) if tools is not None else []
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
         conversations = [messages] if one else list(messages)
