@@ -326,3 +326,31 @@ def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults
     assert (config.beta, config.lmbda) == trl_divergence != (defaults.beta, defaults.lmbda)
     assert config.sample_temperature == trl_defaults["temperature"] != defaults.sample_temperature
     assert (config.ce_weight, config.kd_weight, config.temperature) == (0.0, 1.0, 1.0)  # the divergence alone, at T=1
+
+
+def test_the_readme_gives_the_keys_of_a_distillation_trainer_run_whose_loss_is_trls(tmp_path):
+    """TRL's DistillationTrainer applies its temperature to the divergence without Hinton's T^2, which the loss here
+    has, and nothing said so: a TRL user's temperature=2 trained on 4 times its divergence. The README's command
+    has the loss of a DistillationTrainer run at T=2, checked against TRL's own divergence on the same logits."""
+    pytest.importorskip("trl")
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    from trl.trainer.distillation_config import DistillationConfig
+
+    from seekstack.distill.losses import logit_distillation
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    command = re.search(r"a `DistillationTrainer` run at T=2 is `seekstack distill \.\.\.\s+([^`]+)`", readme)
+    assert command, "the README names no distill command for a DistillationTrainer run"
+    config = resolve_train_config(None, [*command[1].split(), f"teacher={tmp_path}"], cls=DistillConfig)
+    trl_beta = next(field.default for field in dataclasses.fields(DistillationConfig) if field.name == "beta")
+    assert (config.beta, config.lmbda, config.ce_weight) == (trl_beta, 1.0, 0.0)  # on-policy, the divergence alone
+    assert config.temperature == config.sample_temperature == 2.0
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 8), torch.randn(6, 12)  # (N, H) hidden states of unequal widths
+    student_head, teacher_head = torch.randn(32, 8), torch.randn(32, 12)  # (V, H)
+    beta, temperature = float(config.beta), config.temperature
+    theirs, _ = ChunkedDivergenceFunction.apply(
+        student, student_head, None, teacher, teacher_head, None, beta, temperature
+    )
+    ours = config.kd_weight * logit_distillation(student @ student_head.T, teacher @ teacher_head.T, beta, temperature)
+    torch.testing.assert_close(ours, theirs.mean(), rtol=1e-5, atol=1e-6)
