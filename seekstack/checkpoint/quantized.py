@@ -23,7 +23,7 @@ from seekstack.checkpoint.keys import (
     CheckpointError,
     layer_key,
 )
-from seekstack.checkpoint.reader import FLOAT_STORED, CheckpointReader, read_config
+from seekstack.checkpoint.reader import ACTIVATION_SCALES, FLOAT_STORED, CheckpointReader, read_config
 from seekstack.compress.formats import compressed_tensors_config, pack_codes
 from seekstack.compress.linear import (
     QuantizedExperts,
@@ -44,10 +44,10 @@ MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torc
 # `(buffer, e)`, built from the one stored tensor it comes from, read from a checkpoint.
 ExpertBuffer = Callable[[str, int], torch.Tensor]
 # The stored tensors of a quantized layer that `stored_tensor_bytes` prices with its weight (`_held_layer_bytes`), or
-# not at all: loading reads no `weight_shape` (the shape is the config's), activations' `input_scale` nor the KV
-# cache's `k_scale` and `v_scale`.
+# not at all: loading reads no `weight_shape` (the shape is the config's), activations' `input_scale` or
+# `activation_scale` nor the KV cache's `k_scale` and `v_scale`.
 QUANTIZATION_PARTS = (
-    "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point", "input_scale", "k_scale", "v_scale"
+    "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point", *ACTIVATION_SCALES, "k_scale", "v_scale"
 )  # fmt: skip
 # A routed expert's projection or stacked weight: the layer (`...mlp.experts`), and its expert's number if per expert.
 EXPERT_WEIGHT = re.compile(r"(.*\.mlp\.experts)\.(?:(\d+)\.)?\w+$")

@@ -48,6 +48,8 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 # The dtypes scales load from: float, or e8m0 (powers of two, exact in float32), which transformers stores an fp8
 # checkpoint's weight_scale_inv in where its quantization_config says scale_fmt "ue8m0" (DeepSeek-V3.1's)
 SCALE_STORED = (*FLOAT_STORED, "F8_E8M0")
+# A layer's static input activation scale: compressed-tensors' (and vLLM's) name, transformers' FP8Linear's
+ACTIVATION_SCALES = ("input_scale", "activation_scale")
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32", "F8_E4M3")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
@@ -165,6 +167,7 @@ class CheckpointReader:
             if fp8:
                 self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
+        self.activation_scheme = (quantization or {}).get("activation_scheme")
         status = (quantization or {}).get("quantization_status", "initialized")
         self.fake_quantized = self.quant_method == "compressed-tensors" and status in FAKE_QUANTIZED_STATUSES
         _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
@@ -542,7 +545,7 @@ class CheckpointReader:
         With `dtype` (the model's), a float weight loaded rounded by its scales (`rounds_in_float`) is rounded in it, as
         compressed-tensors rounds it in the dtype transformers holds the model in."""
         if key.endswith((".weight", ".weight_packed")):  # its layer's activation scale, read by none (activation_note)
-            self.used.add(f"{key.rpartition('.')[0]}.input_scale")
+            self.used.update(f"{key.rpartition('.')[0]}.{scale}" for scale in ACTIVATION_SCALES)
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
             self.check_stored_format(packed_key)
@@ -628,7 +631,16 @@ class CheckpointReader:
     def activation_note(self) -> str | None:
         """What loading does with the compressed-tensors config groups that quantize their layers' input activations
         too (llm-compressor's FP8, FP8_DYNAMIC, W8A8: `input_activations`, static with an `input_scale` per layer or
-        dynamic per token), which vLLM rounds before each matmul and seekstack does not; None without such a group."""
+        dynamic per token), which vLLM rounds before each matmul and seekstack does not, or an fp8 config's
+        `activation_scheme: "static"` (an `activation_scale` per layer, transformers' and vLLM's); None without."""
+        if self.quant_method == "fp8" and self.activation_scheme == "static":
+            return (
+                f"{self.directory / CONFIG_FILE}: quantization_config.activation_scheme is static: each fp8 layer's "
+                "input is rounded to fp8 by its activation_scale before its matmul in transformers and vLLM; "
+                "seekstack reads the weights only and runs those layers on unrounded activations (their weights "
+                "expanded to float), so its outputs differ from theirs by that rounding (the activation_scale keys "
+                "are not read)"
+            )
         described = []
         for name, group in self.config_groups.items():
             args = group.get("input_activations")

@@ -469,6 +469,41 @@ def test_an_fp8_checkpoint_of_static_activation_scales_says_its_activations_run_
     assert "runs those layers on unrounded activations" in note and "input_scale keys are not read" in note
 
 
+def test_an_fp8_checkpoint_of_static_activation_scheme_says_its_activations_run_unrounded(tmp_path):
+    """An fp8 checkpoint whose quantization_config says activation_scheme "static" stores each layer's
+    `activation_scale`, which transformers' FP8Linear (and vLLM) round the layer's input with; it loaded with only
+    "104 checkpoint keys were not used, e.g. ['model.layers.0.mlp.down_proj.activation_scale', ...]", as of a damaged
+    checkpoint, and `seekstack plan` priced the scales as tensors loading holds."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned, stored_tensor_bytes
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="fp8"))
+    seekstack.save_pretrained(model, tmp_path)
+    expected = {dequantize: logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)) for dequantize in (0, 1)}
+    priced = sum(stored_tensor_bytes(tmp_path).values())
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith(".weight_scale_inv")]:
+        tensors[key.replace(".weight_scale_inv", ".activation_scale")] = torch.tensor(0.05)
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["activation_scheme"] = "static"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    said = {}
+    for dequantize in (0, 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)), expected[dequantize])
+        said[dequantize] = [str(warning.message) for warning in caught if str(tmp_path) in str(warning.message)]
+    assert said[1] == []  # plain float weights: nothing to say, no key left unaccounted for
+    assert said[0] == [
+        f"{tmp_path / 'config.json'}: quantization_config.activation_scheme is static: each fp8 layer's input is "
+        "rounded to fp8 by its activation_scale before its matmul in transformers and vLLM; seekstack reads the "
+        "weights only and runs those layers on unrounded activations (their weights expanded to float), so its "
+        "outputs differ from theirs by that rounding (the activation_scale keys are not read)"
+    ]
+    assert sum(stored_tensor_bytes(tmp_path).values()) == priced
+
+
 def test_a_checkpoint_of_an_fp8_kv_cache_says_its_cache_runs_unrounded(tmp_path):
     """llm-compressor's kv_cache_scheme stores each attention layer's fp8 KV-cache scales (`self_attn.k_scale`,
     `v_scale`), which vLLM rounds its cache with; loading warned only "8 checkpoint keys were not used, e.g.
