@@ -600,7 +600,12 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     parts = [
         f"## Samples\n\nGreedy answers from the engine to {which}, each in the chat template up to its last "
         "assistant turn, beside that turn from the file."
-        + (f" {left_out} of them left out: a prompt that fills the model's context leaves no room." if left_out else "")
+        + (
+            f" {left_out} of them left out: a prompt that fills the model's context leaves no room (or none asks: the "
+            "conversation opens with its answer)."
+            if left_out
+            else ""
+        )
     ]
     for answer in answers:
         parts.append(_fenced(answer.prompt + answer.completion))

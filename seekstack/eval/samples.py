@@ -159,11 +159,13 @@ def conversation_samples(
     """Each conversation's turns before its last assistant turn, with the tools it offers, answered greedily by a
     checkpoint or run's newest, all in one batch; an answer gets at most the room the context leaves after its
     prompt, and a conversation whose prompt fills the context (or what the cache holds, `Engine.context_len`) is left
-    out."""
+    out, as is one that opens with its answer (no message asks it: a chat of none is refused, as transformers')."""
     engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
+        if last == 0:
+            continue
         prompt = engine.tokenizer.render_chat(messages[:last], tools=offered_tools(messages))  # as sft trained it
         ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
         if len(ids) < engine.context_len:

@@ -280,6 +280,14 @@ def test_a_conversation_longer_than_the_cache_holds_is_left_out_as_one_that_fill
     assert [answer.reference for answer in answers] == ["Paris"]  # CHATS[3]'s prompt: 496 to 512 tokens
 
 
+def test_a_conversation_that_opens_with_its_answer_is_left_out_having_no_message_to_ask_it(sft_run):
+    """A conversation whose one message is the assistant's (TRL's prompt-completion with an empty prompt) was asked with
+    a chat of no messages, which is refused now (as transformers refuses it): the report failed on such a file."""
+    answer_alone = [{"role": "assistant", "content": "Hello."}]
+    answers = conversation_samples(sft_run, [CHATS[0], answer_alone], max_new_tokens=4)
+    assert [answer.reference for answer in answers] == ["Paris"]
+
+
 def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run):
     (sft_run.parent / "chats.jsonl").rename(sft_run.parent / "moved.jsonl")
     samples = write_report(sft_run).read_text().split("## Samples")[1]
