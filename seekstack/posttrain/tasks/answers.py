@@ -16,6 +16,7 @@ and a leading `+` is read outside a box too. Every pattern here matches in time 
 from __future__ import annotations
 
 import re
+from collections import deque
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -146,9 +147,9 @@ def final_answer(answer: str) -> str | None:
     I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold; `答案是`, `最终答案：`, Chinese), outside math
     delimiters (`$57$`), Markdown's bold (`**57**`) and a closing period (`.`, `。`). None when the last box is never
     closed."""
-    boxes = list(BOXED.finditer(answer))
-    if boxes:
-        start = boxes[-1].end()
+    box = _last(BOXED, answer)
+    if box is not None:
+        start = box.end()
         if answer.startswith("{", start):
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
@@ -168,8 +169,15 @@ def final_answer(answer: str) -> str | None:
 
 def _from_last_label(text: str) -> str:
     """`text` from where its last answer label opens (`So the answer is 57.`), else `text` whole."""
-    labels = list(LABEL_OPENING.finditer(text))
-    return text[labels[-1].start() :] if labels else text
+    label = _last(LABEL_OPENING, text)
+    return text[label.start() :] if label is not None else text
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The last match of `pattern` in `text`, or None; keeping none of the others (a list of 10,000 boxes filled the
+    heap enough to start a full garbage collection, ~1 s in a large process)."""
+    last = deque(pattern.finditer(text), maxlen=1)
+    return last[0] if last else None
 
 
 def _unadorned(text: str) -> str:
