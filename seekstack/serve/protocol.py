@@ -117,25 +117,24 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
     prompts = []
-    for prompt in completion_prompts(request):
+    id_lists = isinstance(request.prompt[0], list)  # a list of prompts of token ids, each named by its position
+    for number, prompt in enumerate(completion_prompts(request)):
         if isinstance(prompt, str):
             prompts.append(tokenizer.encode_prompt(prompt) if request.add_special_tokens else tokenizer.encode(prompt))
             continue
-        refuse_outside_vocabulary(prompt, tokenizer, "prompt")
+        refuse_outside_vocabulary(prompt, tokenizer, f"prompt.{number}" if id_lists else "prompt")
         prompts.append(list(prompt))
     return prompts
 
 
 def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, param: str) -> None:
-    """400 naming `param` for the first of `token_ids` outside the tokenizer's vocabulary."""
-    out_of_range = [token for token in token_ids if not 0 <= token < tokenizer.vocab_size]
-    if out_of_range:
-        raise APIError(
-            400,
-            f"{param} token id {out_of_range[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
-            param=param,
-            code="invalid_value",
-        )
+    """400 for the first of `token_ids` (a list, or a mapping keyed by them: logit_bias) outside the tokenizer's
+    vocabulary, naming its entry in `param` as pydantic names an entry's other faults: `prompt.3`, `logit_bias.320`."""
+    for position, token in enumerate(token_ids):
+        if not 0 <= token < tokenizer.vocab_size:
+            entry = f"{param}.{token if isinstance(token_ids, Mapping) else position}"
+            raise APIError(400, f"{entry}: token id {token} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param=entry, code="invalid_value")  # fmt: skip
 
 
 def unsupported(param: str, message: str) -> APIError:

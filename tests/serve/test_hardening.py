@@ -264,7 +264,7 @@ def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     assert message.startswith("invalid request: prompt: List should have at most 64 items") and ";" not in message
     assert error_of(unknown, 404) == {**unknown.json()["error"], "type": "invalid_request_error", "param": "model"}
     assert error_of(out_of_vocabulary, 400)["type"] == "invalid_request_error"
-    assert out_of_vocabulary.json()["error"]["param"] == "prompt"
+    assert out_of_vocabulary.json()["error"]["param"] == "prompt.0"
 
 
 def test_a_lone_surrogate_escape_gets_400_naming_the_field_and_a_pair_is_read(engine, tmp_path):

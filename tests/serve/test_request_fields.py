@@ -66,7 +66,7 @@ def test_logit_bias_bans_and_forces_tokens_of_greedy_replies(engine, tmp_path, r
 @pytest.mark.parametrize(
     "logit_bias, param, fragment",
     [
-        ({"320": 5}, "logit_bias", "logit_bias token id 320 is outside the vocabulary [0, 320)"),
+        ({"320": 5}, "logit_bias.320", "logit_bias.320: token id 320 is outside the vocabulary [0, 320)"),
         ({"5": 101}, "logit_bias.5", "less than or equal to 100"),
         ({"5": -100.5}, "logit_bias.5", "greater than or equal to -100"),
         ({"-1": 1}, "logit_bias.-1", "greater than or equal to 0"),
@@ -80,6 +80,24 @@ def test_bad_logit_bias_is_a_400_naming_logit_bias(engine, tmp_path, logit_bias,
     for response in post_each(engine, tmp_path / "db", requests):
         error = error_of(response, 400)
         assert error["param"] == param and fragment in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "entry"),
+    [
+        ("/v1/completions", {"prompt": [[5, 6], [7, 320]]}, "prompt.1.1"),
+        ("/v1/completions", {"prompt": [5, 320]}, "prompt.1"),
+        ("/v1/completions", {"logit_bias": {"5": 1, "320": 2}}, "logit_bias.320"),
+        ("/v1/chat/completions", {"stop_token_ids": [5, 320]}, "stop_token_ids.1"),
+    ],
+)
+def test_a_token_id_outside_the_vocabulary_is_named_by_its_entry(engine, tmp_path, route, fields, entry):
+    """'prompt token id 320 is outside the vocabulary' with param prompt named no prompt of a batch and no position,
+    where pydantic names an entry's other faults (prompt.1.1: a negative id)."""
+    body = {**(COMPLETION if route == "/v1/completions" else CHAT), **fields}
+    [refused] = post_each(engine, tmp_path / "db", [(route, body)])
+    error = error_of(refused, 400)
+    assert (error["param"], error["message"]) == (entry, f"{entry}: token id 320 is outside the vocabulary [0, 320)")
 
 
 REFUSED = {
@@ -531,7 +549,7 @@ def test_stop_token_ids_end_a_choice_at_the_first_of_them_as_vllm(engine, tmp_pa
     assert (choice["finish_reason"], text) == ("stop", engine.tokenizer.decode(ids[:stop_at]))  # its text left out
     assert stopped.json()["usage"]["completion_tokens"] == stop_at + 1
     [outside] = post_each(engine, tmp_path / "db", [(route, {**body, "stop_token_ids": [320]})])
-    assert "stop_token_ids token id 320 is outside the vocabulary [0, 320)" in error_of(outside, 400)["message"]
+    assert error_of(outside, 400)["message"] == "stop_token_ids.0: token id 320 is outside the vocabulary [0, 320)"
 
 
 def test_every_response_has_an_x_request_id_the_clients_or_its_own_that_names_a_completion(engine, tmp_path):
