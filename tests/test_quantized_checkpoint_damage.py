@@ -155,6 +155,21 @@ def test_fp8_weight_block_size_that_is_not_two_positive_integers_is_refused_nami
     assert message.startswith(f"{directory / 'config.json'}: quantization_config.weight_block_size is {block!r}; ")
 
 
+def test_fp8_weight_block_size_null_is_refused_as_transformers_per_tensor_format_not_as_a_damaged_config(tmp_path):
+    """transformers' FineGrainedFP8Config writes weight_block_size null for fp8 of one scale per matrix; the refusal
+    called its config one to replace ("use the config.json saved with these weights"), though it is that one."""
+    directory = save_fp8(tmp_path / "fp8")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = None
+    (directory / "config.json").write_text(json.dumps(config))
+    assert load_error(directory, dequantize=False) == (
+        f"{directory / 'config.json'}: quantization_config.weight_block_size is None; null is transformers' "
+        "per-tensor fp8 (one weight_scale_inv per matrix), which seekstack does not read: it reads block-wise fp8 "
+        "(DeepSeek's [128, 128]): give the float checkpoint it was made from (`seekstack quantize --scheme fp8` "
+        "writes it block-wise)"
+    )
+
+
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
 @pytest.mark.parametrize("dtype, stored", [(torch.float8_e5m2, "F8_E5M2"), (torch.int8, "I8"), (torch.float32, "F32")])
 def test_fp8_weight_stored_in_another_dtype_beside_its_scale_is_refused_naming_the_file_the_key_and_the_dtype(

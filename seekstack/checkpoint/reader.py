@@ -783,6 +783,13 @@ def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, in
     """The (rows, columns) scale block of an fp8 `quantization` config (DeepSeek's 128x128 when it names none);
     CheckpointError naming the file and the field unless `weight_block_size` is two positive integers."""
     block = quantization.get("weight_block_size", DEFAULT_FP8_BLOCK)
+    if block is None:  # transformers' FineGrainedFP8Config(weight_block_size=None): one scale per matrix
+        raise CheckpointError(
+            f"{config_path}: quantization_config.weight_block_size is None; null is transformers' per-tensor fp8 (one "
+            f"weight_scale_inv per matrix), which seekstack does not read: it reads block-wise fp8 (DeepSeek's "
+            f"{list(DEFAULT_FP8_BLOCK)}): give the float checkpoint it was made from (`seekstack quantize --scheme "
+            "fp8` writes it block-wise)"
+        )
     sizes = block if isinstance(block, (list, tuple)) else []
     if len(sizes) != 2 or not all(type(size) is int and size > 0 for size in sizes):
         raise CheckpointError(
