@@ -127,8 +127,8 @@ def plot_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="PNG to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png), for several runs "
-            "FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_curves.png, as rl-plot)"
+            help="PNG (or .svg, .pdf) to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png), for several "
+            "runs FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_curves.png, as rl-plot)"
         ),
     ] = None,
     smooth: Annotated[

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.train.plot import (  # noqa: E402
     MARKED_UP_TO,
-    png_path,
+    figure_format,
+    figure_path,
     read_metrics,
     require_each_run_once,
     run_names,
@@ -44,12 +45,12 @@ RL_SMOOTH = 10  # steps averaged per point by default: one step's batch is small
 def plot_rl_runs(
     run_dirs: list[Path], out_path: Path, smooth: int = RL_SMOOTH, records: list[list[dict]] | None = None
 ) -> Path:
-    """Draw the runs' curves to `out_path` (a .png); return it. `records`: each run's metrics when the caller has
-    read them (`read_metrics`) already, so a torn last line is told once."""
-    out_path = png_path(out_path)
+    """Draw the runs' curves to `out_path` (a .png, .svg or .pdf); return it. `records`: each run's metrics when the
+    caller has read them (`read_metrics`) already, so a torn last line is told once."""
+    out_path = figure_path(out_path)
     figure = rl_figure(run_dirs, smooth, records)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
+    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format=figure_format(out_path)))
     plt.close(figure)
     return out_path
 

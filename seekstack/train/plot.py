@@ -27,6 +27,7 @@ from seekstack.train.runs import run_holding  # noqa: E402
 
 X_LABELS = {"step": "step", "tokens": "tokens trained"}  # the x axes a plot draws on, and their labels
 MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no single point)
+FIGURE_FORMATS = ("png", "svg", "pdf")  # what --out may name: matplotlib's raster and vector formats
 
 
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
@@ -59,7 +60,7 @@ def plot_run(
     """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written. `records`: the
     run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once. `smooth`:
     steps averaged per point of the training curves (losses, MaxVio); `x_axis`: "step", or "tokens" trained."""
-    out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
+    out_path = figure_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
     records = records if records is not None else read_metrics(run_dir)
     records = on_x_axis(records, x_axis, Path(run_dir) / METRICS_FILE)
     steps = _training_steps(records, Path(run_dir) / METRICS_FILE)
@@ -125,7 +126,7 @@ def plot_runs(
     layers); return the path written. `records`: each run's metrics (`read_metrics`); `smooth` and `x_axis` as
     `plot_run`'s (runs of other batch sizes compare by tokens)."""
     require_each_run_once(run_dirs)
-    out_path = png_path(out_path)
+    out_path = figure_path(out_path)
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
     axes = axes.flatten()
     last_step = 0
@@ -232,19 +233,25 @@ def _write(figure: plt.Figure, axes: list[plt.Axes], last_step: int, title: str,
     figure.suptitle(title)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format=figure_format(out_path)))
     plt.close(figure)
     return out_path
 
 
-def png_path(path: str | Path) -> Path:
-    """`path` as a plot's output: a .png name, so that a slip of `--out` never writes a picture over the run's
-    metrics or weights; ValueError naming it otherwise."""
+def figure_path(path: str | Path) -> Path:
+    """`path` as a plot's output: a name of a FIGURE_FORMATS suffix, whose format it is written in (as matplotlib's
+    savefig takes it), so that a slip of `--out` never writes a picture over the run's metrics or weights; ValueError
+    naming it otherwise."""
     path = Path(path)
-    if path.suffix.lower() != ".png":
+    if path.suffix.lower().removeprefix(".") not in FIGURE_FORMATS:
         example = path / "curves.png" if path.is_dir() else path.with_suffix(".png")  # a folder: a file in it
-        raise ValueError(f"--out {path}: a plot is written as a .png file; name one (e.g. {example})")
+        raise ValueError(f"--out {path}: a plot is written as a .png, .svg or .pdf file; name one (e.g. {example})")
     return path
+
+
+def figure_format(path: Path) -> str:
+    """The format `figure_path`'s `path` is written in: its suffix's."""
+    return path.suffix.lower().removeprefix(".")
 
 
 def _main_layer_count(run_dir: str | Path) -> int | None:

@@ -251,10 +251,20 @@ def test_plot_and_report_of_a_run_that_has_logged_no_step_yet_say_so(demo_run, t
 def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
     metrics = (demo_run / "run" / "metrics.jsonl").read_bytes()
     result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run / "run" / "metrics.jsonl")])
-    assert result.exit_code == 1 and "a plot is written as a .png file" in result.output
+    assert result.exit_code == 1 and "a plot is written as a .png, .svg or .pdf file" in result.output
     assert (demo_run / "run" / "metrics.jsonl").read_bytes() == metrics
     folder = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run)])  # it said 'e.g. DIR.png'
     assert folder.exit_code == 1 and f"(e.g. {demo_run / 'curves.png'})" in " ".join(folder.output.split())
+
+
+@pytest.mark.parametrize(("suffix", "signature"), [(".svg", b"<?xml"), (".pdf", b"%PDF"), (".PNG", PNG_SIGNATURE)])
+def test_plot_writes_the_format_its_out_names_as_matplotlib_does(tmp_path, suffix, signature):
+    """`--out curves.svg` (a vector figure for a paper) was refused: 'a plot is written as a .png file'."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2, "lm_loss": 3.0, "lr": 0.001}\n')
+    out = tmp_path / f"curves{suffix}"
+    result = CliRunner().invoke(app, ["plot", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(signature)
 
 
 def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, tmp_path, capsys):
