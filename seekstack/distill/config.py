@@ -38,6 +38,15 @@ class DistillConfig(ConversationConfig):
         "seq_kd": "TRL's seq_kd (the teacher's samples in place of the data's answers) is done ahead of the run: "
         "`seekstack traces TEACHER --out traces.jsonl` samples them (kept when verified), then data=traces.jsonl",
         "disable_dropout": "the models have no dropout (TRL's disable_dropout=true)",
+        # TRL's DistillationConfig's sampling names: top_k would otherwise be offered cache_top_k, the teacher cache's
+        "top_k": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_k=0 "
+        "and top_p=1.0, its defaults); there is no top-k or top-p here (cache_top_k is the teacher cache's, not "
+        "sampling's)",
+        "top_p": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_p=1.0 "
+        "and top_k=0, its defaults); there is no top-p or top-k here",
+        "max_completion_length": "on-policy, the student answers a conversation's prompt until EOS or seq_len, and "
+        "continues a corpus row's first prompt_tokens to seq_len: TRL's max_completion_length is seq_len less the "
+        "prompt",
     }
 
     out_dir: str = "runs/distill"

@@ -303,10 +303,14 @@ def test_configs_that_cannot_distill_are_refused_before_anything_is_written(work
      ("max_new_tokens=128", "TRL's max_new_tokens is seq_len less the prompt"),
      ("teacher_model_name_or_path=runs/teacher", "is teacher here"),
      ("teacher_model_init_kwargs.dtype=bfloat16", "teacher_dtype=float32|bfloat16"),
-     ("disable_dropout=true", "the models have no dropout")],
+     ("disable_dropout=true", "the models have no dropout"),
+     ("top_k=10", "there is no top-k or top-p here (cache_top_k is the teacher cache's, not sampling's)"),
+     ("top_p=0.9", "samples from its whole distribution at sample_temperature (TRL's top_p=1.0"),
+     ("max_completion_length=128", "TRL's max_completion_length is seq_len less the prompt")],
 )  # fmt: skip
 def test_trls_gkd_field_names_are_refused_naming_what_does_their_work(trl_name, ours):
-    """A TRL GKDConfig name is no field here: the refusal says what stands for it (seq_kd was offered seq_len)."""
+    """A TRL GKDConfig or DistillationConfig name is no field here: the refusal says what stands for it (seq_kd was
+    offered seq_len, DistillationConfig's sampling top_k the teacher cache's cache_top_k)."""
     name = trl_name.split("=")[0].split(".")[0]
     with pytest.raises(ConfigError, match=f"unknown field '{name}'; .*{re.escape(ours)}"):
         resolve_train_config(None, [trl_name], cls=DistillConfig)
