@@ -588,7 +588,8 @@ class CheckpointReader:
         linear = layer.endswith(("_proj", "lm_head")) and not any(
             name == layer or (pattern and pattern.match(layer)) for name, (_, pattern) in self.ignored.items()
         )
-        dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") is True
+        # "local" (nvfp4's tensor_group: local scales dynamic, a stored global one) too: `_fake_quantized` refuses it
+        dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") in (True, "local")
         return f"{key}_scale" in self.key_to_file or dynamic
 
     def _fake_quantized(self, key: str, weight: torch.Tensor) -> torch.Tensor:

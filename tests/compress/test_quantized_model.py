@@ -1047,12 +1047,28 @@ def test_a_frozen_checkpoint_of_dynamic_weights_loads_them_rounded_by_the_scales
             assert torch.equal(loaded[key], stored[key]), (key, dequantize)
 
 
-def test_a_frozen_checkpoint_of_dynamic_groups_that_do_not_divide_a_layer_is_refused_naming_the_group(tmp_path):
+@pytest.mark.parametrize(
+    "weights, refusal",
+    [
+        ({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "dynamic": True},
+         "quantizes weights dynamically per group of 16, which 'model.layers.0.self_attn.kv_b_proj.weight' "
+         "(24 columns) cannot be: compressed-tensors computes dynamic scales per tensor or per group of a size "
+         "dividing the columns; give a checkpoint of stored scales"),
+        ({"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"},
+         "quantizes float4 weights per tensor_group; seekstack rounds a frozen checkpoint's float weights by their "
+         "scales as int2 to int8 or float8, per channel, group, tensor or block only; compress the checkpoint where "
+         "it was made (compressed-tensors) or give a float one"),
+    ],
+    ids=["groups not dividing", "nvfp4 local"],
+)  # fmt: skip
+def test_a_frozen_checkpoint_of_dynamic_scales_seekstack_cannot_round_by_is_refused_naming_the_group(
+    tmp_path, weights, refusal
+):
     """compressed-tensors cannot compute dynamic scales of groups that do not divide a layer's columns (its reshape
-    fails); loading refuses such a checkpoint naming config.json, the group and the layer."""
+    fails); nvfp4's dynamic "local" scales (stored global scale) loaded unrounded, silently. Loading refuses both,
+    naming config.json and the group."""
     seekstack.save_pretrained(model_for_tests(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "dynamic": True}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
@@ -1060,11 +1076,7 @@ def test_a_frozen_checkpoint_of_dynamic_groups_that_do_not_divide_a_layer_is_ref
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(seekstack.checkpoint.CheckpointError) as refused:
         seekstack.load_pretrained(tmp_path)
-    assert str(refused.value) == (
-        f"{tmp_path / 'config.json'}: quantization_config group 'group_0' quantizes weights dynamically per group of "
-        "16, which 'model.layers.0.self_attn.kv_b_proj.weight' (24 columns) cannot be: compressed-tensors computes "
-        "dynamic scales per tensor or per group of a size dividing the columns; give a checkpoint of stored scales"
-    )
+    assert str(refused.value) == f"{tmp_path / 'config.json'}: quantization_config group 'group_0' {refusal}"
 
 
 @pytest.mark.parametrize("stored_dtype, dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
