@@ -34,7 +34,6 @@ from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import (
     Rollout,
     completion_logps,
-    require_completion_room,
     require_prompt_room,
     sample_groups,
     trained_tokens,
@@ -73,7 +72,7 @@ class GRPOSource:
     """Generation batches from the policy being trained, and the GRPO loss on them."""
 
     chooses_threads = True  # with threads="auto", each generation batch sets its training half's threads
-    rows_fit_context = True  # a prompt's room and max_completion_length, checked against the context by `attach`
+    rows_fit_context = True  # a prompt's room and max_completion_length, checked against the context by validate
     progress_metrics = ("reward", "accuracy")  # on the progress line: GRPO's loss is ~0 by construction
 
     def __init__(self, config: GRPOConfig):
@@ -100,15 +99,6 @@ class GRPOSource:
         self.device = next(model.parameters()).device
         self.most_threads = torch.get_num_threads()  # with threads="auto", the training half's limit
         rows = self.config.batch_size * self.config.num_generations
-        context = model.config.max_position_embeddings
-        model_name = self.config.init_from or f"model={self.config.model}"
-        require_completion_room(
-            context,
-            model_name,
-            self.config.max_completion_length,
-            "max_completion_length",
-            self.config.max_prompt_length,
-        )
         self.engine = Engine(
             self.sampler,
             self.tokenizer,

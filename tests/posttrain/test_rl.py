@@ -79,19 +79,23 @@ def test_async_rollouts_sample_each_batch_with_the_weights_before_the_last_updat
     assert source.ahead is None  # the third step is the last
 
 
-def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path):
+def test_a_completion_length_past_the_models_context_is_refused_by_name_before_a_config_is_written(tmp_path):
+    """It was refused once the run's source was attached to the model: --write-config wrote a config that cannot run."""
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions, 192 of them a prompt's room
-    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
     with pytest.raises(ConfigError, match="'max_completion_length' is 321: .* context of 512 tokens; at most 320"):
-        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+        resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
+    written = tmp_path / "rl.yaml"
+    args = ["rl", f"init_from={model_dir}", "max_completion_length=321", "--write-config", str(written)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and not written.exists()
+    assert refused.output.startswith("error: field 'max_completion_length' is 321: it and a task prompt's room")
 
 
 def test_a_model_whose_context_holds_no_more_than_a_prompts_room_is_refused_naming_it(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model", context=160)  # a prompt's room is 192 positions
-    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig)
     message = f"{model_dir}: its context of 160 tokens .* leaves no room for a completion after a task prompt's room"
     with pytest.raises(ValueError, match=message):  # was: "max_completion_length' is 12: ...; at most -32"
-        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+        resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig)
 
 
 def test_a_model_whose_context_holds_a_rollout_but_not_seq_len_trains(tmp_path):
@@ -207,17 +211,15 @@ def test_a_difficulty_for_a_problems_file_is_refused_naming_difficulty_before_a_
 
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
-    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
     with pytest.raises(
         ConfigError, match="field 'max_prompt_length' is 512: .* its context of 512 tokens .*; at most 511"
     ):
-        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
-    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=505"], cls=GRPOConfig)
+        resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
     match = (
         r"'max_completion_length' is 12: it and a task prompt's room of 505 tokens \(max_prompt_length\) .*; at most 7"
     )
     with pytest.raises(ConfigError, match=match):
-        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+        resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=505"], cls=GRPOConfig)
 
 
 @pytest.mark.parametrize(
