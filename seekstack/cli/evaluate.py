@@ -90,8 +90,8 @@ def eval_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Results path without suffix; default RUN/eval/results for a run or its checkpoint, else "
-            "MODEL/eval/results"
+            help="Results path without suffix, or an existing folder to write results.json and results.md into; "
+            "default RUN/eval/results for a run or its checkpoint, else MODEL/eval/results"
         ),
     ] = None,
 ) -> None:
@@ -112,6 +112,7 @@ def eval_command(
     with user_errors():
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
         out = out or folder / "eval" / "results"
+        out = out / "results" if out.is_dir() else out  # a folder: the files go into it, as lm_eval's --output_path
         samples_folder = out.parent / "lm_eval" if log_samples else None
         with options_named(("batch_size", "limit", "seed")):  # a value evaluate() refuses, as the parser's own
             report = evaluate(

@@ -135,6 +135,25 @@ def test_eval_runs_the_weights_in_the_dtype_asked_for_and_the_report_reruns_it_s
     assert len(asked) == 2
 
 
+def test_eval_out_naming_an_existing_folder_writes_the_results_into_it_as_lm_evals_output_path(tmp_path, monkeypatch):
+    """`seekstack eval MODEL --out runs/x/eval` (a folder) wrote runs/x/eval.json and eval.md beside the folder, where
+    lm_eval's --output_path writes into a folder it is given."""
+    import lm_eval
+
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
+    (tmp_path / "config.json").write_text("{}")
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in folder.iterdir()) == ["results.json", "results.md"]
+    assert json.loads((folder / "results.json").read_text())["results"] == {"mc": {"acc": 0.5}}
+    assert not (tmp_path / "scores.json").exists()
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(tmp_path / "named")])
+    assert result.exit_code == 0 and (tmp_path / "named.json").is_file()  # a path not yet a folder: its stem, as before
+
+
 @pytest.mark.parametrize("tasks", [",", " , ", ""])
 def test_tasks_naming_no_task_is_refused_naming_the_option(tmp_path, tasks):
     """It reached lm_eval, whose 'error: No tasks specified, or no tasks found. Please verify the task names.' named
