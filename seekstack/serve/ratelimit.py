@@ -169,9 +169,10 @@ class RateLimiter:
 
 def _tokens_window(charges: list[dict], tpm: int, charged: int, now: float) -> Window:
     """What `tpm` leaves a key whose window holds `charges` and a request charged `charged` tokens: its reset when
-    the oldest charge of tokens leaves the window (a minute when none is charged)."""
+    the oldest charge of tokens leaves the window (the request's own, a minute from now; none: 0 s, the limit whole)."""
     used = sum(charge["tokens"] for charge in charges)
-    return Window("tokens", tpm, tpm - used - charged, _time_until_free(charges, 1, now) if used else WINDOW_S)
+    reset = _time_until_free(charges, 1, now) if used else WINDOW_S if charged else 0.0
+    return Window("tokens", tpm, tpm - used - charged, reset)
 
 
 def _time_until_free(charges: list[dict], excess: int, now: float) -> float:

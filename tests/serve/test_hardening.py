@@ -756,6 +756,23 @@ def test_every_answer_to_a_counted_request_carries_both_limits_headers(engine, t
             assert 0 < seconds_of(headers[f"x-ratelimit-reset-{unit}"]) <= 60
 
 
+def test_a_tokens_limit_nothing_is_charged_against_resets_in_no_time(engine, tmp_path):
+    """OpenAI's reset-tokens is when the limit is whole again: with no tokens charged in the window it is now, where
+    a 400 before any charge said 1m0s, so a client pacing by it waited a minute for nothing."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("tokens-only", tpm=100)
+
+    async def scenario(client):
+        malformed = {**COMPLETION, "max_tokens": "many"}
+        return await client.post("/v1/completions", json=malformed, headers={"Authorization": f"Bearer {key}"})
+
+    headers = run(create_app(engine, database), scenario).headers
+    limits = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
+    assert limits == {
+        "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": "100", "x-ratelimit-reset-tokens": "0s",
+    }  # fmt: skip
+
+
 def seconds_of(duration: str) -> int:
     """The seconds of a Go duration of whole seconds, as OpenAI's x-ratelimit-reset-* give them: `45s`, `1m0s`."""
     minutes, _, seconds = duration.removesuffix("s").rpartition("m")
