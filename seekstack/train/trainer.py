@@ -470,8 +470,9 @@ class _Run:
             )
         if source is not None and ranks.distributed:  # every rank meets it alike: told once, as a setting's error
             raise ConfigError(
-                "a batch source (sft, rl, distill of conversations: data= or task=) runs in one process; start it "
-                "without torchrun (distill of token shards, data_dir=, runs under it)"
+                "conversations (sft, rl and distill's data= or task=, lora train's chat DATA) are trained in one "
+                "process; start the run without torchrun (token shards are trained under it: distill's data_dir=, "
+                "lora train's shards or text)"
             )
         # before a model is built to find them out
         distributed.require_rows_divisible(config.batch_size, ranks)

@@ -1142,18 +1142,25 @@ def test_a_seq_len_past_the_models_context_is_refused_and_a_finished_run_resumed
     assert again.step == 2 and again.checkpoint == tmp_path / "done" / "checkpoints" / "step_2"
 
 
-def test_sft_rl_or_distill_of_conversations_under_torchrun_is_refused_as_a_setting_every_rank_meets_alike(tmp_path):
+def test_sft_rl_distill_or_lora_of_conversations_under_torchrun_is_refused_as_a_setting_every_rank_meets_alike(
+    tmp_path,
+):
     """A ValueError was printed by every rank (`fail(every_rank=True)`, for a rank's own file); a ConfigError is told
     once per machine. `distill data=traces.jsonl` under torchrun was told 'a batch source (sft, rl) runs in one
-    process', naming neither distill nor its conversations."""
+    process', naming neither distill nor its conversations; `lora train BASE chats.jsonl` was told 'a batch source
+    (sft, rl, distill of conversations: data= or task=)', options it has not, and not the chat file it was given."""
     from seekstack.parallel.distributed import Ranks
     from seekstack.train.trainer import _Run
 
     rank_1_of_2 = Ranks(rank=1, world_size=2, device=torch.device("cpu"))
     config = TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"))
-    refused = r"a batch source \(sft, rl, distill of conversations: data= or task=\) runs in one process; start it "
-    with pytest.raises(ConfigError, match=refused + r"without torchrun \(distill of token shards, data_dir=, runs"):
+    with pytest.raises(ConfigError) as refused:
         _Run(config, rank_1_of_2, False, None, source=object(), held=contextlib.ExitStack())
+    assert str(refused.value) == (
+        "conversations (sft, rl and distill's data= or task=, lora train's chat DATA) are trained in one process; "
+        "start the run without torchrun (token shards are trained under it: distill's data_dir=, lora train's shards "
+        "or text)"
+    )
     # distill was told 'parallel=fsdp does not train adapters', which it has none of
     with pytest.raises(ConfigError, match=r"fsdp does not train a model a stage wraps \(hooks: LoRA adapters, distill"):
         _Run(dataclasses.replace(config, parallel="fsdp"), rank_1_of_2, False, object(), None, contextlib.ExitStack())
