@@ -91,6 +91,11 @@ class Completion:
         return [self, *self.others]
 
     @property
+    def num_cached_tokens(self) -> int:
+        """vLLM's RequestOutput.num_cached_tokens: the prompt tokens read from the prefix cache (`cached_tokens`)."""
+        return self.cached_tokens
+
+    @property
     def cumulative_logprob(self) -> float | None:
         """The log-probability of the whole completion, the sum of its tokens' (vLLM's `cumulative_logprob`); None
         without logprobs=True."""

@@ -103,6 +103,15 @@ def test_outputs_with_the_prefix_cache_equal_those_without_and_report_cached_tok
     assert [c.cached_tokens for c in cached.generate(batch, params)] == [20, 24, 20]
 
 
+def test_a_completion_reports_its_cached_tokens_under_vllms_name_too(model, tokenizer):
+    """vLLM's RequestOutput.num_cached_tokens (a script checking its prefix-cache hits) raised AttributeError."""
+    engine = Engine(model, tokenizer, block_size=4)
+    params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    prompt = tokens(10, 3)
+    first, again = (engine.generate([prompt], params)[0] for _ in range(2))
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 8) == (first.cached_tokens, again.cached_tokens)
+
+
 def test_twin_prompts_in_one_prefill_are_computed_once_and_sample_as_if_alone(model, tokenizer):
     """n samples of one prompt (GRPO's G) share one forward; the others get its logits and its cache slots. The chunk
     budget (16) splits the 30-token prompt: its twins follow it through both chunks without costing budget."""
