@@ -585,7 +585,7 @@ class CheckpointReader:
         if not key.endswith(".weight"):
             return False
         layer = key.removesuffix(".weight")
-        linear = layer.endswith(("_proj", "lm_head")) and not any(
+        linear = layer.endswith(("_proj", "_proj_with_mqa", "lm_head")) and not any(
             name == layer or (pattern and pattern.match(layer)) for name, (_, pattern) in self.ignored.items()
         )
         # "local" (nvfp4's tensor_group: local scales dynamic, a stored global one) too: `_fake_quantized` refuses it
