@@ -134,6 +134,7 @@ class SeekstackLM(TemplateLM):
         peft: str | Path | None = None,
         think_end_token: str | int | None = None,
         add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
         trust_remote_code: bool = False,
         **unknown: object,
     ):
@@ -143,7 +144,8 @@ class SeekstackLM(TemplateLM):
         `think_end_token`: the text (or token id) that ends a reasoning model's thinking; a generation is scored on
         what follows its last one, as the HF backend's arg. `add_bos_token`: the HF backend's, whether a context or text
         is framed by the tokenizer's post-processor (a DeepSeek release's puts BOS first; None: as the tokenizer
-        frames it, True the same, False never). `trust_remote_code`: taken, as HF model args carry it, and
+        frames it, True the same, False never). `prefix_token_id`: the HF backend's, the token an empty context and the
+        first rolling window condition on (default BOS). `trust_remote_code`: taken, as HF model args carry it, and
         without effect: seekstack runs no code from a checkpoint. Any other model arg is refused, naming those taken."""
         if unknown:
             taken = [name for name in inspect.signature(SeekstackLM).parameters if name != "unknown"]
@@ -178,6 +180,12 @@ class SeekstackLM(TemplateLM):
         digits = isinstance(think_end_token, str) and think_end_token.isdigit()
         self.think_end_token = int(think_end_token) if digits else think_end_token  # a token id, as HF reads it
         self.add_bos_token = add_bos_token
+        if prefix_token_id is not None and not 0 <= prefix_token_id < self.tokenizer_.vocab_size:
+            raise ValueError(
+                f"prefix_token_id={prefix_token_id} is no token id of the tokenizer (0 to "
+                f"{self.tokenizer_.vocab_size - 1}); give one, or leave it out for BOS"
+            )
+        self.custom_prefix_token_id = prefix_token_id
 
     @functools.cached_property
     def engine(self) -> Engine:
@@ -191,7 +199,10 @@ class SeekstackLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """What an empty context (and the first rolling window) conditions on: BOS, as the HF backend uses."""
+        """What an empty context (and the first rolling window) conditions on: the model arg `prefix_token_id`, else
+        BOS, as the HF backend uses."""
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
         return self.tokenizer_.bos_id
 
     @property

@@ -419,8 +419,28 @@ def test_hf_model_args_trust_remote_code_is_taken_and_one_the_backend_lacks_is_n
     lm = get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True,max_length=64")
     assert lm.max_length == 64
     refusal = "model args 'logits_cache', 'revision': not taken by the seekstack backend; it takes pretrained, "
-    with pytest.raises(ValueError, match=refusal + "tokenizer, batch_size, .*add_bos_token, trust_remote_code$"):
+    with pytest.raises(ValueError, match=refusal + "tokenizer, batch_size, .*prefix_token_id, trust_remote_code$"):
         get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},revision=main,logits_cache=False")
+
+
+def test_prefix_token_id_conditions_an_empty_context_as_lm_evals_hf_backend_does(checkpoint):
+    """`--model_args ...,prefix_token_id=N` (the HF backend's) was refused as a model arg the seekstack backend does
+    not take."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    eos = SeekstackLM(pretrained=checkpoint, max_gen_toks=32).eot_token_id
+    ours = get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},prefix_token_id={eos},batch_size=2")
+    theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=2, dtype="float32", prefix_token_id=eos)
+    assert ours.prefix_token_id == theirs.prefix_token_id == eos
+    pairs = requests("loglikelihood", [("", "class Point:\n    pass\n")])
+    rolling = requests("loglikelihood_rolling", [(TEXTS[0],)])
+    [(our_logprob, _)], [(their_logprob, _)] = ours.loglikelihood(pairs), theirs.loglikelihood(pairs)
+    assert our_logprob == pytest.approx(their_logprob, abs=ATOL)
+    assert our_logprob != pytest.approx(SeekstackLM(pretrained=checkpoint).loglikelihood(pairs)[0][0], abs=ATOL)
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
+    with pytest.raises(ValueError, match="prefix_token_id=100000 is no token id of the tokenizer"):
+        SeekstackLM(pretrained=checkpoint, prefix_token_id=100000)
 
 
 @pytest.mark.parametrize("add_bos_token", [True, False])
