@@ -228,7 +228,8 @@ def _meta_weight(reader: CheckpointReader, layer: str) -> tuple[list[str], Quant
 def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, str]:
     """Our name -> stored format (`fp8`, `int8`, `int4`) of each layer of `model`, loaded from checkpoint `directory`,
     that the checkpoint stores quantized and loading holds in float (compressed-tensors' float-quantized fp8, weights
-    whose kernel cannot run them), kv_b_proj aside (always read so); from the safetensors headers."""
+    whose kernel cannot run them, a frozen checkpoint's float weights it rounds by their scales), kv_b_proj aside
+    (always read so); from the safetensors headers."""
     directory, layers = Path(directory), model.config.num_hidden_layers
     formats = {}
     with CheckpointReader(directory, read_config(directory).extra.get("quantization_config")) as reader:
@@ -239,9 +240,13 @@ def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, s
             if isinstance(module, RoutedExperts):
                 key += ".gate_up_proj" if f"{key}.gate_up_proj.weight" in reader else ".0.gate_proj"
             weight = reader.weight_key(key)
-            if weight in reader and reader.stored_dtype(weight) not in FLOAT_STORED:
+            if weight not in reader:
+                continue
+            if reader.stored_dtype(weight) not in FLOAT_STORED:
                 bits = reader.code_bits(key)
                 formats[name] = f"int{bits}" if bits else "fp8"
+            elif (rounded := reader.rounded_format(weight)) is not None:
+                formats[name] = rounded
     return formats
 
 

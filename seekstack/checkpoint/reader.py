@@ -592,6 +592,14 @@ class CheckpointReader:
         dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") in (True, "local")
         return f"{key}_scale" in self.key_to_file or dynamic
 
+    def rounded_format(self, weight_key: str) -> str | None:
+        """The format (`int8`, `int4`, `fp8`, ...) float weight `weight_key` loads rounded to (`rounds_in_float`: a
+        frozen checkpoint's), from its config group; None for a weight loaded as stored."""
+        if not self.rounds_in_float(weight_key):
+            return None
+        weights = self._group_weights(weight_key.removesuffix(".weight"))
+        return "fp8" if weights.get("type") == "float" else f"int{weights.get('num_bits')}"
+
     def _fake_quantized(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """Float weight `key` (`weight`) of a compressed-tensors checkpoint saved uncompressed (quantization_status
         "frozen": its `weight_scale` and `weight_zero_point` beside it, or none where its group is `dynamic: true`

@@ -907,6 +907,30 @@ def test_requantizing_layers_that_load_in_float_says_it_rounds_them_again(tmp_pa
     assert any(note.startswith(said) for note in notes), notes
 
 
+def test_requantizing_a_frozen_checkpoint_says_it_rounds_its_layers_again(tmp_path):
+    """A frozen checkpoint's float weights load rounded by their scales (int8 per channel here), so quantizing it to
+    int4 rounded them a second time with only "layers: 32 int4 g32, 5 kept" (quantized_in_float saw float weights)."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "frozen")
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / "frozen" / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith(("_proj.weight", "_proj_with_mqa.weight"))]:
+        tensors[f"{key}_scale"] = (tensors[key].abs().amax(-1, keepdim=True) / 127).bfloat16()
+    save_aligned(tensors, tmp_path / "frozen" / SINGLE_FILE)
+    config = json.loads((tmp_path / "frozen" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": FROZEN_SCHEMES["int8 channel"]}},
+        "ignore": ["lm_head"],
+    }  # fmt: skip
+    (tmp_path / "frozen" / "config.json").write_text(json.dumps(config))
+    assignment, notes = quantize_checkpoint(tmp_path / "frozen", tmp_path / "int4", QuantConfig(scheme="int4"))
+    requantized = sum(scheme.startswith("int4") for scheme in assignment.values())
+    assert requantized == 32
+    said = f"{requantized} layers stored int8 were re-quantized to int4 g32 from their dequantized weights: a second"
+    assert any(note.startswith(said) for note in notes), notes
+
+
 def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_rounded_again(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
