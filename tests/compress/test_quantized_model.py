@@ -907,6 +907,17 @@ def test_requantizing_layers_that_load_in_float_says_it_rounds_them_again(tmp_pa
     assert any(note.startswith(said) for note in notes), notes
 
 
+def write_frozen_config(folder, weights):
+    """Make `folder`'s config.json say its weights are compressed-tensors' `weights` scheme saved uncompressed (frozen):
+    float weights beside their scales, as a compressed-tensors model saved without compression is."""
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def test_requantizing_a_frozen_checkpoint_says_it_rounds_its_layers_again(tmp_path):
     """A frozen checkpoint's float weights load rounded by their scales (int8 per channel here), so quantizing it to
     int4 rounded them a second time with only "layers: 32 int4 g32, 5 kept" (quantized_in_float saw float weights)."""
@@ -917,13 +928,7 @@ def test_requantizing_a_frozen_checkpoint_says_it_rounds_its_layers_again(tmp_pa
     for key in [key for key in tensors if key.endswith(("_proj.weight", "_proj_with_mqa.weight"))]:
         tensors[f"{key}_scale"] = (tensors[key].abs().amax(-1, keepdim=True) / 127).bfloat16()
     save_aligned(tensors, tmp_path / "frozen" / SINGLE_FILE)
-    config = json.loads((tmp_path / "frozen" / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": FROZEN_SCHEMES["int8 channel"]}},
-        "ignore": ["lm_head"],
-    }  # fmt: skip
-    (tmp_path / "frozen" / "config.json").write_text(json.dumps(config))
+    write_frozen_config(tmp_path / "frozen", FROZEN_SCHEMES["int8 channel"])
     assignment, notes = quantize_checkpoint(tmp_path / "frozen", tmp_path / "int4", QuantConfig(scheme="int4"))
     requantized = sum(scheme.startswith("int4") for scheme in assignment.values())
     assert requantized == 32
@@ -1010,12 +1015,7 @@ def test_a_frozen_checkpoint_loads_its_float_weights_rounded_by_their_scales_as_
         # as transformers runs it: weight and scale in the model's dtype (float32)
         theirs[key] = fake_quantize(tensors[key], scale.float(), zero_point, QuantizationArgs(**weights))
     save_aligned(tensors, tmp_path / SINGLE_FILE)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_frozen_config(tmp_path, weights)
     for dequantize in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the scales and zero points are read: no key left unused
@@ -1049,12 +1049,7 @@ def test_a_frozen_checkpoint_of_dynamic_weights_loads_them_rounded_by_the_scales
 
     weights = DYNAMIC_SCHEMES[scheme] | {"dynamic": True}
     seekstack.save_pretrained(model_for_tests(), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_frozen_config(tmp_path, weights)
     args = QuantizationArgs(**weights)
     stored = read_safetensors(tmp_path / SINGLE_FILE)  # what loading gave before
     theirs = {
@@ -1092,12 +1087,7 @@ def test_a_frozen_checkpoint_of_dynamic_scales_seekstack_cannot_round_by_is_refu
     fails); nvfp4's dynamic "local" scales (stored global scale) loaded unrounded, silently. Loading refuses both,
     naming config.json and the group."""
     seekstack.save_pretrained(model_for_tests(), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_frozen_config(tmp_path, weights)
     with pytest.raises(seekstack.checkpoint.CheckpointError) as refused:
         seekstack.load_pretrained(tmp_path)
     assert str(refused.value) == f"{tmp_path / 'config.json'}: quantization_config group 'group_0' {refusal}"
@@ -1123,12 +1113,7 @@ def test_a_frozen_checkpoint_loaded_in_another_dtype_is_rounded_in_the_dtype_it_
         tensors[f"{key}_scale"] = scale
         theirs[key] = fake_quantize(tensors[key].to(dtype), scale.to(dtype), None, QuantizationArgs(**weights))
     save_aligned(tensors, tmp_path / SINGLE_FILE)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_frozen_config(tmp_path, weights)
     for dequantize in (False, True):
         loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dtype=dtype, dequantize=dequantize)))
         for key, weight in theirs.items():
