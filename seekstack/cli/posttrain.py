@@ -187,7 +187,9 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Tas
 
 def rl_plot_command(
     runs: Annotated[list[Path], typer.Argument(help="Out_dirs of `seekstack rl` runs, overlaid")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write; default FIRST_RUN/rl_curves.png")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG, .svg or .pdf to write; default FIRST_RUN/rl_curves.png")
+    ] = None,
     smooth: Annotated[int, typer.Option(min=1, help="Steps averaged per point")] = 10,
 ) -> None:
     """Draw RL runs' accuracy and format reward, lengths of correct and incorrect answers, KL and clipping,
