@@ -24,10 +24,6 @@ from seekstack.serve.database import Database, Statements, retrying_while_busy
 
 WINDOW_S = 60.0
 STATE = "rate_limits"  # a request's `x-ratelimit-*` headers, in its scope's state, once it is counted
-# every header `Window.headers` may write, for CORS to let a web page read them
-LIMIT_HEADERS = tuple(
-    f"x-ratelimit-{part}-{unit}" for unit in ("requests", "tokens") for part in ("limit", "remaining", "reset")
-)
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,10 @@ class Window:
             f"x-ratelimit-remaining-{self.unit}": str(self.remaining),
             f"x-ratelimit-reset-{self.unit}": reset,
         }
+
+
+# every header `Window.headers` may write, for CORS to let a web page read them
+LIMIT_HEADERS = tuple(name for unit in ("requests", "tokens") for name in Window(unit, 0, 0, 0).headers())
 
 
 def limit_headers(*windows: Window | None) -> dict[str, str]:
@@ -128,14 +128,14 @@ class RateLimiter:
     def _reserve_once(self, charge: Charge, key_name: str, tpm: int, tokens: int) -> Window:
         with self.database.transaction() as connection:
             now, charges = self._window(connection, key_name)
-            used = sum(row["tokens"] for row in charges if row["id"] != charge.charge_id)
+            charges = [row for row in charges if row["id"] != charge.charge_id]  # its own: no tokens yet
+            used = sum(row["tokens"] for row in charges)
             if used + tokens > tpm:
                 wait = _time_until_free(charges, used + tokens - tpm, now)
                 raise RateLimited(f"key {key_name!r} is over its limit of {tpm} tokens per minute (used {used}, "
                                   f"requested {tokens}): try again in {_seconds(wait)} s", _seconds(wait),
                                   Window("tokens", tpm, tpm - used, wait), charge.requests)  # fmt: skip
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
-            charges = [row for row in charges if row["id"] != charge.charge_id]
         return _tokens_window(charges, tpm, tokens, now)
 
     def _window(self, connection: Statements, key_name: str) -> tuple[float, list[dict]]:
