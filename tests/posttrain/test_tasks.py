@@ -394,6 +394,19 @@ def test_signs_before_nested_parentheses_each_negate_as_math_verify_reads_them(a
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{[5]}", 5), ("\\boxed{[ 5 ]}", 5), ("\\boxed{-[-5]}", 5), ("\\boxed{[(5)]}", 5), ("\\boxed{[[5]]}", 5),
+     ("\\boxed{\\left[\\frac{1}{2}\\right]}", Fraction(1, 2)), ("\\boxed{(5]}", None), ("\\boxed{[5)}", None),
+     ("\\boxed{[5}", None), ("\\boxed{[(5])}", None), ("\\boxed{-[1, 2]}", None)],
+)  # fmt: skip
+def test_a_number_in_square_brackets_is_the_number_as_math_verify_reads_it(answer, value):
+    """\\boxed{[5]} was no number (scored 0 against 5): parentheses alone were dropped around a number; math-verify
+    reads a bracket of one number as that number (of two, an interval, which stays one)."""
+    assert read_number(answer) == value
+    assert read_items("\\boxed{[5, 6]}") == Items("[]", (5, 6)) and read_items("\\boxed{[1, 2)}") == Items("[)", (1, 2))
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed{9.8\\,\\text{m}\\,\\text{s}^{-2}}", Fraction(49, 5)),
      ("\\boxed{9.8 \\text{ m}/\\text{s}^2}", Fraction(49, 5)), ("\\boxed{5 \\text{N} \\cdot \\text{m}}", 5),
      ("\\boxed{5 \\text{cm}^{-1}}", 5), ("\\boxed{5\\text{ m}\\text{ s}}", 5),

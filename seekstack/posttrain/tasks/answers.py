@@ -125,11 +125,13 @@ DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or it
 # a unit)
 PERCENT = rf"\\?%|{PERCENT_WORD}|{TEXT}\s*\{{\s*{PERCENT_WORD}\s*\}}"
 RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
-# Parentheses around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)", "-(-42)", "-(-(42))",
-# "-\left(\frac{1}{2}\right)"), as math-verify reads them: the opening ones with their signs, and (matched on the
-# answer reversed, so in linear time) the closing ones
-OPENING_PARENTHESES = re.compile(rf"(?:{SIGN}\(\s*+)*+")
-CLOSING_PARENTHESES = re.compile(r"\s*+(?:\)\s*+)*+")
+# Parentheses or square brackets around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)",
+# "-(-42)", "-(-(42))", "-\left(\frac{1}{2}\right)", "[42]", "-[(42)]"), as math-verify reads them (a bracket of one
+# number is that number there; of two, "[1, 2]", an interval: read_items): the opening ones with their signs, and
+# (matched on the answer reversed, so in linear time) the closing ones
+OPENING_PARENTHESES = re.compile(rf"(?:{SIGN}[(\[]\s*+)*+")
+CLOSING_PARENTHESES = re.compile(r"\s*+(?:[)\]]\s*+)*+")
+PAIRS = {"(": ")", "[": "]"}  # each opening of OPENING_PARENTHESES and the closing that ends it
 COMMA = re.compile(r"(?<!\\),")  # not LaTeX's thin space "\,"
 # NUMBER's groups of signs ("-\frac{1}{-2}", "1/-2"): an odd number of minus signs in them makes the number negative
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
@@ -224,9 +226,9 @@ def read_number(answer: str) -> Fraction | None:
     space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, `\\frac12`), a mixed number
     (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$`
     before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after
-    (dropped), `\\left(...\\right)` or `(...)`, nested maybe, a sign before each pair maybe (`-(-42)` is 42; no comma
-    inside). A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong
-    answer, not an error."""
+    (dropped), `\\left(...\\right)`, `(...)` or `[...]`, nested maybe, a sign before each pair maybe (`-(-42)` is
+    42; no comma inside). A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator
+    is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -260,18 +262,18 @@ def read_answer(answer: str) -> Reading | None:
 
 
 def _unparenthesized(text: str) -> tuple[bool, str] | None:
-    """`text` less the parentheses around it whole and the signs before them (`-(-(42))`: `42`), with whether those
-    signs negate it (an odd number of minus signs); `text` whole where as many parentheses do not close as open. None
-    for a comma in parentheses (`{,}` too), which separates numbers there as in `(1,234)`, a pair: math-verify reads
-    `-(1,234)` and `((1,234))` as no number alike."""
+    """`text` less the parentheses or square brackets around it whole and the signs before them (`-(-(42))`, `[42]`:
+    `42`), with whether those signs negate it (an odd number of minus signs); `text` whole where the closing ones do
+    not end the opening ones (`((42)`, `(42]`). None for a comma in them (`{,}` too), which separates numbers there
+    as in `(1,234)`, a pair: math-verify reads `-(1,234)` and `((1,234))` as no number alike."""
     opening = OPENING_PARENTHESES.match(text)
     closing = CLOSING_PARENTHESES.match(text[::-1])
     assert opening is not None and closing is not None  # both match the empty string
-    depth = opening.group().count("(")
-    if depth != closing.group().count(")"):
-        return False, text
+    closings = [PAIRS[bracket] for bracket in opening.group() if bracket in PAIRS]
+    if closings != [bracket for bracket in closing.group() if bracket in PAIRS.values()]:
+        return False, text  # "((5)", "(5]": no number
     inside = text[opening.end() : len(text) - closing.end()].strip()
-    if depth and COMMA.search(inside):
+    if closings and COMMA.search(inside):
         return None
     return _negates(opening.group()), inside
 
