@@ -193,7 +193,10 @@ def _documents(data: Path) -> list[str]:
     source = open_source(data)
     try:
         documents = [document.text for document in source if document.text.strip()]
-    except MissingTextField as error:  # its advice names the --field option of other commands
+    except MissingTextField as error:  # its advice names the --field and --rows-field options of `data build`
+        if is_conversation_record(error.record):  # conversations that are no JSON Lines (a JSON array of them)
+            for _ in jsonl_records(data):  # raises the fault `seekstack sft` names ("not JSON Lines ... jq -c '.[]'")
+                pass
         raise DataSourceError(
             f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} or '
             '{"prompt": [...], "completion": [...]} (chat conversations, told by the first record): write each '

@@ -137,13 +137,20 @@ class DataSourceError(ValueError):
 
 class MissingTextField(DataSourceError):
     """A record or table without the text's field or column; `problem` says so, naming the file (and line or item),
-    the message adds how the commands with a --field option name another; `record` is the JSON object, if one."""
+    the message adds how `data build`'s options read it: its --rows-field the rows held under `rows_keys` (the keys
+    of `record`, the JSON object if one, holding arrays of objects), its --field another field."""
 
-    def __init__(self, problem: str, record: dict[str, Any] | None = None):
-        self.problem, self.record = problem, record or {}
+    def __init__(self, problem: str, record: dict[str, Any] | None = None, rows_keys: list[str] | None = None):
+        self.problem, self.record, self.rows_keys = problem, record or {}, rows_keys or []
+        held = (
+            f"; {', '.join(map(repr, self.rows_keys))} {'holds' if len(self.rows_keys) == 1 else 'hold'} an array of "
+            f"objects: rows held under a key are read with --rows-field {self.rows_keys[0]}"
+            if self.rows_keys
+            else ""
+        )
         super().__init__(
-            f"{problem}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds it as "
-            "'text') or `data quality-train`"
+            f"{problem}{held}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds "
+            "it as 'text') or `data quality-train`"
         )
 
 
@@ -507,11 +514,7 @@ def read_json(
         arrays = [key for key, value in error.record.items() if _holds_rows(value)] if rows_field is None else []
         if not arrays:
             raise
-        raise MissingTextField(
-            f"{error.problem}; {', '.join(map(repr, arrays))} {'holds' if len(arrays) == 1 else 'hold'} an array of "
-            f"objects: rows held under a key are read with --rows-field {arrays[0]}",
-            error.record,
-        ) from None
+        raise MissingTextField(error.problem, error.record, arrays) from None
 
 
 def _array_items(path: Path, items: list[Any]) -> Iterator[tuple[int, str, Any]]:
