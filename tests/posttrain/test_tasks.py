@@ -616,6 +616,19 @@ def test_scientific_notation_reads_as_its_number_as_math_verify_reads_it(answer,
     assert read_number(answer) == value
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{\\frac{1}{2}\\cdot 10^{3}}", 500), ("\\boxed{\\frac12 \\times 10^3}", 500),
+     ("\\boxed{-\\frac{1}{2}\\times 10^{-3}}", Fraction(-1, 2000)), ("\\boxed{1\\frac{1}{2}\\cdot 10^{2}}", 150),
+     ("\\boxed{3/2 \\cdot 10^{3}}", 1500), ("\\boxed{\\frac{1}{2}10^{3}}", None),
+     ("\\boxed{\\frac{1}{2}\\cdot 10^{3}\\cdot 10^{3}}", None)],
+)  # fmt: skip
+def test_a_fraction_in_scientific_notation_reads_as_its_number_as_math_verify_reads_it(answer, value):
+    """\\boxed{\\frac{1}{2}\\cdot 10^{3}} was no number (scored 0 against 500): a power of ten was read after a
+    decimal number alone; math-verify reads 500 (and 1500 for 3/2 \\cdot 10^{3})."""
+    assert read_number(answer) == value
+
+
 @pytest.mark.parametrize("answer", ["3e5", "10^5", "3 \\times 10^{4301}", "3 \\times 5^{2}", "3 \\times 10^{1.5}"])
 def test_only_a_number_times_a_whole_power_of_ten_int_reads_is_scientific_notation(answer):
     assert read_number(answer) is None

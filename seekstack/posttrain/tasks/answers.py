@@ -117,8 +117,9 @@ FRACTION = (
     rf"\\[cdt]?frac\s*(?:\{{\s*(?P<top_sign>{SIGN})(?P<top>{UNSIGNED})\s*\}}|(?P<top_digit>[0-9]))"
     rf"\s*(?:\{{\s*(?P<bottom_sign>{SIGN})(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
 )
-# Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
-# exponent of up to 3 digits, a number int reads
+# Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"), a
+# fraction ("\frac{1}{2} \cdot 10^{3}", "3/2 \cdot 10^{3}": 500 and 1500, as math-verify reads them) too; an exponent
+# of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
 # "%", "\%", and the words math-verify reads for "%" ("50 percent", "50 percentage", "50 pct", "50\text{ percent}"; not
@@ -137,7 +138,7 @@ COMMA = re.compile(r"(?<!\\),")  # not LaTeX's thin space "\,"
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"{DOLLAR}(?P<sign>{SIGN}){DOLLAR}(?:(?:{WHOLE})?{FRACTION}"
-    rf"|(?P<numerator>{UNSIGNED})(?:\s*{RATIO}\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*{RATIO}\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED}))?)(?:{POWER})?"
     rf"(?P<percent>(?:\s|\\[ ,;:!])*(?:{PERCENT}))?"  # a space before it as math-verify reads it ("5 %"), SI's "5\,\%"
 )
 
@@ -224,11 +225,11 @@ def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`; whitespace after it), ASCII digits with thousands by `,`, `{,}`, `\\,` or a
     space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, `\\frac12`), a mixed number
-    (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$`
-    before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after
-    (dropped), `\\left(...\\right)`, `(...)` or `[...]`, nested maybe, a sign before each pair maybe (`-(-42)` is
-    42; no comma inside). A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator
-    is a wrong answer, not an error."""
+    (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`; `a` a fraction too); around it `x = ` (`\\theta = `,
+    `f(2) = `), `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a
+    `\\text{...}` unit or `^\\circ` after (dropped), `\\left(...\\right)`, `(...)` or `[...]`, nested maybe, a sign
+    before each pair maybe (`-(-42)` is 42; no comma inside). A number with more digits than `int` reads
+    (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
