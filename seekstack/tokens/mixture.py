@@ -61,10 +61,13 @@ class MixtureSchedule:
         return min(int(progress * self.phases), self.phases - 1)
 
     def weights_at(self, progress: float) -> dict[str, float]:
-        """Each source's probability at `progress`, summing to 1."""
+        """Each source's probability at `progress`, summing to 1 (the weights scaled by the largest first, so that
+        weights near float's limit, whose sum overflows to inf, keep their ratios)."""
         phase = self.phase_at(progress)
-        total = sum(ws[phase] for ws in self.weights.values())
-        return {name: ws[phase] / total for name, ws in self.weights.items()}
+        largest = max(ws[phase] for ws in self.weights.values())
+        scaled = {name: ws[phase] / largest for name, ws in self.weights.items()}
+        total = sum(scaled.values())
+        return {name: weight / total for name, weight in scaled.items()}
 
 
 def pick(weights: dict[str, float], uniform: float) -> str:

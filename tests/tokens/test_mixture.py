@@ -99,6 +99,14 @@ def test_schedule_changes_the_mix_at_each_third_of_training():
     assert constant.weights_at(0.9) == {"code": 0.75, "prose": 0.25}
 
 
+def test_weights_near_floats_limit_keep_their_ratios_though_their_sum_overflows():
+    """1e308 + 1e308 is inf: each weight divided by it was 0.0, so `pick` drew the last source every time."""
+    huge = MixtureSchedule({"a": 1e308, "b": 1e308, "c": [0.0]})
+    assert huge.weights_at(0.5) == {"a": 0.5, "b": 0.5, "c": 0.0}
+    assert [pick(huge.weights_at(0.5), uniform) for uniform in (0.1, 0.7)] == ["a", "b"]
+    assert MixtureSchedule({"a": 1.5e308, "b": 0.5e308}).weights_at(0.0) == pytest.approx({"a": 0.75, "b": 0.25})
+
+
 def test_a_uniform_draw_on_a_share_boundary_picks_the_next_source_never_one_of_weight_zero():
     """Each source owns [its start, its end) of [0, 1): a draw at a boundary belongs to the source that starts there."""
     weights = {"off_first": 0.0, "easy": 0.25, "off_between": 0.0, "hard": 0.75}
