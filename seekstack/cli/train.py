@@ -70,6 +70,7 @@ def run_stage(
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
     from seekstack.train.runs import step_dir
+    from seekstack.train.state import resumed_checkpoint
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the outcome (and `warn` the warnings)
@@ -80,14 +81,20 @@ def run_stage(
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
-        resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=warn, cls=cls)
+        told: list[str] = []  # a resume's warnings, told once it is known to go ahead
+        resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=told.append, cls=cls)
+        checkpoint = resumed if step is None else step_dir(resolved.out_dir, step)
+        if checkpoint:  # one missing is refused before its warnings ("resuming with max_steps=...") are told
+            resumed_checkpoint(resolved.out_dir, checkpoint)
+        for line in told:
+            warn(line)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
                 typer.echo(f"wrote the config to {write_to}")
             return
         try:
-            result = run(resolved, resume=resumed if step is None else step_dir(resolved.out_dir, step))
+            result = run(resolved, resume=checkpoint)
         except TrainingDiverged as error:
             fail(str(error))
     if main:

@@ -227,6 +227,14 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resumed_checkpoint(out_dir: str | Path, resume: bool | Path) -> Path:
+    """The checkpoint a run in `out_dir` resumes from (`resume`: True, its newest; or a checkpoint folder), refused
+    (FileNotFoundError, `require_train_state`) where there is none to resume from."""
+    path = latest_checkpoint(out_dir) if resume is True else Path(resume)
+    require_train_state(path)
+    return path
+
+
 def require_train_state(path: Path) -> None:
     """FileNotFoundError saying why `path`, given as a training checkpoint, is none: no such folder, or a folder
     without train_state.pt (a save cut short, a model folder, another folder), and which checkpoints its run holds."""

@@ -118,9 +118,9 @@ from seekstack.train.state import (
     rank_compression_file,
     rank_optimizer_file,
     read_train_state,
-    require_train_state,
     restoring,
     resume_before,
+    resumed_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -509,8 +509,7 @@ class _Run:
         self.history_left_after: int | None = None  # the step a resumed run went on from, until its first save
         train_state: dict[str, Any] | None = None
         if resume:
-            path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
-            require_train_state(path)  # before a stage's hooks read the folder
+            path = resumed_checkpoint(self.out_dir, resume)  # before a stage's hooks read the folder
             if hooks is None:
                 model, train_state = load_checkpoint(path, ranks.device)
                 set_balance_weight(model, config.aux_loss_alpha)  # the one model setting a resumed run may change

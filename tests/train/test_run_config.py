@@ -225,6 +225,28 @@ def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_ru
         assert [row["step"] for row in read_metrics(out_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4 to 6 trained again
 
 
+def test_a_resume_with_no_checkpoint_to_go_on_from_is_refused_before_its_warnings(data_dir, tmp_path):
+    """'warning: resuming with max_steps=8 (the run last ran with 6)' was told before the refusal of that resume
+    ('step_0: no such folder'), as if the run had gone on with it."""
+    out_dir, runner = tmp_path / "run", CliRunner()
+    assert runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir)]).exit_code == 0
+    refusals = {
+        ("--resume-from", "0"): f"{out_dir / 'checkpoints' / 'step_0'}: no such folder; the run {out_dir} holds",
+        ("--resume-from", str(tmp_path / "nowhere")): f"{tmp_path / 'nowhere'}: no such folder",
+    }
+    shutil.copytree(out_dir, tmp_path / "unsaved")
+    shutil.rmtree(tmp_path / "unsaved" / "checkpoints")
+    for args, refusal in [*refusals.items(), (("--resume",), "the run has saved no checkpoint yet")]:
+        run = tmp_path / "unsaved" if args == ("--resume",) else out_dir
+        result = runner.invoke(app, ["train", f"out_dir={run}", "max_steps=8", *args])
+        assert result.exit_code == 1
+        assert result.output.startswith("error: ") and refusal in result.output
+        assert "warning" not in result.output, result.output
+    resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "max_steps=8", "--resume-from", "3"])
+    assert resumed.exit_code == 0, resumed.output  # a resume that goes ahead is told its warnings
+    assert resumed.output.startswith("warning: resuming with max_steps=8 (the run last ran with 6)\n")
+
+
 def test_resume_from_another_runs_checkpoint_into_a_fresh_out_dir_continues_that_run_there(data_dir, tmp_path):
     """A fresh out_dir was refused for want of its train_config.json, where HF's resume_from_checkpoint=path and
     torchtitan's initial_load_path start an output folder from another run's checkpoint: it takes that run's config."""
