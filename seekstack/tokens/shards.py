@@ -31,11 +31,12 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 ENCODE_BATCH_DOCUMENTS = 256  # documents handed to the tokenizer's threads at once
 INDEX_SUFFIX = "_index.json"
 SHARD_FILES = (f"*{INDEX_SUFFIX}", "*_[0-9][0-9][0-9][0-9][0-9].bin")  # what a folder of token shards holds
+SHARD_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))  # what `token_dtype` picks from
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    return SHARD_DTYPES[0] if vocab_size <= 2**16 else SHARD_DTYPES[1]
 
 
 def index_path(out_dir: str | os.PathLike, split_name: str) -> Path:
@@ -169,6 +170,11 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
         counted = sum(shard["tokens"] for shard in shards)
     except (ValueError, KeyError, TypeError) as error:  # ValueError: no JSON, or no UTF-8 (saved again as UTF-16)
         raise ValueError(f"{path} is corrupt ({error!r}); tokenize the split again") from error
+    if dtype not in SHARD_DTYPES:  # a hand-edited index: its shards' bytes would be read as other numbers
+        raise ValueError(
+            f"{path} is corrupt: field 'dtype' is {index['dtype']!r}, not one token shards are written in "
+            f"({', '.join(allowed.name for allowed in SHARD_DTYPES)}); tokenize the split again"
+        )
     if counted != total_tokens:
         raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")
     for shard in shards:

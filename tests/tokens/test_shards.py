@@ -357,6 +357,23 @@ def test_an_index_saved_again_in_another_encoding_is_named(tmp_path, tokenizer, 
         TokenWindows(tmp_path, "train", SEQ_LEN)
 
 
+@pytest.mark.parametrize("dtype", ["int16", "float32", "int8"])
+def test_an_index_of_a_dtype_no_shards_are_written_in_is_refused_naming_the_field(
+    tmp_path, tokenizer, documents, dtype
+):
+    """A hand-edited index's dtype was taken: int16 read the uint16 shards' ids above 32767 as negative numbers, float32
+    and int8 were blamed on the shards' sizes ("re-tokenize"), not on the field."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train")
+    index = tmp_path / "train_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text(encoding="utf-8")), "dtype": dtype}), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        load_index(tmp_path, "train")
+    assert str(refused.value) == (
+        f"{index} is corrupt: field 'dtype' is {dtype!r}, not one token shards are written in (uint16, uint32); "
+        "tokenize the split again"
+    )
+
+
 def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
     tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
     shard = tmp_path / "train_00001.bin"
