@@ -30,6 +30,24 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput, Transformer
 
 
+@dataclasses.dataclass
+class Drawn:
+    """A micro-batch as the loss scores it (`DistillModel.draw`): the reference rows, or the student's own
+    (`on_policy`), their labels (the cross-entropy's), the (B, T - 1) positions the teacher is compared on, the tokens
+    the student's MoE statistics count (None: all) and packed rows' positions (None: unpacked)."""
+
+    rows: torch.Tensor
+    labels: torch.Tensor
+    compared: torch.Tensor
+    counted: torch.Tensor | None
+    positions: torch.Tensor | None
+    on_policy: bool
+
+    def scored(self) -> int:
+        """The targets the micro-batch's loss averages over: those the cross-entropy or the divergence scores."""
+        return int(((self.labels[:, 1:] != IGNORE_INDEX) | self.compared).sum())
+
+
 class DistillModel(nn.Module):
     """Student + feature projections. In training mode `forward(rows, labels=rows)` returns the distillation loss
     (`lm_loss` stays the student's cross-entropy); in eval mode it is the student's forward, so validation scores
@@ -100,9 +118,12 @@ class DistillModel(nn.Module):
         keep_logits: bool = True,
         counted: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        drawn: Drawn | None = None,
     ) -> ModelOutput:
         """`counted`: the tokens the student's MoE statistics count; `positions`: (B, T) of packed rows, each
-        conversation's from 0, which student and teacher read alike (`Transformer.forward`)."""
+        conversation's from 0, which student and teacher read alike (`Transformer.forward`). In training, `drawn`:
+        the micro-batch `draw` made of these inputs ahead of the step (a conversation source, whose step weighs each
+        micro-batch by the targets it scores); drawn here without it (token windows)."""
         if not self.training or labels is None:
             return self.student(
                 input_ids,
@@ -112,7 +133,7 @@ class DistillModel(nn.Module):
                 counted=counted,
                 positions=positions,
             )
-        return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted, positions)
+        return self.distillation_loss(drawn or self.draw(input_ids, labels, counted, positions), mtp_loss_weight)
 
     def validation_terms(
         self, rows: torch.Tensor, labels: torch.Tensor, out: ModelOutput, positions: torch.Tensor | None = None
@@ -133,24 +154,30 @@ class DistillModel(nn.Module):
             student_logits[:, real], teacher_logits[:, real], self.settings.beta, self.settings.temperature
         )
 
-    def distillation_loss(
+    def draw(
         self,
         rows: torch.Tensor,
         labels: torch.Tensor,
-        mtp_loss_weight: float,
         counted: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
-        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
+    ) -> Drawn:
+        """The micro-batch the loss scores: with probability `lmbda`, once past on_policy_after steps, the student's
+        own rows (GKD), else the reference rows compared on the positions predicting their labelled tokens."""
         config = self.settings
         warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
         self.micro_batches += 1
-        on_policy = self.generations is not None and warm and bool(torch.rand(()) < config.lmbda)
-        if on_policy:
-            rows, labels, compared, counted, positions = self.generations(rows, labels, positions)
-        else:
-            compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
+        if self.generations is not None and warm and bool(torch.rand(()) < config.lmbda):
+            return Drawn(*self.generations(rows, labels, positions), on_policy=True)
+        compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
+        return Drawn(rows, labels, compared, counted, positions, on_policy=False)
+
+    def distillation_loss(self, drawn: Drawn, mtp_loss_weight: float) -> ModelOutput:
+        """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
+        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
+        config = self.settings
+        rows, labels, compared, counted, positions = (
+            drawn.rows, drawn.labels, drawn.compared, drawn.counted, drawn.positions
+        )  # fmt: skip
         with layer_outputs(self.student, self.projections.student_layers) as student_states:
             out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight, counted, positions)
         loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
@@ -158,7 +185,7 @@ class DistillModel(nn.Module):
             out = dataclasses.replace(out, lm_loss=None)
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
-        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, on_policy, positions)
+        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, drawn.on_policy, positions)
         loss = loss + config.kd_weight * self.divergence(student_logits(compared), teacher.logits)
         if self.projections.layer_map:
             loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)

@@ -13,19 +13,23 @@ micro-batches trained in `distill_state.pt` (outside the student's safetensors).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.checkpoint import load_pretrained, read_config, write_pretrained_files
 from seekstack.config import ModelConfig
 from seekstack.distill.config import DistillConfig
-from seekstack.distill.model import DistillModel
+from seekstack.distill.model import DistillModel, Drawn
 from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, TopKCache, shared_tokenizer
-from seekstack.model.transformer import Transformer
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.posttrain.config import run_tokenizer
-from seekstack.posttrain.sft import conversation_source
+from seekstack.posttrain.padding import real_tokens
+from seekstack.posttrain.sft import SFTSource, conversation_source
 from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
@@ -88,6 +92,39 @@ class DistillHooks:
         return positions * training_flops_per_token(config, seq_len)  # the student's (the teacher's are not counted)
 
 
+class DistillSource(SFTSource):
+    """SFT's batch source for a distillation run on conversations, whose micro-batches are drawn as the loss scores
+    them (`DistillModel.draw`: the student's own answers with probability lmbda) when the step takes them, ahead of
+    its loss: each micro-batch's share of the step's loss counts the targets it scores (`labelled_tokens`), its
+    generated tokens on-policy, not the reference answers it no longer holds, as TRL normalises by the tokens
+    scored; tokens/s and MFU count the rows trained."""
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        self.model = model
+
+    def batch(self, batch_size: int, progress: float) -> Drawn:
+        input_ids, labels, *packed = (t.to(self.device) for t in super().batch(batch_size, progress))
+        counted = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # padding is routed, not counted in the load
+        return self.model.draw(input_ids, labels, counted, packed[0] if packed else None)
+
+    def labelled_tokens(self, batch: Drawn) -> int:
+        return batch.scored()
+
+    def sequences(self, batch: Drawn) -> int:
+        """The conversations of the micro-batch (a row each, or packed, each starting at position 0)."""
+        return batch.rows.shape[0] if batch.positions is None else int((batch.positions == 0).sum())
+
+    def loss(self, model: nn.Module, batch: Drawn, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, Any]]:
+        out = model(batch.rows, labels=batch.labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, drawn=batch)
+        # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
+        trained = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        return out, {"assistant_tokens": float(trained)}
+
+    def tokens(self, batch: Drawn) -> tuple[int, int]:
+        return batch.rows.numel(), batch.rows.shape[1]
+
+
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
     config = config.validate()
@@ -103,5 +140,5 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
-    source = conversation_source(config, config.packing)
+    source = conversation_source(config, config.packing, DistillSource)
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

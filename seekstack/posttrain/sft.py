@@ -280,11 +280,13 @@ def _require_a_split(config: ConversationConfig, trained: int, held_out: int) ->
     )
 
 
-def conversation_source(config: ConversationConfig, packing: bool = False) -> SFTSource | None:
-    """The batch source of a run on conversations (SFT; distillation with `data` or `task`), holding out the
-    conversations of its val_data or val_fraction, which a new run records in out_dir (`SFTSource.record`); None for
-    a distillation run on token shards."""
-    return SFTSource(config, holds_out=True, packing=packing) if config.conversational else None
+def conversation_source(
+    config: ConversationConfig, packing: bool = False, kind: type[SFTSource] = SFTSource
+) -> SFTSource | None:
+    """The batch source of a run on conversations (SFT; distillation with `data` or `task`, whose `kind` is its
+    own), holding out the conversations of its val_data or val_fraction, which a new run records in out_dir
+    (`SFTSource.record`); None for a distillation run on token shards."""
+    return kind(config, holds_out=True, packing=packing) if config.conversational else None
 
 
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:

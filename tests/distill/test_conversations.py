@@ -18,7 +18,7 @@ from seekstack.distill.config import DistillConfig
 from seekstack.distill.losses import kl_divergence
 from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations, conversation_prompts, generated_positions
-from seekstack.distill.run import run_distill
+from seekstack.distill.run import DistillHooks, run_distill
 from seekstack.distill.teacher import Teacher, TopKCache, layer_outputs
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -36,6 +36,7 @@ from seekstack.posttrain.sft import SFTSource
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.plot import plot_run
+from seekstack.train.state import set_rng_state
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_teacher
 from tests.posttrain.support import byte_tokenizer, loss_and_gradients
 
@@ -461,3 +462,35 @@ def test_packed_conversation_distillation_trains_off_and_on_policy(workspace, tm
         records = [json.loads(line) for line in (tmp_path / str(lmbda) / "metrics.jsonl").read_text().splitlines()]
         # on-policy every step: the student's own answers, no reference tokens, so no lm_loss
         assert all(("lm_loss" in record) == (lmbda == 0.0) for record in records if "loss" in record)
+
+
+def test_an_on_policy_steps_loss_is_the_token_mean_over_the_answers_its_micro_batches_scored(workspace, tmp_path):
+    """Each micro-batch's share of the step's loss counted the reference answers' tokens, which an on-policy
+    micro-batch no longer holds: the step's loss was no mean over the tokens the divergence scored. TRL normalises
+    by the tokens scored. Step 2 recomputed from step_1's weights, rows and RNG: the mean over both micro-batches'
+    generated tokens."""
+    data = write_conversations(SHORT_CHATS * 2, tmp_path / "chats.jsonl")
+    changes = dict(data=str(data), task="", lmbda=1.0, ce_weight=0.0, kd_weight=1.0, batch_size=1,
+                   grad_accum_steps=2, max_steps=2, save_every=1, eval_every=0, val_fraction=0.0)  # fmt: skip
+    config = conversation_config(workspace, tmp_path / "run", **changes)
+    run_distill(config)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_1 = tmp_path / "run" / "checkpoints" / "step_1"
+    state = torch.load(step_1 / "train_state.pt", weights_only=False)
+    model = DistillHooks(config).prepare(load_pretrained(step_1)).train()
+    source = SFTSource(config, holds_out=True)
+    source.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    divergences, counts = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            input_ids, labels = source.batch(1, progress=0.5)
+            assert torch.rand(()) < 1.0  # the on-policy draw
+            rows, _, compared, _, _ = model.generations(input_ids, labels)
+            student_logits = model.student(rows).logits[:, :-1][compared]
+            teacher_logits = model.teacher.score(rows, compared, [], True).logits
+            divergences.append(model.divergence(student_logits, teacher_logits))
+            counts.append(int(compared.sum()))
+    assert counts[0] != counts[1]  # answers of different lengths: their shares differ
+    expected = sum(d * n for d, n in zip(divergences, counts, strict=True)) / sum(counts)
+    assert logged[1]["loss"] == pytest.approx(expected.item(), rel=1e-5)
