@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
-from seekstack.infer.params import SamplingParams
+from seekstack.infer.params import SamplingParams, min_tokens_limit
+from seekstack.schema import require
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (
     MAX_ENGINE_REQUESTS,
@@ -301,9 +302,13 @@ def sampling_params(
     else:
         unasked = min(room, model_defaults.get("max_new_tokens", room))
         max_new_tokens = requested or (unasked if unasked_limit is None else min(unasked, max(unasked_limit, 1)))
+    # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
+    # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
+    length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built
+            require(request.min_tokens <= max_new_tokens, "min_tokens", min_tokens_limit(length_name, max_new_tokens))
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
                 temperature=unless_set("temperature", 1.0),

@@ -128,8 +128,18 @@ def test_min_tokens_holds_off_eos_and_stop_strings_as_vllms(engine, tmp_path, ro
     assert early.json()["usage"]["completion_tokens"] == 1 and held.json()["usage"]["completion_tokens"] == 4
     assert held.json()["choices"][0]["finish_reason"] == "stop"
     error = error_of(too_many, 400)
-    assert "min_tokens' must be at most max_new_tokens (8)" in error["message"]
+    # it said "at most max_new_tokens (8)", SamplingParams' name, which no HTTP caller writes
+    assert error["message"].startswith("field 'min_tokens' must be at most max_tokens (8), as vLLM's")
     assert (error["param"], error["code"]) == ("min_tokens", "invalid_value")  # was: None, None
+
+
+def test_min_tokens_above_max_completion_tokens_is_refused_naming_max_completion_tokens(engine, tmp_path):
+    """A chat's length given as max_completion_tokens (OpenAI's name now) is named so, not as max_tokens."""
+    body = {**CHAT, "max_completion_tokens": 5, "min_tokens": 9}  # over max_tokens 8 too
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", body)])
+    error = error_of(refused, 400)
+    assert error["message"].startswith("field 'min_tokens' must be at most max_completion_tokens (5), as vLLM's")
+    assert error["param"] == "min_tokens"
 
 
 def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp_path):
