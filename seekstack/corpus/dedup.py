@@ -75,7 +75,7 @@ def simplified(text: str) -> str:
 
 
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
-    """The set of word `size`-grams of the `simplified` text (the whole text when it has fewer words), as datatrove's
+    """The set of word `size`-grams of the `simplified` text (none when it has fewer words), as datatrove's
     MinHash shingles it: copies that differ in typography (`don't` / `don’t`, `"` / `“`, `--` / `—`, a soft hyphen, a
     zero-width space), accents or numbers alone (a daily price list) have the same shingles. In Thai,
     Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases (one character's edit would
@@ -84,17 +84,21 @@ def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
     tokens = words(simplified(text))
     if written_without_spaces(text):
         characters, size = "".join(tokens), size * UNSPACED_WORD_CHARS
-        shingles = [characters[i : i + size] for i in range(max(1, len(characters) - size + 1))]
+        shingles = [characters[i : i + size] for i in range(len(characters) - size + 1)]
     else:
-        shingles = [" ".join(tokens[i : i + size]) for i in range(max(1, len(tokens) - size + 1))]
+        shingles = [" ".join(tokens[i : i + size]) for i in range(len(tokens) - size + 1)]
     return {shingle.encode("utf-8") for shingle in shingles}
 
 
-def minhash_signature(text: str, num_perm: int = 128) -> np.ndarray:
-    """The MinHash signature (`num_perm` uint64 values) of the text's shingles; computed where the text is, so
-    that only these values travel between processes."""
+def minhash_signature(text: str, num_perm: int = 128) -> np.ndarray | None:
+    """The MinHash signature (`num_perm` uint64 values) of the text's shingles, None when it has none (fewer than
+    `SHINGLE_WORDS` words: datatrove signs no such document, so it is no near duplicate of any); computed where the
+    text is, so that only these values travel between processes."""
+    shingles = word_shingles(text)
+    if not shingles:
+        return None
     signature = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
-    signature.update_batch(list(word_shingles(text)))
+    signature.update_batch(list(shingles))
     return signature.hashvalues
 
 
@@ -130,14 +134,16 @@ class NearDeduplicator:
         self.rows: dict[str, int] = {}  # a kept document's row in `signatures`
         self.signatures = np.empty((1024, num_perm), dtype=np.uint32)  # their values (affine32's range), grown x2
 
-    def duplicate_of(self, key: str, text_or_signature: str | np.ndarray) -> str | None:
+    def duplicate_of(self, key: str, text_or_signature: str | np.ndarray | None) -> str | None:
         """The key of the document indexed before that the text (or its `minhash_signature`) nearly duplicates, the
-        most similar when several do; otherwise None, and it is indexed under `key`."""
+        most similar when several do; otherwise None, and it is indexed under `key` (one without shingles is not)."""
         hashvalues = (
             minhash_signature(text_or_signature, self.num_perm)
             if isinstance(text_or_signature, str)
             else text_or_signature
         )
+        if hashvalues is None:  # fewer words than a shingle: nothing to compare, as datatrove gives it no signature
+            return None
         signature = MinHash(num_perm=self.num_perm, seed=MINHASH_SEED, hashvalues=hashvalues, scheme=MINHASH_SCHEME)
         values = np.asarray(hashvalues, dtype=np.uint32)
         candidates = self.index.query(signature)

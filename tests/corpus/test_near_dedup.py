@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from seekstack.corpus.dedup import NearDeduplicator, minhash_signature, simplified
+from seekstack.corpus.dedup import NearDeduplicator, minhash_signature, simplified, word_shingles
 from tests.corpus.test_cleaning import LAO_ARTICLE, THAI_ARTICLE, TIBETAN_ARTICLE
 from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE
 
@@ -181,3 +181,20 @@ def test_copies_that_differ_only_in_invisible_characters_are_near_duplicates() -
         dedup = NearDeduplicator(threshold=0.8)
         assert dedup.duplicate_of("original", original) is None
         assert dedup.duplicate_of("copy", copy) == "original"
+
+
+def test_a_document_of_fewer_words_than_a_shingle_is_no_near_duplicate_as_datatrove_signs_none() -> None:
+    """A document under 5 words was one shingle, and one that simplifies to no words the empty one, so such documents
+    matched each other ('Thanks, 2023!' and 'thanks 2024', '!!! ...' and '--- * ---'); datatrove's MinHash gives them
+    no shingles and no signature, so they are never near duplicates (exact copies are still found by their hash)."""
+    assert (word_shingles("Thanks, 2023!"), word_shingles("!!! ..."), minhash_signature("thanks 2024")) == (
+        set(),
+        set(),
+        None,
+    )
+    assert word_shingles("one two three four five") == {b"one two three four five"}
+    dedup = NearDeduplicator(threshold=0.8)
+    short = ["Thanks, 2023!", "thanks 2024", "!!! ...", "--- * ---", "Thanks, 2023!"]
+    assert [dedup.duplicate_of(f"short{number}", text) for number, text in enumerate(short)] == [None] * 5
+    assert dedup.duplicate_of("english", ENGLISH_ARTICLE) is None
+    assert dedup.duplicate_of("copy", ENGLISH_ARTICLE) == "english"
