@@ -30,10 +30,10 @@ class ChatTemplate:
         special_tokens: dict[str, str],
     ) -> str:
         """The chat string for `messages` (templated: string contents), as transformers renders it: an assistant's
-        reasoning given apart under each of the names templates read it by (`reasoning_content`, `thinking`; the one
-        given first), with `continue_final_message` the template's text after the last message's content cut off
-        (found by a tag appended to it, as transformers finds it). ValueError naming the template's file when it raises
-        or, continuing, leaves out the last message's content."""
+        reasoning given apart under each of the names templates read it by (`reasoning_content`, `thinking`; the
+        first of reasoning_content, thinking, reasoning that is given), with `continue_final_message` the template's
+        text after the last message's content cut off (found by a tag appended to it, as transformers finds it).
+        ValueError naming the template's file when it raises or, continuing, leaves out the last message's content."""
         from transformers.utils.chat_template_utils import _alias_reasoning_fields
 
         messages = _alias_reasoning_fields(messages)

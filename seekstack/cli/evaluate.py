@@ -98,12 +98,12 @@ def eval_command(
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
     table OUT.md (by default in the run's out_dir when MODEL is one or one of its checkpoints, where `report` reads
     it)."""
-    from seekstack.eval.evaluate import EVAL_DTYPES, evaluate, results_table, write_results
+    from seekstack.eval.evaluate import EVAL_DTYPES, evaluate, results_table, task_names, write_results
     from seekstack.train.runs import run_holding
 
     if dtype not in EVAL_DTYPES:
         raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(EVAL_DTYPES)}", param_hint="'--dtype'")
-    names = tuple(name.strip() for name in tasks.split(",") if name.strip())
+    names = task_names(tasks)
     if not names:
         raise typer.BadParameter(
             f"{tasks!r} names no task: give task names, comma-separated (code_cloze,code_perplexity)",

@@ -14,6 +14,10 @@ from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, 
 from seekstack.train.config import require_folder_path, require_tokenizer_file
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
+WHOLE_DISTRIBUTION = (  # TRL's DistillationConfig's top_k and top_p
+    "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_p=1.0 and top_k=0, "
+    "its defaults); there is no top-k or top-p here"
+)
 
 
 @dataclass
@@ -39,11 +43,8 @@ class DistillConfig(ConversationConfig):
         "`seekstack traces TEACHER --out traces.jsonl` samples them (kept when verified), then data=traces.jsonl",
         "disable_dropout": "the models have no dropout (TRL's disable_dropout=true)",
         # TRL's DistillationConfig's sampling names: top_k would otherwise be offered cache_top_k, the teacher cache's
-        "top_k": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_k=0 "
-        "and top_p=1.0, its defaults); there is no top-k or top-p here (cache_top_k is the teacher cache's, not "
-        "sampling's)",
-        "top_p": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_p=1.0 "
-        "and top_k=0, its defaults); there is no top-p or top-k here",
+        "top_k": f"{WHOLE_DISTRIBUTION} (cache_top_k is the teacher cache's, not sampling's)",
+        "top_p": WHOLE_DISTRIBUTION,
         "max_completion_length": "on-policy, the student answers a conversation's prompt until EOS or seq_len, and "
         "continues a corpus row's first prompt_tokens to seq_len: TRL's max_completion_length is seq_len less the "
         "prompt",

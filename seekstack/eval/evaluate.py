@@ -35,6 +35,11 @@ LM_EVAL_TASK_RECORDS = ("versions", "n-shot", "higher_is_better", "n-samples")
 LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
 
 
+def task_names(text: str) -> tuple[str, ...]:
+    """The task names of `text`, comma-separated, as lm_eval's --tasks and its EvaluatorConfig read a string."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def evaluate(
     model_dir: str | Path,
     tasks: tuple[str, ...] | str = CODE_TASKS,
@@ -69,8 +74,8 @@ def evaluate(
     (the examples each ran with, its own default where num_fewshot is None; its documents, all and scored), "options":
     what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task read them)}; a task named
     twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError (field tasks) for no task."""
-    if isinstance(tasks, str):  # comma-separated, as lm_eval's --tasks and its EvaluatorConfig take a string
-        tasks = tuple(name.strip() for name in tasks.split(",") if name.strip())
+    if isinstance(tasks, str):
+        tasks = task_names(tasks)
     tasks = tuple(dict.fromkeys(tasks))  # lm_eval's command line drops a repeated name the same way, keeping the order
     if not tasks:  # lm_eval's own refusal, "No tasks specified, or no tasks found", names neither
         raise ConfigError(

@@ -38,9 +38,15 @@ from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoi
 REPORT_FILE = "report.md"
 PAGE_SUFFIXES = (".md", ".markdown", ".html", ".txt")  # an --out named so asks for a file, not a folder
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
-# the per-step counts of the tokens a batch source's loss is on, and how the report names them: sft's (and distill's
-# on conversations) labelled assistant tokens, rl's sampled completions (each with its EOS)
-LOSS_TOKEN_COUNTS = {"assistant_tokens": "labelled assistant tokens", "completion_tokens": "sampled completion tokens"}
+# the per-step counts of the tokens a batch source's loss is on, and how the report names them, the first a run logs
+# every step: distill's on conversations, the answers' tokens it scored (the student's own on-policy, which have no
+# labels); sft's labelled assistant tokens (and an earlier distill's, which logged no answer_tokens); rl's sampled
+# completions (each with its EOS)
+LOSS_TOKEN_COUNTS = {
+    "answer_tokens": "answer tokens scored: the reference's, or on-policy the student's own",
+    "assistant_tokens": "labelled assistant tokens",
+    "completion_tokens": "sampled completion tokens",
+}
 REPORT_ATTEMPTS = 3  # pages begun again when a run still training deletes the checkpoint one describes
 SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
@@ -510,9 +516,11 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
     words = ["seekstack", "eval", str(run_dir)]
     for key in EVAL_OPTIONS:
         value, flag = options.get(key), f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):  # fewshot_as_multiturn False is --no-...: its default (None) is not False
-            words += [flag] if value else [f"--no-{flag[2:]}"] if key == "fewshot_as_multiturn" else []
-        elif value is not None:
+        if value is True:
+            words.append(flag)
+        elif value is False and key == "fewshot_as_multiturn":  # --no-...: its default (None) is not False
+            words.append(f"--no-{flag[2:]}")
+        elif value is not None and not isinstance(value, bool):
             words += [flag, ",".join(value) if key == "tasks" else str(value)]
     return f"`{shlex.join(words)}`"
 
