@@ -268,6 +268,35 @@ def test_resume_from_another_runs_checkpoint_into_a_fresh_out_dir_continues_that
     assert f"init_from={tmp_path / 'copied'}" in bare.output
 
 
+def test_another_runs_checkpoint_into_an_out_dir_holding_a_run_is_refused_leaving_both_runs_as_they_were(
+    data_dir, tmp_path
+):
+    """--resume-from OTHER/checkpoints/step_3 with an out_dir holding another run trimmed that run's metrics.jsonl
+    and went on from the other run's weights, two runs spliced into one log (lora train refused it)."""
+    from seekstack.train.trainer import train
+
+    first, second, runner = tmp_path / "first", tmp_path / "second", CliRunner()
+    assert runner.invoke(app, ["train", *micro_overrides(data_dir, first)]).exit_code == 0
+    assert runner.invoke(app, ["train", *micro_overrides(data_dir, second, lr=1e-3)]).exit_code == 0
+    logged, saved = read_metrics(second), (second / CONFIG_FILE).read_text()
+    checkpoint = first / "checkpoints" / "step_3"
+    refused = runner.invoke(app, ["train", f"out_dir={second}", "max_steps=8", "--resume-from", str(checkpoint)])
+    assert refused.exit_code == 1
+    assert refused.output == (
+        f"error: {checkpoint} is a checkpoint of the run {first}, and out_dir {second} holds another run (its "
+        f"{CONFIG_FILE}): going on from it there would trim that run's metrics.jsonl and log {first}'s steps after "
+        f"it, two runs in one; continue {first} into an out_dir that holds no run yet (out_dir=NEW), or {second} "
+        f"from one of its own checkpoints ({second / 'checkpoints'}/step_N: --resume-from N, or --resume)\n"
+    )
+    with pytest.raises(ValueError, match=f"out_dir {second} holds another run"):  # the library's train alike
+        train(load_train_config(second / CONFIG_FILE), resume=checkpoint)
+    assert read_metrics(second) == logged and (second / CONFIG_FILE).read_text() == saved
+    assert [path.name for path in list_checkpoints(second)] == ["step_3", "step_6"]
+    own = runner.invoke(app, ["train", f"out_dir={second}", "--resume-from", str(second / "checkpoints" / "step_3")])
+    assert own.exit_code == 0, own.output  # the run's own checkpoint, as a folder, goes on
+    assert [row["step"] for row in read_metrics(second)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_keep_checkpoints_0_keeps_every_checkpoint_as_torchtitans_keep_latest_k_0(data_dir, tmp_path):
     """keep_checkpoints=0 was refused ('input should be greater than 0'), where torchtitan's keep_latest_k=0 and HF's
     save_total_limit=None keep every checkpoint: no setting kept them all."""
