@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from seekstack.compress.prune import removed_count
 from seekstack.model.attention import MultiHeadLatentAttention
 
 if TYPE_CHECKING:
@@ -75,8 +76,8 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
 
 def refuse_too_few_heads(heads: int, fraction: float) -> None:
     """ValueError, naming the largest fraction that leaves a head, when removing `fraction` of a layer's `heads`
-    (whole heads, rounded) leaves none."""
-    if heads - round(heads * fraction) < 1:
+    (whole heads: removed_count) leaves none."""
+    if heads - removed_count(heads, fraction) < 1:
         raise ValueError(
             f"pruning {fraction:g} of the attention heads leaves none of {heads} per layer: prune "
             f"{(heads - 1) / heads:g} of them or less"
@@ -87,7 +88,7 @@ def heads_to_keep(importance: torch.Tensor, fraction: float) -> torch.Tensor:
     """Sorted ids of the heads kept: all but the `fraction` least important (at least one head stays)."""
     heads = importance.numel()
     refuse_too_few_heads(heads, fraction)
-    return importance.topk(heads - round(heads * fraction)).indices.sort().values
+    return importance.topk(heads - removed_count(heads, fraction)).indices.sort().values
 
 
 @torch.no_grad()

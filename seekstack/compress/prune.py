@@ -10,7 +10,9 @@ Shapes: E routed experts, G groups, N tokens, K experts per token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,9 +47,17 @@ def gate_mass(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, to
     return totals
 
 
+def removed_count(count: int, fraction: float) -> int:
+    """How many of `count` experts (or heads) `fraction` removes: the nearest whole number, a half rounded down, one
+    fewer removed (0.25 of 2 is 0, 0.75 of 2 is 1, 0.4 of 4 is 2), `fraction` as written in decimal (0.15 of 10 is 1).
+    Not Python's round, which takes a half to the even number (as torch.nn.utils.prune's amount does): 0.25 of 2
+    removed none and 0.75 of 2 both."""
+    return math.ceil(Fraction(str(fraction)) * count - Fraction(1, 2))
+
+
 def _kept_per_group(per_group: int, fraction: float) -> int:
-    """Experts a group of `per_group` keeps when `fraction` of them go (whole experts, rounded)."""
-    return per_group - round(per_group * fraction)
+    """Experts a group of `per_group` keeps when `fraction` of them go (whole experts: removed_count)."""
+    return per_group - removed_count(per_group, fraction)
 
 
 def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:

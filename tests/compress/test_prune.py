@@ -9,7 +9,8 @@ import torch
 
 import seekstack
 from seekstack import Transformer
-from seekstack.compress.prune import experts_to_keep, gate_mass, prune_experts
+from seekstack.compress.heads import heads_to_keep
+from seekstack.compress.prune import experts_to_keep, gate_mass, prune_experts, removed_count
 from tests.conftest import micro_config
 
 BATCHES = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
@@ -19,6 +20,17 @@ def test_least_used_experts_go_the_same_number_per_group():
     mass = torch.tensor([5.0, 1.0, 7.0, 3.0, 0.5, 9.0, 2.0, 8.0])  # groups {0..3}, {4..7}
     assert experts_to_keep(mass, groups=2, fraction=0.25).tolist() == [0, 2, 3, 5, 6, 7]
     assert experts_to_keep(mass, groups=2, fraction=0.4).tolist() == [0, 2, 5, 7]  # 1.6 of 4 per group: 2 go
+
+
+def test_half_an_expert_or_a_head_rounds_down_whichever_the_neighbours():
+    """With 2 experts a group, 0.25 removed none (Python's round takes 0.5 to 0) while 0.75 removed both (1.5 to 2,
+    then refused as leaving none): half an expert or head now always rounds down, the fraction read as written in
+    decimal (0.15 of 10 is 1.5, though the float 0.15 is a little less)."""
+    cases = [(2, 0.25), (2, 0.75), (10, 0.25), (10, 0.15), (4, 0.4), (10, 0.35)]
+    assert [removed_count(count, fraction) for count, fraction in cases] == [0, 1, 2, 1, 2, 3]
+    mass = torch.tensor([5.0, 1.0, 0.5, 9.0])  # groups {0, 1}, {2, 3}
+    assert experts_to_keep(mass, groups=2, fraction=0.75).tolist() == [0, 3]
+    assert heads_to_keep(torch.tensor([3.0, 1.0]), fraction=0.75).tolist() == [0]
 
 
 def test_gate_mass_sums_the_combine_weights_each_expert_received():
