@@ -975,6 +975,16 @@ def test_a_file_of_problems_not_named_jsonl_is_refused_saying_how_a_file_of_prob
         resolve_train_config(None, [f"task={tmp_path / 'none.json'}", "tokenizer=", "init_from="], cls=GRPOConfig)
 
 
+def test_a_python_file_given_without_its_class_is_refused_asking_for_the_class(tmp_path):
+    """task=mytask.py (your own task's file, `:Class` forgotten) was told a file of problems is JSON Lines (7e0c6e2's
+    refusal of a file of another format) instead of how your own task is named."""
+    path = tmp_path / "mytask.py"
+    path.write_text("class Mine:\n    pass\n")
+    refusal = f"task {str(path)!r}: a Python file; name the task's class in it, {path}:Class"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        resolve_train_config(None, [f"task={path}", "tokenizer=", "init_from="], cls=GRPOConfig)
+
+
 def test_a_folder_named_as_a_file_of_problems_is_refused_as_a_folder_not_a_missing_file(tmp_path):
     """task=problems.jsonl naming a folder (a dataset saved by datasets' save_to_disk under that name) was refused as
     "no such file of problems", though the path is there."""

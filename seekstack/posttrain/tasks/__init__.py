@@ -46,6 +46,8 @@ def task_class(name: str) -> type:
         return TASKS[name]
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name:
+        if Path(name).suffix == ".py" and Path(name).is_file():  # your own task's file, its class not named
+            raise ValueError(f"task {name!r}: a Python file; name the task's class in it, {name}:Class")
         if Path(name).is_file():  # "problems.json", "train.csv": a file of problems in another format or name
             raise ValueError(
                 f"task {name!r}: a file, but a file of problems is JSON Lines named .jsonl (.jsonl.gz compressed), "
