@@ -117,9 +117,10 @@ class DistillSource(SFTSource):
 
     def loss(self, model: nn.Module, batch: Drawn, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, Any]]:
         out = model(batch.rows, labels=batch.labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, drawn=batch)
-        # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
-        trained = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-        return out, {"assistant_tokens": float(trained)}
+        # the reference's assistant tokens the cross-entropy trained (none on-policy: the student answered the
+        # prompts itself), and the answer tokens the loss scored: those, or on-policy the student's own
+        labelled = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        return out, {"assistant_tokens": float(labelled), "answer_tokens": float(batch.scored())}
 
     def tokens(self, batch: Drawn) -> tuple[int, int]:
         return batch.rows.numel(), batch.rows.shape[1]

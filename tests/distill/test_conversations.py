@@ -494,3 +494,24 @@ def test_an_on_policy_steps_loss_is_the_token_mean_over_the_answers_its_micro_ba
     assert counts[0] != counts[1]  # answers of different lengths: their shares differ
     expected = sum(d * n for d, n in zip(divergences, counts, strict=True)) / sum(counts)
     assert logged[1]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert logged[1]["answer_tokens"] == sum(counts)  # the student's answers, which its divergence trained
+
+
+def test_an_on_policy_runs_report_counts_the_answer_tokens_it_scored_the_students_own_included(workspace, tmp_path):
+    """The report's "tokens trained (labelled assistant tokens)" of a run with lmbda=0.5 read "30 of 766 positions":
+    the on-policy steps logged assistant_tokens 0, the student's answers, which the divergence trains, uncounted."""
+    from seekstack.eval.report import _model
+
+    result = run_distill(conversation_config(workspace, tmp_path / "run", lmbda=0.5))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    on_policy = [r for r in records if "lm_loss" not in r]
+    assert 0 < len(on_policy) < len(records)
+    assert all(r["assistant_tokens"] == 0 < r["answer_tokens"] for r in on_policy)
+    assert all(r["answer_tokens"] == r["assistant_tokens"] > 0 for r in records if "lm_loss" in r)
+    answers = sum(round(r["answer_tokens"]) for r in records)
+    assert answers > sum(round(r["assistant_tokens"]) for r in records)
+    positions = sum(round(r["tokens_per_s"] * r["step_s"]) for r in records)
+    train_config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    model = _model(tmp_path / "run", result.checkpoint, train_config, records)
+    kind = "answer tokens scored: the reference's, or on-policy the student's own"
+    assert f"| tokens trained ({kind}) | {answers:,} of {positions:,} positions (4 steps) |" in model
