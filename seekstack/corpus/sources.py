@@ -144,7 +144,7 @@ class MissingTextField(DataSourceError):
         self.problem, self.record, self.rows_keys = problem, record or {}, rows_keys or []
         held = (
             f"; {', '.join(map(repr, self.rows_keys))} {'holds' if len(self.rows_keys) == 1 else 'hold'} an array of "
-            f"objects: rows held under a key are read with --rows-field {self.rows_keys[0]}"
+            f"objects: rows held under a key are read with `seekstack data build --rows-field {self.rows_keys[0]}`"
             if self.rows_keys
             else ""
         )
