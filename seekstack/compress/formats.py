@@ -76,15 +76,21 @@ def fake_quantize(
     scaled = weight / scale
     if zero_point is not None:
         scaled = scaled + zero_point
+    q_min, q_max = _code_range(args)
     if args.get("type") == "float":
-        limit = torch.finfo(torch.float8_e4m3fn).max
-        rounded = scaled.clamp(-limit, limit).to(torch.float8_e4m3fn).to(scaled.dtype)
+        rounded = scaled.clamp(q_min, q_max).to(torch.float8_e4m3fn).to(scaled.dtype)
     else:
-        half = 2 ** (args["num_bits"] - 1)
-        rounded = scaled.clamp(-half, half - 1).round()
+        rounded = scaled.clamp(q_min, q_max).round()
     if zero_point is not None:
         rounded = rounded - zero_point
     return rounded * scale
+
+
+def _code_range(args: dict[str, Any]) -> tuple[float, float]:
+    """The least and greatest code of quantization `args`: float8 e4m3's +-448, or a signed int's of num_bits."""
+    if args.get("type") == "float":
+        return -torch.finfo(torch.float8_e4m3fn).max, torch.finfo(torch.float8_e4m3fn).max
+    return -(2.0 ** (args["num_bits"] - 1)), 2.0 ** (args["num_bits"] - 1) - 1
 
 
 def dynamic_scales(weight: torch.Tensor, args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,10 +99,7 @@ def dynamic_scales(weight: torch.Tensor, args: dict[str, Any]) -> tuple[torch.Te
     fake-quantizes it: its min-max over each group of `group_size` columns or the whole matrix, widened to hold 0,
     s = amax / (range / 2) or, asymmetric, (max - min) / range with z = round(q_min - min / s) in the int range;
     rounded to `scale_dtype` where the args set one (`calculate_qparams`), in `weight`'s dtype."""
-    if args.get("type") == "float":
-        q_min, q_max = -torch.finfo(torch.float8_e4m3fn).max, torch.finfo(torch.float8_e4m3fn).max
-    else:
-        q_min, q_max = -(2.0 ** (args["num_bits"] - 1)), 2.0 ** (args["num_bits"] - 1) - 1
+    q_min, q_max = _code_range(args)
     if args.get("strategy") == "group":
         grouped = weight.unflatten(-1, (weight.shape[-1] // args["group_size"], args["group_size"]))
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
@@ -117,7 +120,7 @@ def dynamic_scales(weight: torch.Tensor, args: dict[str, Any]) -> tuple[torch.Te
     epsilon = 0.125 if scale_dtype == torch.float8_e4m3fn else torch.finfo(scale_dtype).eps
     scale = torch.where(scale == 0, torch.tensor(epsilon, dtype=scale.dtype), scale)
     if zero_point is not None:
-        zero_point = zero_point.clamp(-128, 127).round().to(torch.int8)
+        zero_point = zero_point.round().to(torch.int8)  # in the int range already
     return scale, zero_point
 
 

@@ -243,7 +243,7 @@ def figure_path(path: str | Path) -> Path:
     savefig takes it), so that a slip of `--out` never writes a picture over the run's metrics or weights; ValueError
     naming it otherwise."""
     path = Path(path)
-    if path.suffix.lower().removeprefix(".") not in FIGURE_FORMATS:
+    if figure_format(path) not in FIGURE_FORMATS:
         example = path / "curves.png" if path.is_dir() else path.with_suffix(".png")  # a folder: a file in it
         raise ValueError(f"--out {path}: a plot is written as a .png, .svg or .pdf file; name one (e.g. {example})")
     return path
