@@ -49,7 +49,8 @@ from seekstack.posttrain.conversations import HELD_OUT_FILE
 from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.runs import checkpoint_dir, list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
+from seekstack.train.runs import list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
+from seekstack.train.state import refuse_another_runs_checkpoint
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -335,18 +336,14 @@ def started_run(resume: bool | Path, out: str | Path) -> Path:
     """The run folder whose configs (train_config.json, lora_config.json) and held-out record a resumed run in `out`
     goes on with: `out`'s own, or where `out` holds no run yet and `resume` is a checkpoint folder of another run
     (`lora train --resume-from FOLDER`), that run's, which continues into `out` as `seekstack train` and HF's
-    `resume_from_checkpoint=path` continue another run's checkpoint into a new output folder. A ConfigError for a
-    checkpoint of another run when `out` holds one (its adapter may be of another shape), or a folder no run holds."""
+    `resume_from_checkpoint=path` continue another run's checkpoint into a new output folder. Refused: a checkpoint
+    of another run when `out` holds one (`refuse_another_runs_checkpoint`, as `seekstack train` refuses it), or a
+    folder no run holds (a ConfigError)."""
     out = Path(out)
     run = run_holding(resume) if isinstance(resume, Path) else out
     if run is not None and run.resolve() == out.resolve():
         return out
-    if (out / TRAIN_CONFIG_FILE).is_file():
-        raise ConfigError(
-            f"--resume-from {resume}: --out {out} holds a run, which `lora train` continues from one of its own "
-            f"checkpoints ({checkpoint_dir(out)}/step_N); give that step (--resume-from N), or continue the run "
-            f"holding {resume} into an --out that holds no run yet"
-        )
+    refuse_another_runs_checkpoint(out, Path(resume))  # `resume` is a folder here: True is `out`'s own run
     if run is None or not (run / CONFIG_FILE).is_file():
         raise ConfigError(
             f"--resume-from {resume}: no checkpoint of a `lora train` run (out/checkpoints/step_N beside "

@@ -230,20 +230,26 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
 
 def resumed_checkpoint(out_dir: str | Path, resume: bool | Path) -> Path:
     """The checkpoint a run in `out_dir` resumes from (`resume`: True, its newest; or a checkpoint folder), refused
-    (FileNotFoundError, `require_train_state`) where there is none to resume from, and (ValueError) where it is
-    another run's while `out_dir` holds a run: continued there, it would trim that run's metrics.jsonl and log the
-    other run's steps into it (another run's checkpoint goes on in an out_dir that holds no run yet)."""
+    (FileNotFoundError, `require_train_state`) where there is none to resume from, and where it is another run's while
+    `out_dir` holds a run (`refuse_another_runs_checkpoint`)."""
     path = latest_checkpoint(out_dir) if resume is True else Path(resume)
     require_train_state(path)
-    out_dir, run = Path(out_dir), run_holding(path)
+    refuse_another_runs_checkpoint(out_dir, path)
+    return path
+
+
+def refuse_another_runs_checkpoint(out_dir: str | Path, checkpoint: Path) -> None:
+    """ValueError where `checkpoint` is another run's while `out_dir` holds a run (its train_config.json): continued
+    there, it would trim that run's metrics.jsonl and log the other run's steps after it (another run's checkpoint goes
+    on in an out_dir that holds no run yet). `seekstack train` and the other stages, and `lora train`, refuse it."""
+    out_dir, run = Path(out_dir), run_holding(checkpoint)
     if run is not None and run.resolve() != out_dir.resolve() and (out_dir / CONFIG_FILE).is_file():
         raise ValueError(
-            f"{path} is a checkpoint of the run {run}, and out_dir {out_dir} holds another run (its {CONFIG_FILE}): "
+            f"{checkpoint} is a checkpoint of the run {run}, and {out_dir} holds another run (its {CONFIG_FILE}): "
             f"going on from it there would trim that run's metrics.jsonl and log {run}'s steps after it, two runs in "
-            f"one; continue {run} into an out_dir that holds no run yet (out_dir=NEW), or {out_dir} from one of its "
-            f"own checkpoints ({checkpoint_dir(out_dir)}/step_N: --resume-from N, or --resume)"
+            f"one; continue {run} into a folder that holds no run yet, or {out_dir} from one of its own checkpoints "
+            f"({checkpoint_dir(out_dir)}/step_N: --resume-from N, or --resume)"
         )
-    return path
 
 
 def require_train_state(path: Path) -> None:

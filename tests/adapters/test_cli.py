@@ -99,9 +99,9 @@ def test_lora_train_resumes_from_a_step_or_its_folder_as_the_other_stages_do(tmp
         app, ["lora", "train", "--out", str(out), "--resume-from", str(other / "checkpoints" / "step_3")]
     )
     assert result.exit_code == 1, result.output
-    assert f"--out {out} holds a run, which `lora train` continues from one of its own checkpoints" in " ".join(
+    assert f"{out} holds another run (its train_config.json): going on from it there would trim" in " ".join(
         result.output.split()
-    )
+    )  # as `seekstack train` refuses it (was "--out ... holds a run, which `lora train` continues ...", its own copy)
     both = runner.invoke(app, ["lora", "train", "--out", str(out), "--resume", "--resume-from", "3"])
     assert both.exit_code == 2 and "--resume and --resume-from 3 both given" in " ".join(both.output.split())
 

@@ -283,12 +283,12 @@ def test_another_runs_checkpoint_into_an_out_dir_holding_a_run_is_refused_leavin
     refused = runner.invoke(app, ["train", f"out_dir={second}", "max_steps=8", "--resume-from", str(checkpoint)])
     assert refused.exit_code == 1
     assert refused.output == (
-        f"error: {checkpoint} is a checkpoint of the run {first}, and out_dir {second} holds another run (its "
+        f"error: {checkpoint} is a checkpoint of the run {first}, and {second} holds another run (its "
         f"{CONFIG_FILE}): going on from it there would trim that run's metrics.jsonl and log {first}'s steps after "
-        f"it, two runs in one; continue {first} into an out_dir that holds no run yet (out_dir=NEW), or {second} "
-        f"from one of its own checkpoints ({second / 'checkpoints'}/step_N: --resume-from N, or --resume)\n"
+        f"it, two runs in one; continue {first} into a folder that holds no run yet, or {second} from one of its "
+        f"own checkpoints ({second / 'checkpoints'}/step_N: --resume-from N, or --resume)\n"
     )
-    with pytest.raises(ValueError, match=f"out_dir {second} holds another run"):  # the library's train alike
+    with pytest.raises(ValueError, match=f"{second} holds another run"):  # the library's train alike
         train(load_train_config(second / CONFIG_FILE), resume=checkpoint)
     assert read_metrics(second) == logged and (second / CONFIG_FILE).read_text() == saved
     assert [path.name for path in list_checkpoints(second)] == ["step_3", "step_6"]
