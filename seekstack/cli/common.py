@@ -80,7 +80,8 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     except ConfigError as error:  # the configuration: every rank of a torchrun meets it alike
         fail(str(error), as_json)
     except (OSError, ValueError, MissingExtra) as error:  # a file, a checkpoint, a package: possibly this rank's own
-        fail(str(error), as_json, every_rank=True)
+        # an error naming a Python parameter as its way out names the command's option instead (`for_command`)
+        fail(getattr(error, "for_command", str(error)), as_json, every_rank=True)
 
 
 @contextmanager

@@ -519,25 +519,33 @@ def _write_copy(tensor: torch.Tensor, pieces: Callable[[], Iterable[torch.Tensor
     return path
 
 
-def _offload_refusal(path: Path, size: int, error: OSError) -> OSError | None:
+class OffloadRefused(WriteRefused):
+    """An offload folder the copies of the parts placed on disk cannot be written in. The message says to choose
+    another with `Engine.from_pretrained`'s (and `EngineOptions`') `offload_dir=`; `for_command` says it with the
+    commands' `--offload-dir` (`seekstack.cli.common.user_errors` reports it so)."""
+
+    def __init__(self, problem: str, error_number: int | None) -> None:
+        super().__init__(f"{problem} offload_dir=")
+        self.errno, self.for_command = error_number, f"{problem} --offload-dir"
+
+
+def _offload_refusal(path: Path, size: int, error: OSError) -> OffloadRefused | None:
     """What writing the copy of `size` bytes at `path` met, said for the user: an offload folder this process may not
-    write in, or a disk that refuses the copy (full, a file size limit), a `WriteRefused`; None for anything else."""
+    write in, or a disk that refuses the copy (full, a file size limit); None for anything else."""
     offload_dir, reason = path.parent.parent, os.strerror(error.errno) if error.errno else str(error)
     if error.errno in UNWRITABLE:
-        refusal = OSError(
+        problem = (
             f"{offload_dir}: the copies of the parts placed on disk go in this offload folder, which cannot be "
-            f"written ({reason}); choose another with --offload-dir"
+            f"written ({reason}); choose another with"
         )
     elif isinstance(error, WriteRefused):
-        refusal = WriteRefused(
+        problem = (
             f"{path}: the disk copy of this tensor ({size:,} B) was not written ({reason}): the disk of the offload "
-            f"folder {offload_dir} is full or refuses a file this large; free room there or choose another folder "
-            "with --offload-dir"
+            f"folder {offload_dir} is full or refuses a file this large; free room there or choose another folder with"
         )
     else:
         return None
-    refusal.errno = error.errno
-    return refusal
+    return OffloadRefused(problem, error.errno)
 
 
 def _delete_copies(directory: Path, name: str, keep: str) -> None:

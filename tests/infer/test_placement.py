@@ -6,11 +6,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import errno
 import fcntl
 import itertools
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,7 +337,28 @@ def test_a_disk_copy_the_storage_refuses_is_named_with_its_size_and_the_offload_
     message = str(refused.value)
     assert copy_path is None and message.startswith(f"{tmp_path / 'offload' / 'layers.1.mlp.experts'}/gate_up_proj.")
     assert f"({experts.nbytes:,} B) was not written (File too large)" in message
-    assert f"the offload folder {tmp_path / 'offload'} is full" in message and "--offload-dir" in message
+    # the commands' --offload-dir was named to Python callers too (the command's words: test_cli)
+    assert message.endswith(f"the offload folder {tmp_path / 'offload'} is full or refuses a file this large; free "
+                            "room there or choose another folder with offload_dir=")  # fmt: skip
+
+
+def test_an_offload_folder_that_cannot_be_written_is_refused_naming_offload_dir(model, tmp_path, monkeypatch):
+    """It said "choose another with --offload-dir" to Python callers, who pass offload_dir=."""
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+    folder, mkdir = tmp_path / "read_only", Path.mkdir
+
+    def read_only_folder(path, *args, **kwargs):
+        if path.is_relative_to(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_folder)
+    with pytest.raises(OSError) as refused:
+        place(copy.deepcopy(model), disk_experts, offload_dir=folder)
+    assert str(refused.value) == (
+        f"{folder}: the copies of the parts placed on disk go in this offload folder, which cannot be written "
+        "(Permission denied); choose another with offload_dir="
+    )
 
 
 def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(model):
