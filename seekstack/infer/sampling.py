@@ -121,8 +121,8 @@ class SamplingBatch:
         """`token_count`: the tokenizer's ids, where the model's vocabulary is padded past them (as released
         checkpoints round it up): the ids from it on decode to no token and are never sampled. None: all are ids.
         `banned`: each row's ids never sampled (a request short of its min_tokens: its EOS and stop ids), for its
-        `banned_for` next tokens (the min_tokens it lacks: a speculative step's later columns may come after them;
-        None: every token of the step)."""
+        `banned_for` next tokens (given with `banned`: the min_tokens it lacks, as a speculative step's later columns
+        may come after them)."""
         self.params, self.uniforms, self.penalties = params, uniforms, penalties
         self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
@@ -188,13 +188,12 @@ class SamplingBatch:
             padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
             logits = logits.index_fill(-1, padded, float("-inf"))
         column = 0 if extra_tokens is None else extra_tokens.shape[1]  # this step's tokens before the one drawn
-        banned = self.banned and [
-            ids if self.banned_for is None or column < self.banned_for[row] else frozenset()
-            for row, ids in enumerate(self.banned)
-        ]
-        if banned and any(banned):
-            rows = [row for row, ids in enumerate(banned) for _ in ids]
-            ids = [token for row_ids in banned for token in row_ids]
+        rows, ids = [], []
+        for row, row_ids in enumerate(self.banned or ()):
+            if column < self.banned_for[row]:
+                rows += [row] * len(row_ids)
+                ids += row_ids
+        if ids:
             logits = logits.float().index_put((self._column(rows), self._column(ids)), self._column(float("-inf")))
         return self.penalize(self.bias(logits), extra_tokens)
 
