@@ -711,6 +711,26 @@ def test_unused_checkpoint_keys_are_reported_in_a_warning(saved):
         seekstack.load_pretrained(saved)
 
 
+def test_the_unused_keys_warning_names_the_shards_that_hold_them(tmp_path):
+    """It named the folder alone ("DIR: 2 checkpoint keys were not used, e.g. [...]"): of a checkpoint of several
+    shards, which ones hold the keys to look into was left to find."""
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for number, shard in enumerate(shards[:2]):
+        tensors = load_file(tmp_path / shard)
+        save_file(tensors | {f"model.layers.0.mlp.surplus_{number}.weight": torch.zeros(2)}, tmp_path / shard)
+        index["weight_map"][f"model.layers.0.mlp.surplus_{number}.weight"] = shard
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.warns(UserWarning) as caught:
+        seekstack.load_pretrained(tmp_path)
+    [message] = [str(warning.message) for warning in caught if "not used" in str(warning.message)]
+    assert message.startswith(
+        f"{tmp_path}: 2 checkpoint keys were not used (1 in {shards[0]}, 1 in {shards[1]}), e.g. "
+        "['model.layers.0.mlp.surplus_0.weight', 'model.layers.0.mlp.surplus_1.weight']"
+    )
+
+
 # ------------------------------------------------------------------ interrupted saves
 class ShardWriteFailure(RuntimeError):
     pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,8 +114,16 @@ def load_pretrained(
     model.reset_rope()
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
-        warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
+        warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
     return model.eval()
+
+
+def _unused_note(unused: list[str], reader: CheckpointReader) -> str:
+    """How many of the checkpoint's keys `unused` are, in which files (the first 3, by name), and the first 3 keys."""
+    files = Counter(reader.key_to_file[key] for key in unused)
+    where = ", ".join(f"{count} in {file}" for file, count in sorted(files.items())[:3])
+    more = f", and {len(files) - 3} more files" if len(files) > 3 else ""
+    return f"{len(unused)} checkpoint keys were not used ({where}{more}), e.g. {unused[:3]}"
 
 
 def config_of_weights(
