@@ -20,6 +20,7 @@ from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
+from seekstack.tokenizer import REASONING_FIELDS
 from tests.serve.server import error_of, make_model_dir, run
 
 GREEDY = {"model": "model", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -212,7 +213,7 @@ def test_a_chat_without_max_tokens_stops_at_the_checkpoints_generation_config_ma
             for answer in (left, given)] == [(3, "length"), (5, "length")]  # fmt: skip
 
 
-@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+@pytest.mark.parametrize("field", REASONING_FIELDS)  # each name the tokenizer reads: ChatMessage must declare it
 def test_a_replayed_reasoning_must_be_text_as_content_is(engine, tmp_path, field):
     """A replayed assistant turn's reasoning given apart (DeepSeek's, vLLM's, transformers' field) was accepted of any
     type ({"reasoning": 5}) and dropped unseen; text is still left out of the prompt."""
