@@ -51,8 +51,8 @@ def quantize_command(
     group_size: Annotated[
         int | None,
         typer.Option(
-            help="int4 (and --progressive's int4 stage): input columns per scale (32, the default, 64, 128); a layer "
-            "whose input width it does not divide takes the largest smaller one that does, and the report says so"
+            help="int4 (and --progressive's int4 stage): input columns per scale (32, the default, 64, 128, 256); a "
+            "layer whose input width it does not divide takes the largest smaller one that does, and the report says so"
         ),
     ] = None,
     keep: Annotated[

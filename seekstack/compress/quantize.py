@@ -42,7 +42,7 @@ Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("mtp.*.eh_proj",)
-INT4_GROUPS = (32, 64, 128)  # QuantConfig.group_size's values
+INT4_GROUPS = (32, 64, 128, 256)  # QuantConfig.group_size's values, as torch's int4 CPU kernel takes them
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
 
@@ -52,11 +52,11 @@ class QuantConfig:
     """How `seekstack quantize` quantizes a model."""
 
     scheme: Scheme = "int8"  # int8: per output channel; int4: per group of input columns; fp8: e4m3, 2-D blocks
-    group_size: Literal[32, 64, 128] = 32  # int4: input columns sharing one scale
+    group_size: Literal[32, 64, 128, 256] = 32  # int4: input columns sharing one scale
     fp8_block: tuple[Positive, Positive] = (128, 128)  # fp8: block shape (rows, columns), DeepSeek-V3's 128x128
     keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))  # layers left in the model's dtype
     # per-layer schemes (first matching pattern wins); int4-gN also sets the group; adaptive precision writes these
-    layers: dict[str, Literal["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "fp8", "none"]] = field(
+    layers: dict[str, Literal["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "fp8", "none"]] = field(
         default_factory=dict
     )
 

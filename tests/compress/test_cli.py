@@ -335,7 +335,7 @@ def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
         (["--scheme", "foo"], "Invalid value for '--scheme': has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
         (
             ["--scheme", "int4", "--group-size", "17"],
-            "Invalid value for '--group-size': has value 17: input should be 32, 64 or 128",
+            "Invalid value for '--group-size': has value 17: input should be 32, 64, 128 or 256",
         ),
         (["--keep", "nomatch"], "Invalid value for '--keep': pattern 'nomatch' matches no layer of the model"),
     ],

@@ -709,6 +709,21 @@ def test_int4_takes_a_smaller_group_where_the_asked_one_does_not_divide_and_leav
     assert isinstance(model.layers[0].mlp.down_proj, torch.nn.Linear)
 
 
+def test_int4_at_group_size_256_quantizes_and_reloads_as_the_same_model(tmp_path):
+    """QuantConfig refused group_size 256 (--group-size 256: "input should be 32, 64 or 128"), though torch's int4
+    kernel and loading take g256; a layer 256 wide takes one scale a row, one narrower the largest group dividing it."""
+    model = Transformer(micro_config(hidden_size=256, moe_intermediate_size=32, kv_lora_rank=24)).eval()
+    assignment = quantize_model(model, QuantConfig(scheme="int4", group_size=256, layers={"*.o_proj": "int4-g256"}))
+    assert assignment["layers.0.self_attn.q_a_proj"] == "int4 g256"
+    assert assignment["layers.1.mlp.experts"] == "int4 g32: 32 input features are not a multiple of the group size 256"
+    assert assignment["layers.0.self_attn.o_proj"] == "kept: 64 input features are not a multiple of the group size 256"
+    seekstack.save_pretrained(model, tmp_path)
+    assert stored(tmp_path)["model.layers.0.self_attn.q_a_proj.weight_scale"][1] == [model.config.q_lora_rank, 1]
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert loaded.layers[0].self_attn.q_a_proj.qweight.group == 256
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_a_group_set_per_layer_is_not_replaced_by_a_smaller_one():
     """adaptive precision prices each option at its own group: a layer it assigns int4-g64 gets g64 or stays float."""
     model = Transformer(micro_config()).eval()
@@ -949,7 +964,7 @@ def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_
     ("values", "message"),
     [
         ({"scheme": "foo"}, "field 'scheme' has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
-        ({"scheme": "int4", "group_size": 17}, "field 'group_size' has value 17: input should be 32, 64 or 128"),
+        ({"scheme": "int4", "group_size": 17}, "field 'group_size' has value 17: input should be 32, 64, 128 or 256"),
         ({"keep": "lm_head"}, "field 'keep' has value 'lm_head': input should be a valid array"),
         ({"layers": {"lm_head": "int3"}}, "field 'layers.lm_head' has value 'int3'"),
     ],
