@@ -498,7 +498,7 @@ def test_the_answer_sentence_after_the_working_reads_as_lm_eval_gsm8k_cot_reads_
     ("answer", "value"),
     [("答案是 7。", 7), ("答案是7", 7), ("最终答案：7", 7), ("答案为：$\\frac{14}{2}$。", 7), ("**答案：** 7", 7),
      ("**最终答案**：7", 7), ("所以 3 + 4 = 7，答案是 7。", 7), ("答案是 6。不，答案是 7。", 7), ("我想是 7。", None),
-     ("答案是 6 或 7。", None)],
+     ("答案是 6 或 7。", None), ("\\boxed{7。}", 7), ("答案是 \\boxed{7 。}", 7)],
 )  # fmt: skip
 def test_an_answer_after_a_chinese_label_reads_as_lighteval_s_multilingual_math_reads_it(answer, value):
     """A reply in Chinese, "答案是 7。" or "最终答案：7", was no number (scored 0 against 7): only English labels were

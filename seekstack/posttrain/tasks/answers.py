@@ -304,7 +304,7 @@ def _answer_text(answer: str) -> str | None:
     text = final_answer(answer)
     if text is None:
         return None
-    text = _less_latex_space(OPENING_SPACE.sub("", text).removesuffix("."))
+    text = _less_latex_space(_less_period(OPENING_SPACE.sub("", text)))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(STYLE.sub("", text))
