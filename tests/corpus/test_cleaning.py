@@ -1154,8 +1154,8 @@ def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_
     with pytest.raises(MissingTextField) as missing:  # the option is data build's: quality-train has no --rows-field
         list(open_source(tmp_path / "squad.json"))
     assert str(missing.value).startswith(
-        f"{tmp_path / 'squad.json'}: no field 'text', only 'version', 'data'; 'data' holds an array of objects: rows held under a "
-        "key are read with `seekstack data build --rows-field data`; name the text's field with --field NAME"
+        f"{tmp_path / 'squad.json'}: no field 'text', only 'version', 'data'; 'data' holds an array of objects: rows "
+        "held under a key are read with `seekstack data build --rows-field data`; name the text's field with --field"
     )
     with pytest.raises(DataSourceError, match=r"squad.json: no field 'rows' \(--rows-field\), only 'version', 'data'"):
         list(open_source(tmp_path / "squad.json", rows_field="rows"))
