@@ -848,9 +848,15 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        no_route = error.status_code in (404, 405)
-        message = f"no route {request.method} {request.url.path}" if no_route else str(error.detail)
-        return APIError(error.status_code, message, headers=error.headers).response()  # 405 keeps its Allow header
+        message = str(error.detail)
+        if error.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif error.status_code == 405:  # the route's methods, from its Allow header (kept on the answer)
+            message = (
+                f"method {request.method} is not allowed on {request.url.path}; it takes "
+                f"{error.headers['Allow'].replace(', ', ' or ')}"
+            )
+        return APIError(error.status_code, message, headers=error.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -1158,3 +1158,16 @@ def test_requests_waiting_to_write_to_a_held_database_leave_health_and_new_reque
     assert health is not None and health.status_code == 200
     assert [answer.status_code for answer in answers] == [200] * 40
     assert len(Ledger(database).records()) == 40
+
+
+def test_a_method_a_route_does_not_take_gets_405_saying_so_and_which_it_takes(engine, tmp_path):
+    """GET /v1/completions was answered 405 "no route GET /v1/completions", as if the path were unknown."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        return await client.get("/v1/completions"), await client.post("/v1/models", json={})
+
+    get, post = run(app, scenario)
+    assert error_of(get, 405)["message"] == "method GET is not allowed on /v1/completions; it takes POST"
+    assert error_of(post, 405)["message"] == "method POST is not allowed on /v1/models; it takes GET"
+    assert (get.headers["allow"], post.headers["allow"]) == ("POST", "GET")
