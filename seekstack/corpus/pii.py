@@ -330,10 +330,11 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         return f"{match['name']}{quote}{SECRET}{quote}"
 
     def replace_bearer_token(match: re.Match[str]) -> str:
-        if not _mixes_letters_and_digits(match["token"]):
+        token = match["token"]
+        if token.startswith("/") or not _mixes_letters_and_digits(token):  # a path after the word: no credential
             return match[0]
         counts["secret"] += 1
-        return f"{match['scheme']}{SECRET}"
+        return f"{match['scheme']}{SECRET}{token[len(token.rstrip('.')) :]}"  # a sentence's full stop stays
 
     def replace_private_key(match: re.Match[str]) -> str:
         if _PRIVATE_KEY_BODY.search(match["body"]) is None:

@@ -821,6 +821,16 @@ def test_an_http_bearer_token_is_replaced_and_a_placeholder_is_kept() -> None:
     assert scrub_pii(kept) == (kept, {})
 
 
+def test_a_bearer_tokens_full_stop_stays_and_a_path_after_the_word_is_no_token() -> None:
+    """The token's characters take dots (Google's `ya29.` tokens), so a sentence's full stop went with the token into
+    `<SECRET>`, and a path after the word ('the bearer /usr/lib/python3.11') was taken for a token."""
+    text = "Send Bearer 1234567890abcdefghij. Then the bearer /usr/lib/python3.11/site-packages runs.\n"
+    assert scrub_pii(text) == (
+        "Send Bearer <SECRET>. Then the bearer /usr/lib/python3.11/site-packages runs.\n",
+        {"secret": 1},
+    )
+
+
 def test_an_identifier_of_34_letters_after_hf_in_one_case_is_no_hugging_face_token() -> None:
     """A Hugging Face token's 34 letters are random, of both cases; an identifier of 34 letters after `hf_` written in
     one case or capitalised, as names are, was replaced as one (`<SECRET>`) and is kept."""
