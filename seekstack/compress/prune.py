@@ -82,9 +82,14 @@ def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
         return
     fewest = next(count for count in range(keep + 1, per_group + 1) if refusal(count) is None)
     where = "per layer" if groups == 1 else f"in each of the {groups} routing groups"
+    advice = (
+        f"prune {(per_group - fewest) / per_group:g} of them or less"
+        if fewest < per_group
+        else "its routing takes every one of them, so none can go (--experts 0)"
+    )
     raise ValueError(
         f"pruning {fraction:g} of the routed experts leaves {keep} of {per_group} {where}, too few for the model's "
-        f"routing ({problem}): prune {(per_group - fewest) / per_group:g} of them or less"
+        f"routing ({problem}): {advice}"
     )
 
 
