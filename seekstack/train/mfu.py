@@ -60,7 +60,8 @@ CARD_PEAK_FLOPS = (  # words, card, bf16, tf32, float32
     (("mi300x",), "MI300X", 1.3074e15, 653.7e12, 163.4e12), (("mi250x",), "MI250X", 191.5e12, None, 47.85e12),
 )  # fmt: skip
 PRECISIONS = ("bf16", "tf32", "float32")  # CARD_PEAK_FLOPS's columns
-UNKNOWN_GPU_PEAK_FLOPS = {"bf16": 312e12, "tf32": 156e12, "float32": 19.5e12}  # an A100's, for cards not in the table
+A100_PEAKS = next(row for row in CARD_PEAK_FLOPS if row[1] == "A100")[2:]
+UNKNOWN_GPU_PEAK_FLOPS = dict(zip(PRECISIONS, A100_PEAKS, strict=True))  # an A100's, for cards not in the table
 FLOPS_UNITS = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("", 1.0))
 Probed = TypeVar("Probed")
 
