@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors, warn
+from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
@@ -53,7 +53,7 @@ def train_command(
     """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
     adapter_model.safetensors (peft's format) into --out."""
     from seekstack.adapters.training import lora_train_config, train_adapter, undone_if_refused
-    from seekstack.cli.train import resume_request
+    from seekstack.cli.train import resume_request, tell_once_resumable
     from seekstack.parallel.distributed import is_main_process
     from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
     from seekstack.train.runs import step_dir
@@ -64,7 +64,9 @@ def train_command(
     with user_errors(), undone_if_refused(out) if continued_elsewhere or not resumed else contextlib.nullcontext():
         checkpoint = step_dir(out, step) if step is not None else resumed
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
-        train_config, adapter = lora_train_config(base, data, out, overrides, checkpoint, warn)
+        told: list[str] = []  # a resume's warnings, told once it is known to go ahead
+        train_config, adapter = lora_train_config(base, data, out, overrides, checkpoint, told.append)
+        tell_once_resumable(out, checkpoint, told)
         try:
             result = train_adapter(train_config, adapter, checkpoint)
         except TrainingDiverged as error:

@@ -70,7 +70,6 @@ def run_stage(
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
     from seekstack.train.runs import step_dir
-    from seekstack.train.state import resumed_checkpoint
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the outcome (and `warn` the warnings)
@@ -84,10 +83,7 @@ def run_stage(
         told: list[str] = []  # a resume's warnings, told once it is known to go ahead
         resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=told.append, cls=cls)
         checkpoint = resumed if step is None else step_dir(resolved.out_dir, step)
-        if checkpoint:  # one missing is refused before its warnings ("resuming with max_steps=...") are told
-            resumed_checkpoint(resolved.out_dir, checkpoint)
-        for line in told:
-            warn(line)
+        tell_once_resumable(resolved.out_dir, checkpoint, told)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
@@ -99,6 +95,18 @@ def run_stage(
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def tell_once_resumable(out_dir: str | Path, checkpoint: bool | Path, told: list[str]) -> None:
+    """Tell a run's config warnings (`told`, held back while it was resolved) once the checkpoint it resumes from
+    (`checkpoint`: True, the newest; a folder; False, a new run) is found: one missing is refused without them, where
+    "warning: resuming with max_steps=8" came before the refusal of that resume."""
+    from seekstack.train.state import resumed_checkpoint
+
+    if checkpoint:
+        resumed_checkpoint(out_dir, checkpoint)
+    for line in told:
+        warn(line)
 
 
 def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, int | None]:

@@ -106,6 +106,25 @@ def test_lora_train_resumes_from_a_step_or_its_folder_as_the_other_stages_do(tmp
     assert both.exit_code == 2 and "--resume and --resume-from 3 both given" in " ".join(both.output.split())
 
 
+def test_lora_train_refuses_a_resume_with_no_checkpoint_to_go_on_from_before_its_warnings(tmp_path):
+    """'warning: resuming with max_steps=8 (the run last ran with 6)' was told before the refusal of that resume
+    ('step_9: no such folder'), as `seekstack train` told it."""
+    from tests.train.test_trainer import write_split
+
+    base, data, out = write_base(tmp_path / "base"), tmp_path / "shards", tmp_path / "adapter"
+    write_split(data, "train", 8_000, seed=1)
+    write_split(data, "val", 1_000, seed=2)
+    run = ["seq_len=32", "batch_size=4", "max_steps=6", "save_every=3", "eval_every=0", "lora.rank=2"]
+    invoke("lora", "train", str(base), str(data), *run, "--out", str(out))
+    refused = runner.invoke(app, ["lora", "train", "--out", str(out), "max_steps=8", "--resume-from", "9"])
+    assert refused.exit_code == 1
+    assert refused.output.startswith(f"error: {out / 'checkpoints' / 'step_9'}: no such folder; the run {out} holds")
+    assert "warning" not in refused.output, refused.output
+    resumed = runner.invoke(app, ["lora", "train", "--out", str(out), "max_steps=8", "--resume-from", "6"])
+    assert resumed.exit_code == 0, resumed.output  # a resume that goes ahead is told its warnings
+    assert resumed.output.startswith("warning: resuming with max_steps=8 (the run last ran with 6)\n")
+
+
 def test_lora_train_continues_another_runs_checkpoint_into_a_new_out_as_train_does(tmp_path):
     """`lora train --resume-from OTHER/checkpoints/step_3 --out NEW` was refused ("continues the run in --out NEW from
     one of its own checkpoints"), where `seekstack train` and HF's resume_from_checkpoint continue another run's
