@@ -38,6 +38,17 @@ class DamagedCompressedFile(ValueError):
     names it and what to do."""
 
 
+def source_kind(path: Path) -> str:
+    """A file's suffix as it says what the text is, in lower case and through a compression suffix: `NOTES.TXT.gz`
+    -> `.txt`."""
+    return uncompressed(path).suffix.lower()
+
+
+def uncompressed(path: Path) -> Path:
+    """`path` without the suffix of its compression (`COMPRESSIONS`): `notes.txt.xz` -> `notes.txt`."""
+    return path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
+
+
 @contextmanager
 def opened(path: str | Path) -> Iterator[BinaryIO]:
     """A file opened for reading its bytes, decompressed when its name ends in a suffix of `COMPRESSIONS`; what its

@@ -30,13 +30,8 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
-from seekstack.corpus.sources import (
-    FOLDER_FILES_READ,
-    DataSourceError,
-    MissingTextField,
-    open_source,
-    source_kind,
-)
+from seekstack.compression import source_kind
+from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
 from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
 from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record

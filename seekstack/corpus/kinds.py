@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from seekstack.corpus.sources import source_kind, uncompressed
+from seekstack.compression import source_kind, uncompressed
 
 Kind = Literal["code", "prose", "cjk"]
 KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")

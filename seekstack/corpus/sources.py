@@ -27,7 +27,15 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 
-from seekstack.compression import COMPRESSED_READ, COMPRESSIONS, DamagedCompressedFile, opened
+from seekstack.compression import (
+    COMPRESSED_READ,
+    COMPRESSIONS,
+    DamagedCompressedFile,
+    opened,
+    source_kind,
+    uncompressed,
+)
+from seekstack.corpus.kinds import CODE_SUFFIXES
 from seekstack.schema import LONE_SURROGATE
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
@@ -50,9 +58,7 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte UTF-8 cannot decode, as surrogateescape holds it
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 # A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
-TEXT_SUFFIXES = (
-    ".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".js", ".ts", ".java", ".sh",
-)  # fmt: skip
+TEXT_SUFFIXES = (".txt", ".md", ".rst", *CODE_SUFFIXES)
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
 # text: their first `SNIFF_BYTES` bytes hold no control character but whitespace, backspace and escape (those of
 # terminal output and man pages), as `file` tells text; a NUL byte, as git tells a binary file, is one such character.
@@ -294,17 +300,6 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
             "folder's .html files are not read either)"
         )
     yield Document(_as_text(path.name), text, _as_text(path.name))
-
-
-def source_kind(path: Path) -> str:
-    """A file's suffix as it says what the text is, in lower case and through a compression suffix: `NOTES.TXT.gz`
-    -> `.txt`."""
-    return uncompressed(path).suffix.lower()
-
-
-def uncompressed(path: Path) -> Path:
-    """`path` without the suffix of its compression (`COMPRESSIONS`): `notes.txt.xz` -> `notes.txt`."""
-    return path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
 
 
 def _read(path: Path) -> bytes:

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
-from seekstack.corpus.kinds import CODE_SUFFIXES, UNSPACED_WORD_CHARS, detect_kind
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -44,7 +44,6 @@ from seekstack.corpus.rules import (
     rule_kind,
 )
 from seekstack.corpus.sources import (
-    TEXT_SUFFIXES,
     DataSourceError,
     Document,
     MissingTextField,
@@ -1729,7 +1728,6 @@ def test_a_folders_source_files_of_every_suffix_the_kinds_know_are_read(tmp_path
         ("engine.hpp", "cpp"),
     ]
     assert folder.skipped == {}
-    assert set(CODE_SUFFIXES) <= set(TEXT_SUFFIXES)
 
 
 def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: Path) -> None:
