@@ -57,17 +57,15 @@ from seekstack.serve.protocol import (
 )
 from seekstack.serve.ratelimit import (
     LIMIT_HEADERS,
-    STATE,
     Charge,
     NeverFits,
     RateLimited,
     RateLimiter,
-    RateLimitHeaders,
     limit_headers,
 )
 from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.request_ids import HEADER as REQUEST_ID
-from seekstack.serve.request_ids import RequestIds, request_id_of
+from seekstack.serve.request_ids import LEFT_HEADERS, RequestIds, request_id_of
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -305,7 +303,9 @@ class Server:
             if start is not None:  # stops match the answer
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            request.scope["state"][STATE] = await in_write_thread(self.reserve, bill.key, charge, tokens)  # headers
+            request.scope["state"][LEFT_HEADERS] = await in_write_thread(
+                self.reserve, bill.key, charge, tokens
+            )  # headers
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
@@ -437,12 +437,12 @@ class Server:
     async def count(self, request: Request, key: ApiKey | None) -> Charge | None:
         """Count `request` against the key's requests per minute, at no tokens yet (None for a key without limits);
         429 over them. From then on its response, whatever it is, carries the `x-ratelimit-*` headers of the key's
-        limits, as OpenAI's do (`RateLimitHeaders`)."""
+        limits, as OpenAI's do (`RequestIds` puts them on it)."""
         if key is None or (key.rpm is None and key.tpm is None):
             return None
         with _rate_limit_errors():
             charge = await in_write_thread(self.limiter.admit, key.name, key.rpm, key.tpm)
-        request.scope["state"][STATE] = limit_headers(charge.requests, charge.tokens)
+        request.scope["state"][LEFT_HEADERS] = limit_headers(charge.requests, charge.tokens)
         return charge
 
     def reserve(self, key: ApiKey | None, charge: Charge | None, tokens: int) -> dict[str, str]:
@@ -836,8 +836,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id", *LIMIT_HEADERS],
                            max_age=600)  # fmt: skip
-    app.add_middleware(RateLimitHeaders)  # a counted request's x-ratelimit-* headers, on its answer or error
-    app.add_middleware(RequestIds)  # every response's X-Request-Id
+    app.add_middleware(RequestIds)  # every response's X-Request-Id, and a counted request's x-ratelimit-* headers
     app.state.server = server
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
                                 lambda: [card.id for card in server.models().data])  # fmt: skip

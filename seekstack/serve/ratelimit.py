@@ -17,13 +17,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from seekstack.serve.database import Database, Statements, retrying_while_busy
 
 WINDOW_S = 60.0
-STATE = "rate_limits"  # a request's `x-ratelimit-*` headers, in its scope's state, once it is counted
 
 
 @dataclass(frozen=True)
@@ -187,26 +183,3 @@ def _time_until_free(charges: list[dict], excess: int, now: float) -> float:
 
 def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait))
-
-
-class RateLimitHeaders:
-    """ASGI middleware: the `x-ratelimit-*` headers a route left in the request's state (`STATE`) once it counted the
-    request go out on its response, whatever it is (an answer, a 400 or 404 after the count, a 429), as OpenAI's go
-    out; those the response sets itself (a 429's, of the limit it is over) stand."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in scope.get("state", {}).get(STATE, {}).items():
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_limits)

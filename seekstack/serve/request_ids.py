@@ -13,8 +13,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 HEADER = "X-Request-Id"
 
 
+LEFT_HEADERS = "response_headers"  # headers a route leaves in the request's state for its response, whatever it is
+
+
 class RequestIds:
-    """ASGI middleware: the request's id, kept in its state (`request_id_of`), goes out on its response's headers."""
+    """ASGI middleware: the request's id, kept in its state (`request_id_of`), goes out on its response's headers, and
+    so do the headers a route left in the state under `LEFT_HEADERS` (a counted request's `x-ratelimit-*`, on its
+    answer, a 400 or 404 after the count, a 429, as OpenAI's go out), beside those the response sets itself (a 429's,
+    of the limit it is over, stand)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -28,7 +34,10 @@ class RequestIds:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[HEADER] = request_id
+                for name, value in scope["state"].get(LEFT_HEADERS, {}).items():
+                    headers.setdefault(name, value)
             await send(message)
 
         await self.app(scope, receive, send_with_id)
