@@ -173,7 +173,10 @@ class CheckpointReader:
         _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
-        self.ignored = _targets({"ignore": {"targets": (quantization or {}).get("ignore")}}, directory / CONFIG_FILE)
+        self.ignored: dict[str, tuple[str, re.Pattern[str] | None]] = {}  # as `_targets` gives them, named "ignore"
+        for target in (quantization or {}).get("ignore") or []:
+            where = f"quantization_config's ignore lists {target!r}"
+            self.ignored[target] = ("ignore", _target_pattern(target, where, directory / CONFIG_FILE))
         self.kv_cache_scheme: dict[str, Any] | None = (quantization or {}).get("kv_cache_scheme")
         self.used: set[str] = set()
         if self.kv_cache_scheme:  # its scales, read by none (kv_cache_note)
@@ -283,7 +286,7 @@ class CheckpointReader:
         compressed-tensors picks it among the targets naming the layer (a later group's target replacing an earlier
         group's same one): the exact name first, then `re:` patterns (in the order of their text), then a module
         class (`Linear`); None when no target names it."""
-        named = [t for t, (_, pattern) in self.targets.items() if t == key or (pattern and pattern.match(key))]
+        named = _naming(self.targets, key)
         targets = [*sorted(named, key=lambda t: (t.startswith("re:"), t)), *({"Linear"} & self.targets.keys())]
         if not targets:
             return None
@@ -585,9 +588,7 @@ class CheckpointReader:
         if not key.endswith(".weight"):
             return False
         layer = key.removesuffix(".weight")
-        linear = layer.endswith(("_proj", "_proj_with_mqa", "lm_head")) and not any(
-            name == layer or (pattern and pattern.match(layer)) for name, (_, pattern) in self.ignored.items()
-        )
+        linear = layer.endswith(("_proj", "_proj_with_mqa", "lm_head")) and not _naming(self.ignored, layer)
         # "local" (nvfp4's tensor_group: local scales dynamic, a stored global one) too: `_fake_quantized` refuses it
         dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") in (True, "local")
         return f"{key}_scale" in self.key_to_file or dynamic
@@ -731,6 +732,18 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
 
 
+def _target_pattern(target: str, where: str, config_path: Path) -> re.Pattern[str] | None:
+    """A compressed-tensors target, of a config group or of the `ignore` list, compiled when it is a `re:` pattern,
+    else None (a module's name or class). CheckpointError naming the config and `where` the target is written when
+    it is no regular expression."""
+    if not target.startswith("re:"):
+        return None
+    try:
+        return re.compile(target[3:])
+    except re.error as error:
+        raise CheckpointError(f"{config_path}: {where}, not a regular expression ({error}); {DAMAGED}") from None
+
+
 def _targets(config_groups: dict[str, Any], config_path: Path) -> dict[str, tuple[str, re.Pattern[str] | None]]:
     """Each target of the compressed-tensors `config_groups` -> its group's name and, for `re:` and a pattern, the
     pattern compiled; a later group's target replaces an earlier group's same one, as compressed-tensors reads them.
@@ -738,14 +751,15 @@ def _targets(config_groups: dict[str, Any], config_path: Path) -> dict[str, tupl
     targets: dict[str, tuple[str, re.Pattern[str] | None]] = {}
     for name, group in config_groups.items():
         for target in group.get("targets") or []:
-            try:
-                targets[target] = (name, re.compile(target[3:]) if target.startswith("re:") else None)
-            except re.error as error:
-                raise CheckpointError(
-                    f"{config_path}: quantization_config group {name!r} targets {target!r}, not a regular expression "
-                    f"({error}); {DAMAGED}"
-                ) from None
+            where = f"quantization_config group {name!r} targets {target!r}"
+            targets[target] = (name, _target_pattern(target, where, config_path))
     return targets
+
+
+def _naming(targets: dict[str, tuple[str, re.Pattern[str] | None]], layer: str) -> list[str]:
+    """The `targets` (as `_targets` gives them) that name layer `layer`: its exact name, or a `re:` pattern matching
+    it from its start, as compressed-tensors matches a target or an `ignore` entry to a module's name."""
+    return [target for target, (_, pattern) in targets.items() if target == layer or (pattern and pattern.match(layer))]
 
 
 def _quantization_format(quantization: dict[str, Any]) -> str:
