@@ -160,12 +160,13 @@ class SamplingParams:
     def max_tokens(self) -> int | None:
         """vLLM's name for max_new_tokens, no field of its own (fields(), from_dict and dataclasses.replace see
         max_new_tokens alone): reading it gives max_new_tokens, setting it sets max_new_tokens, checked as the
-        constructor's max_tokens= is."""
+        constructor's max_tokens= is (its value alone: as vLLM's, min_tokens is checked against it at use, by
+        validate(), so the two can be set in either order)."""
         return self.max_new_tokens
 
     @max_tokens.setter
     def max_tokens(self, value: int | None) -> None:
-        self.max_new_tokens = read_vllm_forms({"max_tokens": value, "min_tokens": self.min_tokens})["max_new_tokens"]
+        self.max_new_tokens = read_vllm_forms({"max_tokens": value})["max_new_tokens"]
 
     def clone(self) -> SamplingParams:
         """A deep copy, as vLLM's SamplingParams.clone(): changing it (its max_tokens, its stop list or logit_bias in
@@ -191,7 +192,7 @@ class SamplingParams:
                 "continue")  # fmt: skip
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
         require(params.max_new_tokens is None or params.min_tokens <= params.max_new_tokens, "min_tokens",
-                min_tokens_limit("max_new_tokens", params.max_new_tokens))  # fmt: skip
+                min_tokens_limit("max_new_tokens/max_tokens", params.max_new_tokens))  # fmt: skip
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params

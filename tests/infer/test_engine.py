@@ -956,7 +956,7 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(model, toke
     held_off = [dataclasses.replace(plain, stop=stop, min_tokens=count) for count in (0, 4)]
     [stopped, later] = engine.generate([[5, 6]] * 2, held_off)
     assert len(stopped.token_ids) == 1 and len(later.token_ids) >= 4
-    with pytest.raises(ValueError, match=r"field 'min_tokens' must be at most max_new_tokens \(8\)"):
+    with pytest.raises(ValueError, match=r"field 'min_tokens' must be at most max_new_tokens/max_tokens \(8\)"):
         engine.add_request([1], dataclasses.replace(eos_first, min_tokens=9))
 
 

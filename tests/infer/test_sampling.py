@@ -117,17 +117,27 @@ def max_tokens_set(params: SamplingParams, max_tokens: int) -> SamplingParams:
         lambda: SamplingParams(max_tokens=2, min_tokens=3),
         lambda: SamplingParams.from_dict({"max_tokens": 2, "min_tokens": 3}),
         lambda: dataclasses.replace(SamplingParams(min_tokens=3), max_tokens=2),
-        lambda: max_tokens_set(SamplingParams(min_tokens=3), 2),
     ],
-    ids=["constructor", "from_dict", "replace", "attribute"],
+    ids=["constructor", "from_dict", "replace"],
 )
 def test_min_tokens_above_vllms_max_tokens_is_refused_naming_max_tokens(shorter):
     """A min_tokens above the length was refused as "at most max_new_tokens (2)" where the caller wrote max_tokens=2,
-    a name vLLM's users never gave; the length is named as given (max_new_tokens where that was the name)."""
+    a name vLLM's users never gave; the length is named as given (both names where validate() cannot tell which)."""
     with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_tokens \(2\), as vLLM's"):
         shorter().validate()
-    with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_new_tokens \(2\), as vLLM's"):
+    with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_new_tokens/max_tokens \(2\), as"):
         SamplingParams(max_new_tokens=2, min_tokens=3).validate()
+
+
+def test_max_tokens_and_min_tokens_set_in_either_order_are_checked_at_use_as_vllms():
+    """`params.max_tokens = 5` checked the min_tokens already set, so lowering both (max_tokens first) was refused
+    ("must be at most max_tokens (5)") though the pair ends valid; vLLM checks at construction and use, not each set."""
+    params = max_tokens_set(SamplingParams(min_tokens=10), 5)
+    params.min_tokens = 3
+    assert (params.validate().max_tokens, params.validate().min_tokens) == (5, 3)
+    params.min_tokens = 7  # left so: refused when used, naming both names of the length
+    with pytest.raises(ValueError, match=r"^field 'min_tokens' must be at most max_new_tokens/max_tokens \(5\), as"):
+        params.validate()
 
 
 def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
