@@ -230,6 +230,25 @@ def test_a_layer_named_by_two_config_groups_takes_the_one_compressed_tensors_app
         seekstack.load_pretrained(tmp_path)
 
 
+def test_an_ignore_pattern_that_is_no_regular_expression_is_named_as_the_ignore_entry(tmp_path):
+    """quantization_config's `ignore` list was compiled as a config group named 'ignore', so a bad pattern in it was
+    refused as "group 'ignore' targets ...", a group the config does not have."""
+    from seekstack.checkpoint import CheckpointError
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    seekstack.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["lm_head", r"re:.*mlp\.(gate"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as refused:
+        seekstack.load_pretrained(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path / 'config.json'}: quantization_config's ignore lists 're:.*mlp\\\\.(gate', not a regular "
+        "expression (missing ), unterminated subpattern at position 7); re-save or re-download the checkpoint"
+    )
+
+
 def test_an_int8_checkpoint_of_scales_per_group_loads_those_layers_dequantized(tmp_path):
     """compressed-tensors' int8 `strategy: "group"` (int-quantized, a weight_scale per group of columns) loaded, then
     failed at the first forward with the kernel's RuntimeError ("expect scales to be 1d tensor with size ...")."""
