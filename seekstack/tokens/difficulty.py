@@ -5,6 +5,9 @@ repeats itself (tables, boilerplate, regular code) and is easy to predict; one t
 bringing new content. Why this one: compressed size is an upper bound on the text's information content
 under a simple adaptive model (LZ77 + Huffman), so it tracks what a language model finds hard, yet it needs
 no trained model and no tokenizer, and costs one zlib pass when the split is tokenized.
+The ratio is per byte but not free of length: zlib starts each document with an empty window and pays for its
+codes once, so short documents score harder than long ones of the same kind (README: the curriculum runs from
+long to short documents as much as from repetitive to dense ones).
 A split's documents, sorted by score (equal scores in document order), are cut into buckets holding equal
 shares of its bytes, so that each bucket is a split of its own (`train_easy`, `train_medium`, `train_hard`) that
 a mixture can draw from.
