@@ -134,7 +134,7 @@ def _entries(text: str) -> list[tuple[str, str, str]]:
                 ) from None
         elif not device.strip():
             raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
-        else:  # accelerate's "" is the whole model, and its module names are transformers' (model.layers.3)
+        else:  # accelerate's "" is the whole model, its module names transformers' (model.layers.3; model: its base)
             pattern = pattern.strip().removeprefix("model.") or "*"
             entries.append((entry, pattern, device_name(device, f"device map entry {entry!r}")))
     return entries
@@ -157,6 +157,8 @@ def _matches(pattern: str, name: str) -> bool:
     wanted, parts = pattern.split("."), name.split(".")
     if wanted == ["*"]:
         return True
+    if wanted == ["model"]:  # transformers' base model (DeepseekV3Model, accelerate's "model"): all but the head
+        return name != "lm_head"
     if len(wanted) > len(parts):
         return False
     for want, part in zip(wanted, parts, strict=False):

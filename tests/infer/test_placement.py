@@ -679,6 +679,19 @@ def test_accelerates_dict_of_transformers_module_names_places_the_parts_it_names
     assert [name for name, device in engine.model.placement.items() if device != "cpu"] == ["layers.2.mlp.experts"]
 
 
+def test_accelerates_model_key_places_every_part_of_transformers_base_model_but_the_head(tmp_path, model):
+    """transformers' DeepseekV3ForCausalLM holds "model" (the base model) and "lm_head", so accelerate's device_map
+    {"model": 0, "lm_head": "cpu"} places it whole; here "model" read as a part of that name, matching none."""
+    placement = parse_device_map(device_map_text({"model": 0, "lm_head": "cpu"}), list(units(model)))
+    assert [name for name, device in placement.items() if device == "cpu"] == ["lm_head"]
+    assert set(placement.values()) == {"cuda:0", "cpu"} and placement["mtp.0"] == "cuda:0"
+    with pytest.raises(ValueError, match=r"^the device map places no device for lm_head"):
+        parse_device_map(device_map_text({"model": "cpu"}), list(units(model)))  # as accelerate, the head unplaced
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map={"lm_head": "disk", "model": "cpu"})
+    assert [name for name, device in engine.model.placement.items() if device != "cpu"] == ["lm_head"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
 def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
     model_dir(tmp_path)
