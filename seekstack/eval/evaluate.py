@@ -29,9 +29,10 @@ from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
-# what lm_eval's results JSON records of each task beside its results, kept as it names them: "n-samples" holds each
-# task's documents, {"original": all, "effective": those scored (--limit)}; lm_eval's "samples" are logged samples
-LM_EVAL_TASK_RECORDS = ("versions", "n-shot", "higher_is_better", "n-samples")
+# what lm_eval's results JSON records of each task beside its results, kept as it names them: "configs" holds each
+# task's config as it ran (prompt, splits, few-shot, metrics, generation kwargs), "n-samples" its documents,
+# {"original": all, "effective": those scored (--limit)}; lm_eval's "samples" are logged samples
+LM_EVAL_TASK_RECORDS = ("configs", "versions", "n-shot", "higher_is_better", "n-samples")
 LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
 
 
@@ -70,10 +71,11 @@ def evaluate(
     lm_eval's --include_path; the model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as
     transformers reads it); the reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k
     --difficulty` takes it); `seed` as lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend", "wall_s",
-    "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples" of each task
-    (the examples each ran with, its own default where num_fewshot is None; its documents, all and scored), "options":
-    what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task read them)}; a task named
-    twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError (field tasks) for no task."""
+    "results": {task: {metric: value}}, lm_eval's "configs", "versions", "n-shot", "higher_is_better" and "n-samples"
+    of each task (its config as it ran; the examples each ran with, its own default where num_fewshot is None; its
+    documents, all and scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None
+    where no task read them)}; a task named twice runs and is recorded once, as lm_eval's --tasks a,a. ConfigError
+    (field tasks) for no task."""
     if isinstance(tasks, str):
         tasks = task_names(tasks)
     tasks = tuple(dict.fromkeys(tasks))  # lm_eval's command line drops a repeated name the same way, keeping the order

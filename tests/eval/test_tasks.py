@@ -179,6 +179,22 @@ def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_
     assert report["higher_is_better"] == {"code_perplexity": directions}
 
 
+def test_results_record_each_tasks_config_as_it_ran_as_lm_evals_results_json(checkpoint, tmp_path):
+    """results.json lacked lm_eval's "configs", each task's config as it ran (its prompt and splits, few-shot count,
+    output type, metrics), which an lm_eval user reads to know what a score measured."""
+    from seekstack.eval.evaluate import evaluate, write_results
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE])
+    report = evaluate(checkpoint, "code_perplexity,code_cloze", corpus, limit=1, device="cpu", num_fewshot=1)
+    written = json.loads(write_results(report, tmp_path / "results")[0].read_text())
+    assert sorted(written["configs"]) == ["code_cloze", "code_perplexity"]
+    cloze, perplexity = written["configs"]["code_cloze"], written["configs"]["code_perplexity"]
+    assert (cloze["num_fewshot"], cloze["output_type"], cloze["doc_to_choice"]) == (1, "multiple_choice", "choices")
+    assert [metric["metric"] for metric in cloze["metric_list"]] == ["acc", "acc_norm"]
+    assert (perplexity["num_fewshot"], perplexity["output_type"]) == (1, "loglikelihood_rolling")
+    assert perplexity["test_split"] == perplexity["fewshot_split"] == "test"
+
+
 def test_log_samples_writes_lm_evals_own_results_and_samples_files_that_its_tools_read(checkpoint, tmp_path):
     """seekstack eval kept only its own results.json: no per-request samples, no file of lm_eval's shape."""
     from lm_eval.utils import make_table
