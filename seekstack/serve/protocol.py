@@ -10,8 +10,11 @@ Values too small for float32 sampling are the engine's to handle: a temperature 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seekstack.chat_template import read_chat_template
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams, min_tokens_limit
@@ -28,7 +31,7 @@ from seekstack.serve.schemas import (
     TopLogprob,
 )
 from seekstack.serve.tool_calls import refuse_unanswered_results
-from seekstack.tokenizer import Tokenizer, byte_level_bytes, tools_prompt
+from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer, byte_level_bytes, tools_prompt
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -71,7 +74,6 @@ REFUSED_VLLM_FIELDS = {
 }
 REFUSED_VLLM_CHAT_FIELDS = {
     "chat_template": NO_TEMPLATE_CHOICE,
-    "chat_template_kwargs": NO_TEMPLATE_CHOICE,
     "add_generation_prompt": CONTINUE_WITH_PREFIX,
     "continue_final_message": CONTINUE_WITH_PREFIX,
     "echo": "chat replies do not echo the last message",
@@ -79,7 +81,7 @@ REFUSED_VLLM_CHAT_FIELDS = {
 }
 ASKING_NOTHING = {  # what is done anyway
     "function_call": "none", "modalities": ["text"], "use_beam_search": False,
-    "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
+    "include_stop_str_in_output": False, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
     "add_special_tokens": False,
 }  # fmt: skip
@@ -107,6 +109,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
                 raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
                                "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
         refuse_unanswered_results(request.messages)
+        refuse_template_kwargs(request.chat_template_kwargs, tokenizer)
         messages = [message.template() for message in request.messages]
         tools = request.offered_tools()
         if tools and not (tokenizer.has_role_tokens and tokenizer.has_tool_tokens):
@@ -126,6 +129,45 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         refuse_outside_vocabulary(prompt, tokenizer, f"prompt.{number}" if id_lists else "prompt")
         prompts.append(list(prompt))
     return prompts
+
+
+# apply_chat_template's own options that a chat_template_kwargs key would set (the request's fields of their names are
+# REFUSED_VLLM_CHAT_FIELDS; the tools are the request's)
+TEMPLATE_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_template", "tools", "documents")
+
+
+def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer: Tokenizer) -> None:
+    """vLLM's `chat_template_kwargs` as vLLM reads them (`resolve_chat_template_kwargs`): a key the chat template does
+    not read is dropped (the same prompt: a client's {"enable_thinking": false} sent to every model), while a key it
+    reads, or one of apply_chat_template's own options, gets 400 naming `chat_template_kwargs.KEY`: this server
+    renders the chat format with none of its variables set from a request."""
+    if not template_kwargs:
+        return
+    read = template_variables(tokenizer.jinja_chat_template)
+    source = Path(tokenizer.source)  # its tokenizer.json ("<in memory>" for one built in Python)
+    try:  # the checkpoint's own template beside it, which vLLM renders (DeepSeek-V3.1's reads `thinking`)
+        shipped = read_chat_template(source.parent / CONFIG_FILE, source.parent / CHAT_TEMPLATE_FILE)
+    except ValueError:  # a damaged tokenizer_config.json, which a tokenizer with the role tokens loads without
+        shipped = None
+    if source.is_file() and shipped is not None:
+        read |= template_variables(shipped.text)
+    for key in template_kwargs:
+        if key in read or key in TEMPLATE_OPTIONS:
+            param = f"chat_template_kwargs.{key}"
+            raise unsupported(param, f"{param}: the chat template reads {key}, which this server does not set from a "
+                              f"request ({NO_TEMPLATE_CHOICE}): send the request without it (keys the template does "
+                              "not read are dropped, as vLLM drops them)")  # fmt: skip
+
+
+@cache
+def template_variables(template: str) -> frozenset[str]:
+    """The names a Jinja chat template reads from its context, as vLLM finds them (jinja2's undeclared variables,
+    less the environment's globals such as raise_exception), in the environment transformers renders it in."""
+    from jinja2 import meta
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    environment = _compile_jinja_template(template).environment
+    return frozenset(meta.find_undeclared_variables(environment.parse(template)) - set(environment.globals))
 
 
 def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, param: str) -> None:

@@ -9,8 +9,9 @@ message marked "prefix": true left open), so `count` is the prompt_tokens such a
 `max_model_len` before sending it. vLLM's options change that: `add_special_tokens: false` leaves out the special
 tokens the tokenizer frames a prompt with (a DeepSeek release's BOS; messages keep their template's own),
 `add_generation_prompt: false` the assistant's opening after messages, and `return_token_strs: true` adds each id's
-token string (`token_strs`); vLLM's continue_final_message, chat_template and chat_template_kwargs are refused,
-as the chat routes refuse them ("prefix": true continues a last message). `model` (default the base model) must be
+token string (`token_strs`); vLLM's continue_final_message and chat_template are refused, as the chat routes refuse
+them ("prefix": true continues a last message), and its chat_template_kwargs read as there (a key the template does not
+read dropped, one it reads refused). `model` (default the base model) must be
 one the caller may use. Like /v1/moderations they count against a key's requests per minute and are not metered; a
 server without API keys answers them to loopback JSON requests only (serve/access.py).
 """
@@ -28,7 +29,13 @@ from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.keys import ApiKey
 from seekstack.serve.openapi import error_responses, json_request
-from seekstack.serve.protocol import REFUSED_VLLM_CHAT_FIELDS, prompt_ids, refuse_fields, refuse_outside_vocabulary
+from seekstack.serve.protocol import (
+    REFUSED_VLLM_CHAT_FIELDS,
+    prompt_ids,
+    refuse_fields,
+    refuse_outside_vocabulary,
+    refuse_template_kwargs,
+)
 from seekstack.serve.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -56,7 +63,8 @@ class TokenizeRequest(StrictRequest):
     add_special_tokens: Annotated[bool, OrDefault] = True  # a prompt's framing (messages: the template's own)
     add_generation_prompt: Annotated[bool, OrDefault] = True  # the assistant's opening after messages
     return_token_strs: Annotated[bool, OrDefault] = False
-    # vLLM's, which change its count; refused as the chat routes refuse them (TEMPLATE_FIELDS), false and {} accepted
+    # vLLM's, which change its count; refused as the chat routes refuse them (TEMPLATE_FIELDS, refuse_template_kwargs),
+    # false and {} accepted
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool | None = None
@@ -87,15 +95,15 @@ class DetokenizeResponse(BaseModel):
 
 TOKENIZE_REQUESTS = [TokenizeRequest, DetokenizeRequest]  # for the OpenAPI document's components
 # vLLM's options of the chat template that this server refuses on the chat routes: counted here, they would be ignored
-TEMPLATE_FIELDS = {
-    name: REFUSED_VLLM_CHAT_FIELDS[name] for name in ("chat_template", "chat_template_kwargs", "continue_final_message")
-}
+# (chat_template_kwargs are read as there: refuse_template_kwargs)
+TEMPLATE_FIELDS = {name: REFUSED_VLLM_CHAT_FIELDS[name] for name in ("chat_template", "continue_final_message")}
 
 
 def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[int]:
     """The token ids /tokenize answers: those the completion or chat call of `body` is billed, but for vLLM's options
     leaving out the prompt's special tokens or the generation prompt."""
     refuse_fields(body, TEMPLATE_FIELDS)
+    refuse_template_kwargs(body.chat_template_kwargs, tokenizer)
     if body.prompt is not None:
         request = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
         [ids] = prompt_ids(request, tokenizer)

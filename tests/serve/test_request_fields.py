@@ -20,7 +20,7 @@ from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
-from seekstack.tokenizer import REASONING_FIELDS
+from seekstack.tokenizer import REASONING_FIELDS, Tokenizer
 from tests.serve.server import error_of, make_model_dir, run
 
 GREEDY = {"model": "model", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -251,7 +251,6 @@ VLLM_REFUSED = {
 }
 VLLM_CHAT_REFUSED = {
     "chat_template": "{{ messages }}",
-    "chat_template_kwargs": {"thinking": True},
     "add_generation_prompt": False,
     "continue_final_message": True,
     "echo": True,
@@ -271,7 +270,7 @@ def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored
         error = error_of(response, 400)
         assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
         assert error["message"].endswith(f"send the request without {field}")
-    chat_nothing = {"chat_template_kwargs": {}, "add_generation_prompt": True, "continue_final_message": False}
+    chat_nothing = {"add_generation_prompt": True, "continue_final_message": False}
     answered = post_each(
         engine,
         tmp_path / "db",
@@ -281,6 +280,46 @@ def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored
         ],
     )
     assert [response.status_code for response in answered] == [200, 200]  # values that ask for nothing more
+
+
+def test_chat_template_kwargs_the_template_does_not_read_are_dropped_and_those_it_reads_refused(engine, tmp_path):
+    """chat_template_kwargs were refused whatever their keys, where vLLM drops a key the chat template does not read
+    (resolve_chat_template_kwargs), so a client sending {"enable_thinking": false} to every model got 400 here and the
+    same prompt there. Such keys are dropped now; a key the template reads (or one of apply_chat_template's options)
+    is refused naming it, on the chat route and /tokenize alike."""
+    dropped = {"enable_thinking": False, "thinking": True}
+    plain, unread, counted, generation, bos, counted_bos = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", CHAT), ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": dropped}),
+        ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": dropped}),
+        ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}),
+        ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"enable_thinking": False, "bos_token": "x"}}),
+        ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": {"bos_token": "x"}}),
+    ])  # fmt: skip
+    assert unread.status_code == 200, unread.text
+    assert unread.json()["choices"] == plain.json()["choices"] and unread.json()["usage"] == plain.json()["usage"]
+    assert counted.json()["tokens"] == engine.tokenizer.encode_chat(CHAT["messages"])
+    for refused, key in ((generation, "add_generation_prompt"), (bos, "bos_token"), (counted_bos, "bos_token")):
+        error = error_of(refused, 400)
+        assert (error["param"], error["code"]) == (f"chat_template_kwargs.{key}", "unsupported_parameter")
+        assert error["message"].startswith(f"chat_template_kwargs.{key}: the chat template reads {key}")
+
+
+def test_chat_template_kwargs_read_by_the_checkpoints_own_template_are_refused(tmp_path):
+    """A checkpoint's own template (DeepSeek-V3.1's reads `thinking`), which vLLM renders with the key, while this
+    server writes the DeepSeek-V3 format: refused, not dropped."""
+    folder = make_model_dir(tmp_path).parent / "tokenizer"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if thinking %}<think>{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_file(folder)
+    body = {"model": "model", "messages": [{"role": "user", "content": "Hello"}]}
+    with pytest.raises(APIError) as refused:
+        prompt_ids(
+            ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"thinking": True}}), tokenizer
+        )
+    assert (refused.value.status, refused.value.param) == (400, "chat_template_kwargs.thinking")
+    kept = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"enable_thinking": True}})
+    assert prompt_ids(kept, tokenizer) == [tokenizer.encode_chat(body["messages"])]
 
 
 @torch.inference_mode()

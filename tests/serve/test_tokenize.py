@@ -154,12 +154,12 @@ def test_tokenize_refuses_vllms_template_options_as_the_chat_routes_do(engine, t
     continued, template, kwargs, nothing, prefixed = post_each(engine, tmp_path / "db", [
         ("/tokenize", {"messages": replayed, "add_generation_prompt": False, "continue_final_message": True}),
         ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ messages }}"}),
-        ("/tokenize", {"prompt": TEXT, "chat_template_kwargs": {"enable_thinking": False}}),
+        ("/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}}),
         ("/tokenize", {"messages": MESSAGES, "continue_final_message": False, "chat_template_kwargs": {}}),
         ("/tokenize", {"messages": [*MESSAGES, {"role": "assistant", "content": "Hi", "prefix": True}]}),
     ])  # fmt: skip
     for refused, param in ((continued, "continue_final_message"), (template, "chat_template"),
-                           (kwargs, "chat_template_kwargs")):  # fmt: skip
+                           (kwargs, "chat_template_kwargs.add_generation_prompt")):  # fmt: skip
         error = error_of(refused, 400)
         assert (error["param"], error["code"]) == (param, "unsupported_parameter")
     assert "mark it prefix: true" in error_of(continued, 400)["message"]  # the server's way to continue it
