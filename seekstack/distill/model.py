@@ -86,15 +86,15 @@ class DistillModel(nn.Module):
         self.moe_layer_ids = student.moe_layer_ids
         self.__dict__["teacher"] = teacher  # outside the module tree (see the class docstring)
         self.__dict__["generations"] = generations
-        self.micro_batches = 0  # trained so far: on-policy batches start after config.on_policy_after steps
+        self.steps_trained = 0  # the trainer's (DistillHooks.begin_step): on-policy batches start after on_policy_after
 
     def block(self, index: int) -> nn.Module:
         """The student's decoder block `index` (the trainer's bias update reaches its routers through it)."""
         return self.student.block(index)
 
     def training_state(self) -> dict:
-        """What a resume needs besides the student's weights: the projections and the micro-batches trained."""
-        return {"projections": self.projections.state_dict(), "micro_batches": self.micro_batches}
+        """What a resume needs besides the student's weights: the projections (the steps trained are the trainer's)."""
+        return {"projections": self.projections.state_dict()}
 
     def load_training_state(self, state: dict, folder: Path) -> None:
         """Restore the `training_state` saved in checkpoint `folder`: a ConfigError naming feature_layers when the
@@ -108,7 +108,6 @@ class DistillModel(nn.Module):
                 field="feature_layers",
             )
         self.projections.load_state_dict(state["projections"])
-        self.micro_batches = state["micro_batches"]
 
     def forward(
         self,
@@ -164,8 +163,7 @@ class DistillModel(nn.Module):
         """The micro-batch the loss scores: with probability `lmbda`, once past on_policy_after steps, the student's
         own rows (GKD), else the reference rows compared on the positions predicting their labelled tokens."""
         config = self.settings
-        warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
-        self.micro_batches += 1
+        warm = self.steps_trained >= config.on_policy_after
         if self.generations is not None and warm and bool(torch.rand(()) < config.lmbda):
             return Drawn(*self.generations(rows, labels, positions), on_policy=True)
         compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens

@@ -6,8 +6,8 @@ batch source (seekstack/posttrain/sft.py: assistant tokens labelled, the rest IG
 recorded in out_dir and scored as in SFT; one process), whose
 model hooks (`DistillHooks`) wrap the student in a `DistillModel`: the teacher in the loop, the feature projections
 trained beside the student. Each
-checkpoint is the student's own Hugging Face-format folder plus, for resume, the projections and the count of
-micro-batches trained in `distill_state.pt` (outside the student's safetensors).
+checkpoint is the student's own Hugging Face-format folder plus, for resume, the projections in `distill_state.pt`
+(outside the student's safetensors).
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class DistillHooks:
 
     def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
         return positions * training_flops_per_token(config, seq_len)  # the student's (the teacher's are not counted)
+
+    def begin_step(self, model: DistillModel, step: int) -> None:
+        model.steps_trained = step  # the trainer's count: a step Ctrl-C cut short is not counted, a resume restores it
 
 
 class DistillSource(SFTSource):

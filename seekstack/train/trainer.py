@@ -179,7 +179,10 @@ class EtaClock:
 
 class ModelHooks(Protocol):
     """How a run trains something made from the model rather than the model itself (LoRA adapters,
-    seekstack.adapters): the module it trains, what its checkpoints hold, how a resume restores it."""
+    seekstack.adapters): the module it trains, what its checkpoints hold, how a resume restores it. Hooks with a
+    `begin_step(model, step)` method are told the steps completed before each step draws its micro-batches (distill's
+    on-policy warm-up counts them): the trainer's count, which a resume restores and an interrupted step leaves as it
+    was, where a count of the module's own would go on counting the micro-batches of a step Ctrl-C cut short."""
 
     def prepare(self, model: Transformer) -> nn.Module:
         """The module to train (its trainable parameters are those with requires_grad), made from the built model."""
@@ -761,6 +764,9 @@ class _Run:
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
         self.optimizer.zero_grad(set_to_none=True)
+        begin_step = getattr(self.hooks, "begin_step", None)
+        if begin_step is not None:
+            begin_step(model, self.step)
         micro_batches = [
             self.data.batch(config.batch_size, progress=data_progress) for _ in range(config.grad_accum_steps)
         ]

@@ -149,6 +149,28 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
 
 
+def test_ctrl_c_during_a_step_leaves_the_on_policy_warm_up_to_the_steps_completed(workspace, tmp_path, monkeypatch):
+    changes = dict(lmbda=1.0, on_policy_after=2, max_steps=3, save_every=0)
+    whole = run_distill(conversation_config(workspace, tmp_path / "whole", **changes))
+    score, scored = Teacher.score, []
+
+    def interrupted(self, *args, **kwargs):
+        scored.append(self)
+        if len(scored) == 2:  # Ctrl-C while the teacher scores step 2's micro-batch
+            raise KeyboardInterrupt
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Teacher, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(conversation_config(workspace, tmp_path / "cut", **changes))
+    monkeypatch.setattr(Teacher, "score", score)
+    resumed = run_distill(conversation_config(workspace, tmp_path / "cut", **changes), resume=True)
+    for run in ("whole", "cut"):  # was: the cut step's micro-batch counted, step 2 of the resumed run on-policy
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert ["lm_loss" in line for line in lines] == [True, True, False]
+    assert resumed.losses == whole.losses[1:]  # bit for bit
+
+
 def evaluations(out_dir) -> list[dict]:
     """The val_loss records of a run's metrics.jsonl."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -95,7 +95,7 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     assert load_pretrained(checkpoint).config.hidden_size == 32
     state = torch.load(checkpoint / STATE_FILE)
     maps = state["projections"]
-    assert state["micro_batches"] == 4
+    assert set(state) == {"projections"}  # the steps trained, which on_policy_after counts, are the trainer's
     assert {name: tuple(t.shape) for name, t in maps.items()} == {"maps.0.weight": (64, 32), "maps.1.weight": (64, 32)}
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "val_bpb" in line] == [2, 4]  # validation of the student
