@@ -80,6 +80,16 @@ LARGEST_VOCAB = 2**20
 PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
+def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
+    """PRE_TOKENIZER_PATTERN, its runs of digits cut into pieces of at most `split_digits` when given (GPT-4's and
+    DeepSeek-V3's patterns cut at 3, nanochat's at 2), so no token holds more; None keeps a run whole, as GPT-2's."""
+    if split_digits is None:
+        return PRE_TOKENIZER_PATTERN
+    if split_digits < 1:
+        raise ConfigError(f"is {split_digits}; a run of digits is cut into pieces of 1 digit or more", "split_digits")
+    return PRE_TOKENIZER_PATTERN.replace(r" ?\p{N}+", rf" ?\p{{N}}{{1,{split_digits}}}")
+
+
 def tool_call_text(name: str, arguments: str) -> str:
     """One tool call as DeepSeek-V3 writes it (and vLLM's deepseek_v3 parser reads it): the function's `name`, then
     its `arguments` (a JSON object's text) in a json code block, between the call's tokens."""
@@ -963,15 +973,21 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, model_max_length: int = 4096
+    texts: Iterable[str],
+    vocab_size: int,
+    out_path: str | os.PathLike,
+    model_max_length: int = 4096,
+    split_digits: int | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE on `texts`; write `tokenizer.json` and `tokenizer_config.json` to `out_path`.
 
-    `out_path` is the directory, or the `tokenizer.json` path inside it; a `vocab_size` outside
-    [SMALLEST_VOCAB, LARGEST_VOCAB] is a ConfigError and a `.json` path of another name a ValueError, both raised
-    before `texts` is read.
+    `out_path` is the directory, or the `tokenizer.json` path inside it; `split_digits` cuts runs of digits into
+    pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: whole runs). A `vocab_size` outside
+    [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 is a ConfigError and a `.json` path of another name a
+    ValueError, all raised before `texts` is read.
     """
     check_vocab_size(vocab_size)
+    pattern = pre_tokenizer_pattern(split_digits)
     path = tokenizer_json_path(out_path)
     if path.name != TOKENIZER_FILE:
         raise ValueError(
@@ -981,7 +997,7 @@ def train_tokenizer(
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

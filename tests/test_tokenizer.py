@@ -215,6 +215,35 @@ def test_pre_tokenization_keeps_combining_marks_with_their_letters(trained):
     ]
 
 
+def test_split_digits_cuts_runs_of_digits_into_tokens_of_at_most_that_many(tmp_path):
+    """GPT-2's pattern keeps a run of digits whole, so BPE learns numbers as tokens of any length (` 12345`);
+    `split_digits` (`tokenizer train --split-digits`) cuts them as GPT-4's, DeepSeek-V3's (3) and nanochat's (2)
+    patterns do. Left out, runs stay whole: the default tokenizer (and the demo's figures) unchanged."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    texts = [f"x = {n} + {n * 7919} # 2024-06-15 v3.11 code 1234567890\n" * 5 for n in range(300)]
+    split = train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "split", split_digits=3)
+    whole = train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "whole")
+    assert [split.decode([i]) for i in split.encode(" 1234567890")] == [" 123", "456", "789", "0"]
+    assert max(len(token) for token in split.backend.get_vocab() if token.isdigit()) == 3
+    assert max(len(token) for token in whole.backend.get_vocab() if token.isdigit()) > 3
+    fast = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "split"))  # the pattern is in tokenizer.json
+    assert fast.encode(" 1234567890") == split.encode(" 1234567890")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "cli")]
+    assert CliRunner().invoke(app, [*args, "--split-digits", "2"]).exit_code == 0
+    cli = Tokenizer.from_file(tmp_path / "cli")
+    assert [cli.decode([i]) for i in cli.encode(" 12345")] == [" 12", "34", "5"]
+    refused = CliRunner().invoke(app, [*args, "--split-digits", "0"])
+    assert refused.exit_code == 2 and "--split-digits" in refused.output
+    with pytest.raises(ConfigError, match="split_digits"):
+        train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "none", split_digits=0)
+
+
 def test_special_tokens_are_single_ids_and_never_split(trained):
     tokenizer, _ = trained
     for token_id, token in enumerate(SPECIAL_TOKENS):

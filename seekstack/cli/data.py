@@ -212,6 +212,14 @@ def tokenizer_train(
             "refused, an earlier tokenizer alone there is replaced"
         ),
     ] = Path("data/tokenizer"),
+    split_digits: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Cut runs of digits into pieces of at most N before BPE, so no token holds more (GPT-4 and "
+            "DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece, as GPT-2's pattern keeps it",
+        ),
+    ] = None,
 ) -> None:
     """Train a byte-level BPE tokenizer on the training split."""
     from seekstack.corpus.sources import read_jsonl
@@ -222,7 +230,7 @@ def tokenizer_train(
         _refuse_a_folder_of_other_files(out)
         texts = (document.text for document in read_jsonl(corpus / "train.jsonl"))
         with options_named():
-            trained = train_tokenizer(texts, vocab_size, out)
+            trained = train_tokenizer(texts, vocab_size, out, split_digits=split_digits)
     typer.echo(f"wrote {trained.source}: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
         typer.echo(
