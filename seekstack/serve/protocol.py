@@ -344,13 +344,15 @@ def sampling_params(
     else:
         unasked = min(room, model_defaults.get("max_new_tokens", room))
         max_new_tokens = requested or (unasked if unasked_limit is None else min(unasked, max(unasked_limit, 1)))
-    # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
-    # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
+    # the length named and counted as the request gave it (max_completion_tokens, else max_tokens: a completion's
+    # default 16, a chat's unset length, an echo's 0), not as SamplingParams' max_new_tokens, which no HTTP caller
+    # writes
     length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
+    length = 0 if echo_only(request) else max_new_tokens
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built
-            require(request.min_tokens <= max_new_tokens, "min_tokens", min_tokens_limit(length_name, max_new_tokens))
+            require(request.min_tokens <= length, "min_tokens", min_tokens_limit(length_name, length))
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
                 temperature=unless_set("temperature", 1.0),

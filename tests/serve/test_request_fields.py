@@ -143,6 +143,21 @@ def test_min_tokens_above_max_completion_tokens_is_refused_naming_max_completion
     assert error["param"] == "min_tokens"
 
 
+@pytest.mark.parametrize("min_tokens", [1, 2])
+def test_min_tokens_of_an_echo_of_max_tokens_0_is_refused_naming_the_0_given(engine, tmp_path, min_tokens):
+    """An echo of max_tokens 0 (the prompt alone, scored) is run as max_tokens 1 with that token hidden: min_tokens 2
+    was refused as 'at most max_tokens (1)', a length the caller never gave, and min_tokens 1 accepted, asking for a
+    token the answer leaves out (vLLM's echo without generation does both, saying max_tokens=1)."""
+    body = {**COMPLETION, "echo": True, "max_tokens": 0, "min_tokens": min_tokens}
+    refused, scored = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", body), ("/v1/completions", {**body, "min_tokens": 0}),
+    ])  # fmt: skip
+    error = error_of(refused, 400)
+    assert error["message"] == "field 'min_tokens' must be at most max_tokens (0), as vLLM's: no reply reaches more"
+    assert (error["param"], error["code"]) == ("min_tokens", "invalid_value")
+    assert scored.json()["choices"][0]["text"] == COMPLETION["prompt"]
+
+
 def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp_path):
     """lm-eval's local-completions sends a task's `until` with the EOS text as `stop`: humaneval's 6 were refused
     ('stop: List should have at most 4 items'), so the task failed on every request, where vLLM serves it."""
