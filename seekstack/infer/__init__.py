@@ -10,6 +10,7 @@ _EXPORTS = {
     "Completion": "seekstack.infer.outputs",
     "Engine": "seekstack.infer.engine",
     "EngineStats": "seekstack.infer.outputs",
+    "Logprob": "seekstack.infer.outputs",
     "RequestOutput": "seekstack.infer.outputs",
     "TokenLogprob": "seekstack.infer.outputs",
     "EngineOptions": "seekstack.infer.params",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,15 +13,42 @@ if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's entry of a `TokenLogprob` read as vLLM's dict: its log-probability, rank and text (vLLM's
+    Logprob)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 @dataclass
-class TokenLogprob:
-    """The log-probability of a generated token under the model, and of the most likely alternatives."""
+class TokenLogprob(Mapping[int, Logprob]):
+    """The log-probability of a generated token under the model, and of the most likely alternatives; also vLLM's
+    per-token dict, {token id: Logprob}, this token's first, then the alternatives not it, ranked 1, 2, ... as listed
+    (`output.logprobs[i][token_id].logprob`)."""
 
     token_id: int
     token: str
     logprob: float
     top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
     rank: int | None = None  # vLLM's Logprob.rank: 1 + the tokens likelier than this one
+
+    def _by_id(self) -> dict[int, Logprob]:
+        by_id = {self.token_id: Logprob(self.logprob, self.rank, self.token)}
+        for rank, (token_id, text, logprob) in enumerate(self.top, start=1):
+            by_id.setdefault(token_id, Logprob(logprob, rank, text))
+        return by_id
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._by_id()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._by_id())
+
+    def __len__(self) -> int:
+        return len(self._by_id())
 
 
 @dataclass

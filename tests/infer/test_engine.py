@@ -18,7 +18,7 @@ import torch
 
 import seekstack
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from seekstack.infer.outputs import Completion
+from seekstack.infer.outputs import Completion, Logprob
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
@@ -66,6 +66,24 @@ def test_each_sampled_tokens_logprob_carries_its_rank_as_vllms(model, tokenizer,
     bounds = zip(surely_likelier.tolist(), ranks, maybe_likelier.tolist(), strict=True)
     assert all(low <= rank <= high for low, rank, high in bounds), ranks  # the batch's float rounding apart
     assert (maybe_likelier - surely_likelier).sum() < 20 and max(ranks) > 2  # sampled, not only the likeliest
+
+
+@torch.inference_mode()
+def test_a_tokens_logprobs_read_as_vllms_dict_of_logprob_by_token_id(model, tokenizer):
+    """vLLM scripts read `output.logprobs[i][token_id].logprob` (a dict per token: the sampled token's Logprob first,
+    then the top k not it, ranked 1..k); a TokenLogprob raised TypeError: 'TokenLogprob' object is not subscriptable."""
+    params = SamplingParams(max_new_tokens=6, seed=1, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    [completion] = Engine(model, tokenizer).generate(prompts([9]), params)
+    for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
+        assert next(iter(entry)) == token and entry[token] == Logprob(entry.logprob, entry.rank, entry.token)
+        ranked = [
+            (token_id, Logprob(logprob, rank, text)) for rank, (token_id, text, logprob) in enumerate(entry.top, 1)
+        ]
+        alternatives = [(token_id, logprob) for token_id, logprob in ranked if token_id != token]
+        assert list(entry.items())[1:] == alternatives and len(entry) == 1 + len(alternatives)
+    assert any(len(entry) == 3 for entry in completion.logprobs)  # sampled past the likeliest two somewhere
+    first_scored = completion.prompt_logprobs[1]
+    assert first_scored[completion.prompt_token_ids[1]].logprob == first_scored.logprob and 1 <= len(first_scored) <= 2
 
 
 @torch.inference_mode()
