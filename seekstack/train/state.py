@@ -173,10 +173,18 @@ def prune_checkpoints(out_dir: str | Path, keep: int, saved: Path, left_after: i
     outrank the new ones, for this deletion and for the next --resume; so do, at a resumed run's first save, those
     after the step it resumed from (`left_after`), whatever their step: none of them is of its history."""
     saved_step = step_number(saved)
+    if left_after is not None and left_after > saved_step:
+        raise ValueError(
+            f"prune_checkpoints: left_after={left_after} is after the step saved, {saved}; a resumed run saves after "
+            "the step it went on from"
+        )
+    went_on_from = left_after if left_after is not None else saved_step  # no step is after it and before saved's
+
+    def of_history(step: int) -> bool:  # at or below the one saved, and not of the history a resumed run left
+        return step <= saved_step and not went_on_from < step < saved_step
+
     checkpoints = list_checkpoints(out_dir)
-    left = range(left_after + 1, saved_step) if left_after is not None else range(0)
-    kept = [checkpoint for checkpoint in checkpoints if step_number(checkpoint) <= saved_step
-            and step_number(checkpoint) not in left][-keep:]  # fmt: skip
+    kept = [checkpoint for checkpoint in checkpoints if of_history(step_number(checkpoint))][-keep:]
     for old in checkpoints:
         if old not in kept:
             delete_directory(old)

@@ -121,6 +121,21 @@ def test_a_retention_killed_while_deleting_a_checkpoint_leaves_no_step_folder_wi
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_pruning_deletes_the_history_a_resumed_run_left_and_refuses_a_step_it_went_on_from_after_the_save(tmp_path):
+    """prune_checkpoints deleted the checkpoints in range(left_after + 1, saved), which is empty, silently, where
+    left_after (the step a resumed run went on from) is after the step saved: a caller's mistake, as a resumed run saves
+    after that step, passed for "nothing left". It is refused; the steps between the two are deleted, and those after
+    the one saved."""
+    model = Transformer(micro_config())
+    for step in (2, 4, 6, 8, 10):
+        save_checkpoint(tmp_path, model, {"step": step}, keep=5)
+    with pytest.raises(ValueError, match="left_after=10 is after the step saved"):
+        prune_checkpoints(tmp_path, keep=5, saved=tmp_path / "checkpoints" / "step_8", left_after=10)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2", "step_4", "step_6", "step_8", "step_10"]
+    prune_checkpoints(tmp_path, keep=5, saved=tmp_path / "checkpoints" / "step_8", left_after=4)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2", "step_4", "step_8"]
+
+
 def test_a_save_after_a_resume_from_an_earlier_checkpoint_keeps_it_and_deletes_the_later_ones(tmp_path):
     """A run resumed from step_2 of a run that had saved step_4 and step_6 saved its step_4, and keep_checkpoints=1
     deleted that one, the newest the run had, keeping the step_6 of the history it left, which the next --resume
