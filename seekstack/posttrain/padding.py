@@ -28,9 +28,13 @@ def pad_labelled(
 
 
 def real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """(B, T) bool: the tokens of a `pad_labelled` batch that are not padding. Where the pad id is EOS (DeepSeek-V2
-    releases have no pad token) an EOS is real when labelled, as every assistant turn's is."""
-    return (input_ids != pad_id) | (labels != IGNORE_INDEX)
+    """(B, T) bool: the tokens of a `pad_labelled` batch that are not padding, each row's up to its last token that
+    is not the pad id or is labelled; the padding is what follows. Where the pad id is EOS (DeepSeek-V2 releases have
+    no pad token) an EOS inside a row is real though unlabelled (a turn of weight 0's), as TRL's padding starts after
+    a row's end, not at its first EOS; a row's last EOS is real when labelled, as every trained assistant turn's is
+    (unlabelled, it cannot be told from the padding after it)."""
+    kept = ((input_ids != pad_id) | (labels != IGNORE_INDEX)).int()
+    return kept.flip(1).cummax(dim=1).values.flip(1).bool()  # (B, T): a kept token at or after each position
 
 
 def within_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:

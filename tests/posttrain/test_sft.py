@@ -673,6 +673,17 @@ def test_padding_is_told_from_a_labelled_eos_where_eos_pads():
     assert real_tokens(input_ids, labels, eos).tolist() == [[True, True, True], [True, True, False]]
 
 
+def test_an_unlabelled_eos_inside_a_row_is_real_where_eos_pads():
+    """A turn of weight 0 ends in an EOS left unlabelled: where EOS pads, it was counted as padding (out of the expert
+    load) though the model attends to it and routes it; only the EOS ids after a row's last token are padding."""
+    from seekstack.posttrain.padding import pad_labelled, real_tokens
+
+    eos = 1
+    weight_0_turn = ([5, 6, eos, 7, 8, eos], [-100, -100, -100, -100, 8, eos])  # "6<eos>" untrained, "8<eos>" trained
+    input_ids, labels = pad_labelled([weight_0_turn, ([5, 9, eos], [-100, 9, eos])], eos, 8)
+    assert real_tokens(input_ids, labels, eos).tolist() == [[True] * 6, [True, True, True, False, False, False]]
+
+
 def test_transformers_assistant_tokens_mask_is_the_sft_labels_mask(tmp_path):
     """TRL's assistant_only_loss reads the chat template's {% generation %} blocks (apply_chat_template with
     return_assistant_tokens_mask): the template had none, so transformers could not tell the assistant's tokens.
