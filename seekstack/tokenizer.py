@@ -749,9 +749,16 @@ def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
 
 def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
     """Why the tokenizers library refused `path` (its `error`): another JSON file given for the tokenizer.json (the
-    tokenizer_config.json beside it, a model's config.json), a byte-order mark before the JSON, or a tokenizer.json
-    truncated or damaged."""
+    tokenizer_config.json beside it, a model's config.json), a byte-order mark before the JSON, a Git LFS pointer in
+    its place, or a tokenizer.json truncated or damaged."""
+    from seekstack.checkpoint.reader import LFS_POINTER  # here alone: the checkpoint reader imports torch
+
     raw = path.read_bytes()
+    if raw.startswith(LFS_POINTER):  # a hub repository cloned without Git LFS, as its weights are
+        return (
+            f"a Git LFS pointer ({len(raw)} bytes), not the tokenizer: the repository was cloned without Git LFS; "
+            "fetch it with `git lfs pull` in the clone, or download the folder with `hf download`"
+        )
     if raw.startswith(codecs.BOM_UTF8):
         return (
             "starts with a UTF-8 byte-order mark, which neither seekstack nor transformers reads in JSON (an editor "

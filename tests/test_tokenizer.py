@@ -673,6 +673,20 @@ def test_a_whole_tokenizer_file_of_a_part_the_library_does_not_know_is_not_calle
     assert "a type or field this version does not know" in message and "truncated" not in message
 
 
+def test_a_git_lfs_pointer_in_place_of_the_tokenizer_file_is_named_as_such(tmp_path):
+    """A hub repository cloned without Git LFS holds a pointer for a tokenizer.json past 10 MB (Gemma's, Qwen3's), as
+    for its weights, which loading names so; the tokenizer was called 'truncated or damaged: train or copy it again'."""
+    path = tmp_path / "tokenizer.json"
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 11422654\n"
+    path.write_text(pointer, encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        Tokenizer.from_file(tmp_path)
+    assert str(error.value) == (
+        f"{path}: a Git LFS pointer (133 bytes), not the tokenizer: the repository was cloned without Git LFS; fetch "
+        "it with `git lfs pull` in the clone, or download the folder with `hf download`"
+    )
+
+
 def test_a_tokenizer_file_opening_with_a_byte_order_mark_is_named_as_such(trained, tmp_path):
     """Read as damaged before: 'expected value at line 1 column 1 ... truncated or damaged: train or copy it again'."""
     _, out_dir = trained
