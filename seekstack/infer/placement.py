@@ -81,7 +81,8 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
         placement.update(dict.fromkeys(matched, device))
     missing = [name for name in names if name not in placement]
     if missing:
-        raise ValueError(f"the device map places no device for {missing[0]} (and {len(missing) - 1} more parts)")
+        unplaced = ", ".join(pattern for pattern, _ in _ranged(dict.fromkeys(missing, "")))
+        raise ValueError(f"the device map places no device for {unplaced}: add an entry for each, or *=device first")
     return {name: placement[name] for name in names}
 
 

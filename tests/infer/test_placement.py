@@ -63,8 +63,12 @@ def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
     ]  # fmt: skip
     assert parse_device_map(format_device_map(placement), names) == placement
     assert format_device_map(placement).endswith("layers.1-2.mlp.experts=disk")
-    with pytest.raises(ValueError, match="places no device for layers.0.self_attn"):
+    with pytest.raises(ValueError) as unplaced:
         parse_device_map("embed_tokens=cpu", names)
+    assert str(unplaced.value) == (  # it said "layers.0.self_attn (and 10 more parts)", naming no other
+        "the device map places no device for mtp.0, norm, lm_head, layers.0-2.self_attn, layers.0.mlp, "
+        "layers.1-2.mlp.shared_experts, layers.1-2.mlp.experts: add an entry for each, or *=device first"
+    )
     with pytest.raises(ValueError, match="'layers.9=cpu' matches no part"):
         parse_device_map("*=cpu,layers.9=cpu", names)
     with pytest.raises(ValueError, match="'gpu7' is not cpu, disk, cuda:N or a GPU number N"):
@@ -685,7 +689,7 @@ def test_accelerates_model_key_places_every_part_of_transformers_base_model_but_
     placement = parse_device_map(device_map_text({"model": 0, "lm_head": "cpu"}), list(units(model)))
     assert [name for name, device in placement.items() if device == "cpu"] == ["lm_head"]
     assert set(placement.values()) == {"cuda:0", "cpu"} and placement["mtp.0"] == "cuda:0"
-    with pytest.raises(ValueError, match=r"^the device map places no device for lm_head"):
+    with pytest.raises(ValueError, match=r"^the device map places no device for lm_head: add an entry for each"):
         parse_device_map(device_map_text({"model": "cpu"}), list(units(model)))  # as accelerate, the head unplaced
     model_dir(tmp_path)
     engine = Engine.from_pretrained(tmp_path, device_map={"lm_head": "disk", "model": "cpu"})
