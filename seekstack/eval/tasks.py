@@ -205,8 +205,10 @@ def code_task_configs(
     corpus: str | Path, tasks: tuple[str, ...], per_module: int, common: dict[str, Any], num_fewshot: int | None = None
 ) -> list[dict[str, Any]]:
     """The code tasks' configs, their documents built from the corpus's held-out modules; ValueError naming
-    --num-fewshot when a task has too few documents for `num_fewshot` examples each, which lm_eval's sampler draws
-    from the task's other documents (it failed with "Sample larger than population or is negative")."""
+    --num-fewshot when a line task has too few documents for `num_fewshot` examples each, which lm_eval's sampler
+    draws from the task's other documents (it failed with "Sample larger than population or is negative").
+    code_perplexity's config sets num_fewshot 0, which lm_eval keeps whatever --num-fewshot says: a rolling
+    log-likelihood scores the text alone, so examples would be drawn and never read, and its n-shot would say so."""
     modules = held_out_modules(corpus)
     questions = next_line_docs(modules, per_module)
     val = Path(corpus) / "val.jsonl"
@@ -235,8 +237,8 @@ def code_task_configs(
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
             "custom_dataset": _in_memory(questions),
         },
-        "code_perplexity": {
-            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
+        "code_perplexity": {  # each text scored whole, its rolling windows reading no context: never examples
+            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text", "num_fewshot": 0,
             "metric_list": [
                 {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
                 {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
@@ -245,8 +247,8 @@ def code_task_configs(
             "custom_dataset": _in_memory(openings),
         },
     }  # fmt: skip
-    for task in tasks:
-        documents = len(openings if task == "code_perplexity" else questions)
+    for task in line_tasks:
+        documents = len(questions)
         if num_fewshot is not None and num_fewshot >= documents:
             raise ValueError(
                 f"--num-fewshot {num_fewshot}: {task} has {documents} document(s) from {val}, and each one's examples "

@@ -174,9 +174,23 @@ def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_
     corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE, MODULE])  # modules to draw the example from
     report = evaluate(checkpoint, ("code_perplexity",), corpus, limit=2, device="cpu", num_fewshot=1)
     assert report["n-samples"] == {"code_perplexity": {"original": 3, "effective": 2}} and "samples" not in report
-    assert report["n-shot"] == {"code_perplexity": 1} and report["versions"] == {"code_perplexity": 1}
+    # code_perplexity reads no examples, whatever --num-fewshot says (the next test)
+    assert report["n-shot"] == {"code_perplexity": 0} and report["versions"] == {"code_perplexity": 1}
     directions = {"bits_per_byte": False, "byte_perplexity": False, "word_perplexity": False}
     assert report["higher_is_better"] == {"code_perplexity": directions}
+
+
+def test_code_perplexity_runs_and_records_no_few_shot_examples_whatever_num_fewshot_says(checkpoint, tmp_path):
+    """lm_eval scores a rolling log-likelihood on the document's text alone, so --num-fewshot N drew N examples for
+    code_perplexity that were never read: its score was the zero-shot one while its n-shot said N, and a corpus of
+    N modules or fewer was refused for examples it would not use. Its config sets num_fewshot 0, which lm_eval keeps."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE.replace("compute", "measure")])
+    report = evaluate(checkpoint, "code_cloze,code_perplexity", corpus, limit=1, device="cpu", num_fewshot=1)
+    assert report["n-shot"] == {"code_cloze": 1, "code_perplexity": 0}
+    one = write_corpus(tmp_path / "one", [MODULE])
+    assert [config["num_fewshot"] for config in task_configs(one, ("code_perplexity",), num_fewshot=2)] == [0]
 
 
 def test_results_record_each_tasks_config_as_it_ran_as_lm_evals_results_json(checkpoint, tmp_path):
@@ -191,7 +205,7 @@ def test_results_record_each_tasks_config_as_it_ran_as_lm_evals_results_json(che
     cloze, perplexity = written["configs"]["code_cloze"], written["configs"]["code_perplexity"]
     assert (cloze["num_fewshot"], cloze["output_type"], cloze["doc_to_choice"]) == (1, "multiple_choice", "choices")
     assert [metric["metric"] for metric in cloze["metric_list"]] == ["acc", "acc_norm"]
-    assert (perplexity["num_fewshot"], perplexity["output_type"]) == (1, "loglikelihood_rolling")
+    assert (perplexity["num_fewshot"], perplexity["output_type"]) == (0, "loglikelihood_rolling")
     assert perplexity["test_split"] == perplexity["fewshot_split"] == "test"
 
 
@@ -308,11 +322,11 @@ def test_more_few_shot_examples_than_a_task_has_other_documents_are_refused_nami
     """lm_eval's sampler failed with "Sample larger than population or is negative", naming neither the option nor
     the task: a document's examples are drawn from the task's other documents, so 2 documents hold 1 example."""
     corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE])
-    refused = r"^--num-fewshot 2: code_perplexity has 2 document\(s\) from .*val\.jsonl, .* the others: at most 1 \("
+    refused = r"^--num-fewshot 2: code_cloze has 2 document\(s\) from .*val\.jsonl, .* the others: at most 1 \("
     with pytest.raises(ValueError, match=refused):
-        task_configs(corpus, ("code_perplexity",), num_fewshot=2)
-    assert [config["task"] for config in task_configs(corpus, ("code_perplexity",), num_fewshot=1)] == [
-        "code_perplexity"
+        task_configs(corpus, ("code_cloze",), per_module=1, num_fewshot=2)
+    assert [config["task"] for config in task_configs(corpus, ("code_cloze",), per_module=1, num_fewshot=1)] == [
+        "code_cloze"
     ]
 
 
