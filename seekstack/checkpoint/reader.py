@@ -286,7 +286,7 @@ class CheckpointReader:
         compressed-tensors picks it among the targets naming the layer (a later group's target replacing an earlier
         group's same one): the exact name first, then `re:` patterns (in the order of their text), then a module
         class (`Linear`); None when no target names it."""
-        named = [t for t, (_, pattern) in self.targets.items() if t == key or (pattern and pattern.match(key))]
+        named = _naming(self.targets, key)
         targets = [*sorted(named, key=lambda t: (t.startswith("re:"), t)), *({"Linear"} & self.targets.keys())]
         if not targets:
             return None
@@ -588,9 +588,7 @@ class CheckpointReader:
         if not key.endswith(".weight"):
             return False
         layer = key.removesuffix(".weight")
-        linear = layer.endswith(("_proj", "_proj_with_mqa", "lm_head")) and not any(
-            name == layer or (pattern and pattern.match(layer)) for name, (_, pattern) in self.ignored.items()
-        )
+        linear = layer.endswith(("_proj", "_proj_with_mqa", "lm_head")) and not _naming(self.ignored, layer)
         # "local" (nvfp4's tensor_group: local scales dynamic, a stored global one) too: `_fake_quantized` refuses it
         dynamic = self.fake_quantized and linear and self._group_weights(layer).get("dynamic") in (True, "local")
         return f"{key}_scale" in self.key_to_file or dynamic
@@ -756,6 +754,12 @@ def _targets(config_groups: dict[str, Any], config_path: Path) -> dict[str, tupl
             where = f"quantization_config group {name!r} targets {target!r}"
             targets[target] = (name, _target_pattern(target, where, config_path))
     return targets
+
+
+def _naming(targets: dict[str, tuple[str, re.Pattern[str] | None]], layer: str) -> list[str]:
+    """The `targets` (as `_targets` gives them) that name layer `layer`: its exact name, or a `re:` pattern matching
+    it from its start, as compressed-tensors matches a target or an `ignore` entry to a module's name."""
+    return [target for target, (_, pattern) in targets.items() if target == layer or (pattern and pattern.match(layer))]
 
 
 def _quantization_format(quantization: dict[str, Any]) -> str:
