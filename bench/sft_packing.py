@@ -84,8 +84,8 @@ def stage_run(
     """A stage's config and the call that trains it into `out`: sft a fresh model of MODEL, distill the same against
     `base` as its teacher, lora train an adapter of `base`."""
     if stage == "lora":
-        config, adapter = lora_train_config(base, data, out, overrides)
-        return config, lambda: train_adapter(config, adapter)
+        run = lora_train_config(base, data, out, overrides)
+        return run.config, lambda: train_adapter(*run)
     overrides = [*overrides, f"data={data}", f"out_dir={out}", *MODEL]
     if stage == "distill":
         config = resolve_train_config(None, [*overrides, f"teacher={base}"], cls=DistillConfig)

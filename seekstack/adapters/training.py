@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -161,6 +161,14 @@ def eva_start(model: peft.PeftModel, components: dict[str, torch.Tensor]) -> Non
     config.init_lora_weights, config.eva_config = True, None
 
 
+class LoraRun(NamedTuple):
+    """A `lora train` run as `lora_train_config` resolves it and `train_adapter` trains it."""
+
+    config: TrainConfig
+    adapter: AdapterConfig
+    continued: Path | None  # the other run whose checkpoint this one continues into its out_dir (`started_run`)
+
+
 def lora_train_config(
     base: str | Path | None,
     data_dir: str | Path | None,
@@ -168,13 +176,13 @@ def lora_train_config(
     overrides: Sequence[str] = (),
     resume: bool | Path = False,
     warn: Callable[[str], None] | None = None,
-) -> tuple[TrainConfig, AdapterConfig]:
+) -> LoraRun:
     """The run's TrainConfig and AdapterConfig: `lora.FIELD=V` overrides go to the adapter, the rest to training.
 
     Both are checked before DATA is prepared (text tokenized into `out`, seekstack.adapters.data). A resumed run
     starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape), or
-    where `out` holds no run and `resume` is another run's checkpoint folder, from that run's (`started_run`); a new
-    run refuses an `out` that holds a run already."""
+    where `out` holds no run and `resume` is another run's checkpoint folder, from that run's (`started_run`, returned
+    as `continued`); a new run refuses an `out` that holds a run already."""
     adapter_overrides = _adapter_overrides(overrides)
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     run = started_run(resume, out) if resume else Path(out)
@@ -228,7 +236,7 @@ def lora_train_config(
         if prepared != Path(data_dir):  # text, tokenized into `out`: too little of it is named as the user gave it
             require_text_windows(data_dir, prepared, train_config)
         train_config = replace(train_config, data_dir=str(prepared))
-    return train_config, adapter
+    return LoraRun(train_config, adapter, None if run == Path(out) else run)
 
 
 @contextmanager
@@ -353,10 +361,12 @@ def started_run(resume: bool | Path, out: str | Path) -> Path:
     return run
 
 
-def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool | Path = False) -> TrainResult:
+def train_adapter(
+    train_config: TrainConfig, adapter: AdapterConfig, continued: Path | None, resume: bool | Path = False
+) -> TrainResult:
     """Train the adapter (or continue the run in `out_dir`: from its newest checkpoint, or the checkpoint folder
-    `resume` names); the adapter files end up in `out_dir` itself, those of the checkpoint saved at the interruption
-    when Ctrl-C stops the run."""
+    `resume` names, of the run `continued` when it is another's); the adapter files end up in `out_dir` itself, those
+    of the checkpoint saved at the interruption when Ctrl-C stops the run."""
     rows = (adapter.head_tokens, adapter.embedding_tokens)
     head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
     with lora_keys():
@@ -364,9 +374,9 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []  # refuses chat data
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
-    if not resume or not (out / CONFIG_FILE).is_file():  # a new run, or another run's checkpoint continued in `out`
+    if not resume or continued is not None:  # a new run, or another run's checkpoint continued in `out`
         adapter.save(out)
-    held_out = started_run(resume, out) / HELD_OUT_FILE if resume else None
+    held_out = continued / HELD_OUT_FILE if continued is not None else None
     if held_out is not None and not (out / HELD_OUT_FILE).is_file() and held_out.is_file():
         shutil.copyfile(held_out, out / HELD_OUT_FILE)  # the conversations the continued run holds out
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)

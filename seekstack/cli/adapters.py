@@ -65,10 +65,10 @@ def train_command(
         checkpoint = step_dir(out, step) if step is not None else resumed
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
         told: list[str] = []  # a resume's warnings, told once it is known to go ahead
-        train_config, adapter = lora_train_config(base, data, out, overrides, checkpoint, told.append)
+        run = lora_train_config(base, data, out, overrides, checkpoint, told.append)
         tell_once_resumable(out, checkpoint, told)
         try:
-            result = train_adapter(train_config, adapter, checkpoint)
+            result = train_adapter(*run, checkpoint)
         except TrainingDiverged as error:
             fail(str(error))
     if is_main_process():  # under torchrun, rank 0 alone tells the outcome, as `seekstack train` does

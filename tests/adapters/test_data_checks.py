@@ -68,7 +68,7 @@ def test_lora_train_refuses_shards_of_another_tokenizer_and_gives_the_command_th
     assert command == f"seekstack data tokenize --corpus {corpus} --tokenizer {base} --out {retokenized}"
     result = runner.invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
-    train_config, _ = lora_train_config(base, retokenized, tmp_path / "adapter", QUICK_RUN)
+    train_config = lora_train_config(base, retokenized, tmp_path / "adapter", QUICK_RUN).config
     assert train_config.data_dir == str(retokenized)
 
 
@@ -88,7 +88,7 @@ def test_shards_whose_index_records_no_tokenizer_hash_are_not_checked(base, othe
         index = json.loads(index_path(old, split).read_text())
         del index["tokenizer"]["sha256"]
         index_path(old, split).write_text(json.dumps(index))
-    train_config, _ = lora_train_config(base, old, tmp_path / "adapter", QUICK_RUN)
+    train_config = lora_train_config(base, old, tmp_path / "adapter", QUICK_RUN).config
     assert train_config.data_dir == str(old)
 
 
@@ -157,9 +157,9 @@ def test_a_lora_run_moved_to_another_depth_resumes_given_its_base_and_data_again
 def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, text_run):
     text, out = text_run
     tokens_written = index_path(out / "data", "train").stat().st_mtime_ns
-    train_config, adapter = lora_train_config(base, text, out, ["max_steps=2"], resume=True)
+    train_config, adapter, continued = lora_train_config(base, text, out, ["max_steps=2"], resume=True)
     assert train_config.data_dir == str(out / "data")
-    assert train_adapter(train_config, adapter, resume=True).step == 2
+    assert train_adapter(train_config, adapter, continued, resume=True).step == 2
     assert index_path(out / "data", "train").stat().st_mtime_ns == tokens_written  # not tokenized again
 
 
@@ -243,7 +243,7 @@ def test_compile_with_peft_parameter_targets_is_refused_before_the_run_is_writte
         lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, "compile=true"])
     assert not (tmp_path / "adapter").exists()
     attention_only = ["compile=true", "lora.feed_forward=[]", "lora.experts=[]"]
-    assert lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, *attention_only])[0].compile
+    assert lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, *attention_only]).config.compile
 
 
 def test_a_seq_len_past_the_base_s_context_is_refused_before_the_text_is_tokenized(base, tmp_path):

@@ -39,8 +39,8 @@ def _rank_main(rank: int, port: int, base: Path, text: Path, out: Path, outcomes
 
     training.prepare_data = prepare_data_told
     try:
-        config, _ = training.lora_train_config(base, text, out, ["max_steps=1", "seq_len=32"])
-        outcome = f"data_dir {config.data_dir}"
+        run = training.lora_train_config(base, text, out, ["max_steps=1", "seq_len=32"])
+        outcome = f"data_dir {run.config.data_dir}"
     except Exception as error:
         outcome = f"{type(error).__name__}: {error}"
     (outcomes / f"rank_{rank}").write_text(outcome)

@@ -55,8 +55,8 @@ def base(tmp_path_factory):
 
 def test_lora_run_trains_the_adapter_only_and_writes_it_in_peft_format(base, data_dir, tmp_path):
     before = {k: v.clone() for k, v in seekstack.load_pretrained(base).state_dict().items()}
-    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "adapter", [*RUN, "lora.rank=4"])
-    result = train_adapter(train_config, adapter)
+    train_config, adapter, continued = lora_train_config(base, data_dir, tmp_path / "adapter", [*RUN, "lora.rank=4"])
+    result = train_adapter(train_config, adapter, continued)
     out = tmp_path / "adapter"
     for folder in (out, out / "checkpoints" / "step_6"):
         assert (folder / ADAPTER_CONFIG_FILE).is_file() and (folder / ADAPTER_WEIGHTS_FILE).is_file()
@@ -86,9 +86,9 @@ def test_a_resume_at_another_seq_len_is_refused_with_a_way_on_that_fits_an_adapt
     start a new run from (`init_from` is the base)."""
     out = tmp_path / "run"
     train_adapter(*lora_train_config(base, data_dir, out, [*RUN, "max_steps=3"]))
-    config, adapter = lora_train_config(None, None, out, ["max_steps=6", "seq_len=16"], resume=True)
+    config, adapter, continued = lora_train_config(None, None, out, ["max_steps=6", "seq_len=16"], resume=True)
     with pytest.raises(ConfigError, match="in windows of seq_len=32 .*or start a new run into another out_dir at"):
-        train_adapter(config, adapter, resume=True)
+        train_adapter(config, adapter, continued, resume=True)
 
 
 def test_a_run_stopped_by_ctrl_c_leaves_the_adapter_of_the_checkpoint_it_saved_in_its_folder(
@@ -203,7 +203,7 @@ def test_a_compressed_chat_file_or_one_opening_with_a_bom_is_chat_as_sft_reads_i
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
-        train_config, _ = lora_train_config(base, tmp_path / name, tmp_path / f"out_{name}", run)
+        train_config = lora_train_config(base, tmp_path / name, tmp_path / f"out_{name}", run).config
         assert is_chat(tmp_path / name) and train_config.data_dir == str(tmp_path / name)
         assert len(chat_source(train_config).rows.rows) == 3
 
@@ -243,10 +243,10 @@ def test_chat_data_holds_out_conversations_for_val_loss_and_a_run_that_held_none
              for n in range(40)]  # fmt: skip
     chats.write_text("".join(json.dumps({"messages": turn}) + "\n" for turn in turns))
     run = ["seq_len=48", "batch_size=2", "max_steps=2", "eval_batches=1", "lora.rank=2", "save_every=2"]
-    train_config, adapter = lora_train_config(base, chats, tmp_path / "new", [*run, "eval_every=2"])
+    train_config, adapter, continued = lora_train_config(base, chats, tmp_path / "new", [*run, "eval_every=2"])
     source = chat_source(train_config)
     assert (len(source.rows.rows), len(source.held_out)) == (38, 2)  # int(5% of 40), whole conversations
-    train_adapter(train_config, adapter)
+    train_adapter(train_config, adapter, continued)
     held_out = json.loads((tmp_path / "new" / HELD_OUT_FILE).read_text())["conversation_keys"]
     assert held_out == sorted(conversation_key(c) for c in source.held_out)
     metrics = [json.loads(line) for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
@@ -336,15 +336,15 @@ def test_embedding_rows_beside_a_lora_embedding_are_refused_naming_the_field():
 
 def test_layers_given_on_the_command_line_adapt_only_those_layers(base, data_dir, tmp_path):
     overrides = [*RUN, "max_steps=1", "lora.attention=[]", "lora.feed_forward=gate_proj,up_proj", "lora.layers=0"]
-    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "first", overrides)
+    train_config, adapter, continued = lora_train_config(base, data_dir, tmp_path / "first", overrides)
     assert adapter.layers == (0,) and adapter.feed_forward == ("gate_proj", "up_proj")
-    train_adapter(train_config, adapter)
+    train_adapter(train_config, adapter, continued)
     saved = json.loads((tmp_path / "first" / ADAPTER_CONFIG_FILE).read_text())
     assert sorted(saved["target_parameters"]) == ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"]
     assert not saved["target_modules"]
-    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "beyond", [*RUN, "lora.layers=0,2"])
+    train_config, adapter, continued = lora_train_config(base, data_dir, tmp_path / "beyond", [*RUN, "lora.layers=0,2"])
     with pytest.raises(ConfigError, match="'lora.layers'.*below 2"):  # the base has 2 main layers
-        train_adapter(train_config, adapter)
+        train_adapter(train_config, adapter, continued)
     assert not (tmp_path / "beyond").exists()
 
 
@@ -452,7 +452,7 @@ def test_an_eva_run_starts_a_from_the_inputs_singular_vectors_loads_in_peft_merg
     base, data_dir, tmp_path
 ):
     overrides = [*RUN, "lora.attention=[q_a_proj]", "lora.experts=[]", "lora.head_tokens=2", "lora.init=eva"]
-    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "whole", overrides)
+    train_config, adapter, continued = lora_train_config(base, data_dir, tmp_path / "whole", overrides)
     batches = first_batches(train_config, START_BATCHES)
     inputs = []  # every input of layer 0's dense gate projection over those batches, as EVA sees them
     plain = seekstack.load_pretrained(base)
@@ -472,7 +472,7 @@ def test_an_eva_run_starts_a_from_the_inputs_singular_vectors_loads_in_peft_merg
     ids = prompt_ids()
     with torch.no_grad():
         assert (started(ids).logits - plain(ids).logits).abs().max() < 1e-5  # B = 0: the start is the base
-    whole = train_adapter(train_config, adapter)
+    whole = train_adapter(train_config, adapter, continued)
     saved = json.loads((tmp_path / "whole" / ADAPTER_CONFIG_FILE).read_text())
     assert sorted(saved["target_modules"]) == ["layers.0.self_attn.q_a_proj", "layers.1.self_attn.q_a_proj"]
     assert "layers.0.mlp.gate_proj.weight" in saved["target_parameters"] and saved["init_lora_weights"] is True
@@ -498,7 +498,7 @@ def test_an_eva_run_starts_a_from_the_inputs_singular_vectors_loads_in_peft_merg
 def test_eva_rho_moves_ranks_at_the_same_total_and_the_saved_adapter_gives_the_trained_logits(base, data_dir, tmp_path):
     overrides = [*RUN, "lora.attention=[q_a_proj,o_proj]", "lora.experts=[]", "lora.head_tokens=2"]
     eva = ["lora.rank=2", "lora.alpha=4", "lora.init=eva", "lora.eva_rho=4"]
-    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "run", [*overrides, *eva])
+    train_config, adapter, _ = lora_train_config(base, data_dir, tmp_path / "run", [*overrides, *eva])
     hooks = LoraHooks(adapter, str(base), frequent_tokens(data_dir, 2), start_batches=first_batches(train_config, 4))
     trained = perturbed(hooks.prepare(seekstack.load_pretrained(base)), seed=5)
     ids = prompt_ids()
@@ -551,7 +551,7 @@ def test_lora_on_chat_packs_with_packing_true_with_the_padded_loss_and_gradients
     turns = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": a}] for a in answers]
     chats.write_text("".join(json.dumps({"messages": turn}) + "\n" for turn in turns))
     run = ["seq_len=96", "batch_size=2", "max_steps=2", "eval_every=0", "lora.rank=2", "packing=true"]
-    train_config, adapter = lora_train_config(base, chats, tmp_path / "packed", run)
+    train_config, adapter, continued = lora_train_config(base, chats, tmp_path / "packed", run)
     padded = chat_source(dataclasses.replace(train_config, packing=False))
     packed = chat_source(train_config)
     padded_batch, packed_batch = padded.batch(4, 0.0), packed.batch(len(packed.rows.rows), 0.0)
@@ -568,4 +568,4 @@ def test_lora_on_chat_packs_with_packing_true_with_the_padded_loss_and_gradients
     torch.testing.assert_close(pack.loss, rows.loss, rtol=1e-5, atol=1e-6)
     for grad, reference in zip(pack_grads, row_grads, strict=True):
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
-    assert train_adapter(train_config, adapter).step == 2
+    assert train_adapter(train_config, adapter, continued).step == 2
