@@ -57,6 +57,16 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older transformers' file of the special tokens' names
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
+# A slow (Python) tokenizer's files, which transformers converts into a tokenizer.json: SentencePiece's model (Llama
+# 2's, T5's, XLM-R's), GPT-2's vocab.json and merges.txt, WordPiece's vocab.txt
+SLOW_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
 # Where transformers pads a batch: on the left, before each prompt, as generate needs (it warns of right padding) and
 # transformers 4 pads DeepSeek's releases (their LlamaTokenizerFast); PreTrainedTokenizerFast, ours, pads right unless
 # told, as does the TokenizersBackend transformers 5 loads a release's byte-level tokenizer.json as
@@ -362,6 +372,14 @@ class Tokenizer:
         """
         path = tokenizer_json_path(path_or_dir)
         if not path.is_file():
+            slow = [name for name in SLOW_TOKENIZER_FILES if (path.parent / name).is_file()]
+            if slow:  # a release's tokenizer, in the files transformers reads it from without a tokenizer.json
+                folder = path.parent
+                raise FileNotFoundError(
+                    f"{path}: no such file; {folder} holds a slow tokenizer's {', '.join(slow)}, which seekstack does "
+                    'not read; write its tokenizer.json beside them with transformers: python -c "from transformers '
+                    f"import AutoTokenizer as T; T.from_pretrained('{folder}').save_pretrained('{folder}')\""
+                )
             raise FileNotFoundError(
                 f"{path}: no such file; train a tokenizer into {path.parent}, or copy the tokenizer.json of the "
                 "model's release there"

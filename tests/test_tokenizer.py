@@ -687,6 +687,29 @@ def test_a_git_lfs_pointer_in_place_of_the_tokenizer_file_is_named_as_such(tmp_p
     )
 
 
+def test_a_folder_of_a_slow_tokenizers_files_says_how_to_write_its_tokenizer_json(trained, tmp_path):
+    """A release whose tokenizer is a slow one's files (GPT-2's vocab.json and merges.txt, SentencePiece's
+    tokenizer.model), which transformers converts, was told to 'train a tokenizer into' the folder or copy a release's
+    tokenizer.json there, which it has none of; the command given writes one that loads."""
+    tokenizer, out_dir = trained
+    content = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps(content["model"]["vocab"]), encoding="utf-8")
+    merges = ["#version: 0.2", *(" ".join(merge) for merge in content["model"]["merges"])]
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
+    with pytest.raises(FileNotFoundError) as error:
+        Tokenizer.from_file(tmp_path)
+    command = (
+        f"from transformers import AutoTokenizer as T; T.from_pretrained('{tmp_path}').save_pretrained('{tmp_path}')"
+    )
+    assert str(error.value) == (
+        f"{tmp_path / 'tokenizer.json'}: no such file; {tmp_path} holds a slow tokenizer's vocab.json, merges.txt, "
+        f'which seekstack does not read; write its tokenizer.json beside them with transformers: python -c "{command}"'
+    )
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    assert Tokenizer.from_file(tmp_path).encode("def f(x): return 12345") == tokenizer.encode("def f(x): return 12345")
+
+
 def test_a_tokenizer_file_opening_with_a_byte_order_mark_is_named_as_such(trained, tmp_path):
     """Read as damaged before: 'expected value at line 1 column 1 ... truncated or damaged: train or copy it again'."""
     _, out_dir = trained
