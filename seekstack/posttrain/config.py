@@ -135,7 +135,6 @@ class GRPOConfig(TrainConfig):
     fields of UNUSED_BY_RL are refused at any value but their default; `data_dir` is unused too (not checked: a
     saved run's holds the default resolved where the run started)."""
 
-    rows_fit_context: ClassVar[bool] = True
     # what to say of TRL's GRPOConfig names that are none of these fields (schema.known_fields)
     field_notes: ClassVar[dict[str, str]] = {
         "learning_rate": "TRL's learning_rate is lr here",
@@ -270,10 +269,19 @@ class GRPOConfig(TrainConfig):
                 f"0 without init_from, not {config.beta}: its k3 KL is to the reference model, the checkpoint the run "
                 "starts from; set init_from, or leave beta at 0",
             )
-            _require_rollout_room(config)
         except ConfigError as error:
             raise error.at(source) from None
         return config
+
+    def require_rows_within(self, context: int) -> None:
+        """A ConfigError naming max_prompt_length or max_completion_length when a rollout's row (its prompt room and
+        its completion; seq_len is unused) passes the model's `context`."""
+        from seekstack.posttrain.rollout import require_completion_room
+
+        model = self.init_from or f"model={self.model}"
+        require_completion_room(
+            context, model, self.max_completion_length, "max_completion_length", self.max_prompt_length
+        )
 
     @property
     def clip_high(self) -> float:
@@ -365,23 +373,6 @@ def require_task(task: str, source: str | None = None) -> None:
         check_task(task)
     except ValueError as error:
         raise ConfigError(str(error), field="task", source=source) from None
-
-
-def _require_rollout_room(config: GRPOConfig) -> None:
-    """A ConfigError naming max_prompt_length or max_completion_length when a rollout (its prompt room and its
-    completion) passes the trained model's context, before a config is written or a run starts. An init_from without
-    a readable config.json is left to the run, which names what it lacks."""
-    from seekstack.checkpoint import CheckpointError
-    from seekstack.posttrain.rollout import require_completion_room
-
-    try:
-        context = config.trained_context()
-    except CheckpointError:
-        return
-    model = config.init_from or f"model={config.model}"
-    require_completion_room(
-        context, model, config.max_completion_length, "max_completion_length", config.max_prompt_length
-    )
 
 
 def _require_tokenizer(config: TrainConfig, source: str | None) -> None:

@@ -72,7 +72,6 @@ class GRPOSource:
     """Generation batches from the policy being trained, and the GRPO loss on them."""
 
     chooses_threads = True  # with threads="auto", each generation batch sets its training half's threads
-    rows_fit_context = True  # a prompt's room and max_completion_length, checked against the context by validate
     progress_metrics = ("reward", "accuracy")  # on the progress line: GRPO's loss is ~0 by construction
 
     def __init__(self, config: GRPOConfig):

@@ -54,9 +54,6 @@ class TrainConfig:
 
     # Fields naming a checkpoint folder, where a run's out_dir stands for its newest checkpoint (resolve_train_config)
     checkpoint_fields: ClassVar[tuple[str, ...]] = ("init_from",)
-    # Whether the stage's rows size themselves and are checked against the context by their source (GRPO's: a
-    # prompt and a completion), rather than being seq_len long, which must then fit the model's context
-    rows_fit_context: ClassVar[bool] = False
     model: str = "tiny"  # a preset name of seekstack.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release), or a run's out_dir for its newest
@@ -182,9 +179,10 @@ class TrainConfig:
         except ConfigError as error:
             raise ConfigError(f": {error}", field="model_overrides") from None
 
-    def require_seq_len_within(self, context: int) -> None:
+    def require_rows_within(self, context: int) -> None:
         """ConfigError naming seq_len when the run's rows (seq_len tokens) are longer than the model's `context`
-        (max_position_embeddings)."""
+        (max_position_embeddings); a stage whose rows are of another length (GRPO's: a prompt and a completion)
+        checks its own."""
         if self.seq_len > context:
             raise ConfigError(
                 f"has value {self.seq_len}: longer than the model's context (max_position_embeddings {context})",
@@ -415,18 +413,16 @@ def _model_settings(cls: type[TrainConfig], given: dict[str, Any], overrides: Se
 
 
 def _require_rows_within_the_context(config: TrainConfig) -> None:
-    """seq_len checked against the trained model's context before the run reads or tokenizes any data (a stage whose
-    rows size themselves, `rows_fit_context`, has no such rows). An init_from without a readable config.json is left
-    to the run, which names what it lacks."""
+    """The run's rows (`require_rows_within`) checked against the trained model's context before the run reads or
+    tokenizes any data, or a config is written. An init_from without a readable config.json is left to the run, which
+    names what it lacks."""
     from seekstack.checkpoint.keys import CheckpointError
 
-    if config.rows_fit_context:
-        return
     try:
         context = config.trained_context()
     except CheckpointError:
         return
-    config.require_seq_len_within(context)
+    config.require_rows_within(context)
 
 
 def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool | Path) -> None:

@@ -212,12 +212,10 @@ class BatchSource(Protocol):
     `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
     per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with a
     `sequences(batch)` method (SFT) weighs each micro-batch's balance loss, a mean over its sequences, by their share of
-    the step's (packed rows hold unequal numbers); without one, the same. A source with `rows_fit_context`
-    true sizes its rows itself and checks them against the model's context (RL: a prompt and a completion); the
-    run's `seq_len` is not held to the context for it. A source with a `record(out_dir)` method (SFT) writes files
-    of its own into a new run's out_dir beside its config, once the run has passed every check (a refused run writes
-    nothing). A source with `progress_metrics` (names of metrics its `loss` returns) has them shown on the progress
-    line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction)."""
+    the step's (packed rows hold unequal numbers); without one, the same. A source with a `record(out_dir)` method
+    (SFT) writes files of its own into a new run's out_dir beside its config, once the run has passed every check (a
+    refused run writes nothing). A source with `progress_metrics` (names of metrics its `loss` returns) has them shown
+    on the progress line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction)."""
 
     tokenizer_info: dict[str, Any]  # vocab_size, bos_id, eos_id; path and sha256 of the tokenizer checkpoints carry
 
@@ -565,8 +563,7 @@ class _Run:
             model = build_model(config, self.data.tokenizer_info).to(ranks.device)
             if hooks is not None:
                 model = hooks.prepare(model)
-        if not getattr(source, "rows_fit_context", False):
-            config.require_seq_len_within(model.config.max_position_embeddings)
+        config.require_rows_within(model.config.max_position_embeddings)
         self.model = model.train()  # a checkpoint's (init_from, resume) loads in eval mode
         if source is not None:
             source.attach(model)
