@@ -308,7 +308,7 @@ class Engine:
         tokenizer: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         adapter: str | Path | None = None,
-        device_map: str | int | Mapping[str, str | int] | None = None,
+        device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
         offload_dir: str | Path | None = None,
         **kwargs,
     ) -> Engine:

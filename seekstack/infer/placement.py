@@ -141,15 +141,18 @@ def _entries(text: str) -> list[tuple[str, str, str]]:
     return entries
 
 
-def device_map_text(device_map: str | int | Mapping[str, str | int]) -> str:
-    """A device map as text: as given, a device alone (transformers' device_map=0), or accelerate's dict of module
-    names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device` entries; TypeError for another."""
+def device_map_text(device_map: str | int | torch.device | Mapping[str, str | int | torch.device]) -> str:
+    """A device map as text: as given, a device alone (transformers' device_map=0 or torch.device("cuda:0")), or
+    accelerate's dict of module names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device`
+    entries; TypeError for another."""
     if isinstance(device_map, Mapping):
         return ",".join(f"{name}={device}" for name, device in device_map.items())
+    if isinstance(device_map, torch.device):
+        return str(device_map)
     if isinstance(device_map, bool) or not isinstance(device_map, (str, int)):
         raise TypeError(
-            f"device_map {device_map!r}: give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them, as "
-            "accelerate's {module name: device}"
+            f"device_map {device_map!r}: give pattern=device text, a device (cpu, cuda:0, 0, torch.device) or a dict "
+            "of them, as accelerate's {module name: device}"
         )
     return str(device_map)
 

@@ -696,6 +696,17 @@ def test_accelerates_model_key_places_every_part_of_transformers_base_model_but_
     assert [name for name, device in engine.model.placement.items() if device != "cpu"] == ["lm_head"]
 
 
+def test_a_torch_device_places_the_whole_model_as_transformers_device_map_takes_one(tmp_path):
+    """transformers' from_pretrained(device_map=torch.device("cuda:1")) places the whole model there; here it was a
+    TypeError ("give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them")."""
+    assert device_map_text(torch.device("cuda", 1)) == "cuda:1"
+    assert map_devices(device_map_text(torch.device("cuda"))) == ["cuda:0"]
+    assert device_map_text({"": torch.device("cpu"), "lm_head": torch.device("cuda:2")}) == "=cpu,lm_head=cuda:2"
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map=torch.device("cpu"))
+    assert set(engine.model.placement.values()) == {"cpu"} and "lm_head" in engine.model.placement
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
 def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
     model_dir(tmp_path)
