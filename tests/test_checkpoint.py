@@ -240,6 +240,32 @@ def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
     assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
 
 
+def test_a_stale_index_beside_model_safetensors_is_read_past_as_transformers_reads_it(tmp_path):
+    """transformers' save_pretrained of one file into the folder of an earlier sharded save deletes the shards but
+    leaves their index, and its from_pretrained reads model.safetensors first; seekstack read the index and refused
+    the folder: "model.safetensors.index.json: names shard 'model-00001-of-00005.safetensors', which is missing ...;
+    the download is incomplete". It reads model.safetensors, warning of the stale index."""
+    from transformers import AutoModelForCausalLM
+
+    model = random_model(num_nextn_predict_layers=0)
+    seekstack.save_pretrained(model, tmp_path / "float")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "resaved", max_shard_size="40KB")
+    theirs.save_pretrained(tmp_path / "resaved")
+    index = json.loads((tmp_path / "resaved" / INDEX_FILE).read_text())
+    assert not any((tmp_path / "resaved" / shard).exists() for shard in index["weight_map"].values())
+    assert (tmp_path / "resaved" / SINGLE_FILE).is_file()
+    with pytest.warns(UserWarning) as warned:
+        loaded = seekstack.load_pretrained(tmp_path / "resaved")
+    assert_same_state(model, loaded)
+    first = sorted(set(index["weight_map"].values()))[0]
+    assert str(warned[0].message) == (
+        f"{tmp_path / 'resaved' / INDEX_FILE}: names shards missing from {tmp_path / 'resaved'} ({first!r} ...) beside "
+        f"a {SINGLE_FILE}: reading {SINGLE_FILE}, as transformers does (its save_pretrained of one file leaves an "
+        "earlier sharded save's index behind); delete the stale index"
+    )
+
+
 def test_saving_over_a_model_folder_keeps_the_tokenizer_files_it_does_not_write(tmp_path):
     model = random_model()
     seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ class CheckpointReader:
             self.used.update(key for key in self.key_to_file if key.endswith(KV_CACHE_SCALES))
 
     def _index(self) -> dict[str, str]:
-        index_path = self.directory / INDEX_FILE
+        index_path, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
         if index_path.exists():
             weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -193,14 +194,22 @@ class CheckpointReader:
                     raise CheckpointError(
                         f"{index_path}: weight_map gives key {key!r} the file {file!r}, not a file name; {DAMAGED}"
                     )
-            for file in sorted(set(weight_map.values())):
-                if not (self.directory / file).is_file():
-                    raise CheckpointError(
-                        f"{index_path}: names shard {file!r}, which is missing from {self.directory}; "
-                        f"the download is incomplete: fetch that shard, or {DAMAGED}"
-                    )
-            return weight_map
-        single = self.directory / SINGLE_FILE
+            missing = [file for file in sorted(set(weight_map.values())) if not (self.directory / file).is_file()]
+            if not missing:
+                return weight_map
+            if not single.is_file():
+                raise CheckpointError(
+                    f"{index_path}: names shard {missing[0]!r}, which is missing from {self.directory}; "
+                    f"the download is incomplete: fetch that shard, or {DAMAGED}"
+                )
+            # transformers reads a folder's model.safetensors before its index, and its save_pretrained of one file
+            # into a folder of an earlier sharded save deletes the shards but leaves their index
+            warnings.warn(
+                f"{index_path}: names shards missing from {self.directory} ({missing[0]!r} ...) beside a "
+                f"{SINGLE_FILE}: reading {SINGLE_FILE}, as transformers does (its save_pretrained of one file leaves "
+                "an earlier sharded save's index behind); delete the stale index",
+                stacklevel=2,
+            )
         if not single.is_file():  # as transformers: other safetensors files are read only through an index
             self._refuse_pickled_weights()
             others = ", ".join(sorted(file.name for file in self.directory.glob("*.safetensors")))
