@@ -310,13 +310,15 @@ class Engine:
         adapter: str | Path | None = None,
         device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
         offload_dir: str | Path | None = None,
+        max_memory: Mapping[str | int, str | int] | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
 
         `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries (or
-        accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights
-        not mapped from the checkpoint are copied under `offload_dir` (default `model_dir`/offload).
+        accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets (or, as
+        accelerate's, device_map="auto" with `max_memory` {0: "80GiB", "cpu": "20GiB"}); `disk` weights not mapped
+        from the checkpoint are copied under `offload_dir` (default `model_dir`/offload).
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
@@ -335,8 +337,10 @@ class Engine:
 
             weightless_adapter(config, adapter)
         device = kwargs.get("device") or "cpu"
+        if max_memory is not None and device_map is None:
+            raise ValueError("max_memory is given without a device map: give device_map='auto' to plan within it")
         if device_map is not None:  # before the weights are read and the disk parts written: hours for a large model
-            device_map = device_map_text(device_map)
+            device_map = device_map_text(device_map, max_memory)
             check_reachable(map_devices(device_map))
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.

@@ -141,10 +141,22 @@ def _entries(text: str) -> list[tuple[str, str, str]]:
     return entries
 
 
-def device_map_text(device_map: str | int | torch.device | Mapping[str, str | int | torch.device]) -> str:
+def device_map_text(
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device],
+    max_memory: Mapping[str | int, str | int] | None = None,
+) -> str:
     """A device map as text: as given, a device alone (transformers' device_map=0 or torch.device("cuda:0")), or
     accelerate's dict of module names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device`
-    entries; TypeError for another."""
+    entries; accelerate's device_map="auto" (or "sequential") with its `max_memory` ({0: "10GiB", "cpu": "30GiB"})
+    as `auto:` and those budgets, filled in order as its "sequential" fills them; TypeError for another, ValueError
+    for a max_memory beside any other map."""
+    if max_memory is not None:
+        if device_map not in ("auto", "sequential"):
+            raise ValueError(
+                f"max_memory is given with device_map={device_map!r}: it holds the budgets of device_map='auto' (or "
+                "'sequential'), planned within them; give one of those, or leave max_memory out"
+            )
+        return "auto:" + ",".join(f"{device}={size}" for device, size in max_memory.items())
     if isinstance(device_map, Mapping):
         return ",".join(f"{name}={device}" for name, device in device_map.items())
     if isinstance(device_map, torch.device):

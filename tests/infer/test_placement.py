@@ -707,6 +707,24 @@ def test_a_torch_device_places_the_whole_model_as_transformers_device_map_takes_
     assert set(engine.model.placement.values()) == {"cpu"} and "lm_head" in engine.model.placement
 
 
+def test_accelerates_auto_with_max_memory_plans_within_those_budgets(tmp_path):
+    """transformers' from_pretrained(device_map="auto", max_memory={0: "10GiB", "cpu": "30GiB"}) places the model
+    within those budgets; here max_memory was no argument and "auto" was refused asking for budgets it had given."""
+    assert device_map_text("auto", {0: "10GiB", "cpu": 30_000}) == "auto:0=10GiB,cpu=30000"
+    assert map_devices(device_map_text("sequential", {"cuda:1": "1GB", "cpu": "2GB"})) == ["cpu", "cuda:1"]
+    with pytest.raises(ValueError, match=r"^max_memory is given with device_map='cpu': it holds the budgets of"):
+        device_map_text("cpu", {"cpu": "1GiB"})
+    model_dir(tmp_path)
+    whole = Engine.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": "1GiB"})
+    assert set(whole.model.placement.values()) == {"cpu"}
+    tight = Engine.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": 100_000})
+    assert set(tight.model.placement.values()) == {"cpu", "disk"}  # what fits nowhere goes to disk, as accelerate's
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert tight.generate([[5, 6]], greedy)[0].token_ids == whole.generate([[5, 6]], greedy)[0].token_ids
+    with pytest.raises(ValueError, match=r"^max_memory is given without a device map: give device_map='auto'"):
+        Engine.from_pretrained(tmp_path, max_memory={"cpu": "1GiB"})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
 def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
     model_dir(tmp_path)
