@@ -205,7 +205,7 @@ def lora_train_config(
             cls=LoraTrainConfig,
             resume_reads_init_from=True,
         )
-        refuse_another_base_or_data(train_config, run / TRAIN_CONFIG_FILE)
+        refuse_another_base_or_data(train_config, run / TRAIN_CONFIG_FILE, resume)
         if warn is not None:
             for change in changes:
                 warn(change)
@@ -325,18 +325,21 @@ def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
     return [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
 
 
-def refuse_another_base_or_data(config: TrainConfig, saved: Path) -> None:
+def refuse_another_base_or_data(config: TrainConfig, saved: Path, resume: bool | Path) -> None:
     """A ConfigError when a resumed run's `config` names another base or DATA than the run it continues trains
     with (`saved`, its train_config.json): its adapter's factors are trained on that base and data. A saved path
-    that names nothing any more (a relative one of a run copied or moved elsewhere) is the one given."""
+    that names nothing any more (a relative one of a run copied or moved elsewhere) is the one given. The command it
+    suggests resumes as `resume` asked (--resume, or --resume-from the checkpoint folder, which a run continued into
+    an --out holding none needs)."""
     started = load_config(TrainConfig, saved)
+    resumed = "--resume" if resume is True else f"--resume-from {resume}"
     for name, thing in (("init_from", "BASE"), ("data_dir", "DATA")):
         given, kept = getattr(config, name), getattr(started, name)
         if not same_value(name, kept, given) and Path(kept).exists():
             raise ConfigError(
                 f"{given}: the run in {saved.parent} trains its adapter with {thing} {kept} ({saved}); resume it "
-                f"with that {thing} (or none: `seekstack lora train --resume --out {config.out_dir}`), or train a new "
-                f"adapter with this {thing} into another --out"
+                f"with that {thing} (or none: `seekstack lora train {resumed} --out {config.out_dir}`), or train a "
+                f"new adapter with this {thing} into another --out"
             )
 
 

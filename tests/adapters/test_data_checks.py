@@ -318,3 +318,22 @@ def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_pa
     assert f"{data}:1: no field 'text', only 'prompt', 'completion'; `lora train` reads a .jsonl of" in result.output
     chat = '{"messages": [...]} or {"prompt": [...], "completion": [...]} (chat conversations'
     assert chat in result.output and "--field" not in result.output
+
+
+def test_the_resume_a_refusal_of_another_base_suggests_goes_on_when_followed(base, text_run, tmp_path):
+    """A run continued from another run's checkpoint into a new --out, given another BASE, was told to resume with
+    `--resume --out NEW`, which NEW (holding no run yet) refused; the suggestion names the checkpoint it was given."""
+    text, out = text_run
+    other_base = shutil.copytree(base, tmp_path / "other_base")
+    checkpoint, new = out / "checkpoints" / "step_1", tmp_path / "new"
+    given = ["lora", "train", str(other_base), str(text), "max_steps=2", "--resume-from", str(checkpoint)]
+    refused = runner.invoke(app, [*given, "--out", str(new)])
+    assert refused.exit_code == 1 and not new.exists()
+    command = re.search(r"`(seekstack [^`]*)`", refused.output)[1]
+    assert command == f"seekstack lora train --resume-from {checkpoint} --out {new}"
+    followed = runner.invoke(app, shlex.split(command)[1:])  # as written: the run at its max_steps=1 already
+    assert followed.exit_code == 0, followed.output
+    assert f"resumed from step 1 ({checkpoint})" in followed.output
+    assert f"trained to step 1; adapter: {new}" in followed.output
+    assert json.loads((new / "train_config.json").read_text())["init_from"] == str(base)
+    assert (new / "lora_config.json").read_text() == (out / "lora_config.json").read_text()
