@@ -76,7 +76,7 @@ def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
         for problem in found
         if problem["type"] in LENGTH_ERRORS or not any(_in_other_branch(problem["loc"], *at) for at in bounded if at)
     ]
-    for problem in found:
+    for problem in _closest_branches(found):
         if problem["type"] == "json_invalid":
             return _invalid_text(raw) or APIError(
                 400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json"
@@ -146,6 +146,26 @@ def _union_branch(location: tuple) -> tuple[tuple, str] | None:
         if isinstance(part, str) and UNION_MEMBER.fullmatch(part):
             return location[:index], part
     return None
+
+
+def _closest_branches(found: list[dict]) -> list[dict]:
+    """`found` less the errors of each union's branches that came further from matching than another: a branch whose
+    errors lie less deep in the value, or as deep and more of them. A list of token ids with one text among them
+    failed as a string, as a list of texts, as a list of lists and as a list of ids: the last two say where it went
+    wrong ("prompt.1: Input should be a valid integer", "prompt.0: Input should be a valid string"), a list of lists
+    with a text inside it the one branch alone ("prompt.1.1: ...")."""
+    branches: dict[tuple, dict[str, list[dict]]] = {}
+    for problem in found:
+        at = _union_branch(problem["loc"])
+        if at is not None:
+            branches.setdefault(at[0], {}).setdefault(at[1], []).append(problem)
+    farther = set()
+    for by_branch in branches.values():
+        distance = {branch: (-max(len(p["loc"]) for p in problems), len(problems))
+                    for branch, problems in by_branch.items()}  # fmt: skip
+        closest = min(distance.values())
+        farther.update(id(p) for branch, problems in by_branch.items() if distance[branch] > closest for p in problems)
+    return [problem for problem in found if id(problem) not in farther]
 
 
 def _in_other_branch(location: tuple, field: tuple, branch: str) -> bool:

@@ -233,6 +233,34 @@ def test_an_empty_prompt_or_stop_string_is_refused_by_its_one_rule(engine, tmp_p
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "message"),
+    [
+        ("/v1/completions", {"prompt": [[5, 6], [7, "x"]]}, "prompt.1.1: Input should be a valid integer, got 'x'"),
+        ("/v1/completions", {"prompt": [5, "x"]},
+         "prompt.1: Input should be a valid integer, got 'x'; prompt.0: Input should be a valid string, got 5"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", 5]},
+         "stop.1: Input should be a valid string, got 5"),
+    ],
+)  # fmt: skip
+def test_a_union_value_is_refused_by_the_branches_that_came_closest_to_matching(
+    engine, tmp_path, path, fields, message
+):
+    """Was: every branch's failure, the string's and the list of lists' beside the one that names the entry at fault:
+    "prompt: Input should be a valid string, got [[5, 6], [7, 'x']]; prompt.0: Input should be a valid integer, got
+    [5, 6]; ... prompt.1.1: Input should be a valid integer, got 'x'" (six messages for one wrong id)."""
+    body = {**COMPLETION, **fields}
+    if path == "/v1/chat/completions":
+        del body["prompt"]
+
+    async def scenario(client):
+        return await client.post(path, json=body)
+
+    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    assert error["message"] == f"invalid request: {message}"
+    assert error["param"] == message.partition(":")[0]
+
+
 def test_a_check_of_the_servers_says_its_words_without_pydantics_value_error_before_them(engine, tmp_path):
     """Every server check's 400 read 'tool_choice: Value error, "auto" needs tools ...', pydantic's wrapper words."""
     chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}
