@@ -162,7 +162,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
             f"no folder of token shards at {Path(out_dir).resolve()}: `seekstack data tokenize --out` writes one"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}: tokenize split {split_name!r} first{_splits_held(out_dir)}")
+        raise FileNotFoundError(f"no shard index at {path}: {_how_to_write(split_name)}{_splits_held(out_dir)}")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(index["dtype"])
@@ -205,6 +205,16 @@ def shard_listing(out_dir: str | os.PathLike) -> dict[str, str]:
         for shard in shards:
             listing[str(shard)] = f"{shard.stat().st_size:,} bytes" if shard.is_file() else "missing"
     return listing
+
+
+def _how_to_write(split_name: str) -> str:
+    """What writes the shards of `split_name`, for an error about a folder without them: a difficulty bucket of the
+    training split (a curriculum's source) is written by `data tokenize --buckets` alone."""
+    from seekstack.tokens.difficulty import BUCKETS, bucket_split_name  # here: that module imports this one
+
+    if split_name in {bucket_split_name("train", bucket) for bucket in BUCKETS}:
+        return f"split {split_name!r} is a difficulty bucket of train, which `seekstack data tokenize --buckets` writes"
+    return f"tokenize split {split_name!r} first"
 
 
 def _splits_held(out_dir: str | os.PathLike) -> str:

@@ -221,3 +221,16 @@ def test_a_misspelt_mixture_source_is_named_with_the_splits_the_data_folder_hold
         FileNotFoundError, match=r"hrad_index\.json: tokenize split 'hrad' first \(.* holds easy, hard, medium\)"
     ):
         MixtureWindows(data_dir, MixtureSchedule({"easy": 1, "hrad": 1}), SEQ_LEN)
+
+
+def test_a_curriculum_of_buckets_not_tokenized_says_that_data_tokenize_buckets_writes_them(tmp_path):
+    """README's curriculum run on shards tokenized without --buckets was told "tokenize split 'train_easy' first",
+    which no command does by that name: `data tokenize` writes train and val, and the buckets only with --buckets."""
+    write_constant_split(tmp_path, "train", 300)
+    write_constant_split(tmp_path, "val", 100)
+    with pytest.raises(FileNotFoundError) as error:
+        MixtureWindows(tmp_path, MixtureSchedule({"train_easy": [0.7, 0.3], "train_hard": [0.3, 0.7]}), SEQ_LEN)
+    assert str(error.value) == (
+        f"no shard index at {tmp_path / 'train_easy_index.json'}: split 'train_easy' is a difficulty bucket of train, "
+        f"which `seekstack data tokenize --buckets` writes ({tmp_path} holds train, val)"
+    )
