@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -75,7 +76,7 @@ def run_stage(
     main = is_main_process()  # under torchrun, rank 0 alone prints the outcome (and `warn` the warnings)
     resumed, step = resume_request(resume, resume_from)
     with user_errors():
-        if config is not None and "=" in str(config):  # only overrides were given
+        if config is not None and is_override(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
@@ -95,6 +96,13 @@ def run_stage(
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def is_override(config: Path) -> bool:
+    """Whether the config argument is the first key=value override of a stage run without a config file: an "=" that
+    no folder name holds (a sweep's `runs/lr=1e-3/run.yaml` is a config file), in no file that exists."""
+    key, sep, _ = str(config).partition("=")
+    return bool(sep) and "/" not in key and os.sep not in key and not config.exists()
 
 
 def tell_once_resumable(out_dir: str | Path, checkpoint: bool | Path, told: list[str]) -> None:

@@ -185,6 +185,21 @@ def test_train_takes_its_config_file_as_config_as_data_build_and_quantize_do(tmp
     assert (resolved["max_steps"], resolved["lr"]) == (7, 0.01)
 
 
+def test_a_config_file_whose_path_holds_an_equals_sign_is_read_as_the_config_not_as_an_override(tmp_path, monkeypatch):
+    """A sweep's folders are named key=value (hydra's `lr=0.001/`): such a file was taken as the first override,
+    "override 'sweep/lr=1e-3/run.yaml': unknown field 'sweep/lr'"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep" / "lr=1e-3").mkdir(parents=True)
+    (tmp_path / "sweep" / "lr=1e-3" / "run.yaml").write_text("lr: 0.001\n")
+    (tmp_path / "lr=0.01.yaml").write_text("lr: 0.01\n")  # a file of the working folder, named like an override
+    given = {"sweep/lr=1e-3/run.yaml": 0.001, "lr=0.01.yaml": 0.01, "lr=0.5": 0.5}
+    for argument, lr in given.items():
+        result = runner.invoke(app, ["train", argument, "max_steps=4", "--write-config", "resolved.yaml"])
+        assert result.exit_code == 0, result.output
+        resolved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+        assert (resolved["lr"], resolved["max_steps"]) == (lr, 4)
+
+
 @pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
 def test_a_training_stage_given_two_config_files_names_both(tmp_path, command):
     config = tmp_path / "mine.yaml"
