@@ -1026,6 +1026,21 @@ def test_a_file_of_problems_is_a_task_whose_answers_read_as_numbers(tmp_path):
         make_task(path, 2)
 
 
+def test_a_file_of_math_problems_and_solutions_is_a_task_verified_against_each_solutions_boxed_answer(tmp_path):
+    """The MATH dataset's (and NuminaMath's) lines are {"problem", "solution"}, the solution worked out to a final
+    \\boxed{...}, which TRL's accuracy_reward verifies against: such a file was refused, "no field question"."""
+    lines = [
+        {"problem": "What is $2 + 3$?", "solution": "We add: $2 + 3 = 5$, so the answer is $\\boxed{5}$."},
+        {"problem": "Half of 3?", "solution": "$\\frac{3}{2}$, that is $\\boxed{\\frac{3}{2}}$", "answer": "1.5"},
+        {"question": "What is 1 + 1?", "answer": 2, "solution": "1 + 1 = 3"},  # ours first where a line has both
+    ]
+    task = make_task(problems_file(tmp_path / "math.jsonl", lines))
+    five, half, two = task.problems
+    assert (five.question, half.question, two.question) == ("What is $2 + 3$?", "Half of 3?", "What is 1 + 1?")
+    assert task.verify(five, "\\boxed{5}") and not task.verify(five, "3")
+    assert task.verify(half, "1.5") and task.verify(two, "2") and not task.verify(two, "3")
+
+
 @pytest.mark.parametrize(
     ("gold", "right", "wrong"),
     [("(3, -2)", ["\\boxed{(3, -2)}", "$\\left( 3, -\\frac{4}{2} \\right)$", "(3.0,-2)"],
@@ -1064,8 +1079,11 @@ def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_
 @pytest.mark.parametrize(
     ("line", "refusal"),
     [
-        ({"question": "q"}, ":2: no field answer; a line is {\"question\": \"...\", \"answer\": ...}"),
-        ({"answer": 1}, ":2: no field question;"),
+        ({"question": "q"}, ":2: no field answer nor solution; a line is {\"question\": \"...\", \"answer\": ...} (or "
+         "\"problem\" and \"solution\", MATH's and TRL's names)"),
+        ({"answer": 1}, ":2: no field question nor problem;"),
+        ({"problem": "q", "solution": "So \\boxed{x^2}."}, ":2: field solution is \"So \\\\boxed{x^2}.\": not one "
+         "number"),
         ({"question": "q", "answer": [1]}, ":2: field answer is [1]: not one number"),
         ({"question": "q", "answer": True}, ":2: field answer is true: not one number"),
         ({"question": "q", "answer": None}, ":2: field answer is null: not one number"),

@@ -1,5 +1,6 @@
-"""A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
-TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
+"""A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line (or
+`problem` and `solution`, the MATH dataset's and TRL's names): as TRL's GRPO trains on a dataset's prompts with
+accuracy_reward against its solution column. The answer after
 </think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is; a percentage
 ("5%") as its hundredth, and its number where that is whole, as math-verify reads one. An answer that is a tuple,
 an interval or a set of numbers ("(1, 2)", "[0, 1)", "\\{1, 2\\}") verifies against the same brackets and numbers
@@ -21,9 +22,14 @@ from seekstack.posttrain.tasks.answers import Items, Reading, read_answer, read_
 from seekstack.posttrain.tasks.base import Problem
 
 LINE_FORMAT = (
-    'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}"), or of a '
-    'tuple, an interval or a set of numbers ("(1, 2)")'
+    'a line is {"question": "...", "answer": ...} (or "problem" and "solution", MATH\'s and TRL\'s names), the '
+    'answer a number or a string of one ("\\\\frac{1}{2}", a solution\'s \\\\boxed{...}), or of a tuple, an interval '
+    'or a set of numbers ("(1, 2)")'
 )
+# The fields a line's question and gold answer are read from, the first a line has: ours (GSM8K's), then the MATH
+# dataset's and NuminaMath's, whose `solution` TRL's accuracy_reward verifies against (its final \boxed{...})
+QUESTION_FIELDS = ("question", "problem")
+ANSWER_FIELDS = ("answer", "solution")
 
 
 def is_problems_file(name: str) -> bool:
@@ -53,7 +59,8 @@ class ProblemsFile:
             problem = _problem(record, where)
             first = problems.setdefault(problem.key, (number, problem))
             if first[1].data != problem.data:
-                raise ValueError(f"{where}: field question: line {first[0]}'s question, with another answer")
+                field = _field(record, QUESTION_FIELDS)
+                raise ValueError(f"{where}: field {field}: line {first[0]}'s question, with another answer")
         if not problems:
             raise ValueError(f"{path}: no problems; {LINE_FORMAT}")
         return cls(path, [problem for _, problem in problems.values()], {key: n for key, (n, _) in problems.items()})
@@ -75,21 +82,27 @@ def _problem(record: Any, where: str) -> Problem:
     """The problem of one line, or a ValueError naming `where` and the field at fault."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: {_shown(record)} is no object; {LINE_FORMAT}")
-    for field in ("question", "answer"):
-        if field not in record:
-            raise ValueError(f"{where}: no field {field}; {LINE_FORMAT}")
-    question, answer = record["question"], record["answer"]
+    for names in (QUESTION_FIELDS, ANSWER_FIELDS):
+        if _field(record, names) is None:
+            raise ValueError(f"{where}: no field {' nor '.join(names)}; {LINE_FORMAT}")
+    question_field, answer_field = _field(record, QUESTION_FIELDS), _field(record, ANSWER_FIELDS)
+    question, answer = record[question_field], record[answer_field]
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: field question is {_shown(question)}: must be the question's text")
+        raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
     gold = _gold(answer)
     if gold is None:
         raise ValueError(
-            f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
-            '"1,042", "\\\\frac{1}{2}") nor a tuple, an interval or a set of them ("(1, 2)", "[0, 1)", '
+            f"{where}: field {answer_field} is {_shown(answer)}: not one number (as answers.read_number reads one: 42, "
+            '0.5, "1,042", "\\\\frac{1}{2}") nor a tuple, an interval or a set of them ("(1, 2)", "[0, 1)", '
             '"\\\\{1, 2\\\\}"); symbolic answers ("\\\\sqrt{2}", "\\\\pi", "x^2 + 1"), which math-verify compares with '
             "sympy, are not compared here: a task whose answers are such is a class of your own (module:Class)"
         )
     return Problem(question, question, str(answer), "", _data(gold))
+
+
+def _field(record: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    """The first of `names` that `record` has, None when it has none."""
+    return next((name for name in names if name in record), None)
 
 
 def _data(gold: Reading | Items) -> dict[str, Any]:
