@@ -849,7 +849,9 @@ def read_stdlib() -> Iterator[Document]:
 def expanded_inputs(specs: list[str]) -> list[str]:
     """The inputs a command line names, a glob pattern no shell expanded (quoted, `'data/*.jsonl'`, or in a program's
     argument list, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths it matches,
-    sorted; a path that exists is taken as named, and a pattern that matches nothing is refused."""
+    sorted, but for those inside a folder it matches (`'docs/**'` matches docs/, its subfolders and their files: the
+    folder is read whole, each file once); a path that exists is taken as named, and a pattern that matches nothing
+    is refused."""
     expanded = []
     for spec in specs:
         if str(spec) == "stdlib" or Path(spec).exists() or not glob.has_magic(spec):
@@ -858,7 +860,8 @@ def expanded_inputs(specs: list[str]) -> list[str]:
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         if not matches:
             raise DataSourceError(f"{spec}: no file or folder matches this pattern")
-        expanded += matches
+        folders = {Path(match) for match in matches if Path(match).is_dir()}
+        expanded += [match for match in matches if folders.isdisjoint(Path(match).parents)]
     return expanded
 
 

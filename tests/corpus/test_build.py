@@ -286,6 +286,21 @@ def test_cli_reads_the_files_a_glob_pattern_left_unexpanded_matches(tmp_path: Pa
     assert missing.exit_code == 1 and "*.parquet: no file or folder matches this pattern" in missing.output
 
 
+def test_a_glob_pattern_matching_a_folder_and_its_files_reads_each_file_once(tmp_path: Path) -> None:
+    """`'docs/**'` matches docs/, its subfolders and their files, and each was read as an input: a file two folders
+    down was read three times (14 documents in from 4 files), its copies removed as exact duplicates of itself."""
+    (tmp_path / "docs" / "a" / "b").mkdir(parents=True)
+    for number, name in enumerate(["top.txt", "a/one.txt", "a/b/two.txt", "a/b/three.txt"]):
+        (tmp_path / "docs" / name).write_text(prose(number))
+    args = ["data", "build", str(tmp_path / "docs" / "**"), "--out", str(tmp_path / "out"), "--no-progress"]
+    built = CliRunner().invoke(app, [*args, "--workers", "1", "--val-fraction", "0"])
+    assert built.exit_code == 0, built.output
+    ids = sorted(row["id"] for split in read_rows(tmp_path / "out").values() for row in split)
+    assert ids == ["a/b/three.txt", "a/b/two.txt", "a/one.txt", "top.txt"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["documents_in"] == 4
+
+
 def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_written(tmp_path: Path) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
     documents += [
