@@ -182,6 +182,11 @@ def plot_command(
                 f"{rl[0]} is a `seekstack rl` run, drawn by its rewards, and {len(runs) - len(rl)} of the runs are "
                 "not: plot the rl runs together (or with rl-plot), the others apart"
             )
+        if rl and x_axis != "step":
+            raise ValueError(
+                f"--x-axis {x_axis}: {rl[0]} is a `seekstack rl` run, whose curves are drawn by step (as rl-plot draws "
+                "them); plot it without --x-axis"
+            )
         if rl:  # `seekstack rl`'s steps
             written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth or RL_SMOOTH, records)
         elif len(runs) == 1:

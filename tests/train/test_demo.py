@@ -170,6 +170,18 @@ def test_plot_refuses_to_overlay_an_rl_run_with_others(demo_run, tmp_path):
     assert result.exit_code == 1 and f"{tmp_path} is a `seekstack rl` run" in " ".join(result.output.split())
 
 
+def test_plot_refuses_the_tokens_axis_for_an_rl_run_which_it_draws_by_step(tmp_path):
+    """rl runs are drawn as rl-plot draws them, by step: --x-axis tokens was left unheeded, the figure written."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.0, "reward": 0.5, "lr": 0.001}\n')
+    result = CliRunner().invoke(app, ["plot", str(tmp_path), "--x-axis", "tokens"])
+    assert result.exit_code == 1
+    assert " ".join(result.output.split()) == (
+        f"error: --x-axis tokens: {tmp_path} is a `seekstack rl` run, whose curves are drawn by step (as rl-plot "
+        "draws them); plot it without --x-axis"
+    )
+    assert not (tmp_path / "rl_curves.png").exists()
+
+
 def test_plot_smooth_averages_the_training_curves_over_windows_of_steps(tmp_path, monkeypatch):
     """As TensorBoard smooths and rl-plot's --smooth: a long run's per-step loss is too noisy to read a trend off."""
     import seekstack.train.plot as plot
