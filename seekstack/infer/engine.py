@@ -446,14 +446,13 @@ class Engine:
             bad = [token for token in ids if not 0 <= token < vocab]
             if bad:
                 raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
-        total = len(prompt_ids) + params.max_new_tokens
         if len(prompt_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_model_len={self.max_model_len}")
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
-                f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower max_new_tokens"
-            )
+        if len(prompt_ids) == self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, all of max_model_len: no room for a new token")
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:  # vLLM's: the reply ends with the context
+            params = dataclasses.replace(params, max_new_tokens=self.max_model_len - len(prompt_ids))
+        total = len(prompt_ids) + params.max_new_tokens
         if total > self.longest_cached_request:
             raise ValueError(
                 f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "

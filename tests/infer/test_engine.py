@@ -1029,7 +1029,7 @@ def test_chat_given_a_text_for_messages_says_how_a_conversation_is_written(model
     [
         ([], {}, "empty prompt"),
         ([1] * 300, dict(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
-        ([1] * 200, dict(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
+        ([1] * 256, dict(max_new_tokens=1), "prompt has 256 tokens, all of max_model_len: no room for a new token"),
         ([1, 9999], {}, "prompt holds token id 9999, outside the vocabulary"),
         (
             [1],
@@ -1055,6 +1055,18 @@ def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokeniz
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, SamplingParams(**fields))
     assert not engine.has_unfinished()
+
+
+def test_a_reply_past_the_context_ends_with_it_as_vllms(model, tokenizer):
+    """vLLM's LLM.generate stops a reply where the context ends (finish_reason length); here a prompt of 200 tokens
+    with max_new_tokens=100 in a context of 256 was refused ("prompt (200 tokens) + max_new_tokens (100) = 300 exceeds
+    max_model_len=256"), so a vLLM script (or a batch of prompts of many lengths) failed on its longest prompt."""
+    engine = Engine(model, tokenizer)
+    [long, short] = engine.generate([[1] * 200, [1] * 10], dataclasses.replace(GREEDY, max_new_tokens=100))
+    assert (len(long.token_ids), long.finish_reason) == (56, "length")  # 200 + 56: the context of 256
+    assert len(short.token_ids) == 100
+    plain = engine.generate([[1] * 200], dataclasses.replace(GREEDY, max_new_tokens=56))[0]
+    assert long.token_ids == plain.token_ids
 
 
 def test_engine_defaults_are_the_engine_options_defaults(model, tokenizer):
