@@ -297,6 +297,44 @@ def test_int4_groups_in_activation_order_are_refused_naming_the_config_and_the_g
     )
 
 
+def quip_transform_config(*locations: str) -> dict:
+    """A compressed-tensors transform_config as llm-compressor's QuIP writes it: a Hadamard transform of each
+    down_proj at `locations`, the config's dict as ModelCompressor.update_config stores it."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    apply = [
+        TransformArgs(targets=["re:.*down_proj$"], location=where, inverse=where == "input") for where in locations
+    ]
+    return TransformConfig(config_groups={"u": TransformScheme(type="hadamard", apply=apply)}).model_dump()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_transform_config_rotating_activations_at_run_time_is_refused_and_fused_rotations_load(tmp_path, scheme):
+    """A compressed-tensors checkpoint whose transform_config rotates a layer's input at run time (QuIP's, SpinQuant's
+    online Hadamards, as vLLM runs them; its weights stored rotated to match) loaded with the rotation left out, its
+    outputs wrong (0.12 off in the logits on the test model) with only "1 checkpoint keys were not used, e.g.
+    ['...down_proj.u_input.weight']". It is refused naming config.json, the group and the location; rotations fused
+    into the weights (weight_input, weight_output) load as the weights they are."""
+    directory = save_quantized(tmp_path / scheme, scheme)
+    reference = seekstack.load_pretrained(directory).eval()
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["transform_config"] = quip_transform_config("weight_input")
+    (directory / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(seekstack.load_pretrained(directory).eval()(ids).logits, reference(ids).logits)
+    config["quantization_config"]["transform_config"] = quip_transform_config("weight_input", "input")
+    (directory / "config.json").write_text(json.dumps(config))
+    for dequantize in (False, True):
+        assert load_error(directory, dequantize) == (
+            f"{directory / 'config.json'}: quantization_config.transform_config group 'u' applies its hadamard "
+            "transform at 'input' of ['re:.*down_proj$'], at run time, as vLLM runs it; seekstack runs no online "
+            "transform, and those layers' weights (rotated to match) would compute wrong; use a checkpoint made "
+            "without online rotations (transforms at weight_input and weight_output only, fused into the weights, "
+            "load)"
+        )
+
+
 @pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
 def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
     tmp_path, dtype, stored

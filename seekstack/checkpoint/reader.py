@@ -155,6 +155,7 @@ class CheckpointReader:
         self.quantized = quantization is not None
         self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
         if quantization is not None:
+            _refuse_online_transforms(quantization.get("transform_config") or {}, directory / CONFIG_FILE)
             method = quantization.get("quant_method", "fp8")
             fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
             compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
@@ -809,6 +810,25 @@ def _refuse_activation_ordered_groups(config_groups: dict[str, Any], config_path
                 "or dequantize the checkpoint where it was made (compressed-tensors, transformers) and load the float "
                 "one"
             )
+
+
+def _refuse_online_transforms(transform_config: dict[str, Any], config_path: Path) -> None:
+    """CheckpointError naming the file, the transform group and the location for a compressed-tensors transform_config
+    (llm-compressor's QuIP, SpinQuant) that rotates activations or the KV cache at run time (`location` input,
+    output, q_attn or k_cache), as vLLM runs them: seekstack runs none, so those layers would compute with weights
+    rotated against unrotated inputs. Transforms at weight_input and weight_output are fused into the stored weights,
+    which load as they are."""
+    for name, scheme in (transform_config.get("config_groups") or {}).items():
+        for applied in scheme.get("apply") or []:
+            location = applied.get("location")
+            if location not in ("weight_input", "weight_output"):
+                raise CheckpointError(
+                    f"{config_path}: quantization_config.transform_config group {name!r} applies its "
+                    f"{scheme.get('type')} transform at {location!r} of {applied.get('targets')}, at run time, as vLLM "
+                    "runs it; seekstack runs no online transform, and those layers' weights (rotated to match) would "
+                    "compute wrong; use a checkpoint made without online rotations (transforms at weight_input and "
+                    "weight_output only, fused into the weights, load)"
+                )
 
 
 def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, int]:
