@@ -80,6 +80,13 @@ def eval_command(
             "sampler's, comma-separated (None leaves one unset); default 0,1234,1234,1234, lm_eval's"
         ),
     ] = None,
+    gen_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            help="lm_eval's --gen_kwargs: generation kwargs each generating task's own are updated with, key=value "
+            "comma-separated (max_gen_toks=512,do_sample=True,temperature=0.6) or a JSON object"
+        ),
+    ] = None,
     log_samples: Annotated[
         bool,
         typer.Option(
@@ -114,10 +121,12 @@ def eval_command(
         out = out or folder / "eval" / "results"
         out = out / "results" if out.is_dir() else out  # a folder: the files go into it, as lm_eval's --output_path
         samples_folder = out.parent / "lm_eval" if log_samples else None
-        with options_named(("batch_size", "limit", "seed")):  # a value evaluate() refuses, as the parser's own
+        refusable = ("batch_size", "limit", "seed", "gen_kwargs")  # a value evaluate() refuses, as the parser's own
+        with options_named(refusable):
             report = evaluate(
                 model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
                 samples_folder, include_path, dtype, difficulty, seed, fewshot_as_multiturn, system_instruction,
+                gen_kwargs,
             )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

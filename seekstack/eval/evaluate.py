@@ -59,6 +59,7 @@ def evaluate(
     seed: str | None = None,
     fewshot_as_multiturn: bool | None = None,
     system_instruction: str | None = None,
+    gen_kwargs: str | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval; a string: comma-separated names) on
     the checkpoint, on `device` (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto"
@@ -70,7 +71,8 @@ def evaluate(
     --log_samples writes them; task YAML files (and groups of them) in the folder `include_path` found by name, as
     lm_eval's --include_path; the model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as
     transformers reads it); the reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k
-    --difficulty` takes it); `seed` as lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend", "wall_s",
+    --difficulty` takes it); `seed` as lm_eval's --seed (`lm_eval_seeds`); `gen_kwargs` as lm_eval's --gen_kwargs
+    (`lm_eval_gen_kwargs`: each generating task's generation kwargs updated); return {"model", "backend", "wall_s",
     "results": {task: {metric: value}}, lm_eval's "configs", "versions", "n-shot", "higher_is_better" and "n-samples"
     of each task (its config as it ran; the examples each ran with, its own default where num_fewshot is None; its
     documents, all and scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None
@@ -99,6 +101,7 @@ def evaluate(
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(EVAL_DTYPES)}")
     number = requests_per_batch(batch_size)  # ConfigError for what is neither a number nor auto
     seeds = lm_eval_seeds(seed)
+    generation = lm_eval_gen_kwargs(gen_kwargs)
     limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
     misspelt = [task for task in tasks if not is_local_task(task) and task.startswith(("code_", REASONING_PREFIX))]
@@ -148,7 +151,7 @@ def evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
                 fewshot_as_multiturn=apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn,
-                system_instruction=system_instruction,
+                system_instruction=system_instruction, gen_kwargs=generation,
                 evaluation_tracker=tracker, task_manager=tasks_found, random_seed=seeds[0], numpy_random_seed=seeds[1],
                 torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
             )  # fmt: skip
@@ -170,7 +173,7 @@ def evaluate(
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
         "fewshot_as_multiturn": fewshot_as_multiturn, "system_instruction": system_instruction,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
-        "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)),
+        "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)), "gen_kwargs": gen_kwargs,
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results,
@@ -212,6 +215,23 @@ def lm_eval_seeds(seed: str | None) -> list[int | None]:
             f"few-shot sampler's ({LM_EVAL_SEEDS}, lm_eval's default; None leaves one unset)",
             "seed",
         ) from None
+
+
+def lm_eval_gen_kwargs(text: str | None) -> dict[str, Any] | None:
+    """lm_eval's --gen_kwargs as its command line reads it: a JSON object, or key=value pairs comma-separated (a value
+    read as a number, boolean or list where it is one); None for none. ConfigError (field gen_kwargs) for anything
+    else."""
+    from lm_eval._cli.utils import key_val_to_dict, try_parse_json
+
+    remedy = "give key=value pairs, comma-separated (temperature=0.8,do_sample=True), or a JSON object"
+    try:
+        parsed = try_parse_json(text)
+        parsed = key_val_to_dict(parsed) if isinstance(parsed, str) else parsed
+    except ValueError as error:
+        raise ConfigError(f": {text!r}: {error}; {remedy}", "gen_kwargs") from None
+    if parsed is not None and not isinstance(parsed, dict):  # JSON of another kind: a number, a list
+        raise ConfigError(f": {text!r} is JSON of no object; {remedy}", "gen_kwargs")
+    return parsed or None
 
 
 def _documents_limit(limit: float | None) -> int | float | None:

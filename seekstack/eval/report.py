@@ -52,7 +52,7 @@ SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's f
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 EVAL_OPTIONS = (  # as results.json has them
     "tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device", "num_fewshot", "apply_chat_template",
-    "fewshot_as_multiturn", "system_instruction", "include_path", "dtype", "difficulty", "seed",
+    "fewshot_as_multiturn", "system_instruction", "include_path", "dtype", "difficulty", "seed", "gen_kwargs",
 )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sysconfig
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_eval_writes_json_and_a_table(small_run):
         "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
         "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu", "num_fewshot": None,
         "apply_chat_template": False, "fewshot_as_multiturn": None, "system_instruction": None, "include_path": None,
-        "dtype": "float32", "difficulty": None, "seed": None,
+        "dtype": "float32", "difficulty": None, "seed": None, "gen_kwargs": None,
     }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
@@ -822,6 +823,35 @@ def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed
     assert [asked[-1][name] for name in names] == [0, 1234, 1234, 1234] and report["options"]["seed"] is None
     with pytest.raises(ValueError, match=r"field 'seed': '1,2': Argument requires 4 integers .* \(42\), or Python's"):
         evaluate(tmp_path, ("mc",), device="cpu", seed="1,2")
+
+
+def test_gen_kwargs_update_each_tasks_generation_kwargs_as_lm_evals_and_the_report_reruns_them(tmp_path, monkeypatch):
+    """seekstack eval had no --gen-kwargs (lm_eval's --gen_kwargs): a generating task could not be run with another
+    max_gen_toks or sampled, as lm_eval users run gsm8k with --gen_kwargs max_gen_toks=512."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    (tmp_path / "config.json").write_text("{}")
+    for given, parsed in (("max_gen_toks=5,do_sample=True,until=['\\n\\n']",
+                           {"max_gen_toks": 5, "do_sample": True, "until": ["\n\n"]}),
+                          ('{"temperature": 0.6}', {"temperature": 0.6})):  # fmt: skip
+        result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--gen-kwargs", given, "--out",
+                                          str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert asked[-1]["gen_kwargs"] == parsed
+        options = json.loads((tmp_path / "results.json").read_text())["options"]
+        assert options["gen_kwargs"] == given
+        assert _eval_again(tmp_path, {"options": options}).endswith(f"--gen-kwargs {shlex.quote(given)}`")
+    report = evaluate(tmp_path, ("mc",), device="cpu")
+    assert asked[-1]["gen_kwargs"] is None and report["options"]["gen_kwargs"] is None
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--gen-kwargs", "temperature"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--gen-kwargs': 'temperature': expected `key=value`" in result.output
 
 
 def test_report_of_a_lora_run_whose_adapter_is_peft_pickle_names_it_not_a_missing_safetensors(tmp_path):
