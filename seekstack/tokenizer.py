@@ -331,8 +331,8 @@ class Tokenizer:
         source: str = "<in memory>",
         chat_template: ChatTemplate | None = None,
         reply_opening: str = "",
-        bos_token: str = BOS,
-        eos_token: str = EOS,
+        bos_token: str | None = BOS,
+        eos_token: str | None = EOS,
     ):
         # A tokenizer.json that transformers saved after a call with truncation=True or padding keeps that setting,
         # which the tokenizers library applies to every encode (transformers turns it off for calls that ask none):
@@ -692,9 +692,14 @@ class Tokenizer:
         real token: in a chat message, a forged turn."""
         return min((token for token in self.special_tokens if token in text), key=text.index, default=None)
 
-    def _special_id(self, token: str, name: str) -> int:
+    def _special_id(self, token: str | None, name: str) -> int:
         """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when
-        the tokenizer has no such token."""
+        the tokenizer has no such token, or its files name none (null)."""
+        if token is None:
+            raise ValueError(
+                f"tokenizer {self.source}: its {CONFIG_FILE} gives {name} null (it has none, as Qwen's tokenizers have "
+                f"no BOS token), and seekstack requires one; name one of its special tokens as the {name} there"
+            )
         token_id = self.backend.token_to_id(token)
         if token_id is None:
             raise ValueError(
@@ -704,19 +709,20 @@ class Tokenizer:
         return token_id
 
 
-def special_token_names(folder: Path) -> dict[str, str]:
+def special_token_names(folder: Path) -> dict[str, str | None]:
     """The `bos_token` and `eos_token` a tokenizer in `folder` names, as transformers reads them: its
     tokenizer_config.json's, over which special_tokens_map.json's go where the config lists no
-    added_tokens_decoder (older transformers' files); a token given as an AddedToken object by its content.
-    DeepSeek's BOS and EOS for a name given nowhere. ValueError naming a file that is not a JSON object."""
+    added_tokens_decoder (older transformers' files); a token given as an AddedToken object by its content, None
+    for one given as null (Qwen's tokenizers name no BOS). DeepSeek's BOS and EOS for a name given nowhere.
+    ValueError naming a file that is not a JSON object."""
     config = read_tokenizer_config(folder / CONFIG_FILE)
     if "added_tokens_decoder" not in config:
         config = {**config, **read_tokenizer_config(folder / SPECIAL_TOKENS_MAP_FILE)}
     names = {}
     for name, default in (("bos_token", BOS), ("eos_token", EOS)):
-        token = config.get(name)
+        token = config.get(name, default)
         token = token.get("content") if isinstance(token, dict) else token
-        names[name] = token if isinstance(token, str) else default
+        names[name] = token if isinstance(token, str) or token is None else default
     return names
 
 

@@ -627,6 +627,22 @@ def test_a_bos_token_the_tokenizer_lacks_is_named_with_the_file_that_names_it(tm
         Tokenizer.from_file(tmp_path)
 
 
+def test_a_bos_token_given_as_null_is_named_as_none_not_as_deepseeks(tmp_path):
+    """Qwen's tokenizer_config.json gives `"bos_token": null` (no BOS, as transformers reads it); seekstack read the
+    null as a name left out, took DeepSeek's BOS, and refused the tokenizer for lacking it: "no special token
+    '<｜begin▁of▁sentence｜>' (its bos_token ...); name the token it has", a token it has none of."""
+    path = deepseek_like_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).bos_token is None
+    with pytest.raises(ValueError) as error:
+        Tokenizer.from_file(tmp_path)
+    assert str(error.value) == (
+        f"tokenizer {path}: its tokenizer_config.json gives bos_token null (it has none, as Qwen's tokenizers have no "
+        "BOS token), and seekstack requires one; name one of its special tokens as the bos_token there"
+    )
+
+
 def test_training_writes_the_two_tokenizer_files_and_nothing_else(trained):
     _, out_dir = trained
     assert sorted(path.name for path in out_dir.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
