@@ -696,9 +696,10 @@ class Tokenizer:
         """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when
         the tokenizer has no such token, or its files name none (null)."""
         if token is None:
+            like = ", as Qwen's tokenizers have no BOS token" if name == "bos_token" else ""
             raise ValueError(
-                f"tokenizer {self.source}: its {CONFIG_FILE} gives {name} null (it has none, as Qwen's tokenizers have "
-                f"no BOS token), and seekstack requires one; name one of its special tokens as the {name} there"
+                f"tokenizer {self.source}: its {CONFIG_FILE} gives {name} null (it has none{like}), and seekstack "
+                f"requires one; name one of its special tokens as the {name} there"
             )
         token_id = self.backend.token_to_id(token)
         if token_id is None:

@@ -641,6 +641,11 @@ def test_a_bos_token_given_as_null_is_named_as_none_not_as_deepseeks(tmp_path):
         f"tokenizer {path}: its tokenizer_config.json gives bos_token null (it has none, as Qwen's tokenizers have no "
         "BOS token), and seekstack requires one; name one of its special tokens as the bos_token there"
     )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({**config, "bos_token": "<|im_start|>", "eos_token": None})
+    )
+    with pytest.raises(ValueError, match=r"gives eos_token null \(it has none\), and seekstack requires one; name"):
+        Tokenizer.from_file(tmp_path)
 
 
 def test_training_writes_the_two_tokenizer_files_and_nothing_else(trained):
