@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from seekstack.serve import schemas
 from seekstack.serve.schemas import ErrorDetail, ErrorResponse
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -19,6 +20,9 @@ Model = TypeVar("Model", bound=BaseModel)
 MAX_SHOWN_INPUT = 80
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps an unpaired "\\ud800" escape as this code point
 UNION_MEMBER = re.compile(r"str|int|float|bool|constrained-\w+|.*\[.*\]")  # how pydantic names a union's branches
+# and a branch that is a model, by its class: NamedToolChoice beside tool_choice's strings, a content part's TextPart
+UNION_MODELS = frozenset(name for name, value in vars(schemas).items() if isinstance(value, type) and
+                         issubclass(value, BaseModel))  # fmt: skip
 log = logging.getLogger("seekstack.serve")
 
 
@@ -143,9 +147,14 @@ def _union_branch(location: tuple) -> tuple[tuple, str] | None:
     """Where a validation error's location enters its first union: the union's field, and the branch pydantic names
     ('str', 'list[int]'); None outside a union."""
     for index, part in enumerate(location):
-        if isinstance(part, str) and UNION_MEMBER.fullmatch(part):
+        if _is_branch(part):
             return location[:index], part
     return None
+
+
+def _is_branch(part: str | int) -> bool:
+    """Whether a part of a validation error's location is a union's branch, as pydantic names it."""
+    return isinstance(part, str) and (UNION_MEMBER.fullmatch(part) is not None or part in UNION_MODELS)
 
 
 def _closest_branches(found: list[dict]) -> list[dict]:
@@ -153,12 +162,14 @@ def _closest_branches(found: list[dict]) -> list[dict]:
     errors lie less deep in the value, or as deep and more of them. A list of token ids with one text among them
     failed as a string, as a list of texts, as a list of lists and as a list of ids: the last two say where it went
     wrong ("prompt.1: Input should be a valid integer", "prompt.0: Input should be a valid string"), a list of lists
-    with a text inside it the one branch alone ("prompt.1.1: ...")."""
+    with a text inside it the one branch alone ("prompt.1.1: ..."); so at each union a location passes, a text part
+    missing its text in a message's content as a text part, not as a refusal part too."""
     branches: dict[tuple, dict[str, list[dict]]] = {}
     for problem in found:
-        at = _union_branch(problem["loc"])
-        if at is not None:
-            branches.setdefault(at[0], {}).setdefault(at[1], []).append(problem)
+        location = problem["loc"]
+        for index, part in enumerate(location):
+            if _is_branch(part):
+                branches.setdefault(location[:index], {}).setdefault(part, []).append(problem)
     farther = set()
     for by_branch in branches.values():
         distance = {branch: (-max(len(p["loc"]) for p in problems), len(problems))
@@ -176,4 +187,4 @@ def _in_other_branch(location: tuple, field: tuple, branch: str) -> bool:
 
 def _field_path(location: tuple) -> list:
     """The fields of a validation error's location, without the union branches pydantic names ('str', 'list[int]')."""
-    return [part for part in location if isinstance(part, int) or not UNION_MEMBER.fullmatch(part)]
+    return [part for part in location if not _is_branch(part)]

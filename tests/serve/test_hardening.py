@@ -261,6 +261,33 @@ def test_a_union_value_is_refused_by_the_branches_that_came_closest_to_matching(
     assert error["param"] == message.partition(":")[0]
 
 
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}},
+         "tool_choice.function.name: Field required"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text: Field required"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "refusal"}]}]},
+         "messages.1.content.0.refusal: Field required"),
+    ],
+)  # fmt: skip
+def test_a_model_branch_of_a_union_is_no_field_of_the_param(engine, tmp_path, fields, message):
+    """Was: pydantic's class names in the param and the message, each model branch's failure beside the one the value
+    chose by its type: 'tool_choice: Input should be 'none', 'auto' or 'required', got {...};
+    tool_choice.NamedToolChoice.function.name: Field required', 'messages.0.content.0.TextPart.text: Field required;
+    messages.0.content.0.RefusalPart.type: Input should be 'refusal', got 'text'; ...RefusalPart.refusal: ...'."""
+    body = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **fields}
+
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=body)
+
+    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    assert (error["message"], error["param"]) == (f"invalid request: {message}", message.partition(":")[0])
+
+
 def test_a_check_of_the_servers_says_its_words_without_pydantics_value_error_before_them(engine, tmp_path):
     """Every server check's 400 read 'tool_choice: Value error, "auto" needs tools ...', pydantic's wrapper words."""
     chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}
