@@ -369,6 +369,18 @@ def test_a_number_in_text_before_a_degree_sign_reads_as_math_verify_reads_it(ans
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("30\u00b0", 30), ("$30\u00b0$", 30), ("The answer is 30\u00b0.", 30), ("\\boxed{-12.5 \u00b0}", Fraction(-25, 2)),
+     ("$30\\degree$", 30), ("\\boxed{30\\,\\degree}", 30), ("\\boxed{\\text{30}\u00b0}", 30),
+     ("$30\\degrees$", None), ("\\boxed{30\u00b0\u00b0}", None), ("\u00b0", None)],
+)  # fmt: skip
+def test_a_unicode_or_gensymb_degree_sign_is_dropped_as_math_verify_drops_it(answer, value):
+    """A reply "The answer is 30\u00b0." or "$30\\degree$" was no number (scored 0 against 30), "30^\\circ" 30:
+    models write the Unicode sign, and gensymb's \\degree; math-verify reads 30 from both."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed{-(42)}", -42), ("\\boxed{- (42)}", -42), ("\\boxed{-\\left(\\frac{1}{2}\\right)}", Fraction(-1, 2)),
      ("\\boxed{+(42)}", 42), ("\\boxed{(-42)}", -42), ("\\boxed{(42)}", 42), ("\\boxed{(42)(1)}", None)],
 )  # fmt: skip
