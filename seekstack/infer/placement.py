@@ -75,6 +75,8 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
         matched = [name for name in names if _matches(pattern, name)]
         if not matched and pattern.startswith("mtp.") and not any(name.startswith("mtp.") for name in names):
             continue  # a plan's MTP entry, for a model loaded without its MTP module (no speculative decoding)
+        if pattern in WEIGHTLESS_MODULES:
+            continue  # in a map transformers wrote (model.hf_device_map): nothing to place here
         if not matched:
             parts = ", ".join(pattern for pattern, _ in _ranged(dict.fromkeys(names, "")))
             raise ValueError(f"device map entry {entry!r} matches no part of the model; each is placed whole: {parts}")
@@ -109,6 +111,9 @@ def named_devices(text: str) -> list[str]:
     return [device for _, _, device in _entries(text)]
 
 
+# transformers' modules that hold no weights, which its device maps place all the same: DeepseekV3RotaryEmbedding
+# (model.rotary_emb), whose tables here stay on the CPU with the norms
+WEIGHTLESS_MODULES = ("rotary_emb",)
 ACCELERATE_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # its device_map= plans from free memory
 
 

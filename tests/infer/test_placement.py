@@ -696,6 +696,19 @@ def test_accelerates_model_key_places_every_part_of_transformers_base_model_but_
     assert [name for name, device in engine.model.placement.items() if device != "cpu"] == ["lm_head"]
 
 
+def test_a_device_map_transformers_wrote_places_the_model_its_rotary_module_placing_nothing(tmp_path):
+    """transformers' model.hf_device_map (accelerate's infer_auto_device_map) places model.rotary_emb, a module of no
+    weights, beside the layers; here that entry was refused ("'model.rotary_emb=cpu' matches no part of the model")."""
+    hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    hf_device_map |= {"model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map=hf_device_map)
+    on_disk = [name for name, device in engine.model.placement.items() if device == "disk"]
+    assert on_disk == ["layers.1.self_attn", "layers.1.mlp.shared_experts", "layers.1.mlp.experts"]
+    with pytest.raises(ValueError, match=r"^device map entry 'rotary=cpu' matches no part"):
+        parse_device_map("*=cpu,rotary=cpu", ["embed_tokens", "lm_head"])  # only transformers' name is read so
+
+
 def test_a_torch_device_places_the_whole_model_as_transformers_device_map_takes_one(tmp_path):
     """transformers' from_pretrained(device_map=torch.device("cuda:1")) places the whole model there; here it was a
     TypeError ("give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them")."""
