@@ -152,6 +152,7 @@ def save_adapter(model: PeftModel, folder: str | Path, initial: dict[str, torch.
         tensors[_file_key(key, layers, folder)] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config["default"])
+    config.task_type = "CAUSAL_LM"  # as TRL saves it: peft's AutoPeftModelForCausalLM loads the folder by it alone
     if initial is not None:  # rsLoRA's scale alpha/sqrt(r) stays the same with alpha x sqrt(2)
         config.init_lora_weights, config.r = True, 2 * config.r
         config.lora_alpha *= 2**0.5 if config.use_rslora else 2

@@ -88,6 +88,21 @@ def test_peft_loads_the_adapter_on_the_transformers_model_with_our_logits(base, 
     assert (plain - theirs).abs().max() > 100 * PEFT_ATOL  # peft applied the adapter on their side too
 
 
+def test_peft_auto_class_loads_the_adapter_from_its_folder_alone_with_our_logits(base, adapter):
+    """AutoPeftModelForCausalLM.from_pretrained(ADAPTER), as TRL's guides load an SFT adapter, reads the base from
+    adapter_config.json and the class from its task_type, which the adapter lacked ('Cannot infer the auto class')."""
+    from peft import AutoPeftModelForCausalLM
+
+    assert json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())["task_type"] == "CAUSAL_LM"
+    reference = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
+    ids = prompt_ids()
+    with torch.no_grad():
+        theirs = reference(ids).logits
+        merged = reference.merge_and_unload()(ids).logits
+    ours = logits_with_adapter(base, adapter, ids)
+    assert (ours - theirs).abs().max() < PEFT_ATOL and (merged - theirs).abs().max() < MERGE_ATOL
+
+
 def test_peft_with_task_type_causal_lm_wraps_our_model_trains_and_reloads(base, tmp_path):
     """LoraConfig(task_type="CAUSAL_LM"), as peft users write it, on our model: it was refused ('Transformer' object
     has no attribute 'prepare_inputs_for_generation'); its wrapper trains, saves and loads back with the logits."""
