@@ -23,6 +23,7 @@ from seekstack.schema import (
     known_fields,
     recheck,
     require,
+    settable_fields,
 )
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -89,7 +90,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     # seekstack only (not in Hugging Face's configs; written to config.json only when not the default)
     attention_variant: Literal["mla", "3d"] = "mla"  # "3d": MLA + channel gate + temporal conv (model/attention_3d.py)
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json fields, written back on save
+    # unknown config.json fields, written back on save (kept, not set: no override names it)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"settable": False})
 
     # ----------------------------------------------------------------- derived quantities
     @property
@@ -484,7 +486,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     would be too, and the field it meant left at the preset's value)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    known = sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra")
+    known = settable_fields(ModelConfig)
     for override in overrides:
         if override not in known:
             raise ConfigError(f"ModelConfig has no field {override!r}; {known_fields(override, known)}")

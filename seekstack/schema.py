@@ -244,17 +244,22 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
         nested = _NESTED.get((cls, head))
         annotation: Any = Any
         if nested is not None:
-            nested_hints = _hints(nested)
-            if rest not in nested_hints:
+            settable = settable_fields(nested)
+            if rest not in settable:
                 raise ConfigError(
-                    f"override {override!r}: {nested.__name__} has no field {rest!r}; "
-                    f"{known_fields(rest, sorted(nested_hints))}"
+                    f"override {override!r}: {nested.__name__} has no field {rest!r}; {known_fields(rest, settable)}"
                 )
-            annotation = nested_hints[rest]
+            annotation = _hints(nested)[rest]
         elif typing.get_origin(_strip(hints[head])) is not dict:
             raise ConfigError(f"override {override!r}: field {head!r} is not a mapping")
         values[head] = {**(values.get(head) or {}), rest: parse_value(text, annotation, key)}
     return values
+
+
+def settable_fields(cls: type) -> list[str]:
+    """The fields of config dataclass `cls` a user sets, sorted: all but those declared
+    `field(metadata={"settable": False})`, which the code keeps (ModelConfig.extra: a config.json's unknown keys)."""
+    return sorted(f.name for f in dataclasses.fields(cls) if f.metadata.get("settable", True))
 
 
 def known_fields(name: str, known: Sequence[str], notes: Mapping[str, str] | None = None) -> str:

@@ -73,6 +73,21 @@ def test_model_overrides_written_in_a_file_are_checked_like_overrides(tmp_path: 
         load_train_config(tmp_path / "run.yaml")
 
 
+def test_a_model_override_typo_is_told_the_model_fields_a_user_sets_in_a_file_and_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """ModelConfig.extra holds a config.json's unknown keys: the command line's list offered it (`model.extra=3`
+    then refused by the preset as no field), where the file's list left it out."""
+    (tmp_path / "run.yaml").write_text("model_overrides:\n  hidden_sise: 64\n")
+    told = []
+    for file, overrides in ((tmp_path / "run.yaml", []), (None, ["model.hidden_sise=64"]), (None, ["model.extra=3"])):
+        with pytest.raises(ConfigError) as refused:
+            load_train_config(file, overrides)
+        told.append(str(refused.value).partition("known fields are ")[2])
+    assert told[0] == told[1] == told[2]
+    assert "extra" not in told[0].split(", ") and "hidden_size" in told[0].split(", ")
+
+
 def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     tokenizer = tmp_path / "tok" / "tokenizer.json"  # an absolute path, which stays as it is
