@@ -370,20 +370,14 @@ class Tokenizer:
         FileNotFoundError when there is none, ValueError when it is another JSON file or truncated or damaged; both
         name the file.
         """
-        path = tokenizer_json_path(path_or_dir)
+        given = Path(path_or_dir)
+        path = tokenizer_json_path(given)
         if not path.is_file():
-            slow = [name for name in SLOW_TOKENIZER_FILES if (path.parent / name).is_file()]
-            if slow:  # a release's tokenizer, in the files transformers reads it from without a tokenizer.json
-                folder = path.parent
+            if given.is_file():  # tokenizer.model, vocab.txt: no tokenizer.json, and no folder to look in
                 raise FileNotFoundError(
-                    f"{path}: no such file; {folder} holds a slow tokenizer's {', '.join(slow)}, which seekstack does "
-                    'not read; write its tokenizer.json beside them with transformers: python -c "from transformers '
-                    f"import AutoTokenizer as T; T.from_pretrained('{folder}').save_pretrained('{folder}')\""
+                    f"{given}: a file, not a tokenizer.json or the folder holding one; {_to_get_tokenizer_json(given)}"
                 )
-            raise FileNotFoundError(
-                f"{path}: no such file; train a tokenizer into {path.parent}, or copy the tokenizer.json of the "
-                "model's release there"
-            )
+            raise FileNotFoundError(f"{path}: no such file; {_to_get_tokenizer_json(path)}")
         try:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
@@ -770,6 +764,20 @@ def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
                 "UTF-8 or half a character UTF-8 cannot hold"
             )
     return None
+
+
+def _to_get_tokenizer_json(path: Path) -> str:
+    """How to come by the tokenizer.json missing beside `path`: a slow tokenizer's files in its folder, which
+    transformers converts (a release that ships them alone), or a tokenizer trained or copied there."""
+    folder = path.parent
+    slow = [name for name in SLOW_TOKENIZER_FILES if (folder / name).is_file()]
+    if slow:
+        return (
+            f"{folder} holds a slow tokenizer's {', '.join(slow)}, which seekstack does not read; write its "
+            'tokenizer.json beside them with transformers: python -c "from transformers import AutoTokenizer as T; '
+            f"T.from_pretrained('{folder}').save_pretrained('{folder}')\""
+        )
+    return f"train a tokenizer into {folder}, or copy the tokenizer.json of the model's release there"
 
 
 def _why_not_a_tokenizer(path: Path, error: Exception) -> str:

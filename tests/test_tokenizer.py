@@ -727,6 +727,15 @@ def test_a_folder_of_a_slow_tokenizers_files_says_how_to_write_its_tokenizer_jso
         f"{tmp_path / 'tokenizer.json'}: no such file; {tmp_path} holds a slow tokenizer's vocab.json, merges.txt, "
         f'which seekstack does not read; write its tokenizer.json beside them with transformers: python -c "{command}"'
     )
+    (tmp_path / "tokenizer.model").write_bytes(b"\n\x05hello")  # SentencePiece's, given as --tokenizer
+    with pytest.raises(FileNotFoundError) as error:
+        Tokenizer.from_file(tmp_path / "tokenizer.model")
+    assert str(error.value) == (
+        f"{tmp_path / 'tokenizer.model'}: a file, not a tokenizer.json or the folder holding one; {tmp_path} holds a "
+        f"slow tokenizer's tokenizer.model, vocab.json, merges.txt, which seekstack does not read; write its "
+        f'tokenizer.json beside them with transformers: python -c "{command}"'
+    )
+    (tmp_path / "tokenizer.model").unlink()
     subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
     assert Tokenizer.from_file(tmp_path).encode("def f(x): return 12345") == tokenizer.encode("def f(x): return 12345")
 
