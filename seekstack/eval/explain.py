@@ -38,6 +38,7 @@ FIGURE_DPI = 110
 MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
+TOP_EXPERTS = 3  # routing_stats.json's class_top_experts: the experts taking most of each token class's assignments
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
 WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
@@ -282,8 +283,11 @@ def _token_windows(texts_ids: list[list[int]], window: int, max_tokens: int) -> 
 
 def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
     load = stats.load
-    top = {
-        name: [(int(e), round(float(share), 4)) for share, e in zip(*class_load.topk(3), strict=True)]
+    top = {  # each class's TOP_EXPERTS likeliest experts, or all of a model's fewer
+        name: [
+            (int(e), round(float(share), 4))
+            for share, e in zip(*class_load.topk(min(TOP_EXPERTS, len(class_load))), strict=True)
+        ]
         for name, class_load in stats.class_load.items()
     }
     return {

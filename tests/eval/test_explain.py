@@ -133,6 +133,18 @@ def test_corpus_routing_counts_every_token_once_per_layer(checkpoint):
         assert sum(record["class_tokens"].values()) == record["tokens"]
 
 
+def test_corpus_routing_of_a_model_of_fewer_than_three_experts_names_each_classs_experts_all(checkpoint):
+    """routing_stats.json names each token class's three likeliest experts: a model of two routed experts ended
+    `explain --corpus` in torch's "selected index k out of range"."""
+    model = micro_model(n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1)
+    (first, *_) = corpus_routing(model, Tokenizer.from_file(checkpoint), [CODE * 20], window=32)
+    assert set(first["class_top_experts"]) == set(first["class_load"]) >= {"keyword", "identifier", "whitespace"}
+    for name, top in first["class_top_experts"].items():
+        shares = first["class_load"][name]
+        assert sorted(expert for expert, _ in top) == [0, 1]  # both experts, likeliest first
+        assert [share for _, share in top] == sorted(shares, reverse=True) == [shares[expert] for expert, _ in top]
+
+
 def test_corpus_routing_reads_at_most_max_tokens_cutting_the_last_window(checkpoint):
     model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
     texts = [CODE * 20, "The cat sat on the mat. " * 30]
