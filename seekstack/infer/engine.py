@@ -311,6 +311,8 @@ class Engine:
         device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
         offload_dir: str | Path | None = None,
         max_memory: Mapping[str | int, str | int] | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        offload_folder: str | Path | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
@@ -318,12 +320,20 @@ class Engine:
         `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries (or
         accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets (or, as
         accelerate's, device_map="auto" with `max_memory` {0: "80GiB", "cpu": "20GiB"}); `disk` weights not mapped
-        from the checkpoint are copied under `offload_dir` (default `model_dir`/offload).
+        from the checkpoint are copied under `offload_dir` (default `model_dir`/offload). `torch_dtype` and
+        `offload_folder`, transformers' from_pretrained names, are dtype and offload_dir.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
+        for theirs, value, ours, given in (
+            ("torch_dtype", torch_dtype, "dtype", None if dtype == torch.float32 else dtype),
+            ("offload_folder", offload_folder, "offload_dir", offload_dir),
+        ):
+            if value is not None and given is not None and value != given:
+                raise ValueError(f"{theirs}={value!r} beside {ours}={given!r}: it is transformers' name for {ours}")
+        dtype, offload_dir = torch_dtype or dtype, offload_dir or offload_folder
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
         defaults, eos_ids = sampling_defaults(model_dir), eos_token_ids(model_dir)
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():

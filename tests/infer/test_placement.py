@@ -709,6 +709,20 @@ def test_a_device_map_transformers_wrote_places_the_model_its_rotary_module_plac
         parse_device_map("*=cpu,rotary=cpu", ["embed_tokens", "lm_head"])  # only transformers' name is read so
 
 
+def test_transformers_names_torch_dtype_and_offload_folder_are_dtype_and_offload_dir(tmp_path):
+    """transformers' from_pretrained(torch_dtype=torch.bfloat16, device_map=..., offload_folder="offload") was a
+    TypeError here ("Engine.__init__() got an unexpected keyword argument 'torch_dtype'")."""
+    model_dir(tmp_path / "model")
+    experts_on_disk = {"": "cpu", "model.layers.1.mlp.experts": "disk"}
+    engine = Engine.from_pretrained(
+        tmp_path / "model", torch_dtype=torch.bfloat16, device_map=experts_on_disk, offload_folder=tmp_path / "copies"
+    )
+    assert engine.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert any((tmp_path / "copies").iterdir()) and not (tmp_path / "model" / "offload").exists()
+    with pytest.raises(ValueError, match=r"^torch_dtype=torch.bfloat16 beside dtype=torch.float16: it is trans"):
+        Engine.from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16, dtype=torch.float16)
+
+
 def test_a_torch_device_places_the_whole_model_as_transformers_device_map_takes_one(tmp_path):
     """transformers' from_pretrained(device_map=torch.device("cuda:1")) places the whole model there; here it was a
     TypeError ("give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them")."""
