@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from seekstack.checkpoint.fp8 import FP8_ABSORBED, _is_fp8_quantizable
 from seekstack.checkpoint.keys import (
     DAMAGED,
     KEPT_FLOAT,
@@ -72,8 +73,14 @@ def quantization_config(
     layers = model.config.num_hidden_layers
     weights = {name: layer_weight(m) for name, m in quantized.items()}
     if {w.scheme for w in weights.values()} == {"fp8"}:
-        block = next(iter(weights.values())).block
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+        block, kept = next(iter(weights.values())).block, _fp8_kept_layers(model)
+        config = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(block),
+        }
+        return config | ({"modules_to_not_convert": kept} if kept else {})
     formats = {name: (weight.scheme, getattr(weight, "group", None)) for name, weight in weights.items()}
     groups: dict[tuple[str, int | None], list[str]] = {}
     for name, weight in weights.items():
@@ -93,6 +100,21 @@ def quantization_config(
         ignore=[layer_key(name, layers) for name in kept],
         packed_int8=not stacked_experts,
     )
+
+
+def _fp8_kept_layers(model: Transformer) -> list[str]:
+    """The checkpoint names of the layers of fp8 `model` that quantizing kept in float (`--keep`, a layer's "none")
+    though DeepSeek's release quantizes them (kv_b_proj aside, stored fp8): the fp8 `modules_to_not_convert` that
+    transformers and vLLM read to load them as plain layers."""
+    layers = model.config.num_hidden_layers
+    kept = []
+    for name, module in model.named_modules():
+        key = layer_key(name, layers)
+        routed = isinstance(module, RoutedExperts) and not isinstance(module, QuantizedExperts)
+        linear = isinstance(module, torch.nn.Linear) and _is_fp8_quantizable(f"{key}.weight", module.weight)
+        if routed or (linear and not f"{key}.weight".endswith(FP8_ABSORBED)):
+            kept.append(key)
+    return kept
 
 
 def _pack_quantized(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
-from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, _is_fp8_quantizable, quantize_fp8
+from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, FP8_ABSORBED, _is_fp8_quantizable, quantize_fp8
 from seekstack.checkpoint.keys import (
     ALIGNMENT,
     CONFIG_FILE,
@@ -227,11 +227,14 @@ def _stored_tensors(
     model: Transformer, fp8_block: tuple[int, int] | None, stacked_experts: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     fp8_layers = [w for w in map(layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
-    if fp8_layers and fp8_block is None:  # an fp8 model: the release also stores the layers kept in float (kv_b_proj)
+    # an fp8 model: the release also stores kv_b_proj in fp8 (its values rounded so); the layers quantization kept
+    # stay in float (listed in its modules_to_not_convert); with `fp8_block` alone, every one the release quantizes is
+    kept_float = bool(fp8_layers) and fp8_block is None
+    if kept_float:
         fp8_block = fp8_layers[0].block
     for key, tensor in checkpoint_tensors(model, stacked_experts):
         stacked_parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
-        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn:
+        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn or (kept_float and not key.endswith(FP8_ABSORBED)):
             yield key, tensor
         elif _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)

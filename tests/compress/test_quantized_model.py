@@ -620,6 +620,41 @@ def test_an_fp8_checkpoint_of_ue8m0_scales_loads_as_the_same_scales_in_float32(t
     assert torch.allclose(logits(reference), expected[1], atol=1e-5)
 
 
+def test_layers_kept_in_an_fp8_quantization_are_written_in_float_and_named_for_transformers(tmp_path):
+    """`--scheme fp8 --keep '*.o_proj'` (or a layer's "none") reported the o_proj layers "kept", but the save wrote
+    every block projection of an fp8 model in fp8, as DeepSeek's release writes kv_b_proj: they reloaded rounded.
+    They are written as they are, in the model's dtype, and the config's modules_to_not_convert names them, which
+    transformers (and vLLM) read to load them as plain layers; kv_b_proj is still stored in fp8."""
+    from transformers import AutoModelForCausalLM
+
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    keep = ["lm_head", "*.o_proj", "layers.1.mlp.experts"]
+    assignment, _ = quantize_checkpoint(tmp_path / "float", tmp_path / "fp8", QuantConfig(scheme="fp8", keep=keep))
+    assert assignment["layers.0.self_attn.o_proj"] == assignment["layers.1.mlp.experts"] == "kept"
+    dtypes = {key: dtype for key, (dtype, _) in stored(tmp_path / "fp8").items()}
+    assert dtypes["model.layers.0.self_attn.o_proj.weight"] == dtypes["model.layers.1.mlp.experts.0.up_proj.weight"]
+    assert dtypes["model.layers.0.self_attn.o_proj.weight"] == "F32"
+    assert dtypes["model.layers.0.self_attn.kv_b_proj.weight"] == "F8_E4M3"
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert config["modules_to_not_convert"] == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.experts",
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.3.self_attn.o_proj",
+    ]
+    original = seekstack.load_pretrained(tmp_path / "float")
+    for dequantize in (False, True):
+        loaded = seekstack.load_pretrained(tmp_path / "fp8", dequantize=dequantize)
+        for layer in ("layers.0.self_attn.o_proj", "layers.2.self_attn.o_proj", "layers.1.mlp.experts"):
+            for name, weight in loaded.get_submodule(layer).named_parameters():
+                assert torch.equal(weight, original.get_submodule(layer).get_parameter(name)), (layer, dequantize)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8").eval()
+    assert torch.equal(theirs.model.layers[0].self_attn.o_proj.weight, original.layers[0].self_attn.o_proj.weight)
+    ours = seekstack.load_pretrained(tmp_path / "fp8", dequantize=True)
+    assert torch.allclose(logits(theirs), logits(ours), atol=1e-5)
+
+
 def test_quantizing_to_fp8_notes_the_layers_whose_sides_are_not_block_multiples(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     assignment, notes = quantize_checkpoint(tmp_path / "float", tmp_path / "blocks_128", QuantConfig(scheme="fp8"))
