@@ -562,13 +562,13 @@ class Server:
         continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
         try:
             first_usage = bill.usage() if continuous else None  # the chunk of every choice: the call's, no tokens yet
-            if is_chat:
-                roles = [_role_choice(i) for i in range(n)]
-                yield sse(self._chat_chunk(response_id, created, bill.model, roles, first_usage))
-            elif body.echo and not echo_with_logprobs:
-                echo = [CompletionChoice(index=i, text=self.echo_text(body, i // body.n)) for i in range(n)]
-                yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo,
-                                             usage=first_usage))  # fmt: skip
+            for i in range(n):  # one choice a chunk, as OpenAI and vLLM send them (a client reads choices[0])
+                if is_chat:
+                    yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i)], first_usage))
+                elif body.echo and not echo_with_logprobs:
+                    echo = CompletionChoice(index=i, text=self.echo_text(body, i // body.n))
+                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo],
+                                                 usage=first_usage))  # fmt: skip
             async for index, output in group:
                 usage.count(index, output, bill)
                 bill.update_soon()

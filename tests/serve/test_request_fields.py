@@ -589,12 +589,31 @@ def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_v
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 8
     assert {(chunk["usage"]["prompt_tokens"], chunk["usage"]["total_tokens"] - chunk["usage"]["completion_tokens"])
             for chunk in chunks} == {(prompt_tokens, prompt_tokens)}  # fmt: skip
-    if route == "/v1/chat/completions":  # the role chunk, of both choices, before any token
-        role, *chunks = chunks
-        assert [choice["index"] for choice in role["choices"]] == [0, 1] and role["usage"]["completion_tokens"] == 0
+    if route == "/v1/chat/completions":  # the role chunks, one a choice, before any token
+        roles, chunks = chunks[:2], chunks[2:]
+        assert [(role["choices"][0]["index"], role["usage"]["completion_tokens"]) for role in roles] == [(0, 0), (1, 0)]
     for index in (0, 1):  # each token's chunk: its choice's completion tokens so far
         counts = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk["choices"][0]["index"] == index]
         assert counts == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "route, body, opening",
+    [
+        ("/v1/chat/completions", CHAT, lambda choice: choice["delta"] == {"role": "assistant", "content": ""}),
+        ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": None},
+         lambda choice: choice["text"] == COMPLETION["prompt"]),
+    ],
+)  # fmt: skip
+def test_a_stream_of_n_choices_sends_one_choice_a_chunk_as_openai_and_vllm(engine, tmp_path, route, body, opening):
+    """The chunk opening the stream (chat's roles, a completion's echoed prompts) held every choice at once, where
+    OpenAI and vLLM send each choice in a chunk of its own: a client reading choices[0] of each chunk missed the
+    role or the echoed prompt of every choice but the first."""
+    [streamed] = post_each(engine, tmp_path / "db", [(route, {**body, "n": 3, "stream": True})])
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert [len(chunk["choices"]) for chunk in chunks] == [1] * len(chunks)
+    assert [chunk["choices"][0]["index"] for chunk in chunks[:3]] == [0, 1, 2]
+    assert all(opening(chunk["choices"][0]) for chunk in chunks[:3])
 
 
 @pytest.mark.parametrize(
