@@ -26,6 +26,11 @@ def main() -> None:
     parser.add_argument("--limit", type=positive_int, default=40, help="documents per task")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where both backends run (cuda, cuda:1, cpu); default cuda when available, else cpu",
+    )
     parser.add_argument("--out", default=None, help="folder for results.json/.md (ours) and results_hf.json/.md")
     args = parser.parse_args()
     missing = peer_missing("lm_eval's HF backend", ("lm_eval",), "pip install -e '.[eval]'")
@@ -35,10 +40,11 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from seekstack.eval.evaluate import documents_scored, evaluate, write_results
-    from seekstack.eval.harness import SeekstackLM
+    from seekstack.eval.harness import SeekstackLM, resolve_device
     from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs
 
     torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))  # one device for both: their timings compare the backends alone
     model_dir = checkpoint_or_latest(args.model)
     modules = held_out_modules(args.corpus)
     questions = next_line_docs(modules)[: args.limit]
@@ -47,8 +53,8 @@ def main() -> None:
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     rolling = [Instance("loglikelihood_rolling", {}, text, i) for i, text in enumerate(texts)]
 
-    ours = SeekstackLM(pretrained=model_dir, batch_size=args.batch_size)
-    theirs = HFLM(pretrained=str(model_dir), device="cpu", batch_size=args.batch_size, dtype="float32")
+    ours = SeekstackLM(pretrained=model_dir, batch_size=args.batch_size, device=device)
+    theirs = HFLM(pretrained=str(model_dir), device=device, batch_size=args.batch_size, dtype="float32")
     timings, outputs = {}, {}
     for name, lm in (("seekstack", ours), ("hf", theirs)):
         started = time.perf_counter()
@@ -58,7 +64,7 @@ def main() -> None:
     ll_diff = max(abs(a[0] - b[0]) for a, b in zip(ours_ll, hf_ll, strict=True))
     rolling_diff = max(abs(a - b) for a, b in zip(ours_rolling, hf_rolling, strict=True))
     greedy_agree = sum(a[1] == b[1] for a, b in zip(ours_ll, hf_ll, strict=True))
-    print(f"checkpoint {model_dir}")
+    print(f"checkpoint {model_dir}, both backends on {device}")
     print(f"loglikelihood: {len(pairs)} requests, max |ours - hf| = {ll_diff:.2e}, is_greedy agrees {greedy_agree}"
           f"/{len(pairs)}")  # fmt: skip
     print(f"loglikelihood_rolling: {len(texts)} documents, max |ours - hf| = {rolling_diff:.2e} "
@@ -68,7 +74,9 @@ def main() -> None:
     del ours, theirs
 
     reports = {
-        backend: evaluate(model_dir, corpus=args.corpus, backend=backend, batch_size=args.batch_size, limit=args.limit)
+        backend: evaluate(
+            model_dir, corpus=args.corpus, backend=backend, batch_size=args.batch_size, limit=args.limit, device=device
+        )
         for backend in ("seekstack", "hf")
     }
     if args.out:

@@ -1,6 +1,8 @@
 """A peer the benchmarks time ours against (trl, llama.cpp, datatrove) that is not installed is skipped in one line
 naming the package and how to install it, and distill_step needs two steps (the first is warm-up, not timed)."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +39,21 @@ def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(t
     run = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"
+
+
+def test_eval_parity_runs_both_backends_on_one_device_and_their_log_likelihoods_agree(tmp_path):
+    """Our backend ran where resolve_device put it (CUDA when there is one) and lm_eval's HF backend on the CPU, so on
+    a GPU machine the scoring wall times compared a GPU with a CPU; --device puts both on one device."""
+    from tests.infer.support import model_dir
+
+    checkpoint = model_dir(tmp_path / "model")
+    module = "\n".join(f"value_{i} = compute({i})" for i in range(40))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "val.jsonl").write_text(json.dumps({"id": "m.py", "text": module}) + "\n")
+    command = [sys.executable, str(BENCH / "eval_parity.py"), "--model", str(checkpoint), "--corpus",
+               str(tmp_path / "corpus"), "--limit", "1", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"checkpoint {checkpoint}, both backends on cpu" in run.stdout
+    difference = re.search(r"loglikelihood: 4 requests, max \|ours - hf\| = (\S+), is_greedy agrees 4/4", run.stdout)
+    assert difference is not None and float(difference[1]) < 1e-4, run.stdout
