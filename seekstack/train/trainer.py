@@ -592,6 +592,11 @@ class _Run:
                     f"note: grad_compression={config.grad_compression} compresses the gradients ranks exchange; this "
                     "run is one process, which exchanges none (start it with torchrun to use it)"
                 )
+            elif config.parallel == "fsdp":
+                self._say(
+                    "note: parallel=fsdp shards the parameters, gradients and optimizer state over the ranks; this run "
+                    "is one process, which holds them whole (start it with torchrun to shard them)"
+                )
         self.optimizer = build_optimizer(model, config, ranks.device)
         if train_state is not None:
             self._load_optimizer(train_state, path)

@@ -590,11 +590,17 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     assert capfd.readouterr().err.count(warning) == 1  # from rank 0
 
 
-def test_compressed_gradients_asked_of_one_process_are_said_to_do_nothing(data_dir, tmp_path, capfd):  # noqa: F811
-    train(run_config(data_dir, tmp_path / "one", grad_compression="powersgd", max_steps=1, eval_every=0, save_every=0))
-    assert "note: grad_compression=powersgd compresses the gradients ranks exchange; this run is one process" in (
-        capfd.readouterr().err
-    )
+@pytest.mark.parametrize(
+    ("asked", "note"),
+    [
+        ({"grad_compression": "powersgd"}, "grad_compression=powersgd compresses the gradients ranks exchange"),
+        ({"parallel": "fsdp"}, "parallel=fsdp shards the parameters, gradients and optimizer state over the ranks"),
+    ],
+)
+def test_scale_out_asked_of_one_process_is_said_to_do_nothing(data_dir, tmp_path, capfd, asked, note):  # noqa: F811
+    """parallel=fsdp in one process trained the whole model as ddp's one process does, saying nothing."""
+    train(run_config(data_dir, tmp_path / "one", max_steps=1, eval_every=0, save_every=0, **asked))
+    assert f"note: {note}; this run is one process" in capfd.readouterr().err
 
 
 def _train_rank_ctrl_c_on_rank_0_in_step_3(rank: int, world_size: int, port: int, config, resume) -> None:
