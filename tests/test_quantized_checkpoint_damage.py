@@ -335,6 +335,33 @@ def test_a_transform_config_rotating_activations_at_run_time_is_refused_and_fuse
         )
 
 
+@pytest.mark.parametrize("sparse_format", ["dense", "sparse-24-bitmask"])
+def test_weights_compressed_by_a_sparsity_config_are_refused_and_sparse_dense_ones_load(tmp_path, sparse_format):
+    """A compressed-tensors checkpoint whose sparsity_config stores its weights compressed (llm-compressor's 2:4
+    sparse checkpoints: sparse-24-bitmask, their non-zero values beside a bitmask) was read as if its weights were
+    plain ones, the sparsity_config never looked at: refused as damaged ("missing key '...q_a_proj.weight'; the
+    weights do not match config.json: re-save or re-download the checkpoint"). It is refused naming config.json and
+    the format; a sparsity_config of format "dense" (sparse weights stored as they are) loads."""
+    directory = save_quantized(tmp_path / "int8", "int8")
+    reference = seekstack.load_pretrained(directory).eval()
+    config = json.loads((directory / "config.json").read_text())
+    sparsity = {"format": sparse_format, "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"]}
+    config["quantization_config"]["sparsity_config"] = sparsity
+    (directory / "config.json").write_text(json.dumps(config))
+    if sparse_format == "dense":
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(seekstack.load_pretrained(directory).eval()(ids).logits, reference(ids).logits)
+        return
+    for dequantize in (False, True):
+        assert load_error(directory, dequantize) == (
+            f"{directory / 'config.json'}: quantization_config.sparsity_config stores the weights compressed as "
+            "'sparse-24-bitmask' (their non-zero values and a bitmask, not a weight tensor), which seekstack does not "
+            "read; decompress them with the compressed-tensors version that wrote them and save the model dense, or "
+            "give the checkpoint it was made from"
+        )
+
+
 @pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
 def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
     tmp_path, dtype, stored

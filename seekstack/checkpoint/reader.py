@@ -156,6 +156,7 @@ class CheckpointReader:
         self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
         if quantization is not None:
             _refuse_online_transforms(quantization.get("transform_config") or {}, directory / CONFIG_FILE)
+            _refuse_sparse_compression(quantization.get("sparsity_config") or {}, directory / CONFIG_FILE)
             method = quantization.get("quant_method", "fp8")
             fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
             compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
@@ -829,6 +830,21 @@ def _refuse_online_transforms(transform_config: dict[str, Any], config_path: Pat
                     "compute wrong; use a checkpoint made without online rotations (transforms at weight_input and "
                     "weight_output only, fused into the weights, load)"
                 )
+
+
+def _refuse_sparse_compression(sparsity_config: dict[str, Any], config_path: Path) -> None:
+    """CheckpointError naming the file and the format for a compressed-tensors sparsity_config whose weights are stored
+    compressed (sparse-bitmask, sparse-24-bitmask, marlin-24: their non-zero values beside a bitmask, not a `weight`):
+    seekstack reads none of them (compressed-tensors 0.20 has no compressor for them either). Sparse weights stored
+    dense (format "dense") load as they are."""
+    stored = sparsity_config.get("format", "dense")
+    if stored != "dense":
+        raise CheckpointError(
+            f"{config_path}: quantization_config.sparsity_config stores the weights compressed as {stored!r} (their "
+            "non-zero values and a bitmask, not a weight tensor), which seekstack does not read; decompress them with "
+            "the compressed-tensors version that wrote them and save the model dense, or give the checkpoint it was "
+            "made from"
+        )
 
 
 def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, int]:
