@@ -318,13 +318,19 @@ def sampling_params(
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     requested = requested_max_tokens(request)
+    # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
+    # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
+    length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
     if room < 1 or (requested is not None and requested > room):
         asked = f"{prompt_tokens} in the prompt" + (f" + {requested} for the completion" if requested else "")
+        fix, param = "Shorten the prompt.", "messages" if is_chat else "prompt"
+        if room >= 1:  # the prompt fits: the length asked is at fault (alone, where it is over the context)
+            shorter = "" if requested >= max_model_len else " or shorten the prompt"
+            fix, param = f"Lower {length_name} to at most {room}{shorter}.", length_name
         raise APIError(
             400,
-            f"this model's maximum context length is {max_model_len} tokens; the request needs {asked}. "
-            "Shorten the prompt or lower max_tokens.",
-            param="messages" if is_chat else "prompt",
+            f"this model's maximum context length is {max_model_len} tokens; the request needs {asked}. {fix}",
+            param=param,
             code="context_length_exceeded",
         )
     if is_chat:
@@ -344,11 +350,7 @@ def sampling_params(
     else:
         unasked = min(room, model_defaults.get("max_new_tokens", room))
         max_new_tokens = requested or (unasked if unasked_limit is None else min(unasked, max(unasked_limit, 1)))
-    # the length named and counted as the request gave it (max_completion_tokens, else max_tokens: a completion's
-    # default 16, a chat's unset length, an echo's 0), not as SamplingParams' max_new_tokens, which no HTTP caller
-    # writes
-    length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
-    length = 0 if echo_only(request) else max_new_tokens
+    length = 0 if echo_only(request) else max_new_tokens  # as the request gave it: an echo's 0
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built

@@ -158,6 +158,33 @@ def test_min_tokens_of_an_echo_of_max_tokens_0_is_refused_naming_the_0_given(eng
     assert scored.json()["choices"][0]["text"] == COMPLETION["prompt"]
 
 
+def test_a_length_over_the_contexts_room_is_refused_naming_the_length_not_the_prompt(engine, tmp_path):
+    """A prompt of 6 tokens with max_tokens 1000 was refused with param prompt and 'Shorten the prompt or lower
+    max_tokens.', though no prompt could make room for 1000 tokens in a context of 256, and a chat's
+    max_completion_tokens was named max_tokens. The length is named as the request gave it, with the most it may be."""
+    length = engine.max_model_len
+    prompt = [5] * 6
+    chat_prompt = len(engine.tokenizer.encode_chat(CHAT["messages"]))
+    over, beside, chat, too_long = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**COMPLETION, "prompt": prompt, "max_tokens": 1000}),
+        ("/v1/completions", {**COMPLETION, "prompt": prompt, "max_tokens": length - 5}),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 1000}),
+        ("/v1/completions", {**COMPLETION, "prompt": [5] * (length + 1), "max_tokens": 1}),
+    ])  # fmt: skip
+    needs = f"this model's maximum context length is {length} tokens; the request needs"
+    expected = [
+        (f"{needs} 6 in the prompt + 1000 for the completion. Lower max_tokens to at most {length - 6}.", "max_tokens"),
+        (f"{needs} 6 in the prompt + {length - 5} for the completion. Lower max_tokens to at most {length - 6} or "
+         "shorten the prompt.", "max_tokens"),
+        (f"{needs} {chat_prompt} in the prompt + 1000 for the completion. Lower max_completion_tokens to at most "
+         f"{length - chat_prompt}.", "max_completion_tokens"),
+        (f"{needs} {length + 1} in the prompt + 1 for the completion. Shorten the prompt.", "prompt"),
+    ]  # fmt: skip
+    for refused, (message, param) in zip((over, beside, chat, too_long), expected, strict=True):
+        error = error_of(refused, 400)
+        assert (error["message"], error["param"], error["code"]) == (message, param, "context_length_exceeded")
+
+
 def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp_path):
     """lm-eval's local-completions sends a task's `until` with the EOS text as `stop`: humaneval's 6 were refused
     ('stop: List should have at most 4 items'), so the task failed on every request, where vLLM serves it."""
