@@ -1,5 +1,6 @@
 """Our lm_eval backend against lm_eval's HF backend on the same checkpoint: per-request log-likelihoods of the
-local tasks' requests (max |difference|, is-greedy agreement), the task scores of both, and wall times.
+local tasks' requests (max |difference|, is-greedy agreement), their greedy next lines (identical texts), the task
+scores of both, and wall times.
 
     .venv/bin/python bench/eval_parity.py --model runs/eval_demo/train --corpus runs/demo/corpus --limit 40
 """
@@ -41,7 +42,7 @@ def main() -> None:
 
     from seekstack.eval.evaluate import documents_scored, evaluate, write_results
     from seekstack.eval.harness import SeekstackLM, resolve_device
-    from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs
+    from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs, task_configs
 
     torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))  # one device for both: their timings compare the backends alone
@@ -52,15 +53,20 @@ def main() -> None:
     texts = [(m["text"][:PERPLEXITY_CHARS],) for m in modules[: args.limit]]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     rolling = [Instance("loglikelihood_rolling", {}, text, i) for i, text in enumerate(texts)]
+    [next_line] = task_configs(args.corpus, ("code_next_line",))  # its generation kwargs: greedy, until a newline
+    lines = [
+        Instance("generate_until", {}, (q["prompt"], dict(next_line["generation_kwargs"])), i)
+        for i, q in enumerate(questions)
+    ]
 
     ours = SeekstackLM(pretrained=model_dir, batch_size=args.batch_size, device=device)
     theirs = HFLM(pretrained=str(model_dir), device=device, batch_size=args.batch_size, dtype="float32")
     timings, outputs = {}, {}
     for name, lm in (("seekstack", ours), ("hf", theirs)):
         started = time.perf_counter()
-        outputs[name] = (lm.loglikelihood(requests), lm.loglikelihood_rolling(rolling))
+        outputs[name] = (lm.loglikelihood(requests), lm.loglikelihood_rolling(rolling), lm.generate_until(lines))
         timings[name] = time.perf_counter() - started
-    (ours_ll, ours_rolling), (hf_ll, hf_rolling) = outputs["seekstack"], outputs["hf"]
+    (ours_ll, ours_rolling, ours_lines), (hf_ll, hf_rolling, hf_lines) = outputs["seekstack"], outputs["hf"]
     ll_diff = max(abs(a[0] - b[0]) for a, b in zip(ours_ll, hf_ll, strict=True))
     rolling_diff = max(abs(a - b) for a, b in zip(ours_rolling, hf_rolling, strict=True))
     greedy_agree = sum(a[1] == b[1] for a, b in zip(ours_ll, hf_ll, strict=True))
@@ -69,7 +75,9 @@ def main() -> None:
           f"/{len(pairs)}")  # fmt: skip
     print(f"loglikelihood_rolling: {len(texts)} documents, max |ours - hf| = {rolling_diff:.2e} "
           f"(totals {min(hf_rolling):.1f} .. {max(hf_rolling):.1f})")  # fmt: skip
-    print(f"scoring wall time: ours {timings['seekstack']:.1f} s, hf {timings['hf']:.1f} s, "
+    same_lines = sum(a == b for a, b in zip(ours_lines, hf_lines, strict=True))
+    print(f"generate_until: {len(lines)} greedy next lines, identical texts {same_lines}/{len(lines)}")
+    print(f"wall time of these requests: ours {timings['seekstack']:.1f} s, hf {timings['hf']:.1f} s, "
           f"ratio {timings['hf'] / timings['seekstack']:.2f}x")  # fmt: skip
     del ours, theirs
 

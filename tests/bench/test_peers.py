@@ -41,9 +41,11 @@ def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(t
     assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"
 
 
-def test_eval_parity_runs_both_backends_on_one_device_and_their_log_likelihoods_agree(tmp_path):
+def test_eval_parity_runs_both_backends_on_one_device_and_their_log_likelihoods_and_next_lines_agree(tmp_path):
     """Our backend ran where resolve_device put it (CUDA when there is one) and lm_eval's HF backend on the CPU, so on
-    a GPU machine the scoring wall times compared a GPU with a CPU; --device puts both on one device."""
+    a GPU machine the scoring wall times compared a GPU with a CPU; --device puts both on one device. Generation was
+    compared by code_next_line's exact match alone (0 on both for a model that misses, whatever each wrote): the
+    greedy next lines themselves are compared."""
     from tests.infer.support import model_dir
 
     checkpoint = model_dir(tmp_path / "model")
@@ -57,3 +59,4 @@ def test_eval_parity_runs_both_backends_on_one_device_and_their_log_likelihoods_
     assert f"checkpoint {checkpoint}, both backends on cpu" in run.stdout
     difference = re.search(r"loglikelihood: 4 requests, max \|ours - hf\| = (\S+), is_greedy agrees 4/4", run.stdout)
     assert difference is not None and float(difference[1]) < 1e-4, run.stdout
+    assert "generate_until: 1 greedy next lines, identical texts 1/1" in run.stdout
