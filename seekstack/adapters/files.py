@@ -388,8 +388,17 @@ def _check_base_layer_copy(layer: torch.nn.Module, key: str, stored: torch.Tenso
 def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight, each
     merged weight a new tensor (peft's safe_merge), never the memory-mapped checkpoint pages changed in place (which
-    a device map would take for weights still on disk)."""
-    return load_adapter(model, adapter).merge_and_unload(safe_merge=True)
+    a device map would take for weights still on disk). A head tied to the embedding (tie_word_embeddings) is merged
+    apart from it, and left untied where the adapter makes the two differ (a LoRA on either)."""
+    tied = model.config.tie_word_embeddings
+    if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
+        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
+    merged = load_adapter(model, adapter).merge_and_unload(safe_merge=True)
+    if tied and torch.equal(merged.lm_head.weight, merged.embed_tokens.weight):
+        merged.tie_weights()
+    elif tied:
+        merged.config = merged.config.replace(tie_word_embeddings=False)
+    return merged
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:

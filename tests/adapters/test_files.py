@@ -164,6 +164,24 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
 
 
+@pytest.mark.parametrize("vocabulary", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_a_merged_adapter_on_the_head_or_embedding_of_a_tied_base_keeps_both(tmp_path, vocabulary):
+    """A base whose head is its embedding (tie_word_embeddings): the merged head and embedding differ, and the merged
+    checkpoint was written tied, its one matrix the merged embedding (other logits than base + adapter, by 5)."""
+    torch.manual_seed(0)
+    tied = seekstack.save_pretrained(
+        seekstack.Transformer(seekstack.preset("tiny", **TINY, tie_word_embeddings=True)), tmp_path / "tied"
+    )
+    only_vocabulary = AdapterConfig(rank=4, vocabulary=vocabulary, attention=[], feed_forward=[], experts=[])
+    adapter = write_random_adapter(tied, tmp_path / "adapter", seed=2, config=only_vocabulary)
+    merged_dir = merge_adapter(tied, adapter, tmp_path / "merged")
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = prompt_ids(seed=3)
+    with torch.no_grad():
+        merged = seekstack.load_pretrained(merged_dir)(ids).logits
+    assert (merged - logits_with_adapter(tied, adapter, ids)).abs().max() < MERGE_ATOL
+
+
 def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_loses_nothing(base, adapter, tmp_path):
     copy = tmp_path / "adapter"
     shutil.copytree(adapter, copy)
