@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Collection, Iterator
@@ -15,7 +14,7 @@ from typer.core import TyperCommand
 
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, settable_fields
 from seekstack.train.runs import passed_over, run_checkpoint
 
 try:
@@ -139,8 +138,8 @@ def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
     write instead."""
     keys: dict[str, str] = {}
     for cls, prefix in configs:
-        for field in dataclasses.fields(cls):
-            keys.setdefault(field.name, prefix + field.name)
+        for name in settable_fields(cls):
+            keys.setdefault(name, prefix + name)
 
     class KeyValueCommand(TyperCommand):
         def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:

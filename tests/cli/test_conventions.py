@@ -115,6 +115,14 @@ def test_a_config_key_given_as_an_option_is_refused_with_the_key_value_to_write(
     assert f"No such option: {name}; settings are key=value arguments: {key}=VALUE" in result.output
 
 
+def test_an_option_named_as_a_field_no_user_sets_is_refused_without_a_key_value_to_write():
+    """ModelConfig.extra holds a config.json's unknown keys: --extra was told to write model.extra=VALUE, which the
+    run then refused as no field of ModelConfig."""
+    result = runner.invoke(app, ["train", "--extra", "10"])
+    assert result.exit_code == 2
+    assert "No such option: --extra" in result.output and "model.extra" not in result.output
+
+
 def test_an_option_close_to_one_of_the_commands_own_is_still_offered_it():
     result = runner.invoke(app, ["lora", "train", "--out-dir", "runs/x"])  # out_dir is a key too, but --out sets it
     assert result.exit_code == 2
