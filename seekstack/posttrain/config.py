@@ -156,6 +156,18 @@ class GRPOConfig(TrainConfig):
         "server, no weight sync; async_rollouts=true samples the next batch beside this one's training)",
         "log_completions": "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's and writes "
         "the verified ones",
+        "num_completions_to_print": "rl prints no completions; `seekstack traces CHECKPOINT` samples a checkpoint's "
+        "and writes the verified ones",
+        **dict.fromkeys(
+            ("vllm_importance_sampling_correction", "vllm_importance_sampling_cap"),
+            "TRL's vLLM importance sampling correction (its loss weighed by the trainer's over vLLM's probability of "
+            "each sampled token) is not offered: rollouts are sampled by seekstack's engine on the trained model "
+            "itself, not by vLLM, its log-probabilities the learner's (within 1e-4 in float32)",
+        ),
+        "generation_kwargs": "TRL's generation_kwargs is not offered; rollouts are sampled at temperature, top_p, "
+        "top_k and min_p (fields here), the distribution the loss's log-probabilities are of",
+        "top_entropy_quantile": "TRL's top_entropy_quantile (the loss on each completion's highest-entropy tokens "
+        "alone) is not offered; every completion token is trained (mask_truncated_completions leaves cut ones out)",
         # transformers' TrainingArguments names, which TRL's GRPOConfig takes too, as sft names them
         **{
             name: ConversationConfig.field_notes[name]

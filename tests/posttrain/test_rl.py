@@ -311,6 +311,13 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
      ("reward_funcs=[accuracy, format]", "the reward is the task's (task=: a built-in, your module:Class or a"),
      ("use_vllm=true", "rollouts always run on seekstack's inference engine, built on the model being trained"),
      ("log_completions=true", "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's"),
+     # were asked "did you mean" another field: max_completion_length (following it would cut every completion to
+     # one token), importance_sampling_level, num_generations
+     ("num_completions_to_print=1", "rl prints no completions; `seekstack traces CHECKPOINT` samples"),
+     ("vllm_importance_sampling_correction=true", "TRL's vLLM importance sampling correction (its loss weighed"),
+     ("vllm_importance_sampling_cap=2", "not offered: rollouts are sampled by seekstack's engine on the trained model"),
+     ("generation_kwargs={}", "TRL's generation_kwargs is not offered; rollouts are sampled at temperature, top_p"),
+     ("top_entropy_quantile=0.2", "TRL's top_entropy_quantile (the loss on each completion's highest-entropy"),
      ("save_steps=100", "transformers' save_steps (steps between checkpoints) is save_every here"),
      ("max_grad_norm=1.0", "transformers' max_grad_norm is grad_clip here"),
      ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
