@@ -211,9 +211,12 @@ class Server:
         if not self.keys.any_keys():
             check_open_mode_request(request)
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer sk-ss-...'", code="no_api_key")
+            # a header of another form (the key without "Bearer " before it) is not a missing key
+            problem = "the Authorization header holds no Bearer API key" if header.strip() else "missing API key"
+            raise APIError(401, f"{problem}: send the header 'Authorization: Bearer sk-ss-...'", code="no_api_key")
         key = self.keys.verify(token.strip())
         if key is None:
             raise APIError(401, "the API key is not valid or was revoked", code="invalid_api_key")

@@ -634,6 +634,24 @@ def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model
     assert [row["model"] for row in rows] == ["m" * 256] * 2  # was: the 500,000 characters, each time
 
 
+def test_a_key_sent_without_bearer_is_told_so_not_called_missing(engine, tmp_path):
+    """An Authorization header holding the key alone (or "Token KEY", "Bearer" without a key) was answered "missing
+    API key", though a key was sent: the caller looked for a key their code had set."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("alice")
+    headers = [{"Authorization": key}, {"Authorization": f"Token {key}"}, {"Authorization": "Bearer "}, {}]
+
+    async def scenario(client):
+        return [await client.get("/v1/models", headers=header) for header in headers]
+
+    errors = [error_of(response, 401) for response in run(create_app(engine, database), scenario)]
+    send = ": send the header 'Authorization: Bearer sk-ss-...'"
+    assert [error["message"] for error in errors] == [
+        *["the Authorization header holds no Bearer API key" + send] * 3, "missing API key" + send,
+    ]  # fmt: skip
+    assert {error["code"] for error in errors} == {"no_api_key"}
+
+
 def test_the_openapi_document_needs_a_key_and_names_only_the_models_it_may_use(engine, tmp_path):
     database = open_database(tmp_path / "db")
     narrow, broad = KeyStore(database).create("narrow", models=("legal",)), KeyStore(database).create("broad")
