@@ -172,6 +172,24 @@ def chatml(message: object) -> object:
     return {renamed.get(key, key): value for key, value in message.items()}
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's from/value roles, which TRL keeps as they are
+
+
+def refuse_sharegpt_roles(messages: list) -> None:
+    """ValueError naming the first from/value message whose `from` is ShareGPT's human or gpt: TRL keeps such roles
+    as they are, which DeepSeek-V3's chat template writes no turn for (TRL would train on neither), so the file is
+    to say user and assistant."""
+    for position, message in enumerate(messages):
+        role = message.get("from") if isinstance(message, dict) else None
+        if role in SHAREGPT_ROLES:
+            raise ValueError(
+                f"chat message {position} is from {role!r}, ShareGPT's name of {SHAREGPT_ROLES[role]!r}: TRL reads "
+                "from/value roles as they are, and the chat template has no turn for human or gpt; write "
+                '"from": "user" and "from": "assistant" (e.g. jq -c \'.conversations[].from |= '
+                '({"human": "user", "gpt": "assistant"}[.] // .)\')'
+            )
+
+
 def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> Conversation:
     """The templated messages of one JSONL record (`is_conversation_record`) and the tools it offers (its `tools`, a
     list or its JSON text: `column_tools`, `offered`). TRL's prompt-completion is its prompt's messages then its
@@ -194,6 +212,7 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
             "of its messages: keep one of the two forms"
         )
     if is_from_value(record):
+        refuse_sharegpt_roles(record["conversations"])
         record = {**record, "messages": [chatml(message) for message in record["conversations"]]}
     messages = record["messages"] if isinstance(record.get("messages"), list) else record["prompt"]
     templated = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]

@@ -492,6 +492,24 @@ def test_trls_from_value_conversations_read_as_their_messages(tmp_path):
     assert is_chat(path)
 
 
+def test_sharegpt_human_and_gpt_roles_are_refused_naming_the_line_and_the_roles_to_write(tmp_path):
+    """ShareGPT's from/value data says human and gpt, which TRL keeps as roles and DeepSeek-V3's template writes no
+    turn for; they were refused as any unknown role ('expected one of (...)'), not saying what they stand for."""
+    path = tmp_path / "sharegpt.jsonl"
+    sharegpt = {"user": "human", "assistant": "gpt"}
+    lines = [
+        [{"from": roles.get(m["role"], m["role"]), "value": m["content"]} for m in CHAT] for roles in ({}, sharegpt)
+    ]
+    path.write_text("".join(json.dumps({"conversations": line}) + "\n" for line in lines))
+    with pytest.raises(ValueError) as refused:
+        read_conversations(path)
+    position, message = next((p, m) for p, m in enumerate(lines[1]) if m["from"] in ("human", "gpt"))
+    assert str(refused.value).startswith(
+        f"{path}:2: chat message {position} is from {message['from']!r}, ShareGPT's name of {CHAT[position]['role']!r}"
+    )
+    assert '"from": "user" and "from": "assistant"' in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("record", "refusal"),
     [
