@@ -3,7 +3,9 @@ verifiable tasks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -93,7 +95,8 @@ def pass_at_k_command(
         for model in models:
             with options_named():  # a difficulty whose prompts pass the context names --difficulty
                 sampled_task = make_task(task, difficulty)
-                scored = heldout_problems(sampled_task, problems, seed)
+                with _problems_asked():
+                    scored = heldout_problems(sampled_task, problems, seed)
                 engine = _sampling_engine(model, problems * samples, max_new_tokens, sampled_task, scored)
                 scores = evaluate_task(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
             rows.append({"model": str(model), "task": task, **scores})
@@ -136,7 +139,8 @@ def traces_command(
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
         with options_named():
             sampled_task = make_task(task, difficulty)
-            sampled = trace_problems(sampled_task, problems, seed)
+            with _problems_asked():
+                sampled = trace_problems(sampled_task, problems, seed)
             engine = _sampling_engine(model, 64 * samples, max_new_tokens, sampled_task, sampled)
             traces = verified_traces(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
         if not traces.conversations:
@@ -149,6 +153,19 @@ def traces_command(
     summary |= {"accept_rate": traces.accept_rate, "prompts": traces.prompts, "prompts_solved": traces.prompts_solved}
     summary |= {"solved_rate": traces.solved_rate}
     typer.echo(json.dumps(summary))
+
+
+@contextlib.contextmanager
+def _problems_asked() -> Iterator[None]:
+    """A task with fewer distinct problems than --problems asks for: a ConfigError naming the field problems, which
+    options_named says as the option (was: "... ask for fewer", naming no option)."""
+    from seekstack.config import ConfigError
+    from seekstack.posttrain.tasks.base import TooFewProblems
+
+    try:
+        yield
+    except TooFewProblems as error:
+        raise ConfigError(f": {error}", field="problems") from None
 
 
 def _why_no_trace(model: Path, task: str) -> str:

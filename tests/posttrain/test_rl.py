@@ -781,6 +781,22 @@ def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_pat
     assert "Invalid value for '--difficulty': Input should be greater than or equal to 1" in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "split"),
+    [(["pass-at-k"], "15 distinct heldout"), (["traces", "--out", "traces.jsonl"], "85 distinct train")],
+)
+def test_sampling_commands_refuse_more_problems_than_the_task_has_naming_the_option(tmp_path, command, split):
+    """Was "error: task addition at difficulty 1 yielded only 15 ... of 100 asked: ...; raise the difficulty or ask for
+    fewer", fewer of what unsaid; now a usage error naming --problems, as the parser's own refusals."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    asked = ["--task", "addition", "--difficulty", "1", "--problems", "100"]
+    result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], *asked])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--problems': task addition at difficulty 1 yielded only {split} problems of 100 " in (
+        result.output
+    )
+
+
 @pytest.mark.parametrize("command", [["pass-at-k", "--problems", "1"], ["traces", "--prompts", "1"]])
 def test_sampling_commands_hold_prompts_past_192_tokens_and_refuse_those_past_the_context_naming_difficulty(
     tmp_path, command

@@ -42,6 +42,10 @@ class Task(Protocol):
         ...
 
 
+class TooFewProblems(ValueError):
+    """A task's split gave fewer distinct problems than were asked (`sample_problems`)."""
+
+
 def split_of(key: str) -> Split:
     """The split a problem belongs to, fixed by its key alone: ~HELDOUT_PERCENT % of all problems are held out."""
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 100
@@ -60,7 +64,7 @@ def sample_problems(
     """`count` problems of `split`, drawn by a generator seeded with (task, difficulty, split, seed); `distinct`:
     no problem twice (an evaluation counts each once), else problems may repeat (training draws). A split that
     yields no new problem in `max_draws_without_one` draws in a row (~0.1 s) has no more to give: then fewer than
-    `count` is a ValueError, or with `up_to` all it yielded."""
+    `count` is a TooFewProblems, or with `up_to` all it yielded."""
     rng = random.Random(f"{task.name}/{task.difficulty}/{split}/{seed}")
     problems: list[Problem] = []
     seen: set[str] = set()
@@ -74,7 +78,7 @@ def sample_problems(
             draws_without_one = 0
     if len(problems) == count or up_to:
         return problems
-    raise ValueError(_too_few(task, len(problems), count, split, "distinct " if distinct else ""))
+    raise TooFewProblems(_too_few(task, len(problems), count, split, "distinct " if distinct else ""))
 
 
 def _too_few(task: Task, found: int, count: int, split: str, kind: str) -> str:
