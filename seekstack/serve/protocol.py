@@ -162,11 +162,16 @@ def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer:
 @cache
 def template_variables(template: str) -> frozenset[str]:
     """The names a Jinja chat template reads from its context, as vLLM finds them (jinja2's undeclared variables,
-    less the environment's globals such as raise_exception), in the environment transformers renders it in."""
-    from jinja2 import meta
+    less the environment's globals such as raise_exception), in the environment transformers renders it in; none for
+    a template that does not compile (a release's that this server does not render: the chat, if it does, is refused
+    where it is written)."""
+    from jinja2 import TemplateError, meta
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    environment = _compile_jinja_template(template).environment
+    try:
+        environment = _compile_jinja_template(template).environment
+    except TemplateError:
+        return frozenset()
     return frozenset(meta.find_undeclared_variables(environment.parse(template)) - set(environment.globals))
 
 

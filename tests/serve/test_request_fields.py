@@ -364,6 +364,22 @@ def test_chat_template_kwargs_read_by_the_checkpoints_own_template_are_refused(t
     assert prompt_ids(kept, tokenizer) == [tokenizer.encode_chat(body["messages"])]
 
 
+def test_chat_template_kwargs_beside_a_shipped_template_that_does_not_compile_are_read_by_the_format_written(tmp_path):
+    """A checkpoint with the DeepSeek-V3 role tokens writes its chats itself, so a damaged template shipped beside its
+    tokenizer is never rendered; reading its variables for chat_template_kwargs raised TemplateSyntaxError (a 500)."""
+    folder = make_model_dir(tmp_path).parent / "tokenizer"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% if %}"}))
+    tokenizer = Tokenizer.from_file(folder)
+    body = {"model": "model", "messages": [{"role": "user", "content": "Hello"}]}
+    kept = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"enable_thinking": False}})
+    assert prompt_ids(kept, tokenizer) == [tokenizer.encode_chat(body["messages"])]
+    with pytest.raises(APIError) as refused:
+        read = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"messages": []}})
+        prompt_ids(read, tokenizer)
+    assert (refused.value.status, refused.value.param) == (400, "chat_template_kwargs.messages")
+
+
 @torch.inference_mode()
 def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likeliest(engine, tmp_path):
     """vLLM's prompt_logprobs were refused ("this server gives no logprobs of the prompt"). Each choice carries them
