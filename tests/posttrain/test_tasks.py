@@ -369,6 +369,18 @@ def test_a_number_in_text_before_a_degree_sign_reads_as_math_verify_reads_it(ans
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{-\\,7}", -7), ("$- \\, 7$", -7), ("\\boxed{-\\!7}", -7), ("\\boxed{-\\quad 7}", -7),
+     ("\\boxed{+\\,7}", 7), ("\\boxed{-\\,\\frac{1}{2}}", Fraction(-1, 2)), ("\\frac{-\\,1}{2}", Fraction(-1, 2)),
+     ("\\boxed{-\\,-7}", 7), ("\\boxed{-\\,(7)}", -7), ("\\boxed{-\\,\\,}", None), ("\\boxed{-\\x7}", None)],
+)  # fmt: skip
+def test_a_latex_space_after_a_sign_is_read_as_math_verify_reads_it(answer, value):
+    """\\boxed{-\\,7} (a thin space setting the sign off) was no number and scored 0 against -7, where "- 7" read -7
+    and math-verify reads -7 from every LaTeX space there."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("30\u00b0", 30), ("$30\u00b0$", 30), ("The answer is 30\u00b0.", 30), ("\\boxed{-12.5 \u00b0}", Fraction(-25, 2)),
      ("$30\\degree$", 30), ("\\boxed{30\\,\\degree}", 30), ("\\boxed{\\text{30}\u00b0}", 30),
      ("$30\\degrees$", None), ("\\boxed{30\u00b0\u00b0}", None), ("\u00b0", None)],

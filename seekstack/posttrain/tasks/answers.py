@@ -108,9 +108,9 @@ UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12", and
 # "1\,\frac12" with a LaTeX space as math-verify reads it)
 WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\[ ,;:])*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
-# Signs, and the whitespace LaTeX ignores after each ("- 5", "\frac{- 1}{2}", "--5", "-+5", as math-verify reads them:
-# 5 and -5)
-SIGN = r"(?:[+\-\u2212]\s*+)*+"
+# Signs, and the whitespace LaTeX ignores or a LaTeX space after each ("- 5", "-\,5", "\frac{- 1}{2}", "--5", "-+5", as
+# math-verify reads them: --5 is 5, -+5 is -5)
+SIGN = rf"(?:[+\-\u2212](?:\s|{LATEX_SPACE})*+)*+"
 # \frac{a}{b}, \dfrac, \tfrac, \cfrac (amsmath's, which math-verify reads too), \frac12; spaces around its arguments
 # as LaTeX takes them ("\frac 12", "\frac {1} {2}")
 FRACTION = (
