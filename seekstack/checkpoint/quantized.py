@@ -105,7 +105,8 @@ def quantization_config(
 def _fp8_kept_layers(model: Transformer) -> list[str]:
     """The checkpoint names of the layers of fp8 `model` that quantizing kept in float (`--keep`, a layer's "none")
     though DeepSeek's release quantizes them (kv_b_proj aside, stored fp8): the fp8 `modules_to_not_convert` that
-    transformers and vLLM read to load them as plain layers."""
+    transformers and vLLM read to load them as plain layers. A float lm_head comes first where there are any: a
+    list replaces transformers' default one, which holds the head."""
     layers = model.config.num_hidden_layers
     kept = []
     for name, module in model.named_modules():
@@ -114,7 +115,8 @@ def _fp8_kept_layers(model: Transformer) -> list[str]:
         linear = isinstance(module, torch.nn.Linear) and _is_fp8_quantizable(f"{key}.weight", module.weight)
         if routed or (linear and not f"{key}.weight".endswith(FP8_ABSORBED)):
             kept.append(key)
-    return kept
+    head = ["lm_head"] if kept and isinstance(model.lm_head, torch.nn.Linear) else []
+    return head + kept
 
 
 def _pack_quantized(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:

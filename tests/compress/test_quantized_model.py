@@ -637,6 +637,7 @@ def test_layers_kept_in_an_fp8_quantization_are_written_in_float_and_named_for_t
     assert dtypes["model.layers.0.self_attn.kv_b_proj.weight"] == "F8_E4M3"
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
     assert config["modules_to_not_convert"] == [
+        "lm_head",  # transformers' default list (none written) holds it; a written one replaces that
         "model.layers.0.self_attn.o_proj",
         "model.layers.1.self_attn.o_proj",
         "model.layers.1.mlp.experts",
