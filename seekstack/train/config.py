@@ -485,4 +485,9 @@ def _given_values(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():  # a run's out_dir, given as it is to the commands that take a run
+        saved = path / CONFIG_FILE
+        run = f": a run's; continue it with `out_dir={path} --resume`, or start from its settings with {saved}"
+        run = run if saved.is_file() else ""
+        raise ConfigError(f"{path}: a folder, not a config file (.yaml, .yml, .toml or .json){run}")
     return resolve_paths(read_config_file(path), path.parent)

@@ -88,6 +88,21 @@ def test_a_model_override_typo_is_told_the_model_fields_a_user_sets_in_a_file_an
     assert "extra" not in told[0].split(", ") and "hidden_size" in told[0].split(", ")
 
 
+def test_a_runs_folder_given_as_the_config_file_is_refused_saying_how_to_continue_the_run(tmp_path: Path) -> None:
+    """`train runs/x`, as generate and plot take a run, was told "expected a .yaml, .yml, .toml or .json file"."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    with pytest.raises(ConfigError) as refused:
+        load_train_config(tmp_path / "run")
+    run = tmp_path / "run"
+    assert str(refused.value) == (
+        f"{run}: a folder, not a config file (.yaml, .yml, .toml or .json): a run's; continue it with "
+        f"`out_dir={run} --resume`, or start from its settings with {run / 'train_config.json'}"
+    )
+    with pytest.raises(ConfigError, match=r"a folder, not a config file \(.yaml, .yml, .toml or .json\)$"):
+        load_train_config(tmp_path)
+
+
 def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     tokenizer = tmp_path / "tok" / "tokenizer.json"  # an absolute path, which stays as it is
