@@ -176,6 +176,7 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     adapter_weights(folder)  # refused before peft wraps the model
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
+    refuse_token_rows_of_a_tied_base(config, model.config, folder)
     try:
         config = config_for_seekstack(config, model.config)
         with quiet_parameter_patterns(), torch.device("meta") if weightless else contextlib.nullcontext():
@@ -229,6 +230,18 @@ def refuse_token_ids_outside_vocabulary(config: LoraConfig, vocab_size: int, fol
                 f"{outside[:5]}{' ...' if len(outside) > 5 else ''} outside this base's vocabulary of {vocab_size} "
                 "tokens: the adapter was made on a base with a larger (resized) vocabulary"
             )
+
+
+def refuse_token_rows_of_a_tied_base(config: LoraConfig, model_config: ModelConfig, folder: str | Path) -> None:
+    """CheckpointError naming the adapter's config file when it replaces token rows (trainable_token_indices) of a
+    base whose head and embedding are one matrix (tie_word_embeddings): peft ties such rows of both through
+    transformers' embedding hooks, which seekstack's model has not (peft failed with an AttributeError)."""
+    if config.trainable_token_indices and model_config.tie_word_embeddings:
+        raise CheckpointError(
+            f"{Path(folder) / ADAPTER_CONFIG_FILE}: the adapter replaces token rows (trainable_token_indices) of a "
+            "base whose output head and embedding are tied (tie_word_embeddings), which seekstack does not apply; "
+            "use an untied base"
+        )
 
 
 def refuse_quantized_base(model: torch.nn.Module, folder: str | Path) -> None:

@@ -67,8 +67,8 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
     the adapter does not fit the model, is DoRA (`dora`) or adapts an MoE router (peft's all-linear targets
     `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, was saved by peft for a
-    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied (one matrix:
-    peft's rows of one are rows of both)."""
+    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied
+    (`load_adapter`'s refusal)."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
     if peft_config.use_dora:
@@ -82,11 +82,6 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
             "for the residual base W - s B0 A0 it recomputes from the base on loading, which serving beside other "
             "adapters does not apply; save it converted to plain LoRA (peft's save_pretrained with "
             "path_initial_model_for_weight_conversion) or serve the merged checkpoint of `seekstack lora merge`"
-        )
-    if peft_config.trainable_token_indices and config.tie_word_embeddings:
-        raise CheckpointError(
-            f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head "
-            "and embedding are tied (tie_word_embeddings), which serving does not apply; use an untied base"
         )
     peft_model = weightless_adapter(config, folder)
     factors = _lora_factors(peft_model)

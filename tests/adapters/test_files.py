@@ -295,6 +295,29 @@ def test_serving_reads_the_head_rows_and_refuses_them_on_a_tied_head_naming_the_
         read_factors(dataclasses.replace(config, tie_word_embeddings=True), head_rows_adapter)
 
 
+def test_token_rows_on_a_tied_base_are_refused_naming_the_file_or_the_field(tmp_path):
+    """peft's trainable_token_indices on a base whose head is its embedding failed in peft ('Transformer' object has
+    no attribute 'get_input_embeddings') for generate, merge and lora train alike."""
+    from seekstack.adapters.training import lora_train_config
+
+    torch.manual_seed(0)
+    tied = seekstack.save_pretrained(
+        seekstack.Transformer(seekstack.preset("tiny", **TINY, tie_word_embeddings=True)), tmp_path / "tied"
+    )
+    adapter = write_peft_adapter(tied, tmp_path / "peft", r=2, target_modules=["o_proj"], trainable_token_indices=[5])
+    with pytest.raises(CheckpointError, match=rf"{adapter / ADAPTER_CONFIG_FILE}: .*tied \(tie_word_embeddings\)"):
+        load_adapter(seekstack.load_pretrained(tied), adapter)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
+        merge_adapter(tied, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    text = tmp_path / "prose.txt"
+    text.write_text("Some prose to adapt to. " * 50)
+    for name in ("head_tokens", "embedding_tokens"):
+        with pytest.raises(ConfigError, match=f"lora.{name}.*tie_word_embeddings in {tied / 'config.json'}"):
+            lora_train_config(tied, text, tmp_path / "run", ["seq_len=32", f"lora.{name}=2"])
+        assert not (tmp_path / "run").exists()
+
+
 def test_head_rows_beside_a_lora_head_or_without_targets_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match="head_tokens"):
         AdapterConfig(head_tokens=8, vocabulary=("lm_head",)).validate()
