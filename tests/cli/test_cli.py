@@ -187,6 +187,15 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
         assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
+def test_sample_refuses_an_empty_prompt_by_its_option_and_its_place_among_those_given(tmp_path):
+    """Was "error: prompt 0 of 2: empty prompt: give at least one token" for one prompt given: the engine's count of
+    the greedy and the sampled copies."""
+    checkpoint = model_dir(tmp_path / "model")
+    result = run("sample", str(checkpoint), "--prompt", "def f", "--prompt", "", "--max-new-tokens", "2")
+    assert result.exit_code == 2
+    assert "Invalid value for '--prompt': prompt 2 of 2 is empty: give the text to continue" in result.stderr
+
+
 def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
     checkpoint.mkdir(parents=True)
