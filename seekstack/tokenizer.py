@@ -21,6 +21,7 @@ import codecs
 import functools
 import hashlib
 import json
+import operator
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -309,6 +310,22 @@ def byte_level_bytes(piece: str) -> bytes | None:
     return bytes(BYTE_OF_CHARACTER[character] for character in piece)
 
 
+def _token_ids(ids: Iterable[int]) -> list[int]:
+    """`ids` as ints, numpy and torch integer scalars as the ints they equal (they hash unlike them); TypeError naming
+    the first that is not an integer and its position (1.5, "3", a float tensor's), as Hugging Face tokenizers' decode
+    refuses it, where int() would have decoded 1.5 as id 1."""
+    token_ids = []
+    for position, token_id in enumerate(ids):
+        try:
+            token_ids.append(operator.index(token_id))
+        except TypeError:
+            raise TypeError(
+                f"token id {token_id!r} at position {position} is not an integer: give the integer ids the tokenizer "
+                "gave (a float tensor of ids converted back with .long())"
+            ) from None
+    return token_ids
+
+
 def _misread_added_tokens(backend: BackendTokenizer) -> dict[int, str]:
     """Added tokens a ByteLevel decoder misreads -> their text spelled in the byte-level alphabet, which it reads
     right. The decoder takes a token whose characters are all in the alphabet for byte-level characters (tokenizers
@@ -457,8 +474,8 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`, special tokens kept as their strings (left out with `skip_special_tokens`, as transformers'
         and vLLM's tokenizers take it) and added tokens as their own text; ids the tokenizer does not have (a model's
-        vocabulary padded past it) give none."""
-        ids = [int(token_id) for token_id in ids]  # numpy or torch scalars hash unlike the ints they equal
+        vocabulary padded past it) give none; TypeError for an id that is not an integer (`_token_ids`)."""
+        ids = _token_ids(ids)
         if skip_special_tokens:
             ids = [token_id for token_id in ids if token_id not in self.special_ids]
         if self._misread_added.keys().isdisjoint(ids):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
@@ -309,6 +310,20 @@ def test_decode_skips_special_tokens_when_asked_as_transformers_decode_does(trai
     skipped = tokenizer.decode(ids, skip_special_tokens=True)
     assert skipped == auto.decode(ids, skip_special_tokens=True) == "print('é')qa"
     assert tokenizer.decode(ids) == auto.decode(ids)  # kept by default, in both
+
+
+def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_refuses_it(trained):
+    tokenizer, _ = trained
+    ids = tokenizer.encode("print(1)")
+    text = tokenizer.decode(ids)
+    assert tokenizer.decode(np.array(ids)) == tokenizer.decode(torch.tensor(ids)) == text
+    assert tokenizer.decode(list(torch.tensor(ids))) == tokenizer.decode([np.uint32(i) for i in ids]) == text
+    for bad, shown in [(1.5, "1.5"), ("3", "'3'"), (torch.tensor(2.0), "tensor(2.)")]:
+        with pytest.raises(TypeError) as refused:
+            tokenizer.decode([*ids[:2], bad])
+        assert str(refused.value).startswith(f"token id {shown} at position 2 is not an integer")
+    with pytest.raises(TypeError, match="at position 0 is not an integer"):
+        tokenizer.decode(torch.tensor(ids, dtype=torch.float32))
 
 
 def test_chat_renders_deepseek_v3_string_exactly(trained):
