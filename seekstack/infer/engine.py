@@ -38,6 +38,7 @@ from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, Toke
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
 from seekstack.infer.placement import (
+    OffloadRefused,
     check_reachable,
     device_map_for,
     device_map_text,
@@ -333,6 +334,7 @@ class Engine:
         ):
             if value is not None and given is not None and value != given:
                 raise ValueError(f"{theirs}={value!r} beside {ours}={given!r}: it is transformers' name for {ours}")
+        folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         dtype, offload_dir = torch_dtype or dtype, offload_dir or offload_folder
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
         defaults, eos_ids = sampling_defaults(model_dir), eos_token_ids(model_dir)
@@ -356,15 +358,18 @@ class Engine:
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None
         drafts = kwargs.get("speculative", EngineOptions.speculative)  # else no MTP module: its weights stay unread
-        model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload, mtp=drafts)
-        if adapter is not None:
-            from seekstack.adapters.files import merged_model
+        try:  # a folder the disk parts cannot be written in is refused naming the keyword the caller gave it with
+            model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload, mtp=drafts)
+            if adapter is not None:
+                from seekstack.adapters.files import merged_model
 
-            model = merged_model(model, adapter)
-        if device_map is not None:
-            model = place(model, device_map_for(model, device_map), offload_dir=offload_dir)
-        else:  # the engine owns these weights: its decode steps may read a copy laid out for them
-            pack_for_decode(model)
+                model = merged_model(model, adapter)
+            if device_map is not None:
+                model = place(model, device_map_for(model, device_map), offload_dir=offload_dir)
+            else:  # the engine owns these weights: its decode steps may read a copy laid out for them
+                pack_for_decode(model)
+        except OffloadRefused as refusal:
+            raise refusal.named(folder_keyword) from refusal.__cause__
         if kwargs.get("speculative") and "draft_ranking" not in kwargs:
             kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model.eval(), loaded_tokenizer, **kwargs)  # its own model: in eval mode once, not each step

@@ -544,12 +544,17 @@ def _write_copy(tensor: torch.Tensor, pieces: Callable[[], Iterable[torch.Tensor
 
 class OffloadRefused(WriteRefused):
     """An offload folder the copies of the parts placed on disk cannot be written in. The message says to choose
-    another with `Engine.from_pretrained`'s (and `EngineOptions`') `offload_dir=`; `for_command` says it with the
-    commands' `--offload-dir` (`seekstack.cli.common.user_errors` reports it so)."""
+    another with `Engine.from_pretrained`'s (and `EngineOptions`') `offload_dir=` (or the `parameter` the caller
+    gave, such as transformers' `offload_folder=`: `named`); `for_command` says it with the commands'
+    `--offload-dir` (`seekstack.cli.common.user_errors` reports it so)."""
 
-    def __init__(self, problem: str, error_number: int | None) -> None:
-        super().__init__(f"{problem} offload_dir=")
-        self.errno, self.for_command = error_number, f"{problem} --offload-dir"
+    def __init__(self, problem: str, error_number: int | None, parameter: str = "offload_dir") -> None:
+        super().__init__(f"{problem} {parameter}=")
+        self.problem, self.errno, self.for_command = problem, error_number, f"{problem} --offload-dir"
+
+    def named(self, parameter: str) -> OffloadRefused:
+        """This refusal naming `parameter`, the keyword the caller chose the folder with."""
+        return OffloadRefused(self.problem, self.errno, parameter)
 
 
 def _offload_refusal(path: Path, size: int, error: OSError) -> OffloadRefused | None:

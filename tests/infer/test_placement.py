@@ -954,3 +954,28 @@ def test_a_copy_whose_pieces_do_not_fill_its_tensor_is_refused_naming_both_sizes
     with pytest.raises(ValueError, match=r"experts: its parts in the checkpoint hold 192 B, where the \(2, 4, 8\)"):
         _mapped_copy(stack, pieces, tmp_path / "offload", "experts")
     assert not (tmp_path / "offload").exists()  # no copy, no temporary, nor the folder the failed write made
+
+
+@pytest.mark.parametrize("keyword", ["offload_folder", "offload_dir"])
+def test_an_unwritable_offload_folder_is_refused_naming_the_keyword_from_pretrained_was_given(
+    keyword, tmp_path, monkeypatch
+):
+    """transformers' offload_folder= (read as offload_dir=) was refused "...; choose another with offload_dir=", a
+    keyword the caller never wrote."""
+    model_dir(tmp_path / "model")
+    folder, mkdir = tmp_path / "read_only", Path.mkdir
+
+    def read_only_folder(path, *args, **kwargs):
+        if path.is_relative_to(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_folder)
+    experts_on_disk = {"": "cpu", "model.layers.1.mlp.experts": "disk"}
+    with pytest.raises(OSError) as refused:
+        Engine.from_pretrained(tmp_path / "model", device_map=experts_on_disk, **{keyword: folder})
+    assert str(refused.value) == (
+        f"{folder}: the copies of the parts placed on disk go in this offload folder, which cannot be written "
+        f"(Permission denied); choose another with {keyword}="
+    )
+    assert isinstance(refused.value.__cause__, PermissionError)
