@@ -94,13 +94,21 @@ def demo_samples(
 ) -> list[tuple[str, str, str]]:
     """(prompt, greedy continuation, sampled continuation) for each prompt, from a checkpoint or run directory
     holding the tokenizer. A prompt whose max_new_tokens do not fit the model's context with it gets the room there
-    is, as `generate` caps it, and `notify` hears the engine's notice."""
+    is, as `generate` caps it, and `notify` hears the engine's notice. ValueError for a prompt that is empty or fills
+    the context, naming it by its place among `prompts` ("prompt 2 of 2"), checked here: the engine, handed each prompt
+    twice (greedy and sampled), would number it 0-based among the copies ("prompt 1 of 4")."""
     engine = _engine(model_path, max_batch_size=2 * len(prompts))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     rooms = []  # each prompt's max_new_tokens
-    for prompt in prompts:
-        fitted, notice = engine.fit_max_new_tokens(len(engine.tokenizer.encode_prompt(prompt)), greedy)
+    for number, prompt in enumerate(prompts, 1):
+        ids = engine.tokenizer.encode_prompt(prompt)
+        if not ids:
+            raise ValueError(f"prompt {number} of {len(prompts)} is empty: give the text to continue")
+        try:
+            fitted, notice = engine.fit_max_new_tokens(len(ids), greedy)
+        except ValueError as error:
+            raise ValueError(f"prompt {number} of {len(prompts)}: {error}") from None
         rooms.append(fitted.max_new_tokens)
         if notice is not None and notify is not None:
             notify(f"{prompt!r}: {notice}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _samples
 from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
@@ -76,3 +78,21 @@ def test_continuations_past_the_models_context_are_capped_to_its_room_with_a_not
                        "the context of 64"]  # fmt: skip
     engine = Engine.from_pretrained(model_dir)
     assert greedy == engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0.0))[0].text
+
+
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [
+        ("", "prompt 2 of 2 is empty: give the text to continue"),
+        ("x " * 40, "prompt 2 of 2: prompt is 41 tokens; the context of 16 leaves no room for a new token"),
+    ],
+)
+def test_a_prompt_refused_is_named_by_its_place_among_those_given(tmp_path, prompt, refusal):
+    """Was "prompt 1 of 4: empty prompt: give at least one token", the engine's 0-based place among the greedy and the
+    sampled copies, and for a prompt filling the context no place at all."""
+    model_dir = tmp_path / "model"
+    save_pretrained(micro_model(max_position_embeddings=16), model_dir)
+    tiny_tokenizer(model_dir)
+    with pytest.raises(ValueError) as refused:
+        demo_samples(model_dir, ("def f", prompt), max_new_tokens=2)
+    assert str(refused.value).startswith(refusal)
