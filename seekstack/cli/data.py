@@ -215,7 +215,6 @@ def tokenizer_train(
     split_digits: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Cut runs of digits into pieces of at most N before BPE, so no token holds more (GPT-4 and "
             "DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece, as GPT-2's pattern keeps it",
         ),
