@@ -34,7 +34,14 @@ from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.generation_config import eos_token_ids, sampling_defaults
-from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
+from seekstack.infer.outputs import (
+    Completion,
+    EngineStats,
+    RequestOutput,
+    TokenLogprob,
+    UndecodedTokenLogprob,
+    joined_completion,
+)
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
 from seekstack.infer.placement import (
@@ -971,10 +978,10 @@ class Engine:
         rank: int,
     ) -> TokenLogprob:
         """A token's log-probability and `rank` with the `top_n` likeliest tokens', their texts "" without
-        `detokenize`."""
+        `detokenize` (an `UndecodedTokenLogprob`)."""
         text = self._token_text if detokenize else _no_text  # ids only, as its text
         top = [(i, text(i), v) for i, v in zip(top_ids[:top_n], top_values[:top_n], strict=True)]
-        return TokenLogprob(token, text(token), logprob, top, rank)
+        return (TokenLogprob if detokenize else UndecodedTokenLogprob)(token, text(token), logprob, top, rank)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -16,11 +16,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Logprob:
     """One token's entry of a `TokenLogprob` read as vLLM's dict: its log-probability, rank and text (vLLM's
-    Logprob)."""
+    Logprob; its text None where the request asked for none, detokenize=False, as vLLM leaves it undecoded)."""
 
     logprob: float
     rank: int | None
-    decoded_token: str
+    decoded_token: str | None
 
 
 @dataclass
@@ -34,11 +34,12 @@ class TokenLogprob(Mapping[int, Logprob]):
     logprob: float
     top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
     rank: int | None = None  # vLLM's Logprob.rank: 1 + the tokens likelier than this one
+    decoded: ClassVar[bool] = True  # whether the texts were decoded (else "", and the dict's decoded_token None)
 
     def _by_id(self) -> dict[int, Logprob]:
-        by_id = {self.token_id: Logprob(self.logprob, self.rank, self.token)}
+        by_id = {self.token_id: Logprob(self.logprob, self.rank, self.token if self.decoded else None)}
         for rank, (token_id, text, logprob) in enumerate(self.top, start=1):
-            by_id.setdefault(token_id, Logprob(logprob, rank, text))
+            by_id.setdefault(token_id, Logprob(logprob, rank, text if self.decoded else None))
         return by_id
 
     def __getitem__(self, token_id: int) -> Logprob:
@@ -49,6 +50,14 @@ class TokenLogprob(Mapping[int, Logprob]):
 
     def __len__(self) -> int:
         return len(self._by_id())
+
+
+@dataclass
+class UndecodedTokenLogprob(TokenLogprob):
+    """A `TokenLogprob` of a request that asked for token ids without text (detokenize=False): its texts are "" (its
+    fields and `generate --json` as a decoded one's), and read as vLLM's dict its decoded_token is None, as vLLM's."""
+
+    decoded: ClassVar[bool] = False
 
 
 @dataclass

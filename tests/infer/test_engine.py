@@ -930,6 +930,22 @@ def test_without_detokenizing_the_tokens_are_the_same_and_the_text_is_empty(mode
     assert {name for entry in ids.logprobs for _, name, _ in entry.top} == {""}
 
 
+def test_without_detokenizing_vllms_logprob_dict_has_decoded_token_none(model, tokenizer):
+    """vLLM's Logprob.decoded_token is None where the request asked for no text; here it was "" (the fields and
+    dataclasses.asdict, generate --json's record, keep "" as before)."""
+    prompt = prompts([8])[0]
+    params = SamplingParams(max_new_tokens=4, temperature=0, logprobs=True, top_logprobs=2, prompt_logprobs=1)
+    [text] = Engine(model, tokenizer).generate([prompt], params)
+    [ids] = Engine(model, tokenizer).generate([prompt], dataclasses.replace(params, detokenize=False))
+    undecoded = [*ids.logprobs, *ids.prompt_logprobs[1:]]
+    assert {logprob.decoded_token for entry in undecoded for logprob in entry.values()} == {None}
+    first, decoded_first = ids.logprobs[0], text.logprobs[0]
+    assert first[first.token_id].logprob == decoded_first[decoded_first.token_id].logprob
+    assert decoded_first[decoded_first.token_id].decoded_token == tokenizer.decode([decoded_first.token_id])
+    assert dataclasses.asdict(first) == dataclasses.asdict(decoded_first) | {"token": "", "top": [
+        (token_id, "", logprob) for token_id, _, logprob in decoded_first.top]}  # fmt: skip
+
+
 def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
     prompt = prompts([8])[0]
     plain = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=60, temperature=0))[0]
