@@ -12,6 +12,7 @@ from seekstack.cli import app
 from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
+from seekstack.posttrain.conversations import task_conversations
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
 from seekstack.posttrain.tasks.answers import Items, read_items, read_number
@@ -1063,6 +1064,27 @@ def test_a_file_of_math_problems_and_solutions_is_a_task_verified_against_each_s
     assert (five.question, half.question, two.question) == ("What is $2 + 3$?", "Half of 3?", "What is 1 + 1?")
     assert task.verify(five, "\\boxed{5}") and not task.verify(five, "3")
     assert task.verify(half, "1.5") and task.verify(two, "2") and not task.verify(two, "3")
+
+
+def test_a_math_solution_is_the_trace_sft_trains_inside_think_and_its_boxed_answer_the_gold_after_it(tmp_path):
+    """A {"problem", "solution"} line stored its whole worked solution as the problem's answer and no trace: sft
+    trained on "<think>  </think> We add: ... $\\boxed{5}$." (the reasoning after </think>) and eval showed the whole
+    solution as the gold. The solution is the trace, its final answer (the last box's contents) the answer."""
+    solution = "We add: $2 + 3 = 5$, so the answer is $\\boxed{5}$."
+    lines = [
+        {"problem": "What is $2 + 3$?", "solution": f"  {solution}\n"},
+        {"problem": "What is 3 halved?", "solution": "Halve it: $\\boxed{\\frac{3}{2}}$"},
+        {"question": "What is 1 + 1?", "answer": 2},  # an answer alone: no trace
+    ]
+    task = make_task(problems_file(tmp_path / "math.jsonl", lines))
+    five, half, two = task.problems
+    assert (five.answer, five.trace) == ("5", solution)
+    assert (half.answer, half.trace) == ("\\frac{3}{2}", "Halve it: $\\boxed{\\frac{3}{2}}$")
+    assert (two.answer, two.trace) == ("2", "")
+    assert [split_of(p.key) for p in task.problems] == ["train"] * 3
+    trained = {c[1]["content"]: c[2]["content"] for c in task_conversations(task, 30, seed=0)}
+    assert trained["What is $2 + 3$?"] == f"<think> {solution} </think> 5"
+    assert trained["What is 3 halved?"] == "<think> Halve it: $\\boxed{\\frac{3}{2}}$ </think> \\frac{3}{2}"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.jsonl import jsonl_records
-from seekstack.posttrain.tasks.answers import Items, Reading, read_answer, read_items, reads_as
+from seekstack.posttrain.tasks.answers import Items, Reading, final_answer, read_answer, read_items, reads_as
 from seekstack.posttrain.tasks.base import Problem
 
 LINE_FORMAT = (
@@ -97,6 +97,8 @@ def _problem(record: Any, where: str) -> Problem:
             '"\\\\{1, 2\\\\}"); symbolic answers ("\\\\sqrt{2}", "\\\\pi", "x^2 + 1"), which math-verify compares with '
             "sympy, are not compared here: a task whose answers are such is a class of your own (module:Class)"
         )
+    if answer_field == "solution" and isinstance(answer, str):  # worked out: its reasoning, then its final answer
+        return Problem(question, question, final_answer(answer), answer.strip(), _data(gold))
     return Problem(question, question, str(answer), "", _data(gold))
 
 
