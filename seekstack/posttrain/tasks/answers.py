@@ -93,7 +93,7 @@ TEXT_UNIT = re.compile(
 UNIT_PRODUCTS = ("/", "\\cdot")  # between a unit's parts ("\text{m}/\text{s}", "\text{N} \cdot \text{m}")
 MAX_UNITS = 4  # parts of a unit dropped, at most (kg m^2 s^-2 is 3), so that reading stays linear
 # A closing degree sign, which math-verify drops as a unit ("30^\circ", "30^{\circ}", "30°", gensymb's "30\degree")
-DEGREES = re.compile(r"(?:\^\s*(?:\\circ|\{\s*\\circ\s*\})|\u00b0|\\degree(?![A-Za-z]))\Z")
+DEGREES = re.compile(r"(?:\^\s*(?:\\circ|\{\s*\\circ\s*\})|\u00b0|\\degree)\Z")
 # The brackets of a tuple or an interval ("(1, 2)", "[0, 1)") and of a set ("\{1, 2\}"), as math-verify reads them
 OPENINGS, CLOSINGS = ("(", "[", "\\{"), (")", "]", "\\}")
 # A number plus or minus ("\pm 5", "\mp 5", "±5"): the set of both, {-5, 5}, as math-verify reads it
