@@ -9,6 +9,7 @@ Values too small for float32 sampling are the engine's to handle: a temperature 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -450,10 +451,8 @@ def vllm_prompt_logprobs(entries: list[TokenLogprob | None]) -> list[dict[str, P
 
 
 def _by_id(entry: TokenLogprob) -> dict[str, PromptLogprob]:
-    by_id = {str(entry.token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
-    for rank, (token_id, text, logprob) in enumerate(entry.top, start=1):
-        by_id.setdefault(str(token_id), PromptLogprob(logprob=logprob, rank=rank, decoded_token=text))
-    return by_id
+    """`entry` read as vLLM's dict (TokenLogprob's Mapping), its ids as JSON's keys."""
+    return {str(token_id): PromptLogprob(**dataclasses.asdict(logprob)) for token_id, logprob in entry.items()}
 
 
 def _by_text(entry: TokenLogprob) -> dict[str, float]:
