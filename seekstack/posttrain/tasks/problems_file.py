@@ -82,10 +82,10 @@ def _problem(record: Any, where: str) -> Problem:
     """The problem of one line, or a ValueError naming `where` and the field at fault."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: {_shown(record)} is no object; {LINE_FORMAT}")
-    for names in (QUESTION_FIELDS, ANSWER_FIELDS):
-        if _field(record, names) is None:
-            raise ValueError(f"{where}: no field {' nor '.join(names)}; {LINE_FORMAT}")
     question_field, answer_field = _field(record, QUESTION_FIELDS), _field(record, ANSWER_FIELDS)
+    for names, field in ((QUESTION_FIELDS, question_field), (ANSWER_FIELDS, answer_field)):
+        if field is None:
+            raise ValueError(f"{where}: no field {' nor '.join(names)}; {LINE_FORMAT}")
     question, answer = record[question_field], record[answer_field]
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
