@@ -57,8 +57,9 @@ def save_pretrained(
     """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) as folder `directory`.
 
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
-    FP8 release; with `stacked_experts`, routed experts in seekstack's memory-mappable layout. The folder is
-    swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
+    FP8 release (an fp8-quantized model is stored in its own blocks, another `fp8_block` refused, and the layers its
+    quantization kept stay in float); with `stacked_experts`, routed experts in seekstack's memory-mappable layout.
+    The folder is swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
     checkpoint, and an existing one stays until the new one is complete; its files this save does not write (the
     tokenizer's) are kept. A config transformers computes differently (`ModelConfig.transformers_divergences`) is
     warned about.
@@ -227,14 +228,20 @@ def _stored_tensors(
     model: Transformer, fp8_block: tuple[int, int] | None, stacked_experts: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     fp8_layers = [w for w in map(layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
-    # an fp8 model: the release also stores kv_b_proj in fp8 (its values rounded so); the layers quantization kept
-    # stay in float (listed in its modules_to_not_convert); with `fp8_block` alone, every one the release quantizes is
-    kept_float = bool(fp8_layers) and fp8_block is None
-    if kept_float:
-        fp8_block = fp8_layers[0].block
+    # an fp8 model: the release also stores kv_b_proj in fp8 (its values rounded so), in the model's blocks; the layers
+    # quantization kept stay in float (listed in its modules_to_not_convert), whether or not `fp8_block` is given;
+    # with `fp8_block` alone, every one the release quantizes is
+    if fp8_layers:
+        block = fp8_layers[0].block
+        if fp8_block is not None and tuple(fp8_block) != tuple(block):
+            raise ValueError(
+                f"fp8_block={fp8_block!r}: the model is quantized to fp8 in {tuple(block)} blocks, which its "
+                "checkpoint keeps; leave fp8_block out (or requantize the float model in other blocks)"
+            )
+        fp8_block = block
     for key, tensor in checkpoint_tensors(model, stacked_experts):
         stacked_parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
-        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn or (kept_float and not key.endswith(FP8_ABSORBED)):
+        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn or (fp8_layers and not key.endswith(FP8_ABSORBED)):
             yield key, tensor
         elif _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)

@@ -656,6 +656,29 @@ def test_layers_kept_in_an_fp8_quantization_are_written_in_float_and_named_for_t
     assert torch.allclose(logits(theirs), logits(ours), atol=1e-5)
 
 
+def test_an_fp8_model_saved_with_its_own_fp8_block_keeps_its_kept_layers_in_float(tmp_path):
+    """`save_pretrained(fp8_model, fp8_block=(128, 128))` wrote the layers its quantization kept (`--keep '*.o_proj'`)
+    as e4m3 + weight_scale_inv while its config's modules_to_not_convert listed them: transformers would read the raw
+    codes as a plain weight. Given the model's own block it writes what leaving it out writes; another is refused."""
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="fp8", keep=["lm_head", "*.o_proj"]))
+    seekstack.save_pretrained(model, tmp_path / "default")
+    seekstack.save_pretrained(model, tmp_path / "given", fp8_block=(128, 128))
+    assert stored(tmp_path / "given") == stored(tmp_path / "default")
+    dtypes = {key: dtype for key, (dtype, _) in stored(tmp_path / "given").items()}
+    assert dtypes["model.layers.0.self_attn.o_proj.weight"] == "F32"
+    assert "model.layers.0.self_attn.o_proj.weight_scale_inv" not in dtypes
+    assert dtypes["model.layers.0.self_attn.kv_b_proj.weight"] == "F8_E4M3"
+    config = json.loads((tmp_path / "given" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.o_proj" in config["modules_to_not_convert"]
+    loaded = seekstack.load_pretrained(tmp_path / "given")
+    assert type(loaded.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert torch.equal(loaded.layers[0].self_attn.o_proj.weight, model.layers[0].self_attn.o_proj.weight)
+    with pytest.raises(ValueError, match=r"fp8_block=\(64, 64\): the model is quantized to fp8 in \(128, 128\) blocks"):
+        seekstack.save_pretrained(model, tmp_path / "other", fp8_block=(64, 64))
+    assert not (tmp_path / "other").exists()
+
+
 def test_quantizing_to_fp8_notes_the_layers_whose_sides_are_not_block_multiples(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     assignment, notes = quantize_checkpoint(tmp_path / "float", tmp_path / "blocks_128", QuantConfig(scheme="fp8"))
