@@ -453,6 +453,14 @@ class Engine:
         prompt_ids = [token_id(token) for token in prompt_ids]
         if params.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens, -1 meaning max_model_len
             kept = self.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+            cut = min(kept, len(prompt_ids))
+            if cut >= self.max_model_len:  # vLLM refuses it too: a prompt of max_model_len leaves no room
+                raise ValueError(
+                    f"prompt has {len(prompt_ids)} tokens; truncate_prompt_tokens={params.truncate_prompt_tokens} "
+                    f"keeps its last {cut}, {'all of' if cut == self.max_model_len else 'more than'} "
+                    f"max_model_len={self.max_model_len}: no room for a new token; give truncate_prompt_tokens="
+                    f"{self.max_model_len - 1} (max_model_len - 1) or fewer, to leave room for the reply"
+                )
             prompt_ids = prompt_ids[-kept:]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")

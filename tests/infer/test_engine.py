@@ -226,6 +226,29 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tok
         engine.generate(prompt, dataclasses.replace(GREEDY, truncate_prompt_tokens=0))
 
 
+@pytest.mark.parametrize(
+    ("truncate", "kept", "part"), [(-1, 40, "all of"), (50, 50, "more than"), (70, 60, "more than")]
+)
+@pytest.mark.parametrize("max_new_tokens", [4, None])
+def test_a_truncation_leaving_no_room_for_a_reply_says_which_to_give(
+    model, tokenizer, truncate, kept, part, max_new_tokens
+):
+    """truncate_prompt_tokens=-1 keeps max_model_len tokens of a longer prompt, leaving none for the reply (vLLM refuses
+    such a prompt too); it was refused "prompt has 40 tokens, all of max_model_len: no room for a new token" (or "...
+    shorten the prompt" with max_new_tokens None), naming neither the truncation nor the value that fits."""
+    engine = Engine(model, tokenizer, max_model_len=40)
+    [prompt] = prompts([60])
+    params = dataclasses.replace(GREEDY, truncate_prompt_tokens=truncate, max_new_tokens=max_new_tokens)
+    with pytest.raises(ValueError) as refused:
+        engine.generate(prompt, params)
+    assert str(refused.value) == (
+        f"prompt has 60 tokens; truncate_prompt_tokens={truncate} keeps its last {kept}, {part} max_model_len=40: no "
+        "room for a new token; give truncate_prompt_tokens=39 (max_model_len - 1) or fewer, to leave room for the reply"
+    )
+    [reply] = engine.generate(prompt, dataclasses.replace(params, truncate_prompt_tokens=39))
+    assert reply.prompt_token_ids == prompt[-39:] and len(reply.token_ids) == 1
+
+
 def test_chat_replies_to_one_conversation_or_each_of_a_list_ending_at_the_turns_end_as_vllm(model, tokenizer):
     """Engine had no chat (vLLM's LLM.chat; AttributeError): a conversation took encode_chat and stop ids by hand."""
     engine = Engine(model, tokenizer)
