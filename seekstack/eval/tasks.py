@@ -247,14 +247,13 @@ def code_task_configs(
             "custom_dataset": _in_memory(openings),
         },
     }  # fmt: skip
-    for task in line_tasks:
-        documents = len(questions)
-        if num_fewshot is not None and num_fewshot >= documents:
-            raise ValueError(
-                f"--num-fewshot {num_fewshot}: {task} has {documents} document(s) from {val}, and each one's examples "
-                f"are drawn from the others: at most {documents - 1} (more held-out modules, or --per-module for the "
-                "line tasks, give more)"
-            )
+    documents = len(questions)  # the line tasks share their questions, so the first asked is named
+    if line_tasks and num_fewshot is not None and num_fewshot >= documents:
+        raise ValueError(
+            f"--num-fewshot {num_fewshot}: {line_tasks[0]} has {documents} document(s) from {val}, and each one's "
+            f"examples are drawn from the others: at most {documents - 1} (more held-out modules, or --per-module for "
+            "the line tasks, give more)"
+        )
     return [{"task": task, **common, **configs[task]} for task in tasks]
 
 
