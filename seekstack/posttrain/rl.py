@@ -15,7 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ class GRPOSource:
         prompts = [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample]
         require_prompt_room(self.task, sample, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
-        self.generation = 0  # generation batches sampled so far
+        self.generation = 0  # generation batches started so far (counted on the trainer's thread as each starts)
         self.iteration = 0  # optimizer steps taken on the current batch
         self.current: dict[str, Any] | None = None
         self.ahead: Future | None = None  # with async_rollouts: the next generation batch, being sampled
@@ -134,27 +134,33 @@ class GRPOSource:
         """This step's generation batch; with async_rollouts the one sampled ahead (the first run's is sampled here),
         and the next one starts on the rollout thread with the weights as they are now, unless no step will use it."""
         if self.ahead_thread is None:
-            return self._generate(batch_size)
+            return self._generate(batch_size, self._started())
         threads = 1 if self.config.threads == "auto" else torch.get_num_threads()
         waited = time.perf_counter()
-        batch = self._generate_on(threads, batch_size) if self.ahead is None else self.ahead.result()
+        batch = self._generate_on(threads, batch_size, self._started()) if self.ahead is None else self.ahead.result()
         batch["wait_s"] = time.perf_counter() - waited  # of the step: what the rollouts did not hide
         self.ahead = None
         step = round(progress * self.config.max_steps)
         if step + self.config.num_iterations < self.config.max_steps:
             self.sampler.load_state_dict(self.model.state_dict())  # in place: the engine's graph reads the same tensors
-            self.ahead = self.ahead_thread.submit(self._generate_on, threads, batch_size)
+            self.ahead = self.ahead_thread.submit(self._generate_on, threads, batch_size, self._started())
         return batch
 
-    def _generate_on(self, threads: int, batch_size: int) -> dict[str, Any]:
+    def _started(self) -> int:
+        """The number of the generation batch starting now (its seed's), counted here, on the trainer's thread: a
+        rollout still running on the rollout thread never changes the count a rewind or a checkpoint reads."""
+        self.generation += 1
+        return self.generation - 1
+
+    def _generate_on(self, threads: int, batch_size: int, generation: int) -> dict[str, Any]:
         """`_generate` on the rollout thread, which takes its own thread count (an OpenMP setting is per thread)."""
         torch.set_num_threads(threads)
-        return self._generate(batch_size)
+        return self._generate(batch_size, generation)
 
     @torch.no_grad()
-    def _generate(self, batch_size: int) -> dict[str, Any]:
+    def _generate(self, batch_size: int, generation: int) -> dict[str, Any]:
         config = self.config
-        problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
+        problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + generation)
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
         self.sampler.eval()  # as the engine's compiled decode step was traced
         compile_s = self.engine.compile_s
@@ -168,7 +174,7 @@ class GRPOSource:
                 config.num_generations,
                 config.max_completion_length,
                 config.temperature,
-                seed=config.seed * 1_000_003 + self.generation,
+                seed=config.seed * 1_000_003 + generation,
                 weights=self.weights,
                 top_p=config.top_p,
                 top_k=config.top_k,
@@ -178,7 +184,6 @@ class GRPOSource:
         if auto:
             self.train_threads = threads_beside(idle.idle(), self.most_threads)
             torch.set_num_threads(self.train_threads)
-        self.generation += 1
         self.sampler.train(self.sampler is self.model)  # the trained model back to training; a copy stays in eval
         batch: dict[str, Any] = {
             "rollout": rollout,
@@ -243,8 +248,25 @@ class GRPOSource:
     def tokens(self, batch: dict[str, Any]) -> tuple[int, int]:
         return trained_tokens(batch["rollout"])
 
+    def position(self) -> dict[str, Any]:
+        """Where the source stands, for the trainer to rewind to in this process (its mark at each step's start): as
+        `state_dict`, but a batch being sampled ahead is kept as its Future, not waited for, so the step's wait for
+        it is the step's own, counted in its wait_s and step_s."""
+        current = None if self.current is None else dict(self.current)  # its "fresh" as it is now
+        return {"generation": self.generation, "iteration": self.iteration, "current": current, "ahead": self.ahead}
+
+    def rewind(self, position: dict[str, Any]) -> None:
+        """Back to `position()`. A rollout the interrupted step started after it is waited out first: it samples with
+        the engine and the sampler a later rollout takes; its batch is dropped, its number to be drawn again."""
+        if self.ahead is not None and self.ahead is not position["ahead"]:
+            wait([self.ahead])
+        self.generation, self.iteration = position["generation"], position["iteration"]
+        self.current = None if position["current"] is None else dict(position["current"])
+        self.ahead = position["ahead"]
+
     def state_dict(self) -> dict[str, Any]:
-        """Position and batches; a batch being sampled ahead is waited for and saved with them."""
+        """Position and batches; a batch being sampled ahead is waited for and saved with them (a checkpoint's wait,
+        after its step: a step's own mark is `position`)."""
         ahead = None if self.ahead is None else self.ahead.result()
         return {
             "generation": self.generation,

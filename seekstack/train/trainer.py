@@ -215,7 +215,10 @@ class BatchSource(Protocol):
     the step's (packed rows hold unequal numbers); without one, the same. A source with a `record(out_dir)` method
     (SFT) writes files of its own into a new run's out_dir beside its config, once the run has passed every check (a
     refused run writes nothing). A source with `progress_metrics` (names of metrics its `loss` returns) has them shown
-    on the progress line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction)."""
+    on the progress line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction). A source
+    with `position()` and `rewind(position)` (RL) gives the mark taken at each step's start, which a Ctrl-C in the
+    step rewinds to, without the work its `state_dict` would wait for (RL's batch sampled ahead: the step's own wait
+    for it is then counted in the step's time); without them `state_dict` and `load_state_dict` serve."""
 
     tokenizer_info: dict[str, Any]  # vocab_size, bos_id, eos_id; path and sha256 of the tokenizer checkpoints carry
 
@@ -505,7 +508,8 @@ class _Run:
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
         self.progress_anchor: ProgressAnchor | None = None  # where it continues its mixture phases and MTP weight
         self.evaluation_pending = False  # this step's evaluation is due and not yet logged
-        self.step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
+        # data position (a source's `position`, else its state_dict) and RNG states, inside a step
+        self.step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.resumed_from: Path | None = None
         self.history_left_after: int | None = None  # the step a resumed run went on from, until its first save
         train_state: dict[str, Any] | None = None
@@ -671,7 +675,7 @@ class _Run:
                     self._say(f"\ninterrupted before its first step: nothing saved ({self.resumed_from} is as it was)")
                     raise
                 if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
-                    self.data.load_state_dict(self.step_start[0])
+                    getattr(self.data, "rewind", self.data.load_state_dict)(self.step_start[0])
                     set_rng_state(self.step_start[1])
                 with interrupts_deferred():  # a second Ctrl-C does not throw away the checkpoint being saved
                     result.checkpoint = self.save()
@@ -686,7 +690,7 @@ class _Run:
 
     def _train_one_step(self, result: TrainResult, clock: EtaClock) -> None:
         """A step, its progress line, the evaluation and the checkpoint due after it."""
-        self.step_start = self.data.state_dict(), rng_state()
+        self.step_start = getattr(self.data, "position", self.data.state_dict)(), rng_state()
         with self.threads.step(self.step):
             metrics = self.train_step()  # counts the step once its update is made
         result.losses.append(metrics["loss"])

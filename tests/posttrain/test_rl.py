@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -77,6 +78,63 @@ def test_async_rollouts_sample_each_batch_with_the_weights_before_the_last_updat
     third = source.batch(2, 2 / 3)
     assert torch.allclose(third["old_logps"], logps(model, third), atol=1e-6)
     assert source.ahead is None  # the third step is the last
+
+
+def slow_rollouts(monkeypatch, seconds: float) -> None:
+    """Each rollout takes `seconds` more than it would: slower than a micro model's training step, whatever the load."""
+    sample_groups = rl.sample_groups
+
+    def slow_sample_groups(*args, **kwargs):
+        time.sleep(seconds)
+        return sample_groups(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "sample_groups", slow_sample_groups)
+
+
+def test_an_async_steps_wait_for_a_rollout_slower_than_training_is_its_wait_s(tmp_path, monkeypatch):
+    """The mark each step takes at its start (for Ctrl-C) waited for the batch sampled ahead, outside the step's clock:
+    wait_s read 0.0, and step_s and tokens/s left the wait out, while rollouts were 1 s slower than a step."""
+    slow_rollouts(monkeypatch, 1.0)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, "async_rollouts=true", "max_steps=3", f"out_dir={tmp_path / 'run'}"]
+    run_rl(resolve_train_config(None, config, cls=GRPOConfig))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # steps 2 and 3 wait for a rollout that started as the step before took its batch, a second at least before it ends
+    assert all(line["wait_s"] > 0.5 and line["step_s"] >= line["wait_s"] for line in lines[1:]), lines
+
+
+def test_an_async_run_interrupted_in_a_step_resumes_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C in step 3, after it took its batch and started the next one's rollout; that rollout ends before the
+    checkpoint is saved. It added 1 to the batches' count on the rollout thread after the rewind to the step's start,
+    so the checkpoint's count was one ahead and the resumed run's step 4 trained on another batch."""
+    from seekstack.train import trainer
+
+    model_dir = micro_checkpoint(tmp_path / "model")
+    common = [f"init_from={model_dir}", *RUN, "async_rollouts=true", "max_steps=4", "save_every=0"]
+    straight = run_rl(resolve_train_config(None, [*common, f"out_dir={tmp_path / 'a'}"], cls=GRPOConfig))
+    train_step, save = trainer._Run.train_step, trainer._Run.save
+
+    def interrupted_step(self):
+        if self.step == 2:
+            self.data.batch(2, progress=self.step / 4)  # its batch taken, the next one's rollout started
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    def save_once_the_rollout_ended(self):
+        self.data.ahead_thread.submit(lambda: None).result()  # one rollout thread: the ones before have ended
+        return save(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", interrupted_step)
+    monkeypatch.setattr(trainer._Run, "save", save_once_the_rollout_ended)
+    config = resolve_train_config(None, [*common, f"out_dir={tmp_path / 'b'}"], cls=GRPOConfig)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(config)
+    monkeypatch.setattr(trainer._Run, "train_step", train_step)
+    resumed = run_rl(config, resume=True)
+    assert resumed.losses == straight.losses[2:]
+    runs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
+    assert [line["step"] for line in runs[1]] == [1, 2, 3, 4]
+    assert [line["entropy"] for line in runs[1]] == [line["entropy"] for line in runs[0]]  # the same batches trained
 
 
 def test_a_completion_length_past_the_models_context_is_refused_by_name_before_a_config_is_written(tmp_path):
