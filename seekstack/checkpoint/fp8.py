@@ -9,8 +9,6 @@ import torch
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
-# The weight an fp8 model holds in float but DeepSeek's FP8 release stores in fp8: kv_b_proj, which MLA absorbs
-FP8_ABSORBED = ".kv_b_proj.weight"
 
 
 def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int], parts: int = 1) -> tuple[int, ...]:

@@ -41,7 +41,9 @@ SAFETENSORS_DTYPES = {
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
 MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
-KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
+# The layer loading keeps a float Linear however it is stored (attention absorbs its matrix); DeepSeek's FP8 release,
+# and an fp8 model's save, store it in fp8
+KEPT_FLOAT = "kv_b_proj"
 # The projections of an expert each stacked expert weight holds, stacked by rows.
 PER_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 STACKED_EXPERT_PARTS = {stack: len(projections) for stack, projections in PER_EXPERT_PROJECTIONS.items()}

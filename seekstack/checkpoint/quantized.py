@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from seekstack.checkpoint.fp8 import FP8_ABSORBED, _is_fp8_quantizable
+from seekstack.checkpoint.fp8 import _is_fp8_quantizable
 from seekstack.checkpoint.keys import (
     DAMAGED,
     KEPT_FLOAT,
@@ -113,7 +113,7 @@ def _fp8_kept_layers(model: Transformer) -> list[str]:
         key = layer_key(name, layers)
         routed = isinstance(module, RoutedExperts) and not isinstance(module, QuantizedExperts)
         linear = isinstance(module, torch.nn.Linear) and _is_fp8_quantizable(f"{key}.weight", module.weight)
-        if routed or (linear and not f"{key}.weight".endswith(FP8_ABSORBED)):
+        if routed or (linear and not key.endswith(KEPT_FLOAT)):
             kept.append(key)
     head = ["lm_head"] if kept and isinstance(model.lm_head, torch.nn.Linear) else []
     return head + kept

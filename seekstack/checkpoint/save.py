@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
-from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, FP8_ABSORBED, _is_fp8_quantizable, quantize_fp8
+from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, _is_fp8_quantizable, quantize_fp8
 from seekstack.checkpoint.keys import (
     ALIGNMENT,
     CONFIG_FILE,
     INDEX_FILE,
+    KEPT_FLOAT,
     SAFETENSORS_DTYPES,
     SINGLE_FILE,
     STACKED_EXPERT_PARTS,
@@ -241,7 +242,11 @@ def _stored_tensors(
         fp8_block = block
     for key, tensor in checkpoint_tensors(model, stacked_experts):
         stacked_parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
-        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn or (fp8_layers and not key.endswith(FP8_ABSORBED)):
+        if (
+            fp8_block is None
+            or tensor.dtype == torch.float8_e4m3fn
+            or (fp8_layers and not key.endswith(f".{KEPT_FLOAT}.weight"))
+        ):
             yield key, tensor
         elif _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)
