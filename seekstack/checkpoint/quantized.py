@@ -80,7 +80,9 @@ def quantization_config(
             "activation_scheme": "dynamic",
             "weight_block_size": list(block),
         }
-        return config | ({"modules_to_not_convert": kept} if kept else {})
+        if kept:
+            config["modules_to_not_convert"] = kept
+        return config
     formats = {name: (weight.scheme, getattr(weight, "group", None)) for name, weight in weights.items()}
     groups: dict[tuple[str, int | None], list[str]] = {}
     for name, weight in weights.items():
