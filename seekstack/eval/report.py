@@ -658,9 +658,16 @@ def _json_object(path: Path, remedy: str) -> dict[str, Any]:
     return value
 
 
+# Control characters but tab and line breaks (a CR alone is one only to some viewers): a random byte-level model's
+# continuations hold NUL, ^C or ESC, which a Markdown viewer shows as garbage, cuts the page at or runs in a terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|\r(?!\n)")
+
+
 def _fenced(text: str, language: str = "text") -> str:
     """`text` as a Markdown code block whose fence is longer than any run of backticks in it (CommonMark's rule), so
-    a sample that holds a code fence of its own stays inside its block."""
+    a sample that holds a code fence of its own stays inside its block; its control characters (`_CONTROL`) are
+    written as Python writes them in a string, visibly: NUL as \\x00."""
+    text = _CONTROL.sub(lambda control: f"\\x{ord(control[0]):02x}", text)
     longest = max((len(run) for run in re.findall("`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{language}\n{text}\n{fence}"

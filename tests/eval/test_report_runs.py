@@ -441,6 +441,19 @@ def test_samples_holding_a_code_fence_or_backticks_stay_inside_their_blocks(sft_
     assert blocks == [[f"def f():{answer}\n"], [f"Q: {answer}\n"], [f"Q: {answer}\n", f"{answer}\n"]]
 
 
+def test_control_bytes_of_a_sample_are_written_visibly_in_its_block(sft_run, monkeypatch):
+    """A random byte-level model's continuation put its NUL, ^C and ESC into report.md as they are."""
+    from seekstack.eval import report
+
+    markdown_it = pytest.importorskip("markdown_it")
+    continuation = "\x00x\x03\ty\r\nz\x1b[31m\rw\x7f\x85 é"
+    monkeypatch.setattr("seekstack.eval.samples.demo_samples", lambda *_, **__: [("def f():", continuation, "")])
+    section = report._samples(sft_run, sft_run / "checkpoints" / "step_2", {})
+    [block] = [t.content for t in markdown_it.MarkdownIt().parse(section) if t.type == "fence"]
+    assert "\r\nz" in section  # a Windows line break kept as one, which the parser reads as \n
+    assert block == "def f():\\x00x\\x03\ty\nz\\x1b[31m\\x0dw\\x7f\\x85 é\n"
+
+
 def test_a_tool_conversation_is_asked_with_the_tools_it_was_trained_with(sft_run, tmp_path):
     """A sample of a conversation offering tools (sft trains its row with the tools' prompt) was asked without them."""
     weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
