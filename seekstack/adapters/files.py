@@ -169,14 +169,26 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def load_adapter(model: Transformer, folder: str | Path, weightless: bool = False) -> PeftModel:
     """`model` under peft with the adapter saved in `folder`; CheckpointError naming the file when it does not fit.
     A `weightless` model (on the meta device) is given the adapter's own tensors."""
-    from peft import get_peft_model
+    return _wrapped(model, Path(folder), _fitting_lora_config(model, folder), weightless)
 
+
+def _fitting_lora_config(model: Transformer, folder: str | Path) -> LoraConfig:
+    """The peft config of the adapter in `folder`, refused (CheckpointError naming the file) where the adapter does
+    not fit `model` as far as that is known before peft wraps it: no weights, a quantized base, token ids outside the
+    vocabulary, token rows of a tied base."""
     folder = Path(folder)
     config = read_lora_config(folder)  # its own errors name what is wrong with the folder or the file
-    adapter_weights(folder)  # refused before peft wraps the model
+    adapter_weights(folder)
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
     refuse_token_rows_of_a_tied_base(config, model.config, folder)
+    return config
+
+
+def _wrapped(model: Transformer, folder: Path, config: LoraConfig, weightless: bool) -> PeftModel:
+    """`model` under peft with the adapter in `folder`, whose config (_fitting_lora_config) is `config`."""
+    from peft import get_peft_model
+
     try:
         config = config_for_seekstack(config, model.config)
         with quiet_parameter_patterns(), torch.device("meta") if weightless else contextlib.nullcontext():
@@ -403,10 +415,11 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     merged weight a new tensor (peft's safe_merge), never the memory-mapped checkpoint pages changed in place (which
     a device map would take for weights still on disk). A head tied to the embedding (tie_word_embeddings) is merged
     apart from it, and left untied where the adapter makes the two differ (a LoRA on either)."""
+    config = _fitting_lora_config(model, adapter)  # a refused adapter leaves the model as it was, its head tied
     tied = model.config.tie_word_embeddings
     if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
-    merged = load_adapter(model, adapter).merge_and_unload(safe_merge=True)
+    merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
     if tied and torch.equal(merged.lm_head.weight, merged.embed_tokens.weight):
         merged.tie_weights()
     elif tied:

@@ -21,6 +21,7 @@ from seekstack.adapters.files import (
     ADAPTER_WEIGHTS_FILE,
     load_adapter,
     merge_adapter,
+    merged_model,
     read_lora_config,
 )
 from seekstack.adapters.registry import read_factors
@@ -164,18 +165,25 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
 
 
-@pytest.mark.parametrize("vocabulary", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
-def test_a_merged_adapter_on_the_head_or_embedding_of_a_tied_base_keeps_both(tmp_path, vocabulary):
+@pytest.mark.parametrize(
+    ("vocabulary", "attention", "still_tied"),
+    [(["lm_head"], [], False), (["embed_tokens"], [], False), (["embed_tokens", "lm_head"], [], False),
+     ([], ["o_proj"], True)],
+)  # fmt: skip
+def test_a_merged_adapter_on_the_head_or_embedding_of_a_tied_base_keeps_both(
+    tmp_path, vocabulary, attention, still_tied
+):
     """A base whose head is its embedding (tie_word_embeddings): the merged head and embedding differ, and the merged
-    checkpoint was written tied, its one matrix the merged embedding (other logits than base + adapter, by 5)."""
+    checkpoint was written tied, its one matrix the merged embedding (other logits than base + adapter, by 5); an
+    adapter on neither leaves them one matrix."""
     torch.manual_seed(0)
     tied = seekstack.save_pretrained(
         seekstack.Transformer(seekstack.preset("tiny", **TINY, tie_word_embeddings=True)), tmp_path / "tied"
     )
-    only_vocabulary = AdapterConfig(rank=4, vocabulary=vocabulary, attention=[], feed_forward=[], experts=[])
-    adapter = write_random_adapter(tied, tmp_path / "adapter", seed=2, config=only_vocabulary)
+    only_these = AdapterConfig(rank=4, vocabulary=vocabulary, attention=attention, feed_forward=[], experts=[])
+    adapter = write_random_adapter(tied, tmp_path / "adapter", seed=2, config=only_these)
     merged_dir = merge_adapter(tied, adapter, tmp_path / "merged")
-    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is still_tied
     ids = prompt_ids(seed=3)
     with torch.no_grad():
         merged = seekstack.load_pretrained(merged_dir)(ids).logits
@@ -310,6 +318,10 @@ def test_token_rows_on_a_tied_base_are_refused_naming_the_file_or_the_field(tmp_
     with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         merge_adapter(tied, adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+    model = seekstack.load_pretrained(tied)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
+        merged_model(model, adapter)  # the engine's and eval's merge: the caller's model stays as it was, tied
+    assert model.lm_head.weight is model.embed_tokens.weight and model.config.tie_word_embeddings
     text = tmp_path / "prose.txt"
     text.write_text("Some prose to adapt to. " * 50)
     for name in ("head_tokens", "embedding_tokens"):
