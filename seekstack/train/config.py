@@ -33,6 +33,7 @@ from seekstack.schema import (
     require_known_fields,
     resolve_paths,
     same_value,
+    settable_fields,
     write_config,
 )
 
@@ -435,7 +436,7 @@ def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume:
         return
     theirs, said = read_config(checkpoint), ModelConfig.from_dict(config.model_config().to_dict())  # as saved
     if "model" in settings:
-        names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
+        names = settable_fields(ModelConfig)
     else:
         names = [setting.removeprefix("model.") for setting in settings]
     differ = [name for name in names if name != "aux_loss_alpha" and getattr(said, name) != getattr(theirs, name)]
@@ -487,7 +488,10 @@ def _given_values(path: str | Path | None) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():  # a run's out_dir, given as it is to the commands that take a run
         saved = path / CONFIG_FILE
-        run = f": a run's; continue it with `out_dir={path} --resume`, or start from its settings with {saved}"
-        run = run if saved.is_file() else ""
+        run = (
+            f": a run's; continue it with `out_dir={path} --resume`, or start from its settings with {saved}"
+            if saved.is_file()
+            else ""
+        )
         raise ConfigError(f"{path}: a folder, not a config file (.yaml, .yml, .toml or .json){run}")
     return resolve_paths(read_config_file(path), path.parent)
