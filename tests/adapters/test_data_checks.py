@@ -154,8 +154,9 @@ def test_a_lora_run_moved_to_another_depth_resumes_given_its_base_and_data_again
         lora_train_config("other_base", None, "adapter", ["max_steps=3"], resume=True)
 
 
-def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, text_run):
-    text, out = text_run
+def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, text_run, tmp_path):
+    text, run = text_run
+    out = shutil.copytree(run, tmp_path / "adapter")  # the module's run stays at step 1 for the tests after this one
     tokens_written = index_path(out / "data", "train").stat().st_mtime_ns
     train_config, adapter, continued = lora_train_config(base, text, out, ["max_steps=2"], resume=True)
     assert train_config.data_dir == str(out / "data")
@@ -331,10 +332,9 @@ def test_the_resume_a_refusal_of_another_base_suggests_goes_on_when_followed(bas
     assert refused.exit_code == 1 and not new.exists()
     command = re.search(r"`(seekstack [^`]*)`", refused.output)[1]
     assert command == f"seekstack lora train --resume-from {checkpoint} --out {new}"
-    steps = json.loads((out / "train_config.json").read_text())["max_steps"]  # 1, or 2 once a test above resumed it
     followed = runner.invoke(app, shlex.split(command)[1:])  # as written: on to the run's own max_steps
     assert followed.exit_code == 0, followed.output
     assert f"resumed from step 1 ({checkpoint})" in followed.output
-    assert f"trained to step {steps}; adapter: {new}" in followed.output
+    assert f"trained to step 1; adapter: {new}" in followed.output
     assert json.loads((new / "train_config.json").read_text())["init_from"] == str(base)
     assert (new / "lora_config.json").read_text() == (out / "lora_config.json").read_text()
