@@ -825,13 +825,32 @@ def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed
         evaluate(tmp_path, ("mc",), device="cpu", seed="1,2")
 
 
-def test_gen_kwargs_update_each_tasks_generation_kwargs_as_lm_evals_and_the_report_reruns_them(tmp_path, monkeypatch):
+def test_gen_kwargs_update_each_tasks_generation_kwargs_as_lm_evals_and_the_report_reruns_them(
+    checkpoint, tmp_path, monkeypatch
+):
     """seekstack eval had no --gen-kwargs (lm_eval's --gen_kwargs): a generating task could not be run with another
     max_gen_toks or sampled, as lm_eval users run gsm8k with --gen_kwargs max_gen_toks=512."""
     import lm_eval
 
     from seekstack.eval.evaluate import evaluate
     from seekstack.eval.report import _eval_again
+    from seekstack.infer.engine import Engine
+    from seekstack.infer.params import SamplingParams
+
+    # a real run: the task's config records the kwarg, and its answer is the first 2 of the greedy continuation's tokens
+    (tmp_path / "corpus").mkdir()
+    module = "\n".join(f"value_{i} = compute({i})" if i % 3 else "" for i in range(60))
+    (tmp_path / "corpus" / "val.jsonl").write_text(json.dumps({"id": "m.py", "text": module}) + "\n")
+    report = evaluate(checkpoint, ("code_next_line",), tmp_path / "corpus", limit=1, device="cpu",
+                      gen_kwargs="max_gen_toks=2", samples_folder=tmp_path / "samples")  # fmt: skip
+    assert report["configs"]["code_next_line"]["generation_kwargs"]["max_gen_toks"] == 2
+    (samples,) = (tmp_path / "samples").rglob("samples_code_next_line_*.jsonl")
+    (sample,) = (json.loads(line) for line in samples.read_text().splitlines())
+    engine = Engine.from_pretrained(checkpoint)
+    context = sample["arguments"]["gen_args_0"]["arg_0"]
+    (greedy,) = engine.generate(context, SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert len(greedy.token_ids) == 8 and "\n" not in greedy.text  # the limit, not a stop, ends it
+    assert sample["resps"] == [[engine.tokenizer.decode(greedy.token_ids[:2])]] and greedy.text != sample["resps"][0][0]
 
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
