@@ -979,3 +979,18 @@ def test_an_unwritable_offload_folder_is_refused_naming_the_keyword_from_pretrai
         f"(Permission denied); choose another with {keyword}="
     )
     assert isinstance(refused.value.__cause__, PermissionError)
+
+
+@pytest.mark.parametrize("keyword", ["offload_folder", "offload_dir"])
+def test_an_offload_folder_without_a_device_map_is_refused_naming_the_keyword(keyword, tmp_path):
+    """Engine.from_pretrained(offload_folder=...) without device_map= was taken and the folder left unused, silently,
+    where EngineOptions and --offload-dir refuse an offload folder without a device map (as from_pretrained refuses
+    max_memory without one)."""
+    model_dir(tmp_path / "model")
+    with pytest.raises(ValueError) as refused:
+        Engine.from_pretrained(tmp_path / "model", **{keyword: tmp_path / "copies"})
+    assert str(refused.value) == (
+        f"{keyword} is given without a device map: it holds the copies of parts placed on disk; give device_map= "
+        "placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
+    )
+    assert not (tmp_path / "copies").exists()
