@@ -96,7 +96,10 @@ def demo_samples(
     holding the tokenizer. A prompt whose max_new_tokens do not fit the model's context with it gets the room there
     is, as `generate` caps it, and `notify` hears the engine's notice. ValueError for a prompt that is empty or fills
     the context, naming it by its place among `prompts` ("prompt 2 of 2"), checked here: the engine, handed each prompt
-    twice (greedy and sampled), would number it 0-based among the copies ("prompt 1 of 4")."""
+    twice (greedy and sampled), would number it 0-based among the copies ("prompt 1 of 4"). No prompts give [], as
+    `Engine.generate` gives for none, the model not loaded."""
+    if not prompts:  # an engine batching none would be refused as max_batch_size=0
+        return []
     engine = _engine(model_path, max_batch_size=2 * len(prompts))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
@@ -167,7 +170,10 @@ def conversation_samples(
     """Each conversation's turns before its last assistant turn, with the tools it offers, answered greedily by a
     checkpoint or run's newest, all in one batch; an answer gets at most the room the context leaves after its
     prompt, and a conversation whose prompt fills the context (or what the cache holds, `Engine.context_len`) is left
-    out, as is one that opens with its answer (no message asks it: a chat of none is refused, as transformers')."""
+    out, as is one that opens with its answer (no message asks it: a chat of none is refused, as transformers'). No
+    conversations give [], the model not loaded."""
+    if not conversations:  # an engine batching none would be refused as max_batch_size=0
+        return []
     engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:

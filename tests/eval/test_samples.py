@@ -10,7 +10,7 @@ import pytest
 
 from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _samples
-from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
+from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samples, run_prompts
 from seekstack.infer import Engine, SamplingParams
 from tests.infer.support import micro_model, tiny_tokenizer
 
@@ -96,3 +96,11 @@ def test_a_prompt_refused_is_named_by_its_place_among_those_given(tmp_path, prom
     with pytest.raises(ValueError) as refused:
         demo_samples(model_dir, ("def f", prompt), max_new_tokens=2)
     assert str(refused.value).startswith(refusal)
+
+
+def test_no_prompts_or_conversations_give_no_samples_as_the_engine_gives_none(tmp_path):
+    """Were refused as "max_batch_size=0 must be >= 1", an engine option the caller never gave."""
+    model_dir = tmp_path / "model"
+    save_pretrained(micro_model(), model_dir)
+    tiny_tokenizer(model_dir)
+    assert demo_samples(model_dir, ()) == [] == conversation_samples(model_dir, [], max_new_tokens=2)
