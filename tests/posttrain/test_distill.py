@@ -49,7 +49,9 @@ def test_traces_command_refuses_more_prompts_than_distinct_problems_and_writes_n
     out = tmp_path / "traces.jsonl"
     args = ["traces", str(teacher_model), "--out", str(out), "--difficulty", "1", "--prompts", "5000"]
     result = CliRunner().invoke(app, [*args, "--samples", "1", "--max-new-tokens", "40"])
-    assert result.exit_code == 2 and "only 85 distinct train problems of 5000 asked" in result.output, result.output
+    assert result.exit_code == 2, result.output  # a usage error naming the option, --prompts' first name
+    refusal = "Invalid value for '--problems': task addition at difficulty 1 yielded only 85 distinct train problems"
+    assert f"{refusal} of 5000 asked" in result.output
     assert not out.exists()
 
 
