@@ -59,15 +59,19 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def missing_files(folder: Path) -> list[str]:
     """The files step folder `folder` lacks to be a checkpoint: train_state.pt (a save cut short), its model's
-    config.json and weights (a LoRA run's: its adapter's), or a shard its index names (deleted, or a copy cut short)."""
+    config.json and weights (a LoRA run's: its adapter's), or, with no model.safetensors, a shard its index names
+    (deleted, or a copy cut short). A model.safetensors beside an index whose shards are gone is read past it, as
+    the reader (and transformers) read it, so its shards are not asked for."""
     missing = [] if (folder / TRAIN_STATE_FILE).is_file() else [TRAIN_STATE_FILE]
     if any((folder / name).is_file() for name in ADAPTER_FILES):
         return missing + [name for name in ADAPTER_FILES if not (folder / name).is_file()]
     if not (folder / MODEL_CONFIG_FILE).is_file():
         missing.append(MODEL_CONFIG_FILE)
+    if (folder / WEIGHTS_FILE).is_file():
+        return missing
     if (folder / WEIGHTS_INDEX_FILE).is_file():
         missing += [shard for shard in _indexed_shards(folder / WEIGHTS_INDEX_FILE) if not (folder / shard).is_file()]
-    elif not (folder / WEIGHTS_FILE).is_file():
+    else:
         missing.append(WEIGHTS_FILE)
     return missing
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.cuda.random
 
-from seekstack.checkpoint import CheckpointError, write_pretrained_files
+from seekstack.checkpoint import CheckpointError, load_pretrained, write_pretrained_files
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer, train_tokenizer
@@ -20,6 +20,7 @@ from seekstack.train.runs import (
     TRAIN_STATE_FILE,
     latest_checkpoint,
     list_checkpoints,
+    missing_files,
     passed_over,
     refuse_new_run_into,
 )
@@ -180,6 +181,27 @@ def test_a_step_folder_missing_its_model_files_is_passed_over_naming_what_it_lac
     assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
     assert passed_over(latest_checkpoint(tmp_path)) == f"; passed over step_4 (no {deleted}), incomplete"
+
+
+def test_a_step_folder_with_model_safetensors_beside_a_stale_index_is_a_checkpoint(tmp_path):
+    """A step folder holding model.safetensors beside an index whose shards are gone (a save of one file into a
+    folder an earlier sharded save left its index in) was passed over as incomplete, naming the shards, though the
+    reader reads its model.safetensors past the stale index, as transformers does."""
+    models = {step: Transformer(micro_config()) for step in (2, 4)}
+    for step, model in models.items():
+        save_checkpoint(tmp_path, model, {"step": step}, keep=2)
+    newest = tmp_path / "checkpoints" / "step_4"
+    stale = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (newest / "model.safetensors.index.json").write_text(json.dumps(stale))
+    assert missing_files(newest) == []
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2", "step_4"]
+    assert latest_checkpoint(tmp_path) == newest
+    with pytest.warns(UserWarning, match="delete the stale index"):
+        loaded = load_pretrained(newest)
+    assert torch.equal(loaded.embed_tokens.weight, models[4].embed_tokens.weight)
+    (newest / "model.safetensors").unlink()  # the index's shards are asked for where there is no model.safetensors
+    assert missing_files(newest) == ["model-00001-of-00002.safetensors"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
 
 
 def test_a_new_run_into_a_folder_whose_checkpoints_are_all_incomplete_is_refused_naming_what_they_lack(tmp_path):
