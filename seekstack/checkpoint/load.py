@@ -43,7 +43,7 @@ FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")  # what a model 
 
 def load_pretrained(
     directory: str | Path,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
@@ -63,15 +63,16 @@ def load_pretrained(
     codes or scales) at a time, never whole in memory (seekstack.infer.placement's disk parts).
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
-    `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`); `torch_dtype`,
-    its earlier name there, which transformers still takes, is `dtype` where given.
+    `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`), float32 where
+    not given; `torch_dtype`, its earlier name there, which transformers still takes, is read as `dtype`: given both,
+    they must name the same dtype (`loading_dtype`).
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
-    dtype = model_dtype(dtype if torch_dtype is None else torch_dtype, config)
+    dtype = loading_dtype(dtype, torch_dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
@@ -181,6 +182,23 @@ def refuse_unstored_keys(directory: str | Path) -> None:
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise reader.missing(", ".join(map(repr, missing[:3])) + more)
+
+
+def loading_dtype(
+    dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None, config: ModelConfig
+) -> torch.dtype:
+    """The torch dtype a model loads in given load_pretrained's `dtype` and `torch_dtype` (transformers' earlier name
+    for it): the one given (`model_dtype`), float32 where neither is. Given both, they are compared as dtypes
+    ("bfloat16" is torch.bfloat16; "auto" the checkpoint's): ValueError where they name different ones."""
+    if dtype is None or torch_dtype is None:
+        return model_dtype(next((d for d in (dtype, torch_dtype) if d is not None), torch.float32), config)
+    resolved, theirs = model_dtype(dtype, config), model_dtype(torch_dtype, config)
+    if resolved != theirs:
+        raise ValueError(
+            f"torch_dtype={torch_dtype!r} beside dtype={dtype!r}: it is transformers' name for dtype, and they load "
+            f"{str(theirs).removeprefix('torch.')} and {str(resolved).removeprefix('torch.')}: give one of them"
+        )
+    return resolved
 
 
 def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:

@@ -314,7 +314,7 @@ class Engine:
         cls,
         model_dir: str | Path,
         tokenizer: str | Path | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
         adapter: str | Path | None = None,
         device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
         offload_dir: str | Path | None = None,
@@ -328,21 +328,21 @@ class Engine:
         `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries (or
         accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets (or, as
         accelerate's, device_map="auto" with `max_memory` {0: "80GiB", "cpu": "20GiB"}); `disk` weights not mapped
-        from the checkpoint are copied under `offload_dir` (default `model_dir`/offload). `torch_dtype` and
-        `offload_folder`, transformers' from_pretrained names, are dtype and offload_dir.
+        from the checkpoint are copied under `offload_dir` (default `model_dir`/offload). `dtype` is load_pretrained's
+        (float32 where not given); `torch_dtype` and `offload_folder`, transformers' from_pretrained names, are read
+        as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype).
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
-        for theirs, value, ours, given in (
-            ("torch_dtype", torch_dtype, "dtype", None if dtype == torch.float32 else dtype),
-            ("offload_folder", offload_folder, "offload_dir", offload_dir),
-        ):
-            if value is not None and given is not None and value != given:
-                raise ValueError(f"{theirs}={value!r} beside {ours}={given!r}: it is transformers' name for {ours}")
+        if offload_folder is not None and offload_dir is not None and offload_folder != offload_dir:
+            raise ValueError(
+                f"offload_folder={offload_folder!r} beside offload_dir={offload_dir!r}: it is transformers' name for "
+                "offload_dir"
+            )
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
-        dtype, offload_dir = torch_dtype or dtype, offload_dir or offload_folder
+        offload_dir = offload_dir or offload_folder
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
         defaults, eos_ids = sampling_defaults(model_dir), eos_token_ids(model_dir)
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
@@ -371,7 +371,9 @@ class Engine:
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None
         drafts = kwargs.get("speculative", EngineOptions.speculative)  # else no MTP module: its weights stay unread
         try:  # a folder the disk parts cannot be written in is refused naming the keyword the caller gave it with
-            model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload, mtp=drafts)
+            model = load_pretrained(
+                model_dir, dtype=dtype, device=device, offload=offload, mtp=drafts, torch_dtype=torch_dtype
+            )
             if adapter is not None:
                 from seekstack.adapters.files import merged_model
 

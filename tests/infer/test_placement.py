@@ -723,6 +723,29 @@ def test_transformers_names_torch_dtype_and_offload_folder_are_dtype_and_offload
         Engine.from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16, dtype=torch.float16)
 
 
+@pytest.mark.parametrize(
+    ("given", "loaded"),
+    [
+        ({"torch_dtype": "bfloat16", "dtype": torch.bfloat16}, torch.bfloat16),
+        ({"torch_dtype": "auto", "dtype": torch.bfloat16}, torch.bfloat16),
+        ({"torch_dtype": torch.bfloat16, "dtype": "auto"}, torch.bfloat16),
+        ({"dtype": torch.float32, "torch_dtype": torch.float16}, "they load float16 and float32"),
+        ({"torch_dtype": "auto", "dtype": torch.float32}, "they load bfloat16 and float32"),
+    ],
+)
+def test_torch_dtype_beside_dtype_is_compared_as_the_dtype_each_loads(tmp_path, given, loaded):
+    """torch_dtype="bfloat16" beside dtype=torch.bfloat16 was refused as unequal (a name against a dtype), and
+    torch_dtype="auto" beside any dtype; dtype=torch.float32 given read as not given, so torch_dtype=torch.float16
+    beside it loaded float16, unsaid. Both go to load_pretrained, which compares the dtypes they resolve to."""
+    seekstack.save_pretrained(micro_model().bfloat16(), tmp_path)  # its config states bfloat16: what "auto" loads
+    tiny_tokenizer(tmp_path)
+    if isinstance(loaded, str):
+        with pytest.raises(ValueError, match=rf"^torch_dtype=.* beside dtype=.*: it is transformers' name .*{loaded}"):
+            Engine.from_pretrained(tmp_path, **given)
+    else:
+        assert Engine.from_pretrained(tmp_path, **given).model.embed_tokens.weight.dtype == loaded
+
+
 def test_a_torch_device_places_the_whole_model_as_transformers_device_map_takes_one(tmp_path):
     """transformers' from_pretrained(device_map=torch.device("cuda:1")) places the whole model there; here it was a
     TypeError ("give pattern=device text, a device (cpu, cuda:0, 0) or a dict of them")."""
