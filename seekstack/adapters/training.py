@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -339,14 +340,15 @@ def refuse_another_base_or_data(config: TrainConfig, saved: Path, resume: bool |
     suggests resumes as `resume` asked (--resume, or --resume-from the checkpoint folder, which a run continued into
     an --out holding none needs)."""
     started = load_config(TrainConfig, saved)
-    resumed = "--resume" if resume is True else f"--resume-from {resume}"
+    resumed = "--resume" if resume is True else f"--resume-from {shlex.quote(str(resume))}"
+    command = f"seekstack lora train {resumed} --out {shlex.quote(config.out_dir)}"  # as a shell reads it
     for name, thing in (("init_from", "BASE"), ("data_dir", "DATA")):
         given, kept = getattr(config, name), getattr(started, name)
         if not same_value(name, kept, given) and Path(kept).exists():
             raise ConfigError(
                 f"{given}: the run in {saved.parent} trains its adapter with {thing} {kept} ({saved}); resume it "
-                f"with that {thing} (or none: `seekstack lora train {resumed} --out {config.out_dir}`), or train a "
-                f"new adapter with this {thing} into another --out"
+                f"with that {thing} (or none: `{command}`), or train a new adapter with this "
+                f"{thing} into another --out"
             )
 
 

@@ -324,14 +324,15 @@ def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_pa
 def test_the_resume_a_refusal_of_another_base_suggests_goes_on_when_followed(base, text_run, tmp_path):
     """A run continued from another run's checkpoint into a new --out, given another BASE, was told to resume with
     `--resume --out NEW`, which NEW (holding no run yet) refused; the suggestion names the checkpoint it was given."""
-    text, out = text_run
+    text, run = text_run
+    out = shutil.copytree(run, tmp_path / "the run")  # its path holds a space, as the new one's: the command quotes
     other_base = shutil.copytree(base, tmp_path / "other_base")
-    checkpoint, new = out / "checkpoints" / "step_1", tmp_path / "new"
+    checkpoint, new = out / "checkpoints" / "step_1", tmp_path / "new run"
     given = ["lora", "train", str(other_base), str(text), "max_steps=2", "--resume-from", str(checkpoint)]
     refused = runner.invoke(app, [*given, "--out", str(new)])
     assert refused.exit_code == 1 and not new.exists()
     command = re.search(r"`(seekstack [^`]*)`", refused.output)[1]
-    assert command == f"seekstack lora train --resume-from {checkpoint} --out {new}"
+    assert command == f"seekstack lora train --resume-from '{checkpoint}' --out '{new}'"
     followed = runner.invoke(app, shlex.split(command)[1:])  # as written: on to the run's own max_steps
     assert followed.exit_code == 0, followed.output
     assert f"resumed from step 1 ({checkpoint})" in followed.output
