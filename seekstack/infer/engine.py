@@ -471,8 +471,6 @@ class Engine:
             prompt_ids = prompt_ids[-kept:]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
-        if params.max_new_tokens is None:  # vLLM's max_tokens=None: up to the context
-            params, _ = self.fit_max_new_tokens(len(prompt_ids), params)
         vocab = self.config.vocab_size
         for name, ids in (
             ("prompt", prompt_ids),
@@ -485,16 +483,8 @@ class Engine:
                 raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
         if len(prompt_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_model_len={self.max_model_len}")
-        if len(prompt_ids) == self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens, all of max_model_len: no room for a new token")
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:  # vLLM's: the reply ends with the context
-            params = dataclasses.replace(params, max_new_tokens=self.max_model_len - len(prompt_ids))
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.longest_cached_request:
-            raise ValueError(
-                f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
-                f"the cache has {self.cache.num_blocks - 1}: raise kv_cache_memory (or num_blocks)"
-            )
+        # vLLM's: the reply ends with the context (max_tokens=None: up to it), here or where the cache can hold no more
+        params, _ = self.fit_max_new_tokens(len(prompt_ids), params)
         # a greedy request draws no numbers: no seed of torch's generator (`SeededUniforms`) is spent on it
         generator = SeededUniforms(0 if params.greedy else params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)

@@ -3,6 +3,8 @@ is preempted and recomputed with the tokens an unconstrained run gives."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -109,7 +111,17 @@ def test_preempted_speculative_requests_resume_with_plain_greedy_tokens(model, t
     assert [c.token_ids for c in constrained] == [c.token_ids for c in expected]
 
 
-def test_a_request_that_cannot_fit_even_alone_is_refused(model, tokenizer):
-    engine = Engine(model, tokenizer, block_size=4, num_blocks=5)
-    with pytest.raises(ValueError, match="30 tokens need 8 cache blocks; the cache has 4: raise kv_cache_memory"):
-        engine.add_request(prompts([6])[0], LONG_GREEDY)
+@pytest.mark.parametrize("max_new_tokens", [None, 10, 24, 200])
+def test_a_reply_past_what_the_cache_holds_ends_there_as_one_past_the_context(model, tokenizer, max_new_tokens):
+    """With a cache smaller than max_model_len, max_new_tokens=None got the room the cache leaves, but a larger
+    max_new_tokens was refused ("30 tokens need 8 cache blocks; the cache has 4"), where one past max_model_len ends the
+    reply with the context: both are capped to the room (fit_max_new_tokens), and a prompt the cache cannot hold with a
+    new token is refused with fit_max_new_tokens' one message, whatever max_new_tokens."""
+    engine = Engine(model, tokenizer, block_size=4, num_blocks=5, max_model_len=64)  # 4 blocks of 4: 16 tokens
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    [reply] = engine.generate(prompts([6]), params)
+    assert (len(reply.token_ids), reply.finish_reason) == (10, "length")
+    room = "the 16 tokens the cache holds (--kv-cache-memory, kv_cache_memory=, for more) leaves no room"
+    with pytest.raises(ValueError, match=rf"^prompt is 16 tokens; {re.escape(room)} for a new token: shorten the"):
+        engine.add_request(prompts([16])[0], params)
+    assert not engine.has_unfinished()

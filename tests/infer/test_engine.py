@@ -1068,7 +1068,7 @@ def test_chat_given_a_text_for_messages_says_how_a_conversation_is_written(model
     [
         ([], {}, "empty prompt"),
         ([1] * 300, dict(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
-        ([1] * 256, dict(max_new_tokens=1), "prompt has 256 tokens, all of max_model_len: no room for a new token"),
+        ([1] * 256, dict(max_new_tokens=1), "prompt is 256 tokens; the context of 256 leaves no room for a new token"),
         ([1, 9999], {}, "prompt holds token id 9999, outside the vocabulary"),
         (
             [1],
