@@ -1087,6 +1087,20 @@ def test_a_math_solution_is_the_trace_sft_trains_inside_think_and_its_boxed_answ
     assert trained["What is 3 halved?"] == "<think> Halve it: $\\boxed{\\frac{3}{2}}$ </think> \\frac{3}{2}"
 
 
+def test_a_gsm8k_answer_is_its_reasoning_as_the_trace_and_the_number_after_its_marker_as_the_answer(tmp_path):
+    """GSM8K's answers are worked: "reasoning\n#### 72". The whole text was the problem's answer and the trace was
+    empty, so sft trained "<think>  </think> In May she sold ... #### 72"; the reasoning is the trace, 72 the answer."""
+    reasoning = "In May she sold 48/2 = 24.\nIn all 48+24 = 72."
+    lines = [
+        {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+         "answer": f"{reasoning}\n#### 72"},
+        {"question": "What is 1 + 1?", "answer": "#### 2"},  # the marker alone: no reasoning
+    ]  # fmt: skip
+    clips, two = make_task(problems_file(tmp_path / "gsm8k.jsonl", lines)).problems
+    assert (clips.answer, clips.trace, clips.data["value"]) == ("72", reasoning, "72")
+    assert (two.answer, two.trace) == ("2", "")
+
+
 @pytest.mark.parametrize(
     ("gold", "right", "wrong"),
     [("(3, -2)", ["\\boxed{(3, -2)}", "$\\left( 3, -\\frac{4}{2} \\right)$", "(3.0,-2)"],

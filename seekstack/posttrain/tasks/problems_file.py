@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.jsonl import jsonl_records
-from seekstack.posttrain.tasks.answers import Items, Reading, final_answer, read_answer, read_items, reads_as
+from seekstack.posttrain.tasks.answers import (
+    GSM8K_MARKER,
+    Items,
+    Reading,
+    final_answer,
+    read_answer,
+    read_items,
+    reads_as,
+)
 from seekstack.posttrain.tasks.base import Problem
 
 LINE_FORMAT = (
@@ -97,8 +105,10 @@ def _problem(record: Any, where: str) -> Problem:
             '"\\\\{1, 2\\\\}"); symbolic answers ("\\\\sqrt{2}", "\\\\pi", "x^2 + 1"), which math-verify compares with '
             "sympy, are not compared here: a task whose answers are such is a class of your own (module:Class)"
         )
-    if answer_field == "solution" and isinstance(answer, str):  # worked out: its reasoning, then its final answer
-        return Problem(question, question, final_answer(answer), answer.strip(), _data(gold))
+    if isinstance(answer, str) and (answer_field == "solution" or GSM8K_MARKER in answer):
+        # worked out: its reasoning (a MATH solution whole, a GSM8K answer up to its "#### 72"), then its final answer
+        reasoning = answer.rpartition(GSM8K_MARKER)[0] if GSM8K_MARKER in answer else answer
+        return Problem(question, question, final_answer(answer), reasoning.strip(), _data(gold))
     return Problem(question, question, str(answer), "", _data(gold))
 
 
