@@ -40,7 +40,7 @@ class ChatTemplate:
         if continue_final_message:
             messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
         try:
-            rendered = _compiled(self.text).render(
+            rendered = compiled_template(self.text).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 **special_tokens,
@@ -101,10 +101,11 @@ def read_tokenizer_config(config_path: Path) -> dict:
     return config
 
 
-def _compiled(text: str) -> Template:
+def compiled_template(text: str) -> Template:
     """`text` compiled by transformers, in the environment its `apply_chat_template` renders in (sandboxed, trimmed
     blocks, loop controls, `raise_exception`, `strftime_now`, its `tojson` that writes '<' and non-ASCII as they are,
-    the `{% generation %}` tag), and cached there. Imported here, when a checkpoint's own template is rendered."""
+    the `{% generation %}` tag), and cached there. Imported here, when a checkpoint's own template is rendered or read
+    (the variables serve finds in it)."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     return _compile_jinja_template(text)

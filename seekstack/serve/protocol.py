@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seekstack.chat_template import read_chat_template
+from seekstack.chat_template import compiled_template, read_chat_template
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams, min_tokens_limit
@@ -144,14 +144,7 @@ def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer:
     renders the chat format with none of its variables set from a request."""
     if not template_kwargs:
         return
-    read = template_variables(tokenizer.jinja_chat_template)
-    source = Path(tokenizer.source)  # its tokenizer.json ("<in memory>" for one built in Python)
-    try:  # the checkpoint's own template beside it, which vLLM renders (DeepSeek-V3.1's reads `thinking`)
-        shipped = read_chat_template(source.parent / CONFIG_FILE, source.parent / CHAT_TEMPLATE_FILE)
-    except ValueError:  # a damaged tokenizer_config.json, which a tokenizer with the role tokens loads without
-        shipped = None
-    if source.is_file() and shipped is not None:
-        read |= template_variables(shipped.text)
+    read = template_variables(tokenizer.jinja_chat_template) | shipped_template_variables(tokenizer.source)
     for key in template_kwargs:
         if key in read or key in TEMPLATE_OPTIONS:
             param = f"chat_template_kwargs.{key}"
@@ -161,16 +154,31 @@ def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer:
 
 
 @cache
+def shipped_template_variables(source: str) -> frozenset[str]:
+    """The names read by the chat template shipped beside tokenizer file `source` (its tokenizer_config.json's, or
+    chat_template.jinja: the checkpoint's own, which vLLM renders; DeepSeek-V3.1's reads `thinking`), read once per
+    source; none for a tokenizer not read from a file ("<in memory>": one built in Python), or beside a damaged
+    tokenizer_config.json, which a tokenizer with the role tokens loads without."""
+    tokenizer_file = Path(source)
+    if not tokenizer_file.is_file():
+        return frozenset()
+    try:
+        shipped = read_chat_template(tokenizer_file.parent / CONFIG_FILE, tokenizer_file.parent / CHAT_TEMPLATE_FILE)
+    except ValueError:
+        return frozenset()
+    return frozenset() if shipped is None else template_variables(shipped.text)
+
+
+@cache
 def template_variables(template: str) -> frozenset[str]:
     """The names a Jinja chat template reads from its context, as vLLM finds them (jinja2's undeclared variables,
     less the environment's globals such as raise_exception), in the environment transformers renders it in; none for
     a template that does not compile (a release's that this server does not render: the chat, if it does, is refused
     where it is written)."""
     from jinja2 import TemplateError, meta
-    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
-        environment = _compile_jinja_template(template).environment
+        environment = compiled_template(template).environment
     except TemplateError:
         return frozenset()
     return frozenset(meta.find_undeclared_variables(environment.parse(template)) - set(environment.globals))

@@ -20,7 +20,7 @@ from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
-from seekstack.tokenizer import REASONING_FIELDS, Tokenizer
+from seekstack.tokenizer import CONFIG_FILE, REASONING_FIELDS, Tokenizer
 from tests.serve.server import error_of, make_model_dir, run
 
 GREEDY = {"model": "model", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -761,3 +761,18 @@ def test_fields_the_server_ignores_are_named_in_its_log_as_vllm_logs_them(engine
     assert (answered.status_code, plain.status_code) == (200, 200)  # accepted, as OpenAI-compatible servers do
     ignored = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
     assert ignored == ["The following fields were present in the request but ignored: max_token, metadata"]
+
+
+def test_chat_template_kwargs_for_a_tokenizer_built_in_memory_read_no_file_of_the_current_directory(
+    tmp_path, monkeypatch
+):
+    """A tokenizer built in Python (source "<in memory>") had its shipped template looked for in the current
+    directory: a folder named tokenizer_config.json there raised IsADirectoryError (a 500), and the files were read
+    again on every request with chat_template_kwargs. Only a tokenizer read from a file has a shipped template."""
+    folder = make_model_dir(tmp_path).parent / "tokenizer"
+    in_memory = Tokenizer(Tokenizer.from_file(folder).backend)
+    (tmp_path / "work" / CONFIG_FILE).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    body = {"model": "model", "messages": [{"role": "user", "content": "Hello"}]}
+    request = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"thinking": True}})
+    assert prompt_ids(request, in_memory) == [in_memory.encode_chat(body["messages"])]  # dropped: no template reads it
