@@ -356,16 +356,14 @@ class Engine:
 
             weightless_adapter(config, adapter)
         device = kwargs.get("device") or "cpu"
-        if max_memory is not None and device_map is None:
-            raise ValueError("max_memory is given without a device map: give device_map='auto' to plan within it")
+        if device_map is not None or max_memory is not None:  # before the weights are read and the disk parts written
+            device_map = device_map_text(device_map, max_memory)  # max_memory without device_map="auto": refused
+            check_reachable(map_devices(device_map))
         if offload_dir is not None and device_map is None:  # as EngineOptions and --offload-dir refuse it
             raise ValueError(
                 f"{folder_keyword} is given without a device map: it holds the copies of parts placed on disk; give "
                 "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
             )
-        if device_map is not None:  # before the weights are read and the disk parts written: hours for a large model
-            device_map = device_map_text(device_map, max_memory)
-            check_reachable(map_devices(device_map))
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

@@ -147,14 +147,14 @@ def _entries(text: str) -> list[tuple[str, str, str]]:
 
 
 def device_map_text(
-    device_map: str | int | torch.device | Mapping[str, str | int | torch.device],
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None,
     max_memory: Mapping[str | int, str | int] | None = None,
 ) -> str:
     """A device map as text: as given, a device alone (transformers' device_map=0 or torch.device("cuda:0")), or
     accelerate's dict of module names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device`
     entries; accelerate's device_map="auto" (or "sequential") with its `max_memory` ({0: "10GiB", "cpu": "30GiB"})
     as `auto:` and those budgets, filled in order as its "sequential" fills them; TypeError for another, ValueError
-    for a max_memory beside any other map."""
+    for a max_memory beside any other map or none (device_map None)."""
     if max_memory is not None:
         if device_map not in ("auto", "sequential"):
             raise ValueError(
