@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seekstack.eval.report import EVAL_RESULTS, _evaluation, write_report
+from seekstack.eval.report import EVAL_RESULTS, _evaluation, _fenced, write_report
 from seekstack.eval.samples import conversation_samples
 from seekstack.infer.engine import Engine
 from seekstack.posttrain.conversations import (
@@ -342,7 +342,7 @@ def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(l
     assert "| routed experts | 4 (2 per token) in 1 of 2 layers and the MTP module |" in report
     assert re.search(r"\| LoRA adapter \| rank \d+, alpha [\d.]+: [\d,]+ parameters \([\d.]+% of the base's\)", report)
     for prompt, greedy, _ in demo_samples(merged, max_new_tokens=48):  # the adapter's model, not the base's
-        assert f"```python\n{prompt}{greedy}\n```" in report
+        assert _fenced(prompt + greedy, "python") in report
     for model, out in ((lora_run, tmp_path / "lora_explain"), (merged, tmp_path / "merged_explain")):
         result = CliRunner().invoke(app, ["explain", str(model), "def f(x):", "--out", str(out)])
         assert result.exit_code == 0, result.output
