@@ -725,7 +725,8 @@ def special_token_names(folder: Path) -> dict[str, str | None]:
     """The `bos_token` and `eos_token` a tokenizer in `folder` names, as transformers reads them: its
     tokenizer_config.json's, over which special_tokens_map.json's go where the config lists no
     added_tokens_decoder (older transformers' files); a token given as an AddedToken object by its content, None
-    for one given as null (Qwen's tokenizers name no BOS). DeepSeek's BOS and EOS for a name given nowhere.
+    for one given as null (Qwen's tokenizers name no BOS). DeepSeek's BOS and EOS for a name given nowhere (an
+    AddedToken object without a content names none).
     ValueError naming a file that is not a JSON object."""
     config = read_tokenizer_config(folder / CONFIG_FILE)
     if "added_tokens_decoder" not in config:
@@ -733,7 +734,8 @@ def special_token_names(folder: Path) -> dict[str, str | None]:
     names = {}
     for name, default in (("bos_token", BOS), ("eos_token", EOS)):
         token = config.get(name, default)
-        token = token.get("content") if isinstance(token, dict) else token
+        # an AddedToken object by its content; one without content names no token (not null: it has none)
+        token = token.get("content", default) if isinstance(token, dict) else token
         names[name] = token if isinstance(token, str) or token is None else default
     return names
 

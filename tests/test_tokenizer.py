@@ -40,6 +40,7 @@ from seekstack.tokenizer import (
     USER,
     Tokenizer,
     copy_tokenizer_config,
+    special_token_names,
     train_tokenizer,
 )
 
@@ -641,6 +642,23 @@ def test_a_bos_token_the_tokenizer_lacks_is_named_with_the_file_that_names_it(tm
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "</s>"}))
     with pytest.raises(ValueError, match="no special token '<bos>' \\(its bos_token.*tokenizer_config.json"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_an_added_token_object_without_content_names_no_token_unlike_null(tmp_path):
+    """{"bos_token": {"__type": "AddedToken"}}, an object naming no token, was read as null ("its
+    tokenizer_config.json gives bos_token null"), as if the file said the tokenizer has none: it names none, so
+    DeepSeek's BOS stands, as for a name left out."""
+    path = deepseek_like_tokenizer(tmp_path / "tokenizer.json", [BOS, "</s>"])
+    config = {"bos_token": {"__type": "AddedToken", "special": True}, "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert special_token_names(tmp_path) == {"bos_token": BOS, "eos_token": "</s>"}
+    tokenizer = Tokenizer.from_file(path)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (
+        tokenizer.backend.token_to_id(BOS),
+        tokenizer.backend.token_to_id("</s>"),
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None}))
+    assert special_token_names(tmp_path) == {"bos_token": None, "eos_token": "</s>"}
 
 
 def test_a_bos_token_given_as_null_is_named_as_none_not_as_deepseeks(tmp_path):
