@@ -803,14 +803,11 @@ def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
     """Why the tokenizers library refused `path` (its `error`): another JSON file given for the tokenizer.json (the
     tokenizer_config.json beside it, a model's config.json), a byte-order mark before the JSON, a Git LFS pointer in
     its place, or a tokenizer.json truncated or damaged."""
-    from seekstack.checkpoint.reader import LFS_POINTER  # here alone: the checkpoint reader imports torch
+    from seekstack.checkpoint.reader import LFS_POINTER, LFS_POINTER_FOUND  # here alone: that module imports torch
 
     raw = path.read_bytes()
     if raw.startswith(LFS_POINTER):  # a hub repository cloned without Git LFS, as its weights are
-        return (
-            f"a Git LFS pointer ({len(raw)} bytes), not the tokenizer: the repository was cloned without Git LFS; "
-            "fetch it with `git lfs pull` in the clone, or download the folder with `hf download`"
-        )
+        return LFS_POINTER_FOUND.format(size=len(raw), what="tokenizer", them="it")
     if raw.startswith(codecs.BOM_UTF8):
         return (
             "starts with a UTF-8 byte-order mark, which neither seekstack nor transformers reads in JSON (an editor "

@@ -55,6 +55,11 @@ ACTIVATION_SCALES = ("input_scale", "activation_scale")
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32", "F8_E4M3")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# How a Git LFS pointer in place of a file is told (weights, a tokenizer): its size, what it stands for, the way out.
+LFS_POINTER_FOUND = (
+    "a Git LFS pointer ({size} bytes), not the {what}: the repository was cloned without Git LFS; fetch {them} with "
+    "`git lfs pull` in the clone, or download the folder with `hf download`"
+)
 # The scales compressed-tensors' kv_cache_scheme stores on each attention module (an fp8 KV cache's, static).
 KV_CACHE_SCALES = (".self_attn.k_scale", ".self_attn.v_scale")
 # What a Hugging Face Hub repository id looks like (owner/name), as transformers' from_pretrained takes one.
@@ -115,11 +120,8 @@ def _open_safetensors(path: Path) -> Any:
         return safe_open(path, "pt")
     except SafetensorError as error:
         if is_lfs_pointer(path):
-            raise CheckpointError(
-                f"{path}: a Git LFS pointer ({path.stat().st_size} bytes), not the weights: the repository was cloned "
-                "without Git LFS; fetch them with `git lfs pull` in the clone, or download the folder with "
-                "`hf download`"
-            ) from None
+            pointer = LFS_POINTER_FOUND.format(size=path.stat().st_size, what="weights", them="them")
+            raise CheckpointError(f"{path}: {pointer}") from None
         raise CheckpointError(
             f"{path}: not a valid safetensors file ({error}); it is truncated or damaged: {DAMAGED}"
         ) from None
