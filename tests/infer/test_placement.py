@@ -346,17 +346,23 @@ def test_a_disk_copy_the_storage_refuses_is_named_with_its_size_and_the_offload_
                             "room there or choose another folder with offload_dir=")  # fmt: skip
 
 
-def test_an_offload_folder_that_cannot_be_written_is_refused_naming_offload_dir(model, tmp_path, monkeypatch):
-    """It said "choose another with --offload-dir" to Python callers, who pass offload_dir=."""
-    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
-    folder, mkdir = tmp_path / "read_only", Path.mkdir
+def read_only_folder(monkeypatch, folder: Path) -> Path:
+    """`folder`, in which no folder can be made (Path.mkdir refuses it as a read-only disk does)."""
+    mkdir = Path.mkdir
 
-    def read_only_folder(path, *args, **kwargs):
+    def refusing_mkdir(path, *args, **kwargs):
         if path.is_relative_to(folder):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return mkdir(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only_folder)
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    return folder
+
+
+def test_an_offload_folder_that_cannot_be_written_is_refused_naming_offload_dir(model, tmp_path, monkeypatch):
+    """It said "choose another with --offload-dir" to Python callers, who pass offload_dir=."""
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+    folder = read_only_folder(monkeypatch, tmp_path / "read_only")
     with pytest.raises(OSError) as refused:
         place(copy.deepcopy(model), disk_experts, offload_dir=folder)
     assert str(refused.value) == (
@@ -986,14 +992,7 @@ def test_an_unwritable_offload_folder_is_refused_naming_the_keyword_from_pretrai
     """transformers' offload_folder= (read as offload_dir=) was refused "...; choose another with offload_dir=", a
     keyword the caller never wrote."""
     model_dir(tmp_path / "model")
-    folder, mkdir = tmp_path / "read_only", Path.mkdir
-
-    def read_only_folder(path, *args, **kwargs):
-        if path.is_relative_to(folder):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", read_only_folder)
+    folder = read_only_folder(monkeypatch, tmp_path / "read_only")
     experts_on_disk = {"": "cpu", "model.layers.1.mlp.experts": "disk"}
     with pytest.raises(OSError) as refused:
         Engine.from_pretrained(tmp_path / "model", device_map=experts_on_disk, **{keyword: folder})

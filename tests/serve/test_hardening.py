@@ -207,6 +207,18 @@ def test_stop_strings_are_matched_on_the_unreleased_tail_exactly_as_on_the_whole
                 break
 
 
+def refused_request(engine, tmp_path, path, fields):
+    """The 400 error a completion (or, at the chat path, a chat) of COMPLETION's fields updated by `fields` gets."""
+    body = {**COMPLETION, **fields}
+    if path == "/v1/chat/completions":
+        del body["prompt"]
+
+    async def scenario(client):
+        return await client.post(path, json=body)
+
+    return error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+
+
 @pytest.mark.parametrize(
     ("path", "fields", "param"),
     [
@@ -220,14 +232,7 @@ def test_stop_strings_are_matched_on_the_unreleased_tail_exactly_as_on_the_whole
 def test_an_empty_prompt_or_stop_string_is_refused_by_its_one_rule(engine, tmp_path, path, fields, param):
     """Was: every branch of the field's union failing, "prompt: String should have at least 1 character, got '';
     prompt: Input should be a valid array, got ''"."""
-    body = {**COMPLETION, **fields}
-    if path == "/v1/chat/completions":
-        del body["prompt"]
-
-    async def scenario(client):
-        return await client.post(path, json=body)
-
-    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    error = refused_request(engine, tmp_path, path, fields)
     assert (error["message"], error["param"]) == (
         f"invalid request: {param}: String should have at least 1 character, got ''", param,
     )  # fmt: skip
@@ -249,14 +254,7 @@ def test_a_union_value_is_refused_by_the_branches_that_came_closest_to_matching(
     """Was: every branch's failure, the string's and the list of lists' beside the one that names the entry at fault:
     "prompt: Input should be a valid string, got [[5, 6], [7, 'x']]; prompt.0: Input should be a valid integer, got
     [5, 6]; ... prompt.1.1: Input should be a valid integer, got 'x'" (six messages for one wrong id)."""
-    body = {**COMPLETION, **fields}
-    if path == "/v1/chat/completions":
-        del body["prompt"]
-
-    async def scenario(client):
-        return await client.post(path, json=body)
-
-    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    error = refused_request(engine, tmp_path, path, fields)
     assert error["message"] == f"invalid request: {message}"
     assert error["param"] == message.partition(":")[0]
 
@@ -279,12 +277,8 @@ def test_a_model_branch_of_a_union_is_no_field_of_the_param(engine, tmp_path, fi
     chose by its type: 'tool_choice: Input should be 'none', 'auto' or 'required', got {...};
     tool_choice.NamedToolChoice.function.name: Field required', 'messages.0.content.0.TextPart.text: Field required;
     messages.0.content.0.RefusalPart.type: Input should be 'refusal', got 'text'; ...RefusalPart.refusal: ...'."""
-    body = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **fields}
-
-    async def scenario(client):
-        return await client.post("/v1/chat/completions", json=body)
-
-    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    chat = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    error = refused_request(engine, tmp_path, "/v1/chat/completions", chat)
     assert (error["message"], error["param"]) == (f"invalid request: {message}", message.partition(":")[0])
 
 
