@@ -96,7 +96,7 @@ def demo_samples(
     holding the tokenizer. A prompt whose max_new_tokens do not fit the model's context with it gets the room there
     is, as `generate` caps it, and `notify` hears the engine's notice. ValueError for a prompt that is empty or fills
     the context, naming it by its place among `prompts` ("prompt 2 of 2"), checked here: the engine, handed each prompt
-    twice (greedy and sampled), would number it 0-based among the copies ("prompt 1 of 4"). No prompts give [], as
+    twice (greedy and sampled), would number it among the copies ("prompt 3 of 4"). No prompts give [], as
     `Engine.generate` gives for none, the model not loaded."""
     if not prompts:  # an engine batching none would be refused as max_batch_size=0
         return []

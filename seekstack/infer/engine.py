@@ -1161,7 +1161,7 @@ class Engine:
                     except ValueError as error:  # which of many prompts (a ConfigError names its field: kept as is)
                         if len(prompt_ids) == 1 or isinstance(error, ConfigError):
                             raise
-                        raise ValueError(f"prompt {index} of {len(prompt_ids)}: {error}") from None
+                        raise ValueError(f"prompt {index + 1} of {len(prompt_ids)}: {error}") from None
                     parts[request_id] = []
                     samples[-1].append(request_id)
             with _finished_counter(len(parts), use_tqdm) as count_finished:

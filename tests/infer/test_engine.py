@@ -576,7 +576,7 @@ def test_a_greedy_request_whose_logits_turn_nan_fails_saying_why_instead_of_writ
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
     engine = Engine(model, tokenizer)
     too_long = prompts([engine.max_model_len + 1])[0]
-    with pytest.raises(ValueError, match=r"^prompt 1 of 2: prompt has \d+ tokens, more than max_model_len"):
+    with pytest.raises(ValueError, match=r"^prompt 2 of 2: prompt has \d+ tokens, more than max_model_len"):
         engine.generate([prompts([6])[0], too_long], GREEDY)  # which one, of a batch of many
     assert not engine.waiting and engine.cache.tables == {}
     assert [out.finish_reason for out in engine.step()] == ["abort"] and not engine.has_unfinished()
