@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -45,3 +46,16 @@ def fail_sampling_after(engine, batches: int) -> None:
         return real_sampling_batch(batch)
 
     engine._sampling_batch = sampling_that_fails
+
+
+def read_only_folder(monkeypatch, folder: Path) -> Path:
+    """`folder`, in which no folder can be made (Path.mkdir refuses it as a read-only disk does)."""
+    mkdir = Path.mkdir
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if path.is_relative_to(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    return folder

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from seekstack.infer.chat import (
     run_chat,
 )
 from seekstack.tokenizer import USER
-from tests.infer.support import model_dir
+from tests.infer.support import model_dir, read_only_folder
 
 runner = CliRunner()
 
@@ -394,14 +392,7 @@ def test_disk_parts_are_copied_to_the_offload_dir_given_and_an_unwritable_one_is
 ):
     model, elsewhere = tmp_path / "read_only", tmp_path / "elsewhere"
     shutil.copytree(checkpoint, model)
-    mkdir = Path.mkdir
-
-    def read_only_model_folder(folder, *args, **kwargs):
-        if folder.is_relative_to(model):
-            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
-        return mkdir(folder, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", read_only_model_folder)
+    read_only_folder(monkeypatch, model)
     args = ["generate", "--model", str(model), "def main():", "--temperature", "0", "--max-new-tokens", "6",
             "--ignore-eos", "--dtype", "float32"]  # fmt: skip
     disk = ["--device-map", "*=cpu,layers.*.mlp.experts=disk"]

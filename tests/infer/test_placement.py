@@ -6,13 +6,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import errno
 import fcntl
 import itertools
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +48,7 @@ from seekstack.infer.placement import (
 from seekstack.infer.precision import map_devices
 from seekstack.infer.threads import running_on
 from seekstack.schema import ConfigError
-from tests.infer.support import micro_model, model_dir, tiny_tokenizer
+from tests.infer.support import micro_model, model_dir, read_only_folder, tiny_tokenizer
 
 KTRANSFORMERS_SPLIT = "*=cuda:0,embed_tokens=cpu,layers.*.mlp.experts=cpu"
 
@@ -344,19 +342,6 @@ def test_a_disk_copy_the_storage_refuses_is_named_with_its_size_and_the_offload_
     # the commands' --offload-dir was named to Python callers too (the command's words: test_cli)
     assert message.endswith(f"the offload folder {tmp_path / 'offload'} is full or refuses a file this large; free "
                             "room there or choose another folder with offload_dir=")  # fmt: skip
-
-
-def read_only_folder(monkeypatch, folder: Path) -> Path:
-    """`folder`, in which no folder can be made (Path.mkdir refuses it as a read-only disk does)."""
-    mkdir = Path.mkdir
-
-    def refusing_mkdir(path, *args, **kwargs):
-        if path.is_relative_to(folder):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
-    return folder
 
 
 def test_an_offload_folder_that_cannot_be_written_is_refused_naming_offload_dir(model, tmp_path, monkeypatch):
