@@ -18,7 +18,7 @@ import torch
 
 import seekstack
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from seekstack.infer.outputs import Completion, Logprob
+from seekstack.infer.outputs import Completion, Logprob, TokenLogprob
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
@@ -72,16 +72,26 @@ def test_each_sampled_tokens_logprob_carries_its_rank_as_vllms(model, tokenizer,
 def test_a_tokens_logprobs_read_as_vllms_dict_of_logprob_by_token_id(model, tokenizer):
     """vLLM scripts read `output.logprobs[i][token_id].logprob` (a dict per token: the sampled token's Logprob first,
     then the top k not it, ranked 1..k); a TokenLogprob raised TypeError: 'TokenLogprob' object is not subscriptable."""
-    params = SamplingParams(max_new_tokens=6, seed=1, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    [completion] = Engine(model, tokenizer).generate(prompts([9]), params)
-    for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
-        assert next(iter(entry)) == token and entry[token] == Logprob(entry.logprob, entry.rank, entry.token)
-        ranked = [
-            (token_id, Logprob(logprob, rank, text)) for rank, (token_id, text, logprob) in enumerate(entry.top, 1)
+    top = [(4, "x", -0.5), (9, "y", -1.0)]
+    sampled_past_the_top = TokenLogprob(7, "a", -2.5, top, rank=3)
+    assert list(sampled_past_the_top.items()) == [
+        (7, Logprob(-2.5, 3, "a")),
+        (4, Logprob(-0.5, 1, "x")),
+        (9, Logprob(-1.0, 2, "y")),
+    ]
+    sampled_second = TokenLogprob(9, "y", -1.0, top, rank=2)
+    assert list(sampled_second.items()) == [(9, Logprob(-1.0, 2, "y")), (4, Logprob(-0.5, 1, "x"))]
+    engine = Engine(model, tokenizer)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    for entry in engine.generate(prompts([9]), greedy)[0].logprobs:  # the likeliest token first, rank 1
+        [(second, text, logprob)] = entry.top[1:]
+        assert list(entry.items()) == [
+            (entry.token_id, Logprob(entry.logprob, 1, entry.token)),
+            (second, Logprob(logprob, 2, text)),
         ]
-        alternatives = [(token_id, logprob) for token_id, logprob in ranked if token_id != token]
-        assert list(entry.items())[1:] == alternatives and len(entry) == 1 + len(alternatives)
-    assert any(len(entry) == 3 for entry in completion.logprobs)  # sampled past the likeliest two somewhere
+    params = SamplingParams(max_new_tokens=6, seed=1, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    [completion] = engine.generate(prompts([9]), params)
+    assert any(len(entry) == 3 and entry[entry.token_id].rank > 2 for entry in completion.logprobs)
     first_scored = completion.prompt_logprobs[1]
     assert first_scored[completion.prompt_token_ids[1]].logprob == first_scored.logprob and 1 <= len(first_scored) <= 2
 
