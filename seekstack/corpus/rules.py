@@ -70,11 +70,14 @@ _NOT_PUNCTUATION_OR_SYMBOL = regex.compile(r"[^\p{P}\p{S}]")
 # ॥, Arabic ؟ and Urdu ۔, Armenian ։, Ethiopic ። ፧, Myanmar ။, Khmer ។ ៕, Santali's Ol Chiki ᱾ ᱿, Mongolian ᠃,
 # Meetei Mayek ꯫, Syriac ܂, Canadian syllabics ᙮ and every other script's; and more: closing quotes, each language's
 # (English " ” ' ’, French » ›, German “ ‘ and « ‹, whose »quotes« close with them), the ellipsis …, CJK ；：」』 and
-# Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is judged by its
-# full stops).
+# Tibetan ། (and `GREEK_QUESTION_END`).
 SENTENCE_END_MARK = regex.compile(
     "[\\p{Sentence_Terminal}\"\u201d'\u2019\u00bb\u203a\u201c\u2018\u00ab\u2039\u2026\uff1b\uff1a\u300d\u300f\u0f0d]"
 )
+# Greek's question mark U+037E, which NFC makes ";" (Unicode gives neither the Sentence_Terminal property, and
+# datatrove's TERMINAL_PUNCTUATION holds neither): Greek writes its semicolon as the ano teleia `·`, so a ";" right
+# after a Greek letter ends a question (`Πού είναι η βιβλιοθήκη;`); after anything else it is a semicolon.
+GREEK_QUESTION_END = regex.compile("\\p{Greek}[;\u037e]\\Z")
 
 
 # What may follow a sentence's end on its line without leaving the sentence open: closing parentheses (`(It rained.)`
@@ -528,10 +531,11 @@ def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
 
 
 def ends_sentence(line: str) -> bool:
-    """Whether the line ends a sentence: its last mark is a `SENTENCE_END_MARK`, after which only closing
+    """Whether the line ends a sentence: its last mark is a `SENTENCE_END_MARK` (or Greek's question mark after a
+    Greek letter), after which only closing
     brackets, citation or footnote marks and emoji may come (`...in 1850.[3]`, `(It rained.)`, `Done! 🎉`)."""
     tail = _AFTER_SENTENCE_END.sub("", line.rstrip()[-SENTENCE_END_TAIL_CHARS:])
-    return SENTENCE_END_MARK.fullmatch(tail[-1:]) is not None
+    return SENTENCE_END_MARK.fullmatch(tail[-1:]) is not None or GREEK_QUESTION_END.search(tail) is not None
 
 
 @dataclass(frozen=True)

@@ -505,6 +505,10 @@ def test_hebrew_or_arabic_lines_ending_in_a_stop_then_a_direction_mark_end_sente
         "ᠮᠣᠩᠭᠣᠯ ᠪᠢᠴᠢᠭ ᠪᠣᠯ ᠮᠣᠩᠭᠣᠯ ᠬᠡᠯᠡ ᠶᠢᠨ ᠪᠢᠴᠢᠭ ᠮᠥᠨ᠃",  # Mongolian in its own script
         "ꯃꯩꯇꯩꯂꯣꯟ ꯑꯁꯤ ꯃꯅꯤꯄꯨꯔꯒꯤ ꯂꯣꯟ ꯑꯃꯅꯤ꯫",  # Manipuri in Meetei Mayek
         "ܠܫܢܐ ܣܘܪܝܝܐ ܗܘ ܠܫܢܐ ܥܬܝܩܐ܂",  # Syriac
+        "នេះជាសៀវភៅរបស់ខ្ញុំ៕",  # Khmer's bariyoosan, which ends a text or chapter
+        # Greek's question mark U+037E, ";" after NFC: its questions failed
+        "Πού είναι η βιβλιοθήκη\u037e",
+        "Τι ώρα φεύγει το τρένο για την Αθήνα;",
     ],
 )
 def test_a_sentence_ended_in_its_scripts_full_stop_or_question_mark_is_a_terminal_line(sentence: str) -> None:
@@ -555,6 +559,12 @@ def test_a_citation_or_emoji_after_no_sentence_end_leaves_the_line_unended() -> 
     assert fails("terminal_line_fraction", "\n".join(menu * 4), ProseRules())
     attributes = ['#[cfg(target_family = "unix")]', '#[link(name = "m")]', "外部函数接口"]
     assert fails("terminal_line_fraction", "\n".join(attributes * 4), ProseRules())
+
+
+def test_a_semicolon_ends_no_sentence_but_after_a_greek_letter() -> None:
+    """Greek's question mark is ";" after NFC; after a Latin letter, a quote or a bracket ";" is a semicolon."""
+    clauses = ["The trains ran late;", 'name = "Αθήνα";', "Η ώρα (14:00);", "Ώρα: 14;"]
+    assert fails("terminal_line_fraction", "\n".join(clauses * 4), ProseRules())
 
 
 def _long_sentences(seed: int, sentences: int) -> list[str]:
