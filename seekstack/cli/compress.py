@@ -59,8 +59,9 @@ def quantize_command(
         list[str] | None,
         typer.Option(
             help="Layer pattern left in float (repeatable; replaces the default: lm_head; --keep '' keeps none, "
-            "lm_head quantized too): our names (layers.1.mlp.experts, mtp.0.block.mlp.experts, *.o_proj) or the "
-            "checkpoint's (model.layers.1.mlp.experts); one matching no layer is refused"
+            "lm_head quantized too, but fp8 keeps lm_head and the MTP eh_proj whatever it says): our names "
+            "(layers.1.mlp.experts, mtp.0.block.mlp.experts, *.o_proj) or the checkpoint's "
+            "(model.layers.1.mlp.experts); one matching no layer is refused"
         ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
@@ -95,8 +96,8 @@ def quantize_command(
 ) -> None:
     """Quantize a checkpoint's weights; the output loads in generate/chat/serve and runs on low-bit kernels.
 
-    Always high precision: embedding, router gates, norms, kv_b_proj (absorbed by MLA). By default also lm_head,
-    and with fp8 the MTP eh_proj, as DeepSeek-V3's FP8 release."""
+    Always high precision: embedding, router gates, norms, kv_b_proj (absorbed by MLA). By default also lm_head
+    (with fp8 always, and the MTP eh_proj, as DeepSeek-V3's FP8 release)."""
     from seekstack.compress.adaptive import SMALLEST_BITS
     from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
     from seekstack.schema import load_config

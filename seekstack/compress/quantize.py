@@ -5,8 +5,9 @@ What stays in the model's dtype, always: the embedding, the router gate (`mlp.ga
 tiny), the norms and biases, and `kv_b_proj` (MLA's decode path absorbs it as a matrix, W^UK and W^UV; vLLM also
 keeps it unquantized). By default also `lm_head` (the vocabulary projection decides every token; DeepSeek's FP8
 release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces the
-default lm_head (an empty one keeps none; fp8 keeps eh_proj regardless); `layers` assigns a scheme per layer (what
-adaptive precision writes).
+default lm_head (an empty one keeps none; fp8 keeps lm_head and eh_proj regardless, as that format's readers take
+them in float: vLLM builds the head unquantized, transformers leaves it out of its fp8 layers); `layers` assigns a
+scheme per layer (what adaptive precision writes).
 Layer names are fnmatch patterns, of our names (`lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`) or of the
 checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); one that names no layer is refused.
 """
@@ -41,7 +42,7 @@ from seekstack.schema import ConfigError, Positive, recheck, require
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
 DEFAULT_KEEP = ("lm_head",)
-FP8_KEEP = ("mtp.*.eh_proj",)
+FP8_KEEP = ("lm_head", "mtp.*.eh_proj")  # float in DeepSeek's FP8 release, and where vLLM, transformers read them
 INT4_GROUPS = (32, 64, 128, 256)  # QuantConfig.group_size's values, as torch's int4 CPU kernel takes them
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 import seekstack
@@ -408,6 +409,22 @@ def test_an_empty_keep_keeps_no_layer_but_the_always_kept_and_quantizes_the_head
         "mtp.0.block.self_attn.kv_b_proj",
     }  # fmt: skip
     assert isinstance(seekstack.load_pretrained(tmp_path / "q").lm_head, QuantizedLinear)
+
+
+def test_an_empty_keep_with_fp8_still_keeps_the_head_in_float_as_deepseeks_fp8_release(tmp_path):
+    """vLLM builds a DeepSeek fp8 head unquantized and transformers reads it as a plain layer: an fp8 head with a
+    weight_scale_inv would be misread by both, so fp8 keeps lm_head (and the MTP eh_proj) whatever --keep says."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme",
+                                      "fp8", "--keep", "", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assignment = json.loads(result.output)["assignment"]
+    assert {name for name, how in assignment.items() if how == "kept"} == {"lm_head", "mtp.0.eh_proj"}
+    assert assignment["layers.0.self_attn.o_proj"] == "fp8"
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as stored:
+        head = [(key, stored.get_slice(key).get_dtype()) for key in stored.keys() if key.startswith("lm_head.")]
+    assert head == [("lm_head.weight", "F32")]
+    assert type(seekstack.load_pretrained(tmp_path / "q").lm_head) is torch.nn.Linear
 
 
 def test_quantize_to_fp8_prints_a_note_on_layers_transformers_reads_with_other_blocks(tmp_path):
