@@ -310,19 +310,35 @@ def byte_level_bytes(piece: str) -> bytes | None:
     return bytes(BYTE_OF_CHARACTER[character] for character in piece)
 
 
-def _token_ids(ids: Iterable[int]) -> list[int]:
+MAX_TOKEN_ID = 2**32 - 1  # the largest id Hugging Face tokenizers reads (a u32)
+
+
+def _token_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     """`ids` as ints, numpy and torch integer scalars as the ints they equal (they hash unlike them); TypeError naming
     the first that is not an integer and its position (1.5, "3", a float tensor's), as Hugging Face tokenizers' decode
-    refuses it, where int() would have decoded 1.5 as id 1."""
+    refuses it, where int() would have decoded 1.5 as id 1; ValueError naming the first that is negative or past
+    `MAX_TOKEN_ID`, where tokenizers raises a bare OverflowError ("number too small to fit in target type")."""
     token_ids = []
     for position, token_id in enumerate(ids):
         try:
-            token_ids.append(operator.index(token_id))
+            token_id = operator.index(token_id)
         except TypeError:
             raise TypeError(
                 f"token id {token_id!r} at position {position} is not an integer: give the integer ids the tokenizer "
                 "gave (a float tensor of ids converted back with .long())"
             ) from None
+        if token_id < 0:
+            raise ValueError(
+                f"token id {token_id} at position {position} is negative: the tokenizer's ids are 0 to "
+                f"{vocab_size - 1} (labels of -100, the positions no loss is taken on, are no tokens: leave them out)"
+            )
+        if token_id > MAX_TOKEN_ID:
+            raise ValueError(
+                f"token id {token_id} at position {position} is past any vocabulary: the tokenizer's ids are 0 to "
+                f"{vocab_size - 1}, and ids past them up to {MAX_TOKEN_ID} (a model's vocabulary padded past the "
+                "tokenizer's) decode to nothing"
+            )
+        token_ids.append(token_id)
     return token_ids
 
 
@@ -474,8 +490,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`, special tokens kept as their strings (left out with `skip_special_tokens`, as transformers'
         and vLLM's tokenizers take it) and added tokens as their own text; ids the tokenizer does not have (a model's
-        vocabulary padded past it) give none; TypeError for an id that is not an integer (`_token_ids`)."""
-        ids = _token_ids(ids)
+        vocabulary padded past it) give none; TypeError for an id that is not an integer, ValueError for a negative one
+        (`_token_ids`)."""
+        ids = _token_ids(ids, self.vocab_size)
         if skip_special_tokens:
             ids = [token_id for token_id in ids if token_id not in self.special_ids]
         if self._misread_added.keys().isdisjoint(ids):

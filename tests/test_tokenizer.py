@@ -35,6 +35,7 @@ from seekstack.tokenizer import (
     ASSISTANT,
     BOS,
     EOS,
+    MAX_TOKEN_ID,
     PAD,
     SPECIAL_TOKENS,
     USER,
@@ -326,6 +327,23 @@ def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_
         assert str(refused.value).startswith(f"token id {shown} at position 2 is not an integer")
     with pytest.raises(TypeError, match="at position 0 is not an integer"):
         tokenizer.decode(torch.tensor(ids, dtype=torch.float32))
+
+
+def test_decode_refuses_a_negative_id_naming_it_and_the_vocabulary_where_hf_tokenizers_overflows(trained):
+    """tokenizers' decode([-100]) raises a bare OverflowError; an id past the vocabulary decodes to nothing in both
+    (a model's vocabulary padded past the tokenizer's), up to the largest id tokenizers reads."""
+    tokenizer, _ = trained
+    ids = tokenizer.encode("print(1)")
+    for bad in (-1, -100, torch.tensor(-100)):
+        with pytest.raises(ValueError) as refused:
+            tokenizer.decode([*ids[:2], bad, *ids[2:]])
+        assert str(refused.value) == (
+            f"token id {int(bad)} at position 2 is negative: the tokenizer's ids are 0 to 999 (labels of -100, the "
+            "positions no loss is taken on, are no tokens: leave them out)"
+        )
+    assert tokenizer.decode([*ids, tokenizer.vocab_size, MAX_TOKEN_ID]) == tokenizer.decode(ids) == "print(1)"
+    with pytest.raises(ValueError, match=r"^token id 4294967296 at position 0 is past any vocabulary: .* 0 to 999,"):
+        tokenizer.decode([MAX_TOKEN_ID + 1])
 
 
 def test_chat_renders_deepseek_v3_string_exactly(trained):
