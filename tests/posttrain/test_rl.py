@@ -80,6 +80,53 @@ def test_async_rollouts_sample_each_batch_with_the_weights_before_the_last_updat
     assert source.ahead is None  # the third step is the last
 
 
+def test_async_rollouts_at_two_iterations_take_each_ratio_against_the_weights_that_sampled_the_batch(
+    tmp_path, monkeypatch
+):
+    """async_rollouts with num_iterations=2 through the trainer: every step's ratio, the second iteration's too, is
+    taken against the log-probabilities of the weights that sampled its batch (as TRL's old_per_token_logps), never
+    against the weights being trained. Batch k + 1 starts as batch k is taken, so it is num_iterations updates
+    behind when first trained on: batches 0 and 1 are the starting weights', batch 2 those after two updates."""
+    step = torch.optim.AdamW.step
+
+    def moving_step(optimizer, *args, **kwargs):  # an update that surely moves the weights, whatever the rewards
+        result = step(optimizer, *args, **kwargs)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        return result
+
+    trained: list[tuple[dict, dict]] = []  # each step's (weights being trained, batch)
+    loss = GRPOSource.loss
+
+    def recording_loss(self, model, batch, mtp_loss_weight):
+        trained.append((copy.deepcopy(model.state_dict()), batch))
+        return loss(self, model, batch, mtp_loss_weight)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", moving_step)
+    monkeypatch.setattr(GRPOSource, "loss", recording_loss)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, "async_rollouts=true", "num_iterations=2", "max_steps=6"]
+    run_rl(resolve_train_config(None, [*config, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
+    policy = load_pretrained(model_dir, dtype=torch.float32).eval()  # the sampler's mode
+
+    def logps(weights: dict, batch: dict) -> torch.Tensor:
+        policy.load_state_dict(weights)
+        with torch.no_grad():
+            return completion_logps(policy, batch["rollout"], 1.0, torch.device("cpu"))[0]
+
+    start = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    sampled_by = [start, start, start, start, trained[2][0], trained[2][0]]  # steps 0-5: the weights before update k
+    batches = [batch for _, batch in trained]
+    assert [id(batch) for batch in batches[::2]] == [id(batch) for batch in batches[1::2]]  # each trained twice
+    assert len({id(batch) for batch in batches}) == 3
+    for index, ((weights, batch), sampling) in enumerate(zip(trained, sampled_by, strict=True)):
+        assert torch.allclose(batch["old_logps"], logps(sampling, batch), atol=1e-6), index
+        if index % 2:  # the second iteration: the weights trained have moved off the sampling ones
+            assert not torch.allclose(batch["old_logps"], logps(weights, batch), atol=1e-3), index
+
+
 def slow_rollouts(monkeypatch, seconds: float) -> None:
     """Each rollout takes `seconds` more than it would: slower than a micro model's training step, whatever the load."""
     sample_groups = rl.sample_groups
