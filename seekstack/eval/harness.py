@@ -36,7 +36,7 @@ from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import BOS, Tokenizer
+from seekstack.tokenizer import Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -236,10 +236,11 @@ class SeekstackLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: object) -> list[int]:
         """Token ids of `string` as the HF backend encodes them: framed by the tokenizer's post-processor unless
         `add_special_tokens` (when None: the model arg `add_bos_token`) is False or, `add_special_tokens` None, the
-        string already starts with BOS (a rendered chat): a DeepSeek release's puts BOS first
-        (`Tokenizer.encode_prompt`), seekstack's own tokenizers add nothing."""
+        string already starts with the tokenizer's BOS (a rendered chat: DeepSeek's, or the `<s>` a Llama-style
+        tokenizer_config.json names): a DeepSeek release's puts BOS first (`Tokenizer.encode_prompt`), seekstack's
+        own tokenizers add nothing."""
         if add_special_tokens is None:
-            add_special_tokens = False if string.startswith(BOS) else self.add_bos_token
+            add_special_tokens = False if string.startswith(self.tokenizer_.bos_token) else self.add_bos_token
         if add_special_tokens is False:
             return self.tokenizer_.encode(string)
         return self.tokenizer_.encode_prompt(string)

@@ -336,6 +336,42 @@ def test_apply_chat_template_renders_as_transformers_renders_the_checkpoints_tem
     assert ours.apply_chat_template(messages, add_generation_prompt=not gen_prefix) == expected
 
 
+def test_a_chat_rendered_with_a_llama_style_bos_is_encoded_with_that_bos_once_as_lm_evals_hf_backend_does(
+    checkpoint, tmp_path
+):
+    """A tokenizer whose tokenizer_config.json names `<s>` its BOS, put first by its post-processor and by its chat
+    template: the rendered chat already starts with it, so it is not framed again (tok_encode looked for DeepSeek's
+    BOS alone and read [<s>, <s>, ...])."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from tests.infer.support import VOCAB
+    from tests.test_tokenizer import stdlib_texts
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    backend.train_from_iterator(stdlib_texts(100_000), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", special_tokens=[("<s>", 0)])
+    backend.save(str(folder / "tokenizer.json"))
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template + "assistant:"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours = SeekstackLM(pretrained=folder, batch_size=2, max_gen_toks=32)
+    theirs = HFLM(pretrained=str(folder), device="cpu", batch_size=2, dtype="float32")
+    chat = ours.apply_chat_template(CHAT[1:2])
+    assert chat == "<s>user: What is 1+1?\nassistant:"
+    assert ours.tok_encode(chat) == theirs.tok_encode(chat) == [0, *ours.tokenizer_.encode(chat.removeprefix("<s>"))]
+    pairs = requests("loglikelihood", [(chat, " 2")])
+    [(our_logprob, _)], [(their_logprob, _)] = ours.loglikelihood(pairs), theirs.loglikelihood(pairs)
+    assert our_logprob == pytest.approx(their_logprob, abs=ATOL)
+
+
 def test_chat_template_is_the_one_checkpoints_ship_and_the_tokenizer_name_is_a_file_name(checkpoint, ours):
     assert ours.chat_template(True) == transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template
     assert ours.chat_template(False) is None
