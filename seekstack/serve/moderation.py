@@ -290,20 +290,22 @@ class HeldLogprobs:
     and never when the text was blocked, redacted or cut at a stop string.
 
     The choice's tokens are decoded again (as the engine does) to place each token's text in the generated text; a
-    token whose text appears only with a later one (part of a UTF-8 character, a skipped special token) takes
-    that one's place."""
+    token whose text appears only with a later one's (part of a UTF-8 character, a skipped special token) ends where
+    its bytes reach in that text, a character it holds part of counting whole."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool):
         self.decoded = TextStream(tokenizer, (), skip_special_tokens)
         self.length = 0  # characters of generated text placed
-        self.unplaced: list[TokenLogprob] = []  # tokens whose text has not appeared yet
+        # tokens whose text has not appeared yet, each with the characters of the held text its bytes reach
+        self.unplaced: list[tuple[TokenLogprob, int]] = []
         self.pending: deque[tuple[int, int, TokenLogprob]] = deque()  # (start, end) of each token's text, its entry
 
     def add(self, entries: list[TokenLogprob], final: bool = False) -> None:
         """Place the entries of newly generated tokens (with `final`, also whatever has not appeared by the end)."""
         for entry in entries:
             piece, _ = self.decoded.push(entry.token_id)
-            self.unplaced.append(entry)
+            held = piece or self.decoded._new_text()  # decoded lossily: a part of a character reads as one U+FFFD
+            self.unplaced.append((entry, len(held)))
             if piece:
                 self._place(len(piece))
         if final:
@@ -321,7 +323,7 @@ class HeldLogprobs:
 
     def _place(self, length: int) -> None:
         start, self.length = self.length, self.length + length
-        self.pending.extend((start, self.length, entry) for entry in self.unplaced)
+        self.pending.extend((start, min(start + reach, self.length), entry) for entry, reach in self.unplaced)
         self.unplaced = []
 
 

@@ -189,6 +189,22 @@ def test_logprobs_go_out_with_their_text_and_never_for_redacted_or_blocked_text(
     assert ", you stupid person, or build a " in tokens and "pi" not in tokens.split("build a ")[1]  # blocked
 
 
+def test_a_tokens_logprob_goes_out_with_its_own_text_though_that_came_with_the_next_tokens(model_dir):
+    """A byte of a UTF-8 character, whose text ("\ufffd" for a lone one) appears only with the next token's, took
+    that token's place: a stop string inside the next token ("\ufffdq" shown of "\ufffdquick") cut both entries,
+    the logprobs short of the text. Each token now ends where its bytes reach, a character it holds part of whole."""
+    tokenizer = Tokenizer.from_file(model_dir)
+    byte = tokenizer.backend.token_to_id("\u00e2")  # the byte-level alphabet's 0xE2, a 3-byte character's lead
+    texts = ["qu", "ick"]
+    for prefix in ([byte], tokenizer.encode("\u20ac")):  # a lone byte (U+FFFD), then the three bytes of €
+        ids = [*prefix, *(tokenizer.backend.token_to_id(text) for text in texts)]
+        assert tokenizer.decode(ids) == tokenizer.decode(prefix) + "quick"
+        held = HeldLogprobs(tokenizer, False)
+        held.add([TokenLogprob(token, tokenizer.decode([token]), -1.0, []) for token in ids], final=True)
+        assert [entry.token_id for entry in held.release(2)] == prefix  # the character and "q" shown
+        assert [entry.token_id for entry in held.release(6)] == ids[len(prefix) :]
+
+
 def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_dir, policy, tmp_path):
     engine = Engine.from_pretrained(model_dir)
     database = open_database(tmp_path / "db")
