@@ -1101,6 +1101,18 @@ def test_a_gsm8k_answer_is_its_reasoning_as_the_trace_and_the_number_after_its_m
     assert (two.answer, two.trace) == ("2", "")
 
 
+def test_a_gsm8k_traces_calculator_annotations_are_dropped_as_gsm8ks_authors_say_to_train_without_a_calculator(
+    tmp_path,
+):
+    """GSM8K's answers carry calculator annotations ("48/2 = <<48/2=24>>24"), which its authors' calculator ran at
+    sampling time; they stayed in the trace, so sft taught a model to write marks nothing runs. The trace drops them
+    (GSM8K's README: remove any string that starts with << and ends with >>); the gold is unchanged."""
+    answer = "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn all $48+24 = $<<48+24=72>>72.\n#### 72"
+    lines = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?", "answer": answer}]
+    (clips,) = make_task(problems_file(tmp_path / "gsm8k.jsonl", lines)).problems
+    assert (clips.answer, clips.trace) == ("72", "In May she sold 48/2 = 24 clips.\nIn all $48+24 = $72.")
+
+
 @pytest.mark.parametrize(
     ("gold", "right", "wrong"),
     [("(3, -2)", ["\\boxed{(3, -2)}", "$\\left( 3, -\\frac{4}{2} \\right)$", "(3.0,-2)"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,9 @@ LINE_FORMAT = (
 # dataset's and NuminaMath's, whose `solution` TRL's accuracy_reward verifies against (its final \boxed{...})
 QUESTION_FIELDS = ("question", "problem")
 ANSWER_FIELDS = ("answer", "solution")
+# GSM8K's calculator annotations ("48/2 = <<48/2=24>>24"), which its authors' calculator ran at sampling time; the
+# engine runs none, so they are dropped from a trace, as GSM8K's README says to train without one
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 
 
 def is_problems_file(name: str) -> bool:
@@ -106,8 +110,11 @@ def _problem(record: Any, where: str) -> Problem:
             "sympy, are not compared here: a task whose answers are such is a class of your own (module:Class)"
         )
     if isinstance(answer, str) and (answer_field == "solution" or GSM8K_MARKER in answer):
-        # worked out: its reasoning (a MATH solution whole, a GSM8K answer up to its "#### 72"), then its final answer
-        reasoning = answer.rpartition(GSM8K_MARKER)[0] if GSM8K_MARKER in answer else answer
+        # worked out: its reasoning (a MATH solution whole, a GSM8K answer up to its "#### 72", less its calculator
+        # annotations), then its final answer
+        reasoning = answer
+        if GSM8K_MARKER in answer:
+            reasoning = CALCULATOR_ANNOTATION.sub("", answer.rpartition(GSM8K_MARKER)[0])
         return Problem(question, question, final_answer(answer), reasoning.strip(), _data(gold))
     return Problem(question, question, str(answer), "", _data(gold))
 
