@@ -55,8 +55,8 @@ def data_build(
     val_fraction: Annotated[
         float | None,
         typer.Option(
-            help="Fraction of documents held out for validation (at least one when above 0; 0: none); default 0.01, "
-            "or the --config file's"
+            help="Fraction of documents held out for validation (at least one when above 0 and 2 or more are kept; "
+            "0: none); default 0.01, or the --config file's"
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes for the per-document work; 0: one per CPU core")] = 0,
@@ -89,6 +89,12 @@ def data_build(
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
+    if report.val_documents == 0 and cleaning.val_fraction > 0:  # one kept: holding it out would leave train none
+        typer.echo(
+            f"warning: {out}/val.jsonl holds no documents: the build kept {report.documents_kept:,} and "
+            f"val_fraction={cleaning.val_fraction} held none out (one is, of 2 or more); `seekstack train` evaluates "
+            "on val and refuses an empty one: add documents, or train with eval_every=0"
+        )
 
 
 @data_app.command("tokenize")
