@@ -335,6 +335,26 @@ def test_a_transform_config_rotating_activations_at_run_time_is_refused_and_fuse
         )
 
 
+def test_a_transform_config_alone_of_fused_rotations_loads_as_the_float_weights_it_stores(tmp_path):
+    """compressed-tensors' ModelCompressor writes a model rotated but not quantized (SpinQuant's or QuIP's fused
+    rotations alone) as a quantization_config of a transform_config and no format nor config_groups, which
+    transformers' CompressedTensorsConfig reads as format "dense". It was refused as "unsupported quantization_config
+    (quant_method='compressed-tensors')", saying nothing of why; it loads as the float weights it holds."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.transform import TransformConfig
+
+    model = Transformer(micro_config(**SHAPES)).eval()
+    seekstack.save_pretrained(model, tmp_path / "rotated")
+    transforms = TransformConfig.model_validate(quip_transform_config("weight_input"))
+    ModelCompressor(transform_config=transforms).update_config(str(tmp_path / "rotated"))
+    assert "format" not in json.loads((tmp_path / "rotated" / "config.json").read_text())["quantization_config"]
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    for dequantize in (False, True):
+        loaded = seekstack.load_pretrained(tmp_path / "rotated", dequantize=dequantize).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("sparse_format", ["dense", "sparse-24-bitmask"])
 def test_weights_compressed_by_a_sparsity_config_are_refused_and_sparse_dense_ones_load(tmp_path, sparse_format):
     """A compressed-tensors checkpoint whose sparsity_config stores its weights compressed (llm-compressor's 2:4

@@ -161,7 +161,10 @@ class CheckpointReader:
             _refuse_sparse_compression(quantization.get("sparsity_config") or {}, directory / CONFIG_FILE)
             method = quantization.get("quant_method", "fp8")
             fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
-            compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
+            # no format: dense, as transformers' CompressedTensorsConfig reads it (a transform_config alone, its
+            # rotations fused into float weights, is written so by compressed-tensors' ModelCompressor)
+            stored = quantization.get("format", "dense")
+            compressed = method == "compressed-tensors" and stored in COMPRESSED_TENSORS_FORMATS
             if not (fp8 or compressed):
                 raise CheckpointError(
                     f"{directory / CONFIG_FILE}: unsupported quantization_config "
