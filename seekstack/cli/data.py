@@ -103,7 +103,11 @@ def data_tokenize(
     tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or its folder")],
     out: Annotated[Path, typer.Option(help="Folder for the token shards and their index")] = Path("data/tokens"),
     buckets: Annotated[
-        bool, typer.Option(help="Also write train_easy/medium/hard by difficulty (zlib ratio), for a curriculum")
+        bool,
+        typer.Option(
+            help="Also write train_easy/medium/hard by difficulty (zlib ratio, which ranks short documents harder: "
+            "easy is long and regular, hard short and dense), for a curriculum"
+        ),
     ] = False,
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
