@@ -425,6 +425,10 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
             "chat message 1 content must be a string or a list of text parts, got null",
         ),
         (
+            {"role": "assistant"},
+            "chat message 1 has no 'content' key: an assistant message leaves it out only when it calls tools",
+        ),
+        (
             {"role": "user", "content": "smile \ud83d"},  # written as the JSON escape "\\ud83d", its pair missing
             r"chat message 1 content holds '\\ud83d' at character 6: half of a surrogate pair",
         ),
