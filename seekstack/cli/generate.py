@@ -72,7 +72,10 @@ RepetitionPenalty = Annotated[
 ]
 PresencePenalty = Annotated[float, typer.Option(help="OpenAI presence penalty, -2..2")]
 FrequencyPenalty = Annotated[float, typer.Option(help="OpenAI frequency penalty, -2..2")]
-Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
+Seed = Annotated[
+    int | None,
+    typer.Option(help="Seed of the sampling; the same seed gives the same text; -1: a new one each run (llama-cli's)"),
+]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
 DraftTokens = Annotated[
     int, typer.Option(help="With --speculative: tokens the MTP module drafts per step (past 1 it drafts again)")

@@ -55,7 +55,9 @@ def parse_bytes(text: str) -> int:
     return int(size)
 
 
-VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs")
+VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs", "seed")
+RANDOM_SEED = -1  # vLLM's seed=-1 (and llama-cli's --seed -1): no seed, each run samples anew
+MAX_SEED = 2**64  # torch's seeds and SeededUniforms' are taken modulo 2**64: seed s and s + 2**64 draw alike
 
 
 class _NotGiven:
@@ -76,9 +78,11 @@ def min_tokens_limit(length_name: str, length: int) -> str:
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
-    stop string, logprobs=k (logprobs=True with top_logprobs=k); ConfigError naming the field when one is out of range
-    or contradicts another given."""
+    stop string, logprobs=k (logprobs=True with top_logprobs=k), seed=-1 (no seed, as vLLM's); ConfigError naming the
+    field when one is out of range or contradicts another given."""
     values = dict(values)
+    if type(values.get("seed")) is int and values["seed"] == RANDOM_SEED:
+        values["seed"] = None
     max_tokens = values.pop("max_tokens", NOT_GIVEN)
     if max_tokens is not NOT_GIVEN:
         max_new_tokens = values.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -127,8 +131,9 @@ class SamplingParams:
     allowed_token_ids: tuple[Annotated[int, Ge(0)], ...] | None = None
     # as vLLM's: the prompt's last k tokens alone (left truncation); -1: its last max_model_len; None: all of it
     truncate_prompt_tokens: Annotated[int, Ge(-1)] | None = None
-    # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64)
-    seed: Annotated[int, Interval(ge=-(2**63), lt=2**64)] | None = None
+    # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64);
+    # -1, as vLLM's (llama-cli's --seed -1): None, a new seed each run
+    seed: Annotated[int, Interval(ge=-(2**63), lt=MAX_SEED)] | None = None
     stop_token_ids: tuple[Annotated[int, Ge(0)], ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
     stop: tuple[Annotated[str, MinLen(1)], ...] = ()  # matched on detokenized text (may span tokens); not in the output
     include_stop_str_in_output: bool = False  # True: the text ends with the stop string found, as vLLM's
@@ -199,10 +204,11 @@ class SamplingParams:
 
     def samples(self) -> list[SamplingParams]:
         """The parameters of each of the n samples, one apiece: sample i seeded seed + i (wrapped within torch's seed
-        range), as the server seeds a request's choices; unseeded ones each take their own seed."""
-        seeds = [None if self.seed is None else self.seed + i - (2**64 if self.seed + i >= 2**64 else 0)
+        range; a -1 as 2**64 - 1, its same draws, not vLLM's random seed), as the server seeds a request's choices;
+        unseeded ones each take their own seed."""
+        seeds = [None if self.seed is None else self.seed + i - (MAX_SEED if self.seed + i >= MAX_SEED else 0)
                  for i in range(self.n)]  # fmt: skip
-        return [dataclasses.replace(self, n=1, seed=seed) for seed in seeds]
+        return [dataclasses.replace(self, n=1, seed=MAX_SEED - 1 if seed == RANDOM_SEED else seed) for seed in seeds]
 
     @property
     def greedy(self) -> bool:

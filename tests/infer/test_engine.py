@@ -191,6 +191,22 @@ def test_unseeded_sampled_requests_repeat_after_the_same_torch_manual_seed(model
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_seed_minus_one_is_no_seed_as_vllms_and_llama_clis(model, tokenizer):
+    """seed=-1 was a fixed seed, the same text each run, where vLLM's SamplingParams reads it as None (and llama-cli's
+    --seed -1 as a random seed): it now samples as an unseeded request, anew after another torch seed. A sample whose
+    seed + i is -1 keeps it, as vLLM's n samples do, as 2**64 - 1 (the same draws)."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams.from_dict({"seed": -1}).seed is None
+    assert [sample.seed for sample in SamplingParams(seed=-3, n=4).samples()] == [-3, -2, 2**64 - 1, 0]
+    engine, [prompt] = Engine(model, tokenizer), prompts([6])
+    runs = {}
+    for seed, torch_seed in ((-1, 3), (None, 3), (-1, 4), (2**64 - 1, 3), (2**64 - 1, 4)):
+        torch.manual_seed(torch_seed)
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed, ignore_eos=True)
+        runs[seed, torch_seed] = engine.generate([prompt], params)[0].token_ids
+    assert runs[-1, 3] == runs[None, 3] and runs[-1, 4] != runs[-1, 3]
+    assert runs[2**64 - 1, 3] == runs[2**64 - 1, 4] != runs[-1, 3]
+
+
 def test_n_samples_of_each_prompt_come_back_as_its_outputs_as_vllm_returns_them(model, tokenizer):
     """SamplingParams took no n (TypeError: unexpected keyword argument 'n'): a vLLM user's n samples of a prompt took
     a prompt repeated n times and a seed per copy. Sample i is seeded seed + i, as the server seeds its choices."""
