@@ -114,6 +114,34 @@ def test_readme_tells_how_to_install_each_extra():
     assert [name for name in extras if f"pip install '.[{name}]'" not in readme] == []
 
 
+def test_readme_layout_names_each_module_and_package_as_the_tree_holds_them():
+    """README's Layout lists every top-level module and package of seekstack/, and every file of a package it lists
+    the files of (checkpoint/, model/), and nothing the tree lacks: a module added or removed shows up here. It gives
+    no line counts, which went stale with each commit (schema.py [456] beside its 565 lines)."""
+    repository = Path(__file__).resolve().parents[1]
+    readme = (repository / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed: dict[str, set[str]] = {"": set()}
+    package = ""
+    for indent, name, cpp in re.findall(r"^( {2}| {4})([\w.]+/?)( \+ \.cpp)?(?=\s|$)", layout, re.MULTILINE):
+        if indent == "  ":
+            listed[""].add(name)
+            package = name
+        else:
+            listed.setdefault(package, set()).update({name, name.replace(".py", ".cpp")} if cpp else {name})
+    source = repository / "seekstack"
+    assert not re.search(r"\[[\d,]+\]", layout)
+    assert listed.pop("") == {
+        path.name + "/" * path.is_dir()
+        for path in source.iterdir()
+        if (path.suffix == ".py" and not path.name.startswith("__")) or (path.is_dir() and any(path.glob("*.py")))
+    }
+    assert set(listed) == {"checkpoint/", "model/"}
+    for package, names in listed.items():
+        files = {path.name for path in (source / package).iterdir() if path.suffix in (".py", ".cpp")}
+        assert names == files - {"__init__.py"}, package
+
+
 # torch APIs seekstack uses and the torch release that first has them: the floor pyproject declares must reach them.
 TORCH_APIS = {
     "torch.distributed.fsdp.fully_shard (seekstack/parallel/fsdp.py, imported by the trainer)": (2, 6),
