@@ -87,6 +87,7 @@ class GRPOSource:
         self.iteration = 0  # optimizer steps taken on the current batch
         self.current: dict[str, Any] | None = None
         self.ahead: Future | None = None  # with async_rollouts: the next generation batch, being sampled
+        self.save_wait_s = 0.0  # checkpoints' waits for the batch sampled ahead since the last step logged them
         self.train_threads = 1  # with threads="auto": the training half's, chosen at each generation batch
 
     def attach(self, model: nn.Module) -> None:
@@ -242,6 +243,8 @@ class GRPOSource:
         }
         if "wait_s" in batch:  # async_rollouts: the step's wait for its batch, generate_s being beside the training
             metrics["wait_s"] = batch["wait_s"] if batch["fresh"] else 0.0
+        if self.ahead_thread is not None:  # and a checkpoint's, before this step, for the batch it saved
+            metrics["save_wait_s"], self.save_wait_s = self.save_wait_s, 0.0
         batch["fresh"] = False
         return dataclasses.replace(out, logits=None, loss=result.loss, lm_loss=result.loss.detach()), metrics
 
@@ -266,8 +269,10 @@ class GRPOSource:
 
     def state_dict(self) -> dict[str, Any]:
         """Position and batches; a batch being sampled ahead is waited for and saved with them (a checkpoint's wait,
-        after its step: a step's own mark is `position`)."""
+        after its step, logged as the next step's save_wait_s: a step's own mark is `position`)."""
+        waited = time.perf_counter()
         ahead = None if self.ahead is None else self.ahead.result()
+        self.save_wait_s += time.perf_counter() - waited
         return {
             "generation": self.generation,
             "iteration": self.iteration,

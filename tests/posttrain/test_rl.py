@@ -150,6 +150,20 @@ def test_an_async_steps_wait_for_a_rollout_slower_than_training_is_its_wait_s(tm
     assert all(line["wait_s"] > 0.5 and line["step_s"] >= line["wait_s"] for line in lines[1:]), lines
 
 
+def test_a_checkpoints_wait_for_the_batch_sampled_ahead_is_the_next_steps_save_wait_s(tmp_path, monkeypatch):
+    """A checkpoint saves the batch being sampled ahead, so it waits for it, after its step: with save_every=1 and
+    rollouts 1 s slower than a step, every step's wait_s read ~0 (its batch was ready) and no metric showed the
+    second the run waited in each checkpoint. The next step logs it as save_wait_s."""
+    slow_rollouts(monkeypatch, 1.0)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, "async_rollouts=true", "max_steps=3", f"out_dir={tmp_path / 'run'}"]
+    run_rl(resolve_train_config(None, [*config, "save_every=1"], cls=GRPOConfig))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["save_wait_s"] == 0  # no checkpoint before the first step
+    # the checkpoints after steps 1 and 2 waited for the rollouts those steps started, each a second at least
+    assert all(line["save_wait_s"] > 0.5 and line["wait_s"] < 0.5 for line in lines[1:]), lines
+
+
 def test_an_async_run_interrupted_in_a_step_resumes_as_an_uninterrupted_one(tmp_path, monkeypatch):
     """Ctrl-C in step 3, after it took its batch and started the next one's rollout; that rollout ends before the
     checkpoint is saved. It added 1 to the batches' count on the rollout thread after the rewind to the step's start,
