@@ -150,7 +150,13 @@ def explain_command(
 
     from seekstack.adapters.files import merged_model, model_folders
     from seekstack.checkpoint import load_pretrained, read_config
-    from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, remove_earlier_outputs, routing_png
+    from seekstack.eval.explain import (
+        corpus_routing,
+        explain_text,
+        no_routing_note,
+        remove_earlier_outputs,
+        routing_png,
+    )
     from seekstack.eval.tasks import all_python, held_out_modules
     from seekstack.infer.engine import check_tokenizer_fits
     from seekstack.tokenizer import Tokenizer
@@ -176,7 +182,7 @@ def explain_command(
             for name, path in by_name.items():
                 typer.echo(f"{name}: {path}")
             if "routing" not in by_name:
-                typer.echo(f"routing: none. {NO_MOE_LAYERS}")
+                typer.echo(f"routing: none. {no_routing_note(network.config)}")
             written += by_name.values()
         if records is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from seekstack.config import ModelConfig  # noqa: E402
 from seekstack.eval.attention_maps import LayerAttention, attention_maps  # noqa: E402
 from seekstack.eval.routing import (  # noqa: E402
     TOKEN_CLASSES,
@@ -44,6 +45,22 @@ NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no to
 WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
 # Every file explain writes into --out: the text's (explain_text) and the corpus's routing statistics
 OUTPUT_FILES = ("attention.png", "routing.png", "explain.html", "routing_stats.png", "routing_stats.json")
+
+
+def no_routing_note(config: ModelConfig) -> str:
+    """What explain says of a model whose main layers route nothing: NO_MOE_LAYERS, or, where its MTP modules hold
+    MoE blocks (a dense student with DeepSeek-V3's MTP module), that those route and are not drawn."""
+    mtp_blocks = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
+    routed = [block for block in mtp_blocks if config.is_moe_layer(block)]
+    if not routed:
+        return NO_MOE_LAYERS
+    several = len(routed) > 1
+    modules = f"MTP module{'s' if several else ''} (block{'s' if several else ''} {', '.join(map(str, routed))})"
+    return (
+        "The main model has no MoE layers (a dense FFN in every layer): no token is routed to experts there. Its "
+        f"{modules} route{'' if several else 's'} to experts (predicting tokens further ahead, in training and "
+        "speculative decoding); explain draws the main model's layers alone."
+    )
 
 
 def visible(token: str) -> str:
@@ -124,7 +141,7 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
             for r in routing
         ],  # fmt: skip
         "num_experts": model.config.n_routed_experts if routing else 0,
-        "routing_note": "" if routing else NO_MOE_LAYERS,
+        "routing_note": "" if routing else no_routing_note(model.config),
     }
     page = _PAGE.replace("__DATA__", _script_json(data)).replace("__TITLE__", html.escape(text[:60]))
     paths["html"].write_text(page)
@@ -239,7 +256,10 @@ def corpus_routing(
     a model without MoE layers, which routes nothing, and for texts (read from `source`) of which none fills a window
     or one is not UTF-8."""
     if not model.config.moe_layer_count:
-        raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
+        raise ValueError(
+            f"{no_routing_note(model.config)} Routing statistics need the main model's routed experts; explain a text "
+            "for its attention"
+        )
     window = min(window, model.config.max_position_embeddings)  # positions past the context were never trained
     try:
         texts_ids = tokenizer.encode_batch(texts)

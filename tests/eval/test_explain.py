@@ -263,18 +263,35 @@ def test_an_added_token_is_labelled_with_its_own_text(checkpoint):
     assert [token_label(tokenizer, i) for i in tokenizer.encode("café đem")] == ["café", "␣", "đem"]
 
 
-def test_corpus_routing_of_a_model_without_moe_layers_says_so(checkpoint):
-    dense, tokenizer = micro_model(first_k_dense_replace=3), Tokenizer.from_file(checkpoint)
-    with pytest.raises(ValueError, match="The model has no MoE layers"):
-        corpus_routing(dense, tokenizer, [CODE * 20], window=32)
+# first_k_dense_replace 4: the micro model's 3 layers and its MTP module (block 3) dense; 3: the MTP module routes (a
+# dense student with DeepSeek-V3's MoE MTP module), which the maps, drawn of the main model, leave out
+NO_ROUTING_NOTES = {
+    4: "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts.",
+    3: "The main model has no MoE layers (a dense FFN in every layer): no token is routed to experts there. Its MTP "
+    "module (block 3) routes to experts (predicting tokens further ahead, in training and speculative decoding); "
+    "explain draws the main model's layers alone.",
+}
 
 
-def test_explaining_a_text_on_a_model_without_moe_layers_says_it_has_none(checkpoint, tmp_path):
-    dense, tokenizer = micro_model(first_k_dense_replace=3), Tokenizer.from_file(checkpoint)
+@pytest.mark.parametrize("first_k_dense_replace", [4, 3])
+def test_corpus_routing_of_a_model_without_moe_layers_says_so(checkpoint, first_k_dense_replace):
+    dense = micro_model(first_k_dense_replace=first_k_dense_replace)
+    with pytest.raises(ValueError) as refusal:
+        corpus_routing(dense, Tokenizer.from_file(checkpoint), [CODE * 20], window=32)
+    assert str(refusal.value) == (
+        f"{NO_ROUTING_NOTES[first_k_dense_replace]} Routing statistics need the main model's routed experts; explain "
+        "a text for its attention"
+    )
+
+
+@pytest.mark.parametrize("first_k_dense_replace", [4, 3])
+def test_explaining_a_text_on_a_model_without_moe_layers_says_it_has_none(checkpoint, tmp_path, first_k_dense_replace):
+    """A model whose MTP module routes was said to have no MoE layers at all ("The model has no MoE layers")."""
+    dense, tokenizer = micro_model(first_k_dense_replace=first_k_dense_replace), Tokenizer.from_file(checkpoint)
     paths = explain_text(dense, tokenizer, CODE, tmp_path)
     data = json.loads(re.search(r"const data = (.*);\n", paths["html"].read_text()).group(1))
     assert "routing" not in paths and data["routing"] == [] and data["num_experts"] == 0
-    assert data["routing_note"].startswith("The model has no MoE layers")
+    assert data["routing_note"] == NO_ROUTING_NOTES[first_k_dense_replace]
 
 
 def test_corpus_routing_without_a_whole_window_names_the_source_and_the_window(checkpoint):

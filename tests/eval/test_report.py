@@ -669,10 +669,12 @@ def test_explain_corpus_on_a_model_without_moe_layers_refuses_before_writing_any
     (corpus / "val.jsonl").write_text(json.dumps({"id": "a", "text": "x = 1\n" * 400}) + "\n")
     out = tmp_path / "explain"
     result = CliRunner().invoke(app, ["explain", str(model), "def f(x):", "--out", str(out), "--corpus", str(corpus)])
-    assert result.exit_code == 1 and "The model has no MoE layers" in result.output
+    # the micro model's MTP module (block 3) routes: the model is dense in its main layers alone
+    mtp_note = "Its MTP module (block 3) routes to experts"
+    assert result.exit_code == 1 and "The main model has no MoE layers" in result.output and mtp_note in result.output
     assert not out.exists()
     text_only = run("explain", model, "def f(x):", "--out", out)
-    assert "routing: none. The model has no MoE layers" in text_only.output
+    assert "routing: none. The main model has no MoE layers" in text_only.output and mtp_note in text_only.output
     assert sorted(path.name for path in out.iterdir()) == ["attention.png", "explain.html"]
 
 
