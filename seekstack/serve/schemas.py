@@ -1,6 +1,7 @@
 """Request and response bodies in OpenAI's shapes (plus vLLM's sampling extras), as pydantic models.
 
-Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess, and
+Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess (a whole number
+written 5.0 is the integer 5, as JSON Schema's "integer" reads it, in the fields `whole_numbers` names), and
 every number has a range (OpenAI's where it documents one), so no value reaches the engine that it
 cannot sample with. A null is read as the field's default, as OpenAI documents its fields ("or null") and vLLM
 reads them. Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working; OpenAI's
@@ -79,6 +80,18 @@ class StrictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def whole_numbers(value: Any) -> Any:
+    """A JSON number without a fractional part (5.0) as the integer it is, as JSON Schema's "integer" (the type
+    /openapi.json gives) and vLLM's pydantic read it, in lists too (token ids); any other value as it is, for the
+    strict int to refuse (5.5, "5", true; 1e300, past every field's bound, shown as given). The before-validator of
+    a request's integer fields, each named."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [whole_numbers(item) for item in value]
+    return value
+
+
 class StreamOptions(StrictRequest):
     include_usage: Annotated[bool, OrDefault] = False
     # vLLM's extension: with include_usage, each chunk carries its choice's usage so far
@@ -133,6 +146,9 @@ class SamplingFields(StrictRequest):
     skip_special_tokens: Annotated[bool, OrDefault] = SamplingParams.skip_special_tokens
     # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    _shared_integers = field_validator("n", "seed", "top_k", "min_tokens", "stop_token_ids", mode="before")(
+        whole_numbers
+    )
     # vLLM's fields that would change the reply and that this server cannot honour: declared to be refused when set
     # (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
     use_beam_search: bool | None = None  # false accepted
@@ -402,6 +418,9 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's: each prompt token's logprob after those before it (the first null), in the response's prompt_logprobs
     prompt_logprobs: Annotated[int | None, LogprobsCount] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
+    _chat_integers = field_validator(
+        "max_tokens", "max_completion_tokens", "top_logprobs", "prompt_logprobs", mode="before"
+    )(whole_numbers)
 
     @field_validator("tool_choice")
     @classmethod
@@ -441,6 +460,9 @@ class CompletionRequest(SamplingFields):
     add_special_tokens: Annotated[bool, OrDefault] = True
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned
     suffix: str | None = None  # declared to be refused: the model does no fill-in-the-middle
+    _completion_integers = field_validator(
+        "prompt", "max_tokens", "logprobs", "prompt_logprobs", "best_of", mode="before"
+    )(whole_numbers)
 
     @field_validator("suffix")
     @classmethod

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
@@ -45,6 +45,7 @@ from seekstack.serve.schemas import (
     StrictRequest,
     TokenId,
     Tool,
+    whole_numbers,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class DetokenizeRequest(StrictRequest):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[TokenId]
+    _integers = field_validator("tokens", mode="before")(whole_numbers)
 
 
 class DetokenizeResponse(BaseModel):

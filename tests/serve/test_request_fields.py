@@ -776,3 +776,44 @@ def test_chat_template_kwargs_for_a_tokenizer_built_in_memory_read_no_file_of_th
     body = {"model": "model", "messages": [{"role": "user", "content": "Hello"}]}
     request = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": {"thinking": True}})
     assert prompt_ids(request, in_memory) == [in_memory.encode_chat(body["messages"])]  # dropped: no template reads it
+
+
+WHOLE_NUMBERS = [
+    ("/v1/completions", {**COMPLETION, "prompt": [5, 6, 7], "max_tokens": 3, "n": 2, "best_of": 2, "seed": 7,
+                         "top_k": 2, "min_tokens": 1, "logprobs": 1, "prompt_logprobs": 1, "stop_token_ids": [3]}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 3, "n": 2, "top_logprobs": 1, "prompt_logprobs": 1}),
+    ("/v1/chat/completions", {**{k: v for k, v in CHAT.items() if k != "max_tokens"}, "max_completion_tokens": 3}),
+    ("/detokenize", {"tokens": [5, 6, 7]}),
+]  # fmt: skip
+
+
+def test_a_whole_number_written_as_a_float_is_the_integer_an_integer_field_takes_and_a_string_is_refused(
+    engine, tmp_path
+):
+    """max_tokens 5.0 (what Python's json writes for a float count) was refused "Input should be a valid integer", a
+    value /openapi.json's "type": "integer" allows (JSON Schema's integer is any number without a fraction) and vLLM
+    serves. Every integer field now reads it as the integer, the answer the same; "2" and 2.5 are still refused
+    naming the field, as OpenAI's API refuses a string there."""
+
+    def floats(value):
+        return [floats(item) for item in value] if isinstance(value, list) else float(value)
+
+    integers = {"prompt", "max_tokens", "max_completion_tokens", "n", "best_of", "seed", "top_k", "min_tokens",
+                "logprobs", "top_logprobs", "prompt_logprobs", "stop_token_ids", "tokens"}  # fmt: skip
+    requests, refusals = [], []
+    for route, body in WHOLE_NUMBERS:
+        fields = sorted(integers & body.keys() - ({"logprobs"} if "chat" in route else set()))
+        requests += [(route, body), (route, {**body, **{field: floats(body[field]) for field in fields}})]
+        for field in fields:
+            wrong = [["2"], [2.5]] if isinstance(body[field], list) else ["2", 2.5]
+            wrong = wrong[1:] if field == "prompt" else wrong  # ["2"]: a prompt text
+            refusals += [(route, field, {**body, field: value}) for value in wrong]
+    answers = post_each(engine, tmp_path / "db", [*requests, *[(route, body) for route, _, body in refusals]])
+    for plain, floated in zip(answers[: len(requests) : 2], answers[1 : len(requests) : 2], strict=True):
+        assert floated.status_code == 200, floated.text
+        drop = {"id", "created"}
+        assert {k: v for k, v in floated.json().items() if k not in drop} == {
+            k: v for k, v in plain.json().items() if k not in drop
+        }
+    for (route, field, body), refused in zip(refusals, answers[len(requests) :], strict=True):
+        assert error_of(refused, 400)["param"].split(".")[0] == field, (route, body)
