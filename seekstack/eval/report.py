@@ -30,7 +30,7 @@ from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
-from seekstack.train.metrics import step_tokens
+from seekstack.train.metrics import METRICS_FILE, step_tokens
 from seekstack.train.mfu import flops_text
 from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
@@ -385,10 +385,12 @@ def _training(
         rl_steps = [r for r in steps if "reward" in r]
         window = max(1, min(RL_WINDOW, len(rl_steps) // 4))
         curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window, records=[records])
-        text = f"## Training\n\n![RL curves]({curves.name})\n\n" + _rl_progress(rl_steps, window)
+        drawn = _drawn_by(curves, run_dir, ["rl-plot", str(run_dir), "--smooth", str(window)], steps)
+        text = f"## Training\n\n![RL curves]({curves.name})\n\n{drawn}\n\n" + _rl_progress(rl_steps, window)
     else:
         curves = plot_run(run_dir, out_dir / "curves.png", records)  # read once: a torn last line told once
-        text = f"## Training\n\n![training curves]({curves.name})\n\n"
+        drawn = _drawn_by(curves, run_dir, ["plot", str(run_dir)], steps)
+        text = f"## Training\n\n![training curves]({curves.name})\n\n{drawn}\n\n"
         if steps:  # a step that trained no labelled token (on-policy answers) has no next-token loss
             last = steps[-1]
             total = f"(total {last['loss']:.4f})"  # as the progress line: metrics.jsonl's `loss` is the total
@@ -412,6 +414,14 @@ def _training(
     rows = [(str(r["step"]), *(format(r[key], spec) if key in r else "-" for _, key, spec in columns)) for r in evals]
     header = ("step", *(label for label, _, _ in columns))
     return text + _table(header, rows) if rows else text.rstrip()
+
+
+def _drawn_by(figure: Path, run_dir: Path, command: list[str], steps: list[dict[str, Any]]) -> str:
+    """The line under a figure of the page: the steps of the run's metrics.jsonl it shows and the `seekstack`
+    command that draws it again (`--out` where the page is not in the run's folder)."""
+    words = ["seekstack", *command, *(["--out", str(figure)] if figure.parent != run_dir else [])]
+    shown = f"steps {steps[0]['step']}-{steps[-1]['step']}" if steps else "no step yet"
+    return f"`{figure.name}`: {shown} of `{run_dir / METRICS_FILE}`, as `{shlex.join(words)}` draws it."
 
 
 def _peak_text(steps: list[dict[str, Any]], tail: list[dict[str, Any]]) -> str:
@@ -544,7 +554,7 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
     prompts = run_prompts(checkpoint)
     demo = prompts == DEMO_PROMPTS
     of = "" if demo else " of the openings of the first held-out documents (val.jsonl)"
-    parts = [f"## Samples\n\nGreedy continuations from the engine{of}:"]
+    parts = [f"## Samples\n\nGreedy continuations from the engine on `{checkpoint}`{of}:"]
     for prompt, greedy, _ in demo_samples(checkpoint, prompts, max_new_tokens=48):
         parts.append(_fenced(prompt + greedy, "python" if demo else "text"))
     return "\n\n".join(parts)
@@ -559,8 +569,8 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
     answers = task_samples(checkpoint, task, SAMPLE_QUESTIONS, max_new_tokens)
     named = _task_named(task.name, task.difficulty)
     parts = [
-        f"## Samples\n\nGreedy answers from the engine to held-out questions of {named}, in the chat template with "
-        f"the R1 system prompt: {sum(a.right for a in answers)} of {len(answers)} verify."
+        f"## Samples\n\nGreedy answers from the engine on `{checkpoint}` to held-out questions of {named}, in the chat "
+        f"template with the R1 system prompt: {sum(a.right for a in answers)} of {len(answers)} verify."
     ]
     for answer in answers:
         verdict = "Verifies." if answer.right else f"Does not verify (the answer is {answer.answer})."
@@ -606,8 +616,8 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     answers = conversation_samples(checkpoint, conversations, max_new_tokens)
     left_out = len(conversations) - len(answers)
     parts = [
-        f"## Samples\n\nGreedy answers from the engine to {which}, each in the chat template up to its last "
-        "assistant turn, beside that turn from the file."
+        f"## Samples\n\nGreedy answers from the engine on `{checkpoint}` to {which}, each in the chat template up to "
+        "its last assistant turn, beside that turn from the file."
         + (
             f" {left_out} of them left out: a prompt that fills the model's context leaves no room (or none asks: the "
             "conversation opens with its answer)."

@@ -78,6 +78,7 @@ def test_report_is_one_page_with_every_section_and_its_png(small_run):
     assert "| train | 26 |" in page and "400 tokens" in page and "4 steps" in page
     assert "| code_cloze | acc |" in page and "```python\ndef fibonacci(n):" in page
     assert f"on `{small_run / 'run' / 'checkpoints' / 'step_4'}`" in page and "Not the newest" not in page
+    assert f"Greedy continuations from the engine on `{small_run / 'run' / 'checkpoints' / 'step_4'}`:" in page
     assert "26 train / 4 val" in page
 
 
@@ -621,6 +622,27 @@ def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     speed = _training(tmp_path, tmp_path, {}, records)
     assert said in speed and "900 tokens/s, MFU " in speed and ("too low" in speed) == (mfu > 1)
+
+
+def test_the_curves_figure_names_the_metrics_it_draws_and_the_command_that_draws_it_again(tmp_path):
+    """report.md's figure said "![training curves](curves.png)" alone: neither which steps of which run's metrics it
+    shows nor how to draw it again (beside a page written elsewhere, or after the run trained on)."""
+    from seekstack.eval.report import _training
+
+    run_dir = tmp_path / "my run"
+    run_dir.mkdir()
+    records = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 9.0, "mfu": 0.1} for step in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    metrics = run_dir / "metrics.jsonl"
+    assert (
+        f"![training curves](curves.png)\n\n`curves.png`: steps 1-3 of `{metrics}`, as `seekstack plot '{run_dir}'` "
+        "draws it.\n\n" in _training(run_dir, run_dir, {}, records)
+    )
+    page = tmp_path / "page"
+    assert (
+        f"`curves.png`: steps 1-3 of `{metrics}`, as `seekstack plot '{run_dir}' --out {page / 'curves.png'}` draws it."
+        in _training(run_dir, page, {}, records)
+    )
 
 
 def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_in(tmp_path, monkeypatch):

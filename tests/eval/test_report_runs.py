@@ -170,6 +170,10 @@ def test_report_of_an_rl_run_gives_its_rewards_and_answers_to_the_tasks_question
     page = write_report(rl_run).read_text()
     assert "loss" not in page.split("## Training")[1].split("## Evaluation")[0]  # ~1e-8 by construction
     assert "![RL curves](rl_curves.png)" in page and (rl_run / "rl_curves.png").stat().st_size > 1000
+    assert (
+        f"`rl_curves.png`: steps 1-8 of `{rl_run / 'metrics.jsonl'}`, as `seekstack rl-plot {rl_run} --smooth 2`"
+        in page
+    )
     assert "|  | steps 1-2 (mean) | steps 7-8 (mean) |" in page  # the first and last quarter of 8 steps
     for row in ("| reward | 0.150 | 0.750 |", "| accuracy (answers that verify) | 9.4% | 46.9% |",
                 "| format reward | 1.000 | 1.000 |", "| completion length (tokens) | 18.5 | 12.5 |"):  # fmt: skip
@@ -179,7 +183,9 @@ def test_report_of_an_rl_run_gives_its_rewards_and_answers_to_the_tasks_question
     assert (
         "```python" not in samples
         and R1_SYSTEM_PROMPT in samples
-        and "held-out questions of task `addition` (difficulty 1)" in samples
+        and f"Greedy answers from the engine on `{rl_run / 'checkpoints' / 'step_8'}` to held-out questions of task "
+        "`addition` (difficulty 1)"
+        in samples
     )
     tokenizer = Tokenizer.from_file(rl_run / "checkpoints" / "step_8")
     for problem in sample_problems(make_task("addition", 1), 4, "heldout", seed=0, distinct=True):
