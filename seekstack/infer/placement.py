@@ -328,9 +328,14 @@ def parse_budgets(text: str) -> dict[str, int]:
     budgets, entries = {}, {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         device, _, amount = entry.partition("=")
-        device = device_name(device, f"memory entry {entry!r}") if amount else DISK
-        if device == DISK:
-            raise ValueError(f"memory entry {entry!r}: expected device=size, e.g. cuda:0=80GiB (disk needs no size)")
+        if device.strip().lower() == DISK:  # accelerate's max_memory takes a "disk" entry
+            raise ValueError(
+                f"memory entry {entry!r}: disk takes no budget: the parts that fit in none of the others go to disk; "
+                "leave it out"
+            )
+        if not amount:
+            raise ValueError(f"memory entry {entry!r}: expected device=size, e.g. cuda:0=80GiB")
+        device = device_name(device, f"memory entry {entry!r}")
         if device in budgets:  # the later budget would silently replace the first
             raise ValueError(
                 f"memory entry {entry!r}: {device} named twice (also in {entries[device]!r}); give each device one "

@@ -599,10 +599,22 @@ def test_a_device_given_two_budgets_is_refused_naming_it():
      ("cuda=10GiB,cuda:0=10GiB", "'cuda:0=10GiB': cuda:0 named twice \\(also in 'cuda=10GiB'\\)"),
      ("cuda:0=infGiB", "'cuda:0=infGiB': size 'infGiB' is not a finite number of bytes"),
      ("cpu=nanGiB", "'cpu=nanGiB': size 'nanGiB' is not a finite number of bytes"),
-     ("cpu=1e400", "size '1e400' is not a finite"), ("cpu=0.5", "size '0.5' must be at least one byte")],
+     ("cpu=1e400", "size '1e400' is not a finite"), ("cpu=0.5", "size '0.5' must be at least one byte"),
+     ("cuda:0", "'cuda:0': expected device=size, e.g. cuda:0=80GiB$"), ("cpu=", "'cpu=': expected device=size, e.g. "
+     "cuda:0=80GiB$")],
 )  # fmt: skip
 def test_budgets_name_a_device_that_is_not_one_or_a_size_that_is_not_finite(memory, message):
     with pytest.raises(ValueError, match=message):
+        parse_budgets(memory)
+
+
+@pytest.mark.parametrize("memory, disk", [("cpu=1GiB,disk=1TB", "disk=1TB"), ("Disk=1TB,0=1GiB", "Disk=1TB"),
+                                          ("cpu=1GiB,disk", "disk")])  # fmt: skip
+def test_a_disk_budget_is_refused_saying_the_disk_takes_what_fits_nowhere_else(memory, disk):
+    """accelerate's max_memory takes a "disk" entry; given one, budgets were refused as "expected device=size, e.g.
+    cuda:0=80GiB (disk needs no size)", for an entry written as device=size, or a disk given no size."""
+    with pytest.raises(ValueError, match=f"^memory entry '{disk}': disk takes no budget: the parts that fit in none "
+                       "of the others go to disk; leave it out$"):  # fmt: skip
         parse_budgets(memory)
 
 
