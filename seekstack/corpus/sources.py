@@ -573,9 +573,14 @@ def _documents_from_values(
     null_texts: Counter[str] | None,
 ) -> Iterator[Document]:
     """Documents from the JSON objects of `path`, each given with its number (ids `file:number`) and where it is
-    (for errors), text in `field`; a null text is skipped, and counted under the file's name in `null_texts`."""
+    (for errors), text in `field`; a null text is skipped, and counted under the file's name in `null_texts`. A file
+    none of whose rows holds `id_field` is refused once read (a mistyped option; a table's missing column likewise)."""
+    first_fields: list[str] | None = None
+    id_field_held = False
     for number, where, value in values:
         record = _json_object(value, where, field)
+        first_fields = list(record) if first_fields is None else first_fields
+        id_field_held = id_field_held or id_field in record
         text = _text_field(record, where, field)
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:
@@ -585,6 +590,11 @@ def _documents_from_values(
         name = _as_text(path.name)
         doc_id = _row_id(record.get(id_field) if id_field else None, f"{name}:{number}")
         yield Document(doc_id, LONE_SURROGATE.sub("\ufffd", text), name)
+    if id_field is not None and first_fields is not None and not id_field_held:
+        raise DataSourceError(
+            f"{path}: no row holds field {id_field!r} (the first holds {', '.join(map(repr, first_fields))}); name the "
+            "ids' field with --id-field NAME, or leave it out for ids file:line"
+        )
 
 
 def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:

@@ -1500,6 +1500,14 @@ def test_rows_take_their_id_from_the_id_field_given_in_every_row_format(tmp_path
     for name in ("r.parquet", "r.csv"):
         with pytest.raises(DataSourceError, match=rf"{name}: no column 'uri'; columns are \['text', 'url'\]"):
             next(iter(open_source(tmp_path / name, id_field="uri")))
+    # JSON Lines has no columns to check first: a field no row holds (a mistyped --id-field) is refused once read,
+    # where every row was quietly named file:line
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / "r.jsonl", id_field="uri"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'r.jsonl'}: no row holds field 'uri' (the first holds 'text', 'url'); name the ids' field with "
+        "--id-field NAME, or leave it out for ids file:line"
+    )
 
 
 def test_an_id_that_is_no_string_is_written_as_json_writes_it(tmp_path: Path) -> None:
