@@ -148,8 +148,9 @@ def run_chat(
     Ctrl-C at the prompt; answer each (or each block of lines between BLOCK quotes, which Ctrl-C while it is typed
     drops) with `write`, or run the command it names. Ctrl-C during a reply stops it and returns to the prompt; with
     no prompt (input piped in) Ctrl-C anywhere stops any reply and raises KeyboardInterrupt. What cannot be done (a
-    message too long, an unusable /system, an unknown command) is said with `complain`, and what a command did (/help:
-    the commands) with `acknowledge` (both stderr: `write` gets the replies alone, as a script's output)."""
+    message too long, an unusable /system, an unknown command or one given words it takes none of) is said with
+    `complain`, and what a command did (/help: the commands) with `acknowledge` (both stderr: `write` gets the replies
+    alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
@@ -178,6 +179,8 @@ def run_chat(
             acknowledge(HELP)
         elif line == "/system" or line.startswith("/system "):
             _change_system(session, line[len("/system") :].strip(), complain, acknowledge)
+        elif line.split()[0] in (*QUIT_COMMANDS, *RESET_COMMANDS, *HELP_COMMANDS):
+            complain(f"{line.split()[0]} takes nothing after it ({line!r}); {HELP}")
         elif line.startswith("/"):
             complain(f"unknown command {line.split()[0]!r}; {HELP}")
         elif line:

@@ -661,6 +661,19 @@ def test_chat_takes_only_the_system_command_itself(checkpoint):
     assert result.exit_code == 0 and f"error: unknown command '/systemic'; {HELP}" in result.stderr
 
 
+def test_a_command_given_words_it_takes_none_of_is_refused_as_such_not_as_unknown(checkpoint):
+    """A "/clear all" was refused as "unknown command '/clear'", a command the help lists: it now says that the command
+    takes nothing after it, runs nothing (the chat goes on past "/bye now") and answers nothing."""
+    args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "2"]
+    result = runner.invoke(app, args, input="/clear all\n/bye now\n/? commands\n/quit\n")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert [line for line in result.stderr.splitlines() if not line.startswith("note: dtype")] == [
+        f"error: /clear takes nothing after it ('/clear all'); {HELP}",
+        f"error: /bye takes nothing after it ('/bye now'); {HELP}",
+        f"error: /? takes nothing after it ('/? commands'); {HELP}",
+    ]
+
+
 def test_a_stream_closed_early_frees_its_blocks(engine):
     stream = engine.stream([5, 6, 7], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))
     first = next(stream)
