@@ -698,6 +698,22 @@ class Tokenizer:
         """Token ids of `render_chat(messages, ...)`, starting with BOS."""
         return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message, tools))
 
+    def apply_chat_template(
+        self,
+        conversation: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+    ) -> str | list[int]:
+        """transformers' name and defaults for `encode_chat` (the ids, as a list: transformers' `return_dict=False`;
+        its v5 default wraps them in a dict) or, with `tokenize=False`, `render_chat`; as transformers, no generation
+        prompt unless `add_generation_prompt`. Its other options (padding, return_tensors, a chat_template of one's
+        own, template variables) are not taken: a TypeError names them."""
+        if tokenize:
+            return self.encode_chat(conversation, add_generation_prompt, continue_final_message, tools)
+        return self.render_chat(conversation, add_generation_prompt, continue_final_message, tools)
+
     def template_message(self, position: int, message: object) -> dict:
         """`template_message(position, message)` (`read_message` for a checkpoint's own template, which gets an
         assistant's reasoning apart, as transformers passes it), and a ValueError naming `position` when its content or

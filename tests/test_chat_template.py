@@ -111,3 +111,35 @@ def test_tools_and_tool_turns_are_refused_by_a_template_without_tool_tokens_in_c
         path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
         with pytest.raises(ValueError, match=f"^{path}:2: tokenizer .*{refusal}"):
             read_conversations(path, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "deepseek-v2-chat"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"add_generation_prompt": True}, {"tokenize": False}, {"tokenize": False, "add_generation_prompt": True}],
+)
+def test_apply_chat_template_gives_what_transformers_gives_with_its_defaults(v2_folder, tmp_path, kind, options):
+    """transformers' name for encode_chat and render_chat, with its defaults: no generation prompt unless asked."""
+    from tests.posttrain.support import byte_tokenizer
+
+    folder = v2_folder if kind == "deepseek-v2-chat" else tmp_path
+    if kind == "deepseek-v3":
+        byte_tokenizer(folder)
+    ours, theirs = Tokenizer.from_file(folder), AutoTokenizer.from_pretrained(folder)
+    chat = [
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "x2?"},
+    ]
+    expected = theirs.apply_chat_template(
+        chat, **options, **({"return_dict": False} if options.get("tokenize", True) else {})
+    )
+    assert ours.apply_chat_template(chat, **options) == expected
+    prompt = options.get("add_generation_prompt", False)
+    assert ours.apply_chat_template(chat, **options) == (
+        ours.encode_chat(chat, prompt) if options.get("tokenize", True) else ours.render_chat(chat, prompt)
+    )
+    continued = ours.apply_chat_template([*chat, {"role": "assistant", "content": "1"}], continue_final_message=True)
+    assert continued == theirs.apply_chat_template(
+        [*chat, {"role": "assistant", "content": "1"}], continue_final_message=True, return_dict=False
+    )
