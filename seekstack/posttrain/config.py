@@ -168,6 +168,23 @@ class GRPOConfig(TrainConfig):
         "top_k and min_p (fields here), the distribution the loss's log-probabilities are of",
         "top_entropy_quantile": "TRL's top_entropy_quantile (the loss on each completion's highest-entropy tokens "
         "alone) is not offered; every completion token is trained (mask_truncated_completions leaves cut ones out)",
+        # verl's names (actor_rollout_ref.actor, algorithm, data) for fields here
+        "loss_agg_mode": "verl's loss_agg_mode is loss_type here: token-mean is dapo, seq-mean-token-mean grpo, "
+        "seq-mean-token-sum-norm dr_grpo (whose constant is max_completion_length)",
+        **dict.fromkeys(
+            ("clip_ratio", "clip_ratio_low"),
+            "verl's clip_ratio (clip_ratio_low) is epsilon here, the ratio's bound 1 - epsilon (and 1 + epsilon "
+            "unless epsilon_high is given)",
+        ),
+        "clip_ratio_high": "verl's clip_ratio_high (DAPO's clip-higher) is epsilon_high here",
+        "ppo_epochs": "verl's ppo_epochs (updates on each generation batch) is num_iterations here",
+        "kl_loss_coef": "verl's kl_loss_coef (with use_kl_loss and kl_loss_type=low_var_kl, the k3 KL in the loss) is "
+        "beta here",
+        "use_kl_loss": "the k3 KL to the starting checkpoint is in the loss whenever beta > 0 (verl's use_kl_loss with "
+        "kl_loss_coef=beta)",
+        "max_response_length": "verl's max_response_length is max_completion_length here",
+        "norm_adv_by_std_in_grpo": "verl's norm_adv_by_std_in_grpo=true is scale_rewards=group here, false (Dr. "
+        "GRPO's) scale_rewards=none",
         # transformers' TrainingArguments names, which TRL's GRPOConfig takes too, as sft names them
         **{
             name: ConversationConfig.field_notes[name]

@@ -464,6 +464,25 @@ def test_verls_loss_aggregation_names_are_refused_naming_the_loss_type_that_comp
 
 
 @pytest.mark.parametrize(
+    ("verl_name", "ours"),
+    [("loss_agg_mode=token-mean", "verl's loss_agg_mode is loss_type here: token-mean is dapo"),
+     ("clip_ratio=0.2", "verl's clip_ratio (clip_ratio_low) is epsilon here"),
+     ("clip_ratio_low=0.2", "verl's clip_ratio (clip_ratio_low) is epsilon here"),
+     ("clip_ratio_high=0.28", "verl's clip_ratio_high (DAPO's clip-higher) is epsilon_high here"),
+     ("ppo_epochs=2", "verl's ppo_epochs (updates on each generation batch) is num_iterations here"),
+     ("kl_loss_coef=0.001", "the k3 KL in the loss) is beta here"),
+     ("use_kl_loss=true", "(verl's use_kl_loss with kl_loss_coef=beta)"),
+     # was asked "did you mean 'max_prompt_length'?": following it sets the prompt's room, not the completion's
+     ("max_response_length=64", "verl's max_response_length is max_completion_length here"),
+     ("norm_adv_by_std_in_grpo=false", "false (Dr. GRPO's) scale_rewards=none")],
+)  # fmt: skip
+def test_verls_grpo_field_names_are_refused_naming_ours(tmp_path, verl_name, ours):
+    """A verl GRPO name is no field here: the refusal says which field it is (was: nothing, or a wrong guess), as
+    loss_type's refusal already named verl's loss_agg_mode values."""
+    assert_refused_naming_ours(tmp_path, GRPOConfig, verl_name, ours)
+
+
+@pytest.mark.parametrize(
     "override",
     ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
      "bandit_reward_scale=0.5", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "mtp_switch_fraction=0.5",
