@@ -23,7 +23,7 @@ from pathlib import Path
 
 from seekstack.corpus.sources import read_jsonl
 from seekstack.tokenizer import Tokenizer
-from seekstack.tokens.shards import tokenize_corpus
+from seekstack.tokens.shards import require_corpus_file, tokenize_corpus
 
 BUCKETS = ("easy", "medium", "hard")
 MEASURE = "zlib_compression_ratio"
@@ -82,8 +82,7 @@ def difficulty_buckets(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS
     """Score every document of `jsonl_path` and cut them into `bucket_parts`; ValueError, naming the file, when it
     has fewer documents than buckets."""
     jsonl_path = Path(jsonl_path)
-    if not jsonl_path.is_file():
-        raise FileNotFoundError(f"no corpus file at {jsonl_path}: run the corpus stage first")
+    require_corpus_file(jsonl_path)
     scores, sizes = [], []
     for _, text, _ in read_jsonl(jsonl_path, "text"):
         scores.append(compression_ratio(text))

@@ -74,6 +74,21 @@ class _ShardWriter:
         self.filled = 0
 
 
+def require_corpus_file(jsonl_path: Path) -> None:
+    """FileNotFoundError or IsADirectoryError naming `jsonl_path` and what to give instead, when it is no file: a
+    folder `data build` wrote given for one of its splits' files, or a path that holds nothing."""
+    if jsonl_path.is_dir():
+        raise IsADirectoryError(
+            f"{jsonl_path}: is a folder; give the JSON Lines file of one of its splits, "
+            f"{jsonl_path / 'train.jsonl'} or {jsonl_path / 'val.jsonl'}"
+        )
+    if not jsonl_path.is_file():
+        raise FileNotFoundError(
+            f"{jsonl_path}: no such file; `seekstack data build TEXT --out {jsonl_path.parent}` writes a corpus's "
+            "train.jsonl and val.jsonl"
+        )
+
+
 def tokenize_corpus(
     jsonl_path: str | os.PathLike,
     tokenizer: Tokenizer,
@@ -92,8 +107,7 @@ def tokenize_corpus(
     Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
     """
     jsonl_path, out_dir = Path(jsonl_path), Path(out_dir)
-    if not jsonl_path.is_file():
-        raise FileNotFoundError(f"no corpus file at {jsonl_path}: run the corpus stage first")
+    require_corpus_file(jsonl_path)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     dtype = token_dtype(tokenizer.vocab_size)

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import WriteRefused
 from seekstack.tokenizer import Tokenizer, train_tokenizer
+from seekstack.tokens.difficulty import difficulty_buckets
 from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
 from tests.test_atomic import file_size_limit
 
@@ -527,3 +528,24 @@ def test_a_data_folder_that_does_not_exist_is_named_as_missing_with_its_resolved
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"no folder of token shards at {tmp_path / 'nothere'}: "):
         load_index("nothere", "train")
+
+
+def test_tokenize_corpus_and_difficulty_buckets_name_what_to_give_for_a_folder_or_a_missing_file(tmp_path, tokenizer):
+    """README's tokenize_corpus("web/train.jsonl", ...) given the folder `data build` wrote, or a path that holds
+    nothing, said "no corpus file at web: run the corpus stage first", a stage no command is named after."""
+    corpus = tmp_path / "web"
+    corpus.mkdir()
+    for read in (lambda path: tokenize_corpus(path, tokenizer, tmp_path / "tokens", "web"), difficulty_buckets):
+        with pytest.raises(IsADirectoryError) as refused:
+            read(corpus)
+        assert str(refused.value) == (
+            f"{corpus}: is a folder; give the JSON Lines file of one of its splits, {corpus / 'train.jsonl'} or "
+            f"{corpus / 'val.jsonl'}"
+        )
+        with pytest.raises(FileNotFoundError) as refused:
+            read(corpus / "train.jsonl")
+        assert str(refused.value) == (
+            f"{corpus / 'train.jsonl'}: no such file; `seekstack data build TEXT --out {corpus}` writes a corpus's "
+            "train.jsonl and val.jsonl"
+        )
+    assert not (tmp_path / "tokens").exists()
