@@ -687,11 +687,11 @@ class Server:
             try:
                 bounds[param] = parse_day(text) if text else None
             except ValueError as error:
-                raise APIError(400, str(error), param=param) from None
+                raise APIError(400, str(error), param=param, code="invalid_value") from None
         try:
             days = self.ledger.daily(key_name, bounds["since"], model, bounds["until"])
         except ValueError as error:  # since after until
-            raise APIError(400, str(error), param="until") from None
+            raise APIError(400, str(error), param="until", code="invalid_value") from None
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
             raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
                            code="key_not_found")  # fmt: skip

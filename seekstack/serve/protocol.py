@@ -108,7 +108,8 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         for position, message in enumerate(request.messages):
             if message.prefix and (position != last or message.role != "assistant"):
                 raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
-                               "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
+                               "prefix for the model to continue", param=f"messages.{position}.prefix",
+                               code="invalid_value")  # fmt: skip
         refuse_unanswered_results(request.messages)
         refuse_template_kwargs(request.chat_template_kwargs, tokenizer)
         messages = [message.template() for message in request.messages]
@@ -120,7 +121,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         try:
             return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix, tools=tools)]
         except ValueError as error:
-            raise APIError(400, str(error), param="messages") from None
+            raise APIError(400, str(error), param="messages", code="invalid_value") from None
     prompts = []
     id_lists = isinstance(request.prompt[0], list)  # a list of prompts of token ids, each named by its position
     for number, prompt in enumerate(completion_prompts(request)):
@@ -229,14 +230,15 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     engine_requests = len(completion_prompts(request)) * candidates(request)
     if engine_requests > MAX_ENGINE_REQUESTS:
         raise APIError(400, f"{engine_requests} generations (prompts x max(n, best_of)) in one request; at most "
-                       f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
+                       f"{MAX_ENGINE_REQUESTS} are served", param="n", code="invalid_value")  # fmt: skip
     if request.max_tokens == 0 and not request.echo:
         raise APIError(400, "max_tokens 0 generates nothing: give at least 1, or echo: true for the prompt alone (its "
                        "logprobs scored with logprobs)", param="max_tokens", code="invalid_value")  # fmt: skip
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
     if request.best_of is not None and request.best_of < request.n:
-        raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of")
+        raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of",
+                       code="invalid_value")  # fmt: skip
     if request.best_of is not None and request.best_of > request.n and request.stream:
         raise unsupported("best_of", "best_of > n cannot be streamed: the best are known only at the end")
 

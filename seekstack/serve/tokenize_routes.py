@@ -116,12 +116,12 @@ def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[i
         return ids
     if body.messages[-1].prefix:
         raise APIError(400, "a last message marked prefix is continued: there is no generation prompt to leave out",
-                       param="add_generation_prompt")  # fmt: skip
+                       param="add_generation_prompt", code="invalid_value")  # fmt: skip
     try:
         messages = [message.template() for message in body.messages]
         return tokenizer.encode_chat(messages, add_generation_prompt=False, tools=chat.offered_tools())
     except ValueError as error:
-        raise APIError(400, str(error), param="messages") from None
+        raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
 
 def add_tokenize_routes(app: FastAPI, server: Server) -> None:

@@ -237,7 +237,7 @@ def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
             [message.model_dump() for message in messages], lambda at, field: f"messages.{at}.{field}"
         )
     except ToolTurnError as error:
-        raise APIError(400, str(error), param=error.at) from None
+        raise APIError(400, str(error), param=error.at, code="invalid_value") from None
 
 
 def forced_calls_format(

@@ -817,3 +817,31 @@ def test_a_whole_number_written_as_a_float_is_the_integer_an_integer_field_takes
         }
     for (route, field, body), refused in zip(refusals, answers[len(requests) :], strict=True):
         assert error_of(refused, 400)["param"].split(".")[0] == field, (route, body)
+
+
+def test_every_400_naming_a_field_at_fault_says_invalid_value_as_the_others_do(engine, tmp_path):
+    """A value the server's own checks refuse (after the schema's) came with code null, where the schema's refusals
+    and the other checks (a token id outside the vocabulary, top_logprobs without logprobs) say "invalid_value": a
+    client telling a bad parameter by its code missed these."""
+    prefix_chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "prefix": True}]
+    refusals = [
+        ("/v1/completions", {**GREEDY, "prompt": ["a"] * 20, "n": 16}, "n"),
+        ("/v1/completions", {**GREEDY, "prompt": "a", "n": 2, "best_of": 1}, "best_of"),
+        ("/v1/chat/completions", {**GREEDY, "messages": [{**prefix_chat[0], "prefix": True}]}, "messages.0.prefix"),
+        ("/v1/chat/completions", {**GREEDY, "messages": [prefix_chat[0], {"role": "tool", "content": "r",
+                                                                           "tool_call_id": "c1"}]},
+         "messages.1.tool_call_id"),
+        ("/tokenize", {"messages": prefix_chat, "add_generation_prompt": False}, "add_generation_prompt"),
+    ]  # fmt: skip
+
+    async def scenario(client):
+        answers = [await client.post(route, json=body) for route, body, _ in refusals]
+        answers.append(await client.get("/v1/admin/usage", params={"since": "yesterday"}))
+        answers.append(await client.get("/v1/admin/usage", params={"since": "2026-11-02", "until": "2026-11-01"}))
+        return answers
+
+    answers = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    errors = [error_of(answer, 400) for answer in answers]
+    assert [(error["param"], error["code"]) for error in errors] == [
+        (param, "invalid_value") for param in [*(param for _, _, param in refusals), "since", "until"]
+    ]
