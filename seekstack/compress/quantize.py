@@ -250,6 +250,8 @@ def unsupported_reason(module: nn.Module, scheme: str, group: int) -> str | None
     shapes = [module.gate_up_proj.shape, module.down_proj.shape] if isinstance(module, RoutedExperts) else [
         module.weight.shape
     ]  # fmt: skip
+    # the input width that takes the smallest int4 group first: the one a reason names is the one that limits the group
+    shapes.sort(key=lambda shape: max((size for size in INT4_GROUPS if shape[-1] % size == 0), default=0))
     for rows, cols in ((shape[-2], shape[-1]) for shape in shapes):
         if scheme == "int8" and cols % INT8_KERNEL_COLUMNS:  # a multiple of the 4 codes a stored int32 packs too
             return f"{cols} input features are not a multiple of {INT8_KERNEL_COLUMNS} (the int8 kernel's columns)"

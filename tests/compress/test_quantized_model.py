@@ -787,6 +787,19 @@ def test_int4_takes_a_smaller_group_where_the_asked_one_does_not_divide_and_leav
     assert isinstance(model.layers[0].mlp.down_proj, torch.nn.Linear)
 
 
+def test_a_smaller_group_is_explained_by_the_width_that_limits_it():
+    """The stacked experts at --group-size 128 take g32: their gate_up_proj's 64 columns rule out 128, their
+    down_proj's 32 rule out 64 too. The reason named the first, "64 input features are not a multiple of the group
+    size 128", which explains g64, not the g32 given; it names the width that limits the group."""
+    model = model_for_tests()
+    assignment = quantize_model(model, QuantConfig(scheme="int4", group_size=128))
+    experts = "int4 g32: 32 input features are not a multiple of the group size 128"
+    assert assignment["layers.1.mlp.experts"] == experts
+    assert model.layers[1].mlp.experts.down_proj.group == model.layers[1].mlp.experts.gate_up_proj.group == 32
+    o_proj = "int4 g64: 64 input features are not a multiple of the group size 128"
+    assert assignment["layers.0.self_attn.o_proj"] == o_proj
+
+
 def test_int4_at_group_size_256_quantizes_and_reloads_as_the_same_model(tmp_path):
     """QuantConfig refused group_size 256 (--group-size 256: "input should be 32, 64 or 128"), though torch's int4
     kernel and loading take g256; a layer 256 wide takes one scale a row, one narrower the largest group dividing it."""
