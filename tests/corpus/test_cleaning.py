@@ -1150,8 +1150,14 @@ def test_a_json_file_of_one_object_over_several_lines_is_read_as_one_row(tmp_pat
         list(open_source(nested))
     broken = tmp_path / "broken.json"
     broken.write_text('{"text": "a"\n{"text": "b"}\n')
-    with pytest.raises(DataSourceError, match=r"broken.json:1: not valid JSON"):
+    with pytest.raises(DataSourceError, match=r"broken.json:1: not valid JSON \(Expecting ',' delimiter at line 2 "):
         list(open_source(broken))
+    cut = tmp_path / "cut.jsonl"  # a last line cut short: json's message "Unterminated string starting at" alone
+    cut.write_text('{"text": "ok"}\n{"text": "cut sho')
+    with pytest.raises(
+        DataSourceError, match=r"cut.jsonl:2: not valid JSON \(Unterminated string starting at column 10\)$"
+    ):
+        list(open_source(cut))
 
 
 def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_path: Path) -> None:
@@ -1196,7 +1202,8 @@ def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_
     ("second_line", "message"),
     [
         ('{"body": "x"}', r"docs.jsonl:2: no field 'text', only 'body'; name the text's field with --field NAME in `"),
-        ("{oops", r"docs.jsonl:2: not valid JSON"),
+        ("{oops", r"docs.jsonl:2: not valid JSON \(Expecting property name enclosed in double quotes at column 2\)$"),
+        ('{"text": "a" "b"}', r"docs.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 14\)$"),
         ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
         ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
         ('{"text": "x", "n": ' + "9" * 5000 + "}", r"docs.jsonl:2: a JSON number too long to read \(Exceeds"),
