@@ -575,6 +575,7 @@ class Server:
             async for index, output in group:
                 usage.count(index, output, bill)
                 bill.update_soon()
+                choice_usage = usage.of_choice(index) if continuous else None
                 if index in unechoed:  # as vLLM: the prompt's text and logprobs, before the choice's own
                     unechoed.discard(index)
                     prompt = prompts[index // body.n]
@@ -583,7 +584,8 @@ class Server:
                     echo = CompletionChoice(
                         index=index, text=self.echo_text(body, index // body.n), logprobs=echo_logprobs
                     )
-                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo]))
+                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo],
+                                                 usage=choice_usage))  # fmt: skip
                 if index in policy.blocked:  # delivered before its abort
                     continue
                 # the token sampled after an echoed prompt alone is not shown: its chunk gives the finish reason
@@ -591,7 +593,6 @@ class Server:
                 finish_reason = "content_filter" if blocked else output.finish_reason
                 if not (text or entries or finish_reason):
                     continue
-                choice_usage = usage.of_choice(index) if continuous else None
                 if is_chat:
                     delta = ChatDelta(content=text)
                     if splits is not None:

@@ -619,9 +619,17 @@ def test_an_assistants_refusal_is_read_as_its_text_as_openai_takes_it_and_vllm_r
         assert error["param"] == param and words in error["message"]
 
 
-@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
-def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_vllm(engine, tmp_path, route, body):
-    """vLLM's stream_options extension was read and ignored: no chunk but the last had a usage."""
+@pytest.mark.parametrize(
+    "route, body, echoed",
+    [("/v1/completions", COMPLETION, 0), ("/v1/chat/completions", CHAT, 0),
+     ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}, 1)],
+)  # fmt: skip
+def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_vllm(
+    engine, tmp_path, route, body, echoed
+):
+    """vLLM's stream_options extension was read and ignored: no chunk but the last had a usage. An echo with
+    logprobs, sent with its choice's first token (which brings the prompt's logprobs), had none: its usage is that
+    token's."""
     options = {"include_usage": True, "continuous_usage_stats": True}
     [response] = post_each(engine, tmp_path / "db", [(route, {**body, "n": 2, "max_tokens": 4, "stream": True,
                                                                "stream_options": options})])  # fmt: skip
@@ -637,7 +645,7 @@ def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_v
         assert [(role["choices"][0]["index"], role["usage"]["completion_tokens"]) for role in roles] == [(0, 0), (1, 0)]
     for index in (0, 1):  # each token's chunk: its choice's completion tokens so far
         counts = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk["choices"][0]["index"] == index]
-        assert counts == [1, 2, 3, 4]
+        assert counts == [1] * echoed + [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
