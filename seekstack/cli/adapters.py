@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,6 @@ import typer
 
 from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors
 
-OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
 
@@ -90,8 +88,11 @@ def merge_command(
 
 def _paths_and_overrides(arguments: list[str]) -> tuple[tuple[str | None, str | None], list[str]]:
     """(BASE, DATA) and the overrides from `lora train`'s positionals: BASE and DATA are those before the first
-    `key=value` (`--resume` needs neither, so its overrides may come first)."""
-    paths = list(itertools.takewhile(lambda argument: not OVERRIDE.match(argument), arguments))
+    `key=value`, told from a path as `seekstack train` tells its config from one (`is_override`: `max-steps=3` is a
+    misspelt key, an existing `shards=v2` a path) (`--resume` needs neither, so its overrides may come first)."""
+    from seekstack.cli.train import is_override
+
+    paths = list(itertools.takewhile(lambda argument: not is_override(Path(argument)), arguments))
     if len(paths) > 2:
         raise ValueError(
             f"{paths[2]}: neither BASE nor DATA (given as {paths[0]} and {paths[1]}) nor a key=value override; "

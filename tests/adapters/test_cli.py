@@ -156,3 +156,21 @@ def test_lora_train_continues_another_runs_checkpoint_into_a_new_out_as_train_do
     assert not (tmp_path / "none").exists()
     said = " ".join(invoke("lora", "train", "--help").split())
     assert "or this checkpoint folder (another run's: continued in an --out holding no run yet)" in said
+
+
+def test_lora_train_tells_overrides_from_paths_as_train_does(tmp_path, monkeypatch):
+    """A misspelt key (max-steps=3) was taken for a path ('neither BASE nor DATA'), an existing path holding '=' in
+    the working directory for an override; `seekstack train`'s rule (is_override) tells them apart."""
+    from seekstack.cli.adapters import _paths_and_overrides
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards=v2").mkdir()
+    assert _paths_and_overrides(["base", "shards=v2", "max-steps=3"]) == (("base", "shards=v2"), ["max-steps=3"])
+    assert _paths_and_overrides(["base", "runs/lr=1e-3/data", "lora.rank=4"]) == (
+        ("base", "runs/lr=1e-3/data"),
+        ["lora.rank=4"],
+    )
+    base = write_base(tmp_path / "base")
+    result = runner.invoke(app, ["lora", "train", str(base), "shards=v2", "max-steps=3", "--out", "run"])
+    assert result.exit_code != 0 and "max_steps" in result.output and "neither BASE nor DATA" not in result.output
+    assert not (tmp_path / "run").exists()
