@@ -301,9 +301,12 @@ def resolve_train_config(
         raise (error.at(_blamed(cls, error, overrides, source)) if source else error) from None
     if resume and warn is not None:
         saved = check(cls, base, str(saved_path))
+        # another run's checkpoint goes on in the out_dir given, no change to warn of (the trainer's "resumed from"
+        # line says where the run now writes); a saved path is relative to its file, the user's to the cwd
+        own_run = saved_path.parent.resolve() == Path(config.out_dir).resolve()
         for f in dataclasses.fields(cls):
             old, new = getattr(saved, f.name), getattr(config, f.name)
-            if not same_value(f.name, old, new):  # a saved path is relative to its file, the user's to the cwd
+            if not same_value(f.name, old, new) and (own_run or f.name != "out_dir"):
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
 

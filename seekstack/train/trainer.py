@@ -97,6 +97,7 @@ from seekstack.train.runs import (
     out_dir_held,
     passed_over,
     refuse_new_run_into,
+    run_holding,
     step_dir,
     step_number,
 )
@@ -553,7 +554,7 @@ class _Run:
             with restoring(path, "progress_anchor"):
                 self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
-            note = passed_over(path) if resume is True else self._later_checkpoints_note()
+            note = passed_over(path) if resume is True else self._later_checkpoints_note() + self._other_run_note(path)
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
@@ -1155,6 +1156,17 @@ class _Run:
         return (
             f"; its first save deletes the run's later checkpoints {', '.join(later)}, of the history it leaves (move "
             f"them out of {checkpoint_dir(self.out_dir)} to keep them)"
+        )
+
+    def _other_run_note(self, checkpoint: Path) -> str:
+        """The end of the `resumed from` line of a run going on from another run's checkpoint (HF's
+        resume_from_checkpoint into a new output_dir): where it now writes, and that the other run stays as it was."""
+        run = run_holding(checkpoint)
+        if run is None or run.resolve() == self.out_dir.resolve():
+            return ""
+        return (
+            f"; a checkpoint of the run {run}, which is left as it was: this run goes on in {self.out_dir} (its "
+            f"checkpoints, {METRICS_FILE} and {CONFIG_FILE}), where --resume continues it"
         )
 
     def _last_checkpoint_text(self) -> str:
