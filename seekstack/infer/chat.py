@@ -113,9 +113,10 @@ class ChatSession:
             turns = turns[2:]  # the oldest user + assistant pair
             prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
         if len(prompt) >= context_len:
+            system = (" with the system prompt", " or change /system") if self.system else ("", "")
             raise ValueError(
-                f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
-                f"{context_len}: write less or change /system"
+                f"the message needs {len(prompt)} tokens{system[0]}; the context holds {context_len}: write "
+                f"less{system[1]}"
             )
         dropped = (len(self.turns) - len(turns)) // 2
         if dropped and self.notify:

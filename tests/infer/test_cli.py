@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -653,6 +654,21 @@ def test_chat_keeps_its_history_when_a_message_alone_is_too_long_and_names_text_
         with pytest.raises(ValueError, match=message):
             "".join(session.reply(text))
         assert session.turns == history  # the message is refused; the conversation stays
+
+
+@pytest.mark.parametrize(
+    "system, told",
+    [(None, "; the context holds 48: write less"),
+     ("Be brief.", " with the system prompt; the context holds 48: write less or change /system")],
+)  # fmt: skip
+def test_a_message_too_long_names_the_system_prompt_only_where_one_is_set(checkpoint, system, told):
+    """It said "the message needs 64 tokens with the system prompt; ...: write less or change /system" in a chat
+    that had none."""
+    session = ChatSession(
+        Engine.from_pretrained(checkpoint, max_model_len=48), SamplingParams(max_new_tokens=4), system
+    )
+    with pytest.raises(ValueError, match=rf"^the message needs \d+ tokens{re.escape(told)}$"):
+        "".join(session.reply("word " * 60))
 
 
 def test_chat_takes_only_the_system_command_itself(checkpoint):
