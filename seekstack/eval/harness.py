@@ -117,6 +117,26 @@ def request_seeds(requests: list) -> list[int]:
     return seeds
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """A tokenizer's special tokens under transformers' names: what lm_eval reads from a backend's `tokenizer` into
+    its results JSON (tokenizer_pad_token, tokenizer_eos_token, tokenizer_bos_token), as the HF backend's holds them."""
+
+    pad_token: str
+    pad_token_id: int
+    eos_token: str
+    eos_token_id: int
+    bos_token: str
+    bos_token_id: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> SpecialTokens:
+        """`tokenizer`'s pad token, EOS and BOS, each as its text and its id."""
+        text = tokenizer.backend.id_to_token
+        return cls(text(tokenizer.pad_id), tokenizer.pad_id, text(tokenizer.eos_id), tokenizer.eos_id,
+                   text(tokenizer.bos_id), tokenizer.bos_id)  # fmt: skip
+
+
 @register_model("seekstack")
 class SeekstackLM(TemplateLM):
     """A seekstack checkpoint directory (config.json, safetensors, tokenizer.json) as an lm_eval `LM`."""
@@ -169,6 +189,7 @@ class SeekstackLM(TemplateLM):
                   file=sys.stderr)  # fmt: skip
         peft = peft or adapter
         self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
+        self.tokenizer = SpecialTokens.of(self.tokenizer_)  # lm_eval records them with the results, and max_length
         check_tokenizer_fits(self.tokenizer_, read_config(weights).vocab_size, weights)  # before the weights load
         self.model = load_pretrained(weights, dtype=dtype, device=self._device)
         self.generation_defaults = sampling_defaults(weights)  # generation_config.json's, read as transformers reads it

@@ -372,6 +372,25 @@ def test_a_chat_rendered_with_a_llama_style_bos_is_encoded_with_that_bos_once_as
     assert our_logprob == pytest.approx(their_logprob, abs=ATOL)
 
 
+def test_lm_evals_results_record_the_tokenizers_special_tokens_and_max_length_as_of_the_hf_backend(checkpoint, ours):
+    """lm_eval's results JSON (seekstack eval --log-samples, python -m seekstack.eval.harness --output_path) held no
+    tokenizer_pad_token, tokenizer_eos_token, tokenizer_bos_token, eot_token_id or max_length for the seekstack
+    backend: lm_eval reads them from a backend's `tokenizer`, which it had none of."""
+    from lm_eval.loggers.utils import add_tokenizer_info
+    from lm_eval.models.huggingface import HFLM
+
+    theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=2, dtype="float32")
+    recorded: dict = {}
+    add_tokenizer_info(recorded, ours)
+    assert recorded == {
+        "tokenizer_pad_token": ["<｜▁pad▁｜>", "2"], "tokenizer_eos_token": ["<｜end▁of▁sentence｜>", "1"],
+        "tokenizer_bos_token": ["<｜begin▁of▁sentence｜>", "0"], "eot_token_id": 1, "max_length": 256,
+    }  # fmt: skip
+    their_record: dict = {}
+    add_tokenizer_info(their_record, theirs)
+    assert recorded == their_record
+
+
 def test_chat_template_is_the_one_checkpoints_ship_and_the_tokenizer_name_is_a_file_name(checkpoint, ours):
     assert ours.chat_template(True) == transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template
     assert ours.chat_template(False) is None
