@@ -86,7 +86,6 @@ def pass_at_k_command(
     (for several models) the same as a table."""
     from seekstack.checkpoint import read_config
     from seekstack.posttrain.evaluate import evaluate_task, heldout_problems
-    from seekstack.posttrain.tasks import make_task
 
     rows = []
     with user_errors():
@@ -94,7 +93,7 @@ def pass_at_k_command(
             read_config(model)
         for model in models:
             with options_named():  # a difficulty whose prompts pass the context names --difficulty
-                sampled_task = make_task(task, difficulty)
+                sampled_task = _options_task(task, difficulty)
                 with _problems_asked():
                     scored = heldout_problems(sampled_task, problems, seed)
                 engine = _sampling_engine(model, problems * samples, max_new_tokens, sampled_task, scored)
@@ -132,13 +131,12 @@ def traces_command(
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import trace_problems, verified_traces
-    from seekstack.posttrain.tasks import make_task
 
     with user_errors():
         if out.is_dir():
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
         with options_named():
-            sampled_task = make_task(task, difficulty)
+            sampled_task = _options_task(task, difficulty)
             with _problems_asked():
                 sampled = trace_problems(sampled_task, problems, seed)
             engine = _sampling_engine(model, 64 * samples, max_new_tokens, sampled_task, sampled)
@@ -153,6 +151,21 @@ def traces_command(
     summary |= {"accept_rate": traces.accept_rate, "prompts": traces.prompts, "prompts_solved": traces.prompts_solved}
     summary |= {"solved_rate": traces.solved_rate}
     typer.echo(json.dumps(summary))
+
+
+def _options_task(task: str, difficulty: int | None) -> Task:
+    """make_task for --task and --difficulty: a task it refuses (unknown, a bad file of problems) is a ConfigError
+    naming the field task, a difficulty for a file of problems one naming difficulty, which options_named says as the
+    option (was: "error: unknown task ...", exit 1, naming no option)."""
+    from seekstack.config import ConfigError
+    from seekstack.posttrain.tasks import make_task
+    from seekstack.posttrain.tasks.problems_file import is_problems_file
+
+    try:
+        return make_task(task, difficulty)
+    except ValueError as error:
+        field = "difficulty" if difficulty is not None and is_problems_file(task) else "task"
+        raise ConfigError(f": {error}", field=field) from None
 
 
 @contextlib.contextmanager

@@ -919,6 +919,27 @@ def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_pat
     assert "Invalid value for '--difficulty': Input should be greater than or equal to 1" in result.output
 
 
+@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [(["--task", "additon"], "Invalid value for '--task': unknown task 'additon'; known tasks are addition"),
+     (["--task", "{bad}"], "Invalid value for '--task': {bad}:1: field answer is \"x\": not one number"),
+     (["--task", "{good}", "--difficulty", "2"],
+      "Invalid value for '--difficulty': difficulty 2: task '{good}' is a file of problems, which has none")],
+)  # fmt: skip
+def test_sampling_commands_refuse_a_task_they_cannot_make_naming_the_option(tmp_path, command, options, refusal):
+    """Was "error: unknown task 'additon'; ..." (exit 1), naming no option, where --difficulty 0 was already the
+    parser's usage error naming it."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    files = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl"}
+    files["bad"].write_text('{"question": "What is 1 + 1?", "answer": "x"}\n')
+    files["good"].write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    options = [option.format(**files) for option in options]
+    result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], *options], terminal_width=1000)
+    assert result.exit_code == 2, result.output
+    assert refusal.format(**files) in " ".join(result.output.replace("│", " ").split()), result.output
+
+
 def test_pass_at_k_refuses_more_problems_than_the_task_has_naming_the_option(tmp_path):
     """Was "error: task addition at difficulty 1 yielded only 15 ... of 100 asked: ...; raise the difficulty or ask for
     fewer", fewer of what unsaid; now a usage error naming --problems, as the parser's own refusals (traces' is
