@@ -71,7 +71,7 @@ def data_build(
 
     from seekstack.corpus.build import build_corpus, report_table
     from seekstack.corpus.rules import CleaningConfig
-    from seekstack.corpus.sources import expanded_inputs, open_source
+    from seekstack.corpus.sources import expanded_inputs, open_source, refuse_row_options_without_rows
     from seekstack.schema import load_config
     from seekstack.schema import write_config as write
 
@@ -86,6 +86,7 @@ def data_build(
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
         sources = [open_source(spec, field, id_field, rows_field) for spec in expanded_inputs(inputs or ["stdlib"])]
+        refuse_row_options_without_rows(sources, field, id_field)
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")

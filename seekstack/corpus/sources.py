@@ -880,6 +880,20 @@ def expanded_inputs(specs: list[str]) -> list[str]:
 _READ_BY_SEEKING = {".parquet": ("a Parquet", read_parquet), ".arrow": ("an Arrow", read_arrow)}
 
 
+def refuse_row_options_without_rows(sources: list[Iterable[Document]], field: str, id_field: str | None) -> None:
+    """DataSourceError when --field (other than `text`) or --id-field is given and no source holds rows (`Rows`): a
+    folder, a text file or `stdlib` is read whole, file by file, so the option would be passed over unsaid (a folder
+    given where its JSONL shards were meant)."""
+    given = [f"--field {field}"] * (field != "text") + [f"--id-field {id_field}"] * (id_field is not None)
+    if given and not any(isinstance(source, Rows) for source in sources):
+        raise DataSourceError(
+            f"{' and '.join(given)} {'name' if len(given) > 1 else 'names'} a field or column of rows, and no input "
+            "holds rows: folders, text files and stdlib are read whole, a document a file, named by its path. Give "
+            "the .jsonl, .json, .parquet, .csv, .tsv or .arrow files themselves (a folder's as FOLDER/*.jsonl) or a "
+            "saved dataset, or leave the option out"
+        )
+
+
 def open_source(
     spec: str | Path, field: str = "text", id_field: str | None = None, rows_field: str | None = None
 ) -> Iterable[Document]:

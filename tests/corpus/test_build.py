@@ -284,6 +284,32 @@ def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(t
     assert "0: none" in CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output
 
 
+def test_cli_refuses_field_or_id_field_when_no_input_holds_rows(tmp_path: Path) -> None:
+    """--field or --id-field given with folders and text files alone (a folder of JSONL shards, which a folder's
+    reading passes over) was passed over unsaid: the text files were built, named by their paths."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text(prose(1))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": prose(2), "uid": "r1"}) + "\n")
+    args = ["data", "build", str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]
+    for options, named in [
+        (["--field", "content"], "--field content names"),
+        (["--id-field", "uid"], "--id-field uid names"),
+    ]:
+        refused = CliRunner().invoke(app, [*args, *options])
+        assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+        assert " ".join(refused.output.split()) == (
+            f"error: {named} a field or column of rows, and no input holds rows: folders, text files and stdlib are "
+            "read whole, a document a file, named by its path. Give the .jsonl, .json, .parquet, .csv, .tsv or "
+            ".arrow files themselves (a folder's as FOLDER/*.jsonl) or a saved dataset, or leave the option out"
+        )
+    both = CliRunner().invoke(app, [*args, "--field", "content", "--id-field", "uid"])
+    assert "error: --field content and --id-field uid name a field" in " ".join(both.output.split())
+    built = CliRunner().invoke(app, [*args, str(tmp_path / "rows.jsonl"), "--id-field", "uid"])  # with rows: as before
+    assert built.exit_code == 0, built.output
+    assert sorted(row["id"] for split in read_rows(tmp_path / "out").values() for row in split) == ["a.txt", "r1"]
+
+
 def test_cli_reads_the_rows_a_json_object_holds_under_rows_field(tmp_path: Path) -> None:
     rows = {"version": "1.1", "data": [{"id": f"q{i}", "text": prose(i)} for i in range(3)]}
     (tmp_path / "squad.json").write_text(json.dumps(rows, indent=2))
