@@ -5,9 +5,9 @@ What stays in the model's dtype, always: the embedding, the router gate (`mlp.ga
 tiny), the norms and biases, and `kv_b_proj` (MLA's decode path absorbs it as a matrix, W^UK and W^UV; vLLM also
 keeps it unquantized). By default also `lm_head` (the vocabulary projection decides every token; DeepSeek's FP8
 release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces the
-default lm_head (an empty one keeps none; fp8 keeps lm_head and eh_proj regardless, as that format's readers take
-them in float: vLLM builds the head unquantized, transformers leaves it out of its fp8 layers); `layers` assigns a
-scheme per layer (what adaptive precision writes).
+default lm_head (an empty one keeps none; fp8 keeps lm_head and eh_proj whatever `keep` and `layers` say, as that
+format's readers take them in float: vLLM builds them unquantized, transformers leaves the head out of its fp8
+layers); `layers` assigns a scheme per layer (what adaptive precision writes).
 Layer names are fnmatch patterns, of our names (`lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`) or of the
 checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); one that names no layer is refused.
 """
@@ -77,13 +77,12 @@ class QuantConfig:
         """The scheme layer `name` (checkpoint name `key`) gets (`int4-gN` when its group is set per layer), or None
         when it stays in high precision."""
         names = (name,) if key is None else (name, key)
-        if _matches(ALWAYS_KEPT, (name,)):
+        if _matches(ALWAYS_KEPT, (name,)) or (self.scheme == "fp8" and _matches(FP8_KEEP, names)):
             return None
         for pattern, scheme in self.layers.items():
             if _matches((pattern,), names):
                 return None if scheme == "none" else scheme
-        keep = [*self.keep, *(FP8_KEEP if self.scheme == "fp8" else ())]
-        return None if _matches(keep, names) else self.scheme
+        return None if _matches(self.keep, names) else self.scheme
 
     def refuse_unmatched_patterns(self, layers: dict[str, str]) -> None:
         """ConfigError naming the first `keep` or `layers` pattern that matches none of `layers` (our name ->

@@ -787,6 +787,16 @@ def test_int4_takes_a_smaller_group_where_the_asked_one_does_not_divide_and_leav
     assert isinstance(model.layers[0].mlp.down_proj, torch.nn.Linear)
 
 
+def test_fp8_keeps_the_head_and_the_mtp_eh_proj_whatever_a_layers_pattern_says():
+    """A --config's `layers: {"*": fp8}` wrote lm_head and eh_proj in fp8 with weight_scale_inv, which vLLM (both
+    plain layers in its DeepSeek models) and transformers (the head left out of its fp8 layers) misread."""
+    model = model_for_tests()
+    assignment = quantize_model(model, QuantConfig(scheme="fp8", fp8_block=(16, 16), layers={"*": "fp8"}))
+    assert assignment["lm_head"] == assignment["mtp.0.eh_proj"] == "kept"
+    assert assignment["layers.0.self_attn.o_proj"] == "fp8"
+    assert type(model.lm_head) is type(model.mtp[0].eh_proj) is torch.nn.Linear
+
+
 def test_a_smaller_group_is_explained_by_the_width_that_limits_it():
     """The stacked experts at --group-size 128 take g32: their gate_up_proj's 64 columns rule out 128, their
     down_proj's 32 rule out 64 too. The reason named the first, "64 input features are not a multiple of the group
