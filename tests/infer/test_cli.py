@@ -388,6 +388,24 @@ def test_serve_names_a_run_s_model_by_the_run(checkpoint, monkeypatch, tmp_path)
     assert served.pop().served_model_name == "mine"
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_an_auto_plan_that_puts_parts_on_disk_says_which(checkpoint, tmp_path, command):
+    """A budget too small for the model (auto:cpu=1KB, a mistyped 1GB) ran it from disk unsaid, where accelerate's
+    plan stops to ask for an offload folder: the parts no budget holds are now named."""
+    args = [command, "--model", str(checkpoint), *(["x"] if command == "generate" else []), "--max-new-tokens", "2",
+            "--dtype", "float32", "--offload-dir", str(tmp_path)]  # fmt: skip
+    spilled = runner.invoke(app, [*args, "--device-map", "auto:cpu=1KB"], input="")
+    assert spilled.exit_code == 0, spilled.output
+    assert spilled.stderr == (
+        "note: --device-map auto:cpu=1KB puts 11 part(s) on disk, which fit in none of its budgets: embed_tokens=disk,"
+        "norm=disk,lm_head=disk,layers.0-2.self_attn=disk,layers.0.mlp=disk,layers.1-2.mlp.shared_experts=disk,"
+        "layers.1-2.mlp.experts=disk; they are read from disk as each step runs them (raise a budget to hold them in "
+        "memory)\n"
+    )
+    held = runner.invoke(app, [*args, "--device-map", "auto:cpu=1GiB"], input="")
+    assert held.exit_code == 0 and held.stderr == "", held.output
+
+
 def test_disk_parts_are_copied_to_the_offload_dir_given_and_an_unwritable_one_is_named(
     checkpoint, monkeypatch, tmp_path
 ):
