@@ -599,6 +599,31 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
 
 
+def test_an_async_run_resumed_from_a_checkpoint_saved_mid_batch_logs_what_the_uninterrupted_one_logs(
+    tmp_path, sft_model
+):
+    """save_every=1 at num_iterations=2: the checkpoint after step 1 holds the batch half trained on and the one
+    sampled ahead, which it waited for. The run resumed from it takes the same batches and logs the same metrics as
+    the uninterrupted run (all but the clock's), and ends on the same weights."""
+    common = [f"init_from={sft_model}", *RUN, "num_iterations=2", "lr=1e-3", "max_steps=4", "async_rollouts=true"]
+    common += ["max_completion_length=40", "task=addition", "difficulty=1"]
+    straight = [*common, f"out_dir={tmp_path / 'a'}", "save_every=1", "keep_checkpoints=4"]
+    run_rl(resolve_train_config(None, straight, cls=GRPOConfig))
+    resumed = resolve_train_config(None, [*common, f"out_dir={tmp_path / 'b'}"], cls=GRPOConfig)
+    run_rl(resumed, resume=tmp_path / "a" / "checkpoints" / "step_1")
+    clock = ("_s", "_share", "tokens_per_s", "mfu", "peak_flops", "peak_source", "threads")
+
+    def logged(run: str) -> list[dict]:
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{name: value for name, value in line.items() if not name.endswith(clock)} for line in lines]
+
+    assert logged("b") == logged("a")[1:]
+    assert logged("b")[0]["reward_std"] > 0 or logged("b")[1]["reward_std"] > 0  # batches with an advantage
+    weights_a = load_pretrained(tmp_path / "a" / "checkpoints" / "step_4").state_dict()
+    weights_b = load_pretrained(tmp_path / "b" / "checkpoints" / "step_4").state_dict()
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
 def test_the_share_of_completions_the_token_limit_cut_is_logged():
     """They score 0 (no final answer): how many there are says whether max_completion_length is too short."""
     eos = 1
