@@ -158,12 +158,12 @@ def data_quality_train(
     from seekstack.corpus.pii import scrub_pii
     from seekstack.corpus.quality import train_quality_model
     from seekstack.corpus.rules import normalise
-    from seekstack.corpus.sources import TextFolder, expanded_inputs, open_source
+    from seekstack.corpus.sources import TextFolder, expanded_inputs, open_source, refuse_row_options_without_rows
 
-    def texts(specs: list[str], option: str) -> list[str]:
-        """The documents of `specs` as `data build` writes the rows that `data select` scores: normalised (HTML
-        references decoded, line ends, NFC) and PII scrubbed, so that the model learns the n-grams it will score."""
-        sources = [open_source(spec, field) for spec in expanded_inputs(specs)]
+    def texts(specs: list[str], sources: list, option: str) -> list[str]:
+        """The documents of `sources` (opened from `specs`) as `data build` writes the rows that `data select` scores:
+        normalised (HTML references decoded, line ends, NFC) and PII scrubbed, so that the model learns the n-grams it
+        will score."""
         documents = itertools.chain.from_iterable(sources)
         read = [scrub_pii(normalise(doc.text))[0] for doc in itertools.islice(documents, max_documents)]
         if not read:
@@ -179,7 +179,11 @@ def data_quality_train(
         return read
 
     with user_errors():
-        positives, negatives = texts(reference, "--reference"), texts(pool, "--pool")
+        references, pools = (
+            [open_source(spec, field) for spec in expanded_inputs(specs)] for specs in (reference, pool)
+        )
+        refuse_row_options_without_rows([*references, *pools], field, None)
+        positives, negatives = texts(reference, references, "--reference"), texts(pool, pools, "--pool")
         train_quality_model(positives, negatives, seed=seed).save(out)
     typer.echo(f"wrote {out}: trained on {len(positives)} reference and {len(negatives)} pool documents")
 

@@ -95,6 +95,23 @@ def test_cli_quality_train_on_a_corpus_folder_says_its_jsonl_files_were_not_read
     assert "files of other suffixes were not read (.jsonl 2)" in message and "e.g. FOLDER/train.jsonl" in message
 
 
+def test_cli_quality_train_refuses_field_when_no_input_holds_rows(tmp_path: Path) -> None:
+    """`--field content` with folders of text files alone was passed over: the files were trained on whole."""
+    for side, texts in (("ref", CODE[:2]), ("pool", CODE[2:4])):
+        (tmp_path / side).mkdir()
+        for number, text in enumerate(texts):
+            (tmp_path / side / f"{number}.txt").write_text(text)
+    args = ["data", "quality-train", "--reference", str(tmp_path / "ref"), "--pool", str(tmp_path / "pool")]
+    refused = CliRunner().invoke(app, [*args, "--field", "content", "--out", str(tmp_path / "q.npz")])
+    assert refused.exit_code == 1 and not (tmp_path / "q.npz").exists()
+    assert " ".join(refused.output.split()).startswith(
+        "error: --field content names a field or column of rows, and no input holds rows: folders, text files"
+    )
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"content": CODE[4]}) + "\n")
+    with_rows = [*args, "--reference", str(tmp_path / "rows.jsonl"), "--field", "content"]
+    assert CliRunner().invoke(app, [*with_rows, "--out", str(tmp_path / "q.npz")]).exit_code == 0
+
+
 def write_corpus(folder: Path, texts: list[str]) -> Path:
     folder.mkdir()
     with open(folder / "train.jsonl", "w", encoding="utf-8") as train:
