@@ -3,6 +3,7 @@ checkpoints resume at another number of ranks, and compressed gradient all-reduc
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import os
 import pickle
@@ -55,16 +56,39 @@ def train_on_two_ranks(config, resume=False) -> None:
     mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
 
 
+def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resume, rank_main, stacks: str) -> None:
+    """`rank_main` on a rank that writes where each of its threads is to `stacks`_RANK.txt on SIGUSR1."""
+    with open(f"{stacks}_{rank}.txt", "w") as stack_file:
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+        rank_main(rank, world_size, port, config, resume)
+
+
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
     """`train_on_two_ranks` (each rank running `rank_main`), failing the test instead of waiting forever when the
-    ranks hang."""
-    context = mp.spawn(rank_main, args=(2, free_port(), config, False), nprocs=2, join=False)
+    ranks hang, with where each rank still running was (its Python stack) and what it wrote."""
+    stacks = Path(config.out_dir).parent / f"{Path(config.out_dir).name}_stack"
+    context = mp.spawn(
+        _rank_telling_its_stack,
+        args=(2, free_port(), config, False, rank_main, str(stacks)),
+        nprocs=2,
+        join=False,
+    )
     deadline = time.monotonic() + seconds
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
+            running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for rank in running:
+                os.kill(context.processes[rank].pid, signal.SIGUSR1)
+            time.sleep(2)  # the stacks written
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the two ranks still ran after {seconds} s: hung")
+            told = "\n".join(f"rank {rank}:\n{_stack_told(Path(f'{stacks}_{rank}.txt'))}" for rank in running)
+            ranks = " and ".join(map(str, running))
+            pytest.fail(f"the two ranks still ran after {seconds} s (rank {ranks} hung); where they were:\n{told}")
+
+
+def _stack_told(stack_file: Path) -> str:
+    return stack_file.read_text() if stack_file.is_file() else "(not started: it had not reached rank_main)"
 
 
 def losses(out_dir: Path) -> list[float]:
@@ -624,8 +648,9 @@ def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_step_with_a_check
 ):
     steps = dict(max_steps=5, eval_every=0, save_every=0)
     single = train(run_config(data_dir, tmp_path / "one", **steps))
+    # a budget for the whole run, spawn and peak probes included: on 2 cores beside 2 busy processes it took 84-98 s
     train_on_two_ranks_within(
-        120, run_config(data_dir, tmp_path / "cut", **steps), _train_rank_ctrl_c_on_rank_0_in_step_3
+        300, run_config(data_dir, tmp_path / "cut", **steps), _train_rank_ctrl_c_on_rank_0_in_step_3
     )
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_3"]  # the step it reached was finished
     train_on_two_ranks(run_config(data_dir, tmp_path / "cut", **steps), resume=True)
