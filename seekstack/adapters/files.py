@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import re
 import shutil
@@ -175,13 +176,12 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
 def _fitting_lora_config(model: Transformer, folder: str | Path) -> LoraConfig:
     """The peft config of the adapter in `folder`, refused (CheckpointError naming the file) where the adapter does
     not fit `model` as far as that is known before peft wraps it: no weights, a quantized base, token ids outside the
-    vocabulary, token rows of a tied base."""
+    vocabulary."""
     folder = Path(folder)
     config = read_lora_config(folder)  # its own errors name what is wrong with the folder or the file
     adapter_weights(folder)
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
-    refuse_token_rows_of_a_tied_base(config, model.config, folder)
     return config
 
 
@@ -242,18 +242,6 @@ def refuse_token_ids_outside_vocabulary(config: LoraConfig, vocab_size: int, fol
                 f"{outside[:5]}{' ...' if len(outside) > 5 else ''} outside this base's vocabulary of {vocab_size} "
                 "tokens: the adapter was made on a base with a larger (resized) vocabulary"
             )
-
-
-def refuse_token_rows_of_a_tied_base(config: LoraConfig, model_config: ModelConfig, folder: str | Path) -> None:
-    """CheckpointError naming the adapter's config file when it replaces token rows (trainable_token_indices) of a
-    base whose head and embedding are one matrix (tie_word_embeddings): peft ties such rows of both through
-    transformers' embedding hooks, which seekstack's model has not (peft failed with an AttributeError)."""
-    if config.trainable_token_indices and model_config.tie_word_embeddings:
-        raise CheckpointError(
-            f"{Path(folder) / ADAPTER_CONFIG_FILE}: the adapter replaces token rows (trainable_token_indices) of a "
-            "base whose output head and embedding are tied (tie_word_embeddings), which seekstack does not apply; "
-            "use an untied base"
-        )
 
 
 def refuse_quantized_base(model: torch.nn.Module, folder: str | Path) -> None:
@@ -419,11 +407,13 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     tied = model.config.tie_word_embeddings
     if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
+        model.config = dataclasses.replace(model.config)  # peft's merge unties the config it finds, in place
     merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
-    if tied and torch.equal(merged.lm_head.weight, merged.embed_tokens.weight):
-        merged.tie_weights()
-    elif tied:
-        merged.config = merged.config.replace(tie_word_embeddings=False)
+    if tied:
+        equal = torch.equal(merged.lm_head.weight, merged.embed_tokens.weight)
+        merged.config = merged.config.replace(tie_word_embeddings=equal)
+        if equal:
+            merged.tie_weights()
     return merged
 
 

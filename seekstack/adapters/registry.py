@@ -67,14 +67,19 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
     the adapter does not fit the model, is DoRA (`dora`) or adapts an MoE router (peft's all-linear targets
     `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, was saved by peft for a
-    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied
-    (`load_adapter`'s refusal)."""
+    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
     if peft_config.use_dora:
         raise CheckpointError(
             f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
             "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
+        )
+    if peft_config.trainable_token_indices and config.tie_word_embeddings:
+        raise CheckpointError(
+            f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head and "
+            "embedding are tied (tie_word_embeddings), which serving beside other adapters does not apply; serve the "
+            "merged checkpoint of `seekstack lora merge` instead"
         )
     if _residual_init(peft_config.init_lora_weights):
         raise CheckpointError(

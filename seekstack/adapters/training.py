@@ -271,20 +271,13 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
 
 def refuse_more_rows_than_the_base_has(adapter: AdapterConfig, base: str | Path) -> None:
     """A ConfigError naming lora.head_tokens or lora.embedding_tokens, before the run writes anything, when it asks
-    for more trained rows than the base's head and embedding have (its vocab_size), or for any where the two are one
-    matrix (tie_word_embeddings), whose rows seekstack does not train (`refuse_token_rows_of_a_tied_base`)."""
+    for more trained rows than the base's head and embedding have (its vocab_size)."""
     config, config_file = read_config(base), Path(base) / "config.json"
     for name in ("head_tokens", "embedding_tokens"):
         require(
             getattr(adapter, name) <= config.vocab_size,
             PREFIX + name,
             f"at most {config.vocab_size:,}, the rows of the base's head and embedding (vocab_size in {config_file})",
-        )
-        require(
-            not (getattr(adapter, name) and config.tie_word_embeddings),
-            PREFIX + name,
-            f"0 on a base whose head is its embedding (tie_word_embeddings in {config_file}): rows of one matrix "
-            "trained for both are not offered; adapt them with lora.vocabulary, or use an untied base",
         )
 
 

@@ -94,6 +94,19 @@ class Transformer(nn.Module):
         routing biases stay float32 in any."""
         return self.embed_tokens.weight.dtype
 
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # transformers' map, tied when the config says so
+    # read by peft alone, which otherwise makes the embedding's output require grad (a backward through every block)
+    # for reentrant checkpointing; seekstack's (parallel/parallelize.py) is non-reentrant and needs no such inputs
+    is_gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding, as transformers' models name it (peft finds the embedding's token rows by it)."""
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output head, as transformers' models name it."""
+        return self.lm_head
+
     def tie_weights(self) -> None:
         """Share the output head with the embedding when the config says so."""
         if self.config.tie_word_embeddings:

@@ -31,7 +31,7 @@ from seekstack.posttrain.conversations import HELD_OUT_FILE, conversation_key
 from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import TRAIN_STATE_FILE
-from tests.adapters.support import prompt_ids, write_base, write_random_adapter
+from tests.adapters.support import TINY, prompt_ids, write_base, write_random_adapter
 from tests.posttrain.support import loss_and_gradients
 from tests.train.test_trainer import write_split
 
@@ -346,6 +346,41 @@ def test_layers_given_on_the_command_line_adapt_only_those_layers(base, data_dir
     with pytest.raises(ConfigError, match="'lora.layers'.*below 2"):  # the base has 2 main layers
         train_adapter(train_config, adapter, continued)
     assert not (tmp_path / "beyond").exists()
+
+
+@pytest.mark.parametrize("rows", [["lora.embedding_tokens=3", "lora.head_tokens=3"], ["lora.head_tokens=4"]])
+def test_token_rows_of_a_tied_base_train_and_load_in_peft_as_ours_merge_and_are_refused_by_serving(
+    data_dir, tmp_path, rows
+):
+    """On a base whose head is its embedding, the same ids of both are one set of rows (peft ties the head's to the
+    embedding's through get_input_embeddings and _tied_weights_keys); head rows alone change the head only."""
+    torch.manual_seed(0)
+    config = seekstack.preset("tiny", **TINY, tie_word_embeddings=True)
+    tied = seekstack.save_pretrained(seekstack.Transformer(config), tmp_path / "tied")
+    overrides = [*RUN, "max_steps=2", "lora.attention=[o_proj]", "lora.feed_forward=[]", "lora.experts=[]"]
+    train_adapter(*lora_train_config(tied, data_dir, tmp_path / "rows", [*overrides, *rows]))
+    tuned = load_adapter(seekstack.load_pretrained(tied), tmp_path / "rows")
+    before = seekstack.load_pretrained(tied)
+    ids = prompt_ids()
+    with torch.no_grad():
+        ours = tuned(ids).logits
+        merged = seekstack.load_pretrained(merge_adapter(tied, tmp_path / "rows", tmp_path / "merged"))
+        merged_logits = merged(ids).logits
+    trained = sorted(frequent_tokens(data_dir, 3 if len(rows) == 2 else 4))
+    embedding_changed = (merged.embed_tokens.weight != before.embed_tokens.weight).any(dim=1).nonzero().flatten()
+    head_changed = (merged.lm_head.weight != before.lm_head.weight).any(dim=1).nonzero().flatten()
+    assert head_changed.tolist() == trained and embedding_changed.tolist() == (trained if len(rows) == 2 else [])
+    assert merged.config.tie_word_embeddings == (len(rows) == 2)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(plain, tmp_path / "rows")(ids).logits
+    assert (ours - theirs).abs().max() < PEFT_ATOL and (merged_logits - ours).abs().max() < MERGE_ATOL
+    assert (ours - before(ids).logits).abs().max() > 1e-3
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_CONFIG_FILE}: .*tied.*seekstack lora merge"):
+        read_factors(config, tmp_path / "rows")
 
 
 def test_a_head_tokens_count_above_the_vocabulary_is_refused_before_the_run_folder_is_made(base, data_dir, tmp_path):
