@@ -562,16 +562,23 @@ class Server:
         tools = is_chat and body.offered_tools()
         parsers = [ToolCallParser.for_request(body, self.engine.tokenizer) for _ in range(n)] if tools else None
         options = body.stream_options
-        continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
+        asked_usage = options is not None and options.include_usage
+        continuous = asked_usage and options.continuous_usage_stats  # as vLLM
+        kind = ChatCompletionChunk if is_chat else CompletionResponse
+
+        def chunk(choices: list, usage_so_far: Usage | None = None) -> str:
+            """The event of a chunk of `choices`; with include_usage it has `usage_so_far` (null but on the last
+            chunk, or with continuous_usage_stats), and without, no usage field, as OpenAI's."""
+            shown = {"usage": usage_so_far} if asked_usage else {}
+            return sse(kind(id=response_id, created=created, model=bill.model, choices=choices, **shown))
+
         try:
             first_usage = bill.usage() if continuous else None  # the chunk of every choice: the call's, no tokens yet
             for i in range(n):  # one choice a chunk, as OpenAI and vLLM send them (a client reads choices[0])
                 if is_chat:
-                    yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i)], first_usage))
+                    yield chunk([_role_choice(i)], first_usage)
                 elif body.echo and not echo_with_logprobs:
-                    echo = CompletionChoice(index=i, text=self.echo_text(body, i // body.n))
-                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo],
-                                                 usage=first_usage))  # fmt: skip
+                    yield chunk([CompletionChoice(index=i, text=self.echo_text(body, i // body.n))], first_usage)
             async for index, output in group:
                 usage.count(index, output, bill)
                 bill.update_soon()
@@ -584,8 +591,7 @@ class Server:
                     echo = CompletionChoice(
                         index=index, text=self.echo_text(body, index // body.n), logprobs=echo_logprobs
                     )
-                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo],
-                                                 usage=choice_usage))  # fmt: skip
+                    yield chunk([echo], choice_usage)
                 if index in policy.blocked:  # delivered before its abort
                     continue
                 # the token sampled after an echoed prompt alone is not shown: its chunk gives the finish reason
@@ -609,21 +615,19 @@ class Server:
                         logprobs=chat_logprobs(entries, self.engine.tokenizer) if shown_entries else None,
                         finish_reason=finish_reason,
                     )
-                    yield sse(self._chat_chunk(response_id, created, bill.model, [choice], choice_usage))
+                    yield chunk([choice], choice_usage)
                 else:
                     logprobs = None
                     if body.logprobs is not None and entries:
                         logprobs = completion_logprobs(entries, text_offsets[index])
                         text_offsets[index] += sum(len(entry.token) for entry in entries)
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
-                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice],
-                                                 usage=choice_usage))  # fmt: skip
+                    yield chunk([choice], choice_usage)
             if splits is not None:
                 bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
             await bill.record_async(200)  # before the usage chunk: a client that leaves once it has it had its answer
-            if body.stream_options and body.stream_options.include_usage:
-                kind = ChatCompletionChunk if is_chat else CompletionResponse
-                yield sse(kind(id=response_id, created=created, model=bill.model, choices=[], usage=bill.usage()))
+            if asked_usage:
+                yield chunk([], bill.usage())
         except Exception as error:  # the status line has gone: the client learns it from an error event
             await bill.record_async(500)
             yield sse(internal_error(error, "generating").body())
@@ -666,11 +670,6 @@ class Server:
             return ""
         prompt = completion_prompts(body)[prompt_index]
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
-
-    def _chat_chunk(
-        self, response_id: str, created: int, model: str, choices: list[ChatChunkChoice], usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage)
 
     def usage_report(
         self,

@@ -624,7 +624,19 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class UsageWhenSet(BaseModel):
+    """A response whose `usage` field is left out unless it was given (null included): a stream's chunks have it only
+    with stream_options.include_usage, as OpenAI's ("only present when you set stream_options")."""
+
+    @model_serializer(mode="wrap")
+    def _usage_when_set(self, serialize):  # no return type: the schema stays the fields'
+        serialized = serialize(self)
+        if "usage" not in self.model_fields_set:
+            serialized.pop("usage", None)
+        return serialized
+
+
+class ChatCompletionChunk(UsageWhenSet):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -649,7 +661,7 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, keyed by token id
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(UsageWhenSet):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

@@ -853,3 +853,21 @@ def test_every_400_naming_a_field_at_fault_says_invalid_value_as_the_others_do(e
     assert [(error["param"], error["code"]) for error in errors] == [
         (param, "invalid_value") for param in [*(param for _, _, param in refusals), "since", "until"]
     ]
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_a_streams_chunks_have_a_usage_field_only_with_include_usage_as_openais(engine, tmp_path, route, body):
+    """Every chunk carried "usage": null though the request asked for no usage; OpenAI's chunks have the field "only
+    when you set stream_options: {include_usage: true}", then null on each chunk but the last, which has it."""
+    streamed = {**body, "n": 2, "max_tokens": 3, "stream": True}
+    plain, asked = post_each(engine, tmp_path / "db", [
+        (route, streamed), (route, {**streamed, "stream_options": {"include_usage": True}}),
+    ])  # fmt: skip
+    for response, usage_shown in ((plain, False), (asked, True)):
+        lines = response.text.splitlines()
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert len(chunks) >= 6 and [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+        assert ["usage" in chunk for chunk in chunks] == [usage_shown] * len(chunks)
+    *chunks, last = [json.loads(line[6:]) for line in asked.text.splitlines() if line.startswith("data: {")]
+    assert [chunk["usage"] for chunk in chunks] == [None] * len(chunks)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
