@@ -383,6 +383,22 @@ def test_weights_compressed_by_a_sparsity_config_are_refused_and_sparse_dense_on
         )
 
 
+@pytest.mark.parametrize("scheme, key", [("fp8", f"{Q_B}.weight"), ("int4", f"{Q_B}.weight_packed")])
+def test_a_key_a_shard_holds_that_the_index_does_not_list_is_refused_naming_the_index_the_shard_and_the_key(
+    tmp_path, scheme, key
+):
+    """The index out of step with its shards: the refusal said the weights lack the key ("missing key ...; the weights
+    do not match config.json"), though a shard holds it."""
+    directory = save_quantized(tmp_path / scheme, scheme, max_shard_bytes=8_000)
+    index = json.loads((directory / INDEX_FILE).read_text())
+    shard = index["weight_map"].pop(key)
+    (directory / INDEX_FILE).write_text(json.dumps(index))
+    assert load_error(directory, dequantize=False) == (
+        f"{directory / INDEX_FILE}: does not list key {key!r} (in {shard}), which its shards hold; the index does "
+        "not match its shards: re-save or re-download the checkpoint"
+    )
+
+
 @pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
 def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
     tmp_path, dtype, stored

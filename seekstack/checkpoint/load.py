@@ -180,8 +180,7 @@ def refuse_unstored_keys(directory: str | Path) -> None:
             per_expert = [k for k, _ in sources or [] if reader.weight_key(k.removesuffix(".weight")) not in reader]
             missing += per_expert if sources is not None else [key]
         if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise reader.missing(", ".join(map(repr, missing[:3])) + more)
+            raise reader.missing(missing)
 
 
 def loading_dtype(
@@ -322,7 +321,9 @@ def _float_pieces(
     if sources is not None and key not in reader:  # per expert, or in neither layout
         first_expert = sources[0][0]
         if reader.weight_key(first_expert.removesuffix(".weight")) not in reader:
-            raise reader.missing(f"{key!r} (routed experts stacked) or {first_expert!r} (per expert)")
+            raise reader.missing(
+                [key, first_expert], f"{key!r} (routed experts stacked) or {first_expert!r} (per expert)"
+            )
     sources = None if key in reader else sources  # the stacked layout in float: one key
     sources = sources or [(key, target)]
     return [view for _, view in sources], functools.partial(_read_pieces, reader, sources, target.dtype)

@@ -723,10 +723,28 @@ class CheckpointReader:
         seekstack did not write (safetensors pads a header to 8 bytes only) often hold tensors that do not."""
         return self._get(key).data_ptr() % ALIGNMENT == 0
 
-    def missing(self, keys: str) -> CheckpointError:
-        """The error for keys the checkpoint lacks (`keys` as the message names them), naming its index or its file."""
-        where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
-        return CheckpointError(f"{where}: missing key {keys}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+    def missing(self, keys: list[str], described: str | None = None) -> CheckpointError:
+        """The error for keys the checkpoint lacks (`described`, else `keys`, as the message names them), naming its
+        index or its file; or, where shards hold tensors of their layers that the index does not list (an index out of
+        step with its shards), naming the index, those keys and their shards."""
+        index = self.directory / INDEX_FILE
+        unlisted = []
+        if index.exists():
+            layers = tuple(key.removesuffix("weight") for key in keys)  # "X.weight" -> "X.": weight_packed too
+            for file in sorted(self.directory.glob("*.safetensors")):
+                with _open_safetensors(file) as handle:
+                    held = [k for k in handle.keys() if k not in self.key_to_file and k.startswith(layers)]  # noqa: SIM118
+                unlisted += [f"{key!r} (in {file.name})" for key in held]
+        if unlisted:
+            more = f" (and {len(unlisted) - 3} more)" if len(unlisted) > 3 else ""
+            return CheckpointError(
+                f"{index}: does not list key {', '.join(unlisted[:3])}{more}, which its shards hold; the index does "
+                f"not match its shards: {DAMAGED}"
+            )
+        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+        named = described or ", ".join(map(repr, keys[:3])) + more
+        where = index if index.exists() else self.directory / SINGLE_FILE
+        return CheckpointError(f"{where}: missing key {named}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
 
     def _get(self, key: str) -> torch.Tensor:
         tensor = self._from_file(key, lambda handle: handle.get_tensor(key))
@@ -738,7 +756,7 @@ class CheckpointReader:
         """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and
         the key when the key is missing or the file cannot give it (an index pointing at the wrong shard)."""
         if key not in self.key_to_file:
-            raise self.missing(repr(key))
+            raise self.missing([key])
         file = self.key_to_file[key]
         if file not in self._handles:
             self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))

@@ -470,14 +470,14 @@ def test_a_checkpoint_whose_index_leaves_out_keys_the_model_needs_is_refused_nam
 
     seekstack.save_pretrained(micro_model(), tmp_path, max_shard_bytes=100_000)  # experts stored per expert
     index = json.loads((tmp_path / INDEX_FILE).read_text())
-    for key in ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight"):
-        del index["weight_map"][key]
+    keys = ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight")
+    unlisted = ", ".join(f"{key!r} (in {index['weight_map'].pop(key)})" for key in keys)  # the shards still hold them
     (tmp_path / INDEX_FILE).write_text(json.dumps(index))
     result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1GiB"])
     assert result.exit_code == 1 and "--device-map" not in result.output
     assert (
-        f"{tmp_path / INDEX_FILE}: missing key 'model.layers.0.self_attn.o_proj.weight', "
-        "'model.layers.2.mlp.experts.1.up_proj.weight'; the weights do not match config.json"
+        f"{tmp_path / INDEX_FILE}: does not list key {unlisted}, which its shards hold; the index does not match its "
+        "shards"
     ) in " ".join(result.output.split())
     assert "--weights float32" in result.output  # the way to plan it anyway
 
