@@ -197,6 +197,11 @@ class GRPOConfig(TrainConfig):
             True: "TRL's scale_rewards=true (its std within each group) is scale_rewards=group",
             False: "TRL's scale_rewards=false (no std) is scale_rewards=none",
         },
+        "max_prompt_length": {
+            None: "TRL's max_prompt_length=None (no prompt cut) is how rl takes every prompt: none is cut; "
+            "max_prompt_length is the room the engine keeps for one, and a longer prompt is refused before the run "
+            "naming its length: leave it at its default or give that length",
+        },
         "loss_type": {
             "bnpo": "TRL's bnpo (the token mean over a micro-batch) is what dapo computes here, where a step trains "
             "on its whole generation batch at once: give loss_type=dapo",

@@ -455,6 +455,18 @@ def test_trls_boolean_scale_rewards_is_refused_naming_the_choice_that_computes_i
         resolve_train_config(None, [f"scale_rewards={trls}"], cls=GRPOConfig)
 
 
+def test_trls_unset_max_prompt_length_is_refused_saying_no_prompt_is_cut_here(tmp_path):
+    """TRL's max_prompt_length=None keeps prompts whole; it was refused as "input should be a valid integer" alone,
+    leaving a TRL user to guess a length that would not cut theirs."""
+    note = "TRL's max_prompt_length=None (no prompt cut) is how rl takes every prompt: none is cut"
+    with pytest.raises(ConfigError, match=f"has value None: input should be a valid integer; {re.escape(note)}"):
+        resolve_train_config(None, ["max_prompt_length=null"], cls=GRPOConfig)
+    config = tmp_path / "config.yaml"
+    config.write_text("max_prompt_length: null\n")
+    with pytest.raises(ConfigError, match=f"config.yaml: .*{re.escape(note)}"):
+        resolve_train_config(config, [], cls=GRPOConfig)
+
+
 @pytest.mark.parametrize(
     ("verls", "ours"), [("token-mean", "dapo"), ("seq-mean-token-mean", "grpo"), ("seq-mean-token-sum-norm", "dr_grpo")]
 )
