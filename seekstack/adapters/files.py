@@ -197,7 +197,11 @@ def _wrapped(model: Transformer, folder: Path, config: LoraConfig, weightless: b
         raise CheckpointError(
             f"{folder / ADAPTER_CONFIG_FILE}: peft cannot apply this adapter config to the base model ({error})"
         ) from None
-    restore_adapter(peft_model, folder, weightless)
+    try:
+        restore_adapter(peft_model, folder, weightless)
+    except BaseException:
+        peft_model.unload()  # peft's layers out again: the caller's model as it was
+        raise
     return _fuse_head(peft_model).eval()
 
 
@@ -404,11 +408,15 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     a device map would take for weights still on disk). A head tied to the embedding (tie_word_embeddings) is merged
     apart from it, and left untied where the adapter makes the two differ (a LoRA on either)."""
     config = _fitting_lora_config(model, adapter)  # a refused adapter leaves the model as it was, its head tied
-    tied = model.config.tie_word_embeddings
+    tied, given = model.config.tie_word_embeddings, (model.lm_head.weight, model.config)
     if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
         model.config = dataclasses.replace(model.config)  # peft's merge unties the config it finds, in place
-    merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
+    try:
+        merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
+    except BaseException:  # an adapter peft cannot apply (_wrapped took its layers out): the model as it was given
+        model.lm_head.weight, model.config = given
+        raise
     if tied:
         equal = torch.equal(merged.lm_head.weight, merged.embed_tokens.weight)
         merged.config = merged.config.replace(tie_word_embeddings=equal)

@@ -19,8 +19,10 @@ from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    is_adapter_parameter,
     load_adapter,
     merge_adapter,
+    merged_model,
     read_lora_config,
 )
 from seekstack.adapters.registry import read_factors
@@ -187,6 +189,31 @@ def test_a_merged_adapter_on_the_head_or_embedding_of_a_tied_base_keeps_both(
     with torch.no_grad():
         merged = seekstack.load_pretrained(merged_dir)(ids).logits
     assert (merged - logits_with_adapter(tied, adapter, ids)).abs().max() < MERGE_ATOL
+
+
+def test_an_adapter_peft_cannot_apply_leaves_the_tied_model_it_was_merged_into_as_it_was(tmp_path):
+    """merged_model unties the head before peft reads the adapter's weights: a refusal there (a rank that disagrees
+    with the weights) left the caller's model untied under a config that says tied, with peft's layers in it."""
+    torch.manual_seed(0)
+    tied = seekstack.save_pretrained(
+        seekstack.Transformer(seekstack.preset("tiny", **TINY, tie_word_embeddings=True)), tmp_path / "tied"
+    )
+    only = AdapterConfig(rank=4, vocabulary=["lm_head"], attention=["o_proj"], feed_forward=[], experts=[])
+    adapter = write_random_adapter(tied, tmp_path / "adapter", seed=2, config=only)
+    config_file = adapter / ADAPTER_CONFIG_FILE
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": 2}))
+    model, ids = seekstack.load_pretrained(tied), prompt_ids()
+    given = model.config
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(CheckpointError, match=f"rank 2 of {ADAPTER_CONFIG_FILE}"):
+        merged_model(model, adapter)
+    assert model.lm_head.weight is model.embed_tokens.weight and model.config is given and given.tie_word_embeddings
+    assert type(model.lm_head) is torch.nn.Linear and not any(
+        is_adapter_parameter(n) for n, _ in model.named_parameters()
+    )
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_loses_nothing(base, adapter, tmp_path):
