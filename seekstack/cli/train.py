@@ -19,7 +19,7 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
-from seekstack.train.runs import STEP_DIR
+from seekstack.train.runs import STEP_DIR, run_holding
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
@@ -130,7 +130,16 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
     if resume_from is None:
         return resume, None
     step = resumed_step(resume_from)
-    return (True, step) if step is not None else (Path(resume_from), None)
+    if step is not None:
+        return True, step
+    folder = Path(resume_from)
+    if not folder.exists() and run_holding(folder) is None:  # a run's pruned step_N is told what the run holds
+        raise UsageError(
+            f"--resume-from {resume_from}: neither a step of the run (40, or step_40 as its listings name it) nor a "
+            "checkpoint folder (no such folder); --resume continues from the run's newest checkpoint",
+            get_current_context(silent=True),
+        )
+    return folder, None
 
 
 def resumed_step(given: str) -> int | None:

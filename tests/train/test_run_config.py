@@ -277,6 +277,19 @@ def test_a_resume_with_no_checkpoint_to_go_on_from_is_refused_before_its_warning
     assert resumed.output.startswith("warning: resuming with max_steps=8 (the run last ran with 6)\n")
 
 
+@pytest.mark.parametrize("given", ["latest", "-3"])
+def test_resume_from_neither_a_step_nor_a_folder_is_a_usage_error_naming_what_it_takes(tmp_path, given):
+    """`--resume-from latest` (HF's resume_from_checkpoint=True) or -3 was told "latest: no such folder", as if a
+    folder had been meant, naming neither the option nor what it takes."""
+    result = CliRunner().invoke(app, ["train", f"out_dir={tmp_path}", "--resume-from", given])
+    assert result.exit_code == 2
+    assert (
+        f"--resume-from {given}: neither a step of the run (40, or step_40 as its listings name it) nor a checkpoint "
+        "folder (no such folder); --resume continues from the run's newest checkpoint"
+        in " ".join(result.output.split())
+    )
+
+
 def test_resume_from_another_runs_checkpoint_into_a_fresh_out_dir_continues_that_run_there(data_dir, tmp_path):
     """A fresh out_dir was refused for want of its train_config.json, where HF's resume_from_checkpoint=path and
     torchtitan's initial_load_path start an output folder from another run's checkpoint: it takes that run's config."""
