@@ -404,10 +404,14 @@ def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, hea
 def _refuse_quantized(model: Path, what_to_do: str) -> None:
     """ValueError saying `what_to_do` instead when checkpoint `model` is quantized: pruning, --progressive and
     --adaptive work on float weights (a quantized input would be written back dequantized, or rounded twice, its
-    stages measured against the quantized model instead of the float one)."""
+    stages measured against the quantized model instead of the float one). A compressed-tensors config of a
+    transform_config alone (rotations fused into float weights, nothing quantized) is no quantization."""
     from seekstack.checkpoint import read_config
 
-    if "quantization_config" in read_config(model).extra:
+    quantization = read_config(model).extra.get("quantization_config")
+    unquantized = isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
+    unquantized = unquantized and not any(quantization.get(key) for key in ("config_groups", "kv_cache_scheme"))
+    if quantization is not None and not unquantized:
         raise ValueError(f"{model} is quantized (its config.json has a quantization_config); {what_to_do}")
 
 

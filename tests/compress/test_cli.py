@@ -187,6 +187,28 @@ def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_fi
     assert f"{tmp_path / 'int8'} is quantized" in result.output and "prune the float checkpoint" in result.output
 
 
+def test_prune_takes_a_checkpoint_whose_quantization_config_holds_fused_rotations_alone(tmp_path):
+    """compressed-tensors writes a model rotated but not quantized (SpinQuant's or QuIP's rotations fused into its
+    float weights) with a quantization_config of a transform_config alone; prune refused it as quantized."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.transform import TransformConfig
+
+    from tests.test_quantized_checkpoint_damage import quip_transform_config
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    model = seekstack.Transformer(seekstack.preset("tiny", **{**MICRO_MODEL, "n_routed_experts": 8})).eval()
+    seekstack.save_pretrained(model, tmp_path / "rotated")
+    transforms = TransformConfig.model_validate(quip_transform_config("weight_input"))
+    ModelCompressor(transform_config=transforms).update_config(str(tmp_path / "rotated"))
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "rotated"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
+              "--calibration-batches", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seekstack.load_pretrained(tmp_path / "out").config.n_routed_experts == 6
+
+
 @pytest.mark.parametrize("mode", ["--progressive", "--adaptive"])
 def test_progressive_and_adaptive_refuse_a_quantized_checkpoint_and_say_to_start_from_the_float_one(tmp_path, mode):
     """Their stages would be measured against the quantized model, every layer rounded a second time."""
