@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import options_named, user_errors
+from seekstack.cli.common import options_named, user_errors, warn
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits, tokenize.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -91,8 +91,8 @@ def data_build(
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
     if report.val_documents == 0 and cleaning.val_fraction > 0:  # one kept: holding it out would leave train none
-        typer.echo(
-            f"warning: {out}/val.jsonl holds no documents: the build kept {report.documents_kept:,} and "
+        warn(
+            f"{out}/val.jsonl holds no documents: the build kept {report.documents_kept:,} and "
             f"val_fraction={cleaning.val_fraction} held none out (one is, of 2 or more); `seekstack train` evaluates "
             "on val and refuses an empty one: add documents, or train with eval_every=0"
         )

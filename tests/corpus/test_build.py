@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import Result
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -134,27 +135,34 @@ def test_cli_exits_non_zero_when_the_build_keeps_nothing(tmp_path: Path) -> None
     assert kept.exit_code == 0 and "prose/en" in kept.output
 
 
-def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path: Path) -> None:
+def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path: Path, monkeypatch) -> None:
     """A corpus of one kept document holds none out (holding it out would leave train.jsonl none), which `train`
-    refused only when it came to evaluate; data build now says so where it writes val.jsonl."""
+    refused only when it came to evaluate; data build now says so where it writes val.jsonl: on stderr, as the other
+    commands warn, and under torchrun from rank 0 alone."""
     rows = [json.dumps({"text": prose(i) + "\nThe end."}) for i in range(2)]
     (tmp_path / "one.jsonl").write_text(rows[0] + "\n", encoding="utf-8")
     (tmp_path / "two.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
-    def build(rows_file: str, out: str, *options: str) -> str:
-        args = ["data", "build", str(tmp_path / rows_file), "--out", str(tmp_path / out), "--workers", "1", *options]
-        built = CliRunner().invoke(app, args)
+    def build(rows_file: str, out: str, *options: str) -> Result:
+        args = ["data", "build", str(tmp_path / rows_file), "--out", str(tmp_path / out)]
+        built = CliRunner().invoke(app, [*args, "--workers", "1", "--no-progress", *options])
         assert built.exit_code == 0, built.output
-        return built.output
+        return built
 
-    assert build("one.jsonl", "one").endswith(
+    one = build("one.jsonl", "one")
+    assert one.stderr == (
         f"warning: {tmp_path}/one/val.jsonl holds no documents: the build kept 1 and val_fraction=0.01 held none out "
         "(one is, of 2 or more); `seekstack train` evaluates on val and refuses an empty one: add documents, or train "
         "with eval_every=0\n"
     )
+    assert "warning" not in one.stdout and one.stdout.endswith(
+        f"wrote {tmp_path}/one/train.jsonl, {tmp_path}/one/val.jsonl and {tmp_path}/one/report.json\n"
+    )
     assert read_rows(tmp_path / "one")["val"] == []
-    assert "warning" not in build("two.jsonl", "two") and len(read_rows(tmp_path / "two")["val"]) == 1
-    assert "warning" not in build("one.jsonl", "none", "--val-fraction", "0")
+    assert "warning" not in build("two.jsonl", "two").output and len(read_rows(tmp_path / "two")["val"]) == 1
+    assert "warning" not in build("one.jsonl", "none", "--val-fraction", "0").output
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: rank 0 alone warns
+    assert build("one.jsonl", "rank1").stderr == ""
 
 
 @pytest.mark.parametrize(("documents", "fraction", "expected"), [(20, 0.1, 2), (10, 0.01, 1), (7, 0.5, 4), (1, 0.5, 0)])
