@@ -19,7 +19,7 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
-from seekstack.train.runs import STEP_DIR, run_holding
+from seekstack.train.runs import STEP_DIR
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
@@ -133,7 +133,7 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
     if step is not None:
         return True, step
     folder = Path(resume_from)
-    if not folder.exists() and run_holding(folder) is None:  # a run's pruned step_N is told what the run holds
+    if not folder.exists() and len(folder.parts) == 1:  # a path (a run's pruned step_N) is told as a folder missing
         raise UsageError(
             f"--resume-from {resume_from}: neither a step of the run (40, or step_40 as its listings name it) nor a "
             "checkpoint folder (no such folder); --resume continues from the run's newest checkpoint",
