@@ -143,6 +143,21 @@ def test_fp8_key_the_index_places_in_a_shard_without_it_is_refused_naming_the_sh
     assert message.startswith(f"{shard}: cannot read key '{Q_B}.weight'"), message
 
 
+def test_a_key_the_index_places_in_another_shard_than_its_own_is_refused_naming_the_index_and_both_shards(tmp_path):
+    """The refusal named the shard the index gives as unable to give the key ("cannot read key ... re-download"), as
+    if that shard were damaged, where the index is the one out of step with its shards."""
+    directory = save_fp8(tmp_path / "fp8", max_shard_bytes=8_000)
+    index = json.loads((directory / INDEX_FILE).read_text())
+    holder = index["weight_map"][f"{Q_B}.weight"]
+    index["weight_map"][f"{Q_B}.weight"] = other = index["weight_map"]["model.embed_tokens.weight"]
+    (directory / INDEX_FILE).write_text(json.dumps(index))
+    assert holder != other
+    assert load_error(directory, dequantize=False) == (
+        f"{directory / INDEX_FILE}: names {other} for key '{Q_B}.weight', which {holder} holds; the index does not "
+        "match its shards: re-save or re-download the checkpoint"
+    )
+
+
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_int_weight_shape_that_is_not_the_packed_weights_is_refused_naming_the_file_and_the_key(

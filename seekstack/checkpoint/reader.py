@@ -763,7 +763,22 @@ class CheckpointReader:
         try:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
+            holders = [] if key in self._handles[file].keys() else self._holders(key)  # noqa: SIM118
+            if holders:
+                raise CheckpointError(
+                    f"{self.directory / INDEX_FILE}: names {file} for key {key!r}, which {holders[0]} holds; the "
+                    f"index does not match its shards: {DAMAGED}"
+                ) from None
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+    def _holders(self, key: str) -> list[str]:
+        """The safetensors files of the folder that hold `key`, by name."""
+        holders = []
+        for path in sorted(self.directory.glob("*.safetensors")):
+            with _open_safetensors(path) as handle:
+                if key in handle.keys():  # noqa: SIM118 (a safe_open handle)
+                    holders.append(path.name)
+        return holders
 
 
 def _target_pattern(target: str, where: str, config_path: Path) -> re.Pattern[str] | None:
