@@ -71,7 +71,7 @@ def data_build(
 
     from seekstack.corpus.build import build_corpus, report_table
     from seekstack.corpus.rules import CleaningConfig
-    from seekstack.corpus.sources import expanded_inputs, open_source, refuse_row_options_without_rows
+    from seekstack.corpus.sources import open_sources
     from seekstack.schema import load_config
     from seekstack.schema import write_config as write
 
@@ -85,8 +85,7 @@ def data_build(
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
-        sources = [open_source(spec, field, id_field, rows_field) for spec in expanded_inputs(inputs or ["stdlib"])]
-        refuse_row_options_without_rows(sources, field, id_field)
+        [sources] = open_sources(inputs or ["stdlib"], field=field, id_field=id_field, rows_field=rows_field)
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
@@ -158,7 +157,7 @@ def data_quality_train(
     from seekstack.corpus.pii import scrub_pii
     from seekstack.corpus.quality import train_quality_model
     from seekstack.corpus.rules import normalise
-    from seekstack.corpus.sources import TextFolder, expanded_inputs, open_source, refuse_row_options_without_rows
+    from seekstack.corpus.sources import TextFolder, open_sources
 
     def texts(specs: list[str], sources: list, option: str) -> list[str]:
         """The documents of `sources` (opened from `specs`) as `data build` writes the rows that `data select` scores:
@@ -179,10 +178,7 @@ def data_quality_train(
         return read
 
     with user_errors():
-        references, pools = (
-            [open_source(spec, field) for spec in expanded_inputs(specs)] for specs in (reference, pool)
-        )
-        refuse_row_options_without_rows([*references, *pools], field, None)
+        references, pools = open_sources(reference, pool, field=field)
         positives, negatives = texts(reference, references, "--reference"), texts(pool, pools, "--pool")
         train_quality_model(positives, negatives, seed=seed).save(out)
     typer.echo(f"wrote {out}: trained on {len(positives)} reference and {len(negatives)} pool documents")

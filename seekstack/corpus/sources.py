@@ -935,3 +935,14 @@ def open_source(
             )
         return Rows(_READ_BY_SEEKING[source_kind(path)][1], path, field, id_field)
     return read_text_file(path)
+
+
+def open_sources(
+    *inputs: list[str], field: str = "text", id_field: str | None = None, rows_field: str | None = None
+) -> list[list[Iterable[Document]]]:
+    """The sources of each list of command-line inputs (`expanded_inputs`, then `open_source` for each), refused
+    together, before any is read, when --field or --id-field names rows none of them holds
+    (`refuse_row_options_without_rows`): one list of sources for each list given."""
+    opened = [[open_source(spec, field, id_field, rows_field) for spec in expanded_inputs(specs)] for specs in inputs]
+    refuse_row_options_without_rows([source for sources in opened for source in sources], field, id_field)
+    return opened

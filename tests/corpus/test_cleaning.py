@@ -49,6 +49,7 @@ from seekstack.corpus.sources import (
     MissingTextField,
     TextFolder,
     open_source,
+    open_sources,
     read_jsonl,
     read_parquet,
     read_saved_dataset,
@@ -1158,6 +1159,24 @@ def test_a_json_file_of_one_object_over_several_lines_is_read_as_one_row(tmp_pat
         DataSourceError, match=r"cut.jsonl:2: not valid JSON \(Unterminated string starting at column 10\)$"
     ):
         list(open_source(cut))
+
+
+def test_open_sources_opens_each_list_of_inputs_and_refuses_a_rows_option_once_over_them_all(tmp_path: Path) -> None:
+    """`data build` and `data quality-train` open their inputs through `open_sources`: glob patterns expanded, one list
+    of sources per list of inputs, and --field refused when no input of any list holds rows (a folder beside a JSONL
+    file is read, its rows by --field)."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("a note")
+    for name in ("1", "2"):
+        (tmp_path / f"rows{name}.jsonl").write_text(json.dumps({"body": f"row {name}"}) + "\n")
+    folders, rows = open_sources([str(tmp_path / "notes")], [str(tmp_path / "rows*.jsonl")], field="body")
+    assert [type(source) for source in folders] == [TextFolder]
+    assert [doc.text for source in folders for doc in source] == ["a note"]
+    assert [doc.text for source in rows for doc in source] == ["row 1", "row 2"]
+    with pytest.raises(DataSourceError, match=r"^--field body names a field or column of rows, and no input holds"):
+        open_sources([str(tmp_path / "notes")], [str(tmp_path / "notes")], field="body")
+    with pytest.raises(DataSourceError, match=r"^--id-field id names a field or column of rows, and no input holds"):
+        open_sources(["stdlib"], id_field="id")
 
 
 def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_path: Path) -> None:
