@@ -115,6 +115,13 @@ class ModelConfig:
         """How many main (non-MTP) layers use DeepSeekMoE; the others hold a dense FFN."""
         return sum(self.is_moe_layer(layer_idx) for layer_idx in range(self.num_hidden_layers))
 
+    @property
+    def mtp_moe_blocks(self) -> list[int]:
+        """The MTP modules' blocks that use DeepSeekMoE, numbered on from the main layers (the first MTP module's
+        block is `num_hidden_layers`); the others hold a dense FFN."""
+        first = self.num_hidden_layers
+        return [block for block in range(first, first + self.num_nextn_predict_layers) if self.is_moe_layer(block)]
+
     def transformers_divergences(self) -> dict[str, str]:
         """Field -> what transformers' DeepseekV2/V3 computes instead, for each field whose value here it ignores.
 

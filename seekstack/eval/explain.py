@@ -50,8 +50,7 @@ OUTPUT_FILES = ("attention.png", "routing.png", "explain.html", "routing_stats.p
 def no_routing_note(config: ModelConfig) -> str:
     """What explain says of a model whose main layers route nothing: NO_MOE_LAYERS, or, where its MTP modules hold
     MoE blocks (a dense student with DeepSeek-V3's MTP module), that those route and are not drawn."""
-    mtp_blocks = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
-    routed = [block for block in mtp_blocks if config.is_moe_layer(block)]
+    routed = config.mtp_moe_blocks
     if not routed:
         return NO_MOE_LAYERS
     several = len(routed) > 1

@@ -344,7 +344,7 @@ def _routed_experts(config: ModelConfig) -> str:
     MoE of either in the MaxVio its validation logs."""
     layers, depths = config.num_hidden_layers, config.num_nextn_predict_layers
     moe_layers = config.moe_layer_count
-    moe_modules = sum(config.is_moe_layer(index) for index in range(layers, layers + depths))
+    moe_modules = len(config.mtp_moe_blocks)
     if not moe_layers and not moe_modules:
         return "none (a dense FFN in every layer)"
     places = [f"{moe_layers} of {layers} layers"] if moe_layers else []

@@ -79,7 +79,7 @@ class Transformer(nn.Module):
         first_mtp = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, first_mtp + k) for k in range(config.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(config)
-        self.moe_layer_ids = [i for i in range(first_mtp + len(self.mtp)) if config.is_moe_layer(i)]
+        self.moe_layer_ids = [i for i in range(first_mtp) if config.is_moe_layer(i)] + config.mtp_moe_blocks
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
