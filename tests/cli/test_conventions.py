@@ -160,7 +160,7 @@ def test_data_build_help_states_the_defaults_of_the_options_it_leaves_to_the_cle
     shown = " ".join(runner.invoke(app, ["data", "build", "--help"], terminal_width=200).output.split())
     defaults = CleaningConfig()
     assert f"zh (CJK); default {defaults.profile}, or the --config file's" in shown
-    assert f"0: none); default {defaults.val_fraction}, or the --config file's" in shown
+    assert f"2 or more are kept; default {defaults.val_fraction}, or the --config file's" in shown
 
 
 @pytest.mark.parametrize("option", ["--batch-size", "--batch"])
