@@ -112,6 +112,7 @@ def data_tokenize(
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
+    from seekstack.corpus.sources import require_corpus_file
     from seekstack.tokenizer import Tokenizer
     from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
     from seekstack.tokens.shards import SHARD_FILES, tokenize_corpus
@@ -120,12 +121,7 @@ def data_tokenize(
         encoder = Tokenizer.from_file(tokenizer)
         refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
         _require_training_documents(corpus, "to tokenize")
-        held_out = corpus / "val.jsonl"
-        if not held_out.is_file():  # known before the training split is encoded (hours, for a large corpus)
-            raise FileNotFoundError(
-                f"{held_out}: no such file; `data build` writes it beside train.jsonl (empty with --val-fraction 0): "
-                "build the corpus with it, or add an empty val.jsonl to hold no document out (nothing was written)"
-            )
+        require_corpus_file(corpus / "val.jsonl")  # known before the training split is encoded (hours, if large)
         # Scored first: a corpus too small for the buckets fails before any split is written.
         difficulty = difficulty_buckets(corpus / "train.jsonl") if buckets else None
         # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.

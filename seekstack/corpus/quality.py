@@ -24,7 +24,7 @@ import numpy as np
 
 from seekstack.atomic import refuse_a_file_in_the_way, staged_files, write_atomic
 from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, words, written_without_spaces
-from seekstack.corpus.sources import read_jsonl_rows
+from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
 from seekstack.schema import ConfigError
 
 DEFAULT_BUCKETS = 2**20
@@ -157,13 +157,8 @@ def select_corpus(
         raise ValueError(f"{out_dir}: is the corpus folder; write the selection to another one (nothing was written)")
     refuse_a_file_in_the_way(out_dir, "train.jsonl, val.jsonl and selection.json")
     train, held_out = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
-    if not train.is_file():
-        raise FileNotFoundError(f"no corpus file at {train}: run `data build` first")
-    if not held_out.is_file():  # known before every training document is scored
-        raise FileNotFoundError(
-            f"{held_out}: no such file; `data build` writes it beside train.jsonl (empty with --val-fraction 0): "
-            "build the corpus with it, or add an empty val.jsonl to hold no document out (nothing was written)"
-        )
+    require_corpus_file(train)
+    require_corpus_file(held_out)  # known before every training document is scored
     held_out_scores = [model.score(text) for _, text in read_jsonl_rows(held_out)]  # a bad row named before the rest
     scores = [model.score(text) for _, text in read_jsonl_rows(train)]
     if top_fraction is None:

@@ -597,6 +597,26 @@ def _documents_from_values(
         )
 
 
+def require_corpus_file(jsonl_path: Path) -> None:
+    """FileNotFoundError or IsADirectoryError naming `jsonl_path` and what to give instead, when it is no file: a
+    folder `data build` wrote given for one of its splits' files, or a path that holds nothing (a missing val.jsonl:
+    how to hold no document out)."""
+    if jsonl_path.is_dir():
+        raise IsADirectoryError(
+            f"{jsonl_path}: is a folder; give the JSON Lines file of one of its splits, "
+            f"{jsonl_path / 'train.jsonl'} or {jsonl_path / 'val.jsonl'}"
+        )
+    if jsonl_path.is_file():
+        return
+    build = f"`seekstack data build TEXT --out {jsonl_path.parent}`"
+    if jsonl_path.name == "val.jsonl":
+        raise FileNotFoundError(
+            f"{jsonl_path}: no such file; {build} writes it beside train.jsonl (empty with --val-fraction 0): build "
+            "the corpus with it, or add an empty val.jsonl to hold no document out"
+        )
+    raise FileNotFoundError(f"{jsonl_path}: no such file; {build} writes a corpus's train.jsonl and val.jsonl")
+
+
 def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
     """Each row of a JSON Lines file whole, with its text (`field`), for a command that writes the rows again with
     more fields (`data select`); blank lines are skipped, and a row without a text is an error naming file:line."""

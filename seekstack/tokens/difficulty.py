@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from seekstack.corpus.sources import read_jsonl
+from seekstack.corpus.sources import read_jsonl, require_corpus_file
 from seekstack.tokenizer import Tokenizer
-from seekstack.tokens.shards import require_corpus_file, tokenize_corpus
+from seekstack.tokens.shards import tokenize_corpus
 
 BUCKETS = ("easy", "medium", "hard")
 MEASURE = "zlib_compression_ratio"

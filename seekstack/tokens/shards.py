@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from seekstack.atomic import StagedFiles, staged_files, write_atomic
-from seekstack.corpus.sources import read_jsonl
+from seekstack.corpus.sources import read_jsonl, require_corpus_file
 from seekstack.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
@@ -72,21 +72,6 @@ class _ShardWriter:
             shard.write(self.buffer[: self.filled].astype(little_endian, copy=False).data)
         self.shards.append({"file": name, "tokens": int(self.filled)})
         self.filled = 0
-
-
-def require_corpus_file(jsonl_path: Path) -> None:
-    """FileNotFoundError or IsADirectoryError naming `jsonl_path` and what to give instead, when it is no file: a
-    folder `data build` wrote given for one of its splits' files, or a path that holds nothing."""
-    if jsonl_path.is_dir():
-        raise IsADirectoryError(
-            f"{jsonl_path}: is a folder; give the JSON Lines file of one of its splits, "
-            f"{jsonl_path / 'train.jsonl'} or {jsonl_path / 'val.jsonl'}"
-        )
-    if not jsonl_path.is_file():
-        raise FileNotFoundError(
-            f"{jsonl_path}: no such file; `seekstack data build TEXT --out {jsonl_path.parent}` writes a corpus's "
-            "train.jsonl and val.jsonl"
-        )
 
 
 def tokenize_corpus(

@@ -187,9 +187,28 @@ def test_select_refuses_a_corpus_without_val_jsonl_before_scoring_and_writes_no_
     (corpus / "val.jsonl").unlink()
     scored: list[str] = []
     monkeypatch.setattr(QualityModel, "score", lambda self, text: scored.append(text) or 0.5)
-    with pytest.raises(FileNotFoundError, match=r"corpus/val\.jsonl: no such file; `data build` writes it"):
+    with pytest.raises(FileNotFoundError) as refused:
         select_corpus(model, corpus, tmp_path / "out" / "sel", top_fraction=0.5)
+    assert str(refused.value) == (
+        f"{corpus / 'val.jsonl'}: no such file; `seekstack data build TEXT --out {corpus}` writes it beside "
+        "train.jsonl (empty with --val-fraction 0): build the corpus with it, or add an empty val.jsonl to hold no "
+        "document out"
+    )
     assert scored == [] and not (tmp_path / "out").exists()
+
+
+def test_select_names_the_command_that_writes_a_missing_train_jsonl(model: QualityModel, tmp_path: Path) -> None:
+    """It said "no corpus file at CORPUS/train.jsonl: run `data build` first", unlike `data tokenize` and
+    tokenize_corpus, which name the file first and the command that writes it."""
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:45])
+    (corpus / "train.jsonl").unlink()
+    with pytest.raises(FileNotFoundError) as refused:
+        select_corpus(model, corpus, tmp_path / "sel", top_fraction=0.5)
+    assert str(refused.value) == (
+        f"{corpus / 'train.jsonl'}: no such file; `seekstack data build TEXT --out {corpus}` writes a corpus's "
+        "train.jsonl and val.jsonl"
+    )
+    assert not (tmp_path / "sel").exists()
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -429,7 +429,11 @@ def test_tokenize_refuses_a_corpus_without_val_jsonl_before_encoding_its_trainin
     monkeypatch.setattr("seekstack.tokens.shards.tokenize_corpus", encoded)
     result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
     message = " ".join(result.output.split())
-    assert result.exit_code == 1 and f"{corpus / 'val.jsonl'}: no such file; `data build` writes it" in message
+    assert result.exit_code == 1 and message == (
+        f"error: {corpus / 'val.jsonl'}: no such file; `seekstack data build TEXT --out {corpus}` writes it beside "
+        "train.jsonl (empty with --val-fraction 0): build the corpus with it, or add an empty val.jsonl to hold no "
+        "document out"
+    )
     assert not (tmp_path / "tokens").exists()
 
 
