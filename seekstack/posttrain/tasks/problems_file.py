@@ -112,9 +112,8 @@ def _problem(record: Any, where: str) -> Problem:
     if isinstance(answer, str) and (answer_field == "solution" or GSM8K_MARKER in answer):
         # worked out: its reasoning (a MATH solution whole, a GSM8K answer up to its "#### 72", less its calculator
         # annotations), then its final answer
-        reasoning = answer
-        if GSM8K_MARKER in answer:
-            reasoning = CALCULATOR_ANNOTATION.sub("", answer.rpartition(GSM8K_MARKER)[0])
+        before_marker, marker, _ = answer.rpartition(GSM8K_MARKER)
+        reasoning = CALCULATOR_ANNOTATION.sub("", before_marker) if marker else answer
         return Problem(question, question, final_answer(answer), reasoning.strip(), _data(gold))
     return Problem(question, question, str(answer), "", _data(gold))
 
