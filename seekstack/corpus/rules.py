@@ -532,8 +532,8 @@ def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
 
 def ends_sentence(line: str) -> bool:
     """Whether the line ends a sentence: its last mark is a `SENTENCE_END_MARK` (or Greek's question mark after a
-    Greek letter), after which only closing
-    brackets, citation or footnote marks and emoji may come (`...in 1850.[3]`, `(It rained.)`, `Done! 🎉`)."""
+    Greek letter), after which only closing brackets, citation or footnote marks and emoji may come (`...in 1850.[3]`,
+    `(It rained.)`, `Done! 🎉`)."""
     tail = _AFTER_SENTENCE_END.sub("", line.rstrip()[-SENTENCE_END_TAIL_CHARS:])
     return SENTENCE_END_MARK.fullmatch(tail[-1:]) is not None or GREEK_QUESTION_END.search(tail) is not None
 
