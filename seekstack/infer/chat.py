@@ -180,10 +180,12 @@ def run_chat(
             acknowledge(HELP)
         elif line == "/system" or line.startswith("/system "):
             _change_system(session, line[len("/system") :].strip(), complain, acknowledge)
-        elif line.split()[0] in (*QUIT_COMMANDS, *RESET_COMMANDS, *HELP_COMMANDS):
-            complain(f"{line.split()[0]} takes nothing after it ({line!r}); {HELP}")
         elif line.startswith("/"):
-            complain(f"unknown command {line.split()[0]!r}; {HELP}")
+            command = line.split()[0]
+            if command in (*QUIT_COMMANDS, *RESET_COMMANDS, *HELP_COMMANDS):
+                complain(f"{command} takes nothing after it ({line!r}); {HELP}")
+            else:
+                complain(f"unknown command {command!r}; {HELP}")
         elif line:
             _answer(session, line, write, complain, interactive=bool(prompt))
 

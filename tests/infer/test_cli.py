@@ -697,14 +697,16 @@ def test_chat_takes_only_the_system_command_itself(checkpoint):
 
 def test_a_command_given_words_it_takes_none_of_is_refused_as_such_not_as_unknown(checkpoint):
     """A "/clear all" was refused as "unknown command '/clear'", a command the help lists: it now says that the command
-    takes nothing after it, runs nothing (the chat goes on past "/bye now") and answers nothing."""
+    takes nothing after it, runs nothing (the chat goes on past "/bye now") and answers nothing. An empty or blank
+    line (a plain Enter) between them is skipped, not a crash (it raised IndexError), and the chat goes on past it."""
     args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "2"]
-    result = runner.invoke(app, args, input="/clear all\n/bye now\n/? commands\n/quit\n")
+    result = runner.invoke(app, args, input="/clear all\n\n/bye now\n   \n/? commands\n/nope x\n/quit\n")
     assert result.exit_code == 0 and result.stdout == ""
     assert [line for line in result.stderr.splitlines() if not line.startswith("note: dtype")] == [
         f"error: /clear takes nothing after it ('/clear all'); {HELP}",
         f"error: /bye takes nothing after it ('/bye now'); {HELP}",
         f"error: /? takes nothing after it ('/? commands'); {HELP}",
+        f"error: unknown command '/nope'; {HELP}",
     ]
 
 
