@@ -702,14 +702,17 @@ class Tokenizer:
         self,
         conversation: list[dict],
         tools: list[dict] | None = None,
+        *,
         add_generation_prompt: bool = False,
         continue_final_message: bool = False,
         tokenize: bool = True,
     ) -> str | list[int]:
         """transformers' name and defaults for `encode_chat` (the ids, as a list: transformers' `return_dict=False`;
         its v5 default wraps them in a dict) or, with `tokenize=False`, `render_chat`; as transformers, no generation
-        prompt unless `add_generation_prompt`. Its other options (padding, return_tensors, a chat_template of one's
-        own, template variables) are not taken: a TypeError names them."""
+        prompt unless `add_generation_prompt`. The options after `tools` are keyword-only (transformers' third and
+        fourth are `documents` and `chat_template`, so a call passing more by position is a TypeError, not another
+        option); its other options (padding, return_tensors, a chat_template of one's own, template variables) are not
+        taken: a TypeError names them."""
         if tokenize:
             return self.encode_chat(conversation, add_generation_prompt, continue_final_message, tools)
         return self.render_chat(conversation, add_generation_prompt, continue_final_message, tools)

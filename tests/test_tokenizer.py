@@ -394,6 +394,17 @@ def test_a_generation_prompt_and_a_continued_last_message_together_are_refused_a
             refused(messages, add_generation_prompt=True, continue_final_message=True)
 
 
+def test_apply_chat_template_takes_the_options_after_tools_by_keyword_alone(trained):
+    """Ours took (conversation, tools, add_generation_prompt, continue_final_message, tokenize) by position, where
+    transformers' third and fourth are documents and chat_template: `apply_chat_template(chat, None, True)` written
+    for transformers asked for a generation prompt here. The options after tools are keyword-only, as a TypeError."""
+    tokenizer, _ = trained
+    with pytest.raises(TypeError, match=r"takes from 2 to 3 positional arguments but 4 were given"):
+        tokenizer.apply_chat_template(CHAT, None, True)
+    prompted = tokenizer.apply_chat_template(CHAT, None, add_generation_prompt=True, tokenize=False)
+    assert prompted == tokenizer.render_chat(CHAT, add_generation_prompt=True) != tokenizer.render_chat(CHAT, False)
+
+
 @pytest.fixture(scope="module")
 def auto_tokenizer(trained):
     """The trained tokenizer as transformers loads it, with the chat template of its tokenizer_config.json."""
