@@ -25,6 +25,7 @@ from seekstack.serve.schemas import (
     MAX_ENGINE_REQUESTS,
     ChatCompletionRequest,
     ChatLogprobs,
+    ChatMessage,
     CompletionLogprobs,
     CompletionRequest,
     PromptLogprob,
@@ -112,16 +113,13 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
                                code="invalid_value")  # fmt: skip
         refuse_unanswered_results(request.messages)
         refuse_template_kwargs(request.chat_template_kwargs, tokenizer)
-        messages = [message.template() for message in request.messages]
         tools = request.offered_tools()
         if tools and not (tokenizer.has_role_tokens and tokenizer.has_tool_tokens):
             raise APIError(400, "this model's tokenizer has no DeepSeek-V3 tool-call tokens, so the model cannot be "
                            'offered tools: send the request without tools (or with tool_choice "none")',
                            param="tools", code="unsupported_parameter")  # fmt: skip
-        try:
-            return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix, tools=tools)]
-        except ValueError as error:
-            raise APIError(400, str(error), param="messages", code="invalid_value") from None
+        continued = request.messages[last].prefix
+        return [chat_ids(request.messages, tokenizer, continue_final_message=continued, tools=tools)]
     prompts = []
     id_lists = isinstance(request.prompt[0], list)  # a list of prompts of token ids, each named by its position
     for number, prompt in enumerate(completion_prompts(request)):
@@ -131,6 +129,23 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         refuse_outside_vocabulary(prompt, tokenizer, f"prompt.{number}" if id_lists else "prompt")
         prompts.append(list(prompt))
     return prompts
+
+
+def chat_ids(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
+    tools: list[dict] | None = None,
+) -> list[int]:
+    """`tokenizer.encode_chat` of the messages as the template reads them; 400 (param messages, invalid_value) for a
+    chat the tokenizer cannot write (a special token in a message's text, a last message it cannot continue, ...)."""
+    try:
+        return tokenizer.encode_chat(
+            [message.template() for message in messages], add_generation_prompt, continue_final_message, tools
+        )
+    except ValueError as error:
+        raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
 
 # apply_chat_template's own options that a chat_template_kwargs key would set (the request's fields of their names are

@@ -31,6 +31,7 @@ from seekstack.serve.keys import ApiKey
 from seekstack.serve.openapi import error_responses, json_request
 from seekstack.serve.protocol import (
     REFUSED_VLLM_CHAT_FIELDS,
+    chat_ids,
     prompt_ids,
     refuse_fields,
     refuse_outside_vocabulary,
@@ -117,11 +118,7 @@ def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[i
     if body.messages[-1].prefix:
         raise APIError(400, "a last message marked prefix is continued: there is no generation prompt to leave out",
                        param="add_generation_prompt", code="invalid_value")  # fmt: skip
-    try:
-        messages = [message.template() for message in body.messages]
-        return tokenizer.encode_chat(messages, add_generation_prompt=False, tools=chat.offered_tools())
-    except ValueError as error:
-        raise APIError(400, str(error), param="messages", code="invalid_value") from None
+    return chat_ids(body.messages, tokenizer, add_generation_prompt=False, tools=chat.offered_tools())
 
 
 def add_tokenize_routes(app: FastAPI, server: Server) -> None:
