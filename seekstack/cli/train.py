@@ -133,7 +133,8 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
     if step is not None:
         return True, step
     folder = Path(resume_from)
-    if not folder.exists() and len(folder.parts) == 1:  # a path (a run's pruned step_N) is told as a folder missing
+    written_as_path = "/" in resume_from or os.sep in resume_from  # as given: Path drops "./" and a trailing "/"
+    if not folder.exists() and not written_as_path:  # a path (a run's pruned step_N) is told as a folder missing
         raise UsageError(
             f"--resume-from {resume_from}: neither a step of the run (40, or step_40 as its listings name it) nor a "
             "checkpoint folder (no such folder); --resume continues from the run's newest checkpoint",

@@ -255,14 +255,18 @@ def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_ru
         assert [row["step"] for row in read_metrics(out_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4 to 6 trained again
 
 
-def test_a_resume_with_no_checkpoint_to_go_on_from_is_refused_before_its_warnings(data_dir, tmp_path):
+def test_a_resume_with_no_checkpoint_to_go_on_from_is_refused_before_its_warnings(data_dir, tmp_path, monkeypatch):
     """'warning: resuming with max_steps=8 (the run last ran with 6)' was told before the refusal of that resume
-    ('step_0: no such folder'), as if the run had gone on with it."""
+    ('step_0: no such folder'), as if the run had gone on with it. A folder written as a relative path, `./latest` or
+    `latest/`, got the usage error for a bare word (Path drops the "./" and the trailing "/": one part left)."""
     out_dir, runner = tmp_path / "run", CliRunner()
     assert runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir)]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
     refusals = {
         ("--resume-from", "0"): f"{out_dir / 'checkpoints' / 'step_0'}: no such folder; the run {out_dir} holds",
         ("--resume-from", str(tmp_path / "nowhere")): f"{tmp_path / 'nowhere'}: no such folder",
+        ("--resume-from", "./latest"): "error: latest: no such folder",
+        ("--resume-from", "latest/"): "error: latest: no such folder",
     }
     shutil.copytree(out_dir, tmp_path / "unsaved")
     shutil.rmtree(tmp_path / "unsaved" / "checkpoints")
