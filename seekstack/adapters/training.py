@@ -41,7 +41,7 @@ from seekstack.adapters.files import (
 )
 from seekstack.adapters.flops import lora_training_flops
 from seekstack.atomic import missing_folders, remove_while_empty
-from seekstack.checkpoint import read_config
+from seekstack.checkpoint import read_config, stores_quantized_weights
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
@@ -285,7 +285,7 @@ def refuse_quantized_checkpoint(base: str | Path) -> None:
     """CheckpointError, before the run writes anything, when checkpoint `base` is stored quantized: the run would train
     on its dequantized weights an adapter that generate, merge and serve refuse on that base."""
     quantization = read_config(base).extra.get("quantization_config")
-    if quantization is None:
+    if not stores_quantized_weights(quantization):  # none, or a transform_config alone (fused rotations)
         return
     groups = (quantization.get("config_groups") or {}).values()
     bits = sorted({group.get("weights", {}).get("num_bits") for group in groups} - {None}, reverse=True)

@@ -11,6 +11,7 @@ from seekstack.checkpoint.reader import (
     read_json_object,
     read_safetensors,
     stored_float_dtype,
+    stores_quantized_weights,
 )
 from seekstack.checkpoint.save import (
     MODEL_FOLDER_FILES,
@@ -47,6 +48,7 @@ __all__ = [
     "save_pretrained",
     "stored_float_dtype",
     "stored_tensor_bytes",
+    "stores_quantized_weights",
     "write_config",
     "write_generation_config",
     "write_pretrained_files",

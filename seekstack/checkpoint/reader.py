@@ -100,6 +100,17 @@ def read_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(read_json_object(config_path), source=str(config_path))
 
 
+def stores_quantized_weights(quantization: Any) -> bool:
+    """Whether a config.json's quantization_config (None when it has none) says weights are stored quantized. A
+    compressed-tensors one of no config_groups nor kv_cache_scheme (a transform_config alone: SpinQuant's or QuIP's
+    rotations fused into float weights, as compressed-tensors' ModelCompressor writes it) quantizes nothing."""
+    if quantization is None:
+        return False
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
+        return any(quantization.get(key) for key in ("config_groups", "kv_cache_scheme"))
+    return True
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; CheckpointError naming the file when it is not valid JSON or not an object."""
     try:

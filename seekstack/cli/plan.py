@@ -17,10 +17,12 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.
 def stored_weights(model: str, config: ModelConfig) -> str:
     """The width (a BYTES_PER_PARAM name) checkpoint `model` stores its weights in, from its config.json:
     quantization_config (fp8; compressed-tensors int8/int4, the widest group, or float-quantized fp8, which loads
-    dequantized: torch_dtype's), else torch_dtype, else bfloat16.
+    dequantized: torch_dtype's), else (none, or a transform_config alone) torch_dtype, else bfloat16.
     ValueError naming the file for a quantization_config it cannot read."""
+    from seekstack.checkpoint import stores_quantized_weights
+
     quantization = config.extra.get("quantization_config")
-    if quantization is None:
+    if not stores_quantized_weights(quantization):  # none, or a transform_config alone (rotations fused into floats)
         return stated_float_dtype(config)
     method = quantization.get("quant_method", "fp8") if isinstance(quantization, dict) else None
     if method == "fp8":

@@ -162,6 +162,25 @@ def test_a_quantized_base_is_refused_naming_the_scheme_before_anything_is_writte
     assert not (tmp_path / "run").exists()
 
 
+def test_a_base_whose_quantization_config_holds_fused_rotations_alone_is_not_refused_as_quantized(
+    base, data_dir, tmp_path
+):
+    """compressed-tensors writes a model rotated but not quantized (SpinQuant's or QuIP's rotations fused into its
+    float weights) with a quantization_config of a transform_config alone; a LoRA run refused it as "quantized
+    (compressed-tensors)", which it loads, and trains, as the float weights it holds."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.transform import TransformConfig
+
+    from tests.test_quantized_checkpoint_damage import quip_transform_config
+
+    rotated = tmp_path / "rotated"
+    shutil.copytree(base, rotated)
+    transforms = TransformConfig.model_validate(quip_transform_config("weight_input"))
+    ModelCompressor(transform_config=transforms).update_config(str(rotated))
+    train_config, adapter, continued = lora_train_config(rotated, data_dir, tmp_path / "run", [*RUN, "lora.rank=4"])
+    assert (train_config.init_from, adapter.rank, continued) == (str(rotated), 4, None)
+
+
 def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="bias_update_rate"):
         lora_train_config(base, data_dir, tmp_path, ["seq_len=32", "bias_update_rate=0.001"])

@@ -407,7 +407,11 @@ def test_no_budget_at_all_is_refused_rather_than_everything_put_on_disk(model, b
     "stored, weights, bytes_per_param",
     [({"torch_dtype": "float32"}, "float32", 4.0), ({"torch_dtype": "bfloat16"}, "bfloat16", 2.0),
      ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
-         "group_0": {"weights": {"num_bits": 4}}, "group_1": {"weights": {"num_bits": 8}}}}}, "int8", 1.0)],
+         "group_0": {"weights": {"num_bits": 4}}, "group_1": {"weights": {"num_bits": 8}}}}}, "int8", 1.0),
+     # a transform_config alone (rotations fused into float weights, as compressed-tensors writes them): the floats'
+     ({"torch_dtype": "float32", "quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {},
+       "transform_config": {"config_groups": {"u": {"type": "hadamard", "apply": [
+           {"targets": ["re:.*down_proj$"], "location": "weight_input"}]}}}}}, "float32", 4.0)],
 )  # fmt: skip
 def test_a_config_without_weights_is_planned_at_the_width_it_states(tmp_path, stored, weights, bytes_per_param):
     from typer.testing import CliRunner
