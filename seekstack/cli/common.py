@@ -117,6 +117,11 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
     raise typer.Exit(code=code)
 
 
+def usage_error(message: str) -> UsageError:
+    """A command-line mistake in the options given together (exit 2, as click's "Missing option")."""
+    return UsageError(message, get_current_context(silent=True))
+
+
 class JsonErrorsCommand(TyperCommand):
     """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too, as its
     other errors are, with the exit code they have without --json (2)."""

@@ -14,12 +14,12 @@ import typer
 from seekstack.cli.common import (
     BadParameter,
     JsonErrorsCommand,
-    UsageError,
     fail,
     get_current_context,
     options_named,
     run_to_checkpoint,
     size,
+    usage_error,
     user_errors,
 )
 
@@ -109,10 +109,10 @@ def quantize_command(
     with user_errors(as_json), options_named(given):
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
-            raise _usage_error("choose --progressive or --adaptive, not both")
+            raise usage_error("choose --progressive or --adaptive, not both")
         mode = "--progressive" if progressive else "--adaptive" if adaptive else None
         if mode is not None and data is None:  # a command-line mistake, as click's "Missing option"
-            raise _usage_error(
+            raise usage_error(
                 f"{mode} needs --data: token shards with train and val splits (`seekstack data tokenize`)"
             )
         mode_options = {
@@ -124,7 +124,7 @@ def quantize_command(
         }
         for name, (value, applies, where) in mode_options.items():
             if value is not None and not applies:
-                raise _usage_error(f"{name} applies to {where} only")
+                raise usage_error(f"{name} applies to {where} only")
         if progressive and "fp8" in (resolved.scheme, *resolved.layers.values()):  # set by the --config file
             raise ValueError(
                 f"{config}: fp8 applies to a quantization without --progressive (which tries int8, then int4)"
@@ -138,14 +138,14 @@ def quantize_command(
         if adaptive and not (math.isfinite(budget_bits) and budget_bits > 0):
             raise _bad_value("--budget-bits", f"{budget_bits}: must be a number > 0")
         if adaptive and (overrides or config is not None):
-            raise _usage_error(
+            raise usage_error(
                 "--adaptive chooses every layer's scheme itself: --scheme, --group-size, --keep and --config apply "
                 "without it"
             )
         # --progressive's last stage is int4, at the group size
         int4_used = progressive or resolved.scheme == "int4" or "int4" in resolved.layers.values()
         if group_size is not None and not int4_used:
-            raise _usage_error(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
+            raise usage_error(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
         fp8_used = "fp8" in (resolved.scheme, *resolved.layers.values())
         for name, value, used, scheme in (
             ("group_size", resolved.group_size, int4_used, "int4"),
@@ -196,11 +196,6 @@ def quantize_command(
         typer.echo(f"note: {note}", err=True)
     before, after = report["bytes_before"], report["bytes_after"]
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
-
-
-def _usage_error(message: str) -> UsageError:
-    """A command-line mistake in the options given together (exit 2, as click's "Missing option")."""
-    return UsageError(message, get_current_context(silent=True))
 
 
 def _bad_value(option: str, problem: str) -> BadParameter:

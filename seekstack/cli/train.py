@@ -11,11 +11,10 @@ import typer
 
 from seekstack.cli.common import (
     Checkpoint,
-    UsageError,
     fail,
-    get_current_context,
     key_value_command,
     options_named,
+    usage_error,
     user_errors,
     warn,
 )
@@ -122,10 +121,9 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
     (maybe another run's, whose config a fresh out_dir takes), and `step` the step number --resume-from gives, whose
     checkpoint is the run's own; both options given are refused (a usage error)."""
     if resume and resume_from is not None:  # which checkpoint was meant is the user's to say
-        raise UsageError(
+        raise usage_error(
             f"--resume and --resume-from {resume_from} both given: --resume continues from the run's newest "
-            "checkpoint, --resume-from from the one it names; give one",
-            get_current_context(silent=True),
+            "checkpoint, --resume-from from the one it names; give one"
         )
     if resume_from is None:
         return resume, None
@@ -135,10 +133,9 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
     folder = Path(resume_from)
     written_as_path = "/" in resume_from or os.sep in resume_from  # as given: Path drops "./" and a trailing "/"
     if not folder.exists() and not written_as_path:  # a path (a run's pruned step_N) is told as a folder missing
-        raise UsageError(
+        raise usage_error(
             f"--resume-from {resume_from}: neither a step of the run (40, or step_40 as its listings name it) nor a "
-            "checkpoint folder (no such folder); --resume continues from the run's newest checkpoint",
-            get_current_context(silent=True),
+            "checkpoint folder (no such folder); --resume continues from the run's newest checkpoint"
         )
     return folder, None
 
