@@ -871,3 +871,13 @@ def test_a_streams_chunks_have_a_usage_field_only_with_include_usage_as_openais(
     *chunks, last = [json.loads(line[6:]) for line in asked.text.splitlines() if line.startswith("data: {")]
     assert [chunk["usage"] for chunk in chunks] == [None] * len(chunks)
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+
+
+def test_a_prompt_the_engine_refuses_after_the_servers_checks_says_invalid_value(tmp_path):
+    """The engine's own refusal (here a prompt within max_model_len that an engine built with a smaller cache, as
+    create_app may be given one, cannot hold) came as a 400 with code null."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path / "model"), num_blocks=3)  # 2 usable blocks of 16
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/completions", {**GREEDY, "prompt": [5] * 40})])
+    error = error_of(refused, 400)
+    assert (error["code"], error["param"]) == ("invalid_value", None)
+    assert error["message"].startswith(f"prompt is 40 tokens; the {engine.context_len} tokens the cache holds")
