@@ -50,7 +50,7 @@ from seekstack.posttrain.conversations import HELD_OUT_FILE
 from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.runs import list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
+from seekstack.train.runs import another_run, list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
 from seekstack.train.state import refuse_another_runs_checkpoint
 from seekstack.train.trainer import TrainResult, train
 
@@ -353,10 +353,12 @@ def started_run(resume: bool | Path, out: str | Path) -> Path:
     of another run when `out` holds one (`refuse_another_runs_checkpoint`, as `seekstack train` refuses it), or a
     folder no run holds (a ConfigError)."""
     out = Path(out)
-    run = run_holding(resume) if isinstance(resume, Path) else out
-    if run is not None and run.resolve() == out.resolve():
-        return out
-    refuse_another_runs_checkpoint(out, Path(resume))  # `resume` is a folder here: True is `out`'s own run
+    if not isinstance(resume, Path):
+        return out  # `out`'s own newest checkpoint
+    run = another_run(resume, out)
+    if run is None and run_holding(resume) is not None:
+        return out  # one of `out`'s own checkpoints
+    refuse_another_runs_checkpoint(out, resume)
     if run is None or not (run / CONFIG_FILE).is_file():
         raise ConfigError(
             f"--resume-from {resume}: no checkpoint of a `lora train` run (out/checkpoints/step_N beside "

@@ -194,6 +194,13 @@ def run_holding(checkpoint: str | Path) -> Path | None:
     return run if STEP_DIR.fullmatch(checkpoint.name) and checkpoint.parent == checkpoint_dir(run) else None
 
 
+def another_run(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
+    """The out_dir of the run `checkpoint` is a checkpoint of (`run_holding`) when that run is not the one in
+    `out_dir`; None for one of `out_dir`'s own checkpoints, or a folder no run holds."""
+    run = run_holding(checkpoint)
+    return run if run is not None and run.resolve() != Path(out_dir).resolve() else None
+
+
 def checkpoint_or_latest(path: str | Path) -> Path:
     """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
     path = Path(path)

@@ -51,6 +51,7 @@ from seekstack.train.config import CONFIG_FILE
 from seekstack.train.runs import (
     STEP_DIR,
     TRAIN_STATE_FILE,
+    another_run,
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
@@ -250,8 +251,8 @@ def refuse_another_runs_checkpoint(out_dir: str | Path, checkpoint: Path) -> Non
     """ValueError where `checkpoint` is another run's while `out_dir` holds a run (its train_config.json): continued
     there, it would trim that run's metrics.jsonl and log the other run's steps after it (another run's checkpoint goes
     on in an out_dir that holds no run yet). `seekstack train` and the other stages, and `lora train`, refuse it."""
-    out_dir, run = Path(out_dir), run_holding(checkpoint)
-    if run is not None and run.resolve() != out_dir.resolve() and (out_dir / CONFIG_FILE).is_file():
+    out_dir, run = Path(out_dir), another_run(checkpoint, out_dir)
+    if run is not None and (out_dir / CONFIG_FILE).is_file():
         raise ValueError(
             f"{checkpoint} is a checkpoint of the run {run}, and {out_dir} holds another run (its {CONFIG_FILE}): "
             f"going on from it there would trim that run's metrics.jsonl and log {run}'s steps after it, two runs in "

@@ -91,13 +91,13 @@ from seekstack.train.mfu import (
 )
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
+    another_run,
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     out_dir_held,
     passed_over,
     refuse_new_run_into,
-    run_holding,
     step_dir,
     step_number,
 )
@@ -1161,8 +1161,8 @@ class _Run:
     def _other_run_note(self, checkpoint: Path) -> str:
         """The end of the `resumed from` line of a run going on from another run's checkpoint (HF's
         resume_from_checkpoint into a new output_dir): where it now writes, and that the other run stays as it was."""
-        run = run_holding(checkpoint)
-        if run is None or run.resolve() == self.out_dir.resolve():
+        run = another_run(checkpoint, self.out_dir)
+        if run is None:
             return ""
         return (
             f"; a checkpoint of the run {run}, which is left as it was: this run goes on in {self.out_dir} (its "
