@@ -85,7 +85,7 @@ def whole_numbers(value: Any) -> Any:
     /openapi.json gives) and vLLM's pydantic read it, in lists too (token ids); any other value as it is, for the
     strict int to refuse (5.5, "5", true; 1e300, past every field's bound, shown as given). The before-validator of
     a request's integer fields, each named."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
         return int(value)
     if isinstance(value, list):
         return [whole_numbers(item) for item in value]

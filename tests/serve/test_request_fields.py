@@ -881,3 +881,18 @@ def test_a_prompt_the_engine_refuses_after_the_servers_checks_says_invalid_value
     error = error_of(refused, 400)
     assert (error["code"], error["param"]) == ("invalid_value", None)
     assert error["message"].startswith(f"prompt is 40 tokens; the {engine.context_len} tokens the cache holds")
+
+
+def test_the_lowest_seed_written_as_a_float_is_the_integer_and_the_highest_bound_still_refused(engine, tmp_path):
+    """A seed of -9.223372036854776e18 (-2**63 as a float, what json.dumps writes for float(-2**63)) was refused as no
+    valid integer, though -2**63 as an integer is taken: whole_numbers read a float as its integer only below 2**63
+    in size. It now takes [-2**63, 2**63), the seed's own range; 2**63 as a float is refused naming seed, as before."""
+    sampled = {**GREEDY, "temperature": 1.0, "prompt": "The quick brown"}
+    as_int, as_float, over = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**sampled, "seed": -(2**63)}),
+        ("/v1/completions", {**sampled, "seed": float(-(2**63))}),
+        ("/v1/completions", {**sampled, "seed": float(2**63)}),
+    ])  # fmt: skip
+    assert as_float.status_code == 200, as_float.text
+    assert as_float.json()["choices"] == as_int.json()["choices"]
+    assert error_of(over, 400)["param"] == "seed"
