@@ -132,9 +132,9 @@ class SpecialTokens:
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> SpecialTokens:
         """`tokenizer`'s pad token, EOS and BOS, each as its text and its id."""
-        text = tokenizer.backend.id_to_token
-        return cls(text(tokenizer.pad_id), tokenizer.pad_id, text(tokenizer.eos_id), tokenizer.eos_id,
-                   text(tokenizer.bos_id), tokenizer.bos_id)  # fmt: skip
+        pad_token = tokenizer.backend.id_to_token(tokenizer.pad_id)
+        return cls(pad_token, tokenizer.pad_id, tokenizer.eos_token, tokenizer.eos_id,
+                   tokenizer.bos_token, tokenizer.bos_id)  # fmt: skip
 
 
 @register_model("seekstack")
