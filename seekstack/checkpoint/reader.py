@@ -255,17 +255,26 @@ class CheckpointReader:
     def refuse_keys_in_two_shards(self) -> None:
         """CheckpointError naming both shards and the key when two shards of the index hold one key: which one
         the model gets would depend on the reader. Reads every shard's header: for loading the whole checkpoint."""
+        self._stored_keys(sorted(set(self.key_to_file.values())), once=True)
+
+    def _stored_keys(self, files: list[str] | None = None, *, once: bool = False) -> dict[str, str]:
+        """Each key the safetensors `files` of the folder (by name; every one when None) hold -> the first of them,
+        in that order, that holds it, read from their headers. With `once`, CheckpointError naming both shards and
+        the key when two of them hold one key."""
+        if files is None:
+            files = sorted(path.name for path in self.directory.glob("*.safetensors"))
         holder: dict[str, str] = {}
-        for file in sorted(set(self.key_to_file.values())):
+        for file in files:
             with _open_safetensors(self.directory / file) as handle:
                 for key in handle.keys():  # noqa: SIM118 (a safe_open handle)
-                    if key in holder:
+                    if once and key in holder:
                         raise CheckpointError(
                             f"{self.directory}: key {key!r} is stored in both {holder[key]} and {file} (the index "
                             f"{INDEX_FILE} names {self.key_to_file.get(key)!r}); a checkpoint stores each key once: "
                             f"{DAMAGED}"
                         )
-                    holder[key] = file
+                    holder.setdefault(key, file)
+        return holder
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -742,18 +751,14 @@ class CheckpointReader:
         unlisted = []
         if index.exists():
             layers = tuple(key.removesuffix("weight") for key in keys)  # "X.weight" -> "X.": weight_packed too
-            for file in sorted(self.directory.glob("*.safetensors")):
-                with _open_safetensors(file) as handle:
-                    held = [k for k in handle.keys() if k not in self.key_to_file and k.startswith(layers)]  # noqa: SIM118
-                unlisted += [f"{key!r} (in {file.name})" for key in held]
+            stored = self._stored_keys()
+            unlisted = [f"{k!r} (in {file})" for k, file in stored.items() if k not in self and k.startswith(layers)]
         if unlisted:
-            more = f" (and {len(unlisted) - 3} more)" if len(unlisted) > 3 else ""
             return CheckpointError(
-                f"{index}: does not list key {', '.join(unlisted[:3])}{more}, which its shards hold; the index does "
-                f"not match its shards: {DAMAGED}"
+                f"{index}: does not list key {_first_three(unlisted)}, which its shards hold; the index does not "
+                f"match its shards: {DAMAGED}"
             )
-        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
-        named = described or ", ".join(map(repr, keys[:3])) + more
+        named = described or _first_three(list(map(repr, keys)))
         where = index if index.exists() else self.directory / SINGLE_FILE
         return CheckpointError(f"{where}: missing key {named}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
 
@@ -774,22 +779,19 @@ class CheckpointReader:
         try:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
-            holders = [] if key in self._handles[file].keys() else self._holders(key)  # noqa: SIM118
-            if holders:
+            holder = None if key in self._handles[file].keys() else self._stored_keys().get(key)  # noqa: SIM118
+            if holder is not None:
                 raise CheckpointError(
-                    f"{self.directory / INDEX_FILE}: names {file} for key {key!r}, which {holders[0]} holds; the "
-                    f"index does not match its shards: {DAMAGED}"
+                    f"{self.directory / INDEX_FILE}: names {file} for key {key!r}, which {holder} holds; the index "
+                    f"does not match its shards: {DAMAGED}"
                 ) from None
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
 
-    def _holders(self, key: str) -> list[str]:
-        """The safetensors files of the folder that hold `key`, by name."""
-        holders = []
-        for path in sorted(self.directory.glob("*.safetensors")):
-            with _open_safetensors(path) as handle:
-                if key in handle.keys():  # noqa: SIM118 (a safe_open handle)
-                    holders.append(path.name)
-        return holders
+
+def _first_three(names: list[str]) -> str:
+    """The first three of `names`, comma-separated, and how many more there are: "'a', 'b', 'c' (and 2 more)"."""
+    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _target_pattern(target: str, where: str, config_path: Path) -> re.Pattern[str] | None:
