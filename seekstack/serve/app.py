@@ -566,7 +566,7 @@ class Server:
         continuous = asked_usage and options.continuous_usage_stats  # as vLLM
         kind = ChatCompletionChunk if is_chat else CompletionResponse
 
-        def chunk(choices: list, usage_so_far: Usage | None = None) -> str:
+        def chunk(choices: list, usage_so_far: Usage | None) -> str:
             """The event of a chunk of `choices`; with include_usage it has `usage_so_far` (null but on the last
             chunk, or with continuous_usage_stats), and without, no usage field, as OpenAI's."""
             shown = {"usage": usage_so_far} if asked_usage else {}
