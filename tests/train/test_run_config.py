@@ -251,7 +251,11 @@ def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_ru
     for given in ("3", "step_3", str(out_dir / "checkpoints" / "step_3")):
         resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume-from", given])
         assert resumed.exit_code == 0, resumed.output
-        assert f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'})" in resumed.output
+        assert (
+            f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'}); its first save deletes the run's later "
+            f"checkpoints step_6, of the history it leaves (move them out of {out_dir / 'checkpoints'} to keep them)\n"
+            in resumed.output
+        )  # the whole line: no note of another run's checkpoint on the run's own
         assert [row["step"] for row in read_metrics(out_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4 to 6 trained again
 
 
