@@ -66,10 +66,10 @@ def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resum
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
     """`train_on_two_ranks` (each rank running `rank_main`), failing the test instead of waiting forever when the
     ranks hang, with where each rank still running was (its Python stack) and what it wrote."""
-    stacks = Path(config.out_dir).parent / f"{Path(config.out_dir).name}_stack"
+    stacks = f"{config.out_dir}_stack"
     context = mp.spawn(
         _rank_telling_its_stack,
-        args=(2, free_port(), config, False, rank_main, str(stacks)),
+        args=(2, free_port(), config, False, rank_main, stacks),
         nprocs=2,
         join=False,
     )
