@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import re
 import shutil
@@ -411,10 +410,10 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     tied, given = model.config.tie_word_embeddings, (model.lm_head.weight, model.config)
     if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
-        model.config = dataclasses.replace(model.config)  # peft's merge unties the config it finds, in place
+        model.config = model.config.replace()  # peft's merge unties the config it finds, in place
     try:
         merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
-    except BaseException:  # an adapter peft cannot apply (_wrapped took its layers out): the model as it was given
+    except BaseException:  # an adapter peft cannot apply: the model as it was given, the head and config put back
         model.lm_head.weight, model.config = given
         raise
     if tied:
