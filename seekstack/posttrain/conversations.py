@@ -394,12 +394,12 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     if templated["role"] == "assistant":  # refused alike whichever template writes it: conversation_key folds it
         with_reasoning(position, templated)
     given = cast(dict, message)
-    if "content" not in given and not (templated.get("tool_calls") or given.get("refusal")):
-        raise ValueError(
-            f"chat message {position} has no 'content' key: an assistant message leaves it out only when it calls "
-            "tools (tool_calls) or refuses (refusal); give its text as a string or a list of text parts"
-        )
     if given.get("content") is None and not (templated.get("tool_calls") or given.get("refusal")):
+        if "content" not in given:
+            raise ValueError(
+                f"chat message {position} has no 'content' key: an assistant message leaves it out only when it "
+                "calls tools (tool_calls) or refuses (refusal); give its text as a string or a list of text parts"
+            )
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
     check_whole_characters(position, templated["content"])
     # a null weight is none given (1): a datasets export writes one on each message that gave none
