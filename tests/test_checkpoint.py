@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import seekstack
 from seekstack import Transformer
 from seekstack.checkpoint import (
+    CONFIG_FILE,
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
@@ -31,6 +32,7 @@ from seekstack.config import ConfigError
 from seekstack.infer.placement import mapped_file
 from seekstack.model.moe import RoutedExperts
 from tests.conftest import micro_config
+from tests.support import edited_json
 
 E4M3_RELATIVE_STEP = 2**-4  # 3 mantissa bits: rounding moves a normal value by at most 1/16 of its size
 E4M3_SMALLEST_STEP = 2**-9  # spacing of the e4m3 subnormals, in units of the block scale
@@ -70,11 +72,6 @@ def assert_same_state(a: Transformer, b: Transformer) -> None:
     for name in state_a:
         assert state_a[name].dtype == state_b[name].dtype, name
         assert torch.equal(state_a[name], state_b[name]), name
-
-
-def rewrite_config(directory: Path, **changes) -> None:
-    path = directory / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -144,7 +141,8 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
 def test_a_stored_head_that_is_not_the_embedding_is_loaded_untied_under_a_tying_config_as_transformers_does(tmp_path):
     model = random_model(num_nextn_predict_layers=0)
     seekstack.save_pretrained(model, tmp_path)
-    rewrite_config(tmp_path, tie_word_embeddings=True)
+    with edited_json(tmp_path / CONFIG_FILE) as config:
+        config.update(tie_word_embeddings=True)
     with pytest.warns(UserWarning, match=r"tie_word_embeddings is true, but .*model\.safetensors stores an lm_head"):
         loaded = seekstack.load_pretrained(tmp_path).eval()
     assert not loaded.config.tie_word_embeddings and loaded.lm_head.weight is not loaded.embed_tokens.weight
@@ -155,7 +153,8 @@ def test_a_stored_head_equal_to_the_embedding_is_tied_under_a_tying_config(tmp_p
     model = random_model(num_nextn_predict_layers=0)
     model.lm_head.weight.data.copy_(model.embed_tokens.weight)
     seekstack.save_pretrained(model, tmp_path)
-    rewrite_config(tmp_path, tie_word_embeddings=True)
+    with edited_json(tmp_path / CONFIG_FILE) as config:
+        config.update(tie_word_embeddings=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded = seekstack.load_pretrained(tmp_path)
@@ -325,7 +324,8 @@ def test_mtp_modules_are_stored_as_the_layers_after_the_main_ones(tmp_path):
 def test_config_promising_mtp_without_mtp_weights_loads_without_mtp(tmp_path):
     model = random_model(num_nextn_predict_layers=0)
     seekstack.save_pretrained(model, tmp_path)
-    rewrite_config(tmp_path, num_nextn_predict_layers=1)
+    with edited_json(tmp_path / CONFIG_FILE) as config:
+        config.update(num_nextn_predict_layers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded = seekstack.load_pretrained(tmp_path)
@@ -336,7 +336,8 @@ def test_config_promising_mtp_without_mtp_weights_loads_without_mtp(tmp_path):
 def test_config_promising_more_mtp_layers_than_stored_loads_those_stored(tmp_path):
     model = random_model(num_nextn_predict_layers=1)
     seekstack.save_pretrained(model, tmp_path)
-    rewrite_config(tmp_path, num_nextn_predict_layers=3)
+    with edited_json(tmp_path / CONFIG_FILE) as config:
+        config.update(num_nextn_predict_layers=3)
     loaded = seekstack.load_pretrained(tmp_path)
     assert len(loaded.mtp) == 1
     assert_same_state(model, loaded)
@@ -619,7 +620,8 @@ def test_shape_mismatch_is_reported_with_the_file_the_key_and_both_shapes(saved)
     ],
 )
 def test_bad_config_json_is_reported_with_the_file_and_the_field(saved, changes, field):
-    rewrite_config(saved, **changes)
+    with edited_json(saved / CONFIG_FILE) as config:
+        config.update(**changes)
     with pytest.raises(ConfigError) as error:
         seekstack.load_pretrained(saved)
     assert str(saved / "config.json") in str(error.value) and field in str(error.value)
@@ -741,13 +743,12 @@ def test_the_unused_keys_warning_names_the_shards_that_hold_them(tmp_path):
     """It named the folder alone ("DIR: 2 checkpoint keys were not used, e.g. [...]"): of a checkpoint of several
     shards, which ones hold the keys to look into was left to find."""
     seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
-    index = json.loads((tmp_path / INDEX_FILE).read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    for number, shard in enumerate(shards[:2]):
-        tensors = load_file(tmp_path / shard)
-        save_file(tensors | {f"model.layers.0.mlp.surplus_{number}.weight": torch.zeros(2)}, tmp_path / shard)
-        index["weight_map"][f"model.layers.0.mlp.surplus_{number}.weight"] = shard
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with edited_json(tmp_path / INDEX_FILE) as index:
+        shards = sorted(set(index["weight_map"].values()))
+        for number, shard in enumerate(shards[:2]):
+            tensors = load_file(tmp_path / shard)
+            save_file(tensors | {f"model.layers.0.mlp.surplus_{number}.weight": torch.zeros(2)}, tmp_path / shard)
+            index["weight_map"][f"model.layers.0.mlp.surplus_{number}.weight"] = shard
     with pytest.warns(UserWarning) as caught:
         seekstack.load_pretrained(tmp_path)
     [message] = [str(warning.message) for warning in caught if "not used" in str(warning.message)]
@@ -818,7 +819,8 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
 def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_states(tmp_path):
     seekstack.save_pretrained(random_model().bfloat16(), tmp_path / "bfloat16")
     seekstack.save_pretrained(random_model(), tmp_path / "float32")
-    rewrite_config(tmp_path / "float32", dtype=None, torch_dtype=None)  # a config stating no dtype: float32
+    with edited_json(tmp_path / "float32" / CONFIG_FILE) as config:  # a config stating no dtype: float32
+        config.update(dtype=None, torch_dtype=None)
     for folder, dtype, expected in [
         ("float32", "bfloat16", torch.bfloat16),
         ("float32", "float16", torch.float16),
@@ -844,7 +846,8 @@ def test_torch_dtype_the_name_transformers_users_write_loads_in_that_dtype(tmp_p
 
 def test_saved_config_names_the_dtype_of_the_saved_weights_not_the_dtype_it_was_loaded_from(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path / "float32")
-    rewrite_config(tmp_path / "float32", dtype="float32")  # as transformers 5 writes it
+    with edited_json(tmp_path / "float32" / CONFIG_FILE) as config:  # as transformers 5 writes it
+        config.update(dtype="float32")
     loaded = seekstack.load_pretrained(tmp_path / "float32", dtype=torch.bfloat16)
     seekstack.save_pretrained(loaded, tmp_path / "bfloat16")
     config = json.loads((tmp_path / "bfloat16" / "config.json").read_text())

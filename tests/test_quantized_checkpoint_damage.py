@@ -3,10 +3,9 @@ are: weights or scales not of the shapes the config implies, and an index that n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,18 @@ from safetensors.torch import load_file, save_file
 
 import seekstack
 from seekstack import Transformer
-from seekstack.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, dequantize_fp8, quantize_fp8
+from seekstack.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    dequantize_fp8,
+    quantize_fp8,
+)
 from seekstack.compress.formats import pack_codes
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from tests.conftest import micro_config
+from tests.support import edited_json
 
 SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
 FP8_BLOCK = (16, 16)
@@ -49,15 +56,6 @@ def damage(file: Path, change: Damage) -> None:
 
 def replace(key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Damage:
     return lambda tensors: tensors.__setitem__(key, make(tensors[key]).contiguous())
-
-
-@contextlib.contextmanager
-def edited_config(directory: Path) -> Iterator[dict]:
-    """`directory`'s config.json as a dict, written back as the with block leaves it."""
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    yield config
-    path.write_text(json.dumps(config))
 
 
 def load_error(directory: Path, dequantize: bool) -> str:
@@ -147,10 +145,9 @@ def test_a_key_the_index_places_in_another_shard_than_its_own_is_refused_naming_
     """The refusal named the shard the index gives as unable to give the key ("cannot read key ... re-download"), as
     if that shard were damaged, where the index is the one out of step with its shards."""
     directory = save_fp8(tmp_path / "fp8", max_shard_bytes=8_000)
-    index = json.loads((directory / INDEX_FILE).read_text())
-    holder = index["weight_map"][f"{Q_B}.weight"]
-    index["weight_map"][f"{Q_B}.weight"] = other = index["weight_map"]["model.embed_tokens.weight"]
-    (directory / INDEX_FILE).write_text(json.dumps(index))
+    with edited_json(directory / INDEX_FILE) as index:
+        holder = index["weight_map"][f"{Q_B}.weight"]
+        index["weight_map"][f"{Q_B}.weight"] = other = index["weight_map"]["model.embed_tokens.weight"]
     assert holder != other
     assert load_error(directory, dequantize=False) == (
         f"{directory / INDEX_FILE}: names {other} for key '{Q_B}.weight', which {holder} holds; the index does not "
@@ -173,7 +170,7 @@ def test_int_weight_shape_that_is_not_the_packed_weights_is_refused_naming_the_f
 @pytest.mark.parametrize("block", [None, [16, 16, 16], [16], [16, 0], "16x16", [16.0, 16]])
 def test_fp8_weight_block_size_that_is_not_two_positive_integers_is_refused_naming_the_field(tmp_path, block):
     directory = save_fp8(tmp_path / "fp8")
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["weight_block_size"] = block
     message = load_error(directory, dequantize=False)
     assert message.startswith(f"{directory / 'config.json'}: quantization_config.weight_block_size is {block!r}; ")
@@ -183,7 +180,7 @@ def test_fp8_weight_block_size_null_is_refused_as_transformers_per_tensor_format
     """transformers' FineGrainedFP8Config writes weight_block_size null for fp8 of one scale per matrix; the refusal
     called its config one to replace ("use the config.json saved with these weights"), though it is that one."""
     directory = save_fp8(tmp_path / "fp8")
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["weight_block_size"] = None
     assert load_error(directory, dequantize=False) == (
         f"{directory / 'config.json'}: quantization_config.weight_block_size is None; null is transformers' "
@@ -207,7 +204,7 @@ def test_fp8_weight_stored_in_another_dtype_beside_its_scale_is_refused_naming_t
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
 def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_file_and_the_config(tmp_path, dequantize):
     directory = save_quantized(tmp_path / "int8", "int8")
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(FP8_BLOCK)}
     message = load_error(directory, dequantize)
     assert message.startswith(f"{directory / SINGLE_FILE}: key "), message
@@ -218,7 +215,7 @@ def test_an_unsupported_format_is_refused_naming_its_fields_not_the_whole_config
     """compressed-tensors' nvfp4-pack-quantized (NVFP4): the refusal printed the whole quantization_config, every
     layer's target with it (thousands of patterns for a full model), before saying what seekstack reads."""
     directory = save_quantized(tmp_path / "int8", "int8")
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["format"] = "nvfp4-pack-quantized"
     message = load_error(directory, dequantize=False)
     assert message.startswith(
@@ -251,7 +248,7 @@ def test_asymmetric_int_weights_without_their_zero_points_are_refused_naming_the
     directory = save_quantized(tmp_path / "int4", "int4")
     added, expected = ASYMMETRIC_DAMAGES[damaged]
     damage(directory / SINGLE_FILE, lambda tensors: tensors.update({f"{Q_B}.{k}": v for k, v in added.items()}))
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         groups = config["quantization_config"]["config_groups"]
         groups["asymmetric"] = {**groups["group_0"], "targets": [Q_B]}  # q_b_proj's: its exact name comes first
         groups["asymmetric"]["weights"] = {**groups["group_0"]["weights"], "symmetric": False}
@@ -262,7 +259,7 @@ def test_asymmetric_int_weights_without_their_zero_points_are_refused_naming_the
 def test_asymmetric_float_weights_are_refused_naming_the_config_and_the_group(tmp_path):
     """Zero points are read for int weights only; no scheme of llm-compressor's writes float ones."""
     directory = save_quantized(tmp_path / "int4", "int4")
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["config_groups"]["group_0"]["weights"].update(symmetric=False, type="float")
     assert load_error(directory, dequantize=True).startswith(
         f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false for float weights; "
@@ -307,7 +304,7 @@ def test_int4_groups_in_activation_order_are_refused_naming_the_config_and_the_g
     directory = save_quantized(tmp_path / "int4", "int4")
     g_idx = torch.zeros(32, dtype=torch.int32)  # the group of each of q_b_proj's 32 columns (one group of 32)
     damage(directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_g_idx", g_idx))
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = order
     message = load_error(directory, dequantize=False)
     assert message.startswith(
@@ -335,12 +332,12 @@ def test_a_transform_config_rotating_activations_at_run_time_is_refused_and_fuse
     into the weights (weight_input, weight_output) load as the weights they are."""
     directory = save_quantized(tmp_path / scheme, scheme)
     reference = seekstack.load_pretrained(directory).eval()
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["transform_config"] = quip_transform_config("weight_input")
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(seekstack.load_pretrained(directory).eval()(ids).logits, reference(ids).logits)
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         config["quantization_config"]["transform_config"] = quip_transform_config("weight_input", "input")
     for dequantize in (False, True):
         assert load_error(directory, dequantize) == (
@@ -381,7 +378,7 @@ def test_weights_compressed_by_a_sparsity_config_are_refused_and_sparse_dense_on
     the format; a sparsity_config of format "dense" (sparse weights stored as they are) loads."""
     directory = save_quantized(tmp_path / "int8", "int8")
     reference = seekstack.load_pretrained(directory).eval()
-    with edited_config(directory) as config:
+    with edited_json(directory / CONFIG_FILE) as config:
         sparsity = {"format": sparse_format, "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"]}
         config["quantization_config"]["sparsity_config"] = sparsity
     if sparse_format == "dense":
@@ -405,9 +402,8 @@ def test_a_key_a_shard_holds_that_the_index_does_not_list_is_refused_naming_the_
     """The index out of step with its shards: the refusal said the weights lack the key ("missing key ...; the weights
     do not match config.json"), though a shard holds it."""
     directory = save_quantized(tmp_path / scheme, scheme, max_shard_bytes=8_000)
-    index = json.loads((directory / INDEX_FILE).read_text())
-    shard = index["weight_map"].pop(key)
-    (directory / INDEX_FILE).write_text(json.dumps(index))
+    with edited_json(directory / INDEX_FILE) as index:
+        shard = index["weight_map"].pop(key)
     assert load_error(directory, dequantize=False) == (
         f"{directory / INDEX_FILE}: does not list key {key!r} (in {shard}), which its shards hold; the index does "
         "not match its shards: re-save or re-download the checkpoint"
@@ -470,7 +466,7 @@ def test_a_frozen_layer_seekstack_cannot_round_as_compressed_tensors_does_is_ref
     seekstack.save_pretrained(Transformer(micro_config(**SHAPES)), tmp_path)
     damage(tmp_path / SINGLE_FILE, lambda tensors: tensors.update({f"{Q_B}.weight_scale": torch.ones(96, 2)}))
     targets, expected = FROZEN_REFUSALS[case]
-    with edited_config(tmp_path) as config:
+    with edited_json(tmp_path / CONFIG_FILE) as config:
         config["quantization_config"] = {
             "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
             "config_groups": {"group_0": {"targets": targets, "weights": NVFP4}},

@@ -49,6 +49,7 @@ from seekstack.infer.precision import map_devices
 from seekstack.infer.threads import running_on
 from seekstack.schema import ConfigError
 from tests.infer.support import micro_model, model_dir, read_only_folder, tiny_tokenizer
+from tests.support import edited_json
 
 KTRANSFORMERS_SPLIT = "*=cuda:0,embed_tokens=cpu,layers.*.mlp.experts=cpu"
 
@@ -473,10 +474,9 @@ def test_a_checkpoint_whose_index_leaves_out_keys_the_model_needs_is_refused_nam
     from seekstack.cli import app
 
     seekstack.save_pretrained(micro_model(), tmp_path, max_shard_bytes=100_000)  # experts stored per expert
-    index = json.loads((tmp_path / INDEX_FILE).read_text())
     keys = ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight")
-    unlisted = ", ".join(f"{key!r} (in {index['weight_map'].pop(key)})" for key in keys)  # the shards still hold them
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with edited_json(tmp_path / INDEX_FILE) as index:  # the shards still hold the keys
+        unlisted = ", ".join(f"{key!r} (in {index['weight_map'].pop(key)})" for key in keys)
     result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1GiB"])
     assert result.exit_code == 1 and "--device-map" not in result.output
     assert (
