@@ -75,6 +75,16 @@ def min_tokens_limit(length_name: str, length: int) -> str:
     return f"at most {length_name} ({length}), as vLLM's: no reply reaches more"
 
 
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of a request seeded `seed`: seed + index, wrapped within torch's seed range (seed s
+    and s + 2**64 draw alike), a -1 so derived as 2**64 - 1 (its same draws, not vLLM's random seed); None for a
+    request without a seed (None, or vLLM's -1)."""
+    if seed is None or seed == RANDOM_SEED:
+        return None
+    derived = seed + index - (MAX_SEED if seed + index >= MAX_SEED else 0)
+    return MAX_SEED - 1 if derived == RANDOM_SEED else derived
+
+
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
@@ -203,12 +213,9 @@ class SamplingParams:
         return params
 
     def samples(self) -> list[SamplingParams]:
-        """The parameters of each of the n samples, one apiece: sample i seeded seed + i (wrapped within torch's seed
-        range; a -1 as 2**64 - 1, its same draws, not vLLM's random seed), as the server seeds a request's choices;
-        unseeded ones each take their own seed."""
-        seeds = [None if self.seed is None else self.seed + i - (MAX_SEED if self.seed + i >= MAX_SEED else 0)
-                 for i in range(self.n)]  # fmt: skip
-        return [dataclasses.replace(self, n=1, seed=MAX_SEED - 1 if seed == RANDOM_SEED else seed) for seed in seeds]
+        """The parameters of each of the n samples, one apiece: sample i seeded `sample_seed(seed, i)`, as the server
+        seeds a request's choices; unseeded ones each take their own seed."""
+        return [dataclasses.replace(self, n=1, seed=sample_seed(self.seed, i)) for i in range(self.n)]
 
     @property
     def greedy(self) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from seekstack.chat_template import compiled_template, read_chat_template
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
-from seekstack.infer.params import SamplingParams, min_tokens_limit
+from seekstack.infer.params import SamplingParams, min_tokens_limit, sample_seed
 from seekstack.schema import require
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (
@@ -396,7 +396,7 @@ def sampling_params(
                 presence_penalty=request.presence_penalty or 0.0,
                 frequency_penalty=request.frequency_penalty or 0.0,
                 logit_bias=request.logit_bias or {},
-                seed=None if request.seed is None else request.seed + index,
+                seed=sample_seed(request.seed, index),
                 stop=stop,
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 logprobs=logprobs or ranked,

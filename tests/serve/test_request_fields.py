@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seekstack.infer.engine import Engine
-from seekstack.infer.params import SamplingParams
+from seekstack.infer.params import SamplingParams, sample_seed
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.errors import APIError, parse_body
@@ -896,3 +896,16 @@ def test_the_lowest_seed_written_as_a_float_is_the_integer_and_the_highest_bound
     assert as_float.status_code == 200, as_float.text
     assert as_float.json()["choices"] == as_int.json()["choices"]
     assert error_of(over, 400)["param"] == "seed"
+
+
+def test_n_choices_whose_seed_plus_index_is_minus_one_sample_the_same_on_every_request(engine, tmp_path):
+    """The server seeded choice i of a request seeded s with s + i itself: of seed -2 and n=2 the second choice got
+    seed -1, which SamplingParams reads as vLLM's no seed, so it sampled anew on each request (the engine's n samples
+    already kept it as 2**64 - 1, the same draws). Both now take params.sample_seed, and vLLM's -1 of the request
+    itself still seeds none of its choices."""
+    body = {**GREEDY, "temperature": 1.0, "prompt": "The quick brown", "n": 2, "seed": -2, "max_tokens": 12}
+    first, second = post_each(engine, tmp_path / "db", [("/v1/completions", body)] * 2)
+    texts = [[choice["text"] for choice in response.json()["choices"]] for response in (first, second)]
+    assert texts[0] == texts[1] and texts[0][0] != texts[0][1]
+    assert [sample_seed(-2, i) for i in range(3)] == [-2, 2**64 - 1, 0]
+    assert [sample_seed(seed, 1) for seed in (None, -1, 2**64 - 1)] == [None, None, 0]
