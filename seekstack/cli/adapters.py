@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors
+from seekstack.cli.common import fail, is_override, key_value_command, run_to_checkpoint, user_errors
 
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
@@ -90,9 +90,7 @@ def _paths_and_overrides(arguments: list[str]) -> tuple[tuple[str | None, str | 
     """(BASE, DATA) and the overrides from `lora train`'s positionals: BASE and DATA are those before the first
     `key=value`, told from a path as `seekstack train` tells its config from one (`is_override`: `max-steps=3` is a
     misspelt key, an existing `shards=v2` a path) (`--resume` needs neither, so its overrides may come first)."""
-    from seekstack.cli.train import is_override
-
-    paths = list(itertools.takewhile(lambda argument: not is_override(Path(argument)), arguments))
+    paths = list(itertools.takewhile(lambda argument: not is_override(argument), arguments))
     if len(paths) > 2:
         raise ValueError(
             f"{paths[2]}: neither BASE nor DATA (given as {paths[0]} and {paths[1]}) nor a key=value override; "

@@ -117,6 +117,14 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
     raise typer.Exit(code=code)
 
 
+def is_override(argument: str | Path) -> bool:
+    """Whether a command's positional `argument` is a key=value override rather than a path (`seekstack train`'s
+    config, `lora train`'s BASE and DATA): an "=" that no folder name holds (a sweep's `runs/lr=1e-3/run.yaml` is a
+    config file), in no file that exists."""
+    key, sep, _ = str(argument).partition("=")
+    return bool(sep) and "/" not in key and os.sep not in key and not Path(argument).exists()
+
+
 def usage_error(message: str) -> UsageError:
     """A command-line mistake in the options given together (exit 2, as click's "Missing option")."""
     return UsageError(message, get_current_context(silent=True))

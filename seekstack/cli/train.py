@@ -12,6 +12,7 @@ import typer
 from seekstack.cli.common import (
     Checkpoint,
     fail,
+    is_override,
     key_value_command,
     options_named,
     usage_error,
@@ -95,13 +96,6 @@ def run_stage(
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
-
-
-def is_override(config: Path) -> bool:
-    """Whether the config argument is the first key=value override of a stage run without a config file: an "=" that
-    no folder name holds (a sweep's `runs/lr=1e-3/run.yaml` is a config file), in no file that exists."""
-    key, sep, _ = str(config).partition("=")
-    return bool(sep) and "/" not in key and os.sep not in key and not config.exists()
 
 
 def tell_once_resumable(out_dir: str | Path, checkpoint: bool | Path, told: list[str]) -> None:
