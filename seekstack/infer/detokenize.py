@@ -45,7 +45,7 @@ class TextStream:
         if token_id in self.skipped_ids or not self.enabled:
             return "", False
         self.ids.append(token_id)
-        new_text = self._new_text()
+        new_text = self.held_text()
         if new_text and not new_text.endswith(REPLACEMENT):
             self.text += new_text
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -54,16 +54,17 @@ class TextStream:
             self.prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
         return self._release()
 
-    def _new_text(self) -> str:
+    def held_text(self) -> str:
         """The text ids[read_offset:] add after the prefix's, decoded in its context (bytes of one character may
-        be split between tokens)."""
+        be split between tokens): lossily, a part of a character reads as one U+FFFD, so it is not yet safe to show
+        (`push` releases it once it decodes cleanly)."""
         return self.tokenizer.decode(self.ids[self.prefix_offset :])[len(self.prefix_text) :]
 
     def flush(self) -> str:
         """At the end without a stop string: everything not yet shown, incomplete bytes as U+FFFD."""
         if not self.enabled:
             return ""
-        self.text += self._new_text()
+        self.text += self.held_text()
         self.prefix_offset = self.read_offset = len(self.ids)
         self.prefix_text = ""
         out, self.released = self.text[self.released :], len(self.text)

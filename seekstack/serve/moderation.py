@@ -304,7 +304,7 @@ class HeldLogprobs:
         """Place the entries of newly generated tokens (with `final`, also whatever has not appeared by the end)."""
         for entry in entries:
             piece, _ = self.decoded.push(entry.token_id)
-            held = piece or self.decoded._new_text()  # decoded lossily: a part of a character reads as one U+FFFD
+            held = piece or self.decoded.held_text()  # decoded lossily: a part of a character reads as one U+FFFD
             self.unplaced.append((entry, len(held)))
             if piece:
                 self._place(len(piece))
