@@ -58,7 +58,7 @@ demo-reason: $(STAMP)
 # processes on two cores run it in ~2/3 of the time one process on two threads takes (12 vs 18 min, cold caches).
 test: $(STAMP)
 	scripts/install_test_deps.sh
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal --durations=20
 
 bench: $(STAMP)
 	$(PY) bench/forward.py
