@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import JsonErrorsCommand, UsageError, fail, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import (
+    JsonErrorsCommand,
+    UsageError,
+    fail,
+    options_named,
+    run_to_checkpoint,
+    usage_error,
+    user_errors,
+)
 from seekstack.infer.params import EngineOptions, SamplingParams
 
 if TYPE_CHECKING:
@@ -237,9 +245,9 @@ def generate_command(
     with failures_as_json(as_json), user_errors(as_json):
         for option, value in (("--top-logprobs", top_logprobs), ("--prompt-logprobs", prompt_logprobs)):
             if value is not None and not as_json:
-                raise ValueError(f"{option} {value}: the log-probabilities are printed with --json only")
+                raise usage_error(f"{option} {value}: the log-probabilities are printed with --json only")
         if system is not None and not chat:
-            raise ValueError("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
+            raise usage_error("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
             raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
         if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
@@ -424,15 +432,15 @@ def failures_as_json(as_json: bool) -> Iterator[None]:
 
 
 def refuse_drafting_without_speculation(ctx: typer.Context) -> None:
-    """ValueError naming a drafting option (--draft-tokens, --adaptive-drafts, --draft-vocab) given on the command
-    line without --speculative, which would leave it unread."""
+    """A usage error (exit 2) naming a drafting option (--draft-tokens, --adaptive-drafts, --draft-vocab) given on the
+    command line without --speculative, which would leave it unread."""
     if ctx.params["speculative"]:
         return
     for name in DRAFTING_OPTIONS:
         if ctx.get_parameter_source(name).name != "DEFAULT":
             option = "--" + "no-" * (ctx.params[name] is False) + name.replace("_", "-")  # as typed
-            raise ValueError(f"{option} sets how speculative decoding drafts, which is off: add --speculative, or "
-                             f"leave {option} out")  # fmt: skip
+            raise usage_error(f"{option} sets how speculative decoding drafts, which is off: add --speculative, or "
+                              f"leave {option} out")  # fmt: skip
 
 
 class StreamedText:

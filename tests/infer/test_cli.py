@@ -58,7 +58,7 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     assert piped.exit_code == 0 and piped.stdout == typed.stdout, piped.output
     shown = runner.invoke(app, [*args, "x", "--top-logprobs", "2"])
     assert (
-        shown.exit_code == 1 and "--top-logprobs 2: the log-probabilities are printed with --json only" in shown.stderr
+        shown.exit_code == 2 and "--top-logprobs 2: the log-probabilities are printed with --json only" in shown.stderr
     )
 
 
@@ -92,7 +92,7 @@ def test_generate_json_top_logprobs_0_gives_each_tokens_own_logprob_as_vllms_log
     assert [entry["logprob"] for entry in entries] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
     assert "logprobs" not in json.loads(runner.invoke(app, [*args, "--json"]).stdout)  # not asked for: none
     unshown = runner.invoke(app, [*args, "--top-logprobs", "0"])
-    assert unshown.exit_code == 1 and "--top-logprobs 0: the log-probabilities are printed with --json only" in (
+    assert unshown.exit_code == 2 and "--top-logprobs 0: the log-probabilities are printed with --json only" in (
         unshown.stderr
     )
 
@@ -112,7 +112,7 @@ def test_generate_json_gives_the_prompts_logprobs_as_the_engine_does(checkpoint,
         assert (entry["token_id"], entry["rank"]) == (expected.token_id, expected.rank)
         assert entry["logprob"] == pytest.approx(expected.logprob, abs=1e-5) and len(entry["top"]) == 2
     refused = runner.invoke(app, [*args, "--prompt-logprobs", "2"])
-    assert refused.exit_code == 1 and "--prompt-logprobs 2: the log-probabilities are printed with --json only" in (
+    assert refused.exit_code == 2 and "--prompt-logprobs 2: the log-probabilities are printed with --json only" in (
         refused.stderr
     )
 
@@ -137,7 +137,7 @@ def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engin
     [reply] = engine.generate([engine.tokenizer.encode_chat(messages)], params)
     assert result.exit_code == 0 and result.stdout == reply.text + "\n", result.output
     unread = runner.invoke(app, args)  # a system prompt of no chat would be left out unsaid
-    assert unread.exit_code == 1 and "--system is the system prompt of a --chat prompt: add --chat" in unread.stderr
+    assert unread.exit_code == 2 and "--system is the system prompt of a --chat prompt: add --chat" in unread.stderr
 
 
 def test_generate_chat_ends_the_reply_with_its_turn_as_chat_does(checkpoint, engine):
@@ -367,8 +367,8 @@ def test_a_drafting_option_without_speculative_is_refused_naming_it(checkpoint, 
         monkeypatch.setattr(starts, lambda *args, **kwargs: pytest.fail("started without --speculative"))
     prompt = ["x"] if command == "generate" else []
     result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, *option], input="")
-    assert result.exit_code == 1
-    assert f"error: {option[0]} sets how speculative decoding drafts, which is off: add --speculative" in result.stderr
+    assert result.exit_code == 2  # a usage error, as the parser's own
+    assert f"Error: {option[0]} sets how speculative decoding drafts, which is off: add --speculative" in result.stderr
 
 
 def test_serve_names_a_run_s_model_by_the_run(checkpoint, monkeypatch, tmp_path):
