@@ -470,6 +470,18 @@ def test_a_box_without_braces_holds_the_rest_of_its_math_as_math_verify_reads_it
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{5}\\boxed{}", 5), ("\\boxed{5} \\boxed{ }", 5), ("$\\boxed{5}$, so $\\boxed{\\,}$", 5),
+     ("$\\boxed 5$ and $\\boxed$", 5), ("\\boxed{5} then \\fbox{}", 5), ("\\boxed{5}\\boxed{6}\\boxed{}", 6),
+     ("\\boxed{}", None), ("The answer is \\boxed{}", None), ("\\boxed{5}\\boxed{", None)],
+)  # fmt: skip
+def test_an_empty_box_is_no_answer_and_the_last_box_holding_one_is_read(answer, value):
+    """\\boxed{5}\\boxed{} read the empty last box, so the answer was no number and scored 0 against 5: an empty box
+    holds no answer (math-verify reads "5," of it, wrong too); the last box holding something is the answer."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("The answer is 7.", 7), ("the answer is: $7$", 7), ("THE FINAL ANSWER IS \\(\\frac{14}{2}\\).", 7),
      ("Final Answer: The final answer is $7$. I hope it is correct.", 7), ("The answer is x = 7", 7),
      ("The answer is 6 or 7", None), ("The answers 7", None), ("I know the answer: it is 7", None)],

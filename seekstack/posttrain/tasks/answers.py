@@ -20,11 +20,15 @@ from collections import deque
 from fractions import Fraction
 from typing import NamedTuple
 
-# \boxed{57} (\fbox{57}, text mode's box, as math-verify reads it too), or without braces (\boxed 57): then, as
-# math-verify reads it, its argument is the rest of its math
-BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 # Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
 MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar sign
+# \boxed{57} (\fbox{57}, text mode's box, as math-verify reads it too), or without braces (\boxed 57): then, as
+# math-verify reads it, its argument is the rest of its math. An empty box ("\boxed{}", "\boxed{\,}", "$\boxed$") is
+# no answer: the answer is the last box that holds something ("\boxed{5}\boxed{}" is 5)
+LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"  # LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\quad"
+BOXED = re.compile(
+    rf"\\(?:boxed|fbox)(?![A-Za-z])\s*+(?!\{{(?:\s|{LATEX_SPACE})*+\}}|{MATH_END.pattern}|(?:\s|{LATEX_SPACE})*+\Z)"
+)
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr); with its null delimiter "." too, \left. and \right., which draw
 # nothing), its math styles (\displaystyle) and its declarations of a font ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a
@@ -35,8 +39,6 @@ STYLE = re.compile(
     rf"\\(?:(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])(?:\s*\.)?"
     rf"|(?:(?:display|text|script|scriptscript)style|{FONT}|{SIZE})(?![A-Za-z]))"
 )
-# LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\;", "\:", "\!", "\quad", "\qquad" (math-verify drops them)
-LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"
 OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\boxed{\,57\,}", "\boxed{\quad 57}")
 # One after an answer, its whitespace stripped: then "\ " is a backslash alone ("\boxed{57\ }")
 CLOSING_SPACE = re.compile(rf"(?:{LATEX_SPACE}|\\)\Z")
