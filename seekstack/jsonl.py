@@ -32,11 +32,23 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 if number == 1 and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
                     raise _not_json_lines(path) from None
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
-                reason = f"{error.reason} at byte {error.start}" if isinstance(error, UnicodeDecodeError) else error.msg
+                reason = (
+                    f"{error.reason} at byte {error.start}"
+                    if isinstance(error, UnicodeDecodeError)
+                    else json_error_reason(error)
+                )
                 if torn:
                     on_torn_tail(f"{path}:{number}: dropped the last line, cut short ({reason}) by a stopped run")
                     return
                 raise ValueError(f"{path}:{number}: {what} ({reason}); mend or delete that line") from None
+
+
+def json_error_reason(error: json.JSONDecodeError) -> str:
+    """json's message for `error` with where in the text it is: "Unterminated string starting at column 10",
+    "Expecting ',' delimiter at line 2 column 1" (the line only past the first); its msg alone says no where, and
+    reads "Unterminated string starting at" for a line cut short."""
+    at = f"line {error.lineno} column {error.colno}" if error.lineno > 1 else f"column {error.colno}"
+    return f"{error.msg.removesuffix(' at')} at {at}"
 
 
 def _is_array_of_objects(value: Any) -> bool:

@@ -67,3 +67,18 @@ def test_a_bzip2_xz_or_zstd_file_is_read_through_as_data_build_reads_it(tmp_path
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ValueError, match=rf"chats.jsonl{suffix}: not a readable \w+ file"):
         list(jsonl_records(path))
+
+
+def test_a_line_that_is_not_json_is_refused_naming_the_column_as_data_build_names_it(tmp_path):
+    """A line cut short read "chats.jsonl:2: not valid JSON (Unterminated string starting at); ...", starting
+    nowhere; the column is now said, as corpus/sources.py says it, and a torn tail skipped says it too."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + '\n{"text": "a" "b"}\n' + json.dumps(RECORDS[1]) + "\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 14\);"):
+        list(jsonl_records(path))
+    path.write_text(json.dumps(RECORDS[0]) + '\n{"text": "cut')
+    told = []
+    assert list(jsonl_records(path, on_torn_tail=told.append)) == [(1, RECORDS[0])]
+    assert told == [
+        f"{path}:2: dropped the last line, cut short (Unterminated string starting at column 10) by a stopped run"
+    ]

@@ -36,6 +36,7 @@ from seekstack.compression import (
     uncompressed,
 )
 from seekstack.corpus.kinds import CODE_SUFFIXES
+from seekstack.jsonl import json_error_reason
 from seekstack.schema import LONE_SURROGATE
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
@@ -679,9 +680,8 @@ def _parsed_json(text: str, where: str) -> Any:
     """The JSON value of `text`, found at `where`; a DataSourceError naming it when the text is not JSON."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:  # its msg alone says no where, "Unterminated string starting at" none
-        at = f"line {error.lineno} column {error.colno}" if error.lineno > 1 else f"column {error.colno}"
-        raise DataSourceError(f"{where}: not valid JSON ({error.msg.removesuffix(' at')} at {at})") from None
+    except json.JSONDecodeError as error:
+        raise DataSourceError(f"{where}: not valid JSON ({json_error_reason(error)})") from None
     except ValueError as error:  # an integer longer than Python converts (sys.get_int_max_str_digits, 4300 digits)
         raise DataSourceError(f"{where}: a JSON number too long to read ({error})") from None
     except RecursionError:  # arrays or objects nested deeper than the interpreter's recursion limit (~1000)
