@@ -317,6 +317,7 @@ def _saved_config_file(out_dir: Path, resume: bool | Path) -> Path:
     `resume_from_checkpoint=path` and torchtitan's `initial_load_path` start an output folder from another run's
     checkpoint (the out_dir given stays the run's; none given, the checkpoint's own run trains on)."""
     from seekstack.train.runs import run_holding
+    from seekstack.train.state import require_train_state
 
     own = out_dir / CONFIG_FILE
     if own.is_file():
@@ -324,6 +325,8 @@ def _saved_config_file(out_dir: Path, resume: bool | Path) -> Path:
     run = run_holding(resume) if isinstance(resume, Path) else None
     if run is not None and (run / CONFIG_FILE).is_file():
         return run / CONFIG_FILE
+    if isinstance(resume, Path):  # a folder missing, or no training checkpoint, is told so before a config it lacks
+        require_train_state(resume)
     elsewhere = (
         f"; {resume} is no checkpoint of a run holding one (out_dir/checkpoints/step_N beside out_dir/{CONFIG_FILE}): "
         f"copy its run's {CONFIG_FILE} into {out_dir}, or start a new run from its weights with init_from={resume}"

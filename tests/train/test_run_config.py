@@ -499,6 +499,25 @@ def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:
     assert f"{tmp_path / 'none' / CONFIG_FILE}: no such file" in result.output
 
 
+def test_resume_from_a_folder_that_is_no_training_checkpoint_into_a_fresh_out_dir_says_so_before_the_config(tmp_path):
+    """`train out_dir=FRESH --resume-from ./nowhere` was told "FRESH/train_config.json: no such file; ... copy its
+    run's train_config.json into FRESH", the config being looked for before the folder: a folder that does not
+    exist, or holds a model rather than a training checkpoint, is told so first."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    refusals = {
+        "nowhere": f"error: {tmp_path / 'nowhere'}: no such folder",
+        "model": f"error: {tmp_path / 'model'}: holds no {TRAIN_STATE_FILE}: it is a model checkpoint, not a training "
+        f"one (load it with load_pretrained, or start a new run from it with init_from={tmp_path / 'model'})",
+    }
+    for folder, refusal in refusals.items():
+        given = str(tmp_path / folder)
+        result = CliRunner().invoke(app, ["train", f"out_dir={tmp_path / 'fresh'}", "--resume-from", given])
+        assert result.exit_code == 1
+        assert " ".join(result.output.split()) == refusal, result.output  # the whole message, wrapped or not
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
     runner = CliRunner()
     first = runner.invoke(app, ["train", *micro_overrides(data_dir, tmp_path / "a", max_steps=3)])
