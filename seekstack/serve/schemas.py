@@ -11,7 +11,7 @@ fields that would change the reply and that this server cannot honour are declar
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -624,16 +624,23 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class UsageWhenSet(BaseModel):
-    """A response whose `usage` field is left out unless it was given (null included): a stream's chunks have it only
-    with stream_options.include_usage, as OpenAI's ("only present when you set stream_options")."""
+class FieldsWhenSet(BaseModel):
+    """A model whose fields named in `when_set` are left out unless given (null included): a stream's chunks have
+    `usage` only with stream_options.include_usage, as OpenAI's ("only present when you set stream_options"), and a
+    completion chunk's choice has no vLLM `prompt_logprobs` (never streamed), as neither OpenAI's nor vLLM's."""
+
+    when_set: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
-    def _usage_when_set(self, serialize):  # no return type: the schema stays the fields'
+    def _fields_when_set(self, serialize):  # no return type: the schema stays the fields'
         serialized = serialize(self)
-        if "usage" not in self.model_fields_set:
-            serialized.pop("usage", None)
+        for name in self.when_set - self.model_fields_set:
+            serialized.pop(name, None)
         return serialized
+
+
+class UsageWhenSet(FieldsWhenSet):
+    when_set = frozenset({"usage"})
 
 
 class ChatCompletionChunk(UsageWhenSet):
@@ -653,7 +660,9 @@ class PromptLogprob(BaseModel):
     decoded_token: str
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(FieldsWhenSet):
+    when_set = frozenset({"prompt_logprobs"})  # a whole answer gives it; a stream's chunks do not
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None

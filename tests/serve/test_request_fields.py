@@ -873,6 +873,21 @@ def test_a_streams_chunks_have_a_usage_field_only_with_include_usage_as_openais(
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
 
 
+def test_a_completion_streams_choices_have_no_prompt_logprobs_field_as_vllms_and_openais(engine, tmp_path):
+    """Every choice of a completion stream's chunks carried "prompt_logprobs": null, a field neither vLLM's stream
+    choices nor OpenAI's have (prompt_logprobs cannot be streamed); a whole answer keeps vLLM's null."""
+    streamed = {**COMPLETION, "n": 2, "max_tokens": 3, "stream": True}
+    plain, echoed, whole = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", streamed), ("/v1/completions", {**streamed, "echo": True, "logprobs": 1}),
+        ("/v1/completions", COMPLETION),
+    ])  # fmt: skip
+    for response in (plain, echoed):
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        keys = [sorted(choice) for chunk in chunks for choice in chunk["choices"]]
+        assert len(keys) >= 6 and keys == [["finish_reason", "index", "logprobs", "text"]] * len(keys)
+    assert whole.json()["choices"][0]["prompt_logprobs"] is None
+
+
 def test_a_prompt_the_engine_refuses_after_the_servers_checks_says_invalid_value(tmp_path):
     """The engine's own refusal (here a prompt within max_model_len that an engine built with a smaller cache, as
     create_app may be given one, cannot hold) came as a 400 with code null."""
