@@ -295,6 +295,9 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
     for bad, message in (
         ({"no_repeat_ngram_size": 2, "bogus_key": 3}, unknown),
         ({"do_sample": True, "top_p": 2.0}, "request 1: generation kwarg 'top_p' has value 2.0"),
+        # the HF backend's generate refuses it ("`temperature` (=0.0) has to be a strictly positive float"); ours
+        # decoded greedily, unasked
+        ({"do_sample": True, "temperature": 0.0}, "request 1: do_sample=True with temperature=0: sampling needs"),
     ):
         with pytest.raises(ValueError, match=message):
             ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
