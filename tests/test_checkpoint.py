@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -661,6 +662,26 @@ def test_damaged_index_is_named(tmp_path, content):
     (tmp_path / INDEX_FILE).write_bytes(content)
     message = load_error(tmp_path)
     assert message.startswith(str(tmp_path / INDEX_FILE)) and "re-save or re-download the checkpoint" in message
+
+
+@pytest.mark.parametrize("outside", ["../other/{shard}", "{other}/{shard}", "../ckpt/{shard}"])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused_naming_the_index_the_key_and_the_file(tmp_path, outside):
+    """transformers joins the folder and the index's file name, so a weight_map naming "../other/model-00001-of-N"
+    reads another folder's shard; seekstack loaded it unsaid, or (the folder's own shard named twice, by two
+    paths) refused it as "key ... is stored in both ...". It refuses a shard path leaving the folder."""
+    seekstack.save_pretrained(random_model(), tmp_path / "ckpt", max_shard_bytes=40_000)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "other")
+    index = json.loads((tmp_path / "ckpt" / INDEX_FILE).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    named = outside.format(other=tmp_path / "other", shard=first)
+    index["weight_map"] = {key: named if file == first else file for key, file in index["weight_map"].items()}
+    (tmp_path / "ckpt" / INDEX_FILE).write_text(json.dumps(index))
+    key = next(key for key, file in index["weight_map"].items() if file == named)
+    assert load_error(tmp_path / "ckpt") == (
+        f"{tmp_path / 'ckpt' / INDEX_FILE}: weight_map gives key {key!r} the file {named!r}, outside "
+        f"{tmp_path / 'ckpt'}; an index names the shards of its own folder: copy that shard into it, or re-save or "
+        "re-download the checkpoint"
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"{'model_type': 'deepseek_v3'", b"\x89PNG\r\n\x1a\n\x00\xff", b"[1, 2]"])

@@ -212,6 +212,11 @@ class CheckpointReader:
                     raise CheckpointError(
                         f"{index_path}: weight_map gives key {key!r} the file {file!r}, not a file name; {DAMAGED}"
                     )
+                if Path(file).is_absolute() or ".." in Path(file).parts:  # transformers would read it, wherever it is
+                    raise CheckpointError(
+                        f"{index_path}: weight_map gives key {key!r} the file {file!r}, outside {self.directory}; "
+                        f"an index names the shards of its own folder: copy that shard into it, or {DAMAGED}"
+                    )
             missing = [file for file in sorted(set(weight_map.values())) if not (self.directory / file).is_file()]
             if not missing:
                 return weight_map
