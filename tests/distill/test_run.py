@@ -143,6 +143,18 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
         DistillHooks(distill_config(workspace, tmp_path, teacher=str(other)))
 
 
+def test_a_teacher_folder_that_is_no_checkpoint_is_refused_naming_the_field(workspace, tmp_path):
+    """A folder without config.json (a corpus folder given by mistake) was refused as '.../config.json: no such
+    file; ...', naming no field, where a missing folder is refused as "field 'teacher' must be ..."."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("def f(): pass\n")
+    result = CliRunner().invoke(app, ["distill", *overrides(workspace, tmp_path / "run", teacher=corpus)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: field 'teacher': {corpus / 'config.json'}: no such file; a checkpoint ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_shards_whose_recorded_tokenizer_is_gone_distill_from_the_teacher_of_the_sha256_they_record(
     workspace, tmp_path
 ):
