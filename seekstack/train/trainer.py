@@ -611,21 +611,25 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
-        if config.peak_flops:
-            # per device: a card's, once per rank; a machine's CPUs, which its ranks share, once per machine
-            devices = len({machine for machine, _ in self.ranks_cpus}) if self.ranks_cpus else ranks.world_size
-            peak = Peak(config.peak_flops, f"peak_flops, as the config gives it, per {self._device_kind()}")
-            self.peak_flops = config.peak_flops * devices
-        else:
-            peak = probed_in_turns(
-                lambda: default_peak_flops(ranks.device, self.autocast_dtype or torch.float32), ranks
-            )
-            self.peak_flops = self._ranks_peak(peak.flops)
-        self.peak_origin = self.peak_source = peak.source  # logged with this process's first step, and as it changes
-        self.logged_peak_source: str | None = None
-        self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
-        ranks_note = f" for {ranks.world_size} ranks" if ranks.distributed else ""
-        self._say(f"MFU against a peak of {flops_text(self.peak_flops)}{ranks_note}: {peak.source}")
+        # a finished run resumed (at max_steps) trains no step: no peak to measure for its MFU, no schedule to warn of
+        trains = self.step < config.max_steps
+        if trains:
+            if config.peak_flops:
+                # per device: a card's, once per rank; a machine's CPUs, which its ranks share, once per machine
+                devices = len({machine for machine, _ in self.ranks_cpus}) if self.ranks_cpus else ranks.world_size
+                peak = Peak(config.peak_flops, f"peak_flops, as the config gives it, per {self._device_kind()}")
+                self.peak_flops = config.peak_flops * devices
+            else:
+                peak = probed_in_turns(
+                    lambda: default_peak_flops(ranks.device, self.autocast_dtype or torch.float32), ranks
+                )
+                self.peak_flops = self._ranks_peak(peak.flops)
+            # logged with this process's first step, and as it changes
+            self.peak_origin = self.peak_source = peak.source
+            self.logged_peak_source: str | None = None
+            self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
+            ranks_note = f" for {ranks.world_size} ranks" if ranks.distributed else ""
+            self._say(f"MFU against a peak of {flops_text(self.peak_flops)}{ranks_note}: {peak.source}")
         # a run refused here (a damaged metrics.jsonl, an out_dir ranks do not share) writes nothing: a refused
         # resume leaves the run's train_config.json and metrics.jsonl as they were
         kept_metrics: list[dict[str, Any]] | None = None  # rank 0's alone, which writes the run's files
@@ -644,7 +648,7 @@ class _Run:
                 source.record(self.out_dir)
             if kept_metrics is not None:
                 write_atomic(self.out_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in kept_metrics))
-        if config.warmup_steps >= config.max_steps:
+        if trains and config.warmup_steps >= config.max_steps:
             last = learning_rate(config.max_steps - 1, config)
             ending = (
                 f"ends at {last:.3g}, short of lr={config.lr:g}; lower warmup_steps to reach it"

@@ -237,6 +237,25 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     assert "the run is at max_steps=12 already: give max_steps above it to train on" in again.output
 
 
+def test_a_finished_run_resumed_trains_nothing_and_measures_and_warns_of_nothing(data_dir, tmp_path):
+    """A run resumed at its max_steps (HF Trainer: nothing to train, it says so) measured the peak speed for an MFU
+    no step would report and warned again that warmup_steps is not below max_steps, for a schedule it would not
+    run: it now says where it is and what to give to train on, and nothing more."""
+    out_dir, runner = tmp_path / "run", CliRunner()
+    first = runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir, max_steps=2, warmup_steps=2)])
+    assert first.exit_code == 0, first.output
+    assert "MFU against a peak of" in first.output
+    assert "warning: warmup_steps=2 is not below max_steps=2" in first.output
+    again = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume"])
+    assert again.exit_code == 0, again.output
+    checkpoint = out_dir / "checkpoints" / "step_2"
+    assert again.output.splitlines()[-2:] == [
+        f"resumed from step 2 ({checkpoint}); the run is at max_steps=2 already: give max_steps above it to train on",
+        f"trained to step 2; checkpoint: {checkpoint}",
+    ]
+    assert "MFU" not in again.output and "warning" not in again.output, again.output
+
+
 def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_run_has_not(data_dir, tmp_path):
     """--resume took no checkpoint: going back to an earlier one (torchtitan's --checkpoint.load_step, nanochat's
     --resume-from-step) needed the library's train(config, resume=path)."""
