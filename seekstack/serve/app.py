@@ -300,7 +300,12 @@ class Server:
                 params
                 for prompt in prompts
                 for params in sampling_params(
-                    body, len(prompt), self.engine.max_model_len, unasked_limit, self.engine.sampling_defaults
+                    body,
+                    len(prompt),
+                    self.engine.max_model_len,
+                    unasked_limit,
+                    self.engine.sampling_defaults,
+                    self.engine.context_len,
                 )
             ]
             if start is not None:  # stops match the answer

@@ -340,14 +340,25 @@ def sampling_params(
     max_model_len: int,
     unasked_limit: int | None = None,
     model_defaults: Mapping[str, Any] | None = None,
+    context_len: int | None = None,
 ) -> list[SamplingParams]:
     """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
     seed + i); 400 when the context cannot hold it. A chat request without max_tokens may fill the context's room,
     or at most `model_defaults`' max_new_tokens (generation_config.json's, as vLLM's default max_tokens) and
     `unasked_limit` tokens when those are given (what its key's tokens per minute leave it). Sampling fields the
-    request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults."""
+    request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults. A prompt that
+    fits max_model_len but not `context_len` (`Engine.context_len`: what its cache holds of one request) is refused
+    alike, code context_length_exceeded; a length past that room is capped by the engine, as before."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
+    if room >= 1 and context_len is not None and prompt_tokens >= context_len:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, of which the server's cache holds "
+            f"{context_len} for one request; the request needs {prompt_tokens} in the prompt. Shorten the prompt.",
+            param="messages" if is_chat else "prompt",
+            code="context_length_exceeded",
+        )
     requested = requested_max_tokens(request)
     # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
     # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes

@@ -888,14 +888,25 @@ def test_a_completion_streams_choices_have_no_prompt_logprobs_field_as_vllms_and
     assert whole.json()["choices"][0]["prompt_logprobs"] is None
 
 
-def test_a_prompt_the_engine_refuses_after_the_servers_checks_says_invalid_value(tmp_path):
-    """The engine's own refusal (here a prompt within max_model_len that an engine built with a smaller cache, as
-    create_app may be given one, cannot hold) came as a 400 with code null."""
+def test_a_prompt_past_the_engines_cache_is_refused_as_a_prompt_past_the_context(tmp_path):
+    """A prompt within max_model_len that an engine built with a smaller cache (as create_app may be given one) cannot
+    hold came as the engine's refusal, code invalid_value and param null, where a prompt past max_model_len says
+    context_length_exceeded, param prompt (messages for a chat), as OpenAI's: every length refusal now says so."""
     engine = Engine.from_pretrained(make_model_dir(tmp_path / "model"), num_blocks=3)  # 2 usable blocks of 16
-    [refused] = post_each(engine, tmp_path / "db", [("/v1/completions", {**GREEDY, "prompt": [5] * 40})])
-    error = error_of(refused, 400)
-    assert (error["code"], error["param"]) == ("invalid_value", None)
-    assert error["message"].startswith(f"prompt is 40 tokens; the {engine.context_len} tokens the cache holds")
+    chat = {**CHAT, "messages": [{"role": "user", "content": "quick " * 40}]}
+    refused = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**GREEDY, "prompt": [5] * 40}), ("/v1/completions", {**GREEDY, "prompt": [5] * 300}),
+        ("/v1/chat/completions", chat),
+    ])  # fmt: skip
+    errors = [error_of(answer, 400) for answer in refused]
+    assert [(error["code"], error["param"]) for error in errors] == [
+        ("context_length_exceeded", "prompt"), ("context_length_exceeded", "prompt"),
+        ("context_length_exceeded", "messages"),
+    ]  # fmt: skip
+    assert errors[0]["message"] == (
+        f"this model's maximum context length is {engine.max_model_len} tokens, of which the server's cache holds "
+        f"{engine.context_len} for one request; the request needs 40 in the prompt. Shorten the prompt."
+    )
 
 
 def test_the_lowest_seed_written_as_a_float_is_the_integer_and_the_highest_bound_still_refused(engine, tmp_path):
