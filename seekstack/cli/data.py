@@ -112,6 +112,7 @@ def data_tokenize(
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
+    from seekstack.corpus.build import counted
     from seekstack.corpus.sources import require_corpus_file
     from seekstack.tokenizer import Tokenizer
     from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
@@ -132,9 +133,8 @@ def data_tokenize(
             if difficulty is not None:
                 indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", difficulty=difficulty)
         for index in indexes:
-            typer.echo(
-                f"{index['split']}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})"
-            )
+            counts = f"{counted(index['documents'], 'document')}, {counted(index['total_tokens'], 'token')}"
+            typer.echo(f"{index['split']}: {counts} ({index['dtype']})")
 
 
 @data_app.command("quality-train")

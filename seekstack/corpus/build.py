@@ -406,19 +406,26 @@ def _not_read(report: Report) -> str:
     """What the inputs held that was not read, as the end of an error message."""
     unread = ""
     if report.skipped_files:
+        files = sum(report.skipped_files.values())
         unread += (
-            f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes "
-            f"({_counts(report.skipped_files)}) were not "
-            f"read; a folder's files are read {FOLDER_FILES_READ}"
+            f". The input folders' {counted(files, 'file')} of other suffixes ({_counts(report.skipped_files)}) "
+            f"{'was' if files == 1 else 'were'} not read; a folder's files are read {FOLDER_FILES_READ}"
         )
         rows = [suffix for suffix in ROW_SUFFIXES if suffix in report.skipped_files]
         if rows:
             unread += f"; {' '.join(rows)} files are read as rows when each is an input (e.g. FOLDER/*{rows[0]})"
     if report.null_texts:
+        nulls = sum(report.null_texts.values())
         unread += (
-            f". {sum(report.null_texts.values()):,} rows with a null text were not read ({_counts(report.null_texts)})"
+            f". {counted(nulls, 'row')} with a null text {'was' if nulls == 1 else 'were'} not read "
+            f"({_counts(report.null_texts)})"
         )
     return unread
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _size(size_bytes: int) -> str:
@@ -442,10 +449,10 @@ def report_table(report: Report) -> Table:
             of = f" of {example['of']}" if "of" in example else ""
             table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')}){of}")
     if report.skipped_files:
-        files = f"{sum(report.skipped_files.values()):,} files"
+        files = counted(sum(report.skipped_files.values()), "file")
         table.add_row("  not read: other suffixes", files, _counts(report.skipped_files))
     if report.null_texts:
-        rows = f"{sum(report.null_texts.values()):,} rows"
+        rows = counted(sum(report.null_texts.values()), "row")
         table.add_row("  not read: null text", rows, _counts(report.null_texts))
     table.add_row("kept", f"{report.documents_kept:,}", _size(report.bytes_kept))
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")

@@ -315,7 +315,7 @@ def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "tokens" / "train_index.json").read_text())
     assert index["documents"] == 2 and index["dtype"] == "uint16" and index["total_tokens"] > 1000
-    assert "val: 1 documents" in result.output
+    assert "train: 2 documents, " in result.output and "val: 1 document, " in result.output  # was "1 documents"
 
 
 @pytest.mark.parametrize("out", ["tok", "tok/tokenizer.json"])

@@ -237,6 +237,9 @@ def test_rows_whose_text_is_null_are_counted_by_file_in_the_report(tmp_path: Pat
     (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 3)
     with pytest.raises(CorpusBuildError, match=r"no documents.*3 rows with a null text were not read \(nulls.jsonl 3"):
         build_corpus([open_source(tmp_path / "nulls.jsonl")], tmp_path / "none", show_progress=False)
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')  # was "1 rows with a null text were not read"
+    with pytest.raises(CorpusBuildError, match=r"no documents.*\. 1 row with a null text was not read \(null.jsonl 1"):
+        build_corpus([open_source(tmp_path / "null.jsonl")], tmp_path / "none", show_progress=False)
 
 
 def test_file_names_that_are_not_utf8_are_decoded_as_latin_1_in_ids_sources_and_the_report(tmp_path: Path) -> None:
@@ -256,6 +259,10 @@ def test_file_names_that_are_not_utf8_are_decoded_as_latin_1_in_ids_sources_and_
     assert written == {("caf\u00e9.txt", "notes"), ("r\u00e9sum\u00e9s.jsonl:1", "r\u00e9sum\u00e9s.jsonl")}
     assert report.null_texts == {"r\u00e9sum\u00e9s.jsonl": 1} and report.skipped_files == {".html": 1}
     assert Report.load(tmp_path / "out" / "report.json") == report
+    console = Console(record=True, width=120)
+    console.print(report_table(report))  # was "1 files" and "1 rows"
+    table = console.export_text()
+    assert "suffixes │    1 file │ .html 1" in table and "│     1 row │ r\u00e9sum\u00e9s.jsonl 1" in table
 
 
 def test_a_dangling_link_in_an_input_folder_is_named_with_its_target_and_nothing_is_written(tmp_path: Path) -> None:
