@@ -109,7 +109,7 @@ def test_countdown_verifier_demands_each_number_exactly_once():
         ("<answer>3*4+5</answer>", True),  # TRL's Countdown rewards read the answer tags
         ("\\boxed{(3*4)+5}", True),
         ("So: \\boxed{3*4} no, \\boxed{3*4+5}.", True),
-        ("$3 \\cdot 4+5$", False),  # ASCII operators only, as before
+        ("$3 \\cdot 4+5$", True),  # LaTeX's operators too (test_countdown_reads_latex_and_unicode_operators_...)
         ("$3*4+5$.", True),
         ("Answer: 3*4+5", True),
         ("<answer>3*4</answer>", False),
@@ -120,6 +120,28 @@ def test_countdown_reads_its_expression_from_a_box_or_answer_tags_as_the_arithme
     """'<answer>3*4+5</answer>' and '\\boxed{3*4+5}' scored 0 where the addition task took its boxed number."""
     problem = Problem("k", "q", "", "", {"numbers": [3, 4, 5], "target": 17})
     assert make_task("countdown").verify(problem, answer) is verified
+
+
+@pytest.mark.parametrize(
+    ("answer", "verified"),
+    [("\\boxed{(3+4) \\times 5}", True), ("\\boxed{(3+4)\\cdot5}", True), ("$(3 + 4) × 5$", True),
+     ("\\boxed{(3+4) \\times 5 \\div 5 \\times 5}", False), ("\\boxed{(3+4) \\timesx 5}", False),
+     ("\\boxed{(3+4) \\ast 5}", False), ("\\boxed{(3+4) \\times \\frac{5}{1}}", False), ("\\boxed{(3+4) * 5}", True)],
+)  # fmt: skip
+def test_countdown_reads_latex_and_unicode_operators_as_the_operators_they_are(answer, verified):
+    """\\boxed{(3+4) \\times 5} (\\cdot, ×) scored 0 against 35, though it is the expression: only ASCII operators were
+    read. LaTeX's and Unicode's times, divide and minus are read as * / -; nothing else of LaTeX is."""
+    problem = Problem("k", "q", "", "", {"numbers": [3, 4, 5], "target": 35})
+    assert make_task("countdown").verify(problem, answer) is verified
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("12 \\div 4 \u2212 1", 2), ("12 \u00f7 (4 \u2212 1)", 4), ("2\\times3\\cdot4", 24), ("2 \\div 0", None)],
+)
+def test_countdown_latex_and_unicode_operators_evaluate_exactly(text, value):
+    result = evaluate_expression(text)
+    assert (result[0] if result else None) == value
 
 
 @pytest.mark.parametrize(

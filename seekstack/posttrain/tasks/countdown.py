@@ -2,7 +2,8 @@
 
 The verifier reads the final answer as the arithmetic tasks do (answers.final_answer: the last `\\boxed{...}`, else
 inside `<answer>` tags or `$...$` maybe, as TRL's Countdown rewards read `<answer>` tags), parses the expression with
-`ast` (only plain decimal numbers, the four operators, parentheses and spaces are accepted; nothing is executed),
+`ast` (only plain decimal numbers, the four operators, parentheses and spaces are accepted; nothing is executed; the
+operators as LaTeX and Unicode write them, `\\times`, `\\cdot`, `\\div`, `×`, `÷`, `−`, are read as `*`, `/`, `-`),
 checks that the numbers used are exactly the given ones, and evaluates it in exact fractions (a division by zero is
 a wrong answer).
 """
@@ -24,12 +25,19 @@ MAX_ANSWER_CHARS = 200
 # What an answer may be written with: ASCII digits, + - * /, parentheses and spaces. Checked before `ast` reads it,
 # which would also take 0x5, 0b101, 1_0, other digit scripts and a trailing # comment as Python does.
 EXPRESSION_CHARACTERS = re.compile(r"[0-9+\-*/() ]+")
+# The operators as models write them in a box ("\boxed{(3+4) \times 5}", "12 \div 4", "3 × 4", "7 − 2"): each read as
+# the ASCII operator it is, before the check above; a command runs on to no letter ("\timesx" is no operator)
+LATEX_OPERATORS = re.compile(r"\\(?:times|cdot|div)(?![A-Za-z])|[\u00d7\u00f7\u2212]")
+ASCII_OPERATORS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\u00d7": "*", "\u00f7": "/", "\u2212": "-"}
 
 
 def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
     """(value, numbers used) of an arithmetic expression, or None when it is not one or divides by zero."""
     text = text.strip()
-    if len(text) > MAX_ANSWER_CHARS or not EXPRESSION_CHARACTERS.fullmatch(text):
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    text = LATEX_OPERATORS.sub(lambda operator: ASCII_OPERATORS[operator.group()], text)
+    if not EXPRESSION_CHARACTERS.fullmatch(text):
         return None
     try:
         tree = ast.parse(text, mode="eval")
