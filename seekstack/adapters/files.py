@@ -405,14 +405,15 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight, each
     merged weight a new tensor (peft's safe_merge), never the memory-mapped checkpoint pages changed in place (which
     a device map would take for weights still on disk). A head tied to the embedding (tie_word_embeddings) is merged
-    apart from it, and left untied where the adapter makes the two differ (a LoRA on either)."""
+    apart from it, and left untied where the adapter makes the two differ (a LoRA on either). All or nothing: an
+    adapter refused, or whose merge fails (`_merged_whole`), leaves `model` as it was given."""
     config = _fitting_lora_config(model, adapter)  # a refused adapter leaves the model as it was, its head tied
     tied, given = model.config.tie_word_embeddings, (model.lm_head.weight, model.config)
     if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
         model.config = model.config.replace()  # peft's merge unties the config it finds, in place
     try:
-        merged = _wrapped(model, Path(adapter), config, weightless=False).merge_and_unload(safe_merge=True)
+        merged = _merged_whole(_wrapped(model, Path(adapter), config, weightless=False), Path(adapter))
     except BaseException:  # an adapter peft cannot apply: the model as it was given, the head and config put back
         model.lm_head.weight, model.config = given
         raise
@@ -422,6 +423,32 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
         if equal:
             merged.tie_weights()
     return merged
+
+
+def _merged_whole(peft_model: PeftModel, folder: Path) -> Transformer:
+    """peft's merge_and_unload(safe_merge=True) of `peft_model`, all or nothing: safe_merge gives each merged weight a
+    new tensor, so when a merged weight comes out NaN or infinite (finite factors whose alpha/r B A overflows) the
+    weights merged before it are given their tensors back and peft's layers taken out, and CheckpointError names the
+    module and the adapter's weights file (peft's ValueError names neither)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    tensors = [(parameter, parameter.data) for parameter in base.parameters()]
+    try:
+        return peft_model.merge_and_unload(safe_merge=True)
+    except BaseException as error:
+        for parameter, tensor in tensors:
+            parameter.data = tensor
+        # peft merges its layers in module order, taking each out once merged: the first left is the one that failed
+        failed = next((name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)), "")
+        peft_model.unload()
+        if isinstance(error, ValueError) and "NaNs detected in the merged weights" in str(error):
+            raise CheckpointError(
+                f"{folder / ADAPTER_WEIGHTS_FILE}: merging the adapter into {failed} gives NaN or infinite weights "
+                "(alpha/r B A overflows): the training that wrote it diverged; train the adapter again (e.g. with a "
+                "lower lr)"
+            ) from None
+        raise
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:

@@ -216,6 +216,34 @@ def test_an_adapter_peft_cannot_apply_leaves_the_tied_model_it_was_merged_into_a
         assert torch.equal(model(ids).logits, before)
 
 
+def test_an_adapter_whose_merge_overflows_leaves_the_model_it_was_merged_into_as_it_was(tmp_path):
+    """Finite factors whose alpha/r B A overflows in layer 1's o_proj: peft's safe_merge refuses that layer after it
+    merged layer 0's, which left the caller's model with layer 0 merged, layer 1 a lora.Linear and NaN logits, and the
+    error peft's bare ValueError. The merge is all or nothing, the refusal naming the module and the file."""
+    torch.manual_seed(0)
+    tied = seekstack.save_pretrained(
+        seekstack.Transformer(seekstack.preset("tiny", **TINY, tie_word_embeddings=True)), tmp_path / "tied"
+    )
+    only = AdapterConfig(rank=4, vocabulary=["lm_head"], attention=["o_proj"], feed_forward=[], experts=[])
+    adapter = write_random_adapter(tied, tmp_path / "adapter", seed=2, config=only)
+    weights = load_safetensors((adapter / ADAPTER_WEIGHTS_FILE).read_bytes())
+    overflowing = {k: torch.full_like(v, 1e20) if ".layers.1." in k else v for k, v in weights.items()}
+    (adapter / ADAPTER_WEIGHTS_FILE).write_bytes(save_safetensors(overflowing))
+    model, ids = seekstack.load_pretrained(tied), prompt_ids()
+    given, before = model.config, {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(CheckpointError, match=r"into layers\.1\.self_attn\.o_proj gives NaN or infinite weights"):
+        merged_model(model, adapter)
+    assert model.lm_head.weight is model.embed_tokens.weight and model.config is given
+    assert type(model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert type(model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], p) for n, p in before.items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
 def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_loses_nothing(base, adapter, tmp_path):
     copy = tmp_path / "adapter"
     shutil.copytree(adapter, copy)
