@@ -349,11 +349,12 @@ def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path,
             else f"set model.vocab_size={vocab_needed}"
         )
         raise ValueError(
-            f"model vocab_size={vocab_size} is smaller than the tokenizer's {vocab_needed} ids of {data_dir}; {advice}"
+            f"{data_dir}: its tokenizer has {vocab_needed} ids, more than model vocab_size={vocab_size} embeds; "
+            f"{advice}"
         )
     if not init_from and vocab_size > vocab_needed:
         raise ValueError(
-            f"model vocab_size={vocab_size} is larger than the tokenizer's {vocab_needed} tokens of {data_dir}: ids "
+            f"{data_dir}: its tokenizer has {vocab_needed} tokens, fewer than model vocab_size={vocab_size}: ids "
             f"{vocab_needed}..{vocab_size - 1} decode to no token; set model.vocab_size={vocab_needed}"
         )
 

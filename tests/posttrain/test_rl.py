@@ -839,7 +839,7 @@ def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_b
 def test_a_fresh_models_vocabulary_is_checked_against_the_tokenizer_rl_names_not_data_dir(tmp_path):
     tokenizer = micro_checkpoint(tmp_path / "start")  # 300 tokens
     config = [f"tokenizer={tokenizer}", f"out_dir={tmp_path / 'run'}", *RUN, "model.vocab_size=512", "max_steps=1"]
-    named = re.escape(f"larger than the tokenizer's 300 tokens of {tokenizer}: ids 300..511 decode to no token")
+    named = re.escape(f"{tokenizer}: its tokenizer has 300 tokens, fewer than model vocab_size=512: ids 300..511")
     with pytest.raises(ValueError, match=named):
         run_rl(resolve_train_config(None, config, cls=GRPOConfig))
 
