@@ -18,6 +18,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,10 @@ def select_corpus(
     if top_fraction is None:
         kept = {number for number, score in enumerate(scores) if score >= threshold}
     else:
-        kept = _best(scores, max(1, round(top_fraction * len(scores))) if scores else 0)
+        # The share as written times the count, halves up (0.3 of 15 keeps 5, 0.7 of 5 keeps 4): Python's round
+        # takes a half to the even count and float products miss halves (0.7 * 5 is 3.4999999999999996).
+        share = int((Decimal(repr(top_fraction)) * len(scores)).to_integral_value(ROUND_HALF_UP))
+        kept = _best(scores, max(1, share) if scores else 0)
         threshold = min((scores[number] for number in kept), default=1.0)
     selected = 0
     with staged_files(out_dir) as staged:

@@ -155,11 +155,19 @@ def test_top_fraction_keeps_exactly_its_share_when_scores_tie_at_the_cutoff(
 def test_a_threshold_keeps_documents_scoring_it_and_a_top_fraction_rounds_to_the_nearest_count(
     model: QualityModel, tmp_path: Path
 ) -> None:
-    """`--threshold X` keeps score >= X; `--top-fraction 0.35` of 8 documents keeps round(2.8) = 3."""
+    """`--threshold X` keeps score >= X; `--top-fraction 0.35` of 8 documents keeps round(2.8) = 3, and a half
+    count rounds up (0.5625 of 8 kept round(4.5) = 4, Python's round taking halves to even; 0.7 of 5 kept 3, the
+    float product being 3.4999999999999996)."""
     texts = [CODE[40], salad(1), CODE[41], CODE[41], salad(2), CODE[41], CODE[41], salad(3)]
     corpus = write_corpus(tmp_path / "corpus", texts)
     assert select_corpus(model, corpus, tmp_path / "at", threshold=model.score(CODE[41]))["selected"] == 5
-    assert select_corpus(model, corpus, tmp_path / "top", top_fraction=0.35)["selected"] == 3
+    kept = {
+        share: select_corpus(model, corpus, tmp_path / str(share), top_fraction=share)["selected"]
+        for share in (0.35, 0.3125, 0.5625)
+    }
+    assert kept == {0.35: 3, 0.3125: 3, 0.5625: 5}
+    five = write_corpus(tmp_path / "five", texts[:5])
+    assert select_corpus(model, five, tmp_path / "five_top", top_fraction=0.7)["selected"] == 4
 
 
 def test_select_says_how_many_documents_tied_at_the_cutoff_it_kept(model: QualityModel, tmp_path: Path) -> None:
