@@ -62,6 +62,7 @@ from seekstack.infer.sampling import (
     TokenConstraint,
     has_distribution,
     token_logprobs,
+    without_padded_ids,
 )
 from seekstack.infer.speculative import (
     DraftChecks,
@@ -895,11 +896,16 @@ class Engine:
         return self.draft_vocabulary if isinstance(self.model.lm_head, torch.nn.Linear) else None
 
     # ------------------------------------------------------------------ sampling and output
+    @property
+    def _token_count(self) -> int | None:
+        """The tokenizer's ids where the model's vocabulary is padded past them, else None: the ids from it on are
+        never sampled and have no log-probability (`without_padded_ids`)."""
+        return self.tokenizer.vocab_size if self.tokenizer.vocab_size < self.config.vocab_size else None
+
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
-        padded = self.tokenizer.vocab_size < self.config.vocab_size  # ids past the tokenizer's are never sampled
         return SamplingBatch(
             [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device,
-            [r.constraint for r in batch], self.tokenizer.vocab_size if padded else None,
+            [r.constraint for r in batch], self._token_count,
             [r.stop_ids | self.eos_ids if len(r.output_ids) < r.params.min_tokens else frozenset()
              for r in batch],  # min_tokens: EOS too with ignore_eos, as vLLM bans its all_stop_token_ids
             [r.params.min_tokens - len(r.output_ids) for r in batch],
@@ -944,7 +950,10 @@ class Engine:
 
     def _logprobs(self, batch: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         """The log-probability of each request's token under logits (B, V), for the requests that ask for them."""
-        chosen, ranks, top_values, top_ids = token_logprobs(logits, tokens, max(r.params.top_logprobs for r in batch))
+        top_n = max(r.params.top_logprobs for r in batch)
+        chosen, ranks, top_values, top_ids = token_logprobs(
+            without_padded_ids(logits, self._token_count), tokens, top_n
+        )
         columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist(), ranks.tolist())
         return [
             self._logprob_entry(r.params.top_logprobs, r.params.detokenize, *row) if r.params.logprobs else None
@@ -963,7 +972,7 @@ class Engine:
             if top_n is None or first >= end:
                 continue
             targets = torch.tensor(request.prompt_ids[first:end], device=self.device)
-            rows = logits[b, first - start - 1 : end - start - 1].float()
+            rows = without_padded_ids(logits[b, first - start - 1 : end - start - 1].float(), self._token_count)
             chosen, ranks, top_values, top_ids = token_logprobs(rows, targets, top_n)
             columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), targets.tolist(), ranks.tolist())
             request.prompt_logprobs += [

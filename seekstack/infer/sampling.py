@@ -184,9 +184,7 @@ class SamplingBatch:
         the ids outside its `allowed_token_ids` at -inf, logit bias, then penalties (`penalize`)."""
         if self.restricted:
             logits = logits.masked_fill(self._disallowed(logits.shape[-1]), float("-inf"))
-        if self.token_count is not None:
-            padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
-            logits = logits.index_fill(-1, padded, float("-inf"))
+        logits = without_padded_ids(logits, self.token_count)
         column = 0 if extra_tokens is None else extra_tokens.shape[1]  # this step's tokens before the one drawn
         rows, ids = [], []
         for row, row_ids in enumerate(self.banned or ()):
@@ -364,6 +362,16 @@ def has_distribution(largest: torch.Tensor) -> torch.Tensor:
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) float32: 1 at each row's argmax (`greedy_tokens`)."""
     return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, greedy_tokens(logits)[:, None], 1.0)
+
+
+def without_padded_ids(logits: torch.Tensor, token_count: int | None) -> torch.Tensor:
+    """Logits (..., V) with the ids from `token_count` on (a vocabulary padded past the tokenizer's ids, as released
+    checkpoints round it up: they decode to no token) at -inf, as vLLM drops them from the logits it samples and
+    reports; None: every id is the tokenizer's, logits as they are."""
+    if token_count is None:
+        return logits
+    padded = torch.arange(token_count, logits.shape[-1], device=logits.device)
+    return logits.index_fill(-1, padded, float("-inf"))
 
 
 def token_logprobs(

@@ -1205,6 +1205,33 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_samples_the_padded_ids(tok
     assert all(len(output.token_ids) == params.max_new_tokens for output in outputs)
 
 
+@torch.inference_mode()
+def test_a_vocabulary_padded_past_the_tokenizer_gives_its_ids_no_log_probability(tokenizer):
+    """Prompt logprobs and a token's logprobs were taken over the model's whole padded vocabulary: the padded ids,
+    which are never sampled, showed among the top alternatives and took probability from the tokenizer's ids. They
+    are now as a model of the tokenizer's vocabulary with the same weights gives them (vLLM drops the padded ids)."""
+    from seekstack import Transformer
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    padded = Transformer(micro_config(vocab_size=VOCAB + 64)).eval()
+    padded.lm_head.weight[VOCAB:] = 100 * padded.lm_head.weight[:64]  # the padded ids' logits dwarf the others
+    trimmed = Transformer(micro_config(vocab_size=VOCAB)).eval()
+    trimmed.load_state_dict({
+        name: tensor[:VOCAB] if tensor.shape[:1] == (VOCAB + 64,) else tensor
+        for name, tensor in padded.state_dict().items()
+    })  # fmt: skip
+    params = dataclasses.replace(GREEDY, max_new_tokens=4, logprobs=3, prompt_logprobs=3)
+    [got] = Engine(padded, tokenizer).generate(prompts([9]), params)
+    [expected] = Engine(trimmed, tokenizer).generate(prompts([9]), params)
+    assert got.token_ids == expected.token_ids
+    for entries, wanted in ((got.prompt_logprobs[1:], expected.prompt_logprobs[1:]), (got.logprobs, expected.logprobs)):
+        assert [(e.token_id, e.rank, [i for i, _, _ in e.top]) for e in entries] == [
+            (e.token_id, e.rank, [i for i, _, _ in e.top]) for e in wanted
+        ]
+        assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in wanted], abs=1e-4)
+
+
 def test_generate_and_stream_from_several_threads_each_get_their_own_requests_whole(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=8)
     batch = prompts([5, 9, 14, 3])
