@@ -225,7 +225,9 @@ def rl_plot_command(
     """Draw RL runs' accuracy and format reward, lengths of correct and incorrect answers, KL and clipping,
     entropy and generation share to a PNG."""
     from seekstack.posttrain.plot import plot_rl_runs
+    from seekstack.train.plot import run_folder
 
+    runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl named: its folder
     with user_errors():
         written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth)
     typer.echo(f"wrote {written}")

@@ -30,10 +30,18 @@ MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no
 FIGURE_FORMATS = ("png", "svg", "pdf")  # what --out may name: matplotlib's raster and vector formats
 
 
+def run_folder(given: Path) -> Path:
+    """The run folder `given` names: itself, or, where it names a run's metrics.jsonl, the folder holding it."""
+    return given.parent if given.name == METRICS_FILE and given.is_file() else given
+
+
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
-    command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet."""
+    command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet; a
+    missing folder is an error saying so."""
+    if not Path(run_dir).exists():
+        raise FileNotFoundError(f"no such folder: {run_dir}")
     path = Path(run_dir) / METRICS_FILE
     run = run_holding(run_dir)
     if not path.is_file() and run is not None:

@@ -94,3 +94,20 @@ def test_plot_of_an_rl_run_draws_its_rl_curves_not_a_next_token_loss(tmp_path):
     assert (run / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (run / "curves.png").exists()
     pretrain = write_run(tmp_path / "pretrain", [{"step": 1, "loss": 3.0, "lm_loss": 3.0, "lr": 1e-3}])
     assert CliRunner().invoke(app, ["plot", str(pretrain)]).output.strip() == f"wrote {pretrain / 'curves.png'}"
+
+
+@pytest.mark.parametrize("command", ["rl-plot", "plot"])
+def test_plot_of_a_missing_folder_says_so_and_of_a_runs_metrics_file_draws_its_run(tmp_path, command):
+    """`rl-plot nothere` said "no metrics.jsonl in nothere" of a folder that is not there, and `rl-plot
+    RUN/metrics.jsonl` (the run's file named) said "no metrics.jsonl in RUN/metrics.jsonl"; `plot` alike."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    missing = CliRunner().invoke(app, [command, str(tmp_path / "nothere")])
+    assert missing.exit_code == 1 and f"no such folder: {tmp_path / 'nothere'}" in " ".join(missing.output.split())
+    run = write_run(tmp_path / "rl", [{"step": s, "reward": 0.5, "accuracy": 0.1 * s} for s in range(1, 4)])
+    drawn = CliRunner().invoke(app, [command, str(run / "metrics.jsonl")])
+    assert drawn.exit_code == 0, drawn.output
+    assert drawn.output.strip() == f"wrote {run / 'rl_curves.png'}"
+    assert (run / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
