@@ -19,7 +19,8 @@ character (a zero-width space or joiner, a soft hyphen: `john\u200b@example.com`
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
-multicast (`224.0.0.251`, `ff02::1:3`) addresses, and networks in CIDR notation (`93.184.216.0/24`); an address with its
+multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers StarCoder's pipeline keeps (`8.8.8.8`,
+`208.67.222.222`: `PUBLIC_RESOLVERS`), and networks in CIDR notation (`93.184.216.0/24`); an address with its
 network's prefix length (`inet 93.184.216.34/24`, `/32`) or before a URL's path (`http://93.184.216.34/2024/x`) is
 a host's, and an address of zero-padded octets (`093.184.216.034`) is judged as it reads without the zeros. A version
 such as `3.11.7` has three parts and is never an IPv4
@@ -244,6 +245,15 @@ _BEARER_TOKEN = re.compile(
 _URL_USER_BEFORE = re.compile(r"(?i)(?<!mailto)://[^\s/?#@]*\Z")
 URL_USER_CHARS = 64
 
+# Public DNS resolvers (Google, Cloudflare, Control D, Quad9, OpenDNS, Comodo, AdGuard), kept as the StarCoder PII
+# pipeline keeps them (its POPULAR_DNS_SERVERS): a service every resolver configuration names, not one user's host.
+PUBLIC_RESOLVERS = frozenset(
+    {
+        "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "76.76.19.19", "76.223.122.150", "9.9.9.9", "149.112.112.112",
+        "208.67.222.222", "208.67.220.220", "8.26.56.26", "8.20.247.20", "94.140.14.14", "94.140.15.15",
+    }
+)  # fmt: skip
+
 # A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it)
 _VERSION_BEFORE = re.compile(r"(?i)\b(?:v|ver|version|rev|revision|release)[.:]?\s*\Z")
 VERSION_WORD_CHARS = 16
@@ -349,7 +359,8 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         return EMAIL
 
     def replace_ip(match: re.Match[str]) -> str:
-        if not (_looks_like_ip(match) and _is_public_ip(_address(match)) and _is_host(match)):
+        address = _address(match)
+        if address in PUBLIC_RESOLVERS or not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
             return match[0]
         counts["ip"] += 1
         return IP + match[0][len(match["address"]) :]

@@ -935,6 +935,13 @@ def test_a_public_address_whose_first_part_is_one_digit_is_replaced() -> None:
     assert scrub_pii("host 8.34.208.1 and 2.7.2.2") == ("host <IP> and 2.7.2.2", {"ip": 1})
 
 
+def test_public_dns_resolvers_are_kept_as_the_starcoder_pipeline_keeps_them() -> None:
+    """8.8.8.8 and 1.1.1.1 were kept only as they read like versions, while OpenDNS's 208.67.222.222 and AdGuard's
+    94.140.14.14 were replaced: the resolvers StarCoder's POPULAR_DNS_SERVERS lists are now all kept, by that list."""
+    text = "nameserver 8.8.8.8, 1.1.1.1, 208.67.222.222 and 94.140.14.14; host 208.67.222.221"
+    assert scrub_pii(text) == ("nameserver 8.8.8.8, 1.1.1.1, 208.67.222.222 and 94.140.14.14; host <IP>", {"ip": 1})
+
+
 @pytest.mark.parametrize(
     ("text", "scrubbed"),
     [
