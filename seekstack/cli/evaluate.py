@@ -178,7 +178,7 @@ def explain_command(
             records = corpus_routing(network, tokenizer, texts, max_tokens, source=source, code=code)
         written: list[Path] = []
         if text is not None:
-            by_name = explain_text(network, tokenizer, text, out)
+            by_name = explain_text(network, tokenizer, text, out, model)
             for name, path in by_name.items():
                 typer.echo(f"{name}: {path}")
             if "routing" not in by_name:
@@ -186,7 +186,7 @@ def explain_command(
             written += by_name.values()
         if records is not None:
             out.mkdir(parents=True, exist_ok=True)
-            stats_png, stats_json = routing_png(records, out / "routing_stats.png"), out / "routing_stats.json"
+            stats_png, stats_json = routing_png(records, out / "routing_stats.png", model), out / "routing_stats.json"
             typer.echo(f"routing statistics: {stats_png}")
             stats_json.write_text(json.dumps(records, indent=1) + "\n")
             written += [stats_png, stats_json]

@@ -100,8 +100,11 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
     return "".join(parts)
 
 
-def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path) -> dict[str, Path]:
-    """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name.
+def explain_text(
+    model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path, checkpoint: str | Path = ""
+) -> dict[str, Path]:
+    """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name. Each
+    PNG's title names the `checkpoint` the model was loaded from, where given (`drawn_from`).
     ValueError, before anything is written, for a text longer than the model's context and for a model whose
     attention the maps do not describe (`attention_maps`). The text is encoded as `generate` encodes a prompt: a
     DeepSeek release's BOS first (`Tokenizer.encode_prompt`)."""
@@ -122,11 +125,12 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = [drawable(token) for token in tokens]
     paths = {
-        "attention": _attention_png(maps, labels, out_dir / "attention.png"),
+        "attention": _attention_png(maps, labels, out_dir / "attention.png", checkpoint),
         "html": out_dir / "explain.html",
     }
     if routing:
-        paths["routing"] = _routing_png(routing, labels, model.config.n_routed_experts, out_dir / "routing.png")
+        routing_path = out_dir / "routing.png"
+        paths["routing"] = _routing_png(routing, labels, model.config.n_routed_experts, routing_path, checkpoint)
     data = {
         "tokens": tokens,
         "attention": [[_causal_bytes(head) for head in m.weights] for m in maps],
@@ -173,7 +177,13 @@ def _causal_bytes(weights: torch.Tensor) -> str:
     return base64.b64encode(levels.numpy().tobytes()).decode("ascii")
 
 
-def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) -> Path:
+def drawn_from(title: str, checkpoint: str | Path) -> str:
+    """A figure's title, with a line naming the checkpoint it was drawn from where one is given: a PNG kept or
+    shared apart from its folder still says which model it shows."""
+    return f"{title}\ncheckpoint: {checkpoint}" if str(checkpoint) else title
+
+
+def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path, checkpoint: str | Path = "") -> Path:
     """One heatmap per layer and head; each at most MAX_PANEL_INCHES, the figure at most MAX_FIGURE_INCHES a side,
     so a long text's maps are drawn resampled (the page holds every weight) and not at 0.12 inch per token."""
     layers, heads = len(maps), maps[0].weights.shape[0]
@@ -193,7 +203,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
     title = "attention (row: query token, column: key token)"
     if size * FIGURE_DPI < len(tokens):
         title += f"; {len(tokens)} tokens drawn in {int(size * FIGURE_DPI)} px, resampled: explain.html holds them all"
-    figure.suptitle(title)
+    figure.suptitle(drawn_from(title, checkpoint))
     figure.tight_layout(rect=(0, 0, 0.9, 0.98))  # room for the title, and on the right for the colour scale
     scale = figure.add_axes((0.92, 0.2, 0.02, 0.6))
     figure.colorbar(image, cax=scale, label="attention weight (each row sums to 1)")
@@ -202,7 +212,9 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
     return path
 
 
-def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: int, path: Path) -> Path:
+def _routing_png(
+    routing: list[LayerRouting], tokens: list[str], num_experts: int, path: Path, checkpoint: str | Path = ""
+) -> Path:
     """Per MoE layer, the gate weight of each token's selected experts (row: token, column: expert), the rows labelled
     with the tokens where they are tall enough for a label."""
     width = min(3 + 0.25 * num_experts * len(routing), MAX_FIGURE_INCHES)
@@ -221,7 +233,7 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
             axis.set_yticklabels(tokens, fontsize=LABEL_POINTS)
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
-    figure.suptitle("gate weight of each selected expert, per token")
+    figure.suptitle(drawn_from("gate weight of each selected expert, per token", checkpoint))
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
@@ -323,8 +335,9 @@ def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
     }
 
 
-def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Per layer: load per expert, co-selection, and the share of each token class's assignments per expert."""
+def routing_png(records: list[dict[str, Any]], path: str | Path, checkpoint: str | Path = "") -> Path:
+    """Per layer: load per expert, co-selection, and the share of each token class's assignments per expert; the
+    title names the `checkpoint` the model was loaded from, where given."""
     figure, axes = plt.subplots(len(records), 3, figsize=(15, 3.4 * len(records)), squeeze=False)
     for row, record in zip(axes, records, strict=True):
         experts = range(len(record["load"]))
@@ -349,6 +362,7 @@ def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
         row[2].set_title("share of each class's assignments per expert", fontsize=9)
         for axis in row:
             _label_experts(axis.xaxis)
+    figure.suptitle(drawn_from("routing statistics", checkpoint))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.train.runs import run_checkpoint
 
 pytest.importorskip("lm_eval")
 
@@ -364,10 +365,24 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
     assert not (checkpoint / "eval").exists()
 
 
-def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run):
+def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run, monkeypatch):
+    from matplotlib.figure import Figure
+
+    titles, savefig = {}, Figure.savefig
+
+    def kept(figure, path, *args, **kwargs):  # each PNG's title as it is saved
+        titles[Path(path).name] = figure.get_suptitle()
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
     out = small_run / "explain"
     run("explain", small_run / "run", "def f(x):\n    return x\n", "--out", out, "--corpus", small_run / "corpus",
         "--max-tokens", 512)  # fmt: skip
+    # each names the checkpoint it was drawn from (the run's newest), as report.md's figures name their run
+    checkpoint = run_checkpoint(small_run / "run")
+    assert {name: title.rsplit("\n", 1)[-1] for name, title in titles.items()} == {
+        name: f"checkpoint: {checkpoint}" for name in ("routing_stats.png", "attention.png", "routing.png")
+    }
     assert {"attention.png", "routing.png", "explain.html", "routing_stats.png", "routing_stats.json"} <= {
         path.name for path in out.iterdir()
     }
