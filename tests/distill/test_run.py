@@ -328,7 +328,7 @@ def test_trls_gkd_field_names_are_refused_naming_what_does_their_work(trl_name, 
         resolve_train_config(None, [trl_name], cls=DistillConfig)
 
 
-def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults(tmp_path):
+def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults(workspace):
     """Our defaults are not GKDConfig's (beta, lmbda, the sampling temperature, a CE term beside the divergence), and
     nothing said so: a TRL user's run with its defaults was off-policy forward KL. The README's command has TRL's."""
     gkd = pytest.importorskip("trl.experimental.gkd")
@@ -336,7 +336,7 @@ def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     command = re.search(r"A `GKDTrainer` run with GKDConfig's\s+defaults is `seekstack distill \.\.\. ([^`]+)`", readme)
     assert command, "the README names no distill command for GKDConfig's defaults"
-    config = resolve_train_config(None, [*command[1].split(), f"teacher={tmp_path}"], cls=DistillConfig)
+    config = resolve_train_config(None, [*command[1].split(), f"teacher={workspace['teacher']}"], cls=DistillConfig)
     defaults = DistillConfig()
     trl_divergence = (trl_defaults["beta"], trl_defaults["lmbda"])
     assert (config.beta, config.lmbda) == trl_divergence != (defaults.beta, defaults.lmbda)
@@ -344,7 +344,7 @@ def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults
     assert (config.ce_weight, config.kd_weight, config.temperature) == (0.0, 1.0, 1.0)  # the divergence alone, at T=1
 
 
-def test_the_readme_gives_the_keys_of_a_distillation_trainer_run_whose_loss_is_trls(tmp_path):
+def test_the_readme_gives_the_keys_of_a_distillation_trainer_run_whose_loss_is_trls(workspace):
     """TRL's DistillationTrainer applies its temperature to the divergence without Hinton's T^2, which the loss here
     has, and nothing said so: a TRL user's temperature=2 trained on 4 times its divergence. The README's command
     has the loss of a DistillationTrainer run at T=2, checked against TRL's own divergence on the same logits."""
@@ -357,7 +357,7 @@ def test_the_readme_gives_the_keys_of_a_distillation_trainer_run_whose_loss_is_t
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     command = re.search(r"a `DistillationTrainer` run at T=2 is `seekstack distill \.\.\.\s+([^`]+)`", readme)
     assert command, "the README names no distill command for a DistillationTrainer run"
-    config = resolve_train_config(None, [*command[1].split(), f"teacher={tmp_path}"], cls=DistillConfig)
+    config = resolve_train_config(None, [*command[1].split(), f"teacher={workspace['teacher']}"], cls=DistillConfig)
     trl_beta = next(field.default for field in dataclasses.fields(DistillationConfig) if field.name == "beta")
     assert (config.beta, config.lmbda, config.ce_weight) == (trl_beta, 1.0, 0.0)  # on-policy, the divergence alone
     assert config.temperature == config.sample_temperature == 2.0
