@@ -163,7 +163,9 @@ Adapter = Annotated[
 ]
 Stop = Annotated[
     list[str] | None,
-    typer.Option(help=r"Stop before this text (repeatable); \n, \t, \r, \\ and \uXXXX are read as escapes"),
+    typer.Option(
+        help=r"Stop before this text (repeatable); \n, \t, \r, \\, \xHH, \uXXXX and \UXXXXXXXX are read as escapes"
+    ),
 ]
 ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr\\])")
 ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}

@@ -1082,3 +1082,21 @@ def test_chat_with_vllms_max_tokens_none_replies_to_the_contexts_end_keeping_hal
     "".join(session.reply("eight"))
     told = "the oldest 1 exchange(s) left the history, to fit the context of 48 tokens with 24 for the reply"
     assert notices == [told] and session.turns[0] == {"role": "user", "content": "eight"}
+
+
+def test_stops_help_names_every_escape_it_reads():
+    """--stop's help listed \\n \\t \\r \\\\ \\uXXXX while it also reads \\xHH and \\UXXXXXXXX."""
+    import typer.main
+
+    from seekstack.cli.generate import unescape
+
+    generate = typer.main.get_command(app).commands["generate"]
+    [stop] = [param for param in generate.params if param.name == "stop"]
+    for escape, read in ((r"\n", "\n"), (r"\t", "\t"), (r"\r", "\r"), (r"\\", "\\"), (r"\xHH", "A"),
+                         (r"\uXXXX", "A"), (r"\UXXXXXXXX", "A")):  # fmt: skip
+        assert escape in stop.help
+        typed = {"HH": "41", "XXXXXXXX": "00000041", "XXXX": "0041"}
+        example = escape
+        for placeholder in ("XXXXXXXX", "XXXX", "HH"):
+            example = example.replace(placeholder, typed[placeholder])
+        assert unescape(example) == read
