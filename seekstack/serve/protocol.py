@@ -121,10 +121,19 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         continued = request.messages[last].prefix
         return [chat_ids(request.messages, tokenizer, continue_final_message=continued, tools=tools)]
     prompts = []
-    id_lists = isinstance(request.prompt[0], list)  # a list of prompts of token ids, each named by its position
+    # a list of prompts of token ids, each named by its position
+    id_lists = not isinstance(request.prompt, str) and isinstance(request.prompt[0], list)
     for number, prompt in enumerate(completion_prompts(request)):
         if isinstance(prompt, str):
-            prompts.append(tokenizer.encode_prompt(prompt) if request.add_special_tokens else tokenizer.encode(prompt))
+            ids = tokenizer.encode_prompt(prompt) if request.add_special_tokens else tokenizer.encode(prompt)
+            if not ids:  # "": a tokenizer framing it with BOS gives that token to start from, as vLLM's
+                why = "this model's tokenizer puts no BOS before a prompt"
+                if not request.add_special_tokens:
+                    why = "add_special_tokens is false, so no BOS is put before it"
+                name = "prompt" if isinstance(request.prompt, str) else f"prompt.{number}"
+                raise APIError(400, f'{name}: "" is no token to start from ({why}): give at least one character',
+                               param=name, code="invalid_value")  # fmt: skip
+            prompts.append(ids)
             continue
         refuse_outside_vocabulary(prompt, tokenizer, f"prompt.{number}" if id_lists else "prompt")
         prompts.append(list(prompt))

@@ -46,7 +46,7 @@ MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
 MAX_STOP_TOKEN_IDS = 300  # vLLM sets none; as many as logit_bias may name
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-PromptText = Annotated[str, Field(min_length=1)]
+PromptText = str  # "" too: where the tokenizer frames it with BOS it has a token to start from (prompt_ids)
 PromptIds = Annotated[list[int], Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's bound is the tokenizer's (protocol.prompt_ids checks it)
 LogitBiases = Annotated[

@@ -128,6 +128,33 @@ def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_a
     assert error_of(prefixed, 400)["param"] == "add_generation_prompt"
 
 
+def test_an_empty_prompt_is_served_where_the_tokenizer_puts_bos_before_it_and_refused_saying_why_where_not(
+    engine, tmp_path
+):
+    """Prompt "" was refused by /v1/completions and /tokenize as a string too short, where vLLM (whose tokenizer adds
+    BOS) and OpenAI's legacy completions take it: a tokenizer framing it with BOS gives the one token to start from."""
+    completion = {"model": "model", "prompt": "", "max_tokens": 2, "temperature": 0}
+    with framed_with_bos(engine):
+        framed, counted, bare = post_each(engine, tmp_path / "db", [
+            ("/v1/completions", completion), ("/tokenize", {"prompt": ""}),
+            ("/tokenize", {"prompt": "", "add_special_tokens": False}),
+        ])  # fmt: skip
+    unframed, listed = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", completion), ("/v1/completions", {**completion, "prompt": ["Hi", ""]}),
+    ])  # fmt: skip
+    assert framed.status_code == 200 and framed.json()["usage"]["prompt_tokens"] == 1
+    assert counted.json()["tokens"] == [engine.tokenizer.bos_id]
+    refusals = [error_of(answer, 400) for answer in (bare, unframed, listed)]
+    assert [error["param"] for error in refusals] == ["prompt", "prompt", "prompt.1"]
+    assert refusals[0]["message"] == (
+        'prompt: "" is no token to start from (add_special_tokens is false, so no BOS is put before it): '
+        "give at least one character"
+    )
+    assert refusals[1]["message"].startswith(
+        'prompt: "" is no token to start from (this model\'s tokenizer puts no BOS'
+    )
+
+
 def test_completions_take_add_special_tokens_as_tokenize_counts_it_and_chat_refuses_adding_more(engine, tmp_path):
     """A completion with vLLM's add_special_tokens: false was run and billed with the BOS that /tokenize left out
     (the field was dropped as unknown), and chat's true added nothing on top of the template."""
