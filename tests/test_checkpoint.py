@@ -266,6 +266,26 @@ def test_a_stale_index_beside_model_safetensors_is_read_past_as_transformers_rea
     )
 
 
+def test_a_key_the_index_lists_that_no_shard_holds_and_the_model_does_not_use_is_read_past_with_a_warning(tmp_path):
+    """The unused-keys pass read every listed key's shape, so a key only the index lists (an index out of step with its
+    shards) was refused as a damaged shard: "model-00001-of-00037.safetensors: cannot read key 'model.foo.weight'
+    (File does not contain tensor ...); re-save or re-download", where transformers (5.x) loads the folder. seekstack
+    loads it too, warning of the index."""
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+    with edited_json(tmp_path / INDEX_FILE) as index:
+        first = sorted(set(index["weight_map"].values()))[0]
+        index["weight_map"]["model.foo.weight"] = index["weight_map"]["model.bar.weight"] = first
+    with pytest.warns(UserWarning) as warned:
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert_same_state(model, loaded)
+    assert [str(warning.message) for warning in warned] == [
+        f"{tmp_path / INDEX_FILE}: lists key 'model.bar.weight' (and 1 more) in {first}, which does not hold it; the "
+        "model does not use it, so it is read past, as transformers reads it; the index does not match its shards: "
+        "re-save the checkpoint"
+    ]
+
+
 def test_saving_over_a_model_folder_keeps_the_tokenizer_files_it_does_not_write(tmp_path):
     model = random_model()
     seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)

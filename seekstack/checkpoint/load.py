@@ -19,6 +19,7 @@ import torch
 
 from seekstack.checkpoint.keys import (
     CONFIG_FILE,
+    INDEX_FILE,
     MTP_COPIES,
     SAFETENSORS_DTYPES,
     CheckpointError,
@@ -106,13 +107,22 @@ def load_pretrained(
             else:
                 for view, piece in zip(views, pieces(), strict=True):
                     view.copy_(piece)
-        unused = sorted(
+        unread = sorted(
             k
             for k in reader.key_to_file
             if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
-            if _holds_values(reader, k)  # read from its header, while the files are open
         )
+        unstored = [k for k in unread if not reader.stores(k)]  # read from the headers, while the files are open
+        unused = [k for k in unread if k not in unstored and _holds_values(reader, k)]
     model.reset_rope()
+    if unstored:  # transformers warns of them as checkpoint weights not used
+        more = f" (and {len(unstored) - 1} more)" if len(unstored) > 1 else ""
+        warnings.warn(
+            f"{directory / INDEX_FILE}: lists key {unstored[0]!r}{more} in {reader.key_to_file[unstored[0]]}, which "
+            "does not hold it; the model does not use it, so it is read past, as transformers reads it; the index "
+            "does not match its shards: re-save the checkpoint",
+            stacklevel=2,
+        )
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)

@@ -164,6 +164,7 @@ class CheckpointReader:
         self.key_to_file = self._index()
         self._files = contextlib.ExitStack()
         self._handles: dict[str, Any] = {}
+        self._held: dict[str, set[str]] = {}  # each open file's keys
         self.fp8_block: tuple[int, int] | None = None
         self.quantized = quantization is not None
         self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
@@ -773,18 +774,25 @@ class CheckpointReader:
             return tensor.reshape(1, 1).expand(self._per_row_shape(key)).contiguous()
         return tensor
 
+    def stores(self, key: str) -> bool:
+        """Whether the file the index names for `key` holds it (an index out of step with its shards lists keys that
+        its files do not hold)."""
+        file = self.key_to_file[key]
+        if file not in self._handles:
+            self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
+            self._held[file] = set(self._handles[file].keys())
+        return key in self._held[file]
+
     def _from_file(self, key: str, read: Callable[[Any], Any]) -> Any:
         """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and
         the key when the key is missing or the file cannot give it (an index pointing at the wrong shard)."""
         if key not in self.key_to_file:
             raise self.missing([key])
-        file = self.key_to_file[key]
-        if file not in self._handles:
-            self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
+        file, stored = self.key_to_file[key], self.stores(key)  # opens the file
         try:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
-            holder = None if key in self._handles[file].keys() else self._stored_keys().get(key)  # noqa: SIM118
+            holder = None if stored else self._stored_keys().get(key)
             if holder is not None:
                 raise CheckpointError(
                     f"{self.directory / INDEX_FILE}: names {file} for key {key!r}, which {holder} holds; the index "
