@@ -222,6 +222,7 @@ def test_every_training_stage_takes_resume_from_a_step_or_a_checkpoint_folder(tm
     """sft, rl and distill had --resume alone (No such option: --resume-from), where train took a step or folder."""
     run, copied = tmp_path / "run", tmp_path / "copied_step_3"
     copied.mkdir()
+    (copied / "train_state.pt").touch()  # a training checkpoint copied out of its run, which holds the config
     step = runner.invoke(app, [command, f"out_dir={run}", "--resume-from", "3"])
     assert step.exit_code == 1, step.output
     assert f"{run / 'train_config.json'}: no such file; a run to resume has its config there" in step.output
