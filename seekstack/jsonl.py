@@ -24,7 +24,7 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if line.strip():
-                    value = json.loads(line)
+                    value = json.loads(line.rstrip("\r\n"))  # its newline no part of it: an error's column is on it
                     if number == 1 and _is_array_of_objects(value):
                         raise _not_json_lines(path)
                     yield number, value

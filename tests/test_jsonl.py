@@ -76,6 +76,9 @@ def test_a_line_that_is_not_json_is_refused_naming_the_column_as_data_build_name
     path.write_text(json.dumps(RECORDS[0]) + '\n{"text": "a" "b"}\n' + json.dumps(RECORDS[1]) + "\n")
     with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 14\);"):
         list(jsonl_records(path))
+    path.write_text(json.dumps(RECORDS[0]) + '\n{"text": "a"\r\n' + json.dumps(RECORDS[1]) + "\n")  # cut mid-file
+    with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 13\);"):
+        list(jsonl_records(path))
     path.write_text(json.dumps(RECORDS[0]) + '\n{"text": "cut')
     told = []
     assert list(jsonl_records(path, on_torn_tail=told.append)) == [(1, RECORDS[0])]
