@@ -167,7 +167,7 @@ def select_corpus(
     else:
         # The share as written times the count, halves up (0.3 of 15 keeps 5, 0.7 of 5 keeps 4): Python's round
         # takes a half to the even count and float products miss halves (0.7 * 5 is 3.4999999999999996).
-        share = int((Decimal(repr(top_fraction)) * len(scores)).to_integral_value(ROUND_HALF_UP))
+        share = int((Decimal(repr(float(top_fraction))) * len(scores)).to_integral_value(ROUND_HALF_UP))
         kept = _best(scores, max(1, share) if scores else 0)
         threshold = min((scores[number] for number in kept), default=1.0)
     selected = 0

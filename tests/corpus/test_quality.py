@@ -168,6 +168,8 @@ def test_a_threshold_keeps_documents_scoring_it_and_a_top_fraction_rounds_to_the
     assert kept == {0.35: 3, 0.3125: 3, 0.5625: 5}
     five = write_corpus(tmp_path / "five", texts[:5])
     assert select_corpus(model, five, tmp_path / "five_top", top_fraction=0.7)["selected"] == 4
+    numpy_share = select_corpus(model, five, tmp_path / "numpy_top", top_fraction=np.float64(0.7))  # a float too
+    assert numpy_share["selected"] == 4
 
 
 def test_select_says_how_many_documents_tied_at_the_cutoff_it_kept(model: QualityModel, tmp_path: Path) -> None:
