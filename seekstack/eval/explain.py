@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.axis import Axis  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -36,6 +37,8 @@ from seekstack.tokenizer import Tokenizer, byte_level_bytes  # noqa: E402
 
 LABEL_POINTS = 6  # a token label's font size; a heatmap labels its tokens where each row (column) is this tall
 FIGURE_DPI = 110
+TITLE_POINTS = 12.0  # a figure title's font size (matplotlib's "large"), smaller where its longest line needs
+TITLE_CHARACTER_EMS = 0.6  # a title character's width, in ems, a little above DejaVu Sans's mean
 MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
@@ -104,7 +107,7 @@ def explain_text(
     model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path, checkpoint: str | Path = ""
 ) -> dict[str, Path]:
     """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name. Each
-    PNG's title names the `checkpoint` the model was loaded from, where given (`drawn_from`).
+    PNG's title names the `checkpoint` the model was loaded from, where given (`_title`).
     ValueError, before anything is written, for a text longer than the model's context and for a model whose
     attention the maps do not describe (`attention_maps`). The text is encoded as `generate` encodes a prompt: a
     DeepSeek release's BOS first (`Tokenizer.encode_prompt`)."""
@@ -177,10 +180,14 @@ def _causal_bytes(weights: torch.Tensor) -> str:
     return base64.b64encode(levels.numpy().tobytes()).decode("ascii")
 
 
-def drawn_from(title: str, checkpoint: str | Path) -> str:
-    """A figure's title, with a line naming the checkpoint it was drawn from where one is given: a PNG kept or
-    shared apart from its folder still says which model it shows."""
-    return f"{title}\ncheckpoint: {checkpoint}" if str(checkpoint) else title
+def _title(figure: Figure, title: str, checkpoint: str | Path) -> None:
+    """The figure's title, with a line naming the checkpoint it was drawn from where one is given (a PNG kept or
+    shared apart from its folder still says which model it shows), at a size whose longest line fits the figure's
+    width: a path is no words to wrap, and a narrow figure (one MoE layer's routing) cut it at both sides."""
+    text = f"{title}\ncheckpoint: {checkpoint}" if str(checkpoint) else title
+    longest = max(len(line) for line in text.splitlines())
+    points = min(TITLE_POINTS, 0.9 * figure.get_figwidth() * 72 / (TITLE_CHARACTER_EMS * longest))
+    figure.suptitle(text, fontsize=points)
 
 
 def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path, checkpoint: str | Path = "") -> Path:
@@ -203,7 +210,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path, ch
     title = "attention (row: query token, column: key token)"
     if size * FIGURE_DPI < len(tokens):
         title += f"; {len(tokens)} tokens drawn in {int(size * FIGURE_DPI)} px, resampled: explain.html holds them all"
-    figure.suptitle(drawn_from(title, checkpoint))
+    _title(figure, title, checkpoint)
     figure.tight_layout(rect=(0, 0, 0.9, 0.98))  # room for the title, and on the right for the colour scale
     scale = figure.add_axes((0.92, 0.2, 0.02, 0.6))
     figure.colorbar(image, cax=scale, label="attention weight (each row sums to 1)")
@@ -233,7 +240,7 @@ def _routing_png(
             axis.set_yticklabels(tokens, fontsize=LABEL_POINTS)
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
-    figure.suptitle(drawn_from("gate weight of each selected expert, per token", checkpoint))
+    _title(figure, "gate weight of each selected expert, per token", checkpoint)
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
@@ -362,7 +369,7 @@ def routing_png(records: list[dict[str, Any]], path: str | Path, checkpoint: str
         row[2].set_title("share of each class's assignments per expert", fontsize=9)
         for axis in row:
             _label_experts(axis.xaxis)
-    figure.suptitle(drawn_from("routing statistics", checkpoint))
+    _title(figure, "routing statistics", checkpoint)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -368,10 +368,13 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
 def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run, monkeypatch):
     from matplotlib.figure import Figure
 
-    titles, savefig = {}, Figure.savefig
+    titles, overflow, savefig = {}, {}, Figure.savefig
 
-    def kept(figure, path, *args, **kwargs):  # each PNG's title as it is saved
+    def kept(figure, path, *args, **kwargs):  # each PNG's title as it is saved, and how far it runs past the figure
         titles[Path(path).name] = figure.get_suptitle()
+        figure.canvas.draw()
+        extent = figure._suptitle.get_window_extent()
+        overflow[Path(path).name] = max(0.0, figure.bbox.x0 - extent.x0, extent.x1 - figure.bbox.x1)
         return savefig(figure, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", kept)
@@ -383,6 +386,8 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     assert {name: title.rsplit("\n", 1)[-1] for name, title in titles.items()} == {
         name: f"checkpoint: {checkpoint}" for name in ("routing_stats.png", "attention.png", "routing.png")
     }
+    # the path in full on each: routing.png of one MoE layer is ~3.5 inches wide, and cut a 12-point path at both sides
+    assert overflow == {"routing_stats.png": 0.0, "attention.png": 0.0, "routing.png": 0.0}
     assert {"attention.png", "routing.png", "explain.html", "routing_stats.png", "routing_stats.json"} <= {
         path.name for path in out.iterdir()
     }
