@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from seekstack.checkpoint import read_config
-from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.config import ConversationConfig, require_conversation_fields, require_task
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
@@ -81,6 +79,8 @@ class DistillConfig(ConversationConfig):
         try:
             require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
             require(Path(config.teacher).is_dir(), "teacher", f"an existing checkpoint folder, not {config.teacher!r}")
+            from seekstack.checkpoint import CheckpointError, read_config  # torch's import: not at the CLI's start
+
             try:  # a folder that is no checkpoint is refused here, naming the field, not when the teacher loads
                 read_config(config.teacher)
             except CheckpointError as error:
