@@ -317,10 +317,8 @@ class Server:
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
-            except ValueError as error:
-                if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
-                    raise self.unknown_model(model, bill.key) from None
-                raise APIError(400, str(error), code="invalid_value") from None
+            except UnknownAdapter:  # unloaded since adapter_for found it
+                raise self.unknown_model(model, bill.key) from None
             self.metrics.request_params_n.observe(body.n)
             self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))
         except ClientDisconnect:  # gone before its body arrived
