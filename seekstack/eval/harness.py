@@ -364,10 +364,10 @@ class SeekstackLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Continue each context on the engine, all requests in one batch, until a stop string, EOS or
         max_gen_toks. Generation kwargs as lm_eval normalizes them: greedy unless `do_sample` (or a temperature
-        above 0; `do_sample` at temperature 0 is refused, as transformers' generate refuses it); the engine's
-        sampling settings apply (temperature, top_p, top_k, min_p, repetition_penalty, ...; skip_special_tokens by
-        default, as the HF backend decodes); any other kwarg is refused. Sampled requests are seeded by
-        `request_seeds`."""
+        above 0; `do_sample` at temperature 0, or with none given, is refused, as transformers' generate refuses it);
+        the engine's sampling settings apply (temperature, top_p, top_k, min_p, repetition_penalty, ...;
+        skip_special_tokens by default, as the HF backend decodes); any other kwarg is refused. Sampled requests are
+        seeded by `request_seeds`."""
         params = [
             self._sampling_params(request.args[1], seed, index)
             for index, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True))
@@ -413,15 +413,15 @@ class SeekstackLM(TemplateLM):
             )
         if not kwargs.pop("do_sample"):
             kwargs["temperature"] = 0.0
-        elif kwargs.get("temperature") == 0:  # sampling at temperature 0, which transformers' generate refuses
+        elif kwargs.get("temperature", 0) == 0:  # the HF backend gives generate 0 where none is given; it refuses it
+            given = "temperature=0" if "temperature" in kwargs else "no temperature (lm_eval's default: 0)"
             raise ValueError(
-                f"generate_until request {index}: do_sample=True with temperature=0: sampling needs a temperature "
-                "above 0 (the HF backend's generate refuses it too); give temperature > 0, or do_sample=False for "
-                "greedy decoding"
+                f"generate_until request {index}: do_sample=True with {given}: sampling needs a temperature above 0 "
+                "(the HF backend's generate refuses it too); give temperature > 0, or do_sample=False for greedy "
+                "decoding"
             )
-        else:  # as the HF backend samples: transformers' defaults, then generation_config.json's but its temperature
-            shipped = {name: value for name, value in self.generation_defaults.items() if name != "temperature"}
-            kwargs = {**TRANSFORMERS_SAMPLING_DEFAULTS, **shipped, **kwargs}
+        else:  # as the HF backend samples: transformers' defaults, then generation_config.json's, then the request's
+            kwargs = {**TRANSFORMERS_SAMPLING_DEFAULTS, **self.generation_defaults, **kwargs}
         stop = tuple(text for text in until if text)
         kwargs = {"skip_special_tokens": True, **kwargs, "max_new_tokens": max_new_tokens, "stop": stop, "seed": seed}
         try:

@@ -294,10 +294,16 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
     unknown = "request 1: generation kwargs 'bogus_key', 'no_repeat_ngram_size' not supported"
     for bad, message in (
         ({"no_repeat_ngram_size": 2, "bogus_key": 3}, unknown),
-        ({"do_sample": True, "top_p": 2.0}, "request 1: generation kwarg 'top_p' has value 2.0"),
+        ({"do_sample": True, "temperature": 1.0, "top_p": 2.0}, "request 1: generation kwarg 'top_p' has value 2.0"),
         # the HF backend's generate refuses it ("`temperature` (=0.0) has to be a strictly positive float"); ours
         # decoded greedily, unasked
         ({"do_sample": True, "temperature": 0.0}, "request 1: do_sample=True with temperature=0: sampling needs"),
+        # the HF backend gives generate temperature 0 where the request names none, and generate refuses it; ours
+        # sampled at temperature 1, unasked
+        (
+            {"do_sample": True},
+            r"request 1: do_sample=True with no temperature \(lm_eval's default: 0\): sampling needs",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
@@ -313,12 +319,13 @@ def test_sampled_requests_draw_as_transformers_samples_its_defaults_then_generat
         lm = SeekstackLM(pretrained=folder, max_gen_toks=8)
         lm.engine.generate = lambda prompts, params: taken.extend(params) or [None] * len(prompts)
         lm._reply_text = lambda completion, sampling: ""
-        arguments = [("x = ", {"do_sample": True}), ("x = ", {"do_sample": True, "temperature": 0.9, "top_k": 5}),
+        arguments = [("x = ", {"do_sample": True, "temperature": 1.0}),
+                     ("x = ", {"do_sample": True, "temperature": 0.9, "top_k": 5}),
                      ("x = ", {"do_sample": False})]  # fmt: skip
         lm.generate_until(requests("generate_until", arguments))
     drawn = [(p.temperature, p.top_k, p.top_p) for p in taken]
     # no generation_config.json: transformers' top_k; then its top_p where the request leaves it (the HF backend
-    # passes the request's temperature, 0 or lm_eval's, to generate); greedy stays greedy
+    # passes the request's temperature to generate, never the file's); greedy stays greedy
     assert drawn == [(1.0, 50, 1.0), (0.9, 5, 1.0), (0.0, 0, 1.0), (1.0, 50, 0.95), (0.9, 5, 0.95), (0.0, 0, 1.0)]
 
 
