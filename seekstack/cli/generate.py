@@ -520,6 +520,7 @@ def load_engine(
 
     from seekstack.checkpoint import CONFIG_FILE
     from seekstack.infer.engine import Engine
+    from seekstack.infer.placement import disk_parts_note
     from seekstack.tokenizer import TOKENIZER_FILE
 
     if threads is not None:  # from 1 to the CPUs (`thread_count`)
@@ -529,25 +530,10 @@ def load_engine(
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)
     engine = Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs(model))
-    tell_disk_parts(options, engine)
+    note = disk_parts_note(options.device_map, engine.model)
+    if note is not None:
+        typer.echo(note, err=True)
     return engine
-
-
-def tell_disk_parts(options: EngineOptions, engine: Engine) -> None:
-    """Say on stderr which parts an `auto:` plan put on disk, those its budgets hold nowhere: they run from there,
-    read in as each step needs them (accelerate's plan would ask for an offload folder)."""
-    from seekstack.infer.placement import DISK, format_device_map
-
-    if options.device_map is None or not options.device_map.startswith("auto:"):
-        return
-    on_disk = {part: device for part, device in engine.model.placement.items() if device == DISK}
-    if on_disk:
-        typer.echo(
-            f"note: --device-map {options.device_map} puts {len(on_disk)} part(s) on disk, which fit in none of its "
-            f"budgets: {format_device_map(on_disk)}; they are read from disk as each step runs them (raise a budget "
-            "to hold them in memory)",
-            err=True,
-        )
 
 
 def tell_dtype(options: EngineOptions, model: Path) -> None:

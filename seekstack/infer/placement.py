@@ -197,6 +197,21 @@ def format_device_map(placement: dict[str, str]) -> str:
     return ",".join(f"{pattern}={device}" for pattern, device in _ranged(placement))
 
 
+def disk_parts_note(device_map: str | None, model: nn.Module) -> str | None:
+    """The note a command prints on stderr where `--device-map auto:...` put parts of `model` (placed by `place`) on
+    disk, those its budgets hold nowhere: they run from there, read in as each step needs them, where accelerate's
+    plan would stop to ask for an offload folder. None for another map, or one that put nothing on disk."""
+    placement = getattr(model, "placement", None) or {}
+    on_disk = {part: device for part, device in placement.items() if device == DISK}
+    if device_map is None or not device_map.startswith("auto:") or not on_disk:
+        return None
+    return (
+        f"note: --device-map {device_map} puts {len(on_disk)} part(s) on disk, which fit in none of its budgets: "
+        f"{format_device_map(on_disk)}; they are read from disk as each step runs them (raise a budget to hold them "
+        "in memory)"
+    )
+
+
 def _ranged(placement: dict[str, str]) -> list[tuple[str, str]]:
     """`placement`'s parts as patterns with their devices, a part of consecutive layers on one device as one range."""
     entries, runs = [], {}  # runs: part -> [first layer, last layer, device] for each run

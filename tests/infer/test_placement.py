@@ -33,6 +33,7 @@ from seekstack.infer.placement import (
     _outputs_to,
     device_map_for,
     device_map_text,
+    disk_parts_note,
     format_device_map,
     layer_devices,
     mapped_file,
@@ -780,6 +781,24 @@ def test_accelerates_auto_with_max_memory_plans_within_those_budgets(tmp_path):
     assert tight.generate([[5, 6]], greedy)[0].token_ids == whole.generate([[5, 6]], greedy)[0].token_ids
     with pytest.raises(ValueError, match=r"^max_memory is given with device_map=None: it holds the budgets of"):
         Engine.from_pretrained(tmp_path, max_memory={"cpu": "1GiB"})
+
+
+def test_the_note_of_an_auto_plan_names_the_parts_it_put_on_disk_for_any_caller_of_the_engine(tmp_path):
+    """Only `seekstack generate` and chat said which parts an `auto:` plan put on disk (a private function of
+    cli/generate.py): disk_parts_note says it for any command holding an engine (serve too), of its placed model."""
+    model_dir(tmp_path)
+    options = EngineOptions(device_map="auto:cpu=100000", kv_cache_memory="1MiB", offload_dir=str(tmp_path / "copies"))
+    tight = Engine.from_pretrained(tmp_path, **options.engine_kwargs())
+    on_disk = {part: device for part, device in tight.model.placement.items() if device == "disk"}
+    assert disk_parts_note(options.device_map, tight.model) == (
+        f"note: --device-map auto:cpu=100000 puts {len(on_disk)} part(s) on disk, which fit in none of its budgets: "
+        f"{format_device_map(on_disk)}; they are read from disk as each step runs them (raise a budget to hold them "
+        "in memory)"
+    )
+    assert disk_parts_note("*=cpu,layers.*.mlp.experts=disk", tight.model) is None  # disk as the map itself asks
+    whole = Engine.from_pretrained(tmp_path, device_map="auto:cpu=1GiB", kv_cache_memory=1 << 20)
+    assert disk_parts_note("auto:cpu=1GiB", whole.model) is None
+    assert disk_parts_note(None, Engine.from_pretrained(tmp_path, kv_cache_memory=1 << 20).model) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
