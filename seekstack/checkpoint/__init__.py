@@ -1,56 +1,39 @@
-"""Hugging Face DeepSeek-V2/V3 checkpoints in and out: the one place that owns the key mapping."""
+"""Hugging Face DeepSeek-V2/V3 checkpoints in and out: the one place that owns the key mapping.
 
-from seekstack.checkpoint.fp8 import dequantize_fp8, quantize_fp8
-from seekstack.checkpoint.keys import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_key, layer_key
-from seekstack.checkpoint.load import load_pretrained
-from seekstack.checkpoint.quantized import MappedCopy, stored_tensor_bytes
-from seekstack.checkpoint.reader import (
-    CheckpointReader,
-    check_safetensors,
-    read_config,
-    read_json_object,
-    read_safetensors,
-    stored_float_dtype,
-    stores_quantized_weights,
-)
-from seekstack.checkpoint.save import (
-    MODEL_FOLDER_FILES,
-    checkpoint_tensors,
-    refuse_hf_export,
-    save_aligned,
-    save_pretrained,
-    write_config,
-    write_generation_config,
-    write_pretrained_files,
-    write_shards,
-)
+Names load on first use, so `from seekstack.checkpoint.folder import CheckpointError` costs no torch import."""
 
-__all__ = [
-    "CONFIG_FILE",
-    "INDEX_FILE",
-    "MODEL_FOLDER_FILES",
-    "SINGLE_FILE",
-    "CheckpointError",
-    "CheckpointReader",
-    "MappedCopy",
-    "check_safetensors",
-    "checkpoint_key",
-    "checkpoint_tensors",
-    "dequantize_fp8",
-    "layer_key",
-    "load_pretrained",
-    "quantize_fp8",
-    "read_config",
-    "read_json_object",
-    "read_safetensors",
-    "refuse_hf_export",
-    "save_aligned",
-    "save_pretrained",
-    "stored_float_dtype",
-    "stored_tensor_bytes",
-    "stores_quantized_weights",
-    "write_config",
-    "write_generation_config",
-    "write_pretrained_files",
-    "write_shards",
-]
+from __future__ import annotations
+
+from seekstack.lazy import lazy_attributes
+
+_EXPORTS = {
+    "dequantize_fp8": "seekstack.checkpoint.fp8",
+    "quantize_fp8": "seekstack.checkpoint.fp8",
+    "CONFIG_FILE": "seekstack.checkpoint.folder",
+    "INDEX_FILE": "seekstack.checkpoint.folder",
+    "SINGLE_FILE": "seekstack.checkpoint.folder",
+    "CheckpointError": "seekstack.checkpoint.folder",
+    "read_json_object": "seekstack.checkpoint.folder",
+    "checkpoint_key": "seekstack.checkpoint.keys",
+    "layer_key": "seekstack.checkpoint.keys",
+    "load_pretrained": "seekstack.checkpoint.load",
+    "MappedCopy": "seekstack.checkpoint.quantized",
+    "stored_tensor_bytes": "seekstack.checkpoint.quantized",
+    "CheckpointReader": "seekstack.checkpoint.reader",
+    "check_safetensors": "seekstack.checkpoint.reader",
+    "read_config": "seekstack.checkpoint.reader",
+    "read_safetensors": "seekstack.checkpoint.reader",
+    "stored_float_dtype": "seekstack.checkpoint.reader",
+    "stores_quantized_weights": "seekstack.checkpoint.reader",
+    "MODEL_FOLDER_FILES": "seekstack.checkpoint.save",
+    "checkpoint_tensors": "seekstack.checkpoint.save",
+    "refuse_hf_export": "seekstack.checkpoint.save",
+    "save_aligned": "seekstack.checkpoint.save",
+    "save_pretrained": "seekstack.checkpoint.save",
+    "write_config": "seekstack.checkpoint.save",
+    "write_generation_config": "seekstack.checkpoint.save",
+    "write_pretrained_files": "seekstack.checkpoint.save",
+    "write_shards": "seekstack.checkpoint.save",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -26,10 +26,13 @@ import re
 
 import torch
 
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-DAMAGED = "re-save or re-download the checkpoint"  # what to do about a file that is truncated, damaged or missing
+# the folder's files and the error, named where they are read without torch
+from seekstack.checkpoint.folder import CONFIG_FILE as CONFIG_FILE
+from seekstack.checkpoint.folder import DAMAGED as DAMAGED
+from seekstack.checkpoint.folder import INDEX_FILE as INDEX_FILE
+from seekstack.checkpoint.folder import SINGLE_FILE as SINGLE_FILE
+from seekstack.checkpoint.folder import CheckpointError as CheckpointError
+
 # The int8 kernel reads weights with aligned vector loads: a weight at an address that is not a multiple of 64 crashes
 # it for more than a few rows of input. Memory-mapped tensors are as aligned as their offsets in the file.
 ALIGNMENT = 64
@@ -47,10 +50,6 @@ KEPT_FLOAT = "kv_b_proj"
 # The projections of an expert each stacked expert weight holds, stacked by rows.
 PER_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 STACKED_EXPERT_PARTS = {stack: len(projections) for stack, projections in PER_EXPERT_PROJECTIONS.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file (and the key) and says what to do."""
 
 
 def refused_global(error: BaseException) -> str | None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import warnings
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from seekstack.checkpoint.folder import read_json_object, read_weight_map
 from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, dequantize_fp8, fp8_scale_shape
 from seekstack.checkpoint.keys import (
     ALIGNMENT,
@@ -111,19 +111,6 @@ def stores_quantized_weights(quantization: Any) -> bool:
     return True
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; CheckpointError naming the file when it is not valid JSON or not an object."""
-    try:
-        raw = json.loads(path.read_bytes())
-    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
-        raise CheckpointError(
-            f"{path}: not valid JSON ({error}); the file is truncated or damaged: {DAMAGED}"
-        ) from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object; {DAMAGED}")
-    return raw
-
-
 def _open_safetensors(path: Path) -> Any:
     """`safe_open(path)`, with a damaged file (empty, truncated, not safetensors at all) named as such, and a Git LFS
     pointer (a hub repository cloned without Git LFS) as what it is."""
@@ -205,19 +192,7 @@ class CheckpointReader:
     def _index(self) -> dict[str, str]:
         index_path, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
         if index_path.exists():
-            weight_map = read_json_object(index_path).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
-            for key, file in weight_map.items():
-                if not isinstance(file, str):
-                    raise CheckpointError(
-                        f"{index_path}: weight_map gives key {key!r} the file {file!r}, not a file name; {DAMAGED}"
-                    )
-                if Path(file).is_absolute() or ".." in Path(file).parts:  # transformers would read it, wherever it is
-                    raise CheckpointError(
-                        f"{index_path}: weight_map gives key {key!r} the file {file!r}, outside {self.directory}; "
-                        f"an index names the shards of its own folder: copy that shard into it, or {DAMAGED}"
-                    )
+            weight_map = read_weight_map(index_path)
             missing = [file for file in sorted(set(weight_map.values())) if not (self.directory / file).is_file()]
             if not missing:
                 return weight_map

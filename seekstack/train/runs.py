@@ -12,21 +12,20 @@ meanwhile.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from seekstack.checkpoint.folder import CONFIG_FILE as MODEL_CONFIG_FILE
+from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, read_weight_map
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE
 
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"step_(\d+)")
-# A checkpoint's model (checkpoint/keys.py, adapters/files.py; named here without importing torch): config.json and
-# the weights, one file or an index naming its shards; a LoRA run's, its adapter's config and weights.
-MODEL_CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+# A LoRA run's checkpoint holds its adapter's config and weights (adapters/files.py, named here without torch).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -61,27 +60,21 @@ def missing_files(folder: Path) -> list[str]:
     """The files step folder `folder` lacks to be a checkpoint: train_state.pt (a save cut short), its model's
     config.json and weights (a LoRA run's: its adapter's), or, with no model.safetensors, a shard its index names
     (deleted, or a copy cut short). A model.safetensors beside an index whose shards are gone is read past it, as
-    the reader (and transformers) read it, so its shards are not asked for."""
+    the reader (and transformers) read it, so its shards are not asked for. An index that is no index (not JSON, no
+    weight_map, a file name that is none) is refused as the reader refuses it (CheckpointError)."""
     missing = [] if (folder / TRAIN_STATE_FILE).is_file() else [TRAIN_STATE_FILE]
     if any((folder / name).is_file() for name in ADAPTER_FILES):
         return missing + [name for name in ADAPTER_FILES if not (folder / name).is_file()]
     if not (folder / MODEL_CONFIG_FILE).is_file():
         missing.append(MODEL_CONFIG_FILE)
-    if (folder / WEIGHTS_FILE).is_file():
+    if (folder / SINGLE_FILE).is_file():
         return missing
-    if (folder / WEIGHTS_INDEX_FILE).is_file():
-        missing += [shard for shard in _indexed_shards(folder / WEIGHTS_INDEX_FILE) if not (folder / shard).is_file()]
+    if (folder / INDEX_FILE).is_file():
+        shards = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
+        missing += [shard for shard in shards if not (folder / shard).is_file()]
     else:
-        missing.append(WEIGHTS_FILE)
+        missing.append(SINGLE_FILE)
     return missing
-
-
-def _indexed_shards(index: Path) -> list[str]:
-    """The shard files a safetensors index names (none where it is no index: the loader names what is wrong)."""
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
 
 
 def passed_over(checkpoint: Path) -> str:

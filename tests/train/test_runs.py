@@ -1,0 +1,39 @@
+"""A run's checkpoints as the command line finds them (seekstack.train.runs): a step folder's files are read as the
+checkpoint reader reads them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.checkpoint import CheckpointError, CheckpointReader
+from seekstack.cli import app
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "refusal"),
+    [
+        ({"model.embed_tokens.weight": 5}, "weight_map gives key 'model.embed_tokens.weight' the file 5, not a file"),
+        (["model-00001-of-00002.safetensors"], "not a safetensors index (no 'weight_map' object)"),
+    ],
+)
+def test_a_run_whose_step_folder_holds_no_valid_index_is_refused_as_the_reader_refuses_it(
+    tmp_path, weight_map, refusal
+):
+    """runs.py read a step folder's index with its own json code: a weight_map giving a key a number ended
+    `seekstack generate RUN` in a TypeError traceback, and one that is no object passed the folder as complete."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_3"
+    checkpoint.mkdir(parents=True)
+    for name in ("train_state.pt", "config.json"):
+        (checkpoint / name).write_bytes(b"")
+    index = checkpoint / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError) as loading:
+        CheckpointReader(checkpoint, None)
+    message = str(loading.value)
+    assert message.startswith(f"{index}: {refusal}") and message.endswith("re-save or re-download the checkpoint")
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "run"), "hi"], terminal_width=10_000)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
