@@ -357,17 +357,20 @@ def sampling_params(
     `unasked_limit` tokens when those are given (what its key's tokens per minute leave it). Sampling fields the
     request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults. A prompt that
     fits max_model_len but not `context_len` (`Engine.context_len`: what its cache holds of one request) is refused
-    alike, code context_length_exceeded; a length past that room is capped by the engine, as before."""
+    alike, code context_length_exceeded, and so is a length past the room that cache leaves it."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
-    if room >= 1 and context_len is not None and prompt_tokens >= context_len:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens, of which the server's cache holds "
-            f"{context_len} for one request; the request needs {prompt_tokens} in the prompt. Shorten the prompt.",
-            param="messages" if is_chat else "prompt",
-            code="context_length_exceeded",
-        )
+    context = f"this model's maximum context length is {max_model_len} tokens"
+    if room >= 1 and context_len is not None and context_len < max_model_len:  # the room is what the cache leaves
+        context += f", of which the server's cache holds {context_len} for one request"
+        room = context_len - prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"{context}; the request needs {prompt_tokens} in the prompt. Shorten the prompt.",
+                param="messages" if is_chat else "prompt",
+                code="context_length_exceeded",
+            )
     requested = requested_max_tokens(request)
     # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
     # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
@@ -376,11 +379,11 @@ def sampling_params(
         asked = f"{prompt_tokens} in the prompt" + (f" + {requested} for the completion" if requested else "")
         fix, param = "Shorten the prompt.", "messages" if is_chat else "prompt"
         if room >= 1:  # the prompt fits: the length asked is at fault (alone, where it is over the context)
-            shorter = "" if requested >= max_model_len else " or shorten the prompt"
+            shorter = "" if requested >= prompt_tokens + room else " or shorten the prompt"
             fix, param = f"Lower {length_name} to at most {room}{shorter}.", length_name
         raise APIError(
             400,
-            f"this model's maximum context length is {max_model_len} tokens; the request needs {asked}. {fix}",
+            f"{context}; the request needs {asked}. {fix}",
             param=param,
             code="context_length_exceeded",
         )

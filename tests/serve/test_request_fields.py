@@ -909,6 +909,34 @@ def test_a_prompt_past_the_engines_cache_is_refused_as_a_prompt_past_the_context
     )
 
 
+def test_a_max_tokens_past_the_room_the_engines_cache_leaves_is_refused_as_past_the_context(tmp_path):
+    """A max_tokens that fits max_model_len but not the room an engine of a smaller cache leaves the prompt was capped
+    to that room without a word, where one past max_model_len is refused (vLLM's 400: its cache always holds
+    max_model_len). It is now refused alike, naming the cache, code context_length_exceeded and param the length as
+    the request gave it; the room itself is granted in full, and a chat without a length fills it."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path / "model"), num_blocks=3)  # 2 usable blocks of 16
+    assert engine.context_len == 32 < engine.max_model_len
+    chat = {**CHAT, "messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 40}
+    over, over_chat, room, unasked = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**GREEDY, "prompt": [5] * 20, "max_tokens": 13}),
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {**GREEDY, "prompt": [5] * 20, "max_tokens": 12}),
+        ("/v1/chat/completions", {key: value for key, value in chat.items() if not key.startswith("max_")}),
+    ])  # fmt: skip
+    error = error_of(over, 400)
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    assert error["message"] == (
+        f"this model's maximum context length is {engine.max_model_len} tokens, of which the server's cache holds 32 "
+        "for one request; the request needs 20 in the prompt + 13 for the completion. Lower max_tokens to at most 12 "
+        "or shorten the prompt."
+    )
+    chat_error = error_of(over_chat, 400)
+    assert (chat_error["code"], chat_error["param"]) == ("context_length_exceeded", "max_completion_tokens")
+    assert room.json()["usage"]["completion_tokens"] == 12
+    usage = unasked.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 32
+
+
 def test_the_lowest_seed_written_as_a_float_is_the_integer_and_the_highest_bound_still_refused(engine, tmp_path):
     """A seed of -9.223372036854776e18 (-2**63 as a float, what json.dumps writes for float(-2**63)) was refused as no
     valid integer, though -2**63 as an integer is taken: whole_numbers read a float as its integer only below 2**63
