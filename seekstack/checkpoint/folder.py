@@ -32,13 +32,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_weight_map(index_path: Path) -> dict[str, str]:
     """The weight_map of safetensors index `index_path`: each key -> the file of the index's folder holding it.
-    CheckpointError naming the index (and the key) when it is not JSON, has no weight_map object, or gives a key a
-    file outside its folder (absolute, or through '..'), which transformers would read wherever it is."""
+    CheckpointError naming the index (and the key) when it is not JSON, has no weight_map object, gives a key no file
+    name (not a string; "" or ".", the folder itself), or a file outside its folder (absolute, or through '..'),
+    which transformers would read wherever it is."""
     weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
     for key, file in weight_map.items():
-        if not isinstance(file, str):
+        if not isinstance(file, str) or not Path(file).parts:
             raise CheckpointError(
                 f"{index_path}: weight_map gives key {key!r} the file {file!r}, not a file name; {DAMAGED}"
             )
