@@ -61,6 +61,7 @@ from seekstack.infer.sampling import (
     SeededUniforms,
     TokenConstraint,
     has_distribution,
+    outside_vocabulary,
     token_logprobs,
     without_padded_ids,
 )
@@ -471,15 +472,21 @@ class Engine:
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.config.vocab_size
+        token_count = self._token_count or vocab  # a padded vocabulary's rows past the tokenizer's ids are no token
         for name, ids in (
             ("prompt", prompt_ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
             ("allowed_token_ids", params.allowed_token_ids or ()),
         ):
-            bad = [token for token in ids if not 0 <= token < vocab]
-            if bad:
-                raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+            if (outside := outside_vocabulary(ids, token_count)) is not None:
+                place, token = outside
+                at = "" if isinstance(ids, Mapping) else f" at position {place}"
+                padded = (f": the tokenizer's ids; the model's rows {token_count} to {vocab - 1} pad its vocabulary "
+                          "and decode to no token") if token_count < vocab else ""  # fmt: skip
+                raise ValueError(
+                    f"{name} holds token id {token}, outside the vocabulary [0, {token_count}){at}{padded}"
+                )
         if len(prompt_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_model_len={self.max_model_len}")
         # vLLM's: the reply ends with the context (max_tokens=None: up to it), here or where the cache can hold no more

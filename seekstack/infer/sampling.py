@@ -9,8 +9,9 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -372,6 +373,17 @@ def without_padded_ids(logits: torch.Tensor, token_count: int | None) -> torch.T
         return logits
     padded = torch.arange(token_count, logits.shape[-1], device=logits.device)
     return logits.index_fill(-1, padded, float("-inf"))
+
+
+def outside_vocabulary(token_ids: Iterable[int] | Mapping[int, Any], token_count: int) -> tuple[int, int] | None:
+    """The first of `token_ids` (a list, or a mapping keyed by them: logit_bias) outside [0, `token_count`), the
+    tokenizer's ids (a model's padded rows decode to no token: `without_padded_ids`), as (its position in the list,
+    or the id itself for a mapping; the id); None where every id is in it. Engine.add_request refuses by it, the
+    bound the server's refuse_outside_vocabulary holds too (the tokenizer's vocab_size)."""
+    for position, token in enumerate(token_ids):
+        if not 0 <= token < token_count:
+            return (token if isinstance(token_ids, Mapping) else position), token
+    return None
 
 
 def token_logprobs(

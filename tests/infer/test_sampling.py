@@ -540,3 +540,39 @@ def test_special_tokens_are_left_out_of_the_text_only_when_asked(tokenizer):
     kept, skipped = TextStream(tokenizer), TextStream(tokenizer, skip_special_tokens=True)
     assert "".join(kept.push(token)[0] for token in ids) + kept.flush() == "ab<｜User｜>cd<｜Assistant｜>e"
     assert "".join(skipped.push(token)[0] for token in ids) + skipped.flush() == "abcde"
+
+
+def test_ids_past_the_tokenizers_in_a_padded_vocabulary_are_refused_naming_the_id_its_position_and_the_tokenizer(
+    tokenizer,
+):
+    """A model's vocabulary padded past the tokenizer's ids (released checkpoints round vocab_size up) took prompt ids
+    512..575 of a 512-id tokenizer, which decode to no token (their prompt logprob -inf), where the server refuses
+    them: the engine now refuses them by the tokenizer's ids, as the server does (`outside_vocabulary`)."""
+    from seekstack import Transformer
+    from seekstack.infer import Engine
+    from seekstack.infer.sampling import outside_vocabulary
+    from tests.conftest import micro_config
+    from tests.infer.support import VOCAB
+
+    assert outside_vocabulary([1, 2, 9, 7], 5) == (2, 9) and outside_vocabulary([4, -1], 5) == (1, -1)
+    assert outside_vocabulary({9: 1.0}, 5) == (9, 9) and outside_vocabulary([0, 4], 5) is None
+    torch.manual_seed(0)
+    padded = Engine(Transformer(micro_config(vocab_size=VOCAB + 64)).eval(), tokenizer)
+    rows = ": the tokenizer's ids; the model's rows 512 to 575 pad its vocabulary and decode to no token"
+    for fields, prompt, message in (
+        ({}, [5, 9, VOCAB + 3], f"prompt holds token id 515, outside the vocabulary [0, 512) at position 2{rows}"),
+        (dict(stop_token_ids=[VOCAB]), [5], f"stop_token_ids holds token id 512, outside the vocabulary [0, 512) at "
+         f"position 0{rows}"),
+        (dict(allowed_token_ids=(5, VOCAB + 1)), [5], f"allowed_token_ids holds token id 513, outside the vocabulary "
+         f"[0, 512) at position 1{rows}"),
+        (dict(logit_bias={VOCAB + 63: 1.0}), [5], f"logit_bias holds token id 575, outside the vocabulary [0, 512)"
+         f"{rows}"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as refused:
+            padded.generate([prompt], SamplingParams(max_new_tokens=2, **fields))
+        assert str(refused.value).endswith(message), str(refused.value)
+    assert padded.generate([[5, VOCAB - 1]], SamplingParams(max_new_tokens=2))[0].token_ids  # the tokenizer's last id
+    unpadded = Engine(Transformer(micro_config(vocab_size=VOCAB)).eval(), tokenizer)
+    with pytest.raises(ValueError) as refused:
+        unpadded.generate([[5, VOCAB]], SamplingParams(max_new_tokens=2))
+    assert str(refused.value).endswith("prompt holds token id 512, outside the vocabulary [0, 512) at position 1")
