@@ -21,6 +21,7 @@ from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
+from seekstack.infer.placement import disk_parts_note
 from seekstack.schema import ConfigError
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import CUT_OFF, create_app
@@ -75,6 +76,9 @@ def build_server(
     engine = Engine.from_pretrained(
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
+    note = disk_parts_note(options.engine.device_map, engine.model)
+    if note is not None:  # as generate and chat say it
+        print(note, file=sys.stderr)
     check_cache_holds_context(engine, options.engine)
     grammar_tokenizer_of(engine.tokenizer)  # JSON mode's token trie, now rather than at the first JSON request
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins,

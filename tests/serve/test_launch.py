@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.params import EngineOptions
+from seekstack.infer.placement import disk_parts_note
 from seekstack.serve.launch import ServeOptions, build_server
 from tests.serve.server import free_port, make_model_dir, run
 
@@ -162,3 +163,18 @@ def test_serve_refuses_vllms_options_it_does_otherwise_saying_what_to_do_instead
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), option, "x"])
     assert result.exit_code == 2
     assert f"No such option: {option} (vLLM's); " in result.output and instead in result.output
+
+
+def test_serve_says_which_parts_an_auto_device_map_put_on_disk_as_generate_says_it(tmp_path, monkeypatch):
+    """`seekstack generate` and chat print a note naming the parts an `auto:` device map's budgets hold nowhere (they
+    run from disk, slowly); `seekstack serve` with the same placement said nothing. It now prints the same note."""
+    model_dir = make_model_dir(tmp_path / "model")
+    built = []
+    monkeypatch.setattr("seekstack.serve.launch.run_server", lambda app, *args: built.append(app))
+    options = ["--device-map", "auto:cpu=100000", "--kv-cache-memory", "1MiB", "--offload-dir", str(tmp_path / "off")]
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), *options])
+    assert result.exit_code == 0, result.output
+    [served] = built
+    model = served.state.server.engine.model
+    on_disk = {part: device for part, device in model.placement.items() if device == "disk"}
+    assert on_disk and disk_parts_note("auto:cpu=100000", model) in result.stderr.splitlines()
