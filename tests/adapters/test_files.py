@@ -520,8 +520,8 @@ def test_an_adapter_on_a_quantized_base_is_refused_naming_the_scheme(base, adapt
 
 
 def write_peft_adapter(base, folder, **lora_fields):
-    """An adapter made by peft itself on transformers' model of `base`, its lora_B factors random (a fresh one's are
-    zero), saved as peft saves it by default."""
+    """An adapter made by peft itself on transformers' model of `base`, its lora_B factors and token rows random (a
+    fresh one's are zero), saved as peft saves it by default."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -529,7 +529,7 @@ def write_peft_adapter(base, folder, **lora_fields):
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name or "trainable_tokens_delta" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     model.save_pretrained(folder)
     return folder
@@ -566,6 +566,13 @@ PEFT_CONFIGS = {  # LoraConfig fields of adapters users make with peft on transf
     "layers_to_transform without layers_pattern": dict(target_modules=["o_proj"], layers_to_transform=[1]),
     "exclude_modules by transformers' name": dict(
         target_modules=["kv_b_proj"], exclude_modules=["model.layers.0.self_attn.kv_b_proj"]
+    ),
+    "exclude_modules as a regex": dict(target_modules=["o_proj", "kv_b_proj"], exclude_modules=r".*layers\.0\..*"),
+    "layers_to_transform with layers_pattern": dict(
+        target_modules=["o_proj", "q_a_proj"], layers_to_transform=[1], layers_pattern="layers"
+    ),
+    "token rows of the embedding and the head": dict(
+        target_modules=["o_proj"], trainable_token_indices={"embed_tokens": [3, 5, 7], "lm_head": [4, 9]}
     ),
     "head and embedding with their base weights saved": dict(target_modules=["lm_head", "embed_tokens"]),
     "task_type CAUSAL_LM, as peft's guides write it": dict(target_modules=["o_proj"], task_type="CAUSAL_LM"),
