@@ -122,10 +122,10 @@ def plan(
         budgets = parse_budgets(memory)
         result = plan_placement(config, budgets, sizes)
     typer.echo(f"{model}, {priced} (the latent cache comes on top: --kv-cache-memory)")
-    typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}{'read per token':<32}")
+    typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}read per token")  # the last column unpadded
     for device, resident in result.resident_bytes.items():
         parts = sum(1 for placed in result.placement.values() if placed == device)
-        typer.echo(f"{device:<10}{parts:>7}  {size(resident):<32}{size(result.active_bytes[device]):<32}")
+        typer.echo(f"{device:<10}{parts:>7}  {size(resident):<32}{size(result.active_bytes[device])}")
     typer.echo(f"--device-map {result.device_map()}")
     for device, over in result.overruns(budgets).items():
         typer.echo(

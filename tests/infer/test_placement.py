@@ -371,6 +371,10 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     with torch.device("meta"):
         names = list(units(seekstack.Transformer(config)))
     assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
+    header, *rows = result.output.splitlines()[1:-1]  # the table's rows ended in spaces padding the last column
+    assert header == "device      parts  resident                        read per token"
+    assert [row.split("  ")[0] for row in rows] == ["cpu", "disk"]
+    assert [row for row in [header, *rows] if row != row.rstrip()] == []
     bad = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=lots"])
     assert bad.exit_code == 1 and "size 'lots'" in bad.output
 
