@@ -309,7 +309,10 @@ def build_model(config: TrainConfig, tokenizer_info: dict[str, Any]) -> Transfor
     (`require_vocabulary`); a fresh one has that tokenizer's BOS and EOS ids (`special_token_ids`)."""
     vocab_needed = tokenizer_info["vocab_size"]
     if config.init_from:
-        model = load_pretrained(config.init_from, dequantize=True)
+        try:
+            model = load_pretrained(config.init_from, dequantize=True)
+        except CheckpointError as error:  # the setting that names the folder, beside the file at fault
+            raise CheckpointError(f"init_from={config.init_from}: {error}") from None
         set_balance_weight(model, config.aux_loss_alpha)
         model_config = model.config
     else:

@@ -10,6 +10,9 @@ from typer.testing import CliRunner
 
 from seekstack.checkpoint import CheckpointError, CheckpointReader
 from seekstack.cli import app
+from seekstack.schema import ConfigError
+from seekstack.train.config import resolve_train_config
+from tests.train.test_trainer import write_split
 
 
 @pytest.mark.parametrize(
@@ -37,3 +40,25 @@ def test_a_run_whose_step_folder_holds_no_valid_index_is_refused_as_the_reader_r
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "run"), "hi"], terminal_width=10_000)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_init_from_a_folder_that_is_no_checkpoint_is_refused_naming_the_setting_and_the_file(tmp_path):
+    """The refusal named the file the folder lacks (or the step folder's damaged index) but not init_from=, the
+    setting that gave the folder."""
+    write_split(tmp_path / "tokens", "train", 20_000, seed=1)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    settings = [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'run'}", "max_steps=1", "eval_every=0"]
+    result = CliRunner().invoke(app, ["train", f"init_from={folder}", *settings])
+    assert result.exit_code == 1
+    assert f"error: init_from={folder}: {folder}/config.json: no such file; a checkpoint keeps" in result.output
+    checkpoint = tmp_path / "started" / "checkpoints" / "step_3"  # a run's out_dir stands for its newest checkpoint
+    checkpoint.mkdir(parents=True)
+    for name in ("train_state.pt", "config.json"):
+        (checkpoint / name).write_bytes(b"")
+    (checkpoint / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ConfigError) as refused:
+        resolve_train_config(None, [f"init_from={tmp_path / 'started'}", *settings])
+    assert str(refused.value).startswith(
+        f"field 'init_from': {checkpoint / 'model.safetensors.index.json'}: not valid JSON (Expecting"
+    )
