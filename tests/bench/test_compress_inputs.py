@@ -3,49 +3,38 @@ tokenizer, is refused in one line naming the option, before any work (it was a C
 FileNotFoundError traceback); so is an --adaptive-bits below what the model's layer shapes allow (it was a ValueError
 traceback after measuring every layer)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import seekstack
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def run_bench(script: str, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BENCH / script), *options, "--reps", "1"], capture_output=True, text=True, timeout=120
-    )
+from tests.bench.support import run_refused
 
 
 @pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
-def test_a_model_that_is_no_checkpoint_is_refused_in_one_line_naming_the_option(script, tmp_path):
-    run = run_bench(script, "--model", str(tmp_path / "nope"), "--data", str(tmp_path))
-    assert run.returncode == 2, run.stderr[-500:]
-    assert "Traceback" not in run.stderr
-    assert run.stderr.splitlines()[-1] == (
+def test_a_model_that_is_no_checkpoint_is_refused_in_one_line_naming_the_option(script, tmp_path, monkeypatch, capsys):
+    options = ["--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--reps", "1"]
+    stderr = run_refused(script, *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
         f"{script}: error: --model {tmp_path / 'nope'}: {tmp_path / 'nope'}: no such folder; a checkpoint is a "
         "folder holding config.json and safetensors weights"
     )
 
 
 @pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
-def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(script, tmp_path):
+def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(script, tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny")), tmp_path / "model")
-    run = run_bench(script, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "tokens"))
-    assert run.returncode == 2, run.stderr[-500:]
-    assert "Traceback" not in run.stderr
-    assert run.stderr.splitlines()[-1] == (
+    options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "tokens"), "--reps", "1"]
+    stderr = run_refused(script, *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
         f"{script}: error: --data {tmp_path / 'tokens'}: no folder of token shards at {tmp_path / 'tokens'}: "
         "`seekstack data tokenize --out` writes one"
     )
 
 
-def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measuring(tmp_path):
+def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
     write_train_shard(tmp_path / "shards")
@@ -54,10 +43,9 @@ def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measu
     (shards / "val_index.json").write_text((shards / "train_index.json").read_text().replace("train", "val"))
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "model")
     options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "shards"), "--adaptive-bits", "4.2"]
-    run = run_bench("quantize.py", *options)
-    assert run.returncode == 2, run.stderr[-500:]
-    assert "Traceback" not in run.stderr
-    assert run.stderr.splitlines()[-1] == (
+    stderr = run_refused("quantize.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
         "quantize.py: error: --adaptive-bits 4.2: a budget of 4.2 bits per weight is below the smallest assignment "
         "(4.601 bits per weight: each layer at the smallest option its shapes allow)"
     )

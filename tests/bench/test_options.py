@@ -2,15 +2,11 @@
 work; it used to run the whole benchmark and fail on an empty median."""
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))  # the scripts import options.py as their sibling
-from bench.options import positive_int  # noqa: E402
+from bench.options import positive_int
+from tests.bench.support import run_refused
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
@@ -37,9 +33,6 @@ def test_positive_int_takes_a_whole_number_of_at_least_one():
         ("prune.py", "--calibration-batches"),
     ],
 )
-def test_a_count_of_zero_is_refused_naming_the_option(script, option):
-    run = subprocess.run(
-        [sys.executable, str(BENCH / script), option, "0"], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 2, run.stderr[-500:]
-    assert f"argument {option}: 0: at least 1" in run.stderr
+def test_a_count_of_zero_is_refused_naming_the_option(script, option, monkeypatch, capsys):
+    stderr = run_refused(script, option, "0", monkeypatch=monkeypatch, capsys=capsys)
+    assert f"argument {option}: 0: at least 1" in stderr
