@@ -65,6 +65,10 @@ UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what 
     "modules_to_save": "whole modules trained in full beside the LoRA factors",
     "alora_invocation_tokens": "activated LoRA: the update applies only from an invocation sequence of tokens on",
     "layer_replication": "a deeper model made of repeated layers of the base",
+    "kasa_config": "KaSA: the base weight's smallest singular directions cut off, a trained diagonal between A and B",
+    "velora_config": "VeLoRA: grouped projections of the input activations saved beside the factors",
+    "monteclora_config": "MonteCLoRA: learned Monte Carlo perturbations of the factors",
+    "arrow_config": "Arrow: a per-token routing among several task adapters",
 }
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 

@@ -633,13 +633,21 @@ UNSUPPORTED_PEFT_OPTIONS = {
     "modules_to_save": dict(target_modules=["o_proj"], modules_to_save=["lm_head"]),
     "alora_invocation_tokens": dict(target_modules=["o_proj"], alora_invocation_tokens=[5, 17]),
     "layer_replication": dict(target_modules=["o_proj"], layer_replication=[[0, 2], [1, 2]]),
+    # LoRA variants whose extra weights (lora_diag, lora_velora_embed, lora_monteclora_sampler...) were refused as
+    # "not an adapter weight key", naming neither the field nor the variant
+    "kasa_config": dict(target_modules=["o_proj"], kasa_config={}),
+    "velora_config": dict(target_modules=["o_proj"], velora_config={}),
+    "monteclora_config": dict(target_modules=["o_proj"], monteclora_config={}),
 }
 
 
-@pytest.mark.parametrize("option", UNSUPPORTED_PEFT_OPTIONS)
+@pytest.mark.parametrize("option", [*UNSUPPORTED_PEFT_OPTIONS, "arrow_config"])
 def test_a_peft_option_seekstack_does_not_apply_is_refused_naming_it(base, tmp_path, option):
-    fields = UNSUPPORTED_PEFT_OPTIONS[option]
+    fields = UNSUPPORTED_PEFT_OPTIONS.get(option, dict(target_modules=["o_proj"]))
     adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
+    if option == "arrow_config":  # peft makes an Arrow adapter from several task adapters, not one: its config, edited
+        config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
+        (adapter / ADAPTER_CONFIG_FILE).write_text(json.dumps({**config, "arrow_config": {"top_k": 1}}))
     model = seekstack.load_pretrained(base)
     for load in (lambda: load_adapter(model, adapter), lambda: read_factors(model.config, adapter)):
         with pytest.raises(CheckpointError, match=f"{adapter / ADAPTER_CONFIG_FILE}: peft's {option}=.*not supported"):
