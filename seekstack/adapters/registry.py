@@ -65,15 +65,21 @@ class AdapterWeights:
 
 def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
-    the adapter does not fit the model, is DoRA (`dora`) or adapts an MoE router (peft's all-linear targets
-    `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, was saved by peft for a
-    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied."""
+    the adapter does not fit the model, is DoRA (`dora`) or block-diagonal (`use_bdlora`) or adapts an MoE router
+    (peft's all-linear targets `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply,
+    was saved by peft for a residual base (`_residual_init`), or replaces token rows of a base whose head and embedding
+    are tied."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
     if peft_config.use_dora:
         raise CheckpointError(
             f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
             "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
+        )
+    if peft_config.use_bdlora:
+        raise CheckpointError(
+            f"{config_file}: a block-diagonal LoRA adapter (use_bdlora) stores A or B as diagonal blocks, which "
+            "serving beside other adapters does not apply; serve the merged checkpoint of `seekstack lora merge`"
         )
     if peft_config.trainable_token_indices and config.tie_word_embeddings:
         raise CheckpointError(

@@ -595,6 +595,21 @@ def test_an_adapter_peft_made_on_transformers_model_loads_and_merges_with_peft_l
     assert factors and not any(module.startswith("mtp.") for module, _ in factors)
 
 
+def test_a_block_diagonal_adapter_loads_with_peft_logits_and_serving_refuses_it_naming_the_file(base, tmp_path):
+    """peft's BD-LoRA keeps o_proj's A and q_a_proj's B as diagonal blocks: peft applies them (generate, chat, merge),
+    where serving's per-row layers multiplied the blocks as whole factors and stopped inside a forward ("mat1 and
+    mat2 shapes cannot be multiplied")."""
+    blocks = dict(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_a_proj"], nblocks=2)
+    fields = dict(target_modules=["o_proj", "q_a_proj"], use_bdlora=blocks)
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
+    ids = prompt_ids(seed=6)
+    plain, theirs = peft_logits(base, adapter, ids)
+    assert (plain - theirs).abs().max() > 100 * PEFT_ATOL
+    assert (logits_with_adapter(base, adapter, ids) - theirs).abs().max() < PEFT_ATOL
+    with pytest.raises(CheckpointError, match=rf"{adapter / ADAPTER_CONFIG_FILE}: a block-diagonal .*\(use_bdlora\)"):
+        read_factors(seekstack.load_pretrained(base).config, adapter)
+
+
 def test_serving_refuses_an_adapter_on_the_moe_router_naming_the_file_and_the_router(base, tmp_path):
     adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, **PEFT_CONFIGS["all-linear"])
     with pytest.raises(
