@@ -55,16 +55,26 @@ LENGTH_ERRORS = ("too_long", "too_short", "string_too_long", "string_too_short")
 
 def parse_body(schema: type[Model], raw: bytes) -> Model:
     """The request body `raw` as `schema`, or a 400 naming every field at fault. Fields a schema keeps unknown (extra
-    "allow") are ignored, as vLLM ignores them, and named in a warning for the operator, as vLLM names them."""
+    "allow") are ignored, as vLLM ignores them, and named in a warning for the operator, as vLLM names them: those of
+    an object in the body by their path (stream_options.include_usuage)."""
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as error:
         raise invalid_body(error, raw) from None
-    if body.model_extra:
-        log.warning(
-            "The following fields were present in the request but ignored: %s", ", ".join(sorted(body.model_extra))
-        )
+    ignored = ignored_fields(body)
+    if ignored:
+        log.warning("The following fields were present in the request but ignored: %s", ", ".join(sorted(ignored)))
     return body
+
+
+def ignored_fields(model: BaseModel, path: str = "") -> list[str]:
+    """The unknown fields `model` and the models of its fields kept (extra "allow"), each by its path from `model`."""
+    ignored = [path + name for name in model.model_extra or ()]
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            ignored += ignored_fields(value, f"{path}{field.alias or name}.")
+    return ignored
 
 
 def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:

@@ -93,12 +93,14 @@ def whole_numbers(value: Any) -> Any:
 
 
 class StreamOptions(StrictRequest):
+    model_config = ConfigDict(extra="allow")  # an unknown field (include_usuage) is named in the log, as vLLM's
     include_usage: Annotated[bool, OrDefault] = False
     # vLLM's extension: with include_usage, each chunk carries its choice's usage so far
     continuous_usage_stats: Annotated[bool, OrDefault] = False
 
 
 class JsonSchemaSpec(StrictRequest):
+    model_config = ConfigDict(extra="allow")  # as StreamOptions
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")  # the JSON Schema the reply must follow
@@ -109,6 +111,7 @@ class ResponseFormat(StrictRequest):
     """Free text, or JSON constrained as it is generated, so that a reply that finishes parses: "json_object" (JSON
     mode: one JSON object) or "json_schema" with `json_schema` (JSON that the schema allows)."""
 
+    model_config = ConfigDict(extra="allow")  # as StreamOptions
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None  # required with type "json_schema", read only then
 

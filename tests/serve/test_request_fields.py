@@ -771,6 +771,26 @@ def test_fields_the_server_ignores_are_named_in_its_log_as_vllm_logs_them(engine
     assert ignored == ["The following fields were present in the request but ignored: max_token, metadata"]
 
 
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_fields_the_server_ignores_in_an_object_of_the_request_are_named_by_their_path(
+    engine, tmp_path, caplog, route, body
+):
+    """An unknown field of stream_options or response_format (a misspelt include_usuage, which leaves the stream
+    without usage) was dropped without a word, where vLLM's StreamOptions and ResponseFormat log it as they log the
+    request's own. The warning now names them too, by their path."""
+    schema = {"name": "x", "schema": {}, "strict_mode": True}
+    asked = {**body, "stream": True, "stream_options": {"include_usuage": True},
+             "response_format": {"type": "text", "json_schema": schema}}  # fmt: skip
+    with caplog.at_level("WARNING", logger="seekstack.serve"):
+        [answered] = post_each(engine, tmp_path / "db", [(route, asked)])
+    assert answered.status_code == 200 and '"usage"' not in answered.text  # ignored, as before
+    ignored = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
+    assert ignored == [
+        "The following fields were present in the request but ignored: response_format.json_schema.strict_mode, "
+        "stream_options.include_usuage"
+    ]
+
+
 def test_chat_template_kwargs_for_a_tokenizer_built_in_memory_read_no_file_of_the_current_directory(
     tmp_path, monkeypatch
 ):
