@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from seekstack.checkpoint import CheckpointError, CheckpointReader
 from seekstack.cli import app
 from seekstack.schema import ConfigError
-from seekstack.train.config import resolve_train_config
+from seekstack.train.config import load_train_config, resolve_train_config
 from tests.train.test_trainer import write_split
 
 
@@ -62,3 +62,18 @@ def test_init_from_a_folder_that_is_no_checkpoint_is_refused_naming_the_setting_
     assert str(refused.value).startswith(
         f"field 'init_from': {checkpoint / 'model.safetensors.index.json'}: not valid JSON (Expecting"
     )
+
+
+def test_report_takes_a_runs_metrics_jsonl_for_its_run_as_plot_does(tmp_path):
+    """`seekstack report RUN/metrics.jsonl` was told "no metrics.jsonl in RUN/metrics.jsonl: is it the out_dir of a
+    `seekstack train` run?", where plot and rl-plot take a run's metrics file for its folder (train.plot.run_folder)."""
+    write_split(tmp_path / "tokens", "train", 20_000, seed=1)
+    run = tmp_path / "run"
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
+    lines = [{"step": step, "loss": 4.0 - step, "lr": 1e-3, "tokens_per_s": 100.0, "mfu": 0.01} for step in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(app, ["report", str(run / "metrics.jsonl"), "--no-samples"])
+    assert (result.exit_code, result.output) == (0, f"wrote {run / 'report.md'}\n")
+    page = (run / "report.md").read_text()
+    assert page.startswith(f"# Run report: `{run}`\n")
+    assert f"`curves.png`: steps 1-2 of `{run / 'metrics.jsonl'}`, as `seekstack plot {run}` draws it." in page
