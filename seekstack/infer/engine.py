@@ -519,10 +519,13 @@ class Engine:
             self.waiting.append(request)
         return request_id
 
-    def abort(self, request_id: str) -> bool | None:
+    def abort(self, request_id: str | Iterable[str]) -> bool | None | list[bool | None]:
         """Drop a request and free its cache blocks at once; its last output says finish_reason "abort". Returns
         whether it had started (left the waiting queue): one that had not cost no compute. None when no unfinished
-        request has this id (it finished already, or was never added): nothing to drop, as vLLM's abort of one."""
+        request has this id (it finished already, or was never added): nothing to drop, as vLLM's abort of one.
+        Several ids (a list, as vLLM's abort_request takes them): each is dropped, and the list of what each returns."""
+        if not isinstance(request_id, str):
+            return [self.abort(one) for one in request_id]
         with self.lock:
             for queue in (self.waiting, self.prefilling, self.running):
                 for request in queue:

@@ -1,0 +1,19 @@
+"""The Engine's request interface as vLLM's engine offers it (add_request, step, abort), beyond test_engine.py."""
+
+from __future__ import annotations
+
+from seekstack.infer import Engine, SamplingParams
+
+
+def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(model, tokenizer):
+    """vLLM's abort_request takes one id or several; a list here was compared with each request's id as a whole, so
+    engine.abort(["a", "b"]) matched none, dropped nothing and returned None (the answer for an unknown id)."""
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    long = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    started, queued, kept = (engine.add_request([5, 9, 14], long) for _ in range(3))
+    engine.step()  # admits `started` only: the batch holds one
+    assert engine.abort([queued, started, "no-such-id"]) == [False, True, None]
+    assert engine.abort(request for request in [queued]) == [None]  # gone already; any iterable of ids
+    finished = {output.request_id: output.finish_reason for output in engine.step() if output.finished}
+    assert finished == {queued: "abort", started: "abort"}
+    assert [request.request_id for request in [*engine.waiting, *engine.prefilling, *engine.running]] == [kept]
