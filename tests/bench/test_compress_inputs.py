@@ -7,15 +7,16 @@ import pytest
 import torch
 
 import seekstack
-from tests.bench.support import run_refused
+from tests.bench.support import run_in_process
 
 
 @pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
 def test_a_model_that_is_no_checkpoint_is_refused_in_one_line_naming_the_option(script, tmp_path, monkeypatch, capsys):
     options = ["--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--reps", "1"]
-    stderr = run_refused(script, *options, monkeypatch=monkeypatch, capsys=capsys)
-    assert "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == (
+    run = run_in_process(script, *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
         f"{script}: error: --model {tmp_path / 'nope'}: {tmp_path / 'nope'}: no such folder; a checkpoint is a "
         "folder holding config.json and safetensors weights"
     )
@@ -26,9 +27,10 @@ def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(s
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny")), tmp_path / "model")
     options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "tokens"), "--reps", "1"]
-    stderr = run_refused(script, *options, monkeypatch=monkeypatch, capsys=capsys)
-    assert "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == (
+    run = run_in_process(script, *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
         f"{script}: error: --data {tmp_path / 'tokens'}: no folder of token shards at {tmp_path / 'tokens'}: "
         "`seekstack data tokenize --out` writes one"
     )
@@ -43,9 +45,10 @@ def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measu
     (shards / "val_index.json").write_text((shards / "train_index.json").read_text().replace("train", "val"))
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "model")
     options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "shards"), "--adaptive-bits", "4.2"]
-    stderr = run_refused("quantize.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
-    assert "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == (
+    run = run_in_process("quantize.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
         "quantize.py: error: --adaptive-bits 4.2: a budget of 4.2 bits per weight is below the smallest assignment "
         "(4.601 bits per weight: each layer at the smallest option its shapes allow)"
     )

@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from bench.options import positive_int
-from tests.bench.support import run_refused
+from tests.bench.support import run_in_process
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
@@ -34,5 +34,6 @@ def test_positive_int_takes_a_whole_number_of_at_least_one():
     ],
 )
 def test_a_count_of_zero_is_refused_naming_the_option(script, option, monkeypatch, capsys):
-    stderr = run_refused(script, option, "0", monkeypatch=monkeypatch, capsys=capsys)
-    assert f"argument {option}: 0: at least 1" in stderr
+    run = run_in_process(script, option, "0", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument {option}: 0: at least 1" in run.stderr

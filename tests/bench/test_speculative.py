@@ -1,16 +1,15 @@
 """bench/speculative.py's prompts: the openings of a corpus's held-out documents, from the corpus it is given."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.speculative import held_out_prompts
-from tests.infer.support import tiny_tokenizer
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "speculative.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (options.py), as when run
+from bench.speculative import held_out_prompts  # noqa: E402
+from tests.bench.support import run_in_process  # noqa: E402
+from tests.infer.support import tiny_tokenizer  # noqa: E402
 
 
 def write_corpus(folder: Path, texts: list[str]) -> Path:
@@ -30,14 +29,11 @@ def test_prompts_are_the_openings_of_the_held_out_documents_long_enough(tmp_path
         held_out_prompts(corpus, tokenizer, count=2, length=400)
 
 
-def test_a_corpus_without_held_out_documents_is_refused_naming_the_option(tmp_path):
+def test_a_corpus_without_held_out_documents_is_refused_naming_the_option(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(tmp_path / "model"), "--corpus", str(empty)],
-        capture_output=True,
-        text=True,
-    )
+    options = ["--model", str(tmp_path / "model"), "--corpus", str(empty)]
+    run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert f"--corpus {empty}: no val.jsonl there" in run.stderr
 

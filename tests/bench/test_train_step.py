@@ -1,15 +1,14 @@
 """bench/train_step.py's batch: a --data without token shards is refused before any timing, not replaced by random
 ids; without --data the demo's shards are used, or random ids when the demo has not run."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
-sys.path.insert(0, str(SCRIPT.parent))  # its siblings (machine.py, options.py), as when run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (machine.py), as when run
 from bench.train_step import training_batch  # noqa: E402
+from tests.bench.support import run_in_process  # noqa: E402
 
 
 def test_a_data_folder_without_shards_is_refused_naming_the_option_and_folder(tmp_path):
@@ -24,9 +23,10 @@ def test_without_data_and_without_the_demo_shards_the_batch_is_random_ids(tmp_pa
     assert int(batch.max()) < 100
 
 
-def test_the_script_refuses_a_wrong_data_folder_before_measuring_anything(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--data", str(tmp_path), "--reps", "1"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+def test_the_script_refuses_a_wrong_data_folder_before_measuring_anything(tmp_path, monkeypatch, capsys):
+    run = run_in_process(
+        "train_step.py", "--data", str(tmp_path), "--reps", "1", monkeypatch=monkeypatch, capsys=capsys
+    )
     assert run.returncode == 1
     assert f"--data {tmp_path}: no shard index at {tmp_path / 'train_index.json'}" in run.stderr
     assert "measured matmul peak" not in run.stdout
