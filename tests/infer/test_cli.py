@@ -62,6 +62,23 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     )
 
 
+def test_generate_refuses_an_empty_prompt_its_tokenizer_puts_nothing_before_by_the_argument_writing_nothing(checkpoint):
+    """An empty prompt (given, or piped in) of a tokenizer adding no BOS was refused by the engine as "error: empty
+    prompt: give at least one token" (exit 1), with a blank line on stdout as if text had been generated."""
+    args = ["generate", "--model", str(checkpoint), "--max-new-tokens", "2"]
+    for given, stdin, read in (([""], None, ""), (["-"], "\n", " (standard input held no text)")):
+        refused = runner.invoke(app, [*args, *given], input=stdin)
+        assert (refused.exit_code, refused.stdout) == (2, ""), refused.output
+        assert refused.stderr.endswith(
+            f"Error: Invalid value for 'prompt': is empty{read}, and this tokenizer puts no BOS token before a text: "
+            "give the text to continue\n"
+        )
+    as_json = runner.invoke(app, [*args, "", "--json"])
+    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["error"]["message"].startswith(
+        "Invalid value for 'prompt': is empty, and"
+    )
+
+
 def test_generate_max_new_tokens_minus_one_runs_until_the_context_is_full_as_llama_clis(checkpoint, engine):
     """llama-cli's -n -1 generates until the context is full; --max-new-tokens -1 was refused ("has value -1: input
     should be greater than 0"). It now fills what the prompt leaves of the context, without the notice of a cap."""
