@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -46,16 +47,23 @@ MODEL_FOLDER_FILES = (
 # gets one (`write_generation_config`).
 SAVED_FILES = (CONFIG_FILE, "*.safetensors", INDEX_FILE)
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
+# The units of a shard size transformers' save_pretrained takes as max_shard_size ("5GB", "500MiB"), as its
+# convert_file_size_to_int reads them: binary with an "i", decimal without (a decimal one ending in a lowercase "b"
+# counts bits)
+SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 
 
 def save_pretrained(
     model: Transformer,
     directory: str | Path,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     fp8_block: tuple[int, int] | None = None,
     stacked_experts: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Path:
-    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) as folder `directory`.
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`, 5 GiB where not given) as
+    folder `directory`. `max_shard_size`, transformers' name, is read as it reads it: bytes, or an integer and its unit
+    ("2GB", "500MiB"); given both, they must say the same size (`shard_limit`).
 
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
     FP8 release (an fp8-quantized model is stored in its own blocks, another `fp8_block` refused, and the layers its
@@ -70,14 +78,53 @@ def save_pretrained(
             f"fp8_block={fp8_block!r}: the scale block is two positive integers (rows, columns), e.g. DeepSeek's "
             f"{DEFAULT_FP8_BLOCK}"
         )
+    limit = shard_limit(max_shard_bytes, max_shard_size)
     refuse_hf_export(model.config, directory)
     refuse_to_replace(directory, MODEL_FOLDER_FILES)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)
+        write_pretrained_files(model, staging, limit, fp8_block, stacked_experts)
         _copy_unsaved_files(directory, staging)
     warn_transformers_divergences(model.config, directory)
     return directory
+
+
+def shard_limit(max_shard_bytes: int | None, max_shard_size: int | str | None) -> int:
+    """The largest shard in bytes `save_pretrained` is given: `max_shard_bytes`, or transformers' `max_shard_size`
+    (`SIZE_UNITS`), MAX_SHARD_BYTES where neither is given; ValueError naming the argument for a size that is no
+    positive number of bytes (where a save would fail midway, or write each tensor in a shard of its own), or for both
+    given unequal."""
+    given = {}
+    if max_shard_bytes is not None:
+        if type(max_shard_bytes) is not int or max_shard_bytes <= 0:
+            raise ValueError(
+                f"max_shard_bytes={max_shard_bytes!r}: the largest shard, a positive integer of bytes (or "
+                "max_shard_size='5GB', as transformers' save_pretrained takes it)"
+            )
+        given["max_shard_bytes"] = max_shard_bytes
+    if max_shard_size is not None:
+        given["max_shard_size"] = _size_bytes(max_shard_size)
+    if len(set(given.values())) > 1:
+        raise ValueError(
+            f"max_shard_bytes={max_shard_bytes!r} beside max_shard_size={max_shard_size!r} "
+            f"({given['max_shard_size']} bytes): max_shard_size is transformers' name for it: give one of them"
+        )
+    return next(iter(given.values()), MAX_SHARD_BYTES)
+
+
+def _size_bytes(size: int | str) -> int:
+    """`size` (transformers' max_shard_size) in bytes, as transformers' convert_file_size_to_int reads it."""
+    if type(size) is int and size > 0:
+        return size
+    match = re.fullmatch(r"(\d+)([KMG]i?B)", size, re.IGNORECASE) if isinstance(size, str) else None
+    if match is None or int(match[1]) == 0:
+        raise ValueError(
+            f"max_shard_size={size!r}: the largest shard, a positive integer of bytes or an integer followed by "
+            f"its unit, as transformers takes it ('5GB', '500MB', '2GiB'; units {', '.join(SIZE_UNITS)})"
+        )
+    number, unit = int(match[1]), match[2]
+    bits = "i" not in unit.lower() and unit.endswith("b")  # transformers' "5Gb": gigabits
+    return number * SIZE_UNITS[unit.upper()] // (8 if bits else 1)
 
 
 def _copy_unsaved_files(directory: Path, staging: Path) -> None:

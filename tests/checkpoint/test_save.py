@@ -1,0 +1,52 @@
+"""save_pretrained as transformers' save_pretrained is called: its shard size arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import seekstack
+from tests.conftest import micro_config
+
+
+def shard_sizes(folder) -> list[int]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return [(folder / name).stat().st_size for name in sorted(set(index["weight_map"].values()))]
+
+
+@pytest.mark.parametrize(
+    ("given", "limit"), [({"max_shard_size": "40KB"}, 40_000), ({"max_shard_size": "40KiB"}, 40_960)]
+)
+def test_max_shard_size_is_read_as_transformers_reads_it(tmp_path, given, limit):
+    """transformers' `save_pretrained(folder, max_shard_size="5GB")` was a TypeError (no such argument); its sizes are
+    read as its convert_file_size_to_int reads them: KB 10^3 bytes, KiB 2^10."""
+    model = seekstack.Transformer(micro_config())
+    seekstack.save_pretrained(model, tmp_path / "sized", **given)
+    seekstack.save_pretrained(model, tmp_path / "bytes", max_shard_bytes=limit)
+    assert shard_sizes(tmp_path / "sized") == shard_sizes(tmp_path / "bytes")
+    assert len(shard_sizes(tmp_path / "sized")) > 1
+
+
+@pytest.mark.parametrize(
+    ("given", "refusal"),
+    [
+        ({"max_shard_bytes": "40KB"}, "max_shard_bytes='40KB': the largest shard, a positive integer of bytes"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes=0: the largest shard, a positive integer of bytes"),
+        ({"max_shard_size": "40 KB"}, "max_shard_size='40 KB': the largest shard, a positive integer of bytes or"),
+        ({"max_shard_size": "5TB"}, "max_shard_size='5TB': the largest shard, a positive integer of bytes or"),
+        (
+            {"max_shard_bytes": 40_000, "max_shard_size": "40KiB"},
+            "max_shard_bytes=40000 beside max_shard_size='40KiB' (40960 bytes): max_shard_size is transformers'",
+        ),
+    ],
+)
+def test_a_shard_size_that_is_no_positive_number_of_bytes_is_refused_naming_it_before_anything_is_written(
+    tmp_path, given, refusal
+):
+    """max_shard_bytes="40KB" failed midway with "'>' not supported between instances of 'int' and 'str'", and 0 (or
+    a negative size) wrote every tensor into a shard of its own."""
+    with pytest.raises(ValueError) as refused:
+        seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "out", **given)
+    assert str(refused.value).startswith(refusal)
+    assert not (tmp_path / "out").exists()
