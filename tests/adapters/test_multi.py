@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import seekstack
+from seekstack.adapters import peft_targets
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import is_adapter_parameter, load_adapter, merged_model, save_adapter
 from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear, MultiTokenRows
@@ -339,7 +340,23 @@ def test_adapters_read_at_the_same_time_each_get_the_factors_of_a_read_alone(ser
             second_read.wait(timeout=60)
         return create_and_replace(self, *args, **kwargs)
 
+    class TurnsTellingTheFirstRead:
+        """peft_targets' turns over the warning filters, which the paused first read holds: the second read waiting
+        for its turn lets the first go on (else the first would wait out its timeout for a read that waits on it)."""
+
+        def __init__(self) -> None:
+            self.turns = threading.RLock()
+
+        def __enter__(self) -> None:
+            if threading.current_thread().name != "first" and first_inside.is_set():
+                second_read.set()
+            self.turns.acquire()
+
+        def __exit__(self, *exception: object) -> None:
+            self.turns.release()
+
     monkeypatch.setattr(LoraModel, "_create_and_replace", pausing_the_first_read)
+    monkeypatch.setattr(peft_targets, "_WARNING_FILTERS", TurnsTellingTheFirstRead())
     read = {}
     first = threading.Thread(target=lambda: read.update(full=read_factors(config, adapters["full"])), name="first")
     first.start()
