@@ -73,6 +73,8 @@ REFUSED_VLLM_FIELDS = {
     "return_tokens_as_token_ids": "this server names logprobs' tokens by their text, not as token_id:N (/tokenize "
     "gives a text's token ids)",
     "return_token_ids": "this server returns the text, not its token ids (/tokenize gives a text's token ids)",
+    "cache_salt": "this server's prefix cache is shared by all requests to a model (a prompt's cached blocks serve "
+    "whoever sends that prompt next), with no salt to keep requests apart",
 }
 REFUSED_VLLM_CHAT_FIELDS = {
     "chat_template": NO_TEMPLATE_CHOICE,

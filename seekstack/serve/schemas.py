@@ -167,6 +167,7 @@ class SamplingFields(StrictRequest):
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None  # false accepted
     return_token_ids: bool | None = None  # false accepted
+    cache_salt: Any = None
 
 
 class TextPart(StrictRequest):

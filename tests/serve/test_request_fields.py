@@ -290,6 +290,7 @@ VLLM_REFUSED = {
     "logits_processors": ["my_module.MyProcessor"],
     "return_tokens_as_token_ids": True,
     "return_token_ids": True,
+    "cache_salt": "tenant-1",
 }
 VLLM_CHAT_REFUSED = {
     "chat_template": "{{ messages }}",
