@@ -154,7 +154,13 @@ def device_map_text(
     accelerate's dict of module names and devices ({"": 0}, {"model.layers.0": "cpu", ...}) as `name=device`
     entries; accelerate's device_map="auto" (or "sequential") with its `max_memory` ({0: "10GiB", "cpu": "30GiB"})
     as `auto:` and those budgets, filled in order as its "sequential" fills them; TypeError for another, ValueError
-    for a max_memory beside any other map or none (device_map None)."""
+    for a max_memory beside any other map or none (device_map None), and for accelerate's strategies without one."""
+    if max_memory is None and isinstance(device_map, str) and device_map.strip().lower() in ACCELERATE_STRATEGIES:
+        raise ValueError(  # the text's refusal (`_entries`) names auto:'s budgets, which no keyword here writes
+            f"device_map={device_map!r} without max_memory: seekstack plans within the budgets you give, not from "
+            "free memory as accelerate's: give device_map='auto' with max_memory={0: '70GiB', 'cpu': '100GiB'} "
+            "(`seekstack plan` shows the placement), or the device of each part ({'': 'cpu', 'lm_head': 'disk'})"
+        )
     if max_memory is not None:
         if device_map not in ("auto", "sequential"):
             raise ValueError(

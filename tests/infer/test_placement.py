@@ -805,6 +805,20 @@ def test_the_note_of_an_auto_plan_names_the_parts_it_put_on_disk_for_any_caller_
     assert disk_parts_note(None, Engine.from_pretrained(tmp_path, kv_cache_memory=1 << 20).model) is None
 
 
+def test_from_pretrained_with_accelerates_auto_and_no_max_memory_is_told_to_give_max_memory(tmp_path):
+    """from_pretrained(device_map="auto") without max_memory was refused in the words of --device-map's text, to write
+    "auto:cuda:0=70GiB,cpu=100GiB", where the caller's way on is the max_memory= keyword from_pretrained takes."""
+    model_dir(tmp_path)
+    for strategy in ("auto", "balanced", "sequential"):
+        with pytest.raises(ValueError) as refused:
+            Engine.from_pretrained(tmp_path, device_map=strategy)
+        assert str(refused.value) == (
+            f"device_map={strategy!r} without max_memory: seekstack plans within the budgets you give, not from free "
+            "memory as accelerate's: give device_map='auto' with max_memory={0: '70GiB', 'cpu': '100GiB'} (`seekstack "
+            "plan` shows the placement), or the device of each part ({'': 'cpu', 'lm_head': 'disk'})"
+        )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
 def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
     model_dir(tmp_path)
