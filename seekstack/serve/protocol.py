@@ -75,6 +75,8 @@ REFUSED_VLLM_FIELDS = {
     "return_token_ids": "this server returns the text, not its token ids (/tokenize gives a text's token ids)",
     "cache_salt": "this server's prefix cache is shared by all requests to a model (a prompt's cached blocks serve "
     "whoever sends that prompt next), with no salt to keep requests apart",
+    "priority": "this server schedules requests in the order they arrive, with no priorities (vLLM's "
+    "--scheduling-policy priority)",
 }
 REFUSED_VLLM_CHAT_FIELDS = {
     "chat_template": NO_TEMPLATE_CHOICE,
@@ -87,7 +89,7 @@ ASKING_NOTHING = {  # what is done anyway
     "function_call": "none", "modalities": ["text"], "use_beam_search": False,
     "include_stop_str_in_output": False, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
-    "add_special_tokens": False,
+    "add_special_tokens": False, "priority": 0,
 }  # fmt: skip
 
 

@@ -168,6 +168,7 @@ class SamplingFields(StrictRequest):
     return_tokens_as_token_ids: bool | None = None  # false accepted
     return_token_ids: bool | None = None  # false accepted
     cache_salt: Any = None
+    priority: Any = None  # 0 accepted
 
 
 class TextPart(StrictRequest):

@@ -291,6 +291,7 @@ VLLM_REFUSED = {
     "return_tokens_as_token_ids": True,
     "return_token_ids": True,
     "cache_salt": "tenant-1",
+    "priority": -5,
 }
 VLLM_CHAT_REFUSED = {
     "chat_template": "{{ messages }}",
@@ -299,7 +300,7 @@ VLLM_CHAT_REFUSED = {
     "echo": True,
 }
 VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": [],
-                       "return_tokens_as_token_ids": False, "return_token_ids": False}  # fmt: skip
+                       "return_tokens_as_token_ids": False, "return_token_ids": False, "priority": 0}  # fmt: skip
 
 
 def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored(engine, tmp_path):
