@@ -172,8 +172,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 def run_checkpoint(path: str | Path) -> Path | None:
     """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` or train_config.json inside, no
-    config.json), else None; FileNotFoundError naming the run when it has none."""
+    config.json) or its checkpoints/ folder (step_N inside, as torchtitan's checkpoint folder stands for its newest
+    step), else None; FileNotFoundError naming the run when it has none."""
     path = Path(path)
+    if path == checkpoint_dir(path.parent) and step_folders(path.parent) and not (path / "config.json").is_file():
+        return latest_checkpoint(path.parent)
     is_run = checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file()
     if (path / "config.json").is_file() or not is_run:
         return None

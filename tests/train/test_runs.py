@@ -10,8 +10,12 @@ from typer.testing import CliRunner
 
 from seekstack.checkpoint import CheckpointError, CheckpointReader
 from seekstack.cli import app
+from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 from seekstack.train.config import load_train_config, resolve_train_config
+from seekstack.train.runs import run_checkpoint
+from seekstack.train.state import save_checkpoint
+from tests.conftest import micro_config
 from tests.train.test_trainer import write_split
 
 
@@ -77,3 +81,20 @@ def test_report_takes_a_runs_metrics_jsonl_for_its_run_as_plot_does(tmp_path):
     page = (run / "report.md").read_text()
     assert page.startswith(f"# Run report: `{run}`\n")
     assert f"`curves.png`: steps 1-2 of `{run / 'metrics.jsonl'}`, as `seekstack plot {run}` draws it." in page
+
+
+def test_a_runs_checkpoints_folder_stands_for_its_newest_checkpoint_as_its_out_dir_does(tmp_path):
+    """`seekstack checkpoint export RUN/checkpoints` (or generate --model, init_from=) was told "RUN/checkpoints: no
+    checkpoint", and generate "RUN/checkpoints/config.json: no such file; ... copy it from where the checkpoint came
+    from": the folder of the run's step_N folders, which torchtitan's checkpoint folder is, stood for nothing."""
+    model = Transformer(micro_config())
+    for step in (2, 4):
+        save_checkpoint(tmp_path / "run", model, {"step": step}, keep=2)
+    newest = tmp_path / "run" / "checkpoints" / "step_4"
+    assert run_checkpoint(tmp_path / "run" / "checkpoints") == newest == run_checkpoint(tmp_path / "run")
+    assert run_checkpoint(newest) is None  # a checkpoint folder is itself
+    result = CliRunner().invoke(
+        app, ["checkpoint", "export", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 0
+    assert result.output.startswith(f"{tmp_path / 'run' / 'checkpoints'}: using the run's newest checkpoint, {newest}")
