@@ -114,12 +114,15 @@ def plan(
     --device-map. Parts that read the most of their bytes per token take the fastest memory first."""
     from seekstack.infer.placement import parse_budgets, plan_placement
 
+    if weights is not None and weights not in BYTES_PER_PARAM:  # option values: usage errors, before the model
+        raise typer.BadParameter(f"{weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}", param_hint="'--weights'")
+    try:
+        budgets = parse_budgets(memory)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--memory'") from None
     with user_errors():
-        if weights is not None and weights not in BYTES_PER_PARAM:
-            raise ValueError(f"--weights {weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}")
         config = model_config(model)
         sizes, priced = tensor_bytes(model, config, weights)
-        budgets = parse_budgets(memory)
         result = plan_placement(config, budgets, sizes)
     typer.echo(f"{model}, {priced} (the latent cache comes on top: --kv-cache-memory)")
     typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}read per token")  # the last column unpadded

@@ -375,8 +375,14 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert header == "device      parts  resident                        read per token"
     assert [row.split("  ")[0] for row in rows] == ["cpu", "disk"]
     assert [row for row in [header, *rows] if row != row.rstrip()] == []
-    bad = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=lots"])
-    assert bad.exit_code == 1 and "size 'lots'" in bad.output
+    for option, value, message in (
+        ("--memory", "cpu=lots", "memory entry 'cpu=lots': size 'lots': expected a number with an optional unit"),
+        ("--memory", "cpu=0", "memory entry 'cpu=0': size '0' must be at least one byte"),
+        ("--weights", "fp4", "'fp4': choose one of float32, bfloat16, float16, float8, int8, int4"),
+    ):  # a value refused is a usage error (exit 2), as every command's; it was "error: ..." with exit 1
+        bad = CliRunner().invoke(app, ["plan", "nope", "--memory", "cpu=1GiB", option, value])
+        assert (bad.exit_code, bad.stdout) == (2, ""), bad.output
+        assert f"Error: Invalid value for '{option}': {message}" in bad.stderr, bad.stderr
 
 
 def test_the_plan_warns_by_how_much_the_norms_and_routers_overrun_a_cpu_budget_too_small_for_them(model):
