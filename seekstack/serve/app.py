@@ -65,7 +65,7 @@ from seekstack.serve.ratelimit import (
 )
 from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.request_ids import HEADER as REQUEST_ID
-from seekstack.serve.request_ids import LEFT_HEADERS, RequestIds, request_id_of
+from seekstack.serve.request_ids import LEFT_HEADERS, RequestIds, request_id_of, take_body_request_id
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -276,6 +276,7 @@ class Server:
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
+            take_body_request_id(request, body.request_id)
             # the ledger records which model served, or the start of the name asked for: a refused request's row
             # (not rate limited) is no place for a body-sized name
             model = body.model or self.model_name  # none named: the base model, as vLLM's

@@ -1,6 +1,7 @@
 """Every response's `X-Request-Id`, as OpenAI answers each call with one (the openai client reads it as a response's
-`_request_id` and an error's `request_id`): the one the client sent, as vLLM reads it, else a new random one. A
-completion's `id` is `cmpl-` or `chatcmpl-` and this id, so a call, its response and its log lines share it."""
+`_request_id` and an error's `request_id`): the one the client sent, as vLLM reads it, else a completion body's
+`request_id` (vLLM's), else a new random one. A completion's `id` is `cmpl-` or `chatcmpl-` and this id, so a call,
+its response and its log lines share it."""
 
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = Headers(scope=scope).get(HEADER) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {})["request_id"] = Headers(scope=scope).get(HEADER) or uuid.uuid4().hex
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                headers[HEADER] = request_id
+                headers[HEADER] = scope["state"]["request_id"]  # a body's request_id may have replaced it
                 for name, value in scope["state"].get(LEFT_HEADERS, {}).items():
                     headers.setdefault(name, value)
             await send(message)
@@ -46,3 +46,10 @@ class RequestIds:
 def request_id_of(request: Request) -> str:
     """The id `RequestIds` gave `request`."""
     return request.scope["state"]["request_id"]
+
+
+def take_body_request_id(request: Request, request_id: str | None) -> None:
+    """Name `request` by the `request_id` its body gives (vLLM's field), where the client sent no `X-Request-Id`:
+    vLLM names a completion by the header first, then by the body's id."""
+    if request_id is not None and HEADER not in request.headers:
+        request.scope["state"]["request_id"] = request_id

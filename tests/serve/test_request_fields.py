@@ -728,6 +728,31 @@ def test_every_response_has_an_x_request_id_the_clients_or_its_own_that_names_a_
     assert len({*headers[4:], *others}) == 7
 
 
+def test_a_bodys_request_id_names_the_completion_where_no_x_request_id_header_does_as_vllms(engine, tmp_path):
+    """vLLM names a completion by the X-Request-Id header, else by the body's request_id (chatcmpl-{request_id});
+    the field was dropped as unknown, so a vLLM client's request_id named nothing. It now names the response and
+    comes back as X-Request-Id; the header still wins, and an id no header can carry is refused naming it."""
+
+    async def scenario(client):
+        answers = [
+            await client.post(route, json={**body, "stream": stream, "request_id": "job-7"}, headers=headers)
+            for headers in ({}, {"X-Request-Id": "trace-42"})
+            for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+            for stream in (False, True)
+        ]
+        return answers, await client.post("/v1/completions", json={**COMPLETION, "request_id": "job 7\n"})
+
+    answers, refused = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    ids = [
+        json.loads(answer.text.split("\n")[0].removeprefix("data: "))["id"] if answer.text.startswith("data:")
+        else answer.json()["id"]
+        for answer in answers
+    ]  # fmt: skip
+    assert ids == ["cmpl-job-7"] * 2 + ["chatcmpl-job-7"] * 2 + ["cmpl-trace-42"] * 2 + ["chatcmpl-trace-42"] * 2
+    assert [answer.headers["x-request-id"] for answer in answers] == ["job-7"] * 4 + ["trace-42"] * 4
+    assert error_of(refused, 400)["param"] == "request_id"
+
+
 @pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
 def test_vllms_minus_one_for_the_whole_vocabularys_logprobs_is_refused_saying_what_it_asks(field):
     """-1 was refused as any negative count ("greater than or equal to 0, got -1"), which told a vLLM user nothing."""
