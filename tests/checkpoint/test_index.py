@@ -32,3 +32,25 @@ def test_an_index_naming_the_folder_itself_as_a_shard_is_told_it_names_no_file(t
     with pytest.raises(CheckpointError) as listing:
         missing_files(checkpoint)
     assert str(listing.value) == expected
+
+
+def test_an_index_naming_a_folder_as_a_shard_is_told_it_names_a_folder(tmp_path):
+    """A weight_map file that is a folder of the checkpoint was told "names shard 'shards', which is missing from
+    DIR; the download is incomplete: fetch that shard", and a run's step folder holding it lacked "shards"."""
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    (checkpoint / "shards").mkdir(parents=True)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    (checkpoint / "config.json").write_text("{}")
+    index = checkpoint / "model.safetensors.index.json"
+    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "shards"}
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    expected = (
+        f"{index}: weight_map gives key 'lm_head.weight' the file 'shards', which is a folder in {checkpoint}, not a "
+        "safetensors file; re-save or re-download the checkpoint"
+    )
+    with pytest.raises(CheckpointError) as reading:
+        CheckpointReader(checkpoint, None)
+    assert str(reading.value) == expected
+    with pytest.raises(CheckpointError) as listing:
+        missing_files(checkpoint)
+    assert str(listing.value) == expected
