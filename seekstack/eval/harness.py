@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from seekstack.accounting import main_parameters
 from seekstack.adapters.files import merged_model, model_folders
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine, check_tokenizer_fits
@@ -431,7 +432,14 @@ class SeekstackLM(TemplateLM):
             raise ValueError(f"generate_until request {index}: {problem}") from None
 
     def get_model_info(self) -> dict:
-        return {"model_path": self.pretrained, "model_type": self.model.config.model_type}
+        """What lm_eval records of the model in its results' config: its folder and type, and, as the HF backend
+        records them, its parameters (the main model's, as transformers' model holds them: no MTP module) and dtype."""
+        return {
+            "model_path": self.pretrained,
+            "model_type": self.model.config.model_type,
+            "model_num_parameters": main_parameters(self.model.config).total,
+            "model_dtype": self.model.dtype,
+        }
 
 
 if __name__ == "__main__":  # lm_eval's own command line with `seekstack` registered: python -m seekstack.eval.harness

@@ -401,6 +401,20 @@ def test_lm_evals_results_record_the_tokenizers_special_tokens_and_max_length_as
     assert recorded == their_record
 
 
+def test_lm_evals_results_record_the_models_parameters_and_dtype_as_of_the_hf_backend(checkpoint, ours):
+    """lm_eval's results config (simple_evaluate's, written with --output_path) held the seekstack backend's
+    model_path and model_type alone, where the HF backend's holds model_num_parameters and model_dtype."""
+    from lm_eval.models.huggingface import HFLM
+
+    theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=2, dtype="float32").get_model_info()
+    info = ours.get_model_info()
+    assert info["model_num_parameters"] == theirs["model_num_parameters"] == 246_864  # no MTP module, as theirs
+    assert info["model_dtype"] == theirs["model_dtype"] == torch.float32
+    assert (info["model_path"], info["model_type"]) == (str(checkpoint), "deepseek_v3")
+    bf16 = SeekstackLM(pretrained=checkpoint, dtype="bfloat16", max_gen_toks=8).get_model_info()
+    assert (bf16["model_num_parameters"], bf16["model_dtype"]) == (246_864, torch.bfloat16)
+
+
 def test_chat_template_is_the_one_checkpoints_ship_and_the_tokenizer_name_is_a_file_name(checkpoint, ours):
     assert ours.chat_template(True) == transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template
     assert ours.chat_template(False) is None
