@@ -1129,18 +1129,19 @@ class Engine:
         self,
         prompts: str | list[int] | Mapping[str, Any] | Sequence[str | list[int] | Mapping[str, Any]] | torch.Tensor,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapters: Sequence[str | None] | None = None,
+        adapters: str | Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[Completion]:
         """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
         {"prompt_token_ids": ids} is one prompt, as in vLLM; a tensor of ids reads as its list: 1-D one prompt, 2-D a
         prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
-        training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
-        all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
-        several, the prompts added before it aborted, none left queued. `sampling_params` (vLLM's name), one for all or
-        one per prompt; none: `get_default_sampling_params`, as vLLM's. `use_tqdm`: a bar of the requests finished on
-        stderr, as vLLM's (off by default here: RL and eval loops call generate often)."""
+        training shards hold none), each on the base or on the loaded adapter `adapters` names for it (one name: all
+        on that adapter), and step until all finish. A prompt refused (too long, an adapter not loaded) raises
+        ValueError naming it by its index among several, the prompts added before it aborted, none left queued.
+        `sampling_params` (vLLM's name), one for all or one per prompt; none: `get_default_sampling_params`, as
+        vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
+        loops call generate often)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1153,10 +1154,12 @@ class Engine:
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
+        # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter
+        one_adapter = adapters is None or isinstance(adapters, str)
+        adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
         for name, values, one in (
             ("sampling_params", params_list, "or one SamplingParams for all"),
-            ("adapters", adapter_list, "(None: the base model), or leave adapters out"),
+            ("adapters", adapter_list, "(None: the base model), one name for all, or leave adapters out"),
         ):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")

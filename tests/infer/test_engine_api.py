@@ -17,3 +17,20 @@ def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(mod
     finished = {output.request_id: output.finish_reason for output in engine.step() if output.finished}
     assert finished == {queued: "abort", started: "abort"}
     assert [request.request_id for request in [*engine.waiting, *engine.prefilling, *engine.running]] == [kept]
+
+
+def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(tmp_path):
+    """adapters="ab" (one name, as vLLM's generate takes one lora_request for all prompts) was read as a sequence of
+    names, one letter a prompt: two prompts ran on adapters 'a' and 'b' ("no adapter 'a'"), three were refused as
+    "3 prompts but 2 adapters". One name now runs every prompt on that adapter, as a list naming it for each does."""
+    from tests.adapters.support import write_random_adapter
+    from tests.infer.support import model_dir
+
+    base = model_dir(tmp_path / "base")
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
+    engine.load_adapter("ab", write_random_adapter(base, tmp_path / "ab", seed=1))
+    greedy, prompts = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True), [[5, 9], [14, 3], [7]]
+    each = [output.token_ids for output in engine.generate(prompts, greedy, adapters=["ab"] * 3)]
+    assert [output.token_ids for output in engine.generate(prompts, greedy, adapters="ab")] == each
+    assert [output.token_ids for output in engine.generate(prompts[:2], greedy, adapters="ab")] == each[:2]
+    assert each != [output.token_ids for output in engine.generate(prompts, greedy)]  # the adapter changes them
