@@ -217,6 +217,9 @@ def refuse_to_replace(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: is a file, not a folder; nothing was written")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:  # the folder cannot be made under it
+        raise FileExistsError(f"{path}: {blocking} is a file, not a folder; nothing was written")
     for source in inputs:
         if path.resolve() == Path(source).resolve():
             raise FileExistsError(f"{path}: is the input folder {source}; write to another one (nothing was written)")

@@ -50,3 +50,14 @@ def test_a_shard_size_that_is_no_positive_number_of_bytes_is_refused_naming_it_b
         seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "out", **given)
     assert str(refused.value).startswith(refusal)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_under_a_file_is_refused_naming_the_file_before_anything_is_written(tmp_path):
+    """save_pretrained(model, "notes.txt/model") raised a bare "[Errno 17] File exists: 'notes.txt'"."""
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError) as refused:
+        seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "notes.txt" / "model")
+    assert str(refused.value) == (
+        f"{tmp_path / 'notes.txt' / 'model'}: {tmp_path / 'notes.txt'} is a file, not a folder; nothing was written"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "kept"
