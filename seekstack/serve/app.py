@@ -840,9 +840,10 @@ def create_app(
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
+        # exposed: what OpenAI's JS client reads of an answer (x-should-retry: a budget's 429 is not sent again)
+        exposed = ["Retry-After", "X-Request-Id", "x-should-retry", *LIMIT_HEADERS]
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id", *LIMIT_HEADERS],
-                           max_age=600)  # fmt: skip
+                           allow_headers=["*"], expose_headers=exposed, max_age=600)  # fmt: skip
     app.add_middleware(RequestIds)  # every response's X-Request-Id, and a counted request's x-ratelimit-* headers
     app.state.server = server
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],

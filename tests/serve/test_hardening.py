@@ -916,6 +916,7 @@ def test_cors_admits_the_configured_origins_only(engine, tmp_path):
     assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()  # and its call's request id
     exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].lower().split(",")}
     assert exposed >= {"x-ratelimit-remaining-requests", "x-ratelimit-reset-tokens"}  # was: not to a page's script
+    assert "x-should-retry" in exposed  # a budget's 429 says not to retry it, to OpenAI's JS client in a page too
 
 
 def test_health_and_the_chat_page_answer_head_and_a_compressed_body_is_refused_naming_its_encoding(engine, tmp_path):
