@@ -1156,6 +1156,11 @@ class Engine:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter
         one_adapter = adapters is None or isinstance(adapters, str)
+        if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword here
+            raise TypeError(
+                f"adapters={adapters!r}: give a loaded adapter's name for all prompts or one per prompt (None: the "
+                "base model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, use_tqdm=True)"
+            )
         adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
         for name, values, one in (
             ("sampling_params", params_list, "or one SamplingParams for all"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from seekstack.infer import Engine, SamplingParams
 
 
@@ -34,3 +36,17 @@ def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(
     assert [output.token_ids for output in engine.generate(prompts, greedy, adapters="ab")] == each
     assert [output.token_ids for output in engine.generate(prompts[:2], greedy, adapters="ab")] == each[:2]
     assert each != [output.token_ids for output in engine.generate(prompts, greedy)]  # the adapter changes them
+
+
+def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_keyword(model, tokenizer):
+    """vLLM's generate(prompts, params, True) turns its bar on (use_tqdm, its third argument); here the third is
+    adapters, and True raised "TypeError: 'bool' object is not iterable", naming neither."""
+    engine = Engine(model, tokenizer)
+    for given in (True, 3):
+        with pytest.raises(TypeError) as refused:
+            engine.generate([[5, 9], [14]], SamplingParams(max_new_tokens=2), given)
+        assert str(refused.value) == (
+            f"adapters={given!r}: give a loaded adapter's name for all prompts or one per prompt (None: the base "
+            "model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, use_tqdm=True)"
+        )
+    assert engine.stats().waiting == 0 and not engine.running  # refused before any prompt was added
