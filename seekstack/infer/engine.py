@@ -1159,7 +1159,8 @@ class Engine:
         if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword here
             raise TypeError(
                 f"adapters={adapters!r}: give a loaded adapter's name for all prompts or one per prompt (None: the "
-                "base model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, use_tqdm=True)"
+                "base model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, "
+                "use_tqdm=True)"
             )
         adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
         for name, values, one in (
