@@ -98,6 +98,12 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
+# OpenAI's routes an OpenAI client may call that this server does not have: why, in the 404
+ABSENT_ROUTES = {
+    "/v1/embeddings": "the model is a decoder trained for next-token prediction, and its pooled hidden states are no "
+    "embedding model",
+    "/v1/responses": "this server answers OpenAI's Chat Completions API (/v1/chat/completions), not its Responses API",
+}
 
 
 class EventStream(StreamingResponse):
@@ -858,6 +864,8 @@ def create_app(
         message = str(error.detail)
         if error.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
+            if request.url.path in ABSENT_ROUTES:
+                message += f": {ABSENT_ROUTES[request.url.path]}"
         elif error.status_code == 405:  # the route's methods, from its Allow header (kept on the answer)
             message = (
                 f"method {request.method} is not allowed on {request.url.path}; it takes "

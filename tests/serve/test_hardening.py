@@ -21,7 +21,7 @@ import pytest
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.serve.app import create_app
+from seekstack.serve.app import ABSENT_ROUTES, create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import Budget, KeyStore
 from seekstack.serve.ledger import Ledger, UsageRecord
@@ -1230,6 +1230,25 @@ def test_requests_waiting_to_write_to_a_held_database_leave_health_and_new_reque
     assert health is not None and health.status_code == 200
     assert [answer.status_code for answer in answers] == [200] * 40
     assert len(Ledger(database).records()) == 40
+
+
+def test_openais_routes_this_server_lacks_get_404_saying_why(engine, tmp_path):
+    """An openai client's embeddings.create or responses.create got 404 "no route POST /v1/embeddings", which said
+    nothing of why, where vLLM says its model does not support the Embeddings API. The 404 now says why."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        return [await client.post(path, json={"model": "model", "input": "hi"}) for path in ABSENT_ROUTES]
+
+    embeddings, responses = run(app, scenario)
+    assert error_of(embeddings, 404)["message"] == (
+        "no route POST /v1/embeddings: the model is a decoder trained for next-token prediction, and its pooled "
+        "hidden states are no embedding model"
+    )
+    assert error_of(responses, 404)["message"] == (
+        "no route POST /v1/responses: this server answers OpenAI's Chat Completions API (/v1/chat/completions), not "
+        "its Responses API"
+    )
 
 
 def test_a_method_a_route_does_not_take_gets_405_saying_so_and_which_it_takes(engine, tmp_path):
