@@ -465,24 +465,24 @@ def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingPar
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-@pytest.mark.parametrize("draft_tokens", [0, 3], ids=["plain", "speculative"])  # 3: the graphs of the test above
-def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens):
-    """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens;
-    drafts score a draft vocabulary (FR-Spec) of half the tokens."""
+def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer):
+    """Compiled speculative decode steps (the batch and the cache mask change shape as requests join) give the eager
+    tokens; drafts score a draft vocabulary (FR-Spec) of half the tokens. The 3 drafts are the graphs of the test
+    above; plain compiled steps are checked as requests join in the test below, on its model's graphs."""
     batch = prompts([6, 19, 11])
     params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
-    options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1),
-               "adaptive_drafts": False, "draft_vocab": VOCAB // 2}  # fmt: skip
+    options = {"prefill_chunk": 8, "speculative": True, "draft_tokens": 3, "adaptive_drafts": False,
+               "draft_vocab": VOCAB // 2}  # fmt: skip
     eager = Engine(model, tokenizer, **options)
     compiled = Engine(model, tokenizer, **options, compile=True)
     expected = run_joining(eager, batch, params, join_at=4)
     assert run_joining(compiled, batch, params, join_at=4) == expected
     assert [len(tokens) for tokens in expected] == [24, 9, 14]
-    if draft_tokens:  # the fused greedy step counts the same drafts and acceptances
-        assert (compiled.stats().spec_drafted, compiled.stats().spec_accepted) == (
-            eager.stats().spec_drafted,
-            eager.stats().spec_accepted,
-        )
+    # the fused greedy step counts the same drafts and acceptances
+    assert (compiled.stats().spec_drafted, compiled.stats().spec_accepted) == (
+        eager.stats().spec_drafted,
+        eager.stats().spec_accepted,
+    )
     assert compiled.cache.usage == 0  # every finished request gave its blocks back
 
 
@@ -492,7 +492,9 @@ def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokeni
     decode step compiles one graph for every batch of 2 or more rows (a cache mask that comes and goes, or 16 rows
     equal to 16 key slots at the first trace, would each add one; a single row gets its own, dynamo's 0/1
     specialisation) and gives the eager tokens. It is traced once: the model's float settings are constants, not
-    symbols that inductor would refuse and have the whole step traced and compiled again."""
+    symbols that inductor would refuse and have the whole step traced and compiled again. Requests joining a lone
+    one (the batch and the cache mask change shape, prompts prefilled in chunks) add that 1-row graph alone and
+    decode the eager tokens."""
     unique_graphs, traced = torch._dynamo.utils.counters["stats"], torch._dynamo.utils.counters["aot_autograd"]
     before, traced_before = unique_graphs["unique_graphs"], traced["total"]
     own_shapes = micro_model(moe_intermediate_size=40)  # no graph another test compiled serves it (no reset)
@@ -505,6 +507,14 @@ def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokeni
         assert [completion.token_ids for completion in compiled.generate(batch, params)] == expected
     assert unique_graphs["unique_graphs"] - before == 1 and traced["total"] - traced_before == 1
     assert compiled.compile_s > 0 and eager.compile_s == 0  # the engine counts the step that compiled
+    joining = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
+    batch = prompts([6, 19, 11])
+    expected = run_joining(Engine(own_shapes, tokenizer, max_batch_size=16, prefill_chunk=8), batch, joining, 4)
+    compiled = Engine(own_shapes, tokenizer, max_batch_size=16, prefill_chunk=8, compile=True)
+    assert run_joining(compiled, batch, joining, join_at=4) == expected
+    assert [len(tokens) for tokens in expected] == [24, 9, 14]
+    assert unique_graphs["unique_graphs"] - before == 2  # the 1-row graph, the first request's steps alone
+    assert compiled.cache.usage == 0  # every finished request gave its blocks back
 
 
 def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compile(model, tokenizer, monkeypatch):
@@ -513,7 +523,7 @@ def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compi
     import seekstack.infer.engine as engine_module
 
     assert EngineOptions().engine_kwargs()["compile"] is None and not Engine(model, tokenizer).decode_compiled
-    params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     monkeypatch.setattr(engine_module, "COMPILE_AFTER_SECONDS", 1e9)
     patient = Engine(model, tokenizer, compile=None)
     patient.generate(prompts([5]), params)
@@ -521,8 +531,9 @@ def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compi
     monkeypatch.setattr(engine_module, "COMPILE_AFTER_SECONDS", 0.0)
     eager_decoding = Engine(model, tokenizer, compile=None)
     assert not eager_decoding.decode_compiled  # nothing decoded yet
-    eager_decoding.generate(prompts([5]), params)  # its first decode step used up the eager time
-    assert eager_decoding.decode_compiled
+    [completion] = eager_decoding.generate(prompts([5]), params)  # its one decode step used up the eager time
+    assert eager_decoding.decode_compiled and len(completion.token_ids) == 2
+    assert eager_decoding.compile_s == 0  # no step of this short run waited for a compile
 
 
 def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
