@@ -3,6 +3,7 @@ checkpoints resume at another number of ranks, and compressed gradient all-reduc
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import math
 import os
@@ -54,6 +55,23 @@ def _train_rank(rank: int, world_size: int, port: int, config, resume) -> None:
 
 def train_on_two_ranks(config, resume=False) -> None:
     mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
+
+
+def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list) -> None:
+    for number, (port, (config, resume)) in enumerate(zip(ports, runs, strict=True), start=1):
+        print(f"rank {rank}: run {number} of {len(runs)}", file=sys.stderr, flush=True)  # where its output starts
+        _train_rank(rank, world_size, port, config, resume)  # train() leaves its process group at its end
+
+
+def train_on_two_ranks_in_turn(runs: list) -> None:
+    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes:
+    each spawned rank imports torch and seekstack (~4 s of a CPU) once, not once per run."""
+    with contextlib.ExitStack() as held:  # each run its own port, all free at once
+        sockets = [held.enter_context(socket.socket()) for _ in runs]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in sockets]
+    mp.spawn(_train_rank_in_turn, args=(2, ports, runs), nprocs=2, join=True)
 
 
 def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resume, rank_main, stacks: str) -> None:
@@ -369,8 +387,10 @@ def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_c
 
 def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path):  # noqa: F811
     steps = dict(max_steps=4, eval_every=0, save_every=0, powersgd_start=2)
-    for scheme in ("none", "bf16", "int8", "powersgd"):
-        train_on_two_ranks(run_config(data_dir, tmp_path / scheme, grad_compression=scheme, **steps))
+    schemes = ("none", "bf16", "int8", "powersgd")  # PowerSGD last: its ranks end after it, as after a run alone
+    train_on_two_ranks_in_turn(
+        [(run_config(data_dir, tmp_path / s, grad_compression=s, **steps), False) for s in schemes]
+    )
     plain = read_metrics(tmp_path / "none")
     full = plain[-1]["comm_bytes"]
     for scheme, ratio in (("bf16", 0.5), ("int8", 0.25), ("powersgd", None)):
@@ -434,7 +454,16 @@ def run_config_from(overrides: list[str], out_dir: Path):
 def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(data_dir, tmp_path):  # noqa: F811
     steps = dict(max_steps=20, eval_every=10, save_every=10, keep_checkpoints=2)
     single = train(run_config(data_dir, tmp_path / "one", **steps))
-    train_on_two_ranks(run_config(data_dir, tmp_path / "ep", expert_parallel=2, **steps))
+    # then, in the same two ranks, resumed from its step-10 checkpoint (linked before that run writes it)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    os.symlink(tmp_path / "ep" / "checkpoints" / "step_10", resumed_dir / "checkpoints" / "step_10")
+    train_on_two_ranks_in_turn(
+        [
+            (run_config(data_dir, tmp_path / "ep", expert_parallel=2, **steps), False),
+            (run_config(data_dir, resumed_dir, expert_parallel=2, **steps), True),
+        ]
+    )
     assert losses(tmp_path / "ep") == pytest.approx(single.losses, abs=1e-5)
     one, ep = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ep")
     assert [m["grad_norm"] for m in ep if "grad_norm" in m] == pytest.approx(
@@ -451,10 +480,6 @@ def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(da
     for name, tensor in reference.items():
         torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-4)
     # Resumed at the same two ranks from step 10: the same last ten losses.
-    resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    os.symlink(tmp_path / "ep" / "checkpoints" / "step_10", resumed_dir / "checkpoints" / "step_10")
-    train_on_two_ranks(run_config(data_dir, resumed_dir, expert_parallel=2, **steps), resume=True)
     assert losses(resumed_dir)[-10:] == pytest.approx(losses(tmp_path / "ep")[-10:], abs=1e-6)
 
 
@@ -583,10 +608,13 @@ def test_resuming_with_another_optimizer_layout_is_refused_naming_what_to_resume
     whole = resume_from(tmp_path / "one" / "checkpoints" / "step_2", tmp_path / "whole_to_ep")
     with pytest.raises(mp.ProcessRaisedException, match="holds a whole optimizer state .saved without expert paral"):
         train_on_two_ranks(run_config(data_dir, whole, expert_parallel=2, **steps), resume=True)
-    train_on_two_ranks(run_config(data_dir, tmp_path / "ep_ddp", expert_parallel=2, **{**steps, "max_steps": 2}))
-    ep_ddp = resume_from(tmp_path / "ep_ddp" / "checkpoints" / "step_2", tmp_path / "ep_fsdp")
+    ep_ddp = resume_from(tmp_path / "ep_ddp" / "checkpoints" / "step_2", tmp_path / "ep_fsdp")  # linked before it is
+    runs = [
+        (run_config(data_dir, tmp_path / "ep_ddp", expert_parallel=2, **{**steps, "max_steps": 2}), False),
+        (run_config(data_dir, ep_ddp, expert_parallel=2, parallel="fsdp", **steps), True),  # then resumed: refused
+    ]
     with pytest.raises(mp.ProcessRaisedException, match=r"optimizer_rank\d.pt holds .* resume it with parallel=ddp"):
-        train_on_two_ranks(run_config(data_dir, ep_ddp, expert_parallel=2, parallel="fsdp", **steps), resume=True)
+        train_on_two_ranks_in_turn(runs)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "powersgd"])
@@ -603,15 +631,16 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     )
     train_on_two_ranks(run_config(data_dir, tmp_path / "whole", **steps))
     out_dir = resume_from(tmp_path / "whole" / "checkpoints" / "step_3", tmp_path / "resumed")
-    train_on_two_ranks(run_config(data_dir, out_dir, **steps), resume=True)
-    assert losses(out_dir)[-3:] == losses(tmp_path / "whole")[-3:]
     three_ranks = tmp_path / "three_ranks" / "checkpoints" / "step_3"
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_3", three_ranks)
     shutil.copy(three_ranks / "compression_rank1.pt", three_ranks / "compression_rank2.pt")  # as if saved at 3 ranks
     capfd.readouterr()
-    train_on_two_ranks(run_config(data_dir, tmp_path / "three_ranks", **steps), resume=True)
+    resumed = [run_config(data_dir, folder, **steps) for folder in (out_dir, tmp_path / "three_ranks")]
+    train_on_two_ranks_in_turn([(config, True) for config in resumed])
+    assert losses(out_dir)[-3:] == losses(tmp_path / "whole")[-3:]
     warning = f"holds the compression state of 3 ranks, not 2; grad_compression={scheme} starts afresh"
-    assert capfd.readouterr().err.count(warning) == 1  # from rank 0
+    told = capfd.readouterr().err
+    assert told.count(warning) == 1 and warning in told.split("rank 0: run 2 of 2")[1]  # from rank 0, resuming 3's
 
 
 @pytest.mark.parametrize(
