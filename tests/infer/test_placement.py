@@ -411,8 +411,8 @@ def test_no_budget_at_all_is_refused_rather_than_everything_put_on_disk(model, b
 
     with pytest.raises(ValueError, match=f"memory budgets {budgets!r}: none given; expected device=size entries"):
         device_map_for(model, f"auto:{budgets}")
-    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", budgets])
-    assert result.exit_code == 1 and "none given" in result.stderr
+    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", budgets])  # a usage error (dc7639e)
+    assert result.exit_code == 2 and "Invalid value for '--memory'" in result.stderr and "none given" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -600,7 +600,8 @@ def test_a_device_given_two_budgets_is_refused_naming_it():
     from seekstack.cli import app
 
     result = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1MiB, cuda:0=1GiB,cpu=100GiB"])
-    assert result.exit_code == 1 and "cpu named twice" in result.output and "--device-map" not in result.output
+    assert result.exit_code == 2 and "cpu named twice" in result.output and "--device-map" not in result.output
+    assert "Invalid value for '--memory'" in result.output  # a usage error naming the option (dc7639e)
     with pytest.raises(ValueError, match="'cpu=2GiB': cpu named twice"):
         parse_budgets("cpu=1MiB,cpu=2GiB")  # --device-map auto:... in generate, chat and serve too
 
