@@ -28,6 +28,7 @@ from seekstack.checkpoint.keys import (
 )
 from seekstack.compress.formats import dequantize_int, dynamic_scales, fake_quantize, unpack_codes
 from seekstack.config import ModelConfig
+from seekstack.train.runs import run_checkpoint
 
 # naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
 # layout (`weight` codes + `weight_scale`), int8 or e4m3 codes; dense: weights stored unquantized, as llm-compressor
@@ -92,6 +93,15 @@ def read_config(directory: str | Path) -> ModelConfig:
                 f"{directory}: a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a model checkpoint: give its base model "
                 "with the adapter where a command takes one, or merge the two into a model folder (`seekstack lora "
                 "merge`) and give that"
+            )
+        try:
+            newest = run_checkpoint(directory)
+        except FileNotFoundError as error:  # a run with no checkpoint: said so
+            raise CheckpointError(f"{directory}: a training run's folder, not a model checkpoint; {error}") from None
+        if newest is not None:
+            raise CheckpointError(
+                f"{directory}: a training run's folder, not a model checkpoint; its newest checkpoint is {newest}: "
+                "load that folder (the command line takes the run for it)"
             )
         raise CheckpointError(
             f"{config_path}: no such file; a checkpoint keeps its {CONFIG_FILE} beside the weights: "
