@@ -162,6 +162,25 @@ def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, m
     assert "not a git repository" not in capfd.readouterr().err
 
 
+def test_local_tasks_alone_are_run_without_indexing_lm_evals_own_task_files(checkpoint, tmp_path, monkeypatch):
+    """Each evaluation indexed lm_eval's ~15,000 tasks from their YAML files (~8 s of a CPU), even of local tasks
+    alone, whose configs are built here and looked up by no name."""
+    import lm_eval.tasks._index
+
+    from seekstack.eval.evaluate import evaluate
+
+    read = []
+    load_yaml = lm_eval.tasks._index.load_yaml
+    monkeypatch.setattr(
+        lm_eval.tasks._index, "load_yaml", lambda path, **kwargs: read.append(path) or load_yaml(path, **kwargs)
+    )
+    report = evaluate(
+        checkpoint, ("code_perplexity",), write_corpus(tmp_path / "corpus", [MODULE]), limit=1, device="cpu"
+    )
+    assert report["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
+    assert read == []  # lm_eval read none of its task files
+
+
 def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_evals_results_json(
     checkpoint, tmp_path
 ):
