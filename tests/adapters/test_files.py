@@ -606,6 +606,9 @@ def test_a_block_diagonal_adapter_loads_with_peft_logits_and_serving_refuses_it_
     plain, theirs = peft_logits(base, adapter, ids)
     assert (plain - theirs).abs().max() > 100 * PEFT_ATOL
     assert (logits_with_adapter(base, adapter, ids) - theirs).abs().max() < PEFT_ATOL
+    with torch.no_grad():
+        merged = seekstack.load_pretrained(merge_adapter(base, adapter, tmp_path / "merged"))(ids).logits
+    assert (merged - theirs).abs().max() < PEFT_ATOL
     with pytest.raises(CheckpointError, match=rf"{adapter / ADAPTER_CONFIG_FILE}: a block-diagonal .*\(use_bdlora\)"):
         read_factors(seekstack.load_pretrained(base).config, adapter)
 
