@@ -41,6 +41,11 @@ from seekstack.model.transformer import Transformer
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
 
+SERVING_UNSUPPORTED = {  # peft's LoraConfig fields that merging applies and serving's per-row layers do not
+    "use_dora": "a DoRA adapter (use_dora, lora.dora) rescales each output row",
+    "use_bdlora": "a block-diagonal LoRA adapter (use_bdlora) stores A or B as diagonal blocks",
+}
+
 
 class UnknownAdapter(ValueError):
     """A request or an unload names an adapter that is not loaded."""
@@ -71,16 +76,12 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     are tied."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
-    if peft_config.use_dora:
-        raise CheckpointError(
-            f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
-            "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
-        )
-    if peft_config.use_bdlora:
-        raise CheckpointError(
-            f"{config_file}: a block-diagonal LoRA adapter (use_bdlora) stores A or B as diagonal blocks, which "
-            "serving beside other adapters does not apply; serve the merged checkpoint of `seekstack lora merge`"
-        )
+    for option, what in SERVING_UNSUPPORTED.items():
+        if getattr(peft_config, option):
+            raise CheckpointError(
+                f"{config_file}: {what}, which serving beside other adapters does not apply; serve the merged "
+                "checkpoint of `seekstack lora merge` instead"
+            )
     if peft_config.trainable_token_indices and config.tie_word_embeddings:
         raise CheckpointError(
             f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head and "

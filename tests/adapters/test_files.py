@@ -609,7 +609,8 @@ def test_a_block_diagonal_adapter_loads_with_peft_logits_and_serving_refuses_it_
     with torch.no_grad():
         merged = seekstack.load_pretrained(merge_adapter(base, adapter, tmp_path / "merged"))(ids).logits
     assert (merged - theirs).abs().max() < PEFT_ATOL
-    with pytest.raises(CheckpointError, match=rf"{adapter / ADAPTER_CONFIG_FILE}: a block-diagonal .*\(use_bdlora\)"):
+    message = rf"{adapter / ADAPTER_CONFIG_FILE}: a block-diagonal .*\(use_bdlora\).*`seekstack lora merge` instead$"
+    with pytest.raises(CheckpointError, match=message):
         read_factors(seekstack.load_pretrained(base).config, adapter)
 
 
