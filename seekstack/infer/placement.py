@@ -155,12 +155,6 @@ def device_map_text(
     entries; accelerate's device_map="auto" (or "sequential") with its `max_memory` ({0: "10GiB", "cpu": "30GiB"})
     as `auto:` and those budgets, filled in order as its "sequential" fills them; TypeError for another, ValueError
     for a max_memory beside any other map or none (device_map None), and for accelerate's strategies without one."""
-    if max_memory is None and isinstance(device_map, str) and device_map.strip().lower() in ACCELERATE_STRATEGIES:
-        raise ValueError(  # the text's refusal (`_entries`) names auto:'s budgets, which no keyword here writes
-            f"device_map={device_map!r} without max_memory: seekstack plans within the budgets you give, not from "
-            "free memory as accelerate's: give device_map='auto' with max_memory={0: '70GiB', 'cpu': '100GiB'} "
-            "(`seekstack plan` shows the placement), or the device of each part ({'': 'cpu', 'lm_head': 'disk'})"
-        )
     if max_memory is not None:
         if device_map not in ("auto", "sequential"):
             raise ValueError(
@@ -168,6 +162,12 @@ def device_map_text(
                 "'sequential'), planned within them; give one of those, or leave max_memory out"
             )
         return "auto:" + ",".join(f"{device}={size}" for device, size in max_memory.items())
+    if isinstance(device_map, str) and device_map.strip().lower() in ACCELERATE_STRATEGIES:
+        raise ValueError(  # the text's refusal (`_entries`) names auto:'s budgets, which no keyword here writes
+            f"device_map={device_map!r} without max_memory: seekstack plans within the budgets you give, not from "
+            "free memory as accelerate's: give device_map='auto' with max_memory={0: '70GiB', 'cpu': '100GiB'} "
+            "(`seekstack plan` shows the placement), or the device of each part ({'': 'cpu', 'lm_head': 'disk'})"
+        )
     if isinstance(device_map, Mapping):
         return ",".join(f"{name}={device}" for name, device in device_map.items())
     if isinstance(device_map, torch.device):
