@@ -49,7 +49,8 @@ def request_id_of(request: Request) -> str:
 
 
 def take_body_request_id(request: Request, request_id: str | None) -> None:
-    """Name `request` by the `request_id` its body gives (vLLM's field), where the client sent no `X-Request-Id`:
-    vLLM names a completion by the header first, then by the body's id."""
-    if request_id is not None and HEADER not in request.headers:
+    """Name `request` by the `request_id` its body gives (vLLM's field), where the client sent no `X-Request-Id` (or an
+    empty one, which `RequestIds` takes for none): vLLM names a completion by the header first, then by the body's
+    id."""
+    if request_id is not None and not request.headers.get(HEADER):
         request.scope["state"]["request_id"] = request_id

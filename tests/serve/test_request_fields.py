@@ -753,6 +753,19 @@ def test_a_bodys_request_id_names_the_completion_where_no_x_request_id_header_do
     assert error_of(refused, 400)["param"] == "request_id"
 
 
+def test_an_empty_x_request_id_header_leaves_the_bodys_request_id_to_name_the_completion(engine, tmp_path):
+    """An empty X-Request-Id is no id (RequestIds gives a random one for it), but it kept the body's request_id from
+    naming the completion, which came back with a random id."""
+
+    async def scenario(client):
+        return await client.post(
+            "/v1/completions", json={**COMPLETION, "request_id": "job-7"}, headers={"X-Request-Id": ""}
+        )
+
+    answer = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    assert (answer.json()["id"], answer.headers["x-request-id"]) == ("cmpl-job-7", "job-7")
+
+
 @pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
 def test_vllms_minus_one_for_the_whole_vocabularys_logprobs_is_refused_saying_what_it_asks(field):
     """-1 was refused as any negative count ("greater than or equal to 0, got -1"), which told a vLLM user nothing."""
