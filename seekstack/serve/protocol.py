@@ -368,13 +368,6 @@ def sampling_params(
     if room >= 1 and context_len is not None and context_len < max_model_len:  # the room is what the cache leaves
         context += f", of which the server's cache holds {context_len} for one request"
         room = context_len - prompt_tokens
-        if room < 1:
-            raise APIError(
-                400,
-                f"{context}; the request needs {prompt_tokens} in the prompt. Shorten the prompt.",
-                param="messages" if is_chat else "prompt",
-                code="context_length_exceeded",
-            )
     requested = requested_max_tokens(request)
     # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
     # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes

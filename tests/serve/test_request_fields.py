@@ -965,7 +965,8 @@ def test_a_prompt_past_the_engines_cache_is_refused_as_a_prompt_past_the_context
     ]  # fmt: skip
     assert errors[0]["message"] == (
         f"this model's maximum context length is {engine.max_model_len} tokens, of which the server's cache holds "
-        f"{engine.context_len} for one request; the request needs 40 in the prompt. Shorten the prompt."
+        f"{engine.context_len} for one request; the request needs 40 in the prompt + 8 for the completion. Shorten the "
+        "prompt."
     )
 
 
