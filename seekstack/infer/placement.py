@@ -207,9 +207,11 @@ def disk_parts_note(device_map: str | None, model: nn.Module) -> str | None:
     """The note a command prints on stderr where `--device-map auto:...` put parts of `model` (placed by `place`) on
     disk, those its budgets hold nowhere: they run from there, read in as each step needs them, where accelerate's
     plan would stop to ask for an offload folder. None for another map, or one that put nothing on disk."""
+    if device_map is None or not device_map.startswith("auto:"):
+        return None
     placement = getattr(model, "placement", None) or {}
     on_disk = {part: device for part, device in placement.items() if device == DISK}
-    if device_map is None or not device_map.startswith("auto:") or not on_disk:
+    if not on_disk:
         return None
     return (
         f"note: --device-map {device_map} puts {len(on_disk)} part(s) on disk, which fit in none of its budgets: "
