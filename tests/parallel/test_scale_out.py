@@ -35,10 +35,17 @@ from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_co
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports, all held at once while they are picked."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
@@ -66,12 +73,7 @@ def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list
 def train_on_two_ranks_in_turn(runs: list) -> None:
     """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes:
     each spawned rank imports torch and seekstack (~4 s of a CPU) once, not once per run."""
-    with contextlib.ExitStack() as held:  # each run its own port, all free at once
-        sockets = [held.enter_context(socket.socket()) for _ in runs]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        ports = [sock.getsockname()[1] for sock in sockets]
-    mp.spawn(_train_rank_in_turn, args=(2, ports, runs), nprocs=2, join=True)
+    mp.spawn(_train_rank_in_turn, args=(2, free_ports(len(runs)), runs), nprocs=2, join=True)  # a port per run
 
 
 def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resume, rank_main, stacks: str) -> None:
