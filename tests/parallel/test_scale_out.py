@@ -389,7 +389,7 @@ def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_c
 
 def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path):  # noqa: F811
     steps = dict(max_steps=4, eval_every=0, save_every=0, powersgd_start=2)
-    schemes = ("none", "bf16", "int8", "powersgd")  # PowerSGD last: its ranks end after it, as after a run alone
+    schemes = ("none", "bf16", "int8", "powersgd")
     train_on_two_ranks_in_turn(
         [(run_config(data_dir, tmp_path / s, grad_compression=s, **steps), False) for s in schemes]
     )
