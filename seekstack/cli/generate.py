@@ -252,8 +252,8 @@ def generate_command(
             raise usage_error("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
             raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
-        given = prompt
-        if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
+        from_stdin = prompt in (None, "-")
+        if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
             # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -285,7 +285,7 @@ def generate_command(
             else encoder.encode_prompt(prompt)
         )
         if not prompt_ids:  # an empty text, where the tokenizer puts no BOS before one: nothing to continue
-            read = " (standard input held no text)" if given in (None, "-") else ""
+            read = " (standard input held no text)" if from_stdin else ""
             raise typer.BadParameter(
                 f"is empty{read}, and this tokenizer puts no BOS token before a text: give the text to continue",
                 param_hint="'prompt'",
