@@ -81,6 +81,13 @@ class StrictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+class LoggedRequest(StrictRequest):
+    """A request (or part of one) whose unknown fields are ignored but kept, for parse_body to name them in the log
+    (an include_usuage, a misspelt sampling field), as vLLM's server warns of them."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 def whole_numbers(value: Any) -> Any:
     """A JSON number without a fractional part (5.0) as the integer it is, as JSON Schema's "integer" (the type
     /openapi.json gives) and vLLM's pydantic read it, in lists too (token ids); any other value as it is, for the
@@ -93,26 +100,23 @@ def whole_numbers(value: Any) -> Any:
     return value
 
 
-class StreamOptions(StrictRequest):
-    model_config = ConfigDict(extra="allow")  # an unknown field (include_usuage) is named in the log, as vLLM's
+class StreamOptions(LoggedRequest):
     include_usage: Annotated[bool, OrDefault] = False
     # vLLM's extension: with include_usage, each chunk carries its choice's usage so far
     continuous_usage_stats: Annotated[bool, OrDefault] = False
 
 
-class JsonSchemaSpec(StrictRequest):
-    model_config = ConfigDict(extra="allow")  # as StreamOptions
+class JsonSchemaSpec(LoggedRequest):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")  # the JSON Schema the reply must follow
     strict: bool | None = None  # the schema is always enforced, strict or not
 
 
-class ResponseFormat(StrictRequest):
+class ResponseFormat(LoggedRequest):
     """Free text, or JSON constrained as it is generated, so that a reply that finishes parses: "json_object" (JSON
     mode: one JSON object) or "json_schema" with `json_schema` (JSON that the schema allows)."""
 
-    model_config = ConfigDict(extra="allow")  # as StreamOptions
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None  # required with type "json_schema", read only then
 
@@ -123,10 +127,9 @@ class ResponseFormat(StrictRequest):
         return self
 
 
-class SamplingFields(StrictRequest):
+class SamplingFields(LoggedRequest):
     """Fields shared by both endpoints; None means the default."""
 
-    model_config = ConfigDict(extra="allow")  # a field it does not know is ignored, and kept to be named in the log
     model: str | None = Field(None, min_length=1)  # left out (or null): the base model, as vLLM reads it
     # vLLM's: the response's id (cmpl-/chatcmpl- and it) and X-Request-Id, where the client sent no X-Request-Id;
     # visible ASCII, as a header's value can carry it

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
@@ -41,9 +41,9 @@ from seekstack.serve.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    LoggedRequest,
     OrDefault,
     PromptText,
-    StrictRequest,
     TokenId,
     Tool,
     whole_numbers,
@@ -54,10 +54,9 @@ if TYPE_CHECKING:
     from seekstack.tokenizer import Tokenizer
 
 
-class TokenizeRequest(StrictRequest):
+class TokenizeRequest(LoggedRequest):
     """A completion's prompt text or a chat's messages, one of the two."""
 
-    model_config = ConfigDict(extra="allow")  # a field it does not know is ignored, and named in the log (parse_body)
     model: str | None = None
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -85,8 +84,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(StrictRequest):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeRequest(LoggedRequest):
     model: str | None = None
     tokens: list[TokenId]
     _integers = field_validator("tokens", mode="before")(whole_numbers)
