@@ -152,17 +152,9 @@ def test_the_hf_backend_refuses_a_checkpoint_transformers_loads_as_another_model
         evaluate(softmax, ("code_perplexity",), corpus, "hf", limit=1)
 
 
-def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, monkeypatch, capfd):
-    from seekstack.eval.evaluate import evaluate
-
-    monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
-    corpus = write_corpus(tmp_path / "corpus", [MODULE])
-    result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu")
-    assert result["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
-    assert "not a git repository" not in capfd.readouterr().err
-
-
-def test_local_tasks_alone_are_run_without_indexing_lm_evals_own_task_files(checkpoint, tmp_path, monkeypatch):
+def test_eval_of_local_tasks_alone_indexes_no_lm_eval_task_file_and_outside_a_git_checkout_prints_no_git_error(
+    checkpoint, tmp_path, monkeypatch, capfd
+):
     """Each evaluation indexed lm_eval's ~15,000 tasks from their YAML files (~8 s of a CPU), even of local tasks
     alone, whose configs are built here and looked up by no name."""
     import lm_eval.tasks._index
@@ -174,10 +166,11 @@ def test_local_tasks_alone_are_run_without_indexing_lm_evals_own_task_files(chec
     monkeypatch.setattr(
         lm_eval.tasks._index, "load_yaml", lambda path, **kwargs: read.append(path) or load_yaml(path, **kwargs)
     )
-    report = evaluate(
-        checkpoint, ("code_perplexity",), write_corpus(tmp_path / "corpus", [MODULE]), limit=1, device="cpu"
-    )
-    assert report["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
+    monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu")
+    assert result["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
+    assert "not a git repository" not in capfd.readouterr().err
     assert read == []  # lm_eval read none of its task files
 
 
