@@ -406,10 +406,11 @@ def _training(
                     "them later, a stopped one trains them again on --resume. "
                 )
     if steps:
-        speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
-        mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
-        peak = _peak_text(steps, tail)
-        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, {_mfu_text(mfu, peak)}.\n\n"
+        speeds = [r["tokens_per_s"] for r in tail if "tokens_per_s" in r]  # each may be missing from metrics.jsonl
+        mfus = [r["mfu"] for r in tail if "mfu" in r]  # written by another trainer or by hand: told, not a crash
+        speed = f"{statistics.median(speeds):,.0f} tokens/s" if speeds else "tokens/s not logged"
+        mfu = _mfu_text(statistics.median(mfus), _peak_text(steps, tail)) if mfus else "MFU not logged"
+        text += f"Speed over the last quarter of the steps (median): {speed}, {mfu}.\n\n"
     columns = [column for column in VALIDATION_COLUMNS if any(column[1] in r for r in evals)]  # no MoE: no MaxVio
     rows = [(str(r["step"]), *(format(r[key], spec) if key in r else "-" for _, key, spec in columns)) for r in evals]
     header = ("step", *(label for label, _, _ in columns))

@@ -644,6 +644,24 @@ def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_
     assert said in speed and "900 tokens/s, MFU " in speed and ("too low" in speed) == (mfu > 1)
 
 
+@pytest.mark.parametrize(
+    ("logged", "said"),
+    [
+        ({"tokens_per_s": 900.0}, "(median): 900 tokens/s, MFU not logged."),
+        ({"mfu": 0.42}, "(median): tokens/s not logged, MFU 42.0%."),
+        ({}, "(median): tokens/s not logged, MFU not logged."),
+    ],
+)
+def test_speed_gives_what_the_steps_logged_and_says_what_they_did_not(tmp_path, logged, said):
+    """A metrics.jsonl whose steps logged tokens_per_s but no mfu (another trainer's, or one written by hand) stopped
+    `seekstack report` with "error: no median for empty data"."""
+    from seekstack.eval.report import _training
+
+    records = [{"step": step, "loss": 2.0, "lr": 1e-3, **logged} for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert f"Speed over the last quarter of the steps {said}" in _training(tmp_path, tmp_path, {}, records)
+
+
 def test_the_curves_figure_names_the_metrics_it_draws_and_the_command_that_draws_it_again(tmp_path):
     """report.md's figure said "![training curves](curves.png)" alone: neither which steps of which run's metrics it
     shows nor how to draw it again (beside a page written elsewhere, or after the run trained on)."""
