@@ -98,6 +98,7 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
+SHOULD_RETRY = "x-should-retry"  # OpenAI's clients read "false" as: do not send this request again
 # OpenAI's routes an OpenAI client may call that this server does not have: why, in the 404
 ABSENT_ROUTES = {
     "/v1/embeddings": "the model is a decoder trained for next-token prediction, and its pooled hidden states are no "
@@ -444,7 +445,7 @@ class Server:
                 f"{format_amount(budget.amount)}: no request is served until {until}",
                 "insufficient_quota",
                 code="insufficient_quota",
-                headers={"x-should-retry": "false"},  # the openai client's retries would each count, and be refused
+                headers={SHOULD_RETRY: "false"},  # the openai client's retries would each count, and be refused
             )
 
     async def count(self, request: Request, key: ApiKey | None) -> Charge | None:
@@ -847,7 +848,7 @@ def create_app(
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         # exposed: what OpenAI's JS client reads of an answer (x-should-retry: a budget's 429 is not sent again)
-        exposed = ["Retry-After", "X-Request-Id", "x-should-retry", *LIMIT_HEADERS]
+        exposed = ["Retry-After", REQUEST_ID, SHOULD_RETRY, *LIMIT_HEADERS]
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=exposed, max_age=600)  # fmt: skip
     app.add_middleware(RequestIds)  # every response's X-Request-Id, and a counted request's x-ratelimit-* headers
