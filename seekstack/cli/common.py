@@ -12,7 +12,6 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
-from seekstack.checkpoint.folder import CheckpointError
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.schema import ConfigError, settable_fields
@@ -37,7 +36,7 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         return value
     try:
         newest = run_checkpoint(value)
-    except (FileNotFoundError, CheckpointError) as error:  # no checkpoint; a step folder's index that is no index
+    except FileNotFoundError as error:
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value

@@ -360,7 +360,6 @@ def _checkpoints_of_runs(
     set to the run's newest complete checkpoint, which `tell` hears of; a resumed run's `saved` config keeps the
     checkpoint of that run it took at its start (a distill teacher run that trained on since would otherwise swap
     the teacher mid-run)."""
-    from seekstack.checkpoint.folder import CheckpointError
     from seekstack.train.runs import passed_over, run_checkpoint, run_holding
 
     values = dict(values)
@@ -370,7 +369,7 @@ def _checkpoints_of_runs(
             continue
         try:
             picked = run_checkpoint(given)
-        except (FileNotFoundError, CheckpointError) as error:  # no checkpoint; a step folder's index that is no index
+        except FileNotFoundError as error:
             raise ConfigError(f": {error}", field=name) from None
         kept = saved.get(name)
         taken = run_holding(kept) if isinstance(kept, str) and kept and Path(kept).is_dir() else None

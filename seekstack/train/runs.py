@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from seekstack.checkpoint.folder import CONFIG_FILE as MODEL_CONFIG_FILE
-from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, read_weight_map
+from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, CheckpointError, read_weight_map
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE
 
@@ -60,8 +60,9 @@ def missing_files(folder: Path) -> list[str]:
     """The files step folder `folder` lacks to be a checkpoint: train_state.pt (a save cut short), its model's
     config.json and weights (a LoRA run's: its adapter's), or, with no model.safetensors, a shard its index names
     (deleted, or a copy cut short). A model.safetensors beside an index whose shards are gone is read past it, as
-    the reader (and transformers) read it, so its shards are not asked for. An index that is no index (not JSON, no
-    weight_map, a file name that is none) is refused as the reader refuses it (CheckpointError)."""
+    the reader (and transformers) read it, so its shards are not asked for. An index the reader refuses (not JSON, no
+    weight_map, a file name that is none) leaves the folder incomplete, lacking a valid index: a damaged older step
+    folder is passed over as one cut short is, and keeps no run from its newer checkpoints."""
     missing = [] if (folder / TRAIN_STATE_FILE).is_file() else [TRAIN_STATE_FILE]
     if any((folder / name).is_file() for name in ADAPTER_FILES):
         return missing + [name for name in ADAPTER_FILES if not (folder / name).is_file()]
@@ -70,7 +71,10 @@ def missing_files(folder: Path) -> list[str]:
     if (folder / SINGLE_FILE).is_file():
         return missing
     if (folder / INDEX_FILE).is_file():
-        shards = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
+        try:
+            shards = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
+        except CheckpointError:
+            return missing + [f"valid {INDEX_FILE}"]
         missing += [shard for shard in shards if not (folder / shard).is_file()]
     else:
         missing.append(SINGLE_FILE)

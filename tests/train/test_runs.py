@@ -3,17 +3,19 @@ checkpoint reader reads them."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.checkpoint import CheckpointError, CheckpointReader
+from seekstack.checkpoint.save import write_pretrained_files
 from seekstack.cli import app
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 from seekstack.train.config import load_train_config, resolve_train_config
-from seekstack.train.runs import run_checkpoint
+from seekstack.train.runs import missing_files, run_checkpoint, step_folders
 from seekstack.train.state import save_checkpoint
 from tests.conftest import micro_config
 from tests.train.test_trainer import write_split
@@ -43,7 +45,10 @@ def test_a_run_whose_step_folder_holds_no_valid_index_is_refused_as_the_reader_r
     assert message.startswith(f"{index}: {refusal}") and message.endswith("re-save or re-download the checkpoint")
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "run"), "hi"], terminal_width=10_000)
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert (
+        f"{tmp_path / 'run'}: no complete checkpoint: step_3 (no valid model.safetensors.index.json) under "
+        f"{tmp_path / 'run' / 'checkpoints'}"
+    ) in " ".join(result.output.split())
 
 
 def test_init_from_a_folder_that_is_no_checkpoint_is_refused_naming_the_setting_and_the_file(tmp_path):
@@ -64,8 +69,27 @@ def test_init_from_a_folder_that_is_no_checkpoint_is_refused_naming_the_setting_
     with pytest.raises(ConfigError) as refused:
         resolve_train_config(None, [f"init_from={tmp_path / 'started'}", *settings])
     assert str(refused.value).startswith(
-        f"field 'init_from': {checkpoint / 'model.safetensors.index.json'}: not valid JSON (Expecting"
+        f"field 'init_from': {tmp_path / 'started'}: no complete checkpoint: step_3 (no valid "
+        f"model.safetensors.index.json) under {checkpoint.parent}"
     )
+
+
+def test_a_damaged_index_in_an_older_step_folder_keeps_the_run_from_none_of_its_newer_checkpoints(tmp_path):
+    """missing_files raised the reader's CheckpointError for a step folder whose index is damaged, and every listing
+    reads each step folder: with step_2's index truncated and step_4 complete, run_checkpoint refused the run, and a
+    save of step_6 wrote it, then raised while pruning, which stopped training at its save step. The folder is now
+    incomplete, lacking a valid index, and passed over as a step folder cut short is."""
+    run, model = tmp_path / "run", Transformer(micro_config())
+    sharded = functools.partial(write_pretrained_files, max_shard_bytes=4096)
+    damaged = save_checkpoint(run, model, {"step": 2}, keep=2, write_model=sharded)
+    index = damaged / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+    assert missing_files(damaged) == ["valid model.safetensors.index.json"]
+    save_checkpoint(run, model, {"step": 4}, keep=2)
+    assert run_checkpoint(run) == run / "checkpoints" / "step_4"
+    assert save_checkpoint(run, model, {"step": 6}, keep=1) == run / "checkpoints" / "step_6"
+    assert [folder.name for folder in step_folders(run)] == ["step_2", "step_6"]  # step_4 pruned; step_2 never listed
+    assert run_checkpoint(run) == run / "checkpoints" / "step_6"
 
 
 def test_report_takes_a_runs_metrics_jsonl_for_its_run_as_plot_does(tmp_path):
