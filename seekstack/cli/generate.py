@@ -243,6 +243,7 @@ def generate_command(
     options (and max-new-tokens) left unset take the checkpoint's generation_config.json values, else temperature 1,
     top-p 1, no top-k, min-p or repetition penalty, 128 new tokens."""
     from seekstack.infer.chat import ending_at_special_tokens
+    from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 
     with failures_as_json(as_json), user_errors(as_json):
         for option, value in (("--top-logprobs", top_logprobs), ("--prompt-logprobs", prompt_logprobs)):
@@ -271,6 +272,9 @@ def generate_command(
                 offload_dir, dtype, device,
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
+        if not chat and prompt == "" and tokenizer_json_path(tokenizer or model).is_file():
+            # the tokenizer alone decides whether an empty text is something to continue: before any weights load
+            refuse_nothing_to_continue(Tokenizer.from_file(tokenizer or model).encode_prompt(""), from_stdin)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
         if chat:
@@ -284,12 +288,7 @@ def generate_command(
             if chat
             else encoder.encode_prompt(prompt)
         )
-        if not prompt_ids:  # an empty text, where the tokenizer puts no BOS before one: nothing to continue
-            read = " (standard input held no text)" if from_stdin else ""
-            raise typer.BadParameter(
-                f"is empty{read}, and this tokenizer puts no BOS token before a text: give the text to continue",
-                param_hint="'prompt'",
-            )
+        refuse_nothing_to_continue(prompt_ids, from_stdin)  # --chat: a template writing nothing for it
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)  # -1 (None): the room, unsaid
         if notice:
             typer.echo(f"note: {notice}", err=True)
@@ -382,6 +381,17 @@ def tell_base_model(engine: Engine, model: Path, tokenizer: Path | None, adapter
     if reason:
         note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
         typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
+
+
+def refuse_nothing_to_continue(prompt_ids: list[int], from_stdin: bool) -> None:
+    """A usage error naming the prompt argument where it encodes to no token: an empty text (given, or read from
+    standard input) of a tokenizer that puts no BOS before one leaves the model nothing to continue."""
+    if not prompt_ids:
+        read = " (standard input held no text)" if from_stdin else ""
+        raise typer.BadParameter(
+            f"is empty{read}, and this tokenizer puts no BOS token before a text: give the text to continue",
+            param_hint="'prompt'",
+        )
 
 
 def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -79,6 +79,26 @@ def test_generate_refuses_an_empty_prompt_its_tokenizer_puts_nothing_before_by_t
     )
 
 
+def test_generate_refuses_an_empty_prompt_by_its_tokenizer_alone_before_reading_any_weights(checkpoint, tmp_path):
+    """The refusal of an empty prompt (a tokenizer adding no BOS) came once every weight had loaded, though the
+    tokenizer alone decides it: a checkpoint whose weights do not load got their error (exit 1) in its place."""
+    weightless = tmp_path / "weightless"  # a checkpoint's config and tokenizer, its weights absent
+    weightless.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(checkpoint / name, weightless / name)
+    bare = tmp_path / "bare"  # its tokenizer given apart, with --tokenizer
+    bare.mkdir()
+    shutil.copy(checkpoint / "config.json", bare / "config.json")
+    for args in (["--model", str(weightless)], ["--model", str(bare), "--tokenizer", str(checkpoint)]):
+        refused = runner.invoke(app, ["generate", *args, ""])
+        assert (refused.exit_code, refused.stdout) == (2, ""), refused.output
+        assert refused.stderr.endswith(
+            "Error: Invalid value for 'prompt': is empty, and this tokenizer puts no BOS token before a text: give "
+            "the text to continue\n"
+        )
+        assert runner.invoke(app, ["generate", *args, "def"]).exit_code == 1  # a text to continue: the weights' error
+
+
 def test_generate_max_new_tokens_minus_one_runs_until_the_context_is_full_as_llama_clis(checkpoint, engine):
     """llama-cli's -n -1 generates until the context is full; --max-new-tokens -1 was refused ("has value -1: input
     should be greater than 0"). It now fills what the prompt leaves of the context, without the notice of a cap."""
