@@ -691,8 +691,12 @@ class Server:
         until: str | None = None,
     ) -> UsageReport:
         """Admin: tokens and cost per key, day and model, optionally for one key, from a day on, to a day (included),
-        for one model."""
+        for one model. A parameter given twice is refused, naming it (FastAPI would read the last alone)."""
         self.authenticate(request, admin=True)
+        for param in ("key", "since", "model", "until"):
+            if len(given := request.query_params.getlist(param)) > 1:
+                raise APIError(400, f"{param} given {len(given)} times ({', '.join(map(repr, given))}): give it once",
+                               param=param, code="invalid_value")  # fmt: skip
         bounds = {}
         for param, text in (("since", since), ("until", until)):
             try:

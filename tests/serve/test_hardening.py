@@ -739,6 +739,28 @@ def test_the_admin_usage_report_counts_cached_prompt_tokens(engine, tmp_path):
     assert (day["prompt_tokens"], day["cached_tokens"]) == (1000, 800)  # was: no cached_tokens
 
 
+def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
+    """`/v1/admin/usage?key=alice&key=ops` answered ops' usage alone (FastAPI reads the last of a repeated parameter),
+    as if alice had none: a parameter given twice is now refused, naming it."""
+    database = open_database(tmp_path / "db")
+    boss = KeyStore(database).create("boss", admin=True)
+    for name in ("alice", "ops"):
+        Ledger(database).record(UsageRecord(name, "model", "/v1/completions", 10, 10, 0.1, 200))
+
+    async def scenario(client):
+        as_boss = {"Authorization": f"Bearer {boss}"}
+        return [
+            await client.get("/v1/admin/usage", params=params, headers=as_boss)
+            for params in ([("key", "alice"), ("key", "ops")], [("since", "2026-11-01"), ("since", "2026-11-02")])
+        ]
+
+    errors = [error_of(answer, 400) for answer in run(create_app(engine, database), scenario)]
+    assert [(error["param"], error["code"], error["message"]) for error in errors] == [
+        ("key", "invalid_value", "key given 2 times ('alice', 'ops'): give it once"),
+        ("since", "invalid_value", "since given 2 times ('2026-11-01', '2026-11-02'): give it once"),
+    ]
+
+
 def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("paced", rpm=2, tpm=100)
