@@ -4,6 +4,7 @@ the script's argument parsing, not a fresh interpreter importing torch (~5 CPU s
 from __future__ import annotations
 
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,22 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def run_in_process(
-    script: str, *options: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    script: str,
+    *options: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    limit_s: int = 120,
 ) -> subprocess.CompletedProcess:
     """bench/`script` run as __main__ with `options`; its exit status, stdout and stderr as the interpreter gives
     them (sys.exit("message") is status 1 with the message on stderr). The thread count it sets and the sibling
-    folder it puts on sys.path are undone afterwards."""
+    folder it puts on sys.path are undone afterwards. A script still running after `limit_s` seconds fails the test
+    (SIGALRM; pytest's Failed is a BaseException, so the script's `except Exception` cannot swallow it), as the
+    subprocess runs' timeout did: a refusal that regressed does not run a whole benchmark in the test's process."""
     monkeypatch.setattr(sys, "argv", [str(BENCH / script), *options])
     monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # its siblings (options.py, peers.py), as when run
     threads, status, message = torch.get_num_threads(), 0, ""
+    alarm = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"{script}: no refusal within {limit_s} s"))
+    signal.alarm(limit_s)
     try:
         runpy.run_path(str(BENCH / script), run_name="__main__")
     except SystemExit as exited:
@@ -31,6 +40,8 @@ def run_in_process(
         else:
             status, message = 1, f"{exited.code}\n"
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(sys.argv, status, captured.out, captured.err + message)
