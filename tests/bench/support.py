@@ -1,5 +1,8 @@
 """Runs a bench script as `python bench/SCRIPT ...` would, but in the test's process: a refusal test then costs
-the script's argument parsing, not a fresh interpreter importing torch (~5 CPU seconds each)."""
+the script's argument parsing, not a fresh interpreter importing torch (~5 CPU seconds each). Only sys.argv,
+sys.path and torch's thread count are undone afterwards, so it is only for scripts that refuse before doing any
+work: the environment variables, working directory and seeds a script sets, the threads it starts and the modules
+it imports stay as it left them (a run that works goes in a subprocess)."""
 
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ def run_in_process(
     limit_s: int = 120,
 ) -> subprocess.CompletedProcess:
     """bench/`script` run as __main__ with `options`; its exit status, stdout and stderr as the interpreter gives
-    them (sys.exit("message") is status 1 with the message on stderr). The thread count it sets and the sibling
-    folder it puts on sys.path are undone afterwards. A script still running after `limit_s` seconds fails the test
-    (SIGALRM; pytest's Failed is a BaseException, so the script's `except Exception` cannot swallow it), as the
-    subprocess runs' timeout did: a refusal that regressed does not run a whole benchmark in the test's process."""
+    them (sys.exit("message") is status 1 with the message on stderr). Its sys.argv, the sibling folder it puts on
+    sys.path (at the test's end, through `monkeypatch`) and the thread count it sets are undone, nothing else. A
+    script still running after `limit_s` seconds fails the test (SIGALRM; pytest's Failed is a BaseException, so the
+    script's `except Exception` cannot swallow it), as the subprocess runs' timeout did: a refusal that regressed
+    does not run a whole benchmark in the test's process."""
     monkeypatch.setattr(sys, "argv", [str(BENCH / script), *options])
     monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # its siblings (options.py, peers.py), as when run
     threads, status, message = torch.get_num_threads(), 0, ""
