@@ -8,6 +8,7 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   delete_directory(path)        a folder (an old checkpoint) gone whole at once: moved to a hidden name, then deleted
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
   refuse_a_file_in_the_way(folder, writes)  before staged files: a file where their folder would be, named first
+                                             (`file_in_the_way(folder)` finds it)
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was; a write the storage refuses
 (a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target. SIGTERM
@@ -194,11 +195,18 @@ def delete_directory(path: str | os.PathLike) -> None:
         os.close(lock)
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that keeps folder `folder` from being made or written into: `folder` itself or the nearest folder
+    above it that exists and is no folder; None when there is none."""
+    folder = Path(folder)
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+
+
 def refuse_a_file_in_the_way(folder: str | os.PathLike, writes: str) -> None:
     """NotADirectoryError, before a command's work, when `folder` or a folder above it is a file, where the command
     would fail only once it came to write `writes` (the files it makes in `folder`, named in the message)."""
     folder = Path(folder)
-    blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    blocking = file_in_the_way(folder)
     if blocking is not None:
         within = "" if blocking == folder else f" (on the way to {folder})"
         raise NotADirectoryError(
@@ -215,9 +223,9 @@ def refuse_to_replace(
     none of `inputs` (the folders the new one is made from). Anything else in it (a training state, a model card, a
     subfolder, a user's files) would be deleted with the old folder."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    blocking = file_in_the_way(path)
+    if blocking == path:
         raise FileExistsError(f"{path}: is a file, not a folder; nothing was written")
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:  # the folder cannot be made under it
         raise FileExistsError(f"{path}: {blocking} is a file, not a folder; nothing was written")
     for source in inputs:

@@ -26,6 +26,8 @@ from seekstack.atomic import (
     atomic_directory,
     clear_killed_writes,
     entries_besides,
+    file_in_the_way,
+    refuse_to_replace,
     staged_files,
     write_atomic,
 )
@@ -599,3 +601,23 @@ def test_damaged_train_state_is_named_with_what_to_do(tmp_path):
     message = str(error.value)
     assert message.startswith(f"{path / 'train_state.pt'}: not a readable training state")
     assert f"move {path} out of {path.parent}, and --resume continues from the checkpoint before it" in message
+
+
+def test_the_file_in_a_folders_way_is_the_folder_itself_or_the_nearest_above_it(tmp_path):
+    """refuse_a_file_in_the_way, refuse_to_replace and explain's --out check each searched (folder, *its parents)
+    for a file with a copy of the same search; file_in_the_way is that search, and each refusal words its finding."""
+    (tmp_path / "notes.txt").write_text("kept")
+    (tmp_path / "folder").mkdir()
+    assert file_in_the_way(tmp_path / "notes.txt") == tmp_path / "notes.txt"
+    assert file_in_the_way(tmp_path / "notes.txt" / "a" / "b") == tmp_path / "notes.txt"
+    assert file_in_the_way(tmp_path / "folder" / "new") is None
+    assert file_in_the_way(tmp_path / "folder") is None
+    with pytest.raises(FileExistsError) as itself:
+        refuse_to_replace(tmp_path / "notes.txt", ["*.json"])
+    assert str(itself.value) == f"{tmp_path / 'notes.txt'}: is a file, not a folder; nothing was written"
+    with pytest.raises(FileExistsError) as above:
+        refuse_to_replace(tmp_path / "notes.txt" / "model", ["*.json"])
+    assert str(above.value) == (
+        f"{tmp_path / 'notes.txt' / 'model'}: {tmp_path / 'notes.txt'} is a file, not a folder; nothing was written"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "kept"

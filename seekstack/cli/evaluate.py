@@ -202,7 +202,9 @@ def explain_command(
 
 def _require_folder_path(out: Path) -> None:
     """Fail before any model work when --out, the folder explain writes into, is a file or lies under one."""
-    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    from seekstack.atomic import file_in_the_way
+
+    blocking = file_in_the_way(out)
     if blocking is not None:
         raise ValueError(
             f"--out {out}: {blocking} is a file; --out is the folder explain writes its PNGs, explain.html and "
