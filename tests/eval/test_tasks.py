@@ -254,11 +254,19 @@ metric_list:
 """
 
 
-def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, tmp_path):
+def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, tmp_path, monkeypatch):
     """seekstack eval had no --include-path: a group YAML naming the user's own tasks could not be run (a YAML path
-    in --tasks failed in `datasets` with 'expected str, bytes or os.PathLike object, not NoneType')."""
+    in --tasks failed in `datasets` with 'expected str, bytes or os.PathLike object, not NoneType'). Beside a local
+    task, a task that is not local is still looked up in lm_eval's own index as well as the include folder."""
+    import lm_eval.tasks._index
+
     from seekstack.eval.evaluate import evaluate
 
+    read = []
+    load_yaml = lm_eval.tasks._index.load_yaml
+    monkeypatch.setattr(
+        lm_eval.tasks._index, "load_yaml", lambda path, **kwargs: read.append(path) or load_yaml(path, **kwargs)
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     rows = [{"q": f"{a} + 1?", "choices": [str(a + 1), str(a + 2)], "label": 0} for a in range(3)]
@@ -266,8 +274,11 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
     for name in ("sums_a", "sums_b"):
         (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=tasks / "sums.jsonl"))
     (tasks / "group.yaml").write_text("group: sums\ntask: [sums_a, sums_b]\naggregate_metric_list:\n  - metric: acc\n")
-    report = evaluate(checkpoint, ("sums",), limit=2, device="cpu", include_path=tasks)
-    assert set(report["results"]) == {"sums", "sums_a", "sums_b"}
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    report = evaluate(checkpoint, ("code_perplexity", "sums"), corpus, limit=2, device="cpu", include_path=tasks)
+    lm_evals_own = Path(lm_eval.tasks.__file__).parent
+    assert sum(Path(path).is_relative_to(lm_evals_own) for path in read) > 1000  # lm_eval's index was built
+    assert set(report["results"]) == {"code_perplexity", "sums", "sums_a", "sums_b"}
     assert report["n-samples"]["sums_a"] == {"original": 3, "effective": 2}
     assert report["results"]["sums"]["acc"] == report["results"]["sums_a"]["acc"]  # the same questions twice
     assert report["options"]["include_path"] == str(tasks.resolve())
