@@ -277,7 +277,7 @@ class AsyncEngine:
         with self._lock:
             aborts, self._pending_aborts = self._pending_aborts, []
         for request_ids, report, routed, asked_at in aborts:
-            started = [self.engine.abort(request_id) is not False for request_id in request_ids]  # None: it finished
+            started = [began is not False for began in self.engine.abort(request_ids)]  # None: it finished
             for request_id, began in zip(request_ids, started, strict=True):
                 if request_id not in routed:
                     continue
