@@ -24,13 +24,17 @@ def run_in_process(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
     limit_s: int = 120,
+    without: str = "",
 ) -> subprocess.CompletedProcess:
     """bench/`script` run as __main__ with `options`; its exit status, stdout and stderr as the interpreter gives
     them (sys.exit("message") is status 1 with the message on stderr). Its sys.argv, the sibling folder it puts on
     sys.path (at the test's end, through `monkeypatch`) and the thread count it sets are undone, nothing else. A
     script still running after `limit_s` seconds fails the test (SIGALRM; pytest's Failed is a BaseException, so the
     script's `except Exception` cannot swallow it), as the subprocess runs' timeout did: a refusal that regressed
-    does not run a whole benchmark in the test's process."""
+    does not run a whole benchmark in the test's process. `without`: packages (space-separated) unimportable for the
+    test, as if not installed."""
+    for name in without.split():
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(sys, "argv", [str(BENCH / script), *options])
     monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # its siblings (options.py, peers.py), as when run
     threads, status, message = torch.get_num_threads(), 0, ""

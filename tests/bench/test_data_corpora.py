@@ -31,9 +31,7 @@ def run_here(tmp_path, monkeypatch, capsys):
 
     def run(script: str, *args: str, without: str = "") -> subprocess.CompletedProcess:
         monkeypatch.chdir(tmp_path)
-        for name in without.split():
-            monkeypatch.setitem(sys.modules, name, None)
-        return run_in_process(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+        return run_in_process(script, *args, monkeypatch=monkeypatch, capsys=capsys, without=without)
 
     return run
 

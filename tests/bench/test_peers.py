@@ -10,6 +10,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import peers.py as their sibling
 from bench.peers import peer_missing  # noqa: E402
+from tests.bench.support import run_in_process  # noqa: E402
 
 
 def test_a_peer_whose_packages_import_is_not_missing():
@@ -23,20 +24,16 @@ def test_a_peer_not_installed_is_one_line_naming_each_missing_package_and_the_in
     assert message == "llama.cpp: skipped, llama_cpp and gguf not installed (pip install -e '.[bench]')"
 
 
-def test_distill_step_refuses_one_step_before_loading_anything(tmp_path):
-    command = [sys.executable, str(BENCH / "distill_step.py"), str(tmp_path / "t"), str(tmp_path / "s"), "--steps", "1"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+def test_distill_step_refuses_one_step_before_loading_anything(tmp_path, monkeypatch, capsys):
+    options = (str(tmp_path / "t"), str(tmp_path / "s"), "--steps", "1")
+    run = run_in_process("distill_step.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "--steps 1: at least 2, the first step (warm-up) is not timed" in run.stderr
 
 
-def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(tmp_path):
-    launcher = (
-        f"import runpy, sys; sys.modules['lm_eval'] = None; sys.path.insert(0, {str(BENCH)!r}); "
-        f"sys.argv = ['eval_parity.py', '--model', {str(tmp_path)!r}]; "
-        f"runpy.run_path({str(BENCH / 'eval_parity.py')!r}, run_name='__main__')"
-    )
-    run = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120)
+def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(tmp_path, monkeypatch, capsys):
+    options = ("--model", str(tmp_path))
+    run = run_in_process("eval_parity.py", *options, monkeypatch=monkeypatch, capsys=capsys, without="lm_eval")
     assert run.returncode == 1
     assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"
 
