@@ -87,7 +87,9 @@ def evaluate(
             "...) or an lm_eval task name (hellaswag)",
             "tasks",
         )
-    if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
+    local = tuple(task for task in tasks if is_local_task(task))
+    local_alone = len(local) == len(tasks)
+    if local_alone:  # they never download: say so to `datasets` (read at its import)
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
     lm_eval = import_extra("lm_eval", "eval", "seekstack eval")
     from lm_eval.loggers import EvaluationTracker
@@ -107,7 +109,6 @@ def evaluate(
     misspelt = [task for task in tasks if not is_local_task(task) and task.startswith(("code_", REASONING_PREFIX))]
     if misspelt:
         raise ValueError(unknown_task(misspelt[0]))
-    local = tuple(task for task in tasks if is_local_task(task))
     reasoning = [task for task in local if is_reasoning_task(task)]
     if apply_chat_template and reasoning:
         raise ValueError(
@@ -144,7 +145,6 @@ def evaluate(
     # lm_eval's own task manager, its model args as the tasks' metadata as simple_evaluate's (None: simple_evaluate's,
     # which indexes lm_eval's ~15,000 tasks from their YAML files, ~8 s), told of the include folder; local tasks alone
     # are whole configs, looked up by no name, so no index of lm_eval's own tasks is built for them
-    local_alone = len(local) == len(tasks)
     tasks_found = (
         TaskManager(include_path=include_path, include_defaults=not local_alone, metadata=model_args)
         if include_path is not None or local_alone
