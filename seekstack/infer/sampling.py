@@ -378,8 +378,8 @@ def without_padded_ids(logits: torch.Tensor, token_count: int | None) -> torch.T
 def outside_vocabulary(token_ids: Iterable[int] | Mapping[int, Any], token_count: int) -> tuple[int, int] | None:
     """The first of `token_ids` (a list, or a mapping keyed by them: logit_bias) outside [0, `token_count`), the
     tokenizer's ids (a model's padded rows decode to no token: `without_padded_ids`), as (its position in the list,
-    or the id itself for a mapping; the id); None where every id is in it. Engine.add_request refuses by it, the
-    bound the server's refuse_outside_vocabulary holds too (the tokenizer's vocab_size)."""
+    or the id itself for a mapping; the id); None where every id is in it. Engine.add_request refuses by it, and so
+    does the server's refuse_outside_vocabulary, naming the entry, before a request reaches the engine."""
     for position, token in enumerate(token_ids):
         if not 0 <= token < token_count:
             return (token if isinstance(token_ids, Mapping) else position), token

@@ -19,6 +19,7 @@ from seekstack.chat_template import compiled_template, read_chat_template
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams, min_tokens_limit, sample_seed
+from seekstack.infer.sampling import outside_vocabulary
 from seekstack.schema import require
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (
@@ -215,12 +216,13 @@ def template_variables(template: str) -> frozenset[str]:
 
 def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, param: str) -> None:
     """400 for the first of `token_ids` (a list, or a mapping keyed by them: logit_bias) outside the tokenizer's
-    vocabulary, naming its entry in `param` as pydantic names an entry's other faults: `prompt.3`, `logit_bias.320`."""
-    for position, token in enumerate(token_ids):
-        if not 0 <= token < tokenizer.vocab_size:
-            entry = f"{param}.{token if isinstance(token_ids, Mapping) else position}"
-            raise APIError(400, f"{entry}: token id {token} is outside the vocabulary [0, {tokenizer.vocab_size})",
-                           param=entry, code="invalid_value")  # fmt: skip
+    vocabulary, naming its entry in `param` as pydantic names an entry's other faults: `prompt.3`, `logit_bias.320`;
+    the engine's bound (`outside_vocabulary`), checked before a request reaches it."""
+    if (outside := outside_vocabulary(token_ids, tokenizer.vocab_size)) is not None:
+        place, token = outside
+        entry = f"{param}.{place}"
+        raise APIError(400, f"{entry}: token id {token} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                       param=entry, code="invalid_value")  # fmt: skip
 
 
 def unsupported(param: str, message: str) -> APIError:
