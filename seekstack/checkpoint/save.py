@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -35,6 +34,7 @@ from seekstack.checkpoint.quantized import _has_int_layers, quantization_config,
 from seekstack.compress.linear import Fp8Weight, layer_weight
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
+from seekstack.infer.params import BYTE_UNITS, parse_bytes
 from seekstack.model.transformer import Transformer
 
 # What a model folder written here (or by transformers' save_pretrained) holds: such a folder may be replaced whole.
@@ -47,10 +47,6 @@ MODEL_FOLDER_FILES = (
 # gets one (`write_generation_config`).
 SAVED_FILES = (CONFIG_FILE, "*.safetensors", INDEX_FILE)
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
-# The units of a shard size transformers' save_pretrained takes as max_shard_size ("5GB", "500MiB"), as its
-# convert_file_size_to_int reads them: binary with an "i", decimal without (a decimal one ending in a lowercase "b"
-# counts bits)
-SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 
 
 def save_pretrained(
@@ -91,7 +87,7 @@ def save_pretrained(
 
 def shard_limit(max_shard_bytes: int | None, max_shard_size: int | str | None) -> int:
     """The largest shard in bytes `save_pretrained` is given: `max_shard_bytes`, or transformers' `max_shard_size`
-    (`SIZE_UNITS`), MAX_SHARD_BYTES where neither is given; ValueError naming the argument for a size that is no
+    (`_size_bytes`), MAX_SHARD_BYTES where neither is given; ValueError naming the argument for a size that is no
     positive number of bytes (where a save would fail midway, or write each tensor in a shard of its own), or for both
     given unequal."""
     given = {}
@@ -113,18 +109,23 @@ def shard_limit(max_shard_bytes: int | None, max_shard_size: int | str | None) -
 
 
 def _size_bytes(size: int | str) -> int:
-    """`size` (transformers' max_shard_size) in bytes, as transformers' convert_file_size_to_int reads it."""
+    """`size` (transformers' max_shard_size) in bytes, as transformers' convert_file_size_to_int reads it: bytes, or a
+    number and its unit (`parse_bytes`: binary with an "i", decimal without), where a decimal unit ending in a
+    lowercase "b" ("5Gb", "500mb") counts bits."""
     if type(size) is int and size > 0:
         return size
-    match = re.fullmatch(r"(\d+)([KMG]i?B)", size, re.IGNORECASE) if isinstance(size, str) else None
-    if match is None or int(match[1]) == 0:
-        raise ValueError(
-            f"max_shard_size={size!r}: the largest shard, a positive integer of bytes or an integer followed by "
-            f"its unit, as transformers takes it ('5GB', '500MB', '2GiB'; units {', '.join(SIZE_UNITS)})"
-        )
-    number, unit = int(match[1]), match[2]
-    bits = "i" not in unit.lower() and unit.endswith("b")  # transformers' "5Gb": gigabits
-    return number * SIZE_UNITS[unit.upper()] // (8 if bits else 1)
+    refusal = ValueError(
+        f"max_shard_size={size!r}: the largest shard, a positive integer of bytes or a number followed by its unit, "
+        f"as transformers takes it ('5GB', '500MB', '2GiB'; units {', '.join(BYTE_UNITS)})"
+    )
+    if not isinstance(size, str):
+        raise refusal
+    try:
+        count = parse_bytes(size)
+    except ValueError:
+        raise refusal from None
+    unit = size.strip()[-2:]
+    return count // 8 if unit[-1] == "b" and unit[0].upper() in "KMGT" else count
 
 
 def _copy_unsaved_files(directory: Path, staging: Path) -> None:
