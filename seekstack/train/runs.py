@@ -179,10 +179,10 @@ def run_checkpoint(path: str | Path) -> Path | None:
     config.json) or its checkpoints/ folder (step_N inside, as torchtitan's checkpoint folder stands for its newest
     step), else None; FileNotFoundError naming the run when it has none."""
     path = Path(path)
-    if path == checkpoint_dir(path.parent) and step_folders(path.parent) and not (path / "config.json").is_file():
+    if path == checkpoint_dir(path.parent) and step_folders(path.parent) and not (path / MODEL_CONFIG_FILE).is_file():
         return latest_checkpoint(path.parent)
     is_run = checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file()
-    if (path / "config.json").is_file() or not is_run:
+    if (path / MODEL_CONFIG_FILE).is_file() or not is_run:
         return None
     return latest_checkpoint(path)
 
@@ -204,4 +204,4 @@ def another_run(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
 def checkpoint_or_latest(path: str | Path) -> Path:
     """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
     path = Path(path)
-    return path if (path / "config.json").is_file() else latest_checkpoint(path)
+    return path if (path / MODEL_CONFIG_FILE).is_file() else latest_checkpoint(path)
