@@ -33,8 +33,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def read_weight_map(index_path: Path) -> dict[str, str]:
     """The weight_map of safetensors index `index_path`: each key -> the file of the index's folder holding it.
     CheckpointError naming the index (and the key) when it is not JSON, has no weight_map object, gives a key no file
-    name (not a string; "" or ".", the folder itself; a folder in it), or a file outside its folder (absolute, or
-    through '..'), which transformers would read wherever it is."""
+    name (not a string; "" or ".", the folder itself), or a file outside its folder (absolute, or through '..'),
+    which transformers would read wherever it is. `missing_shards` says which of its files the folder lacks."""
     weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
@@ -48,11 +48,19 @@ def read_weight_map(index_path: Path) -> dict[str, str]:
                 f"{index_path}: weight_map gives key {key!r} the file {file!r}, outside {index_path.parent}; "
                 f"an index names the shards of its own folder: copy that shard into it, or {DAMAGED}"
             )
-    folders = sorted(file for file in set(weight_map.values()) if (index_path.parent / file).is_dir())
-    if folders:  # told apart from a shard missing from an incomplete download
-        key = next(key for key, file in weight_map.items() if file == folders[0])
+    return weight_map
+
+
+def missing_shards(index_path: Path, weight_map: dict[str, str]) -> list[str]:
+    """The files `weight_map` (`read_weight_map(index_path)`) names that are missing from the index's folder, sorted,
+    each looked at once; CheckpointError naming the index and the key when one is a folder there, told apart from a
+    shard missing from an incomplete download."""
+    missing = sorted(file for file in set(weight_map.values()) if not (index_path.parent / file).is_file())
+    folder = next((file for file in missing if (index_path.parent / file).is_dir()), None)
+    if folder is not None:
+        key = next(key for key, file in weight_map.items() if file == folder)
         raise CheckpointError(
-            f"{index_path}: weight_map gives key {key!r} the file {folders[0]!r}, which is a folder in "
+            f"{index_path}: weight_map gives key {key!r} the file {folder!r}, which is a folder in "
             f"{index_path.parent}, not a safetensors file; {DAMAGED}"
         )
-    return weight_map
+    return missing

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from seekstack.checkpoint.folder import read_json_object, read_weight_map
+from seekstack.checkpoint.folder import missing_shards, read_json_object, read_weight_map
 from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, dequantize_fp8, fp8_scale_shape
 from seekstack.checkpoint.keys import (
     ALIGNMENT,
@@ -203,7 +203,7 @@ class CheckpointReader:
         index_path, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
         if index_path.exists():
             weight_map = read_weight_map(index_path)
-            missing = [file for file in sorted(set(weight_map.values())) if not (self.directory / file).is_file()]
+            missing = missing_shards(index_path, weight_map)
             if not missing:
                 return weight_map
             if not single.is_file():

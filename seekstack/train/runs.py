@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from seekstack.checkpoint.folder import CONFIG_FILE as MODEL_CONFIG_FILE
-from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, CheckpointError, read_weight_map
+from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, CheckpointError, missing_shards, read_weight_map
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE
 
@@ -72,10 +72,9 @@ def missing_files(folder: Path) -> list[str]:
         return missing
     if (folder / INDEX_FILE).is_file():
         try:
-            shards = sorted(set(read_weight_map(folder / INDEX_FILE).values()))
+            missing += missing_shards(folder / INDEX_FILE, read_weight_map(folder / INDEX_FILE))
         except CheckpointError:
             return missing + [f"valid {INDEX_FILE}"]
-        missing += [shard for shard in shards if not (folder / shard).is_file()]
     else:
         missing.append(SINGLE_FILE)
     return missing

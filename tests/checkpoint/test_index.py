@@ -8,6 +8,7 @@ import json
 import pytest
 
 from seekstack.checkpoint import CheckpointError, CheckpointReader
+from seekstack.checkpoint.folder import missing_shards
 from seekstack.train.runs import missing_files
 
 
@@ -50,3 +51,24 @@ def test_an_index_naming_a_folder_as_a_shard_is_told_it_names_a_folder(tmp_path)
         CheckpointReader(checkpoint, None)
     assert str(reading.value) == expected
     assert missing_files(checkpoint) == ["valid model.safetensors.index.json"]  # passed over, as the reader refuses it
+
+
+def test_the_shards_an_index_names_are_looked_at_once_for_the_reader_and_a_runs_listing(tmp_path):
+    """read_weight_map walked the index's files for folders, and then the reader and runs.missing_files each walked
+    them again for missing shards; missing_shards is the one walk: the files missing, sorted, and a folder refused."""
+    (tmp_path / "model-00001-of-00003.safetensors").write_bytes(b"")
+    (tmp_path / "shards").mkdir()
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = {
+        "model.norm.weight": "model-00003-of-00003.safetensors",
+        "model.embed_tokens.weight": "model-00001-of-00003.safetensors",
+        "lm_head.weight": "model-00002-of-00003.safetensors",
+        "model.layers.0.mlp.gate.weight": "model-00003-of-00003.safetensors",
+    }
+    assert missing_shards(index, weight_map) == ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    with pytest.raises(CheckpointError) as refused:
+        missing_shards(index, {**weight_map, "model.layers.1.mlp.gate.weight": "shards"})
+    assert str(refused.value) == (
+        f"{index}: weight_map gives key 'model.layers.1.mlp.gate.weight' the file 'shards', which is a folder in "
+        f"{tmp_path}, not a safetensors file; re-save or re-download the checkpoint"
+    )
