@@ -487,14 +487,17 @@ def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokenizer):
+def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokenizer, monkeypatch):
     """A GRPO rollout's batch shrinks as rows finish, and its rows may or may not be of one length: the compiled
     decode step compiles one graph for every batch of 2 or more rows (a cache mask that comes and goes, or 16 rows
     equal to 16 key slots at the first trace, would each add one; a single row gets its own, dynamo's 0/1
     specialisation) and gives the eager tokens. It is traced once: the model's float settings are constants, not
     symbols that inductor would refuse and have the whole step traced and compiled again. Requests joining a lone
     one (the batch and the cache mask change shape, prompts prefilled in chunks) add that 1-row graph alone and
-    decode the eager tokens."""
+    decode the eager tokens. With compile=None, a request that started eagerly goes on through that graph once the
+    engine switches (`COMPILE_AFTER_SECONDS`), and its tokens stay the eager ones."""
+    import seekstack.infer.engine as engine_module
+
     unique_graphs, traced = torch._dynamo.utils.counters["stats"], torch._dynamo.utils.counters["aot_autograd"]
     before, traced_before = unique_graphs["unique_graphs"], traced["total"]
     own_shapes = micro_model(moe_intermediate_size=40)  # no graph another test compiled serves it (no reset)
@@ -515,11 +518,25 @@ def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokeni
     assert [len(tokens) for tokens in expected] == [24, 9, 14]
     assert unique_graphs["unique_graphs"] - before == 2  # the 1-row graph, the first request's steps alone
     assert compiled.cache.usage == 0  # every finished request gave its blocks back
+    monkeypatch.setattr(engine_module, "COMPILE_AFTER_SECONDS", 0.0)  # the first eager decode step switches
+    switching = Engine(own_shapes, tokenizer, max_batch_size=16, compile=None)
+    [prompt] = prompts([6])
+    [expected_tokens] = [completion.token_ids for completion in eager.generate([prompt], params)]
+    switching.add_request(prompt, params)
+    tokens: list[int] = []
+    compiled_before_step: list[bool] = []
+    while switching.has_unfinished():
+        compiled_before_step.append(switching.decode_compiled)
+        tokens += [token for output in switching.step() for token in output.token_ids]
+    # prefill, one eager decode step that uses up the eager time, then the same request's last two steps compiled
+    assert compiled_before_step == [False, False, True, True] and tokens == expected_tokens
+    assert unique_graphs["unique_graphs"] - before == 2  # they ran on the 1-row graph compiled above
 
 
 def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compile(model, tokenizer, monkeypatch):
     """EngineOptions' default (compile=None) decodes eagerly first, so a short run never waits for a compile; once
-    its eager decode steps add up to COMPILE_AFTER_SECONDS, the next steps run compiled."""
+    its eager decode steps add up to COMPILE_AFTER_SECONDS, it switches to compiled steps (run mid-request in
+    test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more, on that test's graphs)."""
     import seekstack.infer.engine as engine_module
 
     assert EngineOptions().engine_kwargs()["compile"] is None and not Engine(model, tokenizer).decode_compiled
@@ -533,7 +550,6 @@ def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compi
     assert not eager_decoding.decode_compiled  # nothing decoded yet
     [completion] = eager_decoding.generate(prompts([5]), params)  # its one decode step used up the eager time
     assert eager_decoding.decode_compiled and len(completion.token_ids) == 2
-    assert eager_decoding.compile_s == 0  # no step of this short run waited for a compile
 
 
 def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
