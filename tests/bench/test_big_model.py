@@ -3,12 +3,13 @@ option."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "big_model.py"
-sys.path.insert(0, str(SCRIPT.parent))  # its siblings (gguf_deepseek2.py), as when run
+from tests.bench.support import BENCH
+
+SCRIPT = BENCH / "big_model.py"
+sys.path.insert(0, str(BENCH))  # its siblings (gguf_deepseek2.py), as when run
 from bench.big_model import child  # noqa: E402
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.support import run_in_process
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.support import BENCH, run_in_process
 
 
 def run_bench(script: str, *args: str, cwd: Path, without: str = "") -> subprocess.CompletedProcess:

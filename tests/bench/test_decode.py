@@ -4,10 +4,11 @@ measure one are refused."""
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
-sys.path.insert(0, str(SCRIPT.parent))  # its siblings (machine.py, llama_cpp_peer.py), as when run
+from tests.bench.support import BENCH
+
+SCRIPT = BENCH / "decode.py"
+sys.path.insert(0, str(BENCH))  # its siblings (machine.py, llama_cpp_peer.py), as when run
 from bench.decode import decode_rate  # noqa: E402
 
 

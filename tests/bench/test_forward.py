@@ -1,14 +1,14 @@
 """bench/forward.py's parity column: ours against transformers in ours' own dtype."""
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import seekstack
+from tests.bench.support import BENCH
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (machine.py), as when run
+sys.path.insert(0, str(BENCH))  # its siblings (machine.py), as when run
 from bench.forward import Contender, Setting, benchmark  # noqa: E402
 
 

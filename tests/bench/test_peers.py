@@ -5,12 +5,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.support import BENCH, run_in_process
+
 sys.path.insert(0, str(BENCH))  # the scripts import peers.py as their sibling
 from bench.peers import peer_missing  # noqa: E402
-from tests.bench.support import run_in_process  # noqa: E402
 
 
 def test_a_peer_whose_packages_import_is_not_missing():

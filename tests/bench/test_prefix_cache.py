@@ -2,9 +2,10 @@
 batches are slow), then `reps` timed runs of each, alternating which kind goes first."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (options.py), as when run
+from tests.bench.support import BENCH
+
+sys.path.insert(0, str(BENCH))  # its siblings (options.py), as when run
 from bench.prefix_cache import alternating_runs  # noqa: E402
 
 

@@ -2,11 +2,11 @@
 vocabulary, and again into the same --out (a quick check, then the full run)."""
 
 import sys
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.support import BENCH
+
 sys.path.insert(0, str(BENCH))  # the scripts import short_runs.py as their sibling
 from bench.fsdp_memory import first_step_memory  # noqa: E402
 from seekstack.model.transformer import Transformer  # noqa: E402

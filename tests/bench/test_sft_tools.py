@@ -2,10 +2,10 @@
 
 import random
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.support import BENCH
+
 sys.path.insert(0, str(BENCH))  # the script imports options.py as its sibling
 from bench.sft_tools import call_scores, conversation  # noqa: E402
 from seekstack.tokenizer import TOOL_CALLS_BEGIN, TOOL_CALLS_END, tool_call_text  # noqa: E402

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (options.py), as when run
+from tests.bench.support import BENCH, run_in_process
+
+sys.path.insert(0, str(BENCH))  # its siblings (options.py), as when run
 from bench.speculative import held_out_prompts  # noqa: E402
-from tests.bench.support import run_in_process  # noqa: E402
 from tests.infer.support import tiny_tokenizer  # noqa: E402
 
 

@@ -2,13 +2,13 @@
 ids; without --data the demo's shards are used, or random ids when the demo has not run."""
 
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # its siblings (machine.py), as when run
+from tests.bench.support import BENCH, run_in_process
+
+sys.path.insert(0, str(BENCH))  # its siblings (machine.py), as when run
 from bench.train_step import training_batch  # noqa: E402
-from tests.bench.support import run_in_process  # noqa: E402
 
 
 def test_a_data_folder_without_shards_is_refused_naming_the_option_and_folder(tmp_path):
