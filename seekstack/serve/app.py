@@ -53,6 +53,7 @@ from seekstack.serve.protocol import (
     refuse_unsupported,
     requested_max_tokens,
     sampling_params,
+    tools_tokens,
     vllm_prompt_logprobs,
 )
 from seekstack.serve.ratelimit import (
@@ -304,6 +305,9 @@ class Server:
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
             requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
             unasked_limit = await asyncio.to_thread(self.unasked_limit, body, bill.key, prompt_tokens, len(requests))
+            listed = 0  # of the prompt's tokens, those listing the tools, read where the prompt leaves no room
+            if prompt_tokens >= min(self.engine.max_model_len, self.engine.context_len):
+                listed = await asyncio.to_thread(tools_tokens, body, self.engine.tokenizer, prompt_tokens)
             choices = [
                 params
                 for prompt in prompts
@@ -314,6 +318,7 @@ class Server:
                     unasked_limit,
                     self.engine.sampling_defaults,
                     self.engine.context_len,
+                    listed,
                 )
             ]
             if start is not None:  # stops match the answer

@@ -349,6 +349,15 @@ def requested_max_tokens(request: ChatCompletionRequest | CompletionRequest) -> 
     return request.max_tokens
 
 
+def tools_tokens(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer, prompt_tokens: int) -> int:
+    """Of a chat's `prompt_tokens`, those that list the tools it offers (the chat's prompt without them, tokenized
+    again, is that many shorter); 0 for a request that offers none."""
+    if not isinstance(request, ChatCompletionRequest) or not request.offered_tools():
+        return 0
+    messages = request.messages
+    return prompt_tokens - len(chat_ids(messages, tokenizer, continue_final_message=messages[-1].prefix))
+
+
 def sampling_params(
     request: ChatCompletionRequest | CompletionRequest,
     prompt_tokens: int,
@@ -356,6 +365,7 @@ def sampling_params(
     unasked_limit: int | None = None,
     model_defaults: Mapping[str, Any] | None = None,
     context_len: int | None = None,
+    tools_tokens: int = 0,
 ) -> list[SamplingParams]:
     """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
     seed + i); 400 when the context cannot hold it. A chat request without max_tokens may fill the context's room,
@@ -363,7 +373,9 @@ def sampling_params(
     `unasked_limit` tokens when those are given (what its key's tokens per minute leave it). Sampling fields the
     request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults. A prompt that
     fits max_model_len but not `context_len` (`Engine.context_len`: what its cache holds of one request) is refused
-    alike, code context_length_exceeded, and so is a length past the room that cache leaves it."""
+    alike, code context_length_exceeded, and so is a length past the room that cache leaves it. A chat's prompt past
+    the context names `tools` where the messages alone would fit, of `tools_tokens` fewer (`tools_tokens`), as
+    refuse_overlong_text names them before tokenizing; else `messages`."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     context = f"this model's maximum context length is {max_model_len} tokens"
@@ -375,11 +387,13 @@ def sampling_params(
     # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
     length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
     if room < 1 or (requested is not None and requested > room):
-        asked = f"{prompt_tokens} in the prompt" + (f" + {requested} for the completion" if requested else "")
-        fix, param = "Shorten the prompt.", "messages" if is_chat else "prompt"
+        fix, param, listing = "Shorten the prompt.", "messages" if is_chat else "prompt", ""
         if room >= 1:  # the prompt fits: the length asked is at fault (alone, where it is over the context)
             shorter = "" if requested >= prompt_tokens + room else " or shorten the prompt"
             fix, param = f"Lower {length_name} to at most {room}{shorter}.", length_name
+        elif prompt_tokens - tools_tokens < min(max_model_len, context_len or max_model_len):  # the messages fit
+            param, listing = "tools", f" ({tools_tokens} of them listing the tools)"
+        asked = f"{prompt_tokens} in the prompt{listing}" + (f" + {requested} for the completion" if requested else "")
         raise APIError(
             400,
             f"{context}; the request needs {asked}. {fix}",

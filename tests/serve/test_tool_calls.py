@@ -409,3 +409,34 @@ def test_with_a_reasoning_parser_a_forced_call_follows_the_reasoning(r1_engine):
     assert constraint.complete
     without_parser = forced_calls_format(request, r1_engine).constraint().allowed(vocab)
     assert without_parser.nonzero().flatten().tolist() == [tokenizer.backend.token_to_id(TOOL_CALLS_BEGIN)]
+
+
+def test_a_chat_whose_tools_push_its_prompt_past_the_context_is_refused_naming_the_tools(tmp_path):
+    """A chat whose messages fit the context but whose tools' listing pushed its prompt past it was refused naming
+    `messages` ("Shorten the prompt"), where the check before tokenizing names `tools` for the same fault. It now
+    names `tools` and how many of the prompt's tokens list them; a chat whose messages alone are too long still names
+    `messages`."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path / "model", max_position_embeddings=2048), num_blocks=5)
+    long_ask = [{"role": "user", "content": "north " * 80}]
+    tokenizer = engine.tokenizer
+
+    async def scenario(client):
+        return [
+            await client.post("/v1/chat/completions", json={**GREEDY, "messages": messages, "tools": [MOVE]})
+            for messages in (ASK, long_ask)
+        ]
+
+    with_tools, too_long = (
+        error_of(answer, 400) for answer in run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    )
+    prompt = len(tokenizer.encode_chat(ASK, tools=[MOVE]))
+    listing = prompt - len(tokenizer.encode_chat(ASK))
+    assert listing > 0 and prompt - listing < engine.context_len < prompt
+    assert (with_tools["param"], with_tools["code"], with_tools["message"]) == (
+        "tools",
+        "context_length_exceeded",
+        f"this model's maximum context length is 2048 tokens, of which the server's cache holds {engine.context_len} "
+        f"for one request; the request needs {prompt} in the prompt ({listing} of them listing the tools) + 60 for "
+        "the completion. Shorten the prompt.",
+    )
+    assert (too_long["param"], too_long["code"]) == ("messages", "context_length_exceeded")
