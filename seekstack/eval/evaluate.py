@@ -142,14 +142,14 @@ def evaluate(
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path}: no such folder; give the folder of your task YAML files")
-    # lm_eval's own task manager, its model args as the tasks' metadata as simple_evaluate's (None: simple_evaluate's,
-    # which indexes lm_eval's ~15,000 tasks from their YAML files, ~8 s), told of the include folder; local tasks alone
-    # are whole configs, looked up by no name, so no index of lm_eval's own tasks is built for them
-    tasks_found = (
-        TaskManager(include_path=include_path, include_defaults=not local_alone, metadata=model_args)
-        if include_path is not None or local_alone
-        else None
-    )
+    # lm_eval's task manager, the model args its tasks' metadata as simple_evaluate's; None: simple_evaluate's default,
+    # which indexes lm_eval's tasks (~15,000 YAML files, ~8 s); local tasks alone are whole configs and need no index
+    if local_alone:
+        tasks_found = TaskManager(include_defaults=False, metadata=model_args)
+    elif include_path is not None:
+        tasks_found = TaskManager(include_path=include_path, metadata=model_args)
+    else:
+        tasks_found = None
     tracker = EvaluationTracker(output_path=str(samples_folder)) if samples_folder is not None else None
     started = time.perf_counter()
     try:

@@ -152,11 +152,11 @@ def test_the_hf_backend_refuses_a_checkpoint_transformers_loads_as_another_model
         evaluate(softmax, ("code_perplexity",), corpus, "hf", limit=1)
 
 
-def test_eval_of_local_tasks_alone_indexes_no_lm_eval_task_file_and_outside_a_git_checkout_prints_no_git_error(
+def test_eval_of_local_tasks_alone_indexes_no_task_file_and_outside_a_git_checkout_prints_no_git_error(
     checkpoint, tmp_path, monkeypatch, capfd
 ):
     """Each evaluation indexed lm_eval's ~15,000 tasks from their YAML files (~8 s of a CPU), even of local tasks
-    alone, whose configs are built here and looked up by no name."""
+    alone, whose configs are built here and looked up by no name; --include-path's folder was indexed for them too."""
     import lm_eval.tasks._index
 
     from seekstack.eval.evaluate import evaluate
@@ -168,10 +168,13 @@ def test_eval_of_local_tasks_alone_indexes_no_lm_eval_task_file_and_outside_a_gi
     )
     monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
     corpus = write_corpus(tmp_path / "corpus", [MODULE])
-    result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "sums_a.yaml").write_text(TASK_YAML.format(name="sums_a", data=tasks / "sums.jsonl"))
+    result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu", include_path=tasks)
     assert result["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
     assert "not a git repository" not in capfd.readouterr().err
-    assert read == []  # lm_eval read none of its task files
+    assert read == []  # lm_eval read none of its task files, nor the include folder's
 
 
 def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_evals_results_json(
