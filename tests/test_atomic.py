@@ -31,7 +31,7 @@ from seekstack.atomic import (
     staged_files,
     write_atomic,
 )
-from seekstack.checkpoint import CheckpointError
+from seekstack.checkpoint import CheckpointError, save_pretrained
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
 from seekstack.train import state
@@ -618,6 +618,17 @@ def test_the_file_in_a_folders_way_is_the_folder_itself_or_the_nearest_above_it(
     with pytest.raises(FileExistsError) as above:
         refuse_to_replace(tmp_path / "notes.txt" / "model", ["*.json"])
     assert str(above.value) == (
+        f"{tmp_path / 'notes.txt' / 'model'}: {tmp_path / 'notes.txt'} is a file, not a folder; nothing was written"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_a_folder_under_a_file_is_refused_naming_the_file_before_anything_is_written(tmp_path):
+    """save_pretrained(model, "notes.txt/model") raised a bare "[Errno 17] File exists: 'notes.txt'"."""
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError) as refused:
+        save_pretrained(Transformer(micro_config()), tmp_path / "notes.txt" / "model")
+    assert str(refused.value) == (
         f"{tmp_path / 'notes.txt' / 'model'}: {tmp_path / 'notes.txt'} is a file, not a folder; nothing was written"
     )
     assert (tmp_path / "notes.txt").read_text() == "kept"

@@ -1004,3 +1004,21 @@ def test_mtp_layers_past_the_config_count_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint keys were not used"):
         model = seekstack.load_pretrained(tmp_path)
     assert not model.mtp
+
+
+def test_loading_a_training_runs_folder_names_its_newest_checkpoint(tmp_path):
+    """load_pretrained(RUN) (the folder the command line takes for its newest checkpoint) was told "RUN/config.json:
+    no such file; a checkpoint keeps its config.json beside the weights: copy it from where the checkpoint came
+    from"."""
+    from seekstack.train.state import save_checkpoint
+
+    save_checkpoint(tmp_path / "run", seekstack.Transformer(micro_config()), {"step": 2}, keep=1)
+    with pytest.raises(CheckpointError) as refused:
+        seekstack.load_pretrained(tmp_path / "run")
+    assert str(refused.value) == (
+        f"{tmp_path / 'run'}: a training run's folder, not a model checkpoint; its newest checkpoint is "
+        f"{tmp_path / 'run' / 'checkpoints' / 'step_2'}: load that folder (the command line takes the run for it)"
+    )
+    (tmp_path / "run" / "checkpoints" / "step_2" / "train_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="a training run's folder, not a model checkpoint; "):
+        seekstack.load_pretrained(tmp_path / "run")

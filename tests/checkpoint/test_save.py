@@ -57,32 +57,3 @@ def test_a_shard_size_that_is_no_positive_number_of_bytes_is_refused_naming_it_b
         seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "out", **given)
     assert str(refused.value).startswith(refusal)
     assert not (tmp_path / "out").exists()
-
-
-def test_a_folder_under_a_file_is_refused_naming_the_file_before_anything_is_written(tmp_path):
-    """save_pretrained(model, "notes.txt/model") raised a bare "[Errno 17] File exists: 'notes.txt'"."""
-    (tmp_path / "notes.txt").write_text("kept")
-    with pytest.raises(FileExistsError) as refused:
-        seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "notes.txt" / "model")
-    assert str(refused.value) == (
-        f"{tmp_path / 'notes.txt' / 'model'}: {tmp_path / 'notes.txt'} is a file, not a folder; nothing was written"
-    )
-    assert (tmp_path / "notes.txt").read_text() == "kept"
-
-
-def test_loading_a_training_runs_folder_names_its_newest_checkpoint(tmp_path):
-    """load_pretrained(RUN) (the folder the command line takes for its newest checkpoint) was told "RUN/config.json:
-    no such file; a checkpoint keeps its config.json beside the weights: copy it from where the checkpoint came
-    from"."""
-    from seekstack.train.state import save_checkpoint
-
-    save_checkpoint(tmp_path / "run", seekstack.Transformer(micro_config()), {"step": 2}, keep=1)
-    with pytest.raises(seekstack.checkpoint.CheckpointError) as refused:
-        seekstack.load_pretrained(tmp_path / "run")
-    assert str(refused.value) == (
-        f"{tmp_path / 'run'}: a training run's folder, not a model checkpoint; its newest checkpoint is "
-        f"{tmp_path / 'run' / 'checkpoints' / 'step_2'}: load that folder (the command line takes the run for it)"
-    )
-    (tmp_path / "run" / "checkpoints" / "step_2" / "train_state.pt").unlink()
-    with pytest.raises(seekstack.checkpoint.CheckpointError, match="a training run's folder, not a model checkpoint; "):
-        seekstack.load_pretrained(tmp_path / "run")
