@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import seekstack
+import seekstack.checkpoint.save
 from seekstack import Transformer
 from seekstack.checkpoint import (
     CONFIG_FILE,
