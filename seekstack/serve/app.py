@@ -35,7 +35,15 @@ from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
-from seekstack.serve.keys import ApiKey, KeyStore, format_amount, format_cost, format_duration, utc_time
+from seekstack.serve.keys import (
+    ApiKey,
+    KeyStore,
+    exact_cost,
+    format_amount,
+    format_cost,
+    format_duration,
+    utc_time,
+)
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import STATS_INTERVAL_S, ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
@@ -715,7 +723,7 @@ class Server:
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
             raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
                            code="key_not_found")  # fmt: skip
-        return UsageReport(data=[day.to_dict() for day in days], total_cost=sum(day.cost for day in days))
+        return UsageReport(data=[day.to_dict() for day in days], total_cost=exact_cost(sum(day.cost for day in days)))
 
 
 class ChoicesUsage:

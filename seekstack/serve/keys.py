@@ -72,6 +72,16 @@ class Budget:
     period_s: float | None = None
 
 
+COST_DECIMALS = 10  # a cost's scale: prices per 1k tokens to 7 decimals price each token exactly
+
+
+def exact_cost(amount: float) -> float:
+    """`amount`, a cost or a sum of costs, as the decimal of COST_DECIMALS decimals it stands for: tokens times
+    binary prices, and sums of those, fall beside it (0.00026000000000000003 for 0.00026), which the usage JSON
+    showed as they were."""
+    return round(amount, COST_DECIMALS)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Prices per 1k prompt and completion tokens, and per 1k prompt tokens read from the prefix cache."""
@@ -85,7 +95,7 @@ class Plan:
         """The price of a request; `cached_tokens` of its `prompt_tokens` at the cached price."""
         cached_price = self.prompt_per_1k if self.cached_prompt_per_1k is None else self.cached_prompt_per_1k
         prompt_cost = (prompt_tokens - cached_tokens) * self.prompt_per_1k + cached_tokens * cached_price
-        return (prompt_cost + completion_tokens * self.completion_per_1k) / 1000
+        return exact_cost((prompt_cost + completion_tokens * self.completion_per_1k) / 1000)
 
 
 def hash_key(key: str) -> str:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from seekstack.serve.database import DEFAULT_PLAN, Database, retrying_while_busy
-from seekstack.serve.keys import Plan
+from seekstack.serve.keys import Plan, exact_cost
 
 PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without keys: the open server)
     "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
@@ -128,7 +128,7 @@ class Ledger:
         rows = self.database.query(
             f"SELECT COALESCE(SUM(cost), 0) AS spent FROM usage WHERE key_name = ? {after}", parameters
         )
-        return rows[0]["spent"]
+        return exact_cost(rows[0]["spent"])
 
     def knows(self, key_name: str) -> bool:
         """Whether any usage is recorded for key `key_name`."""
@@ -164,7 +164,7 @@ class Ledger:
             f"FROM usage {where} GROUP BY key_name, day, model ORDER BY day, key_name, model",
             tuple(parameters),
         )
-        return [DailyUsage(**dict(row)) for row in rows]
+        return [DailyUsage(**{**dict(row), "cost": exact_cost(row["cost"])}) for row in rows]
 
 
 def parse_day(text: str) -> dt.date:

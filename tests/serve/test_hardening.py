@@ -739,6 +739,25 @@ def test_the_admin_usage_report_counts_cached_prompt_tokens(engine, tmp_path):
     assert (day["prompt_tokens"], day["cached_tokens"]) == (1000, 800)  # was: no cached_tokens
 
 
+def test_the_admin_usage_reports_costs_as_the_decimals_the_prices_make(engine, tmp_path):
+    """Costs were binary floats of tokens times prices, and sums of those: a request of 11 prompt and 5 completion
+    tokens at 0.01 and 0.03 per 1k cost 0.00026000000000000003 in its ledger row, and /v1/admin/usage (and `seekstack
+    usage --json`) showed such sums as they came. Each cost, and each sum, is now the decimal it stands for."""
+    database = open_database(tmp_path / "db")
+    KeyStore(database).set_plan("pro", 0.01, 0.03)
+    boss, ledger = KeyStore(database).create("boss", admin=True, plan="pro"), Ledger(database)
+    for model, prompt, completion in (("a", 7, 3), ("a", 11, 5), ("a", 13, 29), ("b", 11, 5), ("b", 3, 1)):
+        ledger.record(UsageRecord("boss", model, "/v1/completions", prompt, completion, 0.1, 200))
+
+    async def scenario(client):
+        return await client.get("/v1/admin/usage", headers={"Authorization": f"Bearer {boss}"})
+
+    report = run(create_app(engine, database), scenario).json()
+    assert [row["cost"] for row in ledger.records("boss")] == [0.00016, 0.00026, 0.001, 0.00026, 0.00006]
+    assert [(day["model"], day["cost"]) for day in report["data"]] == [("a", 0.00142), ("b", 0.00032)]
+    assert (report["total_cost"], ledger.spent("boss")) == (0.00174, 0.00174)
+
+
 def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
     """`/v1/admin/usage?key=alice&key=ops` answered ops' usage alone (FastAPI reads the last of a repeated parameter),
     as if alice had none: a parameter given twice is now refused, naming it."""
