@@ -153,7 +153,7 @@ def evaluate(
     tracker = EvaluationTracker(output_path=str(samples_folder)) if samples_folder is not None else None
     started = time.perf_counter()
     try:
-        with _without_lm_evals_git_hash():
+        with _without_unkept_records(keep_environment=tracker is not None):
             output = lm_eval.simple_evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
@@ -189,13 +189,18 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _without_lm_evals_git_hash() -> Iterator[None]:
+def _without_unkept_records(keep_environment: bool) -> Iterator[None]:
     """lm_eval's evaluator, while in this block, with no `git_hash` in its output: it runs `git describe` in the
     working folder with stderr left open, printing "fatal: not a git repository" outside a checkout. The results
-    kept here never held it, and `seekstack report` records seekstack's own commit."""
+    kept here never held it, and `seekstack report` records seekstack's own commit. Unless `keep_environment` (its
+    results JSON is written), nor its environment records either: add_env_info runs torch's collect_env (~11
+    subprocesses, `pip list` among them; 1-6 s) for a record the results kept here drop."""
     import lm_eval.evaluator
 
-    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if not keep_environment:
+            stack.enter_context(mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None))
         yield
 
 

@@ -156,8 +156,11 @@ def test_eval_of_local_tasks_alone_indexes_no_task_file_and_outside_a_git_checko
     checkpoint, tmp_path, monkeypatch, capfd
 ):
     """Each evaluation indexed lm_eval's ~15,000 tasks from their YAML files (~8 s of a CPU), even of local tasks
-    alone, whose configs are built here and looked up by no name; --include-path's folder was indexed for them too."""
+    alone, whose configs are built here and looked up by no name; --include-path's folder was indexed for them too.
+    It also ran torch's collect_env (1-6 s of subprocesses) for environment records only lm_eval's results JSON
+    keeps, which is not written here (the next test writes it and finds them)."""
     import lm_eval.tasks._index
+    import torch.utils.collect_env
 
     from seekstack.eval.evaluate import evaluate
 
@@ -166,6 +169,8 @@ def test_eval_of_local_tasks_alone_indexes_no_task_file_and_outside_a_git_checko
     monkeypatch.setattr(
         lm_eval.tasks._index, "load_yaml", lambda path, **kwargs: read.append(path) or load_yaml(path, **kwargs)
     )
+    collected = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: collected.append(1) or "collected")
     monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
     corpus = write_corpus(tmp_path / "corpus", [MODULE])
     tasks = tmp_path / "tasks"
@@ -175,6 +180,7 @@ def test_eval_of_local_tasks_alone_indexes_no_task_file_and_outside_a_git_checko
     assert result["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
     assert "not a git repository" not in capfd.readouterr().err
     assert read == []  # lm_eval read none of its task files, nor the include folder's
+    assert collected == []
 
 
 def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_evals_results_json(
@@ -238,6 +244,7 @@ def test_log_samples_writes_lm_evals_own_results_and_samples_files_that_its_tool
     bits = written["results"]["code_perplexity"]["bits_per_byte,none"]
     assert bits == report["results"]["code_perplexity"]["bits_per_byte"]
     assert "code_perplexity" in make_table(written)  # lm_eval's own table of a results file
+    assert written["pretty_env_info"] and written["lm_eval_version"]  # its environment records, as its CLI writes
     [sample] = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert sample["doc"]["text"] == MODULE[:4000] and sample["doc_id"] == 0
 
