@@ -176,11 +176,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 def run_checkpoint(path: str | Path) -> Path | None:
     """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` or train_config.json inside, no
     config.json) or its checkpoints/ folder (step_N inside, as torchtitan's checkpoint folder stands for its newest
-    step), else None; FileNotFoundError naming the run when it has none. A run's train_config.json stands for its run,
-    as report and plot take a run's metrics.jsonl for its folder."""
+    step), else None; FileNotFoundError naming the run when it has none."""
     path = Path(path)
-    if path.name == CONFIG_FILE and path.is_file():
-        path = path.parent
     if path == checkpoint_dir(path.parent) and step_folders(path.parent) and not (path / MODEL_CONFIG_FILE).is_file():
         return latest_checkpoint(path.parent)
     is_run = checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file()

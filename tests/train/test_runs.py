@@ -122,23 +122,3 @@ def test_a_runs_checkpoints_folder_stands_for_its_newest_checkpoint_as_its_out_d
     )
     assert result.exit_code == 0
     assert result.output.startswith(f"{tmp_path / 'run' / 'checkpoints'}: using the run's newest checkpoint, {newest}")
-
-
-def test_a_runs_train_config_json_stands_for_its_run_as_its_out_dir_does(tmp_path):
-    """`seekstack checkpoint export RUN/train_config.json` was told "RUN/train_config.json: no checkpoint (neither a
-    checkpoint folder with train_state.pt nor a run with checkpoints/step_N)", where report and plot take a run's
-    metrics.jsonl for its folder."""
-    write_split(tmp_path / "tokens", "train", 20_000, seed=1)
-    run = tmp_path / "run"
-    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
-    with pytest.raises(FileNotFoundError, match=f"^{run}: the run has saved no checkpoint yet"):
-        run_checkpoint(run / "train_config.json")
-    save_checkpoint(run, Transformer(micro_config()), {"step": 2}, keep=1)
-    newest = run / "checkpoints" / "step_2"
-    assert run_checkpoint(run / "train_config.json") == newest == run_checkpoint(run)
-    result = CliRunner().invoke(
-        app, ["checkpoint", "export", str(run / "train_config.json"), "--out", str(tmp_path / "x")]
-    )
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{run / 'train_config.json'}: using the run's newest checkpoint, {newest}")
-    assert (tmp_path / "x" / "model.safetensors").is_file() and not (tmp_path / "x" / "train_state.pt").exists()
