@@ -125,7 +125,10 @@ def _size_bytes(size: int | str) -> int:
     except ValueError:
         raise refusal from None
     unit = size.strip()[-2:]
-    return count // 8 if unit[-1] == "b" and unit[0].upper() in "KMGT" else count
+    count = count // 8 if unit[-1] == "b" and unit[0].upper() in "KMGT" else count
+    if count < 1:  # bits of less than a byte ("0.001Kb"): a shard per tensor
+        raise refusal
+    return count
 
 
 def _copy_unsaved_files(directory: Path, staging: Path) -> None:

@@ -42,6 +42,7 @@ def test_max_shard_size_is_read_as_transformers_reads_it(tmp_path, given, limit)
         ({"max_shard_bytes": 0}, "max_shard_bytes=0: the largest shard, a positive integer of bytes"),
         ({"max_shard_size": "40 parsecs"}, "max_shard_size='40 parsecs': the largest shard, a positive integer of"),
         ({"max_shard_size": "0GB"}, "max_shard_size='0GB': the largest shard, a positive integer of bytes or"),
+        ({"max_shard_size": "0.001Kb"}, "max_shard_size='0.001Kb': the largest shard, a positive integer of bytes"),
         (
             {"max_shard_bytes": 40_000, "max_shard_size": "40KiB"},
             "max_shard_bytes=40000 beside max_shard_size='40KiB' (40960 bytes): max_shard_size is transformers'",
