@@ -72,14 +72,14 @@ class Budget:
     period_s: float | None = None
 
 
-COST_DECIMALS = 10  # a cost's scale: prices per 1k tokens to 7 decimals price each token exactly
+COST_DIGITS = 12  # significant digits of a cost; the float error of tokens times prices, and of sums, lies beyond
 
 
 def exact_cost(amount: float) -> float:
-    """`amount`, a cost or a sum of costs, as the decimal of COST_DECIMALS decimals it stands for: tokens times
-    binary prices, and sums of those, fall beside it (0.00026000000000000003 for 0.00026), which the usage JSON
-    showed as they were."""
-    return round(amount, COST_DECIMALS)
+    """`amount`, a cost or a sum of costs, as the decimal of COST_DIGITS significant digits it stands for: tokens
+    times binary prices, and sums of those, fall beside it (0.00026000000000000003 for 0.00026), which the usage JSON
+    showed as they were. Significant digits, not decimals, so that the tiniest price is billed as given."""
+    return float(f"{amount:.{COST_DIGITS}g}")
 
 
 @dataclass(frozen=True)

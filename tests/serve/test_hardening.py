@@ -23,7 +23,7 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import ABSENT_ROUTES, create_app
 from seekstack.serve.database import open_database
-from seekstack.serve.keys import Budget, KeyStore
+from seekstack.serve.keys import Budget, KeyStore, Plan
 from seekstack.serve.ledger import Ledger, UsageRecord
 from tests.serve.server import error_of, make_model_dir, run
 
@@ -756,6 +756,8 @@ def test_the_admin_usage_reports_costs_as_the_decimals_the_prices_make(engine, t
     assert [row["cost"] for row in ledger.records("boss")] == [0.00016, 0.00026, 0.001, 0.00026, 0.00006]
     assert [(day["model"], day["cost"]) for day in report["data"]] == [("a", 0.00142), ("b", 0.00032)]
     assert (report["total_cost"], ledger.spent("boss")) == (0.00174, 0.00174)
+    tiny = Plan("tiny", 1e-9, 1.5e-7)  # prices far below any real one are billed as given, not rounded away
+    assert (tiny.cost(40, 0), tiny.cost(0, 1)) == (4e-11, 1.5e-10)
 
 
 def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
