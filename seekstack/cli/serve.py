@@ -464,7 +464,7 @@ def usage_command(
     from rich.table import Table
 
     from seekstack.serve.keys import KeyStore, format_cost
-    from seekstack.serve.ledger import Ledger, parse_day
+    from seekstack.serve.ledger import Ledger, parse_day, total_cost
 
     with user_errors(as_json):
         database = _database(db, existing=True)
@@ -507,7 +507,7 @@ def usage_command(
     rows.append((
         "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
         f"{sum(d.prompt_tokens for d in days):,}", *([f"{sum(d.cached_tokens for d in days):,}"] if cached else []),
-        f"{sum(d.completion_tokens for d in days):,}", format_cost(sum(d.cost for d in days)),
+        f"{sum(d.completion_tokens for d in days):,}", format_cost(total_cost(days)),
     ))  # fmt: skip
     for row in rows:
         table.add_row(*row)

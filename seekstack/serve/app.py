@@ -38,13 +38,12 @@ from seekstack.serve.errors import APIError, internal_error, invalid_body, parse
 from seekstack.serve.keys import (
     ApiKey,
     KeyStore,
-    exact_cost,
     format_amount,
     format_cost,
     format_duration,
     utc_time,
 )
-from seekstack.serve.ledger import Ledger, parse_day
+from seekstack.serve.ledger import Ledger, parse_day, total_cost
 from seekstack.serve.metrics import STATS_INTERVAL_S, ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
 from seekstack.serve.openapi import describe, error_responses, generation_responses, json_request
@@ -723,7 +722,7 @@ class Server:
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
             raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
                            code="key_not_found")  # fmt: skip
-        return UsageReport(data=[day.to_dict() for day in days], total_cost=exact_cost(sum(day.cost for day in days)))
+        return UsageReport(data=[day.to_dict() for day in days], total_cost=total_cost(days))
 
 
 class ChoicesUsage:

@@ -67,6 +67,13 @@ class DailyUsage:
         return asdict(self)
 
 
+def total_cost(days: list[DailyUsage]) -> float:
+    """The cost of `days` together, as /v1/admin/usage's total_cost and `seekstack usage`'s total show it: their
+    sum as the decimal it stands for (exact_cost), not with the float noise of the sum (2.4999999999999998e-06 for
+    0.0000001 + 0.0000023 + 0.0000001, which showed as 0.000002)."""
+    return exact_cost(sum(day.cost for day in days))
+
+
 class Ledger:
     """Append-only usage records and their totals per key name and day (a name's keys, old and new, together),
     each row priced at its record's plan, else at the plan of the name's newest key when written."""

@@ -424,6 +424,24 @@ def test_usage_reports_count_the_cached_prompt_tokens_their_cost_is_priced_at(da
     assert [(row["prompt tokens"], row["of them cached"]) for row in rows] == [("2,000", "800")] * 2  # day, total
 
 
+def test_the_usage_table_total_is_the_total_cost_the_admin_usage_reports(database, database_location):
+    """`seekstack usage` summed its rows' costs as floats, not through exact_cost as /v1/admin/usage's total_cost
+    does: 0.0000001 + 0.0000023 + 0.0000001 is 2.4999999999999998e-06, whose total showed as 0.000002, not the
+    0.000003 that the 0.0000025 spent rounds to."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("fine", prompt_per_1k=0.0001, completion_per_1k=0.0001)
+    keys.create("k", plan="fine")
+    for model, prompt in (("a", 1), ("b", 23), ("c", 1)):
+        ledger.record(usage("k", prompt, 0, model=model))
+    days = ledger.daily()
+    assert [day.cost for day in days] == [1e-07, 2.3e-06, 1e-07]
+    assert ledger_module.total_cost(days) == 2.5e-06
+    table = CliRunner().invoke(app, ["usage", "--db", database_location], env={"COLUMNS": "120"}).stdout
+    header = next(cells(line, "┃") for line in table.splitlines() if "requests" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in table.splitlines() if line.startswith("│")]
+    assert [(row["day"], row["cost"]) for row in rows][-1] == ("total", "0.000003")
+
+
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
     day = dt.date(2026, 11, 1)
     midnight = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).timestamp()
