@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from seekstack.checkpoint.fp8 import fp8_scale_shape
 from seekstack.checkpoint.keys import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -305,6 +306,41 @@ def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> Non
             f"{reasons}",
             stacklevel=3,
         )
+
+
+def warn_fp8_blocks_transformers_misreads(directory: Path) -> None:
+    """Warn when fp8 checkpoint `directory`'s scale block does not divide one of its weights that spans more than one
+    block, naming the block and the first such weight (one transformers refuses first): its edge blocks cover part of
+    a block (valid in DeepSeek's format, read so by seekstack), but transformers' CPU loader (Fp8Dequantize) takes the
+    block from the scale grid (a weight's sides over its scales'), so it refuses the weight or dequantizes it in
+    another block."""
+    quantization = read_config(directory).extra.get("quantization_config")
+    if not quantization or quantization.get("quant_method", "fp8") != "fp8":
+        return
+    found = []  # (whether transformers refuses it, weight, shape, scale grid)
+    with CheckpointReader(directory, quantization) as reader:
+        block = reader.fp8_block
+        for key in reader.key_to_file:
+            weight = key.removesuffix("_scale_inv")
+            shape = tuple(reader.stored_shape(weight)) if key.endswith(".weight_scale_inv") else ()
+            if len(shape) == 2 and any(size > side and size % side for size, side in zip(shape, block, strict=True)):
+                grid = fp8_scale_shape(shape, block)
+                found.append((any(size % count for size, count in zip(shape, grid, strict=True)), weight, shape, grid))
+    if not found:
+        return
+    refused, weight, shape, grid = max(found, key=lambda misread: misread[0])  # the first refused, else the first
+    if refused:
+        outcome = f'refuses it ("Weight shape {shape} not divisible by scale grid {grid}")'
+    else:
+        read_as = tuple(size // count for size, count in zip(shape, grid, strict=True))
+        outcome = f"dequantizes it in {read_as} blocks, so its values differ from seekstack's"
+    warnings.warn(
+        f"{directory}: weight_block_size {list(block)} does not divide {weight} of shape {shape}: its edge blocks "
+        "cover part of a block, as DeepSeek's format allows (seekstack and transformers' GPU fp8 layers read it so), "
+        f"but transformers' CPU loader takes the block from the {grid} scale grid and {outcome}; to load it there, "
+        "save with a block that divides each projection's sides",
+        stacklevel=3,
+    )
 
 
 def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> bool:

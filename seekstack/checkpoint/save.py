@@ -29,7 +29,7 @@ from seekstack.checkpoint.keys import (
     expert_sources,
     layer_key,
 )
-from seekstack.checkpoint.load import warn_transformers_divergences
+from seekstack.checkpoint.load import warn_fp8_blocks_transformers_misreads, warn_transformers_divergences
 from seekstack.checkpoint.quantized import _has_int_layers, quantization_config, quantized_layers, quantized_sources
 from seekstack.compress.linear import Fp8Weight, layer_weight
 from seekstack.config import ModelConfig
@@ -67,7 +67,8 @@ def save_pretrained(
     The folder is swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
     checkpoint, and an existing one stays until the new one is complete; its files this save does not write (the
     tokenizer's) are kept. A config transformers computes differently (`ModelConfig.transformers_divergences`) is
-    warned about.
+    warned about, and so is an fp8 block that does not divide a weight, which transformers' CPU loader refuses or
+    misreads (`warn_fp8_blocks_transformers_misreads`).
     """
     if fp8_block is not None and not (len(fp8_block) == 2 and all(type(s) is int and s > 0 for s in fp8_block)):
         raise ValueError(
@@ -82,6 +83,7 @@ def save_pretrained(
         write_pretrained_files(model, staging, limit, fp8_block, stacked_experts)
         _copy_unsaved_files(directory, staging)
     warn_transformers_divergences(model.config, directory)
+    warn_fp8_blocks_transformers_misreads(directory)
     return directory
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
 
@@ -58,3 +60,34 @@ def test_a_shard_size_that_is_no_positive_number_of_bytes_is_refused_naming_it_b
         seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "out", **given)
     assert str(refused.value).startswith(refusal)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        (
+            (48, 40),
+            r"kv_b_proj.weight of shape \(128, 16\): .* \(3, 1\) scale grid and refuses it ",
+        ),  # transformers' first refusal
+        ((64, 64), r"down_proj.weight of shape \(64, 96\): .* \(1, 2\) scale grid and dequantizes it in \(64, 48\) "),
+        ((128, 128), None),  # one block covers each side of each weight: transformers reads it as seekstack does
+        ((8, 8), None),  # the block divides every weight
+    ],
+)
+def test_an_fp8_block_transformers_cpu_loader_misreads_is_warned_about_naming_the_first_weight(tmp_path, block, named):
+    """save_pretrained(model, folder, fp8_block=(48, 40)) wrote edge blocks covering part of a block (valid in
+    DeepSeek's format) without a word, though transformers 5.23 on CPU takes the block from the scale grid: it refused
+    to load the folder ("Weight shape (128, 16) not divisible by scale grid (3, 1)"), and with (64, 64) it loaded the
+    micro model's down_proj (64, 96) in (64, 48) blocks, other weights than seekstack reads."""
+    model = seekstack.Transformer(micro_config()).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seekstack.save_pretrained(model, tmp_path / "fp8", fp8_block=block)
+    messages = [str(warning.message) for warning in caught if "weight_block_size" in str(warning.message)]
+    if named is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(
+            re.escape(f"weight_block_size {list(block)} does not divide ") + f".*{named}", messages[0]
+        )
+        assert str(tmp_path / "fp8") in messages[0] and "transformers' CPU loader" in messages[0]
