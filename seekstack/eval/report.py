@@ -180,9 +180,12 @@ def _reads_token_shards(train_config: dict[str, Any]) -> bool:
 
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     teacher = f"\n\nTeacher: `{_from_run(run_dir, train_config['teacher'])}`." if train_config.get("teacher") else ""
-    if not _reads_token_shards(train_config):
-        return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}" if train_config else ""
-    return _shard_data(run_dir, train_config) + teacher
+    if _reads_token_shards(train_config):
+        return _shard_data(run_dir, train_config) + teacher
+    if not train_config.get("task") and _conversations_file(run_dir, train_config) is None:
+        # no train_config.json, or one written by hand ({"model": "tiny"}) that names no data: none to report
+        return f"## Data{teacher}" if teacher else ""
+    return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}"
 
 
 def _task_named(name: str, difficulty: int | None) -> str:

@@ -265,12 +265,14 @@ def figure_format(path: Path) -> str:
 def _main_layer_count(run_dir: str | Path) -> int | None:
     """num_hidden_layers of the run's model, to tell MTP blocks apart: of the checkpoint it started from (its
     train_config.json's init_from, relative to the run: sft, rl, distill, lora train), else of its preset and
-    model_overrides; None if unknown (no train_config.json, a starting checkpoint moved since)."""
+    model_overrides; None if unknown (no train_config.json, one naming no preset, a starting checkpoint moved since)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     if not saved.get("init_from"):
+        if not saved.get("model"):  # one written by hand ({}) that names no preset
+            return None
         return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
     start = Path(run_dir) / saved["init_from"] / MODEL_CONFIG_FILE
     return json.loads(start.read_text(encoding="utf-8"))["num_hidden_layers"] if start.is_file() else None

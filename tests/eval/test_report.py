@@ -707,6 +707,23 @@ def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_
     assert "| commit | unknown (not a git checkout) |" in _environment()
 
 
+@pytest.mark.parametrize(("saved", "origin"), [({}, "-"), ({"model": "tiny"}, "tiny")])
+def test_a_hand_written_train_config_naming_no_data_is_reported_by_what_it_holds(tmp_path, saved, origin):
+    """`report RUN --no-samples` of a run whose train_config.json names no data ({"model": "tiny"}) ended in
+    KeyError: 'task', and of one naming no preset either ({}) in KeyError: 'model' (the curves' MTP layer count):
+    such a file is reported by what it holds, as a run without one is."""
+    checkpoint = _step_checkpoint(tmp_path, 2)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    records = [{"step": step, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0} for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--no-samples"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.md").read_text()
+    assert f"| preset / layers | {origin} / 4 |" in page and "Last step 2: loss (total 2.5000)." in page
+    assert "## Data" not in page and (tmp_path / "curves.png").is_file()
+
+
 def test_the_last_steps_loss_is_named_as_the_progress_line_names_it(tmp_path):
     """metrics.jsonl's `loss` is the total (MTP and balance terms in it); the report's loss is the next-token one,
     with the total beside it as on the progress line."""
