@@ -23,6 +23,14 @@ def step_folder_with_index(tmp_path, weight_map):
     return checkpoint, index
 
 
+def assert_refused_and_passed_over(checkpoint, expected):
+    """The reader refuses step folder `checkpoint` with message `expected`, and a run's listing passes it over."""
+    with pytest.raises(CheckpointError) as reading:
+        CheckpointReader(checkpoint, None)
+    assert str(reading.value) == expected
+    assert missing_files(checkpoint) == ["valid model.safetensors.index.json"]
+
+
 @pytest.mark.parametrize("file", ["", ".", "./"])
 def test_an_index_naming_the_folder_itself_as_a_shard_is_told_it_names_no_file(tmp_path, file):
     """A weight_map file of "" or "." (the folder itself, os.path.join's answer) was told "names shard '', which is
@@ -33,10 +41,7 @@ def test_an_index_naming_the_folder_itself_as_a_shard_is_told_it_names_no_file(t
         f"{index}: weight_map gives key 'model.norm.weight' the file {file!r}, not a file name; "
         "re-save or re-download the checkpoint"
     )
-    with pytest.raises(CheckpointError) as reading:
-        CheckpointReader(checkpoint, None)
-    assert str(reading.value) == expected
-    assert missing_files(checkpoint) == ["valid model.safetensors.index.json"]  # passed over, as the reader refuses it
+    assert_refused_and_passed_over(checkpoint, expected)
 
 
 def test_an_index_naming_a_folder_as_a_shard_is_told_it_names_a_folder(tmp_path):
@@ -49,10 +54,7 @@ def test_an_index_naming_a_folder_as_a_shard_is_told_it_names_a_folder(tmp_path)
         f"{index}: weight_map gives key 'lm_head.weight' the file 'shards', which is a folder in {checkpoint}, not a "
         "safetensors file; re-save or re-download the checkpoint"
     )
-    with pytest.raises(CheckpointError) as reading:
-        CheckpointReader(checkpoint, None)
-    assert str(reading.value) == expected
-    assert missing_files(checkpoint) == ["valid model.safetensors.index.json"]  # passed over, as the reader refuses it
+    assert_refused_and_passed_over(checkpoint, expected)
 
 
 def test_the_shards_an_index_names_are_looked_at_once_for_the_reader_and_a_runs_listing(tmp_path):
