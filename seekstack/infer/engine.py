@@ -323,6 +323,9 @@ class Engine:
         max_memory: Mapping[str | int, str | int] | None = None,
         torch_dtype: torch.dtype | str | None = None,
         offload_folder: str | Path | None = None,
+        trust_remote_code: bool = False,
+        low_cpu_mem_usage: bool = True,
+        revision: str | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
@@ -332,12 +335,21 @@ class Engine:
         accelerate's, device_map="auto" with `max_memory` {0: "80GiB", "cpu": "20GiB"}); `disk` weights not mapped
         from the checkpoint are copied under `offload_dir` (default `model_dir`/offload). `dtype` is load_pretrained's
         (float32 where not given); `torch_dtype` and `offload_folder`, transformers' from_pretrained names, are read
-        as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype).
+        as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype). `trust_remote_code` and
+        `low_cpu_mem_usage`, which transformers and vLLM callers pass, are taken without effect: seekstack runs no code
+        from a checkpoint, and always reads the weights one tensor at a time into a model built without them (what
+        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the "
+                f"folder {model_dir} as it is on disk and downloads nothing: fetch that revision with `hf download "
+                f"REPO --revision {revision} --local-dir FOLDER`, give FOLDER and leave revision out"
+            )
         if offload_folder is not None and offload_dir is not None and offload_folder != offload_dir:
             raise ValueError(
                 f"offload_folder={offload_folder!r} beside offload_dir={offload_dir!r}: it is transformers' name for "

@@ -50,3 +50,24 @@ def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_
             "model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, use_tqdm=True)"
         )
     assert engine.stats().waiting == 0 and not engine.running  # refused before any prompt was added
+
+
+def test_transformers_and_vllm_loading_keywords_are_taken_or_refused_naming_them(tmp_path):
+    """from_pretrained(path, trust_remote_code=True), low_cpu_mem_usage=True (transformers' and vLLM's keywords) and
+    revision= raised "TypeError: Engine.__init__() got an unexpected keyword argument", saying nothing of why. The
+    first two are taken without effect (no checkpoint code runs; the weights are always read one tensor at a time);
+    a Hub revision is refused naming it, as the folder is read as it is on disk."""
+    from tests.infer.support import model_dir
+
+    folder = model_dir(tmp_path / "model")
+    plain = Engine.from_pretrained(folder, kv_cache_memory=1 << 22)
+    taken = Engine.from_pretrained(folder, kv_cache_memory=1 << 22, trust_remote_code=True, low_cpu_mem_usage=True)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert taken.generate([[5, 9]], greedy)[0].token_ids == plain.generate([[5, 9]], greedy)[0].token_ids
+    with pytest.raises(ValueError) as refused:
+        Engine.from_pretrained(folder, revision="v1.0")
+    assert str(refused.value) == (
+        f"revision='v1.0' names a revision of a Hugging Face Hub repository, but seekstack reads the folder {folder} "
+        "as it is on disk and downloads nothing: fetch that revision with `hf download REPO --revision v1.0 "
+        "--local-dir FOLDER`, give FOLDER and leave revision out"
+    )
