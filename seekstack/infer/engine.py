@@ -573,6 +573,13 @@ class Engine:
         with self.lock:
             return bool(self.aborted) or any(True for _ in self._unfinished())
 
+    has_unfinished_requests = has_unfinished  # vLLM's LLMEngine name for it
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The engine's tokenizer (`engine.tokenizer`), as vLLM's LLM.get_tokenizer() gives its own: a seekstack
+        Tokenizer (encode, decode, apply_chat_template)."""
+        return self.tokenizer
+
     def reset_prefix_cache(self) -> None:
         """Drop the cached prompt prefixes: call it after changing the model's weights in place (RL weight sync),
         or later requests would share prefix values computed by the old weights."""

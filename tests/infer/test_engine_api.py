@@ -71,3 +71,18 @@ def test_transformers_and_vllm_loading_keywords_are_taken_or_refused_naming_them
         "as it is on disk and downloads nothing: fetch that revision with `hf download REPO --revision v1.0 "
         "--local-dir FOLDER`, give FOLDER and leave revision out"
     )
+
+
+def test_vllms_has_unfinished_requests_and_get_tokenizer_are_the_engines_own(model, tokenizer):
+    """vLLM's LLMEngine.has_unfinished_requests() and LLM.get_tokenizer() raised AttributeError, though the engine
+    answers both (has_unfinished, .tokenizer): the vLLM names give the same answers, no second copy."""
+    engine = Engine(model, tokenizer)
+    assert engine.get_tokenizer() is tokenizer
+    assert engine.get_tokenizer().decode(engine.get_tokenizer().encode("def f(x):")) == "def f(x):"
+    assert engine.has_unfinished_requests() is False
+    request = engine.add_request([5, 9], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+    assert engine.has_unfinished_requests() is True
+    while engine.has_unfinished_requests():
+        finished = [output.request_id for output in engine.step() if output.finished]
+    assert finished == [request] and engine.has_unfinished() is False
+    assert Engine.has_unfinished_requests is Engine.has_unfinished
