@@ -15,7 +15,7 @@ from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import task_conversations
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
-from seekstack.posttrain.tasks.answers import Items, read_items, read_number
+from seekstack.posttrain.tasks.answers import Items, final_answer, read_items, read_number
 from seekstack.posttrain.tasks.countdown import evaluate_expression
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
@@ -500,6 +500,19 @@ def test_an_empty_box_is_no_answer_and_the_last_box_holding_one_is_read(answer, 
     """\\boxed{5}\\boxed{} read the empty last box, so the answer was no number and scored 0 against 5: an empty box
     holds no answer (math-verify reads "5," of it, wrong too); the last box holding something is the answer."""
     assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "text", "value"),
+    [("\\boxed{}", None, None), ("$\\boxed{}$", None, None), ("\\(\\boxed{\\,}\\)", None, None),
+     ("The answer is \\boxed{}", None, None), ("The answer is 5 \\boxed{}", "5", 5),
+     ("\\boxed{} The answer is 5", "5", 5), ("Answer: 5. \\fbox{ }", "5", 5), ("\\boxed{5}\\boxed{}", "5", 5)],
+)  # fmt: skip
+def test_an_answer_whose_boxes_are_all_empty_is_read_without_them(answer, text, value):
+    """final_answer("\\boxed{}") was "\\boxed{}", the answer's own text, and "The answer is 5 \\boxed{}" was
+    "5 \\boxed{}", no number (0 against 5), where math-verify reads nothing of the first and 5 of the second: empty
+    boxes are dropped before the answer is read without a box, and an answer that leaves nothing is None."""
+    assert (final_answer(answer), read_number(answer)) == (text, value)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,9 @@ LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"  # LaTeX's spaces in math, not
 BOXED = re.compile(
     rf"\\(?:boxed|fbox)(?![A-Za-z])\s*+(?!\{{(?:\s|{LATEX_SPACE})*+\}}|{MATH_END.pattern}|(?:\s|{LATEX_SPACE})*+\Z)"
 )
+# A box where BOXED finds none holding something: an empty one, dropped before the answer is read without a box
+# ("The answer is 5 \boxed{}" is 5, as math-verify reads it; "\boxed{}" alone, "$\boxed{}$", hold no answer)
+EMPTY_BOX = re.compile(rf"\\(?:boxed|fbox)(?![A-Za-z])\s*+(?:\{{(?:\s|{LATEX_SPACE})*+\}})?")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr); with its null delimiter "." too, \left. and \right., which draw
 # nothing), its math styles (\displaystyle) and its declarations of a font ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a
@@ -150,8 +153,8 @@ def final_answer(answer: str) -> str | None:
     end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
     `####` (GSM8K's), from its last `Answer:` label or sentence `The answer is` (`Final Answer: The final answer is 57.
     I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold; `答案是`, `最终答案：`, Chinese), outside math
-    delimiters (`$57$`), Markdown's bold (`**57**`) and a closing period (`.`, `。`). None when the last box is never
-    closed."""
+    delimiters (`$57$`), Markdown's bold (`**57**`) and a closing period (`.`, `。`); empty boxes dropped when no box
+    holds something. None when the last box is never closed, or when nothing is left (`\\boxed{}`, `$\\boxed{}$`)."""
     box = _last(BOXED, answer)
     if box is not None:
         start = box.end()
@@ -159,7 +162,7 @@ def final_answer(answer: str) -> str | None:
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
         return _less_period(answer[start : end.start() if end else len(answer)])
-    text = _from_last_label(_tagged(answer).rpartition(GSM8K_MARKER)[2])
+    text = _from_last_label(_tagged(EMPTY_BOX.sub("", answer)).rpartition(GSM8K_MARKER)[2])
     text = _less_period(_less_period(text).removesuffix(MINERVA_CLOSING))
     labelled = ANSWER_LABEL.match(text)
     if labelled is None:  # "**The answer is 57.**", the sentence in bold
@@ -167,9 +170,9 @@ def final_answer(answer: str) -> str | None:
         labelled = ANSWER_LABEL.match(text)
     text = _unadorned(text[labelled.end() if labelled else 0 :])
     for opening, closing in MATH_DELIMITERS:
-        if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
-            return _less_period(text[len(opening) : -len(closing)])
-    return text
+        if len(text) >= len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
+            return _less_period(text[len(opening) : len(text) - len(closing)]) or None
+    return text or None
 
 
 def _from_last_label(text: str) -> str:
