@@ -18,7 +18,8 @@ the first `SAMPLE_CHARS` characters:
          letters are written in when that is not Latin (`und-Cyrl`, `und-Arab`, `und-Deva`, `und-Thai`), so that
          the report counts Russian, Arabic or Hindi prose apart.
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
-length and repetition rules count for text without spaces; word segmentation would need a dictionary). Thai, Lao,
+length and repetition rules count for text without spaces; word segmentation would need a dictionary); Korean, which
+writes spaces between its words, has its n-grams counted in those words (`spaced_words`). Thai, Lao,
 Tibetan (whose tsheg ་ parts syllables, not words), Myanmar and Khmer, also written without spaces between words, keep
 their runs (phrases; their characters carry combining vowels and marks), and the rules count their words by
 characters instead (`written_without_spaces`).
@@ -120,10 +121,21 @@ class DetectedKind(NamedTuple):
 def words(text: str) -> list[str]:
     """The text's words: runs parted by whitespace or a zero-width space (the invisible word break Khmer, Thai and
     Myanmar text sets between words, which `str.split` keeps in a word), and each CJK character alone."""
-    text = text.replace(ZERO_WIDTH_SPACE, " ")
     if CJK_CHAR.search(text) is None:
-        return text.split()
-    return _CJK_WORD.findall(text)
+        return spaced_words(text)
+    return _CJK_WORD.findall(text.replace(ZERO_WIDTH_SPACE, " "))
+
+
+def spaced_words(text: str) -> list[str]:
+    """The text's runs parted by whitespace or a zero-width space, CJK characters kept in them: Korean's words
+    (eojeol, `합니다.`), which it writes between spaces as English does, where Chinese and Japanese write none."""
+    return text.replace(ZERO_WIDTH_SPACE, " ").split()
+
+
+def korean(text: str) -> bool:
+    """True when Hangul is most of the CJK characters among the text's first `SAMPLE_CHARS` characters."""
+    sample = text[:SAMPLE_CHARS]
+    return len(_HANGUL_CHAR.findall(sample)) > len(CJK_CHAR.findall(sample)) / 2
 
 
 def written_without_spaces(text: str) -> bool:
@@ -163,7 +175,7 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     sample = text[:SAMPLE_CHARS]
     cjk = len(CJK_CHAR.findall(sample))
     if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):
-        if len(_HANGUL_CHAR.findall(sample)) > cjk / 2:
+        if korean(sample):
             return DetectedKind("cjk", "ko")
         return DetectedKind("cjk", "ja" if len(_KANA_CHAR.findall(sample)) >= KANA_MIN_SHARE * cjk else "zh")
     lines = [line for line in sample.split("\n") if line.strip()]

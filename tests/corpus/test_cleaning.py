@@ -428,6 +428,28 @@ def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
     assert failed_rule(normalise(text), ProseRules()) == rule
 
 
+KOREAN_POLITE_TALK = (  # a short talk in the polite style (합니다체) of Korean blogs, news and notices
+    "안녕하세요. 오늘은 제가 좋아하는 취미에 대해 이야기하겠습니다. 저는 주말마다 등산을 합니다. 산에 올라가면 공기가 "
+    "맑고 경치가 아름답습니다. 특히 가을에는 단풍이 정말 예쁩니다. 등산을 하면 건강에도 좋고 스트레스도 풀립니다. "
+    "친구들과 함께 가면 더 즐겁습니다. 정상에서 먹는 김밥은 정말 맛있습니다. 여러분도 한번 등산을 해 보시기 "
+    "바랍니다. 감사합니다.\n"
+)
+
+
+def test_korean_n_grams_are_its_spaced_words_not_the_syllables_of_its_sentence_ending() -> None:
+    """Korean writes spaces between its words, but its n-grams were counted in syllables, each a CJK word: the
+    polite ending `니다.` closing every sentence was a 3-gram of 0.17 of the talk's characters, over cjk's 0.16, and
+    the clean talk was dropped as repetitive. Its n-grams are its words now (`습니다.` is the end of one, 즐겁습니다.);
+    keyword spam written with spaces is still removed by them."""
+    text = normalise(KOREAN_POLITE_TALK)
+    assert rule_kind(text, "auto") == ("cjk", "cjk/ko")
+    assert TextStats(text).top_ngram_char_fraction(3) == 0.0  # no three words repeat
+    assert failed_rule(text, CJKRules()) is None
+    spam = normalise("최저가 항공권 예약은 여기에서 하세요 지금 바로 클릭 " * 8 + KOREAN_POLITE_TALK)
+    assert TextStats(spam).top_ngram_char_fraction(3) == 8 * len("최저가항공권예약은") / (176 + 156)
+    assert failed_rule(spam, CJKRules()) == "top_3gram"
+
+
 # GNOME's translations (system-config-printer, gtk30) of 65 and 62 English words, which pass every prose rule
 MALAYALAM_TRANSLATION = (
     "താഴെയുള്ള പട്ടികയില്\u200d നിന്നും ദയവായി നിങ്ങള്\u200d ഉപയോഗിയ്ക്കുവാന്\u200d ശ്രമിയ്ക്കുന്ന പ്രിന്റര്\u200d "
