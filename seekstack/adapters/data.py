@@ -8,7 +8,9 @@
 - chat: a `.jsonl` (or a `.json` of JSON Lines, as datasets' `to_json` writes) of {"messages": [...]} (or TRL's
   {"prompt": [...], "completion": [...]} or {"conversations": [{"from": ..., "value": ...}, ...]}): the conversations
   of chat SFT (seekstack.posttrain.sft's batch source), the loss on the assistant's tokens only, those `seekstack
-  sft` holds out by default held out as the validation split.
+  sft` holds out by default held out as the validation split; TRL's standard {"prompt": TEXT, "completion": TEXT}
+  the same way, its prompt then its completion with no chat template (`TextCompletion`), the loss on the completion
+  only.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
 adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
@@ -34,7 +36,7 @@ from seekstack.compression import source_kind
 from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
 from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
-from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record
+from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record, is_text_completion
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
@@ -56,7 +58,7 @@ def is_chat(path: Path) -> bool:
     """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one; a `.json` too,
     the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes) whose first record is a conversation
     (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or its from/value
-    `conversations`)."""
+    `conversations`) or TRL's standard prompt-completion of text (`is_text_completion`)."""
     if source_kind(path) not in (".jsonl", ".json") or not path.is_file():
         return False
     try:
@@ -64,7 +66,7 @@ def is_chat(path: Path) -> bool:
             _, first = next(records, (0, None))
     except ValueError:  # not JSON Lines, or not decompressed: read as text, whose reader names the fault
         return False
-    return is_conversation_record(first)
+    return is_conversation_record(first) or is_text_completion(first)
 
 
 def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
@@ -157,8 +159,9 @@ def first_batches(config: TrainConfig, count: int) -> list[torch.Tensor]:
 class ChatDataConfig(SFTConfig):
     """The SFTConfig of a `lora train` run on a chat file: its conversations, of which it holds out those `seekstack
     sft` holds out by default (DEFAULT_VAL_FRACTION of them while eval_every > 0, by their content's hash), having no
-    val_data or val_fraction of its own."""
+    val_data or val_fraction of its own; TRL's standard prompt-completion lines too."""
 
+    text_completions: ClassVar[bool] = True
     held_out_advice: ClassVar[str] = (
         f"a file of {round(1 / DEFAULT_VAL_FRACTION)} conversations or more has some held out; or set eval_every=0"
     )
@@ -194,8 +197,8 @@ def _documents(data: Path) -> list[str]:
                 pass
         raise DataSourceError(
             f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} or '
-            '{"prompt": [...], "completion": [...]} (chat conversations, told by the first record): write each '
-            "record's text as 'text'"
+            '{"prompt": [...], "completion": [...]} (chat conversations, or TRL\'s prompt and completion as text; '
+            "told by the first record): write each record's text as 'text'"
         ) from None
     if not documents:
         skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)

@@ -40,6 +40,12 @@ class Conversation(list):
         self.tools = tools or []
 
 
+class TextCompletion(Conversation):
+    """TRL's standard prompt-completion (`{"prompt": TEXT, "completion": TEXT}`), which `lora train` reads: a user and
+    an assistant message holding its texts (its key, its hold-out), encoded with no chat template, as TRL's
+    SFTTrainer tokenizes it (`encode_conversation`)."""
+
+
 def offered_tools(conversation: list[dict]) -> list[dict]:
     """The tools a conversation offers: a `Conversation`'s, none for a plain list of messages."""
     return conversation.tools if isinstance(conversation, Conversation) else []
@@ -52,7 +58,16 @@ def encode_conversation(tokenizer: Tokenizer, conversation: list[dict]) -> tuple
     """(ids, labels) of one conversation: the ids `Tokenizer.encode_chat` gives of its messages and `offered_tools`,
     the labels the ids on the tokens of assistant turns not of weight 0 (their content, tool calls and EOS:
     `Tokenizer.chat_pieces`) and IGNORE_INDEX elsewhere (system and user turns, the tools' prompt, tool results, role
-    tokens). One encoding per piece (encoding every prefix of the conversation took 25 s for one of 200 turns)."""
+    tokens). One encoding per piece (encoding every prefix of the conversation took 25 s for one of 200 turns). A
+    `TextCompletion` is its prompt framed as transformers' `tokenizer(prompt)` frames it (BOS first where the
+    tokenizer puts one), then its completion and the EOS TRL adds (unless the completion ends with it), the completion
+    and EOS alone labelled (TRL's completion_only_loss); prompt and completion are encoded apart, as generation reads
+    the prompt."""
+    if isinstance(conversation, TextCompletion):
+        prompt = tokenizer.encode_prompt(conversation[0]["content"])
+        completion = tokenizer.encode(conversation[1]["content"])
+        completion += [] if completion[-1:] == [tokenizer.eos_id] else [tokenizer.eos_id]
+        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     tools = offered_tools(conversation)
     ids: list[int] = []
     labels: list[int] = []
@@ -127,14 +142,18 @@ def read_held_out(run_dir: str | Path) -> set[str] | None:
     return set(json.loads(path.read_text())["conversation_keys"])
 
 
-def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> list[Conversation]:
+def read_conversations(
+    path: str | Path, tokenizer: Tokenizer | None = None, text_completions: bool = False
+) -> list[Conversation]:
     """The conversations of a JSONL file, one a line (`record_conversation`), their messages in the chat template's
-    terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too. Errors
-    name the file and line."""
+    terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too; with
+    `text_completions`, TRL's standard prompt-completion lines are read too (`TextCompletion`). Errors name the file
+    and line."""
     conversations = []
     for number, record in jsonl_records(path):
         try:
-            conversations.append(record_conversation(record, tokenizer))
+            completion = text_completions and is_text_completion(record)
+            conversations.append(text_completion(record) if completion else record_conversation(record, tokenizer))
         except ValueError as error:
             raise ValueError(f"{path}:{number}: {error}") from None
     if not conversations:
@@ -151,6 +170,18 @@ def is_conversation_record(record: object) -> bool:
         isinstance(record.get("messages"), list)
         or all(isinstance(record.get(key), list) for key in ("prompt", "completion"))
         or is_from_value(record)
+    )
+
+
+def is_text_completion(record: object) -> bool:
+    """Whether a JSONL record is TRL's standard prompt-completion: a `prompt` and a `completion` of text."""
+    return isinstance(record, dict) and all(isinstance(record.get(key), str) for key in ("prompt", "completion"))
+
+
+def text_completion(record: dict) -> TextCompletion:
+    """The `TextCompletion` of TRL's standard prompt-completion line."""
+    return TextCompletion(
+        [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     )
 
 

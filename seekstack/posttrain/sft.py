@@ -52,14 +52,14 @@ def split_conversations(
     `examples` training problems of `task` and `fraction` x `examples` distinct held-out ones; the held-out ones are
     `val_data`'s instead when it names a file. The same for every start and resume of the run."""
     if config.data:
-        trained, held_out = hold_out(read_conversations(config.data, tokenizer), fraction)
+        trained, held_out = hold_out(read_conversations(config.data, tokenizer, config.text_completions), fraction)
     else:
         task = make_task(config.task, config.difficulty)
         trained = task_conversations(task, config.examples, config.seed)
         held_out = task_conversations(task, int(fraction * config.examples), config.seed, "heldout")
     if not val_data:
         return trained, held_out
-    held_out = read_conversations(val_data, tokenizer)
+    held_out = read_conversations(val_data, tokenizer, config.text_completions)
     trained_keys = {conversation_key(c) for c in trained}
     also_trained = sum(conversation_key(c) in trained_keys for c in held_out)
     if also_trained:

@@ -26,6 +26,7 @@ def test_lora_train_help_names_every_chat_form_it_reads():
     said = " ".join(invoke("lora", "train", "--help").split())
     assert 'TRL\'s from/value {"conversations"}; .jsonl.gz, .bz2, .xz or .zst too' in said
     assert "5% of them held out for val_loss while eval_every > 0" in said
+    assert 'or TRL\'s {"prompt", "completion"} of text, read alike with no chat template, the loss on the' in said
 
 
 def test_train_merge_and_generate_with_the_adapter(tmp_path):

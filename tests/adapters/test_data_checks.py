@@ -313,10 +313,10 @@ def test_a_folder_whose_files_have_no_text_suffix_says_they_were_not_read(base, 
 
 def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "Say hi.", "completion": "Hi."}) + "\n")
+    data.write_text(json.dumps({"question": "Say hi.", "answer": "Hi."}) + "\n")
     result = runner.invoke(app, ["lora", "train", str(base), str(data), "--out", str(tmp_path / "adapter"), *QUICK_RUN])
     assert result.exit_code == 1
-    assert f"{data}:1: no field 'text', only 'prompt', 'completion'; `lora train` reads a .jsonl of" in result.output
+    assert f"{data}:1: no field 'text', only 'question', 'answer'; `lora train` reads a .jsonl of" in result.output
     chat = '{"messages": [...]} or {"prompt": [...], "completion": [...]} (chat conversations'
     assert chat in result.output and "--field" not in result.output
 

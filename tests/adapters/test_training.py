@@ -227,6 +227,30 @@ def test_a_compressed_chat_file_or_one_opening_with_a_bom_is_chat_as_sft_reads_i
         assert len(chat_source(train_config).rows.rows) == 3
 
 
+def test_trls_prompt_completion_rows_train_the_completion_alone_text_with_no_template(tmp_path):
+    """TRL's SFTTrainer takes prompt-completion rows of text (tokenized with no chat template, the EOS added) and of
+    messages, training the completion alone; lora train refused the text ones as "no field 'text', only 'prompt',
+    'completion'"."""
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    turn = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"prompt": "Q: What is 2+2?\nA:", "completion": " It is 4."}, {"prompt": turn[:1], "completion": turn[1:]}]
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
+    train_config, adapter, continued = lora_train_config(base, pairs, tmp_path / "pairs", run)
+    source = chat_source(train_config)
+    tokenizer = source.tokenizer
+    (text_ids, text_labels), (chat_ids, chat_labels) = source.rows.rows  # in the file's order
+    prompt, completion = tokenizer.encode_prompt("Q: What is 2+2?\nA:"), tokenizer.encode(" It is 4.")
+    assert text_ids == [*prompt, *completion, tokenizer.eos_id]
+    assert text_labels == [-100] * len(prompt) + [*completion, tokenizer.eos_id]
+    assert chat_ids == tokenizer.encode_chat(turn, add_generation_prompt=False)
+    trained = [label for label in chat_labels if label != -100]
+    assert chat_labels[: len(chat_labels) - len(trained)] == [-100] * (len(chat_labels) - len(trained))
+    assert tokenizer.decode(trained[:-1]) == "It is 4." and trained[-1] == tokenizer.eos_id
+    assert train_adapter(train_config, adapter, continued).step == 1
+
+
 def test_a_json_array_of_conversations_gets_sfts_advice_and_text_rows_under_a_key_no_rows_field(tmp_path):
     """lora train read a .json array of conversations as text and advised "'messages' holds an array of objects: rows
     held under a key are read with --rows-field messages", an option it has not, and a chat's messages are no rows;
