@@ -16,7 +16,10 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="Training checkpoints: e
 def export_command(
     source: Annotated[
         Path,
-        typer.Argument(help="A checkpoint folder (checkpoints/step_N) or a run's out_dir", callback=run_to_checkpoint),
+        typer.Argument(
+            help="A checkpoint folder (checkpoints/step_N) or a run's out_dir (or its train_config.json)",
+            callback=run_to_checkpoint,
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write: config.json, safetensors, tokenizer files")],
 ) -> None:

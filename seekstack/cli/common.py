@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.schema import ConfigError, settable_fields
-from seekstack.train.runs import passed_over, run_checkpoint
+from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
 try:
     from typer._click.exceptions import BadParameter, NoSuchOption, UsageError  # newer typer: its own click
@@ -27,22 +27,24 @@ RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's
 
 
 def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> str | Path | list | None:
-    """Argument callback: a run's out_dir (`checkpoints/step_N` inside, no config.json) stands for its newest
-    checkpoint, named on stderr (by rank 0 alone under torchrun: `lora train`'s BASE) and recorded in
-    ctx.meta[RUNS_GIVEN]; a checkpoint folder, a preset or anything else passes through unchanged."""
+    """Argument callback: a run's out_dir (`checkpoints/step_N` inside, no config.json), or its train_config.json or
+    metrics.jsonl (`run_folder`), stands for its newest checkpoint, named on stderr (by rank 0 alone under torchrun:
+    `lora train`'s BASE) and its out_dir recorded in ctx.meta[RUNS_GIVEN]; a checkpoint folder, a preset or anything
+    else passes through unchanged."""
     if isinstance(value, list):
         return [run_to_checkpoint(ctx, item) for item in value]
     if value is None or (Path(value) / "config.json").is_file():
         return value
+    run = run_folder(value)
     try:
-        newest = run_checkpoint(value)
+        newest = run_checkpoint(run)
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value
     if _rank() == 0:
         typer.echo(f"{value}: using the run's newest checkpoint, {newest}{passed_over(newest)}", err=True)
-    ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = Path(value)
+    ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = run
     return str(newest) if isinstance(value, str) else newest
 
 

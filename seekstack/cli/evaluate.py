@@ -213,7 +213,7 @@ def _require_folder_path(out: Path) -> None:
 
 
 def report_command(
-    run: Annotated[Path, typer.Argument(help="A training run's out_dir (or its metrics.jsonl)")],
+    run: Annotated[Path, typer.Argument(help="A training run's out_dir (or its metrics.jsonl or train_config.json)")],
     out: Annotated[Path | None, typer.Option(help="Folder for report.md and its PNGs; default RUN")] = None,
     samples: Annotated[
         bool, typer.Option(help="Generate samples: the demo prompts' continuations, or a post-training run's answers")
@@ -224,10 +224,10 @@ def report_command(
     samples (a run on a task: its held-out questions in the chat template, verified; on a conversations file: its
     first conversations up to their last assistant turn, answered beside the file's answers)."""
     from seekstack.eval.report import write_report
-    from seekstack.train.plot import run_folder
+    from seekstack.train.runs import run_folder
 
     with user_errors():
-        path = write_report(run_folder(run), out, samples)  # a run's metrics.jsonl named: its folder, as plot takes it
+        path = write_report(run_folder(run), out, samples)  # a run's metrics.jsonl or train_config.json: its folder
     typer.echo(f"wrote {path}")
 
 

@@ -225,7 +225,7 @@ def rl_plot_command(
     """Draw RL runs' accuracy and format reward, lengths of correct and incorrect answers, KL and clipping,
     entropy and generation share to a PNG."""
     from seekstack.posttrain.plot import plot_rl_runs
-    from seekstack.train.plot import run_folder
+    from seekstack.train.runs import run_folder
 
     runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl named: its folder
     with user_errors():

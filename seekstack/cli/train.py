@@ -146,7 +146,7 @@ def resumed_step(given: str) -> int | None:
 def plot_command(
     runs: Annotated[
         list[Path],
-        typer.Argument(help="Training runs' out_dirs (hold metrics.jsonl); several: overlaid"),
+        typer.Argument(help="Training runs' out_dirs (or their metrics.jsonl or train_config.json); several: overlaid"),
     ],
     out: Annotated[
         Path | None,
@@ -171,9 +171,10 @@ def plot_command(
     overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
     (their loss is GRPO's, no next-token loss)."""
     from seekstack.posttrain.plot import RL_SMOOTH, plot_rl_runs
-    from seekstack.train.plot import X_LABELS, plot_run, plot_runs, read_metrics, run_folder
+    from seekstack.train.plot import X_LABELS, plot_run, plot_runs, read_metrics
+    from seekstack.train.runs import run_folder
 
-    runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl named: its folder
+    runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl or train_config.json named: its folder
     if x_axis not in X_LABELS:
         raise typer.BadParameter(f"{x_axis!r}: choose one of {', '.join(X_LABELS)}", param_hint="'--x-axis'")
     with user_errors():

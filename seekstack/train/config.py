@@ -356,24 +356,25 @@ def _kept_init_from(
 def _checkpoints_of_runs(
     cls: type[TrainConfig], values: dict[str, Any], tell: Callable[[str], None] | None, saved: dict[str, Any]
 ) -> dict[str, Any]:
-    """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json)
-    set to the run's newest complete checkpoint, which `tell` hears of; a resumed run's `saved` config keeps the
-    checkpoint of that run it took at its start (a distill teacher run that trained on since would otherwise swap
-    the teacher mid-run)."""
-    from seekstack.train.runs import passed_over, run_checkpoint, run_holding
+    """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json;
+    or its train_config.json or metrics.jsonl) set to the run's newest complete checkpoint, which `tell` hears of; a
+    resumed run's `saved` config keeps the checkpoint of that run it took at its start (a distill teacher run that
+    trained on since would otherwise swap the teacher mid-run)."""
+    from seekstack.train.runs import passed_over, run_checkpoint, run_folder, run_holding
 
     values = dict(values)
     for name in cls.checkpoint_fields:
         given = values.get(name)
         if not isinstance(given, str) or not given:
             continue
+        run = run_folder(given)  # a run's train_config.json or metrics.jsonl: the run
         try:
-            picked = run_checkpoint(given)
+            picked = run_checkpoint(run)
         except FileNotFoundError as error:
             raise ConfigError(f": {error}", field=name) from None
         kept = saved.get(name)
         taken = run_holding(kept) if isinstance(kept, str) and kept and Path(kept).is_dir() else None
-        if picked is not None and taken is not None and taken.resolve() == Path(given).resolve():
+        if picked is not None and taken is not None and taken.resolve() == run.resolve():
             values[name] = kept
             if tell is not None and Path(kept).resolve() != picked.resolve():
                 tell(f"{name}={given}: the resumed run keeps {kept}, the checkpoint it started with (newest: {picked})")

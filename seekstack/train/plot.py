@@ -30,11 +30,6 @@ MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no
 FIGURE_FORMATS = ("png", "svg", "pdf")  # what --out may name: matplotlib's raster and vector formats
 
 
-def run_folder(given: Path) -> Path:
-    """The run folder `given` names: itself, or, where it names a run's metrics.jsonl, the folder holding it."""
-    return given.parent if given.name == METRICS_FILE and given.is_file() else given
-
-
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack

@@ -22,11 +22,20 @@ from seekstack.checkpoint.folder import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.checkpoint.folder import INDEX_FILE, SINGLE_FILE, CheckpointError, missing_shards, read_weight_map
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE
+from seekstack.train.metrics import METRICS_FILE
 
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"step_(\d+)")
 # A LoRA run's checkpoint holds its adapter's config and weights (adapters/files.py, named here without torch).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def run_folder(given: str | Path) -> Path:
+    """The run folder `given` names: itself, or, where it names a run's train_config.json or metrics.jsonl (a file of
+    that name), the folder holding it, so that a command taking a run takes either file for it (report, plot, and every
+    command taking a run's out_dir for its newest checkpoint) and names what it writes after the run, not the file."""
+    given = Path(given)
+    return given.parent if given.name in (CONFIG_FILE, METRICS_FILE) and given.is_file() else given
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:

@@ -7,15 +7,17 @@ import functools
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from seekstack.checkpoint import CheckpointError, CheckpointReader
 from seekstack.checkpoint.save import write_pretrained_files
 from seekstack.cli import app
+from seekstack.cli.common import run_given, run_to_checkpoint
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
-from seekstack.train.config import load_train_config, resolve_train_config
-from seekstack.train.runs import missing_files, run_checkpoint, step_folders
+from seekstack.train.config import TrainConfig, _checkpoints_of_runs, load_train_config, resolve_train_config
+from seekstack.train.runs import missing_files, run_checkpoint, run_folder, step_folders
 from seekstack.train.state import save_checkpoint
 from tests.conftest import micro_config
 from tests.train.test_trainer import write_split
@@ -94,7 +96,7 @@ def test_a_damaged_index_in_an_older_step_folder_keeps_the_run_from_none_of_its_
 
 def test_report_takes_a_runs_metrics_jsonl_for_its_run_as_plot_does(tmp_path):
     """`seekstack report RUN/metrics.jsonl` was told "no metrics.jsonl in RUN/metrics.jsonl: is it the out_dir of a
-    `seekstack train` run?", where plot and rl-plot take a run's metrics file for its folder (train.plot.run_folder)."""
+    `seekstack train` run?", where plot and rl-plot take a run's metrics file for its folder (train.runs.run_folder)."""
     write_split(tmp_path / "tokens", "train", 20_000, seed=1)
     run = tmp_path / "run"
     load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
@@ -122,3 +124,52 @@ def test_a_runs_checkpoints_folder_stands_for_its_newest_checkpoint_as_its_out_d
     )
     assert result.exit_code == 0
     assert result.output.startswith(f"{tmp_path / 'run' / 'checkpoints'}: using the run's newest checkpoint, {newest}")
+
+
+def test_a_runs_train_config_json_stands_for_its_run_and_what_is_named_after_the_run_is_the_runs(tmp_path, monkeypatch):
+    """`seekstack checkpoint export RUN/train_config.json` (generate --model, init_from=, ...) was told "no checkpoint"
+    and `report`/`plot RUN/train_config.json` "no metrics.jsonl in RUN/train_config.json", where RUN/metrics.jsonl
+    names the run. One run_folder, where the value is read, makes the file the run for everything downstream: the
+    run recorded for serve's model name and eval's default out, init_from's resolution and a teacher's check."""
+    write_split(tmp_path / "tokens", "train", 20_000, seed=1)
+    run = tmp_path / "run"
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
+    given = run / "train_config.json"
+    assert run_folder(given) == run == run_folder(run)
+    assert run_folder(tmp_path / "train_config.json") == tmp_path / "train_config.json"  # no such file: itself
+    result = CliRunner().invoke(app, ["checkpoint", "export", str(given), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert f"{run}: the run has saved no checkpoint yet" in " ".join(result.output.split())
+
+    save_checkpoint(run, Transformer(micro_config()), {"step": 2}, keep=1)
+    newest = run / "checkpoints" / "step_2"
+    lines = [{"step": step, "loss": 4.0 - step, "lr": 1e-3, "tokens_per_s": 100.0, "mfu": 0.01} for step in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(app, ["checkpoint", "export", str(given), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{given}: using the run's newest checkpoint, {newest}\n")
+    assert (tmp_path / "x" / "model.safetensors").is_file() and not (tmp_path / "x" / "train_state.pt").exists()
+    result = CliRunner().invoke(app, ["report", str(given), "--no-samples"])
+    assert (result.exit_code, result.output) == (0, f"wrote {run / 'report.md'}\n")
+    result = CliRunner().invoke(app, ["plot", str(given)])
+    assert (result.exit_code, result.output) == (0, f"wrote {run / 'curves.png'}\n")
+
+    ctx = typer.Context(typer.main.get_command(app))  # what serve names the model after and eval writes under
+    assert run_to_checkpoint(ctx, str(given)) == str(newest)
+    assert run_given(ctx, newest) == run
+    written = []
+    monkeypatch.setattr("seekstack.eval.evaluate.evaluate", lambda *args: {"wall_s": 0.0})
+    monkeypatch.setattr("seekstack.eval.evaluate.write_results", lambda report, out: written.append(out) or 1 / 0)
+    CliRunner().invoke(app, ["eval", str(given)])
+    assert written == [run / "eval" / "results"]
+    other = tmp_path / "other"
+    config = load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={other}", f"init_from={given}"])
+    assert config.init_from == str(newest)
+    save_checkpoint(run, Transformer(micro_config()), {"step": 4}, keep=2)  # the run trains on: a resume keeps step_2
+    told = []
+    kept = _checkpoints_of_runs(TrainConfig, {"init_from": str(given)}, told.append, {"init_from": str(newest)})
+    assert kept == {"init_from": str(newest)}
+    assert told == [
+        f"init_from={given}: the resumed run keeps {newest}, the checkpoint it started with (newest: "
+        f"{run / 'checkpoints' / 'step_4'})"
+    ]
