@@ -170,6 +170,22 @@ class GRPOConfig(TrainConfig):
         "top_k and min_p (fields here), the distribution the loss's log-probabilities are of",
         "top_entropy_quantile": "TRL's top_entropy_quantile (the loss on each completion's highest-entropy tokens "
         "alone) is not offered; every completion token is trained (mask_truncated_completions leaves cut ones out)",
+        # TRL names whose closest field here is another thing ("did you mean" would lead a TRL user astray)
+        "num_generations_eval": "TRL's num_generations_eval (completions per prompt at evaluation) is not offered: rl "
+        "evaluates nothing during the run; `seekstack pass-at-k CHECKPOINT --samples K` scores a checkpoint's held-out "
+        "problems (num_generations is the training group)",
+        "vllm_max_model_length": "rollouts run on seekstack's engine, whose context is max_prompt_length + "
+        "max_completion_length (within the model's)",
+        **dict.fromkeys(
+            ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"),
+            "TRL's vLLM importance sampling correction is not offered: rollouts are sampled by seekstack's engine on "
+            "the trained model itself, not by vLLM (importance_sampling_level is GSPO's ratio per token or sequence)",
+        ),
+        **dict.fromkeys(
+            ("sapo_temperature_pos", "sapo_temperature_neg"),
+            "TRL's SAPO (loss_type=sapo, a soft gate in place of the clip) is not offered, nor its gate's "
+            "temperatures (temperature here is the rollouts' sampling temperature)",
+        ),
         # verl's names (actor_rollout_ref.actor, algorithm, data) for fields here
         "loss_agg_mode": "verl's loss_agg_mode is loss_type here: token-mean is dapo, seq-mean-token-mean grpo, "
         "seq-mean-token-sum-norm dr_grpo (whose constant is max_completion_length)",
@@ -213,6 +229,12 @@ class GRPOConfig(TrainConfig):
             "loss_type=grpo",
             "seq-mean-token-sum-norm": "verl's seq-mean-token-sum-norm (Dr. GRPO's: each completion's token sum over "
             "a constant length) is loss_type=dr_grpo, whose constant is max_completion_length",
+            # TRL's losses that are no clipped surrogate of GRPO's
+            **dict.fromkeys(
+                ("cispo", "sapo", "luspo", "vespo"),
+                "TRL's cispo, sapo, luspo and vespo losses are not offered: the loss here is GRPO's clipped surrogate, "
+                "aggregated as grpo, dr_grpo or dapo (with importance_sampling_level=sequence, GSPO's)",
+            ),
         },
     }
     out_dir: str = "runs/rl"

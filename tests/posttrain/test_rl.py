@@ -415,6 +415,15 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
         resolve_train_config(None, ["loss_type=foo"], cls=GRPOConfig)
 
 
+@pytest.mark.parametrize("trls", ["cispo", "sapo", "luspo", "vespo"])
+def test_trls_losses_that_are_no_clipped_surrogate_are_refused_saying_they_are_not_offered(trls):
+    """TRL 1.16's loss_type takes cispo, sapo, luspo and vespo, losses other than GRPO's clipped surrogate: each was
+    refused with the three choices alone."""
+    note = "TRL's cispo, sapo, luspo and vespo losses are not offered: the loss here is GRPO's clipped surrogate"
+    with pytest.raises(ConfigError, match=f"'{trls}': input should be 'grpo', 'dr_grpo' or 'dapo'; {note}"):
+        resolve_train_config(None, [f"loss_type={trls}"], cls=GRPOConfig)
+
+
 @pytest.mark.parametrize(
     ("trl_name", "ours"),
     [("learning_rate=1e-6", "TRL's learning_rate is lr here"),
@@ -437,6 +446,14 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
      ("vllm_importance_sampling_cap=2", "not offered: rollouts are sampled by seekstack's engine on the trained model"),
      ("generation_kwargs={}", "TRL's generation_kwargs is not offered; rollouts are sampled at temperature, top_p"),
      ("top_entropy_quantile=0.2", "TRL's top_entropy_quantile (the loss on each completion's highest-entropy"),
+     # were asked "did you mean" a field that is another thing: num_generations (the training group),
+     # max_prompt_length, importance_sampling_level (GSPO's ratio), temperature (the rollouts' sampling)
+     ("num_generations_eval=4", "TRL's num_generations_eval (completions per prompt at evaluation) is not offered"),
+     ("vllm_max_model_length=512", "engine, whose context is max_prompt_length + max_completion_length"),
+     ("vllm_importance_sampling_mode=token_truncate", "TRL's vLLM importance sampling correction is not offered"),
+     ("vllm_importance_sampling_clip_max=3", "(importance_sampling_level is GSPO's ratio per token or sequence)"),
+     ("sapo_temperature_pos=1", "TRL's SAPO (loss_type=sapo, a soft gate in place of the clip) is not offered"),
+     ("sapo_temperature_neg=1.05", "(temperature here is the rollouts' sampling temperature)"),
      ("save_steps=100", "transformers' save_steps (steps between checkpoints) is save_every here"),
      ("max_grad_norm=1.0", "transformers' max_grad_norm is grad_clip here"),
      ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
