@@ -12,6 +12,7 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
+from seekstack.checkpoint.folder import CheckpointError
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.schema import ConfigError, settable_fields
@@ -38,7 +39,7 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
     run = run_folder(value)
     try:
         newest = run_checkpoint(run)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, CheckpointError) as error:
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value

@@ -360,6 +360,7 @@ def _checkpoints_of_runs(
     or its train_config.json or metrics.jsonl) set to the run's newest complete checkpoint, which `tell` hears of; a
     resumed run's `saved` config keeps the checkpoint of that run it took at its start (a distill teacher run that
     trained on since would otherwise swap the teacher mid-run)."""
+    from seekstack.checkpoint.folder import CheckpointError
     from seekstack.train.runs import passed_over, run_checkpoint, run_folder, run_holding
 
     values = dict(values)
@@ -370,7 +371,7 @@ def _checkpoints_of_runs(
         run = run_folder(given)  # a run's train_config.json or metrics.jsonl: the run
         try:
             picked = run_checkpoint(run)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, CheckpointError) as error:
             raise ConfigError(f": {error}", field=name) from None
         kept = saved.get(name)
         taken = run_holding(kept) if isinstance(kept, str) and kept and Path(kept).is_dir() else None

@@ -12,6 +12,7 @@ meanwhile.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -52,12 +53,21 @@ def step_number(folder: Path) -> int:
 
 
 def step_folders(out_dir: str | Path) -> list[Path]:
-    """The step_N folders under `out_dir`'s checkpoints, complete or not, oldest first."""
+    """The step_N folders under `out_dir`'s checkpoints, complete or not, oldest first. CheckpointError naming them
+    where two are one step (step_3 and step_03: a copy renamed by hand), as torchtitan would not guess which of its
+    step folders a step is either: every listing, resume and load of the run would pick one by the order the file
+    system lists them."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=step_number)
+    found = sorted((p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)), key=lambda p: (step_number(p), p.name))
+    for older, newer in itertools.pairwise(found):
+        if step_number(older) == step_number(newer):
+            raise CheckpointError(
+                f"{root}: {older.name} and {newer.name} are both step {step_number(older)}: remove or rename one "
+                f"(a run saves step_{step_number(older)}), so that the step names one checkpoint"
+            )
+    return found
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import pytest
 import typer
@@ -173,3 +174,30 @@ def test_a_runs_train_config_json_stands_for_its_run_and_what_is_named_after_the
         f"init_from={given}: the resumed run keeps {newest}, the checkpoint it started with (newest: "
         f"{run / 'checkpoints' / 'step_4'})"
     ]
+
+
+def test_two_step_folders_of_one_step_are_refused_naming_both_as_no_guess_is_made(tmp_path):
+    """A run holding step_3 and step_03 (a copy renamed by hand) had every listing take the one the file system listed
+    last as its step 3: `seekstack info RUN` described either model, a --resume went on from either."""
+    write_split(tmp_path / "tokens", "train", 20_000, seed=1)
+    run = tmp_path / "run"
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
+    save_checkpoint(run, Transformer(micro_config()), {"step": 3}, keep=1)
+    shutil.copytree(run / "checkpoints" / "step_3", run / "checkpoints" / "step_03")
+    refusal = (
+        f"{run / 'checkpoints'}: step_03 and step_3 are both step 3: remove or rename one (a run saves step_3), so "
+        "that the step names one checkpoint"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        step_folders(run)
+    assert str(refused.value) == refusal
+    result = CliRunner().invoke(app, ["train", f"out_dir={run}", "--resume"])
+    assert (result.exit_code, " ".join(result.output.split())) == (1, f"error: {refusal}")
+    result = CliRunner().invoke(app, ["checkpoint", "export", str(run), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert refusal in " ".join(result.output.split())
+    with pytest.raises(ConfigError) as refused:
+        load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'b'}", f"init_from={run}"])
+    assert str(refused.value) == f"field 'init_from': {refusal}"
+    shutil.rmtree(run / "checkpoints" / "step_03")
+    assert step_folders(run) == [run / "checkpoints" / "step_3"]
