@@ -20,11 +20,11 @@ Only addresses that reach one host on the public internet are replaced (Python's
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
 multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers StarCoder's pipeline keeps (`8.8.8.8`,
-`208.67.222.222`: `PUBLIC_RESOLVERS`), and networks in CIDR notation (`93.184.216.0/24`); an address with its
-network's prefix length (`inet 93.184.216.34/24`, `/32`) or before a URL's path (`http://93.184.216.34/2024/x`) is
-a host's, and an address of zero-padded octets (`093.184.216.034`) is judged as it reads without the zeros. A version
-such as `3.11.7` has three parts and is never an IPv4
-address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
+`208.67.222.222`) and the same services' IPv6 ones (`2001:4860:4860::8888`: `PUBLIC_RESOLVERS`), and networks in
+CIDR notation (`93.184.216.0/24`); an address with its network's prefix length (`inet 93.184.216.34/24`, `/32`) or
+before a URL's path (`http://93.184.216.34/2024/x`) is a host's, and an address of zero-padded octets
+(`093.184.216.034`) is judged as it reads without the zeros. A version such as `3.11.7` has three parts and is never
+an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or `buf[256::]` and matrix products
 such as `w@x.mean()` are kept too.
 """
@@ -246,12 +246,17 @@ _URL_USER_BEFORE = re.compile(r"(?i)(?<!mailto)://[^\s/?#@]*\Z")
 URL_USER_CHARS = 64
 
 # Public DNS resolvers (Google, Cloudflare, Control D, Quad9, OpenDNS, Comodo, AdGuard), kept as the StarCoder PII
-# pipeline keeps them (its POPULAR_DNS_SERVERS): a service every resolver configuration names, not one user's host.
+# pipeline keeps them (its POPULAR_DNS_SERVERS): a service every resolver configuration names, not one user's host;
+# with the IPv6 addresses of the same services (its list has none), so that a resolv.conf naming Google's resolver
+# keeps it in either form; as `ipaddress` reads them, so that each spelling of one (`2620:FE::FE`) is found.
 PUBLIC_RESOLVERS = frozenset(
-    {
+    ipaddress.ip_address(address)
+    for address in (
         "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "76.76.19.19", "76.223.122.150", "9.9.9.9", "149.112.112.112",
         "208.67.222.222", "208.67.220.220", "8.26.56.26", "8.20.247.20", "94.140.14.14", "94.140.15.15",
-    }
+        "2001:4860:4860::8888", "2001:4860:4860::8844", "2606:4700:4700::1111", "2606:4700:4700::1001",
+        "2620:fe::fe", "2620:fe::9", "2620:119:35::35", "2620:119:53::53", "2a10:50c0::ad1:ff", "2a10:50c0::ad2:ff",
+    )
 )  # fmt: skip
 
 # A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it)
@@ -281,6 +286,14 @@ def _address(match: re.Match[str]) -> str:
     if ":" in address:
         return address
     return ".".join(str(int(octet)) for octet in address.split("."))
+
+
+def _is_public_resolver(candidate: str) -> bool:
+    """True for one of `PUBLIC_RESOLVERS`, however written (`2620:FE:0::FE` is Quad9's `2620:fe::fe`)."""
+    try:
+        return ipaddress.ip_address(candidate) in PUBLIC_RESOLVERS
+    except ValueError:
+        return False
 
 
 def _is_public_ip(candidate: str) -> bool:
@@ -360,7 +373,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
 
     def replace_ip(match: re.Match[str]) -> str:
         address = _address(match)
-        if address in PUBLIC_RESOLVERS or not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
+        if _is_public_resolver(address) or not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
             return match[0]
         counts["ip"] += 1
         return IP + match[0][len(match["address"]) :]

@@ -773,7 +773,7 @@ def test_near_dedup_removes_light_edit_and_keeps_unrelated() -> None:
 def test_pii_is_replaced_and_counted() -> None:
     text = (
         "__author__ = 'Ka-Ping Yee <ping@lfw.org>'\n"
-        "server = '93.184.216.34'  # or 2001:4860:4860::8888\n"
+        "server = '93.184.216.34'  # or 2606:2800:220:1::248\n"
         "OPENAI = 'sk-abcdefghijklmnopqrstuvwxyz0123'\n"
         "aws = AKIAIOSFODNN7EXAMPLE\n"
         "gh = ghp_" + "a1B2" * 9 + "\n"
@@ -962,6 +962,19 @@ def test_public_dns_resolvers_are_kept_as_the_starcoder_pipeline_keeps_them() ->
     94.140.14.14 were replaced: the resolvers StarCoder's POPULAR_DNS_SERVERS lists are now all kept, by that list."""
     text = "nameserver 8.8.8.8, 1.1.1.1, 208.67.222.222 and 94.140.14.14; host 208.67.222.221"
     assert scrub_pii(text) == ("nameserver 8.8.8.8, 1.1.1.1, 208.67.222.222 and 94.140.14.14; host <IP>", {"ip": 1})
+
+
+def test_the_same_resolvers_ipv6_addresses_are_kept_as_their_ipv4_ones_are_however_written() -> None:
+    """Google's resolver was kept as 8.8.8.8 and replaced as 2001:4860:4860::8888 in the same resolv.conf: the list
+    held IPv4 addresses alone, compared as written. Both forms of the same services are kept now, each spelling of
+    one too (Quad9's 2620:fe::fe in capitals, with its zeros); a neighbour of one is a host, replaced."""
+    text = (
+        "nameserver 8.8.8.8\nnameserver 2001:4860:4860::8888\nnameserver 2606:4700:4700::1111\n"
+        "# Quad9: 2620:FE::FE, 2620:fe:0:0:0:0:0:9; OpenDNS 2620:119:35::35; a host: 2001:4860:4860::8889"
+    )
+    kept, counts = scrub_pii(text)
+    assert kept == text.replace("2001:4860:4860::8889", "<IP>")
+    assert counts == {"ip": 1}
 
 
 @pytest.mark.parametrize(
@@ -2191,7 +2204,7 @@ def test_an_email_address_with_a_fullwidth_at_sign_is_replaced() -> None:
             {"ip": 1},
         ),  # fullwidth: was kept
         ("ｔａｎａｋａ＠ｅｘａｍｐｌｅ．ｃｏ．ｊｐまで、li@example．cn", "<EMAIL>まで、<EMAIL>", {"email": 2}),
-        ("アドレスは２００１：４８６０：４８６０：：８８８８。", "アドレスは<IP>。", {"ip": 1}),
+        ("アドレスは２６０６：２８００：２２０：１：：２４８。", "アドレスは<IP>。", {"ip": 1}),
         ("عنوان الخادم ٩٣.١٨٤.٢١٦.٣٤ هنا", "عنوان الخادم <IP> هنا", {"ip": 1}),  # Arabic-Indic digits: was kept
         ("نشانی ۹۳.۱۸۴.۲۱۶.۳۴ و", "نشانی <IP> و", {"ip": 1}),  # Persian digits
         ("सर्वर ९३.१८४.२१६.३४ पर", "सर्वर <IP> पर", {"ip": 1}),  # Devanagari digits
