@@ -45,6 +45,12 @@ class DistillConfig(ConversationConfig):
         # TRL's DistillationConfig's sampling names: top_k would otherwise be offered cache_top_k, the teacher cache's
         "top_k": f"{WHOLE_DISTRIBUTION} (cache_top_k is the teacher cache's, not sampling's)",
         "top_p": WHOLE_DISTRIBUTION,
+        "min_p": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's min_p=None, "
+        "its default); there is no min-p here",
+        **dict.fromkeys(
+            ("log_completions", "num_completions_to_print"),
+            "distill logs no completions; `seekstack generate` samples a checkpoint's",
+        ),
         "max_completion_length": "on-policy, the student answers a conversation's prompt until EOS or seq_len, and "
         "continues a corpus row's first prompt_tokens to seq_len: TRL's max_completion_length is seq_len less the "
         "prompt",

@@ -67,6 +67,16 @@ class ConversationConfig(TrainConfig):
         },
         "eval_packing": "held-out conversations are packed when packing=true, as TRL's eval_packing (which follows "
         "packing) packs them; their val_loss is the one they give padded",
+        # TRL's SFTConfig names with no field here (some were asked "did you mean" one that is another thing)
+        "truncation_mode": "rows are cut at seq_len keeping their start, as TRL's truncation_mode=keep_start (its "
+        "default and, since TRL 1.x, its only value) cuts them",
+        "eos_token": "an assistant turn ends with the tokenizer's EOS, which the chat template writes and the loss "
+        "trains (TRL's eos_token left at its default, the tokenizer's)",
+        "pad_token": "padding is masked out of the loss and the balance loss, whatever its id: no pad token is set",
+        "loss_type": "the loss is the cross-entropy on the trained tokens (TRL's SFT loss_type=nll, its default); "
+        "dft is not offered",
+        "activation_offloading": "TRL's activation_offloading (activations kept in CPU memory) is not offered; "
+        "activation_checkpointing=true (recomputing them in the backward) saves that memory here",
     }
     # what a run holding none of its conversations out while evaluations are due is told to do
     held_out_advice: ClassVar[str] = "set val_data or val_fraction"

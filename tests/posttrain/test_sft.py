@@ -243,7 +243,14 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
      ("eval_steps=50", "transformers' eval_steps (steps between evaluations) is eval_every here"),
      ("save_steps=100", "save_steps (steps between checkpoints) is save_every here"),
      ("max_grad_norm=0.3", "max_grad_norm is grad_clip here"), ("max_seq_length=512", "is seq_len here"),
-     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
+     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16"),
+     # were refused with the list alone (distill: eos_token and pad_token asked "did you mean 'prompt_tokens'?",
+     # activation_offloading "'activation_checkpointing'?", which is another thing)
+     ("truncation_mode=keep_end", "keeping their start, as TRL's truncation_mode=keep_start"),
+     ("eos_token=<|im_end|>", "an assistant turn ends with the tokenizer's EOS, which the chat template writes"),
+     ("pad_token=<pad>", "padding is masked out of the loss and the balance loss, whatever its id"),
+     ("loss_type=dft", "(TRL's SFT loss_type=nll, its default); dft is not offered"),
+     ("activation_offloading=true", "TRL's activation_offloading (activations kept in CPU memory) is not offered")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
