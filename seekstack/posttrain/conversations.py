@@ -179,10 +179,23 @@ def is_text_completion(record: object) -> bool:
 
 
 def text_completion(record: dict) -> TextCompletion:
-    """The `TextCompletion` of TRL's standard prompt-completion line."""
+    """The `TextCompletion` of TRL's standard prompt-completion line (`refuse_preference_label`)."""
+    refuse_preference_label(record)
     return TextCompletion(
         [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     )
+
+
+def refuse_preference_label(record: dict) -> None:
+    """ValueError for a prompt-completion line with a `label`: TRL's unpaired preference format (KTO's), whose
+    completions of label false are not to be learned, where SFT (TRL's SFTTrainer too, which drops the column) would
+    train every completion alike."""
+    if "label" in record:
+        raise ValueError(
+            f'"label": {json.dumps(record["label"])} beside "prompt" and "completion" is TRL\'s unpaired preference '
+            "format (KTO's), whose completions of label false are not to be learned, and SFT trains every completion: "
+            "keep the lines of label true without the field (jq -c 'select(.label) | del(.label)')"
+        )
 
 
 def is_from_value(record: dict) -> bool:
@@ -248,6 +261,7 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
     messages = record["messages"] if isinstance(record.get("messages"), list) else record["prompt"]
     templated = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]
     if messages is record.get("prompt"):
+        refuse_preference_label(record)
         if not record["completion"]:
             raise ValueError('"completion" holds no message: the conversation trains nothing')
         templated = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in templated]

@@ -321,6 +321,24 @@ def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_pa
     assert chat in result.output and "--field" not in result.output
 
 
+@pytest.mark.parametrize("form", ["text", "messages"])
+def test_trls_unpaired_preference_rows_are_refused_naming_label_not_trained_alike(base, tmp_path, form):
+    """TRL's KTO rows ({"prompt", "completion", "label"}) were trained as prompt-completion rows, the completions of
+    label false (not to be learned) as the others."""
+    turn = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    prompt, completion = ("Say hi.", " Hi.") if form == "text" else (turn[:1], turn[1:])
+    data = tmp_path / "kto.jsonl"
+    pair = {"prompt": prompt, "completion": completion}
+    rows = [pair, pair, {**pair, "label": True}, {**pair, "label": False}]  # the first labelled one is line 3
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "adapter"
+    result = runner.invoke(app, ["lora", "train", str(base), str(data), "--out", str(out), *QUICK_RUN])
+    assert result.exit_code == 1 and not out.exists()
+    said = " ".join(result.output.split())
+    assert f'{data}:3: "label": true beside "prompt" and "completion" is TRL\'s unpaired preference format' in said
+    assert "keep the lines of label true without the field (jq -c 'select(.label) | del(.label)')" in said
+
+
 def test_the_resume_a_refusal_of_another_base_suggests_goes_on_when_followed(base, text_run, tmp_path):
     """A run continued from another run's checkpoint into a new --out, given another BASE, was told to resume with
     `--resume --out NEW`, which NEW (holding no run yet) refused; the suggestion names the checkpoint it was given."""
