@@ -56,6 +56,7 @@ from seekstack.infer.placement import (
 from seekstack.infer.precision import map_devices
 from seekstack.infer.sampling import (
     NO_DISTRIBUTION,
+    BadWords,
     PenaltyState,
     SamplingBatch,
     SeededUniforms,
@@ -507,6 +508,10 @@ class Engine:
         generator = SeededUniforms(0 if params.greedy else params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
+        if params.bad_words:
+            if constraint is not None:
+                raise ValueError("bad_words with a constraint (JSON mode): give one rule on what the request samples")
+            constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
         with self.lock:
             request_id = request_id or f"req-{next(self._ids)}"
             if any(r.request_id == request_id for r in self._unfinished()):

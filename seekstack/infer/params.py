@@ -30,7 +30,7 @@ MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
 DEFAULT_MAX_NEW_TOKENS = 128
 # fields vLLM's SamplingParams defaults to None, read as our defaults when given so (no stop, no bias, no logprobs)
-VLLM_NONE_DEFAULTS = {"stop": tuple, "stop_token_ids": tuple, "logit_bias": dict, "logprobs": bool}
+VLLM_NONE_DEFAULTS = {"stop": tuple, "stop_token_ids": tuple, "logit_bias": dict, "logprobs": bool, "bad_words": tuple}
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {
@@ -55,7 +55,9 @@ def parse_bytes(text: str) -> int:
     return int(size)
 
 
-VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs", "seed")
+VLLM_FORM_FIELDS = (
+    "max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs", "seed", "bad_words",
+)  # fmt: skip
 RANDOM_SEED = -1  # vLLM's seed=-1 (and llama-cli's --seed -1): no seed, each run samples anew
 MAX_SEED = 2**64  # torch's seeds and SeededUniforms' are taken modulo 2**64: seed s and s + 2**64 draw alike
 
@@ -139,6 +141,8 @@ class SamplingParams:
     )
     # as vLLM's: only these token ids may be sampled (None: any); the engine checks them against its vocab
     allowed_token_ids: tuple[Annotated[int, Ge(0)], ...] | None = None
+    # as vLLM's: these words are never sampled (a word's last token banned after its others: sampling.BadWords)
+    bad_words: tuple[Annotated[str, MinLen(1)], ...] = ()
     # as vLLM's: the prompt's last k tokens alone (left truncation); -1: its last max_model_len; None: all of it
     truncate_prompt_tokens: Annotated[int, Ge(-1)] | None = None
     # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64);
@@ -202,6 +206,8 @@ class SamplingParams:
             params = dataclasses.replace(params, top_k=0)
         require(params.allowed_token_ids != (), "allowed_token_ids", "at least one id, or None for any, as vLLM's: "
                 "with none allowed no token can be sampled")  # fmt: skip
+        require(all(word.strip() for word in params.bad_words), "bad_words", "words holding more than spaces, as "
+                "each is encoded without its leading ones")  # fmt: skip
         require(params.truncate_prompt_tokens != 0, "truncate_prompt_tokens", "at least 1 (the prompt's last k "
                 "tokens), -1 for its last max_model_len, or None for all of it: an empty prompt has nothing to "
                 "continue")  # fmt: skip

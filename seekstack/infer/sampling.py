@@ -9,7 +9,7 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,6 +95,51 @@ class TokenConstraint(Protocol):
     def complete(self) -> bool:
         """Whether the output is whole: the request stops."""
         ...
+
+
+class BadWords:
+    """vLLM's bad_words as a `TokenConstraint`: a word's last token is never sampled after the tokens before it in the
+    output (a one-token word never), each word taken as encoded at the text's start and, where that gives other
+    tokens of the same count, after a space (vLLM's SamplingParams.update_from_tokenizer)."""
+
+    def __init__(self, words: list[list[int]]):
+        self.words = words  # each word's token ids
+        self.output: list[int] = []  # the tokens accepted so far
+
+    @classmethod
+    def encoded(cls, words: Iterable[str], encode: Callable[[str], list[int]]) -> BadWords:
+        """The words' token ids by `encode` (a tokenizer's, no special tokens added), as vLLM encodes them."""
+        encodings = []
+        for word in words:
+            alone, spaced = encode(word.lstrip()), encode(" " + word.lstrip())
+            encodings.append(alone)
+            if spaced[0] != alone[0] and len(spaced) == len(alone):  # a new word token with its space
+                encodings.append(spaced)
+        return cls(encodings)
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """(vocab_size,) bool: every token but the last of each word whose other tokens end the output."""
+        return self._allowed_after(self.output, vocab_size)
+
+    def _allowed_after(self, output: list[int], vocab_size: int) -> torch.Tensor:
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        for *prefix, last in self.words:
+            if len(prefix) <= len(output) and output[len(output) - len(prefix) :] == prefix:
+                allowed[last] = False
+        return allowed
+
+    def allowed_after(self, drafts: list[int], vocab_size: int) -> torch.Tensor:
+        """(K+1, vocab_size) bool: `allowed` at [pending, K drafts], column t after the drafts before it."""
+        return torch.stack([self._allowed_after(self.output + drafts[:t], vocab_size) for t in range(len(drafts) + 1)])
+
+    def accept(self, token_id: int) -> None:
+        """Advance past a sampled token."""
+        self.output.append(token_id)
+
+    @property
+    def complete(self) -> bool:
+        """Never: banning words ends no output."""
+        return False
 
 
 NO_DISTRIBUTION = (

@@ -238,6 +238,35 @@ def test_allowed_token_ids_are_the_only_ones_sampled_greedy_or_sampled(model, to
         engine.generate(prompts([6]), SamplingParams(allowed_token_ids=()))
 
 
+def test_bad_words_are_never_sampled_as_vllms_and_speculative_drafts_of_them_are_rejected(model, tokenizer):
+    """vLLM's bad_words was missing (TypeError: unexpected keyword argument): a word's last token is banned after its
+    others (a one-token word always), and greedy decoding then takes the next likeliest token there. Speculative
+    drafts are overwritten with those tokens but for the banned one at its place: that draft alone is rejected."""
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(model, tokenizer).generate([[5, 9, 14]], greedy)[0].token_ids
+    assert plain[1:6] == [430, 144, 19, 229, 97] and tokenizer.encode("\x1bt") == [229, 97]  # "\x1b" "t"
+    assert tokenizer.encode("context") == [430] and tokenizer.encode(" context") != [430]
+    for word, kept, sequence in (("\x1bt", 5, [229, 97]), ("  context", 1, [430])):  # leading spaces dropped
+        params = dataclasses.replace(greedy, bad_words=[word])
+        [banned] = Engine(model, tokenizer).generate([[5, 9, 14]], params)
+        assert banned.token_ids[:kept] == plain[:kept] and banned.token_ids[kept] != plain[kept]
+        assert not any(banned.token_ids[i : i + len(sequence)] == sequence for i in range(12))
+        # 2 drafts a step: the second step drafts 229 then 97, which its second column bans after the first
+        engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=False)
+        engine.add_request([5, 9, 14], params)
+        tokens: list[int] = []
+        while engine.has_unfinished():
+            tokens += [token for output in engine.step() for token in output.token_ids]
+            for running in engine.running:  # the tokens after the pending one, the banned one drafted at its place
+                generated = len(running.ids) - len(running.prompt_ids)
+                drafted = [*banned.token_ids[:kept], plain[kept], *banned.token_ids[kept + 1 :], 0, 0]
+                running.drafts = drafted[generated : generated + 2]
+        assert tokens == banned.token_ids and engine.stats().spec_accepted > 0
+    with pytest.raises(ConfigError, match=r"^field 'bad_words' must be words holding more than spaces"):
+        SamplingParams(bad_words=[" "]).validate()
+    assert SamplingParams(bad_words=None).bad_words == ()  # vLLM's default
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):
     """vLLM's truncate_prompt_tokens was missing (TypeError: unexpected keyword argument): a prompt longer than the
     context was refused instead of continued from its last k tokens."""
