@@ -36,6 +36,7 @@ from seekstack.cli.generate import (
 )
 from seekstack.infer.params import EngineOptions
 from seekstack.serve.keys import MAX_LIMIT
+from seekstack.train.runs import run_holding
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -77,10 +78,10 @@ class ServeCommand(TyperCommand):
 
 
 def _run_name(ctx: typer.Context, model: Path) -> str | None:
-    """The name of the run whose newest checkpoint `model` is, if the user named a run: an id that stays as the run
-    trains on (its checkpoint's folder, step_N, does not)."""
-    run = run_given(ctx, model)
-    return run.resolve().name if run else None
+    """The name of the run whose newest checkpoint `model` is, if the user named a run (its out_dir or its checkpoints/
+    folder): an id that stays as the run trains on (its checkpoint's folder, step_N, does not), its out_dir's name
+    whichever the user gave (not "checkpoints", which every run has)."""
+    return run_holding(model).resolve().name if run_given(ctx, model) else None
 
 
 def serve_command(

@@ -108,6 +108,24 @@ def test_serve_takes_vllms_max_num_seqs_for_the_requests_decoded_together(tmp_pa
     assert result.exit_code == 0 and [options.engine.max_batch_size for options in built] == [3], result.output
 
 
+def test_serve_names_a_runs_model_after_the_run_given_as_its_out_dir_or_its_checkpoints_folder(tmp_path, monkeypatch):
+    """`seekstack serve RUN/checkpoints` (the folder standing for its newest step, as RUN does) served the model as
+    "checkpoints", the folder's own name, which every run has; it is named after the run, as for RUN."""
+    step = tmp_path / "prose_run" / "checkpoints" / "step_7"
+    step.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "train_state.pt"):
+        (step / name).write_text("{}")
+    built = []
+    monkeypatch.setattr(
+        "seekstack.serve.launch.build_server", lambda model, options, **kw: built.append(options) or (None, "")
+    )
+    monkeypatch.setattr("seekstack.serve.launch.run_server", lambda *args: None)
+    for given in (step.parent.parent, step.parent):
+        result = CliRunner().invoke(app, ["serve", "--model", str(given), "--db", str(tmp_path / "k.db")])
+        assert result.exit_code == 0, result.output
+    assert [options.served_model_name for options in built] == ["prose_run", "prose_run"]
+
+
 @pytest.mark.parametrize(("options", "keep_alive_s"), [([], 5.0), (["--timeout-keep-alive", "75"], 75.0)])
 def test_serve_keeps_idle_connections_open_for_timeout_keep_alive_seconds(tmp_path, monkeypatch, options, keep_alive_s):
     """Behind a load balancer whose idle timeout is longer than uvicorn's 5 s, the balancer reuses connections the
