@@ -292,9 +292,10 @@ def resident_bytes(model: nn.Module) -> int:
 def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -> Path:
     """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source` and its
     generation_config.json (the sampling its authors ship), so `out` is a model folder generate/chat/serve load as
-    `source` loads."""
+    `source` loads. An fp8 block transformers' CPU loader misreads is warned about as `save_pretrained` warns."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
     from seekstack.checkpoint import MODEL_FOLDER_FILES, write_pretrained_files
+    from seekstack.checkpoint.load import warn_fp8_blocks_transformers_misreads
     from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
@@ -304,6 +305,7 @@ def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -
         write_pretrained_files(model, staging)  # type: ignore[arg-type]
         for file in [*sorted(Path(source).glob("tokenizer*.json")), *Path(source).glob(GENERATION_CONFIG_FILE)]:
             copy_model_folder_file(file, staging, model.config.max_position_embeddings)  # type: ignore[union-attr]
+    warn_fp8_blocks_transformers_misreads(out)
     return out
 
 
@@ -324,7 +326,7 @@ def quantize_checkpoint(
     model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
     notes = _requantized_notes(stored, in_float, assignment, model) + mixed_experts_notes(model)
-    return assignment, notes + _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
+    return assignment, notes
 
 
 def _requantized_notes(
@@ -373,30 +375,3 @@ def mixed_experts_notes(model: nn.Module) -> list[str]:
         "but transformers 5.23 reads every layer's routed experts in one format (its first config group "
         "naming experts) and misreads the others; for transformers give all routed experts one scheme"
     ]
-
-
-def _ragged_fp8_notes(model: nn.Module, assignment: dict[str, str], block: tuple[int, int]) -> list[str]:
-    """A note when layers stored fp8 have a side that is not a multiple of `block`: DeepSeek-V3's format covers it
-    with ceil(side / block) blocks, the last partial, but transformers 5.23 derives the block as rows / scale rows."""
-    stored_fp8 = [name for name, how in assignment.items() if how == "fp8" or how.startswith("kept: fp8")]
-    ragged = [name for name in stored_fp8 if _has_ragged_side(model.get_submodule(name), block)]
-    if not ragged:
-        return []
-    return [
-        f"{len(ragged)} fp8 layers ({', '.join(ragged[:3])}{', ...' if len(ragged) > 3 else ''}) have a side that is "
-        f"not a multiple of the {block[0]}x{block[1]} block: written as DeepSeek-V3's format has it, edge blocks "
-        "partial, which seekstack, vLLM and DeepSeek's code read as written; transformers 5.23 reads their blocks "
-        "differently (rows / scale rows) and dequantizes these layers otherwise"
-    ]
-
-
-def _has_ragged_side(module: nn.Module, block: tuple[int, int]) -> bool:
-    """Whether a matrix `module` stores in fp8 (each part of a stacked one apart) has a side not a multiple of
-    `block`."""
-    if isinstance(module, nn.Linear):  # kv_b_proj: fp8 on disk, expanded in memory
-        sides = [tuple(module.weight.shape)]
-    else:
-        sides = [
-            (w.weight.shape[-2] // w.parts, w.weight.shape[-1]) for w in module.modules() if isinstance(w, Fp8Weight)
-        ]
-    return any(rows % block[0] or cols % block[1] for rows, cols in sides)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from seekstack.compress.prune import gate_mass, prune_experts
 from seekstack.compress.quality import held_out_batches
 from seekstack.tokenizer import train_tokenizer
 from tests.compress.test_quantized_model import INPUT_IDS, logits, model_for_tests
+from tests.conftest import micro_config
 
 
 def test_quantize_command_writes_a_smaller_checkpoint_that_loads_quantized(tmp_path):
@@ -449,14 +451,35 @@ def test_an_empty_keep_with_fp8_still_keeps_the_head_in_float_as_deepseeks_fp8_r
     assert type(seekstack.load_pretrained(tmp_path / "q").lm_head) is torch.nn.Linear
 
 
-def test_quantize_to_fp8_prints_a_note_on_layers_transformers_reads_with_other_blocks(tmp_path):
-    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
-    result = CliRunner().invoke(
-        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme", "fp8"]
-    )
+@pytest.mark.parametrize(
+    ("block", "warned"),
+    [([128, 128], []), ([64, 64], ["weight_block_size [64, 64] does not divide model.layers.0.mlp.down_proj.weight"])],
+)
+def test_quantize_to_fp8_warns_of_blocks_transformers_reads_otherwise_and_notes_no_weight_within_a_block(
+    tmp_path, block, warned
+):
+    """A weight smaller than one block (every layer of the test model at 128x128) was noted as one transformers 5.23
+    reads in other blocks, though its one scale makes its block the weight, as transformers takes it; a block that
+    splits a weight unevenly is warned about, as save_pretrained warns."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text(f"scheme: fp8\nfp8_block: {block}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(
+            app,
+            [
+                "quantize",
+                str(tmp_path / "float"),
+                "--out",
+                str(tmp_path / "q"),
+                "--config",
+                str(tmp_path / "quant.yaml"),
+            ],
+        )
     assert result.exit_code == 0, result.output
-    assert "note: " in result.output and "not a multiple of the 128x128 block" in result.output
-    assert "transformers 5.23 reads their blocks differently" in result.output
+    assert "note: " not in result.output
+    messages = [str(w.message) for w in caught if "weight_block_size" in str(w.message)]
+    assert [message.split(" of shape")[0].removeprefix(f"{tmp_path / 'q'}: ") for message in messages] == warned
 
 
 def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_schemes(tmp_path):
