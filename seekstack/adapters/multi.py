@@ -2,8 +2,10 @@
 
 Each loaded adapter has a slot; slot 0 is the base model. An adapted linear layer keeps its base weight W and the
 factors of every slot side by side, A (S*r, in) and B (out, S*r) (stored transposed, as `down` and `up`, for plain
-matmuls), the scale alpha/r folded into B, zeros for the
-base, for free slots and for an adapter without that target (a smaller rank is zero-padded to the largest). Before
+matmuls), the scale alpha/r folded into B, zeros for the base, for free slots and for an adapter without that target.
+S and r are the capacity the server was started with, not what is loaded (vLLM's max_loras + 1 slots of
+max_lora_rank: a smaller rank is zero-padded to it), so loads and unloads never change a shape a compiled step
+was traced with. Before
 each forward the engine says which slot each row uses (`AdapterRows.select`); from it the forward builds, once for
 all layers, a mask M (N, S*r) that is 1 on the r columns of each token's slot. Every row then gets its own adapter
 from two small matmuls over the whole batch, whatever the mix of adapters, with no per-row gathers or per-adapter
@@ -78,11 +80,10 @@ class AdapterRows:
         return self._per_forward[key]
 
 
-def stack_factors(per_slot: list[Factors | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(per_slot: list[Factors | None], like: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot-stacked A (S, ..., r, in) and B (S, ..., out, r) on `like`'s device and dtype, zero for slots without
-    factors, ranks zero-padded to the largest."""
+    factors, ranks zero-padded to `rank`."""
     present = [f for f in per_slot if f is not None]
-    rank = max(a.shape[-2] for a, _ in present)
     a_shape, b_shape = (*present[0][0].shape[:-2], rank, present[0][0].shape[-1]), (*present[0][1].shape[:-1], rank)
     lora_a, lora_b = like.new_zeros(len(per_slot), *a_shape), like.new_zeros(len(per_slot), *b_shape)
     for slot, factors in enumerate(per_slot):
@@ -102,12 +103,18 @@ class MultiLoRALinear(nn.Module):
         self.rank = 0
         self.absorbed_weight: torch.Tensor | None = None  # what `weight` returns inside MultiLoRAAttention
 
-    def set_factors(self, per_slot: list[Factors | None]) -> None:
-        """Hold these factors, one entry per slot: A^T (in, S*r) and B^T (S*r, out), slot-major."""
-        lora_a, lora_b = stack_factors(per_slot, self.base.weight)  # (S, r, in), (S, out, r)
-        self.rank = lora_a.shape[1]
+    def set_factors(self, per_slot: list[Factors | None], rank: int) -> None:
+        """Hold these factors, one entry per slot, each zero-padded to `rank`: A^T (in, S*r) and B^T (S*r, out),
+        slot-major."""
+        lora_a, lora_b = stack_factors(per_slot, self.base.weight, rank)  # (S, r, in), (S, out, r)
+        self.rank = rank
         self.register_buffer("down", lora_a.flatten(0, 1).t().contiguous())
         self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous())
+
+    def clear_factors(self) -> None:
+        """Hold zeros in every slot (no loaded adapter adapts this layer), keeping the stacks' shapes."""
+        self.down.zero_()
+        self.up.zero_()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -234,12 +241,15 @@ class MultiLoRAExperts(RoutedExperts):
         self.__class__ = RoutedExperts
         return self
 
-    def set_factors(self, per_param: dict[str, list[Factors | None]]) -> None:
-        """Hold these factors per stacked parameter name, one entry per slot: `NAME_lora_down` A^T (E*S, in, r) and
-        `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight `NAME` (E, out, in)."""
-        self._drop_factors()
+    def set_factors(self, per_param: dict[str, list[Factors | None]], rank: int) -> None:
+        """Hold these factors per stacked parameter name, one entry per slot, each zero-padded to `rank`:
+        `NAME_lora_down` A^T (E*S, in, r) and `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight
+        `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept."""
+        for name in self._buffers:
+            if name.endswith(("_lora_down", "_lora_up")) and name.rsplit("_lora_", 1)[0] not in per_param:
+                self._buffers[name].zero_()
         for name, per_slot in per_param.items():
-            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj)  # (S, E, r, in), (S, E, out, r)
+            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj, rank)  # (S, E, r, in), (S, E, out, r)
             self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
             self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
 

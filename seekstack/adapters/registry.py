@@ -3,7 +3,9 @@
 An adapter's factors (and the head or embedding rows it trains in full, `lora.head_tokens`) are read through peft
 onto a weightless (meta device) copy of the model, so reading never touches the model that serves. Adding or removing
 an adapter then re-lays the factors and rows of all loaded adapters into the adapted layers
-(seekstack.adapters.multi). A slot stays with its adapter while it is loaded (requests hold slot
+(seekstack.adapters.multi), whose stacks have a fixed capacity, as vLLM's: `max_loras` slots of `max_lora_rank`, so that
+a load or an unload changes no shape of a compiled decode step (which would compile it again); an adapted layer stays
+adapted, with zeros, while any adapter is loaded. A slot stays with its adapter while it is loaded (requests hold slot
 numbers); a removed adapter's slot is reused by the next one loaded, so what the prefix cache keeps is keyed by
 `cache_salt`, which names the load, not the slot.
 """
@@ -41,6 +43,11 @@ from seekstack.model.transformer import Transformer
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
 
+# The capacity an engine's adapters get unless it is given one (vLLM's max_loras, max_lora_rank; rank 16 is also
+# vLLM's default); adapters given at the start that need more raise it to what they need.
+DEFAULT_MAX_LORAS = 8
+DEFAULT_MAX_LORA_RANK = 16
+
 SERVING_UNSUPPORTED = {  # peft's LoraConfig fields that merging applies and serving's per-row layers do not
     "use_dora": "a DoRA adapter (use_dora, lora.dora) rescales each output row",
     "use_bdlora": "a block-diagonal LoRA adapter (use_bdlora) stores A or B as diagonal blocks",
@@ -66,6 +73,11 @@ class AdapterWeights:
 
     factors: dict[Target, Factors]
     token_rows: dict[str, TokenRows]
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its factors (peft's rank_pattern may give modules other ranks than r); 0: none."""
+        return max((a.shape[-2] for a, _ in self.factors.values()), default=0)
 
 
 def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
@@ -117,9 +129,12 @@ def _residual_init(init: bool | str) -> bool:
 @dataclass
 class LoadedAdapters:
     """The adapters attached to a model: their folders and slots by name (slot 0, the base, has none), and the row
-    selection its adapted layers read."""
+    selection its adapted layers read. At most `max_loras` adapters of rank <= `max_lora_rank` at once (the stacks'
+    capacity, fixed: vLLM's max_loras and max_lora_rank)."""
 
     model: Transformer
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     rows: AdapterRows = field(default_factory=AdapterRows)
     folders: dict[str, Path] = field(default_factory=dict)  # replaced, never changed: other threads read it
     loaded_at: dict[str, int] = field(default_factory=dict)  # Unix seconds of each load; replaced as `folders`
@@ -127,6 +142,12 @@ class LoadedAdapters:
     weights: dict[str, AdapterWeights] = field(default_factory=dict)
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
     _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        self.rows.slot_count = self.max_loras + 1
 
     @property
     def names(self) -> list[str]:
@@ -161,10 +182,20 @@ class LoadedAdapters:
                 f"an adapter named {name!r} is already loaded (from {self.folders[name]}); to replace its weights, "
                 "load it with load_inplace=true"
             )
+        if weights.rank > self.max_lora_rank:
+            raise ValueError(
+                f"adapter {name!r} ({folder}) has rank {weights.rank}, more than max_lora_rank={self.max_lora_rank} "
+                "this engine was started with; start it with a larger max_lora_rank"
+            )
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
         taken = set(self.slots.values())
-        slot = self.slots.get(name) or next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
+        slot = self.slots.get(name) or next((s for s in range(1, self.max_loras + 1) if s not in taken), None)
+        if slot is None:
+            raise ValueError(
+                f"cannot load adapter {name!r}: all max_loras={self.max_loras} adapter slots are taken (loaded: "
+                f"{', '.join(self.names)}); unload one first, or start the engine with a larger max_loras"
+            )
         with self._undone_on_error():
             self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
             self.salts = {**self.salts, slot: f"{name}#{next(self._loads)}"}
@@ -195,9 +226,10 @@ class LoadedAdapters:
             raise
 
     def _restack(self) -> None:
-        """Give every adapted layer the factors and rows of all loaded adapters; a layer none of them adapts is plain
-        again."""
-        slot_count = max(self.slots.values(), default=0) + 1
+        """Give every adapted layer the factors and rows of all loaded adapters, in stacks of the fixed capacity; a
+        layer none of them adapts holds zeros while any adapter is loaded (its wrapping, and so a compiled step's
+        graph, kept), and is plain again once none is."""
+        slot_count, rank = self.rows.slot_count, self.max_lora_rank
         per_target: dict[Target, list[Factors | None]] = {}
         per_module: dict[str, list[TokenRows | None]] = {}
         for name, slot in self.slots.items():
@@ -205,7 +237,6 @@ class LoadedAdapters:
                 per_target.setdefault(target, [None] * slot_count)[slot] = factors
             for module_name, rows in self.weights[name].token_rows.items():
                 per_module.setdefault(module_name, [None] * slot_count)[slot] = rows
-        self.rows.slot_count = slot_count
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiTokenRows):  # unwrapped first: the LoRA layers below sit inside it
                 self.model.set_submodule(name, module.base)
@@ -218,21 +249,27 @@ class LoadedAdapters:
                 linears[module_name] = per_slot
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiLoRALinear) and name not in linears:
-                self.model.set_submodule(name, module.base)
+                if self.slots:
+                    module.clear_factors()
+                else:
+                    self.model.set_submodule(name, module.base)
             elif isinstance(module, MultiLoRAExperts) and name not in experts:
-                module.restore()
+                if self.slots:
+                    module.set_factors({}, rank)
+                else:
+                    module.restore()
         for name, per_slot in linears.items():
             module = self.model.get_submodule(name)
             if not isinstance(module, MultiLoRALinear):
                 wrapper = MultiLoRAEmbedding if isinstance(module, nn.Embedding) else MultiLoRALinear
                 module = wrapper(module, self.rows)
                 self.model.set_submodule(name, module)
-            module.set_factors(per_slot)
+            module.set_factors(per_slot, rank)
         for name, per_param in experts.items():
             module = self.model.get_submodule(name)
             if not isinstance(module, MultiLoRAExperts):
                 module = MultiLoRAExperts.adapt(module, self.rows)
-            module.set_factors(per_param)
+            module.set_factors(per_param, rank)
         for name, per_slot in per_module.items():
             module = self.model.get_submodule(name)
             inner = module.base if isinstance(module, MultiLoRALinear) else module
@@ -259,11 +296,23 @@ def _refuse_in_flight(name: str, requests_in_flight: int) -> None:
         )
 
 
-def attach_adapters(model: Transformer, adapters: Mapping[str, str | Path]) -> LoadedAdapters:
-    """Make `model` serve each adapter folder (peft format) by name, per row; the base weights stay as they are."""
-    loaded = LoadedAdapters(model)
+def attach_adapters(
+    model: Transformer,
+    adapters: Mapping[str, str | Path],
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
+) -> LoadedAdapters:
+    """Make `model` serve each adapter folder (peft format) by name, per row; the base weights stay as they are.
+    `max_loras`, `max_lora_rank`: the capacity for adapters loaded now and later (`LoadedAdapters`); None: the default
+    (DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK), or what `adapters` need where that is more."""
+    weights = {name: read_factors(model.config, folder) for name, folder in adapters.items()}
+    if max_loras is None:
+        max_loras = max(DEFAULT_MAX_LORAS, len(weights))
+    if max_lora_rank is None:
+        max_lora_rank = max([DEFAULT_MAX_LORA_RANK, *(read.rank for read in weights.values())])
+    loaded = LoadedAdapters(model, max_loras=max_loras, max_lora_rank=max_lora_rank)
     for name, folder in adapters.items():
-        loaded.add(name, folder, read_factors(model.config, folder))
+        loaded.add(name, folder, weights[name])
     return loaded
 
 

@@ -88,6 +88,22 @@ def test_unloading_every_adapter_leaves_the_plain_base_model(served):
         assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
+def test_an_unload_keeps_the_layers_adapted_with_zeros_while_another_adapter_is_loaded(served):
+    """Unloading "full" leaves its layers adapted (zeros in every slot, the compiled step's graph kept) while
+    "attention" serves: each row still gets what its adapter alone gives."""
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.remove("full")
+    assert isinstance(model.layers[1].mlp.experts, MultiLoRAExperts) and isinstance(model.lm_head, MultiLoRALinear)
+    loaded.select([0, loaded.slot("attention")], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+        expected = [merged_logits(base, None, ids[:1]), merged_logits(base, adapters["attention"], ids[1:])]
+    assert all((mixed[row : row + 1] - logits).abs().max() < ATOL for row, logits in enumerate(expected))
+
+
 def test_a_batch_of_base_rows_runs_the_base_experts_kernel_with_adapters_loaded(served, monkeypatch):
     """With adapters loaded, the routed experts of a batch of base rows only took the grouped matmuls that adapter rows
     need instead of the eager kernel: ~20% slower decoding of the base (8 rows, 12 adapters loaded)."""
@@ -140,22 +156,27 @@ def test_gathered_experts_of_compiled_decode_match_the_grouped_dispatch_per_row(
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads(served):
+def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads_without_compiling_again(served):
     """Compiled decode steps apply each row's adapter (base rows among them), and an adapter loaded after compiling
-    (another rank: the stacks grow) is applied too."""
+    (in a third slot, another adapter unloaded) is applied too, without a new graph: the stacks' capacity is fixed
+    (vLLM's max_loras x max_lora_rank), so loads and unloads change no shape the step was traced with."""
     base, adapters = served
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3], [9, 33, 3]]
     engines = [
         Engine.from_pretrained(base, adapters=adapters, max_batch_size=4, compile=flag) for flag in (False, True)
     ]
+    graphs = torch._dynamo.utils.counters["stats"]
     for choice in ([None, "full", "attention", "full"], ["late", None, "late", "full"]):
         if "late" in choice:
+            compiled_graphs = graphs["unique_graphs"]
             for engine in engines:
                 engine.load_adapter("late", adapters["attention"])
+                engine.unload_adapter("attention")  # the largest rank stays loaded in "late"
         eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in engines)
         assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    assert engines[1].decode_compiled
+    assert engines[1].lora.slots == {"full": 1, "late": 3}
+    assert graphs["unique_graphs"] == compiled_graphs and engines[1].decode_compiled
 
 
 def test_each_expert_pair_applies_only_its_own_adapter_with_mixed_ranks_and_base_rows(served, tmp_path):
@@ -200,7 +221,7 @@ def test_per_row_linears_of_compiled_steps_match_the_masked_ones_with_mixed_rank
     model = seekstack.load_pretrained(base).eval()
     loaded = attach_adapters(model, adapters)
     layer = model.layers[0].self_attn.q_a_proj  # both adapters adapt it: "full" with rank 4, "attention" with 8
-    assert isinstance(layer, MultiLoRALinear) and layer.rank == 8
+    assert isinstance(layer, MultiLoRALinear) and layer.rank == loaded.max_lora_rank == 16  # both padded to capacity
     x = torch.randn(4, 3, layer.base.in_features, generator=torch.Generator().manual_seed(6))
     loaded.select([0, loaded.slot("full"), loaded.slot("attention"), loaded.slot("full")], torch.device("cpu"))
     with torch.no_grad():
@@ -387,3 +408,22 @@ def test_a_load_that_fails_to_restack_leaves_the_loaded_adapters_serving_as_befo
         assert torch.equal(model(ids).logits, before)
     loaded.add("attention", adapters["attention"], read_factors(model.config, adapters["attention"]))
     assert loaded.slot("attention") == 2
+
+
+def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(served):
+    """As vLLM's max_loras and max_lora_rank: the stacks are sized once, and a load that does not fit them is refused
+    (the adapters loaded keep serving), where it used to grow them."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, {"full": adapters["full"]}, max_loras=1, max_lora_rank=4)
+    attention = read_factors(model.config, adapters["attention"])
+    assert attention.rank == 8
+    with pytest.raises(ValueError, match=r"adapter 'attention' \(.*attention\) has rank 8, more than max_lora_rank=4"):
+        loaded.add("attention", adapters["attention"], attention)
+    with pytest.raises(ValueError, match="'again': all max_loras=1 adapter slots are taken \\(loaded: full\\)"):
+        loaded.add("again", adapters["full"], read_factors(model.config, adapters["full"]))
+    assert loaded.slots == {"full": 1} and loaded.rows.slot_count == 2
+    assert model.layers[0].self_attn.q_a_proj.down.shape == (model.config.hidden_size, 2 * 4)  # (in, S*r)
+    started = attach_adapters(seekstack.load_pretrained(base).eval(), adapters)  # defaults, raised to fit the start
+    assert (started.max_loras, started.max_lora_rank) == (8, 16)
+    assert attach_adapters(seekstack.load_pretrained(base).eval(), adapters, max_lora_rank=8).max_lora_rank == 8
