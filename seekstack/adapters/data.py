@@ -198,7 +198,7 @@ def _documents(data: Path) -> list[str]:
         raise DataSourceError(
             f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} or '
             '{"prompt": [...], "completion": [...]} (chat conversations, or TRL\'s prompt and completion as text; '
-            "told by the first record): write each record's text as 'text'"
+            f"told by the first record): {_rewrite(error.record)}"
         ) from None
     if not documents:
         skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)
@@ -207,6 +207,22 @@ def _documents(data: Path) -> list[str]:
         )
         raise ValueError(f"{data}: no text to train on{unread}")
     return documents
+
+
+def _rewrite(record: object) -> str:
+    """How to write a record of none of the forms `lora train` reads: TRL's preference rows (DPO's chosen and rejected)
+    as their chosen text, conversation or completion, which TRL's SFT on them would have to be given; else its text as
+    'text'."""
+    if not (isinstance(record, dict) and "chosen" in record and "rejected" in record):
+        return "write each record's text as 'text'"
+    if "prompt" in record:
+        chosen = "{prompt, completion: .chosen}"
+    else:
+        chosen = "{text: .chosen}" if isinstance(record["chosen"], str) else "{messages: .chosen}"
+    return (
+        "chosen and rejected are TRL's preference format (DPO's), whose rejected answers SFT is not to learn; to "
+        f"train on the chosen ones, write them so: jq -c '{chosen}'"
+    )
 
 
 def _corpus_text(documents: list[str]) -> str:

@@ -321,6 +321,33 @@ def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_pa
     assert chat in result.output and "--field" not in result.output
 
 
+TURN = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+
+
+@pytest.mark.parametrize(
+    ("record", "rewrite"),
+    [
+        ({"chosen": "Say hi. Hi.", "rejected": "Say hi. No."}, "{text: .chosen}"),
+        ({"chosen": TURN, "rejected": TURN}, "{messages: .chosen}"),
+        ({"prompt": "Say hi.", "chosen": " Hi.", "rejected": " No."}, "{prompt, completion: .chosen}"),
+        ({"prompt": TURN[:1], "chosen": TURN[1:], "rejected": TURN[1:]}, "{prompt, completion: .chosen}"),
+    ],
+)
+def test_trls_preference_rows_are_refused_saying_how_to_train_on_the_chosen(base, tmp_path, record, rewrite):
+    """TRL's DPO rows (chosen and rejected, with or without a prompt) were told "write each record's text as
+    'text'", which would train the rejected answers too; the refusal names the format and the jq line that keeps the
+    chosen ones in a form lora train reads."""
+    data = tmp_path / "preference.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError) as refused:
+        lora_train_config(base, data, tmp_path / "adapter", QUICK_RUN)
+    assert str(refused.value).startswith(f"{data}:1: no field 'text', only {', '.join(map(repr, record))}; `lora")
+    assert str(refused.value).endswith(
+        "chosen and rejected are TRL's preference format (DPO's), whose rejected answers SFT is not to learn; to "
+        f"train on the chosen ones, write them so: jq -c '{rewrite}'"
+    )
+
+
 @pytest.mark.parametrize("form", ["text", "messages"])
 def test_trls_unpaired_preference_rows_are_refused_naming_label_not_trained_alike(base, tmp_path, form):
     """TRL's KTO rows ({"prompt", "completion", "label"}) were trained as prompt-completion rows, the completions of
