@@ -164,6 +164,23 @@ def test_plot_of_several_runs_overlays_them_one_colour_each(demo_run, tmp_path, 
     assert refused.exit_code == 1 and "is given twice" in refused.output
 
 
+def test_runs_given_as_dot_from_inside_one_are_named_by_their_folders(tmp_path, monkeypatch):
+    """`seekstack plot . ../b` from inside run a named it by Path('.').name, '': its curves had no legend entry and
+    the figure's title read ', b'."""
+    import seekstack.train.plot as plot
+
+    records = [{"step": 1, "loss": 3.2, "lm_loss": 3.0, "lr": 0.001}]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_runs([Path("."), Path("../b")], tmp_path / "both.png", [records, records])
+    assert plot.run_names([Path("."), Path("../b"), Path("..")]) == ["a", "b", tmp_path.name]
+    assert [line.get_label() for line in drawn[0].axes[2].get_lines()] == ["a", "b"]
+    assert drawn[0].get_suptitle() == "a, b"
+
+
 def test_plot_refuses_to_overlay_an_rl_run_with_others(demo_run, tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.0, "reward": 0.5, "lr": 0.001}\n')
     result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), str(tmp_path)])
