@@ -193,9 +193,14 @@ class Engine:
         compile: bool | None = False,
         eager_lone_row: bool = False,
         adapters: Mapping[str, str | Path] | None = None,
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
     ):
         """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
-        of different adapters share every step, each with its own adapter (seekstack.adapters.multi).
+        of different adapters share every step, each with its own adapter (seekstack.adapters.multi). `max_loras`
+        and `max_lora_rank` (vLLM's) fix how many adapters, of what largest rank, it serves at once, these and those
+        loaded later (`load_adapter`), so loads never compile a decode step again; None: 8 and 16, or more where
+        `adapters` need it (seekstack.adapters.registry).
         The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default, as many as half the
         memory free on each device holds of its layers' pools), never more than max_batch_size requests of
         max_model_len tokens use.
@@ -283,7 +288,7 @@ class Engine:
             num_blocks = min(fits, whole_batch)
         from seekstack.adapters.registry import attach_adapters
 
-        self.lora = attach_adapters(self.model, adapters or {})
+        self.lora = attach_adapters(self.model, adapters or {}, max_loras, max_lora_rank)
         self.cache = PagedLatentCache(
             self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
             prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,

@@ -427,3 +427,13 @@ def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(se
     started = attach_adapters(seekstack.load_pretrained(base).eval(), adapters)  # defaults, raised to fit the start
     assert (started.max_loras, started.max_lora_rank) == (8, 16)
     assert attach_adapters(seekstack.load_pretrained(base).eval(), adapters, max_lora_rank=8).max_lora_rank == 8
+
+
+def test_an_engine_takes_vllms_max_loras_and_max_lora_rank_and_refuses_a_load_past_them(served):
+    base, adapters = served
+    engine = Engine.from_pretrained(base, adapters={"full": adapters["full"]}, max_loras=2, max_lora_rank=4)
+    assert (engine.lora.max_loras, engine.lora.max_lora_rank, engine.lora.rows.slot_count) == (2, 4, 3)
+    with pytest.raises(ValueError, match="has rank 8, more than max_lora_rank=4 this engine was started with"):
+        engine.load_adapter("attention", adapters["attention"])
+    engine.load_adapter("again", adapters["full"])
+    assert engine.lora.slots == {"full": 1, "again": 2}
