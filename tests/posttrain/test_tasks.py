@@ -310,6 +310,19 @@ def test_an_equation_whose_left_side_holds_a_number_is_no_name_and_no_answer(ans
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\u03b8 = 42}", 42), ("\u03b1 = 42", 42), ("$\u03b2 \\approx 42$", 42), ("\\boxed{\u03b8_1 = 42}", 42),
+     ("\\boxed{x_\u03b1 = 42}", 42), ("\\boxed{\u0394x = 42}", 42), ("\\boxed{\u03a9 = x = 42}", 42),
+     ("\\boxed{2\u03b1 = 42}", None), ("\\boxed{\u00bd = 42}", None), ("\\boxed{\u03b8 = 41 = 42}", None)],
+)  # fmt: skip
+def test_a_name_of_greek_letters_as_models_write_them_is_read_as_math_verify_reads_it(answer, value):
+    """\\boxed{\u03b8 = 42} ("\u03b8", U+03B8, as models write the letter) was no number and scored 0 against 42, where
+    \\boxed{\\theta = 42} read 42 and math-verify reads 42 of both: a name opened with a Latin letter or a command
+    alone. A number before the name still makes it an expression ("2\u03b1 = 42"), and "\u00bd" is no letter."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed{x = y = 30}", 30), ("\\boxed{a = b = c = 30}", 30), ("$AB = BC = 30$", 30), ("x=y=30", 30),
      ("x = y = 29 = 30", None), ("x = 29 = y = 30", None)],
 )  # fmt: skip

@@ -46,21 +46,24 @@ OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\b
 # One after an answer, its whitespace stripped: then "\ " is a backslash alone ("\boxed{57\ }")
 CLOSING_SPACE = re.compile(rf"(?:{LATEX_SPACE}|\\)\Z")
 # What the answer equals, named ("x = 57", "a_{n} = 57", "\theta = 57", "\angle ABC = 57", "f(2) = 57"): the right
-# side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters (digits
+# side is the answer, as math-verify takes it. A name opens with a letter (Latin, or Greek as models write it:
+# "\boxed{θ = 57}", "α_1 = 57", as math-verify reads them) or a LaTeX command, then letters (digits
 # after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
 # parentheses ("f(2)"), primes. A number makes it an expression, no name: "2 + 55 = 57", "\frac{1}{2} = 57",
 # "\frac12 = 57", "x \cdot 2 = 57". Names may be chained, as math-verify reads them: "x = y = 57" ("x = 56 = 57" not).
 # A name approximately equal to the answer ("x \approx 57", "x ≈ 57") is read alike, as math-verify reads it, and so is
 # the relation with no name before it ("\boxed{= 57}", "\boxed{\approx 57}": math-verify reads 57)
 APPROX = r"\\approx(?![A-Za-z])|\u2248"
+NAME_LETTER = "[A-Za-z\u0391-\u03a1\u03a3-\u03a9\u03b1-\u03c9\u03d1\u03d5\u03f5]"  # Latin and Greek (ϑ, ϕ, ϵ)
 COMMAND = r"\\(?!approx(?![A-Za-z]))[A-Za-z]++"  # a LaTeX command in a name, not the relation \approx
 # A command's argument, no digit but in a group inside it ("\overline{AB}", "\overline{A_{1}B}"), a subscript ("x_1",
 # "a_{n+1}", "P_{\text{max}}", "x_\alpha") and a function's argument ("f(2)", "f(g(2))"): one group nested at most
 ARGUMENT = r"\{(?:[^{}0-9=]|\{[^{}=]*+\})*+\}"
-SUBSCRIPT = rf"_(?:\{{(?:[^{{}}=]|\{{[^{{}}=]*+\}})*+\}}|[A-Za-z0-9]|{COMMAND})"
+SUBSCRIPT = rf"_(?:\{{(?:[^{{}}=]|\{{[^{{}}=]*+\}})*+\}}|{NAME_LETTER}|[0-9]|{COMMAND})"
 PARENTHESES = r"\((?:[^()=]|\([^()=]*+\))*+\)"
 VARIABLE = re.compile(
-    rf"(?:(?:(?:{COMMAND}|[A-Za-z][0-9]*+)(?:{COMMAND}|[A-Za-z][0-9]*+|{ARGUMENT}|{SUBSCRIPT}|{PARENTHESES}|['\s])*+)?"
+    rf"(?:(?:(?:{COMMAND}|{NAME_LETTER}[0-9]*+)"
+    rf"(?:{COMMAND}|{NAME_LETTER}[0-9]*+|{ARGUMENT}|{SUBSCRIPT}|{PARENTHESES}|['\s])*+)?"
     rf"(?:=|{APPROX})\s*)++"
 )
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
