@@ -234,6 +234,21 @@ def test_missing_corpus_is_named(tmp_path, tokenizer):
         tokenize_corpus(tmp_path / "nowhere.jsonl", tokenizer, tmp_path / "out", "train")
 
 
+@pytest.mark.parametrize("split", ["", "web/train", "../web"])
+def test_a_split_name_that_names_no_file_in_the_folder_is_refused_before_encoding(tmp_path, tokenizer, split):
+    """README has a second corpus tokenized from Python under a split name of the user's; "" wrote `_00000.bin` and
+    `_index.json` (a split no mixture names), and a name with a '/' ("web/train", as the corpus's path reads) failed
+    once encoded, on a staged file: "No such file or directory: '.../out/.web/train_00000.bin.1a2b3c4d.tmp'"."""
+    corpus = write_corpus(tmp_path / "web.jsonl", ["one document"])
+    with pytest.raises(ValueError) as refused:
+        tokenize_corpus(corpus, tokenizer, tmp_path / "out", split)
+    assert str(refused.value) == (
+        f"split name {split!r}: a split is named by its files in {tmp_path / 'out'}, {split or 'NAME'}_00000.bin and "
+        "its index, as a mixture names it: give a name without '/' (web, code_python)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_windows_are_deterministic_for_a_seed_and_differ_across_seeds(shards):
     first, again, other = (TokenWindows(shards, "train", SEQ_LEN, seed=seed) for seed in (1, 1, 2))
     batches = [first.batch(4) for _ in range(3)]
