@@ -33,10 +33,15 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def run_folder(given: str | Path) -> Path:
     """The run folder `given` names: itself, or, where it names a run's train_config.json or metrics.jsonl (a file of
-    that name), the folder holding it, so that a command taking a run takes either file for it (report, plot, and every
-    command taking a run's out_dir for its newest checkpoint) and names what it writes after the run, not the file."""
+    that name) or its checkpoints/ folder (step_N inside, no config.json: torchtitan's checkpoint folder), the folder
+    holding it, so that a command taking a run takes each for it (report, plot, and every command taking a run's
+    out_dir for its newest checkpoint) and names what it writes after the run, not the file or folder given."""
     given = Path(given)
-    return given.parent if given.name in (CONFIG_FILE, METRICS_FILE) and given.is_file() else given
+    if given.name in (CONFIG_FILE, METRICS_FILE) and given.is_file():
+        return given.parent
+    if given == checkpoint_dir(given.parent) and step_folders(given.parent):
+        return given if (given / MODEL_CONFIG_FILE).is_file() else given.parent
+    return given
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -193,12 +198,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def run_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` or train_config.json inside, no
-    config.json) or its checkpoints/ folder (step_N inside, as torchtitan's checkpoint folder stands for its newest
-    step), else None; FileNotFoundError naming the run when it has none."""
-    path = Path(path)
-    if path == checkpoint_dir(path.parent) and step_folders(path.parent) and not (path / MODEL_CONFIG_FILE).is_file():
-        return latest_checkpoint(path.parent)
+    """The newest complete checkpoint when `path` names a run (`run_folder`: its out_dir, `checkpoints/` or
+    train_config.json inside, no config.json; its checkpoints/ folder, as torchtitan's checkpoint folder stands for its
+    newest step; its train_config.json or metrics.jsonl), else None; FileNotFoundError naming the run when it has
+    none."""
+    path = run_folder(path)
     is_run = checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file()
     if (path / MODEL_CONFIG_FILE).is_file() or not is_run:
         return None

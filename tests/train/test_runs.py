@@ -201,3 +201,26 @@ def test_two_step_folders_of_one_step_are_refused_naming_both_as_no_guess_is_mad
     assert str(refused.value) == f"field 'init_from': {refusal}"
     shutil.rmtree(run / "checkpoints" / "step_03")
     assert step_folders(run) == [run / "checkpoints" / "step_3"]
+
+
+def test_a_runs_checkpoints_folder_given_names_what_is_named_after_the_run_by_the_run(tmp_path, monkeypatch):
+    """`seekstack serve --model RUN/checkpoints` served the model as 'checkpoints' and `seekstack eval RUN/checkpoints`
+    wrote RUN/checkpoints/eval/results, where report reads RUN/eval/results; `plot`/`report RUN/checkpoints` said "no
+    metrics.jsonl in RUN/checkpoints", though every command taking a model took the folder for the run."""
+    run = tmp_path / "run"
+    save_checkpoint(run, Transformer(micro_config()), {"step": 2}, keep=1)
+    lines = [{"step": step, "loss": 4.0 - step, "lr": 1e-3, "tokens_per_s": 100.0, "mfu": 0.01} for step in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    given = run / "checkpoints"
+    assert run_folder(given) == run
+    assert run_folder(given / "step_2") == given / "step_2"
+    ctx = typer.Context(typer.main.get_command(app))
+    assert run_to_checkpoint(ctx, str(given)) == str(given / "step_2")
+    assert run_given(ctx, given / "step_2") == run
+    written = []
+    monkeypatch.setattr("seekstack.eval.evaluate.evaluate", lambda *args: {"wall_s": 0.0})
+    monkeypatch.setattr("seekstack.eval.evaluate.write_results", lambda report, out: written.append(out) or 1 / 0)
+    CliRunner().invoke(app, ["eval", str(given)])
+    assert written == [run / "eval" / "results"]
+    result = CliRunner().invoke(app, ["plot", str(given)])
+    assert (result.exit_code, result.output) == (0, f"wrote {run / 'curves.png'}\n")
