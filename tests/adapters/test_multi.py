@@ -155,28 +155,45 @@ def test_gathered_experts_of_compiled_decode_match_the_grouped_dispatch_per_row(
     assert (gathered[:2] - plain[:2]).abs().max() < ATOL
 
 
+@pytest.fixture(scope="module")
+def engines(with_head_rows, served):
+    """An eager and a compiled engine serving the full, the attention-only and the head rows adapters, which the
+    tests of compiled decoding share: compiling the decode step is most of their time, and one graph serves them all
+    (the stacks' capacity is fixed). A test that loads or unloads adapters gives them back as they were."""
+    base, adapters = with_head_rows
+    served_adapters = {**adapters, "attention": served[1]["attention"]}
+    eager, compiled = (
+        Engine.from_pretrained(base, adapters=served_adapters, max_batch_size=4, compile=flag) for flag in (False, True)
+    )
+    return base, served_adapters, eager, compiled
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads_without_compiling_again(served):
+def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads_without_compiling_again(engines):
     """Compiled decode steps apply each row's adapter (base rows among them), and an adapter loaded after compiling
-    (in a third slot, another adapter unloaded) is applied too, without a new graph: the stacks' capacity is fixed
+    (in a fourth slot, another adapter unloaded) is applied too, without a new graph: the stacks' capacity is fixed
     (vLLM's max_loras x max_lora_rank), so loads and unloads change no shape the step was traced with."""
-    base, adapters = served
+    base, adapters, *both = engines
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3], [9, 33, 3]]
-    engines = [
-        Engine.from_pretrained(base, adapters=adapters, max_batch_size=4, compile=flag) for flag in (False, True)
-    ]
     graphs = torch._dynamo.utils.counters["stats"]
-    for choice in ([None, "full", "attention", "full"], ["late", None, "late", "full"]):
-        if "late" in choice:
-            compiled_graphs = graphs["unique_graphs"]
-            for engine in engines:
-                engine.load_adapter("late", adapters["attention"])
-                engine.unload_adapter("attention")  # the largest rank stays loaded in "late"
-        eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in engines)
-        assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    assert engines[1].lora.slots == {"full": 1, "late": 3}
-    assert graphs["unique_graphs"] == compiled_graphs and engines[1].decode_compiled
+    try:
+        for choice in ([None, "full", "attention", "full"], ["late", None, "late", "full"]):
+            if "late" in choice:
+                compiled_graphs = graphs["unique_graphs"]
+                for engine in both:
+                    engine.load_adapter("late", adapters["attention"])
+                    engine.unload_adapter("attention")  # the largest rank stays loaded in "late"
+            eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in both)
+            assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+        assert both[1].lora.slots == {"rows": 1, "full": 2, "late": 4}
+        assert graphs["unique_graphs"] == compiled_graphs and both[1].decode_compiled
+    finally:
+        for engine in both:
+            if "late" in engine.lora.slots:
+                engine.unload_adapter("late")
+            if "attention" not in engine.lora.slots:
+                engine.load_adapter("attention", adapters["attention"])
 
 
 def test_each_expert_pair_applies_only_its_own_adapter_with_mixed_ranks_and_base_rows(served, tmp_path):
@@ -272,25 +289,25 @@ def test_prefill_rows_of_base_head_rows_and_plain_lora_each_equal_their_adapter_
     assert (mixed[1, :, ROW_TOKENS] - plain[0, :, ROW_TOKENS]).abs().min() > 100 * ATOL  # the rows' own logits move
 
 
-def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_speculative(with_head_rows):
+def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_speculative(engines):
     """Decode (and prefill) steps of a mixed batch give each row its merged adapter's tokens and logprobs, with
     compiled steps and with MTP drafts, whose head is the adapted one."""
-    base, adapters = with_head_rows
+    base, adapters, eager, compiled = engines
     params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=True, ignore_eos=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3]]
     choice = [None, "rows", "full", "rows"]
     merged = {name: Engine.from_pretrained(base, adapter=adapters.get(name)) for name in set(choice)}
     alone = [merged[name].generate([prompt], params)[0] for prompt, name in zip(prompts, choice, strict=True)]
-    for options in (dict(), dict(compile=True), dict(speculative=True, draft_tokens=2, adaptive_drafts=False)):
-        engine = Engine.from_pretrained(base, adapters=adapters, max_batch_size=4, **options)
+    speculative = Engine.from_pretrained(
+        base, adapters=adapters, max_batch_size=4, speculative=True, draft_tokens=2, adaptive_drafts=False
+    )
+    for kind, engine in (("eager", eager), ("compiled", compiled), ("speculative", speculative)):
         mixed = engine.generate(prompts, params, adapters=choice)
-        assert engine.decode_compiled == ("compile" in options) and (engine.spec_drafted > 0) == (
-            "speculative" in options
-        )
+        assert engine.decode_compiled == (kind == "compiled") and (engine.spec_drafted > 0) == (kind == "speculative")
         for completion, expected in zip(mixed, alone, strict=True):
-            assert completion.token_ids == expected.token_ids, options
+            assert completion.token_ids == expected.token_ids, kind
             logprobs = [[entry.logprob for entry in c.logprobs] for c in (completion, expected)]
-            assert (torch.tensor(logprobs[0]) - torch.tensor(logprobs[1])).abs().max() < ATOL, options
+            assert (torch.tensor(logprobs[0]) - torch.tensor(logprobs[1])).abs().max() < ATOL, kind
     assert mixed[1].token_ids != mixed[0].token_ids  # the head rows change the greedy continuation
 
 
