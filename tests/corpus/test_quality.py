@@ -304,6 +304,31 @@ def test_select_refuses_a_top_fraction_or_threshold_out_of_range_naming_the_opti
     assert not (tmp_path / "sel").exists()
 
 
+def test_cli_select_refuses_an_empty_train_jsonl_or_the_file_for_its_folder_as_tokenize_does(
+    model: QualityModel, tmp_path: Path
+) -> None:
+    """An empty train.jsonl was "selected 0 of 0 training documents (score >= 1.0)", an empty corpus written, where
+    `data tokenize` and `tokenizer train` refuse it; --corpus given the train.jsonl itself was read as a folder,
+    "corpus/train.jsonl/train.jsonl: no such file; `seekstack data build TEXT --out corpus/train.jsonl` ...". Both are
+    refused as those commands refuse them, before the model is read or anything written."""
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:45])
+    args = ["data", "select", "--model", str(model.save(tmp_path / "q.npz")), "--out", str(tmp_path / "sel")]
+    given_the_file = CliRunner().invoke(app, [*args, "--corpus", str(corpus / "train.jsonl"), "--top-fraction", "0.5"])
+    assert given_the_file.exit_code == 1
+    assert " ".join(given_the_file.output.split()) == (
+        f"error: {corpus / 'train.jsonl'}: is a file; --corpus is the folder `seekstack data build` wrote (train.jsonl,"
+        f" val.jsonl): give its folder, {corpus}"
+    )
+    (corpus / "train.jsonl").write_text("")
+    empty = CliRunner().invoke(app, [*args, "--corpus", str(corpus), "--top-fraction", "0.5"])
+    assert empty.exit_code == 1
+    assert " ".join(empty.output.split()) == (
+        f"error: {corpus / 'train.jsonl'}: no documents to select from; build the corpus from your text first "
+        f"(`seekstack data build TEXT --out {corpus}`)"
+    )
+    assert not (tmp_path / "sel").exists()
+
+
 def test_cli_trains_and_selects(tmp_path: Path) -> None:
     (tmp_path / "ref").mkdir()
     (tmp_path / "pool").mkdir()
