@@ -6,31 +6,35 @@
   keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at, max_budget,
         budget_period_s)   only a key's sha256; a name has at most one active key, and may be given a new one once
         its keys are revoked
-  usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost,
-        cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py)
+  usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost_pico,
+        cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py);
+        cost_pico: the cost as a whole number of 1e-12 of the currency, so that every sum of costs is exact
   rate_charges(id, key_name, at, tokens)   the last minute's requests per key, for the rate limits of every process
 Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
 dialects accept; rows come back as dicts. A SQLite file is created readable by its owner only (0600): it
 holds the key hashes and everyone's bill; an existing one that others may read or write is warned of on stderr.
 Columns added since a database was created are added when it opens, and a keys table from before names could be
-reused (its name a primary key) is rebuilt without that constraint, and a note on stderr names what changed, since
-an earlier seekstack may no longer open the database.
+reused (its name a primary key) is rebuilt without that constraint, a usage table of float costs (usage.cost) has them
+converted to cost_pico in one transaction (refused, unchanged, where a cost is no amount), and a note on stderr
+names what changed, since an earlier seekstack may no longer open the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import sqlite3
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -68,16 +72,7 @@ KEYS_COLUMN_NAMES = (
     "name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at, max_budget, "
     "budget_period_s"
 )
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS plans (
-        name TEXT PRIMARY KEY,
-        prompt_per_1k DOUBLE PRECISION NOT NULL,
-        completion_per_1k DOUBLE PRECISION NOT NULL
-    )""",
-    f"""INSERT INTO plans (name, prompt_per_1k, completion_per_1k)
-        VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K}) ON CONFLICT (name) DO NOTHING""",
-    f"CREATE TABLE IF NOT EXISTS keys ({KEYS_COLUMNS})",
-    """CREATE TABLE IF NOT EXISTS usage (
+USAGE_COLUMNS = """
         id {id_column},
         created_at DOUBLE PRECISION NOT NULL,
         key_name TEXT,
@@ -87,9 +82,20 @@ SCHEMA = (
         completion_tokens INTEGER NOT NULL,
         latency_s DOUBLE PRECISION NOT NULL,
         status INTEGER NOT NULL,
-        cost DOUBLE PRECISION NOT NULL
+        cost_pico BIGINT NOT NULL
+"""  # {id_column}: the dialect's (SCHEMA)
+USAGE_INDEX = "CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_name, created_at)"
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS plans (
+        name TEXT PRIMARY KEY,
+        prompt_per_1k DOUBLE PRECISION NOT NULL,
+        completion_per_1k DOUBLE PRECISION NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_name, created_at)",
+    f"""INSERT INTO plans (name, prompt_per_1k, completion_per_1k)
+        VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K}) ON CONFLICT (name) DO NOTHING""",
+    f"CREATE TABLE IF NOT EXISTS keys ({KEYS_COLUMNS})",
+    f"CREATE TABLE IF NOT EXISTS usage ({USAGE_COLUMNS})",
+    USAGE_INDEX,
     """CREATE TABLE IF NOT EXISTS rate_charges (
         id {id_column},
         key_name TEXT NOT NULL,
@@ -107,6 +113,9 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("keys", "max_budget", "DOUBLE PRECISION"),  # the most its name's usage may cost; NULL: no budget
     ("keys", "budget_period_s", "DOUBLE PRECISION"),  # the budget's trailing window; NULL: the name's whole usage
 )
+SQLITE_ID = "INTEGER PRIMARY KEY AUTOINCREMENT"
+COST_SCALE = 10**12  # usage.cost_pico: a cost as a whole number of 1e-12 of the currency, so that sums are exact
+OLD_COST_DIGITS = 12  # the significant digits an earlier seekstack rounded its float costs to (usage.cost)
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
     "CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys (name) WHERE revoked_at IS NULL",
@@ -195,7 +204,7 @@ class SQLiteDatabase:
         connection.execute("PRAGMA synchronous=FULL")
         existed = bool(connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone())
         for statement in SCHEMA:
-            connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
+            connection.execute(statement.format(id_column=SQLITE_ID))
         changes = []
         for table, column, definition in ADDED_COLUMNS:
             try:
@@ -204,12 +213,43 @@ class SQLiteDatabase:
             except sqlite3.OperationalError as error:
                 if "duplicate column" not in str(error):  # there already, or just added by another process
                     raise
+        converted = self._keep_costs_in_pico()
+        if converted is not None:
+            changes.append(costs_converted(converted))
         if self._free_revoked_key_names():
             changes.append(KEYS_REBUILT)
         for statement in KEYS_INDEXES:
             connection.execute(statement)
         if existed:
             note_upgrade(self.location, changes)
+
+    def _keep_costs_in_pico(self) -> int | None:
+        """Rebuild a usage table of an earlier seekstack, whose cost column held floats, with each cost as the whole
+        number of 1e-12 of the currency it stands for (cost_pico), in one transaction: SQLite cannot change a
+        column's type in place. How many rows were converted; None where there was nothing to do."""
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
+        try:
+            columns = [column["name"] for column in connection.execute("PRAGMA table_info(usage)")]
+            converted = None
+            if "cost" in columns:
+                costs = old_costs_in_pico(self.location, connection.execute("SELECT id, cost FROM usage").fetchall())
+                kept = ", ".join(column for column in columns if column != "cost")
+                connection.execute(f"CREATE TABLE usage_rebuilt ({USAGE_COLUMNS.format(id_column=SQLITE_ID)})")
+                for table, column, definition in ADDED_COLUMNS:
+                    if table == "usage":
+                        connection.execute(f"ALTER TABLE usage_rebuilt ADD COLUMN {column} {definition}")
+                connection.execute(f"INSERT INTO usage_rebuilt ({kept}, cost_pico) SELECT {kept}, 0 FROM usage")
+                connection.executemany("UPDATE usage_rebuilt SET cost_pico = ? WHERE id = ?", costs)
+                connection.execute("DROP TABLE usage")
+                connection.execute("ALTER TABLE usage_rebuilt RENAME TO usage")
+                connection.execute(USAGE_INDEX)
+                converted = len(costs)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return converted
 
     def _free_revoked_key_names(self) -> bool:
         """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, in
@@ -302,6 +342,14 @@ class PostgresDatabase:
                     if (table, column) not in present:
                         self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
                         changes.append(f"column {table}.{column} added")
+                if ("usage", "cost") in present:  # an earlier seekstack's float costs
+                    costs = old_costs_in_pico(self.location, self._connection.execute("SELECT id, cost FROM usage"))
+                    self._connection.execute("ALTER TABLE usage ADD COLUMN cost_pico BIGINT NOT NULL DEFAULT 0")
+                    with self._connection.cursor() as cursor:
+                        cursor.executemany("UPDATE usage SET cost_pico = %s WHERE id = %s", costs)
+                    self._connection.execute("ALTER TABLE usage ALTER COLUMN cost_pico DROP DEFAULT")
+                    self._connection.execute("ALTER TABLE usage DROP COLUMN cost")
+                    changes.append(costs_converted(len(costs)))
                 if self._connection.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"
                 ).fetchone():
@@ -367,6 +415,39 @@ def note_upgrade(location: str, changes: list[str]) -> None:
             "supplied')",
             file=sys.stderr,
         )
+
+
+def cost_pico(amount: Decimal) -> int:
+    """A cost in the currency as the whole number of 1e-12 of it the ledger keeps (half to even)."""
+    return int((amount * COST_SCALE).to_integral_value(ROUND_HALF_EVEN))
+
+
+def cost_amount(pico: int) -> float:
+    """A cost kept as 1e-12 of the currency as the amount the usage JSON and tables show: the float nearest to that
+    decimal (0.00026, never 0.00026000000000000003)."""
+    return pico / COST_SCALE
+
+
+def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, int]]:
+    """(cost_pico, id) of each row (id, cost) of an earlier seekstack's usage table, whose float costs stood for
+    decimals of OLD_COST_DIGITS significant digits; ValueError naming the database and the row for a cost that is
+    no amount (a damaged database), before anything is changed."""
+    converted = []
+    for row in rows:
+        cost = row["cost"]
+        if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
+            raise ValueError(
+                f"{location}: usage row {row['id']} has cost {cost!r}, which is no amount >= 0: the database is "
+                "damaged; its costs were left as they were (floats): correct that row or restore a backup, then open "
+                "it again"
+            )
+        converted.append((cost_pico(Decimal(f"{cost:.{OLD_COST_DIGITS}g}")), row["id"]))
+    return converted
+
+
+def costs_converted(rows: int) -> str:
+    """The note of `note_upgrade` for a usage table whose float costs were converted."""
+    return f"usage.cost of {rows} rows converted to cost_pico, whole 1e-12 of the currency"
 
 
 def warn_if_others_may_read(path: Path) -> None:

@@ -15,8 +15,9 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
+from decimal import Decimal
 
-from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
+from seekstack.serve.database import DEFAULT_PLAN, Database, Statements, cost_amount, cost_pico
 
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
@@ -72,14 +73,9 @@ class Budget:
     period_s: float | None = None
 
 
-COST_DIGITS = 12  # significant digits of a cost; the float error of tokens times prices, and of sums, lies beyond
-
-
-def exact_cost(amount: float) -> float:
-    """`amount`, a cost or a sum of costs, as the decimal of COST_DIGITS significant digits it stands for: tokens
-    times binary prices, and sums of those, fall beside it (0.00026000000000000003 for 0.00026), which the usage JSON
-    showed as they were. Significant digits, not decimals, so that the tiniest price is billed as given."""
-    return float(f"{amount:.{COST_DIGITS}g}")
+def price_decimal(price: float) -> Decimal:
+    """A price as the decimal the user gave (the float's shortest repr: 0.01, not 0.01000000000000000020816...)."""
+    return Decimal(repr(price))
 
 
 @dataclass(frozen=True)
@@ -91,11 +87,20 @@ class Plan:
     completion_per_1k: float
     cached_prompt_per_1k: float | None = None  # None: cached prompt tokens cost what other prompt tokens cost
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
-        """The price of a request; `cached_tokens` of its `prompt_tokens` at the cached price."""
+    def cost_pico(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """The price of a request, in 1e-12 of the currency, from the prices as the decimals they were given;
+        `cached_tokens` of its `prompt_tokens` at the cached price."""
         cached_price = self.prompt_per_1k if self.cached_prompt_per_1k is None else self.cached_prompt_per_1k
-        prompt_cost = (prompt_tokens - cached_tokens) * self.prompt_per_1k + cached_tokens * cached_price
-        return exact_cost((prompt_cost + completion_tokens * self.completion_per_1k) / 1000)
+        per_1k = (
+            (prompt_tokens - cached_tokens) * price_decimal(self.prompt_per_1k)
+            + cached_tokens * price_decimal(cached_price)
+            + completion_tokens * price_decimal(self.completion_per_1k)
+        )
+        return cost_pico(per_1k / 1000)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """`cost_pico` as an amount of the currency."""
+        return cost_amount(self.cost_pico(prompt_tokens, completion_tokens, cached_tokens))
 
 
 def hash_key(key: str) -> str:

@@ -16,8 +16,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from seekstack.serve.database import DEFAULT_PLAN, Database, retrying_while_busy
-from seekstack.serve.keys import Plan, exact_cost
+from seekstack.serve.database import DEFAULT_PLAN, Database, cost_amount, retrying_while_busy
+from seekstack.serve.keys import Plan
 
 PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without keys: the open server)
     "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
@@ -61,17 +61,21 @@ class DailyUsage:
     prompt_tokens: int
     cached_tokens: int  # of the prompt tokens, those read from the prefix cache (priced at the plan's cached price)
     completion_tokens: int
-    cost: float
+    cost_pico: int  # the cost, in whole 1e-12 of the currency (usage.cost_pico)
+
+    @property
+    def cost(self) -> float:
+        return cost_amount(self.cost_pico)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The day as /v1/admin/usage and `seekstack usage --json` give it: its cost as an amount."""
+        return {field: value for field, value in asdict(self).items() if field != "cost_pico"} | {"cost": self.cost}
 
 
 def total_cost(days: list[DailyUsage]) -> float:
-    """The cost of `days` together, as /v1/admin/usage's total_cost and `seekstack usage`'s total show it: their
-    sum as the decimal it stands for (exact_cost), not with the float noise of the sum (2.4999999999999998e-06 for
-    0.0000001 + 0.0000023 + 0.0000001, which showed as 0.000002)."""
-    return exact_cost(sum(day.cost for day in days))
+    """The cost of `days` together, as /v1/admin/usage's total_cost and `seekstack usage`'s total show it: the exact
+    sum of their costs in 1e-12 (no float noise: 0.0000001 + 0.0000023 + 0.0000001 is 2.5e-06)."""
+    return cost_amount(sum(day.cost_pico for day in days))
 
 
 class Ledger:
@@ -84,7 +88,7 @@ class Ledger:
     def record(self, usage: UsageRecord, row_id: int | None = None) -> float:
         """Write one request's usage (durably, before returning): a new row, or the row `open` returned brought up to
         date; returns its cost."""
-        return self._write(usage, row_id)[1]
+        return cost_amount(self._write(usage, row_id)[1])
 
     def open(self, usage: UsageRecord) -> int:
         """Write the row of a request still running (status IN_PROGRESS, billed so far) and return its id for
@@ -96,16 +100,17 @@ class Ledger:
         (`KeyStore.verify`)."""
         return Plan(**self.database.query("SELECT * FROM plans WHERE name = ?", (DEFAULT_PLAN,))[0])
 
-    def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
+    def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, int]:
         """`_write_once`, tried again while another connection holds the database (`retrying_while_busy`)."""
         return retrying_while_busy(self.database, lambda: self._write_once(usage, row_id))
 
-    def _write_once(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
+    def _write_once(self, usage: UsageRecord, row_id: int | None) -> tuple[int, int]:
+        """The row's id and its cost in 1e-12 of the currency."""
         with self.database.transaction() as connection:
             plan = usage.plan or Plan(**connection.execute(PLAN_OF_KEY, (usage.key_name, DEFAULT_PLAN)).fetchone())
-            cost = 0.0
+            cost = 0
             if usage.charged:
-                cost = plan.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+                cost = plan.cost_pico(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
             values = (
                 usage.key_name, usage.model, usage.endpoint, usage.prompt_tokens, usage.completion_tokens,
                 usage.latency_s, usage.status, cost, usage.cached_tokens, usage.moderation,
@@ -113,29 +118,35 @@ class Ledger:
             if row_id is None:
                 row_id = connection.execute(
                     "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, "
-                    "latency_s, status, cost, cached_tokens, moderation) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    "latency_s, status, cost_pico, cached_tokens, moderation) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                    "RETURNING id",
                     (time.time(), *values),
                 ).fetchone()["id"]
             else:
                 connection.execute(
                     "UPDATE usage SET key_name = ?, model = ?, endpoint = ?, prompt_tokens = ?, completion_tokens = ?, "
-                    "latency_s = ?, status = ?, cost = ?, cached_tokens = ?, moderation = ? WHERE id = ?",
+                    "latency_s = ?, status = ?, cost_pico = ?, cached_tokens = ?, moderation = ? WHERE id = ?",
                     (*values, row_id),
                 )
         return row_id, cost
 
     def records(self, key_name: str | None = None) -> list[dict]:
-        """Raw rows, oldest first, optionally of one key."""
+        """The rows, oldest first, optionally of one key; each cost as an amount (`cost`), not in 1e-12."""
         where, parameters = ("WHERE key_name = ?", (key_name,)) if key_name is not None else ("", ())
-        return [dict(row) for row in self.database.query(f"SELECT * FROM usage {where} ORDER BY id", parameters)]
+        rows = self.database.query(f"SELECT * FROM usage {where} ORDER BY id", parameters)
+        return [
+            {name: value for name, value in row.items() if name != "cost_pico"}
+            | {"cost": cost_amount(row["cost_pico"])}
+            for row in rows
+        ]
 
     def spent(self, key_name: str, since: float | None = None) -> float:
         """What the usage of the key named `key_name` has cost, that recorded after `since` (Unix seconds) or all."""
         after, parameters = ("AND created_at > ?", (key_name, since)) if since is not None else ("", (key_name,))
         rows = self.database.query(
-            f"SELECT COALESCE(SUM(cost), 0) AS spent FROM usage WHERE key_name = ? {after}", parameters
+            f"SELECT COALESCE(SUM(cost_pico), 0) AS spent FROM usage WHERE key_name = ? {after}", parameters
         )
-        return exact_cost(rows[0]["spent"])
+        return cost_amount(int(rows[0]["spent"]))  # PostgreSQL sums a BIGINT as a NUMERIC (a Decimal)
 
     def knows(self, key_name: str) -> bool:
         """Whether any usage is recorded for key `key_name`."""
@@ -167,11 +178,11 @@ class Ledger:
             f"SELECT key_name, {self.database.day('created_at')} AS day, model, COUNT(*) AS requests, "
             "SUM(CASE WHEN status BETWEEN 500 AND 599 THEN 1 ELSE 0 END) AS failed, "
             "SUM(prompt_tokens) AS prompt_tokens, SUM(cached_tokens) AS cached_tokens, "
-            "SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
+            "SUM(completion_tokens) AS completion_tokens, SUM(cost_pico) AS cost_pico "
             f"FROM usage {where} GROUP BY key_name, day, model ORDER BY day, key_name, model",
             tuple(parameters),
         )
-        return [DailyUsage(**{**dict(row), "cost": exact_cost(row["cost"])}) for row in rows]
+        return [DailyUsage(**{**dict(row), "cost_pico": int(row["cost_pico"])}) for row in rows]
 
 
 def parse_day(text: str) -> dt.date:

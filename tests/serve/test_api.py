@@ -27,7 +27,7 @@ from seekstack.serve.app import create_app, sse
 from seekstack.serve.billing import BILL_EVERY_TOKENS
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
-from seekstack.serve.ledger import IN_PROGRESS
+from seekstack.serve.ledger import IN_PROGRESS, Ledger
 from seekstack.serve.schemas import CompletionChoice, CompletionResponse
 from tests.serve.server import (
     make_model_dir,
@@ -69,9 +69,12 @@ def client(base_url: str, key: str) -> openai.OpenAI:
 
 
 def ledger_rows(database_path, key_name: str) -> list[dict]:
-    connection = sqlite3.connect(database_path)
-    connection.row_factory = sqlite3.Row
-    return [dict(row) for row in connection.execute("SELECT * FROM usage WHERE key_name = ? ORDER BY id", (key_name,))]
+    """The key's usage rows as the ledger gives them (each cost as an amount)."""
+    database = open_database(database_path, create=False)
+    try:
+        return Ledger(database).records(key_name)
+    finally:
+        database.close()
 
 
 def metric_samples(base_url: str) -> dict[str, float]:

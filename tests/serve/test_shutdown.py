@@ -93,7 +93,7 @@ def test_a_request_the_server_cuts_off_is_recorded_as_its_failure_at_no_cost(tmp
         app.state.server.bridge.stop()
     if not stream:
         assert_answered_503(sent)  # was: uvicorn's plain-text 500 while the ledger said 503
-    query = "SELECT status, completion_tokens, cost FROM usage WHERE key_name = 'cut'"
+    query = "SELECT status, completion_tokens, cost_pico FROM usage WHERE key_name = 'cut'"
     [(status, completion_tokens, cost)] = sqlite3.connect(tmp_path / "serve.db").execute(query).fetchall()
     assert (status, cost) == (SERVER_STOPPED, 0)
     assert 0 < completion_tokens < 200  # recorded with the tokens it had
@@ -135,7 +135,7 @@ def test_a_stream_cut_off_while_its_usage_row_is_written_is_recorded_as_its_fail
     finally:
         app.state.server.bridge.stop()
     connection = sqlite3.connect(tmp_path / "serve.db")
-    assert connection.execute("SELECT status, cost FROM usage").fetchall() == [(503, 0)]
+    assert connection.execute("SELECT status, cost_pico FROM usage").fetchall() == [(503, 0)]
     assert connection.execute("SELECT tokens FROM rate_charges").fetchall() == [(0,)]
     assert not engine.has_unfinished()  # its request was aborted, not run on to its 200 tokens
 
@@ -154,7 +154,7 @@ def test_a_request_cut_off_while_it_waits_to_enter_the_engine_gives_back_its_rat
 
     assert_answered_503(asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting)))
     connection = sqlite3.connect(tmp_path / "serve.db")
-    assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
+    assert connection.execute("SELECT status, cost_pico FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
     assert connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall() == [(0,)]
 
 
@@ -192,7 +192,7 @@ def test_a_request_cut_off_settles_its_charge_in_one_try_not_waiting_for_a_held_
     assert_answered_503(asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting)))
     assert charges.tries == 1
     connection = sqlite3.connect(tmp_path / "serve.db")
-    assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
+    assert connection.execute("SELECT status, cost_pico FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
     [(tokens,)] = connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall()
     assert tokens > 200  # the admitted charge, stale for one window
 
@@ -250,7 +250,7 @@ def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(timeout=60) == -signal.SIGTERM
     connection = sqlite3.connect(database_path)
-    [(status, completion_tokens, cost)] = connection.execute("SELECT status, completion_tokens, cost FROM usage")
+    [(status, completion_tokens, cost)] = connection.execute("SELECT status, completion_tokens, cost_pico FROM usage")
     assert (status, cost) == (SERVER_STOPPED, 0) and completion_tokens > 0
     assert connection.execute("SELECT tokens FROM rate_charges").fetchall() == [(0,)]  # its charge given back
     log = server.log_path.read_text()

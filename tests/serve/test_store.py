@@ -425,7 +425,7 @@ def test_usage_reports_count_the_cached_prompt_tokens_their_cost_is_priced_at(da
 
 
 def test_the_usage_table_total_is_the_total_cost_the_admin_usage_reports(database, database_location):
-    """`seekstack usage` summed its rows' costs as floats, not through exact_cost as /v1/admin/usage's total_cost
+    """`seekstack usage` summed its rows' costs as floats, not as /v1/admin/usage's total_cost
     does: 0.0000001 + 0.0000023 + 0.0000001 is 2.4999999999999998e-06, whose total showed as 0.000002, not the
     0.000003 that the 0.0000025 spent rounds to."""
     keys, ledger = KeyStore(database), Ledger(database)
@@ -440,6 +440,91 @@ def test_the_usage_table_total_is_the_total_cost_the_admin_usage_reports(databas
     header = next(cells(line, "┃") for line in table.splitlines() if "requests" in line)
     rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in table.splitlines() if line.startswith("│")]
     assert [(row["day"], row["cost"]) for row in rows][-1] == ("total", "0.000003")
+
+
+def test_a_sum_of_costs_past_twelve_significant_digits_is_exact(database):
+    """Costs were floats rounded to 12 significant digits in a DOUBLE PRECISION column, so a key that spent 1000 and
+    then 1.23e-7 was reported to have spent 1000.00000012 (the sum needs 13 digits). They are whole 1e-12 of the
+    currency."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("bulk", prompt_per_1k=1.0, completion_per_1k=0.000123)
+    keys.create("k", plan="bulk")
+    assert ledger.record(usage("k", 1_000_000, 0)) == 1000.0
+    assert ledger.record(usage("k", 0, 1)) == 1.23e-07
+    days = ledger.daily()
+    assert (days[0].cost, ledger_module.total_cost(days), ledger.spent("k")) == (1000.000000123,) * 3
+    assert [day.cost_pico for day in days] == [1_000_000_000_123_000]
+    assert days[0].to_dict()["cost"] == 1000.000000123 and "cost_pico" not in days[0].to_dict()
+
+
+def old_usage_database(location: str, costs: list) -> None:
+    """A database as an earlier seekstack wrote it: its usage table keeps each cost as a float (usage.cost), one row
+    per cost of `costs` (written as SQL), without the cached_tokens and moderation columns added since."""
+    postgres = location.startswith("postgresql")
+    id_column = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY" if postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    statements = [
+        *OLD_KEYS_SCHEMA,
+        f"CREATE TABLE usage (id {id_column}, created_at DOUBLE PRECISION NOT NULL, key_name TEXT, "
+        "model TEXT NOT NULL, endpoint TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
+        "completion_tokens INTEGER NOT NULL, latency_s DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL, "
+        "cost DOUBLE PRECISION NOT NULL)",
+        *(
+            "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, "
+            f"status, cost) VALUES ({1_800_000_000 + row}, 'old', 'tiny', '/v1/completions', {row}, 1, 0.5, 200, "
+            f"{cost})"
+            for row, cost in enumerate(costs)
+        ),
+    ]
+    if postgres:
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as connection:
+            for statement in statements:
+                connection.execute(statement)
+    else:
+        with sqlite3.connect(location) as connection:
+            for statement in statements:
+                connection.execute(statement)
+        Path(location).chmod(0o600)
+
+
+def test_an_old_databases_float_costs_are_converted_once_every_row_kept_and_totals_exact(database_location, capsys):
+    """An earlier seekstack's costs: raw floats (before they were rounded), floats of 12 significant digits, and a
+    sum of them that no float holds exactly."""
+    old_usage_database(database_location, ["0.00026000000000000003", "0.00026", "1000.0", "1e-07", "0.0"])
+    database = open_database(database_location)
+    assert "usage.cost of 5 rows converted to cost_pico, whole 1e-12 of the currency" in capsys.readouterr().err
+    stored = database.query("SELECT id, prompt_tokens, cost_pico FROM usage ORDER BY id")
+    assert [tuple(row.values()) for row in stored] == [
+        (1, 0, 260_000_000), (2, 1, 260_000_000), (3, 2, 1000 * 10**12), (4, 3, 100_000), (5, 4, 0)
+    ]  # fmt: skip
+    ledger = Ledger(database)
+    assert [row["cost"] for row in ledger.records("old")] == [0.00026, 0.00026, 1000.0, 1e-07, 0.0]
+    assert ledger_module.total_cost(ledger.daily()) == ledger.spent("old") == 1000.0005201
+    ledger.record(usage("old", 1000, 0))  # the default plan: 0.002 per 1k
+    assert ledger.spent("old") == 1000.0025201
+    open_database(database_location)  # converted once: nothing left to do
+    assert capsys.readouterr().err == ""
+
+
+def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_unchanged(database_location):
+    postgres = database_location.startswith("postgresql")
+    damaged = "'NaN'" if postgres else "'twelve'"  # PostgreSQL's float column holds NaN; SQLite's holds any text
+    old_usage_database(database_location, ["0.5", damaged, "0.25"])
+    with pytest.raises(
+        ValueError,
+        match="usage row 2 has cost .*, which is no amount >= 0: the database is damaged; its costs were left",
+    ):
+        open_database(database_location)
+    if postgres:
+        import psycopg
+
+        with psycopg.connect(database_location) as connection:
+            kept = [row[0] for row in connection.execute("SELECT cost FROM usage ORDER BY id")]
+    else:
+        with sqlite3.connect(database_location) as connection:
+            kept = [row[0] for row in connection.execute("SELECT cost FROM usage ORDER BY id")]
+    assert kept[0] == 0.5 and kept[2] == 0.25 and len(kept) == 3  # the float column, every row, as it was
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
