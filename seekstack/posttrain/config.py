@@ -162,6 +162,10 @@ class GRPOConfig(TrainConfig):
         "reward_weights": "the reward is correctness + format_weight x format here, the task (task=) its verifier: "
         "TRL's reward_weights=[1, w] over an accuracy and a format reward is format_weight=w",
         "delta": "TRL's delta (INTELLECT-2's two-sided clipping) is not offered; epsilon_high (DAPO's clip-higher) is",
+        "multi_objective_aggregation": "the reward terms are summed, then the sum normalised in its group, as TRL's "
+        "multi_objective_aggregation=sum_then_normalize (its default) does; normalize_then_sum (GDPO's) is not offered",
+        "repetition_penalty": "TRL's repetition_penalty is not offered: rollouts are sampled at temperature, top_p, "
+        "top_k and min_p alone (TRL's default repetition_penalty=1.0 penalises nothing)",
         "reward_funcs": "the reward is the task's (task=: a built-in, your module:Class or a problems .jsonl), its "
         "verifier's correctness + format_weight x format",
         "use_vllm": "rollouts always run on seekstack's inference engine, built on the model being trained (no "

@@ -436,6 +436,9 @@ def test_trls_losses_that_are_no_clipped_surrogate_are_refused_saying_they_are_n
      ("reward_weights=[1.0, 0.5]", "TRL's reward_weights=[1, w] over an accuracy and a format reward is "
       "format_weight=w"),
      ("delta=1.5", "TRL's delta (INTELLECT-2's two-sided clipping) is not offered"),
+     ("multi_objective_aggregation=normalize_then_sum", "as TRL's multi_objective_aggregation=sum_then_normalize (its "
+      "default) does; normalize_then_sum (GDPO's) is not offered"),
+     ("repetition_penalty=1.1", "TRL's repetition_penalty is not offered: rollouts are sampled at temperature"),
      ("reward_funcs=[accuracy, format]", "the reward is the task's (task=: a built-in, your module:Class or a"),
      ("use_vllm=true", "rollouts always run on seekstack's inference engine, built on the model being trained"),
      ("log_completions=true", "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's"),
