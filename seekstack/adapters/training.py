@@ -220,6 +220,7 @@ def lora_train_config(
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         refuse_more_rows_than_the_base_has(adapter, base)
+        refuse_a_rank_the_init_cannot_give(adapter, base)
         overrides = [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides]
         train_config = resolve_train_config(None, overrides, cls=LoraTrainConfig)
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
@@ -279,6 +280,30 @@ def refuse_more_rows_than_the_base_has(adapter: AdapterConfig, base: str | Path)
             PREFIX + name,
             f"at most {config.vocab_size:,}, the rows of the base's head and embedding (vocab_size in {config_file})",
         )
+
+
+def refuse_a_rank_the_init_cannot_give(adapter: AdapterConfig, base: str | Path) -> None:
+    """A ConfigError naming lora.rank, before the run writes anything, when lora.init is pissa or olora and the rank is
+    more than an adapted weight's smaller side: its SVD (QR) has no more directions, so peft starts that layer's
+    factors at the smaller rank under adapter_config.json's r, and the adapter saved disagrees with its own r (generate,
+    merge, serve and peft refuse it)."""
+    if adapter.init not in ("pissa", "olora"):
+        return
+    config = read_config(base)
+    with torch.device("meta"):  # the weights' shapes alone
+        model = Transformer(config)
+    modules, parameters = adapter.targets(config)
+    shapes = {name: model.get_submodule(name).weight.shape for name in modules}
+    shapes.update((name.removesuffix(".weight"), model.get_parameter(name).shape) for name in parameters)
+    name, (rows, columns) = min(shapes.items(), key=lambda item: min(item[1]))
+    require(
+        adapter.rank <= min(rows, columns),
+        PREFIX + "rank",
+        f"at most {min(rows, columns)} with lora.init={adapter.init} (not {adapter.rank}): {name}'s weight is "
+        f"{rows} x {columns}, whose {'SVD' if adapter.init == 'pissa' else 'QR decomposition'} gives no more "
+        "directions to start from; give a smaller lora.rank, or leave that layer out (lora.attention, "
+        "lora.feed_forward, lora.vocabulary, lora.layers)",
+    )
 
 
 def refuse_quantized_checkpoint(base: str | Path) -> None:

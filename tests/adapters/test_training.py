@@ -485,6 +485,27 @@ def test_a_pissa_run_resumes_exactly(base, data_dir, tmp_path):
     assert resumed.losses == whole.losses[3:]
 
 
+@pytest.mark.parametrize(("init", "decomposition"), [("pissa", "SVD"), ("olora", "QR decomposition")])
+def test_a_pissa_or_olora_rank_above_a_weights_smaller_side_is_refused_before_the_run(
+    base, data_dir, tmp_path, init, decomposition
+):
+    """kv_b_proj's weight is 32 x 8: PiSSA / OLoRA at rank 9 trained, peft starting that layer's factors at rank 8
+    under r=9, and saved an adapter whose weights disagree with its own r (lora merge, generate, serve and peft
+    refused it, after the whole run); rank 8 is the most its decomposition gives."""
+    run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", f"lora.init={init}", "lora.experts=[]"]
+    with pytest.raises(ConfigError) as refused:
+        lora_train_config(base, data_dir, tmp_path / "nine", [*run, "lora.rank=9"])
+    assert str(refused.value) == (
+        f"field 'lora.rank' must be at most 8 with lora.init={init} (not 9): layers.0.self_attn.kv_b_proj's weight is "
+        f"32 x 8, whose {decomposition} gives no more directions to start from; give a smaller lora.rank, or leave "
+        "that layer out (lora.attention, lora.feed_forward, lora.vocabulary, lora.layers)"
+    )
+    assert not (tmp_path / "nine").exists()
+    train_adapter(*lora_train_config(base, data_dir, tmp_path / "eight", [*run, "lora.rank=8"]))
+    adapted = load_adapter(seekstack.load_pretrained(base), tmp_path / "eight")  # r 16 (converted), as its weights
+    assert adapted.peft_config["default"].r == 16
+
+
 def test_a_dora_adapter_loads_in_peft_merges_exactly_and_is_refused_by_serving(base, tmp_path):
     config = AdapterConfig(rank=4, feed_forward=(), experts=(), vocabulary=("embed_tokens",), dora=True)
     adapter = write_random_adapter(base, tmp_path / "dora", seed=4, config=config)
