@@ -1253,15 +1253,17 @@ class Engine:
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        use_tqdm: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Completion]:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `sampling_params` and `use_tqdm` as generate's. `tools`
+        (the end of its turn), as `seekstack chat` ends one; `sampling_params` and `use_tqdm` as generate's, in vLLM's
+        order (the options after them are keywords, as vLLM's fourth is its lora_request). `tools`
         (OpenAI's function definitions, read and refused as the server reads a request's) are listed in each prompt, as
         vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
         `tool_calls` (`completion_with_calls`)."""

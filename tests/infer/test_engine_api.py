@@ -86,3 +86,18 @@ def test_vllms_has_unfinished_requests_and_get_tokenizer_are_the_engines_own(mod
         finished = [output.request_id for output in engine.step() if output.finished]
     assert finished == [request] and engine.has_unfinished() is False
     assert Engine.has_unfinished_requests is Engine.has_unfinished
+
+
+def test_chats_third_argument_is_use_tqdm_as_vllms_not_the_generation_prompt(model, tokenizer, capsys):
+    """vLLM's LLM.chat(messages, sampling_params, use_tqdm): here the third was add_generation_prompt, so
+    chat(messages, params, False), vLLM's call without a bar, rendered no generation prompt and the model went on
+    writing the user's turn, with no error."""
+    engine, messages = Engine(model, tokenizer), [{"role": "user", "content": "hi"}]
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    [reply] = engine.chat(messages, params)
+    assert reply.prompt == tokenizer.render_chat(messages, add_generation_prompt=True)
+    [quiet] = engine.chat(messages, params, False)
+    assert (quiet.prompt, quiet.token_ids, capsys.readouterr().err) == (reply.prompt, reply.token_ids, "")
+    [shown] = engine.chat(messages, params, True)
+    assert (shown.prompt, shown.token_ids) == (reply.prompt, reply.token_ids)
+    assert "Processed prompts" in capsys.readouterr().err
