@@ -399,7 +399,7 @@ PENALTIES = [
     {"logit_bias": dict.fromkeys(range(0, VOCAB, 2), -100)},
 ]
 PENALTY_NAMES = ["plain", "penalized", "biased"]  # the last bans every even token
-EAGER_DRAFT_CASES = [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False)]  # drafts, correct ones, compile
+DRAFT_CASES = [(1, 1), (3, 3), (3, 2), (3, 0)]  # drafts, correct ones
 
 
 def test_speculative_decoding_without_an_mtp_module_is_refused_saying_why(tokenizer):
@@ -426,33 +426,15 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, pe
     assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-@pytest.mark.parametrize(
-    "penalties, draft_tokens, correct, compile",
-    [
-        *((penalties, *case) for penalties in PENALTIES for case in EAGER_DRAFT_CASES),
-        (PENALTIES[0], 3, 2, True),  # compiled, the fused greedy step; penalized rows leave it (eager above)
-    ],
-    ids=lambda value: PENALTY_NAMES[PENALTIES.index(value)] if value in PENALTIES else None,
-)
-def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
-    model, tokenizer, penalties, draft_tokens, correct, compile
-):
+def assert_accepts_correct_drafts_and_gives_plain_greedy(engine: Engine, params: SamplingParams, correct: int) -> None:
     """The random MTP module's drafts are all rejected; here each step's drafts are overwritten with the tokens plain
     greedy decoding produces next, the first `correct` of them right and the rest wrong. Each step then accepts
     `correct` drafts and emits the token after them: a bonus or a replacement."""
-    batch = prompts([5, 21, 12])
-    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
-    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
-    engine = Engine(
-        model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, adaptive_drafts=False,
-        draft_vocab=VOCAB // 2, compile=compile,
-    )  # fmt: skip
+    batch, draft_tokens = prompts([5, 21, 12]), engine.draft_tokens
+    plain = [c.token_ids for c in Engine(engine.model, engine.tokenizer).generate(batch, params)]
     request_ids = [engine.add_request(prompt, params) for prompt in batch]
     tokens: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
-    steps = 0
     while engine.has_unfinished():
-        steps += 1
         for output in engine.step():
             tokens[output.request_id] += output.token_ids
         for request in engine.running:  # the drafts guess the tokens after the pending one
@@ -465,6 +447,21 @@ def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
     decode_steps = math.ceil(24 / (correct + 1))  # after the token of the prefill step
     assert stats.spec_drafted == 3 * decode_steps * draft_tokens
     assert stats.spec_accepted == 3 * (24 - decode_steps)  # each step: the accepted drafts and one more token
+
+
+@pytest.mark.parametrize(
+    "penalties, draft_tokens, correct",
+    [(penalties, *case) for penalties in PENALTIES for case in DRAFT_CASES],
+    ids=lambda value: PENALTY_NAMES[PENALTIES.index(value)] if value in PENALTIES else None,
+)
+def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(model, tokenizer, penalties, draft_tokens, correct):
+    """Eager steps (compiled ones, the fused greedy step, in test_compiled_decoding_gives_the_eager_tokens)."""
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
+    engine = Engine(
+        model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, adaptive_drafts=False,
+        draft_vocab=VOCAB // 2,
+    )  # fmt: skip
+    assert_accepts_correct_drafts_and_gives_plain_greedy(engine, params, correct)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])
@@ -496,8 +493,9 @@ def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingPar
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
 def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer):
     """Compiled speculative decode steps (the batch and the cache mask change shape as requests join) give the eager
-    tokens; drafts score a draft vocabulary (FR-Spec) of half the tokens. The 3 drafts are the graphs of the test
-    above; plain compiled steps are checked as requests join in the test below, on its model's graphs."""
+    tokens; drafts score a draft vocabulary (FR-Spec) of half the tokens. Its two graphs (a lone row, then 2 or more)
+    serve every compiled speculative check, so they are compiled once whichever xdist worker runs it; plain compiled
+    steps are checked as requests join in the test below, on its model's graphs."""
     batch = prompts([6, 19, 11])
     params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
     options = {"prefill_chunk": 8, "speculative": True, "draft_tokens": 3, "adaptive_drafts": False,
@@ -513,6 +511,13 @@ def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer):
         eager.stats().spec_accepted,
     )
     assert compiled.cache.usage == 0  # every finished request gave its blocks back
+    # the fused greedy step accepts the drafts plain greedy agrees with, on the same two graphs (penalized rows leave
+    # it: eager, in test_accepted_drafts_and_the_token_after_them_are_plain_greedy)
+    greedy = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
+    overwritten, graphs = Engine(model, tokenizer, **options, compile=True), torch._dynamo.utils.counters["stats"]
+    compiled_before = graphs["unique_graphs"]
+    assert_accepts_correct_drafts_and_gives_plain_greedy(overwritten, greedy, correct=2)
+    assert graphs["unique_graphs"] == compiled_before  # no third graph
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
