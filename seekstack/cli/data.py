@@ -240,11 +240,10 @@ def tokenizer_train(
             trained = train_tokenizer(texts, vocab_size, out, split_digits=split_digits)
     typer.echo(f"wrote {trained.source}: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
-        typer.echo(
-            f"warning: the corpus yields only {trained.vocab_size} of the {vocab_size} tokens asked for (BPE ran out "
-            f"of pairs to merge: the corpus is small); train the model with model.vocab_size={trained.vocab_size}, "
-            "since a larger vocabulary has ids that decode to no token",
-            err=True,
+        warn(
+            f"the corpus yields only {trained.vocab_size} of the {vocab_size} tokens asked for (BPE ran out of pairs "
+            f"to merge: the corpus is small); train the model with model.vocab_size={trained.vocab_size}, since a "
+            "larger vocabulary has ids that decode to no token"
         )
 
 
