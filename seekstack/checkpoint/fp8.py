@@ -28,19 +28,27 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
             f"scale_inv has shape {tuple(scale_inv.shape)}; a ({rows}, {cols}) e4m3 weight in {block} blocks takes "
             f"{expected}"
         )
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    row_block, col_block = _within(block, rows, cols)
+    scale = scale_inv.float().repeat_interleave(row_block, dim=0)[:rows].repeat_interleave(col_block, dim=1)[:, :cols]
     return weight.float() * scale
 
 
 def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = DEFAULT_FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise e4m3 quantization: per block s = amax / 448, Q = W / s. Returns (Q, s) as DeepSeek stores them."""
     rows, cols = weight.shape
+    block = _within(block, rows, cols)
     pad_rows, pad_cols = -rows % block[0], -cols % block[1]
     padded = torch.nn.functional.pad(weight.float(), (0, pad_cols, 0, pad_rows))
     blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
     scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)  # (row blocks, col blocks)
     quantized = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(torch.float8_e4m3fn)
     return quantized, scale
+
+
+def _within(block: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+    """`block` cut to a (rows, cols) weight's sides: a block longer than a side covers it with one partial block, the
+    same scales, so padding or expanding to the whole block would only take memory (a (10^5, 10^5) block: 40 GB)."""
+    return min(block[0], rows), min(block[1], cols)
 
 
 def _is_fp8_quantizable(key: str, tensor: torch.Tensor) -> bool:
