@@ -463,6 +463,11 @@ class Engine:
         """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`, sampling only what
         `constraint` allows (JSON mode); raises ValueError for an empty prompt, unknown token ids, one that cannot
         fit, or an adapter not loaded, TypeError for a text prompt or `params` that are not SamplingParams."""
+        if isinstance(request_id, SamplingParams) and not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"add_request takes (prompt_ids, params, request_id); these read as vLLM's LLMEngine.add_request("
+                f"request_id, prompt, params): call add_request(prompt_ids, params, request_id={prompt_ids!r})"
+            )
         if not isinstance(params, SamplingParams):
             raise TypeError(
                 f"params must be SamplingParams, got {type(params).__name__}: SamplingParams(max_new_tokens=64, ...), "

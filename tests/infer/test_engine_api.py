@@ -101,3 +101,17 @@ def test_chats_third_argument_is_use_tqdm_as_vllms_not_the_generation_prompt(mod
     [shown] = engine.chat(messages, params, True)
     assert (shown.prompt, shown.token_ids) == (reply.prompt, reply.token_ids)
     assert "Processed prompts" in capsys.readouterr().err
+
+
+def test_add_request_in_vllms_argument_order_is_refused_saying_this_order(model, tokenizer):
+    """vLLM's LLMEngine.add_request(request_id, prompt, params) here was refused "params must be SamplingParams, got
+    list: SamplingParams(max_new_tokens=64, ...)", though the caller had given SamplingParams, one place later."""
+    engine = Engine(model, tokenizer)
+    with pytest.raises(TypeError) as refused:
+        engine.add_request("req-7", [5, 9], SamplingParams(max_new_tokens=2))
+    assert str(refused.value) == (
+        "add_request takes (prompt_ids, params, request_id); these read as vLLM's LLMEngine.add_request(request_id, "
+        "prompt, params): call add_request(prompt_ids, params, request_id='req-7')"
+    )
+    assert engine.stats().waiting == 0
+    assert engine.add_request([5, 9], SamplingParams(max_new_tokens=2), "req-7") == "req-7"
