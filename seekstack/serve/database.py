@@ -234,6 +234,7 @@ class SQLiteDatabase:
             converted = None
             if "cost" in columns:
                 costs = old_costs_in_pico(self.location, connection.execute("SELECT id, cost FROM usage").fetchall())
+                issued = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'usage'").fetchone()
                 kept = ", ".join(column for column in columns if column != "cost")
                 connection.execute(f"CREATE TABLE usage_rebuilt ({USAGE_COLUMNS.format(id_column=SQLITE_ID)})")
                 for table, column, definition in ADDED_COLUMNS:
@@ -243,6 +244,8 @@ class SQLiteDatabase:
                 connection.executemany("UPDATE usage_rebuilt SET cost_pico = ? WHERE id = ?", costs)
                 connection.execute("DROP TABLE usage")
                 connection.execute("ALTER TABLE usage_rebuilt RENAME TO usage")
+                if issued is not None:  # the copy counts from its largest id: no id of a deleted row is issued again
+                    connection.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'usage'", (issued["seq"],))
                 connection.execute(USAGE_INDEX)
                 converted = len(costs)
         except BaseException:

@@ -507,6 +507,18 @@ def test_an_old_databases_float_costs_are_converted_once_every_row_kept_and_tota
     assert capsys.readouterr().err == ""
 
 
+def test_an_old_sqlite_usage_table_rebuilt_for_its_costs_issues_no_deleted_rows_id_again(tmp_path):
+    """SQLite's AUTOINCREMENT never issues an id twice; the rebuilt table counted from its largest id kept, so the
+    id of a last row deleted by hand came again, for another request."""
+    location = str(tmp_path / "old.db")
+    old_usage_database(location, ["0.1", "0.2", "0.3"])
+    with sqlite3.connect(location) as connection:
+        connection.execute("DELETE FROM usage WHERE id = 3")
+    ledger = Ledger(open_database(location))
+    ledger.record(usage("old", 1, 1))
+    assert [row["id"] for row in ledger.records()] == [1, 2, 4]
+
+
 def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_unchanged(database_location):
     postgres = database_location.startswith("postgresql")
     damaged = "'NaN'" if postgres else "'twelve'"  # PostgreSQL's float column holds NaN; SQLite's holds any text
