@@ -145,6 +145,21 @@ def test_countdown_latex_and_unicode_operators_evaluate_exactly(text, value):
 
 
 @pytest.mark.parametrize(
+    ("answer", "verified"),
+    [("\\boxed{\\left(3+4\\right) \\times 5}", True), ("$\\Big(3 + 4\\Big) \\cdot 5$", True),
+     ("\\boxed{\\bigl(3+4\\bigr)*5}", True), ("\\boxed{(3+4)\\,\\times\\,5}", True), ("\\boxed{(3+4)\\quad*5}", True),
+     ("\\boxed{\\left[3+4\\right] \\times 5}", False), ("\\boxed{\\leftarrow(3+4)*5}", False),
+     ("\\boxed{\\left(3+4\\right) \\times 5 = 35}", False)],
+)  # fmt: skip
+def test_countdown_reads_latex_sized_parentheses_and_spaces_as_nothing_to_the_expression(answer, verified):
+    """\\boxed{\\left(3+4\\right) \\times 5} scored 0 against 35, though it is the expression (its \\times was read
+    since 4ccd603): LaTeX's sizing of parentheses (\\left, \\Big, \\bigl) and spaces (\\,, \\quad), which the arithmetic
+    tasks' answers drop, stopped the character check. Brackets, other commands and an equation stay refused."""
+    problem = Problem("k", "q", "", "", {"numbers": [3, 4, 5], "target": 35})
+    assert make_task("countdown").verify(problem, answer) is verified
+
+
+@pytest.mark.parametrize(
     "text", ["__import__('os').system('true')", "3**4", "(lambda: 1)()", "3 if 1 else 4", "[3]", "1.5", "3 / (4 - 4)"]
 )
 def test_countdown_expressions_beyond_arithmetic_are_rejected_without_running(text):

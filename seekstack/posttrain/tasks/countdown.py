@@ -3,7 +3,8 @@
 The verifier reads the final answer as the arithmetic tasks do (answers.final_answer: the last `\\boxed{...}`, else
 inside `<answer>` tags or `$...$` maybe, as TRL's Countdown rewards read `<answer>` tags), parses the expression with
 `ast` (only plain decimal numbers, the four operators, parentheses and spaces are accepted; nothing is executed; the
-operators as LaTeX and Unicode write them, `\\times`, `\\cdot`, `\\div`, `×`, `÷`, `−`, are read as `*`, `/`, `-`),
+operators as LaTeX and Unicode write them, `\\times`, `\\cdot`, `\\div`, `×`, `÷`, `−`, are read as `*`, `/`, `-`;
+LaTeX's sizing of parentheses, `\\left(`, `\\bigr)`, and its spaces, `\\,`, are dropped),
 checks that the numbers used are exactly the given ones, and evaluates it in exact fractions (a division by zero is
 a wrong answer).
 """
@@ -17,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from seekstack.posttrain.tasks.answers import final_answer
+from seekstack.posttrain.tasks.answers import LATEX_SPACE, STYLE, final_answer
 from seekstack.posttrain.tasks.base import Problem
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -29,6 +30,9 @@ EXPRESSION_CHARACTERS = re.compile(r"[0-9+\-*/() ]+")
 # the ASCII operator it is, before the check above; a command runs on to no letter ("\timesx" is no operator)
 LATEX_OPERATORS = re.compile(r"\\(?:times|cdot|div)(?![A-Za-z])|[\u00d7\u00f7\u2212]")
 ASCII_OPERATORS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\u00d7": "*", "\u00f7": "/", "\u2212": "-"}
+# LaTeX's sizing of parentheses ("\boxed{\left(3+4\right) \times 5}", \bigl( ...) and its spaces ("\,"), nothing to
+# the value (answers.STYLE and LATEX_SPACE, which the arithmetic tasks' answers drop too): dropped before the check
+LAYOUT = re.compile(f"{STYLE.pattern}|{LATEX_SPACE}")
 
 
 def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
@@ -36,7 +40,7 @@ def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
     text = text.strip()
     if len(text) > MAX_ANSWER_CHARS:
         return None
-    text = LATEX_OPERATORS.sub(lambda operator: ASCII_OPERATORS[operator.group()], text)
+    text = LATEX_OPERATORS.sub(lambda operator: ASCII_OPERATORS[operator.group()], LAYOUT.sub(" ", text)).strip()
     if not EXPRESSION_CHARACTERS.fullmatch(text):
         return None
     try:
