@@ -542,12 +542,21 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
 def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:
     from seekstack.adapters.files import model_folders
     from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
+    from seekstack.tokenizer import tokenizer_json_path
 
-    variant = read_config(model_folders(checkpoint).weights).attention_variant
+    folders = model_folders(checkpoint)
+    variant = read_config(folders.weights).attention_variant
     if variant != "mla":  # the engine that would write the samples refuses it
         return (
             f"## Samples\n\nNone: the model's attention_variant={variant!r} is a training ablation the inference "
             "engine does not serve (no cached decode path for its temporal convolution)."
+        )
+    tokenizer = tokenizer_json_path(folders.tokenizer)
+    if not tokenizer.is_file():  # the run knew no tokenizer of its data (moved or deleted since it was tokenized)
+        return (
+            f"## Samples\n\nNone: no {tokenizer.name} in `{folders.tokenizer}` to read the model's text (the run "
+            f"found none for its data; set `tokenizer` in a run to put one in its checkpoints, or copy the data's "
+            f"{tokenizer.name} there and report again)."
         )
     task = _trained_task(train_config)
     if task is not None:

@@ -113,6 +113,23 @@ def test_report_of_a_3d_attention_run_says_why_it_has_no_samples(checkpoint_3d, 
     assert "## Model" in report and "```python" not in report
 
 
+def test_report_of_a_run_whose_checkpoint_holds_no_tokenizer_says_why_it_has_no_samples(tmp_path):
+    """A run that found no tokenizer.json for its data (moved or deleted since it was tokenized) saves checkpoints
+    without one: the whole report failed ("step_2/tokenizer.json: no such file; train a tokenizer into ..."), after
+    it had written curves.png, where its samples section can say why it has none."""
+    records = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)]
+    run_dir = _post_training_run(tmp_path / "run", {"model": "tiny", "data_dir": "../tokens"}, records)
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    (checkpoint / "tokenizer.json").unlink()
+    page = write_report(run_dir).read_text()
+    assert page.endswith(
+        f"## Samples\n\nNone: no tokenizer.json in `{checkpoint}` to read the model's text (the run found none for "
+        "its data; set `tokenizer` in a run to put one in its checkpoints, or copy the data's tokenizer.json there "
+        "and report again).\n"
+    )
+    assert "## Model" in page
+
+
 def test_report_of_a_run_stopped_before_its_first_complete_save_gives_its_data_and_curves(tmp_path):
     """It was refused whole ("no complete checkpoint: step_2 ... hold no train_state.pt ...: pass such a model folder
     itself", which `report` does not take), though the run's metrics and curves were there to read."""
