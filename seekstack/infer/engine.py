@@ -563,6 +563,8 @@ class Engine:
                         return request.scheduled_at is not None
         return None
 
+    abort_request = abort  # vLLM's LLMEngine name for it
+
     def load_adapter(self, name: str, folder: str | Path, replace: bool = False) -> None:
         """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises
         CheckpointError for a folder that holds no adapter of this model, ValueError for a name in use (`replace`:

@@ -19,6 +19,9 @@ def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(mod
     finished = {output.request_id: output.finish_reason for output in engine.step() if output.finished}
     assert finished == {queued: "abort", started: "abort"}
     assert [request.request_id for request in [*engine.waiting, *engine.prefilling, *engine.running]] == [kept]
+    assert engine.abort_request([kept]) == [True]  # vLLM's name (AttributeError before): abort itself
+    assert [output.finish_reason for output in engine.step()] == ["abort"] and not engine.has_unfinished_requests()
+    assert Engine.abort_request is Engine.abort
 
 
 def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(tmp_path):
