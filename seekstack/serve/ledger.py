@@ -169,7 +169,9 @@ class Ledger:
             if value is not None:
                 conditions.append(f"{column} = ?")
                 parameters.append(value)
-        for comparison, day in ((">=", since), ("<", None if until is None else until + dt.timedelta(days=1))):
+        # the calendar's last day (9999-12-31) has no day after it: it leaves the days unbounded
+        after_until = None if until in (None, dt.date.max) else until + dt.timedelta(days=1)
+        for comparison, day in ((">=", since), ("<", after_until)):
             if day is not None:  # from the first instant of `since` to that of the day after `until`
                 conditions.append(f"created_at {comparison} ?")
                 parameters.append(dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).timestamp())

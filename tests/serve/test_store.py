@@ -380,6 +380,18 @@ def test_daily_totals_per_key_and_since_filter(database):
     assert len(ledger.daily(since=today)) == 2
 
 
+def test_usage_until_the_calendars_last_day_counts_every_day_not_a_500(database, database_location):
+    """`until` 9999-12-31 (a day that reads as "no end") overflowed working out the day after it: /v1/admin/usage
+    answered 500 and `seekstack usage` ended in a traceback (OverflowError: date value out of range)."""
+    ledger = Ledger(database)
+    ledger.record(usage("k", 10, 20))
+    [day] = ledger.daily(until=dt.date.max)
+    assert (day.key_name, day.requests, day.prompt_tokens) == ("k", 1, 10)
+    printed = CliRunner().invoke(app, ["usage", "--until", "9999-12-31", "--json", "--db", database_location])
+    assert printed.exit_code == 0, printed.output
+    assert [(row["key_name"], row["requests"]) for row in json.loads(printed.stdout)] == [("k", 1)]
+
+
 def test_daily_totals_are_kept_apart_per_model_the_base_and_each_adapter(database, database_location):
     """A server of one base and LoRA adapters bills each model's requests as its own row, as the ledger records
     which model served each; `model=` reads one."""
