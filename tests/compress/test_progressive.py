@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from seekstack import Transformer
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedLinear
 from seekstack.compress.progressive import progressive
 from seekstack.compress.quality import Quality, measure
-from seekstack.compress.quantize import QuantConfig, stored_bytes
+from seekstack.compress.quantize import QuantConfig, quantize_model, stored_bytes
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
 
@@ -76,6 +77,22 @@ def test_bits_per_byte_count_the_bytes_the_scored_tokens_spell():
     spelled = (batch[:, 1:] % 4).sum().item()
     quality = measure(model, model, [batch], byte_lengths)
     assert quality.bits_per_byte == pytest.approx(nats / (math.log(2) * spelled), rel=1e-5)
+
+
+def test_kl_and_top1_agreement_are_those_computed_directly_from_both_models_logits():
+    """The gate's KL(original || quantized) and top-1 agreement, against the same figures computed from both models'
+    logits over every predicted position (special tokens' positions too: only bits per byte leaves them out)."""
+    original = Transformer(micro_config(**SHAPES)).eval()
+    quantized = copy.deepcopy(original)
+    quantize_model(quantized, QuantConfig(scheme="int4"))
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    quality = measure(quantized, original, batches, torch.arange(128) % 4)
+    with torch.no_grad():
+        p = torch.cat([original(b).logits[:, :-1].flatten(0, 1) for b in batches]).float().softmax(-1)
+        q = torch.cat([quantized(b).logits[:, :-1].flatten(0, 1) for b in batches]).float().softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1)  # (positions,)
+    assert quality.mean_kl == pytest.approx(kl.mean().item(), rel=1e-4) and quality.mean_kl > 0
+    assert quality.top1_agreement == (p.argmax(-1) == q.argmax(-1)).sum().item() / len(p) < 1
 
 
 def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
