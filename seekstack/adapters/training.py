@@ -286,8 +286,10 @@ def refuse_a_rank_the_init_cannot_give(adapter: AdapterConfig, base: str | Path)
     """A ConfigError naming lora.rank, before the run writes anything, when lora.init is pissa or olora and the rank is
     more than an adapted weight's smaller side: its SVD (QR) has no more directions, so peft starts that layer's
     factors at the smaller rank under adapter_config.json's r, and the adapter saved disagrees with its own r (generate,
-    merge, serve and peft refuse it)."""
-    if adapter.init not in ("pissa", "olora"):
+    merge, serve and peft refuse it); or when lora.init is eva and round(rank x eva_rho), the singular vectors of a
+    layer's inputs peft's EVA takes, is more than the inputs' width (peft's IncrementalPCA fails after the text is
+    tokenized, naming no layer nor field)."""
+    if adapter.init == "lora":
         return
     config = read_config(base)
     with torch.device("meta"):  # the weights' shapes alone
@@ -295,6 +297,18 @@ def refuse_a_rank_the_init_cannot_give(adapter: AdapterConfig, base: str | Path)
     modules, parameters = adapter.targets(config)
     shapes = {name: model.get_submodule(name).weight.shape for name in modules}
     shapes.update((name.removesuffix(".weight"), model.get_parameter(name).shape) for name in parameters)
+    if adapter.init == "eva":
+        name, (rows, columns) = min(shapes.items(), key=lambda item: item[1][1])
+        components = round(adapter.rank * adapter.eva_rho)
+        require(
+            components <= columns,
+            PREFIX + "rank",
+            f"such that round(lora.rank x lora.eva_rho) = {components} is at most {columns} with lora.init=eva: "
+            f"{name}'s weight is {rows} x {columns}, whose {columns} inputs have no more singular vectors to start "
+            "from; give a smaller lora.rank or lora.eva_rho, or leave that layer out (lora.attention, "
+            "lora.feed_forward, lora.layers)",
+        )
+        return
     name, (rows, columns) = min(shapes.items(), key=lambda item: min(item[1]))
     require(
         adapter.rank <= min(rows, columns),

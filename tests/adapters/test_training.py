@@ -506,6 +506,28 @@ def test_a_pissa_or_olora_rank_above_a_weights_smaller_side_is_refused_before_th
     assert adapted.peft_config["default"].r == 16
 
 
+def test_an_eva_rank_above_a_layers_inputs_is_refused_before_the_run(base, data_dir, tmp_path):
+    """EVA takes round(rank x eva_rho) singular vectors of each adapted layer's inputs, kv_b_proj's 8 wide here: 10 of
+    them failed in peft, after the data was read, with "n_components=10 invalid for n_features=8, need more rows than
+    columns for IncrementalPCA processing", naming no layer nor field; 8 is the most there is."""
+    run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.init=eva", "lora.experts=[]"]
+    with pytest.raises(ConfigError) as refused:
+        lora_train_config(base, data_dir, tmp_path / "ten", [*run, "lora.rank=5", "lora.eva_rho=2"])
+    assert str(refused.value) == (
+        "field 'lora.rank' must be such that round(lora.rank x lora.eva_rho) = 10 is at most 8 with lora.init=eva: "
+        "layers.0.self_attn.kv_b_proj's weight is 32 x 8, whose 8 inputs have no more singular vectors to start "
+        "from; give a smaller lora.rank or lora.eva_rho, or leave that layer out (lora.attention, lora.feed_forward, "
+        "lora.layers)"
+    )
+    assert not (tmp_path / "ten").exists()
+    assert (
+        train_adapter(
+            *lora_train_config(base, data_dir, tmp_path / "eight", [*run, "lora.rank=4", "lora.eva_rho=2"])
+        ).step
+        == 1
+    )
+
+
 def test_a_dora_adapter_loads_in_peft_merges_exactly_and_is_refused_by_serving(base, tmp_path):
     config = AdapterConfig(rank=4, feed_forward=(), experts=(), vocabulary=("embed_tokens",), dora=True)
     adapter = write_random_adapter(base, tmp_path / "dora", seed=4, config=config)
