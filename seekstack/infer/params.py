@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -87,11 +87,35 @@ def sample_seed(seed: int | None, index: int) -> int | None:
     return MAX_SEED - 1 if derived == RANDOM_SEED else derived
 
 
+STRUCTURED_OUTPUT_HERE = (
+    "hold a request to JSON, or to a JSON Schema, with engine.add_request(ids, params, "
+    "constraint=JsonFormat(engine.tokenizer, schema).constraint()) (seekstack.infer.json_mode), as serve's "
+    "response_format does"
+)
+# vLLM SamplingParams fields not taken here, and why: refused naming the field, not a bare unexpected keyword
+VLLM_FIELDS_NOT_TAKEN = {
+    "logits_processors": "per-request Python logits processors do not run in the engine's batched (and compiled) "
+    "step; ban or favour tokens with logit_bias, allowed_token_ids or bad_words",
+    **dict.fromkeys(
+        ("structured_outputs", "guided_decoding", "guided_json", "guided_regex", "guided_choice", "guided_grammar"),
+        STRUCTURED_OUTPUT_HERE,
+    ),
+}
+
+
+def refuse_vllm_fields_not_taken(names: Iterable[str]) -> None:
+    """ConfigError naming the first of `names` that is a vLLM SamplingParams field not taken here, saying why."""
+    for name in names:
+        if name in VLLM_FIELDS_NOT_TAKEN:
+            raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
+
+
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
     stop string, logprobs=k (logprobs=True with top_logprobs=k), seed=-1 (no seed, as vLLM's); ConfigError naming the
-    field when one is out of range or contradicts another given."""
+    field when one is out of range or contradicts another given, or is one of vLLM's not taken here."""
+    refuse_vllm_fields_not_taken(values)
     values = dict(values)
     if type(values.get("seed")) is int and values["seed"] == RANDOM_SEED:
         values["seed"] = None
@@ -243,6 +267,7 @@ def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: SamplingParams, *args: Any, max_tokens: int | None = NOT_GIVEN, **kwargs: Any) -> None:
         if max_tokens is not NOT_GIVEN and not args and kwargs.keys() >= every_field:
             kwargs.pop("max_new_tokens")  # dataclasses.replace(params, max_tokens=k) passes every field, the old length
+        refuse_vllm_fields_not_taken(kwargs)  # not Python's bare "unexpected keyword argument"
         given = kwargs if max_tokens is NOT_GIVEN else read_vllm_forms({**kwargs, "max_tokens": max_tokens})
         init(self, *args, **given)  # __post_init__ reads vLLM's other forms
 

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms, token_logprobs
 from seekstack.infer.speculative import accept_drafts, verify_drafts
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import BOS, EOS, Tokenizer
 
 
@@ -576,3 +577,23 @@ def test_ids_past_the_tokenizers_in_a_padded_vocabulary_are_refused_naming_the_i
     with pytest.raises(ValueError) as refused:
         unpadded.generate([[5, VOCAB]], SamplingParams(max_new_tokens=2))
     assert str(refused.value).endswith("prompt holds token id 512, outside the vocabulary [0, 512) at position 1")
+
+
+@pytest.mark.parametrize(
+    "name", ["logits_processors", "structured_outputs", "guided_decoding", "guided_json", "guided_regex",
+             "guided_choice", "guided_grammar"],
+)  # fmt: skip
+def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name):
+    """vLLM's logits_processors and structured outputs were a bare "TypeError: SamplingParams.__init__() got an
+    unexpected keyword argument", saying neither why nor that JSON mode is there (from_dict: "unknown field")."""
+    why = (
+        "per-request Python logits processors do not run in the engine's batched (and compiled) step; ban or favour "
+        "tokens with logit_bias, allowed_token_ids or bad_words"
+        if name == "logits_processors"
+        else "hold a request to JSON, or to a JSON Schema, with engine.add_request(ids, params, constraint=JsonFormat("
+        "engine.tokenizer, schema).constraint()) (seekstack.infer.json_mode), as serve's response_format does"
+    )
+    for build in (lambda: SamplingParams(**{name: None}), lambda: SamplingParams.from_dict({name: {"json": {}}})):
+        with pytest.raises(ConfigError) as refused:
+            build()
+        assert str(refused.value) == f"field {name!r} is vLLM's and not taken here: {why}"
