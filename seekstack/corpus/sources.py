@@ -58,12 +58,11 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte UTF-8 cannot decode, as surrogateescape holds it
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
-# The first three bytes of a four-byte UTF-8 character (an emoji) cut short, as surrogateescape holds them: the lead
-# byte and the second byte it allows (F0 90-BF, F1-F3 80-BF, F4 80-8F), then another; in Windows-1252 a letter
-# `ð ñ ò ó ô` and two symbols (`ðŸ˜`), which no legacy text spells
-_CUT_FOUR_BYTE_CHARACTER = re.compile(
-    "(?:\udcf0[\udc90-\udcbf]|[\udcf1-\udcf3][\udc80-\udcbf]|\udcf4[\udc80-\udc8f])[\udc80-\udcbf]"
-)
+# The first three bytes of an emoji (U+1F000-U+1FFFF, `F0 9F` and two more) cut short, as surrogateescape holds them:
+# in Windows-1252 `ðŸ` and a symbol, which no legacy text spells. Not any four-byte character's: their lead bytes
+# with two continuation bytes are Windows-1252's `ð ñ ò ó ô` before two symbols, which Spanish and French write
+# (`llegó\xa0–`, `llegó…”`, `Bernardó\xa0»`)
+_CUT_EMOJI = re.compile("\udcf0\udc9f[\udc80-\udcbf]")
 # A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
 TEXT_SUFFIXES = (".txt", ".md", ".rst", *CODE_SUFFIXES)
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
@@ -473,12 +472,12 @@ def _as_text(name: str) -> str:
 def _starts_no_utf8_character(data: bytes) -> bool:
     """True when no byte above 127 starts a UTF-8 character: none decodes as one (a real U+FFFD does), the end
     does not cut one after its second byte (`F0 9F 98`, an emoji cut by a scraper; a last lone `E9` may be an é), and
-    no emoji is cut after its third byte before other text (`_CUT_FOUR_BYTE_CHARACTER`: a JSON Lines row whose text a
+    no emoji is cut after its third byte before other text (`_CUT_EMOJI`: a JSON Lines row whose text a
     scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes there may be Windows-1252's `é’`, and are read so)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> U+DC80..U+DCFF
     text = decoder.decode(data)  # not final: a character cut by the end waits in the decoder
     cut_character, _ = decoder.getstate()
-    return len(cut_character) < 2 and not _DECODED_ABOVE_127.search(text) and not _CUT_FOUR_BYTE_CHARACTER.search(text)
+    return len(cut_character) < 2 and not _DECODED_ABOVE_127.search(text) and not _CUT_EMOJI.search(text)
 
 
 def read_jsonl(

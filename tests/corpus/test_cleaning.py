@@ -1970,6 +1970,22 @@ def test_an_emoji_cut_short_before_other_text_is_utf8_not_windows_1252(tmp_path:
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["Lleg\u00f3\xa0\u2013 dijo Jos\u00e9", "Ya lleg\u00f3\u2026\u201d dijo", "Bernard\u00f3\xa0\u00bb et caf\u00e9"],
+)
+def test_spanish_and_french_in_windows_1252_with_an_accent_before_two_symbols_stay_windows_1252(
+    tmp_path: Path, text: str
+) -> None:
+    """b8c918f counted any four-byte UTF-8 character's first three bytes as a cut emoji, but Windows-1252 spells them
+    `ó` (or `ñ ò ô ð`) before two symbols (a no-break space, `–`, `…`, `”`, `»`), as Spanish and French write them:
+    such a file was read as UTF-8, its `ó`, no-break space and `–` one U+FFFD. Only an emoji's `F0 9F` counts now."""
+    (tmp_path / "page.txt").write_bytes(text.encode("cp1252"))
+    (tmp_path / "rows.jsonl").write_bytes(json.dumps({"text": text}, ensure_ascii=False).encode("cp1252") + b"\n")
+    assert [doc.text for doc in open_source(tmp_path / "page.txt")] == [text]
+    assert [doc.text for doc in open_source(tmp_path / "rows.jsonl")] == [text]
+
+
+@pytest.mark.parametrize(
     ("data", "text"),
     [
         (b"2003  Bj\xf6rn Wiberg\n2009  Ren\xc3\xa9 Lee\n", "2003  Bj\u00f6rn Wiberg\n2009  Ren\u00e9 Lee\n"),
