@@ -24,6 +24,11 @@ PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without 
     "ORDER BY created_at DESC LIMIT 1), ?)"  # a name's newest key: its active one, if it has one
 )
 IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
+# The rows' costs summed in two parts, whole millionths and the 1e-12 below them: SQLite's SUM of 64-bit integers fails
+# ("integer overflow") past 2**63 - 1, which costs in 1e-12 of the currency pass at 9.2 million; the parts, at 9.2e12
+COST_SUMS = (  # (no % operator: psycopg reads it as a placeholder's start)
+    "SUM(cost_pico / 1000000) AS cost_micro, SUM(cost_pico - cost_pico / 1000000 * 1000000) AS cost_below_micro"
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class DailyUsage:
     def to_dict(self) -> dict:
         """The day as /v1/admin/usage and `seekstack usage --json` give it: its cost as an amount."""
         return {field: value for field, value in asdict(self).items() if field != "cost_pico"} | {"cost": self.cost}
+
+
+def summed_pico(row: dict) -> int:
+    """The cost, in 1e-12 of the currency, of rows summed by COST_SUMS (PostgreSQL sums a BIGINT as a NUMERIC, a
+    Decimal; no row: NULL)."""
+    return int(row["cost_micro"] or 0) * 1_000_000 + int(row["cost_below_micro"] or 0)
 
 
 def total_cost(days: list[DailyUsage]) -> float:
@@ -143,10 +154,8 @@ class Ledger:
     def spent(self, key_name: str, since: float | None = None) -> float:
         """What the usage of the key named `key_name` has cost, that recorded after `since` (Unix seconds) or all."""
         after, parameters = ("AND created_at > ?", (key_name, since)) if since is not None else ("", (key_name,))
-        rows = self.database.query(
-            f"SELECT COALESCE(SUM(cost_pico), 0) AS spent FROM usage WHERE key_name = ? {after}", parameters
-        )
-        return cost_amount(int(rows[0]["spent"]))  # PostgreSQL sums a BIGINT as a NUMERIC (a Decimal)
+        rows = self.database.query(f"SELECT {COST_SUMS} FROM usage WHERE key_name = ? {after}", parameters)
+        return cost_amount(summed_pico(rows[0]))
 
     def knows(self, key_name: str) -> bool:
         """Whether any usage is recorded for key `key_name`."""
@@ -180,11 +189,17 @@ class Ledger:
             f"SELECT key_name, {self.database.day('created_at')} AS day, model, COUNT(*) AS requests, "
             "SUM(CASE WHEN status BETWEEN 500 AND 599 THEN 1 ELSE 0 END) AS failed, "
             "SUM(prompt_tokens) AS prompt_tokens, SUM(cached_tokens) AS cached_tokens, "
-            "SUM(completion_tokens) AS completion_tokens, SUM(cost_pico) AS cost_pico "
+            f"SUM(completion_tokens) AS completion_tokens, {COST_SUMS} "
             f"FROM usage {where} GROUP BY key_name, day, model ORDER BY day, key_name, model",
             tuple(parameters),
         )
-        return [DailyUsage(**{**dict(row), "cost_pico": int(row["cost_pico"])}) for row in rows]
+        return [
+            DailyUsage(
+                **{name: value for name, value in row.items() if not name.startswith("cost_")},
+                cost_pico=summed_pico(row),
+            )
+            for row in rows
+        ]
 
 
 def parse_day(text: str) -> dt.date:

@@ -469,6 +469,18 @@ def test_a_sum_of_costs_past_twelve_significant_digits_is_exact(database):
     assert days[0].to_dict()["cost"] == 1000.000000123 and "cost_pico" not in days[0].to_dict()
 
 
+def test_a_keys_costs_summed_past_nine_million_are_exact_not_an_overflow(database):
+    """SQLite sums 64-bit integers, and a key's costs in 1e-12 of the currency pass 2**63 - 1 at 9.2 million: its
+    budget check, /v1/admin/usage and `seekstack usage` failed with "integer overflow"."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("pricey", prompt_per_1k=1000.0, completion_per_1k=1000.0)  # a token costs 1
+    keys.create("k", plan="pricey")
+    for _ in range(2):
+        ledger.record(usage("k", 5_000_000, 1))
+    assert ledger.spent("k") == ledger_module.total_cost(ledger.daily()) == 10_000_002.0
+    assert [day.cost_pico for day in ledger.daily()] == [10_000_002 * 10**12]
+
+
 def old_usage_database(location: str, costs: list) -> None:
     """A database as an earlier seekstack wrote it: its usage table keeps each cost as a float (usage.cost), one row
     per cost of `costs` (written as SQL), without the cached_tokens and moderation columns added since."""
