@@ -42,6 +42,10 @@ class DistillConfig(ConversationConfig):
         "seq_kd": "TRL's seq_kd (the teacher's samples in place of the data's answers) is done ahead of the run: "
         "`seekstack traces TEACHER --out traces.jsonl` samples them (kept when verified), then data=traces.jsonl",
         "disable_dropout": "the models have no dropout (TRL's disable_dropout=true)",
+        # replaces SFT's note: distill's loss is not SFT's cross-entropy alone
+        "loss_type": "the loss is ce_weight x CE + kd_weight x T^2 x JSD_beta(teacher, student) (+ the mapped "
+        "layers' feature terms), set by ce_weight, kd_weight, beta and temperature; TRL's SFT loss_type (nll, dft) "
+        "is not offered",
         # TRL's DistillationConfig's sampling names: top_k would otherwise be offered cache_top_k, the teacher cache's
         "top_k": f"{WHOLE_DISTRIBUTION} (cache_top_k is the teacher cache's, not sampling's)",
         "top_p": WHOLE_DISTRIBUTION,

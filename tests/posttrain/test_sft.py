@@ -249,13 +249,25 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
      ("truncation_mode=keep_end", "keeping their start, as TRL's truncation_mode=keep_start"),
      ("eos_token=<|im_end|>", "an assistant turn ends with the tokenizer's EOS, which the chat template writes"),
      ("pad_token=<pad>", "padding is masked out of the loss and the balance loss, whatever its id"),
-     ("loss_type=dft", "(TRL's SFT loss_type=nll, its default); dft is not offered"),
      ("activation_offloading=true", "TRL's activation_offloading (activations kept in CPU memory) is not offered")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
     """A TRL SFTConfig name is no field here: the refusal says which field it is (difflib finds none of these)."""
     assert_refused_naming_ours(tmp_path, cls, trl_name, ours)
+
+
+@pytest.mark.parametrize(
+    ("cls", "ours"),
+    [(SFTConfig, "the loss is the cross-entropy on the trained tokens (TRL's SFT loss_type=nll, its default); dft is "
+      "not offered"),
+     # was: SFT's note, though distill's loss is not SFT's cross-entropy alone
+     (DistillConfig, "the loss is ce_weight x CE + kd_weight x T^2 x JSD_beta(teacher, student) (+ the mapped "
+      "layers' feature terms), set by ce_weight, kd_weight, beta and temperature; TRL's SFT loss_type (nll, dft) is "
+      "not offered")],
+)  # fmt: skip
+def test_trls_sft_loss_type_is_refused_saying_what_the_commands_loss_is(tmp_path, cls, ours):
+    assert_refused_naming_ours(tmp_path, cls, "loss_type=dft", ours)
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
