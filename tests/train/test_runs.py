@@ -18,7 +18,7 @@ from seekstack.cli.common import run_given, run_to_checkpoint
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, _checkpoints_of_runs, load_train_config, resolve_train_config
-from seekstack.train.runs import missing_files, run_checkpoint, run_folder, step_folders
+from seekstack.train.runs import missing_files, run_checkpoint, run_folder, step_dir, step_folders
 from seekstack.train.state import save_checkpoint
 from tests.conftest import micro_config
 from tests.train.test_trainer import write_split
@@ -224,3 +224,17 @@ def test_a_runs_checkpoints_folder_given_names_what_is_named_after_the_run_by_th
     assert written == [run / "eval" / "results"]
     result = CliRunner().invoke(app, ["plot", str(given)])
     assert (result.exit_code, result.output) == (0, f"wrote {run / 'curves.png'}\n")
+
+
+def test_a_step_folder_whose_number_is_padded_is_the_step_a_resume_names_and_a_save_replaces(tmp_path):
+    """A run's listings named a step_04 (renamed by hand) as its step 4, but `--resume-from 4` and `--resume-from
+    step_04` were refused ("RUN/checkpoints/step_4: no such folder; the run RUN holds step_2, step_04"), and a run
+    resumed from step 2 saved its step 4 as step_4 beside step_04: two folders of one step."""
+    run, model = tmp_path / "run", Transformer(micro_config())
+    for step in (2, 4):
+        save_checkpoint(run, model, {"step": step}, keep=2)
+    (run / "checkpoints" / "step_4").rename(run / "checkpoints" / "step_04")
+    assert step_dir(run, 4) == run / "checkpoints" / "step_04"
+    assert step_dir(run, 6) == run / "checkpoints" / "step_6"
+    assert save_checkpoint(run, model, {"step": 4}, keep=2, left_after=2) == run / "checkpoints" / "step_04"
+    assert [folder.name for folder in step_folders(run)] == ["step_2", "step_04"]
