@@ -288,14 +288,6 @@ def _address(match: re.Match[str]) -> str:
     return ".".join(str(int(octet)) for octet in address.split("."))
 
 
-def _is_public_resolver(candidate: str) -> bool:
-    """True for one of `PUBLIC_RESOLVERS`, however written (`2620:FE:0::FE` is Quad9's `2620:fe::fe`)."""
-    try:
-        return ipaddress.ip_address(candidate) in PUBLIC_RESOLVERS
-    except ValueError:
-        return False
-
-
 def _is_public_ip(candidate: str) -> bool:
     """True for a globally reachable unicast address: one host on the public internet."""
     try:
@@ -373,7 +365,9 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
 
     def replace_ip(match: re.Match[str]) -> str:
         address = _address(match)
-        if _is_public_resolver(address) or not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
+        if not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
+            return match[0]
+        if ipaddress.ip_address(address) in PUBLIC_RESOLVERS:  # however written: `2620:FE:0::FE` is `2620:fe::fe`
             return match[0]
         counts["ip"] += 1
         return IP + match[0][len(match["address"]) :]
