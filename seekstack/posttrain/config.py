@@ -174,11 +174,19 @@ class GRPOConfig(TrainConfig):
         "the verified ones",
         "num_completions_to_print": "rl prints no completions; `seekstack traces CHECKPOINT` samples a checkpoint's "
         "and writes the verified ones",
+        # _mode and the clips were asked "did you mean 'importance_sampling_level'?", another thing
         **dict.fromkeys(
-            ("vllm_importance_sampling_correction", "vllm_importance_sampling_cap"),
+            (
+                "vllm_importance_sampling_correction",
+                "vllm_importance_sampling_cap",
+                "vllm_importance_sampling_mode",
+                "vllm_importance_sampling_clip_min",
+                "vllm_importance_sampling_clip_max",
+            ),
             "TRL's vLLM importance sampling correction (its loss weighed by the trainer's over vLLM's probability of "
             "each sampled token) is not offered: rollouts are sampled by seekstack's engine on the trained model "
-            "itself, not by vLLM, its log-probabilities the learner's (within 1e-4 in float32)",
+            "itself, not by vLLM, its log-probabilities the learner's within 1e-4 in float32 "
+            "(importance_sampling_level is GSPO's ratio per token or sequence)",
         ),
         "generation_kwargs": "TRL's generation_kwargs is not offered; rollouts are sampled at temperature, top_p, "
         "top_k and min_p (fields here), the distribution the loss's log-probabilities are of",
@@ -190,11 +198,6 @@ class GRPOConfig(TrainConfig):
         "problems (num_generations is the training group)",
         "vllm_max_model_length": "rollouts run on seekstack's engine, whose context is max_prompt_length + "
         "max_completion_length (within the model's)",
-        **dict.fromkeys(
-            ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"),
-            "TRL's vLLM importance sampling correction is not offered: rollouts are sampled by seekstack's engine on "
-            "the trained model itself, not by vLLM (importance_sampling_level is GSPO's ratio per token or sequence)",
-        ),
         **dict.fromkeys(
             ("sapo_temperature_pos", "sapo_temperature_neg"),
             "TRL's SAPO (loss_type=sapo, a soft gate in place of the clip) is not offered, nor its gate's "

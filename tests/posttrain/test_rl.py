@@ -453,7 +453,7 @@ def test_trls_losses_that_are_no_clipped_surrogate_are_refused_saying_they_are_n
      # max_prompt_length, importance_sampling_level (GSPO's ratio), temperature (the rollouts' sampling)
      ("num_generations_eval=4", "TRL's num_generations_eval (completions per prompt at evaluation) is not offered"),
      ("vllm_max_model_length=512", "engine, whose context is max_prompt_length + max_completion_length"),
-     ("vllm_importance_sampling_mode=token_truncate", "TRL's vLLM importance sampling correction is not offered"),
+     ("vllm_importance_sampling_mode=token_truncate", "TRL's vLLM importance sampling correction (its loss weighed"),
      ("vllm_importance_sampling_clip_max=3", "(importance_sampling_level is GSPO's ratio per token or sequence)"),
      ("sapo_temperature_pos=1", "TRL's SAPO (loss_type=sapo, a soft gate in place of the clip) is not offered"),
      ("sapo_temperature_neg=1.05", "(temperature here is the rollouts' sampling temperature)"),
