@@ -157,6 +157,9 @@ def save_adapter(model: PeftModel, folder: str | Path, initial: dict[str, torch.
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config["default"])
     config.task_type = "CAUSAL_LM"  # as TRL saves it: peft's AutoPeftModelForCausalLM loads the folder by it alone
+    for name in ("target_modules", "target_parameters"):  # sets in peft, saved in their hash order: sorted, so the
+        if isinstance(getattr(config, name), set):  # same run writes the same adapter_config.json
+            setattr(config, name, sorted(getattr(config, name)))
     if initial is not None:  # rsLoRA's scale alpha/sqrt(r) stays the same with alpha x sqrt(2)
         config.init_lora_weights, config.r = True, 2 * config.r
         config.lora_alpha *= 2**0.5 if config.use_rslora else 2

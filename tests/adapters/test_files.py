@@ -49,6 +49,14 @@ def logits_with_adapter(base, adapter, ids):
         return load_adapter(seekstack.load_pretrained(base), adapter)(ids).logits
 
 
+def test_the_adapter_config_lists_its_targets_sorted_whatever_the_hash_seed(adapter):
+    """peft keeps target_modules and target_parameters as sets, which adapter_config.json listed in their hash order:
+    the same run wrote another file under another PYTHONHASHSEED (its weights the same)."""
+    config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
+    for name in ("target_modules", "target_parameters"):
+        assert len(config[name]) > 5 and config[name] == sorted(config[name])
+
+
 def test_adapter_is_written_in_peft_format_with_transformers_module_names(adapter):
     config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16.0)
