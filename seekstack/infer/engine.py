@@ -167,6 +167,20 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
             )
 
 
+# vLLM's LLM(...) keywords that from_pretrained does not take, and what does their work here
+VLLM_ENGINE_KEYWORDS = {
+    "enforce_eager": "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding "
+    "has taken as long as a compile)",
+    "gpu_memory_utilization": "give the latent cache's budget in bytes, kv_cache_memory= (default: half the free "
+    "memory of each device)",
+    "tensor_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
+    "pipeline_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
+    "seed": "seed a request with SamplingParams(seed=), or all of them with torch.manual_seed(s) before generate",
+    "max_num_seqs": "it is max_batch_size= here",
+    "enable_prefix_caching": "it is prefix_caching= here (on by default)",
+}
+
+
 class Engine:
     """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe,
     and so are `generate` and `stream`: calls from several threads share the steps, each getting its own requests'
@@ -350,6 +364,8 @@ class Engine:
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
+        for name in kwargs.keys() & VLLM_ENGINE_KEYWORDS.keys():  # a bare "unexpected keyword argument" otherwise
+            raise TypeError(f"{name}= is vLLM's LLM keyword, not taken here: {VLLM_ENGINE_KEYWORDS[name]}")
         if revision is not None:
             raise ValueError(
                 f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the "

@@ -118,3 +118,22 @@ def test_add_request_in_vllms_argument_order_is_refused_saying_this_order(model,
     )
     assert engine.stats().waiting == 0
     assert engine.add_request([5, 9], SamplingParams(max_new_tokens=2), "req-7") == "req-7"
+
+
+@pytest.mark.parametrize(
+    "keyword, told",
+    [
+        ("gpu_memory_utilization", "give the latent cache's budget in bytes, kv_cache_memory= (default: half the free "
+         "memory of each device)"),
+        ("max_num_seqs", "it is max_batch_size= here"),
+        ("enforce_eager", "the engine decodes eagerly unless given compile=True (or compile=None: once eager "
+         "decoding has taken as long as a compile)"),
+        ("tensor_parallel_size", "the engine runs in one process; spread a model over devices with device_map="),
+    ],
+)  # fmt: skip
+def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_path, keyword, told):
+    """Engine.from_pretrained(path, gpu_memory_utilization=0.5), as a vLLM script builds LLM(model, ...), was a bare
+    "TypeError: Engine.__init__() got an unexpected keyword argument", raised only once every weight had loaded."""
+    with pytest.raises(TypeError) as refused:
+        Engine.from_pretrained(tmp_path / "not-read", **{keyword: 1})
+    assert str(refused.value) == f"{keyword}= is vLLM's LLM keyword, not taken here: {told}"
