@@ -26,12 +26,12 @@ MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar
 # math-verify reads it, its argument is the rest of its math. An empty box ("\boxed{}", "\boxed{\,}", "$\boxed$") is
 # no answer: the answer is the last box that holds something ("\boxed{5}\boxed{}" is 5)
 LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"  # LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\quad"
-BOXED = re.compile(
-    rf"\\(?:boxed|fbox)(?![A-Za-z])\s*+(?!\{{(?:\s|{LATEX_SPACE})*+\}}|{MATH_END.pattern}|(?:\s|{LATEX_SPACE})*+\Z)"
-)
+BOX_COMMAND = r"\\(?:boxed|fbox)(?![A-Za-z])\s*+"  # the box's command and the spaces after it
+EMPTY_ARGUMENT = rf"\{{(?:\s|{LATEX_SPACE})*+\}}"  # braces holding only spaces: "{}", "{ }", "{\,}"
+BOXED = re.compile(rf"{BOX_COMMAND}(?!{EMPTY_ARGUMENT}|{MATH_END.pattern}|(?:\s|{LATEX_SPACE})*+\Z)")
 # A box where BOXED finds none holding something: an empty one, dropped before the answer is read without a box
 # ("The answer is 5 \boxed{}" is 5, as math-verify reads it; "\boxed{}" alone, "$\boxed{}$", hold no answer)
-EMPTY_BOX = re.compile(rf"\\(?:boxed|fbox)(?![A-Za-z])\s*+(?:\{{(?:\s|{LATEX_SPACE})*+\}})?")
+EMPTY_BOX = re.compile(rf"{BOX_COMMAND}(?:{EMPTY_ARGUMENT})?")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr); with its null delimiter "." too, \left. and \right., which draw
 # nothing), its math styles (\displaystyle) and its declarations of a font ("\boxed{\bf 50}", \rm, \it, \cal, ...) or a
