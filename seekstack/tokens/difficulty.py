@@ -23,7 +23,7 @@ from pathlib import Path
 
 from seekstack.corpus.sources import read_jsonl, require_corpus_file
 from seekstack.tokenizer import Tokenizer
-from seekstack.tokens.shards import tokenize_corpus
+from seekstack.tokens.shards import require_split_name, tokenize_corpus
 
 BUCKETS = ("easy", "medium", "hard")
 MEASURE = "zlib_compression_ratio"
@@ -109,6 +109,7 @@ def tokenize_buckets(
     Returns the buckets' indexes; each records the measure and its documents' score range under `difficulty`.
     """
     jsonl_path = Path(jsonl_path)
+    require_split_name(split_name, Path(out_dir))  # before the corpus is scored: `{split_name}_easy` may hide ""
     difficulty = difficulty_buckets(jsonl_path, len(buckets)) if difficulty is None else difficulty
     indexes = []
     for part, bucket in enumerate(buckets):

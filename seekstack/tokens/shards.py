@@ -74,6 +74,16 @@ class _ShardWriter:
         self.filled = 0
 
 
+def require_split_name(split_name: str, out_dir: Path) -> None:
+    """ValueError unless `split_name` can name a split's files in `out_dir` (`{split_name}_00000.bin` and its index),
+    as a mixture names it: not empty, no '/'. Asked before a corpus is read, by each function that writes a split."""
+    if not split_name or "/" in split_name:
+        raise ValueError(
+            f"split name {split_name!r}: a split is named by its files in {out_dir}, {split_name or 'NAME'}_00000.bin "
+            "and its index, as a mixture names it: give a name without '/' (web, code_python)"
+        )
+
+
 def tokenize_corpus(
     jsonl_path: str | os.PathLike,
     tokenizer: Tokenizer,
@@ -92,11 +102,7 @@ def tokenize_corpus(
     Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
     """
     jsonl_path, out_dir = Path(jsonl_path), Path(out_dir)
-    if not split_name or "/" in split_name:  # it names files in out_dir, and a mixture names it
-        raise ValueError(
-            f"split name {split_name!r}: a split is named by its files in {out_dir}, {split_name or 'NAME'}_00000.bin "
-            "and its index, as a mixture names it: give a name without '/' (web, code_python)"
-        )
+    require_split_name(split_name, out_dir)
     require_corpus_file(jsonl_path)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")

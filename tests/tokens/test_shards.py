@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import WriteRefused
 from seekstack.tokenizer import Tokenizer, train_tokenizer
-from seekstack.tokens.difficulty import difficulty_buckets
+from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
 from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
 from tests.test_atomic import file_size_limit
 
@@ -234,14 +234,17 @@ def test_missing_corpus_is_named(tmp_path, tokenizer):
         tokenize_corpus(tmp_path / "nowhere.jsonl", tokenizer, tmp_path / "out", "train")
 
 
+@pytest.mark.parametrize("tokenize", [tokenize_corpus, tokenize_buckets])
 @pytest.mark.parametrize("split", ["", "web/train", "../web"])
-def test_a_split_name_that_names_no_file_in_the_folder_is_refused_before_encoding(tmp_path, tokenizer, split):
+def test_a_split_name_that_names_no_file_in_the_folder_is_refused_before_encoding(tmp_path, tokenizer, split, tokenize):
     """README has a second corpus tokenized from Python under a split name of the user's; "" wrote `_00000.bin` and
     `_index.json` (a split no mixture names), and a name with a '/' ("web/train", as the corpus's path reads) failed
-    once encoded, on a staged file: "No such file or directory: '.../out/.web/train_00000.bin.1a2b3c4d.tmp'"."""
-    corpus = write_corpus(tmp_path / "web.jsonl", ["one document"])
+    once encoded, on a staged file: "No such file or directory: '.../out/.web/train_00000.bin.1a2b3c4d.tmp'".
+    tokenize_buckets, which names its splits `{split}_easy` ... before tokenize_corpus checks them, let "" through
+    as `_easy` and refused "web/train" only after scoring the whole corpus: it is refused first there too."""
+    corpus = write_corpus(tmp_path / "web.jsonl", stdlib_documents(3))
     with pytest.raises(ValueError) as refused:
-        tokenize_corpus(corpus, tokenizer, tmp_path / "out", split)
+        tokenize(corpus, tokenizer, tmp_path / "out", split)
     assert str(refused.value) == (
         f"split name {split!r}: a split is named by its files in {tmp_path / 'out'}, {split or 'NAME'}_00000.bin and "
         "its index, as a mixture names it: give a name without '/' (web, code_python)"
