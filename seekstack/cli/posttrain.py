@@ -227,7 +227,7 @@ def rl_plot_command(
     from seekstack.posttrain.plot import plot_rl_runs
     from seekstack.train.runs import run_folder
 
-    runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl named: its folder
+    runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl or train_config.json named: its folder
     with user_errors():
         written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth)
     typer.echo(f"wrote {written}")

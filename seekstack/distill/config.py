@@ -14,7 +14,7 @@ from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, 
 from seekstack.train.config import require_folder_path, require_tokenizer_file
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
-WHOLE_DISTRIBUTION = (  # TRL's DistillationConfig's top_k and top_p
+WHOLE_DISTRIBUTION = (  # TRL's DistillationConfig's top_k, top_p and min_p
     "on-policy, the student samples from its whole distribution at sample_temperature (TRL's top_p=1.0 and top_k=0, "
     "its defaults); there is no top-k or top-p here"
 )
@@ -49,8 +49,7 @@ class DistillConfig(ConversationConfig):
         # TRL's DistillationConfig's sampling names: top_k would otherwise be offered cache_top_k, the teacher cache's
         "top_k": f"{WHOLE_DISTRIBUTION} (cache_top_k is the teacher cache's, not sampling's)",
         "top_p": WHOLE_DISTRIBUTION,
-        "min_p": "on-policy, the student samples from its whole distribution at sample_temperature (TRL's min_p=None, "
-        "its default); there is no min-p here",
+        "min_p": f"{WHOLE_DISTRIBUTION}, nor min-p (TRL's min_p=None, its default)",
         **dict.fromkeys(
             ("log_completions", "num_completions_to_print"),
             "distill logs no completions; `seekstack generate` samples a checkpoint's",

@@ -320,7 +320,7 @@ def test_configs_that_cannot_distill_are_refused_before_anything_is_written(work
      ("top_p=0.9", "samples from its whole distribution at sample_temperature (TRL's top_p=1.0"),
      ("max_completion_length=128", "TRL's max_completion_length is seq_len less the prompt"),
      # were asked "did you mean" min_lr (the learning rate's floor) and grad_compression
-     ("min_p=0.1", "(TRL's min_p=None, its default); there is no min-p here"),
+     ("min_p=0.1", "there is no top-k or top-p here, nor min-p (TRL's min_p=None, its default)"),
      ("log_completions=true", "distill logs no completions"), ("num_completions_to_print=2", "logs no completions")],
 )  # fmt: skip
 def test_trls_gkd_field_names_are_refused_naming_what_does_their_work(trl_name, ours):
