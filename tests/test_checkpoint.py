@@ -413,6 +413,15 @@ def test_fp8_blocks_that_are_not_square_take_rows_by_the_first_size_and_columns_
     assert ((restored - weight).abs() <= e4m3_error_bound(weight, scale_inv, block)).all()
 
 
+@pytest.mark.parametrize("shape", [(0, 200), (200, 0), (0, 0)])
+def test_an_empty_weight_quantizes_to_fp8_with_no_scales_along_its_empty_side(shape):
+    """Cutting the block to a weight's sides made a side of 0 a block of 0 (ZeroDivisionError in quantize_fp8)."""
+    quantized, scale_inv = quantize_fp8(torch.zeros(shape))
+    assert quantized.shape == shape and quantized.dtype == torch.float8_e4m3fn
+    assert scale_inv.shape == {(0, 200): (0, 2), (200, 0): (2, 0), (0, 0): (0, 0)}[shape]
+    assert dequantize_fp8(quantized, scale_inv, (128, 128)).shape == shape
+
+
 FP8_SHAPES = dict(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, q_lora_rank=144)  # crosses 128
 
 

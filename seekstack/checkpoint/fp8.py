@@ -47,8 +47,9 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = DEFAULT_FP8_BLOC
 
 def _within(block: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
     """`block` cut to a (rows, cols) weight's sides: a block longer than a side covers it with one partial block, the
-    same scales, so padding or expanding to the whole block would only take memory (a (10^5, 10^5) block: 40 GB)."""
-    return min(block[0], rows), min(block[1], cols)
+    same scales, so padding or expanding to the whole block would only take memory (a (10^5, 10^5) block: 40 GB). An
+    empty side keeps a block of 1: no blocks along it, no scales."""
+    return min(block[0], max(rows, 1)), min(block[1], max(cols, 1))
 
 
 def _is_fp8_quantizable(key: str, tensor: torch.Tensor) -> bool:
