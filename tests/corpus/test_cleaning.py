@@ -29,7 +29,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
-from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind, spaced_words
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -446,7 +446,9 @@ def test_korean_n_grams_are_its_spaced_words_not_the_syllables_of_its_sentence_e
     assert TextStats(text).top_ngram_char_fraction(3) == 0.0  # no three words repeat
     assert failed_rule(text, CJKRules()) is None
     spam = normalise("최저가 항공권 예약은 여기에서 하세요 지금 바로 클릭 " * 8 + KOREAN_POLITE_TALK)
-    assert TextStats(spam).top_ngram_char_fraction(3) == 8 * len("최저가항공권예약은") / (176 + 156)
+    word_chars = sum(map(len, spaced_words(spam)))  # the spam's 8 x 22 and the talk's 156
+    assert word_chars == 176 + 156
+    assert TextStats(spam).top_ngram_char_fraction(3) == 8 * len("최저가항공권예약은") / word_chars
     assert failed_rule(spam, CJKRules()) == "top_3gram"
 
 
