@@ -352,8 +352,7 @@ def test_trls_preference_rows_are_refused_saying_how_to_train_on_the_chosen(base
 def test_trls_unpaired_preference_rows_are_refused_naming_label_not_trained_alike(base, tmp_path, form):
     """TRL's KTO rows ({"prompt", "completion", "label"}) were trained as prompt-completion rows, the completions of
     label false (not to be learned) as the others."""
-    turn = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
-    prompt, completion = ("Say hi.", " Hi.") if form == "text" else (turn[:1], turn[1:])
+    prompt, completion = ("Say hi.", " Hi.") if form == "text" else (TURN[:1], TURN[1:])
     data = tmp_path / "kto.jsonl"
     pair = {"prompt": prompt, "completion": completion}
     rows = [pair, pair, {**pair, "label": True}, {**pair, "label": False}]  # the first labelled one is line 3
