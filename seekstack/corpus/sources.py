@@ -63,6 +63,10 @@ _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character deco
 # with two continuation bytes are Windows-1252's `ð ñ ò ó ô` before two symbols, which Spanish and French write
 # (`llegó\xa0–`, `llegó…”`, `Bernardó\xa0»`)
 _CUT_EMOJI = re.compile("\udcf0\udc9f[\udc80-\udcbf]")
+# A character the file's end cuts after two or more of its bytes, as a truncated scrape leaves one: an emoji's first
+# two or three bytes, or a three-byte character's first two (`E2 80` of `…` or `’`); not another four-byte
+# character's, which in Windows-1252 are `ó` (or `ñ ò ô ð`) before one or two symbols (`llegó…`, `Bernardó»`)
+_CUT_AT_THE_END = re.compile(b"\xf0\x9f[\x80-\xbf]?|[\xe0-\xef][\x80-\xbf]")
 # A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
 TEXT_SUFFIXES = (".txt", ".md", ".rst", *CODE_SUFFIXES)
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
@@ -471,13 +475,18 @@ def _as_text(name: str) -> str:
 
 def _starts_no_utf8_character(data: bytes) -> bool:
     """True when no byte above 127 starts a UTF-8 character: none decodes as one (a real U+FFFD does), the end
-    does not cut one after its second byte (`F0 9F 98`, an emoji cut by a scraper; a last lone `E9` may be an é), and
-    no emoji is cut after its third byte before other text (`_CUT_EMOJI`: a JSON Lines row whose text a
-    scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes there may be Windows-1252's `é’`, and are read so)."""
+    does not cut one after its second byte (`_CUT_AT_THE_END`: `F0 9F 98`, an emoji cut by a scraper; a last lone
+    `E9` may be an é, and a last `F3 85` Windows-1252's `ó…`), and no emoji is cut after its third byte before other
+    text (`_CUT_EMOJI`: a JSON Lines row whose text a scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes there may be
+    Windows-1252's `é’`, and are read so)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> U+DC80..U+DCFF
     text = decoder.decode(data)  # not final: a character cut by the end waits in the decoder
     cut_character, _ = decoder.getstate()
-    return len(cut_character) < 2 and not _DECODED_ABOVE_127.search(text) and not _CUT_EMOJI.search(text)
+    return (
+        _CUT_AT_THE_END.fullmatch(cut_character) is None
+        and not _DECODED_ABOVE_127.search(text)
+        and not _CUT_EMOJI.search(text)
+    )
 
 
 def read_jsonl(

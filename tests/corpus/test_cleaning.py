@@ -1946,6 +1946,13 @@ def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
         (b"Great day " + "\U0001f600".encode()[:3], "Great day \ufffd"),  # a scrape that cut its last emoji: UTF-8
         (b"missing = '\xef\xbf\xbd'", "missing = '\ufffd'"),  # U+FFFD written in UTF-8 is a UTF-8 character
         (b"menu: caf\xe9", "menu: caf\u00e9"),  # one last byte above 127 starts no character: Windows-1252
+        (b"Great day \xf0\x9f", "Great day \ufffd"),  # an emoji cut after two bytes: UTF-8
+        (b"a cut \xe2\x80", "a cut \ufffd"),  # a three-byte character (`…`, `’`) cut after two: UTF-8
+        # Windows-1252's `ó` before a symbol or two spells a four-byte character's start that is no emoji's: it was
+        # read as UTF-8 at the file's end, the accent and its symbols one U+FFFD (`Ya lleg\ufffd`)
+        (b"Ya lleg\xf3\x85", "Ya lleg\u00f3\u2026"),
+        (b"Bernard\xf3\xbb", "Bernard\u00f3\u00bb"),
+        (b"Ya lleg\xf3\x85\x94", "Ya lleg\u00f3\u2026\u201d"),
     ],
 )
 def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_cut_by_its_end(
