@@ -39,7 +39,7 @@ def run_folder(given: str | Path) -> Path:
     given = Path(given)
     if given.name in (CONFIG_FILE, METRICS_FILE) and given.is_file():
         return given.parent
-    if given == checkpoint_dir(given.parent) and step_folders(given.parent):
+    if given == checkpoint_dir(given.parent) and _step_named(given):
         return given if (given / MODEL_CONFIG_FILE).is_file() else given.parent
     return given
 
@@ -67,9 +67,7 @@ def step_folders(out_dir: str | Path) -> list[Path]:
     step folders a step is either: every listing, resume and load of the run would pick one by the order the file
     system lists them."""
     root = checkpoint_dir(out_dir)
-    if not root.is_dir():
-        return []
-    found = sorted((p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)), key=lambda p: (step_number(p), p.name))
+    found = sorted(_step_named(root), key=lambda p: (step_number(p), p.name))
     for older, newer in itertools.pairwise(found):
         if step_number(older) == step_number(newer):
             raise CheckpointError(
@@ -77,6 +75,12 @@ def step_folders(out_dir: str | Path) -> list[Path]:
                 f"(a run saves step_{step_number(older)}), so that the step names one checkpoint"
             )
     return found
+
+
+def _step_named(root: Path) -> list[Path]:
+    """The entries of folder `root` named step_N, in no order, unchecked (none where `root` is no folder): what tells
+    a run's checkpoints/ folder for one, whatever its step folders hold."""
+    return [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)] if root.is_dir() else []
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -178,7 +178,9 @@ def test_a_runs_train_config_json_stands_for_its_run_and_what_is_named_after_the
 
 def test_two_step_folders_of_one_step_are_refused_naming_both_as_no_guess_is_made(tmp_path):
     """A run holding step_3 and step_03 (a copy renamed by hand) had every listing take the one the file system listed
-    last as its step 3: `seekstack info RUN` described either model, a --resume went on from either."""
+    last as its step 3: `seekstack info RUN` described either model, a --resume went on from either. The run's
+    checkpoints/ folder given for it is told the same (run_folder raised the refusal bare, a traceback, before any
+    command's error handling), and a command that reads no checkpoint (plot) takes it for the run."""
     write_split(tmp_path / "tokens", "train", 20_000, seed=1)
     run = tmp_path / "run"
     load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={run}"]).save(run)
@@ -193,12 +195,18 @@ def test_two_step_folders_of_one_step_are_refused_naming_both_as_no_guess_is_mad
     assert str(refused.value) == refusal
     result = CliRunner().invoke(app, ["train", f"out_dir={run}", "--resume"])
     assert (result.exit_code, " ".join(result.output.split())) == (1, f"error: {refusal}")
-    result = CliRunner().invoke(app, ["checkpoint", "export", str(run), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2
-    assert refusal in " ".join(result.output.split())
-    with pytest.raises(ConfigError) as refused:
-        load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'b'}", f"init_from={run}"])
-    assert str(refused.value) == f"field 'init_from': {refusal}"
+    for given in (run, run / "checkpoints"):
+        result = CliRunner().invoke(app, ["checkpoint", "export", str(given), "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2
+        assert refusal in " ".join(result.output.split())
+        with pytest.raises(ConfigError) as refused:
+            load_train_config(
+                None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'b'}", f"init_from={given}"]
+            )
+        assert str(refused.value) == f"field 'init_from': {refusal}"
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0, "lr": 1e-3}) + "\n")
+    result = CliRunner().invoke(app, ["plot", str(run / "checkpoints")])
+    assert (result.exit_code, result.output) == (0, f"wrote {run / 'curves.png'}\n")
     shutil.rmtree(run / "checkpoints" / "step_03")
     assert step_folders(run) == [run / "checkpoints" / "step_3"]
 
