@@ -172,10 +172,12 @@ class MultiTokenRows(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def set_rows(self, per_slot: list[TokenRows | None]) -> None:
-        """Hold these replaced rows, one entry per slot: token ids (S, n) and differences to the base rows (S, n, D)."""
-        weight = self.base.weight
-        longest = max(len(rows[0]) for rows in per_slot if rows is not None)
+    def set_rows(self, per_slot: list[TokenRows | None], width: int = 0) -> None:
+        """Hold these replaced rows, one entry per slot: token ids (S, n) and differences to the base rows (S, n, D),
+        n the longest list or `width` where that is more (the n held before, a shape a compiled step was traced
+        with)."""
+        weight = self.base.weight.detach()  # no autograd history in the buffers: a compiled step guards requires_grad
+        longest = max([width, *(len(rows[0]) for rows in per_slot if rows is not None)])
         token_ids = torch.zeros(len(per_slot), longest, dtype=torch.long, device=weight.device)
         deltas = torch.zeros(len(per_slot), longest, weight.shape[1], dtype=torch.float32, device=weight.device)
         for slot, rows in enumerate(per_slot):

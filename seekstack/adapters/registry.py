@@ -237,9 +237,14 @@ class LoadedAdapters:
                 per_target.setdefault(target, [None] * slot_count)[slot] = factors
             for module_name, rows in self.weights[name].token_rows.items():
                 per_module.setdefault(module_name, [None] * slot_count)[slot] = rows
+        held_rows: dict[str, int] = {}  # module name -> how many rows per slot it held
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MultiTokenRows):  # unwrapped first: the LoRA layers below sit inside it
+                held_rows[name] = module.token_ids.shape[1]
                 self.model.set_submodule(name, module.base)
+        if self.slots:  # rows no loaded adapter replaces any more stay held, as zeros, as many as before
+            for name in held_rows:
+                per_module.setdefault(name, [None] * slot_count)
         linears: dict[str, list[Factors | None]] = {}
         experts: dict[str, dict[str, list[Factors | None]]] = {}
         for (module_name, param_name), per_slot in per_target.items():
@@ -275,7 +280,7 @@ class LoadedAdapters:
             inner = module.base if isinstance(module, MultiLoRALinear) else module
             wrapper = MultiTokenRowsEmbedding if isinstance(inner, nn.Embedding) else MultiTokenRows
             rows = wrapper(module, self.rows)
-            rows.set_rows(per_slot)
+            rows.set_rows(per_slot, held_rows.get(name, 0) if self.slots else 0)
             self.model.set_submodule(name, rows)
         for module in self.model.modules():
             if not isinstance(module, MultiHeadLatentAttention):

@@ -171,8 +171,9 @@ def engines(with_head_rows, served):
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
 def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads_without_compiling_again(engines):
     """Compiled decode steps apply each row's adapter (base rows among them), and an adapter loaded after compiling
-    (in a fourth slot, another adapter unloaded) is applied too, without a new graph: the stacks' capacity is fixed
-    (vLLM's max_loras x max_lora_rank), so loads and unloads change no shape the step was traced with."""
+    (in a fourth slot, other adapters unloaded, the head rows' too) is applied too, without a new graph: the stacks'
+    capacity is fixed (vLLM's max_loras x max_lora_rank) and the head rows stay held, so loads and unloads change
+    no shape the step was traced with."""
     base, adapters, *both = engines
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3], [9, 33, 3]]
@@ -184,16 +185,18 @@ def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads_wit
                 for engine in both:
                     engine.load_adapter("late", adapters["attention"])
                     engine.unload_adapter("attention")  # the largest rank stays loaded in "late"
+                    engine.unload_adapter("rows")  # the only adapter with head rows
             eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in both)
             assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-        assert both[1].lora.slots == {"rows": 1, "full": 2, "late": 4}
+        assert both[1].lora.slots == {"full": 2, "late": 4}
         assert graphs["unique_graphs"] == compiled_graphs and both[1].decode_compiled
     finally:
         for engine in both:
             if "late" in engine.lora.slots:
                 engine.unload_adapter("late")
-            if "attention" not in engine.lora.slots:
-                engine.load_adapter("attention", adapters["attention"])
+            for name in ("attention", "rows"):
+                if name not in engine.lora.slots:
+                    engine.load_adapter(name, adapters[name])
 
 
 def test_each_expert_pair_applies_only_its_own_adapter_with_mixed_ranks_and_base_rows(served, tmp_path):
@@ -309,6 +312,23 @@ def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_spec
             logprobs = [[entry.logprob for entry in c.logprobs] for c in (completion, expected)]
             assert (torch.tensor(logprobs[0]) - torch.tensor(logprobs[1])).abs().max() < ATOL, kind
     assert mixed[1].token_ids != mixed[0].token_ids  # the head rows change the greedy continuation
+
+
+def test_unloading_the_head_rows_keeps_them_held_as_zeros_while_another_adapter_is_loaded(with_head_rows):
+    """Head rows no loaded adapter replaces any more stay held, as zeros and as many per slot as before, so that an
+    unload changes no shape of a compiled step (which would compile it again): the rows give the base's logits."""
+    base, adapters = with_head_rows
+    ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(10))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.remove("rows")
+    assert isinstance(model.lm_head, MultiTokenRows) and model.lm_head.token_ids.shape == (9, len(ROW_TOKENS))
+    assert not model.lm_head.token_deltas.any()
+    loaded.select([0, loaded.slot("full")], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    for row, name in enumerate([None, "full"]):
+        assert (mixed[row : row + 1] - merged_logits(base, adapters.get(name), ids[row : row + 1])).abs().max() < ATOL
 
 
 def write_embedding_rows_adapter(base, folder, token_ids: list[int]):
