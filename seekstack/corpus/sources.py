@@ -58,11 +58,11 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte UTF-8 cannot decode, as surrogateescape holds it
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
-# The first three bytes of an emoji (U+1F000-U+1FFFF, `F0 9F` and two more) cut short, as surrogateescape holds them:
-# in Windows-1252 `ðŸ` and a symbol, which no legacy text spells. Not any four-byte character's: their lead bytes
-# with two continuation bytes are Windows-1252's `ð ñ ò ó ô` before two symbols, which Spanish and French write
+# The first two or three bytes of an emoji (U+1F000-U+1FFFF, `F0 9F` and two more) cut short, as surrogateescape holds
+# them: in Windows-1252 `ðŸ`, which no legacy text spells. Not any four-byte character's: their lead bytes with two
+# continuation bytes are Windows-1252's `ð ñ ò ó ô` before two symbols, which Spanish and French write
 # (`llegó\xa0–`, `llegó…”`, `Bernardó\xa0»`)
-_CUT_EMOJI = re.compile("\udcf0\udc9f[\udc80-\udcbf]")
+_CUT_EMOJI = re.compile("\udcf0\udc9f")
 # A character the file's end cuts after two or more of its bytes, as a truncated scrape leaves one: an emoji's first
 # two or three bytes, or a three-byte character's first two (`E2 80` of `…` or `’`); not another four-byte
 # character's, which in Windows-1252 are `ó` (or `ñ ò ô ð`) before one or two symbols (`llegó…`, `Bernardó»`)
@@ -476,9 +476,9 @@ def _as_text(name: str) -> str:
 def _starts_no_utf8_character(data: bytes) -> bool:
     """True when no byte above 127 starts a UTF-8 character: none decodes as one (a real U+FFFD does), the end
     does not cut one after its second byte (`_CUT_AT_THE_END`: `F0 9F 98`, an emoji cut by a scraper; a last lone
-    `E9` may be an é, and a last `F3 85` Windows-1252's `ó…`), and no emoji is cut after its third byte before other
-    text (`_CUT_EMOJI`: a JSON Lines row whose text a scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes there may be
-    Windows-1252's `é’`, and are read so)."""
+    `E9` may be an é, and a last `F3 85` Windows-1252's `ó…`), and no emoji is cut after its second or third byte
+    before other text (`_CUT_EMOJI`: a JSON Lines row whose text a scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes
+    of a three-byte character there may be Windows-1252's `é’`, and are read so)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> U+DC80..U+DCFF
     text = decoder.decode(data)  # not final: a character cut by the end waits in the decoder
     cut_character, _ = decoder.getstate()

@@ -1962,12 +1962,14 @@ def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_c
     assert [doc.text for doc in open_source(tmp_path / "page.txt")] == [text]
 
 
-def test_an_emoji_cut_short_before_other_text_is_utf8_not_windows_1252(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept", [3, 2])
+def test_an_emoji_cut_short_before_other_text_is_utf8_not_windows_1252(tmp_path: Path, kept: int) -> None:
     """An emoji cut after three of its four bytes counted as started at the file's end alone: a JSON Lines row whose
     text a scraper cut (its line goes on with `"}`) read as Windows-1252, `ðŸ˜`, into train.jsonl, and in a text file
     ftfy then mended `ðŸ˜ ` into another emoji, `😠`, eating the space. Both are UTF-8 with U+FFFD now; two bytes there
-    may be Windows-1252's `é’` (`José’s`), and still read so."""
-    cut = "\U0001f600".encode()[:3]
+    may be Windows-1252's `é’` (`José’s`), and still read so. One cut after two bytes read as `ðŸ` after b8c918f
+    still."""
+    cut = "\U0001f600".encode()[:kept]
     (tmp_path / "rows.jsonl").write_bytes(b'{"text": "Great day ' + cut + b'"}\n{"text": "Jos\xe9\x92s caf\xe9"}\n')
     assert [doc.text for doc in open_source(tmp_path / "rows.jsonl")] == [
         "Great day \ufffd",
