@@ -542,7 +542,7 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
 def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:
     from seekstack.adapters.files import model_folders
     from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
-    from seekstack.tokenizer import tokenizer_json_path
+    from seekstack.tokenizer import TOKENIZER_FILE
 
     folders = model_folders(checkpoint)
     variant = read_config(folders.weights).attention_variant
@@ -551,7 +551,7 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
             f"## Samples\n\nNone: the model's attention_variant={variant!r} is a training ablation the inference "
             "engine does not serve (no cached decode path for its temporal convolution)."
         )
-    tokenizer = tokenizer_json_path(folders.tokenizer)
+    tokenizer = folders.tokenizer / TOKENIZER_FILE
     if not tokenizer.is_file():  # the run knew no tokenizer of its data (moved or deleted since it was tokenized)
         return (
             f"## Samples\n\nNone: no {tokenizer.name} in `{folders.tokenizer}` to read the model's text (the run "
