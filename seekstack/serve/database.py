@@ -114,6 +114,7 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("keys", "budget_period_s", "DOUBLE PRECISION"),  # the budget's trailing window; NULL: the name's whole usage
 )
 SQLITE_ID = "INTEGER PRIMARY KEY AUTOINCREMENT"
+SCHEMA_LOCK = 0x5EE5_57AC  # PostgreSQL's advisory lock (a bigint of our choosing) held by a server upgrading the schema
 COST_SCALE = 10**12  # usage.cost_pico: a cost as a whole number of 1e-12 of the currency, so that sums are exact
 OLD_COST_DIGITS = 12  # the significant digits an earlier seekstack rounded its float costs to (usage.cost)
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
@@ -326,6 +327,9 @@ class PostgresDatabase:
         try:
             self._connection = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._connection.transaction():
+                # One server at a time upgrades: two that each read usage (a shared lock) and then altered it, or
+                # created the same table, waited on each other ("deadlock detected") and one failed to start.
+                self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 existed = bool(self._connection.execute("SELECT to_regclass('plans') AS plans").fetchone()["plans"])
                 for statement in SCHEMA:
                     self._connection.execute(

@@ -7,9 +7,11 @@ import datetime as dt
 import json
 import re
 import sqlite3
+import threading
 import time
 import types
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -529,6 +531,28 @@ def test_an_old_databases_float_costs_are_converted_once_every_row_kept_and_tota
     assert ledger.spent("old") == 1000.0025201
     open_database(database_location)  # converted once: nothing left to do
     assert capsys.readouterr().err == ""
+
+
+def test_servers_opening_one_old_postgresql_database_at_once_both_start_every_row_kept(postgres_server):
+    """Each opening transaction read usage (a shared lock) and then altered it (ADD COLUMN cost_pico): two servers
+    opening an old database at once waited on each other, "deadlock detected", and one failed to start."""
+    for _ in range(4):  # the race is lost only some of the time
+        location = new_postgres_database(postgres_server)
+        old_usage_database(location, [str(row / 4) for row in range(200)])
+        start = threading.Barrier(2)
+
+        def open_at_once(location=location, start=start):
+            start.wait()
+            return open_database(location)
+
+        with ThreadPoolExecutor(2) as pool:
+            opened = [future.result() for future in [pool.submit(open_at_once) for _ in range(2)]]
+        stored = opened[0].query("SELECT id, cost_pico FROM usage ORDER BY id")
+        assert [(row["id"], row["cost_pico"]) for row in stored] == [
+            (row + 1, row * 250_000_000_000) for row in range(200)
+        ]
+        for database in opened:
+            database.close()
 
 
 def test_an_old_sqlite_usage_table_rebuilt_for_its_costs_issues_no_deleted_rows_id_again(tmp_path):
