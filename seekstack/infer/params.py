@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -103,11 +103,13 @@ VLLM_FIELDS_NOT_TAKEN = {
 }
 
 
-def refuse_vllm_fields_not_taken(names: Iterable[str]) -> None:
-    """ConfigError naming the first of `names` that is a vLLM SamplingParams field not taken here, saying why."""
-    for name in names:
-        if name in VLLM_FIELDS_NOT_TAKEN:
+def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given);
+    ConfigError naming the first such field given another value, saying why."""
+    for name, value in values.items():
+        if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
             raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
+    return {name: value for name, value in values.items() if name not in VLLM_FIELDS_NOT_TAKEN}
 
 
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +117,7 @@ def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
     stop string, logprobs=k (logprobs=True with top_logprobs=k), seed=-1 (no seed, as vLLM's); ConfigError naming the
     field when one is out of range or contradicts another given, or is one of vLLM's not taken here."""
-    refuse_vllm_fields_not_taken(values)
-    values = dict(values)
+    values = refuse_vllm_fields_not_taken(values)
     if type(values.get("seed")) is int and values["seed"] == RANDOM_SEED:
         values["seed"] = None
     max_tokens = values.pop("max_tokens", NOT_GIVEN)
@@ -267,7 +268,7 @@ def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: SamplingParams, *args: Any, max_tokens: int | None = NOT_GIVEN, **kwargs: Any) -> None:
         if max_tokens is not NOT_GIVEN and not args and kwargs.keys() >= every_field:
             kwargs.pop("max_new_tokens")  # dataclasses.replace(params, max_tokens=k) passes every field, the old length
-        refuse_vllm_fields_not_taken(kwargs)  # not Python's bare "unexpected keyword argument"
+        kwargs = refuse_vllm_fields_not_taken(kwargs)  # not Python's bare "unexpected keyword argument"
         given = kwargs if max_tokens is NOT_GIVEN else read_vllm_forms({**kwargs, "max_tokens": max_tokens})
         init(self, *args, **given)  # __post_init__ reads vLLM's other forms
 

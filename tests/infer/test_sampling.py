@@ -585,7 +585,8 @@ def test_ids_past_the_tokenizers_in_a_padded_vocabulary_are_refused_naming_the_i
 )  # fmt: skip
 def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name):
     """vLLM's logits_processors and structured outputs were a bare "TypeError: SamplingParams.__init__() got an
-    unexpected keyword argument", saying neither why nor that JSON mode is there (from_dict: "unknown field")."""
+    unexpected keyword argument", saying neither why nor that JSON mode is there (from_dict: "unknown field"). None,
+    vLLM's default for each, asks for nothing and is taken, as bad_words=None is."""
     why = (
         "per-request Python logits processors do not run in the engine's batched (and compiled) step; ban or favour "
         "tokens with logit_bias, allowed_token_ids or bad_words"
@@ -593,7 +594,10 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
         else "hold a request to JSON, or to a JSON Schema, with engine.add_request(ids, params, constraint=JsonFormat("
         "engine.tokenizer, schema).constraint()) (seekstack.infer.json_mode), as serve's response_format does"
     )
-    for build in (lambda: SamplingParams(**{name: None}), lambda: SamplingParams.from_dict({name: {"json": {}}})):
+    given = {name: {"json": {}}}
+    for build in (lambda: SamplingParams(**given), lambda: SamplingParams.from_dict(given)):
         with pytest.raises(ConfigError) as refused:
             build()
         assert str(refused.value) == f"field {name!r} is vLLM's and not taken here: {why}"
+    assert SamplingParams(**{name: None}, top_k=3) == SamplingParams(top_k=3)
+    assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
