@@ -54,18 +54,23 @@ def is_token_shards(path: Path) -> bool:
     return index_path(path, TRAIN_SPLIT).is_file()
 
 
-def is_chat(path: Path) -> bool:
-    """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one; a `.json` too,
-    the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes) whose first record is a conversation
-    (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or its from/value
-    `conversations`) or TRL's standard prompt-completion of text (`is_text_completion`)."""
+def first_record(path: Path) -> object:
+    """The first record of `path` when it is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads
+    one; a `.json` too, the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes), else None."""
     if source_kind(path) not in (".jsonl", ".json") or not path.is_file():
-        return False
+        return None
     try:
         with closing(jsonl_records(path)) as records:  # read as `seekstack sft` reads it: a BOM, a compression
-            _, first = next(records, (0, None))
+            return next(records, (0, None))[1]
     except ValueError:  # not JSON Lines, or not decompressed: read as text, whose reader names the fault
-        return False
+        return None
+
+
+def is_chat(path: Path) -> bool:
+    """Whether `path` is a JSONL file whose first record (`first_record`) is a conversation (`is_conversation_record`:
+    `messages`, TRL's conversational `prompt` and `completion`, or its from/value `conversations`) or TRL's standard
+    prompt-completion of text (`is_text_completion`): the files chat SFT's batch source reads."""
+    first = first_record(path)
     return is_conversation_record(first) or is_text_completion(first)
 
 

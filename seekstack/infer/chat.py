@@ -245,8 +245,10 @@ def _answer(
 
 def _trained_on_chat(adapter: Path) -> bool:
     """Whether adapter folder `adapter` is a `lora train` run, or one of its checkpoints (RUN/checkpoints/step_N),
-    whose DATA is chat conversations (`data_dir` in the run's train_config.json, relative to it)."""
-    from seekstack.adapters.data import is_chat
+    whose DATA is chat conversations (`data_dir` in the run's train_config.json, relative to it), read through the
+    chat template; TRL's prompt-completion of text trains with no template, as text does."""
+    from seekstack.adapters.data import first_record
+    from seekstack.posttrain.conversations import is_conversation_record
 
     for run in (adapter, adapter.parent.parent):
         try:
@@ -254,7 +256,7 @@ def _trained_on_chat(adapter: Path) -> bool:
         except (OSError, ValueError):
             continue
         data = config.get("data_dir") if isinstance(config, dict) else None
-        return isinstance(data, str) and is_chat(run / data)
+        return isinstance(data, str) and is_conversation_record(first_record(run / data))
     return False
 
 

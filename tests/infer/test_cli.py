@@ -1047,13 +1047,20 @@ def test_a_base_model_with_an_adapter_trained_on_chat_is_not_called_a_base_model
     base.mkdir()  # no chat_template: a base model
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (tmp_path / "prose.txt").write_text("Some domain text.\n")
-    for name, data in (("chat_adapter", "../chat.jsonl"), ("prose_adapter", "../prose.txt")):
+    (tmp_path / "completions.jsonl").write_text(json.dumps({"prompt": "2 + 2 =", "completion": " 4"}) + "\n")
+    for name, data in (
+        ("chat_adapter", "../chat.jsonl"),
+        ("prose_adapter", "../prose.txt"),
+        ("completion_adapter", "../completions.jsonl"),
+    ):
         (tmp_path / name / "checkpoints" / "step_4").mkdir(parents=True)
         (tmp_path / name / "train_config.json").write_text(json.dumps({"init_from": "../base", "data_dir": data}))
     chat_adapter, prose_adapter = tmp_path / "chat_adapter", tmp_path / "prose_adapter"
     assert base_model_reason(base, base, chat_adapter) is None
     assert base_model_reason(base, base, chat_adapter / "checkpoints" / "step_4") is None  # one of its checkpoints
     assert "has no chat_template" in base_model_reason(base, base, prose_adapter)  # a domain adapter, not chat
+    # TRL's prompt-completion of text trains with no chat template: the base stays a base model
+    assert "has no chat_template" in base_model_reason(base, base, tmp_path / "completion_adapter")
 
 
 @pytest.mark.parametrize(
