@@ -178,8 +178,10 @@ def require_each_run_once(run_dirs: list[Path]) -> None:
 
 def run_names(run_dirs: list[Path]) -> list[str]:
     """Each run's name in the legends: its folder's name (`.` or `..` given: the folder it stands for, not a link's
-    target), or its path as given when two runs share that name (runs/a/rl and runs/b/rl)."""
-    names = [Path(os.path.abspath(run_dir)).name for run_dir in run_dirs]
+    target; the root, which has none: its anchor, '/'), or its path as given when two runs share that name (runs/a/rl
+    and runs/b/rl)."""
+    folders = [Path(os.path.abspath(run_dir)) for run_dir in run_dirs]
+    names = [folder.name or folder.anchor for folder in folders]
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 

@@ -166,7 +166,8 @@ def test_plot_of_several_runs_overlays_them_one_colour_each(demo_run, tmp_path, 
 
 def test_runs_given_as_dot_from_inside_one_are_named_by_their_folders(tmp_path, monkeypatch):
     """`seekstack plot . ../b` from inside run a named it by Path('.').name, '': its curves had no legend entry and
-    the figure's title read ', b'."""
+    the figure's title read ', b'. The root, which has no folder name, is named by its anchor, as read_text_folder
+    names a corpus source."""
     import seekstack.train.plot as plot
 
     records = [{"step": 1, "loss": 3.2, "lm_loss": 3.0, "lr": 0.001}]
@@ -177,6 +178,7 @@ def test_runs_given_as_dot_from_inside_one_are_named_by_their_folders(tmp_path, 
     monkeypatch.setattr(plot.plt, "close", drawn.append)
     plot.plot_runs([Path("."), Path("../b")], tmp_path / "both.png", [records, records])
     assert plot.run_names([Path("."), Path("../b"), Path("..")]) == ["a", "b", tmp_path.name]
+    assert plot.run_names([Path("/"), Path("../b")]) == ["/", "b"]
     assert [line.get_label() for line in drawn[0].axes[2].get_lines()] == ["a", "b"]
     assert drawn[0].get_suptitle() == "a, b"
 
