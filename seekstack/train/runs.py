@@ -52,8 +52,8 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     """The folder of step `step` under `out_dir`'s checkpoints: the step folder of that number there, however its
     number is written (step_04, renamed by hand: `--resume-from 4` and `step_04`, as the run's listings name it, take
     it, and a save of step 4 replaces it rather than making a second step 4 beside it), else step_{step}."""
-    same = [folder for folder in step_folders(out_dir) if step_number(folder) == step]
-    return same[0] if same else checkpoint_dir(out_dir) / f"step_{step}"
+    same = (folder for folder in step_folders(out_dir) if step_number(folder) == step)
+    return next(same, checkpoint_dir(out_dir) / f"step_{step}")
 
 
 def step_number(folder: Path) -> int:
