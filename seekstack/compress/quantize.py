@@ -323,10 +323,37 @@ def quantize_checkpoint(
     in_float = quantized_in_float(model_dir, model)
     stored = dequantize_layers(model)
     assignment = quantize_model(model, config, stored)
+    _refuse_nothing_quantized(assignment, config, layer_names(model))
     model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
     notes = _requantized_notes(stored, in_float, assignment, model) + mixed_experts_notes(model)
     return assignment, notes
+
+
+def _refuse_nothing_quantized(assignment: dict[str, str], config: QuantConfig, names: dict[str, str]) -> None:
+    """A quantization that leaves every layer in float would write a float copy of the checkpoint: ConfigError naming
+    the `layers` "none" (else `keep`) patterns that kept layers the scheme would quantize, or, where none did,
+    ValueError with the reasons no layer could be quantized. `names`: our layer names -> the checkpoint's."""
+    if any(not value.startswith("kept") for value in assignment.values()):
+        return
+    unpatterned = QuantConfig(scheme=config.scheme, keep=[])
+    by_pattern = [
+        names[name]
+        for name, value in assignment.items()
+        if value == "kept" and unpatterned.scheme_of(name, names[name]) is not None
+    ]
+    if not by_pattern:
+        reasons = Counter(value.partition(": ")[2] or "always kept" for value in assignment.values())
+        listed = "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+        raise ValueError(f"nothing to quantize: no layer can be quantized to {config.scheme} ({listed})")
+    unquantized = [pattern for pattern, scheme in config.layers.items() if scheme == "none"]
+    field_name, patterns = ("layers", unquantized) if unquantized else ("keep", config.keep)
+    raise ConfigError(
+        f": {', '.join(map(repr, patterns))} keep{'s' if len(patterns) == 1 else ''} in float every layer that "
+        f"{config.scheme} would quantize ({len(by_pattern)}, {by_pattern[0]} first): nothing is left to quantize, and "
+        "the output would be a float copy of the checkpoint",
+        field=field_name,
+    )
 
 
 def _requantized_notes(

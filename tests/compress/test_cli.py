@@ -63,6 +63,29 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--scheme", "int8", "--keep", "*"], "Invalid value for '--keep': '*' keeps in float every layer that int8"),
+        (["--scheme", "fp8", "--keep", "*.*", "--keep", "lm_head"], "'--keep': '*.*', 'lm_head' keep in float"),
+        (["--config", "config.json"], "field 'layers': '*' keeps in float every layer that int8 would quantize"),
+    ],
+)
+def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_keep_every_layer(
+    tmp_path, options, expected
+):
+    """`--keep '*'` exited 0 having written a float copy of the checkpoint ("37 kept"), where prune refuses a run
+    that removes nothing."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "config.json").write_text(json.dumps({"layers": {"*": "none"}}))
+    options = [str(tmp_path / option) if option == "config.json" else option for option in options]
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), *options])
+    assert result.exit_code == (1 if "--config" in options else 2), result.output
+    assert expected in result.output
+    assert "nothing is left to quantize, and the output would be a float copy of the checkpoint" in result.output
+    assert not (tmp_path / "q").exists()
+
+
 def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp_path):
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
