@@ -243,6 +243,8 @@ def test_trls_prompt_completion_rows_train_the_completion_alone_text_with_no_tem
     (text_ids, text_labels), (chat_ids, chat_labels) = source.rows.rows  # in the file's order
     prompt, completion = tokenizer.encode_prompt("Q: What is 2+2?\nA:"), tokenizer.encode(" It is 4.")
     assert text_ids == [*prompt, *completion, tokenizer.eos_id]
+    # as TRL tokenizes the pair, prompt and completion as one text (no token merges across " It" here), the EOS added
+    assert text_ids == [*tokenizer.encode_prompt("Q: What is 2+2?\nA: It is 4."), tokenizer.eos_id]
     assert text_labels == [-100] * len(prompt) + [*completion, tokenizer.eos_id]
     assert chat_ids == tokenizer.encode_chat(turn, add_generation_prompt=False)
     trained = [label for label in chat_labels if label != -100]
