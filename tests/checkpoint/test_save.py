@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 
 import pytest
 
 import seekstack
 from tests.conftest import micro_config
+from tests.support import fp8_block_warnings
 
 
 def shard_sizes(folder) -> list[int]:
@@ -80,10 +80,7 @@ def test_an_fp8_block_transformers_cpu_loader_misreads_is_warned_about_naming_th
     to load the folder ("Weight shape (128, 16) not divisible by scale grid (3, 1)"), and with (64, 64) it loaded the
     micro model's down_proj (64, 96) in (64, 48) blocks, other weights than seekstack reads."""
     model = seekstack.Transformer(micro_config()).eval()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seekstack.save_pretrained(model, tmp_path / "fp8", fp8_block=block)
-    messages = [str(warning.message) for warning in caught if "weight_block_size" in str(warning.message)]
+    _, messages = fp8_block_warnings(lambda: seekstack.save_pretrained(model, tmp_path / "fp8", fp8_block=block))
     if named is None:
         assert messages == []
     else:

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from seekstack.compress.quality import held_out_batches
 from seekstack.tokenizer import train_tokenizer
 from tests.compress.test_quantized_model import INPUT_IDS, logits, model_for_tests
 from tests.conftest import micro_config
+from tests.support import fp8_block_warnings
 
 
 def test_quantize_command_writes_a_smaller_checkpoint_that_loads_quantized(tmp_path):
@@ -486,22 +486,10 @@ def test_quantize_to_fp8_warns_of_blocks_transformers_reads_otherwise_and_notes_
     splits a weight unevenly is warned about, as save_pretrained warns."""
     seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "float")
     (tmp_path / "quant.yaml").write_text(f"scheme: fp8\nfp8_block: {block}\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = CliRunner().invoke(
-            app,
-            [
-                "quantize",
-                str(tmp_path / "float"),
-                "--out",
-                str(tmp_path / "q"),
-                "--config",
-                str(tmp_path / "quant.yaml"),
-            ],
-        )
+    args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
+    result, messages = fp8_block_warnings(lambda: CliRunner().invoke(app, args))
     assert result.exit_code == 0, result.output
     assert "note: " not in result.output
-    messages = [str(w.message) for w in caught if "weight_block_size" in str(w.message)]
     assert [message.split(" of shape")[0].removeprefix(f"{tmp_path / 'q'}: ") for message in messages] == warned
 
 

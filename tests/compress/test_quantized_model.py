@@ -26,6 +26,7 @@ from seekstack.compress.quantize import (
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
+from tests.support import fp8_block_warnings
 
 SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
 INPUT_IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -679,14 +680,6 @@ def test_an_fp8_model_saved_with_its_own_fp8_block_keeps_its_kept_layers_in_floa
     assert not (tmp_path / "other").exists()
 
 
-def block_warnings(save) -> list[str]:
-    """The fp8 block warnings `save()` gives."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        save()
-    return [str(warning.message) for warning in caught if "weight_block_size" in str(warning.message)]
-
-
 @pytest.mark.parametrize("block", [(48, 40), (64, 64), (128, 128), (8, 8)])
 def test_quantizing_to_fp8_warns_of_the_blocks_transformers_misreads_as_save_pretrained_does(tmp_path, block):
     """quantize_checkpoint (save_with_tokenizer) wrote fp8 blocks transformers' CPU loader refuses or misreads
@@ -695,11 +688,10 @@ def test_quantizing_to_fp8_warns_of_the_blocks_transformers_misreads_as_save_pre
     written (one scale: its grid's block is the weight). Both paths now warn alike, by the same check."""
     model = Transformer(micro_config()).eval()
     seekstack.save_pretrained(model, tmp_path / "float")
-    at_save = block_warnings(lambda: seekstack.save_pretrained(model, tmp_path / "at_save", fp8_block=block))
+    _, at_save = fp8_block_warnings(lambda: seekstack.save_pretrained(model, tmp_path / "at_save", fp8_block=block))
     config = QuantConfig(scheme="fp8", fp8_block=block)
-    notes: list[str] = []
-    quantized = block_warnings(
-        lambda: notes.extend(quantize_checkpoint(tmp_path / "float", tmp_path / "quantized", config)[1])
+    (_, notes), quantized = fp8_block_warnings(
+        lambda: quantize_checkpoint(tmp_path / "float", tmp_path / "quantized", config)
     )
     assert quantized == [message.replace("at_save", "quantized") for message in at_save]
     assert len(quantized) == (block in [(48, 40), (64, 64)])
