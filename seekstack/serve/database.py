@@ -198,86 +198,76 @@ class SQLiteDatabase:
         self._read_lock = threading.Lock()
 
     def _create_tables(self) -> None:
-        """WAL mode, the tables and the columns added since, each step a no-op where done before; a database of an
-        earlier seekstack that it changes is told of (`note_upgrade`)."""
+        """The tables and the columns added since, each step a no-op where done before, in one transaction: a database
+        refused on the way (a damaged cost) is left as it was; then WAL mode. A database of an earlier seekstack that
+        it changes is told of (`note_upgrade`)."""
         connection = self._connection
-        connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
-        existed = bool(connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone())
-        for statement in SCHEMA:
-            connection.execute(statement.format(id_column=SQLITE_ID))
-        changes = []
-        for table, column, definition in ADDED_COLUMNS:
-            try:
-                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                changes.append(f"column {table}.{column} added")
-            except sqlite3.OperationalError as error:
-                if "duplicate column" not in str(error):  # there already, or just added by another process
-                    raise
-        converted = self._keep_costs_in_pico()
-        if converted is not None:
-            changes.append(costs_converted(converted))
-        if self._free_revoked_key_names():
-            changes.append(KEYS_REBUILT)
-        for statement in KEYS_INDEXES:
-            connection.execute(statement)
+        connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
+        try:
+            existed = bool(connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone())
+            for statement in SCHEMA:
+                connection.execute(statement.format(id_column=SQLITE_ID))
+            changes = []
+            for table, column, definition in ADDED_COLUMNS:
+                try:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    changes.append(f"column {table}.{column} added")
+                except sqlite3.OperationalError as error:
+                    if "duplicate column" not in str(error):  # there already
+                        raise
+            converted = self._keep_costs_in_pico()
+            if converted is not None:
+                changes.append(costs_converted(converted))
+            if self._free_revoked_key_names():
+                changes.append(KEYS_REBUILT)
+            for statement in KEYS_INDEXES:
+                connection.execute(statement)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        connection.execute("PRAGMA journal_mode=WAL")  # outside a transaction, as SQLite requires
         if existed:
             note_upgrade(self.location, changes)
 
     def _keep_costs_in_pico(self) -> int | None:
         """Rebuild a usage table of an earlier seekstack, whose cost column held floats, with each cost as the whole
-        number of 1e-12 of the currency it stands for (cost_pico), in one transaction: SQLite cannot change a
-        column's type in place. How many rows were converted; None where there was nothing to do."""
+        number of 1e-12 of the currency it stands for (cost_pico), inside `_create_tables`' transaction: SQLite cannot
+        change a column's type in place. How many rows were converted; None where there was nothing to do."""
         connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
-        try:
-            columns = [column["name"] for column in connection.execute("PRAGMA table_info(usage)")]
-            converted = None
-            if "cost" in columns:
-                costs = old_costs_in_pico(self.location, connection.execute("SELECT id, cost FROM usage").fetchall())
-                issued = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'usage'").fetchone()
-                kept = ", ".join(column for column in columns if column != "cost")
-                connection.execute(f"CREATE TABLE usage_rebuilt ({USAGE_COLUMNS.format(id_column=SQLITE_ID)})")
-                for table, column, definition in ADDED_COLUMNS:
-                    if table == "usage":
-                        connection.execute(f"ALTER TABLE usage_rebuilt ADD COLUMN {column} {definition}")
-                connection.execute(f"INSERT INTO usage_rebuilt ({kept}, cost_pico) SELECT {kept}, 0 FROM usage")
-                connection.executemany("UPDATE usage_rebuilt SET cost_pico = ? WHERE id = ?", costs)
-                connection.execute("DROP TABLE usage")
-                connection.execute("ALTER TABLE usage_rebuilt RENAME TO usage")
-                if issued is not None:  # the copy counts from its largest id: no id of a deleted row is issued again
-                    connection.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'usage'", (issued["seq"],))
-                connection.execute(USAGE_INDEX)
-                converted = len(costs)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        return converted
+        columns = [column["name"] for column in connection.execute("PRAGMA table_info(usage)")]
+        if "cost" not in columns:
+            return None
+        costs = old_costs_in_pico(self.location, connection.execute("SELECT id, cost FROM usage").fetchall())
+        issued = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'usage'").fetchone()
+        kept = ", ".join(column for column in columns if column != "cost")
+        connection.execute(f"CREATE TABLE usage_rebuilt ({USAGE_COLUMNS.format(id_column=SQLITE_ID)})")
+        for table, column, definition in ADDED_COLUMNS:
+            if table == "usage":
+                connection.execute(f"ALTER TABLE usage_rebuilt ADD COLUMN {column} {definition}")
+        connection.execute(f"INSERT INTO usage_rebuilt ({kept}, cost_pico) SELECT {kept}, 0 FROM usage")
+        connection.executemany("UPDATE usage_rebuilt SET cost_pico = ? WHERE id = ?", costs)
+        connection.execute("DROP TABLE usage")
+        connection.execute("ALTER TABLE usage_rebuilt RENAME TO usage")
+        if issued is not None:  # the copy counts from its largest id: no id of a deleted row is issued again
+            connection.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'usage'", (issued["seq"],))
+        connection.execute(USAGE_INDEX)
+        return len(costs)
 
     def _free_revoked_key_names(self) -> bool:
-        """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, in
-        one transaction: SQLite cannot drop a primary key in place. Whether it was rebuilt."""
+        """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, inside
+        `_create_tables`' transaction: SQLite cannot drop a primary key in place. Whether it was rebuilt."""
         connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
-        try:
-            if any(
-                column["name"] == "name" and column["pk"] for column in connection.execute("PRAGMA table_info(keys)")
-            ):
-                connection.execute(f"CREATE TABLE keys_rebuilt ({KEYS_COLUMNS})")
-                connection.execute(
-                    f"INSERT INTO keys_rebuilt ({KEYS_COLUMN_NAMES}) SELECT {KEYS_COLUMN_NAMES} FROM keys"
-                )
-                connection.execute("DROP TABLE keys")
-                connection.execute("ALTER TABLE keys_rebuilt RENAME TO keys")
-                rebuilt = True
-            else:
-                rebuilt = False
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        return rebuilt
+        if not any(
+            column["name"] == "name" and column["pk"] for column in connection.execute("PRAGMA table_info(keys)")
+        ):
+            return False
+        connection.execute(f"CREATE TABLE keys_rebuilt ({KEYS_COLUMNS})")
+        connection.execute(f"INSERT INTO keys_rebuilt ({KEYS_COLUMN_NAMES}) SELECT {KEYS_COLUMN_NAMES} FROM keys")
+        connection.execute("DROP TABLE keys")
+        connection.execute("ALTER TABLE keys_rebuilt RENAME TO keys")
+        return True
 
     @contextmanager
     def transaction(self) -> Iterator[Statements]:
@@ -438,7 +428,8 @@ def cost_amount(pico: int) -> float:
 def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, int]]:
     """(cost_pico, id) of each row (id, cost) of an earlier seekstack's usage table, whose float costs stood for
     decimals of OLD_COST_DIGITS significant digits; ValueError naming the database and the row for a cost that is
-    no amount (a damaged database), before anything is changed."""
+    no amount (a damaged database), which rolls back the opening transaction it is called in: the database is left
+    as it was, every column and table the opening would have added included."""
     converted = []
     for row in rows:
         cost = row["cost"]

@@ -571,6 +571,9 @@ def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_uncha
     postgres = database_location.startswith("postgresql")
     damaged = "'NaN'" if postgres else "'twelve'"  # PostgreSQL's float column holds NaN; SQLite's holds any text
     old_usage_database(database_location, ["0.5", damaged, "0.25"])
+    schema = database_schema(database_location)
+    if not postgres:
+        old_bytes = Path(database_location).read_bytes()
     with pytest.raises(
         ValueError,
         match="usage row 2 has cost .*, which is no amount >= 0: the database is damaged; its costs were left",
@@ -585,6 +588,30 @@ def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_uncha
         with sqlite3.connect(database_location) as connection:
             kept = [row[0] for row in connection.execute("SELECT cost FROM usage ORDER BY id")]
     assert kept[0] == 0.5 and kept[2] == 0.25 and len(kept) == 3  # the float column, every row, as it was
+    assert database_schema(database_location) == schema  # no column added, no table made (SQLite committed both)
+    if not postgres:
+        assert Path(database_location).read_bytes() == old_bytes
+
+
+def database_schema(location: str) -> list[tuple]:
+    """Each (table, column, type) of the database at `location`, sorted."""
+    if location.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(location) as connection:
+            return sorted(
+                connection.execute(
+                    "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = current_schema()"
+                ).fetchall()
+            )
+    with sqlite3.connect(location) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return sorted(
+            (table, column[1], column[2])
+            for table in tables
+            for column in connection.execute(f"PRAGMA table_info({table})")
+        )
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
