@@ -167,7 +167,8 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
             )
 
 
-# vLLM's LLM(...) keywords that from_pretrained does not take, and what does their work here
+# vLLM's LLM(...) keywords that from_pretrained does not take (but at VLLM_ENGINE_VALUES_TAKEN), and what does their
+# work here
 VLLM_ENGINE_KEYWORDS = {
     "enforce_eager": "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding "
     "has taken as long as a compile)",
@@ -176,9 +177,39 @@ VLLM_ENGINE_KEYWORDS = {
     "tensor_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
     "pipeline_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
     "seed": "seed a request with SamplingParams(seed=), or all of them with torch.manual_seed(s) before generate",
-    "max_num_seqs": "it is max_batch_size= here",
-    "enable_prefix_caching": "it is prefix_caching= here (on by default)",
 }
+# vLLM's LLM(...) keywords taken at the value that asks for what the engine does, to no effect; others refused as above
+VLLM_ENGINE_VALUES_TAKEN = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True}
+# vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them
+VLLM_ENGINE_NAMES = {"max_num_seqs": "max_batch_size", "enable_prefix_caching": "prefix_caching"}
+
+
+def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine keywords with vLLM's LLM ones read: its names of the engine's (VLLM_ENGINE_NAMES) as them, and those
+    asking for what the engine does (VLLM_ENGINE_VALUES_TAKEN) dropped; TypeError naming any other vLLM keyword or
+    value and what does its work here, ValueError for one beside the engine's keyword asking otherwise."""
+    kwargs = dict(kwargs)
+    for name in [name for name in kwargs if name in VLLM_ENGINE_KEYWORDS]:  # not a bare "unexpected keyword argument"
+        value, taken = kwargs.pop(name), VLLM_ENGINE_VALUES_TAKEN.get(name)
+        if taken is None:
+            raise TypeError(f"{name}= is vLLM's LLM keyword, not taken here: {VLLM_ENGINE_KEYWORDS[name]}")
+        if type(value) is not type(taken) or value != taken:
+            raise TypeError(
+                f"{name}={value!r} is vLLM's LLM keyword, taken here only as {name}={taken!r}: "
+                f"{VLLM_ENGINE_KEYWORDS[name]}"
+            )
+        if name == "enforce_eager" and kwargs.get("compile", False) is not False:
+            raise ValueError(
+                f"enforce_eager=True beside compile={kwargs['compile']!r}: the engine decodes eagerly unless given "
+                "compile=True or None; leave one out"
+            )
+    for vllm_name, name in VLLM_ENGINE_NAMES.items():
+        if vllm_name in kwargs:
+            value = kwargs.pop(vllm_name)
+            if name in kwargs and kwargs[name] != value:
+                raise ValueError(f"{vllm_name}={value!r} beside {name}={kwargs[name]!r}: it is vLLM's name for {name}")
+            kwargs[name] = value
+    return kwargs
 
 
 class Engine:
@@ -358,14 +389,14 @@ class Engine:
         as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype). `trust_remote_code` and
         `low_cpu_mem_usage`, which transformers and vLLM callers pass, are taken without effect: seekstack runs no code
         from a checkpoint, and always reads the weights one tensor at a time into a model built without them (what
-        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk.
+        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk. vLLM's
+        LLM keywords are read, or refused naming what does their work, by `read_vllm_engine_keywords`.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
-        for name in kwargs.keys() & VLLM_ENGINE_KEYWORDS.keys():  # a bare "unexpected keyword argument" otherwise
-            raise TypeError(f"{name}= is vLLM's LLM keyword, not taken here: {VLLM_ENGINE_KEYWORDS[name]}")
+        kwargs = read_vllm_engine_keywords(kwargs)
         if revision is not None:
             raise ValueError(
                 f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the "

@@ -121,19 +121,48 @@ def test_add_request_in_vllms_argument_order_is_refused_saying_this_order(model,
 
 
 @pytest.mark.parametrize(
-    "keyword, told",
+    "given, told",
     [
-        ("gpu_memory_utilization", "give the latent cache's budget in bytes, kv_cache_memory= (default: half the free "
-         "memory of each device)"),
-        ("max_num_seqs", "it is max_batch_size= here"),
-        ("enforce_eager", "the engine decodes eagerly unless given compile=True (or compile=None: once eager "
-         "decoding has taken as long as a compile)"),
-        ("tensor_parallel_size", "the engine runs in one process; spread a model over devices with device_map="),
+        ({"gpu_memory_utilization": 0.5}, "gpu_memory_utilization= is vLLM's LLM keyword, not taken here: give the "
+         "latent cache's budget in bytes, kv_cache_memory= (default: half the free memory of each device)"),
+        ({"seed": 0}, "seed= is vLLM's LLM keyword, not taken here: seed a request with SamplingParams(seed=), or all "
+         "of them with torch.manual_seed(s) before generate"),
+        ({"enforce_eager": False}, "enforce_eager=False is vLLM's LLM keyword, taken here only as enforce_eager=True: "
+         "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding has taken as "
+         "long as a compile)"),
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is vLLM's LLM keyword, taken here only as "
+         "tensor_parallel_size=1: the engine runs in one process; spread a model over devices with device_map="),
+        ({"pipeline_parallel_size": True}, "pipeline_parallel_size=True is vLLM's LLM keyword, taken here only as "
+         "pipeline_parallel_size=1: the engine runs in one process; spread a model over devices with device_map="),
     ],
 )  # fmt: skip
-def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_path, keyword, told):
+def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_path, given, told):
     """Engine.from_pretrained(path, gpu_memory_utilization=0.5), as a vLLM script builds LLM(model, ...), was a bare
     "TypeError: Engine.__init__() got an unexpected keyword argument", raised only once every weight had loaded."""
     with pytest.raises(TypeError) as refused:
-        Engine.from_pretrained(tmp_path / "not-read", **{keyword: 1})
-    assert str(refused.value) == f"{keyword}= is vLLM's LLM keyword, not taken here: {told}"
+        Engine.from_pretrained(tmp_path / "not-read", **given)
+    assert str(refused.value) == told
+
+
+def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_names_read_as_the_engines(tmp_path):
+    """vLLM's LLM(model, tensor_parallel_size=1, enforce_eager=True, max_num_seqs=4, enable_prefix_caching=False) was
+    refused keyword by keyword, though one process, eager decoding, four requests a batch and no prefix cache is what
+    the engine does given its own names for them (max_batch_size, prefix_caching)."""
+    from tests.infer.support import model_dir
+
+    taken = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True}
+    engine = Engine.from_pretrained(
+        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=4, enable_prefix_caching=False, **taken
+    )
+    assert (engine.max_batch_size, engine.cache.prefix_caching, engine.decode_compiled) == (4, False, False)
+    for given, told in (
+        ({"max_num_seqs": 4, "max_batch_size": 8}, "max_num_seqs=4 beside max_batch_size=8: it is vLLM's name for "
+         "max_batch_size"),
+        ({"enable_prefix_caching": True, "prefix_caching": False}, "enable_prefix_caching=True beside "
+         "prefix_caching=False: it is vLLM's name for prefix_caching"),
+        ({"enforce_eager": True, "compile": None}, "enforce_eager=True beside compile=None: the engine decodes eagerly "
+         "unless given compile=True or None; leave one out"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as refused:
+            Engine.from_pretrained(tmp_path / "not-read", **given)
+        assert str(refused.value) == told
