@@ -294,30 +294,30 @@ def refuse_a_rank_the_init_cannot_give(adapter: AdapterConfig, base: str | Path)
     config = read_config(base)
     with torch.device("meta"):  # the weights' shapes alone
         model = Transformer(config)
+    weights = {name: param.shape for name, param in model.named_parameters(remove_duplicate=False)}  # tied: both
     modules, parameters = adapter.targets(config)
-    shapes = {name: model.get_submodule(name).weight.shape for name in modules}
-    shapes.update((name.removesuffix(".weight"), model.get_parameter(name).shape) for name in parameters)
-    if adapter.init == "eva":
-        name, (rows, columns) = min(shapes.items(), key=lambda item: item[1][1])
-        components = round(adapter.rank * adapter.eva_rho)
-        require(
-            components <= columns,
-            PREFIX + "rank",
-            f"such that round(lora.rank x lora.eva_rho) = {components} is at most {columns} with lora.init=eva: "
+    shapes = {name: weights[f"{name}.weight"] for name in modules}
+    shapes.update((name.removesuffix(".weight"), weights[name]) for name in parameters)
+    eva = adapter.init == "eva"
+    side = (lambda shape: shape[1]) if eva else min  # EVA: a layer's inputs; pissa, olora: the weight's smaller side
+    needed = round(adapter.rank * adapter.eva_rho) if eva else adapter.rank
+    name, (rows, columns) = min(shapes.items(), key=lambda item: side(item[1]))
+    limit = side((rows, columns))
+    if eva:
+        advice = (
+            f"such that round(lora.rank x lora.eva_rho) = {needed} is at most {limit} with lora.init=eva: "
             f"{name}'s weight is {rows} x {columns}, whose {columns} inputs have no more singular vectors to start "
             "from; give a smaller lora.rank or lora.eva_rho, or leave that layer out (lora.attention, "
-            "lora.feed_forward, lora.layers)",
+            "lora.feed_forward, lora.layers)"
         )
-        return
-    name, (rows, columns) = min(shapes.items(), key=lambda item: min(item[1]))
-    require(
-        adapter.rank <= min(rows, columns),
-        PREFIX + "rank",
-        f"at most {min(rows, columns)} with lora.init={adapter.init} (not {adapter.rank}): {name}'s weight is "
-        f"{rows} x {columns}, whose {'SVD' if adapter.init == 'pissa' else 'QR decomposition'} gives no more "
-        "directions to start from; give a smaller lora.rank, or leave that layer out (lora.attention, "
-        "lora.feed_forward, lora.vocabulary, lora.layers)",
-    )
+    else:
+        advice = (
+            f"at most {limit} with lora.init={adapter.init} (not {needed}): {name}'s weight is {rows} x {columns}, "
+            f"whose {'SVD' if adapter.init == 'pissa' else 'QR decomposition'} gives no more directions to start "
+            "from; give a smaller lora.rank, or leave that layer out (lora.attention, lora.feed_forward, "
+            "lora.vocabulary, lora.layers)"
+        )
+    require(needed <= limit, PREFIX + "rank", advice)
 
 
 def refuse_quantized_checkpoint(base: str | Path) -> None:
