@@ -9,6 +9,7 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -104,7 +105,8 @@ class BadWords:
 
     def __init__(self, words: list[list[int]]):
         self.words = words  # each word's token ids
-        self.output: list[int] = []  # the tokens accepted so far
+        # the last tokens accepted, as many as the longest word has before its last: all a word's ban is read from
+        self.recent: deque[int] = deque(maxlen=max((len(word) - 1 for word in words), default=0))
 
     @classmethod
     def encoded(cls, words: Iterable[str], encode: Callable[[str], list[int]]) -> BadWords:
@@ -119,22 +121,23 @@ class BadWords:
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """(vocab_size,) bool: every token but the last of each word whose other tokens end the output."""
-        return self._allowed_after(self.output, vocab_size)
+        return self._allowed_after(list(self.recent), vocab_size)
 
-    def _allowed_after(self, output: list[int], vocab_size: int) -> torch.Tensor:
+    def _allowed_after(self, tail: list[int], vocab_size: int) -> torch.Tensor:
         allowed = torch.ones(vocab_size, dtype=torch.bool)
         for *prefix, last in self.words:
-            if len(prefix) <= len(output) and output[len(output) - len(prefix) :] == prefix:
+            if len(prefix) <= len(tail) and tail[len(tail) - len(prefix) :] == prefix:
                 allowed[last] = False
         return allowed
 
     def allowed_after(self, drafts: list[int], vocab_size: int) -> torch.Tensor:
         """(K+1, vocab_size) bool: `allowed` at [pending, K drafts], column t after the drafts before it."""
-        return torch.stack([self._allowed_after(self.output + drafts[:t], vocab_size) for t in range(len(drafts) + 1)])
+        recent = list(self.recent)
+        return torch.stack([self._allowed_after(recent + drafts[:t], vocab_size) for t in range(len(drafts) + 1)])
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token."""
-        self.output.append(token_id)
+        self.recent.append(token_id)
 
     @property
     def complete(self) -> bool:

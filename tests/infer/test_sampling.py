@@ -12,7 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms, token_logprobs
+from seekstack.infer.sampling import (
+    BadWords,
+    PenaltyState,
+    SamplingBatch,
+    SamplingParams,
+    SeededUniforms,
+    token_logprobs,
+)
 from seekstack.infer.speculative import accept_drafts, verify_drafts
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import BOS, EOS, Tokenizer
@@ -601,3 +608,22 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
         assert str(refused.value) == f"field {name!r} is vLLM's and not taken here: {why}"
     assert SamplingParams(**{name: None}, top_k=3) == SamplingParams(top_k=3)
     assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
+
+
+def test_bad_words_read_only_the_outputs_last_tokens_and_ban_as_the_whole_output_says():
+    """BadWords.allowed_after copied the whole output once per draft column each speculative step (0.7 ms a step at
+    10 tokens, 5.2 ms at 100k): it keeps only the last tokens the longest word can end with, three here, and bans
+    what comparing each word with the whole output bans."""
+    words, vocab = [[7], [3, 4], [1, 2, 3, 4]], 9
+    constraint, output = BadWords(words), []
+    for token in [*torch.randint(1, 6, (1000,), generator=torch.Generator().manual_seed(0)).tolist(), 1, 2, 3]:
+        constraint.accept(token)
+        output.append(token)
+        drafts = [1, 2, 3]
+        masks = constraint.allowed_after(drafts, vocab)
+        for column, tokens in enumerate(output + drafts[:t] for t in range(len(drafts) + 1)):
+            banned = {last for *prefix, last in words if tokens[len(tokens) - len(prefix) :] == prefix}
+            assert masks[column].logical_not().nonzero().flatten().tolist() == sorted(banned)
+        assert torch.equal(constraint.allowed(vocab), masks[0])
+    banned_now = constraint.allowed(vocab).logical_not().nonzero().flatten().tolist()
+    assert (list(constraint.recent), banned_now) == ([1, 2, 3], [4, 7])  # 1 2 3 ends the output: 4 would end a word
