@@ -389,8 +389,8 @@ class Engine:
         as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype). `trust_remote_code` and
         `low_cpu_mem_usage`, which transformers and vLLM callers pass, are taken without effect: seekstack runs no code
         from a checkpoint, and always reads the weights one tensor at a time into a model built without them (what
-        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk. vLLM's
-        LLM keywords are read, or refused naming what does their work, by `read_vllm_engine_keywords`.
+        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk.
+        vLLM's LLM keywords are read, or refused naming what does their work, by `read_vllm_engine_keywords`.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
