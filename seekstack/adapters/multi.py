@@ -4,8 +4,9 @@ Each loaded adapter has a slot; slot 0 is the base model. An adapted linear laye
 factors of every slot side by side, A (S*r, in) and B (out, S*r) (stored transposed, as `down` and `up`, for plain
 matmuls), the scale alpha/r folded into B, zeros for the base, for free slots and for an adapter without that target.
 S and r are the capacity the server was started with, not what is loaded (vLLM's max_loras + 1 slots of
-max_lora_rank: a smaller rank is zero-padded to it), so loads and unloads never change a shape a compiled step
-was traced with. Before
+max_lora_rank: a smaller rank is zero-padded to it), so loads and unloads never change a shape a compiled step was
+traced with. Eager steps, which trace nothing, compute on a compact copy made at each load instead (`LoadedExtent`):
+the slots up to the highest one in use and the largest rank loaded for that layer, as the unpadded stacks did. Before
 each forward the engine says which slot each row uses (`AdapterRows.select`); from it the forward builds, once for
 all layers, a mask M (N, S*r) that is 1 on the r columns of each token's slot. Every row then gets its own adapter
 from two small matmuls over the whole batch, whatever the mix of adapters, with no per-row gathers or per-adapter
@@ -49,9 +50,10 @@ TokenRows = tuple[torch.Tensor, torch.Tensor]  # token ids (n,), the trained row
 class AdapterRows:
     """The slot each row of the next forward uses, shared by every adapted layer; `slots` None: the base alone."""
 
-    slot_count: int = 1  # S, slot 0 included
+    slot_count: int = 1  # S, slot 0 included: the stacks' capacity, which compiled steps compute on
+    slots_in_use: int = 1  # the highest slot a loaded adapter holds + 1: the extent eager steps compute on
     slots: torch.Tensor | None = None  # (B,)
-    _per_forward: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # masks of this forward
+    _per_forward: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # masks of this forward
 
     def select(self, slots: list[int], device: torch.device) -> None:
         """The rows' slots for the next forward (a batch of base rows only skips every adapter)."""
@@ -67,12 +69,12 @@ class AdapterRows:
         rows = self.slots.shape[0]
         return self._once((tokens, 0), lambda: self.slots.unsqueeze(1).expand(rows, tokens // rows).flatten())
 
-    def mask(self, tokens: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """M (N, S*rank): 1 on the `rank` columns of each token's slot, 0 elsewhere."""
-        one_hot = lambda: F.one_hot(self.per_token(tokens), self.slot_count).to(dtype)  # noqa: E731  (N, S)
-        return self._once((tokens, rank), lambda: one_hot().repeat_interleave(rank, dim=1))
+    def mask(self, tokens: int, slot_count: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """M (N, slot_count*rank): 1 on the `rank` columns of each token's slot, 0 elsewhere."""
+        one_hot = lambda: F.one_hot(self.per_token(tokens), slot_count).to(dtype)  # noqa: E731  (N, slot_count)
+        return self._once((tokens, slot_count, rank), lambda: one_hot().repeat_interleave(rank, dim=1))
 
-    def _once(self, key: tuple[int, int], make) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _once(self, key: tuple[int, ...], make) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if torch.compiler.is_compiling():
             return make()  # a memo keyed by sizes would tie a compiled step to one batch size (a compile per size)
         if key not in self._per_forward:
@@ -94,6 +96,19 @@ def stack_factors(per_slot: list[Factors | None], like: torch.Tensor, rank: int)
     return lora_a, lora_b
 
 
+@dataclass
+class LoadedExtent:
+    """A layer's stacked factors A^T (in, S*r) and B^T (S*r, out), slot-major, for S = down's columns / rank slots."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    rank: int  # r; 0: no factors (an eager step skips the update)
+
+    def mask(self, rows: AdapterRows, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """M (N, S*r) for these stacks."""
+        return rows.mask(tokens, self.down.shape[1] // self.rank, self.rank, dtype)
+
+
 class MultiLoRALinear(nn.Module):
     """An nn.Linear plus, per token, its slot's low-rank update."""
 
@@ -102,19 +117,36 @@ class MultiLoRALinear(nn.Module):
         self.base, self.rows = base, rows
         self.rank = 0
         self.absorbed_weight: torch.Tensor | None = None  # what `weight` returns inside MultiLoRAAttention
+        self.loaded = LoadedExtent(torch.zeros(0, 0), torch.zeros(0, 0), 0)
 
     def set_factors(self, per_slot: list[Factors | None], rank: int) -> None:
         """Hold these factors, one entry per slot, each zero-padded to `rank`: A^T (in, S*r) and B^T (S*r, out),
-        slot-major."""
+        slot-major; and their compact copy of the loaded extent (`loaded`) for eager steps."""
         lora_a, lora_b = stack_factors(per_slot, self.base.weight, rank)  # (S, r, in), (S, out, r)
         self.rank = rank
         self.register_buffer("down", lora_a.flatten(0, 1).t().contiguous())
         self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous())
+        used = max(a.shape[-2] for a, _ in (f for f in per_slot if f is not None))
+        slots = self.rows.slots_in_use
+        self.loaded = LoadedExtent(
+            lora_a[:slots, :used].flatten(0, 1).t().contiguous(),
+            lora_b[:slots, :, :used].permute(0, 2, 1).flatten(0, 1).contiguous(),
+            used,
+        )
 
     def clear_factors(self) -> None:
-        """Hold zeros in every slot (no loaded adapter adapts this layer), keeping the stacks' shapes."""
+        """Hold zeros in every slot (no loaded adapter adapts this layer), keeping the stacks' shapes; eager steps
+        skip the layer's update."""
         self.down.zero_()
         self.up.zero_()
+        self.loaded = LoadedExtent(self.down[:, :0], self.up[:0], 0)
+
+    def stacks(self) -> LoadedExtent:
+        """What this step computes on: in a compiled step the fixed capacity (a shape it was traced with), in an eager
+        one the loaded extent."""
+        if torch.compiler.is_compiling():
+            return LoadedExtent(self.down, self.up, self.rank)
+        return self.loaded
 
     @property
     def weight(self) -> torch.Tensor:
@@ -127,9 +159,11 @@ class MultiLoRALinear(nn.Module):
             return out
         if torch.compiler.is_compiling():
             return self.forward_per_row(x, out)
+        if not self.loaded.rank:
+            return out
         x = x.reshape(-1, x.shape[-1])  # (N, in)
-        low = torch.mm(x, self.down).mul_(self.rows.mask(x.shape[0], self.rank, x.dtype))  # (N, S*r)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.up).view(out.shape)
+        low = torch.mm(x, self.loaded.down).mul_(self.loaded.mask(self.rows, x.shape[0], x.dtype))  # (N, S*r)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.loaded.up).view(out.shape)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated
@@ -148,10 +182,11 @@ class MultiLoRAEmbedding(MultiLoRALinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) -> E[ids] + B (A[:, ids] * M) (..., D)."""
         out = self.base(ids)
-        if not self.rows.active:
+        stacks = self.stacks()
+        if not self.rows.active or not stacks.rank:
             return out
-        low = F.embedding(ids.flatten(), self.down).mul_(self.rows.mask(ids.numel(), self.rank, out.dtype))
-        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.up).view(out.shape)
+        low = F.embedding(ids.flatten(), stacks.down).mul_(stacks.mask(self.rows, ids.numel(), out.dtype))
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, stacks.up).view(out.shape)
 
 
 class MultiTokenRows(nn.Module):
@@ -324,6 +359,7 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         q^C = (W^UK + B^K_s A_s)^T q = [W^UK; A]^T [q; (B^K^T q) * M]
         o   = (W^UV + B^V_s A_s) c   = W^UV c + B^V ((A c) * M)
     so the query gains the columns (B^K^T q) * M and W^UK, W^UV gain the rows A = [A_1; ...; A_S] (`absorbed_weight`).
+    S*r is kv_b_proj's capacity in compiled steps and its loaded extent in eager ones (`MultiLoRALinear.stacks`).
     """
 
     @classmethod
@@ -335,41 +371,51 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         return attention
 
     def restore(self) -> MultiHeadLatentAttention:
-        del self._buffers["absorbed_weight"], self._buffers["key_up"], self._buffers["value_up"]
+        del self._buffers["absorbed_weight"], self._buffers["key_up"], self._buffers["value_up"], self.loaded_layout
         self.__class__ = MultiHeadLatentAttention
         return self
 
     def set_factors(self) -> None:
-        """Lay out kv_b_proj's current factors: the widened absorbed weight and B^K, B^V per head."""
-        kv_b = self.kv_b_proj
+        """Lay out kv_b_proj's current factors, its capacity's as buffers and its loaded extent's for eager steps
+        (`loaded_layout`)."""
+        capacity = self._layout(self.kv_b_proj.down, self.kv_b_proj.up)
+        for name, held in zip(("absorbed_weight", "key_up", "value_up"), capacity, strict=True):
+            self.register_buffer(name, held)
+        self.loaded_layout = self._layout(self.kv_b_proj.loaded.down, self.kv_b_proj.loaded.up)
+
+    def _layout(self, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The widened absorbed weight and B^K (H, N, S*r), B^V (H, V, S*r) of stacked factors A^T `down`, B^T `up`."""
         H, N, V, C = self.num_heads, self.nope_dim, self.v_dim, self.kv_rank
-        extra = kv_b.down.t().expand(H, -1, -1)  # (H, S*r, C): A, the same for every head
-        w_uk, w_uv = kv_b.base.weight.view(H, N + V, C).split([N, V], dim=1)
-        self.register_buffer("absorbed_weight", torch.cat((w_uk, extra, w_uv, extra), dim=1).flatten(0, 1))
-        key_up, value_up = kv_b.up.t().reshape(H, N + V, -1).split([N, V], dim=1)  # (H, N, S*r), (H, V, S*r)
-        self.register_buffer("key_up", key_up.contiguous())
-        self.register_buffer("value_up", value_up.contiguous())
+        extra = down.t().expand(H, -1, -1)  # (H, S*r, C): A, the same for every head
+        w_uk, w_uv = self.kv_b_proj.base.weight.view(H, N + V, C).split([N, V], dim=1)
+        key_up, value_up = up.t().reshape(H, N + V, -1).split([N, V], dim=1)
+        return torch.cat((w_uk, extra, w_uv, extra), dim=1).flatten(0, 1), key_up.contiguous(), value_up.contiguous()
 
     def attend_absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         rows: AdapterRows = self.kv_b_proj.rows
-        if not rows.active:
+        stacks = self.kv_b_proj.stacks()
+        if not rows.active or not stacks.rank:
             return super().attend_absorbed(q_nope, q_rope, cached, mask)
+        compiled = torch.compiler.is_compiling()
+        absorbed, key_up, value_up = (
+            (self.absorbed_weight, self.key_up, self.value_up) if compiled else self.loaded_layout
+        )
         B, T, H, _ = q_nope.shape
-        extra = self.key_up.shape[-1]  # S*r
-        slot_mask = rows.mask(B * T, self.kv_b_proj.rank, q_nope.dtype).view(B, T, 1, extra)
-        q_extra = _per_head(q_nope, self.key_up).mul_(slot_mask)  # (B, T, H, S*r)
-        with self.widened(extra):
+        extra = key_up.shape[-1]  # S*r
+        slot_mask = stacks.mask(rows, B * T, q_nope.dtype).view(B, T, 1, extra)
+        q_extra = _per_head(q_nope, key_up).mul_(slot_mask)  # (B, T, H, S*r)
+        with self.widened(extra, absorbed):
             out = super().attend_absorbed(torch.cat((q_nope, q_extra), dim=-1), q_rope, cached, mask)
         out, out_extra = out.split([self.v_dim, extra], dim=-1)  # (B, T, H, V), (B, T, H, S*r): A c
-        return out + _per_head(out_extra * slot_mask, self.value_up.transpose(1, 2))
+        return out + _per_head(out_extra * slot_mask, value_up.transpose(1, 2))
 
     @contextmanager
-    def widened(self, extra: int) -> Iterator[None]:
-        """N and V widened by `extra` and kv_b_proj's weight [W^UK; A; W^UV; A], for one absorbed call."""
+    def widened(self, extra: int, absorbed: torch.Tensor) -> Iterator[None]:
+        """N and V widened by `extra` and kv_b_proj's weight `absorbed` [W^UK; A; W^UV; A], for one absorbed call."""
         self.nope_dim, self.v_dim = self.nope_dim + extra, self.v_dim + extra
-        self.kv_b_proj.absorbed_weight = self.absorbed_weight
+        self.kv_b_proj.absorbed_weight = absorbed
         try:
             yield
         finally:

@@ -230,6 +230,7 @@ class LoadedAdapters:
         layer none of them adapts holds zeros while any adapter is loaded (its wrapping, and so a compiled step's
         graph, kept), and is plain again once none is."""
         slot_count, rank = self.rows.slot_count, self.max_lora_rank
+        self.rows.slots_in_use = max(self.slots.values(), default=0) + 1  # eager steps compute on these slots only
         per_target: dict[Target, list[Factors | None]] = {}
         per_module: dict[str, list[TokenRows | None]] = {}
         for name, slot in self.slots.items():

@@ -252,6 +252,34 @@ def test_per_row_linears_of_compiled_steps_match_the_masked_ones_with_mixed_rank
     assert all((per_row[row] - plain[row]).abs().max() > 100 * ATOL for row in (1, 2, 3))
 
 
+def test_eager_steps_multiply_the_loaded_extent_not_the_fixed_capacity(served):
+    """The stacks hold max_loras + 1 = 9 slots of max_lora_rank 16 for compiled steps (144 columns), but eager prefill
+    and decode multiply only the slots up to the highest in use (3: the base, "full" of rank 4, "attention" of 8) at
+    each layer's largest loaded rank, as the stacks sized to what was loaded did: 24 columns where both adapters
+    adapt (q_a_proj; kv_b_proj's widening of the absorbed decode), 12 where "full" alone does (the dense FFN)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[tuple[int, ...]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen |= {tuple(a.shape) for a in args if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    base, adapters = served
+    engine = Engine.from_pretrained(base, adapters=adapters, max_batch_size=3)
+    config = engine.model.config
+    assert engine.model.layers[0].self_attn.q_a_proj.down.shape == (config.hidden_size, 9 * 16)  # the capacity
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    with Shapes() as shapes:
+        engine.generate([[5, 17, 42, 8]] * 3, params, adapters=[None, "full", "attention"])
+    assert not any(9 * 16 in shape for shape in shapes.seen)
+    hidden, heads, nope = config.hidden_size, config.num_attention_heads, config.qk_nope_head_dim
+    assert {(hidden, 3 * 8), (hidden, 3 * 4), (heads, nope, 3 * 8)} <= shapes.seen  # A^T of q_a_proj, gate_proj; B^K
+
+
 ROW_TOKENS = [5, 17, 2, 40, 300, 9]  # head rows a `lora.head_tokens` adapter trains in full
 
 
