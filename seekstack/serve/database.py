@@ -116,6 +116,7 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
 SQLITE_ID = "INTEGER PRIMARY KEY AUTOINCREMENT"
 SCHEMA_LOCK = 0x5EE5_57AC  # PostgreSQL's advisory lock (a bigint of our choosing) held by a server upgrading the schema
 COST_SCALE = 10**12  # usage.cost_pico: a cost as a whole number of 1e-12 of the currency, so that sums are exact
+MAX_COST_PICO = 2**63 - 1  # the most usage.cost_pico holds (a 64-bit integer): 9.2 million of the currency
 OLD_COST_DIGITS = 12  # the significant digits an earlier seekstack rounded its float costs to (usage.cost)
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
@@ -434,12 +435,16 @@ def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, in
     for row in rows:
         cost = row["cost"]
         if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
-            raise ValueError(
-                f"{location}: usage row {row['id']} has cost {cost!r}, which is no amount >= 0: the database is "
-                "damaged; its costs were left as they were (floats): correct that row or restore a backup, then open "
-                "it again"
-            )
-        converted.append((cost_pico(Decimal(f"{cost:.{OLD_COST_DIGITS}g}")), row["id"]))
+            fault = "which is no amount >= 0"
+        elif (pico := cost_pico(Decimal(f"{cost:.{OLD_COST_DIGITS}g}"))) > MAX_COST_PICO:
+            fault = f"more than the {cost_amount(MAX_COST_PICO)} a request's cost may be (a 64-bit count of 1e-12)"
+        else:
+            converted.append((pico, row["id"]))
+            continue
+        raise ValueError(
+            f"{location}: usage row {row['id']} has cost {cost!r}, {fault}: the database is damaged; its costs were "
+            "left as they were (floats): correct that row or restore a backup, then open it again"
+        )
     return converted
 
 

@@ -15,15 +15,29 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 
-from seekstack.serve.database import DEFAULT_PLAN, Database, Statements, cost_amount, cost_pico
+from seekstack.serve.database import (
+    COST_SCALE,
+    DEFAULT_PLAN,
+    MAX_COST_PICO,
+    Database,
+    Statements,
+    cost_amount,
+    cost_pico,
+)
 
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
+# The most tokens one request is billed for: 64 generations (serve.schemas.MAX_ENGINE_REQUESTS) of a 262144-token
+# context; at any plan's price (at most MAX_PRICE_PER_1K per 1k tokens) it costs what usage.cost_pico holds
+MAX_BILLED_TOKENS = 2**24
+MAX_PRICE_PER_1K = (Decimal(MAX_COST_PICO) * 1000 / (COST_SCALE * MAX_BILLED_TOKENS)).quantize(
+    Decimal("0.000001"), ROUND_FLOOR
+)  # 549.755813
 ACTIVE_KEY_WITH_PRICES = (  # parameter: the key's hash
     "SELECT keys.*, plans.prompt_per_1k, plans.completion_per_1k, plans.cached_prompt_per_1k "
     "FROM keys JOIN plans ON plans.name = keys.plan WHERE keys.key_hash = ? AND keys.revoked_at IS NULL"
@@ -205,6 +219,12 @@ class KeyStore:
         for field, price in prices:
             if not math.isfinite(price) or price < 0:  # nan would slip past `< 0`, inf would bill inf
                 raise KeyStoreError(f"{field} of plan {name!r} must be a finite number >= 0, got {price}")
+            if price_decimal(price) > MAX_PRICE_PER_1K:  # a request's cost would pass what the ledger holds
+                raise KeyStoreError(
+                    f"{field} of plan {name!r} is {price} per 1k tokens; at most {MAX_PRICE_PER_1K} is taken: a "
+                    f"request of up to {MAX_BILLED_TOKENS} tokens must cost at most {cost_amount(MAX_COST_PICO)}, "
+                    "the most the usage ledger holds (a 64-bit count of 1e-12 of the currency)"
+                )
         with self.database.transaction() as connection:
             if not _plan_exists(connection, name):
                 _require_name("plan", name)

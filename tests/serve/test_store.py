@@ -21,8 +21,17 @@ from seekstack.cli import app
 from seekstack.serve import billing
 from seekstack.serve import ledger as ledger_module
 from seekstack.serve.billing import BILL_EVERY_TOKENS, Bill
-from seekstack.serve.database import Database, open_database
-from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, Budget, KeyStore, KeyStoreError, Plan, hash_key
+from seekstack.serve.database import Database, cost_amount, open_database
+from seekstack.serve.keys import (
+    KEY_PREFIX,
+    MAX_BILLED_TOKENS,
+    MAX_LIMIT,
+    Budget,
+    KeyStore,
+    KeyStoreError,
+    Plan,
+    hash_key,
+)
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
 from tests.serve.server import free_port, new_postgres_database, postgres_or_skip
@@ -475,12 +484,32 @@ def test_a_keys_costs_summed_past_nine_million_are_exact_not_an_overflow(databas
     """SQLite sums 64-bit integers, and a key's costs in 1e-12 of the currency pass 2**63 - 1 at 9.2 million: its
     budget check, /v1/admin/usage and `seekstack usage` failed with "integer overflow"."""
     keys, ledger = KeyStore(database), Ledger(database)
-    keys.set_plan("pricey", prompt_per_1k=1000.0, completion_per_1k=1000.0)  # a token costs 1
+    keys.set_plan("pricey", prompt_per_1k=500.0, completion_per_1k=500.0)  # a token costs 0.5
     keys.create("k", plan="pricey")
     for _ in range(2):
-        ledger.record(usage("k", 5_000_000, 1))
+        ledger.record(usage("k", 10_000_000, 2))
     assert ledger.spent("k") == ledger_module.total_cost(ledger.daily()) == 10_000_002.0
     assert [day.cost_pico for day in ledger.daily()] == [10_000_002 * 10**12]
+
+
+def test_a_price_whose_largest_request_would_cost_past_what_the_ledger_holds_is_refused_naming_it(database):
+    """A request's cost is a 64-bit count of 1e-12 of the currency: a price that let one pass 9.2 million was taken,
+    and that request failed (500) unbilled."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    top = keys.set_plan("top", prompt_per_1k=549.755813, completion_per_1k=549.755813)
+    keys.create("k", plan="top")
+    ledger.record(usage("k", MAX_BILLED_TOKENS - 1, 1))  # the largest request at the highest price is billed
+    assert ledger.spent("k") == cost_amount(top.cost_pico(MAX_BILLED_TOKENS, 0)) == 9223372.021956608
+    for prices in [(549.755814, 1.0, None), (1.0, 1e7, None), (1.0, 1.0, 600.0)]:
+        with pytest.raises(KeyStoreError) as refused:
+            keys.set_plan("top", *prices)
+        assert re.fullmatch(
+            r"(prompt|completion|cached prompt) price of plan 'top' is (549.755814|10000000.0|600.0) per 1k tokens; at "
+            r"most 549.755813 is taken: a request of up to 16777216 tokens must cost at most 9223372.036854776, the "
+            r"most the usage ledger holds \(a 64-bit count of 1e-12 of the currency\)",
+            str(refused.value),
+        )
+    assert keys.plans()[-1] == top  # kept as it was
 
 
 def old_usage_database(location: str, costs: list) -> None:
@@ -567,16 +596,24 @@ def test_an_old_sqlite_usage_table_rebuilt_for_its_costs_issues_no_deleted_rows_
     assert [row["id"] for row in ledger.records()] == [1, 2, 4]
 
 
-def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_unchanged(database_location):
+@pytest.mark.parametrize(
+    ("damage", "fault"),
+    [
+        ("no amount", "which is no amount >= 0"),
+        ("1e20", r"more than the 9223372.036854776 a request's cost may be \(a 64-bit count of 1e-12\)"),
+    ],
+)
+def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_unchanged(database_location, damage, fault):
+    """A cost that is no amount, or one past what cost_pico holds (which overflowed converting it), names its row."""
     postgres = database_location.startswith("postgresql")
-    damaged = "'NaN'" if postgres else "'twelve'"  # PostgreSQL's float column holds NaN; SQLite's holds any text
+    damaged = damage if damage != "no amount" else "'NaN'" if postgres else "'twelve'"  # SQLite's holds any text
     old_usage_database(database_location, ["0.5", damaged, "0.25"])
     schema = database_schema(database_location)
     if not postgres:
         old_bytes = Path(database_location).read_bytes()
     with pytest.raises(
         ValueError,
-        match="usage row 2 has cost .*, which is no amount >= 0: the database is damaged; its costs were left",
+        match=f"usage row 2 has cost .*, {fault}: the database is damaged; its costs were left",
     ):
         open_database(database_location)
     if postgres:
