@@ -112,10 +112,6 @@ class Plan:
         )
         return cost_pico(per_1k / 1000)
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
-        """`cost_pico` as an amount of the currency."""
-        return cost_amount(self.cost_pico(prompt_tokens, completion_tokens, cached_tokens))
-
 
 def hash_key(key: str) -> str:
     """The hex sha256 the database keeps instead of the key."""

@@ -757,7 +757,7 @@ def test_the_admin_usage_reports_costs_as_the_decimals_the_prices_make(engine, t
     assert [(day["model"], day["cost"]) for day in report["data"]] == [("a", 0.00142), ("b", 0.00032)]
     assert (report["total_cost"], ledger.spent("boss")) == (0.00174, 0.00174)
     tiny = Plan("tiny", 1e-9, 1.5e-7)  # prices far below any real one are billed as given, not rounded away
-    assert (tiny.cost(40, 0), tiny.cost(0, 1)) == (4e-11, 1.5e-10)
+    assert (tiny.cost_pico(40, 0), tiny.cost_pico(0, 1)) == (40, 150)  # 4e-11 and 1.5e-10
 
 
 def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
