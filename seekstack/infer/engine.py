@@ -569,6 +569,12 @@ class Engine:
             if constraint is not None:
                 raise ValueError("bad_words with a constraint (JSON mode): give one rule on what the request samples")
             constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
+            allowed = params.allowed_token_ids
+            if allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
+                raise ValueError(
+                    f"allowed_token_ids {list(allowed)} are each a one-token word of bad_words (as encoded alone or "
+                    "after a space), never sampled: no token could be; allow another id or drop the word"
+                )
         with self.lock:
             request_id = request_id or f"req-{next(self._ids)}"
             if any(r.request_id == request_id for r in self._unfinished()):

@@ -267,6 +267,31 @@ def test_bad_words_are_never_sampled_as_vllms_and_speculative_drafts_of_them_are
     assert SamplingParams(bad_words=None).bad_words == ()  # vLLM's default
 
 
+def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
+    """allowed_token_ids=[430] with bad_words=["context"] (430 alone) ended the request with "the logits hold an
+    infinity or NaN ... a float16 model's overflow ... or a repetition_penalty", blaming neither field. Ids that are
+    all one-token words are refused at add_request; ids banned only after some tokens fail the request then, as any
+    step without a distribution, the message naming bad_words."""
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError) as refused:  # " context" is 357: the word after a space
+        engine.add_request([5, 9, 14], SamplingParams(allowed_token_ids=[430, 357], bad_words=["context"]))
+    assert str(refused.value) == (
+        "allowed_token_ids [430, 357] are each a one-token word of bad_words (as encoded alone or after a space), "
+        "never sampled: no token could be; allow another id or drop the word"
+    )
+    assert engine.stats().waiting == 0
+    three = dataclasses.replace(GREEDY, max_new_tokens=3)
+    [kept] = engine.generate(
+        [[5, 9, 14]], dataclasses.replace(three, allowed_token_ids=[430, 229], bad_words=["context"])
+    )
+    assert kept.token_ids == [229, 229, 229]
+    [failed] = engine.generate(
+        [[5, 9, 14]], dataclasses.replace(three, allowed_token_ids=[229], bad_words=["\x1b\x1b"])
+    )
+    assert (failed.finish_reason, failed.token_ids) == ("error", [229])  # 229 then banned after 229
+    assert failed.error.endswith("or every one of allowed_token_ids banned here, after the tokens so far, by bad_words")
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):
     """vLLM's truncate_prompt_tokens was missing (TypeError: unexpected keyword argument): a prompt longer than the
     context was refused instead of continued from its last k tokens."""
