@@ -244,7 +244,7 @@ class AsyncEngine:
         generated = self._deliver(self.engine.step(), time.perf_counter())
         stats = self.engine.stats()
         self.metrics.engine_state(stats)
-        self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
+        self.metrics.adapters_state(self.engine.lora.max_loras, stats.running_adapters, stats.waiting_adapters)
         self.metrics.step_tokens(generated, stats.prefill_tokens)
 
     def _apply_adds(self) -> None:

@@ -85,11 +85,11 @@ class ServerMetrics:
             self._request_success.labels(model_name, reason)
         self._lora_info = Gauge(
             PREFIX + "lora_requests_info",
-            "The LoRA adapters that running and waiting requests use (names joined by commas) and the adapters loaded; "
-            "the value is when it was set, in Unix seconds.",
+            "The LoRA adapters that running and waiting requests use (names joined by commas) and how many the engine "
+            "serves at once (max_loras); the value is when it was set, in Unix seconds.",
             ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
             registry=self.registry,
-        )  # vLLM's, whose max_lora is its --max-loras; seekstack has no such limit and gives the adapters loaded
+        )  # vLLM's, whose max_lora is its --max-loras: the engine's max_loras here
         self._lora_labels: tuple[str, ...] = ()
         self._lora_sample: Gauge | None = None
         self._model_name = model_name
@@ -124,9 +124,10 @@ class ServerMetrics:
         self.preemptions.inc(max(0, stats.preemptions - seen.preemptions))
         self._totals_seen = stats
 
-    def adapters_state(self, loaded: int, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
-        """The adapters in use, from the engine's stats: one sample, replaced when they change."""
-        labels = (str(loaded), ",".join(waiting), ",".join(running))
+    def adapters_state(self, max_loras: int, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
+        """The adapters in use, from the engine's stats, and the engine's max_loras: one sample, replaced when they
+        change."""
+        labels = (str(max_loras), ",".join(waiting), ",".join(running))
         if labels != self._lora_labels:  # a new sample only then: clearing and labelling cost ~25 us a step
             self._lora_info.clear()
             self._lora_labels, self._lora_sample = labels, self._lora_info.labels(*labels)

@@ -87,7 +87,7 @@ def test_metrics_name_the_adapters_requests_use_as_vllms_lora_requests_info(serv
     during = adapters_in_use_once_the_metrics_say(api, "poem")
     stream.close()
     complete(api, "legal")
-    assert during == {"max_lora": "2", "waiting_lora_adapters": "", "running_lora_adapters": "poem"}
+    assert during == {"max_lora": "8", "waiting_lora_adapters": "", "running_lora_adapters": "poem"}  # max_loras
     assert adapters_in_use_once_the_metrics_say(api, "") == {**during, "running_lora_adapters": ""}
 
 
