@@ -254,13 +254,13 @@ def _meta_weight(reader: CheckpointReader, layer: str) -> tuple[list[str], Quant
 def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, str]:
     """Our name -> stored format (`fp8`, `int8`, `int4`) of each layer of `model`, loaded from checkpoint `directory`,
     that the checkpoint stores quantized and loading holds in float (compressed-tensors' float-quantized fp8, weights
-    whose kernel cannot run them, a frozen checkpoint's float weights it rounds by their scales), kv_b_proj aside
-    (always read so); from the safetensors headers."""
+    whose kernel cannot run them, a frozen checkpoint's float weights it rounds by their scales, kv_b_proj always);
+    from the safetensors headers."""
     directory, layers = Path(directory), model.config.num_hidden_layers
     formats = {}
     with CheckpointReader(directory, read_config(directory).extra.get("quantization_config")) as reader:
         for name, module in model.named_modules():
-            if type(module) not in (torch.nn.Linear, RoutedExperts) or name.endswith(KEPT_FLOAT):
+            if type(module) not in (torch.nn.Linear, RoutedExperts):
                 continue
             key = layer_key(name, layers)
             if isinstance(module, RoutedExperts):

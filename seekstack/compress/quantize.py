@@ -41,6 +41,7 @@ from seekstack.schema import ConfigError, Positive, recheck, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
+ABSORBED_IN_FP8 = "kept: fp8 values on disk, expanded in memory (absorbed by MLA)"  # kv_b_proj's assignment in fp8
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("lm_head", "mtp.*.eh_proj")  # float in DeepSeek's FP8 release, and where vLLM, transformers read them
 INT4_GROUPS = (32, 64, 128, 256)  # QuantConfig.group_size's values, as torch's int4 CPU kernel takes them
@@ -138,7 +139,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         module = model.get_submodule(name)
         if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
             _round_through_fp8(module, tuple(config.fp8_block))
-            assignment[name] = "kept: fp8 values on disk, expanded in memory (absorbed by MLA)"
+            assignment[name] = ABSORBED_IN_FP8
             continue
         if scheme is None:
             assignment[name] = "kept"
@@ -362,13 +363,18 @@ def _requantized_notes(
     """A note per (stored format -> new assignment) of the layers a quantized checkpoint held that were not kept as
     stored: quantized again from their dequantized weights (a second rounding), or written in float from them (the
     first rounding kept, in more bytes). `stored`: the layers loaded quantized, by name; `in_float`: the stored format
-    of those loaded in float from their dequantized weights (`quantized_in_float`), which are never kept as stored."""
+    of those loaded in float from their dequantized weights (`quantized_in_float`), which are never kept as stored,
+    but an fp8 kv_b_proj an fp8 quantization stores in fp8 again."""
     changed = Counter(
         (stored_format(module), assignment[name].split(":")[0])
         for name, module in stored.items()
         if model.get_submodule(name) is not module
     )
-    changed.update((before, assignment[name].split(":")[0]) for name, before in in_float.items())
+    changed.update(
+        (before, assignment[name].split(":")[0])
+        for name, before in in_float.items()
+        if assignment[name] != ABSORBED_IN_FP8
+    )
     notes = []
     for (before, after), count in sorted(changed.items()):
         if after == "kept":

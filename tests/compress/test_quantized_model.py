@@ -1069,6 +1069,20 @@ def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_
     assert "second rounding" not in notes[0] and "rounding error stays" in notes[0]
 
 
+def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_keep_its_rounding(tmp_path):
+    """Quantizing an fp8 checkpoint to int8 wrote each kv_b_proj (always kept in float, stored fp8 as DeepSeek's
+    release stores it) in float with its fp8 rounding, and no note said so: quantized_in_float left kv_b_proj aside.
+    Quantizing it to fp8 again stores kv_b_proj in fp8 again: no note."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "fp8", fp8_block=(128, 128))
+    assignment, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "int8", QuantConfig(scheme="int8"))
+    absorbed = [name for name in assignment if name.endswith(".kv_b_proj")]
+    assert len(absorbed) == 4 and {assignment[name] for name in absorbed} == {"kept"}
+    said = f"{len(absorbed)} layers stored fp8 were written in float from their dequantized weights: fp8's rounding"
+    assert any(note.startswith(said) for note in notes), notes
+    _, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "fp8-again", QuantConfig(scheme="fp8"))
+    assert notes == []
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
