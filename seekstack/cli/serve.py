@@ -136,6 +136,22 @@ def serve_command(
         list[str] | None,
         typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),
     ] = None,
+    max_loras: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="LoRA adapters served at once, as vLLM's (a load past it is refused); default 8, or the --adapter "
+            "folders given where more",
+        ),
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="The largest LoRA rank served, as vLLM's (a load past it is refused); default 16, or the largest "
+            "--adapter rank where more",
+        ),
+    ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(min=1, help="Larger request bodies are refused with 413; default 4 MiB")
     ] = None,
@@ -210,7 +226,7 @@ def serve_command(
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
-            adapters=_named_adapters(adapter or []),
+            adapters=_named_adapters(adapter or []), max_loras=max_loras, max_lora_rank=max_lora_rank,
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
             reasoning_parser=reasoning_parser, chat_page=chat_page, log_requests=enable_log_requests,
             log_stats=not disable_log_stats,

@@ -44,6 +44,8 @@ class ServeOptions:
     served_model_name: str | None = None
     engine: EngineOptions = field(default_factory=EngineOptions)
     adapters: dict[str, Path] = field(default_factory=dict)  # LoRA adapters by model name (seekstack.adapters)
+    max_loras: int | None = None  # adapters served at once (vLLM's); None: 8, or the adapters given where more
+    max_lora_rank: int | None = None  # their largest rank (vLLM's); None: 16, or the largest given where more
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     moderation_policy: Path | None = None  # content-safety policy file (seekstack.serve.moderation)
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser
@@ -74,8 +76,9 @@ def build_server(
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     before_loading()
     engine = Engine.from_pretrained(
-        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
-    )
+        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, max_loras=options.max_loras,
+        max_lora_rank=options.max_lora_rank, **options.engine.engine_kwargs(model_dir),
+    )  # fmt: skip
     note = disk_parts_note(options.engine.device_map, engine.model)
     if note is not None:  # as generate and chat say it
         print(note, file=sys.stderr)

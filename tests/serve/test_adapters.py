@@ -11,6 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from seekstack.adapters.config import AdapterConfig
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
@@ -31,7 +32,7 @@ def served(tmp_path_factory):
     keys = KeyStore(open_database(database))
     key = keys.create("adapters")
     flags = [flag for name, folder in adapters.items() for flag in ("--adapter", f"{name}={folder}")]
-    with running_server(model_dir, database, *flags) as server:
+    with running_server(model_dir, database, *flags, "--max-loras", "3", "--max-lora-rank", "4") as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120), database, adapters
 
 
@@ -87,8 +88,33 @@ def test_metrics_name_the_adapters_requests_use_as_vllms_lora_requests_info(serv
     during = adapters_in_use_once_the_metrics_say(api, "poem")
     stream.close()
     complete(api, "legal")
-    assert during == {"max_lora": "8", "waiting_lora_adapters": "", "running_lora_adapters": "poem"}  # max_loras
+    assert during == {"max_lora": "3", "waiting_lora_adapters": "", "running_lora_adapters": "poem"}  # --max-loras
     assert adapters_in_use_once_the_metrics_say(api, "") == {**during, "running_lora_adapters": ""}
+
+
+def test_loads_past_serves_max_loras_and_max_lora_rank_are_refused_with_400(served):
+    """`serve --max-loras 3 --max-lora-rank 4` (vLLM's flags): a third adapter loads beside the two given, a fourth
+    and one of rank 8 are refused, naming the limit."""
+    api, database, adapters = served
+    admin = KeyStore(open_database(database)).create("admin", admin=True)
+    url = str(api.base_url).replace("/v1/", "/v1/load_lora_adapter")
+
+    def load(name: str, folder) -> httpx.Response:
+        body = {"lora_name": name, "lora_path": str(folder)}
+        return httpx.post(url, json=body, headers={"Authorization": f"Bearer {admin}"}, timeout=120)
+
+    wide = write_random_adapter(database.parent / "model", database.parent / "wide", 3, AdapterConfig(rank=8))
+    assert load("third", adapters["legal"]).status_code == 200
+    try:
+        slots, rank = error_of(load("fourth", adapters["poem"]), 400), error_of(load("wide", wide), 400)
+    finally:
+        unloaded = httpx.post(url.replace("/load_", "/unload_"), json={"lora_name": "third"},
+                              headers={"Authorization": f"Bearer {admin}"}, timeout=120)  # fmt: skip
+    assert unloaded.status_code == 200
+    assert slots["code"] == rank["code"] == "invalid_value"
+    assert "all max_loras=3 adapter slots are taken (loaded: legal, poem, third)" in slots["message"]
+    assert "has rank 8, more than max_lora_rank=4 this engine was started with" in rank["message"]
+    assert [card.id for card in api.models.list().data] == [MODEL, "legal", "poem"]
 
 
 def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served):
