@@ -381,7 +381,7 @@ def _not_a_conversation(record: object) -> str:
     """Why a JSONL record is no conversation, and what to write instead: TRL's other dataset formats by name."""
     if not isinstance(record, dict):
         return f'expected {{"messages": [...]}}, got {type(record).__name__} {str(record)[:60]!r}'
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+    if is_text_completion(record):
         return (
             'a "prompt" and "completion" of text (TRL\'s standard, not conversational, format) hold no chat turns, '
             'and conversations are trained through the chat template: write the line as {"messages": [{"role": '
