@@ -116,8 +116,9 @@ def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
     room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
     stop string, logprobs=k (logprobs=True with top_logprobs=k), seed=-1 (no seed, as vLLM's); ConfigError naming the
-    field when one is out of range or contradicts another given, or is one of vLLM's not taken here."""
-    values = refuse_vllm_fields_not_taken(values)
+    field when one is out of range or contradicts another given. vLLM's fields not taken here are refused before, by
+    from_dict and the constructor (refuse_vllm_fields_not_taken); __post_init__ reads the fields alone."""
+    values = dict(values)
     if type(values.get("seed")) is int and values["seed"] == RANDOM_SEED:
         values["seed"] = None
     max_tokens = values.pop("max_tokens", NOT_GIVEN)
@@ -222,7 +223,7 @@ class SamplingParams:
         """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value. vLLM's
         forms are read as the constructor reads them (`read_vllm_forms`: max_tokens, logprobs=k, a lone stop string,
         None for no stop, bias or logprobs)."""
-        return check(cls, read_vllm_forms(values))
+        return check(cls, read_vllm_forms(refuse_vllm_fields_not_taken(values)))
 
     def validate(self) -> SamplingParams:
         """This request's parameters, checked: types and ranges of every field."""
