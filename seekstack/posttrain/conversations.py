@@ -187,10 +187,11 @@ def text_completion(record: dict) -> TextCompletion:
 
 
 def refuse_preference_label(record: dict) -> None:
-    """ValueError for a prompt-completion line with a `label`: TRL's unpaired preference format (KTO's), whose
-    completions of label false are not to be learned, where SFT (TRL's SFTTrainer too, which drops the column) would
-    train every completion alike."""
-    if "label" in record:
+    """ValueError for a prompt-completion line with a `label` of true or false: TRL's unpaired preference format
+    (KTO's), whose completions of label false are not to be learned, where SFT (TRL's SFTTrainer too, which drops the
+    column) would train every completion alike. A label of another kind (a category, "math") is left unread, as TRL's
+    SFTTrainer drops it."""
+    if isinstance(record.get("label"), bool):
         raise ValueError(
             f'"label": {json.dumps(record["label"])} beside "prompt" and "completion" is TRL\'s unpaired preference '
             "format (KTO's), whose completions of label false are not to be learned, and SFT trains every completion: "

@@ -412,6 +412,20 @@ def test_a_special_token_in_content_is_refused_naming_the_file_and_line(tmp_path
         SFTSource(resolve_train_config(None, [*common, f"data={clean}", f"val_data={data}"], cls=SFTConfig), True)
 
 
+@pytest.mark.parametrize("label", ["math", 3, None])
+def test_a_prompt_completion_line_labelled_other_than_true_or_false_is_read_as_its_pair(tmp_path, label):
+    """Only a bool `label` beside prompt and completion is TRL's unpaired preference format (KTO's), refused; a label
+    of another kind (a category, an id, null) is a column SFT leaves unread, as TRL's SFTTrainer drops it, and was
+    refused too: data read before the KTO check was refused after it."""
+    pairs = [{"prompt": "Say hi.", "completion": " Hi."}, {"prompt": CHAT[1:2], "completion": CHAT[2:3]}]
+    plain, labelled = tmp_path / "plain.jsonl", tmp_path / "labelled.jsonl"
+    plain.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    labelled.write_text("".join(json.dumps({**pair, "label": label}) + "\n" for pair in pairs))
+    read = read_conversations(labelled, text_completions=True)
+    assert read == read_conversations(plain, text_completions=True)
+    assert [type(conversation).__name__ for conversation in read] == ["TextCompletion", "Conversation"]
+
+
 def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_joined_text(tmp_path):
     """An assistant's refusal part (OpenAI's {"type": "refusal", "refusal": ...}) was refused as no text part; it is
     the reply's text, as the server reads it."""
