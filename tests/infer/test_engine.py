@@ -18,7 +18,9 @@ import torch
 
 import seekstack
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.outputs import Completion, Logprob, TokenLogprob
+from seekstack.infer.sampling import BadWords
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
@@ -265,6 +267,15 @@ def test_bad_words_are_never_sampled_as_vllms_and_speculative_drafts_of_them_are
     with pytest.raises(ConfigError, match=r"^field 'bad_words' must be words holding more than spaces"):
         SamplingParams(bad_words=[" "]).validate()
     assert SamplingParams(bad_words=None).bad_words == ()  # vLLM's default
+    assert BadWords.encoded(["context"], tokenizer.encode).words == [[430], [357]]  # " context" is a token of its own
+    assert BadWords.encoded(["\x1bt"], tokenizer.encode).words == [[229, 97]]  # " \x1bt": 234 229 97
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError) as refused:
+        engine.add_request(
+            [5, 9, 14], SamplingParams(bad_words=["context"]), constraint=JsonFormat(tokenizer).constraint()
+        )
+    assert str(refused.value) == "bad_words with a constraint (JSON mode): give one rule on what the request samples"
+    assert engine.stats().waiting == 0
 
 
 def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
