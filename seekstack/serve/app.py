@@ -61,6 +61,7 @@ from seekstack.serve.protocol import (
     requested_max_tokens,
     sampling_params,
     tools_tokens,
+    unsupported,
     vllm_prompt_logprobs,
 )
 from seekstack.serve.ratelimit import (
@@ -304,6 +305,10 @@ class Server:
             forced = isinstance(body, ChatCompletionRequest) and body.tools  # tool_choice may force tool calls
             calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine, start) if forced else None
             output_format = calls_format or await asyncio.to_thread(json_format, body, self.engine, start)  # grammars
+            if output_format is not None and body.bad_words:  # the engine applies one rule to what a reply samples
+                raise unsupported("bad_words", "bad_words cannot be applied beside response_format's JSON or forced "
+                                  "tool calls, which already rule what each token may be: send the request without "
+                                  "bad_words")  # fmt: skip
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
@@ -339,6 +344,8 @@ class Server:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
             except UnknownAdapter:  # unloaded since adapter_for found it
                 raise self.unknown_model(model, bill.key) from None
+            except ValueError as error:  # what the engine alone can judge: allowed_token_ids all banned by bad_words
+                raise APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value") from None
             self.metrics.request_params_n.observe(body.n)
             self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))
         except ClientDisconnect:  # gone before its body arrived

@@ -67,8 +67,6 @@ REFUSED_VLLM_FIELDS = {
     "guided_choice": NO_GRAMMAR,
     "guided_grammar": NO_GRAMMAR,
     "structured_outputs": NO_GRAMMAR,
-    "allowed_token_ids": "this server keeps no list of allowed tokens: ban others with logit_bias -100",
-    "bad_words": "this server bans tokens, not words: logit_bias -100 on their token ids",
     "truncate_prompt_tokens": "this server does not truncate prompts: send a shorter one",
     "logits_processors": "this server runs no custom logits processors (logit_bias shifts given tokens' logits)",
     "return_tokens_as_token_ids": "this server names logprobs' tokens by their text, not as token_id:N (/tokenize "
@@ -104,11 +102,12 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
     """Each prompt's token ids: the chat template for chat (with the tools offered; its last message left open for
     the model to continue when it is a `prefix`, DeepSeek's chat prefix completion), each text (framed with the
     tokenizer's special tokens unless `add_special_tokens` is false) or the ids as given for completions; 400 for
-    tools a tokenizer without the tool-call tokens cannot offer, for token ids (of a prompt, `logit_bias` or
-    `stop_token_ids`) outside the vocabulary, for a prefix that is not the last message, an assistant's, and for a
-    tool result answering no call or calls no result answers (`refuse_unanswered_results`)."""
+    tools a tokenizer without the tool-call tokens cannot offer, for token ids (of a prompt, `logit_bias`,
+    `stop_token_ids` or `allowed_token_ids`) outside the vocabulary, for a prefix that is not the last message, an
+    assistant's, and for a tool result answering no call or calls no result answers (`refuse_unanswered_results`)."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     refuse_outside_vocabulary(request.stop_token_ids or (), tokenizer, "stop_token_ids")
+    refuse_outside_vocabulary(request.allowed_token_ids or (), tokenizer, "allowed_token_ids")
     if isinstance(request, ChatCompletionRequest):
         last = len(request.messages) - 1
         for position, message in enumerate(request.messages):
@@ -435,6 +434,8 @@ def sampling_params(
                 seed=sample_seed(request.seed, index),
                 stop=stop,
                 stop_token_ids=tuple(request.stop_token_ids or ()),
+                allowed_token_ids=None if request.allowed_token_ids is None else tuple(request.allowed_token_ids),
+                bad_words=tuple(request.bad_words or ()),
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
                 prompt_logprobs=asked_prompt_logprobs(request),

@@ -156,9 +156,13 @@ class SamplingFields(LoggedRequest):
     skip_special_tokens: Annotated[bool, OrDefault] = SamplingParams.skip_special_tokens
     # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    _shared_integers = field_validator("n", "seed", "top_k", "min_tokens", "stop_token_ids", mode="before")(
-        whole_numbers
-    )
+    # vLLM's: no other id is sampled (EOS included unless listed); None: any
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    # vLLM's: a word's last token is never sampled right after its other tokens (infer.sampling.BadWords)
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
+    _shared_integers = field_validator(
+        "n", "seed", "top_k", "min_tokens", "stop_token_ids", "allowed_token_ids", mode="before"
+    )(whole_numbers)
     # vLLM's fields that would change the reply and that this server cannot honour: declared to be refused when set
     # (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
     use_beam_search: bool | None = None  # false accepted
@@ -168,8 +172,6 @@ class SamplingFields(LoggedRequest):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    allowed_token_ids: Any = None
-    bad_words: Any = None
     truncate_prompt_tokens: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None  # false accepted
