@@ -258,9 +258,15 @@ class ModelConfig:
         values = dict(UPSTREAM_DEFAULTS[model_type])
         known = {f.name: f for f in dataclasses.fields(cls)}
         extra: dict[str, Any] = {}
+        aliases = FIELD_ALIASES[model_type]
+        for alias, name in aliases.items():
+            if alias in raw and name in raw and raw[alias] != raw[name]:
+                raise ConfigError(
+                    f"{source}: {alias}={raw[alias]!r} beside {name}={raw[name]!r}: {alias} is transformers' name for "
+                    f"{name} in a {model_type} config, and they differ: give one of them"
+                )
         for key, value in raw.items():
-            if key == "num_mtp_layers":  # transformers' alias
-                key = "num_nextn_predict_layers"
+            key = aliases.get(key, key)
             if key in known and key != "extra":
                 values[key] = value
             elif key not in DERIVED_FIELDS:
@@ -360,6 +366,12 @@ def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) ->
 
 # Fields that `to_dict` writes from others, so they are not kept as unknown extras.
 DERIVED_FIELDS = ("rope_parameters", "qk_head_dim", "head_dim", "architectures")
+# Other names a config.json may give a field, read as the field: transformers' attribute_map of each model_type
+# (num_mtp_layers, V3's, is read in a V2 config too)
+FIELD_ALIASES: dict[str, dict[str, str]] = {
+    "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "deepseek_v2": {"num_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+}
 
 # Defaults of the upstream configurations (transformers' DeepseekV2Config / DeepseekV3Config and the
 # DeepSeek release config classes for the fields transformers lacks).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 
 from seekstack.config import ConfigError, ModelConfig, preset
 
@@ -196,3 +197,28 @@ def test_null_yarn_fields_that_have_a_default_take_it():
         for beta in (None, 32)
     )
     assert yarn_inverse_frequencies(nulls)[0].equal(yarn_inverse_frequencies(defaults)[0])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "alias", "field"),
+    [
+        ("deepseek_v3", "num_local_experts", "n_routed_experts"),
+        ("deepseek_v2", "num_experts", "n_routed_experts"),
+        ("deepseek_v3", "num_mtp_layers", "num_nextn_predict_layers"),
+    ],
+)
+def test_transformers_other_name_of_a_field_is_read_as_that_field_and_refused_beside_another_value(
+    model_type, alias, field
+):
+    raw = {"model_type": model_type, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2, alias: 4}
+    config = ModelConfig.from_dict(raw)
+    reference = transformers.AutoConfig.for_model(**raw)
+    assert getattr(config, field) == getattr(reference, field) == 4
+    assert alias not in config.to_dict() and config.to_dict()[field] == 4
+    with pytest.raises(ConfigError) as refused:
+        ModelConfig.from_dict({**raw, field: 6}, source="m/config.json")
+    assert str(refused.value) == (
+        f"m/config.json: {alias}=4 beside {field}=6: {alias} is transformers' name for {field} in a {model_type} "
+        "config, and they differ: give one of them"
+    )
+    assert getattr(ModelConfig.from_dict({**raw, field: 4}), field) == 4
