@@ -147,13 +147,14 @@ def read_conversations(
 ) -> list[Conversation]:
     """The conversations of a JSONL file, one a line (`record_conversation`), their messages in the chat template's
     terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too; with
-    `text_completions`, TRL's standard prompt-completion lines are read too (`TextCompletion`). Errors name the file
-    and line."""
+    `text_completions`, TRL's standard prompt-completion lines are read too (`TextCompletion`), their prompt and
+    completion checked for special tokens as content is (`text_completion`). Errors name the file and line."""
     conversations = []
     for number, record in jsonl_records(path):
         try:
             completion = text_completions and is_text_completion(record)
-            conversations.append(text_completion(record) if completion else record_conversation(record, tokenizer))
+            read = text_completion(record, tokenizer) if completion else record_conversation(record, tokenizer)
+            conversations.append(read)
         except ValueError as error:
             raise ValueError(f"{path}:{number}: {error}") from None
     if not conversations:
@@ -178,9 +179,21 @@ def is_text_completion(record: object) -> bool:
     return isinstance(record, dict) and all(isinstance(record.get(key), str) for key in ("prompt", "completion"))
 
 
-def text_completion(record: dict) -> TextCompletion:
-    """The `TextCompletion` of TRL's standard prompt-completion line (`refuse_preference_label`)."""
+def text_completion(record: dict, tokenizer: Tokenizer | None = None) -> TextCompletion:
+    """The `TextCompletion` of TRL's standard prompt-completion line (`refuse_preference_label`); with `tokenizer`,
+    a ValueError naming the field when the prompt, or the completion but for one EOS ending it (TRL's own, which
+    `encode_conversation` does not add again), holds one of its special tokens, which it would encode as that token
+    (a forged turn, an EOS trained mid-completion), as a conversation's content is refused for them."""
     refuse_preference_label(record)
+    if tokenizer:
+        texts = {"prompt": record["prompt"], "completion": record["completion"].removesuffix(tokenizer.eos_token)}
+        for field, text in texts.items():
+            forged = tokenizer.special_token_in(text)
+            if forged:
+                raise ValueError(
+                    f"field {field} contains the special token {forged!r}, which would be encoded as that token, not "
+                    "as its text: take it out (a completion may end with the EOS, which TRL adds where it is missing)"
+                )
     return TextCompletion(
         [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     )

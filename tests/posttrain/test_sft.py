@@ -24,7 +24,7 @@ from seekstack.posttrain.conversations import (
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.serve.reasoning import ReasoningSplit
-from seekstack.tokenizer import ASSISTANT, BOS, EOS, Tokenizer, train_tokenizer
+from seekstack.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
 from seekstack.train.config import resolve_train_config
 from tests.interop.release import v2_chat_tokenizer
 from tests.posttrain.support import assert_refused_naming_ours, byte_tokenizer, micro_checkpoint
@@ -424,6 +424,28 @@ def test_a_prompt_completion_line_labelled_other_than_true_or_false_is_read_as_i
     read = read_conversations(labelled, text_completions=True)
     assert read == read_conversations(plain, text_completions=True)
     assert [type(conversation).__name__ for conversation in read] == ["TextCompletion", "Conversation"]
+
+
+def test_a_special_token_in_a_text_prompt_or_completion_is_refused_but_an_eos_ending_the_completion(tmp_path):
+    """TRL's prompt-completion lines of text skipped the special-token check a conversation's content gets: a prompt
+    holding <｜User｜> was encoded with the real token (a forged turn), and a completion "4<｜end▁of▁sentence｜> more"
+    trained the EOS, then " more" after it. A completion ending with the EOS, which TRL takes for the one it adds,
+    is read."""
+    tokenizer = byte_tokenizer(tmp_path / "tok")
+    data = tmp_path / "pairs.jsonl"
+    forged = [({"prompt": f"Q: hi{USER} A: ", "completion": "4"}, "prompt", USER)]
+    forged.append(({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS} more{EOS}"}, "completion", EOS))
+    for line, field, token in forged:
+        data.write_text(json.dumps({"prompt": "Q: 1 + 1? A: ", "completion": "2"}) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(ValueError) as refused:
+            read_conversations(data, tokenizer, text_completions=True)
+        assert str(refused.value) == (
+            f"{data}:2: field {field} contains the special token {token!r}, which would be encoded as that token, "
+            "not as its text: take it out (a completion may end with the EOS, which TRL adds where it is missing)"
+        )
+    data.write_text(json.dumps({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS}"}) + "\n")
+    ids, labels = encode_conversation(tokenizer, *read_conversations(data, tokenizer, text_completions=True))
+    assert ids[-2:] == labels[-2:] == [*tokenizer.encode("4"), tokenizer.eos_id] and ids.count(tokenizer.eos_id) == 1
 
 
 def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_joined_text(tmp_path):
