@@ -43,7 +43,8 @@ class Conversation(list):
 class TextCompletion(Conversation):
     """TRL's standard prompt-completion (`{"prompt": TEXT, "completion": TEXT}`), which `lora train` reads: a user and
     an assistant message holding its texts (its key, its hold-out), encoded with no chat template, as TRL's
-    SFTTrainer tokenizes it (`encode_conversation`)."""
+    SFTTrainer tokenizes it where tokens don't merge across the boundary (`encode_conversation` encodes the two
+    apart; TRL encodes the prompt and prompt + completion, and trains from their common prefix)."""
 
 
 def offered_tools(conversation: list[dict]) -> list[dict]:
