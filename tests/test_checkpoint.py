@@ -904,6 +904,18 @@ def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_
             seekstack.load_pretrained(tmp_path / "float32", dtype=wrong)
 
 
+def test_auto_dtype_of_a_config_stating_none_is_the_one_its_weights_are_stored_in_as_transformers_takes_it(tmp_path):
+    """transformers' dtype="auto" takes a dtype config.json does not state from the weights; ours loaded float32."""
+    from transformers import AutoModelForCausalLM
+
+    seekstack.save_pretrained(random_model().bfloat16(), tmp_path)
+    with edited_json(tmp_path / CONFIG_FILE) as config:
+        del config["dtype"], config["torch_dtype"]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    loaded = seekstack.load_pretrained(tmp_path, dtype="auto")
+    assert loaded.embed_tokens.weight.dtype == reference.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_torch_dtype_the_name_transformers_users_write_loads_in_that_dtype(tmp_path):
     """AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16) still loads in transformers 5; ours
     raised TypeError: load_pretrained() got an unexpected keyword argument 'torch_dtype'."""

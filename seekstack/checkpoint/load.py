@@ -23,6 +23,7 @@ from seekstack.checkpoint.keys import (
     INDEX_FILE,
     MTP_COPIES,
     SAFETENSORS_DTYPES,
+    TORCH_DTYPES,
     CheckpointError,
     checkpoint_key,
     expert_sources,
@@ -74,8 +75,8 @@ def load_pretrained(
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
-    dtype = loading_dtype(dtype, torch_dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
+    dtype = loading_dtype(dtype, torch_dtype, config, reader)
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
@@ -195,14 +196,17 @@ def refuse_unstored_keys(directory: str | Path) -> None:
 
 
 def loading_dtype(
-    dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None, config: ModelConfig
+    dtype: torch.dtype | str | None,
+    torch_dtype: torch.dtype | str | None,
+    config: ModelConfig,
+    reader: CheckpointReader,
 ) -> torch.dtype:
     """The torch dtype a model loads in given load_pretrained's `dtype` and `torch_dtype` (transformers' earlier name
     for it): the one given (`model_dtype`), float32 where neither is. Given both, they are compared as dtypes
     ("bfloat16" is torch.bfloat16; "auto" the checkpoint's): ValueError where they name different ones."""
     if dtype is None or torch_dtype is None:
-        return model_dtype(next((d for d in (dtype, torch_dtype) if d is not None), torch.float32), config)
-    resolved, theirs = model_dtype(dtype, config), model_dtype(torch_dtype, config)
+        return model_dtype(next((d for d in (dtype, torch_dtype) if d is not None), torch.float32), config, reader)
+    resolved, theirs = model_dtype(dtype, config, reader), model_dtype(torch_dtype, config, reader)
     if resolved != theirs:
         raise ValueError(
             f"torch_dtype={torch_dtype!r} beside dtype={dtype!r}: it is transformers' name for dtype, and they load "
@@ -211,14 +215,20 @@ def loading_dtype(
     return resolved
 
 
-def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
+def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: CheckpointReader) -> torch.dtype:
     """`dtype` as a torch dtype: a torch float dtype, one of DTYPES' names, or "auto": the dtype the checkpoint's
-    config.json states (`dtype`, or transformers 4.x's `torch_dtype`; float32 where it states none), as transformers'
-    `dtype="auto"`. ValueError naming any other value."""
+    config.json states (`dtype`, or transformers 4.x's `torch_dtype`), else the one `reader`'s embedding is stored in,
+    as transformers' `dtype="auto"` takes a float dtype the config does not state from the weights (the first float
+    tensor's, the embedding's in a checkpoint of one float dtype); float32 where neither is one of FLOAT_DTYPES.
+    ValueError naming any other value."""
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if dtype == "auto":
         stated = config.extra.get("dtype") or config.extra.get("torch_dtype")
+        if stated is None:
+            embedding = checkpoint_key("embed_tokens.weight", config.num_hidden_layers)
+            stored = TORCH_DTYPES.get(reader.stored_dtype(embedding)) if embedding in reader else None
+            stated = str(stored).removeprefix("torch.")
         return getattr(torch, stated if stated in FLOAT_DTYPES else "float32")
     if dtype not in DTYPES:
         raise ValueError(
