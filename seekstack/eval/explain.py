@@ -42,7 +42,7 @@ TITLE_CHARACTER_EMS = 0.6  # a title character's width, in ems, a little above D
 MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
-TOP_EXPERTS = 3  # routing_stats.json's class_top_experts: the experts taking most of each token class's assignments
+TOP_EXPERTS = 3  # routing_stats.json's class_top_experts: at most this many experts taking most of a class's tokens
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
 WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
@@ -321,10 +321,11 @@ def _token_windows(texts_ids: list[list[int]], window: int, max_tokens: int) -> 
 
 def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
     load = stats.load
-    top = {  # each class's TOP_EXPERTS likeliest experts, or all of a model's fewer
+    top = {  # each class's TOP_EXPERTS likeliest experts, or all of a model's fewer; never one it sent no token
         name: [
             (int(e), round(float(share), 4))
             for share, e in zip(*class_load.topk(min(TOP_EXPERTS, len(class_load))), strict=True)
+            if share > 0
         ]
         for name, class_load in stats.class_load.items()
     }
