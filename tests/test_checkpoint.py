@@ -896,10 +896,11 @@ def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_
         ("bfloat16", "float32", torch.float32),
         ("bfloat16", "auto", torch.bfloat16),
         ("float32", "auto", torch.float32),
+        ("float32", torch.float64, torch.float64),
     ]:
         loaded = seekstack.load_pretrained(tmp_path / folder, dtype=dtype)
         assert loaded.embed_tokens.weight.dtype == expected, (folder, dtype)
-    for wrong in ("bf16", "int8", torch.int8):
+    for wrong in ("bf16", "int8", torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
         with pytest.raises(ValueError, match=r"dtype=.*: .* torch float dtype or one of auto, float32, bfloat16"):
             seekstack.load_pretrained(tmp_path / "float32", dtype=wrong)
 

@@ -216,12 +216,13 @@ def loading_dtype(
 
 
 def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: CheckpointReader) -> torch.dtype:
-    """`dtype` as a torch dtype: a torch float dtype, one of DTYPES' names, or "auto": the dtype the checkpoint's
+    """`dtype` as a torch dtype: a torch float dtype of 16 bits or more (a float8 or float4 one, whose arithmetic torch
+    lacks, is refused at load, not at the first forward), one of DTYPES' names, or "auto": the dtype the checkpoint's
     config.json states (`dtype`, or transformers 4.x's `torch_dtype`), else the one `reader`'s embedding is stored in,
     as transformers' `dtype="auto"` takes a float dtype the config does not state from the weights (the first float
     tensor's, the embedding's in a checkpoint of one float dtype); float32 where neither is one of FLOAT_DTYPES.
     ValueError naming any other value."""
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
         return dtype
     if dtype == "auto":
         stated = config.extra.get("dtype") or config.extra.get("torch_dtype")
@@ -232,8 +233,8 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: Checkpoin
         return getattr(torch, stated if stated in FLOAT_DTYPES else "float32")
     if dtype not in DTYPES:
         raise ValueError(
-            f"dtype={dtype!r}: a model loads in a torch float dtype or one of {', '.join(DTYPES)} (auto: the "
-            "checkpoint's dtype)"
+            f"dtype={dtype!r}: a model loads in a 16-, 32- or 64-bit torch float dtype or one of {', '.join(DTYPES)} "
+            "(auto: the checkpoint's dtype); fp8 weights load from a checkpoint stored in fp8, as quantized layers"
         )
     return getattr(torch, dtype)
 
