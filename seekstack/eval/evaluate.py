@@ -140,6 +140,11 @@ def evaluate(
     specs += task_configs(corpus, local, per_module, tokenizer, difficulty, num_fewshot) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}
+    if include_path is not None and Path(include_path).is_file():  # lm_eval's index would find no task in it
+        raise ValueError(
+            f"--include-path {include_path} is a file: it takes the folder of your task YAML files "
+            f"({Path(include_path).parent}); a YAML file runs as --tasks {include_path}"
+        )
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path}: no such folder; give the folder of your task YAML files")
     # lm_eval's task manager, the model args its tasks' metadata as simple_evaluate's; None: simple_evaluate's default,

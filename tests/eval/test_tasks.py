@@ -294,6 +294,11 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
     assert report["options"]["include_path"] == str(tasks.resolve())
     with pytest.raises(ValueError, match=f"--include-path {tmp_path / 'none'}: no such folder"):
         evaluate(checkpoint, ("sums",), include_path=tmp_path / "none")
+    # lm_eval indexes a folder's YAML files: a file given finds no task, and was called "no such folder"
+    file = tasks / "sums_a.yaml"
+    with pytest.raises(ValueError, match=re.escape(f"--include-path {file} is a file: it takes the folder of your task "
+                       f"YAML files ({tasks}); a YAML file runs as --tasks {file}")):  # fmt: skip
+        evaluate(checkpoint, ("sums_a",), include_path=file)
 
 
 def test_a_system_instruction_is_the_chat_system_message_or_the_text_before_each_prompt_as_lm_evals(
