@@ -134,7 +134,10 @@ def task_samples(
     model_path: str | Path, task: Task, count: int = 4, max_new_tokens: int = REASONING_MAX_TOKENS
 ) -> list[TaskSample]:
     """`count` held-out problems of `task` answered greedily by a checkpoint or run's newest, sampled as
-    `pass-at-k` samples its greedy rollout (at most the room its context leaves after the longest prompt)."""
+    `pass-at-k` samples its greedy rollout (at most the room its context leaves after the longest prompt). A count of
+    0 gives [], the model not loaded."""
+    if not count:  # no prompt to size the room after
+        return []
     weights, _, tokenizer_folder = model_folders(model_path)
     context = read_config(weights).max_position_embeddings
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)

@@ -10,8 +10,9 @@ import pytest
 
 from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _samples
-from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samples, run_prompts
+from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samples, run_prompts, task_samples
 from seekstack.infer import Engine, SamplingParams
+from seekstack.posttrain.tasks import make_task
 from tests.infer.support import micro_model, tiny_tokenizer
 
 LICENSE = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
@@ -98,9 +99,11 @@ def test_a_prompt_refused_is_named_by_its_place_among_those_given(tmp_path, prom
     assert str(refused.value).startswith(refusal)
 
 
-def test_no_prompts_or_conversations_give_no_samples_as_the_engine_gives_none(tmp_path):
-    """Were refused as "max_batch_size=0 must be >= 1", an engine option the caller never gave."""
+def test_no_prompts_conversations_or_questions_give_no_samples_as_the_engine_gives_none(tmp_path):
+    """Were refused as "max_batch_size=0 must be >= 1", an engine option the caller never gave; task_samples of
+    0 questions failed in "max() arg is an empty sequence", sizing the room after the longest of no prompts."""
     model_dir = tmp_path / "model"
     save_pretrained(micro_model(), model_dir)
     tiny_tokenizer(model_dir)
     assert demo_samples(model_dir, ()) == [] == conversation_samples(model_dir, [], max_new_tokens=2)
+    assert task_samples(model_dir, make_task("addition"), count=0) == []
