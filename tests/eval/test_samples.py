@@ -50,6 +50,7 @@ def test_a_run_on_python_or_a_checkpoint_outside_a_run_gets_the_python_prompts(t
 
 def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, monkeypatch):
     checkpoint = _run(tmp_path, [("prose/en", LICENSE)])
+    tiny_tokenizer(checkpoint)  # report samples a checkpoint holding its tokenizer, else says it has none
     asked = []
 
     def continuations(model, prompts, **_):
