@@ -117,7 +117,9 @@ class MultiLoRALinear(nn.Module):
         self.base, self.rows = base, rows
         self.rank = 0
         self.absorbed_weight: torch.Tensor | None = None  # what `weight` returns inside MultiLoRAAttention
-        self.loaded = LoadedExtent(torch.zeros(0, 0), torch.zeros(0, 0), 0)
+        self.loaded_rank = 0  # the compact copy's rank, 0: no factors (buffers, so that .to() moves them)
+        self.register_buffer("loaded_down", torch.zeros(0, 0), persistent=False)
+        self.register_buffer("loaded_up", torch.zeros(0, 0), persistent=False)
 
     def set_factors(self, per_slot: list[Factors | None], rank: int) -> None:
         """Hold these factors, one entry per slot, each zero-padded to `rank`: A^T (in, S*r) and B^T (S*r, out),
@@ -128,18 +130,21 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous())
         used = max(a.shape[-2] for a, _ in (f for f in per_slot if f is not None))
         slots = self.rows.slots_in_use
-        self.loaded = LoadedExtent(
-            lora_a[:slots, :used].flatten(0, 1).t().contiguous(),
-            lora_b[:slots, :, :used].permute(0, 2, 1).flatten(0, 1).contiguous(),
-            used,
-        )
+        self.loaded_rank = used
+        self.loaded_down = lora_a[:slots, :used].flatten(0, 1).t().contiguous()
+        self.loaded_up = lora_b[:slots, :, :used].permute(0, 2, 1).flatten(0, 1).contiguous()
 
     def clear_factors(self) -> None:
         """Hold zeros in every slot (no loaded adapter adapts this layer), keeping the stacks' shapes; eager steps
         skip the layer's update."""
         self.down.zero_()
         self.up.zero_()
-        self.loaded = LoadedExtent(self.down[:, :0], self.up[:0], 0)
+        self.loaded_rank, self.loaded_down, self.loaded_up = 0, self.down[:, :0], self.up[:0]
+
+    @property
+    def loaded(self) -> LoadedExtent:
+        """The compact copy of the loaded extent that eager steps compute on."""
+        return LoadedExtent(self.loaded_down, self.loaded_up, self.loaded_rank)
 
     def stacks(self) -> LoadedExtent:
         """What this step computes on: in a compiled step the fixed capacity (a shape it was traced with), in an eager
@@ -352,6 +357,10 @@ class MultiLoRAExperts(RoutedExperts):
             del self._buffers[name]
 
 
+CAPACITY_LAYOUT = ("absorbed_weight", "key_up", "value_up")  # MultiLoRAAttention's buffers for compiled steps
+LOADED_LAYOUT = ("loaded_absorbed_weight", "loaded_key_up", "loaded_value_up")  # and for eager ones
+
+
 class MultiLoRAAttention(MultiHeadLatentAttention):
     """MLA whose absorbed decode adds each row's kv_b_proj update as S*r extra latent columns of one attention call.
 
@@ -371,17 +380,19 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         return attention
 
     def restore(self) -> MultiHeadLatentAttention:
-        del self._buffers["absorbed_weight"], self._buffers["key_up"], self._buffers["value_up"], self.loaded_layout
+        for name in (*CAPACITY_LAYOUT, *LOADED_LAYOUT):
+            del self._buffers[name]
         self.__class__ = MultiHeadLatentAttention
         return self
 
     def set_factors(self) -> None:
-        """Lay out kv_b_proj's current factors, its capacity's as buffers and its loaded extent's for eager steps
-        (`loaded_layout`)."""
+        """Lay out kv_b_proj's current factors as buffers: its capacity's and its loaded extent's for eager steps
+        (`LOADED_LAYOUT`, not saved)."""
         capacity = self._layout(self.kv_b_proj.down, self.kv_b_proj.up)
-        for name, held in zip(("absorbed_weight", "key_up", "value_up"), capacity, strict=True):
-            self.register_buffer(name, held)
-        self.loaded_layout = self._layout(self.kv_b_proj.loaded.down, self.kv_b_proj.loaded.up)
+        loaded = self._layout(self.kv_b_proj.loaded_down, self.kv_b_proj.loaded_up)
+        for names, layout, persistent in ((CAPACITY_LAYOUT, capacity, True), (LOADED_LAYOUT, loaded, False)):
+            for name, held in zip(names, layout, strict=True):
+                self.register_buffer(name, held, persistent=persistent)
 
     def _layout(self, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The widened absorbed weight and B^K (H, N, S*r), B^V (H, V, S*r) of stacked factors A^T `down`, B^T `up`."""
@@ -400,7 +411,9 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
             return super().attend_absorbed(q_nope, q_rope, cached, mask)
         compiled = torch.compiler.is_compiling()
         absorbed, key_up, value_up = (
-            (self.absorbed_weight, self.key_up, self.value_up) if compiled else self.loaded_layout
+            (self.absorbed_weight, self.key_up, self.value_up)
+            if compiled
+            else (self.loaded_absorbed_weight, self.loaded_key_up, self.loaded_value_up)
         )
         B, T, H, _ = q_nope.shape
         extra = key_up.shape[-1]  # S*r

@@ -280,6 +280,28 @@ def test_eager_steps_multiply_the_loaded_extent_not_the_fixed_capacity(served):
     assert {(hidden, 3 * 8), (hidden, 3 * 4), (heads, nope, 3 * 8)} <= shapes.seen  # A^T of q_a_proj, gate_proj; B^K
 
 
+def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
+    """The loaded extent's compact copies (eager steps' stacks, MLA's absorbed layout of them) are buffers that are
+    not saved: model.to(float64) after attach_adapters moves them with the rest, as it moved the stacks before they
+    were kept, so mixed rows give the float32 logits in float64 (a plain attribute stayed float32: a dtype error)."""
+    base, adapters = served
+    ids = torch.randint(2, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    slots = [0, loaded.slot("full"), loaded.slot("attention")]
+    loaded.select(slots, torch.device("cpu"))
+    with torch.no_grad():
+        in_float32 = model(ids).logits
+        model.to(torch.float64)
+        loaded.select(slots, torch.device("cpu"))
+        in_float64 = model(ids).logits
+    assert in_float64.dtype == torch.float64
+    assert (in_float64 - in_float32.double()).abs().max() < ATOL
+    attention = model.layers[0].self_attn
+    assert isinstance(attention, MultiLoRAAttention) and attention.loaded_key_up.dtype == torch.float64
+    assert not any(".loaded_" in key for key in model.state_dict())
+
+
 ROW_TOKENS = [5, 17, 2, 40, 300, 9]  # head rows a `lora.head_tokens` adapter trains in full
 
 
