@@ -185,9 +185,10 @@ VLLM_ENGINE_NAMES = {"max_num_seqs": "max_batch_size", "enable_prefix_caching": 
 
 
 def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Engine keywords with vLLM's LLM ones read: its names of the engine's (VLLM_ENGINE_NAMES) as them, and those
-    asking for what the engine does (VLLM_ENGINE_VALUES_TAKEN) dropped; TypeError naming any other vLLM keyword or
-    value and what does its work here, ValueError for one beside the engine's keyword asking otherwise."""
+    """Engine keywords with vLLM's LLM ones read: its names of the engine's (VLLM_ENGINE_NAMES) as them (None: the
+    engine's default, as vLLM's None is its own), and those asking for what the engine does (VLLM_ENGINE_VALUES_TAKEN)
+    dropped; TypeError naming any other vLLM keyword or value and what does its work here, ValueError for one beside
+    the engine's keyword asking otherwise."""
     kwargs = dict(kwargs)
     for name in [name for name in kwargs if name in VLLM_ENGINE_KEYWORDS]:  # not a bare "unexpected keyword argument"
         value, taken = kwargs.pop(name), VLLM_ENGINE_VALUES_TAKEN.get(name)
@@ -206,6 +207,8 @@ def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
     for vllm_name, name in VLLM_ENGINE_NAMES.items():
         if vllm_name in kwargs:
             value = kwargs.pop(vllm_name)
+            if value is None:  # vLLM's default, as the engine's own is where its keyword is left out
+                continue
             if name in kwargs and kwargs[name] != value:
                 raise ValueError(f"{vllm_name}={value!r} beside {name}={kwargs[name]!r}: it is vLLM's name for {name}")
             kwargs[name] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.params import EngineOptions
 
 
 def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(model, tokenizer):
@@ -155,6 +156,10 @@ def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_na
         model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=4, enable_prefix_caching=False, **taken
     )
     assert (engine.max_batch_size, engine.cache.prefix_caching, engine.decode_compiled) == (4, False, False)
+    defaults = Engine.from_pretrained(  # vLLM's None: its default, here the engine's (prefix caching on, not off)
+        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=None, enable_prefix_caching=None
+    )
+    assert (defaults.max_batch_size, defaults.cache.prefix_caching) == (EngineOptions.max_batch_size, True)
     for given, told in (
         ({"max_num_seqs": 4, "max_batch_size": 8}, "max_num_seqs=4 beside max_batch_size=8: it is vLLM's name for "
          "max_batch_size"),
