@@ -45,6 +45,7 @@ MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no na
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
 MAX_REQUEST_ID_CHARS = 256  # a body's request_id names the response and its log lines: an id, not a text
 MAX_STOP_TOKEN_IDS = 300  # vLLM sets none; as many as logit_bias may name
+MAX_BAD_WORDS = 300  # vLLM sets none; each word is matched in Python at every step the request shares with others
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 PromptText = str  # "" too: where the tokenizer frames it with BOS it has a token to start from (prompt_ids)
@@ -159,7 +160,7 @@ class SamplingFields(LoggedRequest):
     # vLLM's: no other id is sampled (EOS included unless listed); None: any
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     # vLLM's: a word's last token is never sampled right after its other tokens (infer.sampling.BadWords)
-    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS)] | None = None
     _shared_integers = field_validator(
         "n", "seed", "top_k", "min_tokens", "stop_token_ids", "allowed_token_ids", mode="before"
     )(whole_numbers)

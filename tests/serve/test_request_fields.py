@@ -56,24 +56,26 @@ def test_allowed_token_ids_and_bad_words_rule_what_is_sampled_as_vllms(engine, t
     [plain] = post_each(engine, tmp_path / "db", [(route, body)])
     word = next(token for token in tokens_of(plain) if token.isalnum() or token in "#")  # a one-token word
     fox = engine.tokenizer.encode(" fox")[-1]
-    allowed, banned, outside, blank, beside_json, none_left = post_each(engine, tmp_path / "db", [
+    allowed, banned, outside, blank, beside_json, none_left, too_many = post_each(engine, tmp_path / "db", [
         (route, {**body, "allowed_token_ids": [fox]}),
         (route, {**body, "bad_words": [word]}),
         (route, {**body, "allowed_token_ids": [5, 320]}),
         (route, {**body, "bad_words": ["  "]}),
         (route, {**body, "bad_words": ["x"], "response_format": {"type": "json_object"}}),
         (route, {**body, "bad_words": ["ox"], "allowed_token_ids": engine.tokenizer.encode("ox")}),
+        (route, {**body, "bad_words": [f"w{i}" for i in range(301)]}),  # matched at every step: as many as logit_bias
     ])  # fmt: skip
     assert tokens_of(allowed) == [engine.tokenizer.decode([fox])] * 8 != tokens_of(plain)
     assert word in tokens_of(plain) and word not in tokens_of(banned) and len(tokens_of(banned)) == 8
-    refusals = [error_of(response, 400) for response in (outside, blank, beside_json, none_left)]
+    refusals = [error_of(response, 400) for response in (outside, blank, beside_json, none_left, too_many)]
     assert [(error["param"], error["code"]) for error in refusals] == [
         ("allowed_token_ids.1", "invalid_value"), ("bad_words", "invalid_value"),
-        ("bad_words", "unsupported_parameter"), (None, "invalid_value"),
+        ("bad_words", "unsupported_parameter"), (None, "invalid_value"), ("bad_words", "invalid_value"),
     ]  # fmt: skip
     assert refusals[0]["message"] == "allowed_token_ids.1: token id 320 is outside the vocabulary [0, 320)"
     assert refusals[2]["message"].startswith("bad_words cannot be applied beside response_format's JSON")
     assert refusals[3]["message"].startswith("allowed_token_ids [306] are each a one-token word of bad_words")
+    assert "at most 300 items" in refusals[4]["message"]
 
 
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
