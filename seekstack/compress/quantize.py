@@ -324,7 +324,8 @@ def quantize_checkpoint(
     in_float = quantized_in_float(model_dir, model)
     stored = dequantize_layers(model)
     assignment = quantize_model(model, config, stored)
-    _refuse_nothing_quantized(assignment, config, layer_names(model))
+    if not stored and not in_float:  # else every layer kept in float is a dequantization, the one way to ask for it
+        _refuse_nothing_quantized(assignment, config, layer_names(model))
     model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
     notes = _requantized_notes(stored, in_float, assignment, model) + mixed_experts_notes(model)
@@ -332,8 +333,8 @@ def quantize_checkpoint(
 
 
 def _refuse_nothing_quantized(assignment: dict[str, str], config: QuantConfig, names: dict[str, str]) -> None:
-    """A quantization that leaves every layer in float would write a float copy of the checkpoint: ConfigError naming
-    the `layers` "none" (else `keep`) patterns that kept layers the scheme would quantize, or, where none did,
+    """A quantization of a float checkpoint that leaves every layer in float would write a copy of it: ConfigError
+    naming the `layers` "none" (else `keep`) patterns that kept layers the scheme would quantize, or, where none did,
     ValueError with the reasons no layer could be quantized. `names`: our layer names -> the checkpoint's."""
     if any(not value.startswith("kept") for value in assignment.values()):
         return

@@ -86,6 +86,22 @@ def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_k
     assert not (tmp_path / "q").exists()
 
 
+def test_keeping_every_layer_of_a_quantized_checkpoint_in_float_dequantizes_it(tmp_path):
+    """`--keep '*'` on a checkpoint stored int8 is the command's one way to write it in float (its dequantized weights):
+    c0b5934's refusal of a quantization that quantizes nothing took it for a float copy and refused it too."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    quantized = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q8")])
+    assert quantized.exit_code == 0, quantized.output
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "q8"), "--out", str(tmp_path / "deq"), "--keep", "*"])
+    assert result.exit_code == 0, result.output
+    assert "layers stored int8 were written in float from their dequantized weights" in result.output
+    stored = [safe_open(file, "pt").keys() for file in sorted((tmp_path / "q8").glob("*.safetensors"))]
+    assert any("scale" in key for keys in stored for key in keys)  # the input holds its layers quantized
+    written = [safe_open(file, "pt").keys() for file in sorted((tmp_path / "deq").glob("*.safetensors"))]
+    assert written and not any("scale" in key for keys in written for key in keys)
+    assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+
+
 def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp_path):
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
