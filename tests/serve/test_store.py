@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -265,17 +265,23 @@ OLD_KEYS_SCHEMA = (  # a database from before a name could be given a new key: i
 )
 
 
-def test_a_database_from_before_names_were_reusable_keeps_its_keys_and_frees_revoked_names(database_location):
-    if database_location.startswith("postgresql"):
+def execute_each(location: str, statements: Iterable[str]) -> None:
+    """Run SQL `statements` on the database at `location` (PostgreSQL or SQLite) as written, as an earlier seekstack
+    would have."""
+    if location.startswith("postgresql"):
         import psycopg
 
-        with psycopg.connect(database_location, autocommit=True) as connection:
-            for statement in OLD_KEYS_SCHEMA:
+        with psycopg.connect(location, autocommit=True) as connection:
+            for statement in statements:
                 connection.execute(statement)
     else:
-        with sqlite3.connect(database_location) as connection:
-            for statement in OLD_KEYS_SCHEMA:
+        with sqlite3.connect(location) as connection:
+            for statement in statements:
                 connection.execute(statement)
+
+
+def test_a_database_from_before_names_were_reusable_keeps_its_keys_and_frees_revoked_names(database_location):
+    execute_each(database_location, OLD_KEYS_SCHEMA)
     keys = KeyStore(open_database(database_location))
     kept = keys.verify("sk-ss-old")
     assert (kept.name, kept.rpm, kept.admin, kept.created_at, kept.models) == ("old", 3, True, 100.0, None)
@@ -530,16 +536,8 @@ def old_usage_database(location: str, costs: list) -> None:
             for row, cost in enumerate(costs)
         ),
     ]
-    if postgres:
-        import psycopg
-
-        with psycopg.connect(location, autocommit=True) as connection:
-            for statement in statements:
-                connection.execute(statement)
-    else:
-        with sqlite3.connect(location) as connection:
-            for statement in statements:
-                connection.execute(statement)
+    execute_each(location, statements)
+    if not postgres:
         Path(location).chmod(0o600)
 
 
