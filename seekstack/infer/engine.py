@@ -178,8 +178,14 @@ VLLM_ENGINE_KEYWORDS = {
     "pipeline_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
     "seed": "seed a request with SamplingParams(seed=), or all of them with torch.manual_seed(s) before generate",
 }
-# vLLM's LLM(...) keywords taken at the value that asks for what the engine does, to no effect; others refused as above
-VLLM_ENGINE_VALUES_TAKEN = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True}
+# vLLM's LLM(...) keywords taken, to no effect, at the values that ask for what the engine does; others refused as
+# above. enforce_eager=False (vLLM's default) only allows CUDA graphs, which the engine never captures: compile=True is
+# what decodes through a compiled graph here.
+VLLM_ENGINE_VALUES_TAKEN = {
+    "tensor_parallel_size": (1,),
+    "pipeline_parallel_size": (1,),
+    "enforce_eager": (True, False),
+}
 # vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them
 VLLM_ENGINE_NAMES = {"max_num_seqs": "max_batch_size", "enable_prefix_caching": "prefix_caching"}
 
@@ -194,12 +200,12 @@ def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
         value, taken = kwargs.pop(name), VLLM_ENGINE_VALUES_TAKEN.get(name)
         if taken is None:
             raise TypeError(f"{name}= is vLLM's LLM keyword, not taken here: {VLLM_ENGINE_KEYWORDS[name]}")
-        if type(value) is not type(taken) or value != taken:
+        if not any(type(value) is type(one) and value == one for one in taken):
             raise TypeError(
-                f"{name}={value!r} is vLLM's LLM keyword, taken here only as {name}={taken!r}: "
-                f"{VLLM_ENGINE_KEYWORDS[name]}"
+                f"{name}={value!r} is vLLM's LLM keyword, taken here only as "
+                f"{' or '.join(f'{name}={one!r}' for one in taken)}: {VLLM_ENGINE_KEYWORDS[name]}"
             )
-        if name == "enforce_eager" and kwargs.get("compile", False) is not False:
+        if name == "enforce_eager" and value and kwargs.get("compile", False) is not False:
             raise ValueError(
                 f"enforce_eager=True beside compile={kwargs['compile']!r}: the engine decodes eagerly unless given "
                 "compile=True or None; leave one out"

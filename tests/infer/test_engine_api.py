@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.engine import COMPILE_AFTER_SECONDS
 from seekstack.infer.params import EngineOptions
 
 
@@ -128,9 +129,9 @@ def test_add_request_in_vllms_argument_order_is_refused_saying_this_order(model,
          "latent cache's budget in bytes, kv_cache_memory= (default: half the free memory of each device)"),
         ({"seed": 0}, "seed= is vLLM's LLM keyword, not taken here: seed a request with SamplingParams(seed=), or all "
          "of them with torch.manual_seed(s) before generate"),
-        ({"enforce_eager": False}, "enforce_eager=False is vLLM's LLM keyword, taken here only as enforce_eager=True: "
-         "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding has taken as "
-         "long as a compile)"),
+        ({"enforce_eager": "False"}, "enforce_eager='False' is vLLM's LLM keyword, taken here only as "
+         "enforce_eager=True or enforce_eager=False: the engine decodes eagerly unless given compile=True (or "
+         "compile=None: once eager decoding has taken as long as a compile)"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is vLLM's LLM keyword, taken here only as "
          "tensor_parallel_size=1: the engine runs in one process; spread a model over devices with device_map="),
         ({"pipeline_parallel_size": True}, "pipeline_parallel_size=True is vLLM's LLM keyword, taken here only as "
@@ -160,6 +161,14 @@ def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_na
         model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=None, enable_prefix_caching=None
     )
     assert (defaults.max_batch_size, defaults.cache.prefix_caching) == (EngineOptions.max_batch_size, True)
+    # enforce_eager=False, vLLM's default, only allows CUDA graphs: taken, eager as the engine's default, and beside
+    # compile=None (refused before: "taken here only as enforce_eager=True"), which it leaves to compile later
+    allowed = Engine.from_pretrained(model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, enforce_eager=False)
+    later = Engine.from_pretrained(
+        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, enforce_eager=False, compile=None
+    )
+    assert (allowed.decode_compiled, allowed._eager_seconds_left, later.decode_compiled) == (False, None, False)
+    assert later._eager_seconds_left == COMPILE_AFTER_SECONDS
     for given, told in (
         ({"max_num_seqs": 4, "max_batch_size": 8}, "max_num_seqs=4 beside max_batch_size=8: it is vLLM's name for "
          "max_batch_size"),
