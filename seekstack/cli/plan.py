@@ -17,7 +17,8 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.
 def stored_weights(model: str, config: ModelConfig) -> str:
     """The width (a BYTES_PER_PARAM name) checkpoint `model` stores its weights in, from its config.json:
     quantization_config (fp8; compressed-tensors int8/int4, the widest group, or float-quantized fp8, which loads
-    dequantized: torch_dtype's), else (none, or a transform_config alone) torch_dtype, else bfloat16.
+    dequantized: the stated float dtype's), else (none, or a transform_config alone) the stated float dtype
+    (`stated_float_dtype`), else bfloat16.
     ValueError naming the file for a quantization_config it cannot read."""
     from seekstack.checkpoint import stores_quantized_weights
 
@@ -45,9 +46,9 @@ def stored_weights(model: str, config: ModelConfig) -> str:
 
 
 def stated_float_dtype(config: ModelConfig) -> str:
-    """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: torch_dtype
-    (transformers 4) or dtype (5), else bfloat16."""
-    dtype = config.extra.get("torch_dtype", config.extra.get("dtype"))
+    """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: dtype
+    (transformers 5), else its legacy name torch_dtype (4), as transformers reads them, else bfloat16."""
+    dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
 
 

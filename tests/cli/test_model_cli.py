@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from seekstack.checkpoint import SINGLE_FILE, save_pretrained
@@ -137,3 +138,19 @@ def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
     assert longer.exit_code == 1
     expected = f"error: --context {context + 1}: longer than the model's context (max_position_embeddings {context})"
     assert expected in longer.stderr
+
+
+@pytest.mark.parametrize(
+    ("stated", "width"),
+    [
+        ({"torch_dtype": "float32", "dtype": "bfloat16"}, "bfloat16"),
+        ({"dtype": "float16", "torch_dtype": "float32"}, "float16"),
+        ({"dtype": None, "torch_dtype": "float32"}, "float32"),
+    ],
+)
+def test_plan_reads_a_configs_dtype_before_its_legacy_torch_dtype_as_transformers_does(tmp_path, stated, width):
+    """A config.json stating both (transformers 5 writes `dtype`, 4.x `torch_dtype`) was priced at torch_dtype's."""
+    (tmp_path / "config.json").write_text(json.dumps({**preset("tiny").to_dict(), **stated}))
+    result = run("plan", str(tmp_path), "--memory", "cpu=1GiB")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tmp_path}, {width} weights as stored (config.json)")
