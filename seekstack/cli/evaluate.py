@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -95,10 +96,11 @@ def eval_command(
         ),
     ] = False,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Results path without suffix, or an existing folder to write results.json and results.md into; "
-            "default RUN/eval/results for a run or its checkpoint, else MODEL/eval/results"
+            help="Results path without suffix, or a folder to write results.json and results.md into (an existing "
+            "one, or one ending in /, made); default RUN/eval/results for a run or its checkpoint, else "
+            "MODEL/eval/results"
         ),
     ] = None,
 ) -> None:
@@ -118,9 +120,11 @@ def eval_command(
         )
     with user_errors():
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
-        out = out or folder / "eval" / "results"
-        out = out / "results" if out.is_dir() else out  # a folder: the files go into it, as lm_eval's --output_path
-        samples_folder = out.parent / "lm_eval" if log_samples else None
+        path = Path(out) if out else folder / "eval" / "results"
+        # a folder, or a path ending in a slash (one to make, which Path's parts drop): the files go into it, as
+        # lm_eval's --output_path takes a folder
+        path = path / "results" if path.is_dir() or (out or "").endswith(("/", os.sep)) else path
+        samples_folder = path.parent / "lm_eval" if log_samples else None
         refusable = ("batch_size", "limit", "seed", "gen_kwargs")  # a value evaluate() refuses, as the parser's own
         with options_named(refusable):
             report = evaluate(
@@ -128,7 +132,7 @@ def eval_command(
                 samples_folder, include_path, dtype, difficulty, seed, fewshot_as_multiturn, system_instruction,
                 gen_kwargs,
             )  # fmt: skip
-        json_path, table_path = write_results(report, out)
+        json_path, table_path = write_results(report, path)
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
     if samples_folder is not None:

@@ -138,9 +138,9 @@ def test_eval_runs_the_weights_in_the_dtype_asked_for_and_the_report_reruns_it_s
     assert len(asked) == 2
 
 
-def test_eval_out_naming_an_existing_folder_writes_the_results_into_it_as_lm_evals_output_path(tmp_path, monkeypatch):
+def test_eval_out_naming_a_folder_writes_the_results_into_it_as_lm_evals_output_path(tmp_path, monkeypatch):
     """`seekstack eval MODEL --out runs/x/eval` (a folder) wrote runs/x/eval.json and eval.md beside the folder, where
-    lm_eval's --output_path writes into a folder it is given."""
+    lm_eval's --output_path writes into a folder it is given; so did `--out newdir/`, a folder not yet made."""
     import lm_eval
 
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
@@ -155,6 +155,12 @@ def test_eval_out_naming_an_existing_folder_writes_the_results_into_it_as_lm_eva
     assert not (tmp_path / "scores.json").exists()
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(tmp_path / "named")])
     assert result.exit_code == 0 and (tmp_path / "named.json").is_file()  # a path not yet a folder: its stem, as before
+    # a folder not yet made, named with a trailing slash as lm_eval's --output_path takes one: made, the files in it
+    # (it wrote newdir.json and newdir.md beside it)
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", f"{tmp_path / 'newdir'}/"])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "newdir").iterdir()) == ["results.json", "results.md"]
+    assert not (tmp_path / "newdir.json").exists()
 
 
 @pytest.mark.parametrize("tasks", [",", " , ", ""])
