@@ -14,6 +14,7 @@ _EXPORTS = {
     "RequestOutput": "seekstack.infer.outputs",
     "TokenLogprob": "seekstack.infer.outputs",
     "EngineOptions": "seekstack.infer.params",
+    "LoRARequest": "seekstack.infer.params",
     "SamplingParams": "seekstack.infer.params",
 }
 __all__ = sorted(_EXPORTS)

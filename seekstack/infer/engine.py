@@ -43,7 +43,7 @@ from seekstack.infer.outputs import (
     joined_completion,
 )
 from seekstack.infer.packed import pack_for_decode, repack
-from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
+from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, LoRARequest, SamplingParams
 from seekstack.infer.placement import (
     OffloadRefused,
     check_reachable,
@@ -1229,6 +1229,7 @@ class Engine:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | Sequence[str | None] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
         {"prompt_token_ids": ids} is one prompt, as in vLLM; a tensor of ids reads as its list: 1-D one prompt, 2-D a
@@ -1239,7 +1240,8 @@ class Engine:
         ValueError naming it by its index among several, the prompts added before it aborted, none left queued.
         `sampling_params` (vLLM's name), one for all or one per prompt; none: `get_default_sampling_params`, as
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
-        loops call generate often)."""
+        loops call generate often). `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
+        `adapters`: the adapter each names (`_adapter_of_lora_request`)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1252,6 +1254,16 @@ class Engine:
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        adapters_name = "adapters"
+        if lora_request is not None:
+            if adapters is not None:
+                raise ValueError("adapters= beside lora_request=: lora_request is vLLM's way to name them; give one")
+            adapters_name = "lora_request"
+            adapters = (
+                [self._adapter_of_lora_request(one) for one in lora_request]
+                if isinstance(lora_request, (list, tuple))
+                else self._adapter_of_lora_request(lora_request)
+            )
         # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter
         one_adapter = adapters is None or isinstance(adapters, str)
         if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword here
@@ -1263,7 +1275,7 @@ class Engine:
         adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
         for name, values, one in (
             ("sampling_params", params_list, "or one SamplingParams for all"),
-            ("adapters", adapter_list, "(None: the base model), one name for all, or leave adapters out"),
+            (adapters_name, adapter_list, f"(None: the base model), one for all, or leave {adapters_name} out"),
         ):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
@@ -1318,11 +1330,37 @@ class Engine:
             completions.append(first)
         return completions
 
+    def _adapter_of_lora_request(self, request: LoRARequest | None) -> str | None:
+        """The name of the adapter vLLM's LoRARequest (`LoRARequest`, or vLLM's own) names, its lora_path loaded as
+        lora_name first where no adapter of that name is (vLLM loads it on first use too); None: the base model."""
+        if request is None:
+            return None
+        name, folder = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
+        if not isinstance(name, str):
+            raise TypeError(
+                f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "
+                "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
+            )
+        if folder and name not in self.lora.folders:
+            try:
+                self.load_adapter(name, folder)
+            except ValueError:
+                if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
+                    raise
+        loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
+        if folder and loaded is not None and Path(folder).resolve() != loaded.resolve():
+            raise ValueError(
+                f"lora_request names adapter {name!r} at {folder}, but {name!r} is loaded from {loaded}: "
+                f"unload_adapter({name!r}) first, or give this one another lora_name"
+            )
+        return name
+
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -1331,8 +1369,8 @@ class Engine:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `sampling_params` and `use_tqdm` as generate's, in vLLM's
-        order (the options after them are keywords, as vLLM's fourth is its lora_request). `tools`
+        (the end of its turn), as `seekstack chat` ends one; `sampling_params`, `use_tqdm` and `lora_request` as
+        generate's, in vLLM's order (the options after them are keywords). `tools`
         (OpenAI's function definitions, read and refused as the server reads a request's) are listed in each prompt, as
         vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
         `tool_calls` (`completion_with_calls`)."""
@@ -1360,7 +1398,7 @@ class Engine:
             else p
             for p in params_list
         ]  # fmt: skip
-        completions = self.generate(rendered, ending, use_tqdm=use_tqdm)
+        completions = self.generate(rendered, ending, use_tqdm=use_tqdm, lora_request=lora_request)
         if not offered_tools:
             return completions
         return [

@@ -282,6 +282,17 @@ def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
 SamplingParams.__init__ = _taking_max_tokens(SamplingParams.__init__)  # type: ignore[method-assign]
 
 
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's LoRARequest(lora_name, lora_int_id, lora_path), which `Engine.generate` and `chat` take as lora_request
+    (vLLM's own too): the adapter in `lora_path` served as `lora_name`, loaded on first use; `lora_int_id`, vLLM's
+    cache key, is not read here (the name is)."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str | Path = ""
+
+
 MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)
 DRAFT_TOKENS_LIMIT = (
     f"at most {MAX_DRAFT_TOKENS} (each draft is another MTP forward a step, the engine times every draft count at "

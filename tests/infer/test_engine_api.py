@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seekstack.infer import Engine, SamplingParams
+from seekstack.infer import Engine, LoRARequest, SamplingParams
 from seekstack.infer.engine import COMPILE_AFTER_SECONDS
 from seekstack.infer.params import EngineOptions
 
@@ -41,6 +41,54 @@ def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(
     assert [output.token_ids for output in engine.generate(prompts, greedy, adapters="ab")] == each
     assert [output.token_ids for output in engine.generate(prompts[:2], greedy, adapters="ab")] == each[:2]
     assert each != [output.token_ids for output in engine.generate(prompts, greedy)]  # the adapter changes them
+
+
+def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_first_use(tmp_path):
+    """vLLM's generate(prompts, params, lora_request=LoRARequest(name, id, path)) and chat(messages, params, use_tqdm,
+    lora_request) raised "TypeError: ... got an unexpected keyword argument 'lora_request'" (chat took no adapter at
+    all). The request's adapter is loaded as its lora_name on first use, as vLLM's, and runs the prompts given it."""
+    from tests.adapters.support import write_random_adapter
+    from tests.infer.support import model_dir
+
+    base = model_dir(tmp_path / "base")
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
+    folder = write_random_adapter(base, tmp_path / "legal", seed=1)
+    greedy, prompts, request = (
+        SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
+        [[5, 9], [14]],
+        LoRARequest("legal", 1, folder),
+    )
+
+    def tokens(**adapter):
+        return [output.token_ids for output in engine.generate(prompts, greedy, **adapter)]
+
+    adapted = tokens(lora_request=request)
+    assert engine.lora.folders == {"legal": folder}  # loaded on first use
+    assert adapted == tokens(adapters="legal") != tokens()
+    assert tokens(lora_request=[None, request]) == [tokens()[0], adapted[1]]  # one per prompt
+    assert tokens(lora_request=LoRARequest("legal")) == adapted  # a loaded name needs no path
+    messages = [{"role": "user", "content": "hi"}]
+    [chatted] = engine.chat(messages, greedy, False, request)  # vLLM's order: lora_request fourth
+    [plain] = engine.chat(messages, greedy)
+    assert chatted.token_ids != plain.token_ids
+    assert chatted.token_ids == engine.generate([chatted.prompt_token_ids], greedy, adapters="legal")[0].token_ids
+    other = write_random_adapter(base, tmp_path / "other", seed=2)
+    for given, error, told in (
+        ({"lora_request": LoRARequest("legal", 2, other)}, ValueError, f"lora_request names adapter 'legal' at "
+         f"{other}, but 'legal' is loaded from {folder}: unload_adapter('legal') first, or give this one another "
+         "lora_name"),
+        ({"lora_request": request, "adapters": "legal"}, ValueError, "adapters= beside lora_request=: lora_request is "
+         "vLLM's way to name them; give one"),
+        ({"lora_request": "legal"}, TypeError, "lora_request='legal': give a LoRARequest(lora_name, lora_int_id, "
+         "lora_path) (seekstack.infer's or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in "
+         "adapters="),
+        ({"lora_request": [request]}, ValueError, "2 prompts but 1 lora_request: give one per prompt (None: the base "
+         "model), one for all, or leave lora_request out"),
+    ):  # fmt: skip
+        with pytest.raises(error) as refused:
+            engine.generate(prompts, greedy, **given)
+        assert str(refused.value) == told
+    assert engine.lora.folders == {"legal": folder}
 
 
 def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_keyword(model, tokenizer):
