@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from annotated_types import Ge, Interval, MinLen
+from annotated_types import Ge, Interval, MaxLen, MinLen
 
 from seekstack.schema import (
     ConfigError,
@@ -32,6 +32,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # fields vLLM's SamplingParams defaults to None, read as our defaults when given so (no stop, no bias, no logprobs)
 VLLM_NONE_DEFAULTS = {"stop": tuple, "stop_token_ids": tuple, "logit_bias": dict, "logprobs": bool, "bad_words": tuple}
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
+MAX_BAD_WORDS = 300  # vLLM sets none; each word is matched in Python at every step the request shares with others
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
@@ -168,7 +169,7 @@ class SamplingParams:
     # as vLLM's: only these token ids may be sampled (None: any); the engine checks them against its vocab
     allowed_token_ids: tuple[Annotated[int, Ge(0)], ...] | None = None
     # as vLLM's: these words are never sampled (a word's last token banned after its others: sampling.BadWords)
-    bad_words: tuple[Annotated[str, MinLen(1)], ...] = ()
+    bad_words: Annotated[tuple[Annotated[str, MinLen(1)], ...], MaxLen(MAX_BAD_WORDS)] = ()
     # as vLLM's: the prompt's last k tokens alone (left truncation); -1: its last max_model_len; None: all of it
     truncate_prompt_tokens: Annotated[int, Ge(-1)] | None = None
     # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64);

@@ -20,6 +20,7 @@ import seekstack
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.outputs import Completion, Logprob, TokenLogprob
+from seekstack.infer.params import MAX_BAD_WORDS
 from seekstack.infer.sampling import BadWords
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
@@ -276,6 +277,22 @@ def test_bad_words_are_never_sampled_as_vllms_and_speculative_drafts_of_them_are
         )
     assert str(refused.value) == "bad_words with a constraint (JSON mode): give one rule on what the request samples"
     assert engine.stats().waiting == 0
+
+
+def test_sampling_params_take_at_most_max_bad_words_as_the_server_does():
+    """The server takes at most MAX_BAD_WORDS = 300 bad_words (each is matched in Python at every step the request
+    shares with others), but the library's SamplingParams took any number: 100,000 words slowed every step of every
+    request in the engine. The same bound now holds on the constructor, from_dict and validate()."""
+    words = [f"w{i}" for i in range(MAX_BAD_WORDS + 1)]
+    assert len(SamplingParams(bad_words=words[:-1]).bad_words) == MAX_BAD_WORDS == 300
+    too_many = r"^field 'bad_words' has value .*: tuple should have at most 300 items after validation, not 301$"
+    for build in (SamplingParams, SamplingParams.from_dict):
+        with pytest.raises(ConfigError, match=too_many):
+            build(bad_words=words) if build is SamplingParams else build({"bad_words": words})
+    grown = SamplingParams()
+    grown.bad_words = tuple(words)
+    with pytest.raises(ConfigError, match=too_many):
+        grown.validate()
 
 
 def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
