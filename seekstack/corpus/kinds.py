@@ -19,7 +19,8 @@ the first `SAMPLE_CHARS` characters:
          the report counts Russian, Arabic or Hindi prose apart.
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
 length and repetition rules count for text without spaces; word segmentation would need a dictionary); Korean, which
-writes spaces between its words, has its n-grams counted in those words (`spaced_words`). Thai, Lao,
+writes spaces between its words, has its n-grams counted in those words (`spaced_words`), and Japanese in the runs of
+one script its words are written in (`japanese_words`: a kanji stem, its kana ending, a katakana loanword). Thai, Lao,
 Tibetan (whose tsheg ་ parts syllables, not words), Myanmar and Khmer, also written without spaces between words, keep
 their runs (phrases; their characters carry combining vowels and marks), and the rules count their words by
 characters instead (`written_without_spaces`).
@@ -77,6 +78,11 @@ _LETTER = re.compile(r"[^\W\d_]")
 _NON_LATIN_LETTER = re.compile(r"[^\W\d_A-Za-z\u00aa\u00b5\u00ba\u00c0-\u024f\u1e00-\u1eff]")
 ZERO_WIDTH_SPACE = "\u200b"
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
+# Japanese text's runs of one script: kanji (with the iteration mark 々), hiragana, katakana (with the prolonged sound
+# mark ー), Hangul, and anything else but spaces (punctuation, Latin words, digits)
+_JAPANESE_WORD = re.compile(
+    f"[{_HAN}\u3005]+|[\u3040-\u309f]+|[\u30a0-\u30ff\uff66-\uff9f]+|[{_HANGUL}]+|[^\\s{_HAN}{_KANA}{_HANGUL}\u3005]+"
+)
 
 _CODE_LINE = re.compile(
     r"^\s*(?:def|class|import|from|return|elif|else|try|except|finally|with|raise|yield|async|await|assert"
@@ -132,6 +138,22 @@ def spaced_words(text: str) -> list[str]:
     return text.replace(ZERO_WIDTH_SPACE, " ").split()
 
 
+def japanese_words(text: str) -> list[str]:
+    """Japanese text's words as its runs of one script: a kanji stem apart from its hiragana ending (`起` `きます`,
+    `散歩` `します`), a katakana loanword, a punctuation mark, as dictionary segmenters (MeCab, Sudachi) part them
+    closely enough for the n-gram rules without a dictionary: the polite ending `ます。` is not a word n-gram of its
+    own."""
+    return _JAPANESE_WORD.findall(text.replace(ZERO_WIDTH_SPACE, " "))
+
+
+def japanese(text: str) -> bool:
+    """True when kana are >= `KANA_MIN_SHARE` of the CJK characters among the text's first `SAMPLE_CHARS` characters,
+    and Hangul not most of them."""
+    sample = text[:SAMPLE_CHARS]
+    cjk = len(CJK_CHAR.findall(sample))
+    return bool(cjk) and len(_KANA_CHAR.findall(sample)) >= KANA_MIN_SHARE * cjk and not korean(sample)
+
+
 def korean(text: str) -> bool:
     """True when Hangul is most of the CJK characters among the text's first `SAMPLE_CHARS` characters."""
     sample = text[:SAMPLE_CHARS]
@@ -177,7 +199,7 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):
         if korean(sample):
             return DetectedKind("cjk", "ko")
-        return DetectedKind("cjk", "ja" if len(_KANA_CHAR.findall(sample)) >= KANA_MIN_SHARE * cjk else "zh")
+        return DetectedKind("cjk", "ja" if japanese(sample) else "zh")
     lines = [line for line in sample.split("\n") if line.strip()]
     code_lines = 0 if documentation else sum(1 for line in lines if looks_like_code(line))
     if lines and code_lines >= CODE_MIN_LINE_SHARE * len(lines):

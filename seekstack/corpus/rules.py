@@ -38,6 +38,8 @@ from seekstack.corpus.kinds import (
     Kind,
     detect_kind,
     ends_sentences_without_marks,
+    japanese,
+    japanese_words,
     korean,
     looks_like_code,
     script_code,
@@ -377,11 +379,15 @@ class TextStats:
         written without spaces (whose `words` are phrases: a run of keyword spam is one), its characters (as one
         string), `UNSPACED_WORD_CHARS` to a word, where datatrove splits Thai into words with pythainlp's
         dictionary; in Korean, the words it writes between spaces, not its syllables, whose polite ending `습니다.`
-        closes every sentence (a character 3-gram of a fifth of a clean page's characters)."""
+        closes every sentence (a character 3-gram of a fifth of a clean page's characters); in Japanese, its runs of
+        one script (`japanese_words`), where datatrove segments it with a dictionary, not its characters, whose polite
+        ending `ます。` closes every sentence likewise."""
         if self.unspaced:
             return "".join(self.words), UNSPACED_WORD_CHARS
         if korean(self.text):
             return spaced_words(self.text), 1
+        if japanese(self.text):
+            return japanese_words(self.text), 1
         return self.words, 1
 
     @cached_property

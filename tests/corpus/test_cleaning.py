@@ -29,7 +29,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
-from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind, spaced_words
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind, japanese_words, spaced_words
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -449,6 +449,30 @@ def test_korean_n_grams_are_its_spaced_words_not_the_syllables_of_its_sentence_e
     word_chars = sum(map(len, spaced_words(spam)))  # the spam's 8 x 22 and the talk's 156
     assert word_chars == 176 + 156
     assert TextStats(spam).top_ngram_char_fraction(3) == 8 * len("최저가항공권예약은") / word_chars
+    assert failed_rule(spam, CJKRules()) == "top_3gram"
+
+
+JAPANESE_POLITE_DIARY = (  # です・ます prose: every sentence closes on the polite ending ます。
+    "私は毎朝六時に起きます。まず顔を洗って、歯を磨きます。それから犬と一緒に公園を散歩します。"
+    "七時に家族と朝ご飯を食べます。八時の電車で会社へ行きます。仕事は九時に始まります。"
+    "昼は同僚と近くの食堂で食べます。午後は会議が多いです。六時ごろ仕事が終わります。"
+    "夜は本を読んだり、音楽を聞いたりします。十一時ごろ寝ます。週末は友達と映画を見に行きます。"
+)
+
+
+def test_japanese_n_grams_are_its_runs_of_one_script_not_the_characters_of_its_polite_ending() -> None:
+    """Japanese n-grams were counted in characters, so the polite ending `ます。` closing every sentence was a 3-gram of
+    0.19 of a clean diary's characters, over cjk's 0.16, and the diary was dropped as repetitive. Its n-grams are its
+    runs of one script now (`起` `きます` `。`), as datatrove counts a dictionary's words; keyword spam still fails."""
+    text = normalise(JAPANESE_POLITE_DIARY)
+    assert rule_kind(text, "auto") == ("cjk", "cjk/ja")
+    assert japanese_words("それから犬と一緒に公園を散歩します。") == [
+        "それから", "犬", "と", "一緒", "に", "公園", "を", "散歩", "します", "。",
+    ]  # fmt: skip
+    assert TextStats(text).top_ngram_char_fraction(3) == 10 / 171  # ('食', 'べます', '。') twice; in characters 0.19
+    assert failed_rule(text, CJKRules()) is None
+    spam = normalise("格安航空券の予約はこちらから今すぐクリック " * 8 + JAPANESE_POLITE_DIARY)
+    assert TextStats(spam).top_ngram_char_fraction(3) == 8 * len("格安航空券の予約") / (8 * 21 + 171)
     assert failed_rule(spam, CJKRules()) == "top_3gram"
 
 
