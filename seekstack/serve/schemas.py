@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticUseDefault, core_schema
 
-from seekstack.infer.params import LOGIT_BIAS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
+from seekstack.infer.params import LOGIT_BIAS_LIMIT, MAX_BAD_WORDS, MAX_TOP_LOGPROBS, SamplingParams
 from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
@@ -45,7 +45,6 @@ MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no na
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
 MAX_REQUEST_ID_CHARS = 256  # a body's request_id names the response and its log lines: an id, not a text
 MAX_STOP_TOKEN_IDS = 300  # vLLM sets none; as many as logit_bias may name
-MAX_BAD_WORDS = 300  # vLLM sets none; each word is matched in Python at every step the request shares with others
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 PromptText = str  # "" too: where the tokenizer frames it with BOS it has a token to start from (prompt_ids)
