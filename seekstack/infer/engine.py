@@ -167,11 +167,15 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
             )
 
 
+# when the engine's decode steps run through torch.compile (`Engine`'s compile), as vLLM's enforce_eager is told it
+DECODES_EAGERLY = (
+    "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding has taken as long as a "
+    "compile)"
+)
 # vLLM's LLM(...) keywords that from_pretrained does not take (but at VLLM_ENGINE_VALUES_TAKEN), and what does their
 # work here
 VLLM_ENGINE_KEYWORDS = {
-    "enforce_eager": "the engine decodes eagerly unless given compile=True (or compile=None: once eager decoding "
-    "has taken as long as a compile)",
+    "enforce_eager": DECODES_EAGERLY,
     "gpu_memory_utilization": "give the latent cache's budget in bytes, kv_cache_memory= (default: half the free "
     "memory of each device)",
     "tensor_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
@@ -207,8 +211,7 @@ def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
             )
         if name == "enforce_eager" and value and kwargs.get("compile", False) is not False:
             raise ValueError(
-                f"enforce_eager=True beside compile={kwargs['compile']!r}: the engine decodes eagerly unless given "
-                "compile=True or None; leave one out"
+                f"enforce_eager=True beside compile={kwargs['compile']!r}: {DECODES_EAGERLY}; leave one out"
             )
     for vllm_name, name in VLLM_ENGINE_NAMES.items():
         if vllm_name in kwargs:

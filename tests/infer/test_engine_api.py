@@ -223,7 +223,8 @@ def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_na
         ({"enable_prefix_caching": True, "prefix_caching": False}, "enable_prefix_caching=True beside "
          "prefix_caching=False: it is vLLM's name for prefix_caching"),
         ({"enforce_eager": True, "compile": None}, "enforce_eager=True beside compile=None: the engine decodes eagerly "
-         "unless given compile=True or None; leave one out"),
+         "unless given compile=True (or compile=None: once eager decoding has taken as long as a compile); leave one "
+         "out"),
     ):  # fmt: skip
         with pytest.raises(ValueError) as refused:
             Engine.from_pretrained(tmp_path / "not-read", **given)
