@@ -258,15 +258,18 @@ class ModelConfig:
         values = dict(UPSTREAM_DEFAULTS[model_type])
         known = {f.name: f for f in dataclasses.fields(cls)}
         extra: dict[str, Any] = {}
-        aliases = FIELD_ALIASES[model_type]
-        for alias, name in aliases.items():
-            if alias in raw and name in raw and raw[alias] != raw[name]:
+        raw = dict(raw)
+        for alias, name in FIELD_ALIASES[model_type].items():
+            value = raw.pop(alias, None)
+            if value is None:  # null: unset, as absent (a null beside the field is no second value)
+                continue
+            if raw.get(name) not in (None, value):
                 raise ConfigError(
-                    f"{source}: {alias}={raw[alias]!r} beside {name}={raw[name]!r}: {alias} is transformers' name for "
+                    f"{source}: {alias}={value!r} beside {name}={raw[name]!r}: {alias} is transformers' name for "
                     f"{name} in a {model_type} config, and they differ: give one of them"
                 )
+            raw[name] = value
         for key, value in raw.items():
-            key = aliases.get(key, key)
             if key in known and key != "extra":
                 values[key] = value
             elif key not in DERIVED_FIELDS:

@@ -222,3 +222,12 @@ def test_transformers_other_name_of_a_field_is_read_as_that_field_and_refused_be
         "config, and they differ: give one of them"
     )
     assert getattr(ModelConfig.from_dict({**raw, field: 4}), field) == 4
+    # null is unset, not a second value: beside the field, in either order, the one given is read
+    assert getattr(ModelConfig.from_dict({**raw, alias: None, field: 6}), field) == 6
+    assert getattr(ModelConfig.from_dict({field: 6, **raw, alias: None}), field) == 6
+    assert getattr(ModelConfig.from_dict({**raw, field: None}), field) == 4
+    assert getattr(ModelConfig.from_dict({field: None, **raw}), field) == 4
+    absent = {key: value for key, value in raw.items() if key != alias}
+    assert getattr(ModelConfig.from_dict({**absent, alias: None}), field) == getattr(
+        ModelConfig.from_dict(absent), field
+    )
