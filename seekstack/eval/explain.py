@@ -43,6 +43,7 @@ MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): long
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 TOP_EXPERTS = 3  # routing_stats.json's class_top_experts: at most this many experts taking most of a class's tokens
+SHARE_DIGITS = 4  # routing_stats.json's shares (load, co-selection, class load): significant digits, not decimals
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
 WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
@@ -319,11 +320,17 @@ def _token_windows(texts_ids: list[list[int]], window: int, max_tokens: int) -> 
     return rows
 
 
+def _share(value: float) -> float:
+    """A share as routing_stats.json writes it: to SHARE_DIGITS significant digits, so one expert's 3 assignments in
+    100,000 read 3e-05, not 0.0 as if it took none (4 decimals did)."""
+    return float(f"{value:.{SHARE_DIGITS}g}")
+
+
 def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
     load = stats.load
     top = {  # each class's TOP_EXPERTS likeliest experts, or all of a model's fewer; never one it sent no token
         name: [
-            (int(e), round(float(share), 4))
+            (int(e), _share(float(share)))
             for share, e in zip(*class_load.topk(min(TOP_EXPERTS, len(class_load))), strict=True)
             if share > 0
         ]
@@ -332,14 +339,14 @@ def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
     return {
         "layer": stats.layer,
         "tokens": sum(stats.class_tokens.values()),
-        "load": [round(v, 4) for v in load.tolist()],
+        "load": [_share(v) for v in load.tolist()],
         "max_violation": float((load.max() - load.mean()) / load.mean()),
-        "co_selection": [[round(v, 4) for v in row] for row in stats.co_selection.tolist()],
+        "co_selection": [[_share(v) for v in row] for row in stats.co_selection.tolist()],
         "consecutive_share": stats.consecutive_share,
         "chance_share": stats.chance_share,
         "class_tokens": stats.class_tokens,
         "class_top_experts": top,
-        "class_load": {name: [round(v, 4) for v in value.tolist()] for name, value in stats.class_load.items()},
+        "class_load": {name: [_share(v) for v in value.tolist()] for name, value in stats.class_load.items()},
     }
 
 

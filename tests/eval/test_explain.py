@@ -16,6 +16,7 @@ from seekstack.eval.explain import (
     FIGURE_DPI,
     MAX_PANEL_INCHES,
     _attention_png,
+    _statistics_record,
     corpus_routing,
     drawable,
     explain_text,
@@ -75,6 +76,21 @@ def test_routing_statistics_on_a_hand_built_routing():
     torch.testing.assert_close(stats.class_load["keyword"], torch.tensor([0.5, 0.5, 0.0, 0.0]))
     torch.testing.assert_close(stats.class_load["identifier"], torch.tensor([0.25, 0.25, 0.25, 0.25]))
     assert stats.class_tokens == {"keyword": 2, "number": 2, "identifier": 2}
+
+
+def test_routing_stats_json_writes_a_share_below_five_in_100000_as_itself_not_zero():
+    """routing_stats.json rounded each share to 4 decimals: an expert taking 3 of 100,000 tokens was written load
+    0.0, as one taking none, and named among the class's top experts (those that took any of its tokens) with 0.0."""
+    tokens = 100_000
+    experts = torch.zeros(tokens, 1, dtype=torch.long)
+    experts[[10, 500, 9_000]] = 1
+    follows = torch.arange(tokens) > 0
+    stats = routing_statistics(LayerRouting(1, experts, torch.ones(tokens, 1)), ["keyword"] * tokens, follows, 2)
+    record = _statistics_record(stats)
+    assert record["load"] == [1.0, 3e-05] and record["class_load"]["keyword"] == [1.0, 3e-05]
+    assert record["co_selection"] == [[1.0, 0.0], [0.0, 3e-05]]
+    assert record["class_top_experts"]["keyword"] == [(0, 1.0), (1, 3e-05)]
+    assert json.loads(json.dumps(record))["load"] == [1.0, 3e-05]
 
 
 def test_a_token_classs_top_experts_are_its_likeliest_that_took_any_of_its_tokens():
