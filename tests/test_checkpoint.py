@@ -888,6 +888,7 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
 def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_states(tmp_path):
     seekstack.save_pretrained(random_model().bfloat16(), tmp_path / "bfloat16")
     seekstack.save_pretrained(random_model(), tmp_path / "float32")
+    seekstack.save_pretrained(random_model().double(), tmp_path / "float64")
     with edited_json(tmp_path / "float32" / CONFIG_FILE) as config:  # a config stating no dtype: float32
         config.update(dtype=None, torch_dtype=None)
     for folder, dtype, expected in [
@@ -897,11 +898,15 @@ def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_
         ("bfloat16", "auto", torch.bfloat16),
         ("float32", "auto", torch.float32),
         ("float32", torch.float64, torch.float64),
+        ("float32", "float64", torch.float64),  # any torch dtype's name, as transformers reads a string
+        ("float32", "half", torch.float16),
+        ("float64", "auto", torch.float64),
     ]:
         loaded = seekstack.load_pretrained(tmp_path / folder, dtype=dtype)
         assert loaded.embed_tokens.weight.dtype == expected, (folder, dtype)
-    for wrong in ("bf16", "int8", torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
-        with pytest.raises(ValueError, match=r"dtype=.*: .* torch float dtype or one of auto, float32, bfloat16"):
+    refused = ("bf16", "int8", "float8_e4m3fn", "torch.float32", "Tensor", torch.int8, torch.float8_e4m3fn)
+    for wrong in (*refused, torch.float8_e5m2):
+        with pytest.raises(ValueError, match=r"dtype=.*: .* torch float dtype or its name in torch \(float32, bf"):
             seekstack.load_pretrained(tmp_path / "float32", dtype=wrong)
 
 

@@ -217,26 +217,34 @@ def loading_dtype(
 
 def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: CheckpointReader) -> torch.dtype:
     """`dtype` as a torch dtype: a torch float dtype of 16 bits or more (a float8 or float4 one, whose arithmetic torch
-    lacks, is refused at load, not at the first forward), one of DTYPES' names, or "auto": the dtype the checkpoint's
-    config.json states (`dtype`, or transformers 4.x's `torch_dtype`), else the one `reader`'s embedding is stored in,
-    as transformers' `dtype="auto"` takes a float dtype the config does not state from the weights (the first float
-    tensor's, the embedding's in a checkpoint of one float dtype); float32 where neither is one of FLOAT_DTYPES.
+    lacks, is refused at load, not at the first forward) or its name in torch, as transformers reads a string
+    (getattr(torch, name): "float64", "bfloat16", "half"), or "auto": the dtype the checkpoint's config.json states
+    (`dtype`, or transformers 4.x's `torch_dtype`), else the one `reader`'s embedding is stored in, as transformers'
+    `dtype="auto"` takes a float dtype the config does not state from the weights (the first float tensor's, the
+    embedding's in a checkpoint of one float dtype); float32 where neither names one a model loads in.
     ValueError naming any other value."""
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
-        return dtype
     if dtype == "auto":
         stated = config.extra.get("dtype") or config.extra.get("torch_dtype")
         if stated is None:
             embedding = checkpoint_key("embed_tokens.weight", config.num_hidden_layers)
-            stored = TORCH_DTYPES.get(reader.stored_dtype(embedding)) if embedding in reader else None
-            stated = str(stored).removeprefix("torch.")
-        return getattr(torch, stated if stated in FLOAT_DTYPES else "float32")
-    if dtype not in DTYPES:
+            stated = TORCH_DTYPES.get(reader.stored_dtype(embedding)) if embedding in reader else None
+        return _loadable(stated) or torch.float32
+    loadable = _loadable(dtype)
+    if loadable is None:
         raise ValueError(
-            f"dtype={dtype!r}: a model loads in a 16-, 32- or 64-bit torch float dtype or one of {', '.join(DTYPES)} "
-            "(auto: the checkpoint's dtype); fp8 weights load from a checkpoint stored in fp8, as quantized layers"
+            f"dtype={dtype!r}: a model loads in a 16-, 32- or 64-bit torch float dtype or its name in torch "
+            f"({', '.join(FLOAT_DTYPES)}, float64, ...), or auto (the checkpoint's dtype); fp8 weights load from a "
+            "checkpoint stored in fp8, as quantized layers"
         )
-    return getattr(torch, dtype)
+    return loadable
+
+
+def _loadable(dtype: object) -> torch.dtype | None:
+    """`dtype` (a torch dtype or its name in torch) as a torch float dtype of 16 bits or more, None if it names none."""
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if isinstance(named, torch.dtype) and named.is_floating_point and named.itemsize >= 2:
+        return named
+    return None
 
 
 def _holds_values(reader: CheckpointReader, key: str) -> bool:
