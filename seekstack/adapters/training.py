@@ -78,6 +78,9 @@ class LoraTrainConfig(TrainConfig):
         **AdapterConfig.field_notes,
     }
 
+    def read_from_init_from_on_resume(self) -> str:
+        return "the base model its adapter trains on"
+
 
 @dataclass
 class LoraHooks:

@@ -83,8 +83,12 @@ class DistillConfig(ConversationConfig):
     teacher_cache: str = ""  # folder of cached top-k teacher log-probabilities of corpus batches; "" = none
     cache_top_k: Positive = 64  # log-probabilities kept per position in the cache
 
-    def validate(self, source: str | None = None) -> DistillConfig:
-        config = super().validate(source)
+    def read_from_init_from_on_resume(self) -> str:
+        student = "the student's model (built from it, then given the checkpoint's weights)"
+        return " and ".join(filter(None, (student, super().read_from_init_from_on_resume())))
+
+    def validate(self, source: str | None = None, resume: bool = False) -> DistillConfig:
+        config = super().validate(source, resume)
         try:
             require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
             require(Path(config.teacher).is_dir(), "teacher", f"an existing checkpoint folder, not {config.teacher!r}")

@@ -131,7 +131,7 @@ class DistillSource(SFTSource):
 
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
-    config = config.validate()
+    config = config.validate(resume=bool(resume))
     teacher = read_config(config.teacher)
     require(
         config.seq_len <= teacher.max_position_embeddings,

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 TRL_LORA_NAMES = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default max_prompt_length
+TOKENIZER_OF_INIT_FROM = "its tokenizer (tokenizer is unset)"  # what a run encoding with init_from's reads of it
 
 
 @dataclass
@@ -102,6 +103,9 @@ class ConversationConfig(TrainConfig):
     def reads_data_dir(self) -> bool:
         return not self.conversational
 
+    def read_from_init_from_on_resume(self) -> str:
+        return TOKENIZER_OF_INIT_FROM if self.conversational and not self.tokenizer else ""
+
     @property
     def held_out_fraction(self) -> float:
         """The share of the conversations this run holds out (the module's `held_out_fraction` of its fields)."""
@@ -129,8 +133,8 @@ class SFTConfig(ConversationConfig):
     keep_checkpoints: NonNegative = 1
     task: str = "addition"  # with `data` "": this task's generated traces
 
-    def validate(self, source: str | None = None) -> SFTConfig:
-        config = super().validate(source)
+    def validate(self, source: str | None = None, resume: bool = False) -> SFTConfig:
+        config = super().validate(source, resume)
         require_task(config.task, source)
         _require_tokenizer(config, source)
         try:
@@ -319,9 +323,13 @@ class GRPOConfig(TrainConfig):
     def reads_data_dir(self) -> bool:
         return False
 
-    def validate(self, source: str | None = None) -> GRPOConfig:
+    def read_from_init_from_on_resume(self) -> str:
+        reference = "the reference model of its KL penalty (beta > 0)" if self.beta > 0 else ""
+        return " and ".join(filter(None, (reference, "" if self.tokenizer else TOKENIZER_OF_INIT_FROM)))
+
+    def validate(self, source: str | None = None, resume: bool = False) -> GRPOConfig:
         _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them
-        config = super().validate(source)
+        config = super().validate(source, resume)
         require_task(config.task, source)
         _require_tokenizer(config, source)
         try:

@@ -341,7 +341,7 @@ def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, float]:
 
 def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult:
     """GRPO from `init_from` (or a fresh preset) on the task `config` names."""
-    config = config.validate()
+    config = config.validate(resume=bool(resume))
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the rollout engine is built
     with configured_threads(config.threads):  # before the source: its engine starts on the run's threads

@@ -291,7 +291,7 @@ def conversation_source(
 
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
     """Fine-tune `init_from` (or a fresh preset) on the conversations `config` names."""
-    config = config.validate()
+    config = config.validate(resume=bool(resume))
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
     return train(config, resume=resume, source=conversation_source(config, config.packing))

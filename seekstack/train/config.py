@@ -126,8 +126,9 @@ class TrainConfig:
         # the device (see train/mfu.py)
     )
 
-    def validate(self, source: str | None = None) -> TrainConfig:
-        """This config checked: every field's type and range, the model overrides, the rules across fields."""
+    def validate(self, source: str | None = None, resume: bool = False) -> TrainConfig:
+        """This config checked: every field's type and range, the model overrides, the rules across fields. A run to
+        `resume` needs its `init_from` only where it still reads something of it (`read_from_init_from_on_resume`)."""
         config = recheck(self, source)
         try:
             require(config.model in PRESETS, "model", f"a preset, one of {', '.join(PRESETS)}, not {config.model!r}")
@@ -150,11 +151,12 @@ class TrainConfig:
                 f"without the {VAL_SPLIT!r} split, which evaluations score (its val_loss would be a training loss); "
                 "or set eval_every=0",
             )
-            init_from = config.init_from
+            init_from, read_on_resume = config.init_from, config.read_from_init_from_on_resume()
             require(
-                not init_from or Path(init_from).is_dir(),
+                not init_from or Path(init_from).is_dir() or (resume and not read_on_resume),
                 "init_from",
-                f"an existing checkpoint folder, not {init_from!r}",
+                f"an existing checkpoint folder, not {init_from!r}"
+                + (f" (a resumed run reads {read_on_resume} from it)" if resume else ""),
             )
             if config.tokenizer:
                 require_tokenizer_file(config.tokenizer, "tokenizer", "a tokenizer.json or a folder holding one")
@@ -171,6 +173,11 @@ class TrainConfig:
     def reads_data_dir(self) -> bool:
         """Whether the run's rows come from `data_dir` (token shards; a LoRA run's chat file)."""
         return True
+
+    def read_from_init_from_on_resume(self) -> str:
+        """What a resumed run still reads from `init_from`, "" for nothing: pretraining trains on from its own
+        checkpoint, so an init_from deleted since the run started does not stop it."""
+        return ""
 
     def model_config(self) -> ModelConfig:
         """The model this run trains: the preset, `model_overrides` on top, and the run's balance-loss weight."""
@@ -279,7 +286,7 @@ def resolve_train_config(
         values = _kept_init_from(cls, values, base, warn)
     values = _checkpoints_of_runs(cls, values, warn, base)
     try:
-        config = check(cls, values).validate()
+        config = check(cls, values).validate(resume=bool(resume))
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
         _require_rows_within_the_context(config)
         if resume:
@@ -465,7 +472,7 @@ def _trained_checkpoint(config: TrainConfig, resume: bool | Path) -> Path | None
     run's newest; None for a new run from scratch (or a resumed one that saved no checkpoint yet)."""
     from seekstack.train.runs import MODEL_CONFIG_FILE, list_checkpoints
 
-    if config.init_from:
+    if config.init_from and Path(config.init_from).is_dir():  # on resume it may be gone, the run's checkpoint not
         return Path(config.init_from)
     if isinstance(resume, Path):  # one that is no checkpoint is named by the trainer, which reads it
         return resume if (resume / MODEL_CONFIG_FILE).is_file() else None

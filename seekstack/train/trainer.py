@@ -439,7 +439,7 @@ def train(
     Ctrl-C, or SIGTERM (a scheduler's preemption), saves a checkpoint to continue from with --resume, unless the run
     is not `resumable` (a temporary run inside another command, which says itself what an interrupt means).
     """
-    config = config.validate()
+    config = config.validate(resume=bool(resume))
     ranks = distributed.init_distributed(cpu_collectives=config.cpu_offload)  # FSDP's offloaded gradients
     try:
         # every rank trains the same run; only its torch threads may suit its own machine
@@ -500,14 +500,14 @@ class _Run:
         self.data = source or MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
         if source is None:  # a val split missing or too small to evaluate fails now, not at its first use
             require_val_split(config)
-        if source is None and config.init_from:  # a start from a checkpoint reads the shards with its embeddings
-            require_checkpoint_tokenizer(config.init_from, config.data_dir, self.data.tokenizer_info)
+        if source is None and config.init_from and not resume:  # a start from a checkpoint reads the shards with
+            require_checkpoint_tokenizer(config.init_from, config.data_dir, self.data.tokenizer_info)  # its embeddings
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
-        # copied into every checkpoint beside the model: the tokenizer, and the sampling init_from's authors ship
-        generation_config = Path(config.init_from).glob(GENERATION_CONFIG_FILE) if config.init_from else ()
-        self.checkpoint_files = [*self.tokenizer_files, *generation_config]
+        # where the sampling init_from's authors ship (generation_config.json) is copied from into every checkpoint:
+        # init_from, then the run's newest checkpoint, which holds its copy (init_from may be gone on resume)
+        self.sampling_from = config.init_from
         self.val_byte_lengths = self._val_byte_lengths()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
@@ -562,7 +562,7 @@ class _Run:
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
-            self.resumed_from = path
+            self.resumed_from = self.sampling_from = path
             self.history_left_after = self.step
         else:
             refuse_new_run_into(self.out_dir)
@@ -992,9 +992,18 @@ class _Run:
         """Write `checkpoints/step_N`; a checkpoint the storage refuses (a full disk) stops the run with an error
         that says which steps are lost and where to continue from."""
         try:
-            return self._write_checkpoint()
+            saved = self._write_checkpoint()
         except WriteRefused as refused:
             raise WriteRefused(f"{refused}; training stopped at step {self.step}: {self._steps_lost()}") from refused
+        if self.sampling_from and saved:  # the copy kept from now on: an older checkpoint may be pruned
+            self.sampling_from = saved
+        return saved
+
+    @property
+    def checkpoint_files(self) -> list[Path]:
+        """Copied into every checkpoint beside the model: the tokenizer, and the sampling init_from's authors ship."""
+        generation_config = Path(self.sampling_from).glob(GENERATION_CONFIG_FILE) if self.sampling_from else ()
+        return [*self.tokenizer_files, *generation_config]
 
     def _steps_lost(self) -> str:
         """The steps a checkpoint that could not be written loses, and what to do."""

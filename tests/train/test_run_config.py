@@ -11,11 +11,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from seekstack.adapters.training import LoraTrainConfig
 from seekstack.cli import app
 from seekstack.config import preset
+from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE, TrainConfig, load_train_config, resolve_train_config
 from seekstack.train.runs import TRAIN_STATE_FILE, list_checkpoints
+from tests.posttrain.support import byte_tokenizer, micro_checkpoint
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
 
@@ -441,19 +444,58 @@ def test_a_resume_given_init_from_keeps_a_run_from_scratch_recorded_as_one(tmp_p
 def test_a_run_copied_to_another_depth_names_its_saved_config_for_a_lost_path_and_resumes_given_it_again(
     tmp_path, monkeypatch
 ) -> None:
+    """rl with beta > 0 reads its reference model from init_from on resume (pretraining, which reads nothing of it
+    then, resumes: test_a_resumed_run_needs_its_init_from_only_where_it_reads_it_then)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "ck").mkdir(parents=True)
-    (tmp_path / "tokens").mkdir()  # given absolute: the copy still finds it
-    load_train_config(None, ["init_from=runs/ck", f"data_dir={tmp_path / 'tokens'}", "out_dir=runs/x/rl"]).save(
+    byte_tokenizer(tmp_path / "tok")  # given absolute: the copy still finds it
+    settings = [f"tokenizer={tmp_path / 'tok'}", "beta=0.04"]
+    resolve_train_config(None, ["init_from=runs/ck", *settings, "out_dir=runs/x/rl"], cls=GRPOConfig).save(
         "runs/x/rl"
     )  # init_from saved as ../../ck
     shutil.copytree("runs/x/rl", "o/rl")  # its ../../ck is now o/../../ck
     with pytest.raises(ConfigError) as refused:
-        resolve_train_config(None, ["out_dir=o/rl"], resume=True)
+        resolve_train_config(None, ["out_dir=o/rl"], resume=True, cls=GRPOConfig)
     assert str(refused.value).startswith(f"o/rl/{CONFIG_FILE}: field 'init_from' must be an existing checkpoint folder")
+    assert "(a resumed run reads the reference model of its KL penalty (beta > 0) from it)" in str(refused.value)
     assert str(refused.value).endswith("give init_from=... on the command line to replace it")
-    resumed = resolve_train_config(None, ["out_dir=o/rl", "init_from=runs/ck"], resume=True)
+    resumed = resolve_train_config(None, ["out_dir=o/rl", "init_from=runs/ck"], resume=True, cls=GRPOConfig)
     assert resumed.init_from == "runs/ck"
+
+
+@pytest.mark.parametrize(
+    ("cls", "settings", "read"),
+    [
+        (TrainConfig, [], ""),
+        (SFTConfig, [], "its tokenizer (tokenizer is unset)"),
+        (SFTConfig, ["tokenizer=tok"], ""),
+        (GRPOConfig, ["tokenizer=tok"], ""),
+        (GRPOConfig, ["beta=0.04"], "the reference model of its KL penalty (beta > 0) and its tokenizer (tokenizer is "
+         "unset)"),
+        (LoraTrainConfig, [], "the base model its adapter trains on"),
+    ],
+)  # fmt: skip
+def test_a_resumed_run_needs_its_init_from_only_where_it_reads_it_then(tmp_path, monkeypatch, cls, settings, read):
+    """A resume was refused whenever the init_from its run started from was gone, though pretraining (and sft or rl
+    given a tokenizer, beta 0) trains on from its own checkpoint; a stage that reads it then says what it reads."""
+    monkeypatch.chdir(tmp_path)
+    byte_tokenizer(tmp_path / "tok")
+    micro_checkpoint(tmp_path / "ck")
+    Path("tokens").mkdir()
+    given = ["init_from=ck", "data_dir=tokens", "out_dir=run", *settings]
+    resolve_train_config(None, given, cls=cls).save("run")
+    shutil.rmtree("ck")
+    if read:
+        with pytest.raises(ConfigError) as refused:
+            resolve_train_config(None, ["out_dir=run"], resume=True, cls=cls)
+        assert "field 'init_from' must be an existing checkpoint folder" in str(refused.value)
+        assert f"(a resumed run reads {read} from it)" in str(refused.value)
+    else:
+        resumed = resolve_train_config(None, ["out_dir=run"], resume=True, cls=cls)
+        assert Path(resumed.init_from).resolve() == tmp_path / "ck"  # what train_config.json keeps saying
+        gone = "field 'init_from' must be an existing checkpoint folder, not 'ck'$"  # a new run from it: refused
+        with pytest.raises(ConfigError, match=gone):
+            resolve_train_config(None, ["init_from=ck", "data_dir=tokens", "out_dir=new", *settings], cls=cls)
 
 
 def test_a_run_moved_to_another_depth_names_its_saved_config_for_its_lost_data_dir_and_resumes_given_it_again(

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -406,6 +407,27 @@ def test_a_run_from_a_checkpoint_trains_in_train_mode_with_its_balance_loss(data
     train(dataclasses.replace(config, model="tiny", init_from=str(base), aux_loss_alpha=0.5))
     [step] = read_metrics(tmp_path / "run")
     assert step["loss"] - step["lm_loss"] > 0.1  # the balance loss, at alpha 0.5 about 0.5 x MoE layers
+
+
+def test_a_run_resumes_once_its_init_from_is_gone_and_keeps_its_sampling_in_every_checkpoint(data_dir, tmp_path):
+    """A run from a checkpoint (init_from) deleted since was refused on resume ("field 'init_from' must be an existing
+    checkpoint folder"), though pretraining reads nothing of it then; the generation_config.json its authors ship,
+    copied into each checkpoint, is now taken from the run's own copy (its newest checkpoint, as older are pruned)."""
+    train(run_config(data_dir, tmp_path / "base", max_steps=1, eval_every=0, save_every=1))
+    base = tmp_path / "init"
+    shutil.move(tmp_path / "base" / "checkpoints" / "step_1", base)
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95}))
+    config = run_config(
+        data_dir, tmp_path / "run", init_from=str(base), model_overrides={}, eval_every=0, save_every=1,
+        keep_checkpoints=1,
+    )  # fmt: skip
+    train(dataclasses.replace(config, max_steps=1))
+    shutil.rmtree(base)
+    train(dataclasses.replace(config, max_steps=3), resume=True)
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]
+    [step_3] = list_checkpoints(tmp_path / "run")
+    assert step_3.name == "step_3"
+    assert json.loads((step_3 / "generation_config.json").read_text()) == {"temperature": 0.6, "top_p": 0.95}
 
 
 def test_a_fresh_model_saves_the_bos_and_eos_ids_of_the_tokenizer_its_data_was_encoded_with(tmp_path):
