@@ -14,7 +14,8 @@ the first `SAMPLE_CHARS` characters:
          than `CODE_MAX_LINE_CHARS` only when dense with brackets and operators); language: the one whose
          markers occur most, `unknown` when none does.
   prose  everything else; language `en` when >= `ENGLISH_MIN_STOPWORD_SHARE` of the words are English
-         stop words, `und` (undetermined, BCP 47) otherwise, with the ISO 15924 code of the script most of its
+         stop words, `vi` when >= `VIETNAMESE_MIN_WORD_SHARE` of them hold a letter only Vietnamese writes (`đ`,
+         `ơ`, `ư`, `ả`, `ự`), `und` (undetermined, BCP 47) otherwise, with the ISO 15924 code of the script most of its
          letters are written in when that is not Latin (`und-Cyrl`, `und-Arab`, `und-Deva`, `und-Thai`), so that
          the report counts Russian, Arabic or Hindi prose apart.
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
@@ -48,6 +49,7 @@ CODE_MIN_LINE_SHARE = 0.35
 CODE_MAX_LINE_CHARS = 160  # a longer line is a paragraph of prose, whatever it ends with ...
 CODE_MIN_SYMBOL_SHARE = 0.08  # ... unless this share of its characters are brackets and operators
 ENGLISH_MIN_STOPWORD_SHARE = 0.08
+VIETNAMESE_MIN_WORD_SHARE = 0.2  # of the words holding a letter Vietnamese alone writes (half of its prose's hold one)
 SCRIPT_SAMPLE_CHARS = 4000  # characters of the sample whose letters' script is read
 # ISO 15924 codes of the scripts prose is written in besides Latin (and CJK's), by the first word of their letters'
 # Unicode names (`CYRILLIC SMALL LETTER A`, `DEVANAGARI LETTER KA`)
@@ -75,6 +77,11 @@ UNSPACED_SCRIPT_RANGES = f"{_HAN}{_KANA}{_HANGUL}{_UNSPACED}"
 # Thai and Lao: of those, the ones that end a sentence with no mark either (a space or a line break ends it)
 _UNMARKED_SENTENCE_CHAR = re.compile("[\u0e00-\u0eff]")
 _LETTER = re.compile(r"[^\W\d_]")
+# The Latin letters Vietnamese alone writes: đ, the horned ơ and ư, and the vowels with a hook above, or a tone mark
+# over a circumflex, breve or horn (U+1EA0-U+1EF9, less ẹ ọ ẽ ỹ, which Yoruba and Guarani write too)
+_VIETNAMESE_LETTER = re.compile(
+    "[\u0110\u0111\u01a0\u01a1\u01af\u01b0\u1ea0-\u1eb7\u1eba\u1ebb\u1ebe-\u1ecb\u1ece-\u1ef7]"
+)
 _NON_LATIN_LETTER = re.compile(r"[^\W\d_A-Za-z\u00aa\u00b5\u00ba\u00c0-\u024f\u1e00-\u1eff]")
 ZERO_WIDTH_SPACE = "\u200b"
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
@@ -160,6 +167,14 @@ def korean(text: str) -> bool:
     return len(_HANGUL_CHAR.findall(sample)) > len(CJK_CHAR.findall(sample)) / 2
 
 
+def vietnamese(text: str) -> bool:
+    """True when >= `VIETNAMESE_MIN_WORD_SHARE` of the words among the text's first `SAMPLE_CHARS` characters hold a
+    letter only Vietnamese writes (`đ`, `ơ`, `ư`, `ả`, `ấ`, `ự`); its words are syllables, written apart."""
+    sample_words = spaced_words(text[:SAMPLE_CHARS])
+    vietnamese_words = sum(1 for word in sample_words if _VIETNAMESE_LETTER.search(word))
+    return bool(sample_words) and vietnamese_words >= VIETNAMESE_MIN_WORD_SHARE * len(sample_words)
+
+
 def written_without_spaces(text: str) -> bool:
     """True for Thai, Lao, Tibetan, Myanmar or Khmer text, scripts with no spaces between words: its `words` are
     phrases, whose number and length say little of the text's quality."""
@@ -209,8 +224,12 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     sample_words = sample.lower().split()
     stopwords = sum(1 for word in sample_words if word.strip(".,;:!?\"'()") in _STOPWORDS)
     english = sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words)
+    if english:
+        return DetectedKind("prose", "en")
+    if vietnamese(sample):
+        return DetectedKind("prose", "vi")
     script = script_code(sample)
-    return DetectedKind("prose", "en" if english else "und" + (f"-{script}" if script else ""))
+    return DetectedKind("prose", "und" + (f"-{script}" if script else ""))
 
 
 def script_code(text: str) -> str:
