@@ -101,13 +101,17 @@ VLLM_FIELDS_NOT_TAKEN = {
         ("structured_outputs", "guided_decoding", "guided_json", "guided_regex", "guided_choice", "guided_grammar"),
         STRUCTURED_OUTPUT_HERE,
     ),
+    "best_of": "generate returns every sample it draws, none ranked away (the server's best_of ranks them): draw "
+    "n=best_of with logprobs=True and keep the n of highest .cumulative_logprob (best_of equal to n is taken)",
 }
 
 
 def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given);
-    ConfigError naming the first such field given another value, saying why."""
+    """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given) or,
+    best_of, n (its meaning of None); ConfigError naming the first such field given another value, saying why."""
     for name, value in values.items():
+        if name == "best_of" and type(value) is int and value == values.get("n", 1):
+            continue
         if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
             raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
     return {name: value for name, value in values.items() if name not in VLLM_FIELDS_NOT_TAKEN}

@@ -610,6 +610,25 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
     assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
 
 
+def test_vllms_best_of_is_taken_equal_to_n_and_refused_above_it_saying_how_to_rank_samples():
+    """SamplingParams(n=2, best_of=3), vLLM's, raised a bare "TypeError: SamplingParams.__init__() got an unexpected
+    keyword argument 'best_of'" (from_dict: "unknown field"), though the server takes best_of; generate returns every
+    sample it draws, so more candidates than n are refused saying how to rank them, and best_of=n (what vLLM's None
+    means) asks for nothing and is taken."""
+    why = (
+        "generate returns every sample it draws, none ranked away (the server's best_of ranks them): draw n=best_of "
+        "with logprobs=True and keep the n of highest .cumulative_logprob (best_of equal to n is taken)"
+    )
+    for given in ({"n": 2, "best_of": 3}, {"best_of": 2}):
+        for build, values in ((SamplingParams, given), (SamplingParams.from_dict, {"values": given})):
+            with pytest.raises(ConfigError) as refused:
+                build(**values)
+            assert str(refused.value) == f"field 'best_of' is vLLM's and not taken here: {why}"
+    for given in ({"n": 2, "best_of": 2}, {"best_of": 1}, {"n": 3, "best_of": None}):
+        n = given.get("n", 1)
+        assert SamplingParams(**given) == SamplingParams.from_dict(given) == SamplingParams(n=n)
+
+
 def test_bad_words_read_only_the_outputs_last_tokens_and_ban_as_the_whole_output_says():
     """BadWords.allowed_after copied the whole output once per draft column each speculative step (0.7 ms a step at
     10 tokens, 5.2 ms at 100k): it keeps only the last tokens the longest word can end with, three here, and bans
