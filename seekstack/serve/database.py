@@ -7,8 +7,9 @@
         budget_period_s)   only a key's sha256; a name has at most one active key, and may be given a new one once
         its keys are revoked
   usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost_pico,
-        cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py);
-        cost_pico: the cost as a whole number of 1e-12 of the currency, so that every sum of costs is exact
+        cached_tokens, moderation, cost_units)   status 0: a stream still running, or cut off by a crash (see
+        ledger.py); the cost exactly, so that every sum of costs is exact: cost_units whole units of the currency
+        (up to 2**63 - 1) and cost_pico the whole 1e-12 of it below them (0 to 10**12 - 1)
   rate_charges(id, key_name, at, tokens)   the last minute's requests per key, for the rate limits of every process
 Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
@@ -16,8 +17,9 @@ dialects accept; rows come back as dicts. A SQLite file is created readable by i
 holds the key hashes and everyone's bill; an existing one that others may read or write is warned of on stderr.
 Columns added since a database was created are added when it opens, and a keys table from before names could be
 reused (its name a primary key) is rebuilt without that constraint, a usage table of float costs (usage.cost) has them
-converted to cost_pico in one transaction (refused, unchanged, where a cost is no amount), and a note on stderr
-names what changed, since an earlier seekstack may no longer open the database.
+converted to cost_units and cost_pico in one transaction (refused, unchanged, where a cost is no amount), a usage
+table whose cost_pico held a whole cost has it split into cost_units and cost_pico, and a note on stderr names what
+changed, since an earlier seekstack may no longer open the database.
 """
 
 from __future__ import annotations
@@ -112,11 +114,19 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("keys", "expires_at", "DOUBLE PRECISION"),  # when the key stops working; NULL: never (as models, before a rebuild)
     ("keys", "max_budget", "DOUBLE PRECISION"),  # the most its name's usage may cost; NULL: no budget
     ("keys", "budget_period_s", "DOUBLE PRECISION"),  # the budget's trailing window; NULL: the name's whole usage
+    ("usage", "cost_units", "BIGINT NOT NULL DEFAULT 0"),  # a cost's whole units; before it, cost_pico held all of it
 )
 SQLITE_ID = "INTEGER PRIMARY KEY AUTOINCREMENT"
 SCHEMA_LOCK = 0x5EE5_57AC  # PostgreSQL's advisory lock (a bigint of our choosing) held by a server upgrading the schema
-COST_SCALE = 10**12  # usage.cost_pico: a cost as a whole number of 1e-12 of the currency, so that sums are exact
-MAX_COST_PICO = 2**63 - 1  # the most usage.cost_pico holds (a 64-bit integer): 9.2 million of the currency
+COST_SCALE = 10**12  # usage.cost_pico: the whole 1e-12 of the currency below a cost's whole units (usage.cost_units)
+# The most one request may cost, in 1e-12 of the currency: 2**63 - 1 whole units (a 64-bit usage.cost_units, 9.2e18)
+# and the 1e-12 below them. A cost kept in one 64-bit count of 1e-12 held at most 9.2 million of the currency
+MAX_COST_PICO = (2**63 - 1) * COST_SCALE + COST_SCALE - 1
+# A cost_pico of a database from before cost_units, which held the whole cost, split into the two (each row once)
+SPLIT_COSTS = (
+    f"UPDATE usage SET cost_units = cost_pico / {COST_SCALE}, cost_pico = cost_pico - cost_pico / {COST_SCALE} * "
+    f"{COST_SCALE} WHERE cost_pico >= {COST_SCALE}"
+)
 OLD_COST_DIGITS = 12  # the significant digits an earlier seekstack rounded its float costs to (usage.cost)
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
@@ -213,13 +223,15 @@ class SQLiteDatabase:
             for table, column, definition in ADDED_COLUMNS:
                 try:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                    changes.append(f"column {table}.{column} added")
+                    changes.append(added_column(table, column))
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # there already
                         raise
             converted = self._keep_costs_in_pico()
             if converted is not None:
                 changes.append(costs_converted(converted))
+            if added_column("usage", "cost_units") in changes:
+                connection.execute(SPLIT_COSTS)
             if self._free_revoked_key_names():
                 changes.append(KEYS_REBUILT)
             for statement in KEYS_INDEXES:
@@ -234,8 +246,9 @@ class SQLiteDatabase:
 
     def _keep_costs_in_pico(self) -> int | None:
         """Rebuild a usage table of an earlier seekstack, whose cost column held floats, with each cost as the whole
-        number of 1e-12 of the currency it stands for (cost_pico), inside `_create_tables`' transaction: SQLite cannot
-        change a column's type in place. How many rows were converted; None where there was nothing to do."""
+        units and 1e-12 of the currency it stands for (cost_units, cost_pico), inside `_create_tables`' transaction:
+        SQLite cannot change a column's type in place. How many rows were converted; None where there was nothing to
+        do."""
         connection = self._connection
         columns = [column["name"] for column in connection.execute("PRAGMA table_info(usage)")]
         if "cost" not in columns:
@@ -248,7 +261,7 @@ class SQLiteDatabase:
             if table == "usage":
                 connection.execute(f"ALTER TABLE usage_rebuilt ADD COLUMN {column} {definition}")
         connection.execute(f"INSERT INTO usage_rebuilt ({kept}, cost_pico) SELECT {kept}, 0 FROM usage")
-        connection.executemany("UPDATE usage_rebuilt SET cost_pico = ? WHERE id = ?", costs)
+        connection.executemany("UPDATE usage_rebuilt SET cost_units = ?, cost_pico = ? WHERE id = ?", costs)
         connection.execute("DROP TABLE usage")
         connection.execute("ALTER TABLE usage_rebuilt RENAME TO usage")
         if issued is not None:  # the copy counts from its largest id: no id of a deleted row is issued again
@@ -339,15 +352,17 @@ class PostgresDatabase:
                 for table, column, definition in ADDED_COLUMNS:
                     if (table, column) not in present:
                         self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
-                        changes.append(f"column {table}.{column} added")
+                        changes.append(added_column(table, column))
                 if ("usage", "cost") in present:  # an earlier seekstack's float costs
                     costs = old_costs_in_pico(self.location, self._connection.execute("SELECT id, cost FROM usage"))
                     self._connection.execute("ALTER TABLE usage ADD COLUMN cost_pico BIGINT NOT NULL DEFAULT 0")
                     with self._connection.cursor() as cursor:
-                        cursor.executemany("UPDATE usage SET cost_pico = %s WHERE id = %s", costs)
+                        cursor.executemany("UPDATE usage SET cost_units = %s, cost_pico = %s WHERE id = %s", costs)
                     self._connection.execute("ALTER TABLE usage ALTER COLUMN cost_pico DROP DEFAULT")
                     self._connection.execute("ALTER TABLE usage DROP COLUMN cost")
                     changes.append(costs_converted(len(costs)))
+                if added_column("usage", "cost_units") in changes:
+                    self._connection.execute(SPLIT_COSTS)
                 if self._connection.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"
                 ).fetchone():
@@ -415,9 +430,24 @@ def note_upgrade(location: str, changes: list[str]) -> None:
         )
 
 
+def added_column(table: str, column: str) -> str:
+    """The note of `note_upgrade` for a column added to a table."""
+    return f"column {table}.{column} added"
+
+
 def cost_pico(amount: Decimal) -> int:
     """A cost in the currency as the whole number of 1e-12 of it the ledger keeps (half to even)."""
     return int((amount * COST_SCALE).to_integral_value(ROUND_HALF_EVEN))
+
+
+def cost_columns(pico: int) -> tuple[int, int]:
+    """A cost in 1e-12 of the currency as the ledger stores it: (usage.cost_units, usage.cost_pico)."""
+    return divmod(pico, COST_SCALE)
+
+
+def stored_cost_pico(row: dict) -> int:
+    """The cost, in 1e-12 of the currency, of a usage row read with its cost_units and cost_pico."""
+    return row["cost_units"] * COST_SCALE + row["cost_pico"]
 
 
 def cost_amount(pico: int) -> float:
@@ -426,20 +456,20 @@ def cost_amount(pico: int) -> float:
     return pico / COST_SCALE
 
 
-def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, int]]:
-    """(cost_pico, id) of each row (id, cost) of an earlier seekstack's usage table, whose float costs stood for
-    decimals of OLD_COST_DIGITS significant digits; ValueError naming the database and the row for a cost that is
-    no amount (a damaged database), which rolls back the opening transaction it is called in: the database is left
-    as it was, every column and table the opening would have added included."""
+def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, int, int]]:
+    """(cost_units, cost_pico, id) of each row (id, cost) of an earlier seekstack's usage table, whose float costs
+    stood for decimals of OLD_COST_DIGITS significant digits; ValueError naming the database and the row for a cost
+    that is no amount (a damaged database), which rolls back the opening transaction it is called in: the database is
+    left as it was, every column and table the opening would have added included."""
     converted = []
     for row in rows:
         cost = row["cost"]
         if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
             fault = "which is no amount >= 0"
         elif (pico := cost_pico(Decimal(f"{cost:.{OLD_COST_DIGITS}g}"))) > MAX_COST_PICO:
-            fault = f"more than the {cost_amount(MAX_COST_PICO)} a request's cost may be (a 64-bit count of 1e-12)"
+            fault = f"more than the {cost_amount(MAX_COST_PICO)} a request's cost may be (a 64-bit count of units)"
         else:
-            converted.append((pico, row["id"]))
+            converted.append((*cost_columns(pico), row["id"]))
             continue
         raise ValueError(
             f"{location}: usage row {row['id']} has cost {cost!r}, {fault}: the database is damaged; its costs were "
@@ -450,7 +480,7 @@ def old_costs_in_pico(location: str, rows: Iterable[dict]) -> list[tuple[int, in
 
 def costs_converted(rows: int) -> str:
     """The note of `note_upgrade` for a usage table whose float costs were converted."""
-    return f"usage.cost of {rows} rows converted to cost_pico, whole 1e-12 of the currency"
+    return f"usage.cost of {rows} rows converted to cost_units and cost_pico, whole units and 1e-12 of the currency"
 
 
 def warn_if_others_may_read(path: Path) -> None:

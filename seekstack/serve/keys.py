@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
-from decimal import ROUND_FLOOR, Decimal
+from decimal import Decimal, localcontext
 
 from seekstack.serve.database import (
     COST_SCALE,
@@ -33,11 +33,14 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 # The most tokens one request is billed for: 64 generations (serve.schemas.MAX_ENGINE_REQUESTS) of a 262144-token
-# context; at any plan's price (at most MAX_PRICE_PER_1K per 1k tokens) it costs what usage.cost_pico holds
+# context; at any plan's price (at most MAX_PRICE_PER_1K per 1k tokens) it costs what the usage ledger holds
 MAX_BILLED_TOKENS = 2**24
-MAX_PRICE_PER_1K = (Decimal(MAX_COST_PICO) * 1000 / (COST_SCALE * MAX_BILLED_TOKENS)).quantize(
-    Decimal("0.000001"), ROUND_FLOOR
-)  # 549.755813
+MAX_PRICE_PER_1K = Decimal(MAX_COST_PICO * 1000 * 10**6 // (COST_SCALE * MAX_BILLED_TOKENS)).scaleb(
+    -6
+)  # 549755813887999.999999, to 6 decimals: a price in any currency
+# The digits a request's cost is computed to before it is rounded to 1e-12: Decimal's default 28 rounded a cost past
+# 1e16 of the currency (31 digits of 1e-12); the largest (MAX_COST_PICO) and a float price's 17 below it fit in 64
+COST_DIGITS = 64
 ACTIVE_KEY_WITH_PRICES = (  # parameter: the key's hash
     "SELECT keys.*, plans.prompt_per_1k, plans.completion_per_1k, plans.cached_prompt_per_1k "
     "FROM keys JOIN plans ON plans.name = keys.plan WHERE keys.key_hash = ? AND keys.revoked_at IS NULL"
@@ -105,12 +108,13 @@ class Plan:
         """The price of a request, in 1e-12 of the currency, from the prices as the decimals they were given;
         `cached_tokens` of its `prompt_tokens` at the cached price."""
         cached_price = self.prompt_per_1k if self.cached_prompt_per_1k is None else self.cached_prompt_per_1k
-        per_1k = (
-            (prompt_tokens - cached_tokens) * price_decimal(self.prompt_per_1k)
-            + cached_tokens * price_decimal(cached_price)
-            + completion_tokens * price_decimal(self.completion_per_1k)
-        )
-        return cost_pico(per_1k / 1000)
+        with localcontext(prec=COST_DIGITS):
+            per_1k = (
+                (prompt_tokens - cached_tokens) * price_decimal(self.prompt_per_1k)
+                + cached_tokens * price_decimal(cached_price)
+                + completion_tokens * price_decimal(self.completion_per_1k)
+            )
+            return cost_pico(per_1k / 1000)
 
 
 def hash_key(key: str) -> str:
@@ -219,7 +223,7 @@ class KeyStore:
                 raise KeyStoreError(
                     f"{field} of plan {name!r} is {price} per 1k tokens; at most {MAX_PRICE_PER_1K} is taken: a "
                     f"request of up to {MAX_BILLED_TOKENS} tokens must cost at most {cost_amount(MAX_COST_PICO)}, "
-                    "the most the usage ledger holds (a 64-bit count of 1e-12 of the currency)"
+                    "the most the usage ledger holds (a 64-bit count of whole units of the currency)"
                 )
         with self.database.transaction() as connection:
             if not _plan_exists(connection, name):

@@ -16,7 +16,15 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from seekstack.serve.database import DEFAULT_PLAN, Database, cost_amount, retrying_while_busy
+from seekstack.serve.database import (
+    COST_SCALE,
+    DEFAULT_PLAN,
+    Database,
+    cost_amount,
+    cost_columns,
+    retrying_while_busy,
+    stored_cost_pico,
+)
 from seekstack.serve.keys import Plan
 
 PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without keys: the open server)
@@ -24,10 +32,12 @@ PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without 
     "ORDER BY created_at DESC LIMIT 1), ?)"  # a name's newest key: its active one, if it has one
 )
 IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
-# The rows' costs summed in two parts, whole millionths and the 1e-12 below them: SQLite's SUM of 64-bit integers fails
-# ("integer overflow") past 2**63 - 1, which costs in 1e-12 of the currency pass at 9.2 million; the parts, at 9.2e12
+# The rows' costs summed in three parts, whole units, the millionths and the 1e-12 below them: SQLite's SUM of 64-bit
+# integers fails ("integer overflow") past 2**63 - 1, which the units pass at 9.2e18 of the currency, the millionths
+# and the 1e-12 (each below 10**6 a row) after 9.2e12 rows
 COST_SUMS = (  # (no % operator: psycopg reads it as a placeholder's start)
-    "SUM(cost_pico / 1000000) AS cost_micro, SUM(cost_pico - cost_pico / 1000000 * 1000000) AS cost_below_micro"
+    "SUM(cost_units) AS cost_units, SUM(cost_pico / 1000000) AS cost_micro, "
+    "SUM(cost_pico - cost_pico / 1000000 * 1000000) AS cost_below_micro"
 )
 
 
@@ -66,7 +76,7 @@ class DailyUsage:
     prompt_tokens: int
     cached_tokens: int  # of the prompt tokens, those read from the prefix cache (priced at the plan's cached price)
     completion_tokens: int
-    cost_pico: int  # the cost, in whole 1e-12 of the currency (usage.cost_pico)
+    cost_pico: int  # the cost, in whole 1e-12 of the currency (usage.cost_units and usage.cost_pico)
 
     @property
     def cost(self) -> float:
@@ -80,7 +90,11 @@ class DailyUsage:
 def summed_pico(row: dict) -> int:
     """The cost, in 1e-12 of the currency, of rows summed by COST_SUMS (PostgreSQL sums a BIGINT as a NUMERIC, a
     Decimal; no row: NULL)."""
-    return int(row["cost_micro"] or 0) * 1_000_000 + int(row["cost_below_micro"] or 0)
+    return (
+        int(row["cost_units"] or 0) * COST_SCALE
+        + int(row["cost_micro"] or 0) * 1_000_000
+        + int(row["cost_below_micro"] or 0)
+    )
 
 
 def total_cost(days: list[DailyUsage]) -> float:
@@ -124,19 +138,20 @@ class Ledger:
                 cost = plan.cost_pico(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
             values = (
                 usage.key_name, usage.model, usage.endpoint, usage.prompt_tokens, usage.completion_tokens,
-                usage.latency_s, usage.status, cost, usage.cached_tokens, usage.moderation,
+                usage.latency_s, usage.status, *cost_columns(cost), usage.cached_tokens, usage.moderation,
             )  # fmt: skip
             if row_id is None:
                 row_id = connection.execute(
                     "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, "
-                    "latency_s, status, cost_pico, cached_tokens, moderation) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                    "RETURNING id",
+                    "latency_s, status, cost_units, cost_pico, cached_tokens, moderation) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     (time.time(), *values),
                 ).fetchone()["id"]
             else:
                 connection.execute(
                     "UPDATE usage SET key_name = ?, model = ?, endpoint = ?, prompt_tokens = ?, completion_tokens = ?, "
-                    "latency_s = ?, status = ?, cost_pico = ?, cached_tokens = ?, moderation = ? WHERE id = ?",
+                    "latency_s = ?, status = ?, cost_units = ?, cost_pico = ?, cached_tokens = ?, moderation = ? "
+                    "WHERE id = ?",
                     (*values, row_id),
                 )
         return row_id, cost
@@ -146,8 +161,8 @@ class Ledger:
         where, parameters = ("WHERE key_name = ?", (key_name,)) if key_name is not None else ("", ())
         rows = self.database.query(f"SELECT * FROM usage {where} ORDER BY id", parameters)
         return [
-            {name: value for name, value in row.items() if name != "cost_pico"}
-            | {"cost": cost_amount(row["cost_pico"])}
+            {name: value for name, value in row.items() if name not in ("cost_units", "cost_pico")}
+            | {"cost": cost_amount(stored_cost_pico(row))}
             for row in rows
         ]
 

@@ -499,28 +499,51 @@ def test_a_keys_costs_summed_past_nine_million_are_exact_not_an_overflow(databas
 
 
 def test_a_price_whose_largest_request_would_cost_past_what_the_ledger_holds_is_refused_naming_it(database):
-    """A request's cost is a 64-bit count of 1e-12 of the currency: a price that let one pass 9.2 million was taken,
-    and that request failed (500) unbilled."""
+    """A request's cost is kept as 64-bit whole units of the currency and the 1e-12 below them: a price that let one
+    pass 9.2e18 would fail (500) unbilled writing its row."""
     keys, ledger = KeyStore(database), Ledger(database)
-    top = keys.set_plan("top", prompt_per_1k=549.755813, completion_per_1k=549.755813)
+    top = keys.set_plan("top", prompt_per_1k=549755813887999.9, completion_per_1k=549755813887999.9)
     keys.create("k", plan="top")
     ledger.record(usage("k", MAX_BILLED_TOKENS - 1, 1))  # the largest request at the highest price is billed
-    assert ledger.spent("k") == cost_amount(top.cost_pico(MAX_BILLED_TOKENS, 0)) == 9223372.021956608
-    for prices in [(549.755814, 1.0, None), (1.0, 1e7, None), (1.0, 1.0, 600.0)]:
+    assert top.cost_pico(MAX_BILLED_TOKENS, 0) == 9_223_372_036_854_774_130_278_400_000_000
+    assert ledger.spent("k") == cost_amount(top.cost_pico(MAX_BILLED_TOKENS, 0))
+    for prices in [(549755813888000.0, 1.0, None), (1.0, 1e15, None), (1.0, 1.0, 6e14)]:
         with pytest.raises(KeyStoreError) as refused:
             keys.set_plan("top", *prices)
         assert re.fullmatch(
-            r"(prompt|completion|cached prompt) price of plan 'top' is (549.755814|10000000.0|600.0) per 1k tokens; at "
-            r"most 549.755813 is taken: a request of up to 16777216 tokens must cost at most 9223372.036854776, the "
-            r"most the usage ledger holds \(a 64-bit count of 1e-12 of the currency\)",
+            r"(prompt|completion|cached prompt) price of plan 'top' is "
+            r"(549755813888000.0|1000000000000000.0|600000000000000.0) per 1k tokens; at most "
+            r"549755813887999.999999 is taken: a request of up to 16777216 tokens must cost at most "
+            r"9.223372036854776e\+18, the most the usage ledger holds \(a 64-bit count of whole units of the "
+            r"currency\)",
             str(refused.value),
         )
     assert keys.plans()[-1] == top  # kept as it was
 
 
-def old_usage_database(location: str, costs: list) -> None:
-    """A database as an earlier seekstack wrote it: its usage table keeps each cost as a float (usage.cost), one row
-    per cost of `costs` (written as SQL), without the cached_tokens and moderation columns added since."""
+def test_a_plan_priced_in_a_currency_of_small_units_is_saved_and_bills_every_request_exactly(database):
+    """Costs were one 64-bit count of 1e-12 of the currency, so a price was refused above 549.755813 per 1k tokens:
+    a plan in Vietnamese dong or Indonesian rupiah (750 per 1k) could not be saved, and one an older database held
+    at such a price billed a large request with an overflow (500, its usage row lost)."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    dong = keys.set_plan("dong", prompt_per_1k=750.0, completion_per_1k=1500.000001, cached_prompt_per_1k=75.5)
+    keys.create("k", plan="dong")
+    assert ledger.record(usage("k", 100_000, 0)) == 75_000.0
+    ledger.record(usage("k", MAX_BILLED_TOKENS - 1, 1))  # 12582911.25 + 1.500000001
+    assert ledger.record(usage("k", 0, 3)) == 4.500000003
+    stored = database.query("SELECT cost_units, cost_pico FROM usage ORDER BY id")
+    assert [(row["cost_units"], row["cost_pico"]) for row in stored] == [
+        (75_000, 0), (12_582_912, 750_000_001_000), (4, 500_000_003_000)
+    ]  # fmt: skip
+    assert [day.cost_pico for day in ledger.daily()] == [12_657_917_250_000_004_000]
+    assert ledger.spent("k") == ledger_module.total_cost(ledger.daily()) == cost_amount(12_657_917_250_000_004_000)
+    assert keys.plans()[1] == dong and dong.cost_pico(1000, 0, 1000) == 75_500_000_000_000
+
+
+def old_usage_database(location: str, costs: list, cost_column: str = "cost DOUBLE PRECISION") -> None:
+    """A database as an earlier seekstack wrote it: its usage table keeps each cost in `cost_column` (a float
+    usage.cost, or the whole cost in 1e-12 as usage.cost_pico BIGINT), one row per cost of `costs` (written as SQL),
+    without the cached_tokens and moderation columns added since."""
     postgres = location.startswith("postgresql")
     id_column = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY" if postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
     statements = [
@@ -528,11 +551,11 @@ def old_usage_database(location: str, costs: list) -> None:
         f"CREATE TABLE usage (id {id_column}, created_at DOUBLE PRECISION NOT NULL, key_name TEXT, "
         "model TEXT NOT NULL, endpoint TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
         "completion_tokens INTEGER NOT NULL, latency_s DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL, "
-        "cost DOUBLE PRECISION NOT NULL)",
+        f"{cost_column} NOT NULL)",
         *(
             "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, "
-            f"status, cost) VALUES ({1_800_000_000 + row}, 'old', 'tiny', '/v1/completions', {row}, 1, 0.5, 200, "
-            f"{cost})"
+            f"status, {cost_column.split()[0]}) VALUES ({1_800_000_000 + row}, 'old', 'tiny', '/v1/completions', "
+            f"{row}, 1, 0.5, 200, {cost})"
             for row, cost in enumerate(costs)
         ),
     ]
@@ -546,10 +569,11 @@ def test_an_old_databases_float_costs_are_converted_once_every_row_kept_and_tota
     sum of them that no float holds exactly."""
     old_usage_database(database_location, ["0.00026000000000000003", "0.00026", "1000.0", "1e-07", "0.0"])
     database = open_database(database_location)
-    assert "usage.cost of 5 rows converted to cost_pico, whole 1e-12 of the currency" in capsys.readouterr().err
-    stored = database.query("SELECT id, prompt_tokens, cost_pico FROM usage ORDER BY id")
+    told = capsys.readouterr().err
+    assert "usage.cost of 5 rows converted to cost_units and cost_pico, whole units and 1e-12 of the currency" in told
+    stored = database.query("SELECT id, prompt_tokens, cost_units, cost_pico FROM usage ORDER BY id")
     assert [tuple(row.values()) for row in stored] == [
-        (1, 0, 260_000_000), (2, 1, 260_000_000), (3, 2, 1000 * 10**12), (4, 3, 100_000), (5, 4, 0)
+        (1, 0, 0, 260_000_000), (2, 1, 0, 260_000_000), (3, 2, 1000, 0), (4, 3, 0, 100_000), (5, 4, 0, 0)
     ]  # fmt: skip
     ledger = Ledger(database)
     assert [row["cost"] for row in ledger.records("old")] == [0.00026, 0.00026, 1000.0, 1e-07, 0.0]
@@ -558,6 +582,27 @@ def test_an_old_databases_float_costs_are_converted_once_every_row_kept_and_tota
     assert ledger.spent("old") == 1000.0025201
     open_database(database_location)  # converted once: nothing left to do
     assert capsys.readouterr().err == ""
+
+
+def test_a_databases_costs_kept_whole_in_cost_pico_are_split_into_units_once_every_cost_kept_exactly(
+    database_location, capsys
+):
+    """A database of the seekstack that kept each cost as one 64-bit count of 1e-12 of the currency (usage.cost_pico,
+    at most 9.2 million): opening it splits each into whole units (usage.cost_units) and the 1e-12 below them."""
+    costs = [40, 999_999_999_999, 10**12, 1000 * 10**12 + 123, 2**63 - 1, 0]
+    old_usage_database(database_location, [str(cost) for cost in costs], cost_column="cost_pico BIGINT")
+    database = open_database(database_location)
+    assert "column usage.cost_units added" in capsys.readouterr().err
+    stored = database.query("SELECT cost_units, cost_pico FROM usage ORDER BY id")
+    assert [(row["cost_units"], row["cost_pico"]) for row in stored] == [
+        (0, 40), (0, 999_999_999_999), (1, 0), (1000, 123), (9_223_372, 36_854_775_807), (0, 0)
+    ]  # fmt: skip
+    ledger = Ledger(database)
+    assert [row["cost"] for row in ledger.records("old")] == [cost / 10**12 for cost in costs]
+    assert [day.cost_pico for day in ledger.daily()] == [sum(costs)]
+    open_database(database_location)  # split once: nothing left to do
+    assert capsys.readouterr().err == ""
+    assert database.query("SELECT SUM(cost_units) AS units FROM usage")[0]["units"] == 9_224_373
 
 
 def test_servers_opening_one_old_postgresql_database_at_once_both_start_every_row_kept(postgres_server):
@@ -574,9 +619,9 @@ def test_servers_opening_one_old_postgresql_database_at_once_both_start_every_ro
 
         with ThreadPoolExecutor(2) as pool:
             opened = [future.result() for future in [pool.submit(open_at_once) for _ in range(2)]]
-        stored = opened[0].query("SELECT id, cost_pico FROM usage ORDER BY id")
-        assert [(row["id"], row["cost_pico"]) for row in stored] == [
-            (row + 1, row * 250_000_000_000) for row in range(200)
+        stored = opened[0].query("SELECT id, cost_units, cost_pico FROM usage ORDER BY id")
+        assert [(row["id"], row["cost_units"], row["cost_pico"]) for row in stored] == [
+            (row + 1, row // 4, row % 4 * 250_000_000_000) for row in range(200)
         ]
         for database in opened:
             database.close()
@@ -598,7 +643,7 @@ def test_an_old_sqlite_usage_table_rebuilt_for_its_costs_issues_no_deleted_rows_
     ("damage", "fault"),
     [
         ("no amount", "which is no amount >= 0"),
-        ("1e20", r"more than the 9223372.036854776 a request's cost may be \(a 64-bit count of 1e-12\)"),
+        ("1e20", r"more than the 9.223372036854776e\+18 a request's cost may be \(a 64-bit count of units\)"),
     ],
 )
 def test_an_old_database_with_a_cost_that_is_no_amount_is_refused_and_left_unchanged(database_location, damage, fault):
