@@ -1219,6 +1219,22 @@ def test_plus_or_minus_a_number_is_the_set_of_both_as_math_verify_reads_it(tmp_p
     assert not any(task.verify(problem, answer) for answer in ["5", "-5", "\\pm 6", "\\pm 5%", "\\pmb 5", "(-5, 5)"])
 
 
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{\\{5\\}}", "$\\{5\\}$", "\\boxed{\\{ 5 \\}}", "\\boxed{\\left\\{5\\right\\}}", "\\boxed{\\{5, 5\\}}",
+     "\\boxed{\\{5.0\\}}", "\\boxed{\\{\\frac{10}{2}\\}}"],
+)  # fmt: skip
+def test_a_set_of_one_number_is_that_number_as_math_verify_compares_them(tmp_path, answer):
+    """\\boxed{\\{5\\}} was no number (scored 0 against 5), where math-verify reads the set {5} and verifies it
+    against 5; a gold "\\{5\\}" is the number 5, and a set of two numbers stays no number."""
+    assert read_number(answer) == 5
+    path = problems_file(tmp_path / "one.jsonl", [{"question": "x + 1 = 6?", "answer": "\\{5\\}"}])
+    task = make_task(path)
+    [problem] = task.problems
+    assert task.verify(problem, answer) and task.verify(problem, "5") and not task.verify(problem, "\\{5, 6\\}")
+    assert read_number("\\boxed{\\{5, 6\\}}") is None
+
+
 def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_a_pair():
     assert read_number("(1,234)") is None and read_number("(1234)") == 1234 and read_number("1,234") == 1234
 

@@ -258,10 +258,14 @@ def reads_as(answer: str, value: Fraction | int, percent: bool = False) -> bool:
 
 def read_answer(answer: str) -> Reading | None:
     """The number `answer` gives as read_number reads it, and whether it was written as a percentage; None when it
-    gives no number (a tuple, an interval or a set of them too: `read_items`)."""
+    gives no number (a tuple, an interval or a set of them too: `read_items`; a set of one number is that number)."""
     text = _answer_text(answer)
-    if text is None or _items(text):
+    if text is None:
         return None
+    items = _items(text)
+    if items is not None:  # a set of one number is that number, as math-verify compares {5} (and \pm 0) with 5
+        one = items.brackets == "{}" and len(items.values) == 1
+        return Reading(items.values[0], percent=False) if one else None
     unparenthesized = _unparenthesized(text)
     if unparenthesized is None:
         return None
@@ -299,7 +303,8 @@ def read_items(answer: str) -> Items | None:
     """The tuple, interval or set of numbers `answer` gives as its final answer (`final_answer`), as math-verify reads
     one: two to MAX_ITEMS numbers (as read_number reads one, no percentage) between commas, inside `(` or `[` and `)` or
     `]` (`\\left`, `\\right` dropped), or inside `\\{` and `\\}` (a set: order and repeats do not matter), or
-    `\\pm a` (`\\mp`, `±`: the set {-a, a}); None for anything else, a number alone too."""
+    `\\pm a` (`\\mp`, `±`: the set {-a, a}); a set of one number too (`\\{5\\}`, `\\{5, 5\\}`), which read_answer
+    reads as that number; None for anything else, a number alone too."""
     text = _answer_text(answer)
     return _items(text) if text is not None else None
 
@@ -331,7 +336,8 @@ def _items(text: str) -> Items | None:
     if opening is None or closing is None or (opening == "\\{") != (closing == "\\}"):
         return None
     parts = text[len(opening) : -len(closing)].split(",", MAX_ITEMS)
-    if not 2 <= len(parts) <= MAX_ITEMS or len(text) < len(opening) + len(closing):
+    least = 1 if opening == "\\{" else 2  # a set of one number: read_answer reads it as that number
+    if not least <= len(parts) <= MAX_ITEMS or len(text) < len(opening) + len(closing):
         return None
     numbers = [_number(part.strip()) for part in parts]
     if any(not number or number.percent for number in numbers):
