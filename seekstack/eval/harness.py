@@ -329,11 +329,12 @@ class SeekstackLM(TemplateLM):
         """ValueError naming the first request whose continuation has no token, which would score log p = 0 (a
         certainty, is-greedy), or is longer than max_length: its input window could not hold the tokens it scores.
         (lm_eval's HF backend fails on an assert at both.)"""
-        for index, (strings, _, continuation) in enumerate(requests):
+        for number, (strings, _, continuation) in enumerate(requests, 1):  # counted from 1, as the engine's prompts
+            request = f"loglikelihood request {number} of {len(requests)}"
             if not continuation:
                 text = f" (context ending {strings[0][-20:]!r}, continuation {strings[1][:40]!r})" if strings else ""
                 raise ValueError(
-                    f"loglikelihood request {index}{text}: the continuation adds no token to the context (it is empty, "
+                    f"{request}{text}: the continuation adds no token to the context (it is empty, "
                     "or its text merges into the context's last token: lm_eval scores the tokens past the context's "
                     "own), so it would score log p = 0, a certainty; end the context where a token ends, e.g. a "
                     "target_delimiter of ' '"
@@ -341,7 +342,7 @@ class SeekstackLM(TemplateLM):
             if len(continuation) > self.max_length:
                 text = f" (continuation {strings[1][:40]!r})" if strings else ""
                 raise ValueError(
-                    f"loglikelihood request {index}{text}: the continuation is {len(continuation):,} tokens, more "
+                    f"{request}{text}: the continuation is {len(continuation):,} tokens, more "
                     f"than max_length={self.max_length:,} the model scores at once; shorten it or raise max_length"
                 )
 
@@ -370,8 +371,8 @@ class SeekstackLM(TemplateLM):
         skip_special_tokens by default, as the HF backend decodes); any other kwarg is refused. Sampled requests are
         seeded by `request_seeds`."""
         params = [
-            self._sampling_params(request.args[1], seed, index)
-            for index, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True))
+            self._sampling_params(request.args[1], seed, f"generate_until request {number} of {len(requests)}")
+            for number, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True), 1)
         ]
         prompts = [  # left-truncated, as HF does; an empty context from BOS, as lm_eval's loglikelihood conditions one
             (self.tok_encode(request.args[0]) or [self.prefix_token_id])[-(self.max_length - sampling.max_new_tokens) :]
@@ -395,20 +396,21 @@ class SeekstackLM(TemplateLM):
             return postprocess_generated_text(text.lstrip(), list(sampling.stop), think_end_token=None)
         return postprocess_generated_text(text, list(sampling.stop), think_end_token=think_end)
 
-    def _sampling_params(self, gen_kwargs: dict, seed: int, index: int) -> SamplingParams:
-        """The engine's parameters for generate_until request `index`; ValueError naming a kwarg it cannot apply."""
+    def _sampling_params(self, gen_kwargs: dict, seed: int, request: str) -> SamplingParams:
+        """The engine's parameters for a generate_until request; ValueError naming it (`request`, "generate_until
+        request 2 of 5", counted from 1 as the engine counts prompts) and a kwarg it cannot apply."""
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         unknown = sorted(set(kwargs) - set(LM_EVAL_GENERATION_KWARGS) - set(GENERATION_KWARGS))
         if unknown:
             raise ValueError(
-                f"generate_until request {index}: generation kwargs {', '.join(map(repr, unknown))} not supported by "
+                f"{request}: generation kwargs {', '.join(map(repr, unknown))} not supported by "
                 f"the seekstack backend; it takes {', '.join(LM_EVAL_GENERATION_KWARGS + GENERATION_KWARGS)}"
             )
         until = kwargs.pop("until")
         max_new_tokens = kwargs.pop("max_gen_toks")
         if not 0 < max_new_tokens < self.max_length:  # at max_length (the HF backend's refusal too) no prompt fits
             raise ValueError(
-                f"generate_until request {index}: max_gen_toks={max_new_tokens} must be at least 1 and less than "
+                f"{request}: max_gen_toks={max_new_tokens} must be at least 1 and less than "
                 f"max_length={self.max_length}, which holds the prompt and the generated tokens; change max_gen_toks "
                 "(the task's generation_kwargs or the model arg) or raise max_length"
             )
@@ -417,7 +419,7 @@ class SeekstackLM(TemplateLM):
         elif kwargs.get("temperature", 0) == 0:  # the HF backend gives generate 0 where none is given; it refuses it
             given = "temperature=0" if "temperature" in kwargs else "no temperature (lm_eval's default: 0)"
             raise ValueError(
-                f"generate_until request {index}: do_sample=True with {given}: sampling needs a temperature above 0 "
+                f"{request}: do_sample=True with {given}: sampling needs a temperature above 0 "
                 "(the HF backend's generate refuses it too); give temperature > 0, or do_sample=False for greedy "
                 "decoding"
             )
@@ -429,7 +431,7 @@ class SeekstackLM(TemplateLM):
             return SamplingParams.from_dict(kwargs)
         except ConfigError as error:
             problem = error.naming(f"generation kwarg {error.field!r}")
-            raise ValueError(f"generate_until request {index}: {problem}") from None
+            raise ValueError(f"{request}: {problem}") from None
 
     def get_model_info(self) -> dict:
         """What lm_eval records of the model in its results' config: its folder and type, and, as the HF backend

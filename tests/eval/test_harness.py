@@ -291,18 +291,18 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
     assert (greedy.max_new_tokens, greedy.stop, greedy.temperature) == (7, ("\n",), 0.0)
     assert (greedy.repetition_penalty, greedy.min_p, greedy.presence_penalty) == (1.5, 0.1, 0.5)
     assert (sampled.temperature, sampled.top_k) == (0.7, 5)  # a temperature above 0 samples, as lm_eval normalizes
-    unknown = "request 1: generation kwargs 'bogus_key', 'no_repeat_ngram_size' not supported"
+    unknown = "generate_until request 2 of 2: generation kwargs 'bogus_key', 'no_repeat_ngram_size' not supported"
     for bad, message in (
         ({"no_repeat_ngram_size": 2, "bogus_key": 3}, unknown),
-        ({"do_sample": True, "temperature": 1.0, "top_p": 2.0}, "request 1: generation kwarg 'top_p' has value 2.0"),
+        ({"do_sample": True, "temperature": 1.0, "top_p": 2.0}, "request 2 of 2: generation kwarg 'top_p' has value 2"),
         # the HF backend's generate refuses it ("`temperature` (=0.0) has to be a strictly positive float"); ours
         # decoded greedily, unasked
-        ({"do_sample": True, "temperature": 0.0}, "request 1: do_sample=True with temperature=0: sampling needs"),
+        ({"do_sample": True, "temperature": 0.0}, "request 2 of 2: do_sample=True with temperature=0: sampling needs"),
         # the HF backend gives generate temperature 0 where the request names none, and generate refuses it; ours
         # sampled at temperature 1, unasked
         (
             {"do_sample": True},
-            r"request 1: do_sample=True with no temperature \(lm_eval's default: 0\): sampling needs",
+            r"request 2 of 2: do_sample=True with no temperature \(lm_eval's default: 0\): sampling needs",
         ),
     ):
         with pytest.raises(ValueError, match=message):
@@ -442,8 +442,8 @@ def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(che
     lm = SeekstackLM(pretrained=checkpoint, max_length=8)
     long = "x = [1, 2, 3, 4, 5, 6, 7, 8, 9]"
     assert len(lm.tok_encode(long)) > 8
-    with pytest.raises(ValueError, match=r"loglikelihood request 1 \(continuation 'x = \[1, 2,.*: the continuation is "
-                       r"\d+ tokens, more than max_length=8"):  # fmt: skip
+    said = r"loglikelihood request 2 of 2 \(continuation 'x = \[1, 2,.*: the continuation is \d+ tokens, more than "
+    with pytest.raises(ValueError, match=said + "max_length=8"):
         lm.loglikelihood(requests("loglikelihood", [("a = ", "1"), ("a = ", long)]))
 
 
@@ -453,8 +453,8 @@ def test_a_continuation_that_adds_no_token_to_its_context_is_refused_not_scored_
     the context's last token (or is empty) there are none, and the request scored (0.0, True), a certainty that wins
     any multiple choice; lm_eval's HF backend stops on a bare AssertionError."""
     assert ours._encode_pair(*pair)[1] == []
-    with pytest.raises(ValueError, match=rf"request 1 \(context ending {re.escape(repr(pair[0]))}, continuation "
-                       rf"{re.escape(repr(pair[1]))}\): the continuation adds no token to the context"):  # fmt: skip
+    said = rf"loglikelihood request 2 of 2 \(context ending {re.escape(repr(pair[0]))}, continuation "
+    with pytest.raises(ValueError, match=rf"{said}{re.escape(repr(pair[1]))}\): the continuation adds no token to the"):
         ours.loglikelihood(requests("loglikelihood", [PAIRS[0], pair]))
 
 
@@ -470,8 +470,8 @@ def test_generation_that_leaves_no_room_for_the_prompt_is_refused_naming_max_gen
     # max_gen_toks 0 was refused as "generation kwarg 'max_new_tokens' has value 0", a name the request never gave
     for refused in (24, 20, 256, 0):
         kwargs = {} if refused == 256 else {"max_gen_toks": refused}  # 256: the model arg's default
-        with pytest.raises(ValueError, match=rf"request 1: max_gen_toks={refused} must be at least 1 and less than "
-                           "max_length=20"):  # fmt: skip
+        said = f"generate_until request 2 of 2: max_gen_toks={refused} must be at least 1 and less than max_length=20"
+        with pytest.raises(ValueError, match=said):
             lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 4}), (context, kwargs)]))
     lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 19})]))
     assert prompts == [lm.tok_encode(context)[-1:]]  # left-truncated to max_length - max_gen_toks tokens
