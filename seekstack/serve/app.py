@@ -57,11 +57,11 @@ from seekstack.serve.protocol import (
     longest_token_chars,
     prompt_ids,
     refuse_overlong_text,
+    refuse_unsampleable,
     refuse_unsupported,
     requested_max_tokens,
     sampling_params,
     tools_tokens,
-    unsupported,
     vllm_prompt_logprobs,
 )
 from seekstack.serve.ratelimit import (
@@ -305,10 +305,7 @@ class Server:
             forced = isinstance(body, ChatCompletionRequest) and body.tools  # tool_choice may force tool calls
             calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine, start) if forced else None
             output_format = calls_format or await asyncio.to_thread(json_format, body, self.engine, start)  # grammars
-            if output_format is not None and body.bad_words:  # the engine applies one rule to what a reply samples
-                raise unsupported("bad_words", "bad_words cannot be applied beside response_format's JSON or forced "
-                                  "tool calls, which already rule what each token may be: send the request without "
-                                  "bad_words")  # fmt: skip
+            refuse_unsampleable(body, output_format is not None, self.engine.eos_ids)
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
