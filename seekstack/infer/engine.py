@@ -1368,6 +1368,8 @@ class Engine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
@@ -1376,10 +1378,27 @@ class Engine:
         generate's, in vLLM's order (the options after them are keywords). `tools`
         (OpenAI's function definitions, read and refused as the server reads a request's) are listed in each prompt, as
         vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
-        `tool_calls` (`completion_with_calls`)."""
+        `tool_calls` (`completion_with_calls`). vLLM's `chat_template_kwargs` are read as the server reads a request's:
+        keys the template does not read dropped, as vLLM drops them, one it reads refused (ValueError), as is a
+        `chat_template` of the caller's: the tokenizer's own is rendered as it is."""
         from seekstack.infer.chat import ending_at_special_tokens
         from seekstack.posttrain.conversations import offered
+        from seekstack.serve.protocol import TEMPLATE_OPTIONS, shipped_template_variables, template_variables
         from seekstack.serve.tool_calls import completion_with_calls
+
+        if chat_template is not None:
+            raise ValueError(
+                "chat_template= (vLLM's) is not taken: chat renders the tokenizer's own chat template as it is; "
+                "render a conversation another way yourself and give its text or token ids to generate"
+            )
+        read = template_variables(self.tokenizer.jinja_chat_template)
+        for key in chat_template_kwargs or {}:
+            if key in TEMPLATE_OPTIONS or key in read | shipped_template_variables(self.tokenizer.source):
+                raise ValueError(
+                    f"chat_template_kwargs {key!r}: a name the chat template reads, which chat sets from its own "
+                    "keywords (add_generation_prompt, continue_final_message, tools) or leaves unset: leave it out "
+                    "(keys the template does not read are dropped, as vLLM drops them)"
+                )
 
         if isinstance(messages, str):  # its characters would read as messages: "chat message 0 ... got 'h'"
             raise TypeError(

@@ -91,6 +91,39 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     assert engine.lora.folders == {"legal": folder}
 
 
+def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_the_others(model, tokenizer):
+    """vLLM's chat(messages, params, chat_template_kwargs={"enable_thinking": False}), which scripts send to every
+    model, and chat_template= raised "TypeError: Engine.chat() got an unexpected keyword argument", where the server
+    reads a request's chat_template_kwargs: keys the template does not read dropped, as vLLM drops them, those it reads
+    (or apply_chat_template's options) refused, since the template is rendered as it is."""
+    engine = Engine(model, tokenizer)
+    greedy, messages = (
+        SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+        [{"role": "user", "content": "hi"}],
+    )
+    [plain] = engine.chat(messages, greedy)
+    [unread] = engine.chat(messages, greedy, chat_template_kwargs={"enable_thinking": False, "thinking": True})
+    assert (unread.prompt_token_ids, unread.token_ids) == (plain.prompt_token_ids, plain.token_ids)
+    assert engine.chat(messages, greedy, chat_template=None, chat_template_kwargs={})[0].token_ids == plain.token_ids
+    for given, told in (
+        ({"chat_template_kwargs": {"enable_thinking": False, "bos_token": "x"}}, "chat_template_kwargs 'bos_token': a "
+         "name the chat template reads, which chat sets from its own keywords (add_generation_prompt, "
+         "continue_final_message, tools) or leaves unset: leave it out (keys the template does not read are dropped, "
+         "as vLLM drops them)"),
+        ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs 'add_generation_prompt': a "
+         "name the chat template reads, which chat sets from its own keywords (add_generation_prompt, "
+         "continue_final_message, tools) or leaves unset: leave it out (keys the template does not read are dropped, "
+         "as vLLM drops them)"),
+        ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template= (vLLM's) is not taken: chat renders the "
+         "tokenizer's own chat template as it is; render a conversation another way yourself and give its text or "
+         "token ids to generate"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as refused:
+            engine.chat(messages, greedy, **given)
+        assert str(refused.value) == told
+    assert engine.stats().waiting == 0 and not engine.running
+
+
 def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_keyword(model, tokenizer):
     """vLLM's generate(prompts, params, True) turns its bar on (use_tqdm, its third argument); here the third is
     adapters, and True raised "TypeError: 'bool' object is not iterable", naming neither."""
