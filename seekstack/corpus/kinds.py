@@ -7,8 +7,9 @@ strings is still code. A README (`README`, `README.Debian`, `readme.txt`) or man
 code: man pages indent every line, and READMEs their commands, and such lines read as code. Otherwise detection reads
 the first `SAMPLE_CHARS` characters:
   cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
-         `words` splits text); language `ja` when kana are >= `KANA_MIN_SHARE` of those characters, `ko` when
-         Hangul is most of them, `zh` otherwise.
+         `words` splits text), unless it is code in a language its markers name whose lines that read as code hold
+         half its characters or more (a Python module commented and named in Chinese); language `ja` when kana are
+         >= `KANA_MIN_SHARE` of those characters, `ko` when Hangul is most of them, `zh` otherwise.
   code   >= `CODE_MIN_LINE_SHARE` of the non-blank lines look like code (`looks_like_code`: a keyword at the
          start, an ending in `{ } ; ) :`, an indented line with an operator or a trailing comma; a line longer
          than `CODE_MAX_LINE_CHARS` only when dense with brackets and operators); language: the one whose
@@ -210,17 +211,24 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
         return DetectedKind("code", CODE_SUFFIXES[suffix])
     documentation = _DOCUMENTATION_NAME.match(uncompressed(Path(name)).name.lower()) is not None
     sample = text[:SAMPLE_CHARS]
+    lines = [line for line in sample.split("\n") if line.strip()]
+    code_lines = [] if documentation else [line for line in lines if looks_like_code(line)]
+    language = ""  # not code
+    if lines and len(code_lines) >= CODE_MIN_LINE_SHARE * len(lines):
+        counts = {lang: len(marker.findall(sample)) for lang, marker in _CODE_LANGUAGES.items()}
+        best = max(counts, key=counts.__getitem__)
+        language = best if counts[best] else "unknown"
     cjk = len(CJK_CHAR.findall(sample))
-    if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):
+    # code in a language its markers name, its lines most of the text, stays code whatever its comments and names are
+    # written in (a Python module commented in Chinese); CJK prose whose lines merely read as code (indented, ending in
+    # `)`) or a tutorial's paragraphs around a listing stay CJK
+    code_first = language not in ("", "unknown") and 2 * sum(map(len, code_lines)) >= sum(map(len, lines))
+    if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)) and not code_first:
         if korean(sample):
             return DetectedKind("cjk", "ko")
         return DetectedKind("cjk", "ja" if japanese(sample) else "zh")
-    lines = [line for line in sample.split("\n") if line.strip()]
-    code_lines = 0 if documentation else sum(1 for line in lines if looks_like_code(line))
-    if lines and code_lines >= CODE_MIN_LINE_SHARE * len(lines):
-        counts = {lang: len(marker.findall(sample)) for lang, marker in _CODE_LANGUAGES.items()}
-        best = max(counts, key=counts.__getitem__)
-        return DetectedKind("code", best if counts[best] else "unknown")
+    if language:
+        return DetectedKind("code", language)
     sample_words = sample.lower().split()
     stopwords = sum(1 for word in sample_words if word.strip(".,;:!?\"'()") in _STOPWORDS)
     english = sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words)

@@ -303,3 +303,34 @@ def test_a_man_page_or_readme_is_prose_by_its_name_though_its_indented_lines_rea
     for other_name in ("pkg-2.7.1", "readmes"):  # a version is no man page's section
         assert detect_kind(text, other_name).kind == "code"
     assert detect_kind(text, "README.py") == DetectedKind("code", "python")  # a source suffix still decides
+
+
+PYTHON_COMMENTED_IN_CHINESE = '''# 计算用户的订单总金额，并返回含税价格
+def 计算总价(订单列表, 税率=0.1):
+    """遍历所有订单，把每个订单的价格相加，最后加上税。"""
+    总价 = 0
+    for 订单 in 订单列表:
+        # 跳过已经取消的订单
+        if 订单.状态 == "已取消":
+            continue
+        总价 += 订单.价格
+    return 总价 * (1 + 税率)
+
+
+class 购物车:
+    """保存用户选择的商品，直到用户下单为止。"""
+
+    def __init__(self):
+        self.商品列表 = []
+'''
+
+
+def test_code_commented_and_named_in_chinese_is_code_where_chinese_prose_indented_so_stays_cjk() -> None:
+    """A Python module commented and named in Chinese, as a JSON Lines row holds it (no .py name), was cjk/zh: CJK
+    characters were >= 30% of its words, checked before its lines. Code in a language its markers name is code now;
+    Chinese prose whose indented lines read as code (`　　` and a `(`), with no such marker, stays CJK."""
+    assert detect_kind(normalise(PYTHON_COMMENTED_IN_CHINESE), "rows.jsonl:3") == DetectedKind("code", "python")
+    indented = "\n".join(
+        f"\u3000\u3000第{n}天(星期{n})，我们一早出发，去城外的山上看日出，回来时已经是中午了。" for n in range(6)
+    )
+    assert detect_kind(normalise(indented), "rows.jsonl:4") == DetectedKind("cjk", "zh")
