@@ -91,10 +91,14 @@ class PowerSGDMemory:
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """The step, RNG, errors and Q factors `state_dict` saved; a Q factor of another powersgd_rank (a run resumed
+        with another) cannot warm-start this one's and is left, its matrix starting from a random Q as at the first
+        PowerSGD step (torch's hook read it as this rank's: a shape error, or a split that does not sum)."""
         self._split()
         self.state.iter = saved["iter"]
         self.state.rng.set_state(saved["rng"])
-        self.errors, self.qs = dict(saved["errors"]), dict(saved["qs"])
+        self.errors = dict(saved["errors"])
+        self.qs = {name: q for name, q in saved["qs"].items() if q.numel() == self._q_size(name)}
 
     def _split(self) -> None:
         """Move everything torch's state holds by bucket into `errors` and `qs`, by parameter."""
@@ -136,7 +140,12 @@ class PowerSGDMemory:
             if powerSGD_hook._should_compress(rows, cols, rank, self.state.min_compression_rate)[0]:
                 by_shape.setdefault((rows, cols), []).append(name)
         names = [name for group in by_shape.values() for name in group]
-        return names, [self._ranks(name)[1] * self._ranks(name)[2] for name in names]
+        return names, [self._q_size(name) for name in names]
+
+    def _q_size(self, name: str) -> int:
+        """Values of a parameter's Q factor (columns x approximation rank)."""
+        _, cols, rank = self._ranks(name)
+        return cols * rank
 
     def _p_size(self, names: list[str]) -> int:
         return sum(self._ranks(name)[0] * self._ranks(name)[2] for name in names)

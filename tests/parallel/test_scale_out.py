@@ -387,6 +387,47 @@ def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_c
     assert counted == carried and results[1] == results[0]
 
 
+def _powersgd_resumed_rank(rank: int, world_size: int, port: int, new_ranks: tuple[int, ...], results) -> None:
+    _join(rank, world_size, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=15))
+
+    def trained(powersgd_rank: int, saved: dict | None = None) -> dict:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+        )
+        compression = register_compression(model, "powersgd", powersgd_rank=powersgd_rank, powersgd_start=2)
+        if saved is not None:
+            compression.load_state_dict(saved)
+            results[f"loaded at {powersgd_rank}"] = (dict(compression.memory.errors), dict(compression.memory.qs))
+        for _ in range(3):  # 2 steps of plain all-reduce, then PowerSGD (a resumed run's at once)
+            model(torch.randn(8, 64)).square().mean().backward()
+            model.zero_grad()
+        return compression.state_dict()
+
+    results["saved"] = saved = trained(4)
+    for new_rank in new_ranks:
+        results[f"resumed at {new_rank}"] = trained(new_rank, saved)
+    dist.destroy_process_group()
+    _exit_before_teardown()
+
+
+def test_powersgd_state_resumed_at_another_rank_keeps_its_errors_and_starts_its_q_factors_afresh():
+    """A run resumed with another powersgd_rank: torch's hook read the saved rank-4 Q factors as its own rank's and
+    the first step failed (`shape '[1, 64, 8]' is invalid for input of size 256`, or a split that does not sum)."""
+    results = mp.Manager().dict()
+    mp.spawn(_powersgd_resumed_rank, args=(1, free_port(), (4, 2, 8), results), nprocs=1, join=True)
+    saved = results["saved"]
+    for new_rank in (4, 2, 8):
+        errors, qs = results[f"loaded at {new_rank}"]
+        assert errors.keys() == saved["errors"].keys()
+        assert all(torch.equal(error, saved["errors"][name]) for name, error in errors.items())
+        kept = {"0.weight": 64 * 4, "1.weight": 64 * 4} if new_rank == 4 else {}  # Q: (columns x rank)
+        assert {name: q.numel() for name, q in qs.items()} == kept, new_rank
+        resumed = results[f"resumed at {new_rank}"]
+        assert resumed["iter"] == 6 and [q.numel() for q in resumed["qs"].values()] == [64 * new_rank] * 2, new_rank
+
+
 def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path):  # noqa: F811
     steps = dict(max_steps=4, eval_every=0, save_every=0, powersgd_start=2)
     schemes = ("none", "bf16", "int8", "powersgd")
