@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,15 +254,22 @@ def lm_eval_gen_kwargs(text: str | None) -> dict[str, Any] | None:
 
 
 def _documents_limit(limit: float | None) -> int | float | None:
-    """`limit` as lm_eval takes it: a whole number of documents per task, or a fraction of them below 1 (0.1: a
-    tenth); ConfigError (field limit) for anything else."""
+    """`limit` as lm_eval takes it (get_sample_size): a number of documents per task, its whole part where it has a
+    fraction (2.5: 2, with a warning saying so), or a fraction of them below 1 (0.1: a tenth); ConfigError (field
+    limit) for one of 0 or less, or no number (nan, inf)."""
     if limit is None or 0 < limit < 1:
         return limit
-    if limit >= 1 and float(limit).is_integer():
-        return int(limit)
-    raise ConfigError(
-        f": {limit:g}: give a number of documents per task (40) or a fraction of them below 1 (0.1)", "limit"
-    )
+    if not 1 <= limit < math.inf:
+        raise ConfigError(
+            f": {limit:g}: give a number of documents per task (40) or a fraction of them below 1 (0.1)", "limit"
+        )
+    if not float(limit).is_integer():
+        warnings.warn(
+            f"--limit {limit:g} runs {int(limit)} documents per task: a limit of 1 or more is a number of documents, "
+            f"its whole part taken, as lm_eval's int(limit); a fraction of the documents is a limit below 1",
+            stacklevel=3,
+        )
+    return int(limit)
 
 
 def _metric_name(key: str) -> str:
