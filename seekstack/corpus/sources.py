@@ -64,9 +64,11 @@ _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character deco
 # (`llegó\xa0–`, `llegó…”`, `Bernardó\xa0»`)
 _CUT_EMOJI = re.compile("\udcf0\udc9f")
 # A character the file's end cuts after two or more of its bytes, as a truncated scrape leaves one: an emoji's first
-# two or three bytes, or a three-byte character's first two (`E2 80` of `…` or `’`); not another four-byte
-# character's, which in Windows-1252 are `ó` (or `ñ ò ô ð`) before one or two symbols (`llegó…`, `Bernardó»`)
-_CUT_AT_THE_END = re.compile(b"\xf0\x9f[\x80-\xbf]?|[\xe0-\xef][\x80-\xbf]")
+# two bytes (`ðŸ`), a character of planes 1-3's first three (`F0 9D 90` of a mathematical bold `𝐀`, `F0 A0 AE` of
+# `𠮷`: `ð` and two symbols or undefined bytes), or a three-byte character's first two (`E2 80` of `…` or `’`); not
+# another four-byte character's, which in Windows-1252 are `ó` (or `ñ ò ô`) before one or two symbols (`llegó…`,
+# `Bernardó»`)
+_CUT_AT_THE_END = re.compile(b"\xf0\x9f|\xf0[\x90-\xbf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]")
 # A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
 TEXT_SUFFIXES = (".txt", ".md", ".rst", *CODE_SUFFIXES)
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are

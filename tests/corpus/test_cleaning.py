@@ -1999,6 +1999,10 @@ def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
         (b"Ya lleg\xf3\x85", "Ya lleg\u00f3\u2026"),
         (b"Bernard\xf3\xbb", "Bernard\u00f3\u00bb"),
         (b"Ya lleg\xf3\x85\x94", "Ya lleg\u00f3\u2026\u201d"),
+        # a character of planes 1-3 that is no emoji cut after three bytes, a mathematical bold A and Chinese's 𠮷
+        # (U+20BB7): `ð` and two symbols or undefined bytes in Windows-1252, as the file was read (`bold ð\ufffd\ufffd`)
+        (b"bold " + "\U0001d400".encode()[:3], "bold \ufffd"),
+        (b"name " + "\U00020bb7".encode()[:3], "name \ufffd"),
     ],
 )
 def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_cut_by_its_end(
