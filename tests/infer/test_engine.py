@@ -389,7 +389,7 @@ def test_chat_offers_tools_in_the_prompt_and_parses_the_replys_calls_as_the_serv
     written = f"Let me look.{TOOL_CALLS_BEGIN}{call}{TOOL_CALLS_END}"
     generated = []
 
-    def writing_the_call(prompts, params, use_tqdm=False):
+    def writing_the_call(prompts, params, use_tqdm=False, lora_request=None):
         generated.extend(params)
         return [Completion("0", prompts[0], [], written, "stop", None, {})]
 
