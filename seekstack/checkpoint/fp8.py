@@ -11,6 +11,12 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
 
 
+def fp8_format(block: tuple[int, int] | None) -> str:
+    """How quantize names an fp8 layer's format: `fp8 RxC`, its scale block; `fp8` for a layer of no block (a
+    compressed-tensors float-quantized one, scaled per row or tensor)."""
+    return "fp8" if block is None else f"fp8 {block[0]}x{block[1]}"
+
+
 def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int], parts: int = 1) -> tuple[int, ...]:
     """The `weight_scale_inv` shape of an e4m3 weight of `shape` (..., rows, columns): a scale per block, edge blocks
     partial, for each of `parts` matrices stacked by rows (an expert's [W_gate; W_up])."""

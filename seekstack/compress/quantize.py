@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from seekstack.checkpoint.fp8 import fp8_format
 from seekstack.compress.linear import (
     INT8_KERNEL_COLUMNS,
     Fp8Weight,
@@ -175,12 +176,12 @@ def stored_format(layer: nn.Module) -> str:
     if isinstance(weight, Int4Weight):
         return f"int4 g{weight.group}"
     if isinstance(weight, Fp8Weight):
-        return f"fp8 {weight.block[0]}x{weight.block[1]}"
+        return fp8_format(weight.block)
     return weight.scheme
 
 
 def _target_format(label: str, config: QuantConfig) -> str:
-    return f"fp8 {config.fp8_block[0]}x{config.fp8_block[1]}" if label == "fp8" else label
+    return fp8_format(tuple(config.fp8_block)) if label == "fp8" else label
 
 
 def dequantize_layers(model: nn.Module) -> dict[str, nn.Module]:
