@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from seekstack.checkpoint.fp8 import _is_fp8_quantizable
+from seekstack.checkpoint.fp8 import _is_fp8_quantizable, fp8_format
 from seekstack.checkpoint.keys import (
     DAMAGED,
     KEPT_FLOAT,
@@ -252,10 +252,10 @@ def _meta_weight(reader: CheckpointReader, layer: str) -> tuple[list[str], Quant
 
 
 def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, str]:
-    """Our name -> stored format (`fp8`, `int8`, `int4`) of each layer of `model`, loaded from checkpoint `directory`,
-    that the checkpoint stores quantized and loading holds in float (compressed-tensors' float-quantized fp8, weights
-    whose kernel cannot run them, a frozen checkpoint's float weights it rounds by their scales, kv_b_proj always);
-    from the safetensors headers."""
+    """Our name -> stored format (`fp8 RxC` as `fp8_format` names a block, `fp8`, `int8`, `int4`) of each layer of
+    `model`, loaded from checkpoint `directory`, that the checkpoint stores quantized and loading holds in float
+    (compressed-tensors' float-quantized fp8, weights whose kernel cannot run them, a frozen checkpoint's float weights
+    it rounds by their scales, kv_b_proj always); from the safetensors headers."""
     directory, layers = Path(directory), model.config.num_hidden_layers
     formats = {}
     with CheckpointReader(directory, read_config(directory).extra.get("quantization_config")) as reader:
@@ -270,7 +270,7 @@ def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, s
                 continue
             if reader.stored_dtype(weight) not in FLOAT_STORED:
                 bits = reader.code_bits(key)
-                formats[name] = f"int{bits}" if bits else "fp8"
+                formats[name] = f"int{bits}" if bits else fp8_format(reader.fp8_block)
             elif (rounded := reader.rounded_format(weight)) is not None:
                 formats[name] = rounded
     return formats

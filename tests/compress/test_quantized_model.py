@@ -1077,8 +1077,11 @@ def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_ke
     assignment, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "int8", QuantConfig(scheme="int8"))
     absorbed = [name for name in assignment if name.endswith(".kv_b_proj")]
     assert len(absorbed) == 4 and {assignment[name] for name in absorbed} == {"kept"}
-    said = f"{len(absorbed)} layers stored fp8 were written in float from their dequantized weights: fp8's rounding"
+    # in the format the note of the layers re-quantized names (it said "stored fp8" of these and "stored fp8 128x128"
+    # of those, the same checkpoint's fp8)
+    said = f"{len(absorbed)} layers stored fp8 128x128 were written in float from their dequantized weights: fp8 "
     assert any(note.startswith(said) for note in notes), notes
+    assert any(note.startswith("31 layers stored fp8 128x128 were re-quantized to int8") for note in notes), notes
     _, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "fp8-again", QuantConfig(scheme="fp8"))
     assert notes == []
 
