@@ -223,10 +223,18 @@ def serve_command(
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         check_listenable(host, port)  # before the dtype note and the weights
+        adapters = _named_adapters(adapter or [])
+        if max_loras is not None and len(adapters) > max_loras:  # the engine refused the first past it, loaded
+            raise typer.BadParameter(
+                f"{max_loras} is fewer than the {len(adapters)} --adapter folders given ({', '.join(adapters)}), "
+                f"each served from the start: give --max-loras {len(adapters)} or more, or fewer --adapter",
+                ctx,
+                param_hint="'--max-loras'",
+            )
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
-            adapters=_named_adapters(adapter or []), max_loras=max_loras, max_lora_rank=max_lora_rank,
+            adapters=adapters, max_loras=max_loras, max_lora_rank=max_lora_rank,
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
             reasoning_parser=reasoning_parser, chat_page=chat_page, log_requests=enable_log_requests,
             log_stats=not disable_log_stats,
