@@ -887,6 +887,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "(" + "- " * 35_000 + "x)",
         "所以答案是" * 14_000 + "x",
         "答案" + " " * 70_000 + "x",
+        "x" + " ;" * 35_000,  # a sentence's closing punctuation, spaced
+        "x;" * 35_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):
@@ -894,6 +896,18 @@ def test_an_adversarial_answer_is_read_in_linear_time(answer):
     started = time.perf_counter()
     assert read_number(answer) is None
     assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["The answer is 1042;", "The answer is 1042,", "The answer is 1042!", "The answer is 1042?", "1042:",
+     "The answer is $1042$;", "The answer is 1042.;", "The answer is 1,042 ;", "x = 1042,", "Answer: 1042 !"],
+)  # fmt: skip
+def test_the_punctuation_closing_a_sentence_after_the_answer_is_dropped_as_math_verify_drops_it(answer):
+    """ "The answer is 1042;" was no number (scored 0 against 1042): a closing period alone was dropped, where
+    math-verify reads 1042 after any of . , ; : ! ? closing the reply; in a box it stays part of the answer."""
+    assert read_number(answer) == 1042
+    assert read_number("\\boxed{1042;}") is None and read_number("The answer is 1041, 1042;") is None
 
 
 def test_an_answer_longer_than_int_reads_is_wrong_not_an_error():

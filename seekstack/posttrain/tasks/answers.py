@@ -86,6 +86,8 @@ LABEL_OPENING = re.compile(
 )
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
+# what closes a reply's last sentence after its answer outside a box, as math-verify drops it ("The answer is 5;")
+SENTENCE_END = ".,;:!?\u3002"
 # The sentence after Minerva's final answer, which minerva_math drops (its period too, or none: a reply cut at it)
 MINERVA_CLOSING = "I hope it is correct"
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
@@ -166,7 +168,7 @@ def final_answer(answer: str) -> str | None:
         end = MATH_END.search(answer, start)
         return _less_period(answer[start : end.start() if end else len(answer)])
     text = _from_last_label(_tagged(EMPTY_BOX.sub("", answer)).rpartition(GSM8K_MARKER)[2])
-    text = _less_period(_less_period(text).removesuffix(MINERVA_CLOSING))
+    text = _less_period(_less_sentence_end(text).removesuffix(MINERVA_CLOSING))
     labelled = ANSWER_LABEL.match(text)
     if labelled is None:  # "**The answer is 57.**", the sentence in bold
         text = _unadorned(text)
@@ -197,6 +199,14 @@ def _unadorned(text: str) -> str:
     if len(text) > 4 and text.startswith("**") and text.endswith("**"):
         return _less_period(text[2:-2])
     return text
+
+
+def _less_sentence_end(text: str) -> str:
+    """`text` less the whitespace and the punctuation (SENTENCE_END) that close it (`5;`, `5.;`, `$5$ !`)."""
+    end = len(text)
+    while end and (text[end - 1].isspace() or text[end - 1] in SENTENCE_END):
+        end -= 1
+    return text[:end]
 
 
 def _less_period(text: str) -> str:
