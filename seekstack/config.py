@@ -75,7 +75,7 @@ class ModelConfig:
     # Multi-Token Prediction (DeepSeek-V3 §2.2)
     num_nextn_predict_layers: NonNegative = 1
     # Positions
-    max_position_embeddings: Positive = 163840
+    max_position_embeddings: Positive = 4096  # transformers' default; the V3 release states 163840 (YaRN 40x)
     rope_theta: PositiveFloat = 10000.0
     rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn" or "linear", "factor": ..., ...}
     rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
@@ -497,6 +497,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The released DeepSeek-V3 config.json (671B total, 37B activated, plus one 14B MTP module).
     "deepseek-v3": dict(
         model_type="deepseek_v3",
+        max_position_embeddings=163840,
         rope_scaling={**_YARN_40X, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
 }

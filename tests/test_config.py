@@ -53,6 +53,13 @@ def test_missing_fields_take_upstream_defaults_of_the_model_type():
         256,
         1,
     )
+    # a field transformers' config defines and config.json leaves out is read at transformers' default (the context
+    # was DeepSeek-V3's release's 163840, read unscaled: 40x what transformers builds such a config for)
+    for reference in (transformers.DeepseekV3Config(), transformers.DeepseekV2Config(num_experts_per_tok=6)):
+        ours = ModelConfig.from_dict({"model_type": reference.model_type, "num_experts_per_tok": 6}).to_dict()
+        for name, value in reference.to_dict().items():
+            if name in ours and name not in ("architectures", "num_key_value_heads", "num_experts_per_tok"):
+                assert ours[name] == value, (reference.model_type, name, ours[name], value)
 
 
 def test_legacy_rope_scaling_and_rope_parameters_mean_the_same():
