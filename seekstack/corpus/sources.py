@@ -65,10 +65,11 @@ _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character deco
 _CUT_EMOJI = re.compile("\udcf0\udc9f")
 # A character the file's end cuts after two or more of its bytes, as a truncated scrape leaves one: an emoji's first
 # two bytes (`ðŸ`), a character of planes 1-3's first three (`F0 9D 90` of a mathematical bold `𝐀`, `F0 A0 AE` of
-# `𠮷`: `ð` and two symbols or undefined bytes), or a three-byte character's first two (`E2 80` of `…` or `’`); not
-# another four-byte character's, which in Windows-1252 are `ó` (or `ñ ò ô`) before one or two symbols (`llegó…`,
-# `Bernardó»`)
-_CUT_AT_THE_END = re.compile(b"\xf0\x9f|\xf0[\x90-\xbf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]")
+# `𠮷`: `ð` and two symbols or undefined bytes), or the first two of a symbol of U+2000-U+2FFF (`E2 80` of `…` or `’`,
+# `E2 82` of `€`: `â€`, `â‚`, the marks of mojibake); not another four-byte character's, which in Windows-1252 are
+# `ó` (or `ñ ò ô`) before one or two symbols (`llegó…`, `Bernardó»`), nor another three-byte one's, a letter and a
+# symbol (`José”`, `café…`: E9 94, E9 85)
+_CUT_AT_THE_END = re.compile(b"\xf0\x9f|\xf0[\x90-\xbf][\x80-\xbf]|\xe2[\x80-\xbf]")
 # A folder's files read by suffix: documents, and the source code whose language `kinds.CODE_SUFFIXES` names
 TEXT_SUFFIXES = (".txt", ".md", ".rst", *CODE_SUFFIXES)
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
@@ -478,9 +479,9 @@ def _as_text(name: str) -> str:
 def _starts_no_utf8_character(data: bytes) -> bool:
     """True when no byte above 127 starts a UTF-8 character: none decodes as one (a real U+FFFD does), the end
     does not cut one after its second byte (`_CUT_AT_THE_END`: `F0 9F 98`, an emoji cut by a scraper; a last lone
-    `E9` may be an é, and a last `F3 85` Windows-1252's `ó…`), and no emoji is cut after its second or third byte
-    before other text (`_CUT_EMOJI`: a JSON Lines row whose text a scraper cut, `"Great day \xf0\x9f\x98"}`; two bytes
-    of a three-byte character there may be Windows-1252's `é’`, and are read so)."""
+    `E9` may be an é, a last `F3 85` Windows-1252's `ó…` and a last `E9 94` its `é”`), and no emoji is cut after its
+    second or third byte before other text (`_CUT_EMOJI`: a JSON Lines row whose text a scraper cut, `"Great day
+    \xf0\x9f\x98"}`; two bytes of a three-byte character there may be Windows-1252's `é’`, and are read so)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> U+DC80..U+DCFF
     text = decoder.decode(data)  # not final: a character cut by the end waits in the decoder
     cut_character, _ = decoder.getstate()

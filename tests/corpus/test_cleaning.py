@@ -2003,6 +2003,11 @@ def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
         # (U+20BB7): `ð` and two symbols or undefined bytes in Windows-1252, as the file was read (`bold ð\ufffd\ufffd`)
         (b"bold " + "\U0001d400".encode()[:3], "bold \ufffd"),
         (b"name " + "\U00020bb7".encode()[:3], "name \ufffd"),
+        # Windows-1252's accented letter and a closing quote or an ellipsis spell a three-byte character's first two
+        # bytes that is no symbol's: it was read as UTF-8 at the file's end (`dijo Jos\ufffd`); a cut `€` stays UTF-8
+        (b"dijo Jos\xe9\x94", "dijo Jos\u00e9\u201d"),
+        (b"menu: caf\xe9\x85", "menu: caf\u00e9\u2026"),
+        (b"price 10 \xe2\x82", "price 10 \ufffd"),
     ],
 )
 def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_cut_by_its_end(
