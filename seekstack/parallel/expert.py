@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from seekstack.model.moe import RoutedExperts, Routing
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
+from seekstack.schema import ConfigError
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -32,9 +33,10 @@ class ShardedExperts(nn.Module):
     def __init__(self, experts: RoutedExperts, ranks: Ranks):
         super().__init__()
         total = experts.gate_up_proj.shape[0]
-        if total % ranks.world_size:
-            raise ValueError(
-                f"expert_parallel over {ranks.world_size} ranks needs n_routed_experts={total} divisible by it"
+        if total % ranks.world_size:  # a setting every rank meets alike: said once, as the config's errors are
+            raise ConfigError(
+                f"expert_parallel={ranks.world_size} needs n_routed_experts={total} divisible by it (each rank holds "
+                f"as many of every layer's routed experts): run on a number of ranks that divides {total}"
             )
         self.num_experts, self.world_size = total, ranks.world_size
         self.local = total // ranks.world_size
@@ -77,7 +79,8 @@ class ShardedExperts(nn.Module):
 
 def apply_expert_parallel(model: Transformer, ranks: Ranks) -> list[str]:
     """Split every MoE layer's routed experts over all ranks; returns the names of the now rank-local parameters
-    (DDP must not average them). ValueError naming expert_parallel for a model without routed experts."""
+    (DDP must not average them). ConfigError naming expert_parallel for a model without routed experts, or with a
+    number of them the ranks do not divide."""
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, RoutedExperts):
@@ -88,7 +91,7 @@ def apply_expert_parallel(model: Transformer, ranks: Ranks) -> list[str]:
                 getattr(sharded, param_name).register_hook(lambda grad, world=ranks.world_size: grad / world)
                 names.append(f"{name}.{param_name}")
     if not names:
-        raise ValueError(
+        raise ConfigError(
             f"expert_parallel={ranks.world_size} splits the routed experts over the ranks, and the model has none "
             f"(model.n_routed_experts={model.config.n_routed_experts}, first_k_dense_replace="
             f"{model.config.first_k_dense_replace} of {model.config.num_hidden_layers} layers): set expert_parallel=1"

@@ -8,6 +8,7 @@ import faulthandler
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -618,16 +619,40 @@ def test_float8_training_runs_and_lowers_the_loss_on_a_gpu(data_dir, tmp_path): 
     assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
 
 
-def test_expert_parallel_on_a_model_without_routed_experts_is_refused_naming_it(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    ("experts", "ranks", "refusal"),
+    [
+        (0, 2, r"expert_parallel=2 splits the routed experts over the ranks, and the model has none \(model."
+         r"n_routed_experts=0, first_k_dense_replace=1 of 2 layers\): set expert_parallel=1"),
+        (4, 3, r"expert_parallel=3 needs n_routed_experts=4 divisible by it \(each rank holds as many of every "
+         r"layer's routed experts\): run on a number of ranks that divides 4"),
+    ],
+)  # fmt: skip
+def test_expert_parallel_the_experts_do_not_suit_is_refused_once_as_a_setting_naming_it(
+    data_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+    experts,
+    ranks,
+    refusal,
+):
+    """A model whose routed experts the ranks cannot split was refused with a ValueError, which torchrun's ranks
+    each printed as an error of their own ('error (rank 1): ...', 'error (rank 2): ...'); every rank meets it alike."""
+    import typer
+
+    from seekstack.cli.common import user_errors
     from seekstack.model.transformer import Transformer
     from seekstack.parallel.distributed import Ranks
     from seekstack.parallel.expert import apply_expert_parallel
 
-    config = run_config(data_dir, tmp_path, model_overrides={**MICRO_MODEL, "n_routed_experts": 0}).model_config()
-    with pytest.raises(
-        ValueError, match=r"expert_parallel=2 .* has none \(model.n_routed_experts=0.*expert_parallel=1"
-    ):
-        apply_expert_parallel(Transformer(config), Ranks(0, 2, torch.device("cpu")))
+    overrides = {**MICRO_MODEL, "n_routed_experts": experts}
+    config = run_config(data_dir, tmp_path, model_overrides=overrides).model_config()
+    for rank, printed in (("0", f"error: {refusal}\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit), user_errors():
+            apply_expert_parallel(Transformer(config), Ranks(int(rank), ranks, torch.device("cpu")))
+        assert re.fullmatch(printed, capsys.readouterr().err), rank
 
 
 def resume_from(checkpoint: Path, out_dir: Path) -> Path:
