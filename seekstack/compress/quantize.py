@@ -351,10 +351,13 @@ def _refuse_nothing_quantized(assignment: dict[str, str], config: QuantConfig, n
         raise ValueError(f"nothing to quantize: no layer can be quantized to {config.scheme} ({listed})")
     unquantized = [pattern for pattern, scheme in config.layers.items() if scheme == "none"]
     field_name, patterns = ("layers", unquantized) if unquantized else ("keep", config.keep)
+    absorbed = sum(value == ABSORBED_IN_FP8 for value in assignment.values())
+    # fp8 rounds the kv_b_proj it always keeps through fp8, which no fp8 layer beside them leaves written in float
+    rounded = f" but for its {absorbed} kv_b_proj layers' weights, rounded through fp8" if absorbed else ""
     raise ConfigError(
         f": {', '.join(map(repr, patterns))} keep{'s' if len(patterns) == 1 else ''} in float every layer that "
         f"{config.scheme} would quantize ({len(by_pattern)}, {by_pattern[0]} first): nothing is left to quantize, and "
-        "the output would be a float copy of the checkpoint",
+        f"the output would be a float copy of the checkpoint{rounded}",
         field=field_name,
     )
 

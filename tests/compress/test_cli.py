@@ -64,15 +64,19 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "options, expected",
+    "options, expected, output",
     [
-        (["--scheme", "int8", "--keep", "*"], "Invalid value for '--keep': '*' keeps in float every layer that int8"),
-        (["--scheme", "fp8", "--keep", "*.*", "--keep", "lm_head"], "'--keep': '*.*', 'lm_head' keep in float"),
-        (["--config", "config.json"], "field 'layers': '*' keeps in float every layer that int8 would quantize"),
+        (["--scheme", "int8", "--keep", "*"], "Invalid value for '--keep': '*' keeps in float every layer that int8",
+         "a float copy of the checkpoint\n"),
+        # fp8 rounds the 4 kv_b_proj it keeps through fp8 (the refusal said "a float copy" of this too)
+        (["--scheme", "fp8", "--keep", "*.*", "--keep", "lm_head"], "'--keep': '*.*', 'lm_head' keep in float",
+         "a float copy of the checkpoint but for its 4 kv_b_proj layers' weights, rounded through fp8\n"),
+        (["--config", "config.json"], "field 'layers': '*' keeps in float every layer that int8 would quantize",
+         "a float copy of the checkpoint\n"),
     ],
-)
+)  # fmt: skip
 def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_keep_every_layer(
-    tmp_path, options, expected
+    tmp_path, options, expected, output
 ):
     """`--keep '*'` exited 0 having written a float copy of the checkpoint ("37 kept"), where prune refuses a run
     that removes nothing."""
@@ -82,7 +86,7 @@ def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_k
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), *options])
     assert result.exit_code == (1 if "--config" in options else 2), result.output
     assert expected in result.output
-    assert "nothing is left to quantize, and the output would be a float copy of the checkpoint" in result.output
+    assert f"nothing is left to quantize, and the output would be {output}" in result.output
     assert not (tmp_path / "q").exists()
 
 
