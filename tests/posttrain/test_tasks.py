@@ -889,6 +889,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "答案" + " " * 70_000 + "x",
         "x" + " ;" * 35_000,  # a sentence's closing punctuation, spaced
         "x;" * 35_000,
+        "\\boxed{x =" + " ," * 35_000 + "}",  # an assignment's closing punctuation, spaced
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):
@@ -908,6 +909,20 @@ def test_the_punctuation_closing_a_sentence_after_the_answer_is_dropped_as_math_
     math-verify reads 1042 after any of . , ; : ! ? closing the reply; in a box it stays part of the answer."""
     assert read_number(answer) == 1042
     assert read_number("\\boxed{1042;}") is None and read_number("The answer is 1041, 1042;") is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{x=1042,}", "\\boxed{x = 1042;}", "\\boxed{x=1042:}", "\\boxed{x=1042?}", "\\boxed{x=1042,,}",
+     "\\boxed{\\theta=1042,}", "\\boxed{f(2)=1042,}", "\\boxed{x=\\frac{2084}{2},}", "\\boxed{x = 1042,\\,}",
+     "\\boxed{x=1042\\text{ cm},}", "$x=1042;$"],
+)  # fmt: skip
+def test_the_punctuation_closing_an_assignment_in_a_box_is_dropped_as_math_verify_drops_it(answer):
+    """\\boxed{x=1042,} was no number (scored 0 against 1042), where math-verify reads an assignment's value less the
+    punctuation closing it; a number alone keeps it (\\boxed{1042,} is no number there either), and "!" is a
+    factorial."""
+    assert read_number(answer) == 1042
+    assert read_number("\\boxed{1042,}") is None and read_number("\\boxed{x=1042!}") is None
 
 
 def test_an_answer_longer_than_int_reads_is_wrong_not_an_error():
