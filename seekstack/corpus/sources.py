@@ -6,6 +6,7 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 from __future__ import annotations
 
 import codecs
+import csv
 import errno
 import functools
 import glob
@@ -776,16 +777,46 @@ def read_csv(
     with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16, and one with UTF-32's as UTF-32."""
     path = Path(path)
     delimiter = "\t" if source_kind(path) == ".tsv" else ","
-    with _arrow_errors_named(path, "CSV"), _opened(path) as binary:
+    file_format = "TSV" if delimiter == "\t" else "CSV"
+    with _arrow_errors_named(path, file_format), _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
         encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
-        reader = pyarrow.csv.open_csv(
-            binary,
-            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
-            parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
-        )
-        yield from _documents_from_batches(iter(reader), column, path, null_texts, id_field)
+        try:
+            reader = pyarrow.csv.open_csv(
+                binary,
+                read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
+                parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
+            )
+            yield from _documents_from_batches(iter(reader), column, path, null_texts, id_field)
+        except pa.ArrowInvalid:  # pyarrow names no row where values may hold line breaks: found by Python's csv
+            unlike = _first_row_unlike_its_header(path, encoding, delimiter)
+            if unlike is None:
+                raise
+            raise DataSourceError(f"{path}: cannot be read as {file_format}: {unlike}") from None
+
+
+def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> str | None:
+    """Where the first row of a CSV or TSV file holding more or fewer values than its header is, and what it holds:
+    `row 2 (line 3) holds 3 values, its header 2: '2,"a","b"'; ...`, rows counted as ids count them (the header and
+    blank lines not); None when every row matches its header (or Python's csv cannot read the file either)."""
+    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+        rows = csv.reader(text, delimiter=delimiter)
+        try:
+            header, number = next(rows, []), 0
+            while (row := next(rows, None)) is not None:
+                first_line = rows.line_num - sum(value.count("\n") for value in row)  # less a quoted value's breaks
+                number += bool(row)  # a blank line is no row
+                if row and len(row) != len(header):
+                    separator = "a tab" if delimiter == "\t" else "a comma"
+                    return (
+                        f"row {number} (line {first_line}) holds {len(row)} values, its header {len(header)}: "
+                        f"{delimiter.join(row)[:200]!r}; quote a value that holds {separator}, or give each row the "
+                        "header's columns"
+                    )
+        except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
+            return None
+    return None
 
 
 def _legacy_encoding_of_a_table(start: bytes) -> str | None:

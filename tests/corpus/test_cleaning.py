@@ -1754,6 +1754,29 @@ def test_a_utf16_table_as_excel_exports_unicode_text_is_read(tmp_path: Path) -> 
         ]
 
 
+@pytest.mark.parametrize(
+    ("name", "delimiter", "file_format", "separator"),
+    [("posts.csv", ",", "CSV", "a comma"), ("posts.tsv.gz", "\t", "TSV", "a tab")],
+)
+def test_a_row_unlike_its_header_is_refused_naming_its_row_and_line(
+    tmp_path: Path, name: str, delimiter: str, file_format: str, separator: str
+) -> None:
+    """pyarrow names no row where values may hold line breaks: a row with a value more than its header was refused as
+    'cannot be read as CSV (CSV parse error: Expected 2 columns, got 3: ...)', a .tsv file called CSV too. The row is
+    found, counted as ids count rows (`posts.csv:2`, a blank line no row), with the line it starts on."""
+    rows = ["id,text", '1,"a value that goes on', 'on the next line"', "", "2,one value,and a second", "3,fine", ""]
+    table = "\n".join(rows).replace(",", delimiter).encode()
+    (tmp_path / name).write_bytes(gzip.compress(table) if name.endswith(".gz") else table)
+    bad_row = "2,one value,and a second".replace(",", delimiter)
+    message = (
+        f"{tmp_path / name}: cannot be read as {file_format}: row 2 (line 5) holds 3 values, its header 2: "
+        f"{bad_row!r}; quote a value that holds {separator}, or give each row the header's columns"
+    )
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / name))
+    assert str(refused.value) == message
+
+
 def test_a_binary_parquet_text_column_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     """It failed 'row 0 of column 'text' is bytes, not text'."""
     texts = pa.array([b"caf\xc3\xa9 UTF-8", b"caf\xe9 Windows-1252", None], type=pa.binary())
