@@ -168,6 +168,7 @@ class Transformer(nn.Module):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        use_cache: bool | None = None,
     ) -> ModelOutput | tuple[torch.Tensor, ...]:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
         Without a cache, (B, T) positions may pack several sequences in a row, each restarting its positions
@@ -186,12 +187,18 @@ class Transformer(nn.Module):
         DataCollatorWithFlattening, through peft's wrapper), taken the same.
         `inputs_embeds`, `output_attentions`, `output_hidden_states` and `return_dict` are transformers' keywords, which
         peft's CAUSAL_LM wrapper passes on: the first three only unset (None or False), return_dict=False returns
-        `ModelOutput.to_tuple()` as transformers returns a tuple.
+        `ModelOutput.to_tuple()` as transformers returns a tuple. `use_cache=False` (TRL's SFTTrainer sets it, scripts
+        pass it) is taken: no forward here returns a cache; True, asking for transformers' past_key_values, is refused.
         """
         if inputs_embeds is not None or output_attentions or output_hidden_states:
             raise ValueError(
                 "inputs_embeds, output_attentions and output_hidden_states are not supported: give input_ids (the "
                 "output's hidden_states is the final norm's output, the input of the head)"
+            )
+        if use_cache:
+            raise ValueError(
+                "use_cache=True: the forward returns no past_key_values; decoding steps take a latent cache as cache= "
+                "(seekstack.model.attention's caches), and seekstack.infer.Engine generates with one"
             )
         if position_ids is not None:
             if positions is not None:

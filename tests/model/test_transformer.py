@@ -140,6 +140,20 @@ def test_transformers_position_ids_are_positions_a_flattened_batch_packs_by():
         model(ids, positions=positions, position_ids=positions)
 
 
+def test_transformers_use_cache_false_is_taken_and_true_refused_as_no_cache_is_returned():
+    """model(ids, use_cache=False), as scripts and TRL's SFTTrainer call a transformers model, was a TypeError."""
+    model = Transformer(micro_config()).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        plain = model(ids, labels=ids)
+        for use_cache in (False, None):
+            given = model(ids, labels=ids, use_cache=use_cache)
+            torch.testing.assert_close(given.logits, plain.logits, rtol=0, atol=0)
+            assert given.keys() == plain.keys() and given.loss == plain.loss
+    with pytest.raises(ValueError, match=r"^use_cache=True: the forward returns no past_key_values; decoding steps"):
+        model(ids, use_cache=True)
+
+
 def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
     model = Transformer(micro_config())
     with pytest.raises(ValueError, match=re.escape("input_ids have shape (8,): expected (batch, seq_len)")):
