@@ -885,6 +885,16 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
     assert ((logits(loaded, INPUT_IDS).float() - reference).norm() / reference.norm()).item() < 0.05
 
 
+def test_transformers_trust_remote_code_and_low_cpu_mem_usage_are_taken_without_effect(tmp_path):
+    """load_pretrained(dir, trust_remote_code=True, torch_dtype=...), DeepSeek's model cards' from_pretrained keywords,
+    was a TypeError ('unexpected keyword argument 'trust_remote_code''), as was low_cpu_mem_usage."""
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path)
+    carded = seekstack.load_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=True, torch_dtype="float32")
+    assert_same_state(model, carded)
+    assert_same_state(model, seekstack.load_pretrained(tmp_path, trust_remote_code=False, low_cpu_mem_usage=False))
+
+
 def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_states(tmp_path):
     seekstack.save_pretrained(random_model().bfloat16(), tmp_path / "bfloat16")
     seekstack.save_pretrained(random_model(), tmp_path / "float32")

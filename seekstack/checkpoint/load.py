@@ -52,6 +52,8 @@ def load_pretrained(
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
     mtp: bool = True,
     torch_dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    low_cpu_mem_usage: bool = True,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -68,7 +70,10 @@ def load_pretrained(
     (seekstack.compress), unless `dequantize` asks for plain float weights.
     `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`), float32 where
     not given; `torch_dtype`, its earlier name there, which transformers still takes, is read as `dtype`: given both,
-    they must name the same dtype (`loading_dtype`).
+    they must name the same dtype (`loading_dtype`). `trust_remote_code` (DeepSeek's model cards pass it to
+    from_pretrained) and `low_cpu_mem_usage` are taken without effect, as Engine.from_pretrained takes them: no code
+    from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
+    (what low_cpu_mem_usage=True asks).
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
