@@ -68,8 +68,11 @@ def fake_quantize(
     def per_element(tensor: torch.Tensor) -> torch.Tensor:
         if block is None:
             return tensor.repeat_interleave(weight.shape[-1] // tensor.shape[-1], dim=-1)
-        rows = tensor.repeat_interleave(block[0], dim=-2)[..., : weight.shape[-2], :]
-        return rows.repeat_interleave(block[1], dim=-1)[..., : weight.shape[-1]]
+        # each element's block's value, by index: repeating each value a whole block and cutting the edges off, as
+        # compressed-tensors pads, made (O, I) rounded up to whole blocks first (a block past the weight: all of it)
+        rows = torch.arange(weight.shape[-2], device=tensor.device) // block[0]
+        columns = torch.arange(weight.shape[-1], device=tensor.device) // block[1]
+        return tensor[..., rows, :][..., columns]
 
     scale = per_element(scale).to(weight.dtype)
     zero_point = per_element(zero_point).to(weight.dtype) if zero_point is not None else None

@@ -11,6 +11,7 @@ import torch
 from seekstack.checkpoint import dequantize_fp8, quantize_fp8
 from seekstack.compress.formats import (
     dequantize_int,
+    fake_quantize,
     pack_codes,
     quantize_int4,
     quantize_int8,
@@ -138,3 +139,37 @@ def test_expert_kernel_operands_are_views_that_follow_the_buffers_when_moved_or_
         assert copied.expert_operands[2][0].data_ptr() == copied.get_buffer(stored.operand_names[0])[2].data_ptr()
         stored.to("meta")
         assert all(t.is_meta for operands in [stored.operands, *stored.expert_operands] for t in operands)
+
+
+@pytest.mark.parametrize("block", [(4, 8), (2**20, 2**20)])
+def test_fake_quantize_by_blocks_expands_the_scales_to_the_weight_and_no_further(block):
+    """Each element takes its block's scale, the edge blocks partial, as compressed-tensors' fake_quantize gives; the
+    scales were repeated a whole block each and cut, making (O, I) rounded up to whole blocks first: 6 x 16 here for
+    a (6, 10) weight, and 6 x 2**20 for a block past the weight (4 TB for a block of 2**40)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as theirs
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestMade(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made = [
+                tensor.numel() for tensor in torch.utils._pytree.tree_leaves(out) if isinstance(tensor, torch.Tensor)
+            ]
+            LargestMade.largest = max([LargestMade.largest, *made])
+            return out
+
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    scale = torch.rand(-(-6 // block[0]), -(-10 // block[1]), generator=torch.Generator().manual_seed(1)) / 50 + 0.01
+    args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "block", "block_structure": list(block)}
+    with LargestMade():
+        ours = fake_quantize(weight, scale, None, args, block)
+    assert LargestMade.largest == weight.numel()
+    if block == (4, 8):  # compressed-tensors pads to whole blocks itself
+        assert torch.equal(
+            ours, theirs(weight, scale, torch.zeros_like(scale, dtype=torch.int8), QuantizationArgs(**args))
+        )
+    else:  # one block holds the whole weight: one scale
+        assert torch.equal(ours, (weight / scale).round().clamp(-128, 127) * scale)
