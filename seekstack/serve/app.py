@@ -107,6 +107,7 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
+USAGE_REPORT_PARAMETERS = ("key", "since", "until", "model")  # /v1/admin/usage's query
 SHOULD_RETRY = "x-should-retry"  # OpenAI's clients read "false" as: do not send this request again
 # OpenAI's routes an OpenAI client may call that this server does not have: why, in the 404
 ABSENT_ROUTES = {
@@ -707,9 +708,15 @@ class Server:
         until: str | None = None,
     ) -> UsageReport:
         """Admin: tokens and cost per key, day and model, optionally for one key, from a day on, to a day (included),
-        for one model. A parameter given twice is refused, naming it (FastAPI would read the last alone)."""
+        for one model. A parameter given twice is refused, naming it (FastAPI would read the last alone), as is one it
+        does not take (FastAPI would drop it: `?start_date=` or `?api_key=`, LiteLLM's, reported every key's usage)."""
         self.authenticate(request, admin=True)
-        for param in ("key", "since", "model", "until"):
+        for param in request.query_params:
+            if param not in USAGE_REPORT_PARAMETERS:
+                raise APIError(400, f"/v1/admin/usage takes no parameter {param!r}: it takes "
+                               f"{', '.join(USAGE_REPORT_PARAMETERS)} (since and until: YYYY-MM-DD)", param=param,
+                               code="unknown_parameter")  # fmt: skip
+        for param in USAGE_REPORT_PARAMETERS:
             if len(given := request.query_params.getlist(param)) > 1:
                 raise APIError(400, f"{param} given {len(given)} times ({', '.join(map(repr, given))}): give it once",
                                param=param, code="invalid_value")  # fmt: skip

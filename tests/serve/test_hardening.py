@@ -782,6 +782,31 @@ def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine
     ]
 
 
+def test_the_admin_usage_report_refuses_a_parameter_it_does_not_take_naming_it(engine, tmp_path):
+    """FastAPI drops a query parameter no argument names: `?start_date=` (LiteLLM's name for since) or `?keys=alice`
+    answered 200 with every key's usage on every day, as if the filter had been applied."""
+    database = open_database(tmp_path / "db")
+    boss = KeyStore(database).create("boss", admin=True)
+    for name in ("alice", "ops"):
+        Ledger(database).record(UsageRecord(name, "model", "/v1/completions", 10, 10, 0.1, 200))
+
+    async def scenario(client):
+        as_boss = {"Authorization": f"Bearer {boss}"}
+        return [
+            await client.get("/v1/admin/usage", params=params, headers=as_boss)
+            for params in ({"start_date": "2026-11-01"}, {"keys": "alice"}, {"key": "alice", "since": "2026-01-01"})
+        ]
+
+    start_date, keys, alice = run(create_app(engine, database), scenario)
+    errors = [error_of(answer, 400) for answer in (start_date, keys)]
+    assert [(error["param"], error["code"], error["message"]) for error in errors] == [
+        (param, "unknown_parameter", f"/v1/admin/usage takes no parameter {param!r}: it takes key, since, until, "
+         "model (since and until: YYYY-MM-DD)")
+        for param in ("start_date", "keys")
+    ]  # fmt: skip
+    assert [day["key_name"] for day in alice.json()["data"]] == ["alice"]
+
+
 def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("paced", rpm=2, tpm=100)
