@@ -346,6 +346,9 @@ class Engine:
         from seekstack.adapters.registry import attach_adapters
 
         self.lora = attach_adapters(self.model, adapters or {}, max_loras, max_lora_rank)
+        # the adapters lora_request loaded, least recently asked for first: unloaded for another's load when every
+        # slot is taken, as vLLM's LRU cache of adapters evicts them (those load_adapter loaded stay)
+        self._requested_adapters: dict[str, None] = {}
         self.cache = PagedLatentCache(
             self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
             prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,
@@ -1262,11 +1265,12 @@ class Engine:
             if adapters is not None:
                 raise ValueError("adapters= beside lora_request=: lora_request is vLLM's way to name them; give one")
             adapters_name = "lora_request"
-            adapters = (
-                [self._adapter_of_lora_request(one) for one in lora_request]
-                if isinstance(lora_request, (list, tuple))
-                else self._adapter_of_lora_request(lora_request)
-            )
+            if isinstance(lora_request, (list, tuple)):
+                adapters = []
+                for one in lora_request:  # an adapter another prompt of this call runs on is not unloaded for one
+                    adapters.append(self._adapter_of_lora_request(one, keep=adapters))
+            else:
+                adapters = self._adapter_of_lora_request(lora_request)
         # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter
         one_adapter = adapters is None or isinstance(adapters, str)
         if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword here
@@ -1333,9 +1337,11 @@ class Engine:
             completions.append(first)
         return completions
 
-    def _adapter_of_lora_request(self, request: LoRARequest | None) -> str | None:
+    def _adapter_of_lora_request(self, request: LoRARequest | None, keep: Iterable[str | None] = ()) -> str | None:
         """The name of the adapter vLLM's LoRARequest (`LoRARequest`, or vLLM's own) names, its lora_path loaded as
-        lora_name first where no adapter of that name is (vLLM loads it on first use too); None: the base model."""
+        lora_name first where no adapter of that name is (vLLM loads it on first use too), in the slot of the least
+        recently asked for adapter that lora_request loaded, no request uses and `keep` does not name, where every
+        slot is taken (as vLLM's LRU cache evicts one); None: the base model."""
         if request is None:
             return None
         name, folder = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
@@ -1345,11 +1351,15 @@ class Engine:
                 "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
             )
         if folder and name not in self.lora.folders:
+            self._unload_least_recent(set(keep))
             try:
                 self.load_adapter(name, folder)
+                self._requested_adapters[name] = None
             except ValueError:
                 if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
                     raise
+        if name in self._requested_adapters:  # the most recently asked for now
+            self._requested_adapters[name] = self._requested_adapters.pop(name)
         loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
         if folder and loaded is not None and Path(folder).resolve() != loaded.resolve():
             raise ValueError(
@@ -1357,6 +1367,20 @@ class Engine:
                 f"unload_adapter({name!r}) first, or give this one another lora_name"
             )
         return name
+
+    def _unload_least_recent(self, keep: set[str | None]) -> None:
+        """Where every adapter slot is taken, unload the least recently asked for adapter that lora_request loaded, no
+        unfinished request uses and `keep` does not name, if any."""
+        with self.lock:
+            if len(self.lora.slots) < self.lora.max_loras:
+                return
+            for name in list(self._requested_adapters):
+                if name not in self.lora.slots:  # unloaded by unload_adapter since
+                    del self._requested_adapters[name]
+                elif name not in keep and not self._requests_on_adapter(name):
+                    self.lora.remove(name)
+                    del self._requested_adapters[name]
+                    return
 
     def chat(
         self,

@@ -91,6 +91,36 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     assert engine.lora.folders == {"legal": folder}
 
 
+def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(tmp_path):
+    """With every slot taken, a LoRARequest for another adapter was refused ("all max_loras=1 adapter slots are
+    taken"), where vLLM evicts the least recently used adapter, so a script cycling through more adapters than
+    max_loras ran there and stopped here. The least recently asked for adapter that lora_request loaded, unused, now
+    gives up its slot; one load_adapter loaded, or one another prompt of the same call runs on, does not."""
+    from tests.adapters.support import write_random_adapter
+    from tests.infer.support import model_dir
+
+    base = model_dir(tmp_path / "base")
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
+    folders = {name: write_random_adapter(base, tmp_path / name, seed=seed) for seed, name in enumerate("ab")}
+    asked = {name: LoRARequest(name, seed + 1, folder) for seed, (name, folder) in enumerate(folders.items())}
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+
+    def tokens(name):
+        return engine.generate([[5, 9]], greedy, lora_request=asked[name])[0].token_ids
+
+    first = tokens("a")
+    assert tokens("b") != first and engine.lora.folders == {"b": folders["b"]}  # "a" gave up its slot
+    assert tokens("a") == first and engine.lora.folders == {"a": folders["a"]}
+    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    with pytest.raises(ValueError, match=full):  # "a" is kept for the call's other prompt
+        engine.generate([[5], [9]], greedy, lora_request=[asked["a"], asked["b"]])
+    engine.unload_adapter("a")
+    engine.load_adapter("mine", folders["a"])  # the user's: never unloaded for a lora_request
+    with pytest.raises(ValueError, match=full.replace("loaded: a", "loaded: mine")):
+        tokens("b")
+    assert engine.lora.folders == {"mine": folders["a"]}
+
+
 def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_the_others(model, tokenizer):
     """vLLM's chat(messages, params, chat_template_kwargs={"enable_thinking": False}), which scripts send to every
     model, and chat_template= raised "TypeError: Engine.chat() got an unexpected keyword argument", where the server
