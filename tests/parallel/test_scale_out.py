@@ -832,3 +832,52 @@ def test_expert_parallel_runs_its_experts_as_the_layer_does_without_a_torch_depr
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(grad, expected_grad)
     assert torch.equal(load, reference_load)
+
+
+def _experts_and_tokens() -> tuple:
+    """The micro model's 4 routed experts and 6 tokens, each routed to experts 0 and 1 alone."""
+    from seekstack.config import ModelConfig
+    from seekstack.model.moe import RoutedExperts, Routing
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(ModelConfig(**MICRO_MODEL))
+    for param in experts.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    x = torch.randn(6, MICRO_MODEL["hidden_size"], requires_grad=True)  # a layer's input, as in a model
+    routing = Routing(torch.rand(6, 2), torch.tensor([[0, 1], [1, 0]] * 3), torch.rand(6, 4))
+    return experts, x, routing
+
+
+def _adamw_stepped(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    torch.optim.AdamW(params, lr=0.1, weight_decay=0.5).step()
+    return [param.detach().clone() for param in params]
+
+
+def _experts_rank(rank: int, world_size: int, port: int, results) -> None:
+    from seekstack.model.moe import Routing
+    from seekstack.parallel.distributed import Ranks
+    from seekstack.parallel.expert import ShardedExperts
+
+    _join(rank, world_size, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=15))
+    experts, x, routing = _experts_and_tokens()
+    rows = slice(rank * 3, rank * 3 + 3)  # this rank's tokens of the global batch
+    sharded = ShardedExperts(experts, Ranks(rank, world_size, torch.device("cpu")))
+    out, _ = sharded(x[rows], Routing(routing.weights[rows], routing.experts[rows], routing.scores[rows]))
+    out.square().sum().backward()
+    results[rank] = _adamw_stepped([sharded.gate_up_proj, sharded.down_proj])
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_steps_a_ranks_experts_that_got_no_token_as_one_process_does():
+    """A rank none of whose experts was chosen in a step left them without a gradient (None), so AdamW skipped them:
+    no weight decay, no momentum, where one process's stacked experts get a zero gradient for them and are stepped."""
+    experts, x, routing = _experts_and_tokens()
+    out, _ = experts(x, routing)
+    out.square().sum().backward()
+    expected = _adamw_stepped([experts.gate_up_proj, experts.down_proj])
+    results = mp.Manager().dict()
+    mp.spawn(_experts_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    for index, name in enumerate(("gate_up_proj", "down_proj")):
+        whole = torch.cat([results[0][index], results[1][index]])  # rank 1 holds experts 2 and 3, never chosen
+        torch.testing.assert_close(whole, expected[index], atol=1e-6, rtol=1e-5, msg=name)
