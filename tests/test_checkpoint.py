@@ -311,6 +311,22 @@ def test_a_saved_folder_has_the_generation_config_transformers_writes_with_the_m
     assert not generation_config.do_sample and generation_config.temperature in (None, 1.0)
 
 
+def test_a_loaded_model_saved_elsewhere_keeps_its_checkpoints_generation_config_as_transformers_does(tmp_path):
+    """load_pretrained then save_pretrained into a new folder wrote the config's BOS and EOS ids alone: the release's
+    sampling (temperature, top_p), which transformers' save writes from model.generation_config, was lost."""
+    seekstack.save_pretrained(random_model(), tmp_path / "release")
+    shipped = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.3, "top_p": 0.95}
+    (tmp_path / "release" / "generation_config.json").write_text(json.dumps(shipped))
+    seekstack.save_pretrained(seekstack.load_pretrained(tmp_path / "release"), tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text()) == shipped
+    (tmp_path / "release" / "generation_config.json").write_text("{not json")  # damaged: loads, not kept
+    with pytest.warns(UserWarning, match=r"generation_config.json: not valid JSON .*; a save of this model writes"):
+        damaged = seekstack.load_pretrained(tmp_path / "release")
+    seekstack.save_pretrained(damaged, tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    assert written == {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1}
+
+
 # ------------------------------------------------------------------ multi-token prediction
 def test_mtp_modules_are_stored_as_the_layers_after_the_main_ones(tmp_path):
     model = random_model(num_nextn_predict_layers=2)

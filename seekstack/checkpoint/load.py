@@ -38,8 +38,10 @@ from seekstack.checkpoint.quantized import (
 )
 from seekstack.checkpoint.reader import CheckpointReader, read_config
 from seekstack.config import ModelConfig
+from seekstack.infer.generation_config import read_generation_config
 from seekstack.infer.params import DTYPES
 from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError
 
 FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")  # what a model loads in; "auto": the one stated
 
@@ -122,6 +124,10 @@ def load_pretrained(
         unstored = [k for k in unread if not reader.stores(k)]  # read from the headers, while the files are open
         unused = [k for k in unread if k not in unstored and _holds_values(reader, k)]
     model.reset_rope()
+    try:  # written back by save_pretrained; a damaged one is not, as transformers' from_pretrained loads past it
+        model.generation_config = read_generation_config(directory) or None
+    except ConfigError as error:
+        warnings.warn(f"{error}; a save of this model writes the config's BOS, EOS and pad ids there", stacklevel=2)
     if unstored:  # transformers warns of them as checkpoint weights not used
         more = f" (and {len(unstored) - 1} more)" if len(unstored) > 1 else ""
         warnings.warn(

@@ -166,7 +166,7 @@ def write_pretrained_files(
     model = _saved_model(model)
     write_shards(_stored_tensors(model, fp8_block, stacked_experts), directory, max_shard_bytes)
     write_config(model, directory, fp8_block, stacked_experts)
-    write_generation_config(model.config, directory)
+    write_generation_config(model.config, directory, model.generation_config)
 
 
 def _saved_model(model: torch.nn.Module) -> Transformer:
@@ -267,14 +267,15 @@ def write_config(
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_generation_config(config: ModelConfig, directory: Path) -> None:
-    """Write the generation_config.json transformers' save_pretrained writes of a model with no generation settings
+def write_generation_config(config: ModelConfig, directory: Path, settings: dict[str, Any] | None = None) -> None:
+    """Write `settings` (a loaded model's generation_config.json, as transformers writes its model.generation_config)
+    as generation_config.json, else the one transformers' save_pretrained writes of a model with no generation settings
     of its own (`GenerationConfig.from_model_config`): the config's BOS, EOS and pad ids, where generate starts and
     stops, and no sampling, so the commands keep their defaults. A release's own (its sampling), copied into the
     folder after the model (quantize, lora merge, a run from it) or kept by `save_pretrained`, replaces it."""
     names = ("bos_token_id", "eos_token_id", "pad_token_id")
     ids = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
-    generation_config = {"_from_model_config": True, **ids}
+    generation_config = settings or {"_from_model_config": True, **ids}
     (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
 
 

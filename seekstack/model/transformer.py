@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,9 @@ class Transformer(nn.Module):
         routing biases stay float32 in any."""
         return self.embed_tokens.weight.dtype
 
+    # the checkpoint's generation_config.json (load_pretrained's), which save_pretrained writes back, as transformers'
+    # model.generation_config; None: a save writes the config's BOS, EOS and pad ids
+    generation_config: dict[str, Any] | None = None
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # transformers' map, tied when the config says so
     # read by peft alone, which otherwise makes the embedding's output require grad (a backward through every block)
     # for reentrant checkpointing; seekstack's (parallel/parallelize.py) is non-reentrant and needs no such inputs
