@@ -337,21 +337,22 @@ def prune_command(
             "prune the float checkpoint it was made from, then quantize the pruned one "
             "(`seekstack quantize PRUNED --out ...`)",
         )
-        config = read_config(model)  # fractions that leave too few are refused before calibrating
-        if experts and any(map(config.is_moe_layer, range(config.num_hidden_layers))):
+        config = read_config(model)  # fractions that leave too few, or none, are refused before calibrating
+        has_moe = bool(config.moe_layer_count or config.mtp_moe_blocks)  # the MTP module's experts are pruned too
+        if experts and has_moe:
             refuse_too_few_kept(config, experts)
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
+        notes = _rounding_notes(config, experts, heads, has_moe)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True)
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
         batches = held_out_batches(
             str(data), config.max_position_embeddings, batches=calibration_batches, split=TRAIN_SPLIT
         )
-        before, has_moe = network.config, bool(network.moe_layer_ids)
+        before = network.config
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
-        notes = _rounding_notes(before, network.config, experts, heads, has_moe)
         notes += transformers_head_count_notes(before, network.config)
         if heal_steps:
             # SIGTERM before the trainer takes it (as Ctrl-C) would leave the pruned copy in the temporary folder
@@ -375,23 +376,29 @@ def prune_command(
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
 
 
-def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
-    """What pruning removed where the asked fractions round to whole experts (per routing group) or heads, or that
-    a model without MoE layers has no experts to remove; ValueError before anything is written when it removed
-    nothing at all."""
+def _rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
+    """What pruning `config`'s model removes where the asked fractions round to whole experts (per routing group) or
+    heads (removed_count), or that a model without MoE layers has no experts to remove; ValueError, before any
+    calibration, when it would remove nothing at all."""
+    from seekstack.compress.prune import removed_count
+
     notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
-    expert_step = (before.n_group or 1) / (before.n_routed_experts or 1)  # one expert of each routing group
-    for option, asked, count, left, step in (
-        ("--experts", experts if has_moe else 0.0, before.n_routed_experts, after.n_routed_experts, expert_step),
-        ("--heads", heads, before.num_attention_heads, after.num_attention_heads, 1 / before.num_attention_heads),
-    ):
-        share = (count - left) / count if count else 0.0
+    groups = config.n_group or 1
+    expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
+    experts_removed = groups * removed_count(config.n_routed_experts // groups, experts) if has_moe else 0
+    removing = False
+    for option, asked, count, gone, step in (
+        ("--experts", experts if has_moe else 0.0, config.n_routed_experts, experts_removed, expert_step),
+        ("--heads", heads, config.num_attention_heads, removed_count(config.num_attention_heads, heads),
+         1 / config.num_attention_heads),
+    ):  # fmt: skip
+        share, removing = (gone / count if count else 0.0), removing or gone > 0
         if asked and abs(share - asked) > 1e-9:
             notes.append(
-                f"{option} {asked:g} removed {count - left} of {count} per layer ({share:.1%}): pruning takes whole "
+                f"{option} {asked:g} removed {gone} of {count} per layer ({share:.1%}): pruning takes whole "
                 f"ones, a step of {step:.3g}"
             )
-    if before == after:
+    if not removing:
         raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
     return notes
 

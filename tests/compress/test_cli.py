@@ -180,6 +180,9 @@ def test_prune_ended_by_sigterm_before_healing_removes_its_temporary_folder(tmp_
 
 
 def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothing(tmp_path):
+    """A fraction that removes nothing was refused only after the model loaded and the calibration text ran through
+    it (minutes for a real model): what it removes follows from the config alone, and it is refused before that, as
+    one that leaves too few is (here before --data, which names no shards, is read)."""
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
     write_train_shard(tmp_path / "shards")
@@ -190,6 +193,11 @@ def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothi
     assert nothing.exit_code == 1
     assert f"nothing to remove: --heads 0.01 removed 0 of {heads} per layer" in nothing.output
     assert not (tmp_path / "none").exists()
+    unread = ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "no_shards"), "--out", str(tmp_path / "none")]
+    experts = seekstack.load_pretrained(tmp_path / "float").config.n_routed_experts
+    nothing = CliRunner().invoke(app, [*unread, "--heads", "0", "--experts", "0.01"])
+    assert nothing.exit_code == 1 and not (tmp_path / "none").exists()
+    assert f"nothing to remove: --experts 0.01 removed 0 of {experts} per layer (0.0%)" in nothing.output
     rounded = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "some"), "--heads", "0.4", "--experts", "0"])
     assert rounded.exit_code == 0, rounded.output
     removed = round(heads * 0.4)
