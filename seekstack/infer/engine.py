@@ -1344,13 +1344,14 @@ class Engine:
         slot is taken (as vLLM's LRU cache evicts one); None: the base model."""
         if request is None:
             return None
-        name, folder = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
+        name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
+        folder = Path(path).expanduser() if path else None  # "~/adapters/x" under the user's home, as vLLM reads it
         if not isinstance(name, str):
             raise TypeError(
                 f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "
                 "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
             )
-        if folder and name not in self.lora.folders:
+        if folder is not None and name not in self.lora.folders:
             self._unload_least_recent(set(keep))
             try:
                 self.load_adapter(name, folder)
@@ -1361,7 +1362,7 @@ class Engine:
         if name in self._requested_adapters:  # the most recently asked for now
             self._requested_adapters[name] = self._requested_adapters.pop(name)
         loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
-        if folder and loaded is not None and Path(folder).resolve() != loaded.resolve():
+        if folder is not None and loaded is not None and folder.resolve() != loaded.resolve():
             raise ValueError(
                 f"lora_request names adapter {name!r} at {folder}, but {name!r} is loaded from {loaded}: "
                 f"unload_adapter({name!r}) first, or give this one another lora_name"

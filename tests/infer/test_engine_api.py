@@ -43,7 +43,7 @@ def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(
     assert each != [output.token_ids for output in engine.generate(prompts, greedy)]  # the adapter changes them
 
 
-def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_first_use(tmp_path):
+def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_first_use(tmp_path, monkeypatch):
     """vLLM's generate(prompts, params, lora_request=LoRARequest(name, id, path)) and chat(messages, params, use_tqdm,
     lora_request) raised "TypeError: ... got an unexpected keyword argument 'lora_request'" (chat took no adapter at
     all). The request's adapter is loaded as its lora_name on first use, as vLLM's, and runs the prompts given it."""
@@ -89,6 +89,9 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
             engine.generate(prompts, greedy, **given)
         assert str(refused.value) == told
     assert engine.lora.folders == {"legal": folder}
+    monkeypatch.setenv("HOME", str(tmp_path))  # a lora_path under the user's home, as vLLM expands it
+    assert tokens(lora_request=LoRARequest("home", 2, "~/legal")) == adapted
+    assert engine.lora.folders == {"legal": folder, "home": folder}
 
 
 def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(tmp_path):
