@@ -182,7 +182,7 @@ def register_compression(
     if scheme in ("int8", "int8_no_ef"):
         state = Int8State(counter, error_feedback=scheme == "int8", names=names)
         model.register_comm_hook(state, int8_hook)
-        return Compression(counter, state)
+        return Compression(counter, state if state.error_feedback else None)  # without it, nothing kept between steps
     if scheme == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None,

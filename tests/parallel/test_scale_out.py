@@ -317,6 +317,18 @@ def test_int8_hook_averages_within_one_quantisation_step_and_keeps_the_error_for
     assert sent == 3000 + 3 * 4  # one byte per value and a float32 scale per block
 
 
+@pytest.mark.parametrize(("scheme", "keeps"), [("int8", True), ("int8_no_ef", False), ("bf16", False)])
+def test_only_a_compression_with_error_feedback_keeps_state_for_the_checkpoints(tmp_path, scheme, keeps):
+    """int8_no_ef keeps no error between steps, yet said it kept state: each rank wrote a compression_rank{r}.pt of
+    {'residuals': {}}, and a resume at another number of ranks warned that its error feedback starts afresh."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+        assert register_compression(model, scheme).keeps_state is keeps
+    finally:
+        dist.destroy_process_group()
+
+
 def _powersgd_rank(rank: int, world_size: int, port: int, results) -> None:
     _join(rank, world_size, port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=15))
