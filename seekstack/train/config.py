@@ -294,10 +294,11 @@ def resolve_train_config(
             _require_saved_seed(config, base)
     except ConfigError as error:
         if resume and _kept_from_saved_config(cls, error, given, overrides):
-            moved = (  # a path the run saved relative to its folder
+            saved_value = read_config_file(saved_path).get(error.field) if is_path_field(error.field) else None
+            moved = (  # a path the run saved relative to its folder; one saved absolute was deleted or moved itself
                 " (its relative paths are relative to the run's folder, so a copied or moved run can lose what they "
                 "name)"
-                if is_path_field(error.field)
+                if isinstance(saved_value, str) and not Path(saved_value).is_absolute()
                 else ""
             )
             raise ConfigError(

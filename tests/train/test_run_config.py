@@ -517,6 +517,23 @@ def test_a_run_moved_to_another_depth_names_its_saved_config_for_its_lost_data_d
     assert resolve_train_config(None, ["out_dir=a", "data_dir=tokens"], resume=True).data_dir == "tokens"
 
 
+def test_a_resumed_runs_lost_absolute_path_is_not_blamed_on_the_run_being_moved(tmp_path) -> None:
+    """A data_dir saved absolute and deleted since was refused on resume with "(its relative paths are relative to the
+    run's folder, so a copied or moved run can lose what they name)", though the run was neither, nor the path
+    relative; that note is for a path saved relative alone."""
+    (tmp_path / "tokens").mkdir()
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'a'}"]).save(tmp_path / "a")
+    (tmp_path / "tokens").rmdir()
+    with pytest.raises(ConfigError) as refused:
+        resolve_train_config(None, [f"out_dir={tmp_path / 'a'}"], resume=True)
+    said = str(refused.value)
+    assert said.startswith(f"{tmp_path / 'a' / CONFIG_FILE}: field 'data_dir' must be an existing folder of token")
+    assert said.endswith(
+        f"(nothing at {tmp_path / 'tokens'}); the run's saved config holds this value: give data_dir=... on the "
+        "command line to replace it"
+    )
+
+
 def test_an_unknown_field_in_a_resumed_runs_saved_config_names_that_file(tmp_path) -> None:
     """A train_config.json with a field this version lacks (another version's, or edited in by hand) was refused
     with "unknown field 'old_knob'; ..." and no word of the file, which the user never gave."""
