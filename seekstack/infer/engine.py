@@ -1234,7 +1234,7 @@ class Engine:
         prompts: str | list[int] | Mapping[str, Any] | Sequence[str | list[int] | Mapping[str, Any]] | torch.Tensor,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | Sequence[str | None] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., Any] = False,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
@@ -1246,7 +1246,8 @@ class Engine:
         ValueError naming it by its index among several, the prompts added before it aborted, none left queued.
         `sampling_params` (vLLM's name), one for all or one per prompt; none: `get_default_sampling_params`, as
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
-        loops call generate often). `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
+        loops call generate often), or, as vLLM's too, a callable making one (functools.partial(tqdm, leave=False)).
+        `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
         `adapters`: the adapter each names (`_adapter_of_lora_request`)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
@@ -1387,7 +1388,7 @@ class Engine:
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., Any] = False,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         *,
         add_generation_prompt: bool = True,
@@ -1516,11 +1517,19 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _finished_counter(total: int, shown: bool) -> Iterator[Callable[[], None]]:
+def _finished_counter(total: int, shown: bool | Callable[..., Any]) -> Iterator[Callable[[], None]]:
     """A callable that counts one of `total` requests finished, on a rich progress bar on stderr where `shown` (vLLM's
-    use_tqdm); nothing is made otherwise."""
+    use_tqdm), or on the bar a callable `shown` makes, as vLLM calls one (tqdm's keywords total and desc; its update
+    and close); nothing is made otherwise."""
     if not shown:
         yield lambda: None
+        return
+    if callable(shown):
+        made = shown(total=total, desc="Processed prompts")
+        try:
+            yield lambda: made.update(1)
+        finally:
+            made.close()
         return
     from rich.console import Console
     from rich.progress import Progress

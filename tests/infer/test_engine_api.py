@@ -157,6 +157,28 @@ def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_
     assert engine.stats().waiting == 0 and not engine.running
 
 
+def test_a_callable_use_tqdm_makes_the_bar_that_counts_the_finished_requests_as_vllms(model, tokenizer):
+    """vLLM's use_tqdm may be a callable making the bar (functools.partial(tqdm, leave=False)); here it was read as
+    True, so the caller's bar was never made and rich's default one drawn instead."""
+    made = []
+
+    class Bar:
+        def __init__(self, **keywords):
+            self.keywords, self.updates, self.closed = keywords, [], False
+            made.append(self)
+
+        def update(self, count):
+            self.updates.append(count)
+
+        def close(self):
+            self.closed = True
+
+    engine = Engine(model, tokenizer)
+    engine.generate([[5, 9], [14]], SamplingParams(max_new_tokens=2, n=2), use_tqdm=Bar)
+    [bar] = made
+    assert (bar.keywords, bar.updates, bar.closed) == ({"total": 4, "desc": "Processed prompts"}, [1] * 4, True)
+
+
 def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_keyword(model, tokenizer):
     """vLLM's generate(prompts, params, True) turns its bar on (use_tqdm, its third argument); here the third is
     adapters, and True raised "TypeError: 'bool' object is not iterable", naming neither."""
