@@ -218,18 +218,21 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Tas
 def rl_plot_command(
     runs: Annotated[list[Path], typer.Argument(help="Out_dirs of `seekstack rl` runs, overlaid")],
     out: Annotated[
-        Path | None, typer.Option(help="PNG, .svg or .pdf to write; default FIRST_RUN/rl_curves.png")
+        Path | None,
+        typer.Option(
+            help="PNG, .svg or .pdf to write; default RUN/rl_curves.png, for several FIRST_RUN/rl_compared.png"
+        ),
     ] = None,
     smooth: Annotated[int, typer.Option(min=1, help="Steps averaged per point")] = 10,
 ) -> None:
     """Draw RL runs' accuracy and format reward, lengths of correct and incorrect answers, KL and clipping,
     entropy and generation share to a PNG."""
-    from seekstack.posttrain.plot import plot_rl_runs
+    from seekstack.posttrain.plot import default_rl_figure, plot_rl_runs
     from seekstack.train.runs import run_folder
 
     runs = [run_folder(run) for run in runs]  # a run's metrics.jsonl or train_config.json named: its folder
     with user_errors():
-        written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth)
+        written = plot_rl_runs(runs, out or default_rl_figure(runs), smooth)
     typer.echo(f"wrote {written}")
 
 

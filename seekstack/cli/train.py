@@ -152,7 +152,7 @@ def plot_command(
         Path | None,
         typer.Option(
             help="PNG (or .svg, .pdf) to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png), for several "
-            "runs FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_curves.png, as rl-plot)"
+            "runs FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_compared.png, as rl-plot)"
         ),
     ] = None,
     smooth: Annotated[
@@ -170,7 +170,7 @@ def plot_command(
     """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG, or several runs'
     overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
     (their loss is GRPO's, no next-token loss)."""
-    from seekstack.posttrain.plot import RL_SMOOTH, plot_rl_runs
+    from seekstack.posttrain.plot import RL_SMOOTH, default_rl_figure, plot_rl_runs
     from seekstack.train.plot import X_LABELS, plot_run, plot_runs, read_metrics
     from seekstack.train.runs import run_folder
 
@@ -191,7 +191,7 @@ def plot_command(
                 "them); plot it without --x-axis"
             )
         if rl:  # `seekstack rl`'s steps
-            written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth or RL_SMOOTH, records)
+            written = plot_rl_runs(runs, out or default_rl_figure(runs), smooth or RL_SMOOTH, records)
         elif len(runs) == 1:
             written = plot_run(runs[0], out, records[0], smooth or 1, x_axis)
         else:

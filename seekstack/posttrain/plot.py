@@ -42,6 +42,12 @@ INSTEAD = {"generate_share": "wait_share"}
 RL_SMOOTH = 10  # steps averaged per point by default: one step's batch is small
 
 
+def default_rl_figure(run_dirs: list[Path]) -> Path:
+    """Where rl-plot (and plot of rl runs) draws by default: RUN/rl_curves.png, several runs FIRST_RUN/rl_compared.png
+    (as plot draws several to FIRST_RUN/compared.png), which leaves the first run's own figure (report's) alone."""
+    return run_dirs[0] / ("rl_curves.png" if len(run_dirs) == 1 else "rl_compared.png")
+
+
 def plot_rl_runs(
     run_dirs: list[Path], out_path: Path, smooth: int = RL_SMOOTH, records: list[list[dict]] | None = None
 ) -> Path:

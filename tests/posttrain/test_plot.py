@@ -111,3 +111,23 @@ def test_plot_of_a_missing_folder_says_so_and_of_a_runs_metrics_file_draws_its_r
     assert drawn.exit_code == 0, drawn.output
     assert drawn.output.strip() == f"wrote {run / 'rl_curves.png'}"
     assert (run / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command", ["rl-plot", "plot"])
+def test_several_rl_runs_are_drawn_to_rl_compared_leaving_the_first_runs_own_figure(tmp_path, command):
+    """`rl-plot A B` drew the comparison over A/rl_curves.png, A's own figure (report's), where `plot A B` of other
+    runs writes A/compared.png; several rl runs now go to A/rl_compared.png."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    first, second = (
+        write_run(tmp_path / name, [{"step": s, "reward": 0.5, "accuracy": 0.1 * s} for s in range(1, 4)])
+        for name in ("a", "b")
+    )
+    assert CliRunner().invoke(app, [command, str(first)]).output.strip() == f"wrote {first / 'rl_curves.png'}"
+    own = (first / "rl_curves.png").read_bytes()
+    compared = CliRunner().invoke(app, [command, str(first), str(second)])
+    assert compared.output.strip() == f"wrote {first / 'rl_compared.png'}"
+    assert (first / "rl_compared.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (first / "rl_curves.png").read_bytes() == own
