@@ -1099,7 +1099,7 @@ class _Run:
             raise ValueError(
                 f"{path} holds the optimizer state of an expert-parallel run, one file per rank "
                 f"({rank_optimizer_file(0)}, ...); resume it with expert_parallel={saved.get('expert_parallel')} on as "
-                "many ranks"
+                f"many ranks, or start a new run from its weights with init_from={path} (a fresh optimizer)"
             )
         elif "optimizer" not in train_state and not (path / OPTIMIZER_DIR).is_dir():  # stripped to save space
             raise CheckpointError(
@@ -1133,7 +1133,8 @@ class _Run:
         if not own_file.exists() or (path / rank_optimizer_file(self.ranks.world_size)).exists():
             raise ValueError(
                 f"{path} holds expert-parallel optimizer state of another number of ranks; resume it with "
-                f"expert_parallel={saved.get('expert_parallel')} on as many ranks"
+                f"expert_parallel={saved.get('expert_parallel')} on as many ranks, or start a new run from its weights "
+                f"with init_from={path} (a fresh optimizer)"
             )
         if saved.get("parallel", self.config.parallel) != self.config.parallel:
             raise ValueError(

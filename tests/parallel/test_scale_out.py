@@ -695,6 +695,16 @@ def test_resuming_with_another_optimizer_layout_is_refused_naming_what_to_resume
     ]
     with pytest.raises(mp.ProcessRaisedException, match=r"optimizer_rank\d.pt holds .* resume it with parallel=ddp"):
         train_on_two_ranks_in_turn(runs)
+    # in one process, where a resharding resume (torchtitan's) would go on: the way on from its weights is named
+    alone = resume_from(tmp_path / "ep_ddp" / "checkpoints" / "step_2", tmp_path / "ep_alone")
+    checkpoint = alone / "checkpoints" / "step_2"
+    with pytest.raises(ValueError) as refused:
+        train(run_config(data_dir, alone, **steps), resume=True)
+    assert str(refused.value) == (
+        f"{checkpoint} holds the optimizer state of an expert-parallel run, one file per rank (optimizer_rank0.pt, "
+        f"...); resume it with expert_parallel=2 on as many ranks, or start a new run from its weights with "
+        f"init_from={checkpoint} (a fresh optimizer)"
+    )
 
 
 @pytest.mark.parametrize("scheme", ["int8", "powersgd"])
