@@ -8,7 +8,8 @@ code: man pages indent every line, and READMEs their commands, and such lines re
 the first `SAMPLE_CHARS` characters:
   cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
          `words` splits text), unless it is code in a language its markers name whose lines that read as code hold
-         half its characters or more (a Python module commented and named in Chinese); language `ja` when kana are
+         half its characters or more and whose CJK characters are under `CODE_MAX_CJK_SHARE` of its non-space
+         characters (a Python module commented and named in Chinese); language `ja` when kana are
          >= `KANA_MIN_SHARE` of those characters, `ko` when Hangul is most of them, `zh` otherwise.
   code   >= `CODE_MIN_LINE_SHARE` of the non-blank lines look like code (`looks_like_code`: a keyword at the
          start, an ending in `{ } ; ) :`, an indented line with an operator or a trailing comma; a line longer
@@ -49,6 +50,9 @@ KANA_MIN_SHARE = 0.1
 CODE_MIN_LINE_SHARE = 0.35
 CODE_MAX_LINE_CHARS = 160  # a longer line is a paragraph of prose, whatever it ends with ...
 CODE_MIN_SYMBOL_SHARE = 0.08  # ... unless this share of its characters are brackets and operators
+# code commented and named in CJK stays code while CJK characters are under this share of its non-space characters (a
+# Python module commented in Chinese: 0.51); CJK posts whose lines merely hold a marker (`@小明`, `=>`) hold 0.8 or more
+CODE_MAX_CJK_SHARE = 2 / 3
 ENGLISH_MIN_STOPWORD_SHARE = 0.08
 VIETNAMESE_MIN_WORD_SHARE = 0.2  # of the words holding a letter Vietnamese alone writes (half of its prose's hold one)
 SCRIPT_SAMPLE_CHARS = 4000  # characters of the sample whose letters' script is read
@@ -101,7 +105,7 @@ _CODE_LINE = re.compile(
 )
 _CODE_SYMBOL = re.compile(r"[{}()\[\];=<>]")
 _CODE_LANGUAGES = {
-    "python": re.compile(r"^\s*(?:def |class \w+.*:$|import \w|from \S+ import |elif |except\b|@\w)", re.M),
+    "python": re.compile(r"^\s*(?:def |class \w+.*:$|import \w|from \S+ import |elif |except\b|@[A-Za-z_])", re.M),
     "c": re.compile(r"^\s*#include\b|^\s*(?:int|void|char|static|struct)\b.*[;{)]\s*$", re.M),
     "rust": re.compile(r"^\s*(?:pub |fn |let (?:mut )?|impl\b|use \w+::|#\[)", re.M),
     "javascript": re.compile(r"^\s*(?:function\b|const |let |var |export |import .* from )|=>", re.M),
@@ -218,11 +222,16 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
         counts = {lang: len(marker.findall(sample)) for lang, marker in _CODE_LANGUAGES.items()}
         best = max(counts, key=counts.__getitem__)
         language = best if counts[best] else "unknown"
-    cjk = len(CJK_CHAR.findall(sample))
     # code in a language its markers name, its lines most of the text, stays code whatever its comments and names are
-    # written in (a Python module commented in Chinese); CJK prose whose lines merely read as code (indented, ending in
-    # `)`) or a tutorial's paragraphs around a listing stay CJK
-    code_first = language not in ("", "unknown") and 2 * sum(map(len, code_lines)) >= sum(map(len, lines))
+    # written in (a Python module commented in Chinese) while CJK is not most of it; CJK prose whose lines merely read
+    # as code (indented, ending in `)`, holding `=>`) or a tutorial's paragraphs around a listing stay CJK
+    cjk = len(CJK_CHAR.findall(sample))
+    non_space = len("".join(sample.split()))
+    code_first = (
+        language not in ("", "unknown")
+        and 2 * sum(map(len, code_lines)) >= sum(map(len, lines))
+        and cjk < CODE_MAX_CJK_SHARE * non_space
+    )
     if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)) and not code_first:
         if korean(sample):
             return DetectedKind("cjk", "ko")
