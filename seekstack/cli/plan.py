@@ -11,7 +11,9 @@ import typer
 from seekstack.cli.common import Model, model_config, size, user_errors
 from seekstack.config import PRESETS, ModelConfig
 
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0, "int4": 0.5}
+BYTES_PER_PARAM = {
+    "float64": 8.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0, "int4": 0.5
+}  # fmt: skip
 
 
 def stored_weights(model: str, config: ModelConfig) -> str:
@@ -49,7 +51,7 @@ def stated_float_dtype(config: ModelConfig) -> str:
     """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: dtype
     (transformers 5), else its legacy name torch_dtype (4), as transformers reads them, else bfloat16."""
     dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    return dtype if dtype in ("float64", "float32", "bfloat16", "float16") else "bfloat16"  # float64: loads so
 
 
 def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:

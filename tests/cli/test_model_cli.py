@@ -146,6 +146,7 @@ def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
         ({"torch_dtype": "float32", "dtype": "bfloat16"}, "bfloat16"),
         ({"dtype": "float16", "torch_dtype": "float32"}, "float16"),
         ({"dtype": None, "torch_dtype": "float32"}, "float32"),
+        ({"dtype": "float64"}, "float64"),  # a float64 model's save: load_pretrained(dtype="auto") loads float64
     ],
 )
 def test_plan_reads_a_configs_dtype_before_its_legacy_torch_dtype_as_transformers_does(tmp_path, stated, width):
