@@ -12,7 +12,7 @@ from seekstack.cli.common import Model, model_config, size, user_errors
 from seekstack.config import PRESETS, ModelConfig
 
 BYTES_PER_PARAM = {
-    "float64": 8.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0, "int4": 0.5
+    "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0, "int4": 0.5, "float64": 8.0
 }  # fmt: skip
 
 
