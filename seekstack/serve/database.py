@@ -19,7 +19,8 @@ Columns added since a database was created are added when it opens, and a keys t
 reused (its name a primary key) is rebuilt without that constraint, a usage table of float costs (usage.cost) has them
 converted to cost_units and cost_pico in one transaction (refused, unchanged, where a cost is no amount), a usage
 table whose cost_pico held a whole cost has it split into cost_units and cost_pico, and a note on stderr names what
-changed, since an earlier seekstack may no longer open the database.
+changed, since an earlier seekstack may no longer open the database, or (one from before cost_units) opens it and
+reads each cost less its whole units.
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ SPLIT_COSTS = (
     f"UPDATE usage SET cost_units = cost_pico / {COST_SCALE}, cost_pico = cost_pico - cost_pico / {COST_SCALE} * "
     f"{COST_SCALE} WHERE cost_pico >= {COST_SCALE}"
 )
+# The note of `note_upgrade` once cost_units is added to a database that had costs: an older seekstack has no schema
+# version to refuse it by, and reads cost_pico alone
+COSTS_SPLIT = (
+    "each cost split into its whole units (usage.cost_units) and the 1e-12 below them (usage.cost_pico): a seekstack "
+    "from before 2026-12-06 still opens the database but reads each cost less its whole units (40.0 as 0.0, in what "
+    "a key spent, its records and the daily totals), so do not go back to one"
+)
 OLD_COST_DIGITS = 12  # the significant digits an earlier seekstack rounded its float costs to (usage.cost)
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
@@ -232,6 +240,7 @@ class SQLiteDatabase:
                 changes.append(costs_converted(converted))
             if added_column("usage", "cost_units") in changes:
                 connection.execute(SPLIT_COSTS)
+                changes.append(COSTS_SPLIT)
             if self._free_revoked_key_names():
                 changes.append(KEYS_REBUILT)
             for statement in KEYS_INDEXES:
@@ -363,6 +372,7 @@ class PostgresDatabase:
                     changes.append(costs_converted(len(costs)))
                 if added_column("usage", "cost_units") in changes:
                     self._connection.execute(SPLIT_COSTS)
+                    changes.append(COSTS_SPLIT)
                 if self._connection.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"
                 ).fetchone():

@@ -588,11 +588,19 @@ def test_a_databases_costs_kept_whole_in_cost_pico_are_split_into_units_once_eve
     database_location, capsys
 ):
     """A database of the seekstack that kept each cost as one 64-bit count of 1e-12 of the currency (usage.cost_pico,
-    at most 9.2 million): opening it splits each into whole units (usage.cost_units) and the 1e-12 below them."""
+    at most 9.2 million): opening it splits each into whole units (usage.cost_units) and the 1e-12 below them. That
+    seekstack, which has no schema version to refuse the database by, would open it again and read cost_pico alone (a
+    cost of 40.0 as 0.0): the note says so."""
     costs = [40, 999_999_999_999, 10**12, 1000 * 10**12 + 123, 2**63 - 1, 0]
     old_usage_database(database_location, [str(cost) for cost in costs], cost_column="cost_pico BIGINT")
     database = open_database(database_location)
-    assert "column usage.cost_units added" in capsys.readouterr().err
+    told = capsys.readouterr().err
+    assert "column usage.cost_units added" in told
+    assert (
+        "each cost split into its whole units (usage.cost_units) and the 1e-12 below them (usage.cost_pico): a "
+        "seekstack from before 2026-12-06 still opens the database but reads each cost less its whole units (40.0 as "
+        "0.0, in what a key spent, its records and the daily totals), so do not go back to one"
+    ) in told
     stored = database.query("SELECT cost_units, cost_pico FROM usage ORDER BY id")
     assert [(row["cost_units"], row["cost_pico"]) for row in stored] == [
         (0, 40), (0, 999_999_999_999), (1, 0), (1000, 123), (9_223_372, 36_854_775_807), (0, 0)
