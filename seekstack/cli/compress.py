@@ -178,9 +178,9 @@ def quantize_command(
         return
     for stage in report.get("stages", []):
         verdict = "pass" if stage["passed"] else "fail"
-        typer.echo(
-            f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({stage['bpb_increase']:+.2%})  "
-            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])} of tensors  "
+        typer.echo(  # the gated figures to 3 significant digits: a KL of 3e-7 against --max-kl 1e-6 is not 0.00000
+            f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({100 * stage['bpb_increase']:+.3g}%)  "
+            f"KL {stage['mean_kl']:.3g}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])} of tensors  "
             f"{verdict}"
         )
     if "chosen" in report:

@@ -607,6 +607,10 @@ def test_progressive_names_the_stage_it_chose_and_writes_that_stage(tmp_path):
     verdicts = re.findall(r"^stage (\w+) .* of tensors  (pass|fail)$", result.output, re.MULTILINE)  # headers aside
     passed = [name for name, verdict in verdicts if verdict == "pass"]
     assert passed and len(passed) < 4  # the KL gate stops it before int4
+    # the KL each stage is gated on, as printed, says why it passed (a KL of 4e-7 was printed 0.00000, as float32's)
+    kls = dict(re.findall(r"^stage (\w+) .*  KL (\S+)  top-1", result.output, re.MULTILINE))
+    assert [name for name, kl in kls.items() if float(kl) == 0] == ["float32"]
+    assert all((float(kls[name]) <= 1e-6) == (name in passed) for name, _ in verdicts)
     assert f"chosen: {passed[-1]}, the smallest stage that passed" in result.output
     assert stored_float_dtype(tmp_path / "q") == (torch.float32 if passed[-1] == "float32" else torch.bfloat16)
 
