@@ -514,7 +514,8 @@ VIETNAMESE_STORY = (  # a children's story: Vietnamese writes each syllable apar
 def test_vietnamese_syllables_are_counted_as_the_english_words_they_make() -> None:
     """Clean Vietnamese prose failed the mean word length (2.85 characters a word, under Gopher's 3.0), its words being
     syllables; it is told by the letters only it writes (prose/vi) and its 71 words count as 71 / 1.43 = 50 English
-    words of 4.04 characters. A Croatian or Yoruba text, whose đ or ọ Vietnamese writes too, is no Vietnamese."""
+    words of 4.04 characters. A Croatian, Yoruba, Igbo or Northern Sami text, whose đ, ọ, ị, ụ Vietnamese writes too,
+    is no Vietnamese, and its words count one each (an Igbo paragraph was prose/vi, its 51 words counted as 36)."""
     text = normalise(VIETNAMESE_STORY)
     assert rule_kind(text, "auto") == ("prose", "prose/vi")
     stats = TextStats(text)
@@ -523,6 +524,18 @@ def test_vietnamese_syllables_are_counted_as_the_english_words_they_make() -> No
     assert failed_rule(text, ProseRules()) is None
     assert detect_kind("Između dva grada vozi autobus svaki dan, a đaci putuju njime u školu.").lang == "und"
     assert detect_kind("Ọmọ náà lọ sí ilé-ìwé ní òwúrọ̀ ọjọ́ Ajé pẹ̀lú àwọn ọ̀rẹ́ rẹ̀.").lang == "und"
+    igbo = (
+        "Ndị Igbo bụ otu n'ime agbụrụ ndị kachasị ukwuu na Naịjirịa. Ha na-ekwu asụsụ Igbo, nke bụ otu n'ime asụsụ ndị"
+        " a na-asụkarị n'Afrịka. Ọtụtụ ndị Igbo bi n'ala Igbo dị n'ebe ndịda ọwụwa anyanwụ Naịjirịa, ma ha nọkwa"
+        " n'obodo ndị ọzọ niile. Ha ma ahịa nke ọma, ha na-akọkwa ugbo."
+    )
+    sami = (
+        "Mun bođiin ruoktot go eadni lei vuođđudan áđđjá mađe. Guođđit dan dása, ja boađe fas ihttin. Vuođđolága mielde"
+        " sámegiella lea virggálaš giella. Ođđa skuvla rahpo boahtte čavčča, ja mánát bođii doppe."
+    )
+    for text, word_count in ((igbo, 51), (sami, 31)):
+        assert detect_kind(text).lang == "und"
+        assert TextStats(normalise(text)).word_count == word_count
 
 
 def test_long_word_scripts_keep_their_junk_and_leave_other_texts_counts_alone() -> None:
