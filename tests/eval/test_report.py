@@ -163,6 +163,22 @@ def test_eval_out_naming_a_folder_writes_the_results_into_it_as_lm_evals_output_
     assert not (tmp_path / "newdir.json").exists()
 
 
+def test_eval_out_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, monkeypatch):
+    """`--out notes.txt/results` (a file where its folder would be) ran the whole evaluation, then failed writing the
+    results ('Not a directory'), the scores lost."""
+    import lm_eval
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(tmp_path / "notes.txt/r")])
+    assert result.exit_code == 1 and asked == []
+    said = f"{tmp_path / 'notes.txt'}: is a file, not a folder; choose another output folder for r.json and r.md"
+    assert "".join(said.split()) in "".join(result.output.split()) and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("tasks", [",", " , ", ""])
 def test_tasks_naming_no_task_is_refused_naming_the_option(tmp_path, tasks):
     """It reached lm_eval, whose 'error: No tasks specified, or no tasks found. Please verify the task names.' named
