@@ -108,10 +108,18 @@ VLLM_FIELDS_NOT_TAKEN = {
 
 def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
     """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given) or,
-    best_of, n (its meaning of None); ConfigError naming the first such field given another value, saying why."""
+    best_of, n (its meaning of None); ConfigError naming the first such field given another value, saying why (best_of
+    below n: that it must be at least n, as vLLM's says)."""
+    n = values.get("n", 1)
     for name, value in values.items():
-        if name == "best_of" and type(value) is int and value == values.get("n", 1):
+        if name == "best_of" and type(value) is int and value == n:
             continue
+        if name == "best_of" and type(value) is int and type(n) is int and value < n:
+            raise ConfigError(
+                f"is {value}, below n ({n}): best_of must be at least n, as vLLM's (the n returned are chosen among "
+                "best_of samples); leave best_of out or give it n",
+                field=name,
+            )
         if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
             raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
     return {name: value for name, value in values.items() if name not in VLLM_FIELDS_NOT_TAKEN}

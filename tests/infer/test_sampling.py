@@ -629,6 +629,22 @@ def test_vllms_best_of_is_taken_equal_to_n_and_refused_above_it_saying_how_to_ra
         assert SamplingParams(**given) == SamplingParams.from_dict(given) == SamplingParams(n=n)
 
 
+def test_best_of_below_n_is_refused_saying_it_must_be_at_least_n_as_vllms():
+    """SamplingParams(n=3, best_of=2) was refused with best_of's reason for more candidates than n ("... draw
+    n=best_of with logprobs=True ..."), advice that asks for fewer samples than the caller wants; vLLM says best_of
+    must be at least n, and so does the refusal now, for both ways of building the params."""
+    for given in ({"n": 3, "best_of": 2}, {"best_of": 0}):
+        n, best_of = given.get("n", 1), given["best_of"]
+        for build, values in ((SamplingParams, given), (SamplingParams.from_dict, {"values": given})):
+            with pytest.raises(ConfigError) as refused:
+                build(**values)
+            assert refused.value.field == "best_of"
+            assert str(refused.value) == (
+                f"field 'best_of' is {best_of}, below n ({n}): best_of must be at least n, as vLLM's (the n returned "
+                "are chosen among best_of samples); leave best_of out or give it n"
+            )
+
+
 def test_bad_words_read_only_the_outputs_last_tokens_and_ban_as_the_whole_output_says():
     """BadWords.allowed_after copied the whole output once per draft column each speculative step (0.7 ms a step at
     10 tokens, 5.2 ms at 100k): it keeps only the last tokens the longest word can end with, three here, and bans
