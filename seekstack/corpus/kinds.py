@@ -241,15 +241,21 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
         return DetectedKind("cjk", "ja" if japanese(sample) else "zh")
     if language:
         return DetectedKind("code", language)
+    return DetectedKind("prose", prose_language(sample))
+
+
+def prose_language(text: str) -> str:
+    """The language of prose, from its first `SAMPLE_CHARS` characters: `en` by its English stop words, else `vi` by
+    the letters only Vietnamese writes, else `und` with the ISO 15924 code of its script when that is not Latin."""
+    sample = text[:SAMPLE_CHARS]
     sample_words = sample.lower().split()
     stopwords = sum(1 for word in sample_words if word.strip(".,;:!?\"'()") in _STOPWORDS)
-    english = sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words)
-    if english:
-        return DetectedKind("prose", "en")
+    if sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words):
+        return "en"
     if vietnamese(sample):
-        return DetectedKind("prose", "vi")
+        return "vi"
     script = script_code(sample)
-    return DetectedKind("prose", "und" + (f"-{script}" if script else ""))
+    return "und" + (f"-{script}" if script else "")
 
 
 def script_code(text: str) -> str:

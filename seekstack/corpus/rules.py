@@ -42,9 +42,8 @@ from seekstack.corpus.kinds import (
     japanese_words,
     korean,
     looks_like_code,
-    script_code,
+    prose_language,
     spaced_words,
-    vietnamese,
     words,
     written_without_spaces,
 )
@@ -380,11 +379,13 @@ class TextStats:
 
     @cached_property
     def words_per_english_word(self) -> float:
-        """How many of its words make one English word: `VIETNAMESE_WORDS_PER_ENGLISH_WORD` in Vietnamese, its
-        script's `WORDS_PER_ENGLISH_WORD` in a script of long words, 1 otherwise."""
-        if vietnamese(self.text):
+        """How many of its words make one English word, by the language `detect_kind` gives prose
+        (`prose_language`): `VIETNAMESE_WORDS_PER_ENGLISH_WORD` in Vietnamese, its script's `WORDS_PER_ENGLISH_WORD`
+        in a script of long words, 1 otherwise (English, though it holds Vietnamese or Malayalam words)."""
+        language = prose_language(self.text)
+        if language == "vi":
             return VIETNAMESE_WORDS_PER_ENGLISH_WORD
-        return WORDS_PER_ENGLISH_WORD.get(script_code(self.text), 1.0)
+        return WORDS_PER_ENGLISH_WORD.get(language.removeprefix("und-"), 1.0)
 
     @cached_property
     def ngram_units(self) -> tuple[Sequence[str], int]:

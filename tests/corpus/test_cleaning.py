@@ -538,6 +538,19 @@ def test_vietnamese_syllables_are_counted_as_the_english_words_they_make() -> No
         assert TextStats(normalise(text)).word_count == word_count
 
 
+def test_an_english_page_quoting_vietnamese_is_counted_as_english_as_it_is_labelled() -> None:
+    """An English page holding a Vietnamese sentence is prose/en (`detect_kind` asks for English first), but its words
+    were divided by 1.43 as Vietnamese's (`words_per_english_word` asked for Vietnamese first): 42 words counted as
+    29. Both now read the one `prose_language`."""
+    text = normalise(
+        "The words of this page are in Vietnamese, and it is a guide for the people who read them: Người dân ở thành"
+        " phố này thường đi làm bằng xe máy vào buổi sáng, rồi về nhà ăn cơm với gia đình."
+    )
+    stats = TextStats(text)
+    assert rule_kind(text, "auto") == ("prose", "prose/en")
+    assert (len(stats.words), stats.word_count) == (42, 42)
+
+
 def test_long_word_scripts_keep_their_junk_and_leave_other_texts_counts_alone() -> None:
     """Short text and runs of long tokens still fail in Malayalam; English, Latin-script and code words count as
     before (the table names no Latin script)."""
