@@ -235,11 +235,10 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: Checkpoin
     embedding's in a checkpoint of one float dtype); float32 where neither names one a model loads in.
     ValueError naming any other value."""
     if dtype == "auto":
-        stated = config.extra.get("dtype") or config.extra.get("torch_dtype")
-        if stated is None:
+        if (stated := stated_dtype(config)) is None:
             embedding = checkpoint_key("embed_tokens.weight", config.num_hidden_layers)
-            stated = TORCH_DTYPES.get(reader.stored_dtype(embedding)) if embedding in reader else None
-        return _loadable(stated) or torch.float32
+            stated = _loadable(TORCH_DTYPES.get(reader.stored_dtype(embedding))) if embedding in reader else None
+        return stated or torch.float32
     loadable = _loadable(dtype)
     if loadable is None:
         raise ValueError(
@@ -248,6 +247,13 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: Checkpoin
             "checkpoint stored in fp8, as quantized layers"
         )
     return loadable
+
+
+def stated_dtype(config: ModelConfig) -> torch.dtype | None:
+    """The float dtype a model loads in that `config`'s config.json states: `dtype` (transformers 5), else its legacy
+    name `torch_dtype` (4.x), read as transformers reads them (a name in torch: "bfloat16", "half", "double"); None
+    where it states none a model loads in."""
+    return _loadable(config.extra.get("dtype") or config.extra.get("torch_dtype"))
 
 
 def _loadable(dtype: object) -> torch.dtype | None:

@@ -50,8 +50,10 @@ def stored_weights(model: str, config: ModelConfig) -> str:
 def stated_float_dtype(config: ModelConfig) -> str:
     """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: dtype
     (transformers 5), else its legacy name torch_dtype (4), as transformers reads them, else bfloat16."""
-    dtype = config.extra.get("dtype") or config.extra.get("torch_dtype")
-    return dtype if dtype in ("float64", "float32", "bfloat16", "float16") else "bfloat16"  # float64: loads so
+    from seekstack.checkpoint.load import stated_dtype
+
+    name = str(stated_dtype(config)).removeprefix("torch.")
+    return name if name in BYTES_PER_PARAM else "bfloat16"
 
 
 def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:

@@ -147,6 +147,8 @@ def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
         ({"dtype": "float16", "torch_dtype": "float32"}, "float16"),
         ({"dtype": None, "torch_dtype": "float32"}, "float32"),
         ({"dtype": "float64"}, "float64"),  # a float64 model's save: load_pretrained(dtype="auto") loads float64
+        ({"dtype": "half"}, "float16"),  # names in torch, as load_pretrained(dtype="auto") reads them
+        ({"torch_dtype": "double"}, "float64"),
     ],
 )
 def test_plan_reads_a_configs_dtype_before_its_legacy_torch_dtype_as_transformers_does(tmp_path, stated, width):
