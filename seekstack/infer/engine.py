@@ -580,11 +580,18 @@ class Engine:
         generator = SeededUniforms(0 if params.greedy else params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
+        allowed = params.allowed_token_ids
+        if allowed is not None and params.min_tokens and set(allowed) <= set(params.stop_token_ids) | self.eos_ids:
+            raise ConfigError(  # min_tokens bans EOS (with ignore_eos too) and stop_token_ids, as vLLM's
+                f"{list(allowed)} are each an end-of-sequence or stop_token_ids id, which min_tokens="
+                f"{params.min_tokens} bans until that many tokens are out: no token could be sampled; allow another "
+                "id or send min_tokens 0",
+                field="allowed_token_ids",
+            )
         if params.bad_words:
             if constraint is not None:
                 raise ValueError("bad_words with a constraint (JSON mode): give one rule on what the request samples")
             constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
-            allowed = params.allowed_token_ids
             if allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
                 raise ValueError(
                     f"allowed_token_ids {list(allowed)} are each a one-token word of bad_words (as encoded alone or "

@@ -306,7 +306,7 @@ class Server:
             forced = isinstance(body, ChatCompletionRequest) and body.tools  # tool_choice may force tool calls
             calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine, start) if forced else None
             output_format = calls_format or await asyncio.to_thread(json_format, body, self.engine, start)  # grammars
-            refuse_unsampleable(body, output_format is not None, self.engine.eos_ids)
+            refuse_unsampleable(body, output_format is not None)
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
@@ -342,7 +342,7 @@ class Server:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
             except UnknownAdapter:  # unloaded since adapter_for found it
                 raise self.unknown_model(model, bill.key) from None
-            except ValueError as error:  # what the engine alone can judge: allowed_token_ids all banned by bad_words
+            except ValueError as error:  # what the engine judges: allowed_token_ids all banned (bad_words, min_tokens)
                 raise APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value") from None
             self.metrics.request_params_n.observe(body.n)
             self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))

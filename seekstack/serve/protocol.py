@@ -229,12 +229,10 @@ def unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
-def refuse_unsampleable(request: Any, constrained: bool, eos_ids: Iterable[int]) -> None:
-    """400 for token rules under which a reply could not be sampled (the engine found out at the first token, a 500):
-    bad_words or allowed_token_ids beside a grammar (`constrained`: response_format's JSON, forced tool calls), which
-    rules each token itself (the engine takes one rule; the grammar may need a token the ids leave out), and
-    allowed_token_ids that are each an end-of-sequence or stop id (`eos_ids`, stop_token_ids) while min_tokens bans
-    those ids, as vLLM's min_tokens bans them."""
+def refuse_unsampleable(request: Any, constrained: bool) -> None:
+    """400 for bad_words or allowed_token_ids beside a grammar (`constrained`: response_format's JSON, forced tool
+    calls), which rules each token itself (the engine takes one rule; the grammar may need a token the ids leave out).
+    What the engine can judge (allowed ids all banned by min_tokens or bad_words) it refuses itself."""
     for field in ("bad_words", "allowed_token_ids"):
         if constrained and getattr(request, field):
             raise unsupported(
@@ -242,16 +240,6 @@ def refuse_unsampleable(request: Any, constrained: bool, eos_ids: Iterable[int])
                 f"{field} cannot be applied beside response_format's JSON or forced tool calls, which already rule "
                 f"what each token may be: send the request without {field}",
             )
-    allowed, stops = request.allowed_token_ids, {*eos_ids, *(request.stop_token_ids or ())}
-    if allowed is not None and request.min_tokens and set(allowed) <= stops:
-        raise APIError(
-            400,
-            f"allowed_token_ids {allowed} are each an end-of-sequence or stop_token_ids id, which min_tokens="
-            f"{request.min_tokens} bans until that many tokens are out: no token could be sampled; allow another id "
-            "or send min_tokens 0",
-            param="allowed_token_ids",
-            code="invalid_value",
-        )
 
 
 def refuse_fields(request: Any, refused: Mapping[str, str]) -> None:

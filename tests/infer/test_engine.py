@@ -295,6 +295,29 @@ def test_sampling_params_take_at_most_max_bad_words_as_the_server_does():
         grown.validate()
 
 
+def test_allowed_token_ids_that_min_tokens_all_ban_are_refused_at_add_request_naming_both_fields(model, tokenizer):
+    """min_tokens bans EOS (with ignore_eos too, as vLLM's) and stop_token_ids until that many tokens are out:
+    SamplingParams(allowed_token_ids=[eos], min_tokens=3) ended the request with finish_reason "error" and "the logits
+    hold an infinity or NaN ... a float16 model's overflow", blaming neither field (only the server refused it)."""
+    engine, eos = Engine(model, tokenizer), tokenizer.eos_id
+    for allowed, extra in (([eos], {"min_tokens": 3}), ([eos], {"min_tokens": 3, "ignore_eos": True}),
+                           ([eos, 229], {"min_tokens": 1, "stop_token_ids": [229]})):  # fmt: skip
+        with pytest.raises(ConfigError) as refused:
+            engine.add_request([5, 9, 14], SamplingParams(allowed_token_ids=allowed, **extra))
+        assert refused.value.field == "allowed_token_ids"
+        assert str(refused.value) == (
+            f"field 'allowed_token_ids' {allowed} are each an end-of-sequence or stop_token_ids id, which min_tokens="
+            f"{extra['min_tokens']} bans until that many tokens are out: no token could be sampled; allow another id "
+            "or send min_tokens 0"
+        )
+    assert engine.stats().waiting == 0
+    three = dataclasses.replace(GREEDY, max_new_tokens=3, ignore_eos=False)
+    [kept] = engine.generate([[5, 9, 14]], dataclasses.replace(three, allowed_token_ids=[eos, 229], min_tokens=3))
+    assert kept.token_ids == [229, 229, 229]
+    [ended] = engine.generate([[5, 9, 14]], dataclasses.replace(three, allowed_token_ids=[eos]))  # no min_tokens
+    assert (ended.finish_reason, ended.token_ids) == ("stop", [eos])
+
+
 def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
     """allowed_token_ids=[430] with bad_words=["context"] (430 alone) ended the request with "the logits hold an
     infinity or NaN ... a float16 model's overflow ... or a repetition_penalty", blaming neither field. Ids that are

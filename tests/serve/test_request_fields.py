@@ -95,11 +95,11 @@ def test_allowed_token_ids_that_leave_no_token_to_sample_are_a_400_naming_the_fi
         ("allowed_token_ids", "invalid_value"), ("allowed_token_ids", "invalid_value"),
         ("allowed_token_ids", "unsupported_parameter"),
     ]  # fmt: skip
-    assert refusals[0]["message"] == (
-        f"allowed_token_ids [{eos}] are each an end-of-sequence or stop_token_ids id, which min_tokens=3 bans until "
-        "that many tokens are out: no token could be sampled; allow another id or send min_tokens 0"
+    assert refusals[0]["message"] == (  # the engine's refusal (Engine.add_request), as the library's
+        f"field 'allowed_token_ids' [{eos}] are each an end-of-sequence or stop_token_ids id, which min_tokens=3 bans "
+        "until that many tokens are out: no token could be sampled; allow another id or send min_tokens 0"
     )
-    assert refusals[1]["message"].startswith(f"allowed_token_ids [{eos}, 7] are each an end-of-sequence or stop")
+    assert refusals[1]["message"].startswith(f"field 'allowed_token_ids' [{eos}, 7] are each an end-of-sequence or")
     assert refusals[2]["message"] == (
         "allowed_token_ids cannot be applied beside response_format's JSON or forced tool calls, which already rule "
         "what each token may be: send the request without allowed_token_ids"
