@@ -112,8 +112,7 @@ def data_tokenize(
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
-    from seekstack.corpus.build import counted
-    from seekstack.corpus.sources import require_corpus_file
+    from seekstack.corpus.sources import counted, require_corpus_file
     from seekstack.tokenizer import Tokenizer
     from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
     from seekstack.tokens.shards import SHARD_FILES, tokenize_corpus

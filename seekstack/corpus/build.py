@@ -46,7 +46,7 @@ from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.kinds import KINDS
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document, Rows
+from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document, Rows, counted
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 from seekstack.interrupts import sigint_handled_by
 
@@ -421,11 +421,6 @@ def _not_read(report: Report) -> str:
             f"({_counts(report.null_texts)})"
         )
     return unread
-
-
-def counted(count: int, noun: str) -> str:
-    """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _size(size_bytes: int) -> str:

@@ -151,6 +151,11 @@ STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
+def counted(count: int, noun: str) -> str:
+    """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 class DataSourceError(ValueError):
     """A source that cannot be read as documents; the message names the file, line or field."""
 
@@ -803,14 +808,14 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
     with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
         rows = csv.reader(text, delimiter=delimiter)
         try:
-            header, number = next(rows, []), 0
+            header, number = next((row for row in rows if row), []), 0  # past blank lines, as pyarrow reads it
             while (row := next(rows, None)) is not None:
                 first_line = rows.line_num - sum(value.count("\n") for value in row)  # less a quoted value's breaks
                 number += bool(row)  # a blank line is no row
                 if row and len(row) != len(header):
-                    separator = "a tab" if delimiter == "\t" else "a comma"
+                    separator, values = "a tab" if delimiter == "\t" else "a comma", counted(len(row), "value")
                     return (
-                        f"row {number} (line {first_line}) holds {len(row)} values, its header {len(header)}: "
+                        f"row {number} (line {first_line}) holds {values}, its header {len(header)}: "
                         f"{delimiter.join(row)[:200]!r}; quote a value that holds {separator}, or give each row the "
                         "header's columns"
                     )

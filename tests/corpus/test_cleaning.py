@@ -1803,6 +1803,28 @@ def test_a_row_unlike_its_header_is_refused_naming_its_row_and_line(
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize(
+    ("table", "found"),
+    [
+        ("\n\nid,text\n1,a\n2,b,c\n", "row 2 (line 5) holds 3 values, its header 2: '2,b,c'"),
+        ("id,text\n1,a\n2\n3,c\n", "row 2 (line 3) holds 1 value, its header 2: '2'"),
+    ],
+)
+def test_a_row_unlike_its_header_is_found_past_blank_lines_before_the_header_and_its_values_counted(
+    tmp_path: Path, table: str, found: str
+) -> None:
+    """pyarrow skips blank lines before the header, where Python's csv read the first as a header of no values and
+    named the header itself: 'row 1 (line 2) holds 2 values, its header 0: 'id,text''. A row of one value held '1
+    values'."""
+    (tmp_path / "posts.csv").write_text(table)
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / "posts.csv"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'posts.csv'}: cannot be read as CSV: {found}; quote a value that holds a comma, or give each row"
+        " the header's columns"
+    )
+
+
 def test_a_binary_parquet_text_column_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     """It failed 'row 0 of column 'text' is bytes, not text'."""
     texts = pa.array([b"caf\xc3\xa9 UTF-8", b"caf\xe9 Windows-1252", None], type=pa.binary())
