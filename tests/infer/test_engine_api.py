@@ -9,6 +9,23 @@ from seekstack.infer.engine import COMPILE_AFTER_SECONDS
 from seekstack.infer.params import EngineOptions
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A micro checkpoint folder, written once for the module's tests, which only read it."""
+    from tests.infer.support import model_dir
+
+    return model_dir(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def adapter_folders(base, tmp_path_factory):
+    """Two random adapters on `base` (seeds 1 and 2), by seed, written once for the module's tests."""
+    from tests.adapters.support import write_random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {seed: write_random_adapter(base, root / f"seed-{seed}", seed=seed) for seed in (1, 2)}
+
+
 def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(model, tokenizer):
     """vLLM's abort_request takes one id or several; a list here was compared with each request's id as a whole, so
     engine.abort(["a", "b"]) matched none, dropped nothing and returned None (the answer for an unknown id)."""
@@ -26,16 +43,12 @@ def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(mod
     assert Engine.abort_request is Engine.abort
 
 
-def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(tmp_path):
+def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(base, adapter_folders):
     """adapters="ab" (one name, as vLLM's generate takes one lora_request for all prompts) was read as a sequence of
     names, one letter a prompt: two prompts ran on adapters 'a' and 'b' ("no adapter 'a'"), three were refused as
     "3 prompts but 2 adapters". One name now runs every prompt on that adapter, as a list naming it for each does."""
-    from tests.adapters.support import write_random_adapter
-    from tests.infer.support import model_dir
-
-    base = model_dir(tmp_path / "base")
     engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
-    engine.load_adapter("ab", write_random_adapter(base, tmp_path / "ab", seed=1))
+    engine.load_adapter("ab", adapter_folders[1])
     greedy, prompts = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True), [[5, 9], [14, 3], [7]]
     each = [output.token_ids for output in engine.generate(prompts, greedy, adapters=["ab"] * 3)]
     assert [output.token_ids for output in engine.generate(prompts, greedy, adapters="ab")] == each
@@ -43,16 +56,14 @@ def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(
     assert each != [output.token_ids for output in engine.generate(prompts, greedy)]  # the adapter changes them
 
 
-def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_first_use(tmp_path, monkeypatch):
+def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_first_use(
+    base, adapter_folders, monkeypatch
+):
     """vLLM's generate(prompts, params, lora_request=LoRARequest(name, id, path)) and chat(messages, params, use_tqdm,
     lora_request) raised "TypeError: ... got an unexpected keyword argument 'lora_request'" (chat took no adapter at
     all). The request's adapter is loaded as its lora_name on first use, as vLLM's, and runs the prompts given it."""
-    from tests.adapters.support import write_random_adapter
-    from tests.infer.support import model_dir
-
-    base = model_dir(tmp_path / "base")
     engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
-    folder = write_random_adapter(base, tmp_path / "legal", seed=1)
+    folder, other = adapter_folders[1], adapter_folders[2]
     greedy, prompts, request = (
         SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
         [[5, 9], [14]],
@@ -72,7 +83,6 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     [plain] = engine.chat(messages, greedy)
     assert chatted.token_ids != plain.token_ids
     assert chatted.token_ids == engine.generate([chatted.prompt_token_ids], greedy, adapters="legal")[0].token_ids
-    other = write_random_adapter(base, tmp_path / "other", seed=2)
     for given, error, told in (
         ({"lora_request": LoRARequest("legal", 2, other)}, ValueError, f"lora_request names adapter 'legal' at "
          f"{other}, but 'legal' is loaded from {folder}: unload_adapter('legal') first, or give this one another "
@@ -89,22 +99,18 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
             engine.generate(prompts, greedy, **given)
         assert str(refused.value) == told
     assert engine.lora.folders == {"legal": folder}
-    monkeypatch.setenv("HOME", str(tmp_path))  # a lora_path under the user's home, as vLLM expands it
-    assert tokens(lora_request=LoRARequest("home", 2, "~/legal")) == adapted
+    monkeypatch.setenv("HOME", str(folder.parent))  # a lora_path under the user's home, as vLLM expands it
+    assert tokens(lora_request=LoRARequest("home", 2, f"~/{folder.name}")) == adapted
     assert engine.lora.folders == {"legal": folder, "home": folder}
 
 
-def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(tmp_path):
+def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(base, adapter_folders):
     """With every slot taken, a LoRARequest for another adapter was refused ("all max_loras=1 adapter slots are
     taken"), where vLLM evicts the least recently used adapter, so a script cycling through more adapters than
     max_loras ran there and stopped here. The least recently asked for adapter that lora_request loaded, unused, now
     gives up its slot; one load_adapter loaded, or one another prompt of the same call runs on, does not."""
-    from tests.adapters.support import write_random_adapter
-    from tests.infer.support import model_dir
-
-    base = model_dir(tmp_path / "base")
     engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
-    folders = {name: write_random_adapter(base, tmp_path / name, seed=seed) for seed, name in enumerate("ab")}
+    folders = {"a": adapter_folders[1], "b": adapter_folders[2]}
     asked = {name: LoRARequest(name, seed + 1, folder) for seed, (name, folder) in enumerate(folders.items())}
     greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
@@ -193,22 +199,19 @@ def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_
     assert engine.stats().waiting == 0 and not engine.running  # refused before any prompt was added
 
 
-def test_transformers_and_vllm_loading_keywords_are_taken_or_refused_naming_them(tmp_path):
+def test_transformers_and_vllm_loading_keywords_are_taken_or_refused_naming_them(base):
     """from_pretrained(path, trust_remote_code=True), low_cpu_mem_usage=True (transformers' and vLLM's keywords) and
     revision= raised "TypeError: Engine.__init__() got an unexpected keyword argument", saying nothing of why. The
     first two are taken without effect (no checkpoint code runs; the weights are always read one tensor at a time);
     a Hub revision is refused naming it, as the folder is read as it is on disk."""
-    from tests.infer.support import model_dir
-
-    folder = model_dir(tmp_path / "model")
-    plain = Engine.from_pretrained(folder, kv_cache_memory=1 << 22)
-    taken = Engine.from_pretrained(folder, kv_cache_memory=1 << 22, trust_remote_code=True, low_cpu_mem_usage=True)
+    plain = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
+    taken = Engine.from_pretrained(base, kv_cache_memory=1 << 22, trust_remote_code=True, low_cpu_mem_usage=True)
     greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     assert taken.generate([[5, 9]], greedy)[0].token_ids == plain.generate([[5, 9]], greedy)[0].token_ids
     with pytest.raises(ValueError) as refused:
-        Engine.from_pretrained(folder, revision="v1.0")
+        Engine.from_pretrained(base, revision="v1.0")
     assert str(refused.value) == (
-        f"revision='v1.0' names a revision of a Hugging Face Hub repository, but seekstack reads the folder {folder} "
+        f"revision='v1.0' names a revision of a Hugging Face Hub repository, but seekstack reads the folder {base} "
         "as it is on disk and downloads nothing: fetch that revision with `hf download REPO --revision v1.0 "
         "--local-dir FOLDER`, give FOLDER and leave revision out"
     )
@@ -282,27 +285,21 @@ def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_pat
     assert str(refused.value) == told
 
 
-def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_names_read_as_the_engines(tmp_path):
+def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_names_read_as_the_engines(base, tmp_path):
     """vLLM's LLM(model, tensor_parallel_size=1, enforce_eager=True, max_num_seqs=4, enable_prefix_caching=False) was
     refused keyword by keyword, though one process, eager decoding, four requests a batch and no prefix cache is what
     the engine does given its own names for them (max_batch_size, prefix_caching)."""
-    from tests.infer.support import model_dir
-
     taken = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True}
-    engine = Engine.from_pretrained(
-        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=4, enable_prefix_caching=False, **taken
-    )
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_num_seqs=4, enable_prefix_caching=False, **taken)
     assert (engine.max_batch_size, engine.cache.prefix_caching, engine.decode_compiled) == (4, False, False)
     defaults = Engine.from_pretrained(  # vLLM's None: its default, here the engine's (prefix caching on, not off)
-        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, max_num_seqs=None, enable_prefix_caching=None
+        base, kv_cache_memory=1 << 22, max_num_seqs=None, enable_prefix_caching=None
     )
     assert (defaults.max_batch_size, defaults.cache.prefix_caching) == (EngineOptions.max_batch_size, True)
     # enforce_eager=False, vLLM's default, only allows CUDA graphs: taken, eager as the engine's default, and beside
     # compile=None (refused before: "taken here only as enforce_eager=True"), which it leaves to compile later
-    allowed = Engine.from_pretrained(model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, enforce_eager=False)
-    later = Engine.from_pretrained(
-        model_dir(tmp_path / "model"), kv_cache_memory=1 << 22, enforce_eager=False, compile=None
-    )
+    allowed = Engine.from_pretrained(base, kv_cache_memory=1 << 22, enforce_eager=False)
+    later = Engine.from_pretrained(base, kv_cache_memory=1 << 22, enforce_eager=False, compile=None)
     assert (allowed.decode_compiled, allowed._eager_seconds_left, later.decode_compiled) == (False, None, False)
     assert later._eager_seconds_left == COMPILE_AFTER_SECONDS
     for given, told in (
