@@ -268,10 +268,10 @@ JAPANESE_SETTINGS = "\n".join(  # PostgreSQL's Japanese messages: set phrases re
 
 
 def test_cjk_duplicate_10grams_allow_the_repeated_set_phrases_of_clean_text() -> None:
-    """Ten CJK characters are ~5 words, not 10: held to prose's 0.3, these 14 messages (0.35; their English 0.0)
-    were removed, and 47 of 130 documents of Japanese GNOME translations scored above it (their English: 8); a
-    text repeated still is."""
-    # in characters 0.35; Japanese n-grams are its runs of one script now, and the set phrase is 5 of them
+    """cjk's 10-gram limit is 0.45, not prose's 0.3: ten Chinese characters are ~6 English words, not 10. These 14
+    Japanese messages scored 0.35 (their English 0.0) while Japanese was counted in characters, and 47 of 130
+    documents of Japanese GNOME translations scored above 0.3 (their English: 8); counted in its runs of one script,
+    the messages' shared set phrase (のデフォルト値を設定。) is 5 of them, no 10-gram. The text repeated fails."""
     assert TextStats(normalise(JAPANESE_SETTINGS)).duplicate_ngram_char_fraction(10) == 0.0
     assert failed_rule(normalise(JAPANESE_SETTINGS), CleaningConfig().cjk) is None
     repeated = normalise("".join(JAPANESE_SETTINGS.split("\n")[:3]) * 3)
