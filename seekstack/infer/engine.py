@@ -597,6 +597,13 @@ class Engine:
                     f"allowed_token_ids {list(allowed)} are each a one-token word of bad_words (as encoded alone or "
                     "after a space), never sampled: no token could be; allow another id or drop the word"
                 )
+        elif constraint is not None and allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
+            # both masks apply, as vLLM's; ids the grammar forbids only later end the request then (NO_DISTRIBUTION)
+            raise ConfigError(
+                f"{list(allowed)} are each a token the constraint (JSON mode: response_format's grammar, forced tool "
+                "calls) forbids as the reply's first: no token could be sampled; allow one the grammar may begin with",
+                field="allowed_token_ids",
+            )
         with self.lock:
             request_id = request_id or f"req-{next(self._ids)}"
             if any(r.request_id == request_id for r in self._unfinished()):

@@ -230,16 +230,15 @@ def unsupported(param: str, message: str) -> APIError:
 
 
 def refuse_unsampleable(request: Any, constrained: bool) -> None:
-    """400 for bad_words or allowed_token_ids beside a grammar (`constrained`: response_format's JSON, forced tool
-    calls), which rules each token itself (the engine takes one rule; the grammar may need a token the ids leave out).
-    What the engine can judge (allowed ids all banned by min_tokens or bad_words) it refuses itself."""
-    for field in ("bad_words", "allowed_token_ids"):
-        if constrained and getattr(request, field):
-            raise unsupported(
-                field,
-                f"{field} cannot be applied beside response_format's JSON or forced tool calls, which already rule "
-                f"what each token may be: send the request without {field}",
-            )
+    """400 for bad_words beside a grammar (`constrained`: response_format's JSON, forced tool calls), which rules each
+    token itself: the engine takes one such rule. allowed_token_ids apply beside it, as vLLM's; the engine refuses
+    ids it can tell leave no token (all banned by min_tokens, by bad_words, or by the grammar at the first token)."""
+    if constrained and request.bad_words:
+        raise unsupported(
+            "bad_words",
+            "bad_words cannot be applied beside response_format's JSON or forced tool calls, which already rule what "
+            "each token may be: send the request without bad_words",
+        )
 
 
 def refuse_fields(request: Any, refused: Mapping[str, str]) -> None:

@@ -318,6 +318,42 @@ def test_allowed_token_ids_that_min_tokens_all_ban_are_refused_at_add_request_na
     assert (ended.finish_reason, ended.token_ids) == ("stop", [eos])
 
 
+def test_allowed_token_ids_apply_beside_a_json_constraint_refused_only_where_it_allows_none_first(model, tokenizer):
+    """Both masks apply, as vLLM's: ids the grammar may begin with are sampled under it ("{" "}" make "{}", which ends
+    the request), ids it forbids as the first token are refused at add_request naming allowed_token_ids, and ids it
+    forbids only later ("{" then "a") end the request there with finish_reason "error" naming the constraint."""
+    engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=6, temperature=0)
+
+    def run(allowed: list[int]) -> tuple[list[int], list[tuple[str | None, str | None]]]:
+        engine.add_request(
+            [5, 9, 14],
+            dataclasses.replace(greedy, allowed_token_ids=allowed),
+            constraint=JsonFormat(tokenizer).constraint(),
+        )
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        return [token for output in outputs for token in output.token_ids], [
+            (output.finish_reason, output.error) for output in outputs if output.finished
+        ]
+
+    [open_brace], [close_brace], [letter] = (tokenizer.encode(text) for text in "{}a")
+    assert run([open_brace, close_brace]) == ([open_brace, close_brace], [("stop", None)])
+    tokens, [(reason, error)] = run([open_brace, letter])
+    assert (tokens, reason) == ([open_brace], "error")
+    assert (
+        "every one of allowed_token_ids forbidden here by the constraint (JSON mode: response_format's grammar" in error
+    )
+    with pytest.raises(ConfigError) as refused:
+        run([letter])
+    assert (refused.value.field, str(refused.value)) == ("allowed_token_ids", (
+        f"field 'allowed_token_ids' [{letter}] are each a token the constraint (JSON mode: response_format's grammar, "
+        "forced tool calls) forbids as the reply's first: no token could be sampled; allow one the grammar may begin "
+        "with"
+    ))  # fmt: skip
+    assert engine.stats().waiting == 0
+
+
 def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
     """allowed_token_ids=[430] with bad_words=["context"] (430 alone) ended the request with "the logits hold an
     infinity or NaN ... a float16 model's overflow ... or a repetition_penalty", blaming neither field. Ids that are

@@ -81,19 +81,23 @@ def test_allowed_token_ids_and_bad_words_rule_what_is_sampled_as_vllms(engine, t
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_allowed_token_ids_that_leave_no_token_to_sample_are_a_400_naming_the_fields(engine, tmp_path, route, body):
     """allowed_token_ids each an EOS or stop id under min_tokens (which bans those), or beside response_format's JSON
-    (whose grammar permitted none of them), left no token to sample: the engine failed at the first token, a 500."""
+    (whose grammar permitted none of them), left no token to sample: the engine failed at the first token, a 500.
+    Ids the grammar may begin with are taken beside it, both masks applied, as vLLM's (9aea3d6 refused every pair)."""
     fox, [eos] = engine.tokenizer.encode(" fox")[-1], sorted(engine.eos_ids)
-    answered, only_ends, only_stops, beside_json = post_each(engine, tmp_path / "db", [
+    braces = [engine.tokenizer.encode(brace)[-1] for brace in "{}"]
+    answered, only_ends, only_stops, beside_json, json_answered = post_each(engine, tmp_path / "db", [
         (route, {**body, "ignore_eos": False, "allowed_token_ids": [eos, fox], "min_tokens": 3}),
         (route, {**body, "allowed_token_ids": [eos], "min_tokens": 3}),  # banned with ignore_eos too, as vLLM's
         (route, {**body, "allowed_token_ids": [eos, 7], "stop_token_ids": [7], "min_tokens": 1}),
         (route, {**body, "allowed_token_ids": [fox], "response_format": {"type": "json_object"}}),
+        (route, {**body, "allowed_token_ids": braces, "response_format": {"type": "json_object"}}),
     ])  # fmt: skip
     assert tokens_of(answered)[:3] == [engine.tokenizer.decode([fox])] * 3
+    assert tokens_of(json_answered) == ["{", "}"] and json_answered.json()["choices"][0]["finish_reason"] == "stop"
     refusals = [error_of(response, 400) for response in (only_ends, only_stops, beside_json)]
     assert [(error["param"], error["code"]) for error in refusals] == [
         ("allowed_token_ids", "invalid_value"), ("allowed_token_ids", "invalid_value"),
-        ("allowed_token_ids", "unsupported_parameter"),
+        ("allowed_token_ids", "invalid_value"),
     ]  # fmt: skip
     assert refusals[0]["message"] == (  # the engine's refusal (Engine.add_request), as the library's
         f"field 'allowed_token_ids' [{eos}] are each an end-of-sequence or stop_token_ids id, which min_tokens=3 bans "
@@ -101,8 +105,9 @@ def test_allowed_token_ids_that_leave_no_token_to_sample_are_a_400_naming_the_fi
     )
     assert refusals[1]["message"].startswith(f"field 'allowed_token_ids' [{eos}, 7] are each an end-of-sequence or")
     assert refusals[2]["message"] == (
-        "allowed_token_ids cannot be applied beside response_format's JSON or forced tool calls, which already rule "
-        "what each token may be: send the request without allowed_token_ids"
+        f"field 'allowed_token_ids' [{fox}] are each a token the constraint (JSON mode: response_format's grammar, "
+        "forced tool calls) forbids as the reply's first: no token could be sampled; allow one the grammar may begin "
+        "with"
     )
 
 
