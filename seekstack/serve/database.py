@@ -227,18 +227,19 @@ class SQLiteDatabase:
             existed = bool(connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone())
             for statement in SCHEMA:
                 connection.execute(statement.format(id_column=SQLITE_ID))
-            changes = []
+            changes, added = [], set()
             for table, column, definition in ADDED_COLUMNS:
                 try:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                     changes.append(added_column(table, column))
+                    added.add((table, column))
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # there already
                         raise
             converted = self._keep_costs_in_pico()
             if converted is not None:
                 changes.append(costs_converted(converted))
-            if added_column("usage", "cost_units") in changes:
+            if ("usage", "cost_units") in added:  # cost_pico held the whole cost
                 connection.execute(SPLIT_COSTS)
                 changes.append(COSTS_SPLIT)
             if self._free_revoked_key_names():
@@ -370,7 +371,7 @@ class PostgresDatabase:
                     self._connection.execute("ALTER TABLE usage ALTER COLUMN cost_pico DROP DEFAULT")
                     self._connection.execute("ALTER TABLE usage DROP COLUMN cost")
                     changes.append(costs_converted(len(costs)))
-                if added_column("usage", "cost_units") in changes:
+                if ("usage", "cost_units") not in present:  # cost_pico held the whole cost
                     self._connection.execute(SPLIT_COSTS)
                     changes.append(COSTS_SPLIT)
                 if self._connection.execute(
