@@ -505,9 +505,10 @@ class _Run:
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
-        # where the sampling init_from's authors ship (generation_config.json) is copied from into every checkpoint:
-        # init_from, then the run's newest checkpoint, which holds its copy (init_from may be gone on resume)
-        self.sampling_from = config.init_from
+        # copied into every checkpoint beside the model: the tokenizer, and the sampling init_from's authors ship (none
+        # where init_from is gone on resume: the model loaded from the run's checkpoint keeps that checkpoint's copy)
+        generation_config = Path(config.init_from).glob(GENERATION_CONFIG_FILE) if config.init_from else ()
+        self.checkpoint_files = [*self.tokenizer_files, *generation_config]
         self.val_byte_lengths = self._val_byte_lengths()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
@@ -562,7 +563,7 @@ class _Run:
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
-            self.resumed_from = self.sampling_from = path
+            self.resumed_from = path
             self.history_left_after = self.step
         else:
             refuse_new_run_into(self.out_dir)
@@ -992,18 +993,9 @@ class _Run:
         """Write `checkpoints/step_N`; a checkpoint the storage refuses (a full disk) stops the run with an error
         that says which steps are lost and where to continue from."""
         try:
-            saved = self._write_checkpoint()
+            return self._write_checkpoint()
         except WriteRefused as refused:
             raise WriteRefused(f"{refused}; training stopped at step {self.step}: {self._steps_lost()}") from refused
-        if self.sampling_from and saved:  # the copy kept from now on: an older checkpoint may be pruned
-            self.sampling_from = saved
-        return saved
-
-    @property
-    def checkpoint_files(self) -> list[Path]:
-        """Copied into every checkpoint beside the model: the tokenizer, and the sampling init_from's authors ship."""
-        generation_config = Path(self.sampling_from).glob(GENERATION_CONFIG_FILE) if self.sampling_from else ()
-        return [*self.tokenizer_files, *generation_config]
 
     def _steps_lost(self) -> str:
         """The steps a checkpoint that could not be written loses, and what to do."""
@@ -1077,6 +1069,7 @@ class _Run:
         with torch.device("meta"):
             whole = Transformer(self.model.config)
         whole.load_state_dict(gathered, assign=True)
+        whole.generation_config = self.model.generation_config
         write_training_files(folder, whole, state, self.checkpoint_files)
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:

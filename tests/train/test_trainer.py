@@ -412,7 +412,8 @@ def test_a_run_from_a_checkpoint_trains_in_train_mode_with_its_balance_loss(data
 def test_a_run_resumes_once_its_init_from_is_gone_and_keeps_its_sampling_in_every_checkpoint(data_dir, tmp_path):
     """A run from a checkpoint (init_from) deleted since was refused on resume ("field 'init_from' must be an existing
     checkpoint folder"), though pretraining reads nothing of it then; the generation_config.json its authors ship,
-    copied into each checkpoint, is now taken from the run's own copy (its newest checkpoint, as older are pruned)."""
+    copied into each checkpoint, goes on from the run's own copy: the model loaded from the checkpoint resumed keeps
+    it (load_pretrained) and each save writes it, though older checkpoints are pruned."""
     train(run_config(data_dir, tmp_path / "base", max_steps=1, eval_every=0, save_every=1))
     base = tmp_path / "init"
     shutil.move(tmp_path / "base" / "checkpoints" / "step_1", base)
@@ -428,6 +429,23 @@ def test_a_run_resumes_once_its_init_from_is_gone_and_keeps_its_sampling_in_ever
     [step_3] = list_checkpoints(tmp_path / "run")
     assert step_3.name == "step_3"
     assert json.loads((step_3 / "generation_config.json").read_text()) == {"temperature": 0.6, "top_p": 0.95}
+
+
+def test_a_resumed_run_copies_its_init_froms_sampling_into_checkpoints_though_the_one_resumed_lacks_it(
+    data_dir, tmp_path
+):
+    """a6bd654 copied generation_config.json from the checkpoint resumed instead of init_from, so a run resumed from a
+    checkpoint saved without the file (before 5 December 2026) wrote the ids-only one transformers writes for a model
+    without settings, and init_from's sampling (temperature 0.6, top_p 0.95) was lost though init_from still held it."""
+    train(run_config(data_dir, tmp_path / "base", max_steps=1, eval_every=0, save_every=1))
+    base = tmp_path / "base" / "checkpoints" / "step_1"
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95}))
+    config = run_config(data_dir, tmp_path / "run", init_from=str(base), model_overrides={}, eval_every=0, save_every=1)
+    train(dataclasses.replace(config, max_steps=1))
+    (tmp_path / "run" / "checkpoints" / "step_1" / "generation_config.json").unlink()
+    train(dataclasses.replace(config, max_steps=2), resume=True)
+    step_2 = tmp_path / "run" / "checkpoints" / "step_2"
+    assert json.loads((step_2 / "generation_config.json").read_text()) == {"temperature": 0.6, "top_p": 0.95}
 
 
 def test_a_fresh_model_saves_the_bos_and_eos_ids_of_the_tokenizer_its_data_was_encoded_with(tmp_path):
