@@ -345,6 +345,7 @@ class Engine:
             num_blocks = min(fits, whole_batch)
         from seekstack.adapters.registry import attach_adapters
 
+        refuse_fewer_slots_than_adapters(adapters, max_loras)
         self.lora = attach_adapters(self.model, adapters or {}, max_loras, max_lora_rank)
         # the adapters lora_request loaded, least recently asked for first: unloaded for another's load when every
         # slot is taken, as vLLM's LRU cache of adapters evicts them (those load_adapter loaded stay)
@@ -412,6 +413,7 @@ class Engine:
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
         kwargs = read_vllm_engine_keywords(kwargs)
+        refuse_fewer_slots_than_adapters(kwargs.get("adapters"), kwargs.get("max_loras"))  # before any weights load
         if revision is not None:
             raise ValueError(
                 f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the "
@@ -1565,6 +1567,18 @@ def token_id(token: Any) -> int:
         return operator.index(token)
     except TypeError:
         raise TypeError(f"prompt holds {token!r}, which is no token id: give integers") from None
+
+
+def refuse_fewer_slots_than_adapters(adapters: Mapping[str, str | Path] | None, max_loras: int | None) -> None:
+    """ConfigError naming max_loras where it is fewer than the `adapters` given, each loaded from the start: the
+    engine refused the first past it as a load at run time ("... slots are taken; unload one first"), once the
+    model's weights were read, with nothing to unload."""
+    if max_loras is not None and adapters and len(adapters) > max_loras:
+        raise ConfigError(
+            f"is {max_loras}, fewer than the {len(adapters)} adapters given ({', '.join(adapters)}), each loaded from "
+            f"the start: give max_loras={len(adapters)} or more, or fewer adapters",
+            field="max_loras",
+        )
 
 
 def _fail_rows_without_distribution(

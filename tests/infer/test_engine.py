@@ -295,6 +295,24 @@ def test_sampling_params_take_at_most_max_bad_words_as_the_server_does():
         grown.validate()
 
 
+def test_fewer_max_loras_than_adapters_given_are_refused_naming_both_before_anything_is_read(
+    model, tokenizer, tmp_path
+):
+    """Engine.from_pretrained(adapters={a, b, c}, max_loras=2) read the weights and then refused adapter c as a load at
+    run time: "all max_loras=2 adapter slots are taken (loaded: a, b); unload one first" (only `serve` checked it
+    first). Refused now before the folder (here empty) or any adapter is read, from_pretrained and Engine alike."""
+    adapters = {name: tmp_path / name for name in "abc"}
+    refusal = (
+        "field 'max_loras' is 2, fewer than the 3 adapters given (a, b, c), each loaded from the start: give "
+        "max_loras=3 or more, or fewer adapters"
+    )
+    for build in (lambda: Engine.from_pretrained(tmp_path, adapters=adapters, max_loras=2),
+                  lambda: Engine(model, tokenizer, adapters=adapters, max_loras=2)):  # fmt: skip
+        with pytest.raises(ConfigError) as refused:
+            build()
+        assert (refused.value.field, str(refused.value)) == ("max_loras", refusal)
+
+
 def test_allowed_token_ids_that_min_tokens_all_ban_are_refused_at_add_request_naming_both_fields(model, tokenizer):
     """min_tokens bans EOS (with ignore_eos too, as vLLM's) and stop_token_ids until that many tokens are out:
     SamplingParams(allowed_token_ids=[eos], min_tokens=3) ended the request with finish_reason "error" and "the logits
