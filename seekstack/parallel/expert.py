@@ -64,9 +64,11 @@ class ShardedExperts(nn.Module):
         by_expert = local_experts.argsort(stable=True)
         counts = torch.bincount(local_experts, minlength=self.local).tolist()
         chunks = arrived.index_select(0, by_expert).split(counts)
-        # every local expert runs, on no token too: its gradient is then zero, not None, so that the optimizer steps it
-        # (momentum, weight decay) as one process steps the stacked experts, whatever the tokens chose
-        computed = torch.cat([self._expert(chunk, e) for e, chunk in enumerate(chunks)])
+        outputs = [self._expert(chunk, e) for e, chunk in enumerate(chunks) if len(chunk)]
+        # the stacked experts' gradient is whole wherever one of them runs (zero for those no token chose); where none
+        # does, one runs on no token so that it is zero, not None, and the optimizer steps them (momentum, weight
+        # decay) as one process steps the stacked experts, whatever the tokens chose
+        computed = torch.cat(outputs) if outputs else self._expert(arrived[:0], 0)
         returned = torch.zeros_like(arrived).index_copy(0, by_expert, computed)  # back in arrival order
         results = all_to_all_single(returned, send, recv, dist.group.WORLD)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
