@@ -658,11 +658,13 @@ class Engine:
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
             self.lora.add(name, folder, factors, replace, self._requests_on_adapter(name))
+            self._requested_adapters.pop(name, None)  # the caller's now: never unloaded for a lora_request's
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter `name`; ValueError when it is not loaded or unfinished requests still use it."""
         with self.lock:
             self.lora.remove(name, self._requests_on_adapter(name))
+            self._requested_adapters.pop(name, None)  # loaded again, by load_adapter, it is the caller's
 
     def _requests_on_adapter(self, name: str) -> int:
         """How many unfinished requests adapter `name` serves (0 when it is not loaded); under the lock."""
@@ -1393,9 +1395,7 @@ class Engine:
             if len(self.lora.slots) < self.lora.max_loras:
                 return
             for name in list(self._requested_adapters):
-                if name not in self.lora.slots:  # unloaded by unload_adapter since
-                    del self._requested_adapters[name]
-                elif name not in keep and not self._requests_on_adapter(name):
+                if name not in keep and not self._requests_on_adapter(name):
                     self.lora.remove(name)
                     del self._requested_adapters[name]
                     return

@@ -130,6 +130,27 @@ def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as
     assert engine.lora.folders == {"mine": folders["a"]}
 
 
+def test_an_adapter_load_adapter_loads_again_after_a_lora_request_loaded_it_is_never_unloaded_for_another(
+    base, adapter_folders
+):
+    """A name stayed among those lora_request loaded after unload_adapter: request "a", unload_adapter("a"),
+    load_adapter("a"), and a request for "b" (max_loras=1) unloaded the user's "a", which README says load_adapter's
+    adapters never are. load_adapter and unload_adapter now drop the name from the lora_request-loaded ones."""
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
+    greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    engine.generate([[5, 9]], greedy, lora_request=LoRARequest("a", 1, adapter_folders[1]))
+    engine.unload_adapter("a")
+    engine.load_adapter("a", adapter_folders[1])
+    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    with pytest.raises(ValueError, match=full):
+        engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b", 2, adapter_folders[2]))
+    assert engine.lora.folders == {"a": adapter_folders[1]}
+    engine.unload_adapter("a")  # and one lora_request loads again is its own again: unloaded for another
+    engine.generate([[5, 9]], greedy, lora_request=LoRARequest("a", 1, adapter_folders[1]))
+    engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b", 2, adapter_folders[2]))
+    assert engine.lora.folders == {"b": adapter_folders[2]}
+
+
 def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_the_others(model, tokenizer):
     """vLLM's chat(messages, params, chat_template_kwargs={"enable_thinking": False}), which scripts send to every
     model, and chat_template= raised "TypeError: Engine.chat() got an unexpected keyword argument", where the server
