@@ -174,6 +174,23 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
 
 
+def test_a_bfloat16_base_merges_into_a_bfloat16_checkpoint_rounded_once(base, tmp_path):
+    """peft's merge_and_unload keeps the base's dtype; `lora merge` loaded the base in float32 and wrote the merged
+    checkpoint so, twice the size of a bfloat16 base. It merges in float32 and writes the base's dtype, each merged
+    weight W + alpha/r B A rounded to bfloat16 once (the float32 routing biases stay float32)."""
+    half = seekstack.save_pretrained(seekstack.load_pretrained(base).to(torch.bfloat16), tmp_path / "half")
+    adapter = write_random_adapter(half, tmp_path / "adapter", seed=1)
+    merged_dir = merge_adapter(half, adapter, tmp_path / "merged")
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        expected = merged_model(seekstack.load_pretrained(half), adapter).to(torch.bfloat16).state_dict()
+    merged = seekstack.load_pretrained(merged_dir, dtype="auto").state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
+    assert {str(t.dtype) for t in merged.values()} == {"torch.bfloat16", "torch.float32"}
+
+
 @pytest.mark.parametrize(
     ("vocabulary", "attention", "still_tied"),
     [(["lm_head"], [], False), (["embed_tokens"], [], False), (["embed_tokens", "lm_head"], [], False),
