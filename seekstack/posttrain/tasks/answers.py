@@ -88,9 +88,6 @@ GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after
 PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
 # what closes a reply's last sentence after its answer outside a box, as math-verify drops it ("The answer is 5;")
 SENTENCE_END = ".,;:!?\u3002"
-ASSIGNMENT_END = (
-    ".,;:?"  # what closes an assignment in a box, dropped as math-verify drops it ("\boxed{x=5,}"; "!" not)
-)
 # The sentence after Minerva's final answer, which minerva_math drops (its period too, or none: a reply cut at it)
 MINERVA_CLOSING = "I hope it is correct"
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
@@ -204,10 +201,10 @@ def _unadorned(text: str) -> str:
     return text
 
 
-def _less_sentence_end(text: str, marks: str = SENTENCE_END) -> str:
-    """`text` less the whitespace and the punctuation `marks` that close it (`5;`, `5.;`, `$5$ !`)."""
+def _less_sentence_end(text: str) -> str:
+    """`text` less the whitespace and the punctuation (SENTENCE_END) that close it (`5;`, `5.;`, `$5$ !`)."""
     end = len(text)
-    while end and (text[end - 1].isspace() or text[end - 1] in marks):
+    while end and (text[end - 1].isspace() or text[end - 1] in SENTENCE_END):
         end -= 1
     return text[:end]
 
@@ -331,8 +328,6 @@ def _answer_text(answer: str) -> str | None:
     if text is None:
         return None
     text = _less_latex_space(_less_period(OPENING_SPACE.sub("", text)))
-    if VARIABLE.match(text):  # "x = 5," in a box: its value, the punctuation closing it dropped
-        text = _less_latex_space(_less_sentence_end(text, ASSIGNMENT_END))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(STYLE.sub("", text))
