@@ -1371,16 +1371,11 @@ class Engine:
                 "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
             )
         if folder is not None and name not in self.lora.folders:
-            self._unload_least_recent(set(keep))
-            try:
-                self.load_adapter(name, folder)
-                self._requested_adapters[name] = None
-            except ValueError:
-                if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
-                    raise
-        if name in self._requested_adapters:  # the most recently asked for now
-            self._requested_adapters[name] = self._requested_adapters.pop(name)
-        loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
+            self._load_requested(name, folder, set(keep))
+        with self.lock:
+            if name in self._requested_adapters:  # the most recently asked for now
+                self._requested_adapters[name] = self._requested_adapters.pop(name)
+            loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
         if folder is not None and loaded is not None and folder.resolve() != loaded.resolve():
             raise ValueError(
                 f"lora_request names adapter {name!r} at {folder}, but {name!r} is loaded from {loaded}: "
@@ -1388,17 +1383,40 @@ class Engine:
             )
         return name
 
-    def _unload_least_recent(self, keep: set[str | None]) -> None:
-        """Where every adapter slot is taken, unload the least recently asked for adapter that lora_request loaded, no
-        unfinished request uses and `keep` does not name, if any."""
+    def _load_requested(self, name: str, folder: Path, keep: set[str | None]) -> None:
+        """Load the adapter in `folder` as `name` for a lora_request: its folder read first, so one that holds no
+        adapter (CheckpointError) unloads none; then, under one hold of the lock (two threads neither take the same
+        free slot nor unload the same adapter), where every slot is taken, the least recently asked for adapter that
+        lora_request loaded, no unfinished request uses and `keep` does not name gives up its slot, and comes back
+        if the engine refuses this one (its name, its rank)."""
+        from seekstack.adapters.registry import read_factors
+
+        factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
-            if len(self.lora.slots) < self.lora.max_loras:
+            if name in self.lora.folders:  # another thread's request loaded it meanwhile
                 return
-            for name in list(self._requested_adapters):
-                if name not in keep and not self._requests_on_adapter(name):
-                    self.lora.remove(name)
-                    del self._requested_adapters[name]
-                    return
+            unloaded = self._unload_least_recent(keep)
+            try:
+                self.lora.add(name, folder, factors)
+            except Exception:
+                if unloaded is not None:
+                    self.lora.add(*unloaded)
+                    self._requested_adapters = {unloaded[0]: None, **self._requested_adapters}  # least recent again
+                raise
+            self._requested_adapters[name] = None
+
+    def _unload_least_recent(self, keep: set[str | None]) -> tuple[str, Path, Any] | None:
+        """Where every adapter slot is taken, unload the least recently asked for adapter that lora_request loaded, no
+        unfinished request uses and `keep` does not name, if any: its name, folder and weights; under the lock."""
+        if len(self.lora.slots) < self.lora.max_loras:
+            return None
+        for name in list(self._requested_adapters):
+            if name not in keep and not self._requests_on_adapter(name):
+                unloaded = name, self.lora.folders[name], self.lora.weights[name]
+                self.lora.remove(name)
+                del self._requested_adapters[name]
+                return unloaded
+        return None
 
     def chat(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, LoRARequest, SamplingParams
 from seekstack.infer.engine import COMPILE_AFTER_SECONDS
 from seekstack.infer.params import EngineOptions
@@ -149,6 +150,24 @@ def test_an_adapter_load_adapter_loads_again_after_a_lora_request_loaded_it_is_n
     engine.generate([[5, 9]], greedy, lora_request=LoRARequest("a", 1, adapter_folders[1]))
     engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b", 2, adapter_folders[2]))
     assert engine.lora.folders == {"b": adapter_folders[2]}
+
+
+def test_a_lora_request_whose_folder_holds_no_adapter_unloads_none_for_it(base, adapter_folders, tmp_path):
+    """The least recent adapter was unloaded before the new one's folder was read: a LoRARequest naming a missing
+    folder raised CheckpointError and had already unloaded "a", which the next request had to load again. The folder
+    is now read first, and an adapter unloaded only for one that loads: one the engine refuses once read (a name it
+    does not take) gives the slot back."""
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    [adapted] = engine.generate([[5, 9]], greedy, lora_request=LoRARequest("a", 1, adapter_folders[1]))
+    for folder in (tmp_path / "missing", base):  # no folder; a folder with a model, not an adapter
+        with pytest.raises(CheckpointError):
+            engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b", 2, folder))
+        assert engine.lora.folders == {"a": adapter_folders[1]}
+    with pytest.raises(ValueError, match=r"^adapter name 'b b': use letters, digits"):
+        engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b b", 2, adapter_folders[2]))
+    assert engine.lora.folders == {"a": adapter_folders[1]}
+    assert engine.generate([[5, 9]], greedy, adapters="a")[0].token_ids == adapted.token_ids
 
 
 def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_the_others(model, tokenizer):
