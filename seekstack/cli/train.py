@@ -170,7 +170,7 @@ def plot_command(
     """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG, or several runs'
     overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
     (their loss is GRPO's, no next-token loss)."""
-    from seekstack.posttrain.plot import RL_SMOOTH, default_rl_figure, plot_rl_runs
+    from seekstack.posttrain.plot import RL_SMOOTH, default_rl_figure, logs_rewards, plot_rl_runs
     from seekstack.train.plot import X_LABELS, plot_run, plot_runs, read_metrics
     from seekstack.train.runs import run_folder
 
@@ -179,7 +179,7 @@ def plot_command(
         raise typer.BadParameter(f"{x_axis!r}: choose one of {', '.join(X_LABELS)}", param_hint="'--x-axis'")
     with user_errors():
         records = [read_metrics(run) for run in runs]
-        rl = [run for run, logged in zip(runs, records, strict=True) if any("reward" in r for r in logged)]
+        rl = [run for run, logged in zip(runs, records, strict=True) if logs_rewards(logged)]
         if rl and len(rl) < len(runs):
             raise ValueError(
                 f"{rl[0]} is a `seekstack rl` run, drawn by its rewards, and {len(runs) - len(rl)} of the runs are "

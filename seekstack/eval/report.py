@@ -27,7 +27,7 @@ from seekstack import accounting
 from seekstack.atomic import refuse_a_file_in_the_way, write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
-from seekstack.posttrain.plot import plot_rl_runs
+from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, step_tokens
@@ -384,7 +384,7 @@ def _training(
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     tail = steps[len(steps) * 3 // 4 :]  # the last quarter: past warm-up and compilation
-    if _is_rl(train_config):
+    if _is_rl(train_config) or logs_rewards(records):  # as `seekstack plot RUN` tells one
         rl_steps = [r for r in steps if "reward" in r]
         window = max(1, min(RL_WINDOW, len(rl_steps) // 4))
         curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window, records=[records])

@@ -42,6 +42,13 @@ INSTEAD = {"generate_share": "wait_share"}
 RL_SMOOTH = 10  # steps averaged per point by default: one step's batch is small
 
 
+def logs_rewards(records: list[dict]) -> bool:
+    """Whether a run's metrics `records` are a `seekstack rl` run's, drawn by their rewards (its loss is GRPO's, ~0 by
+    construction): a step logged a reward. What `plot` and `report` both tell such a run by, whatever its
+    train_config.json holds (none, or one written by hand)."""
+    return any("reward" in record for record in records)
+
+
 def default_rl_figure(run_dirs: list[Path]) -> Path:
     """Where rl-plot (and plot of rl runs) draws by default: RUN/rl_curves.png, several runs FIRST_RUN/rl_compared.png
     (as plot draws several to FIRST_RUN/compared.png), which leaves the first run's own figure (report's) alone."""

@@ -708,6 +708,25 @@ def test_the_curves_figure_names_the_metrics_it_draws_and_the_command_that_draws
     )
 
 
+def test_an_rl_runs_metrics_are_reported_by_their_rewards_as_plot_draws_them_whatever_its_config(tmp_path):
+    """A run whose metrics are `seekstack rl`'s but whose train_config.json says nothing of it (none, or one written by
+    hand) was reported by GRPO's ~0 loss in curves.png, captioned "as `seekstack plot RUN` draws it", where plot draws
+    it as rl-plot does, to rl_curves.png."""
+    from seekstack.eval.report import _training
+
+    records = [
+        {"step": step, "loss": 0.0, "reward": step / 4, "lr": 1e-5, "tokens_per_s": 9.0} for step in (1, 2, 3, 4)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    text = _training(tmp_path, tmp_path, {}, records)
+    assert text.startswith(
+        f"## Training\n\n![RL curves](rl_curves.png)\n\n`rl_curves.png`: steps 1-4 of `{tmp_path / 'metrics.jsonl'}`, "
+        f"as `seekstack rl-plot {tmp_path} --smooth 1` draws it.\n\n|  | step 1 | step 4 |\n|---|---|---|\n"
+        "| reward | 0.250 | 1.000 |"
+    )
+    assert (tmp_path / "rl_curves.png").is_file() and not (tmp_path / "curves.png").exists()
+
+
 def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_in(tmp_path, monkeypatch):
     import subprocess
 
