@@ -141,6 +141,23 @@ def test_expert_kernel_operands_are_views_that_follow_the_buffers_when_moved_or_
         assert all(t.is_meta for operands in [stored.operands, *stored.expert_operands] for t in operands)
 
 
+def tensors_made(run) -> list[torch.Tensor]:
+    """Each tensor the torch operations of `run()` make, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made: list[torch.Tensor] = []
+
+    class Made(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(tensor for tensor in torch.utils._pytree.tree_leaves(out) if isinstance(tensor, torch.Tensor))
+            return out
+
+    with Made():
+        run()
+    return made
+
+
 @pytest.mark.parametrize("block", [(4, 8), (2**20, 2**20)])
 def test_fake_quantize_by_blocks_expands_the_scales_to_the_weight_and_no_further(block):
     """Each element takes its block's scale, the edge blocks partial, as compressed-tensors' fake_quantize gives; the
@@ -148,28 +165,29 @@ def test_fake_quantize_by_blocks_expands_the_scales_to_the_weight_and_no_further
     a (6, 10) weight, and 6 x 2**20 for a block past the weight (4 TB for a block of 2**40)."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize as theirs
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestMade(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            made = [
-                tensor.numel() for tensor in torch.utils._pytree.tree_leaves(out) if isinstance(tensor, torch.Tensor)
-            ]
-            LargestMade.largest = max([LargestMade.largest, *made])
-            return out
 
     weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     scale = torch.rand(-(-6 // block[0]), -(-10 // block[1]), generator=torch.Generator().manual_seed(1)) / 50 + 0.01
     args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "block", "block_structure": list(block)}
-    with LargestMade():
-        ours = fake_quantize(weight, scale, None, args, block)
-    assert LargestMade.largest == weight.numel()
+    outs = []
+    made = tensors_made(lambda: outs.append(fake_quantize(weight, scale, None, args, block)))
+    ours = outs[0]
+    assert max(tensor.numel() for tensor in made) == weight.numel()
     if block == (4, 8):  # compressed-tensors pads to whole blocks itself
         assert torch.equal(
             ours, theirs(weight, scale, torch.zeros_like(scale, dtype=torch.int8), QuantizationArgs(**args))
         )
     else:  # one block holds the whole weight: one scale
         assert torch.equal(ours, (weight / scale).round().clamp(-128, 127) * scale)
+
+
+def test_fake_quantize_expands_the_scales_and_zero_points_in_the_weights_dtype():
+    """A bfloat16 weight's float32 block scales and int8 zero points are cast before they are expanded to the weight:
+    each (O, I) tensor fake_quantize makes is bfloat16, none a float32 or int8 one cast afterwards (twice the
+    memory and a second pass over the weight for the float32 scales)."""
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)).bfloat16()
+    scale = torch.rand(2, 2, generator=torch.Generator().manual_seed(1)) / 50 + 0.01
+    zero_point = torch.tensor([[1, -2], [0, 3]], dtype=torch.int8)
+    args = {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "block", "block_structure": [4, 8]}
+    made = tensors_made(lambda: fake_quantize(weight, scale, zero_point, args, (4, 8)))
+    assert {tensor.dtype for tensor in made if tensor.numel() == weight.numel()} == {torch.bfloat16}
