@@ -240,6 +240,13 @@ class AdapterConfig:
         require(not outside, "layers", f"main layer numbers below {count}, the model's layers (not {outside})")
         modules, parameters = list(self.vocabulary), []
         query = ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        named = [name for name in self.attention if name in ("q_proj", "q_a_proj", "q_b_proj")]
+        require(
+            not named or any(name in query for name in named),
+            "attention",
+            f"projections this base has: its query is {' and '.join(query)} (q_lora_rank "
+            f"{model_config.q_lora_rank}), not {' and '.join(named)}",
+        )  # as peft refuses a target module the model has not; the default names both, for either kind of base
         for layer in self.layers or range(count):
             prefix = f"layers.{layer}"
             for name in self.attention:

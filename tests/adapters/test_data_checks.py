@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.training import lora_train_config, train_adapter
+from seekstack.checkpoint import read_config
 from seekstack.cli import app
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
@@ -232,6 +234,23 @@ def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_
     with pytest.raises(ConfigError, match="field 'lora.layers' must be main layer numbers below 2"):
         train_adapter(*config)
     assert not (tmp_path / "adapter" / "lora_config.json").exists()
+
+
+def test_a_query_projection_the_base_lacks_is_refused_not_dropped(base, corpus, tmp_path):
+    """On a base with q_lora_rank (q_a_proj, q_b_proj), lora.attention=[q_proj, o_proj] trained o_proj alone, q_proj
+    dropped without a word (peft refuses a target module the model has not), and [q_proj] alone was refused naming
+    lora.layers. The default, which names all three for either kind of base, and q_a_proj are taken."""
+    text = tmp_path / "text.jsonl"
+    shutil.copy(corpus / "train.jsonl", text)
+    run = [*QUICK_RUN, "lora.feed_forward=[]", "lora.experts=[]"]
+    named = "field 'lora.attention' must be projections this base has: its query is q_a_proj and q_b_proj"
+    for given in ("[q_proj,o_proj]", "[q_proj]"):
+        config = lora_train_config(base, text, tmp_path / "adapter", [*run, f"lora.attention={given}"])
+        with pytest.raises(ConfigError, match=f"{named} \\(q_lora_rank 16\\), not q_proj$"):
+            train_adapter(*config)
+        assert not (tmp_path / "adapter" / "lora_config.json").exists()
+    modules, _ = AdapterConfig(attention=("q_a_proj", "o_proj")).targets(read_config(base))
+    assert modules == [f"layers.{n}.self_attn.{name}" for n in (0, 1) for name in ("q_a_proj", "o_proj")]
 
 
 def test_compile_with_peft_parameter_targets_is_refused_before_the_run_is_written(base, tmp_path):
