@@ -1285,9 +1285,9 @@ class Engine:
                 raise ValueError("adapters= beside lora_request=: lora_request is vLLM's way to name them; give one")
             adapters_name = "lora_request"
             if isinstance(lora_request, (list, tuple)):
-                adapters = []
-                for one in lora_request:  # an adapter another prompt of this call runs on is not unloaded for one
-                    adapters.append(self._adapter_of_lora_request(one, keep=adapters))
+                # every prompt's adapter, a later prompt's too: none is unloaded for another prompt of this call
+                named = {one.lora_name for one in lora_request if isinstance(getattr(one, "lora_name", None), str)}
+                adapters = [self._adapter_of_lora_request(one, keep=named) for one in lora_request]
             else:
                 adapters = self._adapter_of_lora_request(lora_request)
         # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter

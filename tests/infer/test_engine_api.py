@@ -170,6 +170,27 @@ def test_a_lora_request_whose_folder_holds_no_adapter_unloads_none_for_it(base, 
     assert engine.generate([[5, 9]], greedy, adapters="a")[0].token_ids == adapted.token_ids
 
 
+def test_an_adapter_a_later_prompt_of_the_call_runs_on_is_not_unloaded_for_an_earlier_ones(base, adapter_folders):
+    """Only the adapters of the prompts already read were kept: lora_request=[b, a] with "a" loaded (max_loras=1)
+    unloaded "a" for "b", then found no slot for "a" ("... (loaded: b)"), leaving "a" unloaded; with max_loras=2, "a"
+    was unloaded and loaded again. Every adapter the call names is kept now."""
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
+    greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    a, b = LoRARequest("a", 1, adapter_folders[1]), LoRARequest("b", 2, adapter_folders[2])
+    engine.generate([[5, 9]], greedy, lora_request=a)
+    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    with pytest.raises(ValueError, match=full):
+        engine.generate([[5], [9]], greedy, lora_request=[b, a])
+    assert engine.lora.folders == {"a": adapter_folders[1]}
+    two = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=2)
+    for request in (a, b):  # "a" the least recent
+        two.generate([[5, 9]], greedy, lora_request=request)
+    slot_of_a = two.lora.slots["a"]
+    two.generate([[5], [9]], greedy, lora_request=[LoRARequest("c", 3, adapter_folders[2]), a])
+    assert two.lora.folders == {"a": adapter_folders[1], "c": adapter_folders[2]}
+    assert two.lora.slots["a"] == slot_of_a  # kept, not loaded again
+
+
 def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_the_others(model, tokenizer):
     """vLLM's chat(messages, params, chat_template_kwargs={"enable_thinking": False}), which scripts send to every
     model, and chat_template= raised "TypeError: Engine.chat() got an unexpected keyword argument", where the server
