@@ -9,6 +9,7 @@ demo's code prompts."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -285,13 +286,19 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         if per_token is not None:
             rows.append(("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"))
     if trained is not None:
-        positions, labelled = trained
+        positions, labelled, missing = trained
+        steps = f"{last_step} steps"
+        if missing:  # not counted: the row says so, rather than passing for the whole run's
+            steps = (
+                f"{last_step - len(missing)} of {last_step} steps; {_steps_text(missing)}: no tokens/s and step time "
+                f"in {METRICS_FILE}, not counted"
+            )
         if labelled is None:
-            rows.append(("tokens trained", f"{positions:,} ({last_step} steps)"))
+            rows.append(("tokens trained", f"{positions:,} ({steps})"))
         else:  # sft, distill on conversations, rl: the loss is on some tokens of the rows, not prompts or padding
             kind, count = labelled
-            rows.append((f"tokens trained ({kind})", f"{count:,} of {positions:,} positions ({last_step} steps)"))
-        if per_token is not None:
+            rows.append((f"tokens trained ({kind})", f"{count:,} of {positions:,} positions ({steps})"))
+        if per_token is not None and not missing:
             rows.append(("training compute", f"{per_token * positions:.3e} FLOP"))
     rows.append(
         ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)")
@@ -357,19 +364,30 @@ def _routed_experts(config: ModelConfig) -> str:
     return f"{config.n_routed_experts} ({config.num_experts_per_tok} per token) in {' and '.join(places)}{dense_main}"
 
 
-def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int, tuple[str, int] | None] | None:
-    """(token positions, (kind, count) of the tokens the loss was on) trained up to `last_step`, as metrics.jsonl
-    logged them: the positions as tokens/s x step time, padding included; the count where every step logged one of
-    LOSS_TOKEN_COUNTS, else None; None when the log misses a step (a step logged twice counts once, its later
-    record)."""
+def _tokens_trained(
+    records: list[dict[str, Any]], last_step: int
+) -> tuple[int, tuple[str, int] | None, list[int]] | None:
+    """(token positions, (kind, count) of the tokens the loss was on, the steps not counted) trained up to
+    `last_step`, as metrics.jsonl logged them: the positions as tokens/s x step time, padding included; the count
+    where every step counted logged one of LOSS_TOKEN_COUNTS, else None; the steps up to `last_step` the log holds no
+    tokens/s and step time of (a run resumed from another run's checkpoint logs only its own steps); None when it
+    holds those of none (a step logged twice counts once, its later record)."""
     per_step = {r["step"]: r for r in records if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step}
-    if len(per_step) != last_step:
+    if not per_step:
         return None
+    missing = [step for step in range(1, last_step + 1) if step not in per_step]
     positions = sum(step_tokens(r) for r in per_step.values())
     for name, kind in LOSS_TOKEN_COUNTS.items():
         if all(name in r for r in per_step.values()):
-            return positions, (kind, sum(round(r[name]) for r in per_step.values()))
-    return positions, None
+            return positions, (kind, sum(round(r[name]) for r in per_step.values())), missing
+    return positions, None, missing
+
+
+def _steps_text(steps: list[int]) -> str:
+    """Step numbers as runs of consecutive ones: 'step 3', 'steps 1-2, 5'."""
+    runs = [[step for _, step in run] for _, run in itertools.groupby(enumerate(steps), lambda pair: pair[1] - pair[0])]
+    text = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"step {text}" if len(steps) == 1 else f"steps {text}"
 
 
 def _training(

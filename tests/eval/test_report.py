@@ -505,7 +505,27 @@ def test_report_of_an_rl_run_names_its_task_and_the_tokens_it_logged_not_unused_
     model = _model(tmp_path, _step_checkpoint(tmp_path, 2), rl_config, records)
     assert "| tokens trained | 400 (2 steps) |" in model  # 300 + 100 logged, not 2 x 256 x 2
     assert "FLOP" not in model.replace("FLOPs per token", "") and f"from `{tmp_path.parent / 'base/step_20'}`" in model
-    assert "tokens trained" not in _model(tmp_path, tmp_path / "checkpoints" / "step_2", rl_config, records[1:])
+    missing = "| tokens trained | 100 (1 of 2 steps; step 1: no tokens/s and step time in metrics.jsonl, not counted) |"
+    assert missing in _model(tmp_path, tmp_path / "checkpoints" / "step_2", rl_config, records[1:])
+
+
+def test_tokens_trained_of_a_log_missing_steps_says_which_it_did_not_count(tmp_path):
+    """A run resumed from another run's checkpoint (--resume-from FOLDER into a new out_dir) logs only its own steps:
+    its Model table had no tokens trained and no training compute, saying nothing, as though they were not known for
+    any step."""
+    from seekstack.eval.report import _model
+
+    config = {"data_dir": "../tokens", "seq_len": 64}
+    records = [{"step": step, "loss": 2.0, "tokens_per_s": 100.0, "step_s": 1.0} for step in (3, 4, 6)]
+    model = _model(tmp_path, _step_checkpoint(tmp_path, 6), config, records)
+    assert (
+        "| tokens trained | 300 (3 of 6 steps; steps 1-2, 5: no tokens/s and step time in metrics.jsonl, not "
+        "counted) |" in model
+    )
+    assert "training compute" not in model and "| training FLOPs per token (with MTP) |" in model
+    whole = [{"step": step, "loss": 2.0, "tokens_per_s": 100.0, "step_s": 1.0} for step in range(1, 7)]
+    model = _model(tmp_path, tmp_path / "checkpoints" / "step_6", config, whole)
+    assert "| tokens trained | 600 (6 steps) |" in model and "| training compute |" in model
 
 
 def test_report_of_an_rl_run_counts_the_completion_tokens_its_loss_trained_beside_every_position(tmp_path):
