@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from seekstack.checkpoint.fp8 import per_element_scales
+
 SCALE_DTYPE = torch.bfloat16
 INT8_MAX = 127
 INT4_HALF_RANGE = 7.5  # amax maps to 7.5: the step is amax / 7.5 and +amax rounds into the top code 7 or 8 -> 7
@@ -68,12 +70,7 @@ def fake_quantize(
     def per_element(tensor: torch.Tensor) -> torch.Tensor:
         if block is None:
             return tensor.repeat_interleave(weight.shape[-1] // tensor.shape[-1], dim=-1)
-        # each element's block's value, by index: repeating each value a whole block and cutting the edges off, as
-        # compressed-tensors pads, made (O, I) rounded up to whole blocks first (a block past the weight: all of it);
-        # index_select, not advanced indexing (tensor[..., rows, :][..., columns]: twice as slow)
-        rows = torch.arange(weight.shape[-2], device=tensor.device) // block[0]
-        columns = torch.arange(weight.shape[-1], device=tensor.device) // block[1]
-        return tensor.index_select(-2, rows).index_select(-1, columns)
+        return per_element_scales(tensor, tuple(weight.shape), block)
 
     # cast before expanding: the (O, I) scales made once, in the weight's dtype
     scale = per_element(scale.to(weight.dtype))

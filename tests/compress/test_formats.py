@@ -181,6 +181,20 @@ def test_fake_quantize_by_blocks_expands_the_scales_to_the_weight_and_no_further
         assert torch.equal(ours, (weight / scale).round().clamp(-128, 127) * scale)
 
 
+@pytest.mark.parametrize("block", [(4, 8), (2**20, 2**20)])
+def test_dequantize_fp8_expands_the_scales_to_the_weight_and_no_further(block):
+    """dequantize_fp8 expands its block scales as fake_quantize does (per_element_scales): each element its block's
+    scale, edge blocks partial, nothing made larger than the weight (repeating each scale a whole block and cutting
+    made 6 x 16 for this (6, 10) weight in 4 x 8 blocks)."""
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)).to(torch.float8_e4m3fn)
+    scale = torch.rand(-(-6 // block[0]), -(-10 // block[1]), generator=torch.Generator().manual_seed(1)) + 0.5
+    outs = []
+    made = tensors_made(lambda: outs.append(dequantize_fp8(weight, scale, block)))
+    assert max(tensor.numel() for tensor in made) == weight.numel()
+    row, column = torch.meshgrid(torch.arange(6), torch.arange(10), indexing="ij")
+    assert torch.equal(outs[0], weight.float() * scale[row // block[0], column // block[1]])
+
+
 def test_fake_quantize_expands_the_scales_and_zero_points_in_the_weights_dtype():
     """A bfloat16 weight's float32 block scales and int8 zero points are cast before they are expanded to the weight:
     each (O, I) tensor fake_quantize makes is bfloat16, none a float32 or int8 one cast afterwards (twice the
