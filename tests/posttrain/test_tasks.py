@@ -1266,12 +1266,13 @@ def test_a_set_of_one_number_is_that_number_as_math_verify_compares_them(tmp_pat
 @pytest.mark.parametrize(
     "answer",
     ["\\boxed{\\{5\\}.}", "\\boxed{\\{5\\} .}", "\\boxed{\\{5\\}\\,.}", "\\boxed{\\{5\\}\u3002}",
-     "\\boxed{\\left\\{5\\right\\}.}", "\\boxed{x=\\{5\\}.}", "\\boxed{x=\\{5\\},}", "\\boxed{x=(5),}"],
+     "\\boxed{\\left\\{5\\right\\}.}", "\\boxed{x=\\{5\\}.}", "\\boxed{x=\\{5\\},}", "\\boxed{x=(5),}",
+     "$\\{5\\}.$", "\\(\\{5\\} .\\)", "\\boxed \\{5\\}.$"],
 )  # fmt: skip
-def test_a_set_of_one_number_closed_by_a_period_in_its_box_is_no_number_as_math_verify_reads_it(answer):
+def test_a_set_of_one_number_closed_by_a_period_in_its_box_or_math_is_no_number_as_math_verify_reads_it(answer):
     """6f5d17c read \\boxed{\\{5\\}.} as 5 (the period dropped, then the set of one read), where math-verify reads
-    the string alone, in TRL's accuracy_reward's configuration and its default one; the period after the box, or a
-    number's in it, is dropped as before."""
+    the string alone, in TRL's accuracy_reward's configuration and its default one ($\\{5\\}.$ too); the period
+    after the box or the math, or a number's in it, is dropped as before."""
     assert read_number(answer) is None
     assert read_number("\\boxed{\\{5\\}}.") == read_number("\\boxed{\\{5\\}\\,}") == read_number("\\boxed{5.}") == 5
     assert read_items("\\boxed{\\{5, 6\\}.}") is None

@@ -210,9 +210,12 @@ def _less_sentence_end(text: str) -> str:
 
 
 def _less_period(text: str) -> str:
-    """`text` less the whitespace around it and a closing period (`.`, or `。`, Chinese's)."""
+    """`text` less the whitespace around it and a closing period (`.`, or `。`, Chinese's); not a set's (`\\{5\\}.`,
+    `\\{5\\}\\,.`), which math-verify reads as no set, in a box or in math."""
     text = text.strip()
-    return text[:-1].strip() if text.endswith(PERIODS) else text
+    if not text.endswith(PERIODS) or _less_latex_space(text[:-1]).endswith("\\}"):
+        return text
+    return text[:-1].strip()
 
 
 def _tagged(answer: str) -> str:
@@ -321,16 +324,13 @@ def read_items(answer: str) -> Items | None:
 
 def _answer_text(answer: str) -> str | None:
     """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), a closing
-    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it; not a set's, `\\boxed{\\{5\\}.}`), its sizing and fonts
+    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it; not a set's: `_less_period`), its sizing and fonts
     (STYLE: `\\boxed{\\bf 5}`), braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit
     and `x = `; None when the last box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
-    text = OPENING_SPACE.sub("", text)
-    unclosed = _less_latex_space(_less_period(text))
-    # a set closed by a period in its box keeps it, no answer to math-verify ("\\boxed{\\{5\\}.}"); others drop it
-    text = _less_latex_space(text) if unclosed.endswith("\\}") else unclosed
+    text = _less_latex_space(_less_period(OPENING_SPACE.sub("", text)))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(STYLE.sub("", text))
