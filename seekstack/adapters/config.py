@@ -134,8 +134,10 @@ class AdapterConfig:
         for name, known in (
             ("attention", ATTENTION), ("feed_forward", FEED_FORWARD), ("experts", EXPERTS), ("vocabulary", VOCABULARY)
         ):  # fmt: skip
-            unknown = sorted(set(getattr(config, name)) - set(known))
+            given = list(getattr(config, name))
+            unknown = sorted(set(given) - set(known))
             require(not unknown, name, f"a subset of {', '.join(known)} (not {', '.join(unknown)})")
+            require(len(set(given)) == len(given), name, f"distinct names (not {given})")  # each adapts one module
         require(
             config.dropout == 0 or not (config.feed_forward or config.experts),
             "dropout",

@@ -185,6 +185,11 @@ def test_text_of_one_document_holds_out_its_last_tenth_and_the_run_evaluates_on_
     [
         ("lora.rank=0", "field 'lora.rank' has value 0"),
         ("lora.rnk=3", "unknown field 'lora.rnk'; did you mean 'lora.rank'\\? known fields are lora."),
+        # a name given twice was taken, the same adapter counted twice in the run's FLOPs (its MFU)
+        (
+            "lora.attention=[o_proj,o_proj]",
+            "field 'lora.attention' must be distinct names \\(not \\['o_proj', 'o_proj'\\]",
+        ),
     ],
 )
 def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, override, named, tmp_path):
