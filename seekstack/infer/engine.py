@@ -1443,7 +1443,7 @@ class Engine:
         `chat_template` of the caller's: the tokenizer's own is rendered as it is."""
         from seekstack.infer.chat import ending_at_special_tokens
         from seekstack.posttrain.conversations import offered
-        from seekstack.serve.protocol import TEMPLATE_OPTIONS, shipped_template_variables, template_variables
+        from seekstack.serve.protocol import template_kwarg_read
         from seekstack.serve.tool_calls import completion_with_calls
 
         if chat_template is not None:
@@ -1451,14 +1451,13 @@ class Engine:
                 "chat_template= (vLLM's) is not taken: chat renders the tokenizer's own chat template as it is; "
                 "render a conversation another way yourself and give its text or token ids to generate"
             )
-        read = template_variables(self.tokenizer.jinja_chat_template)
-        for key in chat_template_kwargs or {}:
-            if key in TEMPLATE_OPTIONS or key in read | shipped_template_variables(self.tokenizer.source):
-                raise ValueError(
-                    f"chat_template_kwargs {key!r}: a name the chat template reads, which chat sets from its own "
-                    "keywords (add_generation_prompt, continue_final_message, tools) or leaves unset: leave it out "
-                    "(keys the template does not read are dropped, as vLLM drops them)"
-                )
+        key = template_kwarg_read(chat_template_kwargs, self.tokenizer)
+        if key is not None:
+            raise ValueError(
+                f"chat_template_kwargs {key!r}: a name the chat template reads, which chat sets from its own "
+                "keywords (add_generation_prompt, continue_final_message, tools) or leaves unset: leave it out "
+                "(keys the template does not read are dropped, as vLLM drops them)"
+            )
 
         if isinstance(messages, str):  # its characters would read as messages: "chat message 0 ... got 'h'"
             raise TypeError(

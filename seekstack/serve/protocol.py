@@ -166,20 +166,28 @@ def chat_ids(
 TEMPLATE_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_template", "tools", "documents")
 
 
-def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer: Tokenizer) -> None:
-    """vLLM's `chat_template_kwargs` as vLLM reads them (`resolve_chat_template_kwargs`): a key the chat template does
-    not read is dropped (the same prompt: a client's {"enable_thinking": false} sent to every model), while a key it
-    reads, or one of apply_chat_template's own options, gets 400 naming `chat_template_kwargs.KEY`: this server
-    renders the chat format with none of its variables set from a request."""
+def template_kwarg_read(template_kwargs: Mapping[str, Any] | None, tokenizer: Tokenizer) -> str | None:
+    """The first key of vLLM's `chat_template_kwargs` that `tokenizer`'s chat template reads (its own, or the one
+    shipped beside it), or that is one of apply_chat_template's own options (TEMPLATE_OPTIONS); None when every key
+    may be dropped, as vLLM (`resolve_chat_template_kwargs`) drops those the template does not read. The server
+    (`refuse_template_kwargs`) and Engine.chat refuse such a key, each in its own words."""
     if not template_kwargs:
-        return
+        return None
     read = template_variables(tokenizer.jinja_chat_template) | shipped_template_variables(tokenizer.source)
-    for key in template_kwargs:
-        if key in read or key in TEMPLATE_OPTIONS:
-            param = f"chat_template_kwargs.{key}"
-            raise unsupported(param, f"{param}: the chat template reads {key}, which this server does not set from a "
-                              f"request ({NO_TEMPLATE_CHOICE}): send the request without it (keys the template does "
-                              "not read are dropped, as vLLM drops them)")  # fmt: skip
+    return next((key for key in template_kwargs if key in read or key in TEMPLATE_OPTIONS), None)
+
+
+def refuse_template_kwargs(template_kwargs: Mapping[str, Any] | None, tokenizer: Tokenizer) -> None:
+    """vLLM's `chat_template_kwargs` as vLLM reads them (`template_kwarg_read`): a key the chat template does not read
+    is dropped (the same prompt: a client's {"enable_thinking": false} sent to every model), while a key it reads, or
+    one of apply_chat_template's own options, gets 400 naming `chat_template_kwargs.KEY`: this server renders the
+    chat format with none of its variables set from a request."""
+    key = template_kwarg_read(template_kwargs, tokenizer)
+    if key is not None:
+        param = f"chat_template_kwargs.{key}"
+        raise unsupported(param, f"{param}: the chat template reads {key}, which this server does not set from a "
+                          f"request ({NO_TEMPLATE_CHOICE}): send the request without it (keys the template does not "
+                          "read are dropped, as vLLM drops them)")  # fmt: skip
 
 
 @cache

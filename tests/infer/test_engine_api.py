@@ -224,6 +224,34 @@ def test_chat_drops_chat_template_kwargs_its_template_does_not_read_and_refuses_
     assert engine.stats().waiting == 0 and not engine.running
 
 
+def test_chat_and_the_server_judge_chat_template_kwargs_by_one_helper(model, tokenizer):
+    """Engine.chat copied the server's check of chat_template_kwargs (the same names read, the same apply_chat_template
+    options), so the two could drift apart; both now ask template_kwarg_read which key is refused, each in its words."""
+    from seekstack.serve.errors import APIError
+    from seekstack.serve.protocol import refuse_template_kwargs, template_kwarg_read
+
+    engine, messages = Engine(model, tokenizer), [{"role": "user", "content": "hi"}]
+    greedy = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    for given, key in (
+        (None, None),
+        ({}, None),
+        ({"enable_thinking": False, "thinking": True}, None),
+        ({"enable_thinking": False, "bos_token": "x", "tools": []}, "bos_token"),
+        ({"documents": [], "messages": []}, "documents"),
+    ):
+        assert template_kwarg_read(given, tokenizer) == key
+        if key is None:
+            refuse_template_kwargs(given, tokenizer)
+            assert len(engine.chat(messages, greedy, chat_template_kwargs=given)[0].token_ids) == 1
+            continue
+        with pytest.raises(APIError) as served:
+            refuse_template_kwargs(given, tokenizer)
+        with pytest.raises(ValueError) as chatted:
+            engine.chat(messages, greedy, chat_template_kwargs=given)
+        assert served.value.param == f"chat_template_kwargs.{key}"
+        assert str(chatted.value).startswith(f"chat_template_kwargs {key!r}: a name the chat template reads")
+
+
 def test_a_callable_use_tqdm_makes_the_bar_that_counts_the_finished_requests_as_vllms(model, tokenizer):
     """vLLM's use_tqdm may be a callable making the bar (functools.partial(tqdm, leave=False)); here it was read as
     True, so the caller's bar was never made and rich's default one drawn instead."""
