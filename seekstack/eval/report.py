@@ -9,7 +9,6 @@ demo's code prompts."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, step_tokens
 from seekstack.train.mfu import flops_text
-from seekstack.train.plot import plot_run, read_metrics
+from seekstack.train.plot import plot_run, read_metrics, steps_text
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
 REPORT_FILE = "report.md"
@@ -290,7 +289,7 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         steps = f"{last_step} steps"
         if missing:  # not counted: the row says so, rather than passing for the whole run's
             steps = (
-                f"{last_step - len(missing)} of {last_step} steps; {_steps_text(missing)}: no tokens/s and step time "
+                f"{last_step - len(missing)} of {last_step} steps; {steps_text(missing)}: no tokens/s and step time "
                 f"in {METRICS_FILE}, not counted"
             )
         if labelled is None:
@@ -381,13 +380,6 @@ def _tokens_trained(
         if all(name in r for r in per_step.values()):
             return positions, (kind, sum(round(r[name]) for r in per_step.values())), missing
     return positions, None, missing
-
-
-def _steps_text(steps: list[int]) -> str:
-    """Step numbers as runs of consecutive ones: 'step 3', 'steps 1-2, 5'."""
-    runs = [[step for _, step in run] for _, run in itertools.groupby(enumerate(steps), lambda pair: pair[1] - pair[0])]
-    text = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-    return f"step {text}" if len(steps) == 1 else f"steps {text}"
 
 
 def _training(

@@ -8,6 +8,7 @@ one of a single point shows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -198,7 +199,21 @@ def on_x_axis(records: list[dict], x_axis: str, path: Path) -> list[dict]:
     for record in steps:
         total += step_tokens(record)
         trained_by[record["step"]] = total
+    missing = [step for step in range(1, max(trained_by, default=0) + 1) if step not in trained_by]
+    if missing:  # the tokens of the steps after them would be drawn short of those trained
+        raise ValueError(
+            f"{path}: --x-axis tokens counts the tokens trained from step 1, and it holds no record of "
+            f"{steps_text(missing)} (a run resumed from another run's checkpoint logs only its own steps); plot it by "
+            "step"
+        )
     return [{**record, "step": trained_by[record["step"]]} for record in records if record["step"] in trained_by]
+
+
+def steps_text(steps: list[int]) -> str:
+    """Step numbers as runs of consecutive ones: 'step 3', 'steps 1-2, 5'."""
+    runs = [[step for _, step in run] for _, run in itertools.groupby(enumerate(steps), lambda pair: pair[1] - pair[0])]
+    text = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"step {text}" if len(steps) == 1 else f"steps {text}"
 
 
 def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:

@@ -248,6 +248,23 @@ def test_plot_x_axis_tokens_draws_runs_of_other_batch_sizes_by_the_tokens_they_t
     assert result.exit_code == 1 and "step 1 has no number 'tokens_per_s'" in result.output
 
 
+def test_plot_x_axis_tokens_refuses_a_log_missing_steps_whose_tokens_it_would_leave_out(tmp_path):
+    """A run resumed from another run's checkpoint into a new out_dir logs only its own steps (3-4 here): its tokens
+    axis started from 0 at step 3, each point drawn short of the tokens trained by steps 1-2, beside a run that logged
+    them all."""
+    lines = [{"step": s, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 200.0, "step_s": 0.5} for s in (3, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(app, ["plot", str(tmp_path), "--x-axis", "tokens"])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {tmp_path / 'metrics.jsonl'}: --x-axis tokens counts the tokens trained from step 1, and it holds no "
+        "record of steps 1-2, 5 (a run resumed from another run's checkpoint logs only its own steps); plot it by "
+        "step\n"
+    )
+    assert not (tmp_path / "curves.png").exists()
+    run("plot", tmp_path)  # by step, as asked
+    assert (tmp_path / "curves.png").is_file()
+
+
 def test_plot_labels_the_mtp_block_of_a_run_started_from_a_checkpoint_by_that_models_layers(
     demo_run, tmp_path, monkeypatch
 ):
