@@ -108,7 +108,14 @@ def eval_command(
     table OUT.md (by default in the run's out_dir when MODEL is one or one of its checkpoints, where `report` reads
     it)."""
     from seekstack.atomic import refuse_a_file_in_the_way
-    from seekstack.eval.evaluate import EVAL_DTYPES, evaluate, results_table, task_names, write_results
+    from seekstack.eval.evaluate import (
+        EVAL_DTYPES,
+        evaluate,
+        results_paths,
+        results_table,
+        task_names,
+        write_results,
+    )
     from seekstack.train.runs import run_holding
 
     if dtype not in EVAL_DTYPES:
@@ -125,7 +132,8 @@ def eval_command(
         # a folder, or a path ending in a slash (one to make, which Path's parts drop): the files go into it, as
         # lm_eval's --output_path takes a folder
         path = path / "results" if path.is_dir() or (out or "").endswith(("/", os.sep)) else path
-        refuse_a_file_in_the_way(path.parent, f"{path.name}.json and {path.name}.md")  # before the evaluation runs
+        json_path, table_path = results_paths(path)
+        refuse_a_file_in_the_way(path.parent, f"{json_path.name} and {table_path.name}")  # before the evaluation runs
         samples_folder = path.parent / "lm_eval" if log_samples else None
         refusable = ("batch_size", "limit", "seed", "gen_kwargs")  # a value evaluate() refuses, as the parser's own
         with options_named(refusable):

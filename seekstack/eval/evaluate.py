@@ -339,12 +339,19 @@ def results_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """`out`.json (everything) and `out`.md (the table and the wall time); returns both paths."""
+def results_paths(out: str | Path) -> tuple[Path, Path]:
+    """The files `write_results` makes for `out`: `out`.json and `out`.md, a .json or .md it ends in dropped first
+    (r.json: r.json and r.md)."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".json", ".md") else out  # model_v1.5: a name, not a suffix
-    json_path, table_path = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
+
+
+def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """`out`.json (everything) and `out`.md (the table and the wall time), as `results_paths` names them; returns both
+    paths."""
+    json_path, table_path = results_paths(out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(json_path, json.dumps(report, indent=2, default=str) + "\n")
     header = f"Model `{report['model']}`, backend `{report['backend']}`, wall time {report['wall_s']:.1f} s\n\n"
     write_atomic(table_path, header + results_table(report) + "\n")

@@ -163,9 +163,11 @@ def test_eval_out_naming_a_folder_writes_the_results_into_it_as_lm_evals_output_
     assert not (tmp_path / "newdir.json").exists()
 
 
-def test_eval_out_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["r", "r.json"])
+def test_eval_out_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, monkeypatch, name):
     """`--out notes.txt/results` (a file where its folder would be) ran the whole evaluation, then failed writing the
-    results ('Not a directory'), the scores lost."""
+    results ('Not a directory'), the scores lost. The refusal names the files write_results would make: r.json and
+    r.md for r.json too (it said r.json.json and r.json.md)."""
     import lm_eval
 
     asked = []
@@ -173,7 +175,8 @@ def test_eval_out_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, m
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(tmp_path / "notes.txt/r")])
+    out = str(tmp_path / "notes.txt" / name)
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", out])
     assert result.exit_code == 1 and asked == []
     said = f"{tmp_path / 'notes.txt'}: is a file, not a folder; choose another output folder for r.json and r.md"
     assert "".join(said.split()) in "".join(result.output.split()) and (tmp_path / "notes.txt").read_text() == "mine"
