@@ -386,19 +386,18 @@ def _rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: 
     groups = config.n_group or 1
     expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
     experts_removed = groups * removed_count(config.n_routed_experts // groups, experts) if has_moe else 0
-    removing = False
+    heads_removed = removed_count(config.num_attention_heads, heads)
     for option, asked, count, gone, step in (
         ("--experts", experts if has_moe else 0.0, config.n_routed_experts, experts_removed, expert_step),
-        ("--heads", heads, config.num_attention_heads, removed_count(config.num_attention_heads, heads),
-         1 / config.num_attention_heads),
-    ):  # fmt: skip
-        share, removing = (gone / count if count else 0.0), removing or gone > 0
+        ("--heads", heads, config.num_attention_heads, heads_removed, 1 / config.num_attention_heads),
+    ):
+        share = gone / count if count else 0.0
         if asked and abs(share - asked) > 1e-9:
             notes.append(
                 f"{option} {asked:g} removed {gone} of {count} per layer ({share:.1%}): pruning takes whole "
                 f"ones, a step of {step:.3g}"
             )
-    if not removing:
+    if not experts_removed and not heads_removed:
         raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
     return notes
 
