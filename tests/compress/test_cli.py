@@ -16,7 +16,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import seekstack
-from seekstack.checkpoint import stored_float_dtype
+from seekstack.checkpoint import read_config, stored_float_dtype
 from seekstack.cli import app
 from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.linear import Int4Weight, QuantizedLinear
@@ -187,14 +187,14 @@ def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothi
 
     write_train_shard(tmp_path / "shards")
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
-    heads = seekstack.load_pretrained(tmp_path / "float").config.num_attention_heads
+    config = read_config(tmp_path / "float")  # the config alone: no model to load
+    heads, experts = config.num_attention_heads, config.n_routed_experts
     args = ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--calibration-batches", "1"]
     nothing = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "none"), "--heads", "0.01", "--experts", "0"])
     assert nothing.exit_code == 1
     assert f"nothing to remove: --heads 0.01 removed 0 of {heads} per layer" in nothing.output
     assert not (tmp_path / "none").exists()
     unread = ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "no_shards"), "--out", str(tmp_path / "none")]
-    experts = seekstack.load_pretrained(tmp_path / "float").config.n_routed_experts
     nothing = CliRunner().invoke(app, [*unread, "--heads", "0", "--experts", "0.01"])
     assert nothing.exit_code == 1 and not (tmp_path / "none").exists()
     assert f"nothing to remove: --experts 0.01 removed 0 of {experts} per layer (0.0%)" in nothing.output
