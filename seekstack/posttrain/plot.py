@@ -4,8 +4,8 @@ Panels: accuracy (the correctness reward) and the format reward; completion leng
 answers; KL to the reference and the clipped fraction; entropy; the share of each step spent on rollouts: generating
 them, or with async_rollouts waiting for them (`wait_share`: its `generate_share` compares the rollout, which ran
 beside the step before, with this step and passes 1 when rollouts take longer than training).
-Each point is the mean over a window of steps (`smooth`), since one step's batch is small; a curve of few points
-is drawn with markers, so that one of a single point shows.
+Each point is the mean over a window of steps (`smooth`), since one step's batch is small, as each panel's title
+says; a curve of few points is drawn with markers, so that one of a single point shows.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from seekstack.train.plot import (  # noqa: E402
     MARKED_UP_TO,
     figure_format,
     figure_path,
+    means_of,
     read_metrics,
     require_each_run_once,
     run_names,
@@ -85,7 +86,7 @@ def rl_figure(run_dirs: list[Path], smooth: int = RL_SMOOTH, records: list[list[
                 if steps:
                     marker = "o" if len(steps) <= MARKED_UP_TO else None
                     axis.plot(steps, values, marker=marker, markersize=3, label=f"{name}: {key}")
-            axis.set_title(title)
+            axis.set_title(title + means_of(smooth))  # as plot's titles say theirs
             axis.set_xlabel("step")
     for axis in axes:
         if axis.get_legend_handles_labels()[0]:  # a panel whose quantities no run logged stays empty, unlabelled

@@ -90,7 +90,7 @@ def plot_run(
     if diverged:
         divergence = column(diverged, "val_divergence", path)
         axes[0].plot([r["step"] for r in diverged], divergence, "s--", label="validation divergence")
-    _style(axes[0], "loss (nats per token)" + _means_of(smooth))
+    _style(axes[0], "loss (nats per token)" + means_of(smooth))
 
     if evals:
         axes[1].plot([r["step"] for r in evals], column(evals, "val_bpb", path), "o-")
@@ -109,7 +109,7 @@ def plot_run(
         ]
         label = f"layer {layer}" + (" (MTP)" if main_layers is not None and int(layer) >= main_layers else "")
         axes[3].plot(*smoothed(values, "maxvio", smooth), label=label, linewidth=0.8)
-    _style(axes[3], "MaxVio per MoE layer (step batch)" + _means_of(smooth))
+    _style(axes[3], "MaxVio per MoE layer (step batch)" + means_of(smooth))
 
     if mixed:
         sources = dict.fromkeys(source for r in mixed for source in r["mix"])  # a resume may add some
@@ -152,10 +152,10 @@ def plot_runs(
                 axis.plot(x, y, style, color=f"C{index % 10}", linewidth=0.8, label=label)
         last_step = max(last_step, steps[-1]["step"])
     titles = (
-        "next-token loss (nats per token)" + _means_of(smooth),
+        "next-token loss (nats per token)" + means_of(smooth),
         "validation bits per byte",
         "learning rate",
-        "MaxVio (mean of MoE layers)" + _means_of(smooth),
+        "MaxVio (mean of MoE layers)" + means_of(smooth),
     )
     for axis, title in zip(axes, titles, strict=True):
         _style(axis, title)
@@ -234,7 +234,7 @@ def _curve(records: list[dict], key: str, path: Path, window: int) -> tuple[list
     return smoothed(having, key, window)
 
 
-def _means_of(window: int) -> str:
+def means_of(window: int) -> str:
     """A panel title's note of its training curves' smoothing."""
     return f", means of {window} steps" if window > 1 else ""
 

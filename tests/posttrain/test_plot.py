@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from seekstack.posttrain.plot import plot_rl_runs, rl_figure, smoothed
+from seekstack.train.plot import means_of
 
 
 def test_smoothing_averages_windows_of_steps_that_have_the_key():
@@ -35,7 +36,18 @@ def write_run(run, lines):
 
 
 def panel(figure, title):
-    return next(axis for axis in figure.axes if axis.get_title() == title)
+    """The panel titled `title` (with the note of its smoothing, if any, after it)."""
+    return next(axis for axis in figure.axes if axis.get_title().removesuffix(means_of(10)) == title)
+
+
+def test_each_panel_says_how_many_steps_its_points_average_as_plots_titles_do(tmp_path):
+    """rl-plot averages 10 steps per point by default, and its titles did not say so ("reward"), where plot's say
+    theirs ("loss (nats per token), means of 20 steps"): a point read as one step's value."""
+    run = write_run(tmp_path / "run", [{"step": s, "reward": 0.5, "accuracy": 0.5} for s in range(1, 21)])
+    titles = [axis.get_title() for axis in rl_figure([run]).axes]
+    assert titles[:2] == ["reward, means of 10 steps", "completion length (tokens), means of 10 steps"]
+    assert all(title.endswith(", means of 10 steps") for title in titles) and len(titles) == 5
+    assert [axis.get_title() for axis in rl_figure([run], smooth=1).axes][0] == "reward"
 
 
 def test_an_async_run_draws_the_share_of_the_step_spent_waiting_for_rollouts(tmp_path):
