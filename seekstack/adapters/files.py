@@ -468,13 +468,27 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(base, adapter))
     model = load_pretrained(base, dtype="auto")
     stored = model.embed_tokens.weight.dtype
-    merged = merged_model(model.float(), adapter).to(stored)
+    merged = _in_dtype(merged_model(model.float(), adapter), stored, Path(adapter))
     out = save_pretrained(merged, out)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
         source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)
         if source is not None:
             copy_model_folder_file(source, out, merged.config.max_position_embeddings)
     return out
+
+
+def _in_dtype(merged: Transformer, dtype: torch.dtype, folder: Path) -> Transformer:
+    """`merged` (float32) cast to the base's `dtype`; CheckpointError naming the first weight that comes out infinite
+    there (a float16 base: a merged value past 65504), as the float32 merge refuses one (`_merged_whole`)."""
+    merged = merged.to(dtype)
+    for name, parameter in merged.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise CheckpointError(
+                f"{folder / ADAPTER_WEIGHTS_FILE}: the merged {name} overflows the base's {str(dtype)[6:]} (W + "
+                "alpha/r B A past its largest value): train the adapter again (e.g. with a lower lr), or merge it into "
+                "a float32 copy of the base"
+            )
+    return merged
 
 
 class ModelFolders(NamedTuple):

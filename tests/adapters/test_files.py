@@ -191,6 +191,20 @@ def test_a_bfloat16_base_merges_into_a_bfloat16_checkpoint_rounded_once(base, tm
     assert {str(t.dtype) for t in merged.values()} == {"torch.bfloat16", "torch.float32"}
 
 
+def test_a_float16_merge_past_its_largest_value_is_refused_naming_the_weight(base, tmp_path):
+    """Merged in float32, a weight W + alpha/r B A past float16's 65504 came out infinite in a float16 checkpoint."""
+    half = seekstack.save_pretrained(seekstack.load_pretrained(base).to(torch.float16), tmp_path / "half")
+    only = AdapterConfig(rank=4, attention=["o_proj"], feed_forward=[], experts=[])
+    adapter = write_random_adapter(half, tmp_path / "adapter", seed=1, config=only)
+    weights = load_safetensors((adapter / ADAPTER_WEIGHTS_FILE).read_bytes())
+    large = {k: torch.full_like(v, 100.0) if ".layers.1." in k else v for k, v in weights.items()}
+    (adapter / ADAPTER_WEIGHTS_FILE).write_bytes(save_safetensors(large))  # 4 x 100 x 100 x 16/4 = 160000
+    message = r"the merged layers\.1\.self_attn\.o_proj\.weight overflows the base's float16"
+    with pytest.raises(CheckpointError, match=message):
+        merge_adapter(half, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize(
     ("vocabulary", "attention", "still_tied"),
     [(["lm_head"], [], False), (["embed_tokens"], [], False), (["embed_tokens", "lm_head"], [], False),
