@@ -32,7 +32,7 @@ from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, step_tokens
 from seekstack.train.mfu import flops_text
-from seekstack.train.plot import plot_run, read_metrics, steps_text
+from seekstack.train.plot import json_object, plot_run, read_metrics, steps_text
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
 REPORT_FILE = "report.md"
@@ -94,7 +94,7 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
 def _write_page(run_dir: Path, out_dir: str | Path | None, samples: bool, checkpoint: Path | None) -> Path:
     """`write_report`'s page, of the run's newest `checkpoint` and its metrics (read after it was found: they hold
     its steps, which a run logs before it saves them)."""
-    train_config = _json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
+    train_config = json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
     records = read_metrics(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)  # once RUN is a run: a mistyped one leaves no empty folder behind
@@ -212,7 +212,7 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     data_dir = _from_run(run_dir, train_config["data_dir"])
     rows, tokenizer = [], None
     for index_path in sorted(data_dir.glob("*_index.json")):
-        index = _json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
+        index = json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
         missing = [key for key in ("split", "documents", "total_tokens") if key not in index]
         if missing:
             raise ValueError(
@@ -250,7 +250,7 @@ def _corpus_report(data_dir: Path) -> dict[str, Any] | None:
     corpus = corpus_folder(data_dir)
     if corpus is None or not (corpus / "report.json").is_file():
         return None
-    return _json_object(corpus / "report.json", "build the corpus again (seekstack data build), or delete it")
+    return json_object(corpus / "report.json", "build the corpus again (seekstack data build), or delete it")
 
 
 def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -502,7 +502,7 @@ def _evaluation(run_dir: Path, checkpoint: Path | None) -> str:
             return ""
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
-    results = _json_object(path, remedy)
+    results = json_object(path, remedy)
     counts = documents_key(results)
     checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), (counts, dict), ("model", str),
               ("options", dict))  # fmt: skip
@@ -675,20 +675,6 @@ def _held_out_conversations(
 def _from_run(run_dir: Path, path: str) -> Path:
     """A path train_config.json holds (relative to the run's folder, as the run resolved it) made absolute."""
     return (run_dir / path).resolve()
-
-
-def _json_object(path: Path, remedy: str) -> dict[str, Any]:
-    """The JSON object in `path` ({} when there is no such file); ValueError naming the file, and `remedy`, when
-    it is not valid JSON or not an object."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_bytes())
-    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
-        raise ValueError(f"{path}: not valid JSON ({error}); the file is truncated or damaged: {remedy}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: holds {json.dumps(value)[:40]}, not a JSON object; {remedy}")
-    return value
 
 
 # Control characters but tab and line breaks (a CR alone is one only to some viewers): a random byte-level model's

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -279,16 +280,27 @@ def _main_layer_count(run_dir: str | Path) -> int | None:
     """num_hidden_layers of the run's model, to tell MTP blocks apart: of the checkpoint it started from (its
     train_config.json's init_from, relative to the run: sft, rl, distill, lora train), else of its preset and
     model_overrides; None if unknown (no train_config.json, one naming no preset, a starting checkpoint moved since)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = json_object(Path(run_dir) / CONFIG_FILE, "restore it, or delete it to plot without the run's settings")
     if not saved.get("init_from"):
         if not saved.get("model"):  # one written by hand ({}) that names no preset
             return None
         return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
     start = Path(run_dir) / saved["init_from"] / MODEL_CONFIG_FILE
     return json.loads(start.read_text(encoding="utf-8"))["num_hidden_layers"] if start.is_file() else None
+
+
+def json_object(path: Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in `path` ({} when there is no such file); ValueError naming the file, and `remedy`, when
+    it is not valid JSON or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise ValueError(f"{path}: not valid JSON ({error}); the file is truncated or damaged: {remedy}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds {json.dumps(value)[:40]}, not a JSON object; {remedy}")
+    return value
 
 
 def _style(axis: plt.Axes, title: str) -> None:

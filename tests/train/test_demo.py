@@ -265,6 +265,28 @@ def test_plot_x_axis_tokens_refuses_a_log_missing_steps_whose_tokens_it_would_le
     assert (tmp_path / "curves.png").is_file()
 
 
+@pytest.mark.parametrize(
+    ("saved", "said"),
+    [
+        ('{"model": "tiny",', "not valid JSON (Expecting property name enclosed in double quotes: line 2 column 1 "
+         "(char 18)); the file is truncated or damaged:"),
+        ('["x"]', 'holds ["x"], not a JSON object;'),
+    ],
+)  # fmt: skip
+def test_plot_of_a_run_whose_train_config_is_damaged_names_the_file(tmp_path, saved, said):
+    """`seekstack plot RUN` said "error: Expecting property name enclosed in double quotes: line 2 column 1 (char
+    18)", naming no file, of a train_config.json cut short, and ended in an AttributeError traceback of one holding
+    a list, where report names the file and what to do."""
+    line = {"step": 1, "loss": 3.0, "lr": 1e-3}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    (tmp_path / "train_config.json").write_text(saved + "\n")
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {tmp_path / 'train_config.json'}: {said} restore it, or delete it to plot without the run's settings\n"
+    )
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_plot_labels_the_mtp_block_of_a_run_started_from_a_checkpoint_by_that_models_layers(
     demo_run, tmp_path, monkeypatch
 ):
