@@ -460,15 +460,17 @@ def _merged_whole(peft_model: PeftModel, folder: Path) -> Transformer:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
-    tokenizer and generation_config.json of the adapter or of the base. Merged in float32 and written in the base's
-    own dtype (rounded once: a bfloat16 base gives a bfloat16 checkpoint, as peft's merge_and_unload keeps it)."""
+    tokenizer and generation_config.json of the adapter or of the base. Merged in float32 (float64 for a float64
+    base) and written in the base's own dtype (rounded once: a bfloat16 base gives a bfloat16 checkpoint, as peft's
+    merge_and_unload keeps it)."""
     from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(base, adapter))
     model = load_pretrained(base, dtype="auto")
     stored = model.embed_tokens.weight.dtype
-    merged = _in_dtype(merged_model(model.float(), adapter), stored, Path(adapter))
+    merging = torch.promote_types(stored, torch.float32)  # a float64 base keeps its precision
+    merged = _in_dtype(merged_model(model.to(merging), adapter), stored, Path(adapter))
     out = save_pretrained(merged, out)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
         source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)

@@ -191,6 +191,24 @@ def test_a_bfloat16_base_merges_into_a_bfloat16_checkpoint_rounded_once(base, tm
     assert {str(t.dtype) for t in merged.values()} == {"torch.bfloat16", "torch.float32"}
 
 
+def test_a_float64_base_merges_in_float64_keeping_every_weight_it_does_not_adapt(base, tmp_path):
+    """96c8f5c merged every base in float32 and wrote the base's dtype: a float64 base came out float64 on disk with
+    each weight, adapted or not, rounded to float32's precision."""
+    torch.manual_seed(0)
+    model = seekstack.load_pretrained(base).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-10)  # below float32's precision
+    wide = seekstack.save_pretrained(model, tmp_path / "wide")
+    only = AdapterConfig(rank=4, attention=["o_proj"], feed_forward=[], experts=[])
+    adapter = write_random_adapter(wide, tmp_path / "adapter", seed=1, config=only)
+    merged = seekstack.load_pretrained(merge_adapter(wide, adapter, tmp_path / "merged"), dtype="auto").state_dict()
+    original = seekstack.load_pretrained(wide, dtype="auto").state_dict()
+    untouched = [name for name in original if "o_proj" not in name]
+    assert untouched and all(merged[name].dtype == original[name].dtype for name in original)
+    assert all(torch.equal(merged[name], original[name]) for name in untouched)
+
+
 def test_a_float16_merge_past_its_largest_value_is_refused_naming_the_weight(base, tmp_path):
     """Merged in float32, a weight W + alpha/r B A past float16's 65504 came out infinite in a float16 checkpoint."""
     half = seekstack.save_pretrained(seekstack.load_pretrained(base).to(torch.float16), tmp_path / "half")
