@@ -395,10 +395,10 @@ def _training(
     evals = [r for r in records if "val_loss" in r]
     tail = steps[len(steps) * 3 // 4 :]  # the last quarter: past warm-up and compilation
     if _is_rl(train_config) or logs_rewards(records):  # as `seekstack plot RUN` tells one
-        rl_steps = [r for r in steps if "reward" in r]
+        rl_steps = [r for r in records if "reward" in r]  # what rl-plot draws, a loss logged or not
         window = max(1, min(RL_WINDOW, len(rl_steps) // 4))
         curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window, records=[records])
-        drawn = _drawn_by(curves, run_dir, ["rl-plot", str(run_dir), "--smooth", str(window)], steps)
+        drawn = _drawn_by(curves, run_dir, ["rl-plot", str(run_dir), "--smooth", str(window)], rl_steps)
         text = f"## Training\n\n![RL curves]({curves.name})\n\n{drawn}\n\n" + _rl_progress(rl_steps, window)
     else:
         curves = plot_run(run_dir, out_dir / "curves.png", records)  # read once: a torn last line told once

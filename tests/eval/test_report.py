@@ -748,6 +748,11 @@ def test_an_rl_runs_metrics_are_reported_by_their_rewards_as_plot_draws_them_wha
         "| reward | 0.250 | 1.000 |"
     )
     assert (tmp_path / "rl_curves.png").is_file() and not (tmp_path / "curves.png").exists()
+    without_loss = [{key: value for key, value in record.items() if key != "loss"} for record in records]
+    assert (  # another trainer's, or written by hand: rl-plot draws its rewards all the same
+        f"`rl_curves.png`: steps 1-4 of `{tmp_path / 'metrics.jsonl'}`, as `seekstack rl-plot {tmp_path} --smooth 1` "
+        "draws it.\n\n|  | step 1 | step 4 |\n|---|---|---|\n| reward | 0.250 | 1.000 |"
+    ) in _training(tmp_path, tmp_path, {}, without_loss)
 
 
 def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_in(tmp_path, monkeypatch):
