@@ -29,6 +29,7 @@ from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
+from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, step_tokens
 from seekstack.train.mfu import flops_text
@@ -317,7 +318,8 @@ def _no_model(run_dir: Path) -> str:
 
 def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any], lora_run: Path | None) -> int | None:
     """Training FLOPs per token of the run's rows; a LoRA run's (`lora_run`) without weight gradients for its frozen
-    base (seekstack/adapters/flops.py), None when its lora_config.json is not there (a run made by hand)."""
+    base (seekstack/adapters/flops.py), None when its lora_config.json is not there (a run made by hand) or names
+    targets this seekstack refuses."""
     from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
     from seekstack.adapters.flops import lora_training_flops
 
@@ -327,7 +329,10 @@ def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any],
     if not (lora_run / CONFIG_FILE).is_file():
         return None
     positions = train_config.get("batch_size", 1) * seq_len  # of a micro-batch
-    return lora_training_flops(config, AdapterConfig.load(lora_run), seq_len, positions) // positions
+    try:
+        return lora_training_flops(config, AdapterConfig.load(lora_run), seq_len, positions) // positions
+    except ConfigError:  # a lora_config.json an earlier seekstack trained by (a target twice, or one the base lacks)
+        return None
 
 
 def _adapter_summary(adapter: Path, base_parameters: int) -> str:

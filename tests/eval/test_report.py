@@ -1038,3 +1038,23 @@ def test_report_of_a_lora_run_whose_adapter_is_peft_pickle_names_it_not_a_missin
     (adapter / "adapter_model.bin").write_bytes(b"a pickle")
     with pytest.raises(CheckpointError, match=r"step_2: no adapter_model\.safetensors; it holds adapter_model\.bin "):
         _model(tmp_path / "run", adapter, {}, [])
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [["q_proj", "o_proj"], ["o_proj", "o_proj"]],  # a query the base lacks (it has q_lora_rank), a target twice
+)
+def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_without_its_compute(tmp_path, attention):
+    """lora train took these (ab2376a and ee898b0 refuse them now: the first trained o_proj alone, the second counted
+    o_proj twice); the report of such a run failed on its lora_config.json, where it can leave the compute out."""
+    from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
+    from seekstack.config import preset
+    from seekstack.eval.report import _training_flops_per_token
+
+    AdapterConfig(attention=["o_proj"], feed_forward=[], experts=[]).save(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**saved, "attention": attention}))
+    run = {"seq_len": 32, "batch_size": 2}
+    assert _training_flops_per_token(preset("tiny"), run, tmp_path) is None
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    assert _training_flops_per_token(preset("tiny"), run, tmp_path) > 0
