@@ -123,10 +123,14 @@ COST_SCALE = 10**12  # usage.cost_pico: the whole 1e-12 of the currency below a 
 # The most one request may cost, in 1e-12 of the currency: 2**63 - 1 whole units (a 64-bit usage.cost_units, 9.2e18)
 # and the 1e-12 below them. A cost kept in one 64-bit count of 1e-12 held at most 9.2 million of the currency
 MAX_COST_PICO = (2**63 - 1) * COST_SCALE + COST_SCALE - 1
-# A cost_pico of a database from before cost_units, which held the whole cost, split into the two (each row once)
+IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
+# A cost_pico written by a seekstack from before cost_units, which held the whole cost, split into the two (each row
+# once), at each opening: a server of that seekstack still running on the database (a rolling upgrade) writes its
+# stream's final cost whole into cost_pico, so a row still in progress is split only once it has ended (until then it
+# is read right unsplit, cost_units 0), never twice (40.0 split, then finished at 44.0, read as 84.0)
 SPLIT_COSTS = (
     f"UPDATE usage SET cost_units = cost_pico / {COST_SCALE}, cost_pico = cost_pico - cost_pico / {COST_SCALE} * "
-    f"{COST_SCALE} WHERE cost_pico >= {COST_SCALE}"
+    f"{COST_SCALE} WHERE cost_pico >= {COST_SCALE} AND status <> {IN_PROGRESS}"
 )
 # The note of `note_upgrade` once cost_units is added to a database that had costs: an older seekstack has no schema
 # version to refuse it by, and reads cost_pico alone
@@ -239,8 +243,8 @@ class SQLiteDatabase:
             converted = self._keep_costs_in_pico()
             if converted is not None:
                 changes.append(costs_converted(converted))
+            connection.execute(SPLIT_COSTS)
             if ("usage", "cost_units") in added:  # cost_pico held the whole cost
-                connection.execute(SPLIT_COSTS)
                 changes.append(COSTS_SPLIT)
             if self._free_revoked_key_names():
                 changes.append(KEYS_REBUILT)
@@ -371,8 +375,8 @@ class PostgresDatabase:
                     self._connection.execute("ALTER TABLE usage ALTER COLUMN cost_pico DROP DEFAULT")
                     self._connection.execute("ALTER TABLE usage DROP COLUMN cost")
                     changes.append(costs_converted(len(costs)))
+                self._connection.execute(SPLIT_COSTS)
                 if ("usage", "cost_units") not in present:  # cost_pico held the whole cost
-                    self._connection.execute(SPLIT_COSTS)
                     changes.append(COSTS_SPLIT)
                 if self._connection.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from seekstack.serve.database import (
     COST_SCALE,
     DEFAULT_PLAN,
+    IN_PROGRESS,
     Database,
     cost_amount,
     cost_columns,
@@ -31,7 +32,6 @@ PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without 
     "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
     "ORDER BY created_at DESC LIMIT 1), ?)"  # a name's newest key: its active one, if it has one
 )
-IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
 # The rows' costs summed in three parts, whole units, the millionths and the 1e-12 below them: SQLite's SUM of 64-bit
 # integers fails ("integer overflow") past 2**63 - 1, which the units pass at 9.2e18 of the currency, the millionths
 # and the 1e-12 (each below 10**6 a row) after 9.2e12 rows

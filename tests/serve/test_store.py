@@ -613,6 +613,27 @@ def test_a_databases_costs_kept_whole_in_cost_pico_are_split_into_units_once_eve
     assert database.query("SELECT SUM(cost_units) AS units FROM usage")[0]["units"] == 9_224_373
 
 
+def test_a_stream_an_older_server_still_runs_is_split_only_once_it_ends_its_cost_counted_once(database_location):
+    """Several servers may share one database (a rolling upgrade): the split rewrote a row still in progress, and the
+    older server still running its stream then wrote the whole final cost into cost_pico beside the split's units, so
+    40.0 finished at 44.0 read as 84.0."""
+    old_usage_database(database_location, [str(40 * 10**12), str(7 * 10**12 + 5)], cost_column="cost_pico BIGINT")
+    execute_each(database_location, ["UPDATE usage SET status = 0 WHERE id = 1"])  # the older server's stream
+    database = open_database(database_location)
+    stored = database.query("SELECT cost_units, cost_pico FROM usage ORDER BY id")
+    assert [(row["cost_units"], row["cost_pico"]) for row in stored] == [(0, 40 * 10**12), (7, 5)]
+    ledger = Ledger(database)
+    assert ledger.spent("old") == 47.000000000005  # read right unsplit
+    # the older server ends its stream as it writes rows: the whole cost in cost_pico
+    execute_each(database_location, [f"UPDATE usage SET status = 200, cost_pico = {44 * 10**12} WHERE id = 1"])
+    assert [row["cost"] for row in ledger.records("old")] == [44.0, 7.000000000005]
+    assert [day.cost_pico for day in ledger.daily()] == [51 * 10**12 + 5]
+    database = open_database(database_location)  # a later opening splits the ended row
+    stored = database.query("SELECT cost_units, cost_pico FROM usage ORDER BY id")
+    assert [(row["cost_units"], row["cost_pico"]) for row in stored] == [(44, 0), (7, 5)]
+    assert Ledger(database).spent("old") == 51.000000000005
+
+
 def test_servers_opening_one_old_postgresql_database_at_once_both_start_every_row_kept(postgres_server):
     """Each opening transaction read usage (a shared lock) and then altered it (ADD COLUMN cost_pico): two servers
     opening an old database at once waited on each other, "deadlock detected", and one failed to start."""
