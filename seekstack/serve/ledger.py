@@ -32,12 +32,15 @@ PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without 
     "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
     "ORDER BY created_at DESC LIMIT 1), ?)"  # a name's newest key: its active one, if it has one
 )
-# The rows' costs summed in three parts, whole units, the millionths and the 1e-12 below them: SQLite's SUM of 64-bit
-# integers fails ("integer overflow") past 2**63 - 1, which the units pass at 9.2e18 of the currency, the millionths
-# and the 1e-12 (each below 10**6 a row) after 9.2e12 rows
+# The rows' costs summed in four parts, billions of units, the whole units below them, the millionths and the 1e-12
+# below those: SQLite's SUM of 64-bit integers fails ("integer overflow") past 2**63 - 1, which a sum of whole units
+# passes at 9.2e18 of the currency (two of the largest requests at the highest price: every later request of a key
+# with a budget failed, 500). Each part passes it only after 10**9 rows of the largest cost (billions, at most 9.2e9
+# a row), or 9.2e9 rows (each other part below 10**9 a row)
 COST_SUMS = (  # (no % operator: psycopg reads it as a placeholder's start)
-    "SUM(cost_units) AS cost_units, SUM(cost_pico / 1000000) AS cost_micro, "
-    "SUM(cost_pico - cost_pico / 1000000 * 1000000) AS cost_below_micro"
+    "SUM(cost_units / 1000000000) AS cost_giga_units, SUM(cost_units - cost_units / 1000000000 * 1000000000) AS "
+    "cost_units, SUM(cost_pico / 1000000) AS cost_micro, SUM(cost_pico - cost_pico / 1000000 * 1000000) AS "
+    "cost_below_micro"
 )
 
 
@@ -91,7 +94,8 @@ def summed_pico(row: dict) -> int:
     """The cost, in 1e-12 of the currency, of rows summed by COST_SUMS (PostgreSQL sums a BIGINT as a NUMERIC, a
     Decimal; no row: NULL)."""
     return (
-        int(row["cost_units"] or 0) * COST_SCALE
+        int(row["cost_giga_units"] or 0) * 1_000_000_000 * COST_SCALE
+        + int(row["cost_units"] or 0) * COST_SCALE
         + int(row["cost_micro"] or 0) * 1_000_000
         + int(row["cost_below_micro"] or 0)
     )

@@ -498,6 +498,22 @@ def test_a_keys_costs_summed_past_nine_million_are_exact_not_an_overflow(databas
     assert [day.cost_pico for day in ledger.daily()] == [10_000_002 * 10**12]
 
 
+def test_a_keys_largest_requests_at_the_highest_price_sum_exactly_not_an_overflow(database):
+    """SQLite summed each row's whole units in one 64-bit SUM, which two requests of MAX_BILLED_TOKENS at a price near
+    the highest taken pass (9.2e18): what the key spent and the daily totals failed with "integer overflow", and every
+    request of a key with a budget with it (500)."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    top = keys.set_plan("top", prompt_per_1k=549755813887999.9, completion_per_1k=549755813887999.9)
+    keys.create("k", plan="top")
+    for _ in range(3):
+        ledger.record(usage("k", MAX_BILLED_TOKENS - 1, 1))
+    largest = top.cost_pico(MAX_BILLED_TOKENS, 0)
+    assert largest == 9_223_372_036_854_774_130_278_400_000_000
+    assert [day.cost_pico for day in ledger.daily()] == [3 * largest]
+    assert ledger.spent("k") == cost_amount(3 * largest) == 2.7670116110564323e19
+    assert ledger_module.total_cost(ledger.daily()) == ledger.spent("k")
+
+
 def test_a_price_whose_largest_request_would_cost_past_what_the_ledger_holds_is_refused_naming_it(database):
     """A request's cost is kept as 64-bit whole units of the currency and the 1e-12 below them: a price that let one
     pass 9.2e18 would fail (500) unbilled writing its row."""
