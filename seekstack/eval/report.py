@@ -29,7 +29,7 @@ from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, load_config
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, step_tokens
 from seekstack.train.mfu import flops_text
@@ -329,9 +329,10 @@ def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any],
     if not (lora_run / CONFIG_FILE).is_file():
         return None
     positions = train_config.get("batch_size", 1) * seq_len  # of a micro-batch
+    adapter = load_config(AdapterConfig, lora_run / CONFIG_FILE)  # a damaged file is named, not taken for old
     try:
-        return lora_training_flops(config, AdapterConfig.load(lora_run), seq_len, positions) // positions
-    except ConfigError:  # a lora_config.json an earlier seekstack trained by (a target twice, or one the base lacks)
+        return lora_training_flops(config, adapter.validate(), seq_len, positions) // positions
+    except ConfigError:  # targets an earlier seekstack trained by and this one refuses (one twice, one the base lacks)
         return None
 
 

@@ -1050,6 +1050,7 @@ def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_without_
     from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
     from seekstack.config import preset
     from seekstack.eval.report import _training_flops_per_token
+    from seekstack.schema import ConfigError
 
     AdapterConfig(attention=["o_proj"], feed_forward=[], experts=[]).save(tmp_path)
     saved = json.loads((tmp_path / CONFIG_FILE).read_text())
@@ -1058,3 +1059,6 @@ def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_without_
     assert _training_flops_per_token(preset("tiny"), run, tmp_path) is None
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     assert _training_flops_per_token(preset("tiny"), run, tmp_path) > 0
+    (tmp_path / CONFIG_FILE).write_text("{")  # damaged: named, as before
+    with pytest.raises(ConfigError, match=f"{CONFIG_FILE}: cannot be parsed"):
+        _training_flops_per_token(preset("tiny"), run, tmp_path)
