@@ -760,9 +760,8 @@ def test_the_admin_usage_reports_costs_as_the_decimals_the_prices_make(engine, t
     assert (tiny.cost_pico(40, 0), tiny.cost_pico(0, 1)) == (40, 150)  # 4e-11 and 1.5e-10
 
 
-def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
-    """`/v1/admin/usage?key=alice&key=ops` answered ops' usage alone (FastAPI reads the last of a repeated parameter),
-    as if alice had none: a parameter given twice is now refused, naming it."""
+def usage_reports(engine, tmp_path, *queries):
+    """The admin's /v1/admin/usage answers to each query (params) of a database where alice and ops used 0.1 each."""
     database = open_database(tmp_path / "db")
     boss = KeyStore(database).create("boss", admin=True)
     for name in ("alice", "ops"):
@@ -770,12 +769,18 @@ def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine
 
     async def scenario(client):
         as_boss = {"Authorization": f"Bearer {boss}"}
-        return [
-            await client.get("/v1/admin/usage", params=params, headers=as_boss)
-            for params in ([("key", "alice"), ("key", "ops")], [("since", "2026-11-01"), ("since", "2026-11-02")])
-        ]
+        return [await client.get("/v1/admin/usage", params=params, headers=as_boss) for params in queries]
 
-    errors = [error_of(answer, 400) for answer in run(create_app(engine, database), scenario)]
+    return run(create_app(engine, database), scenario)
+
+
+def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine, tmp_path):
+    """`/v1/admin/usage?key=alice&key=ops` answered ops' usage alone (FastAPI reads the last of a repeated parameter),
+    as if alice had none: a parameter given twice is now refused, naming it."""
+    answers = usage_reports(
+        engine, tmp_path, [("key", "alice"), ("key", "ops")], [("since", "2026-11-01"), ("since", "2026-11-02")]
+    )
+    errors = [error_of(answer, 400) for answer in answers]
     assert [(error["param"], error["code"], error["message"]) for error in errors] == [
         ("key", "invalid_value", "key given 2 times ('alice', 'ops'): give it once"),
         ("since", "invalid_value", "since given 2 times ('2026-11-01', '2026-11-02'): give it once"),
@@ -785,19 +790,8 @@ def test_the_admin_usage_report_refuses_a_parameter_given_twice_naming_it(engine
 def test_the_admin_usage_report_refuses_a_parameter_it_does_not_take_naming_it(engine, tmp_path):
     """FastAPI drops a query parameter no argument names: `?start_date=` (LiteLLM's name for since) or `?keys=alice`
     answered 200 with every key's usage on every day, as if the filter had been applied."""
-    database = open_database(tmp_path / "db")
-    boss = KeyStore(database).create("boss", admin=True)
-    for name in ("alice", "ops"):
-        Ledger(database).record(UsageRecord(name, "model", "/v1/completions", 10, 10, 0.1, 200))
-
-    async def scenario(client):
-        as_boss = {"Authorization": f"Bearer {boss}"}
-        return [
-            await client.get("/v1/admin/usage", params=params, headers=as_boss)
-            for params in ({"start_date": "2026-11-01"}, {"keys": "alice"}, {"key": "alice", "since": "2026-01-01"})
-        ]
-
-    start_date, keys, alice = run(create_app(engine, database), scenario)
+    queries = ({"start_date": "2026-11-01"}, {"keys": "alice"}, {"key": "alice", "since": "2026-01-01"})
+    start_date, keys, alice = usage_reports(engine, tmp_path, *queries)
     errors = [error_of(answer, 400) for answer in (start_date, keys)]
     assert [(error["param"], error["code"], error["message"]) for error in errors] == [
         (param, "unknown_parameter", f"/v1/admin/usage takes no parameter {param!r}: it takes key, since, until, "
