@@ -480,15 +480,16 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
 
 
 def _in_dtype(merged: Transformer, dtype: torch.dtype, folder: Path) -> Transformer:
-    """`merged` (float32) cast to the base's `dtype`; CheckpointError naming the first weight that comes out infinite
-    there (a float16 base: a merged value past 65504), as the float32 merge refuses one (`_merged_whole`)."""
+    """`merged` (float32, or float64 for a float64 base) cast to the base's `dtype`; CheckpointError naming the first
+    weight that comes out infinite there (a float16 base: a merged value past 65504), as the float32 merge refuses one
+    (`_merged_whole`)."""
     merged = merged.to(dtype)
     for name, parameter in merged.named_parameters():
         if not torch.isfinite(parameter).all():
             raise CheckpointError(
-                f"{folder / ADAPTER_WEIGHTS_FILE}: the merged {name} overflows the base's {str(dtype)[6:]} (W + "
-                "alpha/r B A past its largest value): train the adapter again (e.g. with a lower lr), or merge it into "
-                "a float32 copy of the base"
+                f"{folder / ADAPTER_WEIGHTS_FILE}: the merged {name} overflows the base's "
+                f"{str(dtype).removeprefix('torch.')} (W + alpha/r B A past its largest value): train the adapter "
+                "again (e.g. with a lower lr), or merge it into a float32 copy of the base"
             )
     return merged
 

@@ -164,11 +164,12 @@ class MultiLoRALinear(nn.Module):
             return out
         if torch.compiler.is_compiling():
             return self.forward_per_row(x, out)
-        if not self.loaded.rank:
+        loaded = self.loaded
+        if not loaded.rank:
             return out
         x = x.reshape(-1, x.shape[-1])  # (N, in)
-        low = torch.mm(x, self.loaded.down).mul_(self.loaded.mask(self.rows, x.shape[0], x.dtype))  # (N, S*r)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.loaded.up).view(out.shape)
+        low = torch.mm(x, loaded.down).mul_(loaded.mask(self.rows, x.shape[0], x.dtype))  # (N, S*r)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, loaded.up).view(out.shape)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated
