@@ -93,10 +93,16 @@ class PowerSGDMemory:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """The step, RNG, errors and Q factors `state_dict` saved; a Q factor of another powersgd_rank (a run resumed
         with another) cannot warm-start this one's and is left, its matrix starting from a random Q as at the first
-        PowerSGD step (torch's hook read it as this rank's: a shape error, or a split that does not sum)."""
+        PowerSGD step (torch's hook read it as this rank's: a shape error, or a split that does not sum). A run
+        resumed with a powersgd_start past the saved step all-reduces whole gradients until then, and PowerSGD starts
+        there as at a run's first PowerSGD step, without errors or Q factors (those saved are of gradients that whole
+        all-reduces have since sent; torch's hook added them at its first PowerSGD step)."""
         self._split()
         self.state.iter = saved["iter"]
         self.state.rng.set_state(saved["rng"])
+        if saved["iter"] < self.state.start_powerSGD_iter:
+            self.errors, self.qs = {}, {}
+            return
         self.errors = dict(saved["errors"])
         self.qs = {name: q for name, q in saved["qs"].items() if q.numel() == self._q_size(name)}
 

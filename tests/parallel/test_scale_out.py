@@ -400,45 +400,65 @@ def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_c
     assert counted == carried and results[1] == results[0]
 
 
-def _powersgd_resumed_rank(rank: int, world_size: int, port: int, new_ranks: tuple[int, ...], results) -> None:
+def _powersgd_resumed_rank(rank: int, world_size: int, port: int, resumes: list[tuple[int, int]], results) -> None:
     _join(rank, world_size, port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=15))
 
-    def trained(powersgd_rank: int, saved: dict | None = None) -> dict:
+    def trained(powersgd_rank: int, powersgd_start: int, saved: dict | None = None) -> dict:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(
             torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
         )
-        compression = register_compression(model, "powersgd", powersgd_rank=powersgd_rank, powersgd_start=2)
+        compression = register_compression(model, "powersgd", powersgd_rank, powersgd_start)
         if saved is not None:
             compression.load_state_dict(saved)
-            results[f"loaded at {powersgd_rank}"] = (dict(compression.memory.errors), dict(compression.memory.qs))
+            loaded = (compression.memory.state.iter, dict(compression.memory.errors), dict(compression.memory.qs))
+            results[f"loaded at {powersgd_rank}, from {powersgd_start}"] = loaded
         for _ in range(3):  # 2 steps of plain all-reduce, then PowerSGD (a resumed run's at once)
             model(torch.randn(8, 64)).square().mean().backward()
             model.zero_grad()
         return compression.state_dict()
 
-    results["saved"] = saved = trained(4)
-    for new_rank in new_ranks:
-        results[f"resumed at {new_rank}"] = trained(new_rank, saved)
+    results["saved"] = saved = trained(4, 2)
+    for resume in resumes:
+        results[f"resumed at {resume[0]}, from {resume[1]}"] = trained(*resume, saved)
     dist.destroy_process_group()
     _exit_before_teardown()
 
 
-def test_powersgd_state_resumed_at_another_rank_keeps_its_errors_and_starts_its_q_factors_afresh():
+@pytest.fixture(scope="module")
+def powersgd_resumes() -> dict:
+    """PowerSGD's state saved after 3 steps at rank 4 from step 2, and resumed (loaded, then 3 steps) at ranks 4, 2
+    and 8 from step 2, and at rank 4 from step 5: one gloo rank, spawned once for all."""
+    results = mp.Manager().dict()
+    resumes = [(4, 2), (2, 2), (8, 2), (4, 5)]  # (powersgd_rank, powersgd_start)
+    mp.spawn(_powersgd_resumed_rank, args=(1, free_port(), resumes, results), nprocs=1, join=True)
+    return dict(results)
+
+
+def test_powersgd_state_resumed_at_another_rank_keeps_its_errors_and_starts_its_q_factors_afresh(powersgd_resumes):
     """A run resumed with another powersgd_rank: torch's hook read the saved rank-4 Q factors as its own rank's and
     the first step failed (`shape '[1, 64, 8]' is invalid for input of size 256`, or a split that does not sum)."""
-    results = mp.Manager().dict()
-    mp.spawn(_powersgd_resumed_rank, args=(1, free_port(), (4, 2, 8), results), nprocs=1, join=True)
-    saved = results["saved"]
+    saved = powersgd_resumes["saved"]
     for new_rank in (4, 2, 8):
-        errors, qs = results[f"loaded at {new_rank}"]
+        _, errors, qs = powersgd_resumes[f"loaded at {new_rank}, from 2"]
         assert errors.keys() == saved["errors"].keys()
         assert all(torch.equal(error, saved["errors"][name]) for name, error in errors.items())
         kept = {"0.weight": 64 * 4, "1.weight": 64 * 4} if new_rank == 4 else {}  # Q: (columns x rank)
         assert {name: q.numel() for name, q in qs.items()} == kept, new_rank
-        resumed = results[f"resumed at {new_rank}"]
+        resumed = powersgd_resumes[f"resumed at {new_rank}, from 2"]
         assert resumed["iter"] == 6 and [q.numel() for q in resumed["qs"].values()] == [64 * new_rank] * 2, new_rank
+
+
+def test_powersgd_resumed_with_a_later_start_than_its_step_starts_there_without_the_saved_errors(powersgd_resumes):
+    """powersgd_start raised past the saved step (3 -> 5): steps 3 and 4 all-reduce whole gradients, and the errors
+    and Q factors saved at step 3 were kept through them and added to step 5's gradients, where a run that starts
+    PowerSGD at step 5 has none."""
+    saved = powersgd_resumes["saved"]
+    assert saved["iter"] == 3 and len(saved["errors"]) == 4 and len(saved["qs"]) == 2  # PowerSGD had started
+    assert powersgd_resumes["loaded at 4, from 5"] == (3, {}, {})
+    resumed = powersgd_resumes["resumed at 4, from 5"]
+    assert resumed["iter"] == 6 and [q.numel() for q in resumed["qs"].values()] == [64 * 4] * 2  # started at step 5
 
 
 def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path):  # noqa: F811
