@@ -323,9 +323,15 @@ def documents_scored(report: dict[str, Any]) -> dict[str, int]:
     return counts if key == "samples" else {task: n["effective"] for task, n in counts.items()}
 
 
+def table_number(value: float) -> str:
+    """A value as the results table prints it: 4 decimals, as lm_eval's table (0.3300, 2.0841), and from 1e6 up 4
+    significant decimals and a power of ten (1.2346e+12), which a perplexity of an untrained model reaches."""
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"
+
+
 def results_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table: one row per task and metric (with its filter, where not lm_eval's default),
-    its value, standard error and documents scored."""
+    its value, standard error and documents scored (`table_number`)."""
     documents = documents_scored(report)
     rows = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for task, metrics in sorted(report["results"].items()):
@@ -334,8 +340,8 @@ def results_table(report: dict[str, Any]) -> str:
             if name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{name}_stderr{comma}{filter_name}")
-            stderr_text = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
-            rows.append(f"| {task} | {metric} | {value:.4f} | {stderr_text} | {documents.get(task, '-')} |")
+            stderr_text = table_number(stderr) if isinstance(stderr, (int, float)) else "-"
+            rows.append(f"| {task} | {metric} | {table_number(value)} | {stderr_text} | {documents.get(task, '-')} |")
     return "\n".join(rows)
 
 

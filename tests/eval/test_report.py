@@ -225,6 +225,22 @@ def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_
     ]
 
 
+def test_the_table_prints_a_huge_perplexity_as_a_power_of_ten_and_scores_to_4_decimals_as_lm_eval():
+    """An untrained model's word perplexity (1.2e12) printed with lm_eval's 4 decimals read 1234567890123.4568."""
+    from seekstack.eval.evaluate import results_table
+
+    scores = {"word_perplexity": 1234567890123.4567, "byte_perplexity": 4.2351, "bits_per_byte": 2.08412,
+              "acc": 0.33, "acc_stderr": 0.0471, "ppl": 25000000.0, "ppl_stderr": 3100000.0}  # fmt: skip
+    report = {"results": {"t": scores}, "n-samples": {"t": {"effective": 40}}}
+    assert results_table(report).splitlines()[2:] == [
+        "| t | word_perplexity | 1.2346e+12 | - | 40 |",
+        "| t | byte_perplexity | 4.2351 | - | 40 |",
+        "| t | bits_per_byte | 2.0841 | - | 40 |",
+        "| t | acc | 0.3300 | 0.0471 | 40 |",
+        "| t | ppl | 2.5000e+07 | 3.1000e+06 | 40 |",
+    ]
+
+
 def test_eval_of_an_lm_eval_task_leaves_datasets_online_to_download_it_as_lm_eval_does(tmp_path, monkeypatch):
     """eval set HF_DATASETS_OFFLINE=1 whatever the tasks, so on a machine online `--tasks arc_easy` failed with
     "Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)" where lm_eval downloads it; only an eval of
