@@ -33,7 +33,7 @@ from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
-from seekstack.infer.generation_config import eos_token_ids, sampling_defaults
+from seekstack.infer.generation_config import eos_ids_of, eos_token_ids, sampling_defaults, sampling_defaults_of
 from seekstack.infer.outputs import (
     Completion,
     EngineStats,
@@ -278,10 +278,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
         self.model_dir: Path | None = None  # the checkpoint folder `from_pretrained` loaded; None: a model built here
-        # SamplingParams field -> the checkpoint's generation_config.json value, for what a request leaves unset
-        self.sampling_defaults: dict[str, Any] = {}
-        # the ids that end a request (unless ignore_eos): the tokenizer's EOS and generation_config.json's eos_token_id
-        self.eos_ids = frozenset({tokenizer.eos_id})
+        # the model's generation settings (model.generation_config: the checkpoint's generation_config.json, which
+        # load_pretrained reads), as transformers' generate and vLLM read them, whoever built the engine
+        settings, source = getattr(model, "generation_config", None) or {}, "model.generation_config"
+        # SamplingParams field -> its generation settings' value, for what a request leaves unset
+        self.sampling_defaults: dict[str, Any] = sampling_defaults_of(settings, source)
+        # the ids that end a request (unless ignore_eos): the tokenizer's EOS and the settings' eos_token_id
+        self.eos_ids = frozenset({tokenizer.eos_id}) | eos_ids_of(settings, source)
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
@@ -428,7 +431,7 @@ class Engine:
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         offload_dir = offload_dir or offload_folder
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
-        defaults, eos_ids = sampling_defaults(model_dir), eos_token_ids(model_dir)
+        sampling_defaults(model_dir), eos_token_ids(model_dir)  # a wrong generation_config.json, before weights load
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(
                 f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
@@ -470,8 +473,6 @@ class Engine:
             kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model.eval(), loaded_tokenizer, **kwargs)  # its own model: in eval mode once, not each step
         engine.model_dir = model_dir.resolve()
-        engine.sampling_defaults = defaults
-        engine.eos_ids |= eos_ids
         engine.model_name = engine.model_dir.name
         return engine
 

@@ -11,6 +11,7 @@ reply together (max_model_len); a release that means a reply's length ships max_
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +39,37 @@ def read_generation_config(model_dir: str | Path) -> dict[str, Any]:
     return raw
 
 
-def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
-    """The ids `model_dir`'s generation_config.json ends generation at, its `eos_token_id` (an id or a list of them,
-    as transformers' GenerationConfig takes it; none without it). ConfigError naming the file and field otherwise."""
-    eos = read_generation_config(model_dir).get("eos_token_id")
+def eos_ids_of(settings: Mapping[str, Any], source: str) -> frozenset[int]:
+    """The ids generation settings `settings` (a generation_config.json's, read from `source`) end generation at,
+    their `eos_token_id` (an id or a list of them, as transformers' GenerationConfig takes it; none without it).
+    ConfigError naming `source` and the field otherwise."""
+    eos = settings.get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if any(type(token) is not int or token < 0 for token in ids):
-        source = str(Path(model_dir) / GENERATION_CONFIG_FILE)
         raise ConfigError(f"has value {eos!r}: give a token id or a list of them", "eos_token_id", source)
     return frozenset(ids)
 
 
-def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """SamplingParams field -> the value `model_dir`'s generation_config.json gives it, for each of SAMPLING_FIELDS
-    it sets ({} without the file). ConfigError naming the file (and the field) when it is no JSON object or a value is
-    not one SamplingParams takes."""
-    path = Path(model_dir) / GENERATION_CONFIG_FILE
-    raw = read_generation_config(model_dir)
-    defaults = {name: raw[name] for name in SAMPLING_FIELDS if raw.get(name) is not None}
-    if raw.get("do_sample") is False:  # its authors' greedy decoding: transformers then reads no temperature
+def sampling_defaults_of(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """SamplingParams field -> the value generation settings `settings` (a generation_config.json's, read from
+    `source`) give it, for each of SAMPLING_FIELDS they set. ConfigError naming `source` (and the field) when a value
+    is not one SamplingParams takes."""
+    defaults = {name: settings[name] for name in SAMPLING_FIELDS if settings.get(name) is not None}
+    if settings.get("do_sample") is False:  # its authors' greedy decoding: transformers then reads no temperature
         defaults["temperature"] = 0.0
     try:
         SamplingParams(**defaults).validate()
     except ConfigError as error:
-        raise error.at(str(path)) from None
+        raise error.at(source) from None
     return defaults
+
+
+def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """`eos_ids_of` `model_dir`'s generation_config.json (none without the file)."""
+    return eos_ids_of(read_generation_config(model_dir), str(Path(model_dir) / GENERATION_CONFIG_FILE))
+
+
+def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """`sampling_defaults_of` `model_dir`'s generation_config.json ({} without the file); ConfigError naming the file
+    (and the field) when it is no JSON object or a value is not one SamplingParams takes."""
+    return sampling_defaults_of(read_generation_config(model_dir), str(Path(model_dir) / GENERATION_CONFIG_FILE))

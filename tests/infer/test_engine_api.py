@@ -403,3 +403,28 @@ def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_na
         with pytest.raises(ValueError) as refused:
             Engine.from_pretrained(tmp_path / "not-read", **given)
         assert str(refused.value) == told
+
+
+def test_an_engine_built_on_a_model_reads_its_generation_config_as_from_pretrained_does(base, tmp_path):
+    """transformers' generate reads model.generation_config whoever loaded the model; Engine(model, tokenizer) read
+    none of it, where Engine.from_pretrained read the folder's generation_config.json: both now take its sampling
+    defaults and its eos_token_id from the model."""
+    import json
+    import shutil
+
+    import seekstack
+    from seekstack.schema import ConfigError
+    from seekstack.tokenizer import Tokenizer
+
+    folder = shutil.copytree(base, tmp_path / "release")
+    settings = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 5, "eos_token_id": [1, 7]}
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    model, tokenizer = seekstack.load_pretrained(folder), Tokenizer.from_file(folder)
+    built, loaded = Engine(model, tokenizer), Engine.from_pretrained(folder)
+    for engine in (built, loaded):
+        assert engine.sampling_defaults == {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 5}
+        assert engine.eos_ids == {tokenizer.eos_id, 1, 7}
+        assert engine.get_default_sampling_params().max_new_tokens == 5
+    model.generation_config = {"eos_token_id": "seven"}
+    with pytest.raises(ConfigError, match="model.generation_config: field 'eos_token_id' has value 'seven'"):
+        Engine(model, tokenizer)
