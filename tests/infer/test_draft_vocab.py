@@ -27,7 +27,12 @@ def training_run(tmp_path):
     ids = np.array(FREQUENT[0:1] * 50 + FREQUENT[1:2] * 30 + FREQUENT[2:3] * 20 + list(range(10)), dtype=np.uint16)
     np.random.default_rng(0).shuffle(ids)
     ids.tofile(tokens / "train_00000.bin")
-    index = {"dtype": "uint16", "shards": [{"file": "train_00000.bin", "tokens": len(ids)}], "total_tokens": len(ids)}
+    index = {
+        "version": 1,
+        "dtype": "uint16",
+        "shards": [{"file": "train_00000.bin", "tokens": len(ids)}],
+        "total_tokens": len(ids),
+    }
     (tokens / "train_index.json").write_text(json.dumps(index))
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "step_1"
