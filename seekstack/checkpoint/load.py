@@ -235,7 +235,7 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: Checkpoin
     embedding's in a checkpoint of one float dtype); float32 where neither names one a model loads in.
     ValueError naming any other value."""
     if dtype == "auto":
-        if (stated := stated_dtype(config)) is None:
+        if (stated := stated_dtype(config, reader.directory / CONFIG_FILE)) is None:
             embedding = checkpoint_key("embed_tokens.weight", config.num_hidden_layers)
             stated = _loadable(TORCH_DTYPES.get(reader.stored_dtype(embedding))) if embedding in reader else None
         return stated or torch.float32
@@ -249,11 +249,20 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig, reader: Checkpoin
     return loadable
 
 
-def stated_dtype(config: ModelConfig) -> torch.dtype | None:
-    """The float dtype a model loads in that `config`'s config.json states: `dtype` (transformers 5), else its legacy
-    name `torch_dtype` (4.x), read as transformers reads them (a name in torch: "bfloat16", "half", "double"); None
-    where it states none a model loads in."""
-    return _loadable(config.extra.get("dtype") or config.extra.get("torch_dtype"))
+def stated_dtype(config: ModelConfig, config_path: Path) -> torch.dtype | None:
+    """The float dtype a model loads in that `config`'s config.json (`config_path`) states: `dtype` (transformers 5),
+    else its legacy name `torch_dtype` (4.x), read as transformers reads them (a name in torch: "bfloat16", "half",
+    "double"); None where it states neither. CheckpointError naming the file and key where the value is no float dtype
+    a model loads in (5, "int8", a list: transformers' from_pretrained refuses them too)."""
+    key = "dtype" if config.extra.get("dtype") is not None else "torch_dtype"
+    if (value := config.extra.get(key)) is None:
+        return None
+    if (loadable := _loadable(value)) is None:
+        raise CheckpointError(
+            f"{config_path}: {key} is {value!r}, no float dtype a model loads in: state one of "
+            f"{', '.join(FLOAT_DTYPES)}, float64 (or its name in torch: half, double), or remove it"
+        )
+    return loadable
 
 
 def _loadable(dtype: object) -> torch.dtype | None:

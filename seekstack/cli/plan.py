@@ -26,7 +26,7 @@ def stored_weights(model: str, config: ModelConfig) -> str:
 
     quantization = config.extra.get("quantization_config")
     if not stores_quantized_weights(quantization):  # none, or a transform_config alone (rotations fused into floats)
-        return stated_float_dtype(config)
+        return stated_float_dtype(model, config)
     method = quantization.get("quant_method", "fp8") if isinstance(quantization, dict) else None
     if method == "fp8":
         return "float8"
@@ -38,7 +38,7 @@ def stored_weights(model: str, config: ModelConfig) -> str:
     )
     bits = {entry.get("num_bits") for entry in weights if isinstance(entry, dict)}
     if any(isinstance(entry, dict) and entry.get("type") == "float" for entry in weights):
-        return stated_float_dtype(config)  # float-quantized (fp8) layers: loading holds them dequantized
+        return stated_float_dtype(model, config)  # float-quantized (fp8) layers: loading holds them dequantized
     if bits and bits <= {4, 8}:
         return f"int{max(bits)}"
     raise ValueError(
@@ -47,13 +47,15 @@ def stored_weights(model: str, config: ModelConfig) -> str:
     )
 
 
-def stated_float_dtype(config: ModelConfig) -> str:
-    """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: dtype
-    (transformers 5), else its legacy name torch_dtype (4), as transformers reads them, else bfloat16."""
+def stated_float_dtype(model: str, config: ModelConfig) -> str:
+    """The float dtype (a BYTES_PER_PARAM name) checkpoint `model`'s config.json states its float weights in: dtype
+    (transformers 5), else its legacy name torch_dtype (4), as transformers reads them, else bfloat16.
+    CheckpointError naming the file and key for a value that names no float dtype a model loads in."""
+    from seekstack.checkpoint import CONFIG_FILE
     from seekstack.checkpoint.load import stated_dtype
 
-    name = str(stated_dtype(config)).removeprefix("torch.")
-    return name if name in BYTES_PER_PARAM else "bfloat16"
+    stated = stated_dtype(config, Path(model) / CONFIG_FILE)
+    return str(stated).removeprefix("torch.") if stated is not None else "bfloat16"
 
 
 def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:
@@ -75,7 +77,7 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
         weights = stored_weights(model, config)
         if weights == "float8":
             block = _fp8_block(config.extra["quantization_config"], directory / CONFIG_FILE)
-            float_dtype = stated_float_dtype(config)
+            float_dtype = stated_float_dtype(model, config)
             priced = f"float8 weights as stored (config.json), {float_dtype} where DeepSeek's FP8 release keeps them"
             return tensor_bytes_at_width(config, BYTES_PER_PARAM[float_dtype], block), priced
         return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights as stored (config.json)"

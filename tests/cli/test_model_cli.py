@@ -157,3 +157,16 @@ def test_plan_reads_a_configs_dtype_before_its_legacy_torch_dtype_as_transformer
     result = run("plan", str(tmp_path), "--memory", "cpu=1GiB")
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"{tmp_path}, {width} weights as stored (config.json)")
+
+
+@pytest.mark.parametrize("stated", [{"dtype": 5}, {"dtype": "int8"}, {"torch_dtype": ["bfloat16"]}, {"dtype": "auto"}])
+def test_plan_refuses_a_configs_dtype_that_names_no_float_dtype_naming_the_key(tmp_path, stated):
+    """A config.json stating dtype 5, "int8" or a list was priced as bfloat16 silently, where loading it refuses it."""
+    (tmp_path / "config.json").write_text(json.dumps({**preset("tiny").to_dict(), "dtype": None, **stated}))
+    result = run("plan", str(tmp_path), "--memory", "cpu=1GiB")
+    [(key, value)] = stated.items()
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {tmp_path / 'config.json'}: {key} is {value!r}, no float dtype a model loads in: state one of "
+        "float32, bfloat16, float16, float64 (or its name in torch: half, double), or remove it\n"
+    )
