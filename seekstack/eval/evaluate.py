@@ -346,10 +346,10 @@ def results_table(report: dict[str, Any]) -> str:
 
 
 def results_paths(out: str | Path) -> tuple[Path, Path]:
-    """The files `write_results` makes for `out`: `out`.json and `out`.md, a .json or .md it ends in dropped first
-    (r.json: r.json and r.md)."""
+    """The files `write_results` makes for `out`: `out`.json and `out`.md, a .json or .md it ends in (in any case)
+    dropped first (r.json, r.JSON: r.json and r.md)."""
     out = Path(out)
-    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out  # model_v1.5: a name, not a suffix
+    stem = out.with_suffix("") if out.suffix.lower() in (".json", ".md") else out  # model_v1.5: a name, no suffix
     return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
 
 

@@ -488,9 +488,14 @@ def test_results_are_written_beside_the_name_given_whatever_dots_it_holds(tmp_pa
 
     report = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "n-samples": {}}
     (tmp_path / "model_v1.json").write_text("earlier results")
-    written = [write_results(report, tmp_path / name) for name in ("model_v1.5", "plain", "named.json")]
+    names = ("model_v1.5", "plain", "named.json", "upper.JSON", "table.MD")  # a suffix in any case, as Windows'
+    written = [write_results(report, tmp_path / name) for name in names]
     assert [(j.name, t.name) for j, t in written] == [
         ("model_v1.5.json", "model_v1.5.md"), ("plain.json", "plain.md"), ("named.json", "named.md"),
+        ("upper.json", "upper.md"), ("table.json", "table.md"),
+    ]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir() if "upper" in path.name or "table" in path.name) == [
+        "table.json", "table.md", "upper.json", "upper.md",
     ]  # fmt: skip
     assert (tmp_path / "model_v1.json").read_text() == "earlier results"
 
