@@ -132,6 +132,9 @@ SPLIT_COSTS = (
     f"UPDATE usage SET cost_units = cost_pico / {COST_SCALE}, cost_pico = cost_pico - cost_pico / {COST_SCALE} * "
     f"{COST_SCALE} WHERE cost_pico >= {COST_SCALE} AND status <> {IN_PROGRESS}"
 )
+# The rows SPLIT_COSTS looks for, so that each opening reads those alone rather than the whole usage table: none but
+# an older server's, and a row this seekstack writes never enters it. Made once cost_pico is there (after the upgrades)
+UNSPLIT_COSTS_INDEX = f"CREATE INDEX IF NOT EXISTS usage_unsplit_costs ON usage (id) WHERE cost_pico >= {COST_SCALE}"
 # The note of `note_upgrade` once cost_units is added to a database that had costs: an older seekstack has no schema
 # version to refuse it by, and reads cost_pico alone
 COSTS_SPLIT = (
@@ -243,6 +246,7 @@ class SQLiteDatabase:
             converted = self._keep_costs_in_pico()
             if converted is not None:
                 changes.append(costs_converted(converted))
+            connection.execute(UNSPLIT_COSTS_INDEX)
             connection.execute(SPLIT_COSTS)
             if ("usage", "cost_units") in added:  # cost_pico held the whole cost
                 changes.append(COSTS_SPLIT)
@@ -375,6 +379,7 @@ class PostgresDatabase:
                     self._connection.execute("ALTER TABLE usage ALTER COLUMN cost_pico DROP DEFAULT")
                     self._connection.execute("ALTER TABLE usage DROP COLUMN cost")
                     changes.append(costs_converted(len(costs)))
+                self._connection.execute(UNSPLIT_COSTS_INDEX)
                 self._connection.execute(SPLIT_COSTS)
                 if ("usage", "cost_units") not in present:  # cost_pico held the whole cost
                     changes.append(COSTS_SPLIT)
