@@ -1147,6 +1147,8 @@ class _Run:
         scheme = saved.get("grad_compression")
         if scheme != self.config.grad_compression:
             why = f"it was saved with grad_compression={scheme}"
+        elif saved_ranks == 0:  # one process compresses nothing; torchrun ranks save their state in every checkpoint
+            why = "it holds no compression state (saved by one process, which exchanges no gradients)"
         elif saved_ranks != self.ranks.world_size:
             why = f"it holds the compression state of {saved_ranks} ranks, not {self.ranks.world_size}"
         else:

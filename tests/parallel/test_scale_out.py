@@ -744,13 +744,21 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     three_ranks = tmp_path / "three_ranks" / "checkpoints" / "step_3"
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_3", three_ranks)
     shutil.copy(three_ranks / "compression_rank1.pt", three_ranks / "compression_rank2.pt")  # as if saved at 3 ranks
+    one_process = tmp_path / "one_process" / "checkpoints" / "step_3"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_3", one_process)
+    for rank_file in one_process.glob("compression_rank*.pt"):  # as if saved by one process, which keeps none
+        rank_file.unlink()
     capfd.readouterr()
-    resumed = [run_config(data_dir, folder, **steps) for folder in (out_dir, tmp_path / "three_ranks")]
+    resumed = [run_config(data_dir, tmp_path / folder, **steps) for folder in ("resumed", "three_ranks", "one_process")]
     train_on_two_ranks_in_turn([(config, True) for config in resumed])
     assert losses(out_dir)[-3:] == losses(tmp_path / "whole")[-3:]
-    warning = f"holds the compression state of 3 ranks, not 2; grad_compression={scheme} starts afresh"
-    told = capfd.readouterr().err
-    assert told.count(warning) == 1 and warning in told.split("rank 0: run 2 of 2")[1]  # from rank 0, resuming 3's
+    told = capfd.readouterr().err.split("rank 0: run ")
+    for run, why in [
+        (2, "holds the compression state of 3 ranks, not 2"),
+        (3, "holds no compression state (saved by one process, which exchanges no gradients)"),  # not "of 0 ranks"
+    ]:
+        warning = f"{why}; grad_compression={scheme} starts afresh"
+        assert [part.count(warning) for part in told] == [int(i == run) for i in range(len(told))], run  # rank 0 once
 
 
 @pytest.mark.parametrize(
