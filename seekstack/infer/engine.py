@@ -596,9 +596,10 @@ class Engine:
                 raise ValueError("bad_words with a constraint (JSON mode): give one rule on what the request samples")
             constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
             if allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
-                raise ValueError(
-                    f"allowed_token_ids {list(allowed)} are each a one-token word of bad_words (as encoded alone or "
-                    "after a space), never sampled: no token could be; allow another id or drop the word"
+                raise ConfigError(
+                    f"{list(allowed)} are each a one-token word of bad_words (as encoded alone or after a space), "
+                    "never sampled: no token could be; allow another id or drop the word",
+                    field="allowed_token_ids",
                 )
         elif constraint is not None and allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
             # both masks apply, as vLLM's; ids the grammar forbids only later end the request then (NO_DISTRIBUTION)
@@ -1137,8 +1138,11 @@ class Engine:
         if request.error is not None:
             self.running.remove(request)
             self.cache.free(request.request_id)
-            reason = f"{type(request.error).__name__}: {request.error}"
-            return dataclasses.replace(self._output(request, [], "", [], "error"), error=reason, cause=request.error)
+            error = request.error
+            if isinstance(error, ConfigError):  # a field of the request left no token to sample: said where
+                error = error.at(f"token {len(request.output_ids) + 1} of the reply")
+            reason = f"{type(error).__name__}: {error}"
+            return dataclasses.replace(self._output(request, [], "", [], "error"), error=reason, cause=error)
         text, emitted, reason, stop_reason = "", [], None, None
         for token in tokens:
             emitted.append(token)

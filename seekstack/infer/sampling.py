@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from seekstack.infer.params import SamplingParams
+from seekstack.schema import ConfigError
 
 
 @dataclass
@@ -330,9 +331,28 @@ class SamplingBatch:
         else:
             ids = drafts.tolist()
             allowed = [self.constraints[row].allowed_after(ids[row], vocab) for row in rows]
+        for row, mask in zip(rows, allowed, strict=True):
+            self._refuse_allowed_ids_all_forbidden(row, mask.view(-1, vocab)[0])
         forbidden = torch.zeros(logits.shape, dtype=torch.bool)
         forbidden[rows] = ~torch.stack(allowed)
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
+
+    def _refuse_allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> None:
+        """ConfigError naming allowed_token_ids and the rule where `row`'s constraint forbids each of its
+        allowed_token_ids as its next token, `allowed` (V,): no token is left to sample (add_request refuses those
+        forbidden as the first; a constraint may forbid them only after some tokens)."""
+        ids = self.params[row].allowed_token_ids
+        if ids is None or allowed[list(ids)].any():
+            return
+        rule = (
+            "bad_words, after the tokens before it"
+            if isinstance(self.constraints[row], BadWords)
+            else "the constraint (JSON mode: response_format's grammar, forced tool calls), after the tokens before it"
+        )
+        raise ConfigError(
+            f"{list(ids)} are each forbidden here by {rule}: no token could be sampled; allow an id it permits there",
+            field="allowed_token_ids",
+        )
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row (B,) from logits (B, V): constraints, bias, penalties, the row's distribution, a draw."""

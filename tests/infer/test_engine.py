@@ -339,7 +339,8 @@ def test_allowed_token_ids_that_min_tokens_all_ban_are_refused_at_add_request_na
 def test_allowed_token_ids_apply_beside_a_json_constraint_refused_only_where_it_allows_none_first(model, tokenizer):
     """Both masks apply, as vLLM's: ids the grammar may begin with are sampled under it ("{" "}" make "{}", which ends
     the request), ids it forbids as the first token are refused at add_request naming allowed_token_ids, and ids it
-    forbids only later ("{" then "a") end the request there with finish_reason "error" naming the constraint."""
+    forbids only later ("{" then "a") end the request there with finish_reason "error", a ConfigError naming
+    allowed_token_ids, the constraint and the token (it was the logits' generic "no distribution" ValueError)."""
     engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=6, temperature=0)
 
     def run(allowed: list[int]) -> tuple[list[int], list[tuple[str | None, str | None]]]:
@@ -359,8 +360,10 @@ def test_allowed_token_ids_apply_beside_a_json_constraint_refused_only_where_it_
     assert run([open_brace, close_brace]) == ([open_brace, close_brace], [("stop", None)])
     tokens, [(reason, error)] = run([open_brace, letter])
     assert (tokens, reason) == ([open_brace], "error")
-    assert (
-        "every one of allowed_token_ids forbidden here by the constraint (JSON mode: response_format's grammar" in error
+    assert error == (
+        f"ConfigError: token 2 of the reply: field 'allowed_token_ids' [{open_brace}, {letter}] are each forbidden "
+        "here by the constraint (JSON mode: response_format's grammar, forced tool calls), after the tokens before it: "
+        "no token could be sampled; allow an id it permits there"
     )
     with pytest.raises(ConfigError) as refused:
         run([letter])
@@ -375,15 +378,16 @@ def test_allowed_token_ids_apply_beside_a_json_constraint_refused_only_where_it_
 def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields(model, tokenizer):
     """allowed_token_ids=[430] with bad_words=["context"] (430 alone) ended the request with "the logits hold an
     infinity or NaN ... a float16 model's overflow ... or a repetition_penalty", blaming neither field. Ids that are
-    all one-token words are refused at add_request; ids banned only after some tokens fail the request then, as any
-    step without a distribution, the message naming bad_words."""
+    all one-token words are refused at add_request, a ConfigError of field allowed_token_ids as its siblings' (it was
+    a bare ValueError); ids banned only after some tokens fail the request then with a ConfigError naming both fields
+    and the token (it was the logits' generic "no distribution" ValueError)."""
     engine = Engine(model, tokenizer)
-    with pytest.raises(ValueError) as refused:  # " context" is 357: the word after a space
+    with pytest.raises(ConfigError) as refused:  # " context" is 357: the word after a space
         engine.add_request([5, 9, 14], SamplingParams(allowed_token_ids=[430, 357], bad_words=["context"]))
-    assert str(refused.value) == (
-        "allowed_token_ids [430, 357] are each a one-token word of bad_words (as encoded alone or after a space), "
-        "never sampled: no token could be; allow another id or drop the word"
-    )
+    assert (refused.value.field, str(refused.value)) == ("allowed_token_ids", (
+        "field 'allowed_token_ids' [430, 357] are each a one-token word of bad_words (as encoded alone or after a "
+        "space), never sampled: no token could be; allow another id or drop the word"
+    ))  # fmt: skip
     assert engine.stats().waiting == 0
     three = dataclasses.replace(GREEDY, max_new_tokens=3)
     [kept] = engine.generate(
@@ -394,7 +398,10 @@ def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields
         [[5, 9, 14]], dataclasses.replace(three, allowed_token_ids=[229], bad_words=["\x1b\x1b"])
     )
     assert (failed.finish_reason, failed.token_ids) == ("error", [229])  # 229 then banned after 229
-    assert failed.error.endswith("or every one of allowed_token_ids banned here, after the tokens so far, by bad_words")
+    assert failed.error == (
+        "ConfigError: token 2 of the reply: field 'allowed_token_ids' [229] are each forbidden here by bad_words, "
+        "after the tokens before it: no token could be sampled; allow an id it permits there"
+    )
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):

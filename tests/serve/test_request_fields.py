@@ -70,11 +70,11 @@ def test_allowed_token_ids_and_bad_words_rule_what_is_sampled_as_vllms(engine, t
     refusals = [error_of(response, 400) for response in (outside, blank, beside_json, none_left, too_many)]
     assert [(error["param"], error["code"]) for error in refusals] == [
         ("allowed_token_ids.1", "invalid_value"), ("bad_words", "invalid_value"),
-        ("bad_words", "unsupported_parameter"), (None, "invalid_value"), ("bad_words", "invalid_value"),
+        ("bad_words", "unsupported_parameter"), ("allowed_token_ids", "invalid_value"), ("bad_words", "invalid_value"),
     ]  # fmt: skip
     assert refusals[0]["message"] == "allowed_token_ids.1: token id 320 is outside the vocabulary [0, 320)"
     assert refusals[2]["message"].startswith("bad_words cannot be applied beside response_format's JSON")
-    assert refusals[3]["message"].startswith("allowed_token_ids [306] are each a one-token word of bad_words")
+    assert refusals[3]["message"].startswith("field 'allowed_token_ids' [306] are each a one-token word of bad_words")
     assert "at most 300 items" in refusals[4]["message"]
 
 
