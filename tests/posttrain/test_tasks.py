@@ -598,7 +598,7 @@ def test_the_answer_sentence_after_the_working_reads_as_lm_eval_gsm8k_cot_reads_
     ("answer", "value"),
     [("答案是 7。", 7), ("答案是7", 7), ("最终答案：7", 7), ("答案为：$\\frac{14}{2}$。", 7), ("**答案：** 7", 7),
      ("**最终答案**：7", 7), ("所以 3 + 4 = 7，答案是 7。", 7), ("答案是 6。不，答案是 7。", 7), ("我想是 7。", None),
-     ("答案是 6 或 7。", None), ("\\boxed{7。}", 7), ("答案是 \\boxed{7 。}", 7)],
+     ("答案是 6 或 7。", None), ("\\boxed{7。}", None), ("答案是 \\boxed{7 。}", None)],
 )  # fmt: skip
 def test_an_answer_after_a_chinese_label_reads_as_lighteval_s_multilingual_math_reads_it(answer, value):
     """A reply in Chinese, "答案是 7。" or "最终答案：7", was no number (scored 0 against 7): only English labels were
@@ -677,11 +677,21 @@ def test_latex_spaces_around_an_answer_are_nothing_to_it_as_math_verify_reads_it
     assert read_number(answer) == 7 and read_items(answer.replace("7", "(7, 8)")) == Items("()", (7, 8))
 
 
-def test_a_period_closing_a_boxed_answer_is_nothing_to_it_as_math_verify_reads_it():
-    """\\boxed{\\frac{1}{2}.} was no number (scored 0 against 1/2), where math-verify reads 1/2; "5." was read only
-    because it is a decimal."""
-    assert read_number("\\boxed{\\frac{1}{2}.}") == Fraction(1, 2) and read_number("\\boxed{7\\text{ cm}.}") == 7
-    assert read_items("\\boxed{(1, 2).}") == Items("()", (1, 2)) and read_number("\\boxed{7.}") == 7
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{5.}", "\\boxed{\\frac{10}{2}.}", "\\boxed{5 .}", "\\boxed{5\\,.}", "\\boxed{5\u3002}", "$\\boxed{5.}$",
+     "\\boxed{5.}.", "The answer is $5.$", "The answer is \\(5.\\)", "\\boxed{5\\text{ cm}.}", "\\boxed{x = 5.}",
+     "\\boxed{\\frac{5.}{1}}"],
+)  # fmt: skip
+def test_a_period_closing_the_answer_in_its_box_or_math_leaves_no_number_as_trls_math_verify_reads_it(answer):
+    """\\boxed{5.} (and \\boxed{\\frac{10}{2}.}, $5.$ after its label, ...) read 5, as math-verify's default parse reads
+    some of them, where TRL's accuracy_reward, the reference, parses each to the string alone ('5.') and scores 0
+    (math-verify 0.9.0, LatexExtractionConfig with try_extract_without_anchor=False), as seekstack reads \\boxed{5,}.
+    The period after the box or the math closes the sentence and is dropped, as there; so is prose's."""
+    assert read_number(answer) is None
+    assert read_items("\\boxed{(1, 2).}") is None and read_items("\\boxed{(1, 2)}.") == Items("()", (1, 2))
+    for closed in ("\\boxed{5}.", "\\boxed{5}\u3002", "The answer is $5$.", "The answer is 5.", "\\boxed{5.0}"):
+        assert read_number(closed) == 5
 
 
 @pytest.mark.parametrize(
@@ -1272,9 +1282,9 @@ def test_a_set_of_one_number_is_that_number_as_math_verify_compares_them(tmp_pat
 def test_a_set_of_one_number_closed_by_a_period_in_its_box_or_math_is_no_number_as_math_verify_reads_it(answer):
     """6f5d17c read \\boxed{\\{5\\}.} as 5 (the period dropped, then the set of one read), where math-verify reads
     the string alone, in TRL's accuracy_reward's configuration and its default one ($\\{5\\}.$ too); the period
-    after the box or the math, or a number's in it, is dropped as before."""
+    after the box or the math is dropped as before (a number's in it no longer: a period in a box is no number)."""
     assert read_number(answer) is None
-    assert read_number("\\boxed{\\{5\\}}.") == read_number("\\boxed{\\{5\\}\\,}") == read_number("\\boxed{5.}") == 5
+    assert read_number("\\boxed{\\{5\\}}.") == read_number("\\boxed{\\{5\\}\\,}") == read_number("\\boxed{5}.") == 5
     assert read_items("\\boxed{\\{5, 6\\}.}") is None
 
 

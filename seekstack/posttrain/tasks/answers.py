@@ -86,7 +86,9 @@ LABEL_OPENING = re.compile(
 )
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
-# what closes a reply's last sentence after its answer outside a box, as math-verify drops it ("The answer is 5;")
+# what closes a reply's last sentence after its answer outside a box or math, as lm-eval's gsm8k_cot reads the
+# sentence ("The answer is 5;"); inside them a closing period is the answer's ("\boxed{5.}", "$5.$"), which TRL's
+# accuracy_reward reads as no number
 SENTENCE_END = ".,;:!?\u3002"
 # The sentence after Minerva's final answer, which minerva_math drops (its period too, or none: a reply cut at it)
 MINERVA_CLOSING = "I hope it is correct"
@@ -114,7 +116,7 @@ MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no
 # text groups them)
 THOUSANDS_SEPARATOR = r",\\!|,|\{,\}|\\,|[ \u00a0\u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
-UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12", and
 # "1\,\frac12" with a LaTeX space as math-verify reads it)
 WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\[ ,;:])*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
@@ -155,18 +157,19 @@ NUMBER = re.compile(
 
 def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
-    end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
-    `####` (GSM8K's), from its last `Answer:` label or sentence `The answer is` (`Final Answer: The final answer is 57.
-    I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold; `答案是`, `最终答案：`, Chinese), outside math
-    delimiters (`$57$`), Markdown's bold (`**57**`) and a closing period (`.`, `。`); empty boxes dropped when no box
-    holds something. None when the last box is never closed, or when nothing is left (`\\boxed{}`, `$\\boxed{}$`)."""
+    end of its math, or of the answer less a closing period), else of the last `<answer>...</answer>`, else `answer`;
+    after its last `####` (GSM8K's), from its last `Answer:` label or sentence `The answer is` (`Final Answer: The
+    final answer is 57. I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold; `答案是`, `最终答案：`,
+    Chinese), outside math delimiters (`$57$`; a period inside them kept, `$57.$`), Markdown's bold (`**57**`) and the
+    sentence's closing period (`.`, `。`); empty boxes dropped when no box holds something. None when the last box is
+    never closed, or when nothing is left (`\\boxed{}`, `$\\boxed{}$`)."""
     box = _last(BOXED, answer)
     if box is not None:
         start = box.end()
         if answer.startswith("{", start):
             return _braced(answer, start + 1)
-        end = MATH_END.search(answer, start)
-        return _less_period(answer[start : end.start() if end else len(answer)])
+        end = MATH_END.search(answer, start)  # the box's math ends there, or the answer's sentence with its period
+        return answer[start : end.start()].strip() if end else _less_period(answer[start:])
     text = _from_last_label(_tagged(EMPTY_BOX.sub("", answer)).rpartition(GSM8K_MARKER)[2])
     text = _less_period(_less_sentence_end(text).removesuffix(MINERVA_CLOSING))
     labelled = ANSWER_LABEL.match(text)
@@ -176,7 +179,7 @@ def final_answer(answer: str) -> str | None:
     text = _unadorned(text[labelled.end() if labelled else 0 :])
     for opening, closing in MATH_DELIMITERS:
         if len(text) >= len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
-            return _less_period(text[len(opening) : len(text) - len(closing)]) or None
+            return text[len(opening) : len(text) - len(closing)].strip() or None
     return text or None
 
 
@@ -210,12 +213,9 @@ def _less_sentence_end(text: str) -> str:
 
 
 def _less_period(text: str) -> str:
-    """`text` less the whitespace around it and a closing period (`.`, or `。`, Chinese's); not a set's (`\\{5\\}.`,
-    `\\{5\\}\\,.`), which math-verify reads as no set, in a box or in math."""
+    """`text` less the whitespace around it and the period closing its sentence (`.`, or `。`, Chinese's)."""
     text = text.strip()
-    if not text.endswith(PERIODS) or _less_latex_space(text[:-1]).endswith("\\}"):
-        return text
-    return text[:-1].strip()
+    return text[:-1].strip() if text.endswith(PERIODS) else text
 
 
 def _tagged(answer: str) -> str:
@@ -323,14 +323,14 @@ def read_items(answer: str) -> Items | None:
 
 
 def _answer_text(answer: str) -> str | None:
-    """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), a closing
-    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it; not a set's: `_less_period`), its sizing and fonts
-    (STYLE: `\\boxed{\\bf 5}`), braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit
-    and `x = `; None when the last box is never closed."""
+    """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it; a closing
+    period is kept: `\\boxed{5.}` is no number, as TRL's accuracy_reward reads it), its sizing and fonts (STYLE:
+    `\\boxed{\\bf 5}`), braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit and
+    `x = `; None when the last box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
-    text = _less_latex_space(_less_period(OPENING_SPACE.sub("", text)))
+    text = _less_latex_space(OPENING_SPACE.sub("", text))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(STYLE.sub("", text))
@@ -418,4 +418,4 @@ def _fraction(number: str) -> Fraction:
     if len({separator.removesuffix("\\!") for separator in re.findall(THOUSANDS_SEPARATOR, number)}) > 1:
         raise ValueError(f"{number!r}: thousands by two separators")
     plain = re.sub(THOUSANDS_SEPARATOR, "", number)
-    return Fraction(plain + "0" if plain.endswith(".") else plain)
+    return Fraction(plain)
