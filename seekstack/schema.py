@@ -184,16 +184,17 @@ def load_config(
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a .yaml/.yml, .toml or .json file; ConfigError naming the file otherwise."""
     path = Path(path)
-    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+    suffix = path.suffix.lower()  # q.JSON is JSON
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     try:
-        if path.suffix == ".toml":
+        if suffix == ".toml":
             raw = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             # JSON's numbers: 5e-05 is one (YAML 1.1 reads it as a string); a key given twice is an error, as in YAML
             raw = json.loads(text, object_pairs_hook=_mapping_of_unique_keys)
         else:

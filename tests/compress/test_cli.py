@@ -73,6 +73,9 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
          "a float copy of the checkpoint but for its 4 kv_b_proj layers' weights, rounded through fp8\n"),
         (["--config", "config.json"], "field 'layers': '*' keeps in float every layer that int8 would quantize",
          "a float copy of the checkpoint\n"),
+        # its suffix in capitals: read as JSON (it was refused: "expected a .yaml, .yml, .toml or .json file")
+        (["--config", "config.JSON"], "field 'layers': '*' keeps in float every layer that int8 would quantize",
+         "a float copy of the checkpoint\n"),
     ],
 )  # fmt: skip
 def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_keep_every_layer(
@@ -81,8 +84,9 @@ def test_a_quantize_that_quantizes_nothing_is_refused_naming_the_patterns_that_k
     """`--keep '*'` exited 0 having written a float copy of the checkpoint ("37 kept"), where prune refuses a run
     that removes nothing."""
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
-    (tmp_path / "config.json").write_text(json.dumps({"layers": {"*": "none"}}))
-    options = [str(tmp_path / option) if option == "config.json" else option for option in options]
+    for name in ("config.json", "config.JSON"):
+        (tmp_path / name).write_text(json.dumps({"layers": {"*": "none"}}))
+    options = [str(tmp_path / option) if option.startswith("config.") else option for option in options]
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), *options])
     assert result.exit_code == (1 if "--config" in options else 2), result.output
     assert expected in result.output
