@@ -12,7 +12,7 @@ import functools
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -56,6 +56,9 @@ def load_pretrained(
     torch_dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     low_cpu_mem_usage: bool = True,
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
+    max_memory: Mapping[str | int, str | int] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -76,6 +79,10 @@ def load_pretrained(
     from_pretrained) and `low_cpu_mem_usage` are taken without effect, as Engine.from_pretrained takes them: no code
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
     (what low_cpu_mem_usage=True asks).
+    `device_map` (with `max_memory` for accelerate's "auto" or "sequential") spreads the model over devices as
+    transformers' and Engine.from_pretrained's does (seekstack.infer.placement: the model loads on the CPU, each part
+    then moves to its device, `disk` parts memory-mapped, their copies written under `offload_folder`, default
+    `directory`/offload, as they are read); `device` must then be left as cpu.
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
@@ -84,6 +91,18 @@ def load_pretrained(
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
+    if (placement := placement_asked(device_map, max_memory, offload_folder, device)) is not None:
+        from seekstack.infer.placement import OffloadRefused, device_map_for, offload_while_loading, place
+
+        folder = offload_folder or directory / "offload"
+        try:  # the disk parts' copies are written as the weights are read
+            model = load_pretrained(
+                directory, dtype, dequantize=dequantize, offload=offload or offload_while_loading(placement, folder),
+                mtp=mtp,
+            )  # fmt: skip
+            return place(model, device_map_for(model, placement), offload_dir=folder)
+        except OffloadRefused as refusal:  # a folder that cannot be written: named by the keyword that chooses it
+            raise refusal.named("offload_folder") from refusal.__cause__
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
@@ -140,6 +159,34 @@ def load_pretrained(
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
     return model.eval()
+
+
+def placement_asked(
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None,
+    max_memory: Mapping[str | int, str | int] | None,
+    offload_folder: str | Path | None,
+    device: torch.device | str,
+) -> str | None:
+    """The device map (seekstack.infer.placement's text) transformers' `device_map` and `max_memory` ask for, None
+    where neither is given; ValueError before any weight is read for a map naming a device this torch cannot reach,
+    `offload_folder` without a map (it holds the disk parts' copies) and a map beside a `device` other than cpu."""
+    from seekstack.infer.placement import check_reachable, device_map_text
+    from seekstack.infer.precision import map_devices
+
+    if device_map is None and max_memory is None:
+        if offload_folder is not None:
+            raise ValueError(
+                "offload_folder is given without device_map: it holds the copies of parts placed on disk; give "
+                "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
+            )
+        return None
+    if torch.device(device) != torch.device("cpu"):
+        raise ValueError(
+            f"device={device!r} beside device_map={device_map!r}: the device map places every part; give one of them"
+        )
+    placement = device_map_text(device_map, max_memory)
+    check_reachable(map_devices(placement))
+    return placement
 
 
 def _unused_note(unused: list[str], reader: CheckpointReader) -> str:

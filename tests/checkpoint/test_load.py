@@ -24,3 +24,29 @@ def test_auto_dtype_of_a_config_stating_no_float_dtype_is_refused_naming_the_key
         seekstack.load_pretrained(tmp_path, dtype="auto")
     assert str(refused.value).startswith(expected)
     assert seekstack.load_pretrained(tmp_path, dtype="float16").embed_tokens.weight.dtype == torch.float16
+
+
+def test_device_map_and_max_memory_of_a_model_card_spread_the_model_as_the_engine_does(tmp_path):
+    """load_pretrained(dir, device_map=..., max_memory=...), as DeepSeek's model cards call from_pretrained, was a
+    TypeError (unexpected keyword argument 'device_map'); the parts now go where the map puts them, disk parts copied
+    under offload_folder as the weights are read, and the logits are the plain load's."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "model")
+    plain = seekstack.load_pretrained(tmp_path / "model", dtype=torch.float16)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    spread = seekstack.load_pretrained(
+        tmp_path / "model", dtype=torch.float16, device_map={"": "cpu", "model.layers.1": "disk", "lm_head": "disk"},
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    assert {part for part, device in spread.placement.items() if device == "disk"} == {
+        "layers.1.self_attn", "layers.1.mlp.shared_experts", "layers.1.mlp.experts", "lm_head"
+    }  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "offload").iterdir()) == [
+        "layers.1.mlp.experts", "layers.1.mlp.shared_experts", "layers.1.self_attn", "lm_head"
+    ]  # fmt: skip
+    assert torch.equal(spread(ids).logits, plain(ids).logits)
+    budgeted = seekstack.load_pretrained(tmp_path / "model", device_map="sequential", max_memory={"cpu": "1GiB"})
+    assert set(budgeted.placement.values()) == {"cpu"}
+    with pytest.raises(ValueError, match=r"^offload_folder is given without device_map: it holds the copies"):
+        seekstack.load_pretrained(tmp_path / "model", offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match=r"^max_memory is given with device_map=None: it holds the budgets"):
+        seekstack.load_pretrained(tmp_path / "model", max_memory={"cpu": "1GiB"})
