@@ -105,13 +105,37 @@ VLLM_FIELDS_NOT_TAKEN = {
     "n=best_of with logprobs=True and keep the n of highest .cumulative_logprob (best_of equal to n is taken)",
 }
 
+# vLLM SamplingParams fields taken at vLLM's default alone, which asks for what the engine does anyway: name -> (that
+# default as said, whether a value is it, why another is refused)
+VLLM_FIELDS_AT_DEFAULT: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "spaces_between_special_tokens": (
+        "True", lambda value: value is True,
+        "a text is the tokenizer's decode of its tokens, special or not, with no other joining of special tokens",
+    ),
+    "output_kind": (
+        "RequestOutputKind.CUMULATIVE (0) or None",
+        lambda kind: kind is None or getattr(kind, "name", None) == "CUMULATIVE" or (type(kind) is int and kind == 0),
+        "generate and chat return each whole reply, and stream and step() hand out each request's new tokens, "
+        "whatever a request asks",
+    ),
+    "extra_args": (
+        "None or {}", lambda value: value is None or value == {},
+        "they feed vLLM's custom sampling plugins and logits processors, none of which run here",
+    ),
+}  # fmt: skip
+
 
 def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given) or,
-    best_of, n (its meaning of None); ConfigError naming the first such field given another value, saying why (best_of
-    below n: that it must be at least n, as vLLM's says)."""
+    """`values` without vLLM's SamplingParams fields not taken here given None (vLLM's default for each: not given),
+    best_of given n (its meaning of None), or those of VLLM_FIELDS_AT_DEFAULT given that default; ConfigError naming
+    the first such field given another value, saying why (best_of below n: that it must be at least n, as vLLM's
+    says)."""
     n = values.get("n", 1)
     for name, value in values.items():
+        if name in VLLM_FIELDS_AT_DEFAULT:
+            default, is_default, why = VLLM_FIELDS_AT_DEFAULT[name]
+            if not is_default(value):
+                raise ConfigError(f"is {value!r}: vLLM's, taken here only as its default, {default}: {why}", name)
         if name == "best_of" and type(value) is int and value == n:
             continue
         if name == "best_of" and type(value) is int and type(n) is int and value < n:
@@ -122,7 +146,11 @@ def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
             )
         if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
             raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
-    return {name: value for name, value in values.items() if name not in VLLM_FIELDS_NOT_TAKEN}
+    return {
+        name: value
+        for name, value in values.items()
+        if name not in VLLM_FIELDS_NOT_TAKEN and name not in VLLM_FIELDS_AT_DEFAULT
+    }
 
 
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:

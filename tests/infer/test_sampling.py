@@ -610,6 +610,28 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
     assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
 
 
+@pytest.mark.parametrize(
+    "name, default, other, why",
+    [
+        ("spaces_between_special_tokens", True, False, "True: a text is the tokenizer's decode of its tokens, special "
+         "or not, with no other joining of special tokens"),
+        ("output_kind", 0, 2, "RequestOutputKind.CUMULATIVE (0) or None: generate and chat return each whole reply, "
+         "and stream and step() hand out each request's new tokens, whatever a request asks"),
+        ("extra_args", {}, {"plugin": 1}, "None or {}: they feed vLLM's custom sampling plugins and logits "
+         "processors, none of which run here"),
+    ],
+)  # fmt: skip
+def test_vllm_fields_at_their_default_are_taken_and_refused_otherwise_naming_the_field(name, default, other, why):
+    """vLLM's spaces_between_special_tokens, output_kind and extra_args were a bare "TypeError: SamplingParams.
+    __init__() got an unexpected keyword argument" (from_dict: "unknown field"), even at vLLM's default value: that
+    default is taken, asking for what the engine does; another value is refused naming the field and why."""
+    for build in (SamplingParams, lambda **values: SamplingParams.from_dict(values)):
+        assert build(**{name: default}, top_k=3) == SamplingParams(top_k=3)
+        with pytest.raises(ConfigError) as refused:
+            build(**{name: other})
+        assert str(refused.value) == f"field {name!r} is {other!r}: vLLM's, taken here only as its default, {why}"
+
+
 def test_vllms_best_of_is_taken_equal_to_n_and_refused_above_it_saying_how_to_rank_samples():
     """SamplingParams(n=2, best_of=3), vLLM's, raised a bare "TypeError: SamplingParams.__init__() got an unexpected
     keyword argument 'best_of'" (from_dict: "unknown field"), though the server takes best_of; generate returns every
