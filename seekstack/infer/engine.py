@@ -1259,6 +1259,7 @@ class Engine:
         adapters: str | Sequence[str | None] | None = None,
         use_tqdm: bool | Callable[..., Any] = False,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
         {"prompt_token_ids": ids} is one prompt, as in vLLM; a tensor of ids reads as its list: 1-D one prompt, 2-D a
@@ -1271,7 +1272,14 @@ class Engine:
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
         loops call generate often), or, as vLLM's too, a callable making one (functools.partial(tqdm, leave=False)).
         `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
-        `adapters`: the adapter each names (`_adapter_of_lora_request`)."""
+        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, is taken as 0 for each
+        prompt (or None) alone: requests are admitted first come, first served."""
+        if priority is not None and any(priority):
+            raise ValueError(
+                f"priority={list(priority)}: vLLM's, taken here only as 0 for each prompt, its default: the engine "
+                "admits requests first come, first served, as vLLM's default scheduling policy, which refuses other "
+                "priorities too; add the urgent prompts first, or in a generate call of their own"
+            )
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(

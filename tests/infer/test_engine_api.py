@@ -428,3 +428,20 @@ def test_an_engine_built_on_a_model_reads_its_generation_config_as_from_pretrain
     model.generation_config = {"eos_token_id": "seven"}
     with pytest.raises(ConfigError, match="model.generation_config: field 'eos_token_id' has value 'seven'"):
         Engine(model, tokenizer)
+
+
+def test_vllms_priority_is_taken_as_zero_for_each_prompt_and_refused_otherwise(model, tokenizer):
+    """generate(prompts, params, priority=[0, 0]), vLLM's, was a bare TypeError (an unexpected keyword argument); all
+    zeros (vLLM's default) are taken, first come first served, and another priority is refused before any prompt is
+    added, as vLLM's default scheduling policy refuses it."""
+    engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=2, temperature=0)
+    taken = engine.generate([[5, 9], [7, 3]], greedy, priority=[0, 0])
+    assert [c.token_ids for c in taken] == [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy)]
+    with pytest.raises(ValueError) as refused:
+        engine.generate([[5, 9], [7, 3]], greedy, priority=[1, 0])
+    assert str(refused.value) == (
+        "priority=[1, 0]: vLLM's, taken here only as 0 for each prompt, its default: the engine admits requests first "
+        "come, first served, as vLLM's default scheduling policy, which refuses other priorities too; add the urgent "
+        "prompts first, or in a generate call of their own"
+    )
+    assert not engine.has_unfinished()
