@@ -44,6 +44,8 @@ from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 
 FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")  # what a model loads in; "auto": the one stated
+# transformers' from_pretrained(attn_implementation=...) kernels, which load_pretrained takes without effect
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def load_pretrained(
@@ -59,6 +61,7 @@ def load_pretrained(
     device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
     max_memory: Mapping[str | int, str | int] | None = None,
     offload_folder: str | Path | None = None,
+    attn_implementation: str | None = None,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -78,7 +81,9 @@ def load_pretrained(
     they must name the same dtype (`loading_dtype`). `trust_remote_code` (DeepSeek's model cards pass it to
     from_pretrained) and `low_cpu_mem_usage` are taken without effect, as Engine.from_pretrained takes them: no code
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
-    (what low_cpu_mem_usage=True asks).
+    (what low_cpu_mem_usage=True asks). `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's
+    model cards pass "eager"), is taken without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel
+    on the naive or absorbed form), the same attention; another value is refused naming them.
     `device_map` (with `max_memory` for accelerate's "auto" or "sequential") spreads the model over devices as
     transformers' and Engine.from_pretrained's does (seekstack.infer.placement: the model loads on the CPU, each part
     then moves to its device, `disk` parts memory-mapped, their copies written under `offload_folder`, default
@@ -87,6 +92,12 @@ def load_pretrained(
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r}: seekstack runs its own MLA attention and takes "
+            f"transformers' names for theirs without effect ({', '.join(ATTN_IMPLEMENTATIONS)}); give one of them or "
+            "leave it out"
+        )
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))

@@ -50,3 +50,17 @@ def test_device_map_and_max_memory_of_a_model_card_spread_the_model_as_the_engin
         seekstack.load_pretrained(tmp_path / "model", offload_folder=tmp_path / "offload")
     with pytest.raises(ValueError, match=r"^max_memory is given with device_map=None: it holds the budgets"):
         seekstack.load_pretrained(tmp_path / "model", max_memory={"cpu": "1GiB"})
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flash_attention_2"])
+def test_transformers_attn_implementation_is_taken_without_effect_and_an_unknown_one_refused(tmp_path, implementation):
+    """DeepSeek-V2's model card passes from_pretrained(..., attn_implementation="eager"), which load_pretrained refused
+    with a TypeError; transformers' names load the same model (seekstack's MLA either way), another is named."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    ids = torch.tensor([[2, 7, 1, 8]])
+    taken = seekstack.load_pretrained(tmp_path, attn_implementation=implementation)
+    assert torch.equal(taken(ids).logits, seekstack.load_pretrained(tmp_path)(ids).logits)
+    with pytest.raises(
+        ValueError, match=r"^attn_implementation='flash': seekstack runs its own MLA attention and takes"
+    ):
+        seekstack.load_pretrained(tmp_path, attn_implementation="flash")
