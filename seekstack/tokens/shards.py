@@ -180,6 +180,22 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
         counted = sum(shard["tokens"] for shard in shards)
     except (ValueError, KeyError, TypeError) as error:  # ValueError: no JSON, or no UTF-8 (saved again as UTF-16)
         raise ValueError(f"{path} is corrupt ({error!r}); tokenize the split again") from error
+    version = index.get("version")
+    if type(version) is not int or version != INDEX_VERSION:  # another seekstack's index, or a hand-edited one
+        raise ValueError(
+            f"{path}: field 'version' is {'absent' if version is None else repr(version)}, this seekstack reads "
+            f"version {INDEX_VERSION} of the shard index; tokenize the split again with this seekstack"
+        )
+    counts = [
+        ("total_tokens", total_tokens),
+        *((f"shards[{n}].tokens", shard["tokens"]) for n, shard in enumerate(shards)),
+    ]
+    for field, value in counts:
+        if type(value) is not int or value < 0:  # 7218.0 passed the sums and reached the windows' arithmetic
+            raise ValueError(
+                f"{path} is corrupt: field {field!r} is {value!r}, not a whole number of tokens; "
+                "tokenize the split again"
+            )
     if dtype not in SHARD_DTYPES:  # a hand-edited index: its shards' bytes would be read as other numbers
         raise ValueError(
             f"{path} is corrupt: field 'dtype' is {index['dtype']!r}, not one token shards are written in "

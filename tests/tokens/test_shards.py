@@ -393,6 +393,38 @@ def test_an_index_of_a_dtype_no_shards_are_written_in_is_refused_naming_the_fiel
     )
 
 
+ANOTHER_VERSION = "this seekstack reads version 1 of the shard index; tokenize the split again with this seekstack"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": 2}, f"INDEX: field 'version' is 2, {ANOTHER_VERSION}"),
+        ({"version": "1"}, f"INDEX: field 'version' is '1', {ANOTHER_VERSION}"),
+        ({"version": None}, f"INDEX: field 'version' is absent, {ANOTHER_VERSION}"),
+        (
+            {"total_tokens": "FLOAT"},
+            "INDEX is corrupt: field 'total_tokens' is TOTAL.0, not a whole number of tokens; tokenize the split again",
+        ),
+    ],
+)
+def test_an_index_of_another_version_or_a_count_that_is_no_whole_number_is_refused_naming_the_field(
+    tmp_path, tokenizer, documents, change, message
+):
+    """INDEX_VERSION was written and never read: a version-2 index, or one whose total_tokens read 7218.0 (a float,
+    equal to the shards' sum), loaded silently, and the float reached the windows' count (num_windows 520.0)."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train")
+    index = tmp_path / "train_index.json"
+    fields = json.loads(index.read_text(encoding="utf-8"))
+    total = fields["total_tokens"]
+    fields |= {key: float(total) if value == "FLOAT" else value for key, value in change.items()}
+    fields = {key: value for key, value in fields.items() if value is not None}
+    index.write_text(json.dumps(fields), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        TokenWindows(tmp_path, "train", SEQ_LEN)
+    assert str(refused.value) == message.replace("INDEX", str(index)).replace("TOTAL", str(total))
+
+
 def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
     tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
     shard = tmp_path / "train_00001.bin"
