@@ -5,7 +5,7 @@ Shapes: B batch, T tokens, D hidden, V vocabulary, E routed experts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -95,9 +95,27 @@ class Transformer(nn.Module):
         routing biases stay float32 in any."""
         return self.embed_tokens.weight.dtype
 
-    # the checkpoint's generation_config.json (load_pretrained's), which save_pretrained writes back, as transformers'
-    # model.generation_config; None: a save writes the config's BOS, EOS and pad ids
-    generation_config: dict[str, Any] | None = None
+    @property
+    def generation_config(self) -> dict[str, Any] | None:
+        """The checkpoint's generation_config.json as a dict (load_pretrained's), which save_pretrained writes back and
+        an Engine on the model samples by, as transformers' model.generation_config; None: a save writes the config's
+        BOS, EOS and pad ids."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, settings: Mapping[str, Any] | Any | None) -> None:
+        """Set it to a dict of the file's fields, or to transformers' GenerationConfig, kept as the file its
+        save_pretrained writes (`to_diff_dict()`); TypeError for anything else."""
+        if settings is not None and not isinstance(settings, Mapping):
+            if not callable(getattr(settings, "to_diff_dict", None)):
+                raise TypeError(
+                    f"model.generation_config = {type(settings).__name__}: give a dict of generation_config.json's "
+                    "fields or transformers' GenerationConfig"
+                )
+            settings = settings.to_diff_dict()
+        self._generation_config = dict(settings) if settings is not None else None
+
+    _generation_config: dict[str, Any] | None = None
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # transformers' map, tied when the config says so
     # read by peft alone, which otherwise makes the embedding's output require grad (a backward through every block)
     # for reentrant checkpointing; seekstack's (parallel/parallelize.py) is non-reentrant and needs no such inputs

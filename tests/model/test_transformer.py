@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -173,3 +174,24 @@ def test_device_and_dtype_read_as_transformers_model_device_and_dtype_do():
     assert any(b.dtype == torch.float32 for name, b in model.named_buffers() if name.endswith("correction_bias"))
     input_ids = torch.tensor([[3, 4, 5]]).to(model.device)  # as a transformers user moves inputs
     assert model(input_ids).logits.dtype == model.dtype
+
+
+def test_transformers_generation_config_set_on_a_model_is_saved_as_its_own_save_writes_it(tmp_path):
+    """model.generation_config = GenerationConfig(...), as transformers users set it, made save_pretrained fail with
+    "TypeError: Object of type GenerationConfig is not JSON serializable"; it is kept as the file transformers
+    writes."""
+    from transformers import GenerationConfig
+
+    import seekstack
+
+    model = Transformer(micro_config())
+    settings = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, eos_token_id=1)
+    model.generation_config = settings
+    seekstack.save_pretrained(model, tmp_path / "model")
+    settings.save_pretrained(tmp_path / "theirs")
+    written = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    assert written == json.loads((tmp_path / "theirs" / "generation_config.json").read_text())
+    assert seekstack.load_pretrained(tmp_path / "model").generation_config == written
+    assert written["temperature"] == 0.6
+    with pytest.raises(TypeError, match=r"^model.generation_config = str: give a dict of generation_config.json's"):
+        model.generation_config = "greedy"
