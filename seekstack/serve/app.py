@@ -28,13 +28,14 @@ from starlette.requests import ClientDisconnect
 from seekstack.adapters.registry import UnknownAdapter
 from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import TokenLogprob
+from seekstack.schema import ConfigError
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_request, read_body
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
-from seekstack.serve.bridge import AsyncEngine, RequestGroup
+from seekstack.serve.bridge import AsyncEngine, RequestFailure, RequestGroup
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
-from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
+from seekstack.serve.errors import APIError, internal_error, invalid_body, invalid_value, parse_body
 from seekstack.serve.keys import (
     ApiKey,
     KeyStore,
@@ -343,7 +344,7 @@ class Server:
             except UnknownAdapter:  # unloaded since adapter_for found it
                 raise self.unknown_model(model, bill.key) from None
             except ValueError as error:  # what the engine judges: allowed_token_ids all banned (bad_words, min_tokens)
-                raise APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value") from None
+                raise invalid_value(error) from None
             self.metrics.request_params_n.observe(body.n)
             self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))
         except ClientDisconnect:  # gone before its body arrived
@@ -410,8 +411,9 @@ class Server:
             status = SERVER_STOPPED
             return _answered_stop()
         except Exception as error:
-            status = 500
-            raise internal_error(error, "generating") from None
+            refusal = _refused_while_generating(error, bill)
+            status = 500 if refusal is None else refusal.status
+            raise (refusal or internal_error(error, "generating")) from None
         finally:
             await finish(status)  # before the response leaves
 
@@ -657,8 +659,9 @@ class Server:
             if asked_usage:
                 yield chunk([], bill.usage())
         except Exception as error:  # the status line has gone: the client learns it from an error event
-            await bill.record_async(500)
-            yield sse(internal_error(error, "generating").body())
+            refusal = _refused_while_generating(error, bill)
+            await bill.record_async(500 if refusal is None else refusal.status)
+            yield sse((refusal or internal_error(error, "generating")).body())
         yield "data: [DONE]\n\n"
 
     def reasoning_splits(self, body, n: int) -> list[ReasoningSplit] | None:
@@ -816,6 +819,17 @@ def _rate_limit_errors() -> Iterator[None]:
 
 class ClientLeft(Exception):
     """The client hung up before its answer was ready."""
+
+
+def _refused_while_generating(error: Exception, bill: Bill) -> APIError | None:
+    """The 400 of an engine failure the request's own fields caused, a ConfigError naming the field (allowed_token_ids
+    that a JSON grammar or bad_words forbid each of only after some tokens), its tokens so far then recorded at no
+    cost, as a refusal's; None for any other failure (the server's 500)."""
+    cause = error.__cause__ if isinstance(error, RequestFailure) else None
+    if not isinstance(cause, ConfigError):
+        return None
+    bill.free = True
+    return invalid_value(cause)
 
 
 async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, JSONResponse]) -> JSONResponse:

@@ -33,7 +33,11 @@ ABORT_REPORT_S = 30.0  # the longest a closing request waits to learn whether th
 
 class EngineFailure(RuntimeError):
     """The engine failed this request: its step raised (and every request in flight was ended), or its own sampling
-    raised (and it alone was ended)."""
+    raised (`RequestFailure`)."""
+
+
+class RequestFailure(EngineFailure):
+    """The engine ended this request alone, its own sampling having raised (the cause), the others going on."""
 
 
 @dataclass
@@ -87,7 +91,7 @@ class RequestGroup:
             if isinstance(output, BaseException):
                 raise EngineFailure(f"the engine step failed: {output}") from output
             if output.error is not None:
-                raise EngineFailure(f"the engine failed this request alone: {output.error}") from output.cause
+                raise RequestFailure(f"the engine failed this request alone: {output.error}") from output.cause
             if output.finished:
                 self.unfinished.discard(index)
             yield index, output

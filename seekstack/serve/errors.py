@@ -107,6 +107,12 @@ def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
     return APIError(400, "invalid request: " + "; ".join(problems), param=params[0], code="invalid_value")
 
 
+def invalid_value(error: ValueError) -> APIError:
+    """The 400 of a value the engine judged (SamplingParams.validate, add_request, or a step of the request): a
+    ConfigError names the field at fault as the param, a plain ValueError none."""
+    return APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value")
+
+
 def internal_error(error: BaseException, what: str) -> APIError:
     """A 500 that tells the client an error id to quote, not the exception: its text goes to the server log only."""
     error_id = uuid.uuid4().hex[:12]

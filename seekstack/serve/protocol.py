@@ -21,7 +21,7 @@ from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams, min_tokens_limit, sample_seed
 from seekstack.infer.sampling import outside_vocabulary
 from seekstack.schema import require
-from seekstack.serve.errors import APIError
+from seekstack.serve.errors import APIError, invalid_value
 from seekstack.serve.schemas import (
     MAX_ENGINE_REQUESTS,
     ChatCompletionRequest,
@@ -466,7 +466,7 @@ def sampling_params(
             )
             choices.append(params.validate())
         except ValueError as error:  # a ConfigError names the field at fault (min_tokens above max_tokens)
-            raise APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value") from None
+            raise invalid_value(error) from None
     return choices
 
 

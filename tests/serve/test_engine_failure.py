@@ -124,3 +124,26 @@ def test_a_failure_after_the_step_ends_the_requests_in_flight_and_the_engine_thr
     assert health.json()["status"] == "ok"  # was: "engine stopped", the thread dead
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 20
     assert [row["status"] for row in app.state.server.ledger.records()] == [500, 200]
+
+
+def test_allowed_token_ids_a_grammar_forbids_after_some_tokens_are_a_400_naming_them_not_a_500(tmp_path):
+    """allowed_token_ids "{" and "a" beside JSON mode: "{" is sampled, then the grammar forbids both and no token is
+    left. The engine ends that request with a ConfigError naming the field, the server answered it as its own failure,
+    a 500 (an error event of type server_error in a stream). It is the request's fault: a 400 in OpenAI's shape, its
+    tokens recorded at no cost, as a refusal's; a failure of the engine's own stays a 500 (the test above)."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path))
+    database = open_database(tmp_path / "serve.db")
+    allowed = [engine.tokenizer.encode(text)[-1] for text in "{a"]
+    body = {**REQUEST, "temperature": 0, "allowed_token_ids": allowed, "response_format": {"type": "json_object"}}
+    whole, streamed = asyncio.run(post_all(create_app(engine, database), [body, {**body, "stream": True}]))
+
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
+    assert [json.loads(event)["choices"][0]["text"] for event in events[:-2]] == ["{"]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    for error in whole.json()["error"], json.loads(events[-2])["error"]:
+        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "allowed_token_ids",
+                                                                  "invalid_value")  # fmt: skip
+        assert f"field 'allowed_token_ids' {allowed} are each forbidden here by the constraint" in error["message"]
+    assert whole.status_code == 400
+    rows = Ledger(database).records()
+    assert [(row["status"], row["completion_tokens"], row["cost"]) for row in rows] == [(400, 1, 0.0), (400, 1, 0.0)]
