@@ -22,11 +22,12 @@ kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.
 multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers StarCoder's pipeline keeps (`8.8.8.8`,
 `208.67.222.222`) and the same services' IPv6 ones (`2001:4860:4860::8888`: `PUBLIC_RESOLVERS`), and networks in
 CIDR notation (`93.184.216.0/24`); an address with its network's prefix length (`inet 93.184.216.34/24`, `/32`) or
-before a URL's path (`http://93.184.216.34/2024/x`) is a host's, and an address of zero-padded octets
-(`093.184.216.034`) is judged as it reads without the zeros. A version such as `3.11.7` has three parts and is never
-an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
-1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or `buf[256::]` and matrix products
-such as `w@x.mean()` are kept too.
+before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of zero-padded octets
+(`093.184.216.034`) is judged as it reads without the zeros, and an IPv6 address ending in an IPv4 one
+(`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
+and is never an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word
+naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or
+`buf[256::]` and matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -191,9 +192,11 @@ _PREFIX_LENGTH = r"(?:/(?P<prefix>\d{1,3})\b(?!/|\.\d))?"
 _IPV4 = re.compile(
     rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.)(?P<address>{_OCTET}(?:\.{_OCTET}){{3}}){_PREFIX_LENGTH}(?!\.?{_WORD_BESIDE})"
 )
+# An IPv6 address may end in an IPv4 one (`::ffff:93.184.216.34`, IPv4-mapped; `64:ff9b::93.184.216.34`): the whole
+# is the address, matched before `_IPV4` can take its tail alone.
 _IPV6 = re.compile(
-    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])"
-    rf"(?P<address>(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?){_PREFIX_LENGTH}(?!{_WORD_BESIDE}|:)"
+    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])(?P<address>(?:[0-9A-Fa-f]{{0,4}}:){{2,6}}{_OCTET}(?:\.{_OCTET}){{3}}"
+    rf"|(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?){_PREFIX_LENGTH}(?!{_WORD_BESIDE}|:|\.\d)"
 )
 _KNOWN_TOKENS = re.compile(
     r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}"  # OpenAI
@@ -280,18 +283,25 @@ def _is_address(match: re.Match[str]) -> bool:
 
 
 def _address(match: re.Match[str]) -> str:
-    """The IP address of a match, an IPv4 one without its octets' leading zeros (`093.184.216.034` is
-    `93.184.216.34`), which `ipaddress` refuses, as it may read them as octal."""
-    address = match["address"]
-    if ":" in address:
-        return address
-    return ".".join(str(int(octet)) for octet in address.split("."))
+    """The IP address of a match, an IPv4 one (or an IPv6 one's IPv4 tail) without its octets' leading zeros
+    (`093.184.216.034` is `93.184.216.34`), which `ipaddress` refuses, as it may read them as octal."""
+    head, colon, tail = match["address"].rpartition(":")
+    if "." not in tail:
+        return match["address"]
+    return head + colon + ".".join(str(int(octet)) for octet in tail.split("."))
+
+
+def _host_address(candidate: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address `candidate` reaches: an IPv4-mapped IPv6 address (`::ffff:8.8.8.8`) is its IPv4 one. ValueError
+    for no address."""
+    address = ipaddress.ip_address(candidate)
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def _is_public_ip(candidate: str) -> bool:
     """True for a globally reachable unicast address: one host on the public internet."""
     try:
-        address = ipaddress.ip_address(candidate)
+        address = _host_address(candidate)
     except ValueError:
         return False
     return address.is_global and not address.is_multicast
@@ -317,10 +327,10 @@ def _looks_like_ip(match: re.Match[str]) -> bool:
     candidate = _address(match)
     if _VERSION_BEFORE.search(match.string, max(0, match.start() - VERSION_WORD_CHARS), match.start()):
         return False
-    if "." in candidate:
-        first, second = candidate.split(".")[:2]
-        return len(first) > 1 or len(second) > 1
-    return len([group for group in candidate.split(":") if group]) >= 3
+    if ":" in candidate:  # an IPv4 tail is two groups
+        return sum(1 + ("." in group) for group in candidate.split(":") if group) >= 3
+    first, second = candidate.split(".")[:2]
+    return len(first) > 1 or len(second) > 1
 
 
 def _mixes_letters_and_digits(token: str) -> bool:
@@ -367,7 +377,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         address = _address(match)
         if not (_looks_like_ip(match) and _is_public_ip(address) and _is_host(match)):
             return match[0]
-        if ipaddress.ip_address(address) in PUBLIC_RESOLVERS:  # however written: `2620:FE:0::FE` is `2620:fe::fe`
+        if _host_address(address) in PUBLIC_RESOLVERS:  # however written: `2620:FE:0::FE`, `::ffff:8.8.8.8`
             return match[0]
         counts["ip"] += 1
         return IP + match[0][len(match["address"]) :]
@@ -382,7 +392,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     text = _BEARER_TOKEN.sub(replace_bearer_token, text)
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     folded = _folded(text)
-    for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV4, replace_ip), (_IPV6, replace_ip)):
+    for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV6, replace_ip), (_IPV4, replace_ip)):
         replaced = _sub_through_folded_forms(pattern, replace, text, folded)
         text, folded = replaced, (folded if replaced is text else _folded(replaced))
     return text, +counts
