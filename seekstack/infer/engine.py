@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,6 +353,9 @@ class Engine:
         # the adapters lora_request loaded, least recently asked for first: unloaded for another's load when every
         # slot is taken, as vLLM's LRU cache of adapters evicts them (those load_adapter loaded stay)
         self._requested_adapters: dict[str, None] = {}
+        # adapter name -> the generate calls that resolved a lora_request to it and have not ended: none is unloaded
+        # for another's lora_request (another thread's) before the call's requests use it
+        self._held_adapters: Counter[str] = Counter()
         self.cache = PagedLatentCache(
             self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
             prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,
@@ -1292,44 +1295,48 @@ class Engine:
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        adapters_name = "adapters"
-        if lora_request is not None:
-            if adapters is not None:
-                raise ValueError("adapters= beside lora_request=: lora_request is vLLM's way to name them; give one")
-            adapters_name = "lora_request"
-            if isinstance(lora_request, (list, tuple)):
-                # every prompt's adapter, a later prompt's too: none is unloaded for another prompt of this call
-                named = {one.lora_name for one in lora_request if isinstance(getattr(one, "lora_name", None), str)}
-                adapters = [self._adapter_of_lora_request(one, keep=named) for one in lora_request]
-            else:
-                adapters = self._adapter_of_lora_request(lora_request)
-        # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not read letter by letter
-        one_adapter = adapters is None or isinstance(adapters, str)
-        if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword here
-            raise TypeError(
-                f"adapters={adapters!r}: give a loaded adapter's name for all prompts or one per prompt (None: the "
-                "base model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, "
-                "use_tqdm=True)"
-            )
-        adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
-        for name, values, one in (
-            ("sampling_params", params_list, "or one SamplingParams for all"),
-            (adapters_name, adapter_list, f"(None: the base model), one for all, or leave {adapters_name} out"),
-        ):
-            if len(values) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
-        prompt_ids = [self._prompt_token_ids(p) for p in prompts]
-        prompt_texts = [
-            p if isinstance(p, str) else p.get("prompt") if isinstance(p, Mapping) else None for p in prompts
-        ]
-        started = time.perf_counter()
-        inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
         parts: dict[str, list[RequestOutput]] = {}
-        first_token: dict[str, float] = {}
-        finished_at: dict[str, float] = {}
-        compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
-        samples: list[list[str]] = []  # each prompt's requests, one per sample (SamplingParams.n)
+        # the adapters this call's lora_request resolved: held (none unloaded for another thread's) until it ends
+        held: list[str] = []
         try:
+            adapters_name = "adapters"
+            if lora_request is not None:
+                if adapters is not None:
+                    raise ValueError(
+                        "adapters= beside lora_request=: lora_request is vLLM's way to name them; give one"
+                    )
+                adapters_name = "lora_request"
+                if isinstance(lora_request, (list, tuple)):
+                    # every prompt's adapter, a later prompt's too: none is unloaded for another prompt of this call
+                    named = {one.lora_name for one in lora_request if isinstance(getattr(one, "lora_name", None), str)}
+                    adapters = [self._adapter_of_lora_request(one, held, keep=named) for one in lora_request]
+                else:
+                    adapters = self._adapter_of_lora_request(lora_request, held)
+            # one adapter's name for all prompts, as one SamplingParams (vLLM's one lora_request), not one per letter
+            one_adapter = adapters is None or isinstance(adapters, str)
+            if not one_adapter and not isinstance(adapters, Iterable):  # vLLM's third argument, use_tqdm: a keyword
+                raise TypeError(
+                    f"adapters={adapters!r}: give a loaded adapter's name for all prompts or one per prompt (None: the "
+                    "base model); use_tqdm, vLLM's third argument, is a keyword here: generate(prompts, params, "
+                    "use_tqdm=True)"
+                )
+            adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
+            for name, values, one in (
+                ("sampling_params", params_list, "or one SamplingParams for all"),
+                (adapters_name, adapter_list, f"(None: the base model), one for all, or leave {adapters_name} out"),
+            ):
+                if len(values) != len(prompts):
+                    raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
+            prompt_ids = [self._prompt_token_ids(p) for p in prompts]
+            prompt_texts = [
+                p if isinstance(p, str) else p.get("prompt") if isinstance(p, Mapping) else None for p in prompts
+            ]
+            started = time.perf_counter()
+            inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
+            first_token: dict[str, float] = {}
+            finished_at: dict[str, float] = {}
+            compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
+            samples: list[list[str]] = []  # each prompt's requests, one per sample (SamplingParams.n)
             for index, (ids, p, a) in enumerate(zip(prompt_ids, params_list, adapter_list, strict=True)):
                 samples.append([])
                 for sample in p.samples() if isinstance(p, SamplingParams) else [p]:  # add_request names a wrong p
@@ -1356,6 +1363,8 @@ class Engine:
         finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
             for request_id in parts:
                 self._forget(request_id)
+            with self.lock:
+                self._held_adapters.subtract(held)
         completions = []
         for ids, text, request_ids in zip(prompt_ids, prompt_texts, samples, strict=True):
             first, *others = (
@@ -1369,11 +1378,15 @@ class Engine:
             completions.append(first)
         return completions
 
-    def _adapter_of_lora_request(self, request: LoRARequest | None, keep: Iterable[str | None] = ()) -> str | None:
+    def _adapter_of_lora_request(
+        self, request: LoRARequest | None, held: list[str], keep: Iterable[str | None] = ()
+    ) -> str | None:
         """The name of the adapter vLLM's LoRARequest (`LoRARequest`, or vLLM's own) names, its lora_path loaded as
         lora_name first where no adapter of that name is (vLLM loads it on first use too), in the slot of the least
-        recently asked for adapter that lora_request loaded, no request uses and `keep` does not name, where every
-        slot is taken (as vLLM's LRU cache evicts one); None: the base model."""
+        recently asked for adapter that lora_request loaded, no request uses, no call holds and `keep` does not name,
+        where every slot is taken (as vLLM's LRU cache evicts one); None: the base model. A loaded adapter is held
+        (`_held_adapters`, its name appended to `held`, which the caller gives back) in the same hold of the lock that
+        found or loaded it, so another thread's lora_request cannot unload it before this call's requests use it."""
         if request is None:
             return None
         name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
@@ -1383,12 +1396,12 @@ class Engine:
                 f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "
                 "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
             )
-        if folder is not None and name not in self.lora.folders:
-            self._load_requested(name, folder, set(keep))
         with self.lock:
-            if name in self._requested_adapters:  # the most recently asked for now
-                self._requested_adapters[name] = self._requested_adapters.pop(name)
             loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
+            if loaded is not None:
+                self._hold_adapter(name, held)
+        if folder is not None and loaded is None:
+            loaded = self._load_requested(name, folder, set(keep), held)
         if folder is not None and loaded is not None and folder.resolve() != loaded.resolve():
             raise ValueError(
                 f"lora_request names adapter {name!r} at {folder}, but {name!r} is loaded from {loaded}: "
@@ -1396,35 +1409,46 @@ class Engine:
             )
         return name
 
-    def _load_requested(self, name: str, folder: Path, keep: set[str | None]) -> None:
-        """Load the adapter in `folder` as `name` for a lora_request: its folder read first, so one that holds no
-        adapter (CheckpointError) unloads none; then, under one hold of the lock (two threads neither take the same
-        free slot nor unload the same adapter), where every slot is taken, the least recently asked for adapter that
-        lora_request loaded, no unfinished request uses and `keep` does not name gives up its slot, and comes back
-        if the engine refuses this one (its name, its rank)."""
+    def _load_requested(self, name: str, folder: Path, keep: set[str | None], held: list[str]) -> Path:
+        """Load the adapter in `folder` as `name` for a lora_request and hold it (`_hold_adapter`), returning the folder
+        it is loaded from: its folder read first, so one that holds no adapter (CheckpointError) unloads none; then,
+        under one hold of the lock (two threads neither take the same free slot nor unload the same adapter), where
+        every slot is taken, the least recently asked for adapter that lora_request loaded, no unfinished request
+        uses, no call holds and `keep` does not name gives up its slot, and comes back if the engine refuses this one
+        (its name, its rank)."""
         from seekstack.adapters.registry import read_factors
 
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
-            if name in self.lora.folders:  # another thread's request loaded it meanwhile
-                return
-            unloaded = self._unload_least_recent(keep)
-            try:
-                self.lora.add(name, folder, factors)
-            except Exception:
-                if unloaded is not None:
-                    self.lora.add(*unloaded)
-                    self._requested_adapters = {unloaded[0]: None, **self._requested_adapters}  # least recent again
-                raise
-            self._requested_adapters[name] = None
+            if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
+                unloaded = self._unload_least_recent(keep)
+                try:
+                    self.lora.add(name, folder, factors)
+                except Exception:
+                    if unloaded is not None:
+                        self.lora.add(*unloaded)
+                        self._requested_adapters = {unloaded[0]: None, **self._requested_adapters}  # least recent
+                    raise
+                self._requested_adapters[name] = None
+            self._hold_adapter(name, held)
+            return self.lora.folders[name]
+
+    def _hold_adapter(self, name: str, held: list[str]) -> None:
+        """Hold loaded adapter `name` for a generate call (`held`, its holds) and make it the most recently asked for
+        of those lora_request loaded; under the lock."""
+        self._held_adapters[name] += 1
+        held.append(name)
+        if name in self._requested_adapters:
+            self._requested_adapters[name] = self._requested_adapters.pop(name)
 
     def _unload_least_recent(self, keep: set[str | None]) -> tuple[str, Path, Any] | None:
         """Where every adapter slot is taken, unload the least recently asked for adapter that lora_request loaded, no
-        unfinished request uses and `keep` does not name, if any: its name, folder and weights; under the lock."""
+        unfinished request uses, no generate call holds and `keep` does not name, if any: its name, folder and
+        weights; under the lock."""
         if len(self.lora.slots) < self.lora.max_loras:
             return None
         for name in list(self._requested_adapters):
-            if name not in keep and not self._requests_on_adapter(name):
+            if name not in keep and not self._held_adapters[name] and not self._requests_on_adapter(name):
                 unloaded = name, self.lora.folders[name], self.lora.weights[name]
                 self.lora.remove(name)
                 del self._requested_adapters[name]

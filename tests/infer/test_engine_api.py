@@ -445,3 +445,50 @@ def test_vllms_priority_is_taken_as_zero_for_each_prompt_and_refused_otherwise(m
         "prompts first, or in a generate call of their own"
     )
     assert not engine.has_unfinished()
+
+
+def test_an_adapter_a_lora_request_of_another_thread_resolved_is_not_unloaded_before_its_requests_are_added(
+    base, adapter_folders
+):
+    """Thread 1's generate(lora_request "a") loaded "a" and then added its requests; a second thread's lora_request
+    "b" in between (max_loras=1) saw "a" loaded with no request on it, unloaded it for "b", and thread 1 was refused
+    ("no adapter 'a'") for an adapter it had just asked for. An adapter a generate call resolved is now held until its
+    requests are added: the second thread is refused naming the slot "a" takes, and thread 1 runs on "a"."""
+    import threading
+
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_loras=1)
+    asked = {name: LoRARequest(name, seed, adapter_folders[seed]) for name, seed in (("a", 1), ("b", 2))}
+    greedy = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    [alone] = engine.generate([[5, 9]], greedy, lora_request=asked["a"])
+    engine.unload_adapter("a")
+    resolved, go, results = threading.Event(), threading.Event(), {}
+    add_awaited = engine._add_awaited
+
+    def add_after_the_other_thread(*args, **kwargs):  # widens thread 1's window between resolving and adding
+        if not resolved.is_set():
+            resolved.set()
+            go.wait(timeout=30)
+        return add_awaited(*args, **kwargs)
+
+    engine._add_awaited = add_after_the_other_thread
+
+    def first():
+        try:
+            results["a"] = engine.generate([[5, 9]], greedy, lora_request=asked["a"])[0].token_ids
+        except ValueError as error:
+            results["a"] = str(error)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert resolved.wait(timeout=30)
+        with pytest.raises(ValueError, match=r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken"):
+            engine.generate([[5, 9]], greedy, lora_request=asked["b"])
+    finally:
+        go.set()
+        thread.join(timeout=60)
+    assert results["a"] == alone.token_ids
+    engine._add_awaited = add_awaited
+    [after] = engine.generate([[5, 9]], greedy, lora_request=asked["b"])  # "a" unused again: it gives up its slot
+    assert after.token_ids != alone.token_ids
+    assert engine.lora.folders == {"b": adapter_folders[2]}
