@@ -87,6 +87,13 @@ class DistillModel(nn.Module):
         self.__dict__["teacher"] = teacher  # outside the module tree (see the class docstring)
         self.__dict__["generations"] = generations
         self.steps_trained = 0  # the trainer's (DistillHooks.begin_step): on-policy batches start after on_policy_after
+        # The terms the loss adds to the cross-entropy (`divergence` whenever the teacher is asked, `feature_distance`
+        # with feature maps), each as (its sum over the positions compared, those positions) over the step's
+        # micro-batches: the trainer logs their means beside lm_loss (DistillHooks.step_terms resets them each step)
+        maps = bool(self.projections.layer_map)
+        asked = {"divergence": config.kd_weight != 0 or maps, "feature_distance": maps}
+        self.term_names = tuple(name for name, logged in asked.items() if logged)
+        self.term_sums: dict[str, torch.Tensor] = {}
 
     def block(self, index: int) -> nn.Module:
         """The student's decoder block `index` (the trainer's bias update reaches its routers through it)."""
@@ -184,9 +191,17 @@ class DistillModel(nn.Module):
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
         teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, drawn.on_policy, positions)
-        loss = loss + config.kd_weight * self.divergence(student_logits(compared), teacher.logits)
+        terms = {"divergence": self.divergence(student_logits(compared), teacher.logits)}
+        loss = loss + config.kd_weight * terms["divergence"]
         if self.projections.layer_map:
-            loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)
+            terms["feature_distance"] = self.projections.loss(
+                student_states, teacher.states, compared, config.feature_loss
+            )
+            loss = loss + terms["feature_distance"]
+        counted_positions = compared.sum().float()
+        for name, term in terms.items():
+            summed = torch.stack([term.detach().float() * counted_positions, counted_positions])
+            self.term_sums[name] = self.term_sums[name] + summed if name in self.term_sums else summed
         return dataclasses.replace(out, loss=loss)
 
     def student_outputs(

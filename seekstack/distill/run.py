@@ -93,6 +93,14 @@ class DistillHooks:
 
     def begin_step(self, model: DistillModel, step: int) -> None:
         model.steps_trained = step  # the trainer's count: a step Ctrl-C cut short is not counted, a resume restores it
+        model.term_sums.clear()
+
+    def step_terms(self, model: DistillModel) -> dict[str, torch.Tensor]:
+        """The step's distillation terms the trainer logs beside lm_loss, each as (its sum over the positions
+        compared, those positions) on this rank: `divergence` (T^2 JSD_beta) and `feature_distance`, as the run asks
+        for them; zeros where no micro-batch compared a position."""
+        device = model.student.embed_tokens.weight.device
+        return {name: model.term_sums.get(name, torch.zeros(2, device=device)) for name in model.term_names}
 
 
 class DistillSource(SFTSource):

@@ -183,7 +183,10 @@ class ModelHooks(Protocol):
     seekstack.adapters): the module it trains, what its checkpoints hold, how a resume restores it. Hooks with a
     `begin_step(model, step)` method are told the steps completed before each step draws its micro-batches (distill's
     on-policy warm-up counts them): the trainer's count, which a resume restores and an interrupted step leaves as it
-    was, where a count of the module's own would go on counting the micro-batches of a step Ctrl-C cut short."""
+    was, where a count of the module's own would go on counting the micro-batches of a step Ctrl-C cut short. Hooks
+    with a `step_terms(model)` method give, after the step's micro-batches, terms of its loss to log beside lm_loss
+    (distillation's divergence): each name's (sum over positions, positions) on the rank, the same names on every
+    rank; the step's record holds each one's mean over the positions of all ranks."""
 
     def prepare(self, model: Transformer) -> nn.Module:
         """The module to train (its trainable parameters are those with requires_grad), made from the built model."""
@@ -817,6 +820,12 @@ class _Run:
         # Means over the step's labelled targets: the shares of all micro-batches on all ranks sum to the ranks.
         distributed.all_reduce_sum(sums, self.ranks)
         loss, lm_loss_sum, mtp_loss_sum, lm_shares, mtp_shares = sums.tolist()
+        step_terms = getattr(self.hooks, "step_terms", None)
+        terms = step_terms(model) if step_terms is not None else {}
+        term_means: dict[str, float] = {}
+        if terms:
+            totals = distributed.all_reduce_sum(torch.stack(list(terms.values())).float(), self.ranks).tolist()
+            term_means = {name: total / count for name, (total, count) in zip(terms, totals, strict=True) if count}
         loss = loss / self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
         if self.expert_parallel:
@@ -840,6 +849,7 @@ class _Run:
                 metrics["mtp_loss"] = mtp_loss_sum / mtp_shares
             if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
                 metrics["lm_loss"] = lm_loss_sum / lm_shares
+            metrics.update(term_means)
             if self.comm is not None:
                 metrics["comm_bytes"] = self.comm.counter.bytes_sent - self.comm_bytes_before
                 self.comm_bytes_before = self.comm.counter.bytes_sent

@@ -75,6 +75,8 @@ def test_training_loss_is_ce_plus_t_squared_kl_to_the_teacher(workspace, tmp_pat
         ).mean()  # forward KL(teacher || student), every position
     expected = 0.3 * ce + (own.loss - own.lm_loss) + 0.7 * 4 * softened_kl
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    divergence_sum, positions = DistillHooks(config).step_terms(model)["divergence"].tolist()  # what the step logs
+    assert positions == 16 and divergence_sum / positions == pytest.approx(4 * softened_kl.item(), rel=1e-5)
     assert (own.loss - own.lm_loss > 0) == (student_overrides is MOE_STUDENT)
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert "teacher" not in dict(model.named_modules()) and len(list(model.parameters())) == len(
@@ -100,6 +102,12 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "val_bpb" in line] == [2, 4]  # validation of the student
     assert all(line["val_divergence"] > 0 for line in lines if "val_bpb" in line)  # and of its gap to the teacher
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4]  # each logs its terms beside the cross-entropy:
+    for line in steps:  # loss = 0.5 CE + 0.5 T^2 JSD_beta + the feature term (a dense student: no MTP, no balance)
+        cross_entropy = line.get("lm_loss", 0.0)  # none on a step of the student's own answers
+        assert line["divergence"] > 0 and line["feature_distance"] > 0
+        assert line["loss"] == pytest.approx(0.5 * cross_entropy + 0.5 * line["divergence"] + line["feature_distance"])
 
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
