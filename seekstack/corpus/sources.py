@@ -802,9 +802,10 @@ def read_csv(
 
 
 def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> str | None:
-    """Where the first row of a CSV or TSV file holding more or fewer values than its header is, and what it holds:
-    `row 2 (line 3) holds 3 values, its header 2: '2,"a","b"'; ...`, rows counted as ids count them (the header and
-    blank lines not); None when every row matches its header (or Python's csv cannot read the file either)."""
+    """Where the first row of a CSV or TSV file holding more or fewer values than its header is, what it holds and how
+    to mend it: `row 2 (line 3) holds 3 values, its header 2: '2,"a","b"'; quote ...` (a row of fewer values is shown
+    with the empty values it lacks), rows counted as ids count them (the header and blank lines not); None when every
+    row matches its header (or Python's csv cannot read the file either)."""
     with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
         rows = csv.reader(text, delimiter=delimiter)
         try:
@@ -813,12 +814,16 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
                 first_line = rows.line_num - sum(value.count("\n") for value in row)  # less a quoted value's breaks
                 number += bool(row)  # a blank line is no row
                 if row and len(row) != len(header):
-                    separator, values = "a tab" if delimiter == "\t" else "a comma", counted(len(row), "value")
-                    return (
-                        f"row {number} (line {first_line}) holds {values}, its header {len(header)}: "
-                        f"{delimiter.join(row)[:200]!r}; quote a value that holds {separator}, or give each row the "
-                        "header's columns"
-                    )
+                    found = f"row {number} (line {first_line}) holds {counted(len(row), 'value')}, its header "
+                    found += f"{len(header)}: {delimiter.join(row)[:200]!r}"
+                    separator = "tab" if delimiter == "\t" else "comma"
+                    if len(row) < len(header):  # a value left out, not one split at its separator: no quote mends it
+                        padded = delimiter.join(row + [""] * (len(header) - len(row)))
+                        return (
+                            f"{found}; give the row the header's {len(header)} values, an empty one as nothing after "
+                            f"its {separator}: {padded[:200]!r}"
+                        )
+                    return f"{found}; quote a value that holds a {separator}, or give each row the header's columns"
         except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
             return None
     return None
