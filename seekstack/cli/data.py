@@ -150,9 +150,9 @@ def data_quality_train(
     from collections import Counter
 
     from seekstack.corpus.pii import scrub_pii
-    from seekstack.corpus.quality import train_quality_model
+    from seekstack.corpus.quality import FEW_DOCUMENTS, train_quality_model
     from seekstack.corpus.rules import normalise
-    from seekstack.corpus.sources import TextFolder, open_sources
+    from seekstack.corpus.sources import TextFolder, counted, open_sources
 
     def texts(specs: list[str], sources: list, option: str) -> list[str]:
         """The documents of `sources` (opened from `specs`) as `data build` writes the rows that `data select` scores:
@@ -175,6 +175,15 @@ def data_quality_train(
     with user_errors():
         references, pools = open_sources(reference, pool, field=field)
         positives, negatives = texts(reference, references, "--reference"), texts(pool, pools, "--pool")
+        sides = (("--reference", positives), ("--pool", negatives))
+        few = [
+            f"{option} holds {counted(len(read), 'document')}" for option, read in sides if len(read) < FEW_DOCUMENTS
+        ]
+        if few:
+            warn(
+                f"{' and '.join(few)}: a classifier trained on fewer than {FEW_DOCUMENTS} documents a side learns "
+                "those documents' words, not the kind of text they stand for; give it hundreds of each"
+            )
         train_quality_model(positives, negatives, seed=seed).save(out)
     typer.echo(f"wrote {out}: trained on {len(positives)} reference and {len(negatives)} pool documents")
 

@@ -30,6 +30,7 @@ from seekstack.schema import ConfigError
 
 DEFAULT_BUCKETS = 2**20
 MAX_WORDS = 4000  # words of a document read for its features: enough to judge it, bounded cost
+FEW_DOCUMENTS = 100  # a side with fewer trains a classifier of those documents' words, not of their kind
 
 
 def ngram_ids(text: str, buckets: int, ngrams: tuple[int, ...] = (1, 2)) -> np.ndarray:

@@ -329,6 +329,21 @@ def test_cli_select_refuses_an_empty_train_jsonl_or_the_file_for_its_folder_as_t
     assert not (tmp_path / "sel").exists()
 
 
+def test_cli_quality_train_warns_when_a_side_holds_fewer_than_a_hundred_documents(tmp_path: Path) -> None:
+    """A classifier of one reference document was trained and written without a word, though it learns that
+    document's words alone. Each side of fewer than FEW_DOCUMENTS is named on stderr; a hundred of each pass quietly."""
+    for name, rows in (("one", ["def f(x):\n    return x + 1"]), ("hundred", [salad(n) for n in range(100)])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in rows))
+    args = ["data", "quality-train", "--pool", str(tmp_path / "hundred.jsonl"), "--out", str(tmp_path / "q.npz")]
+    few = CliRunner().invoke(app, [*args, "--reference", str(tmp_path / "one.jsonl")])
+    assert few.exit_code == 0 and few.stderr == (
+        "warning: --reference holds 1 document: a classifier trained on fewer than 100 documents a side learns those "
+        "documents' words, not the kind of text they stand for; give it hundreds of each\n"
+    )
+    enough = CliRunner().invoke(app, [*args, "--reference", str(tmp_path / "hundred.jsonl")])
+    assert enough.exit_code == 0 and enough.stderr == ""
+
+
 def test_cli_trains_and_selects(tmp_path: Path) -> None:
     (tmp_path / "ref").mkdir()
     (tmp_path / "pool").mkdir()
