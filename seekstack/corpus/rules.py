@@ -209,7 +209,9 @@ class CJKRules(ProseRules):
     # Japanese's runs (1.16 per English word) and Korean's words (0.89) are nearer English words, so for them this is
     # laxer than prose's 0.3: a hotel-booking template of 12 Japanese lines scores 0.42 (its English, 0.46, fails
     # prose's), though it fails top_4gram; the 114 Japanese documents of this system's vimtutor, gnupg help and man
-    # pages score <= 0.14 (top n-grams <= 0.12), and none would fail prose's n-gram limits
+    # pages score <= 0.14 (top n-grams <= 0.12), and none would fail prose's n-gram limits. The n-gram limits are this
+    # kind's, not each language's: datatrove's Gopher repetition filter holds every language to the same limits
+    # (top 2/3/4-grams 0.20/0.18/0.16, duplicate 5- to 10-grams 0.15 to 0.10) over its language tokenizer's words
     max_duplicate_10gram_char_fraction: Fraction | None = 0.45
 
 
