@@ -21,7 +21,8 @@ rows in place, so the arithmetic counts, and it is S times less (N*r*(in+out)).
 Routed experts hold E*S factor pairs per weight, of which a step's P pairs use a few, so in both paths each
 (token, expert) pair gathers its own expert's factors for its slot, and only those: y_p = W_e x_p + B_k (A_k x_p),
 with k = e*S + s. The eager dispatch adds this to each grouped matmul, compiled decode
-(`RoutedExperts.forward_gathered`, each pair gathering its expert's weights) to each gathered one.
+(`RoutedExperts.forward_gathered`, each pair gathering its expert's weights) to each gathered one. Eager decode steps
+on a CPU run the base's experts kernel instead, on each expert merged with each loaded slot's update, W_e + B_k A_k.
 MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
 kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
 An adapter may also replace whole rows of the output head or the embedding (peft's trainable tokens,
@@ -39,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekstack.model import cpu_kernels
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import RoutedExperts, Routing
+from seekstack.model.moe import RoutedExperts, Routing, _expert_load
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (..., r, in), B (..., out, r) with the scale folded into B
 TokenRows = tuple[torch.Tensor, torch.Tensor]  # token ids (n,), the trained rows that replace theirs (n, D)
@@ -256,6 +258,9 @@ class MultiTokenRowsEmbedding(MultiTokenRows):
         return out + torch.bmm(hits, deltas).view(out.shape)
 
 
+MERGED_EXPERTS = ("gate_up_proj", "down_proj")  # the stacked weights MultiLoRAExperts holds merged copies of
+
+
 class MultiLoRAExperts(RoutedExperts):
     """Routed experts whose every (token, expert) pair adds the update of its token's slot for that expert, and only
     that one (as punica's BGMV kernel does for vLLM: each pair gathers its own factor pair).
@@ -265,7 +270,10 @@ class MultiLoRAExperts(RoutedExperts):
     a pair of expert e and slot s gathers row k = e*S + s of both, and two batched matmuls give all pairs at once:
         y_p = W_e x_p + B_k (A_k x_p)     (P*r*(in+out) multiply-adds, not S times that)
     The eager dispatch (`grouped_linear`) adds it to each grouped matmul, compiled decode (`forward_gathered`) to each
-    gathered one."""
+    gathered one. Eager decode steps on a CPU instead run the experts kernel, as base rows do, on each expert's weights
+    merged with each loaded slot's update (`forward_merged`): the dispatch's sort, grouped matmuls (one small matmul
+    per expert on a CPU) and per-pair gathers cost ~5x the kernel's one op there, for S' copies of the experts' weights
+    (S' = the highest slot in use + 1) held per adapted layer."""
 
     rows: AdapterRows
     pair_keys: torch.Tensor | None  # (P,) e*S + s of each (token, expert) pair in dispatch order, during a forward
@@ -287,18 +295,36 @@ class MultiLoRAExperts(RoutedExperts):
     def set_factors(self, per_param: dict[str, list[Factors | None]], rank: int) -> None:
         """Hold these factors per stacked parameter name, one entry per slot, each zero-padded to `rank`:
         `NAME_lora_down` A^T (E*S, in, r) and `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight
-        `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept."""
+        `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept. Where the
+        experts kernel runs (cpu_kernels: the CPU, float32 or bfloat16), also each expert's weights merged with each
+        loaded slot's update, `merged_NAME` (E*S', out, in) for S' = the slots up to the highest in use, which eager
+        decode steps run the kernel on (`forward_merged`); None elsewhere."""
         for name in self._buffers:
             if name.endswith(("_lora_down", "_lora_up")) and name.rsplit("_lora_", 1)[0] not in per_param:
                 self._buffers[name].zero_()
+        stacked = {}
         for name, per_slot in per_param.items():
-            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj, rank)  # (S, E, r, in), (S, E, out, r)
+            stacked[name] = stack_factors(per_slot, self.gate_up_proj, rank)  # (S, E, r, in), (S, E, out, r)
+            lora_a, lora_b = stacked[name]
             self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
             self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
+        kernel = bool(per_param) and cpu_kernels.available() and cpu_kernels.usable(self.down_proj, self.down_proj)
+        for name in MERGED_EXPERTS:
+            self.register_buffer(f"merged_{name}", self._merged(name, stacked.get(name)) if kernel else None, False)
+
+    def _merged(self, name: str, factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """W_e + B_{e,s} A_{e,s} of stacked weight `name` (E, out, in) for the S' loaded slots, as (E*S', out, in)."""
+        weight, slots = getattr(self, name).detach().unsqueeze(1), self.rows.slots_in_use  # (E, 1, out, in)
+        if factors is not None:
+            lora_a, lora_b = factors
+            weight = weight + torch.matmul(lora_b[:slots], lora_a[:slots]).transpose(0, 1)  # (E, S', out, in)
+        return weight.expand(-1, slots, -1, -1).flatten(0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)  # as RoutedExperts.forward does, before any dispatch work
+        if self.rows.active and self._merged_takes(x):
+            return self.forward_merged(x, routing)
         if self.rows.active:
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
             order = routing.experts.flatten().argsort(stable=True)  # (P,)
@@ -307,6 +333,20 @@ class MultiLoRAExperts(RoutedExperts):
             return super().forward(x, routing)
         finally:
             self.pair_keys = None
+
+    def _merged_takes(self, x: torch.Tensor) -> bool:
+        """Eager inference of a few tokens (a decode step) where the experts kernel runs on the merged weights."""
+        few = not torch.is_grad_enabled() and x.shape[0] <= cpu_kernels.MAX_TOKENS
+        return few and self.merged_down_proj is not None and cpu_kernels.usable(x, self.merged_down_proj)
+
+    def forward_merged(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts kernel (`RoutedExperts.forward_kernel`, one op, as for base rows) over the merged weights, each
+        (token, expert) pair reading row k = e*S' + s of them, W_e + B_{e,s} A_{e,s} (its expert merged with its
+        token's adapter)."""
+        slots = self.rows.slots_in_use
+        keys = (routing.experts * slots).add_(self.rows.per_token(x.shape[0]).unsqueeze(1))  # (N, K)
+        merged = cpu_kernels.grouped_experts(x, keys, routing.weights, self.merged_gate_up_proj, self.merged_down_proj)
+        return merged, _expert_load(routing)
 
     def matmuls_replaced(self) -> bool:
         """Only while a row uses an adapter: a batch of base rows runs as the base experts do, through the eager
@@ -356,6 +396,8 @@ class MultiLoRAExperts(RoutedExperts):
     def _drop_factors(self) -> None:
         for name in [name for name in self._buffers if name.endswith(("_lora_down", "_lora_up"))]:
             del self._buffers[name]
+        for name in MERGED_EXPERTS:
+            self._buffers.pop(f"merged_{name}", None)
 
 
 CAPACITY_LAYOUT = ("absorbed_weight", "key_up", "value_up")  # MultiLoRAAttention's buffers for compiled steps

@@ -129,7 +129,37 @@ def test_a_batch_of_base_rows_runs_the_base_experts_kernel_with_adapters_loaded(
         kernel_calls.clear()
         model(ids)
     assert torch.equal(base_rows, expected)
-    assert not kernel_calls  # a row of the full adapter: its experts' updates need the grouped dispatch
+    assert not kernel_calls  # a row of the full adapter: the kernel runs on the merged weights, not on the base's
+
+
+def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_merged_with_each_slot(served, monkeypatch):
+    """An eager decode step with adapter rows took the grouped dispatch (sort, one small matmul per expert, per-pair
+    factor gathers), ~5x the experts kernel's time on the demo model: it now runs the kernel once per MoE layer, on
+    the experts merged with each loaded slot's update (E * 3 rows: the base, "full" and "attention"), and each row
+    still gets what its adapter merged into the model gives."""
+    from seekstack.model import cpu_kernels
+    from seekstack.model.moe import RoutedExperts
+
+    if not cpu_kernels.available():
+        pytest.skip("the grouped-experts kernel is not built here")
+    base, adapters = served
+    ids = torch.randint(2, 96, (3, 1), generator=torch.Generator().manual_seed(7))  # a decode step's shape
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    moe_layers = sum(isinstance(module, RoutedExperts) for module in model.layers.modules())
+    experts_seen = []
+    grouped_experts = cpu_kernels.grouped_experts
+    monkeypatch.setattr(
+        cpu_kernels, "grouped_experts", lambda *a: experts_seen.append(a[3].shape[0]) or grouped_experts(*a)
+    )
+    choice = [None, "full", "attention"]
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    assert experts_seen == [model.config.n_routed_experts * 3] * moe_layers and moe_layers > 0
+    for row, name in enumerate(choice):
+        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
 
 
 def test_gathered_experts_of_compiled_decode_match_the_grouped_dispatch_per_row(served):
