@@ -31,6 +31,10 @@ from seekstack.atomic import write_atomic
 
 T = TypeVar("T")
 
+# The most of a refused value's repr an error echoes: a 301-word list reads as its start and its size (OpenAI's errors
+# name the parameter and echo no whole value)
+SHOWN_VALUE_CHARS = 80
+
 Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]
 PositiveFloat = Annotated[float, Gt(0)]
@@ -84,7 +88,7 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     require_known_fields(cls, values, source)
     for name, value in values.items():
         if _has_lone_surrogate(value):
-            raise ConfigError(f"has value {value!r}: not valid Unicode text", field=name).at(source)
+            raise ConfigError(f"has value {shown_value(value)}: not valid Unicode text", field=name).at(source)
     try:
         text = json.dumps(dict(values), default=_jsonable)
         return _adapter(cls).validate_json(text)
@@ -106,11 +110,22 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         reasons = [_reason(cls, e) for e in error.errors() if _field_location(values, e["loc"]) == location]
         message = " or ".join(dict.fromkeys(reasons))
         value = _lookup(values, location)
-        raise ConfigError(f"has value {value!r}: {message}{_value_note(cls, name, value)}", field=name).at(
+        raise ConfigError(f"has value {shown_value(value)}: {message}{_value_note(cls, name, value)}", field=name).at(
             source
         ) from None
     except ConfigError as error:  # from a __post_init__
         raise error.at(source) from None
+
+
+def shown_value(value: Any) -> str:
+    """`value`'s repr as an error echoes it: whole up to SHOWN_VALUE_CHARS characters, else their start and the value's
+    size (`['w0', 'w1', ... (301 items)`)."""
+    text = repr(value)
+    if len(text) <= SHOWN_VALUE_CHARS:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, set, frozenset, dict)) else None
+    size = size or (f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters written")
+    return f"{text[:SHOWN_VALUE_CHARS]}... ({size})"
 
 
 def require_known_fields(cls: type, values: Mapping[str, Any], source: str | None = None) -> None:

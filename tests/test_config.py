@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from seekstack.config import ConfigError, ModelConfig, preset
+from seekstack.infer.params import SamplingParams
 
 # The fields of the released DeepSeek-V3 config.json.
 DEEPSEEK_V3_JSON = {
@@ -124,6 +125,24 @@ def test_a_config_error_carries_its_field_and_file_apart_from_its_message():
         ModelConfig.from_dict({"model_type": "deepseek_v3", "rope_scaling": {"type": "yarn", "factor": 0.5}}, "c.json")
     assert (caught.value.field, caught.value.source) == ("rope_scaling.factor", "c.json")
     assert str(caught.value) == "c.json: field 'rope_scaling.factor' must be >= 1"
+
+
+def test_a_refused_value_is_echoed_as_its_start_and_size_not_whole():
+    """A ConfigError echoed the whole value it refused: 301 bad_words (300 are taken) made a message of 2,389
+    characters, a 3000-character temperature one of 3,064. It now shows the repr's first 80 characters and the size,
+    a short value whole."""
+    refused = {}
+    for name, value in ("bad_words", tuple(f"w{i}" for i in range(301))), ("temperature", "x" * 3000), ("seed", "7"):
+        with pytest.raises(ConfigError) as caught:
+            SamplingParams(**{name: value}).validate()
+        refused[name] = str(caught.value)
+    assert refused == {
+        "bad_words": "field 'bad_words' has value ('w0', 'w1', 'w2', 'w3', 'w4', 'w5', 'w6', 'w7', 'w8', 'w9', 'w10', "
+        "'w11', 'w12'... (301 items): tuple should have at most 300 items after validation, not 301",
+        "temperature": f"field 'temperature' has value '{'x' * 79}... (3000 characters): input should be a valid "
+        "number",
+        "seed": "field 'seed' has value '7': input should be a valid integer",
+    }
 
 
 def test_unknown_preset_is_named():
