@@ -15,6 +15,7 @@ from typer.core import TyperCommand
 from seekstack.checkpoint.folder import CheckpointError
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
+from seekstack.parallel.launch import launch_rank
 from seekstack.schema import ConfigError, settable_fields
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
@@ -43,7 +44,7 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value
-    if _rank() == 0:
+    if launch_rank() == 0:
         typer.echo(f"{value}: using the run's newest checkpoint, {newest}{passed_over(newest)}", err=True)
     ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = run
     return str(newest) if isinstance(value, str) else newest
@@ -110,7 +111,7 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
     (a config file of one node's own fails there alone), and the other ranks, which meet the same error, exit
     quietly; with `every_rank` (an error that may be one rank's own: its file, its disk) they print it too. A rank but
     0 names itself."""
-    rank = _rank()
+    rank = launch_rank()
     if rank == 0 or every_rank or os.environ.get("LOCAL_RANK") == "0":
         where = "" if rank == 0 else f" (rank {rank})"
         if as_json:
@@ -175,13 +176,8 @@ def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
 def warn(message: str) -> None:
     """Print `message` as a warning on stderr; under torchrun rank 0 alone prints it (every rank resolves the same
     config and meets the same warnings), as it alone prints the outcome."""
-    if _rank() == 0:
+    if launch_rank() == 0:
         typer.echo(f"warning: {message}", err=True)
-
-
-def _rank() -> int:
-    """This process's rank among those torchrun started; 0 when it runs alone (no need to load torch to know)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def model_config(model: str) -> ModelConfig:

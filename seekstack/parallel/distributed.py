@@ -24,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from seekstack.interrupts import sigint_handled_by
+from seekstack.parallel.launch import launch_environment, launch_rank
 from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
@@ -49,7 +50,7 @@ class Ranks:
 
 def is_main_process() -> bool:
     """Whether this process is rank 0 of the run torchrun describes (or runs alone): the one that prints."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_rank() == 0
 
 
 def init_distributed(cpu_collectives: bool = False) -> Ranks:
@@ -57,7 +58,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     whose collectives also take CPU tensors (`cpu_collectives`: the gradients FSDP's cpu_offload keeps on the CPU,
     which NCCL cannot reduce) gets gloo beside NCCL for those; other CUDA runs NCCL alone, whose network interface
     choice multi-node clusters are set up for."""
-    world_size, rank, local_rank = _launch_environment()
+    world_size, rank, local_rank = launch_environment()
     cuda = torch.cuda.is_available()
     if world_size == 1:
         return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
@@ -66,33 +67,6 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
     return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
-
-
-TORCHRUN_ADVICE = "start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process"
-
-
-def _launch_environment() -> tuple[int, int, int]:
-    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them (1, 0, 0 when WORLD_SIZE is not set); ValueError naming
-    the variable where one was set by hand and cannot be right."""
-    world_size = _environment_number("WORLD_SIZE", "1")
-    if world_size < 1:
-        raise ValueError(f"WORLD_SIZE={world_size} is not a number of processes; {TORCHRUN_ADVICE}")
-    if world_size == 1:
-        return 1, 0, 0
-    if "RANK" not in os.environ:
-        raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not; {TORCHRUN_ADVICE}")
-    rank = _environment_number("RANK", "0")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}; {TORCHRUN_ADVICE}")
-    return world_size, rank, _environment_number("LOCAL_RANK", "0")
-
-
-def _environment_number(name: str, default: str) -> int:
-    value = os.environ.get(name, default)
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a whole number; {TORCHRUN_ADVICE}") from None
 
 
 def _backend(cuda: bool, cpu_collectives: bool) -> str:

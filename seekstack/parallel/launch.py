@@ -1,0 +1,41 @@
+"""What torchrun tells each process it starts, through the environment: WORLD_SIZE, RANK and LOCAL_RANK. Read
+without torch, so that the command line knows which rank prints before torch loads."""
+
+from __future__ import annotations
+
+import os
+
+TORCHRUN_ADVICE = "start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process"
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them (1, 0, 0 when WORLD_SIZE is not set, whatever RANK is
+    left in the environment); ValueError naming the variable where one was set by hand and cannot be right."""
+    world_size = _environment_number("WORLD_SIZE", "1")
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE={world_size} is not a number of processes; {TORCHRUN_ADVICE}")
+    if world_size == 1:
+        return 1, 0, 0
+    if "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not; {TORCHRUN_ADVICE}")
+    rank = _environment_number("RANK", "0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}; {TORCHRUN_ADVICE}")
+    return world_size, rank, _environment_number("LOCAL_RANK", "0")
+
+
+def _environment_number(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number; {TORCHRUN_ADVICE}") from None
+
+
+def launch_rank() -> int:
+    """This process's RANK as torchrun sets it, 0 when unset; 0 too where it is no whole number, which
+    `launch_environment` refuses naming it: that error is then printed, as rank 0's, not lost in a traceback."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0

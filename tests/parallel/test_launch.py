@@ -1,0 +1,22 @@
+"""What torchrun tells a process through its environment, as the command line reads it before torch loads."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+
+
+@pytest.mark.parametrize("rank", ["x", ""])
+def test_a_rank_that_is_no_number_is_refused_by_the_command_naming_it_not_in_a_traceback(tmp_path, monkeypatch, rank):
+    """RANK='x' beside WORLD_SIZE=2: the command line read RANK to know which rank prints, before the refusal that
+    names it, and ended in 'ValueError: invalid literal for int() with base 10' with a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"error: RANK={rank!r} is not a whole number; start the run with torchrun, which sets them, or unset "
+        "WORLD_SIZE to train in one process\n",
+    )
