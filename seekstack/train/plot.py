@@ -37,7 +37,10 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
     command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet; a
-    missing folder is an error saying so."""
+    missing folder is an error saying so. Of a step logged twice (a run resumed by a seekstack that did not drop the
+    steps logged after the checkpoint it resumed from, or logs joined by hand), the last record is kept, its step's
+    and its evaluation's apart (`latest_records`), so that no curve draws the step twice nor the report counts it
+    twice."""
     if not Path(run_dir).exists():
         raise FileNotFoundError(f"no such folder: {run_dir}")
     path = Path(run_dir) / METRICS_FILE
@@ -53,7 +56,14 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack {command}` run?")
-    return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))
+    return latest_records(read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr)))
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """`records` less each one a later record of the same step and kind replaces, a step's (with a `loss`) or
+    another (an evaluation's), in the order logged: the history a resumed run tells, as `--resume` keeps it."""
+    last = {(record["step"], "loss" in record): index for index, record in enumerate(records)}
+    return [record for index, record in enumerate(records) if last[record["step"], "loss" in record] == index]
 
 
 def plot_run(

@@ -365,3 +365,23 @@ def test_plot_names_a_metrics_line_that_is_json_but_no_record(demo_run, tmp_path
     assert result.exit_code == 1 and "metrics.jsonl" in result.output and fault in result.output
     if "not a metrics record" in fault:
         assert f"metrics.jsonl:{records.count(chr(10)) + 1}:" in result.output
+
+
+def test_a_step_logged_twice_is_drawn_and_read_once_from_its_last_record(tmp_path, monkeypatch):
+    """A metrics.jsonl whose steps 3-4 were logged again (a resume by a seekstack that kept the steps logged past its
+    checkpoint, or logs joined by hand) drew them twice, the curve going back from step 4 to 3, and the report
+    counted them and listed step 4's evaluation twice: each step's last record, and its evaluation's, is the one."""
+    import seekstack.train.plot as plot
+
+    first = [{"step": step, "loss": 4.0 - step / 10, "lm_loss": 4.0 - step / 10, "lr": 1e-3} for step in (1, 2, 3, 4)]
+    again = [{"step": step, "loss": 3.0 - step / 10, "lm_loss": 3.0 - step / 10, "lr": 1e-3} for step in (3, 4)]
+    evals = [{"step": 4, "val_loss": 3.5, "val_bpb": 1.5}, {"step": 4, "val_loss": 2.5, "val_bpb": 1.1}]
+    records = [*first, evals[0], *again, evals[1]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert plot.read_metrics(tmp_path) == [first[0], first[1], *again, evals[1]]
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(tmp_path)
+    loss, validation = drawn[0].axes[0].get_lines()[0], drawn[0].axes[0].get_lines()[2]
+    assert list(loss.get_xdata()) == [1, 2, 3, 4] and list(loss.get_ydata()) == pytest.approx([3.9, 3.8, 2.7, 2.6])
+    assert list(validation.get_xdata()) == [4] and list(validation.get_ydata()) == [2.5]
