@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
+from seekstack.infer.generation_config import GenerationConfig
 from seekstack.model.attention import LatentCache, attention_mask_of, causal_within, packed_segments
 from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.block import DecoderBlock
@@ -95,11 +97,25 @@ class Transformer(nn.Module):
         routing biases stay float32 in any."""
         return self.embed_tokens.weight.dtype
 
+    def save_pretrained(self, directory: str | Path, **options: Any) -> Path:
+        """`seekstack.save_pretrained(model, directory, **options)`, called as transformers' model.save_pretrained."""
+        from seekstack.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **options)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **options: Any) -> Transformer:
+        """`seekstack.load_pretrained(directory, **options)`, called as transformers'
+        AutoModelForCausalLM.from_pretrained (dtype float32 where not given, as load_pretrained's)."""
+        from seekstack.checkpoint import load_pretrained
+
+        return load_pretrained(directory, **options)
+
     @property
-    def generation_config(self) -> dict[str, Any] | None:
+    def generation_config(self) -> GenerationConfig | None:
         """The checkpoint's generation_config.json as a dict (load_pretrained's), which save_pretrained writes back and
-        an Engine on the model samples by, as transformers' model.generation_config; None: a save writes the config's
-        BOS, EOS and pad ids."""
+        an Engine on the model samples by, as transformers' model.generation_config, its fields read as attributes too
+        (`.max_new_tokens`); None: a save writes the config's BOS, EOS and pad ids."""
         return self._generation_config
 
     @generation_config.setter
@@ -113,9 +129,9 @@ class Transformer(nn.Module):
                     "fields or transformers' GenerationConfig"
                 )
             settings = settings.to_diff_dict()
-        self._generation_config = dict(settings) if settings is not None else None
+        self._generation_config = GenerationConfig(settings) if settings is not None else None
 
-    _generation_config: dict[str, Any] | None = None
+    _generation_config: GenerationConfig | None = None
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # transformers' map, tied when the config says so
     # read by peft alone, which otherwise makes the embedding's output require grad (a backward through every block)
     # for reentrant checkpointing; seekstack's (parallel/parallelize.py) is non-reentrant and needs no such inputs

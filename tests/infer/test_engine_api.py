@@ -492,3 +492,22 @@ def test_an_adapter_a_lora_request_of_another_thread_resolved_is_not_unloaded_be
     [after] = engine.generate([[5, 9]], greedy, lora_request=asked["b"])  # "a" unused again: it gives up its slot
     assert after.token_ids != alone.token_ids
     assert engine.lora.folders == {"b": adapter_folders[2]}
+
+
+def test_model_generation_config_reads_and_sets_fields_as_attributes_as_transformers_and_the_engine_samples_by_them(
+    model, tokenizer
+):
+    """model.generation_config was a plain dict: transformers' `model.generation_config.max_new_tokens` (read or set)
+    raised AttributeError. Its fields are attributes too now (a transformers field left unset reads None, a typo is
+    refused naming what it holds), `to_dict()` gives the dict, and an engine built on the model samples by them."""
+    model.generation_config = {"temperature": 0.6}
+    try:
+        settings = model.generation_config
+        assert (settings.temperature, settings.max_new_tokens, settings["temperature"]) == (0.6, None, 0.6)
+        settings.max_new_tokens = 5
+        assert settings.to_dict() == {"temperature": 0.6, "max_new_tokens": 5} and type(settings.to_dict()) is dict
+        assert Engine(model, tokenizer).sampling_defaults == {"temperature": 0.6, "max_new_tokens": 5}
+        with pytest.raises(AttributeError, match="^generation config has no field 'tempreature': it holds temperature"):
+            settings.tempreature  # noqa: B018
+    finally:
+        model.generation_config = None
