@@ -19,7 +19,9 @@ def launch_environment() -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not; {TORCHRUN_ADVICE}")
     rank = _environment_number("RANK", "0")
-    if not 0 <= rank < world_size:
+    if rank < 0:
+        raise ValueError(f"RANK={rank} is negative: ranks count from 0 to WORLD_SIZE-1; {TORCHRUN_ADVICE}")
+    if rank >= world_size:
         raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}; {TORCHRUN_ADVICE}")
     return world_size, rank, _environment_number("LOCAL_RANK", "0")
 

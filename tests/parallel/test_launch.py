@@ -20,3 +20,17 @@ def test_a_rank_that_is_no_number_is_refused_by_the_command_naming_it_not_in_a_t
         f"error: RANK={rank!r} is not a whole number; start the run with torchrun, which sets them, or unset "
         "WORLD_SIZE to train in one process\n",
     )
+
+
+def test_a_negative_rank_is_refused_as_negative(monkeypatch):
+    """RANK=-1 beside WORLD_SIZE=2 was refused as 'RANK=-1 is not below WORLD_SIZE=2', which it is."""
+    from seekstack.parallel.launch import launch_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "-1")
+    with pytest.raises(ValueError) as refused:
+        launch_environment()
+    assert str(refused.value) == (
+        "RANK=-1 is negative: ranks count from 0 to WORLD_SIZE-1; start the run with torchrun, which sets them, or "
+        "unset WORLD_SIZE to train in one process"
+    )
