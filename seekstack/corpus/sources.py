@@ -786,6 +786,7 @@ def read_csv(
     with _arrow_errors_named(path, file_format), _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
         encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
+        _refuse_another_separator(path, _header(path, encoding, delimiter), column, delimiter)  # before pyarrow's
         try:
             reader = pyarrow.csv.open_csv(
                 binary,
@@ -799,6 +800,35 @@ def read_csv(
             if unlike is None:
                 raise
             raise DataSourceError(f"{path}: cannot be read as {file_format}: {unlike}") from None
+
+
+def _header(path: Path, encoding: str, delimiter: str) -> list[str]:
+    """The names in the header of a CSV or TSV file, its first row past blank lines, as pyarrow reads them (no
+    byte-order mark); [] for none, or where Python's csv cannot read it."""
+    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+        try:
+            names = next((row for row in csv.reader(text, delimiter=delimiter) if row), [])
+        except csv.Error:
+            return []
+    return [names[0].removeprefix("\ufeff"), *names[1:]] if names else []
+
+
+def _refuse_another_separator(path: Path, names: list[str], column: str, delimiter: str) -> None:
+    """A DataSourceError when a table's header is one column that another separator would cut into names, the text
+    `column` among them: a CSV file of `id;text` (Excel's, where a comma is the decimal mark), a .tsv of commas."""
+    if column in names or len(names) != 1:
+        return
+    named = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "'|'"}
+    found = [separator for separator in named if column in names[0].split(separator) and separator != delimiter]
+    if not found:
+        return
+    other, file_format = found[0], "TSV" if delimiter == "\t" else "CSV"
+    renamed = {",": ", or name it .csv", "\t": ", or name it .tsv"}.get(other, "")
+    excel = " (Excel writes semicolons where a comma is the decimal mark)" if other == ";" else ""
+    raise DataSourceError(
+        f"{path}: its header {names[0]!r} is one column, its names separated by {named[other]}{excel}, where "
+        f"{file_format} separates them by {named[delimiter]}: save the file with {named[delimiter]}{renamed}"
+    )
 
 
 def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> str | None:

@@ -1850,6 +1850,38 @@ def test_a_row_unlike_its_header_is_found_past_blank_lines_before_the_header_and
     assert str(refused.value) == f"{tmp_path / 'posts.csv'}: cannot be read as CSV: {found}"
 
 
+@pytest.mark.parametrize(
+    ("name", "table", "found"),
+    [
+        (
+            "posts.csv",
+            'id;text\n1;"hello, world"\n2;plain\n',
+            "its header 'id;text' is one column, its names separated by semicolons (Excel writes semicolons where a "
+            "comma is the decimal mark), where CSV separates them by commas: save the file with commas",
+        ),
+        (
+            "posts.tsv",
+            "\ufefftext,id\nhello,1\n",
+            "its header 'text,id' is one column, its names separated by commas, where TSV separates them by tabs: "
+            "save the file with tabs, or name it .csv",
+        ),
+    ],
+)
+def test_a_table_whose_header_another_separator_cuts_is_refused_naming_the_separator(
+    tmp_path: Path, name: str, table: str, found: str
+) -> None:
+    """Excel's CSV where a comma is the decimal mark separates its values by semicolons: it was read as one column,
+    "no column 'text'; columns are ['id;text']; name the text's field with --field NAME", advice that cannot read it,
+    or, with a comma in a quoted value, "row 1 (line 2) holds 2 values, its header 1 ...; quote a value that holds a
+    comma". The header's separator is named first (a byte-order mark, as Excel writes, left out)."""
+    (tmp_path / name).write_text(table, encoding="utf-8")
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / name))
+    assert str(refused.value) == f"{tmp_path / name}: {found}"
+    (tmp_path / "semicolons.csv").write_text("id;text\n1;a\n", encoding="utf-8")  # --field names a column it holds
+    assert [document.text for document in open_source(tmp_path / "semicolons.csv", field="id;text")] == ["1;a"]
+
+
 def test_a_binary_parquet_text_column_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     """It failed 'row 0 of column 'text' is bytes, not text'."""
     texts = pa.array([b"caf\xc3\xa9 UTF-8", b"caf\xe9 Windows-1252", None], type=pa.binary())
