@@ -77,7 +77,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -589,7 +589,7 @@ class Engine:
         allowed = params.allowed_token_ids
         if allowed is not None and params.min_tokens and set(allowed) <= set(params.stop_token_ids) | self.eos_ids:
             raise ConfigError(  # min_tokens bans EOS (with ignore_eos too) and stop_token_ids, as vLLM's
-                f"{list(allowed)} are each an end-of-sequence or stop_token_ids id, which min_tokens="
+                f"{shown_value(list(allowed))} are each an end-of-sequence or stop_token_ids id, which min_tokens="
                 f"{params.min_tokens} bans until that many tokens are out: no token could be sampled; allow another "
                 "id or send min_tokens 0",
                 field="allowed_token_ids",
@@ -600,15 +600,16 @@ class Engine:
             constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
             if allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
                 raise ConfigError(
-                    f"{list(allowed)} are each a one-token word of bad_words (as encoded alone or after a space), "
-                    "never sampled: no token could be; allow another id or drop the word",
+                    f"{shown_value(list(allowed))} are each a one-token word of bad_words (as encoded alone or after a "
+                    "space), never sampled: no token could be; allow another id or drop the word",
                     field="allowed_token_ids",
                 )
         elif constraint is not None and allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
             # both masks apply, as vLLM's; ids the grammar forbids only later end the request then (NO_DISTRIBUTION)
             raise ConfigError(
-                f"{list(allowed)} are each a token the constraint (JSON mode: response_format's grammar, forced tool "
-                "calls) forbids as the reply's first: no token could be sampled; allow one the grammar may begin with",
+                f"{shown_value(list(allowed))} are each a token the constraint (JSON mode: response_format's grammar, "
+                "forced tool calls) forbids as the reply's first: no token could be sampled; allow one the grammar may "
+                "begin with",
                 field="allowed_token_ids",
             )
         with self.lock:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from seekstack.infer.params import SamplingParams
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, shown_value
 
 
 @dataclass
@@ -350,7 +350,8 @@ class SamplingBatch:
             else "the constraint (JSON mode: response_format's grammar, forced tool calls), after the tokens before it"
         )
         raise ConfigError(
-            f"{list(ids)} are each forbidden here by {rule}: no token could be sampled; allow an id it permits there",
+            f"{shown_value(list(ids))} are each forbidden here by {rule}: no token could be sampled; allow an id it "
+            "permits there",
             field="allowed_token_ids",
         )
 

@@ -111,6 +111,21 @@ def test_allowed_token_ids_that_leave_no_token_to_sample_are_a_400_naming_the_fi
     )
 
 
+def test_an_engine_refusal_of_many_allowed_token_ids_echoes_their_start_and_count_not_each_id(engine, tmp_path):
+    """The engine's refusals of allowed_token_ids listed every id: 300 stop ids under min_tokens came back as a
+    1,654-character message, and ids a JSON grammar forbids as the first token could be most of the vocabulary (129k
+    ids of DeepSeek-V3's, near a megabyte). They echo them as the config checks echo a value (schema.shown_value)."""
+    ids = list(range(10, 310))
+    body = {**COMPLETION, "allowed_token_ids": ids, "stop_token_ids": ids, "min_tokens": 1}
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/completions", body)])
+    error = error_of(refused, 400)
+    assert (error["param"], error["message"]) == ("allowed_token_ids", (
+        "field 'allowed_token_ids' [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,... "
+        "(300 items) are each an end-of-sequence or stop_token_ids id, which min_tokens=1 bans until that many tokens "
+        "are out: no token could be sampled; allow another id or send min_tokens 0"
+    ))  # fmt: skip
+
+
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_logit_bias_bans_and_forces_tokens_of_greedy_replies(engine, tmp_path, route, body):
     [plain] = post_each(engine, tmp_path / "db", [(route, body)])
