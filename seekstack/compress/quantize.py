@@ -139,6 +139,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         scheme = config.scheme_of(name, names[name])
         module = model.get_submodule(name)
         if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
+            _refuse_non_finite(module, names[name])
             _round_through_fp8(module, tuple(config.fp8_block))
             assignment[name] = ABSORBED_IN_FP8
             continue
@@ -157,10 +158,25 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         if name in stored and stored_format(stored[name]) == _target_format(label, config):
             model.set_submodule(name, stored[name])
         else:
+            _refuse_non_finite(module, names[name])
             model.set_submodule(name, quantized_module(module, scheme, config, group))
         assignment[name] = f"{label}: {problem}" if fallback else label
     use_quantized_feed_forwards(model)
     return assignment
+
+
+def _refuse_non_finite(module: nn.Module, name: str) -> None:
+    """ValueError naming layer `name` (the checkpoint's) where its weights hold a NaN or an infinity, which a scale
+    computed from the largest magnitude would spread over the whole row, group or block (as llama.cpp's quantize
+    refuses such a tensor)."""
+    for weight in module.parameters():
+        bad = weight.numel() - int(torch.isfinite(weight).sum())
+        if bad:
+            raise ValueError(
+                f"{name}: {bad:,} of its {weight.numel():,} weights are NaN or infinite, and quantizing would spread "
+                "them over each row, group or block they share a scale with; the checkpoint is damaged (a run that "
+                "diverged?): quantize one whose weights are all finite"
+            )
 
 
 def _fallback_group(module: nn.Module, group: int) -> int | None:

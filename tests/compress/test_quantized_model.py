@@ -769,6 +769,21 @@ def test_default_keeps_head_and_absorbed_kv_b_proj_and_keep_is_overridable():
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules() if isinstance(m, Router))
 
 
+@pytest.mark.parametrize(
+    "scheme, layer, parameter",
+    [("int8", "layers.0.self_attn.o_proj", "weight"), ("int4", "layers.1.mlp.experts", "down_proj"),
+     ("fp8", "layers.0.self_attn.kv_b_proj", "weight")],  # fp8 rounds kv_b_proj through fp8 in place
+)  # fmt: skip
+def test_a_layer_holding_a_nan_or_an_infinity_is_refused_naming_it_as_llama_cpp_refuses_it(scheme, layer, parameter):
+    """One NaN weight was quantized without a word into a scale of NaN: 64 NaN weights after int8 (its row), 32 after
+    int4 (its group), 4096 after fp8 (its block)."""
+    model = model_for_tests()
+    with torch.no_grad():
+        getattr(model.get_submodule(layer), parameter).view(-1)[[3, 5]] = torch.tensor([float("nan"), float("inf")])
+    with pytest.raises(ValueError, match=rf"^model\.{layer}: 2 of its [\d,]+ weights are NaN or infinite"):
+        quantize_model(model, QuantConfig(scheme=scheme))
+
+
 def test_patterns_name_layers_as_we_do_or_as_the_checkpoint_does_and_one_naming_none_is_refused():
     model = model_for_tests()
     config = QuantConfig(keep=["model.layers.*.mlp.experts"], layers={"model.layers.0.self_attn.o_proj": "int4"})
