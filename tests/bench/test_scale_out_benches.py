@@ -3,11 +3,13 @@ vocabulary, and again into the same --out (a quick check, then the full run)."""
 
 import sys
 
+import pytest
 import torch
 
 from tests.bench.support import BENCH
 
 sys.path.insert(0, str(BENCH))  # the scripts import short_runs.py as their sibling
+from bench import grad_compression  # noqa: E402
 from bench.fsdp_memory import first_step_memory  # noqa: E402
 from seekstack.model.transformer import Transformer  # noqa: E402
 from seekstack.train.config import TrainConfig  # noqa: E402
@@ -28,3 +30,15 @@ def test_fsdp_memory_measures_the_preset_at_the_shards_vocabulary_into_a_folder_
         model = Transformer(TrainConfig(model="tiny", model_overrides={"vocab_size": VOCAB}).model_config())
     assert memory["parameters"] == 4 * sum(param.numel() for param in model.parameters())  # float32
     assert (earlier / "train_state.pt").stat().st_size > 0  # the new run's own
+
+
+def test_grad_compression_refuses_too_few_steps_to_count_bytes_after_powersgds_start(tmp_path, monkeypatch, capsys):
+    """--steps 10 (a quick check shorter than the docstring's 40) ran every scheme's 10 steps on 2 ranks and then
+    died on an empty mean: the bytes are those of the steps after PowerSGD's start at step 10."""
+    monkeypatch.setattr(sys, "argv", ["grad_compression.py", "--steps", "10", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        grad_compression.main()
+    assert exited.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.endswith(
+        "error: argument --steps: 10: at least 11, the bytes are those of the steps after PowerSGD's start at step 10\n"
+    )
