@@ -313,11 +313,14 @@ def byte_level_bytes(piece: str) -> bytes | None:
 MAX_TOKEN_ID = 2**32 - 1  # the largest id Hugging Face tokenizers reads (a u32)
 
 
-def _token_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
-    """`ids` as ints, numpy and torch integer scalars as the ints they equal (they hash unlike them); TypeError naming
-    the first that is not an integer and its position (1.5, "3", a float tensor's), as Hugging Face tokenizers' decode
-    refuses it, where int() would have decoded 1.5 as id 1; ValueError naming the first that is negative or past
-    `MAX_TOKEN_ID`, where tokenizers raises a bare OverflowError ("number too small to fit in target type")."""
+def _token_ids(ids: Iterable[int] | int, vocab_size: int) -> list[int]:
+    """`ids` as ints, numpy and torch integer scalars as the ints they equal (they hash unlike them), and one such
+    integer (5, a 0-d tensor) as the one id, as transformers' decode takes it; TypeError naming the first that is
+    not an integer and its position (1.5, "3", a float tensor's), as Hugging Face tokenizers' decode refuses it, where
+    int() would have decoded 1.5 as id 1; ValueError naming the first that is negative or past `MAX_TOKEN_ID`, where
+    tokenizers raises a bare OverflowError ("number too small to fit in target type")."""
+    if not isinstance(ids, Iterable) or getattr(ids, "ndim", None) == 0:  # 5, np.int64(5), a 0-d tensor: one id
+        ids = [ids]
     token_ids = []
     for position, token_id in enumerate(ids):
         try:
@@ -487,11 +490,11 @@ class Tokenizer:
         copy.add_special_tokens([AddedToken(token, special=True) for token in unflagged])
         return copy
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`, special tokens kept as their strings (left out with `skip_special_tokens`, as transformers'
-        and vLLM's tokenizers take it) and added tokens as their own text; ids the tokenizer does not have (a model's
-        vocabulary padded past it) give none; TypeError for an id that is not an integer, ValueError for a negative one
-        (`_token_ids`)."""
+    def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (or of one id, as transformers' decode takes it), special tokens kept as their strings (left
+        out with `skip_special_tokens`, as transformers' and vLLM's tokenizers take it) and added tokens as their own
+        text; ids the tokenizer does not have (a model's vocabulary padded past it) give none; TypeError for an id that
+        is not an integer, ValueError for a negative one (`_token_ids`)."""
         ids = _token_ids(ids, self.vocab_size)
         if skip_special_tokens:
             ids = [token_id for token_id in ids if token_id not in self.special_ids]

@@ -329,6 +329,19 @@ def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_
         tokenizer.decode(torch.tensor(ids, dtype=torch.float32))
 
 
+def test_decode_of_one_id_is_its_token_as_transformers_decode_takes_it(trained):
+    """transformers' decode(5) decodes the one id (a model's next token, `logits.argmax()`, a 0-d tensor); here it
+    failed "'int' object is not iterable", and a 0-d tensor "iteration over a 0-d tensor"."""
+    tokenizer, out_dir = trained
+    auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+    token_id = tokenizer.encode("print")[0]
+    for one in (token_id, np.int64(token_id), torch.tensor(token_id), np.array(token_id)):
+        assert tokenizer.decode(one) == auto.decode(one) == tokenizer.decode([token_id]) != ""
+    assert tokenizer.decode(tokenizer.eos_id, skip_special_tokens=True) == ""
+    with pytest.raises(TypeError, match=r"^token id 1.5 at position 0 is not an integer"):
+        tokenizer.decode(1.5)
+
+
 def test_decode_refuses_a_negative_id_naming_it_and_the_vocabulary_where_hf_tokenizers_overflows(trained):
     """tokenizers' decode([-100]) raises a bare OverflowError; an id past the vocabulary decodes to nothing in both
     (a model's vocabulary padded past the tokenizer's), up to the largest id tokenizers reads."""
