@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +96,20 @@ class Transformer(nn.Module):
         """The float dtype the model was loaded or cast in (the embedding's), as transformers' `model.dtype`; the
         routing biases stay float32 in any."""
         return self.embed_tokens.weight.dtype
+
+    def save_pretrained(self, directory: str | Path, **options: Any) -> Path:
+        """`seekstack.save_pretrained(model, directory, **options)`, called as transformers' model.save_pretrained."""
+        from seekstack.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **options)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **options: Any) -> Transformer:
+        """`seekstack.load_pretrained(directory, **options)`, called as transformers'
+        AutoModelForCausalLM.from_pretrained (dtype float32 where not given, as load_pretrained's)."""
+        from seekstack.checkpoint import load_pretrained
+
+        return load_pretrained(directory, **options)
 
     @property
     def generation_config(self) -> GenerationConfig | None:

@@ -195,3 +195,21 @@ def test_transformers_generation_config_set_on_a_model_is_saved_as_its_own_save_
     assert written["temperature"] == 0.6
     with pytest.raises(TypeError, match=r"^model.generation_config = str: give a dict of generation_config.json's"):
         model.generation_config = "greedy"
+
+
+def test_save_pretrained_and_from_pretrained_are_called_on_the_model_as_transformers_users_call_them(tmp_path):
+    """model.save_pretrained(folder) and Transformer.from_pretrained(folder, dtype=...), transformers' calls, failed
+    with AttributeError: 'Transformer' object has no attribute 'save_pretrained'; they are seekstack's save and load."""
+    import seekstack
+
+    model = Transformer(micro_config()).eval()
+    model.save_pretrained(tmp_path / "method", max_shard_size="100KB")
+    seekstack.save_pretrained(model, tmp_path / "function", max_shard_size="100KB")
+    method, function = tmp_path / "method", tmp_path / "function"
+    files = sorted(path.name for path in function.iterdir())
+    assert len(files) > 4 and sorted(path.name for path in method.iterdir()) == files
+    assert all((method / name).read_bytes() == (function / name).read_bytes() for name in files)
+    loaded = Transformer.from_pretrained(tmp_path / "method", dtype="bfloat16")
+    ids = torch.tensor([[5, 3, 9, 1]])
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded(ids).logits, model.bfloat16()(ids).logits)
