@@ -317,7 +317,8 @@ def _token_ids(ids: Iterable[int] | int, vocab_size: int) -> list[int]:
     """`ids` as ints, numpy and torch integer scalars as the ints they equal (they hash unlike them), and one such
     integer (5, a 0-d tensor) as the one id, as transformers' decode takes it; TypeError naming the first that is
     not an integer and its position (1.5, "3", a float tensor's), as Hugging Face tokenizers' decode refuses it, where
-    int() would have decoded 1.5 as id 1; ValueError naming the first that is negative or past `MAX_TOKEN_ID`, where
+    int() would have decoded 1.5 as id 1, or a batch's row (transformers' decode returns a list for a batch: here it is
+    decoded row by row); ValueError naming the first that is negative or past `MAX_TOKEN_ID`, where
     tokenizers raises a bare OverflowError ("number too small to fit in target type")."""
     if not isinstance(ids, Iterable) or getattr(ids, "ndim", None) == 0:  # 5, np.int64(5), a 0-d tensor: one id
         ids = [ids]
@@ -326,6 +327,12 @@ def _token_ids(ids: Iterable[int] | int, vocab_size: int) -> list[int]:
         try:
             token_id = operator.index(token_id)
         except TypeError:
+            if isinstance(token_id, Iterable) and not isinstance(token_id, str) and getattr(token_id, "ndim", 1):
+                # a batch's row (a float tensor's elements are 0-d tensors, iterable by type alone)
+                raise TypeError(
+                    f"the ids at position {position} are a sequence, {token_id!r}: decode takes one sequence of ids; "
+                    "decode a batch row by row, [tokenizer.decode(row) for row in batch] (transformers' batch_decode)"
+                ) from None
             raise TypeError(
                 f"token id {token_id!r} at position {position} is not an integer: give the integer ids the tokenizer "
                 "gave (a float tensor of ids converted back with .long())"

@@ -342,6 +342,24 @@ def test_decode_of_one_id_is_its_token_as_transformers_decode_takes_it(trained):
         tokenizer.decode(1.5)
 
 
+def test_decode_of_a_batch_is_refused_naming_the_row_and_how_to_decode_it(trained):
+    """A batch of ids ([[...], [...]], a generate call's 2-D output), which transformers' decode answers with a list,
+    was refused as "token id tensor([...]) at position 0 is not an integer: give the integer ids the tokenizer gave
+    (a float tensor of ids converted back with .long())", advice that does not fit it."""
+    tokenizer, _ = trained
+    ids = tokenizer.encode("print(1)")
+    for batch in ([ids, ids], torch.tensor([ids, ids]), np.array([ids])):
+        with pytest.raises(TypeError) as refused:
+            tokenizer.decode(batch)
+        assert str(refused.value) == (
+            f"the ids at position 0 are a sequence, {batch[0]!r}: decode takes one sequence of ids; decode a batch row "
+            "by row, [tokenizer.decode(row) for row in batch] (transformers' batch_decode)"
+        )
+    assert [tokenizer.decode(row) for row in torch.tensor([ids, ids])] == ["print(1)", "print(1)"]
+    with pytest.raises(TypeError, match=r"^token id tensor\(1\.5000\) at position 0 is not an integer"):
+        tokenizer.decode(torch.tensor([1.5, 2.0]))
+
+
 def test_decode_refuses_a_negative_id_naming_it_and_the_vocabulary_where_hf_tokenizers_overflows(trained):
     """tokenizers' decode([-100]) raises a bare OverflowError; an id past the vocabulary decodes to nothing in both
     (a model's vocabulary padded past the tokenizer's), up to the largest id tokenizers reads."""
