@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from seekstack.interrupts import sigint_handled_by
-from seekstack.parallel.launch import launch_environment, launch_rank
+from seekstack.parallel.launch import launch_environment, launch_rank, require_rendezvous_address
 from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
@@ -65,6 +65,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        require_rendezvous_address()
         dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
     return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 

@@ -34,3 +34,22 @@ def test_a_negative_rank_is_refused_as_negative(monkeypatch):
         "RANK=-1 is negative: ranks count from 0 to WORLD_SIZE-1; start the run with torchrun, which sets them, or "
         "unset WORLD_SIZE to train in one process"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "named"), [({"MASTER_PORT": "29500"}, "MASTER_ADDR is"), ({}, "MASTER_ADDR and MASTER_PORT are")]
+)
+def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_on(tmp_path, monkeypatch, given, named):
+    """torch's refusal said 'environment variable MASTER_ADDR expected, but not set', and not what to do."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"error: WORLD_SIZE=2 is set but {named} not: the ranks join at MASTER_ADDR:MASTER_PORT, on rank 0's "
+        "machine; start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process\n",
+    )
