@@ -1468,6 +1468,8 @@ class Engine:
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        chat_template_content_format: str = "auto",
+        mm_processor_kwargs: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
@@ -1478,7 +1480,9 @@ class Engine:
         vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
         `tool_calls` (`completion_with_calls`). vLLM's `chat_template_kwargs` are read as the server reads a request's:
         keys the template does not read dropped, as vLLM drops them, one it reads refused (ValueError), as is a
-        `chat_template` of the caller's: the tokenizer's own is rendered as it is."""
+        `chat_template` of the caller's: the tokenizer's own is rendered as it is. vLLM's
+        `chat_template_content_format` is taken as its default, "auto", alone (content given as a string or as OpenAI's
+        text parts is rendered in the form the template reads), and its `mm_processor_kwargs` as None alone."""
         from seekstack.infer.chat import ending_at_special_tokens
         from seekstack.posttrain.conversations import offered
         from seekstack.serve.protocol import template_kwarg_read
@@ -1488,6 +1492,17 @@ class Engine:
             raise ValueError(
                 "chat_template= (vLLM's) is not taken: chat renders the tokenizer's own chat template as it is; "
                 "render a conversation another way yourself and give its text or token ids to generate"
+            )
+        if chat_template_content_format != "auto":
+            raise ValueError(
+                f"chat_template_content_format={chat_template_content_format!r} (vLLM's) is taken as 'auto', its "
+                "default, alone: content given as a string or as OpenAI's text parts ([{'type': 'text', 'text': "
+                "...}]) is rendered in the form the chat template reads; leave it out"
+            )
+        if mm_processor_kwargs is not None:
+            raise ValueError(
+                "mm_processor_kwargs= (vLLM's) is not taken: they set a multimodal model's image or audio processing, "
+                "and this engine serves text models; leave it out"
             )
         key = template_kwarg_read(chat_template_kwargs, self.tokenizer)
         if key is not None:

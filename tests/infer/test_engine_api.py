@@ -511,3 +511,24 @@ def test_model_generation_config_reads_and_sets_fields_as_attributes_as_transfor
             settings.tempreature  # noqa: B018
     finally:
         model.generation_config = None
+
+
+def test_vllms_chat_keywords_content_format_and_mm_processor_kwargs_are_taken_at_their_defaults_alone(model, tokenizer):
+    """chat(messages, params, chat_template_content_format="auto") and mm_processor_kwargs=None, vLLM's LLM.chat
+    keywords at their defaults, were a bare TypeError (an unexpected keyword argument): the defaults are taken, as
+    the engine renders either content form and reads no images; other values are refused naming the keyword."""
+    engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=2, temperature=0)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    [plain] = engine.chat(messages, greedy)
+    [taken] = engine.chat(messages, greedy, chat_template_content_format="auto", mm_processor_kwargs=None)
+    assert (taken.prompt, taken.token_ids) == (plain.prompt, plain.token_ids)
+    with pytest.raises(ValueError) as refused:
+        engine.chat(messages, greedy, chat_template_content_format="openai")
+    assert str(refused.value) == (
+        "chat_template_content_format='openai' (vLLM's) is taken as 'auto', its default, alone: content given as a "
+        "string or as OpenAI's text parts ([{'type': 'text', 'text': ...}]) is rendered in the form the chat template "
+        "reads; leave it out"
+    )
+    with pytest.raises(ValueError, match=r"^mm_processor_kwargs= \(vLLM's\) is not taken: .* this engine serves text"):
+        engine.chat(messages, greedy, mm_processor_kwargs={"num_crops": 4})
+    assert not engine.has_unfinished()
