@@ -60,6 +60,13 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
     "--api-key": "keys live in the --db database: `seekstack keys create --name NAME` prints one, and once a key "
     "exists every request needs one (Authorization: Bearer KEY)",
     "--allowed-origins": "give each origin whose pages may call the server with --cors-origin ORIGIN (repeatable)",
+    "--enable-auto-tool-choice": "tool calling is always on: a chat's tools and tool_choice are served in "
+    "DeepSeek-V3's tool-call format; drop the option",
+    "--tool-call-parser": "the tool-call parser is always DeepSeek-V3's (vLLM's deepseek_v3), on without an option; "
+    "drop the option",
+    "--generation-config": "the checkpoint's generation_config.json always gives the sampling fields a request leaves "
+    "unset their defaults, as vLLM's auto; drop the option",
+    "--enable-request-id-headers": "every response carries an X-Request-Id header; drop the option",
 }
 
 
