@@ -58,6 +58,7 @@ def load_pretrained(
     torch_dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     low_cpu_mem_usage: bool = True,
+    local_files_only: bool = False,
     device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
     max_memory: Mapping[str | int, str | int] | None = None,
     offload_folder: str | Path | None = None,
@@ -81,9 +82,11 @@ def load_pretrained(
     they must name the same dtype (`loading_dtype`). `trust_remote_code` (DeepSeek's model cards pass it to
     from_pretrained) and `low_cpu_mem_usage` are taken without effect, as Engine.from_pretrained takes them: no code
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
-    (what low_cpu_mem_usage=True asks). `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's
-    model cards pass "eager"), is taken without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel
-    on the naive or absorbed form), the same attention; another value is refused naming them.
+    (what low_cpu_mem_usage=True asks); so is `local_files_only` (offline scripts pass True): `directory` is a local
+    folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder).
+    `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
+    without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
+    same attention; another value is refused naming them.
     `device_map` (with `max_memory` for accelerate's "auto" or "sequential") spreads the model over devices as
     transformers' and Engine.from_pretrained's does (seekstack.infer.placement: the model loads on the CPU, each part
     then moves to its device, `disk` parts memory-mapped, their copies written under `offload_folder`, default

@@ -64,3 +64,17 @@ def test_transformers_attn_implementation_is_taken_without_effect_and_an_unknown
         ValueError, match=r"^attn_implementation='flash': seekstack runs its own MLA attention and takes"
     ):
         seekstack.load_pretrained(tmp_path, attn_implementation="flash")
+
+
+@pytest.mark.parametrize("local_files_only", [True, False])
+def test_transformers_local_files_only_is_taken_as_the_folder_is_read_and_nothing_downloaded(
+    tmp_path, local_files_only
+):
+    """from_pretrained(folder, local_files_only=True), as offline scripts call it, was a TypeError in load_pretrained;
+    the folder loads as without it, and a Hub repository's name is still refused as no such folder."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    ids = torch.tensor([[4, 2, 8]])
+    loaded = seekstack.load_pretrained(tmp_path, local_files_only=local_files_only)
+    assert torch.equal(loaded(ids).logits, seekstack.load_pretrained(tmp_path)(ids).logits)
+    with pytest.raises(CheckpointError, match=r"^deepseek-ai/DeepSeek-V3: no such folder; .* download it first"):
+        seekstack.load_pretrained("deepseek-ai/DeepSeek-V3", local_files_only=local_files_only)
