@@ -464,7 +464,7 @@ class Tokenizer:
         try:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError as error:
-            raise _lone_surrogate_error([text], "the text") or error from None
+            raise _lone_surrogate_error([text], "the text") or _not_text_error([text], "the text") or error from None
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
@@ -478,7 +478,13 @@ class Tokenizer:
             # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
             encodings = interruptible(lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
         except TypeError as error:
-            raise _lone_surrogate_error(texts, f"document {{}} of the {len(texts)} given") or error from None
+            if isinstance(texts, str):
+                raise TypeError(
+                    f"encode_batch takes a list of texts, not one text ({texts[:40]!r}): encode_batch([text]), or "
+                    "encode(text)"
+                ) from None
+            which = f"document {{}} of the {len(texts)} given"
+            raise _lone_surrogate_error(texts, which) or _not_text_error(texts, which) or error from None
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     @functools.cached_property
@@ -828,6 +834,20 @@ def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
                 f"{which.format(position)} is not valid UTF-8: it holds {surrogate.group()!r}, a byte that was not "
                 "UTF-8 or half a character UTF-8 cannot hold"
             )
+    return None
+
+
+def _not_text_error(texts: list, which: str) -> TypeError | None:
+    """A TypeError for the first of `texts` that is no str (`which` names it; {} is its position from 1), or None when
+    each is one: tokenizers' own says "TextInputSequence must be str", naming neither the value nor what to give."""
+    for position, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            hint = {
+                bytes: ": decode it first, text.decode('utf-8')",
+                list: ": encode_batch(texts) encodes a list of texts",
+                tuple: ": encode_batch(texts) encodes a list of texts",
+            }.get(type(text), "")
+            return TypeError(f"{which.format(position)} is {text!r:.60} ({type(text).__name__}), not str{hint}")
     return None
 
 

@@ -329,6 +329,30 @@ def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_
         tokenizer.decode(torch.tensor(ids, dtype=torch.float32))
 
 
+def test_encoding_what_is_no_text_is_refused_naming_the_value_and_what_to_give(trained):
+    """tokenizers' own TypeError, "TextInputSequence must be str" (encode_batch of one str: "Can't extract `str` to
+    `Vec`"), named neither the value nor its place: a list given to encode, bytes read from a file, a None among a
+    batch's texts."""
+    tokenizer, _ = trained
+    for given, says in [
+        (None, "None (NoneType), not str"),
+        (b"abc", "b'abc' (bytes), not str: decode it first, text.decode('utf-8')"),
+        (["a", "b"], "['a', 'b'] (list), not str: encode_batch(texts) encodes a list of texts"),
+    ]:
+        for encode in (tokenizer.encode, tokenizer.encode_prompt):
+            with pytest.raises(TypeError) as refused:
+                encode(given)
+            assert str(refused.value) == f"the text is {says}"
+    with pytest.raises(TypeError) as refused:
+        tokenizer.encode_batch(["fine", None, "fine"])
+    assert str(refused.value) == "document 2 of the 3 given is None (NoneType), not str"
+    with pytest.raises(TypeError) as refused:
+        tokenizer.encode_batch("print(1)")
+    assert str(refused.value) == (
+        "encode_batch takes a list of texts, not one text ('print(1)'): encode_batch([text]), or encode(text)"
+    )
+
+
 def test_decode_of_one_id_is_its_token_as_transformers_decode_takes_it(trained):
     """transformers' decode(5) decodes the one id (a model's next token, `logits.argmax()`, a 0-d tensor); here it
     failed "'int' object is not iterable", and a 0-d tensor "iteration over a 0-d tensor"."""
