@@ -488,6 +488,12 @@ class _Run:
             )
         # before a model is built to find them out
         distributed.require_rows_divisible(config.batch_size, ranks)
+        if config.expert_parallel > 1 and not ranks.distributed:
+            raise ConfigError(
+                f"expert_parallel={config.expert_parallel} splits the routed experts over as many ranks; this run is "
+                f"one process: start it with torchrun --nproc-per-node {config.expert_parallel}, or set "
+                "expert_parallel=1"
+            )
         if config.expert_parallel > 1 and config.expert_parallel != ranks.world_size:
             raise ConfigError(
                 f"expert_parallel={config.expert_parallel} must equal the number of ranks ({ranks.world_size}): "

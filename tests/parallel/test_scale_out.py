@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 from seekstack.checkpoint.keys import CheckpointError
 from seekstack.parallel.compression import CommCounter, Int8State, int8_hook, register_compression
+from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
@@ -772,6 +773,17 @@ def test_scale_out_asked_of_one_process_is_said_to_do_nothing(data_dir, tmp_path
     """parallel=fsdp in one process trained the whole model as ddp's one process does, saying nothing."""
     train(run_config(data_dir, tmp_path / "one", max_steps=1, eval_every=0, save_every=0, **asked))
     assert f"note: {note}; this run is one process" in capfd.readouterr().err
+
+
+def test_expert_parallel_asked_of_one_process_is_refused_naming_torchrun(data_dir, tmp_path):  # noqa: F811
+    """It said 'expert_parallel=2 must equal the number of ranks (1)', not that the run was one process nor how to
+    start it on 2."""
+    with pytest.raises(ConfigError) as refused:
+        train(run_config(data_dir, tmp_path / "one", expert_parallel=2, max_steps=1, eval_every=0, save_every=0))
+    assert str(refused.value) == (
+        "expert_parallel=2 splits the routed experts over as many ranks; this run is one process: start it with "
+        "torchrun --nproc-per-node 2, or set expert_parallel=1"
+    )
 
 
 def _train_rank_ctrl_c_on_rank_0_in_step_3(rank: int, world_size: int, port: int, config, resume) -> None:
