@@ -292,9 +292,12 @@ def _address(match: re.Match[str]) -> str:
 
 
 def _host_address(candidate: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address `candidate` reaches: an IPv4-mapped IPv6 address (`::ffff:8.8.8.8`) is its IPv4 one. ValueError
-    for no address."""
+    """The address `candidate` reaches: an IPv4-mapped IPv6 address (`::ffff:8.8.8.8`) is its IPv4 one, and so is an
+    IPv4-compatible one written with its IPv4 tail (`::192.168.0.1`, RFC 4291's deprecated form, which `ipaddress`
+    calls global whatever the IPv4 address). ValueError for no address."""
     address = ipaddress.ip_address(candidate)
+    if address.version == 6 and "." in candidate and int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address))
     return getattr(address, "ipv4_mapped", None) or address
 
 
@@ -327,8 +330,8 @@ def _looks_like_ip(match: re.Match[str]) -> bool:
     candidate = _address(match)
     if _VERSION_BEFORE.search(match.string, max(0, match.start() - VERSION_WORD_CHARS), match.start()):
         return False
-    if ":" in candidate:  # an IPv4 tail is two groups
-        return sum(1 + ("." in group) for group in candidate.split(":") if group) >= 3
+    if ":" in candidate:  # an IPv4 tail makes an address (no slice holds one)
+        return "." in candidate or len([group for group in candidate.split(":") if group]) >= 3
     first, second = candidate.split(".")[:2]
     return len(first) > 1 or len(second) > 1
 

@@ -1057,6 +1057,7 @@ def test_the_same_resolvers_ipv6_addresses_are_kept_as_their_ipv4_ones_are_howev
         ("client ::ffff:93.184.216.34 connected", "client <IP> connected"),  # was 'client ::ffff:<IP> connected'
         ("[0:0:0:0:0:FFFF:93.184.216.34]:443, nat64 64:ff9b::93.184.216.34.", "[<IP>]:443, nat64 <IP>."),
         ("zeros ::ffff:093.184.216.034", "zeros <IP>"),
+        ("compatible ::93.184.216.34, lan ::192.168.0.1", "compatible <IP>, lan ::192.168.0.1"),  # was '::<IP>'
         (
             "lan ::ffff:192.168.0.1, dns ::ffff:8.8.8.8, v4 93.184.216.34",
             "lan ::ffff:192.168.0.1, dns ::ffff:8.8.8.8, v4 <IP>",
