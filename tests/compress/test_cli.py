@@ -233,6 +233,33 @@ def test_prune_refuses_a_fraction_that_leaves_too_few_before_calibrating(tmp_pat
     assert f"error: {message}" in refused.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["quantize", "--scheme", "int4"],
+        ["quantize", "--progressive", "--data", "shards"],
+        ["prune", "--data", "shards", "--experts", "0", "--heads", "0.5"],
+    ],
+)
+def test_an_out_folder_holding_other_files_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, command):
+    """quantize and prune refused such an --out only when writing, after the whole quantization (hours, on a large
+    model), calibration or healing, as eval and explain check their output folder first."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("seekstack.checkpoint.load_pretrained", loaded)
+    verb, *options = command
+    options = [str(tmp_path / option) if option == "shards" else option for option in options]
+    result = CliRunner().invoke(app, [verb, str(tmp_path / "float"), "--out", str(tmp_path / "out"), *options])
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / 'out'}: holds notes.txt besides the files this command writes" in result.output
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
 def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_first(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     runner = CliRunner()
