@@ -1154,7 +1154,9 @@ class Engine:
             if request.penalties is not None:
                 request.penalties.add(token)
             if token in request.stop_ids:
-                reason, stop_reason = "stop", None if token in self.eos_ids else token  # vLLM's: EOS gives None
+                # vLLM's: the tokenizer's EOS gives None; generation_config.json's other eos_token_id ids are its
+                # stop_token_ids (SamplingParams.update_from_generation_config), named as those are
+                reason, stop_reason = "stop", None if token == self.tokenizer.eos_id else token
                 if request.params.include_stop_str_in_output:  # vLLM's: the stop token's text too (a special one's
                     text += request.stream.push(token)[0]  # only with skip_special_tokens=False)
                 text += request.stream.flush()

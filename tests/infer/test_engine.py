@@ -1025,6 +1025,27 @@ def test_a_completion_names_the_stop_that_ended_it_as_vllms_stop_reason(model, t
     assert [(c.finish_reason, c.stop_reason) for c in (by_eos, written)] == [("stop", None), ("length", None)]
 
 
+def test_a_generation_config_eos_id_other_than_the_tokenizers_is_named_as_the_stop_reason_as_vllms(model, tokenizer):
+    """vLLM adds generation_config.json's eos_token_id ids, but the tokenizer's EOS, to a request's stop_token_ids
+    (SamplingParams.update_from_generation_config), so a release whose file lists another end token (Llama 3's
+    <|eot_id|>) gives that id as stop_reason; the engine gave None, as for the tokenizer's EOS."""
+    stopping = dataclasses.replace(GREEDY, ignore_eos=False)
+    [written] = Engine(model, tokenizer).generate("def f", stopping)
+    token = written.token_ids[0]  # the reply's first token, ending it at once as an end token
+    assert token != tokenizer.eos_id
+    model.generation_config = {"eos_token_id": [tokenizer.eos_id, token]}
+    try:
+        engine = Engine(model, tokenizer)
+        [ended] = engine.generate("def f", stopping)
+        [by_eos] = engine.generate(
+            "def f", SamplingParams(max_new_tokens=5, temperature=0, logit_bias={tokenizer.eos_id: 100})
+        )
+    finally:
+        model.generation_config = None
+    assert (ended.finish_reason, ended.stop_reason, ended.token_ids) == ("stop", token, [token])
+    assert (by_eos.finish_reason, by_eos.stop_reason) == ("stop", None)
+
+
 def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_refused(model, tokenizer):
     """vLLM's generate takes TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids}; here a dict was
     read as the sequence of its keys: generate({"prompt": "def f"}) continued the text "prompt", and
