@@ -23,7 +23,7 @@ import hashlib
 import json
 import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -1106,7 +1106,8 @@ def train_tokenizer(
     `out_path` is the directory, or the `tokenizer.json` path inside it; `split_digits` cuts runs of digits into
     pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: whole runs). A `vocab_size` outside
     [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 is a ConfigError and a `.json` path of another name a
-    ValueError, all raised before `texts` is read.
+    ValueError, all raised before `texts` is read; one str for `texts` is a TypeError, and a text that is no str or
+    holds a lone surrogate a TypeError or ValueError naming its position (tokenizers' own named neither).
     """
     check_vocab_size(vocab_size)
     pattern = pre_tokenizer_pattern(split_digits)
@@ -1131,7 +1132,19 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    interruptible(lambda: backend.train_from_iterator(texts, trainer=trainer))  # Ctrl-C lands mid-training
+    if isinstance(texts, str):  # else each of its characters would be a text, and BPE would find no pair to merge
+        raise TypeError(f"texts is one text ({texts[:40]!r}): train on an iterable of texts, [text] for one")
+    pulled: list = [0, None]  # the position (from 1) and the value of the text tokenizers read last
+
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        for pulled[0], pulled[1] in enumerate(texts, start=1):
+            yield pulled[1]
+
+    try:
+        interruptible(lambda: backend.train_from_iterator(counted(texts), trainer=trainer))  # Ctrl-C lands mid-training
+    except (TypeError, UnicodeEncodeError) as error:  # tokenizers reads each text as it pulls it: the last one pulled
+        which = f"text {pulled[0]} of the texts"
+        raise _lone_surrogate_error([pulled[1]], which) or _not_text_error([pulled[1]], which) or error from None
 
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

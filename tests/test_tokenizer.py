@@ -329,6 +329,21 @@ def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_
         tokenizer.decode(torch.tensor(ids, dtype=torch.float32))
 
 
+def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_path):
+    """train_tokenizer raised tokenizers' bare "UnicodeEncodeError: 'utf-8' codec can't encode character '\\ud800' in
+    position 4" for a text holding a lone surrogate and "'NoneType' object is not iterable" for a None, naming no
+    text, and trained on one str's characters, each a text, without a word (a vocabulary of no merges)."""
+    for texts, error, message in [
+        (["print(1)"] * 5 + ["bad \ud800 x"], ValueError, "text 6 of the texts is not valid UTF-8: it holds '\\ud800'"),
+        (["print(1)", None], TypeError, "text 2 of the texts is None (NoneType), not str"),
+        ("print(1) " * 9, TypeError, "texts is one text ('print(1) print(1) print(1) print(1) prin'): train on an"),
+    ]:
+        with pytest.raises(error) as refused:
+            train_tokenizer(texts, 300, tmp_path / "tokenizer")
+        assert str(refused.value).startswith(message)
+    assert not (tmp_path / "tokenizer").exists()
+
+
 def test_encoding_what_is_no_text_is_refused_naming_the_value_and_what_to_give(trained):
     """tokenizers' own TypeError, "TextInputSequence must be str" (encode_batch of one str: "Can't extract `str` to
     `Vec`"), named neither the value nor its place: a list given to encode, bytes read from a file, a None among a
