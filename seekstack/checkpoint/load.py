@@ -40,6 +40,7 @@ from seekstack.checkpoint.reader import CheckpointReader, read_config
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import read_generation_config
 from seekstack.infer.params import DTYPES
+from seekstack.infer.placement import OffloadRefused, device_map_for, offload_while_loading, place
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 
@@ -105,18 +106,10 @@ def load_pretrained(
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
-    if (placement := placement_asked(device_map, max_memory, offload_folder, device)) is not None:
-        from seekstack.infer.placement import OffloadRefused, device_map_for, offload_while_loading, place
-
+    placement, folder = placement_asked(device_map, max_memory, offload_folder, device), offload_folder
+    if placement is not None:  # the disk parts' copies are written as the weights are read
         folder = offload_folder or directory / "offload"
-        try:  # the disk parts' copies are written as the weights are read
-            model = load_pretrained(
-                directory, dtype, dequantize=dequantize, offload=offload or offload_while_loading(placement, folder),
-                mtp=mtp,
-            )  # fmt: skip
-            return place(model, device_map_for(model, placement), offload_dir=folder)
-        except OffloadRefused as refusal:  # a folder that cannot be written: named by the keyword that chooses it
-            raise refusal.named("offload_folder") from refusal.__cause__
+        offload = offload or offload_while_loading(placement, folder)
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
@@ -128,34 +121,39 @@ def load_pretrained(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
 
-    with reader, torch.no_grad():
-        quantized = reader.quantized and not dequantize
-        swapped, unfilled = load_quantized_layers(model, reader, device) if quantized else (set(), {})
-        copies = offload(model) if offload is not None else {}
-        for name, expert in unfilled.items():
-            _fill_expert_stack(model.get_submodule(name), name, expert, copies, device)
-        for name, target in model.state_dict().items():
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            if any(name.startswith(layer + ".") for layer in swapped):
-                continue
-            key = checkpoint_key(name, config.num_hidden_layers)
-            if _maps_in_place(reader, key, target):
-                _tensor_of(model, name).data = reader.read(key, shape=tuple(target.shape))  # the file's pages: no copy
-                continue
-            views, pieces = _float_pieces(reader, key, target)
-            if name in copies:
-                _tensor_of(model, name).data = copies[name](target, pieces)
-            else:
-                for view, piece in zip(views, pieces(), strict=True):
-                    view.copy_(piece)
-        unread = sorted(
-            k
-            for k in reader.key_to_file
-            if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
-        )
-        unstored = [k for k in unread if not reader.stores(k)]  # read from the headers, while the files are open
-        unused = [k for k in unread if k not in unstored and _holds_values(reader, k)]
+    try:
+        with reader, torch.no_grad():
+            quantized = reader.quantized and not dequantize
+            swapped, unfilled = load_quantized_layers(model, reader, device) if quantized else (set(), {})
+            copies = offload(model) if offload is not None else {}
+            for name, expert in unfilled.items():
+                _fill_expert_stack(model.get_submodule(name), name, expert, copies, device)
+            for name, target in model.state_dict().items():
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if any(name.startswith(layer + ".") for layer in swapped):
+                    continue
+                key = checkpoint_key(name, config.num_hidden_layers)
+                if _maps_in_place(reader, key, target):
+                    _tensor_of(model, name).data = reader.read(key, shape=tuple(target.shape))  # its pages, no copy
+                    continue
+                views, pieces = _float_pieces(reader, key, target)
+                if name in copies:
+                    _tensor_of(model, name).data = copies[name](target, pieces)
+                else:
+                    for view, piece in zip(views, pieces(), strict=True):
+                        view.copy_(piece)
+            unread = sorted(
+                k
+                for k in reader.key_to_file
+                if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
+            )
+            unstored = [k for k in unread if not reader.stores(k)]  # read from the headers, while the files are open
+            unused = [k for k in unread if k not in unstored and _holds_values(reader, k)]
+    except OffloadRefused as refusal:  # a folder that cannot be written: named by the keyword that chose it
+        if placement is None:
+            raise
+        raise refusal.named("offload_folder") from refusal.__cause__
     model.reset_rope()
     try:  # written back by save_pretrained; a damaged one is not, as transformers' from_pretrained loads past it
         model.generation_config = read_generation_config(directory) or None
@@ -172,6 +170,8 @@ def load_pretrained(
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
+    if placement is not None:
+        model = place(model, device_map_for(model, placement), offload_dir=folder)
     return model.eval()
 
 

@@ -78,3 +78,13 @@ def test_transformers_local_files_only_is_taken_as_the_folder_is_read_and_nothin
     assert torch.equal(loaded(ids).logits, seekstack.load_pretrained(tmp_path)(ids).logits)
     with pytest.raises(CheckpointError, match=r"^deepseek-ai/DeepSeek-V3: no such folder; .* download it first"):
         seekstack.load_pretrained("deepseek-ai/DeepSeek-V3", local_files_only=local_files_only)
+
+
+def test_a_load_spread_by_a_device_map_warns_at_the_callers_line_as_a_plain_load(tmp_path):
+    """2969838 loaded a device_map by calling load_pretrained again, so its warnings named load.py's line, not the
+    caller's: Python's filters and a user's log both point at the wrong file."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1]")  # damaged: loading warns and goes on
+    with pytest.warns(UserWarning, match="generation_config.json: expected a JSON object") as warned:
+        seekstack.load_pretrained(tmp_path, device_map={"": "cpu"})
+    assert [warning.filename for warning in warned] == [__file__]
