@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
+from seekstack.checkpoint import read_config
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
@@ -64,6 +65,7 @@ def build_server(
     check_listenable(options.host, options.port)  # before the weights load
     check_reasoning_parser(options.reasoning_parser)
     check_cors_origins(options.cors_origins)
+    read_config(model_dir)  # a --model without a checkpoint, before the database is opened: a new one would be made
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
