@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE  # noqa: E402
-from seekstack.config import preset  # noqa: E402
+from seekstack.config import PRESETS, preset  # noqa: E402
+from seekstack.schema import ConfigError  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file, step_tokens  # noqa: E402
 from seekstack.train.runs import run_holding  # noqa: E402
@@ -289,12 +290,28 @@ def figure_format(path: Path) -> str:
 def _main_layer_count(run_dir: str | Path) -> int | None:
     """num_hidden_layers of the run's model, to tell MTP blocks apart: of the checkpoint it started from (its
     train_config.json's init_from, relative to the run: sft, rl, distill, lora train), else of its preset and
-    model_overrides; None if unknown (no train_config.json, one naming no preset, a starting checkpoint moved since)."""
-    saved = json_object(Path(run_dir) / CONFIG_FILE, "restore it, or delete it to plot without the run's settings")
+    model_overrides; None if unknown (no train_config.json, one naming no preset, a starting checkpoint moved since).
+    ValueError naming the file and the field for a preset this seekstack has not, or model_overrides it refuses."""
+    path = Path(run_dir) / CONFIG_FILE
+    remedy = "restore it, or delete it to plot without the run's settings"
+    saved = json_object(path, remedy)
     if not saved.get("init_from"):
         if not saved.get("model"):  # one written by hand ({}) that names no preset
             return None
-        return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
+        model, overrides = saved["model"], saved.get("model_overrides", {})
+        if not isinstance(model, str) or model not in PRESETS:  # a newer seekstack's preset, or a typo
+            raise ValueError(
+                f"{path}: field 'model' is {json.dumps(model)[:40]}, no preset of this seekstack ("
+                f"{', '.join(sorted(PRESETS))}); {remedy}"
+            )
+        if not isinstance(overrides, dict):
+            raise ValueError(
+                f"{path}: field 'model_overrides' is {json.dumps(overrides)[:40]}, not an object; {remedy}"
+            )
+        try:
+            return preset(model, **overrides).num_hidden_layers
+        except ConfigError as error:  # an override that is no ModelConfig field, or a value it refuses
+            raise ValueError(f"{path}: field 'model_overrides': {error}; {remedy}") from None
     start = Path(run_dir) / saved["init_from"] / MODEL_CONFIG_FILE
     return json.loads(start.read_text(encoding="utf-8"))["num_hidden_layers"] if start.is_file() else None
 

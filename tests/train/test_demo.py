@@ -271,12 +271,21 @@ def test_plot_x_axis_tokens_refuses_a_log_missing_steps_whose_tokens_it_would_le
         ('{"model": "tiny",', "not valid JSON (Expecting property name enclosed in double quotes: line 2 column 1 "
          "(char 18)); the file is truncated or damaged:"),
         ('["x"]', 'holds ["x"], not a JSON object;'),
+        ('{"model": "huge"}', "field 'model' is \"huge\", no preset of this seekstack (deepseek-v2-lite, deepseek-v3, "
+         "small, tiny);"),
+        ('{"model": ["tiny"]}', "field 'model' is [\"tiny\"], no preset of this seekstack (deepseek-v2-lite, "
+         "deepseek-v3, small, tiny);"),
+        ('{"model": "tiny", "model_overrides": [1]}', "field 'model_overrides' is [1], not an object;"),
+        ('{"model": "tiny", "model_overrides": {"hidden_size": "x"}}', "field 'model_overrides': preset 'tiny': field "
+         "'hidden_size' has value 'x': input should be a valid integer;"),
     ],
 )  # fmt: skip
 def test_plot_of_a_run_whose_train_config_is_damaged_names_the_file(tmp_path, saved, said):
     """`seekstack plot RUN` said "error: Expecting property name enclosed in double quotes: line 2 column 1 (char
     18)", naming no file, of a train_config.json cut short, and ended in an AttributeError traceback of one holding
-    a list, where report names the file and what to do."""
+    a list, where report names the file and what to do. Of one naming a preset this seekstack has not, it said
+    "error: unknown preset 'huge'; choose one of [...]" naming neither the file nor the field (a list: a TypeError
+    traceback; model_overrides that are no object too)."""
     line = {"step": 1, "loss": 3.0, "lr": 1e-3}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     (tmp_path / "train_config.json").write_text(saved + "\n")
