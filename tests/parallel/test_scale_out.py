@@ -636,7 +636,8 @@ def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(data_dir, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", join)
-    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+    launch = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in launch.items():  # as torchrun sets them
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit):
         train(run_config(data_dir, tmp_path / "run", max_steps=1, parallel="fsdp", cpu_offload=cpu_offload))
