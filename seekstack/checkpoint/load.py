@@ -40,7 +40,15 @@ from seekstack.checkpoint.reader import CheckpointReader, read_config
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import read_generation_config
 from seekstack.infer.params import DTYPES
-from seekstack.infer.placement import OffloadRefused, device_map_for, offload_while_loading, place
+from seekstack.infer.placement import (
+    OffloadRefused,
+    check_reachable,
+    device_map_for,
+    device_map_text,
+    offload_while_loading,
+    place,
+)
+from seekstack.infer.precision import map_devices
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 
@@ -106,9 +114,9 @@ def load_pretrained(
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
-    placement, folder = placement_asked(device_map, max_memory, offload_folder, device), offload_folder
+    placement = placement_asked(device_map, max_memory, offload_folder, device)
+    folder = offload_folder or directory / "offload"  # read only where a map places parts
     if placement is not None:  # the disk parts' copies are written as the weights are read
-        folder = offload_folder or directory / "offload"
         offload = offload or offload_while_loading(placement, folder)
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
@@ -150,11 +158,13 @@ def load_pretrained(
             )
             unstored = [k for k in unread if not reader.stores(k)]  # read from the headers, while the files are open
             unused = [k for k in unread if k not in unstored and _holds_values(reader, k)]
+        model.reset_rope()
+        if placement is not None:  # its disk parts' copies written by then
+            model = place(model, device_map_for(model, placement), offload_dir=folder)
     except OffloadRefused as refusal:  # a folder that cannot be written: named by the keyword that chose it
         if placement is None:
             raise
         raise refusal.named("offload_folder") from refusal.__cause__
-    model.reset_rope()
     try:  # written back by save_pretrained; a damaged one is not, as transformers' from_pretrained loads past it
         model.generation_config = read_generation_config(directory) or None
     except ConfigError as error:
@@ -170,8 +180,6 @@ def load_pretrained(
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
-    if placement is not None:
-        model = place(model, device_map_for(model, placement), offload_dir=folder)
     return model.eval()
 
 
@@ -184,9 +192,6 @@ def placement_asked(
     """The device map (seekstack.infer.placement's text) transformers' `device_map` and `max_memory` ask for, None
     where neither is given; ValueError before any weight is read for a map naming a device this torch cannot reach,
     `offload_folder` without a map (it holds the disk parts' copies) and a map beside a `device` other than cpu."""
-    from seekstack.infer.placement import check_reachable, device_map_text
-    from seekstack.infer.precision import map_devices
-
     if device_map is None and max_memory is None:
         if offload_folder is not None:
             raise ValueError(
@@ -194,7 +199,7 @@ def placement_asked(
                 "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
             )
         return None
-    if torch.device(device) != torch.device("cpu"):
+    if torch.device(device).type != "cpu":
         raise ValueError(
             f"device={device!r} beside device_map={device_map!r}: the device map places every part; give one of them"
         )

@@ -1,4 +1,5 @@
-"""load_pretrained as transformers' from_pretrained is called: the dtype a checkpoint's config.json states."""
+"""load_pretrained as transformers' from_pretrained is called: the dtype config.json states, the keywords model
+cards pass (device_map, max_memory, offload_folder, attn_implementation, local_files_only)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 
 import seekstack
 from seekstack.checkpoint import CONFIG_FILE, CheckpointError
+from seekstack.infer import placement
+from seekstack.infer.placement import OffloadRefused
 from tests.conftest import micro_config
 from tests.support import edited_json
 
@@ -88,3 +91,18 @@ def test_a_load_spread_by_a_device_map_warns_at_the_callers_line_as_a_plain_load
     with pytest.warns(UserWarning, match="generation_config.json: expected a JSON object") as warned:
         seekstack.load_pretrained(tmp_path, device_map={"": "cpu"})
     assert [warning.filename for warning in warned] == [__file__]
+
+
+def test_a_disk_copy_placing_writes_after_the_read_is_refused_naming_offload_folder(tmp_path, monkeypatch):
+    """A tied lm_head is never read (it is the embedding), so its disk copy is written when the model is placed, after
+    the read loop: ae95002 placed it outside the refusal's renaming, and a folder that cannot be written was named
+    `offload_dir=`, a keyword load_pretrained does not take."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config(tie_word_embeddings=True)), tmp_path / "model")
+
+    def refuse(*args, **kwargs):
+        raise OffloadRefused("no room for the copy: choose another folder with", None)
+
+    monkeypatch.setattr(placement, "_write_copy", refuse)
+    with pytest.raises(OffloadRefused) as refused:
+        seekstack.load_pretrained(tmp_path / "model", dtype=torch.float16, device_map={"": "cpu", "lm_head": "disk"})
+    assert str(refused.value) == "no room for the copy: choose another folder with offload_folder="
