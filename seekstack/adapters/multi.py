@@ -259,6 +259,10 @@ class MultiTokenRowsEmbedding(MultiTokenRows):
 
 
 MERGED_EXPERTS = ("gate_up_proj", "down_proj")  # the stacked weights MultiLoRAExperts holds merged copies of
+# The most bytes a MoE layer's merged copies may take (the slots in use times its routed experts' weights): small
+# models, where the dispatch's op count is the cost; a larger layer keeps the grouped dispatch, whose bytes are the
+# factors alone (a DeepSeek-V2-Lite layer's experts are ~0.5 GiB in bfloat16: 8 slots would hold 4 GiB more).
+MERGED_EXPERTS_BYTES = 64 * 2**20
 
 
 class MultiLoRAExperts(RoutedExperts):
@@ -296,9 +300,9 @@ class MultiLoRAExperts(RoutedExperts):
         """Hold these factors per stacked parameter name, one entry per slot, each zero-padded to `rank`:
         `NAME_lora_down` A^T (E*S, in, r) and `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight
         `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept. Where the
-        experts kernel runs (cpu_kernels: the CPU, float32 or bfloat16), also each expert's weights merged with each
-        loaded slot's update, `merged_NAME` (E*S', out, in) for S' = the slots up to the highest in use, which eager
-        decode steps run the kernel on (`forward_merged`); None elsewhere."""
+        experts kernel runs (cpu_kernels: the CPU, float32 or bfloat16) and the copies fit MERGED_EXPERTS_BYTES, also
+        each expert's weights merged with each loaded slot's update, `merged_NAME` (E*S', out, in) for S' = the slots
+        up to the highest in use, which eager decode steps run the kernel on (`forward_merged`); None elsewhere."""
         for name in self._buffers:
             if name.endswith(("_lora_down", "_lora_up")) and name.rsplit("_lora_", 1)[0] not in per_param:
                 self._buffers[name].zero_()
@@ -308,7 +312,9 @@ class MultiLoRAExperts(RoutedExperts):
             lora_a, lora_b = stacked[name]
             self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
             self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
-        kernel = bool(per_param) and cpu_kernels.available() and cpu_kernels.usable(self.down_proj, self.down_proj)
+        merged_bytes = self.rows.slots_in_use * sum(getattr(self, name).nbytes for name in MERGED_EXPERTS)
+        kernel = bool(per_param) and merged_bytes <= MERGED_EXPERTS_BYTES and cpu_kernels.available()
+        kernel = kernel and cpu_kernels.usable(self.down_proj, self.down_proj)
         for name in MERGED_EXPERTS:
             self.register_buffer(f"merged_{name}", self._merged(name, stacked.get(name)) if kernel else None, False)
 

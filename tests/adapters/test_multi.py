@@ -162,6 +162,27 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
         assert (mixed[row : row + 1] - expected).abs().max() < ATOL
 
 
+def test_experts_too_large_to_copy_per_slot_keep_the_grouped_dispatch(served, monkeypatch):
+    """The merged copies hold the slots in use times a layer's routed experts: past MERGED_EXPERTS_BYTES (a model
+    larger than the demo's) none are made, and adapter rows take the grouped dispatch, each row still its adapter's."""
+    from seekstack.adapters import multi
+    from seekstack.adapters.multi import MultiLoRAExperts
+
+    base, adapters = served
+    monkeypatch.setattr(multi, "MERGED_EXPERTS_BYTES", 0)
+    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(3))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    layers = [module for module in model.modules() if isinstance(module, MultiLoRAExperts)]
+    assert layers and all(layer.merged_down_proj is None for layer in layers)
+    loaded.select([loaded.slot("full"), 0], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    for row, name in enumerate(["full", None]):
+        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+
+
 def test_gathered_experts_of_compiled_decode_match_the_grouped_dispatch_per_row(served):
     """The expert path compiled decode takes (each pair gathers its weights) applies each row's adapter as the
     grouped dispatch of eager steps does, the base rows untouched."""
