@@ -123,8 +123,12 @@ def shown_value(value: Any) -> str:
     text = repr(value)
     if len(text) <= SHOWN_VALUE_CHARS:
         return text
-    size = f"{len(value)} items" if isinstance(value, (list, tuple, set, frozenset, dict)) else None
-    size = size or (f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters written")
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        size = f"{len(value)} items"
+    elif isinstance(value, str):
+        size = f"{len(value)} characters"
+    else:
+        size = f"{len(text)} characters written"
     return f"{text[:SHOWN_VALUE_CHARS]}... ({size})"
 
 

@@ -411,9 +411,9 @@ class Server:
             status = SERVER_STOPPED
             return _answered_stop()
         except Exception as error:
-            refusal = _refused_while_generating(error, bill)
-            status = 500 if refusal is None else refusal.status
-            raise (refusal or internal_error(error, "generating")) from None
+            answer = _refused_while_generating(error, bill) or internal_error(error, "generating")
+            status = answer.status
+            raise answer from None
         finally:
             await finish(status)  # before the response leaves
 
@@ -659,9 +659,9 @@ class Server:
             if asked_usage:
                 yield chunk([], bill.usage())
         except Exception as error:  # the status line has gone: the client learns it from an error event
-            refusal = _refused_while_generating(error, bill)
-            await bill.record_async(500 if refusal is None else refusal.status)
-            yield sse((refusal or internal_error(error, "generating")).body())
+            answer = _refused_while_generating(error, bill) or internal_error(error, "generating")
+            await bill.record_async(answer.status)
+            yield sse(answer.body())
         yield "data: [DONE]\n\n"
 
     def reasoning_splits(self, body, n: int) -> list[ReasoningSplit] | None:
@@ -823,8 +823,8 @@ class ClientLeft(Exception):
 
 def _refused_while_generating(error: Exception, bill: Bill) -> APIError | None:
     """The 400 of an engine failure the request's own fields caused, a ConfigError naming the field (allowed_token_ids
-    that a JSON grammar or bad_words forbid each of only after some tokens), its tokens so far then recorded at no
-    cost, as a refusal's; None for any other failure (the server's 500)."""
+    that a JSON grammar or bad_words forbid each of only after some tokens), marking `bill` free: its tokens so far are
+    recorded at no cost, as a refusal's; None for any other failure (the server's 500)."""
     cause = error.__cause__ if isinstance(error, RequestFailure) else None
     if not isinstance(cause, ConfigError):
         return None

@@ -39,7 +39,7 @@ class Bill:
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
     reasoning_tokens: int | None = None  # of the completion tokens, the reasoning's (None: no reasoning parser)
     moderation: str | None = None  # the content-safety category that acted on it
-    free: bool = False  # that category's policy waives the cost
+    free: bool = False  # that category's policy, or a 400 its own fields caused while generating, waives the cost
     plan: Plan | None = None  # the prices of its key's plan as it came (None: those when its row is written)
     recorded: bool = False
     status: int | None = None  # the final row's HTTP status, once written

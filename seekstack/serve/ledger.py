@@ -57,7 +57,7 @@ class UsageRecord:
     status: int  # HTTP status; IN_PROGRESS while a stream runs
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
     moderation: str | None = None  # the content-safety category that blocked, redacted or flagged it
-    free: bool = False  # the content policy waives its cost (the tokens are still recorded)
+    free: bool = False  # waived by the content policy or a 400 its fields caused while generating (tokens kept)
     plan: Plan | None = None  # the prices it is billed at; None: its key's plan when the row is written
 
     @property
