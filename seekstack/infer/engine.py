@@ -1265,7 +1265,7 @@ class Engine:
         adapters: str | Sequence[str | None] | None = None,
         use_tqdm: bool | Callable[..., Any] = False,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-        priority: Sequence[int] | None = None,
+        priority: int | Sequence[int] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
         {"prompt_token_ids": ids} is one prompt, as in vLLM; a tensor of ids reads as its list: 1-D one prompt, 2-D a
@@ -1278,14 +1278,9 @@ class Engine:
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
         loops call generate often), or, as vLLM's too, a callable making one (functools.partial(tqdm, leave=False)).
         `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
-        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, is taken as 0 for each
-        prompt (or None) alone: requests are admitted first come, first served."""
-        if priority is not None and any(priority):
-            raise ValueError(
-                f"priority={list(priority)}: vLLM's, taken here only as 0 for each prompt, its default: the engine "
-                "admits requests first come, first served, as vLLM's default scheduling policy, which refuses other "
-                "priorities too; add the urgent prompts first, or in a generate call of their own"
-            )
+        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, one per prompt (an int: the
+        same for each, as a newer vLLM's), is taken as 0 for each prompt (or None) alone: requests are admitted first
+        come, first served."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1298,6 +1293,15 @@ class Engine:
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        one_priority = priority is None or isinstance(priority, int)
+        priorities = [priority] * len(prompts) if one_priority else list(priority)
+        if priority is not None and any(priorities):
+            raise ValueError(
+                f"priority={priority if one_priority else priorities}: vLLM's, taken here only as 0 for each prompt, "
+                "its default: the engine admits requests first come, first served, as vLLM's default scheduling "
+                "policy, which refuses other priorities too; add the urgent prompts first, or in a generate call of "
+                "their own"
+            )
         parts: dict[str, list[RequestOutput]] = {}
         # the adapters this call's lora_request resolved: held (none unloaded for another thread's) until it ends
         held: list[str] = []
@@ -1324,9 +1328,10 @@ class Engine:
                     "use_tqdm=True)"
                 )
             adapter_list = [adapters] * len(prompts) if one_adapter else list(adapters)
-            for name, values, one in (
+            for name, values, one in (  # an int priority or None: one per prompt already
                 ("sampling_params", params_list, "or one SamplingParams for all"),
                 (adapters_name, adapter_list, f"(None: the base model), one for all, or leave {adapters_name} out"),
+                ("priority", priorities, "(0), one int for all, or leave priority out"),
             ):
                 if len(values) != len(prompts):
                     raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")

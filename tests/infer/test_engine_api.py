@@ -447,6 +447,23 @@ def test_vllms_priority_is_taken_as_zero_for_each_prompt_and_refused_otherwise(m
     assert not engine.has_unfinished()
 
 
+def test_priority_is_one_per_prompt_or_one_int_for_all(model, tokenizer):
+    """priority=[0] with two prompts, or [0, 0, 0], was taken (only any() was checked), where vLLM refuses a length
+    other than the prompts'; priority=0, an int a newer vLLM takes as one per prompt, was a bare TypeError."""
+    engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=2, temperature=0)
+    plain = [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy)]
+    assert [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy, priority=0)] == plain
+    for given in ([0], [0, 0, 0]):
+        with pytest.raises(ValueError) as refused:
+            engine.generate([[5, 9], [7, 3]], greedy, priority=given)
+        assert str(refused.value) == (
+            f"2 prompts but {len(given)} priority: give one per prompt (0), one int for all, or leave priority out"
+        )
+        assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match=r"^priority=2: vLLM's, taken here only as 0"):
+        engine.generate([[5, 9], [7, 3]], greedy, priority=2)
+
+
 def test_an_adapter_a_lora_request_of_another_thread_resolved_is_not_unloaded_before_its_requests_are_added(
     base, adapter_folders
 ):
