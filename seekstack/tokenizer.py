@@ -1134,17 +1134,18 @@ def train_tokenizer(
     )
     if isinstance(texts, str):  # else each of its characters would be a text, and BPE would find no pair to merge
         raise TypeError(f"texts is one text ({texts[:40]!r}): train on an iterable of texts, [text] for one")
-    pulled: list = [0, None]  # the position (from 1) and the value of the text tokenizers read last
 
-    def counted(texts: Iterable[str]) -> Iterator[str]:
-        for pulled[0], pulled[1] in enumerate(texts, start=1):
-            yield pulled[1]
+    def checked(texts: Iterable[str]) -> Iterator[str]:
+        """Each text, refused by its position before tokenizers reads it (it pulls texts ahead in batches, and its
+        own errors name none); tokenizers re-raises an error raised here unchanged."""
+        for position, text in enumerate(texts, start=1):
+            which = f"text {position} of the texts"
+            error = _not_text_error([text], which) or _lone_surrogate_error([text], which)
+            if error is not None:
+                raise error
+            yield text
 
-    try:
-        interruptible(lambda: backend.train_from_iterator(counted(texts), trainer=trainer))  # Ctrl-C lands mid-training
-    except (TypeError, UnicodeEncodeError) as error:  # tokenizers reads each text as it pulls it: the last one pulled
-        which = f"text {pulled[0]} of the texts"
-        raise _lone_surrogate_error([pulled[1]], which) or _not_text_error([pulled[1]], which) or error from None
+    interruptible(lambda: backend.train_from_iterator(checked(texts), trainer=trainer))  # Ctrl-C lands mid-training
 
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -332,10 +332,14 @@ def test_decode_refuses_an_id_that_is_not_an_integer_naming_it_as_hf_tokenizers_
 def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_path):
     """train_tokenizer raised tokenizers' bare "UnicodeEncodeError: 'utf-8' codec can't encode character '\\ud800' in
     position 4" for a text holding a lone surrogate and "'NoneType' object is not iterable" for a None, naming no
-    text, and trained on one str's characters, each a text, without a word (a vocabulary of no merges)."""
+    text, and trained on one str's characters, each a text, without a word (a vocabulary of no merges). A bad text
+    before the last one was named only once tokenizers had read past it (it pulls texts ahead, in batches), so such a
+    text came back with the bare error too."""
     for texts, error, message in [
         (["print(1)"] * 5 + ["bad \ud800 x"], ValueError, "text 6 of the texts is not valid UTF-8: it holds '\\ud800'"),
         (["print(1)", None], TypeError, "text 2 of the texts is None (NoneType), not str"),
+        (["print(1)", None, "print(1)"], TypeError, "text 2 of the texts is None (NoneType), not str"),
+        (["print(1)", "bad \ud800 x"] + ["print(2)"] * 18, ValueError, "text 2 of the texts is not valid UTF-8"),
         ("print(1) " * 9, TypeError, "texts is one text ('print(1) print(1) print(1) print(1) prin'): train on an"),
     ]:
         with pytest.raises(error) as refused:
