@@ -842,11 +842,11 @@ def _not_text_error(texts: list, which: str) -> TypeError | None:
     each is one: tokenizers' own says "TextInputSequence must be str", naming neither the value nor what to give."""
     for position, text in enumerate(texts, start=1):
         if not isinstance(text, str):
-            hint = {
-                bytes: ": decode it first, text.decode('utf-8')",
-                list: ": encode_batch(texts) encodes a list of texts",
-                tuple: ": encode_batch(texts) encodes a list of texts",
-            }.get(type(text), "")
+            hint = ""
+            if isinstance(text, bytes):
+                hint = ": decode it first, text.decode('utf-8')"
+            elif isinstance(text, list | tuple):
+                hint = ": encode_batch(texts) encodes a list of texts"
             return TypeError(f"{which.format(position)} is {text!r:.60} ({type(text).__name__}), not str{hint}")
     return None
 
