@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "lora_config.json"  # the run's AdapterConfig, beside train_config.json
 ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+QUERY = ATTENTION[:3]  # a base has q_proj, or q_a_proj and q_b_proj (q_lora_rank): base_query
 FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = ("gate_up_proj", "down_proj")
 VOCABULARY = ("embed_tokens", "lm_head")
@@ -241,8 +242,8 @@ class AdapterConfig:
         outside = sorted(layer for layer in self.layers if layer >= count)
         require(not outside, "layers", f"main layer numbers below {count}, the model's layers (not {outside})")
         modules, parameters = list(self.vocabulary), []
-        query = ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
-        named = [name for name in self.attention if name in ("q_proj", "q_a_proj", "q_b_proj")]
+        query = base_query(model_config)
+        named = [name for name in self.attention if name in QUERY]
         require(
             not named or any(name in query for name in named),
             "attention",
@@ -252,7 +253,7 @@ class AdapterConfig:
         for layer in self.layers or range(count):
             prefix = f"layers.{layer}"
             for name in self.attention:
-                if name in query or name not in ("q_proj", "q_a_proj", "q_b_proj"):
+                if name in query or name not in QUERY:
                     modules.append(f"{prefix}.self_attn.{name}")
             if not model_config.is_moe_layer(layer):
                 parameters += [f"{prefix}.mlp.{name}.weight" for name in self.feed_forward]
@@ -261,3 +262,29 @@ class AdapterConfig:
                 parameters += [f"{prefix}.mlp.shared_experts.{name}.weight" for name in self.feed_forward]
             parameters += [f"{prefix}.mlp.experts.{name}" for name in self.experts]
         return modules, parameters
+
+    def as_trained(self, model_config: ModelConfig) -> tuple[AdapterConfig, list[str]]:
+        """The settings a run saved, as its adapter was trained on a base of `model_config`, and a note of each
+        change: settings an earlier seekstack took and this one refuses (`validate`, `targets`), which a resume goes
+        on with as they trained: a name given twice in lora.attention, lora.feed_forward, lora.experts or
+        lora.vocabulary once (peft adapted the module once), and lora.attention's query projections left out where it
+        names none the base has (they were dropped: q_proj of a base with q_lora_rank)."""
+        changes, notes = {}, []
+        for name in ("attention", "feed_forward", "experts", "vocabulary"):
+            given = getattr(self, name)
+            kept = tuple(dict.fromkeys(given))
+            named = [target for target in kept if target in QUERY]
+            if name == "attention" and named and not set(named) & set(base_query(model_config)):  # targets refuses
+                kept = tuple(target for target in kept if target not in QUERY)
+            if kept != given:
+                changes[name] = kept
+                notes.append(
+                    f"lora.{name}={list(given)} is refused by this seekstack, but the run's adapter was trained on "
+                    f"{list(kept)} (a name once, the base's projections alone): the resume goes on with that"
+                )
+        return replace(self, **changes), notes
+
+
+def base_query(model_config: ModelConfig) -> tuple[str, ...]:
+    """The query projections a base of `model_config` has: q_proj, or q_a_proj and q_b_proj with q_lora_rank."""
+    return ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")

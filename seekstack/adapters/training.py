@@ -213,7 +213,11 @@ def lora_train_config(
         if warn is not None:
             for change in changes:
                 warn(change)
-        adapter = load_config(AdapterConfig, saved, []).validate()
+        adapter, notes = load_config(AdapterConfig, saved, []).as_trained(read_config(train_config.init_from))
+        if warn is not None:
+            for note in notes:
+                warn(f"{saved}: {note}")
+        adapter = adapter.validate()
     else:
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
