@@ -802,15 +802,24 @@ def read_csv(
             raise DataSourceError(f"{path}: cannot be read as {file_format}: {unlike}") from None
 
 
+@contextmanager
+def _csv_rows(path: Path, encoding: str, delimiter: str) -> Iterator[tuple[list[str], Any]]:
+    """A CSV or TSV file read by Python's csv (bytes not of `encoding` replaced): its header, the first row past blank
+    lines as pyarrow reads it ([] for none), and a reader of the rows after it, open while the block runs. A row csv
+    cannot read raises csv.Error, the header's on entering."""
+    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+        rows = csv.reader(text, delimiter=delimiter)
+        yield next((row for row in rows if row), []), rows
+
+
 def _header(path: Path, encoding: str, delimiter: str) -> list[str]:
     """The names in the header of a CSV or TSV file, its first row past blank lines, as pyarrow reads them (no
     byte-order mark); [] for none, or where Python's csv cannot read it."""
-    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
-        try:
-            names = next((row for row in csv.reader(text, delimiter=delimiter) if row), [])
-        except csv.Error:
-            return []
-    return [names[0].removeprefix("\ufeff"), *names[1:]] if names else []
+    try:
+        with _csv_rows(path, encoding, delimiter) as (names, _):
+            return [names[0].removeprefix("\ufeff"), *names[1:]] if names else []
+    except csv.Error:
+        return []
 
 
 def _refuse_another_separator(path: Path, names: list[str], column: str, delimiter: str) -> None:
@@ -819,10 +828,10 @@ def _refuse_another_separator(path: Path, names: list[str], column: str, delimit
     if column in names or len(names) != 1:
         return
     named = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "'|'"}
-    found = [separator for separator in named if column in names[0].split(separator) and separator != delimiter]
-    if not found:
+    other = next((sep for sep in named if column in names[0].split(sep) and sep != delimiter), None)
+    if other is None:
         return
-    other, file_format = found[0], "TSV" if delimiter == "\t" else "CSV"
+    file_format = "TSV" if delimiter == "\t" else "CSV"
     renamed = {",": ", or name it .csv", "\t": ", or name it .tsv"}.get(other, "")
     excel = " (Excel writes semicolons where a comma is the decimal mark)" if other == ";" else ""
     raise DataSourceError(
@@ -836,10 +845,9 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
     to mend it: `row 2 (line 3) holds 3 values, its header 2: '2,"a","b"'; quote ...` (a row of fewer values is shown
     with the empty values it lacks), rows counted as ids count them (the header and blank lines not); None when every
     row matches its header (or Python's csv cannot read the file either)."""
-    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
-        rows = csv.reader(text, delimiter=delimiter)
-        try:
-            header, number = next((row for row in rows if row), []), 0  # past blank lines, as pyarrow reads it
+    try:
+        with _csv_rows(path, encoding, delimiter) as (header, rows):
+            number = 0
             while (row := next(rows, None)) is not None:
                 first_line = rows.line_num - sum(value.count("\n") for value in row)  # less a quoted value's breaks
                 number += bool(row)  # a blank line is no row
@@ -854,8 +862,8 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
                             f"its {separator}: {padded[:200]!r}"
                         )
                     return f"{found}; quote a value that holds a {separator}, or give each row the header's columns"
-        except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
-            return None
+    except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
+        return None
     return None
 
 
