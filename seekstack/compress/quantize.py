@@ -168,15 +168,19 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
 def _refuse_non_finite(module: nn.Module, name: str) -> None:
     """ValueError naming layer `name` (the checkpoint's) where its weights hold a NaN or an infinity, which a scale
     computed from the largest magnitude would spread over the whole row, group or block (as llama.cpp's quantize
-    refuses such a tensor)."""
-    for weight in module.parameters():
-        bad = weight.numel() - int(torch.isfinite(weight).sum())
-        if bad:
-            raise ValueError(
-                f"{name}: {bad:,} of its {weight.numel():,} weights are NaN or infinite, and quantizing would spread "
-                "them over each row, group or block they share a scale with; the checkpoint is damaged (a run that "
-                "diverged?): quantize one whose weights are all finite"
-            )
+    refuses such a tensor). The count, over all of the layer's parameters (a routed experts layer's gate_up_proj and
+    down_proj), is made only where a parameter's float32 sum is not finite: a NaN or an infinity anywhere makes it so,
+    and finite weights whose sum overflows come to the exact count, which finds none."""
+    weights = [weight.detach() for weight in module.parameters()]
+    if all(torch.isfinite(weight.sum(dtype=torch.float32)) for weight in weights):
+        return
+    bad = sum(weight.numel() - int(torch.isfinite(weight).sum()) for weight in weights)
+    if bad:
+        raise ValueError(
+            f"{name}: {bad:,} of its {sum(weight.numel() for weight in weights):,} weights are NaN or infinite, and "
+            "quantizing would spread them over each row, group or block they share a scale with; the checkpoint is "
+            "damaged (a run that diverged?): quantize one whose weights are all finite"
+        )
 
 
 def _fallback_group(module: nn.Module, group: int) -> int | None:

@@ -776,12 +776,24 @@ def test_default_keeps_head_and_absorbed_kv_b_proj_and_keep_is_overridable():
 )  # fmt: skip
 def test_a_layer_holding_a_nan_or_an_infinity_is_refused_naming_it_as_llama_cpp_refuses_it(scheme, layer, parameter):
     """One NaN weight was quantized without a word into a scale of NaN: 64 NaN weights after int8 (its row), 32 after
-    int4 (its group), 4096 after fp8 (its block)."""
+    int4 (its group), 4096 after fp8 (its block). The count is the layer's: the routed experts' weights are those of
+    gate_up_proj and down_proj together, not down_proj's alone."""
+    model = model_for_tests()
+    module = model.get_submodule(layer)
+    with torch.no_grad():
+        getattr(module, parameter).view(-1)[[3, 5]] = torch.tensor([float("nan"), float("inf")])
+    total = sum(weight.numel() for weight in module.parameters())
+    with pytest.raises(ValueError, match=rf"^model\.{layer}: 2 of its {total:,} weights are NaN or infinite"):
+        quantize_model(model, QuantConfig(scheme=scheme))
+
+
+def test_a_layer_of_finite_weights_whose_sum_overflows_is_quantized():
+    """The refusal of NaN and infinite weights skips its count where a float32 sum of the weights is finite; a sum
+    that overflows (weights near float32's largest) comes to the count, which finds none: the layer is quantized."""
     model = model_for_tests()
     with torch.no_grad():
-        getattr(model.get_submodule(layer), parameter).view(-1)[[3, 5]] = torch.tensor([float("nan"), float("inf")])
-    with pytest.raises(ValueError, match=rf"^model\.{layer}: 2 of its [\d,]+ weights are NaN or infinite"):
-        quantize_model(model, QuantConfig(scheme=scheme))
+        model.layers[0].self_attn.o_proj.weight.fill_(3e38)
+    assert quantize_model(model, QuantConfig(scheme="int8"))["layers.0.self_attn.o_proj"] == "int8"
 
 
 def test_patterns_name_layers_as_we_do_or_as_the_checkpoint_does_and_one_naming_none_is_refused():
