@@ -8,6 +8,7 @@ its keys are revoked it may be given a new one, and usage (recorded by name) sho
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -170,7 +171,7 @@ class KeyStore:
         """Mark the key `name` revoked: it stops working on the next request."""
         with self.database.transaction() as connection:
             if _revoke_active(connection, name) is None:
-                raise KeyStoreError(f"no active key named {name!r}")
+                raise KeyStoreError(_nothing_to_revoke(connection, name))
 
     def rotate(self, name: str) -> str:
         """Revoke the active key `name` and store a new one under the name with its plan, limits, models, admin flag,
@@ -291,6 +292,19 @@ def _revoke_active(connection: Statements, name: str) -> ApiKey | None:
         "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING *", (time.time(), name)
     ).fetchall()
     return _api_key(rows[0]) if rows else None
+
+
+def _nothing_to_revoke(connection: Statements, name: str) -> str:
+    """Why `name` has no active key to revoke: when its last key was revoked, or that no key of the name was ever
+    created, naming the names close to it (a typo)."""
+    revoked = connection.execute("SELECT MAX(revoked_at) AS at FROM keys WHERE name = ?", (name,)).fetchone()["at"]
+    if revoked is not None:
+        return (f"key {name!r} was revoked already, at {utc_time(revoked)} UTC: it has no active key to revoke "
+                f"(`seekstack keys create --name {name}` gives the name a new one)")  # fmt: skip
+    names = [row["name"] for row in connection.execute("SELECT DISTINCT name FROM keys").fetchall()]
+    close = difflib.get_close_matches(name, names, n=3)
+    did_you_mean = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return f"no key named {name!r} was ever created{did_you_mean}; `seekstack keys list` shows every key"
 
 
 def _api_key(row) -> ApiKey:

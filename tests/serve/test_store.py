@@ -32,6 +32,7 @@ from seekstack.serve.keys import (
     KeyStoreError,
     Plan,
     hash_key,
+    utc_time,
 )
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
@@ -101,7 +102,7 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.create("dave", plan="gold")
     with pytest.raises(KeyStoreError, match="rpm must be between 1 and"):
         keys.create("erin", rpm=0)
-    with pytest.raises(KeyStoreError, match="no active key named 'nobody'"):
+    with pytest.raises(KeyStoreError, match="no key named 'nobody' was ever created"):
         keys.revoke("nobody")
     with pytest.raises(KeyStoreError, match="key name"):
         keys.create("white space")
@@ -1091,6 +1092,37 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     assert [cell.strip() for cell in total.split("│")[3:7]] == ["2", "0", "3,000", "750"]  # the token totals too
     bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
     assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
+
+
+def test_revoking_a_revoked_or_unknown_key_says_when_it_was_revoked_or_names_the_close_names(database):
+    keys = KeyStore(database)
+    keys.create("alice")
+    keys.create("alicia")
+    keys.revoke("alice")
+    revoked_at = utc_time(next(key.revoked_at for key in keys.list() if key.name == "alice"))
+    with pytest.raises(KeyStoreError) as again:
+        keys.revoke("alice")
+    assert str(again.value) == (
+        f"key 'alice' was revoked already, at {revoked_at} UTC: it has no active key to revoke "
+        "(`seekstack keys create --name alice` gives the name a new one)"
+    )
+    with pytest.raises(KeyStoreError) as typo:
+        keys.revoke("alic")
+    assert str(typo.value) == (
+        "no key named 'alic' was ever created (did you mean 'alice', 'alicia'?); `seekstack keys list` shows every key"
+    )
+    with pytest.raises(KeyStoreError) as unknown:
+        keys.revoke("zed")
+    assert str(unknown.value) == "no key named 'zed' was ever created; `seekstack keys list` shows every key"
+    assert [key.name for key in keys.list() if key.revoked_at is None] == ["alicia"]
+
+
+def test_keys_revoke_of_a_revoked_key_is_refused_with_exit_1_saying_so(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    KeyStore(open_database(db)).create("alice")
+    assert runner.invoke(app, ["keys", "revoke", "alice", "--db", db]).exit_code == 0
+    again = runner.invoke(app, ["keys", "revoke", "alice", "--db", db])
+    assert again.exit_code == 1 and "error: key 'alice' was revoked already, at " in again.stderr
 
 
 def test_keys_rotate_prints_the_new_key_once_and_revokes_the_old(tmp_path):
