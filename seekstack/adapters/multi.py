@@ -319,11 +319,14 @@ class MultiLoRAExperts(RoutedExperts):
             self.register_buffer(f"merged_{name}", self._merged(name, stacked.get(name)) if kernel else None, False)
 
     def _merged(self, name: str, factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """W_e + B_{e,s} A_{e,s} of stacked weight `name` (E, out, in) for the S' loaded slots, as (E*S', out, in)."""
+        """W_e + B_{e,s} A_{e,s} of stacked weight `name` (E, out, in) for the S' loaded slots, as (E*S', out, in),
+        summed in float32 and rounded once to the weight's dtype (in bfloat16, B A rounded and then the sum would be
+        rounded twice)."""
         weight, slots = getattr(self, name).detach().unsqueeze(1), self.rows.slots_in_use  # (E, 1, out, in)
         if factors is not None:
             lora_a, lora_b = factors
-            weight = weight + torch.matmul(lora_b[:slots], lora_a[:slots]).transpose(0, 1)  # (E, S', out, in)
+            update = torch.matmul(lora_b[:slots].float(), lora_a[:slots].float()).transpose(0, 1)  # (E, S', out, in)
+            weight = (weight.float() + update).to(weight.dtype)
         return weight.expand(-1, slots, -1, -1).flatten(0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
