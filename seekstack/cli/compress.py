@@ -99,7 +99,7 @@ def quantize_command(
     Always high precision: embedding, router gates, norms, kv_b_proj (absorbed by MLA). By default also lm_head
     (with fp8 always, and the MTP eh_proj, as DeepSeek-V3's FP8 release)."""
     from seekstack.compress.adaptive import SMALLEST_BITS
-    from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
+    from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint, refuse_out
     from seekstack.schema import load_config
 
     kept = None if keep is None else json.dumps([pattern for pattern in keep if pattern])  # --keep '': none
@@ -159,7 +159,7 @@ def quantize_command(
                 f"{budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
                 "scales included)",
             )
-        _refuse_out(model, out)
+        refuse_out(model, out)
         if mode is not None:
             _refuse_quantized(
                 model,
@@ -326,7 +326,7 @@ def prune_command(
     from seekstack.compress.heal import heal
     from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
     from seekstack.compress.quality import held_out_batches
-    from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
+    from seekstack.compress.quantize import checkpoint_bytes, refuse_out, save_with_tokenizer
     from seekstack.interrupts import sigterm_cleaned_up
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
     from seekstack.tokens.shards import load_index
@@ -345,7 +345,7 @@ def prune_command(
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
         notes = _rounding_notes(config, experts, heads, has_moe)
-        _refuse_out(model, out)
+        refuse_out(model, out)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True)
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
@@ -402,16 +402,6 @@ def _rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: 
     if not experts_removed and not heads_removed:
         raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
     return notes
-
-
-def _refuse_out(model: Path, out: Path) -> None:
-    """FileExistsError, before any model work (a quantization or calibration of hours, on a large model), where the
-    checkpoint written at the end could not replace folder `out`: it is `model` itself, a file, or holds other files
-    (save_with_tokenizer's check, made first)."""
-    from seekstack.atomic import refuse_to_replace
-    from seekstack.checkpoint import MODEL_FOLDER_FILES
-
-    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(model,))
 
 
 def _refuse_quantized(model: Path, what_to_do: str) -> None:

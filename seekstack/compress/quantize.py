@@ -311,17 +311,27 @@ def resident_bytes(model: nn.Module) -> int:
     return total
 
 
+def refuse_out(source: str | Path, out: str | Path) -> None:
+    """FileExistsError where the checkpoint folder `out` written from checkpoint `source` could not replace what is
+    there: it is `source` itself, a file, or holds other files. save_with_tokenizer checks it; the CLI checks it first,
+    before any model work (a quantization or calibration of hours, on a large model)."""
+    from seekstack.atomic import refuse_to_replace
+    from seekstack.checkpoint import MODEL_FOLDER_FILES
+
+    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
+
+
 def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -> Path:
     """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source` and its
     generation_config.json (the sampling its authors ship), so `out` is a model folder generate/chat/serve load as
     `source` loads. An fp8 block transformers' CPU loader misreads is warned about as `save_pretrained` warns."""
-    from seekstack.atomic import atomic_directory, refuse_to_replace
-    from seekstack.checkpoint import MODEL_FOLDER_FILES, write_pretrained_files
+    from seekstack.atomic import atomic_directory
+    from seekstack.checkpoint import write_pretrained_files
     from seekstack.checkpoint.load import warn_fp8_blocks_transformers_misreads
     from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
-    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
+    refuse_out(source, out)
     out = Path(out)
     with atomic_directory(out) as staging:
         write_pretrained_files(model, staging)  # type: ignore[arg-type]
