@@ -64,7 +64,11 @@ Model = Annotated[
 
 Checkpoint = Annotated[
     Path,
-    typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir", callback=run_to_checkpoint),
+    typer.Argument(
+        help="A checkpoint directory with its tokenizer, or a run's out_dir",
+        callback=run_to_checkpoint,
+        metavar="CHECKPOINT",
+    ),
 ]
 
 
@@ -134,7 +138,24 @@ def usage_error(message: str) -> UsageError:
     return UsageError(message, get_current_context(silent=True))
 
 
-class JsonErrorsCommand(TyperCommand):
+class Command(TyperCommand):
+    """A seekstack command (`cli/__init__.py` makes each one of these): its usage line names the positional arguments
+    as click and README write them, `seekstack quantize [OPTIONS] MODEL`, `[PROMPT]`, `[INPUTS]...`, where typer 0.27
+    and later write the parameter's own name braced (`{model}`)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar or (param.name or "").upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name + "..." * (param.nargs != 1))
+        return pieces
+
+
+class JsonErrorsCommand(Command):
     """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too, as its
     other errors are, with the exit code they have without --json (2)."""
 
@@ -148,7 +169,7 @@ class JsonErrorsCommand(TyperCommand):
             raise
 
 
-def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
+def key_value_command(*configs: tuple[type, str]) -> type[Command]:
     """The command class of a stage set by key=value arguments (`configs`: each config dataclass with the prefix its
     keys take, "" or "model."): an option spelt as a key (--max-steps, --max_steps, as HF's Trainer takes them) and
     close to none of the command's options is refused as any unknown option is (exit 2), saying the key=value to
@@ -158,7 +179,7 @@ def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
         for name in settable_fields(cls):
             keys.setdefault(name, prefix + name)
 
-    class KeyValueCommand(TyperCommand):
+    class KeyValueCommand(Command):
         def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
             try:
                 return super().parse_args(ctx, args)
