@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from typer.core import TyperCommand
 
 from seekstack.cli.common import (
+    Command,
     JsonErrorsCommand,
     NoSuchOption,
     fail,
@@ -70,7 +70,7 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
 }
 
 
-class ServeCommand(TyperCommand):
+class ServeCommand(Command):
     """`seekstack serve`, whose refusal of a vLLM option it has no such option for says what to do instead."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
