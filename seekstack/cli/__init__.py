@@ -4,10 +4,14 @@ the library and prints. A stage's libraries are imported inside its commands, so
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
+from typer.models import CommandInfo
 
+from seekstack.cli.common import Command
 from seekstack.cli.notices import quiet_third_party_notices
 
 # One module per stage, in pipeline order; each has `register(app)` adding its commands.
@@ -52,5 +56,16 @@ def main(
     quiet_third_party_notices()
 
 
+def _command_infos(typer_app: typer.Typer) -> Iterator[CommandInfo]:
+    """Each command registered on `typer_app` and on its groups (data, tokenizer, lora, checkpoint, keys)."""
+    yield from typer_app.registered_commands
+    for group in typer_app.registered_groups:
+        yield from _command_infos(group.typer_instance)
+
+
 for stage in STAGES:
     importlib.import_module(f"seekstack.cli.{stage}").register(app)
+for info in _command_infos(app):  # every command is a common.Command (its usage line: `quantize [OPTIONS] MODEL`)
+    info.cls = Command if info.cls in (None, TyperCommand) else info.cls
+    if not issubclass(info.cls, Command):
+        raise TypeError(f"{info.cls.__name__} should subclass seekstack.cli.common.Command")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -129,21 +130,42 @@ def test_an_option_close_to_one_of_the_commands_own_is_still_offered_it():
     assert "No such option: --out-dir (Possible options: --out)" in result.output
 
 
-def test_every_option_of_every_command_says_what_it_does():
-    def commands(group, path=()):
-        for name, command in group.commands.items():
-            if hasattr(command, "commands"):
-                yield from commands(command, (*path, name))
-            else:
-                yield " ".join((*path, name)), command
+def commands(group=None, path=()):
+    """Each command of `seekstack` (those of its groups too) by its name, "data build", with its click command."""
+    for name, command in (group or typer.main.get_command(app)).commands.items():
+        if hasattr(command, "commands"):
+            yield from commands(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
 
+
+def test_every_option_of_every_command_says_what_it_does():
     unexplained = [
         f"{name} {param.opts[0]}"
-        for name, command in commands(typer.main.get_command(app))
+        for name, command in commands()
         for param in command.params
         if param.param_type_name == "option" and not (param.help or "").strip()
     ]
     assert unexplained == []
+
+
+def test_every_usage_line_names_the_arguments_in_capitals_as_click_and_readme_write_them():
+    usage = {}
+    for name, command in commands():
+        with command.context_class(command, info_name=f"seekstack {name}") as context:
+            usage[name] = command.get_usage(context)
+    argument = r"(\[?[A-Z_]+\]?(\.\.\.)?)"  # MODEL, [PROMPT], RUNS..., [INPUTS]...
+    unlike = [
+        line
+        for name, line in usage.items()
+        if not re.fullmatch(rf"Usage: seekstack {name} \[OPTIONS\]( {argument})*", line)
+    ]
+    assert unlike == []
+    assert usage["quantize"] == "Usage: seekstack quantize [OPTIONS] MODEL"
+    assert usage["generate"] == "Usage: seekstack generate [OPTIONS] [PROMPT]"
+    assert usage["explain"] == "Usage: seekstack explain [OPTIONS] CHECKPOINT [TEXT]"
+    assert usage["data build"] == "Usage: seekstack data build [OPTIONS] [INPUTS]..."
+    assert usage["lora merge"] == "Usage: seekstack lora merge [OPTIONS] BASE ADAPTER"
 
 
 @pytest.mark.parametrize("choice", [[], ["--threshold", "0.5", "--top-fraction", "0.3"]], ids=["neither", "both"])
