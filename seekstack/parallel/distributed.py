@@ -65,7 +65,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        require_rendezvous_address()
+        require_rendezvous_address(world_size)
         dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
     return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 

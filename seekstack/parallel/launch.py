@@ -26,13 +26,13 @@ def launch_environment() -> tuple[int, int, int]:
     return world_size, rank, _environment_number("LOCAL_RANK", "0")
 
 
-def require_rendezvous_address() -> None:
+def require_rendezvous_address(world_size: int) -> None:
     """ValueError naming MASTER_ADDR or MASTER_PORT where either is missing: where the ranks meet to join their
     process group (torchrun sets both; torch's refusal said that one was 'expected' and not what to do)."""
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ValueError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {' and '.join(missing)} "
+            f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not: the ranks join at MASTER_ADDR:MASTER_PORT, on rank 0's "
             f"machine; {TORCHRUN_ADVICE}"
         )
