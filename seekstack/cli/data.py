@@ -55,8 +55,8 @@ def data_build(
     val_fraction: Annotated[
         float | None,
         typer.Option(
-            help="Fraction held out for validation (0: none); at least one document when above 0 and 2 or more are "
-            "kept; default 0.01, or the --config file's"
+            help="Fraction held out for validation (0: none; below 1); at least one document when above 0 and 2 or "
+            "more are kept; default 0.01, or the --config file's"
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes for the per-document work; 0: one per CPU core")] = 0,

@@ -233,13 +233,14 @@ class CleaningConfig:
     cjk: CJKRules = field(default_factory=CJKRules)
     near_duplicate_threshold: Fraction = 0.8  # MinHash Jaccard estimate above which a document is a near duplicate
     minhash_permutations: Positive = 128
-    val_fraction: Fraction = 0.01  # share of documents in the validation split
+    val_fraction: Fraction = 0.01  # share of documents in the validation split, below 1
     min_kept_fraction: Fraction = 0.05  # a build keeping a smaller share of its documents fails, naming the rules
 
     def __post_init__(self) -> None:
         """No kind's lower bound above its upper bound (every document of the kind would fail, found only once the
         corpus was read); MinHash LSH splits the permutations into 2 or more bands: at least 2 of them, and a
-        threshold above 0 and low enough for that (datasketch's own errors name no field)."""
+        threshold above 0 and low enough for that (datasketch's own errors name no field); a val_fraction below 1 (1
+        held every document out of a large corpus and kept one in train of a small one, without a word)."""
         for kind in KINDS:
             for low, high in BOUNDS:
                 floor, ceiling = getattr(self.rules_for(kind), low), getattr(self.rules_for(kind), high)
@@ -249,6 +250,7 @@ class CleaningConfig:
                         "passes both",
                         field=f"{kind}.{high}",
                     )
+        require(self.val_fraction < 1, "val_fraction", "below 1 (1 leaves nothing to train on)")
         permutations, threshold = self.minhash_permutations, self.near_duplicate_threshold
         require(permutations >= 2, "minhash_permutations", "at least 2 (MinHash LSH splits them into 2 or more bands)")
         if threshold <= 0:  # every candidate's estimate is at least 0: what LSH happened to pair would decide

@@ -299,6 +299,25 @@ def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(t
     assert "0: none" in CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output
 
 
+def test_a_val_fraction_of_1_is_refused_naming_the_option_or_the_field(tmp_path: Path) -> None:
+    """`--val-fraction 1` built a corpus of 3 documents as 2 in val and 1 in train, without a word, and would hold
+    every document of a corpus over EXACT_SPLIT_MAX_DOCUMENTS out (its cutoff score 1); refused as sft's is."""
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(3)))
+    (tmp_path / "cleaning.yaml").write_text("val_fraction: 1\n")
+    args = ["data", "build", str(tmp_path / "web.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    by_option = CliRunner().invoke(app, [*args, "--val-fraction", "1"])
+    assert by_option.exit_code == 2
+    assert "Invalid value for '--val-fraction': must be below 1 (1 leaves nothing to train on)" in by_option.output
+    by_file = CliRunner().invoke(app, [*args, "--config", str(tmp_path / "cleaning.yaml")])
+    assert (by_file.exit_code, by_file.output) == (
+        1,
+        f"error: {tmp_path / 'cleaning.yaml'}: field 'val_fraction' must be below 1 (1 leaves nothing to train on)\n",
+    )
+    assert not (tmp_path / "out").exists()
+    shown = CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output
+    assert "validation (0: none; below 1);" in " ".join(shown.split())
+
+
 def test_cli_refuses_field_or_id_field_when_no_input_holds_rows(tmp_path: Path) -> None:
     """--field or --id-field given with folders and text files alone (a folder of JSONL shards, which a folder's
     reading passes over) was passed over unsaid: the text files were built, named by their paths."""
