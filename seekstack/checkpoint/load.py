@@ -188,18 +188,21 @@ def placement_asked(
     max_memory: Mapping[str | int, str | int] | None,
     offload_folder: str | Path | None,
     device: torch.device | str,
+    *,
+    folder_keyword: str = "offload_folder",
 ) -> str | None:
     """The device map (seekstack.infer.placement's text) transformers' `device_map` and `max_memory` ask for, None
     where neither is given; ValueError before any weight is read for a map naming a device this torch cannot reach,
-    `offload_folder` without a map (it holds the disk parts' copies) and a map beside a `device` other than cpu."""
+    `offload_folder` without a map (it holds the disk parts' copies; named as the caller's `folder_keyword`) and a map
+    beside a `device` other than cpu (the engine's "auto" too)."""
     if device_map is None and max_memory is None:
         if offload_folder is not None:
             raise ValueError(
-                "offload_folder is given without device_map: it holds the copies of parts placed on disk; give "
+                f"{folder_keyword} is given without device_map: it holds the copies of parts placed on disk; give "
                 "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
             )
         return None
-    if torch.device(device).type != "cpu":
+    if device == "auto" or torch.device(device).type != "cpu":
         raise ValueError(
             f"device={device!r} beside device_map={device_map!r}: the device map places every part; give one of them"
         )

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
+from seekstack.checkpoint.load import placement_asked
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
@@ -46,14 +47,11 @@ from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, LoRARequest, SamplingParams
 from seekstack.infer.placement import (
     OffloadRefused,
-    check_reachable,
     device_map_for,
-    device_map_text,
     layer_devices,
     offload_while_loading,
     place,
 )
-from seekstack.infer.precision import map_devices
 from seekstack.infer.sampling import (
     NO_DISTRIBUTION,
     BadWords,
@@ -446,14 +444,8 @@ class Engine:
 
             weightless_adapter(config, adapter)
         device = kwargs.get("device") or "cpu"
-        if device_map is not None or max_memory is not None:  # before the weights are read and the disk parts written
-            device_map = device_map_text(device_map, max_memory)  # max_memory without device_map="auto": refused
-            check_reachable(map_devices(device_map))
-        if offload_dir is not None and device_map is None:  # as EngineOptions and --offload-dir refuse it
-            raise ValueError(
-                f"{folder_keyword} is given without a device map: it holds the copies of parts placed on disk; give "
-                "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
-            )
+        # before the weights are read and the disk parts written, as load_pretrained checks them
+        device_map = placement_asked(device_map, max_memory, offload_dir, device, folder_keyword=folder_keyword)
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

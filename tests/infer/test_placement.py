@@ -1057,7 +1057,20 @@ def test_an_offload_folder_without_a_device_map_is_refused_naming_the_keyword(ke
     with pytest.raises(ValueError) as refused:
         Engine.from_pretrained(tmp_path / "model", **{keyword: tmp_path / "copies"})
     assert str(refused.value) == (
-        f"{keyword} is given without a device map: it holds the copies of parts placed on disk; give device_map= "
+        f"{keyword} is given without device_map: it holds the copies of parts placed on disk; give device_map= "
         "placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
     )
     assert not (tmp_path / "copies").exists()
+
+
+def test_a_device_beside_a_device_map_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    """Engine.from_pretrained(dir, device_map=..., device=...) read every weight before Engine.__init__ refused the
+    device, where load_pretrained refuses it first: both check the placement asked for with placement_asked."""
+    model_dir(tmp_path / "model")
+    reads = counted_reads(monkeypatch)
+    with pytest.raises(ValueError) as refused:
+        Engine.from_pretrained(tmp_path / "model", device_map={"": "cpu"}, device="meta")
+    assert str(refused.value) == (
+        "device='meta' beside device_map={'': 'cpu'}: the device map places every part; give one of them"
+    )
+    assert sum(reads.values()) == 0
