@@ -590,18 +590,16 @@ class Engine:
             if constraint is not None:
                 raise ValueError("bad_words with a constraint (JSON mode): give one rule on what the request samples")
             constraint = BadWords.encoded(params.bad_words, self.tokenizer.encode)
-            if allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
-                raise ConfigError(
-                    f"{shown_value(list(allowed))} are each a one-token word of bad_words (as encoded alone or after a "
-                    "space), never sampled: no token could be; allow another id or drop the word",
-                    field="allowed_token_ids",
-                )
-        elif constraint is not None and allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
-            # both masks apply, as vLLM's; ids the grammar forbids only later end the request then (NO_DISTRIBUTION)
+        if constraint is not None and allowed is not None and not constraint.allowed(vocab)[list(allowed)].any():
+            # both masks apply, as vLLM's; ids the rule forbids only after some tokens end the request then, with
+            # SamplingBatch.constrain's ConfigError
             raise ConfigError(
-                f"{shown_value(list(allowed))} are each a token the constraint (JSON mode: response_format's grammar, "
-                "forced tool calls) forbids as the reply's first: no token could be sampled; allow one the grammar may "
-                "begin with",
+                f"{shown_value(list(allowed))} are each a one-token word of bad_words (as encoded alone or after a "
+                "space), never sampled: no token could be; allow another id or drop the word"
+                if isinstance(constraint, BadWords)
+                else f"{shown_value(list(allowed))} are each a token the constraint (JSON mode: response_format's "
+                "grammar, forced tool calls) forbids as the reply's first: no token could be sampled; allow one the "
+                "grammar may begin with",
                 field="allowed_token_ids",
             )
         with self.lock:
