@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
+import textwrap
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +156,16 @@ class Command(TyperCommand):
             name = name if param.required else f"[{name}]"
             pieces.append(name + "..." * (param.nargs != 1))
         return pieces
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The line `seekstack --help` lists the command by: its help's first sentence, ended by a period before a
+        capital letter or the paragraph's end (click ends it at any word ending in a period, "e.g." too), shortened
+        to `limit` with "..."."""
+        if self.short_help or not self.help:
+            return super().get_short_help_str(limit)
+        paragraph = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
+        sentence = re.split(r"(?<=\.) (?=[A-Z])", paragraph, maxsplit=1)[0]
+        return textwrap.shorten(sentence, limit, placeholder="...", break_on_hyphens=False)
 
 
 class JsonErrorsCommand(Command):

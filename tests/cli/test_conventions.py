@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.cli.common import Command
 from tests.infer.support import model_dir
 
 runner = CliRunner()
@@ -166,6 +167,14 @@ def test_every_usage_line_names_the_arguments_in_capitals_as_click_and_readme_wr
     assert usage["explain"] == "Usage: seekstack explain [OPTIONS] CHECKPOINT [TEXT]"
     assert usage["data build"] == "Usage: seekstack data build [OPTIONS] [INPUTS]..."
     assert usage["lora merge"] == "Usage: seekstack lora merge [OPTIONS] BASE ADAPTER"
+
+
+def test_seekstack_help_lists_each_command_by_its_first_sentence_past_an_abbreviation():
+    command = Command("distill", help="Train a student (a preset, e.g. small) on shards. Then more.\n\nDetails.")
+    assert command.get_short_help_str(100) == "Train a student (a preset, e.g. small) on shards."
+    assert command.get_short_help_str(30) == "Train a student (a preset,..."
+    listed = runner.invoke(app, ["--help"], prog_name="seekstack", terminal_width=120).stdout.splitlines()
+    assert [line for line in listed if line.endswith((" e.g.", " i.e."))] == []
 
 
 @pytest.mark.parametrize("choice", [[], ["--threshold", "0.5", "--top-fraction", "0.3"]], ids=["neither", "both"])
