@@ -243,7 +243,12 @@ def test_prune_refuses_a_fraction_that_leaves_too_few_before_calibrating(tmp_pat
 )
 def test_an_out_folder_holding_other_files_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, command):
     """quantize and prune refused such an --out only when writing, after the whole quantization (hours, on a large
-    model), calibration or healing, as eval and explain check their output folder first."""
+    model), calibration or healing, as eval and explain check their output folder first. --data names real shards, so
+    the run would get past them to the model's load but for the check."""
+    from tests.train.test_loss_curve import write_train_shard
+
+    write_train_shard(tmp_path / "shards")  # its train split read as the val split too
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
