@@ -18,8 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
-from seekstack.checkpoint import read_config
-from seekstack.infer.engine import Engine
+from seekstack.infer.engine import Engine, checkpoint_files
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
 from seekstack.infer.placement import disk_parts_note
@@ -65,7 +64,8 @@ def build_server(
     check_listenable(options.host, options.port)  # before the weights load
     check_reasoning_parser(options.reasoning_parser)
     check_cors_origins(options.cors_origins)
-    read_config(model_dir)  # a --model without a checkpoint, before the database is opened: a new one would be made
+    # the checkpoint's files, its tokenizer loaded, before the database is opened: a failed start would leave a new one
+    _, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -78,7 +78,7 @@ def build_server(
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     before_loading()
     engine = Engine.from_pretrained(
-        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, max_loras=options.max_loras,
+        model_dir, tokenizer=tokenizer, adapters=options.adapters, max_loras=options.max_loras,
         max_lora_rank=options.max_lora_rank, **options.engine.engine_kwargs(model_dir),
     )  # fmt: skip
     note = disk_parts_note(options.engine.device_map, engine.model)

@@ -97,15 +97,25 @@ def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_t
         build_server(tmp_path / "no model here", options)  # was: served, every page refused by CORS without a word
 
 
-def test_serve_refuses_a_model_folder_without_a_checkpoint_before_it_makes_a_database(tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", ["checkpoint", "tokenizer"])
+def test_serve_refuses_a_model_folder_without_a_checkpoint_before_it_makes_a_database(tmp_path, monkeypatch, missing):
     """`seekstack serve --model TYPO` created its database (seekstack.db in the working directory, by default) and only
-    then found no checkpoint: every failed start left a new, empty database file behind."""
-    monkeypatch.chdir(tmp_path)
+    then found no checkpoint, or (a folder with config.json) no tokenizer.json: every failed start left a new, empty
+    database file behind."""
+    if missing == "checkpoint":
+        model_dir, refusal = tmp_path / "no model here", f"{tmp_path / 'no model here'}: no such folder"
+    else:
+        model_dir = make_model_dir(tmp_path / "made")
+        (model_dir / "tokenizer.json").unlink()
+        refusal = f"{model_dir} has no tokenizer.json"
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     monkeypatch.delenv("SEEKSTACK_DB", raising=False)  # the default database: ./seekstack.db
-    refused = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "no model here")])
+    refused = CliRunner().invoke(app, ["serve", "--model", str(model_dir)])
     assert refused.exit_code == 1
-    assert f"{tmp_path / 'no model here'}: no such folder" in refused.output
-    assert sorted(path.name for path in tmp_path.iterdir()) == []  # was: ['seekstack.db']
+    assert refusal in refused.output
+    assert sorted(path.name for path in workdir.iterdir()) == []  # was: ['seekstack.db', ...]
 
 
 def test_serve_refuses_an_invalid_moderation_policy_as_a_bad_option_value_before_reading_the_model(
