@@ -281,25 +281,27 @@ class MultiLoRAExperts(RoutedExperts):
 
     rows: AdapterRows
     pair_keys: torch.Tensor | None  # (P,) e*S + s of each (token, expert) pair in dispatch order, during a forward
+    holds_factors: bool  # whether a loaded adapter has factors here (else every slot holds zeros, after an unload)
 
     @classmethod
     def adapt(cls, experts: RoutedExperts, rows: AdapterRows) -> MultiLoRAExperts:
         experts.__class__ = cls
         assert isinstance(experts, MultiLoRAExperts)
-        experts.rows, experts.pair_keys = rows, None
+        experts.rows, experts.pair_keys, experts.holds_factors = rows, None, False
         return experts
 
     def restore(self) -> RoutedExperts:
         """Back to a plain RoutedExperts, without the adapters' buffers."""
         self._drop_factors()
-        del self.rows, self.pair_keys
+        del self.rows, self.pair_keys, self.holds_factors
         self.__class__ = RoutedExperts
         return self
 
     def set_factors(self, per_param: dict[str, list[Factors | None]], rank: int) -> None:
         """Hold these factors per stacked parameter name, one entry per slot, each zero-padded to `rank`:
         `NAME_lora_down` A^T (E*S, in, r) and `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight
-        `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept. Where the
+        `NAME` (E, out, in). A parameter held before and not given holds zeros, its stacks' shapes kept (none given:
+        eager steps run the base's experts, compiled ones keep their graph and add the zeros). Where the
         experts kernel runs (cpu_kernels: the CPU, float32 or bfloat16) and the copies fit MERGED_EXPERTS_BYTES, also
         each expert's weights merged with each loaded slot's update, `merged_NAME` (E*S', out, in) for S' = the slots
         up to the highest in use, which eager decode steps run the kernel on (`forward_merged`); None elsewhere."""
@@ -313,7 +315,8 @@ class MultiLoRAExperts(RoutedExperts):
             self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
             self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
         merged_bytes = self.rows.slots_in_use * sum(getattr(self, name).nbytes for name in MERGED_EXPERTS)
-        kernel = bool(per_param) and merged_bytes <= MERGED_EXPERTS_BYTES and cpu_kernels.available()
+        self.holds_factors = bool(per_param)
+        kernel = self.holds_factors and merged_bytes <= MERGED_EXPERTS_BYTES and cpu_kernels.available()
         kernel = kernel and cpu_kernels.usable(self.down_proj, self.down_proj)
         for name in MERGED_EXPERTS:
             self.register_buffer(f"merged_{name}", self._merged(name, stacked.get(name)) if kernel else None, False)
@@ -332,9 +335,9 @@ class MultiLoRAExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)  # as RoutedExperts.forward does, before any dispatch work
-        if self.rows.active and self._merged_takes(x):
+        if self.matmuls_replaced() and self._merged_takes(x):
             return self.forward_merged(x, routing)
-        if self.rows.active:
+        if self.matmuls_replaced():
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
             order = routing.experts.flatten().argsort(stable=True)  # (P,)
             self.pair_keys = self._keys(x.shape[0], routing.experts)[order]
@@ -358,9 +361,11 @@ class MultiLoRAExperts(RoutedExperts):
         return merged, _expert_load(routing)
 
     def matmuls_replaced(self) -> bool:
-        """Only while a row uses an adapter: a batch of base rows runs as the base experts do, through the eager
-        kernel (the grouped matmuls it used to take made such a batch ~20% slower with adapters loaded)."""
-        return self.rows.active
+        """Only while a row uses an adapter and a loaded adapter has factors here: a batch of base rows, or any batch
+        while the loaded adapters leave these experts alone (zeros held after an unload), runs as the base experts
+        do, through the eager kernel (the grouped matmuls it used to take made a batch of base rows ~20% slower with
+        adapters loaded, and cost ~5x the kernel to add zeros)."""
+        return self.rows.active and self.holds_factors
 
     def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """RoutedExperts.forward_gathered (compiled decode: each pair gathers its expert's weights) plus each pair's

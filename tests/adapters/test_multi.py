@@ -162,6 +162,37 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
         assert (mixed[row : row + 1] - expected).abs().max() < ATOL
 
 
+def test_experts_that_no_loaded_adapter_adapts_run_the_base_experts_kernel_for_adapter_rows(served, monkeypatch):
+    """Unloading "full" leaves the MoE layers wrapped with zeros while "attention" (no expert factors) stays: its rows
+    took the grouped dispatch, ~5x the kernel's time, to add those zeros. They now run the kernel on the base's
+    experts, each row still what its adapter alone gives."""
+    from seekstack.model import cpu_kernels
+    from seekstack.model.moe import RoutedExperts
+
+    if not cpu_kernels.available():
+        pytest.skip("the grouped-experts kernel is not built here")
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(5))  # a decode step's shape
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.remove("full")
+    layers = [module for module in model.layers.modules() if isinstance(module, MultiLoRAExperts)]
+    seen = []
+    forward_kernel = RoutedExperts.forward_kernel
+    monkeypatch.setattr(
+        RoutedExperts, "forward_kernel", lambda self, *a: seen.append(self.down_proj) or forward_kernel(self, *a)
+    )
+    choice = [None, "attention"]
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    assert layers and not any(layer.matmuls_replaced() for layer in layers)
+    with torch.no_grad():
+        mixed = model(ids).logits
+    assert [id(weight) for weight in seen] == [id(layer.down_proj) for layer in layers]
+    for row, name in enumerate(choice):
+        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+
+
 def test_merged_experts_of_a_bfloat16_model_are_rounded_once_from_the_float32_sum(served):
     """In a bfloat16 model the merged copies were B A rounded to bfloat16 and then W + B A rounded again: RMS error
     ~1.4x that of rounding the exact sum once. They are now summed in float32 and rounded once."""
