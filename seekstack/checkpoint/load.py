@@ -72,6 +72,7 @@ def load_pretrained(
     max_memory: Mapping[str | int, str | int] | None = None,
     offload_folder: str | Path | None = None,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -92,7 +93,8 @@ def load_pretrained(
     from_pretrained) and `low_cpu_mem_usage` are taken without effect, as Engine.from_pretrained takes them: no code
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
     (what low_cpu_mem_usage=True asks); so is `local_files_only` (offline scripts pass True): `directory` is a local
-    folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder).
+    folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder), and `revision`,
+    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it).
     `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
     without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
     same attention; another value is refused naming them.
@@ -104,6 +106,7 @@ def load_pretrained(
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
+    refuse_a_revision(revision, directory)
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r}: seekstack runs its own MLA attention and takes "
@@ -181,6 +184,16 @@ def load_pretrained(
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
     return model.eval()
+
+
+def refuse_a_revision(revision: str | None, directory: Path) -> None:
+    """ValueError for transformers' `revision` (a Hub revision) but None: `directory` is read as it is on disk."""
+    if revision is not None:
+        raise ValueError(
+            f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the folder "
+            f"{directory} as it is on disk and downloads nothing: fetch that revision with `hf download REPO "
+            f"--revision {revision} --local-dir FOLDER`, give FOLDER and leave revision out"
+        )
 
 
 def placement_asked(

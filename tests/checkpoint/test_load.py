@@ -106,3 +106,17 @@ def test_a_disk_copy_placing_writes_after_the_read_is_refused_naming_offload_fol
     with pytest.raises(OffloadRefused) as refused:
         seekstack.load_pretrained(tmp_path / "model", dtype=torch.float16, device_map={"": "cpu", "lm_head": "disk"})
     assert str(refused.value) == "no room for the copy: choose another folder with offload_folder="
+
+
+def test_a_hub_revision_is_refused_as_engine_from_pretrained_refuses_it(tmp_path):
+    """load_pretrained(dir, revision="main"), transformers' keyword, was a TypeError (an unexpected keyword argument)
+    where Engine.from_pretrained refuses it with advice: both now refuse it with refuse_a_revision."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    with pytest.raises(ValueError) as refused:
+        seekstack.load_pretrained(tmp_path, revision="main")
+    assert str(refused.value) == (
+        f"revision='main' names a revision of a Hugging Face Hub repository, but seekstack reads the folder {tmp_path} "
+        "as it is on disk and downloads nothing: fetch that revision with `hf download REPO --revision main "
+        "--local-dir FOLDER`, give FOLDER and leave revision out"
+    )
+
