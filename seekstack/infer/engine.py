@@ -31,6 +31,7 @@ import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.checkpoint.load import placement_asked, refuse_a_revision
+from seekstack.config import ModelConfig
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
@@ -163,6 +164,22 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
                 f"tokenizer {tokenizer.source} is not the one saved with the model ({own}); its ids mean other text",
                 stacklevel=3,
             )
+
+
+def checkpoint_files(model_dir: Path, tokenizer: str | Path | Tokenizer | None = None) -> tuple[ModelConfig, Tokenizer]:
+    """The config of the checkpoint in `model_dir` and its tokenizer (tokenizer.json beside it, or the one at
+    `tokenizer`, or `tokenizer` loaded already), each file a load reads besides the weights checked: a missing folder,
+    config.json or tokenizer, a wrong generation_config.json, a tokenizer with ids past the vocabulary. What
+    Engine.from_pretrained reads first; serve calls it before it opens its database, then passes the tokenizer on."""
+    config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
+    sampling_defaults(model_dir), eos_token_ids(model_dir)  # a wrong generation_config.json, before weights load
+    if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
+        )
+    loaded = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer or model_dir)
+    check_tokenizer_fits(loaded, config.vocab_size, model_dir)
+    return config, loaded
 
 
 # when the engine's decode steps run through torch.compile (`Engine`'s compile), as vLLM's enforce_eager is told it
@@ -386,7 +403,7 @@ class Engine:
     def from_pretrained(
         cls,
         model_dir: str | Path,
-        tokenizer: str | Path | None = None,
+        tokenizer: str | Path | Tokenizer | None = None,
         dtype: torch.dtype | str | None = None,
         adapter: str | Path | None = None,
         device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
@@ -399,7 +416,8 @@ class Engine:
         revision: str | None = None,
         **kwargs,
     ) -> Engine:
-        """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
+        """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`, or
+        `tokenizer` itself, loaded: checkpoint_files' own).
 
         `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries (or
         accelerate's dict of them), or `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets (or, as
@@ -426,14 +444,7 @@ class Engine:
             )
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         offload_dir = offload_dir or offload_folder
-        config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
-        sampling_defaults(model_dir), eos_token_ids(model_dir)  # a wrong generation_config.json, before weights load
-        if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
-            raise FileNotFoundError(
-                f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
-            )
-        loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
-        check_tokenizer_fits(loaded_tokenizer, config.vocab_size, model_dir)
+        config, loaded_tokenizer = checkpoint_files(model_dir, tokenizer)
         if adapter is not None:  # a mistyped folder or another base's adapter, before the weights are read
             from seekstack.adapters.files import weightless_adapter
 
