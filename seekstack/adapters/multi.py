@@ -379,8 +379,7 @@ class MultiLoRAExperts(RoutedExperts):
         gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, keys).chunk(2, dim=-1)  # (P, 1, I) each
         hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
         combined = self._gathered_linear(hidden, "down_proj", experts, keys).view(N, K, -1).sum(dim=1)
-        load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
-        return combined, load
+        return combined, _expert_load(routing)
 
     def _gathered_linear(self, x: torch.Tensor, name: str, experts: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x (P, 1, in) -> (P, 1, out): each pair times its expert's W^T, plus its own update where adapted."""
