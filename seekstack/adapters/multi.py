@@ -317,9 +317,11 @@ class MultiLoRAExperts(RoutedExperts):
         merged_bytes = self.rows.slots_in_use * sum(getattr(self, name).nbytes for name in MERGED_EXPERTS)
         self.holds_factors = bool(per_param)
         kernel = self.holds_factors and merged_bytes <= MERGED_EXPERTS_BYTES and cpu_kernels.available()
+        # The weight stands in for the rows the kernel will take (not known yet): their dtype must match it.
         kernel = kernel and cpu_kernels.usable(self.down_proj, self.down_proj)
         for name in MERGED_EXPERTS:
-            self.register_buffer(f"merged_{name}", self._merged(name, stacked.get(name)) if kernel else None, False)
+            merged = self._merged(name, stacked.get(name)) if kernel else None
+            self.register_buffer(f"merged_{name}", merged, persistent=False)
 
     def _merged(self, name: str, factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """W_e + B_{e,s} A_{e,s} of stacked weight `name` (E, out, in) for the S' loaded slots, as (E*S', out, in),
