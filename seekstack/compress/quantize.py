@@ -45,6 +45,7 @@ ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above
 ABSORBED_IN_FP8 = "kept: fp8 values on disk, expanded in memory (absorbed by MLA)"  # kv_b_proj's assignment in fp8
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("lm_head", "mtp.*.eh_proj")  # float in DeepSeek's FP8 release, and where vLLM, transformers read them
+FP8_SCALE_BYTES = 4  # an fp8 block's float32 weight_scale_inv
 INT4_GROUPS = (32, 64, 128, 256)  # QuantConfig.group_size's values, as torch's int4 CPU kernel takes them
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
@@ -74,6 +75,15 @@ class QuantConfig:
                 _RECHECKING.reset(token)
         schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
+        rows, columns = self.fp8_block
+        require(
+            rows * columns > FP8_SCALE_BYTES,
+            "fp8_block",
+            f"a block of more than {FP8_SCALE_BYTES} weights, such as DeepSeek-V3's [128, 128]: [{rows}, {columns}] "
+            f"stores a float32 scale ({FP8_SCALE_BYTES} bytes) per block of {rows * columns} weights, as much as "
+            "or more than fp8 saves over bfloat16 (a byte a weight): the checkpoint would be no smaller than the float "
+            "one",
+        )
 
     def scheme_of(self, name: str, key: str | None = None) -> str | None:
         """The scheme layer `name` (checkpoint name `key`) gets (`int4-gN` when its group is set per layer), or None

@@ -1120,8 +1120,13 @@ def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_ke
         ({"scheme": "int4", "group_size": 17}, "field 'group_size' has value 17: input should be 32, 64, 128 or 256"),
         ({"keep": "lm_head"}, "field 'keep' has value 'lm_head': input should be a valid array"),
         ({"layers": {"lm_head": "int3"}}, "field 'layers.lm_head' has value 'int3'"),
+        # [1, 1] wrote a "quantized" checkpoint of 122% of the float one: a 4-byte scale for each 1-byte weight
+        ({"scheme": "fp8", "fp8_block": (1, 1)}, "field 'fp8_block' must be a block of more than 4 weights, such as "
+         "DeepSeek-V3's [128, 128]: [1, 1] stores a float32 scale (4 bytes) per block of 1 weights, as much as or more "
+         "than fp8 saves over bfloat16 (a byte a weight): the checkpoint would be no smaller than the float one"),
+        ({"scheme": "fp8", "fp8_block": (2, 2)}, "field 'fp8_block' must be a block of more than 4 weights"),
     ],
-)
+)  # fmt: skip
 def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, message):
     with pytest.raises(ConfigError) as refused:
         QuantConfig(**values)
