@@ -26,7 +26,7 @@ from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE  # noqa: 
 from seekstack.config import PRESETS, preset  # noqa: E402
 from seekstack.schema import ConfigError  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
-from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file, step_tokens  # noqa: E402
+from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file, replayed, step_tokens  # noqa: E402
 from seekstack.train.runs import run_holding  # noqa: E402
 
 X_LABELS = {"step": "step", "tokens": "tokens trained"}  # the x axes a plot draws on, and their labels
@@ -38,10 +38,10 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
     command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet; a
-    missing folder is an error saying so. Of a step logged twice (a run resumed by a seekstack that did not drop the
-    steps logged after the checkpoint it resumed from, or logs joined by hand), the last record is kept, its step's
-    and its evaluation's apart (`latest_records`), so that no curve draws the step twice nor the report counts it
-    twice."""
+    missing folder is an error saying so. A log whose steps were logged again (a run resumed by a seekstack that did not
+    drop the steps logged after the checkpoint it resumed from, or logs joined by hand) is replayed as `--resume`
+    keeps it (`replayed`): a step's record drops those logged for its step and past it, so that no curve draws a
+    step twice or runs back nor the report counts a step twice."""
     if not Path(run_dir).exists():
         raise FileNotFoundError(f"no such folder: {run_dir}")
     path = Path(run_dir) / METRICS_FILE
@@ -57,14 +57,7 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack {command}` run?")
-    return latest_records(read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr)))
-
-
-def latest_records(records: list[dict]) -> list[dict]:
-    """`records` less each one a later record of the same step and kind replaces, a step's (with a `loss`) or
-    another (an evaluation's), in the order logged: the history a resumed run tells, as `--resume` keeps it."""
-    last = {(record["step"], "loss" in record): index for index, record in enumerate(records)}
-    return [record for index, record in enumerate(records) if last[record["step"], "loss" in record] == index]
+    return replayed(read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr)))
 
 
 def plot_run(

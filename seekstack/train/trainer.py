@@ -78,7 +78,7 @@ from seekstack.tokens.shards import TokenWindows, shard_listing
 from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths, text_targets
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
-from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
+from seekstack.train.metrics import METRICS_FILE, append_metrics, is_evaluation, read_metrics_file
 from seekstack.train.mfu import (
     Peak,
     default_peak_flops,
@@ -1226,7 +1226,7 @@ class _Run:
         return [
             record
             for record in records
-            if record["step"] < self.step or record["step"] == self.step and not (redone and "val_loss" in record)
+            if record["step"] < self.step or record["step"] == self.step and not (redone and is_evaluation(record))
         ]
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float, first: bool) -> None:

@@ -394,3 +394,22 @@ def test_a_step_logged_twice_is_drawn_and_read_once_from_its_last_record(tmp_pat
     loss, validation = drawn[0].axes[0].get_lines()[0], drawn[0].axes[0].get_lines()[2]
     assert list(loss.get_xdata()) == [1, 2, 3, 4] and list(loss.get_ydata()) == pytest.approx([3.9, 3.8, 2.7, 2.6])
     assert list(validation.get_xdata()) == [4] and list(validation.get_ydata()) == [2.5]
+
+
+def test_a_log_resumed_from_an_earlier_step_drops_the_steps_logged_past_it_as_resume_does(tmp_path, monkeypatch):
+    """Steps 1-5 logged, then 3-4 again (a resume from step 2's checkpoint by a seekstack that kept the lines past
+    it): keeping each step's last record left the old step 5 before the new 3, the curve running back from 5 to 3;
+    the log is replayed as `--resume` keeps it, so the new step 3 drops the old 3-5 and their evaluation."""
+    import seekstack.train.plot as plot
+
+    first = [{"step": step, "loss": 4.0 - step / 10, "lm_loss": 4.0 - step / 10, "lr": 1e-3} for step in range(1, 6)]
+    again = [{"step": step, "loss": 3.0 - step / 10, "lm_loss": 3.0 - step / 10, "lr": 1e-3} for step in (3, 4)]
+    evaluation = {"step": 4, "val_loss": 3.5, "val_bpb": 1.5}
+    records = [*first[:4], evaluation, first[4], *again]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert plot.read_metrics(tmp_path) == [first[0], first[1], *again]
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(tmp_path)
+    loss = drawn[0].axes[0].get_lines()[0]
+    assert list(loss.get_xdata()) == [1, 2, 3, 4] and list(loss.get_ydata()) == pytest.approx([3.9, 3.8, 2.7, 2.6])
