@@ -47,6 +47,7 @@ from seekstack.infer.placement import (
     device_map_text,
     offload_while_loading,
     place,
+    unreachable_reason,
 )
 from seekstack.infer.precision import map_devices
 from seekstack.model.transformer import Transformer
@@ -94,7 +95,8 @@ def load_pretrained(
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
     (what low_cpu_mem_usage=True asks); so is `local_files_only` (offline scripts pass True): `directory` is a local
     folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder), and `revision`,
-    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it).
+    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it). A `device` no weight can
+    be loaded onto (meta, or one this torch cannot reach) is refused before any weight is read.
     `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
     without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
     same attention; another value is refused naming them.
@@ -118,6 +120,8 @@ def load_pretrained(
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
     placement = placement_asked(device_map, max_memory, offload_folder, device)
+    if placement is None:
+        refuse_an_unloadable_device(device)
     folder = offload_folder or directory / "offload"  # read only where a map places parts
     if placement is not None:  # the disk parts' copies are written as the weights are read
         offload = offload or offload_while_loading(placement, folder)
@@ -193,6 +197,22 @@ def refuse_a_revision(revision: str | None, directory: Path) -> None:
             f"revision={revision!r} names a revision of a Hugging Face Hub repository, but seekstack reads the folder "
             f"{directory} as it is on disk and downloads nothing: fetch that revision with `hf download REPO "
             f"--revision {revision} --local-dir FOLDER`, give FOLDER and leave revision out"
+        )
+
+
+def refuse_an_unloadable_device(device: torch.device | str) -> None:
+    """ValueError, before any weight is read, for a `device` no weight can be loaded onto: meta (a model without
+    weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked)."""
+    if torch.device(device).type == "meta":
+        raise ValueError(
+            f"device={device!r} holds no weights: the model would be returned with none read; load on a device "
+            "(cpu, cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
+            "`with torch.device('meta'):`"
+        )
+    reason = unreachable_reason(str(device))
+    if reason is not None:
+        raise ValueError(
+            f"device={device!r}, which this torch cannot reach ({reason}): load on one it can (cpu) or leave device out"
         )
 
 

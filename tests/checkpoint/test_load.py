@@ -120,3 +120,21 @@ def test_a_hub_revision_is_refused_as_engine_from_pretrained_refuses_it(tmp_path
         "--local-dir FOLDER`, give FOLDER and leave revision out"
     )
 
+
+@pytest.mark.parametrize("device", ["meta", f"cuda:{torch.cuda.device_count()}"])
+def test_a_device_no_weight_can_be_loaded_onto_is_refused_before_any_weight_is_read(tmp_path, device):
+    """load_pretrained(dir, device="cuda") on a torch without CUDA raised torch's bare AssertionError (device_map=
+    "cuda" is refused naming the device), and device="meta" returned a model whose weights were never read,
+    silently."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    with pytest.raises(ValueError) as refused:
+        seekstack.load_pretrained(tmp_path, device=device)
+    if device == "meta":
+        assert str(refused.value) == (
+            "device='meta' holds no weights: the model would be returned with none read; load on a device (cpu, "
+            "cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
+            "`with torch.device('meta'):`"
+        )
+    else:
+        assert str(refused.value).startswith(f"device={device!r}, which this torch cannot reach (")
+        assert str(refused.value).endswith("): load on one it can (cpu) or leave device out")
