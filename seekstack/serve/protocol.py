@@ -39,11 +39,15 @@ from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer, byte
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
-NO_FUNCTIONS = "functions and function_call are OpenAI's deprecated forms of tools and tool_choice: send those"
+# OpenAI's deprecated chat fields, declared only to be refused when set: the refusal, naming the field that replaces it
+REPLACED_CHAT_FIELDS = {
+    "functions": "functions is OpenAI's deprecated form of tools: send each function in tools instead, as "
+    '{"type": "function", "function": {"name": ..., "parameters": ...}}',
+    "function_call": 'function_call is OpenAI\'s deprecated form of tool_choice: send tool_choice instead ("auto", '
+    '"required", "none" or {"type": "function", "function": {"name": ...}})',
+}
 # Chat fields declared only to be refused when set (schemas.ChatCompletionRequest): why this server cannot honour each
 REFUSED_CHAT_FIELDS = {
-    "functions": NO_FUNCTIONS,
-    "function_call": NO_FUNCTIONS,
     "audio": "this model reads and writes text only",
     "modalities": "this model writes text only",
     "web_search_options": "this server does not search the web",
@@ -249,12 +253,12 @@ def refuse_unsampleable(request: Any, constrained: bool) -> None:
         )
 
 
-def refuse_fields(request: Any, refused: Mapping[str, str]) -> None:
-    """`unsupported`'s 400 for the first field of `refused` (its name -> why it cannot be honoured) that `request`
-    sets to anything but what is done anyway (ASKING_NOTHING)."""
+def refuse_fields(request: Any, refused: Mapping[str, str], advice: str = ": send the request without {param}") -> None:
+    """`unsupported`'s 400 for the first field of `refused` (its name -> why it cannot be honoured, followed by `advice`
+    naming the field as {param}) that `request` sets to anything but what is done anyway (ASKING_NOTHING)."""
     for param, reason in refused.items():
         if getattr(request, param) not in (None, [], ASKING_NOTHING.get(param)):
-            raise unsupported(param, f"{reason}: send the request without {param}")
+            raise unsupported(param, reason + advice.format(param=param))
 
 
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
@@ -267,6 +271,8 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                        code="invalid_value")  # fmt: skip
     is_chat = isinstance(request, ChatCompletionRequest)
+    if is_chat:
+        refuse_fields(request, REPLACED_CHAT_FIELDS, advice="")  # each refusal says what to send instead
     refuse_fields(
         request, {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
     )

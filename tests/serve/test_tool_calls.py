@@ -235,7 +235,12 @@ def replayed_call(arguments: str) -> list[dict]:
          "response_format"),
         ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
          "only an assistant message calls tools"),
-        ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
+        # OpenAI's deprecated pair, each refusal naming what to send instead (was: "... send those: send the request
+        # without functions")
+        ({"functions": [{"name": "f"}]}, "functions", "functions is OpenAI's deprecated form of tools: send each "
+         'function in tools instead, as {"type": "function", "function": {"name": ..., "parameters": ...}}'),
+        ({"function_call": "auto"}, "function_call", "function_call is OpenAI's deprecated form of tool_choice: send "
+         'tool_choice instead ("auto", "required", "none" or {"type": "function", "function": {"name": ...}})'),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [UNNAMED_CALL]}]},
          "messages.0.tool_calls.0.function.name", "should match pattern"),
         # as OpenAI: "Invalid 'messages[1].tool_calls[0].function.name': string does not match pattern" (was: written
