@@ -35,7 +35,12 @@ from seekstack.config import ModelConfig
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
-from seekstack.infer.generation_config import eos_ids_of, eos_token_ids, sampling_defaults, sampling_defaults_of
+from seekstack.infer.generation_config import (
+    GENERATION_CONFIG_FILE,
+    eos_ids_of,
+    read_generation_config,
+    sampling_defaults_of,
+)
 from seekstack.infer.outputs import (
     Completion,
     EngineStats,
@@ -172,7 +177,9 @@ def checkpoint_files(model_dir: Path, tokenizer: str | Path | Tokenizer | None =
     config.json or tokenizer, a wrong generation_config.json, a tokenizer with ids past the vocabulary. What
     Engine.from_pretrained reads first; serve calls it before it opens its database, then passes the tokenizer on."""
     config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
-    sampling_defaults(model_dir), eos_token_ids(model_dir)  # a wrong generation_config.json, before weights load
+    settings, source = read_generation_config(model_dir), str(model_dir / GENERATION_CONFIG_FILE)  # read once
+    sampling_defaults_of(settings, source)  # a wrong generation_config.json is refused before the weights load
+    eos_ids_of(settings, source)
     if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(
             f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
