@@ -823,15 +823,17 @@ class _Run:
             if out.expert_load is not None:
                 load = out.expert_load.detach().float()
                 expert_load = load if expert_load is None else expert_load + load
+        step_terms = getattr(self.hooks, "step_terms", None)
+        terms = step_terms(model) if step_terms is not None else {}  # each (sum, positions), summed in the same call
+        sums = torch.cat([sums, *(term.float() for term in terms.values())])
         # Means over the step's labelled targets: the shares of all micro-batches on all ranks sum to the ranks.
         distributed.all_reduce_sum(sums, self.ranks)
-        loss, lm_loss_sum, mtp_loss_sum, lm_shares, mtp_shares = sums.tolist()
-        step_terms = getattr(self.hooks, "step_terms", None)
-        terms = step_terms(model) if step_terms is not None else {}
-        term_means: dict[str, float] = {}
-        if terms:
-            totals = distributed.all_reduce_sum(torch.stack(list(terms.values())).float(), self.ranks).tolist()
-            term_means = {name: total / count for name, (total, count) in zip(terms, totals, strict=True) if count}
+        loss, lm_loss_sum, mtp_loss_sum, lm_shares, mtp_shares, *term_totals = sums.tolist()
+        term_means = {
+            name: total / count
+            for name, total, count in zip(terms, term_totals[::2], term_totals[1::2], strict=True)
+            if count
+        }
         loss = loss / self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
         if self.expert_parallel:

@@ -241,6 +241,9 @@ def test_two_ddp_ranks_distill_like_one_process_at_the_same_global_batch(workspa
     mp.spawn(_rank_main, args=(2, free_port(), distill_config(workspace, tmp_path / "two", **changes)), nprocs=2)
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [line["loss"] for line in two] == pytest.approx(single.losses, abs=1e-5)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("divergence", "feature_distance"):  # the terms' means over both ranks' positions, as one process's
+        assert [line[name] for line in two] == pytest.approx([line[name] for line in one], abs=1e-5)
 
 
 def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_time(workspace, tmp_path):
