@@ -136,7 +136,7 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
     """An eager decode step with adapter rows took the grouped dispatch (sort, one small matmul per expert, per-pair
     factor gathers), ~5x the experts kernel's time on the demo model: it now runs the kernel once per MoE layer, on
     the experts merged with each loaded slot's update (E * 3 rows: the base, "full" and "attention"), and each row
-    still gets what its adapter merged into the model gives."""
+    still gets what its adapter merged into the model gives; unloading "attention" (slot 2) rebuilds them for E * 2."""
     from seekstack.model import cpu_kernels
     from seekstack.model.moe import RoutedExperts
 
@@ -157,6 +157,21 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
     with torch.no_grad():
         mixed = model(ids).logits
     assert experts_seen == [model.config.n_routed_experts * 3] * moe_layers and moe_layers > 0
+    for row, name in enumerate(choice):
+        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+    # Unloading the highest slot rebuilds the copies for the slots now in use (the base and "full")
+    assert loaded.slot("attention") == 2
+    loaded.remove("attention")
+    layers = [module for module in model.modules() if isinstance(module, MultiLoRAExperts)]
+    expert_count = model.config.n_routed_experts
+    assert layers and all(layer.merged_down_proj.shape[0] == expert_count * 2 for layer in layers)
+    choice = [None, "full", "full"]
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    experts_seen.clear()
+    with torch.no_grad():
+        mixed = model(ids).logits
+    assert experts_seen == [expert_count * 2] * moe_layers
     for row, name in enumerate(choice):
         expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
         assert (mixed[row : row + 1] - expected).abs().max() < ATOL
