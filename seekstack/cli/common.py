@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperCommand
@@ -146,15 +146,22 @@ class Command(TyperCommand):
     as click and README write them, `seekstack quantize [OPTIONS] MODEL`, `[PROMPT]`, `[INPUTS]...`, where typer 0.27
     and later write the parameter's own name braced (`{model}`)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for (
+            param
+        ) in self.params:  # its errors and --help's Arguments name it as the usage line: "Missing argument 'MODEL'"
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
+
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name != "argument":
                 pieces.extend(param.get_usage_pieces(ctx))
-                continue
-            name = param.metavar or (param.name or "").upper()
-            name = name if param.required else f"[{name}]"
-            pieces.append(name + "..." * (param.nargs != 1))
+            else:  # click's form: MODEL, [PROMPT], RUNS..., [INPUTS]...
+                name = param.metavar.removesuffix("...")
+                pieces.append((name if param.required else f"[{name}]") + "..." * (param.nargs != 1))
         return pieces
 
     def get_short_help_str(self, limit: int = 45) -> str:

@@ -150,7 +150,7 @@ def test_every_option_of_every_command_says_what_it_does():
     assert unexplained == []
 
 
-def test_every_usage_line_names_the_arguments_in_capitals_as_click_and_readme_write_them():
+def test_every_usage_line_and_argument_error_names_the_arguments_in_capitals_as_click_and_readme_write_them():
     usage = {}
     for name, command in commands():
         with command.context_class(command, info_name=f"seekstack {name}") as context:
@@ -167,6 +167,10 @@ def test_every_usage_line_names_the_arguments_in_capitals_as_click_and_readme_wr
     assert usage["explain"] == "Usage: seekstack explain [OPTIONS] CHECKPOINT [TEXT]"
     assert usage["data build"] == "Usage: seekstack data build [OPTIONS] [INPUTS]..."
     assert usage["lora merge"] == "Usage: seekstack lora merge [OPTIONS] BASE ADAPTER"
+    assert usage["plot"] == "Usage: seekstack plot [OPTIONS] RUNS..."
+    # an argument's errors name it as its usage line does, as click's do
+    assert "Error: Missing argument 'MODEL'." in runner.invoke(app, ["info"]).stderr
+    assert "Error: Missing argument 'RUNS...'." in runner.invoke(app, ["plot"]).stderr
 
 
 def test_seekstack_help_lists_each_command_by_its_first_sentence_past_an_abbreviation():
