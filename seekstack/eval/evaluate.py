@@ -331,7 +331,9 @@ def table_number(value: float) -> str:
 
 def results_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table: one row per task and metric (with its filter, where not lm_eval's default),
-    its value, standard error and documents scored (`table_number`)."""
+    its value, standard error and documents scored (`table_number`). A standard error lm_eval could not compute (a
+    perplexity's, one of a single document) is recorded "N/A" and printed so, as lm_eval's table prints it; a metric
+    with none recorded (seekstack's own tasks) reads "-"."""
     documents = documents_scored(report)
     rows = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for task, metrics in sorted(report["results"].items()):
@@ -339,8 +341,8 @@ def results_table(report: dict[str, Any]) -> str:
             name, comma, filter_name = metric.partition(",")
             if name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            stderr = metrics.get(f"{name}_stderr{comma}{filter_name}")
-            stderr_text = table_number(stderr) if isinstance(stderr, (int, float)) else "-"
+            stderr = metrics.get(f"{name}_stderr{comma}{filter_name}", "-")  # lm_eval's "N/A" printed as it is
+            stderr_text = table_number(stderr) if isinstance(stderr, (int, float)) else stderr
             rows.append(f"| {task} | {metric} | {table_number(value)} | {stderr_text} | {documents.get(task, '-')} |")
     return "\n".join(rows)
 

@@ -226,14 +226,17 @@ def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_
 
 
 def test_the_table_prints_a_huge_perplexity_as_a_power_of_ten_and_scores_to_4_decimals_as_lm_eval():
-    """An untrained model's word perplexity (1.2e12) printed with lm_eval's 4 decimals read 1234567890123.4568."""
+    """An untrained model's word perplexity (1.2e12) printed with lm_eval's 4 decimals read 1234567890123.4568. A
+    standard error lm_eval records "N/A" (a perplexity's: no stderr function) printed "-", where lm_eval's table
+    prints N/A; one not recorded at all (seekstack's own tasks) still reads "-"."""
     from seekstack.eval.evaluate import results_table
 
-    scores = {"word_perplexity": 1234567890123.4567, "byte_perplexity": 4.2351, "bits_per_byte": 2.08412,
-              "acc": 0.33, "acc_stderr": 0.0471, "ppl": 25000000.0, "ppl_stderr": 3100000.0}  # fmt: skip
+    scores = {"word_perplexity": 1234567890123.4567, "word_perplexity_stderr": "N/A", "byte_perplexity": 4.2351,
+              "bits_per_byte": 2.08412, "acc": 0.33, "acc_stderr": 0.0471, "ppl": 25000000.0,
+              "ppl_stderr": 3100000.0}  # fmt: skip
     report = {"results": {"t": scores}, "n-samples": {"t": {"effective": 40}}}
     assert results_table(report).splitlines()[2:] == [
-        "| t | word_perplexity | 1.2346e+12 | - | 40 |",
+        "| t | word_perplexity | 1.2346e+12 | N/A | 40 |",
         "| t | byte_perplexity | 4.2351 | - | 40 |",
         "| t | bits_per_byte | 2.0841 | - | 40 |",
         "| t | acc | 0.3300 | 0.0471 | 40 |",
