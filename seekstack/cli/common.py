@@ -148,9 +148,8 @@ class Command(TyperCommand):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for (
-            param
-        ) in self.params:  # its errors and --help's Arguments name it as the usage line: "Missing argument 'MODEL'"
+        # an argument's errors and --help's Arguments name it as the usage line does: "Missing argument 'MODEL'"
+        for param in self.params:
             if param.param_type_name == "argument" and param.metavar is None:
                 param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
 
