@@ -681,13 +681,15 @@ def test_latex_spaces_around_an_answer_are_nothing_to_it_as_math_verify_reads_it
     "answer",
     ["\\boxed{5.}", "\\boxed{\\frac{10}{2}.}", "\\boxed{5 .}", "\\boxed{5\\,.}", "\\boxed{5\u3002}", "$\\boxed{5.}$",
      "\\boxed{5.}.", "The answer is $5.$", "The answer is \\(5.\\)", "\\boxed{5\\text{ cm}.}", "\\boxed{x = 5.}",
-     "\\boxed{\\frac{5.}{1}}"],
+     "\\boxed{\\frac{5.}{1}}", "\\boxed{\\text{5.}}", "\\boxed{\\textbf{5.}}", "\\boxed{\\mathrm{5.}}"],
 )  # fmt: skip
 def test_a_period_closing_the_answer_in_its_box_or_math_leaves_no_number_as_trls_math_verify_reads_it(answer):
     """\\boxed{5.} (and \\boxed{\\frac{10}{2}.}, $5.$ after its label, ...) read 5, as math-verify's default parse reads
     some of them, where TRL's accuracy_reward, the reference, parses each to the string alone ('5.') and scores 0
     (math-verify 0.9.0, LatexExtractionConfig with try_extract_without_anchor=False), as seekstack reads \\boxed{5,}.
-    The period after the box or the math closes the sentence and is dropped, as there; so is prose's."""
+    A font group wrapping the answer, \\boxed{\\text{5.}} (\\textbf, \\mathrm), keeps it too: TRL's configuration parses
+    the symbol '5.', no number. The period after the box or the math closes the sentence and is dropped, as there; so
+    is prose's."""
     assert read_number(answer) is None
     assert read_items("\\boxed{(1, 2).}") is None and read_items("\\boxed{(1, 2)}.") == Items("()", (1, 2))
     for closed in ("\\boxed{5}.", "\\boxed{5}\u3002", "The answer is $5$.", "The answer is 5.", "\\boxed{5.0}"):
