@@ -179,6 +179,9 @@ class SamplingBatch:
         self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
         self.constrained = [row for row, constraint in enumerate(self.constraints) if constraint is not None]
+        # per row, the first later column of a speculative step (`constrain` with drafts) that its constraint leaves
+        # none of its allowed_token_ids: reached only where the drafts before it are accepted (`refuse_dead_columns`)
+        self.dead_columns: dict[int, int] = {}
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
@@ -321,7 +324,9 @@ class SamplingBatch:
     def constrain(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) with the tokens each row's constraint forbids at -inf (rows without one as they are); with
         `drafts` (B, K), logits (B, K+1, V) at [pending, drafts], each column under the constraint after the drafts
-        before it (`TokenConstraint.allowed_after`)."""
+        before it (`TokenConstraint.allowed_after`). A row's first column left none of its allowed_token_ids is refused
+        (`_refuse_allowed_ids_all_forbidden`); a later one is left unconstrained, so every column keeps a distribution
+        to draw from, and noted in `dead_columns`: it is refused only where its drafts are accepted."""
         rows = self.constrained
         if not rows:
             return logits
@@ -330,26 +335,47 @@ class SamplingBatch:
             allowed = [self.constraints[row].allowed(vocab) for row in rows]
         else:
             ids = drafts.tolist()
-            allowed = [self.constraints[row].allowed_after(ids[row], vocab) for row in rows]
+            allowed = [self.constraints[row].allowed_after(ids[row], vocab).clone() for row in rows]
         for row, mask in zip(rows, allowed, strict=True):
-            self._refuse_allowed_ids_all_forbidden(row, mask.view(-1, vocab)[0])
+            columns = mask.view(-1, vocab)
+            self._refuse_allowed_ids_all_forbidden(row, columns[0])
+            dead = next((t for t in range(1, len(columns)) if self._allowed_ids_all_forbidden(row, columns[t])), None)
+            if dead is not None:
+                columns[dead:] = True
+                self.dead_columns[row] = dead
         forbidden = torch.zeros(logits.shape, dtype=torch.bool)
         forbidden[rows] = ~torch.stack(allowed)
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
-    def _refuse_allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> None:
-        """ConfigError naming allowed_token_ids and the rule where `row`'s constraint forbids each of its
-        allowed_token_ids as its next token, `allowed` (V,): no token is left to sample (add_request refuses those
-        forbidden as the first; a constraint may forbid them only after some tokens)."""
+    def refuse_dead_columns(self, accepted: torch.Tensor) -> None:
+        """ConfigError (`_refuse_allowed_ids_all_forbidden`) for the first row whose `dead_columns` entry is among the
+        columns its `accepted` (B,) drafts keep: the token there could not be sampled."""
+        kept = accepted.tolist()
+        for row, column in self.dead_columns.items():
+            if column <= kept[row]:
+                raise self._all_forbidden(row)
+
+    def _allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> bool:
+        """Whether `row` has allowed_token_ids and `allowed` (V,), its constraint's mask, forbids each of them."""
         ids = self.params[row].allowed_token_ids
-        if ids is None or allowed[list(ids)].any():
-            return
+        return ids is not None and not allowed[list(ids)].any()
+
+    def _refuse_allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> None:
+        """`_all_forbidden` where `row`'s constraint forbids each of its allowed_token_ids as its next token, `allowed`
+        (V,): no token is left to sample (add_request refuses those forbidden as the first; a constraint may forbid
+        them only after some tokens)."""
+        if self._allowed_ids_all_forbidden(row, allowed):
+            raise self._all_forbidden(row)
+
+    def _all_forbidden(self, row: int) -> ConfigError:
+        """The ConfigError naming `row`'s allowed_token_ids and the rule that forbids each of them."""
+        ids = self.params[row].allowed_token_ids
         rule = (
             "bad_words, after the tokens before it"
             if isinstance(self.constraints[row], BadWords)
             else "the constraint (JSON mode: response_format's grammar, forced tool calls), after the tokens before it"
         )
-        raise ConfigError(
+        return ConfigError(
             f"{shown_value(list(ids))} are each forbidden here by {rule}: no token could be sampled; allow an id it "
             "permits there",
             field="allowed_token_ids",
