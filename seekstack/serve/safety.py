@@ -22,6 +22,13 @@ from seekstack.serve.schemas import (
 )
 from seekstack.tokenizer import Tokenizer
 
+# OpenAI's moderation categories, as its answer names them: each result holds them all (openai-python reads
+# `results[0].categories.hate`); one the caller's policy does not define is not found, scores 0 and read no input
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence", "violence/graphic",
+)  # fmt: skip
+
 
 class ContentSafety:
     """A server's content policy (none: nothing is moderated)."""
@@ -100,18 +107,26 @@ class ContentSafety:
     def moderations(self, body: ModerationRequest, key: ApiKey | None) -> ModerationResponse:
         """OpenAI's /v1/moderations under the caller's categories: per input (a multimodal input's text parts as one),
         each category found, its score (1 for a term or pattern found, else the classifier's probability, else 0), so
-        a score at or over the category's threshold is a category found, and the input types it read (text); the
-        request's `model` is not read (`model` answers)."""
+        a score at or over the category's threshold is a category found, and the input types it read (text); OpenAI's
+        categories the policy does not define are there too, not found, at 0, having read nothing ([]); the request's
+        `model` is not read (`model` answers)."""
         categories = self.categories_for(key)
         results = []
         for text in body.texts():
             hits = scanned(categories, text, "input")
-            found = {category.name: any(hit.category == category.name for hit in hits) for category in categories}
-            scores = {category.name: _score(category, hits, text) for category in categories}
-            applied = {category.name: ["text"] for category in categories}
+            found = unchecked(False) | {
+                category.name: any(hit.category == category.name for hit in hits) for category in categories
+            }
+            scores = unchecked(0.0) | {category.name: _score(category, hits, text) for category in categories}
+            applied = unchecked([]) | {category.name: ["text"] for category in categories}
             results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores,
                                             category_applied_input_types=applied))  # fmt: skip
         return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.model, results=results)
+
+
+def unchecked(value: object) -> dict[str, object]:
+    """`value` under each of OPENAI_CATEGORIES: what a result says of a category the policy does not check."""
+    return dict.fromkeys(OPENAI_CATEGORIES, value)
 
 
 def _score(category: Category, hits: list[Hit], text: str) -> float:

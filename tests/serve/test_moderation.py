@@ -27,10 +27,12 @@ from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.moderation import Category, CategoryRule, HeldLogprobs, ModeratedStream, Policy, redacted, scan
-from seekstack.serve.safety import ContentSafety, Spelling
+from seekstack.serve.safety import OPENAI_CATEGORIES, ContentSafety, Spelling
 from seekstack.serve.schemas import CompletionRequest, ModerationRequest
 from seekstack.tokenizer import Tokenizer
-from tests.serve.server import error_of, make_model_dir, run
+from tests.serve.server import error_of, make_model_dir, run, with_openai
+
+UNCHECKED = dict.fromkeys(OPENAI_CATEGORIES, False)  # OpenAI's categories, in every result: those the policy lacks
 
 WEAPONS = ["how do I build a pipe bomb", "instructions for a nerve agent", "make an explosive device at home"] * 5
 HARMLESS = ["how do I build a birdhouse", "instructions for a sourdough loaf", "make a kite at home"] * 5
@@ -359,7 +361,7 @@ def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir
 
     results = run(app, scenario).json()["results"]
     assert [result["flagged"] for result in results] == [True, False, True]
-    assert results[0]["categories"] == {"weapons": True, "pii": False, "rude": False}
+    assert results[0]["categories"] == {**UNCHECKED, "weapons": True, "pii": False, "rude": False}
     assert results[0]["category_scores"]["weapons"] > 0.5 > results[1]["category_scores"]["weapons"]
     assert results[2]["categories"]["pii"] and results[2]["category_scores"]["pii"] == 1.0
 
@@ -396,9 +398,10 @@ def test_moderations_name_the_policy_that_ran_as_their_model_not_the_model_asked
 
         answers.append(run(app, scenario).json())
     assert [answer["model"] for answer in answers] == ["seekstack-policy:policy.yaml", "seekstack-policy:none"]
-    assert answers[1]["results"] == [
-        {"flagged": False, "categories": {}, "category_scores": {}, "category_applied_input_types": {}}
-    ]
+    assert answers[1]["results"] == [{
+        "flagged": False, "categories": UNCHECKED, "category_scores": dict.fromkeys(OPENAI_CATEGORIES, 0.0),
+        "category_applied_input_types": dict.fromkeys(OPENAI_CATEGORIES, []),
+    }]  # fmt: skip
 
 
 def test_a_pattern_that_backtracks_without_end_refuses_the_text_in_time(model_dir, tmp_path, monkeypatch):
@@ -433,7 +436,8 @@ def test_moderation_scores_agree_with_the_categories_found(policy):
     assert [result.categories["weapons"] for result in results] == [True, True, False]
     assert results[1].category_scores["weapons"] == 1.0  # its term
     for result in results:
-        for name, found in result.categories.items():
+        for name in policy.categories:
+            found = result.categories[name]
             assert found == (result.category_scores[name] >= policy.categories[name].rule.threshold), (result, name)
 
 
@@ -452,11 +456,31 @@ def test_moderations_read_openai_multimodal_input_as_one_text_and_say_what_each_
 
     multimodal, image = run(app, scenario)
     [result] = multimodal.json()["results"]  # one input, its parts joined by a newline: `pipe\nbomb` is the term
-    assert result["flagged"] and result["categories"] == {"weapons": True, "pii": False, "rude": False}
-    assert result["category_applied_input_types"] == {"weapons": ["text"], "pii": ["text"], "rude": ["text"]}
+    assert result["flagged"] and result["categories"] == {**UNCHECKED, "weapons": True, "pii": False, "rude": False}
+    assert result["category_applied_input_types"] == {
+        **dict.fromkeys(OPENAI_CATEGORIES, []),
+        "weapons": ["text"],
+        "pii": ["text"],
+        "rude": ["text"],
+    }
     error = error_of(image, 400)  # a policy of text cannot judge an image: refused, not passed unread
     assert error["param"] == "input" and "input[2] is a part of type 'image_url', which is not read" in error["message"]
     assert "Input should be a valid string" not in error["message"]  # was: each branch of the union's failure
+
+
+def test_moderations_hold_openais_categories_for_the_openai_client_beside_the_policys_own(model_dir, policy, tmp_path):
+    """openai-python's `results[0].categories.hate` read None, neither True nor False: a result held the policy's
+    categories alone (weapons, pii, rude), none of OpenAI's names. Each of OpenAI's the policy lacks is now there: not found, score 0,
+    applied to no input ([]); the policy's own stay, read as the client's extra fields."""
+
+    async def scenario(api):
+        return await api.moderations.create(input="make an explosive device at home")
+
+    [result] = with_openai(Engine.from_pretrained(model_dir), tmp_path, scenario, policy=policy).results
+    assert result.flagged and result.categories.weapons is True and result.category_scores.weapons > 0.5
+    assert (result.categories.hate, result.categories.self_harm, result.categories.violence_graphic) == (False,) * 3
+    assert (result.category_scores.hate, result.category_applied_input_types.hate) == (0.0, [])
+    assert result.category_applied_input_types.weapons == ["text"]
 
 
 @pytest.mark.parametrize("score", [float("nan"), 1.5, -0.25])
