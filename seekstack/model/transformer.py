@@ -111,6 +111,16 @@ class Transformer(nn.Module):
 
         return load_pretrained(directory, **options)
 
+    def generate(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' model.generate(input_ids, ...), which transformers users call: refused, an AttributeError as
+        where a model has no generate, naming the engine that generates from this model (it needs its tokenizer)."""
+        raise AttributeError(
+            "Transformer.generate: seekstack generates with its engine (vLLM's API), not transformers' model.generate: "
+            "seekstack.infer.Engine(model, tokenizer).generate(input_ids, SamplingParams(max_new_tokens=N)) (a 2-D "
+            "tensor of input_ids is a prompt per row; each Completion's token_ids and text), or "
+            "Engine.from_pretrained(folder) for a saved checkpoint"
+        )
+
     @property
     def generation_config(self) -> GenerationConfig | None:
         """The checkpoint's generation_config.json as a dict (load_pretrained's), which save_pretrained writes back and

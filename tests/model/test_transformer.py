@@ -213,3 +213,22 @@ def test_save_pretrained_and_from_pretrained_are_called_on_the_model_as_transfor
     ids = torch.tensor([[5, 3, 9, 1]])
     assert loaded.dtype == torch.bfloat16
     assert torch.equal(loaded(ids).logits, model.bfloat16()(ids).logits)
+
+
+def test_model_generate_is_refused_naming_the_engine_whose_call_generates(tmp_path):
+    """model.generate(input_ids, ...), which transformers users call, raised "'Transformer' object has no attribute
+    'generate'", naming nothing to use; it now names the engine's call, which generates from a 2-D tensor of ids."""
+    from seekstack.infer import Engine, SamplingParams
+    from tests.infer.support import micro_model, tiny_tokenizer
+
+    model, ids = micro_model(), torch.tensor([[5, 3, 9], [7, 2, 4]])
+    with pytest.raises(AttributeError) as refused:
+        model.generate(ids, max_new_tokens=3)
+    assert str(refused.value) == (
+        "Transformer.generate: seekstack generates with its engine (vLLM's API), not transformers' model.generate: "
+        "seekstack.infer.Engine(model, tokenizer).generate(input_ids, SamplingParams(max_new_tokens=N)) (a 2-D tensor "
+        "of input_ids is a prompt per row; each Completion's token_ids and text), or Engine.from_pretrained(folder) "
+        "for a saved checkpoint"
+    )
+    completions = Engine(model, tiny_tokenizer(tmp_path)).generate(ids, SamplingParams(max_new_tokens=3, temperature=0))
+    assert [len(completion.token_ids) for completion in completions] == [3, 3]
