@@ -273,14 +273,15 @@ class AdapterConfig:
         for name in ("attention", "feed_forward", "experts", "vocabulary"):
             given = getattr(self, name)
             kept = tuple(dict.fromkeys(given))
-            named = [target for target in kept if target in QUERY]
-            if name == "attention" and named and not set(named) & set(base_query(model_config)):  # targets refuses
-                kept = tuple(target for target in kept if target not in QUERY)
-            if kept != given:
+            rules = ["a name once"] if kept != given else []
+            if name == "attention" and set(kept) & set(QUERY) and not set(kept) & set(base_query(model_config)):
+                kept = tuple(target for target in kept if target not in QUERY)  # the query projections targets refuses
+                rules.append("the base's projections alone")
+            if rules:
                 changes[name] = kept
                 notes.append(
                     f"lora.{name}={list(given)} is refused by this seekstack, but the run's adapter was trained on "
-                    f"{list(kept)} (a name once, the base's projections alone): the resume goes on with that"
+                    f"{list(kept)} ({', '.join(rules)}): the resume goes on with that"
                 )
         return replace(self, **changes), notes
 

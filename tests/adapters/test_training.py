@@ -130,13 +130,18 @@ def test_a_resumed_run_refuses_other_adapter_settings_and_a_new_run_refuses_a_ru
     assert resumed.step == 6
 
 
-@pytest.mark.parametrize("attention", [["o_proj", "o_proj"], ["q_proj", "o_proj"]])
+@pytest.mark.parametrize(
+    ("attention", "rules"),
+    [(["o_proj", "o_proj"], "a name once"), (["q_proj", "o_proj"], "the base's projections alone"),
+     (["q_proj", "o_proj", "q_proj"], "a name once, the base's projections alone")],
+)  # fmt: skip
 def test_a_run_whose_saved_targets_are_now_refused_resumes_with_the_targets_it_trained(
-    base, data_dir, tmp_path, attention
+    base, data_dir, tmp_path, attention, rules
 ):
     """A run started by a seekstack that took lora.attention=[o_proj,o_proj] (ee898b0 refuses it) or [q_proj,o_proj]
     on a base with q_lora_rank (ab2376a refuses it; o_proj alone was trained) could not be resumed: "field 'attention'
-    must be distinct names", naming no file. It goes on with what it trained, exactly, saying so."""
+    must be distinct names", naming no file. It goes on with what it trained, exactly, saying so and by which rule
+    (the note named both whichever applied)."""
     kept = tmp_path / "kept"
     targets = ["lora.attention=[o_proj]", "lora.feed_forward=[]", "lora.experts=[]"]
     train_adapter(*lora_train_config(base, data_dir, kept, [*RUN, "max_steps=3", *targets]))
@@ -148,7 +153,7 @@ def test_a_run_whose_saved_targets_are_now_refused_resumes_with_the_targets_it_t
     assert old.adapter.attention == ("o_proj",)
     assert said[-1] == (
         f"{saved}: lora.attention={attention} is refused by this seekstack, but the run's adapter was trained on "
-        "['o_proj'] (a name once, the base's projections alone): the resume goes on with that"
+        f"['o_proj'] ({rules}): the resume goes on with that"
     )
     again = train_adapter(*lora_train_config(None, None, kept, ["max_steps=4"], resume=True), resume=True)
     assert train_adapter(*old, resume=True).losses == again.losses  # bit for bit the run it continues
