@@ -222,14 +222,20 @@ def warn(message: str) -> None:
 
 def model_config(model: str) -> ModelConfig:
     """A preset by name, or the config of the model a checkpoint directory loads as (its config.json, with the MTP
-    layers and the MoE layout its weights hold: `loaded_config`)."""
+    layers and the MoE layout its weights hold: `loaded_config`); neither: a CheckpointError naming the presets and
+    what the checkpoint reader says of the path (a Hub repository's name: to download it first)."""
     if model in PRESETS:
         return preset(model)
-    if Path(model).exists():
-        from seekstack.checkpoint.load import loaded_config
+    from seekstack.checkpoint.load import loaded_config
 
+    try:
         return loaded_config(model)
-    fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+    except CheckpointError as error:
+        if Path(model).exists():
+            raise
+        raise CheckpointError(
+            f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint: {error}"
+        ) from None
 
 
 def count(n: int) -> str:

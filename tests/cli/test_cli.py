@@ -215,6 +215,20 @@ def test_unknown_preset_fails_with_a_message_naming_the_presets():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", [["info"], ["forward"], ["plan", "--memory", "cpu=1GiB"]])
+def test_a_hub_repository_named_for_a_model_is_told_to_be_downloaded_first(command):
+    """info, forward and plan said only "is neither a preset (...) nor an existing checkpoint directory" of a Hub
+    repository's name, where generate and the other commands loading a checkpoint say how to download it."""
+    result = run(*command[:1], "deepseek-ai/DeepSeek-V3", *command[1:])
+    assert result.exit_code == 1
+    assert (
+        "error: 'deepseek-ai/DeepSeek-V3' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3) nor a "
+        "checkpoint: deepseek-ai/DeepSeek-V3: no such folder; a checkpoint is a folder holding config.json and "
+        "safetensors weights; if it names a Hugging Face Hub repository, download it first (`hf download "
+        "deepseek-ai/DeepSeek-V3` prints the folder it downloads to)"
+    ) in result.stderr
+
+
 def test_directory_without_config_json_fails_naming_the_file(tmp_path):
     result = run("forward", str(tmp_path))
     assert result.exit_code == 1
