@@ -318,8 +318,9 @@ def _no_model(run_dir: Path) -> str:
 
 def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any], lora_run: Path | None) -> int | None:
     """Training FLOPs per token of the run's rows; a LoRA run's (`lora_run`) without weight gradients for its frozen
-    base (seekstack/adapters/flops.py), None when its lora_config.json is not there (a run made by hand) or names
-    targets this seekstack refuses."""
+    base (seekstack/adapters/flops.py), of the targets it trained where an earlier seekstack took ones now refused
+    (`AdapterConfig.as_trained`, as a resume reads them); None when its lora_config.json is not there (a run made by
+    hand) or names targets this seekstack refuses otherwise."""
     from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
     from seekstack.adapters.flops import lora_training_flops
 
@@ -331,8 +332,8 @@ def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any],
     positions = train_config.get("batch_size", 1) * seq_len  # of a micro-batch
     adapter = load_config(AdapterConfig, lora_run / CONFIG_FILE)  # a damaged file is named, not taken for old
     try:
-        return lora_training_flops(config, adapter.validate(), seq_len, positions) // positions
-    except ConfigError:  # targets an earlier seekstack trained by and this one refuses (one twice, one the base lacks)
+        return lora_training_flops(config, adapter.as_trained(config)[0].validate(), seq_len, positions) // positions
+    except ConfigError:  # targets refused that as_trained does not mend
         return None
 
 

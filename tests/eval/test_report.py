@@ -1068,9 +1068,12 @@ def test_report_of_a_lora_run_whose_adapter_is_peft_pickle_names_it_not_a_missin
     "attention",
     [["q_proj", "o_proj"], ["o_proj", "o_proj"]],  # a query the base lacks (it has q_lora_rank), a target twice
 )
-def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_without_its_compute(tmp_path, attention):
+def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_with_the_compute_it_trained(
+    tmp_path, attention
+):
     """lora train took these (ab2376a and ee898b0 refuse them now: the first trained o_proj alone, the second counted
-    o_proj twice); the report of such a run failed on its lora_config.json, where it can leave the compute out."""
+    o_proj twice); the report of such a run failed on its lora_config.json, then left its FLOPs and MFU out, where
+    `AdapterConfig.as_trained` (a resume's reading) gives the targets it trained: o_proj's compute."""
     from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
     from seekstack.config import preset
     from seekstack.eval.report import _training_flops_per_token
@@ -1080,9 +1083,9 @@ def test_a_lora_run_whose_targets_an_earlier_seekstack_took_is_reported_without_
     saved = json.loads((tmp_path / CONFIG_FILE).read_text())
     (tmp_path / CONFIG_FILE).write_text(json.dumps({**saved, "attention": attention}))
     run = {"seq_len": 32, "batch_size": 2}
-    assert _training_flops_per_token(preset("tiny"), run, tmp_path) is None
+    as_saved = _training_flops_per_token(preset("tiny"), run, tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
-    assert _training_flops_per_token(preset("tiny"), run, tmp_path) > 0
+    assert as_saved == _training_flops_per_token(preset("tiny"), run, tmp_path) > 0
     (tmp_path / CONFIG_FILE).write_text("{")  # damaged: named, as before
     with pytest.raises(ConfigError, match=f"{CONFIG_FILE}: cannot be parsed"):
         _training_flops_per_token(preset("tiny"), run, tmp_path)
