@@ -88,7 +88,8 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
         return card_peak_flops(torch.cuda.get_device_name(device), precision)
     threads = torch.get_num_threads()
     probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
-    return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {threads} CPU threads")
+    on_threads = f"{threads} CPU thread" + ("s" if threads != 1 else "")
+    return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {on_threads}")
 
 
 @functools.cache

@@ -50,6 +50,18 @@ def test_one_process_keeps_its_measured_peak_and_threads_beyond_its_cores_add_no
     assert shared_cpu_peak_flops(20e9, 8, [("host", TWO_CORES)]) == pytest.approx(20e9)  # 8 threads ran on 2 cores
 
 
+@pytest.mark.parametrize(("threads", "named"), [(1, "1 CPU thread"), (2, "2 CPU threads")])
+def test_the_cpu_peak_names_the_threads_it_was_measured_on_in_the_singular_for_one(threads, named):
+    """The MFU line said "measured on 1 CPU threads" on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        source = default_peak_flops(torch.device("cpu")).source
+    finally:
+        torch.set_num_threads(before)
+    assert source == f"a 1024^3 float32 matmul measured on {named}"
+
+
 def test_a_single_process_reads_its_own_affinity_mask():
     [(machine, cpus)] = ranks_cpus(Ranks(0, 1, torch.device("cpu")))
     assert machine and cpus == frozenset(os.sched_getaffinity(0))
