@@ -503,7 +503,7 @@ class Server:
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
-        finish_reasons, prompt_logprobs = [None] * n, [None] * n
+        finish_reasons, stop_reasons, prompt_logprobs = [None] * n, [None] * n, [None] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
         only_echo = echo_only(body)
@@ -511,13 +511,14 @@ class Server:
             usage.count(index, output, bill)
             prompt_logprobs[index] = prompt_logprobs[index] or output.prompt_logprobs  # on the first output
             if only_echo:  # the token sampled after the prompt is not shown
-                finish_reasons[index] = output.finish_reason
+                finish_reasons[index], stop_reasons[index] = output.finish_reason, output.stop_reason
                 continue
             if index in policy.blocked:  # delivered before its abort
                 continue
             logprobs[index] += output.logprobs or []  # ranking best_of reads them all; the answer: those shown
             text, entries, blocked = policy.read(index, output, output.logprobs or [])
             finish_reasons[index] = "content_filter" if blocked else output.finish_reason
+            stop_reasons[index] = None if blocked else output.stop_reason
             texts[index] += text
             shown_logprobs[index] += entries
         per_prompt = candidates(body)
@@ -543,6 +544,7 @@ class Server:
                         message=messages[i],
                         logprobs=chat_logprobs(shown_logprobs[i], self.engine.tokenizer) if body.logprobs else None,
                         finish_reason=finish_reasons[i],
+                        stop_reason=stop_reasons[i],
                     )
                     for position, i in enumerate(kept)
                 ],
@@ -558,6 +560,7 @@ class Server:
                             body, prompts[i // per_prompt], prompt_logprobs[i], shown_logprobs[i]
                         ),
                         finish_reason=finish_reasons[i],
+                        stop_reason=stop_reasons[i],
                         prompt_logprobs=vllm_prompt_logprobs(prompt_logprobs[i]) if prompt_logprobs[i] else None,
                     )
                     for position, i in enumerate(kept)
@@ -627,6 +630,7 @@ class Server:
                 # the token sampled after an echoed prompt alone is not shown: its chunk gives the finish reason
                 text, entries, blocked = ("", [], False) if only_echo else policy.read(index, output, output.logprobs)
                 finish_reason = "content_filter" if blocked else output.finish_reason
+                stop_reason = None if blocked else output.stop_reason
                 if not (text or entries or finish_reason):
                     continue
                 if is_chat:
@@ -644,6 +648,7 @@ class Server:
                         delta=delta,
                         logprobs=chat_logprobs(entries, self.engine.tokenizer) if shown_entries else None,
                         finish_reason=finish_reason,
+                        stop_reason=stop_reason,
                     )
                     yield chunk([choice], choice_usage)
                 else:
@@ -651,7 +656,8 @@ class Server:
                     if body.logprobs is not None and entries:
                         logprobs = completion_logprobs(entries, text_offsets[index])
                         text_offsets[index] += sum(len(entry.token) for entry in entries)
-                    choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+                    choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason,
+                                              stop_reason=stop_reason)  # fmt: skip
                     yield chunk([choice], choice_usage)
             if splits is not None:
                 bill.reasoning_tokens = self.reasoning_tokens(splits, usage)

@@ -606,6 +606,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (else None)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -636,6 +637,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (else None)
 
 
 class FieldsWhenSet(BaseModel):
@@ -681,6 +683,7 @@ class CompletionChoice(FieldsWhenSet):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it (else None)
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, keyed by token id
 
 

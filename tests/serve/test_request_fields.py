@@ -275,6 +275,26 @@ def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp
     assert (choice["finish_reason"], choice["text"]) == ("stop", text[:cut])
 
 
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_a_choice_names_the_stop_string_that_ended_it_as_vllms_stop_reason(engine, tmp_path, route, body):
+    """vLLM's choices (whole and streamed) carry stop_reason, the stop string or stop token id that ended them (None
+    for EOS or a length limit); the engine knew it (Completion.stop_reason) but the server's answers left it out."""
+    [free] = post_each(engine, tmp_path / "db", [(route, body)])
+    choice = free.json()["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    stop = next(char for char in text if char != "\ufffd")  # a whole character (a token's part shows as U+FFFD)
+    whole, streamed = post_each(engine, tmp_path / "db", [
+        (route, {**body, "stop": ["never here", stop]}), (route, {**body, "stop": [stop], "stream": True, "n": 2}),
+    ])  # fmt: skip
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("length", None)
+    assert [(c["finish_reason"], c["stop_reason"]) for c in whole.json()["choices"]] == [("stop", stop)]
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    ends = sorted((c["index"], c["finish_reason"], c["stop_reason"]) for k in chunks for c in k["choices"]
+                  if c["finish_reason"])  # fmt: skip
+    assert ends == [(0, "stop", stop), (1, "stop", stop)]
+    assert all(c["stop_reason"] is None for k in chunks for c in k["choices"] if not c["finish_reason"])
+
+
 def test_an_echoed_prompt_of_max_tokens_0_is_scored_alone_as_openai_and_vllm_take_it(engine, tmp_path):
     """echo with max_tokens 0 (OpenAI's legacy way to score a text, which vLLM takes: its echo without generation) was
     refused ('max_tokens: Input should be greater than or equal to 1'). The answer is max_tokens 1's without the token
