@@ -470,8 +470,8 @@ def test_moderations_read_openai_multimodal_input_as_one_text_and_say_what_each_
 
 def test_moderations_hold_openais_categories_for_the_openai_client_beside_the_policys_own(model_dir, policy, tmp_path):
     """openai-python's `results[0].categories.hate` read None, neither True nor False: a result held the policy's
-    categories alone (weapons, pii, rude), none of OpenAI's names. Each of OpenAI's the policy lacks is now there: not found, score 0,
-    applied to no input ([]); the policy's own stay, read as the client's extra fields."""
+    categories alone (weapons, pii, rude), none of OpenAI's names. Each of OpenAI's the policy lacks is now there: not
+    found, score 0, applied to no input ([]); the policy's own stay, read as the client's extra fields."""
 
     async def scenario(api):
         return await api.moderations.create(input="make an explosive device at home")
