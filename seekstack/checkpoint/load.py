@@ -200,16 +200,18 @@ def refuse_a_revision(revision: str | None, directory: Path) -> None:
         )
 
 
-def refuse_an_unloadable_device(device: torch.device | str) -> None:
+def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
     """ValueError, before any weight is read, for a `device` no weight can be loaded onto: meta (a model without
-    weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked)."""
-    if torch.device(device).type == "meta":
+    weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked); an
+    int is a CUDA index, as torch.device and transformers read it."""
+    name = f"cuda:{device}" if isinstance(device, int) else str(device)
+    if torch.device(name).type == "meta":
         raise ValueError(
             f"device={device!r} holds no weights: the model would be returned with none read; load on a device "
             "(cpu, cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
             "`with torch.device('meta'):`"
         )
-    reason = unreachable_reason(str(device))
+    reason = unreachable_reason(name)
     if reason is not None:
         raise ValueError(
             f"device={device!r}, which this torch cannot reach ({reason}): load on one it can (cpu) or leave device out"

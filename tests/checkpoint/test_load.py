@@ -121,11 +121,12 @@ def test_a_hub_revision_is_refused_as_engine_from_pretrained_refuses_it(tmp_path
     )
 
 
-@pytest.mark.parametrize("device", ["meta", f"cuda:{torch.cuda.device_count()}"])
+@pytest.mark.parametrize("device", ["meta", f"cuda:{torch.cuda.device_count()}", torch.cuda.device_count()])
 def test_a_device_no_weight_can_be_loaded_onto_is_refused_before_any_weight_is_read(tmp_path, device):
     """load_pretrained(dir, device="cuda") on a torch without CUDA raised torch's bare AssertionError (device_map=
     "cuda" is refused naming the device), and device="meta" returned a model whose weights were never read,
-    silently."""
+    silently. An int is a CUDA index, as torch.device reads it: past the last GPU it is refused the same way (the
+    check read str(0), no device string, refusing device=0 on a machine with a GPU)."""
     seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
     with pytest.raises(ValueError) as refused:
         seekstack.load_pretrained(tmp_path, device=device)
