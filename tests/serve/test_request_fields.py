@@ -1039,7 +1039,7 @@ def test_a_completion_streams_choices_have_no_prompt_logprobs_field_as_vllms_and
     for response in (plain, echoed):
         chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
         keys = [sorted(choice) for chunk in chunks for choice in chunk["choices"]]
-        assert len(keys) >= 6 and keys == [["finish_reason", "index", "logprobs", "text"]] * len(keys)
+        assert len(keys) >= 6 and keys == [["finish_reason", "index", "logprobs", "stop_reason", "text"]] * len(keys)
     assert whole.json()["choices"][0]["prompt_logprobs"] is None
 
 
