@@ -786,7 +786,7 @@ def read_csv(
     with _arrow_errors_named(path, file_format), _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
         encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
-        _refuse_another_separator(path, _header(path, encoding, delimiter), column, delimiter)  # before pyarrow's
+        _refuse_another_separator(path, _header(start, encoding, delimiter), column, delimiter)  # before pyarrow's
         try:
             reader = pyarrow.csv.open_csv(
                 binary,
@@ -812,14 +812,16 @@ def _csv_rows(path: Path, encoding: str, delimiter: str) -> Iterator[tuple[list[
         yield next((row for row in rows if row), []), rows
 
 
-def _header(path: Path, encoding: str, delimiter: str) -> list[str]:
-    """The names in the header of a CSV or TSV file, its first row past blank lines, as pyarrow reads them (no
-    byte-order mark); [] for none, or where Python's csv cannot read it."""
+def _header(start: bytes, encoding: str, delimiter: str) -> list[str]:
+    """The names in the header of a CSV or TSV file whose first bytes are `start` (read from the stream pyarrow reads
+    next, so a named pipe is read once), its first row past blank lines, as pyarrow reads them (no byte-order mark);
+    [] for none, or where Python's csv cannot read it. A header longer than `start` is cut: no name then matches."""
+    text = start.decode(encoding, errors="replace")
     try:
-        with _csv_rows(path, encoding, delimiter) as (names, _):
-            return [names[0].removeprefix("\ufeff"), *names[1:]] if names else []
+        names = next((row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row), [])
     except csv.Error:
         return []
+    return [names[0].removeprefix("\ufeff"), *names[1:]] if names else []
 
 
 def _refuse_another_separator(path: Path, names: list[str], column: str, delimiter: str) -> None:
