@@ -23,7 +23,7 @@ import hashlib
 import json
 import operator
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -1095,7 +1095,7 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(
-    texts: Iterable[str],
+    texts: Iterable[str | Sequence[str]],
     vocab_size: int,
     out_path: str | os.PathLike,
     model_max_length: int = 4096,
@@ -1135,15 +1135,18 @@ def train_tokenizer(
     if isinstance(texts, str):  # else each of its characters would be a text, and BPE would find no pair to merge
         raise TypeError(f"texts is one text ({texts[:40]!r}): train on an iterable of texts, [text] for one")
 
-    def checked(texts: Iterable[str]) -> Iterator[str]:
-        """Each text, refused by its position before tokenizers reads it (it pulls texts ahead in batches, and its
-        own errors name none); tokenizers re-raises an error raised here unchanged."""
-        for position, text in enumerate(texts, start=1):
-            which = f"text {position} of the texts"
-            error = _not_text_error([text], which) or _lone_surrogate_error([text], which)
-            if error is not None:
-                raise error
-            yield text
+    def checked(texts: Iterable[str | Sequence[str]]) -> Iterator[str | Sequence[str]]:
+        """Each text, or batch of texts (a list or tuple, as tokenizers' train_from_iterator takes them), refused by
+        its position before tokenizers reads it (it pulls texts ahead in batches, and its own errors name none);
+        tokenizers re-raises an error raised here unchanged."""
+        for position, item in enumerate(texts, start=1):
+            batched = isinstance(item, list | tuple)
+            for index, text in enumerate(item if batched else [item], start=1):
+                which = f"text {index} of batch {position} of the texts" if batched else f"text {position} of the texts"
+                error = _not_text_error([text], which) or _lone_surrogate_error([text], which)
+                if error is not None:
+                    raise error
+            yield item
 
     interruptible(lambda: backend.train_from_iterator(checked(texts), trainer=trainer))  # Ctrl-C lands mid-training
 

@@ -348,6 +348,20 @@ def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_pat
     assert not (tmp_path / "tokenizer").exists()
 
 
+def test_training_on_batches_of_texts_is_training_on_their_texts_as_tokenizers_takes_them(tmp_path):
+    """tokenizers' train_from_iterator takes an iterator of batches (lists of texts), as the Hugging Face course's
+    batch_iterator() gives them; b211981's check of each text refused a batch as a list 'not str'. A batch trains as
+    its texts do, and a bad text in one is named by its batch."""
+    texts = [f"def f{n}(x):\n    return x * {n} + {n % 7}\n" for n in range(200)]
+    flat = train_tokenizer(texts, 300, tmp_path / "flat")
+    batched = train_tokenizer((texts[i : i + 50] for i in range(0, 200, 50)), 300, tmp_path / "batched")
+    assert (tmp_path / "batched" / "tokenizer.json").read_text() == (tmp_path / "flat" / "tokenizer.json").read_text()
+    assert batched.encode(texts[3]) == flat.encode(texts[3])
+    with pytest.raises(TypeError) as refused:
+        train_tokenizer([texts[:2], ["print(1)", None]], 300, tmp_path / "bad")
+    assert str(refused.value).startswith("text 2 of batch 2 of the texts is None (NoneType), not str")
+
+
 def test_encoding_what_is_no_text_is_refused_naming_the_value_and_what_to_give(trained):
     """tokenizers' own TypeError, "TextInputSequence must be str" (encode_batch of one str: "Can't extract `str` to
     `Vec`"), named neither the value nor its place: a list given to encode, bytes read from a file, a None among a
