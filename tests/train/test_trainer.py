@@ -998,7 +998,8 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     )
     assert peak.flops == measured_matmul_flops(torch.float32, torch.get_num_threads()) > 1e9  # measured, not assumed
     # the peak and where it comes from are told at the start and logged with the first step (the report names them)
-    source = f"a 1024^3 float32 matmul measured on {torch.get_num_threads()} CPU threads"
+    threads = torch.get_num_threads()
+    source = f"a 1024^3 float32 matmul measured on {threads} CPU thread" + ("s" if threads != 1 else "")
     assert peak.source == source and steps[0]["peak_source"] == source and "peak_source" not in steps[1]
     assert f"MFU against a peak of {flops_text(steps[0]['peak_flops'])}: {source}" in progress
     train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
