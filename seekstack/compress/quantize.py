@@ -77,7 +77,7 @@ class QuantConfig:
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
         rows, columns = self.fp8_block
         require(
-            rows * columns > FP8_SCALE_BYTES,
+            "fp8" not in schemes or rows * columns > FP8_SCALE_BYTES,  # other schemes do not read it
             "fp8_block",
             f"a block of more than {FP8_SCALE_BYTES} weights, such as DeepSeek-V3's [128, 128]: [{rows}, {columns}] "
             f"stores a float32 scale ({FP8_SCALE_BYTES} bytes) per block of {rows * columns} weights, as much as "

@@ -1133,6 +1133,13 @@ def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, mess
     assert str(refused.value).startswith(message)
 
 
+def test_an_fp8_block_is_checked_only_where_a_layer_is_quantized_to_fp8():
+    """9782a93 refused a small fp8_block whatever the scheme: an int8 config holding fp8_block: [2, 2] (which int8
+    does not read; the command notes it applies to fp8) was refused, where it had been taken."""
+    assert QuantConfig(scheme="int8", fp8_block=(2, 2)).fp8_block == (2, 2)
+    assert QuantConfig(scheme="int4", fp8_block=(1, 1), layers={"lm_head": "int8"}).scheme == "int4"
+
+
 def test_an_unknown_scheme_is_refused_by_the_module_swap_not_made_fp8():
     with pytest.raises(ValueError, match="quantization scheme 'foo': expected int8, int4 or fp8"):
         quantized_module(torch.nn.Linear(32, 16), "foo", QuantConfig(), group=32)
