@@ -243,9 +243,9 @@ class AdapterConfig:
         require(not outside, "layers", f"main layer numbers below {count}, the model's layers (not {outside})")
         modules, parameters = list(self.vocabulary), []
         query = base_query(model_config)
-        named = [name for name in self.attention if name in QUERY]
+        named = foreign_query(self.attention, model_config)
         require(
-            not named or any(name in query for name in named),
+            not named,
             "attention",
             f"projections this base has: its query is {' and '.join(query)} (q_lora_rank "
             f"{model_config.q_lora_rank}), not {' and '.join(named)}",
@@ -274,7 +274,7 @@ class AdapterConfig:
             given = getattr(self, name)
             kept = tuple(dict.fromkeys(given))
             rules = ["a name once"] if kept != given else []
-            if name == "attention" and set(kept) & set(QUERY) and not set(kept) & set(base_query(model_config)):
+            if name == "attention" and foreign_query(kept, model_config):
                 kept = tuple(target for target in kept if target not in QUERY)  # the query projections targets refuses
                 rules.append("the base's projections alone")
             if rules:
@@ -289,3 +289,9 @@ class AdapterConfig:
 def base_query(model_config: ModelConfig) -> tuple[str, ...]:
     """The query projections a base of `model_config` has: q_proj, or q_a_proj and q_b_proj with q_lora_rank."""
     return ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+
+
+def foreign_query(attention: Sequence[str], model_config: ModelConfig) -> list[str]:
+    """The query projections `attention` names where it names none a base of `model_config` has; [] otherwise."""
+    named = [name for name in attention if name in QUERY]
+    return named if named and not any(name in base_query(model_config) for name in named) else []

@@ -337,9 +337,9 @@ class MultiLoRAExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)  # as RoutedExperts.forward does, before any dispatch work
-        if self.matmuls_replaced() and self._merged_takes(x):
-            return self.forward_merged(x, routing)
         if self.matmuls_replaced():
+            if self._merged_takes(x):
+                return self.forward_merged(x, routing)
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
             order = routing.experts.flatten().argsort(stable=True)  # (P,)
             self.pair_keys = self._keys(x.shape[0], routing.experts)[order]

@@ -120,10 +120,10 @@ def load_pretrained(
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
     placement = placement_asked(device_map, max_memory, offload_folder, device)
+    folder = offload_folder or directory / "offload"  # read only where a map places parts
     if placement is None:
         refuse_an_unloadable_device(device)
-    folder = offload_folder or directory / "offload"  # read only where a map places parts
-    if placement is not None:  # the disk parts' copies are written as the weights are read
+    else:  # the disk parts' copies are written as the weights are read
         offload = offload or offload_while_loading(placement, folder)
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))

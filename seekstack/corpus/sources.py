@@ -802,16 +802,6 @@ def read_csv(
             raise DataSourceError(f"{path}: cannot be read as {file_format}: {unlike}") from None
 
 
-@contextmanager
-def _csv_rows(path: Path, encoding: str, delimiter: str) -> Iterator[tuple[list[str], Any]]:
-    """A CSV or TSV file read by Python's csv (bytes not of `encoding` replaced): its header, the first row past blank
-    lines as pyarrow reads it ([] for none), and a reader of the rows after it, open while the block runs. A row csv
-    cannot read raises csv.Error, the header's on entering."""
-    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
-        rows = csv.reader(text, delimiter=delimiter)
-        yield next((row for row in rows if row), []), rows
-
-
 def _header(start: bytes, encoding: str, delimiter: str) -> list[str]:
     """The names in the header of a CSV or TSV file whose first bytes are `start` (read from the stream pyarrow reads
     next, so a named pipe is read once), its first row past blank lines, as pyarrow reads them (no byte-order mark);
@@ -848,8 +838,9 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
     with the empty values it lacks), rows counted as ids count them (the header and blank lines not); None when every
     row matches its header (or Python's csv cannot read the file either)."""
     try:
-        with _csv_rows(path, encoding, delimiter) as (header, rows):
-            number = 0
+        with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+            rows = csv.reader(text, delimiter=delimiter)
+            header, number = next((row for row in rows if row), []), 0  # past blank lines, as pyarrow reads it
             while (row := next(rows, None)) is not None:
                 first_line = rows.line_num - sum(value.count("\n") for value in row)  # less a quoted value's breaks
                 number += bool(row)  # a blank line is no row

@@ -201,7 +201,7 @@ class DistillModel(nn.Module):
         counted_positions = compared.sum().float()
         for name, term in terms.items():
             summed = torch.stack([term.detach().float() * counted_positions, counted_positions])
-            self.term_sums[name] = self.term_sums[name] + summed if name in self.term_sums else summed
+            self.term_sums[name] = self.term_sums.get(name, 0) + summed
         return dataclasses.replace(out, loss=loss)
 
     def student_outputs(

@@ -325,7 +325,7 @@ class SamplingBatch:
         """Logits (B, V) with the tokens each row's constraint forbids at -inf (rows without one as they are); with
         `drafts` (B, K), logits (B, K+1, V) at [pending, drafts], each column under the constraint after the drafts
         before it (`TokenConstraint.allowed_after`). A row's first column left none of its allowed_token_ids is refused
-        (`_refuse_allowed_ids_all_forbidden`); a later one is left unconstrained, so every column keeps a distribution
+        (`_all_forbidden`); a later one is left unconstrained, so every column keeps a distribution
         to draw from, and noted in `dead_columns`: it is refused only where its drafts are accepted."""
         rows = self.constrained
         if not rows:
@@ -338,8 +338,9 @@ class SamplingBatch:
             allowed = [self.constraints[row].allowed_after(ids[row], vocab).clone() for row in rows]
         for row, mask in zip(rows, allowed, strict=True):
             columns = mask.view(-1, vocab)
-            self._refuse_allowed_ids_all_forbidden(row, columns[0])
-            dead = next((t for t in range(1, len(columns)) if self._allowed_ids_all_forbidden(row, columns[t])), None)
+            dead = next((t for t in range(len(columns)) if self._allowed_ids_all_forbidden(row, columns[t])), None)
+            if dead == 0:  # no token is left to sample next (add_request refuses those forbidden as the first)
+                raise self._all_forbidden(row)
             if dead is not None:
                 columns[dead:] = True
                 self.dead_columns[row] = dead
@@ -348,7 +349,7 @@ class SamplingBatch:
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
     def refuse_dead_columns(self, accepted: torch.Tensor) -> None:
-        """ConfigError (`_refuse_allowed_ids_all_forbidden`) for the first row whose `dead_columns` entry is among the
+        """ConfigError (`_all_forbidden`) for the first row whose `dead_columns` entry is among the
         columns its `accepted` (B,) drafts keep: the token there could not be sampled."""
         kept = accepted.tolist()
         for row, column in self.dead_columns.items():
@@ -359,13 +360,6 @@ class SamplingBatch:
         """Whether `row` has allowed_token_ids and `allowed` (V,), its constraint's mask, forbids each of them."""
         ids = self.params[row].allowed_token_ids
         return ids is not None and not allowed[list(ids)].any()
-
-    def _refuse_allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> None:
-        """`_all_forbidden` where `row`'s constraint forbids each of its allowed_token_ids as its next token, `allowed`
-        (V,): no token is left to sample (add_request refuses those forbidden as the first; a constraint may forbid
-        them only after some tokens)."""
-        if self._allowed_ids_all_forbidden(row, allowed):
-            raise self._all_forbidden(row)
 
     def _all_forbidden(self, row: int) -> ConfigError:
         """The ConfigError naming `row`'s allowed_token_ids and the rule that forbids each of them."""
