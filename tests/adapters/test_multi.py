@@ -107,15 +107,9 @@ def test_an_unload_keeps_the_layers_adapted_with_zeros_while_another_adapter_is_
 def test_a_batch_of_base_rows_runs_the_base_experts_kernel_with_adapters_loaded(served, monkeypatch):
     """With adapters loaded, the routed experts of a batch of base rows only took the grouped matmuls that adapter rows
     need instead of the eager kernel: ~20% slower decoding of the base (8 rows, 12 adapters loaded)."""
-    from seekstack.model import cpu_kernels
     from seekstack.model.moe import RoutedExperts
 
-    if not cpu_kernels.available():
-        pytest.skip("the grouped-experts kernel is not built here")
-    base, adapters = served
-    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(2))  # a decode step's shape
-    model = seekstack.load_pretrained(base).eval()
-    loaded = attach_adapters(model, adapters)
+    base, adapters, ids, model, loaded = kernel_decode_step(served, rows=2, seed=2)
     moe_layers = sum(isinstance(module, RoutedExperts) for module in model.layers.modules())  # MTP not run
     kernel_calls = []
     forward_kernel = RoutedExperts.forward_kernel
@@ -140,12 +134,7 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
     from seekstack.model import cpu_kernels
     from seekstack.model.moe import RoutedExperts
 
-    if not cpu_kernels.available():
-        pytest.skip("the grouped-experts kernel is not built here")
-    base, adapters = served
-    ids = torch.randint(2, 96, (3, 1), generator=torch.Generator().manual_seed(7))  # a decode step's shape
-    model = seekstack.load_pretrained(base).eval()
-    loaded = attach_adapters(model, adapters)
+    base, adapters, ids, model, loaded = kernel_decode_step(served, rows=3, seed=7)
     moe_layers = sum(isinstance(module, RoutedExperts) for module in model.layers.modules())
     experts_seen = []
     grouped_experts = cpu_kernels.grouped_experts
@@ -157,9 +146,7 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
     with torch.no_grad():
         mixed = model(ids).logits
     assert experts_seen == [model.config.n_routed_experts * 3] * moe_layers and moe_layers > 0
-    for row, name in enumerate(choice):
-        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
-        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+    assert_rows_match_their_adapters(mixed, choice, served, ids)
     # Unloading the highest slot rebuilds the copies for the slots now in use (the base and "full")
     assert loaded.slot("attention") == 2
     loaded.remove("attention")
@@ -172,24 +159,16 @@ def test_eager_decode_of_adapter_rows_runs_the_experts_kernel_on_each_expert_mer
     with torch.no_grad():
         mixed = model(ids).logits
     assert experts_seen == [expert_count * 2] * moe_layers
-    for row, name in enumerate(choice):
-        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
-        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+    assert_rows_match_their_adapters(mixed, choice, served, ids)
 
 
 def test_experts_that_no_loaded_adapter_adapts_run_the_base_experts_kernel_for_adapter_rows(served, monkeypatch):
     """Unloading "full" leaves the MoE layers wrapped with zeros while "attention" (no expert factors) stays: its rows
     took the grouped dispatch, ~5x the kernel's time, to add those zeros. They now run the kernel on the base's
     experts, each row still what its adapter alone gives."""
-    from seekstack.model import cpu_kernels
     from seekstack.model.moe import RoutedExperts
 
-    if not cpu_kernels.available():
-        pytest.skip("the grouped-experts kernel is not built here")
-    base, adapters = served
-    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(5))  # a decode step's shape
-    model = seekstack.load_pretrained(base).eval()
-    loaded = attach_adapters(model, adapters)
+    base, adapters, ids, model, loaded = kernel_decode_step(served, rows=2, seed=5)
     loaded.remove("full")
     layers = [module for module in model.layers.modules() if isinstance(module, MultiLoRAExperts)]
     seen = []
@@ -203,9 +182,7 @@ def test_experts_that_no_loaded_adapter_adapts_run_the_base_experts_kernel_for_a
     with torch.no_grad():
         mixed = model(ids).logits
     assert [id(weight) for weight in seen] == [id(layer.down_proj) for layer in layers]
-    for row, name in enumerate(choice):
-        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
-        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+    assert_rows_match_their_adapters(mixed, choice, served, ids)
 
 
 def test_merged_experts_of_a_bfloat16_model_are_rounded_once_from_the_float32_sum(served):
@@ -439,6 +416,27 @@ def with_head_rows(served, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rows") / "rows"
     rows = write_random_adapter(base, folder, seed=7, config=recipe, head_token_ids=ROW_TOKENS)
     return base, {"rows": rows, "full": adapters["full"]}
+
+
+def kernel_decode_step(served, rows: int, seed: int):
+    """(base, adapters, ids, model, loaded): the served base with its adapters attached and a decode step's ids of
+    `rows` rows; the test is skipped where the grouped-experts kernel is not built."""
+    from seekstack.model import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the grouped-experts kernel is not built here")
+    base, adapters = served
+    ids = torch.randint(2, 96, (rows, 1), generator=torch.Generator().manual_seed(seed))
+    model = seekstack.load_pretrained(base).eval()
+    return base, adapters, ids, model, attach_adapters(model, adapters)
+
+
+def assert_rows_match_their_adapters(mixed: torch.Tensor, choice: list[str | None], served, ids: torch.Tensor) -> None:
+    """Each row of `mixed` (logits of `ids`) within ATOL of its adapter (`choice`, None: the base) merged alone."""
+    base, adapters = served
+    for row, name in enumerate(choice):
+        expected = merged_logits(base, adapters[name] if name else None, ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
 
 
 def merged_logits(base, adapter, ids: torch.Tensor) -> torch.Tensor:
