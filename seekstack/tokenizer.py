@@ -1106,8 +1106,9 @@ def train_tokenizer(
     `out_path` is the directory, or the `tokenizer.json` path inside it; `split_digits` cuts runs of digits into
     pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: whole runs). A `vocab_size` outside
     [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 is a ConfigError and a `.json` path of another name a
-    ValueError, all raised before `texts` is read; one str for `texts` is a TypeError, and a text that is no str or
-    holds a lone surrogate a TypeError or ValueError naming its position (tokenizers' own named neither).
+    ValueError, all raised before `texts` is read; one str, bytes or a non-iterable for `texts` is a TypeError, and a
+    text that is no str or holds a lone surrogate a TypeError or ValueError naming its position (tokenizers' own named
+    neither).
     """
     check_vocab_size(vocab_size)
     pattern = pre_tokenizer_pattern(split_digits)
@@ -1134,6 +1135,13 @@ def train_tokenizer(
     )
     if isinstance(texts, str):  # else each of its characters would be a text, and BPE would find no pair to merge
         raise TypeError(f"texts is one text ({texts[:40]!r}): train on an iterable of texts, [text] for one")
+    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Iterable):  # bytes: each byte an int "text"
+        to_do = (
+            "decode it first, [texts.decode('utf-8')]"
+            if isinstance(texts, bytes | bytearray)
+            else "give a list of texts"
+        )
+        raise TypeError(f"texts is {texts!r:.60} ({type(texts).__name__}), not an iterable of texts: {to_do}")
 
     def checked(texts: Iterable[str | Sequence[str]]) -> Iterator[str | Sequence[str]]:
         """Each text, or batch of texts (a list or tuple, as tokenizers' train_from_iterator takes them), refused by
