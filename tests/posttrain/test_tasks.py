@@ -420,6 +420,20 @@ def test_a_number_in_text_before_a_degree_sign_reads_as_math_verify_reads_it(ans
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\\text{5}}", 5), ("\\boxed{\\text{ - 1 / 2 }}", Fraction(-1, 2)), ("\\boxed{\\textbf{1000}}", 1000),
+     ("\\boxed{\\text{5.0}}", None), ("\\boxed{\\mathrm{5.0}}", None), ("\\boxed{\\text{+5}}", None),
+     ("\\boxed{\\text{05}}", None), ("\\boxed{\\text{2/4}}", None), ("\\boxed{\\text{3/1}}", None),
+     ("\\boxed{\\text{1,000}}", None), ("\\boxed{\\text{1/0}}", None), ("\\boxed{\\text{5.0}^\\circ}", None)],
+)  # fmt: skip
+def test_a_number_in_text_alone_reads_only_as_sympy_writes_it_as_math_verify_compares_it(answer, value):
+    """\\boxed{\\text{5.0}} read 5 (scored 1 against 5), where math-verify (TRL's accuracy_reward) reads the symbol
+    '5.0' and verifies it only against a gold whose value sympy writes '5.0', which no number's is: the words of a
+    \\text{...} alone are a number only as sympy writes one, their spaces dropped ('5', '-1/2')."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed{-\\,7}", -7), ("$- \\, 7$", -7), ("\\boxed{-\\!7}", -7), ("\\boxed{-\\quad 7}", -7),
      ("\\boxed{+\\,7}", 7), ("\\boxed{-\\,\\frac{1}{2}}", Fraction(-1, 2)), ("\\frac{-\\,1}{2}", Fraction(-1, 2)),
      ("\\boxed{-\\,-7}", 7), ("\\boxed{-\\,(7)}", -7), ("\\boxed{-\\,\\,}", None), ("\\boxed{-\\x7}", None)],

@@ -4,7 +4,9 @@ one number, exactly, as a Fraction (`\\frac{1}{2}`, `1/2` and `0.5` alike; `57.0
 interval or a set of numbers (`(1, 2)`, `[0, 1)`, `\\{1, 2\\}`), compared by brackets and numbers (math-verify, laxer,
 takes `(1, 2)` and `\\{1, 2\\}` for one another).
 
-A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
+A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57); a `\\text{...}` that is
+the whole answer is read where its words are the number as sympy writes it (`\\text{57}`, `\\text{-1/2}`), as
+math-verify compares them, as text, with the gold's value so written (`\\text{5.0}`, `\\text{2/4}` are no number).
 Where it is stricter than math-verify: prose with no box around its number is no answer, but for what follows its last
 answer label ("... so 48 + 9 = 57. The answer is 57.", "Answer: 57"), one number alone (math-verify takes the last
 number of "56 or 57"), nor are units outside `\\text{...}` (`57 apples`), nor symbolic answers (`\\sqrt{4}`, `2^{10}`,
@@ -384,14 +386,15 @@ def _without_unit(text: str) -> str:
     """`text` less its closing `\\text{...}` (TEXT_UNIT), of up to MAX_UNITS parts, each with the LaTeX space before
     it (`12\\,\\text{cm}`, `9.8\\,\\text{m}\\,\\text{s}^{-2}`, `9.8\\text{ m}/\\text{s}^2`), and its degree sign
     (DEGREES) and the LaTeX space before it (`30\\,^\\circ`), as math-verify drops a unit; the words inside
-    `\\text{...}` when they are all there is, a degree sign after them maybe (`\\text{57}^\\circ` is 57)."""
+    `\\text{...}` when they are all there is, a degree sign after them maybe (`\\text{57}^\\circ` is 57), and are the
+    number as sympy writes it (`_sympy_written`)."""
     for part in range(MAX_UNITS):
         unit = TEXT_UNIT.search(text)
         if unit is None:
             break
         rest = _less_latex_space(text[: unit.start()])
         if not rest:  # the words of a unit after none, as math-verify reads them ("\\text{57}\\text{ cm}" not)
-            text = "" if part else unit["words"].strip()
+            text = "" if part else _sympy_written(unit["words"])
             break
         product = next((product for product in UNIT_PRODUCTS if rest.endswith(product)), None)
         factor = _less_latex_space(rest.removesuffix(product)) if product else rest
@@ -401,7 +404,19 @@ def _without_unit(text: str) -> str:
         return text
     text = _less_latex_space(text[: degrees.start()])
     words = TEXT_UNIT.match(text)  # the words of a unit alone before the degree sign ("\\text{30}^\\circ" is 30)
-    return words["words"].strip() if words and words.end("words") == len(text) - 1 else text
+    return _sympy_written(words["words"]) if words and words.end("words") == len(text) - 1 else text
+
+
+def _sympy_written(words: str) -> str:
+    """The words of a `\\text{...}` that is the whole answer, less their whitespace, where they are a number as sympy
+    writes one (`57`, `-3`, `1/2`: an integer, or a fraction in lowest terms), else "", no number: math-verify reads
+    them as a symbol, which verifies only where its name is the gold's value written so (`5.0`, `+5`, `05`, `2/4`,
+    `1,000` verify against nothing)."""
+    plain = re.sub(r"\s", "", words)
+    try:
+        return plain if str(Fraction(plain)) == plain else ""
+    except (ValueError, ZeroDivisionError):
+        return ""
 
 
 def _less_latex_space(text: str) -> str:
