@@ -164,14 +164,24 @@ class Command(TyperCommand):
         return pieces
 
     def get_short_help_str(self, limit: int = 45) -> str:
-        """The line `seekstack --help` lists the command by: its help's first sentence, ended by a period before a
-        capital letter or the paragraph's end (click ends it at any word ending in a period, "e.g." too), shortened
-        to `limit` with "..."."""
+        """The line `seekstack --help` lists the command by, as click makes it: its help's first sentence (of the
+        first paragraph of what --help shows, up to a \\f), ended by a period before a capital letter or the
+        paragraph's end (typer's click ends it at any word ending in a period, "e.g." too), shortened to `limit` with
+        "..." (an abbreviation before it left out, not "e.g...."), and a deprecated command's label."""
         if self.short_help or not self.help:
             return super().get_short_help_str(limit)
-        paragraph = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
-        sentence = re.split(r"(?<=\.) (?=[A-Z])", paragraph, maxsplit=1)[0]
-        return textwrap.shorten(sentence, limit, placeholder="...", break_on_hyphens=False)
+        words = inspect.cleandoc(self.help).partition("\f")[0].split("\n\n")[0].split()
+        if words[:1] == ["\b"]:  # click's no-rewrap marker
+            words = words[1:]
+        text = re.split(r"(?<=\.) (?=[A-Z])", " ".join(words), maxsplit=1)[0]
+        if len(text) > limit:
+            kept = textwrap.shorten(text, limit - len("..."), placeholder="", break_on_hyphens=False).split()
+            while kept and kept[-1].endswith("."):  # "e.g." followed by "..." would read as four dots
+                kept.pop()
+            text = " ".join(kept).rstrip(",;:") + "..."
+        if self.deprecated:  # click's label
+            text += f" (DEPRECATED: {self.deprecated})" if isinstance(self.deprecated, str) else " (DEPRECATED)"
+        return text
 
 
 class JsonErrorsCommand(Command):
