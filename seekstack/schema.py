@@ -124,12 +124,17 @@ def shown_value(value: Any) -> str:
     if len(text) <= SHOWN_VALUE_CHARS:
         return text
     if isinstance(value, (list, tuple, set, frozenset, dict)):
-        size = f"{len(value)} items"
+        size = counted(len(value), "item")
     elif isinstance(value, str):
-        size = f"{len(value)} characters"
+        size = counted(len(value), "character")
     else:
-        size = f"{len(text)} characters written"
+        size = f"{counted(len(text), 'character')} written"
     return f"{text[:SHOWN_VALUE_CHARS]}... ({size})"
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def require_known_fields(cls: type, values: Mapping[str, Any], source: str | None = None) -> None:

@@ -9,6 +9,7 @@ import transformers
 
 from seekstack.config import ConfigError, ModelConfig, preset
 from seekstack.infer.params import SamplingParams
+from seekstack.schema import shown_value
 
 # The fields of the released DeepSeek-V3 config.json.
 DEEPSEEK_V3_JSON = {
@@ -139,10 +140,16 @@ def test_a_refused_value_is_echoed_as_its_start_and_size_not_whole():
     assert refused == {
         "bad_words": "field 'bad_words' has value ('w0', 'w1', 'w2', 'w3', 'w4', 'w5', 'w6', 'w7', 'w8', 'w9', 'w10', "
         "'w11', 'w12'... (301 items): tuple should have at most 300 items after validation, not 301",
-        "temperature": f"field 'temperature' has value '{'x' * 79}... (3000 characters): input should be a valid "
+        "temperature": f"field 'temperature' has value '{'x' * 79}... (3,000 characters): input should be a valid "
         "number",
         "seed": "field 'seed' has value '7': input should be a valid integer",
     }
+
+
+def test_a_shown_value_of_one_item_counts_it_singular():
+    """shown_value of a long list of one item said '(1 items)'."""
+    assert shown_value(["x" * 100]) == f"['{'x' * 78}... (1 item)"
+    assert shown_value(list(range(1200))).endswith("... (1,200 items)")
 
 
 def test_unknown_preset_is_named():

@@ -38,7 +38,7 @@ from seekstack.compression import (
 )
 from seekstack.corpus.kinds import CODE_SUFFIXES
 from seekstack.jsonl import json_error_reason
-from seekstack.schema import LONE_SURROGATE
+from seekstack.schema import LONE_SURROGATE, counted
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
     (re.compile(signature, re.DOTALL), name)
@@ -149,11 +149,6 @@ ARROW_FILE_MAGIC = b"ARROW1"  # how Arrow's random-access file format opens; `da
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
-
-
-def counted(count: int, noun: str) -> str:
-    """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 class DataSourceError(ValueError):
