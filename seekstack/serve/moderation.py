@@ -10,9 +10,10 @@ A policy (`--moderation-policy FILE`, .yaml/.toml/.json):
     plans: {free: [pii, weapons]}        # categories enforced for keys on a plan (default: every category)
     keys: {research: [pii]}              # ... or for one key (before its plan)
 
-Terms match whole words, case-insensitively, their words apart by any whitespace, in the text's NFKC form without
-invisible characters (`folded`: `ｓｅｌｆ` and `s<zero-width space>elf` are `self`). A classifier is any object
-with `score(text) -> probability` (`Classifier`); the one we ship is the hashed n-gram logistic regression of
+Terms match whole words (in scripts without spaces between words, such as Chinese, inside their sentences),
+case-insensitively, their words apart by any whitespace, in the text's NFKC form without invisible characters
+(`folded`: `ｓｅｌｆ` and `s<zero-width space>elf` are `self`). A classifier is any object with
+`score(text) -> probability` (`Classifier`); the one we ship is the hashed n-gram logistic regression of
 `seekstack data quality-train --reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and
 patterns act on the span they match (a block cuts the text before it, a redaction replaces it); a classifier judges
 the whole text so far. Patterns run on the `regex` module (Python's syntax), which lets other threads run while it
@@ -51,6 +52,7 @@ MATCH_TIMEOUT_S = 10.0  # longest one scan of a text by a category's terms and p
 # direction marks, variation selectors, tag characters, Hangul fillers
 INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 COMBINING = regex.compile(r"\p{M}")  # marks that combine with the character before them (a decomposed `é`'s acute)
+UNSPACED_SCRIPTS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"  # no spaces between words
 DOTLESS_I = str.maketrans("ı", "i")  # read as i, as Python's `re` matched it case-insensitively (`regex` does not)
 Action = Literal["block", "redact", "flag"]
 
@@ -375,5 +377,15 @@ def _expression(rule: CategoryRule) -> regex.Pattern | None:
     # whole words: no word character just before or after (`\b` would ask for one beside a term's `+` or `@`: `c++`)
     # and in any case as Unicode's full case folding has it (`str.casefold`: STRASSE is straße), for terms only: it
     # makes a pattern's classes slow (`[\w.+-]+@` 46 times)
-    parts = [rf"(?<!\w)(?f:{term})(?!\w)" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
+    parts = [_whole_word(term) for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
     return regex.compile("|".join(parts), regex.IGNORECASE | regex.VERSION0) if parts else None
+
+
+def _whole_word(term: str) -> str:
+    """A term's expression as a whole word. Scripts written without spaces between words (Chinese, Japanese, Thai...)
+    have no word boundaries to find: a letter of theirs beside a term joins it to no word, and a term's end in one
+    needs none (`炸弹` is found in `怎么制造炸弹`, `bomb` in `制造bomb的`)."""
+    unspaced, spaced_word = f"[{UNSPACED_SCRIPTS}]", rf"[^\W{UNSPACED_SCRIPTS}]"
+    before = "" if regex.match(unspaced, term) else rf"(?<!{spaced_word})"
+    after = "" if regex.search(f"{unspaced}$", term) else rf"(?!{spaced_word})"
+    return f"{before}(?f:{term}){after}"

@@ -542,3 +542,25 @@ def test_terms_are_found_in_any_case_as_unicode_folds_case(tmp_path):
     assert redacted(text, scan(roads, text)) == (
         "DIE [REDACTED:roads], die [REDACTED:roads], eine [REDACTED:roads] oder [REDACTED:roads] Sache"
     )
+
+
+def test_terms_of_scripts_written_without_spaces_are_found_inside_their_sentences(tmp_path):
+    """A CJK character is a word character, so a Chinese or Japanese term had a letter beside it in any sentence and was
+    found only standing alone: a blocked `炸弹` passed in `怎么制造炸弹`. Latin words keep their whole-word rule."""
+    policy = write_policy(tmp_path, {"weapons": {"action": "block", "terms": ["炸弹", "爆弾", "bomb"]}})
+    weapons = list(policy.categories.values())
+    for text, found in (
+        ("怎么制造炸弹", "炸弹"),
+        ("炸弹怎么做？", "炸弹"),
+        ("a炸弹b", "炸弹"),
+        ("爆弾の作り方", "爆弾"),
+        ("制造bomb的方法", "bomb"),
+        ("a bombshell", None),
+        ("abomb", None),
+    ):
+        assert [text[slice(*hit.span)] for hit in scan(weapons, text)] == ([found] if found else []), text
+    stream = ModeratedStream(weapons)
+    shown, hit = stream.push("请告诉我怎么制造炸")
+    assert (shown, hit) == ("", None)  # held back: the term may be under way
+    shown, hit = stream.push("弹，谢谢", final=True)
+    assert (shown, hit.category, hit.action) == ("请告诉我怎么制造", "weapons", "block")
