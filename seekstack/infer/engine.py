@@ -1281,8 +1281,8 @@ class Engine:
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
         loops call generate often), or, as vLLM's too, a callable making one (functools.partial(tqdm, leave=False)).
         `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
-        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, one per prompt (an int: the
-        same for each, as a newer vLLM's), is taken as 0 for each prompt (or None) alone: requests are admitted first
+        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, one per prompt (an int or a 0-d
+        tensor: the same for each, as a newer vLLM's), is taken as 0 for each prompt (or None) alone: requests are admitted first
         come, first served."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
@@ -1296,11 +1296,13 @@ class Engine:
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        one_priority = priority is None or isinstance(priority, int)
+        if isinstance(priority, torch.Tensor):  # a 0-d tensor one for all, as an int; 1-D one per prompt
+            priority = priority.tolist()
+        one_priority = not isinstance(priority, Iterable) or isinstance(priority, str)  # None, an int, 0.0, "0"
         priorities = [priority] * len(prompts) if one_priority else list(priority)
         if priority is not None and any(priorities):
             raise ValueError(
-                f"priority={priority if one_priority else priorities}: vLLM's, taken here only as 0 for each prompt, "
+                f"priority={priority if one_priority else priorities!r}: vLLM's, taken here only as 0 for each prompt, "
                 "its default: the engine admits requests first come, first served, as vLLM's default scheduling "
                 "policy, which refuses other priorities too; add the urgent prompts first, or in a generate call of "
                 "their own"

@@ -464,6 +464,22 @@ def test_priority_is_one_per_prompt_or_one_int_for_all(model, tokenizer):
         engine.generate([[5, 9], [7, 3]], greedy, priority=2)
 
 
+def test_a_priority_given_as_a_tensor_or_a_float_is_read_as_its_number(model, tokenizer):
+    """priority=torch.tensor(0), a 0-d tensor (a numpy scalar's torch twin), and priority=0.0 were bare TypeErrors
+    ('iteration over a 0-d tensor', "'float' object is not iterable"), and priority='1' read as one per letter: each is
+    now one priority for all, 0 taken, any other refused by its value."""
+    import torch
+
+    engine, greedy = Engine(model, tokenizer), SamplingParams(max_new_tokens=2, temperature=0)
+    plain = [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy)]
+    for zero in (torch.tensor(0), torch.tensor([0, 0]), 0.0):
+        assert [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy, priority=zero)] == plain
+    for given, shown in ((torch.tensor(1), "1"), (1.5, "1.5"), ("1", "'1'")):
+        with pytest.raises(ValueError, match=rf"^priority={shown}: vLLM's, taken here only as 0"):
+            engine.generate([[5, 9], [7, 3]], greedy, priority=given)
+    assert not engine.has_unfinished()
+
+
 def test_an_adapter_a_lora_request_of_another_thread_resolved_is_not_unloaded_before_its_requests_are_added(
     base, adapter_folders
 ):
