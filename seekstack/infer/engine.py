@@ -1281,9 +1281,9 @@ class Engine:
         vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval
         loops call generate often), or, as vLLM's too, a callable making one (functools.partial(tqdm, leave=False)).
         `lora_request`, vLLM's (a `LoRARequest`, or one per prompt), in place of
-        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, one per prompt (an int or a 0-d
-        tensor: the same for each, as a newer vLLM's), is taken as 0 for each prompt (or None) alone: requests are admitted first
-        come, first served."""
+        `adapters`: the adapter each names (`_adapter_of_lora_request`). `priority`, vLLM's, one per prompt (an int or
+        a 0-d tensor: the same for each, as a newer vLLM's), is taken as 0 for each prompt (or None) alone: requests
+        are admitted first come, first served."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
