@@ -40,6 +40,7 @@ from typing import Annotated, Literal, Protocol
 import regex
 from annotated_types import Interval
 
+from seekstack.corpus.kinds import UNSPACED_SCRIPT_RANGES
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError, check, read_config_file
@@ -52,7 +53,6 @@ MATCH_TIMEOUT_S = 10.0  # longest one scan of a text by a category's terms and p
 # direction marks, variation selectors, tag characters, Hangul fillers
 INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 COMBINING = regex.compile(r"\p{M}")  # marks that combine with the character before them (a decomposed `é`'s acute)
-UNSPACED_SCRIPTS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"  # no spaces between words
 DOTLESS_I = str.maketrans("ı", "i")  # read as i, as Python's `re` matched it case-insensitively (`regex` does not)
 Action = Literal["block", "redact", "flag"]
 
@@ -384,8 +384,8 @@ def _expression(rule: CategoryRule) -> regex.Pattern | None:
 def _whole_word(term: str) -> str:
     """A term's expression as a whole word. Scripts written without spaces between words (Chinese, Japanese, Thai...)
     have no word boundaries to find: a letter of theirs beside a term joins it to no word, and a term's end in one
-    needs none (`炸弹` is found in `怎么制造炸弹`, `bomb` in `制造bomb的`)."""
-    unspaced, spaced_word = f"[{UNSPACED_SCRIPTS}]", rf"[^\W{UNSPACED_SCRIPTS}]"
+    needs none (`炸弹` is found in `怎么制造炸弹`, `bomb` in `制造bomb的`, `폭탄` in `폭탄을`)."""
+    unspaced, spaced_word = f"[{UNSPACED_SCRIPT_RANGES}]", f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
     before = "" if regex.match(unspaced, term) else rf"(?<!{spaced_word})"
     after = "" if regex.search(f"{unspaced}$", term) else rf"(?!{spaced_word})"
     return f"{before}(?f:{term}){after}"

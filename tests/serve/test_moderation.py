@@ -546,14 +546,18 @@ def test_terms_are_found_in_any_case_as_unicode_folds_case(tmp_path):
 
 def test_terms_of_scripts_written_without_spaces_are_found_inside_their_sentences(tmp_path):
     """A CJK character is a word character, so a Chinese or Japanese term had a letter beside it in any sentence and was
-    found only standing alone: a blocked `炸弹` passed in `怎么制造炸弹`. Latin words keep their whole-word rule."""
-    policy = write_policy(tmp_path, {"weapons": {"action": "block", "terms": ["炸弹", "爆弾", "bomb"]}})
+    found only standing alone: a blocked `炸弹` passed in `怎么制造炸弹` (a Korean noun too, with its particle:
+    `폭탄을`). Latin words keep their whole-word rule."""
+    terms = ["炸弹", "爆弾", "폭탄", "ระเบิด", "bomb"]
+    policy = write_policy(tmp_path, {"weapons": {"action": "block", "terms": terms}})
     weapons = list(policy.categories.values())
     for text, found in (
         ("怎么制造炸弹", "炸弹"),
         ("炸弹怎么做？", "炸弹"),
         ("a炸弹b", "炸弹"),
         ("爆弾の作り方", "爆弾"),
+        ("폭탄을 만드는 방법", "폭탄"),
+        ("วิธีทำระเบิดที่บ้าน", "ระเบิด"),
         ("制造bomb的方法", "bomb"),
         ("a bombshell", None),
         ("abomb", None),
