@@ -188,11 +188,13 @@ def _saved_model(model: torch.nn.Module) -> Transformer:
 def write_shards(
     tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
-    """Write (checkpoint key, tensor) pairs as safetensors into `directory`: one file, or shards and their index.
-    Shards are written as they fill, so memory holds one shard and what `tensors` holds (a lazy iterable can
-    make the tensors of a model larger than memory one part at a time)."""
+    """Write (checkpoint key, tensor) pairs as safetensors into `directory`: one file, or shards and their index,
+    which gives the parameters (the elements of the tensors, as DeepSeek-V3's 685B counts the MTP module's copies of
+    the embedding and head) beside the bytes stored, as transformers 5's save_pretrained writes them (its
+    from_pretrained reads neither). Shards are written as they fill, so memory holds one shard and what `tensors`
+    holds (a lazy iterable can make the tensors of a model larger than memory one part at a time)."""
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
+    shard_bytes = total_bytes = total_parameters = 0
     shard_keys: list[list[str]] = []
 
     def flush() -> None:
@@ -208,6 +210,7 @@ def write_shards(
         shard[key] = tensor.detach().to("cpu").contiguous()
         shard_bytes += size
         total_bytes += size
+        total_parameters += tensor.numel()
     flush()
     # The release names (model-0000i-of-0000n) need the shard count, known only now.
     if len(shard_keys) == 1:
@@ -218,7 +221,7 @@ def write_shards(
         name = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
         os.replace(directory / f"shard-{number}.safetensors", directory / name)
         weight_map.update({key: name for key in keys})
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_bytes}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
