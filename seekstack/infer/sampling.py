@@ -180,7 +180,7 @@ class SamplingBatch:
         self.constraints = constraints or [None] * len(params)
         self.constrained = [row for row, constraint in enumerate(self.constraints) if constraint is not None]
         # per row, the first later column of a speculative step (`constrain` with drafts) that its constraint leaves
-        # none of its allowed_token_ids: reached only where the drafts before it are accepted (`refuse_dead_columns`)
+        # none of its allowed_token_ids: no accepted draft reaches it (`before_dead_columns`)
         self.dead_columns: dict[int, int] = {}
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
@@ -326,7 +326,7 @@ class SamplingBatch:
         `drafts` (B, K), logits (B, K+1, V) at [pending, drafts], each column under the constraint after the drafts
         before it (`TokenConstraint.allowed_after`). A row's first column left none of its allowed_token_ids is refused
         (`_all_forbidden`); a later one is left unconstrained, so every column keeps a distribution
-        to draw from, and noted in `dead_columns`: it is refused only where its drafts are accepted."""
+        to draw from, and noted in `dead_columns`: no token of it is kept (`before_dead_columns`)."""
         rows = self.constrained
         if not rows:
             return logits
@@ -348,13 +348,13 @@ class SamplingBatch:
         forbidden[rows] = ~torch.stack(allowed)
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
-    def refuse_dead_columns(self, accepted: torch.Tensor) -> None:
-        """ConfigError (`_all_forbidden`) for the first row whose `dead_columns` entry is among the
-        columns its `accepted` (B,) drafts keep: the token there could not be sampled."""
-        kept = accepted.tolist()
+    def before_dead_columns(self, accepted: torch.Tensor) -> torch.Tensor:
+        """The `accepted` (B,) drafts, each row's cut short of its `dead_columns` entry, where no token could be
+        sampled: the tokens before it are kept, and may end the request as plain decoding would; if they do not, the
+        next step starts at that column and refuses the row there (`constrain`), naming its token."""
         for row, column in self.dead_columns.items():
-            if column <= kept[row]:
-                raise self._all_forbidden(row)
+            accepted[row] = accepted[row].clamp(max=column - 1)
+        return accepted
 
     def _allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> bool:
         """Whether `row` has allowed_token_ids and `allowed` (V,), its constraint's mask, forbids each of them."""

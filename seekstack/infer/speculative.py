@@ -127,8 +127,8 @@ def accept_drafts(
     replaced from its residual, and when all K pass, a bonus token is drawn from the last column. Returns how many
     drafts each row accepted (B,) and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at
     every column, so a request's generator advances the same way whatever the others do. A row's token constraint
-    (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`); a kept column where it
-    leaves none of the row's allowed_token_ids raises its ConfigError (`SamplingBatch.refuse_dead_columns`).
+    (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`); no row keeps a column
+    where it leaves none of the row's allowed_token_ids (`SamplingBatch.before_dead_columns`).
     """
     logits = sampling.constrain(logits, drafts)
     count = drafts.shape[1]
@@ -141,9 +141,7 @@ def accept_drafts(
     tokens.append(sampling.draw(sampling.probabilities(sampling.adjust(logits[:, count], extra_tokens=drafts))))
     # With no drafts (the count chose none) the step is a plain draw: nothing to accept.
     checks = torch.stack(passed, dim=1) if passed else torch.zeros_like(drafts, dtype=torch.bool)
-    accepted = accepted_prefix(checks)
-    sampling.refuse_dead_columns(accepted)  # a kept column the constraint left no allowed id (`constrain`)
-    return accepted, torch.stack(tokens, dim=1)
+    return sampling.before_dead_columns(accepted_prefix(checks)), torch.stack(tokens, dim=1)
 
 
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:

@@ -404,6 +404,30 @@ def test_allowed_token_ids_that_bad_words_all_ban_are_refused_naming_both_fields
     )
 
 
+@pytest.mark.parametrize("max_new_tokens", [2, 3])
+def test_a_speculative_step_ends_or_refuses_a_request_where_plain_decoding_does_before_a_column_it_allows_none(
+    model, tokenizer, max_new_tokens
+):
+    """allowed_token_ids=[229] under bad_words=["\x1b\x1b\x1b"] allows 229 twice, then none. Drafts [229, 229] after
+    the first 229 reach that third column: with max_new_tokens=2 the step was refused (finish_reason "error" after
+    one token) where plain decoding ends with [229, 229] by length, and with 3 the error named token 2 and dropped
+    the second 229. The tokens before the column are kept, and the request ends or is refused as plain decoding."""
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0, allowed_token_ids=[229], bad_words=["\x1b\x1b\x1b"]
+    )
+    [plain] = Engine(model, tokenizer).generate([[5, 9, 14]], params)
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=False)
+    engine.add_request([5, 9, 14], params)
+    outputs = []
+    while engine.has_unfinished():
+        for running in engine.running:
+            running.drafts = [229, 229]
+        outputs += engine.step()
+    assert plain.token_ids == [229, 229] and (plain.finish_reason == "length") == (max_new_tokens == 2)
+    tokens = [token for output in outputs for token in output.token_ids]
+    assert (tokens, outputs[-1].finish_reason, outputs[-1].error) == (plain.token_ids, plain.finish_reason, plain.error)
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):
     """vLLM's truncate_prompt_tokens was missing (TypeError: unexpected keyword argument): a prompt longer than the
     context was refused instead of continued from its last k tokens."""

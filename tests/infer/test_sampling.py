@@ -393,22 +393,29 @@ def test_speculative_verification_judges_drafts_under_the_logit_bias():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_later_speculative_column_leaving_no_allowed_id_is_refused_only_where_its_drafts_are_accepted(temperature):
+def test_a_later_speculative_column_leaving_no_allowed_id_is_never_kept_and_refused_where_the_next_step_starts(
+    temperature,
+):
     """bad_words bans tokens 1 and 2 after a 1, allowed_token_ids are [1, 2]: after the draft 1, no token can be
     sampled. Only column 0 was checked: greedy or sampled, the step ended with the generic NO_DISTRIBUTION (a 500 over
-    HTTP), even where the row rejected the draft (the column never reached). The kept column is now refused with the
-    ConfigError column 0 gets; an unreached one leaves the step as it is."""
+    HTTP), even where the row rejected the draft (the column never reached). An accepted draft before that column
+    is kept without it (the request may end there, as plain decoding's would), and the next step, starting at it,
+    refuses the row with the ConfigError column 0 gets; an unreached one leaves the step as it is."""
     rejecting = torch.tensor([[[0.0, 0.0, 50.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
     accepting = torch.tensor([[[0.0, 50.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
 
-    def sampling() -> SamplingBatch:
+    def sampling(constraint: BadWords) -> SamplingBatch:
         params = SamplingParams(temperature=temperature, allowed_token_ids=[1, 2], seed=7)
-        return SamplingBatch([params], [SeededUniforms(7)], [None], torch.device("cpu"), [BadWords([[1, 1], [1, 2]])])
+        return SamplingBatch([params], [SeededUniforms(7)], [None], torch.device("cpu"), [constraint])
 
-    accepted, tokens = accept_drafts(sampling(), rejecting, torch.tensor([[1, 2]]))
+    accepted, tokens = accept_drafts(sampling(BadWords([[1, 1], [1, 2]])), rejecting, torch.tensor([[1, 2]]))
     assert accepted.tolist() == [0] and tokens[0, 0].item() == 2
+    constraint = BadWords([[1, 1], [1, 2]])
+    accepted, tokens = accept_drafts(sampling(constraint), accepting, torch.tensor([[1, 2]]))
+    assert accepted.tolist() == [0] and tokens[0, 0].item() == 1  # the draft 1 kept, the column after it not
+    constraint.accept(1)
     with pytest.raises(ConfigError) as refused:
-        accept_drafts(sampling(), accepting, torch.tensor([[1, 2]]))
+        accept_drafts(sampling(constraint), accepting[:, 1:], torch.tensor([[2]]))
     assert str(refused.value) == (
         "field 'allowed_token_ids' [1, 2] are each forbidden here by bad_words, after the tokens before it: no token "
         "could be sampled; allow an id it permits there"
