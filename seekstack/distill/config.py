@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.config import ConversationConfig, require_conversation_fields, require_task
+from seekstack.posttrain.config import (
+    TRL_SCRIPT_NOTES,
+    ConversationConfig,
+    require_conversation_fields,
+    require_task,
+)
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
 from seekstack.train.config import require_folder_path, require_tokenizer_file
 
@@ -35,6 +40,7 @@ class DistillConfig(ConversationConfig):
     # TRL's GKDConfig names that are none of these fields, beside its SFTConfig ones (schema.known_fields)
     field_notes: ClassVar[dict[str, str]] = {
         **ConversationConfig.field_notes,
+        **TRL_SCRIPT_NOTES,
         "teacher_model_name_or_path": "TRL's teacher_model_name_or_path is teacher here (a checkpoint folder or a run)",
         "teacher_model_init_kwargs": "the teacher's one load option is teacher_dtype=float32|bfloat16",
         "max_new_tokens": "on-policy, the student answers a conversation's prompt until EOS or seq_len, and continues "

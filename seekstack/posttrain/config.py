@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 
 # TRL's options for a LoRA adapter (its ModelConfig's --use_peft, --lora_r, ...), which sft and distill do not train
 TRL_LORA_NAMES = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")
+# TRL's script arguments, which every `trl sft --model_name_or_path M --dataset_name D` gives: what sft and distill
+# say of them (`lora train` takes its base and data as arguments)
+TRL_SCRIPT_NOTES = {
+    "model_name_or_path": "TRL's model_name_or_path (the model trained) is init_from here: a checkpoint folder or a "
+    "run's out_dir (a Hugging Face Hub model is downloaded first: `hf download NAME` prints its folder)",
+    "dataset_name": "TRL's dataset_name is data here: a JSONL file of conversations (a Hugging Face Hub dataset is "
+    'written to one first: datasets\' load_dataset(NAME, split="train").to_json("chats.jsonl"))',
+}
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default max_prompt_length
 TOKENIZER_OF_INIT_FROM = "its tokenizer (tokenizer is unset)"  # what a run encoding with init_from's reads of it
@@ -120,6 +128,8 @@ class SFTConfig(ConversationConfig):
     """Chat SFT: TrainConfig's loop on conversations, the loss on assistant tokens only, evaluated every `eval_every`
     steps on up to `eval_batches` batches of held-out conversations (`val_loss`, assistant tokens only). `data_dir`
     and `mixture` are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
+
+    field_notes: ClassVar[dict[str, str]] = {**ConversationConfig.field_notes, **TRL_SCRIPT_NOTES}
 
     out_dir: str = "runs/sft"
     seq_len: Positive = 256  # rows longer than this are cut
@@ -224,11 +234,15 @@ class GRPOConfig(TrainConfig):
         "max_response_length": "verl's max_response_length is max_completion_length here",
         "norm_adv_by_std_in_grpo": "verl's norm_adv_by_std_in_grpo=true is scale_rewards=group here, false (Dr. "
         "GRPO's) scale_rewards=none",
+        "dataset_name": "TRL's dataset_name (prompts and the solution column its accuracy_reward verifies against) is "
+        'task here: a problems .jsonl of {"question", "answer"} or {"problem", "solution"} lines (a Hugging Face Hub '
+        'dataset is written to one first: datasets\' load_dataset(NAME, split="train").to_json("problems.jsonl"))',
         # transformers' TrainingArguments names, which TRL's GRPOConfig takes too, as sft names them
         **{
             name: ConversationConfig.field_notes[name]
             for name in ("save_steps", "max_grad_norm", "warmup_ratio", "bf16")
         },
+        "model_name_or_path": TRL_SCRIPT_NOTES["model_name_or_path"],
     }
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[object, str]]] = {

@@ -459,7 +459,11 @@ def test_trls_losses_that_are_no_clipped_surrogate_are_refused_saying_they_are_n
      ("sapo_temperature_neg=1.05", "(temperature here is the rollouts' sampling temperature)"),
      ("save_steps=100", "transformers' save_steps (steps between checkpoints) is save_every here"),
      ("max_grad_norm=1.0", "transformers' max_grad_norm is grad_clip here"),
-     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
+     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16"),
+     # TRL's script arguments, on every `trl grpo` command line: were refused with the list of fields alone
+     ("model_name_or_path=Qwen/Qwen2.5-0.5B", "TRL's model_name_or_path (the model trained) is init_from here"),
+     ("dataset_name=trl-lib/DeepMath-103K", "TRL's dataset_name (prompts and the solution column its accuracy_reward "
+      "verifies against) is task here: a problems .jsonl")],
 )  # fmt: skip
 def test_trls_grpo_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
     """A TRL GRPOConfig name is no field here: the refusal says which field it is (was: 'did you mean' the closest

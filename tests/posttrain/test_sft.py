@@ -249,7 +249,10 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
      ("truncation_mode=keep_end", "keeping their start, as TRL's truncation_mode=keep_start"),
      ("eos_token=<|im_end|>", "an assistant turn ends with the tokenizer's EOS, which the chat template writes"),
      ("pad_token=<pad>", "padding is masked out of the loss and the balance loss, whatever its id"),
-     ("activation_offloading=true", "TRL's activation_offloading (activations kept in CPU memory) is not offered")],
+     ("activation_offloading=true", "TRL's activation_offloading (activations kept in CPU memory) is not offered"),
+     # TRL's script arguments, on every `trl sft` command line: were refused with the list of fields alone
+     ("model_name_or_path=Qwen/Qwen2.5-0.5B", "TRL's model_name_or_path (the model trained) is init_from here"),
+     ("dataset_name=trl-lib/Capybara", "TRL's dataset_name is data here: a JSONL file of conversations")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
