@@ -138,17 +138,21 @@ class SFTSource:
 
     def _validation_rows(self, held_out: list[Conversation]) -> list[tuple[list[int], list[int]]]:
         """The held-out conversations' rows that have an assistant token within seq_len (the others score nothing);
-        a note when some are left out, or when evaluations are asked for and none are held out."""
+        a note when some are left out (all: the run logs no val_loss), or when evaluations are asked for and none
+        are held out."""
         config = self.config
         rows = [encode_conversation(self.tokenizer, c) for c in held_out]
         scored = [row for row in rows if has_targets_within(row, config.seq_len)]
         if len(scored) < len(rows):
+            left_out = (
+                "val_loss leaves them out" if scored else "the run logs no val_loss; raise seq_len or shorten them"
+            )
             print(
                 f"note: {len(rows) - len(scored)} of {len(rows)} held-out conversations have no assistant token within "
-                f"seq_len={config.seq_len}: val_loss leaves them out",
+                f"seq_len={config.seq_len}: {left_out}",
                 file=sys.stderr,
             )
-        if config.eval_every and not scored:
+        if config.eval_every and not rows:
             print(
                 f"note: no held-out conversations (a share of {config.held_out_fraction:g} of "
                 f"{config.data or f'{config.examples} examples'}), so the run logs no val_loss; "

@@ -185,6 +185,24 @@ def test_copies_differing_only_in_keys_the_template_ignores_are_one_conversation
     )
 
 
+def test_held_out_conversations_none_of_which_fits_seq_len_are_told_so_not_as_none_held_out(tmp_path, capsys):
+    """val_data (or val_fraction's share) whose conversations all have no assistant token within seq_len: the note
+    names seq_len, not "no held-out conversations ...; set val_data or val_fraction" (said of a given val_data)."""
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    long_prompt = [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "y"}]
+    val_data = write_conversations([long_prompt] * 2, tmp_path / "val.jsonl")
+    source = SFTSource(sft_config(tmp_path, f"data={data}", f"val_data={val_data}", "seq_len=64"), holds_out=True)
+    said = capsys.readouterr().err
+    assert not source.validation and source.validation_batches(4, 1) is None
+    assert (
+        "note: 2 of 2 held-out conversations have no assistant token within seq_len=64: the run logs no val_loss; "
+        "raise seq_len or shorten them" in said
+    )
+    assert "no held-out conversations" not in said and "set val_data" not in said
+    SFTSource(sft_config(tmp_path, f"data={data}", "val_fraction=0.1"), holds_out=True)  # none left out
+    assert "held-out conversations have no assistant token" not in capsys.readouterr().err
+
+
 def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
     """60 distinct conversations and 40 copies of one greeting at 0.05: 5 held out, none of them the greeting (its 40
     copies, kept together, would have been 40% of the data)."""
