@@ -9,6 +9,7 @@ validation batches (`val_loss` on their assistant tokens).
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class SFTSource:
             conversations, held_out = split_conversations(
                 config, self.tokenizer, config.held_out_fraction, config.val_data
             )
-            _require_a_split(config, len(conversations), len(held_out))
+            _require_a_split(config, conversations, len(held_out))
         else:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
         source = source_digest(self.tokenizer, conversations)
@@ -271,15 +272,20 @@ def ends_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
     return labelled[-1] < seq_len
 
 
-def _require_a_split(config: ConversationConfig, trained: int, held_out: int) -> None:
-    """A ConfigError naming val_fraction when it was given and holds none of `data` out. (It never holds all out:
-    below 1, it leaves at least one conversation to train on.)"""
+def _require_a_split(config: ConversationConfig, trained: list[Conversation], held_out: int) -> None:
+    """A ConfigError naming val_fraction when it was given and holds none of `data` out, and the least that holds out
+    one conversation, every copy of it (`hold_out`). (It never holds all out: below 1, it leaves at least one
+    conversation to train on.)"""
     if not config.data or config.val_data or not config.val_fraction or held_out:
         return
-    total = trained + held_out
+    total, fewest = len(trained), min(Counter(conversation_key(c) for c in trained).values())  # the rarest's copies
+    copies = f" (each conversation is held out with its copies, and every one here has {fewest} or more)"
+    mend = f"raise it to at least {fewest}/{total}{copies if fewest > 1 else ''}, or give val_data"
+    if fewest == total:
+        mend = "they are copies of one conversation, held out together or not at all: give val_data"
     raise ConfigError(
-        f"has value {config.held_out_fraction}: it holds out none of the {total} conversations of {config.data}; raise "
-        f"it to at least 1/{total} (more where each has copies: they are held out together), or give val_data",
+        f"has value {config.held_out_fraction}: it holds out none of the {total} conversations of {config.data}; "
+        f"{mend}",
         field="val_fraction",
     )
 

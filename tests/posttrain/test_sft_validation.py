@@ -203,6 +203,22 @@ def test_held_out_conversations_none_of_which_fits_seq_len_are_told_so_not_as_no
     assert "held-out conversations have no assistant token" not in capsys.readouterr().err
 
 
+def test_a_val_fraction_holding_none_out_is_told_the_least_that_holds_out_a_conversation_with_its_copies(tmp_path):
+    """Every conversation twice at val_fraction=1/40 of 40: none is held out (each only with its copy), and the
+    refusal says 2/40, not the 1/40 the field already has; copies of one conversation alone: give val_data."""
+    twice = write_conversations(SUMS[:20] * 2, tmp_path / "twice.jsonl")
+    with pytest.raises(ConfigError) as refused:
+        SFTSource(sft_config(tmp_path, f"data={twice}", "val_fraction=0.025"), holds_out=True)
+    assert str(refused.value) == (
+        f"field 'val_fraction' has value 0.025: it holds out none of the 40 conversations of {twice}; raise it to at "
+        "least 2/40 (each conversation is held out with its copies, and every one here has 2 or more), or give val_data"
+    )
+    SFTSource(sft_config(tmp_path, f"data={twice}", "val_fraction=0.05"), holds_out=True)  # 2/40 holds one out
+    one = write_conversations(SUMS[:1] * 30, tmp_path / "one.jsonl")
+    with pytest.raises(ConfigError, match="they are copies of one conversation, held out together or not at all: give"):
+        SFTSource(sft_config(tmp_path, f"data={one}", "val_fraction=0.5"), holds_out=True)
+
+
 def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
     """60 distinct conversations and 40 copies of one greeting at 0.05: 5 held out, none of them the greeting (its 40
     copies, kept together, would have been 40% of the data)."""
