@@ -163,9 +163,13 @@ def default_database_location() -> str:
 
 def open_database(location: str | os.PathLike, create: bool = True) -> Database:
     """The database at `location`: a `postgresql://` URL, or else the path of a SQLite file (created if new, or
-    FileNotFoundError naming it without `create`)."""
+    FileNotFoundError naming it without `create`; IsADirectoryError for a folder)."""
     if urlsplit(str(location)).scheme in POSTGRES_SCHEMES:
         return PostgresDatabase(str(location))
+    if Path(location).is_dir():  # SQLite's words: "unable to open database file", or "no such database" to a read
+        raise IsADirectoryError(
+            f"{location} is a folder; the database is a file: name one in it ({Path(location) / DEFAULT_DATABASE})"
+        )
     if not create and not Path(location).is_file():
         raise FileNotFoundError(
             f"{location}: no such database; `seekstack serve` and `seekstack keys create` write it (--db or "

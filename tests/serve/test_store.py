@@ -945,6 +945,17 @@ def test_database_that_is_not_sqlite_is_named(tmp_path):
         open_database(path)
 
 
+def test_a_folder_given_for_the_database_is_named_as_one_and_left_as_it_was(tmp_path, capsys):
+    """`--db` naming a folder warned to `chmod 600` it (a folder of mode 600 cannot be entered) and then said SQLite's
+    'unable to open database file'; `keys list` and `usage` said 'no such database'."""
+    tmp_path.chmod(0o755)
+    for create in (True, False):
+        with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; the database is a file: name one in it "
+                                                    f"\\({tmp_path / 'seekstack.db'}\\)"):  # fmt: skip
+            open_database(tmp_path, create=create)
+    assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
+
+
 def charged(limiter: RateLimiter, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
     """A request admitted and charged `tokens`, as the server does: counted, then its tokens reserved."""
     charge = limiter.admit(key_name, rpm)
