@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.checkpoint.load import placement_asked, refuse_a_revision
+from seekstack.checkpoint.load import placement_asked, refuse_a_revision, refuse_an_unloadable_device
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
@@ -53,6 +53,7 @@ from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, LoRARequest, SamplingParams
 from seekstack.infer.placement import (
     OffloadRefused,
+    auto_device,
     device_map_for,
     layer_devices,
     offload_while_loading,
@@ -212,6 +213,22 @@ VLLM_ENGINE_VALUES_TAKEN = {
     "pipeline_parallel_size": (1,),
     "enforce_eager": (True, False),
 }
+
+
+def runtime_device(device: torch.device | str | int) -> torch.device:
+    """The device an engine runs on for `device`: `auto` is cuda:0 where torch reaches a GPU, else cpu (as `--device
+    auto`), an int a CUDA index (as torch reads it); ValueError naming `device` where it is no device torch knows or
+    one it cannot reach (`refuse_an_unloadable_device`), before any weight is read or moved."""
+    if device == "auto":
+        return torch.device(auto_device())
+    try:  # torch.device(0) itself raises where torch reaches no GPU
+        named = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ipu, xpu, ... device type at start of device string"
+        raise ValueError(f"device={device!r} is no device: give cpu, cuda, cuda:N or auto") from None
+    refuse_an_unloadable_device(device)
+    return named
+
+
 # vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them
 VLLM_ENGINE_NAMES = {"max_num_seqs": "max_batch_size", "enable_prefix_caching": "prefix_caching"}
 
@@ -289,12 +306,14 @@ class Engine:
         step of a single row runs eagerly instead of compiling a graph of its own (dynamo keeps one for size 1,
         `_compiled`): for callers whose batches see one row only at their end, such as RL rollouts.
         `draft_vocab`: the drafts score only this many tokens, the first of `draft_ranking` (token ids, most frequent
-        first; by default the tokenizer's id order; seekstack.infer.draft_vocab); 0: the whole vocabulary."""
+        first; by default the tokenizer's id order; seekstack.infer.draft_vocab); 0: the whole vocabulary.
+        `device`: where the model runs (`runtime_device`: auto, cpu, cuda, cuda:N or an int N); None: where it is."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
-        if placed and (compile or device not in (None, "cpu")):
+        device = runtime_device(device) if device is not None else None
+        if placed and (compile or (device is not None and device.type != "cpu")):
             raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
         home = torch.device("cpu") if placed else model.embed_tokens.weight.device  # placed parts return results here
-        self.device = torch.device(device) if device is not None else home
+        self.device = device if device is not None else home
         self.model = model if placed else model.to(self.device)  # run in eval mode by `step`, its own mode kept
         self.config = model.config
         self.tokenizer = tokenizer
@@ -456,9 +475,10 @@ class Engine:
             from seekstack.adapters.files import weightless_adapter
 
             weightless_adapter(config, adapter)
-        device = kwargs.get("device") or "cpu"
+        asked = "cpu" if kwargs.get("device") is None else kwargs["device"]  # device=0 is cuda:0, as torch reads it
         # before the weights are read and the disk parts written, as load_pretrained checks them
-        device_map = placement_asked(device_map, max_memory, offload_dir, device, folder_keyword=folder_keyword)
+        device_map = placement_asked(device_map, max_memory, offload_dir, asked, folder_keyword=folder_keyword)
+        kwargs["device"] = device = runtime_device(asked)
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

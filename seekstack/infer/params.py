@@ -401,12 +401,10 @@ class EngineOptions:
     def resolved_device(self) -> str:
         """The device the model runs on, named as a device map names it (cpu, cuda:N; auto: cuda:0 where torch
         reaches a GPU, else cpu); ConfigError naming `device` when it is no such name or torch cannot reach it."""
-        import torch
-
-        from seekstack.infer.placement import DISK, device_name, unreachable_reason
+        from seekstack.infer.placement import DISK, auto_device, device_name, unreachable_reason
 
         if self.device == "auto":
-            return "cuda:0" if torch.cuda.is_available() else "cpu"
+            return auto_device()
         try:
             name = device_name(self.device, "device")
         except ValueError:

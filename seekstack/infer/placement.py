@@ -420,6 +420,11 @@ def check_reachable(devices: Iterable[str]) -> None:
             raise ValueError(f"the placement puts parts on {device}, which this torch cannot reach ({reason})")
 
 
+def auto_device() -> str:
+    """The device `auto` names: cuda:0 where torch reaches a GPU, else cpu."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def unreachable_reason(device: str) -> str | None:
     """Why this torch cannot reach `device` (a `device_name` but disk), in torch's words; None where it can."""
     try:

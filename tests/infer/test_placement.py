@@ -1074,3 +1074,29 @@ def test_a_device_beside_a_device_map_is_refused_before_any_weight_is_read(tmp_p
         "device='meta' beside device_map={'': 'cpu'}: the device map places every part; give one of them"
     )
     assert sum(reads.values()) == 0
+
+
+def test_an_engine_runs_on_auto_as_the_cli_does_and_a_device_it_cannot_use_is_refused_before_any_weight_is_read(
+    tmp_path, monkeypatch, tokenizer
+):
+    """Engine(model, tokenizer, device="auto") and from_pretrained(device="auto") raised torch's bare "Expected one of
+    cpu, cuda, ... device type at start of device string: auto"; from_pretrained(device=0) read every weight onto the
+    CPU (`or "cpu"` took 0 for none) before torch's RuntimeError moving them, and device="cpu:0" beside a device map
+    was refused after they were read (the engine compared "cpu" as text). auto is `--device auto`'s (cuda:0 where
+    torch reaches a GPU, else cpu), cpu:0 is the CPU, and a name torch knows no device by or cannot reach is refused
+    naming device= before any weight is read."""
+    model_dir(tmp_path / "model")
+    auto = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert Engine(micro_model(), tokenizer, device="auto").device == auto
+    assert Engine.from_pretrained(tmp_path / "model", device="auto").device == auto
+    placed = Engine.from_pretrained(tmp_path / "model", device="cpu:0", device_map={"": "cpu"})
+    assert placed.device == torch.device("cpu:0") and placed.model.placement is not None
+    reads = counted_reads(monkeypatch)
+    with pytest.raises(ValueError, match=r"^device='gpu' is no device: give cpu, cuda, cuda:N or auto$"):
+        Engine.from_pretrained(tmp_path / "model", device="gpu")
+    with pytest.raises(ValueError, match=r"^device='gpu' is no device: give cpu, cuda, cuda:N or auto$"):
+        Engine(micro_model(), tokenizer, device="gpu")
+    unreachable = torch.cuda.device_count()  # a CUDA index past the last GPU (0 without one)
+    with pytest.raises(ValueError, match=rf"^device={unreachable}, which this torch cannot reach \("):
+        Engine.from_pretrained(tmp_path / "model", device=unreachable)
+    assert sum(reads.values()) == 0
