@@ -153,6 +153,19 @@ class Command(TyperCommand):
             if param.param_type_name == "argument" and param.metavar is None:
                 param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        """click's parsing, with an empty path refused naming its argument or option: typer reads "" (`--out
+        "$OUT"`, the variable unset) as Path("."), the current folder, which a command would read or write into."""
+        typed, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the values as given, before typer's reading
+        for param in self.params:
+            given = typed.get(param.name)
+            empty = "" in given if isinstance(given, (list, tuple)) else given == ""
+            described = param.type_descriptor  # a Path, Paths, or a checkpoint or preset (`Model`, a str)
+            paths = described.annotation in (Path, list[Path]) or described.parameter_info.callback is run_to_checkpoint
+            if paths and empty and not ctx.resilient_parsing:  # not while the shell completes a word
+                raise BadParameter("an empty path (a shell variable left unset?): give a file or folder", ctx, param)
+        return super().parse_args(ctx, args)
+
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):

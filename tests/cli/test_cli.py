@@ -131,7 +131,7 @@ def test_under_torchrun_rank_0_alone_names_the_checkpoint_a_run_folder_stands_fo
         "passed over step_6 (no config.json, model.safetensors), incomplete"
     )
     command = ["lora", "train", str(tmp_path / "run"), str(tmp_path / "no_data"), "--out", str(tmp_path / "lora")]
-    said = {rank: runner.invoke(app, command, env={"RANK": rank}).stderr for rank in ("0", "1")}
+    said = {rank: runner.invoke(app, command, env={"WORLD_SIZE": "2", "RANK": rank}).stderr for rank in ("0", "1")}
     assert note in said["0"].splitlines()
     assert "using the run's newest checkpoint" not in said["1"]
     assert (
@@ -471,3 +471,26 @@ def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
     assert "--served-model-name" in result.output and "<bool>" not in result.output
     keys = CliRunner().invoke(app, ["train", "--help"]).output
     assert "mtp_loss_weight = 0.3" in keys and "model.FIELD=VALUE" in keys and 'parallel = "ddp"' in keys
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["info", ""], "MODEL"),
+        (["generate", "def f(", "--model", ""], "--model"),
+        (["generate", "def f(", "--model="], "--model"),
+        (["plot", "runs/a", ""], "RUNS..."),
+        (["data", "build", "notes.txt", "--out", ""], "--out"),
+    ],
+    ids=["preset-or-checkpoint", "option", "option=", "one-of-several", "output"],
+)
+def test_an_empty_path_is_refused_naming_its_argument_not_read_as_the_current_folder(tmp_path, monkeypatch, arguments,
+                                                                                      named):  # fmt: skip
+    """typer reads "" as Path("."): `--model "$MODEL"` with the variable unset was the current folder's config.json
+    ("config.json: no such file"), and `data build --out ""` wrote the corpus there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("Some notes.\n")
+    result = run(*arguments)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{named}': an empty path (a shell variable left unset?)" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
