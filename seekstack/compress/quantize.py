@@ -38,7 +38,7 @@ from seekstack.compress.linear import (
     use_quantized_feed_forwards,
 )
 from seekstack.model.moe import FeedForward, RoutedExperts
-from seekstack.schema import ConfigError, Positive, recheck, require
+from seekstack.schema import ConfigError, Positive, counted, recheck, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
@@ -75,14 +75,20 @@ class QuantConfig:
                 _RECHECKING.reset(token)
         schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
+
+    def refuse_growing_fp8_block(self, dtype: torch.dtype) -> None:
+        """ConfigError naming `fp8_block` where fp8 quantizes layers of `dtype` (the checkpoint's float weights) in
+        blocks whose float32 scale outweighs what fp8 saves over `dtype` (a bfloat16 block of 4 weights saves 4
+        bytes, a float32 one 12): the checkpoint would be no smaller than the float one."""
         rows, columns = self.fp8_block
+        saved, name = dtype.itemsize - 1, str(dtype).removeprefix("torch.")  # bytes a 1-byte fp8 weight saves
         require(
-            "fp8" not in schemes or rows * columns > FP8_SCALE_BYTES,  # other schemes do not read it
+            self.scheme != "fp8" or rows * columns * saved > FP8_SCALE_BYTES,  # others do not read it (all fp8 or none)
             "fp8_block",
-            f"a block of more than {FP8_SCALE_BYTES} weights, such as DeepSeek-V3's [128, 128]: [{rows}, {columns}] "
-            f"stores a float32 scale ({FP8_SCALE_BYTES} bytes) per block of {rows * columns} weights, as much as "
-            "or more than fp8 saves over bfloat16 (a byte a weight): the checkpoint would be no smaller than the float "
-            "one",
+            f"a block of more than {counted(FP8_SCALE_BYTES // saved, 'weight')} for {name} weights, such as "
+            f"DeepSeek-V3's [128, 128]: [{rows}, {columns}] stores a float32 scale ({FP8_SCALE_BYTES} bytes) per block "
+            f"of {counted(rows * columns, 'weight')}, as much as or more than fp8 saves over {name} "
+            f"({counted(saved, 'byte')} a weight): the checkpoint would be no smaller than the float one",
         )
 
     def scheme_of(self, name: str, key: str | None = None) -> str | None:
@@ -361,6 +367,7 @@ def quantize_checkpoint(
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.checkpoint.quantized import quantized_in_float
 
+    config.refuse_growing_fp8_block(stored_float_dtype(model_dir))
     model = load_pretrained(model_dir)
     in_float = quantized_in_float(model_dir, model)
     stored = dequantize_layers(model)

@@ -1120,11 +1120,6 @@ def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_ke
         ({"scheme": "int4", "group_size": 17}, "field 'group_size' has value 17: input should be 32, 64, 128 or 256"),
         ({"keep": "lm_head"}, "field 'keep' has value 'lm_head': input should be a valid array"),
         ({"layers": {"lm_head": "int3"}}, "field 'layers.lm_head' has value 'int3'"),
-        # [1, 1] wrote a "quantized" checkpoint of 122% of the float one: a 4-byte scale for each 1-byte weight
-        ({"scheme": "fp8", "fp8_block": (1, 1)}, "field 'fp8_block' must be a block of more than 4 weights, such as "
-         "DeepSeek-V3's [128, 128]: [1, 1] stores a float32 scale (4 bytes) per block of 1 weights, as much as or more "
-         "than fp8 saves over bfloat16 (a byte a weight): the checkpoint would be no smaller than the float one"),
-        ({"scheme": "fp8", "fp8_block": (2, 2)}, "field 'fp8_block' must be a block of more than 4 weights"),
     ],
 )  # fmt: skip
 def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, message):
@@ -1136,8 +1131,32 @@ def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, mess
 def test_an_fp8_block_is_checked_only_where_a_layer_is_quantized_to_fp8():
     """9782a93 refused a small fp8_block whatever the scheme: an int8 config holding fp8_block: [2, 2] (which int8
     does not read; the command notes it applies to fp8) was refused, where it had been taken."""
-    assert QuantConfig(scheme="int8", fp8_block=(2, 2)).fp8_block == (2, 2)
-    assert QuantConfig(scheme="int4", fp8_block=(1, 1), layers={"lm_head": "int8"}).scheme == "int4"
+    for config in QuantConfig(scheme="int8", fp8_block=(2, 2)), QuantConfig(scheme="int4", fp8_block=(1, 1)):
+        config.refuse_growing_fp8_block(torch.bfloat16)
+
+
+def test_an_fp8_block_too_small_to_save_bytes_over_the_checkpoints_float_dtype_is_refused(tmp_path):
+    """An fp8 block of 4 weights or fewer was refused as bfloat16's (a byte a weight saved, no more than its float32
+    scale's 4), whatever the checkpoint's dtype: a float32 checkpoint, which [2, 2] blocks shrink (3 bytes a weight
+    saved, 12 a block), was refused. The block is now weighed against the checkpoint's float dtype."""
+    model = model_for_tests()
+    for dtype in torch.float32, torch.bfloat16:
+        seekstack.save_pretrained(model.to(dtype), tmp_path / str(dtype))
+    quantize_checkpoint(tmp_path / "torch.float32", tmp_path / "fp8", QuantConfig(scheme="fp8", fp8_block=(2, 2)))
+    assert checkpoint_bytes(tmp_path / "fp8") < checkpoint_bytes(tmp_path / "torch.float32")
+    for dtype, block, message in [
+        # [1, 1] wrote a "quantized" checkpoint of 122% of the float one: a 4-byte scale for each 1-byte weight
+        ("torch.bfloat16", (1, 1), "field 'fp8_block' must be a block of more than 4 weights for bfloat16 weights, "
+         "such as DeepSeek-V3's [128, 128]: [1, 1] stores a float32 scale (4 bytes) per block of 1 weight, as much as "
+         "or more than fp8 saves over bfloat16 (1 byte a weight): the checkpoint would be no smaller than the float "
+         "one"),
+        ("torch.bfloat16", (2, 2), "field 'fp8_block' must be a block of more than 4 weights for bfloat16 weights"),
+        ("torch.float32", (1, 1), "field 'fp8_block' must be a block of more than 1 weight for float32 weights"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as refused:
+            quantize_checkpoint(tmp_path / dtype, tmp_path / "refused", QuantConfig(scheme="fp8", fp8_block=block))
+        assert str(refused.value).startswith(message)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_an_unknown_scheme_is_refused_by_the_module_swap_not_made_fp8():
