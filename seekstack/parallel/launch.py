@@ -47,9 +47,11 @@ def _environment_number(name: str, default: str) -> int:
 
 
 def launch_rank() -> int:
-    """This process's RANK as torchrun sets it, 0 when unset; 0 too where it is no whole number, which
-    `launch_environment` refuses naming it: that error is then printed, as rank 0's, not lost in a traceback."""
+    """This process's RANK as `launch_environment` reads it: 0 in a run of one process (WORLD_SIZE unset, whatever
+    RANK is left in the environment: that run prints its errors), and 0 too where the environment cannot be right,
+    which `launch_environment` refuses naming the variable: that error is then printed, as rank 0's, not lost in a
+    traceback."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return launch_environment()[1]
     except ValueError:
         return 0

@@ -120,14 +120,16 @@ def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_pa
 def test_under_torchrun_rank_0_alone_prints_a_resumed_runs_config_warnings(base, text, tmp_path, monkeypatch):
     """Every rank resolves the config and heard its warnings: under torchrun each printed 'warning: resuming with
     ...' once a rank, where `seekstack train` prints them on rank 0 alone. Each resume here goes on one more step (a
-    refused one tells no warning: 032805c), RANK read as torchrun sets it, with no WORLD_SIZE to train apart."""
+    refused one tells no warning: 032805c); rank 1 of 2, given no MASTER_ADDR, stops after them where the ranks join."""
     out = tmp_path / "adapter"
     assert lora_train(base, text, *QUICK_RUN, "--out", out)[0] == 0
-    for rank in (0, 1):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank, world_size, exit_code in ((0, 1, 0), (1, 2, 1)):
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         code, output = lora_train("--resume", f"max_steps={rank + 2}", "--out", out)
-        assert code == 0, output
+        assert code == exit_code, output
         warned = f"warning: resuming with max_steps={rank + 2} (the run last ran with {rank + 1})" in output
         assert warned == (rank == 0), output
 

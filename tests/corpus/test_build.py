@@ -161,6 +161,7 @@ def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path
     assert read_rows(tmp_path / "one")["val"] == []
     assert "warning" not in build("two.jsonl", "two").output and len(read_rows(tmp_path / "two")["val"]) == 1
     assert "warning" not in build("one.jsonl", "none", "--val-fraction", "0").output
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # another torchrun rank: rank 0 alone warns
     assert build("one.jsonl", "rank1").stderr == ""
 

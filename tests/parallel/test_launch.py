@@ -53,3 +53,16 @@ def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_
         f"error: WORLD_SIZE=2 is set but {named} not: the ranks join at MASTER_ADDR:MASTER_PORT, on rank 0's "
         "machine; start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process\n",
     )
+
+
+def test_a_rank_left_in_the_environment_without_world_size_is_a_run_of_one_process_that_prints_its_errors(
+    tmp_path, monkeypatch
+):
+    """RANK=1 without WORLD_SIZE (left from another job's environment): the run trained in one process, as torch
+    does, but its errors were those of a rank but 0, which say nothing: a typo exited 1 without a word."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["train", "max_stepz=1", f"out_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 1 and result.output.startswith(
+        "error: override 'max_stepz=1': unknown field 'max_stepz'; did you mean 'max_steps'?"
+    ), result.output

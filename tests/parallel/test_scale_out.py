@@ -682,6 +682,7 @@ def test_expert_parallel_the_experts_do_not_suit_is_refused_once_as_a_setting_na
 
     overrides = {**MICRO_MODEL, "n_routed_experts": experts}
     config = run_config(data_dir, tmp_path, model_overrides=overrides).model_config()
+    monkeypatch.setenv("WORLD_SIZE", str(ranks))
     for rank, printed in (("0", f"error: {refusal}\n"), ("1", "")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(typer.Exit), user_errors():

@@ -572,7 +572,7 @@ def test_tokenizer_train_says_when_the_corpus_cannot_fill_the_vocabulary(tmp_pat
     assert result.exit_code == 0 and vocab < 300
     assert f"the corpus yields only {vocab} of the 4096 tokens asked for" in result.output
     assert f"model.vocab_size={vocab}" in result.output
-    ranks = {rank: CliRunner().invoke(app, args, env={"RANK": rank}) for rank in ("0", "1")}
+    ranks = {rank: CliRunner().invoke(app, args, env={"WORLD_SIZE": "2", "RANK": rank}) for rank in ("0", "1")}
     assert ranks["0"].stderr.startswith(f"warning: the corpus yields only {vocab} of the 4096 tokens asked for")
     assert ranks["1"].stderr == ""  # under torchrun rank 0 alone warns, as every command's warnings (cli.common.warn)
     (corpus / "train.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo"}\n')

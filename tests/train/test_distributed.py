@@ -102,6 +102,7 @@ def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_ex
     from seekstack.cli.common import fail
 
     message = "batch_size=3 is not divisible by the 2 ranks (WORLD_SIZE)"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, printed in (("0", f"error: {message}\n"), ("1", "")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(typer.Exit) as exited:
@@ -119,6 +120,7 @@ def test_under_torchrun_an_error_is_printed_by_the_first_rank_of_each_machine_wh
     from seekstack.cli.common import fail
 
     message = "override 'max_step=5': unknown field 'max_step'"
+    monkeypatch.setenv("WORLD_SIZE", "4")
     for rank, local_rank, printed in (("1", "0", f"error (rank 1): {message}\n"), ("2", "1", "")):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", local_rank)
@@ -135,6 +137,7 @@ def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_ra
     from seekstack.cli.common import user_errors
     from seekstack.schema import ConfigError
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     for error, printed in (
         (FileNotFoundError("/node2/optimizer_rank1.pt: no such file"), "error (rank 1): /node2/optimizer_rank1.pt"),

@@ -130,6 +130,7 @@ def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: 
 
 def test_write_config_under_torchrun_is_written_and_announced_by_rank_0_alone(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "c.yaml"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     other_rank = CliRunner().invoke(app, ["train", "lr=1e-3", "--write-config", str(path)])
     assert other_rank.exit_code == 0 and other_rank.output == "" and not path.exists()
