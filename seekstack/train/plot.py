@@ -1,9 +1,9 @@
 """`seekstack plot RUN...`: a run's curves from its metrics.jsonl, drawn to one PNG, or several runs' overlaid.
 
-Panels: training loss (total, next-token, MTP) with the validation loss (and a distillation's divergence from its
-teacher); validation bits per byte; learning rate; MaxVio of each MoE layer; and, for a mixture run, the weight of
-each source over training. A curve of few points (a short run, a run of one step) is drawn with markers, so that
-one of a single point shows.
+Panels: training loss (total, next-token, MTP; a distillation's divergence from its teacher and feature distance)
+with the validation loss (and a distillation's validation divergence); validation bits per byte; learning rate;
+MaxVio of each MoE layer; and, for a mixture run, the weight of each source over training. A curve of few points (a
+short run, a run of one step) is drawn with markers, so that one of a single point shows.
 """
 
 from __future__ import annotations
@@ -86,9 +86,12 @@ def plot_run(
     axes[0].plot(*_curve(steps, "loss", path, smooth), label="loss (total)", linewidth=0.8)
     # a step that trained no labelled token (on-policy) has no lm_loss
     axes[0].plot(*_curve(steps, "lm_loss", path, smooth), label="next-token", linewidth=0.8)
-    with_mtp = [r for r in steps if "mtp_loss" in r]  # none without MTP modules (older runs logged 0.0)
-    if any(r["mtp_loss"] for r in with_mtp):
-        axes[0].plot(*_curve(with_mtp, "mtp_loss", path, smooth), label="MTP", linewidth=0.8)
+    # the loss's other terms, where logged: MTP's (none without MTP modules; older runs logged 0.0), a distillation's
+    # divergence from its teacher and feature distance
+    for key, label in (("mtp_loss", "MTP"), ("divergence", "divergence"), ("feature_distance", "feature distance")):
+        logged = [r for r in steps if key in r]
+        if any(r[key] for r in logged):
+            axes[0].plot(*_curve(logged, key, path, smooth), label=label, linewidth=0.8)
     if evals:
         axes[0].plot([r["step"] for r in evals], column(evals, "val_loss", path), "o-", label="validation")
     diverged = [r for r in evals if "val_divergence" in r]  # distillation: the student's from its teacher

@@ -136,6 +136,30 @@ def test_plot_draws_a_run_of_one_step_as_points_that_show_whole(tmp_path, monkey
     assert loss_panel.get_xlim()[1] > 1  # the point is not cut in half by the panel's edge
 
 
+def test_plot_draws_a_distillations_divergence_and_feature_distance_in_the_loss_panel(tmp_path, monkeypatch):
+    """`seekstack distill` logs each step's divergence (T^2 JSD_beta) and feature_distance beside lm_loss, which the
+    loss adds up, but the loss panel drew the total and the next-token loss alone."""
+    import seekstack.train.plot as plot
+
+    lines = [
+        {
+            "step": s,
+            "loss": 3.0 / s,
+            "lm_loss": 2.0 / s,
+            "divergence": 1.5 / s,
+            "feature_distance": 0.25 / s,
+            "lr": 1e-3,
+        }
+        for s in (1, 2, 3)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(tmp_path)
+    curves = {line.get_label(): list(line.get_ydata()) for line in drawn[0].axes[0].get_lines()}
+    assert curves["divergence"] == [1.5, 0.75, 0.5] and curves["feature distance"] == [0.25, 0.125, 0.25 / 3]
+
+
 def test_plot_of_several_runs_overlays_them_one_colour_each(demo_run, tmp_path, monkeypatch):
     """As wandb compares runs: `plot RUN RUN` drew nothing but a usage error ('Got unexpected extra argument')."""
     import seekstack.train.plot as plot
