@@ -1,4 +1,5 @@
-"""Model configuration with Hugging Face's field names for `deepseek_v2` and `deepseek_v3`, and presets.
+"""Model configuration with Hugging Face's field names for `deepseek_v2` and `deepseek_v3`, and presets; the
+model's generation settings (`GenerationConfig`, its generation_config.json, which seekstack.infer reads).
 
 A `ModelConfig` reads any real DeepSeek-V2/V3 `config.json`: fields it does not set take the upstream
 default of its `model_type`; unknown fields are kept so they round-trip through `save_pretrained`.
@@ -514,3 +515,39 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
         if override not in known:
             raise ConfigError(f"ModelConfig has no field {override!r}; {known_fields(override, known)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
+
+
+# transformers' GenerationConfig fields a generation_config.json may leave unset: read as None from a GenerationConfig
+TRANSFORMERS_FIELDS = frozenset({
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "max_time", "stop_strings",
+    "do_sample", "num_beams", "use_cache", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores", "output_logits",
+    "return_dict_in_generate", "pad_token_id", "bos_token_id", "eos_token_id", "transformers_version",
+})  # fmt: skip
+
+
+class GenerationConfig(dict[str, Any]):
+    """A checkpoint's generation settings (its generation_config.json), as transformers' model.generation_config is
+    read: each key an attribute too (`model.generation_config.max_new_tokens`; a transformers field the file leaves
+    unset reads None, where the engine's own default applies), set by attribute or key alike (what the engine built on
+    the model and save_pretrained then read), `to_dict()` a plain dict."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self:
+            return self[name]
+        if name in TRANSFORMERS_FIELDS:
+            return None
+        raise AttributeError(
+            f"generation config has no field {name!r}: it holds {', '.join(self) or 'none'}, and any of transformers' "
+            "GenerationConfig fields reads None where unset"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        self.pop(name, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict, as transformers' GenerationConfig.to_dict gives them."""
+        return dict(self)

@@ -24,42 +24,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
-# transformers' GenerationConfig fields a generation_config.json may leave unset: read as None from a GenerationConfig
-TRANSFORMERS_FIELDS = frozenset({
-    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "max_time", "stop_strings",
-    "do_sample", "num_beams", "use_cache", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores", "output_logits",
-    "return_dict_in_generate", "pad_token_id", "bos_token_id", "eos_token_id", "transformers_version",
-})  # fmt: skip
-
-
-class GenerationConfig(dict[str, Any]):
-    """A checkpoint's generation settings (its generation_config.json), as transformers' model.generation_config is
-    read: each key an attribute too (`model.generation_config.max_new_tokens`; a transformers field the file leaves
-    unset reads None, where the engine's own default applies), set by attribute or key alike (what the engine built on
-    the model and save_pretrained then read), `to_dict()` a plain dict."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self:
-            return self[name]
-        if name in TRANSFORMERS_FIELDS:
-            return None
-        raise AttributeError(
-            f"generation config has no field {name!r}: it holds {', '.join(self) or 'none'}, and any of transformers' "
-            "GenerationConfig fields reads None where unset"
-        )
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
-
-    def __delattr__(self, name: str) -> None:
-        self.pop(name, None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict, as transformers' GenerationConfig.to_dict gives them."""
-        return dict(self)
-
-
 def read_generation_config(model_dir: str | Path) -> dict[str, Any]:
     """`model_dir`'s generation_config.json ({} without the file); ConfigError naming the file when it is no JSON
     object."""

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
-from seekstack.infer.generation_config import GenerationConfig
+from seekstack.config import MTP_LOSS_WEIGHT, GenerationConfig, ModelConfig
 from seekstack.model.attention import LatentCache, attention_mask_of, causal_within, packed_segments
 from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.block import DecoderBlock

@@ -232,3 +232,15 @@ def test_model_generate_is_refused_naming_the_engine_whose_call_generates(tmp_pa
     )
     completions = Engine(model, tiny_tokenizer(tmp_path)).generate(ids, SamplingParams(max_new_tokens=3, temperature=0))
     assert [len(completion.token_ids) for completion in completions] == [3, 3]
+
+
+def test_the_model_package_loads_without_the_inference_package():
+    """seekstack/model/transformer.py imported GenerationConfig from seekstack.infer, so the model (which the engine
+    imports) loaded the inference package with it; the model's generation settings live in seekstack.config now."""
+    import subprocess
+    import sys
+
+    loaded = (
+        "import sys, seekstack.model.transformer; print([m for m in sys.modules if m.startswith('seekstack.infer')])"
+    )
+    assert subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True).stdout == "[]\n"
