@@ -341,18 +341,21 @@ class Engine:
                 "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "
                 "checkpoint without MTP weights, as transformers' save_pretrained writes)"
             )
-        for name, value in (
+        for name, value in (  # None: the default (max_model_len the model's context, kv_cache_memory half the free)
             ("max_batch_size", max_batch_size),
+            ("max_model_len", max_model_len),
+            ("block_size", block_size),
+            ("kv_cache_memory", kv_cache_memory),
             ("prefill_chunk", prefill_chunk),
             ("draft_tokens", draft_tokens),
         ):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         if draft_tokens > MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.max_model_len = self.config.max_position_embeddings if max_model_len is None else max_model_len
         if self.max_model_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={self.max_model_len} is longer than the model's context, max_position_embeddings="
@@ -383,7 +386,7 @@ class Engine:
             whole_batch = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
             fits = (
                 blocks_in_budget(self.config, kv_cache_memory, block_size, dtype)
-                if kv_cache_memory
+                if kv_cache_memory is not None
                 else blocks_in_free_memory(self.config, pool_devices, block_size, dtype)
             )
             num_blocks = min(fits, whole_batch)

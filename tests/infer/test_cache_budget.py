@@ -35,6 +35,19 @@ def test_the_cache_holds_as_many_blocks_as_the_memory_budget_pays_for(model, tok
     assert kwargs["kv_cache_memory"] == 2 * 2**20 and kwargs["prefix_caching"] is False
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("block_size", 0), ("block_size", -1), ("max_model_len", 0), ("max_model_len", -8), ("kv_cache_memory", 0),
+     ("kv_cache_memory", -5)],
+)  # fmt: skip
+def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(model, tokenizer, keyword, value):
+    """block_size=0 raised a bare ZeroDivisionError and -1 "cpu has ... bytes free; 50% of them hold -26328720 cache
+    blocks of -384 bytes"; max_model_len=0 and kv_cache_memory=0 were read as None, the model's context and half the
+    free memory, unsaid (max_model_len=-8 refused every prompt as longer). Each is refused as max_batch_size=0 is."""
+    with pytest.raises(ValueError, match=rf"^{keyword}={value} must be >= 1$"):
+        Engine(model, tokenizer, **{keyword: value})
+
+
 def pools_on_a_second_device(model, monkeypatch, free_blocks: float) -> int:
     """Put the main layers' pools on a second device (meta, standing in for the GPU of a device map) with room free
     for `free_blocks` blocks (of 4 float32 tokens) of them, the MTP layer's on a roomy CPU; the bytes free there."""
