@@ -96,9 +96,18 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     DeepSeek-V3's patterns cut at 3, nanochat's at 2), so no token holds more; None keeps a run whole, as GPT-2's."""
     if split_digits is None:
         return PRE_TOKENIZER_PATTERN
+    split_digits = _whole_number(split_digits, "split_digits")  # 2.5 made "{1,2.5}", a literal: no run was cut
     if split_digits < 1:
         raise ConfigError(f"is {split_digits}; a run of digits is cut into pieces of 1 digit or more", "split_digits")
     return PRE_TOKENIZER_PATTERN.replace(r" ?\p{N}+", rf" ?\p{{N}}{{1,{split_digits}}}")
+
+
+def _whole_number(value: object, field: str) -> int:
+    """`value` as an int (a numpy integer, a 0-d integer tensor too); ConfigError naming `field` for anything else."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"is {value!r} ({type(value).__name__}), not a whole number", field) from None
 
 
 def tool_call_text(name: str, arguments: str) -> str:
@@ -1080,6 +1089,7 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
 
 def check_vocab_size(vocab_size: int) -> None:
     """ConfigError naming the field `vocab_size` unless a BPE of that many tokens can be trained here."""
+    vocab_size = _whole_number(vocab_size, "vocab_size")
     if vocab_size < SMALLEST_VOCAB:
         raise ConfigError(
             f"is {vocab_size:,}, too small: at least {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
@@ -1105,10 +1115,10 @@ def train_tokenizer(
 
     `out_path` is the directory, or the `tokenizer.json` path inside it; `split_digits` cuts runs of digits into
     pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: whole runs). A `vocab_size` outside
-    [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 is a ConfigError and a `.json` path of another name a
-    ValueError, all raised before `texts` is read; one str, bytes or a non-iterable for `texts` is a TypeError, and a
-    text that is no str or holds a lone surrogate a TypeError or ValueError naming its position (tokenizers' own named
-    neither).
+    [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 (or either no whole number) is a ConfigError and a
+    `.json` path of another name a ValueError, all raised before `texts` is read; one str, bytes or a non-iterable for
+    `texts` is a TypeError, and a text that is no str or holds a lone surrogate a TypeError or ValueError naming its
+    position (tokenizers' own named neither).
     """
     check_vocab_size(vocab_size)
     pattern = pre_tokenizer_pattern(split_digits)

@@ -1001,6 +1001,23 @@ def test_too_small_vocab_is_rejected(tmp_path):
         train_tokenizer(["abc"], vocab_size=100, out_path=tmp_path)
 
 
+def test_a_vocab_size_or_split_digits_that_is_no_whole_number_is_refused_naming_the_field(tmp_path):
+    """split_digits=2.5 was taken and wrote the pattern "\\p{N}{1,2.5}", a literal the regex never meets: runs of
+    digits were not cut at all, without a word; vocab_size=300.0 or "300" was a bare TypeError from a comparison or
+    from tokenizers. A numpy integer is taken, as before."""
+    for values, message in [
+        ({"vocab_size": 300.0}, "field 'vocab_size' is 300.0 (float), not a whole number"),
+        ({"vocab_size": "300"}, "field 'vocab_size' is '300' (str), not a whole number"),
+        ({"vocab_size": 300, "split_digits": 2.5}, "field 'split_digits' is 2.5 (float), not a whole number"),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            train_tokenizer(["a 12345"] * 9, out_path=tmp_path / "refused", **values)
+        assert str(refused.value) == message
+    assert not (tmp_path / "refused").exists()
+    split = train_tokenizer(["a 12345"] * 9, np.int64(300), tmp_path / "numpy", split_digits=np.int64(2))
+    assert split.backend.pre_tokenizer.pre_tokenize_str("12345") == [("12", (0, 2)), ("34", (2, 4)), ("5", (4, 5))]
+
+
 def test_a_json_path_not_named_tokenizer_json_is_refused_before_the_texts_are_read(tmp_path):
     """Written as my.json, a tokenizer's folder was no tokenizer transformers loads, and the same command run again
     was refused for the my.json it had written."""
