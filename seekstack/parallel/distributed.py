@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from seekstack.interrupts import sigint_handled_by
-from seekstack.parallel.launch import launch_environment, launch_rank, require_rendezvous_address
+from seekstack.parallel.launch import launch_environment, launch_rank, local_gpu, require_rendezvous_address
 from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
@@ -58,16 +58,17 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     whose collectives also take CPU tensors (`cpu_collectives`: the gradients FSDP's cpu_offload keeps on the CPU,
     which NCCL cannot reduce) gets gloo beside NCCL for those; other CUDA runs NCCL alone, whose network interface
     choice multi-node clusters are set up for."""
-    world_size, rank, local_rank = launch_environment()
+    world_size, rank = launch_environment()
     cuda = torch.cuda.is_available()
     if world_size == 1:
         return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cuda", local_gpu(world_size, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         require_rendezvous_address(world_size)
         dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
-    return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+    return Ranks(rank, world_size, device)
 
 
 def _backend(cuda: bool, cpu_collectives: bool) -> str:

@@ -8,14 +8,14 @@ import os
 TORCHRUN_ADVICE = "start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process"
 
 
-def launch_environment() -> tuple[int, int, int]:
-    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them (1, 0, 0 when WORLD_SIZE is not set, whatever RANK is
-    left in the environment); ValueError naming the variable where one was set by hand and cannot be right."""
+def launch_environment() -> tuple[int, int]:
+    """WORLD_SIZE and RANK as torchrun sets them (1, 0 when WORLD_SIZE is not set, whatever RANK is left in the
+    environment); ValueError naming the variable where one was set by hand and cannot be right."""
     world_size = _environment_number("WORLD_SIZE", "1")
     if world_size < 1:
         raise ValueError(f"WORLD_SIZE={world_size} is not a number of processes; {TORCHRUN_ADVICE}")
     if world_size == 1:
-        return 1, 0, 0
+        return 1, 0
     if "RANK" not in os.environ:
         raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not; {TORCHRUN_ADVICE}")
     rank = _environment_number("RANK", "0")
@@ -23,7 +23,24 @@ def launch_environment() -> tuple[int, int, int]:
         raise ValueError(f"RANK={rank} is negative: ranks count from 0 to WORLD_SIZE-1; {TORCHRUN_ADVICE}")
     if rank >= world_size:
         raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}; {TORCHRUN_ADVICE}")
-    return world_size, rank, _environment_number("LOCAL_RANK", "0")
+    return world_size, rank
+
+
+def local_gpu(world_size: int, gpus: int) -> int:
+    """LOCAL_RANK as torchrun sets it: the GPU of its machine a rank of `world_size` computes on, cuda:LOCAL_RANK of
+    the `gpus` visible; ValueError naming it where it is unset (every rank took cuda:0) or names no visible GPU."""
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} is set but LOCAL_RANK is not: each rank computes on GPU cuda:LOCAL_RANK of its "
+            f"machine, and without it every rank would take cuda:0; {TORCHRUN_ADVICE}"
+        )
+    local_rank = _environment_number("LOCAL_RANK", "0")
+    if not 0 <= local_rank < gpus:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} names no GPU of this machine, which shows {gpus} (cuda:0 to cuda:{gpus - 1}, "
+            f"as CUDA_VISIBLE_DEVICES allows): start at most {gpus} ranks on it (torchrun --nproc-per-node {gpus})"
+        )
+    return local_rank
 
 
 def require_rendezvous_address(world_size: int) -> None:

@@ -633,6 +633,7 @@ def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(data_dir, tmp_path, mo
         raise SystemExit  # the group is all this test is after: the run stops before it builds a model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", join)

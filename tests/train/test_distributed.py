@@ -295,6 +295,32 @@ def test_a_torchrun_environment_set_by_hand_and_wrong_is_refused_naming_the_vari
         init_distributed()
 
 
+@pytest.mark.parametrize(
+    ("local_rank", "named"),
+    [
+        (None, "WORLD_SIZE=2 is set but LOCAL_RANK is not: each rank computes on GPU cuda:LOCAL_RANK of its machine"),
+        ("1", r"LOCAL_RANK=1 names no GPU of this machine, which shows 1 \(cuda:0 to cuda:0, as CUDA_VISIBLE_DEVICES"),
+    ],
+)
+def test_a_gpu_rank_without_a_local_rank_naming_one_of_its_machines_gpus_is_refused_naming_it(
+    monkeypatch, local_rank, named
+):
+    """Every GPU rank started without LOCAL_RANK took cuda:0 (LOCAL_RANK read as 0), and one past the machine's GPUs
+    met CUDA's 'invalid device ordinal'; torchrun sets LOCAL_RANK on each rank of a machine, 0 to nproc-per-node-1."""
+    from seekstack.parallel.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"cuda:{device} was taken"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(ValueError, match=named):
+        init_distributed()
+
+
 def _rank_refused_before_building_a_model(rank: int, world_size: int, port: int, config, refused) -> None:
     from seekstack.schema import ConfigError
     from seekstack.train import trainer
