@@ -127,11 +127,13 @@ class ChatSession:
 
 
 def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer, calls: bool = False) -> SamplingParams:
-    """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold; with
-    `calls` (tools offered) but at those a reply's tool calls are written in (`CALL_MARKERS`), which then stay in the
-    text for the tool-call parser (skip_special_tokens off, as the server keeps them)."""
+    """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold, unless
+    they ignore_eos (the reply then goes past its turn, as vLLM's chat and `generate --ignore-eos` go); with `calls`
+    (tools offered) but at those a reply's tool calls are written in (`CALL_MARKERS`), which then stay in the text for
+    the tool-call parser (skip_special_tokens off, as the server keeps them)."""
     markers = {tokenizer.backend.token_to_id(marker) for marker in CALL_MARKERS} if calls else set()
-    stops = (*params.stop_token_ids, *sorted(tokenizer.special_ids - markers))
+    ending = () if params.ignore_eos else sorted(tokenizer.special_ids - markers)
+    stops = (*params.stop_token_ids, *ending)
     return dataclasses.replace(
         params, stop_token_ids=stops, skip_special_tokens=params.skip_special_tokens and not calls
     )

@@ -1509,8 +1509,9 @@ class Engine:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `sampling_params`, `use_tqdm` and `lora_request` as
-        generate's, in vLLM's order (the options after them are keywords). `tools`
+        (the end of its turn), as `seekstack chat` ends one, unless ignore_eos (`ending_at_special_tokens`);
+        `sampling_params`, `use_tqdm` and `lora_request` as generate's, in vLLM's order (the options after them are
+        keywords). `tools`
         (OpenAI's function definitions, read and refused as the server reads a request's) are listed in each prompt, as
         vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
         `tool_calls` (`completion_with_calls`). vLLM's `chat_template_kwargs` are read as the server reads a request's:

@@ -482,6 +482,19 @@ def test_chat_replies_to_one_conversation_or_each_of_a_list_ending_at_the_turns_
     assert len(engine.generate(tokenizer.encode_chat(second), forced)[0].token_ids) == 8  # generate goes on
 
 
+def test_chat_with_ignore_eos_goes_past_the_turns_end_as_vllms_and_generate_ignore_eos(model, tokenizer):
+    """chat(messages, SamplingParams(ignore_eos=True)) stopped at the EOS all the same (finish_reason "stop" after one
+    token, EOS forced): chat added each special token as a stop id whatever ignore_eos said, where vLLM's chat, and
+    `seekstack generate --chat --ignore-eos`, go on past the turn's end, as generate does."""
+    engine, conversation = Engine(model, tokenizer), [{"role": "user", "content": "你好"}]
+    for turn_end in (tokenizer.eos_id, max(tokenizer.special_ids - {tokenizer.eos_id})):
+        forced = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True, logit_bias={turn_end: 100.0})
+        [reply] = engine.chat(conversation, forced)
+        assert (reply.token_ids, reply.finish_reason) == ([turn_end] * 4, "length")
+        [ended] = engine.chat(conversation, dataclasses.replace(forced, ignore_eos=False))
+        assert (ended.token_ids, ended.finish_reason) == ([turn_end], "stop")
+
+
 def test_chat_offers_tools_in_the_prompt_and_parses_the_replys_calls_as_the_server(tokenizer, monkeypatch):
     """Engine.chat took no tools (vLLM's LLM.chat does: TypeError), and a reply ended at <｜tool▁calls▁begin｜>, a
     special token: no call could be made. The tools are listed in the prompt, the calls written on and parsed out."""
