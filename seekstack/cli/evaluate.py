@@ -180,8 +180,9 @@ def explain_command(
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
         weights, adapter, tokenizer_folder = model_folders(model)  # a LoRA run's checkpoint: its base, merged
+        config = read_config(weights)  # a missing folder said as such, before its tokenizer.json is looked for
         tokenizer = Tokenizer.from_file(tokenizer_folder)
-        check_tokenizer_fits(tokenizer, read_config(weights).vocab_size, weights)  # before the weights load
+        check_tokenizer_fits(tokenizer, config.vocab_size, weights)  # before the weights load
         network = load_pretrained(weights) if adapter is None else merged_model(load_pretrained(weights), adapter)
         network = network.eval()
         records = None

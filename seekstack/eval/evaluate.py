@@ -16,6 +16,7 @@ from unittest import mock
 
 from seekstack.adapters.files import ModelFolders, model_folders
 from seekstack.atomic import write_atomic
+from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import (
     CODE_TASKS,
     LINE_TASKS,
@@ -135,6 +136,7 @@ def evaluate(
             f"so --num-fewshot {num_fewshot} would glue {num_fewshot} other chats before it; evaluate them without it"
         )
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
+    read_config(folders.weights)  # a missing checkpoint said as such, before the code tasks read the corpus
     tokenizer = Tokenizer.from_file(folders.tokenizer) if reasoning else None
     if backend == "hf":  # the seekstack backend checks its own (SeekstackLM)
         _check_transformers_runs(folders)
@@ -283,7 +285,6 @@ def _check_transformers_runs(folders: ModelFolders) -> None:
     """ValueError when lm_eval's HF backend would score another model than the checkpoint in `folders`: one of
     seekstack's ablations, whose extra weights transformers drops, or a tokenizer.json with ids past its vocabulary;
     a warning for fields transformers computes differently (`transformers_divergences`)."""
-    from seekstack.checkpoint import read_config
     from seekstack.checkpoint.load import warn_transformers_divergences
     from seekstack.infer.engine import check_tokenizer_fits
 

@@ -154,12 +154,23 @@ def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
     assert "config.json: no such file" not in result.output
 
 
+@pytest.mark.parametrize("command", [["explain", "{model}", "def f("], ["eval", "{model}"]])
+def test_a_checkpoint_that_is_not_there_is_named_before_its_tokenizer_or_the_corpus(tmp_path, command):
+    """explain named the folder's tokenizer.json ("nope/tokenizer.json: no such file; train a tokenizer into nope"),
+    and eval the default --corpus it had not reached yet ("runs/demo/corpus/val.jsonl: no such file"), where the
+    folder itself is missing, as generate and sample say it is."""
+    model = tmp_path / "nope"
+    result = runner.invoke(app, [part.format(model=model) for part in command])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {model}: no such folder; a checkpoint is a folder holding config.json")
+
+
 @pytest.mark.parametrize(
     ("command", "starts"),
     [
         (["sample", "{run}"], "seekstack.eval.samples.demo_samples"),
         (["checkpoint", "export", "{run}", "--out", "exported"], "seekstack.train.state.export_checkpoint"),
-        (["explain", "{run}", "--corpus", "corpus"], "seekstack.tokenizer.Tokenizer.from_file"),  # read first
+        (["explain", "{run}", "--corpus", "corpus"], "seekstack.checkpoint.read_config"),  # read first
         (["eval", "{run}"], "seekstack.eval.evaluate.evaluate"),
     ],
 )
