@@ -245,8 +245,9 @@ def warn(message: str) -> None:
 
 def model_config(model: str) -> ModelConfig:
     """A preset by name, or the config of the model a checkpoint directory loads as (its config.json, with the MTP
-    layers and the MoE layout its weights hold: `loaded_config`); neither: a CheckpointError naming the presets and
-    what the checkpoint reader says of the path (a Hub repository's name: to download it first)."""
+    layers and the MoE layout its weights hold: `loaded_config`, whose CheckpointError each rank says); neither: the
+    command fails naming the presets and what the checkpoint reader says of the path (a Hub repository's name: to
+    download it first), a name every rank of a torchrun reads alike, so said once (`fail`)."""
     if model in PRESETS:
         return preset(model)
     from seekstack.checkpoint.load import loaded_config
@@ -256,9 +257,7 @@ def model_config(model: str) -> ModelConfig:
     except CheckpointError as error:
         if Path(model).exists():
             raise
-        raise CheckpointError(
-            f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint: {error}"
-        ) from None
+        fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint: {error}")
 
 
 def count(n: int) -> str:

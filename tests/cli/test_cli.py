@@ -238,6 +238,19 @@ def test_a_hub_repository_named_for_a_model_is_told_to_be_downloaded_first(comma
     ) in result.stderr
 
 
+@pytest.mark.parametrize("command", [["info"], ["forward"], ["plan", "--memory", "cpu=1GiB"]])
+def test_under_torchrun_rank_0_alone_says_a_model_is_neither_a_preset_nor_a_checkpoint(command):
+    """A name every rank reads alike was said by each rank ("error (rank 1): 'nope' is neither a preset ..."), where
+    the other configuration errors come from rank 0 alone."""
+    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": None}
+    said = {
+        rank: runner.invoke(app, [*command[:1], "nope", *command[1:]], env={**launch, "RANK": rank}) for rank in "01"
+    }
+    assert said["0"].exit_code == said["1"].exit_code == 1
+    assert said["0"].stderr.startswith("error: 'nope' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3)")
+    assert said["1"].stderr == ""
+
+
 def test_directory_without_config_json_fails_naming_the_file(tmp_path):
     result = run("forward", str(tmp_path))
     assert result.exit_code == 1
