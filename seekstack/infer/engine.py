@@ -50,7 +50,14 @@ from seekstack.infer.outputs import (
     joined_completion,
 )
 from seekstack.infer.packed import pack_for_decode, repack
-from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, LoRARequest, SamplingParams
+from seekstack.infer.params import (
+    DRAFT_TOKENS_LIMIT,
+    MAX_DRAFT_TOKENS,
+    EngineOptions,
+    LoRARequest,
+    SamplingParams,
+    parse_bytes,
+)
 from seekstack.infer.placement import (
     OffloadRefused,
     auto_device,
@@ -277,7 +284,7 @@ class Engine:
         max_model_len: int | None = EngineOptions.max_model_len,
         block_size: int = 16,
         num_blocks: int | None = None,
-        kv_cache_memory: int | None = EngineOptions.kv_cache_memory,
+        kv_cache_memory: int | str | None = EngineOptions.kv_cache_memory,
         prefix_caching: bool = EngineOptions.prefix_caching,
         speculative: bool = EngineOptions.speculative,
         draft_tokens: int = EngineOptions.draft_tokens,
@@ -297,9 +304,9 @@ class Engine:
         and `max_lora_rank` (vLLM's) fix how many adapters, of what largest rank, it serves at once, these and those
         loaded later (`load_adapter`), so loads never compile a decode step again; None: 8 and 16, or more where
         `adapters` need it (seekstack.adapters.registry).
-        The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default, as many as half the
-        memory free on each device holds of its layers' pools), never more than max_batch_size requests of
-        max_model_len tokens use.
+        The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (an int, or a size such as "4GiB" as
+        --kv-cache-memory takes; by default, as many as half the memory free on each device holds of its layers'
+        pools), never more than max_batch_size requests of max_model_len tokens use.
         `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
         can (no device map): a short run never waits for a compile. `eager_lone_row`: a compiled engine's plain decode
@@ -341,6 +348,11 @@ class Engine:
                 "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "
                 "checkpoint without MTP weights, as transformers' save_pretrained writes)"
             )
+        if isinstance(kv_cache_memory, str):
+            try:
+                kv_cache_memory = parse_bytes(kv_cache_memory)
+            except ValueError as error:
+                raise ValueError(f"kv_cache_memory: {error}") from None
         for name, value in (  # None: the default (max_model_len the model's context, kv_cache_memory half the free)
             ("max_batch_size", max_batch_size),
             ("max_model_len", max_model_len),

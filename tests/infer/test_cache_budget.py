@@ -48,6 +48,16 @@ def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(mod
         Engine(model, tokenizer, **{keyword: value})
 
 
+def test_kv_cache_memory_takes_a_size_as_the_command_line_does(model, tokenizer):
+    """Engine(model, tokenizer, kv_cache_memory="2MiB"), the size --kv-cache-memory takes, raised a bare "TypeError:
+    '<' not supported between instances of 'str' and 'int'": it is read as that many bytes, and a size that is none
+    is refused naming kv_cache_memory."""
+    sized = Engine(model, tokenizer, block_size=4, kv_cache_memory="2MiB")
+    assert sized.cache.num_blocks == Engine(model, tokenizer, block_size=4, kv_cache_memory=2 * 2**20).cache.num_blocks
+    with pytest.raises(ValueError, match=r"^kv_cache_memory: size '2 apples': expected a number with an optional unit"):
+        Engine(model, tokenizer, kv_cache_memory="2 apples")
+
+
 def pools_on_a_second_device(model, monkeypatch, free_blocks: float) -> int:
     """Put the main layers' pools on a second device (meta, standing in for the GPU of a device map) with room free
     for `free_blocks` blocks (of 4 float32 tokens) of them, the MTP layer's on a roomy CPU; the bytes free there."""
