@@ -203,8 +203,14 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
         )
     if counted != total_tokens:
         raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")
-    for shard in shards:
-        shard_path = path.parent / shard["file"]
+    for number, shard in enumerate(shards):
+        file = shard.get("file")
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".."):  # a shard beside its index
+            raise ValueError(
+                f"{path} is corrupt: field 'shards[{number}].file' is {file!r}, not the name of a shard file beside "
+                "it; tokenize the split again"
+            )
+        shard_path = path.parent / file
         if not shard_path.is_file():
             raise FileNotFoundError(f"shard {shard_path} listed in {path} is missing")
         expected = shard["tokens"] * dtype.itemsize

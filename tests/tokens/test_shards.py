@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import sysconfig
 import warnings
 from collections import Counter
@@ -423,6 +424,27 @@ def test_an_index_of_another_version_or_a_count_that_is_no_whole_number_is_refus
     with pytest.raises(ValueError) as refused:
         TokenWindows(tmp_path, "train", SEQ_LEN)
     assert str(refused.value) == message.replace("INDEX", str(index)).replace("TOTAL", str(total))
+
+
+@pytest.mark.parametrize("file", [5, None, "../elsewhere/train_00000.bin", "/etc/hostname"])
+def test_an_index_naming_a_shard_by_no_file_name_beside_it_is_refused_naming_the_field(
+    tmp_path, tokenizer, documents, file
+):
+    """A shard's file 5 or null (or none) was a bare TypeError ("unsupported operand type(s) for /") or KeyError, and
+    '../elsewhere/train_00000.bin' or an absolute path was read as tokens wherever it was, as the checkpoint index's
+    weight_map refuses it (read_weight_map): tokenize_corpus writes each shard beside its index."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path / "tokens", "train")
+    shutil.copytree(tmp_path / "tokens", tmp_path / "elsewhere")
+    index = tmp_path / "tokens" / "train_index.json"
+    fields = json.loads(index.read_text(encoding="utf-8"))
+    fields["shards"][0]["file"] = file
+    index.write_text(json.dumps(fields), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        load_index(tmp_path / "tokens", "train")
+    assert str(refused.value) == (
+        f"{index} is corrupt: field 'shards[0].file' is {file!r}, not the name of a shard file beside it; tokenize "
+        "the split again"
+    )
 
 
 def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
