@@ -65,7 +65,7 @@ def _command_infos(typer_app: typer.Typer) -> Iterator[CommandInfo]:
 
 for stage in STAGES:
     importlib.import_module(f"seekstack.cli.{stage}").register(app)
-for info in _command_infos(app):  # every command is a common.Command (its usage line: `quantize [OPTIONS] MODEL`)
+for info in _command_infos(app):  # every command is a common.Command (its usage line: `info [OPTIONS] MODEL`)
     info.cls = Command if info.cls in (None, TyperCommand) else info.cls
     if not issubclass(info.cls, Command):
         raise TypeError(f"{info.cls.__name__} should subclass seekstack.cli.common.Command")

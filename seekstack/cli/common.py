@@ -143,7 +143,7 @@ def usage_error(message: str) -> UsageError:
 
 class Command(TyperCommand):
     """A seekstack command (`cli/__init__.py` makes each one of these): its usage line names the positional arguments
-    as click and README write them, `seekstack quantize [OPTIONS] MODEL`, `[PROMPT]`, `[INPUTS]...`, where typer 0.27
+    as click and README write them, `seekstack info [OPTIONS] MODEL`, `[PROMPT]`, `[INPUTS]...`, where typer 0.27
     and later write the parameter's own name braced (`{model}`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -42,6 +42,7 @@ def quantize_command(
             help="Checkpoint folder to quantize (float, or quantized: re-quantized, but not by --progressive or "
             "--adaptive), or a run's out_dir",
             callback=run_to_checkpoint,
+            metavar="CHECKPOINT",
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write the quantized checkpoint to (tokenizer copied)")],
@@ -294,7 +295,10 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
 
 def prune_command(
     model: Annotated[
-        Path, typer.Argument(help="Checkpoint folder to prune, or a run's out_dir", callback=run_to_checkpoint)
+        Path,
+        typer.Argument(
+            help="Checkpoint folder to prune, or a run's out_dir", callback=run_to_checkpoint, metavar="CHECKPOINT"
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to write the pruned checkpoint to (tokenizer copied)")],
     data: Annotated[

@@ -162,7 +162,9 @@ def test_every_usage_line_and_argument_error_names_the_arguments_in_capitals_as_
         if not re.fullmatch(rf"Usage: seekstack {name} \[OPTIONS\]( {argument})*", line)
     ]
     assert unlike == []
-    assert usage["quantize"] == "Usage: seekstack quantize [OPTIONS] MODEL"
+    assert usage["quantize"] == "Usage: seekstack quantize [OPTIONS] CHECKPOINT"  # README's name (was: MODEL)
+    assert usage["prune"] == "Usage: seekstack prune [OPTIONS] CHECKPOINT"
+    assert "Error: Missing argument 'CHECKPOINT'." in runner.invoke(app, ["quantize", "--out", "q"]).stderr
     assert usage["generate"] == "Usage: seekstack generate [OPTIONS] [PROMPT]"
     assert usage["explain"] == "Usage: seekstack explain [OPTIONS] CHECKPOINT [TEXT]"
     assert usage["data build"] == "Usage: seekstack data build [OPTIONS] [INPUTS]..."
