@@ -1048,6 +1048,28 @@ class Parity:
 
 class Incomplete:
     name, difficulty = "incomplete", 1
+
+
+class Configured:  # a plain class whose __init__ sets its name and difficulty
+    generate, verify = Parity.generate, Parity.verify
+
+    def __init__(self, difficulty=4):
+        self.name, self.difficulty = "configured", difficulty
+
+
+class Nameless(Configured):
+    def __init__(self, difficulty=4):
+        self.difficulty = difficulty
+
+
+class NoKnob(Parity):  # takes no difficulty
+    def __init__(self):
+        super().__init__()
+
+
+class GivesDicts(Parity):
+    def generate(self, rng):
+        return {"question": "q", "answer": "even"}
 """
 
 
@@ -1091,6 +1113,33 @@ def test_your_own_task_is_named_by_its_files_path(tmp_path):
     assert config.task == f"{path}:Parity"
     with pytest.raises(ConfigError, match=re.escape(f"'{tmp_path}/none.py' is no Python file (")):
         resolve_train_config(None, [f"task={tmp_path}/none.py:Parity", "tokenizer=", "init_from="], cls=GRPOConfig)
+
+
+def test_your_own_task_whose_init_sets_its_name_and_difficulty_is_taken(your_task, tmp_path):
+    """A class setting name and difficulty in __init__ (as one called with difficulty=N may) was refused at the config
+    as 'class Configured lacks name, difficulty'; what the made task lacks is refused when it is made."""
+    model = micro_checkpoint(tmp_path / "model")
+    config = resolve_train_config(None, ["task=your_task:Configured", f"init_from={model}"], cls=GRPOConfig)
+    task = make_task(config.task, difficulty=6)
+    assert (task.name, task.difficulty) == ("configured", 6)
+    assert all(len(p.key) == 6 for p in sample_problems(task, 5, "train", seed=0))
+    with pytest.raises(ValueError, match=re.escape("task 'your_task:Nameless': class Nameless lacks name; a task has")):
+        make_task("your_task:Nameless")
+
+
+@pytest.mark.parametrize(
+    ("name", "difficulty", "refusal"),
+    [
+        # were bare tracebacks: "TypeError: NoKnob.__init__() got an unexpected keyword argument 'difficulty'" where
+        # the class is made, "AttributeError: 'dict' object has no attribute 'key'" in sample_problems
+        ("your_task:NoKnob", 3, "task 'your_task:NoKnob': NoKnob(difficulty=3) raised TypeError: "),
+        ("your_task:GivesDicts", None, "task 'parity': generate(rng) returned dict \"{'question': 'q', 'answer': "
+         "'even'}\", not a Problem(key, question, answer, trace)"),
+    ],
+)  # fmt: skip
+def test_your_own_task_made_or_drawing_otherwise_than_a_task_is_refused_naming_it(your_task, name, difficulty, refusal):
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        sample_problems(make_task(name, difficulty), 2, "train", seed=0)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ from seekstack.posttrain.tasks.countdown import Countdown
 from seekstack.posttrain.tasks.problems_file import ProblemsFile, is_problems_file
 
 TASKS = {"addition": Addition, "subtraction": Subtraction, "multiplication": Multiplication, "countdown": Countdown}
-TASK_MEMBERS = ("name", "difficulty", "generate", "verify")  # base.Task's
+# base.Task's members: its methods, which its class holds, and its attributes, which its __init__ may set
+TASK_METHODS, TASK_ATTRIBUTES = ("generate", "verify"), ("name", "difficulty")
 
 __all__ = [
     "TASKS",
@@ -61,13 +62,19 @@ def task_class(name: str) -> type:
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ValueError(f"task {name!r}: module {module_name!r} ({module.__file__}) has no class {class_name!r}")
-    missing = [member for member in TASK_MEMBERS if not hasattr(cls, member)]
+    _require_members(name, cls, TASK_METHODS)
+    return cls
+
+
+def _require_members(name: str, task: object, members: tuple[str, ...]) -> None:
+    """A ValueError naming task `name` and the base.Task `members` that `task` (its class, or the task made) lacks."""
+    missing = [member for member in members if not hasattr(task, member)]
     if missing:
+        class_name = (task if isinstance(task, type) else type(task)).__name__
         raise ValueError(
             f"task {name!r}: class {class_name} lacks {', '.join(missing)}; a task has name, difficulty, "
             "generate(rng) -> Problem and verify(problem, answer) -> bool (seekstack/posttrain/tasks/base.py Task)"
         )
-    return cls
 
 
 def _task_module(name: str, module_name: str) -> ModuleType:
@@ -145,4 +152,13 @@ def make_task(name: str, difficulty: int | None = None) -> Task:
     cls = task_class(name)
     if difficulty is not None and difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
-    return cls() if difficulty is None else cls(difficulty=difficulty)
+    try:
+        task = cls() if difficulty is None else cls(difficulty=difficulty)
+    except TypeError as error:  # your own class that takes no difficulty, or needs one
+        call = f"{cls.__name__}({'' if difficulty is None else f'difficulty={difficulty}'})"
+        raise ValueError(
+            f"task {name!r}: {call} raised TypeError: {error}; a task's class is called with difficulty=N where "
+            "difficulty is given, with no argument where it is not"
+        ) from error
+    _require_members(name, task, TASK_ATTRIBUTES)  # your own class's __init__ may set them
+    return task

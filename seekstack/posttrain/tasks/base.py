@@ -71,6 +71,11 @@ def sample_problems(
     draws_without_one = 0
     while len(problems) < count and draws_without_one < max_draws_without_one:
         problem = task.generate(rng)
+        if not isinstance(problem, Problem):  # your own task's: read as one, it would fail far from here
+            raise ValueError(
+                f"task {task.name!r}: generate(rng) returned {type(problem).__name__} {str(problem)[:80]!r}, not a "
+                "Problem(key, question, answer, trace) of seekstack/posttrain/tasks/base.py"
+            )
         draws_without_one += 1
         if split_of(problem.key) == split and not (distinct and problem.key in seen):
             problems.append(problem)
