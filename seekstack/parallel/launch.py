@@ -44,8 +44,9 @@ def local_gpu(world_size: int, gpus: int) -> int:
 
 
 def require_rendezvous_address(world_size: int) -> None:
-    """ValueError naming MASTER_ADDR or MASTER_PORT where either is missing: where the ranks meet to join their
-    process group (torchrun sets both; torch's refusal said that one was 'expected' and not what to do)."""
+    """ValueError naming MASTER_ADDR or MASTER_PORT where either is missing, or MASTER_PORT where it is no TCP port:
+    where the ranks meet to join their process group (torchrun sets both; torch's refusals said that one was
+    'expected' and not what to do, or 'invalid literal for int()' naming no variable)."""
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ValueError(
@@ -53,6 +54,9 @@ def require_rendezvous_address(world_size: int) -> None:
             f"{'is' if len(missing) == 1 else 'are'} not: the ranks join at MASTER_ADDR:MASTER_PORT, on rank 0's "
             f"machine; {TORCHRUN_ADVICE}"
         )
+    port = _environment_number("MASTER_PORT", "")
+    if not 0 < port < 65536:
+        raise ValueError(f"MASTER_PORT={port} is no TCP port (1 to 65535) for the ranks to join at; {TORCHRUN_ADVICE}")
 
 
 def _environment_number(name: str, default: str) -> int:

@@ -66,3 +66,18 @@ def test_a_rank_left_in_the_environment_without_world_size_is_a_run_of_one_proce
     assert result.exit_code == 1 and result.output.startswith(
         "error: override 'max_stepz=1': unknown field 'max_stepz'; did you mean 'max_steps'?"
     ), result.output
+
+
+@pytest.mark.parametrize(
+    ("port", "named"),
+    [("abc", "MASTER_PORT='abc' is not a whole number"), ("99999", "MASTER_PORT=99999 is no TCP port (1 to 65535)")],
+)
+def test_a_master_port_that_is_no_port_is_refused_naming_it(tmp_path, monkeypatch, port, named):
+    """torch's refusal of MASTER_PORT=abc was 'invalid literal for int() with base 10: 'abc'', naming no variable."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 1 and result.output.startswith(f"error: {named}"), result.output
+    assert result.output.endswith(
+        "; start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process\n"
+    )
