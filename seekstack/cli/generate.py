@@ -252,7 +252,7 @@ def generate_command(
         if system is not None and not chat:
             raise usage_error("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
-            raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
+            raise UsageError("Missing argument 'PROMPT': give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
@@ -390,7 +390,7 @@ def refuse_nothing_to_continue(prompt_ids: list[int], from_stdin: bool) -> None:
         read = " (standard input held no text)" if from_stdin else ""
         raise typer.BadParameter(
             f"is empty{read}, and this tokenizer puts no BOS token before a text: give the text to continue",
-            param_hint="'prompt'",
+            param_hint="'PROMPT'",
         )
 
 

@@ -70,12 +70,12 @@ def test_generate_refuses_an_empty_prompt_its_tokenizer_puts_nothing_before_by_t
         refused = runner.invoke(app, [*args, *given], input=stdin)
         assert (refused.exit_code, refused.stdout) == (2, ""), refused.output
         assert refused.stderr.endswith(
-            f"Error: Invalid value for 'prompt': is empty{read}, and this tokenizer puts no BOS token before a text: "
+            f"Error: Invalid value for 'PROMPT': is empty{read}, and this tokenizer puts no BOS token before a text: "
             "give the text to continue\n"
         )
     as_json = runner.invoke(app, [*args, "", "--json"])
     assert as_json.exit_code == 2 and json.loads(as_json.stdout)["error"]["message"].startswith(
-        "Invalid value for 'prompt': is empty, and"
+        "Invalid value for 'PROMPT': is empty, and"
     )
 
 
@@ -93,7 +93,7 @@ def test_generate_refuses_an_empty_prompt_by_its_tokenizer_alone_before_reading_
         refused = runner.invoke(app, ["generate", *args, ""])
         assert (refused.exit_code, refused.stdout) == (2, ""), refused.output
         assert refused.stderr.endswith(
-            "Error: Invalid value for 'prompt': is empty, and this tokenizer puts no BOS token before a text: give "
+            "Error: Invalid value for 'PROMPT': is empty, and this tokenizer puts no BOS token before a text: give "
             "the text to continue\n"
         )
         assert runner.invoke(app, ["generate", *args, "def"]).exit_code == 1  # a text to continue: the weights' error
@@ -162,7 +162,7 @@ def test_generate_without_a_prompt_reads_it_piped_in_and_asks_for_it_at_a_termin
         assert piped.exit_code == 0 and piped.stdout == plain.text + "\n", piped.output
     monkeypatch.setattr(typer.testing._NamedTextIOWrapper, "isatty", lambda self: True)  # a terminal: no waiting on it
     typed = runner.invoke(app, args)
-    assert typed.exit_code == 2 and "Missing argument 'prompt': give the text to continue" in typed.stderr
+    assert typed.exit_code == 2 and "Missing argument 'PROMPT': give the text to continue" in typed.stderr
 
 
 def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engine):
