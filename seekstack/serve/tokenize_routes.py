@@ -1,32 +1,32 @@
 """vLLM's /tokenize and /detokenize: the token ids of a prompt as the server bills it, and the text of token ids.
 
-    POST /tokenize    {"model": M, "prompt": TEXT} or {"model": M, "messages": [...], "tools": [...]}
+    POST /tokenize    {"model": M, "prompt": TEXT} or {"model": M, "messages": [...], "tools": [...], "tool_choice": C}
                       -> {"count": N, "max_model_len": L, "tokens": [ids], "token_strs": null}
     POST /detokenize  {"model": M, "tokens": [ids]}  -> {"prompt": TEXT}
 
 A prompt is encoded as /v1/completions encodes it, messages as /v1/chat/completions renders them (a last assistant
-message marked "prefix": true left open), so `count` is the prompt_tokens such a call is billed, to check against
-`max_model_len` before sending it. vLLM's options change that: `add_special_tokens: false` leaves out the special
-tokens the tokenizer frames a prompt with (a DeepSeek release's BOS; messages keep their template's own),
-`add_generation_prompt: false` the assistant's opening after messages, and `return_token_strs: true` adds each id's
-token string (`token_strs`); vLLM's continue_final_message and chat_template are refused, as the chat routes refuse
-them ("prefix": true continues a last message), and its chat_template_kwargs read as there (a key the template does not
-read dropped, one it reads refused). `model` (default the base model) must be
-one the caller may use. Like /v1/moderations they count against a key's requests per minute and are not metered; a
-server without API keys answers them to loopback JSON requests only (serve/access.py).
+message marked "prefix": true left open, the tools left out with tool_choice "none"), so `count` is the prompt_tokens
+such a call is billed, to check against `max_model_len` before sending it. vLLM's options change that:
+`add_special_tokens: false` leaves out the special tokens the tokenizer frames a prompt with (a DeepSeek release's BOS;
+messages keep their template's own), `add_generation_prompt: false` the assistant's opening after messages, and
+`return_token_strs: true` adds each id's token string (`token_strs`); vLLM's continue_final_message and chat_template
+are refused, as the chat routes refuse them ("prefix": true continues a last message), and its chat_template_kwargs read
+as there (a key the template does not read dropped, one it reads refused). `model` (default the base model) must be one
+the caller may use. Like /v1/moderations they count against a key's requests per minute and are not metered; a server
+without API keys answers them to loopback JSON requests only (serve/access.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from seekstack.serve.access import read_body
-from seekstack.serve.errors import APIError, parse_body
+from seekstack.serve.errors import APIError, invalid_body, parse_body
 from seekstack.serve.keys import ApiKey
 from seekstack.serve.openapi import error_responses, json_request
 from seekstack.serve.protocol import (
@@ -42,6 +42,7 @@ from seekstack.serve.schemas import (
     ChatMessage,
     CompletionRequest,
     LoggedRequest,
+    NamedToolChoice,
     OrDefault,
     PromptText,
     TokenId,
@@ -61,6 +62,7 @@ class TokenizeRequest(LoggedRequest):
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None  # listed in the messages' prompt, as a chat call lists them
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # "none": the tools left out
     add_special_tokens: Annotated[bool, OrDefault] = True  # a prompt's framing (messages: the template's own)
     add_generation_prompt: Annotated[bool, OrDefault] = True  # the assistant's opening after messages
     return_token_strs: Annotated[bool, OrDefault] = False
@@ -109,7 +111,12 @@ def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[i
         request = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
         [ids] = prompt_ids(request, tokenizer)
         return ids
-    chat = ChatCompletionRequest(model=model, messages=body.messages, tools=body.tools)
+    try:  # checked as the chat route checks it (a tool_choice naming a function not among the tools)
+        chat = ChatCompletionRequest(
+            model=model, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice
+        )
+    except ValidationError as error:
+        raise invalid_body(error) from None
     if body.add_generation_prompt:
         [ids] = prompt_ids(chat, tokenizer)
         return ids

@@ -207,3 +207,19 @@ def test_a_chat_the_tokenizer_cannot_write_is_refused_alike_by_tokenize_and_the_
     for response in refused:
         error = error_of(response, 400)
         assert (error["message"], error["param"], error["code"]) == (said, "messages", "invalid_value")
+
+
+def test_tokenize_leaves_the_tools_out_with_tool_choice_none_as_the_chat_call_bills_them(engine, tmp_path):
+    """/tokenize had no tool_choice (ignored with a warning) and counted the tools in, where the chat call with
+    tool_choice "none" leaves them out of its prompt: a client checking the length first was told hundreds of tokens
+    too many, and refused a call that fitted."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    chat = {"messages": MESSAGES, "tools": tools}
+    listed, left_out, call, unknown = post_each(engine, tmp_path / "db", [
+        ("/tokenize", chat),
+        ("/tokenize", {**chat, "tool_choice": "none"}),
+        ("/v1/chat/completions", {**chat, "tool_choice": "none", "max_tokens": 1}),
+        ("/tokenize", {**chat, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+    ])  # fmt: skip
+    assert left_out.json()["count"] == call.json()["usage"]["prompt_tokens"] < listed.json()["count"]
+    assert error_of(unknown, 400)["param"] == "tool_choice"
