@@ -18,6 +18,17 @@ def test_a_byte_order_mark_opening_the_file_is_skipped(tmp_path):
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path, encoding):
+    """What Windows PowerShell's Out-File and `>` write (was: 'chats.jsonl:1: not UTF-8 text (invalid start byte at
+    byte 0); mend or delete that line', though every line is UTF-16); datasets' JSON loader reads UTF-8 alone too."""
+    path = tmp_path / "chats.jsonl"
+    marks = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}  # utf-16 writes its own mark
+    path.write_bytes(marks[encoding] + "".join(json.dumps(r) + "\n" for r in RECORDS).encode(encoding))
+    with pytest.raises(ValueError, match=r"chats.jsonl: UTF-16 text \(its byte order mark opens it\), not UTF-8"):
+        list(jsonl_records(path))
+
+
 def test_a_json_array_file_is_refused_as_not_json_lines(tmp_path):
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(RECORDS, indent=2))  # "[" alone on line 1
