@@ -281,7 +281,14 @@ class Transformer(nn.Module):
         segments = packed_segments(positions.expand(input_ids.shape)) if packed else None
         mask = _attention_of(attention_mask, segments)
         cos, sin = self.rotary(positions)  # (T, R) or (B, T, R)
-        hidden = self.embed_tokens(input_ids)
+        try:
+            hidden = self.embed_tokens(input_ids)
+        except IndexError:  # torch's "index out of range in self" named neither the id nor the vocabulary
+            outside = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            raise IndexError(
+                f"input_ids hold {outside[0].item()}, outside the model's vocabulary of {self.config.vocab_size} ids "
+                f"(0 to {self.config.vocab_size - 1}): encode with the model's own tokenizer"
+            ) from None
         stats: list[MoEStats] = []
         for layer in self.layers:
             hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask, segments)

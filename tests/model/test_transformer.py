@@ -244,3 +244,17 @@ def test_the_model_package_loads_without_the_inference_package():
         "import sys, seekstack.model.transformer; print([m for m in sys.modules if m.startswith('seekstack.infer')])"
     )
     assert subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_an_input_id_outside_the_vocabulary_is_named_with_the_vocabulary():
+    """An id past the embedding (a tokenizer larger than the model's vocabulary) or a negative one was torch's bare
+    "IndexError: index out of range in self", naming neither the id nor the vocabulary."""
+    model = Transformer(micro_config()).eval()
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(IndexError) as refused, torch.no_grad():
+            model(torch.tensor([[1, 2, bad]]))
+        assert str(refused.value) == (
+            f"input_ids hold {bad}, outside the model's vocabulary of {vocab} ids (0 to {vocab - 1}): encode with the "
+            "model's own tokenizer"
+        )
