@@ -581,6 +581,11 @@ class Engine:
                 f"params must be SamplingParams, got {type(params).__name__}: SamplingParams(max_new_tokens=64, ...), "
                 "or SamplingParams.from_dict(values) for a mapping"
             )
+        if request_id is not None and not isinstance(request_id, str):  # abort(7) would read 7 as a list of ids
+            raise TypeError(
+                f"request_id must be a str, as vLLM's, got {type(request_id).__name__} {request_id!r}: give "
+                f"{str(request_id)!r}"
+            )
         if isinstance(prompt_ids, str):  # its characters would read as ids: "123" as [1, 2, 3]
             raise TypeError(
                 "prompt_ids is a str; give token ids (tokenizer.encode_prompt(text)), or the text to generate or stream"

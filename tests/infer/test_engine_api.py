@@ -44,6 +44,17 @@ def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(mod
     assert Engine.abort_request is Engine.abort
 
 
+def test_a_request_id_that_is_no_str_is_refused_at_add_request_not_met_at_abort(model, tokenizer):
+    """add_request(ids, params, request_id=7) was taken, and abort(7) then raised a bare "TypeError: 'int' object is
+    not iterable" (an id that is no str reads as a list of ids); the outputs carried 7, where vLLM's ids are str."""
+    engine = Engine(model, tokenizer)
+    with pytest.raises(TypeError, match=r"^request_id must be a str, as vLLM's, got int 7: give '7'$"):
+        engine.add_request([5, 9, 14], SamplingParams(max_new_tokens=2), request_id=7)
+    assert not engine.has_unfinished()
+    assert engine.add_request([5, 9, 14], SamplingParams(max_new_tokens=2), request_id="7") == "7"
+    assert engine.abort("7") is False
+
+
 def test_one_adapter_name_runs_every_prompt_on_that_adapter_not_one_letter_each(base, adapter_folders):
     """adapters="ab" (one name, as vLLM's generate takes one lora_request for all prompts) was read as a sequence of
     names, one letter a prompt: two prompts ran on adapters 'a' and 'b' ("no adapter 'a'"), three were refused as
