@@ -23,7 +23,7 @@ import hashlib
 import json
 import operator
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -1152,6 +1152,9 @@ def train_tokenizer(
             else "give a list of texts"
         )
         raise TypeError(f"texts is {texts!r:.60} ({type(texts).__name__}), not an iterable of texts: {to_do}")
+    if isinstance(texts, Mapping):  # a datasets batch, dataset[:1000]: its keys would be the texts, "text" alone
+        keys = ", ".join(map(repr, list(texts)[:4]))
+        raise TypeError(f"texts is a mapping (keys {keys}), whose keys would be the texts: give its texts, texts[key]")
 
     def checked(texts: Iterable[str | Sequence[str]]) -> Iterator[str | Sequence[str]]:
         """Each text, or batch of texts (a list or tuple, as tokenizers' train_from_iterator takes them), refused by

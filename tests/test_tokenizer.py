@@ -335,7 +335,8 @@ def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_pat
     text, and trained on one str's characters, each a text, without a word (a vocabulary of no merges). A bad text
     before the last one was named only once tokenizers had read past it (it pulls texts ahead, in batches), so such a
     text came back with the bare error too. texts None or 5 was tokenizers' bare "'NoneType' object is not iterable",
-    and bytes each byte an int "text 1 of the texts is 104 (int)"."""
+    and bytes each byte an int "text 1 of the texts is 104 (int)". A datasets batch (dataset[:1000], a dict of columns)
+    trained on its keys, the one word "text", without a word."""
     for texts, error, message in [
         (["print(1)"] * 5 + ["bad \ud800 x"], ValueError, "text 6 of the texts is not valid UTF-8: it holds '\\ud800'"),
         (["print(1)", None], TypeError, "text 2 of the texts is None (NoneType), not str"),
@@ -345,6 +346,11 @@ def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_pat
         (None, TypeError, "texts is None (NoneType), not an iterable of texts: give a list of texts"),
         (5, TypeError, "texts is 5 (int), not an iterable of texts"),
         (b"print(1)", TypeError, "texts is b'print(1)' (bytes), not an iterable of texts: decode it first"),
+        (
+            {"text": ["print(1)"] * 9},
+            TypeError,
+            "texts is a mapping (keys 'text'), whose keys would be the texts: give",
+        ),
     ]:
         with pytest.raises(error) as refused:
             train_tokenizer(texts, 300, tmp_path / "tokenizer")
