@@ -138,8 +138,10 @@ def remove_while_empty(folders: Sequence[Path]) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
-    """Write `data` (text as UTF-8, bytes, or a function that writes the file at the path it is given) to `path`."""
+    """Write `data` (text as UTF-8, bytes, or a function that writes the file at the path it is given) to `path`; a
+    file where its folder would be made is refused naming it (`refuse_a_file_in_the_way`)."""
     path = Path(path)
+    refuse_a_file_in_the_way(path.parent, path.name)
     with staged_files(path.parent) as staged:
         temporary = staged.path(path.name)
         if callable(data):

@@ -67,6 +67,15 @@ def test_write_atomic_writes_text_as_utf8_and_bytes_as_they_are(tmp_path, data, 
     assert entries(tmp_path / "new") == ["file"]
 
 
+def test_write_atomic_under_a_file_names_the_file_in_the_way(tmp_path):
+    """`data build --write-config notes.txt/cleaning.yaml` said "[Errno 17] File exists: 'notes.txt'"."""
+    (tmp_path / "notes.txt").write_text("notes")
+    for path in (tmp_path / "notes.txt" / "cleaning.yaml", tmp_path / "notes.txt" / "configs" / "cleaning.yaml"):
+        with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'notes.txt'}: is a file, not a folder")):
+            write_atomic(path, "text")
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_write_atomic_hands_a_function_the_path_to_write(tmp_path):
     write_atomic(tmp_path / "t.pt", lambda temporary: torch.save({"step": 3}, temporary))
     assert torch.load(tmp_path / "t.pt") == {"step": 3}
