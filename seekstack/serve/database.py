@@ -223,6 +223,13 @@ class SQLiteDatabase:
                     f"{path} is held by another connection (another server writing, a VACUUM, an open sqlite3 "
                     f"session) and stayed locked for {BUSY_RETRY_S:.0f} s: {error}; try again once it is free"
                 ) from error
+            if error.sqlite_errorname == "SQLITE_CANTOPEN" and os.access(path, os.R_OK | os.W_OK):
+                raise PermissionError(  # the file opens: SQLite cannot create its journal beside it
+                    f"{path} cannot be written: SQLite could not create its journal files beside it ({path.name}-wal, "
+                    f"{path.name}-shm) in {path.parent}, which must take new files (a read-only folder, or one this "
+                    "user may not write to, does not; nor may a folder stand in the way of one); the database itself "
+                    "is not at fault"
+                ) from error
             raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()

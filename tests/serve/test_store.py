@@ -956,6 +956,20 @@ def test_a_folder_given_for_the_database_is_named_as_one_and_left_as_it_was(tmp_
     assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
+def test_a_database_whose_journal_cannot_be_created_beside_it_is_not_called_unusable(tmp_path):
+    """A database in a folder that takes no new file (read-only, another user's) was refused as 'not a usable seekstack
+    database: unable to open database file', though nothing was wrong with it: a user so told may delete it, keys and
+    bills with it. (A folder in the way of its -wal file stands for that folder here: root writes anywhere.)"""
+    path = tmp_path / "keys.db"
+    open_database(path).close()
+    (tmp_path / "keys.db-wal").mkdir()
+    with pytest.raises(PermissionError, match=f"{path} cannot be written: SQLite could not create its journal files "
+                                              f"beside it \\(keys.db-wal, keys.db-shm\\) in {tmp_path}, "):  # fmt: skip
+        open_database(path)
+    (tmp_path / "keys.db-wal").rmdir()
+    assert KeyStore(open_database(path)).list() == []  # the database as it was
+
+
 def charged(limiter: RateLimiter, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
     """A request admitted and charged `tokens`, as the server does: counted, then its tokens reserved."""
     charge = limiter.admit(key_name, rpm)
