@@ -92,7 +92,7 @@ def eval_command(
         bool,
         typer.Option(
             help="Also write lm_eval's own files, its results JSON and each task's samples (prompts, answers, "
-            "scores), into OUT's folder's lm_eval/MODEL/"
+            "scores), into lm_eval/ beside OUT"
         ),
     ] = False,
     out: Annotated[
@@ -100,12 +100,12 @@ def eval_command(
         typer.Option(
             help="Results path without suffix, or a folder to write results.json and results.md into (an existing "
             "one, or one ending in /, made); default RUN/eval/results for a run or its checkpoint, else "
-            "MODEL/eval/results"
+            "CHECKPOINT/eval/results"
         ),
     ] = None,
 ) -> None:
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
-    table OUT.md (by default in the run's out_dir when MODEL is one or one of its checkpoints, where `report` reads
+    table OUT.md (by default in the run's out_dir when CHECKPOINT is one or one of its checkpoints, where `report` reads
     it)."""
     from seekstack.atomic import refuse_a_file_in_the_way
     from seekstack.eval.evaluate import (

@@ -193,6 +193,14 @@ def test_seekstack_help_lists_a_command_as_click_does_past_its_no_rewrap_form_fe
     assert renamed.get_short_help_str(30) == "Train on shards of a corpus... (DEPRECATED: use train)"
 
 
+@pytest.mark.parametrize(("command", "argument"), [(["eval"], "CHECKPOINT"), (["quantize"], "CHECKPOINT")])
+def test_a_commands_help_names_its_argument_as_its_usage_line_does(command, argument):
+    """eval's --help said "when MODEL is one", "else MODEL/eval/results" of its argument CHECKPOINT."""
+    shown = runner.invoke(app, [*command, "--help"], terminal_width=200).output
+    assert f"[OPTIONS] {argument}" in shown
+    assert re.findall(r"\bMODELS?\b", shown) == []
+
+
 @pytest.mark.parametrize("choice", [[], ["--threshold", "0.5", "--top-fraction", "0.3"]], ids=["neither", "both"])
 def test_data_select_names_its_two_selection_options_when_not_given_one(tmp_path, choice):
     paths = ["--corpus", str(tmp_path / "corpus"), "--model", str(tmp_path / "q.npz"), "--out", str(tmp_path / "out")]
