@@ -235,8 +235,9 @@ class GRPOConfig(TrainConfig):
         "norm_adv_by_std_in_grpo": "verl's norm_adv_by_std_in_grpo=true is scale_rewards=group here, false (Dr. "
         "GRPO's) scale_rewards=none",
         "dataset_name": "TRL's dataset_name (prompts and the solution column its accuracy_reward verifies against) is "
-        'task here: a problems .jsonl of {"question", "answer"} or {"problem", "solution"} lines (a Hugging Face Hub '
-        'dataset is written to one first: datasets\' load_dataset(NAME, split="train").to_json("problems.jsonl"))',
+        'task here: a problems .jsonl of {"question", "answer"}, {"problem", "solution"} or its own {"prompt", '
+        '"solution"} lines (a Hugging Face Hub dataset is written to one first: datasets\' load_dataset(NAME, '
+        'split="train").to_json("problems.jsonl"))',
         # transformers' TrainingArguments names, which TRL's GRPOConfig takes too, as sft names them
         **{
             name: ConversationConfig.field_notes[name]

@@ -1362,7 +1362,7 @@ def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_
     [
         ({"question": "q"}, ":2: no field answer nor solution; a line is {\"question\": \"...\", \"answer\": ...} (or "
          "\"problem\" and \"solution\", MATH's and TRL's names)"),
-        ({"answer": 1}, ":2: no field question nor problem;"),
+        ({"answer": 1}, ":2: no field question nor problem nor prompt;"),
         ({"problem": "q", "solution": "So \\boxed{x^2}."}, ":2: field solution is \"So \\\\boxed{x^2}.\": not one "
          "number"),
         ({"question": "q", "answer": [1]}, ":2: field answer is [1]: not one number"),
@@ -1373,6 +1373,10 @@ def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_
         ({"question": 7, "answer": 1}, ":2: field question is 7: must be the question's text"),
         ({"question": "What is 1 + 1?", "answer": 3}, ":2: field question: line 1's question, with another answer"),
         ('["q", 1]', ':2: ["q", 1] is no object'),
+        # TRL's GRPO prompt with a system prompt: rl asks in its own
+        ({"prompt": [{"role": "system", "content": "Think."}, {"role": "user", "content": "q"}], "solution": "2"},
+         ':2: field prompt is [{"role": "system", "content": "Think."}, {"role": "user"...: a conversational '
+         "prompt is read as its one user message, the question"),
         ('{"question": "q", "answer": 1', ":2: not valid JSON"),
         # were refused by the tokenizer as the prompt was made, naming "chat message 1 content" alone
         ({"question": "What is 2 + 2?<｜Assistant｜>5", "answer": 4}, ":2: field question contains the chat format's "
@@ -1386,6 +1390,16 @@ def test_a_bad_line_of_a_problems_file_is_refused_naming_the_file_line_and_field
     with pytest.raises(ConfigError, match=re.escape(path + refusal)) as refused:
         resolve_train_config(None, [f"task={path}", "tokenizer=", "init_from="], cls=GRPOConfig)
     assert refused.value.field == "task"
+
+
+def test_trls_grpo_prompt_and_solution_are_a_question_and_its_answer(tmp_path):
+    """TRL's GRPO dataset format, a "prompt" (text, or conversational: its one user message) beside the "solution"
+    its accuracy_reward verifies against (trl-lib/DeepMath-103K's), was refused: "no field question nor problem"."""
+    lines = [{"prompt": "What is 1 + 1?", "solution": "2"}]
+    lines += [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "solution": "\\boxed{4}"}]
+    task = make_task(problems_file(tmp_path / "grpo.jsonl", lines))
+    assert [(p.question, p.answer) for p in task.problems] == [("What is 1 + 1?", "2"), ("What is 2 + 2?", "4")]
+    assert task.verify(task.problems[1], "\\boxed{4}") and not task.verify(task.problems[1], "5")
 
 
 @pytest.mark.parametrize("gold", ["\\sqrt{2}", "\\pi", "2^{10}", "3\\sqrt{2}"])

@@ -34,11 +34,12 @@ from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS
 LINE_FORMAT = (
     'a line is {"question": "...", "answer": ...} (or "problem" and "solution", MATH\'s and TRL\'s names), the '
     'answer a number or a string of one ("\\\\frac{1}{2}", a solution\'s \\\\boxed{...}), or of a tuple, an interval '
-    'or a set of numbers ("(1, 2)")'
+    'or a set of numbers ("(1, 2)"); the question may be TRL GRPO\'s "prompt", its text or its one user message'
 )
 # The fields a line's question and gold answer are read from, the first a line has: ours (GSM8K's), then the MATH
-# dataset's and NuminaMath's, whose `solution` TRL's accuracy_reward verifies against (its final \boxed{...})
-QUESTION_FIELDS = ("question", "problem")
+# dataset's and NuminaMath's, whose `solution` TRL's accuracy_reward verifies against (its final \boxed{...}), then
+# TRL's GRPO `prompt` (its text, or its conversational form's one user message)
+QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
 # GSM8K's calculator annotations ("48/2 = <<48/2=24>>24"), which its authors' calculator ran at sampling time; the
 # engine runs none, so they are dropped from a trace, as GSM8K's README says to train without one
@@ -100,6 +101,8 @@ def _problem(record: Any, where: str) -> Problem:
         if field is None:
             raise ValueError(f"{where}: no field {' nor '.join(names)}; {LINE_FORMAT}")
     question, answer = record[question_field], record[answer_field]
+    if question_field == "prompt" and isinstance(question, list):
+        question = _user_question(question, where)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
     for field, text in ((question_field, question), (answer_field, answer)):
@@ -125,6 +128,18 @@ def _problem(record: Any, where: str) -> Problem:
         reasoning = CALCULATOR_ANNOTATION.sub("", before_marker) if marker else answer
         return Problem(question, question, final_answer(answer), reasoning.strip(), _data(gold))
     return Problem(question, question, str(answer), "", _data(gold))
+
+
+def _user_question(messages: list, where: str) -> Any:
+    """The question of TRL's conversational prompt: the content of its one message, the user's; a ValueError naming
+    `where` for a prompt of other messages (a system prompt: rl asks in the R1 format's own)."""
+    if len(messages) == 1 and isinstance(messages[0], dict) and messages[0].get("role") == "user":
+        return messages[0].get("content")
+    raise ValueError(
+        f"{where}: field prompt is {_shown(messages)}: a conversational prompt is read as its one user message, "
+        "the question, which rl asks after the R1 format's system prompt; give that message alone, or its text as "
+        '"question"'
+    )
 
 
 def _field(record: dict[str, Any], names: tuple[str, ...]) -> str | None:
