@@ -11,6 +11,7 @@ cover 75% of held-out tokens, the 1024 most frequent 82%).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,16 +51,28 @@ def token_ranking(model_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor,
     return torch.arange(vocab_size), "tokenizer id order (BPE merge rank): no training shards beside the checkpoint"
 
 
-def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor) -> DraftVocabulary | None:
-    """The `size` first ids of `ranking` with their rows of `model`'s output head (a copy, see
-    `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers it;
-    ValueError for a negative size (a slice from the end would take all ids but the last ones)."""
+def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequence[int]) -> DraftVocabulary | None:
+    """The `size` first ids of `ranking` (a tensor or list of token ids) with their rows of `model`'s output head (a
+    copy, see `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers
+    it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
+    that is not token ids of the model's vocabulary, naming draft_ranking (torch's IndexError named neither)."""
     if size < 0:
         raise ValueError(f"draft_vocab={size} must be >= 0: the most frequent tokens drafts score (0: all of them)")
     if size == 0 or size >= model.config.vocab_size:
         return None
+    ranked = torch.as_tensor(ranking)
+    if ranked.dim() != 1 or ranked.is_floating_point() or ranked.is_complex() or ranked.dtype == torch.bool:
+        raise ValueError(
+            "draft_ranking must be token ids, most frequent first (a 1-D tensor or list of ints); got "
+            f"{ranked.dtype} of shape {tuple(ranked.shape)}"
+        )
+    outside = ranked[(ranked < 0) | (ranked >= model.config.vocab_size)]
+    if len(outside):
+        raise ValueError(
+            f"draft_ranking holds token id {outside[0].item()}, outside the vocabulary [0, {model.config.vocab_size})"
+        )
     weight = model.lm_head.weight.detach()
-    ids = ranking[:size].to(weight.device)
+    ids = ranked[:size].to(weight.device)
     return DraftVocabulary(ids, weight[ids].t().contiguous())
 
 

@@ -290,7 +290,7 @@ class Engine:
         draft_tokens: int = EngineOptions.draft_tokens,
         adaptive_drafts: bool = EngineOptions.adaptive_drafts,
         draft_vocab: int = EngineOptions.draft_vocab,
-        draft_ranking: torch.Tensor | None = None,
+        draft_ranking: torch.Tensor | Sequence[int] | None = None,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool | None = False,

@@ -98,6 +98,21 @@ def test_a_negative_draft_vocabulary_is_refused_naming_it(tokenizer):
         Engine(micro_model(), tokenizer, speculative=True, draft_vocab=-3, adaptive_drafts=False)
 
 
+def test_a_draft_ranking_of_other_than_the_vocabularys_ids_is_refused_naming_it_and_a_list_is_taken(model):
+    """Engine(..., speculative=True, draft_ranking=...) met a ranking with id 600 of 512, or -1, with torch's bare
+    "IndexError: index 600 is out of bounds for dimension 0 with size 512" (or "index out of range in self"), floats
+    and a 2-D tensor with IndexError and RuntimeError, and a list of ids with "'list' object has no attribute 'to'"."""
+    assert draft_vocabulary(model, 3, [7, 5, 9, 1]).ids.tolist() == [7, 5, 9]
+    for ranking, refusal in (
+        (torch.tensor([600, 1, 2]), r"^draft_ranking holds token id 600, outside the vocabulary \[0, 512\)$"),
+        ([3, -1, 2], r"^draft_ranking holds token id -1, outside the vocabulary \[0, 512\)$"),
+        (torch.tensor([1.0, 2.0, 3.0]), r"\(a 1-D tensor or list of ints\); got torch.float32 of shape \(3,\)$"),
+        (torch.tensor([[3, 4, 5]]), r"\(a 1-D tensor or list of ints\); got torch.int64 of shape \(1, 3\)$"),
+    ):
+        with pytest.raises(ValueError, match=refusal):
+            draft_vocabulary(model, 3, ranking)
+
+
 def test_sampling_over_drafts_from_the_subset_follows_the_target_over_the_whole_vocabulary(model):
     """The draft distribution q is one-hot on the subset's argmax; accepting with p(draft) and else drawing from p
     without the draft still gives p, tokens outside the subset included (Leviathan et al. 2023, Thm. 3.5)."""
