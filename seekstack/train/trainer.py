@@ -344,7 +344,7 @@ def set_balance_weight(model: Transformer, aux_loss_alpha: float) -> None:
 
 
 def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path, init_from: str | Path = "") -> None:
-    """ValueError unless a model of `vocab_size` ids (the checkpoint `init_from`, else a fresh one) can train on the
+    """ConfigError unless a model of `vocab_size` ids (the checkpoint `init_from`, else a fresh one) can train on the
     shards in `data_dir` (or the rows of the tokenizer it names), of a tokenizer of `vocab_needed` ids: fewer cannot
     embed the data, and a fresh model's must be exactly those, as more would let it emit ids that decode to no token."""
     if vocab_size < vocab_needed:
@@ -354,12 +354,12 @@ def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path,
             if init_from
             else f"set model.vocab_size={vocab_needed}"
         )
-        raise ValueError(
+        raise ConfigError(
             f"{data_dir}: its tokenizer has {vocab_needed} ids, more than model vocab_size={vocab_size} embeds; "
             f"{advice}"
         )
     if not init_from and vocab_size > vocab_needed:
-        raise ValueError(
+        raise ConfigError(
             f"{data_dir}: its tokenizer has {vocab_needed} tokens, fewer than model vocab_size={vocab_size}: ids "
             f"{vocab_needed}..{vocab_size - 1} decode to no token; set model.vocab_size={vocab_needed}"
         )

@@ -149,6 +149,24 @@ def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_ra
         assert said.startswith(printed) if printed else said == ""
 
 
+def test_a_model_vocabulary_other_than_the_datas_is_a_setting_printed_once_per_machine(monkeypatch, capsys, tmp_path):
+    """model.vocab_size=97 on shards of 96 ids was a ValueError, which each rank of the machine printed as an error of
+    its own ('error: ...', 'error (rank 1): ...'): every rank meets it alike."""
+    import typer
+
+    from seekstack.cli.common import user_errors
+    from seekstack.train.trainer import require_vocabulary
+
+    message = f"{tmp_path}: its tokenizer has 96 tokens, fewer than model vocab_size=97: ids 96..96 decode to no token"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", f"error: {message}; set model.vocab_size=96\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(typer.Exit), user_errors():
+            require_vocabulary(97, 96, tmp_path)
+        assert capsys.readouterr().err == printed, rank
+
+
 def _rank_failing_while_rank_0_evaluates(rank: int, world_size: int, port: int, config, ended) -> None:
     """Rank 1 fails after step 1; rank 0 is in its evaluation (its own work, no collective) when the SIGTERM that
     stops the ranks left reaches it."""
