@@ -63,12 +63,13 @@ def save_pretrained(
 
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
     FP8 release (an fp8-quantized model is stored in its own blocks, another `fp8_block` refused, and the layers its
-    quantization kept stay in float); with `stacked_experts`, routed experts in seekstack's memory-mappable layout.
-    The folder is swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
-    checkpoint, and an existing one stays until the new one is complete; its files this save does not write (the
-    tokenizer's) are kept. A config transformers computes differently (`ModelConfig.transformers_divergences`) is
-    warned about, and so is an fp8 block that does not divide a weight, which transformers' CPU loader refuses or
-    misreads (`warn_fp8_blocks_transformers_misreads`).
+    quantization kept stay in float; a float model's blocks too small to shrink its weights are refused, as
+    `QuantConfig.refuse_growing_fp8_block` refuses them); with `stacked_experts`, routed experts in seekstack's
+    memory-mappable layout. The folder is swapped in whole when complete (`atomic_directory`): an interrupted save
+    never leaves a half-written checkpoint, and an existing one stays until the new one is complete; its files this
+    save does not write (the tokenizer's) are kept. A config transformers computes differently
+    (`ModelConfig.transformers_divergences`) is warned about, and so is an fp8 block that does not divide a weight,
+    which transformers' CPU loader refuses or misreads (`warn_fp8_blocks_transformers_misreads`).
     """
     if fp8_block is not None and not (len(fp8_block) == 2 and all(type(s) is int and s > 0 for s in fp8_block)):
         raise ValueError(
@@ -297,6 +298,10 @@ def _stored_tensors(
                 "checkpoint keeps; leave fp8_block out (or requantize the float model in other blocks)"
             )
         fp8_block = block
+    elif fp8_block is not None:  # quantized while saving: blocks whose scale outweighs what fp8 saves are refused
+        from seekstack.compress.quantize import QuantConfig
+
+        QuantConfig(scheme="fp8", fp8_block=fp8_block).refuse_growing_fp8_block(model.embed_tokens.weight.dtype)
     for key, tensor in checkpoint_tensors(model, stacked_experts):
         stacked_parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
         if (

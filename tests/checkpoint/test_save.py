@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import seekstack
 from tests.conftest import micro_config
@@ -88,3 +89,16 @@ def test_an_fp8_block_transformers_cpu_loader_misreads_is_warned_about_naming_th
             re.escape(f"weight_block_size {list(block)} does not divide ") + f".*{named}", messages[0]
         )
         assert str(tmp_path / "fp8") in messages[0] and "transformers' CPU loader" in messages[0]
+
+
+def test_an_fp8_block_too_small_to_shrink_the_models_float_weights_is_refused_at_save(tmp_path):
+    """save_pretrained(bfloat16 model, folder, fp8_block=(1, 1)) quantized while saving into a checkpoint larger than
+    the float one (a 4-byte float32 scale per weight fp8 saves a byte of), as quantize refuses; a float32 model's
+    (2, 2) blocks (3 bytes a weight saved, 12 a block) are taken."""
+    model = seekstack.Transformer(micro_config()).eval()
+    with pytest.raises(ValueError, match=r"^field 'fp8_block' must be a block of more than 4 weights for bfloat16"):
+        seekstack.save_pretrained(model.to(torch.bfloat16), tmp_path / "refused", fp8_block=(1, 1))
+    assert not (tmp_path / "refused").exists()
+    seekstack.save_pretrained(model.float(), tmp_path / "taken", fp8_block=(2, 2))
+    config = json.loads((tmp_path / "taken" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [2, 2]
