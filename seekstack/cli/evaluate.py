@@ -163,6 +163,7 @@ def explain_command(
     import json
 
     from seekstack.adapters.files import merged_model, model_folders
+    from seekstack.atomic import write_atomic
     from seekstack.checkpoint import load_pretrained, read_config
     from seekstack.eval.explain import (
         corpus_routing,
@@ -203,7 +204,7 @@ def explain_command(
             out.mkdir(parents=True, exist_ok=True)
             stats_png, stats_json = routing_png(records, out / "routing_stats.png", model), out / "routing_stats.json"
             typer.echo(f"routing statistics: {stats_png}")
-            stats_json.write_text(json.dumps(records, indent=1) + "\n")
+            write_atomic(stats_json, json.dumps(records, indent=1) + "\n")
             written += [stats_png, stats_json]
             for record in records:
                 typer.echo(

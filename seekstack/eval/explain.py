@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import ModelConfig  # noqa: E402
 from seekstack.eval.attention_maps import LayerAttention, attention_maps  # noqa: E402
 from seekstack.eval.routing import (  # noqa: E402
@@ -151,7 +152,7 @@ def explain_text(
         "routing_note": "" if routing else no_routing_note(model.config),
     }
     page = _PAGE.replace("__DATA__", _script_json(data)).replace("__TITLE__", html.escape(text[:60]))
-    paths["html"].write_text(page)
+    write_atomic(paths["html"], page)
     return paths
 
 
@@ -215,7 +216,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path, ch
     figure.tight_layout(rect=(0, 0, 0.9, 0.98))  # room for the title, and on the right for the colour scale
     scale = figure.add_axes((0.92, 0.2, 0.02, 0.6))
     figure.colorbar(image, cax=scale, label="attention weight (each row sums to 1)")
-    figure.savefig(path, dpi=FIGURE_DPI)
+    _save_png(figure, path, FIGURE_DPI)
     plt.close(figure)
     return path
 
@@ -242,7 +243,7 @@ def _routing_png(
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
     _title(figure, "gate weight of each selected expert, per token", checkpoint)
-    figure.savefig(path, dpi=FIGURE_DPI)
+    _save_png(figure, path, FIGURE_DPI)
     plt.close(figure)
     return path
 
@@ -379,9 +380,15 @@ def routing_png(records: list[dict[str, Any]], path: str | Path, checkpoint: str
             _label_experts(axis.xaxis)
     _title(figure, "routing statistics", checkpoint)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    _save_png(figure, path, 100)
     plt.close(figure)
     return Path(path)
+
+
+def _save_png(figure: Figure, path: str | Path, dpi: int) -> None:
+    """Write `figure` to `path` whole or not at all: an explain stopped (Ctrl-C) or refused by a full disk mid-write
+    leaves no cut PNG."""
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"))
 
 
 _PAGE = """<!doctype html>

@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,22 @@ def test_corpus_routing_windows_fit_in_the_models_context(checkpoint):
     assert len(tokenizer.encode(text)) > 256
     (first, *_) = corpus_routing(model, tokenizer, [text], max_tokens=1000)
     assert {width for _, width in shapes} == {64} and first["tokens"] == sum(rows * 64 for rows, _ in shapes) >= 128
+
+
+def test_explain_stopped_while_writing_a_png_leaves_no_cut_one(checkpoint, tmp_path, monkeypatch):
+    """savefig wrote attention.png in place: Ctrl-C (or a full disk) mid-write left a cut PNG beside the others."""
+    from matplotlib.figure import Figure
+
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+
+    def cut_short(figure, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n")  # the first bytes, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        explain_text(model, tokenizer, CODE, tmp_path / "explain")
+    assert list((tmp_path / "explain").iterdir()) == []
 
 
 def test_explain_refuses_a_text_longer_than_the_context_and_writes_nothing(checkpoint, tmp_path):

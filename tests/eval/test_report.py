@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import sysconfig
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from seekstack.atomic import hidden_pattern
 from seekstack.cli import app
 from seekstack.train.runs import run_checkpoint
 
@@ -418,10 +420,11 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     titles, overflow, savefig = {}, {}, Figure.savefig
 
     def kept(figure, path, *args, **kwargs):  # each PNG's title as it is saved, and how far it runs past the figure
-        titles[Path(path).name] = figure.get_suptitle()
+        name = re.fullmatch(hidden_pattern("(.+)"), Path(path).name).group(1)  # saved beside it, then renamed
+        titles[name] = figure.get_suptitle()
         figure.canvas.draw()
         extent = figure._suptitle.get_window_extent()
-        overflow[Path(path).name] = max(0.0, figure.bbox.x0 - extent.x0, extent.x1 - figure.bbox.x1)
+        overflow[name] = max(0.0, figure.bbox.x0 - extent.x0, extent.x1 - figure.bbox.x1)
         return savefig(figure, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", kept)
