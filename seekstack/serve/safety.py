@@ -46,10 +46,11 @@ class ContentSafety:
         self,
         body: ChatCompletionRequest | CompletionRequest,
         categories: list[Category],
-        bill: Bill,
+        bill: Bill | None,
     ) -> bool:
         """400 when a category blocks the prompt's text (the bill names the category; a refused request has no tokens
-        and costs nothing), else redact it in place; returns whether the text changed. A token-id prompt is read as
+        and costs nothing; None: /tokenize's count, billed nothing), else redact it in place; returns whether the text
+        changed. A token-id prompt is read as
         the text it spells, and only its tokens that spell a redacted span are replaced (`redacted_ids`)."""
         is_chat = isinstance(body, ChatCompletionRequest)
         prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
@@ -88,11 +89,11 @@ class ContentSafety:
         spelled, decoded = Spelling.of(self.tokenizer, ids), self.tokenizer.decode(ids)
         return (decoded, spelled if spelled.text == decoded else None)
 
-    def note(self, bill: Bill, hits: list[Hit]) -> Hit | None:
-        """Record the first acting category on the bill (a blocking one first) with its billing; return the blocking
-        hit."""
+    def note(self, bill: Bill | None, hits: list[Hit]) -> Hit | None:
+        """Record the first acting category on the bill, if any (a blocking one first) with its billing; return the
+        blocking hit."""
         blocking = next((hit for hit in hits if hit.action == "block"), None)
-        if hits and (bill.moderation is None or blocking is not None):
+        if bill is not None and hits and (bill.moderation is None or blocking is not None):
             acting = blocking or hits[0]
             bill.moderation = acting.category
             bill.free = self.policy.categories[acting.category].rule.billing == "none"

@@ -12,8 +12,9 @@ messages keep their template's own), `add_generation_prompt: false` the assistan
 `return_token_strs: true` adds each id's token string (`token_strs`); vLLM's continue_final_message and chat_template
 are refused, as the chat routes refuse them ("prefix": true continues a last message), and its chat_template_kwargs read
 as there (a key the template does not read dropped, one it reads refused). `model` (default the base model) must be one
-the caller may use. Like /v1/moderations they count against a key's requests per minute and are not metered; a server
-without API keys answers them to loopback JSON requests only (serve/access.py).
+the caller may use. A prompt is counted as the caller's content policy leaves it for the call (redacted; 400 where it is
+blocked). Like /v1/moderations they count against a key's requests per minute and are not metered; a server without API
+keys answers them to loopback JSON requests only (serve/access.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from seekstack.serve.schemas import (
 
 if TYPE_CHECKING:
     from seekstack.serve.app import Server
+    from seekstack.serve.moderation import Category
+    from seekstack.serve.safety import ContentSafety
     from seekstack.tokenizer import Tokenizer
 
 
@@ -102,42 +105,46 @@ TOKENIZE_REQUESTS = [TokenizeRequest, DetokenizeRequest]  # for the OpenAPI docu
 TEMPLATE_FIELDS = {name: REFUSED_VLLM_CHAT_FIELDS[name] for name in ("chat_template", "continue_final_message")}
 
 
-def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[int]:
-    """The token ids /tokenize answers: those the completion or chat call of `body` is billed, but for vLLM's options
-    leaving out the prompt's special tokens or the generation prompt."""
+def tokenized(
+    body: TokenizeRequest, model: str, tokenizer: Tokenizer, safety: ContentSafety, categories: list[Category]
+) -> list[int]:
+    """The token ids /tokenize answers: those the completion or chat call of `body` is billed, as the caller's content
+    policy (`categories`) leaves them (redacted; 400 where it blocks them), but for vLLM's options leaving out the
+    prompt's special tokens or the generation prompt."""
     refuse_fields(body, TEMPLATE_FIELDS)
     refuse_template_kwargs(body.chat_template_kwargs, tokenizer)
     if body.prompt is not None:
-        request = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
-        [ids] = prompt_ids(request, tokenizer)
+        call = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        try:  # checked as the chat route checks it (a tool_choice naming a function not among the tools)
+            call = ChatCompletionRequest(
+                model=model, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice
+            )
+        except ValidationError as error:
+            raise invalid_body(error) from None
+    if categories:
+        safety.moderate_prompt(call, categories, None)
+    if isinstance(call, CompletionRequest) or body.add_generation_prompt:
+        [ids] = prompt_ids(call, tokenizer)
         return ids
-    try:  # checked as the chat route checks it (a tool_choice naming a function not among the tools)
-        chat = ChatCompletionRequest(
-            model=model, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice
-        )
-    except ValidationError as error:
-        raise invalid_body(error) from None
-    if body.add_generation_prompt:
-        [ids] = prompt_ids(chat, tokenizer)
-        return ids
-    if body.messages[-1].prefix:
+    if call.messages[-1].prefix:
         raise APIError(400, "a last message marked prefix is continued: there is no generation prompt to leave out",
                        param="add_generation_prompt", code="invalid_value")  # fmt: skip
-    return chat_ids(body.messages, tokenizer, add_generation_prompt=False, tools=chat.offered_tools())
+    return chat_ids(call.messages, tokenizer, add_generation_prompt=False, tools=call.offered_tools())
 
 
 def add_tokenize_routes(app: FastAPI, server: Server) -> None:
     """POST /tokenize and /detokenize, with `server`'s tokenizer."""
 
     async def admitted(request: Request, schema: type[TokenizeRequest | DetokenizeRequest]):
-        """The request's body, once its key is authenticated, counted against its requests per minute (429 over
-        them), and found to name a model it may use (404)."""
+        """The request's key and body, once the key is authenticated, counted against its requests per minute (429
+        over them), and found to name a model it may use (404)."""
         key: ApiKey | None = await asyncio.to_thread(server.authenticate, request)
         await server.count(request, key)
         raw = await read_body(request, server.max_body_bytes)
         body = await asyncio.to_thread(parse_body, schema, raw)  # 800,000 ids: 0.4 s of JSON
         server.adapter_for(body.model or server.model_name, key)
-        return body
+        return key, body
 
     @app.post(
         "/tokenize",
@@ -147,9 +154,10 @@ def add_tokenize_routes(app: FastAPI, server: Server) -> None:
     )
     async def tokenize(request: Request) -> JSONResponse:
         """The token ids a completion's prompt or a chat's messages are billed as (vLLM's route)."""
-        body = await admitted(request, TokenizeRequest)
-        tokenizer = server.engine.tokenizer
-        ids = await asyncio.to_thread(tokenized, body, body.model or server.model_name, tokenizer)
+        key, body = await admitted(request, TokenizeRequest)
+        tokenizer, model = server.engine.tokenizer, body.model or server.model_name
+        categories = server.safety.categories_for(key)
+        ids = await asyncio.to_thread(tokenized, body, model, tokenizer, server.safety, categories)
         answer = TokenizeResponse(
             count=len(ids),
             max_model_len=server.engine.max_model_len,
@@ -166,7 +174,7 @@ def add_tokenize_routes(app: FastAPI, server: Server) -> None:
     )
     async def detokenize(request: Request) -> JSONResponse:
         """The text of token ids, special tokens kept as their strings (vLLM's route)."""
-        body = await admitted(request, DetokenizeRequest)
+        _, body = await admitted(request, DetokenizeRequest)
         tokenizer = server.engine.tokenizer
         refuse_outside_vocabulary(body.tokens, tokenizer, "tokens")
         text = await asyncio.to_thread(tokenizer.decode, body.tokens)

@@ -568,3 +568,31 @@ def test_terms_of_scripts_written_without_spaces_are_found_inside_their_sentence
     assert (shown, hit) == ("", None)  # held back: the term may be under way
     shown, hit = stream.push("弹，谢谢", final=True)
     assert (shown, hit.category, hit.action) == ("请告诉我怎么制造", "weapons", "block")
+
+
+def test_tokenize_counts_a_prompt_as_the_content_policy_leaves_it_for_the_call(model_dir, policy, tmp_path):
+    """/tokenize counted the prompt as sent, where the call reads it redacted (`[REDACTED:pii]`, more tokens than the
+    address) or refuses it: a client checking a call's length first was told too few tokens, and a blocked prompt's
+    count as if it could be sent."""
+    engine = Engine.from_pretrained(model_dir)
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database, policy=policy)
+    messages = [{"role": "user", "content": "mail bob@corp.com now"}]
+
+    async def scenario(client):
+        calls = [
+            ("/tokenize", {"prompt": "mail bob@corp.com now"}),
+            ("/v1/completions", {"prompt": "mail bob@corp.com now", "max_tokens": 1}),
+            ("/tokenize", {"messages": messages}),
+            ("/v1/chat/completions", {"messages": messages, "max_tokens": 1}),
+            ("/tokenize", {"prompt": "how to build a pipe bomb"}),
+        ]
+        return [await client.post(route, json=body) for route, body in calls]
+
+    text, completion, chat, chat_call, blocked = run(app, scenario)
+    assert text.json()["count"] == completion.json()["usage"]["prompt_tokens"]
+    assert text.json()["tokens"] == engine.tokenizer.encode_prompt("mail [REDACTED:pii] now")
+    assert chat.json()["count"] == chat_call.json()["usage"]["prompt_tokens"]
+    error = error_of(blocked, 400)
+    assert (error["code"], error["param"]) == ("content_policy_violation", "prompt") and "weapons" in error["message"]
+    assert [row["endpoint"] for row in Ledger(database).records()] == ["/v1/completions", "/v1/chat/completions"]
