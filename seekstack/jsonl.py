@@ -10,15 +10,18 @@ from typing import Any
 
 from seekstack.compression import opened
 
+TABLE_FILES = {b"PAR1": "parquet", b"ARROW1": "arrow"}  # the magic bytes opening a Parquet or an Arrow IPC file
+
 
 def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
     skipped; a name ending in .gz, .bz2, .xz or .zst, in any case, is read through its compression, as datasets' JSON
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
-    it does not decompress or is UTF-16 text (Windows PowerShell's Out-File and `>` write it), and one saying the file
-    is not JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line or many; no caller
-    reads lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline (what a process
-    stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
+    it does not decompress, is UTF-16 text (Windows PowerShell's Out-File and `>` write it) or a Parquet or Arrow file
+    (a Hub dataset's), and one saying the file is not JSON Lines when it starts a JSON array of objects
+    (`json.dump(records, f)`, on one line or many; no caller reads lines that are arrays). With `on_torn_tail`, a last
+    line that is neither and has no newline (what a process stopped while appending it leaves) is skipped, and
+    `on_torn_tail` is told why."""
     with opened(path) as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
@@ -26,6 +29,14 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 raise ValueError(
                     f"{path}: UTF-16 text (its byte order mark opens it), not UTF-8 as JSON Lines is: save it as UTF-8 "
                     "(iconv -f UTF-16 -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+                )
+            table = next((name for magic, name in TABLE_FILES.items() if number == 1 and raw.startswith(magic)), None)
+            if table:  # a Hub dataset's files, as downloaded: binary, no line of it is text
+                stem = Path(path).name.split(".")[0]
+                raise ValueError(
+                    f"{path}: a {table.capitalize()} file (its magic bytes open it), not JSON Lines: write its rows as "
+                    f'JSON Lines first, with datasets: load_dataset("{table}", data_files="{path}", split="train")'
+                    f'.to_json("{stem}.jsonl")'
                 )
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")

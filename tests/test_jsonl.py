@@ -4,6 +4,8 @@ import json
 import lzma
 
 import pyarrow as pa
+import pyarrow.feather
+import pyarrow.parquet
 import pytest
 
 from seekstack.jsonl import jsonl_records
@@ -27,6 +29,21 @@ def test_a_utf16_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path, encodin
     path.write_bytes(marks[encoding] + "".join(json.dumps(r) + "\n" for r in RECORDS).encode(encoding))
     with pytest.raises(ValueError, match=r"chats.jsonl: UTF-16 text \(its byte order mark opens it\), not UTF-8"):
         list(jsonl_records(path))
+
+
+@pytest.mark.parametrize(("write", "kind"), [(pa.parquet.write_table, "Parquet"), (pa.feather.write_feather, "Arrow")])
+def test_a_parquet_or_arrow_file_is_refused_saying_how_to_write_it_as_json_lines(tmp_path, write, kind):
+    """A Hub dataset's files as downloaded (sft data=train-00000-of-00001.parquet) were refused as 'x.parquet:1: not
+    UTF-8 text (invalid start byte at byte ...); mend or delete that line'."""
+    path = tmp_path / "chats.parquet"
+    write(pa.Table.from_pylist(RECORDS[:1]), path)
+    loader = kind.lower()
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value) == (
+        f"{path}: a {kind} file (its magic bytes open it), not JSON Lines: write its rows as JSON Lines first, with "
+        f'datasets: load_dataset("{loader}", data_files="{path}", split="train").to_json("chats.jsonl")'
+    )
 
 
 def test_a_json_array_file_is_refused_as_not_json_lines(tmp_path):
