@@ -157,8 +157,9 @@ class Statements(Protocol):
 
 
 def default_database_location() -> str:
-    """$SEEKSTACK_DB if set, else `seekstack.db` in the current directory."""
-    return os.environ.get(DATABASE_ENV, DEFAULT_DATABASE)
+    """$SEEKSTACK_DB if set (empty, as a compose file's `SEEKSTACK_DB=${DB}` with DB unset sets it, is not), else
+    `seekstack.db` in the current directory."""
+    return os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE
 
 
 def open_database(location: str | os.PathLike, create: bool = True) -> Database:

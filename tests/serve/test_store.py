@@ -956,6 +956,16 @@ def test_a_folder_given_for_the_database_is_named_as_one_and_left_as_it_was(tmp_
     assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_seekstack_db_is_the_default_database(tmp_path, monkeypatch):
+    """An empty $SEEKSTACK_DB (a compose file's `SEEKSTACK_DB=${DB}`, DB unset) named the working folder itself: every
+    command was refused (' is a folder; the database is a file', before 743adfe '. is not a usable seekstack
+    database' after a warning to `chmod 600 .`)."""
+    monkeypatch.chdir(tmp_path)
+    created = CliRunner().invoke(app, ["keys", "create", "--name", "ci"], env={"SEEKSTACK_DB": ""})
+    assert created.exit_code == 0, created.output
+    assert [key.name for key in KeyStore(open_database(tmp_path / "seekstack.db")).list()] == ["ci"]
+
+
 def test_a_database_whose_journal_cannot_be_created_beside_it_is_not_called_unusable(tmp_path):
     """A database in a folder that takes no new file (read-only, another user's) was refused as 'not a usable seekstack
     database: unable to open database file', though nothing was wrong with it: a user so told may delete it, keys and
