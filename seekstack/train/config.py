@@ -443,8 +443,9 @@ def _require_rows_within_the_context(config: TrainConfig) -> None:
 
 
 def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool | Path) -> None:
-    """A ConfigError naming the first of the model `settings` given when they describe another model than the
-    checkpoint the run trains (a new run from scratch builds what they say)."""
+    """A ConfigError naming the first of the model `settings` given that the checkpoint the run trains holds otherwise
+    (else the preset, `model`) when they describe another model than it (a new run from scratch builds what they
+    say)."""
     from seekstack.checkpoint import read_config
 
     checkpoint = _trained_checkpoint(config, resume) if settings else None
@@ -461,10 +462,11 @@ def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume:
     given = ", ".join(f"{setting}={value}" for setting, value in settings.items())
     values = "; ".join(f"{name} {getattr(theirs, name)!r} there, {getattr(said, name)!r} here" for name in differ)
     how = "starts from it" if config.init_from else "is resumed from it"
+    at_fault = [setting for setting in settings if setting.removeprefix("model.") in differ]
     raise ConfigError(
         f": {given} given, but the checkpoint {checkpoint} holds another model ({values}); a run that {how} trains "
         "its model: leave the model settings out",
-        field=next(iter(settings)),
+        field=(at_fault or list(settings))[0],
     )
 
 

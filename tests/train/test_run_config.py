@@ -754,6 +754,9 @@ def test_model_settings_unlike_the_checkpoint_a_run_resumes_or_starts_from_are_r
     assert "max_position_embeddings 1024 there, 2048 here" in said and "leave the model settings out" in said
     with pytest.raises(ConfigError, match=r"field 'model.hidden_size': .*hidden_size 64 there, 32 here.*resumed"):
         resolve_train_config(None, [f"out_dir={run}", "model.hidden_size=32"], resume=True)
+    with pytest.raises(ConfigError) as one_of_two:  # the one at fault named, not the first given (which agrees)
+        resolve_train_config(None, [f"out_dir={run}", "model.hidden_size=64", "model.num_hidden_layers=3"], resume=True)
+    assert one_of_two.value.field == "model.num_hidden_layers"
     new_run = f"out_dir={tmp_path / 'new'}"
     with pytest.raises(ConfigError, match=r"field 'model.num_hidden_layers': .* 2 there, 3 here.*starts from it"):
         resolve_train_config(None, [new_run, f"init_from={checkpoint}", "model.num_hidden_layers=3"])
