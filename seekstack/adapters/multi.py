@@ -22,7 +22,8 @@ Routed experts hold E*S factor pairs per weight, of which a step's P pairs use a
 (token, expert) pair gathers its own expert's factors for its slot, and only those: y_p = W_e x_p + B_k (A_k x_p),
 with k = e*S + s. The eager dispatch adds this to each grouped matmul, compiled decode
 (`RoutedExperts.forward_gathered`, each pair gathering its expert's weights) to each gathered one. Eager decode steps
-on a CPU run the base's experts kernel instead, on each expert merged with each loaded slot's update, W_e + B_k A_k.
+on a CPU run the base's experts kernel instead, on each expert merged with each loaded slot's update, W_e + B_k A_k;
+so do adapted dense FFNs and shared experts, one merged copy of the FFN per slot (`MultiLoRAFeedForward`).
 MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
 kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
 An adapter may also replace whole rows of the output head or the embedding (peft's trainable tokens,
@@ -42,7 +43,7 @@ from torch import nn
 
 from seekstack.model import cpu_kernels
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import RoutedExperts, Routing, _expert_load
+from seekstack.model.moe import FeedForward, RoutedExperts, Routing, _expert_load
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (..., r, in), B (..., out, r) with the scale folded into B
 TokenRows = tuple[torch.Tensor, torch.Tensor]  # token ids (n,), the trained rows that replace theirs (n, D)
@@ -73,6 +74,9 @@ class AdapterRows:
 
     def mask(self, tokens: int, slot_count: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """M (N, slot_count*rank): 1 on the `rank` columns of each token's slot, 0 elsewhere."""
+        made = self._per_forward.get((tokens, slot_count, rank))  # every layer after the first: one lookup
+        if made is not None:
+            return made
         one_hot = lambda: F.one_hot(self.per_token(tokens), slot_count).to(dtype)  # noqa: E731  (N, slot_count)
         return self._once((tokens, slot_count, rank), lambda: one_hot().repeat_interleave(rank, dim=1))
 
@@ -166,12 +170,12 @@ class MultiLoRALinear(nn.Module):
             return out
         if torch.compiler.is_compiling():
             return self.forward_per_row(x, out)
-        loaded = self.loaded
-        if not loaded.rank:
+        rank, down = self.loaded_rank, self.loaded_down  # the loaded extent, read directly: this runs per layer
+        if not rank:
             return out
         x = x.reshape(-1, x.shape[-1])  # (N, in)
-        low = torch.mm(x, loaded.down).mul_(loaded.mask(self.rows, x.shape[0], x.dtype))  # (N, S*r)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), low, loaded.up).view(out.shape)
+        low = torch.mm(x, down).mul_(self.rows.mask(x.shape[0], down.shape[1] // rank, rank, x.dtype))  # (N, S*r)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.loaded_up).view(out.shape)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated
@@ -413,6 +417,61 @@ class MultiLoRAExperts(RoutedExperts):
             del self._buffers[name]
         for name in MERGED_EXPERTS:
             self._buffers.pop(f"merged_{name}", None)
+
+
+FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")  # a FeedForward's linears, which MultiLoRALinear may wrap
+
+
+class MultiLoRAFeedForward(FeedForward):
+    """A dense FFN or shared expert with adapted linears whose eager decode steps run the experts kernel, as routed
+    experts' do (`MultiLoRAExperts.forward_merged`), on its weights merged with each loaded slot's update, one
+    "expert" per slot: token n reads row s_n of `merged_gate_up` (S', 2I, D) and `merged_down` (S', D, I), its own
+    adapter's W + B_s A_s, with a routing weight of 1. One op for the whole FFN, where the base's three linears and
+    their per-token updates (MultiLoRALinear, kept for prefill and compiled steps) take 12; for S' copies of its
+    weights, held within MERGED_EXPERTS_BYTES."""
+
+    rows: AdapterRows
+
+    @classmethod
+    def adapt(cls, ffn: FeedForward, rows: AdapterRows) -> MultiLoRAFeedForward:
+        """Turn `ffn`, some of whose linears are MultiLoRALinear, into one in place, its merged copies made anew."""
+        ffn.__class__ = cls
+        assert isinstance(ffn, MultiLoRAFeedForward)
+        ffn.rows = rows
+        layers = [getattr(ffn, name) for name in FEED_FORWARD]
+        weights = [layer.base.weight if isinstance(layer, MultiLoRALinear) else layer.weight for layer in layers]
+        held = rows.slots_in_use * sum(weight.nbytes for weight in weights) <= MERGED_EXPERTS_BYTES
+        kernel = held and cpu_kernels.available() and cpu_kernels.usable(weights[0], weights[0])
+        gate, up, down = map(ffn._merged, layers, weights) if kernel else (None, None, None)
+        ffn.register_buffer("merged_gate_up", None if gate is None else torch.cat((gate, up), dim=1), persistent=False)
+        ffn.register_buffer("merged_down", down, persistent=False)
+        return ffn
+
+    def restore(self) -> FeedForward:
+        del self._buffers["merged_gate_up"], self._buffers["merged_down"], self.rows
+        self.__class__ = FeedForward
+        return self
+
+    def _merged(self, layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """W + B_s A_s (S', out, in) of one linear for the S' loaded slots, summed in float32 and rounded once."""
+        slots, rank = self.rows.slots_in_use, getattr(layer, "loaded_rank", 0)
+        if not rank:
+            return weight.detach().expand(slots, -1, -1).contiguous()
+        down = layer.loaded_down.view(weight.shape[1], slots, rank).permute(1, 2, 0).float()  # (S', r, in): A_s
+        up = layer.loaded_up.view(slots, rank, weight.shape[0]).transpose(1, 2).float()  # (S', out, r): B_s
+        return (weight.detach().float() + torch.bmm(up, down)).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D): the merged kernel for an eager inference step of a few tokens with adapter rows."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.rows.active:
+            return super().forward(x)  # first: a compiled step reads no merged copy (their shapes change at loads)
+        tokens, merged = x.numel() // x.shape[-1], self.merged_down
+        if merged is None or tokens > cpu_kernels.MAX_TOKENS or not cpu_kernels.usable(x, merged):
+            return super().forward(x)
+        slots = self.rows.per_token(tokens).unsqueeze(1)  # (N, 1): each token's "expert", its slot
+        flat = x.reshape(tokens, -1)
+        ones = torch.ones(slots.shape, device=x.device)
+        return cpu_kernels.grouped_experts(flat, slots, ones, self.merged_gate_up, merged).view(x.shape)
 
 
 CAPACITY_LAYOUT = ("absorbed_weight", "key_up", "value_up")  # MultiLoRAAttention's buffers for compiled steps

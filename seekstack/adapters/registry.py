@@ -25,11 +25,13 @@ from torch import nn
 from seekstack.adapters.config import ADAPTER_NAME
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, read_lora_config, refuse_quantized_base, weightless_adapter
 from seekstack.adapters.multi import (
+    FEED_FORWARD,
     AdapterRows,
     Factors,
     MultiLoRAAttention,
     MultiLoRAEmbedding,
     MultiLoRAExperts,
+    MultiLoRAFeedForward,
     MultiLoRALinear,
     MultiTokenRows,
     MultiTokenRowsEmbedding,
@@ -38,7 +40,7 @@ from seekstack.adapters.multi import (
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import RoutedExperts, Router
+from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.model.transformer import Transformer
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
@@ -271,6 +273,13 @@ class LoadedAdapters:
                 module = wrapper(module, self.rows)
                 self.model.set_submodule(name, module)
             module.set_factors(per_slot, rank)
+        for module in self.model.modules():
+            if isinstance(module, FeedForward) and any(
+                isinstance(getattr(module, n), MultiLoRALinear) for n in FEED_FORWARD
+            ):
+                MultiLoRAFeedForward.adapt(module, self.rows)
+            elif isinstance(module, MultiLoRAFeedForward):
+                module.restore()
         for name, per_param in experts.items():
             module = self.model.get_submodule(name)
             if not isinstance(module, MultiLoRAExperts):
