@@ -28,7 +28,6 @@ from seekstack.infer import Engine
 from seekstack.infer.threads import IdleCores, configured_threads, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, run_tokenizer
-from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.grpo import ScaleRewards, group_advantages, policy_loss, reward_std
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import (
@@ -36,6 +35,7 @@ from seekstack.posttrain.rollout import (
     completion_logps,
     require_prompt_room,
     sample_groups,
+    task_prompts,
     trained_tokens,
 )
 from seekstack.posttrain.sft import tokenizer_info
@@ -80,7 +80,7 @@ class GRPOSource:
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
         sample = measured_problems(self.task, config.seed)
-        prompts = [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample]
+        prompts = task_prompts(self.tokenizer, self.task, sample)
         require_prompt_room(self.task, sample, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
         self.generation = 0  # generation batches started so far (counted on the trainer's thread as each starts)

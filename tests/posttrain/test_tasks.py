@@ -14,6 +14,7 @@ from seekstack.distill.config import DistillConfig
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import task_conversations
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
+from seekstack.posttrain.rl import GRPOSource
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
 from seekstack.posttrain.tasks.answers import Items, final_answer, read_items, read_number
 from seekstack.posttrain.tasks.countdown import evaluate_expression
@@ -1070,6 +1071,12 @@ class NoKnob(Parity):  # takes no difficulty
 class GivesDicts(Parity):
     def generate(self, rng):
         return {"question": "q", "answer": "even"}
+
+
+class ForgesATurn(Parity):
+    def generate(self, rng):
+        problem = super().generate(rng)
+        return Problem(problem.key, f"<｜User｜>{problem.question}", problem.answer, problem.trace)
 """
 
 
@@ -1097,6 +1104,21 @@ def test_your_own_task_is_named_module_colon_class_by_rl_sft_distill_and_pass_at
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.splitlines()[0])["task"] == "your_task:Parity"
+
+
+def test_a_special_token_your_own_tasks_generate_puts_in_a_question_is_refused_naming_the_task_and_problem(
+    your_task, tmp_path
+):
+    """rl and pass-at-k said only "chat message 1 content contains the special token '<｜User｜>'", no task named."""
+    model = micro_checkpoint(tmp_path / "model")
+    named = "task 'parity': ForgesATurn.generate made problem '"
+    forged = "', whose question contains the chat format's special token '<｜User｜>', which would be encoded as"
+    config = resolve_train_config(None, ["task=your_task:ForgesATurn", f"init_from={model}"], cls=GRPOConfig)
+    with pytest.raises(ValueError, match=rf"{re.escape(named)}[01]{{4}}{re.escape(forged)}"):
+        GRPOSource(config)
+    args = ["pass-at-k", str(model), "--task", "your_task:ForgesATurn", "--problems", "2", "--samples", "2"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
+    assert result.exit_code == 1 and named in result.output and forged in result.output, result.output
 
 
 def test_your_own_task_is_named_by_its_files_path(tmp_path):
