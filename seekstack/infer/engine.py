@@ -539,8 +539,11 @@ class Engine:
     def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
         """`params` with max_new_tokens capped so that the prompt and the completion fit the context (`context_len`),
         and a notice saying so when it had to be capped (max_new_tokens None, vLLM's max_tokens=None, is set to that
-        room unsaid); ValueError when the prompt alone leaves no room."""
-        room = self.context_len - prompt_len
+        room unsaid); ValueError when the prompt alone leaves no room. A prompt may fill the context where the request
+        scores it (prompt_logprobs, one token: a server's echo of max_tokens 0): the token sampled last is never fed
+        back, so it takes no place in the cache."""
+        scored = params.prompt_logprobs is not None and params.max_new_tokens == 1
+        room = self.context_len - prompt_len + scored
         if self.context_len == self.max_model_len:
             context = f"the context of {self.max_model_len}"
         else:

@@ -403,17 +403,19 @@ def sampling_params(
     refuse_overlong_text names them before tokenizing; else `messages`."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
+    # an echo's score needs the prompt alone: it may fill the context (the token sampled after it is never fed back)
+    least_room = 0 if echo_only(request) else 1
     context = f"this model's maximum context length is {max_model_len} tokens"
-    if room >= 1 and context_len is not None and context_len < max_model_len:  # the room is what the cache leaves
+    if room >= least_room and context_len is not None and context_len < max_model_len:  # what the cache leaves
         context += f", of which the server's cache holds {context_len} for one request"
         room = context_len - prompt_tokens
     requested = requested_max_tokens(request)
     # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
     # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
     length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
-    if room < 1 or (requested is not None and requested > room):
+    if room < least_room or (requested is not None and requested > room):
         fix, param, listing = "Shorten the prompt.", "messages" if is_chat else "prompt", ""
-        if room >= 1:  # the prompt fits: the length asked is at fault (alone, where it is over the context)
+        if room >= least_room:  # the prompt fits: the length asked is at fault (alone, where it is over the context)
             shorter = "" if requested >= prompt_tokens + room else " or shorten the prompt"
             fix, param = f"Lower {length_name} to at most {room}{shorter}.", length_name
         elif prompt_tokens - tools_tokens < min(max_model_len, context_len or max_model_len):  # the messages fit

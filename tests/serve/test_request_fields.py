@@ -320,6 +320,27 @@ def test_an_echoed_prompt_of_max_tokens_0_is_scored_alone_as_openai_and_vllm_tak
     assert error["param"] == "max_tokens" and "echo: true for the prompt alone" in error["message"]
 
 
+def test_an_echoed_prompt_of_max_tokens_0_may_fill_the_context(engine, tmp_path):
+    """lm-eval's loglikelihood_rolling scores windows of the whole context (echo, max_tokens 0): a prompt of
+    max_model_len tokens was refused ('needs 256 in the prompt'), where README refuses only a prompt beyond the context
+    and vLLM scores it. It is scored as its first max_model_len - 1 tokens are; one token more, or a token asked for
+    after it, is still refused."""
+    length = engine.max_model_len
+    prompt = [40 + i % 200 for i in range(length)]
+    scored = {**COMPLETION, "echo": True, "max_tokens": 0, "logprobs": 1}
+    whole, shorter, beyond, one_more = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**scored, "prompt": prompt}),
+        ("/v1/completions", {**scored, "prompt": prompt[:-1]}),
+        ("/v1/completions", {**scored, "prompt": [*prompt, 40]}),
+        ("/v1/completions", {**scored, "prompt": prompt, "max_tokens": 1}),
+    ])  # fmt: skip
+    assert whole.status_code == 200, whole.text
+    logprobs, shorter_logprobs = (r.json()["choices"][0]["logprobs"]["token_logprobs"] for r in (whole, shorter))
+    assert len(logprobs) == length and whole.json()["usage"]["completion_tokens"] == 0
+    assert logprobs[1:-1] == pytest.approx(shorter_logprobs[1:], abs=1e-5) and logprobs[-1] < 0
+    assert [error_of(r, 400)["code"] for r in (beyond, one_more)] == ["context_length_exceeded"] * 2
+
+
 def test_an_echoed_prompt_of_max_tokens_0_reports_and_bills_no_completion_tokens(engine, tmp_path):
     """The token the engine samples after a scored prompt is not shown: usage said completion_tokens 1, and the ledger
     billed it, for an answer holding the prompt alone."""
