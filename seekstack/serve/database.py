@@ -224,8 +224,16 @@ class SQLiteDatabase:
                     f"{path} is held by another connection (another server writing, a VACUUM, an open sqlite3 "
                     f"session) and stayed locked for {BUSY_RETRY_S:.0f} s: {error}; try again once it is free"
                 ) from error
-            if error.sqlite_errorname == "SQLITE_CANTOPEN" and os.access(path, os.R_OK | os.W_OK):
-                raise PermissionError(  # the file opens: SQLite cannot create its journal beside it
+            refused = error.sqlite_errorname in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_READONLY_DIRECTORY")
+            if refused and not os.access(path, os.R_OK | os.W_OK):
+                owner = path.stat()
+                raise PermissionError(
+                    f"{path} cannot be read and written by this user (uid {os.geteuid()}; the file is uid "
+                    f"{owner.st_uid}'s, mode {stat.S_IMODE(owner.st_mode):04o}): run as its owner, or give this user "
+                    "the file (chown, chmod u+rw); the database itself is not at fault"
+                ) from error
+            if refused and error.sqlite_errorname != "SQLITE_READONLY":  # the file opens: its journal cannot be made
+                raise PermissionError(
                     f"{path} cannot be written: SQLite could not create its journal files beside it ({path.name}-wal, "
                     f"{path.name}-shm) in {path.parent}, which must take new files (a read-only folder, or one this "
                     "user may not write to, does not; nor may a folder stand in the way of one); the database itself "

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -978,6 +981,36 @@ def test_a_database_whose_journal_cannot_be_created_beside_it_is_not_called_unus
         open_database(path)
     (tmp_path / "keys.db-wal").rmdir()
     assert KeyStore(open_database(path)).list() == []  # the database as it was
+
+
+def test_a_database_in_a_read_only_folder_or_one_this_user_may_not_write_is_not_called_unusable(tmp_path):
+    """A database in a read-only folder (SQLITE_READONLY_DIRECTORY) and one this user may not read and write (SQLite's
+    CANTOPEN or READONLY) were refused as 'not a usable seekstack database': the first is told of its folder, the
+    second of the file's owner and mode. Run without root's power to write anywhere, as a service user runs."""
+    in_read_only_folder, locked = tmp_path / "read-only" / "keys.db", tmp_path / "locked" / "keys.db"
+    for path in (in_read_only_folder, locked):
+        path.parent.mkdir()
+        open_database(path).close()
+    in_read_only_folder.parent.chmod(0o555)
+    locked.chmod(0o400)
+    as_a_user = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+    opening = "import sys\nfrom seekstack.serve.database import open_database\ntry: open_database(sys.argv[1])\n"
+    opening += "except Exception as error: print(type(error).__name__, error)"
+    try:
+        said = [
+            subprocess.run([*as_a_user, sys.executable, "-c", opening, path], capture_output=True, text=True).stdout
+            for path in (in_read_only_folder, locked)
+        ]
+    finally:
+        in_read_only_folder.parent.chmod(0o755)
+    assert said[0].startswith(
+        f"PermissionError {in_read_only_folder} cannot be written: SQLite could not create its journal files beside "
+        f"it (keys.db-wal, keys.db-shm) in {in_read_only_folder.parent}, "
+    )
+    assert said[1].startswith(
+        f"PermissionError {locked} cannot be read and written by this user (uid {os.geteuid()}; the file is uid "
+        f"{os.geteuid()}'s, mode 0400): "
+    )
 
 
 def charged(limiter: RateLimiter, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
