@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,11 +18,11 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
     """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
     skipped; a name ending in .gz, .bz2, .xz or .zst, in any case, is read through its compression, as datasets' JSON
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
-    it does not decompress, is UTF-16 text (Windows PowerShell's Out-File and `>` write it) or a Parquet or Arrow file
-    (a Hub dataset's), and one saying the file is not JSON Lines when it starts a JSON array of objects
-    (`json.dump(records, f)`, on one line or many; no caller reads lines that are arrays). With `on_torn_tail`, a last
-    line that is neither and has no newline (what a process stopped while appending it leaves) is skipped, and
-    `on_torn_tail` is told why."""
+    it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 text
+    (Windows PowerShell's Out-File and `>` write it) or a Parquet or Arrow file (a Hub dataset's), and one saying the
+    file is not JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line or many; no
+    caller reads lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline (what a
+    process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with opened(path) as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
@@ -57,6 +58,15 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 if torn:
                     on_torn_tail(f"{path}:{number}: dropped the last line, cut short ({reason}) by a stopped run")
                     return
+                if isinstance(error, UnicodeDecodeError):
+                    undecodable, non_ascii = _lines_not_utf8(path)
+                    if 2 * undecodable > non_ascii > 1:  # most, not one bad line: a file saved as GBK or Latin-1
+                        raise ValueError(
+                            f"{path}: not UTF-8 text, as JSON Lines is: {undecodable} of its {non_ascii} lines holding "
+                            f"non-ASCII bytes are not, the first being line {number} ({reason}); it was saved in "
+                            "another encoding: convert it to UTF-8 (iconv -f GBK -t UTF-8 for Chinese text, -f LATIN1 "
+                            "for Western European)"
+                        ) from None
                 raise ValueError(f"{path}:{number}: {what} ({reason}); mend or delete that line") from None
 
 
@@ -66,6 +76,20 @@ def json_error_reason(error: json.JSONDecodeError) -> str:
     reads "Unterminated string starting at" for a line cut short."""
     at = f"line {error.lineno} column {error.colno}" if error.lineno > 1 else f"column {error.colno}"
     return f"{error.msg.removesuffix(' at')} at {at}"
+
+
+def _lines_not_utf8(path: str | Path) -> tuple[int, int]:
+    """(lines that are not UTF-8, lines holding bytes other than ASCII) among the first 100,000 of `path`."""
+    undecodable = non_ascii = 0
+    with opened(path) as lines:
+        for raw in itertools.islice(lines, 100_000):
+            if not raw.isascii():
+                non_ascii += 1
+                try:
+                    raw.decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    undecodable += 1
+    return undecodable, non_ascii
 
 
 def _is_array_of_objects(value: Any) -> bool:

@@ -31,6 +31,26 @@ def test_a_utf16_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path, encodin
         list(jsonl_records(path))
 
 
+@pytest.mark.parametrize(("encoding", "first"), [("gbk", 1), ("latin-1", 2)])
+def test_a_file_saved_as_gbk_or_latin1_is_refused_as_not_utf8_and_one_bad_line_as_that_line(tmp_path, encoding, first):
+    """A whole file in GBK or Latin-1 was refused as 'chats.jsonl:1: not UTF-8 text ...; mend or delete that line',
+    though no line of it is UTF-8."""
+    texts = ["你好", "中文", "ok", "早上好", "再见"] if encoding == "gbk" else ["ok", "café", "über", "naïve", "señor"]
+    text = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value).startswith(
+        f"{path}: not UTF-8 text, as JSON Lines is: 4 of its 4 lines holding non-ASCII bytes are not, the first being "
+        f"line {first} ("
+    )
+    assert str(refused.value).endswith("(iconv -f GBK -t UTF-8 for Chinese text, -f LATIN1 for Western European)")
+    path.write_bytes(text.encode().replace(texts[1].encode(), texts[1].encode(encoding)))  # one line gone wrong
+    with pytest.raises(ValueError, match=r"chats.jsonl:2: not UTF-8 text \(.*\); mend or delete that line"):
+        list(jsonl_records(path))
+
+
 @pytest.mark.parametrize(("write", "kind"), [(pa.parquet.write_table, "Parquet"), (pa.feather.write_feather, "Arrow")])
 def test_a_parquet_or_arrow_file_is_refused_saying_how_to_write_it_as_json_lines(tmp_path, write, kind):
     """A Hub dataset's files as downloaded (sft data=train-00000-of-00001.parquet) were refused as 'x.parquet:1: not
