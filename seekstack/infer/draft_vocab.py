@@ -55,17 +55,21 @@ def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequ
     """The `size` first ids of `ranking` (a tensor or list of token ids) with their rows of `model`'s output head (a
     copy, see `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers
     it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
-    that is not token ids of the model's vocabulary, naming draft_ranking (torch's IndexError named neither)."""
+    that is not token ids of the model's vocabulary or holds fewer than `size`, naming draft_ranking (torch's
+    IndexError named neither)."""
     if size < 0:
         raise ValueError(f"draft_vocab={size} must be >= 0: the most frequent tokens drafts score (0: all of them)")
     if size == 0 or size >= model.config.vocab_size:
         return None
-    ranked = torch.as_tensor(ranking)
+    rule = "draft_ranking must be token ids, most frequent first (a 1-D tensor or list of ints)"
+    try:
+        ranked = torch.as_tensor(ranking)
+    except (TypeError, ValueError, RuntimeError) as error:  # strings, ragged lists, None
+        raise ValueError(f"{rule}; got {ranking!r:.80}: {error}") from None
+    if ranked.dim() == 1 and len(ranked) < size:  # before the dtype: torch reads [] as float32
+        raise ValueError(f"draft_ranking holds {len(ranked)} token ids; draft_vocab={size} needs at least that many")
     if ranked.dim() != 1 or ranked.is_floating_point() or ranked.is_complex() or ranked.dtype == torch.bool:
-        raise ValueError(
-            "draft_ranking must be token ids, most frequent first (a 1-D tensor or list of ints); got "
-            f"{ranked.dtype} of shape {tuple(ranked.shape)}"
-        )
+        raise ValueError(f"{rule}; got {ranked.dtype} of shape {tuple(ranked.shape)}")
     outside = ranked[(ranked < 0) | (ranked >= model.config.vocab_size)]
     if len(outside):
         raise ValueError(

@@ -101,13 +101,22 @@ def test_a_negative_draft_vocabulary_is_refused_naming_it(tokenizer):
 def test_a_draft_ranking_of_other_than_the_vocabularys_ids_is_refused_naming_it_and_a_list_is_taken(model):
     """Engine(..., speculative=True, draft_ranking=...) met a ranking with id 600 of 512, or -1, with torch's bare
     "IndexError: index 600 is out of bounds for dimension 0 with size 512" (or "index out of range in self"), floats
-    and a 2-D tensor with IndexError and RuntimeError, and a list of ids with "'list' object has no attribute 'to'"."""
+    and a 2-D tensor with IndexError and RuntimeError, and a list of ids with "'list' object has no attribute 'to'"; an
+    empty ranking failed at the first draft with "argmax(): Expected reduction dim 2 to have non-zero size", a list of
+    strings with torch's "too many dimensions 'str'"."""
     assert draft_vocabulary(model, 3, [7, 5, 9, 1]).ids.tolist() == [7, 5, 9]
     for ranking, refusal in (
         (torch.tensor([600, 1, 2]), r"^draft_ranking holds token id 600, outside the vocabulary \[0, 512\)$"),
         ([3, -1, 2], r"^draft_ranking holds token id -1, outside the vocabulary \[0, 512\)$"),
         (torch.tensor([1.0, 2.0, 3.0]), r"\(a 1-D tensor or list of ints\); got torch.float32 of shape \(3,\)$"),
         (torch.tensor([[3, 4, 5]]), r"\(a 1-D tensor or list of ints\); got torch.int64 of shape \(1, 3\)$"),
+        (
+            torch.tensor([], dtype=torch.long),
+            r"^draft_ranking holds 0 token ids; draft_vocab=3 needs at least that many$",
+        ),
+        ([], r"^draft_ranking holds 0 token ids; draft_vocab=3 needs at least that many$"),
+        ([7, 5], r"^draft_ranking holds 2 token ids; draft_vocab=3 needs at least that many$"),
+        (["a", "b", "c"], r"\(a 1-D tensor or list of ints\); got \['a', 'b', 'c'\]: too many dimensions 'str'$"),
     ):
         with pytest.raises(ValueError, match=refusal):
             draft_vocabulary(model, 3, ranking)
