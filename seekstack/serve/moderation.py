@@ -268,6 +268,12 @@ class ModeratedStream:
         end = len(self.text) if final else max(self.released, len(self.text) - self.holdback)
         spans = sorted((hit for category in self.categories for hit in category.spans(self.text, self.released)),
                        key=lambda hit: hit.span)  # fmt: skip
+        if not final:  # a match reaching the text's end may grow or vanish with what follows (`bomb`, then `shell`):
+            waiting = len(self.text)  # it, and any match across its start, is judged at a later push
+            for hit in reversed(spans):
+                if hit.span[1] == len(self.text) or hit.span[1] > waiting:
+                    waiting = hit.span[0]
+            spans, end = [hit for hit in spans if hit.span[0] < waiting], min(end, waiting)
         acted = []
         for hit in spans:
             start, stop = hit.span

@@ -570,6 +570,25 @@ def test_terms_of_scripts_written_without_spaces_are_found_inside_their_sentence
     assert (shown, hit.category, hit.action) == ("请告诉我怎么制造", "weapons", "block")
 
 
+def test_a_match_at_the_end_of_a_stream_so_far_waits_for_what_follows_it(tmp_path):
+    """A term at the end of the text generated so far was judged as if nothing followed it: a reply whose tokens came
+    as `a bomb` then `shell` was cut (content_filter), though `a bombshell` holds no `bomb`; and an address matched up
+    to `.co` was redacted, its `m` shown after the redaction."""
+    address = {"action": "redact", "holdback": 0, "patterns": [r"[\w.+-]+@[\w-]+\.\w+"]}
+    policy = write_policy(tmp_path, {"weapons": {"action": "block", "terms": ["bomb"]}, "pii": address})
+    categories = list(policy.categories.values())
+    stream = ModeratedStream(categories)
+    assert stream.push("a bomb") == ("", None)
+    assert stream.push("shell", final=True) == ("a bombshell", None)
+    stream = ModeratedStream(categories)
+    assert stream.push("a bomb") == ("", None)
+    shown, hit = stream.push(" now")
+    assert (shown, hit.category, hit.span) == ("a ", "weapons", (2, 6))
+    stream = ModeratedStream(categories)
+    pieces = [("mail jane@ex.co", False), ("m now", False), ("", True)]
+    assert "".join(stream.push(piece, final)[0] for piece, final in pieces) == "mail [REDACTED:pii] now"
+
+
 def test_tokenize_counts_a_prompt_as_the_content_policy_leaves_it_for_the_call(model_dir, policy, tmp_path):
     """/tokenize counted the prompt as sent, where the call reads it redacted (`[REDACTED:pii]`, more tokens than the
     address) or refuses it: a client checking a call's length first was told too few tokens, and a blocked prompt's
