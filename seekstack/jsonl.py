@@ -18,18 +18,20 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
     """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
     skipped; a name ending in .gz, .bz2, .xz or .zst, in any case, is read through its compression, as datasets' JSON
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
-    it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 text
-    (Windows PowerShell's Out-File and `>` write it) or a Parquet or Arrow file (a Hub dataset's), and one saying the
-    file is not JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line or many; no
-    caller reads lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline (what a
-    process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
+    it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 or
+    UTF-32 text (Windows PowerShell's Out-File and `>` write UTF-16) or a Parquet or Arrow file (a Hub dataset's), and
+    one saying the file is not JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line
+    or many; no caller reads lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline
+    (what a process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with opened(path) as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
-            if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # no line of it is UTF-8
+            marked = marked_encoding(raw) if number == 1 else None
+            if marked:  # no line of it is UTF-8
+                encoding = marked.upper()
                 raise ValueError(
-                    f"{path}: UTF-16 text (its byte order mark opens it), not UTF-8 as JSON Lines is: save it as UTF-8 "
-                    "(iconv -f UTF-16 -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+                    f"{path}: {encoding} text (its byte order mark opens it), not UTF-8 as JSON Lines is: save it as "
+                    f"UTF-8 (iconv -f {encoding} -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
                 )
             table = next((name for magic, name in TABLE_FILES.items() if number == 1 and raw.startswith(magic)), None)
             if table:  # a Hub dataset's files, as downloaded: binary, no line of it is text
@@ -68,6 +70,17 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                             "for Western European)"
                         ) from None
                 raise ValueError(f"{path}:{number}: {what} ({reason}); mend or delete that line") from None
+
+
+def marked_encoding(start: bytes) -> str | None:
+    """`utf-32` or `utf-16` for text that opens (`start`, its first 4 bytes or more) with that encoding's byte-order
+    mark, as Windows PowerShell 5 and Excel write UTF-16 and Python's `encoding="utf-32"` writes UTF-32 (its
+    little-endian mark opens with UTF-16's: asked first); else None."""
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
 def json_error_reason(error: json.JSONDecodeError) -> str:

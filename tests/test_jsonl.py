@@ -20,15 +20,21 @@ def test_a_byte_order_mark_opening_the_file_is_skipped(tmp_path):
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
-def test_a_utf16_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path, encoding):
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_utf16_or_utf32_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path, encoding):
     """What Windows PowerShell's Out-File and `>` write (was: 'chats.jsonl:1: not UTF-8 text (invalid start byte at
-    byte 0); mend or delete that line', though every line is UTF-16); datasets' JSON loader reads UTF-8 alone too."""
+    byte 0); mend or delete that line', though every line is UTF-16); datasets' JSON loader reads UTF-8 alone too.
+    Python's encoding="utf-32" opens with a mark that opens with UTF-16's little-endian one: it was called UTF-16."""
     path = tmp_path / "chats.jsonl"
-    marks = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}  # utf-16 writes its own mark
-    path.write_bytes(marks[encoding] + "".join(json.dumps(r) + "\n" for r in RECORDS).encode(encoding))
-    with pytest.raises(ValueError, match=r"chats.jsonl: UTF-16 text \(its byte order mark opens it\), not UTF-8"):
+    marks = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-be": b"\x00\x00\xfe\xff"}  # others write one
+    path.write_bytes(marks.get(encoding, b"") + "".join(json.dumps(r) + "\n" for r in RECORDS).encode(encoding))
+    named = encoding[:6].upper()
+    with pytest.raises(ValueError) as refused:
         list(jsonl_records(path))
+    assert str(refused.value) == (
+        f"{path}: {named} text (its byte order mark opens it), not UTF-8 as JSON Lines is: save it as UTF-8 (iconv -f "
+        f"{named} -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+    )
 
 
 @pytest.mark.parametrize(("encoding", "first"), [("gbk", 1), ("latin-1", 2)])

@@ -37,7 +37,7 @@ from seekstack.compression import (
     uncompressed,
 )
 from seekstack.corpus.kinds import CODE_SUFFIXES
-from seekstack.jsonl import json_error_reason
+from seekstack.jsonl import json_error_reason, marked_encoding
 from seekstack.schema import LONE_SURROGATE, counted
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
@@ -332,14 +332,14 @@ def _read(path: Path) -> bytes:
 
 def _decoded(data: bytes) -> str:
     """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-32 or
-    UTF-16 when it opens with that one's mark (`_marked_encoding`); UTF-16 when it holds NUL bytes at one parity of
+    UTF-16 when it opens with that one's mark (`marked_encoding`); UTF-16 when it holds NUL bytes at one parity of
     positions as UTF-16 saved without the mark does (`_utf16_without_mark`); when it is no UTF-8, the encoding
     `_encoding_of_no_utf8` names: the legacy encoding of a script other than Latin's (cp1251, GBK, Shift_JIS, ...),
     UTF-16 of one writing system, as Chinese, Japanese or Korean saved so, or Windows-1252 (Latin-1's superset: a
     legacy 8-bit file), else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8
     changelog: `Bj\xf6rn` is `Björn`); UTF-16 too when valid UTF-8 holds control bytes that read as one writing
     system's text in it (Thai, whose UTF-16 bytes are all ASCII's)."""
-    marked = _marked_encoding(data)
+    marked = marked_encoding(data)
     if marked is not None:
         return data.decode(marked, errors="replace")
     utf16 = _utf16_without_mark(data) if b"\x00" in data else None  # NUL bytes: no text file's, but UTF-16's
@@ -668,7 +668,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     whose lines alone may be too short to tell the script by), else each line by `_decoded`."""
     with _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)
-        whole = _marked_encoding(start[:4]) or _legacy_encoding_of_another_script(start)
+        whole = marked_encoding(start[:4]) or _legacy_encoding_of_another_script(start)
         if whole is not None:
             yield from enumerate(io.TextIOWrapper(binary, whole, errors="replace", newline="\n"), start=1)
         else:
@@ -683,17 +683,6 @@ def _opened(path: Path) -> Iterator[BinaryIO]:
             yield binary
     except DamagedCompressedFile as error:
         raise DataSourceError(str(error)) from None
-
-
-def _marked_encoding(start: bytes) -> str | None:
-    """`utf-32` or `utf-16` for text that opens (`start`, its first 4 bytes or more) with that encoding's byte-order
-    mark, as Windows PowerShell 5 and Excel write UTF-16 and Python's `encoding="utf-32"` writes UTF-32 (its
-    little-endian mark opens with UTF-16's: asked first); else None."""
-    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        return "utf-32"
-    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
-    return None
 
 
 def _parsed_json(text: str, where: str) -> Any:
@@ -780,7 +769,7 @@ def read_csv(
     file_format = "TSV" if delimiter == "\t" else "CSV"
     with _arrow_errors_named(path, file_format), _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
-        encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
+        encoding = marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
         _refuse_another_separator(path, _header(start, encoding, delimiter), column, delimiter)  # before pyarrow's
         try:
             reader = pyarrow.csv.open_csv(
