@@ -11,7 +11,9 @@ from typing import Any
 
 from seekstack.compression import opened
 
-TABLE_FILES = {b"PAR1": "parquet", b"ARROW1": "arrow"}  # the magic bytes opening a Parquet or an Arrow IPC file
+# The magic bytes opening a Parquet file, an Arrow IPC file, and an Arrow IPC stream (its first message's continuation
+# marker): the stream is what datasets' save_to_disk and its cache write (data-00000-of-00001.arrow).
+TABLE_FILES = {b"PAR1": "parquet", b"ARROW1": "arrow", b"\xff\xff\xff\xff": "arrow"}
 
 
 def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:

@@ -5,6 +5,7 @@ import lzma
 
 import pyarrow as pa
 import pyarrow.feather
+import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 
@@ -57,10 +58,20 @@ def test_a_file_saved_as_gbk_or_latin1_is_refused_as_not_utf8_and_one_bad_line_a
         list(jsonl_records(path))
 
 
-@pytest.mark.parametrize(("write", "kind"), [(pa.parquet.write_table, "Parquet"), (pa.feather.write_feather, "Arrow")])
+def write_arrow_stream(table: pa.Table, path) -> None:
+    """The Arrow IPC stream datasets' save_to_disk writes (data-00000-of-00001.arrow)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+@pytest.mark.parametrize(
+    ("write", "kind"),
+    [(pa.parquet.write_table, "Parquet"), (pa.feather.write_feather, "Arrow"), (write_arrow_stream, "Arrow")],
+)
 def test_a_parquet_or_arrow_file_is_refused_saying_how_to_write_it_as_json_lines(tmp_path, write, kind):
-    """A Hub dataset's files as downloaded (sft data=train-00000-of-00001.parquet) were refused as 'x.parquet:1: not
-    UTF-8 text (invalid start byte at byte ...); mend or delete that line'."""
+    """A Hub dataset's files as downloaded (sft data=train-00000-of-00001.parquet), or as datasets' save_to_disk
+    writes them (an Arrow stream), were refused as 'x.parquet:1: not UTF-8 text (invalid start byte at byte ...); mend
+    or delete that line'."""
     path = tmp_path / "chats.parquet"
     write(pa.Table.from_pylist(RECORDS[:1]), path)
     loader = kind.lower()
