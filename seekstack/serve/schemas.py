@@ -291,6 +291,9 @@ class NamedToolChoice(StrictRequest):
     function: NamedFunction
 
 
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice  # a chat's tool_choice, which /tokenize takes too
+
+
 class ChatMessage(StrictRequest):
     model_config = ConfigDict(
         json_schema_extra={
@@ -413,7 +416,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Annotated[bool, OrDefault] = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: Tools | None = None  # the functions the model may call, listed in its prompt (but with "none")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: "auto" with tools
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools
     parallel_tool_calls: Annotated[bool, OrDefault] = True  # false: one call (forced: the grammar's; "auto": the first)
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
     # set (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway

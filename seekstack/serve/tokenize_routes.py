@@ -20,7 +20,7 @@ keys answers them to loopback JSON requests only (serve/access.py).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -43,11 +43,11 @@ from seekstack.serve.schemas import (
     ChatMessage,
     CompletionRequest,
     LoggedRequest,
-    NamedToolChoice,
     OrDefault,
     PromptText,
     TokenId,
     Tool,
+    ToolChoice,
     whole_numbers,
 )
 
@@ -65,7 +65,7 @@ class TokenizeRequest(LoggedRequest):
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None  # listed in the messages' prompt, as a chat call lists them
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # "none": the tools left out
+    tool_choice: ToolChoice | None = None  # "none": the tools left out
     add_special_tokens: Annotated[bool, OrDefault] = True  # a prompt's framing (messages: the template's own)
     add_generation_prompt: Annotated[bool, OrDefault] = True  # the assistant's opening after messages
     return_token_strs: Annotated[bool, OrDefault] = False
