@@ -7,8 +7,9 @@ import json
 import os
 import re
 import textwrap
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -128,6 +129,18 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
     raise typer.Exit(code=code)
 
 
+def refuse_empty_path(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+    """A path's value (or each of several) unless it is "", which typer reads as Path("."), the current folder, which a
+    command would read or write into (`--out "$OUT"`, the variable unset): a usage error naming the parameter."""
+    if "" in value if isinstance(value, (list, tuple)) else value == "":
+        raise BadParameter("an empty path (a shell variable left unset?): give a file or folder", ctx, param)
+    return value
+
+
+def _processed_as_path(param: Any, process_value: Callable[[Any, Any], Any], ctx: typer.Context, value: Any) -> Any:
+    return process_value(ctx, refuse_empty_path(ctx, param, value))
+
+
 def is_override(argument: str | Path) -> bool:
     """Whether a command's positional `argument` is a key=value override rather than a path (`seekstack train`'s
     config, `lora train`'s BASE and DATA): an "=" that no folder name holds (a sweep's `runs/lr=1e-3/run.yaml` is a
@@ -152,19 +165,10 @@ class Command(TyperCommand):
         for param in self.params:
             if param.param_type_name == "argument" and param.metavar is None:
                 param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
-
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        """click's parsing, with an empty path refused naming its argument or option: typer reads "" (`--out
-        "$OUT"`, the variable unset) as Path("."), the current folder, which a command would read or write into."""
-        typed, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the values as given, before typer's reading
-        for param in self.params:
-            given = typed.get(param.name)
-            empty = "" in given if isinstance(given, (list, tuple)) else given == ""
             described = param.type_descriptor  # a Path, Paths, or a checkpoint or preset (`Model`, a str)
-            paths = described.annotation in (Path, list[Path]) or described.parameter_info.callback is run_to_checkpoint
-            if paths and empty and not ctx.resilient_parsing:  # not while the shell completes a word
-                raise BadParameter("an empty path (a shell variable left unset?): give a file or folder", ctx, param)
-        return super().parse_args(ctx, args)
+            if described.annotation in (Path, list[Path]) or described.parameter_info.callback is run_to_checkpoint:
+                # checked as given, before typer reads it: after eager --help, as click checks every value
+                param.process_value = partial(_processed_as_path, param, param.process_value)
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

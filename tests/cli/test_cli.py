@@ -516,3 +516,11 @@ def test_an_empty_path_is_refused_naming_its_argument_not_read_as_the_current_fo
     assert result.exit_code == 2
     assert f"Invalid value for '{named}': an empty path (a shell variable left unset?)" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_help_is_shown_though_an_empty_path_is_on_the_line() -> None:
+    """`generate --model "$M" --help` with M unset shows the help, as any other bad value's --help does."""
+    for arguments in (["info", "", "--help"], ["generate", "def f(", "--model", "", "--help"]):
+        result = run(*arguments)
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.output and "Show this message and exit." in result.output
