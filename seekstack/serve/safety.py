@@ -50,8 +50,8 @@ class ContentSafety:
     ) -> bool:
         """400 when a category blocks the prompt's text (the bill names the category; a refused request has no tokens
         and costs nothing; None: /tokenize's count, billed nothing), else redact it in place; returns whether the text
-        changed. A token-id prompt is read as
-        the text it spells, and only its tokens that spell a redacted span are replaced (`redacted_ids`)."""
+        changed. A token-id prompt is read as the text it spells, and only its tokens that spell a redacted span are
+        replaced (`redacted_ids`)."""
         is_chat = isinstance(body, ChatCompletionRequest)
         prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
         cleaned = list(prompts)
