@@ -71,6 +71,17 @@ class ConfigError(ValueError):
         return ConfigError(self.problem, self.field, f"{source}: {self.source}" if self.source else source)
 
 
+E = TypeVar("E", bound=Exception)
+
+
+def for_command(error: E, message: str) -> E:
+    """`error`, said as `message` to a command's user: its way out named by the command's option (`--tokenizer PATH`)
+    where the error's own message names a Python parameter (`tokenizer=`). `seekstack.cli.common.user_errors` tells
+    that one."""
+    error.for_command = message  # type: ignore[attr-defined]
+    return error
+
+
 def require(ok: bool, name: str, expectation: str) -> None:
     """A rule across fields: raise ConfigError naming `name` unless `ok`."""
     if not ok:

@@ -20,6 +20,7 @@ from seekstack.cli.common import (
     UsageError,
     fail,
     options_named,
+    refuse_empty_path,
     run_to_checkpoint,
     usage_error,
     user_errors,
@@ -155,7 +156,8 @@ OffloadDir = Annotated[
     str | None,
     typer.Option(
         help="With --device-map: the folder for copies of the parts placed on disk (memory-mapped); default the "
-        "model folder's offload/ (parts the checkpoint stores as they run are mapped from it, not copied)"
+        "model folder's offload/ (parts the checkpoint stores as they run are mapped from it, not copied)",
+        callback=refuse_empty_path,
     ),
 ]
 Adapter = Annotated[
@@ -531,20 +533,15 @@ def with_checkpoint_defaults(
 def load_engine(
     model: Path, tokenizer: Path | None, options: EngineOptions, threads: int | None, adapter: Path | None = None
 ) -> Engine:
-    """`Engine.from_pretrained` with the command's options (and LoRA adapter); a checkpoint missing its tokenizer is
-    told in the command's words (a folder without config.json is no checkpoint: from_pretrained says so)."""
+    """`Engine.from_pretrained` with the command's options (and LoRA adapter)."""
     import torch
 
-    from seekstack.checkpoint import CONFIG_FILE
     from seekstack.infer.engine import Engine
     from seekstack.infer.placement import disk_parts_note
-    from seekstack.tokenizer import TOKENIZER_FILE
 
     if threads is not None:  # from 1 to the CPUs (`thread_count`)
         torch.set_num_threads(threads)
     torch.seed()  # requests without --seed take seeds from torch's generator (`SeededUniforms`): new ones each run
-    if tokenizer is None and (model / CONFIG_FILE).is_file() and not (model / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)
     engine = Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs(model))
     note = disk_parts_note(options.device_map, engine.model)

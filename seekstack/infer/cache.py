@@ -33,6 +33,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from seekstack.config import ModelConfig
+from seekstack.schema import for_command
 
 TRASH_BLOCK = 0
 DEFAULT_MEMORY_FRACTION = 0.5  # of the memory free once the weights are loaded
@@ -59,9 +60,13 @@ def blocks_in_budget(config: ModelConfig, budget_bytes: int, block_size: int, dt
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
     block_bytes = _block_bytes(config, block_size, dtype, layers)
     if budget_bytes < 2 * block_bytes:
-        raise ValueError(
-            f"kv_cache_memory={budget_bytes} bytes holds {budget_bytes // block_bytes} cache blocks of {block_bytes} "
-            f"bytes; the cache needs at least 2 (block 0 is reserved): raise kv_cache_memory"
+        holds = (
+            f"{budget_bytes} bytes holds {budget_bytes // block_bytes} cache blocks of {block_bytes} bytes; the cache "
+            f"needs at least 2 (block 0 is reserved):"
+        )
+        raise for_command(
+            ValueError(f"kv_cache_memory={holds} raise kv_cache_memory"),
+            f"--kv-cache-memory {holds} raise --kv-cache-memory",
         )
     return budget_bytes // block_bytes
 

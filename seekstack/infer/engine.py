@@ -89,7 +89,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError, shown_value
+from seekstack.schema import ConfigError, for_command, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -189,8 +189,10 @@ def checkpoint_files(model_dir: Path, tokenizer: str | Path | Tokenizer | None =
     sampling_defaults_of(settings, source)  # a wrong generation_config.json is refused before the weights load
     eos_ids_of(settings, source)
     if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
+        missing = f"{model_dir} has no {TOKENIZER_FILE}:"
+        raise for_command(
+            FileNotFoundError(f"{missing} pass tokenizer= the path of a tokenizer.json or its folder"),
+            f"{missing} give the tokenizer's path with --tokenizer PATH",
         )
     loaded = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer or model_dir)
     check_tokenizer_fits(loaded, config.vocab_size, model_dir)

@@ -32,9 +32,11 @@ def test_generate_with_a_cache_budget_and_experts_on_disk_gives_the_text_of_the_
 
 
 def test_a_cache_budget_too_small_for_the_request_is_told_with_the_option_to_raise(checkpoint):
+    """It was told with the Python keyword ("kv_cache_memory=2048 bytes holds ...: raise kv_cache_memory")."""
     result = generate(checkpoint, "--kv-cache-memory", "2KiB")
     assert result.exit_code == 1
-    assert "raise kv_cache_memory" in result.stderr
+    assert "error: --kv-cache-memory 2048 bytes holds " in result.stderr
+    assert result.stderr.endswith("(block 0 is reserved): raise --kv-cache-memory\n")
 
 
 @pytest.mark.parametrize(

@@ -101,13 +101,14 @@ def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_t
 def test_serve_refuses_a_model_folder_without_a_checkpoint_before_it_makes_a_database(tmp_path, monkeypatch, missing):
     """`seekstack serve --model TYPO` created its database (seekstack.db in the working directory, by default) and only
     then found no checkpoint, or (a folder with config.json) no tokenizer.json: every failed start left a new, empty
-    database file behind."""
+    database file behind. The missing tokenizer's way out is the command's option, as generate's: it was the Python
+    keyword ("pass tokenizer= the path ...")."""
     if missing == "checkpoint":
         model_dir, refusal = tmp_path / "no model here", f"{tmp_path / 'no model here'}: no such folder"
     else:
         model_dir = make_model_dir(tmp_path / "made")
         (model_dir / "tokenizer.json").unlink()
-        refusal = f"{model_dir} has no tokenizer.json"
+        refusal = f"{model_dir} has no tokenizer.json: give the tokenizer's path with --tokenizer PATH"
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
