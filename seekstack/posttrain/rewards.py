@@ -7,10 +7,9 @@ Format: `<think> reasoning </think> answer` — one think block at the start, th
 from __future__ import annotations
 
 import re
-import traceback
 from dataclasses import dataclass
 
-from seekstack.posttrain.tasks import Problem, Task
+from seekstack.posttrain.tasks import Problem, Task, raised_at
 from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN
 
 R1_SYSTEM_PROMPT = "Think step by step inside <think> </think>, then give only the final answer after </think>."
@@ -61,10 +60,9 @@ def verified(task: Task, problem: Problem, answer: str) -> bool:
     try:
         verdict = task.verify(problem, answer)
     except Exception as error:
-        raised = traceback.extract_tb(error.__traceback__)[-1]
         raise ValueError(
-            f"{call} raised {type(error).__name__} at {raised.filename} line {raised.lineno}: {error}; a verifier "
-            "returns False for an answer it cannot read"
+            f"{call} raised {type(error).__name__} {raised_at(error)}: {error}; a verifier returns False for an answer "
+            "it cannot read"
         ) from error
     if verdict not in (True, False):
         raise ValueError(

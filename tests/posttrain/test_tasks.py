@@ -1068,6 +1068,11 @@ class NoKnob(Parity):  # takes no difficulty
         super().__init__()
 
 
+class FailsInside(Parity):
+    def __init__(self, difficulty=4):
+        self.digits = len(difficulty)  # its author's own bug
+
+
 class GivesDicts(Parity):
     def generate(self, rng):
         return {"question": "q", "answer": "even"}
@@ -1155,6 +1160,8 @@ def test_your_own_task_whose_init_sets_its_name_and_difficulty_is_taken(your_tas
         # were bare tracebacks: "TypeError: NoKnob.__init__() got an unexpected keyword argument 'difficulty'" where
         # the class is made, "AttributeError: 'dict' object has no attribute 'key'" in sample_problems
         ("your_task:NoKnob", 3, "task 'your_task:NoKnob': NoKnob(difficulty=3) raised TypeError: "),
+        # a TypeError inside its own __init__ was blamed on how the class is called, naming no line
+        ("your_task:FailsInside", 3, "task 'your_task:FailsInside': FailsInside(difficulty=3) raised TypeError at "),
         ("your_task:GivesDicts", None, "task 'parity': generate(rng) returned dict \"{'question': 'q', 'answer': "
          "'even'}\", not a Problem(key, question, answer, trace)"),
     ],

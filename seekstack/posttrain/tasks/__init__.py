@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from importlib.machinery import ModuleSpec
@@ -32,6 +33,7 @@ __all__ = [
     "Task",
     "check_task",
     "make_task",
+    "raised_at",
     "sample_problems",
     "split_of",
     "task_class",
@@ -133,6 +135,12 @@ def _import_failure(name: str, module_name: str, origin: str | None, error: Exce
     return f"task {name!r}: module {module_name!r} ({origin}) raised {type(error).__name__}{where}: {error}"
 
 
+def raised_at(error: BaseException) -> str:
+    """Where `error` was raised, as "at FILE line N": the innermost frame of its traceback."""
+    raised = traceback.extract_tb(error.__traceback__)[-1]
+    return f"at {raised.filename} line {raised.lineno}"
+
+
 def check_task(name: str) -> None:
     """A ValueError naming what is wrong unless `name` names a task: a class (`task_class`) or a file of problems,
     read whole (each line's fault named by its file, line and field)."""
@@ -152,13 +160,18 @@ def make_task(name: str, difficulty: int | None = None) -> Task:
     cls = task_class(name)
     if difficulty is not None and difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
+    arguments = {} if difficulty is None else {"difficulty": difficulty}
+    call = f"task {name!r}: {cls.__name__}({'' if difficulty is None else f'difficulty={difficulty}'})"
     try:
-        task = cls() if difficulty is None else cls(difficulty=difficulty)
+        inspect.signature(cls).bind(**arguments)
     except TypeError as error:  # your own class that takes no difficulty, or needs one
-        call = f"{cls.__name__}({'' if difficulty is None else f'difficulty={difficulty}'})"
         raise ValueError(
-            f"task {name!r}: {call} raised TypeError: {error}; a task's class is called with difficulty=N where "
-            "difficulty is given, with no argument where it is not"
+            f"{call} raised TypeError: {error}; a task's class is called with difficulty=N where difficulty is given, "
+            "with no argument where it is not"
         ) from error
+    try:
+        task = cls(**arguments)
+    except Exception as error:  # your own class's __init__ failing inside
+        raise ValueError(f"{call} raised {type(error).__name__} {raised_at(error)}: {error}") from error
     _require_members(name, task, TASK_ATTRIBUTES)  # your own class's __init__ may set them
     return task
