@@ -374,6 +374,11 @@ def _misread_added_tokens(backend: BackendTokenizer) -> dict[int, str]:
     }
 
 
+def first_token_in(text: str, tokens: Iterable[str]) -> str | None:
+    """The one of `tokens` that `text` holds first (where it starts), or None."""
+    return min((token for token in tokens if token in text), key=text.index, default=None)
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 
@@ -762,7 +767,7 @@ class Tokenizer:
     def special_token_in(self, text: str) -> str | None:
         """The first of this tokenizer's special tokens in `text`, or None. Text holding one would be encoded with the
         real token: in a chat message, a forged turn."""
-        return min((token for token in self.special_tokens if token in text), key=text.index, default=None)
+        return first_token_in(text, self.special_tokens)
 
     def _special_id(self, token: str | None, name: str) -> int:
         """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when

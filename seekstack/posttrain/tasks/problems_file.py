@@ -29,7 +29,7 @@ from seekstack.posttrain.tasks.answers import (
     reads_as,
 )
 from seekstack.posttrain.tasks.base import Problem
-from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS
+from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, first_token_in
 
 LINE_FORMAT = (
     'a line is {"question": "...", "answer": ...} (or "problem" and "solution", MATH\'s and TRL\'s names), the '
@@ -107,7 +107,7 @@ def _problem(record: Any, where: str) -> Problem:
         raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
     for field, text in ((question_field, question), (answer_field, answer)):
         # the prompt's user turn, or SFT's assistant turn: chat content, where the tokenizer refuses them unplaced
-        forged = next((token for token in (*SPECIAL_TOKENS, *TOOL_TOKENS) if token in str(text)), None)
+        forged = first_token_in(str(text), (*SPECIAL_TOKENS, *TOOL_TOKENS))
         if forged:
             raise ValueError(
                 f"{where}: field {field} contains the chat format's special token {forged!r}, which would be encoded "
