@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, is_override, key_value_command, run_to_checkpoint, user_errors
+from seekstack.cli.common import (
+    fail,
+    is_override,
+    key_value_command,
+    refuse_empty_path,
+    run_to_checkpoint,
+    user_errors,
+)
 
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
@@ -24,11 +31,12 @@ def train_command(
     data: Annotated[
         str | None,
         typer.Argument(
+            callback=refuse_empty_path,
             help="Token shards (from `data tokenize`); or text (a file, a folder of text files, .jsonl of "
             '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"}, of '
             '{"prompt", "completion"} lists of messages or of TRL\'s from/value {"conversations"}; .jsonl.gz, .bz2, '
             '.xz or .zst too), 5% of them held out for val_loss while eval_every > 0; or TRL\'s {"prompt", '
-            '"completion"} of text, read alike with no chat template, the loss on the completion only'
+            '"completion"} of text, read alike with no chat template, the loss on the completion only',
         ),
     ] = None,
     overrides: Annotated[
@@ -43,6 +51,7 @@ def train_command(
         str | None,
         typer.Option(
             metavar="STEP|FOLDER",
+            callback=refuse_empty_path,
             help="Continue the run in --out, as --resume does, from the checkpoint of this step (40 or step_40: "
             "--out/checkpoints/step_40) or this checkpoint folder (another run's: continued in an --out holding no "
             "run yet)",

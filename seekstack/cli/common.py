@@ -131,7 +131,9 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
 
 def refuse_empty_path(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
     """A path's value (or each of several) unless it is "", which typer reads as Path("."), the current folder, which a
-    command would read or write into (`--out "$OUT"`, the variable unset): a usage error naming the parameter."""
+    command would read or write into (`--out "$OUT"`, the variable unset): a usage error naming the parameter. `Command`
+    checks each Path, checkpoint and preset so; a path typed str (also a step, 'stdlib', a key=value) takes it as its
+    callback."""
     if "" in value if isinstance(value, (list, tuple)) else value == "":
         raise BadParameter("an empty path (a shell variable left unset?): give a file or folder", ctx, param)
     return value

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import options_named, user_errors, warn
+from seekstack.cli.common import options_named, refuse_empty_path, user_errors, warn
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits, tokenize.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -19,7 +19,8 @@ def data_build(
         list[str] | None,
         typer.Argument(
             help="Folders, .txt/.jsonl/.json/.parquet/.csv/.tsv/.arrow files, saved datasets; default: 'stdlib', "
-            "the embedded corpus"
+            "the embedded corpus",
+            callback=refuse_empty_path,
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for train.jsonl, val.jsonl, report.json")] = Path(
@@ -138,8 +139,16 @@ def data_tokenize(
 
 @data_app.command("quality-train")
 def data_quality_train(
-    reference: Annotated[list[str], typer.Option(help="Text to prefer: folders, .txt/.jsonl/.parquet (repeatable)")],
-    pool: Annotated[list[str], typer.Option(help="The raw pool to select from (a sample of it is enough; repeatable)")],
+    reference: Annotated[
+        list[str],
+        typer.Option(help="Text to prefer: folders, .txt/.jsonl/.parquet (repeatable)", callback=refuse_empty_path),
+    ],
+    pool: Annotated[
+        list[str],
+        typer.Option(
+            help="The raw pool to select from (a sample of it is enough; repeatable)", callback=refuse_empty_path
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="The model file (.npz)")] = Path("data/quality.npz"),
     field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet")] = "text",
     max_documents: Annotated[int, typer.Option(min=1, help="Documents read from each side at most")] = 20_000,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, options_named, run_given, user_errors
+from seekstack.cli.common import Checkpoint, options_named, refuse_empty_path, run_given, user_errors
 
 # seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
 LOCAL_TASKS = (
@@ -100,7 +100,8 @@ def eval_command(
         typer.Option(
             help="Results path without suffix, or a folder to write results.json and results.md into (an existing "
             "one, or one ending in /, made); default RUN/eval/results for a run or its checkpoint, else "
-            "CHECKPOINT/eval/results"
+            "CHECKPOINT/eval/results",
+            callback=refuse_empty_path,
         ),
     ] = None,
 ) -> None:

@@ -15,6 +15,7 @@ from seekstack.cli.common import (
     is_override,
     key_value_command,
     options_named,
+    refuse_empty_path,
     usage_error,
     user_errors,
     warn,
@@ -28,6 +29,7 @@ ResumeFromOpt = Annotated[
     str | None,
     typer.Option(
         metavar="STEP|FOLDER",
+        callback=refuse_empty_path,
         help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40 or step_40: "
         "out_dir/checkpoints/step_40) or this checkpoint folder (another run's: continued in out_dir)",
     ),

@@ -503,8 +503,12 @@ def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
         (["generate", "def f(", "--model="], "--model"),
         (["plot", "runs/a", ""], "RUNS..."),
         (["data", "build", "notes.txt", "--out", ""], "--out"),
+        (["data", "build", "", "--out", "corpus"], "INPUTS..."),
+        (["train", "--resume-from", ""], "--resume-from"),
+        (["generate", "def f(", "--model", "tiny", "--device-map", "auto", "--offload-dir", ""], "--offload-dir"),
+        (["eval", "tiny", "--out", ""], "--out"),
     ],
-    ids=["preset-or-checkpoint", "option", "option=", "one-of-several", "output"],
+    ids=["preset-or-checkpoint", "option", "option=", "one-of-several", "output", "inputs", "step", "str", "results"],
 )
 def test_an_empty_path_is_refused_naming_its_argument_not_read_as_the_current_folder(tmp_path, monkeypatch, arguments,
                                                                                       named):  # fmt: skip
