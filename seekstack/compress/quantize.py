@@ -146,12 +146,16 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
     """Swap each chosen layer of `model` for its quantized module, in place (a SwiGLU whose three projections end up
     quantized becomes one QuantizedFeedForward). `stored`: the quantized modules a checkpoint held (see
     `dequantize_layers`), put back as they are where a layer is assigned their format, so re-quantizing to the same
-    format is lossless. Returns layer -> scheme, or why kept."""
+    format is lossless. An fp8 block too small to shrink the narrowest float dtype of the layers is refused before any
+    swap (`QuantConfig.refuse_growing_fp8_block`). Returns layer -> scheme, or why kept."""
     names = layer_names(model)
     config.refuse_unmatched_patterns(names)
+    layers = quantizable_layers(model)
+    dtypes = {next(model.get_submodule(name).parameters()).dtype for name in layers}
+    config.refuse_growing_fp8_block(min(dtypes, key=lambda dtype: dtype.itemsize, default=torch.float32))
     stored = stored or {}
     assignment = {}
-    for name in quantizable_layers(model):
+    for name in layers:
         scheme = config.scheme_of(name, names[name])
         module = model.get_submodule(name)
         if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
@@ -367,6 +371,7 @@ def quantize_checkpoint(
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.checkpoint.quantized import quantized_in_float
 
+    # before loading: the model is quantized from float32 weights, its float layers saved back in the stored dtype
     config.refuse_growing_fp8_block(stored_float_dtype(model_dir))
     model = load_pretrained(model_dir)
     in_float = quantized_in_float(model_dir, model)

@@ -1159,6 +1159,18 @@ def test_an_fp8_block_too_small_to_save_bytes_over_the_checkpoints_float_dtype_i
     assert not (tmp_path / "refused").exists()
 
 
+def test_an_fp8_block_too_small_to_shrink_a_models_weights_is_refused_by_the_in_memory_quantization():
+    """quantize_model(bfloat16 model, QuantConfig(scheme="fp8", fp8_block=(1, 1))) swapped in fp8 layers whose float32
+    scale per weight made save_pretrained write 2.27x the float checkpoint's bytes: only quantize_checkpoint weighed the
+    block. quantize_model weighs it against the layers' dtype, before any layer is swapped."""
+    model = model_for_tests().to(torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"field 'fp8_block' must be a block of more than 4 weights for bfloat16"):
+        quantize_model(model, QuantConfig(scheme="fp8", fp8_block=(1, 1)))
+    assert not any(isinstance(module, (QuantizedLinear, QuantizedExperts)) for module in model.modules())
+    quantize_model(model.float(), QuantConfig(scheme="fp8", fp8_block=(2, 2)))  # float32 saves 3 bytes a weight
+    assert any(isinstance(module, QuantizedLinear) for module in model.modules())
+
+
 def test_an_unknown_scheme_is_refused_by_the_module_swap_not_made_fp8():
     with pytest.raises(ValueError, match="quantization scheme 'foo': expected int8, int4 or fp8"):
         quantized_module(torch.nn.Linear(32, 16), "foo", QuantConfig(), group=32)
