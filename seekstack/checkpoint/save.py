@@ -46,6 +46,7 @@ MODEL_FOLDER_FILES = (
 # config, a chat template) stay, as transformers' save_pretrained leaves them; a folder without a generation config
 # gets one (`write_generation_config`).
 SAVED_FILES = (CONFIG_FILE, "*.safetensors", INDEX_FILE)
+QUANTIZATION_SCALES = ("weight_scale", "weight_scale_inv")  # a quantized weight's scales: no parameters of the model
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
 
 
@@ -190,13 +191,15 @@ def write_shards(
     tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
     """Write (checkpoint key, tensor) pairs as safetensors into `directory`: one file, or shards and their index,
-    which gives the parameters (the elements of the tensors, as DeepSeek-V3's 685B counts the MTP module's copies of
-    the embedding and head) beside the bytes stored, as transformers 5's save_pretrained writes them (its
-    from_pretrained reads neither). Shards are written as they fill, so memory holds one shard and what `tensors`
-    holds (a lazy iterable can make the tensors of a model larger than memory one part at a time)."""
+    which gives the parameters (the weights the tensors hold, as DeepSeek-V3's 685B counts the MTP module's copies of
+    the embedding and head: a quantized matrix's at its shape, not its packed codes nor its scales) beside the bytes
+    stored, as transformers 5's save_pretrained writes them (its from_pretrained reads neither). Shards are written as
+    they fill, so memory holds one shard and what `tensors` holds (a lazy iterable can make the tensors of a model
+    larger than memory one part at a time)."""
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = total_parameters = 0
     shard_keys: list[list[str]] = []
+    packed_words: dict[str, int] = {}  # a matrix's packed codes (int32 words), by layer key, until its shape is read
 
     def flush() -> None:
         save_aligned(shard, directory / f"shard-{len(shard_keys)}.safetensors")
@@ -211,7 +214,15 @@ def write_shards(
         shard[key] = tensor.detach().to("cpu").contiguous()
         shard_bytes += size
         total_bytes += size
-        total_parameters += tensor.numel()
+        layer, _, name = key.rpartition(".")
+        if name == "weight_packed":
+            packed_words[layer] = tensor.numel()
+        elif name == "weight_shape":  # compressed-tensors' (rows, columns) of int8 or int4 codes packed in int32
+            packed_words.pop(layer)
+            total_parameters += int(tensor.prod())
+        elif name not in QUANTIZATION_SCALES:
+            total_parameters += tensor.numel()
+    total_parameters += 8 * sum(packed_words.values())  # seekstack's stacked layout: int4's codes, eight a word, alone
     flush()
     # The release names (model-0000i-of-0000n) need the shard count, known only now.
     if len(shard_keys) == 1:

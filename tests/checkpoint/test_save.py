@@ -102,3 +102,26 @@ def test_an_fp8_block_too_small_to_shrink_the_models_float_weights_is_refused_at
     seekstack.save_pretrained(model.float(), tmp_path / "taken", fp8_block=(2, 2))
     config = json.loads((tmp_path / "taken" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [2, 2]
+
+
+def test_a_quantized_checkpoints_index_counts_the_parameters_of_the_float_one(tmp_path):
+    """total_parameters counted the elements stored: int8 and int4 codes packed four or eight to an int32 word, scales
+    added, so an int4 save of a model gave a quarter of its parameters. Each format's index counts the float one's."""
+    from seekstack.compress.quantize import QuantConfig, quantize_model
+
+    model = seekstack.Transformer(micro_config()).eval()
+
+    def total_parameters(scheme: str, stacked_experts: bool = False) -> int:
+        quantized = seekstack.Transformer(micro_config()).eval()
+        quantized.load_state_dict(model.state_dict())
+        if scheme != "float":
+            quantize_model(quantized, QuantConfig(scheme=scheme, keep=[], fp8_block=(32, 32)))
+        folder = tmp_path / f"{scheme}-{stacked_experts}"
+        seekstack.save_pretrained(quantized, folder, max_shard_bytes=40_000, stacked_experts=stacked_experts)
+        return json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_parameters"]
+
+    float_parameters = total_parameters("float")  # the model's, and the MTP module's copies of embedding and head
+    assert float_parameters > sum(parameter.numel() for parameter in model.parameters())
+    # int8 packed with its shape, int4 stacked without it, fp8 with a scale per block
+    counted = [total_parameters("int8"), total_parameters("int4", stacked_experts=True), total_parameters("fp8")]
+    assert counted == [float_parameters] * 3
