@@ -251,9 +251,9 @@ def warn(message: str) -> None:
 
 def model_config(model: str) -> ModelConfig:
     """A preset by name, or the config of the model a checkpoint directory loads as (its config.json, with the MTP
-    layers and the MoE layout its weights hold: `loaded_config`, whose CheckpointError each rank says); neither: the
-    command fails naming the presets and what the checkpoint reader says of the path (a Hub repository's name: to
-    download it first), a name every rank of a torchrun reads alike, so said once (`fail`)."""
+    layers and the MoE layout its weights hold: `loaded_config`, whose CheckpointError each rank says); neither: a
+    ConfigError naming the presets and what the checkpoint reader says of the path (a Hub repository's name: to
+    download it first), a name every rank of a torchrun reads alike, so said once (`user_errors`)."""
     if model in PRESETS:
         return preset(model)
     from seekstack.checkpoint.load import loaded_config
@@ -263,7 +263,7 @@ def model_config(model: str) -> ModelConfig:
     except CheckpointError as error:
         if Path(model).exists():
             raise
-        fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint: {error}")
+        raise ConfigError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint: {error}") from None
 
 
 def count(n: int) -> str:

@@ -24,8 +24,10 @@ from seekstack.accounting import (
 )
 from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.cli import app
+from seekstack.cli.common import model_config
 from seekstack.config import preset
 from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from tests.infer.support import model_dir
 
@@ -249,6 +251,14 @@ def test_under_torchrun_rank_0_alone_says_a_model_is_neither_a_preset_nor_a_chec
     assert said["0"].exit_code == said["1"].exit_code == 1
     assert said["0"].stderr.startswith("error: 'nope' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3)")
     assert said["1"].stderr == ""
+
+
+def test_a_model_neither_a_preset_nor_a_checkpoint_is_a_config_error_its_caller_reports(capsys):
+    """model_config raises as any setting every rank reads alike does (`user_errors` says it, as JSON where asked),
+    printing nothing itself and not ending the process."""
+    with pytest.raises(ConfigError, match=r"^'nope' is neither a preset \(tiny, .*nope: no such folder"):
+        model_config("nope")
+    assert capsys.readouterr().err == ""
 
 
 def test_directory_without_config_json_fails_naming_the_file(tmp_path):
