@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.checkpoint.load import placement_asked, refuse_a_revision, refuse_an_unloadable_device
+from seekstack.checkpoint.load import placement_asked, refuse_a_revision
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
@@ -60,11 +60,11 @@ from seekstack.infer.params import (
 )
 from seekstack.infer.placement import (
     OffloadRefused,
-    auto_device,
     device_map_for,
     layer_devices,
     offload_while_loading,
     place,
+    resolve_device,
 )
 from seekstack.infer.sampling import (
     NO_DISTRIBUTION,
@@ -225,17 +225,13 @@ VLLM_ENGINE_VALUES_TAKEN = {
 
 
 def runtime_device(device: torch.device | str | int) -> torch.device:
-    """The device an engine runs on for `device`: `auto` is cuda:0 where torch reaches a GPU, else cpu (as `--device
-    auto`), an int a CUDA index (as torch reads it); ValueError naming `device` where it is no device torch knows or
-    one it cannot reach (`refuse_an_unloadable_device`), before any weight is read or moved."""
-    if device == "auto":
-        return torch.device(auto_device())
-    try:  # torch.device(0) itself raises where torch reaches no GPU
-        named = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    except RuntimeError:  # torch's "Expected one of cpu, cuda, ipu, xpu, ... device type at start of device string"
-        raise ValueError(f"device={device!r} is no device: give cpu, cuda, cuda:N or auto") from None
-    refuse_an_unloadable_device(device)
-    return named
+    """The device an engine runs on for `device`, as `--device` reads it (`resolve_device`: auto, cpu, cuda, cuda:N
+    or N, in any case); ValueError naming `device` where it is none of them or one torch cannot reach, before any
+    weight is read or moved."""
+    try:
+        return torch.device(resolve_device(device))
+    except ValueError as error:
+        raise ValueError(f"device={device!r}: {error}") from None
 
 
 # vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them

@@ -401,20 +401,12 @@ class EngineOptions:
     def resolved_device(self) -> str:
         """The device the model runs on, named as a device map names it (cpu, cuda:N; auto: cuda:0 where torch
         reaches a GPU, else cpu); ConfigError naming `device` when it is no such name or torch cannot reach it."""
-        from seekstack.infer.placement import DISK, auto_device, device_name, unreachable_reason
+        from seekstack.infer.placement import resolve_device
 
-        if self.device == "auto":
-            return auto_device()
         try:
-            name = device_name(self.device, "device")
-        except ValueError:
-            name = None
-        if name in (None, DISK):  # disk holds a device map's weights; nothing runs there
-            raise ConfigError(f"has value {self.device!r}: give cpu, cuda, cuda:N or auto", field="device")
-        reason = unreachable_reason(name)
-        if reason is not None:
-            raise ConfigError(f"has value {self.device!r}: torch cannot reach {name} here ({reason})", field="device")
-        return name
+            return resolve_device(self.device)
+        except ValueError as error:
+            raise ConfigError(f"has value {self.device!r}: {error}", field="device") from None
 
     def engine_kwargs(self, model_dir: str | Path | None = None) -> dict[str, Any]:
         """The keyword arguments of `Engine.from_pretrained` for the checkpoint in `model_dir` (its size decides

@@ -90,12 +90,14 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
 
 def device_name(text: str, where: str) -> str:
     """The device `text` names, written one way: `cpu`, `disk` or `cuda:N` (`cuda` is cuda:0, a bare `N` cuda:N, as
-    accelerate's max_memory={0: "10GiB"} and device_map={"": 0} take a GPU), in any case; ValueError starting with
-    `where` (the entry it came from) for anything else, such as gpu, mps or meta."""
+    accelerate's max_memory={0: "10GiB"} and device_map={"": 0} take a GPU; `cpu:N` the CPU, as torch reads it), in
+    any case; ValueError starting with `where` (the entry it came from) for anything else, such as gpu, mps or meta."""
     name = text.strip().lower()
     kind, colon, index = name.partition(":")
     if name in ("cpu", DISK):
         return name
+    if kind == "cpu" and index.isdigit():
+        return kind
     if kind == "cuda" and (not colon or index.isdigit()):
         return f"cuda:{int(index or 0)}"
     if name.isdigit():
@@ -423,6 +425,24 @@ def check_reachable(devices: Iterable[str]) -> None:
 def auto_device() -> str:
     """The device `auto` names: cuda:0 where torch reaches a GPU, else cpu."""
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: torch.device | str | int) -> str:
+    """The device a whole model runs on for `device` (`--device`, Engine's device=), named as `device_name` names it:
+    auto is `auto_device`, an int N cuda:N; ValueError, its text to follow the value, for one that is no such device
+    (disk, meta, mps) or that this torch cannot reach."""
+    if device == "auto":
+        return auto_device()
+    try:
+        name = device_name(str(device), "device")  # a torch.device by its text: cpu, cuda:N
+    except ValueError:
+        name = None
+    if name in (None, DISK):  # disk holds a device map's weights; nothing runs there
+        raise ValueError("give cpu, cuda, cuda:N or auto")
+    reason = unreachable_reason(name)
+    if reason is not None:
+        raise ValueError(f"torch cannot reach {name} here ({reason})")
+    return name
 
 
 def unreachable_reason(device: str) -> str | None:

@@ -1090,13 +1090,28 @@ def test_an_engine_runs_on_auto_as_the_cli_does_and_a_device_it_cannot_use_is_re
     assert Engine(micro_model(), tokenizer, device="auto").device == auto
     assert Engine.from_pretrained(tmp_path / "model", device="auto").device == auto
     placed = Engine.from_pretrained(tmp_path / "model", device="cpu:0", device_map={"": "cpu"})
-    assert placed.device == torch.device("cpu:0") and placed.model.placement is not None
+    assert placed.device == torch.device("cpu") and placed.model.placement is not None
     reads = counted_reads(monkeypatch)
-    with pytest.raises(ValueError, match=r"^device='gpu' is no device: give cpu, cuda, cuda:N or auto$"):
+    with pytest.raises(ValueError, match=r"^device='gpu': give cpu, cuda, cuda:N or auto$"):
         Engine.from_pretrained(tmp_path / "model", device="gpu")
-    with pytest.raises(ValueError, match=r"^device='gpu' is no device: give cpu, cuda, cuda:N or auto$"):
+    with pytest.raises(ValueError, match=r"^device='gpu': give cpu, cuda, cuda:N or auto$"):
         Engine(micro_model(), tokenizer, device="gpu")
     unreachable = torch.cuda.device_count()  # a CUDA index past the last GPU (0 without one)
-    with pytest.raises(ValueError, match=rf"^device={unreachable}, which this torch cannot reach \("):
+    with pytest.raises(ValueError, match=rf"^device={unreachable}: torch cannot reach cuda:{unreachable} here \("):
         Engine.from_pretrained(tmp_path / "model", device=unreachable)
     assert sum(reads.values()) == 0
+
+
+@pytest.mark.parametrize("device", ["CPU", " cpu", "cpu:0", "0", 0, "CUDA", torch.device("cpu"), "meta", "disk", "mps"])
+def test_an_engine_and_device_read_a_device_the_same_way(tokenizer, device):
+    """Engine(..., device="CPU"), " cpu" and "0" were refused as no device while `--device` took them, and "cpu:0"
+    taken while `--device cpu:0` was refused; device="meta" got load_pretrained's advice to build the model under
+    `with torch.device('meta')`. Both read a device through one resolver, so they take and refuse the same names."""
+    try:
+        asked = EngineOptions(device=str(device)).resolved_device()
+    except ConfigError as refused:  # meta, disk, mps; and where torch reaches no GPU, a cuda:0 it cannot reach
+        with pytest.raises(ValueError, match=r"^device=") as engine_refused:
+            Engine(micro_model(), tokenizer, device=device)
+        assert str(engine_refused.value).split(": ", 1)[1] in str(refused)  # the same reason after the value
+    else:
+        assert str(Engine(micro_model(), tokenizer, device=device).device) == asked
