@@ -1,17 +1,22 @@
 """Every response's `X-Request-Id`, as OpenAI answers each call with one (the openai client reads it as a response's
 `_request_id` and an error's `request_id`): the one the client sent, as vLLM reads it, else a completion body's
 `request_id` (vLLM's), else a new random one. A completion's `id` is `cmpl-` or `chatcmpl-` and this id, so a call,
-its response and its log lines share it."""
+its response and its log lines share it; a client's id is held to the body's rule (`schemas.RequestId`)."""
 
 from __future__ import annotations
 
 import uuid
 
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from seekstack.serve.errors import invalid_body
+from seekstack.serve.schemas import RequestId
+
 HEADER = "X-Request-Id"
+SENT_ID = TypeAdapter(dict[str, RequestId])  # {HEADER: the id sent}: a refusal names the header
 
 
 LEFT_HEADERS = "response_headers"  # headers a route leaves in the request's state for its response, whatever it is
@@ -30,7 +35,8 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["request_id"] = Headers(scope=scope).get(HEADER) or uuid.uuid4().hex
+        sent = Headers(scope=scope).get(HEADER, "").encode("latin-1").decode("utf-8", "replace")  # read as latin-1
+        scope.setdefault("state", {})["request_id"] = sent or uuid.uuid4().hex
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -40,6 +46,12 @@ class RequestIds:
                     headers.setdefault(name, value)
             await send(message)
 
+        try:  # an empty header is none
+            SENT_ID.validate_python({HEADER: sent} if sent else {})
+        except ValidationError as error:  # refused with an id of its own
+            scope["state"]["request_id"] = uuid.uuid4().hex
+            await invalid_body(error).response()(scope, receive, send_with_id)
+            return
         await self.app(scope, receive, send_with_id)
 
 

@@ -43,8 +43,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no natural one
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
-MAX_REQUEST_ID_CHARS = 256  # a body's request_id names the response and its log lines: an id, not a text
+MAX_REQUEST_ID_CHARS = 256  # a request's id names the response and its log lines: an id, not a text
 MAX_STOP_TOKEN_IDS = 300  # vLLM sets none; as many as logit_bias may name
+# a request's id, a body's request_id or a client's X-Request-Id: visible ASCII, as a header's value can carry it
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=r"^[!-~]+$")]
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 PromptText = str  # "" too: where the tokenizer frames it with BOS it has a token to start from (prompt_ids)
@@ -131,9 +133,8 @@ class SamplingFields(LoggedRequest):
     """Fields shared by both endpoints; None means the default."""
 
     model: str | None = Field(None, min_length=1)  # left out (or null): the base model, as vLLM reads it
-    # vLLM's: the response's id (cmpl-/chatcmpl- and it) and X-Request-Id, where the client sent no X-Request-Id;
-    # visible ASCII, as a header's value can carry it
-    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID_CHARS, pattern=r"^[!-~]+$")
+    # vLLM's: the response's id (cmpl-/chatcmpl- and it) and X-Request-Id, where the client sent no X-Request-Id
+    request_id: RequestId | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), OrDefault] = 1

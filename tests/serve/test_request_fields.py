@@ -869,6 +869,25 @@ def test_a_bodys_request_id_names_the_completion_where_no_x_request_id_header_do
     assert error_of(refused, 400)["param"] == "request_id"
 
 
+def test_an_x_request_id_header_is_held_to_the_bodys_request_id_rule(engine, tmp_path):
+    """A body's request_id is 1 to 256 visible ASCII characters, but the header was taken unchecked: 10,000 characters
+    became the completion's id and every log line's, and a UTF-8 one came back garbled ('cafÃ©'). Such a header is
+    refused (400, param X-Request-Id), the refusal carrying an id of its own; one within the rule still names it."""
+    headers = ["x" * 10_000, "café".encode(), "job 7", "x" * 256]
+
+    async def scenario(client):
+        refusals = [await client.post("/v1/completions", json=COMPLETION, headers={"X-Request-Id": h}) for h in headers]
+        return refusals, await client.get("/v1/models", headers={"X-Request-Id": "x" * 257})
+
+    (*refused, longest), models = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    errors = [error_of(answer, 400) for answer in (*refused, models)]
+    assert [(error["param"], error["code"]) for error in errors] == [("X-Request-Id", "invalid_value")] * 4
+    assert errors[0]["message"].startswith("invalid request: X-Request-Id: String should have at most 256 characters")
+    assert errors[1]["message"].endswith(", got 'café'")
+    assert all(re.fullmatch("[0-9a-f]{32}", answer.headers["x-request-id"]) for answer in (*refused, models))
+    assert (longest.json()["id"], longest.headers["x-request-id"]) == ("cmpl-" + "x" * 256, "x" * 256)
+
+
 def test_an_empty_x_request_id_header_leaves_the_bodys_request_id_to_name_the_completion(engine, tmp_path):
     """An empty X-Request-Id is no id (RequestIds gives a random one for it), but it kept the body's request_id from
     naming the completion, which came back with a random id."""
