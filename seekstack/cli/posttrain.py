@@ -71,7 +71,9 @@ def pass_at_k_command(
     models: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint directories with their tokenizers, or runs' out_dirs", callback=run_to_checkpoint
+            help="Checkpoint directories with their tokenizers, or runs' out_dirs",
+            callback=run_to_checkpoint,
+            metavar="CHECKPOINTS...",
         ),
     ],
     task: Annotated[str, typer.Option(help=TASK_HELP)] = "addition",
@@ -114,6 +116,7 @@ def traces_command(
         typer.Argument(
             help="The teacher: a checkpoint directory with its tokenizer, or a run's out_dir",
             callback=run_to_checkpoint,
+            metavar="CHECKPOINT",
         ),
     ],
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],

@@ -170,9 +170,12 @@ def test_every_usage_line_and_argument_error_names_the_arguments_in_capitals_as_
     assert usage["data build"] == "Usage: seekstack data build [OPTIONS] [INPUTS]..."
     assert usage["lora merge"] == "Usage: seekstack lora merge [OPTIONS] BASE ADAPTER"
     assert usage["plot"] == "Usage: seekstack plot [OPTIONS] RUNS..."
+    assert usage["pass-at-k"] == "Usage: seekstack pass-at-k [OPTIONS] CHECKPOINTS..."
+    assert usage["traces"] == "Usage: seekstack traces [OPTIONS] CHECKPOINT"
     # an argument's errors name it as its usage line does, as click's do
     assert "Error: Missing argument 'MODEL'." in runner.invoke(app, ["info"]).stderr
     assert "Error: Missing argument 'RUNS...'." in runner.invoke(app, ["plot"]).stderr
+    assert "Error: Missing argument 'CHECKPOINTS...'." in runner.invoke(app, ["pass-at-k"]).stderr
 
 
 def test_seekstack_help_lists_each_command_by_its_first_sentence_past_an_abbreviation():
