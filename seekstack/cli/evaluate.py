@@ -92,7 +92,8 @@ def eval_command(
         bool,
         typer.Option(
             help="Also write lm_eval's own files, its results JSON and each task's samples (prompts, answers, "
-            "scores), into lm_eval/ beside OUT"
+            "scores), into lm_eval/ beside the results files (inside OUT when OUT is a folder), in a subfolder named "
+            "after the model as lm_eval names it"
         ),
     ] = False,
     out: Annotated[
