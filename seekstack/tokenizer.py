@@ -105,9 +105,11 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
 def _whole_number(value: object, field: str) -> int:
     """`value` as an int (a numpy integer, a 0-d integer tensor too); ConfigError naming `field` for anything else."""
     try:
-        return operator.index(value)
+        if not isinstance(value, bool):  # an int to operator.index: split_digits=True cut every digit alone
+            return operator.index(value)
     except TypeError:
-        raise ConfigError(f"is {value!r} ({type(value).__name__}), not a whole number", field) from None
+        pass
+    raise ConfigError(f"is {value!r} ({type(value).__name__}), not a whole number", field)
 
 
 def tool_call_text(name: str, arguments: str) -> str:

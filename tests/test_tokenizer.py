@@ -1015,6 +1015,9 @@ def test_a_vocab_size_or_split_digits_that_is_no_whole_number_is_refused_naming_
         ({"vocab_size": 300.0}, "field 'vocab_size' is 300.0 (float), not a whole number"),
         ({"vocab_size": "300"}, "field 'vocab_size' is '300' (str), not a whole number"),
         ({"vocab_size": 300, "split_digits": 2.5}, "field 'split_digits' is 2.5 (float), not a whole number"),
+        # True is 1 to operator.index: every digit was cut alone
+        ({"vocab_size": 300, "split_digits": True}, "field 'split_digits' is True (bool), not a whole number"),
+        ({"vocab_size": True}, "field 'vocab_size' is True (bool), not a whole number"),
     ]:
         with pytest.raises(ConfigError) as refused:
             train_tokenizer(["a 12345"] * 9, out_path=tmp_path / "refused", **values)
