@@ -582,7 +582,7 @@ class Engine:
                 f"params must be SamplingParams, got {type(params).__name__}: SamplingParams(max_new_tokens=64, ...), "
                 "or SamplingParams.from_dict(values) for a mapping"
             )
-        if request_id is not None and not isinstance(request_id, str):  # abort(7) would read 7 as a list of ids
+        if request_id is not None and not isinstance(request_id, str):  # outputs carry it, and vLLM's ids are str
             raise TypeError(
                 f"request_id must be a str, as vLLM's, got {type(request_id).__name__} {request_id!r}: give "
                 f"{str(request_id)!r}"
@@ -684,8 +684,14 @@ class Engine:
         """Drop a request and free its cache blocks at once; its last output says finish_reason "abort". Returns
         whether it had started (left the waiting queue): one that had not cost no compute. None when no unfinished
         request has this id (it finished already, or was never added): nothing to drop, as vLLM's abort of one.
-        Several ids (a list, as vLLM's abort_request takes them): each is dropped, and the list of what each returns."""
+        Several ids (a list, as vLLM's abort_request takes them): each is dropped, and the list of what each returns.
+        TypeError for an id that is no str (add_request takes none)."""
         if not isinstance(request_id, str):
+            if not isinstance(request_id, Iterable):  # abort(7): a counter kept as the id, which add_request refuses
+                raise TypeError(
+                    f"request_id must be a str or a list of them, as vLLM's abort_request takes, got "
+                    f"{type(request_id).__name__} {request_id!r}"
+                )
             return [self.abort(one) for one in request_id]
         with self.lock:
             for queue in (self.waiting, self.prefilling, self.running):

@@ -44,7 +44,7 @@ def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(mod
     assert Engine.abort_request is Engine.abort
 
 
-def test_a_request_id_that_is_no_str_is_refused_at_add_request_not_met_at_abort(model, tokenizer):
+def test_a_request_id_that_is_no_str_is_refused_at_add_request_and_at_abort(model, tokenizer):
     """add_request(ids, params, request_id=7) was taken, and abort(7) then raised a bare "TypeError: 'int' object is
     not iterable" (an id that is no str reads as a list of ids); the outputs carried 7, where vLLM's ids are str."""
     engine = Engine(model, tokenizer)
@@ -52,6 +52,9 @@ def test_a_request_id_that_is_no_str_is_refused_at_add_request_not_met_at_abort(
         engine.add_request([5, 9, 14], SamplingParams(max_new_tokens=2), request_id=7)
     assert not engine.has_unfinished()
     assert engine.add_request([5, 9, 14], SamplingParams(max_new_tokens=2), request_id="7") == "7"
+    for request_id in (7, [7]):
+        with pytest.raises(TypeError, match=r"^request_id must be a str or a list of them, .* got int 7$"):
+            engine.abort(request_id)
     assert engine.abort("7") is False
 
 
