@@ -281,8 +281,7 @@ def generate_command(
         params = with_checkpoint_defaults(params, sampling, engine)
         if chat:
             tell_base_model(engine, model, tokenizer, adapter)
-            if not ignore_eos:  # the reply ends with its turn, as chat's and Engine.chat's; --ignore-eos goes past it
-                params = ending_at_special_tokens(params, engine.tokenizer)
+            params = ending_at_special_tokens(params, engine.tokenizer)
         encoder = engine.tokenizer
         system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (
