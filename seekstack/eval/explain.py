@@ -35,6 +35,7 @@ from seekstack.eval.routing import (  # noqa: E402
 )
 from seekstack.model.transformer import Transformer  # noqa: E402
 from seekstack.tokenizer import Tokenizer, byte_level_bytes  # noqa: E402
+from seekstack.train.plot import save_figure  # noqa: E402
 
 LABEL_POINTS = 6  # a token label's font size; a heatmap labels its tokens where each row (column) is this tall
 FIGURE_DPI = 110
@@ -216,7 +217,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path, ch
     figure.tight_layout(rect=(0, 0, 0.9, 0.98))  # room for the title, and on the right for the colour scale
     scale = figure.add_axes((0.92, 0.2, 0.02, 0.6))
     figure.colorbar(image, cax=scale, label="attention weight (each row sums to 1)")
-    _save_png(figure, path, FIGURE_DPI)
+    save_figure(figure, path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
 
@@ -243,7 +244,7 @@ def _routing_png(
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
     _title(figure, "gate weight of each selected expert, per token", checkpoint)
-    _save_png(figure, path, FIGURE_DPI)
+    save_figure(figure, path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
 
@@ -380,15 +381,9 @@ def routing_png(records: list[dict[str, Any]], path: str | Path, checkpoint: str
             _label_experts(axis.xaxis)
     _title(figure, "routing statistics", checkpoint)
     figure.tight_layout()
-    _save_png(figure, path, 100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return Path(path)
-
-
-def _save_png(figure: Figure, path: str | Path, dpi: int) -> None:
-    """Write `figure` to `path` whole or not at all: an explain stopped (Ctrl-C) or refused by a full disk mid-write
-    leaves no cut PNG."""
-    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"))
 
 
 _PAGE = """<!doctype html>

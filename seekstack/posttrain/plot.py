@@ -18,15 +18,14 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.train.plot import (  # noqa: E402
     MARKED_UP_TO,
-    figure_format,
     figure_path,
     means_of,
     read_metrics,
     require_each_run_once,
     run_names,
+    save_figure,
     smoothed,
 )
 
@@ -64,7 +63,7 @@ def plot_rl_runs(
     out_path = figure_path(out_path)
     figure = rl_figure(run_dirs, smooth, records)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format=figure_format(out_path)))
+    save_figure(figure, out_path, dpi=90)
     plt.close(figure)
     return out_path
 

@@ -262,7 +262,7 @@ def _write(figure: plt.Figure, axes: list[plt.Axes], last_step: int, title: str,
     figure.suptitle(title)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format=figure_format(out_path)))
+    save_figure(figure, out_path, dpi=100)
     plt.close(figure)
     return out_path
 
@@ -281,6 +281,13 @@ def figure_path(path: str | Path) -> Path:
 def figure_format(path: Path) -> str:
     """The format `figure_path`'s `path` is written in: its suffix's."""
     return path.suffix.lower().removeprefix(".")
+
+
+def save_figure(figure: plt.Figure, path: str | Path, dpi: int) -> None:
+    """Write `figure` to `path` in its suffix's format (`figure_format`), whole or not at all: a command stopped
+    (Ctrl-C) or refused by a full disk mid-write leaves no cut picture."""
+    path = Path(path)
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format=figure_format(path)))
 
 
 def _main_layer_count(run_dir: str | Path) -> int | None:
