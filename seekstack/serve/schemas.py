@@ -194,6 +194,9 @@ class RefusalPart(StrictRequest):
     refusal: str
 
 
+ContentParts = Annotated[list[TextPart | RefusalPart], Field(min_length=1)]  # OpenAI refuses an empty array
+
+
 def unread_part(given: Any, read: tuple[str, ...]) -> tuple[int, str] | None:
     """The first content part of `given` (a JSON list of parts) whose type is none of `read` (OpenAI's image_url,
     input_audio, file): its index and type, to refuse it as such, not as every branch of a union failing."""
@@ -304,15 +307,7 @@ class ChatMessage(StrictRequest):
                     "then": {
                         "if": {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
                         "then": {
-                            "properties": {
-                                "content": {
-                                    "anyOf": [
-                                        {"type": "null"},
-                                        {"type": "string", "maxLength": 0},
-                                        {"type": "array", "maxItems": 0},
-                                    ]
-                                }
-                            }
+                            "properties": {"content": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}
                         },
                     },
                     "else": {
@@ -329,7 +324,7 @@ class ChatMessage(StrictRequest):
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # null or left out only in an assistant turn (a replayed history; OpenAI's calls need none), read as ""
-    content: str | list[TextPart | RefusalPart] | None = Field(None, validate_default=True)
+    content: str | ContentParts | None = Field(None, validate_default=True)
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
     refusal: str | None = None  # a replayed assistant turn that refused (OpenAI's reply: its content null), its text
     # a replayed reply's reasoning given apart (tokenizer.REASONING_FIELDS: DeepSeek's, vLLM's, transformers' names):

@@ -665,6 +665,19 @@ def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path)
     assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
 
 
+def test_an_empty_array_of_parts_is_refused_as_openai_refuses_it(engine, tmp_path):
+    """`content: []` was served as an empty message, where OpenAI refuses it ("empty array. Expected an array with
+    minimum length 1"): a client's empty list is a mistake, not a text."""
+    refusals = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": []}]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [HELLO, {"role": "assistant", "content": []}, WHY]}),
+        ("/tokenize", {"messages": [{"role": "user", "content": []}]}),
+    ])  # fmt: skip
+    errors = [error_of(refused, 400) for refused in refusals]
+    assert [error["param"] for error in errors] == ["messages.0.content", "messages.1.content", "messages.0.content"]
+    assert all("List should have at least 1 item after validation, not 0" in error["message"] for error in errors)
+
+
 @pytest.mark.parametrize("kind", ["image_url", "input_audio", "file"])
 def test_a_part_the_model_cannot_read_is_refused_by_its_type(engine, tmp_path, kind):
     """OpenAI's image, audio and file parts got pydantic's failures of every branch of the content union ('Input should

@@ -122,7 +122,7 @@ def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_wh
             for content, allowed in (
                 (None, True),
                 ("", True),
-                ([], True),
+                ([], False),  # was: allowed, where OpenAI refuses an empty array
                 ("Sure.", False),
                 ([{"type": "text", "text": "Sure."}], False),
             )
