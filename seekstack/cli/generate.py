@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -254,7 +254,8 @@ def generate_command(
         if system is not None and not chat:
             raise usage_error("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
-            raise UsageError("Missing argument 'PROMPT': give the text to continue, or pipe it in", ctx)
+            hint = prompt_parameter(ctx).get_error_hint()
+            raise UsageError(f"Missing argument {hint}: give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
@@ -276,7 +277,7 @@ def generate_command(
         refuse_drafting_without_speculation(ctx)
         if not chat and prompt == "" and tokenizer_json_path(tokenizer or model).is_file():
             # the tokenizer alone decides whether an empty text is something to continue: before any weights load
-            refuse_nothing_to_continue(Tokenizer.from_file(tokenizer or model).encode_prompt(""), from_stdin)
+            refuse_nothing_to_continue(Tokenizer.from_file(tokenizer or model).encode_prompt(""), from_stdin, ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
         if chat:
@@ -289,7 +290,7 @@ def generate_command(
             if chat
             else encoder.encode_prompt(prompt)
         )
-        refuse_nothing_to_continue(prompt_ids, from_stdin)  # --chat: a template writing nothing for it
+        refuse_nothing_to_continue(prompt_ids, from_stdin, ctx)  # --chat: a template writing nothing for it
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)  # -1 (None): the room, unsaid
         if notice:
             typer.echo(f"note: {notice}", err=True)
@@ -384,15 +385,21 @@ def tell_base_model(engine: Engine, model: Path, tokenizer: Path | None, adapter
         typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
 
 
-def refuse_nothing_to_continue(prompt_ids: list[int], from_stdin: bool) -> None:
+def refuse_nothing_to_continue(prompt_ids: list[int], from_stdin: bool, ctx: typer.Context) -> None:
     """A usage error naming the prompt argument where it encodes to no token: an empty text (given, or read from
     standard input) of a tokenizer that puts no BOS before one leaves the model nothing to continue."""
     if not prompt_ids:
         read = " (standard input held no text)" if from_stdin else ""
         raise typer.BadParameter(
             f"is empty{read}, and this tokenizer puts no BOS token before a text: give the text to continue",
-            param_hint="'PROMPT'",
+            ctx,
+            prompt_parameter(ctx),
         )
+
+
+def prompt_parameter(ctx: typer.Context) -> Any:
+    """generate's prompt argument, which its errors name as its usage line does (`Command`: PROMPT)."""
+    return next(param for param in ctx.command.params if param.name == "prompt")
 
 
 def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
