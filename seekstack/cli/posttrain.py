@@ -211,7 +211,7 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Tas
     from seekstack.tokenizer import Tokenizer
 
     context = read_config(model).max_position_embeddings
-    prompts = task_prompts(Tokenizer.from_file(model), task, problems)
+    prompts = task_prompts(Tokenizer.from_file(model), problems)
     limit = f"the context of {model} (max_position_embeddings)"
     length = rollout_length(task, problems, prompts, max_new_tokens, context, limit)
     max_batch_size = min(sequences, SAMPLING_BATCH)

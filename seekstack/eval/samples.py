@@ -141,7 +141,7 @@ def task_samples(
     weights, _, tokenizer_folder = model_folders(model_path)
     context = read_config(weights).max_position_embeddings
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
-    prompts = task_prompts(Tokenizer.from_file(tokenizer_folder), task, problems)
+    prompts = task_prompts(Tokenizer.from_file(tokenizer_folder), problems)
     max_new_tokens = min(max_new_tokens, context - max(map(len, prompts)))
     length = rollout_length(task, problems, prompts, max_new_tokens, context, f"the context of {model_path}")
     engine = _engine(model_path, max_batch_size=count, max_model_len=length)

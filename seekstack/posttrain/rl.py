@@ -80,7 +80,7 @@ class GRPOSource:
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
         sample = measured_problems(self.task, config.seed)
-        prompts = task_prompts(self.tokenizer, self.task, sample)
+        prompts = task_prompts(self.tokenizer, sample)
         require_prompt_room(self.task, sample, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
         self.generation = 0  # generation batches started so far (counted on the trainer's thread as each starts)

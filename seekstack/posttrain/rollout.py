@@ -105,17 +105,8 @@ def _prompts_taking(task: Task, problems: list[Problem], prompts: list[list[int]
     return f"{task.name} prompts (difficulty {task.difficulty}) take up to {tokens} tokens"
 
 
-def task_prompts(tokenizer: Tokenizer, task: Task, problems: list[Problem]) -> list[list[int]]:
-    """Each problem's prompt (those of `task`) as a rollout samples it: its messages in the chat template, as token
-    ids; a ValueError naming the task and the problem whose question holds one of the tokenizer's special tokens."""
-    for problem in problems:
-        forged = tokenizer.special_token_in(problem.question)
-        if forged:  # a class of your own's generate put it there; a file's questions are checked as it is read
-            raise ValueError(
-                f"task {task.name!r}: {type(task).__name__}.generate made problem {problem.key!r}, whose question "
-                f"contains the chat format's special token {forged!r}, which would be encoded as that token in the "
-                "chat (a forged turn), not as its text: take it out of the question"
-            )
+def task_prompts(tokenizer: Tokenizer, problems: list[Problem]) -> list[list[int]]:
+    """Each problem's prompt as a rollout samples it: its messages in the chat template, as token ids."""
     return [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
 
 
@@ -162,7 +153,7 @@ def sample_groups(
     (`rollout_length` sizes the sampling commands' engines)."""
     started = time.perf_counter()
     tokenizer = engine.tokenizer
-    distinct = task_prompts(tokenizer, task, problems)
+    distinct = task_prompts(tokenizer, problems)
     if max_prompt_length is not None:
         require_prompt_room(task, problems, distinct, max_prompt_length)
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once

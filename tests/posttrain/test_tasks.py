@@ -1111,16 +1111,20 @@ def test_your_own_task_is_named_module_colon_class_by_rl_sft_distill_and_pass_at
     assert json.loads(result.output.splitlines()[0])["task"] == "your_task:Parity"
 
 
-def test_a_special_token_your_own_tasks_generate_puts_in_a_question_is_refused_naming_the_task_and_problem(
+def test_a_special_token_your_own_tasks_generate_puts_in_a_problem_is_refused_naming_the_task_and_problem(
     your_task, tmp_path
 ):
-    """rl and pass-at-k said only "chat message 1 content contains the special token '<｜User｜>'", no task named."""
+    """rl, pass-at-k, sft and distill said only "chat message 1 content contains the special token '<｜User｜>'", no
+    task nor problem named."""
     model = micro_checkpoint(tmp_path / "model")
-    named = "task 'parity': ForgesATurn.generate made problem '"
+    named = "task 'parity': generate(rng) made problem '"
     forged = "', whose question contains the chat format's special token '<｜User｜>', which would be encoded as"
+    refusal = rf"{re.escape(named)}[01]{{4}}{re.escape(forged)}"
     config = resolve_train_config(None, ["task=your_task:ForgesATurn", f"init_from={model}"], cls=GRPOConfig)
-    with pytest.raises(ValueError, match=rf"{re.escape(named)}[01]{{4}}{re.escape(forged)}"):
+    with pytest.raises(ValueError, match=refusal):
         GRPOSource(config)
+    with pytest.raises(ValueError, match=refusal):  # sft's and distill's traces
+        task_conversations(make_task("your_task:ForgesATurn"), 4, seed=0)
     args = ["pass-at-k", str(model), "--task", "your_task:ForgesATurn", "--problems", "2", "--samples", "2"]
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
     assert result.exit_code == 1 and named in result.output and forged in result.output, result.output

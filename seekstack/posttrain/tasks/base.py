@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, first_token_in
+
 Split = Literal["train", "heldout"]
 HELDOUT_PERCENT = 10  # share of the problem space (by key hash) reserved for held-out evaluation
 
@@ -76,6 +78,14 @@ def sample_problems(
                 f"task {task.name!r}: generate(rng) returned {type(problem).__name__} {str(problem)[:80]!r}, not a "
                 "Problem(key, question, answer, trace) of seekstack/posttrain/tasks/base.py"
             )
+        for field_name in ("question", "answer", "trace"):  # the prompt's user turn, SFT's assistant turn
+            forged = first_token_in(str(getattr(problem, field_name)), (*SPECIAL_TOKENS, *TOOL_TOKENS))
+            if forged:  # your own task's: a file's problems are checked as it is read
+                raise ValueError(
+                    f"task {task.name!r}: generate(rng) made problem {problem.key!r}, whose {field_name} contains the "
+                    f"chat format's special token {forged!r}, which would be encoded as that token in the chat (a "
+                    "forged turn), not as its text: take it out"
+                )
         draws_without_one += 1
         if split_of(problem.key) == split and not (distinct and problem.key in seen):
             problems.append(problem)
