@@ -140,8 +140,10 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # An apostrophe between two letters is part of a name (`o'neil@`, RFC 5322's atext; `o’neil@` as a word processor
     # writes it, RFC 6531); one before or after an address quotes it (`'ann@example.com'`). The at sign may be escaped,
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
-    # (`bug-grep@@gnu.org` in a GNU manual's source); it is matched through `_ASCII_FORMS`, so fullwidth too, as
-    # Japanese and Chinese pages write it to keep an address from harvesters that look for @ (`tanaka＠example.co.jp`).
+    # (`bug-grep@@gnu.org` in a GNU manual's source), or percent-encoded as a URL's query or path writes it
+    # (`?email=john.doe%40gmail.com`: `%` before `40` is no character of the local part then); it is matched through
+    # `_ASCII_FORMS`, so fullwidth too, as Japanese and Chinese pages write it to keep an address from harvesters that
+    # look for @ (`tanaka＠example.co.jp`).
     # Between its letters, a local part may also hold RFC 5322's rarer atext characters (`user#tag@`, `jack&jill@`),
     # but not right after a slash: in a URL, `#` opens a fragment (`http://foo.com#ann@example.org` holds the address
     # `ann@example.org`), and `//127.0.0.1#@evil.com` none. Not those that part words from an address in options,
@@ -150,7 +152,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     apostrophe = "['\u2019]"
 
     def local_part_characters(between_letters: str) -> str:
-        within = f"(?:{letter}|[{marks}.%+-]{between_letters})*+"
+        within = f"(?:{letter}|[{marks}.+-]|%(?!40){between_letters})*+"
         return rf"{letter}{within}(?:{apostrophe}{letter}{within})*+"
 
     # Nor does one start inside a name that a match refused (`http://foo-bar@host` holds no `bar@host`): not after a
@@ -161,7 +163,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     part_then = f"(?<=(?:{part}|[.%+-])[.%+-]{{3}})|(?<={part}[.%+-]{{2}})|(?<={part}[.%+-])"
     local_part = (
         rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}])(?<![.%+-](?:{part_then}))"
-        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})[\\@]?@"
+        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})(?:[\\@]?@|%40)"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(

@@ -2427,6 +2427,11 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ("rollup\\@2.79.1, e.g.\\@ foo", "rollup\\@2.79.1, e.g.\\@ foo"),  # a package's version, LaTeX's spacing
         ("@email{bug-grep@@gnu.org}, @@ -1 +1 @@", "@email{<EMAIL>}, @@ -1 +1 @@"),  # Texinfo's @@: was kept
         ("w@@self.weight.T, react-dom@@18.2.0.js", "w@@self.weight.T, react-dom@@18.2.0.js"),  # no domain: kept
+        (
+            "https://example.com/unsubscribe?email=john.doe%40gmail.com&id=3, /users/Ann%40Example.ORG/profile",
+            "https://example.com/unsubscribe?email=<EMAIL>&id=3, /users/<EMAIL>/profile",
+        ),  # percent-encoded in a URL: was kept
+        ("width: 100%40px; 3%40 of them, %40example.com", "width: 100%40px; 3%40 of them, %40example.com"),
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
