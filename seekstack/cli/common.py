@@ -184,7 +184,7 @@ class Command(TyperCommand):
 
     def get_short_help_str(self, limit: int = 45) -> str:
         """The line `seekstack --help` lists the command by, as click makes it: its help's first sentence (of the
-        first paragraph of what --help shows, up to a \\f), ended by a period before a capital letter or the
+        first paragraph of what --help shows, up to a \\f), ended by a period before a word not in lowercase or the
         paragraph's end (typer's click ends it at any word ending in a period, "e.g." too), shortened to `limit` with
         "..." (an abbreviation before it left out, not "e.g...."), and a deprecated command's label."""
         if self.short_help or not self.help:
@@ -192,7 +192,7 @@ class Command(TyperCommand):
         words = inspect.cleandoc(self.help).partition("\f")[0].split("\n\n")[0].split()
         if words[:1] == ["\b"]:  # click's no-rewrap marker
             words = words[1:]
-        text = re.split(r"(?<=\.) (?=[A-Z])", " ".join(words), maxsplit=1)[0]
+        text = re.split(r"(?<=\.) (?![a-z])", " ".join(words), maxsplit=1)[0]
         if len(text) > limit:
             kept = textwrap.shorten(text, limit - len("..."), placeholder="", break_on_hyphens=False).split()
             while kept and kept[-1].endswith("."):  # "e.g." followed by "..." would read as four dots

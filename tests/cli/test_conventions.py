@@ -182,6 +182,8 @@ def test_seekstack_help_lists_each_command_by_its_first_sentence_past_an_abbrevi
     command = Command("distill", help="Train a student (a preset, e.g. small) on shards. Then more.\n\nDetails.")
     assert command.get_short_help_str(100) == "Train a student (a preset, e.g. small) on shards."
     assert command.get_short_help_str(30) == "Train a student (a preset..."
+    numbered = Command("train", help="Train on shards. 2 GPUs or more take --parallel.")
+    assert numbered.get_short_help_str(100) == "Train on shards."  # as click ends it: before a word not lowercase
     listed = runner.invoke(app, ["--help"], prog_name="seekstack", terminal_width=120).stdout.splitlines()
     assert [line for line in listed if line.endswith((" e.g.", " i.e."))] == []
     assert [line for line in listed if "...." in line] == []  # was: "Train a student (a preset or config, e.g...."
