@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import numbers
 import operator
 import sys
 import threading
@@ -361,6 +362,8 @@ class Engine:
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+            if value is not None and name != "kv_cache_memory" and not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")  # bytes may be written 2e9
         if draft_tokens > MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative

@@ -48,6 +48,15 @@ def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(mod
         Engine(model, tokenizer, **{keyword: value})
 
 
+def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer):
+    """block_size=2.5 raised torch's bare "TypeError: zeros(): argument 'size' ... must be tuple of ints", and
+    max_model_len=2.5 was taken; each count is refused naming it, as one below 1 is."""
+    for keyword in ("max_batch_size", "max_model_len", "block_size", "prefill_chunk", "draft_tokens"):
+        with pytest.raises(ValueError, match=rf"^{keyword}=2.5 must be a whole number >= 1$"):
+            Engine(model, tokenizer, **{keyword: 2.5})
+    assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2e6).cache.block_size == 4  # bytes need not be int
+
+
 def test_kv_cache_memory_takes_a_size_as_the_command_line_does(model, tokenizer):
     """Engine(model, tokenizer, kv_cache_memory="2MiB"), the size --kv-cache-memory takes, raised a bare "TypeError:
     '<' not supported between instances of 'str' and 'int'": it is read as that many bytes, and a size that is none
