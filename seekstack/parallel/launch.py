@@ -44,10 +44,10 @@ def local_gpu(world_size: int, gpus: int) -> int:
 
 
 def require_rendezvous_address(world_size: int) -> None:
-    """ValueError naming MASTER_ADDR or MASTER_PORT where either is missing, or MASTER_PORT where it is no TCP port:
-    where the ranks meet to join their process group (torchrun sets both; torch's refusals said that one was
-    'expected' and not what to do, or 'invalid literal for int()' naming no variable)."""
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    """ValueError naming MASTER_ADDR or MASTER_PORT where either is missing or empty, or MASTER_PORT where it is no
+    TCP port: where the ranks meet to join their process group (torchrun sets both; torch's refusals said that one
+    was 'expected' and not what to do, or 'invalid literal for int()' naming no variable)."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise ValueError(
             f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} "

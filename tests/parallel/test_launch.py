@@ -37,10 +37,16 @@ def test_a_negative_rank_is_refused_as_negative(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("given", "named"), [({"MASTER_PORT": "29500"}, "MASTER_ADDR is"), ({}, "MASTER_ADDR and MASTER_PORT are")]
+    ("given", "named"),
+    [
+        ({"MASTER_PORT": "29500"}, "MASTER_ADDR is"),
+        ({"MASTER_ADDR": "", "MASTER_PORT": "29500"}, "MASTER_ADDR is"),
+        ({}, "MASTER_ADDR and MASTER_PORT are"),
+    ],
 )
 def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_on(tmp_path, monkeypatch, given, named):
-    """torch's refusal said 'environment variable MASTER_ADDR expected, but not set', and not what to do."""
+    """torch's refusal said 'environment variable MASTER_ADDR expected, but not set', and not what to do (also where
+    MASTER_ADDR is set empty, which passed as set)."""
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
