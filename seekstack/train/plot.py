@@ -38,12 +38,17 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
     command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet; a
-    missing folder is an error saying so. A log whose steps were logged again (a run resumed by a seekstack that did not
-    drop the steps logged after the checkpoint it resumed from, or logs joined by hand) is replayed as `--resume`
-    keeps it (`replayed`): a step's record drops those logged for its step and past it, so that no curve draws a
-    step twice or runs back nor the report counts a step twice."""
+    missing folder, or a file, is an error saying so. A log whose steps were logged again (a run resumed by a seekstack
+    that did not drop the steps logged after the checkpoint it resumed from, or logs joined by hand) is replayed as
+    `--resume` keeps it (`replayed`): a step's record drops those logged for its step and past it, so that no curve
+    draws a step twice or runs back nor the report counts a step twice."""
     if not Path(run_dir).exists():
-        raise FileNotFoundError(f"no such folder: {run_dir}")
+        raise FileNotFoundError(f"{run_dir}: no such folder")
+    if not Path(run_dir).is_dir():
+        raise NotADirectoryError(
+            f"{run_dir}: is a file, not a folder: give the out_dir of a `seekstack {command}` run (or its "
+            f"{METRICS_FILE})"
+        )
     path = Path(run_dir) / METRICS_FILE
     run = run_holding(run_dir)
     if not path.is_file() and run is not None:

@@ -117,7 +117,12 @@ def test_plot_of_a_missing_folder_says_so_and_of_a_runs_metrics_file_draws_its_r
     from seekstack.cli import app
 
     missing = CliRunner().invoke(app, [command, str(tmp_path / "nothere")])
-    assert missing.exit_code == 1 and f"no such folder: {tmp_path / 'nothere'}" in " ".join(missing.output.split())
+    assert missing.exit_code == 1 and f"{tmp_path / 'nothere'}: no such folder" in " ".join(missing.output.split())
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    a_file = CliRunner().invoke(app, [command, str(tmp_path / "notes.txt")])
+    assert a_file.exit_code == 1 and f"{tmp_path / 'notes.txt'}: is a file, not a folder: give the out_dir of a " in (
+        " ".join(a_file.output.split())
+    )
     run = write_run(tmp_path / "rl", [{"step": s, "reward": 0.5, "accuracy": 0.1 * s} for s in range(1, 4)])
     drawn = CliRunner().invoke(app, [command, str(run / "metrics.jsonl")])
     assert drawn.exit_code == 0, drawn.output
