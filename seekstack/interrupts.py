@@ -23,6 +23,7 @@ from typing import TypeVar
 
 Handler = Callable[[int, FrameType | None], object] | signal.Handlers
 Result = TypeVar("Result")
+INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as shells give it
 
 
 @contextlib.contextmanager

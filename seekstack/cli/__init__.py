@@ -3,16 +3,28 @@ the library and prints. A stage's libraries are imported inside its commands, so
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator
-from typing import Annotated
+from types import FrameType
+from typing import NoReturn
 
-import typer
-from typer.core import TyperCommand
-from typer.models import CommandInfo
+from seekstack.interrupts import INTERRUPTED, sigint_handled_by
 
-from seekstack.cli.common import Command
-from seekstack.cli.notices import quiet_third_party_notices
+
+def _interrupted_loading(signum: int, frame: FrameType | None) -> NoReturn:
+    """Ctrl-C while the commands load ends the command as one later does (exit 130), not with the imports' traceback."""
+    raise SystemExit(INTERRUPTED)
+
+
+with sigint_handled_by(_interrupted_loading):
+    import importlib
+    from collections.abc import Iterator
+    from typing import Annotated
+
+    import typer
+    from typer.core import TyperCommand
+    from typer.models import CommandInfo
+
+    from seekstack.cli.common import Command
+    from seekstack.cli.notices import quiet_third_party_notices
 
 # One module per stage, in pipeline order; each has `register(app)` adding its commands.
 STAGES = (
@@ -63,8 +75,9 @@ def _command_infos(typer_app: typer.Typer) -> Iterator[CommandInfo]:
         yield from _command_infos(group.typer_instance)
 
 
-for stage in STAGES:
-    importlib.import_module(f"seekstack.cli.{stage}").register(app)
+with sigint_handled_by(_interrupted_loading):
+    for stage in STAGES:
+        importlib.import_module(f"seekstack.cli.{stage}").register(app)
 for info in _command_infos(app):  # every command is a common.Command (its usage line: `info [OPTIONS] MODEL`)
     info.cls = Command if info.cls in (None, TyperCommand) else info.cls
     if not issubclass(info.cls, Command):

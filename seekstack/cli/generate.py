@@ -26,6 +26,7 @@ from seekstack.cli.common import (
     user_errors,
 )
 from seekstack.infer.params import EngineOptions, SamplingParams
+from seekstack.interrupts import INTERRUPTED
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -174,7 +175,6 @@ ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 # chat's defaults where neither option nor checkpoint sets them (512: ReplyTokens' help)
 CHAT_SAMPLING = dict(max_new_tokens=512, temperature=0.7, top_p=0.95)
 DRAFTING_OPTIONS = ("draft_tokens", "adaptive_drafts", "draft_vocab")  # what --speculative decoding alone reads
-INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as shells give it
 
 
 def generate_command(

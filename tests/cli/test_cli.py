@@ -498,6 +498,23 @@ def test_python_m_seekstack_runs_the_command_line() -> None:
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
 
 
+@pytest.mark.parametrize("module", ["typer.core", "seekstack.cli.serve"])
+def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback(module: str) -> None:
+    """Ctrl-C in the first second or two of any command (`seekstack serve`, its imports running) printed
+    KeyboardInterrupt's traceback through the imports, where one later ends the command quietly with 130. The
+    interrupt comes here as `module` is imported (typer's, before the stages; a stage's)."""
+    code = (
+        "import os, signal, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == {module!r}: os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from seekstack.cli import app\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (130, "")
+
+
 def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
     result = CliRunner().invoke(app, ["serve", "--help"], terminal_width=80)
     assert "--served-model-name" in result.output and "<bool>" not in result.output
