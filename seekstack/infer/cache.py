@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from array import array
 from collections import Counter, OrderedDict
@@ -115,8 +116,10 @@ class PagedLatentCache:
         key_extra_tokens: int = 0,
         layer_devices: list[torch.device] | None = None,
     ):
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks={num_blocks}: the cache needs at least 2 blocks (block 0 is reserved)")
+        if num_blocks < 2 or not isinstance(num_blocks, numbers.Integral):
+            raise ValueError(
+                f"num_blocks={num_blocks!r}: the cache needs a whole number of at least 2 blocks (block 0 is reserved)"
+            )
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
         self.layers = config.num_hidden_layers + config.num_nextn_predict_layers  # MTP layers index after the main

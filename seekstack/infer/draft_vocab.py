@@ -11,6 +11,7 @@ cover 75% of held-out tokens, the 1024 most frequent 82%).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -57,8 +58,10 @@ def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequ
     it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
     that is not token ids of the model's vocabulary or holds fewer than `size`, naming draft_ranking (torch's
     IndexError named neither)."""
-    if size < 0:
-        raise ValueError(f"draft_vocab={size} must be >= 0: the most frequent tokens drafts score (0: all of them)")
+    if size < 0 or not isinstance(size, numbers.Integral):
+        raise ValueError(
+            f"draft_vocab={size!r} must be a whole number >= 0: the most frequent tokens drafts score (0: all of them)"
+        )
     if size == 0 or size >= model.config.vocab_size:
         return None
     rule = "draft_ranking must be token ids, most frequent first (a 1-D tensor or list of ints)"

@@ -50,10 +50,15 @@ def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(mod
 
 def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer):
     """block_size=2.5 raised torch's bare "TypeError: zeros(): argument 'size' ... must be tuple of ints", and
-    max_model_len=2.5 was taken; each count is refused naming it, as one below 1 is."""
+    max_model_len=2.5 was taken (num_blocks=2.5 and draft_vocab=2.5 raised bare TypeErrors too); each count is refused
+    naming it, as one below its least is."""
     for keyword in ("max_batch_size", "max_model_len", "block_size", "prefill_chunk", "draft_tokens"):
         with pytest.raises(ValueError, match=rf"^{keyword}=2.5 must be a whole number >= 1$"):
             Engine(model, tokenizer, **{keyword: 2.5})
+    with pytest.raises(ValueError, match=r"^num_blocks=2.5: the cache needs a whole number of at least 2 blocks"):
+        Engine(model, tokenizer, num_blocks=2.5)
+    with pytest.raises(ValueError, match=r"^draft_vocab=2.5 must be a whole number >= 0"):
+        Engine(model, tokenizer, speculative=True, draft_vocab=2.5, adaptive_drafts=False)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2e6).cache.block_size == 4  # bytes need not be int
 
 

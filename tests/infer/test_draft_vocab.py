@@ -94,7 +94,7 @@ def test_drafts_come_from_the_subset_while_greedy_output_stays_plain_greedy(mode
 
 
 def test_a_negative_draft_vocabulary_is_refused_naming_it(tokenizer):
-    with pytest.raises(ValueError, match=r"draft_vocab=-3 must be >= 0"):
+    with pytest.raises(ValueError, match=r"draft_vocab=-3 must be a whole number >= 0"):
         Engine(micro_model(), tokenizer, speculative=True, draft_vocab=-3, adaptive_drafts=False)
 
 
