@@ -16,7 +16,8 @@ Addresses are found through their ASCII forms: one typed in fullwidth characters
 another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII form would be, and one holding an invisible
 character (a zero-width space or joiner, a soft hyphen: `john\u200b@example.com`) as it would be without it.
 
-Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
+Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out;
+IPv6 ones in global unicast space, 2000::/3, or NAT64's 64:ff9b::/96).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
 multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers StarCoder's pipeline keeps (`8.8.8.8`,
@@ -303,13 +304,20 @@ def _host_address(candidate: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
     return getattr(address, "ipv4_mapped", None) or address
 
 
+# The IPv6 blocks that reach hosts: global unicast, the one block IANA allocates from (RFC 4291 2.4, 2000::/3), and
+# the well-known NAT64 prefix, an IPv4 host's (RFC 6052); `is_global` also passes the unallocated rest, where numbers
+# written with colons land (`at 10:15:30::`, a verse `3:16:20::`, `1:2:3:4:5:6:7:8`)
+_IPV6_HOST_BLOCKS = (ipaddress.ip_network("2000::/3"), ipaddress.ip_network("64:ff9b::/96"))
+
+
 def _is_public_ip(candidate: str) -> bool:
     """True for a globally reachable unicast address: one host on the public internet."""
     try:
         address = _host_address(candidate)
     except ValueError:
         return False
-    return address.is_global and not address.is_multicast
+    allocated = address.version == 4 or any(address in block for block in _IPV6_HOST_BLOCKS)
+    return allocated and address.is_global and not address.is_multicast
 
 
 def _is_host(match: re.Match[str]) -> bool:

@@ -1026,6 +1026,15 @@ def test_addresses_that_reach_no_single_public_host_are_kept() -> None:
     assert scrub_pii(text) == (text, {})
 
 
+def test_numbers_written_with_colons_outside_allocated_ipv6_space_are_kept() -> None:
+    """`is_global` passes IPv6 space IANA allocates to no one, where times and verses written with colons land; a
+    host's address is in global unicast space (2000::/3) or NAT64's prefix."""
+    text = "at 10:15:30:: ok, verses 3:16:20::, 1:2:3:4:5:6:7:8, ab:cd:ef::, abba:cafe::feed"
+    assert scrub_pii(text) == (text, {})
+    hosts = "2a00:1450:4001:81a::200e, 2606:2800:220:1:248:1893:25c8:1946, 64:ff9b::5db8:d822"
+    assert scrub_pii(hosts) == ("<IP>, <IP>, <IP>", {"ip": 3})
+
+
 def test_a_public_address_whose_first_part_is_one_digit_is_replaced() -> None:
     """Only a four-part number whose two leading parts are both one digit reads as a version (`2.7.2.2`)."""
     assert scrub_pii("host 8.34.208.1 and 2.7.2.2") == ("host <IP> and 2.7.2.2", {"ip": 1})
