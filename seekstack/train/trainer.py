@@ -423,7 +423,7 @@ def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
     path = tokenizer_json_path(config.tokenizer or recorded)
     tokenizer = Tokenizer.from_file(path)
     if tokenizer.fingerprint != tokenizer_info["sha256"]:
-        raise ValueError(f"tokenizer {path} is not the one {config.data_dir} was tokenized with; set `tokenizer`")
+        raise ConfigError(f"tokenizer {path} is not the one {config.data_dir} was tokenized with; set `tokenizer`")
     config_file = path.parent / TOKENIZER_CONFIG_FILE
     return [path, config_file] if config_file.is_file() else [path]
 
@@ -1107,7 +1107,7 @@ class _Run:
         if self.expert_parallel:
             self._load_rank_optimizer(path, saved)
         elif (path / rank_optimizer_file(0)).exists():
-            raise ValueError(
+            raise ConfigError(
                 f"{path} holds the optimizer state of an expert-parallel run, one file per rank "
                 f"({rank_optimizer_file(0)}, ...); resume it with expert_parallel={saved.get('expert_parallel')} on as "
                 f"many ranks, or start a new run from its weights with init_from={path} (a fresh optimizer)"
@@ -1133,22 +1133,26 @@ class _Run:
 
     def _load_rank_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
         """This rank's file of an expert-parallel checkpoint saved at as many ranks and with the same `parallel`
-        (FSDP's optimizer holds its shards in other parameter groups than DDP's)."""
+        (FSDP's optimizer holds its shards in other parameter groups than DDP's). Its refusals are ConfigErrors that
+        every rank meets alike: each looks at the same files, the last rank's among them, not at its own."""
         own_file = path / rank_optimizer_file(self.ranks.rank)
         if not (path / rank_optimizer_file(0)).exists():
-            raise ValueError(
+            raise ConfigError(
                 f"{path} holds a whole optimizer state (saved without expert parallel), which expert_parallel="
                 f"{self.config.expert_parallel} cannot split over the ranks; resume it without expert_parallel, or "
                 f"start a new run from its weights with init_from={path}"
             )
-        if not own_file.exists() or (path / rank_optimizer_file(self.ranks.world_size)).exists():
-            raise ValueError(
+        last_rank, past_the_last = (
+            path / rank_optimizer_file(r) for r in (self.ranks.world_size - 1, self.ranks.world_size)
+        )
+        if not last_rank.exists() or past_the_last.exists():
+            raise ConfigError(
                 f"{path} holds expert-parallel optimizer state of another number of ranks; resume it with "
                 f"expert_parallel={saved.get('expert_parallel')} on as many ranks, or start a new run from its weights "
                 f"with init_from={path} (a fresh optimizer)"
             )
         if saved.get("parallel", self.config.parallel) != self.config.parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"{own_file} holds the optimizer state of an expert-parallel run with parallel={saved['parallel']}; "
                 f"resume it with parallel={saved['parallel']} (this run has parallel={self.config.parallel})"
             )

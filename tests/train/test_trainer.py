@@ -1221,3 +1221,33 @@ def test_a_checkpoint_whose_optimizer_state_is_another_optimizers_is_refused_nam
         "has a different number of parameter groups): it was saved for other parameters; start a new run from the "
         f"checkpoint's weights with init_from={checkpoint}"
     )
+
+
+def test_a_tokenizer_other_than_the_datas_is_a_config_error_every_rank_meets_alike(tmp_path):
+    """A `tokenizer` unlike the one the data was tokenized with was refused as a ValueError, which every rank of a
+    torchrun printed ("error (rank 1): tokenizer ..."): a setting is alike on every rank, said by rank 0 alone."""
+    from seekstack.train.trainer import tokenizer_files
+    from tests.posttrain.support import byte_tokenizer
+
+    byte_tokenizer(tmp_path / "tok")
+    config = TrainConfig(tokenizer=str(tmp_path / "tok"), data_dir=str(tmp_path / "tokens"))
+    with pytest.raises(ConfigError, match=r"tok/tokenizer.json is not the one .*tokens was tokenized with; set `tok"):
+        tokenizer_files(config, {"sha256": "another tokenizer's", "path": None})
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_an_expert_parallel_checkpoint_of_fewer_ranks_is_refused_alike_on_every_rank(tmp_path, rank):
+    """Resumed at 4 ranks, a checkpoint of 2 ranks' optimizer files was refused by ranks 2 and 3 alone, as a
+    ValueError: ranks 0 and 1 found their own file and went on to load a state of other experts. Every rank looks at
+    the last rank's file, and refuses it as a ConfigError, said once."""
+    from types import SimpleNamespace
+
+    from seekstack.parallel.distributed import Ranks
+    from seekstack.train.state import rank_optimizer_file
+    from seekstack.train.trainer import _Run
+
+    for saved_rank in (0, 1):
+        torch.save({}, tmp_path / rank_optimizer_file(saved_rank))
+    run = SimpleNamespace(ranks=Ranks(rank, 4, torch.device("cpu")), config=TrainConfig(expert_parallel=4))
+    with pytest.raises(ConfigError, match="holds expert-parallel optimizer state of another number of ranks"):
+        _Run._load_rank_optimizer(run, tmp_path, {"expert_parallel": 2})
