@@ -27,8 +27,9 @@ before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of z
 (`093.184.216.034`) is judged as it reads without the zeros, and an IPv6 address ending in an IPv4 one
 (`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
 and is never an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word
-naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or
-`buf[256::]` and matrix products such as `w@x.mean()` are kept too.
+naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), or code's for one
+(`__version__ = "1.12.0.1"`, `AssemblyFileVersion("2.15.3.0")`), slices such as `a[1::2]` or `buf[256::]` and
+matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -265,8 +266,12 @@ PUBLIC_RESOLVERS = frozenset(
     )
 )  # fmt: skip
 
-# A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it)
-_VERSION_BEFORE = re.compile(r"(?i)\b(?:v|ver|version|rev|revision|release)[.:]?\s*\Z")
+# A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it), also as
+# code names and assigns one: in an identifier (`__version__ = "`, `AssemblyFileVersion("`), after `=` or `:` and a
+# quote (`VERSION=`, `"version": "`)
+_VERSION_BEFORE = re.compile(
+    r"(?i)(?:(?<![^\W_])|(?-i:(?<=[a-z])(?=V)))_*(?:v|ver|version|rev|revision|release)_*[\s\"'.:=(]*\Z"
+)
 VERSION_WORD_CHARS = 16
 
 

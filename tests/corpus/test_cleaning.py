@@ -1107,12 +1107,14 @@ def test_a_four_part_number_after_a_word_naming_a_version_is_kept_and_an_address
     kept = [
         " * RCS: @(#) $Id: strftime.c,v 1.10.2.3 2005/11/04 18:18:04 kennykb Exp $\n",
         "$Revision: 1.22.2.3 $ of the file, release 1.10.2.3 of the package, version 23.5.2.1 of the tool\n",
+        '__version__ = "1.12.0.1"\n{"version": "1.20.15.01"}\nVERSION=12.4.1.2\n',  # code's: were replaced
+        '[assembly: AssemblyFileVersion("2.15.3.0")]\n',
     ]
     for text in kept:
         assert scrub_pii(text) == (text, {})
-    assert scrub_pii("the server 1.10.2.3 answered, over IPv4 93.184.216.34") == (
-        "the server <IP> answered, over IPv4 <IP>",
-        {"ip": 2},
+    assert scrub_pii("the server 1.10.2.3 answered, over IPv4 93.184.216.34, prev: 93.184.216.35") == (
+        "the server <IP> answered, over IPv4 <IP>, prev: <IP>",
+        {"ip": 3},
     )
 
 
