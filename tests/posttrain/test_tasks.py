@@ -1006,15 +1006,21 @@ def test_the_reward_is_the_weighted_sum_of_its_terms():
 
 def test_a_verifier_that_raises_is_refused_naming_the_task_problem_answer_and_its_line():
     """An answer a custom verifier cannot read (int("1+1=7")) ended the run with 'invalid literal for int() with base
-    10' alone: no task, verifier, file or line."""
+    10' alone: no task, verifier, file or line. Raised inside the standard library (Fraction("1+1=7")), the line named
+    was fractions.py's, not the verifier's."""
     task = make_task("addition")
     problem = task.generate(random.Random(0))
-    task.verify = lambda problem, answer: int(answer) == problem.data["value"]
-    line = sys._getframe().f_lineno - 1
-    named = f"task 'addition': verify(problem {problem.key!r}, answer '1+1=7') raised ValueError at {__file__} line "
-    named += f"{line}: invalid literal for int() with base 10: '1+1=7'"
-    with pytest.raises(ValueError, match=re.escape(named)):
-        reward_terms(task, problem, r1_completion(problem.trace, "1+1=7"), ended=True)
+    line = sys._getframe().f_lineno + 2  # the first verifier's
+    for verify, error in [
+        (lambda problem, answer: int(answer) == problem.data["value"], "invalid literal for int() with base 10"),
+        (lambda problem, answer: Fraction(answer) == problem.data["value"], "Invalid literal for Fraction"),
+    ]:
+        task.verify = verify
+        named = f"task 'addition': verify(problem {problem.key!r}, answer '1+1=7') raised ValueError at {__file__} "
+        named += f"line {line}: {error}: '1+1=7'"
+        with pytest.raises(ValueError, match=re.escape(named)):
+            reward_terms(task, problem, r1_completion(problem.trace, "1+1=7"), ended=True)
+        line += 1
 
 
 @pytest.mark.parametrize("verdict", [float("nan"), 0.5, None])

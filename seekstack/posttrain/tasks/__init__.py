@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import sysconfig
 import traceback
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -25,6 +26,8 @@ from seekstack.posttrain.tasks.problems_file import ProblemsFile, is_problems_fi
 TASKS = {"addition": Addition, "subtraction": Subtraction, "multiplication": Multiplication, "countdown": Countdown}
 # base.Task's members: its methods, which its class holds, and its attributes, which its __init__ may set
 TASK_METHODS, TASK_ATTRIBUTES = ("generate", "verify"), ("name", "difficulty")
+# Where the standard library and installed packages live: no frame there is a task author's own line
+LIBRARY_PATHS = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 __all__ = [
     "TASKS",
@@ -136,8 +139,12 @@ def _import_failure(name: str, module_name: str, origin: str | None, error: Exce
 
 
 def raised_at(error: BaseException) -> str:
-    """Where `error` was raised, as "at FILE line N": the innermost frame of its traceback."""
-    raised = traceback.extract_tb(error.__traceback__)[-1]
+    """Where `error` was raised, as "at FILE line N": the innermost frame of its traceback below the one catching it
+    that is the task author's own code, in neither the standard library nor an installed package (random.sample's own
+    line says nothing of the call that gave it too few), else the innermost."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames[1:] if not frame.filename.startswith(LIBRARY_PATHS)]
+    raised = (own or frames)[-1]
     return f"at {raised.filename} line {raised.lineno}"
 
 
