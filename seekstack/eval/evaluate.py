@@ -4,6 +4,8 @@ name, with our backend (harness.py) or lm_eval's HF one on the same directory; r
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
 import math
 import os
@@ -21,6 +23,7 @@ from seekstack.eval.tasks import (
     CODE_TASKS,
     LINE_TASKS,
     REASONING_PREFIX,
+    TASKS,
     is_local_task,
     is_reasoning_task,
     task_configs,
@@ -37,6 +40,7 @@ EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends rea
 # {"original": all, "effective": those scored (--limit)}; lm_eval's "samples" are logged samples
 LM_EVAL_TASK_RECORDS = ("configs", "versions", "n-shot", "higher_is_better", "n-samples")
 LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
+GLOB_CHARACTERS = "*?["  # a --tasks name holding one is a pattern, as lm_eval's command line matches it (fnmatch)
 
 
 def task_names(text: str) -> tuple[str, ...]:
@@ -83,6 +87,9 @@ def evaluate(
     (field tasks) for no task."""
     if isinstance(tasks, str):
         tasks = task_names(tasks)
+    # a pattern matching local tasks (code_*) runs them, as lm_eval's command line matches its own names; one that
+    # matches none is matched against lm_eval's names (or YAML paths) below
+    tasks = (name for task in tasks for name in (fnmatch.filter(TASKS, task) or [task]))
     tasks = tuple(dict.fromkeys(tasks))  # lm_eval's command line drops a repeated name the same way, keeping the order
     if not tasks:  # lm_eval's own refusal, "No tasks specified, or no tasks found", names neither
         raise ConfigError(
@@ -140,8 +147,6 @@ def evaluate(
     tokenizer = Tokenizer.from_file(folders.tokenizer) if reasoning else None
     if backend == "hf":  # the seekstack backend checks its own (SeekstackLM)
         _check_transformers_runs(folders)
-    specs: list[Any] = [task for task in tasks if task not in local]
-    specs += task_configs(corpus, local, per_module, tokenizer, difficulty, num_fewshot) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}
     if include_path is not None and Path(include_path).is_file():  # lm_eval's index would find no task in it
@@ -159,6 +164,19 @@ def evaluate(
         tasks_found = TaskManager(include_path=include_path, metadata=model_args)
     else:
         tasks_found = None
+    # what lm_eval's command line does with a pattern (EvaluatorConfig), which simple_evaluate leaves undone; a YAML
+    # file's own path is none, whatever characters it holds (test_x[1]/task.yaml)
+    patterns = [
+        task
+        for task in tasks
+        if task not in local and any(char in task for char in GLOB_CHARACTERS) and not Path(task).is_file()
+    ]
+    if any(not pattern.endswith(".yaml") for pattern in patterns):
+        tasks_found = tasks_found or TaskManager(metadata=model_args)  # lm_eval's index, to match its names in
+    matched = {pattern: _matching(pattern, tasks_found) for pattern in patterns}
+    tasks = tuple(dict.fromkeys(name for task in tasks for name in matched.get(task, [task])))
+    specs: list[Any] = [task for task in tasks if task not in local]
+    specs += task_configs(corpus, local, per_module, tokenizer, difficulty, num_fewshot) if local else []
     tracker = EvaluationTracker(output_path=str(samples_folder)) if samples_folder is not None else None
     started = time.perf_counter()
     try:
@@ -195,6 +213,16 @@ def evaluate(
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results,
         **{key: output.get(key, {}) for key in LM_EVAL_TASK_RECORDS}, "options": options,
     }  # fmt: skip
+
+
+def _matching(pattern: str, tasks_found: Any) -> list[str]:
+    """The YAML files (`*.yaml`) or lm_eval task names (lm_eval's TaskManager `tasks_found`) `pattern` matches, as
+    lm_eval's --tasks matches them; ValueError for none."""
+    matches = sorted(glob.glob(pattern)) if pattern.endswith(".yaml") else tasks_found.match_tasks([pattern])
+    if not matches:
+        raise ValueError(f"lm_eval: no task matches {pattern!r}; give a task name, a pattern of them (arc_*) or a YAML "
+                         "file's path")  # fmt: skip
+    return matches
 
 
 @contextlib.contextmanager

@@ -449,6 +449,29 @@ def test_tasks_given_as_one_string_are_its_comma_separated_names_as_lm_evals(che
     assert report["options"]["tasks"] == ["code_perplexity"] and set(report["results"]) == {"code_perplexity"}
 
 
+def test_a_pattern_in_tasks_runs_the_tasks_and_yaml_files_it_matches_as_lm_evals_command_line(checkpoint, tmp_path):
+    """--tasks 'code_perp*' was refused ("unknown task 'code_perp*'") and 'sums_*.yaml' or 'arc_eas*' failed in
+    lm_eval ("Spec ... is not a registered task/group/tag name or valid YAML path"): lm_eval's --tasks matches a
+    pattern against its task names and YAML paths (fnmatch, glob), which simple_evaluate leaves to its command line."""
+    from seekstack.eval.evaluate import evaluate
+
+    rows = [{"q": f"{a} + 1?", "choices": [str(a + 1), str(a + 2)], "label": 0} for a in range(3)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name in ("sums_a", "sums_b", "set[1]/sums_c"):  # a file's own path is no pattern, whatever it holds
+        (tmp_path / f"{name}.yaml").parent.mkdir(exist_ok=True)
+        (tmp_path / f"{name}.yaml").write_text(TASK_YAML.format(name=Path(name).name, data=tmp_path / "sums.jsonl"))
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    tasks = f"code_perp*,{tmp_path}/sums_*.yaml,{tmp_path}/set[1]/sums_c.yaml"
+    report = evaluate(checkpoint, tasks, corpus, limit=1, device="cpu")
+    assert set(report["results"]) == {"code_perplexity", "sums_a", "sums_b", "sums_c"}
+    yaml_files = [str(tmp_path / name) for name in ("sums_a.yaml", "sums_b.yaml", "set[1]/sums_c.yaml")]
+    assert report["options"]["tasks"] == ["code_perplexity", *yaml_files]
+    with pytest.raises(ValueError, match=re.escape(f"lm_eval: no task matches '{tmp_path}/none_*.yaml'; give a task")):
+        evaluate(checkpoint, f"{tmp_path}/none_*.yaml")
+    with pytest.raises(ValueError, match="unknown task 'code_x\\*'"):  # a local task's prefix: a local task misspelt
+        evaluate(checkpoint, "code_x*")
+
+
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
     checkpoint,
     your_task,  # noqa: F811  (the fixture imported above)
