@@ -480,7 +480,7 @@ class Tokenizer:
         try:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError as error:
-            raise _lone_surrogate_error([text], "the text") or _not_text_error([text], "the text") or error from None
+            raise lone_surrogate_error([text], "the text") or _not_text_error([text], "the text") or error from None
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
@@ -500,7 +500,7 @@ class Tokenizer:
                     "encode(text)"
                 ) from None
             which = f"document {{}} of the {len(texts)} given"
-            raise _lone_surrogate_error(texts, which) or _not_text_error(texts, which) or error from None
+            raise lone_surrogate_error(texts, which) or _not_text_error(texts, which) or error from None
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     @functools.cached_property
@@ -839,17 +839,25 @@ def has_role_tokens(backend: BackendTokenizer) -> bool:
     return all(backend.token_to_id(token) is not None for token in (USER, ASSISTANT))
 
 
-def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
+def lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
     """A ValueError for the first of `texts` holding a lone surrogate (`which` names it; {} is its position from 1),
     or None when none does: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can
     take."""
     for position, text in enumerate(texts, start=1):
         surrogate = LONE_SURROGATE.search(text) if isinstance(text, str) else None  # else the library's TypeError
-        if surrogate is not None:
+        if surrogate is None:
+            continue
+        code = ord(surrogate.group())
+        if 0xDC80 <= code <= 0xDCFF:  # Python's surrogateescape keeps a byte b that is not UTF-8 as U+DC00 + b
             return ValueError(
-                f"{which.format(position)} is not valid UTF-8: it holds {surrogate.group()!r}, a byte that was not "
-                "UTF-8 or half a character UTF-8 cannot hold"
+                f"{which.format(position)} is not valid UTF-8: it holds the byte 0x{code - 0xDC00:02x} "
+                f"({surrogate.group()!r} to Python): convert the text to UTF-8 (iconv -f LATIN1 -t UTF-8 for Western "
+                "European text, -f GBK for Chinese)"
             )
+        return ValueError(
+            f"{which.format(position)} is not valid UTF-8: it holds {surrogate.group()!r}, half a character UTF-8 "
+            "cannot hold"
+        )
     return None
 
 
@@ -1171,7 +1179,7 @@ def train_tokenizer(
             batched = isinstance(item, list | tuple)
             for index, text in enumerate(item if batched else [item], start=1):
                 which = f"text {index} of batch {position} of the texts" if batched else f"text {position} of the texts"
-                error = _not_text_error([text], which) or _lone_surrogate_error([text], which)
+                error = _not_text_error([text], which) or lone_surrogate_error([text], which)
                 if error is not None:
                     raise error
             yield item

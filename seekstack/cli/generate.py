@@ -245,7 +245,7 @@ def generate_command(
     options (and max-new-tokens) left unset take the checkpoint's generation_config.json values, else temperature 1,
     top-p 1, no top-k, min-p or repetition penalty, 128 new tokens."""
     from seekstack.infer.chat import ending_at_special_tokens
-    from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+    from seekstack.tokenizer import Tokenizer, lone_surrogate_error, tokenizer_json_path
 
     with failures_as_json(as_json), user_errors(as_json):
         for option, value in (("--top-logprobs", top_logprobs), ("--prompt-logprobs", prompt_logprobs)):
@@ -258,8 +258,12 @@ def generate_command(
             raise UsageError(f"Missing argument {hint}: give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
+            sys.stdin.reconfigure(errors="surrogateescape")  # as a C locale reads it: a byte not UTF-8 is named below
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
             # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
+        not_utf8 = lone_surrogate_error([prompt], "standard input" if from_stdin else "the text")
+        if not_utf8 is not None:  # before any weights load
+            raise typer.BadParameter(str(not_utf8), ctx, prompt_parameter(ctx))
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():

@@ -79,6 +79,18 @@ def test_generate_refuses_an_empty_prompt_its_tokenizer_puts_nothing_before_by_t
     )
 
 
+def test_generate_names_a_prompt_not_utf8_by_where_it_came_from_and_its_byte(checkpoint):
+    """`printf 'caf\\xe9' | seekstack generate` said "error: the text is not valid UTF-8: it holds '\\udce9'" (or, on a
+    strict stdin, the codec's "can't decode byte 0xe9 in position 3"), naming neither standard input nor the byte."""
+    args = ["generate", "--model", str(checkpoint), "--max-new-tokens", "2"]
+    for given, stdin, where in (([], b"caf\xe9\n", "standard input"), (["caf\udce9"], None, "the text")):
+        refused = runner.invoke(app, [*args, *given], input=stdin)
+        assert (refused.exit_code, refused.stdout) == (2, ""), refused.output
+        assert f"Error: Invalid value for 'PROMPT': {where} is not valid UTF-8: it holds the byte 0xe9 (" in (
+            refused.stderr
+        )
+
+
 def test_generate_refuses_an_empty_prompt_by_its_tokenizer_alone_before_reading_any_weights(checkpoint, tmp_path):
     """The refusal of an empty prompt (a tokenizer adding no BOS) came once every weight had loaded, though the
     tokenizer alone decides it: a checkpoint whose weights do not load got their error (exit 1) in its place."""
@@ -705,7 +717,7 @@ def test_chat_keeps_its_history_when_a_message_alone_is_too_long_and_names_text_
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
     assert "".join(session.reply("one two"))
     history = list(session.turns)
-    for text, message in (("word " * 60, "the message needs"), ("caf\udce9", r"not valid UTF-8: it holds '\\udce9'")):
+    for text, message in (("word " * 60, "the message needs"), ("caf\udce9", "it holds the byte 0xe9")):
         with pytest.raises(ValueError, match=message):
             "".join(session.reply(text))
         assert session.turns == history  # the message is refused; the conversation stays
