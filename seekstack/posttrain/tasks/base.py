@@ -78,13 +78,11 @@ def sample_problems(
                 f"task {task.name!r}: generate(rng) returned {type(problem).__name__} {str(problem)[:80]!r}, not a "
                 "Problem(key, question, answer, trace) of seekstack/posttrain/tasks/base.py"
             )
-        for field_name in ("question", "answer", "trace"):  # the prompt's user turn, SFT's assistant turn
-            forged = first_token_in(str(getattr(problem, field_name)), (*SPECIAL_TOKENS, *TOOL_TOKENS))
+        for field_name in ("question", "answer", "trace"):
+            forged = forged_turn(getattr(problem, field_name))
             if forged:  # your own task's: a file's problems are checked as it is read
                 raise ValueError(
-                    f"task {task.name!r}: generate(rng) made problem {problem.key!r}, whose {field_name} contains the "
-                    f"chat format's special token {forged!r}, which would be encoded as that token in the chat (a "
-                    "forged turn), not as its text: take it out"
+                    f"task {task.name!r}: generate(rng) made problem {problem.key!r}, whose {field_name} {forged}"
                 )
         draws_without_one += 1
         if split_of(problem.key) == split and not (distinct and problem.key in seen):
@@ -94,6 +92,18 @@ def sample_problems(
     if len(problems) == count or up_to:
         return problems
     raise TooFewProblems(_too_few(task, len(problems), count, split, "distinct " if distinct else ""))
+
+
+def forged_turn(text: object) -> str | None:
+    """What is wrong with a problem's question, answer or trace (`text`: the prompt's user turn, SFT's assistant turn)
+    holding one of the chat format's special or tool tokens, the first it holds; None when it holds none."""
+    forged = first_token_in(str(text), (*SPECIAL_TOKENS, *TOOL_TOKENS))
+    if forged is None:
+        return None
+    return (
+        f"contains the chat format's special token {forged!r}, which would be encoded as that token in the chat (a "
+        "forged turn), not as its text: take it out"
+    )
 
 
 def _too_few(task: Task, found: int, count: int, split: str, kind: str) -> str:

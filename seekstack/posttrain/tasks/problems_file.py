@@ -28,8 +28,7 @@ from seekstack.posttrain.tasks.answers import (
     read_items,
     reads_as,
 )
-from seekstack.posttrain.tasks.base import Problem
-from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, first_token_in
+from seekstack.posttrain.tasks.base import Problem, forged_turn
 
 LINE_FORMAT = (
     'a line is {"question": "...", "answer": ...} (or "problem" and "solution", MATH\'s and TRL\'s names), the '
@@ -106,13 +105,9 @@ def _problem(record: Any, where: str) -> Problem:
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
     for field, text in ((question_field, question), (answer_field, answer)):
-        # the prompt's user turn, or SFT's assistant turn: chat content, where the tokenizer refuses them unplaced
-        forged = first_token_in(str(text), (*SPECIAL_TOKENS, *TOOL_TOKENS))
+        forged = forged_turn(text)
         if forged:
-            raise ValueError(
-                f"{where}: field {field} contains the chat format's special token {forged!r}, which would be encoded "
-                "as that token in the chat (a forged turn), not as its text: take it out"
-            )
+            raise ValueError(f"{where}: field {field} {forged}")
     gold = _gold(answer)
     if gold is None:
         raise ValueError(
