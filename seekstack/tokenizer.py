@@ -877,7 +877,8 @@ def _not_text_error(texts: list, which: str) -> TypeError | None:
 
 def _to_get_tokenizer_json(path: Path) -> str:
     """How to come by the tokenizer.json missing beside `path`: a slow tokenizer's files in its folder, which
-    transformers converts (a release that ships them alone), or a tokenizer trained or copied there."""
+    transformers converts (a release that ships them alone), or a tokenizer trained or copied there; for a file given
+    in its place (`path` itself, a stray file: its folder is no tokenizer's), one given instead."""
     folder = path.parent
     slow = [name for name in SLOW_TOKENIZER_FILES if (folder / name).is_file()]
     if slow:
@@ -886,6 +887,8 @@ def _to_get_tokenizer_json(path: Path) -> str:
             'tokenizer.json beside them with transformers: python -c "from transformers import AutoTokenizer as T; '
             f"T.from_pretrained('{folder}').save_pretrained('{folder}')\""
         )
+    if path.is_file():
+        return "give a tokenizer.json or the folder holding one (`seekstack tokenizer train --out FOLDER` writes one)"
     return f"train a tokenizer into {folder}, or copy the tokenizer.json of the model's release there"
 
 

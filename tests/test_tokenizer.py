@@ -901,6 +901,18 @@ def test_a_folder_of_a_slow_tokenizers_files_says_how_to_write_its_tokenizer_jso
     assert Tokenizer.from_file(tmp_path).encode("def f(x): return 12345") == tokenizer.encode("def f(x): return 12345")
 
 
+def test_a_file_given_for_the_tokenizer_is_told_to_give_one_not_to_train_into_its_folder(tmp_path, monkeypatch):
+    """`data tokenize --tokenizer notes.txt` said "train a tokenizer into .", the folder the stray file was in."""
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("not a tokenizer\n")
+    with pytest.raises(FileNotFoundError) as error:
+        Tokenizer.from_file("notes.txt")
+    assert str(error.value) == (
+        "notes.txt: a file, not a tokenizer.json or the folder holding one; give a tokenizer.json or the folder "
+        "holding one (`seekstack tokenizer train --out FOLDER` writes one)"
+    )
+
+
 def test_a_tokenizer_file_opening_with_a_byte_order_mark_is_named_as_such(trained, tmp_path):
     """Read as damaged before: 'expected value at line 1 column 1 ... truncated or damaged: train or copy it again'."""
     _, out_dir = trained
