@@ -128,10 +128,10 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     (`张伟@example.com谢谢`); not before "(": `weights@inputs.mean()` is a matrix product and a method call. Matched
     too, for `_is_address` to tell: an scp-style remote (`git@github.com:user/repo.git`, `bob@server:~/notes`) whole,
     as group `remote_login`, and an unknown ASCII top-level domain before a ">" (".>"), as group `unknown_domain`. A
-    domain may also be an IPv4 address literal in brackets (RFC 5321: `postmaster@[93.184.216.34]`), the mailbox of
-    a host without a name, replaced whole, as datatrove's PIIFormatter replaces it; or an IPv4 address unbracketed,
-    as group `address`: a login or message id at a host (`ann@93.184.216.34`), replaced whole when the host is public
-    (`_is_address`)."""
+    domain may also be an IPv4 or IPv6 address literal in brackets (RFC 5321: `postmaster@[93.184.216.34]`,
+    `ann@[IPv6:2a00:1450::200e]`), the mailbox of a host without a name, replaced whole, as datatrove's PIIFormatter
+    replaces it; or an IPv4 address unbracketed, as group `address`: a login or message id at a host
+    (`ann@93.184.216.34`), replaced whole when the host is public (`_is_address`)."""
     outside = re.compile(f"[^{excluded}]" if excluded else r"[\s\S]")
     marks = "".join(mark for mark in _COMBINING_MARKS if outside.match(mark))
     # A mark continues a part, never starts one. Marks are a set beside the letters' rather than a branch: re tests
@@ -170,6 +170,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
         rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))|\[\d{{1,3}}(?:\.\d{{1,3}}){{3}}\]"
+        r"|\[(?i:IPv6):[0-9A-Fa-f:.]+\]"
         r"|(?P<address>[0-9]{1,3}(?:\.[0-9]{1,3}){3})(?!\.?\w|@)"
         rf"|(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"
         rf"(?:(?:{one_case}(?i:{_any_of(_TOP_LEVEL_DOMAINS)})|(?P<unknown_domain>[A-Za-z]{{2,}}(?=\.?>))"
@@ -197,9 +198,12 @@ _IPV4 = re.compile(
     rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.)(?P<address>{_OCTET}(?:\.{_OCTET}){{3}}){_PREFIX_LENGTH}(?!\.?{_WORD_BESIDE})"
 )
 # An IPv6 address may end in an IPv4 one (`::ffff:93.184.216.34`, IPv4-mapped; `64:ff9b::93.184.216.34`): the whole
-# is the address, matched before `_IPV4` can take its tail alone.
+# is the address, matched before `_IPV4` can take its tail alone. It opens with a hex digit or `::` (not a label's
+# colon, `地址:2a00:...`), after no `.` and no `:` but a label's (`addr:2a00:...`) or RFC 5321's address literal's
+# (`[IPv6:2a00:...]`, as a Received header and a mailbox at a host without a name write it).
 _IPV6 = re.compile(
-    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])(?P<address>(?:[0-9A-Fa-f]{{0,4}}:){{2,6}}{_OCTET}(?:\.{_OCTET}){{3}}"
+    rf"(?=[0-9A-Fa-f]|::)(?<!{_WORD_BESIDE})(?:(?<![:.])|(?<=[^0-9A-Fa-f:.\s]:)|(?<=[Ii][Pp][Vv]6:))"
+    rf"(?P<address>(?:[0-9A-Fa-f]{{0,4}}:){{2,6}}{_OCTET}(?:\.{_OCTET}){{3}}"
     rf"|(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?){_PREFIX_LENGTH}(?!{_WORD_BESIDE}|:|\.\d)"
 )
 _KNOWN_TOKENS = re.compile(

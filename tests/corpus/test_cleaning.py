@@ -1192,6 +1192,20 @@ def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
     assert scrub_pii("http://user@[93.184.216.34]/") == ("http://user@[<IP>]/", {"ip": 1})
 
 
+def test_an_ipv6_address_after_a_labels_colon_or_in_an_address_literal_is_replaced() -> None:
+    """An IPv6 address after a colon was kept whole: a Received header's `[IPv6:...]`, a mailbox at one (RFC 5321), a
+    log's `addr:...`, a Chinese label's `地址:...`; a run of colons it continues (`a:b:...`) still is no address."""
+    text = "from [IPv6:2a00:1450:4001:81a::200e] by, ann@[IPv6:2a00:1450:4001:81a::200e], addr:2a00:1450:4001:81a::200e"
+    assert scrub_pii(text + ", 地址:2a00:1450:4001:81a::200e") == (
+        "from [IPv6:<IP>] by, <EMAIL>, addr:<IP>, 地址:<IP>",
+        {"email": 1, "ip": 3},
+    )
+    assert scrub_pii("a:b:2a00:1450:4001:81a::200e, x[::2], IPv6:2001:db8::1") == (
+        "a:b:2a00:1450:4001:81a::200e, x[::2], IPv6:2001:db8::1",
+        {},
+    )
+
+
 def test_a_name_at_a_public_ip_written_without_brackets_is_replaced_whole() -> None:
     """`ann@93.184.216.34` had its IP alone replaced, `ann@<IP>` keeping the user or mailbox of one host, which at a
     host's name (`ann@example.com`) is replaced whole, as datatrove's PIIFormatter replaces both. At a private host it
