@@ -56,20 +56,21 @@ def free_memory(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def blocks_in_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+def blocks_in_budget(config: ModelConfig, budget_bytes: float, block_size: int, dtype: torch.dtype) -> int:
     """Blocks (block 0 included) whose pools fit in `budget_bytes`; ValueError when fewer than the 2 a cache needs."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
     block_bytes = _block_bytes(config, block_size, dtype, layers)
-    if budget_bytes < 2 * block_bytes:
+    blocks = int(budget_bytes // block_bytes)  # a whole number of them where the budget is written 2e9, a float
+    if blocks < 2:
         holds = (
-            f"{budget_bytes} bytes holds {budget_bytes // block_bytes} cache blocks of {block_bytes} bytes; the cache "
-            f"needs at least 2 (block 0 is reserved):"
+            f"{budget_bytes} bytes holds {blocks} cache blocks of {block_bytes} bytes; the cache needs at least 2 "
+            f"(block 0 is reserved):"
         )
         raise for_command(
             ValueError(f"kv_cache_memory={holds} raise kv_cache_memory"),
             f"--kv-cache-memory {holds} raise --kv-cache-memory",
         )
-    return budget_bytes // block_bytes
+    return blocks
 
 
 def blocks_in_free_memory(

@@ -360,7 +360,7 @@ class Engine:
             ("prefill_chunk", prefill_chunk),
             ("draft_tokens", draft_tokens),
         ):
-            if value is not None and value < 1:
+            if value is not None and not value >= 1:  # nan too
                 raise ValueError(f"{name}={value} must be >= 1")
             if value is not None and name != "kv_cache_memory" and not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")  # bytes may be written 2e9

@@ -38,7 +38,7 @@ def test_the_cache_holds_as_many_blocks_as_the_memory_budget_pays_for(model, tok
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [("block_size", 0), ("block_size", -1), ("max_model_len", 0), ("max_model_len", -8), ("kv_cache_memory", 0),
-     ("kv_cache_memory", -5)],
+     ("kv_cache_memory", -5), ("kv_cache_memory", float("nan"))],
 )  # fmt: skip
 def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(model, tokenizer, keyword, value):
     """block_size=0 raised a bare ZeroDivisionError and -1 "cpu has ... bytes free; 50% of them hold -26328720 cache
@@ -60,6 +60,8 @@ def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer):
     with pytest.raises(ValueError, match=r"^draft_vocab=2.5 must be a whole number >= 0"):
         Engine(model, tokenizer, speculative=True, draft_vocab=2.5, adaptive_drafts=False)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2e6).cache.block_size == 4  # bytes need not be int
+    # where the budget bounds the cache, a float budget holds as many blocks as the int does (not num_blocks=10.0)
+    assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2.0**14).cache.num_blocks == 10
 
 
 def test_kv_cache_memory_takes_a_size_as_the_command_line_does(model, tokenizer):
