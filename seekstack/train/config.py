@@ -484,10 +484,16 @@ def _trained_checkpoint(config: TrainConfig, resume: bool | Path) -> Path | None
 
 
 def _blamed(cls: type, error: ConfigError, overrides: Sequence[str], source: str) -> str:
-    """Where the value of the field at fault came from: the command line's key=value, or else config file `source`."""
-    field = overridden_field(cls, error.field) if error.field else None
-    given = {overridden_field(cls, override.partition("=")[0]) for override in overrides}
-    return "key=value on the command line" if field in given else source
+    """Where the value of the field at fault came from: the command line's key=value, or else config file `source`.
+    A key given is at fault where it is the field (`lr`), part of it (`betas.1` of `betas`), or the whole of it
+    (`betas` of `betas.1`), not where it sets only the same top-level field (`model.num_hidden_layers` beside a
+    `model.hidden_size` at fault, both in model_overrides)."""
+    if error.field is None:
+        return source
+    keys = [override.partition("=")[0].strip() for override in overrides]
+    whole = overridden_field(cls, error.field)
+    at_fault = any(key in (error.field, whole) or overridden_field(cls, key) == error.field for key in keys)
+    return "key=value on the command line" if at_fault else source
 
 
 def _kept_from_saved_config(cls: type, error: ConfigError, given: dict[str, Any], overrides: Sequence[str]) -> bool:

@@ -767,6 +767,23 @@ def test_model_settings_unlike_the_checkpoint_a_run_resumes_or_starts_from_are_r
     assert resolve_train_config(None, [new_run, "model=small"]).model == "small"  # a new run builds what it is told
 
 
+def test_a_model_setting_of_the_file_unlike_the_checkpoint_is_blamed_on_the_file_beside_another_on_the_command_line(
+    tmp_path,
+):
+    """run.yaml's model_overrides {hidden_size: 32} (the checkpoint's is 64) beside model.num_hidden_layers=2 on the
+    command line (which agrees) was blamed on "key=value on the command line": both keys set model_overrides."""
+    run = tmp_path / "run"
+    fake_run(run)
+    config = tmp_path / "run.yaml"
+    config.write_text("model_overrides:\n  hidden_size: 32\n")
+    with pytest.raises(ConfigError) as in_file:
+        resolve_train_config(config, [f"out_dir={run}", "model.num_hidden_layers=2"], resume=True)
+    assert (in_file.value.field, in_file.value.source) == ("model.hidden_size", str(config))
+    with pytest.raises(ConfigError) as on_command_line:
+        resolve_train_config(config, [f"out_dir={run}", "model.hidden_size=16"], resume=True)
+    assert on_command_line.value.source == "key=value on the command line"
+
+
 def test_a_dense_run_resumes_with_its_own_model_settings_though_its_checkpoints_store_them_for_transformers(tmp_path):
     run = tmp_path / "run"
     fake_run(run, n_routed_experts=0)  # stored with first_k_dense_replace = num_hidden_layers: no MoE in transformers
