@@ -101,7 +101,7 @@ def quantize_command(
     (with fp8 always, and the MTP eh_proj, as DeepSeek-V3's FP8 release)."""
     from seekstack.compress.adaptive import SMALLEST_BITS
     from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint, refuse_out
-    from seekstack.schema import load_config
+    from seekstack.schema import ConfigError, load_config
 
     kept = None if keep is None else json.dumps([pattern for pattern in keep if pattern])  # --keep '': none
     options = {"scheme": scheme, "group_size": group_size, "keep": kept}
@@ -172,7 +172,12 @@ def quantize_command(
         elif adaptive:
             report = _adaptive(model, out, data, budget_bits)
         else:
-            assignment, notes = quantize_checkpoint(model, out, resolved)
+            try:
+                assignment, notes = quantize_checkpoint(model, out, resolved)
+            except ConfigError as error:  # a field met with the checkpoint (fp8_block against its dtype, a pattern)
+                field = error.field  # the --config file's where no option gave it and it is not the default
+                in_file = field not in given and vars(resolved).get(field) != vars(QuantConfig()).get(field)
+                raise error.at(str(config) if in_file else None) from None
             report = {"assignment": assignment, "notes": notes}
         report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
     if as_json:

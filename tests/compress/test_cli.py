@@ -482,6 +482,27 @@ def test_a_config_file_field_of_a_scheme_it_does_not_use_is_refused_naming_the_f
     assert f"error: {tmp_path / 'quant.yaml'}: {message}" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            "scheme: fp8\nfp8_block: [1, 1]\n",
+            "field 'fp8_block' must be a block of more than 1 weight for float32 weights",
+        ),
+        ("layers:\n  nomatch: int4\n", "field 'layers': pattern 'nomatch' matches no layer of the model"),
+    ],
+)
+def test_a_config_file_field_the_checkpoint_refuses_is_refused_naming_the_file(tmp_path, config, message):
+    """A field weighed against the checkpoint once it is read (fp8_block against its float dtype, since 7c6f430; a
+    pattern against its layers) was refused as "error: field 'fp8_block' ...", naming no file."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text(config)
+    args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and not (tmp_path / "q").exists()
+    assert f"error: {tmp_path / 'quant.yaml'}: {message}" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("config", ["scheme: fp8\n", "scheme: fp8\nlayers:\n  layers.*.mlp.experts: fp8\n"])
 def test_progressive_refuses_an_fp8_config_file_naming_it_before_measuring(tmp_path, config):
     """Its stages are int8 and int4: the fp8 scheme was ignored, and fp8 layers failed at the int8 stage."""
