@@ -205,7 +205,7 @@ def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
     weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked); an
     int is a CUDA index, as torch.device and transformers read it."""
     name = f"cuda:{device}" if isinstance(device, int) else str(device)
-    if torch.device(name).type == "meta":
+    if _device_type(name) == "meta":
         raise ValueError(
             f"device={device!r} holds no weights: the model would be returned with none read; load on a device "
             "(cpu, cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
@@ -216,6 +216,15 @@ def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
         raise ValueError(
             f"device={device!r}, which this torch cannot reach ({reason}): load on one it can (cpu) or leave device out"
         )
+
+
+def _device_type(device: torch.device | str | int) -> str:
+    """`device`'s type as torch reads it (cpu, cuda, meta; an int is cuda:N); ValueError naming `device=` where it
+    names none (gpu, tpu), which torch.device raises as a bare RuntimeError listing its device types."""
+    try:
+        return torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is no device torch knows: give cpu, cuda or cuda:N") from None
 
 
 def placement_asked(
@@ -237,7 +246,7 @@ def placement_asked(
                 "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
             )
         return None
-    if device == "auto" or torch.device(device).type != "cpu":
+    if device == "auto" or _device_type(device) != "cpu":
         raise ValueError(
             f"device={device!r} beside device_map={device_map!r}: the device map places every part; give one of them"
         )

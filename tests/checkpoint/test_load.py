@@ -121,6 +121,15 @@ def test_a_hub_revision_is_refused_as_engine_from_pretrained_refuses_it(tmp_path
     )
 
 
+@pytest.mark.parametrize("placement", [{}, {"device_map": {"": "cpu"}}])
+def test_a_device_torch_does_not_know_is_refused_naming_it(tmp_path, placement):
+    """load_pretrained(dir, device="gpu") (or beside a device map, as Engine.from_pretrained checks it too) was torch's
+    bare RuntimeError "Expected one of cpu, cuda, ipu, ... device type at start of device string: gpu"."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
+    with pytest.raises(ValueError, match=r"^device='gpu' is no device torch knows: give cpu, cuda or cuda:N$"):
+        seekstack.load_pretrained(tmp_path, device="gpu", **placement)
+
+
 @pytest.mark.parametrize("device", ["meta", f"cuda:{torch.cuda.device_count()}", torch.cuda.device_count()])
 def test_a_device_no_weight_can_be_loaded_onto_is_refused_before_any_weight_is_read(tmp_path, device):
     """load_pretrained(dir, device="cuda") on a torch without CUDA raised torch's bare AssertionError (device_map=
