@@ -251,10 +251,15 @@ class Transformer(nn.Module):
             if positions is not None:
                 raise ValueError("positions and position_ids are one argument under two names: give one")
             positions = position_ids
-        if input_ids.dim() != 2:
+        if not isinstance(input_ids, torch.Tensor):  # a list was "AttributeError: 'list' object has no attribute 'dim'"
+            raise TypeError(
+                f"input_ids is a {type(input_ids).__name__}: expected a (batch, seq_len) tensor of token ids, such as "
+                "torch.tensor([ids])"
+            )
+        if input_ids.dim() != 2 or 0 in input_ids.shape:  # no token: torch's bare reshape error in attention
             raise ValueError(
-                f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids; one sequence is "
-                "input_ids[None]"
+                f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids, at least one "
+                "sequence of one token; one sequence is input_ids[None]"
             )
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:

@@ -255,6 +255,21 @@ def test_the_model_package_loads_without_the_inference_package():
         sys.modules.update(loaded)
 
 
+def test_input_ids_of_no_token_or_not_a_tensor_are_refused_naming_what_is_expected():
+    """A (1, 0) input was torch's bare "cannot reshape tensor of 0 elements into shape [0, 4, -1]" from attention,
+    and a list of ids "AttributeError: 'list' object has no attribute 'dim'"."""
+    model = Transformer(micro_config()).eval()
+    for empty in torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long):
+        with pytest.raises(ValueError) as refused:
+            model(empty)
+        assert str(refused.value) == (
+            f"input_ids have shape {tuple(empty.shape)}: expected (batch, seq_len) token ids, at least one sequence "
+            "of one token; one sequence is input_ids[None]"
+        )
+    with pytest.raises(TypeError, match=r"^input_ids is a list: expected a \(batch, seq_len\) tensor of token ids"):
+        model([[1, 2, 3]])
+
+
 def test_an_input_id_outside_the_vocabulary_is_named_with_the_vocabulary():
     """An id past the embedding (a tokenizer larger than the model's vocabulary) or a negative one was torch's bare
     "IndexError: index out of range in self", naming neither the id nor the vocabulary."""
