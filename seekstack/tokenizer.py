@@ -1170,7 +1170,8 @@ def train_tokenizer(
             else "give a list of texts"
         )
         raise TypeError(f"texts is {texts!r:.60} ({type(texts).__name__}), not an iterable of texts: {to_do}")
-    if isinstance(texts, Mapping):  # a datasets batch, dataset[:1000]: its keys would be the texts, "text" alone
+    # a datasets batch (dataset[:1000]) or a pandas DataFrame, dict-like: its keys would be the texts, "text" alone
+    if isinstance(texts, Mapping) or hasattr(texts, "keys"):
         keys = ", ".join(map(repr, list(texts)[:4]))
         raise TypeError(f"texts is a mapping (keys {keys}), whose keys would be the texts: give its texts, texts[key]")
 

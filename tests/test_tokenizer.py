@@ -358,6 +358,16 @@ def test_training_on_what_is_no_list_of_texts_is_refused_naming_the_text(tmp_pat
     assert not (tmp_path / "tokenizer").exists()
 
 
+def test_training_on_a_pandas_dataframe_is_refused_as_a_mapping_naming_its_columns(tmp_path):
+    """A DataFrame, dict-like as a datasets batch is (pd.read_parquet's), trained on its column names, the one word
+    "text", without a word."""
+    pandas = pytest.importorskip("pandas")
+    with pytest.raises(TypeError) as refused:
+        train_tokenizer(pandas.DataFrame({"text": ["print(1)"] * 9}), 300, tmp_path / "tokenizer")
+    assert str(refused.value).startswith("texts is a mapping (keys 'text'), whose keys would be the texts: give")
+    assert not (tmp_path / "tokenizer").exists()
+
+
 def test_training_on_batches_of_texts_is_training_on_their_texts_as_tokenizers_takes_them(tmp_path):
     """tokenizers' train_from_iterator takes an iterator of batches (lists of texts), as the Hugging Face course's
     batch_iterator() gives them; b211981's check of each text refused a batch as a list 'not str'. A batch trains as
