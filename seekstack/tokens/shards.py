@@ -177,7 +177,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
         index = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(index["dtype"])
         shards, total_tokens = index["shards"], index["total_tokens"]
-        counted = sum(shard["tokens"] for shard in shards)
+        tokens = [shard["tokens"] for shard in shards]
     except (ValueError, KeyError, TypeError) as error:  # ValueError: no JSON, or no UTF-8 (saved again as UTF-16)
         raise ValueError(f"{path} is corrupt ({error!r}); tokenize the split again") from error
     version = index.get("version")
@@ -186,16 +186,14 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
             f"{path}: field 'version' is {'absent' if version is None else repr(version)}, this seekstack reads "
             f"version {INDEX_VERSION} of the shard index; tokenize the split again with this seekstack"
         )
-    counts = [
-        ("total_tokens", total_tokens),
-        *((f"shards[{n}].tokens", shard["tokens"]) for n, shard in enumerate(shards)),
-    ]
-    for field, value in counts:
+    counts = [("total_tokens", total_tokens), *((f"shards[{n}].tokens", count) for n, count in enumerate(tokens))]
+    for field, value in counts:  # before the sum: "12113" was a TypeError naming no field
         if type(value) is not int or value < 0:  # 7218.0 passed the sums and reached the windows' arithmetic
             raise ValueError(
                 f"{path} is corrupt: field {field!r} is {value!r}, not a whole number of tokens; "
                 "tokenize the split again"
             )
+    counted = sum(tokens)
     if dtype not in SHARD_DTYPES:  # a hand-edited index: its shards' bytes would be read as other numbers
         raise ValueError(
             f"{path} is corrupt: field 'dtype' is {index['dtype']!r}, not one token shards are written in "

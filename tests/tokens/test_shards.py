@@ -426,6 +426,23 @@ def test_an_index_of_another_version_or_a_count_that_is_no_whole_number_is_refus
     assert str(refused.value) == message.replace("INDEX", str(index)).replace("TOTAL", str(total))
 
 
+def test_a_shards_token_count_written_as_text_is_refused_naming_the_field(tmp_path, tokenizer, documents):
+    """A shard's "tokens": "12113" (a count as text) was summed first: 'is corrupt (TypeError("unsupported operand
+    type(s) for +: 'int' and 'str'"))', naming no field."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train")
+    index = tmp_path / "train_index.json"
+    fields = json.loads(index.read_text(encoding="utf-8"))
+    count = fields["shards"][0]["tokens"]
+    fields["shards"][0]["tokens"] = str(count)
+    index.write_text(json.dumps(fields), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        TokenWindows(tmp_path, "train", SEQ_LEN)
+    assert str(refused.value) == (
+        f"{index} is corrupt: field 'shards[0].tokens' is '{count}', not a whole number of tokens; tokenize the split "
+        "again"
+    )
+
+
 @pytest.mark.parametrize("file", [5, None, "../elsewhere/train_00000.bin", "/etc/hostname"])
 def test_an_index_naming_a_shard_by_no_file_name_beside_it_is_refused_naming_the_field(
     tmp_path, tokenizer, documents, file
