@@ -35,7 +35,10 @@ class MixtureSchedule:
     def __init__(self, weights: dict[str, Any]):
         if not weights:
             raise ValueError("a mixture needs at least one source")
-        per_phase = {name: list(w) if isinstance(w, (list, tuple)) else [w] for name, w in weights.items()}
+        per_phase = {  # a numpy number (a weight computed with numpy) as the Python number it holds
+            name: [v.item() if isinstance(v, np.generic) else v for v in (w if isinstance(w, (list, tuple)) else [w])]
+            for name, w in weights.items()
+        }
         phases = max(len(ws) for ws in per_phase.values())
         for name, ws in per_phase.items():
             if not ws:

@@ -113,6 +113,15 @@ def test_schedule_changes_the_mix_at_each_third_of_training():
     assert constant.weights_at(0.9) == {"code": 0.75, "prose": 0.25}
 
 
+def test_numpy_weights_are_taken_as_the_numbers_they_hold():
+    """MixtureSchedule({"a": np.int64(1), "b": 1}) was refused: "has weights [1]; they must be numbers >= 0"."""
+    schedule = MixtureSchedule({"a": np.int64(3), "b": [np.float32(1.0)], "c": 0})
+    assert schedule.weights == {"a": [3], "b": [1.0], "c": [0]}
+    assert schedule.weights_at(0.5) == {"a": 0.75, "b": 0.25, "c": 0.0}
+    with pytest.raises(ValueError, match=r"'a' has weights \[True\]"):  # numpy's bool is no weight either
+        MixtureSchedule({"a": np.bool_(True)})
+
+
 def test_weights_near_floats_limit_keep_their_ratios_though_their_sum_overflows():
     """1e308 + 1e308 is inf: each weight divided by it was 0.0, so `pick` drew the last source every time."""
     huge = MixtureSchedule({"a": 1e308, "b": 1e308, "c": [0.0]})
