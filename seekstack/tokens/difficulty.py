@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seekstack.corpus.sources import read_jsonl, require_corpus_file
+from seekstack.schema import counted
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import require_split_name, tokenize_corpus
 
@@ -89,7 +90,7 @@ def difficulty_buckets(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS
         sizes.append(len(text.encode("utf-8")))
     if len(scores) < buckets:
         raise ValueError(
-            f"{jsonl_path} has {len(scores)} documents, too few for {buckets} difficulty buckets; "
+            f"{jsonl_path} has {counted(len(scores), 'document')}, too few for {buckets} difficulty buckets; "
             "tokenize without --buckets, or build a larger corpus"
         )
     return DifficultyBuckets(scores, bucket_parts(scores, sizes, buckets))

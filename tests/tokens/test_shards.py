@@ -526,13 +526,14 @@ def test_tokenize_refuses_a_corpus_without_val_jsonl_before_encoding_its_trainin
     assert not (tmp_path / "tokens").exists()
 
 
-def test_tokenize_buckets_on_too_small_a_corpus_fails_before_writing_anything(tmp_path, tokenizer):
+@pytest.mark.parametrize("documents", ["2 documents", "1 document"])  # "has 1 documents" before
+def test_tokenize_buckets_on_too_small_a_corpus_fails_before_writing_anything(tmp_path, tokenizer, documents):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    write_corpus(corpus / "train.jsonl", stdlib_documents(2))
+    write_corpus(corpus / "train.jsonl", stdlib_documents(int(documents.split()[0])))
     write_corpus(corpus / "val.jsonl", stdlib_documents(1))
     result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
-    assert result.exit_code == 1 and "has 2 documents, too few for 3 difficulty buckets" in result.output
+    assert result.exit_code == 1 and f"has {documents}, too few for 3 difficulty buckets" in result.output
     assert not (tmp_path / "tokens").exists() or not any((tmp_path / "tokens").iterdir())
 
 
