@@ -422,17 +422,12 @@ def check_reachable(devices: Iterable[str]) -> None:
             raise ValueError(f"the placement puts parts on {device}, which this torch cannot reach ({reason})")
 
 
-def auto_device() -> str:
-    """The device `auto` names: cuda:0 where torch reaches a GPU, else cpu."""
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_device(device: torch.device | str | int) -> str:
     """The device a whole model runs on for `device` (`--device`, Engine's device=), named as `device_name` names it:
-    auto is `auto_device`, an int N cuda:N; ValueError, its text to follow the value, for one that is no such device
-    (disk, meta, mps) or that this torch cannot reach."""
+    auto is cuda:0 where torch reaches a GPU, else cpu, an int N cuda:N; ValueError, its text to follow the value, for
+    one that is no such device (disk, meta, mps) or that this torch cannot reach."""
     if device == "auto":
-        return auto_device()
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
         name = device_name(str(device), "device")  # a torch.device by its text: cpu, cuda:N
     except ValueError:
