@@ -304,19 +304,20 @@ def _address(match: re.Match[str]) -> str:
 
 
 def _host_address(candidate: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address `candidate` reaches: an IPv4-mapped IPv6 address (`::ffff:8.8.8.8`) is its IPv4 one, and so is an
-    IPv4-compatible one written with its IPv4 tail (`::192.168.0.1`, RFC 4291's deprecated form, which `ipaddress`
-    calls global whatever the IPv4 address). ValueError for no address."""
+    """The address `candidate` reaches: an IPv4-mapped IPv6 address (`::ffff:8.8.8.8`) is its IPv4 one, and so are
+    one in NAT64's well-known prefix (`64:ff9b::8.8.8.8`, RFC 6052, which `ipaddress` calls global whatever the IPv4
+    address) and an IPv4-compatible one written with its IPv4 tail (`::192.168.0.1`, RFC 4291's deprecated form,
+    likewise). ValueError for no address."""
     address = ipaddress.ip_address(candidate)
-    if address.version == 6 and "." in candidate and int(address) >> 32 == 0:
-        return ipaddress.IPv4Address(int(address))
+    if address.version == 6 and (address in _NAT64 or "." in candidate and int(address) >> 32 == 0):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return getattr(address, "ipv4_mapped", None) or address
 
 
-# The IPv6 blocks that reach hosts: global unicast, the one block IANA allocates from (RFC 4291 2.4, 2000::/3), and
-# the well-known NAT64 prefix, an IPv4 host's (RFC 6052); `is_global` also passes the unallocated rest, where numbers
-# written with colons land (`at 10:15:30::`, a verse `3:16:20::`, `1:2:3:4:5:6:7:8`)
-_IPV6_HOST_BLOCKS = (ipaddress.ip_network("2000::/3"), ipaddress.ip_network("64:ff9b::/96"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# The IPv6 block that reaches hosts: global unicast, the one IANA allocates from (RFC 4291 2.4); `is_global` also
+# passes the unallocated rest, where numbers written with colons land (`at 10:15:30::`, `3:16:20::`, `1:2:3:4:5:6:7:8`)
+_IPV6_HOST_BLOCK = ipaddress.ip_network("2000::/3")
 
 
 def _is_public_ip(candidate: str) -> bool:
@@ -325,7 +326,7 @@ def _is_public_ip(candidate: str) -> bool:
         address = _host_address(candidate)
     except ValueError:
         return False
-    allocated = address.version == 4 or any(address in block for block in _IPV6_HOST_BLOCKS)
+    allocated = address.version == 4 or address in _IPV6_HOST_BLOCK
     return allocated and address.is_global and not address.is_multicast
 
 

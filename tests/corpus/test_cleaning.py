@@ -1071,6 +1071,10 @@ def test_the_same_resolvers_ipv6_addresses_are_kept_as_their_ipv4_ones_are_howev
             "lan ::ffff:192.168.0.1, dns ::ffff:8.8.8.8, v4 93.184.216.34",
             "lan ::ffff:192.168.0.1, dns ::ffff:8.8.8.8, v4 <IP>",
         ),
+        (
+            "nat64 64:ff9b::8.8.8.8, 64:ff9b::808:808, 64:ff9b::192.168.1.1, 64:ff9b::5db8:d822",
+            "nat64 64:ff9b::8.8.8.8, 64:ff9b::808:808, 64:ff9b::192.168.1.1, <IP>",
+        ),  # NAT64's, judged as IPv6 (global whatever it maps): all four were replaced
     ],
 )
 def test_an_ipv6_address_ending_in_an_ipv4_one_is_replaced_whole_and_judged_by_the_ipv4_one_it_maps(text, scrubbed):
