@@ -62,11 +62,13 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     cuda = torch.cuda.is_available()
     if world_size == 1:
         return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
+    joined = dist.is_initialized()
+    if not joined:  # before LOCAL_RANK, so that an environment set by hand is refused alike on CPUs and GPUs
+        require_rendezvous_address(world_size)
     device = torch.device("cuda", local_gpu(world_size, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        require_rendezvous_address(world_size)
+    if not joined:
         dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
     return Ranks(rank, world_size, device)
 

@@ -87,3 +87,21 @@ def test_a_master_port_that_is_no_port_is_refused_naming_it(tmp_path, monkeypatc
     assert result.output.endswith(
         "; start the run with torchrun, which sets them, or unset WORLD_SIZE to train in one process\n"
     )
+
+
+def test_without_the_address_to_join_at_a_gpu_rank_is_refused_naming_it_as_a_cpu_rank_is(monkeypatch):
+    """On a GPU machine LOCAL_RANK was read before the address: a launch environment set by hand without MASTER_ADDR
+    was refused for its LOCAL_RANK there, for MASTER_ADDR on CPUs (and the tests of that refusal failed on GPUs)."""
+    import torch
+
+    from seekstack.parallel.distributed import init_distributed
+
+    for name in ("MASTER_ADDR", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="^WORLD_SIZE=2 is set but MASTER_ADDR is not: the ranks join at MASTER_ADDR"):
+        init_distributed()
