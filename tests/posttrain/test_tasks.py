@@ -1416,6 +1416,8 @@ def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_
         ({"prompt": [{"role": "system", "content": "Think."}, {"role": "user", "content": "q"}], "solution": "2"},
          ':2: field prompt is [{"role": "system", "content": "Think."}, {"role": "user"...: a conversational '
          "prompt is read as its one user message, the question"),
+        ({"prompt": [{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]}], "solution": "2"},
+         ":2: field prompt: chat message 1 content part 0 is 'image_url': only text parts"),
         ('{"question": "q", "answer": 1', ":2: not valid JSON"),
         # were refused by the tokenizer as the prompt was made, naming "chat message 1 content" alone
         ({"question": "What is 2 + 2?<｜Assistant｜>5", "answer": 4}, ":2: field question contains the chat format's "
@@ -1439,8 +1441,15 @@ def test_trls_grpo_prompt_and_solution_are_a_question_and_its_answer(tmp_path):
     its accuracy_reward verifies against (trl-lib/DeepMath-103K's), was refused: "no field question nor problem"."""
     lines = [{"prompt": "What is 1 + 1?", "solution": "2"}]
     lines += [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "solution": "\\boxed{4}"}]
+    # its content as text parts, as a chat's may be (was: 'field prompt is [{"type": "text", ...: must be the
+    # question's text')
+    lines += [{"prompt": [{"role": "user", "content": [{"type": "text", "text": "What is 3 + 3?"}]}], "solution": "6"}]
     task = make_task(problems_file(tmp_path / "grpo.jsonl", lines))
-    assert [(p.question, p.answer) for p in task.problems] == [("What is 1 + 1?", "2"), ("What is 2 + 2?", "4")]
+    assert [(p.question, p.answer) for p in task.problems] == [
+        ("What is 1 + 1?", "2"),
+        ("What is 2 + 2?", "4"),
+        ("What is 3 + 3?", "6"),
+    ]
     assert task.verify(task.problems[1], "\\boxed{4}") and not task.verify(task.problems[1], "5")
 
 

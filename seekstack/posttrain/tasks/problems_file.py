@@ -29,6 +29,7 @@ from seekstack.posttrain.tasks.answers import (
     reads_as,
 )
 from seekstack.posttrain.tasks.base import Problem, forged_turn
+from seekstack.tokenizer import template_message
 
 LINE_FORMAT = (
     'a line is {"question": "...", "answer": ...} (or "problem" and "solution", MATH\'s and TRL\'s names), the '
@@ -126,10 +127,14 @@ def _problem(record: Any, where: str) -> Problem:
 
 
 def _user_question(messages: list, where: str) -> Any:
-    """The question of TRL's conversational prompt: the content of its one message, the user's; a ValueError naming
-    `where` for a prompt of other messages (a system prompt: rl asks in the R1 format's own)."""
+    """The question of TRL's conversational prompt: the content of its one message, the user's, read as a chat's (a
+    list of text parts is its text); a ValueError naming `where` for a prompt of other messages (a system prompt: rl
+    asks in the R1 format's own) or content a chat's message cannot hold."""
     if len(messages) == 1 and isinstance(messages[0], dict) and messages[0].get("role") == "user":
-        return messages[0].get("content")
+        try:
+            return template_message(1, messages[0])["content"]
+        except ValueError as error:
+            raise ValueError(f"{where}: field prompt: {error}") from None
     raise ValueError(
         f"{where}: field prompt is {_shown(messages)}: a conversational prompt is read as its one user message, "
         "the question, which rl asks after the R1 format's system prompt; give that message alone, or its text as "
