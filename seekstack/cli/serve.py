@@ -16,6 +16,7 @@ from seekstack.cli.common import (
     NoSuchOption,
     fail,
     options_named,
+    refuse_empty_path,
     run_given,
     run_to_checkpoint,
     user_errors,
@@ -48,7 +49,11 @@ if TYPE_CHECKING:
 USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
-    typer.Option("--db", help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db"),
+    typer.Option(
+        "--db",
+        help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db",
+        callback=refuse_empty_path,
+    ),
 ]
 # How long SIGTERM or Ctrl-C lets requests in flight finish before cutting them off: within the 30 s Kubernetes
 # waits after SIGTERM before SIGKILL, with time left to write the rows of those cut off

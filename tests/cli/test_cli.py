@@ -534,8 +534,20 @@ def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
         (["train", "--resume-from", ""], "--resume-from"),
         (["generate", "def f(", "--model", "tiny", "--device-map", "auto", "--offload-dir", ""], "--offload-dir"),
         (["eval", "tiny", "--out", ""], "--out"),
+        (["keys", "create", "--name", "ci", "--db", ""], "--db"),
     ],
-    ids=["preset-or-checkpoint", "option", "option=", "one-of-several", "output", "inputs", "step", "str", "results"],
+    ids=[
+        "preset-or-checkpoint",
+        "option",
+        "option=",
+        "one-of-several",
+        "output",
+        "inputs",
+        "step",
+        "str",
+        "results",
+        "database",
+    ],
 )
 def test_an_empty_path_is_refused_naming_its_argument_not_read_as_the_current_folder(tmp_path, monkeypatch, arguments,
                                                                                       named):  # fmt: skip
