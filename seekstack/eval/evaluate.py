@@ -165,7 +165,10 @@ def evaluate(
     else:
         tasks_found = None
     # what lm_eval's command line does with a pattern (EvaluatorConfig), which simple_evaluate leaves undone; a YAML
-    # file's own path is none, whatever characters it holds (test_x[1]/task.yaml)
+    # file's own path is none, whatever characters it holds (test_x[1]/task.yaml); a folder of YAML files is its
+    # *.yaml, as lm_eval's --tasks FOLDER (one holding none, an output folder named hellaswag, stays a task name)
+    in_folders = {task: os.path.join(glob.escape(task), "*.yaml") for task in tasks if task not in local}
+    tasks = tuple(in_folders[task] if glob.glob(in_folders.get(task, "")) else task for task in tasks)
     patterns = [
         task
         for task in tasks
@@ -220,8 +223,8 @@ def _matching(pattern: str, tasks_found: Any) -> list[str]:
     lm_eval's --tasks matches them; ValueError for none."""
     matches = sorted(glob.glob(pattern)) if pattern.endswith(".yaml") else tasks_found.match_tasks([pattern])
     if not matches:
-        raise ValueError(f"lm_eval: no task matches {pattern!r}; give a task name, a pattern of them (arc_*) or a YAML "
-                         "file's path")  # fmt: skip
+        raise ValueError(f"lm_eval: no task matches {pattern!r}; give a task name, a pattern of them (arc_*), a YAML "
+                         "file's path or a folder of them")  # fmt: skip
     return matches
 
 

@@ -452,7 +452,8 @@ def test_tasks_given_as_one_string_are_its_comma_separated_names_as_lm_evals(che
 def test_a_pattern_in_tasks_runs_the_tasks_and_yaml_files_it_matches_as_lm_evals_command_line(checkpoint, tmp_path):
     """--tasks 'code_perp*' was refused ("unknown task 'code_perp*'") and 'sums_*.yaml' or 'arc_eas*' failed in
     lm_eval ("Spec ... is not a registered task/group/tag name or valid YAML path"): lm_eval's --tasks matches a
-    pattern against its task names and YAML paths (fnmatch, glob), which simple_evaluate leaves to its command line."""
+    pattern against its task names and YAML paths (fnmatch, glob), and takes a folder's YAML files, which
+    simple_evaluate leaves to its command line."""
     from seekstack.eval.evaluate import evaluate
 
     rows = [{"q": f"{a} + 1?", "choices": [str(a + 1), str(a + 2)], "label": 0} for a in range(3)]
@@ -466,6 +467,8 @@ def test_a_pattern_in_tasks_runs_the_tasks_and_yaml_files_it_matches_as_lm_evals
     assert set(report["results"]) == {"code_perplexity", "sums_a", "sums_b", "sums_c"}
     yaml_files = [str(tmp_path / name) for name in ("sums_a.yaml", "sums_b.yaml", "set[1]/sums_c.yaml")]
     assert report["options"]["tasks"] == ["code_perplexity", *yaml_files]
+    folder = evaluate(checkpoint, str(tmp_path / "set[1]"), limit=1, device="cpu")  # its YAML files, as lm_eval's
+    assert set(folder["results"]) == {"sums_c"} and folder["options"]["tasks"] == [yaml_files[2]]
     with pytest.raises(ValueError, match=re.escape(f"lm_eval: no task matches '{tmp_path}/none_*.yaml'; give a task")):
         evaluate(checkpoint, f"{tmp_path}/none_*.yaml")
     with pytest.raises(ValueError, match="unknown task 'code_x\\*'"):  # a local task's prefix: a local task misspelt
