@@ -47,6 +47,7 @@ from seekstack.infer.placement import (
     device_map_text,
     offload_while_loading,
     place,
+    runtime_device,
     unreachable_reason,
 )
 from seekstack.infer.precision import map_devices
@@ -125,6 +126,7 @@ def load_pretrained(
         refuse_an_unloadable_device(device)
     else:  # the disk parts' copies are written as the weights are read
         offload = offload or offload_while_loading(placement, folder)
+        device = "cpu"  # however it was written (placement_asked): the map places the parts from there
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
@@ -238,7 +240,8 @@ def placement_asked(
     """The device map (seekstack.infer.placement's text) transformers' `device_map` and `max_memory` ask for, None
     where neither is given; ValueError before any weight is read for a map naming a device this torch cannot reach,
     `offload_folder` without a map (it holds the disk parts' copies; named as the caller's `folder_keyword`) and a map
-    beside a `device` other than cpu (the engine's "auto" too)."""
+    beside a `device` other than cpu, read as an engine reads it (`runtime_device`: "CPU" and "cpu:0" are cpu; "auto"
+    is refused too)."""
     if device_map is None and max_memory is None:
         if offload_folder is not None:
             raise ValueError(
@@ -246,7 +249,7 @@ def placement_asked(
                 "device_map= placing some on disk ({'': 'cpu', 'lm_head': 'disk'}) or leave it out"
             )
         return None
-    if device == "auto" or _device_type(device) != "cpu":
+    if device == "auto" or runtime_device(device).type != "cpu":  # CPU, cpu:0 are the CPU, as the engine reads them
         raise ValueError(
             f"device={device!r} beside device_map={device_map!r}: the device map places every part; give one of them"
         )

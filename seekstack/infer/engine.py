@@ -65,7 +65,7 @@ from seekstack.infer.placement import (
     layer_devices,
     offload_while_loading,
     place,
-    resolve_device,
+    runtime_device,
 )
 from seekstack.infer.sampling import (
     NO_DISTRIBUTION,
@@ -223,16 +223,6 @@ VLLM_ENGINE_VALUES_TAKEN = {
     "pipeline_parallel_size": (1,),
     "enforce_eager": (True, False),
 }
-
-
-def runtime_device(device: torch.device | str | int) -> torch.device:
-    """The device an engine runs on for `device`, as `--device` reads it (`resolve_device`: auto, cpu, cuda, cuda:N
-    or N, in any case); ValueError naming `device` where it is none of them or one torch cannot reach, before any
-    weight is read or moved."""
-    try:
-        return torch.device(resolve_device(device))
-    except ValueError as error:
-        raise ValueError(f"device={device!r}: {error}") from None
 
 
 # vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them

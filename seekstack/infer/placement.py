@@ -440,6 +440,16 @@ def resolve_device(device: torch.device | str | int) -> str:
     return name
 
 
+def runtime_device(device: torch.device | str | int) -> torch.device:
+    """The device an engine runs on for `device`, as `--device` reads it (`resolve_device`: auto, cpu, cuda, cuda:N
+    or N, in any case); ValueError naming `device` where it is none of them or one torch cannot reach, before any
+    weight is read or moved."""
+    try:
+        return torch.device(resolve_device(device))
+    except ValueError as error:
+        raise ValueError(f"device={device!r}: {error}") from None
+
+
 def unreachable_reason(device: str) -> str | None:
     """Why this torch cannot reach `device` (a `device_name` but disk), in torch's words; None where it can."""
     try:

@@ -1065,15 +1065,22 @@ def test_an_offload_folder_without_a_device_map_is_refused_naming_the_keyword(ke
 
 def test_a_device_beside_a_device_map_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
     """Engine.from_pretrained(dir, device_map=..., device=...) read every weight before Engine.__init__ refused the
-    device, where load_pretrained refuses it first: both check the placement asked for with placement_asked."""
+    device, where load_pretrained refuses it first: both check the placement asked for with placement_asked. The CPU
+    however Engine(model, tokenizer, device=) takes it ("CPU", " cpu") is taken beside a map (it was refused as "no
+    device torch knows")."""
     model_dir(tmp_path / "model")
     reads = counted_reads(monkeypatch)
     with pytest.raises(ValueError) as refused:
-        Engine.from_pretrained(tmp_path / "model", device_map={"": "cpu"}, device="meta")
+        Engine.from_pretrained(tmp_path / "model", device_map={"": "cpu"}, device="auto")
     assert str(refused.value) == (
-        "device='meta' beside device_map={'': 'cpu'}: the device map places every part; give one of them"
+        "device='auto' beside device_map={'': 'cpu'}: the device map places every part; give one of them"
     )
+    with pytest.raises(ValueError, match=r"^device='meta': give cpu, cuda, cuda:N or auto$"):
+        Engine.from_pretrained(tmp_path / "model", device_map={"": "cpu"}, device="meta")
     assert sum(reads.values()) == 0
+    for device in ("CPU", " cpu"):
+        engine = Engine.from_pretrained(tmp_path / "model", device_map={"": "cpu"}, device=device)
+        assert engine.device == torch.device("cpu") and engine.model.embed_tokens.weight.device.type == "cpu"
 
 
 def test_an_engine_runs_on_auto_as_the_cli_does_and_a_device_it_cannot_use_is_refused_before_any_weight_is_read(
