@@ -207,7 +207,11 @@ def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
     weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked); an
     int is a CUDA index, as torch.device and transformers read it."""
     name = f"cuda:{device}" if isinstance(device, int) else str(device)
-    if _device_type(name) == "meta":
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:  # a name torch knows no device by (gpu, tpu): its bare error lists its device types
+        raise ValueError(f"device={device!r} is no device torch knows: give cpu, cuda or cuda:N") from None
+    if kind == "meta":
         raise ValueError(
             f"device={device!r} holds no weights: the model would be returned with none read; load on a device "
             "(cpu, cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
@@ -218,15 +222,6 @@ def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
         raise ValueError(
             f"device={device!r}, which this torch cannot reach ({reason}): load on one it can (cpu) or leave device out"
         )
-
-
-def _device_type(device: torch.device | str | int) -> str:
-    """`device`'s type as torch reads it (cpu, cuda, meta; an int is cuda:N); ValueError naming `device=` where it
-    names none (gpu, tpu), which torch.device raises as a bare RuntimeError listing its device types."""
-    try:
-        return torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is no device torch knows: give cpu, cuda or cuda:N") from None
 
 
 def placement_asked(
