@@ -109,15 +109,17 @@ def test_a_quantized_checkpoints_index_counts_the_parameters_of_the_float_one(tm
     added, so an int4 save of a model gave a quarter of its parameters. Each format's index counts the float one's."""
     from seekstack.compress.quantize import QuantConfig, quantize_model
 
-    model = seekstack.Transformer(micro_config()).eval()
+    # one MoE layer of four experts in a few shards: int4 codes unpacked to be saved, each shard synced to disk
+    config = micro_config(num_hidden_layers=2, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1)
+    model = seekstack.Transformer(config).eval()
 
     def total_parameters(scheme: str, stacked_experts: bool = False) -> int:
-        quantized = seekstack.Transformer(micro_config()).eval()
+        quantized = seekstack.Transformer(config).eval()
         quantized.load_state_dict(model.state_dict())
         if scheme != "float":
             quantize_model(quantized, QuantConfig(scheme=scheme, keep=[], fp8_block=(32, 32)))
         folder = tmp_path / f"{scheme}-{stacked_experts}"
-        seekstack.save_pretrained(quantized, folder, max_shard_bytes=40_000, stacked_experts=stacked_experts)
+        seekstack.save_pretrained(quantized, folder, max_shard_bytes=100_000, stacked_experts=stacked_experts)
         return json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_parameters"]
 
     float_parameters = total_parameters("float")  # the model's, and the MTP module's copies of embedding and head
