@@ -62,7 +62,6 @@ def plot_rl_runs(
     caller has read them (`read_metrics`) already, so a torn last line is told once."""
     out_path = figure_path(out_path)
     figure = rl_figure(run_dirs, smooth, records)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, out_path, dpi=90)
     plt.close(figure)
     return out_path

@@ -266,7 +266,6 @@ def _write(figure: plt.Figure, axes: list[plt.Axes], last_step: int, title: str,
         axis.set_xlim(0, last_step * (1 + plt.rcParams["axes.xmargin"]))
     figure.suptitle(title)
     figure.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, out_path, dpi=100)
     plt.close(figure)
     return out_path
@@ -289,8 +288,9 @@ def figure_format(path: Path) -> str:
 
 
 def save_figure(figure: plt.Figure, path: str | Path, dpi: int) -> None:
-    """Write `figure` to `path` in its suffix's format (`figure_format`), whole or not at all: a command stopped
-    (Ctrl-C) or refused by a full disk mid-write leaves no cut picture."""
+    """Write `figure` to `path` in its suffix's format (`figure_format`), whole or not at all (`write_atomic`, which
+    makes the folders and refuses a file in their way): a command stopped (Ctrl-C) or refused by a full disk
+    mid-write leaves no cut picture."""
     path = Path(path)
     write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format=figure_format(path)))
 

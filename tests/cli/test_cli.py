@@ -567,3 +567,18 @@ def test_help_is_shown_though_an_empty_path_is_on_the_line() -> None:
         result = run(*arguments)
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.output and "Show this message and exit." in result.output
+
+
+@pytest.mark.parametrize("command", ["plot", "rl-plot"])
+def test_a_figure_out_under_a_file_names_the_file_in_the_way(tmp_path, command):
+    """`seekstack plot RUN --out notes.txt/curves.png` failed with a bare "[Errno 17] File exists: 'notes.txt'"."""
+    run_dir = tmp_path / "rl"
+    run_dir.mkdir()
+    records = [{"step": step, "reward": 0.5, "accuracy": 0.1 * step} for step in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (tmp_path / "notes.txt").write_text("notes\n")
+    result = run(command, str(run_dir), "--out", str(tmp_path / "notes.txt" / "curves.png"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"error: {tmp_path / 'notes.txt'}: is a file, not a folder; choose another output folder for curves.png"
+    )
