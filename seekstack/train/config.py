@@ -487,12 +487,16 @@ def _blamed(cls: type, error: ConfigError, overrides: Sequence[str], source: str
     """Where the value of the field at fault came from: the command line's key=value, or else config file `source`.
     A key given is at fault where it is the field (`lr`), part of it (`betas.1` of `betas`), or the whole of it
     (`betas` of `betas.1`), not where it sets only the same top-level field (`model.num_hidden_layers` beside a
-    `model.hidden_size` at fault, both in model_overrides)."""
+    `model.hidden_size` at fault, both in model_overrides); `model_overrides.hidden_size` is `model.hidden_size`."""
     if error.field is None:
         return source
-    keys = [override.partition("=")[0].strip() for override in overrides]
-    whole = overridden_field(cls, error.field)
-    at_fault = any(key in (error.field, whole) or overridden_field(cls, key) == error.field for key in keys)
+
+    def path(key: str) -> list[str]:  # the field a key sets, then the keys within it
+        return [overridden_field(cls, key), *key.strip().split(".")[1:]]
+
+    field = path(error.field)
+    keys = [path(override.partition("=")[0]) for override in overrides]
+    at_fault = any(key[: len(field)] == field[: len(key)] for key in keys)  # one is the other or holds it
     return "key=value on the command line" if at_fault else source
 
 

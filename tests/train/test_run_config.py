@@ -779,9 +779,10 @@ def test_a_model_setting_of_the_file_unlike_the_checkpoint_is_blamed_on_the_file
     with pytest.raises(ConfigError) as in_file:
         resolve_train_config(config, [f"out_dir={run}", "model.num_hidden_layers=2"], resume=True)
     assert (in_file.value.field, in_file.value.source) == ("model.hidden_size", str(config))
-    with pytest.raises(ConfigError) as on_command_line:
-        resolve_train_config(config, [f"out_dir={run}", "model.hidden_size=16"], resume=True)
-    assert on_command_line.value.source == "key=value on the command line"
+    for key in ("model.hidden_size", "model_overrides.hidden_size"):  # two spellings of one key
+        with pytest.raises(ConfigError) as on_command_line:
+            resolve_train_config(config, [f"out_dir={run}", f"{key}=16"], resume=True)
+        assert on_command_line.value.source == "key=value on the command line", key
 
 
 def test_a_dense_run_resumes_with_its_own_model_settings_though_its_checkpoints_store_them_for_transformers(tmp_path):
