@@ -187,7 +187,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
             f"version {INDEX_VERSION} of the shard index; tokenize the split again with this seekstack"
         )
     counts = [("total_tokens", total_tokens), *((f"shards[{n}].tokens", count) for n, count in enumerate(tokens))]
-    for field, value in counts:  # before the sum: "12113" was a TypeError naming no field
+    for field, value in counts:  # before the sum, which a count written as text ("12113") fails naming no field
         if type(value) is not int or value < 0:  # 7218.0 passed the sums and reached the windows' arithmetic
             raise ValueError(
                 f"{path} is corrupt: field {field!r} is {value!r}, not a whole number of tokens; "
