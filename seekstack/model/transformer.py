@@ -251,12 +251,12 @@ class Transformer(nn.Module):
             if positions is not None:
                 raise ValueError("positions and position_ids are one argument under two names: give one")
             positions = position_ids
-        if not isinstance(input_ids, torch.Tensor):  # a list was "AttributeError: 'list' object has no attribute 'dim'"
+        if not isinstance(input_ids, torch.Tensor):  # a list fails at .dim(), naming no argument
             raise TypeError(
                 f"input_ids is a {type(input_ids).__name__}: expected a (batch, seq_len) tensor of token ids, such as "
                 "torch.tensor([ids])"
             )
-        if input_ids.dim() != 2 or 0 in input_ids.shape:  # no token: torch's bare reshape error in attention
+        if input_ids.dim() != 2 or 0 in input_ids.shape:  # no token: attention's reshape fails, naming no input
             raise ValueError(
                 f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids, at least one "
                 "sequence of one token; one sequence is input_ids[None]"
@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)  # (T, R) or (B, T, R)
         try:
             hidden = self.embed_tokens(input_ids)
-        except IndexError:  # torch's "index out of range in self" named neither the id nor the vocabulary
+        except IndexError:  # torch's "index out of range in self" names neither the id nor the vocabulary
             outside = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
             raise IndexError(
                 f"input_ids hold {outside[0].item()}, outside the model's vocabulary of {self.config.vocab_size} ids "
