@@ -981,6 +981,21 @@ def test_cors_admits_the_configured_origins_only(engine, tmp_path):
     assert "x-should-retry" in exposed  # a budget's 429 says not to retry it, to OpenAI's JS client in a page too
 
 
+def test_a_pages_x_request_id_refused_is_told_to_the_page_as_cors_lets_it_read(engine, tmp_path):
+    """RequestIds refused an X-Request-Id unlike an id before CORS saw the answer: the 400 came without
+    Access-Control-Allow-Origin, so the page's script read a network error, not what was wrong."""
+    app = create_app(engine, open_database(tmp_path / "db"), cors_origins=("https://app.example",))
+
+    async def scenario(client):
+        return await client.get("/v1/models", headers={"Origin": "https://app.example", "X-Request-Id": "job 7"})
+
+    refused = run(app, scenario)
+    assert error_of(refused, 400)["param"] == "X-Request-Id"
+    assert refused.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in refused.headers["access-control-expose-headers"].lower()  # the refusal's own id, read
+    assert re.fullmatch("[0-9a-f]{32}", refused.headers["x-request-id"])
+
+
 def test_health_and_the_chat_page_answer_head_and_a_compressed_body_is_refused_naming_its_encoding(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"))
 
