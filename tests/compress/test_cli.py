@@ -471,20 +471,6 @@ def test_quantize_errors_of_the_config_file_name_its_field(tmp_path):
     [
         ("scheme: int8\ngroup_size: 64\n", "group_size 64 applies to int4 (the scheme is int8)"),
         ("scheme: int4\nfp8_block: [64, 64]\n", "fp8_block (64, 64) applies to fp8 (the scheme is int4)"),
-    ],
-)
-def test_a_config_file_field_of_a_scheme_it_does_not_use_is_refused_naming_the_file(tmp_path, config, message):
-    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
-    (tmp_path / "quant.yaml").write_text(config)
-    args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and not (tmp_path / "q").exists()
-    assert f"error: {tmp_path / 'quant.yaml'}: {message}" in " ".join(result.output.split())
-
-
-@pytest.mark.parametrize(
-    "config, message",
-    [
         (
             "scheme: fp8\nfp8_block: [1, 1]\n",
             "field 'fp8_block' must be a block of more than 1 weight for float32 weights",
@@ -492,9 +478,9 @@ def test_a_config_file_field_of_a_scheme_it_does_not_use_is_refused_naming_the_f
         ("layers:\n  nomatch: int4\n", "field 'layers': pattern 'nomatch' matches no layer of the model"),
     ],
 )
-def test_a_config_file_field_the_checkpoint_refuses_is_refused_naming_the_file(tmp_path, config, message):
-    """A field weighed against the checkpoint once it is read (fp8_block against its float dtype, since 7c6f430; a
-    pattern against its layers) was refused as "error: field 'fp8_block' ...", naming no file."""
+def test_a_config_file_field_the_scheme_or_the_checkpoint_refuses_is_refused_naming_the_file(tmp_path, config, message):
+    """Fields weighed against the scheme, and those weighed against the checkpoint once it is read (fp8_block against
+    its float dtype, a pattern against its layers), alike."""
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     (tmp_path / "quant.yaml").write_text(config)
     args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
