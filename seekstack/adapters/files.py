@@ -43,6 +43,7 @@ from seekstack.checkpoint import (
 from seekstack.compress.linear import QuantizedWeight
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
+from seekstack.schema import shown_value
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.runs import run_checkpoint
@@ -69,6 +70,11 @@ UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what 
     "velora_config": "VeLoRA: grouped projections of the input activations saved beside the factors",
     "monteclora_config": "MonteCLoRA: learned Monte Carlo perturbations of the factors",
     "arrow_config": "Arrow: a per-token routing among several task adapters",
+}
+NUMBER_FIELDS = {  # peft's LoraConfig number fields, their JSON type (true and false are not numbers) and what they are
+    "r": (int, "an integer (the rank)"),
+    "lora_alpha": ((int, float), "a number (the scale is alpha/r)"),
+    "lora_dropout": ((int, float), "a number"),
 }
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
@@ -281,11 +287,16 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         raise CheckpointError(f"{folder} {what} an adapter folder ({ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE})")
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_FILE}; an adapter folder holds it and the weights")
-    kind = read_json_object(path).get("peft_type", "LORA")  # names the file when it is not valid JSON
+    raw = read_json_object(path)  # names the file when it is not valid JSON
+    kind = raw.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(
             f"{path}: peft_type {kind!r}, not LoRA: seekstack trains, merges and serves LoRA adapters"
         )
+    for field, (types, what) in NUMBER_FIELDS.items():  # peft takes any JSON value, then fails naming no field
+        value = raw.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(f"{path}: field {field!r} must be {what}, not {shown_value(value)}")
     from peft import LoraConfig
 
     try:

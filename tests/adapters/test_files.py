@@ -491,6 +491,16 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
         lambda data: json.dumps({**json.loads(data), "target_modules": 3}).encode(),
         "peft cannot apply",
     ),
+    "config rank a string": (  # peft failed at wrapping: "'<=' not supported between instances of 'str' and 'int'"
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "r": "8"}).encode(),
+        r"field 'r' must be an integer \(the rank\), not '8'",
+    ),
+    "config alpha a list": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "lora_alpha": [16]}).encode(),
+        r"field 'lora_alpha' must be a number .*, not \[16\]",
+    ),
     "another peft method": (
         ADAPTER_CONFIG_FILE,
         lambda data: json.dumps({**json.loads(data), "peft_type": "IA3"}).encode(),
