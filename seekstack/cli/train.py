@@ -211,7 +211,8 @@ def sample_command(
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to write per continuation")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled continuation")] = 0.8,
+    # its range checked by SamplingParams, as generate's: typer's min let nan through to "should be >= 0"
+    temperature: Annotated[float, typer.Option(help="Temperature of the sampled continuation")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens; 0 = all")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the sampled continuation")] = 0,
 ) -> None:
