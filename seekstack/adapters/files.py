@@ -71,10 +71,11 @@ UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what 
     "monteclora_config": "MonteCLoRA: learned Monte Carlo perturbations of the factors",
     "arrow_config": "Arrow: a per-token routing among several task adapters",
 }
-NUMBER_FIELDS = {  # peft's LoraConfig number fields, their JSON type (true and false are not numbers) and what they are
-    "r": (int, "an integer (the rank)"),
-    "lora_alpha": ((int, float), "a number (the scale is alpha/r)"),
-    "lora_dropout": ((int, float), "a number"),
+NUMBER_FIELDS = {  # peft's LoraConfig number fields, their JSON type (true and false are not numbers), what they are
+    # and the field that maps module names to their own value of it
+    "r": (int, "an integer (the rank)", "rank_pattern"),
+    "lora_alpha": ((int, float), "a number (the scale is alpha/r)", "alpha_pattern"),
+    "lora_dropout": ((int, float), "a number", None),
 }
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
@@ -293,10 +294,16 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         raise CheckpointError(
             f"{path}: peft_type {kind!r}, not LoRA: seekstack trains, merges and serves LoRA adapters"
         )
-    for field, (types, what) in NUMBER_FIELDS.items():  # peft takes any JSON value, then fails naming no field
-        value = raw.get(field, 0)
+    for field, (types, what, pattern) in NUMBER_FIELDS.items():  # peft takes any JSON value, then fails naming none
+        value, values = raw.get(field, 0), raw.get(pattern) or {}
         if isinstance(value, bool) or not isinstance(value, types):
             raise CheckpointError(f"{path}: field {field!r} must be {what}, not {shown_value(value)}")
+        if not isinstance(values, dict) or any(
+            isinstance(v, bool) or not isinstance(v, types) for v in values.values()
+        ):
+            raise CheckpointError(
+                f"{path}: field {pattern!r} must map module names to {what}, not {shown_value(values)}"
+            )
     from peft import LoraConfig
 
     try:

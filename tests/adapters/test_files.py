@@ -501,6 +501,16 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
         lambda data: json.dumps({**json.loads(data), "lora_alpha": [16]}).encode(),
         r"field 'lora_alpha' must be a number .*, not \[16\]",
     ),
+    "config rank pattern a list": (  # peft's AttributeError: 'list' object has no attribute 'keys'
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "rank_pattern": [4]}).encode(),
+        r"field 'rank_pattern' must map module names to an integer \(the rank\), not \[4\]",
+    ),
+    "config alpha pattern of a string": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "alpha_pattern": {"o_proj": "4"}}).encode(),
+        r"field 'alpha_pattern' must map module names to a number .*, not \{'o_proj': '4'\}",
+    ),
     "another peft method": (
         ADAPTER_CONFIG_FILE,
         lambda data: json.dumps({**json.loads(data), "peft_type": "IA3"}).encode(),
