@@ -15,8 +15,12 @@ from typer.testing import CliRunner
 from seekstack.atomic import hidden_pattern
 from seekstack.cli import app
 from seekstack.train.runs import run_checkpoint
+from tests.conftest import micro_config
 
 pytest.importorskip("lm_eval")
+
+# A checkpoint's config.json where lm_eval is stubbed: eval reads it before it runs the tasks.
+MICRO_CONFIG = json.dumps(micro_config().to_dict())
 
 MICRO = (
     "model.hidden_size=64 model.intermediate_size=96 model.moe_intermediate_size=32 model.num_hidden_layers=2 "
@@ -147,7 +151,7 @@ def test_eval_out_naming_a_folder_writes_the_results_into_it_as_lm_evals_output_
 
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     folder = tmp_path / "scores"
     folder.mkdir()
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", str(folder)])
@@ -175,7 +179,7 @@ def test_eval_out_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, m
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     (tmp_path / "notes.txt").write_text("mine")
     out = str(tmp_path / "notes.txt" / name)
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--out", out])
@@ -214,7 +218,7 @@ def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_
     output = {"results": {"gsm8k": scores, "mc": {"acc,none": 0.5, "acc_stderr,none": 0.1}},
               "n-samples": {"gsm8k": {"effective": 8}, "mc": {"effective": 4}}}  # fmt: skip
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     report = evaluate(tmp_path, ("gsm8k", "mc"), None, device="cpu")
     assert report["results"] == {
         "gsm8k": {key: value for key, value in scores.items() if key != "alias"},
@@ -263,7 +267,7 @@ def test_eval_of_an_lm_eval_task_leaves_datasets_online_to_download_it_as_lm_eva
     monkeypatch.setattr(
         lm_eval, "simple_evaluate", lambda **kwargs: offline.append(os.environ.get("HF_DATASETS_OFFLINE")) or output
     )
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     evaluate(tmp_path, ("arc_easy",), None, device="cpu")
     assert offline == [None]
     corpus = tmp_path / "corpus"
@@ -281,7 +285,7 @@ def test_eval_batch_size_auto_reaches_lm_eval_and_a_size_that_is_neither_is_refu
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["batch_size"]) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     for given in ("auto", "16", 4):
         assert evaluate(tmp_path, ("mc",), None, batch_size=given, device="cpu")["options"]["batch_size"] == asked[-1]
     assert asked == ["auto", 16, 4]
@@ -304,7 +308,7 @@ def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "5",
                                       "--apply-chat-template", "--out", str(tmp_path / "results")])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -334,7 +338,7 @@ def test_no_fewshot_as_multiturn_puts_the_examples_in_one_turn_as_lm_evals_and_t
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "2",
                                       "--apply-chat-template", "--no-fewshot-as-multiturn", "--out",
                                       str(tmp_path / "results")])  # fmt: skip
@@ -361,7 +365,7 @@ def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(t
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["limit"]) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     for given in ("0.1", "40"):
         result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--limit", given, "--out",
                                           str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
@@ -387,7 +391,7 @@ def test_eval_refuses_a_limit_batch_size_or_seed_it_cannot_use_as_a_usage_error_
 ):
     """They ended as 'error: limit -1.0: give ...' (exit 1), naming the value as evaluate() takes it (limit,
     batch_size=0, seed) where --dtype's is a usage error naming --dtype (exit 2)."""
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     refused = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", option, given], env={"COLUMNS": "300"})
     assert refused.exit_code == 2 and f"Invalid value for '{option}': {said}" in refused.output, refused.output
 
@@ -401,7 +405,7 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
     monkeypatch.setattr(seekstack.eval.evaluate, "evaluate", lambda model, *args: measured | {"model": str(model)})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "config.json").write_text(MICRO_CONFIG)
     (checkpoint / "train_state.pt").write_bytes(b"")
     (checkpoint / "model.safetensors").write_bytes(b"")
     model = tmp_path / "exported"
@@ -941,7 +945,7 @@ def test_eval_records_the_corpus_and_per_module_only_where_a_task_read_them(tmp_
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     options = json.loads((tmp_path / "eval" / "results.json").read_text())["options"]
@@ -987,7 +991,7 @@ def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     names = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
     for given, seeds in (("7", [7, 7, 7, 7]), ("1,None,3", [1, None, 3, 1234]), ("5,6,7,8", [5, 6, 7, 8])):
         result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "2", "--seed", given,
@@ -1033,7 +1037,7 @@ def test_gen_kwargs_update_each_tasks_generation_kwargs_as_lm_evals_and_the_repo
     asked = []
     output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(MICRO_CONFIG)
     for given, parsed in (("max_gen_toks=5,do_sample=True,until=['\\n\\n']",
                            {"max_gen_toks": 5, "do_sample": True, "until": ["\n\n"]}),
                           ('{"temperature": 0.6}', {"temperature": 0.6})):  # fmt: skip
