@@ -28,8 +28,8 @@ before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of z
 (`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
 and is never an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word
 naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), or code's for one
-(`__version__ = "1.12.0.1"`, `AssemblyFileVersion("2.15.3.0")`), slices such as `a[1::2]` or `buf[256::]` and
-matrix products such as `w@x.mean()` are kept too.
+(`__version__ = "1.12.0.1"`, `AssemblyFileVersion("2.15.3.0")`), or a requirement's (`numpy==1.26.4.1`), slices such
+as `a[1::2]` or `buf[256::]` and matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -272,11 +272,14 @@ PUBLIC_RESOLVERS = frozenset(
 
 # A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it), also as
 # code names and assigns one: in an identifier (`__version__ = "`, `AssemblyFileVersion("`), after `=` or `:` and a
-# quote (`VERSION=`, `"version": "`)
+# quote (`VERSION=`, `"version": "`); or a requirement's comparison, PEP 440's after a package's name (`numpy==`,
+# `requests[socks] >= `, as requirements files and `pip install` write it; not after a dotted field, Wireshark's
+# `ip.addr == `) and Debian's in a relation (`libfoo (>= `)
 _VERSION_BEFORE = re.compile(
-    r"(?i)(?:(?<![^\W_])|(?-i:(?<=[a-z])(?=V)))_*(?:v|ver|version|rev|revision|release)_*[\s\"'.:=(]*\Z"
+    r"(?i)(?:(?:(?<![^\W_])|(?-i:(?<=[a-z])(?=V)))_*(?:v|ver|version|rev|revision|release)_*[\s\"'.:=(]*"
+    r"|(?<![^\s\"'(\[,;])[a-z0-9][\w-]*(?:\[[\w\s,-]*\])?\s*(?:===|[=!<>~]=|[<>])\s*|\(\s*(?:<<|>>|[<>]?=)\s*)\Z"
 )
-VERSION_WORD_CHARS = 16
+VERSION_WORD_CHARS = 64
 
 
 def _is_address(match: re.Match[str]) -> bool:

@@ -1122,6 +1122,14 @@ def test_a_four_part_number_after_a_word_naming_a_version_is_kept_and_an_address
     )
 
 
+def test_a_four_part_version_in_a_requirement_is_kept_and_an_address_compared_in_a_filter_is_not() -> None:
+    """PEP 440's and Debian's comparisons after a package's name give a version, as requirements files write it."""
+    kept = 'numpy==1.26.4.1\nrequests[socks] >= 2.31.0.1\npip install "pkg~=10.26.4.1"\nDepends: libfoo (>= 93.1.4.1)\n'
+    assert scrub_pii(kept) == (kept, {})
+    filtered = "ip.addr == 93.184.216.34 or $host==93.184.216.35"
+    assert scrub_pii(filtered) == ("ip.addr == <IP> or $host==<IP>", {"ip": 2})
+
+
 def test_a_public_ip_before_a_url_path_or_a_hosts_prefix_length_is_replaced_and_a_network_is_kept() -> None:
     """An address before `/` and a digit was taken for a network's (`/24`) and kept: a URL's host with a path that
     starts with a number (`http://93.184.216.34/2024/05/report.html`, which datatrove's PIIFormatter replaces), an
