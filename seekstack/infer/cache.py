@@ -117,7 +117,7 @@ class PagedLatentCache:
         key_extra_tokens: int = 0,
         layer_devices: list[torch.device] | None = None,
     ):
-        if num_blocks < 2 or not isinstance(num_blocks, numbers.Integral):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or num_blocks < 2:
             raise ValueError(
                 f"num_blocks={num_blocks!r}: the cache needs a whole number of at least 2 blocks (block 0 is reserved)"
             )

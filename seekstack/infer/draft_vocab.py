@@ -58,7 +58,7 @@ def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequ
     it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
     that is not token ids of the model's vocabulary or holds fewer than `size`, naming draft_ranking (torch's
     IndexError named neither)."""
-    if size < 0 or not isinstance(size, numbers.Integral):
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
         raise ValueError(
             f"draft_vocab={size!r} must be a whole number >= 0: the most frequent tokens drafts score (0: all of them)"
         )

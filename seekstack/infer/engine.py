@@ -350,10 +350,14 @@ class Engine:
             ("prefill_chunk", prefill_chunk),
             ("draft_tokens", draft_tokens),
         ):
-            if value is not None and not value >= 1:  # nan too
+            if value is None:
+                continue
+            bytes_given = name == "kv_cache_memory"  # bytes may be written 2e9; a count is an int, not True nor "2"
+            if isinstance(value, bool) or not isinstance(value, numbers.Real if bytes_given else numbers.Integral):
+                kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
+                raise ValueError(f"{name}={value!r} must be {kind}")
+            if not value >= 1:  # nan too
                 raise ValueError(f"{name}={value} must be >= 1")
-            if value is not None and name != "kv_cache_memory" and not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name}={value!r} must be a whole number >= 1")  # bytes may be written 2e9
         if draft_tokens > MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative

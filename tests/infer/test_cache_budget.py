@@ -48,17 +48,21 @@ def test_a_cache_size_below_one_is_refused_naming_it_not_read_as_the_default(mod
         Engine(model, tokenizer, **{keyword: value})
 
 
-def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer):
+@pytest.mark.parametrize("value", [2.5, "2", True])
+def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer, value):
     """block_size=2.5 raised torch's bare "TypeError: zeros(): argument 'size' ... must be tuple of ints", and
-    max_model_len=2.5 was taken (num_blocks=2.5 and draft_vocab=2.5 raised bare TypeErrors too); each count is refused
-    naming it, as one below its least is."""
+    max_model_len=2.5 was taken (num_blocks=2.5 and draft_vocab=2.5 raised bare TypeErrors too); a count given as text
+    ("2") raised a bare TypeError, and True was taken as 1. Each count is refused naming it, as one below its least is
+    (vLLM refuses a bool for an int too)."""
     for keyword in ("max_batch_size", "max_model_len", "block_size", "prefill_chunk", "draft_tokens"):
-        with pytest.raises(ValueError, match=rf"^{keyword}=2.5 must be a whole number >= 1$"):
-            Engine(model, tokenizer, **{keyword: 2.5})
-    with pytest.raises(ValueError, match=r"^num_blocks=2.5: the cache needs a whole number of at least 2 blocks"):
-        Engine(model, tokenizer, num_blocks=2.5)
-    with pytest.raises(ValueError, match=r"^draft_vocab=2.5 must be a whole number >= 0"):
-        Engine(model, tokenizer, speculative=True, draft_vocab=2.5, adaptive_drafts=False)
+        with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be a whole number >= 1$"):
+            Engine(model, tokenizer, **{keyword: value})
+    with pytest.raises(ValueError, match=rf"^num_blocks={value!r}: the cache needs a whole number of at least 2"):
+        Engine(model, tokenizer, num_blocks=value)
+    with pytest.raises(ValueError, match=rf"^draft_vocab={value!r} must be a whole number >= 0"):
+        Engine(model, tokenizer, speculative=True, draft_vocab=value, adaptive_drafts=False)
+    with pytest.raises(ValueError, match=r"^kv_cache_memory=True must be a number of bytes >= 1 or a size such as"):
+        Engine(model, tokenizer, kv_cache_memory=True)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2e6).cache.block_size == 4  # bytes need not be int
     # where the budget bounds the cache, a float budget holds as many blocks as the int does (not num_blocks=10.0)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2.0**14).cache.num_blocks == 10
