@@ -19,10 +19,10 @@ character (a zero-width space or joiner, a soft hyphen: `john\u200b@example.com`
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out;
 IPv6 ones in global unicast space, 2000::/3, or NAT64's 64:ff9b::/96).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
-kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
-multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers StarCoder's pipeline keeps (`8.8.8.8`,
-`208.67.222.222`) and the same services' IPv6 ones (`2001:4860:4860::8888`: `PUBLIC_RESOLVERS`), and networks in
-CIDR notation (`93.184.216.0/24`); an address with its network's prefix length (`inet 93.184.216.34/24`, `/32`) or
+kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`,
+`2001:db8::1`, `3fff:0:1::5`) and multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers
+StarCoder's pipeline keeps (`8.8.8.8`, `208.67.222.222`) and the same services' IPv6 ones (`2001:4860:4860::8888`:
+`PUBLIC_RESOLVERS`), and networks in CIDR notation (`93.184.216.0/24`); an address with its network's prefix length (`inet 93.184.216.34/24`, `/32`) or
 before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of zero-padded octets
 (`093.184.216.034`) is judged as it reads without the zeros, and an IPv6 address ending in an IPv4 one
 (`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
@@ -321,6 +321,8 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # The IPv6 block that reaches hosts: global unicast, the one IANA allocates from (RFC 4291 2.4); `is_global` also
 # passes the unallocated rest, where numbers written with colons land (`at 10:15:30::`, `3:16:20::`, `1:2:3:4:5:6:7:8`)
 _IPV6_HOST_BLOCK = ipaddress.ip_network("2000::/3")
+# RFC 9637's second IPv6 documentation prefix (2024), beside 2001:db8::/32: ipaddress (Python 3.11) calls it global
+_IPV6_DOCUMENTATION = ipaddress.ip_network("3fff::/20")
 
 
 def _is_public_ip(candidate: str) -> bool:
@@ -329,7 +331,7 @@ def _is_public_ip(candidate: str) -> bool:
         address = _host_address(candidate)
     except ValueError:
         return False
-    allocated = address.version == 4 or address in _IPV6_HOST_BLOCK
+    allocated = address.version == 4 or address in _IPV6_HOST_BLOCK and address not in _IPV6_DOCUMENTATION
     return allocated and address.is_global and not address.is_multicast
 
 

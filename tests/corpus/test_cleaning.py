@@ -1035,6 +1035,13 @@ def test_numbers_written_with_colons_outside_allocated_ipv6_space_are_kept() -> 
     assert scrub_pii(hosts) == ("<IP>, <IP>, <IP>", {"ip": 3})
 
 
+def test_ipv6_documentation_addresses_are_kept_in_both_prefixes_rfc_9637_reserves() -> None:
+    """3fff::/20, documentation's since RFC 9637 beside 2001:db8::/32, is in 2000::/3 and `is_global` passes it."""
+    text = "example 2001:db8:0:1::5 and 3fff:0:1::5, 3fff:fff:ffff::1"
+    assert scrub_pii(text) == (text, {})
+    assert scrub_pii("host 3fff:1000::1") == ("host <IP>", {"ip": 1})
+
+
 def test_a_public_address_whose_first_part_is_one_digit_is_replaced() -> None:
     """Only a four-part number whose two leading parts are both one digit reads as a version (`2.7.2.2`)."""
     assert scrub_pii("host 8.34.208.1 and 2.7.2.2") == ("host <IP> and 2.7.2.2", {"ip": 1})
