@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
@@ -439,7 +440,7 @@ def require_conversation_fields(config: ConversationConfig) -> None:
     require(fraction is None or fraction < 1, "val_fraction", "below 1 (1 leaves nothing to train on)")
     require(not (config.val_data and fraction), "val_fraction", "0 or unset when val_data is given")
     require(
-        bool(config.data) or not fraction or int(fraction * config.examples) > 0,
+        bool(config.data) or not fraction or held_out_count(fraction, config.examples) > 0,
         "val_fraction",
         f"0 or at least 1/examples={1 / config.examples:.2g}, to hold out a problem of task {config.task}",
     )
@@ -453,6 +454,12 @@ def held_out_fraction(val_data: str, val_fraction: float | None, eval_every: int
     if val_fraction is not None:
         return val_fraction
     return DEFAULT_VAL_FRACTION if eval_every else 0.0
+
+
+def held_out_count(fraction: float, count: int) -> int:
+    """int(fraction x count) of the fraction as written, as corpus/quality.py takes a share: 0.29 of 100 is 29, where
+    the float product is 28.999999999999996."""
+    return int(Decimal(repr(float(fraction))) * count)
 
 
 def _loop_fields(config: TrainConfig) -> dict:

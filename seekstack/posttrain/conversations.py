@@ -24,6 +24,7 @@ import torch
 from seekstack.atomic import write_atomic
 from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.posttrain.config import held_out_count
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
 from seekstack.tokenizer import Tokenizer, drop_past_reasoning, is_trained, with_reasoning
@@ -112,11 +113,12 @@ def _called(message: dict) -> list[list[str]]:
 
 
 def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-    """(kept, held_out): up to int(fraction x N) conversations held out, every copy of each (so none is also trained
-    on), chosen by their content's hash: the same ones whatever the seed or the file's order. A conversation with
-    more copies than are still wanted is passed over, so a big group of copies never takes more than the fraction."""
+    """(kept, held_out): up to `held_out_count(fraction, N)` conversations held out, every copy of each (so none is
+    also trained on), chosen by their content's hash: the same ones whatever the seed or the file's order. A
+    conversation with more copies than are still wanted is passed over, so a big group of copies never takes more
+    than the fraction."""
     keys = [conversation_key(c) for c in conversations]
-    copies, wanted = Counter(keys), int(fraction * len(conversations))
+    copies, wanted = Counter(keys), held_out_count(fraction, len(conversations))
     held: set[str] = set()
     for key in sorted(copies):
         if copies[key] <= wanted:

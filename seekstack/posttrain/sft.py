@@ -19,7 +19,7 @@ from torch import nn
 from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import ConversationConfig, SFTConfig, run_tokenizer
+from seekstack.posttrain.config import ConversationConfig, SFTConfig, held_out_count, run_tokenizer
 from seekstack.posttrain.conversations import (
     HELD_OUT_FILE,
     Conversation,
@@ -57,7 +57,7 @@ def split_conversations(
     else:
         task = make_task(config.task, config.difficulty)
         trained = task_conversations(task, config.examples, config.seed)
-        held_out = task_conversations(task, int(fraction * config.examples), config.seed, "heldout")
+        held_out = task_conversations(task, held_out_count(fraction, config.examples), config.seed, "heldout")
     if not val_data:
         return trained, held_out
     held_out = read_conversations(val_data, tokenizer, config.text_completions)

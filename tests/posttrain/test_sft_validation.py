@@ -230,6 +230,17 @@ def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
     assert hold_out(conversations[::-1], 0.05)[1] == held_out[::-1]  # the same ones, whatever the order
 
 
+def test_val_fraction_holds_out_its_share_as_written_not_as_a_float_product(tmp_path):
+    """0.29 of 100 conversations (or task examples) holds out 29: the float product 0.29 x 100 is 28.999999999999996."""
+    conversations = [
+        [user, {**answer, "content": f"{answer['content']} {n}"}] for n in range(3) for user, answer in SUMS
+    ]
+    kept, held_out = hold_out(conversations[:100], 0.29)
+    assert len(held_out) == 29 and len(kept) == 71
+    task = sft_config(tmp_path, "task=addition", "difficulty=2", "examples=100", "val_fraction=0.29")
+    assert len(SFTSource(task, holds_out=True).held_out) == 29
+
+
 def earlier_seekstacks_digest(tokenizer, conversations: list[list[dict]], fraction: float) -> str:
     """The rows digest an SFT checkpoint of seekstack 13fb86a (before held_out.json) saved: it held out at least
     int(fraction x N) conversations in the order of their JSON's hash and trained on the rows of all the others."""
