@@ -211,7 +211,13 @@ class SQLiteDatabase:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"database folder {path.parent} does not exist")
         if not path.exists():  # SQLite gives its -wal and -shm files the database file's permissions
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except PermissionError:
+                raise PermissionError(
+                    f"{path} cannot be created: {path.parent} takes no new files (a read-only folder, or one this user "
+                    "may not write to); name a database in a folder this user may write to (--db, $SEEKSTACK_DB)"
+                ) from None
         else:
             warn_if_others_may_read(path)
         try:

@@ -986,8 +986,10 @@ def test_a_database_whose_journal_cannot_be_created_beside_it_is_not_called_unus
 def test_a_database_in_a_read_only_folder_or_one_this_user_may_not_write_is_not_called_unusable(tmp_path):
     """A database in a read-only folder (SQLITE_READONLY_DIRECTORY) and one this user may not read and write (SQLite's
     CANTOPEN or READONLY) were refused as 'not a usable seekstack database': the first is told of its folder, the
-    second of the file's owner and mode. Run without root's power to write anywhere, as a service user runs."""
+    second of the file's owner and mode; a new one in a read-only folder (a bare '[Errno 13] Permission denied') of its
+    folder too. Run without root's power to write anywhere, as a service user runs."""
     in_read_only_folder, locked = tmp_path / "read-only" / "keys.db", tmp_path / "locked" / "keys.db"
+    new_in_read_only_folder = in_read_only_folder.parent / "new.db"
     for path in (in_read_only_folder, locked):
         path.parent.mkdir()
         open_database(path).close()
@@ -999,7 +1001,7 @@ def test_a_database_in_a_read_only_folder_or_one_this_user_may_not_write_is_not_
     try:
         said = [
             subprocess.run([*as_a_user, sys.executable, "-c", opening, path], capture_output=True, text=True).stdout
-            for path in (in_read_only_folder, locked)
+            for path in (in_read_only_folder, locked, new_in_read_only_folder)
         ]
     finally:
         in_read_only_folder.parent.chmod(0o755)
@@ -1011,6 +1013,10 @@ def test_a_database_in_a_read_only_folder_or_one_this_user_may_not_write_is_not_
         f"PermissionError {locked} cannot be read and written by this user (uid {os.geteuid()}; the file is uid "
         f"{os.geteuid()}'s, mode 0400): "
     )
+    assert said[2].startswith(
+        f"PermissionError {new_in_read_only_folder} cannot be created: {in_read_only_folder.parent} takes no new files "
+    )
+    assert not new_in_read_only_folder.exists()
 
 
 def charged(limiter: RateLimiter, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
