@@ -48,7 +48,6 @@ from seekstack.infer.placement import (
     offload_while_loading,
     place,
     runtime_device,
-    unreachable_reason,
 )
 from seekstack.infer.precision import map_devices
 from seekstack.model.transformer import Transformer
@@ -96,8 +95,9 @@ def load_pretrained(
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
     (what low_cpu_mem_usage=True asks); so is `local_files_only` (offline scripts pass True): `directory` is a local
     folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder), and `revision`,
-    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it). A `device` no weight can
-    be loaded onto (meta, or one this torch cannot reach) is refused before any weight is read.
+    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it). `device` is read as an
+    engine reads it (`loading_device`: "CPU", "auto", an int N); meta, and one this torch cannot reach, are refused
+    before any weight is read.
     `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
     without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
     same attention; another value is refused naming them.
@@ -123,7 +123,7 @@ def load_pretrained(
     placement = placement_asked(device_map, max_memory, offload_folder, device)
     folder = offload_folder or directory / "offload"  # read only where a map places parts
     if placement is None:
-        refuse_an_unloadable_device(device)
+        device = loading_device(device)
     else:  # the disk parts' copies are written as the weights are read
         offload = offload or offload_while_loading(placement, folder)
         device = "cpu"  # however it was written (placement_asked): the map places the parts from there
@@ -202,26 +202,17 @@ def refuse_a_revision(revision: str | None, directory: Path) -> None:
         )
 
 
-def refuse_an_unloadable_device(device: torch.device | str | int) -> None:
-    """ValueError, before any weight is read, for a `device` no weight can be loaded onto: meta (a model without
-    weights, unasked) or one this torch cannot reach (`unreachable_reason`, as a device map's devices are checked); an
-    int is a CUDA index, as torch.device and transformers read it."""
-    name = f"cuda:{device}" if isinstance(device, int) else str(device)
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:  # a name torch knows no device by (gpu, tpu): its bare error lists its device types
-        raise ValueError(f"device={device!r} is no device torch knows: give cpu, cuda or cuda:N") from None
-    if kind == "meta":
+def loading_device(device: torch.device | str | int) -> torch.device:
+    """The device to load onto for `device`, read as an engine reads it (`runtime_device`: auto, cpu, cuda, cuda:N or
+    an int N, a CUDA index as torch.device and transformers read it, in any case); ValueError, before any weight is
+    read, for meta (a model without weights, unasked) and for one that is no device or that this torch cannot reach."""
+    if str(device).strip().lower() == "meta":
         raise ValueError(
             f"device={device!r} holds no weights: the model would be returned with none read; load on a device "
             "(cpu, cuda) or, for its shapes alone, build Transformer(loaded_config(directory)) under "
             "`with torch.device('meta'):`"
         )
-    reason = unreachable_reason(name)
-    if reason is not None:
-        raise ValueError(
-            f"device={device!r}, which this torch cannot reach ({reason}): load on one it can (cpu) or leave device out"
-        )
+    return runtime_device(device)
 
 
 def placement_asked(
