@@ -37,9 +37,9 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 )
             table = next((name for magic, name in TABLE_FILES.items() if number == 1 and raw.startswith(magic)), None)
             if table:  # a Hub dataset's files, as downloaded: binary, no line of it is text
-                stem = Path(path).name.split(".")[0]
+                stem, kind = Path(path).name.split(".")[0], "an Arrow" if table == "arrow" else "a Parquet"
                 raise ValueError(
-                    f"{path}: a {table.capitalize()} file (its magic bytes open it), not JSON Lines: write its rows as "
+                    f"{path}: {kind} file (its magic bytes open it), not JSON Lines: write its rows as "
                     f'JSON Lines first, with datasets: load_dataset("{table}", data_files="{path}", split="train")'
                     f'.to_json("{stem}.jsonl")'
                 )

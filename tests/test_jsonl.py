@@ -66,19 +66,19 @@ def write_arrow_stream(table: pa.Table, path) -> None:
 
 @pytest.mark.parametrize(
     ("write", "kind"),
-    [(pa.parquet.write_table, "Parquet"), (pa.feather.write_feather, "Arrow"), (write_arrow_stream, "Arrow")],
+    [(pa.parquet.write_table, "a Parquet"), (pa.feather.write_feather, "an Arrow"), (write_arrow_stream, "an Arrow")],
 )
 def test_a_parquet_or_arrow_file_is_refused_saying_how_to_write_it_as_json_lines(tmp_path, write, kind):
     """A Hub dataset's files as downloaded (sft data=train-00000-of-00001.parquet), or as datasets' save_to_disk
     writes them (an Arrow stream), were refused as 'x.parquet:1: not UTF-8 text (invalid start byte at byte ...); mend
-    or delete that line'."""
+    or delete that line'. An Arrow file was called "a Arrow file"."""
     path = tmp_path / "chats.parquet"
     write(pa.Table.from_pylist(RECORDS[:1]), path)
-    loader = kind.lower()
+    loader = kind.split()[1].lower()
     with pytest.raises(ValueError) as refused:
         list(jsonl_records(path))
     assert str(refused.value) == (
-        f"{path}: a {kind} file (its magic bytes open it), not JSON Lines: write its rows as JSON Lines first, with "
+        f"{path}: {kind} file (its magic bytes open it), not JSON Lines: write its rows as JSON Lines first, with "
         f'datasets: load_dataset("{loader}", data_files="{path}", split="train").to_json("chats.jsonl")'
     )
 
