@@ -1,6 +1,7 @@
 """bench/forward.py's parity column: ours against transformers in ours' own dtype."""
 
 import sys
+import time
 
 import torch
 from torch import nn
@@ -28,3 +29,26 @@ def test_parity_column_compares_ours_with_transformers_in_ours_dtype_only():
     setting = Setting("tiny", config, ours, theirs, default="eager+sdpa")
     row = benchmark(setting, seq_len=4, batch=1, reps=1, warmup=1, clock="wall")
     assert row["max_difference"] == torch.tensor(1e-5).item()
+
+
+def test_ours_in_bfloat16_gets_a_like_for_like_ratio_beside_the_fastest_in_any_dtype():
+    def sleeping(name: str, seconds: float, dtype: torch.dtype) -> Contender:
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            time.sleep(seconds)
+            return torch.zeros(*ids.shape, config.vocab_size, dtype=dtype)
+
+        return Contender(name, nn.Identity(), logits, dtype)
+
+    config = seekstack.preset("tiny")
+    theirs = {
+        "grouped_mm+sdpa": sleeping("grouped_mm+sdpa", 0.05, torch.float32),  # the default
+        "eager+eager": sleeping("eager+eager", 0.0, torch.float32),  # fastest of all, but float32
+        "eager+sdpa bf16": sleeping("eager+sdpa bf16", 0.025, torch.bfloat16),
+        "eager+eager bf16": sleeping("eager+eager bf16", 0.075, torch.bfloat16),
+    }
+    ours = sleeping("ours", 0.0, torch.bfloat16)
+    setting = Setting("tiny", config, ours, theirs, default="grouped_mm+sdpa")
+    row = benchmark(setting, seq_len=4, batch=1, reps=3, warmup=1, clock="wall")
+    assert row["same dtype"][0] == "eager+sdpa bf16"
+    assert row["any dtype"][0] == "eager+eager"
+    assert setting.fastest[4] == {"same dtype": "eager+sdpa bf16", "any dtype": "eager+eager"}
