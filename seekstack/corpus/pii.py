@@ -22,14 +22,14 @@ Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`,
 `2001:db8::1`, `3fff:0:1::5`) and multicast (`224.0.0.251`, `ff02::1:3`) addresses, the public DNS resolvers
 StarCoder's pipeline keeps (`8.8.8.8`, `208.67.222.222`) and the same services' IPv6 ones (`2001:4860:4860::8888`:
-`PUBLIC_RESOLVERS`), and networks in CIDR notation (`93.184.216.0/24`); an address with its network's prefix length (`inet 93.184.216.34/24`, `/32`) or
-before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of zero-padded octets
-(`093.184.216.034`) is judged as it reads without the zeros, and an IPv6 address ending in an IPv4 one
-(`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
-and is never an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word
-naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), or code's for one
-(`__version__ = "1.12.0.1"`, `AssemblyFileVersion("2.15.3.0")`), or a requirement's (`numpy==1.26.4.1`), slices such
-as `a[1::2]` or `buf[256::]` and matrix products such as `w@x.mean()` are kept too.
+`PUBLIC_RESOLVERS`), and networks in CIDR notation (`93.184.216.0/24`); an address with its network's prefix length
+(`inet 93.184.216.34/24`, `/32`) or before a URL's path (`http://93.184.216.34/2024/x`) is a host's, an address of
+zero-padded octets (`093.184.216.034`) is judged as it reads without the zeros, and an IPv6 address ending in an IPv4
+one (`::ffff:93.184.216.34`) is one address, judged as the IPv4 one it maps. A version such as `3.11.7` has three parts
+and is never an IPv4 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a
+version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), or code's for one (`__version__ = "1.12.0.1"`,
+`AssemblyFileVersion("2.15.3.0")`), or a requirement's (`numpy==1.26.4.1`), slices such as `a[1::2]` or `buf[256::]` and
+matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # writes it, RFC 6531); one before or after an address quotes it (`'ann@example.com'`). The at sign may be escaped,
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
     # (`bug-grep@@gnu.org` in a GNU manual's source), or percent-encoded as a URL's query or path writes it
-    # (`?email=john.doe%40gmail.com`: `%` before `40` is no character of the local part then); it is matched through
+    # (`?email=john.doe%40gmail.com`: `%` before `40` is no character of the local part then), or twice, as a URL
+    # inside another's query writes it (`?next=%2Fu%3Fe%3Djohn.doe%2540gmail.com`); it is matched through
     # `_ASCII_FORMS`, so fullwidth too, as Japanese and Chinese pages write it to keep an address from harvesters that
     # look for @ (`tanaka＠example.co.jp`).
     # Between its letters, a local part may also hold RFC 5322's rarer atext characters (`user#tag@`, `jack&jill@`),
@@ -153,9 +154,11 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # which parts a GNU changelog's commit time from its author (`2017-05-18T05:51:31Z!eggert@cs.ucla.edu`).
     apostrophe = "['\u2019]"
 
+    # A local part may open with a percent-encoded character, as a URL encodes every one against harvesters
+    # (`%62%6f%62@example.com`), where `%` alone before it is punctuation before the address (`%bob@`).
     def local_part_characters(between_letters: str) -> str:
-        within = f"(?:{letter}|[{marks}.+-]|%(?!40){between_letters})*+"
-        return rf"{letter}{within}(?:{apostrophe}{letter}{within})*+"
+        within = f"(?:{letter}|[{marks}.+-]|%(?!40|2540){between_letters})*+"
+        return rf"(?:{letter}|%(?!40|2540)[0-9A-Fa-f]{{2}}){within}(?:{apostrophe}{letter}{within})*+"
 
     # Nor does one start inside a name that a match refused (`http://foo-bar@host` holds no `bar@host`): not after a
     # letter or mark, alone or followed by up to three of `.%+-`, nor after four of those; after one to three of them
@@ -165,7 +168,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     part_then = f"(?<=(?:{part}|[.%+-])[.%+-]{{3}})|(?<={part}[.%+-]{{2}})|(?<={part}[.%+-])"
     local_part = (
         rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}])(?<![.%+-](?:{part_then}))"
-        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})(?:[\\@]?@|%40)"
+        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})(?:[\\@]?@|%40|%2540)"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(

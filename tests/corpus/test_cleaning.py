@@ -2476,6 +2476,11 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
             "https://example.com/unsubscribe?email=<EMAIL>&id=3, /users/<EMAIL>/profile",
         ),  # percent-encoded in a URL: was kept
         ("width: 100%40px; 3%40 of them, %40example.com", "width: 100%40px; 3%40 of them, %40example.com"),
+        (
+            "redirect?u=john.doe%2540gmail.com&id=3, /users/Ann%2540Example.ORG/, mailto:%62%6F%62@example.com",
+            "redirect?u=<EMAIL>&id=3, /users/<EMAIL>/, mailto:<EMAIL>",
+        ),  # encoded twice, in a URL inside another's query: was kept; every character encoded: left `%<EMAIL>`
+        ("width: 100%2540px, %2540example.com, %bob@example.com", "width: 100%2540px, %2540example.com, %<EMAIL>"),
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
