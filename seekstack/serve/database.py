@@ -164,7 +164,12 @@ def default_database_location() -> str:
 
 def open_database(location: str | os.PathLike, create: bool = True) -> Database:
     """The database at `location`: a `postgresql://` URL, or else the path of a SQLite file (created if new, or
-    FileNotFoundError naming it without `create`; IsADirectoryError for a folder)."""
+    FileNotFoundError naming it without `create`; IsADirectoryError for a folder; ValueError for `""`, which Path reads
+    as the current folder)."""
+    if not str(location):
+        raise ValueError(
+            "the database is an empty path (a variable left unset?): give a SQLite file or a postgresql:// URL"
+        )
     if urlsplit(str(location)).scheme in POSTGRES_SCHEMES:
         return PostgresDatabase(str(location))
     if Path(location).is_dir():  # SQLite's words: "unable to open database file", or "no such database" to a read

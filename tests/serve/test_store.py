@@ -959,6 +959,15 @@ def test_a_folder_given_for_the_database_is_named_as_one_and_left_as_it_was(tmp_
     assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_database_path_is_refused_as_empty_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """`ServeOptions(database="")` (the CLI refuses an empty --db) was read as the current folder: ' is a folder; the
+    database is a file: name one in it (seekstack.db)', naming no folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="^the database is an empty path "):
+        open_database("")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_seekstack_db_is_the_default_database(tmp_path, monkeypatch):
     """An empty $SEEKSTACK_DB (a compose file's `SEEKSTACK_DB=${DB}`, DB unset) named the working folder itself: every
     command was refused (' is a folder; the database is a file', before 743adfe '. is not a usable seekstack
