@@ -29,11 +29,13 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             marked = marked_encoding(raw) if number == 1 else None
-            if marked:  # no line of it is UTF-8
-                encoding = marked.upper()
+            wide = marked or (_unmarked_wide_encoding(raw) if number == 1 else None)
+            if wide:  # no line of it is UTF-8
+                encoding = wide.upper().replace("-LE", "LE").replace("-BE", "BE")  # iconv's names: UTF-16LE
+                told = "its byte order mark opens it" if marked else "no byte order mark: its NUL bytes say so"
                 raise ValueError(
-                    f"{path}: {encoding} text (its byte order mark opens it), not UTF-8 as JSON Lines is: save it as "
-                    f"UTF-8 (iconv -f {encoding} -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+                    f"{path}: {encoding} text ({told}), not UTF-8 as JSON Lines is: save it as UTF-8 (iconv -f "
+                    f"{encoding} -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
                 )
             table = next((name for magic, name in TABLE_FILES.items() if number == 1 and raw.startswith(magic)), None)
             if table:  # a Hub dataset's files, as downloaded: binary, no line of it is text
@@ -83,6 +85,17 @@ def marked_encoding(start: bytes) -> str | None:
     if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
     return None
+
+
+def _unmarked_wide_encoding(start: bytes) -> str | None:
+    """`utf-16-le`, `utf-16-be`, `utf-32-le` or `utf-32-be` for a line of JSON saved so without a byte order mark
+    (`start`, its first 4 bytes or more): JSON opens with `{` or `[`, whose NUL bytes tell the encoding as
+    `json.detect_encoding` reads them (RFC 4627's rule); None for other bytes (a binary file opening with NULs)."""
+    encoding = json.detect_encoding(start)
+    if encoding.startswith("utf-8"):
+        return None
+    opening = start[:4].decode(encoding, errors="replace")
+    return encoding if opening[:1] in ("{", "[") else None
 
 
 def json_error_reason(error: json.JSONDecodeError) -> str:

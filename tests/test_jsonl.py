@@ -38,6 +38,25 @@ def test_a_utf16_or_utf32_file_is_refused_as_such_not_as_a_line_to_mend(tmp_path
     )
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_utf16_or_utf32_file_without_its_byte_order_mark_is_refused_as_such_not_as_bad_json(tmp_path, encoding):
+    """Saved without the mark (Python's encoding="utf-16-le", a Windows tool's "Unicode"), UTF-16 was refused as
+    'chats.jsonl:1: not valid JSON (Expecting property name enclosed in double quotes at column 2); mend or delete that
+    line'. A binary file opening with NUL bytes (a token shard) is not called UTF-16."""
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in RECORDS).encode(encoding))
+    named = encoding.upper().replace("-LE", "LE").replace("-BE", "BE")
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value) == (
+        f"{path}: {named} text (no byte order mark: its NUL bytes say so), not UTF-8 as JSON Lines is: save it as "
+        f"UTF-8 (iconv -f {named} -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+    )
+    path.write_bytes(bytes([1, 0, 5, 0, 10, 0]))  # uint16 token ids 1, 5, 10
+    with pytest.raises(ValueError, match=r"chats.jsonl:1: not valid JSON"):
+        list(jsonl_records(path))
+
+
 @pytest.mark.parametrize(("encoding", "first"), [("gbk", 1), ("latin-1", 2)])
 def test_a_file_saved_as_gbk_or_latin1_is_refused_as_not_utf8_and_one_bad_line_as_that_line(tmp_path, encoding, first):
     """A whole file in GBK or Latin-1 was refused as 'chats.jsonl:1: not UTF-8 text ...; mend or delete that line',
