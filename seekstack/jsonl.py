@@ -65,7 +65,7 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                     on_torn_tail(f"{path}:{number}: dropped the last line, cut short ({reason}) by a stopped run")
                     return
                 if isinstance(error, UnicodeDecodeError):
-                    undecodable, non_ascii = _lines_not_utf8(path)
+                    undecodable, non_ascii = _lines_not_utf8(path, number)
                     if 2 * undecodable > non_ascii > 1:  # most, not one bad line: a file saved as GBK or Latin-1
                         raise ValueError(
                             f"{path}: not UTF-8 text, as JSON Lines is: {undecodable} of its {non_ascii} lines holding "
@@ -106,11 +106,12 @@ def json_error_reason(error: json.JSONDecodeError) -> str:
     return f"{error.msg.removesuffix(' at')} at {at}"
 
 
-def _lines_not_utf8(path: str | Path) -> tuple[int, int]:
-    """(lines that are not UTF-8, lines holding bytes other than ASCII) among the first 100,000 of `path`."""
+def _lines_not_utf8(path: str | Path, first: int) -> tuple[int, int]:
+    """(lines that are not UTF-8, lines holding bytes other than ASCII) of `path` up to 100,000 lines past line
+    `first`, the first that is not UTF-8 (a file may turn to another encoding past its first 100,000 lines)."""
     undecodable = non_ascii = 0
     with opened(path) as lines:
-        for raw in itertools.islice(lines, 100_000):
+        for raw in itertools.islice(lines, first + 100_000):
             if not raw.isascii():
                 non_ascii += 1
                 try:

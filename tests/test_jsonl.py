@@ -77,6 +77,19 @@ def test_a_file_saved_as_gbk_or_latin1_is_refused_as_not_utf8_and_one_bad_line_a
         list(jsonl_records(path))
 
 
+def test_a_file_turning_to_gbk_past_its_first_100000_lines_is_refused_as_not_utf8(tmp_path):
+    """Only the first 100,000 lines were counted: English lines, then Chinese ones saved as GBK, were refused as
+    'chats.jsonl:100001: not UTF-8 text (...); mend or delete that line', as one line gone wrong."""
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n' * 100_000 + '{"text": "你好"}\n'.encode("gbk") * 3)
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value).startswith(
+        f"{path}: not UTF-8 text, as JSON Lines is: 3 of its 3 lines holding non-ASCII bytes are not, the first being "
+        "line 100001 ("
+    )
+
+
 def write_arrow_stream(table: pa.Table, path) -> None:
     """The Arrow IPC stream datasets' save_to_disk writes (data-00000-of-00001.arrow)."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
