@@ -33,6 +33,7 @@ import regex
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
 from seekstack.corpus.kinds import (
+    HTML_PAGE_START,
     KINDS,
     UNSPACED_WORD_CHARS,
     Kind,
@@ -153,6 +154,9 @@ class KindRules:
     # texts that restate their clauses score up to 0.14.
     max_duplicate_10gram_char_fraction: Fraction | None = None
     max_lorem_ipsum: NonNegative | None = None  # C4: how often `lorem ipsum` may occur; 0, a placeholder page
+    # 1 for a text opening as an HTML page (`<!DOCTYPE html>`, `<html>`: a JSON Lines row of raw pages), whose markup
+    # is no text to train on, as an input file that opens so is refused; 0 removes it. Off for code (HTML is code)
+    max_html_page: NonNegative | None = None
 
 
 @dataclass
@@ -185,6 +189,7 @@ class ProseRules(KindRules):
     max_top_4gram_char_fraction: Fraction = 0.16
     max_duplicate_10gram_char_fraction: Fraction | None = 0.3
     max_lorem_ipsum: NonNegative | None = 0
+    max_html_page: NonNegative | None = 0
 
 
 @dataclass
@@ -627,6 +632,7 @@ RULES: tuple[Rule, ...] = (
     Rule("top_3gram", lambda s, r: s.top_ngram_char_fraction(3), "max_top_3gram_char_fraction", is_max=True),
     Rule("top_4gram", lambda s, r: s.top_ngram_char_fraction(4), "max_top_4gram_char_fraction", is_max=True),
     Rule("lorem_ipsum", lambda s, r: len(_LOREM_IPSUM.findall(s.text)), "max_lorem_ipsum", is_max=True),
+    Rule("html_page", lambda s, r: HTML_PAGE_START.match(s.text) is not None, "max_html_page", is_max=True),
     Rule(
         "duplicate_10grams",
         lambda s, r: s.duplicate_ngram_char_fraction(10),

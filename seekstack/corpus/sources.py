@@ -36,7 +36,7 @@ from seekstack.compression import (
     source_kind,
     uncompressed,
 )
-from seekstack.corpus.kinds import CODE_SUFFIXES
+from seekstack.corpus.kinds import CODE_SUFFIXES, HTML_PAGE_START
 from seekstack.jsonl import json_error_reason, marked_encoding
 from seekstack.schema import LONE_SURROGATE, counted
 
@@ -138,9 +138,8 @@ FOLDER_FILES_READ = (
     f"by suffix, {' '.join(TEXT_SUFFIXES)} (and {', '.join(COMPRESSIONS)} of them), and without one when they are "
     "text (as are documents named with a qualifier or a version: README.Debian, changelog.1.gz, Apache-2.0)"
 )
-# HTML pages, by suffix or opening tag after blank space and comments, are refused as inputs (a folder's are not read)
+# HTML pages, by suffix or opening tag (`HTML_PAGE_START`), are refused as inputs (a folder's are not read)
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
-_HTML_START = re.compile(r"(?i)(?:\s|<!--.*?-->|<\?xml[^>]*>)*<(?:!doctype\s+html|html[\s>])", re.DOTALL)
 # Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
 VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 # read as rows when an input names the file, not inside a folder
@@ -307,7 +306,7 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
     text = _decoded(_read(path))
-    if source_kind(path) in HTML_SUFFIXES or _HTML_START.match(text):
+    if source_kind(path) in HTML_SUFFIXES or HTML_PAGE_START.match(text):
         raise DataSourceError(
             f"{path}: an HTML page, whose tags, scripts and menus would be trained on as its text; extract the text "
             "first with trafilatura, as datatrove does (`trafilatura < page.html > page.txt`), and give that (a "

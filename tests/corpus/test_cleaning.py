@@ -113,6 +113,7 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "bullet_lines": "\n".join(("- " if i % 2 else "\u2022 ") + line for i, line in enumerate(prose(4).split("\n"))),
     "ellipsis_lines": prose(5).replace("n.\n", "n...\n").replace("e.\n", "e\u2026\n"),
     "lorem_ipsum": prose(8) + "\nLorem Ipsum dolor sit amet, consectetur adipiscing elit.",
+    "html_page": "<!-- saved -->\n<!DOCTYPE html>\n<html><body>\n" + prose(9) + "\n</body></html>",  # a row's raw page
     "short_lines": "\n".join(" ".join(VOCABULARY[i : i + 3]) + "." for i in range(0, 48, 3)) * 2,
     "newline_word_ratio": "\n\n".join(" ".join(VOCABULARY[i : i + 4]) + "." for i in range(0, 40, 4)),
 }
