@@ -5,7 +5,8 @@
     POST /detokenize  {"model": M, "tokens": [ids]}  -> {"prompt": TEXT}
 
 A prompt is encoded as /v1/completions encodes it, messages as /v1/chat/completions renders them (a last assistant
-message marked "prefix": true left open, the tools left out with tool_choice "none"), so `count` is the prompt_tokens
+message marked "prefix": true left open, the tools left out with tool_choice "none"; tools, tool_choice and
+add_generation_prompt false beside a prompt text refused, where vLLM ignores them), so `count` is the prompt_tokens
 such a call is billed, to check against `max_model_len` before sending it. vLLM's options change that:
 `add_special_tokens: false` leaves out the special tokens the tokenizer frames a prompt with (a DeepSeek release's BOS;
 messages keep their template's own), `add_generation_prompt: false` the assistant's opening after messages, and
@@ -103,6 +104,12 @@ TOKENIZE_REQUESTS = [TokenizeRequest, DetokenizeRequest]  # for the OpenAPI docu
 # vLLM's options of the chat template that this server refuses on the chat routes: counted here, they would be ignored
 # (chat_template_kwargs are read as there: refuse_template_kwargs)
 TEMPLATE_FIELDS = {name: REFUSED_VLLM_CHAT_FIELDS[name] for name in ("chat_template", "continue_final_message")}
+# the fields that shape a chat's prompt: beside a prompt text they would be ignored (as vLLM ignores them there, with a
+# log line), its count missing the tools a client meant to count
+MESSAGES_FIELDS = {
+    name: f"{name} shapes a chat's prompt, not a prompt text's"
+    for name in ("tools", "tool_choice", "add_generation_prompt")
+}
 
 
 def tokenized(
@@ -114,6 +121,7 @@ def tokenized(
     refuse_fields(body, TEMPLATE_FIELDS)
     refuse_template_kwargs(body.chat_template_kwargs, tokenizer)
     if body.prompt is not None:
+        refuse_fields(body, MESSAGES_FIELDS, advice=": give messages, or send the prompt without {param}")
         call = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
     else:
         try:  # checked as the chat route checks it (a tool_choice naming a function not among the tools)
