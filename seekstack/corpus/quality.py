@@ -18,7 +18,6 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy as np
 from seekstack.atomic import refuse_a_file_in_the_way, staged_files, write_atomic
 from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, words, written_without_spaces
 from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
+from seekstack.corpus.split import share_count
 from seekstack.schema import ConfigError
 
 DEFAULT_BUCKETS = 2**20
@@ -166,10 +166,7 @@ def select_corpus(
     if top_fraction is None:
         kept = {number for number, score in enumerate(scores) if score >= threshold}
     else:
-        # The share as written times the count, halves up (0.3 of 15 keeps 5, 0.7 of 5 keeps 4): Python's round
-        # takes a half to the even count and float products miss halves (0.7 * 5 is 3.4999999999999996).
-        share = int((Decimal(repr(float(top_fraction))) * len(scores)).to_integral_value(ROUND_HALF_UP))
-        kept = _best(scores, max(1, share) if scores else 0)
+        kept = _best(scores, max(1, share_count(top_fraction, len(scores))) if scores else 0)  # 0.7 of 5 keeps 4
         threshold = min((scores[number] for number in kept), default=1.0)
     selected = 0
     with staged_files(out_dir) as staged:

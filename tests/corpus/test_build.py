@@ -166,8 +166,13 @@ def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path
     assert build("one.jsonl", "rank1").stderr == ""
 
 
-@pytest.mark.parametrize(("documents", "fraction", "expected"), [(20, 0.1, 2), (10, 0.01, 1), (7, 0.5, 4), (1, 0.5, 0)])
+@pytest.mark.parametrize(
+    ("documents", "fraction", "expected"),
+    [(20, 0.1, 2), (10, 0.01, 1), (7, 0.5, 4), (1, 0.5, 0), (25, 0.1, 3), (15, 0.3, 5), (5, 0.5, 3)],
+)
 def test_small_corpus_split_takes_exactly_the_fraction(documents: int, fraction: float, expected: int) -> None:
+    """A half rounds up, as `data select --top-fraction` rounds it: 0.1 of 25 is 3 (Python's round gave 2, half to
+    even) and 0.3 of 15 is 5 (4: the float product is 4.499999999999999)."""
     scores = [split_score(f"doc {i}") for i in range(documents)]
     assert sum(score < validation_cutoff(scores, fraction) for score in scores) == expected
 
