@@ -978,21 +978,23 @@ class Engine:
                 self.model, input_ids, positions, self.cache, next_count, fill_cache, self._draft_vocabulary()
             )
             _fail_rows_without_distribution(batch, logits, chosen, accepted)
+            kept = accepted + 1
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
-            accepted, chosen = self._isolated(
+            accepted, chosen, kept = self._isolated(
                 batch,
                 lambda rows: accept_drafts(self._sampling_batch([batch[r] for r in rows]), logits[rows],
                                            input_ids[rows, 1:]),
-                failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long)),
+                failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long),
+                            torch.zeros(1, dtype=torch.long)),  # it keeps no token: its error ends it
             )  # fmt: skip
-        chosen_list, accepted_list = chosen.tolist(), accepted.tolist()
+        chosen_list, accepted_list, kept_list = chosen.tolist(), accepted.tolist(), kept.tolist()
         model_seconds = time.perf_counter() - model_started
         self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
-        self.draft_count.observe(drafted, accepted_list, checks)
-        new_tokens = [chosen_list[b][: count + 1] for b, count in enumerate(accepted_list)]
+        self.draft_count.observe(drafted, accepted_list, checks, kept_list)
+        new_tokens = [chosen_list[b][:count] for b, count in enumerate(kept_list)]
         logprobs: list[list] = [[] for _ in batch]
         if any(r.params.logprobs for r in batch):
             columns = [self._logprobs(batch, logits[:, t], chosen[:, t]) for t in range(width)]

@@ -348,13 +348,16 @@ class SamplingBatch:
         forbidden[rows] = ~torch.stack(allowed)
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
-    def before_dead_columns(self, accepted: torch.Tensor) -> torch.Tensor:
-        """The `accepted` (B,) drafts, each row's cut short of its `dead_columns` entry, where no token could be
-        sampled: the tokens before it are kept, and may end the request as plain decoding would; if they do not, the
-        next step starts at that column and refuses the row there (`constrain`), naming its token."""
+    def before_dead_columns(self, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `accepted` (B,) drafts and the tokens each row keeps (B,: accepted + 1), a row's cut short of its
+        `dead_columns` entry, where no token could be sampled: the drafts before it that passed stay accepted and,
+        with the token after them, kept; they may end the request as plain decoding would; if they do not, the next
+        step starts at that column and refuses the row there (`constrain`), naming its token."""
+        kept = accepted + 1
         for row, column in self.dead_columns.items():
-            accepted[row] = accepted[row].clamp(max=column - 1)
-        return accepted
+            accepted[row] = accepted[row].clamp(max=column)
+            kept[row] = kept[row].clamp(max=column)
+        return accepted, kept
 
     def _allowed_ids_all_forbidden(self, row: int, allowed: torch.Tensor) -> bool:
         """Whether `row` has allowed_token_ids and `allowed` (V,), its constraint's mask, forbids each of them."""

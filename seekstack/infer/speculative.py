@@ -119,16 +119,17 @@ def verify_drafts(
 
 def accept_drafts(
     sampling: SamplingBatch, logits: torch.Tensor, drafts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculative sampling over K drafts per row (B, K) from the target's logits (B, K+1, V) at [pending, drafts].
 
     Draft t is judged under the distribution after the drafts before it (`SamplingBatch.adjust`: the logit bias, then
     penalties that count those drafts as generated) and accepted while all before it were; the first rejected one is
     replaced from its residual, and when all K pass, a bonus token is drawn from the last column. Returns how many
-    drafts each row accepted (B,) and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at
+    drafts each row accepted (B,), the tokens (B, K+1) and how many of them each row keeps (B,): accepted + 1, fewer
+    where a constraint leaves a column no token (`SamplingBatch.before_dead_columns`). Every row draws at
     every column, so a request's generator advances the same way whatever the others do. A row's token constraint
     (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`); no row keeps a column
-    where it leaves none of the row's allowed_token_ids (`SamplingBatch.before_dead_columns`).
+    where it leaves none of the row's allowed_token_ids.
     """
     logits = sampling.constrain(logits, drafts)
     count = drafts.shape[1]
@@ -141,7 +142,8 @@ def accept_drafts(
     tokens.append(sampling.draw(sampling.probabilities(sampling.adjust(logits[:, count], extra_tokens=drafts))))
     # With no drafts (the count chose none) the step is a plain draw: nothing to accept.
     checks = torch.stack(passed, dim=1) if passed else torch.zeros_like(drafts, dtype=torch.bool)
-    return sampling.before_dead_columns(accepted_prefix(checks)), torch.stack(tokens, dim=1)
+    accepted, kept = sampling.before_dead_columns(accepted_prefix(checks))
+    return accepted, torch.stack(tokens, dim=1), kept
 
 
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
@@ -404,13 +406,15 @@ class DraftCount:
         before = self.overhead.get(index, overhead)
         self.overhead[index] = OVERHEAD_MEMORY * before + (1 - OVERHEAD_MEMORY) * overhead
 
-    def observe(self, drafted: int, accepted: list[int], rows: list[DraftChecks] | None = None) -> None:
+    def observe(
+        self, drafted: int, accepted: list[int], rows: list[DraftChecks] | None = None, kept: list[int] | None = None
+    ) -> None:
         """Count a step's checks: each row (of `rows`' requests) checked its drafts up to the first that failed
-        (`drafted` per row)."""
+        (`drafted` per row), none past the tokens it `kept` (None: accepted + 1; fewer where a constraint cut them)."""
         if drafted == 0:
             return
         for b, count in enumerate(accepted):
-            checked = [int(min(count + 1, drafted) > depth) for depth in range(self.most)]
+            checked = [int(min(count + 1 if kept is None else kept[b], drafted) > depth) for depth in range(self.most)]
             passed = [int(count > depth) for depth in range(self.most)]
             self.passed = [total + p for total, p in zip(self.passed, passed, strict=True)]
             self.checked = [total + c for total, c in zip(self.checked, checked, strict=True)]

@@ -411,7 +411,9 @@ def test_a_speculative_step_ends_or_refuses_a_request_where_plain_decoding_does_
     """allowed_token_ids=[229] under bad_words=["\x1b\x1b\x1b"] allows 229 twice, then none. Drafts [229, 229] after
     the first 229 reach that third column: with max_new_tokens=2 the step was refused (finish_reason "error" after
     one token) where plain decoding ends with [229, 229] by length, and with 3 the error named token 2 and dropped
-    the second 229. The tokens before the column are kept, and the request ends or is refused as plain decoding."""
+    the second 229. The tokens before the column are kept, and the request ends or is refused as plain decoding.
+    The draft kept before the column counts as accepted (it was counted as rejected: accept rate 0 of 2), and the
+    step that refuses the request checks none."""
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0, allowed_token_ids=[229], bad_words=["\x1b\x1b\x1b"]
     )
@@ -426,6 +428,9 @@ def test_a_speculative_step_ends_or_refuses_a_request_where_plain_decoding_does_
     assert plain.token_ids == [229, 229] and (plain.finish_reason == "length") == (max_new_tokens == 2)
     tokens = [token for output in outputs for token in output.token_ids]
     assert (tokens, outputs[-1].finish_reason, outputs[-1].error) == (plain.token_ids, plain.finish_reason, plain.error)
+    stats = engine.stats()
+    assert (stats.spec_drafted, stats.spec_accepted) == (2 * (max_new_tokens - 1), 1)
+    assert (engine.draft_count.passed, engine.draft_count.checked) == ([1, 0], [1, 0])
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):

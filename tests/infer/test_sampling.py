@@ -386,9 +386,9 @@ def test_speculative_verification_judges_drafts_under_the_logit_bias():
     logits = torch.tensor([[[0.0, 0.0, 2.0, 1.0], [0.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
     sampling = batch_of(SamplingParams(temperature=0, logit_bias={2: -100.0}))
     assert not sampling.raw_argmax
-    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 1]]))
+    accepted, tokens, _ = accept_drafts(sampling, logits, torch.tensor([[2, 1]]))
     assert accepted.item() == 0 and tokens[0, 0].item() == 3
-    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[3, 1]]))
+    accepted, tokens, _ = accept_drafts(sampling, logits, torch.tensor([[3, 1]]))
     assert accepted.item() == 2 and tokens[0].tolist() == [3, 1, 0]
 
 
@@ -408,11 +408,12 @@ def test_a_later_speculative_column_leaving_no_allowed_id_is_never_kept_and_refu
         params = SamplingParams(temperature=temperature, allowed_token_ids=[1, 2], seed=7)
         return SamplingBatch([params], [SeededUniforms(7)], [None], torch.device("cpu"), [constraint])
 
-    accepted, tokens = accept_drafts(sampling(BadWords([[1, 1], [1, 2]])), rejecting, torch.tensor([[1, 2]]))
-    assert accepted.tolist() == [0] and tokens[0, 0].item() == 2
+    accepted, tokens, kept = accept_drafts(sampling(BadWords([[1, 1], [1, 2]])), rejecting, torch.tensor([[1, 2]]))
+    assert (accepted.tolist(), kept.tolist(), tokens[0, 0].item()) == ([0], [1], 2)
     constraint = BadWords([[1, 1], [1, 2]])
-    accepted, tokens = accept_drafts(sampling(constraint), accepting, torch.tensor([[1, 2]]))
-    assert accepted.tolist() == [0] and tokens[0, 0].item() == 1  # the draft 1 kept, the column after it not
+    accepted, tokens, kept = accept_drafts(sampling(constraint), accepting, torch.tensor([[1, 2]]))
+    # the draft 1 accepted and kept, the column after it not (it was counted as rejected, though kept)
+    assert (accepted.tolist(), kept.tolist(), tokens[0, 0].item()) == ([1], [1], 1)
     constraint.accept(1)
     with pytest.raises(ConfigError) as refused:
         accept_drafts(sampling(constraint), accepting[:, 1:], torch.tensor([[2]]))
@@ -464,7 +465,7 @@ def test_speculative_rule_over_several_drafts_samples_each_position_from_its_tar
     targets = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.2, 0.3], [0.25, 0.25, 0.4, 0.1]])
     rows, drafts = 40_000, torch.tensor([2, 0])
     sampling = batch_of(*[SamplingParams()] * rows)
-    accepted, tokens = accept_drafts(sampling, targets.log().expand(rows, -1, -1), drafts.expand(rows, -1))
+    accepted, tokens, _ = accept_drafts(sampling, targets.log().expand(rows, -1, -1), drafts.expand(rows, -1))
     assert accepted.float().mean().item() == pytest.approx(0.3 + 0.3 * 0.4, abs=0.015)  # p0(2) + p0(2) p1(0)
     for position in range(3):
         reached = accepted >= position  # rows whose new tokens include this position
@@ -478,7 +479,7 @@ def test_speculative_penalties_count_the_drafts_before_each_position():
     logits = torch.tensor([[[0.0, 0.0, 2.0, 1.5], [0.0, 0.0, 2.0, 1.5], [1.0, 0.0, 0.0, 0.0]]])
     penalties = [PenaltyState.from_prompt([0], 4, torch.device("cpu"))]
     sampling = batch_of(SamplingParams(temperature=0, repetition_penalty=2.0), penalties=penalties)
-    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 2]]))
+    accepted, tokens, _ = accept_drafts(sampling, logits, torch.tensor([[2, 2]]))
     assert accepted.item() == 1 and tokens[0, :2].tolist() == [2, 3]
 
 
