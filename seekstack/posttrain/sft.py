@@ -96,6 +96,13 @@ class SFTSource:
         rows = self._training_rows(conversations)
         self.packing = packing
         self.rows = ShuffledRows(pack_rows(rows, config.seq_len) if packing else rows, config.seed, source, data)
+        if config.batch_size > len(self.rows.rows):
+            what = "packed rows" if packing else "conversations"
+            print(
+                f"note: batch_size={config.batch_size} is more than the {len(self.rows.rows)} {what} to train on: "
+                "each micro-batch holds each of them once, as TRL's batches of a smaller dataset do",
+                file=sys.stderr,
+            )
         self.held_out = held_out if holds_out else None
         self.validation = self._validation_rows(held_out) if holds_out else []
         self.device = torch.device("cpu")
@@ -187,10 +194,12 @@ class SFTSource:
         self.device = next(model.parameters()).device
 
     def batch(self, batch_size: int, progress: float) -> tuple[torch.Tensor, ...]:
-        """(input_ids, labels), or packed (input_ids, labels, positions): each (B, T)."""
+        """(input_ids, labels), or packed (input_ids, labels, positions): each (B, T), B at most the rows there are
+        (more would hold a row twice, weighing it double)."""
+        rows = self.rows.take(min(batch_size, len(self.rows.rows)))
         if self.packing:
-            return pack_labelled(self.rows.take(batch_size), self.tokenizer.pad_id, self.config.seq_len)
-        return pad_labelled(self.rows.take(batch_size), self.tokenizer.pad_id, self.config.seq_len)
+            return pack_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
+        return pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
 
     def labelled_tokens(self, batch: Any) -> int:
         """The assistant tokens the micro-batch's loss averages over: its labels predicted from a position before."""

@@ -148,6 +148,23 @@ def test_tokens_per_second_and_mfu_count_the_padded_batch_not_seq_len(tmp_path):
         assert step["mfu"] == pytest.approx(step["tokens_per_s"] * training_flops_per_token(model_config, width) / 1e12)
 
 
+def test_a_batch_size_past_the_conversations_takes_each_once_as_trls_batches_do(tmp_path, capsys):
+    """batch_size=8 of 3 conversations drew 8 rows, some conversations twice (weighed double) at random: TRL's
+    dataloader batches a smaller dataset whole, each row once; a note says so at the start."""
+    byte_tokenizer(tmp_path / "tok")
+    chats = [CHAT, CHAT[:3], [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]]
+    data = write_conversations(chats, tmp_path / "chats.jsonl")
+    args = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "batch_size=8", "seq_len=256", "model.vocab_size=300"]
+    source = SFTSource(resolve_train_config(None, args, cls=SFTConfig))
+    assert (
+        "note: batch_size=8 is more than the 3 conversations to train on: each micro-batch holds each of them once, "
+        "as TRL's batches of a smaller dataset do" in capsys.readouterr().err
+    )
+    whole = sorted(pad_labelled(source.rows.rows, source.tokenizer.pad_id, 256)[0].tolist())
+    for _ in range(3):  # three epochs
+        assert sorted(source.batch(8, 0.0)[0].tolist()) == whole
+
+
 def test_default_data_is_generated_task_traces(tmp_path):
     byte_tokenizer(tmp_path)
     source = SFTSource(
