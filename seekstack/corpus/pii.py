@@ -144,7 +144,9 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
     # (`bug-grep@@gnu.org` in a GNU manual's source), or percent-encoded as a URL's query or path writes it
     # (`?email=john.doe%40gmail.com`: `%` before `40` is no character of the local part then), or twice, as a URL
-    # inside another's query writes it (`?next=%2Fu%3Fe%3Djohn.doe%2540gmail.com`); it is matched through
+    # inside another's query writes it (`?next=%2Fu%3Fe%3Djohn.doe%2540gmail.com`), or an HTML character reference,
+    # as a page's source writes it against harvesters (`bob&#64;example.com`, `&#x40;`, `&commat;`: `normalise`
+    # decodes references only in a text holding no `<`, so a page's markup or code keeps them); it is matched through
     # `_ASCII_FORMS`, so fullwidth too, as Japanese and Chinese pages write it to keep an address from harvesters that
     # look for @ (`tanaka＠example.co.jp`).
     # Between its letters, a local part may also hold RFC 5322's rarer atext characters (`user#tag@`, `jack&jill@`),
@@ -168,7 +170,8 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     part_then = f"(?<=(?:{part}|[.%+-])[.%+-]{{3}})|(?<={part}[.%+-]{{2}})|(?<={part}[.%+-])"
     local_part = (
         rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}])(?<![.%+-](?:{part_then}))"
-        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})(?:[\\@]?@|%40|%2540)"
+        rf"(?:(?<!/){local_part_characters(f'|(?!&commat;)[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})"
+        r"(?:[\\@]?@|%40|%2540|&(?:#0*64|#[xX]0*40|commat);)"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(

@@ -2482,6 +2482,10 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
             "redirect?u=<EMAIL>&id=3, /users/<EMAIL>/, mailto:<EMAIL>",
         ),  # encoded twice, in a URL inside another's query: was kept; every character encoded: left `%<EMAIL>`
         ("width: 100%2540px, %2540example.com, %bob@example.com", "width: 100%2540px, %2540example.com, %<EMAIL>"),
+        (
+            "<p>Mail bob&#64;example.com, ann&#x40;example.org or Bo&commat;example.net; &#64;example.com</p>",
+            "<p>Mail <EMAIL>, <EMAIL> or <EMAIL>; &#64;example.com</p>",
+        ),  # an at sign as an HTML character reference, in a text holding `<`, which normalise leaves so: was kept
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
