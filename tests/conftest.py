@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -11,6 +13,23 @@ from seekstack.config import ModelConfig, preset
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`launch(rank, world_size=2, **variables)` sets what torchrun tells a rank of a run on one machine (RANK,
+    LOCAL_RANK the same, WORLD_SIZE) and unsets MASTER_ADDR and MASTER_PORT, so that the rank stops where the ranks
+    would join; `variables` override any of them (None unsets one: LOCAL_RANK=None is a rank started by hand)."""
+
+    def launch(rank: int | str, world_size: int = 2, **variables: str | None) -> None:
+        given = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
+        for name, value in {"MASTER_ADDR": None, "MASTER_PORT": None, **given, **variables}.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+
+    return launch
 
 
 def micro_config(**overrides) -> ModelConfig:

@@ -117,10 +117,11 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
     """Print `message` as the command's error and exit with `code` (2: a command-line mistake). Under torchrun the
     first rank of each machine (LOCAL_RANK 0: on one machine rank 0) prints it, into the log its machine's user reads
     (a config file of one node's own fails there alone), and the other ranks, which meet the same error, exit
-    quietly; with `every_rank` (an error that may be one rank's own: its file, its disk) they print it too. A rank but
-    0 names itself."""
+    quietly; with `every_rank` (an error that may be one rank's own: its file, its disk) they print it too. A rank
+    started by hand, without LOCAL_RANK, prints it: its output is its own, and no other rank may meet the error. A
+    rank but 0 names itself."""
     rank = launch_rank()
-    if rank == 0 or every_rank or os.environ.get("LOCAL_RANK") == "0":
+    if rank == 0 or every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
         where = "" if rank == 0 else f" (rank {rank})"
         if as_json:
             typer.echo(json.dumps({"error": {"message": message}}))

@@ -120,7 +120,7 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     assert "no complete checkpoint: step_5 (no train_state.pt, config.json, model.safetensors) under" in result.output
 
 
-def test_under_torchrun_rank_0_alone_names_the_checkpoint_a_run_folder_stands_for(tmp_path):
+def test_under_torchrun_rank_0_alone_names_the_checkpoint_a_run_folder_stands_for(tmp_path, torchrun_environment):
     """lora train's BASE, a run under torchrun, had every rank print the newest checkpoint and the incomplete step
     folders passed over, where the trainer's own notes come from rank 0 alone."""
     for step, files in ((3, ("train_state.pt", "model.safetensors")), (6, ("train_state.pt",))):
@@ -133,11 +133,13 @@ def test_under_torchrun_rank_0_alone_names_the_checkpoint_a_run_folder_stands_fo
         "passed over step_6 (no config.json, model.safetensors), incomplete"
     )
     command = ["lora", "train", str(tmp_path / "run"), str(tmp_path / "no_data"), "--out", str(tmp_path / "lora")]
-    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": None}  # each rank stops where the ranks would join
-    said = {rank: runner.invoke(app, command, env={**launch, "RANK": rank}).stderr for rank in ("0", "1")}
-    assert note in said["0"].splitlines()
-    assert "using the run's newest checkpoint" not in said["1"]
-    assert said["1"].startswith("error (rank 1): WORLD_SIZE=2 is set but MASTER_ADDR")
+    said = {}
+    for rank in (0, 1):
+        torchrun_environment(rank)  # each rank stops where the ranks would join
+        said[rank] = runner.invoke(app, command).stderr
+    assert note in said[0].splitlines()
+    assert "using the run's newest checkpoint" not in said[1]
+    assert said[1].startswith("error (rank 1): WORLD_SIZE=2 is set but MASTER_ADDR")
 
 
 @pytest.mark.parametrize(
@@ -244,16 +246,28 @@ def test_a_hub_repository_named_for_a_model_is_told_to_be_downloaded_first(comma
 
 
 @pytest.mark.parametrize("command", [["info"], ["forward"], ["plan", "--memory", "cpu=1GiB"]])
-def test_under_torchrun_rank_0_alone_says_a_model_is_neither_a_preset_nor_a_checkpoint(command):
+def test_under_torchrun_rank_0_alone_says_a_model_is_neither_a_preset_nor_a_checkpoint(command, torchrun_environment):
     """A name every rank reads alike was said by each rank ("error (rank 1): 'nope' is neither a preset ..."), where
-    the other configuration errors come from rank 0 alone."""
-    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": None}
-    said = {
-        rank: runner.invoke(app, [*command[:1], "nope", *command[1:]], env={**launch, "RANK": rank}) for rank in "01"
-    }
-    assert said["0"].exit_code == said["1"].exit_code == 1
-    assert said["0"].stderr.startswith("error: 'nope' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3)")
-    assert said["1"].stderr == ""
+    the other configuration errors come from rank 0 alone (and the first rank of each other machine)."""
+    said = {}
+    for rank in (0, 1):
+        torchrun_environment(rank)
+        said[rank] = runner.invoke(app, [*command[:1], "nope", *command[1:]])
+    assert said[0].exit_code == said[1].exit_code == 1
+    assert said[0].stderr.startswith("error: 'nope' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3)")
+    assert said[1].stderr == ""
+
+
+def test_a_rank_started_by_hand_says_a_configuration_error_naming_itself(tmp_path, torchrun_environment):
+    """A rank started without LOCAL_RANK (by hand, its output its own) took a configuration error for one rank 0
+    says, and exited 1 without a word, though it may be the only rank to meet it (its own config file)."""
+    (tmp_path / "run.yaml").write_text("lr: abc\n")
+    torchrun_environment(1, LOCAL_RANK=None, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    result = runner.invoke(app, ["train", str(tmp_path / "run.yaml")])
+    assert (result.exit_code, result.stderr) == (
+        1,
+        f"error (rank 1): {tmp_path / 'run.yaml'}: field 'lr' has value 'abc': input should be a valid number\n",
+    )
 
 
 def test_a_model_neither_a_preset_nor_a_checkpoint_is_a_config_error_its_caller_reports(capsys):

@@ -9,11 +9,12 @@ from seekstack.cli import app
 
 
 @pytest.mark.parametrize("rank", ["x", ""])
-def test_a_rank_that_is_no_number_is_refused_by_the_command_naming_it_not_in_a_traceback(tmp_path, monkeypatch, rank):
+def test_a_rank_that_is_no_number_is_refused_by_the_command_naming_it_not_in_a_traceback(
+    tmp_path, torchrun_environment, rank
+):
     """RANK='x' beside WORLD_SIZE=2: the command line read RANK to know which rank prints, before the refusal that
     names it, and ended in 'ValueError: invalid literal for int() with base 10' with a traceback."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", rank)
+    torchrun_environment(rank)
     result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
     assert (result.exit_code, result.output) == (
         1,
@@ -22,12 +23,11 @@ def test_a_rank_that_is_no_number_is_refused_by_the_command_naming_it_not_in_a_t
     )
 
 
-def test_a_negative_rank_is_refused_as_negative(monkeypatch):
+def test_a_negative_rank_is_refused_as_negative(torchrun_environment):
     """RANK=-1 beside WORLD_SIZE=2 was refused as 'RANK=-1 is not below WORLD_SIZE=2', which it is."""
     from seekstack.parallel.launch import launch_environment
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "-1")
+    torchrun_environment(-1)
     with pytest.raises(ValueError) as refused:
         launch_environment()
     assert str(refused.value) == (
@@ -44,15 +44,12 @@ def test_a_negative_rank_is_refused_as_negative(monkeypatch):
         ({}, "MASTER_ADDR and MASTER_PORT are"),
     ],
 )
-def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_on(tmp_path, monkeypatch, given, named):
+def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_on(
+    tmp_path, torchrun_environment, given, named
+):
     """torch's refusal said 'environment variable MASTER_ADDR expected, but not set', and not what to do (also where
     MASTER_ADDR is set empty, which passed as set)."""
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    for name, value in given.items():
-        monkeypatch.setenv(name, value)
+    torchrun_environment(0, **given)
     result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
     assert (result.exit_code, result.output) == (
         1,
@@ -62,12 +59,11 @@ def test_ranks_without_the_address_to_join_at_are_refused_naming_it_and_the_way_
 
 
 def test_a_rank_left_in_the_environment_without_world_size_is_a_run_of_one_process_that_prints_its_errors(
-    tmp_path, monkeypatch
+    tmp_path, torchrun_environment
 ):
     """RANK=1 without WORLD_SIZE (left from another job's environment): the run trained in one process, as torch
     does, but its errors were those of a rank but 0, which say nothing: a typo exited 1 without a word."""
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setenv("RANK", "1")
+    torchrun_environment(1, WORLD_SIZE=None)
     result = CliRunner().invoke(app, ["train", "max_stepz=1", f"out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 1 and result.output.startswith(
         "error: override 'max_stepz=1': unknown field 'max_stepz'; did you mean 'max_steps'?"
@@ -78,10 +74,9 @@ def test_a_rank_left_in_the_environment_without_world_size_is_a_run_of_one_proce
     ("port", "named"),
     [("abc", "MASTER_PORT='abc' is not a whole number"), ("99999", "MASTER_PORT=99999 is no TCP port (1 to 65535)")],
 )
-def test_a_master_port_that_is_no_port_is_refused_naming_it(tmp_path, monkeypatch, port, named):
+def test_a_master_port_that_is_no_port_is_refused_naming_it(tmp_path, torchrun_environment, port, named):
     """torch's refusal of MASTER_PORT=abc was 'invalid literal for int() with base 10: 'abc'', naming no variable."""
-    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
-        monkeypatch.setenv(name, value)
+    torchrun_environment(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 1 and result.output.startswith(f"error: {named}"), result.output
     assert result.output.endswith(
@@ -89,18 +84,16 @@ def test_a_master_port_that_is_no_port_is_refused_naming_it(tmp_path, monkeypatc
     )
 
 
-def test_without_the_address_to_join_at_a_gpu_rank_is_refused_naming_it_as_a_cpu_rank_is(monkeypatch):
+def test_without_the_address_to_join_at_a_gpu_rank_is_refused_naming_it_as_a_cpu_rank_is(
+    monkeypatch, torchrun_environment
+):
     """On a GPU machine LOCAL_RANK was read before the address: a launch environment set by hand without MASTER_ADDR
     was refused for its LOCAL_RANK there, for MASTER_ADDR on CPUs (and the tests of that refusal failed on GPUs)."""
     import torch
 
     from seekstack.parallel.distributed import init_distributed
 
-    for name in ("MASTER_ADDR", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
+    torchrun_environment(1, LOCAL_RANK=None, MASTER_PORT="29500")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="^WORLD_SIZE=2 is set but MASTER_ADDR is not: the ranks join at MASTER_ADDR"):

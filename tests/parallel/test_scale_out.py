@@ -622,7 +622,14 @@ def test_cpu_offload_on_a_cpu_run_is_refused_naming_the_key(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("cpu_offload", "backend"), [(True, "cuda:nccl,cpu:gloo"), (False, "nccl")])
-def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(data_dir, tmp_path, monkeypatch, cpu_offload, backend):  # noqa: F811
+def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(
+    data_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    torchrun_environment,
+    cpu_offload,
+    backend,
+):
     # FSDP's cpu_offload keeps gradients on the CPU, where clip_grad_norm_ and full_tensor() run their collectives:
     # NCCL alone fails them ("No backend type associated with device type cpu"). Other runs keep NCCL alone: gloo's
     # network interface choice can fail a multi-node run that NCCL's did not.
@@ -637,9 +644,7 @@ def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(data_dir, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", join)
-    launch = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    for name, value in launch.items():  # as torchrun sets them
-        monkeypatch.setenv(name, value)
+    torchrun_environment(1, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     with pytest.raises(SystemExit):
         train(run_config(data_dir, tmp_path / "run", max_steps=1, parallel="fsdp", cpu_offload=cpu_offload))
     assert joined == [backend]
@@ -666,7 +671,7 @@ def test_float8_training_runs_and_lowers_the_loss_on_a_gpu(data_dir, tmp_path): 
 def test_expert_parallel_the_experts_do_not_suit_is_refused_once_as_a_setting_naming_it(
     data_dir,  # noqa: F811
     tmp_path,
-    monkeypatch,
+    torchrun_environment,
     capsys,
     experts,
     ranks,
@@ -683,11 +688,10 @@ def test_expert_parallel_the_experts_do_not_suit_is_refused_once_as_a_setting_na
 
     overrides = {**MICRO_MODEL, "n_routed_experts": experts}
     config = run_config(data_dir, tmp_path, model_overrides=overrides).model_config()
-    monkeypatch.setenv("WORLD_SIZE", str(ranks))
-    for rank, printed in (("0", f"error: {refusal}\n"), ("1", "")):
-        monkeypatch.setenv("RANK", rank)
+    for rank, printed in ((0, f"error: {refusal}\n"), (1, "")):
+        torchrun_environment(rank, ranks)
         with pytest.raises(typer.Exit), user_errors():
-            apply_expert_parallel(Transformer(config), Ranks(int(rank), ranks, torch.device("cpu")))
+            apply_expert_parallel(Transformer(config), Ranks(rank, ranks, torch.device("cpu")))
         assert re.fullmatch(printed, capsys.readouterr().err), rank
 
 
