@@ -26,7 +26,22 @@ DifficultyOpt = Annotated[
     int | None, typer.Option(min=1, help="The task's knob (digits, numbers), at least 1; default: its own")
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Most tokens of each completion")]
-TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled completions; 0 = greedy")]
+
+
+def _sampling_temperature(value: float) -> float:
+    """--temperature checked before anything loads, as the engine's SamplingParams checks it: naming the value at
+    fault, nan and inf too (typer's own range named none, and let nan through)."""
+    from seekstack.infer import SamplingParams
+
+    with options_named():
+        SamplingParams(temperature=value)
+    return value
+
+
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(callback=_sampling_temperature, help="Temperature of the sampled completions; 0 = greedy"),
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the problems drawn and of the sampling")]
 TASK_HELP = (
     "addition | subtraction | multiplication | countdown, or your own as module:Class (on PYTHONPATH) or a file of "

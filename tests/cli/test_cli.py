@@ -203,6 +203,17 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
         assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["pass-at-k", "{model}"], ["traces", "{model}", "--out", "{model}/t.jsonl"]])
+def test_pass_at_k_and_traces_name_a_temperature_out_of_range_by_its_value_as_sample(tmp_path, command):
+    """typer's own range let nan through to "Input should be greater than or equal to 0", naming no value."""
+    command = [part.format(model=tmp_path / "model") for part in command]
+    for value, problem in [("nan", "nan: input should be a finite number"),
+                           ("-1", "-1.0: input should be greater than or equal to 0")]:  # fmt: skip
+        result = run(*command, "--temperature", value)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--temperature': has value {problem}" in result.stderr
+
+
 def test_sample_refuses_an_empty_prompt_by_its_option_and_its_place_among_those_given(tmp_path):
     """Was "error: prompt 0 of 2: empty prompt: give at least one token" for one prompt given: the engine's count of
     the greedy and the sampled copies."""
