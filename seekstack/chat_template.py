@@ -77,14 +77,21 @@ def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate |
     """The chat template a tokenizer ships: the file `template_path` (transformers 5's chat_template.jinja), which
     transformers reads before the tokenizer_config.json's, else the `chat_template` of its tokenizer_config.json
     `config_path` (a string, or the one named "default" of a list of named templates); None without either.
-    ValueError naming `config_path` when it is read and is not a JSON object."""
+    ValueError naming `config_path` when it is read and is not a JSON object, or its template is no string."""
     if template_path.is_file():
         return ChatTemplate(template_path.read_text(encoding="utf-8"), str(template_path))
     template = read_tokenizer_config(config_path).get("chat_template")
     if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": "..."}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         template = named.get("default")
-    return ChatTemplate(template, str(config_path)) if isinstance(template, str) else None
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(
+            f"{config_path}: field 'chat_template' has template {template!r}: give its Jinja text (a string), or a "
+            'list of named templates, one of them {"name": "default", "template": "..."}'
+        )
+    return ChatTemplate(template, str(config_path))
 
 
 def read_tokenizer_config(config_path: Path) -> dict:

@@ -4,6 +4,7 @@ the messages as transformers' `apply_chat_template` passes them, and writes them
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from transformers import AutoTokenizer
@@ -29,7 +30,7 @@ def v2_folder(tmp_path_factory):
     return folder
 
 
-def with_template(folder, template: str) -> None:
+def with_template(folder, template: str | int | list) -> None:
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config_path.write_text(json.dumps({**config, "chat_template": template}, ensure_ascii=False), encoding="utf-8")
@@ -72,6 +73,20 @@ def test_an_earlier_turns_think_block_is_written_as_the_checkpoints_template_wri
     expected = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert ours.encode_chat(chat) == expected
     assert f"Assistant: <think>\nadd\n</think>\n\n5{EOS}" in ours.decode(expected)
+
+
+@pytest.mark.parametrize("template", [5, [{"name": "default", "template": ["User: {{ messages }}"]}]])
+def test_a_chat_template_that_is_no_text_is_refused_naming_the_field_not_taken_for_none(v2_folder, tmp_path, template):
+    """A chat_template of 5 in tokenizer_config.json was read as none: the tokenizer's chats were refused as having
+    "neither <｜User｜> nor a chat_template", the model was said to be a base model."""
+    folder = shutil.copytree(v2_folder, tmp_path / "v2")
+    with_template(folder, template)
+    with pytest.raises(ValueError) as refused:
+        Tokenizer.from_file(folder)
+    assert str(refused.value).startswith(
+        f"{folder / 'tokenizer_config.json'}: field 'chat_template' has template "
+        f"{template if template == 5 else template[0]['template']}: give its Jinja text (a string), or a list"
+    )
 
 
 def test_a_chat_of_no_messages_is_refused_as_transformers_refuses_it(v2_folder, tmp_path):
