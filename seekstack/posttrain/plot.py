@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from seekstack.train.metrics import METRICS_FILE, column  # noqa: E402
 from seekstack.train.plot import (  # noqa: E402
     MARKED_UP_TO,
     figure_path,
@@ -95,10 +96,12 @@ def rl_figure(run_dirs: list[Path], smooth: int = RL_SMOOTH, records: list[list[
 
 def _rl_records(run_dir: Path, logged: list[dict]) -> list[dict]:
     """The step records (those with a reward) of the run's metrics `logged`; an error naming the run when it has
-    none."""
+    none, and one naming the step of a record whose value of a drawn quantity is no number (`column`, as plot's)."""
     records = [r for r in logged if "reward" in r]
     if not records:
         raise ValueError(f"{run_dir}/metrics.jsonl has no reward: is it the out_dir of a `seekstack rl` run?")
+    for key in (key for _, keys in PANELS for key in keys):
+        column([r for r in records if key in r], key, Path(run_dir) / METRICS_FILE)
     return records
 
 

@@ -72,6 +72,18 @@ def test_curves_of_few_points_show_markers_and_a_missing_run_names_rl(tmp_path):
         plot_rl_runs([tmp_path / "empty"], tmp_path / "x.png")
 
 
+@pytest.mark.parametrize("value", [None, "0.5", True])
+def test_a_drawn_quantity_that_is_no_number_is_refused_naming_the_file_and_step_as_plot_does(tmp_path, value):
+    """A hand-edited or damaged record's "accuracy": null crashed rl-plot with a bare "TypeError: unsupported operand
+    type(s) for +: 'int' and 'NoneType'", where plot names the file and step of its own quantities."""
+    lines = [{"step": 1, "reward": 0.5, "accuracy": 0.5}, {"step": 2, "reward": 0.5, "accuracy": value}]
+    run = write_run(tmp_path / "run", lines)
+    with pytest.raises(ValueError) as refused:
+        rl_figure([run])
+    expected = f"{run}/metrics.jsonl: the record of step 2 has no number 'accuracy'; mend or delete it"
+    assert str(refused.value) == expected
+
+
 def test_runs_of_the_same_folder_name_are_told_apart_by_their_paths(tmp_path):
     lines = [{"step": s, "reward": 0.5, "accuracy": 0.5} for s in range(1, 4)]
     for arm in ("grpo", "dr_grpo"):
