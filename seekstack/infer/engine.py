@@ -384,7 +384,7 @@ class Engine:
         self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, costs)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
-        # holds beyond its last token.
+        # holds beyond its last token, up to the cache's end (`_slots_held`), near which it drafts fewer.
         self.lookahead = max(self.draft_tokens - 1, 0)
         self.draft_slots = self.draft_tokens + self.lookahead
         pool_devices = layer_devices(self.model)
@@ -522,8 +522,18 @@ class Engine:
     @property
     def longest_cached_request(self) -> int:
         """The most tokens (prompt + completion) a request may have for the cache to hold it: every block but the
-        reserved one, less the slots its drafts take beyond its last token."""
-        return (self.cache.num_blocks - 1) * self.cache.block_size - self.draft_slots
+        reserved one, as without speculative decoding (near that end, steps draft fewer: `_draft_room`)."""
+        return (self.cache.num_blocks - 1) * self.cache.block_size
+
+    def _slots_held(self, tokens: int) -> int:
+        """The cache slots a request of `tokens` tokens holds: those and its drafts' (`draft_slots`), within the
+        longest request the cache holds."""
+        return min(tokens + self.draft_slots, self.longest_cached_request)
+
+    def _draft_room(self, ends: Iterable[int]) -> int:
+        """The slots past the latest of `ends` (rows' next positions) within the longest request the cache holds: a
+        step verifies drafts and reaches follow-up drafts only that far (a draft's slot is past the cache's end)."""
+        return self.longest_cached_request - max(ends)
 
     @property
     def context_len(self) -> int:
@@ -848,9 +858,9 @@ class Engine:
             salt = self.lora.cache_salt(request.adapter_slot)
             if request.params.prompt_logprobs is not None:  # every prompt position computed: no prefix-cache hit
                 salt += f"/uncached:{next(self._admissions)}"
-            if not self.cache.can_admit(tokens, len(tokens) + self.draft_slots, salt):
+            if not self.cache.can_admit(tokens, self._slots_held(len(tokens)), salt):
                 return
-            request.num_cached = self.cache.admit(request.request_id, tokens, len(tokens) + self.draft_slots, salt)
+            request.num_cached = self.cache.admit(request.request_id, tokens, self._slots_held(len(tokens)), salt)
             if request.scheduled_at is None:
                 request.scheduled_at = time.perf_counter()
                 request.cached_tokens = request.num_cached
@@ -862,7 +872,7 @@ class Engine:
         latest admitted request: its blocks go back to the pool (cached ones stay cached), and it waits at the
         head of the queue to recompute its tokens, keeping its sampled ones and its sampler state."""
         while True:
-            needed = {r.request_id: len(r.ids) + self.draft_slots for r in self.running}
+            needed = {r.request_id: self._slots_held(len(r.ids)) for r in self.running}
             shortfall = sum(
                 self.cache.blocks_for(tokens) - len(self.cache.tables[request_id])
                 for request_id, tokens in needed.items()
@@ -933,6 +943,8 @@ class Engine:
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
             rows = [r.draft_checks for r in itertools.chain(self.running, self.prefilling)]
             count, _ = self.draft_count.choose(rows, self._seeded())
+            # follow-up drafts reach count - 1 slots past each row's last position (start + count - 1)
+            count = min(count, self._draft_room(s + c for s, c in zip(starts, counts, strict=True)) + 1)
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
             for row in done:
                 batch[row].drafts = drafts[row]
@@ -950,6 +962,10 @@ class Engine:
         if self.speculative:
             drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
             next_count, fill_cache = self.draft_count.choose([r.draft_checks for r in batch], self._seeded())
+            # verification writes `drafted` slots past the pending token, the next drafts next_count - 1 further
+            room = self._draft_room(len(r.ids) for r in batch)
+            drafted = min(drafted, room)
+            next_count = min(next_count, room - drafted + 1)
             if drafted or fill_cache:
                 return self._decode_speculative(batch, starts, drafted, next_count, fill_cache)
             # Drafting is off at this batch size: a step as an engine without MTP runs it (the MTP cache not filled).

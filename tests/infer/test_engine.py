@@ -643,6 +643,28 @@ def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(model, tokeni
     assert_accepts_correct_drafts_and_gives_plain_greedy(engine, params, correct)
 
 
+@pytest.mark.parametrize("prompt_len", [1, 9, 14])
+def test_speculative_decoding_on_a_cache_the_context_fills_replies_as_long_as_plain_decoding(
+    model, tokenizer, prompt_len
+):
+    """On a cache of 5 blocks of 4 tokens plain decoding's context is 16 tokens; with speculative decoding (3 drafts)
+    it was 11, the slots drafts take past the last token held back: max_tokens=None replies came 5 tokens shorter
+    (a 12-token prompt refused). Near the cache's end a step drafts fewer; drafts all right, the reply is plain's."""
+    cache, prompt = {"num_blocks": 5, "block_size": 4}, list(range(10, 10 + prompt_len))
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)  # vLLM's: to the context's end
+    [reply] = Engine(model, tokenizer, **cache).generate(prompt, params)
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=False, **cache)
+    engine.add_request(prompt, params)
+    tokens = []
+    while engine.has_unfinished():
+        for request in engine.running:  # the drafts guess the tokens plain decoding gives next
+            generated = len(request.ids) - prompt_len
+            request.drafts = (reply.token_ids[generated:] + [0] * 3)[:3]
+        tokens += [token for output in engine.step() for token in output.token_ids]
+    assert engine.context_len == 16 and tokens == reply.token_ids and len(tokens) == 16 - prompt_len
+    assert engine.stats().spec_accepted == engine.stats().spec_drafted > 0  # none drafted past the cache's end
+
+
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer, draft_tokens):
     params = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, seed=5, ignore_eos=True, logprobs=True)
