@@ -138,11 +138,22 @@ def write_held_out(out_dir: str | Path, held_out: list[Conversation]) -> Path:
 
 def read_held_out(run_dir: str | Path) -> set[str] | None:
     """The conversation_keys `write_held_out` recorded for a run; None when it recorded none (a run started by a
-    seekstack before the record, whose choice of held-out conversations may differ from this one's)."""
+    seekstack before the record, whose choice of held-out conversations may differ from this one's). A ValueError
+    naming the file when it is damaged."""
     path = Path(run_dir) / HELD_OUT_FILE
     if not path.is_file():
         return None
-    return set(json.loads(path.read_text())["conversation_keys"])
+    try:
+        recorded = json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        recorded = None
+    keys = recorded.get("conversation_keys") if isinstance(recorded, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise ValueError(
+            f'{path}: damaged, not the {{"conversation_keys": [...]}} an SFT run records of the conversations it '
+            "holds out: delete it (resuming the run records them again)"
+        )
+    return set(keys)
 
 
 def read_conversations(

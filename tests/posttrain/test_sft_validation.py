@@ -241,6 +241,19 @@ def test_val_fraction_holds_out_its_share_as_written_not_as_a_float_product(tmp_
     assert len(SFTSource(task, holds_out=True).held_out) == 29
 
 
+@pytest.mark.parametrize("damaged", ['{"conversation_keys": ', "[]", '{"conversation_keys": [1]}', "\xff"])
+def test_a_damaged_held_out_record_is_refused_naming_the_file(tmp_path, damaged):
+    """A held_out.json cut short or edited made `seekstack report` fail with json's "error: Expecting value: line 1
+    column 23 (char 22)" (or "'list' object has no attribute 'get'"), naming no file."""
+    (tmp_path / HELD_OUT_FILE).write_bytes(damaged.encode("latin-1"))
+    with pytest.raises(ValueError) as refused:
+        read_held_out(tmp_path)
+    assert str(refused.value) == (
+        f'{tmp_path / HELD_OUT_FILE}: damaged, not the {{"conversation_keys": [...]}} an SFT run records of the '
+        "conversations it holds out: delete it (resuming the run records them again)"
+    )
+
+
 def earlier_seekstacks_digest(tokenizer, conversations: list[list[dict]], fraction: float) -> str:
     """The rows digest an SFT checkpoint of seekstack 13fb86a (before held_out.json) saved: it held out at least
     int(fraction x N) conversations in the order of their JSON's hash and trained on the rows of all the others."""
