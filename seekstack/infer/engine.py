@@ -352,8 +352,9 @@ class Engine:
         ):
             if value is None:
                 continue
-            bytes_given = name == "kv_cache_memory"  # bytes may be written 2e9; a count is an int, not True nor "2"
-            if isinstance(value, bool) or not isinstance(value, numbers.Real if bytes_given else numbers.Integral):
+            bytes_given = name == "kv_cache_memory"  # bytes may be written 2e9, not inf; a count is an int, not True
+            number = numbers.Real if bytes_given else numbers.Integral
+            if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
                 kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
                 raise ValueError(f"{name}={value!r} must be {kind}")
             if not value >= 1:  # nan too

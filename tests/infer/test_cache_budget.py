@@ -3,6 +3,7 @@ is preempted and recomputed with the tokens an unconstrained run gives."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -61,8 +62,9 @@ def test_a_size_that_is_no_whole_number_is_refused_naming_it(model, tokenizer, v
         Engine(model, tokenizer, num_blocks=value)
     with pytest.raises(ValueError, match=rf"^draft_vocab={value!r} must be a whole number >= 0"):
         Engine(model, tokenizer, speculative=True, draft_vocab=value, adaptive_drafts=False)
-    with pytest.raises(ValueError, match=r"^kv_cache_memory=True must be a number of bytes >= 1 or a size such as"):
-        Engine(model, tokenizer, kv_cache_memory=True)
+    for budget in (True, math.inf):  # inf was a bare "cannot convert float NaN to integer"
+        with pytest.raises(ValueError, match=rf"^kv_cache_memory={budget} must be a number of bytes >= 1 or a size "):
+            Engine(model, tokenizer, kv_cache_memory=budget)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2e6).cache.block_size == 4  # bytes need not be int
     # where the budget bounds the cache, a float budget holds as many blocks as the int does (not num_blocks=10.0)
     assert Engine(model, tokenizer, block_size=4, kv_cache_memory=2.0**14).cache.num_blocks == 10
