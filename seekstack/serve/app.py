@@ -75,7 +75,7 @@ from seekstack.serve.ratelimit import (
 )
 from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.request_ids import HEADER as REQUEST_ID
-from seekstack.serve.request_ids import LEFT_HEADERS, RequestIds, request_id_of, take_body_request_id
+from seekstack.serve.request_ids import LEFT_HEADERS, RequestIds, SentIds, request_id_of, take_body_request_id
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -892,13 +892,14 @@ def create_app(
     throughput every STATS_INTERVAL_S seconds (vLLM's --enable-log-requests and --disable-log-stats)."""
     server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser, log_requests, log_stats)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestIds)  # every response's X-Request-Id, and a counted request's x-ratelimit-* headers
-    if cors_origins:  # outside RequestIds: a page reads its refusals too (an X-Request-Id it sent unlike an id)
+    app.add_middleware(SentIds)  # inside CORS: a page reads its refusals too (an X-Request-Id it sent unlike an id)
+    if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         # exposed: what OpenAI's JS client reads of an answer (x-should-retry: a budget's 429 is not sent again)
         exposed = ["Retry-After", REQUEST_ID, SHOULD_RETRY, *LIMIT_HEADERS]
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=exposed, max_age=600)  # fmt: skip
+    app.add_middleware(RequestIds)  # every response's X-Request-Id (a preflight's too), a counted one's x-ratelimit-*
     app.state.server = server
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
                                 lambda: [card.id for card in server.models().data])  # fmt: skip

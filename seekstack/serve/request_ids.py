@@ -26,7 +26,8 @@ class RequestIds:
     """ASGI middleware: the request's id, kept in its state (`request_id_of`), goes out on its response's headers, and
     so do the headers a route left in the state under `LEFT_HEADERS` (a counted request's `x-ratelimit-*`, on its
     answer, a 400 or 404 after the count, a 429, as OpenAI's go out), beside those the response sets itself (a 429's,
-    of the limit it is over, stand)."""
+    of the limit it is over, stand). It wraps CORS's middleware, whose preflight answers carry an id too; `SentIds`,
+    inside CORS's, refuses a sent id unlike one, so that a page can read the refusal."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -35,8 +36,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = Headers(scope=scope).get(HEADER, "").encode("latin-1").decode("utf-8", "replace")  # read as latin-1
-        scope.setdefault("state", {})["request_id"] = sent or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = sent_id(scope) or uuid.uuid4().hex
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -46,13 +46,30 @@ class RequestIds:
                     headers.setdefault(name, value)
             await send(message)
 
+        await self.app(scope, receive, send_with_id)
+
+
+class SentIds:
+    """ASGI middleware inside `RequestIds`: a request whose `X-Request-Id` is unlike an id (`schemas.RequestId`) is
+    refused, 400 naming the header, under an id of its own."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = sent_id(scope) if scope["type"] == "http" else ""
         try:  # an empty header is none
             SENT_ID.validate_python({HEADER: sent} if sent else {})
-        except ValidationError as error:  # refused with an id of its own
+        except ValidationError as error:
             scope["state"]["request_id"] = uuid.uuid4().hex
-            await invalid_body(error).response()(scope, receive, send_with_id)
+            await invalid_body(error).response()(scope, receive, send)
             return
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive, send)
+
+
+def sent_id(scope: Scope) -> str:
+    """The `X-Request-Id` the request sent ("" for none), its bytes read as UTF-8 (a header is latin-1 to starlette)."""
+    return Headers(scope=scope).get(HEADER, "").encode("latin-1").decode("utf-8", "replace")
 
 
 def request_id_of(request: Request) -> str:

@@ -957,6 +957,8 @@ def test_a_key_that_has_spent_its_budget_is_refused_before_its_request_is_read(e
 
 
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):
+    """A page of a configured origin is admitted, another's refused; either preflight's answer carries an X-Request-Id,
+    as every answer does (they had none: CORS answered them outside RequestIds)."""
     app = create_app(engine, open_database(tmp_path / "db"), cors_origins=("https://app.example",))
 
     async def scenario(client):
@@ -974,6 +976,8 @@ def test_cors_admits_the_configured_origins_only(engine, tmp_path):
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-stainless-os" in allowed.headers["access-control-allow-headers"].lower()
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    for preflight in (allowed, refused):
+        assert re.fullmatch("[0-9a-f]{32}", preflight.headers["x-request-id"])
     assert "retry-after" in answer.headers["access-control-expose-headers"].lower()  # a page can read a 429's wait
     assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()  # and its call's request id
     exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].lower().split(",")}
