@@ -5,8 +5,9 @@ to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`
 `{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are kept), the tokens
 of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face
 `hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens
-(`Authorization: Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept), and long random
-values assigned to a name like api_key, secret, token or password.
+(`Authorization: Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept) and basic
+credentials (`Authorization: Basic ...`, base64 of `user:password`), and long random values assigned to a name like
+api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -34,6 +35,7 @@ matrix products such as `w@x.mean()` are kept too.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import ipaddress
 import re
@@ -250,12 +252,25 @@ _ASSIGNED_SECRET = re.compile(
     r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b|[A-Za-z0-9+/]{32,}={0,2})"
 )
 
-# An HTTP bearer credential (RFC 6750's `Authorization: Bearer <token>`, as curl examples and request code write it),
-# whole: 20 or more of its token characters, which may hold dots (Google's OAuth tokens, `ya29.a0Af...`). The word in
-# any case, by character sets, its first letter before the lookbehind: 3x faster than (?i) and a lookbehind first.
-_BEARER_TOKEN = re.compile(
-    r"(?P<scheme>[Bb](?<![\w-][Bb])[Ee][Aa][Rr][Ee][Rr][ \t]+)(?P<token>[A-Za-z0-9._~+/-]{20,}+=*)(?![\w=])"
+# An HTTP credential, as curl examples, request code and logs write it, whole: a bearer token (RFC 6750's
+# `Authorization: Bearer <token>`), 20 or more of its token characters, which may hold dots (Google's OAuth tokens,
+# `ya29.a0Af...`), or basic credentials (RFC 7617's `Authorization: Basic <base64 of user:password>`, group `basic`:
+# `_is_basic_credentials`). The word in any case, by character sets, its first letter before the lookbehind: 3x faster
+# than (?i) and a lookbehind first.
+_HTTP_CREDENTIALS = re.compile(
+    r"(?P<scheme>[Bb](?<![\w-][Bb])(?:[Ee][Aa][Rr][Ee][Rr]|(?P<basic>[Aa][Ss][Ii][Cc]))[ \t]+)"
+    r"(?P<token>[A-Za-z0-9._~+/-]{4,}+=*)(?![\w=])"
 )
+
+
+def _is_basic_credentials(token: str) -> bool:
+    """Whether the word after `Basic` is base64 of printable `user:password` text, not a word (`Basic English`) or a
+    placeholder (`Basic YOUR_CREDENTIALS`)."""
+    try:
+        credentials = base64.b64decode(token, validate=True).decode("utf-8")
+    except ValueError:  # no base64, or no UTF-8 text
+        return False
+    return ":" in credentials and credentials.isprintable()
 
 
 # A URL's scheme and what of its user precedes an e-mail-like match (read in the `URL_USER_CHARS` characters before it)
@@ -388,9 +403,12 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         counts["secret"] += 1
         return f"{match['name']}{quote}{SECRET}{quote}"
 
-    def replace_bearer_token(match: re.Match[str]) -> str:
+    def replace_http_credentials(match: re.Match[str]) -> str:
         token = match["token"]
-        if token.startswith("/") or not _mixes_letters_and_digits(token):  # a path after the word: no credential
+        if match["basic"] is not None:
+            if not _is_basic_credentials(token.rstrip(".")):
+                return match[0]
+        elif len(token) < 20 or token.startswith("/") or not _mixes_letters_and_digits(token):  # `bearer /usr/lib`
             return match[0]
         counts["secret"] += 1
         return f"{match['scheme']}{SECRET}{token[len(token.rstrip('.')) :]}"  # a sentence's full stop stays
@@ -423,7 +441,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     ):
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found
-    text = _BEARER_TOKEN.sub(replace_bearer_token, text)
+    text = _HTTP_CREDENTIALS.sub(replace_http_credentials, text)
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     folded = _folded(text)
     for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV6, replace_ip), (_IPV4, replace_ip)):

@@ -928,6 +928,21 @@ def test_an_http_bearer_token_is_replaced_and_a_placeholder_is_kept() -> None:
     assert scrub_pii(kept) == (kept, {})
 
 
+def test_http_basic_credentials_are_replaced_and_words_after_basic_are_kept() -> None:
+    """`Authorization: Basic <base64 of user:password>` (RFC 7617), as curl examples and logs write it, was kept: the
+    password reads back from it. Base64 of `user:password` text is replaced; words and placeholders stay."""
+    text = (
+        'curl -H "Authorization: Basic dXNlcjpwYXNzd29yZA==" https://api.example.com\n'
+        'auth = {"authorization": "basic YWxhZGRpbjpvcGVuc2VzYW1l"}\n'
+    )
+    assert scrub_pii(text) == (
+        'curl -H "Authorization: Basic <SECRET>" https://api.example.com\nauth = {"authorization": "basic <SECRET>"}\n',
+        {"secret": 2},
+    )
+    kept = 'Basic English, a basic idea, "Basic ${CREDENTIALS}", Basic YOUR_BASE64_CREDENTIALS, BASIC abcd1234\n'
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_a_bearer_tokens_full_stop_stays_and_a_path_after_the_word_is_no_token() -> None:
     """The token's characters take dots (Google's `ya29.` tokens), so a sentence's full stop went with the token into
     `<SECRET>`, and a path after the word ('the bearer /usr/lib/python3.11') was taken for a token."""
