@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -56,7 +57,10 @@ LENGTH_ERRORS = ("too_long", "too_short", "string_too_long", "string_too_short")
 def parse_body(schema: type[Model], raw: bytes) -> Model:
     """The request body `raw` as `schema`, or a 400 naming every field at fault. Fields a schema keeps unknown (extra
     "allow") are ignored, as vLLM ignores them, and named in a warning for the operator, as vLLM names them: those of
-    an object in the body by their path (stream_options.include_usuage)."""
+    an object in the body by their path (stream_options.include_usuage). A leading UTF-8 byte order mark (a file
+    Windows' Notepad saved, sent by `curl -d @request.json`) is skipped, as RFC 8259 lets a parser and Python's json
+    (vLLM's) do."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as error:
