@@ -167,18 +167,18 @@ def quantize_command(
                 f"{mode} measures against the float model and would quantize every layer again from dequantized "
                 f"weights (a second rounding); run {mode} on the float checkpoint it was made from",
             )
-        if progressive:
-            report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
-        elif adaptive:
-            report = _adaptive(model, out, data, budget_bits)
-        else:
-            try:
+        try:
+            if progressive:
+                report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
+            elif adaptive:
+                report = _adaptive(model, out, data, budget_bits)
+            else:
                 assignment, notes = quantize_checkpoint(model, out, resolved)
-            except ConfigError as error:  # a field met with the checkpoint (fp8_block against its dtype, a pattern)
-                field = error.field  # the --config file's where no option gave it and it is not the default
-                in_file = field not in given and vars(resolved).get(field) != vars(QuantConfig()).get(field)
-                raise error.at(str(config) if in_file else None) from None
-            report = {"assignment": assignment, "notes": notes}
+                report = {"assignment": assignment, "notes": notes}
+        except ConfigError as error:  # a field met with the checkpoint (fp8_block against its dtype, a pattern)
+            field = error.field  # the --config file's where no option gave it and it is not the default
+            in_file = field not in given and vars(resolved).get(field) != vars(QuantConfig()).get(field)
+            raise error.at(str(config) if in_file else None) from None
         report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
     if as_json:
         typer.echo(json.dumps(report, indent=2))

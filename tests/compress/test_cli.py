@@ -489,6 +489,22 @@ def test_a_config_file_field_the_scheme_or_the_checkpoint_refuses_is_refused_nam
     assert f"error: {tmp_path / 'quant.yaml'}: {message}" in " ".join(result.output.split())
 
 
+def test_progressive_names_the_config_file_whose_pattern_matches_no_layer_as_a_quantization_does(tmp_path):
+    """--progressive said "error: field 'keep': pattern 'nothing.*' matches no layer", naming no file."""
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text("keep: ['nothing.*']\n")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config",
+              str(tmp_path / "quant.yaml"), "--progressive", "--data", str(tmp_path / "shards")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "q").exists()
+    assert f"error: {tmp_path / 'quant.yaml'}: field 'keep': pattern 'nothing.*' matches no layer" in result.output
+
+
 @pytest.mark.parametrize("config", ["scheme: fp8\n", "scheme: fp8\nlayers:\n  layers.*.mlp.experts: fp8\n"])
 def test_progressive_refuses_an_fp8_config_file_naming_it_before_measuring(tmp_path, config):
     """Its stages are int8 and int4: the fp8 scheme was ignored, and fp8 layers failed at the int8 stage."""
