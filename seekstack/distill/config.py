@@ -34,7 +34,8 @@ class DistillConfig(ConversationConfig):
     balance terms, as in pretraining); validation scores the student's loss and its divergence from the teacher, on
     data_dir's val split or on the held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`). On
     conversations (e.g. the teacher's verified traces, `seekstack traces`) `tokenizer` "" is the teacher's, and
-    on-policy the student answers each conversation's prompt (the turns before its first assistant token) itself."""
+    on-policy the student answers each conversation's last trained assistant turn itself, the turns before it the
+    prompt."""
 
     checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
     # TRL's GKDConfig names that are none of these fields, beside its SFTConfig ones (schema.known_fields)

@@ -2,7 +2,8 @@
 
 Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length (to the
 student's context when the row is one longer: seq_len = max_position_embeddings). Conversations:
-the student answers each conversation's prompt (its tokens before the first assistant token) until EOS or seq_len;
+the student answers each conversation's last trained assistant turn (its tokens before that turn are the prompt, as
+TRL's GKD answers a conversation's last message with the turns before it) until EOS or seq_len;
 SFTSource leaves out conversations without an assistant token within seq_len, so every prompt has room; packed rows'
 conversations are answered each on its own and the answered ones packed again. Generation
 runs on the inference engine built on the very student being trained, as the RL rollouts do
@@ -46,13 +47,17 @@ def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Ten
 def conversation_prompts(
     input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
 ) -> list[list[int]]:
-    """Each conversation's tokens before its first assistant token (the first one labelled): one a row, or several a
-    row packed by `positions` (B, T), each starting where its positions restart at 0."""
+    """Each conversation's tokens before its last trained assistant turn (the last run of labelled tokens: its
+    content, tool calls and EOS), the earlier turns its context, as TRL's GKD prompts with a conversation's messages
+    but the last: one a row, or several a row packed by `positions` (B, T), each starting where its positions restart
+    at 0."""
     prompts = []
     for row, (ids, row_labels) in enumerate(zip(input_ids.tolist(), labels.tolist(), strict=True)):
         starts = [0] if positions is None else (positions[row] == 0).nonzero().flatten().tolist()
         for start, end in zip(starts, [*starts[1:], len(ids)], strict=True):
-            answer = next(t for t in range(start, end) if row_labels[t] != IGNORE_INDEX)
+            answer = max(t for t in range(start, end) if row_labels[t] != IGNORE_INDEX)
+            while answer > start and row_labels[answer - 1] != IGNORE_INDEX:  # back to the turn's first token
+                answer -= 1
             prompts.append(ids[start:answer])
     return prompts
 

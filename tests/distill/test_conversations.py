@@ -26,6 +26,7 @@ from seekstack.model.transformer import Transformer
 from seekstack.posttrain.conversations import (
     HELD_OUT_FILE,
     conversation_key,
+    encode_conversation,
     labelled_text_bytes,
     read_held_out,
     task_conversations,
@@ -78,10 +79,22 @@ def test_conversation_losses_count_the_assistant_tokens_only(workspace, tmp_path
     torch.testing.assert_close(loss, 0.3 * ce + 0.7 * 4 * softened_kl + feature, rtol=1e-5, atol=1e-6)
 
 
-def test_on_policy_prompts_end_before_the_first_assistant_token_and_only_generated_tokens_are_compared():
+def test_on_policy_prompts_end_before_the_last_trained_assistant_turn_and_only_generated_tokens_are_compared(
+    tmp_path,
+):
+    """As TRL's GKD prompts with a conversation's messages but the last, the student answers the last trained
+    assistant turn, the turns before it its context (it answered the first turn, the later ones dropped: a multi-turn
+    conversation's later turns were never answered on-policy)."""
     input_ids = torch.tensor([[5, 6, 7, 8, 2], [5, 6, 9, 4, 2]])
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX], [IGNORE_INDEX] * 3 + [4, IGNORE_INDEX]])
-    assert conversation_prompts(input_ids, labels) == [[5, 6], [5, 6, 9]]
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 2], [IGNORE_INDEX] * 3 + [4, IGNORE_INDEX]])
+    assert conversation_prompts(input_ids, labels) == [[5, 6, 7, 8], [5, 6, 9]]
+    tokenizer = byte_tokenizer(tmp_path)
+    chat = [{"role": "user", "content": "1 + 2?"}, {"role": "assistant", "content": "<think> 3 </think> 3"}]
+    chat += [{"role": "user", "content": "还有 2 + 2？"}, {"role": "assistant", "content": "<think> 4 </think> 4"}]
+    ids, row_labels = encode_conversation(tokenizer, chat)
+    assert conversation_prompts(torch.tensor([ids]), torch.tensor([row_labels])) == [
+        tokenizer.encode_chat(chat[:3], add_generation_prompt=True)
+    ]
     # prompts of 2 and 3 tokens answered with 3 and 1 tokens: positions 1..3 and 2 predict the answers
     compared = generated_positions(torch.tensor([2, 3]), torch.tensor([3, 1]), width=6)
     assert compared.tolist() == [[False, True, True, True, False], [False, False, True, False, False]]
