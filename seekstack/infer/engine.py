@@ -595,9 +595,10 @@ class Engine:
                 f"request_id must be a str, as vLLM's, got {type(request_id).__name__} {request_id!r}: give "
                 f"{str(request_id)!r}"
             )
-        if isinstance(prompt_ids, str):  # its characters would read as ids: "123" as [1, 2, 3]
+        if isinstance(prompt_ids, (str, bytes, bytearray)):  # its characters would read as ids: "123" as [1, 2, 3]
             raise TypeError(
-                "prompt_ids is a str; give token ids (tokenizer.encode_prompt(text)), or the text to generate or stream"
+                f"prompt_ids is a {type(prompt_ids).__name__}; give token ids (tokenizer.encode_prompt(text)), or the "
+                "text to generate or stream"
             )
         params = params.validate()
         if params.n > 1:
@@ -1301,7 +1302,15 @@ class Engine:
                     "TextPrompt and TokensPrompt"
                 )
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
-        return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(map(token_id, prompt))
+        if isinstance(prompt, str):
+            return self.tokenizer.encode_prompt(prompt)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):  # b"hi" read as ids [104, 105]
+            decode = " (decode bytes to text first)" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise TypeError(
+                f"prompt {shown_value(prompt)} is no prompt: give a text{decode}, token ids or vLLM's "
+                "{'prompt': text}"
+            )
+        return list(map(token_id, prompt))
 
     def stream(
         self, prompt: str | list[int] | Mapping[str, Any], sampling_params: SamplingParams | None = None
@@ -1354,8 +1363,9 @@ class Engine:
                     f"{prompts.dtype} of shape {tuple(prompts.shape)}"
                 )
             prompts = prompts.tolist()
-        token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
-        one_prompt = isinstance(prompts, (str, Mapping)) or token_ids
+        # one prompt: a text, vLLM's prompt mapping, token ids (5.0 too), or none (None, bytes), which is refused below
+        one_prompt = not isinstance(prompts, Iterable) or isinstance(prompts, (str, bytes, bytearray, Mapping))
+        one_prompt = one_prompt or (len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts))
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)

@@ -990,6 +990,25 @@ def test_a_prompt_of_float_ids_is_refused_naming_the_value_and_numpy_ids_come_ba
     assert not engine.has_unfinished()
 
 
+def test_bytes_or_none_as_a_prompt_is_refused_not_read_as_token_ids(model, tokenizer):
+    """generate(b"def f") (a file read in binary mode) ran the bytes as token ids [100, 101, 102, 32, 102], silently,
+    and so did add_request and stream; generate(None) (a prompt variable left unset) was a bare "object of type
+    'NoneType' has no len()"."""
+    engine = Engine(model, tokenizer)
+    for prompt in (b"def f", [b"def f"], {"prompt_token_ids": b"def f"}):
+        with pytest.raises(TypeError, match=r"^prompt b'def f' is no prompt: give a text \(decode bytes to text first"):
+            engine.generate(prompt, GREEDY)
+    with pytest.raises(TypeError, match=r"^prompt b'def f' is no prompt"):
+        next(engine.stream(b"def f", GREEDY))
+    with pytest.raises(
+        TypeError, match=r"^prompt None is no prompt: give a text, token ids or vLLM's \{'prompt': text\}$"
+    ):
+        engine.generate(None, GREEDY)
+    with pytest.raises(TypeError, match=r"^prompt_ids is a bytes; give token ids \(tokenizer.encode_prompt\(text\)\)"):
+        engine.add_request(b"def f", GREEDY)
+    assert not engine.has_unfinished()
+
+
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
 def test_an_engine_runs_a_training_model_in_eval_mode_and_leaves_it_training(tokenizer, monkeypatch, speculative):
     model = micro_model(aux_loss_alpha=0.001).train()
