@@ -22,6 +22,7 @@ from seekstack.cli.common import (
     usage_error,
     user_errors,
 )
+from seekstack.interrupts import INTERRUPTED
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +180,8 @@ def quantize_command(
             field = error.field  # the --config file's where no option gave it and it is not the default
             in_file = field not in given and vars(resolved).get(field) != vars(QuantConfig()).get(field)
             raise error.at(str(config) if in_file else None) from None
+        except KeyboardInterrupt:  # typer's own exit 130 says nothing, after minutes of --progressive's measuring
+            fail(f"interrupted (Ctrl-C): nothing was written to {out}", as_json, code=INTERRUPTED)
         report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -505,6 +505,26 @@ def test_progressive_names_the_config_file_whose_pattern_matches_no_layer_as_a_q
     assert f"error: {tmp_path / 'quant.yaml'}: field 'keep': pattern 'nothing.*' matches no layer" in result.output
 
 
+def test_progressive_interrupted_while_measuring_says_so_and_that_nothing_was_written(tmp_path, monkeypatch):
+    """Ctrl-C during --progressive's measuring (minutes on a real model) ended the command with exit 130 and no word,
+    where prune and train say what became of their output."""
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.compress.quality.measure", interrupted)
+    write_train_shard(tmp_path / "shards")
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--progressive", "--data",
+              str(tmp_path / "shards")],
+    )  # fmt: skip
+    assert result.exit_code == 130 and not (tmp_path / "q").exists()
+    assert result.stderr.endswith(f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'q'}\n")
+
+
 @pytest.mark.parametrize("config", ["scheme: fp8\n", "scheme: fp8\nlayers:\n  layers.*.mlp.experts: fp8\n"])
 def test_progressive_refuses_an_fp8_config_file_naming_it_before_measuring(tmp_path, config):
     """Its stages are int8 and int4: the fp8 scheme was ignored, and fp8 layers failed at the int8 stage."""
