@@ -1,13 +1,13 @@
 """Replace e-mail addresses, public IP addresses and secrets with placeholders.
 
-Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----` with a base64 body, to their END line or, cut short,
-to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as
-`{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are kept), the tokens
-of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face
-`hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens
-(`Authorization: Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept) and basic
-credentials (`Authorization: Basic ...`, base64 of `user:password`), and long random values assigned to a name like
-api_key, secret, token or password.
+Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----`, PGP's `... PRIVATE KEY BLOCK-----`, SSH2's `---- BEGIN
+SSH2 ENCRYPTED PRIVATE KEY ----`, with a base64 body, to their END line or, cut short, to the next `--`), passwords in
+URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as `{password}`, `${DB_PASS}` or `%s`, and
+the words documentation puts there, `user:pass@host`, are kept), the tokens of known services by their prefixes (OpenAI,
+AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face `hf_`, GitLab `glpat-`, PyPI `pypi-`, npm
+`npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens (`Authorization: Bearer ...`, of letters and digits;
+`Bearer $TOKEN`, `Bearer {token}` are kept) and basic credentials (`Authorization: Basic ...`, base64 of
+`user:password`), and long random values assigned to a name like api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -227,12 +227,16 @@ _KNOWN_TOKENS = re.compile(
     r"|npm_[A-Za-z0-9]{36}\b)"  # npm access token
     r"|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"  # JWT: header.payload.signature
 )
-# Base64 lines (newlines also escaped, `\n` in a string literal) and headers (`Proc-Type: 4,ENCRYPTED`) to the END
-# line, or to where a block cut short stops looking like one; possessive: linear time. A key has a body: a header
-# alone (`PEM_HEADER = "-----BEGIN RSA PRIVATE KEY-----"`, prose naming it) has no such body and is kept.
+# PEM's and OpenSSH's (`-----BEGIN RSA PRIVATE KEY-----`), OpenPGP's armored one (`-----BEGIN PGP PRIVATE KEY
+# BLOCK-----`, RFC 4880) and RFC 4716's (`---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----`). Base64 lines (newlines also
+# escaped, `\n` in a string literal) and headers (`Proc-Type: 4,ENCRYPTED`, `Version: GnuPG v2`, `Comment: "my key"`,
+# each value to its line's end) to the END line, or to where a block cut short stops looking like one; possessive:
+# linear time. A key has a body: a header alone (`PEM_HEADER = "-----BEGIN RSA PRIVATE KEY-----"`, prose naming it)
+# has no such body and is kept.
 _PRIVATE_KEY = re.compile(
-    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?P<body>(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) |-(?!-))*+)"
-    r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----)?"
+    r"(?:-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----)"
+    r"(?P<body>(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) [^\n\r\\]*+|-(?!-))*+)"
+    r"(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|---- END SSH2 ENCRYPTED PRIVATE KEY ----)?"
 )
 _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:

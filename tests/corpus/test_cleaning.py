@@ -888,6 +888,21 @@ def test_private_keys_url_passwords_stripe_keys_and_jwts_are_replaced() -> None:
     )
 
 
+def test_pgp_and_ssh2_private_key_blocks_are_replaced_with_their_headers_and_a_public_key_is_kept() -> None:
+    """An OpenPGP armored private key (`gpg --export-secret-keys --armor`, with its `Version:` header) and an RFC 4716
+    one (PuTTYgen's and ssh.com's export) were kept whole: only PEM's `PRIVATE KEY-----` line opened a block."""
+    body = "lQOYBGVbMk4BCADC3Hd7xWJ3mT0c7aPxqUv3Kc0E4yZ6cQ9k6l0xL1Ff0XgYdE5q\nZm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFi\n"
+    pgp, ssh2 = "PGP PRIVATE KEY BLOCK-----", "SSH2 ENCRYPTED PRIVATE KEY ----"
+    text = (
+        f"-----BEGIN {pgp}\nVersion: GnuPG v2\n\n{body}=tH2c\n-----END {pgp}\n"
+        f'---- BEGIN {ssh2}\nComment: "rsa-key 2020"\n{body}---- END {ssh2}\n'
+        f'KEY = "-----BEGIN {pgp}\\nVersion: GnuPG v2\\n\\nlQOYBGVbMk4BCADC3Hd7xWJ3mT0c7aPxqUv3Kc0E4yZ6"\n'
+    )
+    assert scrub_pii(text) == ('<SECRET>\n<SECRET>\nKEY = "<SECRET>"\n', {"secret": 3})
+    public = f"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\n{body}-----END PGP PUBLIC KEY BLOCK-----\n"
+    assert scrub_pii(public) == (public, {})
+
+
 def test_hugging_face_gitlab_pypi_and_npm_tokens_are_replaced_by_their_prefixes() -> None:
     """The tokens of the hubs and registries a corpus of code and notebooks holds were kept where no secret-like name
     was assigned them (`os.environ["HF_TOKEN"] = ...`, a command's argument); an identifier of theirs is kept."""
