@@ -1603,6 +1603,10 @@ class Engine:
                 f"messages is a str; give a conversation, [{{'role': 'user', 'content': {messages[:20]!r}}}], or a "
                 "list of them (generate continues a text as it is)"
             )
+        if isinstance(messages, Mapping) or not isinstance(messages, Sequence):  # one message (KeyError 0), None
+            asked = f"one message, {shown_value(messages)}" if isinstance(messages, Mapping) else shown_value(messages)
+            written = shown_value([messages]) if isinstance(messages, Mapping) else "[{'role': 'user', 'content': ...}]"
+            raise TypeError(f"messages is {asked}; give a conversation, {written}, or a list of them")
         offered_tools = offered(list(tools), self.tokenizer) if tools is not None else []
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
         conversations = [messages] if one else list(messages)

@@ -1391,6 +1391,23 @@ def test_chat_given_a_text_for_messages_says_how_a_conversation_is_written(model
     )
 
 
+def test_chat_given_one_message_or_none_for_messages_says_how_a_conversation_is_written(model, tokenizer):
+    """Engine.chat({"role": "user", "content": "hi"}), one message without its list, was a bare KeyError 0, and
+    chat(None) a bare "object of type 'NoneType' has no len()"."""
+    engine = Engine(model, tokenizer)
+    with pytest.raises(TypeError) as refusal:
+        engine.chat({"role": "user", "content": "hi"}, GREEDY)
+    assert str(refusal.value) == (
+        "messages is one message, {'role': 'user', 'content': 'hi'}; give a conversation, [{'role': 'user', "
+        "'content': 'hi'}], or a list of them"
+    )
+    with pytest.raises(TypeError) as refusal:
+        engine.chat(None, GREEDY)
+    assert str(refusal.value) == (
+        "messages is None; give a conversation, [{'role': 'user', 'content': ...}], or a list of them"
+    )
+
+
 @pytest.mark.parametrize(
     ("prompt", "fields", "message"),
     [
