@@ -442,7 +442,8 @@ def require_conversation_fields(config: ConversationConfig) -> None:
     require(
         bool(config.data) or not fraction or held_out_count(fraction, config.examples) > 0,
         "val_fraction",
-        f"0 or at least 1/examples={1 / config.examples:.2g}, to hold out a problem of task {config.task}",
+        f"0 or at least {least_fraction(1, config.examples)} (1 of examples={config.examples}), to hold out a problem "
+        f"of task {config.task}",
     )
 
 
@@ -460,6 +461,14 @@ def held_out_count(fraction: float, count: int) -> int:
     """int(fraction x count) of the fraction as written, as corpus/quality.py takes a share: 0.29 of 100 is 29, where
     the float product is 28.999999999999996."""
     return int(Decimal(repr(float(fraction))) * count)
+
+
+def least_fraction(held: int, count: int) -> str:
+    """The least val_fraction of one more decimal place than `count` has digits that holds out `held` of `count`
+    (`held_out_count`), as a user writes it: 1 of 3 is 0.34 (0.33 holds out none, and 1/3 is no number the field
+    reads), 1 of 7 is 0.15."""
+    places = len(str(count)) + 1
+    return f"{Decimal(-(-held * 10**places // count)).scaleb(-places).normalize():f}"
 
 
 def _loop_fields(config: TrainConfig) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import ConversationConfig, SFTConfig, held_out_count, run_tokenizer
+from seekstack.posttrain.config import ConversationConfig, SFTConfig, held_out_count, least_fraction, run_tokenizer
 from seekstack.posttrain.conversations import (
     HELD_OUT_FILE,
     Conversation,
@@ -289,7 +289,7 @@ def _require_a_split(config: ConversationConfig, trained: list[Conversation], he
         return
     total, fewest = len(trained), min(Counter(conversation_key(c) for c in trained).values())  # the rarest's copies
     copies = f" (each conversation is held out with its copies, and every one here has {fewest} or more)"
-    mend = f"raise it to at least {fewest}/{total}{copies if fewest > 1 else ''}, or give val_data"
+    mend = f"raise it to at least {least_fraction(fewest, total)}{copies if fewest > 1 else ''}, or give val_data"
     if fewest == total:
         mend = "they are copies of one conversation, held out together or not at all: give val_data"
     raise ConfigError(

@@ -153,7 +153,7 @@ def test_a_bad_val_fraction_or_val_data_is_refused_naming_its_key(tmp_path):
             [start, on_data, "val_fraction=0.1"],
             "'val_fraction' has value 0.1: it holds out none of the 8 conversations",
         ),
-        ([start, "examples=10", "val_fraction=0.05"], "'val_fraction' must be 0 or at least 1/examples=0.1"),
+        ([start, "examples=7", "val_fraction=0.14"], "'val_fraction' must be 0 or at least 0.15 (1 of examples=7)"),
         ([start, "val_data=nope.jsonl"], "'val_data' must be a JSONL file of conversations, not 'nope.jsonl'"),
         ([start, on_data, f"val_data={data}"], "'val_data' must be another file than data"),
         ([start, f"val_data={data}", "val_fraction=0.5"], "'val_fraction' must be 0 or unset when val_data is given"),
@@ -205,15 +205,21 @@ def test_held_out_conversations_none_of_which_fits_seq_len_are_told_so_not_as_no
 
 def test_a_val_fraction_holding_none_out_is_told_the_least_that_holds_out_a_conversation_with_its_copies(tmp_path):
     """Every conversation twice at val_fraction=1/40 of 40: none is held out (each only with its copy), and the
-    refusal says 2/40, not the 1/40 the field already has; copies of one conversation alone: give val_data."""
+    refusal says 0.05 (2/40), not the 1/40 the field already has; copies of one conversation alone: give val_data. The
+    least is a decimal the field reads and that holds one out: "at least 1/3" was no number it reads, and 0.33 of 3
+    holds none out."""
     twice = write_conversations(SUMS[:20] * 2, tmp_path / "twice.jsonl")
     with pytest.raises(ConfigError) as refused:
         SFTSource(sft_config(tmp_path, f"data={twice}", "val_fraction=0.025"), holds_out=True)
     assert str(refused.value) == (
         f"field 'val_fraction' has value 0.025: it holds out none of the 40 conversations of {twice}; raise it to at "
-        "least 2/40 (each conversation is held out with its copies, and every one here has 2 or more), or give val_data"
+        "least 0.05 (each conversation is held out with its copies, and every one here has 2 or more), or give val_data"
     )
     SFTSource(sft_config(tmp_path, f"data={twice}", "val_fraction=0.05"), holds_out=True)  # 2/40 holds one out
+    three = write_conversations(SUMS[:3], tmp_path / "three.jsonl")  # 1/3 is no number val_fraction reads; 0.33 x 3 < 1
+    with pytest.raises(ConfigError, match=r"value 0.33: .* raise it to at least 0.34, or give val_data"):
+        SFTSource(sft_config(tmp_path, f"data={three}", "val_fraction=0.33"), holds_out=True)
+    assert len(SFTSource(sft_config(tmp_path, f"data={three}", "val_fraction=0.34"), holds_out=True).held_out) == 1
     one = write_conversations(SUMS[:1] * 30, tmp_path / "one.jsonl")
     with pytest.raises(ConfigError, match="they are copies of one conversation, held out together or not at all: give"):
         SFTSource(sft_config(tmp_path, f"data={one}", "val_fraction=0.5"), holds_out=True)
