@@ -783,6 +783,10 @@ def read_csv(
             if unlike is None:
                 raise
             raise DataSourceError(f"{path}: cannot be read as {file_format}: {unlike}") from None
+    # pyarrow reads a quote no quote closes as a value to the end of the file, the rows after it in it (pandas,
+    # whose reader datasets uses, refuses it: "EOF inside string"); Python's csv, strict, tells it (a pipe is read once)
+    if not path.is_fifo() and (open_quote := _quote_left_open(path, encoding, delimiter)) is not None:
+        raise DataSourceError(f"{path}: cannot be read as {file_format}: {open_quote}")
 
 
 def _header(start: bytes, encoding: str, delimiter: str) -> list[str]:
@@ -840,6 +844,28 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
                     return f"{found}; quote a value that holds a {separator}, or give each row the header's columns"
     except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
         return None
+    return None
+
+
+def _quote_left_open(path: Path, encoding: str, delimiter: str) -> str | None:
+    """Where the quoted value that no quote closes opens in a CSV or TSV file, the file's end inside it, and how to
+    mend it, rows counted as ids count them; None when every quoted value is closed (or Python's csv, strict, stops
+    first at a quote pyarrow reads leniently, `"a"b`)."""
+    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+        rows = csv.reader(text, delimiter=delimiter, strict=True)
+        number, next_line = 0, 1
+        try:
+            next((row for row in rows if row), None)  # the header, past blank lines, as pyarrow reads it
+            next_line = rows.line_num + 1
+            for row in rows:
+                number, next_line = number + bool(row), rows.line_num + 1
+        except csv.Error as error:
+            if str(error) != "unexpected end of data":
+                return None
+            return (
+                f"row {number + 1} (line {next_line}) opens a quoted value that no quote closes, which would hold "
+                'every row after it; close it, or write a quote inside a value twice ("")'
+            )
     return None
 
 

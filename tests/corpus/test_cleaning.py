@@ -1899,6 +1899,25 @@ def test_a_row_unlike_its_header_is_refused_naming_its_row_and_line(
 
 
 @pytest.mark.parametrize(
+    ("name", "delimiter", "file_format"), [("posts.csv", ",", "CSV"), ("posts.tsv.gz", "\t", "TSV")]
+)
+def test_a_quote_no_quote_closes_is_refused_naming_its_row_not_read_as_the_rows_after_it(
+    tmp_path: Path, name: str, delimiter: str, file_format: str
+) -> None:
+    """pyarrow read a value opened by a quote that no quote closes to the end of the file: rows 3 and 4 were one
+    document, `posts.csv:3`, of 'no closing quote\n4,lost row\n' (pandas, datasets' reader: 'EOF inside string')."""
+    rows = ["id,text", "1,fine", "", '2,"two lines', 'of ""quoted"" text"', '3,"no closing quote', "4,lost row", ""]
+    table = "\n".join(rows).replace(",", delimiter).encode()
+    (tmp_path / name).write_bytes(gzip.compress(table) if name.endswith(".gz") else table)
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / name))
+    assert str(refused.value) == (
+        f"{tmp_path / name}: cannot be read as {file_format}: row 3 (line 6) opens a quoted value that no quote "
+        'closes, which would hold every row after it; close it, or write a quote inside a value twice ("")'
+    )
+
+
+@pytest.mark.parametrize(
     ("table", "found"),
     [
         (
