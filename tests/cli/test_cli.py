@@ -192,11 +192,14 @@ def test_commands_reading_a_run_name_the_checkpoint_they_picked(tmp_path, monkey
 
 
 def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
-    """nan was refused by typer's own range as "Input should be greater than or equal to 0", naming no value."""
+    """nan was refused by typer's own range as "Input should be greater than or equal to 0", naming no value, and
+    --top-k -1, vLLM's off, which generate takes, was refused so too."""
     checkpoint = model_dir(tmp_path / "model")
+    assert run("sample", str(checkpoint), "--top-k", "-1", "--max-new-tokens", "2").exit_code == 0
     for option, value, problem in [("--temperature", "200", "200.0: input should be less than or equal to 100"),
                                    ("--temperature", "nan", "nan: input should be a finite number"),
                                    ("--temperature", "-1", "-1.0: input should be greater than or equal to 0"),
+                                   ("--top-k", "-5", "-5: input should be greater than or equal to -1"),
                                    ("--seed", str(2**64), f"{2**64}: input should be less than {2**64}")]:  # fmt: skip
         result = run("sample", str(checkpoint), option, value, "--max-new-tokens", "2")
         assert result.exit_code == 2  # a usage error, as the parser's own refusals
