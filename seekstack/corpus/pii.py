@@ -4,10 +4,11 @@ Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----`, PGP's `... PRIVA
 SSH2 ENCRYPTED PRIVATE KEY ----`, with a base64 body, to their END line or, cut short, to the next `--`), passwords in
 URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as `{password}`, `${DB_PASS}` or `%s`, and
 the words documentation puts there, `user:pass@host`, are kept), the tokens of known services by their prefixes (OpenAI,
-AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face `hf_`, GitLab `glpat-`, PyPI `pypi-`, npm
-`npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens (`Authorization: Bearer ...`, of letters and digits;
-`Bearer $TOKEN`, `Bearer {token}` are kept) and basic credentials (`Authorization: Basic ...`, base64 of
-`user:password`), and long random values assigned to a name like api_key, secret, token or password.
+AWS, GitHub, Slack and its webhooks' paths, SendGrid `SG.`, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face `hf_`,
+GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens (`Authorization:
+Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept) and basic credentials (`Authorization:
+Basic ...`, base64 of `user:password`), and long random values assigned to a name like api_key, secret, token or
+password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -219,6 +220,9 @@ _KNOWN_TOKENS = re.compile(
     r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
     r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
     r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    # a Slack webhook's path: its secret has lower-case letters (not the docs' `T00000000/B00000000/XXXX...`)
+    r"|(?<=hooks\.slack\.com/services/)T[A-Z0-9]{8,}/B[A-Z0-9]{8,}/(?=[A-Z0-9]{0,23}[a-z])[A-Za-z0-9]{24}\b"
+    r"|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}"  # SendGrid
     r"|AIza[0-9A-Za-z_-]{35}"  # Google
     r"|[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
     r"|hf_(?=[A-Za-z][a-z]*[A-Z])(?=[A-Z]*[a-z])[A-Za-z]{34}\b"  # Hugging Face: random letters, not a word's cases

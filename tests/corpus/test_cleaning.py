@@ -903,6 +903,22 @@ def test_pgp_and_ssh2_private_key_blocks_are_replaced_with_their_headers_and_a_p
     assert scrub_pii(public) == (public, {})
 
 
+def test_a_slack_webhooks_secret_path_and_a_sendgrid_key_are_replaced_and_slacks_placeholder_is_kept() -> None:
+    """A Slack incoming webhook's URL (anyone holding it posts to the channel) and a SendGrid key were kept: only
+    Slack's `xox` tokens were known. The webhook keeps its host; the docs' placeholder path stays."""
+    text = (
+        "SLACK_URL=https://hooks.slack.com/services/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\n"
+        'sg = SendGridAPIClient("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")\n'
+        "e.g. https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX\n"
+    )
+    assert scrub_pii(text) == (
+        "SLACK_URL=https://hooks.slack.com/services/<SECRET>\n"
+        'sg = SendGridAPIClient("<SECRET>")\n'
+        "e.g. https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX\n",
+        {"secret": 2},
+    )
+
+
 def test_hugging_face_gitlab_pypi_and_npm_tokens_are_replaced_by_their_prefixes() -> None:
     """The tokens of the hubs and registries a corpus of code and notebooks holds were kept where no secret-like name
     was assigned them (`os.environ["HF_TOKEN"] = ...`, a command's argument); an identifier of theirs is kept."""
