@@ -102,6 +102,14 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
             raise ConfigError(f"has value {shown_value(value)}: not valid Unicode text", field=name).at(source)
     try:
         text = json.dumps(dict(values), default=_jsonable)
+    except TypeError:  # a value that is no configuration value (a set, an object), refused naming its field
+        for name, value in values.items():
+            try:
+                json.dumps(value, default=_jsonable)
+            except TypeError as error:
+                raise ConfigError(f"has value {shown_value(value)}: {error}", field=name).at(source) from None
+        raise
+    try:
         return _adapter(cls).validate_json(text)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
@@ -533,7 +541,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"{value!r} ({type(value).__name__}) is not a configuration value")
+    raise TypeError(
+        f"a {type(value).__name__} ({shown_value(value)}) is no configuration value: give a list, a mapping, text or "
+        "a number"
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -146,6 +146,21 @@ def test_a_refused_value_is_echoed_as_its_start_and_size_not_whole():
     }
 
 
+def test_a_value_no_config_holds_is_refused_naming_its_field():
+    """SamplingParams(stop={"END"}) (a set, which JSON cannot hold) raised a bare TypeError "{'END'} (set) is not a
+    configuration value", naming no field; so did any config given such a value in Python."""
+    with pytest.raises(ConfigError) as caught:
+        SamplingParams(stop={"END"})
+    assert str(caught.value) == (
+        "field 'stop' has value {'END'}: a set ({'END'}) is no configuration value: give a list, a mapping, text or a "
+        "number"
+    )
+    with pytest.raises(ConfigError, match=r"^field 'logit_bias' has value \{1: \{5\}\}: a set \(\{5\}\) is no "):
+        SamplingParams.from_dict({"logit_bias": {1: {5}}})
+    with pytest.raises(ConfigError, match=r"^field 'logit_bias' has value \{\(1, 2\): 3\}: keys must be str"):
+        SamplingParams.from_dict({"logit_bias": {(1, 2): 3}})
+
+
 def test_a_shown_value_of_one_item_counts_it_singular():
     """shown_value of a long list of one item said '(1 items)'."""
     assert shown_value(["x" * 100]) == f"['{'x' * 78}... (1 item)"
