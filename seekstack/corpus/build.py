@@ -389,11 +389,13 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
         for reason, count in report.top_removals()
     )
     kinds = ", ".join(f"{kind} {counts['in']:,}" for kind, counts in sorted(report.kinds.items()))
+    pages = any(reason == "html_page" for reason, _ in report.top_removals())
+    extract = " (html_page: extract the pages' text first, with trafilatura as datatrove does)" if pages else ""
     raise CorpusBuildError(
         f"kept {report.documents_kept:,} of {report.documents_in:,} documents, below min_kept_fraction="
         f"{config.min_kept_fraction}; removed most by {causes}. Detected kinds: {kinds} (profile "
         f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
-        f"(--write-config writes them); nothing was written{_not_read(report)}"
+        f"(--write-config writes them){extract}; nothing was written{_not_read(report)}"
     )
 
 

@@ -96,6 +96,18 @@ def test_build_that_keeps_almost_nothing_fails_naming_the_rules_and_writes_nothi
     assert report.documents_kept + report.removed["near_duplicate"] == 30 and report.documents_kept <= 2
 
 
+def test_a_build_of_html_pages_fails_saying_to_extract_their_text_not_to_loosen_the_rules(tmp_path: Path) -> None:
+    """Rows of raw pages fail `html_page`; loosening it would train on their markup, so the refusal says to extract."""
+    page = "<!DOCTYPE html>\n<html><body>\n{}\n</body></html>"
+    documents = [
+        Document(f"page{i}", page.format(ENGLISH_ARTICLE.replace("library", f"lib{i}")), "web") for i in range(3)
+    ]
+    with pytest.raises(CorpusBuildError) as error:
+        build_corpus([documents], tmp_path / "out", show_progress=False)
+    assert "removed most by html_page 3 (e.g. page0, prose/en)" in str(error.value)
+    assert "(html_page: extract the pages' text first, with trafilatura as datatrove does)" in str(error.value)
+
+
 def test_a_text_longer_than_every_kinds_max_chars_is_removed_before_it_is_scrubbed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
