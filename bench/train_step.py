@@ -7,11 +7,15 @@ when they are missing). MTP is off and the balance loss weight is 0, so both com
 first step's losses are checked equal before anything is timed. Ours runs as the trainer calls it, without
 materialising the logits (its loss fuses the output head with the cross-entropy); transformers' API always
 returns them. Timed steps of the contenders alternate and
-the median is reported; ratio = ours tok/s / theirs tok/s, above 1 means seekstack is faster.
+the median is reported; ratio = ours tok/s / theirs tok/s, above 1 means seekstack is faster. `--dtype bfloat16`
+runs every contender's forward under the same CPU bf16 autocast (weights and AdamW stay float32, as the trainer's
+`dtype=bfloat16`), so the ratio stays like for like; the first losses then agree within BF16_LOSS_ATOL, and the
+shares printed are of the measured bf16 matmul peak.
 
     python bench/train_step.py                      # tiny, batch 8 x 256, a few minutes on 2 cores
     python bench/train_step.py --reps 3 --screen 1  # quick check
     python bench/train_step.py --threads 1 --clock cpu --seq-len 512 --batch 4   # on a machine others are using
+    python bench/train_step.py --preset small --batch 4 --seq-len 512 --dtype bfloat16
 
 Shapes: B batch, T tokens per sequence.
 """
@@ -41,28 +45,32 @@ DEMO_TOKENS = Path("runs/demo/tokens")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 LOSS_ATOL = 1e-4
+BF16_LOSS_ATOL = 0.05  # bf16 keeps 8 bits of mantissa (~0.4% per rounding): implementations round in other places
 
 
 @dataclass
 class Contender:
-    """A model, its optimizer, and one training step on a batch (B, T) that returns the loss."""
+    """A model, its optimizer, and one training step on a batch (B, T) that returns the loss, the forward under CPU
+    autocast to `dtype` unless that is float32."""
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss: Callable[[torch.Tensor], torch.Tensor]
+    dtype: torch.dtype
 
     def step(self, batch: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         return loss.item()
 
 
-def contenders(preset: str, directory: Path) -> tuple[Contender, list[Contender]]:
-    """Ours and transformers' implementations, all loaded from one saved set of random weights."""
+def contenders(preset: str, directory: Path, dtype: torch.dtype) -> tuple[Contender, list[Contender]]:
+    """Ours and transformers' implementations, all loaded from one saved set of random weights, stepping in `dtype`."""
     config = seekstack.preset(preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
@@ -74,6 +82,7 @@ def contenders(preset: str, directory: Path) -> tuple[Contender, list[Contender]
         ours_model,
         build_optimizer(ours_model, train_config, cpu),
         lambda ids: ours_model(ids, labels=ids, keep_logits=False).loss,
+        dtype,
     )
     theirs = []
     for experts in EXPERTS_IMPLEMENTATIONS:
@@ -87,6 +96,7 @@ def contenders(preset: str, directory: Path) -> tuple[Contender, list[Contender]
                     model,
                     build_optimizer(model, train_config, cpu),
                     lambda ids, model=model: model(input_ids=ids, labels=ids, use_cache=False).loss,
+                    dtype,
                 )
             )
     return ours, theirs
@@ -118,6 +128,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--reps", type=positive_int, default=7, help="timed steps per contender (median reported)")
     parser.add_argument("--screen", type=positive_int, default=2, help="steps per transformers implementation")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: every contender's forward under CPU bf16 autocast (weights and AdamW float32)",
+    )
     parser.add_argument("--data", type=Path, help=f"token shards (data tokenize); default: {DEMO_TOKENS}, if there")
     add_machine_options(parser)
     args = parser.parse_args()
@@ -126,17 +142,20 @@ def main() -> None:
     peaks = matmul_peaks()
 
     with tempfile.TemporaryDirectory() as directory:
-        ours, theirs = contenders(args.preset, Path(directory))
+        ours, theirs = contenders(args.preset, Path(directory), getattr(torch, args.dtype))
         tokens = batch.numel()
         flops_per_token = training_flops_per_token(ours.model.config, args.seq_len)  # MTP is off: no MTP FLOPs
-        print(f"{args.preset}, batch {args.batch} x {args.seq_len}, float32, {torch.get_num_threads()} threads")
+        print(f"{args.preset}, batch {args.batch} x {args.seq_len}, {args.dtype}, {torch.get_num_threads()} threads")
 
         # Same weights, same batch: the first step's losses must agree, or the comparison means nothing.
+        atol = LOSS_ATOL if args.dtype == "float32" else BF16_LOSS_ATOL
         reference = ours.step(batch)
+        differences = []
         for contender in theirs:
             loss = contender.step(batch)
-            assert abs(loss - reference) < LOSS_ATOL, f"{contender.name}: first loss {loss} != ours {reference}"
-        print(f"first-step loss {reference:.5f} in every model (|diff| < {LOSS_ATOL})")
+            assert abs(loss - reference) < atol, f"{contender.name}: first loss {loss} != ours {reference}"
+            differences.append(abs(loss - reference))
+        print(f"first-step loss {reference:.5f} in every model (|diff| <= {max(differences):.2g} < {atol})")
 
         best = {c.name: min(timed_step(c, batch, args.clock) for _ in range(args.screen)) for c in theirs}
         for contender in theirs:
@@ -150,11 +169,14 @@ def main() -> None:
             for contender in timed[shift:] + timed[:shift]:
                 seconds[contender.name].append(timed_step(contender, batch, args.clock))
         medians = {name: statistics.median(values) for name, values in seconds.items()}
-        print(f"\ntraining step (forward + backward + clip + AdamW), {args.clock} clock, median of {args.reps}:")
+        print(
+            f"\ntraining step (forward + backward + clip + AdamW), {args.clock} clock, median of {args.reps}, "
+            f"shares of the {args.dtype} peak:"
+        )
         for contender in timed:
             rate = tokens / medians[contender.name]
             ratio = medians[contender.name] / medians["ours"]
-            share = share_of_peak(rate, flops_per_token, peaks["float32"])
+            share = share_of_peak(rate, flops_per_token, peaks[args.dtype])
             print(f"  {contender.name:36s} {rate:8.0f} tok/s   ours / this = {ratio:.2f}x   {share}")
 
 
