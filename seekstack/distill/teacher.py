@@ -134,8 +134,14 @@ class TopKCache:
         path = self._path(rows, compared, positions)
         if not path.is_file():
             return None
-        stored = torch.load(path, map_location=rows.device)
-        values, indices = stored["log_probs"].float(), stored["indices"].long()  # (N, k)
+        try:
+            stored = torch.load(path, map_location=rows.device, weights_only=True)
+            values, indices = stored["log_probs"].float(), stored["indices"].long()  # (N, k)
+        except Exception as error:  # pickle and zip errors of a damaged file, or another file's keys
+            raise ValueError(
+                f"teacher_cache {self.folder}: {path.name} is damaged ({error!r}); delete it, and the teacher scores "
+                "its batch again"
+            ) from None
         tail_mass = (1 - values.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
         spread = (tail_mass / (vocab_size - self.top_k)).log()  # (N, 1): each token outside the top k
         return spread.expand(-1, vocab_size).scatter(1, indices, values)

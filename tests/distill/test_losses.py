@@ -129,6 +129,19 @@ def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_w
         FeatureProjections({1: 4}, {1: 1.0}, 2, 4, 8, 16)
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[:100], lambda data: b"", lambda data: b"junk" * 10])
+def test_a_damaged_topk_cache_entry_is_refused_naming_it(tmp_path, damage):
+    """An entry cut short or overwritten (a copy gone wrong, a full disk) failed the run with torch's
+    "PytorchStreamReader failed reading zip archive ..." (or a bare EOFError), naming neither the file nor the cache."""
+    cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
+    rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    cache.write(rows, every_position, torch.randn(2, 10))
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    entry.write_bytes(damage(entry.read_bytes()))
+    with pytest.raises(ValueError, match=rf"teacher_cache .*cache: {entry.name} is damaged \(.*\); delete it, and"):
+        cache.read(rows, every_position, 10)
+
+
 def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
     rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
