@@ -99,7 +99,8 @@ def build_server(
         else f"API keys required (from {database.location})"
     )
     page = " (chat page at /)" if options.chat_page else ""
-    return app, f"serving {name!r} on http://{options.host}:{options.port}{page}; {access}"
+    host = f"[{options.host}]" if ":" in options.host else options.host  # an IPv6 address, as a URL writes it
+    return app, f"serving {name!r} on http://{host}:{options.port}{page}; {access}"
 
 
 def load_policy(path: Path) -> Policy:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import llguidance
 import pytest
 from typer.testing import CliRunner
@@ -44,8 +46,13 @@ def test_serve_builds_json_modes_token_trie_before_the_first_json_request(tmp_pa
     assert JsonFormat(engine.tokenizer).constraint().allowed(engine.config.vocab_size).any()
 
 
-def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(tmp_path):
-    app, _ = build_server(make_model_dir(tmp_path, max_position_embeddings=256), serve_options(tmp_path, 144))
+def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(tmp_path, monkeypatch):
+    """A chat without max_tokens fills the context the cache holds. The server's first line names the URL it listens
+    on, an IPv6 address in brackets (it said http://::1:PORT, which no browser or curl takes)."""
+    options = dataclasses.replace(serve_options(tmp_path, 144), host="::1")
+    monkeypatch.setattr("seekstack.serve.launch.check_listenable", lambda host, port: None)  # a machine without IPv6
+    app, said = build_server(make_model_dir(tmp_path, max_position_embeddings=256), options)
+    assert said.startswith(f"serving 'model' on http://[::1]:{options.port} (chat page at /); OPEN: ")
     chat = {"model": "model", "messages": [{"role": "user", "content": "Hello"}], "ignore_eos": True}
 
     async def scenario(client):
