@@ -15,6 +15,9 @@ loops (the low-rank product runs for all S slots: N*S*r*(in+out) multiply-adds n
     y = W x + B ((A x) * M)         (LoRA, Hu et al. 2021, eq. 3, each token with its slot's pair)
 
 That is the eager path: there each op costs more than its arithmetic at decode sizes, and the mask takes the fewest.
+An eager decode step's small linears take fewer still, one matmul, on the weights merged with each loaded slot's
+update: each token's x placed in its slot's block of S' blocks, zeros elsewhere, times the S' merged copies stacked
+(`MultiLoRALinear.forward_merged`; S' copies of the weight, held up to MERGED_LINEAR_BYTES).
 Compiled steps instead gather each row's own slot's factors, A_s (in, r) and B_s (r, out), into two batched matmuls
 (`MultiLoRALinear.forward_per_row`, punica's BGMV): inductor generates those matmuls as loops that read the gathered
 rows in place, so the arithmetic counts, and it is S times less (N*r*(in+out)).
@@ -115,6 +118,12 @@ class LoadedExtent:
         return rows.mask(tokens, self.down.shape[1] // self.rank, self.rank, dtype)
 
 
+# The most bytes an adapted linear's merged copies may take (the slots in use times its weight): small layers, where
+# the update's three ops cost more than reading S' copies of the weight (8 rows, 5 slots, rank 16, float32, one
+# thread, under load: 128 x 128, 0.31 MiB of copies, 122 -> 65 us; 256 x 256, 1.25 MiB, 369 -> 869 us).
+MERGED_LINEAR_BYTES = 2**19
+
+
 class MultiLoRALinear(nn.Module):
     """An nn.Linear plus, per token, its slot's low-rank update."""
 
@@ -126,6 +135,7 @@ class MultiLoRALinear(nn.Module):
         self.loaded_rank = 0  # the compact copy's rank, 0: no factors (buffers, so that .to() moves them)
         self.register_buffer("loaded_down", torch.zeros(0, 0), persistent=False)
         self.register_buffer("loaded_up", torch.zeros(0, 0), persistent=False)
+        self.register_buffer("loaded_merged", None, persistent=False)  # (S'*in, out), or None: `forward_merged`
 
     def set_factors(self, per_slot: list[Factors | None], rank: int) -> None:
         """Hold these factors, one entry per slot, each zero-padded to `rank`: A^T (in, S*r) and B^T (S*r, out),
@@ -139,6 +149,9 @@ class MultiLoRALinear(nn.Module):
         self.loaded_rank = used
         self.loaded_down = lora_a[:slots, :used].flatten(0, 1).t().contiguous()
         self.loaded_up = lora_b[:slots, :, :used].permute(0, 2, 1).flatten(0, 1).contiguous()
+        held = isinstance(self.base, nn.Linear) and slots * self.base.weight.nbytes <= MERGED_LINEAR_BYTES
+        # Row s*in + i is row i of W_s^T: x in block s of S'*in inputs, zeros elsewhere, gives W_s x.
+        self.loaded_merged = self.merged_per_slot().transpose(1, 2).flatten(0, 1).contiguous() if held else None
 
     def clear_factors(self) -> None:
         """Hold zeros in every slot (no loaded adapter adapts this layer), keeping the stacks' shapes; eager steps
@@ -146,6 +159,17 @@ class MultiLoRALinear(nn.Module):
         self.down.zero_()
         self.up.zero_()
         self.loaded_rank, self.loaded_down, self.loaded_up = 0, self.down[:, :0], self.up[:0]
+        self.loaded_merged = None
+
+    def merged_per_slot(self) -> torch.Tensor:
+        """W + B_s A_s (S', out, in) for the S' loaded slots, summed in float32 and rounded once to the weight's dtype
+        (in bfloat16, B A rounded and then the sum would be rounded twice)."""
+        weight, slots, rank = self.base.weight.detach(), self.rows.slots_in_use, self.loaded_rank
+        if not rank:
+            return weight.expand(slots, -1, -1).contiguous()
+        down = self.loaded_down.view(weight.shape[1], slots, rank).permute(1, 2, 0).float()  # (S', r, in): A_s
+        up = self.loaded_up.view(slots, rank, weight.shape[0]).transpose(1, 2).float()  # (S', out, r): B_s
+        return (weight.float() + torch.bmm(up, down)).to(weight.dtype)
 
     @property
     def loaded(self) -> LoadedExtent:
@@ -165,6 +189,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> W x + B ((A x) * M) (..., out)."""
+        if self.rows.active and self._merged_takes(x):
+            return self.forward_merged(x)
         out = self.base(x)
         if not self.rows.active:
             return out
@@ -176,6 +202,20 @@ class MultiLoRALinear(nn.Module):
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         low = torch.mm(x, down).mul_(self.rows.mask(x.shape[0], down.shape[1] // rank, rank, x.dtype))  # (N, S*r)
         return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.loaded_up).view(out.shape)
+
+    def _merged_takes(self, x: torch.Tensor) -> bool:
+        """Eager inference of a few tokens (a decode step), where the merged copies are held."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self.loaded_merged is None:
+            return False  # first: a compiled step reads no merged copy (its shape changes at loads)
+        return x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]
+
+    def forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> W_s x (..., out) with each token's slot s, one matmul over the merged copies (S'*in, out):
+        each token's x in its slot's block of S'*in inputs, zeros in the others."""
+        tokens, merged = x.numel() // x.shape[-1], self.loaded_merged
+        one_hot = self.rows.mask(tokens, merged.shape[0] // x.shape[-1], 1, x.dtype).unsqueeze(-1)  # (N, S', 1)
+        spread = (x.reshape(tokens, 1, -1) * one_hot).flatten(1)  # (N, S'*in)
+        return torch.mm(spread, merged).view(*x.shape[:-1], -1)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated
@@ -453,13 +493,10 @@ class MultiLoRAFeedForward(FeedForward):
         return self
 
     def _merged(self, layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        """W + B_s A_s (S', out, in) of one linear for the S' loaded slots, summed in float32 and rounded once."""
-        slots, rank = self.rows.slots_in_use, getattr(layer, "loaded_rank", 0)
-        if not rank:
-            return weight.detach().expand(slots, -1, -1).contiguous()
-        down = layer.loaded_down.view(weight.shape[1], slots, rank).permute(1, 2, 0).float()  # (S', r, in): A_s
-        up = layer.loaded_up.view(slots, rank, weight.shape[0]).transpose(1, 2).float()  # (S', out, r): B_s
-        return (weight.detach().float() + torch.bmm(up, down)).to(weight.dtype)
+        """W + B_s A_s (S', out, in) of one linear for the S' loaded slots (W itself where it is not adapted)."""
+        if isinstance(layer, MultiLoRALinear):
+            return layer.merged_per_slot()
+        return weight.detach().expand(self.rows.slots_in_use, -1, -1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D): the merged kernel for an eager inference step of a few tokens with adapter rows."""
@@ -486,6 +523,9 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         o   = (W^UV + B^V_s A_s) c   = W^UV c + B^V ((A c) * M)
     so the query gains the columns (B^K^T q) * M and W^UK, W^UV gain the rows A = [A_1; ...; A_S] (`absorbed_weight`).
     S*r is kv_b_proj's capacity in compiled steps and its loaded extent in eager ones (`MultiLoRALinear.stacks`).
+    An eager decode step where kv_b_proj holds its merged copies W_s = W + B_s A_s (`forward_merged`) runs on those
+    instead (`merged_absorbed`): the query in its slot's block of S' gives W^UK_s^T q, and the output's S' blocks
+    W^UV_s c keep its slot's.
     """
 
     @classmethod
@@ -497,7 +537,7 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         return attention
 
     def restore(self) -> MultiHeadLatentAttention:
-        for name in (*CAPACITY_LAYOUT, *LOADED_LAYOUT):
+        for name in (*CAPACITY_LAYOUT, *LOADED_LAYOUT, "merged_absorbed"):
             del self._buffers[name]
         self.__class__ = MultiHeadLatentAttention
         return self
@@ -510,6 +550,16 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         for names, layout, persistent in ((CAPACITY_LAYOUT, capacity, True), (LOADED_LAYOUT, loaded, False)):
             for name, held in zip(names, layout, strict=True):
                 self.register_buffer(name, held, persistent=persistent)
+        merged = None if self.kv_b_proj.loaded_merged is None else self._merged_layout()
+        self.register_buffer("merged_absorbed", merged, persistent=False)
+
+    def _merged_layout(self) -> torch.Tensor:
+        """kv_b_proj's merged copies as the absorbed weight of S' slots side by side, per head [W^UK_1; ...;
+        W^UK_S'; W^UV_1; ...; W^UV_S'] (H*S'*(N+V), C)."""
+        H, N, V, C = self.num_heads, self.nope_dim, self.v_dim, self.kv_rank
+        merged = self.kv_b_proj.merged_per_slot().view(-1, H, N + V, C).transpose(0, 1)  # (H, S', N+V, C)
+        w_uk, w_uv = merged.split([N, V], dim=2)
+        return torch.cat((w_uk.flatten(1, 2), w_uv.flatten(1, 2)), dim=1).flatten(0, 1)
 
     def _layout(self, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The widened absorbed weight and B^K (H, N, S*r), B^V (H, V, S*r) of stacked factors A^T `down`, B^T `up`."""
@@ -527,29 +577,46 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         if not rows.active or not stacks.rank:
             return super().attend_absorbed(q_nope, q_rope, cached, mask)
         compiled = torch.compiler.is_compiling()
+        B, T, H, _ = q_nope.shape
+        if not compiled and self.merged_absorbed is not None and B * T <= cpu_kernels.MAX_TOKENS:
+            return self.attend_merged(q_nope, q_rope, cached, mask)
         absorbed, key_up, value_up = (
             (self.absorbed_weight, self.key_up, self.value_up)
             if compiled
             else (self.loaded_absorbed_weight, self.loaded_key_up, self.loaded_value_up)
         )
-        B, T, H, _ = q_nope.shape
         extra = key_up.shape[-1]  # S*r
         slot_mask = stacks.mask(rows, B * T, q_nope.dtype).view(B, T, 1, extra)
         q_extra = _per_head(q_nope, key_up).mul_(slot_mask)  # (B, T, H, S*r)
-        with self.widened(extra, absorbed):
+        with self.widened(self.nope_dim + extra, self.v_dim + extra, absorbed):
             out = super().attend_absorbed(torch.cat((q_nope, q_extra), dim=-1), q_rope, cached, mask)
         out, out_extra = out.split([self.v_dim, extra], dim=-1)  # (B, T, H, V), (B, T, H, S*r): A c
         return out + _per_head(out_extra * slot_mask, value_up.transpose(1, 2))
 
+    def attend_merged(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The absorbed call on kv_b_proj's S' merged copies: each token's q in its slot's block of S'*N query columns
+        (zeros in the others) meets W^UK_s alone, and of the S' outputs W^UV_s c it keeps its slot's."""
+        B, T, H, N = q_nope.shape
+        slots = self.merged_absorbed.shape[0] // (H * (N + self.v_dim))  # S'
+        one_hot = self.kv_b_proj.rows.mask(B * T, slots, 1, q_nope.dtype).view(B, T, 1, slots, 1)
+        spread = (q_nope.unsqueeze(3) * one_hot).flatten(3)  # (B, T, H, S'*N)
+        with self.widened(slots * N, slots * self.v_dim, self.merged_absorbed):
+            out = super().attend_absorbed(spread, q_rope, cached, mask)  # (B, T, H, S'*V)
+        return (out.unflatten(-1, (slots, -1)) * one_hot).sum(dim=3)
+
     @contextmanager
-    def widened(self, extra: int, absorbed: torch.Tensor) -> Iterator[None]:
-        """N and V widened by `extra` and kv_b_proj's weight `absorbed` [W^UK; A; W^UV; A], for one absorbed call."""
-        self.nope_dim, self.v_dim = self.nope_dim + extra, self.v_dim + extra
+    def widened(self, nope_dim: int, v_dim: int, absorbed: torch.Tensor) -> Iterator[None]:
+        """N and V widened to `nope_dim` and `v_dim` and kv_b_proj's weight `absorbed` laid out for them (per head, N
+        key rows then V value rows), for one absorbed call."""
+        held = self.nope_dim, self.v_dim
+        self.nope_dim, self.v_dim = nope_dim, v_dim
         self.kv_b_proj.absorbed_weight = absorbed
         try:
             yield
         finally:
-            self.nope_dim, self.v_dim = self.nope_dim - extra, self.v_dim - extra
+            self.nope_dim, self.v_dim = held
             self.kv_b_proj.absorbed_weight = None
 
 

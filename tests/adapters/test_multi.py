@@ -365,7 +365,8 @@ def test_eager_steps_multiply_the_loaded_extent_not_the_fixed_capacity(served):
     """The stacks hold max_loras + 1 = 9 slots of max_lora_rank 16 for compiled steps (144 columns), but eager prefill
     and decode multiply only the slots up to the highest in use (3: the base, "full" of rank 4, "attention" of 8) at
     each layer's largest loaded rank, as the stacks sized to what was loaded did: 24 columns where both adapters
-    adapt (q_a_proj; kv_b_proj's widening of the absorbed decode), 12 where "full" alone does (the dense FFN)."""
+    adapt (q_a_proj; kv_b_proj's widening of the absorbed decode), 12 where "full" alone does (the dense FFN); a
+    decode step's linears their 3 merged copies."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Shapes(TorchDispatchMode):
@@ -383,10 +384,83 @@ def test_eager_steps_multiply_the_loaded_extent_not_the_fixed_capacity(served):
     assert engine.model.layers[0].self_attn.q_a_proj.down.shape == (config.hidden_size, 9 * 16)  # the capacity
     params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     with Shapes() as shapes:
-        engine.generate([[5, 17, 42, 8]] * 3, params, adapters=[None, "full", "attention"])
+        engine.generate([[5, 17, 42, 8, 9, 33]] * 3, params, adapters=[None, "full", "attention"])  # 18 tokens
     assert not any(9 * 16 in shape for shape in shapes.seen)
     hidden, heads, nope = config.hidden_size, config.num_attention_heads, config.qk_nope_head_dim
     assert {(hidden, 3 * 8), (hidden, 3 * 4), (heads, nope, 3 * 8)} <= shapes.seen  # A^T of q_a_proj, gate_proj; B^K
+    assert (3 * hidden, config.q_lora_rank) in shapes.seen  # q_a_proj's merged copies, in a decode step
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged copies", "too large to copy per slot"])
+def test_eager_decode_linears_run_one_matmul_on_their_weight_merged_with_each_slot(served, monkeypatch, merged):
+    """An eager decode step's adapted linear multiplies each row by its own slot's W + B_s A_s, one matmul over the
+    merged copies (the base's weight and the masked update took 4 ops); past MERGED_LINEAR_BYTES it keeps them.
+    Either way each row gets its adapter merged alone, a base row the base."""
+    from seekstack.adapters import multi
+
+    base, adapters = served
+    if not merged:
+        monkeypatch.setattr(multi, "MERGED_LINEAR_BYTES", 0)
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    layer = model.layers[0].self_attn.q_a_proj  # both adapters adapt it: "full" with rank 4, "attention" with 8
+    assert (layer.loaded_merged is not None) == merged
+    base_calls = []
+    forward = layer.base.forward
+    monkeypatch.setattr(layer.base, "forward", lambda x: base_calls.append(1) or forward(x))
+    x = torch.randn(4, 1, layer.base.in_features, generator=torch.Generator().manual_seed(8))
+    choice = [None, "full", "attention", "full"]
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        out = layer(x)
+    assert len(base_calls) == (0 if merged else 1)
+    for row, name in enumerate(choice):
+        alone = (
+            seekstack.load_pretrained(base)
+            if name is None
+            else merged_model(seekstack.load_pretrained(base), adapters[name])
+        )
+        expected = alone.layers[0].self_attn.q_a_proj(x[row])
+        assert (out[row] - expected).abs().max() < ATOL
+    assert all((out[row] - layer.base(x[row])).abs().max() > 100 * ATOL for row in (1, 2, 3))
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged copies", "too large to copy per slot"])
+def test_eager_absorbed_decode_runs_on_kv_b_projs_weight_merged_with_each_slot(served, monkeypatch, merged):
+    """MLA's absorbed decode of adapter rows runs its one attention call on kv_b_proj's merged copies, each row's
+    query meeting its slot's W^UK_s and keeping its W^UV_s c (the masked extra columns took two more per-head
+    matmuls and their masks); past MERGED_LINEAR_BYTES it keeps those. Either way each row gets its adapter merged
+    alone, a base row the base."""
+    from seekstack.adapters import multi
+
+    base, adapters = served
+    if not merged:
+        monkeypatch.setattr(multi, "MERGED_LINEAR_BYTES", 0)
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    attention = model.layers[0].self_attn
+    assert isinstance(attention, MultiLoRAAttention) and (attention.merged_absorbed is not None) == merged
+    per_head_calls = []
+    per_head = multi._per_head
+    monkeypatch.setattr(multi, "_per_head", lambda *a: per_head_calls.append(1) or per_head(*a))
+    generator = torch.Generator().manual_seed(9)
+    H, N, R, C = attention.num_heads, attention.nope_dim, attention.rope_dim, attention.kv_rank
+    q_nope, q_rope = torch.randn(4, 1, H, N, generator=generator), torch.randn(4, 1, H, R, generator=generator)
+    cached = torch.randn(4, 5, C + R, generator=generator)
+    choice = [None, "full", "attention", "full"]
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        out = attention.attend_absorbed(q_nope, q_rope, cached, None)
+        assert len(per_head_calls) == (0 if merged else 2)
+        for row, name in enumerate(choice):
+            plain = seekstack.load_pretrained(base)
+            alone = plain if name is None else merged_model(plain, adapters[name])
+            expected = alone.layers[0].self_attn.attend_absorbed(
+                q_nope[row : row + 1], q_rope[row : row + 1], cached[row : row + 1], None
+            )
+            assert (out[row : row + 1] - expected).abs().max() < ATOL
+        plain = seekstack.load_pretrained(base).layers[0].self_attn.attend_absorbed(q_nope, q_rope, cached, None)
+    assert all((out[row] - plain[row]).abs().max() > 100 * ATOL for row in (1, 2, 3))
 
 
 def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
