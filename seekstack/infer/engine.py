@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import itertools
 import math
 import numbers
@@ -90,7 +91,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError, for_command, shown_value
+from seekstack.schema import ConfigError, for_command, known_fields, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -472,6 +473,14 @@ class Engine:
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
         kwargs = read_vllm_engine_keywords(kwargs)
+        engine_keywords = list(inspect.signature(cls.__init__).parameters)[3:]  # after self, model, tokenizer
+        unknown = [name for name in kwargs if name not in engine_keywords]
+        if unknown:  # not Engine.__init__'s bare TypeError once every weight has loaded
+            own = list(inspect.signature(cls.from_pretrained).parameters)[1:-1]  # tokenizer ... revision
+            raise TypeError(
+                f"Engine.from_pretrained got an unexpected keyword argument {unknown[0]!r}: "
+                f"{known_fields(unknown[0], [*own, *engine_keywords])}"
+            )
         refuse_fewer_slots_than_adapters(kwargs.get("adapters"), kwargs.get("max_loras"))  # before any weights load
         refuse_a_revision(revision, model_dir)
         if offload_folder is not None and offload_dir is not None and offload_folder != offload_dir:

@@ -388,6 +388,18 @@ def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_pat
     assert str(refused.value) == told
 
 
+def test_a_mistyped_keyword_is_refused_naming_the_closest_before_any_weight_loads(tmp_path):
+    """Engine.from_pretrained(path, max_batch=4) loaded every weight, then raised Python's bare "TypeError:
+    Engine.__init__() got an unexpected keyword argument 'max_batch'" (minutes, on a real-size model)."""
+    for given, closest in (("max_batch", "max_batch_size"), ("dtyp", "dtype")):
+        with pytest.raises(TypeError) as refused:
+            Engine.from_pretrained(tmp_path / "not-read", **{given: 4})
+        assert str(refused.value).startswith(
+            f"Engine.from_pretrained got an unexpected keyword argument {given!r}: did you mean {closest!r}? known "
+            "fields are tokenizer, dtype, adapter,"
+        )
+
+
 def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_names_read_as_the_engines(base, tmp_path):
     """vLLM's LLM(model, tensor_parallel_size=1, enforce_eager=True, max_num_seqs=4, enable_prefix_caching=False) was
     refused keyword by keyword, though one process, eager decoding, four requests a batch and no prefix cache is what
