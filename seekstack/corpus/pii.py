@@ -206,6 +206,14 @@ _PREFIX_LENGTH = r"(?:/(?P<prefix>\d{1,3})\b(?!/|\.\d))?"
 _IPV4 = re.compile(
     rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.)(?P<address>{_OCTET}(?:\.{_OCTET}){{3}}){_PREFIX_LENGTH}(?!\.?{_WORD_BESIDE})"
 )
+# An IPv4 address written into a host's name with dashes, as clouds and ISPs name hosts after it
+# (`ec2-93-184-216-34.compute-1.amazonaws.com`, a home's `c-73-15-22-1.hsd1.ca.comcast.net` in a mail's Received
+# header or a log's reverse lookup): its dashed octets end a label, before a name ending in a top-level domain (not a
+# file's `backup-11-12-15-30.log` or `.tar.gz`); judged as the dotted address (`ip-10-0-0-5.ec2.internal` is kept).
+_IPV4_IN_HOST_NAME = re.compile(
+    rf"(?=\d)(?<!\d)(?<!\b\d-)(?<!\b\d\d-)(?<!\b\d\d\d-)(?P<address>{_OCTET}(?:-{_OCTET}){{3}})"  # not a 5th number's
+    rf"(?=\.(?:[A-Za-z0-9-]+\.)*(?i:{_any_of(_TOP_LEVEL_DOMAINS)})(?![\w-]))"
+)
 # An IPv6 address may end in an IPv4 one (`::ffff:93.184.216.34`, IPv4-mapped; `64:ff9b::93.184.216.34`): the whole
 # is the address, matched before `_IPV4` can take its tail alone. It opens with a hex digit or `::` (not a label's
 # colon, `地址:2a00:...`), after no `.` and no `:` but a label's (`addr:2a00:...`) or RFC 5321's address literal's
@@ -328,8 +336,9 @@ def _is_address(match: re.Match[str]) -> bool:
 
 def _address(match: re.Match[str]) -> str:
     """The IP address of a match, an IPv4 one (or an IPv6 one's IPv4 tail) without its octets' leading zeros
-    (`093.184.216.034` is `93.184.216.34`), which `ipaddress` refuses, as it may read them as octal."""
-    head, colon, tail = match["address"].rpartition(":")
+    (`093.184.216.034` is `93.184.216.34`), which `ipaddress` refuses, as it may read them as octal; one written
+    with dashes in a host's name is read with dots."""
+    head, colon, tail = match["address"].replace("-", ".").rpartition(":")
     if "." not in tail:
         return match["address"]
     return head + colon + ".".join(str(int(octet)) for octet in tail.split("."))
@@ -368,7 +377,7 @@ def _is_host(match: re.Match[str]) -> bool:
     """Whether an address written with a prefix length names one host: an interface's address with its network's
     length (`inet 93.184.216.34/24`, as `ip addr` prints it; host bits set) or a network of one address (`/32`,
     `/128`), not a network (`93.184.216.0/24`, `2606:2800:220:1::/64`), which is many hosts' and identifies none."""
-    if match["prefix"] is None:
+    if match.groupdict().get("prefix") is None:  # none read (`_IPV4_IN_HOST_NAME` reads none)
         return True
     try:
         network = ipaddress.ip_network(f"{_address(match)}/{match['prefix']}")
@@ -452,7 +461,12 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     text = _HTTP_CREDENTIALS.sub(replace_http_credentials, text)
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     folded = _folded(text)
-    for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV6, replace_ip), (_IPV4, replace_ip)):
+    for pattern, replace in (
+        *((email, replace_email) for email in _EMAILS),
+        (_IPV6, replace_ip),
+        (_IPV4, replace_ip),
+        (_IPV4_IN_HOST_NAME, replace_ip),
+    ):
         replaced = _sub_through_folded_forms(pattern, replace, text, folded)
         text, folded = replaced, (folded if replaced is text else _folded(replaced))
     return text, +counts
