@@ -34,6 +34,7 @@ from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import refuse_new_run_into
+from seekstack.train.state import load_training_file
 from seekstack.train.trainer import TrainResult, train
 
 STATE_FILE = "distill_state.pt"
@@ -86,7 +87,7 @@ class DistillHooks:
     def restore(self, model: DistillModel, folder: Path) -> None:
         device = model.student.embed_tokens.weight.device
         model.student.load_state_dict(load_pretrained(folder, device=device).state_dict())
-        model.load_training_state(torch.load(folder / STATE_FILE, map_location=device), folder)
+        model.load_training_state(load_training_file(folder / STATE_FILE, device), folder)  # a damaged one named
 
     def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
         return positions * training_flops_per_token(config, seq_len)  # the student's (the teacher's are not counted)

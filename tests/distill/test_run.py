@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from seekstack.checkpoint import load_pretrained, save_pretrained
+from seekstack.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from seekstack.cli import app
 from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
@@ -116,6 +116,12 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     refusal = r"'feature_layers': maps student layers \[0\], but checkpoint .*step_2 holds the learned projections of"
     with pytest.raises(ConfigError, match=refusal + r" student layers \[0, 1\]"):  # was: RuntimeError, Missing key(s)
         run_distill(remapped, resume=True)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "cut", damaged)
+    state_file = damaged / "checkpoints" / "step_2" / STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:100])  # was: "[Errno 22] Invalid argument", naming no file
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(state_file))}: not a readable training state .* dama"):
+        run_distill(distill_config(workspace, damaged), resume=True)
     resumed = run_distill(distill_config(workspace, tmp_path / "cut"), resume=True)
     assert resumed.losses == whole.losses[2:]  # bit for bit
     resumed_maps = torch.load(tmp_path / "cut" / "checkpoints" / "step_4" / STATE_FILE)["projections"]
