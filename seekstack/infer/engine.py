@@ -1382,6 +1382,12 @@ class Engine:
             priority = priority.tolist()
         one_priority = not isinstance(priority, Iterable) or isinstance(priority, str)  # None, an int, 0.0, "0"
         priorities = [priority] * len(prompts) if one_priority else list(priority)
+        number = next((one for one in priorities if not isinstance(one, numbers.Real)), 0)
+        if priority is not None and number != 0:  # text ("0"), None beside ints: not read as a priority other than 0
+            raise TypeError(
+                f"priority={priority if one_priority else priorities!r} holds {number!r}, a {type(number).__name__}: "
+                "give vLLM's int priority, 0 for each prompt, or leave priority out"
+            )
         if priority is not None and any(priorities):
             raise ValueError(
                 f"priority={priority if one_priority else priorities!r}: vLLM's, taken here only as 0 for each prompt, "

@@ -470,6 +470,9 @@ def test_vllms_priority_is_taken_as_zero_for_each_prompt_and_refused_otherwise(m
         "come, first served, as vLLM's default scheduling policy, which refuses other priorities too; add the urgent "
         "prompts first, or in a generate call of their own"
     )
+    for text in ("0", ["0", 0], "1", [None, 0]):  # refused as a priority other than 0, "taken here only as 0"
+        with pytest.raises(TypeError, match=r"^priority=(.*) holds ('[01]', a str|None, a NoneType): give vLLM's int"):
+            engine.generate([[5, 9], [7, 3]], greedy, priority=text)
     assert not engine.has_unfinished()
 
 
@@ -500,7 +503,7 @@ def test_a_priority_given_as_a_tensor_or_a_float_is_read_as_its_number(model, to
     plain = [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy)]
     for zero in (torch.tensor(0), torch.tensor([0, 0]), 0.0):
         assert [c.token_ids for c in engine.generate([[5, 9], [7, 3]], greedy, priority=zero)] == plain
-    for given, shown in ((torch.tensor(1), "1"), (1.5, "1.5"), ("1", "'1'")):
+    for given, shown in ((torch.tensor(1), "1"), (1.5, "1.5")):  # text ('1'): refused as no number
         with pytest.raises(ValueError, match=rf"^priority={shown}: vLLM's, taken here only as 0"):
             engine.generate([[5, 9], [7, 3]], greedy, priority=given)
     assert not engine.has_unfinished()
