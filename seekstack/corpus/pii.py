@@ -260,12 +260,14 @@ _URL_PASSWORD = re.compile(
     r"(?<=://)(?P<user>(?>(?::(?:pserver|gserver|kserver|sspi|ext|server|fork|local):)?)[^\s:/?#@]*+):"
     r"(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>|(?i:pass|password|passwd|pwd|secret)\]?)@)[^\s/?#@]++(?=@)"
 )
-# A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
-# start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
-# linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).
+# A quoted or bare long token assigned to a name like api_key, secret, token or password (bare: hex, base64, or a
+# UUID, as npm's legacy `_authToken=` and many services' keys are); names start at a word's start, and the atomic
+# group takes a name's first keyword for good and the possessive rest of it to the word's end: linear time
+# (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).
 _ASSIGNED_SECRET = re.compile(
     r"(?i)(?P<name>(?<![\w-])(?>[\w-]*?(?:key|secret|token|passwd|password|pwd))[\w-]*+['\"]?\s*[:=]\s*)"
-    r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b|[A-Za-z0-9+/]{32,}={0,2})"
+    r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b"
+    r"|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}\b|[A-Za-z0-9+/]{32,}={0,2})"
 )
 
 # An HTTP credential, as curl examples, request code and logs write it, whole: a bearer token (RFC 6750's

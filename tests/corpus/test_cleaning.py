@@ -1171,6 +1171,17 @@ def test_an_address_written_against_chinese_japanese_korean_or_thai_text_is_repl
     assert scrub_pii(text)[0] == scrubbed
 
 
+def test_a_bare_uuid_assigned_to_a_token_like_name_is_replaced_and_one_under_another_name_is_kept() -> None:
+    """npm's legacy `.npmrc` token and many services' API keys are UUIDs; written bare (no quotes), one was kept."""
+    text = (
+        "//registry.npmjs.org/:_authToken=5f6c3a2e-1b2d-4c3e-9f8a-7b6c5d4e3f2a\n"
+        "API_KEY=5F6C3A2E-1B2D-4C3E-9F8A-7B6C5D4E3F2A\n"
+    )
+    assert scrub_pii(text) == ("//registry.npmjs.org/:_authToken=<SECRET>\nAPI_KEY=<SECRET>\n", {"secret": 2})
+    kept = "request_id = 5f6c3a2e-1b2d-4c3e-9f8a-7b6c5d4e3f2a\ntoken: 00000000-0000-0000-0000-000000000000\n"
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_a_digits_only_value_assigned_to_a_token_like_name_is_kept() -> None:
     """A secret mixes letters and digits: a number assigned to `max_tokens` or `key_id` is no secret."""
     text = 'max_tokens = "100000000000000"\nkey_id: 123456789012345678901234567890123456\n'
