@@ -23,11 +23,11 @@ def split_score(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def share_count(fraction: float, count: int) -> int:
-    """`fraction` of `count` items, a half rounding up (0.1 of 25 is 3, 0.3 of 15 is 5): the share as written times
-    the count, as Python's round takes a half to the even count and float products miss halves (0.3 * 15 is
-    4.499999999999999)."""
-    return int((Decimal(repr(float(fraction))) * count).to_integral_value(ROUND_HALF_UP))
+def share_count(fraction: float, count: int, rounding: str = ROUND_HALF_UP) -> int:
+    """`fraction` of `count` items, a half rounding up (0.1 of 25 is 3, 0.3 of 15 is 5) or as `rounding` says
+    (decimal's ROUND_DOWN: 0.29 of 100 is 29): the share as written times the count, as Python's round takes a half to
+    the even count and float products miss halves (0.3 * 15 is 4.499999999999999, 0.29 * 100 is 28.999999999999996)."""
+    return int((Decimal(repr(float(fraction))) * count).to_integral_value(rounding))
 
 
 def validation_cutoff(scores: list[float] | None, val_fraction: float) -> float:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
+from seekstack.corpus.split import share_count
 from seekstack.posttrain.tasks import check_task, is_problems_file
 from seekstack.schema import (
     Fraction,
@@ -458,9 +459,9 @@ def held_out_fraction(val_data: str, val_fraction: float | None, eval_every: int
 
 
 def held_out_count(fraction: float, count: int) -> int:
-    """int(fraction x count) of the fraction as written, as corpus/quality.py takes a share: 0.29 of 100 is 29, where
-    the float product is 28.999999999999996."""
-    return int(Decimal(repr(float(fraction))) * count)
+    """The conversations (or a task's problems) `fraction` holds out of `count`: its share as written, rounded down
+    (`share_count`: 0.29 of 100 is 29, where the float product is 28.999999999999996)."""
+    return share_count(fraction, count, ROUND_DOWN)
 
 
 def least_fraction(held: int, count: int) -> str:
