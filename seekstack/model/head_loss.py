@@ -6,7 +6,9 @@ Made whole, the (N, V) logits, their log-softmax and its backward are several pa
 than the cache. Here each chunk's logits are turned at once into the loss and into the gradient of the
 logits, (softmax - onehot) / n, which goes straight into dL/dh = G W and dL/dW = G^T h while still in cache.
 The gradients are therefore computed in the forward (when autograd will want them) and only scaled by the
-incoming gradient in the backward. Arithmetic is float32 whatever the autocast or model dtype.
+incoming gradient in the backward. Arithmetic is float32 whatever the model dtype, but under autocast the logits
+and dL/dh multiply in the autocast dtype, as an autocast nn.Linear head would (each chunk's rows its own: nothing
+summed across chunks in it); dL/dW, summed over the chunks, stays float32.
 
 `linear_token_logprobs` gives log p_y = log softmax(h W^T)_y per row, whose gradient is g (onehot(y) - p), and
 the entropy H = -sum_v p_v log p_v (logged only, no gradient). The upstream gradient g is a row's own (the policy
@@ -38,8 +40,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, grad_hidden: bool, grad_weight: bool, keep_logits: bool):  # type: ignore[override]
         rows, vocab = hidden.shape[0], weight.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
+        device = hidden.device.type
+        matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        with torch.autocast(device, enabled=False):
             h, w = hidden.float(), weight.float()
+            h_matmul, w_matmul = hidden.to(matmul_dtype), weight.to(matmul_dtype)
             counted = targets != IGNORE_INDEX
             count = counted.sum().clamp(min=1)
             safe_targets = targets.clamp(min=0)
@@ -48,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h) if grad_hidden else None
             grad_w = torch.zeros_like(w) if grad_weight else None
             for part in _chunks(rows, _chunk_rows(hidden, vocab)):
-                logits = h[part] @ w.t()  # (n, V)
+                logits = (h_matmul[part] @ w_matmul.t()).float()  # (n, V)
                 if logits_out is not None:
                     logits_out[part] = logits
                 log_probs = logits.log_softmax(dim=-1)
@@ -59,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_logits.scatter_add_(1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0))
                     grad_logits.mul_((counted[part] / count)[:, None])
                 if grad_h is not None:
-                    grad_h[part] = grad_logits @ w
+                    grad_h[part] = grad_logits.to(matmul_dtype) @ w_matmul
                 if grad_w is not None:
                     torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
             loss = loss / count
