@@ -1,14 +1,14 @@
 """Replace e-mail addresses, public IP addresses and secrets with placeholders.
 
 Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----`, PGP's `... PRIVATE KEY BLOCK-----`, SSH2's `---- BEGIN
-SSH2 ENCRYPTED PRIVATE KEY ----`, with a base64 body, to their END line or, cut short, to the next `--`), passwords in
-URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as `{password}`, `${DB_PASS}` or `%s`, and
-the words documentation puts there, `user:pass@host`, are kept), the tokens of known services by their prefixes (OpenAI,
-AWS, GitHub, Slack and its webhooks' paths, SendGrid `SG.`, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face `hf_`,
-GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), HTTP bearer tokens (`Authorization:
-Bearer ...`, of letters and digits; `Bearer $TOKEN`, `Bearer {token}` are kept) and basic credentials (`Authorization:
-Basic ...`, base64 of `user:password`), and long random values assigned to a name like api_key, secret, token or
-password.
+SSH2 ENCRYPTED PRIVATE KEY ----`, with a base64 body, to their END line or, cut short, to the next `--`; PuTTY's .ppk
+files to their `Private-MAC:` line), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`; template
+placeholders such as `{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are
+kept), the tokens of known services by their prefixes (OpenAI, AWS, GitHub, Slack and its webhooks' paths, SendGrid
+`SG.`, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face `hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs
+(`eyJ...`, three base64url parts), HTTP bearer tokens (`Authorization: Bearer ...`, of letters and digits; `Bearer
+$TOKEN`, `Bearer {token}` are kept) and basic credentials (`Authorization: Basic ...`, base64 of `user:password`), and
+long random values assigned to a name like api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -250,6 +250,11 @@ _PRIVATE_KEY = re.compile(
     r"(?P<body>(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) [^\n\r\\]*+|-(?!-))*+)"
     r"(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|---- END SSH2 ENCRYPTED PRIVATE KEY ----)?"
 )
+# PuTTY's .ppk file, whole: its first line (`PuTTY-User-Key-File-3: ssh-ed25519`), headers and base64 lines, public
+# and private, to its `Private-MAC:` line (a file cut short before it has no end to tell)
+_PUTTY_KEY = re.compile(
+    r"PuTTY-User-Key-File-\d: [\w.@-]+\r?\n(?:[\w-]+: [^\n]*\n|[A-Za-z0-9+/=]+\r?\n)*?Private-MAC: [0-9a-fA-F]+"
+)
 _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
 # `https://host:8443?ref=a@b.com` holds none), and is not wholly a template placeholder (`{password}`, `${DB_PASS}`,
@@ -457,6 +462,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     for pattern, replacement in (
         (_URL_PASSWORD, rf"\g<user>:{SECRET}"),
         (_KNOWN_TOKENS, SECRET),
+        (_PUTTY_KEY, SECRET),
     ):
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found

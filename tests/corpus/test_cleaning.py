@@ -903,6 +903,19 @@ def test_pgp_and_ssh2_private_key_blocks_are_replaced_with_their_headers_and_a_p
     assert scrub_pii(public) == (public, {})
 
 
+def test_a_putty_key_file_is_replaced_to_its_mac_line_and_prose_naming_its_format_is_kept() -> None:
+    """A PuTTY .ppk key (PuTTYgen's, as Windows users paste it) was kept whole, private lines and all."""
+    ppk = (
+        "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: eddsa-key-20230101\nPublic-Lines: 2\n"
+        "AAAAC3NzaC1lZDI1NTE5AAAAIBlnCkUkr3mDM2Hc1Qh3CWCmD6XqJx8wmWfG3z1AuGpA\nAAAAC3NzaC1lZDI1NTE5\nPrivate-Lines: 1\n"
+        "AAAAIHq3c2LpJ7c8E0Q4m8S9n2vKf1XyZ4B6tR0wJ5dG8hKaBbCcDdEeFfGgHhIiJj\n"
+        "Private-MAC: 5a0d2c3b4f1e6a7d8c9b0a1f2e3d4c5b6a7f8e9d0c1b2a3f4e5d6c7b8a9f0e1d\n"
+    )
+    assert scrub_pii(f"key.ppk:\n{ppk}done\n") == ("key.ppk:\n<SECRET>\ndone\n", {"secret": 1})
+    prose = "Save it as a PuTTY-User-Key-File-3: file.\n"
+    assert scrub_pii(prose) == (prose, {})
+
+
 def test_a_slack_webhooks_secret_path_and_a_sendgrid_key_are_replaced_and_slacks_placeholder_is_kept() -> None:
     """A Slack incoming webhook's URL (anyone holding it posts to the channel) and a SendGrid key were kept: only
     Slack's `xox` tokens were known. The webhook keeps its host; the docs' placeholder path stays."""
