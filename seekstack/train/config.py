@@ -101,9 +101,10 @@ class TrainConfig:
     save_every: NonNegative = 500  # a checkpoint is also written at the last step and on Ctrl-C
     keep_checkpoints: NonNegative = 3  # the newest kept, the older deleted; 0 keeps all (torchtitan's keep_latest_k)
     seed: Seed = 0
-    dtype: Literal["float32", "bfloat16"] = (
-        "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
-    )
+    # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32) | auto: bfloat16 on a CPU
+    # that runs the model faster in it, by generate's `--dtype auto` rule (infer/precision.py: avx512_bf16 or amx_bf16
+    # and a model of 16M+ parameters), else float32 (GPUs included)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU threads of the steps. "auto": torch's setting while the machine's other cores sit idle, fewer while other
     # processes keep them busy: a split op ends in a barrier that then waits a time slice for a descheduled thread
     # (`tiny` trained at ~1,200 tok/s on 2 threads beside one busy process, ~2,700 on 1); every 20th step runs on one

@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
+from seekstack.infer.precision import auto_dtype
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -304,6 +305,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     sharded_on_cpu = device.type == "cpu" and any(isinstance(p, DTensor) for p in params)
     fast = {"foreach": True} if sharded_on_cpu else {"fused": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fast)
+
+
+def step_dtype(
+    dtype: str, device: torch.device, parameters: int, features: Mapping[str, object] | None = None
+) -> tuple[str, str]:
+    """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype`, or for `auto` on a CPU
+    generate's rule (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's,
+    default detected); float32 on other devices, where no default other than float32 has been measured."""
+    if dtype != "auto":
+        return dtype, "as the config gives it"
+    if device.type != "cpu":
+        return "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
+    return auto_dtype(["cpu"], parameters, features)
 
 
 def build_model(config: TrainConfig, tokenizer_info: dict[str, Any]) -> Transformer:
@@ -584,6 +598,11 @@ class _Run:
                 model = hooks.prepare(model)
         config.require_rows_within(model.config.max_position_embeddings)
         self.model = model.train()  # a checkpoint's (init_from, resume) loads in eval mode
+        dtype, why = step_dtype(config.dtype, ranks.device, sum(p.numel() for p in model.parameters()))
+        if config.dtype == "auto":
+            other = "float32" if dtype == "bfloat16" else "bfloat16"
+            self._say(f"dtype {dtype} (auto: {why}); dtype={other} to train in {other}")
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         if source is not None:
             source.attach(model)
         if config.float8:
@@ -596,7 +615,7 @@ class _Run:
         rank_local = self._apply_expert_parallel(model)  # sets self.expert_parallel
         if ranks.distributed and config.parallel == "fsdp":
             apply_fsdp(
-                model, ranks, bfloat16=config.dtype == "bfloat16", cpu_offload=config.cpu_offload,
+                model, ranks, bfloat16=dtype == "bfloat16", cpu_offload=config.cpu_offload,
                 ignored=set(sharded_expert_params(model)),
             )  # fmt: skip
             self.wrapped = model
@@ -622,7 +641,6 @@ class _Run:
             self._load_compression(train_state.get("config", {}), path)
             with restoring(path, "rng"):
                 set_rng_state(train_state["rng"])
-        self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
         # a finished run resumed (at max_steps) trains no step: no peak to measure for its MFU, no schedule to warn of

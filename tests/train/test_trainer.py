@@ -35,7 +35,7 @@ from seekstack.train.schedule import (
     training_progress,
 )
 from seekstack.train.state import read_train_state
-from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, eta_text, train
+from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, eta_text, step_dtype, train
 
 VOCAB = 96
 MICRO_MODEL = dict(
@@ -978,6 +978,29 @@ def test_bfloat16_on_cpu_autocasts_but_keeps_float32_weights(data_dir, tmp_path)
     assert result.losses[0] == pytest.approx(float32.losses[0], abs=0.05)
     weights = load_pretrained(tmp_path / "checkpoints" / "step_8")
     assert {p.dtype for p in weights.parameters()} == {torch.float32}
+
+
+def test_auto_dtype_trains_in_bfloat16_where_the_cpu_multiplies_it_natively_and_the_model_is_large():
+    """generate's rule: a CPU with avx512_bf16 or amx_bf16 (an AMX Xeon: `small` 4 x 512 steps faster under bf16
+    autocast) and a model of 16M+ parameters; the demo's `tiny` (2.8M) stays float32, as does a model on a GPU."""
+    cpu, amx, avx2 = torch.device("cpu"), {"avx512_bf16": True, "amx_bf16": True}, {"avx2": True}
+    assert step_dtype("auto", cpu, 58_000_000, amx) == ("bfloat16", "this CPU has avx512_bf16 and amx_bf16")
+    assert step_dtype("auto", cpu, 2_800_000, amx)[0] == "float32"
+    assert step_dtype("auto", cpu, 58_000_000, avx2) == ("float32", "this CPU has none of avx512_bf16, amx_bf16")
+    assert step_dtype("float32", cpu, 58_000_000, amx) == ("float32", "as the config gives it")
+    assert step_dtype("bfloat16", cpu, 2_800_000, avx2) == ("bfloat16", "as the config gives it")
+    assert step_dtype("auto", torch.device("cuda", 0), 58_000_000, amx)[0] == "float32"  # measured on CPUs alone
+
+
+def test_a_run_in_the_default_dtype_says_which_it_chose_and_trains_as_that_dtype_given(data_dir, tmp_path, capsys):
+    auto = train(run_config(data_dir, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0))
+    told = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
+    # the micro model is under 16M parameters: float32 on any CPU, with the way to bf16
+    assert len(told) == 1 and told[0].startswith("dtype float32 (auto: ")
+    assert told[0].endswith("); dtype=bfloat16 to train in bfloat16")
+    given = train(run_config(data_dir, tmp_path / "given", max_steps=2, eval_every=0, save_every=0, dtype="float32"))
+    assert auto.losses == given.losses
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
 
 
 def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_path, capsys):
