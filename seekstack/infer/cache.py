@@ -93,6 +93,27 @@ def blocks_in_free_memory(
     return blocks
 
 
+def refuse_pools_past_free_memory(
+    config: ModelConfig,
+    num_blocks: int,
+    layer_devices: list[torch.device],
+    block_size: int,
+    dtype: torch.dtype,
+    asked: str,
+) -> None:
+    """ValueError where the pools of `num_blocks` blocks outgrow the memory free on a device of `layer_devices` (one
+    per cache layer), before they are allocated (torch's bare allocation error, or the kernel's out-of-memory kill);
+    `asked` names the setting the count came from."""
+    for device, layers in Counter(layer_devices).items():
+        free, pool_bytes = free_memory(device), num_blocks * _block_bytes(config, block_size, dtype, layers)
+        if pool_bytes > free:
+            raise ValueError(
+                f"{asked}: {num_blocks} cache blocks of {block_size} tokens take {pool_bytes} bytes on {device}, which "
+                f"has {free} bytes free: give a smaller one, or leave num_blocks and kv_cache_memory out (half the "
+                "free memory)"
+            )
+
+
 def _block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, layers: int) -> int:
     """Bytes one cache block takes in the pools of `layers` layers."""
     return (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
@@ -131,6 +152,7 @@ class PagedLatentCache:
         # One tensor per layer, not views of one: a compiled decode step then writes its slots in place
         # instead of copying back a whole base tensor.
         devices = layer_devices or [self.device] * self.layers
+        refuse_pools_past_free_memory(config, num_blocks, devices, block_size, dtype, f"num_blocks={num_blocks}")
         self.pools = [torch.zeros(num_blocks * block_size, width, dtype=dtype, device=device) for device in devices]
         self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # never registered; pop() gives low ids first
         self.tables: dict[str, list[int]] = {}

@@ -34,7 +34,12 @@ import torch
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.checkpoint.load import placement_asked, refuse_a_revision
 from seekstack.config import ModelConfig
-from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
+from seekstack.infer.cache import (
+    PagedLatentCache,
+    blocks_in_budget,
+    blocks_in_free_memory,
+    refuse_pools_past_free_memory,
+)
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.generation_config import (
@@ -390,8 +395,8 @@ class Engine:
         self.lookahead = max(self.draft_tokens - 1, 0)
         self.draft_slots = self.draft_tokens + self.lookahead
         pool_devices = layer_devices(self.model)
+        dtype = model.embed_tokens.weight.dtype
         if num_blocks is None:
-            dtype = model.embed_tokens.weight.dtype
             whole_batch = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
             fits = (
                 blocks_in_budget(self.config, kv_cache_memory, block_size, dtype)
@@ -399,6 +404,9 @@ class Engine:
                 else blocks_in_free_memory(self.config, pool_devices, block_size, dtype)
             )
             num_blocks = min(fits, whole_batch)
+            if kv_cache_memory is not None:  # a budget past the free memory (the cache checks a num_blocks given)
+                asked = f"kv_cache_memory={kv_cache_memory}"
+                refuse_pools_past_free_memory(self.config, num_blocks, pool_devices, block_size, dtype, asked)
         from seekstack.adapters.registry import attach_adapters
 
         refuse_fewer_slots_than_adapters(adapters, max_loras)
@@ -410,7 +418,7 @@ class Engine:
         # for another's lora_request (another thread's) before the call's requests use it
         self._held_adapters: Counter[str] = Counter()
         self.cache = PagedLatentCache(
-            self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
+            self.config, num_blocks, block_size, dtype, self.device,
             prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,
             layer_devices=pool_devices,
         )  # fmt: skip

@@ -108,6 +108,24 @@ def test_a_device_whose_free_memory_holds_no_cache_is_refused_naming_it_and_the_
         Engine(model, tokenizer, block_size=4)
 
 
+def test_a_cache_past_the_free_memory_is_refused_naming_what_asked_for_it(model, tokenizer, monkeypatch):
+    """num_blocks=10**12 raised torch's bare "DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    6144000000000000 bytes" (a size the machine has but not free: the kernel's kill), and so did a kv_cache_memory
+    budget past the free memory where the batch needed its blocks; each is refused naming it before any allocation."""
+    block_bytes = Engine(model, tokenizer, block_size=4, num_blocks=2).cache.bytes_per_token() * 4
+    monkeypatch.setattr(cache_module, "free_memory", lambda device: 10 * block_bytes)
+    assert Engine(model, tokenizer, block_size=4, num_blocks=10).cache.num_blocks == 10
+    for keyword, value in (("num_blocks", 11), ("kv_cache_memory", 30 * block_bytes)):
+        with pytest.raises(ValueError) as refused:
+            Engine(model, tokenizer, block_size=4, max_batch_size=100, **{keyword: value})
+        blocks = 11 if keyword == "num_blocks" else 30
+        assert str(refused.value) == (
+            f"{keyword}={value}: {blocks} cache blocks of 4 tokens take {blocks * block_bytes} bytes on cpu, which has "
+            f"{10 * block_bytes} bytes free: give a smaller one, or leave num_blocks and kv_cache_memory out (half the "
+            "free memory)"
+        )
+
+
 def test_blocks_grow_with_the_sequence_instead_of_being_reserved_for_max_tokens(model, tokenizer):
     engine = Engine(model, tokenizer, block_size=4, num_blocks=40)
     request = engine.add_request(prompts([6])[0], LONG_GREEDY)
