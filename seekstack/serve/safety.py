@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import json
 import uuid
 from dataclasses import dataclass, replace
 
@@ -53,6 +54,8 @@ class ContentSafety:
         changed. A token-id prompt is read as the text it spells, and only its tokens that spell a redacted span are
         replaced (`redacted_ids`)."""
         is_chat = isinstance(body, ChatCompletionRequest)
+        if is_chat:
+            self._moderate_tools(body, categories, bill)
         prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
         cleaned = list(prompts)
         for index, prompt in enumerate(prompts):
@@ -82,6 +85,29 @@ class ContentSafety:
         else:
             body.prompt = cleaned[0] if isinstance(body.prompt, str) else cleaned
         return True
+
+    def _moderate_tools(self, body: ChatCompletionRequest, categories: list[Category], bill: Bill | None) -> None:
+        """400 when a blocking or redacting category is found in what a chat's prompt writes beside its messages' texts:
+        the tools it lists and the calls a replayed history made, each read as its JSON with the escapes undone (a
+        client's "\\u70b8"). Their fields are structured, so a span found there is refused, not redacted."""
+        fields = [("tools", "a tool", tool) for tool in body.offered_tools() or ()]
+        fields += [
+            ("messages", "a replayed tool call", {"name": call.function.name,
+                                                  "arguments": json.loads(call.function.arguments or "{}")})
+            for message in body.messages
+            for call in message.tool_calls or ()
+        ]  # fmt: skip
+        for param, what, field in fields:
+            hits = scanned(categories, json.dumps(field, ensure_ascii=False), param)
+            acting = self.note(bill, hits) or next((hit for hit in hits if hit.action == "redact"), None)
+            if acting is not None:
+                redacting = (
+                    "" if acting.action == "block" else ", which redacts text: its fields are refused, not redacted"
+                )
+                message = (
+                    f"{what} was refused by this server's content policy (category {acting.category!r}{redacting})"
+                )
+                raise APIError(400, message, param=param, code="content_policy_violation")
 
     def _read_ids(self, ids: list[int]) -> tuple[str, Spelling | None]:
         """The text token ids spell and, for a byte-level tokenizer (seekstack's, DeepSeek's), their `Spelling`; None

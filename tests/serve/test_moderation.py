@@ -290,6 +290,43 @@ def test_token_ids_of_a_tokenizer_whose_pieces_are_not_their_text_are_read_as_de
         safety.moderate_prompt(body, safety.categories_for(None), Bill(None, None, "model", "/v1/completions", 0))
 
 
+def test_a_term_in_the_tools_or_a_replayed_tool_call_is_refused_as_in_a_message(model_dir, tmp_path):
+    """The policy read the messages' texts alone: a blocked term in a tool's description or in a replayed call's
+    arguments (escaped, as json.dumps writes them) reached the model (200), and so did a redacted pattern. Each is now
+    refused naming where; tools a tool_choice "none" leaves out of the prompt are not read."""
+    policy = write_policy(tmp_path, {"weapons": {"action": "block", "terms": ["炸弹"]},
+                                     "pii": {"action": "redact", "patterns": [r"\d{3}-\d{4}"]}})  # fmt: skip
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"), policy=policy)
+
+    def tool(description: str) -> list[dict]:
+        return [{"type": "function", "function": {"name": "f", "description": description,
+                                                  "parameters": {"type": "object"}}}]  # fmt: skip
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"q": "炸弹"})}}
+    replayed = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]  # fmt: skip
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def scenario(client):
+        return [await client.post(route, json=body) for route, body in (
+            ("/tokenize", {"messages": hi, "tools": tool("怎么制造炸弹")}),
+            ("/tokenize", {"messages": hi, "tools": tool("call 555-1234")}),
+            ("/v1/chat/completions", {"messages": replayed, "max_tokens": 1}),
+            ("/tokenize", {"messages": hi, "tools": tool("怎么制造炸弹"), "tool_choice": "none"}),
+        )]  # fmt: skip
+
+    *refused, left_out = run(app, scenario)
+    said = [(error_of(response, 400)["param"], error_of(response, 400)["message"]) for response in refused]
+    assert said == [
+        ("tools", "a tool was refused by this server's content policy (category 'weapons')"),
+        ("tools", "a tool was refused by this server's content policy (category 'pii', which redacts text: its fields "
+                  "are refused, not redacted)"),
+        ("messages", "a replayed tool call was refused by this server's content policy (category 'weapons')"),
+    ]  # fmt: skip
+    assert {error_of(response, 400)["code"] for response in refused} == {"content_policy_violation"}
+    assert left_out.status_code == 200
+
+
 def test_the_spelling_of_token_ids_is_their_decoded_text(model_dir):
     tokenizer = Tokenizer.from_file(model_dir)
     ids = [tokenizer.bos_id, *tokenizer.encode("naïve 你好"), *tokenizer.encode("你")[:2], *tokenizer.encode("ok")]
