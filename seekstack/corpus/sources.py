@@ -747,8 +747,8 @@ def _refuse_a_missing_column(origin: Path, names: list[str], column: str, id_col
 
 def _row_id(given: Any, fallback: str) -> str:
     """A row's id: the value of its id field or column as text (bytes decoded; a boolean, array or object written as
-    JSON writes it, `true`, not Python's `True`), `fallback` where it has none."""
-    if given is None or given == "" or given == b"":
+    JSON writes it, `true`, not Python's `True`), `fallback` where it has none (none, or only white space)."""
+    if given is None or isinstance(given, str | bytes) and not given.strip():
         return fallback
     if isinstance(given, bool | list | dict):
         return json.dumps(given, ensure_ascii=False)

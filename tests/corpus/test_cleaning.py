@@ -1819,6 +1819,21 @@ def test_an_id_that_is_no_string_is_written_as_json_writes_it(tmp_path: Path) ->
     assert [doc.doc_id for doc in open_source(tmp_path / "r.parquet", id_field="flag")] == ["false", "true"]
 
 
+def test_an_id_of_only_white_space_falls_back_to_file_and_row(tmp_path: Path) -> None:
+    """A row whose id field held only spaces or a tab was named by them, ids no reader can tell apart, where an empty
+    one falls back to `file:line`."""
+    ids = ["  ", "\t", "", "x1"]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": "t", "id": value}) + "\n" for value in ids))
+    pq.write_table(pa.table({"text": ["t"] * 4, "id": ids}), tmp_path / "r.parquet")
+    for name in ("r.jsonl", "r.parquet"):
+        assert [doc.doc_id for doc in open_source(tmp_path / name, id_field="id")] == [
+            f"{name}:1",
+            f"{name}:2",
+            f"{name}:3",
+            "x1",
+        ], name
+
+
 def test_table_rows_are_counted_from_1_as_json_lines_lines_are(tmp_path: Path) -> None:
     """A Parquet, CSV or saved dataset's first row was `file:0`, and so was it in errors ('row 0 of column'), beside
     JSON Lines' `file:1` for its first line: the same first document had two numbers."""
