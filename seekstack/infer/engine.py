@@ -1745,11 +1745,11 @@ def _no_text(token: int) -> str:
 
 def token_id(token: Any) -> int:
     """`token` as a token id: an integer (an int, numpy's, a 0-d integer tensor); TypeError naming it otherwise
-    (int() read a prompt's 5.7 as token 5)."""
-    try:
-        return operator.index(token)
-    except TypeError:
-        raise TypeError(f"prompt holds {token!r}, which is no token id: give integers") from None
+    (int() read a prompt's 5.7 as token 5, and True is no id, as vLLM refuses a bool for an int)."""
+    if not isinstance(token, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(token)
+    raise TypeError(f"prompt holds {token!r}, which is no token id: give integers")
 
 
 def refuse_fewer_slots_than_adapters(adapters: Mapping[str, str | Path] | None, max_loras: int | None) -> None:

@@ -978,11 +978,16 @@ def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer)
 
 def test_a_prompt_of_float_ids_is_refused_naming_the_value_and_numpy_ids_come_back_as_ints(model, tokenizer):
     """int() read a prompt's 5.7 as token 5 and ran it (its completion's prompt_token_ids keeping 5.7); a flat list of
-    floats was taken for a list of prompts ("'float' object is not iterable")."""
+    floats was taken for a list of prompts ("'float' object is not iterable"); [True, 2] ran as [1, 2]."""
     engine = Engine(model, tokenizer)
     for prompt in ([[5.7, 6]], [5.0, 6]):
         with pytest.raises(TypeError, match=r"^prompt holds 5\.[07], which is no token id: give integers$"):
             engine.generate(prompt, GREEDY)
+    for prompt in ([True, 2], torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"^prompt holds True, which is no token id: give integers$"):
+            engine.generate(prompt, GREEDY)
+    with pytest.raises(TypeError, match=r"^prompt holds True"):
+        engine.add_request([2, True], GREEDY)
     with pytest.raises(TypeError, match=r"prompt holds tensor\(5\.5000\)"):
         engine.add_request(torch.tensor([5.5, 6.0]), GREEDY)
     [completion] = engine.generate(np.array([5, 6]), GREEDY)
