@@ -1630,7 +1630,7 @@ class Engine:
             asked = f"one message, {shown_value(messages)}" if isinstance(messages, Mapping) else shown_value(messages)
             written = shown_value([messages]) if isinstance(messages, Mapping) else "[{'role': 'user', 'content': ...}]"
             raise TypeError(f"messages is {asked}; give a conversation, {written}, or a list of them")
-        offered_tools = offered(list(tools), self.tokenizer) if tools is not None else []
+        offered_tools = offered(tools, self.tokenizer)
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
         conversations = [messages] if one else list(messages)
         prompts = [

@@ -531,6 +531,19 @@ def test_chat_offers_tools_in_the_prompt_and_parses_the_replys_calls_as_the_serv
         engine.chat(conversation, opening, tools=[{"type": "function", "function": {"name": "get weather"}}])
 
 
+def test_chat_given_a_text_or_one_tool_for_tools_says_they_are_a_list(model, tokenizer):
+    """chat(messages, tools="x") reported "field tools.0 ... got 'x'" (the text read as a list of its characters), and
+    one tool without its list "field tools.0 ... got 'type'" (its keys read as tools)."""
+    engine, conversation = Engine(model, tokenizer), [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "get_weather"}}
+    for tools, shown in (("x", "'x'"), (tool, repr(str(tool)))):
+        with pytest.raises(ValueError) as refused:
+            engine.chat(conversation, GREEDY, tools=tools)
+        assert str(refused.value).startswith(f"field tools input should be a valid list, got {shown}: tools are ")
+    [reply] = engine.chat(conversation, GREEDY, tools=(tool,))  # a tuple of tools is a list
+    assert reply.prompt_token_ids == tokenizer.encode_chat(conversation, tools=[tool])
+
+
 def test_include_stop_str_in_output_keeps_the_text_of_the_stop_token_as_vllm(model, tokenizer):
     """vLLM detokenizes the token that stopped a request when include_stop_str_in_output is set (its detokenizer skips
     it only without); the text left a stop_token_ids token out either way."""
