@@ -261,9 +261,18 @@ _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines o
 # `%s`, `<password>`) or the word documentation writes for one (`user:pass@host`, a man page's `[user][:pass]@]`);
 # one holding such characters or words among others (`S3cr$t`, `p<ss>`, `pass123`) is a password. A CVS root's access
 # method is part of its user (`cvs://:pserver:anoncvs@host` holds none, `:pserver:user:pw@host` the password `pw`).
+_PASSWORD_PLACEHOLDER = r"(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>|(?i:pass|password|passwd|pwd|secret)\]?)"
 _URL_PASSWORD = re.compile(
     r"(?<=://)(?P<user>(?>(?::(?:pserver|gserver|kserver|sspi|ext|server|fork|local):)?)[^\s:/?#@]*+):"
-    r"(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>|(?i:pass|password|passwd|pwd|secret)\]?)@)[^\s/?#@]++(?=@)"
+    rf"(?!{_PASSWORD_PLACEHOLDER}@)[^\s/?#@]++(?=@)"
+)
+# The password of curl's `-u`/`--user user:password` (`curl -u admin:S3cretPass https://...`), on the command's line
+# or a line it continues with `\`, up to the next `curl` (linear time in a text of many); a shell variable
+# (`-u "$USER:$PASS"`) or a placeholder as above stays.
+_CURL_USER_PASSWORD = re.compile(
+    r"(?P<user>curl(?<![\w-]curl)\b(?:(?!curl)[^\\\n;|&]|\\[\s\S]){0,1000}?"
+    r"[ \t](?:-u[ \t]*|--user[ \t]+)['\"]?[^\s:'\"]*+):"
+    rf"(?!\$|{_PASSWORD_PLACEHOLDER}(?![^\s'\"]))[^\s'\"]++"
 )
 # A quoted or bare long token assigned to a name like api_key, secret, token or password (bare: hex, base64, or a
 # UUID, as npm's legacy `_authToken=` and many services' keys are); names start at a word's start, and the atomic
@@ -461,6 +470,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     text = _PRIVATE_KEY.sub(replace_private_key, text)
     for pattern, replacement in (
         (_URL_PASSWORD, rf"\g<user>:{SECRET}"),
+        (_CURL_USER_PASSWORD, rf"\g<user>:{SECRET}"),
         (_KNOWN_TOKENS, SECRET),
         (_PUTTY_KEY, SECRET),
     ):

@@ -1040,6 +1040,27 @@ def test_a_url_password_holding_placeholder_characters_among_others_is_a_secret(
     )
 
 
+def test_curls_user_password_is_replaced_and_a_variable_placeholder_or_other_commands_u_is_kept() -> None:
+    """`curl -u admin:S3cretPass` kept the password, where a URL's is replaced."""
+    text = (
+        "curl -u admin:S3cretPass https://api.example.com\n"
+        "curl --user 'bob:hunter2' https://api.example.com\n"
+        "curl -s \\\n  -u ci:p@ss9 \\\n  https://api.example.com\n"
+    )
+    assert scrub_pii(text) == (
+        "curl -u admin:<SECRET> https://api.example.com\n"
+        "curl --user 'bob:<SECRET>' https://api.example.com\n"
+        "curl -s \\\n  -u ci:<SECRET> \\\n  https://api.example.com\n",
+        {"secret": 3},
+    )
+    kept = (
+        'curl -u "$USER:$PASS" https://x.example\ncurl -u user:password https://x.example\n'
+        "curl -u {user}:{password} https://x.example\ndocker run -u 1000:1000 app\n"
+        "curl https://x.example; sort -u a:b1\n"
+    )
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_a_cvs_roots_access_method_is_part_of_its_user_not_a_password() -> None:
     scrubbed, counts = scrub_pii("cvs -d cvs://:pserver:anoncvs@sources.redhat.com:/cvs/src login")
     assert scrubbed.startswith("cvs -d cvs://:pserver:") and counts["secret"] == 0
