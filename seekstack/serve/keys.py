@@ -245,7 +245,7 @@ class KeyStore:
 def _require_name(kind: str, name: str) -> None:
     """KeyStoreError unless `name` may name a key or a plan (`kind`)."""
     if not NAME_PATTERN.fullmatch(name):
-        raise KeyStoreError(f"{kind} name {name!r} must be 1-64 letters, digits or _.@-")
+        raise KeyStoreError(f"{kind} name {name!r} must be 1-64 ASCII letters, digits or _.@- (no spaces)")
 
 
 def _require_model_name(model: str) -> None:

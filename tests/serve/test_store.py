@@ -107,8 +107,9 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.create("erin", rpm=0)
     with pytest.raises(KeyStoreError, match="no key named 'nobody' was ever created"):
         keys.revoke("nobody")
-    with pytest.raises(KeyStoreError, match="key name"):
-        keys.create("white space")
+    for name in ("white space", "团队"):  # a Chinese name was told 'must be 1-64 letters', which it is
+        with pytest.raises(KeyStoreError, match=f"^key name {name!r} must be 1-64 ASCII letters, digits or _.@- "):
+            keys.create(name)
 
 
 def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bound(tmp_path):
