@@ -19,6 +19,7 @@ from typer.core import TyperCommand
 from seekstack.checkpoint.folder import CheckpointError
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
+from seekstack.interrupts import INTERRUPTED
 from seekstack.parallel.launch import launch_rank
 from seekstack.schema import ConfigError, settable_fields
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
@@ -93,6 +94,16 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     except (OSError, ValueError, MissingExtra) as error:  # a file, a checkpoint, a package: possibly this rank's own
         # an error naming a Python parameter as its way out names the command's option instead (`for_command`)
         fail(getattr(error, "for_command", str(error)), as_json, every_rank=True)
+
+
+@contextmanager
+def nothing_written_if_interrupted(out: Path, as_json: bool = False) -> Iterator[None]:
+    """Ctrl-C inside, in a command's minutes of measuring or calibrating before it writes `out` whole (atomically),
+    says so and that nothing was written, exit 130: typer's own exit 130 says nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"interrupted (Ctrl-C): nothing was written to {out}", as_json, code=INTERRUPTED)
 
 
 @contextmanager

@@ -16,13 +16,13 @@ from seekstack.cli.common import (
     JsonErrorsCommand,
     fail,
     get_current_context,
+    nothing_written_if_interrupted,
     options_named,
     run_to_checkpoint,
     size,
     usage_error,
     user_errors,
 )
-from seekstack.interrupts import INTERRUPTED
 
 if TYPE_CHECKING:
     import torch
@@ -169,19 +169,18 @@ def quantize_command(
                 f"weights (a second rounding); run {mode} on the float checkpoint it was made from",
             )
         try:
-            if progressive:
-                report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
-            elif adaptive:
-                report = _adaptive(model, out, data, budget_bits)
-            else:
-                assignment, notes = quantize_checkpoint(model, out, resolved)
-                report = {"assignment": assignment, "notes": notes}
+            with nothing_written_if_interrupted(out, as_json):
+                if progressive:
+                    report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
+                elif adaptive:
+                    report = _adaptive(model, out, data, budget_bits)
+                else:
+                    assignment, notes = quantize_checkpoint(model, out, resolved)
+                    report = {"assignment": assignment, "notes": notes}
         except ConfigError as error:  # a field met with the checkpoint (fp8_block against its dtype, a pattern)
             field = error.field  # the --config file's where no option gave it and it is not the default
             in_file = field not in given and vars(resolved).get(field) != vars(QuantConfig()).get(field)
             raise error.at(str(config) if in_file else None) from None
-        except KeyboardInterrupt:  # typer's own exit 130 says nothing, after minutes of --progressive's measuring
-            fail(f"interrupted (Ctrl-C): nothing was written to {out}", as_json, code=INTERRUPTED)
         report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -344,7 +343,7 @@ def prune_command(
     from seekstack.tokens.shards import load_index
     from seekstack.train.config import TRAIN_SPLIT
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         _refuse_quantized(
             model,
             "prune the float checkpoint it was made from, then quantize the pruned one "

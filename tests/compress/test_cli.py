@@ -505,21 +505,30 @@ def test_progressive_names_the_config_file_whose_pattern_matches_no_layer_as_a_q
     assert f"error: {tmp_path / 'quant.yaml'}: field 'keep': pattern 'nothing.*' matches no layer" in result.output
 
 
-def test_progressive_interrupted_while_measuring_says_so_and_that_nothing_was_written(tmp_path, monkeypatch):
-    """Ctrl-C during --progressive's measuring (minutes on a real model) ended the command with exit 130 and no word,
-    where prune and train say what became of their output."""
+@pytest.mark.parametrize(
+    ("interrupted_in", "command"),
+    [
+        ("seekstack.compress.quality.measure", ["quantize", "--progressive"]),
+        ("seekstack.compress.heads.head_importance", ["prune", "--heads", "0.5", "--calibration-batches", "1"]),
+    ],
+)
+def test_quantize_and_prune_interrupted_before_writing_say_so_and_that_nothing_was_written(
+    tmp_path, monkeypatch, interrupted_in, command
+):
+    """Ctrl-C during --progressive's measuring or prune's calibration (minutes on a real model) ended the command
+    with exit 130 and no word, where train and prune's healing say what became of their output."""
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seekstack.compress.quality.measure", interrupted)
+    monkeypatch.setattr(interrupted_in, interrupted)
     write_train_shard(tmp_path / "shards")
     (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
     result = CliRunner().invoke(
-        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--progressive", "--data",
-              str(tmp_path / "shards")],
+        app, [command[0], str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path / "shards"),
+              *command[1:]],
     )  # fmt: skip
     assert result.exit_code == 130 and not (tmp_path / "q").exists()
     assert result.stderr.endswith(f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'q'}\n")
