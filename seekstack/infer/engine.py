@@ -612,7 +612,8 @@ class Engine:
                 f"request_id must be a str, as vLLM's, got {type(request_id).__name__} {request_id!r}: give "
                 f"{str(request_id)!r}"
             )
-        if isinstance(prompt_ids, (str, bytes, bytearray)):  # its characters would read as ids: "123" as [1, 2, 3]
+        # a text's characters would read as ids ("123" as [1, 2, 3]); None or an int holds none
+        if isinstance(prompt_ids, (str, bytes, bytearray)) or not isinstance(prompt_ids, Iterable):
             raise TypeError(
                 f"prompt_ids is a {type(prompt_ids).__name__}; give token ids (tokenizer.encode_prompt(text)), or the "
                 "text to generate or stream"

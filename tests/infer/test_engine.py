@@ -1011,7 +1011,7 @@ def test_a_prompt_of_float_ids_is_refused_naming_the_value_and_numpy_ids_come_ba
 def test_bytes_or_none_as_a_prompt_is_refused_not_read_as_token_ids(model, tokenizer):
     """generate(b"def f") (a file read in binary mode) ran the bytes as token ids [100, 101, 102, 32, 102], silently,
     and so did add_request and stream; generate(None) (a prompt variable left unset) was a bare "object of type
-    'NoneType' has no len()"."""
+    'NoneType' has no len()", add_request(None) "'NoneType' object is not iterable"."""
     engine = Engine(model, tokenizer)
     for prompt in (b"def f", [b"def f"], {"prompt_token_ids": b"def f"}):
         with pytest.raises(TypeError, match=r"^prompt b'def f' is no prompt: give a text \(decode bytes to text first"):
@@ -1024,6 +1024,9 @@ def test_bytes_or_none_as_a_prompt_is_refused_not_read_as_token_ids(model, token
         engine.generate(None, GREEDY)
     with pytest.raises(TypeError, match=r"^prompt_ids is a bytes; give token ids \(tokenizer.encode_prompt\(text\)\)"):
         engine.add_request(b"def f", GREEDY)
+    for prompt, kind in ((None, "NoneType"), (5, "int")):
+        with pytest.raises(TypeError, match=rf"^prompt_ids is a {kind}; give token ids \(tokenizer.encode_prompt"):
+            engine.add_request(prompt, GREEDY)
     assert not engine.has_unfinished()
 
 
