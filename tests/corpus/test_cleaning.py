@@ -1126,7 +1126,7 @@ def test_ipv6_documentation_addresses_are_kept_in_both_prefixes_rfc_9637_reserve
 def test_a_public_ip_written_with_dashes_in_a_host_name_is_replaced_and_a_files_dashed_numbers_are_kept() -> None:
     """Clouds and ISPs name hosts after their address (EC2's public names, a home's reverse lookup in a mail's
     Received header): the address was kept, readable in the name. A private one, a version and a file's dashed numbers
-    (no top-level domain after them) stay."""
+    (no domain after them, though its suffix be a top-level domain's: `.mov` was read as one's) stay."""
     text = (
         "Received: from c-73-15-22-1.hsd1.ca.comcast.net ([73.15.22.1])\n"
         "curl http://ec2-93-184-216-34.compute-1.amazonaws.com:8080/health\n"
@@ -1135,7 +1135,10 @@ def test_a_public_ip_written_with_dashes_in_a_host_name_is_replaced_and_a_files_
         "Received: from c-<IP>.hsd1.ca.comcast.net ([<IP>])\ncurl http://ec2-<IP>.compute-1.amazonaws.com:8080/health\n",
         {"ip": 3},
     )
-    kept = "ip-10-0-0-5.ec2.internal, mirror-1-2-3-4.example.org, backup-11-12-15-30.log, pkg-31-1-0-1.tar.gz\n"
+    kept = (
+        "ip-10-0-0-5.ec2.internal, mirror-1-2-3-4.example.org, backup-11-12-15-30.log, pkg-31-1-0-1.tar.gz\n"
+        "clip-12-25-20-19.mov backup-2023-12-25-20-19.zip run-93-184-216-34.sh notes_93-184-216-34.md\n"
+    )
     assert scrub_pii(kept) == (kept, {})
 
 
