@@ -599,9 +599,6 @@ class _Run:
         config.require_rows_within(model.config.max_position_embeddings)
         self.model = model.train()  # a checkpoint's (init_from, resume) loads in eval mode
         dtype, why = step_dtype(config.dtype, ranks.device, sum(p.numel() for p in model.parameters()))
-        if config.dtype == "auto":
-            other = "float32" if dtype == "bfloat16" else "bfloat16"
-            self._say(f"dtype {dtype} (auto: {why}); dtype={other} to train in {other}")
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         if source is not None:
             source.attach(model)
@@ -643,9 +640,13 @@ class _Run:
                 set_rng_state(train_state["rng"])
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
-        # a finished run resumed (at max_steps) trains no step: no peak to measure for its MFU, no schedule to warn of
+        # a finished run resumed (at max_steps) trains no step: no dtype to name, no peak to measure for its MFU, no
+        # schedule to warn of
         trains = self.step < config.max_steps
         if trains:
+            if config.dtype == "auto":
+                other = "float32" if dtype == "bfloat16" else "bfloat16"
+                self._say(f"dtype {dtype} (auto: {why}); dtype={other} to train in {other}")
             if config.peak_flops:
                 # per device: a card's, once per rank; a machine's CPUs, which its ranks share, once per machine
                 devices = len({machine for machine, _ in self.ranks_cpus}) if self.ranks_cpus else ranks.world_size
