@@ -1319,6 +1319,11 @@ class Engine:
                     f"a prompt mapping{problem}: give {{'prompt': text}} or {{'prompt_token_ids': ids}}, vLLM's "
                     "TextPrompt and TokensPrompt"
                 )
+            if isinstance(prompt.get("prompt_token_ids"), str):  # its text would be encoded, not read as ids
+                raise TypeError(
+                    f"prompt_token_ids={prompt['prompt_token_ids']!r} is a text: give token ids, or the text as "
+                    "{'prompt': text}"
+                )
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
         if isinstance(prompt, str):
             return self.tokenizer.encode_prompt(prompt)

@@ -1153,7 +1153,8 @@ def test_a_generation_config_eos_id_other_than_the_tokenizers_is_named_as_the_st
 def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_refused(model, tokenizer):
     """vLLM's generate takes TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids}; here a dict was
     read as the sequence of its keys: generate({"prompt": "def f"}) continued the text "prompt", and
-    generate({"prompt_token_ids": ids}) the text "prompt_token_ids", without a word."""
+    generate({"prompt_token_ids": ids}) the text "prompt_token_ids", without a word; {"prompt_token_ids": "12"} ran the
+    text "12"."""
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode_prompt("def f")
     [text, given_ids] = engine.generate(["def f", [5, 6, 7]], GREEDY)
@@ -1169,6 +1170,8 @@ def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_ref
         engine.generate({"prompt": "def f", "multi_modal_data": {}}, GREEDY)
     with pytest.raises(ValueError, match=r"^a prompt mapping holds no prompt: give"):
         engine.generate([{}], GREEDY)
+    with pytest.raises(TypeError, match=r"^prompt_token_ids='12' is a text: give token ids, or the text as \{'prompt'"):
+        engine.generate({"prompt_token_ids": "12"}, GREEDY)
     assert not engine.has_unfinished()
 
 
