@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from seekstack.interrupts import sigint_handled_by
+from seekstack.interrupts import interruptible, sigint_handled_by
 from seekstack.parallel.launch import launch_environment, launch_rank, local_gpu, require_rendezvous_address
 from seekstack.schema import ConfigError
 
@@ -66,10 +66,16 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if not joined:  # before LOCAL_RANK, so that an environment set by hand is refused alike on CPUs and GPUs
         require_rendezvous_address(world_size)
     device = torch.device("cuda", local_gpu(world_size, torch.cuda.device_count())) if cuda else torch.device("cpu")
+
+    def join() -> None:  # in a thread of its own, where CUDA's current device is set apart from the main thread's
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
+
     if cuda:
         torch.cuda.set_device(device)
-    if not joined:
-        dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
+    if not joined:  # waits for every rank to come (30 minutes on gloo) in native code, which Ctrl-C does not reach
+        interruptible(join)
     return Ranks(rank, world_size, device)
 
 

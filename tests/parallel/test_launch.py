@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 from typer.testing import CliRunner
 
@@ -98,3 +104,33 @@ def test_without_the_address_to_join_at_a_gpu_rank_is_refused_naming_it_as_a_cpu
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="^WORLD_SIZE=2 is set but MASTER_ADDR is not: the ranks join at MASTER_ADDR"):
         init_distributed()
+
+
+JOINING_ALONE = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a shell's background job ignores it
+from seekstack.parallel.distributed import init_distributed
+print("joining", flush=True)
+try:
+    init_distributed()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_a_rank_waits_for_the_others_to_join_ends_it_at_once(torchrun_environment):
+    """A rank started before the others (or without them) waits in torch's rendezvous, native code that Ctrl-C did
+    not reach: it went on waiting, up to gloo's 30 minutes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun_environment(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # the rank started alone
+    rank = subprocess.Popen([sys.executable, "-c", JOINING_ALONE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline() == "joining\n"
+        time.sleep(2)  # into the rendezvous
+        rank.send_signal(signal.SIGINT)
+        assert rank.wait(timeout=30) == 130
+    finally:
+        rank.kill()
+        rank.wait()
