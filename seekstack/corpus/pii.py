@@ -177,8 +177,12 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
         r"(?:[\\@]?@|%40|%2540|&(?:#0*64|#[xX]0*40|commat);)"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
+    # An image's scale (`icons@2x.zip`, as Apple names its Retina images) or a video's resolution (`clip@1080p.mov`)
+    # with a suffix alone after it is a file's name (the suffix may be a top-level domain too), not an address's domain
+    file_qualifier = r"(?:[1-9]x|\d{3,4}p)\.[A-Za-z0-9]+(?![\w-]|\.\w)"
     return re.compile(
-        rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))|\[\d{{1,3}}(?:\.\d{{1,3}}){{3}}\]"
+        rf"{local_part}(?!{file_qualifier})"
+        rf"(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))|\[\d{{1,3}}(?:\.\d{{1,3}}){{3}}\]"
         r"|\[(?i:IPv6):[0-9A-Fa-f:.]+\]"
         r"|(?P<address>[0-9]{1,3}(?:\.[0-9]{1,3}){3})(?!\.?\w|@)"
         rf"|(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"

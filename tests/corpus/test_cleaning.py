@@ -2636,6 +2636,14 @@ def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed:
     assert scrub_pii(text)[0] == scrubbed
 
 
+def test_a_file_named_with_an_image_scale_or_a_video_resolution_is_no_address() -> None:
+    """`icons@2x.zip` and `clip@1080p.mov`, whose suffixes are top-level domains too, became <EMAIL>; an address
+    whose domain opens so, or at a host under such a name, is one."""
+    kept = "unzip icons@2x.zip; play clip@1080p.mov, then logo@3x.zip.\n"
+    assert scrub_pii(kept) == (kept, {})
+    assert scrub_pii("mail ann@2xample.com or bob@3x.example.com") == ("mail <EMAIL> or <EMAIL>", {"email": 2})
+
+
 def test_an_email_address_with_a_fullwidth_at_sign_is_replaced() -> None:
     """Japanese and Chinese pages write ＠ to keep an address from harvesters that look for @; it was kept whole."""
     text = "連絡先：tanaka＠example.co.jp、問い合わせはinfo＠example.jpまで。邮箱：zhang＠example.com。＠名前さん"
