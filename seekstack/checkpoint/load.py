@@ -61,7 +61,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3
 def load_pretrained(
     directory: str | Path,
     dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | int | None = "cpu",
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
     mtp: bool = True,
@@ -120,6 +120,7 @@ def load_pretrained(
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     dtype = loading_dtype(dtype, torch_dtype, config, reader)
+    device = "cpu" if device is None else device  # as Engine.from_pretrained reads device=None
     placement = placement_asked(device_map, max_memory, offload_folder, device)
     folder = offload_folder or directory / "offload"  # read only where a map places parts
     if placement is None:

@@ -131,14 +131,14 @@ def test_a_device_torch_does_not_know_is_refused_naming_it(tmp_path, placement):
         seekstack.load_pretrained(tmp_path, device="gpu", **placement)
 
 
-@pytest.mark.parametrize("device", ["CPU", " cpu", "cpu:0", "auto"])
+@pytest.mark.parametrize("device", ["CPU", " cpu", "cpu:0", "auto", None])
 def test_a_device_is_read_as_the_engine_reads_it(tmp_path, device):
     """load_pretrained(dir, device="CPU") was refused as "device='CPU' is no device torch knows" where
     Engine.from_pretrained(dir, device="CPU") takes it: both read a device through runtime_device (auto: cuda:0 where
-    torch reaches a GPU, else cpu)."""
+    torch reaches a GPU, else cpu); device=None, the engine's cpu, was refused as "device=None: give cpu, ..."."""
     seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path)
     model = seekstack.load_pretrained(tmp_path, device=device)
-    assert model.embed_tokens.weight.device == runtime_device(device)
+    assert model.embed_tokens.weight.device == runtime_device(device or "cpu")
 
 
 @pytest.mark.parametrize("device", ["meta", f"cuda:{torch.cuda.device_count()}", torch.cuda.device_count()])
