@@ -96,15 +96,16 @@ def test_each_rank_takes_its_own_slice_of_the_global_batch():
         local_rows(batch, Ranks(0, 4, torch.device("cpu")))
 
 
-def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_exit_with_its_code(monkeypatch, capsys):
+def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_exit_with_its_code(
+    torchrun_environment, capsys
+):
     import typer
 
     from seekstack.cli.common import fail
 
     message = "batch_size=3 is not divisible by the 2 ranks (WORLD_SIZE)"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, printed in (("0", f"error: {message}\n"), ("1", "")):
-        monkeypatch.setenv("RANK", rank)
+    for rank, printed in ((0, f"error: {message}\n"), (1, "")):
+        torchrun_environment(rank)
         with pytest.raises(typer.Exit) as exited:
             fail(message)
         assert exited.value.exit_code == 1
@@ -112,7 +113,7 @@ def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_ex
 
 
 def test_under_torchrun_an_error_is_printed_by_the_first_rank_of_each_machine_whose_log_its_user_reads(
-    monkeypatch, capsys
+    torchrun_environment, capsys
 ):
     """A config file of node 2's own with a typo: its ranks (1 and 2 here) met the error alone, and nothing was said."""
     import typer
@@ -120,16 +121,16 @@ def test_under_torchrun_an_error_is_printed_by_the_first_rank_of_each_machine_wh
     from seekstack.cli.common import fail
 
     message = "override 'max_step=5': unknown field 'max_step'"
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    for rank, local_rank, printed in (("1", "0", f"error (rank 1): {message}\n"), ("2", "1", "")):
-        monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for rank, local_rank, printed in ((1, "0", f"error (rank 1): {message}\n"), (2, "1", "")):
+        torchrun_environment(rank, 4, LOCAL_RANK=local_rank)
         with pytest.raises(typer.Exit):
             fail(message)
         assert capsys.readouterr().err == printed, rank
 
 
-def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_rank_naming_it(monkeypatch, capsys):
+def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_rank_naming_it(
+    torchrun_environment, capsys
+):
     """A missing file of rank 1's own (its optimizer part, its node's shard) is not left unsaid; a config error
     every rank meets is printed once."""
     import typer
@@ -137,8 +138,7 @@ def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_ra
     from seekstack.cli.common import user_errors
     from seekstack.schema import ConfigError
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    torchrun_environment(1)
     for error, printed in (
         (FileNotFoundError("/node2/optimizer_rank1.pt: no such file"), "error (rank 1): /node2/optimizer_rank1.pt"),
         (ConfigError("batch_size=3 is not divisible by the 2 ranks"), ""),
@@ -149,7 +149,9 @@ def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_ra
         assert said.startswith(printed) if printed else said == ""
 
 
-def test_a_model_vocabulary_other_than_the_datas_is_a_setting_printed_once_per_machine(monkeypatch, capsys, tmp_path):
+def test_a_model_vocabulary_other_than_the_datas_is_a_setting_printed_once_per_machine(
+    torchrun_environment, capsys, tmp_path
+):
     """model.vocab_size=97 on shards of 96 ids was a ValueError, which each rank of the machine printed as an error of
     its own ('error: ...', 'error (rank 1): ...'): every rank meets it alike."""
     import typer
@@ -158,10 +160,8 @@ def test_a_model_vocabulary_other_than_the_datas_is_a_setting_printed_once_per_m
     from seekstack.train.trainer import require_vocabulary
 
     message = f"{tmp_path}: its tokenizer has 96 tokens, fewer than model vocab_size=97: ids 96..96 decode to no token"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, printed in (("0", f"error: {message}; set model.vocab_size=96\n"), ("1", "")):
-        monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("LOCAL_RANK", rank)
+    for rank, printed in ((0, f"error: {message}; set model.vocab_size=96\n"), (1, "")):
+        torchrun_environment(rank)
         with pytest.raises(typer.Exit), user_errors():
             require_vocabulary(97, 96, tmp_path)
         assert capsys.readouterr().err == printed, rank
