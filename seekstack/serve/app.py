@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from seekstack.adapters.registry import UnknownAdapter
 from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import TokenLogprob
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, shown_value
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_request, read_body
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
@@ -277,9 +277,9 @@ class Server:
 
     def unknown_model(self, model: str, key: ApiKey | None = None) -> APIError:
         """The 404, in OpenAI's shape, for a `model` this server does not have or `key` may not use, alike (a key
-        learns nothing of the models it may not see), naming those it may use."""
+        learns nothing of the models it may not see), naming those it may use and the start of a long `model`."""
         usable = ", ".join(repr(card.id) for card in self.models(key).data) or "none"
-        message = f"the model {model!r} does not exist or you do not have access to it; you may use {usable}"
+        message = f"the model {shown_value(model)} does not exist or you do not have access to it; you may use {usable}"
         return APIError(404, message, param="model", code="model_not_found")
 
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:

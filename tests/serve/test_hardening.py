@@ -639,7 +639,7 @@ def test_refused_requests_and_moderations_count_against_the_requests_per_minute(
         assert error_of(refused, 429)["code"] == "rate_limit_exceeded" and "Retry-After" in refused.headers
 
 
-def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model_name(engine, tmp_path):
+def test_a_refused_requests_ledger_row_and_404_keep_only_the_start_of_an_overlong_model_name(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("filler", rpm=100)
     app = create_app(engine, database)
@@ -649,7 +649,9 @@ def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model
         body, headers = {**COMPLETION, "model": asked}, {"Authorization": f"Bearer {key}"}
         return [await client.post("/v1/completions", json=body, headers=headers) for _ in range(2)]
 
-    assert [error_of(answer, 404)["code"] for answer in run(app, scenario)] == ["model_not_found"] * 2
+    errors = [error_of(answer, 404) for answer in run(app, scenario)]
+    assert [error["code"] for error in errors] == ["model_not_found"] * 2
+    assert errors[0]["message"].startswith(f"the model '{'m' * 79}... (500,000 characters) does not exist")
     rows = Ledger(database).records("filler")
     assert [row["model"] for row in rows] == ["m" * 256] * 2  # was: the 500,000 characters, each time
 
