@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import numbers
 import os
 import re
 import tomllib
@@ -541,6 +542,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if isinstance(value, numbers.Integral):  # numpy's integers and floats, as the numbers they are
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
     raise TypeError(
         f"a {type(value).__name__} ({shown_value(value)}) is no configuration value: give a list, a mapping, text or "
         "a number"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import transformers
 
@@ -159,6 +160,14 @@ def test_a_value_no_config_holds_is_refused_naming_its_field():
         SamplingParams.from_dict({"logit_bias": {1: {5}}})
     with pytest.raises(ConfigError, match=r"^field 'logit_bias' has value \{\(1, 2\): 3\}: keys must be str"):
         SamplingParams.from_dict({"logit_bias": {(1, 2): 3}})
+
+
+def test_numpy_numbers_are_taken_as_the_numbers_they_are():
+    """SamplingParams(temperature=np.float32(0.5)) (a value from an array) was refused as "a float32 (np.float32(0.5))
+    is no configuration value: give ... a number", and max_tokens=np.int64(5) as "must be an int"."""
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5), seed=np.int32(3)).validate()
+    assert (params.temperature, params.top_k, params.seed) == (0.5, 5, 3) and type(params.top_k) is int
+    assert SamplingParams(max_tokens=np.int64(5)).validate().max_new_tokens == 5
 
 
 def test_a_shown_value_of_one_item_counts_it_singular():

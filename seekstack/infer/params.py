@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,8 @@ def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
     max_tokens = values.pop("max_tokens", NOT_GIVEN)
     if max_tokens is not NOT_GIVEN:
         max_new_tokens = values.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        require(max_tokens is None or (type(max_tokens) is int and max_tokens >= 1), "max_tokens", f"an int of at "
+        whole = isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool)  # numpy's int too
+        require(max_tokens is None or (whole and max_tokens >= 1), "max_tokens", f"an int of at "
                 f"least 1 (vLLM's name for max_new_tokens) or None (to the context's end), not "
                 f"{max_tokens!r}")  # fmt: skip
         require(max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
