@@ -117,17 +117,14 @@ def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
-def test_under_torchrun_rank_0_alone_prints_a_resumed_runs_config_warnings(base, text, tmp_path, monkeypatch):
+def test_under_torchrun_rank_0_alone_prints_a_resumed_runs_config_warnings(base, text, tmp_path, torchrun_environment):
     """Every rank resolves the config and heard its warnings: under torchrun each printed 'warning: resuming with
     ...' once a rank, where `seekstack train` prints them on rank 0 alone. Each resume here goes on one more step (a
     refused one tells no warning: 032805c); rank 1 of 2, given no MASTER_ADDR, stops after them where the ranks join."""
     out = tmp_path / "adapter"
     assert lora_train(base, text, *QUICK_RUN, "--out", out)[0] == 0
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
     for rank, world_size, exit_code in ((0, 1, 0), (1, 2, 1)):
-        monkeypatch.setenv("WORLD_SIZE", str(world_size))
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        torchrun_environment(rank, world_size)
         code, output = lora_train("--resume", f"max_steps={rank + 2}", "--out", out)
         assert code == exit_code, output
         warned = f"warning: resuming with max_steps={rank + 2} (the run last ran with {rank + 1})" in output
@@ -162,17 +159,16 @@ def test_adapter_errors_name_the_other_keys_with_their_prefix(base, text, overri
     assert not (tmp_path / "adapter").exists()
 
 
-def test_under_torchrun_only_rank_0_holds_the_out_folder_as_the_trainer_does(tmp_path, monkeypatch):
+def test_under_torchrun_only_rank_0_holds_the_out_folder_as_the_trainer_does(tmp_path, torchrun_environment):
     """Every rank of a torchrun `lora train` enters undone_if_refused: rank 1 found the folder held by rank 0 and was
     refused as 'another run'."""
     from seekstack.adapters.training import undone_if_refused
 
     out = tmp_path / "adapter"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    torchrun_environment(1)
     with another_run_holding(out), undone_if_refused(out):  # rank 0, holding it
         (out / "lora_config.json").write_text("rank 1's view")
-    monkeypatch.setenv("RANK", "0")
+    torchrun_environment(0)
     with pytest.raises(OSError, match="another run is training into it now"), another_run_holding(out):
         with undone_if_refused(out):
             pass

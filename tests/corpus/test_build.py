@@ -147,7 +147,7 @@ def test_cli_exits_non_zero_when_the_build_keeps_nothing(tmp_path: Path) -> None
     assert kept.exit_code == 0 and "prose/en" in kept.output
 
 
-def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path: Path, monkeypatch) -> None:
+def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path: Path, torchrun_environment) -> None:
     """A corpus of one kept document holds none out (holding it out would leave train.jsonl none), which `train`
     refused only when it came to evaluate; data build now says so where it writes val.jsonl: on stderr, as the other
     commands warn, and under torchrun from rank 0 alone."""
@@ -173,8 +173,7 @@ def test_cli_warns_when_a_build_of_one_document_leaves_validation_empty(tmp_path
     assert read_rows(tmp_path / "one")["val"] == []
     assert "warning" not in build("two.jsonl", "two").output and len(read_rows(tmp_path / "two")["val"]) == 1
     assert "warning" not in build("one.jsonl", "none", "--val-fraction", "0").output
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")  # another torchrun rank: rank 0 alone warns
+    torchrun_environment(1)  # another torchrun rank: rank 0 alone warns
     assert build("one.jsonl", "rank1").stderr == ""
 
 

@@ -128,13 +128,14 @@ def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: 
     assert load_train_config(path.name) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
 
 
-def test_write_config_under_torchrun_is_written_and_announced_by_rank_0_alone(tmp_path: Path, monkeypatch) -> None:
+def test_write_config_under_torchrun_is_written_and_announced_by_rank_0_alone(
+    tmp_path: Path, torchrun_environment
+) -> None:
     path = tmp_path / "c.yaml"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    torchrun_environment(1)
     other_rank = CliRunner().invoke(app, ["train", "lr=1e-3", "--write-config", str(path)])
     assert other_rank.exit_code == 0 and other_rank.output == "" and not path.exists()
-    monkeypatch.setenv("RANK", "0")
+    torchrun_environment(0)
     rank_0 = CliRunner().invoke(app, ["train", "lr=1e-3", "--write-config", str(path)])
     assert rank_0.exit_code == 0 and rank_0.output == f"wrote the config to {path}\n"
     assert yaml.safe_load(path.read_text())["lr"] == 0.001
