@@ -30,7 +30,7 @@ from seekstack.serve.database import (
 
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
+NAME_PATTERN = re.compile(r"(?!-)[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan; a leading - reads as an option
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 # The most tokens one request is billed for: 64 generations (serve.schemas.MAX_ENGINE_REQUESTS) of a 262144-token
@@ -245,7 +245,9 @@ class KeyStore:
 def _require_name(kind: str, name: str) -> None:
     """KeyStoreError unless `name` may name a key or a plan (`kind`)."""
     if not NAME_PATTERN.fullmatch(name):
-        raise KeyStoreError(f"{kind} name {name!r} must be 1-64 ASCII letters, digits or _.@- (no spaces)")
+        raise KeyStoreError(
+            f"{kind} name {name!r} must be 1-64 ASCII letters, digits or _.@- (no spaces), not beginning with -"
+        )
 
 
 def _require_model_name(model: str) -> None:

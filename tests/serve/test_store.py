@@ -112,6 +112,17 @@ def test_key_errors_name_the_key_or_plan(database):
             keys.create(name)
 
 
+def test_a_key_or_plan_name_beginning_with_a_dash_is_refused_as_the_command_line_reads_it_as_an_option(tmp_path):
+    keys = KeyStore(open_database(tmp_path / "serve.db"))
+    for refused in (lambda: keys.create("-x"), lambda: keys.set_plan("-gold", prompt_per_1k=1, completion_per_1k=1)):
+        with pytest.raises(KeyStoreError, match="not beginning with -"):
+            refused()
+    # `keys create --name --admin` (the name forgotten) would make a key '--admin' that `keys revoke --admin` cannot name
+    created = CliRunner().invoke(app, ["keys", "create", "--name", "--admin", "--db", str(tmp_path / "cli.db")])
+    assert created.exit_code != 0 and "key name '--admin' must be" in created.output, created.output
+    assert keys.verify(keys.create("a-b.c@d_e")).name == "a-b.c@d_e"  # a dash after the first character is kept
+
+
 def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bound(tmp_path):
     keys = KeyStore(open_database(tmp_path / "serve.db"))
     for field in ("rpm", "tpm"):
