@@ -37,13 +37,16 @@ def prepare_machine(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def matmul_peaks() -> dict[str, float]:
+def matmul_peaks(clock: str = "wall") -> dict[str, float]:
     """Measure and print this machine's float32 and bfloat16 matmul FLOP/s on torch's threads (train/mfu.py's probe),
-    the yardstick every result of the run is also given as a fraction of."""
+    the yardstick every result of the run is also given as a fraction of, timed on `clock` (CLOCKS: --clock's), as
+    those results are."""
     threads = torch.get_num_threads()
-    peaks = {str(dtype).removeprefix("torch."): measured_matmul_flops(dtype, threads) for dtype in PEAK_DTYPES}
+    peaks = {
+        str(dtype).removeprefix("torch."): measured_matmul_flops(dtype, threads, CLOCKS[clock]) for dtype in PEAK_DTYPES
+    }
     measured = ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items())
-    print(f"measured matmul peak on {threads} threads: {measured}", flush=True)
+    print(f"measured matmul peak on {threads} threads, {clock} clock: {measured}", flush=True)
     return peaks
 
 

@@ -139,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     batch = training_batch(args.data, seekstack.preset(args.preset).vocab_size, args.batch, args.seq_len)
     prepare_machine(args)
-    peaks = matmul_peaks()
+    peaks = matmul_peaks(args.clock)
 
     with tempfile.TemporaryDirectory() as directory:
         ours, theirs = contenders(args.preset, Path(directory), getattr(torch, args.dtype))
