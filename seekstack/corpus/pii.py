@@ -256,9 +256,11 @@ _PRIVATE_KEY = re.compile(
     r"(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|---- END SSH2 ENCRYPTED PRIVATE KEY ----)?"
 )
 # PuTTY's .ppk file, whole: its first line (`PuTTY-User-Key-File-3: ssh-ed25519`), headers and base64 lines, public
-# and private, to its `Private-MAC:` line (a file cut short before it has no end to tell)
+# and private, to its `Private-MAC:` line (a file cut short before it has no end to tell), not past the next file's
+# first line (linear time in a text of many files cut short)
 _PUTTY_KEY = re.compile(
-    r"PuTTY-User-Key-File-\d: [\w.@-]+\r?\n(?:[\w-]+: [^\n]*\n|[A-Za-z0-9+/=]+\r?\n)*?Private-MAC: [0-9a-fA-F]+"
+    r"PuTTY-User-Key-File-\d: [\w.@-]+\r?\n(?:(?!PuTTY-User-Key-File-)[\w-]+: [^\n]*\n|[A-Za-z0-9+/=]+\r?\n)*?"
+    r"Private-MAC: [0-9a-fA-F]+"
 )
 _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
