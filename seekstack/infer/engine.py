@@ -1386,6 +1386,8 @@ class Engine:
                     f"{prompts.dtype} of shape {tuple(prompts.shape)}"
                 )
             prompts = prompts.tolist()
+        if isinstance(prompts, Iterator):  # a generator or a map of prompts, read once (it has no len)
+            prompts = list(prompts)
         # one prompt: a text, vLLM's prompt mapping, token ids (5.0 too), or none (None, bytes), which is refused below
         one_prompt = not isinstance(prompts, Iterable) or isinstance(prompts, (str, bytes, bytearray, Mapping))
         one_prompt = one_prompt or (len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts))

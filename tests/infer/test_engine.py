@@ -980,10 +980,14 @@ def test_generation_config_eos_token_ids_end_generation_beside_the_tokenizers_as
 
 
 def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer):
+    """A generator of prompts (generate(p.strip() for p in lines)) raised a bare "object of type 'generator' has no
+    len()": it is read as the list of its prompts."""
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode("def f")
     [alone] = engine.generate("def f", GREEDY)
     [listed] = engine.generate(["def f"], GREEDY)
+    generated = engine.generate((prompt.strip() for prompt in [" def f", "def f "]), GREEDY)
+    assert [c.token_ids for c in generated] == [alone.token_ids] * 2
     [as_ids] = engine.generate(ids, GREEDY)
     assert alone.prompt_token_ids == as_ids.prompt_token_ids == ids
     assert alone.token_ids == listed.token_ids == as_ids.token_ids
