@@ -280,18 +280,18 @@ def base_model_reason(
     training, or None when nothing says so; an adapter trained on chat conversations makes it a chat model.
 
     The signs: the tokenizer has no chat template (how Hugging Face marks a model meant for chat), neither a
-    `chat_template` in the tokenizer_config.json beside it nor a chat_template.jinja (transformers 5's save); the
-    folder is a checkpoint of a seekstack run that trained on no conversations (it holds train_state.pt, and its run
-    names no data or task: pretraining, distillation on token shards); its name ends in "base", as DeepSeek names its
-    base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that ships a chat template under another
-    name passes for a chat model."""
+    `chat_template` in the tokenizer_config.json beside it nor a chat_template.jinja (transformers 5's save), or one
+    it cannot read (the reason names it); the folder is a checkpoint of a seekstack run that trained on no
+    conversations (it holds train_state.pt, and its run names no data or task: pretraining, distillation on token
+    shards); its name ends in "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a
+    notice: a base model that ships a chat template under another name passes for a chat model."""
     if adapter is not None and _trained_on_chat(Path(adapter)):
         return None
     model_dir, config_path = Path(model_dir), Path(tokenizer_dir) / CONFIG_FILE
     try:
         template = read_chat_template(config_path, Path(tokenizer_dir) / CHAT_TEMPLATE_FILE)
-    except (OSError, ValueError):
-        template = None
+    except (OSError, ValueError) as error:  # one it cannot read (the file, its chat_template field), named
+        return str(error)
     if template is None or not template.text:
         return f"{config_path} has no chat_template and no {CHAT_TEMPLATE_FILE} is beside it"
     if (model_dir / TRAIN_STATE_FILE).is_file() and not _trained_on_conversations(model_dir):

@@ -1046,6 +1046,15 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
 
 
+def test_a_chat_template_that_is_no_text_is_named_not_taken_for_none(tmp_path):
+    """A tokenizer with the role tokens writes its chats without the tokenizer_config.json's template, so chat went on
+    with the note that it has "no chat_template", where it has one that is no text."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
+    assert base_model_reason(tmp_path, tmp_path).startswith(
+        f"{tmp_path / 'tokenizer_config.json'}: field 'chat_template' has template 5: give its Jinja text"
+    )
+
+
 def test_a_chat_template_jinja_saved_by_transformers_5_marks_a_chat_model(tmp_path):
     folder = tmp_path / "saved"
     folder.mkdir()  # transformers 5's tokenizer.save_pretrained: the template apart, none in tokenizer_config.json
