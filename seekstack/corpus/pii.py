@@ -214,10 +214,11 @@ _IPV4 = re.compile(
 # (`ec2-93-184-216-34.compute-1.amazonaws.com`, a home's `c-73-15-22-1.hsd1.ca.comcast.net` in a mail's Received
 # header or a log's reverse lookup): its dashed octets end a label, before a domain's name and its top-level domain
 # (not a file's `backup-11-12-15-30.log`, `.tar.gz`, nor one whose suffix is a top-level domain too,
-# `clip-12-25-20-19.mov`, `.zip`, `.sh`); judged as the dotted address (`ip-10-0-0-5.ec2.internal` is kept).
+# `clip-12-25-20-19.mov`, `.zip`, `.sh`); judged as the dotted address (`ip-10-0-0-5.ec2.internal` is kept). Up to 8
+# labels of up to 63 characters (RFC 1035) are read after it: linear time in a long chain of dashed numbers.
 _IPV4_IN_HOST_NAME = re.compile(
     rf"(?=\d)(?<!\d)(?<!\b\d-)(?<!\b\d\d-)(?<!\b\d\d\d-)(?P<address>{_OCTET}(?:-{_OCTET}){{3}})"  # not a 5th number's
-    rf"(?=\.(?:[A-Za-z0-9-]+\.)+(?i:{_any_of(_TOP_LEVEL_DOMAINS)})(?![\w-]))"
+    rf"(?=\.(?:[A-Za-z0-9-]{{1,63}}\.){{1,8}}(?i:{_any_of(_TOP_LEVEL_DOMAINS)})(?![\w-]))"
 )
 # An IPv6 address may end in an IPv4 one (`::ffff:93.184.216.34`, IPv4-mapped; `64:ff9b::93.184.216.34`): the whole
 # is the address, matched before `_IPV4` can take its tail alone. It opens with a hex digit or `::` (not a label's

@@ -1095,6 +1095,7 @@ def test_a_url_password_ends_before_a_query_or_fragment() -> None:
         "-----BEGIN PRIVATE KEY-----" * 1_000,
         "://a:" * 6_000,
         "PuTTY-User-Key-File-3: ssh-ed25519\nAAAA\n" * 2_000,
+        "a-93-184-216-34." * 2_000,
     ],
 )
 def test_scrubbing_takes_linear_time_on_long_keyword_runs(text: str) -> None:
