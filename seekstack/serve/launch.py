@@ -100,7 +100,10 @@ def build_server(
     )
     page = " (chat page at /)" if options.chat_page else ""
     host = f"[{options.host}]" if ":" in options.host else options.host  # an IPv6 address, as a URL writes it
-    return app, f"serving {name!r} on http://{host}:{options.port}{page}; {access}"
+    address = f"http://{host}:{options.port}"
+    if options.port == 0:  # the system picks a free port as uvicorn listens, after this line; uvicorn's line names it
+        address = f'http://{host} (a free port: see "Uvicorn running on" below)'
+    return app, f"serving {name!r} on {address}{page}; {access}"
 
 
 def load_policy(path: Path) -> Policy:

@@ -65,6 +65,12 @@ def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 144  # the default fills the context
 
 
+def test_serve_on_port_0_says_the_system_picks_the_port_not_a_url_of_port_0(tmp_path):
+    options = dataclasses.replace(serve_options(tmp_path, 144), port=0)
+    _, said = build_server(make_model_dir(tmp_path, max_position_embeddings=256), options)
+    assert said.startswith("serving 'model' on http://127.0.0.1 (a free port: see \"Uvicorn running on\" below) (")
+
+
 @pytest.mark.parametrize(
     ("place", "message"),
     [
