@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         with torch.autocast(device, enabled=False):
             h, w = hidden.float(), weight.float()
-            h_matmul, w_matmul = hidden.to(matmul_dtype), weight.to(matmul_dtype)
+            h_matmul, w_matmul = h.to(matmul_dtype), w.to(matmul_dtype)  # in float32 h and w, not copies
             counted = targets != IGNORE_INDEX
             count = counted.sum().clamp(min=1)
             safe_targets = targets.clamp(min=0)

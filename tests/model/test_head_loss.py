@@ -77,6 +77,29 @@ def test_fused_head_loss_under_bfloat16_autocast_multiplies_in_bfloat16_and_sums
         torch.testing.assert_close(grad, expected_grad.float(), rtol=0.02, atol=1e-3)  # bf16 keeps 8 bits
 
 
+def test_a_bfloat16_heads_weight_is_widened_to_float32_once():
+    """A bf16 model's loss outside autocast (`eval` of a bf16 checkpoint) copied the (V, D) head weight to float32
+    twice, once for the sums and once for the matmuls, both float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widenings(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 != out.dtype:
+                self.shapes.append(tuple(args[0].shape))
+            return out
+
+    hidden = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.bfloat16, requires_grad=True)
+    with Widenings() as widenings:
+        linear_cross_entropy(hidden, weight, torch.randint(6, (8,)))
+    assert sorted(widenings.shapes) == [(6, 4), (8, 4)]
+
+
 @pytest.mark.parametrize("chunk_elements", [2**19, 300])  # one chunk; many chunks with a ragged last one
 def test_fused_token_logprobs_match_the_log_softmax_of_the_logits_and_its_gradients(monkeypatch, chunk_elements):
     monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", chunk_elements)
