@@ -338,6 +338,10 @@ class Engine:
                 f"attention_variant={self.config.attention_variant!r} is a training ablation without a cached decode "
                 "path; the engine serves plain MLA models"
             )
+        for name, value in (("prefix_caching", prefix_caching), ("speculative", speculative),
+                            ("adaptive_drafts", adaptive_drafts)):  # fmt: skip
+            if not isinstance(value, bool):  # "false", a text, is true: speculative="false" would turn it on
+                raise ValueError(f"{name}={value!r} must be True or False")
         if speculative and len(model.mtp) == 0:
             raise ValueError(
                 "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "

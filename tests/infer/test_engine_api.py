@@ -388,6 +388,15 @@ def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_pat
     assert str(refused.value) == told
 
 
+@pytest.mark.parametrize("keyword", ["speculative", "prefix_caching", "adaptive_drafts"])
+def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, keyword):
+    """Engine(model, tokenizer, speculative="false") (a setting read from a file or the environment as text) turned
+    speculative decoding on, silently: every non-empty text is true."""
+    for value in ("false", None):
+        with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be True or False$"):
+            Engine(model, tokenizer, **{keyword: value})
+
+
 def test_a_mistyped_keyword_is_refused_naming_the_closest_before_any_weight_loads(tmp_path):
     """Engine.from_pretrained(path, max_batch=4) loaded every weight, then raised Python's bare "TypeError:
     Engine.__init__() got an unexpected keyword argument 'max_batch'" (minutes, on a real-size model)."""
