@@ -4,7 +4,7 @@ The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CUDA: the card's dense data-sheet peak, looked up by name, in the precision the run multiplies in: bf16 tensor cores
   for dtype=bfloat16 (H100/H800/H200 989 TFLOP/s, A100 312, B200 2250, MI300X 1307, A10G 70, ...; nanochat and
-  torchtitan, which train in bf16, divide by the same spec); for float32 (the default dtype), its float32 rate (H100
+  torchtitan, which train in bf16, divide by the same spec); for float32 (dtype=auto on a GPU), its float32 rate (H100
   67, A100 19.5), or its TF32 tensor-core rate (H100 494.5, A100 156) where torch is allowed TF32
   (`torch.backends.cuda.matmul.allow_tf32`, `torch.set_float32_matmul_precision("high")`). A card not in the table is
   given an A100's, and its source says so.
