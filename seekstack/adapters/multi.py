@@ -210,12 +210,13 @@ class MultiLoRALinear(nn.Module):
         return x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]
 
     def forward_merged(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> W_s x (..., out) with each token's slot s, one matmul over the merged copies (S'*in, out):
-        each token's x in its slot's block of S'*in inputs, zeros in the others."""
-        tokens, merged = x.numel() // x.shape[-1], self.loaded_merged
+        """x (..., in) -> W_s x + b (..., out) with each token's slot s, one matmul over the merged copies (S'*in,
+        out): each token's x in its slot's block of S'*in inputs, zeros in the others; b the base's bias, if any."""
+        tokens, merged, bias = x.numel() // x.shape[-1], self.loaded_merged, self.base.bias
         one_hot = self.rows.mask(tokens, merged.shape[0] // x.shape[-1], 1, x.dtype).unsqueeze(-1)  # (N, S', 1)
         spread = (x.reshape(tokens, 1, -1) * one_hot).flatten(1)  # (N, S'*in)
-        return torch.mm(spread, merged).view(*x.shape[:-1], -1)
+        out = torch.mm(spread, merged) if bias is None else torch.addmm(bias, spread, merged)
+        return out.view(*x.shape[:-1], -1)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated

@@ -21,7 +21,7 @@ from seekstack.adapters.multi import (
 from seekstack.adapters.registry import AdapterWeights, attach_adapters, read_factors
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
-from tests.adapters.support import write_base, write_random_adapter
+from tests.adapters.support import TINY, write_base, write_random_adapter
 
 ATOL = 1e-5
 
@@ -461,6 +461,29 @@ def test_eager_absorbed_decode_runs_on_kv_b_projs_weight_merged_with_each_slot(s
             assert (out[row : row + 1] - expected).abs().max() < ATOL
         plain = seekstack.load_pretrained(base).layers[0].self_attn.attend_absorbed(q_nope, q_rope, cached, None)
     assert all((out[row] - plain[row]).abs().max() > 100 * ATOL for row in (1, 2, 3))
+
+
+def test_merged_decode_linears_of_a_base_with_attention_biases_add_the_bias(tmp_path):
+    """With attention_bias, q_a_proj, kv_a_proj_with_mqa and o_proj have biases: a decode step's merged copies give
+    each row W_s x + b, as its adapter merged alone does, and a base row the base's logits."""
+    torch.manual_seed(0)
+    biased = seekstack.Transformer(seekstack.preset("tiny", **TINY, attention_bias=True))
+    with torch.no_grad():
+        for name, param in biased.named_parameters():
+            if name.endswith("bias") and ".self_attn." in name:
+                param.normal_()
+    base = tmp_path / "base"
+    seekstack.save_pretrained(biased, base)
+    adapter = write_random_adapter(base, tmp_path / "adapter", seed=1)
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, {"adapter": adapter})
+    assert model.layers[0].self_attn.o_proj.loaded_merged is not None
+    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(3))
+    loaded.select([0, loaded.slot("adapter")], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    assert (mixed[:1] - merged_logits(base, None, ids[:1])).abs().max() < ATOL
+    assert (mixed[1:] - merged_logits(base, adapter, ids[1:])).abs().max() < ATOL
 
 
 def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
