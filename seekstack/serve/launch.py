@@ -222,10 +222,12 @@ class QuietCutOffs(uvicorn.Server):
 
 
 def cut_off_in_one_line(record: logging.LogRecord) -> bool:
-    """A log filter for a stopping server: the traceback of a request's cancellation becomes one line; the
-    lifespan's (a traceback as text, ending with the cancellation) is dropped."""
+    """A log filter for a stopping server: the traceback of a request's cancellation becomes one line, a warning as
+    app's for a request cut off before its response began; the lifespan's (a traceback as text, ending with the
+    cancellation) is dropped."""
     if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
         record.msg, record.args, record.exc_info, record.exc_text = CUT_OFF, (), None, None
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         return True
     return not record.getMessage().rstrip().endswith("CancelledError")
 
