@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import random
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
 
-from seekstack.corpus.kinds import DetectedKind, detect_kind, words
+from seekstack.corpus.kinds import HTML_PAGE_START, DetectedKind, detect_kind, words
 from seekstack.corpus.rules import CleaningConfig, TextStats, failed_rule, normalise, rule_kind
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -347,3 +348,13 @@ def test_chinese_posts_holding_a_mention_or_an_arrow_stay_cjk_where_code_comment
     assert detect_kind(normalise(mentions), "posts.jsonl:1") == DetectedKind("cjk", "zh")
     assert detect_kind(normalise(arrows), "posts.jsonl:2") == DetectedKind("cjk", "zh")
     assert detect_kind(normalise(PYTHON_COMMENTED_IN_CHINESE), "rows.jsonl:3") == DetectedKind("code", "python")
+
+
+def test_a_text_opening_with_many_html_comments_is_told_from_a_page_in_linear_time() -> None:
+    """A Markdown file opening with HTML comments (lint and badge markers) took time doubling with each comment
+    (22: 2.7 s) to be told from an HTML page, in every build that read it."""
+    comments = "<!-- markdownlint-disable -->\n" * 23  # seconds without: fails, does not hang
+    started = time.perf_counter()
+    assert HTML_PAGE_START.match(comments + "# Title\n\nProse.") is None
+    assert HTML_PAGE_START.match(comments + "<!DOCTYPE html>\n<html><body></body></html>") is not None
+    assert time.perf_counter() - started < 1.0
