@@ -117,7 +117,7 @@ def test_a_key_or_plan_name_beginning_with_a_dash_is_refused_as_the_command_line
     for refused in (lambda: keys.create("-x"), lambda: keys.set_plan("-gold", prompt_per_1k=1, completion_per_1k=1)):
         with pytest.raises(KeyStoreError, match="not beginning with -"):
             refused()
-    # `keys create --name --admin` (the name forgotten) would make a key '--admin' that `keys revoke --admin` cannot name
+    # `keys create --name --admin` (the name forgotten) would make a key that `keys revoke --admin` cannot name
     created = CliRunner().invoke(app, ["keys", "create", "--name", "--admin", "--db", str(tmp_path / "cli.db")])
     assert created.exit_code != 0 and "key name '--admin' must be" in created.output, created.output
     assert keys.verify(keys.create("a-b.c@d_e")).name == "a-b.c@d_e"  # a dash after the first character is kept
