@@ -110,6 +110,7 @@ def eval_command(
     table OUT.md (by default in the run's out_dir when CHECKPOINT is one or one of its checkpoints, where `report` reads
     it)."""
     from seekstack.atomic import refuse_a_file_in_the_way
+    from seekstack.checkpoint import read_config
     from seekstack.eval.evaluate import (
         EVAL_DTYPES,
         evaluate,
@@ -129,6 +130,8 @@ def eval_command(
             param_hint="'--tasks'",
         )
     with user_errors():
+        if model.is_file():  # refused as no checkpoint, not as the folder of the default OUT in it ("afile/eval")
+            read_config(model)
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
         path = Path(out) if out else folder / "eval" / "results"
         # a folder, or a path ending in a slash (one to make, which Path's parts drop): the files go into it, as

@@ -162,11 +162,14 @@ def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
 def test_a_checkpoint_that_is_not_there_is_named_before_its_tokenizer_or_the_corpus(tmp_path, command):
     """explain named the folder's tokenizer.json ("nope/tokenizer.json: no such file; train a tokenizer into nope"),
     and eval the default --corpus it had not reached yet ("runs/demo/corpus/val.jsonl: no such file"), where the
-    folder itself is missing, as generate and sample say it is."""
-    model = tmp_path / "nope"
-    result = runner.invoke(app, [part.format(model=model) for part in command])
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"error: {model}: no such folder; a checkpoint is a folder holding config.json")
+    folder itself is missing, as generate and sample say it is; and eval, given a file, named the output folder it
+    would have made in it ("afile: is a file, not a folder (on the way to afile/eval)")."""
+    (tmp_path / "afile").write_text("")
+    for name, problem in (("nope", "no such folder"), ("afile", "not a folder")):
+        model = tmp_path / name
+        result = runner.invoke(app, [part.format(model=model) for part in command])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"error: {model}: {problem}; a checkpoint is a folder holding config.json")
 
 
 @pytest.mark.parametrize(
