@@ -442,7 +442,7 @@ def main() -> None:
         parser.error("--warmup must be >= 1: the first untimed forward is the parity check")
     prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    peaks = matmul_peaks()
+    peaks = matmul_peaks(args.clock)
     faster_bf16 = [torch.bfloat16] if peaks["bfloat16"] > peaks["float32"] else []
 
     rows, settings = [], []
