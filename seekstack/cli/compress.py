@@ -312,14 +312,14 @@ def prune_command(
         Path, typer.Option(help="Token shards: calibration text (the train split), and the healing fine-tune's data")
     ],
     experts: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Fraction of routed experts to remove per layer (and per group)")
+        float, typer.Option(help="Fraction (0 to 1) of routed experts to remove per layer (and per group)")
     ] = 0.25,
     heads: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Fraction of attention heads to remove per layer (by importance)")
+        float, typer.Option(help="Fraction (0 to 1) of attention heads to remove per layer (by importance)")
     ] = 0.0,
     calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches of 8 x 256 tokens")] = 4,
     heal_steps: Annotated[int, typer.Option(min=0, help="Steps of healing fine-tune after pruning (0: none)")] = 0,
-    heal_lr: Annotated[float, typer.Option(min=0.0, help="Healing: peak learning rate")] = 1e-4,
+    heal_lr: Annotated[float, typer.Option(help="Healing: peak learning rate, >= 0")] = 1e-4,
     heal_batch_size: Annotated[int, typer.Option(min=1, help="Healing: sequences of 256 tokens per step")] = 8,
 ) -> None:
     """Remove the routed experts the router uses least (gate mass over calibration text), router shrinking with them,
@@ -343,6 +343,10 @@ def prune_command(
     from seekstack.tokens.shards import load_index
     from seekstack.train.config import TRAIN_SPLIT
 
+    # checked here, naming the value: typer's own range named none (nan: "should be less than or equal to 1")
+    for name, value, most in (("--experts", experts, 1), ("--heads", heads, 1), ("--heal-lr", heal_lr, math.inf)):
+        if not (math.isfinite(value) and 0 <= value <= most):
+            raise _bad_value(name, f"{value}: must be a number >= 0" + (f" and <= {most}" if most < math.inf else ""))
     with user_errors(), nothing_written_if_interrupted(out):
         _refuse_quantized(
             model,

@@ -633,6 +633,17 @@ def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_sch
     assert not (tmp_path / "q").exists()
 
 
+def test_prune_names_a_fraction_or_learning_rate_out_of_range_by_its_value(tmp_path):
+    """typer's own range named no value, and refused --experts nan as "Input should be less than or equal to 1"."""
+    base = ["prune", str(tmp_path / "float"), "--out", str(tmp_path / "p"), "--data", str(tmp_path)]
+    for option, value, problem in [("--experts", "nan", "nan: must be a number >= 0 and <= 1"),
+                                   ("--heads", "1.5", "1.5: must be a number >= 0 and <= 1"),
+                                   ("--heal-lr", "nan", "nan: must be a number >= 0"),
+                                   ("--heal-lr", "-1", "-1.0: must be a number >= 0")]:  # fmt: skip
+        result = CliRunner().invoke(app, [*base, option, value])
+        assert result.exit_code == 2 and f"Invalid value for '{option}': {problem}" in result.stderr, result.output
+
+
 def test_adaptive_refuses_a_budget_its_layer_shapes_cannot_meet_before_measuring(tmp_path, monkeypatch):
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
