@@ -297,6 +297,7 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
     print(f"\nllama.cpp, one stream, against ours in {ours_dtype} (like for like: GGUF {GGUF_OF_DTYPE[ours_dtype]}):")
     if reason:
         print(f"  skipped: {reason}")
+    if not peers:
         return
     prompt = random_prompts(1, args.prompt_len, engine.config.vocab_size)
     ours_tokens = ours_generate(engine, prompt, args.new_tokens)[0]

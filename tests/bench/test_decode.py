@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.bench.support import BENCH
 
 SCRIPT = BENCH / "decode.py"
@@ -27,3 +29,20 @@ def test_one_new_token_is_refused_naming_the_option():
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2
     assert "--new-tokens 1: at least 2" in run.stderr
+
+
+def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes_on(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_peer import GGUF_TYPES, load_llama_cpp
+
+    source = tmp_path / "llama.cpp"  # a converter that writes a damaged GGUF file of every type
+    (source / "conversion").mkdir(parents=True)
+    (source / "conversion" / "__init__.py").write_text("")
+    (source / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
+    (source / "convert_hf_to_gguf.py").write_text(
+        "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
+    )
+    models, reason = load_llama_cpp(tmp_path, source, context=64, threads=1)
+    assert models == []
+    for outtype in GGUF_TYPES:
+        assert f"{outtype}: llama-cpp-python could not load {tmp_path / f'model-{outtype}.gguf'}" in reason
