@@ -338,7 +338,7 @@ def prune_command(
     from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, refuse_out, save_with_tokenizer
-    from seekstack.interrupts import sigterm_cleaned_up
+    from seekstack.interrupts import INTERRUPTED, sigterm_cleaned_up
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
     from seekstack.tokens.shards import load_index
     from seekstack.train.config import TRAIN_SPLIT
@@ -380,7 +380,8 @@ def prune_command(
                 except KeyboardInterrupt:
                     fail(
                         f"the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
-                        "`seekstack prune` has no --resume; run it again to prune and heal from the start"
+                        "`seekstack prune` has no --resume; run it again to prune and heal from the start",
+                        code=INTERRUPTED,
                     )
                 save_with_tokenizer(load_pretrained(healed, dtype=dtype), model, out)
         else:

@@ -147,7 +147,7 @@ def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp
         app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "healed"),
               "--heads", "0.5", "--calibration-batches", "1", "--heal-steps", "2"],
     )  # fmt: skip
-    assert result.exit_code == 1 and "`seekstack prune` has no --resume; run it again" in result.output
+    assert result.exit_code == 130 and "`seekstack prune` has no --resume; run it again" in result.output
     assert "saved" not in result.output and "continue with --resume" not in result.output  # not the trainer's hint
     assert not (tmp_path / "healed").exists()
 
