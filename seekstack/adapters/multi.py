@@ -119,8 +119,9 @@ class LoadedExtent:
 
 
 # The most bytes an adapted linear's merged copies may take (the slots in use times its weight): small layers, where
-# the update's three ops cost more than reading S' copies of the weight (8 rows, 5 slots, rank 16, float32, one
-# thread, under load: 128 x 128, 0.31 MiB of copies, 122 -> 65 us; 256 x 256, 1.25 MiB, 369 -> 869 us).
+# the update's three ops cost more than reading S' copies of the weight. The cut-off rests on a one-off profile, a
+# scratch script that is not in bench/ (8 rows, 5 slots, rank 16, float32, one thread, under load: 128 x 128, 0.31 MiB
+# of copies, 122 -> 65 us; 256 x 256, 1.25 MiB, 369 -> 869 us): no command reproduces these figures.
 MERGED_LINEAR_BYTES = 2**19
 
 
