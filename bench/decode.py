@@ -200,7 +200,7 @@ def main() -> None:
         f"dtype (auto), transformers in {' and '.join(THEIR_DTYPES)}",
         flush=True,
     )
-    peaks = matmul_peaks()
+    peaks = matmul_peaks(args.clock)
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
         engine, default, theirs = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
