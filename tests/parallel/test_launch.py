@@ -118,6 +118,16 @@ except KeyboardInterrupt:
 """
 
 
+def listened_at(port: int) -> bool:
+    """Whether a process listens at `port` on this machine: the port can no longer be bound."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def test_ctrl_c_while_a_rank_waits_for_the_others_to_join_ends_it_at_once(torchrun_environment):
     """A rank started before the others (or without them) waits in torch's rendezvous, native code that Ctrl-C did
     not reach: it went on waiting, up to gloo's 30 minutes."""
@@ -128,7 +138,10 @@ def test_ctrl_c_while_a_rank_waits_for_the_others_to_join_ends_it_at_once(torchr
     rank = subprocess.Popen([sys.executable, "-c", JOINING_ALONE], stdout=subprocess.PIPE, text=True)
     try:
         assert rank.stdout.readline() == "joining\n"
-        time.sleep(2)  # into the rendezvous
+        deadline = time.monotonic() + 120
+        while not listened_at(port):  # rank 0 holds the rendezvous: listening, it waits for the others in native code
+            assert rank.poll() is None and time.monotonic() < deadline, "the rank never waited at its port"
+            time.sleep(0.05)
         rank.send_signal(signal.SIGINT)
         assert rank.wait(timeout=30) == 130
     finally:
