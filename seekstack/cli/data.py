@@ -165,10 +165,11 @@ def data_quality_train(
 
     def texts(specs: list[str], sources: list, option: str) -> list[str]:
         """The documents of `sources` (opened from `specs`) as `data build` writes the rows that `data select` scores:
-        normalised (HTML references decoded, line ends, NFC) and PII scrubbed, so that the model learns the n-grams it
-        will score."""
-        documents = itertools.chain.from_iterable(sources)
-        read = [scrub_pii(normalise(doc.text))[0] for doc in itertools.islice(documents, max_documents)]
+        blank ones skipped, normalised (HTML references decoded, line ends, NFC) and PII scrubbed, so that the model
+        learns the n-grams it will score."""
+        scrubbed = (scrub_pii(normalise(doc.text))[0] for doc in itertools.chain.from_iterable(sources))
+        # A blank text, which `data build` drops and `data select` so never scores, would teach the empty-text id alone.
+        read = list(itertools.islice((text for text in scrubbed if text.strip()), max_documents))
         if not read:
             skipped = sum((source.skipped for source in sources if isinstance(source, TextFolder)), Counter())
             unread = ", ".join(f"{suffix} {count:,}" for suffix, count in skipped.items())
@@ -176,9 +177,8 @@ def data_quality_train(
                 f". The folders' files of other suffixes were not read ({unread}): a .jsonl, .parquet or .csv file "
                 "is read when given itself, e.g. FOLDER/train.jsonl"
             )
-            raise ValueError(
-                f"{option} {' '.join(specs)}: no documents; check the paths and --field{hint if skipped else ''}"
-            )
+            found = f"{option} {' '.join(specs)}: no documents with text"
+            raise ValueError(f"{found}; check the paths and --field{hint if skipped else ''}")
         return read
 
     with user_errors():

@@ -81,7 +81,7 @@ def test_cli_quality_train_names_the_option_whose_inputs_hold_no_documents(tmp_p
         args = ["data", "quality-train", "--reference", str(reference), "--pool", str(tmp_path / "empty")]
         refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "q.npz")])
         message = " ".join(refused.output.split())
-        assert refused.exit_code == 1 and f"{says} " in message and "no documents; check the paths" in message
+        assert refused.exit_code == 1 and f"{says} " in message and "no documents with text; check the paths" in message
     assert not (tmp_path / "q.npz").exists()
 
 
@@ -378,6 +378,24 @@ def test_cli_quality_train_reads_its_texts_as_data_build_writes_the_rows_select_
         models.append(QualityModel.load(out))
     assert np.array_equal(models[0].weights, models[1].weights) and models[0].bias == models[1].bias
     assert models[0].score(built) == models[1].score(built) > 0.5
+
+
+def test_cli_quality_train_skips_blank_texts_as_data_build_drops_them(tmp_path: Path) -> None:
+    """Blank rows were trained on (and counted) as documents, teaching the empty-text id that no row `data select`
+    scores holds; a file of blank rows alone trained a model. They are skipped: the model is the one without them."""
+    rows = {"ref": ["a reference text of words", "", " \n\t"], "clean": ["a reference text of words"], "blank": [""]}
+    for name, texts in {**rows, "pool": ["chips chips chips and more chips", "  "]}.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    runs = {}
+    for reference in rows:
+        out = tmp_path / f"{reference}.npz"
+        args = ["--reference", str(tmp_path / f"{reference}.jsonl"), "--pool", str(tmp_path / "pool.jsonl")]
+        runs[reference] = CliRunner().invoke(app, ["data", "quality-train", *args, "--out", str(out)])
+    assert runs["ref"].exit_code == 0 and "trained on 1 reference and 1 pool documents" in runs["ref"].stdout
+    trained, clean = QualityModel.load(tmp_path / "ref.npz"), QualityModel.load(tmp_path / "clean.npz")
+    assert np.array_equal(trained.weights, clean.weights) and trained.bias == clean.bias
+    assert runs["blank"].exit_code == 1 and not (tmp_path / "blank.npz").exists()
+    assert "--reference " in runs["blank"].output and "no documents with text" in runs["blank"].output
 
 
 @pytest.mark.parametrize("count", ["0", "-1"])
