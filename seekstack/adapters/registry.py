@@ -144,6 +144,8 @@ class LoadedAdapters:
     weights: dict[str, AdapterWeights] = field(default_factory=dict)
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
     _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _weights: list[nn.Parameter] = field(default_factory=list)  # the model's, as the last restack read them
+    _weights_version: int = 0  # the sum of their version counters then (each grows at every in-place change)
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
@@ -168,6 +170,10 @@ class LoadedAdapters:
         return self.salts[slot]
 
     def select(self, slots: list[int], device: torch.device) -> None:
+        """The rows' slots for the next forward; the layers' merged copies and layouts, which hold the base's weights,
+        made again first where those changed in place since (a load_state_dict, an optimizer step)."""
+        if self.slots and sum(weight._version for weight in self._weights) != self._weights_version:
+            self._restack()
         self.rows.select(slots, device)
 
     def add(
@@ -232,6 +238,8 @@ class LoadedAdapters:
         layer none of them adapts holds zeros while any adapter is loaded (its wrapping, and so a compiled step's
         graph, kept), and is plain again once none is."""
         slot_count, rank = self.rows.slot_count, self.max_lora_rank
+        self._weights = list(self.model.parameters())
+        self._weights_version = sum(weight._version for weight in self._weights)
         self.rows.slots_in_use = max(self.slots.values(), default=0) + 1  # eager steps compute on these slots only
         per_target: dict[Target, list[Factors | None]] = {}
         per_module: dict[str, list[TokenRows | None]] = {}

@@ -591,6 +591,35 @@ def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_spec
     assert mixed[1].token_ids != mixed[0].token_ids  # the head rows change the greedy continuation
 
 
+def test_rows_follow_base_weights_changed_in_place_after_the_adapters_are_attached(with_head_rows):
+    """The merged copies, MLA layouts and head-row differences that decode steps compute on hold the base's weights:
+    changed in place after attach_adapters (an optimizer step; GRPO's sampler takes each step's weights by
+    load_state_dict), the next step's rows each give their adapter merged onto the new weights (they kept the old)."""
+    base, adapters = with_head_rows
+    ids = torch.randint(2, 500, (4, 1), generator=torch.Generator().manual_seed(3))
+    choice = [None, "rows", "full", "rows"]
+
+    def halved() -> seekstack.Transformer:
+        model = seekstack.load_pretrained(base).eval()
+        for weight in model.parameters():
+            weight.mul_(0.5)
+        return model
+
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.select([loaded.slot(name) if name else 0 for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        before = model(ids).logits
+        for weight in model.parameters():
+            weight.mul_(0.5)
+        loaded.select([loaded.slot(name) if name else 0 for name in choice], torch.device("cpu"))
+        mixed = model(ids).logits
+        for row, name in enumerate(choice):
+            alone = halved() if name is None else merged_model(halved(), adapters[name])
+            assert (mixed[row : row + 1] - alone(ids[row : row + 1]).logits).abs().max() < ATOL
+    assert (mixed - before).abs().max() > 100 * ATOL
+
+
 def test_unloading_the_head_rows_keeps_them_held_as_zeros_while_another_adapter_is_loaded(with_head_rows):
     """Head rows no loaded adapter replaces any more stay held, as zeros and as many per slot as before, so that an
     unload changes no shape of a compiled step (which would compile it again): the rows give the base's logits."""
