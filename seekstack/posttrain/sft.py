@@ -36,6 +36,7 @@ from seekstack.posttrain.conversations import (
 from seekstack.posttrain.packing import pack_labelled, pack_rows
 from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
+from seekstack.schema import counted
 from seekstack.tokenizer import Tokenizer, drop_past_reasoning
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, ValidationBatch, train
@@ -290,11 +291,12 @@ def _require_a_split(config: ConversationConfig, trained: list[Conversation], he
     total, fewest = len(trained), min(Counter(conversation_key(c) for c in trained).values())  # the rarest's copies
     copies = f" (each conversation is held out with its copies, and every one here has {fewest} or more)"
     mend = f"raise it to at least {least_fraction(fewest, total)}{copies if fewest > 1 else ''}, or give val_data"
-    if fewest == total:
-        mend = "they are copies of one conversation, held out together or not at all: give val_data"
+    if fewest == total:  # one conversation (or copies of one): holding it out would leave none to train on
+        alone = "it is the only one" if total == 1 else "they are copies of one conversation, held out together or not"
+        mend = f"{alone}, and holding it out leaves none to train on: give val_data"
     raise ConfigError(
-        f"has value {config.held_out_fraction}: it holds out none of the {total} conversations of {config.data}; "
-        f"{mend}",
+        f"has value {config.held_out_fraction}: it holds out none of the {counted(total, 'conversation')} of "
+        f"{config.data}; {mend}",
         field="val_fraction",
     )
 

@@ -205,9 +205,9 @@ def test_held_out_conversations_none_of_which_fits_seq_len_are_told_so_not_as_no
 
 def test_a_val_fraction_holding_none_out_is_told_the_least_that_holds_out_a_conversation_with_its_copies(tmp_path):
     """Every conversation twice at val_fraction=1/40 of 40: none is held out (each only with its copy), and the
-    refusal says 0.05 (2/40), not the 1/40 the field already has; copies of one conversation alone: give val_data. The
-    least is a decimal the field reads and that holds one out: "at least 1/3" was no number it reads, and 0.33 of 3
-    holds none out."""
+    refusal says 0.05 (2/40), not the 1/40 the field already has; copies of one conversation alone, or one alone (which
+    was told it held "copies"): give val_data. The least is a decimal the field reads and that holds one out: "at least
+    1/3" was no number it reads, and 0.33 of 3 holds none out."""
     twice = write_conversations(SUMS[:20] * 2, tmp_path / "twice.jsonl")
     with pytest.raises(ConfigError) as refused:
         SFTSource(sft_config(tmp_path, f"data={twice}", "val_fraction=0.025"), holds_out=True)
@@ -220,9 +220,16 @@ def test_a_val_fraction_holding_none_out_is_told_the_least_that_holds_out_a_conv
     with pytest.raises(ConfigError, match=r"value 0.33: .* raise it to at least 0.34, or give val_data"):
         SFTSource(sft_config(tmp_path, f"data={three}", "val_fraction=0.33"), holds_out=True)
     assert len(SFTSource(sft_config(tmp_path, f"data={three}", "val_fraction=0.34"), holds_out=True).held_out) == 1
-    one = write_conversations(SUMS[:1] * 30, tmp_path / "one.jsonl")
-    with pytest.raises(ConfigError, match="they are copies of one conversation, held out together or not at all: give"):
+    copies = write_conversations(SUMS[:1] * 30, tmp_path / "copies.jsonl")
+    with pytest.raises(ConfigError, match="they are copies of one conversation, held out together or not, and hold"):
+        SFTSource(sft_config(tmp_path, f"data={copies}", "val_fraction=0.5"), holds_out=True)
+    one = write_conversations(SUMS[:1], tmp_path / "one.jsonl")  # was told it held "copies of one conversation"
+    with pytest.raises(ConfigError) as refused:
         SFTSource(sft_config(tmp_path, f"data={one}", "val_fraction=0.5"), holds_out=True)
+    assert str(refused.value).endswith(
+        f"none of the 1 conversation of {one}; it is the only one, and holding it out leaves none to train on: give "
+        "val_data"
+    )
 
 
 def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
