@@ -137,6 +137,8 @@ class TopKCache:
         try:
             stored = torch.load(path, map_location=rows.device, weights_only=True)
             values, indices = stored["log_probs"].float(), stored["indices"].long()  # (N, k)
+        except (MemoryError, torch.OutOfMemoryError, OSError):  # the machine's failing, not the file's: it stays
+            raise
         except Exception as error:  # pickle and zip errors of a damaged file, or another file's keys
             raise ValueError(
                 f"teacher_cache {self.folder}: {path.name} is damaged ({error!r}); delete it, and the teacher scores "

@@ -142,6 +142,23 @@ def test_a_damaged_topk_cache_entry_is_refused_naming_it(tmp_path, damage):
         cache.read(rows, every_position, 10)
 
 
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError(), PermissionError(13)])
+def test_a_topk_cache_entry_the_machine_fails_to_load_is_not_called_damaged(tmp_path, monkeypatch, failure):
+    """Out of memory loading a sound entry (or an I/O error) was refused as "is damaged ...; delete it": a user
+    deleted a good entry, and the teacher scored its batch again. The machine's error is raised as it is."""
+    cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
+    rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    cache.write(rows, every_position, torch.randn(2, 10))
+
+    def load(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(type(failure)) as raised:
+        cache.read(rows, every_position, 10)
+    assert raised.value is failure
+
+
 def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
     rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
