@@ -20,9 +20,10 @@ throughput of ours with 1, 4 and 16 concurrent sequences.
 
 llama.cpp (`--llama-cpp-source`, see llama_cpp_peer.py) decodes the same checkpoint converted to GGUF f32, bf16 and
 q8_0, one stream at a time; ours is set against it at batch 1 and with 8 concurrent sequences, llama.cpp on the
-threads ours runs that row on. `--busy` then repeats batch 1 with a competing busy process on the machine: ours
-as it runs by default (threads chosen per step, seekstack/infer/threads.py), ours forced onto all threads, and theirs
-in float32.
+threads ours runs that row on. There each side's greedy tokens are compared with ours in float32, the precision of the
+saved weights and of the f32 GGUF (bfloat16's rounding flips a random model's near-ties). `--busy` then repeats batch
+1 with a competing busy process on the machine: ours as it runs by default (threads chosen per step,
+seekstack/infer/threads.py), ours forced onto all threads, and theirs in float32.
 Every rate is also given as matmul FLOP/s against the machine's matmul peak in our dtype, measured at the start.
 
     python bench/decode.py                        # a few minutes on 2 cores
@@ -300,7 +301,19 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
     if not peers:
         return
     prompt = random_prompts(1, args.prompt_len, engine.config.vocab_size)
-    ours_tokens = ours_generate(engine, prompt, args.new_tokens)[0]
+    # Greedy tokens are compared with ours in float32, the precision of the saved weights and of the f32 GGUF: a random
+    # model's logits are nearly flat (max ~2 on `small`), so bfloat16's rounding flips near-ties and ours in bfloat16
+    # parts from llama.cpp f32 within a few tokens, the first one included, though both compute the same model.
+    exact = engine
+    if dtype_name(engine) != "float32":
+        exact = Engine.from_pretrained(
+            model_dir, **EngineOptions(compile=False, dtype="float32").engine_kwargs(model_dir)
+        )
+    exact_tokens = ours_generate(exact, prompt, args.new_tokens)[0]
+
+    def agreement(tokens: list[int]) -> float:
+        return _common_prefix(tokens, exact_tokens) / args.new_tokens
+
     prompts8 = random_prompts(8, args.prompt_len, engine.config.vocab_size)
 
     def peer_run(peer, threads: int, n: int) -> list[int]:
@@ -318,18 +331,22 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
     medians = interleaved(runs, args.reps, args.clock)
     ours = decode_rate(medians, "ours", 1, args.new_tokens)
     eager = decode_rate(medians, "eager", 1, args.new_tokens)
-    print(f"  {'ours (default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
+    print(f"  greedy agree: the share of {args.new_tokens} greedy tokens each side shares with ours in float32")
+    print(
+        f"  {'ours (default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}   "
+        f"greedy agree {agreement(ours_generate(default, prompt, args.new_tokens)[0]):.0%}"
+    )
     print(f"  {'ours (eager)':24s} {eager:8.1f} tok/s   {share_of_peak(eager, flops_per_token, peak)}")
     print(f"  batch 1, llama.cpp on {one} thread(s) as ours:")
     rates = [ours, eager]
     for peer in peers:
         rate = decode_rate(medians, f"{peer.outtype}@{one}", 1, args.new_tokens)
         rates.append(rate)
-        agree = _common_prefix(peer_run(peer, one, args.new_tokens), ours_tokens) / args.new_tokens
         like = "  <- like for like" if peer.outtype == GGUF_OF_DTYPE[ours_dtype] else ""
         print(
             f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours default / this = {ours / rate:.2f}x "
-            f"(eager {eager / rate:.2f}x)   greedy agree {agree:.0%}   (converted in {peer.convert_seconds:.0f} s)"
+            f"(eager {eager / rate:.2f}x)   greedy agree {agreement(peer_run(peer, one, args.new_tokens)):.0%}   "
+            f"(converted in {peer.convert_seconds:.0f} s)"
             f"{like}"
         )
     eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)

@@ -4,13 +4,20 @@ measure one are refused."""
 import math
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
+import seekstack
+from seekstack.infer import Engine, EngineOptions
+from seekstack.tokenizer import train_tokenizer
 from tests.bench.support import BENCH
+from tests.conftest import micro_config
 
 SCRIPT = BENCH / "decode.py"
 sys.path.insert(0, str(BENCH))  # its siblings (machine.py, llama_cpp_peer.py), as when run
+from bench import decode  # noqa: E402
 from bench.decode import decode_rate  # noqa: E402
 
 
@@ -46,3 +53,28 @@ def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes
     assert models == []
     for outtype in GGUF_TYPES:
         assert f"{outtype}: llama-cpp-python could not load {tmp_path / f'model-{outtype}.gguf'}" in reason
+
+
+def test_llama_cpp_tokens_are_compared_with_ours_in_float32_not_with_the_timed_engine(tmp_path, monkeypatch, capsys):
+    # llama.cpp's f32 GGUF computes the checkpoint in float32; ours is timed in its default dtype (bfloat16 where the
+    # CPU has it), whose rounding flips a random model's near-ties. The timed engines here run another checkpoint in
+    # bfloat16, so only a comparison with ours loaded in float32 from `model_dir` finds every token alike.
+    config = micro_config(vocab_size=300, num_nextn_predict_layers=0)
+    for name, seed in (("exact", 0), ("timed", 1)):
+        torch.manual_seed(seed)
+        seekstack.save_pretrained(seekstack.Transformer(config), tmp_path / name)
+        train_tokenizer([SCRIPT.read_text()], vocab_size=300, out_path=tmp_path / name)
+
+    def engine(name: str, dtype: str) -> Engine:
+        return Engine.from_pretrained(tmp_path / name, **EngineOptions(compile=False, dtype=dtype).engine_kwargs(None))
+
+    args = types.SimpleNamespace(prompt_len=8, new_tokens=6, reps=1, clock="wall", llama_cpp_source=None)
+    prompt = decode.random_prompts(1, args.prompt_len, config.vocab_size)
+    expected = decode.ours_generate(engine("exact", "float32"), prompt, args.new_tokens)[0]
+    peer = types.SimpleNamespace(outtype="f32", convert_seconds=0.0, use_threads=lambda threads: None)
+    peer.generate = lambda tokens, n: expected[:n]
+    monkeypatch.setattr(decode, "load_llama_cpp", lambda *_: ([peer], None))
+    timed = engine("timed", "bfloat16")
+    decode.llama_cpp_rows(timed, timed, tmp_path / "exact", args, flops_per_token=1.0, peak=1.0)
+    printed = capsys.readouterr().out
+    assert "llama.cpp f32" in printed and "greedy agree 100%" in printed.split("llama.cpp f32")[1], printed
