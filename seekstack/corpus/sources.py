@@ -146,6 +146,9 @@ VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
 ARROW_FILE_MAGIC = b"ARROW1"  # how Arrow's random-access file format opens; `datasets` writes the stream format
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
+# and so the values Python's csv reads to tell a row unlike its header or a quote left open: its default limit, 128 KB,
+# stopped both at the first longer document, unsaid
+csv.field_size_limit(CSV_BLOCK_BYTES)
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
@@ -842,7 +845,7 @@ def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> s
                             f"its {separator}: {padded[:200]!r}"
                         )
                     return f"{found}; quote a value that holds a {separator}, or give each row the header's columns"
-    except csv.Error:  # a value past csv's field size limit, or a quote it cannot close
+    except csv.Error:  # a value longer than a CSV block, or a quote it cannot close
         return None
     return None
 

@@ -2015,6 +2015,24 @@ def test_a_quote_no_quote_closes_is_refused_naming_its_row_not_read_as_the_rows_
 
 
 @pytest.mark.parametrize(
+    ("damaged", "found"),
+    [
+        ('2,"no closing quote', "row 2 (line 3) opens a quoted value that no quote closes, which would hold every row"),
+        ("2,b,c", "row 2 (line 3) holds 3 values, its header 2: '2,b,c'; quote a value that holds a comma"),
+    ],
+)
+def test_a_damaged_csv_row_after_a_value_over_128_kb_is_refused_naming_it(
+    tmp_path: Path, damaged: str, found: str
+) -> None:
+    """Python's csv, which tells these rows, stopped at a value past its default 128 KB field limit: a quote left open
+    after a long document was read as the rest of the file, and a row of 3 values got pyarrow's bare message."""
+    (tmp_path / "long.csv").write_text(f'id,text\n1,"{"long " * 40_000}"\n{damaged}\n3,lost row\n')
+    with pytest.raises(DataSourceError) as refused:
+        list(open_source(tmp_path / "long.csv"))
+    assert str(refused.value).startswith(f"{tmp_path / 'long.csv'}: cannot be read as CSV: {found}")
+
+
+@pytest.mark.parametrize(
     ("table", "found"),
     [
         (
