@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal, localcontext
 
+from seekstack.schema import shown_value
 from seekstack.serve.database import (
     COST_SCALE,
     DEFAULT_PLAN,
@@ -32,6 +33,9 @@ KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"(?!-)[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan; a leading - reads as an option
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
+# the longest: an expiry further off overflowed writing its date (99999999999999999999d) or storing it, after the key
+# was stored; with it, `keys list` failed ever after
+MAX_DURATION_S = 36500 * 86400
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 # The most tokens one request is billed for: 64 generations (serve.schemas.MAX_ENGINE_REQUESTS) of a 262144-token
 # context; at any plan's price (at most MAX_PRICE_PER_1K per 1k tokens) it costs what the usage ledger holds
@@ -327,14 +331,17 @@ def _api_key(row) -> ApiKey:
 
 def parse_duration(text: str, option: str) -> float:
     """The seconds of a duration written as LiteLLM's key durations are (`30s`, `15m`, `12h`, `90d`); ValueError
-    naming `option` and that form for any other."""
+    naming `option` and that form for any other, or for one longer than 100 years (`MAX_DURATION_S`)."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if match is None:
         raise ValueError(f"{option} {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, 12h, "
                          "90d")  # fmt: skip
-    if int(match[1]) == 0:  # it said "give a whole number", which 0 is
+    seconds = int(match[1]) * DURATION_UNITS_S[match[2]]
+    if seconds == 0:  # it said "give a whole number", which 0 is
         raise ValueError(f"{option} {text!r}: give a duration longer than 0: 30s, 15m, 12h, 90d")
-    return int(match[1]) * DURATION_UNITS_S[match[2]]
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{option} {shown_value(text)}: give at most 36500d (100 years), or leave {option} out")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

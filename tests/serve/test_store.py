@@ -238,6 +238,12 @@ def test_keys_create_expires_in_takes_litellms_durations_and_list_shows_the_expi
         assert refused.exit_code == 1 and f"--expires-in {wrong!r}: give a whole number of seconds" in refused.stderr
     zero = runner.invoke(app, ["keys", "create", "--name", "x", "--expires-in", "0s", "--db", db])  # 0 is whole
     assert zero.exit_code == 1 and "--expires-in '0s': give a duration longer than 0: 30s, 15m" in zero.stderr
+    for option in ("--expires-in", "--budget-duration"):  # the key was stored, then its date overflowed: a traceback
+        far = runner.invoke(app, ["keys", "create", "--name", "x", option, "99999999999999999999d", "--max-budget", "1",
+                                  "--db", db])  # fmt: skip
+        assert far.exit_code == 1 and f"{option} '99999999999999999999d': give at most 36500d (100 years)" in far.stderr
+    listed = runner.invoke(app, ["keys", "list", "--json", "--db", db])
+    assert listed.exit_code == 0 and [key["name"] for key in json.loads(listed.stdout)] == ["trial"]
 
 
 def test_a_keys_budget_is_stored_kept_by_rotate_and_its_spend_read_over_its_period(database, monkeypatch):
