@@ -184,6 +184,20 @@ class Command(TyperCommand):
                 # checked as given, before typer reads it: after eager --help, as click checks every value
                 param.process_value = partial(_processed_as_path, param, param.process_value)
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        """typer's refusal of a value outside its option's type or range names the value too, as click's and
+        argparse's do: "Invalid value for '--max-documents': has value 0: input should be greater than or equal to 1",
+        not "Input should be ..." alone."""
+        try:
+            return super().parse_args(ctx, args)
+        except BadParameter as error:
+            cause = error.__cause__  # the pydantic ValidationError of typer's check, which lists the value
+            invalid = cause.errors() if hasattr(cause, "errors") else []
+            if invalid:
+                message = error.message
+                error.message = f"has value {invalid[0]['input']}: {message[:1].lower()}{message[1:]}"
+            raise
+
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):

@@ -209,6 +209,23 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
         assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "value", "problem"),
+    [
+        (["forward", "tiny", "--seq-len"], "0", "0: input should be greater than or equal to 1"),
+        (["forward", "tiny", "--seq-len"], "1.5", "1.5: input should be a valid integer, unable to parse string as an"),
+        (["data", "quality-train", "--reference", "r", "--pool", "p", "--max-documents"], "-3", "-3: input should be"),
+        (["keys", "create", "ann", "--rpm"], "0", "0: input should be greater than or equal to 1"),
+    ],
+)
+def test_a_value_outside_an_options_type_or_range_is_refused_naming_the_value(command, value, problem):
+    """typer's own check said "Invalid value for '--seq-len': Input should be greater than or equal to 1", naming no
+    value, where click says "0 is not in the range x>=1" and argparse "invalid int value: '1.5'"."""
+    result = run(*command, value)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{command[-1]}': has value {problem}" in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize("command", [["pass-at-k", "{model}"], ["traces", "{model}", "--out", "{model}/t.jsonl"]])
 def test_pass_at_k_and_traces_name_a_temperature_out_of_range_by_its_value_as_sample(tmp_path, command):
     """typer's own range let nan through to "Input should be greater than or equal to 0", naming no value."""

@@ -983,7 +983,7 @@ def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_pat
     model_dir = micro_checkpoint(tmp_path / "model")
     result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--difficulty", "0"])
     assert result.exit_code == 2, result.output  # was: "error: difficulty 0: must be at least 1 (...)"
-    assert "Invalid value for '--difficulty': Input should be greater than or equal to 1" in result.output
+    assert "Invalid value for '--difficulty': has value 0: input should be greater than or equal to 1" in result.output
 
 
 @pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
