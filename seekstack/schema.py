@@ -546,6 +546,8 @@ def _jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
+    if callable(getattr(value, "tolist", None)):  # numpy's arrays and torch's tensors, as the lists they hold
+        return value.tolist()
     raise TypeError(
         f"a {type(value).__name__} ({shown_value(value)}) is no configuration value: give a list, a mapping, text or "
         "a number"

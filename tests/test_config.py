@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from seekstack.config import ConfigError, ModelConfig, preset
@@ -168,6 +169,15 @@ def test_numpy_numbers_are_taken_as_the_numbers_they_are():
     params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5), seed=np.int32(3)).validate()
     assert (params.temperature, params.top_k, params.seed) == (0.5, 5, 3) and type(params.top_k) is int
     assert SamplingParams(max_tokens=np.int64(5)).validate().max_new_tokens == 5
+
+
+def test_numpy_arrays_and_tensors_are_taken_as_the_lists_they_hold():
+    """SamplingParams(stop_token_ids=np.array([5, 6])), which vLLM's takes (any sequence of ints), was refused as "a
+    ndarray (array([5, 6])) is no configuration value"; a tensor alike."""
+    params = SamplingParams(stop_token_ids=np.array([5, 6]), allowed_token_ids=torch.tensor([7])).validate()
+    assert (params.stop_token_ids, params.allowed_token_ids) == ((5, 6), (7,)) and type(params.stop_token_ids[0]) is int
+    with pytest.raises(ConfigError, match=r"^field 'stop_token_ids.0' has value np.float64\(5.5\): input should be a "):
+        SamplingParams(stop_token_ids=np.array([5.5]))
 
 
 def test_a_shown_value_of_one_item_counts_it_singular():
