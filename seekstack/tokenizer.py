@@ -1066,7 +1066,10 @@ def part_text(position: int, index: int, part: object, role: str) -> str:
     refusal part's `{"type": "refusal", "refusal": ...}` (OpenAI's, read as its text as vLLM and the server read it);
     ValueError naming the message and part otherwise."""
     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-    if isinstance(part, dict) and kind in ("text", "refusal") and isinstance(part.get(kind), str):
+    if isinstance(part, dict) and kind in ("text", "refusal") and not isinstance(part.get(kind), str):
+        given = f"got {type(part[kind]).__name__}" if kind in part else "left out"
+        raise ValueError(f"chat message {position} content part {index} field {kind!r} must be text, {given}")
+    if isinstance(part, dict) and kind in ("text", "refusal"):
         if kind == "refusal" and role != "assistant":
             raise ValueError(
                 f"chat message {position} content part {index} is a refusal, which only an assistant message's "

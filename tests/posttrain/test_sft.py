@@ -495,6 +495,12 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
             "chat message 1 has function_call, OpenAI's deprecated form of a tool call: give it as tool_calls",
         ),
         ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
+        # were "is 'text': only text parts ... are supported", of a text part
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "chat message 1 content part 0 field 'text' must"),
+        (
+            {"role": "user", "content": [{"type": "text"}]},
+            "chat message 1 content part 0 field 'text' must be text, left",
+        ),
         (
             {"role": "assistant", "content": None},
             "chat message 1 content must be a string or a list of text parts, got null",
