@@ -2,9 +2,10 @@
 
     out_dir/checkpoints/step_{N}/  config.json, model.safetensors (routing biases included), train_state.pt,
                                    tokenizer.json + tokenizer_config.json when the run knows its tokenizer
-train_state.pt holds the step, the optimizer, the data position, the torch/numpy/python RNG states and whether the
-step's evaluation is still due (Ctrl-C during it); the schedules are functions of the step (train/schedule.py), so
-no scheduler object is stored, only the anchors of a run resumed with another max_steps.
+train_state.pt holds the step, the optimizer, the data position, the torch/numpy/python RNG states, the dtype the
+steps computed in and whether the step's evaluation is still due (Ctrl-C during it); the schedules are functions of
+the step (train/schedule.py), so no scheduler object is stored, only the anchors of a run resumed with another
+max_steps.
 """
 
 from __future__ import annotations

@@ -308,16 +308,25 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 
 
 def step_dtype(
-    dtype: str, device: torch.device, parameters: int, features: Mapping[str, object] | None = None
+    dtype: str,
+    device: torch.device,
+    parameters: int,
+    features: Mapping[str, object] | None = None,
+    started: str | None = None,
 ) -> tuple[str, str]:
     """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype`, or for `auto` on a CPU
     generate's rule (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's,
-    default detected); float32 on other devices, where no default other than float32 has been measured."""
+    default detected); float32 on other devices, where no default other than float32 has been measured. `auto`
+    decides at a run's start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
     if dtype != "auto":
         return dtype, "as the config gives it"
     if device.type != "cpu":
-        return "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
-    return auto_dtype(["cpu"], parameters, features)
+        chosen, why = "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
+    else:
+        chosen, why = auto_dtype(["cpu"], parameters, features)
+    if started is None or started == chosen:
+        return chosen, why
+    return started, f"the run's since its start, which a resume keeps; a new run here would take {chosen}: {why}"
 
 
 def build_model(config: TrainConfig, tokenizer_info: dict[str, Any]) -> Transformer:
@@ -598,8 +607,12 @@ class _Run:
                 model = hooks.prepare(model)
         config.require_rows_within(model.config.max_position_embeddings)
         self.model = model.train()  # a checkpoint's (init_from, resume) loads in eval mode
-        dtype, why = step_dtype(config.dtype, ranks.device, sum(p.numel() for p in model.parameters()))
-        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        # the dtype a resumed run's steps computed in: its train state's, else (a checkpoint saved before train states
+        # recorded it) its config's, unless `auto`, whose choice such a checkpoint does not record
+        started = None if train_state is None else train_state.get("dtype", train_state["config"].get("dtype"))
+        started = started if started in ("float32", "bfloat16") else None
+        dtype, why = step_dtype(config.dtype, ranks.device, sum(p.numel() for p in model.parameters()), started=started)
+        self.dtype, self.autocast_dtype = dtype, torch.bfloat16 if dtype == "bfloat16" else None
         if source is not None:
             source.attach(model)
         if config.float8:
@@ -1051,6 +1064,7 @@ class _Run:
             "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
             "progress_anchor": None if self.progress_anchor is None else dataclasses.asdict(self.progress_anchor),
             "evaluation_pending": self.evaluation_pending,
+            "dtype": self.dtype,  # what the steps computed in, which a resume with dtype=auto goes on in
         }
         keep, path = self.config.keep_checkpoints, None
         if is_sharded(self.model) or self.expert_parallel or self.comm is not None and self.comm.keeps_state:

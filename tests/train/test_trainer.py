@@ -1003,6 +1003,37 @@ def test_a_run_in_the_default_dtype_says_which_it_chose_and_trains_as_that_dtype
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
 
 
+def test_auto_dtype_decides_at_a_runs_start_and_a_resume_keeps_it_on_any_cpu():
+    """A float32 run (the default before `auto`) resumed on an AMX CPU stays float32, a run that chose bf16 there stays
+    bf16 on a CPU without: a precision switched mid-run changes its losses; the reason says what a new run takes."""
+    cpu, amx, avx2 = torch.device("cpu"), {"avx512_bf16": True, "amx_bf16": True}, {"avx2": True}
+    dtype, why = step_dtype("auto", cpu, 58_000_000, amx, started="float32")
+    assert dtype == "float32" and why == (
+        "the run's since its start, which a resume keeps; a new run here would take bfloat16: this CPU has "
+        "avx512_bf16 and amx_bf16"
+    )
+    assert step_dtype("auto", cpu, 58_000_000, avx2, started="bfloat16")[0] == "bfloat16"
+    assert step_dtype("auto", cpu, 58_000_000, amx, started="bfloat16") == (
+        "bfloat16",
+        "this CPU has avx512_bf16 and amx_bf16",
+    )
+    assert step_dtype("float32", cpu, 58_000_000, amx, started="bfloat16")[0] == "float32"  # given: a switch asked for
+
+
+def test_a_run_resumed_with_auto_dtype_goes_on_in_the_dtype_its_checkpoint_computed_in(data_dir, tmp_path, capsys):
+    config = run_config(data_dir, tmp_path, dtype="bfloat16", max_steps=2, eval_every=0, save_every=2, peak_flops=1e11)
+    train(config)
+    assert read_train_state(tmp_path / "checkpoints" / "step_2")["dtype"] == "bfloat16"
+    capsys.readouterr()
+    train(dataclasses.replace(config, dtype="auto", max_steps=3), resume=True)  # auto takes float32 for the micro model
+    told = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
+    assert len(told) == 1 and told[0].endswith("); dtype=float32 to train in float32")
+    assert told[0].startswith(
+        "dtype bfloat16 (auto: the run's since its start, which a resume keeps; a new run here would take float32: "
+    )
+    assert read_train_state(tmp_path / "checkpoints" / "step_3")["dtype"] == "bfloat16"
+
+
 def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_path, capsys):
     from seekstack.accounting import training_flops_per_token
     from seekstack.train.mfu import default_peak_flops, flops_text, measured_matmul_flops
