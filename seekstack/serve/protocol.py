@@ -92,7 +92,7 @@ ASKING_NOTHING = {  # what is done anyway
     "function_call": "none", "modalities": ["text"], "use_beam_search": False,
     "include_stop_str_in_output": False, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
-    "add_special_tokens": False, "priority": 0,
+    "add_special_tokens": False, "priority": 0, "tool_choice": "none",
 }  # fmt: skip
 
 

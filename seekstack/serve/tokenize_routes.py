@@ -5,8 +5,8 @@
     POST /detokenize  {"model": M, "tokens": [ids]}  -> {"prompt": TEXT}
 
 A prompt is encoded as /v1/completions encodes it, messages as /v1/chat/completions renders them (a last assistant
-message marked "prefix": true left open, the tools left out with tool_choice "none"; tools, tool_choice and
-add_generation_prompt false beside a prompt text refused, where vLLM ignores them), so `count` is the prompt_tokens
+message marked "prefix": true left open, the tools left out with tool_choice "none"; tools, a tool_choice but "none"
+and add_generation_prompt false beside a prompt text refused, where vLLM ignores them), so `count` is the prompt_tokens
 such a call is billed, to check against `max_model_len` before sending it. vLLM's options change that:
 `add_special_tokens: false` leaves out the special tokens the tokenizer frames a prompt with (a DeepSeek release's BOS;
 messages keep their template's own), `add_generation_prompt: false` the assistant's opening after messages, and

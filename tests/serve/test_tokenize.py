@@ -227,15 +227,17 @@ def test_tokenize_leaves_the_tools_out_with_tool_choice_none_as_the_chat_call_bi
 
 def test_the_fields_of_a_chats_prompt_beside_a_prompt_text_are_refused_not_ignored(engine, tmp_path):
     """`tools` (or `tool_choice`, `add_generation_prompt: false`) beside `prompt` were ignored: the count left out the
-    tools a client meant to count, with no sign. Each is refused naming it; `add_generation_prompt: true` (what a prompt
-    text is counted as anyway) is taken."""
+    tools a client meant to count, with no sign. Each is refused naming it; `add_generation_prompt: true` and
+    `tool_choice: "none"` (what a prompt text is counted as anyway; "none" was refused) are taken."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    *refused, taken = post_each(engine, tmp_path / "db", [
+    *refused, taken, no_tools = post_each(engine, tmp_path / "db", [
         ("/tokenize", {"prompt": TEXT, "tools": tools}),
-        ("/tokenize", {"prompt": TEXT, "tool_choice": "none"}),
+        ("/tokenize", {"prompt": TEXT, "tool_choice": "auto"}),
         ("/tokenize", {"prompt": TEXT, "add_generation_prompt": False}),
         ("/tokenize", {"prompt": TEXT, "add_generation_prompt": True}),
+        ("/tokenize", {"prompt": TEXT, "tool_choice": "none"}),
     ])  # fmt: skip
+    assert no_tools.status_code == 200 and no_tools.json() == taken.json()
     for response, param in zip(refused, ("tools", "tool_choice", "add_generation_prompt"), strict=True):
         error = error_of(response, 400)
         assert (error["param"], error["code"]) == (param, "unsupported_parameter")
