@@ -40,7 +40,7 @@ from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
-from seekstack.infer.precision import auto_dtype
+from seekstack.infer.precision import auto_dtype, runs_bf16_fast
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -314,12 +314,16 @@ def step_dtype(
     features: Mapping[str, object] | None = None,
     started: str | None = None,
 ) -> tuple[str, str]:
-    """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype`, or for `auto` on a CPU
-    generate's rule (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's,
-    default detected); float32 on other devices, where no default other than float32 has been measured. `auto`
-    decides at a run's start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
+    """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype` (why: '' unless it is bfloat16 on
+    a device without native bf16, where it can run slower than float32), or for `auto` on a CPU generate's rule
+    (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's, default detected);
+    float32 on other devices, where no default other than float32 has been measured. `auto` decides at a run's
+    start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
+    if dtype == "bfloat16":
+        fast, why = runs_bf16_fast(str(device), None, features)
+        return dtype, "" if fast else f"given, but {why}: bf16 can run slower there than float32"
     if dtype != "auto":
-        return dtype, "as the config gives it"
+        return dtype, ""
     if device.type != "cpu":
         chosen, why = "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
     else:
@@ -657,9 +661,10 @@ class _Run:
         # schedule to warn of
         trains = self.step < config.max_steps
         if trains:
-            if config.dtype == "auto":
+            if why:
                 other = "float32" if dtype == "bfloat16" else "bfloat16"
-                self._say(f"dtype {dtype} (auto: {why}); dtype={other} to train in {other}")
+                chosen = "auto: " if config.dtype == "auto" else ""
+                self._say(f"dtype {dtype} ({chosen}{why}); dtype={other} to train in {other}")
             if config.peak_flops:
                 # per device: a card's, once per rank; a machine's CPUs, which its ranks share, once per machine
                 devices = len({machine for machine, _ in self.ranks_cpus}) if self.ranks_cpus else ranks.world_size

@@ -987,9 +987,20 @@ def test_auto_dtype_trains_in_bfloat16_where_the_cpu_multiplies_it_natively_and_
     assert step_dtype("auto", cpu, 58_000_000, amx) == ("bfloat16", "this CPU has avx512_bf16 and amx_bf16")
     assert step_dtype("auto", cpu, 2_800_000, amx)[0] == "float32"
     assert step_dtype("auto", cpu, 58_000_000, avx2) == ("float32", "this CPU has none of avx512_bf16, amx_bf16")
-    assert step_dtype("float32", cpu, 58_000_000, amx) == ("float32", "as the config gives it")
-    assert step_dtype("bfloat16", cpu, 2_800_000, avx2) == ("bfloat16", "as the config gives it")
+    assert step_dtype("float32", cpu, 58_000_000, amx) == ("float32", "")  # given: nothing to tell
+    assert step_dtype("bfloat16", cpu, 2_800_000, amx) == ("bfloat16", "")
     assert step_dtype("auto", torch.device("cuda", 0), 58_000_000, amx)[0] == "float32"  # measured on CPUs alone
+
+
+def test_bfloat16_given_on_a_cpu_without_native_bf16_is_told_it_can_run_slower_than_float32():
+    """torch widens bf16 to float32 around each op on a CPU with neither avx512_bf16 nor amx_bf16 (generate measured
+    3.5x slower than float32, infer/precision.py): the run trains as given, and its start says so."""
+    cpu, avx2 = torch.device("cpu"), {"avx2": True}
+    assert step_dtype("bfloat16", cpu, 58_000_000, avx2) == (
+        "bfloat16",
+        "given, but this CPU has none of avx512_bf16, amx_bf16: bf16 can run slower there than float32",
+    )
+    assert step_dtype("float32", cpu, 58_000_000, avx2) == ("float32", "")
 
 
 def test_a_run_in_the_default_dtype_says_which_it_chose_and_trains_as_that_dtype_given(data_dir, tmp_path, capsys):
