@@ -337,6 +337,14 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     for key, tensor in read_safetensors(weights).items():
         base_copy = BASE_LAYER_COPY.fullmatch(key.removeprefix(PEFT_PREFIX))
         hf_module, lora = (base_copy["module"], "") if base_copy else _split(key.removeprefix(PEFT_PREFIX), folder)
+        if hf_module not in ours and hf_module in names:  # keys of peft's save_pretrained on seekstack's model
+            theirs = checkpoint_key(f"{hf_module}.weight", layers).removesuffix(".weight")
+            raise CheckpointError(
+                f"{weights}: key {key!r} names module {hf_module!r} as seekstack's model names it, where an adapter "
+                f"folder names it as transformers' model does ({theirs!r}): peft saved it from a PeftModel on "
+                "seekstack's model; load it back there with peft.PeftModel.from_pretrained, or make the adapter with "
+                "`seekstack lora train` or with peft on transformers' model of the base"
+            )
         if hf_module not in ours:
             raise CheckpointError(
                 f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"

@@ -136,6 +136,23 @@ def test_peft_with_task_type_causal_lm_wraps_our_model_trains_and_reloads(base, 
         assert torch.equal(loaded(ids, return_dict=False)[0], adapted)  # a tuple, as transformers returns it
 
 
+def test_an_adapter_peft_saved_from_our_model_is_refused_naming_our_module_and_what_to_do(base, tmp_path):
+    """peft's save_pretrained of a PeftModel on seekstack's model keys the modules as ours names them (`layers.N...`),
+    not as transformers' model does, which an adapter folder holds: serve, generate and merge refuse it saying so and
+    what to do (it read 'the adapter was trained on another base', of this very base)."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(seekstack.load_pretrained(base), LoraConfig(r=2, target_modules=["o_proj"])).save_pretrained(
+        tmp_path / "ours"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"names module 'layers\.0\.self_attn\.o_proj' as seekstack's model names it, where an adapter folder "
+        r"names it as transformers' model does \('model\.layers\.0\.self_attn\.o_proj'\).*PeftModel\.from_pretrained",
+    ):
+        read_factors(seekstack.load_pretrained(base).config, tmp_path / "ours")
+
+
 def test_the_fused_head_and_loss_scores_the_adapted_head(base, adapter):
     ids = prompt_ids(seed=2)
     with torch.no_grad():
