@@ -61,17 +61,22 @@ def mtp_drafts(
     if count == 0 and not fill_cache:
         return no_drafts
     mtp = model.mtp[0]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    cos, sin = model.rotary(positions)
-    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin, cache)
+    rows, width = torch.arange(hidden.shape[0], device=hidden.device), positions.shape[1]
+    # One rotary table for the T columns and the count - 1 positions past them that the follow-up drafts can reach
+    # (a row's positions are consecutive): the follow-ups index it instead of computing their own.
+    reach = positions[:, :1] + torch.arange(width + max(count - 1, 0), device=positions.device)  # (B, T + K - 1)
+    cos, sin = model.rotary(reach)
+    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos[:, :width], sin[:, :width], cache)
     if count == 0:
         return no_drafts
-    hidden, position = out[rows, last][:, None], positions[rows, last][:, None]  # (B, 1, D), (B, 1)
+    hidden, column = out[rows, last][:, None], last  # (B, 1, D), (B,)
     drafts = [draft_argmax(model, mtp.head_input(hidden), vocabulary)]  # (B, 1) each
     for _ in range(count - 1):
-        position = position + 1
-        cos, sin = model.rotary(position)
-        hidden, _ = mtp(hidden, model.embed_tokens(drafts[-1]), cos, sin, cache.follow(position))
+        column = column + 1
+        at = (rows, column)
+        hidden, _ = mtp(
+            hidden, model.embed_tokens(drafts[-1]), cos[at][:, None], sin[at][:, None], cache.follow(reach[at][:, None])
+        )
         drafts.append(draft_argmax(model, mtp.head_input(hidden), vocabulary))
     return torch.cat(drafts, dim=1)
 
