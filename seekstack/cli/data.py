@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import options_named, refuse_empty_path, user_errors, warn
+from seekstack.cli.common import (
+    nothing_written_if_interrupted,
+    options_named,
+    refuse_empty_path,
+    user_errors,
+    warn,
+)
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits, tokenize.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -79,7 +85,7 @@ def data_build(
     options = {"val_fraction": val_fraction, "profile": profile}
     given = {name: value for name, value in options.items() if value is not None}
     overrides = [f"{name}={value}" for name, value in given.items()]
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         with options_named(given):
             cleaning = load_config(CleaningConfig, config, overrides)
         if write_config is not None:
@@ -118,7 +124,7 @@ def data_tokenize(
     from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
     from seekstack.tokens.shards import SHARD_FILES, tokenize_corpus
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         encoder = Tokenizer.from_file(tokenizer)
         refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
         _require_training_documents(corpus, "to tokenize")
@@ -181,7 +187,7 @@ def data_quality_train(
             raise ValueError(f"{found}; check the paths and --field{hint if skipped else ''}")
         return read
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         references, pools = open_sources(reference, pool, field=field)
         positives, negatives = texts(reference, references, "--reference"), texts(pool, pools, "--pool")
         sides = (("--reference", positives), ("--pool", negatives))
@@ -208,7 +214,7 @@ def data_select(
     """Score every document with a quality model and keep the best training documents (val is kept whole)."""
     from seekstack.corpus.quality import QualityModel, select_corpus
 
-    with user_errors(), options_named():
+    with user_errors(), options_named(), nothing_written_if_interrupted(out):
         if (threshold is None) == (top_fraction is None):  # said in the options' names, before the model loads
             raise ValueError("choose --threshold SCORE or --top-fraction SHARE: one of them, not both")
         _require_training_documents(corpus, "to select from")
@@ -249,7 +255,7 @@ def tokenizer_train(
     from seekstack.corpus.sources import read_jsonl
     from seekstack.tokenizer import train_tokenizer
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         _require_training_documents(corpus, "to train a tokenizer on")
         _refuse_a_folder_of_other_files(out)
         texts = (document.text for document in read_jsonl(corpus / "train.jsonl"))

@@ -210,6 +210,36 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("command", "interrupted_in"),
+    [
+        (["data", "build", "{corpus}/train.jsonl"], "seekstack.corpus.build.build_corpus"),
+        (["data", "tokenize", "--corpus", "{corpus}", "--tokenizer", "tok"], "seekstack.tokenizer.Tokenizer.from_file"),
+        (["data", "quality-train", "--reference", "r", "--pool", "p"], "seekstack.corpus.sources.open_sources"),
+        (["data", "select", "--corpus", "{corpus}", "--model", "q.npz", "--top-fraction", "0.5"],
+         "seekstack.corpus.quality.QualityModel.load"),
+        (["tokenizer", "train", "--corpus", "{corpus}"], "seekstack.tokenizer.train_tokenizer"),
+    ],
+)  # fmt: skip
+def test_data_and_tokenizer_commands_interrupted_say_so_and_that_nothing_was_written(
+    tmp_path, monkeypatch, command, interrupted_in
+):
+    """Ctrl-C while `data build`, `tokenize`, `quality-train`, `select` or `tokenizer train` worked (minutes on a real
+    corpus) ended them with exit 130 and no word, where quantize and prune say what became of their output."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted_in, interrupted)
+    (tmp_path / "corpus").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "corpus" / f"{split}.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    out = tmp_path / "out"
+    result = run(*(part.format(corpus=tmp_path / "corpus") for part in command), "--out", str(out))
+    assert result.exit_code == 130 and not out.exists()
+    assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {out}\n"
+
+
+@pytest.mark.parametrize(
     ("command", "value", "problem"),
     [
         (["forward", "tiny", "--seq-len"], "0", "0: input should be greater than or equal to 1"),
