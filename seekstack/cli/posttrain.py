@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import key_value_command, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import (
+    key_value_command,
+    nothing_written_if_interrupted,
+    options_named,
+    run_to_checkpoint,
+    user_errors,
+)
 from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
 
 if TYPE_CHECKING:
@@ -150,7 +156,7 @@ def traces_command(
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import trace_problems, verified_traces
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):
         if out.is_dir():
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
         with options_named():

@@ -65,6 +65,19 @@ def test_traces_of_a_base_teacher_that_verifies_none_say_to_train_it_on_the_task
     assert not (tmp_path / "t.jsonl").exists()
 
 
+def test_traces_interrupted_say_so_and_that_nothing_was_written(tmp_path, monkeypatch):
+    """Ctrl-C while the teacher sampled (minutes for thousands of prompts) ended traces with exit 130 and no word."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.posttrain.distill.trace_problems", interrupted)
+    out = tmp_path / "t.jsonl"
+    result = CliRunner().invoke(app, ["traces", str(tmp_path / "teacher"), "--out", str(out), "--prompts", "2"])
+    assert result.exit_code == 130 and not out.exists()
+    assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {out}\n"
+
+
 def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
     out = tmp_path / "traces.jsonl"
     args = ["traces", str(teacher_model), "--out", str(out), "--difficulty", "1", "--prompts", "8", "--samples", "4"]
