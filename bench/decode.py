@@ -3,12 +3,12 @@
 A preset with random weights is saved once with `seekstack.save_pretrained` and loaded by both
 `seekstack.infer.Engine.from_pretrained` and `transformers.AutoModelForCausalLM`. Ours runs in the dtype `generate`,
 `chat` and `serve` choose by default (`auto`, seekstack/infer/precision.py: bfloat16 where the CPU has avx512_bf16 or
-amx_bf16, else float32); transformers runs in float32, its default, and in bfloat16. Each ratio is labelled:
-"like for like" sets ours against the peer in our dtype, "default vs default" against what its users get without
-options. Both decode greedily
-from the same random prompts for exactly the same number of tokens (neither stops at an end-of-sequence
-token); their greedy tokens are compared first. Each timed run of ours alternates with one of theirs, and the median
-over repetitions is reported, so load from other processes falls on both sides alike.
+amx_bf16, else float32), or in the one `--dtype` names, as their `--dtype` does; transformers runs in float32, its
+default, and in bfloat16. Each ratio is labelled: "like for like" sets ours against the peer in our dtype, "default vs
+default" against what its users get without options. Both decode greedily from the same random prompts for exactly
+the same number of tokens (neither stops at an end-of-sequence token); their greedy tokens are compared first. Each
+timed run of ours alternates with one of theirs, and the median over repetitions is reported, so load from other
+processes falls on both sides alike.
 
     prefill tok/s = B x prompt_len / t(1 new token)
     decode tok/s  = B x (new_tokens - 1) / (t(new_tokens) - t(1 new token)), nan where t(new_tokens) is not above
@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,20 +60,22 @@ CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: en
 THEIR_DTYPES = ("float32", "bfloat16")  # transformers' default first
 
 
-def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine, dict[str, torch.nn.Module]]:
+def build(
+    preset: str, directory: Path, max_batch: int, dtype: str
+) -> tuple[Engine, Engine, dict[str, torch.nn.Module]]:
     """Random weights saved once, a tokenizer of the preset's vocabulary beside them; all models load them.
-    Ours twice, both in the default dtype: eager (`--no-compile`), and as `generate`, `chat` and `serve` run it by
-    default (EngineOptions), whose decode steps compile once eager decoding has run as long as a compile takes.
+    Ours twice, both in `dtype` (auto by default): eager (`--no-compile`), and as `generate`, `chat` and `serve` run
+    it by default (EngineOptions), whose decode steps compile once eager decoding has run as long as a compile takes.
     Theirs by dtype name: float32 (transformers' default) and bfloat16."""
     config = seekstack.preset(preset, num_nextn_predict_layers=0)  # transformers does not run MTP
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
     texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
     train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
-    eager = EngineOptions(max_batch_size=max_batch, compile=False)
-    ours = Engine.from_pretrained(directory, **eager.engine_kwargs(directory))
-    ours_default = Engine.from_pretrained(directory, **EngineOptions(max_batch_size=max_batch).engine_kwargs(directory))
-    print(f"ours in {dtype_name(ours)}: dtype {EngineOptions().resolved_dtype(directory)[1]}", flush=True)
+    options = EngineOptions(max_batch_size=max_batch, dtype=dtype)
+    ours = Engine.from_pretrained(directory, **replace(options, compile=False).engine_kwargs(directory))
+    ours_default = Engine.from_pretrained(directory, **options.engine_kwargs(directory))
+    print(f"ours in {dtype_name(ours)}: dtype {options.resolved_dtype(directory)[1]}", flush=True)
     head_t = getattr(ours.model.lm_head, "weight_t", None)  # seekstack/infer/packed.py: W^T for one-row products
     if head_t is not None:
         extra_mb = head_t.numel() * head_t.element_size() / 1e6
@@ -191,20 +194,29 @@ def main() -> None:
     parser.add_argument("--reps", type=positive_int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source tree with convert_hf_to_gguf.py")
     parser.add_argument("--busy", action="store_true", help="also batch 1 beside a competing busy process")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="ours' dtype, as generate's --dtype (default auto); float32 sets ours against llama.cpp's f32 GGUF like "
+        "for like",
+    )
     add_machine_options(parser)
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
     prepare_machine(args)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}; ours in the default "
-        f"dtype (auto), transformers in {' and '.join(THEIR_DTYPES)}",
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}; ours in dtype "
+        f"{args.dtype}, transformers in {' and '.join(THEIR_DTYPES)}",
         flush=True,
     )
     peaks = matmul_peaks(args.clock)
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
-        engine, default, theirs = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        engine, default, theirs = build(
+            args.preset, Path(root) / args.preset, max(args.batches + args.scaling), args.dtype
+        )
         warm_up(default, engine.config.vocab_size, args.new_tokens)
         ours_dtype = dtype_name(default)
         peak = peaks[ours_dtype]  # results are set against the peak of the dtype ours runs in
