@@ -144,6 +144,9 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
     assert error(post(url, admin, "load_lora_adapter", lora_name=MODEL, lora_path=str(adapters["poem"]))) == (
         409, "adapter_exists",
     )  # fmt: skip
+    too_long = post(url, admin, "load_lora_adapter", lora_name="x", lora_path="/" + "x" * 5000)  # was a 500
+    assert error(too_long) == (400, "invalid_adapter")
+    assert too_long.json()["error"]["message"].endswith("... (5,001 characters) cannot be read: File name too long")
     empty = post(url, admin, "load_lora_adapter", lora_name="empty", lora_path=str(tmp_path))
     assert error(empty) == (400, "invalid_adapter") and "adapter_config.json" in empty.json()["error"]["message"]
     assert error(post(url, admin, "load_lora_adapter", lora_name="x")) == (400, "invalid_value")  # no lora_path
