@@ -102,6 +102,8 @@ class TopKCache:
         info_path = self.folder / CACHE_INFO_FILE
         try:
             held = json.loads(info_path.read_text()) if info_path.is_file() else info
+            if not isinstance(held, dict):
+                raise ValueError(f"a JSON {type(held).__name__}, not an object")
         except ValueError as error:  # cut short or edited: which teacher's log-probabilities it holds is unknown
             raise ValueError(
                 f"teacher_cache {self.folder}: {info_path.name} is damaged ({error}); give another folder, or empty "

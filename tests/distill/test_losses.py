@@ -159,6 +159,16 @@ def test_a_topk_cache_entry_the_machine_fails_to_load_is_not_called_damaged(tmp_
     assert raised.value is failure
 
 
+@pytest.mark.parametrize(("written", "why"), [('{"teacher": "t', "Unterminated string"), ("[1, 2]", "a JSON list")])
+def test_a_damaged_topk_cache_record_is_refused_naming_it(tmp_path, written, why):
+    """A teacher.json of JSON that is no object ([1, 2], an editor's slip) failed with a bare "TypeError: 'list' object
+    is not a mapping"; it is damaged, as one cut short is."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "teacher.json").write_text(written)
+    with pytest.raises(ValueError, match=rf"teacher_cache .*cache: teacher.json is damaged \({why}.*\); give another"):
+        TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
+
+
 def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
     rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
