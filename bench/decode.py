@@ -358,8 +358,7 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
         print(
             f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours default / this = {ours / rate:.2f}x "
             f"(eager {eager / rate:.2f}x)   greedy agree {agreement(peer_run(peer, one, args.new_tokens)):.0%}   "
-            f"(converted in {peer.convert_seconds:.0f} s)"
-            f"{like}"
+            f"(converted in {peer.convert_seconds:.0f} s{'; ' + peer.note if peer.note else ''}){like}"
         )
     eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
     rates.append(eight_rate)

@@ -5,12 +5,16 @@ llama-cpp-python sdist carries one under vendor/llama.cpp). Its converter names 
 hash of how it splits a test text and refuses hashes it does not know, ours among them (GPT-2's split with combining
 marks kept in letter runs, seekstack.tokenizer.PRE_TOKENIZER_PATTERN), so it is declared `gpt-2`. Token ids are fed
 directly, so the tokenizer plays no part in the timing. Each GGUF file is first loaded in a child process: llama.cpp
-aborts the process on a file it cannot run (0.3.36 on a q8_0 `tiny`: GGML_ASSERT(*cur_backend_id != -1) in
-ggml_backend_sched_split_graph), which would take the whole benchmark with it; such a type is skipped, saying why.
+aborts the process on a file it cannot run, which would take the whole benchmark with it. 0.3.36 aborts so on a q8_0
+`tiny` or `small` on a CPU with AMX (GGML_ASSERT(*cur_backend_id != -1) in ggml_backend_sched_split_graph) while it
+repacks weights into its extra CPU buffer types, and loads the file without them (the model parameter
+`use_extra_bufts`, which `Llama` does not expose): a type that aborts is loaded so, saying so, and one that fails
+either way is skipped, saying why.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -29,11 +33,12 @@ sys.argv = sys.argv[1:]
 runpy.run_path(str(script), run_name="__main__")
 """
 GGUF_TYPES = ("f32", "bf16", "q8_0")
-# Load one GGUF file as the benchmark will (argv: path, context), in a process of its own.
+# Load one GGUF file as the benchmark will, in a process of its own (argv: this folder, path, context, extra buffers).
 PROBE = """
 import sys
-from llama_cpp import Llama
-Llama(sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[2]), verbose=False)
+sys.path.insert(0, sys.argv[1])
+from llama_cpp_peer import open_gguf
+open_gguf(sys.argv[2], int(sys.argv[3]), threads=1, extra_buffers=sys.argv[4] == "1")
 """
 
 
@@ -44,6 +49,7 @@ class LlamaCppModel:
     outtype: str
     llama: object  # llama_cpp.Llama
     convert_seconds: float
+    note: str = ""  # how it was loaded, where not as llama.cpp loads by default
 
     def use_threads(self, threads: int) -> None:
         """Decode (and prefill) on `threads` threads from the next call on."""
@@ -60,13 +66,33 @@ class LlamaCppModel:
         return tokens
 
 
+def open_gguf(path: str | Path, context: int, threads: int, extra_buffers: bool = True) -> object:
+    """llama_cpp.Llama on a GGUF file; `extra_buffers=False` keeps llama.cpp from repacking weights into its extra CPU
+    buffer types (llama.cpp's default model parameters, with `use_extra_bufts` off, while Llama reads them)."""
+    import llama_cpp.llama_cpp as library
+    from llama_cpp import Llama
+
+    defaults = library.llama_model_default_params
+
+    def parameters():
+        chosen = defaults()
+        chosen.use_extra_bufts = extra_buffers
+        return chosen
+
+    library.llama_model_default_params = parameters
+    try:
+        return Llama(
+            str(path), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+    finally:
+        library.llama_model_default_params = defaults
+
+
 def load_llama_cpp(
     model_dir: Path, source: Path | None, context: int, threads: int
 ) -> tuple[list[LlamaCppModel], str | None]:
     """The checkpoint in every GGUF type llama.cpp runs here, and the reason for those it does not (None: all ran)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return [], "llama-cpp-python is not installed (pip install -e '.[bench]', a long C++ build)"
     converter = source / "convert_hf_to_gguf.py" if source else None
     if converter is None or not converter.is_file():
@@ -83,14 +109,19 @@ def load_llama_cpp(
         if done.returncode != 0:
             return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {done.stderr.strip().splitlines()[-1]}"
         seconds = time.perf_counter() - start
-        probe = subprocess.run([sys.executable, "-c", PROBE, str(path), str(context)], capture_output=True, text=True)
-        if probe.returncode != 0:
+        note, load = "", [sys.executable, "-c", PROBE, str(Path(__file__).parent), str(path), str(context)]
+        for extra_buffers in (True, False):
+            probe = subprocess.run([*load, str(int(extra_buffers))], capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
             lines = probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"]
-            said = next((line for line in lines if "GGML_ASSERT" in line), lines[-1])
-            failures.append(f"{outtype}: llama-cpp-python could not load {path} ({said.strip()})")
+            said = next((line for line in lines if "GGML_ASSERT" in line), lines[-1]).strip()
+            note = f"loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ({said})"
+            if probe.returncode > 0:  # refused, not aborted: the buffers are not why
+                break
+        if probe.returncode != 0:
+            failures.append(f"{outtype}: llama-cpp-python could not load {path} ({said})")
             continue
-        llama = Llama(
-            str(path), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
-        models.append(LlamaCppModel(outtype, llama, seconds))
+        llama = open_gguf(path, context, threads, extra_buffers)
+        models.append(LlamaCppModel(outtype, llama, seconds, note))
     return models, "; ".join(failures) or None

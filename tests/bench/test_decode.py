@@ -38,21 +38,47 @@ def test_one_new_token_is_refused_naming_the_option():
     assert "--new-tokens 1: at least 2" in run.stderr
 
 
-def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes_on(tmp_path):
-    pytest.importorskip("llama_cpp")
-    from llama_cpp_peer import GGUF_TYPES, load_llama_cpp
-
-    source = tmp_path / "llama.cpp"  # a converter that writes a damaged GGUF file of every type
+def damaged_gguf_converter(folder):
+    """A llama.cpp source tree in `folder` whose converter writes a damaged GGUF file of every type."""
+    source = folder / "llama.cpp"
     (source / "conversion").mkdir(parents=True)
     (source / "conversion" / "__init__.py").write_text("")
     (source / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
     (source / "convert_hf_to_gguf.py").write_text(
         "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
     )
-    models, reason = load_llama_cpp(tmp_path, source, context=64, threads=1)
+    return source
+
+
+def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes_on(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_peer import GGUF_TYPES, load_llama_cpp
+
+    models, reason = load_llama_cpp(tmp_path, damaged_gguf_converter(tmp_path), context=64, threads=1)
     assert models == []
     for outtype in GGUF_TYPES:
         assert f"{outtype}: llama-cpp-python could not load {tmp_path / f'model-{outtype}.gguf'}" in reason
+
+
+def test_a_gguf_file_llama_cpp_aborts_on_is_loaded_without_its_extra_weight_buffers_saying_so(tmp_path, monkeypatch):
+    # llama-cpp-python 0.3.36 aborts loading a q8_0 GGUF on an AMX CPU while it repacks the weights into its extra
+    # buffer types, and loads it without them: here a probe that aborts only with those buffers on stands for it.
+    pytest.importorskip("llama_cpp")
+    import llama_cpp_peer
+
+    abort_with_buffers = (
+        "import os, sys\nif sys.argv[4] == '1':\n    print('GGML_ASSERT(x) failed', file=sys.stderr)\n    os.abort()\n"
+    )
+    monkeypatch.setattr(llama_cpp_peer, "PROBE", abort_with_buffers)
+    opened = []
+    monkeypatch.setattr(llama_cpp_peer, "open_gguf", lambda path, context, threads, extra: opened.append(extra))
+    models, reason = llama_cpp_peer.load_llama_cpp(tmp_path, damaged_gguf_converter(tmp_path), context=64, threads=1)
+    assert reason is None and opened == [False] * len(llama_cpp_peer.GGUF_TYPES)
+    assert [model.outtype for model in models] == list(llama_cpp_peer.GGUF_TYPES)
+    said = "with them it aborted (GGML_ASSERT(x) failed)"
+    assert [model.note for model in models] == [
+        f"loaded without llama.cpp's extra (repacked) weight buffers: {said}"
+    ] * 3
 
 
 def test_llama_cpp_tokens_are_compared_with_ours_in_float32_not_with_the_timed_engine(tmp_path, monkeypatch, capsys):
@@ -71,7 +97,7 @@ def test_llama_cpp_tokens_are_compared_with_ours_in_float32_not_with_the_timed_e
     args = types.SimpleNamespace(prompt_len=8, new_tokens=6, reps=1, clock="wall", llama_cpp_source=None)
     prompt = decode.random_prompts(1, args.prompt_len, config.vocab_size)
     expected = decode.ours_generate(engine("exact", "float32"), prompt, args.new_tokens)[0]
-    peer = types.SimpleNamespace(outtype="f32", convert_seconds=0.0, use_threads=lambda threads: None)
+    peer = types.SimpleNamespace(outtype="f32", convert_seconds=0.0, note="", use_threads=lambda threads: None)
     peer.generate = lambda tokens, n: expected[:n]
     monkeypatch.setattr(decode, "load_llama_cpp", lambda *_: ([peer], None))
     timed = engine("timed", "bfloat16")
