@@ -88,6 +88,16 @@ def open_gguf(path: str | Path, context: int, threads: int, extra_buffers: bool 
         library.llama_model_default_params = defaults
 
 
+def last_words(process: subprocess.CompletedProcess) -> str:
+    """What a failed child process said last: llama.cpp's GGML_ASSERT line, else its last line on stderr, else how it
+    ended (one the kernel's OOM killer ends says nothing)."""
+    lines = process.stderr.strip().splitlines()
+    if not lines:
+        code = process.returncode
+        return f"killed by signal {-code}, nothing said" if code < 0 else f"exit status {code}, nothing said"
+    return next((line for line in lines if "GGML_ASSERT" in line), lines[-1]).strip()
+
+
 def load_llama_cpp(
     model_dir: Path, source: Path | None, context: int, threads: int
 ) -> tuple[list[LlamaCppModel], str | None]:
@@ -107,15 +117,14 @@ def load_llama_cpp(
         command = [sys.executable, "-c", CONVERT, str(converter), str(model_dir), "--outtype", outtype]
         done = subprocess.run([*command, "--outfile", str(path)], capture_output=True, text=True)
         if done.returncode != 0:
-            return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {done.stderr.strip().splitlines()[-1]}"
+            return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {last_words(done)}"
         seconds = time.perf_counter() - start
         note, load = "", [sys.executable, "-c", PROBE, str(Path(__file__).parent), str(path), str(context)]
         for extra_buffers in (True, False):
             probe = subprocess.run([*load, str(int(extra_buffers))], capture_output=True, text=True)
             if probe.returncode == 0:
                 break
-            lines = probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"]
-            said = next((line for line in lines if "GGML_ASSERT" in line), lines[-1]).strip()
+            said = last_words(probe)
             note = f"loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ({said})"
             if probe.returncode > 0:  # refused, not aborted: the buffers are not why
                 break

@@ -38,16 +38,28 @@ def test_one_new_token_is_refused_naming_the_option():
     assert "--new-tokens 1: at least 2" in run.stderr
 
 
-def damaged_gguf_converter(folder):
-    """A llama.cpp source tree in `folder` whose converter writes a damaged GGUF file of every type."""
+DAMAGED_GGUF = "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
+
+
+def damaged_gguf_converter(folder, converter=DAMAGED_GGUF):
+    """A llama.cpp source tree in `folder` whose converter runs `converter`: by default it writes a damaged GGUF file
+    of every type."""
     source = folder / "llama.cpp"
     (source / "conversion").mkdir(parents=True)
     (source / "conversion" / "__init__.py").write_text("")
     (source / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
-    (source / "convert_hf_to_gguf.py").write_text(
-        "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
-    )
+    (source / "convert_hf_to_gguf.py").write_text(converter)
     return source
+
+
+def test_a_converter_killed_without_a_word_is_reported_with_its_signal(tmp_path):
+    # as the kernel's OOM killer ends a conversion of a model too large for the memory: SIGKILL, nothing on stderr
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_peer import load_llama_cpp
+
+    killed = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    models, reason = load_llama_cpp(tmp_path, damaged_gguf_converter(tmp_path, killed), context=64, threads=1)
+    assert (models, reason) == ([], "convert_hf_to_gguf.py --outtype f32 failed: killed by signal 9, nothing said")
 
 
 def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes_on(tmp_path):
