@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from seekstack.schema import SHOWN_VALUE_CHARS, shown_value
 from seekstack.serve import schemas
 from seekstack.serve.schemas import ErrorDetail, ErrorResponse
 
@@ -66,8 +67,10 @@ def parse_body(schema: type[Model], raw: bytes) -> Model:
     except ValidationError as error:
         raise invalid_body(error, raw) from None
     ignored = ignored_fields(body)
-    if ignored:
-        log.warning("The following fields were present in the request but ignored: %s", ", ".join(sorted(ignored)))
+    if ignored:  # a name plain text would not do as its repr, cut: a client's "x\nERROR: ..." wrote lines into the log
+        names = [name if name.isprintable() and len(name) <= SHOWN_VALUE_CHARS else shown_value(name)
+                 for name in sorted(ignored)]  # fmt: skip
+        log.warning("The following fields were present in the request but ignored: %s", ", ".join(names))
     return body
 
 

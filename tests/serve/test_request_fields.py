@@ -14,6 +14,7 @@ import torch
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams, sample_seed
+from seekstack.schema import shown_value
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.errors import APIError, parse_body
@@ -957,6 +958,21 @@ def test_fields_the_server_ignores_are_named_in_its_log_as_vllm_logs_them(engine
     assert (answered.status_code, plain.status_code) == (200, 200)  # accepted, as OpenAI-compatible servers do
     ignored = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
     assert ignored == ["The following fields were present in the request but ignored: max_token, metadata"]
+
+
+def test_an_ignored_field_named_with_a_line_break_writes_no_line_of_its_own_into_the_log(engine, tmp_path, caplog):
+    """A client's unknown field, x + a line break + "ERROR:    forged", was named as it came: the log showed a line
+    the server never wrote. Such a name, and one too long to read, is named by its repr, cut as errors cut a value."""
+    long = "y" * 500
+    with caplog.at_level("WARNING", logger="seekstack.serve"):
+        [answered] = post_each(engine, tmp_path / "db", [("/detokenize", {"tokens": [1], "x\nERROR:    forged": 1,
+                                                                          long: 1, "max_token": 1})])  # fmt: skip
+    assert answered.status_code == 200
+    ignored = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
+    assert ignored == [
+        "The following fields were present in the request but ignored: max_token, 'x\\nERROR:    forged', "
+        f"{shown_value(long)}"
+    ]
 
 
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
