@@ -187,10 +187,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--new-tokens", type=positive_int, default=64)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
+    parser.add_argument("--scaling", nargs="+", type=positive_int, default=[1, 4, 16], help="concurrent sequences")
     parser.add_argument("--reps", type=positive_int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source tree with convert_hf_to_gguf.py")
     parser.add_argument("--busy", action="store_true", help="also batch 1 beside a competing busy process")

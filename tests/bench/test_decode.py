@@ -12,7 +12,7 @@ import torch
 import seekstack
 from seekstack.infer import Engine, EngineOptions
 from seekstack.tokenizer import train_tokenizer
-from tests.bench.support import BENCH
+from tests.bench.support import BENCH, run_in_process
 from tests.conftest import micro_config
 
 SCRIPT = BENCH / "decode.py"
@@ -36,6 +36,14 @@ def test_one_new_token_is_refused_naming_the_option():
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2
     assert "--new-tokens 1: at least 2" in run.stderr
+
+
+@pytest.mark.parametrize("option", ["--batches", "--scaling", "--prompt-len"])
+def test_a_batch_of_no_sequences_or_an_empty_prompt_is_refused_naming_the_option(option, monkeypatch, capsys):
+    # it was a RuntimeError traceback from the first batch, after minutes of building and compiling
+    run = run_in_process("decode.py", option, "0", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert run.stderr.splitlines()[-1].endswith(f"error: argument {option}: 0: at least 1")
 
 
 DAMAGED_GGUF = "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
