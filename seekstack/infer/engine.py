@@ -616,8 +616,7 @@ class Engine:
                 f"request_id must be a str, as vLLM's, got {type(request_id).__name__} {request_id!r}: give "
                 f"{str(request_id)!r}"
             )
-        # a text's characters would read as ids ("123" as [1, 2, 3]); None or an int holds none
-        if isinstance(prompt_ids, (str, bytes, bytearray)) or not isinstance(prompt_ids, Iterable):
+        if not holds_token_ids(prompt_ids):
             raise TypeError(
                 f"prompt_ids is a {type(prompt_ids).__name__}; give token ids (tokenizer.encode_prompt(text)), or the "
                 "text to generate or stream"
@@ -1331,7 +1330,7 @@ class Engine:
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
         if isinstance(prompt, str):
             return self.tokenizer.encode_prompt(prompt)
-        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):  # b"hi" read as ids [104, 105]
+        if not holds_token_ids(prompt):
             decode = " (decode bytes to text first)" if isinstance(prompt, (bytes, bytearray)) else ""
             raise TypeError(
                 f"prompt {shown_value(prompt)} is no prompt: give a text{decode}, token ids or vLLM's "
@@ -1753,6 +1752,12 @@ def _finished_counter(total: int, shown: bool | Callable[..., Any]) -> Iterator[
 def _no_text(token: int) -> str:
     """A token's text where the request asked for none (detokenize=False): "", as vLLM leaves it undecoded."""
     return ""
+
+
+def holds_token_ids(prompt: Any) -> bool:
+    """Whether `prompt` reads as token ids: an iterable, but no text or bytes, whose characters or bytes would read as
+    ids ("123" as [1, 2, 3], b"hi" as [104, 105]); None or an int holds none."""
+    return isinstance(prompt, Iterable) and not isinstance(prompt, (str, bytes, bytearray))
 
 
 def token_id(token: Any) -> int:
