@@ -293,6 +293,7 @@ class TokenWindows:
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len, self.seed, self.position = seq_len, seed, 0
+        self.vocab_size = self.index["tokenizer"]["vocab_size"]
         total_tokens = self.index["total_tokens"]
         self.num_windows = (total_tokens - 1) // seq_len
         if self.num_windows < 1:
@@ -309,12 +310,21 @@ class TokenWindows:
         return self._tokens(window_number * self.seq_len, window_number * self.seq_len + self.seq_len + 1)
 
     def _tokens(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the concatenated shards, as int64."""
+        """Tokens [start, end) of the concatenated shards, as int64; a ValueError naming the shard and the token where
+        one is no id of the tokenizer the index records (a damaged shard), which the model would refuse naming
+        neither, or embed (an id past the tokenizer's, within the model's vocabulary)."""
         pieces = []
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         while start < end:
             offset = start - self.shard_starts[shard]
             piece = self.shards[shard][offset : offset + end - start]
+            if piece.size and piece.max() >= self.vocab_size:
+                bad = int(np.argmax(piece >= self.vocab_size))
+                raise ValueError(
+                    f"{self.index_file.parent / self.index['shards'][shard]['file']}: token {offset + bad:,} is id "
+                    f"{piece[bad]}, past the {self.vocab_size:,} ids of the tokenizer {self.index_file.name} records: "
+                    "the shard is damaged; tokenize the split again"
+                )
             pieces.append(piece)
             start += len(piece)
             shard += 1

@@ -475,6 +475,23 @@ def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
         TokenWindows(tmp_path, "train", SEQ_LEN)
 
 
+def test_a_shard_holding_an_id_past_its_tokenizers_is_refused_naming_the_shard_and_the_token(
+    tmp_path, tokenizer, documents
+):
+    """A damaged shard's id past the vocabulary failed in the model's embedding, an IndexError naming no file."""
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
+    shard = tmp_path / "train_00001.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[7] = tokenizer.vocab_size  # one past the tokenizer's last id
+    ids.tofile(shard)
+    windows = TokenWindows(tmp_path, "train", SEQ_LEN)
+    damaged = r"train_00001.bin: token 7 is id 1000, past the 1,000 ids of the tokenizer train_index.json records"
+    with pytest.raises(ValueError, match=damaged):
+        list(windows.sequential(4))
+    with pytest.raises(ValueError, match=damaged):
+        windows.batch(windows.num_windows)  # an epoch's windows, in training order
+
+
 def test_tokenizer_mismatch_is_detected(shards, tmp_path):
     other = train_tokenizer(stdlib_documents(5), vocab_size=600, out_path=tmp_path)
     with pytest.raises(ValueError, match="train_index.json was tokenized with another tokenizer"):
