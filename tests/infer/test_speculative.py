@@ -1,11 +1,12 @@
-"""MTP drafting through the paged cache: each draft is what the MTP module run without a cache makes of the row."""
+"""MTP drafting through the paged cache: each draft is what the MTP module run without a cache makes of the row; the
+draft count's choice at several rows."""
 
 from __future__ import annotations
 
 import torch
 
 from seekstack.infer.cache import PagedLatentCache
-from seekstack.infer.speculative import mtp_drafts
+from seekstack.infer.speculative import DraftChecks, DraftCount, StepCosts, mtp_drafts
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
 
@@ -54,3 +55,13 @@ def test_mtp_drafts_through_the_paged_cache_are_those_of_the_mtp_module_without_
         )
         assert drafts[b].tolist() == expected
         torch.testing.assert_close(torch.stack([state[b, 0] for state in states]), expected_states, atol=1e-5, rtol=0)
+
+
+def test_sixteen_rows_whose_measured_costs_promise_under_the_margin_at_the_prior_decode_plainly():
+    """The demo model's costs measured at 16 rows (bench/speculative.py's start, AVX512 VM: a draft 0.40 of a plain
+    step, verifying 1/2/3 drafts 1.16/1.31/1.35) promise 1.22x for 2 drafts at the prior; that batch then drafted
+    and decoded at 0.78x plain, so it stays plain (no draft, no MTP cache fill), while one row drafts the most."""
+    costs = StepCosts([1, 16], [0.40, 0.40], [[1.0, 1.16, 1.31, 1.35]] * 2)
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, torch.device("cpu"), costs)
+    assert count.choose([DraftChecks() for _ in range(16)]) == (0, False)
+    assert count.choose([DraftChecks()]) == (3, True)
