@@ -14,6 +14,14 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
+from seekstack.cli.generate import thread_count
+
+
+def _worker_count(workers: int) -> int:
+    """--workers: 0 (one per core), else from 1 to this machine's CPUs, as --threads (`thread_count`): a typo's 100000
+    started as many processes, and past C's int it failed with OverflowError's traceback."""
+    return thread_count(workers) or 0 if workers else 0
+
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits, tokenize.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -66,7 +74,14 @@ def data_build(
             "more are kept; default 0.01, or the --config file's"
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=0, help="Processes for the per-document work; 0: one per CPU core")] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Processes for the per-document work, at most the CPUs; 0: one per CPU core",
+            callback=_worker_count,
+        ),
+    ] = 0,
     write_config: Annotated[Path | None, typer.Option(help="Write the resolved thresholds to this file, exit")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:

@@ -305,6 +305,17 @@ def test_an_output_folder_that_is_or_lies_under_a_file_is_refused_before_the_cle
     assert (tmp_path / "taken.txt").read_text() == "a user's file"
 
 
+@pytest.mark.parametrize("workers", [(os.cpu_count() or 1) + 1, 10**20])
+def test_cli_refuses_more_workers_than_cpus_naming_the_value(tmp_path: Path, workers: int) -> None:
+    """--workers 100000 (a typo) started as many processes, and 10**20 failed with OverflowError's traceback ('Python
+    int too large to convert to C int'); above the CPUs it is refused as --threads is, before anything is read."""
+    args = ["data", "build", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path / "out"), "--workers", str(workers)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and not (tmp_path / "out").exists()
+    said = " ".join(refused.stderr.split())
+    assert f"Invalid value for '--workers': has value {workers}: must be from 1 to this machine's" in said
+
+
 def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(tmp_path: Path) -> None:
     args = ["data", "build", "--out", str(tmp_path / "out"), "--no-progress"]
     refused = CliRunner().invoke(app, [*args, "--workers", "-3"])
