@@ -177,6 +177,7 @@ def data_quality_train(
 ) -> None:
     """Train a quality classifier (logistic regression over hashed word 1-2-grams): reference vs pool."""
     import itertools
+    import sys
     from collections import Counter
 
     from seekstack.corpus.pii import scrub_pii
@@ -190,7 +191,8 @@ def data_quality_train(
         learns the n-grams it will score."""
         scrubbed = (scrub_pii(normalise(doc.text))[0] for doc in itertools.chain.from_iterable(sources))
         # A blank text, which `data build` drops and `data select` so never scores, would teach the empty-text id alone.
-        read = list(itertools.islice((text for text in scrubbed if text.strip()), max_documents))
+        # islice counts to sys.maxsize at most (more raised its ValueError, naming no option): past it, every document
+        read = list(itertools.islice((text for text in scrubbed if text.strip()), min(max_documents, sys.maxsize)))
         if not read:
             skipped = sum((source.skipped for source in sources if isinstance(source, TextFolder)), Counter())
             unread = ", ".join(f"{suffix} {count:,}" for suffix, count in skipped.items())

@@ -398,6 +398,18 @@ def test_cli_quality_train_skips_blank_texts_as_data_build_drops_them(tmp_path: 
     assert "--reference " in runs["blank"].output and "no documents with text" in runs["blank"].output
 
 
+def test_cli_quality_train_reads_every_document_under_a_max_documents_past_sys_maxsize(tmp_path: Path) -> None:
+    """--max-documents 10**20 (any count past sys.maxsize) failed with islice's 'Stop argument for islice() must be
+    None or an integer: 0 <= x <= sys.maxsize', naming no option; it reads every document, as any count above theirs."""
+    (tmp_path / "ref.txt").write_text("a reference text\n")
+    (tmp_path / "pool.txt").write_text("a pool text\n")
+    args = ["--reference", str(tmp_path / "ref.txt"), "--pool", str(tmp_path / "pool.txt")]
+    trained = CliRunner().invoke(
+        app, ["data", "quality-train", *args, "--out", str(tmp_path / "q.npz"), "--max-documents", str(10**20)]
+    )
+    assert trained.exit_code == 0 and "trained on 1 reference and 1 pool documents" in trained.stdout, trained.output
+
+
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_cli_quality_train_refuses_max_documents_below_one_naming_the_option(tmp_path: Path, count: str) -> None:
     """0 was refused as '--reference DIR: no documents; check the paths', blaming paths that hold documents, and -1
