@@ -91,14 +91,21 @@ LARGEST_VOCAB = 2**20
 PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
+MOST_REPEATS = 100_000  # the largest {1,N} Oniguruma, the regex engine of tokenizers' Split, compiles
+
+
 def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     """PRE_TOKENIZER_PATTERN, its runs of digits cut into pieces of at most `split_digits` when given (GPT-4's and
     DeepSeek-V3's patterns cut at 3, nanochat's at 2), so no token holds more; None keeps a run whole, as GPT-2's."""
     if split_digits is None:
         return PRE_TOKENIZER_PATTERN
     split_digits = _whole_number(split_digits, "split_digits")  # 2.5 made "{1,2.5}", a literal: no run was cut
-    if split_digits < 1:
-        raise ConfigError(f"is {split_digits}; a run of digits is cut into pieces of 1 digit or more", "split_digits")
+    if not 1 <= split_digits <= MOST_REPEATS:  # past it, Oniguruma's "too big number for repeat range" traceback
+        raise ConfigError(
+            f"is {split_digits}; a run of digits is cut into pieces of 1 digit or more, and at most {MOST_REPEATS:,} "
+            "(the regex engine's largest repeat; leave it out to keep a run whole)",
+            "split_digits",
+        )
     return PRE_TOKENIZER_PATTERN.replace(r" ?\p{N}+", rf" ?\p{{N}}{{1,{split_digits}}}")
 
 

@@ -244,6 +244,12 @@ def test_split_digits_cuts_runs_of_digits_into_tokens_of_at_most_that_many(tmp_p
     refused = CliRunner().invoke(app, [*args, "--split-digits", "0"])
     assert refused.exit_code == 2  # train_tokenizer's own refusal, named by the option (no second bound in typer)
     assert "Invalid value for '--split-digits': is 0; a run of digits is cut into pieces of 1 digit" in refused.output
+    refused = CliRunner().invoke(app, [*args, "--split-digits", "100001"])  # was Oniguruma's traceback
+    assert refused.exit_code == 2
+    assert (
+        "Invalid value for '--split-digits': is 100001; a run of digits is cut into pieces of 1 digit or more, and at"
+        in " ".join(refused.output.split())
+    )
     with pytest.raises(ConfigError, match="split_digits"):
         train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "none", split_digits=0)
 
