@@ -226,15 +226,20 @@ def load_config(
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a .yaml/.yml, .toml or .json file; ConfigError naming the file otherwise."""
+    """The mapping in a .yaml/.yml, .toml or .json file of UTF-8 text; ConfigError naming the file otherwise."""
     path = Path(path)
     suffix = path.suffix.lower()  # q.JSON is JSON
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark opening it (Windows' Notepad) skipped
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:  # saved in another encoding: an editor's GBK or Latin-1, PowerShell's UTF-16
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8 (iconv -f GBK -t UTF-8 "
+            "for Chinese text, -f LATIN1 for Western European)"
+        ) from None
     try:
         if suffix == ".toml":
             raw = tomllib.loads(text)

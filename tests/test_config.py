@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import transformers
 
 from seekstack.config import ConfigError, ModelConfig, preset
 from seekstack.infer.params import SamplingParams
-from seekstack.schema import shown_value
+from seekstack.schema import read_config_file, shown_value
 
 # The fields of the released DeepSeek-V3 config.json.
 DEEPSEEK_V3_JSON = {
@@ -178,6 +180,19 @@ def test_numpy_arrays_and_tensors_are_taken_as_the_lists_they_hold():
     assert (params.stop_token_ids, params.allowed_token_ids) == ((5, 6), (7,)) and type(params.stop_token_ids[0]) is int
     with pytest.raises(ConfigError, match=r"^field 'stop_token_ids.0' has value np.float64\(5.5\): input should be a "):
         SamplingParams(stop_token_ids=np.array([5.5]))
+
+
+def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_byte_order_mark_is_read(tmp_path):
+    """A YAML saved as GBK (Chinese comments, a Windows editor) raised a bare "'utf-8' codec can't decode byte 0xc4 in
+    position 2" naming no file (seekstack train run.yaml); a JSON Notepad saved with a BOM "cannot be parsed"."""
+    gbk = tmp_path / "run.yaml"
+    gbk.write_bytes("# 你好\npreset: tiny\n".encode("gbk"))
+    told = rf"^{re.escape(str(gbk))}: not UTF-8 text \(invalid continuation byte at byte 2\): save it as UTF-8 \(iconv"
+    with pytest.raises(ConfigError, match=told):
+        read_config_file(gbk)
+    marked = tmp_path / "run.json"
+    marked.write_bytes(codecs.BOM_UTF8 + json.dumps({"preset": "tiny"}).encode())
+    assert read_config_file(marked) == {"preset": "tiny"}
 
 
 def test_a_shown_value_of_one_item_counts_it_singular():
