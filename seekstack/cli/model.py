@@ -115,7 +115,7 @@ def forward(
                 f"--seq-len {seq_len}: longer than the model's context (max_position_embeddings "
                 f"{config.max_position_embeddings})"
             )
-        _require_memory(model, config)
+        _require_memory(model, config, batch_size, seq_len)
         network = Transformer(config) if model in PRESETS else load_pretrained(model)
     network.eval()
     input_ids = torch.randint(config.vocab_size, (batch_size, seq_len))
@@ -149,16 +149,22 @@ def forward(
     console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch_size} x {seq_len} tokens on {input_ids.device})")
 
 
-def _require_memory(model: str, config: ModelConfig) -> None:
-    """Refuse, with the numbers, to build a model whose float32 weights exceed this machine's memory."""
+def _require_memory(model: str, config: ModelConfig, batch_size: int, seq_len: int) -> None:
+    """Refuse, with the numbers, to build a model whose float32 weights and a batch's float32 logits (B x T x V, the
+    least a forward holds beside them) exceed this machine's memory: a typo's --batch-size 100000 took it all, and
+    10**20 failed with torch's traceback."""
     from seekstack.accounting import main_parameters, mtp_parameters
 
     if not hasattr(os, "sysconf"):
         return
-    needed = 4 * (main_parameters(config).total + mtp_parameters(config).total)
+    weights = 4 * (main_parameters(config).total + mtp_parameters(config).total)
+    logits = 4 * batch_size * seq_len * config.vocab_size
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > available:
-        fail(f"{model} needs {size(needed)} for its float32 weights; this machine has {size(available)}")
+    if weights + logits > available:
+        fail(
+            f"{model} needs {size(weights)} for its float32 weights and {size(logits)} for the logits of "
+            f"--batch-size {batch_size} x --seq-len {seq_len}; this machine has {size(available)}"
+        )
 
 
 def register(app: typer.Typer) -> None:

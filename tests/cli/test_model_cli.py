@@ -125,6 +125,18 @@ def test_forward_refuses_a_seq_len_longer_than_the_model_s_context_as_info_refus
     assert expected in longer.stderr
 
 
+@pytest.mark.parametrize("batch_size", [10**20, 10**15])
+def test_forward_refuses_a_batch_whose_logits_exceed_the_machine_s_memory(batch_size):
+    """--batch-size 10**20 failed with torch's traceback, and a typo's 100000 took the machine's memory: the float32
+    logits (B x T x V) of the batch, beside the weights, are counted before anything is built."""
+    refused = run("forward", "tiny", "--batch-size", str(batch_size), "--seq-len", "8")
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    said = " ".join(refused.stderr.split())
+    assert (
+        said.startswith("error: tiny needs ") and f"for the logits of --batch-size {batch_size} x --seq-len 8" in said
+    )
+
+
 def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
     context = preset("tiny").max_position_embeddings
     default, shorter, longer = (
