@@ -205,6 +205,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
+    context = seekstack.preset(args.preset).max_position_embeddings  # where ours stops a sequence
+    if args.prompt_len + args.new_tokens > context:
+        parser.error(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}: past preset {args.preset}'s context of "
+            f"{context} tokens, where ours stops decoding and transformers would go on"
+        )
     prepare_machine(args)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}; ours in dtype "

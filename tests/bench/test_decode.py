@@ -46,6 +46,16 @@ def test_a_batch_of_no_sequences_or_an_empty_prompt_is_refused_naming_the_option
     assert run.stderr.splitlines()[-1].endswith(f"error: argument {option}: 0: at least 1")
 
 
+def test_a_sequence_past_the_presets_context_is_refused_naming_both_options(monkeypatch, capsys):
+    # it was "AssertionError: a side stopped early" after minutes of building and compiling: ours stops at the context
+    run = run_in_process("decode.py", "--new-tokens", "961", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert run.stderr.splitlines()[-1].endswith(
+        "error: --prompt-len 64 + --new-tokens 961: past preset tiny's context of 1024 tokens, where ours stops "
+        "decoding and transformers would go on"
+    )
+
+
 DAMAGED_GGUF = "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
 
 
