@@ -105,14 +105,22 @@ def contenders(preset: str, directory: Path, dtype: torch.dtype) -> tuple[Conten
 def training_batch(data_dir: Path | None, vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
     """The first `batch` windows of the train split of `data_dir`'s shards; without a `data_dir`, of the demo's, or
     random ids when there are none. A `data_dir` given without shards is refused: timing random ids instead would
-    pass them off as the user's data."""
+    pass them off as the user's data; so are shards of a tokenizer of more ids than the preset's `vocab_size` embeds,
+    which failed in the first step's embedding after every model had loaded, naming no folder."""
     try:
-        return TokenWindows(data_dir or DEMO_TOKENS, "train", seq_len - 1, seed=0).batch(batch)
+        windows = TokenWindows(data_dir or DEMO_TOKENS, "train", seq_len - 1, seed=0)
     except FileNotFoundError as error:
         if data_dir is not None:
             raise SystemExit(f"--data {data_dir}: {error}") from None
         print(f"no token shards under {DEMO_TOKENS}: random token ids")
         return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    if windows.vocab_size > vocab_size:
+        folder = f"--data {data_dir}" if data_dir is not None else str(DEMO_TOKENS)
+        raise SystemExit(
+            f"{folder}: its tokenizer has {windows.vocab_size:,} ids, more than the preset's vocab_size {vocab_size:,} "
+            "embeds: give token shards of a tokenizer of at most that many, or a larger --preset"
+        )
+    return windows.batch(batch)
 
 
 def timed_step(contender: Contender, batch: torch.Tensor, clock: str) -> float:

@@ -16,6 +16,17 @@ def test_a_data_folder_without_shards_is_refused_naming_the_option_and_folder(tm
         training_batch(tmp_path / "nope", vocab_size=100, batch=2, seq_len=8)
 
 
+def test_shards_of_a_tokenizer_larger_than_the_presets_vocabulary_are_refused_naming_both(tmp_path):
+    from tests.train.test_trainer import write_split
+
+    write_split(tmp_path, "train", 2_000, seed=1, tokenizer={"vocab_size": 200, "sha256": "synthetic"})
+    with pytest.raises(
+        SystemExit, match=f"--data {tmp_path}: its tokenizer has 200 ids, more than the preset's vocab_size 100 embeds"
+    ):
+        training_batch(tmp_path, vocab_size=100, batch=2, seq_len=8)
+    assert training_batch(tmp_path, vocab_size=200, batch=2, seq_len=8).shape == (2, 8)
+
+
 def test_without_data_and_without_the_demo_shards_the_batch_is_random_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     batch = training_batch(None, vocab_size=100, batch=2, seq_len=8)
