@@ -1,5 +1,5 @@
-"""Shared by the eval tests: the inference tests' micro checkpoint (random weights, a stdlib-trained tokenizer), and
-a training checkpoint of the 3D attention variant beside it."""
+"""Shared by the eval tests: the inference tests' micro checkpoint (random weights, a stdlib-trained tokenizer), a
+training checkpoint of the 3D attention variant beside it, and lm_eval's index of its own tasks built once."""
 
 from __future__ import annotations
 
@@ -34,3 +34,30 @@ def checkpoint_3d(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(checkpoint / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="package")
+def lm_evals_own_index() -> dict:
+    """lm_eval's index of its own task YAML files (~15,000 of them, ~6 s of a CPU), as its TaskManager builds it."""
+    import lm_eval.tasks
+    from lm_eval.tasks._index import TaskIndex
+
+    return TaskIndex.build([Path(lm_eval.tasks.__file__).parent])
+
+
+@pytest.fixture
+def lm_evals_index_built_once(lm_evals_own_index: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each TaskManager of the test takes lm_eval's own tasks from `lm_evals_own_index` instead of indexing them
+    again; the folders it includes are still read, and override them, as lm_eval's build does."""
+    import lm_eval.tasks
+    from lm_eval.tasks._index import TaskIndex
+
+    build = TaskIndex.build
+
+    def built_once(paths, **kwargs) -> dict:
+        paths = list(paths)
+        if paths[:1] != [Path(lm_eval.tasks.__file__).parent] or kwargs:
+            return build(paths, **kwargs)
+        return {**lm_evals_own_index, **build(paths[1:])}
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(built_once))

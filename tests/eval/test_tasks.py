@@ -301,6 +301,7 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
         evaluate(checkpoint, ("sums_a",), include_path=file)
 
 
+@pytest.mark.usefixtures("lm_evals_index_built_once")
 def test_a_system_instruction_is_the_chat_system_message_or_the_text_before_each_prompt_as_lm_evals(
     checkpoint, tmp_path
 ):
@@ -449,6 +450,7 @@ def test_tasks_given_as_one_string_are_its_comma_separated_names_as_lm_evals(che
     assert report["options"]["tasks"] == ["code_perplexity"] and set(report["results"]) == {"code_perplexity"}
 
 
+@pytest.mark.usefixtures("lm_evals_index_built_once")
 def test_a_pattern_in_tasks_runs_the_tasks_and_yaml_files_it_matches_as_lm_evals_command_line(checkpoint, tmp_path):
     """--tasks 'code_perp*' was refused ("unknown task 'code_perp*'") and 'sums_*.yaml' or 'arc_eas*' failed in
     lm_eval ("Spec ... is not a registered task/group/tag name or valid YAML path"): lm_eval's --tasks matches a
