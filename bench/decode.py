@@ -221,7 +221,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
         engine, default, theirs = build(
-            args.preset, Path(root) / args.preset, max(args.batches + args.scaling), args.dtype
+            args.preset, Path(root) / args.preset, max(args.batches + args.scaling + [LLAMA_CPP_SEQUENCES]), args.dtype
         )
         warm_up(default, engine.config.vocab_size, args.new_tokens)
         ours_dtype = dtype_name(default)
@@ -303,13 +303,14 @@ def print_noise_notice(rates: list[float]) -> None:
         print("  nan: t(new tokens) was not above t(1 new token), within timing noise: raise --new-tokens or --reps")
 
 
+LLAMA_CPP_SEQUENCES = 8  # ours decodes these at once against llama.cpp's one stream
 GGUF_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16"}  # the llama.cpp file type that is like for like with ours
 
 
 def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops_per_token: float, peak: float) -> None:
     """Batch-1 greedy decode of llama.cpp (GGUF f32, bf16, q8_0) against ours (eager and default), and ours with 8
     sequences against its one stream; llama.cpp runs on the threads ours runs each row on."""
-    one, eight = default.step_threads.threads_for(1), default.step_threads.threads_for(8)
+    one, eight = default.step_threads.threads_for(1), default.step_threads.threads_for(LLAMA_CPP_SEQUENCES)
     context = args.prompt_len + args.new_tokens + 8
     peers, reason = load_llama_cpp(model_dir, args.llama_cpp_source, context, one)
     ours_dtype = dtype_name(default)
@@ -332,7 +333,7 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
     def agreement(tokens: list[int]) -> float:
         return _common_prefix(tokens, exact_tokens) / args.new_tokens
 
-    prompts8 = random_prompts(8, args.prompt_len, engine.config.vocab_size)
+    prompts8 = random_prompts(LLAMA_CPP_SEQUENCES, args.prompt_len, engine.config.vocab_size)
 
     def peer_run(peer, threads: int, n: int) -> list[int]:
         peer.use_threads(threads)
@@ -366,7 +367,7 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
             f"(eager {eager / rate:.2f}x)   greedy agree {agreement(peer_run(peer, one, args.new_tokens)):.0%}   "
             f"(converted in {peer.convert_seconds:.0f} s{'; ' + peer.note if peer.note else ''}){like}"
         )
-    eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
+    eight_rate = decode_rate(medians, "ours8", LLAMA_CPP_SEQUENCES, args.new_tokens)
     rates.append(eight_rate)
     print(
         f"  ours (default), 8 concurrent sequences on {eight} thread(s): {eight_rate:.1f} tok/s; llama.cpp on {eight}:"

@@ -56,6 +56,24 @@ def test_a_sequence_past_the_presets_context_is_refused_naming_both_options(monk
     )
 
 
+def test_the_engines_hold_the_llama_cpp_rows_sequences_at_once_whatever_batches_and_scaling_ask(monkeypatch):
+    # with --batches 1 --scaling 1 the engines held one sequence, and the "8 concurrent sequences" row decoded them one
+    # after another
+    class Built(Exception):
+        pass
+
+    def build(preset, directory, max_batch, dtype):
+        raise Built(max_batch)
+
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--batches", "1", "--scaling", "1"])
+    monkeypatch.setattr(decode, "prepare_machine", lambda args: None)
+    monkeypatch.setattr(decode, "matmul_peaks", lambda clock: {})
+    monkeypatch.setattr(decode, "build", build)
+    with pytest.raises(Built) as built:
+        decode.main()
+    assert built.value.args == (decode.LLAMA_CPP_SEQUENCES,) == (8,)
+
+
 DAMAGED_GGUF = "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF' + bytes(60))\n"
 
 
