@@ -148,9 +148,9 @@ def data_tokenize(
         difficulty = difficulty_buckets(corpus / "train.jsonl") if buckets else None
         # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.
         with atomic_directory(out) as staging:
-            indexes = [
-                tokenize_corpus(corpus / f"{split}.jsonl", encoder, staging, split) for split in ("train", "val")
-            ]
+            # val first: a damaged row of it is named before the hours the training split may take, not after
+            val = tokenize_corpus(corpus / "val.jsonl", encoder, staging, "val")
+            indexes = [tokenize_corpus(corpus / "train.jsonl", encoder, staging, "train"), val]
             if difficulty is not None:
                 indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", difficulty=difficulty)
         for index in indexes:

@@ -445,6 +445,27 @@ def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
     assert "train: 2 documents, " in result.output and "val: 1 document, " in result.output  # was "1 documents"
 
 
+def test_tokenize_names_a_damaged_val_row_before_encoding_the_training_split(tmp_path, monkeypatch):
+    """val.jsonl was encoded after train.jsonl: a damaged row of it (a line cut short) was named only once the
+    training split, hours of a large corpus, had been encoded, and that work thrown away."""
+    from seekstack.tokens import shards
+    from tests.posttrain.support import byte_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"text": "a training document"}) + "\n")
+    (corpus / "val.jsonl").write_text(json.dumps({"text": "fine"}) + '\n{"text": "cut sh')
+    byte_tokenizer(tmp_path / "tok")
+    encoded, tokenize_corpus = [], shards.tokenize_corpus
+    monkeypatch.setattr(
+        shards, "tokenize_corpus", lambda path, *a: encoded.append(path.name) or tokenize_corpus(path, *a)
+    )
+    args = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok")]
+    refused = run(*args, "--out", str(tmp_path / "tokens"))
+    assert refused.exit_code == 1 and f"{corpus / 'val.jsonl'}:2: not valid JSON" in refused.stderr
+    assert encoded == ["val.jsonl"] and not (tmp_path / "tokens").exists()
+
+
 @pytest.mark.parametrize("out", ["tok", "tok/tokenizer.json"])
 def test_tokenizer_train_names_the_file_it_wrote(tmp_path, out):
     corpus = tmp_path / "corpus"
