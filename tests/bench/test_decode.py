@@ -2,7 +2,6 @@
 measure one are refused."""
 
 import math
-import subprocess
 import sys
 import types
 
@@ -30,12 +29,12 @@ def test_decode_rate_is_nan_where_the_timing_noise_hides_the_decode_time():
         assert math.isnan(decode_rate({"ours_1": 0.02, "ours_4": longest}, "ours", sequences=1, new_tokens=4))
 
 
-def test_one_new_token_is_refused_naming_the_option():
-    # timeout: a hang's bound; loaded (4 busy processes beside), importing torch, transformers and seekstack took 82 s
-    command = [sys.executable, str(SCRIPT), "--new-tokens", "1"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 2
-    assert "--new-tokens 1: at least 2" in run.stderr
+def test_one_new_token_is_refused_naming_the_option(monkeypatch, capsys):
+    run = run_in_process("decode.py", "--new-tokens", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert run.stderr.splitlines()[-1].endswith(
+        "error: --new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"
+    )
 
 
 @pytest.mark.parametrize("option", ["--batches", "--scaling", "--prompt-len"])
