@@ -309,6 +309,12 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
     text = _decoded(_read(path))
+    if path.is_fifo() and _opens_with_a_json_object(text):  # a pipe has no suffix to read rows by
+        raise DataSourceError(
+            f"{path}: a named pipe is read as one text document, and this one holds JSON Lines (its first line is a "
+            "JSON object), whose keys and quotes would be trained on as text; give the .jsonl file itself (compressed "
+            "too: rows.jsonl.gz is read decompressed), or write the rows to one"
+        )
     if source_kind(path) in HTML_SUFFIXES or HTML_PAGE_START.match(text):
         raise DataSourceError(
             f"{path}: an HTML page, whose tags, scripts and menus would be trained on as its text; extract the text "
@@ -316,6 +322,15 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
             "folder's .html files are not read either)"
         )
     yield Document(_as_text(path.name), text, _as_text(path.name))
+
+
+def _opens_with_a_json_object(text: str) -> bool:
+    """Whether the first non-blank line of `text` is a JSON object, as a row of JSON Lines is."""
+    first_line = re.search(r"\S.*", text)  # from its first character to its end
+    try:
+        return first_line is not None and isinstance(json.loads(first_line[0]), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _read(path: Path) -> bytes:

@@ -2256,6 +2256,19 @@ def test_a_named_pipe_given_as_an_input_is_read_as_a_text_file(tmp_path: Path) -
     writer.join()
 
 
+def test_a_named_pipe_of_json_lines_is_refused_not_trained_on_as_one_text(tmp_path: Path) -> None:
+    """`cat rows.jsonl | data build /dev/stdin` (or `<(zcat rows.jsonl.gz)`) built one document of the rows' JSON,
+    keys, quotes and escapes, as text: a pipe has no suffix to read rows by. It is refused, saying to give the file."""
+    pipe = tmp_path / "63"
+    os.mkfifo(pipe)
+    rows = "\n" + "".join(json.dumps({"text": f"row {n} 你好"}, ensure_ascii=False) + "\n" for n in range(3))
+    writer = threading.Thread(target=pipe.write_text, args=(rows,), daemon=True)
+    writer.start()
+    with pytest.raises(DataSourceError, match=f"{pipe}: a named pipe is read as one text document, and this one holds"):
+        list(open_source(pipe))
+    writer.join()
+
+
 def test_a_csv_named_pipe_is_read_once_every_row_kept(tmp_path: Path) -> None:
     """The separator check (ab935e0) opened a CSV input a second time to read its header: a named pipe (`data build
     <(zcat posts.csv.gz)`) then lost the rows that second reader took (1,890 of 2,000 read), or waited for good for a
