@@ -42,6 +42,7 @@ from seekstack.config import ModelConfig
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.model.transformer import Transformer
+from seekstack.schema import shown_value
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
 
@@ -162,7 +163,7 @@ class LoadedAdapters:
         if name is None:
             return 0
         if name not in self.slots:
-            raise UnknownAdapter(f"no adapter {name!r}; loaded: {', '.join(self.names) or 'none'}")
+            raise UnknownAdapter(f"no adapter {shown_value(name)}; loaded: {', '.join(self.names) or 'none'}")
         return self.slots[name]
 
     def cache_salt(self, slot: int) -> str:
@@ -183,7 +184,7 @@ class LoadedAdapters:
         load_inplace): a loaded `name` takes these weights in its own slot, AdapterInUse while
         `requests_in_flight` (unfinished ones using it) > 0, as for `remove`."""
         if not ADAPTER_NAME.fullmatch(name):
-            raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
+            raise ValueError(f"adapter name {shown_value(name)}: use letters, digits and . _ - : @ / + only")
         refuse_quantized_base(self.model, folder)
         if name in self.slots and not replace:
             raise AdapterConflict(

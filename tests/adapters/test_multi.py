@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -18,7 +19,7 @@ from seekstack.adapters.multi import (
     MultiLoRALinear,
     MultiTokenRows,
 )
-from seekstack.adapters.registry import AdapterWeights, attach_adapters, read_factors
+from seekstack.adapters.registry import AdapterWeights, UnknownAdapter, attach_adapters, read_factors
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
 from tests.adapters.support import TINY, write_base, write_random_adapter
@@ -78,6 +79,19 @@ def test_an_unknown_adapter_name_is_refused_naming_the_loaded_ones(served):
     engine = Engine.from_pretrained(base, adapters=adapters)
     with pytest.raises(ValueError, match="no adapter 'legal'; loaded: full, attention"):
         engine.add_request([5, 6], SamplingParams(max_new_tokens=2), adapter="legal")
+
+
+def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_refuses_it(served):
+    """/v1/unload_lora_adapter of a 3,000-character lora_name echoed all of it in its 404 (and a load's invalid name
+    in its 400); each is cut as the model-name 404 cuts one."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base)
+    loaded = attach_adapters(model, adapters)
+    shown = f"'{'x' * 79}... (3,000 characters)"
+    with pytest.raises(UnknownAdapter, match=rf"^no adapter {re.escape(shown)}; loaded: full, attention$"):
+        loaded.remove("x" * 3000)
+    with pytest.raises(ValueError, match=rf"^adapter name {re.escape(shown)}: use letters"):
+        loaded.add("x" * 2999 + " ", adapters["full"], read_factors(model.config, adapters["full"]))
 
 
 def test_unloading_every_adapter_leaves_the_plain_base_model(served):
