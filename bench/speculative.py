@@ -154,17 +154,23 @@ def main() -> None:
     parser.add_argument(
         "--corpus", type=Path, default=DEMO / "corpus", help="`data build` folder whose val.jsonl gives the prompts"
     )
-    parser.add_argument("--train-steps", type=int, default=600, help="steps when the script trains its own model")
+    parser.add_argument(
+        "--train-steps", type=positive_int, default=600, help="steps when the script trains its own model"
+    )
     parser.add_argument("--prompts", type=positive_int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--prompt-len", type=positive_int, default=32)
     parser.add_argument("--new-tokens", type=positive_int, default=64)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16], help="sequences decoded together")
-    parser.add_argument("--draft-tokens", nargs="*", type=int, default=[1, 3], help="fixed MTP drafts per step")
+    parser.add_argument(
+        "--batches", nargs="+", type=positive_int, default=[1, 4, 16], help="sequences decoded together"
+    )
+    parser.add_argument(
+        "--draft-tokens", nargs="*", type=positive_int, default=[1, 3], help="fixed MTP drafts per step"
+    )
     parser.add_argument(
         "--draft-vocab", nargs="*", type=int, default=[0], help="default engines with these draft vocabularies too"
     )
     parser.add_argument("--reps", type=positive_int, default=3)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
     parser.add_argument(
         "--dtype", choices=DTYPES, default=EngineOptions.dtype, help="every engine's (default: %(default)s)"

@@ -69,3 +69,14 @@ def test_a_wrong_corpus_is_refused_before_the_script_trains_its_model(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["speculative.py"])
     with pytest.raises(WorkStarted):
         speculative.main()
+
+
+@pytest.mark.parametrize("option", ["--batches", "--draft-tokens", "--prompt-len", "--threads", "--train-steps"])
+def test_a_count_below_one_is_refused_naming_the_option_before_any_work(tmp_path, monkeypatch, capsys, option):
+    """--batches 0 ended in a traceback from the engine (max_batch_size), --draft-tokens 0 from its draft_tokens,
+    --prompt-len 0 from add_request's empty prompt and --threads 0 from torch: each is now argparse's one line."""
+    corpus = write_corpus(tmp_path / "corpus", ["x"])
+    options = ["--model", str(tmp_path / "model"), "--corpus", str(corpus), option, "0"]
+    run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2
+    assert f"argument {option}: 0: at least 1" in run.stderr
