@@ -499,8 +499,12 @@ def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
 def require_conversations_file(path: str, name: str = "data") -> None:
     """A ConfigError naming the field `name` unless `path` is "" or a file (a folder or a missing path is refused
     up front)."""
-    why = "a folder" if Path(path).is_dir() else "no such file"
-    require(not path or Path(path).is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")
+    given, why = Path(path), "no such file"
+    if given.is_dir():
+        why = "a folder"
+    elif given.exists():  # a pipe (`<(zcat chats.jsonl.gz)`), a device: was told "no such file"
+        why = "a named pipe or device, which a run reads again when it resumes: write the conversations to a file"
+    require(not path or given.is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")
 
 
 def run_tokenizer(config: TrainConfig) -> Tokenizer:

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -206,12 +207,14 @@ def test_a_missing_or_unusable_data_init_from_or_tokenizer_is_refused_naming_its
 
     from seekstack.cli import app
 
-    checkpoint, bare = micro_checkpoint(tmp_path / "model"), tmp_path / "bare"
+    checkpoint, bare, pipe = micro_checkpoint(tmp_path / "model"), tmp_path / "bare", tmp_path / "63"
     bare.mkdir()
+    os.mkfifo(pipe)  # `data=<(zcat chats.jsonl.gz)`: was told "no such file"
     start = f"init_from={checkpoint}"
     refused = [  # were: "[Errno 2] No such file ...", "[Errno 21] Is a directory", "nonexist/tokenizer.json: ..."
         ([start, "data=nope.jsonl"], "'data' must be a JSONL file of conversations, not 'nope.jsonl' (no such file)"),
         ([start, f"data={bare}"], f"'data' must be a JSONL file of conversations, not '{bare}' (a folder)"),
+        ([start, f"data={pipe}"], f"'data' must be a JSONL file of conversations, not '{pipe}' (a named pipe or"),
         (["init_from=nonexist"], "'init_from' must be an existing checkpoint folder, not 'nonexist'"),
         (
             [f"{start}/config.json"],
