@@ -132,6 +132,13 @@ def write_gguf(model: Transformer, path: Path) -> None:
     writer.add_expert_weights_norm(config.norm_topk_prob)
     if config.scoring_func != "softmax":
         raise ValueError(f"scoring_func {config.scoring_func!r}: only V2's softmax routing is mapped here")
+    if config.topk_method != "greedy" and (config.n_group or 1) > 1:
+        # llama.cpp's deepseek2 keeps groups as V3 does (expert_group_count: a group scores the sum of its top-2
+        # experts), not by V2's best expert per group, and without the key it routes over all experts
+        raise ValueError(
+            f"n_group {config.n_group} (topk_group {config.topk_group}, topk_method {config.topk_method!r}): "
+            "group-limited routing is not mapped here, llama.cpp would route each token over other experts than ours"
+        )
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "yarn":

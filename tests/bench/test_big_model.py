@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
+import seekstack
 from tests.bench.support import BENCH
+from tests.conftest import micro_config
 
 SCRIPT = BENCH / "big_model.py"
 sys.path.insert(0, str(BENCH))  # its siblings (gguf_deepseek2.py), as when run
@@ -33,3 +35,14 @@ def test_sizes_that_measure_nothing_are_refused_naming_the_option(option, value,
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a hang's bound: loaded, ~80 s
     assert run.returncode == 2
     assert message in run.stderr
+
+
+def test_a_model_routing_within_expert_groups_is_refused_as_a_gguf_naming_n_group(tmp_path):
+    # llama.cpp keeps groups by the sum of a group's top-2 experts, ours (V2's group_limited_greedy) by its best one
+    pytest.importorskip("gguf")
+    from gguf_deepseek2 import write_gguf
+
+    config = micro_config(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match=r"^n_group 4 \(topk_group 2, topk_method 'group_limited_greedy'\): group"):
+        write_gguf(seekstack.Transformer(config), tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
