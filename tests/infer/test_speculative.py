@@ -1,12 +1,16 @@
 """MTP drafting through the paged cache: each draft is what the MTP module run without a cache makes of the row; the
-draft count's choice at several rows."""
+draft count's costs and its choice at several rows."""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import torch
 
+import seekstack.infer.speculative as speculative
 from seekstack.infer.cache import PagedLatentCache
-from seekstack.infer.speculative import DraftChecks, DraftCount, StepCosts, mtp_drafts
+from seekstack.infer.speculative import DraftChecks, DraftCount, StepCosts, measured_step_costs, mtp_drafts
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
 
@@ -65,3 +69,18 @@ def test_sixteen_rows_whose_measured_costs_promise_under_the_margin_at_the_prior
     count = DraftCount(micro_config(num_hidden_layers=4), 3, True, torch.device("cpu"), costs)
     assert count.choose([DraftChecks() for _ in range(16)]) == (0, False)
     assert count.choose([DraftChecks()]) == (3, True)
+
+
+@torch.inference_mode()
+def test_the_step_costs_take_every_turn_on_one_thread_however_slow_the_wall_clock(monkeypatch):
+    """Another process's load stretches the wall clock (here 10 s between any two readings), not one thread's CPU
+    time: all 5 timed turns and the warm-up run (a wall-clock budget stopped after one timed turn), 2 forwards each."""
+    model = Transformer(micro_config()).eval()
+    wall = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(
+        speculative, "time", SimpleNamespace(perf_counter=lambda: next(wall), thread_time=time.thread_time)
+    )
+    forwards = []
+    model.register_forward_hook(lambda module, inputs, out: forwards.append(1))
+    measured_step_costs(model, None, most=1, max_batch=1, repeats=5)  # one thread: a step this small runs on one
+    assert len(forwards) == 6 * 2
