@@ -52,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
             grad_h = torch.empty_like(h) if grad_hidden else None
             grad_w = torch.zeros_like(w) if grad_weight else None
-            for part in _chunks(rows, _chunk_rows(hidden, vocab)):
+            for part in _chunks(rows, _chunk_rows(hidden, vocab, grad_weight)):
                 logits = (h_matmul[part] @ w_matmul.t()).float()  # (n, V)
                 if logits_out is not None:
                     logits_out[part] = logits
@@ -98,7 +98,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.float(), weight.float()
             picked, entropy, probs = h.new_empty(rows), h.new_empty(rows), h.new_empty(rows, vocab)
-            for part in _chunks(rows, _chunk_rows(hidden, vocab)):
+            for part in _chunks(rows, _chunk_rows(hidden, vocab, grad_weight=False)):
                 log_probs = (h[part] @ w.t()).log_softmax(dim=-1)
                 picked[part] = log_probs.gather(1, tokens[part, None]).squeeze(1)
                 torch.exp(log_probs, out=probs[part])
@@ -114,7 +114,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         needs_h, needs_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if needs_h else None
         grad_w = torch.zeros_like(w) if needs_w else None
-        for part in _chunks(len(h), _chunk_rows(h, w.shape[0])):
+        for part in _chunks(len(h), _chunk_rows(h, w.shape[0], needs_w)):
             g = grad_picked[part, None].float()
             grad_logits = probs[part] * -g  # g (onehot(y) - p)
             grad_logits.scatter_add_(1, tokens[part, None], g)
@@ -130,9 +130,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         )
 
 
-def _chunk_rows(hidden: torch.Tensor, vocab: int) -> int:
-    """Rows per chunk: CHUNK_ELEMENTS logits for the device, at least 16 rows."""
-    return max(16, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+def _chunk_rows(hidden: torch.Tensor, vocab: int, grad_weight: bool) -> int:
+    """Rows per chunk: CHUNK_ELEMENTS logits for the device, at least 16 rows; and at least D rows where dL/dW (V, D)
+    is summed chunk by chunk, as each chunk reads and writes all of it: with fewer rows than D that traffic outweighs
+    the chunk's own logits (`small`, 2,048 x 384 x 16,384: 32-row chunks spent a third of the head + loss in it). Such a
+    chunk's logits are no larger than dL/dW itself."""
+    rows = max(16, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+    return max(rows, hidden.shape[1]) if grad_weight else rows
 
 
 def _chunks(rows: int, chunk: int) -> list[slice]:

@@ -31,6 +31,20 @@ def test_fused_head_loss_matches_cross_entropy_of_the_logits(monkeypatch, chunk_
     assert not logits.requires_grad
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["weight-trained", "weight-frozen"])
+def test_chunks_span_at_least_the_hidden_width_where_the_weight_gradient_is_summed_over_them(monkeypatch, frozen):
+    """Each chunk adds its part of dL/dW (V, D) into the whole of it: `small`'s 32-row chunks (2,048 x 384 x 16,384)
+    spent most of the head + loss reading and writing dL/dW, 0.72 s where 384-row chunks take 0.46 s."""
+    monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", 300)  # 300 // 50 = 6 logit rows: 16, the floor
+    seen = []
+    monkeypatch.setattr(head_loss, "_chunks", lambda rows, chunk: seen.append(chunk) or [slice(0, rows)])
+    hidden = torch.randn(70, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=not frozen)
+    linear_cross_entropy(hidden, weight, torch.randint(50, (70,)))
+    linear_token_logprobs(hidden, weight, torch.randint(50, (70,)))[0].sum().backward()
+    assert seen == ([16, 16, 16] if frozen else [24, 16, 24])  # cross-entropy; log-probs forward, backward
+
+
 def test_fused_head_loss_computes_no_gradients_without_autograd():
     hidden, weight = torch.randn(8, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     targets = torch.randint(6, (8,))
