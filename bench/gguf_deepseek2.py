@@ -31,11 +31,11 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(
 
 
 def q8_0_blocks(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
-    """int8 codes (..., R, C) with one scale per row (..., R, 1) as q8_0 bytes (..., R, C/32 x 34): per block of 32
-    codes its fp16 scale, then the codes."""
+    """int8 codes (..., R, C) with one scale per row (..., R), as Int8Weight holds them, as q8_0 bytes
+    (..., R, C/32 x 34): per block of 32 codes its fp16 scale, then the codes."""
     *outer, columns = codes.shape
     blocks = columns // BLOCK
-    scales = scale.float().half().expand(*outer, blocks).contiguous().unsqueeze(-1).view(torch.uint8)
+    scales = scale.float().half().unsqueeze(-1).expand(*outer, blocks).contiguous().unsqueeze(-1).view(torch.uint8)
     codes = codes.contiguous().view(*outer, blocks, BLOCK).view(torch.uint8)
     return torch.cat([scales, codes], dim=-1).reshape(*outer, blocks * (BLOCK + 2)).numpy()
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import seekstack
 from tests.bench.support import BENCH
@@ -46,3 +47,27 @@ def test_a_model_routing_within_expert_groups_is_refused_as_a_gguf_naming_n_grou
     with pytest.raises(ValueError, match=r"^n_group 4 \(topk_group 2, topk_method 'group_limited_greedy'\): group"):
         write_gguf(seekstack.Transformer(config), tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int8_model_is_written_as_q8_0_blocks_holding_its_codes_and_row_scales(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gguf_deepseek2 import write_gguf
+
+    from seekstack.compress.quantize import QuantConfig, quantize_model
+
+    config = micro_config(
+        scoring_func="softmax", topk_method="greedy", q_lora_rank=None, num_hidden_layers=2, num_nextn_predict_layers=0
+    )
+    model = seekstack.Transformer(config)
+    quantize_model(model, QuantConfig(scheme="int8"))
+    write_gguf(model, tmp_path / "model.gguf")
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    experts = model.layers[1].mlp.experts.down_proj
+    for name, expected in (
+        ("blk.0.attn_q.weight", model.layers[0].self_attn.q_proj.qweight.dequantize()),
+        ("blk.1.ffn_down_exps.weight", experts.weight.float() * experts.weight_scale.float().unsqueeze(-1)),
+    ):
+        tensor = tensors[name]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        written = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        torch.testing.assert_close(torch.from_numpy(written), expected.float(), rtol=0, atol=0)
