@@ -19,6 +19,7 @@ import time
 import warnings
 from datetime import timedelta
 from itertools import pairwise
+from multiprocessing import reduction
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,31 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+mp.set_forkserver_preload([__name__])  # the fork server imports torch, seekstack and this module once
+
+
+def spawn(rank_main, args: tuple, nprocs: int = 2, join: bool = True) -> mp.ProcessContext | None:
+    """`mp.spawn(rank_main, args, nprocs, join)`, each rank forked from one server process that imported torch,
+    seekstack and this module (~4 s of a CPU) once for all the tests, not a fresh interpreter importing them again
+    for every rank; the rank writes to the test's output, as a spawned one does."""
+    ranks_args = (rank_main, args, _TestsOutput())
+    return mp.start_processes(_rank_in_the_tests_output, ranks_args, nprocs, join, start_method="forkserver")
+
+
+class _TestsOutput:
+    """The spawning test's stdout and stderr (pytest's capture of them), handed to a rank, whose own are the fork
+    server's: those of the test that started it."""
+
+    def __reduce__(self):
+        return tuple, ([reduction.DupFd(fd) for fd in (1, 2)],)
+
+
+def _rank_in_the_tests_output(rank: int, rank_main, args: tuple, outputs: tuple) -> None:
+    for fd, output in zip((1, 2), outputs, strict=True):
+        os.dup2(output.detach(), fd)
+    rank_main(rank, *args)
+
+
 def _join(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -63,7 +89,7 @@ def _train_rank(rank: int, world_size: int, port: int, config, resume) -> None:
 
 
 def train_on_two_ranks(config, resume=False) -> None:
-    mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
+    spawn(_train_rank, (2, free_port(), config, resume))
 
 
 def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list) -> None:
@@ -74,8 +100,8 @@ def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list
 
 def train_on_two_ranks_in_turn(runs: list) -> None:
     """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes:
-    each spawned rank imports torch and seekstack (~4 s of a CPU) once, not once per run."""
-    mp.spawn(_train_rank_in_turn, args=(2, free_ports(len(runs)), runs), nprocs=2, join=True)  # a port per run
+    the two rank processes start once, not once per run."""
+    spawn(_train_rank_in_turn, (2, free_ports(len(runs)), runs))  # a port per run
 
 
 def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resume, rank_main, stacks: str) -> None:
@@ -89,12 +115,7 @@ def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> 
     """`train_on_two_ranks` (each rank running `rank_main`), failing the test instead of waiting forever when the
     ranks hang, with where each rank still running was (its Python stack) and what it wrote."""
     stacks = f"{config.out_dir}_stack"
-    context = mp.spawn(
-        _rank_telling_its_stack,
-        args=(2, free_port(), config, False, rank_main, stacks),
-        nprocs=2,
-        join=False,
-    )
+    context = spawn(_rank_telling_its_stack, (2, free_port(), config, False, rank_main, stacks), join=False)
     deadline = time.monotonic() + seconds
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -306,7 +327,7 @@ def test_int8_hook_averages_within_one_quantisation_step_and_keeps_the_error_for
     gradients = torch.randn(2, 3000)
     gradients[:, 1024:2048] *= 100  # a block of large values does not coarsen the others' scales
     results = mp.Manager().dict()
-    mp.spawn(_int8_rank, args=(2, free_port(), gradients, results), nprocs=2, join=True)
+    spawn(_int8_rank, (2, free_port(), gradients, results))
     averaged, residual, sent = results[0]
     blocks = torch.nn.functional.pad(gradients, (0, 72)).view(2, 3, 1024)
     scales = blocks.abs().amax(dim=2, keepdim=True) / 127  # (rank, block, 1)
@@ -360,7 +381,7 @@ def test_powersgd_on_gloo_keeps_the_ranks_collectives_in_order_across_buckets():
     """PowerSGD issues its P and Q all-reduces from future callbacks, which gloo runs on its own threads: with
     several buckets the ranks must still issue the same collectives in the same order (no mismatch, no hang)."""
     results = mp.Manager().dict()
-    mp.spawn(_powersgd_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    spawn(_powersgd_rank, (2, free_port(), results))
     (weights, sent), (other_weights, other_sent) = results[0], results[1]
     assert torch.equal(weights, other_weights)  # every step averaged the same gradient on both ranks
     full = weights.numel() * 4
@@ -396,7 +417,7 @@ def _powersgd_bytes_rank(rank: int, world_size: int, port: int, results) -> None
 def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_compress_going_whole():
     """torch's hook sends a matrix whole unless its factors are under half its size (`min_compression_rate`)."""
     results = mp.Manager().dict()
-    mp.spawn(_powersgd_bytes_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    spawn(_powersgd_bytes_rank, (2, free_port(), results))
     counted, carried = results[0]
     assert counted == carried and results[1] == results[0]
 
@@ -433,7 +454,7 @@ def powersgd_resumes() -> dict:
     and 8 from step 2, and at rank 4 from step 5: one gloo rank, spawned once for all."""
     results = mp.Manager().dict()
     resumes = [(4, 2), (2, 2), (8, 2), (4, 5)]  # (powersgd_rank, powersgd_start)
-    mp.spawn(_powersgd_resumed_rank, args=(1, free_port(), resumes, results), nprocs=1, join=True)
+    spawn(_powersgd_resumed_rank, (1, free_port(), resumes, results), nprocs=1)
     return dict(results)
 
 
@@ -761,6 +782,7 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     train_on_two_ranks_in_turn([(config, True) for config in resumed])
     assert losses(out_dir)[-3:] == losses(tmp_path / "whole")[-3:]
     told = capfd.readouterr().err.split("rank 0: run ")
+    assert len(told) == 1 + len(resumed)  # rank 0's output, each run's part of it: what it warned is read
     for run, why in [
         (2, "holds the compression state of 3 ranks, not 2"),
         (3, "holds no compression state (saved by one process, which exchanges no gradients)"),  # not "of 0 ranks"
@@ -946,7 +968,7 @@ def test_expert_parallel_steps_a_ranks_experts_that_got_no_token_as_one_process_
     out.square().sum().backward()
     expected = _adamw_stepped([experts.gate_up_proj, experts.down_proj])
     results = mp.Manager().dict()
-    mp.spawn(_experts_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    spawn(_experts_rank, (2, free_port(), results))
     for index, name in enumerate(("gate_up_proj", "down_proj")):
         whole = torch.cat([results[0][index], results[1][index]])  # rank 1 holds experts 2 and 3, never chosen
         torch.testing.assert_close(whole, expected[index], atol=1e-6, rtol=1e-5, msg=name)
