@@ -186,11 +186,14 @@ def main() -> None:
                      "`seekstack data build` folder (make demo builds runs/demo/corpus)")  # fmt: skip
     model_dir = model_dir or train_own_model(args.train_steps)
     default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile, dtype=args.dtype)
-    dtype_name, why = default.resolved_dtype(model_dir)
+    try:  # the first reads of --model: a folder that is no checkpoint, or one without an MTP module, is one line
+        dtype_name, why = default.resolved_dtype(model_dir)
+        dtype = default.engine_kwargs(model_dir)["dtype"]  # every engine in the dtype the default picks (auto)
+        plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile, dtype=dtype)
+        speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs(model_dir))}
+    except ValueError as error:
+        parser.error(f"--model {model_dir}: {error}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}, {dtype_name} ({why})")
-    dtype = default.engine_kwargs(model_dir)["dtype"]  # every engine in the dtype the default picks (auto)
-    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile, dtype=dtype)
-    speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs(model_dir))}
     for size in args.draft_vocab:
         options = dataclasses.replace(default, draft_vocab=size)
         speculative[f"v{size}"] = Engine.from_pretrained(model_dir, **options.engine_kwargs(model_dir))

@@ -80,3 +80,12 @@ def test_a_count_below_one_is_refused_naming_the_option_before_any_work(tmp_path
     run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert f"argument {option}: 0: at least 1" in run.stderr
+
+
+def test_a_model_folder_that_is_no_checkpoint_is_refused_naming_the_option(tmp_path, monkeypatch, capsys):
+    """It ended in a CheckpointError traceback from the engine's load."""
+    corpus = write_corpus(tmp_path / "corpus", ["x"])
+    run = run_in_process("speculative.py", "--model", str(tmp_path), "--corpus", str(corpus), monkeypatch=monkeypatch,
+                         capsys=capsys)  # fmt: skip
+    assert run.returncode == 2
+    assert f"--model {tmp_path}: {tmp_path / 'config.json'}: no such file" in run.stderr
