@@ -29,6 +29,7 @@ import yaml
 from annotated_types import Ge, Gt, Interval, Le
 
 from seekstack.atomic import write_atomic
+from seekstack.jsonl import marked_encoding
 
 T = TypeVar("T")
 
@@ -226,16 +227,19 @@ def load_config(
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a .yaml/.yml, .toml or .json file of UTF-8 text; ConfigError naming the file otherwise."""
+    """The mapping in a .yaml/.yml, .toml or .json file of UTF-8 text (or UTF-16/32 its byte order mark names);
+    ConfigError naming the file otherwise."""
     path = Path(path)
     suffix = path.suffix.lower()  # q.JSON is JSON
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark opening it (Windows' Notepad) skipped
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except UnicodeDecodeError as error:  # saved in another encoding: an editor's GBK or Latin-1, PowerShell's UTF-16
+    try:  # UTF-8's byte order mark (Windows' Notepad) skipped; UTF-16's (PowerShell 5's `>`) read, as PyYAML reads it
+        text = data.decode(marked_encoding(data) or "utf-8-sig")
+    except UnicodeDecodeError as error:  # saved in another encoding: an editor's GBK or Latin-1
         raise ConfigError(
             f"{path}: not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8 (iconv -f GBK -t UTF-8 "
             "for Chinese text, -f LATIN1 for Western European)"

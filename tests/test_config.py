@@ -184,7 +184,8 @@ def test_numpy_arrays_and_tensors_are_taken_as_the_lists_they_hold():
 
 def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_byte_order_mark_is_read(tmp_path):
     """A YAML saved as GBK (Chinese comments, a Windows editor) raised a bare "'utf-8' codec can't decode byte 0xc4 in
-    position 2" naming no file (seekstack train run.yaml); a JSON Notepad saved with a BOM "cannot be parsed"."""
+    position 2" naming no file (seekstack train run.yaml); a JSON Notepad saved with a BOM "cannot be parsed". A
+    YAML in UTF-16, its mark opening it, is read as PyYAML reads it."""
     gbk = tmp_path / "run.yaml"
     gbk.write_bytes("# 你好\npreset: tiny\n".encode("gbk"))
     told = rf"^{re.escape(str(gbk))}: not UTF-8 text \(invalid continuation byte at byte 2\): save it as UTF-8 \(iconv"
@@ -193,6 +194,9 @@ def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_b
     marked = tmp_path / "run.json"
     marked.write_bytes(codecs.BOM_UTF8 + json.dumps({"preset": "tiny"}).encode())
     assert read_config_file(marked) == {"preset": "tiny"}
+    wide = tmp_path / "wide.yaml"  # Windows PowerShell 5's `"preset: tiny" > wide.yaml`: told to iconv -f LATIN1
+    wide.write_bytes("# 你好\npreset: tiny\n".encode("utf-16"))
+    assert read_config_file(wide) == {"preset": "tiny"}
 
 
 def test_a_shown_value_of_one_item_counts_it_singular():
