@@ -19,6 +19,7 @@ import itertools
 import math
 import numbers
 import operator
+import os
 import sys
 import threading
 import time
@@ -1510,7 +1511,8 @@ class Engine:
         if request is None:
             return None
         name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
-        folder = Path(path).expanduser() if path else None  # "~/adapters/x" under the user's home, as vLLM reads it
+        # "~/adapters/x" under the user's home, as vLLM reads it (~user of no such user left as it is, named as missing)
+        folder = Path(os.path.expanduser(path)) if path else None
         if not isinstance(name, str):
             raise TypeError(
                 f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "

@@ -13,6 +13,7 @@ JSON requests only (serve/access.py).
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,8 +66,9 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
         try:
-            # a leading ~ is the server user's home, as vLLM reads it (JSON has no shell to expand it)
-            folder = Path(body.lora_path).expanduser()
+            # a leading ~ is the server user's home, as vLLM reads it (JSON has no shell to expand it); os.path's
+            # leaves ~user of no such user as it is, where Path.expanduser raises RuntimeError
+            folder = Path(os.path.expanduser(body.lora_path))
             await asyncio.to_thread(server.engine.load_adapter, body.lora_name, folder, body.load_inplace)
         except AdapterInUse as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None

@@ -109,6 +109,8 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
          "adapters="),
         ({"lora_request": [request]}, ValueError, "2 prompts but 1 lora_request: give one per prompt (None: the base "
          "model), one for all, or leave lora_request out"),
+        ({"lora_request": LoRARequest("typo", 3, "~no-such-user-here/legal")}, ValueError, "~no-such-user-here/legal "
+         "does not exist; give an adapter folder (adapter_config.json and adapter_model.safetensors)"),  # RuntimeError
     ):  # fmt: skip
         with pytest.raises(error) as refused:
             engine.generate(prompts, greedy, **given)

@@ -158,3 +158,7 @@ def test_a_lora_path_starting_with_a_tilde_is_under_the_servers_home_as_in_vllm(
     response = run(app, lambda client: client.post("/v1/load_lora_adapter", json=body))
     assert response.status_code == 200, response.text
     assert response.json()["root"] == str(tmp_path / "home" / "legal")
+    body = {"lora_name": "typo", "lora_path": "~no-such-user-here/legal"}  # of no such user: was a 500 (RuntimeError)
+    missing = run(app, lambda client: client.post("/v1/load_lora_adapter", json=body))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (400, "invalid_adapter")
+    assert missing.json()["error"]["message"].startswith("~no-such-user-here/legal does not exist; give an adapter")
