@@ -39,14 +39,14 @@ def test_one_new_token_is_refused_naming_the_option(monkeypatch, capsys):
 
 @pytest.mark.parametrize("option", ["--batches", "--scaling", "--prompt-len"])
 def test_a_batch_of_no_sequences_or_an_empty_prompt_is_refused_naming_the_option(option, monkeypatch, capsys):
-    # it was a RuntimeError traceback from the first batch, after minutes of building and compiling
+    # refused before any work: an empty batch would fail only after minutes of building and compiling
     run = run_in_process("decode.py", option, "0", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert run.stderr.splitlines()[-1].endswith(f"error: argument {option}: 0: at least 1")
 
 
 def test_a_sequence_past_the_presets_context_is_refused_naming_both_options(monkeypatch, capsys):
-    # it was "AssertionError: a side stopped early" after minutes of building and compiling: ours stops at the context
+    # ours stops a sequence at the context, transformers goes on: refused before minutes of building and compiling
     run = run_in_process("decode.py", "--new-tokens", "961", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert run.stderr.splitlines()[-1].endswith(
@@ -56,8 +56,7 @@ def test_a_sequence_past_the_presets_context_is_refused_naming_both_options(monk
 
 
 def test_the_engines_hold_the_llama_cpp_rows_sequences_at_once_whatever_batches_and_scaling_ask(monkeypatch):
-    # with --batches 1 --scaling 1 the engines held one sequence, and the "8 concurrent sequences" row decoded them one
-    # after another
+    # engines built for --batches 1 --scaling 1 alone would decode the "8 concurrent sequences" row one after another
     class Built(Exception):
         pass
 
