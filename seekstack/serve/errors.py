@@ -67,7 +67,7 @@ def parse_body(schema: type[Model], raw: bytes) -> Model:
     except ValidationError as error:
         raise invalid_body(error, raw) from None
     ignored = ignored_fields(body)
-    if ignored:  # a name plain text would not do as its repr, cut: a client's "x\nERROR: ..." wrote lines into the log
+    if ignored:  # a name plain text would not do as its repr, cut, or a client's "x\nERROR: ..." writes lines into it
         names = [name if name.isprintable() and len(name) <= SHOWN_VALUE_CHARS else shown_value(name)
                  for name in sorted(ignored)]  # fmt: skip
         log.warning("The following fields were present in the request but ignored: %s", ", ".join(names))

@@ -33,8 +33,8 @@ KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"(?!-)[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan; a leading - reads as an option
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
-# the longest: an expiry further off overflowed writing its date (99999999999999999999d) or storing it, after the key
-# was stored; with it, `keys list` failed ever after
+# the longest, 100 years: a term far past it overflows a datetime writing its date (past the year 9999), a budget's
+# period SQLite's INTEGER storing it
 MAX_DURATION_S = 36500 * 86400
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 # The most tokens one request is billed for: 64 generations (serve.schemas.MAX_ENGINE_REQUESTS) of a 262144-token
