@@ -16,6 +16,7 @@ from seekstack.cli.common import (
     nothing_written_if_interrupted,
     options_named,
     run_to_checkpoint,
+    size,
     user_errors,
 )
 from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
@@ -119,7 +120,7 @@ def pass_at_k_command(
                 sampled_task = _options_task(task, difficulty)
                 with _problems_asked():
                     scored = heldout_problems(sampled_task, problems, seed)
-                engine = _sampling_engine(model, problems * samples, max_new_tokens, sampled_task, scored)
+                engine = _sampling_engine(model, problems, samples, max_new_tokens, sampled_task, scored)
                 scores = evaluate_task(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
             rows.append({"model": str(model), "task": task, **scores})
             typer.echo(json.dumps(rows[-1]))
@@ -163,7 +164,7 @@ def traces_command(
             sampled_task = _options_task(task, difficulty)
             with _problems_asked():
                 sampled = trace_problems(sampled_task, problems, seed)
-            engine = _sampling_engine(model, 64 * samples, max_new_tokens, sampled_task, sampled)
+            engine = _sampling_engine(model, min(problems, 64), samples, max_new_tokens, sampled_task, sampled)
             traces = verified_traces(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
         if not traces.conversations:
             raise ValueError(
@@ -221,20 +222,34 @@ def _why_no_trace(model: Path, task: str) -> str:
     return f"more --samples{lower_difficulty} or a teacher trained further on the task may solve some"
 
 
-def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Task, problems: list[Problem]) -> Engine:
-    """An engine for `sequences` completions of the prompts of `problems` and up to `max_new_tokens` tokens each, each
-    request holding the longest prompt and its completion within the model's context (`rollout_length`: a ConfigError
-    naming difficulty or max_new_tokens where they do not fit), decoding at most SAMPLING_BATCH of them at a time (the
-    rest queue: a cache for all at once can outgrow the memory)."""
+def _sampling_engine(
+    model: Path, prompts_at_once: int, samples: int, max_new_tokens: int, task: Task, problems: list[Problem]
+) -> Engine:
+    """An engine for `samples` completions of each of `prompts_at_once` prompts of `problems` at a time, of up to
+    `max_new_tokens` tokens, each request holding the longest prompt and its completion within the model's context
+    (`rollout_length`: a ConfigError naming difficulty or max_new_tokens where they do not fit), decoding at most
+    SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory); a ConfigError
+    naming samples where the rollout's token ids alone pass the machine's free memory."""
     from seekstack.checkpoint import read_config
+    from seekstack.config import ConfigError
     from seekstack.infer import Engine
+    from seekstack.infer.cache import free_memory
     from seekstack.posttrain.rollout import rollout_length, task_prompts
+    from seekstack.schema import counted
     from seekstack.tokenizer import Tokenizer
 
     context = read_config(model).max_position_embeddings
     prompts = task_prompts(Tokenizer.from_file(model), problems)
     limit = f"the context of {model} (max_position_embeddings)"
     length = rollout_length(task, problems, prompts, max_new_tokens, context, limit)
+    sequences = prompts_at_once * samples
+    held, free = 8 * sequences * length, free_memory("cpu")  # the rollout's (N, L) int64 prompt + completion ids
+    if held > free:
+        raise ConfigError(
+            f"has value {samples}: {counted(prompts_at_once, 'prompt')} x {samples:,} completions of up to {length} "
+            f"tokens hold {size(held)} of token ids at once, more than this machine's {size(free)} free; ask for fewer",
+            field="samples",
+        )
     max_batch_size = min(sequences, SAMPLING_BATCH)
     return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=length)
 

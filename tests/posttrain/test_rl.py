@@ -1019,6 +1019,27 @@ def test_pass_at_k_refuses_more_problems_than_the_task_has_naming_the_option(tmp
     assert f"{refusal} of 100 asked" in result.output
 
 
+@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
+def test_sampling_commands_refuse_samples_whose_token_ids_pass_the_memory_naming_the_option(
+    tmp_path, monkeypatch, command
+):
+    """--samples 10**20 hung, building its requests without end: the rollout's token ids (problems x samples x
+    tokens) are counted against the machine's free memory before an engine is built."""
+    from seekstack.infer import Engine
+
+    def built(*args, **kwargs):
+        raise AssertionError("an engine was built for 10**20 samples")
+
+    monkeypatch.setattr(Engine, "from_pretrained", built)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    asked = ["--problems", "1", "--samples", str(10**20), "--max-new-tokens", "8"]
+    result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], *asked], terminal_width=1000)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.replace("│", " ").split())
+    assert f"Invalid value for '--samples': has value {10**20}: 1 prompt x {10**20:,} completions of up to" in said
+    assert "of token ids at once, more than this machine's" in said and "free; ask for fewer" in said
+
+
 @pytest.mark.parametrize("command", [["pass-at-k", "--problems", "1"], ["traces", "--prompts", "1"]])
 def test_sampling_commands_hold_prompts_past_192_tokens_and_refuse_those_past_the_context_naming_difficulty(
     tmp_path, command
