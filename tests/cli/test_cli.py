@@ -663,6 +663,21 @@ def test_an_empty_path_is_refused_naming_its_argument_not_read_as_the_current_fo
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [["sft", "init_from=micro", "data="], ["train", "init_from="], ["rl", "tokenizer="], ["distill", "teacher_cache="]],
+)
+def test_an_empty_path_setting_is_refused_naming_its_key_not_taken_as_its_default(tmp_path, arguments):
+    """`sft data=$UNSET` trained on the built-in task's traces, "" being data's default, and `train init_from=$UNSET`
+    a fresh model, without a word: an empty path typed as a key=value setting is refused as an empty option is."""
+    written = tmp_path / "resolved.yaml"
+    result = run(*arguments, f"out_dir={tmp_path / 'run'}", "--write-config", str(written))
+    key = arguments[-1].removesuffix("=")
+    assert result.exit_code == 1 and not written.exists()
+    said = f"error: {key}=: an empty path (a shell variable left unset?); give a path, or leave {key} out for its"
+    assert result.stderr == f"{said} default\n"
+
+
 def test_help_is_shown_though_an_empty_path_is_on_the_line() -> None:
     """`generate --model "$M" --help` with M unset shows the help, as any other bad value's --help does."""
     for arguments in (["info", "", "--help"], ["generate", "def f(", "--model", "", "--help"]):
