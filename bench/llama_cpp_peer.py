@@ -4,12 +4,13 @@ The conversion is llama.cpp's own `convert_hf_to_gguf.py`, from a llama.cpp sour
 llama-cpp-python sdist carries one under vendor/llama.cpp). Its converter names a tokenizer's pre-tokenizer by a
 hash of how it splits a test text and refuses hashes it does not know, ours among them (GPT-2's split with combining
 marks kept in letter runs, seekstack.tokenizer.PRE_TOKENIZER_PATTERN), so it is declared `gpt-2`. Token ids are fed
-directly, so the tokenizer plays no part in the timing. Each GGUF file is first loaded in a child process: llama.cpp
-aborts the process on a file it cannot run, which would take the whole benchmark with it. 0.3.36 aborts so on a q8_0
-`tiny` or `small` on a CPU with AMX (GGML_ASSERT(*cur_backend_id != -1) in ggml_backend_sched_split_graph) while it
-repacks weights into its extra CPU buffer types, and loads the file without them (the model parameter
-`use_extra_bufts`, which `Llama` does not expose): a type that aborts is loaded so, saying so, and one that fails
-either way is skipped, saying why.
+directly, so the tokenizer plays no part in the timing. Each GGUF file is first loaded, and a few tokens evaluated, in
+a child process (`probe_gguf`, which bench/big_model.py's GGUF goes through too): llama.cpp aborts the process on a
+file it cannot run, which would take the whole benchmark with it. 0.3.36 aborts so on a q8_0 `tiny`, `small` or
+V2-Lite on a CPU with AMX (GGML_ASSERT(*cur_backend_id != -1) in ggml_backend_sched_split_graph; a narrower model
+crashes evaluating two tokens at once) while it repacks weights into its extra CPU buffer types, and runs the file
+without them (the model parameter `use_extra_bufts`, which `Llama` does not expose): a type that aborts is loaded so,
+saying so, and one that fails either way is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ sys.argv = sys.argv[1:]
 runpy.run_path(str(script), run_name="__main__")
 """
 GGUF_TYPES = ("f32", "bf16", "q8_0")
-# Load one GGUF file as the benchmark will, in a process of its own (argv: this folder, path, context, extra buffers).
+# Load one GGUF file as the benchmark will and evaluate a prompt of two tokens and a third, in a process of its own
+# (argv: this folder, path, context, extra buffers).
 PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from llama_cpp_peer import open_gguf
-open_gguf(sys.argv[2], int(sys.argv[3]), threads=1, extra_buffers=sys.argv[4] == "1")
+llama = open_gguf(sys.argv[2], int(sys.argv[3]), threads=1, extra_buffers=sys.argv[4] == "1")
+llama.eval([0, 0])
+llama.eval([0])
 """
 
 
@@ -98,6 +102,21 @@ def last_words(process: subprocess.CompletedProcess) -> str:
     return next((line for line in lines if "GGML_ASSERT" in line), lines[-1]).strip()
 
 
+def probe_gguf(path: Path, context: int) -> tuple[bool | None, str]:
+    """Whether llama.cpp runs `path` with its extra (repacked) weight buffers (True, ""), only without them (False, a
+    note saying so), or not at all (None, what it said last): each try in a process of its own (PROBE)."""
+    note, load = "", [sys.executable, "-c", PROBE, str(Path(__file__).parent), str(path), str(context)]
+    for extra_buffers in (True, False):
+        probe = subprocess.run([*load, str(int(extra_buffers))], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return extra_buffers, note
+        said = last_words(probe)
+        if probe.returncode > 0:  # refused, not aborted: the buffers are not why
+            break
+        note = f"loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ({said})"
+    return None, said
+
+
 def load_llama_cpp(
     model_dir: Path, source: Path | None, context: int, threads: int
 ) -> tuple[list[LlamaCppModel], str | None]:
@@ -119,18 +138,9 @@ def load_llama_cpp(
         if done.returncode != 0:
             return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {last_words(done)}"
         seconds = time.perf_counter() - start
-        note, load = "", [sys.executable, "-c", PROBE, str(Path(__file__).parent), str(path), str(context)]
-        for extra_buffers in (True, False):
-            probe = subprocess.run([*load, str(int(extra_buffers))], capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            said = last_words(probe)
-            note = f"loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ({said})"
-            if probe.returncode > 0:  # refused, not aborted: the buffers are not why
-                break
-        if probe.returncode != 0:
-            failures.append(f"{outtype}: llama-cpp-python could not load {path} ({said})")
+        extra_buffers, note = probe_gguf(path, context)
+        if extra_buffers is None:
+            failures.append(f"{outtype}: llama-cpp-python could not load {path} ({note})")
             continue
-        llama = open_gguf(path, context, threads, extra_buffers)
-        models.append(LlamaCppModel(outtype, llama, seconds, note))
+        models.append(LlamaCppModel(outtype, open_gguf(path, context, threads, extra_buffers), seconds, note))
     return models, "; ".join(failures) or None

@@ -49,18 +49,27 @@ def test_a_model_routing_within_expert_groups_is_refused_as_a_gguf_naming_n_grou
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_int8_model_is_written_as_q8_0_blocks_holding_its_codes_and_row_scales(tmp_path):
-    gguf = pytest.importorskip("gguf")
+def int8_v2_model_as_gguf(path) -> seekstack.Transformer:
+    """A micro V2-shaped model (softmax routing, no query compression; one dense and one MoE layer) quantized to int8
+    as `seekstack quantize` does, written as a q8_0 GGUF at `path`."""
     from gguf_deepseek2 import write_gguf
 
     from seekstack.compress.quantize import QuantConfig, quantize_model
 
     config = micro_config(
-        scoring_func="softmax", topk_method="greedy", q_lora_rank=None, num_hidden_layers=2, num_nextn_predict_layers=0
-    )
+        vocab_size=1024, scoring_func="softmax", topk_method="greedy", q_lora_rank=None, num_hidden_layers=2,
+        num_nextn_predict_layers=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
     model = seekstack.Transformer(config)
     quantize_model(model, QuantConfig(scheme="int8"))
-    write_gguf(model, tmp_path / "model.gguf")
+    write_gguf(model, path)
+    return model
+
+
+def test_an_int8_model_is_written_as_q8_0_blocks_holding_its_codes_and_row_scales(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    model = int8_v2_model_as_gguf(tmp_path / "model.gguf")
     tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
     experts = model.layers[1].mlp.experts.down_proj
     for name, expected in (
@@ -71,3 +80,18 @@ def test_an_int8_model_is_written_as_q8_0_blocks_holding_its_codes_and_row_scale
         assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
         written = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         torch.testing.assert_close(torch.from_numpy(written), expected.float(), rtol=0, atol=0)
+
+
+def test_llama_cpp_runs_the_gguf_without_its_extra_weight_buffers_where_they_crash_it(tmp_path):
+    # llama-cpp-python 0.3.36 on an AMX CPU repacks q8_0 weights into extra buffers it then cannot run: it aborts
+    # loading a V2-Lite-wide model (GGML_ASSERT(*cur_backend_id != -1)) and crashes evaluating two tokens of this micro
+    # one; on a CPU without AMX both load as llama.cpp loads by default
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from bench.big_model import run_llama_cpp
+
+    int8_v2_model_as_gguf(tmp_path / "model.gguf")
+    result = run_llama_cpp(tmp_path / "model.gguf", prompt=[5, 6, 7, 8], new_tokens=3)
+    assert len(result["tokens"]) == 3 and all(0 <= token < 1024 for token in result["tokens"])
+    without = "loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ("
+    assert result["loaded"] == "as llama.cpp loads by default" or result["loaded"].startswith(without), result
