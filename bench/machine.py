@@ -8,6 +8,7 @@ import time
 import warnings
 
 import torch
+from options import positive_int
 
 from seekstack.train.mfu import measured_matmul_flops
 
@@ -17,7 +18,7 @@ PEAK_DTYPES = (torch.float32, torch.bfloat16)
 
 def add_machine_options(parser: argparse.ArgumentParser) -> None:
     """--threads and --clock, as every comparison with transformers takes them."""
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument(
         "--clock",
         choices=list(CLOCKS),

@@ -41,3 +41,12 @@ def test_the_script_refuses_a_wrong_data_folder_before_measuring_anything(tmp_pa
     assert run.returncode == 1
     assert f"--data {tmp_path}: no shard index at {tmp_path / 'train_index.json'}" in run.stderr
     assert "measured matmul peak" not in run.stdout
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_a_thread_count_below_one_is_refused_naming_the_option(threads, monkeypatch, capsys):
+    """-1 reached torch.set_num_threads after the batch was read, a RuntimeError traceback; 0 ran on torch's
+    count, as if --threads were not given."""
+    run = run_in_process("train_step.py", "--threads", threads, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2
+    assert f"argument --threads: {threads}: at least 1" in run.stderr
