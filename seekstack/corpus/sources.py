@@ -309,11 +309,12 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
     text = _decoded(_read(path))
-    if path.is_fifo() and _opens_with_a_json_object(text):  # a pipe has no suffix to read rows by
+    # a pipe, `/dev/stdin < rows.jsonl` or a file named `rows` has no suffix to read rows by
+    if (path.is_fifo() or not source_kind(path)) and _opens_with_a_json_object(text):
         raise DataSourceError(
-            f"{path}: a named pipe is read as one text document, and this one holds JSON Lines (its first line is a "
-            "JSON object), whose keys and quotes would be trained on as text; give the .jsonl file itself (compressed "
-            "too: rows.jsonl.gz is read decompressed), or write the rows to one"
+            f"{path}: a named pipe or a file without a suffix is read as one text document, and this one holds JSON "
+            "Lines (its first line is a JSON object), whose keys and quotes would be trained on as text; give the "
+            ".jsonl file itself (compressed too: rows.jsonl.gz is read decompressed), or write the rows to one"
         )
     if source_kind(path) in HTML_SUFFIXES or HTML_PAGE_START.match(text):
         raise DataSourceError(

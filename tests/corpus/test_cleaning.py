@@ -2264,9 +2264,25 @@ def test_a_named_pipe_of_json_lines_is_refused_not_trained_on_as_one_text(tmp_pa
     rows = "\n" + "".join(json.dumps({"text": f"row {n} 你好"}, ensure_ascii=False) + "\n" for n in range(3))
     writer = threading.Thread(target=pipe.write_text, args=(rows,), daemon=True)
     writer.start()
-    with pytest.raises(DataSourceError, match=f"{pipe}: a named pipe is read as one text document, and this one holds"):
+    with pytest.raises(DataSourceError, match=f"{pipe}: a named pipe or a file without a suffix is read as one text"):
         list(open_source(pipe))
     writer.join()
+
+
+def test_json_lines_redirected_to_dev_stdin_or_in_a_file_without_a_suffix_are_refused_as_a_pipes_are(
+    tmp_path: Path,
+) -> None:
+    """`data build /dev/stdin < rows.jsonl` (/dev/stdin then links to the file) and a file named `rows` built one
+    document of the rows' JSON, as a pipe of them did; a .txt file of them is the user's text, read as it is."""
+    rows = "".join(json.dumps({"text": f"row {n} 你好"}, ensure_ascii=False) + "\n" for n in range(3))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    (tmp_path / "stdin").symlink_to(tmp_path / "rows.jsonl")
+    (tmp_path / "rows").write_text(rows)
+    for given in (tmp_path / "stdin", tmp_path / "rows"):
+        with pytest.raises(DataSourceError, match=f"{given}: a named pipe or a file without a suffix is read as one"):
+            list(open_source(given))
+    (tmp_path / "rows.txt").write_text(rows)
+    assert [document.text for document in open_source(tmp_path / "rows.txt")] == [rows]
 
 
 def test_a_csv_named_pipe_is_read_once_every_row_kept(tmp_path: Path) -> None:
