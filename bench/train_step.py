@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help=f"token shards (data tokenize); default: {DEMO_TOKENS}, if there")
     add_machine_options(parser)
     args = parser.parse_args()
+    if args.seq_len < 2:  # each row's loss predicts tokens 2..T from the ones before: one token holds no target
+        parser.error(f"argument --seq-len: {args.seq_len}: at least 2 (a row of one token holds no target to predict)")
     batch = training_batch(args.data, seekstack.preset(args.preset).vocab_size, args.batch, args.seq_len)
     prepare_machine(args)
     peaks = matmul_peaks(args.clock)

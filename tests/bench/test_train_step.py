@@ -50,3 +50,10 @@ def test_a_thread_count_below_one_is_refused_naming_the_option(threads, monkeypa
     run = run_in_process("train_step.py", "--threads", threads, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert f"argument --threads: {threads}: at least 1" in run.stderr
+
+
+def test_a_sequence_of_one_token_is_refused_naming_the_option(monkeypatch, capsys):
+    """--seq-len 1 loaded every model, then stopped on an AssertionError: our loss over no target 0.0, theirs nan."""
+    run = run_in_process("train_step.py", "--seq-len", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2
+    assert "argument --seq-len: 1: at least 2 (a row of one token holds no target to predict)" in run.stderr
