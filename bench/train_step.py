@@ -106,21 +106,24 @@ def training_batch(data_dir: Path | None, vocab_size: int, batch: int, seq_len: 
     """The first `batch` windows of the train split of `data_dir`'s shards; without a `data_dir`, of the demo's, or
     random ids when there are none. A `data_dir` given without shards is refused: timing random ids instead would
     pass them off as the user's data; so are shards of a tokenizer of more ids than the preset's `vocab_size` embeds,
-    which failed in the first step's embedding after every model had loaded, naming no folder."""
+    which failed in the first step's embedding after every model had loaded, naming no folder, and a damaged index or
+    shard, or a split shorter than one window, which were tracebacks."""
+    folder = f"--data {data_dir}" if data_dir is not None else str(DEMO_TOKENS)
     try:
         windows = TokenWindows(data_dir or DEMO_TOKENS, "train", seq_len - 1, seed=0)
+        if windows.vocab_size > vocab_size:
+            raise ValueError(
+                f"its tokenizer has {windows.vocab_size:,} ids, more than the preset's vocab_size {vocab_size:,} "
+                "embeds: give token shards of a tokenizer of at most that many, or a larger --preset"
+            )
+        return windows.batch(batch)
     except FileNotFoundError as error:
         if data_dir is not None:
-            raise SystemExit(f"--data {data_dir}: {error}") from None
+            raise SystemExit(f"{folder}: {error}") from None
         print(f"no token shards under {DEMO_TOKENS}: random token ids")
         return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    if windows.vocab_size > vocab_size:
-        folder = f"--data {data_dir}" if data_dir is not None else str(DEMO_TOKENS)
-        raise SystemExit(
-            f"{folder}: its tokenizer has {windows.vocab_size:,} ids, more than the preset's vocab_size {vocab_size:,} "
-            "embeds: give token shards of a tokenizer of at most that many, or a larger --preset"
-        )
-    return windows.batch(batch)
+    except ValueError as error:
+        raise SystemExit(f"{folder}: {error}") from None
 
 
 def timed_step(contender: Contender, batch: torch.Tensor, clock: str) -> float:

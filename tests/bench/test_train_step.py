@@ -27,6 +27,16 @@ def test_shards_of_a_tokenizer_larger_than_the_presets_vocabulary_are_refused_na
     assert training_batch(tmp_path, vocab_size=200, batch=2, seq_len=8).shape == (2, 8)
 
 
+def test_a_split_shorter_than_one_window_is_refused_naming_the_option_and_folder(tmp_path):
+    from tests.train.test_trainer import write_split
+
+    write_split(tmp_path, "train", 5, seed=1)  # a ValueError traceback from TokenWindows
+    with pytest.raises(
+        SystemExit, match=f"--data {tmp_path}: .*train_index.json holds 5 tokens, too few for one window"
+    ):
+        training_batch(tmp_path, vocab_size=100, batch=2, seq_len=8)
+
+
 def test_without_data_and_without_the_demo_shards_the_batch_is_random_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     batch = training_batch(None, vocab_size=100, batch=2, seq_len=8)
