@@ -1,17 +1,15 @@
 """bench/big_model.py: a failed child says why, and sizes that cannot measure a decode rate are refused naming the
 option."""
 
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import seekstack
-from tests.bench.support import BENCH
+from tests.bench.support import BENCH, run_in_process
 from tests.conftest import micro_config
 
-SCRIPT = BENCH / "big_model.py"
 sys.path.insert(0, str(BENCH))  # its siblings (gguf_deepseek2.py), as when run
 from bench.big_model import child  # noqa: E402
 
@@ -28,14 +26,14 @@ def test_a_failed_child_stops_the_run_with_its_command_and_error():
     [
         ("--layers", "0", "--layers 0: at least 1"),
         ("--prompt-tokens", "0", "--prompt-tokens 0: at least 1"),
-        ("--new-tokens", "1", "--new-tokens 1: at least 2"),
+        ("--new-tokens", "1", "--new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"),
     ],
 )
-def test_sizes_that_measure_nothing_are_refused_naming_the_option(option, value, message):
-    command = [sys.executable, str(SCRIPT), "--layers", "1", "--skip-llama-cpp", option, value]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a hang's bound: loaded, ~80 s
-    assert run.returncode == 2
-    assert message in run.stderr
+def test_sizes_that_measure_nothing_are_refused_naming_the_option(option, value, message, monkeypatch, capsys):
+    options = ("--layers", "1", "--skip-llama-cpp", option, value)
+    run = run_in_process("big_model.py", *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert run.stderr.splitlines()[-1].endswith(f"error: {message}")
 
 
 def test_a_model_routing_within_expert_groups_is_refused_as_a_gguf_naming_n_group(tmp_path):
