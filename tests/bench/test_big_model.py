@@ -11,12 +11,17 @@ from tests.bench.support import BENCH, run_in_process
 from tests.conftest import micro_config
 
 sys.path.insert(0, str(BENCH))  # its siblings (gguf_deepseek2.py), as when run
-from bench.big_model import child  # noqa: E402
+from bench import big_model  # noqa: E402
 
 
-def test_a_failed_child_stops_the_run_with_its_command_and_error():
+def test_a_failed_child_stops_the_run_with_its_command_and_error(tmp_path, monkeypatch):
+    # the child runs this file: big_model.py's argument parser without its imports (torch: seconds to start)
+    script = tmp_path / "big_model.py"
+    parser = "import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--layers', type=int)\n"
+    script.write_text(parser + "parser.parse_args()\n")
+    monkeypatch.setattr(big_model, "__file__", str(script))
     with pytest.raises(SystemExit) as stopped:
-        child("--layers", "many")
+        big_model.child("--layers", "many")
     assert str(stopped.value).startswith("bench/big_model.py --layers many failed (exit 2): ")
     assert "invalid int value: 'many'" in str(stopped.value)
 
@@ -86,10 +91,8 @@ def test_llama_cpp_runs_the_gguf_without_its_extra_weight_buffers_where_they_cra
     # one; on a CPU without AMX both load as llama.cpp loads by default
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
-    from bench.big_model import run_llama_cpp
-
     int8_v2_model_as_gguf(tmp_path / "model.gguf")
-    result = run_llama_cpp(tmp_path / "model.gguf", prompt=[5, 6, 7, 8], new_tokens=3)
+    result = big_model.run_llama_cpp(tmp_path / "model.gguf", prompt=[5, 6, 7, 8], new_tokens=3)
     assert len(result["tokens"]) == 3 and all(0 <= token < 1024 for token in result["tokens"])
     without = "loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ("
     assert result["loaded"] == "as llama.cpp loads by default" or result["loaded"].startswith(without), result
