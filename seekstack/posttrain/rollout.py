@@ -20,6 +20,7 @@ from torch import nn
 
 from seekstack.config import ConfigError
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.params import MAX_SEED
 from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.head_loss import linear_token_logprobs
 from seekstack.model.transformer import ModelOutput
@@ -164,7 +165,7 @@ def sample_groups(
             top_p=top_p,
             top_k=top_k,
             min_p=min_p,
-            seed=seed * 1_000_003 + row,
+            seed=(seed * 1_000_003 + row) % MAX_SEED,  # torch's seed range, where s and s + 2**64 draw alike
             detokenize=False,
         )
         for row in range(len(prompts))

@@ -2,6 +2,7 @@ import json
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from seekstack.atomic import WriteRefused
@@ -128,6 +129,21 @@ def test_sampling_a_model_whose_context_holds_no_prompt_of_the_task_is_refused_n
     assert result.exit_code == 2, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
     assert "Invalid value for '--difficulty': is 2: addition prompts" in result.output
     assert "32 tokens; lower difficulty" in result.output, result.output
+
+
+def test_a_seed_whose_completions_seeds_pass_2_64_samples_as_the_seed_2_64_from_it(tmp_path):
+    """traces --seed 1765000000 (a timestamp) was refused naming a seed it derived, 1765010590015885000000, past
+    torch's range: each completion's seed (run seed, batch, row) wraps within it, where seeds 2**64 apart draw alike."""
+    model = micro_checkpoint(tmp_path / "model")
+    engine = Engine(load_pretrained(model), Tokenizer.from_file(model), max_batch_size=4, max_model_len=96)
+    task = make_task("addition", 1)
+    problems = sample_problems(task, 2, "train", 0, distinct=True)
+    large = 2**64 // 1_000_003 + 5  # its rows' seeds, large x 1,000,003 + row, pass 2**64
+    sampled = [
+        sample_groups(engine, task, problems, 2, 8, 1.0, seed, RewardWeights()).input_ids
+        for seed in (large, large + 2**64, large + 1)
+    ]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
 
 
 def test_a_completion_cut_at_its_token_limit_scores_nothing_though_its_answer_so_far_verifies(teacher_model):
