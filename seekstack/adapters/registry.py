@@ -239,7 +239,8 @@ class LoadedAdapters:
         layer none of them adapts holds zeros while any adapter is loaded (its wrapping, and so a compiled step's
         graph, kept), and is plain again once none is."""
         slot_count, rank = self.rows.slot_count, self.max_lora_rank
-        self._weights = list(self.model.parameters())
+        # inference tensors (a base loaded under torch.inference_mode) keep no version counter, nor change outside it
+        self._weights = [weight for weight in self.model.parameters() if not weight.is_inference()]
         self._weights_version = sum(weight._version for weight in self._weights)
         self.rows.slots_in_use = max(self.slots.values(), default=0) + 1  # eager steps compute on these slots only
         per_target: dict[Target, list[Factors | None]] = {}

@@ -634,6 +634,20 @@ def test_rows_follow_base_weights_changed_in_place_after_the_adapters_are_attach
     assert (mixed - before).abs().max() > 100 * ATOL
 
 
+def test_a_base_loaded_under_inference_mode_takes_adapters_each_row_its_own(served):
+    """A base loaded under torch.inference_mode, whose weights are inference tensors (they keep no version counter,
+    which the layers' merged copies otherwise follow), is served with adapters as any other base."""
+    ids = torch.randint(2, 96, (2, 1), generator=torch.Generator().manual_seed(4))
+    choice = ["full", None]
+    with torch.inference_mode():
+        model = seekstack.load_pretrained(served[0]).eval()
+    loaded = attach_adapters(model, served[1])
+    loaded.select([loaded.slot(name) if name else 0 for name in choice], torch.device("cpu"))
+    with torch.inference_mode():
+        mixed = model(ids).logits
+    assert_rows_match_their_adapters(mixed, choice, served, ids)
+
+
 def test_unloading_the_head_rows_keeps_them_held_as_zeros_while_another_adapter_is_loaded(with_head_rows):
     """Head rows no loaded adapter replaces any more stay held, as zeros and as many per slot as before, so that an
     unload changes no shape of a compiled step (which would compile it again): the rows give the base's logits."""
