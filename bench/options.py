@@ -9,12 +9,23 @@ import sys
 def positive_int(text: str) -> int:
     """An argparse type for how many (steps, reps, rounds, tokens, ...): a whole number of at least 1, so that a 0
     is refused by name before any work instead of failing on an empty median after it."""
+    return whole_number(text, least=1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for a size whose 0 has a meaning of its own (--draft-vocab 0: the whole vocabulary): a whole
+    number of at least 0, so that a negative one is refused by name before any work."""
+    return whole_number(text, least=0)
+
+
+def whole_number(text: str, least: int) -> int:
+    """`text` as a whole number of at least `least`, or argparse's error naming the value."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: at least {least}")
     return value
 
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import non_negative_int, positive_int
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.draft_vocab import token_ranking
@@ -167,7 +167,11 @@ def main() -> None:
         "--draft-tokens", nargs="*", type=positive_int, default=[1, 3], help="fixed MTP drafts per step"
     )
     parser.add_argument(
-        "--draft-vocab", nargs="*", type=int, default=[0], help="default engines with these draft vocabularies too"
+        "--draft-vocab",
+        nargs="*",
+        type=non_negative_int,
+        default=[0],
+        help="default engines with these draft vocabularies too",
     )
     parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from bench.options import positive_int
+from bench.options import non_negative_int, positive_int
 from tests.bench.support import run_in_process
 
 
@@ -14,6 +14,19 @@ def test_positive_int_takes_a_whole_number_of_at_least_one():
     for text, message in (("0", "0: at least 1"), ("-2", "-2: at least 1"), ("2.5", "'2.5' is not a whole number")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             positive_int(text)
+
+
+def test_a_negative_size_is_refused_naming_the_option_where_zero_has_a_meaning(tmp_path, monkeypatch, capsys):
+    """bench/speculative.py --draft-vocab 0 is the whole vocabulary; -5 ended in a ConfigError traceback after the
+    model and its engines loaded."""
+    assert non_negative_int("0") == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "val.jsonl").write_text('{"id": "0", "text": "x"}\n', encoding="utf-8")
+    options = ["--model", str(tmp_path / "model"), "--corpus", str(corpus), "--draft-vocab", "-5"]
+    run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "argument --draft-vocab: -5: at least 0" in run.stderr
 
 
 @pytest.mark.parametrize(
