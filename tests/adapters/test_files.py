@@ -139,7 +139,7 @@ def test_peft_with_task_type_causal_lm_wraps_our_model_trains_and_reloads(base, 
 def test_an_adapter_peft_saved_from_our_model_is_refused_naming_our_module_and_what_to_do(base, tmp_path):
     """peft's save_pretrained of a PeftModel on seekstack's model keys the modules as ours names them (`layers.N...`),
     not as transformers' model does, which an adapter folder holds: serve, generate and merge refuse it saying so and
-    what to do (it read 'the adapter was trained on another base', of this very base)."""
+    what to do."""
     from peft import LoraConfig, get_peft_model
 
     get_peft_model(seekstack.load_pretrained(base), LoraConfig(r=2, target_modules=["o_proj"])).save_pretrained(

@@ -82,8 +82,8 @@ def test_an_unknown_adapter_name_is_refused_naming_the_loaded_ones(served):
 
 
 def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_refuses_it(served):
-    """/v1/unload_lora_adapter of a 3,000-character lora_name echoed all of it in its 404 (and a load's invalid name
-    in its 400); each is cut as the model-name 404 cuts one."""
+    """An unknown or invalid adapter name of thousands of characters (/v1/unload_lora_adapter's 404, a load's 400) is
+    shown cut, as the model-name 404 cuts one."""
     base, adapters = served
     model = seekstack.load_pretrained(base)
     loaded = attach_adapters(model, adapters)
@@ -608,7 +608,7 @@ def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_spec
 def test_rows_follow_base_weights_changed_in_place_after_the_adapters_are_attached(with_head_rows):
     """The merged copies, MLA layouts and head-row differences that decode steps compute on hold the base's weights:
     changed in place after attach_adapters (an optimizer step; GRPO's sampler takes each step's weights by
-    load_state_dict), the next step's rows each give their adapter merged onto the new weights (they kept the old)."""
+    load_state_dict), the next step's rows each give their adapter merged onto the new weights."""
     base, adapters = with_head_rows
     ids = torch.randint(2, 500, (4, 1), generator=torch.Generator().manual_seed(3))
     choice = [None, "rows", "full", "rows"]
