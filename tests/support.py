@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterator
+from multiprocessing import reduction
 from pathlib import Path
 from typing import Any, TypeVar
+
+import torch.multiprocessing as mp
 
 T = TypeVar("T")
 
@@ -28,3 +32,30 @@ def fp8_block_warnings(action: Callable[[], T]) -> tuple[T, list[str]]:
         warnings.simplefilter("always")
         value = action()
     return value, [str(warning.message) for warning in caught if "weight_block_size" in str(warning.message)]
+
+
+def spawn(rank_main: Callable[..., None], args: tuple, nprocs: int = 2, join: bool = True) -> mp.ProcessContext | None:
+    """`mp.spawn(rank_main, args, nprocs, join)`, each rank forked from one server process per pytest worker that
+    imported torch and the first spawning test's module (seekstack with it, ~4 s of a CPU) once, not a fresh
+    interpreter importing them again for every rank; the rank writes to the test's output and runs in its
+    environment, as a spawned one does."""
+    mp.set_forkserver_preload([rank_main.__module__])  # read once, when the first spawn starts the server
+    ranks_args = (rank_main, args, _TestsOutput(), dict(os.environ))
+    return mp.start_processes(_rank_as_spawned, ranks_args, nprocs, join, start_method="forkserver")
+
+
+class _TestsOutput:
+    """The spawning test's stdout and stderr (pytest's capture of them), handed to a rank, whose own are the fork
+    server's: those of the test that started it."""
+
+    def __reduce__(self):
+        return tuple, ([reduction.DupFd(fd) for fd in (1, 2)],)
+
+
+def _rank_as_spawned(rank: int, rank_main: Callable[..., None], args: tuple, outputs: tuple, environ: dict) -> None:
+    """`rank_main(rank, *args)` writing to the test's `outputs` in the test's `environ`, not the fork server's."""
+    for fd, output in zip((1, 2), outputs, strict=True):
+        os.dup2(output.detach(), fd)
+    os.environ.clear()
+    os.environ.update(environ)
+    rank_main(rank, *args)

@@ -19,7 +19,6 @@ import time
 import warnings
 from datetime import timedelta
 from itertools import pairwise
-from multiprocessing import reduction
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
+from tests.support import spawn
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
@@ -49,31 +49,6 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-mp.set_forkserver_preload([__name__])  # the fork server imports torch, seekstack and this module once
-
-
-def spawn(rank_main, args: tuple, nprocs: int = 2, join: bool = True) -> mp.ProcessContext | None:
-    """`mp.spawn(rank_main, args, nprocs, join)`, each rank forked from one server process that imported torch,
-    seekstack and this module (~4 s of a CPU) once for all the tests, not a fresh interpreter importing them again
-    for every rank; the rank writes to the test's output, as a spawned one does."""
-    ranks_args = (rank_main, args, _TestsOutput())
-    return mp.start_processes(_rank_in_the_tests_output, ranks_args, nprocs, join, start_method="forkserver")
-
-
-class _TestsOutput:
-    """The spawning test's stdout and stderr (pytest's capture of them), handed to a rank, whose own are the fork
-    server's: those of the test that started it."""
-
-    def __reduce__(self):
-        return tuple, ([reduction.DupFd(fd) for fd in (1, 2)],)
-
-
-def _rank_in_the_tests_output(rank: int, rank_main, args: tuple, outputs: tuple) -> None:
-    for fd, output in zip((1, 2), outputs, strict=True):
-        os.dup2(output.detach(), fd)
-    rank_main(rank, *args)
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
@@ -294,6 +269,19 @@ def test_a_disk_refusing_a_ranks_optimizer_shard_stops_every_rank_naming_the_che
         "checkpoint, so all its steps are lost: free some space and start it again"
     )
     assert list((out_dir / "checkpoints").iterdir()) == []  # no part of it left, not even a hidden one
+
+
+def _rank_telling_its_environment(rank: int, told: Path) -> None:
+    (told / f"rank_{rank}").write_text(os.environ.get("SEEKSTACK_SPAWNED_WITH", "unset"))
+
+
+def test_ranks_run_in_the_environment_of_the_test_that_spawns_them(tmp_path, monkeypatch):
+    """Ranks fork from one server, started by the first test that spawns ranks: they ran in that test's environment,
+    not in the one of the test spawning them, as mp.spawn's do."""
+    for value in ("first", "second"):
+        monkeypatch.setenv("SEEKSTACK_SPAWNED_WITH", value)
+        spawn(_rank_telling_its_environment, (tmp_path,))
+        assert [(tmp_path / f"rank_{rank}").read_text() for rank in range(2)] == [value, value]
 
 
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
