@@ -216,7 +216,7 @@ def run_llama_cpp(path: Path, prompt: list[int], new_tokens: int) -> dict:
     import llama_cpp
     import numpy as np
 
-    context = 512  # tokens llama.cpp's context holds: the prompt and the new tokens
+    context = len(prompt) + new_tokens  # tokens llama.cpp's context holds
     extra_buffers, note = probe_gguf(path, context)
     if extra_buffers is None:
         raise SystemExit(f"llama-cpp-python could not load {path} ({note})")

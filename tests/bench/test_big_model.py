@@ -96,3 +96,11 @@ def test_llama_cpp_runs_the_gguf_without_its_extra_weight_buffers_where_they_cra
     assert len(result["tokens"]) == 3 and all(0 <= token < 1024 for token in result["tokens"])
     without = "loaded without llama.cpp's extra (repacked) weight buffers: with them it aborted ("
     assert result["loaded"] == "as llama.cpp loads by default" or result["loaded"].startswith(without), result
+
+
+def test_llama_cpp_holds_the_prompt_and_new_tokens_past_512(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    int8_v2_model_as_gguf(tmp_path / "model.gguf")
+    result = big_model.run_llama_cpp(tmp_path / "model.gguf", prompt=[5] * 512, new_tokens=3)
+    assert len(result["tokens"]) == 3
