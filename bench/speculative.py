@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import non_negative_int, positive_int
+from options import non_negative_int, positive_int, whole_number
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.draft_vocab import token_ranking
@@ -159,7 +160,10 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=positive_int, default=4)
     parser.add_argument("--prompt-len", type=positive_int, default=32)
-    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument(
+        "--new-tokens", type=functools.partial(whole_number, least=2), default=64,
+        help="at least 2: the decode rate is t(N new tokens) - t(1 new token)",
+    )  # fmt: skip
     parser.add_argument(
         "--batches", nargs="+", type=positive_int, default=[1, 4, 16], help="sequences decoded together"
     )

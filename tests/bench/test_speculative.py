@@ -89,3 +89,12 @@ def test_a_model_folder_that_is_no_checkpoint_is_refused_naming_the_option(tmp_p
                          capsys=capsys)  # fmt: skip
     assert run.returncode == 2
     assert f"--model {tmp_path}: {tmp_path / 'config.json'}: no such file" in run.stderr
+
+
+def test_one_new_token_is_refused_naming_the_option_before_any_work(tmp_path, monkeypatch, capsys):
+    """--new-tokens 1 timed t(1) against itself and ended, after every engine's runs, in a ZeroDivisionError."""
+    corpus = write_corpus(tmp_path / "corpus", ["x"])
+    options = ["--model", str(tmp_path / "model"), "--corpus", str(corpus), "--new-tokens", "1"]
+    run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2
+    assert "argument --new-tokens: 1: at least 2" in run.stderr
