@@ -174,7 +174,8 @@ class LoadedAdapters:
         """The rows' slots for the next forward; the layers' merged copies and layouts, which hold the base's weights,
         made again first where those changed in place since (a load_state_dict, an optimizer step)."""
         if self.slots and sum(weight._version for weight in self._weights) != self._weights_version:
-            self._restack()
+            with torch.inference_mode(False):  # in a step: tensors as a load makes them, which a compiled step guards
+                self._restack()
         self.rows.select(slots, device)
 
     def add(

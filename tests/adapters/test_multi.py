@@ -634,6 +634,20 @@ def test_rows_follow_base_weights_changed_in_place_after_the_adapters_are_attach
     assert (mixed - before).abs().max() > 100 * ATOL
 
 
+def test_layers_laid_again_in_a_step_after_an_in_place_change_hold_ordinary_tensors_as_after_a_load(served):
+    """An engine step runs under torch.inference_mode; the layers it lays again there after the base's weights changed
+    in place hold ordinary tensors, as a load lays them: inference tensors would fail a compiled step's guards and
+    compile it again at every weight change."""
+    model = seekstack.load_pretrained(served[0]).eval()
+    loaded = attach_adapters(model, served[1])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    with torch.inference_mode():
+        loaded.select([loaded.slot("full")], torch.device("cpu"))
+    assert loaded._weights_version == sum(weight._version for weight in model.parameters())  # laid again
+    assert not [name for name, buffer in model.named_buffers() if buffer.is_inference()]
+
+
 def test_a_base_loaded_under_inference_mode_takes_adapters_each_row_its_own(served):
     """A base loaded under torch.inference_mode, whose weights are inference tensors (they keep no version counter,
     which the layers' merged copies otherwise follow), is served with adapters as any other base."""
