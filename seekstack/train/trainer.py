@@ -484,7 +484,14 @@ def train(
                 "machine",
             )  # fmt: skip
         with configured_threads(config.threads), sigterm_as_ctrl_c(), contextlib.ExitStack() as held:
-            return _Run(config, ranks, resume, hooks, source, held).run(resumable)
+            try:
+                run = _Run(config, ranks, resume, hooks, source, held)
+            except KeyboardInterrupt:  # in the start-up: the model's build or load, the data's checks, the peak probe
+                if resumable and ranks.is_main:
+                    kept = " (the checkpoint it resumes from is as it was)" if resume else ""
+                    print(f"\ninterrupted before its first step: nothing saved{kept}", file=sys.stderr, flush=True)
+                raise
+            return run.run(resumable)
     finally:
         distributed.shutdown(ranks)
 

@@ -546,6 +546,21 @@ def test_a_resumed_runs_first_save_after_the_later_checkpoints_still_deletes_the
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_8"]
 
 
+def test_ctrl_c_in_a_runs_start_up_says_that_nothing_was_saved(data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the run starts (the model built or loaded, the data checked, the peak probed) says so, where the
+    command's exit 130 says nothing."""
+    from seekstack.train import trainer
+
+    def interrupted_probe(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "probed_in_turns", interrupted_probe)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path, max_steps=2, eval_every=0))
+    assert capsys.readouterr().err.endswith("\ninterrupted before its first step: nothing saved\n")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_ctrl_c_before_a_resumed_runs_first_step_saves_nothing_and_keeps_the_later_checkpoints(
     data_dir, tmp_path, monkeypatch, capsys
 ):
