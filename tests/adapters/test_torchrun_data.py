@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from seekstack.schema import ConfigError
+from tests.support import spawn
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 
@@ -51,7 +51,7 @@ def _rank_main(rank: int, port: int, base: Path, text: Path, out: Path, outcomes
 def _run_two_ranks(base: Path, text: Path, tmp_path: Path) -> dict[str, str]:
     outcomes = tmp_path / "outcomes"
     outcomes.mkdir()
-    mp.spawn(_rank_main, args=(free_port(), base, text, tmp_path / "adapter", outcomes), nprocs=2, join=True)
+    spawn(_rank_main, (free_port(), base, text, tmp_path / "adapter", outcomes))
     return {path.name: path.read_text() for path in outcomes.iterdir()}
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -31,6 +30,7 @@ from seekstack.train.config import resolve_train_config
 from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.conftest import micro_config
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_data, write_teacher
+from tests.support import spawn
 from tests.train.test_distributed import free_port
 
 
@@ -244,7 +244,7 @@ def _rank_main(rank: int, world_size: int, port: int, config: DistillConfig) -> 
 def test_two_ddp_ranks_distill_like_one_process_at_the_same_global_batch(workspace, tmp_path):
     changes = dict(lmbda=0.0, max_steps=2, eval_every=0, save_every=0)  # with the teacher and the feature maps
     single = run_distill(distill_config(workspace, tmp_path / "one", **changes))
-    mp.spawn(_rank_main, args=(2, free_port(), distill_config(workspace, tmp_path / "two", **changes)), nprocs=2)
+    spawn(_rank_main, (2, free_port(), distill_config(workspace, tmp_path / "two", **changes)))
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [line["loss"] for line in two] == pytest.approx(single.losses, abs=1e-5)
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

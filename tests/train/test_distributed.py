@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from seekstack.train.trainer import train
+from tests.support import spawn
 from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 
@@ -33,7 +34,7 @@ def _rank_main(rank: int, world_size: int, port: int, config, resume: bool = Fal
 def test_two_ranks_match_one_process_at_the_same_global_batch(data_dir, tmp_path):  # noqa: F811
     single = train(run_config(data_dir, tmp_path / "one", max_steps=3, eval_every=0, save_every=0))
     config = run_config(data_dir, tmp_path / "two", max_steps=3, eval_every=0, save_every=0)
-    mp.spawn(_rank_main, args=(2, free_port(), config), nprocs=2, join=True)
+    spawn(_rank_main, (2, free_port(), config))
     two = [m for m in read_metrics(tmp_path / "two") if "loss" in m]
     assert [m["step"] for m in two] == [1, 2, 3]
     for one_loss, metrics in zip(single.losses, two, strict=True):
@@ -77,7 +78,7 @@ def test_ranks_share_each_validation_batch_and_log_one_process_s_validation(data
     train(run_config(data_dir, tmp_path / "one", **steps))
     rows = mp.Manager().dict()
     config = run_config(data_dir, tmp_path / "two", **steps)
-    mp.spawn(_rank_counting_validation_rows, args=(2, free_port(), config, rows), nprocs=2, join=True)
+    spawn(_rank_counting_validation_rows, (2, free_port(), config, rows))
     # 83 windows and 7 tokens more: 20 micro-batches of batch_size=4 rows, half on each rank, the last 3 windows and
     # the window of the 7 targets after them, each batch scored whole on each rank
     assert rows[0] == rows[1] == [2] * 20 + [3] + [1]
@@ -196,7 +197,7 @@ def test_when_a_rank_fails_the_ranks_left_end_at_once_on_sigterm_naming_it(data_
     ended = mp.Manager().dict()
     started = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed"):
-        mp.spawn(_rank_failing_while_rank_0_evaluates, args=(2, free_port(), config, ended), nprocs=2, join=True)
+        spawn(_rank_failing_while_rank_0_evaluates, (2, free_port(), config, ended))
     # ended by the signal, not by rank 0's 60 s evaluation running out (spawning and imports take up to ~30 s on a
     # loaded 2-core machine, so a bound of 25 s failed there once at 28 s)
     assert time.monotonic() - started < 55
@@ -218,7 +219,7 @@ def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_
     configs = [run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0, seq_len=seq_len)
                for seq_len in (32, 16)]  # fmt: skip
     refused = mp.Manager().dict()
-    mp.spawn(_rank_given_its_own_seq_len, args=(2, free_port(), configs, refused), nprocs=2, join=True)
+    spawn(_rank_given_its_own_seq_len, (2, free_port(), configs, refused))
     assert refused[0] == refused[1]
     assert "rank 1 has seq_len=16 (rank 0: 32)" in refused[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -246,7 +247,7 @@ def test_a_shard_missing_on_one_rank_is_refused_on_every_rank_naming_it(data_dir
     (tmp_path / "machine1" / "tokens" / "train_00000.bin").unlink()
     config = run_config(Path("tokens"), tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path), nprocs=2, join=True)
+    spawn(_rank_on_a_machine_of_its_own, (2, free_port(), config, refused, tmp_path))
     assert refused[0] == refused[1]
     assert refused[0] == (
         "the ranks were given different token shards in data_dir: rank 1 has tokens/train_00000.bin=missing (rank 0: "
@@ -263,7 +264,7 @@ def test_an_out_dir_one_rank_does_not_share_is_refused_where_ranks_write_their_p
         (tmp_path / machine).mkdir()
     config = run_config(data_dir, Path("run"), parallel="fsdp", max_steps=2, eval_every=0, save_every=1)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path), nprocs=2, join=True)
+    spawn(_rank_on_a_machine_of_its_own, (2, free_port(), config, refused, tmp_path))
     assert refused[0] == refused[1]
     assert refused[0].startswith("out_dir run: rank 1 does not see the files rank 0 writes there")
     assert refused[0].endswith("give an out_dir on a file system every rank shares")
@@ -283,7 +284,7 @@ def test_ranks_resuming_from_checkpoints_of_different_steps_are_refused_naming_t
     shutil.rmtree(tmp_path / "machine1" / "run" / "checkpoints" / "step_2")
     refused = mp.Manager().dict()
     config = run_config(data_dir, Path("run"), **steps)
-    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path, True), nprocs=2)
+    spawn(_rank_on_a_machine_of_its_own, (2, free_port(), config, refused, tmp_path, True))
     assert refused[0] == refused[1]
     assert refused[0] == (
         "the ranks were given different checkpoints to resume from: rank 1 has step=1 (rank 0: 2); every rank must "
@@ -359,7 +360,7 @@ def test_a_batch_the_ranks_do_not_divide_is_refused_as_a_config_error_before_the
     every rank as one of its own."""
     config = run_config(data_dir, tmp_path / "run", batch_size=5, max_steps=2, eval_every=0, save_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    spawn(_rank_refused_before_building_a_model, (2, free_port(), config, refused))
     assert refused[0] == refused[1] == "batch_size=5 is not divisible by the 2 ranks (WORLD_SIZE)"
 
 
@@ -372,7 +373,7 @@ def test_expert_parallel_over_another_number_of_ranks_is_refused_as_a_config_err
     rank as an error of its own."""
     config = run_config(data_dir, tmp_path / "run", expert_parallel=3, max_steps=2, eval_every=0, save_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    spawn(_rank_refused_before_building_a_model, (2, free_port(), config, refused))
     expected = "expert_parallel=3 must equal the number of ranks (2): experts are split over all of them"
     assert refused[0] == refused[1] == expected
 
@@ -384,7 +385,7 @@ def test_cpu_offload_on_a_cpu_run_is_refused_as_a_config_error_before_the_model_
         pytest.skip("this machine has a GPU")
     config = run_config(data_dir, tmp_path / "run", parallel="fsdp", cpu_offload=True, max_steps=2, eval_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    spawn(_rank_refused_before_building_a_model, (2, free_port(), config, refused))
     assert refused[0] == refused[1] and refused[0].startswith("cpu_offload=true keeps FSDP's shards in CPU memory")
 
 
@@ -407,7 +408,7 @@ def test_peak_flops_given_for_cpu_ranks_of_one_machine_counts_once_as_the_cpus_t
     """peak_flops counted once per rank, so two CPU ranks on one machine given its CPUs' peak divided their FLOP/s by
     twice that peak (MFU halved), where the probed peak counts the cores they share once."""
     config = run_config(data_dir, tmp_path / "run", max_steps=1, eval_every=0, save_every=0, peak_flops=1e9)
-    mp.spawn(_rank_main, args=(2, free_port(), config), nprocs=2, join=True)
+    spawn(_rank_main, (2, free_port(), config))
     logged = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert [m["peak_flops"] for m in logged] == [1e9]
     assert (
@@ -433,6 +434,6 @@ def test_a_resume_rank_0_refuses_over_its_metrics_file_is_refused_on_every_rank_
     metrics.write_text("\n".join([lines[0][:-20], *lines[1:]]) + "\n")
     refused = mp.Manager().dict()
     config = run_config(data_dir, run, max_steps=4, save_every=2, eval_every=0)
-    mp.spawn(_rank_resuming, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    spawn(_rank_resuming, (2, free_port(), config, refused))
     assert refused[0][0] == "ValueError" and refused[0][1].startswith(f"{metrics}:1: not valid JSON")
     assert refused[1] == ("ConfigError", f"ValueError on rank 0: {refused[0][1]}")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from seekstack.parallel import distributed
 from seekstack.parallel.distributed import Ranks, ranks_cpus
@@ -22,6 +21,7 @@ from seekstack.train.mfu import (
     probed_in_turns,
     shared_cpu_peak_flops,
 )
+from tests.support import spawn
 from tests.train.test_distributed import _rank_main, free_port
 from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
@@ -169,7 +169,7 @@ def _rank_probing(rank: int, world_size: int, port: int, folder: Path) -> None:
 def test_cpu_ranks_probe_their_peak_one_at_a_time_not_on_the_cores_they_share_at_once(tmp_path):
     """Every rank probed right after the same collective: ranks sharing cores each measured its share of them (two
     ranks on one core read half its rate each), a peak too low that put MFU above 100%."""
-    mp.spawn(_rank_probing, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    spawn(_rank_probing, (2, free_port(), tmp_path))
     (first_start, first_end), (second_start, second_end) = (
         map(float, (tmp_path / f"rank_{rank}").read_text().split()) for rank in range(2)
     )
@@ -199,7 +199,7 @@ def test_ranks_probe_again_together_and_in_turns_when_one_ranks_step_beats_its_p
     stayed below kept a peak the others had replaced. Rank 0's start probe read low here: both ranks probe again,
     one after the other, once."""
     config = run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
-    mp.spawn(_rank_training_on_a_busy_machine, args=(2, free_port(), config, tmp_path), nprocs=2, join=True)
+    spawn(_rank_training_on_a_busy_machine, (2, free_port(), config, tmp_path))
     [(first_start, first_end)], [(second_start, second_end)] = (
         [tuple(map(float, line.split())) for line in (tmp_path / f"rank_{rank}").read_text().splitlines()]
         for rank in range(2)
