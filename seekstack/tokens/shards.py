@@ -313,22 +313,24 @@ class TokenWindows:
         """Tokens [start, end) of the concatenated shards, as int64; a ValueError naming the shard and the token where
         one is no id of the tokenizer the index records (a damaged shard), which the model would refuse naming
         neither, or embed (an id past the tokenizer's, within the model's vocabulary)."""
-        pieces = []
+        pieces, first = [], start
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         while start < end:
             offset = start - self.shard_starts[shard]
             piece = self.shards[shard][offset : offset + end - start]
-            if piece.size and piece.max() >= self.vocab_size:
-                bad = int(np.argmax(piece >= self.vocab_size))
-                raise ValueError(
-                    f"{self.index_file.parent / self.index['shards'][shard]['file']}: token {offset + bad:,} is id "
-                    f"{piece[bad]}, past the {self.vocab_size:,} ids of the tokenizer {self.index_file.name} records: "
-                    "the shard is damaged; tokenize the split again"
-                )
             pieces.append(piece)
             start += len(piece)
             shard += 1
-        return np.concatenate(pieces).astype(np.int64)
+        tokens = np.concatenate(pieces).astype(np.int64)
+        if tokens.max() >= self.vocab_size:  # one max over the window's array: a memmap piece's costs twice as much
+            bad = first + int(np.argmax(tokens >= self.vocab_size))
+            shard = int(np.searchsorted(self.shard_starts, bad, side="right")) - 1
+            raise ValueError(
+                f"{self.index_file.parent / self.index['shards'][shard]['file']}: token "
+                f"{bad - self.shard_starts[shard]:,} is id {tokens[bad - first]}, past the {self.vocab_size:,} ids of "
+                f"the tokenizer {self.index_file.name} records: the shard is damaged; tokenize the split again"
+            )
+        return tokens
 
     def _window_at(self, position: int) -> int:
         epoch, rank = divmod(position, self.num_windows)
