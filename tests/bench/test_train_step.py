@@ -30,7 +30,7 @@ def test_shards_of_a_tokenizer_larger_than_the_presets_vocabulary_are_refused_na
 def test_a_split_shorter_than_one_window_is_refused_naming_the_option_and_folder(tmp_path):
     from tests.train.test_trainer import write_split
 
-    write_split(tmp_path, "train", 5, seed=1)  # a ValueError traceback from TokenWindows
+    write_split(tmp_path, "train", 5, seed=1)  # TokenWindows' ValueError, told as the option's error
     with pytest.raises(
         SystemExit, match=f"--data {tmp_path}: .*train_index.json holds 5 tokens, too few for one window"
     ):
@@ -55,15 +55,16 @@ def test_the_script_refuses_a_wrong_data_folder_before_measuring_anything(tmp_pa
 
 @pytest.mark.parametrize("threads", ["0", "-1"])
 def test_a_thread_count_below_one_is_refused_naming_the_option(threads, monkeypatch, capsys):
-    """-1 reached torch.set_num_threads after the batch was read, a RuntimeError traceback; 0 ran on torch's
-    count, as if --threads were not given."""
+    """Refused before any work: torch.set_num_threads raises on -1 once the batch is read, and 0 would run on
+    torch's count, as if --threads were not given."""
     run = run_in_process("train_step.py", "--threads", threads, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert f"argument --threads: {threads}: at least 1" in run.stderr
 
 
 def test_a_sequence_of_one_token_is_refused_naming_the_option(monkeypatch, capsys):
-    """--seq-len 1 loaded every model, then stopped on an AssertionError: our loss over no target 0.0, theirs nan."""
+    """A row of one token holds no target (our loss over none 0.0, transformers' nan): refused before any model
+    loads."""
     run = run_in_process("train_step.py", "--seq-len", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "argument --seq-len: 1: at least 2 (a row of one token holds no target to predict)" in run.stderr

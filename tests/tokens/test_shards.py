@@ -478,7 +478,8 @@ def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
 def test_a_shard_holding_an_id_past_its_tokenizers_is_refused_naming_the_shard_and_the_token(
     tmp_path, tokenizer, documents
 ):
-    """A damaged shard's id past the vocabulary failed in the model's embedding, an IndexError naming no file."""
+    """A damaged shard's id past the vocabulary is refused as its window is read, naming the shard and the token,
+    which the model's embedding names neither of."""
     tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
     shard = tmp_path / "train_00001.bin"
     ids = np.fromfile(shard, dtype=np.uint16)
