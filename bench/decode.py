@@ -35,7 +35,6 @@ Every rate is also given as matmul FLOP/s against the machine's matmul peak in o
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,15 @@ from pathlib import Path
 
 import torch
 from llama_cpp_peer import load_llama_cpp
-from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
+from machine import (
+    CLOCKS,
+    add_machine_options,
+    decode_rate,
+    matmul_peaks,
+    prepare_machine,
+    print_noise_notice,
+    share_of_peak,
+)
 from options import positive_int
 from transformers import AutoModelForCausalLM
 
@@ -288,19 +295,6 @@ def main() -> None:
         llama_cpp_rows(engine, default, Path(root) / args.preset, args, flops_per_token, peak)
         if args.busy:
             busy_rows(engine, theirs["float32"], args, flops_per_token, peak)
-
-
-def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens: int) -> float:
-    """sequences x (new_tokens - 1) / (t(new_tokens) - t(1)) from medians keyed `name_1`, `name_<new_tokens>`; nan
-    where t(new_tokens) is not above t(1): the decode time is within timing noise, and no rate can be told from it."""
-    decode_seconds = medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"]
-    return sequences * (new_tokens - 1) / decode_seconds if decode_seconds > 0 else math.nan
-
-
-def print_noise_notice(rates: list[float]) -> None:
-    """Say why a rate printed above is nan, and what to do."""
-    if any(math.isnan(rate) for rate in rates):
-        print("  nan: t(new tokens) was not above t(1 new token), within timing noise: raise --new-tokens or --reps")
 
 
 LLAMA_CPP_SEQUENCES = 8  # ours decodes these at once against llama.cpp's one stream

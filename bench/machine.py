@@ -1,9 +1,10 @@
-"""What the benchmarks share about the machine they run on: the clock, torch's threads, a quiet transformers, and
-the measured matmul peak every result is set against."""
+"""What the benchmarks share about the machine they run on: the clock, torch's threads, a quiet transformers,
+the measured matmul peak every result is set against, and the decode rate that timing noise can hide."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 
@@ -55,3 +56,16 @@ def share_of_peak(tokens_per_second: float, flops_per_token: float, peak_flops: 
     """'123 GFLOP/s = 45% of peak' for a throughput and the matmul FLOPs (seekstack.accounting) of one token."""
     flops = tokens_per_second * flops_per_token
     return f"{flops / 1e9:.3g} GFLOP/s = {flops / peak_flops:.1%} of peak"
+
+
+def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens: int) -> float:
+    """sequences x (new_tokens - 1) / (t(new_tokens) - t(1)) from medians keyed `name_1`, `name_<new_tokens>`; nan
+    where t(new_tokens) is not above t(1): the decode time is within timing noise, and no rate can be told from it."""
+    decode_seconds = medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"]
+    return sequences * (new_tokens - 1) / decode_seconds if decode_seconds > 0 else math.nan
+
+
+def print_noise_notice(rates: list[float]) -> None:
+    """Say why a rate printed above is nan, and what to do."""
+    if any(math.isnan(rate) for rate in rates):
+        print("  nan: t(new tokens) was not above t(1 new token), within timing noise: raise --new-tokens or --reps")

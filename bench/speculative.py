@@ -17,7 +17,8 @@ vocabulary). `accept` is the share of drafted tokens accepted,
 `accept by depth` each draft depth's share of its checks passed / its checks (depth d is checked once d - 1 passed),
 `drafts/tok` the drafts made per generated token.
 
-    decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
+    decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token)), nan where t(new_tokens) is not
+                   above t(1 new token): the decode time is within timing noise (raise --new-tokens or --reps)
 
     python bench/speculative.py                     # trains first if there is no demo checkpoint (~10 min)
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import decode_rate, print_noise_notice
 from options import non_negative_int, positive_int, whole_number
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
@@ -130,7 +132,6 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
             for n in (1, new_tokens):
                 seconds[f"{name}_{n}"].append(timed(engine, prompts, n)[0])
     median = {key: statistics.median(values) for key, values in seconds.items()}
-    tokens = len(prompts) * (new_tokens - 1)
     stats = speculative.stats()
     return {
         "identical": plain_tokens == speculative_tokens,
@@ -138,7 +139,7 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
         "drafts_per_token": (stats.spec_drafted - drafted) / (len(prompts) * reps * (new_tokens + 1)),
         "passed_by_depth": [after - before for after, before in zip(counts.passed, passed_before, strict=True)],
         "checked_by_depth": [after - before for after, before in zip(counts.checked, checked_before, strict=True)],
-        **{f"{name}_tok_s": tokens / (median[f"{name}_{new_tokens}"] - median[f"{name}_1"]) for name in runs},
+        **{f"{name}_tok_s": decode_rate(median, name, len(prompts), new_tokens) for name in runs},
     }
 
 
@@ -256,6 +257,7 @@ def main() -> None:
                     f"{str(identical):>10s}  {by_depth}",
                     flush=True,
                 )
+                print_noise_notice([plain_rate, speculative_rate])
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

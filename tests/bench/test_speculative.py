@@ -1,7 +1,9 @@
 """bench/speculative.py's prompts: the openings of a corpus's held-out documents, from the corpus it is given."""
 
 import json
+import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from tests.bench.support import BENCH, run_in_process
 
 sys.path.insert(0, str(BENCH))  # its siblings (options.py), as when run
+from bench import speculative  # noqa: E402
 from bench.speculative import held_out_prompts  # noqa: E402
 from tests.infer.support import tiny_tokenizer  # noqa: E402
 
@@ -98,3 +101,16 @@ def test_one_new_token_is_refused_naming_the_option_before_any_work(tmp_path, mo
     run = run_in_process("speculative.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "argument --new-tokens: 1: at least 2" in run.stderr
+
+
+def test_rates_are_nan_where_the_timing_noise_hides_the_decode_time(monkeypatch):
+    """t(N) at or below t(1) gave -109.4 tok/s and -1.60x; the rate is nan, as bench/decode.py's is."""
+    counts = types.SimpleNamespace(passed=[0], checked=[0])
+    stats = types.SimpleNamespace(spec_drafted=0, spec_accepted=0)
+    engine = types.SimpleNamespace(stats=lambda: stats, draft_count=counts)
+    seconds = {"plain": {1: 0.02, 4: 0.05}, "speculative": {1: 0.02, 4: 0.0199}}
+    timings = iter([0.0] * 2 + [seconds[name][n] for name in ("plain", "speculative") for n in (1, 4)])
+    monkeypatch.setattr(speculative, "timed", lambda engine, prompts, n: (next(timings), [[1] * n]))
+    row = speculative.compare(engine, engine, [[1, 2], [3, 4]], new_tokens=4, reps=1)
+    assert row["plain_tok_s"] == pytest.approx(2 * 3 / 0.03)
+    assert math.isnan(row["speculative_tok_s"])
