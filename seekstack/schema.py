@@ -603,6 +603,16 @@ def is_path_field(name: str) -> bool:
     return name.endswith(("_dir", "_path")) or name in PATH_FIELDS
 
 
+def refuse_empty_paths(overrides: Sequence[str]) -> None:
+    """A ConfigError for an override of a path field left empty (`data=`, as `data=$UNSET` gives), naming its key: ""
+    would be taken as the field's default without a word."""
+    for key, sep, path in (override.partition("=") for override in overrides):
+        if sep and not path and is_path_field(key.strip()):
+            raise ConfigError(
+                f"{key}=: an empty path (a shell variable left unset?); give a path, or leave {key} out for its default"
+            )
+
+
 # a flow mapping's number key with no space after its colon, `{5:1}`: YAML 1.1 reads `5:1` as 5 * 60 + 1 = 301
 _UNSPACED_KEY = re.compile(r"[{,]\s*(\d+):(\d+)\b")
 

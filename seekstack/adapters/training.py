@@ -47,7 +47,15 @@ from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
 from seekstack.posttrain.config import ConversationConfig
 from seekstack.posttrain.conversations import HELD_OUT_FILE
-from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
+from seekstack.schema import (
+    ConfigError,
+    field_notes,
+    known_fields,
+    load_config,
+    refuse_empty_paths,
+    require,
+    same_value,
+)
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.runs import another_run, list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
@@ -186,7 +194,9 @@ def lora_train_config(
     Both are checked before DATA is prepared (text tokenized into `out`, seekstack.adapters.data). A resumed run
     starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape), or
     where `out` holds no run and `resume` is another run's checkpoint folder, from that run's (`started_run`, returned
-    as `continued`); a new run refuses an `out` that holds a run already."""
+    as `continued`); a new run refuses an `out` that holds a run already. An override of a path field left empty
+    (`init_from=`) is refused naming its key, as `seekstack train` refuses it."""
+    refuse_empty_paths(overrides)
     adapter_overrides = _adapter_overrides(overrides)
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     run = started_run(resume, out) if resume else Path(out)

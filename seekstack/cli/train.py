@@ -71,7 +71,7 @@ def run_stage(
     or a folder's checkpoint; both given are refused. An override of a path field left empty (`data=`) is refused
     naming its key, not taken as the field's default."""
     from seekstack.parallel.distributed import is_main_process
-    from seekstack.schema import is_path_field, write_config
+    from seekstack.schema import refuse_empty_paths, write_config
     from seekstack.train.config import resolve_train_config
     from seekstack.train.runs import step_dir
     from seekstack.train.trainer import TrainingDiverged
@@ -84,12 +84,7 @@ def run_stage(
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
-        for key, sep, path in (override.partition("=") for override in overrides or []):
-            if sep and not path and is_path_field(key.strip()):  # `data=$UNSET`: "" would be the key's default
-                raise ValueError(
-                    f"{key}=: an empty path (a shell variable left unset?); give a path, or leave {key} out for its "
-                    "default"
-                )
+        refuse_empty_paths(overrides or [])
         told: list[str] = []  # a resume's warnings, told once it is known to go ahead
         resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=told.append, cls=cls)
         checkpoint = resumed if step is None else step_dir(resolved.out_dir, step)

@@ -721,3 +721,12 @@ def test_lora_on_chat_packs_with_packing_true_with_the_padded_loss_and_gradients
     for grad, reference in zip(pack_grads, row_grads, strict=True):
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
     assert train_adapter(train_config, adapter, continued).step == 2
+
+
+@pytest.mark.parametrize("override", ["init_from=", "data_dir="])
+def test_an_empty_path_setting_is_refused_naming_its_key_not_taken_as_its_default(base, data_dir, tmp_path, override):
+    """`lora train BASE DATA --out OUT init_from=` (init_from=$UNSET) is refused as `sft data=` is, before any work."""
+    key = override.rstrip("=")
+    with pytest.raises(ConfigError, match=rf"^{key}=: an empty path \(a shell variable left unset\?\)"):
+        lora_train_config(base, data_dir, tmp_path / "adapter", [*RUN, override])
+    assert not (tmp_path / "adapter").exists()
