@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from seekstack.config import ModelConfig, yarn_mscale
 from seekstack.model.precision import Float32Buffers
@@ -86,9 +87,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     """Rotate the pairs of x (..., T, heads, R) by the tables of `rotary_tables` (..., T, R): x cos + partner(x) sin.
 
     partner(x) swaps the members of each pair, so (a, b) -> (a cos - b sin, b cos + a sin). Plain real arithmetic,
-    which torch.compile fuses into one kernel (it does not generate code for complex numbers).
+    which torch.compile fuses into one kernel (it does not generate code for complex numbers). The tables get no
+    gradient.
+    """
+    if torch.is_grad_enabled():
+        return _Rotation.apply(x, cos, sin, interleaved)
+    return _rotate(x, cos, sin, interleaved)  # inference: no autograd.Function overhead
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """`apply_rotary` without autograd, computed in float32, returned in x's dtype.
+
+    The signed sin differs in sign between the members of a pair, so partner(x) sin = -partner(x sin): the partner
+    term is subtracted in place, pair half from pair half, with no swapped copy of x (bit for bit the same sums; a
+    flip of x cost a third of the rotation).
     """
     half = x.shape[-1] // 2
     x32 = x.float()
-    partner = x32.unflatten(-1, (half, 2)).flip(-1).flatten(-2) if interleaved else x32.roll(half, dims=-1)
-    return (x32 * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)).to(x.dtype)
+    out, turned = x32 * cos.unsqueeze(-2), x32 * sin.unsqueeze(-2)
+    first, second = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(None, half), slice(half, None))
+    out[..., first].sub_(turned[..., second])
+    out[..., second].sub_(turned[..., first])
+    return out.to(x.dtype)
+
+
+class _Rotation(torch.autograd.Function):
+    """`_rotate` with its backward: a rotation's transpose is the rotation by minus the angles, (cos, -sin).
+
+    Autograd through the in-place halves would record a copy per slice (the training step's rotation ran ~2x slower).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _rotate(x, cos, sin, interleaved)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin, ctx.interleaved), None, None, None

@@ -17,7 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from seekstack.config import ModelConfig, preset, yarn_mscale
-from seekstack.model.rope import RotaryEmbedding, apply_rotary, yarn_inverse_frequencies
+from seekstack.model.rope import RotaryEmbedding, apply_rotary, rotary_tables, yarn_inverse_frequencies
 from seekstack.model.transformer import Transformer
 
 V3_MSCALE = 1.3688879454113936  # 0.1 ln 40 + 1: DeepSeek-V3's factor 40 with mscale_all_dim 1.0
@@ -215,6 +215,29 @@ def test_interleaved_rotation_is_complex_multiplication_of_adjacent_pairs():
     rotary = RotaryEmbedding(config)
     expected = complex_rotation(x, positions.double()[:, None] * rotary.inv_freq.double()) * rotary.attention_factor
     torch.testing.assert_close(rotate(x, positions, config).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "rotate-half"])
+def test_rotation_and_its_gradient_are_bit_for_bit_those_of_x_cos_plus_swapped_x_sin(interleaved, dtype):
+    # The rotation subtracts x sin's halves in place and has its own backward (the rotation by -angles): both are
+    # the float32 sums of the plain formula with a swapped copy of x, differentiated by autograd.
+    x, grad = torch.randn(2, 5, 3, 16).to(dtype), torch.randn(2, 5, 3, 16).to(dtype)  # (B, T, H, R)
+    cos, sin = rotary_tables(torch.randn(5, 8) * 100, interleaved, scale=1.3)  # (T, R)
+
+    def swapped_copy(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        partner = x32.unflatten(-1, (8, 2)).flip(-1).flatten(-2) if interleaved else x32.roll(8, dims=-1)
+        return (x32 * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)).to(dtype)
+
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rotated, expected = apply_rotary(ours, cos, sin, interleaved), swapped_copy(reference)
+    rotated.backward(grad)
+    expected.backward(grad)
+    assert rotated.dtype == ours.grad.dtype == dtype
+    assert torch.equal(rotated, expected) and torch.equal(ours.grad, reference.grad)
+    with torch.no_grad():  # inference skips the autograd.Function
+        assert torch.equal(apply_rotary(x, cos, sin, interleaved), expected)
 
 
 @pytest.mark.parametrize("scaling", [None, YARN_V3], ids=["plain", "yarn"])
