@@ -114,6 +114,8 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
         token_of = order // top_k
         load = torch.bincount(flat_experts, minlength=routing.scores.shape[1])
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list: cast the N rows once,
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # not the N*K gathered ones, as it casts F.linear's
         tokens = x.index_select(0, token_of)  # its backward is an index_add, faster than x[...]'s
         gate, up = self.grouped_linear(tokens, "gate_up_proj", load).chunk(2, dim=-1)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
