@@ -120,7 +120,8 @@ def probe_gguf(path: Path, context: int) -> tuple[bool | None, str]:
 def load_llama_cpp(
     model_dir: Path, source: Path | None, context: int, threads: int
 ) -> tuple[list[LlamaCppModel], str | None]:
-    """The checkpoint in every GGUF type llama.cpp runs here, and the reason for those it does not (None: all ran)."""
+    """The checkpoint in every GGUF type llama.cpp converts and runs here, and the reason for each type it does not
+    (None: all ran): a type that fails costs only its own row."""
     if importlib.util.find_spec("llama_cpp") is None:
         return [], "llama-cpp-python is not installed (pip install -e '.[bench]', a long C++ build)"
     converter = source / "convert_hf_to_gguf.py" if source else None
@@ -136,7 +137,8 @@ def load_llama_cpp(
         command = [sys.executable, "-c", CONVERT, str(converter), str(model_dir), "--outtype", outtype]
         done = subprocess.run([*command, "--outfile", str(path)], capture_output=True, text=True)
         if done.returncode != 0:
-            return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {last_words(done)}"
+            failures.append(f"{outtype}: convert_hf_to_gguf.py --outtype {outtype} failed ({last_words(done)})")
+            continue
         seconds = time.perf_counter() - start
         extra_buffers, note = probe_gguf(path, context)
         if extra_buffers is None:

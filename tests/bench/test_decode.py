@@ -93,7 +93,22 @@ def test_a_converter_killed_without_a_word_is_reported_with_its_signal(tmp_path)
 
     killed = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
     models, reason = load_llama_cpp(tmp_path, damaged_gguf_converter(tmp_path, killed), context=64, threads=1)
-    assert (models, reason) == ([], "convert_hf_to_gguf.py --outtype f32 failed: killed by signal 9, nothing said")
+    assert models == []
+    assert reason.startswith("f32: convert_hf_to_gguf.py --outtype f32 failed (killed by signal 9, nothing said); ")
+
+
+def test_a_conversion_that_fails_costs_only_its_own_row_naming_the_type(tmp_path, monkeypatch):
+    # as a converter that cannot write bf16 (an older llama.cpp, numpy without bfloat16) still converts f32 and q8_0
+    pytest.importorskip("llama_cpp")
+    import llama_cpp_peer
+
+    refuses_bf16 = "import sys\nif 'bf16' in sys.argv:\n    sys.exit('ValueError: no bf16 here')\n" + DAMAGED_GGUF
+    monkeypatch.setattr(llama_cpp_peer, "PROBE", "")  # every file that was written loads
+    monkeypatch.setattr(llama_cpp_peer, "open_gguf", lambda path, context, threads, extra: path)
+    source = damaged_gguf_converter(tmp_path, refuses_bf16)
+    models, reason = llama_cpp_peer.load_llama_cpp(tmp_path, source, context=64, threads=1)
+    assert [model.outtype for model in models] == ["f32", "q8_0"]
+    assert reason == "bf16: convert_hf_to_gguf.py --outtype bf16 failed (ValueError: no bf16 here)"
 
 
 def test_a_gguf_file_llama_cpp_cannot_load_is_skipped_naming_it_and_the_run_goes_on(tmp_path):
