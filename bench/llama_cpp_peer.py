@@ -16,6 +16,7 @@ saying so, and one that fails either way is skipped, saying why.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -117,6 +118,20 @@ def probe_gguf(path: Path, context: int) -> tuple[bool | None, str]:
     return None, said
 
 
+A_TREE = "e.g. vendor/llama.cpp of `pip download --no-binary :all: --no-deps llama-cpp-python` (0.3.36), unpacked"
+
+
+def converter_lacks(source: Path, architecture: str) -> str | None:
+    """What the llama.cpp tree at `source` lacks to convert a checkpoint of `architecture` (None: nothing): the
+    conversion/ package whose TextModel CONVERT patches, or a model class registered there for the architecture."""
+    package = source / "conversion"
+    if not (package / "base.py").is_file():
+        return f"{package / 'base.py'} (an older tree converts in one script, where our pre-tokenizer cannot be set)"
+    if not any(f'"{architecture}"' in module.read_text() for module in package.glob("*.py")):
+        return f"a model class for {architecture} (the architecture in config.json) in {package}"
+    return None
+
+
 def load_llama_cpp(
     model_dir: Path, source: Path | None, context: int, threads: int
 ) -> tuple[list[LlamaCppModel], str | None]:
@@ -126,10 +141,10 @@ def load_llama_cpp(
         return [], "llama-cpp-python is not installed (pip install -e '.[bench]', a long C++ build)"
     converter = source / "convert_hf_to_gguf.py" if source else None
     if converter is None or not converter.is_file():
-        return [], (
-            f"no convert_hf_to_gguf.py in --llama-cpp-source {source}: give a llama.cpp source tree, e.g. "
-            "vendor/llama.cpp of `pip download --no-binary :all: --no-deps llama-cpp-python`, unpacked"
-        )
+        return [], f"no convert_hf_to_gguf.py in --llama-cpp-source {source}: give a llama.cpp source tree, {A_TREE}"
+    lacks = converter_lacks(source, json.loads((model_dir / "config.json").read_text())["architectures"][0])
+    if lacks:
+        return [], f"--llama-cpp-source {source} is too old: its converter lacks {lacks}; give a newer tree, {A_TREE}"
     models, failures = [], []
     for outtype in GGUF_TYPES:
         path = model_dir / f"model-{outtype}.gguf"

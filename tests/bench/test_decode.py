@@ -76,14 +76,37 @@ DAMAGED_GGUF = "import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb'
 
 
 def damaged_gguf_converter(folder, converter=DAMAGED_GGUF):
-    """A llama.cpp source tree in `folder` whose converter runs `converter`: by default it writes a damaged GGUF file
-    of every type."""
+    """A llama.cpp source tree in `folder` whose converter runs `converter` (by default it writes a damaged GGUF file
+    of every type), beside the config.json of a DeepSeek-V3 checkpoint in `folder`."""
+    (folder / "config.json").write_text('{"architectures": ["DeepseekV3ForCausalLM"]}')
     source = folder / "llama.cpp"
     (source / "conversion").mkdir(parents=True)
-    (source / "conversion" / "__init__.py").write_text("")
+    (source / "conversion" / "__init__.py").write_text('MODELS = {"DeepseekV3ForCausalLM": "deepseek"}\n')
     (source / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
     (source / "convert_hf_to_gguf.py").write_text(converter)
     return source
+
+
+@pytest.mark.parametrize(
+    ("older", "lacks"),
+    [
+        ("conversion/base.py", "{source}/conversion/base.py (an older tree converts in one script"),
+        ("conversion/__init__.py", "a model class for DeepseekV3ForCausalLM (the architecture in config.json)"),
+    ],
+)
+def test_a_llama_cpp_tree_too_old_is_refused_naming_the_folder_and_what_it_lacks(older, lacks, tmp_path):
+    # a tree from before the converter became a package, or from before DeepSeek-V3: refused before converting
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_peer import load_llama_cpp
+
+    source = damaged_gguf_converter(tmp_path, "raise SystemExit('the converter ran')")
+    (source / older).unlink()
+    models, reason = load_llama_cpp(tmp_path, source, context=64, threads=1)
+    assert models == []
+    assert reason.startswith(
+        f"--llama-cpp-source {source} is too old: its converter lacks {lacks.format(source=source)}"
+    )
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_a_converter_killed_without_a_word_is_reported_with_its_signal(tmp_path):
