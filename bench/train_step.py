@@ -107,7 +107,8 @@ def training_batch(data_dir: Path | None, vocab_size: int, batch: int, seq_len: 
     random ids when there are none. A `data_dir` given without shards is refused: timing random ids instead would
     pass them off as the user's data; so are shards of a tokenizer of more ids than the preset's `vocab_size` embeds,
     which failed in the first step's embedding after every model had loaded, naming no folder, and a damaged index or
-    shard, or a split shorter than one window, which were tracebacks."""
+    shard, or a split shorter than one window, which were tracebacks. A `data_dir` above the shards' folder is told
+    the folder to give."""
     folder = f"--data {data_dir}" if data_dir is not None else str(DEMO_TOKENS)
     try:
         windows = TokenWindows(data_dir or DEMO_TOKENS, "train", seq_len - 1, seed=0)
@@ -119,7 +120,10 @@ def training_batch(data_dir: Path | None, vocab_size: int, batch: int, seq_len: 
         return windows.batch(batch)
     except FileNotFoundError as error:
         if data_dir is not None:
-            raise SystemExit(f"{folder}: {error}") from None
+            below = sorted(index.parent for index in data_dir.glob("*/train_index.json"))
+            # the folder above the shards' (--data runs/demo) is no folder to tokenize again
+            said = f"no token shards there, but {below[0]} holds some: give --data {below[0]}" if below else error
+            raise SystemExit(f"{folder}: {said}") from None
         print(f"no token shards under {DEMO_TOKENS}: random token ids")
         return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     except ValueError as error:

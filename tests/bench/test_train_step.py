@@ -16,6 +16,18 @@ def test_a_data_folder_without_shards_is_refused_naming_the_option_and_folder(tm
         training_batch(tmp_path / "nope", vocab_size=100, batch=2, seq_len=8)
 
 
+def test_a_data_folder_above_the_shards_is_refused_naming_the_folder_that_holds_them(tmp_path):
+    from tests.train.test_trainer import write_split
+
+    shards = tmp_path / "tokens"
+    write_split(shards, "train", 2_000, seed=1)  # --data runs/demo, where make demo writes runs/demo/tokens
+    with pytest.raises(SystemExit) as refused:
+        training_batch(tmp_path, vocab_size=100, batch=2, seq_len=8)
+    assert (
+        str(refused.value) == f"--data {tmp_path}: no token shards there, but {shards} holds some: give --data {shards}"
+    )
+
+
 def test_shards_of_a_tokenizer_larger_than_the_presets_vocabulary_are_refused_naming_both(tmp_path):
     from tests.train.test_trainer import write_split
 
