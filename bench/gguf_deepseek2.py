@@ -3,9 +3,9 @@
 
 An int8 row with its scale s becomes q8_0 blocks of 32 codes, each block carrying s as fp16 (s is bfloat16, which
 fp16 holds exactly at these magnitudes): the same numbers. Float matrices go to F16 (ours are bfloat16: the same
-bytes per weight), norms and the router to F32. kv_b_proj is split into the per-head k_b (transposed) and v_b that
-llama.cpp's absorbed MLA multiplies with, as llama.cpp's own converter does. The file is written one tensor at a
-time (gguf's streaming writer), so memory holds one tensor's blocks.
+bytes per weight), norms, the router and noaux_tc routing's selection bias to F32. kv_b_proj is split into the
+per-head k_b (transposed) and v_b that llama.cpp's absorbed MLA multiplies with, as llama.cpp's own converter does.
+The file is written one tensor at a time (gguf's streaming writer), so memory holds one tensor's blocks.
 
 Tensor shapes below are torch's (outer dimension first); GGUF lists them reversed.
 """
@@ -72,6 +72,8 @@ def gguf_tensors(model: Transformer) -> Iterator[tuple[str, str, tuple[torch.Ten
                 yield f"{prefix}.ffn_{name}.weight", *_matrix(getattr(mlp, f"{name}_proj"))
             continue
         yield f"{prefix}.ffn_gate_inp.weight", "f32", (mlp.gate.weight,)
+        if mlp.gate.topk_method == "noaux_tc":  # the selection bias b (V3 eq. 16), which llama.cpp adds where present
+            yield f"{prefix}.exp_probs_b.bias", "f32", (mlp.gate.e_score_correction_bias,)
         experts = mlp.experts
         if not isinstance(experts, QuantizedExperts) or experts.gate_up_proj.scheme != "int8":
             raise ValueError(f"layer {i}: the routed experts must be int8 (QuantizedExperts) to map to q8_0")

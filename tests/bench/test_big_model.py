@@ -52,20 +52,40 @@ def test_a_model_routing_within_expert_groups_is_refused_as_a_gguf_naming_n_grou
     assert list(tmp_path.iterdir()) == []
 
 
-def int8_v2_model_as_gguf(path) -> seekstack.Transformer:
-    """A micro V2-shaped model (softmax routing, no query compression; one dense and one MoE layer) quantized to int8
-    as `seekstack quantize` does, written as a q8_0 GGUF at `path`."""
+def test_the_expert_selection_bias_of_noaux_tc_routing_is_written_for_llama_cpp(tmp_path):
+    # a V2-shaped config (softmax scores) with V3's bias-corrected selection, topk_method noaux_tc in one group
+    gguf = pytest.importorskip("gguf")
     from gguf_deepseek2 import write_gguf
 
+    model = int8_v2_model(topk_method="noaux_tc", n_group=1, topk_group=1)
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    bias.copy_(torch.linspace(-1, 1, bias.numel()))
+    write_gguf(model, tmp_path / "model.gguf")
+    tensors = {tensor.name: tensor.data for tensor in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert "blk.0.exp_probs_b.bias" not in tensors  # the dense layer routes nothing
+    torch.testing.assert_close(torch.from_numpy(tensors["blk.1.exp_probs_b.bias"].copy()), bias, rtol=0, atol=0)
+
+
+def int8_v2_model(**overrides) -> seekstack.Transformer:
+    """A micro V2-shaped model (softmax routing, no query compression; one dense and one MoE layer) quantized to int8
+    as `seekstack quantize` does; `overrides` change its config."""
     from seekstack.compress.quantize import QuantConfig, quantize_model
 
-    config = micro_config(
-        vocab_size=1024, scoring_func="softmax", topk_method="greedy", q_lora_rank=None, num_hidden_layers=2,
-        num_nextn_predict_layers=0,
-    )  # fmt: skip
+    config = micro_config(**{
+        "vocab_size": 1024, "scoring_func": "softmax", "topk_method": "greedy", "q_lora_rank": None,
+        "num_hidden_layers": 2, "num_nextn_predict_layers": 0, **overrides,
+    })  # fmt: skip
     torch.manual_seed(0)
     model = seekstack.Transformer(config)
     quantize_model(model, QuantConfig(scheme="int8"))
+    return model
+
+
+def int8_v2_model_as_gguf(path) -> seekstack.Transformer:
+    """`int8_v2_model()` written as a q8_0 GGUF at `path`."""
+    from gguf_deepseek2 import write_gguf
+
+    model = int8_v2_model()
     write_gguf(model, path)
     return model
 
