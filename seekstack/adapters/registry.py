@@ -39,6 +39,7 @@ from seekstack.adapters.multi import (
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
+from seekstack.infer.packed import WeightVersions
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.model.transformer import Transformer
@@ -145,14 +146,14 @@ class LoadedAdapters:
     weights: dict[str, AdapterWeights] = field(default_factory=dict)
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
     _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _weights: list[nn.Parameter] = field(default_factory=list)  # the model's, as the last restack read them
-    _weights_version: int = 0  # the sum of their version counters then (each grows at every in-place change)
+    _base_versions: WeightVersions = field(init=False)  # the model's weights, as the last restack read them
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         self.rows.slot_count = self.max_loras + 1
+        self._base_versions = WeightVersions(self.model)
 
     @property
     def names(self) -> list[str]:
@@ -173,7 +174,7 @@ class LoadedAdapters:
     def select(self, slots: list[int], device: torch.device) -> None:
         """The rows' slots for the next forward; the layers' merged copies and layouts, which hold the base's weights,
         made again first where those changed in place since (a load_state_dict, an optimizer step)."""
-        if self.slots and sum(weight._version for weight in self._weights) != self._weights_version:
+        if self.slots and self._base_versions.changed():
             with torch.inference_mode(False):  # in a step: tensors as a load makes them, which a compiled step guards
                 self._restack()
         self.rows.select(slots, device)
@@ -240,9 +241,7 @@ class LoadedAdapters:
         layer none of them adapts holds zeros while any adapter is loaded (its wrapping, and so a compiled step's
         graph, kept), and is plain again once none is."""
         slot_count, rank = self.rows.slot_count, self.max_lora_rank
-        # inference tensors (a base loaded under torch.inference_mode) keep no version counter, nor change outside it
-        self._weights = [weight for weight in self.model.parameters() if not weight.is_inference()]
-        self._weights_version = sum(weight._version for weight in self._weights)
+        self._base_versions.mark()
         self.rows.slots_in_use = max(self.slots.values(), default=0) + 1  # eager steps compute on these slots only
         per_target: dict[Target, list[Factors | None]] = {}
         per_module: dict[str, list[TokenRows | None]] = {}

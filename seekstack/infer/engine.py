@@ -57,7 +57,7 @@ from seekstack.infer.outputs import (
     UndecodedTokenLogprob,
     joined_completion,
 )
-from seekstack.infer.packed import pack_for_decode, repack
+from seekstack.infer.packed import WeightVersions, pack_for_decode, repack
 from seekstack.infer.params import (
     DRAFT_TOKENS_LIMIT,
     MAX_DRAFT_TOKENS,
@@ -387,6 +387,7 @@ class Engine:
         ranking = draft_ranking if draft_ranking is not None else torch.arange(self.config.vocab_size)
         drafting = speculative and not placed
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
+        self._head_versions = WeightVersions(self.model.lm_head)  # the head's copies follow it (`_follow_head`)
         costs = None
         if drafting and adaptive_drafts:
             with evaluating(self.model):
@@ -775,8 +776,14 @@ class Engine:
         or later requests would share prefix values computed by the old weights."""
         with self.lock:
             self.cache.reset_prefix_cache()
-            repack(self.model)  # the decode layout's copies (seekstack.infer.packed) follow the weights too
-            refresh_draft_vocabulary(self.model, self.draft_vocabulary)  # so do the drafts' rows of the head
+            self._follow_head()
+
+    def _follow_head(self) -> None:
+        """Copy the output head's weight again into the copies laid out from it: the decode layout's
+        (seekstack.infer.packed) and the drafts' rows."""
+        repack(self.model)
+        refresh_draft_vocabulary(self.model, self.draft_vocabulary)
+        self._head_versions.mark()
 
     def stats(self) -> EngineStats:
         """Requests running (prefilling included) and waiting, cache use, prompt-token and speculative counters."""
@@ -1094,6 +1101,8 @@ class Engine:
         need); the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        if self._head_versions.changed():  # in place since (a load_state_dict, an RL weight sync)
+            self._follow_head()
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)

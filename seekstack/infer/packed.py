@@ -47,7 +47,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Te
 class DecodeHead(nn.Linear):
     """The output head (an nn.Linear: same parameter, same state dict) with W^T kept contiguous for one-row products.
 
-    `weight_t` is a copy: after changing the weight in place, call `repack` (Engine.reset_prefix_cache does)."""
+    `weight_t` is a copy: after changing the weight in place, call `repack` (the engine does at its next step, as
+    `WeightVersions` tells it; after a write through `.data`, call Engine.reset_prefix_cache)."""
 
     weight_t: torch.Tensor
 
@@ -118,6 +119,29 @@ def pack_for_decode(model: Transformer) -> int:
         else:
             module.__class__ = DecodeLinear
     return extra
+
+
+class WeightVersions:
+    """Tells whether `module`'s weights changed since `mark`, for the copies laid out from them: in place (an
+    optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or replaced
+    (load_state_dict(assign=True)). A write through `.data` grows no counter and is not seen."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        module.register_load_state_dict_post_hook(self._loaded)
+        self.mark()
+
+    def mark(self) -> None:
+        """Take the weights as they are now for the unchanged ones."""
+        # inference tensors (a base loaded under torch.inference_mode) keep no version counter, nor change outside it
+        self._weights = [weight for weight in self.module.parameters() if not weight.is_inference()]
+        self._version: int | None = sum(weight._version for weight in self._weights)
+
+    def changed(self) -> bool:
+        return self._version != sum(weight._version for weight in self._weights)
+
+    def _loaded(self, module: nn.Module, incompatible_keys: object) -> None:
+        self._version = None  # assign=True puts other tensors where the ones read at `mark` were
 
 
 def repack(model: nn.Module) -> None:

@@ -154,6 +154,28 @@ def test_a_compiled_engine_reads_the_weights_changed_in_place_after_reset_prefix
     assert [completion.token_ids for completion in compiled.generate(batch, GREEDY)] == expected
 
 
+@pytest.mark.parametrize("change", ["in place", "assign"])
+def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_without_reset_prefix_cache(
+    checkpoint, tokenizer, change
+):
+    """The head negated in place, or a state dict of the negated head loaded with assign=True: the next step reads
+    the new head, as the plain model does, without a call to reset_prefix_cache."""
+    packed = Engine.from_pretrained(checkpoint)
+    reference = Engine(load_pretrained(checkpoint, mtp=False), tokenizer)
+    batch = prompts(1)
+    before = [completion.token_ids for completion in packed.generate(batch, GREEDY)]
+    with torch.no_grad():
+        reference.model.lm_head.weight.neg_()
+    if change == "in place":
+        with torch.no_grad():
+            packed.model.lm_head.weight.neg_()
+    else:
+        packed.model.load_state_dict({k: v.clone() for k, v in reference.model.state_dict().items()}, assign=True)
+    expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
+    assert expected != before
+    assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
+
+
 def test_a_bfloat16_model_runs_every_linear_and_its_head_through_the_kernel_with_the_same_logits():
     assert cpu_kernels.available()
     model = micro_model().to(torch.bfloat16)
