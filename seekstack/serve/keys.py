@@ -149,6 +149,11 @@ class KeyStore:
         return it; this is the only time it is available. From `expires_at` (Unix seconds) on the server refuses it,
         and once its name's usage has cost `budget`."""
         _require_name("key", name)
+        if expires_at is not None and not abs(expires_at - time.time()) <= MAX_DURATION_S:  # nan too: stored as never
+            raise KeyStoreError(
+                f"key {name!r}: expires_at={expires_at!r} is not a Unix time within 100 years from now; give one, or "
+                "None for a key that never expires"
+            )
         if expires_at is not None and expires_at <= time.time():
             raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
         if budget is not None and not (math.isfinite(budget.amount) and budget.amount > 0):
@@ -336,11 +341,14 @@ def parse_duration(text: str, option: str) -> float:
     if match is None:
         raise ValueError(f"{option} {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, 12h, "
                          "90d")  # fmt: skip
+    too_long = ValueError(f"{option} {shown_value(text)}: give at most 36500d (100 years), or leave {option} out")
+    if len(match[1].lstrip("0")) > len(str(MAX_DURATION_S)):  # too long in any unit; int() refuses 4300+ digits
+        raise too_long
     seconds = int(match[1]) * DURATION_UNITS_S[match[2]]
     if seconds == 0:  # it said "give a whole number", which 0 is
         raise ValueError(f"{option} {text!r}: give a duration longer than 0: 30s, 15m, 12h, 90d")
     if seconds > MAX_DURATION_S:
-        raise ValueError(f"{option} {shown_value(text)}: give at most 36500d (100 years), or leave {option} out")
+        raise too_long
     return seconds
 
 

@@ -218,6 +218,9 @@ def test_a_key_given_a_term_expires_with_it_and_rotating_keeps_the_term(database
     assert keys.verify(keys.rotate("contractor")).expires_at == term  # a leaked key's successor ends when it would
     with pytest.raises(KeyStoreError, match="key 'late' would expire at .* UTC, which has passed"):
         keys.create("late", expires_at=now - 1)
+    for far in (1e30, float("nan"), float("-inf")):  # a NaN was stored as NULL: a key that never expires
+        with pytest.raises(KeyStoreError, match=re.escape(f"key 'far': expires_at={far!r} is not a Unix time within")):
+            keys.create("far", expires_at=far)
     monkeypatch.setattr(time, "time", lambda: now + 7200)
     with pytest.raises(KeyStoreError, match="key 'contractor' expired at .* UTC: create a new one"):
         keys.rotate("contractor")  # its new key would be expired too
@@ -242,6 +245,9 @@ def test_keys_create_expires_in_takes_litellms_durations_and_list_shows_the_expi
         far = runner.invoke(app, ["keys", "create", "--name", "x", option, "99999999999999999999d", "--max-budget", "1",
                                   "--db", db])  # fmt: skip
         assert far.exit_code == 1 and f"{option} '99999999999999999999d': give at most 36500d (100 years)" in far.stderr
+        digits = runner.invoke(app, ["keys", "create", "--name", "x", option, "9" * 5000 + "d", "--max-budget", "1",
+                                     "--db", db])  # fmt: skip
+        assert digits.exit_code == 1 and f"{option} '99999" in digits.stderr and "(5,001 characters)" in digits.stderr
     listed = runner.invoke(app, ["keys", "list", "--json", "--db", db])
     assert listed.exit_code == 0 and [key["name"] for key in json.loads(listed.stdout)] == ["trial"]
 
