@@ -235,10 +235,11 @@ def _exit_with_the_main_process() -> None:
 
 
 def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:
-    """Cancel the batches not yet sent, let the workers finish those they hold (within `IN_FLIGHT_WAIT_S`, so that an
-    interrupted build ends), kill them when one does not, and join them."""
-    sent = [batch.analysed for batch in in_flight if not batch.analysed.cancel()]  # cancel fails once sent
-    _, unfinished = concurrent.futures.wait(sent, timeout=IN_FLIGHT_WAIT_S)
+    """Let the workers finish the batches in flight (within `IN_FLIGHT_WAIT_S`, so that an interrupted build ends),
+    kill them when one does not, and join them. None is cancelled: a worker that dies meanwhile (one still starting
+    when the pool shuts down) breaks the pool, and Python 3.11's pool then fails every batch it holds, a cancelled one
+    with InvalidStateError, which ended its manager thread and left the exit hanging on the queue it fed."""
+    _, unfinished = concurrent.futures.wait([batch.analysed for batch in in_flight], timeout=IN_FLIGHT_WAIT_S)
     if unfinished:  # a worker hangs (a native library's deadlock?)
         pool.kill()
     pool.shutdown()

@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pyarrow as pa
@@ -585,6 +587,27 @@ def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, 
     assert "to 'doomed'; nothing was written" in result.output  # from the first batch not yet had (prose0 or 64)
     assert not out.exists()  # not even a hidden temporary, nor the folder the build created
     assert multiprocessing.active_children() == []  # every worker ended and joined
+
+
+def test_an_interrupted_build_ends_when_a_worker_dies_as_it_winds_down(monkeypatch) -> None:
+    """Ctrl-C cancelled the batches not yet sent; a worker dying meanwhile (one still starting, seconds into a build)
+    then made Python 3.11's pool fail them too, a cancelled one with InvalidStateError, which ended its manager thread:
+    the batches held were never answered and the exit hung (`data build` under `timeout -s INT 7`, 3 runs of 3)."""
+    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 5.0)
+    thread_errors: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    pool = WorkerPool(1)
+    batches = [[Document("doomed", KilledOnArrival("The end."), "web")]] + [[]] * 5
+    in_flight = [
+        build.InFlight(pool.submit(build._analyse_batch, batch, CleaningConfig()), "", "") for batch in batches
+    ]
+    while not in_flight[1].analysed.running():  # the first two sent to the worker's queue, the others waiting
+        time.sleep(0.01)
+    with fails_after(20, "winding down a pool whose worker died"):
+        build._end_workers(pool, in_flight)
+    assert [error.exc_value for error in thread_errors] == []  # the pool's manager thread ended as it should
+    assert all(isinstance(batch.analysed.exception(timeout=0), BrokenProcessPool) for batch in in_flight)
+    assert multiprocessing.active_children() == []
 
 
 def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tmp_path: Path, monkeypatch) -> None:
