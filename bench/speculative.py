@@ -24,6 +24,7 @@ vocabulary). `accept` is the share of drafted tokens accepted,
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
     python bench/speculative.py --model runs/tiny --corpus data/corpus   # prompts from another corpus's val.jsonl
     python bench/speculative.py --prompts 2 --new-tokens 32 --reps 2 --draft-tokens   # quick check, default only
+    python bench/speculative.py --threads 1 --clock cpu   # on a machine others are using: this process's CPU seconds
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import decode_rate, print_noise_notice
+from machine import CLOCKS, add_machine_options, decode_rate, print_noise_notice
 from options import non_negative_int, positive_int, whole_number
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
@@ -110,17 +112,28 @@ def held_out_prompts(corpus: Path, tokenizer: Tokenizer, count: int, length: int
     return prompts
 
 
-def timed(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def timed(
+    engine: Engine, prompts: list[list[int]], new_tokens: int, clock: Callable[[], float]
+) -> tuple[float, list[list[int]]]:
+    """Seconds on `clock` (CLOCKS: --clock's) to decode `new_tokens` greedy tokens for each prompt, and the tokens."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
+    start = clock()
     completions = engine.generate(prompts, params)
-    return time.perf_counter() - start, [c.token_ids for c in completions]
+    return clock() - start, [c.token_ids for c in completions]
 
 
-def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
-    """Interleaved medians of both engines at 1 and `new_tokens` new tokens; acceptance over the timed runs."""
-    _, plain_tokens = timed(plain, prompts, new_tokens)
-    _, speculative_tokens = timed(speculative, prompts, new_tokens)
+def compare(
+    plain: Engine,
+    speculative: Engine,
+    prompts: list[list[int]],
+    new_tokens: int,
+    reps: int,
+    clock: Callable[[], float],
+) -> dict:
+    """Interleaved medians of both engines at 1 and `new_tokens` new tokens, timed on `clock`; acceptance over the
+    timed runs."""
+    _, plain_tokens = timed(plain, prompts, new_tokens, clock)
+    _, speculative_tokens = timed(speculative, prompts, new_tokens, clock)
     drafted, accepted = speculative.stats().spec_drafted, speculative.stats().spec_accepted
     counts = speculative.draft_count
     passed_before, checked_before = list(counts.passed), list(counts.checked)
@@ -130,7 +143,7 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
         order = list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]
         for name, engine in order:
             for n in (1, new_tokens):
-                seconds[f"{name}_{n}"].append(timed(engine, prompts, n)[0])
+                seconds[f"{name}_{n}"].append(timed(engine, prompts, n, clock)[0])
     median = {key: statistics.median(values) for key, values in seconds.items()}
     stats = speculative.stats()
     return {
@@ -179,7 +192,7 @@ def main() -> None:
         help="default engines with these draft vocabularies too",
     )
     parser.add_argument("--reps", type=positive_int, default=3)
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    add_machine_options(parser)  # --threads, --clock
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
     parser.add_argument(
         "--dtype", choices=DTYPES, default=EngineOptions.dtype, help="every engine's (default: %(default)s)"
@@ -224,7 +237,10 @@ def main() -> None:
             print(
                 f"batch {batch}: {len(groups[batch])} group(s) of {len(groups[batch][0])} prompts (too few documents)"
             )
-    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
+    print(
+        f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {decode}, "
+        f"{args.clock} clock"
+    )
     mode = "adaptive" if default.adaptive_drafts else "fixed"
     _, ranking = token_ranking(model_dir, plain.config.vocab_size)
     print(f"default: draft_tokens={default.draft_tokens} ({mode}), draft_vocab={default.draft_vocab} ({ranking}),")
@@ -244,7 +260,10 @@ def main() -> None:
     with torch.inference_mode():
         for batch in args.batches:
             for k, engine in speculative.items():
-                rows = [compare(plain, engine, group, args.new_tokens, args.reps) for group in groups[batch]]
+                rows = [
+                    compare(plain, engine, group, args.new_tokens, args.reps, CLOCKS[args.clock])
+                    for group in groups[batch]
+                ]
                 plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
                 speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
                 accept = statistics.mean(r["accept_rate"] for r in rows)

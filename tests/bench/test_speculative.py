@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -110,7 +111,16 @@ def test_rates_are_nan_where_the_timing_noise_hides_the_decode_time(monkeypatch)
     engine = types.SimpleNamespace(stats=lambda: stats, draft_count=counts)
     seconds = {"plain": {1: 0.02, 4: 0.05}, "speculative": {1: 0.02, 4: 0.0199}}
     timings = iter([0.0] * 2 + [seconds[name][n] for name in ("plain", "speculative") for n in (1, 4)])
-    monkeypatch.setattr(speculative, "timed", lambda engine, prompts, n: (next(timings), [[1] * n]))
-    row = speculative.compare(engine, engine, [[1, 2], [3, 4]], new_tokens=4, reps=1)
+    monkeypatch.setattr(speculative, "timed", lambda engine, prompts, n, clock: (next(timings), [[1] * n]))
+    row = speculative.compare(engine, engine, [[1, 2], [3, 4]], new_tokens=4, reps=1, clock=time.perf_counter)
     assert row["plain_tok_s"] == pytest.approx(2 * 3 / 0.03)
     assert math.isnan(row["speculative_tok_s"])
+
+
+def test_the_cpu_clock_times_this_process_not_the_seconds_others_take():
+    """--clock cpu (bench/machine.py's CLOCKS) times this process's CPU seconds: a decode that waits 0.2 s while other
+    processes run counts those 0.2 s on the wall clock only."""
+    engine = types.SimpleNamespace(generate=lambda prompts, params: time.sleep(0.2) or [])
+    wall, _ = speculative.timed(engine, [[1]], 2, speculative.CLOCKS["wall"])
+    cpu, _ = speculative.timed(engine, [[1]], 2, speculative.CLOCKS["cpu"])
+    assert wall >= 0.2 and cpu < 0.1
