@@ -722,12 +722,13 @@ class Server:
         self.authenticate(request, admin=True)
         for param in request.query_params:
             if param not in USAGE_REPORT_PARAMETERS:
-                raise APIError(400, f"/v1/admin/usage takes no parameter {param!r}: it takes "
+                raise APIError(400, f"/v1/admin/usage takes no parameter {shown_value(param)}: it takes "
                                f"{', '.join(USAGE_REPORT_PARAMETERS)} (since and until: YYYY-MM-DD)", param=param,
                                code="unknown_parameter")  # fmt: skip
         for param in USAGE_REPORT_PARAMETERS:
             if len(given := request.query_params.getlist(param)) > 1:
-                raise APIError(400, f"{param} given {len(given)} times ({', '.join(map(repr, given))}): give it once",
+                raise APIError(400, f"{param} given {len(given)} times ({', '.join(map(shown_value, given))}): give it "
+                               "once",
                                param=param, code="invalid_value")  # fmt: skip
         bounds = {}
         for param, text in (("since", since), ("until", until)):
@@ -740,7 +741,7 @@ class Server:
         except ValueError as error:  # since after until
             raise APIError(400, str(error), param="until", code="invalid_value") from None
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
-            raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
+            raise APIError(404, f"no key named {shown_value(key_name)}, and no usage recorded for one", param="key",
                            code="key_not_found")  # fmt: skip
         return UsageReport(data=[day.to_dict() for day in days], total_cost=total_cost(days))
 

@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+from seekstack.schema import shown_value
 from seekstack.serve.database import (
     COST_SCALE,
     DEFAULT_PLAN,
@@ -228,4 +229,4 @@ def parse_day(text: str) -> dt.date:
     except ValueError as error:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):  # the form is right, the day is not
             raise ValueError(f"date {text!r} is no day of the calendar ({error})") from None
-        raise ValueError(f"date {text!r} is not in the form YYYY-MM-DD") from None
+        raise ValueError(f"date {shown_value(text)} is not in the form YYYY-MM-DD") from None

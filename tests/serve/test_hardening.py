@@ -825,6 +825,17 @@ def test_the_admin_usage_report_refuses_a_parameter_it_does_not_take_naming_it(e
     assert [day["key_name"] for day in alice.json()["data"]] == ["alice"]
 
 
+def test_the_admin_usage_report_cuts_a_huge_value_it_refuses_in_its_error(engine, tmp_path):
+    """A day, a key name or a parameter name of 30,000 characters is named by its start and its size, as other
+    refusals cut the values they echo, not sent back whole."""
+    huge = "9" * 30_000  # two of them within httpx's longest query, 65,536 characters
+    queries = ({"since": huge}, {"key": huge}, {huge: "1"}, [("until", huge), ("until", huge)])
+    answers = usage_reports(engine, tmp_path, *queries)
+    statuses = (400, 404, 400, 400)
+    messages = [error_of(answer, status)["message"] for answer, status in zip(answers, statuses, strict=True)]
+    assert all(len(message) < 500 and "(30,000 characters)" in message for message in messages), messages
+
+
 def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("paced", rpm=2, tpm=100)
