@@ -6,15 +6,28 @@
 // float32 (AVX2 + FMA, 8 products an instruction, or plain loops).
 // Shapes: N tokens, K experts per token, P = N*K (token, expert) pairs, E experts, D hidden, I expert width.
 
+// at::vec's AVX2 / AVX512 vectors are chosen by these macros, which torch's own build sets per kernel file; without
+// them Vectorized<float> is a plain loop (and exp a call per value), ~2x slower than torch's eager ops.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -329,14 +342,303 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const
   return grouped_experts_of<float, float>(x, experts, weights, gate_up_proj, down_proj);
 }
 
+// Fused elementwise kernels for the training step and the prefill forward (float32 or bfloat16 in and out, float32
+// math): one pass over the rows where torch's eager ops make several, each into fresh memory. Rows of R values; kStep
+// values a step as two float32 vectors, the rest one at a time.
+using FloatVector = at::vec::Vectorized<float>;
+constexpr int64_t kStep = 2 * FloatVector::size();
+constexpr int64_t kRowsPerTask = 16;  // rows per at::parallel_for grain
+
+inline void load_step(const float* p, FloatVector& low, FloatVector& high) {
+  low = FloatVector::loadu(p);
+  high = FloatVector::loadu(p + FloatVector::size());
+}
+inline void load_step(const c10::BFloat16* p, FloatVector& low, FloatVector& high) {
+  at::vec::load_to_float(p, low, high);
+}
+inline void store_step(float* p, const FloatVector& low, const FloatVector& high) {
+  low.store(p);
+  high.store(p + FloatVector::size());
+}
+inline void store_step(c10::BFloat16* p, const FloatVector& low, const FloatVector& high) {
+  at::vec::convert_from_float<c10::BFloat16>(low, high).store(p);
+}
+
+inline FloatVector sigmoid(const FloatVector& g) { return FloatVector(1.f) / (FloatVector(1.f) + g.neg().exp()); }
+inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
+
+// Calls step(d) for the vector steps of a row of R values, then tail(d) for each value left.
+template <typename Step, typename Tail>
+inline void over_row(int64_t R, const Step& step, const Tail& tail) {
+  int64_t d = 0;
+  for (; d + kStep <= R; d += kStep) step(d);
+  for (; d < R; ++d) tail(d);
+}
+
+void check_elementwise(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
+                  a.dim() == 2 && a.stride(1) == 1,
+              op, ": rows must be 2-D float32 or bfloat16 on the CPU, contiguous along a row");
+  TORCH_CHECK(b.scalar_type() == a.scalar_type() && b.dim() == 2 && b.stride(1) == 1 && b.sizes() == a.sizes(), op,
+              ": operands must share the first's dtype and shape");
+}
+
+// h = SiLU(gate) * up [* weight per row], DeepSeek-V3's expert FFN (the routed experts fold their combine weight g in
+// before W_down). gate and up (n, I) may be strided rows (the halves of one projection); h is contiguous.
+template <typename T>
+void swiglu_rows(const at::Tensor& gate, const at::Tensor& up, const float* weight, at::Tensor& h) {
+  const int64_t I = gate.size(1);
+  const T* gate_data = gate.const_data_ptr<T>();
+  const T* up_data = up.const_data_ptr<T>();
+  T* h_data = h.mutable_data_ptr<T>();
+  at::parallel_for(0, gate.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* g = gate_data + row * gate.stride(0);
+      const T* u = up_data + row * up.stride(0);
+      T* out = h_data + row * I;
+      const float w = weight ? weight[row] : 1.f;
+      over_row(
+          I,
+          [&](int64_t d) {
+            FloatVector g0, g1, u0, u1;
+            load_step(g + d, g0, g1);
+            load_step(u + d, u0, u1);
+            store_step(out + d, g0 * sigmoid(g0) * u0 * FloatVector(w), g1 * sigmoid(g1) * u1 * FloatVector(w));
+          },
+          [&](int64_t d) { out[d] = static_cast<T>(float(g[d]) * sigmoid(float(g[d])) * float(u[d]) * w); });
+    }
+  });
+}
+
+// The backward of h = SiLU(g) u w for the gradient dh, with s = sigmoid(g), SiLU(g) = g s, SiLU'(g) = s (1 + g (1 - s)):
+// dg = dh u w SiLU'(g), du = dh SiLU(g) w, dw = sum over the row of dh SiLU(g) u.
+template <typename T>
+void swiglu_backward_rows(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up, const float* weight,
+                          at::Tensor& grad_gate, at::Tensor& grad_up, float* grad_weight) {
+  const int64_t I = gate.size(1);
+  const T* grad_data = grad.const_data_ptr<T>();
+  const T* gate_data = gate.const_data_ptr<T>();
+  const T* up_data = up.const_data_ptr<T>();
+  T* grad_gate_data = grad_gate.mutable_data_ptr<T>();
+  T* grad_up_data = grad_up.mutable_data_ptr<T>();
+  at::parallel_for(0, gate.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* dh = grad_data + row * I;
+      const T* g = gate_data + row * gate.stride(0);
+      const T* u = up_data + row * up.stride(0);
+      T* dg = grad_gate_data + row * I;
+      T* du = grad_up_data + row * I;
+      const float w = weight ? weight[row] : 1.f;
+      FloatVector dw_sum(0.f);
+      float dw_tail = 0.f;
+      auto grads = [&](const FloatVector& dh_, const FloatVector& g_, const FloatVector& u_, FloatVector& dg_,
+                       FloatVector& du_) {
+        const FloatVector s = sigmoid(g_), silu = g_ * s;
+        dw_sum = dw_sum + dh_ * silu * u_;
+        du_ = dh_ * silu * FloatVector(w);
+        dg_ = dh_ * u_ * FloatVector(w) * s * (FloatVector(1.f) + g_ * (FloatVector(1.f) - s));
+      };
+      over_row(
+          I,
+          [&](int64_t d) {
+            FloatVector dh0, dh1, g0, g1, u0, u1, dg0, dg1, du0, du1;
+            load_step(dh + d, dh0, dh1);
+            load_step(g + d, g0, g1);
+            load_step(u + d, u0, u1);
+            grads(dh0, g0, u0, dg0, du0);
+            grads(dh1, g1, u1, dg1, du1);
+            store_step(dg + d, dg0, dg1);
+            store_step(du + d, du0, du1);
+          },
+          [&](int64_t d) {
+            const float dh_ = float(dh[d]), g_ = float(g[d]), u_ = float(u[d]), s = sigmoid(g_), silu = g_ * s;
+            dw_tail += dh_ * silu * u_;
+            du[d] = static_cast<T>(dh_ * silu * w);
+            dg[d] = static_cast<T>(dh_ * u_ * w * s * (1.f + g_ * (1.f - s)));
+          });
+      if (grad_weight) grad_weight[row] = at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), dw_sum) + dw_tail;
+    }
+  });
+}
+
+// The combine weights as float32 (n,), or none.
+const float* row_weights(const std::optional<at::Tensor>& weights, int64_t rows) {
+  if (!weights.has_value()) return nullptr;
+  TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == rows,
+              "swiglu: weights must be contiguous float32, one per row");
+  return weights->const_data_ptr<float>();
+}
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& weights) {
+  check_elementwise(gate, up, "swiglu");
+  at::Tensor h = at::empty(gate.sizes(), gate.options());
+  const float* weight = row_weights(weights, gate.size(0));
+  if (gate.scalar_type() == at::kBFloat16) {
+    swiglu_rows<c10::BFloat16>(gate, up, weight, h);
+  } else {
+    swiglu_rows<float>(gate, up, weight, h);
+  }
+  return h;
+}
+
+// dgate, dup (n, I) contiguous and dweights (n,) float32 (empty without weights).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                               const at::Tensor& up,
+                                                               const std::optional<at::Tensor>& weights) {
+  check_elementwise(gate, up, "swiglu_backward");
+  const at::Tensor grad_c = grad.to(gate.scalar_type()).contiguous();
+  check_elementwise(gate, grad_c, "swiglu_backward");
+  at::Tensor grad_gate = at::empty(gate.sizes(), gate.options()), grad_up = at::empty(gate.sizes(), gate.options());
+  const float* weight = row_weights(weights, gate.size(0));
+  at::Tensor grad_weight = at::empty({weight ? gate.size(0) : 0}, gate.options().dtype(at::kFloat));
+  float* grad_weight_data = weight ? grad_weight.mutable_data_ptr<float>() : nullptr;
+  if (gate.scalar_type() == at::kBFloat16) {
+    swiglu_backward_rows<c10::BFloat16>(grad_c, gate, up, weight, grad_gate, grad_up, grad_weight_data);
+  } else {
+    swiglu_backward_rows<float>(grad_c, gate, up, weight, grad_gate, grad_up, grad_weight_data);
+  }
+  return {grad_gate, grad_up, grad_weight};
+}
+
+// RMSNorm (Zhang & Sennrich 2019): y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row; r (n,) float32 kept for the
+// backward.
+template <typename T>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y, at::Tensor& rstd) {
+  const int64_t D = x.size(1);
+  const T* x_data = x.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  float* rstd_data = rstd.mutable_data_ptr<float>();
+  at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xs = x_data + row * D;
+      T* out = y_data + row * D;
+      FloatVector squares(0.f);
+      float squares_tail = 0.f;
+      over_row(
+          D,
+          [&](int64_t d) {
+            FloatVector x0, x1;
+            load_step(xs + d, x0, x1);
+            squares = squares + x0 * x0 + x1 * x1;
+          },
+          [&](int64_t d) { squares_tail += float(xs[d]) * float(xs[d]); });
+      const float sum = at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), squares) + squares_tail;
+      const float r = 1.f / std::sqrt(sum / D + static_cast<float>(eps));
+      rstd_data[row] = r;
+      over_row(
+          D,
+          [&](int64_t d) {
+            FloatVector x0, x1, w0, w1;
+            load_step(xs + d, x0, x1);
+            load_step(w + d, w0, w1);
+            store_step(out + d, x0 * FloatVector(r) * w0, x1 * FloatVector(r) * w1);
+          },
+          [&](int64_t d) { out[d] = static_cast<T>(float(xs[d]) * r * float(w[d])); });
+    }
+  });
+}
+
+// The backward of y = n w, n = x r, for the gradient dy: with gn = dy w, dx = r (gn - n mean(gn n)) and dw = sum over
+// rows of dy n, summed per block of kRowsPerTask rows (a block to a thread), then over the blocks.
+template <typename T>
+void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& block_grad_weight) {
+  const int64_t D = x.size(1);
+  const T* dy_data = grad.const_data_ptr<T>();
+  const T* x_data = x.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  const float* rstd_data = rstd.const_data_ptr<float>();
+  T* dx_data = grad_x.mutable_data_ptr<T>();
+  float* dw_blocks = block_grad_weight.mutable_data_ptr<float>();
+  at::parallel_for(0, block_grad_weight.size(0), 1, [&](int64_t first_block, int64_t last_block) {
+    for (int64_t block = first_block; block < last_block; ++block) {
+      float* dw = dw_blocks + block * D;
+      std::fill(dw, dw + D, 0.f);
+      for (int64_t row = block * kRowsPerTask; row < std::min((block + 1) * kRowsPerTask, x.size(0)); ++row) {
+        const T* dy = dy_data + row * D;
+        const T* xs = x_data + row * D;
+        T* dx = dx_data + row * D;
+        const float r = rstd_data[row];
+        FloatVector dot(0.f);
+        float dot_tail = 0.f;
+        over_row(
+            D,
+            [&](int64_t d) {
+              FloatVector dy0, dy1, x0, x1, w0, w1;
+              load_step(dy + d, dy0, dy1);
+              load_step(xs + d, x0, x1);
+              load_step(w + d, w0, w1);
+              dot = dot + dy0 * w0 * x0 + dy1 * w1 * x1;
+            },
+            [&](int64_t d) { dot_tail += float(dy[d]) * float(w[d]) * float(xs[d]); });
+        // mean(gn n) = r mean(gn x); dx = r gn - x r^3 mean(gn x)
+        const float mean = (at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), dot) + dot_tail) / D;
+        const float x_scale = r * r * r * mean;
+        over_row(
+            D,
+            [&](int64_t d) {
+              FloatVector dy0, dy1, x0, x1, w0, w1;
+              load_step(dy + d, dy0, dy1);
+              load_step(xs + d, x0, x1);
+              load_step(w + d, w0, w1);
+              store_step(dx + d, FloatVector(r) * dy0 * w0 - x0 * FloatVector(x_scale),
+                         FloatVector(r) * dy1 * w1 - x1 * FloatVector(x_scale));
+              store_step(dw + d, FloatVector::loadu(dw + d) + dy0 * x0 * FloatVector(r),
+                         FloatVector::loadu(dw + d + FloatVector::size()) + dy1 * x1 * FloatVector(r));
+            },
+            [&](int64_t d) {
+              dx[d] = static_cast<T>(r * float(dy[d]) * float(w[d]) - float(xs[d]) * x_scale);
+              dw[d] += float(dy[d]) * float(xs[d]) * r;
+            });
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_elementwise(x, weight.view({1, -1}).expand({x.size(0), -1}), "rms_norm");
+  const at::Tensor x_c = x.contiguous(), weight_c = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options()), rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_rows<c10::BFloat16>(x_c, weight_c, eps, y, rstd);
+  } else {
+    rms_norm_rows<float>(x_c, weight_c, eps, y, rstd);
+  }
+  return {y, rstd};
+}
+
+// dx in x's dtype, dw in the weight's.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+  check_elementwise(x, weight.view({1, -1}).expand({x.size(0), -1}), "rms_norm_backward");
+  const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous(), x_c = x.contiguous(), weight_c = weight.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor blocks = at::empty({(x.size(0) + kRowsPerTask - 1) / kRowsPerTask, x.size(1)}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_backward_rows<c10::BFloat16>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+  } else {
+    rms_norm_backward_rows<float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+  }
+  return {grad_x, blocks.sum(0).to(weight.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("grouped_experts(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor");
+  m.def("swiglu(Tensor gate, Tensor up, Tensor? weights) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rows_linear", rows_linear);
   m.impl("grouped_experts", grouped_experts);
+  m.impl("swiglu", swiglu);
+  m.impl("swiglu_backward", swiglu_backward);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rms_norm_backward", rms_norm_backward);
 }

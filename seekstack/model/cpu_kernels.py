@@ -23,6 +23,11 @@ Float32, `bench/decode_options.py --preset small --rows N --options '{}' '{"cpu_
 alternating in one process, same greedy tokens): decode +18% at 1 row, +81% at 8 (under load; before the 4 streams:
 +21% / +23% / +51% at 2 / 8 / 16 rows and 1-row steps left to inductor's loops).
 
+Two fused elementwise ops serve the training step and the prefill forward, where the matmuls (AMX in bfloat16) are
+fast and torch's eager elementwise passes, each into fresh memory, set the pace: `swiglu` (SiLU(gate) * up [* a
+combine weight per row], for the dense FFN, the shared and the routed experts; moe.py) and `rms_norm` (norm.py), each
+with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when).
+
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
 the build fails once, with a warning, and the callers keep their other paths. A build left unfinished (its lock, a
@@ -72,6 +77,20 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def elementwise_takes(*tensors: torch.Tensor) -> bool:
+    """Whether the fused elementwise ops (`swiglu`, `rms_norm`) take these tensors: float32 or bfloat16 in one dtype on
+    the CPU, none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call."""
+    first = tensors[0]
+    return (
+        _switch["on"]
+        and not torch.compiler.is_compiling()
+        and first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == first.dtype and t.device.type == "cpu" and not isinstance(t, DTensor) for t in tensors)
+        and available()
+    )
+
+
 def set_enabled(on: bool) -> None:
     """Let the callers use the kernels, or not (their other paths then): `bench/decode_options.py` times both in one
     process. Compiled steps guard on it, so each setting keeps a graph of its own."""
@@ -109,7 +128,9 @@ def _build() -> bool:
             is_python_module=False,
         )
     except Exception as error:  # no compiler, no ninja, an unknown -march: the callers keep their other paths
-        warnings.warn(f"seekstack: {SOURCE.name} did not build, decode runs without it: {error}", stacklevel=3)
+        warnings.warn(
+            f"seekstack: {SOURCE.name} did not build, decode, SwiGLU and RMSNorm run without it: {error}", stacklevel=3
+        )
         return False
     with contextlib.suppress(OSError):  # another process rebuilding it meanwhile: the next run proves it
         _proof(library).write_text(_signature(library))

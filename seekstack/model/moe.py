@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from seekstack.config import ModelConfig
 from seekstack.model import cpu_kernels
@@ -27,7 +28,36 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up for gate, up (..., I), times `weights` (...) per row where given (a routed expert's combine
+    weight g, folded in before W_down). On a CPU one pass of the C++ kernel (forward and backward) in float32 math,
+    where torch's eager ops make three, each into fresh memory."""
+    if not cpu_kernels.elementwise_takes(gate, up):
+        hidden = F.silu(gate) * up
+        return hidden if weights is None else hidden * weights.unsqueeze(-1).to(hidden.dtype)
+    width = gate.shape[-1]
+    rows = (gate.reshape(-1, width), up.reshape(-1, width), None if weights is None else weights.reshape(-1).float())
+    hidden = _SwiGLU.apply(*rows) if torch.is_grad_enabled() else torch.ops.seekstack.swiglu(*rows)
+    return hidden.view(gate.shape)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """gate, up (n, I), weights (n,) float32 or None -> SiLU(gate) * up [* weights] through the C++ kernels."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up, weights)
+        return torch.ops.seekstack.swiglu(gate, up, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        gate, up, weights = ctx.saved_tensors
+        grad_gate, grad_up, grad_weights = torch.ops.seekstack.swiglu_backward(grad, gate, up, weights)
+        return grad_gate, grad_up, None if weights is None else grad_weights
 
 
 @dataclass
@@ -118,8 +148,7 @@ class RoutedExperts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # not the N*K gathered ones, as it casts F.linear's
         tokens = x.index_select(0, token_of)  # its backward is an index_add, faster than x[...]'s
         gate, up = self.grouped_linear(tokens, "gate_up_proj", load).chunk(2, dim=-1)
-        weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        hidden = F.silu(gate) * up * weights  # g_k folded in before the down projection
+        hidden = swiglu(gate, up, routing.weights.flatten()[order])  # g_k folded in before the down projection
         weighted = self.grouped_linear(hidden, "down_proj", load)
         combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
         return combined, load
@@ -188,7 +217,7 @@ class RoutedExperts(nn.Module):
         experts = routing.experts.flatten()  # (N*K,) one (token, expert) pair per row
         pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (N*K, 1, D)
         gate, up = torch.bmm(pairs, self.gate_up_proj[experts].transpose(1, 2)).chunk(2, dim=-1)  # (N*K, 1, I) each
-        hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
+        hidden = swiglu(gate, up, routing.weights.view(N * K, 1))
         weighted = torch.bmm(hidden, self.down_proj[experts].transpose(1, 2))  # (N*K, 1, D)
         return weighted.view(N, K, -1).sum(dim=1), _expert_load(routing)
 
@@ -199,7 +228,7 @@ class RoutedExperts(nn.Module):
         E = self.gate_up_proj.shape[0]
         dense_weights = torch.zeros_like(routing.scores).scatter_(1, routing.experts, routing.weights)  # (N, E)
         gate, up = F.linear(x, self.gate_up_proj.flatten(0, 1)).view(N, E, -1).chunk(2, dim=-1)  # (N, E, I) each
-        hidden = F.silu(gate) * up * dense_weights.unsqueeze(-1).to(x.dtype)
+        hidden = swiglu(gate, up, dense_weights)
         weighted = torch.bmm(hidden.transpose(0, 1), self.down_proj.transpose(1, 2))  # (E, N, D)
         return weighted.sum(dim=0), _expert_load(routing)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.cpp_extension
 
 from seekstack.model import cpu_kernels
-from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss
+from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss, swiglu
 from seekstack.model.transformer import Transformer
 from seekstack.train.balance import max_violation, update_expert_bias
 from tests.conftest import micro_config
@@ -221,6 +221,40 @@ def test_compiled_float32_training_forward_matches_eager_with_gradients():
     (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), moe.experts.gate_up_proj)
     assert (compiled_out - eager_out).abs().max().item() < 1e-5
     assert (compiled_grad - eager_grad).abs().max().item() < 1e-5 and eager_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_swiglu_and_its_gradients_match_the_formula_and_switch_off_to_it(dtype, tolerance, weighted):
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    gate_up = torch.randn(9, 2 * 40) * 3  # the halves of one projection, strided rows of 40: vector steps and a tail
+    weights = torch.rand(9) if weighted else None
+    upstream = torch.randn(9, 40)
+    gate_up64 = gate_up.double().requires_grad_()
+    weights64 = weights.double().requires_grad_() if weighted else None
+    gate64, up64 = gate_up64.chunk(2, dim=-1)
+    reference = F.silu(gate64) * up64 * (weights64[:, None] if weighted else 1)
+    (reference * upstream.double()).sum().backward()
+    expected = [reference, gate_up64.grad] + ([weights64.grad] if weighted else [])
+    for fused in (True, False):
+        cpu_kernels.set_enabled(fused)
+        try:
+            ours_gate_up = gate_up.to(dtype, copy=True).requires_grad_()
+            ours_weights = weights.clone().requires_grad_() if weighted else None
+            out = swiglu(*ours_gate_up.chunk(2, dim=-1), ours_weights)
+            (out * upstream.to(dtype)).sum().backward()
+            with torch.no_grad():
+                inference = swiglu(*ours_gate_up.chunk(2, dim=-1), ours_weights)
+        finally:
+            cpu_kernels.set_enabled(True)
+        nodes = [out.grad_fn] + [node for node, _ in out.grad_fn.next_functions]  # the kernel's, under a view
+        assert any(type(node).__name__ == "_SwiGLUBackward" for node in nodes) == fused
+        assert out.dtype == ours_gate_up.grad.dtype == dtype
+        assert torch.equal(inference, out.detach())
+        found = [out, ours_gate_up.grad] + ([ours_weights.grad] if weighted else [])
+        for ours, theirs in zip(found, expected, strict=True):
+            assert (ours.double() - theirs).abs().max().item() <= tolerance * theirs.abs().max().item()
 
 
 def test_correction_bias_changes_selection_but_not_weights():

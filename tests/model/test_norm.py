@@ -1,9 +1,11 @@
-"""RMSNorm: its hand-written backward against autograd through the formula, in float64."""
+"""RMSNorm: its hand-written backward and the fused CPU kernel against autograd through the formula, in float64."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from seekstack.model import cpu_kernels
 from seekstack.model.norm import RMSNorm
 
 
@@ -32,3 +34,34 @@ def test_rms_norm_keeps_bfloat16_inputs_and_gradients_in_bfloat16():
     out.sum().backward()
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_fused_rms_norm_and_its_gradients_match_the_formula_and_switch_off_to_it(dtype, tolerance):
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    weight = torch.randn(40)
+    x = torch.randn(2, 7, 40) * 3  # 40 values a row: vector steps and a tail
+    upstream = torch.randn(2, 7, 40)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    reference = x64 * torch.rsqrt(x64.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * w64
+    (reference * upstream.double()).sum().backward()
+    for fused in (True, False):
+        cpu_kernels.set_enabled(fused)
+        try:
+            norm = RMSNorm(40).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(weight)
+            xd = x.to(dtype, copy=True).requires_grad_()
+            out = norm(xd)
+            (out * upstream.to(dtype)).sum().backward()
+            with torch.no_grad():
+                inference = norm(xd)
+        finally:
+            cpu_kernels.set_enabled(True)
+        assert (type(out.grad_fn).__name__ == "_FusedRMSNormBackward") == fused
+        assert out.dtype == xd.grad.dtype == norm.weight.grad.dtype == dtype
+        assert torch.equal(inference, out.detach())
+        for ours, theirs in ((out, reference), (xd.grad, x64.grad), (norm.weight.grad, w64.grad)):
+            scale = theirs.abs().max().item()
+            assert (ours.double() - theirs).abs().max().item() <= tolerance * scale
