@@ -256,6 +256,19 @@ def test_a_value_outside_an_options_type_or_range_is_refused_naming_the_value(co
     assert f"Invalid value for '{command[-1]}': has value {problem}" in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "value"),
+    [(["forward", "tiny", "--seq-len"], "x" + "9" * 3000), (["data", "build", "--workers"], "9" * 3000)],
+)
+def test_a_refused_options_long_value_is_echoed_cut_to_its_start_and_length(command, value):
+    """typer's check (--seq-len) and a callback's (--workers) echoed a 3,000-digit value whole."""
+    result = run(*command, value)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert f"Invalid value for '{command[-1]}': has value {value[:80]}... ({len(value):,} characters): " in message
+    assert len(result.stderr) < 600
+
+
 @pytest.mark.parametrize("command", [["pass-at-k", "{model}"], ["traces", "{model}", "--out", "{model}/t.jsonl"]])
 def test_pass_at_k_and_traces_name_a_temperature_out_of_range_by_its_value_as_sample(tmp_path, command):
     """typer's own range let nan through to "Input should be greater than or equal to 0", naming no value."""
