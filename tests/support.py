@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import torch.multiprocessing as mp
 
 T = TypeVar("T")
@@ -34,14 +37,46 @@ def fp8_block_warnings(action: Callable[[], T]) -> tuple[T, list[str]]:
     return value, [str(warning.message) for warning in caught if "weight_block_size" in str(warning.message)]
 
 
-def spawn(rank_main: Callable[..., None], args: tuple, nprocs: int = 2, join: bool = True) -> mp.ProcessContext | None:
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports on 127.0.0.1, all held at once while they are picked."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 (a rendezvous' MASTER_PORT, a server's port)."""
+    return free_ports(1)[0]
+
+
+SPAWN_LIMIT_S = 300  # ranks that all hang (a collective none of them leaves) would otherwise hold the test for ever
+
+
+def spawn(
+    rank_main: Callable[..., None], args: tuple, nprocs: int = 2, join: bool = True, limit_s: float = SPAWN_LIMIT_S
+) -> mp.ProcessContext | None:
     """`mp.spawn(rank_main, args, nprocs, join)`, each rank forked from one server process per pytest worker that
     imported torch and the first spawning test's module (seekstack with it, ~4 s of a CPU) once, not a fresh
     interpreter importing them again for every rank; the rank writes to the test's output and runs in its
-    environment, as a spawned one does."""
+    environment, as a spawned one does. Joined ranks still running after `limit_s` seconds are killed and the test
+    fails, naming them."""
     mp.set_forkserver_preload([rank_main.__module__])  # read once, when the first spawn starts the server
     ranks_args = (rank_main, args, _TestsOutput(), dict(os.environ))
-    return mp.start_processes(_rank_as_spawned, ranks_args, nprocs, join, start_method="forkserver")
+    context = mp.start_processes(_rank_as_spawned, ranks_args, nprocs, join=False, start_method="forkserver")
+    if not join:
+        return context
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=1):  # raises, ending the others, when a rank fails
+        if time.monotonic() > deadline:
+            running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                process.kill()
+                process.join()
+            ranks = " and ".join(map(str, running))
+            pytest.fail(f"{rank_main.__name__}: rank {ranks} still ran after {limit_s} s (hung?), killed")
+    return None
 
 
 class _TestsOutput:

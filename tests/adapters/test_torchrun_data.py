@@ -4,22 +4,15 @@ shards, and an error rank 0 meets stops every rank (two gloo ranks on CPU)."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from seekstack.schema import ConfigError
-from tests.support import spawn
+from tests.support import free_port, spawn
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, base: Path, text: Path, out: Path, outcomes: Path) -> None:

@@ -3,7 +3,6 @@ checkpoints resume at another number of ranks, and compressed gradient all-reduc
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import math
 import os
@@ -12,7 +11,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,23 +30,10 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
-from tests.support import spawn
+from tests.support import free_port, free_ports, spawn
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different free ports, all held at once while they are picked."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
@@ -282,6 +267,18 @@ def test_ranks_run_in_the_environment_of_the_test_that_spawns_them(tmp_path, mon
         monkeypatch.setenv("SEEKSTACK_SPAWNED_WITH", value)
         spawn(_rank_telling_its_environment, (tmp_path,))
         assert [(tmp_path / f"rank_{rank}").read_text() for rank in range(2)] == [value, value]
+
+
+def _rank_hanging(rank: int) -> None:
+    time.sleep(600)  # as both ranks waiting in a collective the other never joins
+
+
+def test_ranks_that_all_hang_fail_the_test_within_its_limit_naming_them():
+    """Both ranks hanging kept the test waiting for ever; after the limit they are killed and the test fails."""
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"^_rank_hanging: rank 0 and 1 still ran after 2 s \(hung\?\)"):
+        spawn(_rank_hanging, (), limit_s=2)
+    assert time.monotonic() - started < 30
 
 
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from seekstack.checkpoint import save_pretrained
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
 from tests.conftest import micro_config
+from tests.support import free_port
 
 SEEKSTACK = str(Path(sys.executable).parent / "seekstack")
 INSTALL_SCRIPT = Path(__file__).parents[2] / "scripts" / "install_test_deps.sh"
@@ -44,12 +44,6 @@ def make_model_dir(directory: Path, max_position_embeddings: int = 256) -> Path:
     for path in (directory / "tokenizer").iterdir():
         shutil.copy(path, directory / "model" / path.name)
     return directory / "model"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

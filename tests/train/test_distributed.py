@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from seekstack.train.trainer import train
-from tests.support import spawn
+from tests.support import free_port, spawn
 from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, config, resume: bool = False) -> None:
