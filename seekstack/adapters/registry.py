@@ -13,6 +13,7 @@ numbers); a removed adapter's slot is reused by the next one loaded, so what the
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -321,6 +322,13 @@ def _refuse_in_flight(name: str, requests_in_flight: int) -> None:
         )
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """An adapter's folder as given, a leading ~ read as the user's home, as vLLM reads a lora_path (JSON and Python
+    strings have no shell to expand it); os.path's leaves ~user of no such user as it is, named as missing, where
+    Path.expanduser raises RuntimeError."""
+    return Path(os.path.expanduser(path))
+
+
 def attach_adapters(
     model: Transformer,
     adapters: Mapping[str, str | Path],
@@ -330,6 +338,7 @@ def attach_adapters(
     """Make `model` serve each adapter folder (peft format) by name, per row; the base weights stay as they are.
     `max_loras`, `max_lora_rank`: the capacity for adapters loaded now and later (`LoadedAdapters`); None: the default
     (DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK), or what `adapters` need where that is more."""
+    adapters = {name: adapter_folder(folder) for name, folder in adapters.items()}
     weights = {name: read_factors(model.config, folder) for name, folder in adapters.items()}
     if max_loras is None:
         max_loras = max(DEFAULT_MAX_LORAS, len(weights))

@@ -19,7 +19,6 @@ import itertools
 import math
 import numbers
 import operator
-import os
 import sys
 import threading
 import time
@@ -741,8 +740,9 @@ class Engine:
         """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises
         CheckpointError for a folder that holds no adapter of this model, ValueError for a name in use (`replace`:
         a loaded `name` takes the new weights unless unfinished requests still use it)."""
-        from seekstack.adapters.registry import read_factors
+        from seekstack.adapters.registry import adapter_folder, read_factors
 
+        folder = adapter_folder(folder)
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
             self.lora.add(name, folder, factors, replace, self._requests_on_adapter(name))
@@ -1517,11 +1517,12 @@ class Engine:
         where every slot is taken (as vLLM's LRU cache evicts one); None: the base model. A loaded adapter is held
         (`_held_adapters`, its name appended to `held`, which the caller gives back) in the same hold of the lock that
         found or loaded it, so another thread's lora_request cannot unload it before this call's requests use it."""
+        from seekstack.adapters.registry import adapter_folder
+
         if request is None:
             return None
         name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", "")
-        # "~/adapters/x" under the user's home, as vLLM reads it (~user of no such user left as it is, named as missing)
-        folder = Path(os.path.expanduser(path)) if path else None
+        folder = adapter_folder(path) if path else None
         if not isinstance(name, str):
             raise TypeError(
                 f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "

@@ -13,8 +13,6 @@ JSON requests only (serve/access.py).
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -66,10 +64,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
         try:
-            # a leading ~ is the server user's home, as vLLM reads it (JSON has no shell to expand it); os.path's
-            # leaves ~user of no such user as it is, where Path.expanduser raises RuntimeError
-            folder = Path(os.path.expanduser(body.lora_path))
-            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, folder, body.load_inplace)
+            # a leading ~: the server user's home (Engine.load_adapter reads it so)
+            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
         except AdapterInUse as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
         except AdapterConflict as error:

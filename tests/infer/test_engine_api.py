@@ -119,6 +119,8 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     monkeypatch.setenv("HOME", str(folder.parent))  # a lora_path under the user's home, as vLLM expands it
     assert tokens(lora_request=LoRARequest("home", 2, f"~/{folder.name}")) == adapted
     assert engine.lora.folders == {"legal": folder, "home": folder}
+    engine.load_adapter("loaded", f"~/{folder.name}")  # load_adapter reads it as lora_request and the HTTP route do
+    assert engine.lora.folders["loaded"] == folder and tokens(adapters="loaded") == adapted
 
 
 def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(base, adapter_folders):
