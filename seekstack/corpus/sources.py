@@ -146,9 +146,6 @@ VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
 ARROW_FILE_MAGIC = b"ARROW1"  # how Arrow's random-access file format opens; `datasets` writes the stream format
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
-# and so the values Python's csv reads to tell a row unlike its header or a quote left open: its default limit, 128 KB,
-# stopped both at the first longer document, unsaid
-csv.field_size_limit(CSV_BLOCK_BYTES)
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
@@ -838,13 +835,29 @@ def _refuse_another_separator(path: Path, names: list[str], column: str, delimit
     )
 
 
+@contextmanager
+def _csv_values_of_a_block() -> Iterator[None]:
+    """Python's csv reads values up to CSV_BLOCK_BYTES meanwhile, as pyarrow does, to tell a row unlike its header or
+    a quote left open (its default limit, 128 KB, stopped both at the first longer document, unsaid); then its limit
+    is as it was: a process-wide setting, which importing seekstack left raised for its user's own csv reading."""
+    previous = csv.field_size_limit(CSV_BLOCK_BYTES)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> str | None:
     """Where the first row of a CSV or TSV file holding more or fewer values than its header is, what it holds and how
     to mend it: `row 2 (line 3) holds 3 values, its header 2: '2,"a","b"'; quote ...` (a row of fewer values is shown
     with the empty values it lacks), rows counted as ids count them (the header and blank lines not); None when every
     row matches its header (or Python's csv cannot read the file either)."""
     try:
-        with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+        with (
+            _csv_values_of_a_block(),
+            _opened(path) as binary,
+            io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text,
+        ):
             rows = csv.reader(text, delimiter=delimiter)
             header, number = next((row for row in rows if row), []), 0  # past blank lines, as pyarrow reads it
             while (row := next(rows, None)) is not None:
@@ -870,7 +883,11 @@ def _quote_left_open(path: Path, encoding: str, delimiter: str) -> str | None:
     """Where the quoted value that no quote closes opens in a CSV or TSV file, the file's end inside it, and how to
     mend it, rows counted as ids count them; None when every quoted value is closed (or Python's csv, strict, stops
     first at a quote pyarrow reads leniently, `"a"b`)."""
-    with _opened(path) as binary, io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text:
+    with (
+        _csv_values_of_a_block(),
+        _opened(path) as binary,
+        io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="") as text,
+    ):
         rows = csv.reader(text, delimiter=delimiter, strict=True)
         number, next_line = 0, 1
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import csv
 import gzip
 import io
 import itertools
@@ -2030,6 +2031,19 @@ def test_a_damaged_csv_row_after_a_value_over_128_kb_is_refused_naming_it(
     with pytest.raises(DataSourceError) as refused:
         list(open_source(tmp_path / "long.csv"))
     assert str(refused.value).startswith(f"{tmp_path / 'long.csv'}: cannot be read as CSV: {found}")
+
+
+def test_reading_a_csv_raises_pythons_csv_field_limit_only_meanwhile(tmp_path: Path) -> None:
+    """Importing seekstack raised Python's csv field limit process-wide for good (a user's own setting and csv
+    reading changed), and a user's lower limit then stopped this reading at the long document."""
+    (tmp_path / "long.csv").write_text(f'id,text\n1,"{"long " * 400}"\n2,"no closing quote\n3,lost row\n')
+    users = csv.field_size_limit(1000)
+    try:
+        with pytest.raises(DataSourceError, match="row 2 .line 3. opens a quoted value that no quote closes"):
+            list(open_source(tmp_path / "long.csv"))
+        assert csv.field_size_limit() == 1000
+    finally:
+        csv.field_size_limit(users)
 
 
 @pytest.mark.parametrize(
