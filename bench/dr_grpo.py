@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options import positive_int
+from options import checkpoint_folder, positive_int
 
 from seekstack.infer import Engine
 from seekstack.posttrain.config import GRPOConfig
@@ -52,7 +52,7 @@ def mean(records: list[dict], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("start", type=Path, help="the SFT checkpoint both runs start from")
+    parser.add_argument("start", type=checkpoint_folder, help="the SFT checkpoint both runs start from")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--steps", type=positive_int, default=150)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -27,6 +28,19 @@ def whole_number(text: str, least: int) -> int:
     if value < least:
         raise argparse.ArgumentTypeError(f"{value}: at least {least}")
     return value
+
+
+def checkpoint_folder(text: str) -> Path:
+    """An argparse type for a checkpoint folder (or a training run's, for its newest checkpoint): its config.json read,
+    so that a missing folder or one that is no checkpoint is refused by name before any work, not in a traceback
+    after the rest has loaded."""
+    from seekstack.checkpoint import read_config
+
+    try:
+        read_config(text)
+    except (OSError, ValueError) as error:  # CheckpointError, ConfigError
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return Path(text)
 
 
 def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) -> tuple:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import checkpoint_folder, positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
@@ -86,8 +86,8 @@ def grpo_for(budget_s: float, args: argparse.Namespace, out: Path) -> tuple[Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path, required=True, help="the GRPO-trained checkpoint")
-    parser.add_argument("--student", type=Path, required=True, help="a smaller pretrained checkpoint")
+    parser.add_argument("--teacher", type=checkpoint_folder, required=True, help="the GRPO-trained checkpoint")
+    parser.add_argument("--student", type=checkpoint_folder, required=True, help="a smaller pretrained checkpoint")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--prompts", type=positive_int, default=2000, help="training problems the teacher samples on")

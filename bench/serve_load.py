@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from options import positive_int
+from options import checkpoint_folder, positive_int
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
@@ -195,7 +195,9 @@ def percentile(values: list[float], q: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="checkpoint folder with tokenizer.json; default: random tiny")
+    parser.add_argument(
+        "--model", type=checkpoint_folder, help="checkpoint folder with tokenizer.json; default: random tiny"
+    )
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16])
     parser.add_argument(
         "--requests", type=positive_int, default=2, help="streamed completions per client, one after another"

@@ -50,3 +50,26 @@ def test_a_count_of_zero_is_refused_naming_the_option(script, option, monkeypatc
     run = run_in_process(script, option, "0", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert f"argument {option}: 0: at least 1" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "options", "argument"),
+    [
+        ("distill_step.py", ["{missing}", "{missing}"], "teacher"),
+        ("dr_grpo.py", ["{missing}"], "start"),
+        ("lora_serve.py", ["{missing}", "{missing}"], "base"),
+        ("lora_domain.py", ["{missing}", "{missing}"], "base"),
+        ("r1_distill.py", ["--teacher", "{missing}", "--student", "{missing}"], "--teacher"),
+        ("serve_load.py", ["--model", "{missing}"], "--model"),
+    ],
+)
+def test_a_checkpoint_folder_that_is_missing_is_refused_naming_the_argument(
+    script, options, argument, tmp_path, monkeypatch, capsys
+):
+    """It ended in a CheckpointError or ConfigError traceback (lora_serve.py: a RuntimeError once the server it had
+    started exited), after the other models and data had loaded."""
+    missing = tmp_path / "nope"
+    run = run_in_process(script, *(option.format(missing=missing) for option in options), monkeypatch=monkeypatch,
+                         capsys=capsys)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: argument {argument}: {missing}: no such folder; a checkpoint is a folder holding" in run.stderr
