@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from options import positive_int
+from short_runs import require_shards
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.distill.config import DistillConfig
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=positive_int, default=40)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    require_shards(args.data, ["train", "val"])
     teacher = teacher_checkpoint(args.data, args.out)
     students = {name: train_student(name, teacher, args.data, args.out, args) for name in args.variants}
     models = {"teacher": load_pretrained(teacher).eval()}

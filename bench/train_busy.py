@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from machine import matmul_peaks, share_of_peak
 from options import positive_int
+from short_runs import require_shards
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.train.config import TrainConfig
@@ -55,6 +56,7 @@ def main() -> None:
         "--rounds", type=positive_int, default=2, help="runs of each setting, alternating (median reported)"
     )
     args = parser.parse_args()
+    require_shards(args.data, ["train"])
     print(f"{args.preset}, {args.batch} x {args.seq_len} tokens a step, {args.steps} steps a run, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     peak = matmul_peaks()["float32"]  # quiet, on torch's threads

@@ -73,3 +73,12 @@ def test_a_checkpoint_folder_that_is_missing_is_refused_naming_the_argument(
                          capsys=capsys)  # fmt: skip
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: argument {argument}: {missing}: no such folder; a checkpoint is a folder holding" in run.stderr
+
+
+@pytest.mark.parametrize("script", ["distill.py", "train_busy.py"])
+def test_a_data_folder_without_token_shards_is_refused_before_any_work(script, tmp_path, monkeypatch, capsys):
+    """It ended in a FileNotFoundError traceback from the first training run (train_busy.py: after measuring the
+    matmul peak), where the other short-run studies refuse it."""
+    run = run_in_process(script, "--data", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 1, run.stderr[-500:]
+    assert run.stderr.strip() == f"{tmp_path} has no 'train' split: run `make demo` (it tokenizes with --buckets) first"
