@@ -125,12 +125,31 @@ class LoadedExtent:
 MERGED_LINEAR_BYTES = 2**19
 
 
+def keyed_as_the_base(wrapper: nn.Module) -> None:
+    """Give `wrapper`, which holds its layer as `base`, the layer's state-dict keys (`prefix.weight`, not
+    `prefix.base.weight`), as vLLM's LoRA layers load the base's names: with adapters attached the model's state dict
+    is the base's, and a plain model's loads into it (an RL weight sync). The adapters' stacks, laid out from the
+    loaded adapters' files, are not in it."""
+
+    def base_keys_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for key in [key for key in state_dict if key.startswith(prefix + "base.")]:
+            state_dict[prefix + key.removeprefix(prefix + "base.")] = state_dict.pop(key)
+
+    def base_keys_in(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        for key in [key for key in state_dict if key.startswith(prefix) and not key.startswith(prefix + "base.")]:
+            state_dict[prefix + "base." + key.removeprefix(prefix)] = state_dict.pop(key)
+
+    wrapper.register_state_dict_post_hook(base_keys_out)
+    wrapper.register_load_state_dict_pre_hook(base_keys_in)
+
+
 class MultiLoRALinear(nn.Module):
     """An nn.Linear plus, per token, its slot's low-rank update."""
 
     def __init__(self, base: nn.Linear | nn.Embedding, rows: AdapterRows):
         super().__init__()
         self.base, self.rows = base, rows
+        keyed_as_the_base(self)
         self.rank = 0
         self.absorbed_weight: torch.Tensor | None = None  # what `weight` returns inside MultiLoRAAttention
         self.loaded_rank = 0  # the compact copy's rank, 0: no factors (buffers, so that .to() moves them)
@@ -143,8 +162,8 @@ class MultiLoRALinear(nn.Module):
         slot-major; and their compact copy of the loaded extent (`loaded`) for eager steps."""
         lora_a, lora_b = stack_factors(per_slot, self.base.weight, rank)  # (S, r, in), (S, out, r)
         self.rank = rank
-        self.register_buffer("down", lora_a.flatten(0, 1).t().contiguous())
-        self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous())
+        self.register_buffer("down", lora_a.flatten(0, 1).t().contiguous(), persistent=False)
+        self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous(), persistent=False)
         used = max(a.shape[-2] for a, _ in (f for f in per_slot if f is not None))
         slots = self.rows.slots_in_use
         self.loaded_rank = used
@@ -256,6 +275,7 @@ class MultiTokenRows(nn.Module):
     def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
         self.base, self.rows = base, rows
+        keyed_as_the_base(self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -274,8 +294,8 @@ class MultiTokenRows(nn.Module):
                 ids, trained = rows[0].to(weight.device), rows[1].to(weight.device, torch.float32)
                 token_ids[slot, : len(ids)] = ids
                 deltas[slot, : len(ids)] = trained - weight[ids].float()
-        self.register_buffer("token_ids", token_ids)
-        self.register_buffer("token_deltas", deltas.to(weight.dtype))
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        self.register_buffer("token_deltas", deltas.to(weight.dtype), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, D) -> logits (B, T, V), each row's slot's ids raised by h D_s^T."""
@@ -358,8 +378,10 @@ class MultiLoRAExperts(RoutedExperts):
         for name, per_slot in per_param.items():
             stacked[name] = stack_factors(per_slot, self.gate_up_proj, rank)  # (S, E, r, in), (S, E, out, r)
             lora_a, lora_b = stacked[name]
-            self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
-            self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
+            down = lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous()
+            self.register_buffer(f"{name}_lora_down", down, persistent=False)
+            up = lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous()
+            self.register_buffer(f"{name}_lora_up", up, persistent=False)
         merged_bytes = self.rows.slots_in_use * sum(getattr(self, name).nbytes for name in MERGED_EXPERTS)
         self.holds_factors = bool(per_param)
         kernel = self.holds_factors and merged_bytes <= MERGED_EXPERTS_BYTES and cpu_kernels.available()
@@ -545,13 +567,13 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         return self
 
     def set_factors(self) -> None:
-        """Lay out kv_b_proj's current factors as buffers: its capacity's and its loaded extent's for eager steps
-        (`LOADED_LAYOUT`, not saved)."""
+        """Lay out kv_b_proj's current factors as buffers (not saved): its capacity's and its loaded extent's for
+        eager steps (`LOADED_LAYOUT`)."""
         capacity = self._layout(self.kv_b_proj.down, self.kv_b_proj.up)
         loaded = self._layout(self.kv_b_proj.loaded_down, self.kv_b_proj.loaded_up)
-        for names, layout, persistent in ((CAPACITY_LAYOUT, capacity, True), (LOADED_LAYOUT, loaded, False)):
+        for names, layout in ((CAPACITY_LAYOUT, capacity), (LOADED_LAYOUT, loaded)):
             for name, held in zip(names, layout, strict=True):
-                self.register_buffer(name, held, persistent=persistent)
+                self.register_buffer(name, held, persistent=False)
         merged = None if self.kv_b_proj.loaded_merged is None else self._merged_layout()
         self.register_buffer("merged_absorbed", merged, persistent=False)
 

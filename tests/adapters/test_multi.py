@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 
@@ -638,6 +639,28 @@ def test_rows_follow_base_weights_changed_in_place_after_the_adapters_are_attach
             alone = halved() if name is None else merged_model(halved(), adapters[name])
             assert (mixed[row : row + 1] - alone(ids[row : row + 1]).logits).abs().max() < ATOL
     assert (mixed - before).abs().max() > 100 * ATOL
+
+
+def test_a_plain_models_state_dict_loads_into_one_with_adapters_attached_each_row_following_it(
+    with_head_rows, tmp_path
+):
+    """Adapters attached, the model's state dict has the base's keys, as vLLM's LoRA layers load the base's names: a
+    plain model's loads into it (an RL weight sync), and each row then gives its adapter merged onto those weights."""
+    base, adapters = with_head_rows
+    ids = torch.randint(2, 500, (3, 1), generator=torch.Generator().manual_seed(3))
+    choice = [None, "rows", "full"]
+    model = seekstack.load_pretrained(base).eval()
+    keys = list(model.state_dict())
+    loaded = attach_adapters(model, adapters)
+    assert list(model.state_dict()) == keys
+    other = seekstack.load_pretrained(write_base(tmp_path / "other", seed=5, with_tokenizer=True)).eval()
+    model.load_state_dict(other.state_dict())
+    loaded.select([loaded.slot(name) if name else 0 for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+        for row, name in enumerate(choice):
+            alone = other if name is None else merged_model(copy.deepcopy(other), adapters[name])
+            assert (mixed[row : row + 1] - alone(ids[row : row + 1]).logits).abs().max() < ATOL
 
 
 def test_layers_laid_again_in_a_step_after_an_in_place_change_hold_ordinary_tensors_as_after_a_load(served):
