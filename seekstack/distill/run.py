@@ -35,7 +35,7 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.state import load_training_file
-from seekstack.train.trainer import TrainResult, train
+from seekstack.train.trainer import TrainResult, told_if_interrupted_before_training, train
 
 STATE_FILE = "distill_state.pt"
 
@@ -153,5 +153,6 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
-    source = conversation_source(config, config.packing, DistillSource)
+    with told_if_interrupted_before_training(resume):
+        source = conversation_source(config, config.packing, DistillSource)
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

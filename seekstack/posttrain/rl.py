@@ -43,7 +43,7 @@ from seekstack.posttrain.tasks import Problem, Task, make_task, sample_problems,
 from seekstack.posttrain.tasks.base import HELDOUT_PERCENT
 from seekstack.posttrain.tasks.problems_file import ProblemsFile
 from seekstack.train.runs import refuse_new_run_into
-from seekstack.train.trainer import TrainResult, train
+from seekstack.train.trainer import TrainResult, told_if_interrupted_before_training, train
 
 PROMPT_SAMPLE = 256  # training problems whose prompts are measured against max_prompt_length before the run starts
 # What a generation batch is made under: the distribution its completions and log-probabilities are of, its groups,
@@ -345,4 +345,6 @@ def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the rollout engine is built
     with configured_threads(config.threads):  # before the source: its engine starts on the run's threads
-        return train(config, resume=resume, source=GRPOSource(config))
+        with told_if_interrupted_before_training(resume):
+            source = GRPOSource(config)
+        return train(config, resume=resume, source=source)

@@ -39,7 +39,7 @@ from seekstack.posttrain.tasks import make_task
 from seekstack.schema import counted
 from seekstack.tokenizer import Tokenizer, drop_past_reasoning
 from seekstack.train.runs import refuse_new_run_into
-from seekstack.train.trainer import TrainResult, ValidationBatch, train
+from seekstack.train.trainer import TrainResult, ValidationBatch, told_if_interrupted_before_training, train
 
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -315,4 +315,6 @@ def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult
     config = config.validate(resume=bool(resume))
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    return train(config, resume=resume, source=conversation_source(config, config.packing))
+    with told_if_interrupted_before_training(resume):
+        source = conversation_source(config, config.packing)
+    return train(config, resume=resume, source=source)

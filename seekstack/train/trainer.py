@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -455,6 +455,20 @@ def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
     return [path, config_file] if config_file.is_file() else [path]
 
 
+@contextlib.contextmanager
+def told_if_interrupted_before_training(resume: bool | str | Path = False) -> Iterator[None]:
+    """Ctrl-C inside, in a run's start-up before its first step (the model built or loaded, the data read and checked,
+    the peak probed; post-training's conversations tokenized or rollout engine built), is said on stderr by the main
+    process, where the command's exit 130 says nothing; then raised again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if distributed.is_main_process():
+            kept = " (the checkpoint it resumes from is as it was)" if resume else ""
+            print(f"\ninterrupted before its first step: nothing saved{kept}", file=sys.stderr, flush=True)
+        raise
+
+
 def train(
     config: TrainConfig,
     resume: bool | str | Path = False,
@@ -484,13 +498,8 @@ def train(
                 "machine",
             )  # fmt: skip
         with configured_threads(config.threads), sigterm_as_ctrl_c(), contextlib.ExitStack() as held:
-            try:
-                run = _Run(config, ranks, resume, hooks, source, held)
-            except KeyboardInterrupt:  # in the start-up: the model's build or load, the data's checks, the peak probe
-                if resumable and ranks.is_main:
-                    kept = " (the checkpoint it resumes from is as it was)" if resume else ""
-                    print(f"\ninterrupted before its first step: nothing saved{kept}", file=sys.stderr, flush=True)
-                raise
+            with told_if_interrupted_before_training(resume) if resumable else contextlib.nullcontext():
+                run = _Run(config, ranks, resume, hooks, source, held)  # the model built or loaded, the data checked
             return run.run(resumable)
     finally:
         distributed.shutdown(ranks)

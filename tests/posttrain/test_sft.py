@@ -807,3 +807,21 @@ def test_transformers_assistant_tokens_mask_is_the_sft_labels_mask(tmp_path):
         assert rendered["input_ids"] == ids
         assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
         assert sum(rendered["assistant_masks"]) > 0
+
+
+def test_ctrl_c_while_sft_reads_its_conversations_says_that_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the conversations were read and tokenized (seconds to minutes, before the trainer starts) ended
+    `seekstack sft` with exit 130 and not a word, where one in the trainer's start-up says what it saved."""
+
+    def interrupted_reading(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.posttrain.sft.conversation_source", interrupted_reading)
+    data = write_conversations([CHAT[1:3]] * 2, tmp_path / "chats.jsonl")
+    byte_tokenizer(tmp_path / "tokenizer")
+    args = [f"data={data}", f"tokenizer={tmp_path / 'tokenizer'}", f"out_dir={tmp_path / 'run'}"]
+    config = resolve_train_config(None, args, cls=SFTConfig)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config)
+    assert capsys.readouterr().err.endswith("\ninterrupted before its first step: nothing saved\n")
+    assert not (tmp_path / "run").exists()
