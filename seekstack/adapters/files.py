@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import re
 import shutil
 from collections.abc import Sequence
@@ -74,8 +75,8 @@ UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what 
 NUMBER_FIELDS = {  # peft's LoraConfig number fields, their JSON type (true and false are not numbers), what they are
     # and the field that maps module names to their own value of it
     "r": (int, "an integer (the rank)", "rank_pattern"),
-    "lora_alpha": ((int, float), "a number (the scale is alpha/r)", "alpha_pattern"),
-    "lora_dropout": ((int, float), "a number", None),
+    "lora_alpha": ((int, float), "a finite number (the scale is alpha/r)", "alpha_pattern"),
+    "lora_dropout": ((int, float), "a finite number", None),
 }
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
@@ -278,6 +279,12 @@ def quantized_base_error(where: str | Path, scheme: str) -> CheckpointError:
     )
 
 
+def _is_number(value: object, types: type | tuple[type, ...]) -> bool:
+    """Whether `value`, read from JSON, is one of `types` and finite: true and false are no numbers, and Python's JSON
+    reads NaN and Infinity, which would make every logit of the adapter's requests NaN."""
+    return isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_lora_config(folder: str | Path) -> LoraConfig:
     """peft's LoraConfig saved in `folder`; CheckpointError naming the file when it is missing, damaged or holds a
     field peft refuses. A folder that holds no LoRA config is refused before peft is imported (seconds, which the
@@ -296,11 +303,9 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         )
     for field, (types, what, pattern) in NUMBER_FIELDS.items():  # peft takes any JSON value, then fails naming none
         value, values = raw.get(field, 0), raw.get(pattern) or {}
-        if isinstance(value, bool) or not isinstance(value, types):
+        if not _is_number(value, types):
             raise CheckpointError(f"{path}: field {field!r} must be {what}, not {shown_value(value)}")
-        if not isinstance(values, dict) or any(
-            isinstance(v, bool) or not isinstance(v, types) for v in values.values()
-        ):
+        if not isinstance(values, dict) or not all(_is_number(v, types) for v in values.values()):
             raise CheckpointError(
                 f"{path}: field {pattern!r} must map module names to {what}, not {shown_value(values)}"
             )

@@ -516,7 +516,12 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
     "config alpha a list": (
         ADAPTER_CONFIG_FILE,
         lambda data: json.dumps({**json.loads(data), "lora_alpha": [16]}).encode(),
-        r"field 'lora_alpha' must be a number .*, not \[16\]",
+        r"field 'lora_alpha' must be a finite number .*, not \[16\]",
+    ),
+    "config alpha NaN": (  # Python's JSON reads NaN: every logit of the adapter's requests was NaN
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "lora_alpha": float("nan")}).encode(),
+        r"field 'lora_alpha' must be a finite number \(the scale is alpha/r\), not nan",
     ),
     "config rank pattern a list": (  # peft's AttributeError: 'list' object has no attribute 'keys'
         ADAPTER_CONFIG_FILE,
@@ -526,7 +531,12 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
     "config alpha pattern of a string": (
         ADAPTER_CONFIG_FILE,
         lambda data: json.dumps({**json.loads(data), "alpha_pattern": {"o_proj": "4"}}).encode(),
-        r"field 'alpha_pattern' must map module names to a number .*, not \{'o_proj': '4'\}",
+        r"field 'alpha_pattern' must map module names to a finite number .*, not \{'o_proj': '4'\}",
+    ),
+    "config alpha pattern infinite": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "alpha_pattern": {"o_proj": float("inf")}}).encode(),
+        r"field 'alpha_pattern' must map module names to a finite number .*, not \{'o_proj': inf\}",
     ),
     "another peft method": (
         ADAPTER_CONFIG_FILE,
