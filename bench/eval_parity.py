@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--corpus", default="runs/demo/corpus")
     parser.add_argument("--limit", type=positive_int, default=40, help="documents per task")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument(
         "--device",
         default=None,

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reps", type=positive_int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ def median_ms(calls: dict[str, Callable[[], None]], reps: int, inner: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reps", type=positive_int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

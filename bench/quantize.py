@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--model", default="runs/quant/train/checkpoints/step_150")
     parser.add_argument("--data", default="runs/quant/data/tokens")
     parser.add_argument("--batches", type=positive_int, default=8, help="validation batches of 8 x 256 tokens")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reps", type=positive_int, default=5, help="interleaved decode rounds (median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU seconds")
     parser.add_argument("--preset", help="decode speed only, on random weights of this preset (e.g. small)")

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=positive_int, default=128)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--port", type=int, default=8932)
-    parser.add_argument("--threads", type=int, help="torch threads of the server")
+    parser.add_argument("--threads", type=positive_int, help="torch threads of the server")
     args = parser.parse_args()
     ratios: dict[str, list[float]] = {"mean": [], "p95": []}
     statuses: Counter = Counter()

@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=128)
     parser.add_argument("--reps", type=positive_int, default=3)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

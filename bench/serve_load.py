@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=positive_int, default=64, help="tokens per completion")
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--port", type=int, default=8931)
-    parser.add_argument("--threads", type=int, help="torch threads of the server and of the engine alone")
+    parser.add_argument("--threads", type=positive_int, help="torch threads of the server and of the engine alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

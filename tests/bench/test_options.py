@@ -29,6 +29,10 @@ def test_a_negative_size_is_refused_naming_the_option_where_zero_has_a_meaning(t
     assert "argument --draft-vocab: -5: at least 0" in run.stderr
 
 
+SCRIPTS_WITH_THREADS = ("eval_parity.py", "moe_decode.py", "moe_dispatch.py", "prefix_cache.py", "quantize.py",
+                      "serve_isolation.py", "serve_json_mode.py", "serve_load.py")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("script", "option"),
     [
@@ -44,6 +48,8 @@ def test_a_negative_size_is_refused_naming_the_option_where_zero_has_a_meaning(t
         ("grpo_step.py", "--generations"),
         ("quantize.py", "--batches"),
         ("prune.py", "--calibration-batches"),
+        # --threads 0 failed in torch.set_num_threads after the models loaded, or ran on torch's count unasked
+        *((script, "--threads") for script in SCRIPTS_WITH_THREADS),
     ],
 )
 def test_a_count_of_zero_is_refused_naming_the_option(script, option, monkeypatch, capsys):
