@@ -265,6 +265,12 @@ def _tail_split(documents: list[str]) -> tuple[list[str], set[str]]:
     return texts + held_out[::-1], set(held_out)
 
 
+LONGEST_WORD = 64  # characters a cut moves back at most to a word's start: none in text written without spaces
+
+
 def _word_start(text: str, position: int) -> int:
-    """`position` moved back to the start of the word it falls in; kept where no whitespace comes before it."""
-    return re.search(r"\S*\Z", text[:position]).start() or position
+    """`position` moved back to the start of the word it falls in; kept where no whitespace comes before it within
+    LONGEST_WORD characters (Chinese or Japanese, written without spaces: a cut back to the last newline could leave
+    the training part a title)."""
+    start = re.search(r"\S*\Z", text[:position]).start()
+    return start if start and position - start <= LONGEST_WORD else position

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.data import _split
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.checkpoint import read_config
 from seekstack.cli import app
@@ -164,6 +165,15 @@ def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, t
     assert train_config.data_dir == str(out / "data")
     assert train_adapter(train_config, adapter, continued, resume=True).step == 2
     assert index_path(out / "data", "train").stat().st_mtime_ns == tokens_written  # not tokenized again
+
+
+def test_one_document_written_without_spaces_holds_out_its_last_tenth_not_all_after_its_title():
+    """Chinese has no spaces to cut at the start of a word: the cut stays at the last tenth, where moving back to the
+    newline after the title trained on the title alone (3 characters) and held out the rest."""
+    text = "标题\n" + "这是一个句子。" * 300
+    texts, held_out = _split([text])
+    assert "".join(texts) == text and held_out == {texts[-1]}
+    assert len(texts[-1]) == len(text) // 10
 
 
 def test_text_of_one_document_holds_out_its_last_tenth_and_the_run_evaluates_on_it(base, tmp_path):
