@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import checkpoint_folder, positive_int
 
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.run import run_distill
@@ -96,8 +96,9 @@ def held_out(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-teacher", type=Path, default=Path("runs/distill/teacher/checkpoints/step_400"))
-    parser.add_argument("--student", type=Path, default=Path("runs/distill/ce_only/checkpoints/step_200"))
+    # the defaults are bench/distill.py's; a string default goes through `type` too, so a missing one is refused
+    parser.add_argument("--base-teacher", type=checkpoint_folder, default="runs/distill/teacher/checkpoints/step_400")
+    parser.add_argument("--student", type=checkpoint_folder, default="runs/distill/ce_only/checkpoints/step_200")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--prompts", type=positive_int, default=4000)

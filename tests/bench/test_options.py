@@ -61,7 +61,9 @@ def test_a_count_of_zero_is_refused_naming_the_option(script, option, monkeypatc
 @pytest.mark.parametrize(
     ("script", "options", "argument"),
     [
+        ("distill_reason.py", ["--base-teacher", "{missing}"], "--base-teacher"),
         ("distill_step.py", ["{missing}", "{missing}"], "teacher"),
+        ("eval_parity.py", ["--model", "{missing}"], "--model"),
         ("dr_grpo.py", ["{missing}"], "start"),
         ("lora_serve.py", ["{missing}", "{missing}"], "base"),
         ("lora_domain.py", ["{missing}", "{missing}"], "base"),
