@@ -26,6 +26,7 @@ from options import positive_int
 from torch import nn
 
 import seekstack
+from seekstack.config import PRESETS
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer import engine as engine_module
 from seekstack.infer.packed import DecodeLinear
@@ -72,7 +73,7 @@ def decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--rows", type=positive_int, default=1, help="concurrent sequences")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=positive_int, default=33)

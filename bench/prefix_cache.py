@@ -23,6 +23,7 @@ import torch
 from options import positive_int
 
 import seekstack
+from seekstack.config import PRESETS
 from seekstack.infer import Engine, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
@@ -58,7 +59,7 @@ def alternating_runs(engine: Callable[[bool], Engine], timed: Callable[[Engine],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--requests", type=positive_int, default=16)
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--question-tokens", type=int, default=32)

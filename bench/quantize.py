@@ -38,6 +38,7 @@ from seekstack.compress.adaptive import (
 )
 from seekstack.compress.quality import held_out_batches, measure
 from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
+from seekstack.config import PRESETS
 from seekstack.model.attention import ContiguousLatentCache
 from seekstack.tokens.token_bytes import split_byte_lengths
 
@@ -151,7 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reps", type=positive_int, default=5, help="interleaved decode rounds (median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU seconds")
-    parser.add_argument("--preset", help="decode speed only, on random weights of this preset (e.g. small)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="decode speed only, on random weights of this preset (e.g. small)"
+    )
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="only the per-call timing of one linear layer")
     parser.add_argument("--adaptive-bits", type=float, nargs="*", default=[4.5], help="adaptive precision budgets")

@@ -26,6 +26,7 @@ from options import positive_int
 from short_runs import require_shards
 
 from seekstack.accounting import training_flops_per_token
+from seekstack.config import PRESETS
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import train
 
@@ -47,7 +48,7 @@ def run_rate(args: argparse.Namespace, threads: str | int, out_dir: Path) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
     parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--batch", type=positive_int, default=16)

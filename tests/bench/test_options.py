@@ -90,3 +90,12 @@ def test_a_data_folder_without_token_shards_is_refused_before_any_work(script, t
     run = run_in_process(script, "--data", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 1, run.stderr[-500:]
     assert run.stderr.strip() == f"{tmp_path} has no 'train' split: run `make demo` (it tokenizes with --buckets) first"
+
+
+@pytest.mark.parametrize("script", ["decode_options.py", "prefix_cache.py", "quantize.py", "train_busy.py"])
+def test_a_preset_that_does_not_exist_is_refused_naming_the_option_and_the_presets(script, monkeypatch, capsys):
+    """It ended in a ConfigError traceback once the bench built its model (train_busy.py: after the matmul peak)."""
+    run = run_in_process(script, "--preset", "tiniest", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "argument --preset: invalid choice: 'tiniest' (choose from " in run.stderr
+    assert "'small'" in run.stderr and "'tiny'" in run.stderr
