@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,14 @@ def make_model(directory: Path) -> Path:
 def start_server(
     model_dir: Path, database: Path, port: int, max_batch_size: int, threads: int | None
 ) -> subprocess.Popen:
+    """`seekstack serve` of `model_dir` on `port`, once its /health answers. A port something already listens on is
+    refused first: that listener's /health answered while ours loaded, and the bench measured it instead."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: past a run's TIME_WAIT
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise SystemExit(f"--port {port}: {error.strerror} (another server?): give a free --port") from None
     command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database)]
     command += ["--max-batch-size", str(max_batch_size)] + (["--threads", str(threads)] if threads else [])
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
