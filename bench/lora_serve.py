@@ -24,7 +24,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from options import checkpoint_folder, positive_int
+from options import adapter_folder, checkpoint_folder, positive_int
 
 from tests.serve.server import running_server  # noqa: E402  (the test suite's live-server helper)
 
@@ -75,7 +75,7 @@ def engine_rounds(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=checkpoint_folder)
-    parser.add_argument("adapters", type=Path, nargs="+")
+    parser.add_argument("adapters", type=adapter_folder, nargs="+")
     parser.add_argument("--concurrency", type=positive_int, default=8)
     parser.add_argument("--requests", type=positive_int, default=32)
     parser.add_argument("--max-tokens", type=positive_int, default=32)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from seekstack.adapters.files import read_lora_config
+from seekstack.checkpoint import read_config
 
 
 def positive_int(text: str) -> int:
@@ -30,17 +34,22 @@ def whole_number(text: str, least: int) -> int:
     return value
 
 
-def checkpoint_folder(text: str) -> Path:
-    """An argparse type for a checkpoint folder (or a training run's, for its newest checkpoint): its config.json read,
-    so that a missing folder or one that is no checkpoint is refused by name before any work, not in a traceback
-    after the rest has loaded."""
-    from seekstack.checkpoint import read_config
+def read_by(read: Callable[[str], object]) -> Callable[[str], Path]:
+    """An argparse type for a folder that `read`, seekstack's reader of such folders, accepts: a missing folder or one
+    of another kind is refused by name before any work, not in a traceback after the rest has loaded."""
 
-    try:
-        read_config(text)
-    except (OSError, ValueError) as error:  # CheckpointError, ConfigError
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return Path(text)
+    def folder(text: str) -> Path:
+        try:
+            read(text)
+        except (OSError, ValueError) as error:  # CheckpointError, ConfigError
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return Path(text)
+
+    return folder
+
+
+checkpoint_folder = read_by(read_config)  # a checkpoint, or a training run's folder for its newest checkpoint
+adapter_folder = read_by(read_lora_config)  # a LoRA adapter (adapter_config.json and its weights)
 
 
 def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) -> tuple:

@@ -99,3 +99,16 @@ def test_a_preset_that_does_not_exist_is_refused_naming_the_option_and_the_prese
     assert run.returncode == 2, run.stderr[-500:]
     assert "argument --preset: invalid choice: 'tiniest' (choose from " in run.stderr
     assert "'small'" in run.stderr and "'tiny'" in run.stderr
+
+
+def test_an_adapter_folder_that_is_missing_is_refused_naming_the_argument(tmp_path, monkeypatch, capsys):
+    """bench/lora_serve.py BASE ADAPTER started the base's server, then failed starting the adapters' one with a
+    RuntimeError traceback."""
+    import seekstack
+    from tests.conftest import micro_config
+
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "base")
+    missing = tmp_path / "nope"
+    run = run_in_process("lora_serve.py", str(tmp_path / "base"), str(missing), monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: argument adapters: {missing} does not exist; give an adapter folder (" in run.stderr
