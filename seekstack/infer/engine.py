@@ -1656,6 +1656,12 @@ class Engine:
         offered_tools = offered(tools, self.tokenizer)
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
         conversations = [messages] if one else list(messages)
+        for index, conversation in enumerate(conversations):
+            if isinstance(conversation, str):  # as messages itself: "chat message 0 ... got 'h'"
+                raise TypeError(
+                    f"messages[{index}] is a str; give each conversation as a list of messages, [{{'role': 'user', "
+                    f"'content': {conversation[:20]!r}}}] (generate continues a text as it is)"
+                )
         prompts = [
             self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message, offered_tools)
             for conversation in conversations

@@ -1409,13 +1409,19 @@ def test_speculative_greedy_with_min_tokens_stops_where_plain_greedy_does(model,
 
 
 def test_chat_given_a_text_for_messages_says_how_a_conversation_is_written(model, tokenizer):
-    """Engine.chat("hi") read the text's characters as messages: "chat message 0 must be a dict with 'role' and
-    'content' ..., got 'h'", naming a message the caller never wrote."""
+    """Engine.chat("hi"), or chat([..., "hi"]), read the text's characters as messages: "chat message 0 must be a
+    dict with 'role' and 'content' ..., got 'h'", naming a message the caller never wrote."""
     with pytest.raises(TypeError) as refusal:
         Engine(model, tokenizer).chat("hi", GREEDY)
     assert str(refusal.value) == (
         "messages is a str; give a conversation, [{'role': 'user', 'content': 'hi'}], or a list of them (generate "
         "continues a text as it is)"
+    )
+    with pytest.raises(TypeError) as refusal:  # a list of texts, read as conversations of one-character messages
+        Engine(model, tokenizer).chat([[{"role": "user", "content": "a"}], "hi"], GREEDY)
+    assert str(refusal.value) == (
+        "messages[1] is a str; give each conversation as a list of messages, [{'role': 'user', 'content': 'hi'}] "
+        "(generate continues a text as it is)"
     )
 
 
