@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import yaml
+
 from seekstack.adapters.files import ModelFolders, model_folders
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
@@ -194,6 +196,9 @@ def evaluate(
             )  # fmt: skip
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
+    except yaml.YAMLError as error:  # a task YAML file that does not parse, which lm_eval's loader lets through
+        mark = getattr(error, "problem_mark", None)
+        raise ValueError(f"lm_eval: {mark.name if mark else 'a task YAML file'}: cannot be parsed ({error})") from None
     wall_s = time.perf_counter() - started
     if tracker is not None:
         _save_lm_eval_files(tracker, output)

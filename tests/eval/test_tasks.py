@@ -477,6 +477,19 @@ def test_a_pattern_in_tasks_runs_the_tasks_and_yaml_files_it_matches_as_lm_evals
         evaluate(checkpoint, "code_x*")
 
 
+@pytest.mark.usefixtures("lm_evals_index_built_once")
+def test_a_task_yaml_file_that_does_not_parse_is_refused_naming_the_file(checkpoint, tmp_path):
+    """A --tasks YAML file with a YAML error (a bracket left open) is a ValueError naming the file and YAML's
+    problem, as one that parses to no mapping is (lm_eval's own ValueError): seekstack eval says it as its error."""
+    from seekstack.eval.evaluate import evaluate
+
+    task = tmp_path / "sums_a.yaml"
+    task.write_text("task: [sums_a\noutput_type: multiple_choice\n")
+    message = f"lm_eval: {task}: cannot be parsed (while parsing a flow sequence"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(checkpoint, (str(task),), device="cpu")
+
+
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
     checkpoint,
     your_task,  # noqa: F811  (the fixture imported above)
