@@ -26,7 +26,7 @@ from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from options import checkpoint_folder, positive_int
+from options import checkpoint_folder, positive_int, token_shards
 from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=checkpoint_folder)
     parser.add_argument("student", type=checkpoint_folder)
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards, default="runs/demo/tokens")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)

@@ -14,7 +14,7 @@ import time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from options import checkpoint_folder, positive_int  # noqa: E402
+from options import checkpoint_folder, corpus_folder, positive_int  # noqa: E402
 from peers import peer_missing  # noqa: E402
 
 from seekstack.train.runs import checkpoint_or_latest  # noqa: E402
@@ -23,7 +23,7 @@ from seekstack.train.runs import checkpoint_or_latest  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=checkpoint_folder, required=True, help="checkpoint directory or run out_dir")
-    parser.add_argument("--corpus", default="runs/demo/corpus")
+    parser.add_argument("--corpus", type=corpus_folder, default="runs/demo/corpus")
     parser.add_argument("--limit", type=positive_int, default=40, help="documents per task")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--threads", type=positive_int, default=2)

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, positive_int
+from options import checkpoint_folder, positive_int, token_shards
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
@@ -422,7 +422,7 @@ def measured(folder: Path, measure: Callable[[], dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=checkpoint_folder)
-    parser.add_argument("data", type=Path)
+    parser.add_argument("data", type=token_shards)
     parser.add_argument("--out", type=Path, default=Path("runs/lora/domain"))
     parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--batch-size", type=positive_int, default=8)

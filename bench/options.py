@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
+from seekstack.eval.tasks import held_out_modules
+from seekstack.tokens.shards import load_index
 
 
 def positive_int(text: str) -> int:
@@ -50,6 +53,8 @@ def read_by(read: Callable[[str], object]) -> Callable[[str], Path]:
 
 checkpoint_folder = read_by(read_config)  # a checkpoint, or a training run's folder for its newest checkpoint
 adapter_folder = read_by(read_lora_config)  # a LoRA adapter (adapter_config.json and its weights)
+token_shards = read_by(partial(load_index, split_name="train"))  # `seekstack data tokenize`'s, of a train split
+corpus_folder = read_by(held_out_modules)  # `seekstack data build`'s, of a val split
 
 
 def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) -> tuple:
@@ -59,7 +64,6 @@ def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) 
     import seekstack
     from seekstack.tokenizer import tokenizer_json_path
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
-    from seekstack.tokens.shards import load_index
     from seekstack.tokens.token_bytes import split_byte_lengths
 
     try:

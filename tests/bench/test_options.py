@@ -112,3 +112,26 @@ def test_an_adapter_folder_that_is_missing_is_refused_naming_the_argument(tmp_pa
     run = run_in_process("lora_serve.py", str(tmp_path / "base"), str(missing), monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: argument adapters: {missing} does not exist; give an adapter folder (" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "options", "argument", "said"),
+    [
+        ("distill_step.py", ["{base}", "{base}", "--data", "{missing}"], "--data", "no folder of token shards at"),
+        ("lora_domain.py", ["{base}", "{missing}"], "data", "no folder of token shards at"),
+        ("eval_parity.py", ["--model", "{base}", "--corpus", "{missing}"], "--corpus", "{missing}/val.jsonl: no such"),
+    ],
+)
+def test_data_that_is_missing_is_refused_naming_the_argument(
+    script, options, argument, said, tmp_path, monkeypatch, capsys
+):
+    """Token shards or a corpus that are not there ended in a FileNotFoundError traceback."""
+    import seekstack
+    from tests.conftest import micro_config
+
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path / "base")
+    where = dict(base=tmp_path / "base", missing=tmp_path / "nope")
+    run = run_in_process(script, *(option.format(**where) for option in options), monkeypatch=monkeypatch,
+                         capsys=capsys)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: argument {argument}: {said.format(**where)}" in run.stderr
