@@ -148,7 +148,8 @@ class BadWords:
 
 NO_DISTRIBUTION = (
     "the logits hold an infinity or NaN, which leaves no distribution to sample from: a float16 model's overflow "
-    "(run it in bfloat16 or float32), or a repetition_penalty so far from 1 (such as 1e-40) that the penalized logits "
+    "(run it in bfloat16 or float32), or the request's LoRA adapter's (its lora_alpha or factors far too large; "
+    "other requests go on), or a repetition_penalty so far from 1 (such as 1e-40) that the penalized logits "
     "overflow float32; or every one of allowed_token_ids forbidden here by the constraint (JSON mode: "
     "response_format's grammar, forced tool calls); or every one of allowed_token_ids banned here, after the tokens "
     "so far, by bad_words"

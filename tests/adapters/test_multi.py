@@ -824,6 +824,20 @@ def test_a_load_that_fails_to_restack_leaves_the_loaded_adapters_serving_as_befo
     assert loaded.slot("attention") == 2
 
 
+def test_a_request_on_an_adapter_whose_update_overflows_ends_with_an_error_naming_it_and_the_others_go_on(
+    served, tmp_path
+):
+    """An adapter whose lora_alpha (1e38) sends its logits to NaN: its request ends with finish_reason "error" naming
+    the adapter as a cause (a NaN row's argmax is token 0, as if sampled); a base row of the same batch is as alone."""
+    base, _ = served
+    overflowing = write_random_adapter(base, tmp_path / "overflowing", seed=1, config=AdapterConfig(alpha=1e38))
+    engine = Engine.from_pretrained(base, adapters={"overflowing": overflowing})
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    failed, plain = engine.generate(["hello", "hello"], greedy, adapters=["overflowing", None])
+    assert failed.finish_reason == "error" and failed.token_ids == [] and "the request's LoRA adapter's" in failed.error
+    assert plain.token_ids == engine.generate("hello", greedy)[0].token_ids and plain.finish_reason == "length"
+
+
 def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(served):
     """As vLLM's max_loras and max_lora_rank: the stacks are sized once, and a load that does not fit them is refused
     (the adapters loaded keep serving), where it used to grow them."""
