@@ -20,6 +20,7 @@ import json
 import random
 from pathlib import Path
 
+from data_corpora import missing_corpora
 from data_mixing import MICRO
 from options import positive_int
 from short_runs import short_run
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    missing = missing_corpora(args.corpora)
+    if missing:
+        parser.error(missing)
 
     rng = random.Random(args.seed)
     prose, code, chinese = (read_texts(args.corpora / f"{name}.jsonl") for name in ("prose", "code", "zh"))

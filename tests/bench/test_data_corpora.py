@@ -1,5 +1,5 @@
-"""The data benchmarks' corpora folder (bench/data_corpora.py writes it; data_clean, data_quality and
-data_datatrove read it): --help is help, a folder without the corpora is refused naming it, and datatrove not
+"""The data benchmarks' corpora folder (bench/data_corpora.py writes it; data_clean, data_quality, data_datatrove
+and data_selection read it): --help is help, a folder without the corpora is refused naming it, and datatrove not
 installed is skipped in one line."""
 
 import json
@@ -43,7 +43,7 @@ def test_data_corpora_help_prints_usage_and_writes_no_folder_named_help(tmp_path
 
 def test_corpora_readers_refuse_a_folder_without_the_corpora_naming_folder_and_files(tmp_path, run_here):
     (tmp_path / "code.jsonl").write_text("")
-    for script in ("data_clean.py", "data_quality.py", "data_datatrove.py"):
+    for script in ("data_clean.py", "data_quality.py", "data_datatrove.py", "data_selection.py"):
         run = run_here(script, str(tmp_path))
         assert run.returncode == 2, script
         assert f"{tmp_path} has no prose.jsonl, zh.jsonl" in run.stderr, script
