@@ -325,7 +325,11 @@ def _refuse_in_flight(name: str, requests_in_flight: int) -> None:
 def adapter_folder(path: str | Path) -> Path:
     """An adapter's folder as given, a leading ~ read as the user's home, as vLLM reads a lora_path (JSON and Python
     strings have no shell to expand it); os.path's leaves ~user of no such user as it is, named as missing, where
-    Path.expanduser raises RuntimeError."""
+    Path.expanduser raises RuntimeError. An empty one, which Path reads as the working directory, is refused."""
+    if not os.fspath(path).strip():
+        raise CheckpointError(
+            f"adapter folder {os.fspath(path)!r}: a blank path (a variable left unset?); give the adapter's folder"
+        )
     return Path(os.path.expanduser(path))
 
 

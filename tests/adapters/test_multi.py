@@ -21,6 +21,7 @@ from seekstack.adapters.multi import (
     MultiTokenRows,
 )
 from seekstack.adapters.registry import AdapterWeights, UnknownAdapter, attach_adapters, read_factors
+from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
 from tests.adapters.support import TINY, write_base, write_random_adapter
@@ -836,6 +837,16 @@ def test_a_request_on_an_adapter_whose_update_overflows_ends_with_an_error_namin
     failed, plain = engine.generate(["hello", "hello"], greedy, adapters=["overflowing", None])
     assert failed.finish_reason == "error" and failed.token_ids == [] and "the request's LoRA adapter's" in failed.error
     assert plain.token_ids == engine.generate("hello", greedy)[0].token_ids and plain.finish_reason == "length"
+
+
+def test_a_blank_adapter_folder_is_refused_not_read_as_the_working_directory(served, monkeypatch):
+    """Path("") is the working directory: an adapter folder left blank (a variable left unset) loaded whatever adapter
+    the process ran in, or failed naming no folder; it is refused, naming it, before anything is read."""
+    base, adapters = served
+    monkeypatch.chdir(adapters["full"])
+    for blank in ("", " "):
+        with pytest.raises(CheckpointError, match=re.escape(f"adapter folder {blank!r}: a blank path (a variable")):
+            attach_adapters(seekstack.load_pretrained(base), {"full": blank})
 
 
 def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(served):
