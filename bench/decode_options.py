@@ -71,15 +71,28 @@ def decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tu
     return len(prompts) * (new_tokens - 1) / (seconds[1] - seconds[0]), [o.token_ids for o in outputs]
 
 
+def json_object(text: str) -> dict:
+    """An argparse type for one OPTIONS: a JSON object ({"memory_planning": true}), refused by name otherwise."""
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of inductor options ({{...}})")
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--rows", type=positive_int, default=1, help="concurrent sequences")
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--new-tokens", type=positive_int, default=33)
     parser.add_argument("--rounds", type=positive_int, default=8)
-    parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": True}])
+    parser.add_argument("--options", nargs="+", type=json_object, default=[{}, {"memory_planning": True}])
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
     known = {*torch._inductor.config.get_config_copy(), *OUR_KEYS}
     for options in args.options:
         if unknown := sorted(set(options) - known):

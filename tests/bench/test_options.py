@@ -135,3 +135,21 @@ def test_data_that_is_missing_is_refused_naming_the_argument(
                          capsys=capsys)  # fmt: skip
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: argument {argument}: {said.format(**where)}" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--options", "5", "argument --options: '5' is not a JSON object of inductor options"),
+        ("--prompt-len", "0", "argument --prompt-len: 0: at least 1"),
+        ("--new-tokens", "1", "--new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"),
+    ],
+)
+def test_decode_options_refuses_settings_that_measure_nothing_naming_the_option(
+    option, value, said, monkeypatch, capsys
+):
+    """--options 5 was a TypeError traceback, --prompt-len 0 the engine's ValueError after every engine was built, and
+    --new-tokens 1 measured 0 tok/s for every set and then divided by it."""
+    run = run_in_process("decode_options.py", "--preset", "tiny", option, value, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: {said}" in run.stderr
