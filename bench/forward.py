@@ -426,12 +426,12 @@ def profile(setting: Setting, seq_len: int, batch: int, reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_SEQ_LENS), choices=list(DEFAULT_SEQ_LENS))
-    parser.add_argument("--seq-lens", nargs="+", type=int, help="tokens per sequence (default: per preset)")
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, help="tokens per sequence (default: per preset)")
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--reps", type=positive_int, default=5, help="timed forwards per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per model, the first checks parity")
-    parser.add_argument("--profile-seq-len", type=int, default=512, help="T of the profile")
-    parser.add_argument("--profile-reps", type=int, default=2, help="profiled forwards per model")
+    parser.add_argument("--profile-seq-len", type=positive_int, default=512, help="T of the profile")
+    parser.add_argument("--profile-reps", type=positive_int, default=2, help="profiled forwards per model")
     parser.add_argument("--no-profile", action="store_true", help="only the throughput table")
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="ours' dtype (default: %(default)s)"

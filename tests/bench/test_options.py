@@ -37,6 +37,9 @@ SCRIPTS_WITH_THREADS = ("eval_parity.py", "moe_decode.py", "moe_dispatch.py", "p
     ("script", "option"),
     [
         ("forward.py", "--reps"),
+        ("forward.py", "--seq-lens"),  # a (B, 0) forward failed after every model had loaded
+        ("forward.py", "--profile-seq-len"),
+        ("forward.py", "--profile-reps"),  # a profile of no forward, printed as one
         ("train_step.py", "--reps"),
         ("moe_decode.py", "--reps"),
         ("moe_dispatch.py", "--reps"),
