@@ -506,7 +506,9 @@ class Engine:
         config, loaded_tokenizer = checkpoint_files(model_dir, tokenizer)
         if adapter is not None:  # a mistyped folder or another base's adapter, before the weights are read
             from seekstack.adapters.files import weightless_adapter
+            from seekstack.adapters.registry import adapter_folder
 
+            adapter = adapter_folder(adapter)
             weightless_adapter(config, adapter)
         asked = "cpu" if kwargs.get("device") is None else kwargs["device"]  # device=0 is cuda:0, as torch reads it
         # before the weights are read and the disk parts written, as load_pretrained checks them

@@ -121,6 +121,8 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     assert engine.lora.folders == {"legal": folder, "home": folder}
     engine.load_adapter("loaded", f"~/{folder.name}")  # load_adapter reads it as lora_request and the HTTP route do
     assert engine.lora.folders["loaded"] == folder and tokens(adapters="loaded") == adapted
+    merged = Engine.from_pretrained(base, adapter=f"~/{folder.name}", kv_cache_memory=1 << 22)  # merged alike
+    assert [output.token_ids for output in merged.generate(prompts, greedy)] == adapted
 
 
 def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(base, adapter_folders):
