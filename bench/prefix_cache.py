@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import non_negative_int, positive_int
 
 import seekstack
 from seekstack.config import PRESETS
@@ -61,15 +61,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--requests", type=positive_int, default=16)
-    parser.add_argument("--system-tokens", type=int, default=512)
-    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--system-tokens", type=positive_int, default=512, help="the prompt all requests share")
+    parser.add_argument("--question-tokens", type=non_negative_int, default=32, help="each request's own after it")
     parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    config = seekstack.preset(args.preset)
+    if args.system_tokens + args.question_tokens + 1 > config.max_position_embeddings:  # the prompt and its token
+        parser.error(
+            f"--system-tokens {args.system_tokens} + --question-tokens {args.question_tokens} + 1 new token: past "
+            f"preset {args.preset}'s context of {config.max_position_embeddings} tokens"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = seekstack.preset(args.preset)
     torch.manual_seed(0)
     model = seekstack.Transformer(config).eval()
     texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))]

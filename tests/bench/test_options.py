@@ -156,3 +156,19 @@ def test_decode_options_refuses_settings_that_measure_nothing_naming_the_option(
     run = run_in_process("decode_options.py", "--preset", "tiny", option, value, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: {said}" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--system-tokens", "-5"], "argument --system-tokens: -5: at least 1"),
+        (["--question-tokens", "-1"], "argument --question-tokens: -1: at least 0"),
+        (["--system-tokens", "1000"], "--system-tokens 1000 + --question-tokens 32 + 1 new token: past preset tiny's"),
+    ],
+)
+def test_prefix_cache_refuses_prompts_it_cannot_build_naming_the_options(options, said, monkeypatch, capsys):
+    """A negative size was torch.randint's traceback; a prompt past the context the engine's 'prompt has 1032 tokens,
+    more than max_model_len=1024' ValueError once the model and tokenizer were built."""
+    run = run_in_process("prefix_cache.py", *options, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: {said}" in run.stderr
