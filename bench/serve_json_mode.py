@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import positive_int, whole_number
 from serve_load import stdlib_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -35,7 +35,7 @@ from tokenizers import decoders, models, pre_tokenizers
 import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.json_mode import JsonFormat
-from seekstack.tokenizer import SPECIAL_TOKENS, Tokenizer
+from seekstack.tokenizer import SMALLEST_VOCAB, SPECIAL_TOKENS, Tokenizer
 
 DOCUMENT = {
     "name": "Ada Lovelace", "born": 1815, "ratio": -0.125e3, "languages": ["English", "Français", "日本語"],
@@ -97,10 +97,15 @@ def decode_seconds_per_token(engine: Engine, json_format: JsonFormat | None, bat
     return (time.perf_counter() - started) / generated
 
 
+def vocabulary_size(text: str) -> int:
+    """An argparse type for a tokenizer's size: at least seekstack's smallest, the 256 bytes and the special tokens."""
+    return whole_number(text, least=SMALLEST_VOCAB)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small-vocab", type=int, default=4096)
-    parser.add_argument("--large-vocab", type=int, default=129_280)
+    parser.add_argument("--small-vocab", type=vocabulary_size, default=4096)
+    parser.add_argument("--large-vocab", type=vocabulary_size, default=129_280)
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=128)
     parser.add_argument("--reps", type=positive_int, default=3)

@@ -172,3 +172,12 @@ def test_prefix_cache_refuses_prompts_it_cannot_build_naming_the_options(options
     run = run_in_process("prefix_cache.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: {said}" in run.stderr
+
+
+@pytest.mark.parametrize("option", ["--small-vocab", "--large-vocab"])
+def test_serve_json_mode_refuses_a_vocabulary_below_the_bytes_and_special_tokens(option, monkeypatch, capsys):
+    """--small-vocab -3 was the tokenizer's ConfigError traceback; --large-vocab -3 was taken, a tokenizer of the bytes
+    and special tokens alone (270) timed as one of -3."""
+    run = run_in_process("serve_json_mode.py", option, "-3", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"error: argument {option}: -3: at least 270" in run.stderr
