@@ -233,7 +233,8 @@ def data_select(
 
     with user_errors(), options_named(), nothing_written_if_interrupted(out):
         if (threshold is None) == (top_fraction is None):  # said in the options' names, before the model loads
-            raise ValueError("choose --threshold SCORE or --top-fraction SHARE: one of them, not both")
+            given = "neither given" if threshold is None else "not both"
+            raise ValueError(f"choose --threshold SCORE or --top-fraction SHARE: one of them, {given}")
         _require_training_documents(corpus, "to select from")
         summary = select_corpus(QualityModel.load(model), corpus, out, threshold, top_fraction)
     threshold, tied = round(summary["threshold"], 6), summary["at_threshold"]  # rounded as the rows' `quality`

@@ -206,12 +206,17 @@ def test_a_commands_help_names_its_argument_as_its_usage_line_does(command, argu
     assert re.findall(r"\bMODELS?\b", shown) == []
 
 
-@pytest.mark.parametrize("choice", [[], ["--threshold", "0.5", "--top-fraction", "0.3"]], ids=["neither", "both"])
-def test_data_select_names_its_two_selection_options_when_not_given_one(tmp_path, choice):
+@pytest.mark.parametrize(
+    ("choice", "given"),
+    [([], "neither given"), (["--threshold", "0.5", "--top-fraction", "0.3"], "not both")],
+    ids=["neither", "both"],
+)
+def test_data_select_names_its_two_selection_options_when_not_given_one(tmp_path, choice, given):
+    """Neither option given was told "one of them, not both", as if both were."""
     paths = ["--corpus", str(tmp_path / "corpus"), "--model", str(tmp_path / "q.npz"), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, ["data", "select", *paths, *choice])
     assert result.exit_code == 1
-    assert "error: choose --threshold SCORE or --top-fraction SHARE: one of them, not both" in result.output
+    assert f"error: choose --threshold SCORE or --top-fraction SHARE: one of them, {given}\n" in result.output
 
 
 def test_data_build_help_states_the_defaults_of_the_options_it_leaves_to_the_cleaning_config():
