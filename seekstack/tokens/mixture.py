@@ -48,7 +48,7 @@ class MixtureSchedule:
             if not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in ws
             ):
-                raise ValueError(f"mixture source {name!r} has weights {ws}; they must be numbers >= 0")
+                raise ValueError(f"mixture source {name!r} has weights {ws}; they must be finite numbers >= 0")
         self.phases = phases
         self.weights = {name: ws * phases if len(ws) == 1 else ws for name, ws in per_phase.items()}
         for phase in range(phases):

@@ -243,3 +243,11 @@ def test_a_curriculum_of_buckets_not_tokenized_says_that_data_tokenize_buckets_w
         f"no shard index at {tmp_path / 'train_easy_index.json'}: split 'train_easy' is a difficulty bucket of train, "
         f"which `seekstack data tokenize --buckets` writes ({tmp_path} holds train, val)"
     )
+
+
+@pytest.mark.parametrize("weight", [float("inf"), 1e400, float("nan")])
+def test_an_infinite_or_nan_weight_is_refused_as_no_finite_number(weight):
+    """`mixture={train: 1e400}` (YAML's inf) was refused as "has weights [inf]; they must be numbers >= 0", which inf
+    is."""
+    with pytest.raises(ValueError, match=r"has weights \[(inf|nan)\]; they must be finite numbers >= 0"):
+        MixtureSchedule({"train": weight})
