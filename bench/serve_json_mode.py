@@ -68,7 +68,7 @@ def mask_costs(tokenizer: Tokenizer) -> dict[str, float]:
     started = time.perf_counter()
     json_format = JsonFormat(tokenizer)
     build_s = time.perf_counter() - started
-    text = json.dumps(DOCUMENT, ensure_ascii=False, indent=2)
+    text = json.dumps(DOCUMENT, ensure_ascii=False)  # the one layout JSON mode writes (json_mode.LAYOUT)
     ids, steps = tokenizer.encode(text), []
     constraint = json_format.constraint()
     for token in ids:
