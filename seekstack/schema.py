@@ -21,7 +21,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -138,10 +138,10 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         raise error.at(source) from None
 
 
-def shown_value(value: Any) -> str:
-    """`value`'s repr as an error echoes it: whole up to SHOWN_VALUE_CHARS characters, else their start and the value's
-    size (`['w0', 'w1', ... (301 items)`)."""
-    text = repr(value)
+def shown_value(value: Any, written: Callable[[Any], str] = repr) -> str:
+    """`value` as an error echoes it (`written`: its repr, or str for a command line's text as typed): whole up to
+    SHOWN_VALUE_CHARS characters, else their start and the value's size (`['w0', 'w1', ... (301 items)`)."""
+    text = written(value)
     if len(text) <= SHOWN_VALUE_CHARS:
         return text
     if isinstance(value, (list, tuple, set, frozenset, dict)):

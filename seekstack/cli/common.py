@@ -21,7 +21,7 @@ from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.interrupts import INTERRUPTED
 from seekstack.parallel.launch import launch_rank
-from seekstack.schema import SHOWN_VALUE_CHARS, ConfigError, counted, settable_fields
+from seekstack.schema import ConfigError, settable_fields, shown_value
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
 try:
@@ -168,15 +168,6 @@ def usage_error(message: str) -> UsageError:
     return UsageError(message, get_current_context(silent=True))
 
 
-def _echoed(value: object) -> str:
-    """A refused option's value as its error echoes it: whole up to SHOWN_VALUE_CHARS characters, else their start and
-    its length."""
-    text = str(value)
-    if len(text) <= SHOWN_VALUE_CHARS:
-        return text
-    return f"{text[:SHOWN_VALUE_CHARS]}... ({counted(len(text), 'character')})"
-
-
 class Command(TyperCommand):
     """A seekstack command (`cli/__init__.py` makes each one of these): its usage line names the positional arguments
     as click and README write them, `seekstack info [OPTIONS] MODEL`, `[PROMPT]`, `[INPUTS]...`, where typer 0.27
@@ -197,7 +188,7 @@ class Command(TyperCommand):
         """typer's refusal of a value outside its option's type or range names the value too, as click's and
         argparse's do: "Invalid value for '--max-documents': has value 0: input should be greater than or equal to 1",
         not "Input should be ..." alone. A value longer than SHOWN_VALUE_CHARS, there or in a callback's "has value
-        1000: ...", is cut as `shown_value` cuts one (a 3,000-digit --max-new-tokens filled the terminal)."""
+        1000: ...", is cut by `shown_value` (a 3,000-digit --max-new-tokens filled the terminal)."""
         try:
             return super().parse_args(ctx, args)
         except BadParameter as error:
@@ -205,9 +196,11 @@ class Command(TyperCommand):
             invalid = cause.errors() if hasattr(cause, "errors") else []
             if invalid:
                 message = error.message
-                error.message = f"has value {_echoed(invalid[0]['input'])}: {message[:1].lower()}{message[1:]}"
+                error.message = f"has value {shown_value(invalid[0]['input'], str)}: {message[:1].lower()}{message[1:]}"
             else:
-                error.message = re.sub(r"^has value (\S+):", lambda m: f"has value {_echoed(m[1])}:", error.message)
+                error.message = re.sub(
+                    r"^has value (\S+):", lambda m: f"has value {shown_value(m[1], str)}:", error.message
+                )
             raise
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
