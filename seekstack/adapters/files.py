@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -281,8 +281,9 @@ def quantized_base_error(where: str | Path, scheme: str) -> CheckpointError:
 
 def _is_number(value: object, types: type | tuple[type, ...]) -> bool:
     """Whether `value`, read from JSON, is one of `types` and finite: true and false are no numbers, and Python's JSON
-    reads NaN and Infinity, which would make every logit of the adapter's requests NaN."""
-    return isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value)
+    reads NaN and Infinity, which would make every logit of the adapter's requests NaN. An integer past float's range
+    (JSON's 400 digits) is none either: the comparison, exact for ints, holds for no NaN."""
+    return isinstance(value, types) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def read_lora_config(folder: str | Path) -> LoraConfig:

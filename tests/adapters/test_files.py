@@ -523,6 +523,11 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
         lambda data: json.dumps({**json.loads(data), "lora_alpha": float("nan")}).encode(),
         r"field 'lora_alpha' must be a finite number \(the scale is alpha/r\), not nan",
     ),
+    "config alpha past float's range": (  # an integer of 400 digits: math.isfinite's OverflowError
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "lora_alpha": 10**400}).encode(),
+        r"field 'lora_alpha' must be a finite number \(the scale is alpha/r\), not 1000",
+    ),
     "config rank pattern a list": (  # peft's AttributeError: 'list' object has no attribute 'keys'
         ADAPTER_CONFIG_FILE,
         lambda data: json.dumps({**json.loads(data), "rank_pattern": [4]}).encode(),
