@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=positive_int, default=2000, help="training problems the teacher samples on")
     parser.add_argument("--samples", type=positive_int, default=2, help="teacher samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=positive_int, default=150)
     parser.add_argument("--grpo-lr", type=float, default=5e-5)
     parser.add_argument("--chunk", type=positive_int, default=20, help="GRPO steps between budget checks")
     parser.add_argument("--out", type=Path, default=Path("runs/r1_distill"))

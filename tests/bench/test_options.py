@@ -33,6 +33,15 @@ SCRIPTS_WITH_THREADS = ("eval_parity.py", "moe_decode.py", "moe_dispatch.py", "p
                       "serve_isolation.py", "serve_json_mode.py", "serve_load.py")  # fmt: skip
 
 
+@pytest.mark.parametrize(("script", "option"), [("prune.py", "--heal-steps"), ("lora_domain.py", "--eval-batches")])
+def test_a_negative_count_is_refused_naming_the_option_where_zero_has_a_meaning(script, option, monkeypatch, capsys):
+    """--heal-steps -3 was handed on as the healing runs' max_steps once the pruning ran; --eval-batches -1 was taken
+    as all, as 0 is."""
+    run = run_in_process(script, option, "-3", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument {option}: -3: at least 0" in run.stderr
+
+
 @pytest.mark.parametrize(
     ("script", "option"),
     [
@@ -51,6 +60,7 @@ SCRIPTS_WITH_THREADS = ("eval_parity.py", "moe_decode.py", "moe_dispatch.py", "p
         ("grpo_step.py", "--generations"),
         ("quantize.py", "--batches"),
         ("prune.py", "--calibration-batches"),
+        ("r1_distill.py", "--sft-steps"),  # max_steps=0: the SFT config's ConfigError traceback
         # --threads 0 failed in torch.set_num_threads after the models loaded, or ran on torch's count unasked
         *((script, "--threads") for script in SCRIPTS_WITH_THREADS),
     ],
