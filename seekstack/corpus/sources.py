@@ -16,6 +16,7 @@ import mimetypes
 import os
 import re
 import sysconfig
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -146,6 +147,7 @@ VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
 ARROW_FILE_MAGIC = b"ARROW1"  # how Arrow's random-access file format opens; `datasets` writes the stream format
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
+_CSV_LIMIT_RAISED = threading.Lock()  # held by the thread whose Python csv reads under CSV_BLOCK_BYTES
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
@@ -838,13 +840,15 @@ def _refuse_another_separator(path: Path, names: list[str], column: str, delimit
 @contextmanager
 def _csv_values_of_a_block() -> Iterator[None]:
     """Python's csv reads values up to CSV_BLOCK_BYTES meanwhile, as pyarrow does, to tell a row unlike its header or
-    a quote left open (its default limit, 128 KB, stopped both at the first longer document, unsaid); then its limit
-    is as it was: a process-wide setting, which importing seekstack left raised for its user's own csv reading."""
-    previous = csv.field_size_limit(CSV_BLOCK_BYTES)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(previous)
+    a quote left open (its default limit, 128 KB, would stop both at the first longer document, unsaid); then the
+    limit, process-wide, is as it was for its user's own csv reading. One thread at a time: another's restoring it
+    would stop this reading at a long value, and leave it raised."""
+    with _CSV_LIMIT_RAISED:
+        previous = csv.field_size_limit(CSV_BLOCK_BYTES)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(previous)
 
 
 def _first_row_unlike_its_header(path: Path, encoding: str, delimiter: str) -> str | None:

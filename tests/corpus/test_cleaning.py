@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import csv
 import gzip
 import io
@@ -22,12 +23,14 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
+from seekstack.corpus import sources
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
 from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind, japanese_words, spaced_words
@@ -2044,6 +2047,42 @@ def test_reading_a_csv_raises_pythons_csv_field_limit_only_meanwhile(tmp_path: P
         assert csv.field_size_limit() == 1000
     finally:
         csv.field_size_limit(users)
+
+
+def test_two_threads_reading_csvs_at_once_each_reads_under_the_raised_limit(tmp_path: Path, monkeypatch) -> None:
+    """The limit is process-wide: a thread restoring it while another read a long value stopped that reading (the
+    quote left open after it unsaid, the rows after it lost) and left the limit raised."""
+    (tmp_path / "first.csv").write_text("id,text\n1,short\n")
+    (tmp_path / "long.csv").write_text(f'id,text\n1,"{"long " * 40000}"\n2,"no closing quote\n3,lost row\n')
+    users = csv.field_size_limit()
+    entered = {name: threading.Event() for name in ("first.csv", "long.csv")}
+    go_on = {name: threading.Event() for name in ("first.csv", "long.csv")}
+    opened = sources._opened
+
+    @contextlib.contextmanager
+    def opened_when_told(path: Path) -> Iterator[BinaryIO]:
+        entered[path.name].set()
+        go_on[path.name].wait(10)
+        with opened(path) as binary:
+            yield binary
+
+    monkeypatch.setattr(sources, "_opened", opened_when_told)
+    found: dict[str, str | None] = {}
+
+    def read(name: str) -> None:
+        found[name] = sources._quote_left_open(tmp_path / name, "utf8", ",")
+
+    first, second = (threading.Thread(target=read, args=(name,)) for name in ("first.csv", "long.csv"))
+    first.start()
+    assert entered["first.csv"].wait(10)
+    second.start()
+    entered["long.csv"].wait(0.5)  # the second reads too, unless it waits for the first to end
+    for name, thread in (("first.csv", first), ("long.csv", second)):
+        go_on[name].set()
+        thread.join(10)
+    assert found["first.csv"] is None
+    assert (found["long.csv"] or "").startswith("row 2 (line 3) opens a quoted value that no quote closes")
+    assert csv.field_size_limit() == users
 
 
 @pytest.mark.parametrize(
