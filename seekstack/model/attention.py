@@ -139,11 +139,10 @@ class MultiHeadLatentAttention(nn.Module):
         # row h*T + t being head h's query t: one key for all heads, never expanded per head.
         query = query.view(B, 1, H * T, self.kv_rank + self.rope_dim)
         key = cached.unsqueeze(1)  # (B, 1, S, C+R)
+        if mask is not None:  # (B, T, S) -> (B, 1, H*T, S): a view at T = 1 (a decode step), one copy per head else
+            mask = mask.unsqueeze(1).expand(B, H, T, -1).reshape(B, 1, H * T, -1)
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
-        out_latent = F.scaled_dot_product_attention(
-            query, key, key, attn_mask=None if mask is None else mask.repeat(1, H, 1).unsqueeze(1),
-            scale=self.softmax_scale,
-        )  # fmt: skip
+        out_latent = F.scaled_dot_product_attention(query, key, key, attn_mask=mask, scale=self.softmax_scale)
         out_latent = out_latent.view(B, H, T, -1)[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
         out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # (H, B*T, C) @ (H, C, V)
         return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, H, V)

@@ -99,3 +99,28 @@ def test_attention_is_causal():
         a, b = model(ids).logits, model(changed).logits
     assert (a[:, :10] - b[:, :10]).abs().max().item() < 1e-6
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("T", [1, 3], ids=["decode-step", "verify-width-3"])
+def test_absorbed_attention_masks_each_head_as_the_cached_keys_it_drops(T, monkeypatch):
+    torch.manual_seed(0)
+    attention = Transformer(micro_config()).layers[0].self_attn
+    H, C, R, S = attention.num_heads, attention.kv_rank, attention.rope_dim, 6
+    q_nope, q_rope = torch.randn(2, T, H, attention.nope_dim), torch.randn(2, T, H, R)
+    cached = torch.randn(2, S, C + R)
+    seen = torch.tensor([0, 1, 3, 5])  # keys 2 and 4 masked for every query of either row
+    mask = torch.zeros(2, T, S, dtype=torch.bool)
+    mask[..., seen] = True
+    masks, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        masked = attention.attend_absorbed(q_nope, q_rope, cached, mask)
+        dropped = attention.attend_absorbed(q_nope, q_rope, cached[:, seen], None)
+    assert (masked - dropped).abs().max().item() < 1e-6
+    if T == 1:  # a decode step reads the plan's mask in place for every head, never a copy per head
+        assert masks[0].data_ptr() == mask.data_ptr() and masks[0].stride(2) == 0
