@@ -723,8 +723,8 @@ class Server:
         for param in request.query_params:
             if param not in USAGE_REPORT_PARAMETERS:
                 raise APIError(400, f"/v1/admin/usage takes no parameter {shown_value(param)}: it takes "
-                               f"{', '.join(USAGE_REPORT_PARAMETERS)} (since and until: YYYY-MM-DD)", param=param,
-                               code="unknown_parameter")  # fmt: skip
+                               f"{', '.join(USAGE_REPORT_PARAMETERS)} (since and until: YYYY-MM-DD)",
+                               param=shown_value(param, str), code="unknown_parameter")  # fmt: skip
         for param in USAGE_REPORT_PARAMETERS:
             if len(given := request.query_params.getlist(param)) > 1:
                 raise APIError(400, f"{param} given {len(given)} times ({', '.join(map(shown_value, given))}): give it "

@@ -22,6 +22,7 @@ import pytest
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
+from seekstack.schema import SHOWN_VALUE_CHARS
 from seekstack.serve.app import ABSENT_ROUTES, create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import Budget, KeyStore, Plan
@@ -827,13 +828,14 @@ def test_the_admin_usage_report_refuses_a_parameter_it_does_not_take_naming_it(e
 
 def test_the_admin_usage_report_cuts_a_huge_value_it_refuses_in_its_error(engine, tmp_path):
     """A day, a key name or a parameter name of 30,000 characters is named by its start and its size, as other
-    refusals cut the values they echo, not sent back whole."""
+    refusals cut the values they echo, not sent back whole (an unknown parameter's `param` too)."""
     huge = "9" * 30_000  # two of them within httpx's longest query, 65,536 characters
     queries = ({"since": huge}, {"key": huge}, {huge: "1"}, [("until", huge), ("until", huge)])
     answers = usage_reports(engine, tmp_path, *queries)
     statuses = (400, 404, 400, 400)
-    messages = [error_of(answer, status)["message"] for answer, status in zip(answers, statuses, strict=True)]
-    assert all(len(message) < 500 and "(30,000 characters)" in message for message in messages), messages
+    errors = [error_of(answer, status) for answer, status in zip(answers, statuses, strict=True)]
+    assert all(len(str(error)) < 600 and "(30,000 characters)" in error["message"] for error in errors), errors
+    assert errors[2]["param"] == "9" * SHOWN_VALUE_CHARS + "... (30,000 characters)"
 
 
 def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
