@@ -1081,8 +1081,9 @@ class Engine:
         every_position: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model over each row's new tokens at their positions: logits (B, T, V) or, for `prefill`, (B, 1, V)
-        at each row's last real token (all T with `every_position`, for prompt_logprobs); hidden states (B, T, D)."""
-        input_ids, positions = self._inputs(batch, rows, starts, counts)
+        at each row's last real token (all T with `every_position`, for prompt_logprobs); hidden states (B, T, D).
+        A plain decode step drafts nothing after it, so it gathers no keys past its rows (no lookahead)."""
+        input_ids, positions = self._inputs(batch, rows, starts, counts, None if prefill else 0)
         if prefill:
             logits_at = None if every_position else torch.tensor(counts, device=self.device) - 1
             out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)

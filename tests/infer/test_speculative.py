@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import torch
 
 import seekstack.infer.speculative as speculative
+from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.speculative import DraftChecks, DraftCount, StepCosts, measured_step_costs, mtp_drafts
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
+from tests.infer.support import micro_model, tiny_tokenizer
 
 
 def drafts_without_a_cache(
@@ -84,3 +86,25 @@ def test_the_step_costs_take_every_turn_on_one_thread_however_slow_the_wall_cloc
     model.register_forward_hook(lambda module, inputs, out: forwards.append(1))
     measured_step_costs(model, None, most=1, max_batch=1, repeats=5)  # one thread: a step this small runs on one
     assert len(forwards) == 6 * 2
+
+
+def test_a_plain_step_of_a_speculative_engine_gathers_the_keys_of_a_plain_engines_step(tmp_path, monkeypatch):
+    """4 rows whose drafts do not pay: every one-token step plans the cache as an engine without MTP does, with no
+    keys gathered past its rows (it gathered a speculative step's lookahead, draft_tokens - 1, masked)."""
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    dear_drafts = StepCosts([1, 4], [0.3, 0.3], [[1.0, 3.0, 5.0, 7.0]] * 2)
+    monkeypatch.setattr("seekstack.infer.engine.measured_step_costs", lambda *args: dear_drafts)
+    lookaheads = {}
+    for name, speculation in (("plain", {}), ("speculative", {"speculative": True, "draft_tokens": 3})):
+        engine = Engine(model, tokenizer, max_batch_size=4, **speculation)
+
+        def recording_plan(ids, starts, counts, width, lookahead=0, plan=engine.cache.plan, name=name):
+            if width == 1:
+                lookaheads.setdefault(name, []).append(lookahead)
+            return plan(ids, starts, counts, width, lookahead)
+
+        engine.cache.plan = recording_plan
+        engine.generate(batch, params)
+    assert lookaheads["speculative"] == lookaheads["plain"] == [0] * 5
