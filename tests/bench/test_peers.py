@@ -23,15 +23,25 @@ def test_a_peer_not_installed_is_one_line_naming_each_missing_package_and_the_in
     assert message == "llama.cpp: skipped, llama_cpp and gguf not installed (pip install -e '.[bench]')"
 
 
+def micro_checkpoint(folder):
+    """A checkpoint folder the benches' checkpoint arguments accept (options.checkpoint_folder reads its config)."""
+    import seekstack
+    from tests.conftest import micro_config
+
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), folder)
+    return str(folder)
+
+
 def test_distill_step_refuses_one_step_before_loading_anything(tmp_path, monkeypatch, capsys):
-    options = (str(tmp_path / "t"), str(tmp_path / "s"), "--steps", "1")
+    checkpoint = micro_checkpoint(tmp_path / "model")
+    options = (checkpoint, checkpoint, "--steps", "1")
     run = run_in_process("distill_step.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "--steps 1: at least 2, the first step (warm-up) is not timed" in run.stderr
 
 
 def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(tmp_path, monkeypatch, capsys):
-    options = ("--model", str(tmp_path))
+    options = ("--model", micro_checkpoint(tmp_path / "model"))
     run = run_in_process("eval_parity.py", *options, monkeypatch=monkeypatch, capsys=capsys, without="lm_eval")
     assert run.returncode == 1
     assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"
