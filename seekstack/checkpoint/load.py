@@ -136,6 +136,7 @@ def load_pretrained(
 
     with torch.device("meta"):
         model = Transformer(config)
+    refuse_stored_shapes_unlike(model, reader, config)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
 
@@ -299,14 +300,34 @@ def refuse_unstored_keys(directory: str | Path) -> None:
         missing = []
         for name, target in model.state_dict().items():
             key = checkpoint_key(name, config.num_hidden_layers)
-            stored = [key, f"{key}.weight_packed", f"{key}.weight", f"{key.removesuffix('.weight')}.weight_packed"]
-            if (name == "lm_head.weight" and config.tie_word_embeddings) or any(k in reader for k in stored):
+            if (name == "lm_head.weight" and config.tie_word_embeddings) or any(k in reader for k in stored_as(key)):
                 continue
             sources = expert_sources(key, target)  # the per-expert layout
             per_expert = [k for k, _ in sources or [] if reader.weight_key(k.removesuffix(".weight")) not in reader]
             missing += per_expert if sources is not None else [key]
         if missing:
             raise reader.missing(missing)
+
+
+def stored_as(key: str) -> list[str]:
+    """The keys checkpoint tensor `key` is stored under in the layouts loading takes: in float, quantized (a layer's
+    `weight`, int codes packed in `weight_packed`), a stacked expert weight quantized (`.weight`, `.weight_packed`)."""
+    return [key, f"{key}.weight_packed", f"{key}.weight", f"{key.removesuffix('.weight')}.weight_packed"]
+
+
+def refuse_stored_shapes_unlike(model: Transformer, reader: CheckpointReader, config: ModelConfig) -> None:
+    """CheckpointError naming the file, the key and both shapes (`CheckpointReader.check_shape`) for the first tensor
+    checkpoint `reader` stores (in any layout: `stored_as`, routed experts stacked or per expert) in another shape than
+    `model`, built on meta from `config`, holds it: read from the headers, before the model is allocated (a config.json
+    far larger than its weights would fail there, as an allocator error)."""
+    for name, target in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        key = checkpoint_key(name, config.num_hidden_layers)
+        for source, view in [(key, target), *(expert_sources(key, target) or [])]:
+            stored = next((k for k in stored_as(source) if k in reader), None)
+            if stored is not None:
+                reader.check_shape(stored, tuple(view.shape))
 
 
 def loading_dtype(

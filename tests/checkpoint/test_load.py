@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import seekstack
 from seekstack.checkpoint import CONFIG_FILE, CheckpointError
@@ -160,3 +161,32 @@ def test_a_device_no_weight_can_be_loaded_onto_is_refused_before_any_weight_is_r
         assert str(refused.value).startswith(
             f"device={device!r}: torch cannot reach cuda:{torch.cuda.device_count()} here ("
         )
+
+
+@pytest.mark.parametrize("stacked_experts", [True, False], ids=["stacked", "per-expert"])
+@pytest.mark.parametrize("damage", ["config", "expert"])
+def test_weights_unlike_the_config_are_refused_naming_the_key_and_both_shapes_before_the_model_is_allocated(
+    tmp_path, monkeypatch, stacked_experts, damage
+):
+    """A bigger model's config.json beside small weights (vocab_size 40960000000) failed allocating the model, a raw
+    DefaultCPUAllocator RuntimeError (20 TB), and a smaller mismatch was named only once the whole model was allocated;
+    every stored shape is now checked from the headers first: the file, the key and both shapes, nothing allocated."""
+    seekstack.save_pretrained(seekstack.Transformer(micro_config()), tmp_path, stacked_experts=stacked_experts)
+    if damage == "config":
+        with edited_json(tmp_path / CONFIG_FILE) as config:
+            config["vocab_size"] = 40_960_000_000
+        key, shapes = "model.embed_tokens.weight", "has shape (128, 64), the config"
+    else:  # an expert's up projection one row short
+        key = "model.layers.1.mlp.experts." + ("gate_up_proj" if stacked_experts else "3.up_proj.weight")
+        tensors = load_file(tmp_path / "model.safetensors")
+        tensors[key] = tensors[key][..., :-1, :].clone()
+        save_file(tensors, tmp_path / "model.safetensors")
+        shapes = "has shape (8, 63, 64), the config" if stacked_experts else "has shape (31, 64), the config"
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *_, **__: pytest.fail("the model was allocated"))
+    with pytest.raises(CheckpointError) as refused:
+        seekstack.load_pretrained(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'model.safetensors'}: key {key!r} {shapes}")
+    implied = {"config": "(40960000000, 64)", "expert": "(8, 64, 64)" if stacked_experts else "(32, 64)"}[damage]
+    assert f"{tmp_path / CONFIG_FILE} implies {implied}; use the {CONFIG_FILE} saved with these weights" in str(
+        refused.value
+    )
