@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import mmap
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -190,7 +191,11 @@ class WeightVersions:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        module.register_load_state_dict_post_hook(self._loaded)
+        # the module's hook holds these versions weakly and goes with them: a gone engine's keep no weights they read
+        # alive past a load_state_dict(assign=True) (its adapters' read the whole model's)
+        versions = weakref.ref(self)
+        hook = module.register_load_state_dict_post_hook(lambda *loaded: versions()._loaded(*loaded))
+        weakref.finalize(self, hook.remove)
         self.mark()
 
     def mark(self) -> None:
