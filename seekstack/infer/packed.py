@@ -187,7 +187,8 @@ def _inside(ranges: list[tuple[int, ...]], address: int) -> bool:
 class WeightVersions:
     """Tells whether `module`'s weights changed since `mark`, for the copies laid out from them: in place (an
     optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or replaced
-    (load_state_dict(assign=True)). A write through `.data` grows no counter and is not seen."""
+    (load_state_dict(assign=True)). A write through `.data` grows no counter and is not seen, nor is a Parameter set
+    in a weight's place (`module.weight = ...`)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
