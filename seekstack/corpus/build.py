@@ -236,13 +236,17 @@ def _exit_with_the_main_process() -> None:
 
 def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:
     """Let the workers finish the batches in flight (within `IN_FLIGHT_WAIT_S`, so that an interrupted build ends),
-    kill them when one does not, and join them. None is cancelled: a worker that dies meanwhile (one still starting
-    when the pool shuts down) breaks the pool, and Python 3.11's pool then fails every batch it holds, a cancelled one
-    with InvalidStateError, which ended its manager thread and left the exit hanging on the queue it fed."""
-    _, unfinished = concurrent.futures.wait([batch.analysed for batch in in_flight], timeout=IN_FLIGHT_WAIT_S)
-    if unfinished:  # a worker hangs (a native library's deadlock?)
-        pool.kill()
-    pool.shutdown()
+    kill them when one does not or a second Ctrl-C comes meanwhile (Python's exit would wait for every batch, without
+    end), and join them. None is cancelled: a worker that dies meanwhile (one still starting when the pool shuts down)
+    breaks the pool, and Python 3.11's pool then fails every batch it holds, a cancelled one with InvalidStateError,
+    which ends its manager thread and leaves the exit hanging on the queue it fed."""
+    hung = True  # until the wait ends: a second Ctrl-C in it ends the workers now
+    try:
+        hung = bool(concurrent.futures.wait([batch.analysed for batch in in_flight], timeout=IN_FLIGHT_WAIT_S).not_done)
+    finally:
+        if hung:  # a worker hangs (a native library's deadlock?), or the user waits no longer
+            pool.kill()
+        pool.shutdown()
 
 
 def _worker_death(pool: WorkerPool, in_flight: collections.deque[InFlight], error: BrokenProcessPool) -> str:

@@ -610,6 +610,31 @@ def test_an_interrupted_build_ends_when_a_worker_dies_as_it_winds_down(monkeypat
     assert multiprocessing.active_children() == []
 
 
+class HangsOnArrival(str):
+    """A text whose worker hangs as it receives it (a native library's deadlock), for a minute."""
+
+    def __reduce__(self) -> tuple:
+        return time.sleep, (60,)
+
+
+def test_a_second_ctrl_c_while_the_batches_in_flight_finish_ends_the_workers_at_once(monkeypatch) -> None:
+    """A second Ctrl-C, while an interrupted build waited for its batches, left the workers to Python's exit, which
+    waits for every batch in flight without end: a worker that hangs held the exit for good."""
+    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 60.0)
+    pool = WorkerPool(1)
+    batch = [Document("stuck", HangsOnArrival("The end."), "web")]
+    in_flight = [build.InFlight(pool.submit(build._analyse_batch, batch, CleaningConfig()), "", "")]
+    while not in_flight[0].analysed.running():
+        time.sleep(0.01)
+    threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    try:
+        with fails_after(20, "ending the workers on a second Ctrl-C"), pytest.raises(KeyboardInterrupt):
+            build._end_workers(pool, in_flight)
+        assert multiprocessing.active_children() == []
+    finally:
+        pool.kill()
+
+
 def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tmp_path: Path, monkeypatch) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
     documents.append(Document("picky", RaisesUnpicklable("The end."), "web"))
