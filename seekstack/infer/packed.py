@@ -140,10 +140,11 @@ def into_huge_pages(model: nn.Module) -> None:
     MADV_HUGEPAGE, each tensor in place (`.data`), so that Linux backs them with 2 MiB pages wherever transparent huge
     pages are `madvise` (most distributions' default) or `always`: one TLB miss per 2 MiB that a decode step streams
     instead of one per 4 KiB. `small`, float32, batch 1, one thread, two compiled engines alternating in one process:
-    decode +10.9% (median of 12 rounds; 92.8 -> 101.7 tokens/s under load), the same tokens. A tensor that shares its
-    storage with another, or holds only part of it, stays where it is, so ties and views stay tied, and so does one
-    read in place from the checkpoint's memory map (`load_pretrained`), whose pages stay the file's, read on first
-    use; without MADV_HUGEPAGE (not Linux) nothing moves."""
+    decode +10.9% with every weight moved at load ~6 (12 rounds, 92.8 -> 101.7 tokens/s), +2.1% as here on a quieter
+    machine (9 rounds, 150.2 -> 154.6, rounds -8% to +18%), the same tokens. A tensor that shares its storage with
+    another, or holds only part of it, stays where it is, so ties and views stay tied, and so does one read in place
+    from the checkpoint's memory map (`load_pretrained`), whose pages stay the file's, read on first use; without
+    MADV_HUGEPAGE (not Linux) nothing moves."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     tensors = [
