@@ -458,10 +458,12 @@ def _peak_text(steps: list[dict[str, Any]], tail: list[dict[str, Any]]) -> str:
 
 def _mfu_text(mfu: float, peak: str = "") -> str:
     """MFU as a percentage, with the `peak` it divides by (`_peak_text`); one above 100% is no utilisation but a peak
-    FLOP/s measured too low, and says so."""
+    FLOP/s measured too low, and says so, and a NaN (metrics.jsonl's NaN) is none."""
     against = f" (against a peak of {peak})" if peak else ""
     if mfu <= 1:
         return f"MFU {mfu:.1%}{against}"
+    if math.isnan(mfu):
+        return f"MFU not known: NaN logged{against}"
     return (
         f"MFU not known: {mfu:.1%} logged{against}, above 100% because the peak FLOP/s it divides by was too low (a "
         "CPU matmul probe that ran while other processes held the cores, or a `peak_flops` set too low)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import shutil
@@ -706,6 +707,7 @@ PEAK = "a 1024^3 float32 matmul measured on 2 CPU threads"
             {"peak_flops": 5.53e9, "peak_source": PEAK},
             f"not known: 193.5% logged (against a peak of 5.53 GFLOP/s: {PEAK})",
         ),
+        (math.nan, {}, "MFU not known: NaN logged."),  # was "nan% logged, above 100% because the peak ... too low"
     ],
 )
 def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_peak_too_low(
