@@ -72,6 +72,14 @@ def test_a_problems_file_too_small_for_the_draws_says_to_add_questions_not_to_ra
         sample_problems(make_task(path), 100, "heldout", seed=0, distinct=True)
 
 
+def test_a_split_of_one_problem_too_small_for_the_draws_says_one_problem(tmp_path):
+    path = problems_file(
+        tmp_path / "six.jsonl", [{"question": f"What is {n} + {n}?", "answer": 2 * n} for n in range(6)]
+    )  # one of the six questions is held out
+    with pytest.raises(ValueError, match="holds only 1 distinct heldout problem of 5 asked "):
+        sample_problems(make_task(path), 5, "heldout", seed=0, distinct=True)
+
+
 def test_generators_are_seeded():
     task = make_task("countdown")
     assert sample_problems(task, 5, "train", seed=3) == sample_problems(task, 5, "train", seed=3)

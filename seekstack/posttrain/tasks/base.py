@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from seekstack.schema import counted
 from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, first_token_in
 
 Split = Literal["train", "heldout"]
@@ -111,12 +112,13 @@ def _too_few(task: Task, found: int, count: int, split: str, kind: str) -> str:
     has no difficulty to raise."""
     from seekstack.posttrain.tasks.problems_file import ProblemsFile
 
+    problems = counted(found, f"{kind}{split} problem")
     if isinstance(task, ProblemsFile):
         return (
-            f"task {task.name} holds only {found} {kind}{split} problems of {count} asked (each question's split is "
-            "its hash's); add questions to the file or ask for fewer"
+            f"task {task.name} holds only {problems} of {count} asked (each question's split is its hash's); add "
+            "questions to the file or ask for fewer"
         )
     return (
-        f"task {task.name} at difficulty {task.difficulty} yielded only {found} {kind}{split} problems of {count} "
-        "asked: its problem space is too small; raise the difficulty or ask for fewer"
+        f"task {task.name} at difficulty {task.difficulty} yielded only {problems} of {count} asked: its problem "
+        "space is too small; raise the difficulty or ask for fewer"
     )
