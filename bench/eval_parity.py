@@ -17,8 +17,6 @@ import torch  # noqa: E402
 from options import checkpoint_folder, corpus_folder, positive_int  # noqa: E402
 from peers import peer_missing  # noqa: E402
 
-from seekstack.train.runs import checkpoint_or_latest  # noqa: E402
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +44,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))  # one device for both: their timings compare the backends alone
-    model_dir = checkpoint_or_latest(args.model)
     modules = held_out_modules(args.corpus)
     questions = next_line_docs(modules)[: args.limit]
     pairs = [(q["context"], choice) for q in questions for choice in q["choices"]]
@@ -59,8 +56,8 @@ def main() -> None:
         for i, q in enumerate(questions)
     ]
 
-    ours = SeekstackLM(pretrained=model_dir, batch_size=args.batch_size, device=device)
-    theirs = HFLM(pretrained=str(model_dir), device=device, batch_size=args.batch_size, dtype="float32")
+    ours = SeekstackLM(pretrained=args.model, batch_size=args.batch_size, device=device)
+    theirs = HFLM(pretrained=str(args.model), device=device, batch_size=args.batch_size, dtype="float32")
     timings, outputs = {}, {}
     for name, lm in (("seekstack", ours), ("hf", theirs)):
         started = time.perf_counter()
@@ -70,7 +67,7 @@ def main() -> None:
     ll_diff = max(abs(a[0] - b[0]) for a, b in zip(ours_ll, hf_ll, strict=True))
     rolling_diff = max(abs(a - b) for a, b in zip(ours_rolling, hf_rolling, strict=True))
     greedy_agree = sum(a[1] == b[1] for a, b in zip(ours_ll, hf_ll, strict=True))
-    print(f"checkpoint {model_dir}, both backends on {device}")
+    print(f"checkpoint {args.model}, both backends on {device}")
     print(f"loglikelihood: {len(pairs)} requests, max |ours - hf| = {ll_diff:.2e}, is_greedy agrees {greedy_agree}"
           f"/{len(pairs)}")  # fmt: skip
     print(f"loglikelihood_rolling: {len(texts)} documents, max |ours - hf| = {rolling_diff:.2e} "
@@ -83,7 +80,7 @@ def main() -> None:
 
     reports = {
         backend: evaluate(
-            model_dir, corpus=args.corpus, backend=backend, batch_size=args.batch_size, limit=args.limit, device=device
+            args.model, corpus=args.corpus, backend=backend, batch_size=args.batch_size, limit=args.limit, device=device
         )
         for backend in ("seekstack", "hf")
     }

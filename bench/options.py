@@ -12,6 +12,7 @@ from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
 from seekstack.tokens.shards import load_index
+from seekstack.train.runs import run_checkpoint
 
 
 def positive_int(text: str) -> int:
@@ -37,21 +38,24 @@ def whole_number(text: str, least: int) -> int:
     return value
 
 
-def read_by(read: Callable[[str], object]) -> Callable[[str], Path]:
+def read_by(read: Callable[[Path], object], folder_of: Callable[[str], Path] = Path) -> Callable[[str], Path]:
     """An argparse type for a folder that `read`, seekstack's reader of such folders, accepts: a missing folder or one
-    of another kind is refused by name before any work, not in a traceback after the rest has loaded."""
+    of another kind is refused by name before any work, not in a traceback after the rest has loaded. The folder is
+    `folder_of(text)`, the text itself unless told otherwise."""
 
     def folder(text: str) -> Path:
         try:
-            read(text)
+            path = folder_of(text)
+            read(path)
         except (OSError, ValueError) as error:  # CheckpointError, ConfigError
             raise argparse.ArgumentTypeError(str(error)) from None
-        return Path(text)
+        return path
 
     return folder
 
 
-checkpoint_folder = read_by(read_config)  # a checkpoint, or a training run's folder for its newest checkpoint
+# a checkpoint, or a training run's out_dir standing for its newest checkpoint, as on seekstack's command line
+checkpoint_folder = read_by(read_config, folder_of=lambda text: run_checkpoint(text) or Path(text))
 adapter_folder = read_by(read_lora_config)  # a LoRA adapter (adapter_config.json and its weights)
 token_shards = read_by(partial(load_index, split_name="train"))  # `seekstack data tokenize`'s, of a train split
 corpus_folder = read_by(held_out_modules)  # `seekstack data build`'s, of a val split

@@ -5,8 +5,9 @@ import argparse
 
 import pytest
 
-from bench.options import non_negative_int, positive_int
+from bench.options import checkpoint_folder, non_negative_int, positive_int
 from tests.bench.support import run_in_process
+from tests.bench.test_peers import micro_checkpoint
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
@@ -94,6 +95,19 @@ def test_a_checkpoint_folder_that_is_missing_is_refused_naming_the_argument(
                          capsys=capsys)  # fmt: skip
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: argument {argument}: {missing}: no such folder; a checkpoint is a folder holding" in run.stderr
+
+
+def test_a_training_runs_folder_is_taken_as_its_newest_checkpoint(tmp_path):
+    """eval_parity.py --model runs/eval_demo/train (its docstring's command) and dr_grpo.py START refused a run's
+    out_dir, which seekstack's command line and the benches' own loaders take for its newest checkpoint."""
+    for step in (1, 5):
+        micro_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step}")
+        (tmp_path / "run" / "checkpoints" / f"step_{step}" / "train_state.pt").write_bytes(b"")
+    assert checkpoint_folder(str(tmp_path / "run")) == tmp_path / "run" / "checkpoints" / "step_5"
+    assert (
+        checkpoint_folder(str(tmp_path / "run" / "checkpoints" / "step_1"))
+        == tmp_path / "run" / "checkpoints" / "step_1"
+    )
 
 
 @pytest.mark.parametrize("script", ["distill.py", "train_busy.py"])
