@@ -200,7 +200,10 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
             f"({', '.join(allowed.name for allowed in SHARD_DTYPES)}); tokenize the split again"
         )
     if counted != total_tokens:
-        raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")
+        raise ValueError(
+            f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}; tokenize the "
+            "split again"
+        )
     for number, shard in enumerate(shards):
         file = shard.get("file")
         if not isinstance(file, str) or Path(file).name != file or file in ("", ".."):  # a shard beside its index

@@ -443,6 +443,19 @@ def test_a_shards_token_count_written_as_text_is_refused_naming_the_field(tmp_pa
     )
 
 
+def test_an_index_listing_no_shards_is_refused_saying_to_tokenize_the_split_again(tmp_path, tokenizer, documents):
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train")
+    index = tmp_path / "train_index.json"
+    fields = json.loads(index.read_text(encoding="utf-8"))
+    index.write_text(json.dumps(fields | {"shards": []}), encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        load_index(tmp_path, "train")
+    assert str(refused.value) == (
+        f"{index} is corrupt: shard token counts sum to 0, total_tokens says {fields['total_tokens']}; tokenize the "
+        "split again"
+    )
+
+
 @pytest.mark.parametrize("file", [5, None, "../elsewhere/train_00000.bin", "/etc/hostname"])
 def test_an_index_naming_a_shard_by_no_file_name_beside_it_is_refused_naming_the_field(
     tmp_path, tokenizer, documents, file
