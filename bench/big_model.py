@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from llama_cpp_peer import open_gguf, probe_gguf
+from options import new_token_count, positive_int
 from peers import peer_missing
 from torch import nn
 
@@ -267,18 +268,13 @@ def child(*args: str) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=27, help="V2-Lite has 27")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=positive_int, default=27, help="V2-Lite has 27")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=new_token_count, default=32)
     parser.add_argument("--skip-llama-cpp", action="store_true", help="time ours only (no GGUF written)")
     parser.add_argument("--keep-gguf", action="store_true", help="keep the GGUF (as large as the checkpoint)")
     parser.add_argument("--child", nargs=2, metavar=("JOB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for option, value, least in (("--layers", args.layers, 1), ("--prompt-tokens", args.prompt_tokens, 1)):
-        if value < least:
-            parser.error(f"{option} {value}: at least {least}")
-    if args.new_tokens < 2:
-        parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
     torch.set_num_threads(1)
     directory = ROOT / "runs" / "big_model" / f"v2-lite-int8-{args.layers}-layers"
     gguf_path = directory.with_suffix(".q8_0.gguf")

@@ -27,14 +27,20 @@ def non_negative_int(text: str) -> int:
     return whole_number(text, least=0)
 
 
-def whole_number(text: str, least: int) -> int:
-    """`text` as a whole number of at least `least`, or argparse's error naming the value."""
+def new_token_count(text: str) -> int:
+    """An argparse type for --new-tokens of a decode rate, t(N new tokens) - t(1 new token): at least 2, so that 1 is
+    refused by name before any work instead of measuring 0 tok/s."""
+    return whole_number(text, least=2, why="the decode rate is t(N new tokens) - t(1 new token)")
+
+
+def whole_number(text: str, least: int, why: str = "") -> int:
+    """`text` as a whole number of at least `least`, or argparse's error naming the value (and `why`, when given)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
-        raise argparse.ArgumentTypeError(f"{value}: at least {least}")
+        raise argparse.ArgumentTypeError(f"{value}: at least {least}" + (f", {why}" if why else ""))
     return value
 
 

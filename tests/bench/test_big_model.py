@@ -29,9 +29,13 @@ def test_a_failed_child_stops_the_run_with_its_command_and_error(tmp_path, monke
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--layers", "0", "--layers 0: at least 1"),
-        ("--prompt-tokens", "0", "--prompt-tokens 0: at least 1"),
-        ("--new-tokens", "1", "--new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"),
+        ("--layers", "0", "argument --layers: 0: at least 1"),
+        ("--prompt-tokens", "0", "argument --prompt-tokens: 0: at least 1"),
+        (
+            "--new-tokens",
+            "1",
+            "argument --new-tokens: 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)",
+        ),
     ],
 )
 def test_sizes_that_measure_nothing_are_refused_naming_the_option(option, value, message, monkeypatch, capsys):

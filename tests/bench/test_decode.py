@@ -33,7 +33,7 @@ def test_one_new_token_is_refused_naming_the_option(monkeypatch, capsys):
     run = run_in_process("decode.py", "--new-tokens", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert run.stderr.splitlines()[-1].endswith(
-        "error: --new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"
+        "error: argument --new-tokens: 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"
     )
 
 

@@ -169,7 +169,11 @@ def test_data_that_is_missing_is_refused_naming_the_argument(
     [
         ("--options", "5", "argument --options: '5' is not a JSON object of inductor options"),
         ("--prompt-len", "0", "argument --prompt-len: 0: at least 1"),
-        ("--new-tokens", "1", "--new-tokens 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)"),
+        (
+            "--new-tokens",
+            "1",
+            "argument --new-tokens: 1: at least 2, the decode rate is t(N new tokens) - t(1 new token)",
+        ),
     ],
 )
 def test_decode_options_refuses_settings_that_measure_nothing_naming_the_option(
