@@ -79,14 +79,18 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
     """Whether the fused elementwise ops (`swiglu`, `rms_norm`) take these tensors: float32 or bfloat16 in one dtype on
-    the CPU, none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call."""
+    the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's ops), none sharded, outside a
+    compiled region (inductor fuses its own); builds the kernels on the first call."""
     first = tensors[0]
     return (
         _switch["on"]
         and not torch.compiler.is_compiling()
         and first.device.type == "cpu"
         and first.dtype in (torch.float32, torch.bfloat16)
-        and all(t.dtype == first.dtype and t.device.type == "cpu" and not isinstance(t, DTensor) for t in tensors)
+        and all(
+            t.dtype == first.dtype and t.device.type == "cpu" and t.stride(-1) == 1 and not isinstance(t, DTensor)
+            for t in tensors
+        )
         and available()
     )
 

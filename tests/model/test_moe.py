@@ -257,6 +257,15 @@ def test_fused_swiglu_and_its_gradients_match_the_formula_and_switch_off_to_it(d
             assert (ours.double() - theirs).abs().max().item() <= tolerance * theirs.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_of_inputs_transposed_along_a_row_matches_the_formula(dtype):
+    assert cpu_kernels.available()
+    gate, up = torch.randn(40, 9, dtype=dtype).T, torch.randn(40, 9, dtype=dtype).T  # (9, 40), a column apart
+    weights = torch.rand(9)
+    expected = F.silu(gate.double()) * up.double() * weights.double()[:, None]
+    assert (swiglu(gate, up, weights).double() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
 def test_correction_bias_changes_selection_but_not_weights():
     moe = make_moe(norm_topk_prob=False, routed_scaling_factor=1.0)
     x = torch.randn(16, 64)

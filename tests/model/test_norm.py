@@ -65,3 +65,14 @@ def test_fused_rms_norm_and_its_gradients_match_the_formula_and_switch_off_to_it
         for ours, theirs in ((out, reference), (xd.grad, x64.grad), (norm.weight.grad, w64.grad)):
             scale = theirs.abs().max().item()
             assert (ours.double() - theirs).abs().max().item() <= tolerance * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_of_an_input_transposed_along_a_row_matches_the_formula(dtype):
+    assert cpu_kernels.available()
+    x = torch.randn(40, 7, dtype=dtype).T  # (7, 40), a row's values a column apart
+    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = RMSNorm(40).to(dtype)(x)
+        assert (out.double() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
