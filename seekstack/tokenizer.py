@@ -102,8 +102,8 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     split_digits = _whole_number(split_digits, "split_digits")  # 2.5 made "{1,2.5}", a literal: no run was cut
     if not 1 <= split_digits <= MOST_REPEATS:  # past it, Oniguruma's "too big number for repeat range" traceback
         raise ConfigError(
-            f"is {split_digits}; a run of digits is cut into pieces of 1 digit or more, and at most {MOST_REPEATS:,} "
-            "(the regex engine's largest repeat; leave it out to keep a run whole)",
+            f"has value {split_digits}; a run of digits is cut into pieces of 1 digit or more, and at most "
+            f"{MOST_REPEATS:,} (the regex engine's largest repeat; leave it out to keep a run whole)",
             "split_digits",
         )
     return PRE_TOKENIZER_PATTERN.replace(r" ?\p{N}+", rf" ?\p{{N}}{{1,{split_digits}}}")
@@ -116,7 +116,7 @@ def _whole_number(value: object, field: str) -> int:
             return operator.index(value)
     except TypeError:
         pass
-    raise ConfigError(f"is {value!r} ({type(value).__name__}), not a whole number", field)
+    raise ConfigError(f"has value {value!r} ({type(value).__name__}), not a whole number", field)
 
 
 def tool_call_text(name: str, arguments: str) -> str:
@@ -1120,14 +1120,14 @@ def check_vocab_size(vocab_size: int) -> None:
     vocab_size = _whole_number(vocab_size, "vocab_size")
     if vocab_size < SMALLEST_VOCAB:
         raise ConfigError(
-            f"is {vocab_size:,}, too small: at least {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
-            f"and {len(TOOL_TOKENS)} tool-call tokens)",
+            f"has value {vocab_size:,}, too small: at least {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} "
+            f"special and {len(TOOL_TOKENS)} tool-call tokens)",
             "vocab_size",
         )
     if vocab_size > LARGEST_VOCAB:
         raise ConfigError(
-            f"is {vocab_size:,}, too large: at most {LARGEST_VOCAB:,}, 4x the largest vocabulary a released model "
-            "uses (Gemma 3's 262,144)",
+            f"has value {vocab_size:,}, too large: at most {LARGEST_VOCAB:,}, 4x the largest vocabulary a released "
+            "model uses (Gemma 3's 262,144)",
             "vocab_size",
         )
 

@@ -243,11 +243,14 @@ def test_split_digits_cuts_runs_of_digits_into_tokens_of_at_most_that_many(tmp_p
     assert [cli.decode([i]) for i in cli.encode(" 12345")] == [" 12", "34", "5"]
     refused = CliRunner().invoke(app, [*args, "--split-digits", "0"])
     assert refused.exit_code == 2  # train_tokenizer's own refusal, named by the option (no second bound in typer)
-    assert "Invalid value for '--split-digits': is 0; a run of digits is cut into pieces of 1 digit" in refused.output
+    assert (
+        "Invalid value for '--split-digits': has value 0; a run of digits is cut into pieces of 1 digit"
+        in refused.output
+    )
     refused = CliRunner().invoke(app, [*args, "--split-digits", "100001"])  # was Oniguruma's traceback
     assert refused.exit_code == 2
     assert (
-        "Invalid value for '--split-digits': is 100001; a run of digits is cut into pieces of 1 digit or more, and at"
+        "Invalid value for '--split-digits': has value 100001; a run of digits is cut into pieces of 1 digit or more"
         in " ".join(refused.output.split())
     )
     with pytest.raises(ConfigError, match="split_digits"):
@@ -1031,7 +1034,7 @@ def test_a_damaged_tokenizer_config_copied_into_a_model_folder_is_named(tmp_path
 
 
 def test_too_small_vocab_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match=r"^field 'vocab_size' is 100, too small: at least 270 \(256 bytes"):
+    with pytest.raises(ConfigError, match=r"^field 'vocab_size' has value 100, too small: at least 270 \(256 bytes"):
         train_tokenizer(["abc"], vocab_size=100, out_path=tmp_path)
 
 
@@ -1040,12 +1043,12 @@ def test_a_vocab_size_or_split_digits_that_is_no_whole_number_is_refused_naming_
     digits were not cut at all, without a word; vocab_size=300.0 or "300" was a bare TypeError from a comparison or
     from tokenizers. A numpy integer is taken, as before."""
     for values, message in [
-        ({"vocab_size": 300.0}, "field 'vocab_size' is 300.0 (float), not a whole number"),
-        ({"vocab_size": "300"}, "field 'vocab_size' is '300' (str), not a whole number"),
-        ({"vocab_size": 300, "split_digits": 2.5}, "field 'split_digits' is 2.5 (float), not a whole number"),
+        ({"vocab_size": 300.0}, "field 'vocab_size' has value 300.0 (float), not a whole number"),
+        ({"vocab_size": "300"}, "field 'vocab_size' has value '300' (str), not a whole number"),
+        ({"vocab_size": 300, "split_digits": 2.5}, "field 'split_digits' has value 2.5 (float), not a whole number"),
         # True is 1 to operator.index: every digit was cut alone
-        ({"vocab_size": 300, "split_digits": True}, "field 'split_digits' is True (bool), not a whole number"),
-        ({"vocab_size": True}, "field 'vocab_size' is True (bool), not a whole number"),
+        ({"vocab_size": 300, "split_digits": True}, "field 'split_digits' has value True (bool), not a whole number"),
+        ({"vocab_size": True}, "field 'vocab_size' has value True (bool), not a whole number"),
     ]:
         with pytest.raises(ConfigError) as refused:
             train_tokenizer(["a 12345"] * 9, out_path=tmp_path / "refused", **values)
@@ -1076,7 +1079,9 @@ def test_a_vocab_larger_than_any_model_uses_is_refused_before_the_texts_are_read
         raise AssertionError("the texts were read")
         yield
 
-    with pytest.raises(ConfigError, match=f"^field 'vocab_size' is {vocab_size:,}, too large: at most 1,048,576"):
+    with pytest.raises(
+        ConfigError, match=f"^field 'vocab_size' has value {vocab_size:,}, too large: at most 1,048,576"
+    ):
         train_tokenizer(texts(), vocab_size=vocab_size, out_path=tmp_path / "tok")
     assert not (tmp_path / "tok").exists()
 

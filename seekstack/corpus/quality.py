@@ -151,9 +151,11 @@ def select_corpus(
     if (threshold is None) == (top_fraction is None):
         raise ValueError("select by exactly one of threshold and top_fraction")
     if top_fraction is not None and not 0 < top_fraction <= 1:
-        raise ConfigError(f"is {top_fraction}: must be a share in (0, 1] (0.3 keeps the best 30%)", "top_fraction")
+        raise ConfigError(
+            f"has value {top_fraction}: must be a share in (0, 1] (0.3 keeps the best 30%)", "top_fraction"
+        )
     if threshold is not None and not 0 <= threshold <= 1:
-        raise ConfigError(f"is {threshold}: must be in [0, 1] (scores are probabilities)", "threshold")
+        raise ConfigError(f"has value {threshold}: must be in [0, 1] (scores are probabilities)", "threshold")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     if out_dir.resolve() == corpus_dir.resolve():
         raise ValueError(f"{out_dir}: is the corpus folder; write the selection to another one (nothing was written)")

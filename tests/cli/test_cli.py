@@ -559,7 +559,7 @@ def test_tokenizer_train_names_vocab_size_and_its_largest_value(tmp_path):
     args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(2**64), "--out", str(tmp_path / "tok")]
     result = run(*args)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"Invalid value for '--vocab-size': is {2**64:,}, too large: at most 1,048,576" in result.output
+    assert f"Invalid value for '--vocab-size': has value {2**64:,}, too large: at most 1,048,576" in result.output
     assert not (tmp_path / "tok").exists()
 
 

@@ -288,9 +288,9 @@ def test_a_model_path_that_is_no_file_is_named_with_what_to_give(tmp_path: Path,
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
-        ("--top-fraction", "30", "Invalid value for '--top-fraction': is 30.0: must be a share in (0, 1]"),
-        ("--top-fraction", "0", "Invalid value for '--top-fraction': is 0.0: must be a share in (0, 1]"),
-        ("--threshold", "2", "Invalid value for '--threshold': is 2.0: must be in [0, 1]"),
+        ("--top-fraction", "30", "Invalid value for '--top-fraction': has value 30.0: must be a share in (0, 1]"),
+        ("--top-fraction", "0", "Invalid value for '--top-fraction': has value 0.0: must be a share in (0, 1]"),
+        ("--threshold", "2", "Invalid value for '--threshold': has value 2.0: must be in [0, 1]"),
     ],
 )
 def test_select_refuses_a_top_fraction_or_threshold_out_of_range_naming_the_option(
