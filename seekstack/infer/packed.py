@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import mmap
-import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -193,11 +192,7 @@ class WeightVersions:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        # the module's hook holds these versions weakly and goes with them: a gone engine's keep no weights they read
-        # alive past a load_state_dict(assign=True) (its adapters' read the whole model's)
-        versions = weakref.ref(self)
-        hook = module.register_load_state_dict_post_hook(lambda *loaded: versions()._loaded(*loaded))
-        weakref.finalize(self, hook.remove)
+        module.register_load_state_dict_post_hook(self._loaded)
         self.mark()
 
     def mark(self) -> None:
@@ -210,7 +205,9 @@ class WeightVersions:
         return self._version != sum(weight._version for weight in self._weights)
 
     def _loaded(self, module: nn.Module, incompatible_keys: object) -> None:
-        self._version = None  # assign=True puts other tensors where the ones read at `mark` were
+        # assign=True puts other tensors where the ones read at `mark` were: let go of those (the module's hook keeps
+        # these versions, a gone engine's too, and would keep them alive) until the next `mark`
+        self._weights, self._version = [], None
 
 
 def repack(model: nn.Module) -> None:
