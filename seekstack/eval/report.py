@@ -31,7 +31,7 @@ from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.schema import ConfigError, load_config
 from seekstack.train.config import CONFIG_FILE
-from seekstack.train.metrics import METRICS_FILE, step_tokens
+from seekstack.train.metrics import METRICS_FILE, column, step_tokens
 from seekstack.train.mfu import flops_text
 from seekstack.train.plot import json_object, plot_run, read_metrics, steps_text
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
@@ -425,9 +425,11 @@ def _training(
                     f"{past} in no checkpoint yet (the newest is {checkpoint.name}): a run still training saves "
                     "them later, a stopped one trains them again on --resume. "
                 )
-    if steps:
-        speeds = [r["tokens_per_s"] for r in tail if "tokens_per_s" in r]  # each may be missing from metrics.jsonl
-        mfus = [r["mfu"] for r in tail if "mfu" in r]  # written by another trainer or by hand: told, not a crash
+    if steps:  # each may be missing from metrics.jsonl or null (another trainer's, or a hand's): told, not a crash
+        speeds, mfus = (
+            column([r for r in tail if r.get(key) is not None], key, run_dir / METRICS_FILE)
+            for key in ("tokens_per_s", "mfu")
+        )
         speed = f"{statistics.median(speeds):,.0f} tokens/s" if speeds else "tokens/s not logged"
         mfu = _mfu_text(statistics.median(mfus), _peak_text(steps, tail)) if mfus else "MFU not logged"
         text += f"Speed over the last quarter of the steps (median): {speed}, {mfu}.\n\n"

@@ -731,16 +731,30 @@ def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_
         ({"tokens_per_s": 900.0}, "(median): 900 tokens/s, MFU not logged."),
         ({"mfu": 0.42}, "(median): tokens/s not logged, MFU 42.0%."),
         ({}, "(median): tokens/s not logged, MFU not logged."),
+        ({"tokens_per_s": 900.0, "mfu": None}, "(median): 900 tokens/s, MFU not logged."),  # was a TypeError
+        ({"tokens_per_s": None, "mfu": 0.42}, "(median): tokens/s not logged, MFU 42.0%."),
     ],
 )
 def test_speed_gives_what_the_steps_logged_and_says_what_they_did_not(tmp_path, logged, said):
     """A metrics.jsonl whose steps logged tokens_per_s but no mfu (another trainer's, or one written by hand) stopped
-    `seekstack report` with "error: no median for empty data"."""
+    `seekstack report` with "error: no median for empty data", and one logging them null with a TypeError traceback
+    ('<=' not supported between instances of 'NoneType' and 'int')."""
     from seekstack.eval.report import _training
 
     records = [{"step": step, "loss": 2.0, "lr": 1e-3, **logged} for step in (1, 2)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert f"Speed over the last quarter of the steps {said}" in _training(tmp_path, tmp_path, {}, records)
+
+
+def test_speed_logged_as_no_number_is_refused_naming_the_step_and_the_key(tmp_path):
+    """A metrics.jsonl step logging mfu "42%" (a string, written by hand) stopped `seekstack report` with a TypeError
+    traceback; it is refused as `plot` refuses a step's lr that is no number, naming the file, the step and the key."""
+    from seekstack.eval.report import _training
+
+    records = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": "42%"} for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: the record of step 2 has no number 'mfu'; mend or delete"):
+        _training(tmp_path, tmp_path, {}, records)
 
 
 def test_the_curves_figure_names_the_metrics_it_draws_and_the_command_that_draws_it_again(tmp_path):
