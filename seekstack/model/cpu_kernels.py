@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import platform
 import sys
 import time
@@ -116,7 +117,8 @@ def grouped_experts(
 def _build() -> bool:
     from torch.utils.cpp_extension import get_default_build_root, load
 
-    folder = _build_folder(Path(get_default_build_root()))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as cpp_extension's own load() reads it
+    folder = _build_folder(Path(root))
     library = folder / f"{NAME}.so"
     try:
         folder.mkdir(parents=True, exist_ok=True)

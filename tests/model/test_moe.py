@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,6 +424,21 @@ def test_without_a_compiler_the_kernels_warn_once_and_the_experts_keep_their_gro
         routed, _ = moe.experts(flat, moe.gate(flat))
     expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
     assert (routed - expected).abs().max().item() < 1e-5
+
+
+def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, monkeypatch):
+    folders = []
+
+    def record_and_fail(**kwargs):
+        folders.append(Path(kwargs["build_directory"]))
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", record_and_fail)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="did not build"):
+        assert not cpu_kernels.available()
+    assert [folder.parent for folder in folders] == [tmp_path]
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
