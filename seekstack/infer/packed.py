@@ -11,29 +11,18 @@ The block's own bias-free linears (attention projections, dense FFNs, shared exp
 through `rows_linear`, compiled or eager (`DecodeLinear`), with no copy; without the kernel, compiled steps take the
 weight-first form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops
 (engine.py `_compiled`).
-A decode step streams every weight it reads once, on Linux from 4 KiB pages, a TLB miss every 4 KiB (`small`, batch
-1: ~21,000 a token); `into_huge_pages` moves the weights into memory the kernel backs with 2 MiB pages where it can.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import mmap
-from collections import Counter
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
 
 WEIGHT_FIRST_MAX_ROWS = 16  # up to here (W x^T)^T; beyond it F.linear (measured at 4, 8 and 16 rows)
-HUGE_PAGE = 2 << 20  # x86-64's and arm64's transparent huge page
-TENSOR_ALIGNMENT = 64  # bytes: a cache line, and a multiple of every element size
 
 
 @torch.library.custom_op("seekstack::decode_head", mutates_args=())
@@ -129,59 +118,7 @@ def pack_for_decode(model: Transformer) -> int:
             extra = module.weight_t.numel() * module.weight_t.element_size()
         else:
             module.__class__ = DecodeLinear
-    into_huge_pages(model)
     return extra
-
-
-@torch.no_grad()
-def into_huge_pages(model: nn.Module) -> None:
-    """Move a CPU model's parameters and buffers (the head's W^T too) into one private anonymous mapping advised
-    MADV_HUGEPAGE, each tensor in place (`.data`), so that Linux backs them with 2 MiB pages wherever transparent huge
-    pages are `madvise` (most distributions' default) or `always`: one TLB miss per 2 MiB that a decode step streams
-    instead of one per 4 KiB. `small`, float32, batch 1, one thread, two compiled engines alternating in one process:
-    decode +10.9% with every weight moved at load ~6 (12 rounds, 92.8 -> 101.7 tokens/s), +2.1% as here on a quieter
-    machine (9 rounds, 150.2 -> 154.6, rounds -8% to +18%), the same tokens. A tensor that shares its storage with
-    another, or holds only part of it, stays where it is, so ties and views stay tied, and so does one read in place
-    from the checkpoint's memory map (`load_pretrained`), whose pages stay the file's, read on first use; without
-    MADV_HUGEPAGE (not Linux) nothing moves."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return
-    tensors = [
-        t
-        for t in itertools.chain(model.parameters(), model.buffers())
-        if t.device.type == "cpu" and not isinstance(t, DTensor) and not t.is_quantized and t.is_contiguous()
-    ]
-    owners = Counter(t.untyped_storage().data_ptr() for t in tensors)
-    files = sorted(  # (start, end) of each mapping of a file into this process
-        tuple(int(bound, 16) for bound in fields[0].split("-"))
-        for fields in map(str.split, Path("/proc/self/maps").read_text().splitlines())
-        if len(fields) > 5 and fields[5].startswith("/")
-    )
-    moved = [
-        t
-        for t in tensors
-        if owners[t.untyped_storage().data_ptr()] == 1
-        and t.untyped_storage().nbytes() == t.nbytes > 0
-        and not _inside(files, t.data_ptr())
-    ]
-    if not moved:
-        return
-    sizes = [-(-t.nbytes // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT for t in moved]
-    # private, not shared: huge pages for shared anonymous memory follow another setting (shmem_enabled), off by default
-    mapping = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: each fault then takes a whole huge page
-    offset = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE  # at a huge page's start
-    for tensor, size in zip(moved, sizes, strict=True):
-        # a storage of its own bytes only (torch.save of one weight writes that weight), which keeps the mapping alive
-        place = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
-        tensor.data = place.view(tensor.shape).copy_(tensor)
-        offset += size
-
-
-def _inside(ranges: list[tuple[int, ...]], address: int) -> bool:
-    """Whether `address` falls in one of the sorted, disjoint (start, end) `ranges`."""
-    index = bisect.bisect_right(ranges, (address, float("inf"))) - 1
-    return index >= 0 and address < ranges[index][1]
 
 
 class WeightVersions:

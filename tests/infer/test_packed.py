@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import gc
 import io
-import mmap
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +14,7 @@ from torch import nn
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.packed import (
-    WEIGHT_FIRST_MAX_ROWS,
-    DecodeHead,
-    DecodeLinear,
-    into_huge_pages,
-    pack_for_decode,
-)
+from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead, DecodeLinear, pack_for_decode
 from seekstack.model import cpu_kernels
 from tests.infer.support import VOCAB, micro_model, model_dir
 
@@ -133,41 +125,6 @@ def test_from_pretrained_packs_the_head_and_keeps_the_state_dict(checkpoint):
     assert list(ours) == list(theirs)  # weight_t is not saved
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
     assert head.weight_t.shape == (head.in_features, head.out_features) and head.weight_t.is_contiguous()
-
-
-def maps_holding(tensor: torch.Tensor) -> str:
-    """The /proc/self/smaps entry (header to VmFlags) of the mapping that holds `tensor`'s first byte."""
-    address, entry = tensor.data_ptr(), []
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if line.startswith("VmFlags:") and entry:
-            return "\n".join([*entry, line])
-        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
-            start, end = (int(bound, 16) for bound in line.split(" ", 1)[0].split("-"))
-            entry = [line] if start <= address < end else []
-        elif entry:
-            entry.append(line)
-    return ""
-
-
-def advised_huge_pages(tensor: torch.Tensor) -> bool:
-    """Whether the mapping holding `tensor` was advised MADV_HUGEPAGE (its VmFlags say `hg`)."""
-    return "hg" in maps_holding(tensor).rsplit("VmFlags:", 1)[-1].split()
-
-
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="madvise(MADV_HUGEPAGE) is Linux's")
-def test_weights_move_into_huge_page_memory_keeping_values_shared_storage_and_the_checkpoint_map(checkpoint):
-    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 48, bias=False))
-    model[1].register_buffer("rows", model[1].weight[:4])  # a view: shares the weight's storage
-    before = {key: value.clone() for key, value in model.state_dict().items()}
-    into_huge_pages(model)
-    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
-    assert advised_huge_pages(model[0].weight) and advised_huge_pages(model[0].bias)
-    assert model[0].weight.untyped_storage().nbytes() == model[0].weight.nbytes  # its own: torch.save writes it alone
-    assert not advised_huge_pages(model[1].weight)  # left where it was, with the view still reading it
-    assert model[1].rows.data_ptr() == model[1].weight.data_ptr()
-    head = Engine.from_pretrained(checkpoint).model.lm_head
-    assert advised_huge_pages(head.weight_t)  # a copy the engine made; the weight stays the checkpoint's memory map
-    assert not advised_huge_pages(head.weight) and str(checkpoint) in maps_holding(head.weight)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
