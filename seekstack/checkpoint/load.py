@@ -110,6 +110,8 @@ def load_pretrained(
     """
     directory = Path(directory)
     refuse_a_revision(revision, directory)
+    if not isinstance(dequantize, bool):  # "no", a text, is true: dequantize="no" would dequantize
+        raise ValueError(f"dequantize={dequantize!r} must be True or False")
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r}: seekstack runs its own MLA attention and takes "

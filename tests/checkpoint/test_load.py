@@ -190,3 +190,12 @@ def test_weights_unlike_the_config_are_refused_naming_the_key_and_both_shapes_be
     assert f"{tmp_path / CONFIG_FILE} implies {implied}; use the {CONFIG_FILE} saved with these weights" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_dequantize_given_as_anything_but_a_bool_is_refused_not_read_as_true(tmp_path, value):
+    """load_pretrained(dir, dequantize="no") (a setting read from a file or the environment as text) dequantized the
+    quantized layers, silently: every non-empty text is true; refused before anything is read, as the engine's
+    switches are."""
+    with pytest.raises(ValueError, match=rf"^dequantize={value!r} must be True or False$"):
+        seekstack.load_pretrained(tmp_path / "not-read", dequantize=value)
