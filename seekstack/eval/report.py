@@ -425,13 +425,11 @@ def _training(
                     f"{past} in no checkpoint yet (the newest is {checkpoint.name}): a run still training saves "
                     "them later, a stopped one trains them again on --resume. "
                 )
-    if steps:  # each may be missing from metrics.jsonl or null (another trainer's, or a hand's): told, not a crash
-        speeds, mfus = (
-            column([r for r in tail if r.get(key) is not None], key, run_dir / METRICS_FILE)
-            for key in ("tokens_per_s", "mfu")
-        )
+    if steps:
+        metrics = run_dir / METRICS_FILE
+        speeds, mfus = _logged(tail, "tokens_per_s", metrics), _logged(tail, "mfu", metrics)
         speed = f"{statistics.median(speeds):,.0f} tokens/s" if speeds else "tokens/s not logged"
-        mfu = _mfu_text(statistics.median(mfus), _peak_text(steps, tail)) if mfus else "MFU not logged"
+        mfu = _mfu_text(statistics.median(mfus), _peak_text(steps, tail, metrics)) if mfus else "MFU not logged"
         text += f"Speed over the last quarter of the steps (median): {speed}, {mfu}.\n\n"
     columns = [column for column in VALIDATION_COLUMNS if any(column[1] in r for r in evals)]  # no MoE: no MaxVio
     rows = [(str(r["step"]), *(format(r[key], spec) if key in r else "-" for _, key, spec in columns)) for r in evals]
@@ -447,12 +445,19 @@ def _drawn_by(figure: Path, run_dir: Path, command: list[str], steps: list[dict[
     return f"`{figure.name}`: {shown} of `{run_dir / METRICS_FILE}`, as `{shlex.join(words)}` draws it."
 
 
-def _peak_text(steps: list[dict[str, Any]], tail: list[dict[str, Any]]) -> str:
+def _logged(records: list[dict[str, Any]], key: str, metrics: Path) -> list[float]:
+    """The numbers `key` of the `records` that log one: it may be missing or null (another trainer's metrics.jsonl, or
+    one written by hand), told as not logged, not a crash; ValueError naming `metrics` and the step of one that is no
+    number (`column`)."""
+    return column([r for r in records if r.get(key) is not None], key, metrics)
+
+
+def _peak_text(steps: list[dict[str, Any]], tail: list[dict[str, Any]], metrics: Path) -> str:
     """The peak FLOP/s the MFU of the `tail` steps divides by and where it came from, as the run logged them (its
-    newest `peak_source` up to the tail's last step): '55.3 GFLOP/s: a 1024^3 float32 matmul measured on 2 CPU
-    threads'; '' for a run logged before peaks were."""
-    peaks = [r["peak_flops"] for r in tail if "peak_flops" in r]
-    sources = [r["peak_source"] for r in steps if "peak_source" in r and r["step"] <= tail[-1]["step"]]
+    newest `peak_source` up to the tail's last step) in `metrics`: '55.3 GFLOP/s: a 1024^3 float32 matmul measured on
+    2 CPU threads'; '' for a run logged before peaks were."""
+    peaks = _logged(tail, "peak_flops", metrics)
+    sources = [r["peak_source"] for r in steps if r.get("peak_source") is not None and r["step"] <= tail[-1]["step"]]
     if not peaks or not sources:
         return ""
     return f"{flops_text(statistics.median(peaks))}: {sources[-1]}"

@@ -708,6 +708,7 @@ PEAK = "a 1024^3 float32 matmul measured on 2 CPU threads"
             f"not known: 193.5% logged (against a peak of 5.53 GFLOP/s: {PEAK})",
         ),
         (math.nan, {}, "MFU not known: NaN logged."),  # was "nan% logged, above 100% because the peak ... too low"
+        (0.42, {"peak_flops": None, "peak_source": None}, "MFU 42.0%."),  # was a TypeError ('>=' ... 'NoneType')
     ],
 )
 def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_peak_too_low(
