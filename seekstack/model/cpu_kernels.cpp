@@ -375,11 +375,13 @@ inline void over_row(int64_t R, const Step& step, const Tail& tail) {
   for (; d < R; ++d) tail(d);
 }
 
+// 2-D, read along stride 1; an empty tensor's strides are whatever made it (0 for the gradient of an empty sum).
+inline bool rows_of(const at::Tensor& t) { return t.dim() == 2 && (t.stride(1) == 1 || t.numel() == 0); }
+
 void check_elementwise(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
-                  a.dim() == 2 && a.stride(1) == 1,
+  TORCH_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && rows_of(a),
               op, ": rows must be 2-D float32 or bfloat16 on the CPU, contiguous along a row");
-  TORCH_CHECK(b.scalar_type() == a.scalar_type() && b.dim() == 2 && b.stride(1) == 1 && b.sizes() == a.sizes(), op,
+  TORCH_CHECK(b.scalar_type() == a.scalar_type() && rows_of(b) && b.sizes() == a.sizes(), op,
               ": operands must share the first's dtype and shape");
 }
 
