@@ -186,12 +186,11 @@ def _build_folder(root: Path) -> Path:
     return root / f"{NAME}-torch{torch.__version__}-{_cpu_tag()}-src{source}"
 
 
-def _cpu_tag() -> str:
-    """The machine and a hash of its CPU's instruction-set flags: a build for one CPU (-march=native) is never loaded
-    on another that shares the cache folder (a cluster's network home)."""
-    cpuinfo = Path("/proc/cpuinfo")
+def _cpu_tag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine and a hash of its CPU's instruction-set flags (x86's `flags`, ARM's `Features`): a build for one CPU
+    (-march=native) is never loaded on another that shares the cache folder (a cluster's network home)."""
     flags = (
-        next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+        next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
         if cpuinfo.exists()
         else ""
     )

@@ -450,6 +450,16 @@ def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, 
     assert [folder.parent for folder in folders] == [tmp_path]
 
 
+@pytest.mark.parametrize("key", ["flags", "Features"], ids=["x86", "arm"])
+def test_the_build_folder_tells_apart_cpus_with_other_instruction_sets(tmp_path, key):
+    tags = []
+    for flags in ("fp asimd sve", "fp asimd"):  # a CPU with SVE, one without: a build for the first is not for both
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\n{key}\t\t: {flags}\n")
+        tags.append(cpu_kernels._cpu_tag(cpuinfo))
+    assert tags[0] != tags[1]
+
+
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
     stale = tmp_path / "stale" / "lock"
     stale.parent.mkdir()
