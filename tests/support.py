@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
+import signal
 import socket
 import time
 import warnings
@@ -60,8 +62,8 @@ def spawn(
     """`mp.spawn(rank_main, args, nprocs, join)`, each rank forked from one server process per pytest worker that
     imported torch and the first spawning test's module (seekstack with it, ~4 s of a CPU) once, not a fresh
     interpreter importing them again for every rank; the rank writes to the test's output and runs in its
-    environment, as a spawned one does. Joined ranks still running after `limit_s` seconds are killed and the test
-    fails, naming them."""
+    environment, as a spawned one does. Joined ranks still running after `limit_s` seconds write where each of their
+    threads is (a Python stack each) to the test's stderr, are killed, and the test fails, naming them."""
     mp.set_forkserver_preload([rank_main.__module__])  # read once, when the first spawn starts the server
     ranks_args = (rank_main, args, _TestsOutput(), dict(os.environ))
     context = mp.start_processes(_rank_as_spawned, ranks_args, nprocs, join=False, start_method="forkserver")
@@ -71,11 +73,17 @@ def spawn(
     while not context.join(timeout=1):  # raises, ending the others, when a rank fails
         if time.monotonic() > deadline:
             running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for rank in running:
+                os.kill(context.processes[rank].pid, signal.SIGUSR1)
+            time.sleep(1)  # the stacks written
             for process in context.processes:
                 process.kill()
                 process.join()
             ranks = " and ".join(map(str, running))
-            pytest.fail(f"{rank_main.__name__}: rank {ranks} still ran after {limit_s} s (hung?), killed")
+            pytest.fail(
+                f"{rank_main.__name__}: rank {ranks} still ran after {limit_s} s (hung?), killed; where each was is in "
+                "the captured stderr"
+            )
     return None
 
 
@@ -93,4 +101,5 @@ def _rank_as_spawned(rank: int, rank_main: Callable[..., None], args: tuple, out
         os.dup2(output.detach(), fd)
     os.environ.clear()
     os.environ.update(environ)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where each thread is, to the test's stderr, on a hang
     rank_main(rank, *args)

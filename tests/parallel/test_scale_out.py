@@ -3,7 +3,6 @@ checkpoints resume at another number of ranks, and compressed gradient all-reduc
 
 from __future__ import annotations
 
-import faulthandler
 import math
 import os
 import pickle
@@ -64,34 +63,10 @@ def train_on_two_ranks_in_turn(runs: list) -> None:
     spawn(_train_rank_in_turn, (2, free_ports(len(runs)), runs))  # a port per run
 
 
-def _rank_telling_its_stack(rank: int, world_size: int, port: int, config, resume, rank_main, stacks: str) -> None:
-    """`rank_main` on a rank that writes where each of its threads is to `stacks`_RANK.txt on SIGUSR1."""
-    with open(f"{stacks}_{rank}.txt", "w") as stack_file:
-        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-        rank_main(rank, world_size, port, config, resume)
-
-
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
     """`train_on_two_ranks` (each rank running `rank_main`), failing the test instead of waiting forever when the
-    ranks hang, with where each rank still running was (its Python stack) and what it wrote."""
-    stacks = f"{config.out_dir}_stack"
-    context = spawn(_rank_telling_its_stack, (2, free_port(), config, False, rank_main, stacks), join=False)
-    deadline = time.monotonic() + seconds
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-            for rank in running:
-                os.kill(context.processes[rank].pid, signal.SIGUSR1)
-            time.sleep(2)  # the stacks written
-            for process in context.processes:
-                process.kill()
-            told = "\n".join(f"rank {rank}:\n{_stack_told(Path(f'{stacks}_{rank}.txt'))}" for rank in running)
-            ranks = " and ".join(map(str, running))
-            pytest.fail(f"the two ranks still ran after {seconds} s (rank {ranks} hung); where they were:\n{told}")
-
-
-def _stack_told(stack_file: Path) -> str:
-    return stack_file.read_text() if stack_file.is_file() else "(not started: it had not reached rank_main)"
+    ranks hang, with where each rank still running was (its Python stack) in the test's stderr."""
+    spawn(rank_main, (2, free_port(), config, False), limit_s=seconds)
 
 
 def losses(out_dir: Path) -> list[float]:
@@ -273,12 +248,14 @@ def _rank_hanging(rank: int) -> None:
     time.sleep(600)  # as both ranks waiting in a collective the other never joins
 
 
-def test_ranks_that_all_hang_fail_the_test_within_its_limit_naming_them():
-    """Both ranks hanging kept the test waiting for ever; after the limit they are killed and the test fails."""
+def test_ranks_that_all_hang_fail_the_test_within_its_limit_naming_them_and_where_they_were(capfd):
+    """Both ranks hanging kept the test waiting for ever; after the limit they are killed and the test fails, each
+    rank's stack in the test's stderr."""
     started = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match=r"^_rank_hanging: rank 0 and 1 still ran after 2 s \(hung\?\)"):
         spawn(_rank_hanging, (), limit_s=2)
     assert time.monotonic() - started < 30
+    assert capfd.readouterr().err.count(" in _rank_hanging\n") == 2  # faulthandler's "File ..., line N in FUNCTION"
 
 
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
