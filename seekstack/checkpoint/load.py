@@ -74,6 +74,7 @@ def load_pretrained(
     offload_folder: str | Path | None = None,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    ignore_mismatched_sizes: bool = False,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -95,9 +96,10 @@ def load_pretrained(
     from a checkpoint runs, and the weights are always read one tensor at a time into a model built without them
     (what low_cpu_mem_usage=True asks); so is `local_files_only` (offline scripts pass True): `directory` is a local
     folder, nothing is downloaded either way (a Hub repository's name is refused as no such folder), and `revision`,
-    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it). `device` is read as an
-    engine reads it (`loading_device`: "CPU", "auto", an int N); meta, and one this torch cannot reach, are refused
-    before any weight is read.
+    a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it), and so is
+    `ignore_mismatched_sizes=True`: a tensor of another shape than the config's is always refused. `device` is read
+    as an engine reads it (`loading_device`: "CPU", "auto", an int N); meta, and one this torch cannot reach, are
+    refused before any weight is read. `dequantize` and `mtp` must be True or False (`refuse_a_non_bool`).
     `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
     without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
     same attention; another value is refused naming them.
@@ -110,8 +112,14 @@ def load_pretrained(
     """
     directory = Path(directory)
     refuse_a_revision(revision, directory)
-    if not isinstance(dequantize, bool):  # "no", a text, is true: dequantize="no" would dequantize
-        raise ValueError(f"dequantize={dequantize!r} must be True or False")
+    for name, value in (("dequantize", dequantize), ("mtp", mtp)):
+        refuse_a_non_bool(name, value)
+    if ignore_mismatched_sizes is not False:
+        raise ValueError(
+            f"ignore_mismatched_sizes={ignore_mismatched_sizes!r} is transformers' from_pretrained keyword, taken here "
+            f"only as False: a tensor whose shape differs from what {CONFIG_FILE} implies is always refused, naming "
+            "it; fix the config or the weights and leave ignore_mismatched_sizes out"
+        )
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r}: seekstack runs its own MLA attention and takes "
@@ -204,6 +212,13 @@ def refuse_a_revision(revision: str | None, directory: Path) -> None:
             f"{directory} as it is on disk and downloads nothing: fetch that revision with `hf download REPO "
             f"--revision {revision} --local-dir FOLDER`, give FOLDER and leave revision out"
         )
+
+
+def refuse_a_non_bool(name: str, value: object) -> None:
+    """ValueError naming keyword `name` unless `value` is True or False: "no", a text read from a file or the
+    environment, is true, so mtp="no" would silently ask for what it refuses."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
 
 
 def loading_device(device: torch.device | str | int) -> torch.device:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.checkpoint.load import placement_asked, refuse_a_revision
+from seekstack.checkpoint.load import placement_asked, refuse_a_non_bool, refuse_a_revision
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import (
     PagedLatentCache,
@@ -339,9 +339,8 @@ class Engine:
                 "path; the engine serves plain MLA models"
             )
         for name, value in (("prefix_caching", prefix_caching), ("speculative", speculative),
-                            ("adaptive_drafts", adaptive_drafts)):  # fmt: skip
-            if not isinstance(value, bool):  # "false", a text, is true: speculative="false" would turn it on
-                raise ValueError(f"{name}={value!r} must be True or False")
+                            ("adaptive_drafts", adaptive_drafts), ("eager_lone_row", eager_lone_row)):  # fmt: skip
+            refuse_a_non_bool(name, value)
         if speculative and len(model.mtp) == 0:
             raise ValueError(
                 "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "
@@ -486,7 +485,9 @@ class Engine:
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
         kwargs = read_vllm_engine_keywords(kwargs)
-        engine_keywords = list(inspect.signature(cls.__init__).parameters)[3:]  # after self, model, tokenizer
+        # after self, model, tokenizer
+        engine_parameters = list(inspect.signature(cls.__init__).parameters.values())[3:]
+        engine_keywords = [parameter.name for parameter in engine_parameters]
         unknown = [name for name in kwargs if name not in engine_keywords]
         if unknown:  # not Engine.__init__'s bare TypeError once every weight has loaded
             own = list(inspect.signature(cls.from_pretrained).parameters)[1:-1]  # tokenizer ... revision
@@ -496,6 +497,9 @@ class Engine:
             )
         refuse_fewer_slots_than_adapters(kwargs.get("adapters"), kwargs.get("max_loras"))  # before any weights load
         refuse_a_revision(revision, model_dir)
+        for parameter in engine_parameters:  # Engine's switches, refused as it does, before load_pretrained reads mtp
+            if parameter.annotation in (bool, "bool") and parameter.name in kwargs:
+                refuse_a_non_bool(parameter.name, kwargs[parameter.name])
         if offload_folder is not None and offload_dir is not None and offload_folder != offload_dir:
             raise ValueError(
                 f"offload_folder={offload_folder!r} beside offload_dir={offload_dir!r}: it is transformers' name for "

@@ -192,10 +192,22 @@ def test_weights_unlike_the_config_are_refused_naming_the_key_and_both_shapes_be
     )
 
 
+@pytest.mark.parametrize("keyword", ["dequantize", "mtp"])
 @pytest.mark.parametrize("value", ["no", "false", 1, None])
-def test_dequantize_given_as_anything_but_a_bool_is_refused_not_read_as_true(tmp_path, value):
+def test_a_switch_given_as_anything_but_a_bool_is_refused_not_read_as_true(tmp_path, keyword, value):
     """load_pretrained(dir, dequantize="no") (a setting read from a file or the environment as text) dequantized the
-    quantized layers, silently: every non-empty text is true; refused before anything is read, as the engine's
-    switches are."""
-    with pytest.raises(ValueError, match=rf"^dequantize={value!r} must be True or False$"):
-        seekstack.load_pretrained(tmp_path / "not-read", dequantize=value)
+    quantized layers, silently, and mtp="no" loaded the MTP modules: every non-empty text is true; refused before
+    anything is read, as the engine's switches are."""
+    with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be True or False$"):
+        seekstack.load_pretrained(tmp_path / "not-read", **{keyword: value})
+
+
+def test_ignore_mismatched_sizes_is_refused_saying_other_shapes_always_are(tmp_path):
+    """load_pretrained(dir, ignore_mismatched_sizes=True), as transformers' from_pretrained takes it, was Python's
+    bare "unexpected keyword argument" TypeError; False, what is done here, is taken."""
+    with pytest.raises(ValueError) as refused:
+        seekstack.load_pretrained(tmp_path / "not-read", ignore_mismatched_sizes=True)
+    assert str(refused.value).startswith("ignore_mismatched_sizes=True is transformers' from_pretrained keyword")
+    assert "is always refused" in str(refused.value)
+    with pytest.raises(CheckpointError, match="not-read"):  # past the keywords, to the missing folder
+        seekstack.load_pretrained(tmp_path / "not-read", ignore_mismatched_sizes=False)

@@ -394,13 +394,16 @@ def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_pat
     assert str(refused.value) == told
 
 
-@pytest.mark.parametrize("keyword", ["speculative", "prefix_caching", "adaptive_drafts"])
-def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, keyword):
+@pytest.mark.parametrize("keyword", ["speculative", "prefix_caching", "adaptive_drafts", "eager_lone_row"])
+def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, tmp_path, keyword):
     """Engine(model, tokenizer, speculative="false") (a setting read from a file or the environment as text) turned
-    speculative decoding on, silently: every non-empty text is true."""
+    speculative decoding on, silently: every non-empty text is true. Engine.from_pretrained refuses it too, before
+    anything is read (speculative="no" reached load_pretrained as mtp="no", loading the MTP weights)."""
     for value in ("false", None):
         with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be True or False$"):
             Engine(model, tokenizer, **{keyword: value})
+        with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be True or False$"):
+            Engine.from_pretrained(tmp_path / "not-read", **{keyword: value})
 
 
 def test_a_mistyped_keyword_is_refused_naming_the_closest_before_any_weight_loads(tmp_path):
