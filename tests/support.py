@@ -73,9 +73,9 @@ def spawn(
     while not context.join(timeout=1):  # raises, ending the others, when a rank fails
         if time.monotonic() > deadline:
             running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-            for rank in running:
+            for rank in running:  # one at a time: two ranks' stacks written at once interleave on the one stderr
                 os.kill(context.processes[rank].pid, signal.SIGUSR1)
-            time.sleep(1)  # the stacks written
+                time.sleep(0.5)  # its stack written
             for process in context.processes:
                 process.kill()
                 process.join()
