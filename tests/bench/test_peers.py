@@ -33,15 +33,20 @@ def micro_checkpoint(folder):
 
 
 def test_distill_step_refuses_one_step_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from tests.train.test_trainer import write_split
+
     checkpoint = micro_checkpoint(tmp_path / "model")
-    options = (checkpoint, checkpoint, "--steps", "1")
+    write_split(tmp_path / "tokens", "train", 2_000, seed=1)  # --data's default is make demo's, absent in a clean clone
+    options = (checkpoint, checkpoint, "--data", str(tmp_path / "tokens"), "--steps", "1")
     run = run_in_process("distill_step.py", *options, monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "--steps 1: at least 2, the first step (warm-up) is not timed" in run.stderr
 
 
 def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(tmp_path, monkeypatch, capsys):
-    options = ("--model", micro_checkpoint(tmp_path / "model"))
+    (tmp_path / "corpus").mkdir()  # --corpus's default is make demo's, absent in a clean clone
+    (tmp_path / "corpus" / "val.jsonl").write_text('{"id": "a", "text": "x = 1"}\n', encoding="utf-8")
+    options = ("--model", micro_checkpoint(tmp_path / "model"), "--corpus", str(tmp_path / "corpus"))
     run = run_in_process("eval_parity.py", *options, monkeypatch=monkeypatch, capsys=capsys, without="lm_eval")
     assert run.returncode == 1
     assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"

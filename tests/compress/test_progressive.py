@@ -87,11 +87,12 @@ def test_kl_and_top1_agreement_are_those_computed_directly_from_both_models_logi
     quantize_model(quantized, QuantConfig(scheme="int4"))
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     quality = measure(quantized, original, batches, torch.arange(128) % 4)
-    with torch.no_grad():
-        p = torch.cat([original(b).logits[:, :-1].flatten(0, 1) for b in batches]).float().softmax(-1)
-        q = torch.cat([quantized(b).logits[:, :-1].flatten(0, 1) for b in batches]).float().softmax(-1)
-    kl = (p * (p.log() - q.log())).sum(-1)  # (positions,)
-    assert quality.mean_kl == pytest.approx(kl.mean().item(), rel=1e-4) and quality.mean_kl > 0
+    with torch.no_grad():  # in float64: float32's rounding alone moves a KL this small by ~1e-4 of itself
+        log_p = torch.cat([original(b).logits[:, :-1].flatten(0, 1) for b in batches]).double().log_softmax(-1)
+        log_q = torch.cat([quantized(b).logits[:, :-1].flatten(0, 1) for b in batches]).double().log_softmax(-1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = (p * (log_p - log_q)).sum(-1)  # (positions,); KL(quantized || original) is 3.6e-4 of itself away here
+    assert quality.mean_kl == pytest.approx(kl.mean().item(), rel=2e-4) and quality.mean_kl > 0
     assert quality.top1_agreement == (p.argmax(-1) == q.argmax(-1)).sum().item() / len(p) < 1
 
 

@@ -499,7 +499,7 @@ def test_an_fp8_checkpoint_of_static_activation_scheme_says_its_activations_run_
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
     seekstack.save_pretrained(model, tmp_path)
-    expected = {dequantize: logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)) for dequantize in (0, 1)}
+    expected = {deq: logits(seekstack.load_pretrained(tmp_path, dequantize=deq)) for deq in (False, True)}
     priced = sum(stored_tensor_bytes(tmp_path).values())
     tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
     for key in [key for key in tensors if key.endswith(".weight_scale_inv")]:
@@ -509,7 +509,7 @@ def test_an_fp8_checkpoint_of_static_activation_scheme_says_its_activations_run_
     config["quantization_config"]["activation_scheme"] = "static"
     (tmp_path / "config.json").write_text(json.dumps(config))
     said = {}
-    for dequantize in (0, 1):
+    for dequantize in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert torch.equal(logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)), expected[dequantize])
@@ -608,14 +608,14 @@ def test_an_fp8_checkpoint_of_ue8m0_scales_loads_as_the_same_scales_in_float32(t
     for key in [key for key in tensors if key.endswith("_scale_inv")]:  # the scales made powers of two
         tensors[key] = torch.pow(2.0, torch.ceil(torch.log2(tensors[key])))
     save_aligned(tensors, tmp_path / SINGLE_FILE)
-    expected = {dequantize: logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)) for dequantize in (0, 1)}
+    expected = {deq: logits(seekstack.load_pretrained(tmp_path, dequantize=deq)) for deq in (False, True)}
     save_aligned({k: t.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else t for k, t in tensors.items()},
                  tmp_path / SINGLE_FILE)  # fmt: skip
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"]["scale_fmt"] = "ue8m0"
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert stored(tmp_path)["model.layers.0.self_attn.q_a_proj.weight_scale_inv"][0] == "F8_E8M0"
-    for dequantize in (0, 1):
+    for dequantize in (False, True):
         assert torch.equal(logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)), expected[dequantize])
     reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.allclose(logits(reference), expected[1], atol=1e-5)

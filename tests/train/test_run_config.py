@@ -668,7 +668,7 @@ def test_mixture_overrides_are_read_as_config_files_are_and_checked_before_the_r
     for empty in ("mixture={train: []}", "mixture.train=[]"):
         with pytest.raises(ConfigError, match="field 'mixture': mixture source 'train' has no weights"):
             load_train_config(None, [empty])
-    with pytest.raises(ConfigError, match=r"mixture source 'train' has weights \['1e-3'\]; they must be numbers"):
+    with pytest.raises(ConfigError, match=r"mixture source 'train' has weights \['1e-3'\]; they must be finite"):
         load_train_config(None, ["mixture={train: '1e-3'}"])  # a quoted weight is text, kept whole in the message
 
 
