@@ -46,7 +46,7 @@ from torch import nn
 
 from seekstack.model import cpu_kernels
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import FeedForward, RoutedExperts, Routing, _expert_load
+from seekstack.model.moe import FeedForward, RoutedExperts, Routing, _expert_load, swiglu
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (..., r, in), B (..., out, r) with the scale folded into B
 TokenRows = tuple[torch.Tensor, torch.Tensor]  # token ids (n,), the trained rows that replace theirs (n, D)
@@ -447,7 +447,7 @@ class MultiLoRAExperts(RoutedExperts):
         keys = self._keys(N, routing.experts)
         pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (P, 1, D)
         gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, keys).chunk(2, dim=-1)  # (P, 1, I) each
-        hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
+        hidden = swiglu(gate, up, routing.weights.view(N * K, 1))
         combined = self._gathered_linear(hidden, "down_proj", experts, keys).view(N, K, -1).sum(dim=1)
         return combined, _expert_load(routing)
 

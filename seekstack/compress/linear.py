@@ -28,7 +28,7 @@ from seekstack.compress.formats import (
     quantize_int8,
     unpack_codes,
 )
-from seekstack.model.moe import FeedForward, RoutedExperts, Routing
+from seekstack.model.moe import FeedForward, RoutedExperts, Routing, swiglu
 
 COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
 # torch's int8 CPU kernel (_weight_int8pack_mm, torch 2.13, AVX512) reads input columns 16 at a time: at another
@@ -357,7 +357,7 @@ class QuantizedFeedForward(FeedForward):
         projections = self._modules
         gate, up, down = projections["gate_proj"].kernel, projections["up_proj"].kernel, projections["down_proj"].kernel
         lowered = gate.lower(x.reshape(-1, x.shape[-1]))  # one kernel dtype for all three (see below)
-        hidden = F.silu(gate.matmul(lowered)) * up.matmul(lowered)
+        hidden = swiglu(gate.matmul(lowered), up.matmul(lowered))
         return down.matmul(hidden).to(dtype=x.dtype).view(x.shape)
 
 
@@ -409,7 +409,7 @@ class QuantizedExperts(RoutedExperts):
         combined = torch.zeros_like(lowered)
         for e in range(num_experts):
             gate, up = self.gate_up_proj.matmul(lowered, e).chunk(2, dim=-1)
-            out = self.down_proj.matmul(self.down_proj.lower(F.silu(gate) * up), e)
+            out = self.down_proj.matmul(self.down_proj.lower(swiglu(gate, up)), e)
             combined = combined + out * dense_weights[:, e : e + 1]
         experts = routing.experts.flatten()
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single
 from torch.distributed.tensor import DTensor
 
-from seekstack.model.moe import RoutedExperts, Routing
+from seekstack.model.moe import RoutedExperts, Routing, swiglu
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
 from seekstack.schema import ConfigError
@@ -77,7 +77,7 @@ class ShardedExperts(nn.Module):
 
     def _expert(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+        return F.linear(swiglu(gate, up), self.down_proj[expert])
 
 
 def apply_expert_parallel(model: Transformer, ranks: Ranks) -> list[str]:
