@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import re
 import secrets
 import time
@@ -149,12 +150,17 @@ class KeyStore:
         return it; this is the only time it is available. From `expires_at` (Unix seconds) on the server refuses it,
         and once its name's usage has cost `budget`."""
         _require_name("key", name)
-        if expires_at is not None and not abs(expires_at - time.time()) <= MAX_DURATION_S:  # nan too: stored as never
+        now = time.time()
+        # compared, never subtracted: an int past a float's range (10**400) is refused, not overflowed; nan too (it
+        # was stored as never)
+        if expires_at is not None and not (
+            isinstance(expires_at, numbers.Real) and now - MAX_DURATION_S <= expires_at <= now + MAX_DURATION_S
+        ):
             raise KeyStoreError(
                 f"key {name!r}: expires_at={expires_at!r} is not a Unix time within 100 years from now; give one, or "
                 "None for a key that never expires"
             )
-        if expires_at is not None and expires_at <= time.time():
+        if expires_at is not None and expires_at <= now:
             raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
         if budget is not None and not (math.isfinite(budget.amount) and budget.amount > 0):
             raise KeyStoreError(f"the budget of key {name!r} must be a finite amount above 0, got {budget.amount}")

@@ -218,7 +218,8 @@ def test_a_key_given_a_term_expires_with_it_and_rotating_keeps_the_term(database
     assert keys.verify(keys.rotate("contractor")).expires_at == term  # a leaked key's successor ends when it would
     with pytest.raises(KeyStoreError, match="key 'late' would expire at .* UTC, which has passed"):
         keys.create("late", expires_at=now - 1)
-    for far in (1e30, float("nan"), float("-inf")):  # a NaN was stored as NULL: a key that never expires
+    # a NaN was stored as NULL: a key that never expires; 10**400 was Python's OverflowError, "tomorrow" a TypeError
+    for far in (1e30, float("nan"), float("-inf"), 10**400, "tomorrow"):
         with pytest.raises(KeyStoreError, match=re.escape(f"key 'far': expires_at={far!r} is not a Unix time within")):
             keys.create("far", expires_at=far)
     monkeypatch.setattr(time, "time", lambda: now + 7200)
