@@ -231,8 +231,26 @@ VLLM_ENGINE_VALUES_TAKEN = {
 }
 
 
-# vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them
-VLLM_ENGINE_NAMES = {"max_num_seqs": "max_batch_size", "enable_prefix_caching": "prefix_caching"}
+def refuse_a_non_count(name: str, value: object) -> None:
+    """ValueError naming keyword `name` unless `value` is None (its default) or a whole number >= 1 (kv_cache_memory:
+    a number of bytes, which may be written 2e9, not inf)."""
+    if value is None:
+        return
+    bytes_given = name == "kv_cache_memory"  # a count is an int, not True
+    number = numbers.Real if bytes_given else numbers.Integral
+    if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
+        kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
+        raise ValueError(f"{name}={value!r} must be {kind}")
+    if not value >= 1:  # nan too
+        raise ValueError(f"{name}={value} must be >= 1")
+
+
+# vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them, and the engine's check of a value,
+# which names the keyword given
+VLLM_ENGINE_NAMES = {
+    "max_num_seqs": ("max_batch_size", refuse_a_non_count),
+    "enable_prefix_caching": ("prefix_caching", refuse_a_non_bool),
+}
 
 
 def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -254,11 +272,12 @@ def read_vllm_engine_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"enforce_eager=True beside compile={kwargs['compile']!r}: {DECODES_EAGERLY}; leave one out"
             )
-    for vllm_name, name in VLLM_ENGINE_NAMES.items():
+    for vllm_name, (name, refuse_a_wrong_value) in VLLM_ENGINE_NAMES.items():
         if vllm_name in kwargs:
             value = kwargs.pop(vllm_name)
             if value is None:  # vLLM's default, as the engine's own is where its keyword is left out
                 continue
+            refuse_a_wrong_value(vllm_name, value)
             if name in kwargs and kwargs[name] != value:
                 raise ValueError(f"{vllm_name}={value!r} beside {name}={kwargs[name]!r}: it is vLLM's name for {name}")
             kwargs[name] = value
@@ -359,15 +378,7 @@ class Engine:
             ("prefill_chunk", prefill_chunk),
             ("draft_tokens", draft_tokens),
         ):
-            if value is None:
-                continue
-            bytes_given = name == "kv_cache_memory"  # bytes may be written 2e9, not inf; a count is an int, not True
-            number = numbers.Real if bytes_given else numbers.Integral
-            if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
-                kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
-                raise ValueError(f"{name}={value!r} must be {kind}")
-            if not value >= 1:  # nan too
-                raise ValueError(f"{name}={value} must be >= 1")
+            refuse_a_non_count(name, value)
         if draft_tokens > MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative

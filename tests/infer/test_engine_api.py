@@ -443,6 +443,10 @@ def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_na
         ({"enforce_eager": True, "compile": None}, "enforce_eager=True beside compile=None: the engine decodes eagerly "
          "unless given compile=True (or compile=None: once eager decoding has taken as long as a compile); leave one "
          "out"),
+        # a wrong value is named by the keyword given, not the engine's (was: "prefix_caching='no' must be ...")
+        ({"enable_prefix_caching": "no"}, "enable_prefix_caching='no' must be True or False"),
+        ({"max_num_seqs": "8"}, "max_num_seqs='8' must be a whole number >= 1"),
+        ({"max_num_seqs": 0}, "max_num_seqs=0 must be >= 1"),
     ):  # fmt: skip
         with pytest.raises(ValueError) as refused:
             Engine.from_pretrained(tmp_path / "not-read", **given)
