@@ -29,6 +29,8 @@ from seekstack.checkpoint import (
     write_pretrained_files,
     write_shards,
 )
+from seekstack.checkpoint.load import refuse_unstored_keys
+from seekstack.checkpoint.reader import CheckpointReader
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.config import ConfigError
 from seekstack.infer.placement import mapped_file
@@ -1058,6 +1060,21 @@ def test_config_counting_fewer_layers_than_the_weights_is_refused(saved):
     message = load_error(saved)
     assert message.startswith(str(saved / "config.json")) and "num_hidden_layers is 1" in message
     assert "decoder layer 1" in message
+
+
+def test_config_counting_more_layers_than_the_weights_is_refused_naming_the_first_missing_before_any_read(
+    saved, monkeypatch
+):
+    config = json.loads((saved / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["num_hidden_layers"] = layers + 2
+    (saved / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(CheckpointReader, "read", lambda *args, **kwargs: pytest.fail("a tensor was read"))
+    message = load_error(saved)
+    assert message.startswith(f"{saved / 'config.json'}: num_hidden_layers is {layers + 2}, but {saved / SINGLE_FILE}")
+    assert f"holds no key of layer {layers} " in message and f"they hold {layers} decoder layers" in message
+    with pytest.raises(CheckpointError, match=f"holds no key of layer {layers} "):
+        refuse_unstored_keys(saved)
 
 
 def test_config_counting_an_mtp_layer_as_a_decoder_layer_is_refused(tmp_path):

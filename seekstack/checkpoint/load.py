@@ -139,6 +139,7 @@ def load_pretrained(
         offload = offload or offload_while_loading(placement, folder)
         device = "cpu"  # however it was written (placement_asked): the map places the parts from there
     reader.refuse_keys_in_two_shards()
+    refuse_miscounted_layers(reader, config_path, config.num_hidden_layers)
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
     config = config_of_weights(config, reader, config_path, mtp)
@@ -198,7 +199,6 @@ def load_pretrained(
             "does not match its shards: re-save the checkpoint",
             stacklevel=2,
         )
-    _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {_unused_note(unused, reader)}", stacklevel=2)
     return model.eval()
@@ -309,9 +309,11 @@ def stored_mtp_layers(config: ModelConfig, reader: CheckpointReader) -> int:
 def refuse_unstored_keys(directory: str | Path) -> None:
     """CheckpointError naming the checkpoint keys loading `directory` reads (its config.json's model with the MTP
     layers the weights hold, a tied head aside) that its index and headers name in no layout loading takes (float or
-    quantized; routed experts stacked or per expert, then each expert's missing key), before any tensor is read."""
+    quantized; routed experts stacked or per expert, then each expert's missing key), or a miscounted
+    num_hidden_layers (`refuse_miscounted_layers`), before any tensor is read."""
     config = read_config(directory)
     with CheckpointReader(Path(directory), None) as reader:
+        refuse_miscounted_layers(reader, Path(directory) / CONFIG_FILE, config.num_hidden_layers)
         with torch.device("meta"):
             model = Transformer(config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader)))
         missing = []
@@ -420,24 +422,33 @@ def _holds_values(reader: CheckpointReader, key: str) -> bool:
     return 0 not in reader.stored_shape(key)
 
 
-def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:
-    """A config whose `num_hidden_layers` is not the weights' is refused: past it, decoder layers would go unused
-    and the model produce garbage (layers there holding an MTP module, `eh_proj`, are skipped MTP depth, which is
-    allowed); within it, an MTP layer would run as a decoder layer."""
-    mtp_layers = {m[1] for key in reader.key_to_file if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.", key))}
-    first_mtp = min(map(int, mtp_layers), default=layers)
-    if first_mtp < layers:
-        raise CheckpointError(
-            f"{config_path}: num_hidden_layers is {layers}, but layer {first_mtp} of the weights is an MTP module "
-            f"(eh_proj), so they hold {first_mtp} decoder layers; use the {CONFIG_FILE} saved with these weights"
+def refuse_miscounted_layers(reader: CheckpointReader, config_path: Path, layers: int) -> None:
+    """CheckpointError where `num_hidden_layers` (`layers`) is not the count of decoder layers the checkpoint
+    `reader` reads lists, before any tensor is read: a layer within it stored as none, or as an MTP module
+    (`eh_proj`), which would run as a decoder layer; a decoder layer past it, which would go unused and the model
+    produce garbage (layers there holding an MTP module are skipped MTP depth, which is allowed)."""
+    stored: dict[int, str] = {}  # each stored layer -> its first key
+    for key in sorted(reader.key_to_file):
+        if layer := re.match(r"model\.layers\.(\d+)\.", key):
+            stored.setdefault(int(layer[1]), key)
+    mtp_layers = {int(m[1]) for key in reader.key_to_file if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.", key))}
+    held = next((layer for layer in range(layers) if layer not in stored or layer in mtp_layers), layers)
+    if held < layers:
+        found = (
+            f"layer {held} of the weights is an MTP module (eh_proj)"
+            if held in mtp_layers
+            else f"{reader.listing} holds no key of layer {held} (model.layers.{held}.*)"
         )
-    for key in unused:
-        layer = re.match(r"model\.layers\.(\d+)\.", key)
-        if layer and int(layer[1]) >= layers and layer[1] not in mtp_layers:
-            raise CheckpointError(
-                f"{config_path}: num_hidden_layers is {layers}, but {reader.file_of(key)} holds decoder layer "
-                f"{layer[1]} ({key!r}); use the {CONFIG_FILE} saved with these weights"
-            )
+        raise CheckpointError(
+            f"{config_path}: num_hidden_layers is {layers}, but {found}, so they hold {held} decoder layers; use the "
+            f"{CONFIG_FILE} saved with these weights"
+        )
+    past = min((layer for layer in stored if layer >= layers and layer not in mtp_layers), default=None)
+    if past is not None:
+        raise CheckpointError(
+            f"{config_path}: num_hidden_layers is {layers}, but {reader.file_of(stored[past])} holds decoder layer "
+            f"{past} ({stored[past]!r}); use the {CONFIG_FILE} saved with these weights"
+        )
 
 
 def follow_moe_layout_of_weights(config: ModelConfig, reader: CheckpointReader, config_path: Path) -> ModelConfig:

@@ -734,6 +734,12 @@ class CheckpointReader:
         seekstack did not write (safetensors pads a header to 8 bytes only) often hold tensors that do not."""
         return self._get(key).data_ptr() % ALIGNMENT == 0
 
+    @property
+    def listing(self) -> Path:
+        """The file that lists the checkpoint's keys: its index, else its one safetensors file."""
+        index = self.directory / INDEX_FILE
+        return index if index.exists() else self.directory / SINGLE_FILE
+
     def missing(self, keys: list[str], described: str | None = None) -> CheckpointError:
         """The error for keys the checkpoint lacks (`described`, else `keys`, as the message names them), naming its
         index or its file; or, where shards hold tensors of their layers that the index does not list (an index out of
@@ -750,8 +756,9 @@ class CheckpointReader:
                 f"match its shards: {DAMAGED}"
             )
         named = described or _first_three(list(map(repr, keys)))
-        where = index if index.exists() else self.directory / SINGLE_FILE
-        return CheckpointError(f"{where}: missing key {named}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+        return CheckpointError(
+            f"{self.listing}: missing key {named}; the weights do not match {CONFIG_FILE}: {DAMAGED}"
+        )
 
     def _get(self, key: str) -> torch.Tensor:
         tensor = self._from_file(key, lambda handle: handle.get_tensor(key))
