@@ -641,7 +641,9 @@ class Engine:
             )
         params = params.validate()
         if params.n > 1:
-            raise ConfigError(f"is {params.n}: add_request and stream run one sample; generate runs n", field="n")
+            raise ConfigError(
+                f"has value {params.n}: must be 1, as add_request and stream run one sample; generate runs n", field="n"
+            )
         prompt_ids = [token_id(token) for token in prompt_ids]
         if params.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens, -1 meaning max_model_len
             kept = self.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens

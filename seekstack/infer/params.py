@@ -136,17 +136,18 @@ def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
         if name in VLLM_FIELDS_AT_DEFAULT:
             default, is_default, why = VLLM_FIELDS_AT_DEFAULT[name]
             if not is_default(value):
-                raise ConfigError(f"is {value!r}: vLLM's, taken here only as its default, {default}: {why}", name)
+                raise ConfigError(f"has value {value!r}: must be vLLM's default, {default}: {why}", name)
         if name == "best_of" and type(value) is int and value == n:
             continue
         if name == "best_of" and type(value) is int and type(n) is int and value < n:
             raise ConfigError(
-                f"is {value}, below n ({n}): best_of must be at least n, as vLLM's (the n returned are chosen among "
+                f"has value {value}, below n ({n}): must be at least n, as vLLM's (the n returned are chosen among "
                 "best_of samples); leave best_of out or give it n",
                 field=name,
             )
         if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
-            raise ConfigError(f"is vLLM's and not taken here: {VLLM_FIELDS_NOT_TAKEN[name]}", field=name)
+            why = VLLM_FIELDS_NOT_TAKEN[name]
+            raise ConfigError(f"has value {value!r}: must be None (left out), vLLM's field not taken here: {why}", name)
     return {
         name: value
         for name, value in values.items()

@@ -222,7 +222,10 @@ def test_n_samples_of_each_prompt_come_back_as_its_outputs_as_vllm_returns_them(
         assert [output.index for output in completion.outputs] == [0, 1, 2] and completion.outputs[0] is completion
         assert all(output.prompt_token_ids == prompt and output.logprobs for output in completion.outputs)
     assert engine.generate(prompt_list[0], dataclasses.replace(params, n=1))[0].outputs[0].index == 0
-    with pytest.raises(ConfigError, match=r"^field 'n' is 3: add_request and stream run one sample; generate runs n$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^field 'n' has value 3: must be 1, as add_request and stream run one sample; generate runs n$",
+    ):
         engine.add_request(prompt_list[0], params)
 
 

@@ -636,7 +636,8 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
     for build in (lambda: SamplingParams(**given), lambda: SamplingParams.from_dict(given)):
         with pytest.raises(ConfigError) as refused:
             build()
-        assert str(refused.value) == f"field {name!r} is vLLM's and not taken here: {why}"
+        told = f"field {name!r} has value {given[name]!r}: must be None (left out), vLLM's field not taken here: {why}"
+        assert str(refused.value) == told
     assert SamplingParams(**{name: None}, top_k=3) == SamplingParams(top_k=3)
     assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
 
@@ -660,7 +661,7 @@ def test_vllm_fields_at_their_default_are_taken_and_refused_otherwise_naming_the
         assert build(**{name: default}, top_k=3) == SamplingParams(top_k=3)
         with pytest.raises(ConfigError) as refused:
             build(**{name: other})
-        assert str(refused.value) == f"field {name!r} is {other!r}: vLLM's, taken here only as its default, {why}"
+        assert str(refused.value) == f"field {name!r} has value {other!r}: must be vLLM's default, {why}"
 
 
 def test_vllms_best_of_is_taken_equal_to_n_and_refused_above_it_saying_how_to_rank_samples():
@@ -676,7 +677,10 @@ def test_vllms_best_of_is_taken_equal_to_n_and_refused_above_it_saying_how_to_ra
         for build, values in ((SamplingParams, given), (SamplingParams.from_dict, {"values": given})):
             with pytest.raises(ConfigError) as refused:
                 build(**values)
-            assert str(refused.value) == f"field 'best_of' is vLLM's and not taken here: {why}"
+            assert str(refused.value) == (
+                f"field 'best_of' has value {given['best_of']}: must be None (left out), vLLM's field not taken here: "
+                f"{why}"
+            )
     for given in ({"n": 2, "best_of": 2}, {"best_of": 1}, {"n": 3, "best_of": None}):
         n = given.get("n", 1)
         assert SamplingParams(**given) == SamplingParams.from_dict(given) == SamplingParams(n=n)
@@ -693,7 +697,7 @@ def test_best_of_below_n_is_refused_saying_it_must_be_at_least_n_as_vllms():
                 build(**values)
             assert refused.value.field == "best_of"
             assert str(refused.value) == (
-                f"field 'best_of' is {best_of}, below n ({n}): best_of must be at least n, as vLLM's (the n returned "
+                f"field 'best_of' has value {best_of}, below n ({n}): must be at least n, as vLLM's (the n returned "
                 "are chosen among best_of samples); leave best_of out or give it n"
             )
 
