@@ -172,7 +172,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
             f"no folder of token shards at {Path(out_dir).resolve()}: `seekstack data tokenize --out` writes one"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}: {_how_to_write(split_name)}{_splits_held(out_dir)}")
+        raise FileNotFoundError(f"no shard index at {path}: {_how_to_write(out_dir, split_name)}")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(index["dtype"])
@@ -240,14 +240,20 @@ def shard_listing(out_dir: str | os.PathLike) -> dict[str, str]:
     return listing
 
 
-def _how_to_write(split_name: str) -> str:
-    """What writes the shards of `split_name`, for an error about a folder without them: a difficulty bucket of the
+def _how_to_write(out_dir: str | os.PathLike, split_name: str) -> str:
+    """What writes the shards of `split_name` into `out_dir`, for an error about a folder without them, naming the
+    splits it holds, or for a folder of none, the command that writes train and val: a difficulty bucket of the
     training split (a curriculum's source) is written by `data tokenize --buckets` alone."""
     from seekstack.tokens.difficulty import BUCKETS, bucket_split_name  # here: that module imports this one
 
+    held = _splits_held(out_dir)
     if split_name in {bucket_split_name("train", bucket) for bucket in BUCKETS}:
-        return f"split {split_name!r} is a difficulty bucket of train, which `seekstack data tokenize --buckets` writes"
-    return f"tokenize split {split_name!r} first"
+        bucket = f"split {split_name!r} is a difficulty bucket of train"
+        return f"{bucket}, which `seekstack data tokenize --buckets` writes{held}"
+    if split_name in ("train", "val") and not held:
+        command = f"seekstack data tokenize --corpus CORPUS --tokenizer TOKENIZER --out {out_dir}"
+        return f"tokenize split {split_name!r} first; `{command}` writes train and val"
+    return f"tokenize split {split_name!r} first{held}"
 
 
 def _splits_held(out_dir: str | os.PathLike) -> str:

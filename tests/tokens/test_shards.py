@@ -658,6 +658,20 @@ def test_a_data_folder_that_does_not_exist_is_named_as_missing_with_its_resolved
         load_index("nothere", "train")
 
 
+def test_a_data_folder_without_shards_names_the_command_that_writes_them(tmp_path):
+    """A folder holding no shards (`seekstack train data_dir=empty`) was told "tokenize split 'train' first", which
+    names no command; a folder holding some is told which, as before."""
+    with pytest.raises(FileNotFoundError) as refused:
+        load_index(tmp_path, "train")
+    assert str(refused.value) == (
+        f"no shard index at {tmp_path / 'train_index.json'}: tokenize split 'train' first; `seekstack data tokenize "
+        f"--corpus CORPUS --tokenizer TOKENIZER --out {tmp_path}` writes train and val"
+    )
+    (tmp_path / "val_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"'train' first \({tmp_path} holds val\)$"):
+        load_index(tmp_path, "train")
+
+
 def test_tokenize_corpus_and_difficulty_buckets_name_what_to_give_for_a_folder_or_a_missing_file(tmp_path, tokenizer):
     """README's tokenize_corpus("web/train.jsonl", ...) given the folder `data build` wrote, or a path that holds
     nothing, said "no corpus file at web: run the corpus stage first", a stage no command is named after."""
