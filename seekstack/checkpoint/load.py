@@ -316,14 +316,7 @@ def refuse_unstored_keys(directory: str | Path) -> None:
         refuse_miscounted_layers(reader, Path(directory) / CONFIG_FILE, config.num_hidden_layers)
         with torch.device("meta"):
             model = Transformer(config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader)))
-        missing = []
-        for name, target in model.state_dict().items():
-            key = checkpoint_key(name, config.num_hidden_layers)
-            if (name == "lm_head.weight" and config.tie_word_embeddings) or any(k in reader for k in stored_as(key)):
-                continue
-            sources = expert_sources(key, target)  # the per-expert layout
-            per_expert = [k for k, _ in sources or [] if reader.weight_key(k.removesuffix(".weight")) not in reader]
-            missing += per_expert if sources is not None else [key]
+        missing = [key for key, _, stored in stored_tensors(model, reader, config) if stored is None]
         if missing:
             raise reader.missing(missing)
 
@@ -334,19 +327,31 @@ def stored_as(key: str) -> list[str]:
     return [key, f"{key}.weight_packed", f"{key}.weight", f"{key.removesuffix('.weight')}.weight_packed"]
 
 
-def refuse_stored_shapes_unlike(model: Transformer, reader: CheckpointReader, config: ModelConfig) -> None:
-    """CheckpointError naming the file, the key and both shapes (`CheckpointReader.check_shape`) for the first tensor
-    checkpoint `reader` stores (in any layout: `stored_as`, routed experts stacked or per expert) in another shape than
-    `model`, built on meta from `config`, holds it: read from the headers, before the model is allocated (a config.json
-    far larger than its weights would fail there, as an allocator error)."""
+def stored_tensors(
+    model: Transformer, reader: CheckpointReader, config: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+    """Each checkpoint tensor loading `model` (built from `config`) reads from `reader`, a tied head aside: its key,
+    the view of the model it fills and the key it is stored under (`stored_as`), None where it is stored in no
+    layout loading takes; routed experts stacked where they are stored so, else per expert."""
     for name, target in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         key = checkpoint_key(name, config.num_hidden_layers)
-        for source, view in [(key, target), *(expert_sources(key, target) or [])]:
-            stored = next((k for k in stored_as(source) if k in reader), None)
-            if stored is not None:
-                reader.check_shape(stored, tuple(view.shape))
+        sources = [(key, target)]
+        if not any(k in reader for k in stored_as(key)):
+            sources = expert_sources(key, target) or sources  # the per-expert layout
+        for source, view in sources:
+            yield source, view, next((k for k in stored_as(source) if k in reader), None)
+
+
+def refuse_stored_shapes_unlike(model: Transformer, reader: CheckpointReader, config: ModelConfig) -> None:
+    """CheckpointError naming the file, the key and both shapes (`CheckpointReader.check_shape`) for the first tensor
+    checkpoint `reader` stores (`stored_tensors`) in another shape than `model`, built on meta from `config`, holds
+    it: read from the headers, before the model is allocated (a config.json far larger than its weights would fail
+    there, as an allocator error)."""
+    for _, view, stored in stored_tensors(model, reader, config):
+        if stored is not None:
+            reader.check_shape(stored, tuple(view.shape))
 
 
 def loading_dtype(
