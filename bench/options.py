@@ -1,4 +1,5 @@
-"""Command-line option types the benchmarks share, and the check of the options naming a model and its token data."""
+"""Command-line option types the benchmarks share, and the check of the options naming a model and its token data.
+Every bench imports it, and with it how Ctrl-C ends one: a line, not KeyboardInterrupt's traceback."""
 
 from __future__ import annotations
 
@@ -7,12 +8,25 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import run_checkpoint
+
+
+def interrupted_in_one_line(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    """sys.excepthook: Ctrl-C that ends a bench says so in one line; Python then ends the process by SIGINT, as it
+    ends any it was interrupted in (exit status 130 in a shell). Other errors keep their traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C)", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
+sys.excepthook = interrupted_in_one_line
 
 
 def positive_int(text: str) -> int:

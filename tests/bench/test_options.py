@@ -2,12 +2,22 @@
 work; it used to run the whole benchmark and fail on an empty median."""
 
 import argparse
+import sys
 
 import pytest
 
 from bench.options import checkpoint_folder, non_negative_int, positive_int
 from tests.bench.support import run_in_process
 from tests.bench.test_peers import micro_checkpoint
+
+
+def test_ctrl_c_ends_a_bench_in_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    """Every bench imports bench/options.py; Ctrl-C in one printed KeyboardInterrupt's traceback."""
+    monkeypatch.setattr(sys, "argv", ["bench/quantize.py", "--model", "m"])
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err == "quantize.py: interrupted (Ctrl-C)\n"
+    sys.excepthook(ValueError, ValueError("no such split"), None)
+    assert capsys.readouterr().err.endswith("ValueError: no such split\n")
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
