@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from options import positive_int
-from short_runs import require_shards, short_run  # noqa: E402
+from options import positive_int, token_shards
+from short_runs import short_run  # noqa: E402
 
 from seekstack.config import preset  # noqa: E402
 from seekstack.model.transformer import Transformer  # noqa: E402
@@ -41,12 +41,11 @@ def training_speed(run_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train", "val"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_attention_3d"))
     parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
-    require_shards(args.data, ["train", "val"])
 
     params = {variant: parameter_count(variant) for variant in VARIANTS}
     rows = []

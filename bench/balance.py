@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options import positive_int
-from short_runs import require_shards, short_run
+from options import positive_int, token_shards
+from short_runs import short_run
 
 SETTINGS = {  # name (also the run's folder) -> the TrainConfig fields it sets
     "none": dict(bias_update_rate=0.0, aux_loss_alpha=0.0),
@@ -27,11 +27,10 @@ SETTINGS = {  # name (also the run's folder) -> the TrainConfig fields it sets
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train", "val"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_balance"))
     parser.add_argument("--steps", type=positive_int, default=200)
     args = parser.parse_args()
-    require_shards(args.data, ["train", "val"])
 
     results = {}
     for name, changes in SETTINGS.items():

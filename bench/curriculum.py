@@ -14,20 +14,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options import positive_int
-from short_runs import require_shards, short_run
+from options import positive_int, token_shards
+from short_runs import short_run
 
 CURRICULUM = {"train_easy": [0.7, 0.2, 0.1], "train_medium": [0.2, 0.5, 0.3], "train_hard": [0.1, 0.3, 0.6]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train", "val", *CURRICULUM), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_curriculum"))
     parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    require_shards(args.data, ["train", "val", *CURRICULUM])
 
     rows = []
     for seed in args.seeds:

@@ -19,8 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
-from options import positive_int
-from short_runs import require_shards, short_run
+from options import positive_int, token_shards
+from short_runs import short_run
 
 from seekstack.train.trainer import METRICS_FILE
 
@@ -48,12 +48,11 @@ def mean_mix(out_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("val", *BUCKETS), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_data_mixing"))
     parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
-    require_shards(args.data, ["val", *BUCKETS])
 
     rows = []
     for seed in args.seeds:

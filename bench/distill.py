@@ -22,8 +22,7 @@ import math
 from pathlib import Path
 
 import torch
-from options import positive_int
-from short_runs import require_shards
+from options import positive_int, token_shards
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.distill.config import DistillConfig
@@ -119,7 +118,7 @@ def score(models: dict[str, Transformer], data_dir: Path, seq_len: int, batches:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train", "val"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
     parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -127,7 +126,6 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=positive_int, default=40)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    require_shards(args.data, ["train", "val"])
     teacher = teacher_checkpoint(args.data, args.out)
     students = {name: train_student(name, teacher, args.data, args.out, args) for name in args.variants}
     models = {"teacher": load_pretrained(teacher).eval()}

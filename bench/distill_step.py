@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("teacher", type=checkpoint_folder)
     parser.add_argument("student", type=checkpoint_folder)
-    parser.add_argument("--data", type=token_shards, default="runs/demo/tokens")
+    parser.add_argument("--data", type=token_shards("train"), default="runs/demo/tokens")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from short_runs import fresh_out_dir, require_shards
+from options import token_shards
+from short_runs import fresh_out_dir
 
 from seekstack.tokens.shards import load_index
 
@@ -39,11 +40,10 @@ def first_step_memory(ranks: int, model: str, data_dir: Path, out_dir: Path) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fsdp_memory"))
     parser.add_argument("--model", default="small")
     args = parser.parse_args()
-    require_shards(args.data, ["train"])
     print(f"{args.model}: bytes held by rank 0 after the first step (float32 weights, AdamW)")
     print(f"{'ranks':>5s} {'parameters':>14s} {'gradients':>14s} {'optimizer':>14s} {'total':>14s} {'vs 1':>6s}")
     whole = None

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from options import positive_int
-from short_runs import BASE, fresh_out_dir, require_shards
+from options import positive_int, token_shards
+from short_runs import BASE, fresh_out_dir
 
 from seekstack.tokens.shards import load_index
 
@@ -47,7 +47,7 @@ def run(scheme: str, data_dir: Path, out_dir: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
+    parser.add_argument("--data", type=token_shards("train", "val"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grad_compression"))
     parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
@@ -55,7 +55,6 @@ def main() -> None:
     if args.steps <= POWERSGD_START:  # else no step to average the bytes over, found after every run
         parser.error(f"argument --steps: {args.steps}: at least {POWERSGD_START + 1}, the bytes are those of the "
                      f"steps after PowerSGD's start at step {POWERSGD_START}")  # fmt: skip
-    require_shards(args.data, ["train", "val"])
     results = {}
     for scheme in args.schemes:
         results[scheme] = run(scheme, args.data, args.out / scheme, args.steps)

@@ -422,7 +422,7 @@ def measured(folder: Path, measure: Callable[[], dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=checkpoint_folder)
-    parser.add_argument("data", type=token_shards)
+    parser.add_argument("data", type=token_shards("train"))
     parser.add_argument("--out", type=Path, default=Path("runs/lora/domain"))
     parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--batch-size", type=positive_int, default=8)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -77,8 +76,13 @@ def read_by(read: Callable[[Path], object], folder_of: Callable[[str], Path] = P
 # a checkpoint, or a training run's out_dir standing for its newest checkpoint, as on seekstack's command line
 checkpoint_folder = read_by(read_config, folder_of=lambda text: run_checkpoint(text) or Path(text))
 adapter_folder = read_by(read_lora_config)  # a LoRA adapter (adapter_config.json and its weights)
-token_shards = read_by(partial(load_index, split_name="train"))  # `seekstack data tokenize`'s, of a train split
 corpus_folder = read_by(held_out_modules)  # `seekstack data build`'s, of a val split
+
+
+def token_shards(*splits: str) -> Callable[[str], Path]:
+    """An argparse type for a folder of `seekstack data tokenize`'s token shards holding each of `splits` (train, val,
+    a difficulty bucket such as train_easy), their indexes and shards checked (`load_index`)."""
+    return read_by(lambda folder: [load_index(folder, split) for split in splits])
 
 
 def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) -> tuple:

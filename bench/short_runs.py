@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from seekstack.train.trainer import METRICS_FILE, train
 BASE = dict(
     model="tiny", seq_len=256, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, save_every=0, seed=0
 )  # fmt: skip
-
-
-def require_shards(data_dir: Path, splits: list[str]) -> None:
-    """Exit with what to run when the demo shards (or some of their splits) are missing."""
-    for split in splits:
-        try:
-            load_index(data_dir, split)
-        except FileNotFoundError:
-            sys.exit(f"{data_dir} has no {split!r} split: run `make demo` (it tokenizes with --buckets) first")
 
 
 def fresh_out_dir(out_dir: Path) -> Path:

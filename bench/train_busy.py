@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 from machine import matmul_peaks, share_of_peak
-from options import positive_int
-from short_runs import require_shards
+from options import positive_int, token_shards
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.config import PRESETS
@@ -49,7 +48,9 @@ def run_rate(args: argparse.Namespace, threads: str | int, out_dir: Path) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
+    parser.add_argument(
+        "--data", type=token_shards("train"), default="runs/demo/tokens", help="token shards (data tokenize)"
+    )
     parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--batch", type=positive_int, default=16)
     parser.add_argument("--seq-len", type=positive_int, default=256)
@@ -57,7 +58,6 @@ def main() -> None:
         "--rounds", type=positive_int, default=2, help="runs of each setting, alternating (median reported)"
     )
     args = parser.parse_args()
-    require_shards(args.data, ["train"])
     print(f"{args.preset}, {args.batch} x {args.seq_len} tokens a step, {args.steps} steps a run, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     peak = matmul_peaks()["float32"]  # quiet, on torch's threads

@@ -9,6 +9,7 @@ import pytest
 from bench.options import checkpoint_folder, non_negative_int, positive_int
 from tests.bench.support import run_in_process
 from tests.bench.test_peers import micro_checkpoint
+from tests.train.test_trainer import write_split
 
 
 def test_ctrl_c_ends_a_bench_in_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
@@ -120,13 +121,32 @@ def test_a_training_runs_folder_is_taken_as_its_newest_checkpoint(tmp_path):
     )
 
 
-@pytest.mark.parametrize("script", ["distill.py", "train_busy.py"])
-def test_a_data_folder_without_token_shards_is_refused_before_any_work(script, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script", ["distill.py", "train_busy.py", "fsdp_memory.py"])
+def test_a_data_folder_without_token_shards_is_refused_naming_the_option_before_any_work(
+    script, tmp_path, monkeypatch, capsys
+):
     """It ended in a FileNotFoundError traceback from the first training run (train_busy.py: after measuring the
     matmul peak), where the other short-run studies refuse it."""
     run = run_in_process(script, "--data", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
-    assert run.returncode == 1, run.stderr[-500:]
-    assert run.stderr.strip() == f"{tmp_path} has no 'train' split: run `make demo` (it tokenizes with --buckets) first"
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument --data: no shard index at {tmp_path / 'train_index.json'}: " in run.stderr
+
+
+def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_refused_naming_it(
+    tmp_path, monkeypatch, capsys
+):
+    """The short-run studies checked their splits after parsing with one check (exiting 1) and the other benches at
+    parsing with another; a damaged index passed the first and ended in a traceback from the first run."""
+    for split in ("train", "val"):
+        write_split(tmp_path, split, 600, seed=0)
+    run = run_in_process("curriculum.py", "--data", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "argument --data: no shard index at " in run.stderr and "train_easy_index.json" in run.stderr
+    assert "`seekstack data tokenize --buckets` writes" in run.stderr
+    (tmp_path / "val_index.json").write_text("{", encoding="utf-8")
+    run = run_in_process("balance.py", "--data", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument --data: {tmp_path / 'val_index.json'} is corrupt" in run.stderr
 
 
 @pytest.mark.parametrize("script", ["decode_options.py", "prefix_cache.py", "quantize.py", "train_busy.py"])

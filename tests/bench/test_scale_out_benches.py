@@ -35,7 +35,10 @@ def test_fsdp_memory_measures_the_preset_at_the_shards_vocabulary_into_a_folder_
 def test_grad_compression_refuses_too_few_steps_to_count_bytes_after_powersgds_start(tmp_path, monkeypatch, capsys):
     """--steps 10 (a quick check shorter than the docstring's 40) ran every scheme's 10 steps on 2 ranks and then
     died on an empty mean: the bytes are those of the steps after PowerSGD's start at step 10."""
-    monkeypatch.setattr(sys, "argv", ["grad_compression.py", "--steps", "10", "--out", str(tmp_path / "out")])
+    for split in ("train", "val"):  # --data is checked as it is parsed: not make demo's runs/demo/tokens
+        write_split(tmp_path / "tokens", split, 600, seed=0)
+    options = ["--data", str(tmp_path / "tokens"), "--steps", "10", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", ["grad_compression.py", *options])
     with pytest.raises(SystemExit) as exited:
         grad_compression.main()
     assert exited.value.code == 2 and not (tmp_path / "out").exists()
