@@ -16,7 +16,6 @@ kept documents, and the split scores of the first `EXACT_SPLIT_MAX_DOCUMENTS` ke
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -57,7 +56,6 @@ BUILD_FILES = ("train.jsonl", "val.jsonl", "report.json")  # what a build writes
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 120
 BATCH_DOCUMENTS = 64
-IN_FLIGHT_WAIT_S = 30.0  # how long an interrupted build waits for the batches in flight before it ends the workers
 
 
 class CorpusBuildError(ValueError):
@@ -235,18 +233,14 @@ def _exit_with_the_main_process() -> None:
 
 
 def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:
-    """Let the workers finish the batches in flight (within `IN_FLIGHT_WAIT_S`, so that an interrupted build ends),
-    kill them when one does not or a second Ctrl-C comes meanwhile (Python's exit would wait for every batch, without
-    end), and join them. None is cancelled: a worker that dies meanwhile (one still starting when the pool shuts down)
-    breaks the pool, and Python 3.11's pool then fails every batch it holds, a cancelled one with InvalidStateError,
-    which ends its manager thread and leaves the exit hanging on the queue it fed."""
-    hung = True  # until the wait ends: a second Ctrl-C in it ends the workers now
-    try:
-        hung = bool(concurrent.futures.wait([batch.analysed for batch in in_flight], timeout=IN_FLIGHT_WAIT_S).not_done)
-    finally:
-        if hung:  # a worker hangs (a native library's deadlock?), or the user waits no longer
-            pool.kill()
-        pool.shutdown()
+    """End the workers and join them, killing them first when a batch is still in flight: the build was interrupted
+    or failed, writes nothing, and ends now (Python's exit would wait for every batch, a hung worker's without end).
+    None is cancelled: a worker that dies meanwhile (one still starting when the pool shuts down) breaks the pool, and
+    Python 3.11's pool then fails every batch it holds, a cancelled one with InvalidStateError, which ends its manager
+    thread and leaves the exit hanging on the queue it fed."""
+    if not all(batch.analysed.done() for batch in in_flight):
+        pool.kill()
+    pool.shutdown()
 
 
 def _worker_death(pool: WorkerPool, in_flight: collections.deque[InFlight], error: BrokenProcessPool) -> str:

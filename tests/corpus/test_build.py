@@ -578,7 +578,6 @@ def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, 
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(100)]
     documents.append(Document("doomed", KilledOnArrival("The end."), "web"))
     monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field, rows_field: documents)
-    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)  # a hang fails in seconds, not in 30
     out = tmp_path / "out"
     with fails_after(30, "data build with a killed worker"):
         result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(out), "--workers", "2"])
@@ -593,7 +592,6 @@ def test_an_interrupted_build_ends_when_a_worker_dies_as_it_winds_down(monkeypat
     """Ctrl-C cancelled the batches not yet sent; a worker dying meanwhile (one still starting, seconds into a build)
     then made Python 3.11's pool fail them too, a cancelled one with InvalidStateError, which ended its manager thread:
     the batches held were never answered and the exit hung (`data build` under `timeout -s INT 7`, 3 runs of 3)."""
-    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 5.0)
     thread_errors: list[threading.ExceptHookArgs] = []
     monkeypatch.setattr(threading, "excepthook", thread_errors.append)
     pool = WorkerPool(1)
@@ -617,20 +615,20 @@ class HangsOnArrival(str):
         return time.sleep, (60,)
 
 
-def test_a_second_ctrl_c_while_the_batches_in_flight_finish_ends_the_workers_at_once(monkeypatch) -> None:
-    """A second Ctrl-C, while an interrupted build waited for its batches, left the workers to Python's exit, which
-    waits for every batch in flight without end: a worker that hangs held the exit for good."""
-    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 60.0)
+def test_an_interrupted_build_ends_its_workers_at_once_not_after_the_batches_in_flight() -> None:
+    """Ctrl-C in a --workers build waited for the batches in flight, up to 30 s, before 'nothing was written' (a
+    batch of 64 long documents takes that long; a hung worker's the whole 30 s): it writes nothing, so it ends now."""
     pool = WorkerPool(1)
     batch = [Document("stuck", HangsOnArrival("The end."), "web")]
     in_flight = [build.InFlight(pool.submit(build._analyse_batch, batch, CleaningConfig()), "", "")]
     while not in_flight[0].analysed.running():
         time.sleep(0.01)
-    threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     try:
-        with fails_after(20, "ending the workers on a second Ctrl-C"), pytest.raises(KeyboardInterrupt):
+        started = time.monotonic()
+        with fails_after(20, "ending the workers of an interrupted build"):
             build._end_workers(pool, in_flight)
-        assert multiprocessing.active_children() == []
+        assert time.monotonic() - started < 5 and multiprocessing.active_children() == []
+        assert isinstance(in_flight[0].analysed.exception(timeout=0), BrokenProcessPool)
     finally:
         pool.kill()
 
@@ -639,7 +637,6 @@ def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tm
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
     documents.append(Document("picky", RaisesUnpicklable("The end."), "web"))
     monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field, rows_field: documents)
-    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)
     with fails_after(30, "data build with an unpicklable worker error"):
         result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(tmp_path / "out"), "--workers", "2"])
     output = " ".join(result.output.split())
