@@ -1077,6 +1077,18 @@ def test_config_counting_more_layers_than_the_weights_is_refused_naming_the_firs
         refuse_unstored_keys(saved)
 
 
+def test_weights_missing_a_layer_before_others_are_refused_as_damaged_not_as_the_configs_count(saved):
+    tensors = load_file(saved / SINGLE_FILE)
+    save_file(
+        {key: tensor for key, tensor in tensors.items() if not key.startswith("model.layers.1.")}, saved / SINGLE_FILE
+    )
+    message = load_error(saved)
+    assert (
+        message.startswith(f"{saved / SINGLE_FILE}: missing key 'model.layers.1.")
+        and "num_hidden_layers" not in message
+    )
+
+
 def test_config_counting_an_mtp_layer_as_a_decoder_layer_is_refused(tmp_path):
     seekstack.save_pretrained(random_model(num_nextn_predict_layers=1), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

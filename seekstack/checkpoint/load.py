@@ -429,16 +429,17 @@ def _holds_values(reader: CheckpointReader, key: str) -> bool:
 
 def refuse_miscounted_layers(reader: CheckpointReader, config_path: Path, layers: int) -> None:
     """CheckpointError where `num_hidden_layers` (`layers`) is not the count of decoder layers the checkpoint
-    `reader` reads lists, before any tensor is read: a layer within it stored as none, or as an MTP module
-    (`eh_proj`), which would run as a decoder layer; a decoder layer past it, which would go unused and the model
-    produce garbage (layers there holding an MTP module are skipped MTP depth, which is allowed)."""
+    `reader` reads lists, before any tensor is read: a layer within it past the last one stored, or one stored as
+    an MTP module (`eh_proj`), which would run as a decoder layer; a decoder layer past it, which would go unused
+    and the model produce garbage (layers there holding an MTP module are skipped MTP depth, which is allowed)."""
     stored: dict[int, str] = {}  # each stored layer -> its first key
     for key in sorted(reader.key_to_file):
         if layer := re.match(r"model\.layers\.(\d+)\.", key):
             stored.setdefault(int(layer[1]), key)
     mtp_layers = {int(m[1]) for key in reader.key_to_file if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.", key))}
     held = next((layer for layer in range(layers) if layer not in stored or layer in mtp_layers), layers)
-    if held < layers:
+    ended = 0 < held and max(stored) < held  # the weights stop there; a layer missing before others is damage
+    if held < layers and (held in mtp_layers or ended):
         found = (
             f"layer {held} of the weights is an MTP module (eh_proj)"
             if held in mtp_layers
