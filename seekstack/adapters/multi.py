@@ -566,6 +566,7 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         self.__class__ = MultiHeadLatentAttention
         return self
 
+    @torch.no_grad()  # copies for inference, not part of the base weight's graph: copy.deepcopy takes only leaves
     def set_factors(self) -> None:
         """Lay out kv_b_proj's current factors as buffers (not saved): its capacity's and its loaded extent's for
         eager steps (`LOADED_LAYOUT`)."""

@@ -502,6 +502,21 @@ def test_merged_decode_linears_of_a_base_with_attention_biases_add_the_bias(tmp_
     assert (mixed[1:] - merged_logits(base, adapter, ids[1:])).abs().max() < ATOL
 
 
+def test_a_model_serving_adapters_deep_copies_into_one_that_computes_the_same_rows(served):
+    """copy.deepcopy(engine.model) with adapters attached raised torch's "Only Tensors created explicitly by the user
+    (graph leaves) support the deepcopy protocol": MLA's absorbed layouts of kv_b_proj were computed from its weight
+    with autograd on, so they held a graph."""
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 10), generator=torch.Generator().manual_seed(5))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.select([0, loaded.slot("full")], torch.device("cpu"))
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, model(ids).logits)
+    assert copied.layers[0].self_attn.absorbed_weight is not model.layers[0].self_attn.absorbed_weight
+
+
 def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
     """The loaded extent's compact copies (eager steps' stacks, MLA's absorbed layout of them) are buffers that are
     not saved: model.to(float64) after attach_adapters moves them with the rest, as it moved the stacks before they
