@@ -131,6 +131,9 @@ def _residual_init(init: bool | str) -> bool:
     return isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq"))
 
 
+ADAPTED = (MultiLoRALinear, MultiLoRAExperts, MultiTokenRows)  # the layers a model serving adapters holds
+
+
 @dataclass
 class LoadedAdapters:
     """The adapters attached to a model: their folders and slots by name (slot 0, the base, has none), and the row
@@ -153,6 +156,15 @@ class LoadedAdapters:
         for name in ("max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        # layers another LoadedAdapters adapted read its rows, never these: a second engine's rows would run with the
+        # other's adapters, or fail
+        adapted = next((name for name, module in self.model.named_modules() if isinstance(module, ADAPTED)), None)
+        if adapted is not None:
+            raise ValueError(
+                f"this model already serves LoRA adapters another engine attached ({adapted} is adapted), and its "
+                "layers read that engine's choice of adapter for each row: build this engine on a model of its own "
+                "(load it again), or unload the other engine's adapters first (engine.unload_adapter)"
+            )
         self.rows.slot_count = self.max_loras + 1
         self._base_versions = WeightVersions(self.model)
 
@@ -349,8 +361,13 @@ def attach_adapters(
     if max_lora_rank is None:
         max_lora_rank = max([DEFAULT_MAX_LORA_RANK, *(read.rank for read in weights.values())])
     loaded = LoadedAdapters(model, max_loras=max_loras, max_lora_rank=max_lora_rank)
-    for name, folder in adapters.items():
-        loaded.add(name, folder, weights[name])
+    try:
+        for name, folder in adapters.items():
+            loaded.add(name, folder, weights[name])
+    except BaseException:
+        for name in loaded.names:  # the model plain again, as given: the caller's next engine on it is not refused
+            loaded.remove(name)
+        raise
     return loaded
 
 

@@ -20,7 +20,7 @@ from seekstack.adapters.multi import (
     MultiLoRALinear,
     MultiTokenRows,
 )
-from seekstack.adapters.registry import AdapterWeights, UnknownAdapter, attach_adapters, read_factors
+from seekstack.adapters.registry import ADAPTED, AdapterWeights, UnknownAdapter, attach_adapters, read_factors
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
@@ -515,6 +515,26 @@ def test_a_model_serving_adapters_deep_copies_into_one_that_computes_the_same_ro
     with torch.no_grad():
         assert torch.equal(copied(ids).logits, model(ids).logits)
     assert copied.layers[0].self_attn.absorbed_weight is not model.layers[0].self_attn.absorbed_weight
+
+
+def test_adapters_on_a_model_another_engines_adapters_hold_are_refused_until_those_are_unloaded(served):
+    """Engine(engine.model, tokenizer) on a model whose layers another engine adapted read that engine's rows: asked
+    for the base it gave the other's adapter's tokens, and with adapters of its own it failed in its first step
+    ("grouped_experts: expert id 2 out of range"). It is refused, naming what to do; an attach that fails part way
+    leaves the model plain, not refused so."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, {"full": adapters["full"]})
+    for asked in ({}, adapters):
+        with pytest.raises(ValueError, match=r"^this model already serves LoRA adapters another engine attached \("):
+            attach_adapters(model, asked)
+    loaded.remove("full")
+    assert attach_adapters(model, adapters).names == ["full", "attention"]
+    fresh = seekstack.load_pretrained(base).eval()
+    with pytest.raises(ValueError, match="adapter 'attention' .* has rank 8, more than max_lora_rank=4"):
+        attach_adapters(fresh, adapters, max_lora_rank=4)  # "full", loaded first, is unloaded again
+    assert not any(isinstance(module, ADAPTED) for module in fresh.modules())
+    assert attach_adapters(fresh, adapters).names == ["full", "attention"]
 
 
 def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
