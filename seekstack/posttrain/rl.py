@@ -59,9 +59,9 @@ def measured_problems(task: Task, seed: int) -> list[Problem]:
         training = [problem for problem in task.problems if split_of(problem.key) == "train"]
         if not training:
             raise ConfigError(
-                f"is {task.name}: its {len(task.problems)} questions are all held out (each question's split is its "
-                f"hash's, {HELDOUT_PERCENT}% held out for pass-at-k and eval), leaving none to train on; add questions "
-                "to the file",
+                f"has value {task.name}: its {len(task.problems)} questions are all held out (each question's split "
+                f"is its hash's, {HELDOUT_PERCENT}% held out for pass-at-k and eval), leaving none to train on; add "
+                "questions to the file",
                 field="task",
             )
         return training

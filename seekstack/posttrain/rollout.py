@@ -69,16 +69,16 @@ def require_completion_room(
     context, a ConfigError naming max_prompt_length."""
     if context <= max_prompt_length:
         raise ConfigError(
-            f"is {max_prompt_length}: {model}: its context of {context} tokens (max_position_embeddings) leaves no "
-            f"room for a completion after a task prompt's room of {max_prompt_length} tokens (max_prompt_length); at "
-            f"most {context - 1}",
+            f"has value {max_prompt_length}: {model}: its context of {context} tokens (max_position_embeddings) "
+            f"leaves no room for a completion after a task prompt's room of {max_prompt_length} tokens "
+            f"(max_prompt_length); at most {context - 1}",
             field="max_prompt_length",
         )
     room = context - max_prompt_length
     if completion_tokens > room:
         raise ConfigError(
-            f"is {completion_tokens}: it and a task prompt's room of {max_prompt_length} tokens (max_prompt_length) "
-            f"pass the model's ({model}) context of {context} tokens; at most {room}",
+            f"has value {completion_tokens}: it and a task prompt's room of {max_prompt_length} tokens "
+            f"(max_prompt_length) pass the model's ({model}) context of {context} tokens; at most {room}",
             field=name,
         )
 
@@ -90,8 +90,8 @@ def require_prompt_room(task: Task, problems: list[Problem], prompts: list[list[
     longest = max(map(len, prompts))
     if longest > max_prompt_length:
         raise ConfigError(
-            f"is {max_prompt_length}: {_prompts_taking(task, problems, prompts)}; give max_prompt_length={longest} "
-            "or more (it and max_completion_length within the model's context)",
+            f"has value {max_prompt_length}: {_prompts_taking(task, problems, prompts)}; give "
+            f"max_prompt_length={longest} or more (it and max_completion_length within the model's context)",
             field="max_prompt_length",
         )
 
@@ -122,13 +122,16 @@ def rollout_length(
     prompts_taking = _prompts_taking(task, problems, prompts)
     no_room = f"{prompts_taking}, which leaves no room for a completion in {limit}, {context} tokens"
     if longest >= context and isinstance(task, ProblemsFile):
-        raise ConfigError(f"is {task.name}: {no_room}; shorten that question", field="task")
-    if longest >= context:
-        raise ConfigError(f"is {task.difficulty}: {no_room}; lower difficulty", field="difficulty")
+        raise ConfigError(f"has value {task.name}: {no_room}; shorten that question", field="task")
+    if longest >= context:  # the chat template's framing takes most of a prompt: difficulty 1 may not fit either
+        lower = "" if task.difficulty == 1 else "lower difficulty, or "
+        raise ConfigError(
+            f"has value {task.difficulty}: {no_room}; {lower}sample a model of a longer context", "difficulty"
+        )
     if longest + completion_tokens > context:
         raise ConfigError(
-            f"is {completion_tokens}: {prompts_taking}, and a completion of that many after them passes {limit}, "
-            f"{context} tokens; at most {context - longest}",
+            f"has value {completion_tokens}: {prompts_taking}, and a completion of that many after them passes "
+            f"{limit}, {context} tokens; at most {context - longest}",
             field="max_new_tokens",
         )
     return longest + completion_tokens

@@ -118,7 +118,7 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert missing.exit_code == 1 and "nope: no such folder" in missing.output and not missing.output.startswith("{")
     too_long = CliRunner().invoke(app, [*args[:2], "--max-new-tokens", "100000"])
     assert too_long.exit_code == 2  # a usage error, as the parser's own refusals (5732a2a)
-    assert "Invalid value for '--max-new-tokens': is 100000: addition prompts" in too_long.output
+    assert "Invalid value for '--max-new-tokens': has value 100000: addition prompts" in too_long.output
     assert re.search(r"512 tokens; at most 4\d\d\b", too_long.output), too_long.output  # the context less a prompt
 
 
@@ -127,8 +127,19 @@ def test_sampling_a_model_whose_context_holds_no_prompt_of_the_task_is_refused_n
     model_dir = micro_checkpoint(tmp_path / "model", context=32)
     result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--max-new-tokens", "8"])
     assert result.exit_code == 2, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
-    assert "Invalid value for '--difficulty': is 2: addition prompts" in result.output
-    assert "32 tokens; lower difficulty" in result.output, result.output
+    assert "Invalid value for '--difficulty': has value 2: addition prompts" in result.output
+    assert "32 tokens; lower difficulty, or sample a model of a longer context" in result.output, result.output
+
+
+def test_a_prompt_past_the_context_at_the_lowest_difficulty_is_not_told_to_lower_it(tmp_path):
+    """Addition's prompts take ~80 tokens at difficulty 1 and 2 alike (the chat template's framing): a model of 32
+    positions at --difficulty 1 was told "lower difficulty", which no value does."""
+    model_dir = micro_checkpoint(tmp_path / "model", context=32)
+    args = ["pass-at-k", str(model_dir), "--difficulty", "1", "--problems", "4", "--max-new-tokens", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--difficulty': has value 1: addition prompts (difficulty 1) take up to" in result.output
+    assert result.output.rstrip().endswith("32 tokens; sample a model of a longer context"), result.output
 
 
 def test_a_seed_whose_completions_seeds_pass_2_64_samples_as_the_seed_2_64_from_it(tmp_path):
@@ -174,7 +185,7 @@ def test_sampling_a_model_whose_context_holds_no_question_of_a_problems_file_nam
     args = ["pass-at-k", str(model_dir), "--task", str(path), "--problems", "2", "--max-new-tokens", "8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert f"Invalid value for '--task': is {path}: the prompt of the question on {path}:" in result.output
+    assert f"Invalid value for '--task': has value {path}: the prompt of the question on {path}:" in result.output
     assert "32 tokens; shorten that question" in result.output and "difficulty" not in result.output
 
 

@@ -202,13 +202,15 @@ def test_an_async_run_interrupted_in_a_step_resumes_as_an_uninterrupted_one(tmp_
 def test_a_completion_length_past_the_models_context_is_refused_by_name_before_a_config_is_written(tmp_path):
     """It was refused once the run's source was attached to the model: --write-config wrote a config that cannot run."""
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions, 192 of them a prompt's room
-    with pytest.raises(ConfigError, match="'max_completion_length' is 321: .* context of 512 tokens; at most 320"):
+    with pytest.raises(
+        ConfigError, match="'max_completion_length' has value 321: .* context of 512 tokens; at most 320"
+    ):
         resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
     written = tmp_path / "rl.yaml"
     args = ["rl", f"init_from={model_dir}", "max_completion_length=321", "--write-config", str(written)]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and not written.exists()
-    assert refused.output.startswith("error: field 'max_completion_length' is 321: it and a task prompt's room")
+    assert refused.output.startswith("error: field 'max_completion_length' has value 321: it and a task prompt's room")
 
 
 def test_a_model_whose_context_holds_no_more_than_a_prompts_room_is_refused_naming_it(tmp_path):
@@ -236,7 +238,7 @@ def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anyth
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output  # was: the engine's "prompt has 196 tokens, more than max_model_len"
     assert result.output.startswith(
-        "error: field 'max_prompt_length' is 192: addition prompts (difficulty 60) take up to 198 tokens; give "
+        "error: field 'max_prompt_length' has value 192: addition prompts (difficulty 60) take up to 198 tokens; give "
         "max_prompt_length=198 or more (it and max_completion_length within the model's context)"
     ), result.output
     assert not run.exists()
@@ -270,7 +272,7 @@ def test_a_custom_task_whose_prompts_pass_192_tokens_trains_at_a_max_prompt_leng
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and not run.exists()
     assert re.match(
-        r"error: field 'max_prompt_length' is 192: long_echo prompts \(difficulty 1\) take up to 3\d\d "
+        r"error: field 'max_prompt_length' has value 192: long_echo prompts \(difficulty 1\) take up to 3\d\d "
         r"tokens; give max_prompt_length=3\d\d or more",
         refused.output,
     ), refused.output
@@ -297,7 +299,7 @@ def test_a_long_question_anywhere_in_a_problems_file_is_refused_before_the_run_s
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and not run.exists()
     taking = rf"the prompt of the question on {re.escape(str(path))}:1001 takes 3\d\d tokens; give max_prompt_length"
-    assert re.match(rf"error: field 'max_prompt_length' is 192: {taking}", refused.output), refused.output
+    assert re.match(rf"error: field 'max_prompt_length' has value 192: {taking}", refused.output), refused.output
 
 
 def test_a_problems_file_whose_questions_are_all_held_out_is_refused_naming_task(tmp_path):
@@ -310,7 +312,9 @@ def test_a_problems_file_whose_questions_are_all_held_out_is_refused_naming_task
     run = tmp_path / "run"
     refused = CliRunner().invoke(app, ["rl", f"init_from={model_dir}", *RUN, f"task={path}", f"out_dir={run}"])
     assert refused.exit_code == 1 and not run.exists()
-    reason = f"error: field 'task' is {path}: its 3 questions are all held out (each question's split is its hash's"
+    reason = (
+        f"error: field 'task' has value {path}: its 3 questions are all held out (each question's split is its hash's"
+    )
     assert refused.output.startswith(reason) and "leaving none to train on; add questions" in refused.output
 
 
@@ -332,12 +336,11 @@ def test_a_difficulty_for_a_problems_file_is_refused_naming_difficulty_before_a_
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
     with pytest.raises(
-        ConfigError, match="field 'max_prompt_length' is 512: .* its context of 512 tokens .*; at most 511"
+        ConfigError, match="field 'max_prompt_length' has value 512: .* its context of 512 tokens .*; at most 511"
     ):
         resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
-    match = (
-        r"'max_completion_length' is 12: it and a task prompt's room of 505 tokens \(max_prompt_length\) .*; at most 7"
-    )
+    match = r"'max_completion_length' has value 12: it and a task prompt's room of 505 tokens \(max_prompt_length\) "
+    match += ".*; at most 7"
     with pytest.raises(ConfigError, match=match):
         resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=505"], cls=GRPOConfig)
 
@@ -1057,5 +1060,6 @@ def test_sampling_commands_hold_prompts_past_192_tokens_and_refuse_those_past_th
             assert sampled, result.output
         else:
             assert result.exit_code == 2, result.output  # a usage error, as the parser's own refusals
-            assert "Invalid value for '--difficulty': is 60: addition prompts" in result.output
-            assert "take up to 196 tokens" in result.output and "160 tokens; lower difficulty" in result.output
+            assert "Invalid value for '--difficulty': has value 60: addition prompts" in result.output
+            assert "take up to 196 tokens" in result.output
+            assert "160 tokens; lower difficulty, or sample a model of a longer context" in result.output
