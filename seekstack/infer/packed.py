@@ -15,6 +15,8 @@ weight-first form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,27 +126,32 @@ def pack_for_decode(model: Transformer) -> int:
 class WeightVersions:
     """Tells whether `module`'s weights changed since `mark`, for the copies laid out from them: in place (an
     optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or replaced
-    (load_state_dict(assign=True)). A write through `.data` grows no counter and is not seen, nor is a Parameter set
-    in a weight's place (`module.weight = ...`)."""
+    (load_state_dict(assign=True), a Parameter set in a weight's place: `module.weight = ...`). A write through `.data`
+    grows no counter and is not seen, nor is an in-place change to an inference tensor (a base loaded under
+    torch.inference_mode), which keeps none."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        module.register_load_state_dict_post_hook(self._loaded)
         self.mark()
 
     def mark(self) -> None:
         """Take the weights as they are now for the unchanged ones."""
-        # inference tensors (a base loaded under torch.inference_mode) keep no version counter, nor change outside it
-        self._weights = [weight for weight in self.module.parameters() if not weight.is_inference()]
-        self._version: int | None = sum(weight._version for weight in self._weights)
+        weights = list(self.module.parameters())
+        # weak: the weights a load replaces are not kept alive here (nor is a load hook added per engine)
+        self._weights = [weakref.ref(weight) for weight in weights]
+        self._version = self._version_of(weights)
 
     def changed(self) -> bool:
-        return self._version != sum(weight._version for weight in self._weights)
+        weights = list(self.module.parameters())
+        replaced = len(weights) != len(self._weights) or any(
+            held() is not weight for held, weight in zip(self._weights, weights, strict=False)
+        )
+        return replaced or self._version != self._version_of(weights)
 
-    def _loaded(self, module: nn.Module, incompatible_keys: object) -> None:
-        # assign=True puts other tensors where the ones read at `mark` were: let go of those (the module's hook keeps
-        # these versions, a gone engine's too, and would keep them alive) until the next `mark`
-        self._weights, self._version = [], None
+    @staticmethod
+    def _version_of(weights: list[torch.Tensor]) -> int:
+        # inference tensors keep no version counter
+        return sum(weight._version for weight in weights if not weight.is_inference())
 
 
 def repack(model: nn.Module) -> None:

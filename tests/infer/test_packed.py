@@ -158,12 +158,13 @@ def test_a_compiled_engine_reads_the_weights_changed_in_place_after_reset_prefix
     assert [completion.token_ids for completion in compiled.generate(batch, GREEDY)] == expected
 
 
-@pytest.mark.parametrize("change", ["in place", "assign"])
+@pytest.mark.parametrize("change", ["in place", "assign", "parameter"])
 def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_without_reset_prefix_cache(
     checkpoint, tokenizer, change
 ):
-    """The head negated in place, or a state dict of the negated head loaded with assign=True: the next step reads
-    the new head, as the plain model does, without a call to reset_prefix_cache."""
+    """The head negated in place, a state dict of the negated head loaded with assign=True, or a Parameter of it set
+    in the head's place (not seen before: the old head's tokens): the next step reads the new head, as the plain model
+    does, without a call to reset_prefix_cache."""
     packed = Engine.from_pretrained(checkpoint)
     reference = Engine(load_pretrained(checkpoint, mtp=False), tokenizer)
     batch = prompts(1)
@@ -173,8 +174,10 @@ def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_withou
     if change == "in place":
         with torch.no_grad():
             packed.model.lm_head.weight.neg_()
-    else:
+    elif change == "assign":
         packed.model.load_state_dict({k: v.clone() for k, v in reference.model.state_dict().items()}, assign=True)
+    else:
+        packed.model.lm_head.weight = nn.Parameter(-packed.model.lm_head.weight.detach())
     expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
     assert expected != before
     assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
@@ -182,9 +185,14 @@ def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_withou
 
 def test_an_engine_gone_keeps_no_weights_alive_past_a_load_state_dict_with_assign(checkpoint, tokenizer):
     """The weights an engine watched (its head's, its adapters' whole model) are freed once the engine is gone and a
-    load_state_dict(assign=True) replaces them; the model, which holds the engine's load hooks, still pickles whole."""
+    load_state_dict(assign=True) replaces them; the model still pickles whole, and engines built on it add no load
+    hooks to it (each added two, never removed: a notebook's engines slowed every later load)."""
     model = load_pretrained(checkpoint, mtp=False)
-    engine = Engine(model, tokenizer)
+    hooks = lambda: sum(len(module._load_state_dict_post_hooks) for module in model.modules())  # noqa: E731
+    before = hooks()
+    for _ in range(3):
+        engine = Engine(model, tokenizer)
+    assert hooks() == before
     engine.generate(prompts(1), GREEDY)
     torch.save(model, io.BytesIO())
     old = weakref.ref(model.layers[0].self_attn.o_proj.weight)
