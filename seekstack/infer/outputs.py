@@ -160,7 +160,8 @@ def joined_completion(
     timings = {
         "time_to_first_token_s": first - started,
         "total_s": end - started,
-        "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+        # the tokens after the first; none when the request ended with no token (an error)
+        "decode_tokens_per_s": max(len(tokens) - 1, 0) / decode_seconds if decode_seconds > 0 else 0.0,
         "compile_s": compile_seconds,
     }
     text, last = "".join(p.text for p in parts), parts[-1]

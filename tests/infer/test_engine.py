@@ -849,6 +849,7 @@ def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writi
     overflowing = dataclasses.replace(sampled, repetition_penalty=1e-40)
     failed, done = Engine(model, tokenizer).generate([target, other], [overflowing, sampled])
     assert failed.finish_reason == "error" and failed.token_ids == []
+    assert failed.timings["decode_tokens_per_s"] == 0.0  # was -1 token over the microseconds its end took: -4e5
     assert "ValueError: the logits hold an infinity or NaN" in failed.error and "repetition_penalty" in failed.error
     assert done.token_ids == Engine(model, tokenizer).generate([other], sampled)[0].token_ids
 
