@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 import warnings
 
 import torch
 from options import positive_int
 
-from seekstack.train.mfu import measured_matmul_flops
+from seekstack.train.mfu import measured_matmul_rates
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PEAK_DTYPES = (torch.float32, torch.bfloat16)
@@ -40,16 +41,20 @@ def prepare_machine(args: argparse.Namespace) -> None:
 
 
 def matmul_peaks(clock: str = "wall") -> dict[str, float]:
-    """Measure and print this machine's float32 and bfloat16 matmul FLOP/s on torch's threads (train/mfu.py's probe),
-    the yardstick every result of the run is also given as a fraction of, timed on `clock` (CLOCKS: --clock's), as
-    those results are."""
+    """Measure and print this machine's float32 and bfloat16 matmul FLOP/s on torch's threads (train/mfu.py's probe:
+    the median of its timed blocks, printed with their spread), the yardstick every result of the run is also given as
+    a fraction of, timed on `clock` (CLOCKS: --clock's), as those results are."""
     threads = torch.get_num_threads()
-    peaks = {
-        str(dtype).removeprefix("torch."): measured_matmul_flops(dtype, threads, CLOCKS[clock]) for dtype in PEAK_DTYPES
+    rates = {
+        str(dtype).removeprefix("torch."): measured_matmul_rates(dtype, threads, CLOCKS[clock]) for dtype in PEAK_DTYPES
     }
-    measured = ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items())
+    measured = ", ".join(
+        f"{name} {statistics.median(blocks) / 1e9:,.0f} GFLOP/s ({min(blocks) / 1e9:,.0f}-{max(blocks) / 1e9:,.0f} "
+        f"in {len(blocks)} blocks)"
+        for name, blocks in rates.items()
+    )
     print(f"measured matmul peak on {threads} threads, {clock} clock: {measured}", flush=True)
-    return peaks
+    return {name: statistics.median(blocks) for name, blocks in rates.items()}
 
 
 def share_of_peak(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> str:

@@ -8,11 +8,11 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
   67, A100 19.5), or its TF32 tensor-core rate (H100 494.5, A100 156) where torch is allowed TF32
   (`torch.backends.cuda.matmul.allow_tf32`, `torch.set_float32_matmul_precision("high")`). A card not in the table is
   given an A100's, and its source says so.
-- CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
-  dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
-  matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
-  on others 2x faster) and whichever layout it is fastest in. The benchmarks report against it too.
-  A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
+- CPU: measured, the median rate of blocks of square `torch.mm`s in the training dtype on torch's threads after a
+  warm-up (once per process, dtype and thread count), in the fastest of the operand layouts a training step uses:
+  the rate this machine's matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs
+  3x slower than float32, on others 2x faster) and whichever layout it is fastest in. The benchmarks report against
+  it too. A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
   the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak; under
   torchrun every rank probes again once any rank's MFU is above 100%, one rank after another (`probed_in_turns`).
   CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
@@ -22,6 +22,7 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,15 @@ import torch
 from seekstack.parallel.distributed import Ranks, barrier
 
 MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
-MATMUL_PROBE_REPEATS = 5
 LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this small: a slow one costs little
+# Each probe (a layout, a size) first runs untimed matmuls this long, then times PROBE_BLOCKS blocks of as many as
+# take PROBE_BLOCK_SECONDS each, and its rate is the median block's: one cold call per layout at 256^3 picked g.T @ x
+# in bfloat16 on an AMX core as often as not (649-798 GFLOP/s for all three there), which runs 778 GFLOP/s at 1024^3
+# against x @ W.T's 1,475, so the peak read 799-1,451 between processes (torch.utils.benchmark and triton's do_bench
+# also warm up, time blocks and report medians)
+PROBE_WARMUP_SECONDS = 0.02
+PROBE_BLOCK_SECONDS = 0.01
+PROBE_BLOCKS = 5
 # which operands of a training step's matmuls are transposed: x @ W.T (a Linear's forward), g @ W (its input's
 # gradient), g.T @ x (its weight's gradient)
 MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
@@ -112,41 +120,58 @@ def card_peak_flops(name: str, precision: str = "bf16") -> Peak:
 
 
 @functools.cache
+def measured_matmul_rates(
+    dtype: torch.dtype = torch.float32, threads: int = 0, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, ...]:
+    """`matmul_rates(dtype, clock)`, once per process: `threads` only keys the cache (call it with
+    `torch.get_num_threads()`, the threads the probe runs on)."""
+    return tuple(matmul_rates(dtype, clock))
+
+
 def measured_matmul_flops(
     dtype: torch.dtype = torch.float32, threads: int = 0, clock: Callable[[], float] = time.perf_counter
 ) -> float:
-    """`matmul_flops(dtype, clock)`, once per process: `threads` only keys the cache (call it with
-    `torch.get_num_threads()`, the threads the probe runs on)."""
-    return matmul_flops(dtype, clock)
+    """The median of `measured_matmul_rates`: this machine's peak, probed once per process."""
+    return statistics.median(measured_matmul_rates(dtype, threads, clock))
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> float:
-    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up,
-    in the fastest of the layouts a training step multiplies in (`MATMUL_LAYOUTS`), picked on small matrices: the
-    library's rate differs by layout (bfloat16 without native CPU support runs g @ W 14x slower than g.T @ x, and a
+    """The median of `matmul_rates(dtype, clock)`, probed anew."""
+    return statistics.median(matmul_rates(dtype, clock))
+
+
+def matmul_rates(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """FLOP/s of each timed block (`block_rates`) of (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), in
+    the fastest (by median) of the layouts a training step multiplies in (`MATMUL_LAYOUTS`), picked on small matrices:
+    the library's rate differs by layout (bfloat16 without native CPU support runs g @ W 14x slower than g.T @ x, and a
     probe of that layout alone put MFU at 300%). Seconds are `clock`'s: the clock the rates set against it are timed
     on (a CPU-time rate against a wall-clock peak probed while others held the core read 527% of peak)."""
-    layout = min(
-        MATMUL_LAYOUTS, key=lambda layout: fastest_seconds(layout, dtype, LAYOUT_PROBE_SIZE, repeats=1, clock=clock)
+    layout = max(
+        MATMUL_LAYOUTS,
+        key=lambda layout: statistics.median(block_rates(layout, dtype, LAYOUT_PROBE_SIZE, clock)),
     )
-    return 2 * MATMUL_PROBE_SIZE**3 / fastest_seconds(layout, dtype, MATMUL_PROBE_SIZE, MATMUL_PROBE_REPEATS, clock)
+    return block_rates(layout, dtype, MATMUL_PROBE_SIZE, clock)
 
 
-def fastest_seconds(
-    layout: tuple[bool, bool], dtype: torch.dtype, size: int, repeats: int, clock: Callable[[], float]
-) -> float:
-    """Seconds on `clock` of the fastest of `repeats` (size x size) `torch.mm`s in `dtype` after a warm-up, each
-    operand transposed where `layout` says."""
+def block_rates(layout: tuple[bool, bool], dtype: torch.dtype, size: int, clock: Callable[[], float]) -> list[float]:
+    """FLOP/s on `clock` of each of `PROBE_BLOCKS` blocks of (size x size) `torch.mm`s in `dtype`, each operand
+    transposed where `layout` says, after `PROBE_WARMUP_SECONDS` (at least one call) of untimed ones, whose pace sets
+    how many a block repeats to last `PROBE_BLOCK_SECONDS`."""
     generator = torch.Generator().manual_seed(0)
     lhs, rhs = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     lhs, rhs = (operand.t() if transposed else operand for operand, transposed in zip((lhs, rhs), layout, strict=True))
-    torch.mm(lhs, rhs)
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = clock()
+    calls, start = 0, clock()
+    while not calls or (warm_seconds := clock() - start) < PROBE_WARMUP_SECONDS:
         torch.mm(lhs, rhs)
-        fastest = min(fastest, clock() - start)
-    return fastest
+        calls += 1
+    repeats = max(1, round(PROBE_BLOCK_SECONDS * calls / warm_seconds))
+    rates = []
+    for _ in range(PROBE_BLOCKS):
+        begin = clock()
+        for _ in range(repeats):
+            torch.mm(lhs, rhs)
+        rates.append(2 * size**3 * repeats / (clock() - begin))
+    return rates
 
 
 def probed_in_turns(probe: Callable[[], Probed], ranks: Ranks) -> Probed:
