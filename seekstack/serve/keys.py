@@ -172,9 +172,13 @@ class KeyStore:
             )
         if not plan:
             raise KeyStoreError("a key's plan name must not be empty; `seekstack keys plan` lists the plans")
-        for field, limit in (("rpm", rpm), ("tpm", tpm)):
-            if limit is not None and not 1 <= limit <= MAX_LIMIT:
-                raise KeyStoreError(f"{field} must be between 1 and {MAX_LIMIT} (or unset for no limit), got {limit}")
+        for field, limit in (("rpm", rpm), ("tpm", tpm)):  # a whole number: "5" or 1.5 is no count of requests
+            if limit is not None and not (type(limit) is int and 1 <= limit <= MAX_LIMIT):
+                raise KeyStoreError(
+                    f"{field} must be a whole number between 1 and {MAX_LIMIT} (or unset for no limit), got {limit!r}"
+                )
+        if isinstance(models, str):  # iterated, its letters would be the models the key may use
+            raise KeyStoreError(f"models={models!r} is one name: give a tuple of names, models=({models!r},)")
         for model in models or ():
             _require_model_name(model)
         with self.database.transaction() as connection:

@@ -103,7 +103,7 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.create("carol")
     with pytest.raises(KeyStoreError, match="no plan 'gold'"):
         keys.create("dave", plan="gold")
-    with pytest.raises(KeyStoreError, match="rpm must be between 1 and"):
+    with pytest.raises(KeyStoreError, match="rpm must be a whole number between 1 and"):
         keys.create("erin", rpm=0)
     with pytest.raises(KeyStoreError, match="no key named 'nobody' was ever created"):
         keys.revoke("nobody")
@@ -126,8 +126,11 @@ def test_a_key_or_plan_name_beginning_with_a_dash_is_refused_as_the_command_line
 def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bound(tmp_path):
     keys = KeyStore(open_database(tmp_path / "serve.db"))
     for field in ("rpm", "tpm"):
-        with pytest.raises(KeyStoreError, match=rf"{field} must be between 1 and {MAX_LIMIT} .* got {MAX_LIMIT + 1}"):
-            keys.create("erin", **{field: MAX_LIMIT + 1})
+        # "5" was Python's bare TypeError, 1.5 and True were stored
+        for limit in (MAX_LIMIT + 1, "5", 1.5, True):
+            told = rf"{field} must be a whole number between 1 and {MAX_LIMIT} .* got"
+            with pytest.raises(KeyStoreError, match=told):
+                keys.create("erin", **{field: limit})
     assert keys.verify(keys.create("erin", rpm=MAX_LIMIT, tpm=MAX_LIMIT)).rpm == MAX_LIMIT
     runner, db = CliRunner(), str(tmp_path / "cli.db")
     for flag, value in (("--rpm", "9223372036854775808"), ("--tpm", "99999999999999999999999")):
@@ -171,6 +174,8 @@ def test_a_key_may_name_any_served_model_but_not_an_empty_or_padded_one(database
     for model in ("", "   ", " tiny", "tiny\n"):
         with pytest.raises(KeyStoreError, match=re.escape(f"model {model!r}: a model name must not be empty")):
             keys.create("dave", models=("tiny", model))
+    with pytest.raises(KeyStoreError, match=re.escape("models='legal' is one name: give a tuple of names, models=")):
+        keys.create("dave", models="legal")  # was a key for the models 'l', 'e', 'g', 'a' and 'l'
     assert not keys.any_keys()
     key = keys.create("dave", models=("DeepSeek V3", "legal-v2", "org/base:1"))  # a folder's name may hold spaces
     assert keys.verify(key).models == ("DeepSeek V3", "legal-v2", "org/base:1")
