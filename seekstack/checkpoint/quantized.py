@@ -151,9 +151,10 @@ def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) 
             for name, tensor in getattr(module, proj).stored().items()
         ]
     sources = []
+    stacks = module.gate_up_proj.stored(), module.down_proj.stored()  # once: int4's reads the whole stack back
     for e in range(module.gate_up_proj.shape[0]):
-        gate_up = {name: tensor[e].chunk(2) for name, tensor in module.gate_up_proj.stored().items()}
-        down = {name: tensor[e] for name, tensor in module.down_proj.stored().items()}
+        gate_up = {name: tensor[e].chunk(2) for name, tensor in stacks[0].items()}
+        down = {name: tensor[e] for name, tensor in stacks[1].items()}
         halves = [{name: parts[i] for name, parts in gate_up.items()} for i in (0, 1)]
         for proj, stored in zip(("gate_proj", "up_proj", "down_proj"), (*halves, down), strict=True):
             stored = _pack_quantized(stored, next(iter(stored.values())).shape[0])

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import seekstack
+from seekstack.checkpoint.quantized import quantized_sources
+from seekstack.compress.linear import Int4Weight
+from seekstack.compress.quantize import QuantConfig, quantize_model
 from tests.conftest import micro_config
 from tests.support import fp8_block_warnings
 
@@ -127,3 +130,17 @@ def test_a_quantized_checkpoints_index_counts_the_parameters_of_the_float_one(tm
     # int8 packed with its shape, int4 stacked without it, fp8 with a scale per block
     counted = [total_parameters("int8"), total_parameters("int4", stacked_experts=True), total_parameters("fp8")]
     assert counted == [float_parameters] * 3
+
+
+def test_each_quantized_expert_stack_is_read_back_once_when_saved_per_expert(monkeypatch):
+    """The per-expert layout read each stack's stored tensors once per expert (int4's codes back from the kernel's
+    tiling): `seekstack quantize --scheme int4` of `small` took 2 minutes, 16 times the work for its 16 experts."""
+    model = seekstack.Transformer(micro_config())
+    quantize_model(model, QuantConfig(scheme="int4"))
+    experts = model.layers[-1].mlp.experts
+    read_back = []
+    stored = Int4Weight.stored
+    monkeypatch.setattr(Int4Weight, "stored", lambda weight: read_back.append(weight) or stored(weight))
+    sources = quantized_sources("model.layers.1.mlp.experts", experts)
+    assert len(sources) == 3 * 3 * model.config.n_routed_experts  # gate, up, down: codes, scales, shape each
+    assert read_back == [experts.gate_up_proj, experts.down_proj]
