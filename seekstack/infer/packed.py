@@ -136,22 +136,29 @@ class WeightVersions:
 
     def mark(self) -> None:
         """Take the weights as they are now for the unchanged ones."""
-        weights = list(self.module.parameters())
-        # weak: the weights a load replaces are not kept alive here (nor is a load hook added per engine)
-        self._weights = [weakref.ref(weight) for weight in weights]
-        self._version = self._version_of(weights)
+        # each weight where it is held, all weak: the weights a load replaces are not kept alive here (nor is a load
+        # hook added per engine); inference tensors keep no version counter
+        self._weights = [
+            (weakref.ref(module), name, weakref.ref(weight), not weight.is_inference())
+            for module in self.module.modules()
+            for name, weight in module._parameters.items()
+            if weight is not None
+        ]
+        self._version = self._version_now()
 
     def changed(self) -> bool:
-        weights = list(self.module.parameters())
-        replaced = len(weights) != len(self._weights) or any(
-            held() is not weight for held, weight in zip(self._weights, weights, strict=False)
-        )
-        return replaced or self._version != self._version_of(weights)
+        return self._version != self._version_now()
 
-    @staticmethod
-    def _version_of(weights: list[torch.Tensor]) -> int:
-        # inference tensors keep no version counter
-        return sum(weight._version for weight in weights if not weight.is_inference())
+    def _version_now(self) -> int | None:
+        """The weights' summed version counters; None once one was replaced (its module holds another Parameter)."""
+        version = 0
+        for module, name, held, counted in self._weights:
+            weight = held()
+            owner = module()
+            if weight is None or owner is None or owner._parameters.get(name) is not weight:
+                return None
+            version += weight._version if counted else 0
+        return version
 
 
 def repack(model: nn.Module) -> None:
