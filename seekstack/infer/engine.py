@@ -19,6 +19,7 @@ import itertools
 import math
 import numbers
 import operator
+import os
 import sys
 import threading
 import time
@@ -424,7 +425,7 @@ class Engine:
                 refuse_pools_past_free_memory(self.config, num_blocks, pool_devices, block_size, dtype, asked)
         from seekstack.adapters.registry import attach_adapters
 
-        refuse_fewer_slots_than_adapters(adapters, max_loras)
+        refuse_adapters_not_served(adapters, max_loras, max_lora_rank)
         self.lora = attach_adapters(self.model, adapters or {}, max_loras, max_lora_rank)
         # the adapters lora_request loaded, least recently asked for first: unloaded for another's load when every
         # slot is taken, as vLLM's LRU cache of adapters evicts them (those load_adapter loaded stay)
@@ -506,7 +507,8 @@ class Engine:
                 f"Engine.from_pretrained got an unexpected keyword argument {unknown[0]!r}: "
                 f"{known_fields(unknown[0], [*own, *engine_keywords])}"
             )
-        refuse_fewer_slots_than_adapters(kwargs.get("adapters"), kwargs.get("max_loras"))  # before any weights load
+        # before any weights load
+        refuse_adapters_not_served(kwargs.get("adapters"), kwargs.get("max_loras"), kwargs.get("max_lora_rank"))
         refuse_a_revision(revision, model_dir)
         for parameter in engine_parameters:  # Engine's switches, refused as it does, before load_pretrained reads mtp
             if parameter.annotation in (bool, "bool") and parameter.name in kwargs:
@@ -1807,14 +1809,28 @@ def token_id(token: Any) -> int:
     raise TypeError(f"prompt holds {token!r}, which is no token id: give integers")
 
 
-def refuse_fewer_slots_than_adapters(adapters: Mapping[str, str | Path] | None, max_loras: int | None) -> None:
-    """ConfigError naming max_loras where it is fewer than the `adapters` given, each loaded from the start: the
-    engine refused the first past it as a load at run time ("... slots are taken; unload one first"), once the
-    model's weights were read, with nothing to unload."""
+def refuse_adapters_not_served(
+    adapters: Mapping[str, str | Path] | None, max_loras: int | None, max_lora_rank: int | None
+) -> None:
+    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (a list or a
+    folder alone failed once every weight had loaded, "'list' object has no attribute 'items'"), ValueError for a
+    max_loras or max_lora_rank that is no count (`refuse_a_non_count`), and ConfigError naming max_loras where it is
+    fewer than the adapters given, each loaded from the start (refused as a load at run time once the model's weights
+    were read, "... slots are taken; unload one first", with nothing to unload)."""
+    if adapters is not None and not (
+        isinstance(adapters, Mapping)
+        and all(isinstance(name, str) and isinstance(folder, (str, os.PathLike)) for name, folder in adapters.items())
+    ):
+        raise TypeError(
+            f"adapters={adapters!r} must map names to adapter folders, as vLLM's --lora-modules name=path: "
+            "adapters={'legal': '/path/to/adapter'} (or adapter='/path/to/adapter', merged into the weights)"
+        )
+    for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+        refuse_a_non_count(name, value)
     if max_loras is not None and adapters and len(adapters) > max_loras:
         raise ConfigError(
-            f"is {max_loras}, fewer than the {len(adapters)} adapters given ({', '.join(adapters)}), each loaded from "
-            f"the start: give max_loras={len(adapters)} or more, or fewer adapters",
+            f"has value {max_loras}: must be at least the {len(adapters)} adapters given ({', '.join(adapters)}), "
+            f"each loaded from the start: give max_loras={len(adapters)} or more, or fewer adapters",
             field="max_loras",
         )
 

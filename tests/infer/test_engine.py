@@ -306,14 +306,27 @@ def test_fewer_max_loras_than_adapters_given_are_refused_naming_both_before_anyt
     first). Refused now before the folder (here empty) or any adapter is read, from_pretrained and Engine alike."""
     adapters = {name: tmp_path / name for name in "abc"}
     refusal = (
-        "field 'max_loras' is 2, fewer than the 3 adapters given (a, b, c), each loaded from the start: give "
-        "max_loras=3 or more, or fewer adapters"
+        "field 'max_loras' has value 2: must be at least the 3 adapters given (a, b, c), each loaded from the start: "
+        "give max_loras=3 or more, or fewer adapters"
     )
     for build in (lambda: Engine.from_pretrained(tmp_path, adapters=adapters, max_loras=2),
                   lambda: Engine(model, tokenizer, adapters=adapters, max_loras=2)):  # fmt: skip
         with pytest.raises(ConfigError) as refused:
             build()
         assert (refused.value.field, str(refused.value)) == ("max_loras", refusal)
+    # adapters as a list or a folder alone were "'list' object has no attribute 'items'", and max_lora_rank='8' a bare
+    # TypeError, once every weight had loaded
+    for given, error, told in (
+        ({"adapters": [tmp_path / "a"]}, TypeError, "must map names to adapter folders, as vLLM's --lora-modules"),
+        ({"adapters": str(tmp_path / "a")}, TypeError, "must map names to adapter folders"),
+        ({"adapters": {"a": None}}, TypeError, "must map names to adapter folders"),
+        ({"max_lora_rank": "8"}, ValueError, "max_lora_rank='8' must be a whole number >= 1"),
+        ({"max_loras": True}, ValueError, "max_loras=True must be a whole number >= 1"),
+    ):
+        with pytest.raises(error, match=re.escape(told)):
+            Engine.from_pretrained(tmp_path / "not-read", **given)
+        with pytest.raises(error, match=re.escape(told)):
+            Engine(model, tokenizer, **given)
 
 
 def test_allowed_token_ids_that_min_tokens_all_ban_are_refused_at_add_request_naming_both_fields(model, tokenizer):
