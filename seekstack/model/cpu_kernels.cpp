@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
@@ -502,6 +503,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor&
   return {grad_gate, grad_up, grad_weight};
 }
 
+// Causal attention's backward (FlashAttention-2, Dao 2023, Alg. 2, over whole score rows), from the forward's
+// per-row log-sum-exp L (torch's fused CPU SDPA returns it): P = exp(scale Q K^T - L) recomputed, dV = P^T dO,
+// dP = dO V^T, dS = scale P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q. The five products are bmm calls (AMX in
+// bfloat16, which rounds S and dP to bfloat16 as eager attention under autocast does), over a group of heads at a
+// time; one pass a score row turns S and dP into P and dS in place (float32 math), zero above the diagonal.
+constexpr int64_t kScoresPerGroup = 1 << 20;  // scores (heads x T x T) a group computes at once
+
+template <typename T>
+void causal_softmax_backward_rows(at::Tensor& scores, at::Tensor& grad_scores, const at::Tensor& lse,
+                                  const at::Tensor& grad_out, const at::Tensor& out, float scale) {
+  const int64_t heads = scores.size(0), T_ = scores.size(1), V = out.size(2);
+  T* s_data = scores.mutable_data_ptr<T>();
+  T* ds_data = grad_scores.mutable_data_ptr<T>();
+  const float* lse_data = lse.const_data_ptr<float>();
+  const T* grad_out_data = grad_out.const_data_ptr<T>();
+  const T* out_data = out.const_data_ptr<T>();
+  at::parallel_for(0, heads * T_, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row / T_, i = row % T_;
+      const T* dO = grad_out_data + h * grad_out.stride(0) + i * grad_out.stride(1);
+      const T* O = out_data + h * out.stride(0) + i * out.stride(1);
+      float delta = 0.f;  // rowsum(dO O) = sum_j P_ij dP_ij
+      for (int64_t d = 0; d < V; ++d) delta += float(dO[d]) * float(O[d]);
+      const float L = lse_data[h * lse.stride(0) + i * lse.stride(1)];
+      T* s = s_data + row * T_;
+      T* ds = ds_data + row * T_;
+      over_row(
+          i + 1,
+          [&](int64_t j) {
+            FloatVector s0, s1, dp0, dp1;
+            load_step(s + j, s0, s1);
+            load_step(ds + j, dp0, dp1);
+            const FloatVector p0 = (s0 * FloatVector(scale) - FloatVector(L)).exp_u20();
+            const FloatVector p1 = (s1 * FloatVector(scale) - FloatVector(L)).exp_u20();
+            store_step(s + j, p0, p1);
+            store_step(ds + j, p0 * (dp0 - FloatVector(delta)) * FloatVector(scale),
+                       p1 * (dp1 - FloatVector(delta)) * FloatVector(scale));
+          },
+          [&](int64_t j) {
+            const float p = std::exp(float(s[j]) * scale - L);
+            s[j] = static_cast<T>(p);
+            ds[j] = static_cast<T>(p * (float(ds[j]) - delta) * scale);
+          });
+      std::fill(s + i + 1, s + T_, T(0));
+      std::fill(ds + i + 1, ds + T_, T(0));
+    }
+  });
+}
+
+// q, k (B, H, T, D), v, out, grad (B, H, T, V), lse (B, H, T) float32 -> dq, dk, dv.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                                         const at::Tensor& k, const at::Tensor& v,
+                                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                                         double scale) {
+  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  lse.scalar_type() == at::kFloat,
+              "causal_attention_backward: q must be (B, H, T, D) float32 or bfloat16, lse float32");
+  TORCH_CHECK(out.stride(-1) == 1, "causal_attention_backward: out must be read along stride 1");
+  const at::Tensor dO = grad.to(q.scalar_type()).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2);
+  at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
+             grad_v = at::empty(v.sizes(), v.options());
+  const int64_t group = std::clamp<int64_t>(kScoresPerGroup / std::max<int64_t>(1, T_ * T_), 1, std::max<int64_t>(1, H));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; h += group) {
+      const int64_t n = std::min(group, H - h);
+      const at::Tensor qg = q[b].narrow(0, h, n), kg = k[b].narrow(0, h, n), vg = v[b].narrow(0, h, n);
+      const at::Tensor dOg = dO[b].narrow(0, h, n), og = out[b].narrow(0, h, n), lg = lse[b].narrow(0, h, n);
+      at::Tensor scores = at::bmm(qg, kg.transpose(1, 2)), grad_scores = at::bmm(dOg, vg.transpose(1, 2));
+      if (q.scalar_type() == at::kBFloat16) {
+        causal_softmax_backward_rows<c10::BFloat16>(scores, grad_scores, lg, dOg, og, scale);
+      } else {
+        causal_softmax_backward_rows<float>(scores, grad_scores, lg, dOg, og, scale);
+      }
+      at::Tensor dv = grad_v[b].narrow(0, h, n), dq = grad_q[b].narrow(0, h, n), dk = grad_k[b].narrow(0, h, n);
+      at::bmm_out(dv, scores.transpose(1, 2), dOg);
+      at::bmm_out(dq, grad_scores, kg);
+      at::bmm_out(dk, grad_scores.transpose(1, 2), qg);
+    }
+  }
+  return {grad_q, grad_k, grad_v};
+}
+
 // RMSNorm (Zhang & Sennrich 2019): y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row; r (n,) float32 kept for the
 // backward.
 template <typename T>
@@ -634,6 +718,9 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def(
+      "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
@@ -643,4 +730,5 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("swiglu_backward", swiglu_backward);
   m.impl("rms_norm", rms_norm);
   m.impl("rms_norm_backward", rms_norm_backward);
+  m.impl("causal_attention_backward", causal_attention_backward);
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seekstack.model import attention, cpu_kernels
 from seekstack.model.attention import ContiguousLatentCache
 from seekstack.model.rope import apply_rotary, rotary_tables
 from seekstack.model.transformer import Transformer
@@ -124,3 +125,58 @@ def test_absorbed_attention_masks_each_head_as_the_cached_keys_it_drops(T, monke
     assert (masked - dropped).abs().max().item() < 1e-6
     if T == 1:  # a decode step reads the plan's mask in place for every head, never a copy per head
         assert masks[0].data_ptr() == mask.data_ptr() and masks[0].stride(2) == 0
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+@pytest.mark.parametrize("T", [37, 600], ids=["one-group", "groups-of-heads"])
+def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(dtype, tolerance, T):
+    """torch's fused forward and causal_attention_backward (cpu_kernels.cpp), a value narrower than q and k, against
+    softmax(scale q k^T, causal) v and its autograd in float64; at 600 tokens the backward takes the 3 heads in groups
+    of 2 and 1. bfloat16 rounds the scores and dP as eager attention under autocast does."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    B, H, W, V = 2, 3, 24, 16
+    q, k = (torch.randn(B, T, H, W, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, V, dtype=dtype).transpose(1, 2).requires_grad_()
+    grad = torch.randn(B, H, T, V, dtype=dtype)
+    out = attention._CausalAttention.apply(q, k, v, 0.3)
+    out.backward(grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    expected = torch.softmax((q64 @ k64.transpose(-1, -2) * 0.3).masked_fill(~causal, float("-inf")), dim=-1) @ v64
+    expected.backward(grad.double())
+    for got, want in ((out, expected), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_training_attention_takes_the_fused_backward_only_when_causal_and_matches_torchs_sdpa(monkeypatch):
+    """A training forward without a mask runs the fused causal attention; with an attention_mask, with the kernels
+    switched off, or without gradients it runs torch's SDPA, and the gradients agree (float32, 1e-5)."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
+    ids = torch.randint(128, (2, 12))
+    calls = []
+    fused = attention._CausalAttention.apply
+    monkeypatch.setattr(attention._CausalAttention, "apply", lambda *args: calls.append(1) or fused(*args))
+
+    def gradients(**inputs) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids, **inputs).loss.backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    with_kernel = gradients()
+    assert len(calls) == 3  # one a layer
+    with_mask = gradients(attention_mask=torch.ones(2, 12, dtype=torch.long))
+    cpu_kernels.set_enabled(False)
+    try:
+        without = gradients()
+    finally:
+        cpu_kernels.set_enabled(True)
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 3
+    for a, b, c in zip(with_kernel, with_mask, without, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
