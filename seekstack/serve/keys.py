@@ -177,6 +177,8 @@ class KeyStore:
                 raise KeyStoreError(
                     f"{field} must be a whole number between 1 and {MAX_LIMIT} (or unset for no limit), got {limit!r}"
                 )
+        if not isinstance(admin, bool):  # stored as int(admin): "no" raised, "1" made an admin key
+            raise KeyStoreError(f"admin={admin!r} must be True or False")
         if isinstance(models, str):  # iterated, its letters would be the models the key may use
             raise KeyStoreError(f"models={models!r} is one name: give a tuple of names, models=({models!r},)")
         for model in models or ():

@@ -105,6 +105,9 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.create("dave", plan="gold")
     with pytest.raises(KeyStoreError, match="rpm must be a whole number between 1 and"):
         keys.create("erin", rpm=0)
+    for admin in ("no", "1"):  # int(admin): "no" was a bare ValueError, "1" an admin key
+        with pytest.raises(KeyStoreError, match=re.escape(f"admin={admin!r} must be True or False")):
+            keys.create("erin", admin=admin)
     with pytest.raises(KeyStoreError, match="no key named 'nobody' was ever created"):
         keys.revoke("nobody")
     for name in ("white space", "团队"):  # a Chinese name was told 'must be 1-64 letters', which it is
