@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -709,6 +710,85 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
   return {grad_x, blocks.sum(0).to(weight.scalar_type())};
 }
 
+// The cross-entropy of logit rows z (n, V) against targets t (n,), float32 math over float32 or bfloat16 z, in three
+// passes over a row while it is in cache: m = max_v z_v, lse = m + log sum_v exp(z_v - m), loss = lse - z_t; then the
+// gradient (softmax(z) - onehot(t)) s, s the row's scale (1 / rows counted, 0 for an ignored row), written over z:
+// torch's eager ops made each pass into fresh memory, and bf16 logits were widened to float32 and their gradient
+// narrowed back, two more.
+template <typename T>
+void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const float* scale, float* losses) {
+  const int64_t V = logits.size(1);
+  T* data = logits.mutable_data_ptr<T>();
+  at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* z = data + row * V;
+      const float lowest = -std::numeric_limits<float>::infinity();
+      FloatVector most(lowest);
+      float most_tail = lowest;
+      over_row(
+          V,
+          [&](int64_t d) {
+            FloatVector z0, z1;
+            load_step(z + d, z0, z1);
+            most = at::vec::maximum(most, at::vec::maximum(z0, z1));
+          },
+          [&](int64_t d) { most_tail = std::max(most_tail, float(z[d])); });
+      const float m = std::max(
+          at::vec::vec_reduce_all<float>([](const FloatVector& a, const FloatVector& b) { return at::vec::maximum(a, b); },
+                                         most),
+          most_tail);
+      FloatVector sum(0.f);
+      float sum_tail = 0.f;
+      over_row(
+          V,
+          [&](int64_t d) {
+            FloatVector z0, z1;
+            load_step(z + d, z0, z1);
+            sum = sum + (z0 - FloatVector(m)).exp() + (z1 - FloatVector(m)).exp();
+          },
+          [&](int64_t d) { sum_tail += std::exp(float(z[d]) - m); });
+      const float lse = m + std::log(at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), sum) + sum_tail);
+      const int64_t t = targets[row];
+      const float target_logit = float(z[t]), s = scale[row];
+      losses[row] = lse - target_logit;
+      over_row(
+          V,
+          [&](int64_t d) {
+            FloatVector z0, z1;
+            load_step(z + d, z0, z1);
+            const FloatVector g0 = (z0 - FloatVector(lse)).exp() * FloatVector(s);
+            const FloatVector g1 = (z1 - FloatVector(lse)).exp() * FloatVector(s);
+            store_step(z + d, g0, g1);
+          },
+          [&](int64_t d) { z[d] = static_cast<T>(std::exp(float(z[d]) - lse) * s); });
+      z[t] = static_cast<T>((std::exp(target_logit - lse) - 1.f) * s);
+    }
+  });
+}
+
+// Each row's loss (n,) float32; the logits are overwritten with their gradient.
+at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scale) {
+  check_elementwise(logits, logits, "cross_entropy_rows");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(logits.is_contiguous(), "cross_entropy_rows: logits must be contiguous");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == rows &&
+                  scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == rows,
+              "cross_entropy_rows: targets (int64) and scale (float32) must be contiguous, one per row");
+  const int64_t* target_data = targets.const_data_ptr<int64_t>();
+  for (int64_t row = 0; row < rows; ++row) {
+    TORCH_CHECK(target_data[row] >= 0 && target_data[row] < V, "cross_entropy_rows: target ", target_data[row],
+                " of row ", row, " is outside the vocabulary of ", V);
+  }
+  at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (logits.scalar_type() == at::kBFloat16) {
+    cross_entropy_rows_of<c10::BFloat16>(logits, target_data, scale.const_data_ptr<float>(),
+                                         losses.mutable_data_ptr<float>());
+  } else {
+    cross_entropy_rows_of<float>(logits, target_data, scale.const_data_ptr<float>(), losses.mutable_data_ptr<float>());
+  }
+  return losses;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seekstack, m) {
@@ -721,6 +801,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
@@ -731,4 +812,5 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
+  m.impl("cross_entropy_rows", cross_entropy_rows);
 }

@@ -8,7 +8,10 @@ logits, (softmax - onehot) / n, which goes straight into dL/dh = G W and dL/dW =
 The gradients are therefore computed in the forward (when autograd will want them) and only scaled by the
 incoming gradient in the backward. Arithmetic is float32 whatever the model dtype, but under autocast the logits
 and dL/dh multiply in the autocast dtype, as an autocast nn.Linear head would (each chunk's rows its own: nothing
-summed across chunks in it); dL/dW, summed over the chunks, stays float32.
+summed across chunks in it), and so does each chunk's share of dL/dW, which is summed over the chunks in float32.
+On a CPU `cross_entropy_rows` (cpu_kernels.cpp) turns a chunk's logits, bf16 under autocast, into the loss and their
+gradient in one kernel, written over them; elsewhere, or switched off (`cpu_kernels.set_enabled`), torch's ops do it
+in float32 copies.
 
 `linear_token_logprobs` gives log p_y = log softmax(h W^T)_y per row, whose gradient is g (onehot(y) - p), and
 the entropy H = -sum_v p_v log p_v (logged only, no gradient). The upstream gradient g is a row's own (the policy
@@ -21,6 +24,8 @@ Shapes: N rows (batch x positions), D hidden, V vocabulary.
 from __future__ import annotations
 
 import torch
+
+from seekstack.model import cpu_kernels
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**25}  # logits per chunk: ~2 MiB fits a CPU's L2; GPUs want large kernels
@@ -52,21 +57,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
             grad_h = torch.empty_like(h) if grad_hidden else None
             grad_w = torch.zeros_like(w) if grad_weight else None
+            scale = counted / count
+            fused = cpu_kernels.elementwise_takes(h_matmul)  # torch's ops where the kernel does not take the logits
             for part in _chunks(rows, _chunk_rows(hidden, vocab, grad_weight)):
-                logits = (h_matmul[part] @ w_matmul.t()).float()  # (n, V)
+                logits = h_matmul[part] @ w_matmul.t()  # (n, V)
                 if logits_out is not None:
                     logits_out[part] = logits
-                log_probs = logits.log_softmax(dim=-1)
-                picked = log_probs.gather(1, safe_targets[part, None]).squeeze(1)
-                loss -= (picked * counted[part]).sum()
-                if grad_hidden or grad_weight:
-                    grad_logits = log_probs.exp_()  # softmax, in place
-                    grad_logits.scatter_add_(1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0))
-                    grad_logits.mul_((counted[part] / count)[:, None])
+                if fused:  # dL/dlogits written over the logits, in their dtype
+                    losses = torch.ops.seekstack.cross_entropy_rows(logits, safe_targets[part], scale[part])
+                    loss += (losses * counted[part]).sum()
+                    grad_logits = logits
+                else:
+                    log_probs = logits.float().log_softmax(dim=-1)
+                    picked = log_probs.gather(1, safe_targets[part, None]).squeeze(1)
+                    loss -= (picked * counted[part]).sum()
+                    if grad_hidden or grad_weight:
+                        grad_logits = log_probs.exp_()  # softmax, in place
+                        grad_logits.scatter_add_(
+                            1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0)
+                        )
+                        grad_logits = grad_logits.mul_(scale[part, None]).to(matmul_dtype)
                 if grad_h is not None:
-                    grad_h[part] = grad_logits.to(matmul_dtype) @ w_matmul
-                if grad_w is not None:
+                    grad_h[part] = grad_logits @ w_matmul
+                if grad_w is not None and matmul_dtype == torch.float32:
                     torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
+                elif grad_w is not None:  # each chunk's G^T h in the autocast dtype, as an autocast head's dL/dW
+                    grad_w += grad_logits.t() @ h_matmul[part]
             loss = loss / count
         if grad_hidden or grad_weight:
             ctx.save_for_backward(
