@@ -160,16 +160,30 @@ def counted(count: int, noun: str) -> str:
 
 def require_known_fields(cls: type, values: Mapping[str, Any], source: str | None = None) -> None:
     """ConfigError naming the first of `values`' keys that is no field of dataclass `cls`, the closest field and
-    `source` (a file name)."""
+    `source` (a file name); a key the command line's `key.F=V` spells, of a field holding a mapping or a config,
+    told how a file nests it."""
     known = [f.name for f in dataclasses.fields(cls)]
     for name in values:
+        _, dot, rest = name.partition(".")
+        nested = overridden_field(cls, name)
+        holder = _strip(_hints(cls)[nested]) if dot and nested in known else None  # a mapping or a config: nests
+        if typing.get_origin(holder) is dict or dataclasses.is_dataclass(holder):  # `model.hidden_size=64`, in a file
+            raise ConfigError(
+                f"unknown field {name!r}; a file nests it, as {nested}: {{{rest}: VALUE}} ({name}=VALUE is its "
+                "spelling on the command line)"
+            ).at(source)
         if name not in known:
             raise ConfigError(f"unknown field {name!r}; {known_fields(name, known, field_notes(cls))}").at(source)
 
 
 def _value_note(cls: type, name: str, value: Any) -> str:
     """What `cls.value_notes` says of a refused `value` of field `name` (another tool's name for one of the
-    field's choices, say), after "; "; empty when it says nothing."""
+    field's choices, say), or, for a mapping given to a field whose `prefix.F=V` sets another field (`model:
+    {hidden_size: 64}`, where model names a preset), that field; after "; ", empty when there is nothing to say."""
+    overrides = _NESTED_PREFIXES.get((cls, name))
+    if isinstance(value, dict) and value and overrides not in (None, name):
+        key, setting = next(iter(value.items()))
+        return f"; {_NESTED[(cls, overrides)].__name__}'s fields go under {overrides}: {{{key}: {json.dumps(setting)}}}"
     notes = getattr(cls, "value_notes", {}).get(name, {})
     return next((f"; {note}" for noted, note in notes.items() if noted == value), "")
 

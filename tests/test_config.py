@@ -132,6 +132,28 @@ def test_a_config_error_carries_its_field_and_file_apart_from_its_message():
     assert str(caught.value) == "c.json: field 'rope_scaling.factor' must be >= 1"
 
 
+def test_a_config_file_setting_a_model_field_as_the_command_line_spells_it_is_told_where_the_file_nests_it(tmp_path):
+    """`seekstack train cfg.yaml`'s help says "model.FIELD=VALUE sets a ModelConfig field": a file's key
+    `model.hidden_size: 64` was refused as an unknown field, and `model: {hidden_size: 64}` as "input should be a
+    valid string", neither saying that a file sets them under model_overrides."""
+    from seekstack.schema import load_config
+    from seekstack.train.config import TrainConfig
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model.hidden_size: 64\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(TrainConfig, path)
+    assert str(refused.value) == (
+        f"{path}: unknown field 'model.hidden_size'; a file nests it, as model_overrides: {{hidden_size: VALUE}} "
+        "(model.hidden_size=VALUE is its spelling on the command line)"
+    )
+    path.write_text("model:\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError, match="string; ModelConfig's fields go under model_overrides: {hidden_size: 64}$"):
+        load_config(TrainConfig, path)
+    path.write_text("model_overrides:\n  hidden_size: 64\n")
+    assert load_config(TrainConfig, path).model_overrides == {"hidden_size": 64}
+
+
 def test_a_refused_value_is_echoed_as_its_start_and_size_not_whole():
     """A ConfigError echoed the whole value it refused: 301 bad_words (300 are taken) made a message of 2,389
     characters, a 3000-character temperature one of 3,064. It now shows the repr's first 80 characters and the size,

@@ -248,6 +248,13 @@ class JsonErrorsCommand(Command):
             raise
 
 
+# What a training command's --help says before its config keys
+CONFIG_KEYS_HEADING = (
+    "Config keys (file or key=value; model.FIELD=VALUE, in a file model_overrides: {FIELD: VALUE}, sets a ModelConfig "
+    "field):\n\n"
+)
+
+
 def key_value_command(*configs: tuple[type, str]) -> type[Command]:
     """The command class of a stage set by key=value arguments (`configs`: each config dataclass with the prefix its
     keys take, "" or "model."): an option spelt as a key (--max-steps, --max_steps, as HF's Trainer takes them) and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from seekstack.cli.common import key_value_command
+from seekstack.cli.common import CONFIG_KEYS_HEADING, key_value_command
 from seekstack.cli.posttrain import ConfigArg, OverridesArg, ResumeOpt, WriteConfigOpt
 from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
 
@@ -33,6 +33,5 @@ def register(app: typer.Typer) -> None:
     from seekstack.distill.config import DistillConfig
     from seekstack.schema import describe_fields
 
-    epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
     keyed = key_value_command((DistillConfig, ""), (ModelConfig, "model."))
-    app.command("distill", epilog=epilog + describe_fields(DistillConfig), cls=keyed)(distill_command)
+    app.command("distill", epilog=CONFIG_KEYS_HEADING + describe_fields(DistillConfig), cls=keyed)(distill_command)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import (
+    CONFIG_KEYS_HEADING,
     key_value_command,
     nothing_written_if_interrupted,
     options_named,
@@ -281,9 +282,8 @@ def register(app: typer.Typer) -> None:
     from seekstack.schema import describe_fields
 
     for name, command, cls in (("sft", sft_command, SFTConfig), ("rl", rl_command, GRPOConfig)):
-        epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
         keyed = key_value_command((cls, ""), (ModelConfig, "model."))
-        app.command(name, epilog=epilog + describe_fields(cls), cls=keyed)(command)
+        app.command(name, epilog=CONFIG_KEYS_HEADING + describe_fields(cls), cls=keyed)(command)
     app.command("pass-at-k")(pass_at_k_command)
     app.command("traces")(traces_command)
     app.command("rl-plot")(rl_plot_command)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from seekstack.cli.common import (
+    CONFIG_KEYS_HEADING,
     Checkpoint,
     fail,
     is_override,
@@ -248,7 +249,7 @@ def register(app: typer.Typer) -> None:
     from seekstack.train.config import TrainConfig
 
     keys = describe_fields(TrainConfig)
-    epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n" + keys
+    epilog = CONFIG_KEYS_HEADING + keys
     keyed = key_value_command((TrainConfig, ""), (ModelConfig, "model."))
     app.command("train", epilog=epilog, cls=keyed)(train_command)
     app.command("plot")(plot_command)
