@@ -43,6 +43,9 @@ ModelDir = Annotated[
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 UNTIL_CONTEXT = -1  # --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
+# What opens a text file that Windows' Notepad (before 2019) or PowerShell's Out-File -Encoding utf8 saved: no part
+# of a prompt piped in from it (`generate --model M < prompt.txt`), as the JSON Lines and config readers skip it
+BYTE_ORDER_MARK = "\ufeff"
 
 
 def reply_length(max_new_tokens: int | None) -> int | None:
@@ -259,8 +262,9 @@ def generate_command(
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             sys.stdin.reconfigure(errors="surrogateescape")  # as a C locale reads it: a byte not UTF-8 is named below
-            prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
-            # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
+            prompt = sys.stdin.read().removeprefix(BYTE_ORDER_MARK).removesuffix("\n").removesuffix("\r")
+            # the line end echo or a file closes it with is no part of the text, as llama-cli's -f drops it: the text
+            # goes on where its last line ends
         not_utf8 = lone_surrogate_error([prompt], "standard input" if from_stdin else "the text")
         if not_utf8 is not None:  # before any weights load
             raise typer.BadParameter(str(not_utf8), ctx, prompt_parameter(ctx))
@@ -587,7 +591,7 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
 
 
 def _read_piped_line(prompt: str) -> str:
-    line = sys.stdin.readline()
+    line = sys.stdin.readline().removeprefix(BYTE_ORDER_MARK)
     if not line:
         raise EOFError
     return line

@@ -169,12 +169,22 @@ def test_generate_json_gives_the_prompts_logprobs_as_the_engine_does(checkpoint,
 def test_generate_without_a_prompt_reads_it_piped_in_and_asks_for_it_at_a_terminal(checkpoint, engine, monkeypatch):
     args = ["generate", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos"]
     [plain] = engine.generate(["def main():"], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
-    for line_end, dash in (("\n", []), ("\r\n", ["-"])):  # echo's line end, a Windows file's: no part of the prompt
-        piped = runner.invoke(app, [*args, *dash], input="def main():" + line_end)  # echo 'def main():' | ...
+    # echo's line end, a Windows file's, and the UTF-8 byte order mark opening a file Notepad saved (it was prompted
+    # as 3 more tokens): no part of the prompt
+    for opening, line_end, dash in (("", "\n", []), ("", "\r\n", ["-"]), ("\ufeff", "\r\n", ["-"])):
+        piped = runner.invoke(app, [*args, *dash], input=opening + "def main():" + line_end)  # echo 'def main():' | ...
         assert piped.exit_code == 0 and piped.stdout == plain.text + "\n", piped.output
     monkeypatch.setattr(typer.testing._NamedTextIOWrapper, "isatty", lambda self: True)  # a terminal: no waiting on it
     typed = runner.invoke(app, args)
     assert typed.exit_code == 2 and "Missing argument 'PROMPT': give the text to continue" in typed.stderr
+
+
+def test_chat_piped_from_a_file_opening_with_a_byte_order_mark_reads_its_first_message_without_it(checkpoint, engine):
+    """`chat --model M < script.txt` of a file Notepad saved sent U+FEFF as the first message's first character."""
+    args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "4"]
+    chatted = runner.invoke(app, args, input="\ufeffhi\n")
+    [reply] = engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, temperature=0))
+    assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
 
 
 def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engine):
