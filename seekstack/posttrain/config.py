@@ -487,7 +487,7 @@ def require_task(task: str, source: str | None = None) -> None:
     try:
         check_task(task)
     except ValueError as error:
-        raise ConfigError(str(error), field="task", source=source) from None
+        raise ConfigError(f": {error}", field="task", source=source) from None
 
 
 def _require_tokenizer(config: TrainConfig, source: str | None) -> None:

@@ -1206,9 +1206,10 @@ def test_your_own_task_made_or_drawing_otherwise_than_a_task_is_refused_naming_i
     ],
 )  # fmt: skip
 def test_a_task_that_is_not_one_is_refused_naming_the_field_and_what_is_wrong(your_task, name, refusal):
+    """The field was run into the refusal: "field 'task' unknown task 'additon'; ..."."""
     with pytest.raises(ConfigError, match=re.escape(refusal)) as refused:
         resolve_train_config(None, [f"task={name}", "tokenizer=", "init_from="], cls=GRPOConfig)
-    assert refused.value.field == "task"
+    assert refused.value.field == "task" and str(refused.value).startswith("field 'task': ")
 
 
 @pytest.mark.parametrize("name", ["problems.json", "train.csv"])
