@@ -1017,14 +1017,23 @@ def read_stdlib() -> Iterator[Document]:
         yield Document(doc_id, text, "stdlib")
 
 
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme and "://": hf://datasets/..., s3://..., https://...
+
+
 def expanded_inputs(specs: list[str]) -> list[str]:
     """The inputs a command line names, a glob pattern no shell expanded (quoted, `'data/*.jsonl'`, or in a program's
     argument list, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths it matches,
     sorted, but for those inside a folder it matches (`'docs/**'` matches docs/, its subfolders and their files: the
     folder is read whole, each file once); a path that exists is taken as named, and a pattern that matches nothing
-    is refused."""
+    is refused, and so is a URL (datatrove's and datasets' `hf://`, `s3://`, `https://`): nothing is downloaded."""
     expanded = []
     for spec in specs:
+        if URL.match(str(spec)) and not Path(spec).exists():  # a Path would read `s3://b/x` as the folders s3:/b
+            raise DataSourceError(
+                f"{spec}: a URL, and inputs are local files and folders (nothing is downloaded): fetch the files first "
+                "(a Hub dataset's with `huggingface-cli download REPO --repo-type dataset --local-dir DIR`) and give "
+                "them"
+            )
         if str(spec) == "stdlib" or Path(spec).exists() or not glob.has_magic(spec):
             expanded.append(spec)
             continue

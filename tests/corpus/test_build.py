@@ -399,6 +399,20 @@ def test_cli_reads_the_files_a_glob_pattern_left_unexpanded_matches(tmp_path: Pa
     assert missing.exit_code == 1 and "*.parquet: no file or folder matches this pattern" in missing.output
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet", "s3://bucket/docs.jsonl", "https://x.org/a.txt"],
+)
+def test_a_url_given_as_an_input_is_refused_saying_nothing_is_downloaded(tmp_path: Path, url: str) -> None:
+    """datatrove's readers and datasets' data_files take `hf://` and `s3://` paths: they were refused as 'no file or
+    folder matches this pattern', or as 's3:/bucket/docs.jsonl: no such file or folder', the URL's '//' collapsed."""
+    refused = CliRunner().invoke(app, ["data", "build", url, "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+    assert f"error: {url}: a URL, and inputs are local files and folders (nothing is downloaded)" in " ".join(
+        refused.output.split()
+    )
+
+
 def test_a_glob_pattern_matching_a_folder_and_its_files_reads_each_file_once(tmp_path: Path) -> None:
     """`'docs/**'` matches docs/, its subfolders and their files, and each was read as an input: a file two folders
     down was read three times (14 documents in from 4 files), its copies removed as exact duplicates of itself."""
