@@ -177,8 +177,12 @@ class LoadedAdapters:
         if name is None:
             return 0
         if name not in self.slots:
-            raise UnknownAdapter(f"no adapter {shown_value(name)}; loaded: {', '.join(self.names) or 'none'}")
+            raise UnknownAdapter(f"no adapter {shown_value(name)}; loaded: {self._listed_names()}")
         return self.slots[name]
+
+    def _listed_names(self) -> str:
+        """The loaded adapters' names as an error lists them, each cut to its start where long (`shown_value`)."""
+        return ", ".join(shown_value(name, str) for name in self.names) or "none"
 
     def cache_salt(self, slot: int) -> str:
         """What the cached keys and values of a request on `slot` depend on besides its tokens: the adapter's load."""
@@ -203,13 +207,13 @@ class LoadedAdapters:
         refuse_quantized_base(self.model, folder)
         if name in self.slots and not replace:
             raise AdapterConflict(
-                f"an adapter named {name!r} is already loaded (from {self.folders[name]}); to replace its weights, "
-                "load it with load_inplace=true"
+                f"an adapter named {shown_value(name)} is already loaded (from {self.folders[name]}); to replace its "
+                "weights, load it with load_inplace=true"
             )
         if weights.rank > self.max_lora_rank:
             raise ValueError(
-                f"adapter {name!r} ({folder}) has rank {weights.rank}, more than max_lora_rank={self.max_lora_rank} "
-                "this engine was started with; start it with a larger max_lora_rank"
+                f"adapter {shown_value(name)} ({folder}) has rank {weights.rank}, more than max_lora_rank="
+                f"{self.max_lora_rank} this engine was started with; start it with a larger max_lora_rank"
             )
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
@@ -217,8 +221,8 @@ class LoadedAdapters:
         slot = self.slots.get(name) or next((s for s in range(1, self.max_loras + 1) if s not in taken), None)
         if slot is None:
             raise ValueError(
-                f"cannot load adapter {name!r}: all max_loras={self.max_loras} adapter slots are taken (loaded: "
-                f"{', '.join(self.names)}); unload one first, or start the engine with a larger max_loras"
+                f"cannot load adapter {shown_value(name)}: all max_loras={self.max_loras} adapter slots are taken "
+                f"(loaded: {self._listed_names()}); unload one first, or start the engine with a larger max_loras"
             )
         with self._undone_on_error():
             self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}

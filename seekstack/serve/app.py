@@ -277,8 +277,9 @@ class Server:
 
     def unknown_model(self, model: str, key: ApiKey | None = None) -> APIError:
         """The 404, in OpenAI's shape, for a `model` this server does not have or `key` may not use, alike (a key
-        learns nothing of the models it may not see), naming those it may use and the start of a long `model`."""
-        usable = ", ".join(repr(card.id) for card in self.models(key).data) or "none"
+        learns nothing of the models it may not see), naming those it may use; a long `model` or model id is shown by
+        its start."""
+        usable = ", ".join(shown_value(card.id) for card in self.models(key).data) or "none"
         message = f"the model {shown_value(model)} does not exist or you do not have access to it; you may use {usable}"
         return APIError(404, message, param="model", code="model_not_found")
 

@@ -85,7 +85,7 @@ def test_an_unknown_adapter_name_is_refused_naming_the_loaded_ones(served):
 
 def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_refuses_it(served):
     """An unknown or invalid adapter name of thousands of characters (/v1/unload_lora_adapter's 404, a load's 400) is
-    shown cut, as the model-name 404 cuts one."""
+    shown cut, as the model-name 404 cuts one, and so is a loaded one where a refusal lists those loaded."""
     base, adapters = served
     model = seekstack.load_pretrained(base)
     loaded = attach_adapters(model, adapters)
@@ -94,6 +94,12 @@ def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_ref
         loaded.remove("x" * 3000)
     with pytest.raises(ValueError, match=rf"^adapter name {re.escape(shown)}: use letters"):
         loaded.add("x" * 2999 + " ", adapters["full"], read_factors(model.config, adapters["full"]))
+    long = attach_adapters(seekstack.load_pretrained(base), {"x" * 3000: adapters["full"]}, max_loras=1)
+    listed = re.escape(f"{'x' * 80}... (3,000 characters)")  # a long name loaded is listed by its start
+    with pytest.raises(UnknownAdapter, match=rf"^no adapter 'other'; loaded: {listed}$"):
+        long.slot("other")
+    with pytest.raises(ValueError, match=rf"slots are taken \(loaded: {listed}\); unload one first"):
+        long.add("other", adapters["full"], read_factors(model.config, adapters["full"]))
 
 
 def test_unloading_every_adapter_leaves_the_plain_base_model(served):

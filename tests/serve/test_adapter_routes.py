@@ -20,7 +20,7 @@ from seekstack.serve.database import open_database
 from seekstack.serve.errors import parse_body
 from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
-from tests.serve.server import make_model_dir, run, running_server
+from tests.serve.server import error_of, make_model_dir, run, running_server
 
 MODEL = "model"
 GREEDY_BODY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -158,6 +158,22 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
     truncated = post(url, admin, "load_lora_adapter", lora_name="damaged", lora_path=str(damaged))
     assert error(truncated) == (400, "invalid_adapter")
     assert f"{damaged / ADAPTER_WEIGHTS_FILE}: not a valid safetensors file" in truncated.json()["error"]["message"]
+
+
+def test_an_adapter_loaded_under_a_long_name_is_listed_by_its_start_in_later_refusals(served):
+    """vLLM takes a lora_name of any length, and so does the server; the refusals that list the served models (a
+    request's 404, an unload's) show a long one by its start, as they show a long name asked for."""
+    url, api, admin, _, adapters, _ = served
+    name = "x" * 5000
+    assert load(url, admin, name, adapters["poem"]) == 200
+    try:
+        with pytest.raises(openai.NotFoundError) as refused:
+            complete(api, "medical")
+        unload = error_of(post(url, admin, "unload_lora_adapter", lora_name="medical"), 404)
+    finally:
+        assert post(url, admin, "unload_lora_adapter", lora_name=name).status_code == 200
+    assert refused.value.message.endswith(f"you may use 'model', 'legal', 'poem', '{'x' * 79}... (5,000 characters)")
+    assert unload["message"] == f"no adapter 'medical'; loaded: legal, poem, {'x' * 80}... (5,000 characters)"
 
 
 def test_a_head_rows_adapter_loaded_at_run_time_answers_as_merged_into_the_base(served, tmp_path):
