@@ -11,6 +11,7 @@ from seekstack.cli.common import (
     nothing_written_if_interrupted,
     options_named,
     refuse_empty_path,
+    run_to_checkpoint,
     user_errors,
     warn,
 )
@@ -122,7 +123,13 @@ def data_build(
 @data_app.command("tokenize")
 def data_tokenize(
     corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl and val.jsonl (from `data build`)")],
-    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or its folder")],
+    tokenizer: Annotated[
+        Path,
+        typer.Option(
+            help="tokenizer.json or its folder (a checkpoint's; a run's out_dir: its newest checkpoint's)",
+            callback=run_to_checkpoint,
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the token shards and their index")] = Path("data/tokens"),
     buckets: Annotated[
         bool,

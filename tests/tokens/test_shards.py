@@ -658,6 +658,32 @@ def test_a_data_folder_that_does_not_exist_is_named_as_missing_with_its_resolved
         load_index("nothere", "train")
 
 
+def test_data_tokenize_takes_a_runs_out_dir_for_its_newest_checkpoints_tokenizer(tmp_path, tokenizer):
+    """--tokenizer RUN (a run's out_dir, as generate, sample and lora take one) was told "RUN/tokenizer.json: no such
+    file; train a tokenizer into RUN", and RUN/train_config.json "a whole tokenizer.json that tokenizers cannot
+    read"."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    for name in ("train_state.pt", "config.json", "model.safetensors"):  # what a complete checkpoint holds
+        (checkpoint / name).write_bytes(b"")
+    shutil.copy(tokenizer.source, checkpoint / "tokenizer.json")
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus / "train.jsonl", stdlib_documents(2))
+    write_corpus(corpus / "val.jsonl", stdlib_documents(1))
+    for given in ("run", "run/train_config.json"):
+        args = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tmp_path / given)]
+        tokenized = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "tokens")])
+        assert tokenized.exit_code == 0, tokenized.output
+        assert f"using the run's newest checkpoint, {checkpoint}" in tokenized.stderr
+        assert load_index(tmp_path / "tokens", "train")["tokenizer"]["sha256"] == tokenizer.fingerprint
+
+
 def test_a_data_folder_without_shards_names_the_command_that_writes_them(tmp_path):
     """A folder holding no shards (`seekstack train data_dir=empty`) was told "tokenize split 'train' first", which
     names no command; a folder holding some is told which, as before."""
