@@ -146,7 +146,12 @@ def serve_command(
     offload_dir: OffloadDir = None,
     adapter: Annotated[
         list[str] | None,
-        typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),
+        typer.Option(
+            "--adapter",
+            "--lora-modules",
+            help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all; vLLM's "
+            "--lora-modules)",
+        ),
     ] = None,
     max_loras: Annotated[
         int | None,
