@@ -25,6 +25,7 @@ from seekstack.schema import (
     check_set_fields,
     recheck,
     require,
+    shown_value,
 )
 
 MAX_TOP_LOGPROBS = 20
@@ -136,7 +137,7 @@ def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
         if name in VLLM_FIELDS_AT_DEFAULT:
             default, is_default, why = VLLM_FIELDS_AT_DEFAULT[name]
             if not is_default(value):
-                raise ConfigError(f"has value {value!r}: must be vLLM's default, {default}: {why}", name)
+                raise ConfigError(f"has value {shown_value(value)}: must be vLLM's default, {default}: {why}", name)
         if name == "best_of" and type(value) is int and value == n:
             continue
         if name == "best_of" and type(value) is int and type(n) is int and value < n:
@@ -147,7 +148,9 @@ def refuse_vllm_fields_not_taken(values: dict[str, Any]) -> dict[str, Any]:
             )
         if name in VLLM_FIELDS_NOT_TAKEN and value is not None:
             why = VLLM_FIELDS_NOT_TAKEN[name]
-            raise ConfigError(f"has value {value!r}: must be None (left out), vLLM's field not taken here: {why}", name)
+            raise ConfigError(
+                f"has value {shown_value(value)}: must be None (left out), vLLM's field not taken here: {why}", name
+            )
     return {
         name: value
         for name, value in values.items()

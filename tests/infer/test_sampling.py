@@ -632,12 +632,13 @@ def test_vllm_fields_not_taken_are_refused_naming_the_field_and_what_to_use(name
         else "hold a request to JSON, or to a JSON Schema, with engine.add_request(ids, params, constraint=JsonFormat("
         "engine.tokenizer, schema).constraint()) (seekstack.infer.json_mode), as serve's response_format does"
     )
-    given = {name: {"json": {}}}
+    given = {name: {"json": {f"field_{i}": {"type": "string"} for i in range(500)}}}  # a schema of 16 KB
     for build in (lambda: SamplingParams(**given), lambda: SamplingParams.from_dict(given)):
         with pytest.raises(ConfigError) as refused:
             build()
-        told = f"field {name!r} has value {given[name]!r}: must be None (left out), vLLM's field not taken here: {why}"
-        assert str(refused.value) == told
+        shown = f"{repr(given[name])[:80]}... (1 item)"  # its start, as the project's field errors show a value
+        told = f"has value {shown}: must be None (left out), vLLM's field not taken here: {why}"
+        assert str(refused.value) == f"field {name!r} {told}"
     assert SamplingParams(**{name: None}, top_k=3) == SamplingParams(top_k=3)
     assert SamplingParams.from_dict({name: None, "top_k": 3}) == SamplingParams(top_k=3)
 
