@@ -399,7 +399,17 @@ class SeekstackLM(TemplateLM):
     def _sampling_params(self, gen_kwargs: dict, seed: int, request: str) -> SamplingParams:
         """The engine's parameters for a generate_until request; ValueError naming it (`request`, "generate_until
         request 2 of 5", counted from 1 as the engine counts prompts) and a kwarg it cannot apply."""
-        kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+        try:
+            kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+        except (TypeError, ValueError) as error:  # lm_eval's float(temperature), int(max_gen_toks): naming neither
+            raise ValueError(
+                f"{request}: generation kwargs {gen_kwargs}: {error}; temperature must be a number, and max_gen_toks "
+                "(or max_new_tokens, max_tokens, max_completion_tokens) a whole number"
+            ) from None
+        if not isinstance(kwargs["do_sample"], bool):  # lm_eval passes a string on: 'false' would sample
+            raise ValueError(
+                f"{request}: generation kwarg 'do_sample' has value {kwargs['do_sample']!r}: give true or false"
+            )
         unknown = sorted(set(kwargs) - set(LM_EVAL_GENERATION_KWARGS) - set(GENERATION_KWARGS))
         if unknown:
             raise ValueError(

@@ -304,6 +304,16 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
             {"do_sample": True},
             r"request 2 of 2: do_sample=True with no temperature \(lm_eval's default: 0\): sampling needs",
         ),
+        # lm_eval's own float() and int() errors, naming no kwarg; and a do_sample of "false" sampled
+        (
+            {"temperature": "hot"},
+            r"request 2 of 2: generation kwargs \{'temperature': 'hot'\}: could not convert .* a number",
+        ),
+        (
+            {"max_new_tokens": "many"},
+            r"request 2 of 2: generation kwargs \{'max_new_tokens': 'many'\}: invalid literal",
+        ),
+        ({"do_sample": "false", "temperature": 0.5}, "request 2 of 2: generation kwarg 'do_sample' has value 'false'"),
     ):
         with pytest.raises(ValueError, match=message):
             ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
