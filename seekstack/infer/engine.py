@@ -1812,17 +1812,15 @@ def token_id(token: Any) -> int:
 def refuse_adapters_not_served(
     adapters: Mapping[str, str | Path] | None, max_loras: int | None, max_lora_rank: int | None
 ) -> None:
-    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (a list or a
-    folder alone failed once every weight had loaded, "'list' object has no attribute 'items'"), ValueError for a
-    max_loras or max_lora_rank that is no count (`refuse_a_non_count`), and ConfigError naming max_loras where it is
-    fewer than the adapters given, each loaded from the start (refused as a load at run time once the model's weights
-    were read, "... slots are taken; unload one first", with nothing to unload)."""
+    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (a list, a folder
+    alone), ValueError for a max_loras or max_lora_rank that is no count (`refuse_a_non_count`), and ConfigError naming
+    max_loras where it is fewer than the adapters given, each loaded from the start."""
     if adapters is not None and not (
         isinstance(adapters, Mapping)
         and all(isinstance(name, str) and isinstance(folder, (str, os.PathLike)) for name, folder in adapters.items())
     ):
         raise TypeError(
-            f"adapters={adapters!r} must map names to adapter folders, as vLLM's --lora-modules name=path: "
+            f"adapters={shown_value(adapters)} must map names to adapter folders, as vLLM's --lora-modules name=path: "
             "adapters={'legal': '/path/to/adapter'} (or adapter='/path/to/adapter', merged into the weights)"
         )
     for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):

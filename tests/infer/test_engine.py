@@ -316,8 +316,10 @@ def test_fewer_max_loras_than_adapters_given_are_refused_naming_both_before_anyt
         assert (refused.value.field, str(refused.value)) == ("max_loras", refusal)
     # adapters as a list or a folder alone were "'list' object has no attribute 'items'", and max_lora_rank='8' a bare
     # TypeError, once every weight had loaded
+    many = [f"runs/adapter_{i}" for i in range(1000)]  # shown by its start
     for given, error, told in (
         ({"adapters": [tmp_path / "a"]}, TypeError, "must map names to adapter folders, as vLLM's --lora-modules"),
+        ({"adapters": many}, TypeError, f"adapters={repr(many)[:80]}... (1,000 items) must map names to adapter"),
         ({"adapters": str(tmp_path / "a")}, TypeError, "must map names to adapter folders"),
         ({"adapters": {"a": None}}, TypeError, "must map names to adapter folders"),
         ({"max_lora_rank": "8"}, ValueError, "max_lora_rank='8' must be a whole number >= 1"),
