@@ -154,7 +154,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.seq_len < 2:  # each row's loss predicts tokens 2..T from the ones before: one token holds no target
         parser.error(f"argument --seq-len: {args.seq_len}: at least 2 (a row of one token holds no target to predict)")
-    batch = training_batch(args.data, seekstack.preset(args.preset).vocab_size, args.batch, args.seq_len)
+    config = seekstack.preset(args.preset)
+    if args.seq_len > config.max_position_embeddings:  # positions the preset has none for; seekstack train refuses it
+        parser.error(
+            f"argument --seq-len: {args.seq_len}: at most {config.max_position_embeddings} (preset {args.preset}'s "
+            "context)"
+        )
+    batch = training_batch(args.data, config.vocab_size, args.batch, args.seq_len)
     prepare_machine(args)
     peaks = matmul_peaks(args.clock)
 

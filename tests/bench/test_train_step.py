@@ -80,3 +80,15 @@ def test_a_sequence_of_one_token_is_refused_naming_the_option(monkeypatch, capsy
     run = run_in_process("train_step.py", "--seq-len", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2
     assert "argument --seq-len: 1: at least 2 (a row of one token holds no target to predict)" in run.stderr
+
+
+@pytest.mark.parametrize(("preset", "context"), [("tiny", 1024), ("small", 2048)])
+def test_a_sequence_past_the_presets_context_is_refused_naming_the_option_and_the_limit(
+    preset, context, monkeypatch, capsys
+):
+    """--preset tiny --seq-len 2048 timed steps at positions the preset has none for (max_position_embeddings 1024),
+    a run seekstack train refuses: refused before any model loads."""
+    options = ("--preset", preset, "--seq-len", str(context + 1))
+    run = run_in_process("train_step.py", *options, monkeypatch=monkeypatch, capsys=capsys, limit_s=30)
+    assert run.returncode == 2
+    assert f"argument --seq-len: {context + 1}: at most {context} (preset {preset}'s context)" in run.stderr
