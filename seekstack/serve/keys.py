@@ -163,12 +163,14 @@ class KeyStore:
             )
         if expires_at is not None and expires_at <= now:
             raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
-        if budget is not None and not 0 < budget.amount <= sys.float_info.max:  # nan too; compared, as expires_at
-            raise KeyStoreError(f"the budget of key {name!r} must be a finite amount above 0, got {budget.amount}")
-        if budget is not None and not (budget.period_s is None or 0 < budget.period_s <= MAX_DURATION_S):
+        amount, period_s = (None, None) if budget is None else (budget.amount, budget.period_s)
+        # numbers, compared as expires_at is (nan refused too)
+        if budget is not None and not (isinstance(amount, numbers.Real) and 0 < amount <= sys.float_info.max):
+            raise KeyStoreError(f"the budget of key {name!r} must be a finite amount above 0, got {amount!r}")
+        if period_s is not None and not (isinstance(period_s, numbers.Real) and 0 < period_s <= MAX_DURATION_S):
             raise KeyStoreError(  # a period of 0 or less counted no spend: a budget never reached
                 f"the budget period of key {name!r} must be above 0 seconds and within 100 years (None: all its "
-                f"usage), got {budget.period_s}"
+                f"usage), got {period_s!r}"
             )
         if not plan:
             raise KeyStoreError("a key's plan name must not be empty; `seekstack keys plan` lists the plans")

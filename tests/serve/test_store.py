@@ -266,11 +266,13 @@ def test_a_keys_budget_is_stored_kept_by_rotate_and_its_spend_read_over_its_peri
     keys.create("team", budget=Budget(10.0, period_s=30 * 86400))
     assert keys.verify(keys.rotate("team")).budget == Budget(10.0, 30 * 86400)  # LiteLLM's max_budget, budget_duration
     assert keys.verify(keys.create("unbounded")).budget is None
-    for amount in (0.0, -1.0, float("nan"), float("inf"), 10**400):  # 10**400 was Python's OverflowError
-        with pytest.raises(KeyStoreError, match="the budget of key 'x' must be a finite amount above 0"):
+    # 10**400 was Python's OverflowError, "10" and None its TypeError
+    for amount in (0.0, -1.0, float("nan"), float("inf"), 10**400, "10", None):
+        with pytest.raises(KeyStoreError, match="the budget of key 'x' must be a finite amount above 0, got"):
             keys.create("x", budget=Budget(amount))
-    for period_s in (0, -86400, float("nan"), 10**400):  # 0 or less counted no spend: a key spending without a limit
-        with pytest.raises(KeyStoreError, match=rf"the budget period of key 'x' must be above 0 .* got {period_s}$"):
+    # 0 or less counted no spend: a key spending without a limit; "30d" was Python's TypeError
+    for period_s in (0, -86400, float("nan"), 10**400, "30d"):
+        with pytest.raises(KeyStoreError, match=rf"the budget period of key 'x' must be above 0 .* got {period_s!r}$"):
             keys.create("x", budget=Budget(10.0, period_s))
     now = time.time()
     for age_s, prompt in ((40 * 86400, 1000), (86400, 500), (0, 250)):  # 0.002 per 1k tokens: 0.002, 0.001, 0.0005
