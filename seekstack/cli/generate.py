@@ -43,9 +43,10 @@ ModelDir = Annotated[
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 UNTIL_CONTEXT = -1  # --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
-# What opens a text file that Windows' Notepad (before 2019) or PowerShell's Out-File -Encoding utf8 saved: no part
-# of a prompt piped in from it (`generate --model M < prompt.txt`), as the JSON Lines and config readers skip it
-BYTE_ORDER_MARK = "\ufeff"
+# Standard input's codec: UTF-8, the byte order mark opening a file that Windows' Notepad (before 2019) or
+# PowerShell's Out-File -Encoding utf8 saved skipped (`generate --model M < prompt.txt`), as the JSON Lines and config
+# readers decode theirs
+STDIN_ENCODING = "utf-8-sig"
 
 
 def reply_length(max_new_tokens: int | None) -> int | None:
@@ -261,8 +262,8 @@ def generate_command(
             raise UsageError(f"Missing argument {hint}: give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
-            sys.stdin.reconfigure(errors="surrogateescape")  # as a C locale reads it: a byte not UTF-8 is named below
-            prompt = sys.stdin.read().removeprefix(BYTE_ORDER_MARK).removesuffix("\n").removesuffix("\r")
+            sys.stdin.reconfigure(encoding=STDIN_ENCODING, errors="surrogateescape")  # a byte not UTF-8 is named below
+            prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
             # the line end echo or a file closes it with is no part of the text, as llama-cli's -f drops it: the text
             # goes on where its last line ends
         not_utf8 = lone_surrogate_error([prompt], "standard input" if from_stdin else "the text")
@@ -582,6 +583,7 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
     """What reads the user's lines: `input` with line editing and history (readline) at a terminal, else the
     lines of stdin; both raise EOFError at the end."""
     if not interactive:
+        sys.stdin.reconfigure(encoding=STDIN_ENCODING)
         return _read_piped_line
     try:
         import readline  # noqa: F401  (importing it gives `input` line editing and history)
@@ -591,7 +593,7 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
 
 
 def _read_piped_line(prompt: str) -> str:
-    line = sys.stdin.readline().removeprefix(BYTE_ORDER_MARK)
+    line = sys.stdin.readline()
     if not line:
         raise EOFError
     return line
