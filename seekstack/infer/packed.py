@@ -136,8 +136,8 @@ class WeightVersions:
 
     def mark(self) -> None:
         """Take the weights as they are now for the unchanged ones."""
-        # each weight where it is held, all weak: the weights a load replaces are not kept alive here (nor is a load
-        # hook added per engine); inference tensors keep no version counter
+        # each weight where it is held, all weak: the weights a load replaces are not kept alive here; inference
+        # tensors keep no version counter
         self._weights = [
             (weakref.ref(module), name, weakref.ref(weight), not weight.is_inference())
             for module in self.module.modules()

@@ -152,8 +152,8 @@ class KeyStore:
         and once its name's usage has cost `budget`."""
         _require_name("key", name)
         now = time.time()
-        # compared, never subtracted: an int past a float's range (10**400) is refused, not overflowed; nan too (it
-        # was stored as never)
+        # compared, never subtracted: an int past a float's range (10**400) is refused, not overflowed; nan too (stored
+        # as NULL, it would read as never)
         if expires_at is not None and not (
             isinstance(expires_at, numbers.Real) and now - MAX_DURATION_S <= expires_at <= now + MAX_DURATION_S
         ):
@@ -168,7 +168,7 @@ class KeyStore:
         if budget is not None and not (isinstance(amount, numbers.Real) and 0 < amount <= sys.float_info.max):
             raise KeyStoreError(f"the budget of key {name!r} must be a finite amount above 0, got {amount!r}")
         if period_s is not None and not (isinstance(period_s, numbers.Real) and 0 < period_s <= MAX_DURATION_S):
-            raise KeyStoreError(  # a period of 0 or less counted no spend: a budget never reached
+            raise KeyStoreError(  # a period of 0 or less counts no spend: a budget never reached
                 f"the budget period of key {name!r} must be above 0 seconds and within 100 years (None: all its "
                 f"usage), got {period_s!r}"
             )
@@ -179,7 +179,7 @@ class KeyStore:
                 raise KeyStoreError(
                     f"{field} must be a whole number between 1 and {MAX_LIMIT} (or unset for no limit), got {limit!r}"
                 )
-        if not isinstance(admin, bool):  # stored as int(admin): "no" raised, "1" made an admin key
+        if not isinstance(admin, bool):  # stored as int(admin): "1" would make an admin key, "no" fail
             raise KeyStoreError(f"admin={admin!r} must be True or False")
         if isinstance(models, str):  # iterated, its letters would be the models the key may use
             raise KeyStoreError(f"models={models!r} is one name: give a tuple of names, models=({models!r},)")
