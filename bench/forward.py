@@ -440,6 +440,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the first untimed forward is the parity check")
+    for preset in args.presets:  # positions past a preset's context it has none for: refused, as seekstack train does
+        context = seekstack.preset(preset).max_position_embeddings
+        timed = [("--seq-lens", seq_len) for seq_len in args.seq_lens or []]
+        profiled = [] if args.no_profile else [("--profile-seq-len", args.profile_seq_len)]
+        for option, seq_len in timed + profiled:
+            if seq_len > context:
+                parser.error(f"argument {option}: {seq_len}: at most {context} (preset {preset}'s context)")
     prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peaks = matmul_peaks(args.clock)

@@ -3,11 +3,12 @@
 import sys
 import time
 
+import pytest
 import torch
 from torch import nn
 
 import seekstack
-from tests.bench.support import BENCH
+from tests.bench.support import BENCH, run_in_process
 
 sys.path.insert(0, str(BENCH))  # its siblings (machine.py), as when run
 from bench.forward import Contender, Setting, benchmark  # noqa: E402
@@ -78,3 +79,25 @@ def test_the_fastest_in_any_dtype_is_never_slower_than_the_fastest_in_ours_dtype
     setting = Setting("tiny", config, sleeping("ours", 0.0, torch.bfloat16), theirs, default="grouped_mm+sdpa")
     row = benchmark(setting, seq_len=4, batch=1, reps=3, warmup=1, clock="wall")
     assert row["same dtype"][0] == row["any dtype"][0] == "eager+sdpa bf16"
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (
+            ("--presets", "tiny", "small", "--seq-lens", "128", "2048"),
+            "argument --seq-lens: 2048: at most 1024 (preset tiny's",
+        ),
+        (
+            ("--presets", "small", "--profile-seq-len", "4096"),
+            "argument --profile-seq-len: 4096: at most 2048 (preset small's",
+        ),
+    ],
+)
+def test_a_sequence_past_a_presets_context_is_refused_naming_the_option_and_the_limit(
+    options, refusal, monkeypatch, capsys
+):
+    """--presets tiny --seq-lens 2048 timed forwards at positions the preset has none for (max_position_embeddings
+    1024): refused before any model loads, and so is the profile's T."""
+    run = run_in_process("forward.py", *options, monkeypatch=monkeypatch, capsys=capsys, limit_s=30)
+    assert run.returncode == 2 and refusal in run.stderr
