@@ -76,11 +76,20 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
 
 
 class ServeCommand(Command):
-    """`seekstack serve`, whose refusal of a vLLM option it has no such option for says what to do instead."""
+    """`seekstack serve`, whose refusal of a vLLM option it has no such option for says what to do instead, and which
+    reads vLLM's `--lora-modules A=X B=Y` (several values after the flag) as the flag before each."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        spread: list[str] = []
+        in_modules = False  # after --lora-modules: serve takes no argument but options, so a word there is a module
+        for arg in args:
+            if arg.startswith("-"):
+                in_modules = arg == "--lora-modules"
+            elif in_modules and spread[-1] != "--lora-modules":
+                spread.append("--lora-modules")
+            spread.append(arg)
         try:
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, spread)
         except NoSuchOption as error:
             instead = VLLM_OPTIONS_DONE_OTHERWISE.get(error.option_name)
             if instead is None:

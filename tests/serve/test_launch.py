@@ -88,14 +88,16 @@ def test_serve_refuses_a_host_or_port_it_cannot_listen_on_naming_it_before_readi
     assert "note: dtype" not in refused.stderr
 
 
-@pytest.mark.parametrize("option", ["--adapter", "--lora-modules"])  # vLLM's spelling
+@pytest.mark.parametrize(("option", "each"), [("--adapter", True), ("--lora-modules", True), ("--lora-modules", False)])
 def test_serve_refuses_fewer_max_loras_than_adapters_given_naming_both_before_reading_the_model(
-    tmp_path, monkeypatch, option
+    tmp_path, monkeypatch, option, each
 ):
     """The engine loaded the model and then refused the first adapter past --max-loras as a load at run time:
     "cannot load adapter 'c': all max_loras=2 adapter slots are taken (loaded: a, b); unload one first, ..."."""
     monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args, **kw: pytest.fail("read the model"))
-    adapters = [flag for name in "abc" for flag in (option, f"{name}={tmp_path / name}")]
+    values = [f"{name}={tmp_path / name}" for name in "abc"]
+    # vLLM's --lora-modules takes several values after one flag as well as the flag before each
+    adapters = [flag for value in values for flag in (option, value)] if each else [option, *values]
     refused = CliRunner().invoke(
         app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), *adapters, "--max-loras", "2"]
     )
