@@ -37,7 +37,7 @@ class DistillConfig(ConversationConfig):
     on-policy the student answers each conversation's last trained assistant turn itself, the turns before it the
     prompt."""
 
-    checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
+    checkpoint_fields = (*ConversationConfig.checkpoint_fields, "teacher")  # a run's out_dir: its newest checkpoint
     # TRL's GKDConfig names that are none of these fields, beside its SFTConfig ones (schema.known_fields)
     field_notes: ClassVar[dict[str, str]] = {
         **ConversationConfig.field_notes,

@@ -53,8 +53,9 @@ T = TypeVar("T", bound="TrainConfig")
 class TrainConfig:
     """Everything a pre-training run needs. Batch sizes count sequences of `seq_len` tokens, over all ranks."""
 
-    # Fields naming a checkpoint folder, where a run's out_dir stands for its newest checkpoint (resolve_train_config)
-    checkpoint_fields: ClassVar[tuple[str, ...]] = ("init_from",)
+    # Fields naming a checkpoint folder (or, tokenizer, one holding its tokenizer.json), where a run's out_dir stands
+    # for its newest checkpoint (resolve_train_config)
+    checkpoint_fields: ClassVar[tuple[str, ...]] = ("init_from", "tokenizer")
     model: str = "tiny"  # a preset name of seekstack.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release), or a run's out_dir for its newest
@@ -68,7 +69,9 @@ class TrainConfig:
     # Mixing, tokens/bandit.py), starting from the uniform mix, so give every source of `mixture` the same weight
     mixture_mode: Literal["schedule", "bandit"] = "schedule"
     bandit_reward_scale: PositiveFloat = 0.1  # bandit: reward = this x the loss (ODM's 1/10); larger moves faster
-    tokenizer: str = ""  # tokenizer.json (or its folder) copied into checkpoints; "" = the one data_dir records
+    # tokenizer.json (or its folder: a checkpoint's, or a run's out_dir for its newest checkpoint's) copied into
+    # checkpoints; "" = the one data_dir records
+    tokenizer: str = ""
     out_dir: str = "runs/tiny"  # metrics.jsonl, train_config.json, checkpoints/step_N
     seq_len: Positive = 256
     batch_size: Positive = 32  # sequences per micro-batch, summed over ranks

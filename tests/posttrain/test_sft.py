@@ -26,7 +26,8 @@ from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.serve.reasoning import ReasoningSplit
 from seekstack.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
-from seekstack.train.config import resolve_train_config
+from seekstack.train.config import TrainConfig, resolve_train_config
+from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.interop.release import v2_chat_tokenizer
 from tests.posttrain.support import assert_refused_naming_ours, byte_tokenizer, micro_checkpoint
 
@@ -249,6 +250,20 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     assert f"error: field 'tokenizer' is '{tmp_path / 'other'}' ({other.source}), another tokenizer than" in said
     assert f"{checkpoint}/tokenizer.json, the one init_from='{checkpoint}' was trained with" in said
     assert same.fingerprint != other.fingerprint
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, SFTConfig, DistillConfig])
+def test_a_tokenizer_given_as_a_runs_out_dir_is_its_newest_checkpoints_as_init_from_takes_it(tmp_path, cls):
+    """tokenizer=RUN, which init_from=RUN takes for the run's newest checkpoint, was refused as "no such file:
+    RUN/tokenizer.json" (the tokenizer sits in RUN/checkpoints/step_N)."""
+    newest = micro_checkpoint(tmp_path / "run" / "checkpoints" / "step_2")
+    (newest / TRAIN_STATE_FILE).touch()
+    told: list[str] = []
+    settings = [f"tokenizer={tmp_path / 'run'}", f"init_from={newest}", f"out_dir={tmp_path / 'b'}"]
+    settings += [f"teacher={newest}"] if cls is DistillConfig else []
+    config = resolve_train_config(None, settings, cls=cls, warn=told.append)
+    assert config.tokenizer == str(newest)
+    assert told == [f"tokenizer={tmp_path / 'run'}: using the run's newest checkpoint, {newest}"]
 
 
 @pytest.mark.parametrize(
