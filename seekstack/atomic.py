@@ -175,7 +175,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 except PermissionError as error:  # moving a folder into another needs it writable (not chmod 555)
                     retired.rmdir()
                     why = "this user may not move it aside for the new one: a read-only folder? make it writable"
-                    raise _not_permitted(path, error, why) from error
+                    raise _refused(path, error, why) from error
                 os.replace(staging, path)
                 delete_directory(retired)  # a kill while deleting leaves a temporary the next cleanup deletes
             else:
@@ -330,8 +330,8 @@ def _create_locked(folder: Path, name: str, create: Callable[[Path], None]) -> t
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
     """A new `.{name}.{random}.tmp` in `folder`, made by `create`, which raises FileExistsError if it exists.
     Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions.
-    WriteRefused naming `folder / name` (not the temporary's random name) when the storage or `folder`'s permissions
-    refuse it."""
+    WriteRefused naming `folder / name` (not the temporary's random name) when the storage, `folder`'s permissions or
+    its file system (a name too long with the temporary's additions, /proc taking no files) refuse it."""
     while True:
         hidden = folder / f".{name}.{secrets.token_hex(HIDDEN_TOKEN_BYTES)}.tmp"
         try:
@@ -341,11 +341,27 @@ def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> P
         except FileExistsError:
             continue
         except PermissionError as error:
-            raise _not_permitted(folder / name, error, f"this user may not create files in {folder}") from error
+            raise _refused(folder / name, error, f"this user may not create files in {folder}") from error
+        except WriteRefused:
+            raise
+        except OSError as error:
+            raise _refused(folder / name, error, _not_created(folder, name, hidden, error)) from error
 
 
-def _not_permitted(target: Path, error: PermissionError, why: str) -> WriteRefused:
-    """The WriteRefused of a write into `target` the system did not permit, saying `why`."""
+def _not_created(folder: Path, name: str, hidden: Path, error: OSError) -> str:
+    """Why the file system refused to create `hidden`, the temporary of `folder / name`, for `_refused`."""
+    if error.errno != errno.ENAMETOOLONG:
+        return f"the file system of {folder} takes no new file there: choose another folder"
+    longest = os.pathconf(folder, "PC_NAME_MAX")
+    added = len(os.fsencode(hidden.name)) - len(os.fsencode(name))
+    return (
+        f"it is written first under a hidden name {added} bytes longer, past the {longest} bytes a name takes there: "
+        f"give one of at most {longest - added} bytes"
+    )
+
+
+def _refused(target: Path, error: OSError, why: str) -> WriteRefused:
+    """The WriteRefused of a write into `target` the system refused with `error`, saying `why`."""
     refused = WriteRefused(f"{target}: not written ({error.strerror}: {why}); nothing was written")
     refused.errno = error.errno
     return refused

@@ -198,6 +198,33 @@ def test_a_folder_this_user_may_not_write_in_is_named_with_the_target_not_a_temp
     assert error.value.errno == errno.EACCES and entries(out) == []
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_name_the_file_system_refuses_with_the_temporarys_additions_is_named_with_the_target_and_its_limit(
+    tmp_path, monkeypatch, kind
+):
+    """A legal name of 250 bytes (`plot --out`, `quantize --out`) failed as "File name too long:
+    '.aaa...aaa.2e76478f.tmp'", and `--out /proc/x` as "No such file or directory: '/proc/.x.2e76478f.tmp'": the
+    hidden temporary, a file the user never asked for."""
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "a" * (longest - 5)
+    with pytest.raises(WriteRefused) as too_long:
+        write_here(tmp_path / name, kind)
+    assert str(too_long.value) == (
+        f"{tmp_path / name}: not written (File name too long: it is written first under a hidden name 14 bytes "
+        f"longer, past the {longest} bytes a name takes there: give one of at most {longest - 14} bytes); nothing was "
+        "written"
+    )
+    out = tmp_path / "out"
+    refuse_temporaries(monkeypatch, out, errno.ENOENT)  # as /proc refuses a new file
+    with pytest.raises(WriteRefused) as refused:
+        write_here(out / "x.png", kind)
+    assert str(refused.value) == (
+        f"{out / 'x.png'}: not written (No such file or directory: the file system of {out} takes no new file there: "
+        "choose another folder); nothing was written"
+    )
+    assert refused.value.errno == errno.ENOENT and entries(tmp_path) == ["out"] and entries(out) == []
+
+
 def test_a_folder_on_a_read_only_file_system_is_named_with_the_target_not_a_temporary(tmp_path, monkeypatch):
     """`quantize --out` on a disk mounted read-only said "Read-only file system: 'out/.q.90394400.tmp'"."""
     out = tmp_path / "out"
