@@ -333,8 +333,8 @@ def _refuse_in_flight(name: str, requests_in_flight: int) -> None:
     replacement would leave without the weights they started with."""
     if requests_in_flight:
         raise AdapterInUse(
-            f"adapter {name!r} serves {requests_in_flight} unfinished request(s); unload or replace it once they "
-            "are done"
+            f"adapter {shown_value(name)} serves {requests_in_flight} unfinished request(s); unload or replace it once "
+            "they are done"
         )
 
 

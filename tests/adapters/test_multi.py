@@ -20,7 +20,14 @@ from seekstack.adapters.multi import (
     MultiLoRALinear,
     MultiTokenRows,
 )
-from seekstack.adapters.registry import ADAPTED, AdapterWeights, UnknownAdapter, attach_adapters, read_factors
+from seekstack.adapters.registry import (
+    ADAPTED,
+    AdapterInUse,
+    AdapterWeights,
+    UnknownAdapter,
+    attach_adapters,
+    read_factors,
+)
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
@@ -100,6 +107,8 @@ def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_ref
         long.slot("other")
     with pytest.raises(ValueError, match=rf"slots are taken \(loaded: {listed}\); unload one first"):
         long.add("other", adapters["full"], read_factors(model.config, adapters["full"]))
+    with pytest.raises(AdapterInUse, match=rf"^adapter {re.escape(shown)} serves 1 unfinished request"):
+        long.remove("x" * 3000, requests_in_flight=1)
 
 
 def test_unloading_every_adapter_leaves_the_plain_base_model(served):
