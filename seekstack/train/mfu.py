@@ -35,10 +35,10 @@ from seekstack.parallel.distributed import Ranks, barrier
 MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
 LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this small: a slow one costs little
 # Each probe (a layout, a size) first runs untimed matmuls this long, then times PROBE_BLOCKS blocks of as many as
-# take PROBE_BLOCK_SECONDS each, and its rate is the median block's: one cold call per layout at 256^3 picked g.T @ x
-# in bfloat16 on an AMX core as often as not (649-798 GFLOP/s for all three there), which runs 778 GFLOP/s at 1024^3
-# against x @ W.T's 1,475, so the peak read 799-1,451 between processes (torch.utils.benchmark and triton's do_bench
-# also warm up, time blocks and report medians)
+# take about PROBE_BLOCK_SECONDS each, and its rate is the median block's, as torch.utils.benchmark's: in bfloat16 on
+# an AMX core g.T @ x runs 20% below the other layouts at 256^3, within what one cold call swings, and at half their
+# rate at 1024^3. (Timer.blocked_autorange sizes its blocks in steps of 10x, 3 to 32 blocks a probe on an AMX core,
+# after one untimed call of a 1024^3 matmul.)
 PROBE_WARMUP_SECONDS = 0.02
 PROBE_BLOCK_SECONDS = 0.01
 PROBE_BLOCKS = 5
