@@ -122,6 +122,27 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert re.search(r"512 tokens; at most 4\d\d\b", too_long.output), too_long.output  # the context less a prompt
 
 
+def test_pass_at_k_interrupted_says_which_model_it_was_scoring(tmp_path, monkeypatch):
+    """Ctrl-C in pass-at-k exited 130 without a word, where the commands that write print one line."""
+    model = micro_checkpoint(tmp_path / "model")
+    calls = []
+
+    def evaluated(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second model samples
+        return {"pass@1": 0.5}
+
+    monkeypatch.setattr("seekstack.posttrain.evaluate.evaluate_task", evaluated)
+    args = ["pass-at-k", str(model), str(tmp_path / "model"), "--difficulty", "1", "--problems", "2"]
+    result = CliRunner().invoke(app, args)
+    first = {"model": str(model), "task": "addition", "pass@1": 0.5}
+    assert result.exit_code == 130 and result.stdout == json.dumps(first) + "\n"
+    assert result.stderr == (
+        f"error: interrupted (Ctrl-C) while scoring {tmp_path / 'model'}: the lines above score the models before it\n"
+    )
+
+
 @pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
 def test_sampling_a_model_whose_context_holds_no_prompt_of_the_task_is_refused_naming_difficulty(tmp_path, command):
     model_dir = micro_checkpoint(tmp_path / "model", context=32)
