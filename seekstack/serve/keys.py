@@ -273,17 +273,21 @@ class KeyStore:
 
 def _require_name(kind: str, name: str) -> None:
     """KeyStoreError unless `name` may name a key or a plan (`kind`)."""
-    if not NAME_PATTERN.fullmatch(name):
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
         raise KeyStoreError(
-            f"{kind} name {name!r} must be 1-64 ASCII letters, digits or _.@- (no spaces), not beginning with -"
+            f"{kind} name {shown_value(name)} must be 1-64 ASCII letters, digits or _.@- (no spaces), not beginning "
+            "with -"
         )
 
 
 def _require_model_name(model: str) -> None:
     """KeyStoreError when `model` is empty, blank or has whitespace around it (a slip: a key would match no request's
     model). Any other name may be served: a checkpoint folder's, --served-model-name's ("DeepSeek V3"), an adapter's."""
-    if not model or model != model.strip():
-        raise KeyStoreError(f"model {model!r}: a model name must not be empty or begin or end with whitespace")
+    if not (isinstance(model, str) and model and model == model.strip()):
+        raise KeyStoreError(
+            f"model {shown_value(model)}: a model name must be a str, not empty and not beginning or ending with "
+            "whitespace"
+        )
 
 
 def _plan_exists(connection: Statements, name: str) -> bool:

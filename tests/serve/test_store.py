@@ -113,6 +113,9 @@ def test_key_errors_name_the_key_or_plan(database):
     for name in ("white space", "团队"):  # a Chinese name was told 'must be 1-64 letters', which it is
         with pytest.raises(KeyStoreError, match=f"^key name {name!r} must be 1-64 ASCII letters, digits or _.@- "):
             keys.create(name)
+    for name, shown in ((None, "None"), ("e" * 5000, f"'{'e' * 79}... (5,000 characters)")):  # None: a bare TypeError
+        with pytest.raises(KeyStoreError, match=re.escape(f"key name {shown} must be 1-64 ASCII letters")):
+            keys.create(name)
 
 
 def test_a_key_or_plan_name_beginning_with_a_dash_is_refused_as_the_command_line_reads_it_as_an_option(tmp_path):
@@ -174,8 +177,8 @@ def test_a_verified_key_comes_with_its_plans_prices_as_they_are_now(database):
 
 def test_a_key_may_name_any_served_model_but_not_an_empty_or_padded_one(database):
     keys = KeyStore(database)
-    for model in ("", "   ", " tiny", "tiny\n"):
-        with pytest.raises(KeyStoreError, match=re.escape(f"model {model!r}: a model name must not be empty")):
+    for model in ("", "   ", " tiny", "tiny\n", 1):  # 1 was Python's bare AttributeError ('int' ... 'strip')
+        with pytest.raises(KeyStoreError, match=re.escape(f"model {model!r}: a model name must be a str, not empty")):
             keys.create("dave", models=("tiny", model))
     with pytest.raises(KeyStoreError, match=re.escape("models='legal' is one name: give a tuple of names, models=")):
         keys.create("dave", models="legal")  # was a key for the models 'l', 'e', 'g', 'a' and 'l'
