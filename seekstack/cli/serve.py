@@ -36,6 +36,7 @@ from seekstack.cli.generate import (
     tell_dtype,
 )
 from seekstack.infer.params import EngineOptions
+from seekstack.schema import shown_value
 from seekstack.serve.keys import MAX_LIMIT
 from seekstack.train.runs import run_holding
 
@@ -73,6 +74,8 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
     "unset their defaults, as vLLM's auto; drop the option",
     "--enable-request-id-headers": "every response carries an X-Request-Id header; drop the option",
 }
+
+VLLM_LORA_MODULE_KEYS = {"name", "path", "base_model_name"}  # vLLM's --lora-modules JSON form
 
 
 class ServeCommand(Command):
@@ -158,8 +161,8 @@ def serve_command(
         typer.Option(
             "--adapter",
             "--lora-modules",
-            help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all; vLLM's "
-            "--lora-modules)",
+            help='NAME=DIR (or vLLM\'s JSON form, {"name": NAME, "path": DIR}): a LoRA adapter folder served as '
+            "model NAME (repeatable; one batch for all; vLLM's --lora-modules)",
         ),
     ] = None,
     max_loras: Annotated[
@@ -274,11 +277,24 @@ def serve_command(
 
 
 def _named_adapters(values: list[str]) -> dict[str, Path]:
-    """`--adapter NAME=DIR` values as {NAME: DIR}; ValueError for a malformed or repeated name."""
+    """`--adapter NAME=DIR` values, or vLLM's `{"name": NAME, "path": DIR}` (its base_model_name taken without effect:
+    an adapter's parent is the model served), as {NAME: DIR}; ValueError for a malformed or repeated name."""
     adapters: dict[str, Path] = {}
     for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or not name or not folder:
+        if value.lstrip().startswith("{"):  # vLLM's JSON form
+            try:
+                module = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--adapter {shown_value(value)}: not JSON ({error})") from None
+            name, folder = module.get("name"), module.get("path")
+            if not (isinstance(name, str) and isinstance(folder, str)) or set(module) - VLLM_LORA_MODULE_KEYS:
+                raise ValueError(
+                    f'--adapter {shown_value(value)}: expected {{"name": NAME, "path": DIR}} (vLLM\'s form; its '
+                    "base_model_name is taken too)"
+                )
+        else:
+            name, _, folder = value.partition("=")
+        if not name or not folder:
             raise ValueError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal")
         if name in adapters:
             raise ValueError(f"--adapter {name}=...: the name is given twice")

@@ -108,6 +108,27 @@ def test_serve_refuses_fewer_max_loras_than_adapters_given_naming_both_before_re
     )
 
 
+def test_serve_takes_vllms_json_form_of_an_adapter_and_explains_a_malformed_one(tmp_path, monkeypatch):
+    """vLLM's --lora-modules '{"name": ..., "path": ..., "base_model_name": ...}' serves the folder under the name, as
+    NAME=DIR does; JSON that is no such module is refused naming the form (it was told to give NAME=DIR)."""
+    served = {}
+
+    def build_server(model, options, before_loading):
+        served.update(options.adapters)
+        raise SystemExit(0)  # the adapters read, no model
+
+    monkeypatch.setattr("seekstack.serve.launch.build_server", build_server)
+    serve = ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), "--port", "0"]
+    module = f'{{"name": "legal", "path": "{tmp_path / "legal"}", "base_model_name": "base"}}'
+    assert CliRunner().invoke(app, [*serve, "--lora-modules", module]).exit_code == 0
+    assert served == {"legal": tmp_path / "legal"}
+    for given in ('{"name": "legal"}', '{"name": "legal", "path": 1}', '{"name": "legal", "paths": "x"}'):
+        refused = CliRunner().invoke(app, [*serve, "--lora-modules", given])
+        assert refused.exit_code == 1 and 'expected {"name": NAME, "path": DIR} (vLLM\'s form' in refused.stderr
+    refused = CliRunner().invoke(app, [*serve, "--lora-modules", "{name: legal}"])
+    assert refused.exit_code == 1 and "--adapter '{name: legal}': not JSON (Expecting property name" in refused.stderr
+
+
 @pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://App.example", "null"])
 def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_the_model(tmp_path, origin):
     options = ServeOptions(port=free_port(), database=str(tmp_path / "k.db"), cors_origins=(origin,))
