@@ -90,8 +90,10 @@ class Router(Float32Buffers):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x (N, D) -> Routing. Scores are computed in float32."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x (N, D) -> Routing. Scores are computed in float32, under autocast too: bf16 would round sigmoid scores
+        from 0.5 to 1 to steps of 2^-8, four times the bias's update (gamma 1e-3), and the experts chosen with them."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
         if self.topk_method != "greedy" and self.n_group > 1:

@@ -288,6 +288,22 @@ def test_correction_bias_changes_selection_but_not_weights():
     assert routing.weights.max().item() < 1.0
 
 
+def test_router_scores_in_float32_under_bfloat16_autocast_and_choose_the_experts_float32_chooses():
+    """Under autocast the router's F.linear multiplied in bf16, so the scores were bf16 (steps of 2^-8 from 0.5 up,
+    coarser than the bias's updates) and tokens went to other experts than in float32."""
+    moe = make_moe()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=generator)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.randn(8, 64, generator=generator) / 8)
+        moe.gate.e_score_correction_bias.copy_(torch.randn(8, generator=generator) * 1e-3)
+        plain = moe.gate(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = moe.gate(x)
+    assert autocast.scores.dtype == torch.float32
+    assert torch.equal(autocast.scores, plain.scores) and torch.equal(autocast.experts, plain.experts)
+
+
 def test_weights_are_normalised_then_scaled():
     moe = make_moe(norm_topk_prob=True, routed_scaling_factor=2.5)
     routing = moe.gate(torch.randn(10, 64))
