@@ -627,6 +627,21 @@ def refuse_empty_paths(overrides: Sequence[str]) -> None:
             )
 
 
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme and "://": hf://datasets/..., s3://..., https://...
+
+
+def url_refusal(path: str | os.PathLike) -> str | None:
+    """What to tell of `path` when it is a URL (datatrove's and datasets' `hf://`, `s3://`, `https://`) where a local
+    file or folder is taken, which Path would read as folders (`s3://b/x` as s3:/b/x); None for a path."""
+    if not URL.match(str(path)) or Path(path).exists():
+        return None
+    return (
+        f"{path}: a URL, and seekstack takes local files and folders (nothing is downloaded or uploaded): fetch the "
+        "files first (a Hub repository's with `huggingface-cli download REPO [--repo-type dataset] --local-dir DIR`) "
+        "and give them"
+    )
+
+
 # a flow mapping's number key with no space after its colon, `{5:1}`: YAML 1.1 reads `5:1` as 5 * 60 + 1 = 301
 _UNSPACED_KEY = re.compile(r"[{,]\s*(\d+):(\d+)\b")
 

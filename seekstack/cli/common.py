@@ -21,7 +21,7 @@ from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.interrupts import INTERRUPTED
 from seekstack.parallel.launch import launch_rank
-from seekstack.schema import ConfigError, settable_fields, shown_value
+from seekstack.schema import ConfigError, settable_fields, shown_value, url_refusal
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
 try:
@@ -152,6 +152,11 @@ def refuse_empty_path(ctx: typer.Context, param: typer.CallbackParam, value: Any
 
 
 def _processed_as_path(param: Any, process_value: Callable[[Any, Any], Any], ctx: typer.Context, value: Any) -> Any:
+    """`refuse_empty_path`, and a URL refused (`url_refusal`) as given, before Path collapses its "//"."""
+    for given in value if isinstance(value, (list, tuple)) else [value]:
+        refused = url_refusal(given) if given is not None else None
+        if refused is not None:
+            raise BadParameter(refused, ctx, param)
     return process_value(ctx, refuse_empty_path(ctx, param, value))
 
 

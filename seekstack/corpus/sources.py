@@ -39,7 +39,7 @@ from seekstack.compression import (
 )
 from seekstack.corpus.kinds import CODE_SUFFIXES, HTML_PAGE_START
 from seekstack.jsonl import json_error_reason, marked_encoding
-from seekstack.schema import LONE_SURROGATE, counted
+from seekstack.schema import LONE_SURROGATE, counted, url_refusal
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
     (re.compile(signature, re.DOTALL), name)
@@ -1017,9 +1017,6 @@ def read_stdlib() -> Iterator[Document]:
         yield Document(doc_id, text, "stdlib")
 
 
-URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # a scheme and "://": hf://datasets/..., s3://..., https://...
-
-
 def expanded_inputs(specs: list[str]) -> list[str]:
     """The inputs a command line names, a glob pattern no shell expanded (quoted, `'data/*.jsonl'`, or in a program's
     argument list, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths it matches,
@@ -1028,12 +1025,9 @@ def expanded_inputs(specs: list[str]) -> list[str]:
     is refused, and so is a URL (datatrove's and datasets' `hf://`, `s3://`, `https://`): nothing is downloaded."""
     expanded = []
     for spec in specs:
-        if URL.match(str(spec)) and not Path(spec).exists():  # a Path would read `s3://b/x` as the folders s3:/b
-            raise DataSourceError(
-                f"{spec}: a URL, and inputs are local files and folders (nothing is downloaded): fetch the files first "
-                "(a Hub dataset's with `huggingface-cli download REPO --repo-type dataset --local-dir DIR`) and give "
-                "them"
-            )
+        refused = url_refusal(spec)
+        if refused is not None:
+            raise DataSourceError(refused)
         if str(spec) == "stdlib" or Path(spec).exists() or not glob.has_magic(spec):
             expanded.append(spec)
             continue

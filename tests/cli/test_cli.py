@@ -158,6 +158,23 @@ def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
     assert "config.json: no such file" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [(["data", "tokenize", "--corpus", "{url}", "--tokenizer", "t"], "'--corpus'"),
+     (["tokenizer", "train", "--corpus", "{url}"], "'--corpus'"), (["info", "{url}"], "'MODEL'")],
+)  # fmt: skip
+def test_a_url_given_for_a_path_is_refused_as_given_saying_nothing_is_downloaded(command, named):
+    """`data tokenize --corpus hf://datasets/a/b` was told "hf:/datasets/a/b/train.jsonl: no such file; build the
+    corpus from your text first (`seekstack data build TEXT --out hf:/datasets/a/b`)", the URL's "//" collapsed by
+    Path, where `data build hf://...` says that nothing is downloaded."""
+    url = "hf://datasets/HuggingFaceFW/fineweb-edu"
+    result = runner.invoke(app, [part.format(url=url) for part in command])
+    assert result.exit_code == 2
+    assert f"Invalid value for {named}: {url}: a URL, and seekstack takes local files and folders (nothing is " in (
+        " ".join(result.stderr.split())
+    )
+
+
 @pytest.mark.parametrize("command", [["explain", "{model}", "def f("], ["eval", "{model}"]])
 def test_a_checkpoint_that_is_not_there_is_named_before_its_tokenizer_or_the_corpus(tmp_path, command):
     """explain named the folder's tokenizer.json ("nope/tokenizer.json: no such file; train a tokenizer into nope"),

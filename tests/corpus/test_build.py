@@ -408,7 +408,7 @@ def test_a_url_given_as_an_input_is_refused_saying_nothing_is_downloaded(tmp_pat
     folder matches this pattern', or as 's3:/bucket/docs.jsonl: no such file or folder', the URL's '//' collapsed."""
     refused = CliRunner().invoke(app, ["data", "build", url, "--out", str(tmp_path / "out")])
     assert refused.exit_code == 1 and not (tmp_path / "out").exists()
-    assert f"error: {url}: a URL, and inputs are local files and folders (nothing is downloaded)" in " ".join(
+    assert f"error: {url}: a URL, and seekstack takes local files and folders (nothing is downloaded" in " ".join(
         refused.output.split()
     )
 
