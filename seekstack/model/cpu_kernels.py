@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 NAME = "seekstack_cpu_kernels"
 MAX_TOKENS = 16  # up to here the kernels run eager steps too (both measured to 16 rows)
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the fused elementwise ops take
 STALE_LOCK_SECONDS = 120.0  # a build takes ~15 s here; a lock file older than this was left by one that died
 
 _built: dict[str, bool] = {}  # "ok": whether the build succeeded, once it was tried
@@ -83,19 +84,16 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
     """Whether the fused elementwise ops (`swiglu`, `rms_norm`) take these tensors: float32 or bfloat16 in one dtype on
     the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's ops), none sharded, outside a
-    compiled region (inductor fuses its own); builds the kernels on the first call."""
+    compiled region (inductor fuses its own); builds the kernels on the first call. Asked before each RMSNorm and
+    SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu`, a loop: `device.type` and a
+    generator took 2.3 us of a 1-row norm's 12, now 1.1)."""
     first = tensors[0]
-    return (
-        _switch["on"]
-        and not torch.compiler.is_compiling()
-        and first.device.type == "cpu"
-        and first.dtype in (torch.float32, torch.bfloat16)
-        and all(
-            t.dtype == first.dtype and t.device.type == "cpu" and t.stride(-1) == 1 and not isinstance(t, DTensor)
-            for t in tensors
-        )
-        and available()
-    )
+    if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
+        return False
+    for tensor in tensors:
+        if tensor.dtype != first.dtype or not tensor.is_cpu or tensor.stride(-1) != 1 or isinstance(tensor, DTensor):
+            return False
+    return available()
 
 
 def set_enabled(on: bool) -> None:

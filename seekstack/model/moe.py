@@ -41,7 +41,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None = 
     width = gate.shape[-1]
     rows = (gate.reshape(-1, width), up.reshape(-1, width), None if weights is None else weights.reshape(-1).float())
     hidden = _SwiGLU.apply(*rows) if torch.is_grad_enabled() else torch.ops.seekstack.swiglu(*rows)
-    return hidden.view(gate.shape)
+    return hidden.view_as(gate)
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -76,3 +76,22 @@ def test_rms_norm_of_an_input_transposed_along_a_row_matches_the_formula(dtype):
         with torch.set_grad_enabled(grad):
             out = RMSNorm(40).to(dtype)(x)
         assert (out.double() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
+def test_the_fused_ops_take_cpu_tensors_of_one_float32_or_bfloat16_dtype_each_contiguous_along_a_row():
+    assert cpu_kernels.available()
+    rows, weight = torch.randn(3, 40), torch.randn(40)
+    assert cpu_kernels.elementwise_takes(rows, weight) and cpu_kernels.elementwise_takes(rows.bfloat16())
+    refused = {
+        "float64": (rows.double(), weight.double()),
+        "two dtypes": (rows, weight.bfloat16()),
+        "a second tensor transposed": (rows, torch.randn(40, 3).T),
+        "a meta tensor first": (rows.to("meta"), weight),
+        "a meta tensor second": (rows, weight.to("meta")),
+    }
+    assert [case for case, tensors in refused.items() if cpu_kernels.elementwise_takes(*tensors)] == []
+    cpu_kernels.set_enabled(False)
+    try:
+        assert not cpu_kernels.elementwise_takes(rows, weight)
+    finally:
+        cpu_kernels.set_enabled(True)
