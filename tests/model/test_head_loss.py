@@ -143,6 +143,21 @@ def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_
             torch.testing.assert_close(ours, theirs.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_a_negative_target_other_than_the_ignore_index_is_refused_as_torchs_cross_entropy_refuses_it(fused):
+    """-1 (nanoGPT's and nanochat's ignore_index) was clamped to token 0 and trained on, where transformers' loss
+    raises; -100 alone is not counted."""
+    hidden, weight = torch.randn(4, 8), torch.randn(50, 8)
+    cpu_kernels.set_enabled(fused)
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"-1 .*(outside the vocabulary of|out of bounds for dimension 1 with size) 50"
+        ):
+            linear_cross_entropy(hidden, weight, torch.tensor([3, -1, 5, IGNORE_INDEX]))
+    finally:
+        cpu_kernels.set_enabled(True)
+
+
 def test_a_bfloat16_heads_weight_is_widened_to_float32_once():
     """A bf16 model's loss outside autocast (`eval` of a bf16 checkpoint) copied the (V, D) head weight to float32
     twice, once for the sums and once for the matmuls, both float32."""
