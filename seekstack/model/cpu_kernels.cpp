@@ -18,8 +18,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
@@ -506,16 +508,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor&
 
 // Causal attention's backward (FlashAttention-2, Dao 2023, Alg. 2, over whole score rows), from the forward's
 // per-row log-sum-exp L (torch's fused CPU SDPA returns it): P = exp(scale Q K^T - L) recomputed, dV = P^T dO,
-// dP = dO V^T, dS = scale P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q. The five products are bmm calls (AMX in
-// bfloat16, which rounds S and dP to bfloat16 as eager attention under autocast does), over a group of heads at a
-// time; one pass a score row turns S and dP into P and dS in place (float32 math), zero above the diagonal.
+// dP = dO V^T, dS = scale P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q, over a group of heads at a time. S = Q K^T
+// and dP are kept in float32 (in bfloat16, `causal_scores` from bfloat16 inputs: a bfloat16 bmm would round them,
+// and exp(S) turns S's rounding into P's error, 2-4% of the gradients at logits of std 4); one pass a score row turns
+// them into P and dS (float32 math), zero above the diagonal, stored in the input dtype for the three other products
+// (bmm calls, AMX in bfloat16), as FlashAttention rounds P and dS for its own.
 constexpr int64_t kScoresPerGroup = 1 << 20;  // scores (heads x T x T) a group computes at once
+constexpr int64_t kKeysPerTile = 64;          // keys (columns of scores) a brgemm call computes: its widest packed B
 
+// scores (n, T, T) float32 = a (n, T, K) b (n, T, K)^T for bfloat16 a and b read along stride 1, in the rows i >= j of
+// each key j (the causal half; the rest left unwritten). torch's brgemm (oneDNN, AMX), as its flash CPU kernel calls
+// it: b^T in tiles of 64 keys packed to VNNI, the layout cpublas::pack writes (tile[d / 2][key] holds the pair
+// b[key][d], b[key][d + 1]) copied straight from b's rows, times the rows from the tile's first key down. Where the CPU
+// cannot pack bfloat16 or K is odd, the same call takes b^T unpacked and runs a plain gemm.
+void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores) {
+  const int64_t n = a.size(0), T_ = a.size(1), K = a.size(2), ld_a = a.stride(1), ld_b = b.stride(1);
+  const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && K % 2 == 0;
+  const c10::BFloat16* a_data = a.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
+  float* s_data = scores.mutable_data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> b_t(vnni ? K * kKeysPerTile : K * T_);  // one packed tile, or all of b^T (K, T)
+    for (int64_t h = begin; h < end; ++h) {
+      const c10::BFloat16* A = a_data + h * a.stride(0);
+      const c10::BFloat16* B = b_data + h * b.stride(0);
+      float* S = s_data + h * T_ * T_;
+      for (int64_t d = 0; d < K && !vnni; ++d) {
+        for (int64_t j = 0; j < T_; ++j) b_t[d * T_ + j] = B[j * ld_b + d];
+      }
+      for (int64_t j = 0; j < T_; j += kKeysPerTile) {
+        const int64_t keys = std::min(kKeysPerTile, T_ - j);
+        for (int64_t key = 0; key < keys && vnni; ++key) {
+          for (int64_t d = 0; d < K; d += 2) {
+            std::memcpy(b_t.data() + (d / 2 * kKeysPerTile + key) * 2, B + (j + key) * ld_b + d, 2 * sizeof(*B));
+          }
+        }
+        at::native::cpublas::brgemm(T_ - j, keys, K, ld_a, vnni ? kKeysPerTile : T_, T_, false, A + j * ld_a,
+                                    vnni ? b_t.data() : b_t.data() + j, S + j * T_ + j, vnni);
+      }
+    }
+    if (vnni) at::native::cpublas::brgemm_release();
+  });
+}
+
+// P and dS from float32 S and dP into `probs` and `grad_scores` (the same tensors in float32: in place).
 template <typename T>
-void causal_softmax_backward_rows(at::Tensor& scores, at::Tensor& grad_scores, const at::Tensor& lse,
-                                  const at::Tensor& grad_out, const at::Tensor& out, float scale) {
+void causal_softmax_backward_rows(const at::Tensor& scores, const at::Tensor& grad_probs, at::Tensor& probs,
+                                  at::Tensor& grad_scores, const at::Tensor& lse, const at::Tensor& grad_out,
+                                  const at::Tensor& out, float scale) {
   const int64_t heads = scores.size(0), T_ = scores.size(1), V = out.size(2);
-  T* s_data = scores.mutable_data_ptr<T>();
+  const float* s_data = scores.const_data_ptr<float>();
+  const float* dp_data = grad_probs.const_data_ptr<float>();
+  T* p_data = probs.mutable_data_ptr<T>();
   T* ds_data = grad_scores.mutable_data_ptr<T>();
   const float* lse_data = lse.const_data_ptr<float>();
   const T* grad_out_data = grad_out.const_data_ptr<T>();
@@ -528,26 +572,28 @@ void causal_softmax_backward_rows(at::Tensor& scores, at::Tensor& grad_scores, c
       float delta = 0.f;  // rowsum(dO O) = sum_j P_ij dP_ij
       for (int64_t d = 0; d < V; ++d) delta += float(dO[d]) * float(O[d]);
       const float L = lse_data[h * lse.stride(0) + i * lse.stride(1)];
-      T* s = s_data + row * T_;
+      const float* s = s_data + row * T_;
+      const float* dp = dp_data + row * T_;
+      T* p = p_data + row * T_;
       T* ds = ds_data + row * T_;
       over_row(
           i + 1,
           [&](int64_t j) {
             FloatVector s0, s1, dp0, dp1;
             load_step(s + j, s0, s1);
-            load_step(ds + j, dp0, dp1);
+            load_step(dp + j, dp0, dp1);
             const FloatVector p0 = (s0 * FloatVector(scale) - FloatVector(L)).exp_u20();
             const FloatVector p1 = (s1 * FloatVector(scale) - FloatVector(L)).exp_u20();
-            store_step(s + j, p0, p1);
+            store_step(p + j, p0, p1);
             store_step(ds + j, p0 * (dp0 - FloatVector(delta)) * FloatVector(scale),
                        p1 * (dp1 - FloatVector(delta)) * FloatVector(scale));
           },
           [&](int64_t j) {
-            const float p = std::exp(float(s[j]) * scale - L);
-            s[j] = static_cast<T>(p);
-            ds[j] = static_cast<T>(p * (float(ds[j]) - delta) * scale);
+            const float p_ij = std::exp(s[j] * scale - L);
+            p[j] = static_cast<T>(p_ij);
+            ds[j] = static_cast<T>(p_ij * (dp[j] - delta) * scale);
           });
-      std::fill(s + i + 1, s + T_, T(0));
+      std::fill(p + i + 1, p + T_, T(0));
       std::fill(ds + i + 1, ds + T_, T(0));
     }
   });
@@ -561,7 +607,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
                   lse.scalar_type() == at::kFloat,
               "causal_attention_backward: q must be (B, H, T, D) float32 or bfloat16, lse float32");
-  TORCH_CHECK(out.stride(-1) == 1, "causal_attention_backward: out must be read along stride 1");
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1 && out.stride(-1) == 1,
+              "causal_attention_backward: q, k, v and out must be read along stride 1");
   const at::Tensor dO = grad.to(q.scalar_type()).contiguous();
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2);
   at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
@@ -572,14 +619,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       const int64_t n = std::min(group, H - h);
       const at::Tensor qg = q[b].narrow(0, h, n), kg = k[b].narrow(0, h, n), vg = v[b].narrow(0, h, n);
       const at::Tensor dOg = dO[b].narrow(0, h, n), og = out[b].narrow(0, h, n), lg = lse[b].narrow(0, h, n);
-      at::Tensor scores = at::bmm(qg, kg.transpose(1, 2)), grad_scores = at::bmm(dOg, vg.transpose(1, 2));
+      at::Tensor probs, grad_scores;
       if (q.scalar_type() == at::kBFloat16) {
-        causal_softmax_backward_rows<c10::BFloat16>(scores, grad_scores, lg, dOg, og, scale);
+        at::Tensor scores = at::empty({n, T_, T_}, q.options().dtype(at::kFloat)), grad_probs = at::empty_like(scores);
+        causal_scores(qg, kg, scores);
+        causal_scores(dOg, vg, grad_probs);
+        probs = at::empty({n, T_, T_}, q.options());
+        grad_scores = at::empty_like(probs);
+        causal_softmax_backward_rows<c10::BFloat16>(scores, grad_probs, probs, grad_scores, lg, dOg, og, scale);
       } else {
-        causal_softmax_backward_rows<float>(scores, grad_scores, lg, dOg, og, scale);
+        probs = at::bmm(qg, kg.transpose(1, 2));
+        grad_scores = at::bmm(dOg, vg.transpose(1, 2));
+        causal_softmax_backward_rows<float>(probs, grad_scores, probs, grad_scores, lg, dOg, og, scale);
       }
       at::Tensor dv = grad_v[b].narrow(0, h, n), dq = grad_q[b].narrow(0, h, n), dk = grad_k[b].narrow(0, h, n);
-      at::bmm_out(dv, scores.transpose(1, 2), dOg);
+      at::bmm_out(dv, probs.transpose(1, 2), dOg);
       at::bmm_out(dq, grad_scores, kg);
       at::bmm_out(dk, grad_scores.transpose(1, 2), qg);
     }
