@@ -43,10 +43,6 @@ ModelDir = Annotated[
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 UNTIL_CONTEXT = -1  # --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
-# Standard input's codec: UTF-8, the byte order mark opening a file that Windows' Notepad (before 2019) or
-# PowerShell's Out-File -Encoding utf8 saved skipped (`generate --model M < prompt.txt`), as the JSON Lines and config
-# readers decode theirs
-STDIN_ENCODING = "utf-8-sig"
 
 
 def reply_length(max_new_tokens: int | None) -> int | None:
@@ -262,7 +258,7 @@ def generate_command(
             raise UsageError(f"Missing argument {hint}: give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
-            sys.stdin.reconfigure(encoding=STDIN_ENCODING, errors="surrogateescape")  # a byte not UTF-8 is named below
+            _read_stdin_as_utf8()  # a byte not UTF-8 is named below
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
             # the line end echo or a file closes it with is no part of the text, as llama-cli's -f drops it: the text
             # goes on where its last line ends
@@ -583,13 +579,21 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
     """What reads the user's lines: `input` with line editing and history (readline) at a terminal, else the
     lines of stdin; both raise EOFError at the end."""
     if not interactive:
-        sys.stdin.reconfigure(encoding=STDIN_ENCODING)
+        _read_stdin_as_utf8()  # a message holding a byte not UTF-8 is named by the chat, which goes on
         return _read_piped_line
     try:
         import readline  # noqa: F401  (importing it gives `input` line editing and history)
     except ImportError:  # not on every platform
         pass
     return input
+
+
+def _read_stdin_as_utf8() -> None:
+    """Read standard input as UTF-8, skipping the byte order mark that opens a file Windows' Notepad (before 2019) or
+    PowerShell's Out-File -Encoding utf8 saved (`generate --model M < prompt.txt`), as the JSON Lines and config
+    readers decode theirs, and keeping a byte that is not UTF-8 as a C locale does (surrogateescape), for
+    `lone_surrogate_error` to name rather than a UnicodeDecodeError's traceback."""
+    sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _read_piped_line(prompt: str) -> str:

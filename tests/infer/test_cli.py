@@ -187,6 +187,15 @@ def test_chat_piped_from_a_file_opening_with_a_byte_order_mark_reads_its_first_m
     assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
 
 
+def test_chat_piped_a_line_that_is_not_utf8_names_its_byte_and_answers_the_next(checkpoint, engine):
+    """`chat --model M < latin1.txt` ended on the first byte that is not UTF-8 with UnicodeDecodeError's traceback."""
+    args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "4"]
+    chatted = runner.invoke(app, args, input=b"caf\xe9?\nhi\n")
+    [reply] = engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, temperature=0))
+    assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
+    assert "error: the text is not valid UTF-8: it holds the byte 0xe9" in chatted.stderr
+
+
 def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "hi", "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos",
             "--system", "Be brief."]  # fmt: skip
