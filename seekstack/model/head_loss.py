@@ -52,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_matmul, w_matmul = h.to(matmul_dtype), w.to(matmul_dtype)  # in float32 h and w, not copies
             counted = targets != IGNORE_INDEX
             count = counted.sum().clamp(min=1)
-            safe_targets = targets.masked_fill(~counted, 0)  # any other negative target is refused as torch's loss does
+            safe_targets = targets.long().masked_fill(~counted, 0)  # another negative target is refused as torch's is
             loss = h.new_zeros(())
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
             grad_h = torch.empty_like(h) if grad_hidden else None

@@ -144,6 +144,21 @@ def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_int32_targets_give_the_loss_of_int64_ones(fused):
+    """Token ids as numpy int32 arrays or uint16 files give them: the kernel refused them ('targets (int64) ... must
+    be contiguous'), where torch's ops (kernels off, a GPU) took them."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    targets = torch.tensor([3, 7, 5, IGNORE_INDEX])
+    cpu_kernels.set_enabled(fused)
+    try:
+        loss, _ = linear_cross_entropy(hidden, weight, targets.int())
+    finally:
+        cpu_kernels.set_enabled(True)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
 def test_a_negative_target_other_than_the_ignore_index_is_refused_as_torchs_cross_entropy_refuses_it(fused):
     """-1 (nanoGPT's and nanochat's ignore_index) was clamped to token 0 and trained on, where transformers' loss
     raises; -100 alone is not counted."""
