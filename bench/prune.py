@@ -25,7 +25,7 @@ import seekstack
 from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.heal import heal
 from seekstack.compress.prune import gate_mass, prune_experts
-from seekstack.compress.quality import held_out_batches, measure
+from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,9 +87,10 @@ def main() -> None:
     )
     print("| model | heads | routed experts | bytes on disk | val bits/byte | change | mean KL | top-1 ", end="")
     print("| decode tok/s b=1 | b=8 |\n|---|---|---|---|---|---|---|---|---|---|")
-    base = measure(original, original, batches, per_token).bits_per_byte
+    reference = [log_probs(original, batch) for batch in batches]
+    base = measure(original, reference, batches, per_token).bits_per_byte
     for name, model in models.items():
-        quality, config = measure(model, original, batches, per_token), model.config
+        quality, config = measure(model, reference, batches, per_token), model.config
         speed = {b: f"{speeds[name][b]:,.0f} ({speeds[name][b] / speeds['unpruned'][b]:.2f}x)" for b in (1, 8)}
         print(
             f"| {name} | {config.num_attention_heads} | {config.n_routed_experts} | {disk[name]:,} "

@@ -36,7 +36,7 @@ from seekstack.compress.adaptive import (
     refuse_budget_below_smallest,
     sensitivities,
 )
-from seekstack.compress.quality import held_out_batches, measure
+from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
 from seekstack.config import PRESETS
 from seekstack.model.attention import ContiguousLatentCache
@@ -69,11 +69,11 @@ def decode_speeds(models: dict, batches: tuple[int, ...], reps: int, clock, new:
 def adaptive_models(original, data: str, budgets: list[float]) -> dict:
     """Per-layer precision by sensitivity (KL on 2 train batches, measured once) within each of `budgets` bits per
     weight: name -> quantized model."""
-    reference = copy.deepcopy(original)
     context = original.config.max_position_embeddings
     batches = held_out_batches(data, context, batches=2, split="train")
     per_token = split_byte_lengths(data, "train")[0]
-    choices = sensitivities(reference, lambda m: measure(m, original, batches, per_token).mean_kl)
+    reference = [log_probs(original, batch) for batch in batches]
+    choices = sensitivities(original, lambda m: measure(m, reference, batches, per_token).mean_kl)
     uniform = {c.name: "int4-g32" for c in choices}
     models = {}
     for budget in budgets:
@@ -209,7 +209,8 @@ def main() -> None:
     qualities = {}
     if not args.preset:
         batches = held_out_batches(args.data, original.config.max_position_embeddings, batches=args.batches)
-        qualities = {name: measure(model, original, batches, per_token) for name, model in models.items()}
+        reference = [log_probs(original, batch) for batch in batches]  # once for every model measured
+        qualities = {name: measure(model, reference, batches, per_token) for name, model in models.items()}
 
     source = f"random {args.preset}" if args.preset else args.model
     print(f"\nmodel {source}; {args.batches} x 8 x 256 validation tokens; decode: 32-token prompt + 64 greedy tokens, ")

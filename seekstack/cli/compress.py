@@ -195,8 +195,7 @@ def quantize_command(
     if "chosen" in report:
         typer.echo(f"chosen: {report['chosen']}, the smallest stage that passed")
     for layer in report.get("layers", []):
-        kl = "  ".join(f"{option} {value:.4g}" for option, value in layer["kl"].items())
-        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {kl}")
+        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {_kls(layer['kl'])}")
     if "average_bits" in report:
         typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
     if "assignment" in report:
@@ -232,14 +231,18 @@ def _progressive(
 
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.compress.progressive import progressive
-    from seekstack.compress.quality import measure
+    from seekstack.compress.quality import log_probs, measure
     from seekstack.compress.quantize import mixed_experts_notes, save_with_tokenizer
 
     batches, byte_lengths = _held_out(model, data)
     bfloat16 = stored_float_dtype(model) == torch.bfloat16  # a bf16 checkpoint starts at bf16, others at float32
     original = load_pretrained(model, dtype=torch.bfloat16 if bfloat16 else torch.float32)
-    chosen, chosen_name, stages = progressive(
-        original, lambda m: measure(m, original, batches, byte_lengths), config, max_bpb_increase, max_kl
+    chosen, chosen_name, stages = progressive(  # the reference computed again each stage, not kept: 8 batches' logits
+        original,
+        lambda m: measure(m, (log_probs(original, batch) for batch in batches), batches, byte_lengths),
+        config,
+        max_bpb_increase,
+        max_kl,
     )
     save_with_tokenizer(chosen, model, out)
     rows = [
@@ -279,14 +282,18 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
         sensitivities,
         unmeasured_notes,
     )
-    from seekstack.compress.quality import measure
+    from seekstack.compress.quality import log_probs, measure
     from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
 
     calibration, byte_lengths = _held_out(model, data, split="train", batches=2)
     original = load_pretrained(model, dequantize=True)
     refuse_budget_below_smallest(original, budget_bits)
-    reference = load_pretrained(model, dequantize=True)
-    choices = sensitivities(original, lambda m: measure(m, reference, calibration, byte_lengths).mean_kl)
+    reference = [log_probs(original, batch) for batch in calibration]  # once: every trial is measured against it
+    choices = sensitivities(
+        original,
+        lambda m: measure(m, reference, calibration, byte_lengths).mean_kl,
+        measured=lambda i, n, choice: typer.echo(f"measured {i}/{n} {choice.name}: KL {_kls(choice.kl)}", err=True),
+    )
     chosen = assign(choices, budget_bits)
     assignment = quantize_model(original, adaptive_config(chosen))
     notes = unmeasured_notes(original) + mixed_experts_notes(original)
@@ -298,6 +305,11 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
         "assignment": assignment,
         "notes": notes,
     }
+
+
+def _kls(kl: dict[str, float]) -> str:
+    """Each option's mean KL, as --adaptive prints them."""
+    return "  ".join(f"{option} {value:.4g}" for option, value in kl.items())
 
 
 def prune_command(

@@ -55,16 +55,19 @@ def option_config(option: str) -> QuantConfig:
 
 @torch.no_grad()
 def sensitivities(
-    model: nn.Module, kl_of: Callable[[nn.Module], float], layers: list[str] | None = None
+    model: nn.Module,
+    kl_of: Callable[[nn.Module], float],
+    layers: list[str] | None = None,
+    measured: Callable[[int, int, LayerChoice], None] | None = None,
 ) -> list[LayerChoice]:
-    """For each layer (default: `measured_layers`), the KL of each option with the other layers at BASE_OPTION.
-    `model` is float and is left as it was."""
+    """For each layer (default: `measured_layers`), the KL of each option with the other layers at BASE_OPTION;
+    `measured(i, n, choice)` hears of the i-th of n layers as it is done. `model` is float and is left as it was."""
     names = layers if layers is not None else measured_layers(model)
     work = copy.deepcopy(model)  # the trials swap layers in a copy, so `model` is left as it was
     base_assignment = quantize_model(work, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
     base_kl = kl_of(work)
     choices = []
-    for name in names:
+    for i, name in enumerate(names, 1):
         original = model.get_submodule(name)
         count, bits = option_bits(original)
         at_base = work.get_submodule(name)
@@ -78,6 +81,8 @@ def sensitivities(
         work.set_submodule(name, at_base)
         if kl:
             choices.append(LayerChoice(name, count, bits, kl))
+            if measured is not None:
+                measured(i, len(names), choices[-1])
     return choices
 
 

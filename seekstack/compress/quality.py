@@ -48,16 +48,25 @@ def held_out_batches(
 
 
 @torch.no_grad()
+def log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """`model`'s float32 log-probabilities (B, T-1, V) of each next token of `batch` (B, T)."""
+    return model(batch).logits[:, :-1].float().log_softmax(dim=-1)
+
+
+@torch.no_grad()
 def measure(
-    model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor], byte_lengths: torch.Tensor
+    model: nn.Module,
+    reference: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    byte_lengths: torch.Tensor,
 ) -> Quality:
-    """`model` against `reference` on `batches` (B, T) of token ids, each target's bytes counted by `byte_lengths`
-    (V,) (`split_byte_lengths`)."""
+    """`model` against the reference model's `log_probs` of each of `batches` (B, T) of token ids (`reference`: a
+    list computed once where many models are measured), each target's bytes counted by `byte_lengths` (V,)
+    (`split_byte_lengths`)."""
     nats = kl = agree = text_bytes = 0.0
     positions = 0
-    for batch in batches:
-        ref_logp = reference(batch).logits[:, :-1].float().log_softmax(dim=-1)  # (B, T-1, V)
-        logp = model(batch).logits[:, :-1].float().log_softmax(dim=-1)
+    for batch, ref_logp in zip(batches, reference, strict=True):
+        logp = log_probs(model, batch)
         targets = batch[:, 1:]
         text = text_targets(byte_lengths, batch)[:, 1:] != IGNORE_INDEX  # EOS spells no bytes: its loss not counted
         nats += -logp.gather(-1, targets[..., None])[..., 0][text].sum().item()

@@ -17,7 +17,7 @@ from seekstack.compress.adaptive import (
     unmeasured_notes,
 )
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
-from seekstack.compress.quality import measure
+from seekstack.compress.quality import log_probs, measure
 from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
 from tests.conftest import micro_config
 
@@ -74,9 +74,8 @@ def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_
         for name, tensor in model.named_parameters():
             if "norm" not in name:
                 tensor.normal_(0, 0.1)
-    reference = Transformer(micro_config(**SHAPES)).eval()
-    reference.load_state_dict(model.state_dict())
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
+    reference = [log_probs(model, batch) for batch in batches]
     names = ["layers.0.self_attn.q_a_proj", "layers.0.mlp.down_proj", "layers.1.mlp.experts"]
     choices = sensitivities(model, lambda m: measure(m, reference, batches, ONE_BYTE).mean_kl, names)
     assert [c.name for c in choices] == names

@@ -680,6 +680,33 @@ def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_
     assert "int4-g128 0.001084  int4-g64 0.001081  int4-g32 0.00108  int8 0.001077" in result.output
 
 
+def test_adaptive_runs_the_reference_model_once_per_batch_and_says_each_layer_it_has_measured(tmp_path, monkeypatch):
+    """The reference's log-probabilities do not change between the ~100 trials of a model: computed once (each
+    trial ran it again, a third of its time), and no second copy of the model loaded to compute them."""
+    from seekstack.compress import adaptive, quality
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    forward, measure, forwards, measured = seekstack.Transformer.forward, quality.measure, [], []
+    monkeypatch.setattr(seekstack.Transformer, "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
+    monkeypatch.setattr(
+        quality, "measure", lambda m, r, batches, *a: measured.append(len(batches)) or measure(m, r, batches, *a)
+    )
+    names = ["layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"]
+    monkeypatch.setattr(adaptive, "measured_layers", lambda model: names)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--data",
+              str(tmp_path / "shards"), "--budget-bits", "6"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    batches = measured[0]
+    assert len(set(measured)) == 1 and len(forwards) == batches * (len(measured) + 1)  # each trial's + the reference
+    progress = [line for line in result.stderr.splitlines() if line.startswith("measured ")]
+    assert [line.split(":")[0] for line in progress] == [f"measured 1/2 {names[0]}", f"measured 2/2 {names[1]}"]
+    assert "int4-g32 " in progress[0] and "int8 " in progress[0]
+
+
 def test_quantize_text_output_gives_the_reasons_layers_were_kept_or_took_a_smaller_group_with_their_counts(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     result = CliRunner().invoke(

@@ -11,7 +11,7 @@ import torch
 from seekstack import Transformer
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedLinear
 from seekstack.compress.progressive import progressive
-from seekstack.compress.quality import Quality, measure
+from seekstack.compress.quality import Quality, log_probs, measure
 from seekstack.compress.quantize import QuantConfig, quantize_model, stored_bytes
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
@@ -75,7 +75,7 @@ def test_bits_per_byte_count_the_bytes_the_scored_tokens_spell():
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
     nats = losses[batch[:, 1:] % 4 > 0].sum().item()
     spelled = (batch[:, 1:] % 4).sum().item()
-    quality = measure(model, model, [batch], byte_lengths)
+    quality = measure(model, [log_probs(model, batch)], [batch], byte_lengths)
     assert quality.bits_per_byte == pytest.approx(nats / (math.log(2) * spelled), rel=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_kl_and_top1_agreement_are_those_computed_directly_from_both_models_logi
     quantized = copy.deepcopy(original)
     quantize_model(quantized, QuantConfig(scheme="int4"))
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    quality = measure(quantized, original, batches, torch.arange(128) % 4)
+    quality = measure(quantized, [log_probs(original, b) for b in batches], batches, torch.arange(128) % 4)
     with torch.no_grad():  # in float64: float32's rounding alone moves a KL this small by ~1e-4 of itself
         log_p = torch.cat([original(b).logits[:, :-1].flatten(0, 1) for b in batches]).double().log_softmax(-1)
         log_q = torch.cat([quantized(b).logits[:, :-1].flatten(0, 1) for b in batches]).double().log_softmax(-1)
@@ -100,7 +100,10 @@ def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
     original = Transformer(micro_config(**SHAPES)).eval()
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     _, _, report = progressive(
-        original, lambda m: measure(m, original, batches, torch.ones(128)), QuantConfig(), max_bpb_increase=1.0
+        original,
+        lambda m: measure(m, [log_probs(original, b) for b in batches], batches, torch.ones(128)),
+        QuantConfig(),
+        max_bpb_increase=1.0,
     )
     quality = {s.name: s.quality for s in report}
     assert quality["float32"].mean_kl == 0 and quality["float32"].top1_agreement == 1
