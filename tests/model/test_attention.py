@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from seekstack.model import attention, cpu_kernels
 from seekstack.model.attention import ContiguousLatentCache
@@ -197,3 +198,17 @@ def test_training_attention_takes_the_fused_backward_only_when_causal_and_matche
     for a, b, c in zip(with_kernel, with_mask, without, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_the_warning_names_the_attention_backward_and_training_keeps_torchs_sdpa(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(attention._CausalAttention, "apply", lambda *args: pytest.fail("the fused attention ran"))
+    model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
+    ids = torch.randint(128, (2, 12))
+    with pytest.warns(UserWarning, match="did not build, .* and the attention backward run without it: Ninja"):
+        model(ids, labels=ids).loss.backward()
+    assert model.layers[0].self_attn.kv_b_proj.weight.grad.abs().sum() > 0
