@@ -2,23 +2,32 @@
 work; it used to run the whole benchmark and fail on an empty median."""
 
 import argparse
+import os
+import signal
 import sys
 
 import pytest
 
+from bench import options
 from bench.options import checkpoint_folder, non_negative_int, positive_int
 from tests.bench.support import run_in_process
 from tests.bench.test_peers import micro_checkpoint
 from tests.train.test_trainer import write_split
 
 
-def test_ctrl_c_ends_a_bench_in_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
-    """Every bench imports bench/options.py; Ctrl-C in one printed KeyboardInterrupt's traceback."""
+def test_ctrl_c_ends_a_bench_in_one_line_by_sigint_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    """Every bench imports bench/options.py; Ctrl-C in one printed KeyboardInterrupt's traceback, then exited 1 (not
+    130: torch._dynamo's atexit hook makes Python forget the interrupt). Importing it sets no hook: pytest's is kept."""
+    assert sys.excepthook is not options.interrupted_in_one_line
+    signals = []
+    monkeypatch.setattr(options.signal, "signal", lambda number, handler: signals.append((number, handler)))
+    monkeypatch.setattr(options.os, "kill", lambda pid, number: signals.append((pid, number)))
     monkeypatch.setattr(sys, "argv", ["bench/quantize.py", "--model", "m"])
-    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    options.interrupted_in_one_line(KeyboardInterrupt, KeyboardInterrupt(), None)
     assert capsys.readouterr().err == "quantize.py: interrupted (Ctrl-C)\n"
-    sys.excepthook(ValueError, ValueError("no such split"), None)
-    assert capsys.readouterr().err.endswith("ValueError: no such split\n")
+    assert signals == [(signal.SIGINT, signal.SIG_DFL), (os.getpid(), signal.SIGINT)]
+    options.interrupted_in_one_line(ValueError, ValueError("no such split"), None)
+    assert capsys.readouterr().err.endswith("ValueError: no such split\n") and len(signals) == 2
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
