@@ -102,6 +102,9 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     for name, value in values.items():
         if _has_lone_surrogate(value):
             raise ConfigError(f"has value {shown_value(value)}: not valid Unicode text", field=name).at(source)
+        url = url_refusal(value) if isinstance(value, str) and is_path_field(name) else None
+        if url is not None:  # before a Path reads `s3://b/x` as the folders s3:/b
+            raise ConfigError(f": {url}", field=name).at(source)
     try:
         text = json.dumps(dict(values), default=_jsonable)
     except TypeError:  # a value that is no configuration value (a set, an object), refused naming its field
@@ -590,12 +593,17 @@ def _plain(value: Any) -> Any:
 
 def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`values` with relative paths (path fields: `*_dir`, `*_path`, `tokenizer`, `init_from`, `data`, `val_data`,
-    `teacher`, `teacher_cache`) made relative to `folder`; kept relative, to the working directory, where they lie
-    under it (a config file named by an absolute path too), so that `write_config` tells them from paths given
-    absolute and writes them relative to the run."""
+    `teacher`, `teacher_cache`; a URL left as given, for `check` to refuse) made relative to `folder`; kept relative,
+    to the working directory, where they lie under it (a config file named by an absolute path too), so that
+    `write_config` tells them from paths given absolute and writes them relative to the run."""
     resolved = dict(values)
     for name, value in values.items():
-        if isinstance(value, str) and value and is_path_field(name) and not Path(value).is_absolute():
+        if (
+            isinstance(value, str)
+            and value
+            and is_path_field(name)
+            and not (Path(value).is_absolute() or URL.match(value))
+        ):
             joined = folder / value
             under_cwd = os.path.relpath(joined)
             resolved[name] = str(joined) if under_cwd.startswith(os.pardir) else under_cwd

@@ -154,6 +154,26 @@ def test_a_config_file_setting_a_model_field_as_the_command_line_spells_it_is_to
     assert load_config(TrainConfig, path).model_overrides == {"hidden_size": 64}
 
 
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_url_given_to_a_path_field_is_refused_naming_the_field_in_a_file_and_on_the_command_line(tmp_path, command):
+    """`seekstack train data_dir=s3://bucket/tokens` was told "no folder of token shards at CWD/s3:/bucket/tokens"
+    (the first override read as the config file's Path, its '//' collapsed), and a file's `data: hf://datasets/a/b`
+    was joined to the file's folder: "CFG_DIR/hf:/datasets/a/b: no such file"."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    url = "s3://bucket/tokens"
+    said = f"field 'data_dir': {url}: a URL, and seekstack takes local files and folders (nothing is downloaded"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data_dir: {url}\n")
+    out = f"out_dir={tmp_path / 'run'}"
+    for args in ([f"data_dir={url}", out], [str(path), out]):
+        result = CliRunner().invoke(app, [command, *args])
+        assert result.exit_code == 1 and said in " ".join(result.output.split()), result.output
+    assert f"error: {path}: field 'data_dir'" in result.output and not (tmp_path / "run").exists()
+
+
 def test_a_refused_value_is_echoed_as_its_start_and_size_not_whole():
     """A ConfigError echoed the whole value it refused: 301 bad_words (300 are taken) made a message of 2,389
     characters, a 3000-character temperature one of 3,064. It now shows the repr's first 80 characters and the size,

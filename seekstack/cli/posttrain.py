@@ -17,6 +17,7 @@ from seekstack.cli.common import (
     key_value_command,
     nothing_written_if_interrupted,
     options_named,
+    refuse_empty_path,
     run_to_checkpoint,
     size,
     user_errors,
@@ -28,7 +29,12 @@ if TYPE_CHECKING:
     from seekstack.infer import Engine
     from seekstack.posttrain.tasks import Problem, Task
 
-ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
+# a str, not a Path: when no file is given it is the first key=value override, which Path would change
+# (data_dir=s3://b/x read as data_dir=s3:/b/x)
+ConfigArg = Annotated[
+    str | None,
+    typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise", callback=refuse_empty_path),
+]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
 WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit")]

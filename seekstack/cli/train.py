@@ -38,7 +38,10 @@ ResumeFromOpt = Annotated[
 
 
 def train_command(
-    config: Annotated[Path | None, typer.Argument(help="Training config (YAML/TOML/JSON); defaults otherwise")] = None,
+    config: Annotated[
+        str | None,  # a str, as posttrain's ConfigArg: the first override when no file is given
+        typer.Argument(help="Training config (YAML/TOML/JSON); defaults otherwise", callback=refuse_empty_path),
+    ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=200")] = None,
     config_option: ConfigOpt = None,
     resume: Annotated[
@@ -59,7 +62,7 @@ def train_command(
 def run_stage(
     cls: type,
     run: Callable,
-    config: Path | None,
+    config: str | Path | None,
     overrides: list[str] | None,
     resume: bool,
     resume_from: str | None,
