@@ -1077,6 +1077,17 @@ def test_config_counting_more_layers_than_the_weights_is_refused_naming_the_firs
         refuse_unstored_keys(saved)
 
 
+def test_plans_check_takes_a_transformers_moe_layout_that_loading_takes(tmp_path):
+    """moe_layer_freq 2 over routers in every layer from first_k_dense_replace on (transformers' layout, which ignores
+    it) loads in that layout; seekstack plan's check refused it as missing layer 1's dense feed-forward."""
+    seekstack.save_pretrained(Transformer(micro_config(num_hidden_layers=3, moe_layer_freq=1)), tmp_path)
+    with edited_json(tmp_path / "config.json") as config:
+        config["moe_layer_freq"] = 2
+    with pytest.warns(UserWarning, match="moe_layer_freq is 2, but the weights hold routed experts in every layer"):
+        assert seekstack.load_pretrained(tmp_path).config.moe_layer_freq == 1
+        refuse_unstored_keys(tmp_path)
+
+
 def test_weights_missing_a_layer_before_others_are_refused_as_damaged_not_as_the_configs_count(saved):
     tensors = load_file(saved / SINGLE_FILE)
     save_file(

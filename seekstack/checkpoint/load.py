@@ -139,7 +139,6 @@ def load_pretrained(
         offload = offload or offload_while_loading(placement, folder)
         device = "cpu"  # however it was written (placement_asked): the map places the parts from there
     reader.refuse_keys_in_two_shards()
-    refuse_miscounted_layers(reader, config_path, config.num_hidden_layers)
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
     config = config_of_weights(config, reader, config_path, mtp)
@@ -275,7 +274,9 @@ def config_of_weights(
     config: ModelConfig, reader: CheckpointReader, config_path: Path, mtp: bool = True
 ) -> ModelConfig:
     """`config` (read from `config_path`) as the weights `reader` reads call for it: with the MTP layers they hold
-    (none with `mtp=False`), its MoE layers in their layout, and a head they store apart from the embedding untied."""
+    (none with `mtp=False`), its MoE layers in their layout, and a head they store apart from the embedding untied;
+    a num_hidden_layers that miscounts their decoder layers is refused (`refuse_miscounted_layers`)."""
+    refuse_miscounted_layers(reader, config_path, config.num_hidden_layers)
     config = config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader) if mtp else 0)
     config = follow_moe_layout_of_weights(config, reader, config_path)
     return untie_a_stored_head(config, reader, config_path)
@@ -307,15 +308,14 @@ def stored_mtp_layers(config: ModelConfig, reader: CheckpointReader) -> int:
 
 
 def refuse_unstored_keys(directory: str | Path) -> None:
-    """CheckpointError naming the checkpoint keys loading `directory` reads (its config.json's model with the MTP
-    layers the weights hold, a tied head aside) that its index and headers name in no layout loading takes (float or
-    quantized; routed experts stacked or per expert, then each expert's missing key), or a miscounted
-    num_hidden_layers (`refuse_miscounted_layers`), before any tensor is read."""
-    config = read_config(directory)
+    """CheckpointError naming the checkpoint keys loading `directory` reads (the model of its config.json as the
+    weights call for it, `config_of_weights`, a tied head aside) that its index and headers name in no layout loading
+    takes (float or quantized; routed experts stacked or per expert, then each expert's missing key), or a miscounted
+    num_hidden_layers, before any tensor is read (but a tied head stored beside the embedding, compared with it)."""
     with CheckpointReader(Path(directory), None) as reader:
-        refuse_miscounted_layers(reader, Path(directory) / CONFIG_FILE, config.num_hidden_layers)
+        config = config_of_weights(read_config(directory), reader, Path(directory) / CONFIG_FILE)
         with torch.device("meta"):
-            model = Transformer(config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader)))
+            model = Transformer(config)
         missing = [key for key, _, stored in stored_tensors(model, reader, config) if stored is None]
         if missing:
             raise reader.missing(missing)
