@@ -111,7 +111,9 @@ class MultiHeadLatentAttention(nn.Module):
         # Zero-pad to one width: torch's fused CPU kernels need it; padded q/k add 0 to scores, padded v gives 0s.
         width = max(query.shape[-1], self.v_dim)
         query, key, value = (t.transpose(1, 2) for t in (_pad_last(query, width), _pad_last(key, width), value))
-        if mask is None and torch.is_grad_enabled() and cpu_kernels.elementwise_takes(query, key, value):
+        # The flash kernel's forward, as torch picks it, unless the user turned it off (sdpa_kernel(SDPBackend.MATH))
+        flash = torch.backends.cuda.flash_sdp_enabled()  # (the switch is torch's for every device, despite its name)
+        if mask is None and flash and torch.is_grad_enabled() and cpu_kernels.elementwise_takes(query, key, value):
             return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             query, key, _pad_last(value, width), attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale

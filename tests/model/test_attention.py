@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils.cpp_extension
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from seekstack.model import attention, cpu_kernels
 from seekstack.model.attention import ContiguousLatentCache
@@ -170,7 +171,8 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(dtyp
 
 def test_training_attention_takes_the_fused_backward_only_when_causal_and_matches_torchs_sdpa(monkeypatch):
     """A training forward without a mask runs the fused causal attention; with an attention_mask, with the kernels
-    switched off, or without gradients it runs torch's SDPA, and the gradients agree (float32, 1e-5)."""
+    switched off, under sdpa_kernel(SDPBackend.MATH), or without gradients it runs torch's SDPA, and the gradients
+    agree (float32, 1e-5)."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
@@ -192,12 +194,15 @@ def test_training_attention_takes_the_fused_backward_only_when_causal_and_matche
         without = gradients()
     finally:
         cpu_kernels.set_enabled(True)
+    with sdpa_kernel(SDPBackend.MATH):  # the user's choice of torch's SDPA backend holds
+        as_math = gradients()
     with torch.no_grad():
         model(ids)
     assert len(calls) == 3
-    for a, b, c in zip(with_kernel, with_mask, without, strict=True):
+    for a, b, c, d in zip(with_kernel, with_mask, without, as_math, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, c, rtol=1e-5, atol=1e-6)
 
 
 def test_without_a_compiler_the_warning_names_the_attention_backward_and_training_keeps_torchs_sdpa(monkeypatch):
