@@ -379,6 +379,21 @@ inline void over_row(int64_t R, const Step& step, const Tail& tail) {
   for (; d < R; ++d) tail(d);
 }
 
+// A row of R values folded into one float: acc = step(acc, d) over the vector steps, rest = tail(rest, d) over the
+// values left, both from `init`, then op(op over acc's lanes, rest): a sum with std::plus<>, a max with Maximum.
+template <typename Op, typename Step, typename Tail>
+inline float fold_row(int64_t R, float init, const Op& op, const Step& step, const Tail& tail) {
+  FloatVector acc(init);
+  float rest = init;
+  over_row(R, [&](int64_t d) { acc = step(acc, d); }, [&](int64_t d) { rest = tail(rest, d); });
+  return op(at::vec::vec_reduce_all<float>(op, acc), rest);
+}
+
+struct Maximum {
+  FloatVector operator()(const FloatVector& a, const FloatVector& b) const { return at::vec::maximum(a, b); }
+  float operator()(float a, float b) const { return std::max(a, b); }
+};
+
 // 2-D, read along stride 1; an empty tensor's strides are whatever made it (0 for the gradient of an empty sum).
 inline bool rows_of(const at::Tensor& t) { return t.dim() == 2 && (t.stride(1) == 1 || t.numel() == 0); }
 
@@ -654,17 +669,14 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
     for (int64_t row = begin; row < end; ++row) {
       const T* xs = x_data + row * D;
       T* out = y_data + row * D;
-      FloatVector squares(0.f);
-      float squares_tail = 0.f;
-      over_row(
-          D,
-          [&](int64_t d) {
+      const float sum = fold_row(
+          D, 0.f, std::plus<>(),
+          [&](const FloatVector& squares, int64_t d) {
             FloatVector x0, x1;
             load_step(xs + d, x0, x1);
-            squares = squares + x0 * x0 + x1 * x1;
+            return squares + x0 * x0 + x1 * x1;
           },
-          [&](int64_t d) { squares_tail += float(xs[d]) * float(xs[d]); });
-      const float sum = at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), squares) + squares_tail;
+          [&](float squares, int64_t d) { return squares + float(xs[d]) * float(xs[d]); });
       const float r = 1.f / std::sqrt(sum / D + static_cast<float>(eps));
       rstd_data[row] = r;
       over_row(
@@ -701,20 +713,18 @@ void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const a
         const T* xs = x_data + row * D;
         T* dx = dx_data + row * D;
         const float r = rstd_data[row];
-        FloatVector dot(0.f);
-        float dot_tail = 0.f;
-        over_row(
-            D,
-            [&](int64_t d) {
+        const float dot = fold_row(
+            D, 0.f, std::plus<>(),
+            [&](const FloatVector& sum, int64_t d) {
               FloatVector dy0, dy1, x0, x1, w0, w1;
               load_step(dy + d, dy0, dy1);
               load_step(xs + d, x0, x1);
               load_step(w + d, w0, w1);
-              dot = dot + dy0 * w0 * x0 + dy1 * w1 * x1;
+              return sum + dy0 * w0 * x0 + dy1 * w1 * x1;
             },
-            [&](int64_t d) { dot_tail += float(dy[d]) * float(w[d]) * float(xs[d]); });
+            [&](float sum, int64_t d) { return sum + float(dy[d]) * float(w[d]) * float(xs[d]); });
         // mean(gn n) = r mean(gn x); dx = r gn - x r^3 mean(gn x)
-        const float mean = (at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), dot) + dot_tail) / D;
+        const float mean = dot / D;
         const float x_scale = r * r * r * mean;
         over_row(
             D,
@@ -766,9 +776,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
 
 // The cross-entropy of logit rows z (n, V) against targets t (n,), float32 math over float32 or bfloat16 z, in three
 // passes over a row while it is in cache: m = max_v z_v, lse = m + log sum_v exp(z_v - m), loss = lse - z_t; then the
-// gradient (softmax(z) - onehot(t)) s, s the row's scale (1 / rows counted, 0 for an ignored row), written over z:
-// torch's eager ops made each pass into fresh memory, and bf16 logits were widened to float32 and their gradient
-// narrowed back, two more.
+// gradient (softmax(z) - onehot(t)) s, s the row's scale (1 / rows counted, 0 for an ignored row), written over z
+// (torch's eager ops would make each pass into fresh memory, and widen bf16 logits to float32 and their gradient back).
 template <typename T>
 void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const float* scale, float* losses) {
   const int64_t V = logits.size(1);
@@ -776,32 +785,23 @@ void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const flo
   at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* z = data + row * V;
-      const float lowest = -std::numeric_limits<float>::infinity();
-      FloatVector most(lowest);
-      float most_tail = lowest;
-      over_row(
-          V,
-          [&](int64_t d) {
+      const float m = fold_row(
+          V, -std::numeric_limits<float>::infinity(), Maximum(),
+          [&](const FloatVector& most, int64_t d) {
             FloatVector z0, z1;
             load_step(z + d, z0, z1);
-            most = at::vec::maximum(most, at::vec::maximum(z0, z1));
+            return at::vec::maximum(most, at::vec::maximum(z0, z1));
           },
-          [&](int64_t d) { most_tail = std::max(most_tail, float(z[d])); });
-      const float m = std::max(
-          at::vec::vec_reduce_all<float>([](const FloatVector& a, const FloatVector& b) { return at::vec::maximum(a, b); },
-                                         most),
-          most_tail);
-      FloatVector sum(0.f);
-      float sum_tail = 0.f;
-      over_row(
-          V,
-          [&](int64_t d) {
+          [&](float most, int64_t d) { return std::max(most, float(z[d])); });
+      const float exp_sum = fold_row(
+          V, 0.f, std::plus<>(),
+          [&](const FloatVector& sum, int64_t d) {
             FloatVector z0, z1;
             load_step(z + d, z0, z1);
-            sum = sum + (z0 - FloatVector(m)).exp() + (z1 - FloatVector(m)).exp();
+            return sum + (z0 - FloatVector(m)).exp() + (z1 - FloatVector(m)).exp();
           },
-          [&](int64_t d) { sum_tail += std::exp(float(z[d]) - m); });
-      const float lse = m + std::log(at::vec::vec_reduce_all<float>(std::plus<FloatVector>(), sum) + sum_tail);
+          [&](float sum, int64_t d) { return sum + std::exp(float(z[d]) - m); });
+      const float lse = m + std::log(exp_sum);
       const int64_t t = targets[row];
       const float target_logit = float(z[t]), s = scale[row];
       losses[row] = lse - target_logit;

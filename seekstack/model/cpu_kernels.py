@@ -84,11 +84,11 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused elementwise ops (`swiglu`, `rms_norm`) take these tensors: float32 or bfloat16 in one dtype on
-    the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's ops), none sharded, outside a
-    compiled region (inductor fuses its own); builds the kernels on the first call. Asked before each RMSNorm and
-    SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu`, a loop: `device.type` and a
-    generator took 2.3 us of a 1-row norm's 12, now 1.1)."""
+    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`, `causal_attention_backward`) take these
+    tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input
+    takes torch's ops), none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the
+    first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers
+    (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
     first = tensors[0]
     if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
         return False
