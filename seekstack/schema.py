@@ -156,6 +156,13 @@ def shown_value(value: Any, written: Callable[[Any], str] = repr) -> str:
     return f"{text[:SHOWN_VALUE_CHARS]}... ({size})"
 
 
+def refuse_a_non_bool(name: str, value: object, error: type[ValueError] = ValueError) -> None:
+    """`error` (a ValueError) naming keyword `name` unless `value` is True or False: "no", a text read from a file or
+    the environment, is true, so mtp="no" would silently ask for what it refuses."""
+    if not isinstance(value, bool):
+        raise error(f"{name}={value!r} must be True or False")
+
+
 def counted(count: int, noun: str) -> str:
     """`count` (thousands separated) and `noun`, plural but for one: `1 document`, `1,200 documents`."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"

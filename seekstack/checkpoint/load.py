@@ -51,7 +51,7 @@ from seekstack.infer.placement import (
 )
 from seekstack.infer.precision import map_devices
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, refuse_a_non_bool
 
 FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")  # what a model loads in; "auto": the one stated
 # transformers' from_pretrained(attn_implementation=...) kernels, which load_pretrained takes without effect
@@ -211,13 +211,6 @@ def refuse_a_revision(revision: str | None, directory: Path) -> None:
             f"{directory} as it is on disk and downloads nothing: fetch that revision with `hf download REPO "
             f"--revision {revision} --local-dir FOLDER`, give FOLDER and leave revision out"
         )
-
-
-def refuse_a_non_bool(name: str, value: object) -> None:
-    """ValueError naming keyword `name` unless `value` is True or False: "no", a text read from a file or the
-    environment, is true, so mtp="no" would silently ask for what it refuses."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be True or False")
 
 
 def loading_device(device: torch.device | str | int) -> torch.device:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.checkpoint.load import placement_asked, refuse_a_non_bool, refuse_a_revision
+from seekstack.checkpoint.load import placement_asked, refuse_a_revision
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import (
     PagedLatentCache,
@@ -97,7 +97,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError, for_command, known_fields, shown_value
+from seekstack.schema import ConfigError, for_command, known_fields, refuse_a_non_bool, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 

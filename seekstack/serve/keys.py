@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal, localcontext
 
-from seekstack.schema import shown_value
+from seekstack.schema import refuse_a_non_bool, shown_value
 from seekstack.serve.database import (
     COST_SCALE,
     DEFAULT_PLAN,
@@ -179,8 +179,7 @@ class KeyStore:
                 raise KeyStoreError(
                     f"{field} must be a whole number between 1 and {MAX_LIMIT} (or unset for no limit), got {limit!r}"
                 )
-        if not isinstance(admin, bool):  # stored as int(admin): "1" would make an admin key, "no" fail
-            raise KeyStoreError(f"admin={admin!r} must be True or False")
+        refuse_a_non_bool("admin", admin, KeyStoreError)  # stored as int(admin): "1" would make an admin key, "no" fail
         if isinstance(models, str):  # iterated, its letters would be the models the key may use
             raise KeyStoreError(f"models={models!r} is one name: give a tuple of names, models=({models!r},)")
         for model in models or ():
