@@ -52,7 +52,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_matmul, w_matmul = h.to(matmul_dtype), w.to(matmul_dtype)  # in float32 h and w, not copies
             counted = targets != IGNORE_INDEX
             count = counted.sum().clamp(min=1)
-            safe_targets = targets.long().masked_fill(~counted, 0)  # another negative target is refused as torch's is
+            outside = counted & ((targets < 0) | (targets >= vocab))  # as torch's refuses them (-1 too), by batch row
+            if outside.any():
+                row = int(outside.nonzero()[0])
+                raise RuntimeError(
+                    f"cross-entropy: target {int(targets[row])} of row {row} is outside the vocabulary of {vocab}"
+                )
+            safe_targets = targets.long().masked_fill(~counted, 0)
             loss = h.new_zeros(())
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
             grad_h = torch.empty_like(h) if grad_hidden else None

@@ -165,10 +165,22 @@ def test_a_negative_target_other_than_the_ignore_index_is_refused_as_torchs_cros
     hidden, weight = torch.randn(4, 8), torch.randn(50, 8)
     cpu_kernels.set_enabled(fused)
     try:
-        with pytest.raises(
-            RuntimeError, match=r"-1 .*(outside the vocabulary of|out of bounds for dimension 1 with size) 50"
-        ):
+        with pytest.raises(RuntimeError, match=r"target -1 of row 1 is outside the vocabulary of 50"):
             linear_cross_entropy(hidden, weight, torch.tensor([3, -1, 5, IGNORE_INDEX]))
+    finally:
+        cpu_kernels.set_enabled(True)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_an_out_of_vocabulary_target_is_named_by_its_row_in_the_batch_not_in_its_chunk(fused, monkeypatch):
+    """The kernel named the row within its chunk ("target 20000 of row 4" for row 900), torch's gather no row."""
+    monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", 16 * 50)  # 16-row chunks
+    targets = torch.zeros(40, dtype=torch.long)
+    targets[20] = 50
+    cpu_kernels.set_enabled(fused)
+    try:
+        with pytest.raises(RuntimeError, match=r"target 50 of row 20 is outside the vocabulary of 50"):
+            linear_cross_entropy(torch.randn(40, 8), torch.randn(50, 8), targets)
     finally:
         cpu_kernels.set_enabled(True)
 
