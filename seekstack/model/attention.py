@@ -11,7 +11,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from seekstack.config import ModelConfig
 from seekstack.model import cpu_kernels
@@ -199,8 +198,12 @@ class _CausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph: the kernel's gradients would come back without one, silently
+            raise RuntimeError(
+                "the fused causal attention backward has no derivative of its own (create_graph=True); for a "
+                "second-order gradient run the model under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+            )
         q, k, v, out, lse = ctx.saved_tensors
         return (*torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, ctx.scale), None)
 

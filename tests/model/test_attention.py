@@ -169,6 +169,20 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(dtyp
             assert error <= 1.5 * (peer.double() - want).abs().max()
 
 
+def test_a_second_order_gradient_through_the_fused_attention_is_refused_not_returned_without_its_graph():
+    """create_graph=True gave dL/dq without a graph (once_differentiable, the incoming gradient a constant), so a
+    gradient penalty silently lost attention's part; torch's flash SDPA refuses it too. The message names the way out:
+    the math backend, whose gradient keeps its graph."""
+    assert cpu_kernels.available()
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    out = attention._CausalAttention.apply(q, k, v, 0.25)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*sdpa_kernel\(SDPBackend.MATH\)"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+        assert torch.autograd.grad(out.sum(), q, create_graph=True)[0].requires_grad
+
+
 def test_training_attention_takes_the_fused_backward_only_when_causal_and_matches_torchs_sdpa(monkeypatch):
     """A training forward without a mask runs the fused causal attention; with an attention_mask, with the kernels
     switched off, under sdpa_kernel(SDPBackend.MATH), or without gradients it runs torch's SDPA, and the gradients
