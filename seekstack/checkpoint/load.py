@@ -99,7 +99,8 @@ def load_pretrained(
     a Hub revision, is refused (`refuse_a_revision`, as Engine.from_pretrained refuses it), and so is
     `ignore_mismatched_sizes=True`: a tensor of another shape than the config's is always refused. `device` is read
     as an engine reads it (`loading_device`: "CPU", "auto", an int N); meta, and one this torch cannot reach, are
-    refused before any weight is read. `dequantize` and `mtp` must be True or False (`refuse_a_non_bool`).
+    refused before any weight is read. `dequantize`, `mtp` and the three bool keywords taken without effect must be
+    True or False (`refuse_a_non_bool`).
     `attn_implementation`, one of transformers' (ATTN_IMPLEMENTATIONS: DeepSeek's model cards pass "eager"), is taken
     without effect too: MLA runs here as seekstack writes it (torch's SDPA kernel on the naive or absorbed form), the
     same attention; another value is refused naming them.
@@ -112,7 +113,8 @@ def load_pretrained(
     """
     directory = Path(directory)
     refuse_a_revision(revision, directory)
-    for name, value in (("dequantize", dequantize), ("mtp", mtp)):
+    for name, value in (("dequantize", dequantize), ("mtp", mtp), ("trust_remote_code", trust_remote_code),
+                        ("low_cpu_mem_usage", low_cpu_mem_usage), ("local_files_only", local_files_only)):  # fmt: skip
         refuse_a_non_bool(name, value)
     if ignore_mismatched_sizes is not False:
         raise ValueError(

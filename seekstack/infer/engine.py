@@ -487,9 +487,10 @@ class Engine:
         from the checkpoint are copied under `offload_dir` (default `model_dir`/offload). `dtype` is load_pretrained's
         (float32 where not given); `torch_dtype` and `offload_folder`, transformers' from_pretrained names, are read
         as dtype and offload_dir (given both, dtype and torch_dtype must load the same dtype). `trust_remote_code` and
-        `low_cpu_mem_usage`, which transformers and vLLM callers pass, are taken without effect: seekstack runs no code
-        from a checkpoint, and always reads the weights one tensor at a time into a model built without them (what
-        low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the folder is read as it is on disk.
+        `low_cpu_mem_usage`, which transformers and vLLM callers pass, are taken without effect (True or False, else
+        refused): seekstack runs no code from a checkpoint, and always reads the weights one tensor at a time into a
+        model built without them (what low_cpu_mem_usage=True asks). `revision`, a Hub revision, is refused: the
+        folder is read as it is on disk.
         vLLM's LLM keywords are read, or refused naming what does their work, by `read_vllm_engine_keywords`.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
@@ -510,6 +511,8 @@ class Engine:
         # before any weights load
         refuse_adapters_not_served(kwargs.get("adapters"), kwargs.get("max_loras"), kwargs.get("max_lora_rank"))
         refuse_a_revision(revision, model_dir)
+        for name, value in (("trust_remote_code", trust_remote_code), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+            refuse_a_non_bool(name, value)
         for parameter in engine_parameters:  # Engine's switches, refused as it does, before load_pretrained reads mtp
             if parameter.annotation in (bool, "bool") and parameter.name in kwargs:
                 refuse_a_non_bool(parameter.name, kwargs[parameter.name])

@@ -192,12 +192,13 @@ def test_weights_unlike_the_config_are_refused_naming_the_key_and_both_shapes_be
     )
 
 
-@pytest.mark.parametrize("keyword", ["dequantize", "mtp"])
+@pytest.mark.parametrize("keyword", ["dequantize", "mtp", "trust_remote_code", "low_cpu_mem_usage", "local_files_only"])
 @pytest.mark.parametrize("value", ["no", "false", 1, None])
 def test_a_switch_given_as_anything_but_a_bool_is_refused_not_read_as_true(tmp_path, keyword, value):
     """load_pretrained(dir, dequantize="no") (a setting read from a file or the environment as text) dequantized the
     quantized layers, silently, and mtp="no" loaded the MTP modules: every non-empty text is true; refused before
-    anything is read, as the engine's switches are."""
+    anything is read, as the engine's switches are. transformers' keywords taken without effect were taken whatever
+    their value (trust_remote_code="no", low_cpu_mem_usage=None): refused the same way."""
     with pytest.raises(ValueError, match=rf"^{keyword}={value!r} must be True or False$"):
         seekstack.load_pretrained(tmp_path / "not-read", **{keyword: value})
 

@@ -311,12 +311,16 @@ def test_a_third_argument_that_names_no_adapter_is_refused_saying_use_tqdm_is_a_
 def test_transformers_and_vllm_loading_keywords_are_taken_or_refused_naming_them(base):
     """from_pretrained(path, trust_remote_code=True), low_cpu_mem_usage=True (transformers' and vLLM's keywords) and
     revision= raised "TypeError: Engine.__init__() got an unexpected keyword argument", saying nothing of why. The
-    first two are taken without effect (no checkpoint code runs; the weights are always read one tensor at a time);
-    a Hub revision is refused naming it, as the folder is read as it is on disk."""
+    first two are taken without effect (no checkpoint code runs; the weights are always read one tensor at a time),
+    but as True or False: trust_remote_code="no" was taken too; a Hub revision is refused naming it, as the folder is
+    read as it is on disk."""
     plain = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
     taken = Engine.from_pretrained(base, kv_cache_memory=1 << 22, trust_remote_code=True, low_cpu_mem_usage=True)
     greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     assert taken.generate([[5, 9]], greedy)[0].token_ids == plain.generate([[5, 9]], greedy)[0].token_ids
+    for keyword in ("trust_remote_code", "low_cpu_mem_usage"):
+        with pytest.raises(ValueError, match=rf"^{keyword}='no' must be True or False$"):
+            Engine.from_pretrained(base, **{keyword: "no"})
     with pytest.raises(ValueError) as refused:
         Engine.from_pretrained(base, revision="v1.0")
     assert str(refused.value) == (
