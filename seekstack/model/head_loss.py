@@ -100,6 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logits):  # type: ignore[override]
+        _refuse_create_graph("linear_cross_entropy")
         grad_h, grad_w = ctx.saved_tensors
         scaled = [None if grad is None else grad * grad_loss for grad in (grad_h, grad_w)]
         return *scaled, None, None, None, None
@@ -132,6 +133,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_picked, _grad_entropy):  # type: ignore[override]
+        _refuse_create_graph("linear_token_logprobs")
         h, w, tokens, probs = ctx.saved_tensors
         needs_h, needs_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if needs_h else None
@@ -149,6 +151,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden_dtype),
             None if grad_w is None else grad_w.to(weight_dtype),
             None,
+        )
+
+
+def _refuse_create_graph(name: str) -> None:
+    """A backward under create_graph=True (grad mode on in it; off in an ordinary or compiled backward) would return
+    gradients without their graph, a second-order loss silently short of the head's part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name}'s backward has no derivative of its own (create_graph=True); for a second-order gradient compute "
+            "the loss from the logits (hidden @ weight.T) with torch's ops"
         )
 
 

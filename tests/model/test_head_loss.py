@@ -185,6 +185,18 @@ def test_an_out_of_vocabulary_target_is_named_by_its_row_in_the_batch_not_in_its
         cpu_kernels.set_enabled(True)
 
 
+def test_a_second_order_gradient_through_the_fused_head_is_refused_not_returned_without_its_graph():
+    """create_graph=True gave dL/dh without a graph (the backward scales gradients made in the forward), so a gradient
+    penalty through the model's loss silently lost the head's part, and with it every layer's below."""
+    hidden, weight, tokens = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8), torch.randint(20, (6,))
+    loss, _ = linear_cross_entropy(hidden, weight, tokens)
+    with pytest.raises(RuntimeError, match=r"^linear_cross_entropy's backward .*create_graph=True"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    picked, _ = linear_token_logprobs(hidden, weight, tokens)
+    with pytest.raises(RuntimeError, match=r"^linear_token_logprobs's backward .*create_graph=True"):
+        torch.autograd.grad(picked.sum(), hidden, create_graph=True)
+
+
 def test_a_bfloat16_heads_weight_is_widened_to_float32_once():
     """A bf16 model's loss outside autocast (`eval` of a bf16 checkpoint) copied the (V, D) head weight to float32
     twice, once for the sums and once for the matmuls, both float32."""
