@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from seekstack.distill.config import FeatureLoss
-from seekstack.model.head_loss import CHUNK_ELEMENTS
+from seekstack.model.head_loss import CHUNK_ELEMENTS, refuse_create_graph
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,7 @@ class _GeneralizedJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
+        refuse_create_graph("generalized_jsd", "compute it from the logits' log_softmax with torch's ops")
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None
 

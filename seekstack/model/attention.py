@@ -14,6 +14,7 @@ from torch import nn
 
 from seekstack.config import ModelConfig
 from seekstack.model import cpu_kernels
+from seekstack.model.head_loss import refuse_create_graph
 from seekstack.model.norm import RMSNorm
 from seekstack.model.rope import apply_rotary
 
@@ -199,11 +200,7 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph: the kernel's gradients would come back without one, silently
-            raise RuntimeError(
-                "the fused causal attention backward has no derivative of its own (create_graph=True); for a "
-                "second-order gradient run the model under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
-            )
+        refuse_create_graph("the fused causal attention", "run the model under sdpa_kernel(SDPBackend.MATH)")
         q, k, v, out, lse = ctx.saved_tensors
         return (*torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, ctx.scale), None)
 

@@ -100,7 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logits):  # type: ignore[override]
-        _refuse_create_graph("linear_cross_entropy")
+        refuse_create_graph("linear_cross_entropy", _FROM_LOGITS)
         grad_h, grad_w = ctx.saved_tensors
         scaled = [None if grad is None else grad * grad_loss for grad in (grad_h, grad_w)]
         return *scaled, None, None, None, None
@@ -133,7 +133,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_picked, _grad_entropy):  # type: ignore[override]
-        _refuse_create_graph("linear_token_logprobs")
+        refuse_create_graph("linear_token_logprobs", _FROM_LOGITS)
         h, w, tokens, probs = ctx.saved_tensors
         needs_h, needs_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if needs_h else None
@@ -154,14 +154,17 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         )
 
 
-def _refuse_create_graph(name: str) -> None:
-    """A backward under create_graph=True (grad mode on in it; off in an ordinary or compiled backward) would return
-    gradients without their graph, a second-order loss silently short of the head's part."""
+def refuse_create_graph(op: str, instead: str) -> None:
+    """Raised in a hand-written backward run under create_graph=True (grad mode on in it; off in an ordinary or
+    compiled backward): it would return gradients without their graph, a second-order loss silently short of `op`'s
+    part. `instead` says what gives a second-order gradient."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            f"{name}'s backward has no derivative of its own (create_graph=True); for a second-order gradient compute "
-            "the loss from the logits (hidden @ weight.T) with torch's ops"
+            f"{op}'s backward has no derivative of its own (create_graph=True); for a second-order gradient {instead}"
         )
+
+
+_FROM_LOGITS = "compute the loss from the logits (hidden @ weight.T) with torch's ops"
 
 
 def _chunk_rows(hidden: torch.Tensor, vocab: int, grad_weight: bool) -> int:

@@ -194,3 +194,13 @@ def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     info_file.write_text('{"teacher": "/x", "top')  # cut short: a JSONDecodeError named nothing
     with pytest.raises(ValueError, match=rf"teacher_cache .*cache: {info_file.name} is damaged .*empty this one"):
         TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
+
+
+def test_a_second_order_gradient_through_the_jsd_is_refused_not_returned_without_its_graph():
+    """create_graph=True gave dL/ds without a graph (the backward scales a gradient made in the forward), so a gradient
+    penalty through the distillation loss silently lost its part; it is refused, naming the loss."""
+    student = torch.randn(4, 10, requires_grad=True)
+    loss = generalized_jsd(student, torch.randn(4, 10), 0.5)
+    with pytest.raises(RuntimeError, match=r"^generalized_jsd's backward .*create_graph=True"):
+        torch.autograd.grad(loss, student, create_graph=True)
+    assert torch.autograd.grad(generalized_jsd(student, torch.randn(4, 10), 0.5), student)[0].abs().sum() > 0
