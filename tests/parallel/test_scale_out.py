@@ -252,8 +252,9 @@ def test_ranks_that_all_hang_fail_the_test_within_its_limit_naming_them_and_wher
     """Both ranks hanging kept the test waiting for ever; after the limit they are killed and the test fails, each
     rank's stack in the test's stderr."""
     started = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"^_rank_hanging: rank 0 and 1 still ran after 1 s \(hung\?\)"):
-        spawn(_rank_hanging, (), limit_s=1)
+    # a limit that leaves the ranks time to reach _rank_hanging on a busy CI machine (at 1 s one was still starting)
+    with pytest.raises(pytest.fail.Exception, match=r"^_rank_hanging: rank 0 and 1 still ran after 6 s \(hung\?\)"):
+        spawn(_rank_hanging, (), limit_s=6)
     assert time.monotonic() - started < 30
     assert capfd.readouterr().err.count(" in _rank_hanging\n") == 2  # faulthandler's "File ..., line N in FUNCTION"
 
