@@ -277,12 +277,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raw = yaml.load(text, Loader=_YamlLoader)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, _DuplicateKey, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot be parsed ({error})") from None
+        raise ConfigError(f"{path}: cannot be parsed ({error}){_toml_in_yaml(text, suffix)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of field names to values")
+        raise ConfigError(f"{path}: expected a mapping of field names to values{_toml_in_yaml(text, suffix)}")
     return raw
+
+
+def _toml_in_yaml(text: str, suffix: str) -> str:
+    """What a YAML file's first TOML line (`lr = 3e-4`, a `key = value` YAML reads as text) is to be written as; ""
+    for a file that holds none or is not YAML."""
+    line = re.search(r"^[ \t]*([A-Za-z_][\w.-]*)[ \t]*=[ \t]*(\S.*?)[ \t]*$", text, re.MULTILINE)
+    if suffix in (".toml", ".json") or line is None:
+        return ""
+    number = text.count("\n", 0, line.start()) + 1
+    return (
+        f": it is read as YAML (its suffix), where line {number}, {line[0].strip()!r}, TOML's key = value, is text, "
+        f"no field: write it {line[1]}: {line[2]}, or name the file .toml to have it read as TOML"
+    )
 
 
 class _DuplicateKey(ValueError):

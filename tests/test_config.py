@@ -241,6 +241,26 @@ def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_b
     assert read_config_file(wide) == {"preset": "tiny"}
 
 
+def test_a_yaml_file_written_in_toml_is_refused_saying_it_is_read_as_yaml_and_how_to_write_its_line(tmp_path):
+    """cfg.yaml holding TOML's `lr = 3e-4` (a plain YAML text) was told "expected a mapping of field names to values",
+    and one mixing it into YAML's lines a bare parse error, neither saying the file is read as YAML."""
+    toml_only, mixed = tmp_path / "cfg.yaml", tmp_path / "mixed.yml"
+    toml_only.write_text("lr = 3e-4\nmax_steps = 2\n")
+    mixed.write_text("max_steps: 2\nlr = 3e-4 \n")
+    told = "it is read as YAML (its suffix), where line {}, 'lr = 3e-4', TOML's key = value, is text, no field: "
+    told += "write it lr: 3e-4, or name the file .toml to have it read as TOML"
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(toml_only))}: expected a mapping .*: {re.escape(told.format(1))}$"
+    ):
+        read_config_file(toml_only)
+    with pytest.raises(
+        ConfigError, match=rf"(?s)^{re.escape(str(mixed))}: cannot be parsed .*: {re.escape(told.format(2))}$"
+    ):
+        read_config_file(mixed)
+    (tmp_path / "cfg.toml").write_text(toml_only.read_text())
+    assert read_config_file(tmp_path / "cfg.toml") == {"lr": 3e-4, "max_steps": 2}
+
+
 def test_a_shown_value_of_one_item_counts_it_singular():
     """shown_value of a long list of one item said '(1 items)'."""
     assert shown_value(["x" * 100]) == f"['{'x' * 78}... (1 item)"
