@@ -246,6 +246,34 @@ def refuse_a_non_count(name: str, value: object) -> None:
         raise ValueError(f"{name}={value} must be >= 1")
 
 
+ENGINE_SWITCHES = ("prefix_caching", "speculative", "adaptive_drafts", "eager_lone_row")
+# None: the default (max_model_len the model's context, kv_cache_memory half the free memory)
+ENGINE_COUNTS = ("max_batch_size", "max_model_len", "block_size", "kv_cache_memory", "prefill_chunk", "draft_tokens")
+
+
+def kv_cache_bytes(value: int | str | None) -> int | None:
+    """kv_cache_memory in bytes: a size such as "4GiB" read (ValueError naming the keyword), anything else as given."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise ValueError(f"kv_cache_memory: {error}") from None
+
+
+def refuse_wrong_engine_values(values: Mapping[str, Any]) -> None:
+    """ValueError naming the first of `values` (Engine keywords) whose value the engine refuses: a switch not True or
+    False, compile not True, False or None, a count that is no whole number >= 1 (`refuse_a_non_count`), more
+    draft_tokens than MAX_DRAFT_TOKENS. Engine checks its own; from_pretrained those given, before any weights load."""
+    for name, value in values.items():
+        if name in ENGINE_SWITCHES or (name == "compile" and value is not None):
+            refuse_a_non_bool(name, value)
+        elif name in ENGINE_COUNTS:
+            refuse_a_non_count(name, kv_cache_bytes(value) if name == "kv_cache_memory" else value)
+    if values.get("draft_tokens", 0) > MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft_tokens={values['draft_tokens']}: {DRAFT_TOKENS_LIMIT}")
+
+
 # vLLM's LLM(...) keywords that are vLLM's names of the engine's own, read as them, and the engine's check of a value,
 # which names the keyword given
 VLLM_ENGINE_NAMES = {
@@ -358,30 +386,18 @@ class Engine:
                 f"attention_variant={self.config.attention_variant!r} is a training ablation without a cached decode "
                 "path; the engine serves plain MLA models"
             )
-        for name, value in (("prefix_caching", prefix_caching), ("speculative", speculative),
-                            ("adaptive_drafts", adaptive_drafts), ("eager_lone_row", eager_lone_row)):  # fmt: skip
-            refuse_a_non_bool(name, value)
+        kv_cache_memory = kv_cache_bytes(kv_cache_memory)
+        refuse_wrong_engine_values(
+            {"prefix_caching": prefix_caching, "speculative": speculative, "adaptive_drafts": adaptive_drafts,
+             "eager_lone_row": eager_lone_row, "compile": compile, "max_batch_size": max_batch_size,
+             "max_model_len": max_model_len, "block_size": block_size, "kv_cache_memory": kv_cache_memory,
+             "prefill_chunk": prefill_chunk, "draft_tokens": draft_tokens}
+        )  # fmt: skip
         if speculative and len(model.mtp) == 0:
             raise ValueError(
                 "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "
                 "checkpoint without MTP weights, as transformers' save_pretrained writes)"
             )
-        if isinstance(kv_cache_memory, str):
-            try:
-                kv_cache_memory = parse_bytes(kv_cache_memory)
-            except ValueError as error:
-                raise ValueError(f"kv_cache_memory: {error}") from None
-        for name, value in (  # None: the default (max_model_len the model's context, kv_cache_memory half the free)
-            ("max_batch_size", max_batch_size),
-            ("max_model_len", max_model_len),
-            ("block_size", block_size),
-            ("kv_cache_memory", kv_cache_memory),
-            ("prefill_chunk", prefill_chunk),
-            ("draft_tokens", draft_tokens),
-        ):
-            refuse_a_non_count(name, value)
-        if draft_tokens > MAX_DRAFT_TOKENS:
-            raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = self.config.max_position_embeddings if max_model_len is None else max_model_len
@@ -513,9 +529,7 @@ class Engine:
         refuse_a_revision(revision, model_dir)
         for name, value in (("trust_remote_code", trust_remote_code), ("low_cpu_mem_usage", low_cpu_mem_usage)):
             refuse_a_non_bool(name, value)
-        for parameter in engine_parameters:  # Engine's switches, refused as it does, before load_pretrained reads mtp
-            if parameter.annotation in (bool, "bool") and parameter.name in kwargs:
-                refuse_a_non_bool(parameter.name, kwargs[parameter.name])
+        refuse_wrong_engine_values(kwargs)  # as Engine does, before load_pretrained reads mtp=speculative
         if offload_folder is not None and offload_dir is not None and offload_folder != offload_dir:
             raise ValueError(
                 f"offload_folder={offload_folder!r} beside offload_dir={offload_dir!r}: it is transformers' name for "

@@ -410,6 +410,24 @@ def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, tm
             Engine.from_pretrained(tmp_path / "not-read", **{keyword: value})
 
 
+@pytest.mark.parametrize(
+    ("given", "told"),
+    [
+        ({"max_batch_size": "8"}, "max_batch_size='8' must be a whole number >= 1"),
+        ({"block_size": 0}, "block_size=0 must be >= 1"),
+        ({"kv_cache_memory": "lots"}, "kv_cache_memory: size 'lots': expected a number with an optional unit"),
+        ({"draft_tokens": 99}, "draft_tokens=99: at most 16"),
+        ({"compile": "yes"}, "compile='yes' must be True or False"),
+    ],
+)
+def test_a_wrong_count_or_compile_is_refused_before_anything_is_read(tmp_path, given, told):
+    """Engine.from_pretrained(path, max_batch_size="8") loaded every weight (minutes, on a real-size model) before
+    Engine refused the count; compile="yes" was taken by both and decoded eagerly, as compile=False does."""
+    with pytest.raises(ValueError) as refused:
+        Engine.from_pretrained(tmp_path / "not-read", **given)
+    assert str(refused.value).startswith(told)
+
+
 def test_a_mistyped_keyword_is_refused_naming_the_closest_before_any_weight_loads(tmp_path):
     """Engine.from_pretrained(path, max_batch=4) loaded every weight, then raised Python's bare "TypeError:
     Engine.__init__() got an unexpected keyword argument 'max_batch'" (minutes, on a real-size model)."""
