@@ -369,6 +369,23 @@ def test_a_transform_config_alone_of_fused_rotations_loads_as_the_float_weights_
             assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_an_empty_quantization_config_is_no_quantization_as_transformers_reads_it(tmp_path):
+    """transformers' from_pretrained reads `"quantization_config": {}` as none (a falsy config: no quantizer). seekstack
+    loaded the float weights too, but read the config as fp8 elsewhere: a LoRA run refused the checkpoint as "the base
+    model is quantized (fp8)", and prune as quantized. It is no quantization everywhere."""
+    from seekstack.adapters.training import refuse_quantized_checkpoint
+
+    model = Transformer(micro_config(**SHAPES)).eval()
+    seekstack.save_pretrained(model, tmp_path / "float")
+    with edited_json(tmp_path / "float" / CONFIG_FILE) as config:
+        config["quantization_config"] = {}
+    refuse_quantized_checkpoint(tmp_path / "float")
+    loaded = seekstack.load_pretrained(tmp_path / "float").eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("sparse_format", ["dense", "sparse-24-bitmask"])
 def test_weights_compressed_by_a_sparsity_config_are_refused_and_sparse_dense_ones_load(tmp_path, sparse_format):
     """A compressed-tensors checkpoint whose sparsity_config stores its weights compressed (llm-compressor's 2:4

@@ -111,10 +111,11 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 
 def stores_quantized_weights(quantization: Any) -> bool:
-    """Whether a config.json's quantization_config (None when it has none) says weights are stored quantized. A
-    compressed-tensors one of no config_groups nor kv_cache_scheme (a transform_config alone: SpinQuant's or QuIP's
-    rotations fused into float weights, as compressed-tensors' ModelCompressor writes it) quantizes nothing."""
-    if quantization is None:
+    """Whether a config.json's quantization_config (None when it has none) says weights are stored quantized. An empty
+    one quantizes nothing (transformers loads it as none), nor does a compressed-tensors one of no config_groups nor
+    kv_cache_scheme (a transform_config alone: SpinQuant's or QuIP's rotations fused into float weights, as
+    compressed-tensors' ModelCompressor writes it)."""
+    if not quantization:
         return False
     if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
         return any(quantization.get(key) for key in ("config_groups", "kv_cache_scheme"))
@@ -163,6 +164,7 @@ class CheckpointReader:
         self._handles: dict[str, Any] = {}
         self._held: dict[str, set[str]] = {}  # each open file's keys
         self.fp8_block: tuple[int, int] | None = None
+        quantization = quantization or None  # {}: no quantization, as transformers' from_pretrained reads it
         self.quantized = quantization is not None
         self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
         if quantization is not None:
