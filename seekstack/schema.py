@@ -261,10 +261,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    encoding = marked_encoding(data)
     try:  # UTF-8's byte order mark (Windows' Notepad) skipped; UTF-16's (PowerShell 5's `>`) read, as PyYAML reads it
-        text = data.decode(marked_encoding(data) or "utf-8-sig")
-    except UnicodeDecodeError as error:  # saved in another encoding: an editor's GBK or Latin-1
-        raise ConfigError(
+        text = data.decode(encoding or "utf-8-sig")
+    except UnicodeDecodeError as error:
+        if encoding:  # the encoding its byte order mark names, cut short or damaged: no other encoding to convert from
+            raise ConfigError(
+                f"{path}: {encoding.upper()} text (its byte order mark says so) that does not decode ({error.reason} "
+                f"at byte {error.start}): the file is truncated or damaged; write it again, as UTF-8"
+            ) from None
+        raise ConfigError(  # saved in another encoding: an editor's GBK or Latin-1
             f"{path}: not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8 (iconv -f GBK -t UTF-8 "
             "for Chinese text, -f LATIN1 for Western European)"
         ) from None

@@ -227,7 +227,8 @@ def test_numpy_arrays_and_tensors_are_taken_as_the_lists_they_hold():
 def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_byte_order_mark_is_read(tmp_path):
     """A YAML saved as GBK (Chinese comments, a Windows editor) raised a bare "'utf-8' codec can't decode byte 0xc4 in
     position 2" naming no file (seekstack train run.yaml); a JSON Notepad saved with a BOM "cannot be parsed". A
-    YAML in UTF-16, its mark opening it, is read as PyYAML reads it."""
+    YAML in UTF-16, its mark opening it, is read as PyYAML reads it; one cut short is told so, not to convert from GBK
+    (as it was told: "not UTF-8 text (truncated data at byte 74): save it as UTF-8 (iconv -f GBK ...")."""
     gbk = tmp_path / "run.yaml"
     gbk.write_bytes("# 你好\npreset: tiny\n".encode("gbk"))
     told = rf"^{re.escape(str(gbk))}: not UTF-8 text \(invalid continuation byte at byte 2\): save it as UTF-8 \(iconv"
@@ -239,6 +240,11 @@ def test_a_config_file_not_in_utf8_is_refused_naming_it_and_one_opening_with_a_b
     wide = tmp_path / "wide.yaml"  # Windows PowerShell 5's `"preset: tiny" > wide.yaml`: told to iconv -f LATIN1
     wide.write_bytes("# 你好\npreset: tiny\n".encode("utf-16"))
     assert read_config_file(wide) == {"preset": "tiny"}
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(json.dumps({"preset": "tiny"}).encode("utf-16")[:-1])
+    told = rf"^{re.escape(str(cut))}: UTF-16 text \(its byte order mark says so\) that does not decode \("
+    with pytest.raises(ConfigError, match=told + r"truncated data at byte 36\): the file is truncated or damaged; "):
+        read_config_file(cut)
 
 
 def test_a_yaml_file_written_in_toml_is_refused_saying_it_is_read_as_yaml_and_how_to_write_its_line(tmp_path):
