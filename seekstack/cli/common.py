@@ -185,6 +185,10 @@ class Command(TyperCommand):
             if param.param_type_name == "argument" and param.metavar is None:
                 param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
             described = param.type_descriptor  # a Path, Paths, or a checkpoint or preset (`Model`, a str)
+            if param.param_type_name == "argument" and described.annotation in (str, list[str]):
+                # typer writes the annotation beside it ("CONFIG <str>", "OVERRIDES... <list[str]>"), which tells a
+                # user nothing: its help says what it takes (a file, a preset, key=value), as in click's --help
+                param.display_type_rich = lambda ctx: None
             if described.annotation in (Path, list[Path]) or described.parameter_info.callback is run_to_checkpoint:
                 # checked as given, before typer reads it: after eager --help, as click checks every value
                 param.process_value = partial(_processed_as_path, param, param.process_value)
