@@ -2,6 +2,7 @@
 work; it used to run the whole benchmark and fail on an empty median."""
 
 import argparse
+import ast
 import os
 import signal
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from bench import options
 from bench.options import checkpoint_folder, non_negative_int, positive_int
-from tests.bench.support import run_in_process
+from tests.bench.support import BENCH, run_in_process
 from tests.bench.test_peers import micro_checkpoint
 from tests.train.test_trainer import write_split
 
@@ -28,6 +29,29 @@ def test_ctrl_c_ends_a_bench_in_one_line_by_sigint_and_other_errors_keep_their_t
     assert signals == [(signal.SIGINT, signal.SIG_DFL), (os.getpid(), signal.SIGINT)]
     options.interrupted_in_one_line(ValueError, ValueError("no such split"), None)
     assert capsys.readouterr().err.endswith("ValueError: no such split\n") and len(signals) == 2
+
+
+def test_every_bench_run_as_a_script_imports_options_for_its_ctrl_c_line():
+    """bench/data_corpora.py, data_clean.py, data_quality.py and data_datatrove.py imported no options.py (itself or
+    through a sibling), so Ctrl-C in them printed KeyboardInterrupt's traceback where the other benches print a line."""
+    imports = {}  # each bench module: the sibling modules it imports
+    for script in BENCH.glob("*.py"):
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imports[script.stem] = {name for name in names if (BENCH / f"{name}.py").is_file()}
+    without = []
+    for script in BENCH.glob("*.py"):
+        if 'if __name__ == "__main__":' not in script.read_text(encoding="utf-8"):
+            continue
+        reached, pending = set(), [script.stem]
+        while pending:
+            module = pending.pop()
+            reached.add(module)
+            pending.extend(imports[module] - reached)
+        if "options" not in reached and script.stem != "options":
+            without.append(script.name)
+    assert without == []
 
 
 def test_positive_int_takes_a_whole_number_of_at_least_one():
