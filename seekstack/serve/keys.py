@@ -207,8 +207,8 @@ class KeyStore:
         with self.database.transaction() as connection:
             old = _revoke_active(connection, name)
             if old is None:
-                raise KeyStoreError(f"no active key named {name!r} to rotate; `seekstack keys create --name {name}` "
-                                    "makes one")  # fmt: skip
+                raise KeyStoreError(f"no active key named {shown_value(name)} to rotate; `seekstack keys create "
+                                    f"--name {shown_value(name, str)}` makes one")  # fmt: skip
             if old.expired(time.time()):  # its new key would be expired too
                 raise KeyStoreError(f"key {name!r} expired at {utc_time(old.expires_at)} UTC: create a new one (`keys "
                                     "create --expires-in` gives it a new term)")  # fmt: skip
@@ -247,12 +247,13 @@ class KeyStore:
                   ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
         for field, price in prices:
             if not math.isfinite(price) or price < 0:  # nan would slip past `< 0`, inf would bill inf
-                raise KeyStoreError(f"{field} of plan {name!r} must be a finite number >= 0, got {price}")
+                raise KeyStoreError(f"{field} of plan {shown_value(name)} must be a finite number >= 0, got {price}")
             if price_decimal(price) > MAX_PRICE_PER_1K:  # a request's cost would pass what the ledger holds
                 raise KeyStoreError(
-                    f"{field} of plan {name!r} is {price} per 1k tokens; at most {MAX_PRICE_PER_1K} is taken: a "
-                    f"request of up to {MAX_BILLED_TOKENS} tokens must cost at most {cost_amount(MAX_COST_PICO)}, "
-                    "the most the usage ledger holds (a 64-bit count of whole units of the currency)"
+                    f"{field} of plan {shown_value(name)} is {price} per 1k tokens; at most {MAX_PRICE_PER_1K} is "
+                    f"taken: a request of up to {MAX_BILLED_TOKENS} tokens must cost at most "
+                    f"{cost_amount(MAX_COST_PICO)}, the most the usage ledger holds (a 64-bit count of whole units of "
+                    "the currency)"
                 )
         with self.database.transaction() as connection:
             if not _plan_exists(connection, name):
@@ -307,7 +308,10 @@ def _insert(
 ) -> str:
     """Store a new active key (in `connection`'s transaction) and return it."""
     if not _plan_exists(connection, plan):
-        raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
+        raise KeyStoreError(
+            f"no plan {shown_value(plan)}; create it with `seekstack keys plan {shown_value(plan, str)} --prompt-price "
+            "...`"
+        )
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     allowed = None if models is None else json.dumps(list(models))
     amount, period_s = (None, None) if budget is None else (budget.amount, budget.period_s)
@@ -338,7 +342,7 @@ def _nothing_to_revoke(connection: Statements, name: str) -> str:
     names = [row["name"] for row in connection.execute("SELECT DISTINCT name FROM keys").fetchall()]
     close = difflib.get_close_matches(name, names, n=3)
     did_you_mean = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    return f"no key named {name!r} was ever created{did_you_mean}; `seekstack keys list` shows every key"
+    return f"no key named {shown_value(name)} was ever created{did_you_mean}; `seekstack keys list` shows every key"
 
 
 def _api_key(row) -> ApiKey:

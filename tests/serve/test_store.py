@@ -116,6 +116,17 @@ def test_key_errors_name_the_key_or_plan(database):
     for name, shown in ((None, "None"), ("e" * 5000, f"'{'e' * 79}... (5,000 characters)")):  # None: a bare TypeError
         with pytest.raises(KeyStoreError, match=re.escape(f"key name {shown} must be 1-64 ASCII letters")):
             keys.create(name)
+    # an unknown name of 5,000 characters was echoed whole (twice, in a command to run): cut as the key name above
+    long, shown, typed = "p" * 5000, f"'{'p' * 79}... (5,000 characters)", f"{'p' * 80}... (5,000 characters)"
+    for refused, told in (
+        (lambda: keys.create("erin", plan=long), f"no plan {shown}; create it with `seekstack keys plan {typed} "),
+        (lambda: keys.set_plan(long, float("nan"), 1.0), f"prompt price of plan {shown} must be a finite number"),
+        (lambda: keys.revoke(long), f"no key named {shown} was ever created;"),
+        (lambda: keys.rotate(long), f"no active key named {shown} to rotate; `seekstack keys create --name {typed}`"),
+    ):
+        with pytest.raises(KeyStoreError) as error:
+            refused()
+        assert str(error.value).startswith(told)
 
 
 def test_a_key_or_plan_name_beginning_with_a_dash_is_refused_as_the_command_line_reads_it_as_an_option(tmp_path):
