@@ -71,12 +71,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logits_out[part] = logits
                 if fused:  # dL/dlogits written over the logits, in their dtype
                     losses = torch.ops.seekstack.cross_entropy_rows(logits, safe_targets[part], scale[part])
-                    loss += (losses * counted[part]).sum()
+                    loss += losses.where(counted[part], 0).sum()  # a row without a target adds 0, even a NaN
                     grad_logits = logits
                 else:
                     log_probs = logits.float().log_softmax(dim=-1)
                     picked = log_probs.gather(1, safe_targets[part, None]).squeeze(1)
-                    loss -= (picked * counted[part]).sum()
+                    loss -= picked.where(counted[part], 0).sum()
                     if grad_hidden or grad_weight:
                         grad_logits = log_probs.exp_()  # softmax, in place
                         grad_logits.scatter_add_(

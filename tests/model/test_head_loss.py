@@ -159,6 +159,29 @@ def test_int32_targets_give_the_loss_of_int64_ones(fused):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_a_nan_in_a_row_without_a_target_leaves_the_loss_as_torchs_cross_entropy_leaves_it(fused):
+    """A row's losses were multiplied by 0 where it had no target, and NaN * 0 is NaN: a padding row's NaN hidden
+    state made the whole loss NaN, where F.cross_entropy skips the row. The other rows' gradients are torch's too."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    hidden[1] = float("nan")
+    targets = torch.tensor([3, IGNORE_INDEX, 5, 7])
+    reference = hidden.clone().requires_grad_()
+    expected = F.cross_entropy(reference @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+    expected.backward()
+    hidden.requires_grad_()
+    cpu_kernels.set_enabled(fused)
+    try:
+        loss, _ = linear_cross_entropy(hidden, weight, targets)
+        loss.backward()
+    finally:
+        cpu_kernels.set_enabled(True)
+    assert expected.isfinite()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden.grad[[0, 2, 3]], reference.grad[[0, 2, 3]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
 def test_a_negative_target_other_than_the_ignore_index_is_refused_as_torchs_cross_entropy_refuses_it(fused):
     """-1 (nanoGPT's and nanochat's ignore_index) was clamped to token 0 and trained on, where transformers' loss
     raises; -100 alone is not counted."""
