@@ -189,7 +189,14 @@ class Command(TyperCommand):
                 # typer writes the annotation beside it ("CONFIG <str>", "OVERRIDES... <list[str]>"), which tells a
                 # user nothing: its help says what it takes (a file, a preset, key=value), as in click's --help
                 param.display_type_rich = lambda ctx: None
-            if described.annotation in (Path, list[Path]) or described.parameter_info.callback is run_to_checkpoint:
+            callback = described.parameter_info.callback  # refuse_empty_path's: a path typed str (data build's inputs)
+            if (
+                described.annotation in (Path, list[Path])
+                or callback is run_to_checkpoint
+                or (
+                    callback is refuse_empty_path and param.name != "db"  # --db takes a postgresql:// URL too
+                )
+            ):
                 # checked as given, before typer reads it: after eager --help, as click checks every value
                 param.process_value = partial(_processed_as_path, param, param.process_value)
 

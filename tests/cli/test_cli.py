@@ -161,12 +161,14 @@ def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
 @pytest.mark.parametrize(
     ("command", "named"),
     [(["data", "tokenize", "--corpus", "{url}", "--tokenizer", "t"], "'--corpus'"),
-     (["tokenizer", "train", "--corpus", "{url}"], "'--corpus'"), (["info", "{url}"], "'MODEL'")],
+     (["tokenizer", "train", "--corpus", "{url}"], "'--corpus'"), (["info", "{url}"], "'MODEL'"),
+     (["data", "build", "{url}"], "'INPUTS...'"), (["train", "{url}"], "'CONFIG'")],
 )  # fmt: skip
 def test_a_url_given_for_a_path_is_refused_as_given_saying_nothing_is_downloaded(command, named):
     """`data tokenize --corpus hf://datasets/a/b` was told "hf:/datasets/a/b/train.jsonl: no such file; build the
     corpus from your text first (`seekstack data build TEXT --out hf:/datasets/a/b`)", the URL's "//" collapsed by
-    Path, where `data build hf://...` says that nothing is downloaded."""
+    Path, where `data build hf://...` says that nothing is downloaded; data build's refusal exited 1, not 2 as every
+    other refused argument, and `train hf://...` read its config at "hf:/..." ("no such file")."""
     url = "hf://datasets/HuggingFaceFW/fineweb-edu"
     result = runner.invoke(app, [part.format(url=url) for part in command])
     assert result.exit_code == 2

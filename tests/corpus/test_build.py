@@ -27,7 +27,7 @@ from seekstack.corpus import build
 from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import CJKRules, CleaningConfig, CodeRules, ProseRules
-from seekstack.corpus.sources import DataSourceError, Document, open_source
+from seekstack.corpus.sources import DataSourceError, Document, expanded_inputs, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
 from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE, STDLIB, junk
@@ -405,12 +405,15 @@ def test_cli_reads_the_files_a_glob_pattern_left_unexpanded_matches(tmp_path: Pa
 )
 def test_a_url_given_as_an_input_is_refused_saying_nothing_is_downloaded(tmp_path: Path, url: str) -> None:
     """datatrove's readers and datasets' data_files take `hf://` and `s3://` paths: they were refused as 'no file or
-    folder matches this pattern', or as 's3:/bucket/docs.jsonl: no such file or folder', the URL's '//' collapsed."""
+    folder matches this pattern', or as 's3:/bucket/docs.jsonl: no such file or folder', the URL's '//' collapsed; a
+    usage error (exit 2), as every command's path given as a URL."""
     refused = CliRunner().invoke(app, ["data", "build", url, "--out", str(tmp_path / "out")])
-    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
-    assert f"error: {url}: a URL, and seekstack takes local files and folders (nothing is downloaded" in " ".join(
-        refused.output.split()
-    )
+    assert refused.exit_code == 2 and not (tmp_path / "out").exists()
+    told = f"Invalid value for 'INPUTS...': {url}: a URL, and seekstack takes local files and folders (nothing is"
+    assert told in " ".join(refused.output.split())
+    with pytest.raises(DataSourceError) as library:  # as the library reads its inputs
+        expanded_inputs([url])
+    assert str(library.value).startswith(f"{url}: a URL, and seekstack takes local files")
 
 
 def test_a_glob_pattern_matching_a_folder_and_its_files_reads_each_file_once(tmp_path: Path) -> None:
