@@ -1564,8 +1564,9 @@ class Engine:
         folder = adapter_folder(path) if path else None
         if not isinstance(name, str):
             raise TypeError(
-                f"lora_request={request!r}: give a LoRARequest(lora_name, lora_int_id, lora_path) (seekstack.infer's "
-                "or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in adapters="
+                f"lora_request={shown_value(request)}: give a LoRARequest(lora_name, lora_int_id, lora_path) "
+                "(seekstack.infer's or vLLM's) for all prompts or one per prompt; a loaded adapter's name goes in "
+                "adapters="
             )
         with self.lock:
             loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
@@ -1574,9 +1575,10 @@ class Engine:
         if folder is not None and loaded is None:
             loaded = self._load_requested(name, folder, set(keep), held)
         if folder is not None and loaded is not None and folder.resolve() != loaded.resolve():
+            shown = shown_value(name)
             raise ValueError(
-                f"lora_request names adapter {name!r} at {folder}, but {name!r} is loaded from {loaded}: "
-                f"unload_adapter({name!r}) first, or give this one another lora_name"
+                f"lora_request names adapter {shown} at {folder}, but {shown} is loaded from {loaded}: "
+                f"unload_adapter({shown}) first, or give this one another lora_name"
             )
         return name
 

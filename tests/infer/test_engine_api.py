@@ -125,6 +125,23 @@ def test_vllms_lora_request_runs_prompts_on_the_adapter_it_names_loading_it_on_f
     assert [output.token_ids for output in merged.generate(prompts, greedy)] == adapted
 
 
+def test_a_lora_request_refused_names_a_long_adapter_name_by_its_start(base, adapter_folders):
+    """A lora_request of a 5,000-character lora_name, or a text of that length for a LoRARequest, was echoed whole
+    (three times in the message of a name loaded from another folder), as the adapter registry's messages cut it."""
+    engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22)
+    long, shown = "l" * 5000, f"'{'l' * 79}... (5,000 characters)"
+    engine.load_adapter(long, adapter_folders[1])
+    for given, told in (
+        (LoRARequest(long, 2, adapter_folders[2]), f"lora_request names adapter {shown} at {adapter_folders[2]}, but "
+         f"{shown} is loaded from {adapter_folders[1]}: unload_adapter({shown}) first, or give this one another "
+         "lora_name"),
+        (long, f"lora_request={shown}: give a LoRARequest(lora_name, lora_int_id, lora_path)"),
+    ):  # fmt: skip
+        with pytest.raises((TypeError, ValueError)) as refused:
+            engine.generate([[5]], SamplingParams(max_new_tokens=1), lora_request=given)
+        assert str(refused.value).startswith(told)
+
+
 def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as_vllms_lru(base, adapter_folders):
     """With every slot taken, a LoRARequest for another adapter was refused ("all max_loras=1 adapter slots are
     taken"), where vLLM evicts the least recently used adapter, so a script cycling through more adapters than
