@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 import torch
-from options import positive_int, token_shards
+from options import check_context, positive_int, token_shards
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.distill.config import DistillConfig
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=positive_int, default=40)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    context = resolve_train_config(None, STUDENT, cls=TrainConfig).model_config().max_position_embeddings
+    check_context(parser, "--seq-len", args.seq_len, context, "the student's and the teacher's (preset tiny)")
     teacher = teacher_checkpoint(args.data, args.out)
     students = {name: train_student(name, teacher, args.data, args.out, args) for name in args.variants}
     models = {"teacher": load_pretrained(teacher).eval()}

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from seekstack.checkpoint import read_config
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.run import run_distill
 from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from options import checkpoint_folder, positive_int, token_shards
+from options import check_context, checkpoint_folder, positive_int, token_shards
 from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
@@ -85,6 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error(f"--steps {args.steps}: at least 2, the first step (warm-up) is not timed")
+    for model in (args.teacher, args.student):
+        check_context(parser, "--seq-len", args.seq_len, read_config(model).max_position_embeddings, f"{model}'s")
     tokens = args.batch_size * args.seq_len
     print(f"torch threads: {torch.get_num_threads()}; {args.batch_size} x {args.seq_len} tokens per step")
     runs = {"seekstack": run_ours, "trl": run_trl}

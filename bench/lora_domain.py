@@ -23,13 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, non_negative_int, positive_int, token_shards
+from options import check_context, checkpoint_folder, non_negative_int, positive_int, token_shards
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.data import frequent_tokens
 from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, apply_lora, is_adapter_parameter, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
+from seekstack.checkpoint import read_config
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import resolve_train_config
 from seekstack.train.trainer import VAL_SPLIT, train
@@ -438,6 +439,8 @@ def main() -> None:
         help="a full fine-tune's checkpoint: measure the base with parts of its change instead",
     )
     args = parser.parse_args()
+    context = read_config(args.base).max_position_embeddings
+    check_context(parser, "--seq-len", args.seq_len, context, f"{args.base}'s")
     run = [
         f"max_steps={args.steps}", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", "eval_every=0",
         f"save_every={args.steps}", "keep_checkpoints=1", "warmup_steps=10", f"seed={args.seed}",

@@ -54,6 +54,14 @@ def new_token_count(text: str) -> int:
     return whole_number(text, least=2, why="the decode rate is t(N new tokens) - t(1 new token)")
 
 
+def check_context(parser: argparse.ArgumentParser, option: str, tokens: int, context: int, whose: str) -> None:
+    """argparse's error naming `option` when its `tokens` run past `context`, the positions `whose` model has ("preset
+    tiny's", a checkpoint's): positions it has none for, refused before any work, not in a traceback once a run is
+    under way."""
+    if tokens > context:
+        parser.error(f"argument {option}: {tokens}: at most {context} ({whose} context)")
+
+
 def whole_number(text: str, least: int, why: str = "") -> int:
     """`text` as a whole number of at least `least`, or argparse's error naming the value (and `why`, when given)."""
     try:

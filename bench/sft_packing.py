@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from options import positive_int
+from options import check_context, positive_int
 
 from seekstack.adapters.data import chat_source
 from seekstack.adapters.training import lora_train_config, train_adapter
@@ -114,6 +114,7 @@ def main() -> None:
         model_config = resolve_train_config(
             None, [*MODEL, f"tokenizer={Path(work) / 'tok'}"], cls=SFTConfig
         ).model_config()
+        check_context(parser, "--seq-len", args.seq_len, model_config.max_position_embeddings, "the model's")
         save_pretrained(Transformer(model_config), base)
         shutil.copyfile(Path(work) / "tok" / TOKENIZER_FILE, base / TOKENIZER_FILE)
         common = [f"seq_len={args.seq_len}", "eval_every=0", "warmup_steps=0", f"batch_size={args.batch_size}"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from machine import matmul_peaks, share_of_peak
-from options import positive_int, token_shards
+from options import check_context, positive_int, token_shards
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.config import PRESETS
@@ -58,10 +58,12 @@ def main() -> None:
         "--rounds", type=positive_int, default=2, help="runs of each setting, alternating (median reported)"
     )
     args = parser.parse_args()
+    model_config = TrainConfig(model=args.preset).model_config()
+    check_context(parser, "--seq-len", args.seq_len, model_config.max_position_embeddings, f"preset {args.preset}'s")
     print(f"{args.preset}, {args.batch} x {args.seq_len} tokens a step, {args.steps} steps a run, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     peak = matmul_peaks()["float32"]  # quiet, on torch's threads
-    flops_per_token = training_flops_per_token(TrainConfig(model=args.preset).model_config(), args.seq_len)
+    flops_per_token = training_flops_per_token(model_config, args.seq_len)
     with tempfile.TemporaryDirectory() as scratch:
         for busy in (False, True):
             competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None

@@ -182,6 +182,30 @@ def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_ref
     assert f"argument --data: {tmp_path / 'val_index.json'} is corrupt" in run.stderr
 
 
+@pytest.mark.parametrize(
+    ("script", "options", "whose"),
+    [
+        ("train_busy.py", ["--data", "{data}"], "preset tiny's"),  # after the matmul peak
+        ("distill.py", ["--data", "{data}"], "the student's and the teacher's (preset tiny)"),  # after the teacher
+        ("distill_step.py", ["{model}", "{model}", "--data", "{data}"], "{model}'s"),  # in the first run
+        ("lora_domain.py", ["{model}", "{data}"], "{model}'s"),  # once the base had loaded
+        ("sft_packing.py", ["--conversations", "4"], "the model's"),  # in the first run
+    ],
+)
+def test_a_seq_len_past_the_models_context_is_refused_naming_the_option_and_the_context(
+    script, options, whose, tmp_path, monkeypatch, capsys
+):
+    """A --seq-len longer than the model's context ended in ConfigError's traceback ("field 'seq_len' has value 5000:
+    longer than the model's context") from the first training run, after the work before it."""
+    for split in ("train", "val"):
+        write_split(tmp_path / "data", split, 600, seed=0)
+    given = dict(data=tmp_path / "data", model=micro_checkpoint(tmp_path / "model"))
+    options = [option.format(**given) for option in options]
+    run = run_in_process(script, *options, "--seq-len", "100000", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "argument --seq-len: 100000: at most " in run.stderr and f" ({whose.format(**given)} context)" in run.stderr
+
+
 @pytest.mark.parametrize("script", ["decode_options.py", "prefix_cache.py", "quantize.py", "train_busy.py"])
 def test_a_preset_that_does_not_exist_is_refused_naming_the_option_and_the_presets(script, monkeypatch, capsys):
     """It ended in a ConfigError traceback once the bench built its model (train_busy.py: after the matmul peak)."""
