@@ -777,9 +777,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
 // The cross-entropy of logit rows z (n, V) against targets t (n,), float32 math over float32 or bfloat16 z, in three
 // passes over a row while it is in cache: m = max_v z_v, lse = m + log sum_v exp(z_v - m), loss = lse - z_t; then the
 // gradient (softmax(z) - onehot(t)) s, s the row's scale (1 / rows counted, 0 for an ignored row), written over z
-// (torch's eager ops would make each pass into fresh memory, and widen bf16 logits to float32 and their gradient back).
+// (torch's eager ops would make each pass into fresh memory, and widen bf16 logits to float32 and their gradient back)
+// where `grad` asks for it; without, z is left as it is.
 template <typename T>
-void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const float* scale, float* losses) {
+void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const float* scale, bool grad, float* losses) {
   const int64_t V = logits.size(1);
   T* data = logits.mutable_data_ptr<T>();
   at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
@@ -805,6 +806,7 @@ void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const flo
       const int64_t t = targets[row];
       const float target_logit = float(z[t]), s = scale[row];
       losses[row] = lse - target_logit;
+      if (!grad) continue;
       over_row(
           V,
           [&](int64_t d) {
@@ -820,8 +822,8 @@ void cross_entropy_rows_of(at::Tensor& logits, const int64_t* targets, const flo
   });
 }
 
-// Each row's loss (n,) float32; the logits are overwritten with their gradient.
-at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scale) {
+// Each row's loss (n,) float32; with `grad` the logits are overwritten with their gradient.
+at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scale, bool grad) {
   check_elementwise(logits, logits, "cross_entropy_rows");
   const int64_t rows = logits.size(0), V = logits.size(1);
   TORCH_CHECK(logits.is_contiguous(), "cross_entropy_rows: logits must be contiguous");
@@ -835,10 +837,11 @@ at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, con
   }
   at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
   if (logits.scalar_type() == at::kBFloat16) {
-    cross_entropy_rows_of<c10::BFloat16>(logits, target_data, scale.const_data_ptr<float>(),
+    cross_entropy_rows_of<c10::BFloat16>(logits, target_data, scale.const_data_ptr<float>(), grad,
                                          losses.mutable_data_ptr<float>());
   } else {
-    cross_entropy_rows_of<float>(logits, target_data, scale.const_data_ptr<float>(), losses.mutable_data_ptr<float>());
+    cross_entropy_rows_of<float>(logits, target_data, scale.const_data_ptr<float>(), grad,
+                                 losses.mutable_data_ptr<float>());
   }
   return losses;
 }
@@ -855,7 +858,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
-  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale) -> Tensor");
+  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, bool grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {

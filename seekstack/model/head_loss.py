@@ -69,8 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = h_matmul[part] @ w_matmul.t()  # (n, V)
                 if logits_out is not None:
                     logits_out[part] = logits
-                if fused:  # dL/dlogits written over the logits, in their dtype
-                    losses = torch.ops.seekstack.cross_entropy_rows(logits, safe_targets[part], scale[part])
+                if fused:  # dL/dlogits written over the logits, in their dtype, where a gradient is wanted
+                    losses = torch.ops.seekstack.cross_entropy_rows(
+                        logits, safe_targets[part], scale[part], grad_hidden or grad_weight
+                    )
                     loss += losses.where(counted[part], 0).sum()  # a row without a target adds 0, even a NaN
                     grad_logits = logits
                 else:

@@ -54,6 +54,35 @@ def test_fused_head_loss_computes_no_gradients_without_autograd():
     assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.t(), targets).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_cross_entropy_kernel_writes_no_gradient_of_the_logits_without_autograd(autocast):
+    """Under no_grad (evaluation) the kernel still made dL/dlogits, written over each chunk's logits: a pass over all
+    N x V of them (an exp per logit) that nothing read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelWrites(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.written = []  # per call: whether the logits came back changed
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = args[0].clone() if func is torch.ops.seekstack.cross_entropy_rows.default else None
+            out = func(*args, **(kwargs or {}))
+            if before is not None:
+                self.written.append(not torch.equal(before, args[0]))
+            return out
+
+    assert cpu_kernels.available()
+    hidden, weight, targets = torch.randn(8, 4), torch.randn(6, 4), torch.randint(6, (8,))
+    expected = F.cross_entropy(hidden @ weight.t(), targets)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), KernelWrites() as kernel:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = linear_cross_entropy(hidden.clone().requires_grad_(), weight, targets)
+        assert kernel.written == [grad]
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0.05 if autocast else 1e-6)  # bf16 keeps 8 bits
+
+
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
 def test_fused_head_loss_computes_only_the_gradients_autograd_asks_for(frozen):
     """A frozen head (a LoRA run's) had its weight gradient computed anyway: 2 FLOPs per head parameter and token."""
