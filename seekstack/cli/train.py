@@ -21,6 +21,7 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
+from seekstack.interrupts import INTERRUPTED
 from seekstack.train.runs import STEP_DIR
 
 ConfigOpt = Annotated[
@@ -232,15 +233,19 @@ def sample_command(
         )
     with user_errors(), options_named(("max_new_tokens", "temperature", "top_k", "seed")):
         prompts = tuple(prompt) if prompt else run_prompts(model)
-        samples = demo_samples(
-            model,
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_k,
-            seed,
-            notify=lambda notice: typer.echo(f"note: {notice}", err=True),
-        )
+        try:
+            samples = demo_samples(
+                model,
+                prompts,
+                max_new_tokens,
+                temperature,
+                top_k,
+                seed,
+                notify=lambda notice: typer.echo(f"note: {notice}", err=True),
+            )
+        except KeyboardInterrupt:  # typer's own exit 130 says nothing
+            together = "the prompts' continuations are generated together"
+            fail(f"interrupted (Ctrl-C) before any sample was printed: {together}", code=INTERRUPTED)
     for text, greedy, sampled in samples:
         typer.echo(f"----- prompt {text!r}\n[greedy]\n{text}{greedy}\n[sampled, T={temperature}, top-k {top_k}]")
         typer.echo(f"{text}{sampled}\n")

@@ -228,6 +228,23 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
         assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
+def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.eval.samples.demo_samples", interrupted)
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    result = run("sample", str(checkpoint), "--prompt", "def f")
+    assert result.exit_code == 130
+    assert result.stderr == (
+        "error: interrupted (Ctrl-C) before any sample was printed: the prompts' continuations are generated together\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("command", "interrupted_in"),
     [
