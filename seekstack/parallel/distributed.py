@@ -87,7 +87,9 @@ def _backend(cuda: bool, cpu_collectives: bool) -> str:
 
 
 def shutdown(ranks: Ranks) -> None:
-    """Leave the process group this module joined."""
+    """Leave the process group this module joined, once the DDP model wrapped in it is freed: DDP's reducer holds the
+    group, and the last holder destroys it, joining gloo's worker threads; the reducer does so holding the GIL, which
+    a worker freeing the last collective's tensors may wait for (the process then hangs where the model is freed)."""
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -502,6 +502,7 @@ def train(
                 run = _Run(config, ranks, resume, hooks, source, held)  # the model built or loaded, the data checked
             return run.run(resumable)
     finally:
+        run = None  # its DDP model first, which holds the process group (see distributed.shutdown)
         distributed.shutdown(ranks)
 
 

@@ -29,7 +29,7 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
-from tests.support import free_port, spawn
+from tests.support import free_port, free_ports, spawn
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
@@ -51,18 +51,32 @@ def train_on_two_ranks(config, resume=False) -> None:
     spawn(_train_rank, (2, free_port(), config, resume))
 
 
-def _train_rank_numbered(rank: int, world_size: int, port: int, config, resume, number: int, count: int) -> None:
-    print(f"rank {rank}: run {number} of {count}", file=sys.stderr, flush=True)  # where its output starts
-    _train_rank(rank, world_size, port, config, resume)
+def gloo_workers() -> list[str]:
+    """This process' threads that run gloo's collectives (`pt_gloo_runloop`: some per live gloo process group)."""
+    names = (comm.read_text().strip() for comm in Path("/proc/self/task").glob("*/comm"))
+    return [name for name in names if name == "pt_gloo_runloop"]
+
+
+def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list) -> None:
+    destroy = dist.destroy_process_group
+
+    def destroy_and_check(*args, **kwargs) -> None:
+        destroy(*args, **kwargs)
+        if gloo_workers():  # the group outlived its shutdown: something else held it, to be freed at random later
+            raise AssertionError(f"rank {rank}: {len(gloo_workers())} gloo worker threads left after the shutdown")
+
+    dist.destroy_process_group = destroy_and_check  # in this rank's process only
+    for number, (port, (config, resume)) in enumerate(zip(ports, runs, strict=True), start=1):
+        print(f"rank {rank}: run {number} of {len(runs)}", file=sys.stderr, flush=True)  # where its output starts
+        _train_rank(rank, world_size, port, config, resume)
 
 
 def train_on_two_ranks_in_turn(runs: list) -> None:
-    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, each in a fresh pair of rank processes
-    (forked from the server that preloaded this module: no import per run), as a user runs them: one pair reused for
-    every run hung now and then in the full suite, rank 1 in the previous run's teardown as rank 0 waited in the next
-    run's rendezvous."""
-    for number, (config, resume) in enumerate(runs, start=1):
-        spawn(_train_rank_numbered, (2, free_port(), config, resume, number, len(runs)))
+    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes, as a
+    user trains twice in one Python session; each run's shutdown must end its process group there (on Linux, where
+    its gloo worker threads are seen): DDP's reducer, freed after it, destroyed the group holding the GIL, which a
+    worker thread could need to free the last collective (a rank hung now and then at train()'s return)."""
+    spawn(_train_rank_in_turn, (2, free_ports(len(runs)), runs))  # a port per run
 
 
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
