@@ -36,6 +36,7 @@ Shapes: B rows, T tokens per row, N = B*T tokens, E experts, K experts per token
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class AdapterRows:
     slot_count: int = 1  # S, slot 0 included: the stacks' capacity, which compiled steps compute on
     slots_in_use: int = 1  # the highest slot a loaded adapter holds + 1: the extent eager steps compute on
     slots: torch.Tensor | None = None  # (B,)
+    owner: weakref.ref | None = None  # what attached the layers reading these rows (a LoadedAdapters), while it lives
     _per_forward: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # masks of this forward
 
     def select(self, slots: list[int], device: torch.device) -> None:

@@ -12,9 +12,11 @@ numbers); a removed adapter's slot is reused by the next one loaded, so what the
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -158,15 +160,20 @@ class LoadedAdapters:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         # layers another LoadedAdapters adapted read its rows, never these: a second engine's rows would run with the
         # other's adapters, or fail
-        adapted = next((name for name, module in self.model.named_modules() if isinstance(module, ADAPTED)), None)
-        if adapted is not None:
+        adapted = next(((name, m) for name, m in self.model.named_modules() if isinstance(m, ADAPTED)), None)
+        if adapted is not None and adapted[1].rows.owner() is not None:
+            gc.collect()  # an engine let go of may wait in a reference cycle
+        if adapted is not None and adapted[1].rows.owner() is not None:
             raise ValueError(
-                f"this model already serves LoRA adapters another engine attached ({adapted} is adapted), and its "
+                f"this model already serves LoRA adapters another engine attached ({adapted[0]} is adapted), and its "
                 "layers read that engine's choice of adapter for each row: build this engine on a model of its own "
                 "(load it again), or unload the other engine's adapters first (engine.unload_adapter)"
             )
         self.rows.slot_count = self.max_loras + 1
+        self.rows.owner = weakref.ref(self)
         self._base_versions = WeightVersions(self.model)
+        if adapted is not None:  # the engine that adapted the layers is gone: they are made plain again
+            self._restack()
 
     @property
     def names(self) -> list[str]:

@@ -552,6 +552,21 @@ def test_adapters_on_a_model_another_engines_adapters_hold_are_refused_until_tho
     assert attach_adapters(fresh, adapters).names == ["full", "attention"]
 
 
+def test_adapters_on_a_model_whose_adapting_engine_is_gone_take_it_back_plain(served):
+    """Engine(model, tokenizer) on a model whose adapter-serving engine the caller had let go of (garbage) was refused,
+    naming that engine's unload_adapter, which the caller no longer has: its layers are made plain again instead."""
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    model = seekstack.load_pretrained(base).eval()
+    with torch.no_grad():
+        plain = model(ids).logits
+    attach_adapters(model, adapters).select([1, 2], torch.device("cpu"))  # an engine's, let go of at once
+    assert attach_adapters(model, {}).names == []
+    assert not any(isinstance(module, ADAPTED) for module in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain)
+
+
 def test_a_model_moved_after_its_adapters_are_attached_moves_the_copies_eager_steps_compute_on(served):
     """The loaded extent's compact copies (eager steps' stacks, MLA's absorbed layout of them) are buffers that are
     not saved: model.to(float64) after attach_adapters moves them with the rest, as it moved the stacks before they
