@@ -29,6 +29,7 @@ from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 Result = TypeVar("Result")
+_joined = False  # whether init_distributed joined the process group now initialized (not its caller), for shutdown
 
 
 @dataclass
@@ -57,7 +58,8 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run as a single process. A CUDA run
     whose collectives also take CPU tensors (`cpu_collectives`: the gradients FSDP's cpu_offload keeps on the CPU,
     which NCCL cannot reduce) gets gloo beside NCCL for those; other CUDA runs NCCL alone, whose network interface
-    choice multi-node clusters are set up for."""
+    choice multi-node clusters are set up for. A process group the caller initialized is used as it is."""
+    global _joined
     world_size, rank = launch_environment()
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -76,6 +78,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
         torch.cuda.set_device(device)
     if not joined:  # waits for every rank to come (30 minutes on gloo) in native code, which Ctrl-C does not reach
         interruptible(join)
+        _joined = True
     return Ranks(rank, world_size, device)
 
 
@@ -87,11 +90,14 @@ def _backend(cuda: bool, cpu_collectives: bool) -> str:
 
 
 def shutdown(ranks: Ranks) -> None:
-    """Leave the process group this module joined, once the DDP model wrapped in it is freed: DDP's reducer holds the
-    group, and the last holder destroys it, joining gloo's worker threads; the reducer does so holding the GIL, which
-    a worker freeing the last collective's tensors may wait for (the process then hangs where the model is freed)."""
-    if ranks.distributed and dist.is_initialized():
+    """Leave the process group this module joined (one its caller initialized stays the caller's, to go on with), once
+    the DDP model wrapped in it is freed: DDP's reducer holds the group, and the last holder destroys it, joining
+    gloo's worker threads; the reducer does so holding the GIL, which a worker freeing the last collective's tensors
+    may wait for (the process then hangs where the model is freed)."""
+    global _joined
+    if ranks.distributed and _joined and dist.is_initialized():
         dist.destroy_process_group()
+        _joined = False
 
 
 def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn.Module:

@@ -481,6 +481,22 @@ def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_
         assert compressed[-1]["loss"] == pytest.approx(plain[-1]["loss"], rel=0.05), scheme
 
 
+def _train_rank_in_a_group_of_its_own(rank: int, world_size: int, port: int, config, resume) -> None:
+    _join(rank, world_size, port)
+    dist.init_process_group("gloo")  # the caller's own, as a torchtitan or accelerate script makes it before training
+    train(config, resume=resume)
+    total = torch.ones(1)
+    dist.all_reduce(total)  # the caller's collectives go on after the run
+    assert total.item() == world_size
+    dist.destroy_process_group()
+
+
+def test_a_process_group_the_caller_made_is_left_to_it_after_training(data_dir, tmp_path):  # noqa: F811
+    config = run_config(data_dir, tmp_path, max_steps=1, warmup_steps=0, eval_every=0, save_every=0)
+    train_on_two_ranks_within(60, config, rank_main=_train_rank_in_a_group_of_its_own)
+    assert len(losses(tmp_path)) == 1
+
+
 def test_two_nodes_on_localhost_through_torchrun_c10d_train_like_one_process(data_dir, tmp_path):  # noqa: F811
     from tests.train.test_run_config import micro_overrides
 
