@@ -483,7 +483,15 @@ class StreamedText:
         self.open_line = False
 
     def write(self, text: str) -> None:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:  # a terminal or file in an encoding lacking a character: ASCII, Latin-1, cp1252
+            sys.stdout.reconfigure(errors="replace")
+            self.note(
+                f"standard output's encoding, {sys.stdout.encoding}, cannot write every character of the text: they "
+                "are written as '?' (PYTHONIOENCODING=utf-8 writes them as UTF-8)"
+            )
+            sys.stdout.write(text)
         sys.stdout.flush()
         if text:
             self.open_line = not text.endswith("\n")

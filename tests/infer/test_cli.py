@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -1130,6 +1131,21 @@ def test_a_note_while_text_streams_starts_its_own_line_on_a_terminal(monkeypatch
     assert out == "def add(a, b):\n"
     opened = "\n" if terminal else ""
     assert err == f"{opened}note: compiled the decode step for 1 sequence(s) in 3.0 s\nnote: after a whole line\n"
+
+
+def test_text_the_terminals_encoding_cannot_write_streams_with_question_marks_and_one_note(monkeypatch, capsys):
+    """chat and generate on a terminal in ASCII or Latin-1 (PYTHONIOENCODING=ascii, a Windows cp1252 console) ended
+    at the first character it lacks: "error: 'ascii' codec can't encode character '\\u4f60' ..."."""
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="ascii"))
+    text = StreamedText()
+    text.write("你好, ")
+    text.write("café\n")
+    assert written.getvalue() == b"??, caf?\n"
+    assert capsys.readouterr().err == (
+        "note: standard output's encoding, ascii, cannot write every character of the text: they are written as '?' "
+        "(PYTHONIOENCODING=utf-8 writes them as UTF-8)\n"
+    )
 
 
 @pytest.mark.parametrize("as_json", [False, True])
