@@ -96,7 +96,7 @@ from seekstack.infer.speculative import (
 )
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
-from seekstack.model.transformer import Transformer
+from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.schema import ConfigError, for_command, known_fields, refuse_a_non_bool, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -468,6 +468,10 @@ class Engine:
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
+        # What the compiled decode steps' last fully guarded calls ran under (the engine's changes to the model, the
+        # process's graphs) and their input shapes: `_decode_step` skips the guard check for those alone.
+        self._model_changes = 0
+        self._guarded: tuple[tuple[int, int], set[torch.Size]] = ((-1, -1), set())
         self.eager_lone_row = eager_lone_row
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
@@ -784,12 +788,14 @@ class Engine:
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
             self.lora.add(name, folder, factors, replace, self._requests_on_adapter(name))
+            self._model_changes += 1
             self._requested_adapters.pop(name, None)  # the caller's now: never unloaded for a lora_request's
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter `name`; ValueError when it is not loaded or unfinished requests still use it."""
         with self.lock:
             self.lora.remove(name, self._requests_on_adapter(name))
+            self._model_changes += 1
             self._requested_adapters.pop(name, None)  # loaded again, by load_adapter, it is the caller's
 
     def _requests_on_adapter(self, name: str) -> int:
@@ -822,6 +828,7 @@ class Engine:
         repack(self.model)
         refresh_draft_vocabulary(self.model, self.draft_vocabulary)
         self._head_versions.mark()
+        self._model_changes += 1
 
     def stats(self) -> EngineStats:
         """Requests running (prefilling included) and waiting, cache use, prompt-token and speculative counters."""
@@ -1123,10 +1130,36 @@ class Engine:
         if prefill:
             logits_at = None if every_position else torch.tensor(counts, device=self.device) - 1
             out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
+        elif self.decode_compiled and not (self.eager_lone_row and len(batch) == 1):
+            out = self._decode_step(input_ids, positions)
         else:
-            decode = self.model if self.eager_lone_row and len(batch) == 1 else self._decode_model
-            out = decode(input_ids, cache=self.cache, positions=positions)
+            out = self.model(input_ids, cache=self.cache, positions=positions)
         return out.logits, out.hidden_states
+
+    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
+        """The compiled decode step on the planned cache, with dynamo's guard check (~0.7 ms of a `small` step once
+        the step's weights have pushed the Python objects it reads out of the CPU caches) skipped where the engine
+        knows its answer: same input shape as a fully guarded call since the model last changed here (an adapter
+        loaded or unloaded, the head repacked after a weight change) and since any graph was compiled in the
+        process, and no adapter loaded (its rows' selection is a branch of the graph). Skipped, dynamo still
+        checks the guards that tell its cached graphs apart (every input and buffer tensor's shape, dtype and
+        device, the size guards, any guard that ever failed) and raises, before running anything, where none
+        passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a module
+        by hand) reaches a skipped step unchecked: give such a model a new engine."""
+        unchanged = (self._model_changes, torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        if not self.lora.slots and unchanged == self._guarded[0] and input_ids.shape in self._guarded[1]:
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._decode_model(input_ids, cache=self.cache, positions=positions)
+            except RuntimeError as error:  # no cached graph's differentiating guards passed
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+        out = self._decode_model(input_ids, cache=self.cache, positions=positions)
+        unchanged = (self._model_changes, torch._dynamo.utils.counters["stats"]["unique_graphs"])  # a compile counts
+        if unchanged != self._guarded[0]:
+            self._guarded = (unchanged, set())
+        self._guarded[1].add(input_ids.shape)
+        return out
 
     def _inputs(
         self,
