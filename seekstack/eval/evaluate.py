@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -293,8 +294,8 @@ def lm_eval_gen_kwargs(text: str | None) -> dict[str, Any] | None:
 
 def _documents_limit(limit: float | None) -> int | float | None:
     """`limit` as lm_eval takes it (get_sample_size): a number of documents per task, its whole part where it has a
-    fraction (2.5: 2, with a warning saying so), or a fraction of them below 1 (0.1: a tenth); ConfigError (field
-    limit) for one of 0 or less, or no number (nan, inf)."""
+    fraction (2.5: 2, with a warning saying so; one past any task's count, 1e30, runs them all), or a fraction of them
+    below 1 (0.1: a tenth); ConfigError (field limit) for one of 0 or less, or no number (nan, inf)."""
     if limit is None or 0 < limit < 1:
         return limit
     if not 1 <= limit < math.inf:
@@ -307,7 +308,7 @@ def _documents_limit(limit: float | None) -> int | float | None:
             f"its whole part taken, as lm_eval's int(limit); a fraction of the documents is a limit below 1",
             stacklevel=3,
         )
-    return int(limit)
+    return min(int(limit), sys.maxsize)  # lm_eval slices a task's documents with it, and islice takes no more
 
 
 def _metric_name(key: str) -> str:

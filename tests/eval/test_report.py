@@ -7,6 +7,7 @@ import math
 import re
 import shlex
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -358,7 +359,8 @@ def test_no_fewshot_as_multiturn_puts_the_examples_in_one_turn_as_lm_evals_and_t
 
 def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(tmp_path, monkeypatch):
     """seekstack eval --limit 0.1 was refused ('Invalid value for '--limit': Input should be a valid integer'), where
-    lm_eval takes a tenth; so was --limit 2.5, which lm_eval runs as int(2.5) = 2 documents (get_sample_size)."""
+    lm_eval takes a tenth; so was --limit 2.5, which lm_eval runs as int(2.5) = 2 documents (get_sample_size). --limit
+    1e30 ended in "error: Stop argument for islice() must be None or an integer: 0 <= x <= sys.maxsize": it runs all."""
     import lm_eval
 
     from seekstack.eval.evaluate import evaluate
@@ -376,6 +378,7 @@ def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(t
     with pytest.warns(UserWarning, match=r"^--limit 2.5 runs 2 documents per task: .* whole part taken, as lm_eval"):
         report = evaluate(tmp_path, ("mc",), limit=2.5, device="cpu")
     assert asked[-1] == report["options"]["limit"] == 2 and isinstance(asked[-1], int)
+    assert evaluate(tmp_path, ("mc",), limit=1e30, device="cpu")["options"]["limit"] == asked[-1] == sys.maxsize
     for wrong in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=f"field 'limit': {wrong}: give a number of documents per task .* below 1"):
             evaluate(tmp_path, ("mc",), limit=wrong, device="cpu")
