@@ -325,7 +325,8 @@ class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # null or left out only in an assistant turn (a replayed history; OpenAI's calls need none), read as ""
     content: str | ContentParts | None = Field(None, validate_default=True)
-    tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
+    # an assistant turn's calls, replayed (OpenAI refuses an empty array: a client leaves it out for no calls)
+    tool_calls: Annotated[list[ToolCallRequest], Field(min_length=1)] | None = None
     refusal: str | None = None  # a replayed assistant turn that refused (OpenAI's reply: its content null), its text
     # a replayed reply's reasoning given apart (tokenizer.REASONING_FIELDS: DeepSeek's, vLLM's, transformers' names):
     # text or null, left out of the prompt as DeepSeek's API drops it

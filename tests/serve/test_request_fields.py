@@ -679,6 +679,20 @@ def test_an_empty_array_of_parts_is_refused_as_openai_refuses_it(engine, tmp_pat
     assert all("List should have at least 1 item after validation, not 0" in error["message"] for error in errors)
 
 
+def test_an_empty_array_of_tool_calls_is_refused_as_openai_refuses_it(engine, tmp_path):
+    """An assistant turn's `tool_calls: []` (openai-python's beta parse returned one, replayed by its callers) was
+    served as a turn without calls, where OpenAI refuses it ("Invalid 'messages[1].tool_calls': empty array")."""
+    assistant = {"role": "assistant", "content": "Hi", "tool_calls": []}
+    refusals = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [HELLO, assistant, WHY]}),
+        ("/tokenize", {"messages": [HELLO, assistant, WHY]}),
+    ])  # fmt: skip
+    for refused in refusals:
+        error = error_of(refused, 400)
+        assert error["param"] == "messages.1.tool_calls"
+        assert "List should have at least 1 item after validation, not 0" in error["message"]
+
+
 @pytest.mark.parametrize("kind", ["image_url", "input_audio", "file"])
 def test_a_part_the_model_cannot_read_is_refused_by_its_type(engine, tmp_path, kind):
     """OpenAI's image, audio and file parts got pydantic's failures of every branch of the content union ('Input should

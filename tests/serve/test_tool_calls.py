@@ -233,8 +233,9 @@ def replayed_call(arguments: str) -> list[dict]:
         ({"messages": [{"role": "user"}]}, "messages.0.content", "a user message needs content"),
         ({"tools": [MOVE], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
          "response_format"),
-        ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
-         "only an assistant message calls tools"),
+        ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "move", "arguments": "{}"}}]}]},
+         "messages.1.tool_calls", "only an assistant message calls tools"),
         # OpenAI's deprecated pair, each refusal naming what to send instead (was: "... send those: send the request
         # without functions")
         ({"functions": [{"name": "f"}]}, "functions", "functions is OpenAI's deprecated form of tools: send each "
