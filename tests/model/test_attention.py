@@ -183,10 +183,11 @@ def test_a_second_order_gradient_through_the_fused_attention_is_refused_not_retu
         assert torch.autograd.grad(out.sum(), q, create_graph=True)[0].requires_grad
 
 
-def test_training_attention_takes_the_fused_backward_only_when_causal_and_matches_torchs_sdpa(monkeypatch):
-    """A training forward without a mask runs the fused causal attention; with an attention_mask, with the kernels
-    switched off, under sdpa_kernel(SDPBackend.MATH), or without gradients it runs torch's SDPA, and the gradients
-    agree (float32, 1e-5)."""
+def test_training_attention_takes_the_fused_backward_only_in_bfloat16_when_causal_and_matches_torchs_sdpa(monkeypatch):
+    """A bfloat16 training forward (autocast) without a mask runs the fused causal attention; in float32 (where torch's
+    fused backward is the faster), with an attention_mask, with the kernels switched off, under
+    sdpa_kernel(SDPBackend.MATH), or without gradients it runs torch's SDPA, and the gradients agree (bfloat16: within
+    2% of each gradient's largest value)."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
@@ -195,11 +196,15 @@ def test_training_attention_takes_the_fused_backward_only_when_causal_and_matche
     fused = attention._CausalAttention.apply
     monkeypatch.setattr(attention._CausalAttention, "apply", lambda *args: calls.append(1) or fused(*args))
 
-    def gradients(**inputs) -> list[torch.Tensor]:
+    def gradients(dtype: torch.dtype = torch.bfloat16, **inputs) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        model(ids, labels=ids, **inputs).loss.backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(ids, labels=ids, **inputs).loss
+        loss.backward()
         return [p.grad for p in model.parameters() if p.grad is not None]
 
+    gradients(torch.float32)
+    assert calls == []  # float32 keeps torch's backward
     with_kernel = gradients()
     assert len(calls) == 3  # one a layer
     with_mask = gradients(attention_mask=torch.ones(2, 12, dtype=torch.long))
@@ -214,9 +219,8 @@ def test_training_attention_takes_the_fused_backward_only_when_causal_and_matche
         model(ids)
     assert len(calls) == 3
     for a, b, c, d in zip(with_kernel, with_mask, without, as_math, strict=True):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d, c, rtol=1e-5, atol=1e-6)
+        for got in (a, b, d):
+            torch.testing.assert_close(got, c, rtol=0.02, atol=0.02 * c.abs().max().item())
 
 
 def test_without_a_compiler_the_warning_names_the_attention_backward_and_training_keeps_torchs_sdpa(monkeypatch):
