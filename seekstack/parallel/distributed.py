@@ -7,6 +7,7 @@ and keeps its own rows, so the global batch, and the loss, are those of one proc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import tempfile
@@ -30,6 +31,7 @@ from seekstack.schema import ConfigError
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 Result = TypeVar("Result")
 _joined = False  # whether init_distributed joined the process group now initialized (not its caller), for shutdown
+_join_numbers = itertools.count()  # of this process's groups: each one's keys in the store apart from the last one's
 
 
 @dataclass
@@ -72,7 +74,12 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     def join() -> None:  # in a thread of its own, where CUDA's current device is set apart from the main thread's
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
+        store, _, _ = next(dist.rendezvous("env://"))
+        # torch names a group's keys by a count that destroy_process_group restarts, and torchrun's store (its agent's)
+        # outlives the group: the next run in this process read the last one's keys, a rank connecting to the other's
+        # old address (gloo's "Connection refused")
+        keys = dist.PrefixStore(f"seekstack_group_{next(_join_numbers)}/", store)
+        dist.init_process_group(_backend(cuda, cpu_collectives), store=keys, rank=rank, world_size=world_size)
 
     if cuda:
         torch.cuda.set_device(device)

@@ -29,7 +29,7 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
-from tests.support import free_port, free_ports, spawn
+from tests.support import free_port, spawn
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
@@ -57,7 +57,8 @@ def gloo_workers() -> list[str]:
     return [name for name in names if name == "pt_gloo_runloop"]
 
 
-def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list) -> None:
+def _train_rank_in_turn(rank: int, world_size: int, port: int, runs: list) -> None:
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the store at `port` is torchrun's agent's: every run's
     destroy = dist.destroy_process_group
 
     def destroy_and_check(*args, **kwargs) -> None:
@@ -66,17 +67,22 @@ def _train_rank_in_turn(rank: int, world_size: int, ports: list[int], runs: list
             raise AssertionError(f"rank {rank}: {len(gloo_workers())} gloo worker threads left after the shutdown")
 
     dist.destroy_process_group = destroy_and_check  # in this rank's process only
-    for number, (port, (config, resume)) in enumerate(zip(ports, runs, strict=True), start=1):
+    for number, (config, resume) in enumerate(runs, start=1):
         print(f"rank {rank}: run {number} of {len(runs)}", file=sys.stderr, flush=True)  # where its output starts
+        if rank == 0 and number > 1:
+            time.sleep(0.5)  # rank 1 first in the store, where the last run's keys are (rank 0's address among them)
         _train_rank(rank, world_size, port, config, resume)
 
 
 def train_on_two_ranks_in_turn(runs: list) -> None:
-    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes, as a
-    user trains twice in one Python session; each run's shutdown must end its process group there (on Linux, where
-    its gloo worker threads are seen): DDP's reducer, freed after it, destroyed the group holding the GIL, which a
-    worker thread could need to free the last collective (a rank hung now and then at train()'s return)."""
-    spawn(_train_rank_in_turn, (2, free_ports(len(runs)), runs))  # a port per run
+    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes
+    meeting in one store, as a user trains twice in one Python session under torchrun (whose agent holds the store):
+    each run's shutdown must end its process group there (on Linux, where its gloo worker threads are seen): DDP's
+    reducer, freed after it, destroyed the group holding the GIL, which a worker thread could need to free the last
+    collective (a rank hung now and then at train()'s return)."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841  (held, as torchrun's)
+    spawn(_train_rank_in_turn, (2, port, runs))
 
 
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
