@@ -657,12 +657,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 }
 
 // RMSNorm (Zhang & Sennrich 2019): y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row; r (n,) float32 kept for the
-// backward.
-template <typename T>
+// backward. The weight W is T or float32 (a float32 parameter under autocast scaling bf16 rows); y is in x's dtype.
+template <typename T, typename W>
 void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y, at::Tensor& rstd) {
   const int64_t D = x.size(1);
   const T* x_data = x.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const W* w = weight.const_data_ptr<W>();
   T* y_data = y.mutable_data_ptr<T>();
   float* rstd_data = rstd.mutable_data_ptr<float>();
   at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -694,13 +694,13 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
 
 // The backward of y = n w, n = x r, for the gradient dy: with gn = dy w, dx = r (gn - n mean(gn n)) and dw = sum over
 // rows of dy n, summed per block of kRowsPerTask rows (a block to a thread), then over the blocks.
-template <typename T>
+template <typename T, typename W>
 void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& block_grad_weight) {
   const int64_t D = x.size(1);
   const T* dy_data = grad.const_data_ptr<T>();
   const T* x_data = x.const_data_ptr<T>();
-  const T* w = weight.const_data_ptr<T>();
+  const W* w = weight.const_data_ptr<W>();
   const float* rstd_data = rstd.const_data_ptr<float>();
   T* dx_data = grad_x.mutable_data_ptr<T>();
   float* dw_blocks = block_grad_weight.mutable_data_ptr<float>();
@@ -747,14 +747,24 @@ void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const a
   });
 }
 
+// Rows x (n, D) and a weight (D,) in x's dtype, or float32 beside bfloat16 rows.
+void check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  check_elementwise(x, x, op);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat),
+              op, ": the weight must be (D,) in the rows' dtype or float32");
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_elementwise(x, weight.view({1, -1}).expand({x.size(0), -1}), "rms_norm");
+  check_norm(x, weight, "rms_norm");
   const at::Tensor x_c = x.contiguous(), weight_c = weight.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options()), rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kBFloat16) {
-    rms_norm_rows<c10::BFloat16>(x_c, weight_c, eps, y, rstd);
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows<float, float>(x_c, weight_c, eps, y, rstd);
+  } else if (weight.scalar_type() == at::kFloat) {
+    rms_norm_rows<c10::BFloat16, float>(x_c, weight_c, eps, y, rstd);
   } else {
-    rms_norm_rows<float>(x_c, weight_c, eps, y, rstd);
+    rms_norm_rows<c10::BFloat16, c10::BFloat16>(x_c, weight_c, eps, y, rstd);
   }
   return {y, rstd};
 }
@@ -762,14 +772,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
 // dx in x's dtype, dw in the weight's.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd) {
-  check_elementwise(x, weight.view({1, -1}).expand({x.size(0), -1}), "rms_norm_backward");
+  check_norm(x, weight, "rms_norm_backward");
   const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous(), x_c = x.contiguous(), weight_c = weight.contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor blocks = at::empty({(x.size(0) + kRowsPerTask - 1) / kRowsPerTask, x.size(1)}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kBFloat16) {
-    rms_norm_backward_rows<c10::BFloat16>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_backward_rows<float, float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+  } else if (weight.scalar_type() == at::kFloat) {
+    rms_norm_backward_rows<c10::BFloat16, float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
   } else {
-    rms_norm_backward_rows<float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+    rms_norm_backward_rows<c10::BFloat16, c10::BFloat16>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
   }
   return {grad_x, blocks.sum(0).to(weight.scalar_type())};
 }

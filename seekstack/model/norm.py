@@ -3,7 +3,8 @@
 The normalisation has a hand-written backward, fewer passes over x than autograd through pow / mean / rsqrt
 (tiny's training step is ~4% faster). With n = x r, r = 1 / sqrt(mean(x^2) + eps), g = dL/dn:
 dL/dx = r (g - n mean(g n)). On a CPU, float32 or bfloat16, `rms_norm` in seekstack/model/cpu_kernels.cpp does the
-forward (weight included) and the backward in one pass each over a row.
+forward (weight included) and the backward in one pass each over a row, bfloat16 rows with a float32 weight too (under
+autocast, MLA's latent norms after a bf16 linear: their output stays bf16, as the next linear takes it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.elementwise_takes(x, self.weight):
+        weight = self.weight
+        if cpu_kernels.elementwise_takes(x, weight) or (  # or a float32 weight scaling bf16 rows (autocast)
+            weight.dtype == torch.float32 and cpu_kernels.elementwise_takes(x) and cpu_kernels.elementwise_takes(weight)
+        ):
             if torch.is_grad_enabled():
                 return _FusedRMSNorm.apply(x, self.weight, self.eps)
             rows = torch.ops.seekstack.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0]
