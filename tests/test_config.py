@@ -251,7 +251,7 @@ def test_a_yaml_file_written_in_toml_is_refused_saying_it_is_read_as_yaml_and_ho
     """cfg.yaml holding TOML's `lr = 3e-4` (a plain YAML text) was told "expected a mapping of field names to values",
     and one mixing it into YAML's lines a bare parse error, neither saying the file is read as YAML."""
     toml_only, mixed = tmp_path / "cfg.yaml", tmp_path / "mixed.yml"
-    toml_only.write_text("lr = 3e-4\nmax_steps = 2\n")
+    toml_only.write_bytes(b"lr = 3e-4\r\nmax_steps = 2\r\n")  # Windows' line ends
     mixed.write_text("max_steps: 2\nlr = 3e-4 \n")
     told = "it is read as YAML (its suffix), where line {}, 'lr = 3e-4', TOML's key = value, is text, no field: "
     told += "write it lr: 3e-4, or name the file .toml to have it read as TOML"
