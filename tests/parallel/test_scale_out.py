@@ -665,6 +665,7 @@ def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "rendezvous", lambda url: iter([(dist.HashStore(), 1, 2)]))  # no rank 0 to meet
     monkeypatch.setattr(dist, "init_process_group", join)
     torchrun_environment(1, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     with pytest.raises(SystemExit):
