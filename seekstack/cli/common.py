@@ -185,9 +185,10 @@ class Command(TyperCommand):
             if param.param_type_name == "argument" and param.metavar is None:
                 param.metavar = (param.name or "").upper() + "..." * (param.nargs != 1)
             described = param.type_descriptor  # a Path, Paths, or a checkpoint or preset (`Model`, a str)
-            if param.param_type_name == "argument" and described.annotation in (str, list[str]):
-                # typer writes the annotation beside it ("CONFIG <str>", "OVERRIDES... <list[str]>"), which tells a
-                # user nothing: its help says what it takes (a file, a preset, key=value), as in click's --help
+            if param.param_type_name == "argument" and described.annotation in (str, list[str], list[Path]):
+                # typer writes the annotation beside it ("CONFIG <str>", "OVERRIDES... <list[str]>", "RUNS...
+                # <list[Path]>"), which tells a user nothing: its help says what it takes (a file, a preset,
+                # key=value, folders), as in click's --help
                 param.display_type_rich = lambda ctx: None
             callback = described.parameter_info.callback  # refuse_empty_path's: a path typed str (data build's inputs)
             if (

@@ -207,11 +207,12 @@ def test_a_commands_help_names_its_argument_as_its_usage_line_does(command, argu
 
 
 @pytest.mark.parametrize(
-    ("command", "shown"), [(["train"], "CONFIG"), (["sft"], "OVERRIDES..."), (["generate"], "PROMPT")]
+    ("command", "shown"),
+    [(["train"], "CONFIG"), (["sft"], "OVERRIDES..."), (["generate"], "PROMPT"), (["pass-at-k"], "CHECKPOINTS...")],
 )
 def test_a_commands_help_shows_a_text_argument_without_typers_type_label(command, shown):
-    """train's --help showed "CONFIG <str>" and "OVERRIDES... <list[str]>", which tell a user nothing; a path's label
-    stays ("--config <path>")."""
+    """train's --help showed "CONFIG <str>" and "OVERRIDES... <list[str]>", pass-at-k's "CHECKPOINTS... <list[Path]>",
+    which tell a user nothing; a path's label stays ("--config <path>")."""
     listed = runner.invoke(app, [*command, "--help"], terminal_width=200).output
     assert re.search(rf"^  {re.escape(shown)}  +\w", listed, re.MULTILINE), listed
     arguments = listed.partition("Arguments:")[2].partition("Options:")[0]
