@@ -119,6 +119,14 @@ def _block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, layer
     return (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
 
 
+def refuse_too_few_blocks(num_blocks: object) -> None:
+    """ValueError naming num_blocks unless it is a whole number >= 2 (block 0 is reserved)."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or num_blocks < 2:
+        raise ValueError(
+            f"num_blocks={num_blocks!r}: the cache needs a whole number of at least 2 blocks (block 0 is reserved)"
+        )
+
+
 class PagedLatentCache:
     """Block pool + block tables; implements the model's `LatentCache` protocol for the planned batch.
 
@@ -138,10 +146,7 @@ class PagedLatentCache:
         key_extra_tokens: int = 0,
         layer_devices: list[torch.device] | None = None,
     ):
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or num_blocks < 2:
-            raise ValueError(
-                f"num_blocks={num_blocks!r}: the cache needs a whole number of at least 2 blocks (block 0 is reserved)"
-            )
+        refuse_too_few_blocks(num_blocks)
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
         self.layers = config.num_hidden_layers + config.num_nextn_predict_layers  # MTP layers index after the main

@@ -52,16 +52,22 @@ def token_ranking(model_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor,
     return torch.arange(vocab_size), "tokenizer id order (BPE merge rank): no training shards beside the checkpoint"
 
 
+def refuse_a_wrong_draft_vocab(size: object) -> None:
+    """ValueError naming draft_vocab unless it is a whole number >= 0 (a negative one, a slice from the end, would take
+    all ids but the last ones)."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+        raise ValueError(
+            f"draft_vocab={size!r} must be a whole number >= 0: the most frequent tokens drafts score (0: all of them)"
+        )
+
+
 def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequence[int]) -> DraftVocabulary | None:
     """The `size` first ids of `ranking` (a tensor or list of token ids) with their rows of `model`'s output head (a
     copy, see `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers
     it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
     that is not token ids of the model's vocabulary or holds fewer than `size`, naming draft_ranking (torch's
     IndexError named neither)."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
-        raise ValueError(
-            f"draft_vocab={size!r} must be a whole number >= 0: the most frequent tokens drafts score (0: all of them)"
-        )
+    refuse_a_wrong_draft_vocab(size)
     if size == 0 or size >= model.config.vocab_size:
         return None
     rule = "draft_ranking must be token ids, most frequent first (a 1-D tensor or list of ints)"

@@ -40,9 +40,16 @@ from seekstack.infer.cache import (
     blocks_in_budget,
     blocks_in_free_memory,
     refuse_pools_past_free_memory,
+    refuse_too_few_blocks,
 )
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
+from seekstack.infer.draft_vocab import (
+    DraftVocabulary,
+    draft_vocabulary,
+    refresh_draft_vocabulary,
+    refuse_a_wrong_draft_vocab,
+    token_ranking,
+)
 from seekstack.infer.generation_config import (
     GENERATION_CONFIG_FILE,
     eos_ids_of,
@@ -263,13 +270,18 @@ def kv_cache_bytes(value: int | str | None) -> int | None:
 
 def refuse_wrong_engine_values(values: Mapping[str, Any]) -> None:
     """ValueError naming the first of `values` (Engine keywords) whose value the engine refuses: a switch not True or
-    False, compile not True, False or None, a count that is no whole number >= 1 (`refuse_a_non_count`), more
-    draft_tokens than MAX_DRAFT_TOKENS. Engine checks its own; from_pretrained those given, before any weights load."""
+    False, compile not True, False or None, a count that is no whole number >= 1 (`refuse_a_non_count`), num_blocks
+    and draft_vocab as the cache and the drafts refuse them, more draft_tokens than MAX_DRAFT_TOKENS. Engine checks its
+    own; from_pretrained those given, before any weights load."""
     for name, value in values.items():
         if name in ENGINE_SWITCHES or (name == "compile" and value is not None):
             refuse_a_non_bool(name, value)
         elif name in ENGINE_COUNTS:
             refuse_a_non_count(name, kv_cache_bytes(value) if name == "kv_cache_memory" else value)
+        elif name == "num_blocks" and value is not None:
+            refuse_too_few_blocks(value)
+        elif name == "draft_vocab":
+            refuse_a_wrong_draft_vocab(value)
     if values.get("draft_tokens", 0) > MAX_DRAFT_TOKENS:
         raise ValueError(f"draft_tokens={values['draft_tokens']}: {DRAFT_TOKENS_LIMIT}")
 
@@ -391,7 +403,8 @@ class Engine:
             {"prefix_caching": prefix_caching, "speculative": speculative, "adaptive_drafts": adaptive_drafts,
              "eager_lone_row": eager_lone_row, "compile": compile, "max_batch_size": max_batch_size,
              "max_model_len": max_model_len, "block_size": block_size, "kv_cache_memory": kv_cache_memory,
-             "prefill_chunk": prefill_chunk, "draft_tokens": draft_tokens}
+             "prefill_chunk": prefill_chunk, "draft_tokens": draft_tokens, "num_blocks": num_blocks,
+             "draft_vocab": draft_vocab}
         )  # fmt: skip
         if speculative and len(model.mtp) == 0:
             raise ValueError(

@@ -435,6 +435,8 @@ def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, tm
         ({"kv_cache_memory": "lots"}, "kv_cache_memory: size 'lots': expected a number with an optional unit"),
         ({"draft_tokens": 99}, "draft_tokens=99: at most 16"),
         ({"compile": "yes"}, "compile='yes' must be True or False"),
+        ({"num_blocks": "3"}, "num_blocks='3': the cache needs a whole number of at least 2 blocks"),
+        ({"draft_vocab": -1}, "draft_vocab=-1 must be a whole number >= 0"),
     ],
 )
 def test_a_wrong_count_or_compile_is_refused_before_anything_is_read(tmp_path, given, told):
