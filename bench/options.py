@@ -62,6 +62,22 @@ def check_context(parser: argparse.ArgumentParser, option: str, tokens: int, con
         parser.error(f"argument {option}: {tokens}: at most {context} ({whose} context)")
 
 
+def number_between(least: float, most: float) -> Callable[[str], float]:
+    """An argparse type for a number from `least` to `most` (a fraction pruned: 0 to 1), so that nan, inf or one out
+    of range is refused by name before any work, not met in a traceback (or a result row of nan) after it."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not least <= value <= most:  # nan is in no range
+            raise argparse.ArgumentTypeError(f"{value:g}: a number from {least:g} to {most:g}")
+        return value
+
+    return number
+
+
 def whole_number(text: str, least: int, why: str = "") -> int:
     """`text` as a whole number of at least `least`, or argparse's error naming the value (and `why`, when given)."""
     try:

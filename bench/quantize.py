@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from options import load_model_and_data, positive_int
+from options import load_model_and_data, number_between, positive_int
 from peers import peer_missing
 
 import seekstack
@@ -157,7 +157,13 @@ def main() -> None:
     )
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="only the per-call timing of one linear layer")
-    parser.add_argument("--adaptive-bits", type=float, nargs="*", default=[4.5], help="adaptive precision budgets")
+    parser.add_argument(
+        "--adaptive-bits",
+        type=number_between(0, 32),  # float32's bits per weight
+        nargs="*",
+        default=[4.5],
+        help="adaptive precision budgets (bits per weight)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

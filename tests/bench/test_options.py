@@ -183,6 +183,23 @@ def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_ref
 
 
 @pytest.mark.parametrize(
+    ("script", "option", "given", "said"),
+    [
+        ("prune.py", "--heads", "nan", "nan: a number from 0 to 1"),  # ValueError: Invalid literal for Fraction
+        ("prune.py", "--experts", "-1", "-1: a number from 0 to 1"),  # RuntimeError: selected index k out of range
+        ("prune.py", "--heads", "half", "'half' is not a number"),
+        ("quantize.py", "--adaptive-bits", "nan", "nan: a number from 0 to 32"),  # a row "adaptive nan bits"
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_naming_the_option(script, option, given, said, monkeypatch, capsys):
+    """They were taken as given, and ended in a traceback after the model had loaded and been calibrated, or in a
+    table row measuring an adaptive precision of nan bits per weight."""
+    run = run_in_process(script, option, given, monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument {option}: {said}" in run.stderr
+
+
+@pytest.mark.parametrize(
     ("script", "options", "whose"),
     [
         ("train_busy.py", ["--data", "{data}"], "preset tiny's"),  # after the matmul peak
