@@ -1892,7 +1892,8 @@ def refuse_adapters_not_served(
         refuse_a_non_count(name, value)
     if max_loras is not None and adapters and len(adapters) > max_loras:
         raise ConfigError(
-            f"has value {max_loras}: must be at least the {len(adapters)} adapters given ({', '.join(adapters)}), "
+            f"has value {max_loras}: must be at least the {len(adapters)} adapters given "
+            f"({shown_value(', '.join(adapters), str)}), "
             f"each loaded from the start: give max_loras={len(adapters)} or more, or fewer adapters",
             field="max_loras",
         )

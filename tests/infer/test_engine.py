@@ -314,6 +314,10 @@ def test_fewer_max_loras_than_adapters_given_are_refused_naming_both_before_anyt
         with pytest.raises(ConfigError) as refused:
             build()
         assert (refused.value.field, str(refused.value)) == ("max_loras", refusal)
+    named = {f"adapter_{i}": tmp_path / "a" for i in range(1000)}  # 12,888 characters of names: cut
+    listed = ", ".join(named)[:80] + "... (12,888 characters)"
+    with pytest.raises(ConfigError, match=re.escape(f"the 1000 adapters given ({listed}), each loaded from the start")):
+        Engine.from_pretrained(tmp_path / "not-read", adapters=named, max_loras=2)
     # adapters as a list or a folder alone were "'list' object has no attribute 'items'", and max_lora_rank='8' a bare
     # TypeError, once every weight had loaded
     many = [f"runs/adapter_{i}" for i in range(1000)]  # shown by its start
