@@ -36,7 +36,7 @@ from seekstack.infer.engine import Engine, check_tokenizer_fits
 from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion
 from seekstack.infer.params import SamplingParams
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, refuse_a_non_bool
 from seekstack.tokenizer import Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
@@ -174,6 +174,18 @@ class SeekstackLM(TemplateLM):
                 f"model args {', '.join(map(repr, sorted(unknown)))}: not taken by the seekstack backend; it takes "
                 f"{', '.join(taken)}"
             )
+        # lm_eval's --model_args hands on a value it cannot read as a number or true/false as text
+        counts = dict(
+            max_length=max_length,
+            max_gen_toks=max_gen_toks,
+            max_batch_size=max_batch_size,
+            prefix_token_id=prefix_token_id,
+        )
+        for name, value in counts.items():
+            if value is not None and type(value) is not int:
+                raise ValueError(f"model arg {name}={value!r}: give a whole number")
+        if add_bos_token is not None:  # "no" would frame every context with BOS
+            refuse_a_non_bool("model arg add_bos_token", add_bos_token)
         super().__init__()
         self.batch_size_per_step = requests_per_batch(batch_size)  # None: auto
         self._device = resolve_device(device)

@@ -514,6 +514,24 @@ def test_hf_model_args_trust_remote_code_is_taken_and_one_the_backend_lacks_is_n
         get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},revision=main,logits_cache=False")
 
 
+def test_a_model_arg_lm_eval_hands_on_as_text_is_refused_naming_it(checkpoint):
+    """`--model_args` values lm_eval reads as no number nor bool reach the backend as text: max_length=4k and
+    prefix_token_id=bos ended in a bare "TypeError: '<' not supported between instances of 'str' and 'int'",
+    max_batch_size=x and max_gen_toks=abc were kept for the first request to fail on, and add_bos_token=no framed
+    every context with BOS (a text is true). Each is refused, naming the model arg."""
+    from lm_eval.api.registry import get_model
+
+    for arg in ("max_length=4k", "prefix_token_id=bos", "max_batch_size=x", "max_gen_toks=abc", "max_length=2.5"):
+        name, value = arg.split("=")
+        shown = repr(float(value)) if value == "2.5" else repr(value)
+        with pytest.raises(ValueError, match=rf"^model arg {name}={shown}: give a whole number$"):
+            get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},{arg}")
+    with pytest.raises(ValueError, match=r"^model arg add_bos_token='no' must be True or False$"):
+        get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},add_bos_token=no")
+    lm = get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},add_bos_token=false,max_gen_toks=8")
+    assert (lm.add_bos_token, lm.max_gen_toks) == (False, 8)
+
+
 def test_prefix_token_id_conditions_an_empty_context_as_lm_evals_hf_backend_does(checkpoint):
     """`--model_args ...,prefix_token_id=N` (the HF backend's) was refused as a model arg the seekstack backend does
     not take."""
