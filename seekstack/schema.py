@@ -416,14 +416,20 @@ def write_config(config: Any, path: str | Path) -> Path:
     for name, value in values.items():  # the inverse of `resolve_paths`
         if isinstance(value, str) and value and is_path_field(name):
             values[name] = _written_path(value, folder)
-    if path.suffix in (".yaml", ".yml"):
-        text = yaml.safe_dump(values, sort_keys=False)
-    elif path.suffix == ".json":
-        text = json.dumps(values, indent=2) + "\n"
-    else:
-        raise ConfigError(f"{path}: configs are written as .yaml, .yml or .json (TOML is read, not written)")
+    unwritable = unwritable_config(path)
+    if unwritable is not None:
+        raise ConfigError(unwritable)
+    suffix = path.suffix.lower()  # q.YAML is YAML, as read_config_file reads it
+    text = json.dumps(values, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(values, sort_keys=False)
     write_atomic(path, text)
     return path
+
+
+def unwritable_config(path: str | os.PathLike) -> str | None:
+    """Why `write_config` cannot write a config to `path` (its suffix: .yaml, .yml or .json), or None."""
+    if Path(path).suffix.lower() in (".yaml", ".yml", ".json"):
+        return None
+    return f"{path}: configs are written as .yaml, .yml or .json (TOML is read, not written)"
 
 
 def _written_path(value: str, folder: Path) -> str:

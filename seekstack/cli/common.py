@@ -21,7 +21,7 @@ from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.interrupts import INTERRUPTED
 from seekstack.parallel.launch import launch_rank
-from seekstack.schema import ConfigError, settable_fields, shown_value, url_refusal
+from seekstack.schema import ConfigError, settable_fields, shown_value, unwritable_config, url_refusal
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
 try:
@@ -148,6 +148,15 @@ def refuse_empty_path(ctx: typer.Context, param: typer.CallbackParam, value: Any
     callback."""
     if "" in value if isinstance(value, (list, tuple)) else value == "":
         raise BadParameter("an empty path (a shell variable left unset?): give a file or folder", ctx, param)
+    return value
+
+
+def refuse_unwritable_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """--write-config's file, refused (a usage error) before the config is resolved unless its suffix is one
+    `write_config` writes."""
+    unwritable = unwritable_config(value) if value is not None else None
+    if unwritable is not None:
+        raise BadParameter(unwritable, ctx, param)
     return value
 
 

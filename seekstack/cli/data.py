@@ -11,6 +11,7 @@ from seekstack.cli.common import (
     nothing_written_if_interrupted,
     options_named,
     refuse_empty_path,
+    refuse_unwritable_config,
     run_to_checkpoint,
     user_errors,
     warn,
@@ -83,7 +84,10 @@ def data_build(
             callback=_worker_count,
         ),
     ] = 0,
-    write_config: Annotated[Path | None, typer.Option(help="Write the resolved thresholds to this file, exit")] = None,
+    write_config: Annotated[
+        Path | None,
+        typer.Option(help="Write the resolved thresholds to this file, exit", callback=refuse_unwritable_config),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Clean a corpus: kind detection, quality rules per kind, exact and near-duplicate removal, PII scrubbing, a

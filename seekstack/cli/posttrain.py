@@ -18,6 +18,7 @@ from seekstack.cli.common import (
     nothing_written_if_interrupted,
     options_named,
     refuse_empty_path,
+    refuse_unwritable_config,
     run_to_checkpoint,
     size,
     user_errors,
@@ -37,7 +38,10 @@ ConfigArg = Annotated[
 ]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
-WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit")]
+WriteConfigOpt = Annotated[
+    Path | None,
+    typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit", callback=refuse_unwritable_config),
+]
 DifficultyOpt = Annotated[
     int | None, typer.Option(min=1, help="The task's knob (digits, numbers), at least 1; default: its own")
 ]

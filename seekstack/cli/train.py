@@ -17,6 +17,7 @@ from seekstack.cli.common import (
     key_value_command,
     options_named,
     refuse_empty_path,
+    refuse_unwritable_config,
     usage_error,
     user_errors,
     warn,
@@ -50,7 +51,10 @@ def train_command(
     ] = False,
     resume_from: ResumeFromOpt = None,
     write_config: Annotated[
-        Path | None, typer.Option(help="Write the resolved config (YAML or JSON by suffix) and exit")
+        Path | None,
+        typer.Option(
+            help="Write the resolved config (YAML or JSON by suffix) and exit", callback=refuse_unwritable_config
+        ),
     ] = None,
 ) -> None:
     """Pretrain a model on token shards (from `data tokenize`); run under torchrun for several processes."""
@@ -87,7 +91,7 @@ def run_stage(
         if config is not None and is_override(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
         if config is not None and config_option is not None:
-            raise ValueError(f"two config files, {config} and --config {config_option}: give one")
+            raise usage_error(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
         refuse_empty_paths(overrides or [])
         told: list[str] = []  # a resume's warnings, told once it is known to go ahead

@@ -288,11 +288,24 @@ def test_a_config_file_whose_path_holds_an_equals_sign_is_read_as_the_config_not
 
 @pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
 def test_a_training_stage_given_two_config_files_names_both(tmp_path, command):
+    """A usage error (exit 2), as --resume and --resume-from both given are; it exited 1."""
     config = tmp_path / "mine.yaml"
     config.write_text("max_steps: 7\n")
     result = runner.invoke(app, [command, str(config), "--config", str(config)])
-    assert result.exit_code == 1
-    assert f"error: two config files, {config} and --config {config}: give one" in result.output
+    assert result.exit_code == 2
+    assert f"Error: two config files, {config} and --config {config}: give one" in result.output
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "build"]])  # sft, rl and distill: WriteConfigOpt, alike
+def test_write_config_to_a_suffix_it_cannot_write_is_a_usage_error_before_anything_is_resolved(tmp_path, command):
+    """--write-config w.txt (or .toml) exited 1 once the whole config was resolved, where a value an option cannot
+    take is a usage error (exit 2); W.YAML, read as YAML, was refused too."""
+    result = runner.invoke(app, [*command, "--write-config", str(tmp_path / "w.toml")])
+    assert result.exit_code == 2
+    told = f"Invalid value for '--write-config': {tmp_path / 'w.toml'}: configs are written as .yaml, .yml or .json"
+    assert told in " ".join(result.output.split())
+    assert runner.invoke(app, [*command, "--write-config", str(tmp_path / "W.YAML")]).exit_code == 0
+    assert yaml.safe_load((tmp_path / "W.YAML").read_text())
 
 
 @pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
