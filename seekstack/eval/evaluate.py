@@ -321,8 +321,9 @@ def _metric_name(key: str) -> str:
 def _check_transformers_runs(folders: ModelFolders) -> None:
     """ValueError when lm_eval's HF backend would score another model than the checkpoint in `folders`: one of
     seekstack's ablations, whose extra weights transformers drops, or a tokenizer.json with ids past its vocabulary;
-    a warning for fields transformers computes differently (`transformers_divergences`)."""
-    from seekstack.checkpoint.load import warn_transformers_divergences
+    a warning for fields transformers computes differently (`transformers_divergences`), and for fp8 weights its CPU
+    loader dequantizes in other blocks than the checkpoint's."""
+    from seekstack.checkpoint.load import warn_fp8_blocks_transformers_misreads, warn_transformers_divergences
     from seekstack.infer.engine import check_tokenizer_fits
 
     weights = folders.weights
@@ -336,6 +337,7 @@ def _check_transformers_runs(folders: ModelFolders) -> None:
             "another model; evaluate it with --backend seekstack"
         )
     warn_transformers_divergences(config, weights)
+    warn_fp8_blocks_transformers_misreads(weights)
 
 
 def _model_args(folders: ModelFolders) -> dict[str, str]:

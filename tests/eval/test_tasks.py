@@ -152,6 +152,28 @@ def test_the_hf_backend_refuses_a_checkpoint_transformers_loads_as_another_model
         evaluate(softmax, ("code_perplexity",), corpus, "hf", limit=1)
 
 
+def test_the_hf_backend_on_fp8_blocks_transformers_misreads_warns_that_it_scores_other_weights(
+    checkpoint, tmp_path, monkeypatch
+):
+    """`seekstack quantize --scheme fp8` of a model whose projections its 128x128 blocks do not divide warns that
+    transformers' CPU loader dequantizes them in other blocks; `seekstack eval --backend hf` of that checkpoint scored
+    those other weights without a word (lm_eval's run stubbed here: the warning comes before it)."""
+    import lm_eval
+
+    import seekstack
+    from seekstack.eval.evaluate import evaluate
+
+    output = {"results": {"code_perplexity": {}}, "n-samples": {"code_perplexity": {"original": 1, "effective": 1}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    fp8 = seekstack.save_pretrained(seekstack.load_pretrained(checkpoint), tmp_path / "fp8", fp8_block=(64, 64))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(checkpoint / name, fp8 / name)
+    with pytest.warns(UserWarning, match=f"{fp8}: weight_block_size \\[64, 64\\] does not divide .* CPU loader"):
+        evaluate(fp8, ("code_perplexity",), corpus, "hf", limit=1)
+
+
 def test_eval_of_local_tasks_alone_indexes_no_task_file_and_outside_a_git_checkout_prints_no_git_error(
     checkpoint, tmp_path, monkeypatch, capfd
 ):
