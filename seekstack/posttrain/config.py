@@ -4,6 +4,8 @@ own fields, read and checked the same way (YAML/TOML/JSON + key=value, seekstack
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
@@ -500,8 +502,11 @@ def require_conversations_file(path: str, name: str = "data") -> None:
     """A ConfigError naming the field `name` unless `path` is "" or a file (a folder or a missing path is refused
     up front)."""
     given, why = Path(path), "no such file"
-    if given.is_dir():
-        why = "a folder"
+    matched = glob.has_magic(path) and glob.glob(os.path.expanduser(path), recursive=True)
+    if given.is_dir() or matched:  # datasets' data_files reads a folder's files or a pattern's as one dataset
+        files = f"{path}/*.jsonl" if given.is_dir() else path
+        held = "a folder" if given.is_dir() else "a pattern"
+        why = f"{held}; a run reads one file: join its files, cat {files} > conversations.jsonl"
     elif given.exists():  # a pipe (`<(zcat chats.jsonl.gz)`), a device: was told "no such file"
         why = "a named pipe or device, which a run reads again when it resumes: write the conversations to a file"
     require(not path or given.is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")
