@@ -293,8 +293,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _toml_in_yaml(text: str, suffix: str) -> str:
     """What a YAML file's first TOML line (`lr = 3e-4`, a `key = value` YAML reads as text) is to be written as; ""
-    for a file that holds none or is not YAML."""
-    line = re.search(r"^[ \t]*([A-Za-z_][\w.-]*)[ \t]*=[ \t]*(\S.*?)[ \t\r]*$", text, re.MULTILINE)  # \r: CRLF's
+    for a file that holds none or is not YAML. Only a line's start is looked at: an indented `answer = 42` is a block
+    text's (`system: |`), not a field."""
+    line = re.search(r"^([A-Za-z_][\w.-]*)[ \t]*=[ \t]*(\S.*?)[ \t\r]*$", text, re.MULTILINE)  # \r: CRLF's
     if suffix in (".toml", ".json") or line is None:
         return ""
     number = text.count("\n", 0, line.start()) + 1

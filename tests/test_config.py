@@ -265,6 +265,11 @@ def test_a_yaml_file_written_in_toml_is_refused_saying_it_is_read_as_yaml_and_ho
         read_config_file(mixed)
     (tmp_path / "cfg.toml").write_text(toml_only.read_text())
     assert read_config_file(tmp_path / "cfg.toml") == {"lr": 3e-4, "max_steps": 2}
+    block = tmp_path / "block.yaml"  # an indented `answer = 42` is a block text's: the error is elsewhere
+    block.write_text("system: |\n  answer = 42\nmax_steps: 2\n lr: 3e-4\n")
+    with pytest.raises(ConfigError) as elsewhere:
+        read_config_file(block)
+    assert "line 4, column 4" in str(elsewhere.value) and "TOML" not in str(elsewhere.value)
 
 
 def test_a_shown_value_of_one_item_counts_it_singular():
