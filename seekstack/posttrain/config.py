@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import os
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
@@ -502,11 +501,13 @@ def require_conversations_file(path: str, name: str = "data") -> None:
     """A ConfigError naming the field `name` unless `path` is "" or a file (a folder or a missing path is refused
     up front)."""
     given, why = Path(path), "no such file"
-    matched = glob.has_magic(path) and glob.glob(os.path.expanduser(path), recursive=True)
-    if given.is_dir() or matched:  # datasets' data_files reads a folder's files or a pattern's as one dataset
-        files = f"{path}/*.jsonl" if given.is_dir() else path
+    files = str(given / "*.jsonl") if given.is_dir() else path  # what datasets' data_files would read as one dataset
+    matched = glob.glob(files, recursive=True) if given.is_dir() or glob.has_magic(path) else []
+    if given.is_dir() or matched:
         held = "a folder" if given.is_dir() else "a pattern"
-        why = f"{held}; a run reads one file: join its files, cat {files} > conversations.jsonl"
+        why = f"{held}; a run reads one JSONL file"
+        if matched and all(name.endswith(".jsonl") for name in matched):  # not a Hub download's *.parquet
+            why += f": join its files, cat {files} > conversations.jsonl"
     elif given.exists():  # a pipe (`<(zcat chats.jsonl.gz)`), a device: was told "no such file"
         why = "a named pipe or device, which a run reads again when it resumes: write the conversations to a file"
     require(not path or given.is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")

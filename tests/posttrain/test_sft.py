@@ -211,19 +211,29 @@ def test_a_missing_or_unusable_data_init_from_or_tokenizer_is_refused_naming_its
     checkpoint, bare, pipe = micro_checkpoint(tmp_path / "model"), tmp_path / "bare", tmp_path / "63"
     bare.mkdir()
     (tmp_path / "part1.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    (tmp_path / "part1.parquet").write_bytes(b"PAR1")
     os.mkfifo(pipe)  # `data=<(zcat chats.jsonl.gz)`: was told "no such file"
     start = f"init_from={checkpoint}"
     refused = [  # were: "[Errno 2] No such file ...", "[Errno 21] Is a directory", "nonexist/tokenizer.json: ..."
         ([start, "data=nope.jsonl"], "'data' must be a JSONL file of conversations, not 'nope.jsonl' (no such file)"),
         (  # a folder or a pattern of several files, which datasets' data_files reads as one dataset: told to join them
-            [start, f"data={bare}"],
-            f"'data' must be a JSONL file of conversations, not '{bare}' (a folder; a run reads one file: join its "
-            f"files, cat {bare}/*.jsonl > conversations.jsonl)",
+            [start, f"data={tmp_path}/"],
+            f"'data' must be a JSONL file of conversations, not '{tmp_path}/' (a folder; a run reads one JSONL file: "
+            f"join its files, cat {tmp_path}/*.jsonl > conversations.jsonl)",
         ),
         (
             [start, f"data={tmp_path}/part*.jsonl"],
             f"'data' must be a JSONL file of conversations, not '{tmp_path}/part*.jsonl' (a pattern; a run reads one "
-            f"file: join its files, cat {tmp_path}/part*.jsonl > conversations.jsonl)",
+            f"JSONL file: join its files, cat {tmp_path}/part*.jsonl > conversations.jsonl)",
+        ),
+        (  # no .jsonl file to join: a cat would write no JSONL (was: cat bare/*.jsonl, cat *.parquet > ....jsonl)
+            [start, f"data={bare}"],
+            f"'data' must be a JSONL file of conversations, not '{bare}' (a folder; a run reads one JSONL file)",
+        ),
+        (
+            [start, f"data={tmp_path}/*.parquet"],
+            f"'data' must be a JSONL file of conversations, not '{tmp_path}/*.parquet' (a pattern; a run reads one "
+            "JSONL file)",
         ),
         ([start, f"data={pipe}"], f"'data' must be a JSONL file of conversations, not '{pipe}' (a named pipe or"),
         (["init_from=nonexist"], "'init_from' must be an existing checkpoint folder, not 'nonexist'"),
