@@ -301,7 +301,8 @@ def tokenizer_train(
 
 def _require_training_documents(corpus: Path, purpose: str) -> None:
     """FileNotFoundError or ValueError naming the corpus's train.jsonl, before anything is written, when it is
-    missing or holds no document: what was made from it would be empty (`purpose`: what it holds none for)."""
+    missing or holds no document but blank ones: what was made from it would be empty (`purpose`: what it holds none
+    for)."""
     from seekstack.corpus.sources import read_jsonl
 
     if corpus.is_file():  # a file of documents, given for the folder `data build` writes them to
@@ -317,8 +318,12 @@ def _require_training_documents(corpus: Path, purpose: str) -> None:
     build = f"build the corpus from your text first (`seekstack data build TEXT --out {corpus}`)"
     if not train.is_file():
         raise FileNotFoundError(f"{train}: no such file; {build}")
-    if next(iter(read_jsonl(train)), None) is None:
-        raise ValueError(f"{train}: no documents {purpose}; {build}")
+    blank = 0
+    for document in read_jsonl(train):
+        if document.text.strip():
+            return
+        blank += 1
+    raise ValueError(f"{train}: no documents {purpose}{f' ({blank:,}, all blank)' if blank else ''}; {build}")
 
 
 def _refuse_a_folder_of_other_files(out: Path) -> None:

@@ -586,6 +586,11 @@ def test_tokenizer_train_refuses_an_empty_corpus_as_tokenize_does(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{corpus / 'train.jsonl'}: no documents to train a tokenizer on; build the corpus" in result.output
     assert not (tmp_path / "tok").exists()
+    (corpus / "train.jsonl").write_text('{"text": ""}\n{"text": " \\n"}\n')  # wrote a 272-token tokenizer, warning
+    result = run(*args)
+    assert result.exit_code == 1
+    assert f"{corpus / 'train.jsonl'}: no documents to train a tokenizer on (2, all blank)" in result.output
+    assert not (tmp_path / "tok").exists()
 
 
 def test_tokenizer_train_names_vocab_size_and_its_largest_value(tmp_path):
