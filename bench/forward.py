@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
-from options import positive_int
+from options import check_context, positive_int
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -445,8 +445,7 @@ def main() -> None:
         timed = [("--seq-lens", seq_len) for seq_len in args.seq_lens or []]
         profiled = [] if args.no_profile else [("--profile-seq-len", args.profile_seq_len)]
         for option, seq_len in timed + profiled:
-            if seq_len > context:
-                parser.error(f"argument {option}: {seq_len}: at most {context} (preset {preset}'s context)")
+            check_context(parser, option, seq_len, context, f"preset {preset}'s")
     prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peaks = matmul_peaks(args.clock)

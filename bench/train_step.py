@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
-from options import positive_int
+from options import check_context, positive_int
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -155,11 +155,7 @@ def main() -> None:
     if args.seq_len < 2:  # each row's loss predicts tokens 2..T from the ones before: one token holds no target
         parser.error(f"argument --seq-len: {args.seq_len}: at least 2 (a row of one token holds no target to predict)")
     config = seekstack.preset(args.preset)
-    if args.seq_len > config.max_position_embeddings:  # positions the preset has none for; seekstack train refuses it
-        parser.error(
-            f"argument --seq-len: {args.seq_len}: at most {config.max_position_embeddings} (preset {args.preset}'s "
-            "context)"
-        )
+    check_context(parser, "--seq-len", args.seq_len, config.max_position_embeddings, f"preset {args.preset}'s")
     batch = training_batch(args.data, config.vocab_size, args.batch, args.seq_len)
     prepare_machine(args)
     peaks = matmul_peaks(args.clock)
