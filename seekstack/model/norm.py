@@ -4,7 +4,8 @@ The normalisation has a hand-written backward, fewer passes over x than autograd
 (tiny's training step is ~4% faster). With n = x r, r = 1 / sqrt(mean(x^2) + eps), g = dL/dn:
 dL/dx = r (g - n mean(g n)). On a CPU, float32 or bfloat16, `rms_norm` in seekstack/model/cpu_kernels.cpp does the
 forward (weight included) and the backward in one pass each over a row, bfloat16 rows with a float32 weight too (under
-autocast, MLA's latent norms after a bf16 linear: their output stays bf16, as the next linear takes it).
+autocast, MLA's latent norms after a bf16 linear). The output is in x's dtype on every path (bf16 there, as the next
+linear takes it), with the kernel or without (switched off, a compiled region, a GPU, rows strided along a row).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from seekstack.model import cpu_kernels
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, in x's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -34,8 +35,8 @@ class RMSNorm(nn.Module):
             rows = torch.ops.seekstack.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0]
             return rows.view_as(x)  # view(x.shape) reads a torch.Size: 1.8 us, view_as 0.5
         if torch.is_grad_enabled():
-            return self.weight * _Normalize.apply(x, self.eps)
-        return self.weight * _normalize(x, self.eps)[0].to(x.dtype)  # inference: no autograd.Function overhead
+            return (self.weight * _Normalize.apply(x, self.eps)).to(x.dtype)
+        return (self.weight * _normalize(x, self.eps)[0].to(x.dtype)).to(x.dtype)  # inference: no autograd.Function
 
 
 def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,10 +67,12 @@ def test_fused_rms_norm_and_its_gradients_match_the_formula_and_switch_off_to_it
             assert (ours.double() - theirs).abs().max().item() <= tolerance * scale
 
 
-def test_a_float32_norm_under_bfloat16_autocast_normalizes_bfloat16_rows_in_the_kernel():
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_a_float32_norm_under_bfloat16_autocast_gives_bfloat16_rows_with_or_without_the_kernel(fused):
     """MLA's latent norms get bf16 rows from an autocast linear and keep a float32 weight: they took torch's eager
     passes (widen, square, mean, rsqrt, scale, narrow, times the weight into float32, ~6 ms a `small` layer forward +
-    backward against the kernel's ~1) and handed the next linear float32 rows to narrow back."""
+    backward against the kernel's ~1) and handed the next linear float32 rows to narrow back. Without the kernel
+    (switched off, compiled, a GPU, rows strided along a row) the rows came back float32 where the kernel's are bf16."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     norm = RMSNorm(40)
@@ -81,11 +83,18 @@ def test_a_float32_norm_under_bfloat16_autocast_normalizes_bfloat16_rows_in_the_
     x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
     reference = x64 * torch.rsqrt(x64.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * w64
     (reference * upstream.double()).sum().backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = norm(x)
-    (out * upstream.bfloat16()).sum().backward()
-    assert type(out.grad_fn).__name__ == "_FusedRMSNormBackward"
-    assert out.dtype == x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    cpu_kernels.set_enabled(fused)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+            with torch.no_grad():
+                inference = norm(x)
+        (out * upstream.bfloat16()).sum().backward()
+    finally:
+        cpu_kernels.set_enabled(True)
+    assert (type(out.grad_fn).__name__ == "_FusedRMSNormBackward") == fused
+    assert out.dtype == inference.dtype == x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    assert torch.equal(inference, out.detach())
     for ours, theirs in ((out, reference), (x.grad, x64.grad), (norm.weight.grad, w64.grad)):
         assert (ours.double() - theirs).abs().max().item() <= 0.05 * theirs.abs().max().item()  # bf16 keeps 8 bits
 
