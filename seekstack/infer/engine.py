@@ -274,8 +274,13 @@ def refuse_wrong_engine_values(values: Mapping[str, Any]) -> None:
     and draft_vocab as the cache and the drafts refuse them, more draft_tokens than MAX_DRAFT_TOKENS. Engine checks its
     own; from_pretrained those given, before any weights load."""
     for name, value in values.items():
-        if name in ENGINE_SWITCHES or (name == "compile" and value is not None):
+        if name in ENGINE_SWITCHES:
             refuse_a_non_bool(name, value)
+        elif name == "compile" and not (value is None or isinstance(value, bool)):
+            raise ValueError(
+                f"compile={shown_value(value)} must be True (decode compiled from the first step), False (never) or "
+                "None (once eager decoding has taken as long as a compile)"
+            )
         elif name in ENGINE_COUNTS:
             refuse_a_non_count(name, kv_cache_bytes(value) if name == "kv_cache_memory" else value)
         elif name == "num_blocks" and value is not None:

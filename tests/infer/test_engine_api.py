@@ -434,7 +434,7 @@ def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, tm
         ({"block_size": 0}, "block_size=0 must be >= 1"),
         ({"kv_cache_memory": "lots"}, "kv_cache_memory: size 'lots': expected a number with an optional unit"),
         ({"draft_tokens": 99}, "draft_tokens=99: at most 16"),
-        ({"compile": "yes"}, "compile='yes' must be True or False"),
+        ({"compile": "yes"}, "compile='yes' must be True (decode compiled from the first step), False (never) or None"),
         ({"num_blocks": "3"}, "num_blocks='3': the cache needs a whole number of at least 2 blocks"),
         ({"draft_vocab": -1}, "draft_vocab=-1 must be a whole number >= 0"),
     ],
