@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import torch.utils.cpp_extension
 
 from seekstack.model import cpu_kernels
+from seekstack.model import moe as moe_module
 from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss, swiglu
 from seekstack.model.transformer import Transformer
 from seekstack.train.balance import max_violation, update_expert_bias
@@ -211,6 +213,23 @@ def test_eager_inference_of_few_tokens_runs_the_kernel_and_training_the_grouped_
     trained, _ = moe.experts(few, moe.gate(few))
     assert taken == [cpu_kernels.MAX_TOKENS]
     assert trained.requires_grad and (trained - inferred).abs().max().item() < 1e-5
+
+
+def test_bfloat16_inference_multiplies_experts_packed_once_per_weight_version_as_the_grouped_matmul(monkeypatch):
+    """Eager bf16 inference of many tokens multiplies by each expert's weights packed once for oneDNN (a plain weight
+    is repacked every call); an in-place update repacks them, and a deepcopy of the model (an RL reference) works."""
+    moe = make_moe().eval().to(torch.bfloat16)
+    flat = torch.randn(cpu_kernels.MAX_TOKENS + 40, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        packed, _ = moe.experts(flat, routing)
+        assert id(moe.experts.down_proj) in moe_module._PACKED
+        moe.experts.down_proj.mul_(2)
+        doubled, _ = moe.experts(flat, routing)
+        copy.deepcopy(moe)
+        monkeypatch.setattr(moe_module, "_packs", lambda x, weight: False)
+        grouped, _ = moe.experts(flat, routing)
+    assert torch.equal(doubled, grouped) and torch.equal(doubled, 2 * packed)
 
 
 def test_compiled_float32_training_forward_matches_eager_with_gradients():
