@@ -21,10 +21,6 @@ from seekstack.model.rope import apply_rotary
 # eps of the latent norms (q_a_layernorm, kv_a_layernorm): fixed, not rms_norm_eps. DeepSeek's reference code and
 # transformers' DeepseekV2/V3 build both with their RMSNorm's default, so a config's rms_norm_eps never reaches them.
 LATENT_NORM_EPS = 1e-6
-# Where causal training attention takes `causal_attention_backward` (_CausalAttention): in bfloat16 it is 1.5-1.9x
-# torch's fused backward (AMX products), in float32 0.6-0.96x from 256 tokens on (tiny's 8 x 256 to 2 x 1024, small's
-# 4 x 512; one thread), so float32 keeps torch's.
-FUSED_BACKWARD_DTYPES = (torch.bfloat16,)
 
 
 class LatentCache(Protocol):
@@ -117,7 +113,9 @@ class MultiHeadLatentAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in (_pad_last(query, width), _pad_last(key, width), value))
         # The flash kernel's forward, as torch picks it, unless the user turned it off (sdpa_kernel(SDPBackend.MATH))
         flash = torch.backends.cuda.flash_sdp_enabled()  # (the switch is torch's for every device, despite its name)
-        fused = query.dtype in FUSED_BACKWARD_DTYPES and cpu_kernels.elementwise_takes(query, key, value)
+        # and the fused backward (_CausalAttention) in bfloat16 only: there 1.5-1.9x torch's fused forward + backward
+        # (AMX products), in float32 0.6-0.96x from 256 tokens on (tiny's 8 x 256 to 2 x 1024, small's 4 x 512).
+        fused = query.dtype == torch.bfloat16 and cpu_kernels.elementwise_takes(query, key, value)
         if mask is None and flash and torch.is_grad_enabled() and fused:
             return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
         out = F.scaled_dot_product_attention(
@@ -190,9 +188,9 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class _CausalAttention(torch.autograd.Function):
-    """Causal SDPA of q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU: torch's fused kernel forward (v zero-padded to
-    W), which keeps the rows' log-sum-exp, and `causal_attention_backward` (cpu_kernels.cpp) from it, 2.2x faster than
-    torch's fused backward at `small`'s bf16 shapes."""
+    """Causal SDPA of bfloat16 q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU: torch's fused kernel forward (v
+    zero-padded to W), which keeps the rows' log-sum-exp, and `causal_attention_backward` (cpu_kernels.cpp) from it,
+    2.2x faster than torch's fused backward at `small`'s shapes."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]

@@ -523,11 +523,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor&
 
 // Causal attention's backward (FlashAttention-2, Dao 2023, Alg. 2, over whole score rows), from the forward's
 // per-row log-sum-exp L (torch's fused CPU SDPA returns it): P = exp(scale Q K^T - L) recomputed, dV = P^T dO,
-// dP = dO V^T, dS = scale P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q, over a group of heads at a time. S = Q K^T
-// and dP are kept in float32 (in bfloat16, `causal_scores` from bfloat16 inputs: a bfloat16 bmm would round them,
-// and exp(S) turns S's rounding into P's error, 2-4% of the gradients at logits of std 4); one pass a score row turns
-// them into P and dS (float32 math), zero above the diagonal, stored in the input dtype for the three other products
-// (bmm calls, AMX in bfloat16), as FlashAttention rounds P and dS for its own.
+// dP = dO V^T, dS = scale P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q, over a group of heads at a time; bfloat16
+// only (float32 attention keeps torch's fused backward, faster there: attention.py). S = Q K^T and dP are kept in
+// float32 (`causal_scores`: a bfloat16 bmm would round them, and exp(S) turns S's rounding into P's error, 2-4% of the
+// gradients at logits of std 4); one pass a score row turns them into P and dS (float32 math), zero above the
+// diagonal, stored in bfloat16 for the three other products (bmm calls, AMX), as FlashAttention rounds P and dS.
 constexpr int64_t kScoresPerGroup = 1 << 20;  // scores (heads x T x T) a group computes at once
 constexpr int64_t kKeysPerTile = 64;          // keys (columns of scores) a brgemm call computes: its widest packed B
 
@@ -566,31 +566,30 @@ void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores)
   });
 }
 
-// P and dS from float32 S and dP into `probs` and `grad_scores` (the same tensors in float32: in place).
-template <typename T>
+// P and dS (bfloat16) from float32 S and dP into `probs` and `grad_scores`.
 void causal_softmax_backward_rows(const at::Tensor& scores, const at::Tensor& grad_probs, at::Tensor& probs,
                                   at::Tensor& grad_scores, const at::Tensor& lse, const at::Tensor& grad_out,
                                   const at::Tensor& out, float scale) {
   const int64_t heads = scores.size(0), T_ = scores.size(1), V = out.size(2);
   const float* s_data = scores.const_data_ptr<float>();
   const float* dp_data = grad_probs.const_data_ptr<float>();
-  T* p_data = probs.mutable_data_ptr<T>();
-  T* ds_data = grad_scores.mutable_data_ptr<T>();
+  c10::BFloat16* p_data = probs.mutable_data_ptr<c10::BFloat16>();
+  c10::BFloat16* ds_data = grad_scores.mutable_data_ptr<c10::BFloat16>();
   const float* lse_data = lse.const_data_ptr<float>();
-  const T* grad_out_data = grad_out.const_data_ptr<T>();
-  const T* out_data = out.const_data_ptr<T>();
+  const c10::BFloat16* grad_out_data = grad_out.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* out_data = out.const_data_ptr<c10::BFloat16>();
   at::parallel_for(0, heads * T_, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t h = row / T_, i = row % T_;
-      const T* dO = grad_out_data + h * grad_out.stride(0) + i * grad_out.stride(1);
-      const T* O = out_data + h * out.stride(0) + i * out.stride(1);
+      const c10::BFloat16* dO = grad_out_data + h * grad_out.stride(0) + i * grad_out.stride(1);
+      const c10::BFloat16* O = out_data + h * out.stride(0) + i * out.stride(1);
       float delta = 0.f;  // rowsum(dO O) = sum_j P_ij dP_ij
       for (int64_t d = 0; d < V; ++d) delta += float(dO[d]) * float(O[d]);
       const float L = lse_data[h * lse.stride(0) + i * lse.stride(1)];
       const float* s = s_data + row * T_;
       const float* dp = dp_data + row * T_;
-      T* p = p_data + row * T_;
-      T* ds = ds_data + row * T_;
+      c10::BFloat16* p = p_data + row * T_;
+      c10::BFloat16* ds = ds_data + row * T_;
       over_row(
           i + 1,
           [&](int64_t j) {
@@ -605,11 +604,11 @@ void causal_softmax_backward_rows(const at::Tensor& scores, const at::Tensor& gr
           },
           [&](int64_t j) {
             const float p_ij = std::exp(s[j] * scale - L);
-            p[j] = static_cast<T>(p_ij);
-            ds[j] = static_cast<T>(p_ij * (dp[j] - delta) * scale);
+            p[j] = static_cast<c10::BFloat16>(p_ij);
+            ds[j] = static_cast<c10::BFloat16>(p_ij * (dp[j] - delta) * scale);
           });
-      std::fill(p + i + 1, p + T_, T(0));
-      std::fill(ds + i + 1, ds + T_, T(0));
+      std::fill(p + i + 1, p + T_, c10::BFloat16(0));
+      std::fill(ds + i + 1, ds + T_, c10::BFloat16(0));
     }
   });
 }
@@ -619,9 +618,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                          const at::Tensor& k, const at::Tensor& v,
                                                                          const at::Tensor& out, const at::Tensor& lse,
                                                                          double scale) {
-  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
-                  lse.scalar_type() == at::kFloat,
-              "causal_attention_backward: q must be (B, H, T, D) float32 or bfloat16, lse float32");
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kBFloat16 && lse.scalar_type() == at::kFloat,
+              "causal_attention_backward: q must be (B, H, T, D) bfloat16 (float32 attention takes torch's SDPA "
+              "backward), lse float32, not q ", q.scalar_type(), " of ", q.dim(), " dimensions, lse ",
+              lse.scalar_type());
   TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1 && out.stride(-1) == 1,
               "causal_attention_backward: q, k, v and out must be read along stride 1");
   const at::Tensor dO = grad.to(q.scalar_type()).contiguous();
@@ -634,19 +634,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       const int64_t n = std::min(group, H - h);
       const at::Tensor qg = q[b].narrow(0, h, n), kg = k[b].narrow(0, h, n), vg = v[b].narrow(0, h, n);
       const at::Tensor dOg = dO[b].narrow(0, h, n), og = out[b].narrow(0, h, n), lg = lse[b].narrow(0, h, n);
-      at::Tensor probs, grad_scores;
-      if (q.scalar_type() == at::kBFloat16) {
-        at::Tensor scores = at::empty({n, T_, T_}, q.options().dtype(at::kFloat)), grad_probs = at::empty_like(scores);
-        causal_scores(qg, kg, scores);
-        causal_scores(dOg, vg, grad_probs);
-        probs = at::empty({n, T_, T_}, q.options());
-        grad_scores = at::empty_like(probs);
-        causal_softmax_backward_rows<c10::BFloat16>(scores, grad_probs, probs, grad_scores, lg, dOg, og, scale);
-      } else {
-        probs = at::bmm(qg, kg.transpose(1, 2));
-        grad_scores = at::bmm(dOg, vg.transpose(1, 2));
-        causal_softmax_backward_rows<float>(probs, grad_scores, probs, grad_scores, lg, dOg, og, scale);
-      }
+      at::Tensor scores = at::empty({n, T_, T_}, q.options().dtype(at::kFloat)), grad_probs = at::empty_like(scores);
+      causal_scores(qg, kg, scores);
+      causal_scores(dOg, vg, grad_probs);
+      at::Tensor probs = at::empty({n, T_, T_}, q.options()), grad_scores = at::empty_like(probs);
+      causal_softmax_backward_rows(scores, grad_probs, probs, grad_scores, lg, dOg, og, scale);
       at::Tensor dv = grad_v[b].narrow(0, h, n), dq = grad_q[b].narrow(0, h, n), dk = grad_k[b].narrow(0, h, n);
       at::bmm_out(dv, probs.transpose(1, 2), dOg);
       at::bmm_out(dq, grad_scores, kg);

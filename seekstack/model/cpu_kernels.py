@@ -29,9 +29,9 @@ combine weight per row], for the dense FFN, the shared and the routed experts; m
 with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when);
 `cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under autocast, turned into each row's loss and the
 logits' gradient, written over them; and `causal_attention_backward` (attention.py's `_CausalAttention`): causal
-training attention's backward in bfloat16 (attention.FUSED_BACKWARD_DTYPES; float32 keeps torch's, faster there) from
-torch's fused forward's log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with
-one fused pass a score row.
+training attention's backward in bfloat16 (float32 keeps torch's, faster there) from torch's fused forward's
+log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score
+row.
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
@@ -85,11 +85,11 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`, `causal_attention_backward`) take these
-    tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input
-    takes torch's ops), none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the
-    first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers
-    (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
+    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`, `causal_attention_backward`: bfloat16
+    only) take these tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a
+    transposed input takes torch's ops), none sharded, outside a compiled region (inductor fuses its own); builds the
+    kernels on the first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest
+    torch offers (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
     first = tensors[0]
     if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
         return False
