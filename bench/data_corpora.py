@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import options  # noqa: F401 (Ctrl-C ends this bench, and the data benches that import it, in one line)
+import ctrl_c  # noqa: F401 (Ctrl-C ends this bench, and the data benches that import it, in one line)
 
 from seekstack.corpus.sources import read_stdlib
 

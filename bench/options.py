@@ -1,39 +1,20 @@
 """Command-line option types the benchmarks share, and the check of the options naming a model and its token data.
-Every bench imports it, and with it how Ctrl-C ends one run as a script: a line, not KeyboardInterrupt's traceback."""
+Every bench imports it, and with it ctrl_c.py: how Ctrl-C ends one run as a script."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
+
+import ctrl_c  # noqa: F401 (a bench run ends in one line on Ctrl-C)
 
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import run_checkpoint
-
-
-def interrupted_in_one_line(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
-    """sys.excepthook of a bench run as a script: Ctrl-C that ends it says so in one line and ends the process by
-    SIGINT, as Python ends one it was interrupted in (exit status 130 in a shell), but at once: Python's own exit
-    is status 1 once torch._dynamo is imported (its atexit dump_compile_times forgets the interrupt). Other errors
-    keep their traceback."""
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, error, traceback)
-        return
-    print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C)", file=sys.stderr)
-    sys.stdout.flush()  # a table printed so far reaches a pipe or file; `with` blocks were left as the error rose
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-
-
-if Path(getattr(sys.modules["__main__"], "__file__", "")).resolve().parent == Path(__file__).resolve().parent:
-    sys.excepthook = interrupted_in_one_line  # a bench run; one imported (a notebook, pytest) keeps the hook it has
 
 
 def positive_int(text: str) -> int:
