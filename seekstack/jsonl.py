@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
     skipped; a name ending in .gz, .bz2, .xz or .zst, in any case, is read through its compression, as datasets' JSON
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
     it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 or
-    UTF-32 text (Windows PowerShell's Out-File and `>` write UTF-16) or a Parquet or Arrow file (a Hub dataset's), and
-    one saying the file is not JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line
-    or many; no caller reads lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline
-    (what a process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
+    UTF-32 text (Windows PowerShell's Out-File and `>` write UTF-16) or a Parquet or Arrow file (a Hub dataset's). A
+    file that starts a JSON array of objects (`json.dump(records, f)`, on one line or many) is read whole, as TRL and
+    datasets' JSON loader read it: its items, each numbered by the line it starts on (`_array_items`). With
+    `on_torn_tail`, a last line that is neither and has no newline (what a process stopped while appending it leaves)
+    is skipped, and `on_torn_tail` is told why."""
     with opened(path) as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
@@ -50,11 +52,13 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 if line.strip():
                     value = json.loads(line.rstrip("\r\n"))  # its newline no part of it: an error's column is on it
                     if number == 1 and _is_array_of_objects(value):
-                        raise _not_json_lines(path)
+                        yield from _array_items(path)
+                        return
                     yield number, value
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 if number == 1 and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
-                    raise _not_json_lines(path) from None
+                    yield from _array_items(path)  # an array written over several lines
+                    return
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
                 reason = (
                     f"{error.reason} at byte {error.start}"
@@ -125,8 +129,25 @@ def _is_array_of_objects(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
-def _not_json_lines(path: str | Path) -> ValueError:
-    return ValueError(
-        f"{path}:1: not JSON Lines: the file starts a JSON array; write one JSON object a line (JSON Lines), e.g. "
-        "with jq -c '.[]'"
-    )
+def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line it starts on, item) of each item of the JSON array `path` holds, read whole; a ValueError (no subclass:
+    `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON."""
+    with opened(path) as binary:
+        data = binary.read()
+    try:
+        text = data.decode("utf-8-sig")
+        json.loads(text)  # its fault, if any, named by line and column before any item is handed on
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: a JSON array that is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: a JSON array that is not valid JSON ({json_error_reason(error)})") from None
+    decoder, position, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    while text[position := _BETWEEN_ITEMS.match(text, position).end()] != "]":
+        line, counted = line + text.count("\n", counted, position), position
+        item, position = decoder.raw_decode(text, position)
+        yield line, item
+
+
+_BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")  # JSON's whitespace and the comma before an array's next item

@@ -115,22 +115,19 @@ def test_a_parquet_or_arrow_file_is_refused_saying_how_to_write_it_as_json_lines
     )
 
 
-def test_a_json_array_file_is_refused_as_not_json_lines(tmp_path):
+def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_line_it_starts_on(tmp_path):
+    """`json.dump(records, f)` (indented or not): refused as not JSON Lines, where TRL and datasets read it."""
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(RECORDS, indent=2))  # "[" alone on line 1
-    with pytest.raises(ValueError, match=r"chats.json:1: not JSON Lines: the file starts a JSON array; write one JSON"):
-        list(jsonl_records(path))
+    assert list(jsonl_records(path)) == [(2, RECORDS[0]), (10, RECORDS[1])]
     path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "]\n")
-    with pytest.raises(ValueError, match=r"chats.json:1: not JSON Lines"):
+    assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
+    path.write_text(json.dumps(RECORDS))  # on one line
+    assert list(jsonl_records(path)) == [(1, RECORDS[0]), (1, RECORDS[1])]
+    path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "\n")  # its "]" lost
+    with pytest.raises(ValueError, match=r"chats.json: a JSON array that is not valid JSON \(Expecting ',' delimiter"):
         list(jsonl_records(path))
-
-
-def test_a_json_array_written_on_one_line_is_refused_as_not_json_lines(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_text(json.dumps(RECORDS))  # what json.dump(records, f) writes
-    with pytest.raises(ValueError, match=r"chats.jsonl:1: not JSON Lines: the file starts a JSON array"):
-        list(jsonl_records(path))
-    path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # an array of other values: the caller names it
+    path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # a line holding an array of other values
     assert list(jsonl_records(path)) == [(1, [1, 2]), (2, RECORDS[1])]
 
 

@@ -5,7 +5,8 @@
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
   of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
   text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
-- chat: a `.jsonl` (or a `.json` of JSON Lines, as datasets' `to_json` writes) of {"messages": [...]} (or TRL's
+- chat: a `.jsonl` (or a `.json` of JSON Lines, as datasets' `to_json` writes, or of one JSON array, as `json.dump`
+  writes and TRL reads) of {"messages": [...]} (or TRL's
   {"prompt": [...], "completion": [...]} or {"conversations": [{"from": ..., "value": ...}, ...]}): the conversations
   of chat SFT (seekstack.posttrain.sft's batch source), the loss on the assistant's tokens only, those `seekstack
   sft` holds out by default held out as the validation split; TRL's standard {"prompt": TEXT, "completion": TEXT}
@@ -56,7 +57,8 @@ def is_token_shards(path: Path) -> bool:
 
 def first_record(path: Path) -> object:
     """The first record of `path` when it is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads
-    one; a `.json` too, the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes), else None."""
+    one; a `.json` too, the suffix datasets' `Dataset.to_json` gives the JSON Lines it writes, or a JSON array's first
+    item), else None."""
     if source_kind(path) not in (".jsonl", ".json") or not path.is_file():
         return None
     try:
@@ -197,9 +199,6 @@ def _documents(data: Path) -> list[str]:
     try:
         documents = [document.text for document in source if document.text.strip()]
     except MissingTextField as error:  # its advice names the --field and --rows-field options of `data build`
-        if is_conversation_record(error.record):  # conversations that are no JSON Lines (a JSON array of them)
-            for _ in jsonl_records(data):  # raises the fault `seekstack sft` names ("not JSON Lines ... jq -c '.[]'")
-                pass
         raise DataSourceError(
             f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} or '
             '{"prompt": [...], "completion": [...]} (chat conversations, or TRL\'s prompt and completion as text; '

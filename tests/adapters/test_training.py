@@ -282,22 +282,18 @@ def test_trls_prompt_completion_rows_train_the_completion_alone_text_with_no_tem
     assert train_adapter(train_config, adapter, continued).step == 1
 
 
-def test_a_json_array_of_conversations_gets_sfts_advice_and_text_rows_under_a_key_no_rows_field(tmp_path):
+def test_a_json_array_of_conversations_is_trained_as_chat_and_text_rows_under_a_key_get_no_rows_field(tmp_path):
     """lora train read a .json array of conversations as text and advised "'messages' holds an array of objects: rows
     held under a key are read with --rows-field messages", an option it has not, and a chat's messages are no rows;
-    `seekstack sft` says such a file is not JSON Lines and how to write it so."""
+    then it refused it as not JSON Lines, as `seekstack sft` did; both read it as TRL does, a chat file."""
     base = write_base(tmp_path / "base", with_tokenizer=True)
     turn = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
     conversations, squad = tmp_path / "conversations.json", tmp_path / "squad.json"
-    conversations.write_text(json.dumps([{"messages": turn}] * 3))
+    conversations.write_text(json.dumps([{"messages": turn}] * 3, indent=2))
     squad.write_text(json.dumps({"version": "1", "data": [{"text": "A row held under a key."}] * 3}))
     run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
-    with pytest.raises(ValueError) as refused:
-        lora_train_config(base, conversations, tmp_path / "chat", run)
-    assert str(refused.value) == (
-        f"{conversations}:1: not JSON Lines: the file starts a JSON array; write one JSON object a line (JSON Lines), "
-        "e.g. with jq -c '.[]'"
-    )
+    assert is_chat(conversations)
+    assert lora_train_config(base, conversations, tmp_path / "chat", run).config.data_dir == str(conversations)
     with pytest.raises(ValueError) as refused:
         lora_train_config(base, squad, tmp_path / "rows", run)
     assert str(refused.value).startswith(f"{squad}:1: no field 'text', only 'version', 'data'; `lora train` reads")
