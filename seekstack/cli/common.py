@@ -8,7 +8,7 @@ import os
 import re
 import textwrap
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -97,13 +97,19 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def nothing_written_if_interrupted(out: Path, as_json: bool = False) -> Iterator[None]:
-    """Ctrl-C inside, in a command's minutes of measuring or calibrating before it writes `out` whole (atomically),
-    says so and that nothing was written, exit 130: typer's own exit 130 says nothing."""
+def interrupted_says(what: str, as_json: bool = False) -> Iterator[None]:
+    """Ctrl-C inside says so and `what` it left ("interrupted (Ctrl-C): nothing was written to OUT"), exit 130:
+    typer's own exit 130 says nothing."""
     try:
         yield
     except KeyboardInterrupt:
-        fail(f"interrupted (Ctrl-C): nothing was written to {out}", as_json, code=INTERRUPTED)
+        fail(f"interrupted (Ctrl-C){what}", as_json, code=INTERRUPTED)
+
+
+def nothing_written_if_interrupted(out: Path, as_json: bool = False) -> AbstractContextManager[None]:
+    """`interrupted_says` of a command's minutes of measuring or calibrating before it writes `out` whole
+    (atomically): that nothing was written."""
+    return interrupted_says(f": nothing was written to {out}", as_json)
 
 
 @contextmanager

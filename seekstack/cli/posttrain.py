@@ -13,7 +13,7 @@ import typer
 
 from seekstack.cli.common import (
     CONFIG_KEYS_HEADING,
-    fail,
+    interrupted_says,
     key_value_command,
     nothing_written_if_interrupted,
     options_named,
@@ -24,7 +24,6 @@ from seekstack.cli.common import (
     user_errors,
 )
 from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
-from seekstack.interrupts import INTERRUPTED
 
 if TYPE_CHECKING:
     from seekstack.infer import Engine
@@ -129,16 +128,14 @@ def pass_at_k_command(
         for model in models:  # every model there before the first is scored (minutes) rather than after
             read_config(model)
         for model in models:
-            try:
-                with options_named():  # a difficulty whose prompts pass the context names --difficulty
-                    sampled_task = _options_task(task, difficulty)
-                    with _problems_asked():
-                        scored = heldout_problems(sampled_task, problems, seed)
-                    engine = _sampling_engine(model, problems, samples, max_new_tokens, sampled_task, scored)
-                    scores = evaluate_task(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
-            except KeyboardInterrupt:  # typer's own exit 130 says nothing
-                before = "the lines above score the models before it" if rows else "no model was scored"
-                fail(f"interrupted (Ctrl-C) while scoring {model}: {before}", code=INTERRUPTED)
+            before = "the lines above score the models before it" if rows else "no model was scored"
+            with interrupted_says(f" while scoring {model}: {before}"), options_named():
+                # options_named: a difficulty whose prompts pass the context names --difficulty
+                sampled_task = _options_task(task, difficulty)
+                with _problems_asked():
+                    scored = heldout_problems(sampled_task, problems, seed)
+                engine = _sampling_engine(model, problems, samples, max_new_tokens, sampled_task, scored)
+                scores = evaluate_task(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
             rows.append({"model": str(model), "task": task, **scores})
             typer.echo(json.dumps(rows[-1]))
     if len(rows) > 1:

@@ -13,6 +13,7 @@ from seekstack.cli.common import (
     CONFIG_KEYS_HEADING,
     Checkpoint,
     fail,
+    interrupted_says,
     is_override,
     key_value_command,
     options_named,
@@ -22,7 +23,6 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
-from seekstack.interrupts import INTERRUPTED
 from seekstack.train.runs import STEP_DIR
 
 ConfigOpt = Annotated[
@@ -237,7 +237,7 @@ def sample_command(
         )
     with user_errors(), options_named(("max_new_tokens", "temperature", "top_k", "seed")):
         prompts = tuple(prompt) if prompt else run_prompts(model)
-        try:
+        with interrupted_says(" before any sample was printed: the prompts' continuations are generated together"):
             samples = demo_samples(
                 model,
                 prompts,
@@ -247,9 +247,6 @@ def sample_command(
                 seed,
                 notify=lambda notice: typer.echo(f"note: {notice}", err=True),
             )
-        except KeyboardInterrupt:  # typer's own exit 130 says nothing
-            together = "the prompts' continuations are generated together"
-            fail(f"interrupted (Ctrl-C) before any sample was printed: {together}", code=INTERRUPTED)
     for text, greedy, sampled in samples:
         typer.echo(f"----- prompt {text!r}\n[greedy]\n{text}{greedy}\n[sampled, T={temperature}, top-k {top_k}]")
         typer.echo(f"{text}{sampled}\n")
