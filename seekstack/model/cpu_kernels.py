@@ -122,15 +122,20 @@ def _build() -> bool:
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as cpp_extension's own load() reads it
     folder = _build_folder(Path(root))
-    library = folder / f"{NAME}.so"
     try:
+        # The library is named by its source's text: ninja rebuilds only a source newer than its library, so an update
+        # whose cpu_kernels.cpp kept an older time (an unpacked archive, `cp -p`) loaded the old library, ops of another
+        # schema ("cross_entropy_rows() expected at most 3 argument(s) but received 4"). A new name is a new compile
+        # command (-DTORCH_EXTENSION_NAME), which ninja rebuilds on.
+        name = f"{NAME}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}"
+        library = folder / f"{name}.so"
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder / "lock")
         _drop_unproven(library)
         if not library.exists():
             print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
         load(
-            name=NAME,
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native"],
             build_directory=str(folder),
