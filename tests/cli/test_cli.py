@@ -245,6 +245,19 @@ def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     )
 
 
+def test_sample_on_a_terminal_lacking_a_character_of_the_text_writes_it_as_generate_does(tmp_path, monkeypatch):
+    """sample's Chinese prompt and continuations on a Latin-1 stdout (a Windows cp1252 file) ended in a traceback,
+    "UnicodeEncodeError: 'latin-1' codec can't encode characters", where generate writes '?' and a note."""
+    monkeypatch.setattr("seekstack.eval.samples.demo_samples", lambda *args, **kwargs: [("你好", "，世界", "。")])
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    result = CliRunner(charset="latin-1").invoke(app, ["sample", str(checkpoint), "--prompt", "你好"])
+    assert result.exit_code == 0, result.exception
+    assert result.stdout == "----- prompt '??'\n[greedy]\n?????\n[sampled, T=0.8, top-k 50]\n???\n\n"
+    assert result.stderr.startswith("note: standard output's encoding, latin-1, cannot write every character")
+
+
 @pytest.mark.parametrize(
     ("command", "interrupted_in"),
     [
