@@ -86,6 +86,16 @@ def test_generators_are_seeded():
     assert sample_problems(task, 5, "train", seed=3) != sample_problems(task, 5, "train", seed=4)
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+def test_a_difficulty_past_what_a_task_can_write_is_refused_naming_it_and_the_limit(name):
+    """Addition at difficulty 5000 ended in "Exceeds the limit (4300 digits) for integer string conversion" as its
+    first problem was written; at 99999999999999999999 it drew its first operand for minutes."""
+    with pytest.raises(ValueError, match=f"^difficulty 5000: at most 1000 \\(digits or numbers of task '{name}'\\)$"):
+        make_task(name, 5000)
+    for problem in sample_problems(make_task(name, 1000), 2, "heldout", seed=0):
+        assert len(problem.question) > 1000
+
+
 @pytest.mark.parametrize("digits", [1, 2, 4])
 def test_difficulty_sets_the_operand_digits(digits):
     problem = make_task("addition", digits).generate(random.Random(0))

@@ -24,6 +24,9 @@ from seekstack.posttrain.tasks.countdown import Countdown
 from seekstack.posttrain.tasks.problems_file import ProblemsFile, is_problems_file
 
 TASKS = {"addition": Addition, "subtraction": Subtraction, "multiplication": Multiplication, "countdown": Countdown}
+# The most digits (Countdown: numbers) a task of TASKS takes: its numbers stay within the 4,300 digits Python writes an
+# int in (a product of 1,000 numbers up to 20 has at most 1,302) and a problem is drawn in milliseconds
+MAX_DIFFICULTY = 1000
 # base.Task's members: its methods, which its class holds, and its attributes, which its __init__ may set
 TASK_METHODS, TASK_ATTRIBUTES = ("generate", "verify"), ("name", "difficulty")
 # Where the standard library and installed packages live: no frame there is a task author's own line
@@ -167,6 +170,8 @@ def make_task(name: str, difficulty: int | None = None) -> Task:
     cls = task_class(name)
     if difficulty is not None and difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
+    if difficulty is not None and difficulty > MAX_DIFFICULTY and cls in TASKS.values():
+        raise ValueError(f"difficulty {difficulty}: at most {MAX_DIFFICULTY} (digits or numbers of task {name!r})")
     arguments = {} if difficulty is None else {"difficulty": difficulty}
     call = f"task {name!r}: {cls.__name__}({'' if difficulty is None else f'difficulty={difficulty}'})"
     try:
