@@ -240,10 +240,8 @@ VLLM_ENGINE_VALUES_TAKEN = {
 
 
 def refuse_a_non_count(name: str, value: object) -> None:
-    """ValueError naming keyword `name` unless `value` is None (its default) or a whole number >= 1 (kv_cache_memory:
-    a number of bytes, which may be written 2e9, not inf)."""
-    if value is None:
-        return
+    """ValueError naming keyword `name` unless `value` is a whole number >= 1 (kv_cache_memory: a number of bytes,
+    which may be written 2e9, not inf)."""
     bytes_given = name == "kv_cache_memory"  # a count is an int, not True
     number = numbers.Real if bytes_given else numbers.Integral
     if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
@@ -254,8 +252,10 @@ def refuse_a_non_count(name: str, value: object) -> None:
 
 
 ENGINE_SWITCHES = ("prefix_caching", "speculative", "adaptive_drafts", "eager_lone_row")
-# None: the default (max_model_len the model's context, kv_cache_memory half the free memory)
 ENGINE_COUNTS = ("max_batch_size", "max_model_len", "block_size", "kv_cache_memory", "prefill_chunk", "draft_tokens")
+# the keywords whose default is None (max_model_len the model's context, num_blocks and kv_cache_memory what half the
+# free memory holds, compile once eager decoding has taken as long as a compile); None is no count for the others
+ENGINE_NONE_DEFAULTS = ("max_model_len", "kv_cache_memory", "num_blocks", "compile")
 
 
 def kv_cache_bytes(value: int | str | None) -> int | None:
@@ -274,16 +274,18 @@ def refuse_wrong_engine_values(values: Mapping[str, Any]) -> None:
     and draft_vocab as the cache and the drafts refuse them, more draft_tokens than MAX_DRAFT_TOKENS. Engine checks its
     own; from_pretrained those given, before any weights load."""
     for name, value in values.items():
+        if value is None and name in ENGINE_NONE_DEFAULTS:
+            continue
         if name in ENGINE_SWITCHES:
             refuse_a_non_bool(name, value)
-        elif name == "compile" and not (value is None or isinstance(value, bool)):
+        elif name == "compile" and not isinstance(value, bool):
             raise ValueError(
                 f"compile={shown_value(value)} must be True (decode compiled from the first step), False (never) or "
                 "None (once eager decoding has taken as long as a compile)"
             )
         elif name in ENGINE_COUNTS:
             refuse_a_non_count(name, kv_cache_bytes(value) if name == "kv_cache_memory" else value)
-        elif name == "num_blocks" and value is not None:
+        elif name == "num_blocks":
             refuse_too_few_blocks(value)
         elif name == "draft_vocab":
             refuse_a_wrong_draft_vocab(value)
@@ -1894,7 +1896,8 @@ def refuse_adapters_not_served(
             "adapters={'legal': '/path/to/adapter'} (or adapter='/path/to/adapter', merged into the weights)"
         )
     for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
-        refuse_a_non_count(name, value)
+        if value is not None:  # the default: what `adapters` need
+            refuse_a_non_count(name, value)
     if max_loras is not None and adapters and len(adapters) > max_loras:
         raise ConfigError(
             f"has value {max_loras}: must be at least the {len(adapters)} adapters given "

@@ -432,6 +432,9 @@ def test_a_switch_given_as_text_is_refused_not_read_as_true(model, tokenizer, tm
     [
         ({"max_batch_size": "8"}, "max_batch_size='8' must be a whole number >= 1"),
         ({"block_size": 0}, "block_size=0 must be >= 1"),
+        # None is the default of max_model_len, num_blocks, kv_cache_memory, compile only: these failed once used
+        ({"max_batch_size": None}, "max_batch_size=None must be a whole number >= 1"),
+        ({"draft_tokens": None}, "draft_tokens=None must be a whole number >= 1"),
         ({"kv_cache_memory": "lots"}, "kv_cache_memory: size 'lots': expected a number with an optional unit"),
         ({"draft_tokens": 99}, "draft_tokens=99: at most 16"),
         ({"compile": "yes"}, "compile='yes' must be True (decode compiled from the first step), False (never) or None"),
