@@ -6,14 +6,12 @@ G expert groups, I expert width.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.distributed.tensor import DTensor
 
 from seekstack.config import ModelConfig
 from seekstack.model import cpu_kernels
@@ -167,32 +165,11 @@ class RoutedExperts(nn.Module):
         call per expert instead.
         """
         weight = getattr(self, name)
-        own_matmuls = type(self).expert_linear is RoutedExperts.expert_linear
-        if own_matmuls and _packs(x, weight):
-            packed = self._packed_weights(name)
-            chunks = x.split(load.tolist())
-            linear = torch.ops.mkldnn._linear_pointwise  # x (n, in) W^T for W packed, no bias, no fused activation
-            return torch.cat(
-                [linear(chunk, packed[e], None, "none", [], "") for e, chunk in enumerate(chunks) if len(chunk)]
-            )
-        if own_matmuls and _grouped_mm_fits(x, weight):
+        if type(self).expert_linear is RoutedExperts.expert_linear and _grouped_mm_fits(x, weight):
             offsets = load.cumsum(0).to(torch.int32)
             return _grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offsets)
         chunks = x.split(load.tolist())
         return torch.cat([self.expert_linear(chunk, name, e) for e, chunk in enumerate(chunks) if len(chunk)])
-
-    def _packed_weights(self, name: str) -> list[torch.Tensor]:
-        """Each expert's weight `name` in oneDNN's blocked layout, packed once per weight version (an in-place update,
-        a load, bumps it): a bf16 matmul over a plain weight repacks it on every call, which at an expert's 128-512
-        rows cost as much as the product (the packed call 1.7-2.2x faster, bitwise equal)."""
-        weight = getattr(self, name)
-        key = (weight.data_ptr(), weight._version)
-        cached = _PACKED.get(id(weight))
-        if cached is None:
-            weakref.finalize(weight, _PACKED.pop, id(weight), None)
-        if cached is None or cached[0] != key:
-            cached = _PACKED[id(weight)] = (key, [torch.ops.mkldnn._reorder_linear_weight(w) for w in weight.detach()])
-        return cached[1]
 
     def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x (n, in) @ W_expert^T for stacked weight `name`; the one step quantized experts replace (compress/)."""
@@ -281,31 +258,6 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped matmul takes these operands: float32, bfloat16 or float16 (not a float64 model) in
     rows that span multiples of 16 bytes."""
     return x.dtype in GROUPED_MM_DTYPES and all(width * x.element_size() % 16 == 0 for width in weight.shape[1:])
-
-
-# `_packed_weights`' cache, by the weight's id until the weight is freed: outside the module, as a copy.deepcopy of
-# it (an RL reference model) cannot copy oneDNN's opaque tensors
-_PACKED: dict[int, tuple[tuple[int, int], list[torch.Tensor]]] = {}
-
-
-# `small`, bf16, one thread: the packed per-expert calls (and the cat of their outputs) made a 4 x 128 forward
-# 1.04-1.10x faster at 128 pairs an expert, a 4 x 512 one 0.94-0.97x slower at 512, where the grouped matmul keeps them.
-PACKED_MAX_PAIRS_PER_EXPERT = 256
-
-
-def _packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether an eager bf16 inference forward on a CPU multiplies x (the N*K pairs sorted by expert) by oneDNN-packed
-    expert weights (`RoutedExperts._packed_weights`); training keeps the grouped matmul, whose backward it needs."""
-    return (
-        x.shape[0] <= PACKED_MAX_PAIRS_PER_EXPERT * weight.shape[0]
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and x.dtype == weight.dtype == torch.bfloat16
-        and x.is_cpu
-        and not isinstance(weight, DTensor)
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
 
 
 @dataclass
