@@ -434,17 +434,16 @@ def _requantized_notes(
     )
     notes = []
     for (before, after), count in sorted(changed.items()):
+        layers = f"{counted(count, 'layer')} stored {before} {'was' if count == 1 else 'were'}"
         if after == "kept":
             notes.append(
-                f"{count} layers stored {before} were written in float from their dequantized weights: {before}'s "
-                f"rounding error stays, in more bytes than {before}; keep them from the float checkpoint instead "
-                "where you have it"
+                f"{layers} written in float from the dequantized weights: {before}'s rounding error stays, in more "
+                f"bytes than {before}; keep such layers from the float checkpoint instead where you have it"
             )
         else:
             notes.append(
-                f"{count} layers stored {before} were re-quantized to {after} from their dequantized weights: a "
-                "second rounding (llama.cpp asks --allow-requantize for the same); quantize the float checkpoint "
-                "instead where you have it"
+                f"{layers} re-quantized to {after} from the dequantized weights: a second rounding (llama.cpp asks "
+                "--allow-requantize for the same); quantize the float checkpoint instead where you have it"
             )
     return notes
 

@@ -102,7 +102,7 @@ def test_keeping_every_layer_of_a_quantized_checkpoint_in_float_dequantizes_it(t
     assert quantized.exit_code == 0, quantized.output
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "q8"), "--out", str(tmp_path / "deq"), "--keep", "*"])
     assert result.exit_code == 0, result.output
-    assert "layers stored int8 were written in float from their dequantized weights" in result.output
+    assert "layers stored int8 were written in float from the dequantized weights" in result.output
     stored = [safe_open(file, "pt").keys() for file in sorted((tmp_path / "q8").glob("*.safetensors"))]
     assert any("scale" in key for keys in stored for key in keys)  # the input holds its layers quantized
     written = [safe_open(file, "pt").keys() for file in sorted((tmp_path / "deq").glob("*.safetensors"))]

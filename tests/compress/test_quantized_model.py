@@ -1036,7 +1036,7 @@ def test_requantizing_to_another_format_says_it_quantizes_dequantized_weights(tm
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
     _, notes = quantize_checkpoint(tmp_path / "int8", tmp_path / "int4", QuantConfig(scheme="int4"))
-    assert len(notes) == 1 and "layers stored int8 were re-quantized to int4 g32 from their dequantized" in notes[0]
+    assert len(notes) == 1 and "layers stored int8 were re-quantized to int4 g32 from the dequantized" in notes[0]
     assert "--allow-requantize" in notes[0]
     _, notes = quantize_checkpoint(tmp_path / "int4", tmp_path / "int4-g64", QuantConfig(scheme="int4", group_size=64))
     assert "stored int4 g32 were re-quantized to int4 g64" in notes[0]
@@ -1054,7 +1054,7 @@ def test_requantizing_layers_that_load_in_float_says_it_rounds_them_again(tmp_pa
     assignment, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "int8", QuantConfig(scheme="int8"))
     requantized = sum(scheme == "int8" for scheme in assignment.values())
     assert requantized > 0
-    said = f"{requantized} layers stored fp8 were re-quantized to int8 from their dequantized weights: a second"
+    said = f"{requantized} layers stored fp8 were re-quantized to int8 from the dequantized weights: a second"
     assert any(note.startswith(said) for note in notes), notes
 
 
@@ -1083,7 +1083,7 @@ def test_requantizing_a_frozen_checkpoint_says_it_rounds_its_layers_again(tmp_pa
     assignment, notes = quantize_checkpoint(tmp_path / "frozen", tmp_path / "int4", QuantConfig(scheme="int4"))
     requantized = sum(scheme.startswith("int4") for scheme in assignment.values())
     assert requantized == 32
-    said = f"{requantized} layers stored int8 were re-quantized to int4 g32 from their dequantized weights: a second"
+    said = f"{requantized} layers stored int8 were re-quantized to int4 g32 from the dequantized weights: a second"
     assert any(note.startswith(said) for note in notes), notes
 
 
@@ -1092,8 +1092,11 @@ def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_
     quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
     config = QuantConfig(scheme="int8", keep=["lm_head", "*.o_proj"])
     _, notes = quantize_checkpoint(tmp_path / "int8", tmp_path / "o_proj-float", config)
-    assert len(notes) == 1 and "layers stored int8 were written in float from their dequantized weights" in notes[0]
+    assert len(notes) == 1 and "layers stored int8 were written in float from the dequantized weights" in notes[0]
     assert "second rounding" not in notes[0] and "rounding error stays" in notes[0]
+    config = QuantConfig(scheme="int8", keep=["lm_head", "layers.0.self_attn.o_proj"])  # was "1 layers ... were"
+    _, notes = quantize_checkpoint(tmp_path / "int8", tmp_path / "one-float", config)
+    assert notes[0].startswith("1 layer stored int8 was written in float from the dequantized weights: ")
 
 
 def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_keep_its_rounding(tmp_path):
@@ -1106,7 +1109,7 @@ def test_an_fp8_kv_b_proj_written_in_float_by_an_int8_quantization_is_said_to_ke
     assert len(absorbed) == 4 and {assignment[name] for name in absorbed} == {"kept"}
     # in the format the note of the layers re-quantized names (it said "stored fp8" of these and "stored fp8 128x128"
     # of those, the same checkpoint's fp8)
-    said = f"{len(absorbed)} layers stored fp8 128x128 were written in float from their dequantized weights: fp8 "
+    said = f"{len(absorbed)} layers stored fp8 128x128 were written in float from the dequantized weights: fp8 "
     assert any(note.startswith(said) for note in notes), notes
     assert any(note.startswith("31 layers stored fp8 128x128 were re-quantized to int8") for note in notes), notes
     _, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "fp8-again", QuantConfig(scheme="fp8"))
