@@ -23,6 +23,7 @@ import random
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ from seekstack.train.state import (
 
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
 ERASE_TO_ROW_END = "\x1b[K"  # ANSI EL: erase from the cursor to the end of the terminal's row
-PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.3-0.9 s of 2 cores)
+PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.1 s of 2 cores)
 
 
 def eta_text(seconds: float) -> str:
@@ -501,6 +502,12 @@ def train(
             with told_if_interrupted_before_training(resume) if resumable else contextlib.nullcontext():
                 run = _Run(config, ranks, resume, hooks, source, held)  # the model built or loaded, the data checked
             return run.run(resumable)
+    except BaseException as error:
+        if ranks.distributed:  # the frames of its traceback hold the run (self, model) for as long as the caller
+            while error is not None:  # keeps the error (a notebook's last one): their locals go, the DDP model too
+                traceback.clear_frames(error.__traceback__)
+                error = error.__context__
+        raise
     finally:
         run = None  # its DDP model first, which holds the process group (see distributed.shutdown)
         distributed.shutdown(ranks)

@@ -28,7 +28,7 @@ from seekstack.parallel.compression import CommCounter, Int8State, int8_hook, re
 from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
-from seekstack.train.trainer import train
+from seekstack.train.trainer import TrainingDiverged, train
 from tests.support import free_port, spawn
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
@@ -74,15 +74,15 @@ def _train_rank_in_turn(rank: int, world_size: int, port: int, runs: list) -> No
         _train_rank(rank, world_size, port, config, resume)
 
 
-def train_on_two_ranks_in_turn(runs: list) -> None:
-    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn, all in one pair of rank processes
-    meeting in one store, as a user trains twice in one Python session under torchrun (whose agent holds the store):
-    each run's shutdown must end its process group there (on Linux, where its gloo worker threads are seen): DDP's
-    reducer, freed after it, destroyed the group holding the GIL, which a worker thread could need to free the last
-    collective (a rank hung now and then at train()'s return)."""
+def train_on_two_ranks_in_turn(runs: list, rank_main=_train_rank_in_turn) -> None:
+    """`train_on_two_ranks` of each of `runs` ((config, resume) pairs) in turn (or `rank_main` given them), all in
+    one pair of rank processes meeting in one store, as a user trains twice in one Python session under torchrun
+    (whose agent holds the store): each run's shutdown must end its process group there (on Linux, where its gloo
+    worker threads are seen): DDP's reducer, freed after it, destroyed the group holding the GIL, which a worker
+    thread could need to free the last collective (a rank hung now and then at train()'s return)."""
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841  (held, as torchrun's)
-    spawn(_train_rank_in_turn, (2, port, runs))
+    spawn(rank_main, (2, port, runs))
 
 
 def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
@@ -501,6 +501,25 @@ def test_a_process_group_the_caller_made_is_left_to_it_after_training(data_dir, 
     config = run_config(data_dir, tmp_path, max_steps=1, warmup_steps=0, eval_every=0, save_every=0)
     train_on_two_ranks_within(60, config, rank_main=_train_rank_in_a_group_of_its_own)
     assert len(losses(tmp_path)) == 1
+
+
+def _train_rank_again_after_a_run_that_failed(rank: int, world_size: int, port: int, runs: list) -> None:
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the store at `port` is the test's, as torchrun's agent's
+    _join(rank, world_size, port)
+    (failing, _), (then, _) = runs
+    with pytest.raises(TrainingDiverged, match="is not finite") as failure:  # on every rank
+        train(failing)
+    # the error kept (as a notebook keeps its last one) holds no frame's DDP model, nor with it the process group
+    assert not gloo_workers(), f"rank {rank}: the failed run's group outlived it, held by its {failure.typename}"
+    train(then)
+
+
+def test_a_run_that_failed_on_every_rank_leaves_its_process_group_and_the_next_run_trains(data_dir, tmp_path):  # noqa: F811
+    steps = dict(warmup_steps=0, eval_every=0, save_every=0)
+    diverging = run_config(data_dir, tmp_path / "diverging", lr=1e30, max_steps=3, **steps)
+    then = run_config(data_dir, tmp_path / "then", max_steps=1, **steps)
+    train_on_two_ranks_in_turn([(diverging, False), (then, False)], rank_main=_train_rank_again_after_a_run_that_failed)
+    assert len(losses(tmp_path / "then")) == 1
 
 
 def test_two_nodes_on_localhost_through_torchrun_c10d_train_like_one_process(data_dir, tmp_path):  # noqa: F811
