@@ -488,10 +488,10 @@ class Engine:
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
-        # What the compiled decode steps' last fully guarded calls ran under (the engine's changes to the model, the
-        # process's graphs) and their input shapes: `_decode_step` skips the guard check for those alone.
+        # What the compiled decode steps' last fully guarded calls ran under (`_graph_state`) and their input shapes:
+        # `_decode_step` skips the guard check for those alone.
         self._model_changes = 0
-        self._guarded: tuple[tuple[int, int], set[torch.Size]] = ((-1, -1), set())
+        self._guarded: tuple[tuple[int, int, bool], set[torch.Size]] = ((-1, -1, True), set())
         self.eager_lone_row = eager_lone_row
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
@@ -1161,12 +1161,12 @@ class Engine:
         the step's weights have pushed the Python objects it reads out of the CPU caches) skipped where the engine
         knows its answer: same input shape as a fully guarded call since the model last changed here (an adapter
         loaded or unloaded, the head repacked after a weight change) and since any graph was compiled in the
-        process, and no adapter loaded (its rows' selection is a branch of the graph). Skipped, dynamo still
-        checks the guards that tell its cached graphs apart (every input and buffer tensor's shape, dtype and
-        device, the size guards, any guard that ever failed) and raises, before running anything, where none
-        passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a module
-        by hand) reaches a skipped step unchecked: give such a model a new engine."""
-        unchanged = (self._model_changes, torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        process, under the same `cpu_kernels.set_enabled`, and no adapter loaded (its rows' selection is a branch
+        of the graph). Skipped, dynamo still checks the guards that tell its cached graphs apart (every input and
+        buffer tensor's shape, dtype and device, the size guards, any guard that ever failed) and raises, before
+        running anything, where none passes: the step then runs guarded. What the engine does not see (a hook or an
+        attribute set on a module by hand) reaches a skipped step unchecked: give such a model a new engine."""
+        unchanged = self._graph_state()
         if not self.lora.slots and unchanged == self._guarded[0] and input_ids.shape in self._guarded[1]:
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
@@ -1175,11 +1175,17 @@ class Engine:
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
         out = self._decode_model(input_ids, cache=self.cache, positions=positions)
-        unchanged = (self._model_changes, torch._dynamo.utils.counters["stats"]["unique_graphs"])  # a compile counts
+        unchanged = self._graph_state()  # a compile counts
         if unchanged != self._guarded[0]:
             self._guarded = (unchanged, set())
         self._guarded[1].add(input_ids.shape)
         return out
+
+    def _graph_state(self) -> tuple[int, int, bool]:
+        """What picks a compiled decode step's graph beyond its inputs' shapes and the guards dynamo keeps under
+        `skip_guard_eval_unsafe`: the engine's changes to the model, the graphs compiled in the process, and the
+        cpu_kernels switch (a global the graph guards on: `bench/decode_options.py` flips it between engines)."""
+        return (self._model_changes, torch._dynamo.utils.counters["stats"]["unique_graphs"], cpu_kernels._switch["on"])
 
     def _inputs(
         self,
