@@ -26,12 +26,12 @@ alternating in one process, same greedy tokens): decode +18% at 1 row, +81% at 8
 Two fused elementwise ops serve the training step and the prefill forward, where the matmuls (AMX in bfloat16) are
 fast and torch's eager elementwise passes, each into fresh memory, set the pace: `swiglu` (SiLU(gate) * up [* a
 combine weight per row], for the dense FFN, the shared and the routed experts; moe.py) and `rms_norm` (norm.py), each
-with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when);
-`cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under autocast, turned into each row's loss and the
-logits' gradient, written over them; and `causal_attention_backward` (attention.py's `_CausalAttention`): causal
-training attention's backward in bfloat16 (float32 keeps torch's, faster there) from torch's fused forward's
-log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score
-row.
+with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when; `rms_norm`
+takes a float32 weight beside bfloat16 rows too); `cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under
+autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them; and
+`causal_attention_backward` (attention.py's `_CausalAttention`): causal training attention's backward in bfloat16
+(float32 keeps torch's, faster there) from torch's fused forward's log-sum-exp, FlashAttention-2's products over groups
+of heads (S and dP float32, by AMX) with one fused pass a score row.
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found

@@ -9,9 +9,9 @@ The gradients are therefore computed in the forward (when autograd will want the
 incoming gradient in the backward. Arithmetic is float32 whatever the model dtype, but under autocast the logits
 and dL/dh multiply in the autocast dtype, as an autocast nn.Linear head would (each chunk's rows its own: nothing
 summed across chunks in it), and so does each chunk's share of dL/dW, which is summed over the chunks in float32.
-On a CPU `cross_entropy_rows` (cpu_kernels.cpp) turns a chunk's logits, bf16 under autocast, into the loss and their
-gradient in one kernel, written over them; elsewhere, or switched off (`cpu_kernels.set_enabled`), torch's ops do it
-in float32 copies.
+On a CPU `cross_entropy_rows` (cpu_kernels.cpp) turns a chunk's logits, bf16 under autocast, into the loss and, where
+autograd wants it, their gradient in one kernel, written over them; elsewhere, or switched off
+(`cpu_kernels.set_enabled`), torch's ops do it in float32 copies.
 
 `linear_token_logprobs` gives log p_y = log softmax(h W^T)_y per row, whose gradient is g (onehot(y) - p), and
 the entropy H = -sum_v p_v log p_v (logged only, no gradient). The upstream gradient g is a row's own (the policy
