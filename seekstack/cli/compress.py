@@ -195,7 +195,8 @@ def quantize_command(
     if "chosen" in report:
         typer.echo(f"chosen: {report['chosen']}, the smallest stage that passed")
     for layer in report.get("layers", []):
-        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {_kls(layer['kl'])}")
+        measured = f" KL, the rest int4 g32: {_kls(layer['kl'])}" if layer["kl"] else ""
+        typer.echo(f"{layer['name']:<40} {layer['choice']:<9}{measured}")
     if "average_bits" in report:
         typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
     if "assignment" in report:
@@ -280,7 +281,9 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
         average_bits,
         refuse_budget_below_smallest,
         sensitivities,
+        unmeasured_choices,
         unmeasured_notes,
+        widest_within,
     )
     from seekstack.compress.quality import log_probs, measure
     from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
@@ -288,15 +291,23 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
     calibration, byte_lengths = _held_out(model, data, split="train", batches=2)
     original = load_pretrained(model, dequantize=True)
     refuse_budget_below_smallest(original, budget_bits)
-    reference = [log_probs(original, batch) for batch in calibration]  # once: every trial is measured against it
-    choices = sensitivities(
-        original,
-        lambda m: measure(m, reference, calibration, byte_lengths).mean_kl,
-        measured=lambda i, n, choice: typer.echo(f"measured {i}/{n} {choice.name}: KL {_kls(choice.kl)}", err=True),
-    )
-    chosen = assign(choices, budget_bits)
+    choices = unmeasured_choices(original)
+    chosen = widest_within(choices, budget_bits)
+    if chosen is not None:  # measuring takes minutes: only where the budget leaves something to choose
+        notes = [
+            f"a budget of {budget_bits} bits per weight allows each layer its widest option (int8 where its shapes "
+            "allow): no layer measured"
+        ]
+    else:
+        reference = [log_probs(original, batch) for batch in calibration]  # once: every trial is measured against it
+        choices = sensitivities(
+            original,
+            lambda m: measure(m, reference, calibration, byte_lengths).mean_kl,
+            measured=lambda i, n, c: typer.echo(f"measured {i}/{n} {c.name}: KL {_kls(c.kl)}", err=True),
+        )
+        chosen, notes = assign(choices, budget_bits), []
     assignment = quantize_model(original, adaptive_config(chosen))
-    notes = unmeasured_notes(original) + mixed_experts_notes(original)
+    notes += unmeasured_notes(original) + mixed_experts_notes(original)
     save_with_tokenizer(original.to(stored_float_dtype(model)), model, out)
     layers = [{"name": c.name, "choice": chosen[c.name], "kl": c.kl, "bits": c.bits[chosen[c.name]]} for c in choices]
     return {

@@ -5,7 +5,8 @@ sits at the base option (uniform int4 g32: the operating point adaptive precisio
 measurement includes how l's error combines with the others'). Assuming those changes add up (the first-order view
 of HAWQ), the assignment starts every layer at its smallest option and repeatedly takes the upgrade with the largest
 KL saved per extra byte that still fits the budget (a greedy knapsack). An upgrade may go to any larger option with a
-lower KL, past ones that measure worse, so with budget to spare every layer ends at its lowest-KL option.
+lower KL, past ones that measure worse, so with budget to spare every layer ends at its lowest-KL option. A budget
+that allows every layer its widest option (int8, the safest, where its shapes allow) gives it that unmeasured.
 Options, smallest first: int4 g128, int4 g64, int4 g32, int8 (a layer only gets those its shapes allow).
 Budget: average bits per quantized weight, scales included (uniform int4 g32 is 4.5: 4 bits + a bf16 scale per 32).
 The MTP modules' layers are not measured (the KL compares the main model's logits, which MTP does not change): they
@@ -103,11 +104,24 @@ def option_bits(layer: nn.Module) -> tuple[int, dict[str, float]]:
 def refuse_budget_below_smallest(model: nn.Module, budget_bits: float, layers: list[str] | None = None) -> None:
     """ValueError when `budget_bits` is below the smallest assignment `layers` (default: `measured_layers`) of float
     `model` can have, each at its smallest option its shapes allow: known from the shapes, before any measuring."""
-    sizes = [option_bits(model.get_submodule(n)) for n in (layers if layers is not None else measured_layers(model))]
-    sizes = [(count, bits) for count, bits in sizes if bits]
-    smallest = sum(count * min(bits.values()) for count, bits in sizes) / sum(count for count, _ in sizes)
+    choices = unmeasured_choices(model, layers)
+    smallest = average_bits(choices, {c.name: min(c.bits, key=c.bits.get) for c in choices})  # type: ignore[arg-type]
     if budget_bits < smallest:
         raise ValueError(_budget_too_small(budget_bits, smallest))
+
+
+def widest_within(choices: list[LayerChoice], budget_bits: float) -> dict[str, str] | None:
+    """Layer -> its widest option (int8 where its shapes allow: the safest) when `budget_bits` allows that for every
+    layer, else None: known from the shapes, so no layer needs measuring."""
+    widest = {c.name: max(c.bits, key=c.bits.get) for c in choices}  # type: ignore[arg-type]
+    return widest if average_bits(choices, widest) <= budget_bits else None
+
+
+def unmeasured_choices(model: nn.Module, layers: list[str] | None = None) -> list[LayerChoice]:
+    """`layers` (default: `measured_layers`) of float `model` that some option takes, their sizes without KLs."""
+    names = layers if layers is not None else measured_layers(model)
+    sizes = [(name, *option_bits(model.get_submodule(name))) for name in names]
+    return [LayerChoice(name, count, bits, kl={}) for name, count, bits in sizes if bits]
 
 
 def _budget_too_small(budget_bits: float, smallest: float) -> str:

@@ -662,6 +662,25 @@ def test_adaptive_refuses_a_budget_its_layer_shapes_cannot_meet_before_measuring
     assert "error: a budget of 4.2 bits per weight is below the smallest assignment (4.601 bits per weight" in message
 
 
+def test_adaptive_measures_no_layer_when_the_budget_allows_each_its_widest_option(tmp_path, monkeypatch):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def measuring(*_args, **_kwargs):
+        raise AssertionError("measured though the budget allows int8 everywhere")
+
+    monkeypatch.setattr("seekstack.compress.adaptive.sensitivities", measuring)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--budget-bits",
+              "100", "--data", str(tmp_path / "shards")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "a budget of 100.0 bits per weight allows each layer its widest option (int8 where" in result.output
+    layers = [line.split() for line in result.output.splitlines() if line.startswith("layers.")]
+    assert layers and all(line[1:] == ["int8"] for line in layers), result.output
+
+
 def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_apart(tmp_path, monkeypatch):
     import seekstack.cli.compress as compress
 
