@@ -124,7 +124,8 @@ def serve_command(
     db: DatabaseOption = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if not in --model")] = None,
     served_model_name: Annotated[
-        str | None, typer.Option(help="Model id in the API; default the folder's name (a run out_dir's own name)")
+        str | None,
+        typer.Option(help="Model id in the API, not blank; default the folder's name (a run out_dir's own name)"),
     ] = None,
     max_batch_size: Annotated[
         int,
@@ -251,6 +252,13 @@ def serve_command(
                 offload_dir=offload_dir,
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
+        if served_model_name is not None and not served_model_name.strip():  # was served under the folder's name
+            raise typer.BadParameter(
+                f"{served_model_name!r}, a blank model id (a shell variable left unset?): give the id requests name as "
+                "their model, or leave the option out to serve under the folder's name",
+                ctx,
+                param_hint="'--served-model-name'",
+            )
         check_listenable(host, port)  # before the dtype note and the weights
         adapters = _named_adapters(adapter or [])
         if max_loras is not None and len(adapters) > max_loras:  # the engine refused the first past it, loaded

@@ -88,6 +88,23 @@ def test_serve_refuses_a_host_or_port_it_cannot_listen_on_naming_it_before_readi
     assert "note: dtype" not in refused.stderr
 
 
+@pytest.mark.parametrize("name", ["", " "])
+def test_serve_refuses_a_blank_served_model_name_naming_the_option_before_reading_the_model(
+    tmp_path, monkeypatch, name
+):
+    """`--served-model-name "$NAME"`, the variable unset, served the model under its folder's name without a word, so
+    requests naming the id meant got 404 (vLLM's get_served_model_name falls back alike, to the model's path)."""
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args, **kw: pytest.fail("read the model"))
+    refused = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), "--served-model-name", name]
+    )
+    assert refused.exit_code == 2, refused.output
+    assert " ".join(refused.stderr.replace("│", "").split()).endswith(
+        f"Invalid value for '--served-model-name': {name!r}, a blank model id (a shell variable left unset?): give the "
+        "id requests name as their model, or leave the option out to serve under the folder's name"
+    )
+
+
 @pytest.mark.parametrize(("option", "each"), [("--adapter", True), ("--lora-modules", True), ("--lora-modules", False)])
 def test_serve_refuses_fewer_max_loras_than_adapters_given_naming_both_before_reading_the_model(
     tmp_path, monkeypatch, option, each
