@@ -194,16 +194,16 @@ def traces_command(
 
 def _options_task(task: str, difficulty: int | None) -> Task:
     """make_task for --task and --difficulty: a task it refuses (unknown, a bad file of problems) is a ConfigError
-    naming the field task, a difficulty for a file of problems one naming difficulty, which options_named says as the
-    option (was: "error: unknown task ...", exit 1, naming no option)."""
+    naming the field task, a difficulty it refuses (past the built-in tasks' most, or for a file of problems) one
+    naming difficulty, which options_named says as the option (was: "error: unknown task ...", exit 1, naming no
+    option; "Invalid value for '--task': difficulty 5000: at most 1000 ...")."""
     from seekstack.config import ConfigError
     from seekstack.posttrain.tasks import make_task
-    from seekstack.posttrain.tasks.problems_file import is_problems_file
 
     try:
         return make_task(task, difficulty)
-    except ValueError as error:
-        field = "difficulty" if difficulty is not None and is_problems_file(task) else "task"
+    except ValueError as error:  # make_task's refusals of the difficulty itself open "difficulty N:"
+        field = "difficulty" if str(error).startswith(f"difficulty {difficulty}:") else "task"
         raise ConfigError(f": {error}", field=field) from None
 
 

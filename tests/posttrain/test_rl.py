@@ -995,7 +995,9 @@ def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_pat
     [(["--task", "additon"], "Invalid value for '--task': unknown task 'additon'; known tasks are addition"),
      (["--task", "{bad}"], "Invalid value for '--task': {bad}:1: field answer is \"x\": not one number"),
      (["--task", "{good}", "--difficulty", "2"],
-      "Invalid value for '--difficulty': difficulty 2: task '{good}' is a file of problems, which has none")],
+      "Invalid value for '--difficulty': difficulty 2: task '{good}' is a file of problems, which has none"),
+     (["--task", "addition", "--difficulty", "5000"],  # was: named --task
+      "Invalid value for '--difficulty': difficulty 5000: at most 1000 (digits or numbers of task 'addition')")],
 )  # fmt: skip
 def test_sampling_commands_refuse_a_task_they_cannot_make_naming_the_option(tmp_path, command, options, refusal):
     """Was "error: unknown task 'additon'; ..." (exit 1), naming no option, where --difficulty 0 was already the
