@@ -77,9 +77,19 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
         store, _, _ = next(dist.rendezvous("env://"))
         # torch names a group's keys by a count that destroy_process_group restarts, and torchrun's store (its agent's)
         # outlives the group: the next run in this process read the last one's keys, a rank connecting to the other's
-        # old address (gloo's "Connection refused")
-        keys = dist.PrefixStore(f"seekstack_group_{next(_join_numbers)}/", store)
-        dist.init_process_group(_backend(cuda, cpu_collectives), store=keys, rank=rank, world_size=world_size)
+        # old address (gloo's "Connection refused"). Ranks agree on a group by their counts, as torch's new_group does:
+        # every rank must join as often as the others.
+        group = next(_join_numbers)
+        keys = dist.PrefixStore(f"seekstack_group_{group}", store)
+        try:
+            dist.init_process_group(_backend(cuda, cpu_collectives), store=keys, rank=rank, world_size=world_size)
+        except dist.DistStoreError as error:  # the others did not come within the timeout (30 minutes on gloo)
+            raise dist.DistStoreError(
+                f"rank {rank}: {error}: the other ranks did not join this process's group {group} in time: one failed "
+                "or was not started; or, in processes that trained before, the ranks are at different groups: a rank "
+                "that stopped waiting in a group its peers never joined (they failed before joining) stays one ahead "
+                "of them ever after: start the ranks afresh"
+            ) from None
 
     if cuda:
         torch.cuda.set_device(device)

@@ -692,6 +692,24 @@ def test_a_gpu_run_adds_gloo_to_nccl_only_for_cpu_offload(
     assert joined == [backend]
 
 
+def test_a_rank_whose_peers_do_not_join_its_group_in_time_is_told_why_they_may_not_and_what_to_do(
+    monkeypatch,
+    torchrun_environment,
+):
+    from seekstack.parallel.distributed import init_distributed
+
+    monkeypatch.setattr(dist, "rendezvous", lambda url: iter([(dist.HashStore(), 0, 2)]))  # rank 1 never comes
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_timeout", lambda backend: timedelta(seconds=0.2))
+    torchrun_environment(0, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    told = (
+        r"rank 0: .*imeout.*: the other ranks did not join this process's group \d+ in time: one failed or was not "
+        r"started; .* a rank that stopped waiting in a group its peers never joined .*: start the ranks afresh"
+    )
+    with pytest.raises(dist.DistStoreError, match=told):
+        init_distributed()
+    assert not dist.is_initialized()
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
 )
