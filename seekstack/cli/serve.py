@@ -263,7 +263,8 @@ def serve_command(
         adapters = _named_adapters(adapter or [])
         if max_loras is not None and len(adapters) > max_loras:  # the engine refused the first past it, loaded
             raise typer.BadParameter(
-                f"{max_loras} is fewer than the {len(adapters)} --adapter folders given ({', '.join(adapters)}), "
+                f"{max_loras} is fewer than the {len(adapters)} --adapter folders given "
+                f"({shown_value(', '.join(adapters), str)}), "
                 f"each served from the start: give --max-loras {len(adapters)} or more, or fewer --adapter",
                 ctx,
                 param_hint="'--max-loras'",

@@ -125,6 +125,18 @@ def test_serve_refuses_fewer_max_loras_than_adapters_given_naming_both_before_re
     )
 
 
+def test_serve_refuses_fewer_max_loras_than_many_adapters_naming_them_by_their_start(tmp_path, monkeypatch):
+    """300 --adapter folders past --max-loras 2 were all named in the refusal (3,788 characters of names)."""
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args, **kw: pytest.fail("read the model"))
+    many = [flag for i in range(300) for flag in ("--adapter", f"adapter_{i}={tmp_path}")]
+    refused = CliRunner().invoke(
+        app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), *many, "--max-loras", "2"]
+    )
+    assert refused.exit_code == 2, refused.output
+    listed = ", ".join(f"adapter_{i}" for i in range(300))[:80] + "... (3,788 characters)"
+    assert f"the 300 --adapter folders given ({listed}), each served" in " ".join(refused.stderr.split())
+
+
 def test_serve_takes_vllms_json_form_of_an_adapter_and_explains_a_malformed_one(tmp_path, monkeypatch):
     """vLLM's --lora-modules '{"name": ..., "path": ..., "base_model_name": ...}' serves the folder under the name, as
     NAME=DIR does; JSON that is no such module is refused naming the form (it was told to give NAME=DIR)."""
