@@ -181,9 +181,12 @@ class SeekstackLM(TemplateLM):
             max_batch_size=max_batch_size,
             prefix_token_id=prefix_token_id,
         )
+        least = dict(max_gen_toks=1, max_batch_size=1)  # max_length's and prefix_token_id's bounds: checked below
         for name, value in counts.items():
             if value is not None and type(value) is not int:
                 raise ValueError(f"model arg {name}={value!r}: give a whole number")
+            if value is not None and value < least.get(name, value):  # before the weights load
+                raise ValueError(f"model arg {name}={value}: give at least {least[name]}, or leave it out")
         if add_bos_token is not None:  # "no" would frame every context with BOS
             refuse_a_non_bool("model arg add_bos_token", add_bos_token)
         super().__init__()

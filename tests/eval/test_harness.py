@@ -532,6 +532,21 @@ def test_a_model_arg_lm_eval_hands_on_as_text_is_refused_naming_it(checkpoint):
     assert (lm.add_bos_token, lm.max_gen_toks) == (False, 8)
 
 
+def test_a_count_model_arg_below_its_least_is_refused_naming_it_before_the_weights_load(checkpoint, monkeypatch):
+    """max_batch_size=-1 loaded the model and was refused only when the engine was built, max_batch_size=0 meant
+    auto (lm_eval's HF backend finds no batch size from 0), and max_gen_toks=0 was refused at the first request
+    taking it."""
+    from lm_eval.api.registry import get_model
+
+    def loading(*_args, **_kwargs):
+        raise AssertionError("the weights loaded before the model arg was refused")
+
+    monkeypatch.setattr("seekstack.eval.harness.load_pretrained", loading)
+    for arg in ("max_batch_size=0", "max_batch_size=-1", "max_gen_toks=0"):
+        with pytest.raises(ValueError, match=rf"^model arg {arg}: give at least 1, or leave it out$"):
+            get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},{arg}")
+
+
 def test_prefix_token_id_conditions_an_empty_context_as_lm_evals_hf_backend_does(checkpoint):
     """`--model_args ...,prefix_token_id=N` (the HF backend's) was refused as a model arg the seekstack backend does
     not take."""
