@@ -58,7 +58,7 @@ def gloo_workers() -> list[str]:
 
 
 def _train_rank_in_turn(rank: int, world_size: int, port: int, runs: list) -> None:
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the store at `port` is torchrun's agent's: every run's
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the store at `port` is the test's, as torchrun's agent's
     destroy = dist.destroy_process_group
 
     def destroy_and_check(*args, **kwargs) -> None:
