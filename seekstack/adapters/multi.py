@@ -68,6 +68,12 @@ class AdapterRows:
         self.slots = torch.tensor(slots, device=device) if any(slots) else None
         self._per_forward = {}
 
+    def attached(self) -> bool:
+        """Whether the LoadedAdapters that attached the layers reading these rows lives and selects them: a deep copy
+        of the model has rows of its own, which no one selects."""
+        owner = self.owner() if self.owner is not None else None
+        return owner is not None and owner.rows is self
+
     @property
     def active(self) -> bool:
         return self.slots is not None

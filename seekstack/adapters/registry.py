@@ -161,9 +161,9 @@ class LoadedAdapters:
         # layers another LoadedAdapters adapted read its rows, never these: a second engine's rows would run with the
         # other's adapters, or fail
         adapted = next(((name, m) for name, m in self.model.named_modules() if isinstance(m, ADAPTED)), None)
-        if adapted is not None and adapted[1].rows.owner() is not None:
+        if adapted is not None and adapted[1].rows.attached():
             gc.collect()  # an engine let go of may wait in a reference cycle
-        if adapted is not None and adapted[1].rows.owner() is not None:
+        if adapted is not None and adapted[1].rows.attached():
             raise ValueError(
                 f"this model already serves LoRA adapters another engine attached ({adapted[0]} is adapted), and its "
                 "layers read that engine's choice of adapter for each row: build this engine on a model of its own "

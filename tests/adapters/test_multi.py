@@ -530,6 +530,11 @@ def test_a_model_serving_adapters_deep_copies_into_one_that_computes_the_same_ro
     with torch.no_grad():
         assert torch.equal(copied(ids).logits, model(ids).logits)
     assert copied.layers[0].self_attn.absorbed_weight is not model.layers[0].self_attn.absorbed_weight
+    # an engine on the copy was refused while `loaded` lived, "unload the other engine's adapters first", which left the
+    # copy adapted: its rows are its own, which no one selects, so it takes the copy back plain, the model kept adapted
+    assert attach_adapters(copied, {}).names == []
+    assert not any(isinstance(module, ADAPTED) for module in copied.modules())
+    assert any(isinstance(module, ADAPTED) for module in model.modules())
 
 
 def test_adapters_on_a_model_another_engines_adapters_hold_are_refused_until_those_are_unloaded(served):
