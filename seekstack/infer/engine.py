@@ -1162,12 +1162,21 @@ class Engine:
         knows its answer: same input shape as a fully guarded call since the model last changed here (an adapter
         loaded or unloaded, the head repacked after a weight change) and since any graph was compiled in the
         process, under the same `cpu_kernels.set_enabled`, and no adapter loaded (its rows' selection is a branch
-        of the graph). Skipped, dynamo still checks the guards that tell its cached graphs apart (every input and
-        buffer tensor's shape, dtype and device, the size guards, any guard that ever failed) and raises, before
-        running anything, where none passes: the step then runs guarded. What the engine does not see (a hook or an
-        attribute set on a module by hand) reaches a skipped step unchecked: give such a model a new engine."""
+        of the graph), on the main thread: the skip is torch's process-wide stance, under which another thread's
+        compiled call skips its check too and one that needs a compile raises (a GRPO run's compiled training
+        blocks beside `async_rollouts`' rollout thread), so an engine stepped from a thread of its own (the
+        rollouts', `serve`'s) never skips. Skipped, dynamo still checks the guards that tell its cached graphs
+        apart (every input and buffer tensor's shape, dtype and device, the size guards, any guard that ever
+        failed) and raises, before running anything, where none passes: the step then runs guarded. What the
+        engine does not see (a hook or an attribute set on a module by hand) reaches a skipped step unchecked: give
+        such a model a new engine."""
         unchanged = self._graph_state()
-        if not self.lora.slots and unchanged == self._guarded[0] and input_ids.shape in self._guarded[1]:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and not self.lora.slots
+            and unchanged == self._guarded[0]
+            and input_ids.shape in self._guarded[1]
+        ):
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._decode_model(input_ids, cache=self.cache, positions=positions)

@@ -809,9 +809,9 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
 ):
     """A compiled engine skips dynamo's guard check on a decode step shaped as a fully guarded one before it; its
     tokens stay the eager engine's, and a step after `cpu_kernels.set_enabled` or a LoRA load runs guarded (a graph
-    of its own). Skipped on every step, the adapter's rows ran through the graph traced for base rows, and a step
-    after the switch through the kernels' graph. The skipped guards are dynamo's whatever compiles the graph: its
-    eager backend spares the test inductor's compile."""
+    of its own), as do steps off the main thread. Skipped on every step, the adapter's rows ran through the graph
+    traced for base rows, and a step after the switch through the kernels' graph. The skipped guards are dynamo's
+    whatever compiles the graph: its eager backend spares the test inductor's compile."""
     import seekstack.infer.engine as engine_module
     from seekstack.model import cpu_kernels
     from tests.adapters.support import write_random_adapter
@@ -835,6 +835,10 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
         return len(skips) - skipped_before
 
     assert same_tokens() == 3  # 4 decode steps, the first guarded
+    on_a_thread: list[int] = []  # a GRPO rollout thread's steps, serve's: torch's stance would reach other threads
+    thread = threading.Thread(target=lambda: on_a_thread.append(same_tokens()))
+    thread.start(), thread.join()
+    assert on_a_thread == [0]
     monkeypatch.setitem(cpu_kernels._switch, "on", False)  # cpu_kernels.set_enabled(False), undone after the test
     assert same_tokens() == 3
     for engine in (eager, compiled):
