@@ -644,37 +644,31 @@ def test_prune_names_a_fraction_or_learning_rate_out_of_range_by_its_value(tmp_p
         assert result.exit_code == 2 and f"Invalid value for '{option}': {problem}" in result.stderr, result.output
 
 
-def test_adaptive_refuses_a_budget_its_layer_shapes_cannot_meet_before_measuring(tmp_path, monkeypatch):
+def quantize_adaptive_without_measuring(tmp_path, monkeypatch, budget_bits: str, why: str):
+    """`quantize --adaptive --budget-bits BUDGET` on a micro model, failing the test if any layer is measured."""
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
-    def measuring(*_args):
-        raise AssertionError("measured before refusing the budget")
+    def measuring(*_args, **_kwargs):
+        raise AssertionError(f"measured {why}")
 
     monkeypatch.setattr("seekstack.compress.adaptive.sensitivities", measuring)
     write_train_shard(tmp_path / "shards")
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
-    result = CliRunner().invoke(
+    return CliRunner().invoke(
         app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--budget-bits",
-              "4.2", "--data", str(tmp_path / "shards")],
+              budget_bits, "--data", str(tmp_path / "shards")],
     )  # fmt: skip
+
+
+def test_adaptive_refuses_a_budget_its_layer_shapes_cannot_meet_before_measuring(tmp_path, monkeypatch):
+    result = quantize_adaptive_without_measuring(tmp_path, monkeypatch, "4.2", "before refusing the budget")
     assert result.exit_code == 1 and not (tmp_path / "q").exists()
     message = " ".join(result.output.split())
     assert "error: a budget of 4.2 bits per weight is below the smallest assignment (4.601 bits per weight" in message
 
 
 def test_adaptive_measures_no_layer_when_the_budget_allows_each_its_widest_option(tmp_path, monkeypatch):
-    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
-
-    def measuring(*_args, **_kwargs):
-        raise AssertionError("measured though the budget allows int8 everywhere")
-
-    monkeypatch.setattr("seekstack.compress.adaptive.sensitivities", measuring)
-    write_train_shard(tmp_path / "shards")
-    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
-    result = CliRunner().invoke(
-        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--budget-bits",
-              "100", "--data", str(tmp_path / "shards")],
-    )  # fmt: skip
+    result = quantize_adaptive_without_measuring(tmp_path, monkeypatch, "100", "though int8 fits everywhere")
     assert result.exit_code == 0, result.output
     assert "a budget of 100.0 bits per weight allows each layer its widest option (int8 where" in result.output
     layers = [line.split() for line in result.output.splitlines() if line.startswith("layers.")]
