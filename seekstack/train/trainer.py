@@ -133,7 +133,7 @@ from seekstack.train.state import (
 
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
 ERASE_TO_ROW_END = "\x1b[K"  # ANSI EL: erase from the cursor to the end of the terminal's row
-PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.1 s of 2 cores)
+PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.3-0.9 s of 2 cores)
 
 
 def eta_text(seconds: float) -> str:
