@@ -42,6 +42,7 @@ from seekstack.adapters.multi import (
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
+from seekstack.infer.cache import refuse_a_non_count
 from seekstack.infer.packed import WeightVersions
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
@@ -156,8 +157,7 @@ class LoadedAdapters:
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+            refuse_a_non_count(name, getattr(self, name))
         # layers another LoadedAdapters adapted read its rows, never these: a second engine's rows would run with the
         # other's adapters, or fail
         adapted = next(((name, m) for name, m in self.model.named_modules() if isinstance(m, ADAPTED)), None)

@@ -119,6 +119,18 @@ def _block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, layer
     return (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
 
 
+def refuse_a_non_count(name: str, value: object) -> None:
+    """ValueError naming keyword `name` unless `value` is a whole number >= 1 (kv_cache_memory: a number of bytes,
+    which may be written 2e9, not inf)."""
+    bytes_given = name == "kv_cache_memory"  # a count is an int, not True
+    number = numbers.Real if bytes_given else numbers.Integral
+    if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
+        kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
+        raise ValueError(f"{name}={value!r} must be {kind}")
+    if not value >= 1:  # nan too
+        raise ValueError(f"{name}={value} must be >= 1")
+
+
 def refuse_too_few_blocks(num_blocks: object) -> None:
     """ValueError naming num_blocks unless it is a whole number >= 2 (block 0 is reserved)."""
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or num_blocks < 2:
@@ -147,8 +159,7 @@ class PagedLatentCache:
         layer_devices: list[torch.device] | None = None,
     ):
         refuse_too_few_blocks(num_blocks)
-        if block_size < 1:
-            raise ValueError(f"block_size={block_size} must be >= 1")
+        refuse_a_non_count("block_size", block_size)
         self.layers = config.num_hidden_layers + config.num_nextn_predict_layers  # MTP layers index after the main
         self.kv_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
         self.block_size, self.num_blocks = block_size, num_blocks

@@ -39,6 +39,7 @@ from seekstack.infer.cache import (
     PagedLatentCache,
     blocks_in_budget,
     blocks_in_free_memory,
+    refuse_a_non_count,
     refuse_pools_past_free_memory,
     refuse_too_few_blocks,
 )
@@ -237,18 +238,6 @@ VLLM_ENGINE_VALUES_TAKEN = {
     "pipeline_parallel_size": (1,),
     "enforce_eager": (True, False),
 }
-
-
-def refuse_a_non_count(name: str, value: object) -> None:
-    """ValueError naming keyword `name` unless `value` is a whole number >= 1 (kv_cache_memory: a number of bytes,
-    which may be written 2e9, not inf)."""
-    bytes_given = name == "kv_cache_memory"  # a count is an int, not True
-    number = numbers.Real if bytes_given else numbers.Integral
-    if isinstance(value, bool) or not isinstance(value, number) or value == math.inf:
-        kind = "a number of bytes >= 1 or a size such as '4GiB'" if bytes_given else "a whole number >= 1"
-        raise ValueError(f"{name}={value!r} must be {kind}")
-    if not value >= 1:  # nan too
-        raise ValueError(f"{name}={value} must be >= 1")
 
 
 ENGINE_SWITCHES = ("prefix_caching", "speculative", "adaptive_drafts", "eager_lone_row")
