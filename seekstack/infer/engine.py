@@ -477,10 +477,11 @@ class Engine:
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
-        # What the compiled decode steps' last fully guarded calls ran under (`_graph_state`) and their input shapes:
+        self._model_changes = 0  # adapter loads and unloads, head repacks: part of `_graph_state`
+        # The `_graph_state` the compiled decode step's last fully guarded calls ran under, and their input shapes:
         # `_decode_step` skips the guard check for those alone.
-        self._model_changes = 0
-        self._guarded: tuple[tuple[int, int, bool], set[torch.Size]] = ((-1, -1, True), set())
+        self._guarded_state: tuple[int, int, bool] | None = None
+        self._guarded_shapes: set[torch.Size] = set()
         self.eager_lone_row = eager_lone_row
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
@@ -1159,12 +1160,11 @@ class Engine:
         failed) and raises, before running anything, where none passes: the step then runs guarded. What the
         engine does not see (a hook or an attribute set on a module by hand) reaches a skipped step unchecked: give
         such a model a new engine."""
-        unchanged = self._graph_state()
         if (
             threading.current_thread() is threading.main_thread()
             and not self.lora.slots
-            and unchanged == self._guarded[0]
-            and input_ids.shape in self._guarded[1]
+            and self._graph_state() == self._guarded_state
+            and input_ids.shape in self._guarded_shapes
         ):
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
@@ -1173,10 +1173,10 @@ class Engine:
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
         out = self._decode_model(input_ids, cache=self.cache, positions=positions)
-        unchanged = self._graph_state()  # a compile counts
-        if unchanged != self._guarded[0]:
-            self._guarded = (unchanged, set())
-        self._guarded[1].add(input_ids.shape)
+        state = self._graph_state()  # after the call: a compile in it counts
+        if state != self._guarded_state:
+            self._guarded_state, self._guarded_shapes = state, set()
+        self._guarded_shapes.add(input_ids.shape)
         return out
 
     def _graph_state(self) -> tuple[int, int, bool]:
