@@ -206,13 +206,7 @@ class Command(TyperCommand):
                 # key=value, folders), as in click's --help
                 param.display_type_rich = lambda ctx: None
             callback = described.parameter_info.callback  # refuse_empty_path's: a path typed str (data build's inputs)
-            if (
-                described.annotation in (Path, list[Path])
-                or callback is run_to_checkpoint
-                or (
-                    callback is refuse_empty_path and param.name != "db"  # --db takes a postgresql:// URL too
-                )
-            ):
+            if described.annotation in (Path, list[Path]) or callback in (run_to_checkpoint, refuse_empty_path):
                 # checked as given, before typer reads it: after eager --help, as click checks every value
                 param.process_value = partial(_processed_as_path, param, param.process_value)
 

@@ -47,13 +47,20 @@ if TYPE_CHECKING:
     from seekstack.serve.database import Database
     from seekstack.serve.keys import ApiKey, KeyStore
 
+
+def refuse_empty_database(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """--db's `refuse_empty_path` under a name of its own: `Command` checks the value of an option with that callback
+    as a local path, and --db takes a postgresql:// URL too."""
+    return refuse_empty_path(ctx, param, value)
+
+
 USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
     typer.Option(
         "--db",
         help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db",
-        callback=refuse_empty_path,
+        callback=refuse_empty_database,
     ),
 ]
 # How long SIGTERM or Ctrl-C lets requests in flight finish before cutting them off: within the 30 s Kubernetes
