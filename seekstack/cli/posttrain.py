@@ -195,8 +195,7 @@ def traces_command(
 def _options_task(task: str, difficulty: int | None) -> Task:
     """make_task for --task and --difficulty: a task it refuses (unknown, a bad file of problems) is a ConfigError
     naming the field task, a difficulty it refuses (past the built-in tasks' most, or for a file of problems) one
-    naming difficulty, which options_named says as the option (was: "error: unknown task ...", exit 1, naming no
-    option; "Invalid value for '--task': difficulty 5000: at most 1000 ...")."""
+    naming difficulty, which options_named says as the option ("Invalid value for '--difficulty': ...", exit 2)."""
     from seekstack.config import ConfigError
     from seekstack.posttrain.tasks import make_task
 

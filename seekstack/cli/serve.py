@@ -259,7 +259,7 @@ def serve_command(
                 offload_dir=offload_dir,
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
-        if served_model_name is not None and not served_model_name.strip():  # was served under the folder's name
+        if served_model_name is not None and not served_model_name.strip():
             raise typer.BadParameter(
                 f"{served_model_name!r}, a blank model id (a shell variable left unset?): give the id requests name as "
                 "their model, or leave the option out to serve under the folder's name",
