@@ -485,6 +485,7 @@ def train(
     is not `resumable` (a temporary run inside another command, which says itself what an interrupt means).
     """
     config = config.validate(resume=bool(resume))
+    handled = sys.exception()  # by the caller's `except` this is called in: its frames stay the caller's to debug
     ranks = distributed.init_distributed(cpu_collectives=config.cpu_offload)  # FSDP's offloaded gradients
     try:
         # every rank trains the same run; only its torch threads may suit its own machine
@@ -504,7 +505,8 @@ def train(
             return run.run(resumable)
     except BaseException as error:
         if ranks.distributed:  # the frames of its traceback hold the run (self, model) for as long as the caller
-            while error is not None:  # keeps the error (a notebook's last one): their locals go, the DDP model too
+            # keeps the error (a notebook's last one): their locals go, the DDP model too, up to the error handled
+            while error is not None and error is not handled:
                 traceback.clear_frames(error.__traceback__)
                 error = error.__context__
         raise

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1331,3 +1332,33 @@ def test_an_expert_parallel_checkpoint_of_fewer_ranks_is_refused_alike_on_every_
     run = SimpleNamespace(ranks=Ranks(rank, 4, torch.device("cpu")), config=TrainConfig(expert_parallel=4))
     with pytest.raises(ConfigError, match="holds expert-parallel optimizer state of another number of ranks"):
         _Run._load_rank_optimizer(run, tmp_path, {"expert_parallel": 2})
+
+
+def test_a_multi_rank_runs_error_keeps_the_frames_of_the_error_its_caller_was_handling(monkeypatch, tmp_path):
+    """A failed multi-rank run clears the locals of its own error's frames (they hold the DDP model), but not those of
+    the error the caller called train in an `except` block for: they are the caller's, to debug post mortem."""
+    from seekstack.parallel import distributed
+
+    def disagree(settings, ranks, **_):
+        raise ConfigError("the ranks' settings differ")
+
+    two_ranks = distributed.Ranks(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "init_distributed", lambda cpu_collectives: two_ranks)
+    monkeypatch.setattr(distributed, "require_same_settings", disagree)
+
+    def callers_step():
+        callers_state = "the caller's"
+        raise KeyError(callers_state)
+
+    def innermost_locals(error: BaseException) -> dict:
+        return [frame for frame, _ in traceback.walk_tb(error.__traceback__)][-1].f_locals
+
+    try:
+        callers_step()
+    except KeyError as error:
+        handled = error
+        with pytest.raises(ConfigError) as failure:
+            train(TrainConfig(out_dir=str(tmp_path)))
+    assert failure.value.__context__ is handled
+    assert innermost_locals(failure.value) == {}  # disagree's, cleared
+    assert innermost_locals(handled) == {"callers_state": "the caller's"}
