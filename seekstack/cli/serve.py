@@ -268,7 +268,7 @@ def serve_command(
             )
         check_listenable(host, port)  # before the dtype note and the weights
         adapters = _named_adapters(adapter or [])
-        if max_loras is not None and len(adapters) > max_loras:  # the engine refused the first past it, loaded
+        if max_loras is not None and len(adapters) > max_loras:  # the engine's refusal names its keywords, not these
             raise typer.BadParameter(
                 f"{max_loras} is fewer than the {len(adapters)} --adapter folders given "
                 f"({shown_value(', '.join(adapters), str)}), "
