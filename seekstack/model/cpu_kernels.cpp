@@ -739,18 +739,20 @@ void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const a
   });
 }
 
-// Rows x (n, D) and a weight (D,) in x's dtype, or float32 beside bfloat16 rows.
-void check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  check_elementwise(x, x, op);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) &&
+// x (..., D) as rows (n, D), and a weight (D,) in x's dtype, or float32 beside bfloat16 rows.
+at::Tensor norm_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  const at::Tensor rows = x.reshape({-1, x.size(-1)});
+  check_elementwise(rows, rows, op);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == rows.size(1) &&
                   (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat),
               op, ": the weight must be (D,) in the rows' dtype or float32");
+  return rows.contiguous();
 }
 
+// y shaped like x, not a view of rows (FSDP2 warns of a module output that is a view), and r (n,).
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_norm(x, weight, "rms_norm");
-  const at::Tensor x_c = x.contiguous(), weight_c = weight.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options()), rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  const at::Tensor x_c = norm_rows(x, weight, "rms_norm"), weight_c = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options()), rstd = at::empty({x_c.size(0)}, x.options().dtype(at::kFloat));
   if (x.scalar_type() == at::kFloat) {
     rms_norm_rows<float, float>(x_c, weight_c, eps, y, rstd);
   } else if (weight.scalar_type() == at::kFloat) {
@@ -761,13 +763,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {y, rstd};
 }
 
-// dx in x's dtype, dw in the weight's.
+// dx shaped like x, in x's dtype; dw in the weight's.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd) {
-  check_norm(x, weight, "rms_norm_backward");
-  const at::Tensor grad_c = grad.to(x.scalar_type()).contiguous(), x_c = x.contiguous(), weight_c = weight.contiguous();
+  const at::Tensor x_c = norm_rows(x, weight, "rms_norm_backward"), weight_c = weight.contiguous();
+  const at::Tensor grad_c = grad.to(x.scalar_type()).reshape(x_c.sizes()).contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor blocks = at::empty({(x.size(0) + kRowsPerTask - 1) / kRowsPerTask, x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor blocks =
+      at::empty({(x_c.size(0) + kRowsPerTask - 1) / kRowsPerTask, x_c.size(1)}, x.options().dtype(at::kFloat));
   if (x.scalar_type() == at::kFloat) {
     rms_norm_backward_rows<float, float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
   } else if (weight.scalar_type() == at::kFloat) {

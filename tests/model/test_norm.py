@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import seekstack
 from seekstack.model import cpu_kernels
 from seekstack.model.norm import RMSNorm
 
@@ -127,3 +128,18 @@ def test_the_fused_ops_take_cpu_tensors_of_one_float32_or_bfloat16_dtype_each_co
         assert not cpu_kernels.elementwise_takes(rows, weight)
     finally:
         cpu_kernels.set_enabled(True)
+
+
+def test_a_transformers_hidden_states_from_the_fused_norm_are_a_tensor_of_their_own_not_a_view():
+    """The kernel's rows (n, D) came back as a view shaped like x, so the model's output hidden_states (the final
+    norm's) was a view, which FSDP2 warns of ("returned a view tensor") on every step."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    config = seekstack.preset("tiny", num_hidden_layers=1, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    model = seekstack.Transformer(config)
+    ids = torch.randint(config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            hidden = model(ids).hidden_states
+        assert hidden.shape == (2, 8, config.hidden_size) and hidden._base is None, grad
+        assert (type(hidden.grad_fn).__name__ == "_FusedRMSNormBackward") == grad
