@@ -1147,19 +1147,20 @@ class Engine:
         return out.logits, out.hidden_states
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
-        """The compiled decode step on the planned cache, with dynamo's guard check (~0.7 ms of a `small` step once
-        the step's weights have pushed the Python objects it reads out of the CPU caches) skipped where the engine
-        knows its answer: same input shape as a fully guarded call since the model last changed here (an adapter
-        loaded or unloaded, the head repacked after a weight change) and since any graph was compiled in the
-        process, under the same `cpu_kernels.set_enabled`, and no adapter loaded (its rows' selection is a branch
-        of the graph), on the main thread: the skip is torch's process-wide stance, under which another thread's
-        compiled call skips its check too and one that needs a compile raises (a GRPO run's compiled training
-        blocks beside `async_rollouts`' rollout thread), so an engine stepped from a thread of its own (the
-        rollouts', `serve`'s) never skips. Skipped, dynamo still checks the guards that tell its cached graphs
-        apart (every input and buffer tensor's shape, dtype and device, the size guards, any guard that ever
-        failed) and raises, before running anything, where none passes: the step then runs guarded. What the
-        engine does not see (a hook or an attribute set on a module by hand) reaches a skipped step unchecked: give
-        such a model a new engine."""
+        """The compiled decode step on the planned cache. Dynamo's guard check (~0.7 ms of a `small` step once the
+        step's weights have pushed the Python objects it reads out of the CPU caches) is skipped where the engine
+        knows its answer:
+        - the input shape of a fully guarded call under the same `_graph_state` (the model unchanged here, no graph
+          compiled in the process since, the same `cpu_kernels.set_enabled`);
+        - no adapter loaded (its rows' selection is a branch of the graph);
+        - on the main thread: the skip is torch's process-wide stance, under which another thread's compiled call
+          skips its check too and one that needs a compile raises (a GRPO run's compiled training blocks beside
+          `async_rollouts`' rollout thread), so an engine stepped from a thread of its own (the rollouts', `serve`'s)
+          never skips.
+        Skipped, dynamo still checks the guards that tell its cached graphs apart (every input and buffer tensor's
+        shape, dtype and device, the size guards, any guard that ever failed) and raises, before running anything,
+        where none passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a
+        module by hand) reaches a skipped step unchecked: give such a model a new engine."""
         if (
             threading.current_thread() is threading.main_thread()
             and not self.lora.slots
