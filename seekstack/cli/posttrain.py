@@ -209,7 +209,7 @@ def _options_task(task: str, difficulty: int | None) -> Task:
 @contextlib.contextmanager
 def _problems_asked() -> Iterator[None]:
     """A task with fewer distinct problems than --problems asks for: a ConfigError naming the field problems, which
-    options_named says as the option (was: "... ask for fewer", naming no option)."""
+    options_named says as the option ("Invalid value for '--problems': ...", exit 2)."""
     from seekstack.config import ConfigError
     from seekstack.posttrain.tasks.base import TooFewProblems
 
