@@ -106,7 +106,7 @@ class DistillConfig(ConversationConfig):
             except CheckpointError as error:
                 raise ConfigError(f": {error}", field="teacher") from None
             if config.task:
-                require_task(config.task)
+                require_task(config.task, difficulty=config.difficulty)
             require(
                 not (config.task and config.data), "task", "'' when data is given (conversations from one or other)"
             )

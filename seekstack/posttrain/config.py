@@ -14,7 +14,7 @@ from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.corpus.split import share_count
-from seekstack.posttrain.tasks import check_task, is_problems_file
+from seekstack.posttrain.tasks import make_task
 from seekstack.schema import (
     Fraction,
     NonNegative,
@@ -148,7 +148,7 @@ class SFTConfig(ConversationConfig):
 
     def validate(self, source: str | None = None, resume: bool = False) -> SFTConfig:
         config = super().validate(source, resume)
-        require_task(config.task, source)
+        require_task(config.task, source, config.difficulty)
         _require_tokenizer(config, source)
         try:
             require_conversation_fields(config)
@@ -348,7 +348,7 @@ class GRPOConfig(TrainConfig):
     def validate(self, source: str | None = None, resume: bool = False) -> GRPOConfig:
         _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them
         config = super().validate(source, resume)
-        require_task(config.task, source)
+        require_task(config.task, source, config.difficulty)
         _require_tokenizer(config, source)
         try:
             require(config.grad_accum_steps == 1, "grad_accum_steps", "1 (a step's rollouts are one batch)")
@@ -357,12 +357,6 @@ class GRPOConfig(TrainConfig):
                 "num_generations",
                 f"at least 2, not {config.num_generations}: a completion's advantage is its reward against the mean "
                 "and std of its prompt's group, which one completion alone does not have",
-            )
-            require(
-                config.difficulty is None or not is_problems_file(config.task),
-                "difficulty",
-                f"unset with task={config.task}, not {config.difficulty}: a file of problems has no difficulty, its "
-                "questions are as written",
             )
             require(
                 config.beta == 0 or bool(config.init_from),
@@ -482,13 +476,14 @@ nested_config(SFTConfig, "model_overrides", ModelConfig, prefix="model")
 nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
 
 
-def require_task(task: str, source: str | None = None) -> None:
+def require_task(task: str, source: str | None = None, difficulty: int | None = None) -> None:
     """A ConfigError naming the field task unless `task` names one of TASKS, your own module:Class (`task_class`) or a
-    file of problems (`check_task`)."""
+    file of problems (read whole), and naming the field difficulty where the task refuses `difficulty` (`make_task`)."""
     try:
-        check_task(task)
-    except ValueError as error:
-        raise ConfigError(f": {error}", field="task", source=source) from None
+        make_task(task, difficulty)
+    except ValueError as error:  # make_task's refusals of the difficulty itself open "difficulty N:"
+        field = "difficulty" if str(error).startswith(f"difficulty {difficulty}:") else "task"
+        raise ConfigError(f": {error}", field=field, source=source) from None
 
 
 def _require_tokenizer(config: TrainConfig, source: str | None) -> None:

@@ -584,3 +584,11 @@ def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does
     assert options["difficulty"] == 1 and _eval_again(tmp_path, {"options": options}).endswith("--difficulty 1`")
     with pytest.raises(ValueError, match="--difficulty 1 applies to the reason_\\* tasks only, and none is asked for"):
         evaluate(checkpoint, ("code_perplexity",), device="cpu", difficulty=1)
+
+
+def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_checkpoint_is_read(tmp_path):
+    """--difficulty 5000 was refused once the tasks were built, naming no option ("error: difficulty 5000: ...")."""
+    from seekstack.eval.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="^--difficulty: difficulty 5000: at most 1000 \\(digits or numbers of"):
+        evaluate(tmp_path / "no checkpoint", ("reason_addition",), device="cpu", difficulty=5000)

@@ -318,6 +318,17 @@ def test_a_problems_file_whose_questions_are_all_held_out_is_refused_naming_task
     assert refused.output.startswith(reason) and "leaving none to train on; add questions" in refused.output
 
 
+@pytest.mark.parametrize("command", ["rl", "sft"])
+def test_a_difficulty_past_the_most_is_refused_naming_difficulty_before_a_config_is_written(tmp_path, command):
+    """difficulty=5000 passed the config's checks, so --write-config wrote a config that cannot run, and a run was
+    refused only once its task was made, naming no field ("error: difficulty 5000: at most 1000 ...")."""
+    written = tmp_path / "run.yaml"
+    args = [command, f"init_from={micro_checkpoint(tmp_path / 'model')}", "task=addition", "difficulty=5000"]
+    refused = CliRunner().invoke(app, args + ["--write-config", str(written)])
+    assert refused.exit_code == 1 and not written.exists()
+    assert refused.output.startswith("error: field 'difficulty': difficulty 5000: at most 1000 (digits or numbers of")
+
+
 def test_a_difficulty_for_a_problems_file_is_refused_naming_difficulty_before_a_config_is_written(tmp_path):
     """difficulty=3 beside task=problems.jsonl passed the config's checks, so --write-config wrote a config that
     cannot run, and a run was refused only once its source was built, naming no field ("error: difficulty 3: task
@@ -329,7 +340,7 @@ def test_a_difficulty_for_a_problems_file_is_refused_naming_difficulty_before_a_
     args = ["rl", f"init_from={model_dir}", f"task={path}", "difficulty=3", "--write-config", str(written)]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and not written.exists()
-    assert refused.output.startswith(f"error: field 'difficulty' must be unset with task={path}, not 3: a file of")
+    assert refused.output.startswith(f"error: field 'difficulty': difficulty 3: task '{path}' is a file of problems")
     assert CliRunner().invoke(app, args[:-3] + ["--write-config", str(written)]).exit_code == 0 and written.exists()
 
 

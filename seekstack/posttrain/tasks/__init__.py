@@ -37,7 +37,6 @@ __all__ = [
     "Problem",
     "Split",
     "Task",
-    "check_task",
     "make_task",
     "raised_at",
     "sample_problems",
@@ -149,15 +148,6 @@ def raised_at(error: BaseException) -> str:
     own = [frame for frame in frames[1:] if not frame.filename.startswith(LIBRARY_PATHS)]
     raised = (own or frames)[-1]
     return f"at {raised.filename} line {raised.lineno}"
-
-
-def check_task(name: str) -> None:
-    """A ValueError naming what is wrong unless `name` names a task: a class (`task_class`) or a file of problems,
-    read whole (each line's fault named by its file, line and field)."""
-    if is_problems_file(name):
-        ProblemsFile.read(name)
-    else:
-        task_class(name)
 
 
 def make_task(name: str, difficulty: int | None = None) -> Task:
