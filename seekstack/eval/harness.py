@@ -207,6 +207,11 @@ class SeekstackLM(TemplateLM):
         self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.tokenizer = SpecialTokens.of(self.tokenizer_)  # lm_eval records them with the results, and max_length
         check_tokenizer_fits(self.tokenizer_, read_config(weights).vocab_size, weights)  # before the weights load
+        if prefix_token_id is not None and not 0 <= prefix_token_id < self.tokenizer_.vocab_size:
+            raise ValueError(
+                f"prefix_token_id={prefix_token_id} is no token id of the tokenizer (0 to "
+                f"{self.tokenizer_.vocab_size - 1}); give one, or leave it out for BOS"
+            )
         self.model = load_pretrained(weights, dtype=dtype, device=self._device)
         self.generation_defaults = sampling_defaults(weights)  # generation_config.json's, read as transformers reads it
         self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
@@ -217,11 +222,6 @@ class SeekstackLM(TemplateLM):
         digits = isinstance(think_end_token, str) and think_end_token.isdigit()
         self.think_end_token = int(think_end_token) if digits else think_end_token  # a token id, as HF reads it
         self.add_bos_token = add_bos_token
-        if prefix_token_id is not None and not 0 <= prefix_token_id < self.tokenizer_.vocab_size:
-            raise ValueError(
-                f"prefix_token_id={prefix_token_id} is no token id of the tokenizer (0 to "
-                f"{self.tokenizer_.vocab_size - 1}); give one, or leave it out for BOS"
-            )
         self.custom_prefix_token_id = prefix_token_id
 
     @functools.cached_property

@@ -547,6 +547,18 @@ def test_a_count_model_arg_below_its_least_is_refused_naming_it_before_the_weigh
             get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},{arg}")
 
 
+def test_a_prefix_token_id_of_no_token_is_refused_before_the_weights_load(checkpoint, monkeypatch):
+    """prefix_token_id=-1 was refused only once the weights had loaded, though the tokenizer it is checked against
+    loads first."""
+
+    def loading(*_args, **_kwargs):
+        raise AssertionError("the weights loaded before prefix_token_id was refused")
+
+    monkeypatch.setattr("seekstack.eval.harness.load_pretrained", loading)
+    with pytest.raises(ValueError, match=r"^prefix_token_id=-1 is no token id of the tokenizer \(0 to "):
+        SeekstackLM(pretrained=checkpoint, prefix_token_id=-1)
+
+
 def test_prefix_token_id_conditions_an_empty_context_as_lm_evals_hf_backend_does(checkpoint):
     """`--model_args ...,prefix_token_id=N` (the HF backend's) was refused as a model arg the seekstack backend does
     not take."""
