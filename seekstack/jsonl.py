@@ -23,11 +23,12 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
     it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 or
     UTF-32 text (Windows PowerShell's Out-File and `>` write UTF-16) or a Parquet or Arrow file (a Hub dataset's). A
-    file that starts a JSON array of objects (`json.dump(records, f)`, on one line or many) is read whole, as TRL and
-    datasets' JSON loader read it: its items, each numbered by the line it starts on (`_array_items`). With
-    `on_torn_tail`, a last line that is neither and has no newline (what a process stopped while appending it leaves)
-    is skipped, and `on_torn_tail` is told why."""
+    file that starts a JSON array of objects (`json.dump(records, f)`, on one line or many, blank lines before it or
+    not) is read whole, as TRL and datasets' JSON loader read it: its items, each numbered by the line it starts on
+    (`_array_items`). With `on_torn_tail`, a last line that is neither and has no newline (what a process stopped
+    while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with opened(path) as lines:
+        opening = True  # no value read yet: a JSON array may open the file after blank lines, as json.loads reads it
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             marked = marked_encoding(raw) if number == 1 else None
@@ -51,12 +52,13 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if line.strip():
                     value = json.loads(line.rstrip("\r\n"))  # its newline no part of it: an error's column is on it
-                    if number == 1 and _is_array_of_objects(value):
+                    if opening and _is_array_of_objects(value):
                         yield from _array_items(path)
                         return
+                    opening = False
                     yield number, value
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                if number == 1 and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
+                if opening and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
                     yield from _array_items(path)  # an array written over several lines
                     return
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
@@ -130,12 +132,13 @@ def _is_array_of_objects(value: Any) -> bool:
 
 
 def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line it starts on, item) of each item of the JSON array `path` holds, read whole; a ValueError (no subclass:
-    `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON."""
-    with opened(path) as binary:
-        data = binary.read()
+    """(line it starts on, item) of each item of the JSON array `path` holds; a ValueError (no subclass:
+    `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON. The file is read
+    whole and its text held while the items are handed on, as TRL's and datasets' JSON loaders hold an array's file:
+    fine for SFT's conversations (hundreds of MB at most); a larger set streams as JSON Lines, a line at a time."""
     try:
-        text = data.decode("utf-8-sig")
+        with opened(path) as binary:
+            text = binary.read().decode("utf-8-sig")  # its bytes not held beside it
         json.loads(text)  # its fault, if any, named by line and column before any item is handed on
     except UnicodeDecodeError as error:
         raise ValueError(

@@ -124,6 +124,10 @@ def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_lin
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
     path.write_text(json.dumps(RECORDS))  # on one line
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (1, RECORDS[1])]
+    path.write_text("\n\n" + json.dumps(RECORDS, indent=2))  # blank lines before it, which json.load skips
+    assert list(jsonl_records(path)) == [(4, RECORDS[0]), (12, RECORDS[1])]
+    path.write_text("\n" + json.dumps(RECORDS))
+    assert list(jsonl_records(path)) == [(2, RECORDS[0]), (2, RECORDS[1])]
     path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "\n")  # its "]" lost
     with pytest.raises(ValueError, match=r"chats.json: a JSON array that is not valid JSON \(Expecting ',' delimiter"):
         list(jsonl_records(path))
