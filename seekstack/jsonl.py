@@ -145,6 +145,12 @@ def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
             f"{path}: a JSON array that is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
     except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # a whole array, then more: JSON Lines whose lines are arrays (lists of messages)
+            raise ValueError(
+                f"{path}:{error.lineno}: more JSON after the array that opens the file: a file holds one JSON array "
+                'of objects, or JSON Lines, one object a line ({"messages": [...]}), and a line that is an array is '
+                "neither"
+            ) from None
         raise ValueError(f"{path}: a JSON array that is not valid JSON ({json_error_reason(error)})") from None
     decoder, position, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
     while text[position := _BETWEEN_ITEMS.match(text, position).end()] != "]":

@@ -131,6 +131,9 @@ def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_lin
     path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "\n")  # its "]" lost
     with pytest.raises(ValueError, match=r"chats.json: a JSON array that is not valid JSON \(Expecting ',' delimiter"):
         list(jsonl_records(path))
+    path.write_text("".join(json.dumps([record]) + "\n" for record in RECORDS))  # JSON Lines of arrays
+    with pytest.raises(ValueError, match=r"chats.json:2: more JSON after the array that opens the file: a file holds"):
+        list(jsonl_records(path))
     path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # a line holding an array of other values
     assert list(jsonl_records(path)) == [(1, [1, 2]), (2, RECORDS[1])]
 
