@@ -33,7 +33,7 @@ from seekstack.eval.tasks import (
     unknown_task,
 )
 from seekstack.extras import import_extra
-from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.config import require_task
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -143,9 +143,10 @@ def evaluate(
         raise ValueError(f"--difficulty {difficulty} applies to the reason_* tasks only, and none is asked for")
     for task in reasoning if difficulty is not None else ():  # one a task refuses, before the checkpoint is read
         try:
-            make_task(task.removeprefix(REASONING_PREFIX), difficulty)
-        except ValueError as error:
-            raise ValueError(f"--difficulty: {error}") from None
+            require_task(task.removeprefix(REASONING_PREFIX), difficulty=difficulty)
+        except ConfigError as error:  # a task that is none is said as task_configs says it, naming no option
+            if error.field == "difficulty":
+                raise ValueError(error.naming("--difficulty")) from None
     if num_fewshot and reasoning:
         raise ValueError(
             f"{', '.join(reasoning)}: each prompt is a whole chat (system prompt, question, the reply opened), "

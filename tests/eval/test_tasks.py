@@ -586,9 +586,11 @@ def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does
         evaluate(checkpoint, ("code_perplexity",), device="cpu", difficulty=1)
 
 
-def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_checkpoint_is_read(tmp_path):
+def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_checkpoint_is_read(checkpoint, tmp_path):
     """--difficulty 5000 was refused once the tasks were built, naming no option ("error: difficulty 5000: ...")."""
     from seekstack.eval.evaluate import evaluate
 
     with pytest.raises(ValueError, match="^--difficulty: difficulty 5000: at most 1000 \\(digits or numbers of"):
         evaluate(tmp_path / "no checkpoint", ("reason_addition",), device="cpu", difficulty=5000)
+    with pytest.raises(ValueError, match="^task 'no_module:Parity': module 'no_module' cannot be imported"):
+        evaluate(checkpoint, ("reason_no_module:Parity",), device="cpu", difficulty=3)  # a task that is none
