@@ -685,21 +685,21 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
 }
 
 // The backward of y = n w, n = x r, for the gradient dy: with gn = dy w, dx = r (gn - n mean(gn n)) and dw = sum over
-// rows of dy n, summed per block of kRowsPerTask rows (a block to a thread), then over the blocks.
+// rows of dy n, summed per block of kRowsPerTask rows (a block to a thread), then over the blocks; `dw_blocks` null
+// (a frozen weight: LoRA) skips dw.
 template <typename T, typename W>
 void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& block_grad_weight) {
+                            const at::Tensor& rstd, at::Tensor& grad_x, float* dw_blocks) {
   const int64_t D = x.size(1);
   const T* dy_data = grad.const_data_ptr<T>();
   const T* x_data = x.const_data_ptr<T>();
   const W* w = weight.const_data_ptr<W>();
   const float* rstd_data = rstd.const_data_ptr<float>();
   T* dx_data = grad_x.mutable_data_ptr<T>();
-  float* dw_blocks = block_grad_weight.mutable_data_ptr<float>();
-  at::parallel_for(0, block_grad_weight.size(0), 1, [&](int64_t first_block, int64_t last_block) {
+  at::parallel_for(0, (x.size(0) + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t first_block, int64_t last_block) {
     for (int64_t block = first_block; block < last_block; ++block) {
-      float* dw = dw_blocks + block * D;
-      std::fill(dw, dw + D, 0.f);
+      float* dw = dw_blocks == nullptr ? nullptr : dw_blocks + block * D;
+      if (dw != nullptr) std::fill(dw, dw + D, 0.f);
       for (int64_t row = block * kRowsPerTask; row < std::min((block + 1) * kRowsPerTask, x.size(0)); ++row) {
         const T* dy = dy_data + row * D;
         const T* xs = x_data + row * D;
@@ -727,12 +727,13 @@ void rms_norm_backward_rows(const at::Tensor& grad, const at::Tensor& x, const a
               load_step(w + d, w0, w1);
               store_step(dx + d, FloatVector(r) * dy0 * w0 - x0 * FloatVector(x_scale),
                          FloatVector(r) * dy1 * w1 - x1 * FloatVector(x_scale));
-              store_step(dw + d, FloatVector::loadu(dw + d) + dy0 * x0 * FloatVector(r),
-                         FloatVector::loadu(dw + d + FloatVector::size()) + dy1 * x1 * FloatVector(r));
+              if (dw != nullptr)
+                store_step(dw + d, FloatVector::loadu(dw + d) + dy0 * x0 * FloatVector(r),
+                           FloatVector::loadu(dw + d + FloatVector::size()) + dy1 * x1 * FloatVector(r));
             },
             [&](int64_t d) {
               dx[d] = static_cast<T>(r * float(dy[d]) * float(w[d]) - float(xs[d]) * x_scale);
-              dw[d] += float(dy[d]) * float(xs[d]) * r;
+              if (dw != nullptr) dw[d] += float(dy[d]) * float(xs[d]) * r;
             });
       }
     }
@@ -763,22 +764,26 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {y, rstd};
 }
 
-// dx shaped like x, in x's dtype; dw in the weight's.
+// dx shaped like x, in x's dtype; dw in the weight's where `weight_grad` asks for it, else undefined (None).
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+                                                     const at::Tensor& weight, const at::Tensor& rstd,
+                                                     bool weight_grad) {
   const at::Tensor x_c = norm_rows(x, weight, "rms_norm_backward"), weight_c = weight.contiguous();
   const at::Tensor grad_c = grad.to(x.scalar_type()).reshape(x_c.sizes()).contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor blocks =
-      at::empty({(x_c.size(0) + kRowsPerTask - 1) / kRowsPerTask, x_c.size(1)}, x.options().dtype(at::kFloat));
+      weight_grad
+          ? at::empty({(x_c.size(0) + kRowsPerTask - 1) / kRowsPerTask, x_c.size(1)}, x.options().dtype(at::kFloat))
+          : at::Tensor();
+  float* dw_blocks = weight_grad ? blocks.mutable_data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat) {
-    rms_norm_backward_rows<float, float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+    rms_norm_backward_rows<float, float>(grad_c, x_c, weight_c, rstd, grad_x, dw_blocks);
   } else if (weight.scalar_type() == at::kFloat) {
-    rms_norm_backward_rows<c10::BFloat16, float>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+    rms_norm_backward_rows<c10::BFloat16, float>(grad_c, x_c, weight_c, rstd, grad_x, dw_blocks);
   } else {
-    rms_norm_backward_rows<c10::BFloat16, c10::BFloat16>(grad_c, x_c, weight_c, rstd, grad_x, blocks);
+    rms_norm_backward_rows<c10::BFloat16, c10::BFloat16>(grad_c, x_c, weight_c, rstd, grad_x, dw_blocks);
   }
-  return {grad_x, blocks.sum(0).to(weight.scalar_type())};
+  return {grad_x, weight_grad ? blocks.sum(0).to(weight.scalar_type()) : at::Tensor()};
 }
 
 // The cross-entropy of logit rows z (n, V) against targets t (n,), float32 math over float32 or bfloat16 z, in three
@@ -861,7 +866,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("swiglu(Tensor gate, Tensor up, Tensor? weights) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor)");
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");

@@ -75,7 +75,7 @@ class _FusedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
-        x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = torch.ops.seekstack.rms_norm_backward(grad, x, weight, rstd)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors  # a frozen weight (LoRA freezes every norm) gets no dw pass
+        grad_x, grad_weight = torch.ops.seekstack.rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1])
         return grad_x, grad_weight, None

@@ -143,3 +143,25 @@ def test_a_transformers_hidden_states_from_the_fused_norm_are_a_tensor_of_their_
             hidden = model(ids).hidden_states
         assert hidden.shape == (2, 8, config.hidden_size) and hidden._base is None, grad
         assert (type(hidden.grad_fn).__name__ == "_FusedRMSNormBackward") == grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_norm_weight_gets_the_same_input_gradient_and_no_weight_gradient_pass(dtype):
+    """LoRA freezes every norm: the fused backward summed dL/dw over every row anyway, to be thrown away."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    norm = RMSNorm(40).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(40))
+    x = torch.randn(2, 7, 40, dtype=dtype) * 3  # 40 values a row: vector steps and a tail
+    upstream = torch.randn(2, 7, 40, dtype=dtype)
+    grads = []
+    for trainable in (True, False):
+        norm.weight.requires_grad_(trainable)
+        xd = x.clone().requires_grad_()
+        (norm(xd) * upstream).sum().backward()
+        grads.append(xd.grad)
+    assert torch.equal(grads[0], grads[1]) and norm.weight.grad is not None  # the trainable pass's, not the frozen's
+    y, rstd = torch.ops.seekstack.rms_norm(x, norm.weight, 1e-6)
+    grad_x, grad_weight = torch.ops.seekstack.rms_norm_backward(upstream, x, norm.weight, rstd, False)
+    assert grad_weight is None and torch.equal(grad_x, grads[1])
