@@ -23,8 +23,8 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
     loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
     it does not decompress, is mostly not UTF-8 (most lines holding non-ASCII bytes: GBK or Latin-1), is UTF-16 or
     UTF-32 text (Windows PowerShell's Out-File and `>` write UTF-16) or a Parquet or Arrow file (a Hub dataset's). A
-    file that starts a JSON array of objects (`json.dump(records, f)`, on one line or many, blank lines before it or
-    not) is read whole, as TRL and datasets' JSON loader read it: its items, each numbered by the line it starts on
+    file that starts a JSON array (`json.dump(records, f)`, on one line or many, blank lines before it or not) is read
+    whole, as TRL and datasets' JSON loader read it: its items, each numbered by the line it starts on
     (`_array_items`). With `on_torn_tail`, a last line that is neither and has no newline (what a process stopped
     while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with opened(path) as lines:
@@ -52,7 +52,7 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if line.strip():
                     value = json.loads(line.rstrip("\r\n"))  # its newline no part of it: an error's column is on it
-                    if opening and _is_array_of_objects(value):
+                    if opening and isinstance(value, list):  # as one over several lines: its items are the records
                         yield from _array_items(path)
                         return
                     opening = False
@@ -125,10 +125,6 @@ def _lines_not_utf8(path: str | Path, first: int) -> tuple[int, int]:
                 except UnicodeDecodeError:
                     undecodable += 1
     return undecodable, non_ascii
-
-
-def _is_array_of_objects(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
 def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:

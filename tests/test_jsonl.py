@@ -135,7 +135,18 @@ def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_lin
     with pytest.raises(ValueError, match=r"chats.json:2: more JSON after the array that opens the file: a file holds"):
         list(jsonl_records(path))
     path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # a line holding an array of other values
-    assert list(jsonl_records(path)) == [(1, [1, 2]), (2, RECORDS[1])]
+    with pytest.raises(ValueError, match=r"chats.json:2: more JSON after the array that opens the file: a file holds"):
+        list(jsonl_records(path))
+
+
+def test_an_array_of_other_values_is_read_item_by_item_on_one_line_as_over_several(tmp_path):
+    """`[1, {...}]` on one line was handed on whole (sft: 'expected {"messages": [...]}, got list'), over two lines
+    item by item ('got int'): one file to json.load and TRL, answered alike now, its items numbered by their lines."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text("[1, " + json.dumps(RECORDS[0]) + "]\n")
+    assert list(jsonl_records(path)) == [(1, 1), (1, RECORDS[0])]
+    path.write_text("[1,\n" + json.dumps(RECORDS[0]) + "]\n")
+    assert list(jsonl_records(path)) == [(1, 1), (2, RECORDS[0])]
 
 
 def test_a_gzipped_file_is_read_through_and_a_broken_one_is_refused_naming_it(tmp_path):
