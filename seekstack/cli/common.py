@@ -205,6 +205,10 @@ class Command(TyperCommand):
                 # <list[Path]>"), which tells a user nothing: its help says what it takes (a file, a preset,
                 # key=value, folders), as in click's --help
                 param.display_type_rich = lambda ctx: None
+            elif param.param_type_name == "option" and described.is_list and param.metavar is None:
+                # a repeatable option takes one value each time it is given: its element's label ("--prompt <str>"),
+                # where typer writes the annotation ("--prompt <list[str]>")
+                param.metavar = f"<{described.annotation.__args__[0].__name__.lower()}>"
             callback = described.parameter_info.callback  # refuse_empty_path's: a path typed str (data build's inputs)
             if described.annotation in (Path, list[Path]) or callback in (run_to_checkpoint, refuse_empty_path):
                 # checked as given, before typer reads it: after eager --help, as click checks every value

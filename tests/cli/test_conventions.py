@@ -219,6 +219,14 @@ def test_a_commands_help_shows_a_text_argument_without_typers_type_label(command
     assert "<" not in arguments
 
 
+@pytest.mark.parametrize(("command", "shown"), [(["sample"], "--prompt <str>"), (["generate"], "--stop <str>")])
+def test_a_repeatable_options_help_labels_the_one_value_it_takes_each_time(command, shown):
+    """sample's --help showed "--prompt <list[str]>", typer's annotation, where the option takes one text each time."""
+    listed = runner.invoke(app, [*command, "--help"], terminal_width=200).output
+    assert re.search(rf"^  {re.escape(shown)}  +\w", listed, re.MULTILINE), listed
+    assert "list[" not in listed
+
+
 @pytest.mark.parametrize(
     ("choice", "given"),
     [([], "neither given"), (["--threshold", "0.5", "--top-fraction", "0.3"], "not both")],
