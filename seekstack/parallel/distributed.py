@@ -32,6 +32,7 @@ CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pyt
 Result = TypeVar("Result")
 _joined = False  # whether init_distributed joined the process group now initialized (not its caller), for shutdown
 _join_numbers = itertools.count()  # of this process's groups: each one's keys in the store apart from the last one's
+_store: dist.Store | None = None  # the last group's rendezvous store, held past it (see init_distributed's join)
 
 
 @dataclass
@@ -74,7 +75,12 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     def join() -> None:  # in a thread of its own, where CUDA's current device is set apart from the main thread's
         if cuda:
             torch.cuda.set_device(device)
+        global _store
         store, _, _ = next(dist.rendezvous("env://"))
+        # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. Freed with its
+        # group, it was still up for a rank already at the next run's join, which then lost it ("Failed to recv");
+        # held past it, it serves the next group too (torch's stores at one address in a process share a server).
+        _store = store
         # torch names a group's keys by a count that destroy_process_group restarts, and torchrun's store (its agent's)
         # outlives the group: the next run in this process read the last one's keys, a rank connecting to the other's
         # old address (gloo's "Connection refused"). Ranks agree on a group by their counts, as torch's new_group does:

@@ -522,6 +522,27 @@ def test_a_run_that_failed_on_every_rank_leaves_its_process_group_and_the_next_r
     assert len(losses(tmp_path / "then")) == 1
 
 
+def _join_twice_by_hand_rank_0_leaving_last(rank: int, world_size: int, port: int, results) -> None:
+    from seekstack.parallel.distributed import all_reduce_sum, init_distributed, shutdown
+
+    _join(rank, world_size, port)  # MASTER_ADDR / MASTER_PORT set by hand: rank 0 serves the store, no torchrun agent
+    for run in range(2):
+        ranks = init_distributed()
+        total = all_reduce_sum(torch.ones(1), ranks).item()
+        if rank == 0:
+            time.sleep(0.5)  # rank 1 is at the next run's join meanwhile
+        shutdown(ranks)
+        results[rank, run] = total
+
+
+def test_ranks_started_by_hand_without_torchrun_join_a_second_run_while_rank_0_leaves_the_first():
+    """Rank 0 freed the store it served with its first group, after rank 1 reached the second run's join there:
+    rank 1 then failed 'Failed to recv, got 0 bytes'."""
+    results = mp.Manager().dict()
+    spawn(_join_twice_by_hand_rank_0_leaving_last, (2, free_port(), results), limit_s=60)
+    assert dict(results) == {(rank, run): 2.0 for rank in (0, 1) for run in (0, 1)}
+
+
 def test_two_nodes_on_localhost_through_torchrun_c10d_train_like_one_process(data_dir, tmp_path):  # noqa: F811
     from tests.train.test_run_config import micro_overrides
 
