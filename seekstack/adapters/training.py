@@ -44,7 +44,7 @@ from seekstack.atomic import missing_folders, remove_while_empty
 from seekstack.checkpoint import read_config, stores_quantized_weights
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
-from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
+from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process, shutdown
 from seekstack.posttrain.config import ConversationConfig
 from seekstack.posttrain.conversations import HELD_OUT_FILE
 from seekstack.schema import (
@@ -249,9 +249,12 @@ def lora_train_config(
         "compile=false; "
         "set compile=false, or lora.feed_forward=[] lora.experts=[] to compile an attention-only adapter",
     )
-    if not resume:  # keys checked first; under torchrun rank 0 alone tokenizes text, in the group the trainer joins
+    if not resume:  # keys checked first; under torchrun rank 0 alone tokenizes text
         ranks = init_distributed(cpu_collectives=train_config.cpu_offload)
-        prepared = done_by_main(lambda: prepare_data(data_dir, base, out), ranks)
+        try:
+            prepared = done_by_main(lambda: prepare_data(data_dir, base, out), ranks)
+        finally:  # done or failed: the trainer joins a group of its own, and nothing left one kept past an error
+            shutdown(ranks)
         if prepared != Path(data_dir):  # text, tokenized into `out`: too little of it is named as the user gave it
             require_text_windows(data_dir, prepared, train_config)
         train_config = replace(train_config, data_dir=str(prepared))

@@ -37,7 +37,8 @@ def _rank_main(rank: int, port: int, base: Path, text: Path, out: Path, outcomes
     except Exception as error:
         outcome = f"{type(error).__name__}: {error}"
     (outcomes / f"rank_{rank}").write_text(outcome)
-    if dist.is_initialized():
+    if dist.is_initialized():  # the process group a rank would hold, run or not, until its process ends
+        (outcomes / f"group_kept_by_{rank}").touch()
         dist.destroy_process_group()
 
 
@@ -61,3 +62,4 @@ def test_an_error_rank_0_meets_preparing_the_data_stops_every_rank(base, tmp_pat
     outcomes = _run_two_ranks(base, tmp_path / "missing.txt", tmp_path)
     assert outcomes["rank_0"].startswith("DataSourceError: ") and "missing.txt" in outcomes["rank_0"]
     assert outcomes["rank_1"] == f"{ConfigError.__name__}: {outcomes['rank_0'].replace(': ', ' on rank 0: ', 1)}"
+    assert "group_kept_by_0" not in outcomes and "group_kept_by_1" not in outcomes  # left on the error, as train() does
