@@ -217,8 +217,9 @@ def sample_command(
     prompt: Annotated[
         list[str] | None,
         typer.Option(
-            help="Prompt to continue (repeatable); default: the openings of the run's first held-out documents "
-            "(val.jsonl), or Python prompts for a run on Python code or a checkpoint outside a run"
+            help="Prompt to continue (repeatable); default: a post-training run's held-out conversations or task "
+            "questions in the chat template (as report samples them), a pretraining run's first held-out documents' "
+            "openings (val.jsonl), or Python prompts for a run on Python code or a checkpoint outside a run"
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to write per continuation")] = 64,

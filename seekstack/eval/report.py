@@ -156,7 +156,7 @@ def _is_rl(train_config: dict[str, Any]) -> bool:
     return "num_generations" in train_config
 
 
-def _trained_task(train_config: dict[str, Any]) -> Task | None:
+def trained_task(train_config: dict[str, Any]) -> Task | None:
     """The post-training task whose prompts the run trained on (`rl`; `sft` and `distill` with `task` and no
     `data`, which they would read instead), else None."""
     if not train_config.get("task") or train_config.get("data"):
@@ -164,7 +164,7 @@ def _trained_task(train_config: dict[str, Any]) -> Task | None:
     return make_task(train_config["task"], train_config.get("difficulty"))
 
 
-def _conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | None:
+def trained_conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | None:
     """The conversations file an `sft` or `distill data=` run trained on (train_config.json holds it relative to the
     run's folder), else None."""
     if not train_config.get("data") or _is_rl(train_config):
@@ -183,7 +183,7 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     teacher = f"\n\nTeacher: `{_from_run(run_dir, train_config['teacher'])}`." if train_config.get("teacher") else ""
     if _reads_token_shards(train_config):
         return _shard_data(run_dir, train_config) + teacher
-    if not train_config.get("task") and _conversations_file(run_dir, train_config) is None:
+    if not train_config.get("task") and trained_conversations_file(run_dir, train_config) is None:
         # no train_config.json, or one written by hand ({"model": "tiny"}) that names no data: none to report
         return f"## Data{teacher}" if teacher else ""
     return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}"
@@ -200,7 +200,7 @@ def _task_named(name: str, difficulty: int | None) -> str:
 
 def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
-    conversations_file = _conversations_file(run_dir, train_config)
+    conversations_file = trained_conversations_file(run_dir, train_config)
     if conversations_file is not None:
         return f"Conversations from `{conversations_file}`."
     task = _task_named(train_config["task"], train_config.get("difficulty"))
@@ -584,10 +584,10 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
             f"found none for its data; set `tokenizer` in a run to put one in its checkpoints, or copy the data's "
             f"{tokenizer.name} there and report again)."
         )
-    task = _trained_task(train_config)
+    task = trained_task(train_config)
     if task is not None:
         return _task_answers(checkpoint, task, train_config)
-    conversations_file = _conversations_file(run_dir, train_config)
+    conversations_file = trained_conversations_file(run_dir, train_config)
     if conversations_file is not None:
         return _conversation_answers(run_dir, checkpoint, conversations_file, train_config)
     prompts = run_prompts(checkpoint)
@@ -622,25 +622,21 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     template up to their last assistant turn, answered greedily, each beside the file's own answer."""
     from seekstack.eval.samples import conversation_samples
     from seekstack.eval.tasks import REASONING_MAX_TOKENS
-    from seekstack.posttrain.conversations import read_conversations
+    from seekstack.posttrain.conversations import held_out_conversations, read_conversations
 
     val_data = _from_run(run_dir, train_config["val_data"]) if train_config.get("val_data") else None
-    if val_data is not None and val_data.is_file():  # held out whole: answered whether `path` is there or not
-        held_out: list[list[dict]] | None = read_conversations(val_data)
-    elif not path.is_file():
+    if not (val_data is not None and val_data.is_file()) and not path.is_file():  # a val_data file is answered alone
         return (
             f"## Samples\n\nNone: the run's conversations file `{path}` is gone (moved or deleted). Put it back to "
             f"see the model answer its conversations here, or talk to the model: `seekstack chat --model "
             f"{checkpoint}`."
         )
-    else:
-        conversations = read_conversations(path)
-        held_out = [] if val_data is not None else _held_out_conversations(run_dir, conversations, train_config)
+    held_out = held_out_conversations(run_dir, train_config)
     if held_out:
         conversations = held_out[:SAMPLE_QUESTIONS]
         which = f"{len(conversations)} of the run's held-out conversations (never trained on)"
     else:
-        conversations = conversations[:SAMPLE_QUESTIONS]
+        conversations = read_conversations(path)[:SAMPLE_QUESTIONS]
         if val_data is not None:
             trained = f"data the run trained on: its held-out conversations' file `{val_data}` is gone"
         elif held_out == []:
@@ -668,24 +664,6 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
         parts.append(_fenced(answer.prompt + answer.completion))
         parts.append(f"The file's answer:\n\n{_fenced(answer.reference)}")
     return "\n\n".join(parts)
-
-
-def _held_out_conversations(
-    run_dir: Path, conversations: list[list[dict]], train_config: dict[str, Any]
-) -> list[list[dict]] | None:
-    """The conversations of `conversations` (its data file's) an `sft` or `distill` run without a `val_data` file held
-    out for val_loss: those its out_dir records it kept back (none for runs from before held-out conversations). None
-    when it held some back but recorded not which (started by an earlier seekstack)."""
-    from seekstack.posttrain.config import held_out_fraction
-    from seekstack.posttrain.conversations import conversation_key, read_held_out
-
-    recorded = read_held_out(run_dir)
-    if recorded is not None:
-        return [c for c in conversations if conversation_key(c) in recorded]
-    if "val_fraction" not in train_config:
-        return []
-    fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))
-    return None if fraction else []
 
 
 def _from_run(run_dir: Path, path: str) -> Path:

@@ -21,7 +21,13 @@ from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS, all_python, held_out_modules
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.posttrain.conversations import Conversation, offered_tools, prompt_messages
+from seekstack.posttrain.conversations import (
+    Conversation,
+    held_out_conversations,
+    offered_tools,
+    prompt_messages,
+    read_conversations,
+)
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import rollout_length, sample_groups, task_prompts
 from seekstack.posttrain.tasks import Task, sample_problems
@@ -39,14 +45,59 @@ _LAST_SPACE = re.compile(r"\s\S*\Z")  # the space before a text's last word (or 
 
 
 def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
-    """The prompts `sample` and `report` continue by default: the openings of the first held-out documents (val.jsonl)
-    of the corpus a pretraining run's checkpoint was trained on, so a model of prose or Chinese is prompted with its
-    own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its token shards' corpus or its
-    val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
+    """The prompts `sample` continues by default. A post-training run's checkpoint is prompted as `report` samples it,
+    in the chat template up to the answer: the held-out questions of the task it trained on, or its held-out
+    conversations (else its conversations file's first) up to their last assistant turn; a pretraining run's with the
+    openings of the first held-out documents (val.jsonl) of the corpus it was trained on, so a model of prose or
+    Chinese is prompted with its own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its
+    token shards' corpus or its val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
+    chats = _trained_chats(Path(checkpoint), len(DEMO_PROMPTS))
+    if chats:
+        return chats
     documents = _held_out_documents(Path(checkpoint), len(DEMO_PROMPTS))
     if all_python(documents):
         return DEMO_PROMPTS
     return tuple(_opening(document["text"]) for document in documents)
+
+
+def _train_config(checkpoint: Path) -> tuple[Path, dict]:
+    """(the run holding `checkpoint`, its train_config.json); (`checkpoint`, {}) for one outside a run or a run
+    without the file."""
+    run = run_holding(checkpoint)
+    config_path = run / CONFIG_FILE if run is not None else None
+    if config_path is None or not config_path.is_file():
+        return checkpoint, {}
+    return run, json.loads(config_path.read_text(encoding="utf-8"))
+
+
+def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
+    """The first `count` chats a post-training run's `report` samples (`run_prompts`) in the chat template, each
+    with the tools it offers, as the run trained on them; one its prompt fills the context of is left out, as report
+    leaves it out. () for another run, or one whose conversations file is gone."""
+    from seekstack.eval.report import trained_conversations_file, trained_task
+
+    run, train_config = _train_config(checkpoint)
+    task = trained_task(train_config)
+    path = trained_conversations_file(run, train_config)
+    if task is not None:
+        problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)  # as report's
+        chats = [prompt_messages(problem) for problem in problems]
+    elif path is not None and path.is_file():
+        conversations = held_out_conversations(run, train_config) or read_conversations(path)
+        chats = [_asking(conversation) for conversation in conversations]
+        chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
+    else:
+        return ()
+    folders = model_folders(checkpoint)
+    tokenizer, context = Tokenizer.from_file(folders.tokenizer), read_config(folders.weights).max_position_embeddings
+    prompts = (tokenizer.render_chat(chat, tools=offered_tools(chat)) for chat in chats)
+    return tuple(itertools.islice((p for p in prompts if len(tokenizer.encode(p)) < context), count))
+
+
+def _asking(conversation: Conversation) -> Conversation:
+    """`conversation`'s turns before its last assistant turn, with the tools it offers: what asks for that turn."""
+    last = max(position for position, message in enumerate(conversation) if message["role"] == "assistant")
+    return Conversation(conversation[:last], tools=offered_tools(conversation))
 
 
 def _opening(text: str) -> str:
@@ -64,11 +115,8 @@ def _opening(text: str) -> str:
 def _held_out_documents(checkpoint: Path, count: int) -> list[dict[str, str]]:
     """The first `count` documents with text of the val.jsonl beside the train.jsonl the checkpoint's
     run encoded its token shards from; [] when there is none."""
-    run = run_holding(checkpoint)
-    config_path = run / CONFIG_FILE if run is not None else None
-    if config_path is None or not config_path.is_file():
-        return []
-    data_dir = json.loads(config_path.read_text(encoding="utf-8")).get("data_dir")
+    run, train_config = _train_config(checkpoint)
+    data_dir = train_config.get("data_dir")
     corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
     if corpus is None or not (corpus / "val.jsonl").is_file():
         return []
@@ -180,13 +228,13 @@ def conversation_samples(
     engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:
-        last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
-        if last == 0:
+        asking = _asking(messages)
+        if not asking:
             continue
-        prompt = engine.tokenizer.render_chat(messages[:last], tools=offered_tools(messages))  # as sft trained it
+        prompt = engine.tokenizer.render_chat(asking, tools=asking.tools)  # as sft trained it
         ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
         if len(ids) < engine.context_len:
-            asked.append((prompt, ids, messages[last]["content"]))
+            asked.append((prompt, ids, messages[len(asking)]["content"]))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     params = [engine.fit_max_new_tokens(len(ids), greedy)[0] for _, ids, _ in asked]
     completions = engine.generate([ids for _, ids, _ in asked], params) if asked else []

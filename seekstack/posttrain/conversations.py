@@ -17,14 +17,14 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
-from seekstack.posttrain.config import held_out_count
+from seekstack.posttrain.config import held_out_count, held_out_fraction
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
 from seekstack.tokenizer import Tokenizer, drop_past_reasoning, is_trained, with_reasoning
@@ -174,6 +174,24 @@ def read_conversations(
     if not conversations:
         raise ValueError(f"{path}: no conversations")
     return conversations
+
+
+def held_out_conversations(run_dir: str | Path, train_config: dict[str, Any]) -> list[Conversation] | None:
+    """The conversations an `sft` or `distill` run on a conversations file (its train_config.json's `data`) held out
+    for val_loss, never trained on: its `val_data` file's ([] when that file is gone), else those of its data file its
+    out_dir records it kept back ([] when it holds none out, or is from before held-out conversations); None when it
+    held some back but recorded not which (started by an earlier seekstack). The run's paths are relative to it."""
+    run_dir = Path(run_dir)
+    if train_config.get("val_data"):
+        val_data = run_dir / train_config["val_data"]
+        return read_conversations(val_data) if val_data.is_file() else []
+    recorded = read_held_out(run_dir)
+    if recorded is not None:
+        return [c for c in read_conversations(run_dir / train_config["data"]) if conversation_key(c) in recorded]
+    if "val_fraction" not in train_config:
+        return []
+    fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))
+    return None if fraction else []
 
 
 def is_conversation_record(record: object) -> bool:

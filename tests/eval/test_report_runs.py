@@ -76,9 +76,9 @@ def test_evaluation_results_from_before_eval_recorded_its_options_still_name_the
      ({"data_dir": "../tokens", "seq_len": 64}, None)],
 )  # fmt: skip
 def test_a_run_is_sampled_on_the_task_it_trained_on_when_it_trained_on_one(train_config, task):
-    from seekstack.eval.report import _trained_task
+    from seekstack.eval.report import trained_task
 
-    found = _trained_task(train_config)
+    found = trained_task(train_config)
     assert (found and found.name) == task
     if found:
         assert found.difficulty == train_config.get("difficulty", make_task(task).difficulty)

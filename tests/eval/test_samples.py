@@ -12,8 +12,11 @@ from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _samples
 from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samples, run_prompts, task_samples
 from seekstack.infer import Engine, SamplingParams
-from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.conversations import prompt_messages, write_conversations, write_held_out
+from seekstack.posttrain.tasks import make_task, sample_problems
+from seekstack.tokenizer import Tokenizer
 from tests.infer.support import micro_model, tiny_tokenizer
+from tests.posttrain.support import micro_checkpoint
 
 LICENSE = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
 MANUAL = "cp - copy files and directories"
@@ -46,6 +49,26 @@ def test_a_run_on_python_or_a_checkpoint_outside_a_run_gets_the_python_prompts(t
     alone = tmp_path / "model"
     alone.mkdir()
     assert run_prompts(alone) == DEMO_PROMPTS
+
+
+def test_a_post_training_run_is_prompted_with_its_held_out_chats_as_report_samples_them(tmp_path):
+    """`sample` on an sft or rl run continued the Python demo prompts, text the chat model never trained on; it gets
+    the held-out conversations (up to their last assistant turn) or task questions `report` samples, in the chat
+    template, one whose prompt fills the context left out."""
+    chats = [[{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}],
+             [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"},
+              {"role": "user", "content": "再说一次"}, {"role": "assistant", "content": "hi!"}],
+             [{"role": "user", "content": "x " * 600}, {"role": "assistant", "content": "too long"}]]  # fmt: skip
+    write_conversations(chats, tmp_path / "chats.jsonl")
+    sft = micro_checkpoint(tmp_path / "sft" / "checkpoints" / "step_2")
+    (tmp_path / "sft" / "train_config.json").write_text(json.dumps({"data": "../chats.jsonl", "val_fraction": 0.5}))
+    write_held_out(tmp_path / "sft", chats[1:])
+    tokenizer = Tokenizer.from_file(sft)
+    assert run_prompts(sft) == (tokenizer.render_chat(chats[1][:3]),)
+    rl = micro_checkpoint(tmp_path / "rl" / "checkpoints" / "step_2")
+    (tmp_path / "rl" / "train_config.json").write_text(json.dumps({"task": "addition", "difficulty": 1}))
+    problems = sample_problems(make_task("addition", 1), 3, "heldout", seed=0, distinct=True, up_to=True)
+    assert run_prompts(rl) == tuple(tokenizer.render_chat(prompt_messages(problem)) for problem in problems)
 
 
 def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, monkeypatch):
