@@ -505,9 +505,14 @@ def train(
             return run.run(resumable)
     except BaseException as error:
         if ranks.distributed:  # the frames of its traceback hold the run (self, model) for as long as the caller
-            # keeps the error (a notebook's last one): their locals go, the DDP model too, up to the error handled
+            # keeps the error (a notebook's last one): their locals go, the DDP model too, up to the error handled;
+            # the run's own frames alone (seekstack's and torch's, DDP's forward among them), not the caller's code
+            # it ran (hooks), whose locals are the caller's to debug
             while error is not None and error is not handled:
-                traceback.clear_frames(error.__traceback__)
+                for frame, _ in traceback.walk_tb(error.__traceback__):
+                    if frame.f_globals.get("__name__", "").partition(".")[0] in ("seekstack", "torch"):
+                        with contextlib.suppress(RuntimeError):  # train()'s own, still running
+                            frame.clear()
                 error = error.__context__
         raise
     finally:

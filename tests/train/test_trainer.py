@@ -1340,7 +1340,7 @@ def test_a_multi_rank_runs_error_keeps_the_frames_of_the_error_its_caller_was_ha
     from seekstack.parallel import distributed
 
     def disagree(settings, ranks, **_):
-        raise ConfigError("the ranks' settings differ")
+        distributed.require_rows_divisible(3, ranks)  # the run's own frame, innermost
 
     two_ranks = distributed.Ranks(0, 2, torch.device("cpu"))
     monkeypatch.setattr(distributed, "init_distributed", lambda cpu_collectives: two_ranks)
@@ -1360,5 +1360,25 @@ def test_a_multi_rank_runs_error_keeps_the_frames_of_the_error_its_caller_was_ha
         with pytest.raises(ConfigError) as failure:
             train(TrainConfig(out_dir=str(tmp_path)))
     assert failure.value.__context__ is handled
-    assert innermost_locals(failure.value) == {}  # disagree's, cleared
+    assert innermost_locals(failure.value) == {}  # require_rows_divisible's, cleared
     assert innermost_locals(handled) == {"callers_state": "the caller's"}
+
+
+def test_a_multi_rank_runs_error_keeps_the_locals_of_the_callers_own_code_it_ran(monkeypatch, tmp_path):
+    """A failed multi-rank run clears the locals of its own frames (seekstack's and torch's: they hold the DDP model),
+    not those of the caller's code it ran (hooks, a callback) in between: the caller's, to debug post mortem."""
+    from seekstack.parallel import distributed
+
+    def callers_check(settings, ranks, **_):  # the caller's code, run by train() as a hook is
+        callers_state = "the caller's"
+        distributed.require_rows_divisible(3, ranks)
+        return callers_state
+
+    two_ranks = distributed.Ranks(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "init_distributed", lambda cpu_collectives: two_ranks)
+    monkeypatch.setattr(distributed, "require_same_settings", callers_check)
+    with pytest.raises(ConfigError) as failure:
+        train(TrainConfig(out_dir=str(tmp_path)))
+    frames = {frame.f_code.co_name: frame.f_locals for frame, _ in traceback.walk_tb(failure.value.__traceback__)}
+    assert frames["callers_check"]["callers_state"] == "the caller's"
+    assert frames["require_rows_divisible"] == {}  # the run's own, cleared
