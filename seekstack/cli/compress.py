@@ -14,8 +14,8 @@ import typer
 from seekstack.cli.common import (
     BadParameter,
     JsonErrorsCommand,
-    fail,
     get_current_context,
+    interrupted_says,
     nothing_written_if_interrupted,
     options_named,
     run_to_checkpoint,
@@ -361,7 +361,7 @@ def prune_command(
     from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, refuse_out, save_with_tokenizer
-    from seekstack.interrupts import INTERRUPTED, sigterm_cleaned_up
+    from seekstack.interrupts import sigterm_cleaned_up
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
     from seekstack.tokens.shards import load_index
     from seekstack.train.config import TRAIN_SPLIT
@@ -398,14 +398,11 @@ def prune_command(
             # SIGTERM before the trainer takes it (as Ctrl-C) would leave the pruned copy in the temporary folder
             with sigterm_cleaned_up(), tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")
-                try:
+                with interrupted_says(
+                    f": the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
+                    "`seekstack prune` has no --resume; run it again to prune and heal from the start"
+                ):
                     healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)
-                except KeyboardInterrupt:
-                    fail(
-                        f"the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
-                        "`seekstack prune` has no --resume; run it again to prune and heal from the start",
-                        code=INTERRUPTED,
-                    )
                 save_with_tokenizer(load_pretrained(healed, dtype=dtype), model, out)
         else:
             save_with_tokenizer(network.to(dtype), model, out)

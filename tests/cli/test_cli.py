@@ -228,6 +228,26 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
         assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
+def test_prune_stopped_while_healing_says_it_was_interrupted_as_every_command_does(tmp_path, monkeypatch):
+    """Ctrl-C while prune healed said "error: the healing run was in a temporary folder, ...", its own words, where
+    every other command's Ctrl-C opens "error: interrupted (Ctrl-C)"."""
+    import seekstack
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.compress.heal.heal", interrupted)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    out = tmp_path / "healed"
+    result = run("prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(out), "--heads",
+                 "0.5", "--calibration-batches", "1", "--heal-steps", "2")  # fmt: skip
+    assert result.exit_code == 130
+    assert "error: interrupted (Ctrl-C): the healing run was in a temporary folder, removed" in result.stderr
+    assert "`seekstack prune` has no --resume" in result.stderr and not out.exists()
+
+
 def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
 
