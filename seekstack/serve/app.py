@@ -302,6 +302,7 @@ class Server:
             bill.model = model[:RECORDED_MODEL_CHARS]
             refuse_unsupported(body)
             adapter = self.adapter_for(model, bill.key)
+            bill.model = model  # served: its whole name, as /v1/models lists it, in the response and the ledger
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
             parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
             start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning

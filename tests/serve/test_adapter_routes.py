@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -162,11 +163,15 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
 
 def test_an_adapter_loaded_under_a_long_name_is_listed_by_its_start_in_later_refusals(served):
     """vLLM takes a lora_name of any length, and so does the server; the refusals that list the served models (a
-    request's 404, an unload's) show a long one by its start, as they show a long name asked for."""
-    url, api, admin, _, adapters, _ = served
+    request's 404, an unload's) show a long one by its start, as they show a long name asked for. A request it serves
+    is answered and recorded under its whole name, as /v1/models lists it."""
+    url, api, admin, _, adapters, model_dir = served
     name = "x" * 5000
     assert load(url, admin, name, adapters["poem"]) == 200
     try:
+        assert api.completions.create(model=name, prompt=PROMPT, max_tokens=1).model == name
+        ledger = sqlite3.connect(model_dir.parent / "serve.db")
+        assert ledger.execute("SELECT model FROM usage ORDER BY id DESC LIMIT 1").fetchone() == (name,)
         with pytest.raises(openai.NotFoundError) as refused:
             complete(api, "medical")
         unload = error_of(post(url, admin, "unload_lora_adapter", lora_name="medical"), 404)
