@@ -1,0 +1,28 @@
+"""glibc malloc settings chosen once per process, on the model's import: large tensors served from the heap and kept
+there once freed, so that a forward's fresh buffers reuse pages already touched instead of faulting them in anew."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc serves a block above M_MMAP_THRESHOLD (128 KiB, raised as blocks are freed, to 32 MiB at most) with fresh
+# mmap'd pages and unmaps it when freed, so every forward faults its large buffers in again, 4 KiB a fault: a
+# 4 x 512 `small` forward's 64 MiB of bfloat16 logits took 16,384 of them. Below both thresholds a freed block
+# stays in the heap for the next. (torch's CPU launcher, torch.backends.xeon.run_cpu, preloads jemalloc or tcmalloc,
+# which keep freed pages, for the same reason.)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+HEAP_THRESHOLD = 1 << 30  # 1 GiB: both thresholds
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own environment, read at start
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB; True when set. Left alone where the C library is not glibc,
+    or the user set either threshold (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES's glibc.malloc)."""
+    if not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+        return False
+    if any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL(None)
+    return all([libc.mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD), libc.mallopt(M_TRIM_THRESHOLD, HEAP_THRESHOLD)])
