@@ -142,9 +142,11 @@ def _build() -> bool:
             is_python_module=False,
         )
     except Exception as error:  # no compiler, no ninja, an unknown -march: the callers keep their other paths
+        # torch's "Could not load this library: PATH" keeps the loader's reason (an undefined symbol) as its cause
+        reason = f"{error} ({error.__cause__})" if error.__cause__ else error
         warnings.warn(
             f"seekstack: {SOURCE.name} did not build, decode, SwiGLU, RMSNorm, the loss and the attention backward "
-            f"run without it: {error}",
+            f"run without it: {reason}",
             stacklevel=3,
         )
         return False
