@@ -165,11 +165,17 @@ def trained_task(train_config: dict[str, Any]) -> Task | None:
 
 
 def trained_conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | None:
-    """The conversations file an `sft` or `distill data=` run trained on (train_config.json holds it relative to the
-    run's folder), else None."""
-    if not train_config.get("data") or _is_rl(train_config):
+    """The conversations file an `sft` or `distill data=` run trained on, or a `lora train` run on conversations (its
+    data_dir, a file of them) (train_config.json holds it relative to the run's folder), else None."""
+    from seekstack.adapters.data import first_record
+    from seekstack.posttrain.conversations import is_conversation_record
+
+    if _is_rl(train_config):
         return None
-    return _from_run(run_dir, train_config["data"])
+    if train_config.get("data"):
+        return _from_run(run_dir, train_config["data"])
+    data_dir = _from_run(run_dir, train_config["data_dir"]) if train_config.get("data_dir") else None
+    return data_dir if data_dir is not None and is_conversation_record(first_record(data_dir)) else None
 
 
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
@@ -181,9 +187,10 @@ def _reads_token_shards(train_config: dict[str, Any]) -> bool:
 
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     teacher = f"\n\nTeacher: `{_from_run(run_dir, train_config['teacher'])}`." if train_config.get("teacher") else ""
-    if _reads_token_shards(train_config):
+    conversations_file = trained_conversations_file(run_dir, train_config)  # a `lora train` run's is its data_dir
+    if _reads_token_shards(train_config) and conversations_file is None:
         return _shard_data(run_dir, train_config) + teacher
-    if not train_config.get("task") and trained_conversations_file(run_dir, train_config) is None:
+    if not train_config.get("task") and conversations_file is None:
         # no train_config.json, or one written by hand ({"model": "tiny"}) that names no data: none to report
         return f"## Data{teacher}" if teacher else ""
     return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}"
@@ -631,7 +638,7 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
             f"see the model answer its conversations here, or talk to the model: `seekstack chat --model "
             f"{checkpoint}`."
         )
-    held_out = held_out_conversations(run_dir, train_config)
+    held_out = held_out_conversations(run_dir, path, train_config)
     if held_out:
         conversations = held_out[:SAMPLE_QUESTIONS]
         which = f"{len(conversations)} of the run's held-out conversations (never trained on)"

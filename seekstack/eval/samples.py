@@ -83,7 +83,7 @@ def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
         problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)  # as report's
         chats = [prompt_messages(problem) for problem in problems]
     elif path is not None and path.is_file():
-        conversations = held_out_conversations(run, train_config) or read_conversations(path)
+        conversations = held_out_conversations(run, path, train_config) or read_conversations(path)
         chats = [_asking(conversation) for conversation in conversations]
         chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
     else:

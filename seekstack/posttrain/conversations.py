@@ -176,18 +176,20 @@ def read_conversations(
     return conversations
 
 
-def held_out_conversations(run_dir: str | Path, train_config: dict[str, Any]) -> list[Conversation] | None:
-    """The conversations an `sft` or `distill` run on a conversations file (its train_config.json's `data`) held out
-    for val_loss, never trained on: its `val_data` file's ([] when that file is gone), else those of its data file its
-    out_dir records it kept back ([] when it holds none out, or is from before held-out conversations); None when it
-    held some back but recorded not which (started by an earlier seekstack). The run's paths are relative to it."""
+def held_out_conversations(
+    run_dir: str | Path, data: str | Path, train_config: dict[str, Any]
+) -> list[Conversation] | None:
+    """The conversations an `sft`, `distill` or `lora train` run on the conversations file `data` held out for
+    val_loss, never trained on: its `val_data` file's ([] when that file is gone), else those of `data` its out_dir
+    records it kept back ([] when it holds none out, or is from before held-out conversations); None when it held some
+    back but recorded not which (started by an earlier seekstack). The run's paths are relative to it."""
     run_dir = Path(run_dir)
     if train_config.get("val_data"):
         val_data = run_dir / train_config["val_data"]
         return read_conversations(val_data) if val_data.is_file() else []
     recorded = read_held_out(run_dir)
     if recorded is not None:
-        return [c for c in read_conversations(run_dir / train_config["data"]) if conversation_key(c) in recorded]
+        return [c for c in read_conversations(data) if conversation_key(c) in recorded]
     if "val_fraction" not in train_config:
         return []
     fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))

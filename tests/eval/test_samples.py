@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seekstack.checkpoint import save_pretrained
-from seekstack.eval.report import _samples
+from seekstack.eval.report import _data, _samples
 from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samples, run_prompts, task_samples
 from seekstack.infer import Engine, SamplingParams
 from seekstack.posttrain.conversations import prompt_messages, write_conversations, write_held_out
@@ -69,6 +69,22 @@ def test_a_post_training_run_is_prompted_with_its_held_out_chats_as_report_sampl
     (tmp_path / "rl" / "train_config.json").write_text(json.dumps({"task": "addition", "difficulty": 1}))
     problems = sample_problems(make_task("addition", 1), 3, "heldout", seed=0, distinct=True, up_to=True)
     assert run_prompts(rl) == tuple(tokenizer.render_chat(prompt_messages(problem)) for problem in problems)
+
+
+def test_a_lora_run_on_conversations_is_reported_and_prompted_as_one_not_as_token_shards(tmp_path):
+    """`lora train BASE chats.jsonl` keeps the file as its data_dir: report said "Token shards `chats.jsonl`: no
+    *_index.json there (moved or deleted since the run?)" and report and sample continued the Python prompts."""
+    chats = [
+        [{"role": "user", "content": f"问题 {number}?"}, {"role": "assistant", "content": "答案"}]
+        for number in range(3)
+    ]
+    write_conversations(chats, tmp_path / "chats.jsonl")
+    checkpoint = micro_checkpoint(tmp_path / "lora" / "checkpoints" / "step_2")
+    train_config = {"data_dir": str(tmp_path / "chats.jsonl"), "seq_len": 32}
+    (tmp_path / "lora" / "train_config.json").write_text(json.dumps(train_config))
+    write_held_out(tmp_path / "lora", chats[2:])
+    assert run_prompts(checkpoint) == (Tokenizer.from_file(checkpoint).render_chat(chats[2][:1]),)
+    assert _data(tmp_path / "lora", train_config) == f"## Data\n\nConversations from `{tmp_path / 'chats.jsonl'}`."
 
 
 def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, monkeypatch):
