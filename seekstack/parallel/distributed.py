@@ -76,7 +76,16 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
         if cuda:
             torch.cuda.set_device(device)
         global _store
-        store, _, _ = next(dist.rendezvous("env://"))
+        try:
+            store, _, _ = next(dist.rendezvous("env://"))
+        except dist.DistNetworkError as error:  # started by hand: rank 0's port taken, or no rank 0 at the address
+            address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise ConnectionError(
+                f"rank {rank}: the ranks' store at MASTER_ADDR:MASTER_PORT ({address}), which rank 0 serves, failed: "
+                f"{error}; give a MASTER_PORT no other process on rank 0's machine listens at (a run started before "
+                "may still hold it) and a MASTER_ADDR every rank reaches that machine at, or start the run with "
+                "torchrun, which picks a free port"
+            ) from None
         # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. Freed with its
         # group, it was still up for a rank already at the next run's join, which then lost it ("Failed to recv");
         # held past it, it serves the next group too (torch's stores at one address in a process share a server).

@@ -147,3 +147,22 @@ def test_ctrl_c_while_a_rank_waits_for_the_others_to_join_ends_it_at_once(torchr
     finally:
         rank.kill()
         rank.wait()
+
+
+def test_a_master_port_another_process_listens_at_is_refused_by_the_command_naming_it_not_in_a_traceback(
+    tmp_path, torchrun_environment
+):
+    """Rank 0 started by hand at a MASTER_PORT in use (another run's) ended in a traceback of torch's DistNetworkError
+    'The server socket has failed to listen on any local network address', naming no variable."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        torchrun_environment(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        f"error: rank 0: the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:{port}), which rank 0 serves, failed: "
+        "The server socket has failed to listen"
+    ), result.output
+    assert "give a MASTER_PORT no other process on rank 0's machine listens at" in result.output
