@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/native/TopKImpl.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -858,6 +859,58 @@ at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, con
   return losses;
 }
 
+// The K largest of `values` (n,) by torch.topk(sorted=False)'s own loop on a CPU (ATen/native/TopKImpl.h): the same
+// ties kept, the same order, NaN the largest.
+void topk_indices(const float* values, int64_t n, int64_t k, int64_t* indices) {
+  std::vector<float> kept(k);
+  char* data[3] = {reinterpret_cast<char*>(kept.data()), reinterpret_cast<char*>(indices),
+                   reinterpret_cast<char*>(const_cast<float*>(values))};
+  const int64_t strides[3] = {0, 0, 0};
+  at::native::topk_impl_loop<float, float>(1, 1, 1, k, n, /*largest=*/true, /*sorted=*/false, data, strides, 1);
+}
+
+// Router.select for a few float32 rows in one call, where its torch ops are a dozen of ~1-3 us each: choice = scores
+// [+ bias]; with n_group > 1 the `topk_group` groups of the best score kept (a group's score its two best choices
+// summed, `group_top2`, or its best), the others -inf; the `top_k` best choices -> experts (N, K) int64, as torch's
+// ops pick them.
+at::Tensor route_rows(const at::Tensor& scores, const std::optional<at::Tensor>& bias, int64_t n_group,
+                      int64_t topk_group, bool group_top2, int64_t top_k) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "route_rows: scores must be (N, E) float32");
+  const int64_t N = scores.size(0), E = scores.size(1), width = n_group >= 1 ? E / n_group : 0;
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && (!group_top2 || n_group == 1 || width >= 2) && topk_group >= 1 &&
+                  topk_group <= n_group && top_k >= 1 && top_k <= E,
+              "route_rows: ", top_k, " of ", E, " experts in ", topk_group, " of ", n_group, " groups");
+  const at::Tensor scores_c = scores.contiguous();
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == E, "route_rows: bias must be (E,) float32");
+    bias_c = bias->contiguous();
+  }
+  at::Tensor experts = at::empty({N, top_k}, scores.options().dtype(at::kLong));
+  std::vector<float> choice(E), group_scores(n_group);
+  std::vector<int64_t> kept(topk_group);
+  for (int64_t row = 0; row < N; ++row) {
+    const float* s = scores_c.const_data_ptr<float>() + row * E;
+    for (int64_t e = 0; e < E; ++e) choice[e] = bias_c.defined() ? s[e] + bias_c.const_data_ptr<float>()[e] : s[e];
+    if (n_group > 1) {
+      for (int64_t g = 0; g < n_group; ++g) {
+        const float* group = choice.data() + g * width;
+        int64_t best[2];
+        topk_indices(group, width, group_top2 ? 2 : 1, best);
+        group_scores[g] = group_top2 ? group[best[0]] + group[best[1]] : group[best[0]];
+      }
+      topk_indices(group_scores.data(), n_group, topk_group, kept.data());
+      for (int64_t g = 0; g < n_group; ++g) {
+        if (std::find(kept.begin(), kept.end(), g) == kept.end()) {
+          std::fill_n(choice.data() + g * width, width, -std::numeric_limits<float>::infinity());
+        }
+      }
+    }
+    topk_indices(choice.data(), E, top_k, experts.mutable_data_ptr<int64_t>() + row * top_k);
+  }
+  return experts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seekstack, m) {
@@ -871,6 +924,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, bool grad) -> Tensor");
+  m.def("route_rows(Tensor scores, Tensor? bias, int n_group, int topk_group, bool group_top2, int top_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
@@ -882,4 +936,5 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
   m.impl("cross_entropy_rows", cross_entropy_rows);
+  m.impl("route_rows", route_rows);
 }

@@ -13,6 +13,8 @@ more reads in flight over several streams than over one (a plain sum over 128 MB
   (`RoutedExperts.forward_pairs`, what inductor fuses) reads N*K expert weight sets; `small`'s 8 tokens x 4 choices
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
   one expert per thread.
+- `route_rows`: the experts a decode step's few rows are routed to (moe.py's `Router.select`), picked by torch.topk's
+  own loop, in one call where torch's ops make a dozen (eager; a compiled step keeps the ops, which inductor fuses).
 Compiled decode steps (1-16 rows) and eager inference of up to 16 tokens run them, on float32 weights or bfloat16
 ones (half the bytes, where a BLAS call at a few bfloat16 rows ran no faster than float32). A CPU with avx512_bf16,
 where `dtype auto` is bfloat16, multiplies bfloat16 weights by bfloat16 rows in `vdpbf16ps` (float32 sums; widening

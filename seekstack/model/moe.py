@@ -97,14 +97,30 @@ class Router(Float32Buffers):
                 return self.forward(x)
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
-        if self.topk_method != "greedy" and self.n_group > 1:
-            choice = self.limit_to_groups(choice)
-        experts = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        experts = self.select(scores)
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(weights * self.scaling, experts, scores)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (N, E) float32 -> the chosen experts (N, K): TopK over s_i + b_i (or s_i) within the kept groups.
+
+        A decode step's few rows take one C++ call (`route_rows`) that picks as these ops do, with torch.topk's own
+        loop (the same ties, the same order): they are a dozen ops of ~1-3 us each, ~25 of a one-token MoE's ~110."""
+        bias = self.e_score_correction_bias if self.topk_method == "noaux_tc" else None
+        groups = self.n_group if self.topk_method != "greedy" else 1
+        if (
+            not scores.requires_grad
+            and scores.shape[0] <= cpu_kernels.MAX_TOKENS
+            and cpu_kernels.elementwise_takes(scores)
+        ):
+            top2 = self.topk_method == "noaux_tc"
+            return torch.ops.seekstack.route_rows(scores, bias, groups, self.topk_group, top2, self.top_k)
+        choice = scores if bias is None else scores + bias
+        if groups > 1:
+            choice = self.limit_to_groups(choice)
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
 
     def limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep the `topk_group` best groups, mask the rest to -inf (device-limited routing, V2 §2.2.2).

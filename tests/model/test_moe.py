@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.cpp_extension
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seekstack.model import cpu_kernels
 from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss, swiglu
@@ -335,6 +336,48 @@ def test_group_score_is_top2_sum_for_v3_and_max_for_v2(method, chosen_group):
     limited = router.limit_to_groups(choice)
     kept = torch.isfinite(limited).view(2, 4).all(dim=1)
     assert kept.tolist() == [chosen_group == 0, chosen_group == 1]
+
+
+@pytest.mark.parametrize(
+    "method, experts, groups, kept_groups, top_k",
+    [
+        ("noaux_tc", 8, 2, 1, 2),
+        ("noaux_tc", 64, 8, 3, 8),
+        ("group_limited_greedy", 16, 4, 2, 3),
+        ("greedy", 8, 1, 1, 2),
+    ],
+)
+def test_a_few_rows_route_in_one_kernel_call_to_the_experts_torchs_ops_pick_ties_and_order_included(
+    method, experts, groups, kept_groups, top_k
+):
+    assert cpu_kernels.available()
+    config = micro_config(
+        n_routed_experts=experts, num_experts_per_tok=top_k, n_group=groups, topk_group=kept_groups, topk_method=method
+    )
+    router = Router(config)
+    if method == "noaux_tc":
+        router.e_score_correction_bias.copy_(torch.randn(experts) / 100)
+    torch.manual_seed(0)
+    scores = torch.rand(200, cpu_kernels.MAX_TOKENS, experts)
+    scores[::2] = (scores[::2] * 4).round() / 4  # ties within and across groups
+    scores[3, 0, 1] = float("nan")  # torch.topk takes NaN as the largest
+    called = []
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for rows in scores:
+        with Calls():
+            chosen = router.select(rows)
+        cpu_kernels.set_enabled(False)
+        try:
+            by_torch = router.select(rows)
+        finally:
+            cpu_kernels.set_enabled(True)
+        assert torch.equal(chosen, by_torch)
+    assert set(called) == {"seekstack.route_rows.default"}
 
 
 def test_routing_never_leaves_the_chosen_groups():
