@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, options_named, refuse_empty_path, run_given, user_errors
+from seekstack.cli.common import Checkpoint, interrupted_says, options_named, refuse_empty_path, run_given, user_errors
 
 # seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
 LOCAL_TASKS = (
@@ -244,11 +244,16 @@ def report_command(
     reward, accuracy, completion length), evaluation (from `seekstack eval RUN`, naming the checkpoint it measured),
     samples (a run on a task: its held-out questions in the chat template, verified; on a conversations file: its
     first conversations up to their last assistant turn, answered beside the file's answers)."""
-    from seekstack.eval.report import write_report
+    from seekstack.eval.report import REPORT_FILE, write_report
     from seekstack.train.runs import run_folder
 
     with user_errors():
-        path = write_report(run_folder(run), out, samples)  # a run's metrics.jsonl or train_config.json: its folder
+        run = run_folder(run)  # a run's metrics.jsonl or train_config.json: its folder
+        page = (out or run) / REPORT_FILE
+        with interrupted_says(
+            f": {page} was not written (its samples, made last, take the longest: --no-samples leaves them out)"
+        ):
+            path = write_report(run, out, samples)
     typer.echo(f"wrote {path}")
 
 

@@ -248,6 +248,28 @@ def test_prune_stopped_while_healing_says_it_was_interrupted_as_every_command_do
     assert "`seekstack prune` has no --resume" in result.stderr and not out.exists()
 
 
+def test_report_interrupted_while_sampling_says_its_page_was_not_written(tmp_path, monkeypatch):
+    """Ctrl-C while report generated its samples ended it with exit 130 and no word, where sample says so."""
+
+    from seekstack.train.runs import TRAIN_STATE_FILE
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.eval.report._samples", interrupted)
+    run_dir = tmp_path / "run"
+    torch.save({}, model_dir(run_dir / "checkpoints" / "step_1") / TRAIN_STATE_FILE)  # a complete checkpoint
+    (run_dir / "train_config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
+    result = run("report", str(run_dir), "--out", str(tmp_path / "page"))
+    assert result.exit_code == 130
+    assert result.stderr.endswith(
+        f"error: interrupted (Ctrl-C): {tmp_path / 'page' / 'report.md'} was not written (its samples, made last, "
+        "take the longest: --no-samples leaves them out)\n"
+    )
+    assert not (tmp_path / "page" / "report.md").exists()
+
+
 def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
 
