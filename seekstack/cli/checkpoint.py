@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import run_to_checkpoint, user_errors
+from seekstack.cli.common import nothing_written_if_interrupted, run_to_checkpoint, user_errors
 
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Training checkpoints: export the model they hold.")
 
@@ -27,7 +27,7 @@ def export_command(
     transformers, generate/serve, or another run's init_from=."""
     from seekstack.train.state import export_checkpoint
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):  # a model's gigabytes copied: Ctrl-C leaves no half folder
         written = export_checkpoint(source, out)
     typer.echo(f"wrote {written}")
 

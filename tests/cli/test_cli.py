@@ -270,6 +270,18 @@ def test_report_interrupted_while_sampling_says_its_page_was_not_written(tmp_pat
     assert not (tmp_path / "page" / "report.md").exists()
 
 
+def test_checkpoint_export_interrupted_says_nothing_was_written(tmp_path, monkeypatch):
+    """Ctrl-C while checkpoint export copied a model ended it with exit 130 and no word."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.train.state.export_checkpoint", interrupted)
+    result = run("checkpoint", "export", str(model_dir(tmp_path / "model")), "--out", str(tmp_path / "export"))
+    assert result.exit_code == 130
+    assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'export'}\n"
+
+
 def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
 
