@@ -282,6 +282,19 @@ def test_checkpoint_export_interrupted_says_nothing_was_written(tmp_path, monkey
     assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'export'}\n"
 
 
+def test_eval_interrupted_says_its_results_were_not_written(tmp_path, monkeypatch):
+    """Ctrl-C in the minutes eval runs lm-evaluation-harness ended it with exit 130 and no word."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.eval.evaluate.evaluate", interrupted)
+    out = tmp_path / "scores" / "results"
+    result = run("eval", str(model_dir(tmp_path / "model")), "--tasks", "code_cloze", "--out", str(out))
+    assert result.exit_code == 130
+    assert result.stderr == f"error: interrupted (Ctrl-C) before the evaluation ended: {out}.json was not written\n"
+
+
 def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
 
