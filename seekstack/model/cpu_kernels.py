@@ -30,7 +30,8 @@ fast and torch's eager elementwise passes, each into fresh memory, set the pace:
 combine weight per row], for the dense FFN, the shared and the routed experts; moe.py) and `rms_norm` (norm.py), each
 with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when; `rms_norm`
 takes a float32 weight beside bfloat16 rows too); `cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under
-autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them; and
+autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them, and
+`add_weight_grad`: a chunk's dL/dW = G^T h, bf16 products summed in float32 straight into dL/dW (MKL's GEMM); and
 `causal_attention_backward` (attention.py's `_CausalAttention`): causal training attention's backward in bfloat16
 (float32 keeps torch's, faster there) from torch's fused forward's log-sum-exp, FlashAttention-2's products over groups
 of heads (S and dP float32, by AMX) with one fused pass a score row.

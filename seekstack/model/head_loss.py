@@ -8,7 +8,8 @@ logits, (softmax - onehot) / n, which goes straight into dL/dh = G W and dL/dW =
 The gradients are therefore computed in the forward (when autograd will want them) and only scaled by the
 incoming gradient in the backward. Arithmetic is float32 whatever the model dtype, but under autocast the logits
 and dL/dh multiply in the autocast dtype, as an autocast nn.Linear head would (each chunk's rows its own: nothing
-summed across chunks in it), and so does each chunk's share of dL/dW, which is summed over the chunks in float32.
+summed across chunks in it), and so does each chunk's share of dL/dW, which is summed over the chunks in float32 (on a
+CPU in bf16 `add_weight_grad` sums the products in float32 straight into dL/dW, no bf16 share rounded and widened).
 On a CPU `cross_entropy_rows` (cpu_kernels.cpp) turns a chunk's logits, bf16 under autocast, into the loss and, where
 autograd wants it, their gradient in one kernel, written over them; elsewhere, or switched off
 (`cpu_kernels.set_enabled`), torch's ops do it in float32 copies.
@@ -89,6 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[part] = grad_logits @ w_matmul
                 if grad_w is not None and matmul_dtype == torch.float32:
                     torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
+                elif grad_w is not None and fused and matmul_dtype == torch.bfloat16:  # bf16 products, float32 sums
+                    torch.ops.seekstack.add_weight_grad(grad_w, grad_logits, h_matmul[part])
                 elif grad_w is not None:  # each chunk's G^T h in the autocast dtype, as an autocast head's dL/dW
                     grad_w += grad_logits.t() @ h_matmul[part]
             loss = loss / count
