@@ -591,7 +591,13 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
             f"found none for its data; set `tokenizer` in a run to put one in its checkpoints, or copy the data's "
             f"{tokenizer.name} there and report again)."
         )
-    task = trained_task(train_config)
+    try:
+        task = trained_task(train_config)
+    except ValueError as error:  # its file of problems gone (named relative to where the run started) or damaged
+        return (
+            f"## Samples\n\nNone: the run's task is not there to ask ({error}). Report from the folder the run started "
+            f"in, or talk to the model: `seekstack chat --model {checkpoint}`."
+        )
     if task is not None:
         return _task_answers(checkpoint, task, train_config)
     conversations_file = trained_conversations_file(run_dir, train_config)

@@ -318,6 +318,16 @@ def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run)
     assert f"`seekstack chat --model {sft_run / 'checkpoints' / 'step_2'}`" in samples and "```python" not in samples
 
 
+def test_report_of_a_run_on_a_file_of_problems_not_found_from_here_is_written_saying_why_it_has_no_samples(tmp_path):
+    """train_config.json holds `task` as given, relative to where the run started: a report from another folder
+    failed whole, "error: task 'problems.jsonl': no such file of problems ..."."""
+    records = [{"step": 2, "loss": 0.0, "reward": 0.5, "lr": 1e-3}]
+    run_dir = _post_training_run(tmp_path / "rl", {**RL_CONFIG, "task": "problems.jsonl", "difficulty": None}, records)
+    samples = write_report(run_dir).read_text().split("## Samples")[1]
+    assert "None: the run's task is not there to ask (task 'problems.jsonl': no such file of problems" in samples
+    assert f"`seekstack chat --model {run_dir / 'checkpoints' / 'step_2'}`" in samples
+
+
 def test_report_of_an_sft_run_with_a_val_data_file_answers_it_and_says_when_it_is_gone(sft_run):
     """With its data file gone the samples said none were left, though the held-out file was there; with the
     held-out file gone, they called the run one that 'holds none out'."""
