@@ -482,6 +482,11 @@ class Engine:
         # `_decode_step` skips the guard check for those alone.
         self._guarded_state: tuple[int, int, bool] | None = None
         self._guarded_shapes: set[torch.Size] = set()
+        # The one thread whose compiled decode steps may skip the guard check (`_decode_step`): torch's stance is
+        # process-wide, so a skip is sound only while no other thread calls compiled code. The main thread by default
+        # (`generate`, `chat`, the benches); `serve`'s engine thread, the only one that calls compiled code in its
+        # process, names itself (serve/bridge.py); None: no thread skips.
+        self.guard_skip_thread: threading.Thread | None = threading.main_thread()
         self.eager_lone_row = eager_lone_row
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
@@ -1153,16 +1158,15 @@ class Engine:
         - the input shape of a fully guarded call under the same `_graph_state` (the model unchanged here, no graph
           compiled in the process since, the same `cpu_kernels.set_enabled`);
         - no adapter loaded (its rows' selection is a branch of the graph);
-        - on the main thread: the skip is torch's process-wide stance, under which another thread's compiled call
-          skips its check too and one that needs a compile raises (a GRPO run's compiled training blocks beside
-          `async_rollouts`' rollout thread), so an engine stepped from a thread of its own (the rollouts', `serve`'s)
-          never skips.
+        - on `guard_skip_thread`: the skip is torch's process-wide stance, under which another thread's compiled call
+          skips its check too and one that needs a compile raises (a GRPO run's compiled training blocks on the main
+          thread beside `async_rollouts`' rollout thread, whose steps therefore never skip).
         Skipped, dynamo still checks the guards that tell its cached graphs apart (every input and buffer tensor's
         shape, dtype and device, the size guards, any guard that ever failed) and raises, before running anything,
         where none passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a
         module by hand) reaches a skipped step unchecked: give such a model a new engine."""
         if (
-            threading.current_thread() is threading.main_thread()
+            threading.current_thread() is self.guard_skip_thread
             and not self.lora.slots
             and self._graph_state() == self._guarded_state
             and input_ids.shape in self._guarded_shapes

@@ -147,7 +147,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step the engine on a thread of its own from now on. Its compiled decode steps skip dynamo's guard check
+        where the engine knows its answer: this thread is the only one in a server's process that calls compiled
+        code (the handlers parse, tokenize and render; adapter loads wait for the step lock and compile nothing)."""
         self._thread = threading.Thread(target=self._run, name="seekstack-engine", daemon=True)
+        self.engine.guard_skip_thread = self._thread
         self._thread.start()
 
     def stop(self) -> None:

@@ -809,11 +809,16 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
 ):
     """A compiled engine skips dynamo's guard check on a decode step shaped as a fully guarded one before it; its
     tokens stay the eager engine's, and a step after `cpu_kernels.set_enabled` or a LoRA load runs guarded (a graph
-    of its own), as do steps off the main thread. Skipped on every step, the adapter's rows ran through the graph
-    traced for base rows, and a step after the switch through the kernels' graph. The skipped guards are dynamo's
-    whatever compiles the graph: its eager backend spares the test inductor's compile."""
+    of its own), as do steps off the main thread, but for serve's engine thread, the only one in a server's process
+    that calls compiled code. Skipped on every step, the adapter's rows ran through the graph traced for base rows,
+    and a step after the switch through the kernels' graph. The skipped guards are dynamo's whatever compiles the
+    graph: its eager backend spares the test inductor's compile."""
+    import asyncio
+
     import seekstack.infer.engine as engine_module
     from seekstack.model import cpu_kernels
+    from seekstack.serve.bridge import AsyncEngine
+    from seekstack.serve.metrics import ServerMetrics
     from tests.adapters.support import write_random_adapter
 
     traced = lambda function: torch.compile(function, dynamic=True, backend="eager")  # noqa: E731
@@ -839,6 +844,19 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
     thread = threading.Thread(target=lambda: on_a_thread.append(same_tokens()))
     thread.start(), thread.join()
     assert on_a_thread == [0]
+    bridge, skipped_before = AsyncEngine(compiled, ServerMetrics("micro", 64)), len(skips)
+
+    async def served() -> list[int]:
+        return [token async for _, output in await bridge.submit(one, [greedy]) for token in output.token_ids]
+
+    bridge.start()
+    try:
+        served_tokens = asyncio.run(served())
+    finally:
+        bridge.stop()
+    [expected] = [completion.token_ids for completion in eager.generate(one, greedy)]
+    assert served_tokens == expected and len(skips) - skipped_before == 4  # all 4 (shape guarded above); was 0
+    compiled.guard_skip_thread = threading.main_thread()  # stepped from here again, as after a server's stop
     monkeypatch.setitem(cpu_kernels._switch, "on", False)  # cpu_kernels.set_enabled(False), undone after the test
     assert same_tokens() == 3
     for engine in (eager, compiled):
