@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import seekstack
-from seekstack.compress.heads import head_importance, prune_heads
+from seekstack.compress.heads import head_importance, prune_heads, refuse_too_few_heads
 from seekstack.compress.heal import heal
-from seekstack.compress.prune import gate_mass, prune_experts
+from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
 from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
@@ -53,6 +53,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     original, per_token = load_model_and_data(parser, args.model, args.data)
+    try:  # fractions that leave too few heads or experts: refused before calibrating, as `seekstack prune` does
+        refuse_too_few_heads(original.config.num_attention_heads, args.heads)
+    except ValueError as error:
+        parser.error(f"--heads: {error}")
+    try:
+        if args.experts:
+            refuse_too_few_kept(original.config, args.experts)
+    except ValueError as error:
+        parser.error(f"--experts: {error}")
     context = original.config.max_position_embeddings
     calibration = held_out_batches(args.data, context, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)

@@ -37,14 +37,7 @@ def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(s
 
 
 def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
-    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
-
-    write_train_shard(tmp_path / "shards")
-    shards = tmp_path / "shards"  # the same tokens as the val split
-    (shards / "val_00000.bin").write_bytes((shards / "train_00000.bin").read_bytes())
-    (shards / "val_index.json").write_text((shards / "train_index.json").read_text().replace("train", "val"))
-    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "model")
-    options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "shards"), "--adaptive-bits", "4.2"]
+    options = [*micro_model_and_shards(tmp_path), "--adaptive-bits", "4.2"]
     run = run_in_process("quantize.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert "Traceback" not in run.stderr
@@ -52,3 +45,35 @@ def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measu
         "quantize.py: error: --adaptive-bits 4.2: a budget of 4.2 bits per weight is below the smallest assignment "
         "(4.601 bits per weight: each layer at the smallest option its shapes allow)"
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "fraction", "said"),
+    [
+        ("--heads", "1", "--heads: pruning 1 of the attention heads leaves none of 2 per layer: prune 0.5 of them"),
+        ("--experts", "0.5", "--experts: pruning 0.5 of the routed experts leaves 1 of 2 in each of the 2 routing"),
+    ],
+)
+def test_a_prune_fraction_that_leaves_too_few_is_refused_before_calibrating(
+    option, fraction, said, tmp_path, monkeypatch, capsys
+):
+    """bench/prune.py took them and ended in the ValueError's traceback from pruning, after calibrating and after
+    healing the unpruned control (`seekstack prune` refuses them before reading the model)."""
+    options = [*micro_model_and_shards(tmp_path), option, fraction]
+    run = run_in_process("prune.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1].startswith(f"prune.py: error: {said}")
+
+
+def micro_model_and_shards(tmp_path) -> list[str]:
+    """--model and --data of a micro checkpoint (2 heads, 2 groups of 2 routed experts) and train and val shards of
+    the same tokens."""
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    shards = tmp_path / "shards"
+    write_train_shard(shards)
+    (shards / "val_00000.bin").write_bytes((shards / "train_00000.bin").read_bytes())
+    (shards / "val_index.json").write_text((shards / "train_index.json").read_text().replace("train", "val"))
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "model")
+    return ["--model", str(tmp_path / "model"), "--data", str(shards)]
