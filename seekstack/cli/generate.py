@@ -285,10 +285,14 @@ def generate_command(
             refuse_nothing_to_continue(Tokenizer.from_file(tokenizer or model).encode_prompt(""), from_stdin, ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
+        encoder = engine.tokenizer
         if chat:
             tell_base_model(engine, model, tokenizer, adapter)
-            params = ending_at_special_tokens(params, engine.tokenizer)
-        encoder = engine.tokenizer
+            params = ending_at_special_tokens(params, encoder)
+            for text, named in ((system or "", "the system prompt"), (prompt, "the prompt")):
+                forged = encoder.special_token_in(text)
+                if forged:  # named as chat names it: encode_chat would say "chat message 0", which none was called
+                    raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
         system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (
             encoder.encode_chat([*system_turn, {"role": "user", "content": prompt}])
