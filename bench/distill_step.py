@@ -27,7 +27,7 @@ from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from options import check_context, checkpoint_folder, positive_int, token_shards
+from options import check_context, checkpoint_folder, learning_rate, positive_int, token_shards
 from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=learning_rate, default=1e-4)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error(f"--steps {args.steps}: at least 2, the first step (warm-up) is not timed")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options import checkpoint_folder, positive_int
+from options import checkpoint_folder, learning_rate, positive_int
 
 from seekstack.infer import Engine
 from seekstack.posttrain.config import GRPOConfig
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--steps", type=positive_int, default=150)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=learning_rate, default=5e-5)
     parser.add_argument("--window", type=positive_int, default=30, help="steps per row of the table")
     parser.add_argument("--out", type=Path, default=Path("runs/dr_grpo"))
     args = parser.parse_args()

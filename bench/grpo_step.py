@@ -37,7 +37,7 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from options import positive_int
+from options import learning_rate, positive_int
 from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=positive_int, default=2)
     parser.add_argument("--generations", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=learning_rate, default=1e-5)
     parser.add_argument(
         "--compile-decode", choices=["true", "false"], default="true", help="rl's compile_decode for our rollouts"
     )

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from options import check_context, checkpoint_folder, non_negative_int, positive_int, token_shards
+from options import check_context, checkpoint_folder, learning_rate, non_negative_int, positive_int, token_shards
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
@@ -428,8 +428,12 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=256)
-    parser.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-2, 3e-2], help="each LoRA variant's lrs")
-    parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the full fine-tune's")
+    parser.add_argument(
+        "--lora-lrs", type=learning_rate, nargs="+", default=[1e-2, 3e-2], help="each LoRA variant's lrs"
+    )
+    parser.add_argument(
+        "--full-lrs", type=learning_rate, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the full fine-tune's"
+    )
     parser.add_argument("--eval-batches", type=non_negative_int, default=0, help="validation batches measured; 0 = all")
     parser.add_argument("--seed", type=int, default=0, help="training seed (a new --out per seed: runs are cached)")
     parser.add_argument("--variants", nargs="+", default=["base", *LORA_VARIANTS, "full"], help="what to measure")

@@ -4,6 +4,7 @@ Every bench imports it, and with it ctrl_c.py: how Ctrl-C ends one run as a scri
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,15 +49,28 @@ def number_between(least: float, most: float) -> Callable[[str], float]:
     of range is refused by name before any work, not met in a traceback (or a result row of nan) after it."""
 
     def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = _number(text)
         if not least <= value <= most:  # nan is in no range
             raise argparse.ArgumentTypeError(f"{value:g}: a number from {least:g} to {most:g}")
         return value
 
     return number
+
+
+def learning_rate(text: str) -> float:
+    """An argparse type for a learning rate: a finite number of at least 0, so that nan, inf or a negative one is
+    refused by name before any work, not in the trainer's ConfigError traceback (field 'lr') once a run is under way."""
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{value:g}: a finite number of at least 0")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def whole_number(text: str, least: int, why: str = "") -> int:

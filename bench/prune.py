@@ -29,7 +29,7 @@ from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from options import load_model_and_data, non_negative_int, number_between, positive_int
+from options import learning_rate, load_model_and_data, non_negative_int, number_between, positive_int
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--heads", type=fraction, default=0.25, help="fraction of attention heads removed per layer")
     parser.add_argument("--experts", type=fraction, default=0.25, help="fraction of routed experts removed per layer")
     parser.add_argument("--heal-steps", type=non_negative_int, default=25, help="0: no healed rows")
-    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-lr", type=learning_rate, default=1e-4)
     parser.add_argument(
         "--heal-batch-size", type=positive_int, default=8, help="healing: sequences of 256 tokens per step"
     )

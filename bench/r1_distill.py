@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, positive_int
+from options import checkpoint_folder, learning_rate, positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--samples", type=positive_int, default=2, help="teacher samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
     parser.add_argument("--sft-steps", type=positive_int, default=150)
-    parser.add_argument("--grpo-lr", type=float, default=5e-5)
+    parser.add_argument("--grpo-lr", type=learning_rate, default=5e-5)
     parser.add_argument("--chunk", type=positive_int, default=20, help="GRPO steps between budget checks")
     parser.add_argument("--out", type=Path, default=Path("runs/r1_distill"))
     args = parser.parse_args()

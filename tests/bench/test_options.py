@@ -201,6 +201,13 @@ def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_ref
         ("prune.py", "--experts", "-1", "-1: a number from 0 to 1"),  # RuntimeError: selected index k out of range
         ("prune.py", "--heads", "half", "'half' is not a number"),
         ("quantize.py", "--adaptive-bits", "nan", "nan: a number from 0 to 32"),  # a row "adaptive nan bits"
+        # ConfigError: field 'lr' has value nan, after calibrating (prune.py) or in the first run
+        ("prune.py", "--heal-lr", "nan", "nan: a finite number of at least 0"),
+        ("grpo_step.py", "--lr", "inf", "inf: a finite number of at least 0"),
+        ("distill_step.py", "--lr", "-0.001", "-0.001: a finite number of at least 0"),
+        ("dr_grpo.py", "--lr", "fast", "'fast' is not a number"),
+        ("r1_distill.py", "--grpo-lr", "nan", "nan: a finite number of at least 0"),
+        ("lora_domain.py", "--full-lrs", "nan", "nan: a finite number of at least 0"),
     ],
 )
 def test_a_number_out_of_its_range_is_refused_naming_the_option(script, option, given, said, monkeypatch, capsys):
