@@ -80,11 +80,17 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
             store, _, _ = next(dist.rendezvous("env://"))
         except dist.DistNetworkError as error:  # started by hand: rank 0's port taken, or no rank 0 at the address
             address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            advice = (  # rank 0 could not serve the store; another rank did not reach it (torch's 30 minutes)
+                "give a MASTER_PORT no other process on rank 0's machine listens at (a run started before may still "
+                "hold it: a process that trained as rank 0 by hand holds it until it exits) and a MASTER_ADDR every "
+                "rank reaches that machine at"
+                if rank == 0
+                else "start rank 0 with the same MASTER_PORT (it was not started, or has ended) and give a MASTER_ADDR "
+                "this machine reaches rank 0's at"
+            )
             raise ConnectionError(
                 f"rank {rank}: the ranks' store at MASTER_ADDR:MASTER_PORT ({address}), which rank 0 serves, failed: "
-                f"{error}; give a MASTER_PORT no other process on rank 0's machine listens at (a run started before "
-                "may still hold it) and a MASTER_ADDR every rank reaches that machine at, or start the run with "
-                "torchrun, which picks a free port"
+                f"{str(error).rstrip('.')}; {advice}, or start the run with torchrun, which picks a free port"
             ) from None
         # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. Freed with its
         # group, it was still up for a rank already at the next run's join, which then lost it ("Failed to recv");

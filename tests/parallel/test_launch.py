@@ -166,3 +166,26 @@ def test_a_master_port_another_process_listens_at_is_refused_by_the_command_nami
         "The server socket has failed to listen"
     ), result.output
     assert "give a MASTER_PORT no other process on rank 0's machine listens at" in result.output
+
+
+def test_a_rank_that_does_not_reach_rank_0s_store_is_told_to_start_rank_0_not_to_free_a_port(
+    tmp_path, monkeypatch, torchrun_environment
+):
+    """Rank 1 started by hand that met no rank 0 at MASTER_ADDR:MASTER_PORT within torch's 30 minutes was told to give
+    a MASTER_PORT no other process listens at, rank 0's advice, after torch's own sentence ('...29500).;')."""
+    import torch.distributed as dist
+
+    timed_out = "The client socket has timed out after 1800000ms while trying to connect to (127.0.0.1, 29500)."
+
+    def not_reached(url):
+        raise dist.DistNetworkError(timed_out)
+
+    monkeypatch.setattr(dist, "rendezvous", not_reached)
+    torchrun_environment(1, LOCAL_RANK=None, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
+    assert (result.exit_code, result.output) == (
+        1,
+        "error (rank 1): rank 1: the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:29500), which rank 0 serves, "
+        f"failed: {timed_out[:-1]}; start rank 0 with the same MASTER_PORT (it was not started, or has ended) and give "
+        "a MASTER_ADDR this machine reaches rank 0's at, or start the run with torchrun, which picks a free port\n",
+    )
