@@ -168,12 +168,14 @@ def traces_command(
 ) -> None:
     """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
+    from seekstack.atomic import refuse_a_file_in_the_way
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import trace_problems, verified_traces
 
     with user_errors(), nothing_written_if_interrupted(out):
         if out.is_dir():
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
+        refuse_a_file_in_the_way(out.parent, out.name)  # before the minutes of sampling, not when they are written
         with options_named():
             sampled_task = _options_task(task, difficulty)
             with _problems_asked():

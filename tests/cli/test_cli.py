@@ -396,6 +396,20 @@ def test_pass_at_k_and_traces_name_a_temperature_out_of_range_by_its_value_as_sa
         assert f"Invalid value for '--temperature': has value {problem}" in result.stderr
 
 
+def test_traces_refuses_an_out_under_a_file_before_sampling(tmp_path, monkeypatch):
+    """--out notes.txt/traces.jsonl, notes.txt a file, was refused only when the traces were written, after the
+    minutes of sampling them."""
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before --out was checked")
+
+    monkeypatch.setattr("seekstack.posttrain.distill.trace_problems", sampled)
+    (tmp_path / "notes.txt").write_text("")
+    result = run("traces", str(model_dir(tmp_path / "model")), "--out", str(tmp_path / "notes.txt" / "traces.jsonl"))
+    assert result.exit_code == 1
+    assert f"error: {tmp_path / 'notes.txt'}: is a file, not a folder; choose another output folder" in result.stderr
+
+
 def test_sample_refuses_an_empty_prompt_by_its_option_and_its_place_among_those_given(tmp_path):
     """Was "error: prompt 0 of 2: empty prompt: give at least one token" for one prompt given: the engine's count of
     the greedy and the sampled copies."""
