@@ -26,6 +26,7 @@ from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import extract_answer
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
 from seekstack.posttrain.tasks import Problem, make_task, sample_problems
+from seekstack.posttrain.tasks.base import HELDOUT_PERCENT
 from seekstack.posttrain.tasks.problems_file import is_problems_file
 from seekstack.tokenizer import EOS, Tokenizer
 
@@ -125,11 +126,17 @@ def reasoning_docs(
     it has fewer: multiplication 79): the chat prompt (R1 system prompt, the question, the assistant turn opened) and
     what the verifier needs to rebuild the problem."""
     task = make_task(task_name, difficulty)
-    return [
+    docs = [
         {"prompt": tokenizer.render_chat(prompt_messages(p)), "key": p.key, "question": p.question,
          "answer": p.answer, "data": json.dumps(p.data)}
         for p in sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
     ]  # fmt: skip
+    if not docs:  # lm_eval reads a task's first document as it builds the task: an IndexError traceback
+        raise ValueError(
+            f"task {task.name} has no held-out problem to evaluate: a problem is held out by its key's hash (about "
+            f"{HELDOUT_PERCENT}% of them), and none of its problems is; give it more problems"
+        )
+    return docs
 
 
 def _verified(task_name: str, reply_opening: str, difficulty: int | None):  # type: ignore[no-untyped-def]

@@ -416,6 +416,16 @@ def test_reasoning_task_scores_the_verified_answer_after_the_think_block(checkpo
     assert score(doc, [doc["answer"]]) == {"exact_match": 0.0}  # no think block: not in the R1 format
 
 
+def test_a_reasoning_task_with_no_held_out_problem_is_refused_naming_it(checkpoint, tmp_path):
+    """A problems file whose questions all hash to the train split (two of them, often) gave lm_eval a task of no
+    documents, and `seekstack eval` ended in its IndexError traceback ('Invalid key: 0 is out of bounds for size 0')."""
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"question": "1+1=？", "answer": "2"}\n{"question": "3+4", "answer": "7"}\n', encoding="utf-8")
+    tokenizer = Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match=rf"^task {re.escape(str(problems))} has no held-out problem to evaluate"):
+        task_configs(None, (f"reason_{problems}",), tokenizer=tokenizer)
+
+
 def test_reasoning_task_needs_no_corpus_and_code_tasks_do(checkpoint):
     tokenizer = Tokenizer.from_file(checkpoint)
     assert [c["task"] for c in task_configs(None, ("reason_addition",), tokenizer=tokenizer)] == ["reason_addition"]
