@@ -21,12 +21,15 @@ from tests.serve.server import error_of, make_model_dir, run, running_server
 
 MODEL = "model"
 GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+# a reply still running when /metrics is read: 200 tokens ran out in ~1-2 s under load, before a scrape (~0.3 s each
+# beside a stream then) saw it, in 1 run of 16; a reply this long runs ~10x longer, and its request ends once closed
+LONG_REPLY = 2000
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    model_dir = make_model_dir(root)
+    model_dir = make_model_dir(root, max_position_embeddings=LONG_REPLY + 16)
     adapters = {name: write_random_adapter(model_dir, root / name, seed) for name, seed in (("legal", 1), ("poem", 2))}
     database = root / "serve.db"
     keys = KeyStore(open_database(database))
@@ -83,7 +86,8 @@ def adapters_in_use_once_the_metrics_say(api: openai.OpenAI, running: str) -> di
 
 def test_metrics_name_the_adapters_requests_use_as_vllms_lora_requests_info(served):
     api, _, _ = served
-    stream = api.completions.create(model="poem", prompt="The quick", stream=True, **{**GREEDY, "max_tokens": 200})
+    long = {**GREEDY, "max_tokens": LONG_REPLY}
+    stream = api.completions.create(model="poem", prompt="The quick", stream=True, **long)
     next(iter(stream))  # the request runs
     during = adapters_in_use_once_the_metrics_say(api, "poem")
     stream.close()
