@@ -327,14 +327,13 @@ def _require_training_documents(corpus: Path, purpose: str) -> None:
 
 
 def _refuse_a_folder_of_other_files(out: Path) -> None:
-    """FileExistsError, before any training, when the tokenizer's folder is a file or holds files besides a
-    tokenizer's: a checkpoint there would keep its weights and get a tokenizer its model was not trained with."""
-    from seekstack.atomic import entries_besides
+    """An error, before any training, when the tokenizer's folder is a file or lies under one, or holds files besides
+    a tokenizer's: a checkpoint there would keep its weights and get a tokenizer its model was not trained with."""
+    from seekstack.atomic import entries_besides, refuse_a_file_in_the_way
     from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, TOKENIZER_FILE, tokenizer_json_path
 
     folder = tokenizer_json_path(out).parent
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder}: is a file, not a folder; nothing was written")
+    refuse_a_file_in_the_way(folder, f"{TOKENIZER_FILE} and {CONFIG_FILE}")
     others = entries_besides(folder, (TOKENIZER_FILE, CONFIG_FILE, CHAT_TEMPLATE_FILE))  # the last: transformers 5's
     if others:
         raise FileExistsError(

@@ -620,6 +620,22 @@ def test_tokenizer_train_names_the_file_it_wrote(tmp_path, out):
     assert result.stdout.startswith(f"wrote {tmp_path / 'tok' / 'tokenizer.json'}: ")
 
 
+@pytest.mark.parametrize("out", ["notes.txt", "notes.txt/tok"])
+def test_tokenizer_train_refuses_an_out_that_is_or_lies_under_a_file_before_training(tmp_path, out):
+    """--out notes.txt/tok failed once BPE had trained, in a bare "error: [Errno 20] Not a directory: ..."."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"id": "0", "text": "def f(x):\n    return x\n"}) + "\n")
+    (tmp_path / "notes.txt").write_text("")
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert f"error: {tmp_path / 'notes.txt'}: is a file, not a folder" in result.stderr
+    assert "choose another output folder for tokenizer.json and tokenizer_config.json (nothing was written)" in (
+        result.stderr
+    )
+
+
 def test_tokenizer_train_refuses_a_folder_holding_other_files_and_replaces_an_earlier_tokenizer(tmp_path):
     test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path)
     checkpoint = tmp_path / "checkpoint"  # a model folder: its config beside the tokenizer it was trained with
