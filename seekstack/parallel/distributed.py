@@ -7,7 +7,6 @@ and keeps its own rows, so the global batch, and the loss, are those of one proc
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import socket
 import tempfile
@@ -31,7 +30,6 @@ from seekstack.schema import ConfigError
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 Result = TypeVar("Result")
 _joined = False  # whether init_distributed joined the process group now initialized (not its caller), for shutdown
-_join_numbers = itertools.count()  # of this process's groups: each one's keys in the store apart from the last one's
 _store: dist.Store | None = None  # the last group's rendezvous store, held past it (see init_distributed's join)
 
 
@@ -99,8 +97,10 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
         # torch names a group's keys by a count that destroy_process_group restarts, and torchrun's store (its agent's)
         # outlives the group: the next run in this process read the last one's keys, a rank connecting to the other's
         # old address (gloo's "Connection refused"). Ranks agree on a group by their counts, as torch's new_group does:
-        # every rank must join as often as the others.
-        group = next(_join_numbers)
+        # every rank must join as often as the others. Each rank's joins are counted in the store, not in its process:
+        # a rank started afresh joins the group of a rank 0 that trained before, and a store started afresh (another
+        # MASTER_PORT, rank 0 started afresh) counts every rank's from 0.
+        group = store.add(f"seekstack_joins_of_rank_{rank}", 1) - 1
         keys = dist.PrefixStore(f"seekstack_group_{group}", store)
         try:
             dist.init_process_group(_backend(cuda, cpu_collectives), store=keys, rank=rank, world_size=world_size)

@@ -731,6 +731,24 @@ def test_a_rank_whose_peers_do_not_join_its_group_in_time_is_told_why_they_may_n
     assert not dist.is_initialized()
 
 
+def test_a_rank_counts_its_groups_in_the_store_the_ranks_meet_in_not_in_its_process(monkeypatch, torchrun_environment):
+    """A process that trained by hand joined the next store it met (at another MASTER_PORT, or of a rank 0 started
+    afresh) at its own count of groups, 2 after two runs, where the ranks started afresh there waited in group 0: each
+    rank waited 30 minutes for the others. Likewise a rank started afresh against a rank 0 that trained before."""
+    from seekstack.parallel import distributed
+
+    monkeypatch.setattr(distributed, "_joined", False)  # restored after the test, as `_store`: no group is made here
+    monkeypatch.setattr(distributed, "_store", None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, store, rank, world_size: store.set("joined", ""))
+    torchrun_environment(1, LOCAL_RANK=None, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    before, afresh = dist.HashStore(), dist.HashStore()
+    for store in (before, before, afresh):
+        monkeypatch.setattr(dist, "rendezvous", lambda url, store=store: iter([(store, 1, 2)]))
+        distributed.init_distributed()
+    assert before.check(["seekstack_group_0/joined", "seekstack_group_1/joined"])
+    assert afresh.check(["seekstack_group_0/joined"]) and not afresh.check(["seekstack_group_2/joined"])
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
 )
