@@ -77,7 +77,13 @@ def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
     from seekstack.eval.report import trained_conversations_file, trained_task
 
     run, train_config = _train_config(checkpoint)
-    task = trained_task(train_config)
+    try:
+        task = trained_task(train_config)
+    except ValueError as error:  # its file of problems gone (named relative to where the run started) or damaged
+        raise ValueError(
+            f"the run's task is not there to ask ({error}): sample from the folder the run started in, or give the "
+            "prompts (--prompt)"
+        ) from None
     path = trained_conversations_file(run, train_config)
     if task is not None:
         problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)  # as report's

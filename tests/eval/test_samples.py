@@ -87,6 +87,15 @@ def test_a_lora_run_on_conversations_is_reported_and_prompted_as_one_not_as_toke
     assert _data(tmp_path / "lora", train_config) == f"## Data\n\nConversations from `{tmp_path / 'chats.jsonl'}`."
 
 
+def test_a_run_on_a_file_of_problems_not_found_from_here_is_refused_naming_the_way_on(tmp_path):
+    """train_config.json holds `task` as given, relative to where the run started: sample from elsewhere was refused
+    with the task's own error alone, naming no way on."""
+    checkpoint = micro_checkpoint(tmp_path / "rl" / "checkpoints" / "step_2")
+    (tmp_path / "rl" / "train_config.json").write_text(json.dumps({"task": "problems.jsonl", "num_generations": 4}))
+    with pytest.raises(ValueError, match=r"^the run's task is not there to ask \(task 'problems.jsonl': no such file"):
+        run_prompts(checkpoint)
+
+
 def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, monkeypatch):
     checkpoint = _run(tmp_path, [("prose/en", LICENSE)])
     tiny_tokenizer(checkpoint)  # report samples a checkpoint holding its tokenizer, else says it has none
