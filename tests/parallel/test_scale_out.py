@@ -529,8 +529,8 @@ def _join_twice_by_hand_rank_0_leaving_last(rank: int, world_size: int, port: in
     for run in range(2):
         ranks = init_distributed()
         total = all_reduce_sum(torch.ones(1), ranks).item()
-        if rank == 0:
-            time.sleep(0.5)  # rank 1 is at the next run's join meanwhile
+        if rank == 0 and run == 0:
+            time.sleep(0.5)  # rank 1 is at the second run's join meanwhile
         shutdown(ranks)
         results[rank, run] = total
 
