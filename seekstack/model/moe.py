@@ -83,7 +83,8 @@ class Router(Float32Buffers):
         assert config.n_routed_experts and config.num_experts_per_tok
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.topk_method, self.scoring_func = config.topk_method, config.scoring_func
-        self.n_group, self.topk_group = config.n_group or 1, config.topk_group or 1
+        grouped = self.topk_method != "greedy"  # greedy picks among all experts, whatever n_group/topk_group say
+        self.n_group, self.topk_group = (config.n_group or 1, config.topk_group or 1) if grouped else (1, 1)
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if self.topk_method == "noaux_tc":
@@ -109,16 +110,15 @@ class Router(Float32Buffers):
         A decode step's few rows take one C++ call (`route_rows`) that picks as these ops do, with torch.topk's own
         loop (the same ties, the same order): they are a dozen ops of ~1-3 us each, ~25 of a one-token MoE's ~110."""
         bias = self.e_score_correction_bias if self.topk_method == "noaux_tc" else None
-        groups = self.n_group if self.topk_method != "greedy" else 1
         if (
             not scores.requires_grad
             and scores.shape[0] <= cpu_kernels.MAX_TOKENS
             and cpu_kernels.elementwise_takes(scores)
         ):
             top2 = self.topk_method == "noaux_tc"
-            return torch.ops.seekstack.route_rows(scores, bias, groups, self.topk_group, top2, self.top_k)
+            return torch.ops.seekstack.route_rows(scores, bias, self.n_group, self.topk_group, top2, self.top_k)
         choice = scores if bias is None else scores + bias
-        if groups > 1:
+        if self.n_group > 1:
             choice = self.limit_to_groups(choice)
         return choice.topk(self.top_k, dim=-1, sorted=False).indices
 

@@ -339,28 +339,41 @@ def test_group_score_is_top2_sum_for_v3_and_max_for_v2(method, chosen_group):
 
 
 @pytest.mark.parametrize(
-    "method, experts, groups, kept_groups, top_k",
+    "method, scoring, experts, groups, kept_groups, top_k",
     [
-        ("noaux_tc", 8, 2, 1, 2),
-        ("noaux_tc", 64, 8, 3, 8),
-        ("group_limited_greedy", 16, 4, 2, 3),
-        ("greedy", 8, 1, 1, 2),
+        ("noaux_tc", "sigmoid", 8, 2, 1, 2),  # V3: a group's top-2 summed, the bias in the choice
+        ("noaux_tc", "sigmoid", 64, 8, 3, 8),
+        ("noaux_tc", "softmax", 16, 4, 4, 6),  # every group kept
+        ("noaux_tc", "sigmoid", 8, 1, 1, 3),  # one group
+        ("group_limited_greedy", "softmax", 16, 4, 2, 3),  # V2: a group's best
+        ("group_limited_greedy", "sigmoid", 16, 1, 1, 4),
+        ("greedy", "softmax", 8, 1, 1, 2),
+        ("greedy", "softmax", 16, 8, 4, 5),  # greedy ignores the groups it is given
     ],
 )
-def test_a_few_rows_route_in_one_kernel_call_to_the_experts_torchs_ops_pick_ties_and_order_included(
-    method, experts, groups, kept_groups, top_k
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_rows_route_in_one_kernel_call_as_torchs_ops_do_in_every_routing_setting(
+    method, scoring, experts, groups, kept_groups, top_k, dtype
 ):
+    """Routing.experts, weights and scores of up to MAX_TOKENS rows from route_rows equal torch's ops' bitwise: ties
+    (inputs on a grid), their order, NaN rows, the bias, norm_topk_prob on and off, the scaling, a bfloat16 router."""
     assert cpu_kernels.available()
+    normalise = method != "greedy"  # norm_topk_prob and routed_scaling_factor on, or off
     config = micro_config(
-        n_routed_experts=experts, num_experts_per_tok=top_k, n_group=groups, topk_group=kept_groups, topk_method=method
-    )
-    router = Router(config)
-    if method == "noaux_tc":
-        router.e_score_correction_bias.copy_(torch.randn(experts) / 100)
-    torch.manual_seed(0)
-    scores = torch.rand(200, cpu_kernels.MAX_TOKENS, experts)
-    scores[::2] = (scores[::2] * 4).round() / 4  # ties within and across groups
-    scores[3, 0, 1] = float("nan")  # torch.topk takes NaN as the largest
+        n_routed_experts=experts, num_experts_per_tok=top_k, n_group=groups, topk_group=kept_groups,
+        topk_method=method, scoring_func=scoring, norm_topk_prob=normalise,
+        routed_scaling_factor=2.5 if normalise else 1.0,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    router = Router(config).to(dtype)
+    with torch.no_grad():
+        router.weight.copy_(torch.randint(-2, 3, router.weight.shape, generator=generator) / 4)
+        if method == "noaux_tc":  # on a grid too, so that biased choices tie
+            router.e_score_correction_bias.copy_(torch.randint(-2, 3, (experts,), generator=generator) / 64)
+    x = torch.randn(40, cpu_kernels.MAX_TOKENS, config.hidden_size, generator=generator)
+    x[::2] = x[::2].round()  # ties within and across groups
+    x[3, 0] = float("nan")  # a NaN row: every score NaN, torch.topk takes NaN as the largest
+    x[5, 1, 7] = float("nan")
     called = []
 
     class Calls(TorchDispatchMode):
@@ -368,16 +381,19 @@ def test_a_few_rows_route_in_one_kernel_call_to_the_experts_torchs_ops_pick_ties
             called.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    for rows in scores:
-        with Calls():
-            chosen = router.select(rows)
+    for rows in x.to(dtype):
+        with torch.no_grad(), Calls():
+            by_kernel = router(rows)
         cpu_kernels.set_enabled(False)
         try:
-            by_torch = router.select(rows)
+            with torch.no_grad():
+                by_torch = router(rows)
         finally:
             cpu_kernels.set_enabled(True)
-        assert torch.equal(chosen, by_torch)
-    assert set(called) == {"seekstack.route_rows.default"}
+        assert torch.equal(by_kernel.experts, by_torch.experts)
+        for got, expected in ((by_kernel.weights, by_torch.weights), (by_kernel.scores, by_torch.scores)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert "seekstack.route_rows.default" in called and "aten.topk.default" not in called
 
 
 def test_routing_never_leaves_the_chosen_groups():
