@@ -80,8 +80,8 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
             address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             advice = (  # rank 0 could not serve the store; another rank did not reach it (torch's 30 minutes)
                 "give a MASTER_PORT no other process on rank 0's machine listens at (a run started before may still "
-                "hold it: a process that trained as rank 0 by hand holds it until it exits) and a MASTER_ADDR every "
-                "rank reaches that machine at"
+                "hold it: a process that trained as rank 0 by hand holds it until it exits; or another rank of this "
+                "run was given RANK=0 too) and a MASTER_ADDR every rank reaches that machine at"
                 if rank == 0
                 else "start rank 0 with the same MASTER_PORT (it was not started, or has ended) and give a MASTER_ADDR "
                 "this machine reaches rank 0's at"

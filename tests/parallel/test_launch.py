@@ -166,6 +166,7 @@ def test_a_master_port_another_process_listens_at_is_refused_by_the_command_nami
         "The server socket has failed to listen"
     ), result.output
     assert "give a MASTER_PORT no other process on rank 0's machine listens at" in result.output
+    assert "or another rank of this run was given RANK=0 too" in result.output  # the same command started twice
 
 
 def test_a_rank_that_does_not_reach_rank_0s_store_is_told_to_start_rank_0_not_to_free_a_port(
