@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, learning_rate, positive_int
+from options import checkpoint_folder, learning_rate, number_between, positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
@@ -92,7 +92,12 @@ def main() -> None:
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--prompts", type=positive_int, default=2000, help="training problems the teacher samples on")
     parser.add_argument("--samples", type=positive_int, default=2, help="teacher samples per problem")
-    parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
+    parser.add_argument(
+        "--temperature",
+        type=number_between(0, 100),
+        default=1.0,
+        help="the teacher's sampling temperature, 0 (greedy) to 100 as the engine takes it",
+    )
     parser.add_argument("--sft-steps", type=positive_int, default=150)
     parser.add_argument("--grpo-lr", type=learning_rate, default=5e-5)
     parser.add_argument("--chunk", type=positive_int, default=20, help="GRPO steps between budget checks")

@@ -208,6 +208,7 @@ def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_ref
         ("dr_grpo.py", "--lr", "fast", "'fast' is not a number"),
         ("r1_distill.py", "--grpo-lr", "nan", "nan: a finite number of at least 0"),
         ("lora_domain.py", "--full-lrs", "nan", "nan: a finite number of at least 0"),
+        ("r1_distill.py", "--temperature", "nan", "nan: a number from 0 to 100"),  # SamplingParams' ValidationError
     ],
 )
 def test_a_number_out_of_its_range_is_refused_naming_the_option(script, option, given, said, monkeypatch, capsys):
