@@ -671,7 +671,11 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
             return squares + x0 * x0 + x1 * x1;
           },
           [&](float squares, int64_t d) { return squares + float(xs[d]) * float(xs[d]); });
-      const float r = 1.f / std::sqrt(sum / D + static_cast<float>(eps));
+      // a row whose squares overflow float32 (values past ~1e19: an adapter's huge lora_alpha) has no scale: NaN, not
+      // 1 / sqrt(inf) = 0, whose all-zero row read as a plain one; the NaN reaches its logits, and the engine ends it
+      const float mean_square = sum / D;
+      const float r = std::isinf(mean_square) ? std::numeric_limits<float>::quiet_NaN()
+                                              : 1.f / std::sqrt(mean_square + static_cast<float>(eps));
       rstd_data[row] = r;
       over_row(
           D,
@@ -876,15 +880,22 @@ void topk_indices(const float* values, int64_t n, int64_t k, int64_t* indices) {
 // ops pick them.
 at::Tensor route_rows(const at::Tensor& scores, const std::optional<at::Tensor>& bias, int64_t n_group,
                       int64_t topk_group, bool group_top2, int64_t top_k) {
-  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "route_rows: scores must be (N, E) float32");
-  const int64_t N = scores.size(0), E = scores.size(1), width = n_group >= 1 ? E / n_group : 0;
-  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && (!group_top2 || n_group == 1 || width >= 2) && topk_group >= 1 &&
-                  topk_group <= n_group && top_k >= 1 && top_k <= E,
-              "route_rows: ", top_k, " of ", E, " experts in ", topk_group, " of ", n_group, " groups");
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat,
+              "route_rows: scores must be (N, E) float32, not ", scores.scalar_type(), " ", scores.sizes());
+  const int64_t N = scores.size(0), E = scores.size(1);
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0, "route_rows: n_group ", n_group, " does not divide the ", E,
+              " experts");
+  const int64_t width = E / n_group;
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "route_rows: topk_group ", topk_group,
+              " is not between 1 and n_group ", n_group);
+  TORCH_CHECK(!group_top2 || n_group == 1 || width >= 2,
+              "route_rows: a group's top-2 sum needs 2 experts a group, not ", width);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "route_rows: top_k ", top_k, " is not between 1 and the ", E, " experts");
   const at::Tensor scores_c = scores.contiguous();
   at::Tensor bias_c;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == E, "route_rows: bias must be (E,) float32");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == E, "route_rows: bias must be (", E,
+                ",) float32, not ", bias->scalar_type(), " ", bias->sizes());
     bias_c = bias->contiguous();
   }
   at::Tensor experts = at::empty({N, top_k}, scores.options().dtype(at::kLong));

@@ -396,6 +396,35 @@ def test_a_few_rows_route_in_one_kernel_call_as_torchs_ops_do_in_every_routing_s
     assert "seekstack.route_rows.default" in called and "aten.topk.default" not in called
 
 
+@pytest.mark.parametrize(
+    "scores, bias, groups, kept_groups, top_k, message",
+    [
+        (
+            torch.rand(2, 8, dtype=torch.bfloat16),
+            None,
+            2,
+            1,
+            2,
+            r"scores must be \(N, E\) float32, not BFloat16 \[2, 8\]",
+        ),
+        (torch.rand(8), None, 2, 1, 2, r"scores must be \(N, E\) float32, not Float \[8\]"),
+        (torch.rand(2, 8), None, 3, 1, 2, "n_group 3 does not divide the 8 experts"),
+        (torch.rand(2, 8), None, 0, 1, 2, "n_group 0 does not divide the 8 experts"),
+        (torch.rand(2, 8), None, 2, 3, 2, "topk_group 3 is not between 1 and n_group 2"),
+        (torch.rand(2, 8), torch.zeros(8), 8, 1, 2, "a group's top-2 sum needs 2 experts a group, not 1"),
+        (torch.rand(2, 8), None, 1, 1, 9, "top_k 9 is not between 1 and the 8 experts"),
+        (torch.rand(2, 8), torch.zeros(4), 2, 1, 2, r"bias must be \(8,\) float32, not Float \[4\]"),
+        (torch.rand(2, 8), torch.zeros(8, dtype=torch.float64), 2, 1, 2, r"bias must be \(8,\) float32, not Double"),
+    ],
+)
+def test_the_routing_kernel_refuses_inputs_it_cannot_route_naming_the_one_at_fault(
+    scores, bias, groups, kept_groups, top_k, message
+):
+    assert cpu_kernels.available()
+    with pytest.raises(RuntimeError, match="route_rows: " + message):
+        torch.ops.seekstack.route_rows(scores, bias, groups, kept_groups, bias is not None, top_k)
+
+
 def test_routing_never_leaves_the_chosen_groups():
     moe = make_moe(n_group=4, topk_group=1, num_experts_per_tok=2)
     routing = moe.gate(torch.randn(64, 64))
