@@ -23,7 +23,7 @@ from typing import Any
 
 from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.conversations import prompt_messages
-from seekstack.posttrain.rewards import extract_answer
+from seekstack.posttrain.rewards import extract_answer, verified
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
 from seekstack.posttrain.tasks import Problem, make_task, sample_problems
 from seekstack.posttrain.tasks.base import HELDOUT_PERCENT
@@ -141,13 +141,14 @@ def reasoning_docs(
 
 def _verified(task_name: str, reply_opening: str, difficulty: int | None):  # type: ignore[no-untyped-def]
     """lm_eval's `process_results` for a reasoning task: exact_match 1 when the completion's answer verifies, the
-    completion read as opening with the `reply_opening` its prompt wrote (`Tokenizer.reply_opening`)."""
+    completion read as opening with the `reply_opening` its prompt wrote (`Tokenizer.reply_opening`); a verifier that
+    raises or returns other than True or False is refused as rl refuses it (`verified`), not scored."""
     task = make_task(task_name, difficulty)
 
     def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
         problem = Problem(doc["key"], doc["question"], doc["answer"], trace="", data=json.loads(doc["data"]))
         answer = extract_answer(reply_opening + results[0])
-        return {"exact_match": float(answer is not None and task.verify(problem, answer))}
+        return {"exact_match": float(answer is not None and verified(task, problem, answer))}
 
     return process_results
 

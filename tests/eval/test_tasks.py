@@ -553,6 +553,27 @@ def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_
         evaluate(checkpoint, ("reason_parity",), device="cpu")
 
 
+def test_a_verifier_of_your_own_that_raises_or_returns_nan_is_refused_naming_the_task_as_rl_refuses_it(
+    checkpoint,
+    your_task,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+):
+    """eval scored with task.verify itself: a verifier returning NaN gave lm_eval a NaN exact_match, one that raised
+    its bare traceback, where rl's reward (`verified`) names the task, the problem and the answer."""
+    (tmp_path / "wrong_verifiers.py").write_text(
+        "from your_task import Parity\n\n\n"
+        "class GivesNaN(Parity):\n    def verify(self, problem, answer):\n        return float('nan')\n\n\n"
+        "class Raises(Parity):\n    def verify(self, problem, answer):\n        return int(answer) == 1\n"
+    )
+    tokenizer = Tokenizer.from_file(checkpoint)
+    for task, said in (("GivesNaN", "returned nan; a verifier returns True or False"), ("Raises", "raised ValueError")):
+        (config,) = task_configs(None, (f"reason_wrong_verifiers:{task}",), tokenizer=tokenizer)
+        doc = config["custom_dataset"]()["test"][0]
+        call = rf"^task 'parity': verify\(problem '{doc['key']}', answer 'even'\) {said}"
+        with pytest.raises(ValueError, match=call):
+            config["process_results"](doc, ["<think> count </think> even"])
+
+
 def test_a_file_of_problems_is_a_reasoning_task_named_reason_and_its_path(checkpoint, tmp_path):
     """`eval --tasks reason_problems.jsonl` was refused as an unknown task, where rl and pass-at-k take the file."""
     path = tmp_path / "problems.jsonl"
