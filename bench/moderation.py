@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from options import positive_int
+from options import number_between, positive_int
 
 import seekstack
 from seekstack.corpus.quality import train_quality_model
@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--requests", type=positive_int, default=20, help="requests timed for the overhead")
     parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6], help="classifier's")
+    fraction = number_between(0, 1)  # a classifier probability, as a policy's threshold takes it
+    parser.add_argument("--thresholds", type=fraction, nargs="+", default=[0.5, 0.55, 0.6], help="classifier's")
     args = parser.parse_args()
     data = labelled_set(args.seed, args.per_template)
     with tempfile.TemporaryDirectory() as scratch:

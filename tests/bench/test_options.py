@@ -209,6 +209,7 @@ def test_token_data_missing_a_split_a_study_reads_or_with_a_damaged_index_is_ref
         ("r1_distill.py", "--grpo-lr", "nan", "nan: a finite number of at least 0"),
         ("lora_domain.py", "--full-lrs", "nan", "nan: a finite number of at least 0"),
         ("r1_distill.py", "--temperature", "nan", "nan: a number from 0 to 100"),  # SamplingParams' ValidationError
+        ("moderation.py", "--thresholds", "nan", "nan: a number from 0 to 1"),  # rows "both nan" measuring nothing
     ],
 )
 def test_a_number_out_of_its_range_is_refused_naming_the_option(script, option, given, said, monkeypatch, capsys):
