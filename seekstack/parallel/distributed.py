@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if not joined:  # before LOCAL_RANK, so that an environment set by hand is refused alike on CPUs and GPUs
         require_rendezvous_address(world_size)
     device = torch.device("cuda", local_gpu(world_size, torch.cuda.device_count())) if cuda else torch.device("cpu")
+    # Ctrl-C ends this rank's wait, not its join's thread, which joins the others' group once they come (the next run
+    # took it for its caller's, and the others waited in it): whichever of the join and Ctrl-C comes second leaves it.
+    settling = threading.Lock()
+    came: set[str] = set()  # "joined", "interrupted"
+
+    def leave_once_both_came(event: str) -> None:
+        with settling:
+            came.add(event)
+            if came == {"joined", "interrupted"}:
+                dist.destroy_process_group()
 
     def join() -> None:  # in a thread of its own, where CUDA's current device is set apart from the main thread's
         if cuda:
@@ -111,11 +122,16 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
                 "that stopped waiting in a group its peers never joined (they failed before joining) stays one ahead "
                 "of them ever after: start the ranks afresh"
             ) from None
+        leave_once_both_came("joined")
 
     if cuda:
         torch.cuda.set_device(device)
     if not joined:  # waits for every rank to come (30 minutes on gloo) in native code, which Ctrl-C does not reach
-        interruptible(join)
+        try:
+            interruptible(join)
+        except KeyboardInterrupt:
+            leave_once_both_came("interrupted")
+            raise
         _joined = True
     return Ranks(rank, world_size, device)
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from datetime import timedelta
@@ -747,6 +748,33 @@ def test_a_rank_counts_its_groups_in_the_store_the_ranks_meet_in_not_in_its_proc
         distributed.init_distributed()
     assert before.check(["seekstack_group_0/joined", "seekstack_group_1/joined"])
     assert afresh.check(["seekstack_group_0/joined"]) and not afresh.check(["seekstack_group_2/joined"])
+
+
+def test_a_join_ctrl_c_stopped_waiting_for_is_left_when_the_others_come_after_all(monkeypatch, torchrun_environment):
+    """Ctrl-C ended a rank's wait at its join (a notebook's train() started before the others), not the join's thread:
+    when the others came, it joined their group behind its caller's back (dist.is_initialized(), which the next run
+    took for its caller's group and never left, while the others waited in it)."""
+    from seekstack.parallel import distributed
+
+    others_came, events = threading.Event(), []
+
+    def joined_once_the_others_come(backend, store, rank, world_size):
+        others_came.wait()
+        events.append("joined")
+
+    monkeypatch.setattr(distributed, "_store", None)  # restored after the test
+    monkeypatch.setattr(dist, "rendezvous", lambda url: iter([(dist.HashStore(), 0, 2)]))
+    monkeypatch.setattr(dist, "init_process_group", joined_once_the_others_come)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: events.append("left"))
+    torchrun_environment(0, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    threading.Timer(0.2, signal.raise_signal, [signal.SIGINT]).start()
+    with pytest.raises(KeyboardInterrupt):
+        distributed.init_distributed()
+    others_came.set()
+    deadline = time.monotonic() + 5
+    while len(events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == ["joined", "left"]
 
 
 @pytest.mark.skipif(
