@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, positive_int
+from options import check_task, checkpoint_folder, positive_int
 
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.run import run_distill
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/distill_reason"))
     args = parser.parse_args()
+    check_task(parser, args.task, args.difficulty)
     torch.manual_seed(0)
     teacher = teacher_checkpoint(args)
     traces = teacher_traces(teacher, args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options import checkpoint_folder, learning_rate, positive_int
+from options import check_task, checkpoint_folder, learning_rate, positive_int
 
 from seekstack.infer import Engine
 from seekstack.posttrain.config import GRPOConfig
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--window", type=positive_int, default=30, help="steps per row of the table")
     parser.add_argument("--out", type=Path, default=Path("runs/dr_grpo"))
     args = parser.parse_args()
+    check_task(parser, args.task, args.difficulty)
     runs = train_both(args)
     history = {name: [r for r in read_metrics(run) if "reward" in r] for name, run in runs.items()}
     print(f"{'steps':>9s}  " + "  ".join(f"{name + ' acc':>12s} {'len ok':>7s} {'len wrong':>9s}" for name in runs))

@@ -37,7 +37,7 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from options import learning_rate, positive_int
+from options import check_task, learning_rate, positive_int
 from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
@@ -161,6 +161,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", default="auto", help="rl's threads for our run: auto, N, or 0 = torch's setting")
     args = parser.parse_args()
+    check_task(parser, args.task, args.difficulty or None)
     print(
         f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "
         f"tokens; ours: compile_decode={args.compile_decode}, threads={args.threads}"

@@ -57,6 +57,17 @@ def number_between(least: float, most: float) -> Callable[[str], float]:
     return number
 
 
+def check_task(parser: argparse.ArgumentParser, task: str, difficulty: int | None) -> None:
+    """argparse's error naming --task and --difficulty where the post-training task is none or refuses the difficulty
+    (0, past its most), before any work, not in make_task's traceback once a teacher or a run is under way."""
+    from seekstack.posttrain.tasks import make_task
+
+    try:
+        make_task(task, difficulty)
+    except ValueError as error:
+        parser.error(f"--task {task} --difficulty {difficulty}: {error}")
+
+
 def learning_rate(text: str) -> float:
     """An argparse type for a learning rate: a finite number of at least 0, so that nan, inf or a negative one is
     refused by name before any work, not in the trainer's ConfigError traceback (field 'lr') once a run is under way."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from options import checkpoint_folder, learning_rate, number_between, positive_int
+from options import check_task, checkpoint_folder, learning_rate, number_between, positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=positive_int, default=20, help="GRPO steps between budget checks")
     parser.add_argument("--out", type=Path, default=Path("runs/r1_distill"))
     args = parser.parse_args()
+    check_task(parser, args.task, args.difficulty)
     if args.out.exists():
         parser.error(f"--out {args.out} exists: remove it or name another (the GRPO arm resumes from what is there)")
     print(f"torch threads: {torch.get_num_threads()}")

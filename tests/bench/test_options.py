@@ -334,3 +334,24 @@ def test_serve_json_mode_refuses_a_vocabulary_below_the_bytes_and_special_tokens
     run = run_in_process("serve_json_mode.py", option, "-3", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert f"error: argument {option}: -3: at least 270" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "checkpoints"),
+    [
+        ("r1_distill.py", ["--teacher", "{model}", "--student", "{model}"]),
+        ("dr_grpo.py", ["{model}"]),
+        ("distill_reason.py", ["--base-teacher", "{model}", "--student", "{model}"]),
+        ("grpo_step.py", ["{model}"]),
+    ],
+)
+def test_a_difficulty_the_task_refuses_is_refused_naming_the_options(
+    script, checkpoints, tmp_path, monkeypatch, capsys
+):
+    """The run config's ConfigError ("field 'difficulty': difficulty 5000: at most 1000 ...") came as a traceback
+    from the first run, after the work before it (r1_distill.py: the teacher's traces)."""
+    model = micro_checkpoint(tmp_path / "model")
+    options = [option.format(model=model) for option in checkpoints]
+    run = run_in_process(script, *options, "--difficulty", "5000", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "error: --task addition --difficulty 5000: difficulty 5000: at most 1000" in run.stderr.splitlines()[-1]
