@@ -242,13 +242,13 @@ FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
 class FunctionDefinition(StrictRequest):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON Schema of an object; none: the function takes no arguments
+    parameters: dict[str, Any] | None = None  # a JSON Schema of an object; none or {} (as OpenAI, vLLM): any object
     strict: bool | None = None  # the arguments are held to the schema only when the tool choice forces a call
 
     @field_validator("parameters")
     @classmethod
     def _an_object_schema(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
-        if parameters is not None and parameters.get("type") != "object":
+        if parameters and parameters.get("type") != "object":
             raise ValueError(f'must be a JSON Schema of "type": "object" (the arguments are a JSON object), got '
                              f'"type": {json.dumps(parameters.get("type"))}')  # fmt: skip
         return parameters

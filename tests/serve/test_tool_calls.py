@@ -282,6 +282,21 @@ CALLS = f"{tool_call_text('move', MOVE_ARGUMENTS)}\n{tool_call_text('stop', '{}'
 REPLY = f"Moving.{TOOL_CALLS_BEGIN}{CALLS}<｜tool▁calls▁end｜>"
 
 
+def test_a_tool_whose_parameters_are_an_empty_schema_is_called_with_an_object_as_openai_and_vllm_take_it(
+    engine, tmp_path
+):
+    """`"parameters": {}` (OpenAI's and vLLM's: any arguments) was refused 'must be a JSON Schema of "type":
+    "object" ..., got "type": null'."""
+    now = {"type": "function", "function": {"name": "now", "parameters": {}}}
+
+    async def scenario(api):
+        named = {"type": "function", "function": {"name": "now"}}
+        return await api.chat.completions.create(**{**GREEDY, "max_tokens": 30}, tools=[now], tool_choice=named)
+
+    [call] = with_openai(engine, tmp_path, scenario).choices[0].message.tool_calls
+    assert call.function.name == "now" and call.function.arguments.startswith("{")
+
+
 def test_results_may_answer_their_calls_in_any_order():
     calls = [{"id": name, "function": {"name": "move", "arguments": "{}"}} for name in ("c1", "c2")]
     results = [{"role": "tool", "tool_call_id": name, "content": "moved"} for name in ("c2", "c1")]
