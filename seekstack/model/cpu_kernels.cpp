@@ -24,7 +24,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -926,21 +925,27 @@ at::Tensor route_rows(const at::Tensor& scores, const std::optional<at::Tensor>&
 // dW += dY^T X for a linear Y = X W^T, dW (out, in) float32, dY (n, out) and X (n, in) bfloat16: MKL's bf16 x bf16 ->
 // float32 GEMM (in torch's x86 builds) sums the products in float32 straight into dW, where torch's bf16 `mm` rounds
 // them to a fresh bf16 (out, in) that `add_` widens into another fresh float32 copy before adding it (`small`'s head,
-// 16,384 x 384 from 384 rows: 7 against 17 ms, one thread). A torch without MKL's symbol (weak: null) takes that path.
+// 16,384 x 384 from 384 rows: 7 against 17 ms, one thread). The symbol is weak: a torch without it (aarch64, a build
+// without MKL) leaves it null, the op is not registered, and head_loss.py keeps `mm` + `add_`.
 extern "C" void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                                        const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
                                        int ldc) __attribute__((weak));
 
 void add_weight_grad(at::Tensor& grad_weight, const at::Tensor& grad_out, const at::Tensor& input) {
-  TORCH_CHECK(grad_weight.scalar_type() == at::kFloat && grad_weight.is_contiguous() &&
-                  grad_out.scalar_type() == at::kBFloat16 && input.scalar_type() == at::kBFloat16 &&
-                  grad_out.dim() == 2 && input.dim() == 2 && grad_out.size(0) == input.size(0) &&
+  TORCH_CHECK(grad_weight.scalar_type() == at::kFloat && grad_weight.is_contiguous(),
+              "add_weight_grad: dW must be contiguous float32, not ", grad_weight.scalar_type(), " of strides ",
+              grad_weight.strides());
+  TORCH_CHECK(grad_out.scalar_type() == at::kBFloat16 && input.scalar_type() == at::kBFloat16,
+              "add_weight_grad: dY and X must be bfloat16, not ", grad_out.scalar_type(), " and ", input.scalar_type());
+  TORCH_CHECK(grad_out.dim() == 2 && input.dim() == 2 && grad_out.size(0) == input.size(0) &&
                   grad_weight.sizes() == at::IntArrayRef({grad_out.size(1), input.size(1)}),
-              "add_weight_grad: dW (out, in) float32, contiguous, += dY (n, out)^T X (n, in), both bfloat16");
+              "add_weight_grad: dW (out, in) += dY (n, out)^T X (n, in), not dW ", grad_weight.sizes(), ", dY ",
+              grad_out.sizes(), ", X ", input.sizes());
   const int64_t rows = input.size(0), out = grad_out.size(1), in = input.size(1);
-  if (cblas_gemm_bf16bf16f32 == nullptr || std::max({rows, out, in}) > std::numeric_limits<int>::max()) {
-    grad_weight.add_(at::mm(grad_out.t(), input));
-    return;
+  TORCH_CHECK(std::max({rows, out, in}) <= std::numeric_limits<int>::max(), "add_weight_grad: dY ", grad_out.sizes(),
+              " and X ", input.sizes(), " are past the BLAS's int sizes");
+  if (grad_weight.numel() == 0) {
+    return;  // nothing to add to, where MKL refuses its zero leading dimensions (and prints so)
   }
   const at::Tensor dy = grad_out.contiguous(), x = input.contiguous();
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
@@ -963,7 +968,9 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, bool grad) -> Tensor");
-  m.def("add_weight_grad(Tensor(a!) grad_weight, Tensor grad_out, Tensor input) -> ()");
+  if (cblas_gemm_bf16bf16f32 != nullptr) {
+    m.def("add_weight_grad(Tensor(a!) grad_weight, Tensor grad_out, Tensor input) -> ()");
+  }
   m.def("route_rows(Tensor scores, Tensor? bias, int n_group, int topk_group, bool group_top2, int top_k) -> Tensor");
 }
 
@@ -976,6 +983,8 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
   m.impl("cross_entropy_rows", cross_entropy_rows);
-  m.impl("add_weight_grad", add_weight_grad);
+  if (cblas_gemm_bf16bf16f32 != nullptr) {
+    m.impl("add_weight_grad", add_weight_grad);
+  }
   m.impl("route_rows", route_rows);
 }

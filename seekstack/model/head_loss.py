@@ -66,6 +66,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(w) if grad_weight else None
             scale = counted / count
             fused = cpu_kernels.elementwise_takes(h_matmul)  # torch's ops where the kernel does not take the logits
+            # bf16 products summed in float32 straight into dL/dW: MKL's GEMM, registered where torch carries it
+            float32_sums = fused and matmul_dtype == torch.bfloat16 and hasattr(torch.ops.seekstack, "add_weight_grad")
             for part in _chunks(rows, _chunk_rows(hidden, vocab, grad_weight)):
                 logits = h_matmul[part] @ w_matmul.t()  # (n, V)
                 if logits_out is not None:
@@ -90,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[part] = grad_logits @ w_matmul
                 if grad_w is not None and matmul_dtype == torch.float32:
                     torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
-                elif grad_w is not None and fused and matmul_dtype == torch.bfloat16:  # bf16 products, float32 sums
+                elif grad_w is not None and float32_sums:
                     torch.ops.seekstack.add_weight_grad(grad_w, grad_logits, h_matmul[part])
                 elif grad_w is not None:  # each chunk's G^T h in the autocast dtype, as an autocast head's dL/dW
                     grad_w += grad_logits.t() @ h_matmul[part]

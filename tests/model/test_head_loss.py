@@ -185,6 +185,8 @@ def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_
         finally:
             cpu_kernels.set_enabled(True)
         assert ("seekstack.cross_entropy_rows.default" in ops.names) == fused
+        float32_sums = fused and autocast and hasattr(torch.ops.seekstack, "add_weight_grad")  # torch's MKL has it
+        assert ("seekstack.add_weight_grad.default" in ops.names) == float32_sums  # else torch's mm + add_
         if autocast:
             assert ops.matmul_dtypes == {torch.bfloat16}
             assert (ops.float32_logit_rows == 0) == fused  # torch's ops widen each chunk's logits to float32
@@ -257,6 +259,53 @@ def test_an_out_of_vocabulary_target_is_named_by_its_row_in_the_batch_not_in_its
             linear_cross_entropy(torch.randn(40, 8), torch.randn(50, 8), targets)
     finally:
         cpu_kernels.set_enabled(True)
+
+
+def _skip_without_mkls_gemm():
+    assert cpu_kernels.available()
+    if not hasattr(torch.ops.seekstack, "add_weight_grad"):  # registered where torch carries MKL (x86 builds)
+        pytest.skip("this torch has no MKL bf16 x bf16 -> float32 GEMM: the head keeps torch's mm + add_")
+
+
+@pytest.mark.parametrize(("rows", "out", "features"), [(1, 1, 1), (3, 5, 7), (129, 257, 33), (0, 4, 3)])
+def test_the_heads_weight_gradient_kernel_sums_bfloat16_products_in_float32_as_float64_does(rows, out, features):
+    """`add_weight_grad` adds dY^T X (bf16 operands, any strides) into the float32 dL/dW with float32 sums."""
+    _skip_without_mkls_gemm()
+    generator = torch.Generator().manual_seed(0)
+    grad_out = torch.randn(out, rows, generator=generator).bfloat16().t()  # transposed: read as it lies
+    rows_in = torch.randn(rows, 2 * features, generator=generator).bfloat16()[:, ::2]
+    grad_weight = torch.randn(out, features, generator=generator)
+    expected = grad_weight.double() + grad_out.double().t() @ rows_in.double()
+    torch.ops.seekstack.add_weight_grad(grad_weight, grad_out, rows_in)
+    assert (grad_weight.double() - expected).abs().max() <= 1e-6 * expected.abs().max()  # a bf16 share: ~4e-3
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dtypes", "message"),
+    [
+        (((3, 4), (2, 3), (2, 4)), (torch.bfloat16, torch.bfloat16, torch.bfloat16), "dW must be contiguous float32"),
+        (((3, 4), (2, 3), (2, 4)), (torch.float32, torch.float32, torch.bfloat16), "not Float and BFloat16"),
+        (((3, 5), (2, 3), (2, 4)), (torch.float32, torch.bfloat16, torch.bfloat16), r"not dW \[3, 5\], dY \[2, 3\]"),
+        (((3, 4), (2, 3), (1, 4)), (torch.float32, torch.bfloat16, torch.bfloat16), r"dY \[2, 3\], X \[1, 4\]"),
+    ],
+)
+def test_the_heads_weight_gradient_kernel_refuses_what_it_cannot_read_naming_it(shapes, dtypes, message):
+    """One message for every refusal named neither the tensor nor what it was."""
+    _skip_without_mkls_gemm()
+    tensors = [torch.ones(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    with pytest.raises(RuntimeError, match=f"^add_weight_grad: .*{message}"):
+        torch.ops.seekstack.add_weight_grad(*tensors)
+
+
+def test_the_heads_weight_gradient_kernel_adds_nothing_to_an_empty_gradient_without_mkls_error(capfd):
+    """A (0, D) or (V, 0) dL/dW met MKL's refusal of a zero leading dimension, printed ('Intel oneMKL ERROR')."""
+    _skip_without_mkls_gemm()
+    for out, features in ((0, 4), (3, 0)):
+        grad_weight = torch.empty(out, features)
+        torch.ops.seekstack.add_weight_grad(
+            grad_weight, torch.ones(2, out).bfloat16(), torch.ones(2, features).bfloat16()
+        )
+    assert "MKL" not in "".join(capfd.readouterr())
 
 
 def test_a_second_order_gradient_through_the_fused_head_is_refused_not_returned_without_its_graph():
