@@ -12,6 +12,7 @@ import warnings
 import torch
 from options import positive_int
 
+from seekstack.allocator import keep_freed_memory
 from seekstack.train.mfu import measured_matmul_rates
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -30,9 +31,11 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_machine(args: argparse.Namespace) -> None:
-    """Apply --threads and silence transformers' logging, progress bars and warnings."""
+    """Apply --threads, the command's allocator setting (seekstack/allocator.py) and silence transformers' logging,
+    progress bars and warnings."""
     from transformers.utils import logging as transformers_logging
 
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers_logging.set_verbosity_error()

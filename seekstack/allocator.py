@@ -1,5 +1,6 @@
-"""glibc malloc settings chosen once per process, on the model's import: large tensors served from the heap and kept
-there once freed, so that a forward's fresh buffers reuse pages already touched instead of faulting them in anew."""
+"""glibc malloc settings a launcher chooses once per process (the `seekstack` command, the benches): large tensors
+served from the heap and kept there once freed, so that a forward's fresh buffers reuse pages already touched instead
+of faulting them in anew. A program importing seekstack keeps its own allocator unless it calls `keep_freed_memory`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
 HEAP_THRESHOLD = 1 << 30  # 1 GiB: both thresholds
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own environment, read at start
+OFF_SWITCH = "SEEKSTACK_KEEP_FREED_MEMORY"  # "0": glibc's own setting
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to 1 GiB; True when set. Left alone where the C library is not glibc,
-    or the user set either threshold (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES's glibc.malloc)."""
+    SEEKSTACK_KEEP_FREED_MEMORY is 0, or the user set either threshold (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES's glibc.malloc)."""
     if not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
         return False
-    if any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if os.environ.get(OFF_SWITCH) == "0" or any(name in os.environ for name in USER_SETTINGS):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = ctypes.CDLL(None)
     return all([libc.mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD), libc.mallopt(M_TRIM_THRESHOLD, HEAP_THRESHOLD)])

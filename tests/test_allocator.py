@@ -1,11 +1,11 @@
 import os
 import resource
+import subprocess
 import sys
 
 import pytest
 import torch
 
-import seekstack.model  # noqa: F401  (importing the model sets the allocator, as every forward's process does)
 from seekstack.allocator import keep_freed_memory
 
 glibc = pytest.mark.skipif(
@@ -22,6 +22,7 @@ def _faults_of_a_fresh_64_mib_tensor() -> int:
 
 @glibc
 def test_a_large_tensor_freed_and_made_again_reuses_pages_already_faulted_in():
+    keep_freed_memory()  # as the seekstack command does for its process
     for _ in range(8):  # glibc's memalign needs a little more than a freed block: a few rounds until they merge
         _faults_of_a_fresh_64_mib_tensor()
     faults = min(_faults_of_a_fresh_64_mib_tensor() for _ in range(3))
@@ -35,6 +36,7 @@ def test_a_large_tensor_freed_and_made_again_reuses_pages_already_faulted_in():
         ("MALLOC_MMAP_THRESHOLD_", "131072"),
         ("MALLOC_TRIM_THRESHOLD_", "0"),
         ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+        ("SEEKSTACK_KEEP_FREED_MEMORY", "0"),
     ],
 )
 def test_the_users_own_malloc_thresholds_are_left_alone(monkeypatch, name, value):
@@ -42,3 +44,25 @@ def test_the_users_own_malloc_thresholds_are_left_alone(monkeypatch, name, value
     assert keep_freed_memory() is False
     monkeypatch.delenv(name)
     assert keep_freed_memory() is True
+
+
+@glibc
+def test_importing_the_model_leaves_glibc_alone_and_the_seekstack_command_sets_it():
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_allocator import _faults_of_a_fresh_64_mib_tensor as faults
+import seekstack.model
+from seekstack.cli import main
+print(min(faults() for _ in range(3)))
+main()  # the command's callback, run before every subcommand
+for _ in range(8):
+    faults()
+print(min(faults() for _ in range(3)))
+"""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_"))}
+    environment.pop("SEEKSTACK_KEEP_FREED_MEMORY", None)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True)
+    imported, commanded = map(int, run.stdout.split())
+    assert imported > 10_000, f"{imported} page faults: importing seekstack.model changed the process's malloc"
+    assert commanded < 1_000, f"{commanded} page faults: the seekstack command left glibc's mmap threshold"

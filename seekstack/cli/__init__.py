@@ -23,6 +23,7 @@ with sigint_handled_by(_interrupted_loading):
     from typer.core import TyperCommand
     from typer.models import CommandInfo
 
+    from seekstack.allocator import keep_freed_memory
     from seekstack.cli.common import Command
     from seekstack.cli.notices import quiet_third_party_notices
 
@@ -66,6 +67,7 @@ def main(
     """seekstack: the DeepSeek-V3 stack in plain PyTorch. Pipeline: data build -> tokenizer train -> data tokenize
     -> train -> sample / generate / chat / serve."""
     quiet_third_party_notices()
+    keep_freed_memory()  # glibc keeps large freed tensors for the next forward (seekstack/allocator.py)
 
 
 def _command_infos(typer_app: typer.Typer) -> Iterator[CommandInfo]:
