@@ -31,10 +31,11 @@ combine weight per row], for the dense FFN, the shared and the routed experts; m
 with its backward in one pass, float32 math on float32 or bfloat16 rows (`elementwise_takes` says when; `rms_norm`
 takes a float32 weight beside bfloat16 rows too); `cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under
 autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them, and
-`add_weight_grad`: a chunk's dL/dW = G^T h, bf16 products summed in float32 straight into dL/dW (MKL's GEMM); and
-`causal_attention_backward` (attention.py's `_CausalAttention`): causal training attention's backward in bfloat16
-(float32 keeps torch's, faster there) from torch's fused forward's log-sum-exp, FlashAttention-2's products over groups
-of heads (S and dP float32, by AMX) with one fused pass a score row.
+`add_weight_grad`: a chunk's dL/dW = G^T h, bf16 products summed in float32 straight into dL/dW (MKL's GEMM, the op
+registered where torch carries it: its x86 builds); and `causal_attention_backward` (attention.py's
+`_CausalAttention`): causal training attention's backward in bfloat16 (float32 keeps torch's, faster there) from
+torch's fused forward's log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with
+one fused pass a score row.
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
