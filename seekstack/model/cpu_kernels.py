@@ -134,8 +134,8 @@ def _build() -> bool:
         name = f"{NAME}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}"
         library = folder / f"{name}.so"
         folder.mkdir(parents=True, exist_ok=True)
-        _clear_stale_lock(folder / "lock")
-        _drop_unproven(library)
+        if not _clear_stale_lock(folder / "lock"):  # a build waited for left a whole library, proven a moment later
+            _drop_unproven(library)
         if not library.exists():
             print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
         load(
@@ -178,19 +178,24 @@ def _signature(library: Path) -> str:
     return f"{status.st_size} {status.st_mtime_ns}"
 
 
-def _clear_stale_lock(lock: Path) -> None:
+def _clear_stale_lock(lock: Path) -> bool:
     """cpp_extension waits, with no limit, for the lock file of a build under way; a build killed outside Python
-    (SIGKILL, a crash) leaves its lock behind. Wait while the lock is younger than a build takes, then remove it."""
+    (SIGKILL, a crash) leaves its lock behind. Wait while the lock is younger than a build takes, then remove it.
+    Return whether another process's build finished meanwhile: torch removes its lock before that process loads the
+    library and proves it, so its library is not yet proven (torchrun's ranks building at once on a fresh install)."""
+    waited = False
     while lock.exists():
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:  # the other build just finished
-            return
+            return True
         if age > STALE_LOCK_SECONDS:
             print(f"note: removing {lock}, left {age:.0f} s ago by a build that did not finish", file=sys.stderr)
             lock.unlink(missing_ok=True)
-            return
+            return False
         time.sleep(0.5)
+        waited = True
+    return waited
 
 
 def _build_folder(root: Path) -> Path:
