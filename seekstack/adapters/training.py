@@ -253,7 +253,7 @@ def lora_train_config(
         ranks = init_distributed(cpu_collectives=train_config.cpu_offload)
         try:
             prepared = done_by_main(lambda: prepare_data(data_dir, base, out), ranks)
-        finally:  # done or failed: the trainer joins a group of its own, and nothing left one kept past an error
+        finally:  # done or failed, the group is left: the trainer joins its own, and a refused run holds none
             shutdown(ranks)
         if prepared != Path(data_dir):  # text, tokenized into `out`: too little of it is named as the user gave it
             require_text_windows(data_dir, prepared, train_config)
