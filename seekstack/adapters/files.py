@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.peft_targets import config_for_seekstack, quiet_parameter_patterns
-from seekstack.atomic import refuse_to_replace, staged_files
+from seekstack.atomic import atomic_directory, refuse_to_replace, staged_files
 from seekstack.checkpoint import (
     CONFIG_FILE,
     MODEL_FOLDER_FILES,
@@ -39,7 +39,8 @@ from seekstack.checkpoint import (
     load_pretrained,
     read_json_object,
     read_safetensors,
-    save_pretrained,
+    refuse_hf_export,
+    write_pretrained_files,
 )
 from seekstack.compress.linear import QuantizedWeight
 from seekstack.config import ModelConfig
@@ -492,23 +493,26 @@ def _merged_whole(peft_model: PeftModel, folder: Path) -> Transformer:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
-    tokenizer and generation_config.json of the adapter or of the base. Merged in float32 (float64 for a float64
-    base) and written in the base's own dtype (rounded once: a bfloat16 base gives a bfloat16 checkpoint, as peft's
-    merge_and_unload keeps it)."""
+    tokenizer and generation_config.json of the adapter or of the base, whole or not at all (`atomic_directory`, as
+    a training checkpoint is written: Ctrl-C leaves no model without its tokenizer). Merged in float32 (float64 for a
+    float64 base) and written in the base's own dtype (rounded once: a bfloat16 base gives a bfloat16 checkpoint, as
+    peft's merge_and_unload keeps it)."""
     from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(base, adapter))
     model = load_pretrained(base, dtype="auto")
+    refuse_hf_export(model.config, out)
     stored = model.embed_tokens.weight.dtype
     merging = torch.promote_types(stored, torch.float32)  # a float64 base keeps its precision
     merged = _in_dtype(merged_model(model.to(merging), adapter), stored, Path(adapter))
-    out = save_pretrained(merged, out)
-    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
-        source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)
-        if source is not None:
-            copy_model_folder_file(source, out, merged.config.max_position_embeddings)
-    return out
+    with atomic_directory(out) as staging:
+        write_pretrained_files(merged, staging)
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
+            source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)
+            if source is not None:
+                copy_model_folder_file(source, staging, merged.config.max_position_embeddings)
+    return Path(out)
 
 
 def _in_dtype(merged: Transformer, dtype: torch.dtype, folder: Path) -> Transformer:

@@ -13,6 +13,7 @@ from seekstack.cli.common import (
     fail,
     is_override,
     key_value_command,
+    nothing_written_if_interrupted,
     refuse_empty_path,
     run_to_checkpoint,
     user_errors,
@@ -91,7 +92,7 @@ def merge_command(
     """Fold the adapter into the base's weights and write a plain checkpoint (loads anywhere the base loads)."""
     from seekstack.adapters.files import merge_adapter
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):  # the merged folder appears whole (`merge_adapter`)
         written = merge_adapter(base, adapter, out)
     typer.echo(f"wrote {written}")
 

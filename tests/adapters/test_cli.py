@@ -52,6 +52,21 @@ def test_train_merge_and_generate_with_the_adapter(tmp_path):
     assert greedy("--model", str(base), "--adapter", str(adapter)) == greedy("--model", str(tmp_path / "merged"))
 
 
+def test_merge_interrupted_before_the_tokenizer_is_copied_leaves_no_folder_and_says_so(base, tmp_path, monkeypatch):
+    """Ctrl-C after the merged weights were saved and before the tokenizer was copied in left a folder that loads as
+    a model with no tokenizer, and `lora merge` ended with exit 130 and no word."""
+    adapter = write_random_adapter(base, tmp_path / "adapter", seed=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.train.state.copy_model_folder_file", interrupted)
+    result = runner.invoke(app, ["lora", "merge", str(base), str(adapter), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 130
+    assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'merged'}\n"
+    assert not (tmp_path / "merged").exists()
+
+
 def test_a_malformed_adapter_option_is_explained(tmp_path):
     result = runner.invoke(app, ["serve", "--model", str(tmp_path), "--adapter", "legal"])
     assert result.exit_code == 1 and "expected NAME=DIR" in result.output
