@@ -117,7 +117,7 @@ def score(models: dict[str, Transformer], data_dir: Path, seq_len: int, batches:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=token_shards("train", "val"), default="runs/demo/tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
     parser.add_argument("--steps", type=positive_int, default=200)

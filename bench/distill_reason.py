@@ -95,7 +95,7 @@ def held_out(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # the defaults are bench/distill.py's; a string default goes through `type` too, so a missing one is refused
     parser.add_argument("--base-teacher", type=checkpoint_folder, default="runs/distill/teacher/checkpoints/step_400")
     parser.add_argument("--student", type=checkpoint_folder, default="runs/distill/ce_only/checkpoints/step_200")

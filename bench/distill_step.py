@@ -75,7 +75,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("teacher", type=checkpoint_folder)
     parser.add_argument("student", type=checkpoint_folder)
     parser.add_argument("--data", type=token_shards("train"), default="runs/demo/tokens")

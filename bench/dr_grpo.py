@@ -51,7 +51,7 @@ def mean(records: list[dict], key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("start", type=checkpoint_folder, help="the SFT checkpoint both runs start from")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)

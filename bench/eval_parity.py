@@ -19,7 +19,7 @@ from peers import peer_missing  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=checkpoint_folder, required=True, help="checkpoint directory or run out_dir")
     parser.add_argument("--corpus", type=corpus_folder, default="runs/demo/corpus")
     parser.add_argument("--limit", type=positive_int, default=40, help="documents per task")

@@ -147,7 +147,7 @@ def summary(name: str, result: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=0)

@@ -85,7 +85,7 @@ def grpo_for(budget_s: float, args: argparse.Namespace, out: Path) -> tuple[Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=checkpoint_folder, required=True, help="the GRPO-trained checkpoint")
     parser.add_argument("--student", type=checkpoint_folder, required=True, help="a smaller pretrained checkpoint")
     parser.add_argument("--task", default="addition")

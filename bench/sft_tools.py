@@ -89,7 +89,7 @@ def _json(arguments: str) -> object:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sft_tools"))
     args = parser.parse_args()

@@ -355,3 +355,12 @@ def test_a_difficulty_the_task_refuses_is_refused_naming_the_options(
     run = run_in_process(script, *options, "--difficulty", "5000", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert "error: --task addition --difficulty 5000: difficulty 5000: at most 1000" in run.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["eval_parity.py", "distill.py", "sft_tools.py"])
+def test_help_describes_the_bench_in_its_docstrings_whole_first_paragraph(script, monkeypatch, capsys):
+    """Their --help took the docstring's first line alone and ended mid-sentence ('... log-likelihoods of the')."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line a paragraph: argparse wraps at hyphens too ('per-\nrequest')
+    run = run_in_process(script, "--help", monkeypatch=monkeypatch, capsys=capsys)
+    paragraph = ast.get_docstring(ast.parse((BENCH / script).read_text())).split("\n\n")[0]
+    assert run.returncode == 0 and " ".join(paragraph.split()) in " ".join(run.stdout.split())
