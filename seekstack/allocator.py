@@ -14,13 +14,16 @@ import sys
 # stays in the heap for the next. (torch's CPU launcher, torch.backends.xeon.run_cpu, preloads jemalloc or tcmalloc,
 # which keep freed pages, for the same reason.)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
-HEAP_THRESHOLD = 1 << 30  # 1 GiB: both thresholds
+# Both thresholds 256 MiB, not higher: the heap gives back only the free memory at its top, so a real-size model's
+# weights (V2-Lite's experts: 369-738 MiB a tensor) kept there stayed held once freed, 2.8 GB of a 3.3 GB model, and
+# converting a checkpoint tensor by tensor grew to 4.2 GB of holes; above 256 MiB a block is mmap'd and unmapped again.
+HEAP_THRESHOLD = 256 << 20
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own environment, read at start
 OFF_SWITCH = "SEEKSTACK_KEEP_FREED_MEMORY"  # "0": glibc's own setting
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds to 1 GiB; True when set. Left alone where the C library is not glibc,
+    """Raise glibc's mmap and trim thresholds to 256 MiB; True when set. Left alone where the C library is not glibc,
     SEEKSTACK_KEEP_FREED_MEMORY is 0, or the user set either threshold (MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES's glibc.malloc)."""
     if not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):

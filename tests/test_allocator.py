@@ -20,6 +20,10 @@ def _faults_of_a_fresh_64_mib_tensor() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def _resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+
 @glibc
 def test_a_large_tensor_freed_and_made_again_reuses_pages_already_faulted_in():
     keep_freed_memory()  # as the seekstack command does for its process
@@ -27,6 +31,16 @@ def test_a_large_tensor_freed_and_made_again_reuses_pages_already_faulted_in():
         _faults_of_a_fresh_64_mib_tensor()
     faults = min(_faults_of_a_fresh_64_mib_tensor() for _ in range(3))
     assert faults < 1_000, f"{faults} page faults: 64 MiB mmap'd afresh (16,384 faults) on every allocation"
+
+
+@glibc
+def test_a_freed_tensor_above_the_heap_threshold_goes_back_to_the_system():
+    keep_freed_memory()
+    before = _resident_bytes()
+    weight = torch.empty(300 << 20, dtype=torch.uint8).fill_(1)  # a real-size model's stacked experts
+    assert _resident_bytes() - before > 250 << 20
+    del weight
+    assert _resident_bytes() - before < 50 << 20, "300 MiB freed and still resident: kept in the heap"
 
 
 @glibc
