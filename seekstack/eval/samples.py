@@ -157,9 +157,14 @@ def demo_samples(
     engine = _engine(model_path, max_batch_size=2 * len(prompts))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    rooms = []  # each prompt's max_new_tokens
+    tokenizer = engine.tokenizer
+    rooms, prompt_ids = [], []  # each prompt's max_new_tokens and token ids
     for number, prompt in enumerate(prompts, 1):
-        ids = engine.tokenizer.encode_prompt(prompt)
+        # a chat template's text (`run_prompts`) writes its own BOS: encoded as report encodes it; other text is
+        # framed as the tokenizer frames a prompt (a release's BOS first)
+        ids = tokenizer.encode(prompt)
+        if ids[:1] != [tokenizer.bos_id]:
+            ids = tokenizer.encode_prompt(prompt)
         if not ids:
             raise ValueError(f"prompt {number} of {len(prompts)} is empty: give the text to continue")
         try:
@@ -167,10 +172,11 @@ def demo_samples(
         except ValueError as error:
             raise ValueError(f"prompt {number} of {len(prompts)}: {error}") from None
         rooms.append(fitted.max_new_tokens)
+        prompt_ids.append(ids)
         if notice is not None and notify is not None:
             notify(f"{prompt!r}: {notice}")
     params = [dataclasses.replace(p, max_new_tokens=room) for p in (greedy, sampled) for room in rooms]
-    completions = engine.generate([*prompts, *prompts], params)
+    completions = engine.generate([*prompt_ids, *prompt_ids], params)
     texts = [completion.text for completion in completions]
     return list(zip(prompts, texts[: len(prompts)], texts[len(prompts) :], strict=True))
 

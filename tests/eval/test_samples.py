@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizers import processors
 
 from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _data, _samples
@@ -14,7 +15,7 @@ from seekstack.eval.samples import DEMO_PROMPTS, conversation_samples, demo_samp
 from seekstack.infer import Engine, SamplingParams
 from seekstack.posttrain.conversations import prompt_messages, write_conversations, write_held_out
 from seekstack.posttrain.tasks import make_task, sample_problems
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 from tests.infer.support import micro_model, tiny_tokenizer
 from tests.posttrain.support import micro_checkpoint
 
@@ -128,6 +129,33 @@ def test_continuations_past_the_models_context_are_capped_to_its_room_with_a_not
                        "the context of 64"]  # fmt: skip
     engine = Engine.from_pretrained(model_dir)
     assert greedy == engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0.0))[0].text
+
+
+def test_a_chat_prompt_gets_the_one_bos_its_template_writes_with_a_tokenizer_that_frames_text_with_bos(
+    tmp_path, monkeypatch
+):
+    """`sample` on a post-training run encoded its chat-template prompts as text to frame (`encode_prompt`): with a
+    tokenizer whose post-processor puts BOS first (a DeepSeek release's), BOS twice, where report's samples (`encode`)
+    have it once; a plain prompt is framed as before."""
+    model = micro_checkpoint(tmp_path / "model")
+    tokenizer = Tokenizer.from_file(model)
+    bos = tokenizer.backend.id_to_token(tokenizer.bos_id)
+    tokenizer.backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    tokenizer.backend.save(str(model / TOKENIZER_FILE))
+    prompted = []  # each continuation's prompt ids, as the engine read them
+    generate = Engine.generate
+
+    def recorded(self, prompts, params):
+        completions = generate(self, prompts, params)
+        prompted.extend(completion.prompt_token_ids for completion in completions)
+        return completions
+
+    monkeypatch.setattr(Engine, "generate", recorded)
+    chat = tokenizer.render_chat([{"role": "user", "content": "Capital of France?"}])
+    demo_samples(model, (chat, "def f("), max_new_tokens=2)
+    assert prompted[:2] == [tokenizer.encode(chat), [tokenizer.bos_id, *tokenizer.encode("def f(")]]
 
 
 @pytest.mark.parametrize(
