@@ -5,7 +5,9 @@ The normalisation has a hand-written backward, fewer passes over x than autograd
 dL/dx = r (g - n mean(g n)). On a CPU, float32 or bfloat16, `rms_norm` in seekstack/model/cpu_kernels.cpp does the
 forward (weight included) and the backward in one pass each over a row, bfloat16 rows with a float32 weight too (under
 autocast, MLA's latent norms after a bf16 linear). The output is in x's dtype on every path (bf16 there, as the next
-linear takes it), with the kernel or without (switched off, a compiled region, a GPU, rows strided along a row).
+linear takes it), with the kernel or without (switched off, a compiled region, a GPU, rows strided along a row). A row
+whose squares overflow float32 (values past ~1e19: an adapter's huge lora_alpha) comes out NaN on every path, not as
+rsqrt(inf) = 0's all-zero row, which read as a plain one: the NaN reaches its logits, and the engine ends that request.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class RMSNorm(nn.Module):
 def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x / sqrt(mean(x^2) + eps) and 1 / sqrt(mean(x^2) + eps), both float32."""
     x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    mean_square = x32.pow(2).mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(mean_square + eps).masked_fill_(mean_square.isinf(), torch.nan)  # overflowed: NaN
     return x32 * rstd, rstd
 
 

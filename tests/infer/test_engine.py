@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import seekstack
+from seekstack.adapters.config import AdapterConfig
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.outputs import Completion, Logprob, TokenLogprob
@@ -24,6 +25,7 @@ from seekstack.infer.params import MAX_BAD_WORDS
 from seekstack.infer.sampling import BadWords
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+from tests.adapters.support import write_random_adapter
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -956,6 +958,25 @@ def test_a_greedy_request_whose_logits_turn_nan_fails_saying_why_instead_of_writ
         hook.remove()
     assert failed.finish_reason == "error" and "the logits hold an infinity or NaN" in failed.error
     assert 0 < len(failed.token_ids) < len(clean) and failed.token_ids == clean[: len(failed.token_ids)]
+
+
+def test_an_adapter_whose_hidden_values_square_past_float32_ends_its_row_with_an_error_and_the_others_go_on(
+    tokenizer, tmp_path
+):
+    """lora_alpha 1e10 sends the adapter's hidden values past ~1e19, whose squares overflow float32: RMSNorm's mean
+    square was inf and rsqrt(inf) = 0 gave an all-zero row, every logit 0, so greedy wrote token 0 and sampling drew
+    uniformly, finish_reason "length". The norm's NaN ends that row with "error"; the base rows keep their tokens."""
+    seekstack.save_pretrained(micro_model(num_hidden_layers=1), tmp_path / "base")
+    config = AdapterConfig(rank=4, alpha=1e10)
+    adapter = write_random_adapter(tmp_path / "base", tmp_path / "adapter", seed=1, config=config)
+    engine = Engine(micro_model(num_hidden_layers=1), tokenizer)
+    engine.load_adapter("overflowing", adapter)
+    rows = prompts([6, 9])
+    for params in (GREEDY, SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True)):
+        alone = [completion.token_ids for completion in engine.generate(rows, params)]
+        failed, *plain = engine.generate([rows[0], *rows], params, adapters=["overflowing", None, None])
+        assert (failed.finish_reason, failed.token_ids) == ("error", []) and "LoRA adapter's" in failed.error
+        assert [completion.token_ids for completion in plain] == alone
 
 
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):

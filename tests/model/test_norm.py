@@ -165,3 +165,23 @@ def test_a_frozen_norm_weight_gets_the_same_input_gradient_and_no_weight_gradien
     y, rstd = torch.ops.seekstack.rms_norm(x, norm.weight, 1e-6)
     grad_x, grad_weight = torch.ops.seekstack.rms_norm_backward(upstream, x, norm.weight, rstd, False)
     assert grad_weight is None and torch.equal(grad_x, grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_a_row_whose_squares_overflow_float32_normalizes_to_nan_not_to_zeros(fused, dtype):
+    """Values past ~1e19 square to inf, and rsqrt(inf) = 0 made the row all zeros, which reads as a plain row (an
+    adapter's huge lora_alpha: every logit 0, greedy token 0, no error); it is NaN on both paths, so the engine ends
+    that request with an error, and the other rows come out as they do alone."""
+    torch.manual_seed(0)
+    norm = RMSNorm(40).to(dtype)
+    rows = torch.randn(3, 40).to(dtype)  # 40 values a row: vector steps and a tail
+    rows[1] *= 1e20
+    cpu_kernels.set_enabled(fused)
+    try:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                out, alone = norm(rows).detach(), norm(rows[[0, 2]]).detach()
+            assert out[1].isnan().all() and torch.equal(out[[0, 2]], alone)
+    finally:
+        cpu_kernels.set_enabled(True)
