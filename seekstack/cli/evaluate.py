@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, interrupted_says, options_named, refuse_empty_path, run_given, user_errors
+from seekstack.cli.common import (
+    Checkpoint,
+    interrupted_says,
+    nothing_written_if_interrupted,
+    options_named,
+    refuse_empty_path,
+    run_given,
+    user_errors,
+)
 
 # seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
 LOCAL_TASKS = (
@@ -181,7 +189,7 @@ def explain_command(
     from seekstack.infer.engine import check_tokenizer_fits
     from seekstack.tokenizer import Tokenizer
 
-    with user_errors():
+    with user_errors(), nothing_written_if_interrupted(out):  # loading and the corpus's routing: the slow part
         if text is None and corpus is None:
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
@@ -197,6 +205,7 @@ def explain_command(
             texts = [module["text"] for module in modules]
             source, code = str(corpus / "val.jsonl"), all_python(modules)  # else prose's token classes
             records = corpus_routing(network, tokenizer, texts, max_tokens, source=source, code=code)
+    with user_errors(), interrupted_says(f": {out} may mix this explain's files with an earlier one's: run it again"):
         written: list[Path] = []
         if text is not None:
             by_name = explain_text(network, tokenizer, text, out, model)

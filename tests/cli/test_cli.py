@@ -282,6 +282,26 @@ def test_checkpoint_export_interrupted_says_nothing_was_written(tmp_path, monkey
     assert result.stderr == f"error: interrupted (Ctrl-C): nothing was written to {tmp_path / 'export'}\n"
 
 
+def test_explain_interrupted_says_what_it_left_in_out(tmp_path, monkeypatch):
+    """Ctrl-C while explain loaded the model or read the corpus's routing, or while it wrote its files, ended it with
+    exit 130 and no word."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model, out = model_dir(tmp_path / "model"), tmp_path / "explained"
+    monkeypatch.setattr("seekstack.infer.engine.check_tokenizer_fits", interrupted)
+    result = run("explain", str(model), "x", "--out", str(out))
+    assert (result.exit_code, result.stderr) == (130, f"error: interrupted (Ctrl-C): nothing was written to {out}\n")
+    monkeypatch.undo()
+    monkeypatch.setattr("seekstack.eval.explain.explain_text", interrupted)
+    result = run("explain", str(model), "x", "--out", str(out))
+    assert result.exit_code == 130
+    assert result.stderr == (
+        f"error: interrupted (Ctrl-C): {out} may mix this explain's files with an earlier one's: run it again\n"
+    )
+
+
 def test_eval_interrupted_says_its_results_were_not_written(tmp_path, monkeypatch):
     """Ctrl-C in the minutes eval runs lm-evaluation-harness ended it with exit 130 and no word."""
 
