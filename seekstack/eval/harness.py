@@ -312,10 +312,13 @@ class SeekstackLM(TemplateLM):
             input_ids = torch.full((len(rows), len(rows[0])), self.tokenizer_.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
-            logits = self.model(input_ids.to(self._device)).logits  # (B, T, V)
-            for r, row in enumerate(rows):
-                scored_length = max(len(requests[i][2]) for i in readers[row])  # S: its longest continuation
-                logprobs = F.log_softmax(logits[r, len(row) - scored_length : len(row)].float(), dim=-1)  # (S, V)
+            scored_lengths = [max(len(requests[i][2]) for i in readers[row]) for row in rows]  # longest continuations
+            S = max(scored_lengths)  # the head runs on each row's last S positions alone, the ones read
+            ends = torch.tensor([len(row) for row in rows])
+            logits_at = (ends[:, None] - S + torch.arange(S)).clamp(min=0)  # (B, S); a row shorter than S: 0, unread
+            logits = self.model(input_ids.to(self._device), logits_at=logits_at.to(self._device)).logits  # (B, S, V)
+            for r, (row, scored_length) in enumerate(zip(rows, scored_lengths, strict=True)):
+                logprobs = F.log_softmax(logits[r, S - scored_length :].float(), dim=-1)  # (scored_length, V)
                 for i in readers[row]:
                     continuation = requests[i][2]
                     scored = logprobs[scored_length - len(continuation) :]  # (len(continuation), V)

@@ -223,7 +223,8 @@ class Transformer(nn.Module):
         balance loss are its own, as it would have alone in a row (a sequence restarts wherever a position is not one
         more than the one before; consecutive positions are one sequence, computed through the explicit mask).
 
-        `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
+        `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more;
+        (B, S) picks S a row, (B, S, V): the continuation a loglikelihood scores.
         With labels, `keep_logits=False` returns no logits: the loss never needs them whole, so training skips them.
         `counted` (B, T) bool marks the tokens the MoE layers' expert load and balance loss count: a padded batch
         leaves its padding out (as transformers' attention_mask does for its balance loss).
@@ -302,7 +303,8 @@ class Transformer(nn.Module):
         if labels is not None:
             lm_loss, logits = self.head_loss(hidden, _token_targets(labels, attention_mask, segments, 1), keep_logits)
         elif logits_at is not None:
-            logits = self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at].unsqueeze(1))
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+            logits = self.lm_head(hidden[rows, logits_at.view(hidden.shape[0], -1)])  # (B, S, V); S = 1 for (B,)
         else:
             logits = self.lm_head(hidden)
         if labels is None:

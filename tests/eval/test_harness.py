@@ -67,6 +67,28 @@ def test_loglikelihood_is_the_sum_over_the_continuation_of_one_forward(ours):
         assert logprob == pytest.approx(expected, abs=ATOL)
 
 
+def test_loglikelihood_runs_the_head_on_the_scored_positions_alone_with_the_same_results(ours, monkeypatch):
+    """The head ran over every position of a batch, though only each row's continuation is read (~9% of a 4 x 512
+    eval forward): it runs on those alone now, and every log-likelihood is bitwise the one of the whole logits."""
+    head_rows = []
+    hook = ours.model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[:-1].numel()))
+    try:
+        scored = ours.loglikelihood(requests("loglikelihood", PAIRS))
+    finally:
+        hook.remove()
+    longest = max(len(ours.tok_encode(context + continuation)) for context, continuation in PAIRS)
+    assert sum(head_rows) < 2 * longest, f"the head ran on {sum(head_rows)} positions"
+    forward = ours.model.forward
+
+    def whole_logits_then_read(input_ids, *args, logits_at=None, **kwargs):
+        output = forward(input_ids, *args, **kwargs)
+        output.logits = output.logits[torch.arange(len(input_ids))[:, None], logits_at]
+        return output
+
+    monkeypatch.setattr(ours.model, "forward", whole_logits_then_read)
+    assert scored == ours.loglikelihood(requests("loglikelihood", PAIRS))
+
+
 @pytest.mark.parametrize(("context", "continuation"), [(" ", "x = 1"), ("\n", "\n\n"), ("  ", "  ")])
 def test_a_context_of_whitespace_alone_is_scored_after_bos_as_an_empty_one(ours, context, continuation):
     """lm_eval moves a context's trailing whitespace into the continuation, which left a context of whitespace alone
