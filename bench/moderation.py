@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from options import number_between, positive_int
+from options import config_number, positive_int
 
 import seekstack
 from seekstack.corpus.quality import train_quality_model
 from seekstack.infer import Engine, SamplingParams
-from seekstack.serve.moderation import ModeratedStream, Policy, scan
+from seekstack.serve.moderation import CategoryRule, ModeratedStream, Policy, scan
 from seekstack.tokenizer import train_tokenizer
 
 WEAPONS = ["pipe bomb", "nerve agent", "explosive device", "ghost gun", "napalm", "thermite charge", "molotov cocktail",
@@ -187,8 +187,8 @@ def main() -> None:
     parser.add_argument("--requests", type=positive_int, default=20, help="requests timed for the overhead")
     parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    fraction = number_between(0, 1)  # a classifier probability, as a policy's threshold takes it
-    parser.add_argument("--thresholds", type=fraction, nargs="+", default=[0.5, 0.55, 0.6], help="classifier's")
+    threshold = config_number(CategoryRule, "threshold")  # a classifier probability, as a policy's category takes it
+    parser.add_argument("--thresholds", type=threshold, nargs="+", default=[0.5, 0.55, 0.6], help="classifier's")
     args = parser.parse_args()
     data = labelled_set(args.seed, args.per_template)
     with tempfile.TemporaryDirectory() as scratch:

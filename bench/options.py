@@ -4,7 +4,6 @@ Every bench imports it, and with it ctrl_c.py: how Ctrl-C ends one run as a scri
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,9 @@ import ctrl_c  # noqa: F401 (a bench run ends in one line on Ctrl-C)
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
+from seekstack.schema import ConfigError, check_field
 from seekstack.tokens.shards import load_index
+from seekstack.train.config import TrainConfig
 from seekstack.train.runs import run_checkpoint
 
 
@@ -69,12 +70,25 @@ def check_task(parser: argparse.ArgumentParser, task: str, difficulty: int | Non
 
 
 def learning_rate(text: str) -> float:
-    """An argparse type for a learning rate: a finite number of at least 0, so that nan, inf or a negative one is
-    refused by name before any work, not in the trainer's ConfigError traceback (field 'lr') once a run is under way."""
-    value = _number(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{value:g}: a finite number of at least 0")
-    return value
+    """An argparse type for a learning rate as the trainers take it (TrainConfig's lr; post-training's and distill's
+    have its rule): one they refuse is refused by name before any work, not once a run is under way."""
+    return config_number(TrainConfig, "lr")(text)
+
+
+def config_number(cls: type, field: str) -> Callable[[str], float]:
+    """An argparse type for a number that field `field` of config `cls` takes (SamplingParams' temperature), its range
+    said once, in the config: one out of it (nan, inf) is refused by name before any work, not in its ConfigError
+    traceback after it."""
+
+    def number(text: str) -> float:
+        value = _number(text)
+        try:
+            check_field(cls, field, value)
+        except ConfigError as error:  # "has value nan: input should be a finite number"
+            raise argparse.ArgumentTypeError(error.problem.removeprefix("has value ")) from None
+        return value
+
+    return number
 
 
 def _number(text: str) -> float:

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from options import check_task, checkpoint_folder, learning_rate, number_between, positive_int
+from options import check_task, checkpoint_folder, config_number, learning_rate, positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
-from seekstack.infer import Engine
+from seekstack.infer import Engine, SamplingParams
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import write_conversations
 from seekstack.posttrain.distill import verified_traces
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--samples", type=positive_int, default=2, help="teacher samples per problem")
     parser.add_argument(
         "--temperature",
-        type=number_between(0, 100),
+        type=config_number(SamplingParams, "temperature"),
         default=1.0,
         help="the teacher's sampling temperature, 0 (greedy) to 100 as the engine takes it",
     )
