@@ -103,6 +103,14 @@ class ModelConfig:
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
 
+    @property
+    def routing_groups(self) -> tuple[int, int]:
+        """(n_group, topk_group) as the router uses them: (1, 1) for greedy routing, which picks among all experts
+        whatever the config's group fields say (they go unchecked for it)."""
+        if self.topk_method == "greedy":
+            return 1, 1
+        return self.n_group or 1, self.topk_group or 1
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` (MTP blocks continue the numbering) uses DeepSeekMoE."""
         return (
@@ -235,7 +243,7 @@ class ModelConfig:
         require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
         if self.topk_method == "greedy":
             return
-        groups, topk_group = self.n_group or 1, self.topk_group or 1
+        groups, topk_group = self.routing_groups
         require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
         require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
         reachable = topk_group * (experts // groups)

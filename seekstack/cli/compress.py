@@ -421,7 +421,7 @@ def _rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: 
     from seekstack.compress.prune import removed_count
 
     notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
-    groups = config.n_group or 1
+    groups, _ = config.routing_groups
     expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
     experts_removed = groups * removed_count(config.n_routed_experts // groups, experts) if has_moe else 0
     heads_removed = removed_count(config.num_attention_heads, heads)

@@ -64,7 +64,7 @@ def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
     """ValueError, before anything is pruned, when removing `fraction` of each group's routed experts leaves fewer
     than the config's routing takes (num_experts_per_tok, topk_group, noaux_tc's top-2 group score), naming the
     largest fraction that leaves enough."""
-    groups = config.n_group or 1
+    groups, _ = config.routing_groups
     per_group = config.n_routed_experts // groups
 
     def refusal(keep: int) -> str | None:
@@ -107,7 +107,7 @@ def prune_experts(model: nn.Module, mass: dict[str, torch.Tensor], fraction: flo
     per layer. The config's n_routed_experts shrinks to match."""
     config = model.config
     refuse_too_few_kept(config, fraction)
-    groups = config.n_group or 1
+    groups, _ = config.routing_groups
     removed = {}
     for name, module in model.named_modules():
         if not isinstance(module, MoE):

@@ -83,8 +83,7 @@ class Router(Float32Buffers):
         assert config.n_routed_experts and config.num_experts_per_tok
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.topk_method, self.scoring_func = config.topk_method, config.scoring_func
-        grouped = self.topk_method != "greedy"  # greedy picks among all experts, whatever n_group/topk_group say
-        self.n_group, self.topk_group = (config.n_group or 1, config.topk_group or 1) if grouped else (1, 1)
+        self.n_group, self.topk_group = config.routing_groups
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if self.topk_method == "noaux_tc":

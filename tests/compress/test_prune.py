@@ -11,6 +11,7 @@ import seekstack
 from seekstack import Transformer
 from seekstack.compress.heads import heads_to_keep
 from seekstack.compress.prune import experts_to_keep, gate_mass, prune_experts, removed_count
+from seekstack.model.moe import MoE
 from tests.conftest import micro_config
 
 BATCHES = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
@@ -20,6 +21,18 @@ def test_least_used_experts_go_the_same_number_per_group():
     mass = torch.tensor([5.0, 1.0, 7.0, 3.0, 0.5, 9.0, 2.0, 8.0])  # groups {0..3}, {4..7}
     assert experts_to_keep(mass, groups=2, fraction=0.25).tolist() == [0, 2, 3, 5, 6, 7]
     assert experts_to_keep(mass, groups=2, fraction=0.4).tolist() == [0, 2, 5, 7]  # 1.6 of 4 per group: 2 go
+
+
+def test_greedy_routing_prunes_its_experts_as_one_group_whatever_n_group_says():
+    """Greedy routing picks among all experts and its config's n_group goes unchecked: pruning split 8 experts into
+    n_group=3 groups ("shape '[3, -1]' is invalid for input of size 8"); the router, pruning and its notes now read the
+    groups the routing uses (`ModelConfig.routing_groups`), one for greedy."""
+    config = micro_config(n_routed_experts=8, n_group=3, topk_group=1, topk_method="greedy")
+    assert config.routing_groups == (1, 1)
+    model = Transformer(config)
+    mass = {name: torch.arange(8.0) for name, module in model.named_modules() if isinstance(module, MoE)}
+    removed = prune_experts(model, mass, 0.5)
+    assert set(map(tuple, removed.values())) == {(0, 1, 2, 3)} and model.config.n_routed_experts == 4
 
 
 def test_half_an_expert_or_a_head_rounds_down_whichever_the_neighbours():
