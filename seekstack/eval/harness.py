@@ -306,7 +306,10 @@ class SeekstackLM(TemplateLM):
         for i, (_, context, continuation) in enumerate(requests):
             readers[tuple((context + continuation)[-(self.max_length + 1) :][:-1])].append(i)
         inputs = sorted(readers, key=len, reverse=True)
-        batch_size = self.batch_size_per_step or (self._largest_batch(len(inputs[0])) if inputs else 1)
+        longest_continuation = max((len(continuation) for _, _, continuation in requests), default=0)
+        batch_size = self.batch_size_per_step or (
+            self._largest_batch(len(inputs[0]), longest_continuation) if inputs else 1
+        )
         for start in range(0, len(inputs), batch_size):
             rows = inputs[start : start + batch_size]
             input_ids = torch.full((len(rows), len(rows[0])), self.tokenizer_.pad_id, dtype=torch.long)
@@ -327,16 +330,18 @@ class SeekstackLM(TemplateLM):
                     results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
         return results  # type: ignore[return-value]
 
-    def _largest_batch(self, width: int) -> int:
+    def _largest_batch(self, width: int, scored: int) -> int:
         """batch_size="auto": the most rows of `width` tokens (the longest request's), up to max_batch_size, whose
-        forward and a row's float32 log-softmax the device runs without running out of memory (accelerate's search,
-        as lm_eval's HF backend finds its batch size)."""
+        forward (the head on each row's last `scored` positions, the longest continuation's) and a row's float32
+        log-softmax the device runs without running out of memory (accelerate's search, as lm_eval's HF backend finds
+        its batch size)."""
         from accelerate.utils import find_executable_batch_size
 
         @find_executable_batch_size(starting_batch_size=self.max_batch_size)
         def forward(batch_size: int) -> int:
             input_ids = torch.full((batch_size, width), self.tokenizer_.pad_id, dtype=torch.long, device=self._device)
-            F.log_softmax(self.model(input_ids).logits[0].float(), dim=-1)
+            logits_at = torch.arange(width - scored, width, device=self._device).expand(batch_size, -1)
+            F.log_softmax(self.model(input_ids, logits_at=logits_at).logits[0].float(), dim=-1)
             return batch_size
 
         batch_size = forward()

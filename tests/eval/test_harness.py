@@ -89,6 +89,21 @@ def test_loglikelihood_runs_the_head_on_the_scored_positions_alone_with_the_same
     assert scored == ours.loglikelihood(requests("loglikelihood", PAIRS))
 
 
+def test_batch_size_auto_sizes_its_batch_by_the_positions_the_head_runs_on(checkpoint, monkeypatch):
+    """The search for batch_size="auto" ran the head over every position, which the scoring forwards no longer do: it
+    picked fewer rows than fit. Its forward now asks for the longest continuation's positions, as theirs do."""
+    lm = SeekstackLM(pretrained=checkpoint, batch_size="auto", max_batch_size=4, max_gen_toks=32)
+    forward, asked = lm.model.forward, []
+
+    def recording(input_ids, *args, logits_at=None, **kwargs):
+        asked.append(None if logits_at is None else tuple(logits_at.shape))
+        return forward(input_ids, *args, logits_at=logits_at, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", recording)
+    lm.loglikelihood(requests("loglikelihood", PAIRS))
+    assert asked[0] == (4, max(scored for _, scored in asked[1:])), asked
+
+
 @pytest.mark.parametrize(("context", "continuation"), [(" ", "x = 1"), ("\n", "\n\n"), ("  ", "  ")])
 def test_a_context_of_whitespace_alone_is_scored_after_bos_as_an_empty_one(ours, context, continuation):
     """lm_eval moves a context's trailing whitespace into the continuation, which left a context of whitespace alone
