@@ -8,13 +8,14 @@ import glob
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, TypeVar
 
 from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.corpus.split import share_count
 from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.tasks.problems_file import is_problems_file
 from seekstack.schema import (
     Fraction,
     NonNegative,
@@ -42,6 +43,9 @@ TRL_SCRIPT_NOTES = {
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default max_prompt_length
 TOKENIZER_OF_INIT_FROM = "its tokenizer (tokenizer is unset)"  # what a run encoding with init_from's reads of it
+
+
+Posttraining = TypeVar("Posttraining", "ConversationConfig", "GRPOConfig")  # a config with a task
 
 
 @dataclass
@@ -121,6 +125,9 @@ class ConversationConfig(TrainConfig):
     def held_out_fraction(self) -> float:
         """The share of the conversations this run holds out (the module's `held_out_fraction` of its fields)."""
         return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
+
+    def validate(self, source: str | None = None, resume: bool = False) -> ConversationConfig:
+        return with_problems_file_absolute(super().validate(source, resume))
 
     def to_dict(self) -> dict:
         return _loop_fields(self)
@@ -347,7 +354,7 @@ class GRPOConfig(TrainConfig):
 
     def validate(self, source: str | None = None, resume: bool = False) -> GRPOConfig:
         _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them
-        config = super().validate(source, resume)
+        config = with_problems_file_absolute(super().validate(source, resume))
         require_task(config.task, source, config.difficulty)
         _require_tokenizer(config, source)
         try:
@@ -474,6 +481,15 @@ def _loop_fields(config: TrainConfig) -> dict:
 
 nested_config(SFTConfig, "model_overrides", ModelConfig, prefix="model")
 nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
+
+
+def with_problems_file_absolute(config: Posttraining) -> Posttraining:
+    """`config` whose task, where it names a file of problems there is, holds its absolute path: train_config.json
+    keeps it so, and resume, report and sample find it from any folder (a run kept it as given, relative to where it
+    started, and one so kept is read from the working directory as before)."""
+    if is_problems_file(config.task) and Path(config.task).is_file():
+        return dataclasses.replace(config, task=str(Path(config.task).absolute()))
+    return config
 
 
 def require_task(task: str, source: str | None = None, difficulty: int | None = None) -> None:

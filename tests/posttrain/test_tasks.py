@@ -1287,6 +1287,23 @@ def test_a_file_of_problems_is_a_task_whose_answers_read_as_numbers(tmp_path):
         make_task(path, 2)
 
 
+def test_a_file_of_problems_given_relative_is_kept_absolute_so_that_the_run_finds_it_from_any_folder(
+    tmp_path, monkeypatch
+):
+    """task=problems.jsonl was kept in train_config.json as given, relative to where the run started: resume, report
+    and sample from another folder found no such file. A task that names no file is kept as given."""
+    problems_file(
+        tmp_path / "problems.jsonl", [{"question": f"What is {n} + {n}?", "answer": 2 * n} for n in range(40)]
+    )
+    model = micro_checkpoint(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    for cls in (GRPOConfig, SFTConfig, DistillConfig):
+        fields = ["task=problems.jsonl", f"init_from={model}", f"out_dir={tmp_path / 'run'}"]
+        config = resolve_train_config(None, [*fields, f"teacher={model}"] if cls is DistillConfig else fields, cls=cls)
+        assert config.task == str(tmp_path / "problems.jsonl")
+    assert resolve_train_config(None, ["task=addition", f"init_from={model}"], cls=GRPOConfig).task == "addition"
+
+
 def test_a_file_of_math_problems_and_solutions_is_a_task_verified_against_each_solutions_boxed_answer(tmp_path):
     """The MATH dataset's (and NuminaMath's) lines are {"problem", "solution"}, the solution worked out to a final
     \\boxed{...}, which TRL's accuracy_reward verifies against: such a file was refused, "no field question"."""
