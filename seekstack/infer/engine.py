@@ -1160,7 +1160,8 @@ class Engine:
         - no adapter loaded (its rows' selection is a branch of the graph);
         - on `guard_skip_thread`: the skip is torch's process-wide stance, under which another thread's compiled call
           skips its check too and one that needs a compile raises (a GRPO run's compiled training blocks on the main
-          thread beside `async_rollouts`' rollout thread, whose steps therefore never skip).
+          thread beside `async_rollouts`' rollout thread, whose steps therefore never skip); other engines' compiled
+          calls, on any thread, wait for the skipped step to end (`_COMPILED_CALLS`).
         Skipped, dynamo still checks the guards that tell its cached graphs apart (every input and buffer tensor's
         shape, dtype and device, the size guards, any guard that ever failed) and raises, before running anything,
         where none passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a
@@ -1172,7 +1173,7 @@ class Engine:
             and input_ids.shape in self._guarded_shapes
         ):
             try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                with _COMPILED_CALLS, torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._decode_model(input_ids, cache=self.cache, positions=positions)
             except RuntimeError as error:  # no cached graph's differentiating guards passed
                 if "skip_guard_eval_unsafe" not in str(error):
@@ -1793,6 +1794,13 @@ DECODE_COMPILE_OPTIONS: dict[str, Any] = {
 }
 
 
+# Held around each compiled call of the engines in this process and around a decode step that skips dynamo's guard
+# check (`_decode_step`): torch's stance is process-wide, so another thread's compiled call during the skip would skip
+# its guards too (a graph whose guards no longer hold, or a raise where it needs a compile), and two threads' skips
+# ending out of order left the stance skipping for the whole process; `_compiled`'s settings are process-wide too.
+_COMPILED_CALLS = threading.RLock()
+
+
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     """`function` through torch.compile with dynamic shapes, one graph for every batch of 2 or more rows (a GRPO
     rollout's 16 rows finishing one by one, a server's batch): sizes that happen to be equal at the first trace (16
@@ -1817,14 +1825,15 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         # set and restored by hand at each call: the configs' patch() context costs ~0.1-0.3 ms a call, a decode step
-        saved = [getattr(config, name) for config, name, _ in settings]
-        for config, name, value in settings:
-            setattr(config, name, value)
-        try:
-            return compiled(*args, **kwargs)
-        finally:
-            for (config, name, _), value in zip(settings, saved, strict=True):
+        with _COMPILED_CALLS:
+            saved = [getattr(config, name) for config, name, _ in settings]
+            for config, name, value in settings:
                 setattr(config, name, value)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                for (config, name, _), value in zip(settings, saved, strict=True):
+                    setattr(config, name, value)
 
     return run
 

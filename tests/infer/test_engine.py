@@ -3,6 +3,7 @@ steps, errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -864,6 +865,56 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
     for engine in (eager, compiled):
         engine.load_adapter("random", adapter)
     assert same_tokens(adapters="random") == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+def test_another_engines_compiled_steps_wait_while_one_thread_skips_the_guard_check(tokenizer, monkeypatch):
+    """torch's skip_guard_eval_unsafe stance is process-wide: a compiled call another thread made during an engine's
+    skipped step skipped its own guards too (a graph whose guards no longer hold, or a raise where it needs a compile),
+    and two engines skipping on two threads (a served one beside one on the main thread) left the stance skipping for
+    the whole process (/tmp/h32/LLG/two_engines.py). A second engine stepped on a thread meanwhile waits for the
+    skipped step to end, and its tokens stay its own."""
+    from torch._dynamo import eval_frame
+
+    compile_, calls = torch.compile, []  # at each compiled call: its thread, whether the process skipped guards then
+    another_call = threading.Event()
+
+    def traced(function, **_):
+        graph = compile_(function, dynamic=True, backend="eager")  # dynamo's guards, without inductor's compile
+
+        def call(*args, **kwargs):
+            calls.append((threading.current_thread(), eval_frame._stance.skip_guard_eval_unsafe))
+            if threading.current_thread() is not threading.main_thread():
+                another_call.set()
+            return graph(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", traced)
+    model = micro_model(num_hidden_layers=1)  # one model: its graph traced once serves both engines
+    skipping, other = (Engine(model, tokenizer, max_batch_size=1, compile=True) for _ in "ab")
+    one, greedy = prompts([6]), SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    [expected] = [completion.token_ids for completion in skipping.generate(one, greedy)]  # its shape guarded
+    assert [completion.token_ids for completion in other.generate(one, greedy)] == [expected]
+    on_a_thread: list[list[int]] = []
+    thread = threading.Thread(target=lambda: on_a_thread.extend(c.token_ids for c in other.generate(one, greedy)))
+    set_stance = torch.compiler.set_stance
+
+    @contextlib.contextmanager
+    def skip_stepping_the_other_engine(*args, **kwargs):
+        with set_stance(*args, **kwargs):
+            if thread.ident is None:  # the first skipped step
+                thread.start()
+                another_call.wait(timeout=0.5)  # at once without the wait for the skip to end
+            yield
+
+    monkeypatch.setattr(torch.compiler, "set_stance", skip_stepping_the_other_engine)
+    del calls[:]
+    assert [completion.token_ids for completion in skipping.generate(one, greedy)] == [expected]
+    thread.join()
+    assert on_a_thread == [expected] and not eval_frame._stance.skip_guard_eval_unsafe
+    assert [skipped for caller, skipped in calls if caller is thread] == [False, False]  # was [True, ...]
+    assert [skipped for caller, skipped in calls if caller is not thread] == [True, True]  # both steps skipped
 
 
 def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compile(model, tokenizer, monkeypatch):
