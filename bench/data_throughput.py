@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import resource
 import tempfile
@@ -59,8 +60,8 @@ def main() -> None:
     missing = missing_corpora(args.corpora)
     if missing:
         parser.error(f"--corpora {missing}")
-    if not args.mib > 0:
-        parser.error(f"--mib {args.mib}: more than 0 MiB of documents to build")
+    if not 0 < args.mib < math.inf:  # inf: the generator never reached its budget, building until the disk filled
+        parser.error(f"--mib {args.mib}: more than 0 MiB of documents to build, a finite number")
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as out:
             started, cpu = time.perf_counter(), time.process_time()

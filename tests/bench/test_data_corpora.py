@@ -75,12 +75,14 @@ def test_data_throughput_stops_on_corpora_that_hold_no_text_instead_of_looping_f
     assert f"--corpora {tmp_path}: code.jsonl, prose.jsonl, zh.jsonl hold no text" in run.stderr
 
 
-def test_data_throughput_refuses_zero_mib(tmp_path, run_here):
+@pytest.mark.parametrize("mib", ["0", "inf"])
+def test_data_throughput_refuses_zero_or_endless_mib(tmp_path, run_here, mib):
+    """--mib inf passed `> 0` and built documents until the disk filled."""
     for name in ("code", "prose", "zh"):
         (tmp_path / f"{name}.jsonl").write_text("")
-    run = run_here("data_throughput.py", "--corpora", str(tmp_path), "--mib", "0")
+    run = run_here("data_throughput.py", "--corpora", str(tmp_path), "--mib", mib)
     assert run.returncode == 2
-    assert "--mib 0.0: more than 0 MiB of documents to build" in run.stderr
+    assert f"--mib {float(mib)}: more than 0 MiB of documents to build, a finite number" in run.stderr
 
 
 def test_datatrove_bench_skips_an_empty_corpus_in_one_line_instead_of_dividing_by_zero(tmp_path, run_here):
