@@ -1,9 +1,13 @@
-"""The fused CPU kernels' build and load (cpu_kernels.py): what a user is told when the library cannot be used."""
+"""The fused CPU kernels' build and load (cpu_kernels.py): where they build, locks and half-written libraries between
+processes, and what a user is told when the library cannot be used."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +58,74 @@ def test_a_library_another_process_just_built_is_loaded_not_dropped_as_unproven(
     with pytest.warns(UserWarning, match="stop before loading"):
         cpu_kernels.available()
     assert found == [True]
+
+
+def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, monkeypatch):
+    folders = []
+
+    def record_and_fail(**kwargs):
+        folders.append(Path(kwargs["build_directory"]))
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", record_and_fail)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="did not build"):
+        assert not cpu_kernels.available()
+    assert [folder.parent for folder in folders] == [tmp_path]
+
+
+@pytest.mark.parametrize("key", ["flags", "Features"], ids=["x86", "arm"])
+def test_the_build_folder_tells_apart_cpus_with_other_instruction_sets(tmp_path, key):
+    tags = []
+    for flags in ("fp asimd sve", "fp asimd"):  # a CPU with SVE, one without: a build for the first is not for both
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\n{key}\t\t: {flags}\n")
+        tags.append(cpu_kernels._cpu_tag(cpuinfo))
+    assert tags[0] != tags[1]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
+    stale = tmp_path / "stale" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    os.utime(stale, (time.time() - 2 * cpu_kernels.STALE_LOCK_SECONDS,) * 2)
+    cpu_kernels._clear_stale_lock(stale)
+    assert not stale.exists()
+
+    live = tmp_path / "live" / "lock"
+    live.parent.mkdir()
+    live.touch()
+    finished = threading.Timer(1.0, live.unlink)  # the other build finishing
+    finished.start()
+    started = time.monotonic()
+    cpu_kernels._clear_stale_lock(live)
+    assert time.monotonic() - started >= 0.9 and not live.exists()
+
+
+def test_a_kernel_library_no_process_loaded_as_it_is_is_rebuilt_not_loaded(tmp_path):
+    library = tmp_path / f"{cpu_kernels.NAME}.so"
+    library.write_bytes(b"\x7fELF" + bytes(100))  # a link cut short: loading it would kill the process
+    cpu_kernels._drop_unproven(library)
+    assert not library.exists()
+
+    library.write_bytes(b"\x7fELF" + bytes(4000))
+    cpu_kernels._proof(library).write_text(cpu_kernels._signature(library))  # what a successful load records
+    cpu_kernels._drop_unproven(library)
+    assert library.exists()
+    with library.open("r+b") as damaged:
+        damaged.truncate(1000)
+    cpu_kernels._drop_unproven(library)
+    assert not library.exists()
+
+
+def test_two_installations_build_the_kernels_in_folders_of_their_own(tmp_path, monkeypatch):
+    """ninja rebuilt the shared library whenever another installation's source path had built it last, so a
+    checkout and its clone (or two venvs) rebuilt it over each other at every process's first use."""
+    here = cpu_kernels._build_folder(tmp_path)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "clone" / cpu_kernels.SOURCE.name)
+    there = cpu_kernels._build_folder(tmp_path)
+    assert here != there and here.parent == there.parent == tmp_path
+    assert here.name.startswith(f"{cpu_kernels.NAME}-torch{torch.__version__}-")
+    monkeypatch.undo()
+    assert cpu_kernels._build_folder(tmp_path) == here  # the same installation finds its build again
