@@ -6,12 +6,19 @@ import sys
 import pytest
 import torch
 
-from seekstack.allocator import keep_freed_memory
+from seekstack.allocator import OFF_SWITCH, USER_SETTINGS, keep_freed_memory
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
     reason="glibc's malloc only",
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_malloc_settings_of_the_runs_own(monkeypatch):
+    """The tests' own shell may set glibc's thresholds or the off switch: each test starts without them."""
+    for name in [*USER_SETTINGS, OFF_SWITCH, "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name, raising=False)
 
 
 def _faults_of_a_fresh_64_mib_tensor() -> int:
