@@ -13,6 +13,7 @@ from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.params import EngineOptions
 from seekstack.infer.placement import disk_parts_note
 from seekstack.serve.launch import ServeOptions, build_server
+from tests.adapters.support import write_random_adapter
 from tests.serve.server import free_port, make_model_dir, run
 
 CACHE_OF_10_BLOCKS = "60KiB"  # micro_config: (16 + 8) latent values x 4 layers x 4 bytes x 16 tokens = 6 KiB a block
@@ -156,6 +157,22 @@ def test_serve_takes_vllms_json_form_of_an_adapter_and_explains_a_malformed_one(
         assert refused.exit_code == 1 and 'expected {"name": NAME, "path": DIR} (vLLM\'s form' in refused.stderr
     refused = CliRunner().invoke(app, [*serve, "--lora-modules", "{name: legal}"])
     assert refused.exit_code == 1 and "--adapter '{name: legal}': not JSON (Expecting property name" in refused.stderr
+
+
+def test_serve_refuses_an_adapter_past_max_lora_rank_naming_the_option_before_reading_the_model(tmp_path, monkeypatch):
+    """`serve --adapter legal=DIR --max-lora-rank 2`, the adapter of rank 4, loaded the weights and then failed naming
+    the engine's keyword: "... more than max_lora_rank=2 this engine was started with; start it with a larger
+    max_lora_rank"."""
+    monkeypatch.setattr("seekstack.infer.engine.Engine.from_pretrained", lambda *args, **kw: pytest.fail("read it"))
+    model_dir = make_model_dir(tmp_path)
+    adapter = write_random_adapter(model_dir, tmp_path / "legal", seed=1)  # rank 4
+    serve = ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), "--adapter", f"legal={adapter}"]
+    refused = CliRunner().invoke(app, [*serve, "--max-lora-rank", "2"])
+    assert refused.exit_code == 1, refused.output
+    assert " ".join(refused.stderr.split()) == (
+        f"error: --max-lora-rank 2 is less than the rank 4 of --adapter legal={adapter}: give --max-lora-rank 4 or "
+        "more, or leave it out (the largest --adapter rank)"
+    )
 
 
 @pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://App.example", "null"])
