@@ -309,9 +309,15 @@ def _named_adapters(values: list[str]) -> dict[str, Path]:
                     "base_model_name is taken too)"
                 )
         else:
-            name, _, folder = value.partition("=")
-        if not name or not folder:
-            raise ValueError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal")
+            name, equals, folder = value.partition("=")
+            if not equals:
+                raise ValueError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal")
+        if not name.strip() or not folder.strip():  # either form: legal=, {"name": "legal", "path": ""}
+            blank = "name" if not name.strip() else "folder"
+            raise ValueError(
+                f"--adapter {shown_value(value)}: the adapter's {blank} is blank (a shell variable left unset?); give "
+                'NAME=DIR, e.g. --adapter legal=runs/legal, or vLLM\'s {"name": NAME, "path": DIR}'
+            )
         if name in adapters:
             raise ValueError(f"--adapter {name}=...: the name is given twice")
         adapters[name] = Path(folder)

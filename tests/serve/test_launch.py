@@ -175,6 +175,26 @@ def test_serve_refuses_an_adapter_past_max_lora_rank_naming_the_option_before_re
     )
 
 
+@pytest.mark.parametrize(
+    ("given", "blank"),
+    [("legal=", "folder"), ("legal= ", "folder"), ("=runs/legal", "name"), ('{"name": "legal", "path": ""}', "folder"),
+     ('{"name": " ", "path": "runs/legal"}', "name")],
+)  # fmt: skip
+def test_serve_refuses_an_adapter_whose_name_or_folder_is_blank_saying_which_in_either_form(
+    tmp_path, monkeypatch, given, blank
+):
+    """vLLM's form with an empty path was told 'expected NAME=DIR', of the other form, with nothing about the path;
+    `legal= ` was refused only once the weights had loaded ("adapter folder ' ': a blank path")."""
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args, **kw: pytest.fail("read the model"))
+    serve = ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db")]
+    refused = CliRunner().invoke(app, [*serve, "--adapter", given])
+    assert refused.exit_code == 1, refused.output
+    assert refused.stderr == (
+        f"error: --adapter {given!r}: the adapter's {blank} is blank (a shell variable left unset?); give NAME=DIR, "
+        'e.g. --adapter legal=runs/legal, or vLLM\'s {"name": NAME, "path": DIR}\n'
+    )
+
+
 @pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://App.example", "null"])
 def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_the_model(tmp_path, origin):
     options = ServeOptions(port=free_port(), database=str(tmp_path / "k.db"), cors_origins=(origin,))
