@@ -485,8 +485,8 @@ nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
 
 def with_problems_file_absolute(config: Posttraining) -> Posttraining:
     """`config` whose task, where it names a file of problems there is, holds its absolute path: train_config.json
-    keeps it so, and resume, report and sample find it from any folder (a run kept it as given, relative to where it
-    started, and one so kept is read from the working directory as before)."""
+    keeps it so, and resume, report and sample find it from any folder (one a train_config.json holds relative is read
+    from the working directory)."""
     if is_problems_file(config.task) and Path(config.task).is_file():
         return dataclasses.replace(config, task=str(Path(config.task).absolute()))
     return config
