@@ -670,7 +670,11 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
             return squares + x0 * x0 + x1 * x1;
           },
           [&](float squares, int64_t d) { return squares + float(xs[d]) * float(xs[d]); });
-      const float r = 1.f / std::sqrt(sum / D + static_cast<float>(eps));
+      // a row whose squares overflow float32 (values past ~1e19: an adapter's huge lora_alpha) has no scale: NaN, not
+      // 1 / sqrt(inf) = 0, whose all-zero row read as a plain one; the NaN reaches its logits, and the engine ends it
+      const float mean_square = sum / D;
+      const float r = std::isinf(mean_square) ? std::numeric_limits<float>::quiet_NaN()
+                                              : 1.f / std::sqrt(mean_square + static_cast<float>(eps));
       rstd_data[row] = r;
       over_row(
           D,
