@@ -13,6 +13,7 @@ import ctrl_c  # noqa: F401 (a bench run ends in one line on Ctrl-C)
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
+from seekstack.posttrain.tasks import make_task
 from seekstack.schema import ConfigError, check_field
 from seekstack.tokens.shards import load_index
 from seekstack.train.config import TrainConfig
@@ -61,18 +62,10 @@ def number_between(least: float, most: float) -> Callable[[str], float]:
 def check_task(parser: argparse.ArgumentParser, task: str, difficulty: int | None) -> None:
     """argparse's error naming --task and --difficulty where the post-training task is none or refuses the difficulty
     (0, past its most), before any work, not in make_task's traceback once a teacher or a run is under way."""
-    from seekstack.posttrain.tasks import make_task
-
     try:
         make_task(task, difficulty)
     except ValueError as error:
         parser.error(f"--task {task} --difficulty {difficulty}: {error}")
-
-
-def learning_rate(text: str) -> float:
-    """An argparse type for a learning rate as the trainers take it (TrainConfig's lr; post-training's and distill's
-    have its rule): one they refuse is refused by name before any work, not once a run is under way."""
-    return config_number(TrainConfig, "lr")(text)
 
 
 def config_number(cls: type, field: str) -> Callable[[str], float]:
@@ -125,6 +118,8 @@ def read_by(read: Callable[[Path], object], folder_of: Callable[[str], Path] = P
     return folder
 
 
+# a learning rate as the trainers take it (TrainConfig's lr; post-training's and distill's have its rule)
+learning_rate = config_number(TrainConfig, "lr")
 # a checkpoint, or a training run's out_dir standing for its newest checkpoint, as on seekstack's command line
 checkpoint_folder = read_by(read_config, folder_of=lambda text: run_checkpoint(text) or Path(text))
 adapter_folder = read_by(read_lora_config)  # a LoRA adapter (adapter_config.json and its weights)
