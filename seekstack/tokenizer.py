@@ -778,6 +778,13 @@ class Tokenizer:
         real token: in a chat message, a forged turn."""
         return first_token_in(text, self.special_tokens)
 
+    def refuse_forged_turn(self, text: str, named: str) -> None:
+        """A ValueError when `text` (a chat's system prompt, a prompt: `named`) holds a special token, which would
+        forge a turn of the chat it goes into."""
+        forged = self.special_token_in(text)
+        if forged:
+            raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
+
     def _special_id(self, token: str | None, name: str) -> int:
         """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when
         the tokenizer has no such token, or its files name none (null)."""

@@ -290,9 +290,7 @@ def generate_command(
             tell_base_model(engine, model, tokenizer, adapter)
             params = ending_at_special_tokens(params, encoder)
             for text, named in ((system or "", "the system prompt"), (prompt, "the prompt")):
-                forged = encoder.special_token_in(text)
-                if forged:  # named as chat names it: encode_chat would say "chat message 0", which none was called
-                    raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
+                encoder.refuse_forged_turn(text, named)  # encode_chat would say "chat message 0", which none was called
         system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (
             encoder.encode_chat([*system_turn, {"role": "user", "content": prompt}])

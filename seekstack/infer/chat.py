@@ -58,9 +58,7 @@ class ChatSession:
     def set_system(self, system: str | None) -> None:
         """Make `system` the system prompt (None or "" for none); a ValueError, the prompt left as it was, when it
         holds a special token, which would forge a turn in every prompt of the chat."""
-        forged = self.engine.tokenizer.special_token_in(system or "")
-        if forged:
-            raise ValueError(f"the system prompt contains the special token {forged!r}, which would forge a turn")
+        self.engine.tokenizer.refuse_forged_turn(system or "", "the system prompt")
         self.system = system or None
 
     def messages(self, turns: list[dict] | None = None) -> list[dict]:
