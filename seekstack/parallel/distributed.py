@@ -70,8 +70,9 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     if not joined:  # before LOCAL_RANK, so that an environment set by hand is refused alike on CPUs and GPUs
         require_rendezvous_address(world_size)
     device = torch.device("cuda", local_gpu(world_size, torch.cuda.device_count())) if cuda else torch.device("cpu")
-    # Ctrl-C ends this rank's wait, not its join's thread, which joins the others' group once they come (the next run
-    # took it for its caller's, and the others waited in it): whichever of the join and Ctrl-C comes second leaves it.
+    # Ctrl-C ends this rank's wait, not its join's thread, which joins the others' group once they come: kept, that
+    # group would be the next run's in this process while the others wait in it. Whichever of the join and Ctrl-C comes
+    # second leaves it.
     settling = threading.Lock()
     came: set[str] = set()  # "joined", "interrupted"
 
@@ -101,9 +102,10 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
                 f"rank {rank}: the ranks' store at MASTER_ADDR:MASTER_PORT ({address}), which rank 0 serves, failed: "
                 f"{str(error).rstrip('.')}; {advice}, or start the run with torchrun, which picks a free port"
             ) from None
-        # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. Freed with its
-        # group, it was still up for a rank already at the next run's join, which then lost it ("Failed to recv");
-        # held past it, it serves the next group too (torch's stores at one address in a process share a server).
+        # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. It is held past
+        # its group: another rank may already wait at the next run's join in it when rank 0 leaves this group (freed,
+        # it ends that wait in "Failed to recv"), and it serves the next group too (torch's stores at one address in a
+        # process share a server).
         _store = store
         # torch names a group's keys by a count that destroy_process_group restarts, and torchrun's store (its agent's)
         # outlives the group: the next run in this process read the last one's keys, a rank connecting to the other's
