@@ -73,7 +73,7 @@ def _train_config(checkpoint: Path) -> tuple[Path, dict]:
 def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
     """The first `count` chats a post-training run's `report` samples (`run_prompts`) in the chat template, each
     with the tools it offers, as the run trained on them; one its prompt fills the context of is left out, as report
-    leaves it out. () for another run, or one whose conversations file is gone."""
+    leaves it out. () for another run, or one whose conversations (its file, and any val_data file) are gone."""
     from seekstack.eval.report import trained_conversations_file, trained_task
 
     run, train_config = _train_config(checkpoint)
@@ -88,8 +88,11 @@ def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
     if task is not None:
         problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)  # as report's
         chats = [prompt_messages(problem) for problem in problems]
-    elif path is not None and path.is_file():
-        conversations = held_out_conversations(run, path, train_config) or read_conversations(path)
+    elif path is not None:
+        try:  # a val_data file is asked whether `path` is there or not, as report asks it
+            conversations = held_out_conversations(run, path, train_config) or read_conversations(path)
+        except FileNotFoundError:  # `path` moved or deleted, and no val_data file
+            return ()
         chats = [_asking(conversation) for conversation in conversations]
         chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
     else:

@@ -88,6 +88,21 @@ def test_a_lora_run_on_conversations_is_reported_and_prompted_as_one_not_as_toke
     assert _data(tmp_path / "lora", train_config) == f"## Data\n\nConversations from `{tmp_path / 'chats.jsonl'}`."
 
 
+def test_an_sft_run_whose_conversations_file_is_gone_is_prompted_with_its_val_data_file_as_report_answers_it(
+    tmp_path,
+):
+    """With its data file moved, `sample` continued the Python demo prompts, where report answers the run's held-out
+    conversations' (val_data) file whole."""
+    chats = [[{"role": "user", "content": "法国的首都？"}, {"role": "assistant", "content": "巴黎"}]]
+    write_conversations(chats, tmp_path / "held.jsonl")
+    sft = micro_checkpoint(tmp_path / "sft" / "checkpoints" / "step_2")
+    train_config = {"data": "../moved.jsonl", "val_data": "../held.jsonl", "val_fraction": 0.5}
+    (tmp_path / "sft" / "train_config.json").write_text(json.dumps(train_config))
+    assert run_prompts(sft) == (Tokenizer.from_file(sft).render_chat(chats[0][:1]),)
+    (tmp_path / "held.jsonl").unlink()
+    assert run_prompts(sft) == DEMO_PROMPTS  # neither file there: no conversations to ask
+
+
 def test_a_run_on_a_file_of_problems_not_found_from_here_is_refused_naming_the_way_on(tmp_path):
     """train_config.json holds `task` as given, relative to where the run started: sample from elsewhere was refused
     with the task's own error alone, naming no way on."""
