@@ -63,7 +63,9 @@ def _kept_per_group(per_group: int, fraction: float) -> int:
 def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
     """ValueError, before anything is pruned, when removing `fraction` of each group's routed experts leaves fewer
     than the config's routing takes (num_experts_per_tok, topk_group, noaux_tc's top-2 group score), naming the
-    largest fraction that leaves enough."""
+    largest fraction that leaves enough; a model without routed experts has none to prune and is refused nothing."""
+    if not config.n_routed_experts:
+        return
     groups, _ = config.routing_groups
     per_group = config.n_routed_experts // groups
 

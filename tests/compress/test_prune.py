@@ -35,6 +35,14 @@ def test_greedy_routing_prunes_its_experts_as_one_group_whatever_n_group_says():
     assert set(map(tuple, removed.values())) == {(0, 1, 2, 3)} and model.config.n_routed_experts == 4
 
 
+def test_a_model_without_routed_experts_has_none_pruned_and_none_refused():
+    """A dense model (n_routed_experts=0) ended any expert pruning, bench/prune.py's default --experts 0.25 or 0, in a
+    StopIteration traceback: no count of experts kept was found to leave enough."""
+    model = Transformer(micro_config(n_routed_experts=0))
+    for fraction in (0.25, 0.0):
+        assert prune_experts(model, {}, fraction) == {} and model.config.n_routed_experts == 0
+
+
 def test_half_an_expert_or_a_head_rounds_down_whichever_the_neighbours():
     """With 2 experts a group, 0.25 removed none (Python's round takes 0.5 to 0) while 0.75 removed both (1.5 to 2,
     then refused as leaving none): half an expert or head now always rounds down, the fraction read as written in
