@@ -96,7 +96,7 @@ def main() -> None:
         "--temperature",
         type=config_number(SamplingParams, "temperature"),
         default=1.0,
-        help="the teacher's sampling temperature, 0 (greedy) to 100 as the engine takes it",
+        help="the teacher's sampling temperature, as the engine takes it (0: greedy)",
     )
     parser.add_argument("--sft-steps", type=positive_int, default=150)
     parser.add_argument("--grpo-lr", type=learning_rate, default=5e-5)
