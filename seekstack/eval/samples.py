@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from seekstack.posttrain.tasks import Task, sample_problems
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.provenance import corpus_folder
 from seekstack.train.config import CONFIG_FILE
+from seekstack.train.plot import json_object
 from seekstack.train.runs import run_holding
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
@@ -61,13 +61,12 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
 
 
 def _train_config(checkpoint: Path) -> tuple[Path, dict]:
-    """(the run holding `checkpoint`, its train_config.json); (`checkpoint`, {}) for one outside a run or a run
-    without the file."""
+    """(the run holding `checkpoint`, its train_config.json: {} without the file); (`checkpoint`, {}) for one outside
+    a run. A damaged file is refused naming it."""
     run = run_holding(checkpoint)
-    config_path = run / CONFIG_FILE if run is not None else None
-    if config_path is None or not config_path.is_file():
+    if run is None:
         return checkpoint, {}
-    return run, json.loads(config_path.read_text(encoding="utf-8"))
+    return run, json_object(run / CONFIG_FILE, "restore it, or give the prompts (--prompt)")
 
 
 def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:

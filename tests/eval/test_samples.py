@@ -4,6 +4,7 @@ unless it trained on Python, whose demo prompts they are."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,20 @@ def test_an_sft_run_whose_conversations_file_is_gone_is_prompted_with_its_val_da
     assert run_prompts(sft) == (Tokenizer.from_file(sft).render_chat(chats[0][:1]),)
     (tmp_path / "held.jsonl").unlink()
     assert run_prompts(sft) == DEMO_PROMPTS  # neither file there: no conversations to ask
+
+
+@pytest.mark.parametrize(
+    ("written", "said"), [('{"data": ', "not valid JSON"), ("[1, 2]", "holds [1, 2], not a JSON object")]
+)
+def test_a_damaged_train_config_is_refused_naming_the_file(written, said, tmp_path):
+    """`sample` on a run whose train_config.json was cut short said json's 'Expecting value: line 1 column 10' alone,
+    naming no file; one holding a list ended in an AttributeError traceback. Report names the file (`json_object`)."""
+    checkpoint = micro_checkpoint(tmp_path / "run" / "checkpoints" / "step_2")
+    (tmp_path / "run" / "train_config.json").write_text(written)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(tmp_path / 'run' / 'train_config.json'))}: {re.escape(said)}"
+    ):
+        run_prompts(checkpoint)
 
 
 def test_a_run_on_a_file_of_problems_not_found_from_here_is_refused_naming_the_way_on(tmp_path):
