@@ -89,8 +89,10 @@ from seekstack.infer.sampling import (
     SamplingBatch,
     SeededUniforms,
     TokenConstraint,
+    greedy_tokens,
     has_distribution,
     outside_vocabulary,
+    takes_raw_argmax,
     token_logprobs,
     without_padded_ids,
 )
@@ -129,6 +131,7 @@ class _Request:
     admitted: int = 0  # admission order (the latest admitted is preempted first)
     error: Exception | None = None  # what its sampling raised (`Engine._isolated`): it ends alone at its next output
     constraint: TokenConstraint | None = None  # what it may sample next (JSON mode); it stops once `complete`
+    raw_argmax: bool = False  # its token is its logits' argmax (`takes_raw_argmax`) once min_tokens' bans are over
     # with params.prompt_logprobs: those of its prompt tokens so far (the first token has none), filled as prefill runs
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
@@ -764,6 +767,7 @@ class Engine:
                 list(prompt_ids),
                 adapter_slot=adapter_slot,
                 constraint=constraint,
+                raw_argmax=takes_raw_argmax(params, constraint),
             )
             self.waiting.append(request)
         return request_id
@@ -1091,8 +1095,7 @@ class Engine:
             logits, hidden = out.logits, out.hidden_states
             accepted, chosen, kept = self._isolated(
                 batch,
-                lambda rows: accept_drafts(self._sampling_batch([batch[r] for r in rows]), logits[rows],
-                                           input_ids[rows, 1:]),
+                lambda rows: accept_drafts(self._sampling_batch(batch[rows]), logits[rows], input_ids[rows, 1:]),
                 failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long),
                             torch.zeros(1, dtype=torch.long)),  # it keeps no token: its error ends it
             )  # fmt: skip
@@ -1251,10 +1254,16 @@ class Engine:
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per request from logits (B, V), with log-probabilities for the requests that ask for them; a
-        request whose sampling raises gets token 0 and ends alone at its output (`_isolated`)."""
+        request whose sampling raises gets token 0 and ends alone at its output (`_isolated`). A batch of rows whose
+        token is the raw argmax takes it without a SamplingBatch (3% of a compiled `tiny` 1-row step, 5% at 8 rows)."""
+        raw = self._token_count is None and all(
+            r.raw_argmax and len(r.output_ids) >= r.params.min_tokens for r in batch
+        )
         (tokens,) = self._isolated(
             batch,
-            lambda rows: (self._sampling_batch([batch[r] for r in rows]).sample(logits[rows]),),
+            lambda rows: (
+                greedy_tokens(logits[rows]) if raw else self._sampling_batch(batch[rows]).sample(logits[rows]),
+            ),
             failed_row=(torch.zeros(1, dtype=torch.long),),
         )
         logprobs = (
@@ -1265,22 +1274,23 @@ class Engine:
     def _isolated(
         self,
         batch: list[_Request],
-        compute: Callable[[list[int]], tuple[torch.Tensor, ...]],
+        compute: Callable[[slice], tuple[torch.Tensor, ...]],
         failed_row: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, ...]:
-        """`compute(rows)`: tensors whose first dimension is those rows of `batch`, for all rows at once. When that
-        raises, each row alone (generators as they were): a row that still raises takes `failed_row` and its
-        request's `error` is set, so one request's parameters end that request, not the step of all."""
+        """`compute(rows)`: tensors whose first dimension is those rows of `batch` (a slice: views of the step's
+        tensors, no copies), for all rows at once. When that raises, each row alone (generators as they were): a row
+        that still raises takes `failed_row` and its request's `error` is set, so one request's parameters end that
+        request, not the step of all."""
         states = [request.generator.get_state() for request in batch]
         try:
-            return compute(list(range(len(batch))))
+            return compute(slice(0, len(batch)))
         except Exception:
             for request, state in zip(batch, states, strict=True):
                 request.generator.set_state(state)
         parts = []
         for row, request in enumerate(batch):
             try:
-                parts.append(compute([row]))
+                parts.append(compute(slice(row, row + 1)))
             except Exception as error:
                 request.error = error
                 parts.append(failed_row)

@@ -195,10 +195,10 @@ class SamplingBatch:
 
     @property
     def raw_argmax(self) -> bool:
-        """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
+        """Whether every row's token is the argmax of its logits as the model gave them."""
         return (
-            self.all_greedy and not self.penalized and not self.biased and self.token_count is None
-            and not self.constrained and self.banned is None and not self.restricted
+            all(takes_raw_argmax(p, c) for p, c in zip(self.params, self.constraints, strict=True))
+            and self.token_count is None and self.banned is None
         )  # fmt: skip
 
     def _column(self, values: list) -> torch.Tensor:
@@ -438,6 +438,15 @@ def _nucleus(
     outside = (cumulative - sorted_probs) >= top_p[:, None]
     inside = torch.zeros(order.shape[0], vocab, dtype=torch.bool, device=order.device).scatter_(-1, order, ~outside)
     return inside, cumulative[:, -1] >= top_p
+
+
+def takes_raw_argmax(params: SamplingParams, constraint: TokenConstraint | None) -> bool:
+    """Whether a request's token is the argmax of its logits as the model gave them at every step: greedy, with no
+    penalty, logit_bias, allowed_token_ids or constraint (a padded vocabulary and min_tokens' bans aside: a batch's)."""
+    return (
+        params.greedy and not params.penalized and not params.logit_bias and params.allowed_token_ids is None
+        and constraint is None
+    )  # fmt: skip
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

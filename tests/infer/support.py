@@ -34,18 +34,21 @@ def model_dir(directory: Path) -> Path:
 
 
 def fail_sampling_after(engine, batches: int) -> None:
-    """Make `engine`'s sampling raise once it has sampled `batches` batches: a request under way then ends alone,
-    with finish_reason "error", after the tokens those batches gave it."""
-    real_sampling_batch, calls = engine._sampling_batch, 0
+    """Make `engine`'s sampling raise once it has sampled `batches` batches (greedy rows' raw argmax included): a
+    request under way then ends alone, with finish_reason "error", after the tokens those batches gave it."""
+    real_isolated, calls = engine._isolated, 0
 
-    def sampling_that_fails(batch):
-        nonlocal calls
-        calls += 1
-        if calls > batches:
-            raise RuntimeError("injected sampling failure")
-        return real_sampling_batch(batch)
+    def isolated(batch, compute, failed_row):
+        def sampling_that_fails(rows):
+            nonlocal calls
+            calls += 1
+            if calls > batches:
+                raise RuntimeError("injected sampling failure")
+            return compute(rows)
 
-    engine._sampling_batch = sampling_that_fails
+        return real_isolated(batch, sampling_that_fails, failed_row)
+
+    engine._isolated = isolated
 
 
 def read_only_folder(monkeypatch, folder: Path) -> Path:

@@ -987,6 +987,26 @@ def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writi
     assert done.token_ids == Engine(model, tokenizer).generate([other], sampled)[0].token_ids
 
 
+def test_greedy_rows_take_their_argmax_without_building_sampling_settings_until_one_moves_their_logits(
+    model, tokenizer, monkeypatch
+):
+    """A batch whose rows' tokens are their logits' argmax as the model gave them takes it without a SamplingBatch
+    (built each step, ~3% of a compiled `tiny` batch-1 step, 5% at 8 rows); rows short of min_tokens, penalized,
+    biased or held to allowed_token_ids build one, and a bias of 0 gives the argmax's tokens through it."""
+    engine, built = Engine(model, tokenizer), []
+    sampling_batch = engine._sampling_batch
+    monkeypatch.setattr(engine, "_sampling_batch", lambda batch: built.append(len(batch)) or sampling_batch(batch))
+    rows = prompts([5, 7])
+    argmax = [completion.token_ids for completion in engine.generate(rows, GREEDY)]
+    assert built == []  # was one a step: 12 (the prefill's, 11 decode steps')
+    moved = ({"min_tokens": 2}, {"repetition_penalty": 1.5}, {"allowed_token_ids": list(range(VOCAB))})
+    for setting in ({"logit_bias": {7: 0.0}}, *moved):
+        built.clear()
+        tokens = [completion.token_ids for completion in engine.generate(rows, dataclasses.replace(GREEDY, **setting))]
+        assert built == [2] * (2 if "min_tokens" in setting else 12)
+        assert tokens == argmax or "repetition_penalty" in setting
+
+
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
 def test_a_greedy_request_whose_logits_turn_nan_fails_saying_why_instead_of_writing_token_0(
     model, tokenizer, speculative
