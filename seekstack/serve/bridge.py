@@ -155,10 +155,12 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the engine thread; the engine's steps on the main thread skip the guard check again (its default)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+            self.engine.guard_skip_thread = threading.main_thread()
         self._apply_aborts()  # those that came after its last step, their reports included
 
     @property

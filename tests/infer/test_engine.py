@@ -859,7 +859,7 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
         bridge.stop()
     [expected] = [completion.token_ids for completion in eager.generate(one, greedy)]
     assert served_tokens == expected and len(skips) - skipped_before == 4  # all 4 (shape guarded above); was 0
-    compiled.guard_skip_thread = threading.main_thread()  # stepped from here again, as after a server's stop
+    assert compiled.guard_skip_thread is threading.main_thread()  # stepped from here again once the server stops
     monkeypatch.setitem(cpu_kernels._switch, "on", False)  # cpu_kernels.set_enabled(False), undone after the test
     assert same_tokens() == 3
     for engine in (eager, compiled):
