@@ -1807,7 +1807,8 @@ DECODE_COMPILE_OPTIONS: dict[str, Any] = {
 # Held around each compiled call of the engines in this process and around a decode step that skips dynamo's guard
 # check (`_decode_step`): torch's stance is process-wide, so another thread's compiled call during the skip would skip
 # its guards too (a graph whose guards no longer hold, or a raise where it needs a compile), and two threads' skips
-# ending out of order left the stance skipping for the whole process; `_compiled`'s settings are process-wide too.
+# ending out of order would leave the stance skipping for the whole process; `_compiled`'s settings are process-wide
+# too.
 _COMPILED_CALLS = threading.RLock()
 
 
