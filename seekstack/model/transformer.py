@@ -279,6 +279,11 @@ class Transformer(nn.Module):
                 f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}: labels must be aligned "
                 "with the inputs, one per token (the shift to the next token happens inside the loss)"
             )
+        if logits_at is not None and (logits_at.dim() not in (1, 2) or logits_at.shape[0] != input_ids.shape[0]):
+            raise ValueError(  # a flat (B x S,) one was read as (B, S) by a reshape
+                f"logits_at has shape {tuple(logits_at.shape)}, input_ids {tuple(input_ids.shape)}: expected (batch,), "
+                "one position a row, or (batch, S), S positions a row"
+            )
         T = input_ids.shape[1]
         if positions is None:
             start = cache.length() if cache is not None else 0
@@ -304,7 +309,8 @@ class Transformer(nn.Module):
             lm_loss, logits = self.head_loss(hidden, _token_targets(labels, attention_mask, segments, 1), keep_logits)
         elif logits_at is not None:
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-            logits = self.lm_head(hidden[rows, logits_at.view(hidden.shape[0], -1)])  # (B, S, V); S = 1 for (B,)
+            picked = logits_at[:, None] if logits_at.dim() == 1 else logits_at
+            logits = self.lm_head(hidden[rows, picked])  # (B, S, V); S = 1 for (B,)
         else:
             logits = self.lm_head(hidden)
         if labels is None:

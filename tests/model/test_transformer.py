@@ -166,6 +166,23 @@ def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of
         model(torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long), cache=cache)
 
 
+def test_forward_refuses_logits_at_that_is_not_one_position_or_s_positions_a_row():
+    """A flat logits_at of B x S positions was read as (B, S) by a reshape: batch 2 given [0, 1, 2, 3] returned
+    (2, 2, V) logits of positions it was never given for those rows."""
+    model = Transformer(micro_config()).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    for logits_at in (torch.tensor([0, 1, 2, 3]), torch.zeros(2, 1, 1, dtype=torch.long), torch.tensor([[3]])):
+        expected = f"logits_at has shape {tuple(logits_at.shape)}, input_ids (2, 8): expected (batch,)"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            model(ids, logits_at=logits_at)
+    with torch.no_grad():
+        whole = model(ids).logits
+        one = model(ids, logits_at=torch.tensor([7, 5])).logits  # the head's matmul over fewer rows: float32 rounding
+        several = model(ids, logits_at=torch.tensor([[1, 6], [1, 6]])).logits
+    torch.testing.assert_close(one, whole[[0, 1], [7, 5]][:, None], rtol=0, atol=1e-5)
+    torch.testing.assert_close(several, whole[:, [1, 6]], rtol=0, atol=1e-5)
+
+
 def test_device_and_dtype_read_as_transformers_model_device_and_dtype_do():
     model = Transformer(micro_config()).eval()
     assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)
