@@ -65,7 +65,8 @@ def main(
     ] = False,
 ) -> None:
     """seekstack: the DeepSeek-V3 stack in plain PyTorch. Pipeline: data build -> tokenizer train -> data tokenize
-    -> train -> sample / generate / chat / serve."""
+    -> train -> sample / generate / chat / serve. Every command keeps large freed tensors in glibc's heap for the next
+    forward; SEEKSTACK_KEEP_FREED_MEMORY=0 keeps glibc's own malloc setting."""
     quiet_third_party_notices()
     keep_freed_memory()  # glibc keeps large freed tensors for the next forward (seekstack/allocator.py)
 
