@@ -457,8 +457,7 @@ def failures_as_json(as_json: bool) -> Iterator[None]:
     except (typer.Exit, BrokenPipeError):  # a broken pipe: stdout's reader has gone, to hear no JSON either
         raise
     except KeyboardInterrupt:
-        typer.echo(json.dumps({"error": {"message": "interrupted (Ctrl-C) before any text was generated"}}))
-        raise typer.Exit(code=INTERRUPTED) from None
+        fail("interrupted (Ctrl-C) before any text was generated", as_json, code=INTERRUPTED)
     except Exception as error:
         traceback.print_exc(file=sys.stderr)
         typer.echo(json.dumps({"error": {"message": f"{type(error).__name__}: {error}"}}))
