@@ -460,8 +460,7 @@ def failures_as_json(as_json: bool) -> Iterator[None]:
         fail("interrupted (Ctrl-C) before any text was generated", as_json, code=INTERRUPTED)
     except Exception as error:
         traceback.print_exc(file=sys.stderr)
-        typer.echo(json.dumps({"error": {"message": f"{type(error).__name__}: {error}"}}))
-        raise typer.Exit(code=1) from None
+        fail(f"{type(error).__name__}: {error}", as_json)
 
 
 def refuse_drafting_without_speculation(ctx: typer.Context) -> None:
