@@ -75,6 +75,28 @@ def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, 
     assert [folder.parent for folder in folders] == [tmp_path]
 
 
+def test_another_version_of_the_kernels_source_builds_a_library_of_its_own(tmp_path, monkeypatch):
+    """ninja rebuilds only a source newer than its library: an update whose cpu_kernels.cpp kept an older time (an
+    unpacked archive, `cp -p`) loaded the library of the old source, whose cross_entropy_rows took 3 arguments where
+    linear_cross_entropy passes 4 ("expected at most 3 argument(s) but received 4")."""
+    names = []
+
+    def record_and_fail(**kwargs):
+        names.append(kwargs["name"])
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    source = tmp_path / cpu_kernels.SOURCE.name
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", record_and_fail)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    for text in ("// the schema before", "// the schema after", "// the schema before"):
+        source.write_text(text)
+        monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+        with pytest.warns(UserWarning, match="did not build"):
+            assert not cpu_kernels.available()
+    assert names[0] != names[1] and names[2] == names[0]  # the same source finds its library again
+
+
 @pytest.mark.parametrize("key", ["flags", "Features"], ids=["x86", "arm"])
 def test_the_build_folder_tells_apart_cpus_with_other_instruction_sets(tmp_path, key):
     tags = []
