@@ -51,31 +51,25 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
     openings of the first held-out documents (val.jsonl) of the corpus it was trained on, so a model of prose or
     Chinese is prompted with its own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its
     token shards' corpus or its val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
-    chats = _trained_chats(Path(checkpoint), len(DEMO_PROMPTS))
+    checkpoint = Path(checkpoint)
+    run = run_holding(checkpoint)  # its train_config.json, {} without the file; a damaged one is refused naming it
+    train_config = {} if run is None else json_object(run / CONFIG_FILE, "restore it, or give the prompts (--prompt)")
+    chats = _trained_chats(checkpoint, run or checkpoint, train_config, len(DEMO_PROMPTS))
     if chats:
         return chats
-    documents = _held_out_documents(Path(checkpoint), len(DEMO_PROMPTS))
+    documents = _held_out_documents(run or checkpoint, train_config, len(DEMO_PROMPTS))
     if all_python(documents):
         return DEMO_PROMPTS
     return tuple(_opening(document["text"]) for document in documents)
 
 
-def _train_config(checkpoint: Path) -> tuple[Path, dict]:
-    """(the run holding `checkpoint`, its train_config.json: {} without the file); (`checkpoint`, {}) for one outside
-    a run. A damaged file is refused naming it."""
-    run = run_holding(checkpoint)
-    if run is None:
-        return checkpoint, {}
-    return run, json_object(run / CONFIG_FILE, "restore it, or give the prompts (--prompt)")
-
-
-def _trained_chats(checkpoint: Path, count: int) -> tuple[str, ...]:
+def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) -> tuple[str, ...]:
     """The first `count` chats a post-training run's `report` samples (`run_prompts`) in the chat template, each
-    with the tools it offers, as the run trained on them; one its prompt fills the context of is left out, as report
-    leaves it out. () for another run, or one whose conversations (its file, and any val_data file) are gone."""
+    with the tools it offers, as the run (folder `run`, train_config.json `train_config`) trained on them; one its
+    prompt fills the context of is left out, as report leaves it out. () for another run, or one whose conversations
+    (its file, and any val_data file) are gone."""
     from seekstack.eval.report import trained_conversations_file, trained_task
 
-    run, train_config = _train_config(checkpoint)
     try:
         task = trained_task(train_config)
     except ValueError as error:  # its file of problems gone (named relative to where the run started) or damaged
@@ -120,10 +114,9 @@ def _opening(text: str) -> str:
     return opening.rstrip()
 
 
-def _held_out_documents(checkpoint: Path, count: int) -> list[dict[str, str]]:
-    """The first `count` documents with text of the val.jsonl beside the train.jsonl the checkpoint's
-    run encoded its token shards from; [] when there is none."""
-    run, train_config = _train_config(checkpoint)
+def _held_out_documents(run: Path, train_config: dict, count: int) -> list[dict[str, str]]:
+    """The first `count` documents with text of the val.jsonl beside the train.jsonl the run (folder `run`,
+    train_config.json `train_config`) encoded its token shards from; [] when there is none."""
     data_dir = train_config.get("data_dir")
     corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
     if corpus is None or not (corpus / "val.jsonl").is_file():
