@@ -112,7 +112,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_fo
     stale.parent.mkdir()
     stale.touch()
     os.utime(stale, (time.time() - 2 * cpu_kernels.STALE_LOCK_SECONDS,) * 2)
-    cpu_kernels._clear_stale_lock(stale)
+    assert cpu_kernels._clear_stale_lock(stale) is False  # no build finished: its library is proven or dropped
     assert not stale.exists()
 
     live = tmp_path / "live" / "lock"
@@ -121,7 +121,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_fo
     finished = threading.Timer(1.0, live.unlink)  # the other build finishing
     finished.start()
     started = time.monotonic()
-    cpu_kernels._clear_stale_lock(live)
+    assert cpu_kernels._clear_stale_lock(live) is True  # the other build's library, not yet proven: kept
     assert time.monotonic() - started >= 0.9 and not live.exists()
 
 
