@@ -34,6 +34,11 @@ from tests.infer.support import model_dir
 runner = CliRunner()
 
 
+def interrupted(*args, **kwargs):
+    """A stand-in for a slow call that the user stops with Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def run(*args: str):
     """Invoke the CLI with plain output wide enough that rich wraps no table cell."""
     return runner.invoke(app, list(args), env={"COLUMNS": "120", "FORCE_COLOR": None})
@@ -234,9 +239,6 @@ def test_prune_stopped_while_healing_says_it_was_interrupted_as_every_command_do
     import seekstack
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr("seekstack.compress.heal.heal", interrupted)
     write_train_shard(tmp_path / "shards")
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
@@ -252,9 +254,6 @@ def test_report_interrupted_while_sampling_says_its_page_was_not_written(tmp_pat
     """Ctrl-C while report generated its samples ended it with exit 130 and no word, where sample says so."""
 
     from seekstack.train.runs import TRAIN_STATE_FILE
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr("seekstack.eval.report._samples", interrupted)
     run_dir = tmp_path / "run"
@@ -273,9 +272,6 @@ def test_report_interrupted_while_sampling_says_its_page_was_not_written(tmp_pat
 def test_checkpoint_export_interrupted_says_nothing_was_written(tmp_path, monkeypatch):
     """Ctrl-C while checkpoint export copied a model ended it with exit 130 and no word."""
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr("seekstack.train.state.export_checkpoint", interrupted)
     result = run("checkpoint", "export", str(model_dir(tmp_path / "model")), "--out", str(tmp_path / "export"))
     assert result.exit_code == 130
@@ -285,9 +281,6 @@ def test_checkpoint_export_interrupted_says_nothing_was_written(tmp_path, monkey
 def test_explain_interrupted_says_what_it_left_in_out(tmp_path, monkeypatch):
     """Ctrl-C while explain loaded the model or read the corpus's routing, or while it wrote its files, ended it with
     exit 130 and no word."""
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     model, out = model_dir(tmp_path / "model"), tmp_path / "explained"
     monkeypatch.setattr("seekstack.infer.engine.check_tokenizer_fits", interrupted)
@@ -305,9 +298,6 @@ def test_explain_interrupted_says_what_it_left_in_out(tmp_path, monkeypatch):
 def test_eval_interrupted_says_its_results_were_not_written(tmp_path, monkeypatch):
     """Ctrl-C in the minutes eval runs lm-evaluation-harness ended it with exit 130 and no word."""
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr("seekstack.eval.evaluate.evaluate", interrupted)
     out = tmp_path / "scores" / "results"
     result = run("eval", str(model_dir(tmp_path / "model")), "--tasks", "code_cloze", "--out", str(out))
@@ -317,9 +307,6 @@ def test_eval_interrupted_says_its_results_were_not_written(tmp_path, monkeypatc
 
 def test_sample_interrupted_says_so_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C while sample generated ended it with exit 130 and no word, where generate and the data commands say so."""
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr("seekstack.eval.samples.demo_samples", interrupted)
     checkpoint = tmp_path / "model"
@@ -361,9 +348,6 @@ def test_data_and_tokenizer_commands_interrupted_say_so_and_that_nothing_was_wri
 ):
     """Ctrl-C while `data build`, `tokenize`, `quality-train`, `select` or `tokenizer train` worked (minutes on a real
     corpus) ended them with exit 130 and no word, where quantize and prune say what became of their output."""
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(interrupted_in, interrupted)
     (tmp_path / "corpus").mkdir()
