@@ -188,12 +188,14 @@ def _reads_token_shards(train_config: dict[str, Any]) -> bool:
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     teacher = f"\n\nTeacher: `{_from_run(run_dir, train_config['teacher'])}`." if train_config.get("teacher") else ""
     conversations_file = trained_conversations_file(run_dir, train_config)  # a `lora train` run's is its data_dir
-    if _reads_token_shards(train_config) and conversations_file is None:
+    if conversations_file is not None:
+        return f"## Data\n\nConversations from `{conversations_file}`.{teacher}"
+    if _reads_token_shards(train_config):
         return _shard_data(run_dir, train_config) + teacher
-    if not train_config.get("task") and conversations_file is None:
+    if not train_config.get("task"):
         # no train_config.json, or one written by hand ({"model": "tiny"}) that names no data: none to report
         return f"## Data{teacher}" if teacher else ""
-    return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}"
+    return f"## Data\n\n{_task_data(train_config)}{teacher}"
 
 
 def _task_named(name: str, difficulty: int | None) -> str:
@@ -205,11 +207,8 @@ def _task_named(name: str, difficulty: int | None) -> str:
     return f"task `{name}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
 
 
-def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
-    """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
-    conversations_file = trained_conversations_file(run_dir, train_config)
-    if conversations_file is not None:
-        return f"Conversations from `{conversations_file}`."
+def _task_data(train_config: dict[str, Any]) -> str:
+    """What a run on a task trained on: its prompts (`rl`) or the conversations generated of it."""
     task = _task_named(train_config["task"], train_config.get("difficulty"))
     if _is_rl(train_config):
         return f"Prompts of {task}, {train_config['num_generations']} completions each sampled from the policy."
