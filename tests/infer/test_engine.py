@@ -822,7 +822,6 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
     from seekstack.model import cpu_kernels
     from seekstack.serve.bridge import AsyncEngine
     from seekstack.serve.metrics import ServerMetrics
-    from tests.adapters.support import write_random_adapter
 
     traced = lambda function: torch.compile(function, dynamic=True, backend="eager")  # noqa: E731
     monkeypatch.setattr(engine_module, "_compiled", traced)
