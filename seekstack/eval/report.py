@@ -165,17 +165,17 @@ def trained_task(train_config: dict[str, Any]) -> Task | None:
 
 
 def trained_conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | None:
-    """The conversations file an `sft` or `distill data=` run trained on, or a `lora train` run on conversations (its
-    data_dir, a file of them) (train_config.json holds it relative to the run's folder), else None."""
-    from seekstack.adapters.data import first_record
-    from seekstack.posttrain.conversations import is_conversation_record
+    """The conversations file an `sft` or `distill data=` run trained on, or a `lora train` run on conversations or
+    TRL's prompt-completion text (its data_dir, a file of them) (train_config.json holds it relative to the run's
+    folder), else None."""
+    from seekstack.adapters.data import is_chat
 
     if _is_rl(train_config):
         return None
     if train_config.get("data"):
         return _from_run(run_dir, train_config["data"])
     data_dir = _from_run(run_dir, train_config["data_dir"]) if train_config.get("data_dir") else None
-    return data_dir if data_dir is not None and is_conversation_record(first_record(data_dir)) else None
+    return data_dir if data_dir is not None and is_chat(data_dir) else None
 
 
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
@@ -648,7 +648,7 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
         conversations = held_out[:SAMPLE_QUESTIONS]
         which = f"{len(conversations)} of the run's held-out conversations (never trained on)"
     else:
-        conversations = read_conversations(path)[:SAMPLE_QUESTIONS]
+        conversations = read_conversations(path, text_completions=True)[:SAMPLE_QUESTIONS]
         if val_data is not None:
             trained = f"data the run trained on: its held-out conversations' file `{val_data}` is gone"
         elif held_out == []:

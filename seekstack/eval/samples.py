@@ -22,6 +22,7 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.posttrain.conversations import (
     Conversation,
+    TextCompletion,
     held_out_conversations,
     offered_tools,
     prompt_messages,
@@ -83,7 +84,9 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         chats = [prompt_messages(problem) for problem in problems]
     elif path is not None:
         try:  # a val_data file is asked whether `path` is there or not, as report asks it
-            conversations = held_out_conversations(run, path, train_config) or read_conversations(path)
+            conversations = held_out_conversations(run, path, train_config) or read_conversations(
+                path, text_completions=True
+            )
         except FileNotFoundError:  # `path` moved or deleted, and no val_data file
             return ()
         chats = [_asking(conversation) for conversation in conversations]
@@ -92,14 +95,24 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         return ()
     folders = model_folders(checkpoint)
     tokenizer, context = Tokenizer.from_file(folders.tokenizer), read_config(folders.weights).max_position_embeddings
-    prompts = (tokenizer.render_chat(chat, tools=offered_tools(chat)) for chat in chats)
+    prompts = (_prompt(tokenizer, chat) for chat in chats)
     return tuple(itertools.islice((p for p in prompts if len(tokenizer.encode(p)) < context), count))
 
 
 def _asking(conversation: Conversation) -> Conversation:
     """`conversation`'s turns before its last assistant turn, with the tools it offers: what asks for that turn."""
     last = max(position for position, message in enumerate(conversation) if message["role"] == "assistant")
-    return Conversation(conversation[:last], tools=offered_tools(conversation))
+    kind = TextCompletion if isinstance(conversation, TextCompletion) else Conversation  # a list of messages too
+    return kind(conversation[:last], tools=offered_tools(conversation))
+
+
+def _prompt(tokenizer: Tokenizer, asking: Conversation) -> str:
+    """The text that asks for a conversation's last assistant turn (`_asking`), as the run trained on it: a
+    `TextCompletion`'s prompt as it is (`lora train` on TRL's prompt-completion text: no chat template), else the
+    chat template up to that turn, with the tools it offers."""
+    if isinstance(asking, TextCompletion):
+        return asking[0]["content"]
+    return tokenizer.render_chat(asking, tools=offered_tools(asking))
 
 
 def _opening(text: str) -> str:
@@ -238,8 +251,9 @@ def conversation_samples(
         asking = _asking(messages)
         if not asking:
             continue
-        prompt = engine.tokenizer.render_chat(asking, tools=asking.tools)  # as sft trained it
-        ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
+        prompt = _prompt(engine.tokenizer, asking)  # as the run trained on it
+        text_prompt = isinstance(asking, TextCompletion)  # framed as encode_conversation frames it (a BOS maybe)
+        ids = engine.tokenizer.encode_prompt(prompt) if text_prompt else engine.tokenizer.encode(prompt)
         if len(ids) < engine.context_len:
             asked.append((prompt, ids, messages[len(asking)]["content"]))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

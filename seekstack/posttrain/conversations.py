@@ -189,7 +189,7 @@ def held_out_conversations(
         return read_conversations(val_data) if val_data.is_file() else []
     recorded = read_held_out(run_dir)
     if recorded is not None:
-        return [c for c in read_conversations(data) if conversation_key(c) in recorded]
+        return [c for c in read_conversations(data, text_completions=True) if conversation_key(c) in recorded]
     if "val_fraction" not in train_config:
         return []
     fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))

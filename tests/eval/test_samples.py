@@ -89,6 +89,20 @@ def test_a_lora_run_on_conversations_is_reported_and_prompted_as_one_not_as_toke
     assert _data(tmp_path / "lora", train_config) == f"## Data\n\nConversations from `{tmp_path / 'chats.jsonl'}`."
 
 
+def test_a_lora_run_on_prompt_completion_text_is_reported_and_prompted_with_its_held_out_prompts(tmp_path):
+    """`lora train BASE pc.jsonl` on TRL's prompt-completion text: report said "Token shards `pc.jsonl`: no
+    *_index.json there" and sample continued the Python prompts; its held-out prompts are asked as they are."""
+    rows = [{"prompt": f"问题 {number}：", "completion": "答案"} for number in range(3)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checkpoint = micro_checkpoint(tmp_path / "lora" / "checkpoints" / "step_2")
+    train_config = {"data_dir": str(tmp_path / "pc.jsonl"), "seq_len": 32}
+    (tmp_path / "lora" / "train_config.json").write_text(json.dumps(train_config))
+    held = [{"role": "user", "content": "问题 2："}, {"role": "assistant", "content": "答案"}]
+    write_held_out(tmp_path / "lora", [held])
+    assert run_prompts(checkpoint) == ("问题 2：",)
+    assert _data(tmp_path / "lora", train_config) == f"## Data\n\nConversations from `{tmp_path / 'pc.jsonl'}`."
+
+
 def test_an_sft_run_whose_conversations_file_is_gone_is_prompted_with_its_val_data_file_as_report_answers_it(
     tmp_path,
 ):
