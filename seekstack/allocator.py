@@ -19,16 +19,19 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc'
 # converting a checkpoint tensor by tensor grew to 4.2 GB of holes; above 256 MiB a block is mmap'd and unmapped again.
 HEAP_THRESHOLD = 256 << 20
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own environment, read at start
-OFF_SWITCH = "SEEKSTACK_KEEP_FREED_MEMORY"  # "0": glibc's own setting
+OFF_SWITCH = "SEEKSTACK_KEEP_FREED_MEMORY"  # "0" (or false, no, off): glibc's own setting
+OFF_VALUES = ("0", "false", "no", "off")
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to 256 MiB; True when set. Left alone where the C library is not glibc,
-    SEEKSTACK_KEEP_FREED_MEMORY is 0, or the user set either threshold (MALLOC_MMAP_THRESHOLD_,
+    SEEKSTACK_KEEP_FREED_MEMORY is 0 (false, no, off), or the user set either threshold (MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES's glibc.malloc)."""
     if not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
         return False
-    if os.environ.get(OFF_SWITCH) == "0" or any(name in os.environ for name in USER_SETTINGS):
+    if os.environ.get(OFF_SWITCH, "").strip().lower() in OFF_VALUES or any(
+        name in os.environ for name in USER_SETTINGS
+    ):
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False

@@ -58,6 +58,8 @@ def test_a_freed_tensor_above_the_heap_threshold_goes_back_to_the_system():
         ("MALLOC_TRIM_THRESHOLD_", "0"),
         ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
         ("SEEKSTACK_KEEP_FREED_MEMORY", "0"),
+        ("SEEKSTACK_KEEP_FREED_MEMORY", "false"),
+        ("SEEKSTACK_KEEP_FREED_MEMORY", "Off"),
     ],
 )
 def test_the_users_own_malloc_thresholds_are_left_alone(monkeypatch, name, value):
