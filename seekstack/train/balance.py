@@ -16,7 +16,8 @@ def max_violation(expert_load: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def update_expert_bias(model: Transformer, expert_load: torch.Tensor, rate: float = 0.001) -> None:
-    """b_i += gamma * sign(mean load - load_i) for every MoE layer: overloaded experts become less likely.
+    """b_i += gamma * sign(mean load - load_i) for every MoE layer: overloaded experts become less likely. A model of
+    greedy routing (DeepSeek-V2's) has no bias to update: its balance is the auxiliary loss's (`aux_loss_alpha`).
 
     `expert_load` is `ModelOutput.expert_load` (rows in `model.moe_layer_ids` order), summed over the
     step's micro-batches (and all-reduced across ranks by the caller). Outside the gradient by design.
@@ -24,6 +25,6 @@ def update_expert_bias(model: Transformer, expert_load: torch.Tensor, rate: floa
     for layer_idx, load in zip(model.moe_layer_ids, expert_load, strict=False):  # MTP rows may be absent
         router = model.block(layer_idx).mlp.gate
         if not hasattr(router, "e_score_correction_bias"):
-            raise ValueError(f"layer {layer_idx}: topk_method {router.topk_method!r} has no correction bias to update")
+            continue
         load = load.float()
         router.e_score_correction_bias += rate * torch.sign(load.mean() - load)

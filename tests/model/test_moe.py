@@ -516,6 +516,16 @@ def test_bias_update_moves_each_moe_layer_by_its_own_load_row():
         torch.testing.assert_close(router.e_score_correction_bias, expected)
 
 
+def test_a_greedy_routing_model_has_no_bias_to_update_and_trains_without_one():
+    """`seekstack train` (and `prune --heal-steps`, which takes no bias_update_rate) on a model of greedy routing,
+    DeepSeek-V2's, ended at its first step with the default bias_update_rate=0.001: 'layer 1: topk_method 'greedy' has
+    no correction bias to update'; the update leaves such a model as it is."""
+    model = Transformer(micro_config(topk_method="greedy", scoring_func="softmax"))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    update_expert_bias(model, torch.ones(len(model.moe_layer_ids), 8).index_fill_(1, torch.tensor([0]), 5.0))
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
 def test_max_violation():
     assert max_violation(torch.tensor([1.0, 1.0, 1.0, 1.0])).item() == 0.0
     assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)
