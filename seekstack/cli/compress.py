@@ -290,8 +290,8 @@ def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
 
     calibration, byte_lengths = _held_out(model, data, split="train", batches=2)
     original = load_pretrained(model, dequantize=True)
-    refuse_budget_below_smallest(original, budget_bits)
     choices = unmeasured_choices(original)
+    refuse_budget_below_smallest(choices, budget_bits)
     chosen = widest_within(choices, budget_bits)
     if chosen is not None:  # measuring takes minutes: only where the budget leaves something to choose
         notes = [

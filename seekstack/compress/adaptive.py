@@ -101,10 +101,9 @@ def option_bits(layer: nn.Module) -> tuple[int, dict[str, float]]:
     return count, bits
 
 
-def refuse_budget_below_smallest(model: nn.Module, budget_bits: float, layers: list[str] | None = None) -> None:
-    """ValueError when `budget_bits` is below the smallest assignment `layers` (default: `measured_layers`) of float
-    `model` can have, each at its smallest option its shapes allow: known from the shapes, before any measuring."""
-    choices = unmeasured_choices(model, layers)
+def refuse_budget_below_smallest(choices: list[LayerChoice], budget_bits: float) -> None:
+    """ValueError when `budget_bits` is below the smallest assignment `choices` can have, each layer at the smallest
+    option its shapes allow: known from the shapes (`unmeasured_choices`), before any measuring."""
     smallest = average_bits(choices, {c.name: min(c.bits, key=c.bits.get) for c in choices})  # type: ignore[arg-type]
     if budget_bits < smallest:
         raise ValueError(_budget_too_small(budget_bits, smallest))

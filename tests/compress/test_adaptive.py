@@ -14,6 +14,7 @@ from seekstack.compress.adaptive import (
     measured_layers,
     refuse_budget_below_smallest,
     sensitivities,
+    unmeasured_choices,
     unmeasured_notes,
 )
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
@@ -62,10 +63,10 @@ def test_a_budget_below_the_smallest_assignment_the_shapes_allow_is_refused_as_a
     with pytest.raises(ValueError) as measured:
         assign(choices, budget_bits=4.13)
     with pytest.raises(ValueError) as from_shapes:
-        refuse_budget_below_smallest(model, budget_bits=4.13)
+        refuse_budget_below_smallest(unmeasured_choices(model), budget_bits=4.13)
     assert str(from_shapes.value) == str(measured.value)
     assert f"below the smallest assignment ({smallest:.3f} bits per weight" in str(from_shapes.value)
-    refuse_budget_below_smallest(model, budget_bits=smallest)
+    refuse_budget_below_smallest(unmeasured_choices(model), budget_bits=smallest)
 
 
 def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_unchanged():
