@@ -631,10 +631,11 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
 
 def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_config: dict[str, Any]) -> str:
     """The samples of a run on a conversations file: its held-out conversations (else the file's first) in the chat
-    template up to their last assistant turn, answered greedily, each beside the file's own answer."""
+    template up to their last assistant turn (TRL's prompt-completion text: its prompt as it is), answered greedily,
+    each beside the file's own answer."""
     from seekstack.eval.samples import conversation_samples
     from seekstack.eval.tasks import REASONING_MAX_TOKENS
-    from seekstack.posttrain.conversations import held_out_conversations, read_conversations
+    from seekstack.posttrain.conversations import TextCompletion, held_out_conversations, read_conversations
 
     val_data = _from_run(run_dir, train_config["val_data"]) if train_config.get("val_data") else None
     if not (val_data is not None and val_data.is_file()) and not path.is_file():  # a val_data file is answered alone
@@ -662,9 +663,12 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     max_new_tokens = train_config.get("seq_len", REASONING_MAX_TOKENS)  # no row the run trained on was longer
     answers = conversation_samples(checkpoint, conversations, max_new_tokens)
     left_out = len(conversations) - len(answers)
+    if all(isinstance(conversation, TextCompletion) for conversation in conversations):  # as the run trained on them
+        asked = "each its prompt as it is (TRL's prompt-completion text: no chat template), beside its completion"
+    else:
+        asked = "each in the chat template up to its last assistant turn, beside that turn"
     parts = [
-        f"## Samples\n\nGreedy answers from the engine on `{checkpoint}` to {which}, each in the chat template up to "
-        "its last assistant turn, beside that turn from the file."
+        f"## Samples\n\nGreedy answers from the engine on `{checkpoint}` to {which}, {asked} from the file."
         + (
             f" {left_out} of them left out: a prompt that fills the model's context leaves no room (or none asks: the "
             "conversation opens with its answer)."

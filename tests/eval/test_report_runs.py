@@ -347,6 +347,20 @@ def test_report_of_an_sft_run_with_a_val_data_file_answers_it_and_says_when_it_i
     )
 
 
+def test_a_run_on_prompt_completion_text_is_reported_as_asked_without_the_chat_template(tmp_path):
+    """`lora train BASE pc.jsonl` on TRL's prompt-completion text: its samples, its prompts as they are, were said to be
+    'each in the chat template up to its last assistant turn'."""
+    from seekstack.eval.report import _conversation_answers
+
+    rows = [{"prompt": f"问题 {number}：", "completion": "答案"} for number in range(2)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checkpoint = micro_checkpoint(tmp_path / "lora" / "checkpoints" / "step_2")
+    train_config = {"data_dir": str(tmp_path / "pc.jsonl"), "seq_len": 4}
+    samples = _conversation_answers(tmp_path / "lora", checkpoint, tmp_path / "pc.jsonl", train_config)
+    assert "each its prompt as it is (TRL's prompt-completion text: no chat template), beside its completion" in samples
+    assert "chat template up to" not in samples and "```text\n问题 1：" in samples
+
+
 @pytest.fixture
 def lora_run(tmp_path) -> Path:
     """A `lora train` run's folder: its checkpoint holds an adapter (non-zero LoRA weights) on a base it records,
