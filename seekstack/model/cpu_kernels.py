@@ -127,11 +127,7 @@ def _build() -> bool:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as cpp_extension's own load() reads it
     folder = _build_folder(Path(root))
     try:
-        # The library is named by its source's text: ninja rebuilds only a source newer than its library, so an update
-        # whose cpu_kernels.cpp kept an older time (an unpacked archive, `cp -p`) loaded the old library, ops of another
-        # schema ("cross_entropy_rows() expected at most 3 argument(s) but received 4"). A new name is a new compile
-        # command (-DTORCH_EXTENSION_NAME), which ninja rebuilds on.
-        name = f"{NAME}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}"
+        name = _library_name()
         library = folder / f"{name}.so"
         folder.mkdir(parents=True, exist_ok=True)
         if not _clear_stale_lock(folder / "lock"):  # a build waited for left a whole library, proven a moment later
@@ -159,6 +155,14 @@ def _build() -> bool:
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
     return True
+
+
+def _library_name() -> str:
+    """The library is named by its source's text: ninja rebuilds only a source newer than its library, so an update
+    whose cpu_kernels.cpp kept an older time (an unpacked archive, `cp -p`) loaded the old library, ops of another
+    schema ("cross_entropy_rows() expected at most 3 argument(s) but received 4"). A new name is a new compile command
+    (-DTORCH_EXTENSION_NAME), which ninja rebuilds on."""
+    return f"{NAME}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}"
 
 
 def _drop_unproven(library: Path) -> None:

@@ -3,7 +3,6 @@ processes, and what a user is told when the library cannot be used."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -38,8 +37,7 @@ def test_a_library_another_process_just_built_is_loaded_not_dropped_as_unproven(
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpu_kernels._build_folder(tmp_path)
     folder.mkdir(parents=True)
-    name = f"{cpu_kernels.NAME}_{hashlib.sha256(cpu_kernels.SOURCE.read_bytes()).hexdigest()[:8]}"
-    library = folder / f"{name}.so"
+    library = folder / f"{cpu_kernels._library_name()}.so"
     (folder / "lock").touch()  # A building
 
     def a_finishes_its_build(seconds):
