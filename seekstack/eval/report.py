@@ -644,12 +644,17 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
             f"see the model answer its conversations here, or talk to the model: `seekstack chat --model "
             f"{checkpoint}`."
         )
-    held_out = held_out_conversations(run_dir, path, train_config)
+    try:
+        held_out = held_out_conversations(run_dir, path, train_config)
+        conversations = (held_out or read_conversations(path, text_completions=True))[:SAMPLE_QUESTIONS]
+    except ValueError as error:  # a file emptied or damaged since the run
+        return (
+            f"## Samples\n\nNone: the run's conversations are not there to ask ({error}). Restore the file to see the "
+            f"model answer them here, or talk to the model: `seekstack chat --model {checkpoint}`."
+        )
     if held_out:
-        conversations = held_out[:SAMPLE_QUESTIONS]
         which = f"{len(conversations)} of the run's held-out conversations (never trained on)"
     else:
-        conversations = read_conversations(path, text_completions=True)[:SAMPLE_QUESTIONS]
         if val_data is not None:
             trained = f"data the run trained on: its held-out conversations' file `{val_data}` is gone"
         elif held_out == []:

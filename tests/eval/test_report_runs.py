@@ -347,6 +347,18 @@ def test_report_of_an_sft_run_with_a_val_data_file_answers_it_and_says_when_it_i
     )
 
 
+def test_report_of_a_run_whose_val_data_file_was_emptied_says_why_it_has_no_samples(sft_run):
+    """With the held-out conversations' file emptied and the data file gone, the whole report failed: 'error:
+    .../held.jsonl: no conversations'."""
+    (sft_run.parent / "held.jsonl").write_text("")
+    train_config = json.loads((sft_run / "train_config.json").read_text())
+    (sft_run / "train_config.json").write_text(json.dumps({**train_config, "val_data": "../held.jsonl"}))
+    (sft_run.parent / "chats.jsonl").unlink()
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert f"None: the run's conversations are not there to ask ({sft_run}/../held.jsonl: no conversations)" in samples
+    assert f"`seekstack chat --model {sft_run / 'checkpoints' / 'step_2'}`" in samples
+
+
 def test_a_run_on_prompt_completion_text_is_reported_as_asked_without_the_chat_template(tmp_path):
     """`lora train BASE pc.jsonl` on TRL's prompt-completion text: its samples, its prompts as they are, were said to be
     'each in the chat template up to its last assistant turn'."""
