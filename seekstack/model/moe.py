@@ -86,7 +86,9 @@ class Router(Float32Buffers):
         self.n_group, self.topk_group = config.routing_groups
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-        if self.topk_method == "noaux_tc":
+        # V3's noaux_tc (§2.1.2): the bias b_i joins the choice, and a group's score is the sum of its top-2
+        self.aux_free = self.topk_method == "noaux_tc"
+        if self.aux_free:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -108,14 +110,15 @@ class Router(Float32Buffers):
 
         A decode step's few rows take one C++ call (`route_rows`) that picks as these ops do, with torch.topk's own
         loop (the same ties, the same order): they are a dozen ops of ~1-3 us each, ~25 of a one-token MoE's ~110."""
-        bias = self.e_score_correction_bias if self.topk_method == "noaux_tc" else None
+        bias = self.e_score_correction_bias if self.aux_free else None
         if (
             not scores.requires_grad
             and scores.shape[0] <= cpu_kernels.MAX_TOKENS
             and cpu_kernels.elementwise_takes(scores)
         ):
-            top2 = self.topk_method == "noaux_tc"
-            return torch.ops.seekstack.route_rows(scores, bias, self.n_group, self.topk_group, top2, self.top_k)
+            return torch.ops.seekstack.route_rows(
+                scores, bias, self.n_group, self.topk_group, self.aux_free, self.top_k
+            )
         choice = scores if bias is None else scores + bias
         if self.n_group > 1:
             choice = self.limit_to_groups(choice)
@@ -127,7 +130,7 @@ class Router(Float32Buffers):
         A group's score is its maximum (V2 `group_limited_greedy`) or the sum of its top-2 (V3 `noaux_tc`).
         """
         grouped = choice.view(choice.shape[0], self.n_group, -1)  # (N, G, E/G)
-        if self.topk_method == "noaux_tc":
+        if self.aux_free:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.amax(dim=-1)
