@@ -716,7 +716,12 @@ def _parsed_json(text: str, where: str) -> Any:
 
 def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:
     """`value`, a JSON Lines file's line or a JSON array's item at `where`, when it is an object; an error for any
-    other value names the text `field` it should hold."""
+    other value names the text `field` it should hold (an array of chat messages, the conversation's form)."""
+    if isinstance(value, list) and value and all(isinstance(item, dict) and "role" in item for item in value):
+        raise DataSourceError(
+            f"{where}: a JSON array of chat messages, not an object with a {field!r} field: a conversation is one "
+            'object, {"messages": [...]}, which `sft` and `lora train` read'
+        )
     if not isinstance(value, dict):
         raise DataSourceError(
             f"{where}: a JSON {_JSON_TYPES.get(type(value), 'value')}, not an object with a {field!r} field (JSON "

@@ -1521,6 +1521,11 @@ def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_
         ("{oops", r"docs.jsonl:2: not valid JSON \(Expecting property name enclosed in double quotes at column 2\)$"),
         ('{"text": "a" "b"}', r"docs.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 14\)$"),
         ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
+        (
+            '[{"role": "user", "content": "你好"}]',
+            r"docs.jsonl:2: a JSON array of chat messages, not an object with a 'text' field: a conversation is one "
+            r'object, \{"messages": \[\.\.\.\]\}, which `sft`',
+        ),
         ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
         ('{"text": "x", "n": ' + "9" * 5000 + "}", r"docs.jsonl:2: a JSON number too long to read \(Exceeds"),
         ('{"text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", r"docs.jsonl:2: JSON nested too deeply"),
