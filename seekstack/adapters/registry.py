@@ -47,7 +47,7 @@ from seekstack.infer.packed import WeightVersions
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.model.transformer import Transformer
-from seekstack.schema import shown_value
+from seekstack.schema import ConfigError, shown_value
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
 
@@ -217,19 +217,16 @@ class LoadedAdapters:
                 f"an adapter named {shown_value(name)} is already loaded (from {self.folders[name]}); to replace its "
                 "weights, load it with load_inplace=true"
             )
-        if weights.rank > self.max_lora_rank:
-            raise ValueError(
-                f"adapter {shown_value(name)} ({folder}) has rank {weights.rank}, more than max_lora_rank="
-                f"{self.max_lora_rank} this engine was started with; start it with a larger max_lora_rank"
-            )
+        refuse_a_rank_beyond(self.max_lora_rank, name, folder, weights.rank)
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
         taken = set(self.slots.values())
         slot = self.slots.get(name) or next((s for s in range(1, self.max_loras + 1) if s not in taken), None)
         if slot is None:
-            raise ValueError(
-                f"cannot load adapter {shown_value(name)}: all max_loras={self.max_loras} adapter slots are taken "
-                f"(loaded: {self._listed_names()}); unload one first, or start the engine with a larger max_loras"
+            raise ConfigError(
+                f": all {self.max_loras} adapter slots are taken, so adapter {shown_value(name)} cannot load (loaded: "
+                f"{self._listed_names()}); unload one first, or start the engine with a larger value",
+                field="max_loras",
             )
         with self._undone_on_error():
             self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
@@ -354,6 +351,28 @@ def adapter_folder(path: str | Path) -> Path:
             f"adapter folder {os.fspath(path)!r}: a blank path (a variable left unset?); give the adapter's folder"
         )
     return Path(os.path.expanduser(path))
+
+
+def refuse_a_rank_beyond(max_lora_rank: int, name: str, folder: str | Path, rank: int) -> None:
+    """ConfigError of field max_lora_rank when adapter `name` (in `folder`) has a larger `rank`: the stacks' capacity,
+    fixed as the engine starts. A caller names the field as its user set it (serve's --max-lora-rank)."""
+    if rank > max_lora_rank:
+        raise ConfigError(
+            f"is {max_lora_rank}, less than the rank {rank} of adapter {shown_value(name)} ({folder}), and is fixed "
+            f"as the engine starts: start it with {rank} or more",
+            field="max_lora_rank",
+        )
+
+
+def refuse_ranks_beyond(config: ModelConfig, adapters: Mapping[str, str | Path], max_lora_rank: int | None) -> None:
+    """Before the weights load: each of `adapters` read on a weightless model with `config` (a mistyped folder or
+    another base's adapter is told then too), `refuse_a_rank_beyond` for each. None (the largest rank given) reads
+    nothing."""
+    if max_lora_rank is None:
+        return
+    for name, folder in adapters.items():
+        folder = adapter_folder(folder)
+        refuse_a_rank_beyond(max_lora_rank, name, folder, read_factors(config, folder).rank)
 
 
 def attach_adapters(

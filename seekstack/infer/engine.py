@@ -560,6 +560,10 @@ class Engine:
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         offload_dir = offload_dir or offload_folder
         config, loaded_tokenizer = checkpoint_files(model_dir, tokenizer)
+        if kwargs.get("adapters"):  # an adapter past max_lora_rank, before the weights are read
+            from seekstack.adapters.registry import refuse_ranks_beyond
+
+            refuse_ranks_beyond(config, kwargs["adapters"], kwargs.get("max_lora_rank"))
         if adapter is not None:  # a mistyped folder or another base's adapter, before the weights are read
             from seekstack.adapters.files import weightless_adapter
             from seekstack.adapters.registry import adapter_folder

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from seekstack.adapters.registry import AdapterConflict, AdapterInUse, UnknownAdapter
 from seekstack.checkpoint import CheckpointError
-from seekstack.schema import shown_value
+from seekstack.schema import ConfigError, shown_value
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.openapi import error_responses, json_request
@@ -75,6 +75,9 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         except OSError as error:  # a path the system refuses to read: a name too long, a folder it may not enter
             raise APIError(400, f"lora_path {shown_value(body.lora_path)} cannot be read: {error.strerror or error}",
                            param="lora_path", code="invalid_adapter") from None  # fmt: skip
+        except ConfigError as error:  # past the capacity serve was started with: named as its option
+            said = error.naming(f"this server's --{error.field.replace('_', '-')}")
+            raise APIError(400, said, param="lora_path", code="invalid_value") from None
         except ValueError as error:
             raise APIError(400, str(error), param="lora_name", code="invalid_value") from None
         [card] = [card for card in server.models().data if card.id == body.lora_name]

@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
-from seekstack.config import ModelConfig
+from seekstack.adapters.registry import refuse_ranks_beyond
 from seekstack.infer.engine import Engine, checkpoint_files
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
@@ -67,7 +67,10 @@ def build_server(
     check_cors_origins(options.cors_origins)
     # the checkpoint's files, its tokenizer loaded, before the database is opened: a failed start would leave a new one
     config, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
-    check_adapter_ranks(config, options.adapters, options.max_lora_rank)  # before the weights, as --max-loras is
+    try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
+        refuse_ranks_beyond(config, options.adapters, options.max_lora_rank)
+    except ConfigError as error:
+        raise ValueError(error.naming("--max-lora-rank")) from None
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -136,23 +139,6 @@ def check_cors_origins(origins: tuple[str, ...]) -> None:
             raise ValueError(
                 f"--cors-origin {origin!r}: not a web origin as browsers send it; give scheme://host[:port] in lower "
                 "case, e.g. https://app.example (no path, no trailing slash), or * for any"
-            )
-
-
-def check_adapter_ranks(config: ModelConfig, adapters: dict[str, Path], max_lora_rank: int | None) -> None:
-    """ValueError naming --max-lora-rank for an --adapter of a larger rank, before the weights load (the engine's own
-    refusal comes after them, naming its keyword); each adapter is read on a weightless model with `config`, so a
-    mistyped folder or another base's adapter is told then too. None (the largest rank given) reads nothing."""
-    if max_lora_rank is None:
-        return
-    from seekstack.adapters.registry import adapter_folder, read_factors
-
-    for name, folder in adapters.items():
-        rank = read_factors(config, adapter_folder(folder)).rank
-        if rank > max_lora_rank:
-            raise ValueError(
-                f"--max-lora-rank {max_lora_rank} is less than the rank {rank} of --adapter {name}={folder}: give "
-                f"--max-lora-rank {rank} or more, or leave it out (the largest --adapter rank)"
             )
 
 

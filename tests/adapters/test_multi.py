@@ -31,6 +31,7 @@ from seekstack.adapters.registry import (
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
+from seekstack.schema import ConfigError
 from tests.adapters.support import TINY, write_base, write_random_adapter
 
 ATOL = 1e-5
@@ -551,7 +552,7 @@ def test_adapters_on_a_model_another_engines_adapters_hold_are_refused_until_tho
     loaded.remove("full")
     assert attach_adapters(model, adapters).names == ["full", "attention"]
     fresh = seekstack.load_pretrained(base).eval()
-    with pytest.raises(ValueError, match="adapter 'attention' .* has rank 8, more than max_lora_rank=4"):
+    with pytest.raises(ValueError, match="max_lora_rank' is 4, less than the rank 8 of adapter 'attention'"):
         attach_adapters(fresh, adapters, max_lora_rank=4)  # "full", loaded first, is unloaded again
     assert not any(isinstance(module, ADAPTED) for module in fresh.modules())
     assert attach_adapters(fresh, adapters).names == ["full", "attention"]
@@ -927,9 +928,9 @@ def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(se
     loaded = attach_adapters(model, {"full": adapters["full"]}, max_loras=1, max_lora_rank=4)
     attention = read_factors(model.config, adapters["attention"])
     assert attention.rank == 8
-    with pytest.raises(ValueError, match=r"adapter 'attention' \(.*attention\) has rank 8, more than max_lora_rank=4"):
+    with pytest.raises(ValueError, match=r"lora_rank' is 4, less than the rank 8 of adapter 'attention' \(.*n\)"):
         loaded.add("attention", adapters["attention"], attention)
-    with pytest.raises(ValueError, match="'again': all max_loras=1 adapter slots are taken \\(loaded: full\\)"):
+    with pytest.raises(ValueError, match=r"'max_loras': all 1 adapter slots are taken, .* 'again' .* \(loaded: full\)"):
         loaded.add("again", adapters["full"], read_factors(model.config, adapters["full"]))
     assert loaded.slots == {"full": 1} and loaded.rows.slot_count == 2
     assert model.layers[0].self_attn.q_a_proj.down.shape == (model.config.hidden_size, 2 * 4)  # (in, S*r)
@@ -942,7 +943,16 @@ def test_an_engine_takes_vllms_max_loras_and_max_lora_rank_and_refuses_a_load_pa
     base, adapters = served
     engine = Engine.from_pretrained(base, adapters={"full": adapters["full"]}, max_loras=2, max_lora_rank=4)
     assert (engine.lora.max_loras, engine.lora.max_lora_rank, engine.lora.rows.slot_count) == (2, 4, 3)
-    with pytest.raises(ValueError, match="has rank 8, more than max_lora_rank=4 this engine was started with"):
+    with pytest.raises(ValueError, match="'max_lora_rank' is 4, less than the rank 8 of adapter 'attention'"):
         engine.load_adapter("attention", adapters["attention"])
     engine.load_adapter("again", adapters["full"])
     assert engine.lora.slots == {"full": 1, "again": 2}
+
+
+def test_from_pretrained_refuses_an_adapter_past_max_lora_rank_before_reading_the_weights(served, monkeypatch):
+    """Engine.from_pretrained(adapters=..., max_lora_rank=4) with an adapter of rank 8 read every weight, then
+    refused; the adapters are read on a weightless model first, as serve's CLI reads them."""
+    base, adapters = served
+    monkeypatch.setattr("seekstack.infer.engine.load_pretrained", lambda *args, **kw: pytest.fail("weights read"))
+    with pytest.raises(ConfigError, match=r"^field 'max_lora_rank' is 4, less than the rank 8 of adapter 'attention'"):
+        Engine.from_pretrained(base, adapters=adapters, max_lora_rank=4)

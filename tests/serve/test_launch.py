@@ -170,8 +170,8 @@ def test_serve_refuses_an_adapter_past_max_lora_rank_naming_the_option_before_re
     refused = CliRunner().invoke(app, [*serve, "--max-lora-rank", "2"])
     assert refused.exit_code == 1, refused.output
     assert " ".join(refused.stderr.split()) == (
-        f"error: --max-lora-rank 2 is less than the rank 4 of --adapter legal={adapter}: give --max-lora-rank 4 or "
-        "more, or leave it out (the largest --adapter rank)"
+        f"error: --max-lora-rank is 2, less than the rank 4 of adapter 'legal' ({adapter}), and is fixed as the engine "
+        "starts: start it with 4 or more"
     )
 
 
