@@ -99,7 +99,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
                 "this machine reaches rank 0's at"
             )
             raise ConnectionError(
-                f"rank {rank}: the ranks' store at MASTER_ADDR:MASTER_PORT ({address}), which rank 0 serves, failed: "
+                f"the ranks' store at MASTER_ADDR:MASTER_PORT ({address}), which rank 0 serves, failed: "
                 f"{str(error).rstrip('.')}; {advice}, or start the run with torchrun, which picks a free port"
             ) from None
         # Started by hand (no torchrun agent's store), rank 0's store serves the ranks at MASTER_PORT. It is held past
@@ -119,7 +119,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
             dist.init_process_group(_backend(cuda, cpu_collectives), store=keys, rank=rank, world_size=world_size)
         except dist.DistStoreError as error:  # the others did not come within the timeout (30 minutes on gloo)
             raise dist.DistStoreError(
-                f"rank {rank}: {error}: the other ranks did not join this process's group {group} in time: one failed "
+                f"{error}: the other ranks did not join this process's group {group} in time: one failed "
                 "or was not started; or, in processes that trained before, the ranks are at different groups: a rank "
                 "that stopped waiting in a group its peers never joined (they failed before joining) stays one ahead "
                 "of them ever after: start the ranks afresh"

@@ -162,7 +162,7 @@ def test_a_master_port_another_process_listens_at_is_refused_by_the_command_nami
         result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 1, result.output
     assert result.output.startswith(
-        f"error: rank 0: the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:{port}), which rank 0 serves, failed: "
+        f"error: the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:{port}), which rank 0 serves, failed: "
         "The server socket has failed to listen"
     ), result.output
     assert "give a MASTER_PORT no other process on rank 0's machine listens at" in result.output
@@ -186,7 +186,7 @@ def test_a_rank_that_does_not_reach_rank_0s_store_is_told_to_start_rank_0_not_to
     result = CliRunner().invoke(app, ["train", "max_steps=1", f"out_dir={tmp_path / 'run'}"])
     assert (result.exit_code, result.output) == (
         1,
-        "error (rank 1): rank 1: the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:29500), which rank 0 serves, "
+        "error (rank 1): the ranks' store at MASTER_ADDR:MASTER_PORT (127.0.0.1:29500), which rank 0 serves, "
         f"failed: {timed_out[:-1]}; start rank 0 with the same MASTER_PORT (it was not started, or has ended) and give "
         "a MASTER_ADDR this machine reaches rank 0's at, or start the run with torchrun, which picks a free port\n",
     )
