@@ -46,6 +46,7 @@ truncated library) is redone rather than waited on or loaded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -130,17 +131,25 @@ def _build() -> bool:
         name = _library_name()
         library = folder / f"{name}.so"
         folder.mkdir(parents=True, exist_ok=True)
-        if not _clear_stale_lock(folder / "lock"):  # a build waited for left a whole library, proven a moment later
-            _drop_unproven(library)
-        if not library.exists():
-            print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
-            build_directory=str(folder),
-            is_python_module=False,
-        )
+        # One process at a time checks, builds, loads and proves the library: torch removes its build lock before its
+        # builder loads and proves the library, and a process arriving then took the new library for a truncated one
+        # and deleted it (the builder loading a missing or half-relinked file). The kernel drops a dead one's flock.
+        with open(folder / "turn.lock", "a") as turn:
+            with contextlib.suppress(OSError):  # a file system without flock: no turns, as before
+                fcntl.flock(turn, fcntl.LOCK_EX)
+            if not _clear_stale_lock(folder / "lock"):  # a build waited for left a whole library, proven a moment later
+                _drop_unproven(library)
+            if not library.exists():
+                print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
+            load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native"],
+                build_directory=str(folder),
+                is_python_module=False,
+            )
+            with contextlib.suppress(OSError):  # a full disk: the next run proves it
+                _proof(library).write_text(_signature(library))
     except Exception as error:  # no compiler, no ninja, an unknown -march: the callers keep their other paths
         # torch's "Could not load this library: PATH" keeps the loader's reason (an undefined symbol) as its cause
         reason = f"{error} ({error.__cause__})" if error.__cause__ else error
@@ -150,8 +159,6 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
-    with contextlib.suppress(OSError):  # another process rebuilding it meanwhile: the next run proves it
-        _proof(library).write_text(_signature(library))
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
     return True
@@ -186,7 +193,7 @@ def _clear_stale_lock(lock: Path) -> bool:
     """cpp_extension waits, with no limit, for the lock file of a build under way; a build killed outside Python
     (SIGKILL, a crash) leaves its lock behind. Wait while the lock is younger than a build takes, then remove it.
     Return whether another process's build finished meanwhile: torch removes its lock before that process loads the
-    library and proves it, so its library is not yet proven (torchrun's ranks building at once on a fresh install)."""
+    library and proves it, so its library is not yet proven (a process outside `_build`'s turns: another version's)."""
     waited = False
     while lock.exists():
         try:

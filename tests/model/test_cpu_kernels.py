@@ -58,6 +58,32 @@ def test_a_library_another_process_just_built_is_loaded_not_dropped_as_unproven(
     assert found == [True]
 
 
+def test_a_process_arriving_after_the_builders_lock_is_gone_leaves_its_library_to_be_loaded(tmp_path, monkeypatch):
+    """torch removes its build lock before the builder loads the library and proves it: B, starting then, found no
+    lock and an unproven library, and deleted it under A (A loading a missing or half-relinked file)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu_kernels._build_folder(tmp_path)
+    library = folder / f"{cpu_kernels._library_name()}.so"
+    built, found = [], {}
+    a, b = (threading.Thread(target=lambda: built.append(cpu_kernels._build()), name=name) for name in "AB")
+
+    def build_or_load(**kwargs):
+        if threading.current_thread() is a:  # A builds, torch drops its lock, then A loads
+            (folder / "lock").touch()
+            library.write_bytes(b"\x7fELF" + bytes(4000))
+            (folder / "lock").unlink()
+            b.start()
+            time.sleep(0.5)  # B, were it not waiting its turn, would find no lock and drop the library now
+        found[threading.current_thread().name] = library.exists()
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build_or_load)
+    monkeypatch.setattr(torch.library, "register_fake", lambda name: lambda shape: shape)  # no ops loaded here
+    a.start()
+    a.join()
+    b.join()
+    assert built == [True, True] and found == {"A": True, "B": True}
+
+
 def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, monkeypatch):
     folders = []
 
