@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from seekstack.adapters.files import model_folders
 from seekstack.checkpoint import read_config
-from seekstack.eval.tasks import REASONING_MAX_TOKENS, all_python, held_out_modules
+from seekstack.eval.tasks import REASONING_MAX_TOKENS, all_python, asked_problems, held_out_modules
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.posttrain.conversations import (
@@ -30,7 +30,7 @@ from seekstack.posttrain.conversations import (
 )
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import rollout_length, sample_groups, task_prompts
-from seekstack.posttrain.tasks import Task, sample_problems
+from seekstack.posttrain.tasks import Task
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.provenance import corpus_folder
 from seekstack.train.config import CONFIG_FILE
@@ -80,7 +80,7 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         ) from None
     path = trained_conversations_file(run, train_config)
     if task is not None:
-        problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)  # as report's
+        problems = asked_problems(task, count)  # as report's
         chats = [prompt_messages(problem) for problem in problems]
     elif path is not None:
         try:  # a val_data file is asked whether `path` is there or not, as report asks it
@@ -208,7 +208,7 @@ def task_samples(
         return []
     weights, _, tokenizer_folder = model_folders(model_path)
     context = read_config(weights).max_position_embeddings
-    problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
+    problems = asked_problems(task, count)
     prompts = task_prompts(Tokenizer.from_file(tokenizer_folder), problems)
     max_new_tokens = min(max_new_tokens, context - max(map(len, prompts)))
     length = rollout_length(task, problems, prompts, max_new_tokens, context, f"the context of {model_path}")

@@ -25,7 +25,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import extract_answer, verified
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
-from seekstack.posttrain.tasks import Problem, make_task, sample_problems
+from seekstack.posttrain.tasks import Problem, Task, make_task, sample_problems
 from seekstack.posttrain.tasks.base import HELDOUT_PERCENT
 from seekstack.posttrain.tasks.problems_file import is_problems_file
 from seekstack.tokenizer import EOS, Tokenizer
@@ -119,6 +119,12 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
     return docs
 
 
+def asked_problems(task: Task, count: int) -> list[Problem]:
+    """The held-out problems of `task` that eval, report and sample ask: the first `count` distinct ones of seed 0
+    (all of them where it has fewer)."""
+    return sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
+
+
 def reasoning_docs(
     task_name: str, tokenizer: Tokenizer, count: int = REASONING_PROBLEMS, difficulty: int | None = None
 ) -> list[dict[str, Any]]:
@@ -129,7 +135,7 @@ def reasoning_docs(
     docs = [
         {"prompt": tokenizer.render_chat(prompt_messages(p)), "key": p.key, "question": p.question,
          "answer": p.answer, "data": json.dumps(p.data)}
-        for p in sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
+        for p in asked_problems(task, count)
     ]  # fmt: skip
     if not docs:  # lm_eval reads a task's first document as it builds the task: an IndexError traceback
         raise ValueError(
