@@ -121,6 +121,7 @@ def pass_at_k_command(
     """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
     (for several models) the same as a table."""
     from seekstack.checkpoint import read_config
+    from seekstack.posttrain.config import require_task
     from seekstack.posttrain.evaluate import evaluate_task, heldout_problems
 
     rows = []
@@ -131,7 +132,7 @@ def pass_at_k_command(
             before = "the lines above score the models before it" if rows else "no model was scored"
             with interrupted_says(f" while scoring {model}: {before}"), options_named():
                 # options_named: a difficulty whose prompts pass the context names --difficulty
-                sampled_task = _options_task(task, difficulty)
+                sampled_task = require_task(task, difficulty=difficulty)
                 with _problems_asked():
                     scored = heldout_problems(sampled_task, problems, seed)
                 engine = _sampling_engine(model, problems, samples, max_new_tokens, sampled_task, scored)
@@ -169,6 +170,7 @@ def traces_command(
     """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
     from seekstack.atomic import refuse_a_file_in_the_way
+    from seekstack.posttrain.config import require_task
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import trace_problems, verified_traces
 
@@ -177,7 +179,7 @@ def traces_command(
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
         refuse_a_file_in_the_way(out.parent, out.name)  # before the minutes of sampling, not when they are written
         with options_named():
-            sampled_task = _options_task(task, difficulty)
+            sampled_task = require_task(task, difficulty=difficulty)
             with _problems_asked():
                 sampled = trace_problems(sampled_task, problems, seed)
             engine = _sampling_engine(model, min(problems, 64), samples, max_new_tokens, sampled_task, sampled)
@@ -192,20 +194,6 @@ def traces_command(
     summary |= {"accept_rate": traces.accept_rate, "prompts": traces.prompts, "prompts_solved": traces.prompts_solved}
     summary |= {"solved_rate": traces.solved_rate}
     typer.echo(json.dumps(summary))
-
-
-def _options_task(task: str, difficulty: int | None) -> Task:
-    """make_task for --task and --difficulty: a task it refuses (unknown, a bad file of problems) is a ConfigError
-    naming the field task, a difficulty it refuses (past the built-in tasks' most, or for a file of problems) one
-    naming difficulty, which options_named says as the option ("Invalid value for '--difficulty': ...", exit 2)."""
-    from seekstack.config import ConfigError
-    from seekstack.posttrain.tasks import make_task
-
-    try:
-        return make_task(task, difficulty)
-    except ValueError as error:  # make_task's refusals of the difficulty itself open "difficulty N:"
-        field = "difficulty" if str(error).startswith(f"difficulty {difficulty}:") else "task"
-        raise ConfigError(f": {error}", field=field) from None
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.corpus.split import share_count
-from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.tasks import DifficultyRefused, Task, make_task
 from seekstack.posttrain.tasks.problems_file import is_problems_file
 from seekstack.schema import (
     Fraction,
@@ -492,13 +492,14 @@ def with_problems_file_absolute(config: Posttraining) -> Posttraining:
     return config
 
 
-def require_task(task: str, source: str | None = None, difficulty: int | None = None) -> None:
-    """A ConfigError naming the field task unless `task` names one of TASKS, your own module:Class (`task_class`) or a
-    file of problems (read whole), and naming the field difficulty where the task refuses `difficulty` (`make_task`)."""
+def require_task(task: str, source: str | None = None, difficulty: int | None = None) -> Task:
+    """The task `make_task` makes; a ConfigError naming the field task unless `task` names one of TASKS, your own
+    module:Class (`task_class`) or a file of problems (read whole), and naming the field difficulty where the task
+    refuses `difficulty`."""
     try:
-        make_task(task, difficulty)
-    except ValueError as error:  # make_task's refusals of the difficulty itself open "difficulty N:"
-        field = "difficulty" if str(error).startswith(f"difficulty {difficulty}:") else "task"
+        return make_task(task, difficulty)
+    except ValueError as error:
+        field = "difficulty" if isinstance(error, DifficultyRefused) else "task"
         raise ConfigError(f": {error}", field=field, source=source) from None
 
 

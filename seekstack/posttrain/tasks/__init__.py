@@ -150,18 +150,25 @@ def raised_at(error: BaseException) -> str:
     return f"at {raised.filename} line {raised.lineno}"
 
 
+class DifficultyRefused(ValueError):
+    """`make_task`'s refusal of the difficulty itself (below 1, past a built-in task's most, or of a file of
+    problems), which a setting's error names as the field difficulty rather than task."""
+
+
 def make_task(name: str, difficulty: int | None = None) -> Task:
     """The task called `name` (`task_class`) at `difficulty` (its default when None), or the problems of the file
     `name`, which has no difficulty."""
     if is_problems_file(name):
         if difficulty is not None:
-            raise ValueError(f"difficulty {difficulty}: task {name!r} is a file of problems, which has none")
+            raise DifficultyRefused(f"difficulty {difficulty}: task {name!r} is a file of problems, which has none")
         return ProblemsFile.read(name)
     cls = task_class(name)
     if difficulty is not None and difficulty < 1:
-        raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
+        raise DifficultyRefused(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
     if difficulty is not None and difficulty > MAX_DIFFICULTY and cls in TASKS.values():
-        raise ValueError(f"difficulty {difficulty}: at most {MAX_DIFFICULTY} (digits or numbers of task {name!r})")
+        raise DifficultyRefused(
+            f"difficulty {difficulty}: at most {MAX_DIFFICULTY} (digits or numbers of task {name!r})"
+        )
     arguments = {} if difficulty is None else {"difficulty": difficulty}
     call = f"task {name!r}: {cls.__name__}({'' if difficulty is None else f'difficulty={difficulty}'})"
     try:
