@@ -32,6 +32,8 @@ CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pyt
 Result = TypeVar("Result")
 _joined = False  # whether init_distributed joined the process group now initialized (not its caller), for shutdown
 _store: dist.Store | None = None  # the last group's rendezvous store, held past it (see init_distributed's join)
+_group_keys: dist.Store | None = None  # the joined group's own keys in it: where a failed rank tells the others why
+FAILED_FIRST_KEY = "seekstack_failed_first"  # the first rank's failure, "rank R failed: Type: message"
 
 
 @dataclass
@@ -85,7 +87,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
     def join() -> None:  # in a thread of its own, where CUDA's current device is set apart from the main thread's
         if cuda:
             torch.cuda.set_device(device)
-        global _store
+        global _store, _group_keys
         try:
             store, _, _ = next(dist.rendezvous("env://"))
         except dist.DistNetworkError as error:  # started by hand: rank 0's port taken, or no rank 0 at the address
@@ -124,6 +126,7 @@ def init_distributed(cpu_collectives: bool = False) -> Ranks:
                 "that stopped waiting in a group its peers never joined (they failed before joining) stays one ahead "
                 "of them ever after: start the ranks afresh"
             ) from None
+        _group_keys = keys
         leave_once_both_came("joined")
 
     if cuda:
@@ -150,10 +153,29 @@ def shutdown(ranks: Ranks) -> None:
     the DDP model wrapped in it is freed: DDP's reducer holds the group, and the last holder destroys it, joining
     gloo's worker threads; the reducer does so holding the GIL, which a worker freeing the last collective's tensors
     may wait for (the process then hangs where the model is freed)."""
-    global _joined
+    global _joined, _group_keys
     if ranks.distributed and _joined and dist.is_initialized():
         dist.destroy_process_group()
-        _joined = False
+        _joined, _group_keys = False, None
+
+
+def told_failure(error: BaseException, ranks: Ranks) -> ConnectionError | None:
+    """Tell `error`, this rank's failure in a run of several, to the others in the group's keys of the store they met
+    in (the first rank to fail writes it). Where `error` is a collective's (torch's bare RuntimeError, a DistError:
+    gloo's "Connection closed by peer", which names no rank and no cause) and another rank failed first, a
+    ConnectionError naming that rank and its error; else None: the error is this rank's own, a Ctrl-C, or not told
+    (the group is the caller's, or the store went with rank 0, which served it started by hand)."""
+    if not (ranks.distributed and _group_keys is not None and isinstance(error, Exception)):
+        return None
+    said = f"rank {ranks.rank} failed: {type(error).__name__}: {error}"
+    try:
+        first = _group_keys.compare_set(FAILED_FIRST_KEY, "", said).decode()
+    except (RuntimeError, OSError):
+        return None
+    collective = type(error) is RuntimeError or isinstance(error, dist.DistError)
+    if first == said or not collective:
+        return None
+    return ConnectionError(f"{first}; this rank then stopped, its collective with it cut ({error})")
 
 
 def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn.Module:

@@ -504,6 +504,7 @@ def train(
                 run = _Run(config, ranks, resume, hooks, source, held)  # the model built or loaded, the data checked
             return run.run(resumable)
     except BaseException as error:
+        cut_by = distributed.told_failure(error, ranks)  # None, or the error of the rank that failed first
         if ranks.distributed:  # the frames of its traceback hold the run (self, model) for as long as the caller
             # keeps the error (a notebook's last one): their locals go, the DDP model too, up to the error handled;
             # the run's own frames alone (seekstack's and torch's, DDP's forward among them), not the caller's code
@@ -514,6 +515,8 @@ def train(
                         with contextlib.suppress(RuntimeError):  # train()'s own, still running
                             frame.clear()
                 error = error.__context__
+        if cut_by is not None:
+            raise cut_by from None
         raise
     finally:
         run = None  # its DDP model first, which holds the process group (see distributed.shutdown)

@@ -254,6 +254,42 @@ def test_a_disk_refusing_a_ranks_optimizer_shard_stops_every_rank_naming_the_che
     assert list((out_dir / "checkpoints").iterdir()) == []  # no part of it left, not even a hidden one
 
 
+def _train_rank_1_failing_at_its_second_step(rank: int, world_size: int, port: int, config, resume) -> None:
+    """A rank whose second step raises on rank 1 alone (its own file or memory, say); each writes what it raised to
+    `rank{r}.txt` beside the run."""
+    from seekstack.train.trainer import _Run
+
+    _join(rank, world_size, port)
+    train_step = _Run.train_step
+
+    def failing_on_rank_1(run):  # noqa: ANN001, ANN202
+        if rank == 1 and run.step == 1:
+            raise ValueError("rank 1's own trouble")
+        return train_step(run)
+
+    _Run.train_step = failing_on_rank_1
+    try:
+        train(config, resume=resume)
+        raised = "nothing"
+    except Exception as error:  # noqa: BLE001
+        raised = f"{type(error).__name__}: {error}"
+    (Path(config.out_dir).parent / f"rank{rank}.txt").write_text(raised)
+    os._exit(0)  # train() destroyed the process group; end before gloo's teardown can hang (see _powersgd_rank)
+
+
+def test_a_rank_whose_collective_another_ranks_failure_cut_names_that_rank_and_its_error(data_dir, tmp_path):  # noqa: F811
+    """Rank 1 failing alone left rank 0 with gloo's RuntimeError 'Connection closed by peer [127.0.0.1]:PORT' (and a
+    traceback), naming neither the rank that failed nor why."""
+    config = run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
+    train_on_two_ranks_within(120, config, _train_rank_1_failing_at_its_second_step)
+    raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert raised[1] == "ValueError: rank 1's own trouble"
+    assert raised[0].startswith(
+        "ConnectionError: rank 1 failed: ValueError: rank 1's own trouble; this rank then stopped, its collective "
+        "with it cut ("
+    ), raised[0]
+
+
 def _rank_telling_its_environment(rank: int, told: Path) -> None:
     (told / f"rank_{rank}").write_text(os.environ.get("SEEKSTACK_SPAWNED_WITH", "unset"))
 
