@@ -828,7 +828,8 @@ def test_compiled_steps_that_skip_the_guard_check_follow_the_kernel_switch_and_a
     skips, set_stance = [], torch.compiler.set_stance
     monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **kw: skips.append(kw) or set_stance(*a, **kw))
     seekstack.save_pretrained(micro_model(num_hidden_layers=1), tmp_path / "base")
-    adapter = write_random_adapter(tmp_path / "base", tmp_path / "adapter", seed=1)
+    one_target = AdapterConfig(rank=2, attention=("o_proj",), feed_forward=(), experts=(), vocabulary=())
+    adapter = write_random_adapter(tmp_path / "base", tmp_path / "adapter", seed=1, config=one_target)  # moves tokens
     eager, compiled = (
         Engine(micro_model(num_hidden_layers=1), tokenizer, max_batch_size=1, compile=flag) for flag in (False, True)
     )
