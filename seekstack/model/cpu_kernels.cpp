@@ -529,6 +529,15 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optio
   return h;
 }
 
+// W_down (SiLU(W_gate x) * W_up x) for x (..., D): a dense FFN or shared expert (moe.py FeedForward) in one call, the
+// three rows_linear and the swiglu an eager step would make one by one on x's rows, so bitwise theirs.
+at::Tensor feed_forward_rows(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
+                             const at::Tensor& down_proj) {
+  const at::Tensor rows = x.reshape({-1, x.size(-1)});
+  const at::Tensor hidden = swiglu(rows_linear(rows, gate_proj), rows_linear(rows, up_proj), std::nullopt);
+  return rows_linear(hidden, down_proj).view(x.sizes());
+}
+
 // dgate, dup (n, I) contiguous and dweights (n,) float32 (empty without weights).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
                                                                const at::Tensor& up,
@@ -987,6 +996,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("grouped_experts(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor");
   m.def("swiglu(Tensor gate, Tensor up, Tensor? weights) -> Tensor");
+  m.def("feed_forward_rows(Tensor x, Tensor gate_proj, Tensor up_proj, Tensor down_proj) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor)");
@@ -1004,6 +1014,7 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rows_linear", rows_linear);
   m.impl("grouped_experts", grouped_experts);
   m.impl("swiglu", swiglu);
+  m.impl("feed_forward_rows", feed_forward_rows);
   m.impl("swiglu_backward", swiglu_backward);
   m.impl("rms_norm", rms_norm);
   m.impl("rms_norm_backward", rms_norm_backward);
