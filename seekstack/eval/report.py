@@ -25,7 +25,7 @@ from typing import Any
 import seekstack
 from seekstack import accounting
 from seekstack.atomic import refuse_a_file_in_the_way, write_atomic
-from seekstack.checkpoint import read_config
+from seekstack.checkpoint import CheckpointError, read_config
 from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
@@ -109,7 +109,10 @@ def _write_page(run_dir: Path, out_dir: str | Path | None, samples: bool, checkp
         _evaluation(run_dir, checkpoint),
     ]
     if samples and checkpoint is not None:
-        sections.append(_samples(run_dir, checkpoint, train_config))
+        try:
+            sections.append(_samples(run_dir, checkpoint, train_config))
+        except CheckpointError as error:  # its weights cut short or damaged: the rest of the page is the run's still
+            sections.append(f"## Samples\n\nNone: the checkpoint's weights cannot be read ({error}).")
     return write_atomic(out_dir / REPORT_FILE, "\n\n".join(section for section in sections if section) + "\n")
 
 

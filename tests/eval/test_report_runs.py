@@ -359,6 +359,19 @@ def test_report_of_a_run_whose_val_data_file_was_emptied_says_why_it_has_no_samp
     assert f"`seekstack chat --model {sft_run / 'checkpoints' / 'step_2'}`" in samples
 
 
+def test_report_of_a_run_whose_newest_weights_are_cut_short_is_written_saying_why_it_has_no_samples(sft_run):
+    """A model.safetensors cut short (a copy stopped midway) failed the whole report, 'error: ...: not a valid
+    safetensors file', though only its samples need the weights."""
+    weights = sft_run / "checkpoints" / "step_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    report = write_report(sft_run).read_text()
+    assert "## Training" in report and report.split("## Samples")[1] == (
+        f"\n\nNone: the checkpoint's weights cannot be read ({weights}: not a valid safetensors file (Error while "
+        "deserializing header: invalid header length); it is truncated or damaged: re-save or re-download the "
+        "checkpoint).\n"
+    )
+
+
 def test_a_run_on_prompt_completion_text_is_reported_as_asked_without_the_chat_template(tmp_path):
     """`lora train BASE pc.jsonl` on TRL's prompt-completion text: its samples, its prompts as they are, were said to be
     'each in the chat template up to its last assistant turn'."""
