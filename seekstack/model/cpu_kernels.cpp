@@ -804,6 +804,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {y, rstd};
 }
 
+// W^UQ RMSNorm(W^DQ x) for x (..., D): MLA's low-rank query (attention.py project_query) in one call, the rows_linear,
+// rms_norm and rows_linear an eager step would make one by one on x's rows, so bitwise theirs.
+at::Tensor latent_query_rows(const at::Tensor& x, const at::Tensor& down_proj, const at::Tensor& norm_weight,
+                             double eps, const at::Tensor& up_proj) {
+  const at::Tensor latent = rows_linear(x.reshape({-1, x.size(-1)}), down_proj);
+  const at::Tensor query = rows_linear(std::get<0>(rms_norm(latent, norm_weight, eps)), up_proj);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = query.size(1);
+  return query.view(shape);
+}
+
 // dx shaped like x, in x's dtype; dw in the weight's where `weight_grad` asks for it, else undefined (None).
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd,
@@ -999,6 +1010,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("feed_forward_rows(Tensor x, Tensor gate_proj, Tensor up_proj, Tensor down_proj) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("latent_query_rows(Tensor x, Tensor down_proj, Tensor norm_weight, float eps, Tensor up_proj) -> Tensor");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor)");
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
@@ -1017,6 +1029,7 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("feed_forward_rows", feed_forward_rows);
   m.impl("swiglu_backward", swiglu_backward);
   m.impl("rms_norm", rms_norm);
+  m.impl("latent_query_rows", latent_query_rows);
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
   m.impl("cross_entropy_rows", cross_entropy_rows);

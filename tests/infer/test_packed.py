@@ -18,10 +18,12 @@ from seekstack.infer.packed import (
     WEIGHT_FIRST_MAX_ROWS,
     DecodeFeedForward,
     DecodeHead,
+    DecodeLatentAttention,
     DecodeLinear,
     pack_for_decode,
 )
 from seekstack.model import cpu_kernels
+from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward
 from tests.infer.support import VOCAB, micro_model, model_dir
 
@@ -116,38 +118,48 @@ def test_decode_linear_runs_the_kernel_for_up_to_16_rows_without_gradients_only(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_packed_feed_forward_runs_up_to_16_rows_in_one_kernel_call_bitwise_as_its_three_linears(monkeypatch, dtype):
+@pytest.mark.parametrize(
+    ("plain", "packed", "method", "unpacked", "left"),
+    [
+        (FeedForward, DecodeFeedForward, "forward", "up_proj", 2),
+        (MultiHeadLatentAttention, DecodeLatentAttention, "project_query", "q_b_proj", 1),
+    ],
+    ids=["feed-forward", "latent-query"],
+)
+def test_packed_modules_run_up_to_16_rows_in_one_kernel_call_bitwise_as_their_linears(
+    monkeypatch, plain, packed, method, unpacked, left, dtype
+):
     assert cpu_kernels.available()
     model = micro_model().to(dtype)
     pack_for_decode(model)
-    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
-    assert len(ffns) > 1 and all(type(m) is DecodeFeedForward for m in ffns)  # dense FFNs and shared experts
+    modules = [m for m in model.modules() if isinstance(m, plain)]
+    assert len(modules) > 1 and all(type(m) is packed for m in modules)  # the MTP block's too
     calls = []
     kernel = cpu_kernels.rows_linear
     monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, weight: calls.append(x.shape[0]) or kernel(x, weight))
-    ffn, most = ffns[-1], cpu_kernels.MAX_TOKENS
-    D = ffn.gate_proj.in_features
+    module, most, D = modules[-1], cpu_kernels.MAX_TOKENS, model.config.hidden_size
 
     def python_linear_calls(x: torch.Tensor) -> int:
-        """ffn(x), checked bitwise against its three linears' own forward, and the rows_linear calls it made from
-        Python (a fused call makes none)."""
+        """The module's method on x, checked bitwise against its modules' calls one by one, and the rows_linear calls
+        it made from Python (a fused call makes none)."""
         with torch.no_grad():
-            expected = FeedForward.forward(ffn, x)
+            expected = getattr(plain, method)(module, x)
             before = len(calls)
-            got = ffn(x)
+            got = getattr(module, method)(x)
         assert torch.equal(got, expected)
         return len(calls) - before
 
     for shape in [(1, 1, D), (2, 3, D), (1, most, D)]:
-        assert python_linear_calls(torch.randn(shape, dtype=dtype)) == 0  # one fused call, bitwise the three's
+        assert python_linear_calls(torch.randn(shape, dtype=dtype)) == 0  # one fused call, bitwise the modules'
     assert python_linear_calls(torch.randn(1, most + 1, D, dtype=dtype)) == 0  # F.linear past 16 rows, as DecodeLinear
     try:
         cpu_kernels.set_enabled(False)  # the kernels off: every module's own path
         assert python_linear_calls(torch.randn(1, 1, D, dtype=dtype)) == 0
     finally:
         cpu_kernels.set_enabled(True)
-    ffn.up_proj = nn.Linear(D, ffn.up_proj.out_features, bias=False).to(dtype)  # an unpacked linear put in
-    assert python_linear_calls(torch.randn(1, 1, D, dtype=dtype)) == 2  # gate and down: the three modules' calls
+    linear = getattr(module, unpacked)
+    setattr(module, unpacked, nn.Linear(linear.in_features, linear.out_features, bias=False).to(dtype))  # unpacked
+    assert python_linear_calls(torch.randn(1, 1, D, dtype=dtype)) == left  # the other linears, one call each
 
 
 def test_gradients_reach_the_weight_not_the_copy():
