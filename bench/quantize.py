@@ -35,6 +35,7 @@ from seekstack.compress.adaptive import (
     average_bits,
     refuse_budget_below_smallest,
     sensitivities,
+    unmeasured_choices,
 )
 from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
@@ -176,9 +177,10 @@ def main() -> None:
         original = seekstack.Transformer(seekstack.preset(args.preset)).eval()
     else:
         original, per_token = load_model_and_data(parser, args.model, args.data)
+        choices = unmeasured_choices(original)
         for budget in args.adaptive_bits:  # refused from the layers' shapes, before any measuring
             try:
-                refuse_budget_below_smallest(original, budget)
+                refuse_budget_below_smallest(choices, budget)
             except ValueError as error:
                 parser.error(f"--adaptive-bits {budget}: {error}")
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
