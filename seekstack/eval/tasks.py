@@ -17,6 +17,7 @@ And from the post-training tasks' held-out split (seekstack/posttrain/tasks), no
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,18 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
                  "gold": choices.index(target), "prompt": context + target[:cut], "rest": target[cut:]}
             )  # fmt: skip
     return docs
+
+
+def _perplexity(items: list[tuple[float, int]]) -> float:
+    """lm_eval's weighted_perplexity of (log-likelihood, units) pairs, exp(-sum log-likelihood / sum units); inf where
+    that passes a float's range: a text without spaces (Chinese) is a few words of hundreds of bytes each, whose
+    word perplexity `math.exp` raised OverflowError on, a traceback where the other scores were."""
+    from lm_eval.api.metrics import weighted_perplexity
+
+    try:
+        return weighted_perplexity(items)
+    except OverflowError:
+        return math.inf
 
 
 def asked_problems(task: Task, count: int) -> list[Problem]:
@@ -255,8 +268,8 @@ def code_task_configs(
             "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text", "num_fewshot": 0,
             "metric_list": [
                 {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
-                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": _perplexity, "higher_is_better": False},
+                {"metric": "word_perplexity", "aggregation": _perplexity, "higher_is_better": False},
             ],
             "custom_dataset": _in_memory(openings),
         },

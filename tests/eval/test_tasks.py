@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -110,6 +111,17 @@ def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplex
     assert [config["task"] for config in task_configs(corpus, ("code_perplexity",))] == ["code_perplexity"]
     with pytest.raises(ValueError, match=r"val\.jsonl: no held-out documents"):
         task_configs(write_corpus(tmp_path / "empty", []), ("code_perplexity",))
+
+
+def test_word_perplexity_past_a_floats_range_is_inf_where_lm_eval_raised(checkpoint, tmp_path):
+    """Chinese text is one 'word' of hundreds of bytes: lm_eval's weighted_perplexity of it overflowed math.exp, and
+    eval ended in an OverflowError traceback instead of its scores."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "zh", ["中文的句子没有空格，" * 40])
+    scores = evaluate(checkpoint, ("code_perplexity",), corpus, "seekstack", limit=1)["results"]["code_perplexity"]
+    assert scores["word_perplexity"] == math.inf
+    assert 1 < scores["byte_perplexity"] < 2**20 and 0 < scores["bits_per_byte"] < 20
 
 
 def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(checkpoint, tmp_path):
