@@ -106,7 +106,7 @@ def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_ref
     listed = re.escape(f"{'x' * 80}... (3,000 characters)")  # a long name loaded is listed by its start
     with pytest.raises(UnknownAdapter, match=rf"^no adapter 'other'; loaded: {listed}$"):
         long.slot("other")
-    with pytest.raises(ValueError, match=rf"slots are taken \(loaded: {listed}\); unload one first"):
+    with pytest.raises(ValueError, match=rf"'other' cannot load \(loaded: {listed}\); unload one first"):
         long.add("other", adapters["full"], read_factors(model.config, adapters["full"]))
     with pytest.raises(AdapterInUse, match=rf"^adapter {re.escape(shown)} serves 1 unfinished request"):
         long.remove("x" * 3000, requests_in_flight=1)

@@ -158,7 +158,7 @@ def test_lora_requests_past_max_loras_unload_the_least_recent_one_they_loaded_as
     first = tokens("a")
     assert tokens("b") != first and engine.lora.folders == {"b": folders["b"]}  # "a" gave up its slot
     assert tokens("a") == first and engine.lora.folders == {"a": folders["a"]}
-    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    full = r"^field 'max_loras': all 1 adapter slots are taken, so adapter 'b' cannot load \(loaded: a\)"
     with pytest.raises(ValueError, match=full):  # "a" is kept for the call's other prompt
         engine.generate([[5], [9]], greedy, lora_request=[asked["a"], asked["b"]])
     engine.unload_adapter("a")
@@ -179,7 +179,7 @@ def test_an_adapter_load_adapter_loads_again_after_a_lora_request_loaded_it_is_n
     engine.generate([[5, 9]], greedy, lora_request=LoRARequest("a", 1, adapter_folders[1]))
     engine.unload_adapter("a")
     engine.load_adapter("a", adapter_folders[1])
-    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    full = r"^field 'max_loras': all 1 adapter slots are taken, so adapter 'b' cannot load \(loaded: a\)"
     with pytest.raises(ValueError, match=full):
         engine.generate([[5, 9]], greedy, lora_request=LoRARequest("b", 2, adapter_folders[2]))
     assert engine.lora.folders == {"a": adapter_folders[1]}
@@ -215,7 +215,7 @@ def test_an_adapter_a_later_prompt_of_the_call_runs_on_is_not_unloaded_for_an_ea
     greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     a, b = LoRARequest("a", 1, adapter_folders[1]), LoRARequest("b", 2, adapter_folders[2])
     engine.generate([[5, 9]], greedy, lora_request=a)
-    full = r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken \(loaded: a\)"
+    full = r"^field 'max_loras': all 1 adapter slots are taken, so adapter 'b' cannot load \(loaded: a\)"
     with pytest.raises(ValueError, match=full):
         engine.generate([[5], [9]], greedy, lora_request=[b, a])
     assert engine.lora.folders == {"a": adapter_folders[1]}
@@ -610,7 +610,7 @@ def test_an_adapter_a_lora_request_of_another_thread_resolved_is_not_unloaded_be
     thread.start()
     try:
         assert resolved.wait(timeout=30)
-        with pytest.raises(ValueError, match=r"^cannot load adapter 'b': all max_loras=1 adapter slots are taken"):
+        with pytest.raises(ValueError, match=r"^field 'max_loras': all 1 adapter slots are taken, so adapter 'b'"):
             engine.generate([[5, 9]], greedy, lora_request=asked["b"])
     finally:
         go.set()
