@@ -75,8 +75,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         except OSError as error:  # a path the system refuses to read: a name too long, a folder it may not enter
             raise APIError(400, f"lora_path {shown_value(body.lora_path)} cannot be read: {error.strerror or error}",
                            param="lora_path", code="invalid_adapter") from None  # fmt: skip
-        except ConfigError as error:  # past the capacity serve was started with: named as its option
-            said = error.naming(f"this server's --{error.field.replace('_', '-')}")
+        except ConfigError as error:  # past the capacity serve was started with: named as its option (if of one)
+            said = error.naming(f"this server's --{error.field.replace('_', '-')}") if error.field else str(error)
             raise APIError(400, said, param="lora_path", code="invalid_value") from None
         except ValueError as error:
             raise APIError(400, str(error), param="lora_name", code="invalid_value") from None
