@@ -24,7 +24,7 @@ import torch
 import seekstack
 from seekstack.compress.heads import head_importance, prune_heads, refuse_too_few_heads
 from seekstack.compress.heal import heal
-from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
+from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept, rounding_notes
 from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
@@ -62,6 +62,14 @@ def main() -> None:
             refuse_too_few_kept(original.config, args.experts)
     except ValueError as error:
         parser.error(f"--experts: {error}")
+    try:  # as `seekstack prune`: fractions that remove no whole head or expert are refused, those rounded said so
+        config = original.config
+        for note in rounding_notes(
+            config, args.experts, args.heads, bool(config.moe_layer_count or config.mtp_moe_blocks)
+        ):
+            print(f"note: {note}", file=sys.stderr)
+    except ValueError as error:
+        parser.error(str(error))
     context = original.config.max_position_embeddings
     calibration = held_out_batches(args.data, context, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
@@ -73,13 +81,17 @@ def main() -> None:
         f"experts -{args.experts:.0%}": (0.0, args.experts),
         f"heads -{args.heads:.0%}, experts -{args.experts:.0%}": (args.heads, args.experts),
     }
-    models, disk = {}, {}
+    models, disk, shapes = {}, {}, set()
     for name, (heads, experts) in variants.items():
         model = copy.deepcopy(original)
         if heads:
             prune_heads(model, importance, heads)
         if experts:
             prune_experts(model, mass, experts)
+        shape = (model.config.num_attention_heads, model.config.n_routed_experts)
+        if shape in shapes:  # a fraction of 0, or one removing no whole head or expert: a row above again
+            continue
+        shapes.add(shape)
         folder = work / name.replace(" ", "_").replace(",", "")
         save_with_tokenizer(model, args.model, folder)
         models[name], disk[name] = model, checkpoint_bytes(folder)

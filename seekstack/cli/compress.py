@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import torch
 
     from seekstack.compress.quantize import QuantConfig
-    from seekstack.config import ModelConfig
 
 # The mode options' defaults; left None on the command line, so that one given without its mode can be refused.
 DEFAULT_BUDGET_BITS = 4.5  # --adaptive
@@ -358,7 +357,7 @@ def prune_command(
         transformers_head_count_notes,
     )
     from seekstack.compress.heal import heal
-    from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
+    from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept, rounding_notes
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, refuse_out, save_with_tokenizer
     from seekstack.interrupts import sigterm_cleaned_up
@@ -382,7 +381,7 @@ def prune_command(
             refuse_too_few_kept(config, experts)
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
-        notes = _rounding_notes(config, experts, heads, has_moe)
+        notes = rounding_notes(config, experts, heads, has_moe)
         refuse_out(model, out)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True)
@@ -412,32 +411,6 @@ def prune_command(
         typer.echo(f"note: {note}", err=True)
     before, after = checkpoint_bytes(model), checkpoint_bytes(out)
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
-
-
-def _rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
-    """What pruning `config`'s model removes where the asked fractions round to whole experts (per routing group) or
-    heads (removed_count), or that a model without MoE layers has no experts to remove; ValueError, before any
-    calibration, when it would remove nothing at all."""
-    from seekstack.compress.prune import removed_count
-
-    notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
-    groups, _ = config.routing_groups
-    expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
-    experts_removed = groups * removed_count(config.n_routed_experts // groups, experts) if has_moe else 0
-    heads_removed = removed_count(config.num_attention_heads, heads)
-    for option, asked, count, gone, step in (
-        ("--experts", experts if has_moe else 0.0, config.n_routed_experts, experts_removed, expert_step),
-        ("--heads", heads, config.num_attention_heads, heads_removed, 1 / config.num_attention_heads),
-    ):
-        share = gone / count if count else 0.0
-        if asked and abs(share - asked) > 1e-9:
-            notes.append(
-                f"{option} {asked:g} removed {gone} of {count} per layer ({share:.1%}): pruning takes whole "
-                f"ones, a step of {step:.3g}"
-            )
-    if not experts_removed and not heads_removed:
-        raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
-    return notes
 
 
 def _refuse_quantized(model: Path, what_to_do: str) -> None:

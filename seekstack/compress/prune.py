@@ -55,6 +55,30 @@ def removed_count(count: int, fraction: float) -> int:
     return math.ceil(Fraction(str(fraction)) * count - Fraction(1, 2))
 
 
+def rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
+    """What pruning `config`'s model removes where the asked fractions round to whole experts (per routing group) or
+    heads (removed_count), or that a model without MoE layers has no experts to remove; ValueError, before any
+    calibration, when it would remove nothing at all."""
+    notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
+    groups, _ = config.routing_groups
+    expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
+    experts_removed = groups * removed_count(config.n_routed_experts // groups, experts) if has_moe else 0
+    heads_removed = removed_count(config.num_attention_heads, heads)
+    for option, asked, count, gone, step in (
+        ("--experts", experts if has_moe else 0.0, config.n_routed_experts, experts_removed, expert_step),
+        ("--heads", heads, config.num_attention_heads, heads_removed, 1 / config.num_attention_heads),
+    ):
+        share = gone / count if count else 0.0
+        if asked and abs(share - asked) > 1e-9:
+            notes.append(
+                f"{option} {asked:g} removed {gone} of {count} per layer ({share:.1%}): pruning takes whole "
+                f"ones, a step of {step:.3g}"
+            )
+    if not experts_removed and not heads_removed:
+        raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
+    return notes
+
+
 def _kept_per_group(per_group: int, fraction: float) -> int:
     """Experts a group of `per_group` keeps when `fraction` of them go (whole experts: removed_count)."""
     return per_group - removed_count(per_group, fraction)

@@ -66,6 +66,24 @@ def test_a_prune_fraction_that_leaves_too_few_is_refused_before_calibrating(
     assert run.stderr.splitlines()[-1].startswith(f"prune.py: error: {said}")
 
 
+@pytest.mark.parametrize(
+    ("fractions", "said"),
+    [
+        (["--heads", "0", "--experts", "0"], "nothing to remove: --experts and --heads are both 0"),
+        (["--heads", "0.1", "--experts", "0"], "nothing to remove: --heads 0.1 removed 0 of 2 per layer (0.0%)"),
+    ],
+)
+def test_prune_fractions_that_remove_nothing_are_refused_before_calibrating(
+    fractions, said, tmp_path, monkeypatch, capsys
+):
+    """bench/prune.py calibrated, then measured, healed and timed rows that pruned nothing, the unpruned model again
+    under other names ("heads -0%"); `seekstack prune` refuses such fractions."""
+    options = [*micro_model_and_shards(tmp_path), *fractions]
+    run = run_in_process("prune.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert run.stderr.splitlines()[-1].startswith(f"prune.py: error: {said}")
+
+
 def micro_model_and_shards(tmp_path) -> list[str]:
     """--model and --data of a micro checkpoint (2 heads, 2 groups of 2 routed experts) and train and val shards of
     the same tokens."""
