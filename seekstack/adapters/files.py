@@ -342,6 +342,12 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}
     tensors, file_keys = {}, {}  # by peft's key on our model; that key -> the file's
     for key, tensor in read_safetensors(weights).items():
+        if key.endswith(".bias"):  # peft's bias="all" or "lora_only" saves the base layers' biases it trained
+            raise CheckpointError(
+                f"{weights}: key {key!r} is a base layer's bias trained beside the factors (peft's bias="
+                f"{model.peft_config['default'].bias!r} in {ADAPTER_CONFIG_FILE}), which seekstack does not apply; "
+                "retrain the adapter with bias='none'"
+            )
         base_copy = BASE_LAYER_COPY.fullmatch(key.removeprefix(PEFT_PREFIX))
         hf_module, lora = (base_copy["module"], "") if base_copy else _split(key.removeprefix(PEFT_PREFIX), folder)
         if hf_module not in ours and hf_module in names:  # keys of peft's save_pretrained on seekstack's model

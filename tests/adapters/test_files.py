@@ -783,6 +783,24 @@ def test_a_peft_option_seekstack_does_not_apply_is_refused_naming_it(base, tmp_p
             load()
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_base_biases_peft_trained_beside_the_factors_are_refused_naming_the_key_and_the_field(tmp_path, bias):
+    """peft's bias="all" / "lora_only" on a base with biases (attention_bias) saves those biases, trained, beside the
+    factors: generate, merge and serve refused them as "not an adapter weight key", naming neither field nor cure."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **TINY, attention_bias=True)), base)
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["o_proj"], bias=bias)
+    model = seekstack.load_pretrained(base)
+    message = (
+        rf"^{adapter / ADAPTER_WEIGHTS_FILE}: key '.*\.bias' is a base layer's bias trained beside the factors "
+        rf"\(peft's bias='{bias}' in adapter_config\.json\), .* retrain the adapter with bias='none'$"
+    )
+    for load in (lambda: load_adapter(model, adapter), lambda: read_factors(model.config, adapter)):
+        with pytest.raises(CheckpointError, match=message):
+            load()
+
+
 def test_token_rows_outside_the_bases_vocabulary_are_refused_naming_the_file_and_the_ids(base, tmp_path):
     fields = dict(target_modules=["o_proj"], trainable_token_indices={"lm_head": [3, 5], "embed_tokens": [7]})
     adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, **fields)
