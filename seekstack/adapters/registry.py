@@ -366,13 +366,13 @@ def refuse_a_rank_beyond(max_lora_rank: int, name: str, folder: str | Path, rank
 
 def refuse_ranks_beyond(config: ModelConfig, adapters: Mapping[str, str | Path], max_lora_rank: int | None) -> None:
     """Before the weights load: each of `adapters` read on a weightless model with `config` (a mistyped folder or
-    another base's adapter is told then too), `refuse_a_rank_beyond` for each. None (the largest rank given) reads
-    nothing."""
-    if max_lora_rank is None:
-        return
+    another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None (the
+    largest rank given)."""
     for name, folder in adapters.items():
         folder = adapter_folder(folder)
-        refuse_a_rank_beyond(max_lora_rank, name, folder, read_factors(config, folder).rank)
+        rank = read_factors(config, folder).rank
+        if max_lora_rank is not None:
+            refuse_a_rank_beyond(max_lora_rank, name, folder, rank)
 
 
 def attach_adapters(

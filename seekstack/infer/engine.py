@@ -560,7 +560,7 @@ class Engine:
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         offload_dir = offload_dir or offload_folder
         config, loaded_tokenizer = checkpoint_files(model_dir, tokenizer)
-        if kwargs.get("adapters"):  # an adapter past max_lora_rank, before the weights are read
+        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, a rank too large
             from seekstack.adapters.registry import refuse_ranks_beyond
 
             refuse_ranks_beyond(config, kwargs["adapters"], kwargs.get("max_lora_rank"))

@@ -175,6 +175,18 @@ def test_serve_refuses_an_adapter_past_max_lora_rank_naming_the_option_before_re
     )
 
 
+def test_serve_refuses_a_mistyped_adapter_folder_before_reading_the_model_or_making_the_database(tmp_path, monkeypatch):
+    """`serve --adapter legal=TYPO` without --max-lora-rank read the adapters only once the weights had loaded (minutes
+    for a large model), and left the new database behind."""
+    monkeypatch.setattr("seekstack.infer.engine.Engine.from_pretrained", lambda *args, **kw: pytest.fail("read it"))
+    model_dir = make_model_dir(tmp_path)
+    serve = ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), "--adapter", f"legal={tmp_path}/typo"]
+    refused = CliRunner().invoke(app, serve)
+    assert refused.exit_code == 1, refused.output
+    assert " ".join(refused.stderr.split()).startswith(f"error: {tmp_path}/typo does not exist; give an adapter folder")
+    assert not (tmp_path / "k.db").exists()
+
+
 @pytest.mark.parametrize(
     ("given", "blank"),
     [("legal=", "folder"), ("legal= ", "folder"), ("=runs/legal", "name"), ('{"name": "legal", "path": ""}', "folder"),
