@@ -161,19 +161,23 @@ def shutdown(ranks: Ranks) -> None:
 
 def told_failure(error: BaseException, ranks: Ranks) -> ConnectionError | None:
     """Tell `error`, this rank's failure in a run of several, to the others in the group's keys of the store they met
-    in (the first rank to fail writes it). Where `error` is a collective's (torch's bare RuntimeError, a DistError:
-    gloo's "Connection closed by peer", which names no rank and no cause) and another rank failed first, a
+    in (the first rank to fail writes it). Where `error` is a cut collective's (a DistError, or gloo's bare
+    RuntimeError "Connection closed by peer", which names no rank and no cause) and another rank told its failure, a
     ConnectionError naming that rank and its error; else None: the error is this rank's own, a Ctrl-C, or not told
-    (the group is the caller's, or the store went with rank 0, which served it started by hand)."""
+    (the group is the caller's, the failed rank was killed, or the store went with rank 0, which served it started by
+    hand). A cut collective is never told as a failure: where the rank that cut it told nothing (killed), the others
+    would blame the first of them to write."""
     if not (ranks.distributed and _group_keys is not None and isinstance(error, Exception)):
         return None
-    said = f"rank {ranks.rank} failed: {type(error).__name__}: {error}"
+    collective = isinstance(error, dist.DistError) or (type(error) is RuntimeError and "gloo" in str(error))
     try:
-        first = _group_keys.compare_set(FAILED_FIRST_KEY, "", said).decode()
+        if not collective:  # this rank's own failure (a bare RuntimeError too: torch's "can't allocate memory")
+            _group_keys.compare_set(FAILED_FIRST_KEY, "", f"rank {ranks.rank} failed: {type(error).__name__}: {error}")
+            return None
+        if not _group_keys.check([FAILED_FIRST_KEY]):
+            return None
+        first = _group_keys.get(FAILED_FIRST_KEY).decode()
     except (RuntimeError, OSError):
-        return None
-    collective = type(error) is RuntimeError or isinstance(error, dist.DistError)
-    if first == said or not collective:
         return None
     return ConnectionError(f"{first}; this rank then stopped, its collective with it cut ({error})")
 

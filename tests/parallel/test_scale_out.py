@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from seekstack.checkpoint.keys import CheckpointError
+from seekstack.parallel import distributed
 from seekstack.parallel.compression import CommCounter, Int8State, int8_hook, register_compression
+from seekstack.parallel.distributed import Ranks
 from seekstack.schema import ConfigError
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
@@ -288,6 +290,19 @@ def test_a_rank_whose_collective_another_ranks_failure_cut_names_that_rank_and_i
         "ConnectionError: rank 1 failed: ValueError: rank 1's own trouble; this rank then stopped, its collective "
         "with it cut ("
     ), raised[0]
+
+
+def test_a_cut_collective_is_never_told_as_the_failure_so_a_killed_rank_is_blamed_on_no_other(monkeypatch):
+    """Of three ranks, rank 1 killed (the OOM killer: it tells nothing) left ranks 0 and 2 in gloo's cut collective;
+    rank 0 wrote its own cut as the first failure, so rank 2 said 'rank 0 failed: RuntimeError: ... Connection closed
+    by peer'. A rank's own bare RuntimeError (torch's out of memory) is still told."""
+    monkeypatch.setattr(distributed, "_group_keys", dist.HashStore())
+    cut = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:80")
+    assert [distributed.told_failure(cut, Ranks(rank, 3, torch.device("cpu"))) for rank in (0, 2)] == [None, None]
+    own = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    assert distributed.told_failure(own, Ranks(1, 3, torch.device("cpu"))) is None
+    told = distributed.told_failure(cut, Ranks(2, 3, torch.device("cpu")))
+    assert str(told).startswith(f"rank 1 failed: RuntimeError: {own}; this rank then stopped"), told
 
 
 def _rank_telling_its_environment(rank: int, told: Path) -> None:
