@@ -232,6 +232,8 @@ VLLM_ENGINE_KEYWORDS = {
     "tensor_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
     "pipeline_parallel_size": "the engine runs in one process; spread a model over devices with device_map=",
     "seed": "seed a request with SamplingParams(seed=), or all of them with torch.manual_seed(s) before generate",
+    "enable_lora": "LoRA adapters are always on: pass generate's lora_request=LoRARequest(name, id, DIR) as vLLM's, or "
+    "load them with adapters={name: DIR} or load_adapter(name, DIR)",
 }
 # vLLM's LLM(...) keywords taken, to no effect, at the values that ask for what the engine does; others refused as
 # above. enforce_eager=False (vLLM's default) only allows CUDA graphs, which the engine never captures: compile=True is
@@ -240,6 +242,7 @@ VLLM_ENGINE_VALUES_TAKEN = {
     "tensor_parallel_size": (1,),
     "pipeline_parallel_size": (1,),
     "enforce_eager": (True, False),
+    "enable_lora": (True,),
 }
 
 

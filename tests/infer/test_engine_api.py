@@ -405,6 +405,9 @@ def test_add_request_in_vllms_argument_order_is_refused_saying_this_order(model,
          "tensor_parallel_size=1: the engine runs in one process; spread a model over devices with device_map="),
         ({"pipeline_parallel_size": True}, "pipeline_parallel_size=True is vLLM's LLM keyword, taken here only as "
          "pipeline_parallel_size=1: the engine runs in one process; spread a model over devices with device_map="),
+        ({"enable_lora": False}, "enable_lora=False is vLLM's LLM keyword, taken here only as enable_lora=True: LoRA "
+         "adapters are always on: pass generate's lora_request=LoRARequest(name, id, DIR) as vLLM's, or load them "
+         "with adapters={name: DIR} or load_adapter(name, DIR)"),
     ],
 )  # fmt: skip
 def test_vllms_llm_keywords_are_refused_saying_what_does_their_work_here(tmp_path, given, told):
@@ -465,8 +468,9 @@ def test_a_mistyped_keyword_is_refused_naming_the_closest_before_any_weight_load
 def test_vllms_llm_keywords_asking_for_what_the_engine_does_are_taken_and_its_names_read_as_the_engines(base, tmp_path):
     """vLLM's LLM(model, tensor_parallel_size=1, enforce_eager=True, max_num_seqs=4, enable_prefix_caching=False) was
     refused keyword by keyword, though one process, eager decoding, four requests a batch and no prefix cache is what
-    the engine does given its own names for them (max_batch_size, prefix_caching)."""
-    taken = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True}
+    the engine does given its own names for them (max_batch_size, prefix_caching); enable_lora=True, which every vLLM
+    LoRA script passes, was refused as "unexpected keyword argument 'enable_lora': did you mean 'max_loras'?"."""
+    taken = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True, "enable_lora": True}
     engine = Engine.from_pretrained(base, kv_cache_memory=1 << 22, max_num_seqs=4, enable_prefix_caching=False, **taken)
     assert (engine.max_batch_size, engine.cache.prefix_caching, engine.decode_compiled) == (4, False, False)
     defaults = Engine.from_pretrained(  # vLLM's None: its default, here the engine's (prefix caching on, not off)
