@@ -45,7 +45,7 @@ from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.kinds import KINDS
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document, Rows, counted
+from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document, Rows, TextFolder, counted
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 from seekstack.interrupts import sigint_handled_by
 
@@ -344,7 +344,7 @@ def build_corpus(
             null_texts.update(getattr(source, "null_texts", {}))  # rows whose text is null (Rows)
         report.skipped_files = dict(skipped.most_common())
         report.null_texts = dict(null_texts.most_common())
-        _check_enough_kept(report, config)
+        _check_enough_kept(report, config, sources)
         cutoff = validation_cutoff(scores, config.val_fraction)
         kept.seek(0)
         with (
@@ -378,9 +378,15 @@ def _refuse_to_replace_an_input(sources: list[Iterable[Document]], out_dir: Path
                 )
 
 
-def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
+def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Iterable[Document]]) -> None:
     if report.documents_in == 0:
-        raise CorpusBuildError(f"the inputs hold no documents; check the paths and --field{_not_read(report)}")
+        one = len(sources) == 1 and isinstance(sources[0], (Rows, TextFolder))  # an empty .jsonl, a header-only CSV
+        inputs = (
+            f"{sources[0].path}: holds no documents; check the path"
+            if one
+            else "the inputs hold no documents; check the paths"
+        )
+        raise CorpusBuildError(f"{inputs} and --field{_not_read(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
     causes = "; ".join(

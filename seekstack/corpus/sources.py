@@ -281,11 +281,11 @@ class TextFolder:
     over in `skipped`, for the build report: a folder of `.html` pages is not read, and says so."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        self.path = Path(folder)
         self.skipped: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[Document]:
-        return read_text_folder(self.folder, skipped=self.skipped)
+        return read_text_folder(self.path, skipped=self.skipped)
 
 
 class Rows:
