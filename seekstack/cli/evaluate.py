@@ -148,7 +148,8 @@ def eval_command(
         json_path, table_path = results_paths(path)
         refuse_a_file_in_the_way(path.parent, f"{json_path.name} and {table_path.name}")  # before the evaluation runs
         samples_folder = path.parent / "lm_eval" if log_samples else None
-        refusable = ("batch_size", "limit", "seed", "gen_kwargs")  # a value evaluate() refuses, as the parser's own
+        # a value evaluate() refuses, as the parser's own
+        refusable = ("batch_size", "limit", "seed", "gen_kwargs", "difficulty")
         with options_named(refusable), interrupted_says(f" before the evaluation ended: {json_path} was not written"):
             report = evaluate(
                 model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,

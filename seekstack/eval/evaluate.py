@@ -144,9 +144,9 @@ def evaluate(
     for task in reasoning if difficulty is not None else ():  # one a task refuses, before the checkpoint is read
         try:
             require_task(task.removeprefix(REASONING_PREFIX), difficulty=difficulty)
-        except ConfigError as error:  # a task that is none is said as task_configs says it, naming no option
-            if error.field == "difficulty":
-                raise ValueError(error.naming("--difficulty")) from None
+        except ConfigError as error:  # a task that is none is said as task_configs says it, naming no field
+            if error.field == "difficulty":  # named as the option by the command, as pass-at-k's is
+                raise
     if num_fewshot and reasoning:
         raise ValueError(
             f"{', '.join(reasoning)}: each prompt is a whole chat (system prompt, question, the reply opened), "

@@ -630,10 +630,19 @@ def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does
 
 
 def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_checkpoint_is_read(checkpoint, tmp_path):
-    """--difficulty 5000 was refused once the tasks were built, naming no option ("error: difficulty 5000: ...")."""
+    """--difficulty 5000 was refused once the tasks were built, naming no option ("error: difficulty 5000: ..."); then
+    as "error: --difficulty: ..." where pass-at-k says click's "Invalid value for '--difficulty'" (exit 2)."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
     from seekstack.eval.evaluate import evaluate
 
-    with pytest.raises(ValueError, match="^--difficulty: difficulty 5000: at most 1000 \\(digits or numbers of"):
+    with pytest.raises(ValueError, match="^field 'difficulty': difficulty 5000: at most 1000 \\(digits or numbers"):
         evaluate(tmp_path / "no checkpoint", ("reason_addition",), device="cpu", difficulty=5000)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    args = ["eval", str(tmp_path / "none"), "--tasks", f"reason_{problems}", "--difficulty", "2"]
+    refused = CliRunner().invoke(app, args)  # as pass-at-k refuses it, not "error: --difficulty: ..." (exit 1)
+    assert refused.exit_code == 2 and "Invalid value for '--difficulty': difficulty 2: task" in refused.output
     with pytest.raises(ValueError, match="^task 'no_module:Parity': module 'no_module' cannot be imported"):
         evaluate(checkpoint, ("reason_no_module:Parity",), device="cpu", difficulty=3)  # a task that is none
