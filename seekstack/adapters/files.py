@@ -62,7 +62,9 @@ ADAPTER_KEY = re.compile(
     r"|\.token_adapter\.trainable_tokens_delta)"
 )
 LORA_FACTOR = re.compile(r"\.lora_(embedding_)?(?P<factor>[AB])\.")  # in peft's parameter names, `.lora_A.default`
-BASE_LAYER_COPY = re.compile(r"(?P<module>.+?)\.base_layer\.weight")  # peft's save_embedding_layers: the base's
+# peft's save_embedding_layers: the base's head or embedding weight, saved beside a LoRA on it (`.base_layer`) or,
+# where the adapter leaves it alone, whole (peft saves it so when the vocabulary was resized, or when asked)
+BASE_LAYER_COPY = re.compile(r"(?P<module>.+?)\.base_layer\.weight|(?P<whole>model\.embed_tokens|lm_head)\.weight")
 UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what they add
     "lora_bias": "a trained bias on each lora_B; seekstack's adapted layers have no bias to merge it into",
     "modules_to_save": "whole modules trained in full beside the LoRA factors",
@@ -349,7 +351,10 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
                 "retrain the adapter with bias='none'"
             )
         base_copy = BASE_LAYER_COPY.fullmatch(key.removeprefix(PEFT_PREFIX))
-        hf_module, lora = (base_copy["module"], "") if base_copy else _split(key.removeprefix(PEFT_PREFIX), folder)
+        if base_copy:
+            hf_module, lora = base_copy["module"] or base_copy["whole"], ""
+        else:
+            hf_module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
         if hf_module not in ours and hf_module in names:  # keys of peft's save_pretrained on seekstack's model
             theirs = checkpoint_key(f"{hf_module}.weight", layers).removesuffix(".weight")
             raise CheckpointError(

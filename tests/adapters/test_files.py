@@ -824,6 +824,29 @@ def test_a_saved_head_base_weight_of_another_base_is_refused_naming_the_key(base
         load_adapter(seekstack.load_pretrained(base), adapter)
 
 
+def test_a_head_and_embedding_peft_saved_whole_beside_the_adapter_are_checked_against_the_base(base, tmp_path):
+    """peft saves the head and embedding whole (`lm_head.weight`) beside an adapter that leaves them alone where the
+    vocabulary was resized, or when asked (save_embedding_layers=True): generate, merge and serve refused either as
+    "'lm_head.weight' is not an adapter weight key"; the base's own serve with peft's logits, a resized one is refused
+    naming the key and the resize."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    transformers_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False)
+    get_peft_model(transformers_model, lora).save_pretrained(tmp_path / "asked", save_embedding_layers=True)
+    ids = prompt_ids(seed=6)
+    _, theirs = peft_logits(base, tmp_path / "asked", ids)
+    assert (logits_with_adapter(base, tmp_path / "asked", ids) - theirs).abs().max() < PEFT_ATOL
+    assert read_factors(seekstack.load_pretrained(base).config, tmp_path / "asked").factors
+    resized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    resized.resize_token_embeddings(TINY["vocab_size"] + 8)  # tokens added: peft saves both whole
+    get_peft_model(resized, lora).save_pretrained(tmp_path / "resized")
+    key = r"'base_model\.model\.(lm_head|model\.embed_tokens)\.weight'"
+    with pytest.raises(CheckpointError, match=rf"{key}.*\(shape \(104, 32\), this base's \(96, 32\)\): .* on resized"):
+        load_adapter(seekstack.load_pretrained(base), tmp_path / "resized")
+
+
 def test_a_folder_holding_no_lora_config_is_refused_before_peft_is_imported(tmp_path, monkeypatch):
     """peft's import (seconds: transformers, torchao) came first: the first /v1/load_lora_adapter of a mistyped path
     took 7.5 s on a loaded machine to refuse it, past the 10 s read timeout of the serve fuzz test in a loaded run."""
