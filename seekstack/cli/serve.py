@@ -80,6 +80,8 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
     "--generation-config": "the checkpoint's generation_config.json always gives the sampling fields a request leaves "
     "unset their defaults, as vLLM's auto; drop the option",
     "--enable-request-id-headers": "every response carries an X-Request-Id header; drop the option",
+    "--enable-lora": "adapters are always on: give each with --adapter NAME=DIR (vLLM's --lora-modules) or POST "
+    "/v1/load_lora_adapter; drop the option",
 }
 
 VLLM_LORA_MODULE_KEYS = {"name", "path", "base_model_name"}  # vLLM's --lora-modules JSON form

@@ -334,13 +334,14 @@ def test_serve_takes_vllms_options_for_request_and_stats_lines_and_logs_them_thr
         ("--tool-call-parser", "the tool-call parser is always DeepSeek-V3's (vLLM's deepseek_v3)"),
         ("--generation-config", "the checkpoint's generation_config.json always gives"),
         ("--enable-request-id-headers", "every response carries an X-Request-Id header"),
+        ("--enable-lora", "adapters are always on: give each with --adapter NAME=DIR (vLLM's --lora-modules)"),
     ],
 )
 def test_serve_refuses_vllms_options_it_does_otherwise_saying_what_to_do_instead(tmp_path, option, instead):
     """A vLLM launch line's --api-key or --allowed-origins got click's 'No such option' alone (or a guess at a
     near name), with no word of the keys database or --cors-origin; so did vLLM's DeepSeek tool-calling options
-    (--enable-auto-tool-choice --tool-call-parser deepseek_v3), --generation-config and --enable-request-id-headers,
-    whose work seekstack always does."""
+    (--enable-auto-tool-choice --tool-call-parser deepseek_v3), --generation-config, --enable-request-id-headers and
+    --enable-lora (vLLM's multi-LoRA launch line), whose work seekstack always does."""
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), option, "x"])
     assert result.exit_code == 2
     assert f"No such option: {option} (vLLM's); " in result.output and instead in result.output
