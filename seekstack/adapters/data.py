@@ -4,7 +4,8 @@
 - text: a file, a folder of text files, a `.jsonl` of {"text": ...} or a `.parquet` (seekstack.corpus's sources):
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
   of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
-  text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
+  text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word), kept
+  in ADAPTER/data/val.jsonl as `data build` writes it, whose openings `report` and `sample` prompt with;
 - chat: a `.jsonl` (or a `.json` of JSON Lines, as datasets' `to_json` writes, or of one JSON array, as `json.dump`
   writes and TRL reads) of {"messages": [...]} (or TRL's
   {"prompt": [...], "completion": [...]} or {"conversations": [{"from": ..., "value": ...}, ...]}): the conversations
@@ -48,6 +49,7 @@ from seekstack.train.trainer import VAL_SPLIT, require_vocabulary
 
 TOKENS_DIR = "data"  # inside the adapter folder: the tokenized text
 CORPUS_FILE = "corpus.jsonl"  # inside TOKENS_DIR: the text's documents, as they were tokenized
+VAL_FILE = "val.jsonl"  # inside TOKENS_DIR: the held-out ones, as `data build` writes them (report's prompts)
 VAL_EVERY = 10
 
 
@@ -95,8 +97,15 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     tokenize_corpus(corpus, tokenizer, tokens, TRAIN_SPLIT, select=lambda text: text not in held_out)
     if held_out:
         tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=held_out.__contains__)
+        rows = (
+            json.dumps({"id": f"{CORPUS_FILE}:{line}", "text": text}, ensure_ascii=False) + "\n"
+            for line, text in enumerate(texts, 1)
+            if text in held_out
+        )
+        write_atomic(tokens / VAL_FILE, "".join(rows))
     else:  # a text too short to hold a part out: a validation split there is an earlier attempt's, of other text
         index_path(tokens, VAL_SPLIT).unlink(missing_ok=True)
+        (tokens / VAL_FILE).unlink(missing_ok=True)
     return tokens
 
 

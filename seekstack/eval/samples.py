@@ -129,9 +129,10 @@ def _opening(text: str) -> str:
 
 def _held_out_documents(run: Path, train_config: dict, count: int) -> list[dict[str, str]]:
     """The first `count` documents with text of the val.jsonl beside the train.jsonl the run (folder `run`,
-    train_config.json `train_config`) encoded its token shards from; [] when there is none."""
+    train_config.json `train_config`) encoded its token shards from, or beside the shards (`lora train` on text);
+    [] when there is none."""
     data_dir = train_config.get("data_dir")
-    corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
+    corpus = (corpus_folder(run / data_dir) or run / data_dir) if isinstance(data_dir, str) else None
     if corpus is None or not (corpus / "val.jsonl").is_file():
         return []
     documents = (module for module in held_out_modules(corpus) if module["text"].strip())

@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.data import _split
+from seekstack.adapters.data import _split, prepare_data
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.checkpoint import read_config
 from seekstack.cli import app
+from seekstack.eval.samples import run_prompts
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
@@ -188,6 +189,20 @@ def test_text_of_one_document_holds_out_its_last_tenth_and_the_run_evaluates_on_
     assert [load_index(data, split)["documents"] for split in ("train", "val")] == [1, 1]
     metrics = [json.loads(line) for line in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "val_loss" in m] == [1]
+
+
+def test_a_run_on_chinese_text_keeps_its_held_out_documents_whose_openings_it_is_prompted_with(base, tmp_path):
+    """`lora train BASE zh.jsonl` kept its held-out documents in no val.jsonl, so `report` and `sample` continued the
+    Python demo prompts ('def fibonacci(n):') on a model of Chinese prose."""
+    documents = [f"第{n}章。" + "向量是可调整大小的数组。" * 10 for n in range(20)]
+    (tmp_path / "zh.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    run = tmp_path / "adapter"
+    data = prepare_data(tmp_path / "zh.jsonl", base, run)
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"data_dir": data.name}))  # as lora train writes it
+    texts, held_out = _split(documents)
+    openings = tuple(text[:60] for text in texts if text in held_out)[:3]  # no spaces: the first 60 characters
+    assert openings and run_prompts(run / "checkpoints" / "step_1") == openings
 
 
 @pytest.mark.parametrize(
