@@ -77,7 +77,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
                            param="lora_path", code="invalid_adapter") from None  # fmt: skip
         except ConfigError as error:  # past the capacity serve was started with: named as its option (if of one)
             said = error.naming(f"this server's --{error.field.replace('_', '-')}") if error.field else str(error)
-            raise APIError(400, said, param="lora_path", code="invalid_value") from None
+            param = "lora_name" if error.field == "max_loras" else "lora_path"  # slots hold names; a rank, a path's
+            raise APIError(400, said, param=param, code="invalid_value") from None
         except ValueError as error:
             raise APIError(400, str(error), param="lora_name", code="invalid_value") from None
         [card] = [card for card in server.models().data if card.id == body.lora_name]

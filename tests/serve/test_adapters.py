@@ -99,7 +99,8 @@ def test_metrics_name_the_adapters_requests_use_as_vllms_lora_requests_info(serv
 def test_loads_past_serves_max_loras_and_max_lora_rank_are_refused_with_400(served):
     """`serve --max-loras 3 --max-lora-rank 4` (vLLM's flags): a third adapter loads beside the two given, a fourth
     and one of rank 8 are refused, naming the limit as the option that set it (they named the engine's keyword,
-    max_loras=3 and max_lora_rank=4, which an HTTP user never sent)."""
+    max_loras=3 and max_lora_rank=4, which an HTTP user never sent); the slot refusal's param is lora_name (it gave
+    lora_path: the name is what has no slot), the rank's lora_path."""
     api, database, adapters = served
     admin = KeyStore(open_database(database)).create("admin", admin=True)
     url = str(api.base_url).replace("/v1/", "/v1/load_lora_adapter")
@@ -116,7 +117,8 @@ def test_loads_past_serves_max_loras_and_max_lora_rank_are_refused_with_400(serv
         unloaded = httpx.post(url.replace("/load_", "/unload_"), json={"lora_name": "third"},
                               headers={"Authorization": f"Bearer {admin}"}, timeout=120)  # fmt: skip
     assert unloaded.status_code == 200
-    assert slots["code"] == rank["code"] == "invalid_value" and rank["param"] == "lora_path"
+    assert slots["code"] == rank["code"] == "invalid_value"
+    assert (slots["param"], rank["param"]) == ("lora_name", "lora_path")  # the slot refused is the name's
     assert slots["message"].startswith("this server's --max-loras: all 3 adapter slots are taken, so adapter 'fourth'")
     assert "(loaded: legal, poem, third)" in slots["message"]
     assert rank["message"].startswith(f"this server's --max-lora-rank is 4, less than the rank 8 of adapter 'wide' "
