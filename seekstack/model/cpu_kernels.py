@@ -136,7 +136,12 @@ def _build() -> bool:
         # and deleted it (the builder loading a missing or half-relinked file). The kernel drops a dead one's flock.
         with open(folder / "turn.lock", "a") as turn:
             with contextlib.suppress(OSError):  # a file system without flock: no turns, as before
-                fcntl.flock(turn, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process's turn: building where no library is there yet (~15 s)
+                    if not library.exists():
+                        print(f"note: waiting for another process building {SOURCE.name} in {folder}", file=sys.stderr)
+                    fcntl.flock(turn, fcntl.LOCK_EX)
             if not _clear_stale_lock(folder / "lock"):  # a build waited for left a whole library, proven a moment later
                 _drop_unproven(library)
             if not library.exists():

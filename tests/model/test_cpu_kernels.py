@@ -84,6 +84,32 @@ def test_a_process_arriving_after_the_builders_lock_is_gone_leaves_its_library_t
     assert built == [True, True] and found == {"A": True, "B": True}
 
 
+def test_a_process_waiting_its_turn_while_another_builds_says_it_waits(tmp_path, monkeypatch, capsys):
+    """Two processes starting at once on a fresh install (torchrun's ranks): the second waited the ~15 s build in
+    silence."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu_kernels._build_folder(tmp_path)
+    library = folder / f"{cpu_kernels._library_name()}.so"
+    said = []
+    b = threading.Thread(target=cpu_kernels._build, name="B")
+
+    def build(**kwargs):
+        if threading.current_thread() is not b and not b.is_alive():  # A builds while B arrives
+            b.start()
+            for _ in range(100):  # B's note, or 5 s
+                said.append(capsys.readouterr().err)
+                if "note: waiting" in said[-1]:
+                    break
+                time.sleep(0.05)
+            library.write_bytes(b"\x7fELF" + bytes(4000))
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    monkeypatch.setattr(torch.library, "register_fake", lambda name: lambda shape: shape)  # no ops loaded here
+    assert cpu_kernels._build()
+    b.join()
+    assert f"note: waiting for another process building cpu_kernels.cpp in {folder}\n" in "".join(said)
+
+
 def test_the_kernels_build_under_torch_extensions_dir_where_it_is_set(tmp_path, monkeypatch):
     folders = []
 
