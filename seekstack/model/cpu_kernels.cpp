@@ -21,9 +21,11 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/native/TopKImpl.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -684,6 +686,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   return {grad_q, grad_k, grad_v};
 }
 
+// Causal attention's forward for bfloat16 inference (FlashAttention's forward over whole score rows, Dao 2023, without
+// the log-sum-exp the backward needs): per head, blocks of 64 query rows, each over the keys up to its own last row
+// only, S = Q K^T in float32 (torch's brgemm, AMX, as causal_scores), one pass a row into P = exp(scale S - max)
+// rounded to bfloat16 (as FlashAttention rounds it), O = P V / rowsum(P) in float32, written as (B, T, H, V): the rows
+// o_proj takes. torch's flash CPU kernel computes every score of a 512-key block (the whole row up to T = 512, half of
+// them masked) and multiplies P by v zero-padded to q's width. Where the CPU cannot pack bfloat16 for brgemm, torch's.
+constexpr int64_t kQueriesPerBlock = 64;
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              "causal_attention: q, k must be (B, H, T, W) and v (B, H, T, V), not q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "causal_attention: q, k and v must be bfloat16, not ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
+              "causal_attention: q, k and v must be read along stride 1");
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
+  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0 || V % 2 != 0 || V > W) {
+    const at::Tensor padded = at::constant_pad_nd(v, {0, W - V});
+    return at::scaled_dot_product_attention(q, k, padded, std::nullopt, 0.0, true, scale).narrow(-1, 0, V)
+        .transpose(1, 2).contiguous();
+  }
+  at::Tensor out = at::empty({B, T_, H, V}, v.options());
+  const int64_t tiles = (T_ + kKeysPerTile - 1) / kKeysPerTile, padded = tiles * kKeysPerTile;
+  const float scale_f = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> k_packed(tiles * W * kKeysPerTile), v_packed(padded * V), probs(kQueriesPerBlock * padded);
+    std::vector<float> scores(kQueriesPerBlock * padded), o(kQueriesPerBlock * V), inverse(kQueriesPerBlock);
+    const c10::BFloat16 zero(0);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const c10::BFloat16* Q = q.const_data_ptr<c10::BFloat16>() + b * q.stride(0) + h * q.stride(1);
+      const c10::BFloat16* K = k.const_data_ptr<c10::BFloat16>() + b * k.stride(0) + h * k.stride(1);
+      const c10::BFloat16* Vd = v.const_data_ptr<c10::BFloat16>() + b * v.stride(0) + h * v.stride(1);
+      const int64_t ld_q = q.stride(2), ld_k = k.stride(2), ld_v = v.stride(2);
+      // K^T in tiles of 64 keys packed to VNNI (tile[d / 2][key] holds k[key][d], k[key][d + 1]); V packed to VNNI
+      // along the keys (v_packed[key / 2][n] holds v[key][n], v[key + 1][n]); keys past T are zeros.
+      std::fill(k_packed.begin() + T_ / kKeysPerTile * W * kKeysPerTile, k_packed.end(), zero);
+      for (int64_t key = 0; key < T_; ++key) {
+        c10::BFloat16* tile = k_packed.data() + key / kKeysPerTile * W * kKeysPerTile + key % kKeysPerTile * 2;
+        for (int64_t d = 0; d < W; d += 2) std::memcpy(tile + d * kKeysPerTile, K + key * ld_k + d, 2 * sizeof(*K));
+      }
+      const int64_t even = T_ / 2 * 2;  // keys packed by cpublas::pack; an odd T's last key beside a zero
+      at::native::cpublas::pack(even, V, ld_v, V, at::kBFloat16, at::kBFloat16, Vd, v_packed.data());
+      std::fill(v_packed.begin() + even * V, v_packed.end(), zero);
+      for (int64_t n = 0; n < V && even < T_; ++n) v_packed[(even * V) + 2 * n] = Vd[even * ld_v + n];
+      for (int64_t first = 0; first < T_; first += kQueriesPerBlock) {
+        const int64_t rows = std::min(kQueriesPerBlock, T_ - first);
+        const int64_t width = (first + rows + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;  // keys seen, in tiles
+        for (int64_t j = 0; j < width; j += kKeysPerTile) {
+          at::native::cpublas::brgemm(rows, kKeysPerTile, W, ld_q, kKeysPerTile, width, false, Q + first * ld_q,
+                                      k_packed.data() + j * W, scores.data() + j, true);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t seen = first + r + 1;  // keys 0..first + r
+          const float* s = scores.data() + r * width;
+          c10::BFloat16* p = probs.data() + r * width;
+          const float top = fold_row(
+              seen, -std::numeric_limits<float>::infinity(), Maximum(),
+              [&](const FloatVector& acc, int64_t j) {
+                FloatVector s0, s1;
+                load_step(s + j, s0, s1);
+                return at::vec::maximum(acc, at::vec::maximum(s0, s1));
+              },
+              [&](float acc, int64_t j) { return std::max(acc, s[j]); });
+          const float shift = top * scale_f;
+          const float total = fold_row(
+              seen, 0.f, std::plus<>(),
+              [&](const FloatVector& acc, int64_t j) {
+                FloatVector s0, s1;
+                load_step(s + j, s0, s1);
+                s0 = (s0 * FloatVector(scale_f) - FloatVector(shift)).exp_u20();
+                s1 = (s1 * FloatVector(scale_f) - FloatVector(shift)).exp_u20();
+                store_step(p + j, s0, s1);
+                return acc + s0 + s1;
+              },
+              [&](float acc, int64_t j) {
+                const float e = std::exp(s[j] * scale_f - shift);
+                p[j] = static_cast<c10::BFloat16>(e);
+                return acc + e;
+              });
+          inverse[r] = 1.f / total;
+          std::fill(p + seen, p + width, zero);
+        }
+        at::native::cpublas::brgemm(rows, V, width, width, V, V, false, probs.data(), v_packed.data(), o.data(), true);
+        for (int64_t r = 0; r < rows; ++r) {
+          c10::BFloat16* row = out.mutable_data_ptr<c10::BFloat16>() + ((b * T_ + first + r) * H + h) * V;
+          const float* o_row = o.data() + r * V;
+          over_row(
+              V,
+              [&](int64_t n) {
+                FloatVector o0, o1;
+                load_step(o_row + n, o0, o1);
+                store_step(row + n, o0 * FloatVector(inverse[r]), o1 * FloatVector(inverse[r]));
+              },
+              [&](int64_t n) { row[n] = static_cast<c10::BFloat16>(o_row[n] * inverse[r]); });
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
 // RMSNorm (Zhang & Sennrich 2019): y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row; r (n,) float32 kept for the
 // backward. The weight W is T or float32 (a float32 parameter under autocast scaling bf16 rows); y is in x's dtype.
 template <typename T, typename W>
@@ -1015,6 +1122,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, bool grad) -> Tensor");
   if (cblas_gemm_bf16bf16f32 != nullptr) {
     m.def("add_weight_grad(Tensor(a!) grad_weight, Tensor grad_out, Tensor input) -> ()");
@@ -1032,6 +1140,7 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("latent_query_rows", latent_query_rows);
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
+  m.impl("causal_attention", causal_attention);
   m.impl("cross_entropy_rows", cross_entropy_rows);
   if (cblas_gemm_bf16bf16f32 != nullptr) {
     m.impl("add_weight_grad", add_weight_grad);

@@ -163,6 +163,28 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
         assert (got.double() - want).abs().max() <= 1.5 * (peer.double() - want).abs().max()
 
 
+@pytest.mark.parametrize(("T", "W"), [(1, 24), (37, 24), (200, 24), (37, 23)], ids=["1", "37", "200", "odd-width"])
+def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_projs_layout(T, W):
+    """causal_attention (cpu_kernels.cpp, the bfloat16 inference forward): query blocks of 64 rows over the keys up to
+    the diagonal, T ragged against the blocks and the 64-key tiles, q and k strided as attention.py passes them, a
+    value narrower than q and k (a view into a wider row); an odd width takes torch's SDPA. Out is (B, T, H, V),
+    within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal) v in float64 (logits of std 4)."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    B, H, V, dtype = 2, 3, 16, torch.bfloat16
+    scale = 4 / W**0.5
+    q, k = (torch.randn(B, T, H, W, dtype=dtype).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, T, H, 8 + V, dtype=dtype)[..., 8:].transpose(1, 2)
+    out = torch.ops.seekstack.causal_attention(q, k, v, scale)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) @ v.double()).transpose(1, 2)
+    padded = torch.nn.functional.pad(v, (0, W - V))
+    torchs = torch.nn.functional.scaled_dot_product_attention(q, k, padded, is_causal=True, scale=scale)[..., :V]
+    assert out.dtype == dtype and out.shape == (B, T, H, V) and out.is_contiguous()
+    assert (out.double() - expected).abs().max() <= 1.5 * (torchs.transpose(1, 2).double() - expected).abs().max()
+
+
 def test_the_fused_attention_backward_refuses_float32_naming_the_dtype_it_takes():
     """The kernel is bfloat16 only (float32 attention keeps torch's fused backward, faster there): a float32 call is
     refused, not computed."""
