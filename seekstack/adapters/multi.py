@@ -503,10 +503,13 @@ class MultiLoRAFeedForward(FeedForward):
     weights, held within MERGED_EXPERTS_BYTES."""
 
     rows: AdapterRows
+    unadapted: type[FeedForward]  # the class restore turns it back into: FeedForward, or packed's DecodeFeedForward
 
     @classmethod
     def adapt(cls, ffn: FeedForward, rows: AdapterRows) -> MultiLoRAFeedForward:
         """Turn `ffn`, some of whose linears are MultiLoRALinear, into one in place, its merged copies made anew."""
+        if not isinstance(ffn, cls):
+            ffn.unadapted = type(ffn)
         ffn.__class__ = cls
         assert isinstance(ffn, MultiLoRAFeedForward)
         ffn.rows = rows
@@ -521,7 +524,8 @@ class MultiLoRAFeedForward(FeedForward):
 
     def restore(self) -> FeedForward:
         del self._buffers["merged_gate_up"], self._buffers["merged_down"], self.rows
-        self.__class__ = FeedForward
+        self.__class__ = self.unadapted
+        del self.unadapted
         return self
 
     def _merged(self, layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -560,9 +564,13 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
     W^UV_s c keep its slot's.
     """
 
+    unadapted: type[MultiHeadLatentAttention]  # restore's class: MultiHeadLatentAttention, or DecodeLatentAttention
+
     @classmethod
     def adapt(cls, attention: MultiHeadLatentAttention) -> MultiLoRAAttention:
         """Turn `attention`, whose kv_b_proj is a MultiLoRALinear, into one in place, with its factors' layout."""
+        if not isinstance(attention, cls):
+            attention.unadapted = type(attention)
         attention.__class__ = cls
         assert isinstance(attention, MultiLoRAAttention)
         attention.set_factors()
@@ -571,7 +579,8 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
     def restore(self) -> MultiHeadLatentAttention:
         for name in (*CAPACITY_LAYOUT, *LOADED_LAYOUT, "merged_absorbed"):
             del self._buffers[name]
-        self.__class__ = MultiHeadLatentAttention
+        self.__class__ = self.unadapted
+        del self.unadapted
         return self
 
     @torch.no_grad()  # copies for inference, not part of the base weight's graph: copy.deepcopy takes only leaves

@@ -30,6 +30,7 @@ from seekstack.adapters.registry import (
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.packed import DecodeFeedForward, DecodeLatentAttention, pack_for_decode
 from seekstack.model.moe import Routing
 from seekstack.schema import ConfigError
 from tests.adapters.support import TINY, write_base, write_random_adapter
@@ -124,6 +125,22 @@ def test_unloading_every_adapter_leaves_the_plain_base_model(served):
     assert set(model.state_dict()) == set(plain.state_dict())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_unloading_every_adapter_gives_each_layer_back_its_class_an_engines_packed_decode_classes_too(served):
+    """An engine's FFNs and attention are infer.packed's Decode classes (their one-call decode paths): an unload turns
+    the adapted ones back into those, not into the plain FeedForward and MLA."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    pack_for_decode(model)
+    before = [type(module) for module in model.modules()]
+    assert DecodeFeedForward in before and DecodeLatentAttention in before
+    loaded = attach_adapters(model, adapters)
+    assert isinstance(model.layers[0].mlp, MultiLoRAFeedForward)
+    assert isinstance(model.layers[0].self_attn, MultiLoRAAttention)
+    loaded.remove("full")
+    loaded.remove("attention")
+    assert [type(module) for module in model.modules()] == before
 
 
 def test_an_unload_keeps_the_layers_adapted_with_zeros_while_another_adapter_is_loaded(served):
