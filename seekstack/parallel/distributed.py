@@ -174,10 +174,13 @@ def told_failure(error: BaseException, ranks: Ranks) -> ConnectionError | None:
         if not collective:  # this rank's own failure (a bare RuntimeError too: torch's "can't allocate memory")
             _group_keys.compare_set(FAILED_FIRST_KEY, "", f"rank {ranks.rank} failed: {type(error).__name__}: {error}")
             return None
+        # a silent connection first: started by hand, the store is rank 0's and ends with it, where torch's read of a
+        # store gone printed its C++ warning "recvValue failed ... Connection was likely closed" and 30 frames
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=5).close()
         if not _group_keys.check([FAILED_FIRST_KEY]):
             return None
         first = _group_keys.get(FAILED_FIRST_KEY).decode()
-    except (RuntimeError, OSError):
+    except (RuntimeError, OSError):  # OSError: nothing listens at the store's address
         return None
     return ConnectionError(f"{first}; this rank then stopped, its collective with it cut ({error})")
 

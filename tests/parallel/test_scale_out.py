@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,12 +298,29 @@ def test_a_cut_collective_is_never_told_as_the_failure_so_a_killed_rank_is_blame
     rank 0 wrote its own cut as the first failure, so rank 2 said 'rank 0 failed: RuntimeError: ... Connection closed
     by peer'. A rank's own bare RuntimeError (torch's out of memory) is still told."""
     monkeypatch.setattr(distributed, "_group_keys", dist.HashStore())
+    listening = socket.create_server(("127.0.0.1", 0))  # the store's address answers
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(listening.getsockname()[1]))
     cut = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:80")
     assert [distributed.told_failure(cut, Ranks(rank, 3, torch.device("cpu"))) for rank in (0, 2)] == [None, None]
     own = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
     assert distributed.told_failure(own, Ranks(1, 3, torch.device("cpu"))) is None
     told = distributed.told_failure(cut, Ranks(2, 3, torch.device("cpu")))
     assert str(told).startswith(f"rank 1 failed: RuntimeError: {own}; this rank then stopped"), told
+    listening.close()
+
+
+def test_a_store_gone_with_rank_0_is_not_read_where_torch_printed_its_cpp_warning(monkeypatch):
+    """Ranks started by hand, rank 0 failing: its store went with it, and the others' read of it printed torch's
+    'TCPStore.cpp ... recvValue failed ... Connection was likely closed' warning and its C++ frames; where nothing
+    listens at the store's address it is not read (a store that would still tell the failure, here)."""
+    keys = dist.HashStore()
+    keys.set(distributed.FAILED_FIRST_KEY, "rank 0 failed: ValueError: its own trouble")
+    monkeypatch.setattr(distributed, "_group_keys", keys)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
+    cut = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    assert distributed.told_failure(cut, Ranks(1, 2, torch.device("cpu"))) is None
 
 
 def _rank_telling_its_environment(rank: int, told: Path) -> None:
