@@ -148,15 +148,21 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, C)
         q_latent = q_latent.view(H, B, T, self.kv_rank).transpose(0, 1)  # (B, H, T, C)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
-        # Every head reads the same [c^KV; k^R] (one KV head in latent space), so the heads fold into the query rows,
-        # row h*T + t being head h's query t: one key for all heads, never expanded per head.
-        query = query.view(B, 1, H * T, self.kv_rank + self.rope_dim)
-        key = cached.unsqueeze(1)  # (B, 1, S, C+R)
-        if mask is not None:  # (B, T, S) -> (B, 1, H*T, S): a view at T = 1 (a decode step), one copy per head else
-            mask = mask.unsqueeze(1).expand(B, H, T, -1).reshape(B, 1, H * T, -1)
-        # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
-        out_latent = F.scaled_dot_product_attention(query, key, key, attn_mask=mask, scale=self.softmax_scale)
-        out_latent = out_latent.view(B, H, T, -1)[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
+        if T <= cpu_kernels.MAX_TOKENS and not torch.is_grad_enabled() and cpu_kernels.usable(query, cached):
+            # A decode step's few rows: one C++ call, where SDPA's flash kernel, cold after the weights streamed
+            # through the cache, cost ~13 us more a layer of `small` (one thread, the same scores and softmax).
+            out_latent = cpu_kernels.latent_attention_rows(query, cached, mask, self.softmax_scale, self.kv_rank)
+        else:
+            # Every head reads the same [c^KV; k^R] (one KV head in latent space), so the heads fold into the query
+            # rows, row h*T + t being head h's query t: one key for all heads, never expanded per head.
+            query = query.view(B, 1, H * T, self.kv_rank + self.rope_dim)
+            key = cached.unsqueeze(1)  # (B, 1, S, C+R)
+            if mask is not None:  # (B, T, S) -> (B, 1, H*T, S): a view at T = 1 (a decode step), one copy per head else
+                mask = mask.unsqueeze(1).expand(B, H, T, -1).reshape(B, 1, H * T, -1)
+            # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
+            out_latent = F.scaled_dot_product_attention(query, key, key, attn_mask=mask, scale=self.softmax_scale)
+            out_latent = out_latent.view(B, H, T, -1)[..., : self.kv_rank]
+        out_latent = out_latent.transpose(0, 1).reshape(H, B * T, self.kv_rank)
         out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # (H, B*T, C) @ (H, C, V)
         return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, H, V)
 

@@ -922,6 +922,96 @@ at::Tensor latent_query_rows(const at::Tensor& x, const at::Tensor& down_proj, c
   return query.view(shape);
 }
 
+// MLA's absorbed decode attention (attention.py attend_absorbed): softmax(scale q K^T + mask) K[:, :V] for the H x T
+// query rows q of each sequence over its S cached keys K = [c^KV; k^R], which double as the values (their first V = C
+// columns). The scores are rows_linear's products with the keys as the weight rows (each key read once for all rows);
+// the softmax (exp as torch's flash SDPA takes it) and the weighted sum are float32. A row that sees no key is 0.
+template <typename K, typename X>
+void latent_attention_into(const at::Tensor& query, const at::Tensor& keys, const bool* mask, float scale,
+                           at::Tensor& out) {
+  const int64_t T_ = query.size(2), D = query.size(3), S = keys.size(1), V = out.size(3);
+  const int64_t rows = query.size(1) * T_;  // row h T + t: query t of head h
+  const X* q_data = reinterpret_cast<const X*>(query.const_data_ptr());
+  const K* k_data = weight_data<K>(keys);
+  float* out_data = out.mutable_data_ptr<float>();
+  constexpr float kUnseen = -std::numeric_limits<float>::infinity();
+  // A task: a sequence's rows, in groups whose scores stay within kScoresPerGroup (a long cache, many heads).
+  const int64_t group = std::clamp<int64_t>(kScoresPerGroup / std::max<int64_t>(S, 1), 1, rows);
+  const int64_t groups = (rows + group - 1) / group;
+  at::parallel_for(0, query.size(0) * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * S), sums(group);
+    std::vector<const X*> inputs(group);
+    std::vector<float*> outputs(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups, first = task % groups * group, n = std::min(group, rows - first);
+      const K* key = k_data + b * S * D;
+      for (int64_t r = 0; r < n; ++r) {
+        inputs[r] = q_data + (b * rows + first + r) * D;
+        outputs[r] = scores.data() + r * S;
+      }
+      rows_times_weight(key, S, D, inputs.data(), outputs.data(), n);
+      for (int64_t r = 0; r < n; ++r) {  // the scores become exp(s - max s), their sum kept
+        float* s = outputs[r];
+        const bool* seen = mask == nullptr ? nullptr : mask + (b * T_ + (first + r) % T_) * S;
+        float top = kUnseen;
+        for (int64_t j = 0; j < S; ++j) {
+          s[j] = seen == nullptr || seen[j] ? s[j] * scale : kUnseen;
+          top = std::max(top, s[j]);
+        }
+        if (top == kUnseen) top = 0.f;  // no key seen: every exp is 0, and so is the row
+        sums[r] = fold_row(
+            S, 0.f, std::plus<>(),
+            [&](const FloatVector& sum, int64_t j) {
+              FloatVector s0, s1;
+              load_step(s + j, s0, s1);
+              s0 = (s0 - FloatVector(top)).exp_u20();
+              s1 = (s1 - FloatVector(top)).exp_u20();
+              store_step(s + j, s0, s1);
+              return sum + s0 + s1;
+            },
+            [&](float sum, int64_t j) { return sum + (s[j] = std::exp(s[j] - top)); });
+      }
+      float* o = out_data + (b * rows + first) * V;
+      std::fill(o, o + n * V, 0.f);
+      for (int64_t j = 0; j < S; ++j) {  // each key (its first V values) read once for the group's rows
+        const K* k = key + j * D;
+        for (int64_t r = 0; r < n; ++r) {
+          const float p = outputs[r][j];
+          float* o_r = o + r * V;
+          for (int64_t c = 0; c < V; ++c) o_r[c] += p * widened(k[c]);
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const float norm = sums[r] > 0.f ? 1.f / sums[r] : 0.f;
+        for (int64_t c = 0; c < V; ++c) o[r * V + c] *= norm;
+      }
+    }
+  });
+}
+
+// query (B, H, T, D), keys (B, S, D), mask (B, T, S) bool or None -> (B, H, T, V) in query's dtype.
+at::Tensor latent_attention_rows(const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& mask,
+                                 double scale, int64_t value_width) {
+  TORCH_CHECK(query.device().is_cpu() && query.dim() == 4 &&
+                  (query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16),
+              "latent_attention_rows: query must be (B, H, T, D) float32 or bfloat16 on the CPU");
+  const int64_t B = query.size(0), T_ = query.size(2), S = keys.size(1);
+  TORCH_CHECK(keys.scalar_type() == query.scalar_type() && keys.dim() == 3 && keys.size(0) == B &&
+                  keys.size(2) == query.size(3) && value_width <= query.size(3),
+              "latent_attention_rows: keys ", keys.sizes(), " do not match the query ", query.sizes());
+  const at::Tensor mask_c = mask.has_value() ? mask->to(at::kBool).expand({B, T_, S}).contiguous() : at::Tensor();
+  const at::Tensor keys_c = keys.contiguous();
+  at::Tensor out = at::empty({B, query.size(1), T_, value_width}, query.options().dtype(at::kFloat));
+  const bool* seen = mask.has_value() ? mask_c.const_data_ptr<bool>() : nullptr;
+  if (query.scalar_type() == at::kBFloat16) {
+    latent_attention_into<bf16_bits, BF16Input>(query.to(input_dtype<BF16Input>()).contiguous(), keys_c, seen, scale,
+                                                out);
+  } else {
+    latent_attention_into<float, float>(query.contiguous(), keys_c, seen, scale, out);
+  }
+  return out.to(query.scalar_type());
+}
+
 // dx shaped like x, in x's dtype; dw in the weight's where `weight_grad` asks for it, else undefined (None).
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd,
@@ -1118,6 +1208,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("latent_query_rows(Tensor x, Tensor down_proj, Tensor norm_weight, float eps, Tensor up_proj) -> Tensor");
+  m.def("latent_attention_rows(Tensor query, Tensor keys, Tensor? mask, float scale, int value_width) -> Tensor");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor)");
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
@@ -1138,6 +1229,7 @@ TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("swiglu_backward", swiglu_backward);
   m.impl("rms_norm", rms_norm);
   m.impl("latent_query_rows", latent_query_rows);
+  m.impl("latent_attention_rows", latent_attention_rows);
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("causal_attention_backward", causal_attention_backward);
   m.impl("causal_attention", causal_attention);

@@ -104,8 +104,11 @@ def test_attention_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "sdpa"])
 @pytest.mark.parametrize("T", [1, 3], ids=["decode-step", "verify-width-3"])
-def test_absorbed_attention_masks_each_head_as_the_cached_keys_it_drops(T, monkeypatch):
+def test_absorbed_attention_masks_each_head_as_the_cached_keys_it_drops(T, kernel, monkeypatch):
+    """A decode step's few rows take latent_attention_rows, never SDPA, while the kernels are on; SDPA else."""
+    assert cpu_kernels.available()
     torch.manual_seed(0)
     attention = Transformer(micro_config()).layers[0].self_attn
     H, C, R, S = attention.num_heads, attention.kv_rank, attention.rope_dim, 6
@@ -121,12 +124,42 @@ def test_absorbed_attention_masks_each_head_as_the_cached_keys_it_drops(T, monke
         return sdpa(*args, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    with torch.no_grad():
-        masked = attention.attend_absorbed(q_nope, q_rope, cached, mask)
-        dropped = attention.attend_absorbed(q_nope, q_rope, cached[:, seen], None)
+    cpu_kernels.set_enabled(kernel)
+    try:
+        with torch.no_grad():
+            masked = attention.attend_absorbed(q_nope, q_rope, cached, mask)
+            dropped = attention.attend_absorbed(q_nope, q_rope, cached[:, seen], None)
+    finally:
+        cpu_kernels.set_enabled(True)
     assert (masked - dropped).abs().max().item() < 1e-6
-    if T == 1:  # a decode step reads the plan's mask in place for every head, never a copy per head
+    assert (masks == []) == kernel
+    if T == 1 and not kernel:  # a decode step reads the plan's mask in place for every head, never a copy per head
         assert masks[0].data_ptr() == mask.data_ptr() and masks[0].stride(2) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_attention_kernel_gives_sdpas_output_over_the_cached_keys(dtype):
+    """latent_attention_rows (cpu_kernels.cpp): H heads x T query rows over S cached keys that double as the values
+    (their first V columns), with a mask (a query that sees its first key alone) or none, as torch's SDPA computes it:
+    float32 to 1e-5, bfloat16 within its rounding. Widths of 37 and 30 leave a tail past every vector; 256 rows over
+    5000 keys take two groups of rows (their scores past kScoresPerGroup)."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    for S, H, T in [(1, 1, 1), (7, 16, 3), (64, 6, 1), (130, 2, 5), (300, 6, 16), (5000, 16, 16)]:
+        query, keys = torch.randn(2, H, T, 37, dtype=dtype), torch.randn(2, S, 37, dtype=dtype)
+        mask = torch.rand(2, T, S) < 0.6
+        mask[..., 0] = True  # every query sees a key (attention_mask_of)
+        mask[1, -1, 1:] = False
+        for seen in (mask, None):
+            out = cpu_kernels.latent_attention_rows(query, keys, seen, 0.3, 30)
+            heads_mask = None if seen is None else seen.unsqueeze(1)  # (B, 1, T, S): the same for every head
+            key = keys.unsqueeze(1)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query, key, key, attn_mask=heads_mask, scale=0.3
+            )
+            expected = expected[..., :30]
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance, msg=f"S={S} H={H} T={T}")
 
 
 @pytest.mark.parametrize("logit_std", [1, 4])
