@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import seekstack
 from seekstack.compress.heads import head_importance, prune_heads, refuse_too_few_heads
@@ -31,6 +32,47 @@ from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 sys.path.insert(0, str(Path(__file__).parent))
 from options import learning_rate, load_model_and_data, non_negative_int, number_between, positive_int
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
+
+
+def pruned_models(
+    original: nn.Module, mass: dict[str, torch.Tensor], importance: dict[str, torch.Tensor], args: argparse.Namespace
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """name -> each row's model, unpruned and pruned by `args.heads`, `args.experts` and both, each healed too where
+    `args.heal_steps` asks, and name -> its checkpoint's bytes on disk; the checkpoints and healing runs go to a
+    temporary folder, removed on return."""
+    variants = {
+        "unpruned": (0.0, 0.0),
+        f"heads -{args.heads:.0%}": (args.heads, 0.0),
+        f"experts -{args.experts:.0%}": (0.0, args.experts),
+        f"heads -{args.heads:.0%}, experts -{args.experts:.0%}": (args.heads, args.experts),
+    }
+    models, disk, shapes = {}, {}, set()
+    with tempfile.TemporaryDirectory(prefix="bench_prune_") as work:
+        for name, (heads, experts) in variants.items():
+            model = copy.deepcopy(original)
+            if heads:
+                prune_heads(model, importance, heads)
+            if experts:
+                prune_experts(model, mass, experts)
+            shape = (model.config.num_attention_heads, model.config.n_routed_experts)
+            if shape in shapes:  # a fraction of 0, or one removing no whole head or expert: a row above again
+                continue
+            shapes.add(shape)
+            folder = Path(work) / name.replace(" ", "_").replace(",", "")
+            save_with_tokenizer(model, args.model, folder)
+            models[name], disk[name] = model, checkpoint_bytes(folder)
+            if args.heal_steps:
+                healed = heal(
+                    folder,
+                    args.data,
+                    args.heal_steps,
+                    folder.with_name(f"{folder.name}_heal"),
+                    args.heal_lr,
+                    args.heal_batch_size,
+                )
+                models[f"{name} + heal"] = seekstack.load_pretrained(healed).eval()
+                disk[f"{name} + heal"] = checkpoint_bytes(healed)
+    return models, disk
 
 
 def main() -> None:
@@ -74,33 +116,7 @@ def main() -> None:
     calibration = held_out_batches(args.data, context, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
     batches = held_out_batches(args.data, context, batches=args.batches)
-    work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
-    variants = {
-        "unpruned": (0.0, 0.0),
-        f"heads -{args.heads:.0%}": (args.heads, 0.0),
-        f"experts -{args.experts:.0%}": (0.0, args.experts),
-        f"heads -{args.heads:.0%}, experts -{args.experts:.0%}": (args.heads, args.experts),
-    }
-    models, disk, shapes = {}, {}, set()
-    for name, (heads, experts) in variants.items():
-        model = copy.deepcopy(original)
-        if heads:
-            prune_heads(model, importance, heads)
-        if experts:
-            prune_experts(model, mass, experts)
-        shape = (model.config.num_attention_heads, model.config.n_routed_experts)
-        if shape in shapes:  # a fraction of 0, or one removing no whole head or expert: a row above again
-            continue
-        shapes.add(shape)
-        folder = work / name.replace(" ", "_").replace(",", "")
-        save_with_tokenizer(model, args.model, folder)
-        models[name], disk[name] = model, checkpoint_bytes(folder)
-        if args.heal_steps:
-            healed = heal(
-                folder, args.data, args.heal_steps, work / f"{folder.name}_heal", args.heal_lr, args.heal_batch_size
-            )
-            models[f"{name} + heal"] = seekstack.load_pretrained(healed).eval()
-            disk[f"{name} + heal"] = checkpoint_bytes(healed)
+    models, disk = pruned_models(original, mass, importance, args)
     speeds = decode_speeds(models, (1, 8), args.reps, time.process_time)
     print(
         f"\nmodel {args.model}; calibration {args.calibration_batches} x 8 x 256 train tokens; healing "

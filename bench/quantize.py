@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from options import load_model_and_data, number_between, positive_int
 from peers import peer_missing
+from torch import nn
 
 import seekstack
 from seekstack.compress.adaptive import (
@@ -54,6 +55,19 @@ def decode_seconds(model, batch: int, clock, prompt: int = 32, new: int = 64) ->
     for _ in range(new):
         token = model(token, cache=cache).logits[:, -1:].argmax(-1)
     return clock() - start
+
+
+def saved_and_loaded(models: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """name -> each model saved and re-loaded, in the dtype it was saved in, through `seekstack.load_pretrained` (the
+    checkpoint generate/serve run), and name -> its bytes on disk; the checkpoints go to a temporary folder, removed
+    on return."""
+    loaded, disk = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench_quantize_") as work:
+        for name, model in models.items():
+            directory = Path(work) / name.replace(" ", "_")
+            seekstack.save_pretrained(model, directory)
+            loaded[name], disk[name] = seekstack.load_pretrained(directory, dtype="auto"), checkpoint_bytes(directory)
+    return loaded, disk
 
 
 def decode_speeds(models: dict, batches: tuple[int, ...], reps: int, clock, new: int = 64) -> dict:
@@ -183,9 +197,7 @@ def main() -> None:
                 refuse_budget_below_smallest(choices, budget)
             except ValueError as error:
                 parser.error(f"--adaptive-bits {budget}: {error}")
-    work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
-    models, disk = {"float32": original}, {"float32": checkpoint_bytes(args.model) if not args.preset else None}
-    models["bfloat16"] = copy.deepcopy(original).to(torch.bfloat16)
+    variants = {"bfloat16": copy.deepcopy(original).to(torch.bfloat16)}
     for name, config in [
         ("int8", QuantConfig(scheme="int8")),
         ("int4 g32", QuantConfig(scheme="int4", group_size=32)),
@@ -194,16 +206,12 @@ def main() -> None:
     ]:
         model = copy.deepcopy(original)
         quantize_model(model, config)
-        directory = work / name.replace(" ", "_")
-        seekstack.save_pretrained(model, directory)
-        models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
+        variants[name] = model
     if not args.preset:
-        for name, model in adaptive_models(original, args.data, args.adaptive_bits).items():
-            directory = work / name.replace(" ", "_")
-            seekstack.save_pretrained(model, directory)
-            models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
-    seekstack.save_pretrained(models["bfloat16"], work / "bf16")
-    disk["bfloat16"] = checkpoint_bytes(work / "bf16")
+        variants.update(adaptive_models(original, args.data, args.adaptive_bits))
+    reloaded, saved_bytes = saved_and_loaded(variants)
+    models = {"float32": original, **reloaded}
+    disk = {"float32": checkpoint_bytes(args.model) if not args.preset else None, **saved_bytes}
     torchao_missing = None if args.no_torchao else peer_missing("torchao", ("torchao",), "pip install -e '.[bench]'")
     if torchao_missing:
         print(torchao_missing)

@@ -1,13 +1,24 @@
 """bench/quantize.py and bench/prune.py: a --model that is no checkpoint, or a --data without shards of its
 tokenizer, is refused in one line naming the option, before any work (it was a CheckpointError or
 FileNotFoundError traceback); so is an --adaptive-bits below what the model's layer shapes allow (it was a ValueError
-traceback after measuring every layer)."""
+traceback after measuring every layer). Their checkpoints are written to a temporary folder that is removed."""
+
+import argparse
+import copy
+import sys
+import tempfile
 
 import pytest
 import torch
 
 import seekstack
-from tests.bench.support import run_in_process
+from seekstack.compress.heads import head_importance
+from seekstack.compress.prune import gate_mass
+from seekstack.compress.quantize import QuantConfig, quantize_model
+from tests.bench.support import BENCH, run_in_process
+
+sys.path.insert(0, str(BENCH))  # its siblings (options.py, peers.py, quantize.py), as when run
+from bench import prune, quantize  # noqa: E402
 
 
 @pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
@@ -82,6 +93,44 @@ def test_prune_fractions_that_remove_nothing_are_refused_before_calibrating(
     run = run_in_process("prune.py", *options, "--reps", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert run.stderr.splitlines()[-1].startswith(f"prune.py: error: {said}")
+
+
+def test_quantized_checkpoints_are_loaded_as_saved_and_their_folder_removed(tmp_path, monkeypatch):
+    """bench/quantize.py left every run's checkpoints in a bench_quantize_* folder of /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    seekstack.save_pretrained(micro_model(), tmp_path / "model")
+    bfloat16, int8 = seekstack.load_pretrained(tmp_path / "model").to(torch.bfloat16), micro_model()
+    quantize_model(int8, QuantConfig(scheme="int8"))
+    loaded, disk = quantize.saved_and_loaded({"bfloat16": bfloat16, "int8": copy.deepcopy(int8)})
+    assert list((tmp_path / "tmp").iterdir()) == []
+    for name, model in {"bfloat16": bfloat16, "int8": int8}.items():
+        saved, read = model.state_dict(), loaded[name].state_dict()
+        assert all(read[key].dtype == saved[key].dtype and torch.equal(read[key], saved[key]) for key in saved)
+        assert disk[name] > 0
+    assert disk["bfloat16"] > disk["int8"]
+
+
+def test_pruned_checkpoints_folder_is_removed(tmp_path, monkeypatch):
+    """bench/prune.py left every run's pruned checkpoints (52 MB at the demo) in a bench_prune_* folder of /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model = micro_model()
+    seekstack.save_pretrained(model, tmp_path / "model")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(model=str(tmp_path / "model"), heads=0.5, experts=0.0, heal_steps=0)
+    models, disk = prune.pruned_models(model, gate_mass(model, [tokens]), head_importance(model, [tokens]), args)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert {name: m.config.num_attention_heads for name, m in models.items()} == {"unpruned": 2, "heads -50%": 1}
+    assert disk["unpruned"] > disk["heads -50%"] > 0
+
+
+def micro_model() -> seekstack.Transformer:
+    """The micro model of `micro_model_and_shards` (2 heads, 2 groups of 2 routed experts), seeded."""
+    from tests.train.test_loss_curve import MICRO_MODEL
+
+    torch.manual_seed(0)
+    return seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)).eval()
 
 
 def micro_model_and_shards(tmp_path) -> list[str]:
