@@ -657,6 +657,9 @@ def test_sharegpt_human_and_gpt_roles_are_refused_naming_the_line_and_the_roles_
          "is str: give both as messages"),
         ({"conversation": CHAT}, "expected {\"messages\": [...]} (or TRL's {\"prompt\": [...], \"completion\": "
          "[...]}) with an assistant message, got the keys ['conversation']"),
+        # "expected {"messages": [...]} ... got the keys ['content', 'role']": a message taken for a conversation
+        (CHAT[1], "a chat message ('user'), not a conversation: write each conversation as one object, "
+         "{\"messages\": [its messages]}, a line each"),
     ],
 )  # fmt: skip
 def test_other_dataset_formats_are_refused_naming_the_line_and_what_to_write(tmp_path, record, refusal):
