@@ -692,7 +692,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 // rounded to bfloat16 (as FlashAttention rounds it), O = P V / rowsum(P) in float32, written as (B, T, H, V): the rows
 // o_proj takes. torch's flash CPU kernel computes every score of a 512-key block (the whole row up to T = 512, half of
 // them masked) and multiplies P by v zero-padded to q's width. Where the CPU cannot pack bfloat16 for brgemm, torch's.
+// A packed B is at most kKeysPerTile columns wide, in steps of 16 (oneDNN's), so P V runs on v's columns in blocks of
+// 64, v zero-padded to 16 columns (DeepSeek-V3's 128 is two blocks).
 constexpr int64_t kQueriesPerBlock = 64;
+constexpr int64_t kPackedColumns = 16;
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
@@ -704,17 +707,19 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
               "causal_attention: q, k and v must be read along stride 1");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
-  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0 || V % 2 != 0 || V > W) {
+  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0 || V > W) {
     const at::Tensor padded = at::constant_pad_nd(v, {0, W - V});
     return at::scaled_dot_product_attention(q, k, padded, std::nullopt, 0.0, true, scale).narrow(-1, 0, V)
         .transpose(1, 2).contiguous();
   }
   at::Tensor out = at::empty({B, T_, H, V}, v.options());
   const int64_t tiles = (T_ + kKeysPerTile - 1) / kKeysPerTile, padded = tiles * kKeysPerTile;
+  const int64_t columns = (V + kPackedColumns - 1) / kPackedColumns * kPackedColumns;  // v's width, padded
   const float scale_f = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<c10::BFloat16> k_packed(tiles * W * kKeysPerTile), v_packed(padded * V), probs(kQueriesPerBlock * padded);
-    std::vector<float> scores(kQueriesPerBlock * padded), o(kQueriesPerBlock * V), inverse(kQueriesPerBlock);
+    std::vector<c10::BFloat16> k_packed(tiles * W * kKeysPerTile), v_packed(padded * columns, c10::BFloat16(0));
+    std::vector<c10::BFloat16> probs(kQueriesPerBlock * padded);
+    std::vector<float> scores(kQueriesPerBlock * padded), o(kQueriesPerBlock * columns), inverse(kQueriesPerBlock);
     const c10::BFloat16 zero(0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -722,17 +727,23 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const c10::BFloat16* K = k.const_data_ptr<c10::BFloat16>() + b * k.stride(0) + h * k.stride(1);
       const c10::BFloat16* Vd = v.const_data_ptr<c10::BFloat16>() + b * v.stride(0) + h * v.stride(1);
       const int64_t ld_q = q.stride(2), ld_k = k.stride(2), ld_v = v.stride(2);
-      // K^T in tiles of 64 keys packed to VNNI (tile[d / 2][key] holds k[key][d], k[key][d + 1]); V packed to VNNI
-      // along the keys (v_packed[key / 2][n] holds v[key][n], v[key + 1][n]); keys past T are zeros.
+      // K^T in tiles of 64 keys packed to VNNI (tile[d / 2][key] holds k[key][d], k[key][d + 1]); V in blocks of 64
+      // columns packed to VNNI along the keys (block[key / 2][n] holds v[key][n], v[key + 1][n]); keys past T and
+      // columns past V are zeros.
       std::fill(k_packed.begin() + T_ / kKeysPerTile * W * kKeysPerTile, k_packed.end(), zero);
       for (int64_t key = 0; key < T_; ++key) {
         c10::BFloat16* tile = k_packed.data() + key / kKeysPerTile * W * kKeysPerTile + key % kKeysPerTile * 2;
         for (int64_t d = 0; d < W; d += 2) std::memcpy(tile + d * kKeysPerTile, K + key * ld_k + d, 2 * sizeof(*K));
       }
-      const int64_t even = T_ / 2 * 2;  // keys packed by cpublas::pack; an odd T's last key beside a zero
-      at::native::cpublas::pack(even, V, ld_v, V, at::kBFloat16, at::kBFloat16, Vd, v_packed.data());
-      std::fill(v_packed.begin() + even * V, v_packed.end(), zero);
-      for (int64_t n = 0; n < V && even < T_; ++n) v_packed[(even * V) + 2 * n] = Vd[even * ld_v + n];
+      for (int64_t first_n = 0; first_n < V; first_n += kKeysPerTile) {
+        const int64_t block = std::min(kKeysPerTile, columns - first_n);
+        c10::BFloat16* packed = v_packed.data() + first_n * padded;
+        for (int64_t key = 0; key < T_; ++key) {
+          for (int64_t n = first_n; n < std::min(V, first_n + kKeysPerTile); ++n) {
+            packed[(key / 2 * block + n - first_n) * 2 + key % 2] = Vd[key * ld_v + n];
+          }
+        }
+      }
       for (int64_t first = 0; first < T_; first += kQueriesPerBlock) {
         const int64_t rows = std::min(kQueriesPerBlock, T_ - first);
         const int64_t width = (first + rows + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;  // keys seen, in tiles
@@ -771,10 +782,14 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
           inverse[r] = 1.f / total;
           std::fill(p + seen, p + width, zero);
         }
-        at::native::cpublas::brgemm(rows, V, width, width, V, V, false, probs.data(), v_packed.data(), o.data(), true);
+        for (int64_t first_n = 0; first_n < V; first_n += kKeysPerTile) {
+          const int64_t block = std::min(kKeysPerTile, columns - first_n);
+          at::native::cpublas::brgemm(rows, block, width, width, block, columns, false, probs.data(),
+                                      v_packed.data() + first_n * padded, o.data() + first_n, true);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           c10::BFloat16* row = out.mutable_data_ptr<c10::BFloat16>() + ((b * T_ + first + r) * H + h) * V;
-          const float* o_row = o.data() + r * V;
+          const float* o_row = o.data() + r * columns;
           over_row(
               V,
               [&](int64_t n) {

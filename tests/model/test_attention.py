@@ -196,15 +196,20 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
         assert (got.double() - want).abs().max() <= 1.5 * (peer.double() - want).abs().max()
 
 
-@pytest.mark.parametrize(("T", "W"), [(1, 24), (37, 24), (200, 24), (37, 23)], ids=["1", "37", "200", "odd-width"])
-def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_projs_layout(T, W):
+@pytest.mark.parametrize(
+    ("T", "W", "V"),
+    [(1, 24, 16), (37, 24, 16), (200, 24, 16), (37, 23, 16), (70, 192, 128), (37, 24, 22)],
+    ids=["1", "37", "200", "odd-width", "deepseek-v3-widths", "value-not-in-16s"],
+)
+def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_projs_layout(T, W, V):
     """causal_attention (cpu_kernels.cpp, the bfloat16 inference forward): query blocks of 64 rows over the keys up to
     the diagonal, T ragged against the blocks and the 64-key tiles, q and k strided as attention.py passes them, a
-    value narrower than q and k (a view into a wider row); an odd width takes torch's SDPA. Out is (B, T, H, V),
-    within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal) v in float64 (logits of std 4)."""
+    value narrower than q and k (a view into a wider row), wider than one packed block (DeepSeek-V3's 192 / 128) or
+    not in 16s; an odd width takes torch's SDPA. Out is (B, T, H, V), within 1.5x the error of torch's fused SDPA
+    against softmax(scale q k^T, causal) v in float64 (logits of std 4)."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
-    B, H, V, dtype = 2, 3, 16, torch.bfloat16
+    B, H, dtype = 2, 3, torch.bfloat16
     scale = 4 / W**0.5
     q, k = (torch.randn(B, T, H, W, dtype=dtype).transpose(1, 2) for _ in range(2))
     v = torch.randn(B, T, H, 8 + V, dtype=dtype)[..., 8:].transpose(1, 2)
