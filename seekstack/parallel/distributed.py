@@ -162,27 +162,31 @@ def shutdown(ranks: Ranks) -> None:
 def told_failure(error: BaseException, ranks: Ranks) -> ConnectionError | None:
     """Tell `error`, this rank's failure in a run of several, to the others in the group's keys of the store they met
     in (the first rank to fail writes it). Where `error` is a cut collective's (a DistError, or gloo's bare
-    RuntimeError "Connection closed by peer", which names no rank and no cause) and another rank told its failure, a
-    ConnectionError naming that rank and its error; else None: the error is this rank's own, a Ctrl-C, or not told
-    (the group is the caller's, the failed rank was killed, or the store went with rank 0, which served it started by
-    hand). A cut collective is never told as a failure: where the rank that cut it told nothing (killed), the others
-    would blame the first of them to write."""
+    RuntimeError "Connection closed by peer", which names no rank and no cause), a ConnectionError naming the rank
+    that told its failure and its error, or saying that another rank stopped untold (killed, interrupted, or rank 0
+    started by hand, whose store went with it); else None: the error is this rank's own, a Ctrl-C, or the group is
+    the caller's. A cut collective is never told as a failure: where the rank that cut it told nothing (killed), the
+    others would blame the first of them to write."""
     if not (ranks.distributed and _group_keys is not None and isinstance(error, Exception)):
         return None
     collective = isinstance(error, dist.DistError) or (type(error) is RuntimeError and "gloo" in str(error))
-    try:
-        if not collective:  # this rank's own failure (a bare RuntimeError too: torch's "can't allocate memory")
+    if not collective:  # this rank's own failure (a bare RuntimeError too: torch's "can't allocate memory")
+        with contextlib.suppress(RuntimeError, OSError):  # the store gone with rank 0
             _group_keys.compare_set(FAILED_FIRST_KEY, "", f"rank {ranks.rank} failed: {type(error).__name__}: {error}")
-            return None
+        return None
+    try:
         # a silent connection first: started by hand, the store is rank 0's and ends with it, where torch's read of a
         # store gone printed its C++ warning "recvValue failed ... Connection was likely closed" and 30 frames
         socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=5).close()
-        if not _group_keys.check([FAILED_FIRST_KEY]):
-            return None
-        first = _group_keys.get(FAILED_FIRST_KEY).decode()
+        first = _group_keys.get(FAILED_FIRST_KEY).decode() if _group_keys.check([FAILED_FIRST_KEY]) else None
     except (RuntimeError, OSError):  # OSError: nothing listens at the store's address
-        return None
-    return ConnectionError(f"{first}; this rank then stopped, its collective with it cut ({error})")
+        first = None
+    # untold, the command printed gloo's RuntimeError as a traceback
+    cause = first or (
+        "another rank stopped without telling why (killed, interrupted, hung, or rank 0 started by hand, whose store "
+        "went with it): its own output says why"
+    )
+    return ConnectionError(f"{cause}; this rank then stopped, its collective with it cut ({error})")
 
 
 def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn.Module:
