@@ -107,6 +107,23 @@ def test_a_scale_stored_in_no_float_dtype_is_refused_naming_the_file_the_key_and
     assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} is stored as {dtype}, but the scales "), message
 
 
+def with_one(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda scale: scale.flatten().index_fill(0, torch.tensor([1]), value).view(scale.shape)
+
+
+@pytest.mark.parametrize(
+    "scheme, key, value, dequantize",
+    [("fp8", f"{Q_B}.weight_scale_inv", float("nan"), False), ("int8", f"{Q_B}.weight_scale", float("inf"), True),
+     ("int4", f"{UP}.weight_scale", float("nan"), False)],
+)  # fmt: skip
+def test_a_nan_or_infinite_scale_is_refused_naming_the_file_and_the_key(tmp_path, scheme, key, value, dequantize):
+    """It loaded, and generation then failed on NaN logits, blaming float16 overflow, an adapter or a penalty."""
+    directory = save_fp8(tmp_path / "fp8") if scheme == "fp8" else save_quantized(tmp_path / scheme, scheme)
+    damage(directory / SINGLE_FILE, replace(key, with_one(value)))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} holds 1 NaN or infinite scale(s) of "), message
+
+
 INT_DAMAGES = {
     "int8-weight-row-short": ("int8", f"{Q_B}.weight_packed", lambda words: words[:-1]),
     "int8-scale-row-short": ("int8", f"{Q_B}.weight_scale", lambda scale: scale[:-1]),

@@ -764,6 +764,13 @@ class CheckpointReader:
 
     def _get(self, key: str) -> torch.Tensor:
         tensor = self._from_file(key, lambda handle: handle.get_tensor(key))
+        if key.endswith((".weight_scale", ".weight_scale_inv")):  # small: a pass over them is cheap
+            bad = tensor.numel() - int(torch.isfinite(tensor.float()).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{self.file_of(key)}: key {key!r} holds {bad:,} NaN or infinite scale(s) of {tensor.numel():,}, "
+                    f"which would make every weight they scale NaN or infinite; the file is damaged: {DAMAGED}"
+                )
         if self._whole_matrix_scale(key, list(tensor.shape)):
             return tensor.reshape(1, 1).expand(self._per_row_shape(key)).contiguous()
         return tensor
