@@ -25,7 +25,7 @@ with sigint_handled_by(_interrupted_loading):
 
     from seekstack.allocator import keep_freed_memory
     from seekstack.cli.common import Command
-    from seekstack.cli.notices import quiet_third_party_notices
+    from seekstack.cli.notices import one_line_warnings, quiet_third_party_notices
 
 # One module per stage, in pipeline order; each has `register(app)` adding its commands.
 STAGES = (
@@ -68,6 +68,7 @@ def main(
     -> train -> sample / generate / chat / serve. Every command keeps large freed tensors in glibc's heap for the next
     forward; SEEKSTACK_KEEP_FREED_MEMORY=0 keeps glibc's own malloc setting."""
     quiet_third_party_notices()
+    one_line_warnings()
     keep_freed_memory()  # glibc keeps large freed tensors for the next forward (seekstack/allocator.py)
 
 

@@ -10,16 +10,24 @@ still shows.
 lm_eval tells of each task whose documents a callable makes (`custom_dataset`: seekstack's local tasks, and only
 those) that "custom kwargs can be passed to `--metadata` in console", its own CLI's option: `seekstack eval` has
 none, and seekstack makes those documents itself.
+
+seekstack's own warnings print as the commands' other warnings do, `warning: MESSAGE`, not in Python's format for a
+developer (`/.../seekstack/compress/quantize.py:383: UserWarning: MESSAGE` and the line of code that warned); other
+libraries' keep Python's, which names the library.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
+from pathlib import Path
 
 TORCHAO_KERNEL_LOAD = re.compile(r"Failed to load \S*torchao\S*_C\w*\S*\.so\b")
 PYTREE_ENUM_DEPRECATION = "is an Enum subclass and is now natively supported by torch.compile"
 LM_EVAL_METADATA_HINT = "Custom kwargs can be passed to `--metadata` in console"
+PACKAGE = Path(__file__).resolve().parents[1]  # seekstack/
+PYTHON_WARNING_FORMAT = warnings.formatwarning
 
 
 def quiet_third_party_notices() -> None:
@@ -42,3 +50,17 @@ def _not_the_enum_deprecation(record: logging.LogRecord) -> bool:
 
 def _not_the_metadata_hint(record: logging.LogRecord) -> bool:
     return LM_EVAL_METADATA_HINT not in record.getMessage()
+
+
+def one_line_warnings() -> None:
+    """Print seekstack's own warnings as `warning: MESSAGE`, as the commands print theirs; other libraries' as Python
+    does."""
+    warnings.formatwarning = _one_line_if_ours
+
+
+def _one_line_if_ours(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"warning: {message}\n"
+    return PYTHON_WARNING_FORMAT(message, category, filename, lineno, line)

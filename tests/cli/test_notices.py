@@ -7,11 +7,14 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import seekstack.compress.quantize
+from seekstack import cli
 from seekstack.cli.notices import quiet_third_party_notices
 from tests.adapters.support import write_base, write_random_adapter
 from tests.infer.support import model_dir
@@ -72,3 +75,17 @@ def test_eval_prints_no_lm_eval_notice_about_seekstacks_own_tasks(tmp_path):
     assert "| code_cloze | acc |" in result.stdout
     # lm_eval's hint at its own CLI's option, and its defaults for metrics whose aggregation the task did not state
     assert "--metadata" not in result.stderr and "is defined, but" not in result.stderr, result.stderr
+
+
+def test_a_command_prints_seekstacks_own_warnings_in_one_line_and_other_libraries_in_pythons_format(monkeypatch):
+    """`seekstack quantize --scheme fp8` printed '/.../seekstack/compress/quantize.py:383: UserWarning: ...' and the
+    line of code that warned, where the commands' own warnings print 'warning: ...'."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # set for this process by the command
+    cli.main()  # the seekstack command's callback, run before each command
+    ours = seekstack.compress.quantize.__file__
+    assert warnings.formatwarning("blocks do not divide", UserWarning, ours, 383, "save(...)") == (
+        "warning: blocks do not divide\n"
+    )
+    assert warnings.formatwarning("deprecated", FutureWarning, torch.__file__, 7, "x()") == (
+        f"{torch.__file__}:7: FutureWarning: deprecated\n  x()\n"
+    )
