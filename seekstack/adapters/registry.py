@@ -42,7 +42,7 @@ from seekstack.adapters.multi import (
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
-from seekstack.infer.cache import refuse_a_non_count
+from seekstack.infer.cache import free_memory, refuse_a_non_count
 from seekstack.infer.packed import WeightVersions
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
@@ -218,6 +218,10 @@ class LoadedAdapters:
                 "weights, load it with load_inplace=true"
             )
         refuse_a_rank_beyond(self.max_lora_rank, name, folder, weights.rank)
+        adapted = {target for loaded in self.weights.values() for target in loaded.factors}  # their stacks exist
+        new_layers = {target: factors for target, factors in weights.factors.items() if target not in adapted}
+        weight = next(self.model.parameters())
+        refuse_stacks_past_free_memory(new_layers, self.max_loras, self.max_lora_rank, weight.device, weight.itemsize)
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
         taken = set(self.slots.values())
@@ -364,15 +368,60 @@ def refuse_a_rank_beyond(max_lora_rank: int, name: str, folder: str | Path, rank
         )
 
 
-def refuse_ranks_beyond(config: ModelConfig, adapters: Mapping[str, str | Path], max_lora_rank: int | None) -> None:
+def refuse_stacks_past_free_memory(
+    factors: Mapping[Target, Factors], max_loras: int, max_lora_rank: int, device: torch.device, itemsize: int
+) -> None:
+    """ConfigError where the stacks of the layers adapted by `factors`, at this capacity, outgrow the memory free on
+    `device` (torch's bare "can't allocate memory" once the weights were read, or the kernel's kill): of field
+    max_lora_rank or max_loras, whichever is the more times its default. Each layer holds max_loras + 1 slots of A
+    (..., max_lora_rank, in) and B (..., out, max_lora_rank) (`stack_factors`), `itemsize` bytes an element."""
+    features = sum(a.shape[:-2].numel() * (a.shape[-1] + b.shape[-2]) for a, b in factors.values())  # in + out
+    stack_bytes, free = (max_loras + 1) * max_lora_rank * features * itemsize, free_memory(device)
+    if stack_bytes > free:
+        asked = {"max_lora_rank": (max_lora_rank, DEFAULT_MAX_LORA_RANK), "max_loras": (max_loras, DEFAULT_MAX_LORAS)}
+        field = max(asked, key=lambda name: asked[name][0] / asked[name][1])
+        raise ConfigError(
+            f"is {asked[field][0]}: the adapted layers' stacks at that capacity ({max_loras} + 1 slots x rank "
+            f"{max_lora_rank} x {features} in + out features x {itemsize} bytes) take {stack_bytes} bytes, more than "
+            f"the {free} bytes free on {device}: start the engine with a smaller value",
+            field=field,
+        )
+
+
+def capacity(
+    weights: Mapping[str, AdapterWeights], max_loras: int | None, max_lora_rank: int | None
+) -> tuple[int, int]:
+    """(max_loras, max_lora_rank) for adapters `weights` loaded from the start; None: the default (DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_LORA_RANK), or what `weights` need where that is more."""
+    if max_loras is None:
+        max_loras = max(DEFAULT_MAX_LORAS, len(weights))
+    if max_lora_rank is None:
+        max_lora_rank = max([DEFAULT_MAX_LORA_RANK, *(read.rank for read in weights.values())])
+    return max_loras, max_lora_rank
+
+
+# Before the weights load, the model's dtype is not known: its stacks take at least bfloat16's 2 bytes an element
+FEWEST_STACK_BYTES = 2
+
+
+def refuse_ranks_beyond(
+    config: ModelConfig,
+    adapters: Mapping[str, str | Path],
+    max_loras: int | None,
+    max_lora_rank: int | None,
+    device: torch.device,
+) -> None:
     """Before the weights load: each of `adapters` read on a weightless model with `config` (a mistyped folder or
     another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None (the
-    largest rank given)."""
+    largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device`."""
+    weights = {}
     for name, folder in adapters.items():
         folder = adapter_folder(folder)
-        rank = read_factors(config, folder).rank
+        weights[name] = read_factors(config, folder)
         if max_lora_rank is not None:
-            refuse_a_rank_beyond(max_lora_rank, name, folder, rank)
+            refuse_a_rank_beyond(max_lora_rank, name, folder, weights[name].rank)
+    factors = {target: pair for read in weights.values() for target, pair in read.factors.items()}  # each layer once
+    refuse_stacks_past_free_memory(factors, *capacity(weights, max_loras, max_lora_rank), device, FEWEST_STACK_BYTES)
 
 
 def attach_adapters(
@@ -386,10 +435,7 @@ def attach_adapters(
     (DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK), or what `adapters` need where that is more."""
     adapters = {name: adapter_folder(folder) for name, folder in adapters.items()}
     weights = {name: read_factors(model.config, folder) for name, folder in adapters.items()}
-    if max_loras is None:
-        max_loras = max(DEFAULT_MAX_LORAS, len(weights))
-    if max_lora_rank is None:
-        max_lora_rank = max([DEFAULT_MAX_LORA_RANK, *(read.rank for read in weights.values())])
+    max_loras, max_lora_rank = capacity(weights, max_loras, max_lora_rank)
     loaded = LoadedAdapters(model, max_loras=max_loras, max_lora_rank=max_lora_rank)
     try:
         for name, folder in adapters.items():

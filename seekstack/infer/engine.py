@@ -563,10 +563,6 @@ class Engine:
         folder_keyword = "offload_folder" if offload_folder is not None and offload_dir is None else "offload_dir"
         offload_dir = offload_dir or offload_folder
         config, loaded_tokenizer = checkpoint_files(model_dir, tokenizer)
-        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, a rank too large
-            from seekstack.adapters.registry import refuse_ranks_beyond
-
-            refuse_ranks_beyond(config, kwargs["adapters"], kwargs.get("max_lora_rank"))
         if adapter is not None:  # a mistyped folder or another base's adapter, before the weights are read
             from seekstack.adapters.files import weightless_adapter
             from seekstack.adapters.registry import adapter_folder
@@ -577,6 +573,12 @@ class Engine:
         # before the weights are read and the disk parts written, as load_pretrained checks them
         device_map = placement_asked(device_map, max_memory, offload_dir, asked, folder_keyword=folder_keyword)
         kwargs["device"] = device = runtime_device(asked)
+        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, too large a rank
+            from seekstack.adapters.registry import refuse_ranks_beyond
+
+            refuse_ranks_beyond(
+                config, kwargs["adapters"], kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device
+            )
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

@@ -22,7 +22,7 @@ from seekstack.adapters.registry import refuse_ranks_beyond
 from seekstack.infer.engine import Engine, checkpoint_files
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
-from seekstack.infer.placement import disk_parts_note
+from seekstack.infer.placement import disk_parts_note, runtime_device
 from seekstack.schema import ConfigError
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import CUT_OFF, create_app
@@ -67,10 +67,11 @@ def build_server(
     check_cors_origins(options.cors_origins)
     # the checkpoint's files, its tokenizer loaded, before the database is opened: a failed start would leave a new one
     config, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
+    device = runtime_device(options.engine.device)
     try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
-        refuse_ranks_beyond(config, options.adapters, options.max_lora_rank)
+        refuse_ranks_beyond(config, options.adapters, options.max_loras, options.max_lora_rank, device)
     except ConfigError as error:
-        raise ValueError(error.naming("--max-lora-rank")) from None
+        raise ValueError(error.naming(f"--{error.field.replace('_', '-')}")) from None
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):

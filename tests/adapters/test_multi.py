@@ -973,3 +973,21 @@ def test_from_pretrained_refuses_an_adapter_past_max_lora_rank_before_reading_th
     monkeypatch.setattr("seekstack.infer.engine.load_pretrained", lambda *args, **kw: pytest.fail("weights read"))
     with pytest.raises(ConfigError, match=r"^field 'max_lora_rank' is 4, less than the rank 8 of adapter 'attention'"):
         Engine.from_pretrained(base, adapters=adapters, max_lora_rank=4)
+
+
+@pytest.mark.parametrize("field", ["max_lora_rank", "max_loras"])
+def test_a_capacity_past_the_free_memory_is_refused_naming_it_before_the_weights_or_at_the_load(
+    served, field, monkeypatch
+):
+    """max_lora_rank=10**12 (or max_loras) read every weight, then ended in torch's bare "DefaultCPUAllocator: can't
+    allocate memory" (or a MemoryError) as the stacks were made: refused before the weights, and on a load adapting
+    layers no loaded adapter adapts, naming the field, the stacks' bytes and the memory free."""
+    base, adapters = served
+    stacks = rf"^field '{field}' is 1000000000000: the adapted layers' stacks at that capacity \(.* x .* bytes\) take "
+    with monkeypatch.context() as patched, pytest.raises(ConfigError, match=stacks + r"\d+ bytes, more than the \d+"):
+        patched.setattr("seekstack.infer.engine.load_pretrained", lambda *args, **kw: pytest.fail("weights read"))
+        Engine.from_pretrained(base, adapters={"full": adapters["full"]}, **{field: 10**12})
+    loaded = attach_adapters(seekstack.load_pretrained(base).eval(), {}, **{field: 10**12})
+    with pytest.raises(ConfigError, match=stacks):
+        loaded.add("full", adapters["full"], read_factors(loaded.model.config, adapters["full"]))
+    assert loaded.slots == {}

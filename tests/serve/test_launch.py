@@ -175,6 +175,21 @@ def test_serve_refuses_an_adapter_past_max_lora_rank_naming_the_option_before_re
     )
 
 
+def test_serve_refuses_a_capacity_past_free_memory_naming_the_option_before_reading_the_model(tmp_path, monkeypatch):
+    """`serve --adapter legal=DIR --max-loras 1000000000000` read the weights, then ended in torch's unnamed
+    "DefaultCPUAllocator: can't allocate memory" (--max-lora-rank too) as the adapters' stacks were made."""
+    monkeypatch.setattr("seekstack.infer.engine.Engine.from_pretrained", lambda *args, **kw: pytest.fail("read it"))
+    model_dir = make_model_dir(tmp_path)
+    adapter = write_random_adapter(model_dir, tmp_path / "legal", seed=1)
+    serve = ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), "--adapter", f"legal={adapter}"]
+    refused = CliRunner().invoke(app, [*serve, "--max-loras", "1000000000000"])
+    assert refused.exit_code == 1, refused.output
+    said = " ".join(refused.stderr.split())
+    assert said.startswith("error: --max-loras is 1000000000000: the adapted layers' stacks at that capacity")
+    assert said.endswith("bytes free on cpu: start the engine with a smaller value")
+    assert not (tmp_path / "k.db").exists()
+
+
 def test_serve_refuses_a_mistyped_adapter_folder_before_reading_the_model_or_making_the_database(tmp_path, monkeypatch):
     """`serve --adapter legal=TYPO` without --max-lora-rank read the adapters only once the weights had loaded (minutes
     for a large model), and left the new database behind."""
