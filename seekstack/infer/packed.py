@@ -104,6 +104,21 @@ class DecodeLinear(nn.Linear):
         return F.linear(x, self.weight)
 
 
+def _one_call(x: torch.Tensor, *linears: nn.Module, norm: nn.Module | None = None) -> bool:
+    """Whether x's rows run `linears` (and `norm`) as one kernel call: eager inference of 1-16 rows, each linear a
+    `DecodeLinear` (not an adapter's or a quantized linear) the kernels take, `norm` an RMSNorm that takes them too."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.numel() // x.shape[-1] > cpu_kernels.MAX_TOKENS:
+        return False
+    for linear in linears:
+        if type(linear) is not DecodeLinear or not cpu_kernels.usable(x, linear.weight):  # or the kernels off
+            return False
+    return norm is None or (
+        type(norm) is RMSNorm
+        and norm.weight.dtype in (x.dtype, torch.float32)  # as RMSNorm takes the kernel
+        and cpu_kernels.elementwise_takes(norm.weight)
+    )
+
+
 class DecodeFeedForward(FeedForward):
     """A dense FFN or shared expert (a FeedForward: same modules, same state dict) whose 1-16 rows of eager inference,
     where its three linears are `DecodeLinear`s, run as one kernel call (`feed_forward_rows`: the same rows_linear,
@@ -112,17 +127,9 @@ class DecodeFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if (
-            torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or x.numel() // x.shape[-1] > cpu_kernels.MAX_TOKENS
-            or not type(gate) is type(up) is type(down) is DecodeLinear  # not an adapter's or a quantized linear
-        ):
+        if not _one_call(x, gate, up, down):
             return super().forward(x)
-        weights = gate.weight, up.weight, down.weight
-        if not all(cpu_kernels.usable(x, weight) for weight in weights):  # the kernels off, or not built yet
-            return super().forward(x)
-        return torch.ops.seekstack.feed_forward_rows(x, *weights)
+        return torch.ops.seekstack.feed_forward_rows(x, gate.weight, up.weight, down.weight)
 
 
 class DecodeLatentAttention(MultiHeadLatentAttention):
@@ -131,23 +138,9 @@ class DecodeLatentAttention(MultiHeadLatentAttention):
     rows_linear, bitwise), where the three modules took ~31 us at one row of the demo model."""
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            hasattr(self, "q_proj")  # no low-rank query (q_lora_rank null)
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or x.numel() // x.shape[-1] > cpu_kernels.MAX_TOKENS
-        ):
-            return super().project_query(x)
+        if hasattr(self, "q_proj") or not _one_call(x, self.q_a_proj, self.q_b_proj, norm=self.q_a_layernorm):
+            return super().project_query(x)  # a plain q_proj (q_lora_rank null), or the modules' calls
         down, norm, up = self.q_a_proj, self.q_a_layernorm, self.q_b_proj
-        if not (
-            type(down) is type(up) is DecodeLinear  # not an adapter's or a quantized linear
-            and type(norm) is RMSNorm
-            and cpu_kernels.usable(x, down.weight)
-            and cpu_kernels.usable(x, up.weight)
-            and norm.weight.dtype in (x.dtype, torch.float32)  # as RMSNorm takes the kernel
-            and cpu_kernels.elementwise_takes(norm.weight)
-        ):
-            return super().project_query(x)
         return torch.ops.seekstack.latent_query_rows(x, down.weight, norm.weight, norm.eps, up.weight)
 
 
