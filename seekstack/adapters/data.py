@@ -35,6 +35,7 @@ import torch
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.compression import source_kind
+from seekstack.corpus.kinds import detect_kind
 from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
 from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
@@ -98,7 +99,7 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     if held_out:
         tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=held_out.__contains__)
         rows = (
-            json.dumps({"id": f"{CORPUS_FILE}:{line}", "text": text}, ensure_ascii=False) + "\n"
+            json.dumps({"id": f"{CORPUS_FILE}:{line}", "text": text, "kind": detect_kind(text).label}) + "\n"
             for line, text in enumerate(texts, 1)
             if text in held_out
         )

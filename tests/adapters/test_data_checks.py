@@ -17,7 +17,7 @@ from seekstack.adapters.data import _split, prepare_data
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.checkpoint import read_config
 from seekstack.cli import app
-from seekstack.eval.samples import run_prompts
+from seekstack.eval.samples import DEMO_PROMPTS, run_prompts
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
@@ -203,6 +203,10 @@ def test_a_run_on_chinese_text_keeps_its_held_out_documents_whose_openings_it_is
     texts, held_out = _split(documents)
     openings = tuple(text[:60] for text in texts if text in held_out)[:3]  # no spaces: the first 60 characters
     assert openings and run_prompts(run / "checkpoints" / "step_1") == openings
+    python = [f"def area_{n}(width, height):\n    return width * height\n" for n in range(20)]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in python))
+    prepare_data(tmp_path / "code.jsonl", base, run)  # Python's held-out documents: the demo prompts suit it
+    assert run_prompts(run / "checkpoints" / "step_1") == DEMO_PROMPTS
 
 
 @pytest.mark.parametrize(
