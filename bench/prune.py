@@ -105,10 +105,7 @@ def main() -> None:
     except ValueError as error:
         parser.error(f"--experts: {error}")
     try:  # as `seekstack prune`: fractions that remove no whole head or expert are refused, those rounded said so
-        config = original.config
-        for note in rounding_notes(
-            config, args.experts, args.heads, bool(config.moe_layer_count or config.mtp_moe_blocks)
-        ):
+        for note in rounding_notes(original.config, args.experts, args.heads):
             print(f"note: {note}", file=sys.stderr)
     except ValueError as error:
         parser.error(str(error))

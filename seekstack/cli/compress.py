@@ -357,7 +357,7 @@ def prune_command(
         transformers_head_count_notes,
     )
     from seekstack.compress.heal import heal
-    from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept, rounding_notes
+    from seekstack.compress.prune import gate_mass, has_moe_layers, prune_experts, refuse_too_few_kept, rounding_notes
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, refuse_out, save_with_tokenizer
     from seekstack.interrupts import sigterm_cleaned_up
@@ -376,12 +376,12 @@ def prune_command(
             "(`seekstack quantize PRUNED --out ...`)",
         )
         config = read_config(model)  # fractions that leave too few, or none, are refused before calibrating
-        has_moe = bool(config.moe_layer_count or config.mtp_moe_blocks)  # the MTP module's experts are pruned too
+        has_moe = has_moe_layers(config)  # the MTP module's experts are pruned too
         if experts and has_moe:
             refuse_too_few_kept(config, experts)
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
-        notes = rounding_notes(config, experts, heads, has_moe)
+        notes = rounding_notes(config, experts, heads)
         refuse_out(model, out)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True)

@@ -55,10 +55,17 @@ def removed_count(count: int, fraction: float) -> int:
     return math.ceil(Fraction(str(fraction)) * count - Fraction(1, 2))
 
 
-def rounding_notes(config: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
+def has_moe_layers(config: ModelConfig) -> bool:
+    """Whether any block of `config`'s model, an MTP module's too, routes to experts: n_routed_experts can be set where
+    every block is dense (first_k_dense_replace), and then no expert can be pruned."""
+    return bool(config.moe_layer_count or config.mtp_moe_blocks)
+
+
+def rounding_notes(config: ModelConfig, experts: float, heads: float) -> list[str]:
     """What pruning `config`'s model removes where the asked fractions round to whole experts (per routing group) or
     heads (removed_count), or that a model without MoE layers has no experts to remove; ValueError, before any
     calibration, when it would remove nothing at all."""
+    has_moe = has_moe_layers(config)
     notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
     groups, _ = config.routing_groups
     expert_step = groups / (config.n_routed_experts or 1)  # one expert of each routing group
@@ -87,8 +94,8 @@ def _kept_per_group(per_group: int, fraction: float) -> int:
 def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
     """ValueError, before anything is pruned, when removing `fraction` of each group's routed experts leaves fewer
     than the config's routing takes (num_experts_per_tok, topk_group, noaux_tc's top-2 group score), naming the
-    largest fraction that leaves enough; a model without routed experts has none to prune and is refused nothing."""
-    if not config.n_routed_experts:
+    largest fraction that leaves enough; a model without MoE layers has none to prune and is refused nothing."""
+    if not has_moe_layers(config):
         return
     groups, _ = config.routing_groups
     per_group = config.n_routed_experts // groups

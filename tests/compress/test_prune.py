@@ -35,12 +35,16 @@ def test_greedy_routing_prunes_its_experts_as_one_group_whatever_n_group_says():
     assert set(map(tuple, removed.values())) == {(0, 1, 2, 3)} and model.config.n_routed_experts == 4
 
 
-def test_a_model_without_routed_experts_has_none_pruned_and_none_refused():
+@pytest.mark.parametrize("dense", [dict(n_routed_experts=0), dict(first_k_dense_replace=4)], ids=["none", "unused"])
+def test_a_model_without_moe_layers_has_none_pruned_and_none_refused(dense):
     """A dense model (n_routed_experts=0) ended any expert pruning, bench/prune.py's default --experts 0.25 or 0, in a
-    StopIteration traceback: no count of experts kept was found to leave enough."""
-    model = Transformer(micro_config(n_routed_experts=0))
-    for fraction in (0.25, 0.0):
-        assert prune_experts(model, {}, fraction) == {} and model.config.n_routed_experts == 0
+    StopIteration traceback: no count of experts kept was found to leave enough. One whose routed experts no block
+    uses (first_k_dense_replace past the MTP block) was refused 0.5 ('leaves 1 of 2 in each of the 4 routing
+    groups') by bench/prune.py, where `seekstack prune` said there is nothing for --experts to remove."""
+    model = Transformer(micro_config(**dense))
+    experts = model.config.n_routed_experts
+    for fraction in (0.5, 0.25, 0.0):
+        assert prune_experts(model, {}, fraction) == {} and model.config.n_routed_experts == experts
 
 
 def test_half_an_expert_or_a_head_rounds_down_whichever_the_neighbours():
