@@ -389,6 +389,9 @@ inline void load_step(const float* p, FloatVector& low, FloatVector& high) {
 inline void load_step(const c10::BFloat16* p, FloatVector& low, FloatVector& high) {
   at::vec::load_to_float(p, low, high);
 }
+inline void load_step(const bf16_bits* p, FloatVector& low, FloatVector& high) {
+  load_step(reinterpret_cast<const c10::BFloat16*>(p), low, high);
+}
 inline void store_step(float* p, const FloatVector& low, const FloatVector& high) {
   low.store(p);
   high.store(p + FloatVector::size());
@@ -986,19 +989,26 @@ void latent_attention_into(const at::Tensor& query, const at::Tensor& keys, cons
             },
             [&](float sum, int64_t j) { return sum + (s[j] = std::exp(s[j] - top)); });
       }
-      float* o = out_data + (b * rows + first) * V;
-      std::fill(o, o + n * V, 0.f);
-      for (int64_t j = 0; j < S; ++j) {  // each key (its first V values) read once for the group's rows
-        const K* k = key + j * D;
-        for (int64_t r = 0; r < n; ++r) {
-          const float p = outputs[r][j];
-          float* o_r = o + r * V;
-          for (int64_t c = 0; c < V; ++c) o_r[c] += p * widened(k[c]);
-        }
-      }
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < n; ++r) {  // o = sum_j p_j k_j[:V] / sum_j p_j, kStep values of o in registers
+        const float* p = outputs[r];
         const float norm = sums[r] > 0.f ? 1.f / sums[r] : 0.f;
-        for (int64_t c = 0; c < V; ++c) o[r * V + c] *= norm;
+        float* o = out_data + (b * rows + first + r) * V;
+        over_row(
+            V,
+            [&](int64_t c) {
+              FloatVector o0(0.f), o1(0.f), k0, k1;
+              for (int64_t j = 0; j < S; ++j) {
+                load_step(key + j * D + c, k0, k1);
+                o0 = at::vec::fmadd(FloatVector(p[j]), k0, o0);
+                o1 = at::vec::fmadd(FloatVector(p[j]), k1, o1);
+              }
+              store_step(o + c, o0 * FloatVector(norm), o1 * FloatVector(norm));
+            },
+            [&](int64_t c) {
+              float sum = 0.f;
+              for (int64_t j = 0; j < S; ++j) sum += p[j] * widened(key[j * D + c]);
+              o[c] = sum * norm;
+            });
       }
     }
   });
