@@ -223,6 +223,34 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     assert (out.double() - expected).abs().max() <= 1.5 * (torchs.transpose(1, 2).double() - expected).abs().max()
 
 
+def test_bfloat16_inference_attention_takes_the_causal_forward_only_without_a_mask_and_matches_torchs_sdpa(monkeypatch):
+    """A bfloat16 forward without gradients or a mask runs causal_attention, one call a layer, a value narrower than
+    q and k and wider than one packed block (q/k 96, v 80 here, DeepSeek-V3's 192 / 128); with an attention_mask (a
+    batch's padding), in float32, with gradients or under sdpa_kernel(SDPBackend.MATH) it does not; its logits are as
+    near the float32 model's as those of torch's SDPA."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    model = Transformer(micro_config(num_nextn_predict_layers=0, qk_nope_head_dim=88, v_head_dim=80)).eval()
+    ids = torch.randint(128, (2, 70))
+    calls = []
+    forward = torch.ops.seekstack.causal_attention
+    monkeypatch.setattr(torch.ops.seekstack, "causal_attention", lambda *args: calls.append(1) or forward(*args))
+    with torch.no_grad():
+        float32 = model(ids).logits
+        assert calls == []
+        model.to(torch.bfloat16)
+        with_kernel = model(ids).logits.float()
+        assert len(calls) == 3  # one a layer
+        with_mask = model(ids, attention_mask=torch.ones(2, 70, dtype=torch.long)).logits.float()
+        with sdpa_kernel(SDPBackend.MATH):
+            as_math = model(ids).logits.float()
+    model(ids)  # gradients: the fused backward's forward
+    assert len(calls) == 3
+    error, sdpas = ((got - float32).abs() for got in (with_kernel, with_mask))
+    assert error.max() <= 1.5 * sdpas.max() and error.mean() <= 1.25 * sdpas.mean()
+    torch.testing.assert_close(as_math, with_mask, rtol=0.05, atol=0.05 * with_mask.abs().max().item())
+
+
 def test_the_fused_attention_backward_refuses_float32_naming_the_dtype_it_takes():
     """The kernel is bfloat16 only (float32 attention keeps torch's fused backward, faster there): a float32 call is
     refused, not computed."""
