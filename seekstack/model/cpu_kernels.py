@@ -222,6 +222,12 @@ def _clear_stale_lock(lock: Path) -> bool:
             print(f"note: removing {lock}, left {age:.0f} s ago by a build that did not finish", file=sys.stderr)
             lock.unlink(missing_ok=True)
             return False
+        if not waited:
+            print(
+                f"note: waiting up to {STALE_LOCK_SECONDS - age:.0f} s for {lock}: a build under way, or one that was "
+                "killed, left it",
+                file=sys.stderr,
+            )
         time.sleep(0.5)
         waited = True
     return waited

@@ -157,7 +157,8 @@ def test_the_build_folder_tells_apart_cpus_with_other_instruction_sets(tmp_path,
     assert tags[0] != tags[1]
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for_saying_so(tmp_path, capsys):
+    """The next process after a build killed mid-way (SIGKILL, the OOM killer) waited up to 2 minutes in silence."""
     stale = tmp_path / "stale" / "lock"
     stale.parent.mkdir()
     stale.touch()
@@ -173,6 +174,11 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_fo
     started = time.monotonic()
     assert cpu_kernels._clear_stale_lock(live) is True  # the other build's library, not yet proven: kept
     assert time.monotonic() - started >= 0.9 and not live.exists()
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].startswith(f"note: removing {stale}, left ") and len(said) == 2  # the wait told once
+    assert said[1].startswith("note: waiting up to 1") and said[1].endswith(
+        f" s for {live}: a build under way, or one that was killed, left it"
+    )
 
 
 def test_a_kernel_library_no_process_loaded_as_it_is_is_rebuilt_not_loaded(tmp_path):
