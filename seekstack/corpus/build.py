@@ -386,7 +386,8 @@ def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Ite
             if one
             else "the inputs hold no documents; check the paths"
         )
-        raise CorpusBuildError(f"{inputs} and --field{_not_read(report)}")
+        field = " and --field" if any(isinstance(source, Rows) for source in sources) else ""  # a folder has none
+        raise CorpusBuildError(f"{inputs}{field}{_not_read(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
     causes = "; ".join(

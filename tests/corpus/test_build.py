@@ -142,14 +142,15 @@ def test_empty_input_is_an_error(tmp_path: Path) -> None:
 
 def test_one_input_holding_no_documents_is_named(tmp_path: Path) -> None:
     """An empty .jsonl, a header-only CSV or an empty folder, given alone, was refused as 'the inputs hold no
-    documents', naming no file."""
+    documents', naming no file; a folder's error asked to check --field, which it has none of (refused with one)."""
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "header.csv").write_text("text,id\n")
     (tmp_path / "folder").mkdir()
-    for name in ("empty.jsonl", "header.csv", "folder"):
+    for name, check in (("empty.jsonl", "the path and --field"), ("header.csv", "the path and --field"),
+                        ("folder", "the path")):  # fmt: skip
         with pytest.raises(CorpusBuildError) as refused:
             build_corpus([open_source(tmp_path / name)], tmp_path / "out", show_progress=False)
-        assert str(refused.value) == f"{tmp_path / name}: holds no documents; check the path and --field"
+        assert str(refused.value) == f"{tmp_path / name}: holds no documents; check {check}"
 
 
 def test_cli_exits_non_zero_when_the_build_keeps_nothing(tmp_path: Path) -> None:
