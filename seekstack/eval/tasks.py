@@ -123,7 +123,7 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
 def _perplexity(items: list[tuple[float, int]]) -> float:
     """lm_eval's weighted_perplexity of (log-likelihood, units) pairs, exp(-sum log-likelihood / sum units); inf where
     that passes a float's range: a text without spaces (Chinese) is a few words of hundreds of bytes each, whose
-    word perplexity `math.exp` raised OverflowError on, a traceback where the other scores were."""
+    word perplexity is past it (`math.exp` raises OverflowError, a traceback in place of all the scores)."""
     from lm_eval.api.metrics import weighted_perplexity
 
     try:

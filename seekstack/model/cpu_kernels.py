@@ -147,7 +147,7 @@ def _build() -> bool:
         # builder loads and proves the library, and a process arriving then took the new library for a truncated one
         # and deleted it (the builder loading a missing or half-relinked file). The kernel drops a dead one's flock.
         with open(folder / "turn.lock", "a") as turn:
-            with contextlib.suppress(OSError):  # a file system without flock: no turns, as before
+            with contextlib.suppress(OSError):  # a file system without flock: no turns taken
                 try:
                     fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another process's turn: building where no library is there yet (~15 s)

@@ -175,13 +175,13 @@ def told_failure(error: BaseException, ranks: Ranks) -> ConnectionError | None:
             _group_keys.compare_set(FAILED_FIRST_KEY, "", f"rank {ranks.rank} failed: {type(error).__name__}: {error}")
         return None
     try:
-        # a silent connection first: started by hand, the store is rank 0's and ends with it, where torch's read of a
-        # store gone printed its C++ warning "recvValue failed ... Connection was likely closed" and 30 frames
+        # a silent connection first: started by hand, the store is rank 0's and ends with it, and torch's read of a
+        # store gone prints its C++ warning "recvValue failed ... Connection was likely closed" and 30 frames
         socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=5).close()
         first = _group_keys.get(FAILED_FIRST_KEY).decode() if _group_keys.check([FAILED_FIRST_KEY]) else None
     except (RuntimeError, OSError):  # OSError: nothing listens at the store's address
         first = None
-    # untold, the command printed gloo's RuntimeError as a traceback
+    # untold too: the command's one-line error, not gloo's RuntimeError and its traceback
     cause = first or (
         "another rank stopped without telling why (killed, interrupted, hung, or rank 0 started by hand, whose store "
         "went with it): its own output says why"
