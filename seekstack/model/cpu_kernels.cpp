@@ -572,11 +572,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward(const at::Tensor&
 constexpr int64_t kScoresPerGroup = 1 << 20;  // scores (heads x T x T) a group computes at once
 constexpr int64_t kKeysPerTile = 64;          // keys (columns of scores) a brgemm call computes: its widest packed B
 
+// `keys` rows of b (ld_b apart, K wide, K even) as one tile of b^T packed to VNNI, the layout cpublas::pack writes:
+// tile[d / 2][key] holds the pair b[key][d], b[key][d + 1], copied straight from b's rows.
+void pack_key_tile(const c10::BFloat16* b, int64_t ld_b, int64_t keys, int64_t K, c10::BFloat16* tile) {
+  for (int64_t key = 0; key < keys; ++key) {
+    for (int64_t d = 0; d < K; d += 2) {
+      std::memcpy(tile + (d / 2 * kKeysPerTile + key) * 2, b + key * ld_b + d, 2 * sizeof(*b));
+    }
+  }
+}
+
 // scores (n, T, T) float32 = a (n, T, K) b (n, T, K)^T for bfloat16 a and b read along stride 1, in the rows i >= j of
 // each key j (the causal half; the rest left unwritten). torch's brgemm (oneDNN, AMX), as its flash CPU kernel calls
-// it: b^T in tiles of 64 keys packed to VNNI, the layout cpublas::pack writes (tile[d / 2][key] holds the pair
-// b[key][d], b[key][d + 1]) copied straight from b's rows, times the rows from the tile's first key down. Where the CPU
-// cannot pack bfloat16 or K is odd, the same call takes b^T unpacked and runs a plain gemm.
+// it: b^T in tiles of 64 keys packed to VNNI (`pack_key_tile`), times the rows from the tile's first key down. Where
+// the CPU cannot pack bfloat16 or K is odd, the same call takes b^T unpacked and runs a plain gemm.
 void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores) {
   const int64_t n = a.size(0), T_ = a.size(1), K = a.size(2), ld_a = a.stride(1), ld_b = b.stride(1);
   const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && K % 2 == 0;
@@ -594,11 +603,7 @@ void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores)
       }
       for (int64_t j = 0; j < T_; j += kKeysPerTile) {
         const int64_t keys = std::min(kKeysPerTile, T_ - j);
-        for (int64_t key = 0; key < keys && vnni; ++key) {
-          for (int64_t d = 0; d < K; d += 2) {
-            std::memcpy(b_t.data() + (d / 2 * kKeysPerTile + key) * 2, B + (j + key) * ld_b + d, 2 * sizeof(*B));
-          }
-        }
+        if (vnni) pack_key_tile(B + j * ld_b, ld_b, keys, K, b_t.data());
         at::native::cpublas::brgemm(T_ - j, keys, K, ld_a, vnni ? kKeysPerTile : T_, T_, false, A + j * ld_a,
                                     vnni ? b_t.data() : b_t.data() + j, S + j * T_ + j, vnni);
       }
@@ -730,13 +735,11 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const c10::BFloat16* K = k.const_data_ptr<c10::BFloat16>() + b * k.stride(0) + h * k.stride(1);
       const c10::BFloat16* Vd = v.const_data_ptr<c10::BFloat16>() + b * v.stride(0) + h * v.stride(1);
       const int64_t ld_q = q.stride(2), ld_k = k.stride(2), ld_v = v.stride(2);
-      // K^T in tiles of 64 keys packed to VNNI (tile[d / 2][key] holds k[key][d], k[key][d + 1]); V in blocks of 64
-      // columns packed to VNNI along the keys (block[key / 2][n] holds v[key][n], v[key + 1][n]); keys past T and
-      // columns past V are zeros.
+      // K^T in tiles of 64 keys packed to VNNI (`pack_key_tile`); V in blocks of 64 columns packed to VNNI along the
+      // keys (block[key / 2][n] holds v[key][n], v[key + 1][n]); keys past T and columns past V are zeros.
       std::fill(k_packed.begin() + T_ / kKeysPerTile * W * kKeysPerTile, k_packed.end(), zero);
-      for (int64_t key = 0; key < T_; ++key) {
-        c10::BFloat16* tile = k_packed.data() + key / kKeysPerTile * W * kKeysPerTile + key % kKeysPerTile * 2;
-        for (int64_t d = 0; d < W; d += 2) std::memcpy(tile + d * kKeysPerTile, K + key * ld_k + d, 2 * sizeof(*K));
+      for (int64_t j = 0; j < T_; j += kKeysPerTile) {
+        pack_key_tile(K + j * ld_k, ld_k, std::min(kKeysPerTile, T_ - j), W, k_packed.data() + j * W);
       }
       for (int64_t first_n = 0; first_n < V; first_n += kKeysPerTile) {
         const int64_t block = std::min(kKeysPerTile, columns - first_n);
