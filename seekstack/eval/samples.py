@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,8 +50,9 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
     in the chat template up to the answer: the held-out questions of the task it trained on, or its held-out
     conversations (else its conversations file's first) up to their last assistant turn; a pretraining run's with the
     openings of the first held-out documents (val.jsonl) of the corpus it was trained on, so a model of prose or
-    Chinese is prompted with its own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its
-    token shards' corpus or its val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
+    Chinese is prompted with its own kind of text (an opening that fills the model's context left out, as a chat is);
+    `DEMO_PROMPTS` when those are Python code or all left out, or when the run, its token shards' corpus or its
+    val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
     checkpoint = Path(checkpoint)
     run = run_holding(checkpoint)  # its train_config.json, {} without the file; a damaged one is refused naming it
     train_config = {} if run is None else json_object(run / CONFIG_FILE, "restore it, or give the prompts (--prompt)")
@@ -61,7 +62,8 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
     documents = _held_out_documents(run or checkpoint, train_config, len(DEMO_PROMPTS))
     if all_python(documents):
         return DEMO_PROMPTS
-    return tuple(_opening(document["text"]) for document in documents)
+    openings = _fitting(checkpoint, lambda _: (_opening(document["text"]) for document in documents), len(documents))
+    return openings or DEMO_PROMPTS  # each fills the context of a model of few positions
 
 
 def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) -> tuple[str, ...]:
@@ -93,10 +95,15 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
     else:
         return ()
+    return _fitting(checkpoint, lambda tokenizer: (_prompt(tokenizer, chat) for chat in chats), count)
+
+
+def _fitting(checkpoint: Path, prompts: Callable[[Tokenizer], Iterator[str]], count: int) -> tuple[str, ...]:
+    """The first `count` of the prompts written with `checkpoint`'s tokenizer (`prompts`) whose tokens leave its
+    model's context room for a new token; report leaves one that does not out."""
     folders = model_folders(checkpoint)
     tokenizer, context = Tokenizer.from_file(folders.tokenizer), read_config(folders.weights).max_position_embeddings
-    prompts = (_prompt(tokenizer, chat) for chat in chats)
-    return tuple(itertools.islice((p for p in prompts if len(tokenizer.encode(p)) < context), count))
+    return tuple(itertools.islice((p for p in prompts(tokenizer) if len(tokenizer.encode(p)) < context), count))
 
 
 def _asking(conversation: Conversation) -> Conversation:

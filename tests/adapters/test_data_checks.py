@@ -198,15 +198,17 @@ def test_a_run_on_chinese_text_keeps_its_held_out_documents_whose_openings_it_is
     (tmp_path / "zh.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     run = tmp_path / "adapter"
     data = prepare_data(tmp_path / "zh.jsonl", base, run)
-    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    checkpoint = shutil.copytree(base, run / "checkpoints" / "step_1")  # the prompts that fit its context are asked
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))  # 180 bytes fit
     (run / "train_config.json").write_text(json.dumps({"data_dir": data.name}))  # as lora train writes it
     texts, held_out = _split(documents)
     openings = tuple(text[:60] for text in texts if text in held_out)[:3]  # no spaces: the first 60 characters
-    assert openings and run_prompts(run / "checkpoints" / "step_1") == openings
+    assert openings and run_prompts(checkpoint) == openings
     python = [f"def area_{n}(width, height):\n    return width * height\n" for n in range(20)]
     (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in python))
     prepare_data(tmp_path / "code.jsonl", base, run)  # Python's held-out documents: the demo prompts suit it
-    assert run_prompts(run / "checkpoints" / "step_1") == DEMO_PROMPTS
+    assert run_prompts(checkpoint) == DEMO_PROMPTS
 
 
 @pytest.mark.parametrize(

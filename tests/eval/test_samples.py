@@ -25,12 +25,13 @@ MANUAL = "cp - copy files and directories"
 CHINESE = "向量是可调整大小的数组。" * 10
 
 
-def _run(root: Path, documents: list[tuple[str, str]]) -> Path:
-    """A run's checkpoint folder as `train` lays it out, trained on shards of a `data build` corpus whose val.jsonl
-    holds `documents` ((kind, text)); only the files the prompts are read from."""
+def _run(root: Path, documents: list[tuple[str, str]], context: int = 512) -> Path:
+    """A run's checkpoint folder as `train` lays it out (a micro model of `context` positions), trained on shards of a
+    `data build` corpus whose val.jsonl holds `documents` ((kind, text)); only the files the prompts are read from."""
     corpus, tokens, run = root / "corpus", root / "tokens", root / "run"
-    for folder in (corpus, tokens, run / "checkpoints" / "step_5"):
+    for folder in (corpus, tokens):
         folder.mkdir(parents=True)
+    micro_checkpoint(run / "checkpoints" / "step_5", context)
     (corpus / "train.jsonl").write_text(json.dumps({"id": "t", "text": "x", "kind": "prose/en"}) + "\n")
     rows = [{"id": f"v{i}", "text": text, "kind": kind} for i, (kind, text) in enumerate(documents)]
     (corpus / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -43,6 +44,15 @@ def test_a_run_on_prose_is_prompted_with_the_openings_of_its_held_out_documents(
     checkpoint = _run(tmp_path, [("prose/en", LICENSE), ("prose/en", f"\n{MANUAL}\n"), ("cjk/zh", CHINESE)])
     first_words = "Permission is hereby granted, free of charge, to"  # 8 words
     assert run_prompts(checkpoint) == (first_words, f"\n{MANUAL}", CHINESE[:60])  # Chinese: its first 60 characters
+
+
+def test_a_held_out_opening_that_fills_the_models_context_is_left_out_as_a_chat_is(tmp_path):
+    """A model of 128 positions: the Chinese opening's 180 bytes filled its context, and report and sample failed
+    whole, 'error: prompt 2 of 2: prompt is 180 tokens; the context of 128 leaves no room for a new token'."""
+    checkpoint = _run(tmp_path, [("prose/en", LICENSE), ("cjk/zh", CHINESE)], context=128)
+    assert run_prompts(checkpoint) == ("Permission is hereby granted, free of charge, to",)
+    chinese = _run(tmp_path / "zh", [("cjk/zh", CHINESE)], context=128)
+    assert run_prompts(chinese) == DEMO_PROMPTS  # none fits: the demo prompts, which do, as before
 
 
 def test_a_run_on_python_or_a_checkpoint_outside_a_run_gets_the_python_prompts(tmp_path):
