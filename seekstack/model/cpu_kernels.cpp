@@ -706,16 +706,17 @@ constexpr int64_t kQueriesPerBlock = 64;
 constexpr int64_t kPackedColumns = 16;
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              "causal_attention: q, k must be (B, H, T, W) and v (B, H, T, V), not q ", q.sizes(), ", k ", k.sizes(),
-              ", v ", v.sizes());
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
+                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3) && v.size(3) <= q.size(3),
+              "causal_attention: q, k must be (B, H, T, W) and v (B, H, T, V) with V <= W, not q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "causal_attention: q, k and v must be bfloat16, not ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
               "causal_attention: q, k and v must be read along stride 1");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
-  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0 || V > W) {
+  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0) {
     const at::Tensor padded = at::constant_pad_nd(v, {0, W - V});
     return at::scaled_dot_product_attention(q, k, padded, std::nullopt, 0.0, true, scale).narrow(-1, 0, V)
         .transpose(1, 2).contiguous();

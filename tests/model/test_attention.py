@@ -251,6 +251,15 @@ def test_bfloat16_inference_attention_takes_the_causal_forward_only_without_a_ma
     torch.testing.assert_close(as_math, with_mask, rtol=0.05, atol=0.05 * with_mask.abs().max().item())
 
 
+def test_the_causal_forward_refuses_a_value_wider_than_q_naming_the_shapes():
+    """causal_attention writes V <= W columns (attention.py pads q and k to the value's width first): a wider v is
+    refused naming the shapes, not cut by a negative pad into torch's narrow error."""
+    assert cpu_kernels.available()
+    q, k, v = (torch.randn(1, 2, 8, width, dtype=torch.bfloat16) for width in (16, 16, 24))
+    with pytest.raises(RuntimeError, match=r"V <= W, not q \[1, 2, 8, 16\], k \[1, 2, 8, 16\], v \[1, 2, 8, 24\]"):
+        torch.ops.seekstack.causal_attention(q, k, v, 0.25)
+
+
 def test_the_fused_attention_backward_refuses_float32_naming_the_dtype_it_takes():
     """The kernel is bfloat16 only (float32 attention keeps torch's fused backward, faster there): a float32 call is
     refused, not computed."""
