@@ -19,6 +19,9 @@ more reads in flight over several streams than over one (a plain sum over 128 MB
   [c^KV; k^R] (attention.py), the scores `rows_linear`'s products with the keys as the weight rows. torch's flash SDPA
   in its place, cold after the step's weights streamed through the cache, took ~47 us a `small` layer (~12 hot); this
   ~34 (compiled `small` float32 batch-1 step 1.03x).
+- `feed_forward_rows`, `latent_query_rows`: a dense FFN or shared expert (gate, up, SwiGLU, down) and MLA's low-rank
+  query (down, RMSNorm, up) of 1-16 rows of eager inference in one call (packed.py's `DecodeFeedForward`,
+  `DecodeLatentAttention`): the same `rows_linear`s and row ops, bitwise, without the Python calls between them.
 Compiled decode steps (1-16 rows) and eager inference of up to 16 tokens run them, on float32 weights or bfloat16
 ones (half the bytes, where a BLAS call at a few bfloat16 rows ran no faster than float32). A CPU with avx512_bf16,
 where `dtype auto` is bfloat16, multiplies bfloat16 weights by bfloat16 rows in `vdpbf16ps` (float32 sums; widening
@@ -39,7 +42,8 @@ autocast, turned into each row's loss and, where autograd wants it, the logits' 
 registered where torch carries it: its x86 builds); and `causal_attention_backward` (attention.py's
 `_CausalAttention`): causal training attention's backward in bfloat16 (float32 keeps torch's, faster there) from
 torch's fused forward's log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with
-one fused pass a score row.
+one fused pass a score row; `causal_attention`: bfloat16 inference's causal forward (no log-sum-exp kept), each block
+of 64 query rows over its keys up to the diagonal only, written in o_proj's (B, T, H, V) layout.
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
@@ -94,11 +98,12 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`, `causal_attention_backward`: bfloat16
-    only) take these tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a
-    transposed input takes torch's ops), none sharded, outside a compiled region (inductor fuses its own); builds the
-    kernels on the first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest
-    torch offers (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
+    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; `causal_attention` and its backward:
+    bfloat16 only) take these tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the
+    kernels' rows; a transposed input takes torch's ops), none sharded, outside a compiled region (inductor fuses its
+    own); builds the kernels on the first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks
+    are the cheapest torch offers (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a
+    1-row norm's 12)."""
     first = tensors[0]
     if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
         return False
