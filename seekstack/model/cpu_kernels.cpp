@@ -742,13 +742,15 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t j = 0; j < T_; j += kKeysPerTile) {
         pack_key_tile(K + j * ld_k, ld_k, std::min(kKeysPerTile, T_ - j), W, k_packed.data() + j * W);
       }
+      const auto* v_bits = reinterpret_cast<const uint16_t*>(Vd);
       for (int64_t first_n = 0; first_n < V; first_n += kKeysPerTile) {
-        const int64_t block = std::min(kKeysPerTile, columns - first_n);
-        c10::BFloat16* packed = v_packed.data() + first_n * padded;
-        for (int64_t key = 0; key < T_; ++key) {
-          for (int64_t n = first_n; n < std::min(V, first_n + kKeysPerTile); ++n) {
-            packed[(key / 2 * block + n - first_n) * 2 + key % 2] = Vd[key * ld_v + n];
-          }
+        const int64_t block = std::min(kKeysPerTile, columns - first_n), filled = std::min(kKeysPerTile, V - first_n);
+        auto* pairs = reinterpret_cast<uint32_t*>(v_packed.data() + first_n * padded);
+        for (int64_t key = 0; key < T_; key += 2) {  // a pair of keys' bfloat16s as one 32-bit word, low bits first
+          const uint16_t* even = v_bits + key * ld_v + first_n;
+          const uint16_t* odd = key + 1 < T_ ? even + ld_v : nullptr;
+          uint32_t* pair = pairs + key / 2 * block;
+          for (int64_t n = 0; n < filled; ++n) pair[n] = even[n] | (odd == nullptr ? 0u : uint32_t{odd[n]} << 16);
         }
       }
       for (int64_t first = 0; first < T_; first += kQueriesPerBlock) {
