@@ -140,7 +140,9 @@ def evaluate(
             "--system-instruction would be put before it as text; evaluate them without it"
         )
     if difficulty is not None and not reasoning:
-        raise ValueError(f"--difficulty {difficulty} applies to the reason_* tasks only, and none is asked for")
+        raise ConfigError(
+            f": difficulty {difficulty} applies to the reason_* tasks only, and none is asked for", field="difficulty"
+        )
     for task in reasoning if difficulty is not None else ():  # one a task refuses, before the checkpoint is read
         try:
             require_task(task.removeprefix(REASONING_PREFIX), difficulty=difficulty)

@@ -625,13 +625,14 @@ def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does
     assert config["process_results"](doc, [f"<think> sum </think> {doc['answer']}"]) == {"exact_match": 1.0}
     options = json.loads((tmp_path / "r.json").read_text())["options"]
     assert options["difficulty"] == 1 and _eval_again(tmp_path, {"options": options}).endswith("--difficulty 1`")
-    with pytest.raises(ValueError, match="--difficulty 1 applies to the reason_\\* tasks only, and none is asked for"):
+    with pytest.raises(ValueError, match="^field 'difficulty': difficulty 1 applies to the reason_\\* tasks only, and"):
         evaluate(checkpoint, ("code_perplexity",), device="cpu", difficulty=1)
 
 
 def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_checkpoint_is_read(checkpoint, tmp_path):
     """--difficulty 5000 was refused once the tasks were built, naming no option ("error: difficulty 5000: ..."); then
-    as "error: --difficulty: ..." where pass-at-k says click's "Invalid value for '--difficulty'" (exit 2)."""
+    as "error: --difficulty: ..." where pass-at-k says click's "Invalid value for '--difficulty'" (exit 2), as it still
+    said a difficulty given with no reason_* task ("error: --difficulty 2 applies to ...", exit 1)."""
     from typer.testing import CliRunner
 
     from seekstack.cli import app
@@ -644,5 +645,9 @@ def test_eval_refuses_a_difficulty_past_the_most_naming_the_option_before_the_ch
     args = ["eval", str(tmp_path / "none"), "--tasks", f"reason_{problems}", "--difficulty", "2"]
     refused = CliRunner().invoke(app, args)  # as pass-at-k refuses it, not "error: --difficulty: ..." (exit 1)
     assert refused.exit_code == 2 and "Invalid value for '--difficulty': difficulty 2: task" in refused.output
+    refused = CliRunner().invoke(app, ["eval", str(tmp_path / "none"), "--tasks", "code_cloze", "--difficulty", "2"])
+    assert (
+        refused.exit_code == 2 and "'--difficulty': difficulty 2 applies to the reason_* tasks only" in refused.output
+    )
     with pytest.raises(ValueError, match="^task 'no_module:Parity': module 'no_module' cannot be imported"):
         evaluate(checkpoint, ("reason_no_module:Parity",), device="cpu", difficulty=3)  # a task that is none
