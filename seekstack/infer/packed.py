@@ -112,11 +112,7 @@ def _one_call(x: torch.Tensor, *linears: nn.Module, norm: nn.Module | None = Non
     for linear in linears:
         if type(linear) is not DecodeLinear or not cpu_kernels.usable(x, linear.weight):  # or the kernels off
             return False
-    return norm is None or (
-        type(norm) is RMSNorm
-        and norm.weight.dtype in (x.dtype, torch.float32)  # as RMSNorm takes the kernel
-        and cpu_kernels.elementwise_takes(norm.weight)
-    )
+    return norm is None or (type(norm) is RMSNorm and norm.takes_kernel(x))
 
 
 class DecodeFeedForward(FeedForward):

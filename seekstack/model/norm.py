@@ -27,11 +27,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        """Whether x's rows take the C++ `rms_norm`: a weight of x's dtype, or a float32 one scaling bf16 rows
+        (autocast), where `elementwise_takes` says the kernels take them."""
         weight = self.weight
-        if cpu_kernels.elementwise_takes(x, weight) or (  # or a float32 weight scaling bf16 rows (autocast)
+        return cpu_kernels.elementwise_takes(x, weight) or (
             weight.dtype == torch.float32 and cpu_kernels.elementwise_takes(x) and cpu_kernels.elementwise_takes(weight)
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.takes_kernel(x):
             if torch.is_grad_enabled():
                 return _FusedRMSNorm.apply(x, self.weight, self.eps)
             return torch.ops.seekstack.rms_norm(x, self.weight, self.eps)[0]
