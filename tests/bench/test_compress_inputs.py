@@ -7,11 +7,13 @@ import argparse
 import copy
 import sys
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
 
 import seekstack
+from seekstack.compress.adaptive import unmeasured_choices
 from seekstack.compress.heads import head_importance
 from seekstack.compress.prune import gate_mass
 from seekstack.compress.quantize import QuantConfig, quantize_model
@@ -56,6 +58,22 @@ def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measu
         "quantize.py: error: --adaptive-bits 4.2: a budget of 4.2 bits per weight is below the smallest assignment "
         "(4.601 bits per weight: each layer at the smallest option its shapes allow)"
     )
+
+
+def test_the_uniform_int4_row_beside_an_adaptive_budget_keeps_layers_int4_does_not_take_in_float(
+    tmp_path, monkeypatch, capsys
+):
+    """The micro model's kv_a_proj_with_mqa (1,536 weights in each of 2 layers) takes no int4 group: `--scheme int4`
+    keeps it in float32, so uniform int4 g32 is (3,072 x 32 + 60,416 x 4.5) / 63,488 = 5.831 bits per weight."""
+    model, data = micro_model_and_shards(tmp_path)[1::2]
+
+    def sensitivities(model, kl_of):  # the measuring is not what this checks: the wider option, the lower KL
+        return [replace(c, kl={option: -bits for option, bits in c.bits.items()}) for c in unmeasured_choices(model)]
+
+    monkeypatch.setattr(quantize, "sensitivities", sensitivities)
+    models = quantize.adaptive_models(seekstack.load_pretrained(model), data, [8.0])
+    assert list(models) == ["adaptive 8.0 bits"]
+    assert "(uniform int4 g32, layers it does not take kept in float: 5.831); " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
