@@ -2,10 +2,10 @@
 
 A decode step has far fewer FLOPs than weight bytes, so its time is the bytes it streams, and the BLAS calls made
 for wide matrices stream them slowly at a few rows (MKL, float32, one thread: 2.5-5 GB/s of this core's ~10). Two
-ops, both loading every weight row once for all rows (AVX2 + FMA where the CPU has them, plain loops elsewhere), and
-both reading a weight as 4 streams side by side (its rows in 4 equal parts, one row of each per step): one core keeps
-more reads in flight over several streams than over one (a plain sum over 128 MB, one Zen 3 core, under load:
-1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s).
+ops, both loading every weight row once for all rows (float32 products in AVX-512's 16 lanes where the CPU has
+AVX-512F, else in AVX2 + FMA's 8, plain loops where it has neither), and both reading a weight as 4 streams side by
+side (its rows in 4 equal parts, one row of each per step): one core keeps more reads in flight over several streams
+than over one (a plain sum over 128 MB, one Zen 3 core, under load: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s).
 - `rows_linear`: x W^T for 1-16 rows of x, W row-major (out, in), split over threads by output rows. `small`'s
   block and head shapes, weights flushed from the L3, one thread, against the one-stream kernel before it: 1.8x at 1
   row, 1.4-1.6x at 2-4, 1.1x at 8, even at 16 (where the dot products, not the reads, bound it).
