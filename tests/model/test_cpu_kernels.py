@@ -3,6 +3,7 @@ processes, and what a user is told when the library cannot be used."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -64,8 +65,14 @@ def test_a_process_arriving_after_the_builders_lock_is_gone_leaves_its_library_t
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpu_kernels._build_folder(tmp_path)
     library = folder / f"{cpu_kernels._library_name()}.so"
-    built, found = [], {}
+    built, found, b_arrived = [], {}, threading.Event()
     a, b = (threading.Thread(target=lambda: built.append(cpu_kernels._build()), name=name) for name in "AB")
+    flock = fcntl.flock
+
+    def waiting_its_turn(file, operation):
+        if threading.current_thread() is b:  # B asks for its turn: it has touched nothing, and blocks until A is done
+            b_arrived.set()
+        flock(file, operation)
 
     def build_or_load(**kwargs):
         if threading.current_thread() is a:  # A builds, torch drops its lock, then A loads
@@ -73,9 +80,11 @@ def test_a_process_arriving_after_the_builders_lock_is_gone_leaves_its_library_t
             library.write_bytes(b"\x7fELF" + bytes(4000))
             (folder / "lock").unlink()
             b.start()
-            time.sleep(0.5)  # B, were it not waiting its turn, would find no lock and drop the library now
+            assert b_arrived.wait(10)  # B waiting its turn, or (not waiting) done checking: found no lock, dropped it
+        b_arrived.set()
         found[threading.current_thread().name] = library.exists()
 
+    monkeypatch.setattr(fcntl, "flock", waiting_its_turn)
     monkeypatch.setattr(torch.utils.cpp_extension, "load", build_or_load)
     monkeypatch.setattr(torch.library, "register_fake", lambda name: lambda shape: shape)  # no ops loaded here
     a.start()
