@@ -119,15 +119,15 @@ def test_decode_linear_runs_the_kernel_for_up_to_16_rows_without_gradients_only(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("plain", "packed", "method", "unpacked", "left"),
+    ("plain", "packed", "method", "op", "unpacked", "left"),
     [
-        (FeedForward, DecodeFeedForward, "forward", "up_proj", 2),
-        (MultiHeadLatentAttention, DecodeLatentAttention, "project_query", "q_b_proj", 1),
+        (FeedForward, DecodeFeedForward, "forward", "feed_forward_rows", "up_proj", 2),
+        (MultiHeadLatentAttention, DecodeLatentAttention, "project_query", "latent_query_rows", "q_b_proj", 1),
     ],
     ids=["feed-forward", "latent-query"],
 )
 def test_packed_modules_run_up_to_16_rows_in_one_kernel_call_bitwise_as_their_linears(
-    monkeypatch, plain, packed, method, unpacked, left, dtype
+    monkeypatch, plain, packed, method, op, unpacked, left, dtype
 ):
     assert cpu_kernels.available()
     model = micro_model().to(dtype)
@@ -137,29 +137,31 @@ def test_packed_modules_run_up_to_16_rows_in_one_kernel_call_bitwise_as_their_li
     calls = []
     kernel = cpu_kernels.rows_linear
     monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, weight: calls.append(x.shape[0]) or kernel(x, weight))
+    fused, one_call = [], getattr(torch.ops.seekstack, op)
+    monkeypatch.setattr(torch.ops.seekstack, op, lambda *args: fused.append(1) or one_call(*args))
     module, most, D = modules[-1], cpu_kernels.MAX_TOKENS, model.config.hidden_size
 
-    def python_linear_calls(x: torch.Tensor) -> int:
+    def calls_made(x: torch.Tensor) -> tuple[int, int]:
         """The module's method on x, checked bitwise against its modules' calls one by one, and the rows_linear calls
-        it made from Python (a fused call makes none)."""
+        it made from Python (a fused call makes none) and the fused calls."""
         with torch.no_grad():
             expected = getattr(plain, method)(module, x)
-            before = len(calls)
+            python_before, fused_before = len(calls), len(fused)
             got = getattr(module, method)(x)
         assert torch.equal(got, expected)
-        return len(calls) - before
+        return len(calls) - python_before, len(fused) - fused_before
 
     for shape in [(1, 1, D), (2, 3, D), (1, most, D)]:
-        assert python_linear_calls(torch.randn(shape, dtype=dtype)) == 0  # one fused call, bitwise the modules'
-    assert python_linear_calls(torch.randn(1, most + 1, D, dtype=dtype)) == 0  # F.linear past 16 rows, as DecodeLinear
+        assert calls_made(torch.randn(shape, dtype=dtype)) == (0, 1)  # one fused call, bitwise the modules'
+    assert calls_made(torch.randn(1, most + 1, D, dtype=dtype)) == (0, 0)  # F.linear past 16 rows, as DecodeLinear
     try:
         cpu_kernels.set_enabled(False)  # the kernels off: every module's own path
-        assert python_linear_calls(torch.randn(1, 1, D, dtype=dtype)) == 0
+        assert calls_made(torch.randn(1, 1, D, dtype=dtype)) == (0, 0)
     finally:
         cpu_kernels.set_enabled(True)
     linear = getattr(module, unpacked)
     setattr(module, unpacked, nn.Linear(linear.in_features, linear.out_features, bias=False).to(dtype))  # unpacked
-    assert python_linear_calls(torch.randn(1, 1, D, dtype=dtype)) == left  # the other linears, one call each
+    assert calls_made(torch.randn(1, 1, D, dtype=dtype)) == (left, 0)  # the other linears, one call each
 
 
 def test_gradients_reach_the_weight_not_the_copy():
