@@ -82,6 +82,11 @@ VLLM_OPTIONS_DONE_OTHERWISE = {
     "--enable-request-id-headers": "every response carries an X-Request-Id header; drop the option",
     "--enable-lora": "adapters are always on: give each with --adapter NAME=DIR (vLLM's --lora-modules) or POST "
     "/v1/load_lora_adapter; drop the option",
+    "--max-cpu-loras": "every loaded adapter stays on the model's device, up to --max-loras; none wait in a CPU "
+    "cache: drop the option",
+    "--lora-dtype": "adapters are served in the model's dtype (--dtype); drop the option",
+    "--fully-sharded-loras": "serve runs in one process without tensor parallelism (--device-map places whole "
+    "layers), so adapters are not sharded; drop the option",
 }
 
 VLLM_LORA_MODULE_KEYS = {"name", "path", "base_model_name"}  # vLLM's --lora-modules JSON form

@@ -350,13 +350,17 @@ def test_serve_takes_vllms_options_for_request_and_stats_lines_and_logs_them_thr
         ("--generation-config", "the checkpoint's generation_config.json always gives"),
         ("--enable-request-id-headers", "every response carries an X-Request-Id header"),
         ("--enable-lora", "adapters are always on: give each with --adapter NAME=DIR (vLLM's --lora-modules)"),
+        ("--max-cpu-loras", "every loaded adapter stays on the model's device, up to --max-loras"),
+        ("--lora-dtype", "adapters are served in the model's dtype (--dtype)"),
+        ("--fully-sharded-loras", "serve runs in one process without tensor parallelism"),
     ],
 )
 def test_serve_refuses_vllms_options_it_does_otherwise_saying_what_to_do_instead(tmp_path, option, instead):
     """A vLLM launch line's --api-key or --allowed-origins got click's 'No such option' alone (or a guess at a
     near name), with no word of the keys database or --cors-origin; so did vLLM's DeepSeek tool-calling options
     (--enable-auto-tool-choice --tool-call-parser deepseek_v3), --generation-config, --enable-request-id-headers and
-    --enable-lora (vLLM's multi-LoRA launch line), whose work seekstack always does."""
+    --enable-lora (vLLM's multi-LoRA launch line), whose work seekstack always does, and vLLM's LoRA tuning options
+    --max-cpu-loras, --lora-dtype and --fully-sharded-loras, which have nothing to tune here."""
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), option, "x"])
     assert result.exit_code == 2
     assert f"No such option: {option} (vLLM's); " in result.output and instead in result.output
