@@ -404,7 +404,7 @@ def capacity(
 FEWEST_STACK_BYTES = 2
 
 
-def refuse_ranks_beyond(
+def refuse_adapters_past_capacity(
     config: ModelConfig,
     adapters: Mapping[str, str | Path],
     max_loras: int | None,

@@ -573,10 +573,10 @@ class Engine:
         # before the weights are read and the disk parts written, as load_pretrained checks them
         device_map = placement_asked(device_map, max_memory, offload_dir, asked, folder_keyword=folder_keyword)
         kwargs["device"] = device = runtime_device(asked)
-        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, too large a rank
-            from seekstack.adapters.registry import refuse_ranks_beyond
+        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, too many or too large
+            from seekstack.adapters.registry import refuse_adapters_past_capacity
 
-            refuse_ranks_beyond(
+            refuse_adapters_past_capacity(
                 config, kwargs["adapters"], kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device
             )
         offload_dir = offload_dir or model_dir / "offload"

@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
-from seekstack.adapters.registry import refuse_ranks_beyond
+from seekstack.adapters.registry import refuse_adapters_past_capacity
 from seekstack.infer.engine import Engine, checkpoint_files
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
@@ -69,7 +69,7 @@ def build_server(
     config, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
     device = runtime_device(options.engine.device)
     try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
-        refuse_ranks_beyond(config, options.adapters, options.max_loras, options.max_lora_rank, device)
+        refuse_adapters_past_capacity(config, options.adapters, options.max_loras, options.max_lora_rank, device)
     except ConfigError as error:
         raise ValueError(error.naming(f"--{error.field.replace('_', '-')}")) from None
     database = open_database(options.database)
