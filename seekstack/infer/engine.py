@@ -573,7 +573,7 @@ class Engine:
         # before the weights are read and the disk parts written, as load_pretrained checks them
         device_map = placement_asked(device_map, max_memory, offload_dir, asked, folder_keyword=folder_keyword)
         kwargs["device"] = device = runtime_device(asked)
-        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, too many or too large
+        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, past capacity
             from seekstack.adapters.registry import refuse_adapters_past_capacity
 
             refuse_adapters_past_capacity(
