@@ -257,16 +257,16 @@ def test_a_disk_refusing_a_ranks_optimizer_shard_stops_every_rank_naming_the_che
     assert list((out_dir / "checkpoints").iterdir()) == []  # no part of it left, not even a hidden one
 
 
-def _train_rank_1_failing_at_its_second_step(rank: int, world_size: int, port: int, config, resume) -> None:
-    """A rank whose second step raises on rank 1 alone (its own file or memory, say); each writes what it raised to
-    `rank{r}.txt` beside the run."""
+def _train_rank_1_failing_at_its_first_step(rank: int, world_size: int, port: int, config, resume) -> None:
+    """A rank whose first step raises on rank 1 alone (its own file or memory, say), rank 0 meanwhile in that step's
+    all-reduce; each writes what it raised to `rank{r}.txt` beside the run."""
     from seekstack.train.trainer import _Run
 
     _join(rank, world_size, port)
     train_step = _Run.train_step
 
     def failing_on_rank_1(run):  # noqa: ANN001, ANN202
-        if rank == 1 and run.step == 1:
+        if rank == 1:
             raise ValueError("rank 1's own trouble")
         return train_step(run)
 
@@ -283,8 +283,9 @@ def _train_rank_1_failing_at_its_second_step(rank: int, world_size: int, port: i
 def test_a_rank_whose_collective_another_ranks_failure_cut_names_that_rank_and_its_error(data_dir, tmp_path):  # noqa: F811
     """Rank 1 failing alone left rank 0 with gloo's RuntimeError 'Connection closed by peer [127.0.0.1]:PORT' (and a
     traceback), naming neither the rank that failed nor why."""
-    config = run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
-    train_on_two_ranks_within(120, config, _train_rank_1_failing_at_its_second_step)
+    steps = dict(max_steps=1, grad_accum_steps=1, eval_every=0, save_every=0, peak_flops=1e11)  # no probe of the CPU
+    config = run_config(data_dir, tmp_path / "run", **steps)
+    train_on_two_ranks_within(120, config, _train_rank_1_failing_at_its_first_step)
     raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert raised[1] == "ValueError: rank 1's own trouble"
     assert raised[0].startswith(
