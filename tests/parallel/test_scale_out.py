@@ -299,17 +299,18 @@ def test_a_cut_collective_is_never_told_as_the_failure_so_a_killed_rank_is_blame
     rank 0 wrote its own cut as the first failure, so rank 2 said 'rank 0 failed: RuntimeError: ... Connection closed
     by peer'. A rank's own bare RuntimeError (torch's out of memory) is still told."""
     monkeypatch.setattr(distributed, "_group_keys", dist.HashStore())
-    listening = socket.create_server(("127.0.0.1", 0))  # the store's address answers
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(listening.getsockname()[1]))
-    cut = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:80")
-    untold = [str(distributed.told_failure(cut, Ranks(rank, 3, torch.device("cpu")))) for rank in (0, 2)]
-    assert all(said.startswith("another rank stopped without telling why (killed, ") for said in untold), untold
-    own = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-    assert distributed.told_failure(own, Ranks(1, 3, torch.device("cpu"))) is None
-    told = distributed.told_failure(cut, Ranks(2, 3, torch.device("cpu")))
-    assert str(told).startswith(f"rank 1 failed: RuntimeError: {own}; this rank then stopped"), told
-    listening.close()
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # the store's address answers (closed on a failure too)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(listening.getsockname()[1]))
+        cut = RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:80"
+        )
+        untold = [str(distributed.told_failure(cut, Ranks(rank, 3, torch.device("cpu")))) for rank in (0, 2)]
+        assert all(said.startswith("another rank stopped without telling why (killed, ") for said in untold), untold
+        own = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        assert distributed.told_failure(own, Ranks(1, 3, torch.device("cpu"))) is None
+        told = distributed.told_failure(cut, Ranks(2, 3, torch.device("cpu")))
+        assert str(told).startswith(f"rank 1 failed: RuntimeError: {own}; this rank then stopped"), told
 
 
 def test_a_store_gone_with_rank_0_is_not_read_where_torch_printed_its_cpp_warning(monkeypatch):
