@@ -111,8 +111,8 @@ def _write_page(run_dir: Path, out_dir: str | Path | None, samples: bool, checkp
     if samples and checkpoint is not None:
         try:
             sections.append(_samples(run_dir, checkpoint, train_config))
-        except CheckpointError as error:  # its weights cut short or damaged: the rest of the page is the run's still
-            sections.append(f"## Samples\n\nNone: the checkpoint's weights cannot be read ({error}).")
+        except CheckpointError as error:  # its weights or config.json damaged: the rest of the page is the run's still
+            sections.append(f"## Samples\n\nNone: the checkpoint cannot be read ({error}).")
     return write_atomic(out_dir / REPORT_FILE, "\n\n".join(section for section in sections if section) + "\n")
 
 

@@ -366,10 +366,20 @@ def test_report_of_a_run_whose_newest_weights_are_cut_short_is_written_saying_wh
     weights.write_bytes(weights.read_bytes()[:1000])
     report = write_report(sft_run).read_text()
     assert "## Training" in report and report.split("## Samples")[1] == (
-        f"\n\nNone: the checkpoint's weights cannot be read ({weights}: not a valid safetensors file (Error while "
+        f"\n\nNone: the checkpoint cannot be read ({weights}: not a valid safetensors file (Error while "
         "deserializing header: invalid header length); it is truncated or damaged: re-save or re-download the "
         "checkpoint).\n"
     )
+
+
+def test_report_of_a_run_whose_checkpoint_config_disagrees_with_its_weights_does_not_blame_the_weights(sft_run):
+    """A config.json of one decoder layer too many left the samples saying 'the checkpoint's weights cannot be read
+    (.../config.json: num_hidden_layers is 4 ...)', though the weights were whole."""
+    config = sft_run / "checkpoints" / "step_2" / "config.json"
+    layers = json.loads(config.read_text())["num_hidden_layers"]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": layers + 1}))
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert samples.startswith(f"\n\nNone: the checkpoint cannot be read ({config}: num_hidden_layers is {layers + 1}, ")
 
 
 def test_a_run_on_prompt_completion_text_is_reported_as_asked_without_the_chat_template(tmp_path):
