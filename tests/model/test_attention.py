@@ -162,6 +162,23 @@ def test_the_decode_attention_kernel_gives_sdpas_output_over_the_cached_keys(dty
             torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance, msg=f"S={S} H={H} T={T}")
 
 
+def test_the_decode_attention_kernel_reads_a_partly_filled_caches_keys_in_place():
+    """ContiguousLatentCache hands over (B, end, C+R) slices of its (B, max_length, C+R) rows, batch rows apart by
+    max_length: the kernel read them through a copy every step and layer. It reads them along their strides (no
+    aten::clone), as torch's SDPA computes; keys whose columns are strided are still copied and right."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    query, cache = torch.randn(3, 4, 2, 37), torch.randn(3, 50, 37)
+    for keys in (cache[:, :20], cache.transpose(1, 2).contiguous().transpose(1, 2)[:, :20]):
+        with torch.profiler.profile() as profile:
+            out = cpu_kernels.latent_attention_rows(query, keys, None, 0.3, 30)
+        copied = "aten::clone" in {event.key for event in profile.key_averages()}
+        key = keys.unsqueeze(1)
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, key, scale=0.3)[..., :30]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert copied == (keys.stride(2) != 1)
+
+
 @pytest.mark.parametrize("logit_std", [1, 4])
 @pytest.mark.parametrize(("T", "W"), [(37, 23), (600, 24)], ids=["one-group-odd-width", "groups-of-heads"])
 def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W, logit_std):
