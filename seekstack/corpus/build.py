@@ -379,6 +379,7 @@ def _refuse_to_replace_an_input(sources: list[Iterable[Document]], out_dir: Path
 
 
 def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Iterable[Document]]) -> None:
+    field = " and --field" if any(isinstance(source, Rows) for source in sources) else ""  # a folder has none
     if report.documents_in == 0:
         one = len(sources) == 1 and isinstance(sources[0], (Rows, TextFolder))  # an empty .jsonl, a header-only CSV
         inputs = (
@@ -386,10 +387,16 @@ def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Ite
             if one
             else "the inputs hold no documents; check the paths"
         )
-        field = " and --field" if any(isinstance(source, Rows) for source in sources) else ""  # a folder has none
         raise CorpusBuildError(f"{inputs}{field}{_not_read(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
+    if report.bytes_in == 0:  # no profile or threshold keeps a document of no text
+        example = report.examples[report.top_removals(1)[0][0]][0]["id"]
+        empty = "it is" if report.documents_in == 1 else "all are"
+        raise CorpusBuildError(
+            f"kept 0 of {counted(report.documents_in, 'document')}: {empty} empty (e.g. {example}); check the "
+            f"path{'s' if len(sources) > 1 else ''}{field}; nothing was written{_not_read(report)}"
+        )
     causes = "; ".join(
         f"{reason} {count:,} (e.g. {report.examples[reason][0]['id']}, {report.examples[reason][0]['kind']})"
         for reason, count in report.top_removals()

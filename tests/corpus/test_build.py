@@ -153,6 +153,19 @@ def test_one_input_holding_no_documents_is_named(tmp_path: Path) -> None:
         assert str(refused.value) == f"{tmp_path / name}: holds no documents; check {check}"
 
 
+def test_inputs_holding_only_empty_documents_are_said_to_be_empty(tmp_path: Path) -> None:
+    """An empty text file was refused as 'removed most by min_chars 1 ... Try --profile web|code|zh, or loosen those
+    rules' thresholds', advice no profile or threshold can follow for a document of no text."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    for names, said in ((["empty.txt"], "1 document: it is empty (e.g. empty.txt); check the path;"),
+                        (["empty.txt", "empty.jsonl"], "2 documents: all are empty (e.g. empty.txt); check the paths "
+                         "and --field;")):  # fmt: skip
+        with pytest.raises(CorpusBuildError) as refused:
+            build_corpus([open_source(tmp_path / name) for name in names], tmp_path / "out", show_progress=False)
+        assert str(refused.value) == f"kept 0 of {said} nothing was written"
+
+
 def test_cli_exits_non_zero_when_the_build_keeps_nothing(tmp_path: Path) -> None:
     (tmp_path / "web.jsonl").write_text(json.dumps({"text": ENGLISH_ARTICLE}) + "\n", encoding="utf-8")
     args = ["data", "build", str(tmp_path / "web.jsonl"), "--out", str(tmp_path / "out"), "--no-progress"]
