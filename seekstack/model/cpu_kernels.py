@@ -47,8 +47,10 @@ of 64 query rows over its keys up to the diagonal only, written in o_proj's (B, 
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
-the build fails once, with a warning, and the callers keep their other paths. A build left unfinished (its lock, a
-truncated library) is redone rather than waited on or loaded.
+the build fails once, with a warning, and the callers keep their other paths. Processes started together (ranks,
+test workers) build one at a time, each taking its turn on the build folder's `turn.lock` to check, build, load and
+prove the library, so the later ones load the first's. A build left unfinished (its lock, a truncated library) is
+redone rather than waited on or loaded.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class Router(Float32Buffers):
         self.n_group, self.topk_group = config.routing_groups
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-        # V3's noaux_tc (§2.1.2): the bias b_i joins the choice, and a group's score is the sum of its top-2
+        # V3's noaux_tc (§2.1.2): the bias b_i joins the choice (and scores the groups: limit_to_groups)
         self.aux_free = self.topk_method == "noaux_tc"
         if self.aux_free:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
