@@ -14,7 +14,7 @@ than over one (a plain sum over 128 MB, one Zen 3 core, under load: 1 / 2 / 4 st
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
   one expert per thread.
 - `route_rows`: the experts a decode step's few rows are routed to (moe.py's `Router.select`), picked by torch.topk's
-  own loop, in one call where torch's ops make a dozen (eager; a compiled step keeps the ops, which inductor fuses).
+  own loop, in one call where torch's ops make a dozen (eager) or inductor calls three topk out of its loops.
 - `latent_attention_rows`: MLA's absorbed attention of a decode step's 1-16 query rows a head over the cached
   [c^KV; k^R] (attention.py), the scores `rows_linear`'s products with the keys as the weight rows. torch's flash SDPA
   in its place, cold after the step's weights streamed through the cache, took ~47 us a `small` layer (~12 hot); this
@@ -186,6 +186,7 @@ def _build() -> bool:
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
     torch.library.register_fake("seekstack::latent_attention_rows")(_latent_attention_rows_shape)
+    torch.library.register_fake("seekstack::route_rows")(_route_rows_shape)
     return True
 
 
@@ -268,6 +269,12 @@ def _grouped_experts_shape(
 
 def _rows_linear_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _route_rows_shape(
+    scores: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int, group_top2: bool, top_k: int
+) -> torch.Tensor:
+    return scores.new_empty(scores.shape[0], top_k, dtype=torch.long)
 
 
 def _latent_attention_rows_shape(

@@ -393,6 +393,38 @@ def test_a_few_rows_route_in_one_kernel_call_as_torchs_ops_do_in_every_routing_s
 
 
 @pytest.mark.parametrize(
+    "rows, grad, kernel", [(1, False, True), (16, False, True), (17, False, False), (1, True, False)]
+)
+def test_a_compiled_routers_few_rows_without_gradients_route_in_one_kernel_call_as_torchs_ops_do(rows, grad, kernel):
+    """Compiled (a decode step's graph), 1-16 rows without gradients take route_rows, not inductor's three topk calls;
+    more rows and gradients keep torch's ops; either way the experts and weights are eager torch's, bitwise."""
+    assert cpu_kernels.available()
+    config = micro_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="noaux_tc")
+    router = Router(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator) / 4)
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=generator) / 8)
+    x = torch.randn(rows, config.hidden_size, generator=generator)
+    ops = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op in ("call_function", "call_method"))
+        return graph.forward
+
+    cpu_kernels.set_enabled(False)
+    try:
+        expected = router(x)
+    finally:
+        cpu_kernels.set_enabled(True)
+    with torch.set_grad_enabled(grad):
+        routing = torch.compile(router, backend=backend, fullgraph=True)(x)
+    assert any("route_rows" in op for op in ops) == kernel
+    assert any("topk" in op for op in ops) != kernel
+    assert torch.equal(routing.experts, expected.experts) and torch.equal(routing.weights, expected.weights)
+
+
+@pytest.mark.parametrize(
     "scores, bias, groups, kept_groups, top_k, message",
     [
         (
