@@ -25,7 +25,7 @@ from torch import nn
 import seekstack
 from seekstack.compress.heads import head_importance, prune_heads, refuse_too_few_heads
 from seekstack.compress.heal import heal
-from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept, rounding_notes
+from seekstack.compress.prune import gate_mass, has_moe_layers, prune_experts, refuse_too_few_kept, rounding_notes
 from seekstack.compress.quality import held_out_batches, log_probs, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
@@ -127,8 +127,9 @@ def main() -> None:
     for name, model in models.items():
         quality, config = measure(model, reference, batches, per_token), model.config
         speed = {b: f"{speeds[name][b]:,.0f} ({speeds[name][b] / speeds['unpruned'][b]:.2f}x)" for b in (1, 8)}
+        experts = config.n_routed_experts if has_moe_layers(config) else "none (no MoE layer)"
         print(
-            f"| {name} | {config.num_attention_heads} | {config.n_routed_experts} | {disk[name]:,} "
+            f"| {name} | {config.num_attention_heads} | {experts} | {disk[name]:,} "
             f"({disk[name] / disk['unpruned']:.0%}) | {quality.bits_per_byte:.4f} | "
             f"{quality.bits_per_byte / base - 1:+.2%} | {quality.mean_kl:.4f} | {quality.top1_agreement:.2%} | "
             f"{speed[1]} | {speed[8]} |"

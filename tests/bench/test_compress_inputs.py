@@ -113,6 +113,20 @@ def test_prune_fractions_that_remove_nothing_are_refused_before_calibrating(
     assert run.stderr.splitlines()[-1].startswith(f"prune.py: error: {said}")
 
 
+def test_the_prune_table_of_a_model_without_moe_layers_lists_no_routed_experts(tmp_path, monkeypatch, capsys):
+    """Every block dense (first_k_dense_replace), the table's routed experts column said 4, the config's count."""
+    from tests.train.test_loss_curve import MICRO_MODEL
+
+    options = micro_model_and_shards(tmp_path)
+    dense = seekstack.preset("tiny", **{**MICRO_MODEL, "first_k_dense_replace": 2, "num_nextn_predict_layers": 0})
+    seekstack.save_pretrained(seekstack.Transformer(dense), tmp_path / "model")
+    batches = ["--batches", "1", "--calibration-batches", "1", "--heal-steps", "0", "--reps", "1", "--experts", "0"]
+    run = run_in_process("prune.py", *options, *batches, "--heads", "0.5", monkeypatch=monkeypatch, capsys=capsys)
+    assert run.returncode == 0, run.stderr[-500:]
+    rows = [line.split(" | ")[:3] for line in run.stdout.splitlines() if line.startswith(("| unpruned", "| heads"))]
+    assert rows == [["| unpruned", "2", "none (no MoE layer)"], ["| heads -50%", "1", "none (no MoE layer)"]]
+
+
 def test_quantized_checkpoints_are_loaded_as_saved_and_their_folder_removed(tmp_path, monkeypatch):
     """bench/quantize.py left every run's checkpoints in a bench_quantize_* folder of /tmp."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
