@@ -91,6 +91,11 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
             )
         except FileNotFoundError:  # `path` moved or deleted, and no val_data file
             return ()
+        except ValueError as error:  # a file emptied or damaged since the run, as report tells it
+            raise ValueError(
+                f"the run's conversations are not there to ask ({error}): restore the file, or give the prompts "
+                "(--prompt)"
+            ) from None
         chats = [_asking(conversation) for conversation in conversations]
         chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
     else:

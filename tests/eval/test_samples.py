@@ -128,6 +128,21 @@ def test_an_sft_run_whose_conversations_file_is_gone_is_prompted_with_its_val_da
     assert run_prompts(sft) == DEMO_PROMPTS  # neither file there: no conversations to ask
 
 
+def test_an_sft_run_whose_val_data_file_was_emptied_is_refused_naming_the_way_on_as_report_tells_it(tmp_path):
+    """`sample` said the reader's 'error: .../held.jsonl: no conversations' alone, where report says the run's
+    conversations are not there to ask."""
+    (tmp_path / "held.jsonl").write_text("")
+    sft = micro_checkpoint(tmp_path / "sft" / "checkpoints" / "step_2")
+    train_config = {"data": "../moved.jsonl", "val_data": "../held.jsonl", "val_fraction": 0.5}
+    (tmp_path / "sft" / "train_config.json").write_text(json.dumps(train_config))
+    with pytest.raises(ValueError) as refused:
+        run_prompts(sft)
+    assert str(refused.value) == (
+        f"the run's conversations are not there to ask ({tmp_path / 'sft' / '..' / 'held.jsonl'}: no conversations): "
+        "restore the file, or give the prompts (--prompt)"
+    )
+
+
 @pytest.mark.parametrize(
     ("written", "said"), [('{"data": ', "not valid JSON"), ("[1, 2]", "holds [1, 2], not a JSON object")]
 )
