@@ -127,6 +127,18 @@ def _lines_not_utf8(path: str | Path, first: int) -> tuple[int, int]:
     return undecodable, non_ascii
 
 
+CHAT_MESSAGES_NO_OBJECT = (
+    'a JSON array of chat messages, not {}: a conversation is one object, {{"messages": [...]}}, which `sft` and '
+    "`lora train` read"
+)
+
+
+def is_chat_messages(value: Any) -> bool:
+    """Whether `value` is a JSON array of chat messages (objects with a role): a conversation written without the
+    object that holds it, which a JSON Lines line or a JSON array's item is."""
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) and "role" in item for item in value)
+
+
 def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line it starts on, item) of each item of the JSON array `path` holds; a ValueError (no subclass:
     `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON. The file is read
@@ -142,6 +154,10 @@ def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
         ) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # a whole array, then more: JSON Lines whose lines are arrays (lists of messages)
+            start = text.index("[")
+            if is_chat_messages(json.JSONDecoder().raw_decode(text, start)[0]):  # as data build tells such a line
+                line = text.count("\n", 0, start) + 1
+                raise ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}") from None
             raise ValueError(
                 f"{path}:{error.lineno}: more JSON after the array that opens the file: a file holds one JSON array "
                 'of objects, or JSON Lines, one object a line ({"messages": [...]}), and a line that is an array is '

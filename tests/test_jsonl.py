@@ -139,6 +139,20 @@ def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_lin
         list(jsonl_records(path))
 
 
+def test_json_lines_of_bare_chat_message_arrays_are_refused_as_data_build_refuses_them(tmp_path):
+    """`sft` said 'FILE:3: more JSON after the array that opens the file ...' where `lora train` on text and data build
+    say 'FILE:2: a JSON array of chat messages, not an object with a 'text' field ...' of the same file."""
+    path = tmp_path / "chats.jsonl"
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好"}]
+    path.write_text("\n" + "".join(json.dumps(messages) + "\n" for _ in range(2)))
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value) == (
+        f"{path}:2: a JSON array of chat messages, not an object: a conversation is one object, "
+        '{"messages": [...]}, which `sft` and `lora train` read'
+    )
+
+
 def test_an_array_of_other_values_is_read_item_by_item_on_one_line_as_over_several(tmp_path):
     """`[1, {...}]` on one line was handed on whole (sft: 'expected {"messages": [...]}, got list'), over two lines
     item by item ('got int'): one file to json.load and TRL, answered alike now, its items numbered by their lines."""

@@ -38,7 +38,7 @@ from seekstack.compression import (
     uncompressed,
 )
 from seekstack.corpus.kinds import CODE_SUFFIXES, HTML_PAGE_START
-from seekstack.jsonl import json_error_reason, marked_encoding
+from seekstack.jsonl import CHAT_MESSAGES_NO_OBJECT, is_chat_messages, json_error_reason, marked_encoding
 from seekstack.schema import LONE_SURROGATE, counted, url_refusal
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
@@ -717,11 +717,8 @@ def _parsed_json(text: str, where: str) -> Any:
 def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:
     """`value`, a JSON Lines file's line or a JSON array's item at `where`, when it is an object; an error for any
     other value names the text `field` it should hold (an array of chat messages, the conversation's form)."""
-    if isinstance(value, list) and value and all(isinstance(item, dict) and "role" in item for item in value):
-        raise DataSourceError(
-            f"{where}: a JSON array of chat messages, not an object with a {field!r} field: a conversation is one "
-            'object, {"messages": [...]}, which `sft` and `lora train` read'
-        )
+    if is_chat_messages(value):
+        raise DataSourceError(f"{where}: {CHAT_MESSAGES_NO_OBJECT.format(f'an object with a {field!r} field')}")
     if not isinstance(value, dict):
         raise DataSourceError(
             f"{where}: a JSON {_JSON_TYPES.get(type(value), 'value')}, not an object with a {field!r} field (JSON "
