@@ -61,21 +61,24 @@ def test_engine_options_default_to_auto_and_resolve_it_for_this_machine_and_chec
 
 
 def test_a_bfloat16_engine_decodes_the_float32_tokens(tmp_path):
-    """Greedy decoding of the micro model in bfloat16 keeps float32's tokens (it did on all 8 x 16 when written; near
-    ties may flip a few) and their log-probabilities within bfloat16's rounding."""
+    """Greedy decoding of the micro model in bfloat16 keeps float32's tokens, but where float32's top two are closer
+    than bfloat16's rounding (one row of 8 here: 0.0005 apart), and their log-probabilities within that rounding."""
     directory = model_dir(tmp_path)
     prompts = [list(range(5 + 7 * i, 25 + 7 * i)) for i in range(8)]
-    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, logprobs=True)
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
     outputs = {
         dtype: Engine.from_pretrained(directory, dtype=dtype, compile=False).generate(prompts, params)
         for dtype in (torch.float32, torch.bfloat16)
     }
-    same, gaps = 0, []
+    same, gaps, flipped = 0, [], 0
     for full, half in zip(outputs[torch.float32], outputs[torch.bfloat16], strict=True):
         for a, b in zip(full.logprobs, half.logprobs, strict=True):
-            if a.token_id != b.token_id:
+            if a.token_id != b.token_id:  # a near tie: bfloat16 took float32's runner-up
+                runner_up = {token: logprob for token, _, logprob in a.top}
+                assert a.logprob - runner_up.get(b.token_id, float("-inf")) < 0.02
+                flipped += 1
                 break
             same += 1
             gaps.append(abs(a.logprob - b.logprob))
-    assert same >= 0.9 * len(prompts) * params.max_new_tokens
+    assert flipped <= 2 and same >= 0.75 * len(prompts) * params.max_new_tokens
     assert max(gaps) < 0.1
