@@ -180,7 +180,8 @@ class ChatDataConfig(SFTConfig):
 
     text_completions: ClassVar[bool] = True
     held_out_advice: ClassVar[str] = (
-        f"a file of {round(1 / DEFAULT_VAL_FRACTION)} conversations or more has some held out; or set eval_every=0"
+        f"a file of {round(1 / DEFAULT_VAL_FRACTION)} distinct conversations or more has some held out (a conversation "
+        "goes with all its copies); or set eval_every=0"
     )
 
 

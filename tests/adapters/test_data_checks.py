@@ -13,17 +13,19 @@ import pytest
 from typer.testing import CliRunner
 
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.data import _split, prepare_data
+from seekstack.adapters.data import _split, chat_source, prepare_data
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.checkpoint import read_config
 from seekstack.cli import app
 from seekstack.eval.samples import DEMO_PROMPTS, run_prompts
+from seekstack.posttrain.conversations import write_conversations
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
-from seekstack.train.config import TrainConfig
+from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.trainer import build_model, train
 from tests.adapters.support import QUICK_RUN, write_base
+from tests.posttrain.support import byte_tokenizer
 
 runner = CliRunner()
 
@@ -438,3 +440,15 @@ def test_the_resume_a_refusal_of_another_base_suggests_goes_on_when_followed(bas
     assert f"trained to step 1; adapter: {new}" in followed.output
     assert json.loads((new / "train_config.json").read_text())["init_from"] == str(base)
     assert (new / "lora_config.json").read_text() == (out / "lora_config.json").read_text()
+
+
+def test_a_chat_file_of_copies_holding_none_out_is_told_that_distinct_conversations_count(tmp_path, capsys):
+    """25 conversations, 5 copies of each of 5: 1 of 25 is wanted, and a conversation goes with all its copies, so
+    none is held out; the note counts distinct conversations, not lines ("a file of 20 ... or more" said of 25)."""
+    byte_tokenizer(tmp_path / "tok")
+    chats = [[{"role": "user", "content": f"hi {n}"}, {"role": "assistant", "content": f"hello {n}"}] for n in range(5)]
+    data = write_conversations(chats * 5, tmp_path / "copies.jsonl")
+    overrides = [f"data_dir={data}", f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=300", "seq_len=64"]
+    source = chat_source(resolve_train_config(None, overrides, cls=TrainConfig))
+    assert source is not None and not source.validation
+    assert "a file of 20 distinct conversations or more has some held out" in capsys.readouterr().err
