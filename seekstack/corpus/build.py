@@ -298,6 +298,7 @@ def build_corpus(
     pii_counts: Counter[str] = Counter()
     scores: list[float] | None = []  # split scores of the kept documents, while few enough to cut exactly
     started = time.perf_counter()
+    blank = True  # every document empty or whitespace alone, which no profile or threshold keeps
     progress = Progress(
         SpinnerColumn(),
         TextColumn(
@@ -314,6 +315,7 @@ def build_corpus(
             doc = doc._replace(doc_id=ids.claim(doc.doc_id))  # after the analysis, which reads the file's suffix
             report.documents_in += 1
             report.bytes_in += doc.bytes_in
+            blank = blank and not doc.text.strip()  # a removed one's text is its snippet: empty when it is blank
             counts = report.kinds.setdefault(doc.kind, {"in": 0, "kept": 0})
             counts["in"] += 1
             progress.update(task, advance=1, kept=report.documents_kept, mib=report.bytes_in / 2**20)
@@ -344,7 +346,7 @@ def build_corpus(
             null_texts.update(getattr(source, "null_texts", {}))  # rows whose text is null (Rows)
         report.skipped_files = dict(skipped.most_common())
         report.null_texts = dict(null_texts.most_common())
-        _check_enough_kept(report, config, sources)
+        _check_enough_kept(report, config, sources, blank)
         cutoff = validation_cutoff(scores, config.val_fraction)
         kept.seek(0)
         with (
@@ -378,7 +380,7 @@ def _refuse_to_replace_an_input(sources: list[Iterable[Document]], out_dir: Path
                 )
 
 
-def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Iterable[Document]]) -> None:
+def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Iterable[Document]], blank: bool) -> None:
     field = " and --field" if any(isinstance(source, Rows) for source in sources) else ""  # a folder has none
     if report.documents_in == 0:
         one = len(sources) == 1 and isinstance(sources[0], (Rows, TextFolder))  # an empty .jsonl, a header-only CSV
@@ -390,7 +392,7 @@ def _check_enough_kept(report: Report, config: CleaningConfig, sources: list[Ite
         raise CorpusBuildError(f"{inputs}{field}{_not_read(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
-    if report.bytes_in == 0:  # no profile or threshold keeps a document of no text
+    if blank:
         example = report.examples[report.top_removals(1)[0][0]][0]["id"]
         empty = "it is" if report.documents_in == 1 else "all are"
         raise CorpusBuildError(

@@ -155,9 +155,9 @@ def test_one_input_holding_no_documents_is_named(tmp_path: Path) -> None:
 
 def test_inputs_holding_only_empty_documents_are_said_to_be_empty(tmp_path: Path) -> None:
     """An empty text file was refused as 'removed most by min_chars 1 ... Try --profile web|code|zh, or loosen those
-    rules' thresholds', advice no profile or threshold can follow for a document of no text."""
+    rules' thresholds', advice no profile or threshold can follow for a document of no text (or whitespace alone)."""
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": " \n\t "}) + "\n")
     for names, said in ((["empty.txt"], "1 document: it is empty (e.g. empty.txt); check the path;"),
                         (["empty.txt", "empty.jsonl"], "2 documents: all are empty (e.g. empty.txt); check the paths "
                          "and --field;")):  # fmt: skip
