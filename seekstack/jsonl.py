@@ -147,17 +147,18 @@ def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
     try:
         with opened(path) as binary:
             text = binary.read().decode("utf-8-sig")  # its bytes not held beside it
-        json.loads(text)  # its fault, if any, named by line and column before any item is handed on
+        # its fault, if any, named by line and column before any item is handed on; one conversation's bare messages
+        # are no array of records, as JSON Lines of such arrays (below) are none
+        if is_chat_messages(json.loads(text)):
+            raise _chat_messages_no_object(path, text)
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}: a JSON array that is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # a whole array, then more: JSON Lines whose lines are arrays (lists of messages)
-            start = text.index("[")
-            if is_chat_messages(json.JSONDecoder().raw_decode(text, start)[0]):  # as data build tells such a line
-                line = text.count("\n", 0, start) + 1
-                raise ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}") from None
+            if is_chat_messages(json.JSONDecoder().raw_decode(text, text.index("["))[0]):  # as data build tells it
+                raise _chat_messages_no_object(path, text) from None
             raise ValueError(
                 f"{path}:{error.lineno}: more JSON after the array that opens the file: a file holds one JSON array "
                 'of objects, or JSON Lines, one object a line ({"messages": [...]}), and a line that is an array is '
@@ -169,6 +170,12 @@ def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
         line, counted = line + text.count("\n", counted, position), position
         item, position = decoder.raw_decode(text, position)
         yield line, item
+
+
+def _chat_messages_no_object(path: str | Path, text: str) -> ValueError:
+    """The error for the file `path` whose `text` opens with an array of chat messages, naming the line it starts on."""
+    line = text.count("\n", 0, text.index("[")) + 1
+    return ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}")
 
 
 _BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")  # JSON's whitespace and the comma before an array's next item

@@ -151,6 +151,12 @@ def test_json_lines_of_bare_chat_message_arrays_are_refused_as_data_build_refuse
         f"{path}:2: a JSON array of chat messages, not an object: a conversation is one object, "
         '{"messages": [...]}, which `sft` and `lora train` read'
     )
+    # one such array alone, on one line or over several, was read as records, each message one ('a chat message')
+    for text in ("\n" + json.dumps(messages) + "\n", "\n" + json.dumps(messages, indent=2)):
+        path.write_text(text)
+        with pytest.raises(ValueError) as refused:
+            list(jsonl_records(path))
+        assert str(refused.value).startswith(f"{path}:2: a JSON array of chat messages, not an object: ")
 
 
 def test_an_array_of_other_values_is_read_item_by_item_on_one_line_as_over_several(tmp_path):
