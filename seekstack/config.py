@@ -241,9 +241,7 @@ class ModelConfig:
         if k is None:
             raise ConfigError("num_experts_per_tok is required when n_routed_experts is set")
         require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
-        if self.topk_method == "greedy":
-            return
-        groups, topk_group = self.routing_groups
+        groups, topk_group = self.routing_groups  # (1, 1) for greedy: its group fields go unchecked
         require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
         require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
         reachable = topk_group * (experts // groups)
