@@ -455,7 +455,7 @@ def _not_a_conversation(record: object) -> str:
             '[...]}, or train on the text itself with `seekstack lora train BASE FILE.jsonl`, which reads {"text"} '
             "lines"
         )
-    if "role" in record:  # a file of one conversation's bare messages, `[{"role": ...}, ...]`, is read as an array
+    if "role" in record:  # a line holding one message; a file of one conversation's bare messages jsonl refuses
         return (
             f"a chat message ({record['role']!r}), not a conversation: write each conversation as one object, "
             '{"messages": [its messages]}, a line each'
