@@ -218,19 +218,25 @@ def check_set_fields(config: Any) -> None:
     dataclasses check nothing) whose value fails its annotation. Fields at their defaults are not checked again and
     no second `config` is built for a value of the annotated type: a __post_init__ may call it (recheck would
     recurse) at about a µs a field set."""
-    import pydantic
-
     cls = type(config)
     for name, default in _defaults(cls).items():
         value = getattr(config, name)
         if type(value) is type(default) and value == default:
             continue
-        try:
-            _field_adapter(cls, name).validate_python(value)
-        except pydantic.ValidationError:
-            # raises, naming the field, its value and the rule; or takes a value a file may give (a list for a
-            # tuple), building a `config` of its checked values (a tuple), which this call then passes
-            check(cls, {name: value})
+        check_field(cls, name, value)
+
+
+def check_field(cls: type, name: str, value: Any) -> None:
+    """ConfigError, worded as `check` words it, where `value` fails the annotation of field `name` of dataclass
+    `cls`, the field alone (rules across fields are not checked): a command-line option that sets one field."""
+    import pydantic
+
+    try:
+        _field_adapter(cls, name).validate_python(value)
+    except pydantic.ValidationError:
+        # raises, naming the field, its value and the rule; or takes a value a file may give (a list for a
+        # tuple), building a `config` of its checked values (a tuple), which this call then passes
+        check(cls, {name: value})
 
 
 def load_config(
