@@ -84,6 +84,11 @@ def for_command(error: E, message: str) -> E:
     return error
 
 
+def option_name(field: str) -> str:
+    """The command-line option that sets configuration field `field`: `--max-lora-rank` for max_lora_rank."""
+    return "--" + field.replace("_", "-")
+
+
 def require(ok: bool, name: str, expectation: str) -> None:
     """A rule across fields: raise ConfigError naming `name` unless `ok`."""
     if not ok:

@@ -21,7 +21,7 @@ from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.interrupts import INTERRUPTED
 from seekstack.parallel.launch import launch_rank
-from seekstack.schema import ConfigError, settable_fields, shown_value, unwritable_config, url_refusal
+from seekstack.schema import ConfigError, option_name, settable_fields, shown_value, unwritable_config, url_refusal
 from seekstack.train.runs import passed_over, run_checkpoint, run_folder
 
 try:
@@ -125,7 +125,7 @@ def options_named(options: Collection[str] | None = None) -> Iterator[None]:
         field = error.field.split(".")[0] if error.field else None
         if field is None or (options is not None and field not in options):
             raise
-        option = "--" + field.replace("_", "-")
+        option = option_name(field)
         problem = error.problem.removeprefix(": ")  # said after the option's name and a colon, as ": pattern ..."
         raise BadParameter(problem, get_current_context(silent=True), param_hint=f"'{option}'") from None
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from seekstack.adapters.registry import AdapterConflict, AdapterInUse, UnknownAdapter
 from seekstack.checkpoint import CheckpointError
-from seekstack.schema import ConfigError, shown_value
+from seekstack.schema import ConfigError, option_name, shown_value
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.openapi import error_responses, json_request
@@ -76,7 +76,7 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
             raise APIError(400, f"lora_path {shown_value(body.lora_path)} cannot be read: {error.strerror or error}",
                            param="lora_path", code="invalid_adapter") from None  # fmt: skip
         except ConfigError as error:  # past the capacity serve was started with: named as its option (if of one)
-            said = error.naming(f"this server's --{error.field.replace('_', '-')}") if error.field else str(error)
+            said = error.naming(f"this server's {option_name(error.field)}") if error.field else str(error)
             param = "lora_name" if error.field == "max_loras" else "lora_path"  # slots hold names; a rank, a path's
             raise APIError(400, said, param=param, code="invalid_value") from None
         except ValueError as error:

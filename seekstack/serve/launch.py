@@ -23,7 +23,7 @@ from seekstack.infer.engine import Engine, checkpoint_files
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
 from seekstack.infer.placement import disk_parts_note, runtime_device
-from seekstack.schema import ConfigError
+from seekstack.schema import ConfigError, option_name
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import CUT_OFF, create_app
 from seekstack.serve.database import default_database_location, open_database
@@ -71,7 +71,7 @@ def build_server(
     try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
         refuse_adapters_past_capacity(config, options.adapters, options.max_loras, options.max_lora_rank, device)
     except ConfigError as error:
-        raise ValueError(error.naming(f"--{error.field.replace('_', '-')}")) from None
+        raise ValueError(error.naming(option_name(error.field))) from None
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
