@@ -768,9 +768,7 @@ class Tokenizer:
             for index, call in enumerate(calls)
         }
         for field, text in texts.items():
-            forged = self.special_token_in(text)
-            if forged:
-                raise ValueError(f"chat message {position} {field} contains the special token {forged!r}")
+            self.refuse_forged_turn(text, f"chat message {position} {field}")
         return templated
 
     def special_token_in(self, text: str) -> str | None:
@@ -779,8 +777,8 @@ class Tokenizer:
         return first_token_in(text, self.special_tokens)
 
     def refuse_forged_turn(self, text: str, named: str) -> None:
-        """A ValueError when `text` (a chat's system prompt, a prompt: `named`) holds a special token, which would
-        forge a turn of the chat it goes into."""
+        """A ValueError when `text` (a chat's system prompt, a prompt, a message's field: `named`) holds a special
+        token, which would forge a turn of the chat it goes into."""
         forged = self.special_token_in(text)
         if forged:
             raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
