@@ -151,7 +151,7 @@ def prune_experts(model: nn.Module, mass: dict[str, torch.Tensor], fraction: flo
         experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[kept].clone())
         experts.down_proj = nn.Parameter(experts.down_proj[kept].clone())
         gate.weight = nn.Parameter(gate.weight[kept].clone())
-        if hasattr(gate, "e_score_correction_bias"):
+        if gate.aux_free:
             gate.e_score_correction_bias = gate.e_score_correction_bias[kept].clone()
         gate.num_experts = len(kept)
     count = len(next(iter(removed.values()))) if removed else 0

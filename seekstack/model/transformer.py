@@ -172,7 +172,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Router):
                 nn.init.normal_(module.weight, std=std)
-                if hasattr(module, "e_score_correction_bias"):
+                if module.aux_free:
                     module.e_score_correction_bias.zero_()
             elif isinstance(module, RoutedExperts):
                 nn.init.normal_(module.gate_up_proj, std=std)

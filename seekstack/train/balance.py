@@ -24,7 +24,7 @@ def update_expert_bias(model: Transformer, expert_load: torch.Tensor, rate: floa
     """
     for layer_idx, load in zip(model.moe_layer_ids, expert_load, strict=False):  # MTP rows may be absent
         router = model.block(layer_idx).mlp.gate
-        if not hasattr(router, "e_score_correction_bias"):
+        if not router.aux_free:
             continue
         load = load.float()
         router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
