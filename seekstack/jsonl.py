@@ -50,17 +50,14 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 )
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                if opening and line.lstrip().startswith("["):  # on one line or over several: its items are the records
+                    yield from _array_items(path)
+                    return
                 if line.strip():
                     value = json.loads(line.rstrip("\r\n"))  # its newline no part of it: an error's column is on it
-                    if opening and isinstance(value, list):  # as one over several lines: its items are the records
-                        yield from _array_items(path)
-                        return
                     opening = False
                     yield number, value
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                if opening and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
-                    yield from _array_items(path)  # an array written over several lines
-                    return
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
                 reason = (
                     f"{error.reason} at byte {error.start}"
@@ -139,43 +136,58 @@ def is_chat_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) and "role" in item for item in value)
 
 
-def _array_items(path: str | Path) -> Iterator[tuple[int, Any]]:
+def _array_items(path: str | Path) -> list[tuple[int, Any]]:
     """(line it starts on, item) of each item of the JSON array `path` holds; a ValueError (no subclass:
-    `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON. The file is read
-    whole and its text held while the items are handed on, as TRL's and datasets' JSON loaders hold an array's file:
-    fine for SFT's conversations (hundreds of MB at most); a larger set streams as JSON Lines, a line at a time."""
+    `jsonl_records` catches those of a line) naming `path` when it is not UTF-8 or not valid JSON, when more JSON
+    follows the array, or when the array is one conversation's bare messages (no array of records, as JSON Lines of
+    such arrays are none). The file is read whole and its items decoded before any is handed on, as TRL's and
+    datasets' JSON loaders read an array's file: fine for SFT's conversations (hundreds of MB at most); a larger set
+    streams as JSON Lines, a line at a time."""
     try:
         with opened(path) as binary:
             text = binary.read().decode("utf-8-sig")  # its bytes not held beside it
-        # its fault, if any, named by line and column before any item is handed on; one conversation's bare messages
-        # are no array of records, as JSON Lines of such arrays (below) are none
-        if is_chat_messages(json.loads(text)):
-            raise _chat_messages_no_object(path, text)
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}: a JSON array that is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
+    try:
+        items, end = _decoded_array(text)
     except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # a whole array, then more: JSON Lines whose lines are arrays (lists of messages)
-            if is_chat_messages(json.JSONDecoder().raw_decode(text, text.index("["))[0]):  # as data build tells it
-                raise _chat_messages_no_object(path, text) from None
-            raise ValueError(
-                f"{path}:{error.lineno}: more JSON after the array that opens the file: a file holds one JSON array "
-                'of objects, or JSON Lines, one object a line ({"messages": [...]}), and a line that is an array is '
-                "neither"
-            ) from None
         raise ValueError(f"{path}: a JSON array that is not valid JSON ({json_error_reason(error)})") from None
-    decoder, position, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
-    while text[position := _BETWEEN_ITEMS.match(text, position).end()] != "]":
+    if is_chat_messages([item for _, item in items]):  # as data build tells it
+        line = text.count("\n", 0, text.index("[")) + 1
+        raise ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}")
+    more = _WHITESPACE.match(text, end).end()
+    if more < len(text):  # a whole array, then more: JSON Lines whose lines are arrays
+        line = text.count("\n", 0, more) + 1
+        raise ValueError(
+            f"{path}:{line}: more JSON after the array that opens the file: a file holds one JSON array of objects, or "
+            'JSON Lines, one object a line ({"messages": [...]}), and a line that is an array is neither'
+        )
+    return items
+
+
+def _decoded_array(text: str) -> tuple[list[tuple[int, Any]], int]:
+    """((line it starts on, item) of each item, the index past its "]") of the JSON array opening `text`, decoded
+    once; json's JSONDecodeError, with json's message and place, where the array is not valid JSON."""
+    decoder, items = json.JSONDecoder(), []
+    position = _WHITESPACE.match(text).end()
+    if not text.startswith("[", position):
+        raise json.JSONDecodeError("Expecting value", text, position)
+    position = _WHITESPACE.match(text, position + 1).end()
+    if text.startswith("]", position):
+        return items, position + 1
+    line, counted = 1, 0
+    while True:
         line, counted = line + text.count("\n", counted, position), position
         item, position = decoder.raw_decode(text, position)
-        yield line, item
+        items.append((line, item))
+        position = _WHITESPACE.match(text, position).end()
+        if text.startswith("]", position):
+            return items, position + 1
+        if not text.startswith(",", position):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        position = _WHITESPACE.match(text, position + 1).end()
 
 
-def _chat_messages_no_object(path: str | Path, text: str) -> ValueError:
-    """The error for the file `path` whose `text` opens with an array of chat messages, naming the line it starts on."""
-    line = text.count("\n", 0, text.index("[")) + 1
-    return ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}")
-
-
-_BETWEEN_ITEMS = re.compile(r"[ \t\r\n,]*")  # JSON's whitespace and the comma before an array's next item
+_WHITESPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace

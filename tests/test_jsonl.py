@@ -9,7 +9,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 
-from seekstack.jsonl import jsonl_records
+from seekstack.jsonl import json_error_reason, jsonl_records
 
 RECORDS = [{"messages": [{"role": "user", "content": "q"}]}, {"step": 2}]
 
@@ -137,6 +137,21 @@ def test_a_json_array_file_is_read_as_trl_reads_it_each_item_numbered_by_the_lin
     path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # a line holding an array of other values
     with pytest.raises(ValueError, match=r"chats.json:2: more JSON after the array that opens the file: a file holds"):
         list(jsonl_records(path))
+
+
+@pytest.mark.parametrize("text", ["[1 2]", "[1,,2]", "[1,]", '[{"a": 1}\n{"b": 2}]', "[1, [2", "[\n\n1,\n x]"])
+def test_an_array_that_is_not_json_is_refused_where_and_as_json_refuses_it(text, tmp_path):
+    """Its items are decoded one at a time, for the line each starts on, and the commas and brackets between them
+    checked as json checks them: the same message at the same line and column."""
+    path = tmp_path / "chats.json"
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as json_refused:
+        json.loads(text)
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert (
+        str(refused.value) == f"{path}: a JSON array that is not valid JSON ({json_error_reason(json_refused.value)})"
+    )
 
 
 def test_json_lines_of_bare_chat_message_arrays_are_refused_as_data_build_refuses_them(tmp_path):
