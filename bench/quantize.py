@@ -31,6 +31,7 @@ from torch import nn
 
 import seekstack
 from seekstack.compress.adaptive import (
+    BASE_OPTION,
     adaptive_config,
     assign,
     average_bits,
@@ -90,15 +91,9 @@ def adaptive_models(original, data: str, budgets: list[float]) -> dict:
     reference = [log_probs(original, batch) for batch in batches]
     choices = sensitivities(original, lambda m: measure(m, reference, batches, per_token).mean_kl)
     # uniform int4 g32 as the "int4 g32" row (`seekstack quantize --scheme int4`) quantizes it: a layer whose shapes
-    # int4 g32 does not take is kept in float, at its weights' bits
-    uniform = quantize_model(copy.deepcopy(original), QuantConfig(scheme="int4", group_size=32))
+    # int4 g32 does not take (BASE_OPTION not among its options) is kept in float, at its weights' bits
     uniform_bits = sum(
-        c.weights
-        * (
-            next(original.get_submodule(c.name).parameters()).element_size() * 8
-            if uniform[c.name].startswith("kept")
-            else c.bits[uniform[c.name].split(":")[0].replace(" ", "-")]
-        )
+        c.weights * c.bits.get(BASE_OPTION, next(original.get_submodule(c.name).parameters()).element_size() * 8)
         for c in choices
     ) / sum(c.weights for c in choices)
     models = {}
