@@ -13,7 +13,7 @@ import ctrl_c  # noqa: F401 (a bench run ends in one line on Ctrl-C)
 from seekstack.adapters.files import read_lora_config
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import held_out_modules
-from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.config import require_task
 from seekstack.schema import ConfigError, check_field
 from seekstack.tokens.shards import load_index
 from seekstack.train.config import TrainConfig
@@ -61,11 +61,11 @@ def number_between(least: float, most: float) -> Callable[[str], float]:
 
 def check_task(parser: argparse.ArgumentParser, task: str, difficulty: int | None) -> None:
     """argparse's error naming --task and --difficulty where the post-training task is none or refuses the difficulty
-    (0, past its most), before any work, not in make_task's traceback once a teacher or a run is under way."""
+    (0, past its most: `require_task`), before any work, not in a traceback once a teacher or a run is under way."""
     try:
-        make_task(task, difficulty)
-    except ValueError as error:
-        parser.error(f"--task {task} --difficulty {difficulty}: {error}")
+        require_task(task, difficulty=difficulty)
+    except ConfigError as error:  # "field 'difficulty': difficulty 5000: at most 1000 ..."
+        parser.error(error.naming(f"--task {task} --difficulty {difficulty}"))
 
 
 def config_number(cls: type, field: str) -> Callable[[str], float]:
