@@ -27,6 +27,7 @@ from seekstack import accounting
 from seekstack.atomic import refuse_a_file_in_the_way, write_atomic
 from seekstack.checkpoint import CheckpointError, read_config
 from seekstack.config import ModelConfig
+from seekstack.posttrain.conversations import Conversation, held_out_conversations, read_conversations
 from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.schema import ConfigError, load_config
@@ -179,6 +180,16 @@ def trained_conversations_file(run_dir: Path, train_config: dict[str, Any]) -> P
         return _from_run(run_dir, train_config["data"])
     data_dir = _from_run(run_dir, train_config["data_dir"]) if train_config.get("data_dir") else None
     return data_dir if data_dir is not None and is_chat(data_dir) else None
+
+
+def asked_conversations(
+    run_dir: Path, path: Path, train_config: dict[str, Any]
+) -> tuple[list[Conversation], list[Conversation] | None]:
+    """The conversations `report` and `sample` ask a run on the conversations file `path`: its held-out ones, never
+    trained on, else the file's own (TRL's prompt-completion text as it is); and what `held_out_conversations` said
+    ([]: it holds none out, None: it recorded not which), which tells the two apart."""
+    held_out = held_out_conversations(run_dir, path, train_config)
+    return held_out or read_conversations(path, text_completions=True), held_out
 
 
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
@@ -638,7 +649,7 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     each beside the file's own answer."""
     from seekstack.eval.samples import conversation_samples
     from seekstack.eval.tasks import REASONING_MAX_TOKENS
-    from seekstack.posttrain.conversations import TextCompletion, held_out_conversations, read_conversations
+    from seekstack.posttrain.conversations import TextCompletion
 
     val_data = _from_run(run_dir, train_config["val_data"]) if train_config.get("val_data") else None
     if not (val_data is not None and val_data.is_file()) and not path.is_file():  # a val_data file is answered alone
@@ -648,8 +659,8 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
             f"{checkpoint}`."
         )
     try:
-        held_out = held_out_conversations(run_dir, path, train_config)
-        conversations = (held_out or read_conversations(path, text_completions=True))[:SAMPLE_QUESTIONS]
+        conversations, held_out = asked_conversations(run_dir, path, train_config)
+        conversations = conversations[:SAMPLE_QUESTIONS]
     except ValueError as error:  # a file emptied or damaged since the run
         return (
             f"## Samples\n\nNone: the run's conversations are not there to ask ({error}). Restore the file to see the "

@@ -23,10 +23,8 @@ from seekstack.infer.params import SamplingParams
 from seekstack.posttrain.conversations import (
     Conversation,
     TextCompletion,
-    held_out_conversations,
     offered_tools,
     prompt_messages,
-    read_conversations,
 )
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import rollout_length, sample_groups, task_prompts
@@ -71,7 +69,7 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
     with the tools it offers, as the run (folder `run`, train_config.json `train_config`) trained on them; one its
     prompt fills the context of is left out, as report leaves it out. () for another run, or one whose conversations
     (its file, and any val_data file) are gone."""
-    from seekstack.eval.report import trained_conversations_file, trained_task
+    from seekstack.eval.report import asked_conversations, trained_conversations_file, trained_task
 
     try:
         task = trained_task(train_config)
@@ -86,9 +84,7 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         chats = [prompt_messages(problem) for problem in problems]
     elif path is not None:
         try:  # a val_data file is asked whether `path` is there or not, as report asks it
-            conversations = held_out_conversations(run, path, train_config) or read_conversations(
-                path, text_completions=True
-            )
+            conversations, _ = asked_conversations(run, path, train_config)
         except FileNotFoundError:  # `path` moved or deleted, and no val_data file
             return ()
         except ValueError as error:  # a file emptied or damaged since the run, as report tells it
