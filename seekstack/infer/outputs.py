@@ -128,6 +128,12 @@ class Completion:
         return [self, *self.others]
 
     @property
+    def finished(self) -> bool:
+        """vLLM's RequestOutput.finished: whether the request has ended, which every completion `Engine.generate`
+        returns has (its finish_reason says how: "length", "stop", "abort", "error")."""
+        return self.finish_reason is not None
+
+    @property
     def num_cached_tokens(self) -> int:
         """vLLM's RequestOutput.num_cached_tokens: the prompt tokens read from the prefix cache (`cached_tokens`)."""
         return self.cached_tokens

@@ -974,6 +974,17 @@ def test_a_request_failed_alone_after_some_tokens_keeps_one_logprob_per_kept_tok
     assert [entry.token_id for entry in failed.logprobs] == failed.token_ids
 
 
+def test_every_completion_generate_returns_is_finished_as_vllms_request_output_says(model, tokenizer):
+    """vLLM's RequestOutput.finished (a script checking `llm.generate(...)[0].finished`) raised AttributeError: a
+    request that ran to its length and one that failed alone are both ended."""
+    engine = Engine(model, tokenizer)
+    fail_sampling_after(engine, 2)  # the first request's two tokens, then the failure
+    (failed,) = engine.generate(prompts([6]), GREEDY)
+    (done,) = Engine(model, tokenizer).generate(prompts([6]), GREEDY)
+    assert (failed.finish_reason, done.finish_reason) == ("error", "length")
+    assert failed.finished is True and done.finished is True
+
+
 def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writing_the_last_id(model, tokenizer):
     """A repetition_penalty of 1e-40 sends the prompt's positive logits to +inf, as a float16 model's overflow sends
     its own: softmax then holds NaN, and every draw gave the vocabulary's last id (511 here, each step)."""
