@@ -51,6 +51,7 @@ from seekstack.atomic import atomic_directory
 from seekstack.checkpoint import checkpoint_tensors, load_pretrained, write_config, write_shards
 from seekstack.compress.linear import Int8Weight, QuantizedExperts, QuantizedLinear
 from seekstack.compress.quantize import QuantConfig, quantizable_layers
+from seekstack.config import PRESETS
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import RoutedExperts
 from seekstack.model.norm import RMSNorm
@@ -60,6 +61,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STD = 0.02
 INT8_SCALE = STD * 3**0.5 / 127  # uniform codes in [-127, 127] times this: weights of standard deviation STD
 SHARD_BYTES = 2**30
+V2_LITE_LAYERS = PRESETS["deepseek-v2-lite"]["num_hidden_layers"]
+
+
+def layer_count(text: str) -> int:
+    """An argparse type for --layers: V2-Lite's first 1 to 27 layers, so that more (a deeper model than V2-Lite,
+    written to disk for minutes) is refused by name before any work, as 0 is."""
+    layers = positive_int(text)
+    if layers > V2_LITE_LAYERS:
+        raise argparse.ArgumentTypeError(f"{layers}: at most {V2_LITE_LAYERS} (DeepSeek-V2-Lite's layers)")
+    return layers
 
 
 def int8_on_meta(shape: tuple[int, ...]) -> Int8Weight:
@@ -268,7 +279,7 @@ def child(*args: str) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=positive_int, default=27, help="V2-Lite has 27")
+    parser.add_argument("--layers", type=layer_count, default=V2_LITE_LAYERS, help="V2-Lite's first N (it has 27)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=64)
     parser.add_argument("--new-tokens", type=new_token_count, default=32)
     parser.add_argument("--skip-llama-cpp", action="store_true", help="time ours only (no GGUF written)")

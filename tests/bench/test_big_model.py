@@ -30,6 +30,8 @@ def test_a_failed_child_stops_the_run_with_its_command_and_error(tmp_path, monke
     ("option", "value", "message"),
     [
         ("--layers", "0", "argument --layers: 0: at least 1"),
+        ("--layers", "-3", "argument --layers: -3: at least 1"),
+        ("--layers", "28", "argument --layers: 28: at most 27 (DeepSeek-V2-Lite's layers)"),
         ("--prompt-tokens", "0", "argument --prompt-tokens: 0: at least 1"),
         (
             "--new-tokens",
