@@ -570,11 +570,23 @@ def load_engine(
 
 
 def tell_dtype(options: EngineOptions, model: Path) -> None:
-    """Say on stderr which dtype an `auto` engine runs the checkpoint in `model` in, and why, with the way out."""
+    """Say on stderr which dtype an `auto` engine runs the checkpoint in `model` in, and why, with the way out; or why
+    a dtype asked for by name can run slower than float32 on these devices (`asked_dtype_caveat`)."""
+    from seekstack.infer.precision import asked_dtype_caveat, checkpoint_parameters
+
+    options = options.validate()
     if options.dtype == "auto":
-        dtype, reason = options.validate().resolved_dtype(model)
+        dtype, reason = options.resolved_dtype(model)
         way_out = "--dtype float32 to run in float32" if dtype != "float32" else "--dtype bfloat16 to run in bf16"
         typer.echo(f"note: dtype {dtype} ({reason}); {way_out}", err=True)
+        return
+    caveat = asked_dtype_caveat(options.dtype, options.devices(), checkpoint_parameters(model))
+    if caveat is not None:
+        typer.echo(
+            f"note: dtype {options.dtype} as asked; it can run slower here than float32: {caveat} (--dtype auto "
+            "picks the faster)",
+            err=True,
+        )
 
 
 def unescape(text: str) -> str:

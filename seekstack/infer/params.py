@@ -395,14 +395,19 @@ class EngineOptions:
     def resolved_dtype(self, model_dir: str | Path | None = None) -> tuple[str, str]:
         """The dtype the engine runs in and why: `auto` decided for the devices of the device map and the size of the
         checkpoint in `model_dir` (None: taken as large) by seekstack.infer.precision, any other value as given."""
-        from seekstack.infer.precision import auto_dtype, checkpoint_parameters, map_devices
+        from seekstack.infer.precision import auto_dtype, checkpoint_parameters
 
         if self.dtype != "auto":
             return self.dtype, "asked for"
         parameters = checkpoint_parameters(model_dir) if model_dir is not None else None
-        devices = map_devices(self.device_map) if self.device_map is not None else [self.resolved_device()]
-        dtype, reason = auto_dtype(devices, parameters)
+        dtype, reason = auto_dtype(self.devices(), parameters)
         return dtype, f"auto: {reason}"
+
+    def devices(self) -> list[str]:
+        """The devices the model computes on: the device map's (`map_devices`), else `device`."""
+        from seekstack.infer.precision import map_devices
+
+        return map_devices(self.device_map) if self.device_map is not None else [self.resolved_device()]
 
     def resolved_device(self) -> str:
         """The device the model runs on, named as a device map names it (cpu, cuda:N; auto: cuda:0 where torch

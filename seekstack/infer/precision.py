@@ -12,6 +12,8 @@ with avx512_bf16 and no AMX, one thread: a 256x256 GEMV 14.6 us against 4.2). A 
 the last-level cache makes hundreds of such small calls per token and gains nothing from fewer bytes: the 2.8M-
 parameter `tiny` (the demo model's size) decodes at 0.51x float32's speed in bf16 (compiled, batch 1). Past
 MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes win: `small` (58M) at 1.40x.
+
+A dtype asked for by name is run as asked; `asked_dtype_caveat` says why it may run slower there than float32.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities() names
+# Without these, float16 runs slower than float32 on a CPU (torch widens it around each op): `small` decoded at 0.68x
+# float32's speed at batch 1 and 0.44x at batch 8 (eager, one thread, 2-core Zen 5 with avx512_bf16 alone).
+FAST_FP16_CPU_FEATURES = ("avx512_fp16", "amx_fp16")
 MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
 
 
@@ -39,6 +44,12 @@ def cpu_features() -> Mapping[str, object]:
     return torch.cpu.get_capabilities()
 
 
+def present_features(names: Iterable[str], features: Mapping[str, object] | None = None) -> list[str]:
+    """Those of the feature `names` this CPU has (`features`: the CPU's, default detected)."""
+    features = cpu_features() if features is None else features
+    return [name for name in names if features.get(name)]
+
+
 def runs_bf16_fast(
     device: str, parameters: int | None = None, features: Mapping[str, object] | None = None
 ) -> tuple[bool, str]:
@@ -47,8 +58,7 @@ def runs_bf16_fast(
     import torch
 
     if device == "cpu":
-        features = cpu_features() if features is None else features
-        present = [name for name in FAST_BF16_CPU_FEATURES if features.get(name)]
+        present = present_features(FAST_BF16_CPU_FEATURES, features)
         if not present:
             return False, f"this CPU has none of {', '.join(FAST_BF16_CPU_FEATURES)}"
         if parameters is not None and parameters < MIN_BF16_CPU_PARAMETERS:
@@ -71,6 +81,21 @@ def auto_dtype(
     verdicts = [runs_bf16_fast(device, parameters, features) for device in devices]
     reasons = "; ".join(reason for _, reason in verdicts)
     return ("bfloat16" if all(fast for fast, _ in verdicts) else "float32"), reasons
+
+
+def asked_dtype_caveat(
+    dtype: str, devices: Iterable[str], parameters: int | None = None, features: Mapping[str, object] | None = None
+) -> str | None:
+    """Why `dtype`, asked for by name, can run a model of `parameters` slower than float32 on `devices`, or None where
+    nothing known says so: bfloat16 where `runs_bf16_fast` says no, float16 on a CPU without FAST_FP16_CPU_FEATURES."""
+    if dtype == "bfloat16":
+        verdicts = [runs_bf16_fast(device, parameters, features) for device in devices]
+        slow = [reason for fast, reason in verdicts if not fast]
+    elif dtype == "float16" and "cpu" in devices and not present_features(FAST_FP16_CPU_FEATURES, features):
+        slow = [f"this CPU has none of {', '.join(FAST_FP16_CPU_FEATURES)}"]
+    else:
+        slow = []
+    return "; ".join(slow) or None
 
 
 def checkpoint_parameters(model_dir: str | Path) -> int:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.cli.generate import StreamedText, unescape
-from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer import Engine, EngineOptions, SamplingParams, precision
 from seekstack.infer.chat import (
     HELP,
     ChatSession,
@@ -584,6 +584,25 @@ def test_generate_caps_max_new_tokens_to_the_context_with_a_notice(checkpoint, e
     )
     expected = engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0, ignore_eos=True))[0]
     assert len(expected.token_ids) == room and result.stdout == expected.text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "caveat"),
+    [
+        ("float16", "this CPU has none of avx512_fp16, amx_fp16"),
+        ("bfloat16", "this CPU has avx512_bf16, but a model of 0.2M parameters (under 16M) runs faster in float32"),
+    ],
+)
+def test_generate_tells_why_a_dtype_asked_for_can_run_slower_here(checkpoint, monkeypatch, dtype, caveat):
+    monkeypatch.setattr(precision, "cpu_features", lambda: {"avx512_f": True, "avx512_bf16": True})  # a Zen 5
+    args = ["generate", "--model", str(checkpoint), "def f(", "--max-new-tokens", "2"]
+    result = runner.invoke(app, [*args, "--dtype", dtype])
+    assert result.exit_code == 0, result.output
+    told = f"note: dtype {dtype} as asked; it can run slower here than float32: {caveat} (--dtype auto "
+    told += "picks the faster)"
+    assert result.stderr.splitlines()[0] == told
+    quiet = runner.invoke(app, [*args, "--dtype", "float32"])
+    assert quiet.exit_code == 0 and "note: dtype" not in quiet.stderr
 
 
 def test_generate_refuses_a_prompt_that_alone_fills_the_context(checkpoint, engine):
