@@ -81,6 +81,7 @@ class AdapterWeights:
 
     factors: dict[Target, Factors]
     token_rows: dict[str, TokenRows]
+    folder: Path  # where it was read from
 
     @property
     def rank(self) -> int:
@@ -125,7 +126,7 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
             "as peft's all-linear does), which serving beside other adapters does not apply; serve the merged "
             "checkpoint of `seekstack lora merge` instead, or retrain without the routers"
         )
-    return AdapterWeights(factors, _token_rows(peft_model))
+    return AdapterWeights(factors, _token_rows(peft_model), Path(folder))
 
 
 def _residual_init(init: bool | str) -> bool:
@@ -404,42 +405,56 @@ def capacity(
 FEWEST_STACK_BYTES = 2
 
 
+class CheckedAdapters(dict[str, AdapterWeights]):
+    """Adapters by name, read from their folders and checked against the capacity asked before the weights load
+    (`refuse_adapters_past_capacity`): an engine given these (serve's) reads and checks none of them again."""
+
+
+def read_adapters(
+    config: ModelConfig, adapters: Mapping[str, str | Path | AdapterWeights]
+) -> dict[str, AdapterWeights]:
+    """Each of `adapters` read from its folder for a model with `config` (`read_factors`), those already read kept."""
+    return {
+        name: folder if isinstance(folder, AdapterWeights) else read_factors(config, adapter_folder(folder))
+        for name, folder in adapters.items()
+    }
+
+
 def refuse_adapters_past_capacity(
     config: ModelConfig,
-    adapters: Mapping[str, str | Path],
+    adapters: Mapping[str, str | Path | AdapterWeights],
     max_loras: int | None,
     max_lora_rank: int | None,
     device: torch.device,
-) -> None:
-    """Before the weights load: each of `adapters` read on a weightless model with `config` (a mistyped folder or
-    another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None (the
-    largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device`."""
-    weights = {}
-    for name, folder in adapters.items():
-        folder = adapter_folder(folder)
-        weights[name] = read_factors(config, folder)
-        if max_lora_rank is not None:
-            refuse_a_rank_beyond(max_lora_rank, name, folder, weights[name].rank)
+) -> CheckedAdapters:
+    """Before the weights load: `adapters` read on a weightless model with `config` (`read_adapters`: a mistyped
+    folder or another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None
+    (the largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device`."""
+    weights = CheckedAdapters(read_adapters(config, adapters))
+    if max_lora_rank is not None:
+        for name, read in weights.items():
+            refuse_a_rank_beyond(max_lora_rank, name, read.folder, read.rank)
     factors = {target: pair for read in weights.values() for target, pair in read.factors.items()}  # each layer once
     refuse_stacks_past_free_memory(factors, *capacity(weights, max_loras, max_lora_rank), device, FEWEST_STACK_BYTES)
+    return weights
 
 
 def attach_adapters(
     model: Transformer,
-    adapters: Mapping[str, str | Path],
+    adapters: Mapping[str, str | Path | AdapterWeights],
     max_loras: int | None = None,
     max_lora_rank: int | None = None,
 ) -> LoadedAdapters:
-    """Make `model` serve each adapter folder (peft format) by name, per row; the base weights stay as they are.
-    `max_loras`, `max_lora_rank`: the capacity for adapters loaded now and later (`LoadedAdapters`); None: the default
-    (DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK), or what `adapters` need where that is more."""
-    adapters = {name: adapter_folder(folder) for name, folder in adapters.items()}
-    weights = {name: read_factors(model.config, folder) for name, folder in adapters.items()}
+    """Make `model` serve each adapter folder (peft format), or adapter read from one (`read_factors`), by name, per
+    row; the base weights stay as they are. `max_loras`, `max_lora_rank`: the capacity for adapters loaded now and
+    later (`LoadedAdapters`); None: the default (DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK), or what `adapters` need
+    where that is more."""
+    weights = read_adapters(model.config, adapters)
     max_loras, max_lora_rank = capacity(weights, max_loras, max_lora_rank)
     loaded = LoadedAdapters(model, max_loras=max_loras, max_lora_rank=max_lora_rank)
     try:
-        for name, folder in adapters.items():
-            loaded.add(name, folder, weights[name])
+        for name, read in weights.items():
+            loaded.add(name, read.folder, read)
     except BaseException:
         for name in loaded.names:  # the model plain again, as given: the caller's next engine on it is not refused
             loaded.remove(name)

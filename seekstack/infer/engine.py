@@ -28,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -109,6 +109,9 @@ from seekstack.model import cpu_kernels
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.schema import ConfigError, for_command, known_fields, refuse_a_non_bool, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
+
+if TYPE_CHECKING:
+    from seekstack.adapters.registry import AdapterWeights
 
 
 @dataclass
@@ -352,11 +355,12 @@ class Engine:
         device: torch.device | str | None = None,
         compile: bool | None = False,
         eager_lone_row: bool = False,
-        adapters: Mapping[str, str | Path] | None = None,
+        adapters: Mapping[str, str | Path | AdapterWeights] | None = None,
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
     ):
-        """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
+        """`adapters` name LoRA adapter folders (peft format), or the adapters read from them
+        (seekstack.adapters.registry.read_factors), that requests may pick by name (`add_request`); rows
         of different adapters share every step, each with its own adapter (seekstack.adapters.multi). `max_loras`
         and `max_lora_rank` (vLLM's) fix how many adapters, of what largest rank, it serves at once, these and those
         loaded later (`load_adapter`), so loads never compile a decode step again; None: 8 and 16, or more where
@@ -573,12 +577,14 @@ class Engine:
         # before the weights are read and the disk parts written, as load_pretrained checks them
         device_map = placement_asked(device_map, max_memory, offload_dir, asked, folder_keyword=folder_keyword)
         kwargs["device"] = device = runtime_device(asked)
-        if kwargs.get("adapters"):  # before the weights: a mistyped folder, another base's adapter, past capacity
-            from seekstack.adapters.registry import refuse_adapters_past_capacity
+        adapters = kwargs.get("adapters")
+        if adapters:  # before the weights: a mistyped folder, another base's adapter, past capacity
+            from seekstack.adapters.registry import CheckedAdapters, refuse_adapters_past_capacity
 
-            refuse_adapters_past_capacity(
-                config, kwargs["adapters"], kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device
-            )
+            if not isinstance(adapters, CheckedAdapters):  # else read and checked by the caller (serve), as asked
+                kwargs["adapters"] = refuse_adapters_past_capacity(
+                    config, adapters, kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device
+                )
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None
@@ -1920,14 +1926,20 @@ def token_id(token: Any) -> int:
 
 
 def refuse_adapters_not_served(
-    adapters: Mapping[str, str | Path] | None, max_loras: int | None, max_lora_rank: int | None
+    adapters: Mapping[str, str | Path | AdapterWeights] | None, max_loras: int | None, max_lora_rank: int | None
 ) -> None:
-    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (a list, a folder
-    alone), ValueError for a max_loras or max_lora_rank that is no count (`refuse_a_non_count`), and ConfigError naming
-    max_loras where it is fewer than the adapters given, each loaded from the start."""
+    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (or adapters read
+    from them: a list, a folder alone), ValueError for a max_loras or max_lora_rank that is no count
+    (`refuse_a_non_count`), and ConfigError naming max_loras where it is fewer than the adapters given, each loaded
+    from the start."""
+    from seekstack.adapters.registry import AdapterWeights
+
     if adapters is not None and not (
         isinstance(adapters, Mapping)
-        and all(isinstance(name, str) and isinstance(folder, (str, os.PathLike)) for name, folder in adapters.items())
+        and all(
+            isinstance(name, str) and isinstance(folder, (str, os.PathLike, AdapterWeights))
+            for name, folder in adapters.items()
+        )
     ):
         raise TypeError(
             f"adapters={shown_value(adapters)} must map names to adapter folders, as vLLM's --lora-modules name=path: "

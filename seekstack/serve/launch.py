@@ -69,7 +69,9 @@ def build_server(
     config, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
     device = runtime_device(options.engine.device)
     try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
-        refuse_adapters_past_capacity(config, options.adapters, options.max_loras, options.max_lora_rank, device)
+        adapters = refuse_adapters_past_capacity(
+            config, options.adapters, options.max_loras, options.max_lora_rank, device
+        )
     except ConfigError as error:
         raise ValueError(error.naming(option_name(error.field))) from None
     database = open_database(options.database)
@@ -84,7 +86,7 @@ def build_server(
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     before_loading()
     engine = Engine.from_pretrained(
-        model_dir, tokenizer=tokenizer, adapters=options.adapters, max_loras=options.max_loras,
+        model_dir, tokenizer=tokenizer, adapters=adapters, max_loras=options.max_loras,
         max_lora_rank=options.max_lora_rank, **options.engine.engine_kwargs(model_dir),
     )  # fmt: skip
     note = disk_parts_note(options.engine.device_map, engine.model)
