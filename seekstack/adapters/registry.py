@@ -222,7 +222,9 @@ class LoadedAdapters:
         adapted = {target for loaded in self.weights.values() for target in loaded.factors}  # their stacks exist
         new_layers = {target: factors for target, factors in weights.factors.items() if target not in adapted}
         weight = next(self.model.parameters())
-        refuse_stacks_past_free_memory(new_layers, self.max_loras, self.max_lora_rank, weight.device, weight.itemsize)
+        refuse_stacks_past_free_memory(
+            self.model.config, new_layers, self.max_loras, self.max_lora_rank, weight.device, weight.itemsize
+        )
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
         taken = set(self.slots.values())
@@ -370,23 +372,54 @@ def refuse_a_rank_beyond(max_lora_rank: int, name: str, folder: str | Path, rank
 
 
 def refuse_stacks_past_free_memory(
-    factors: Mapping[Target, Factors], max_loras: int, max_lora_rank: int, device: torch.device, itemsize: int
+    config: ModelConfig,
+    factors: Mapping[Target, Factors],
+    max_loras: int,
+    max_lora_rank: int,
+    device: torch.device,
+    itemsize: int,
 ) -> None:
-    """ConfigError where the stacks of the layers adapted by `factors`, at this capacity, outgrow the memory free on
-    `device` (torch's bare "can't allocate memory" once the weights were read, or the kernel's kill): of field
-    max_lora_rank or max_loras, whichever is the more times its default. Each layer holds max_loras + 1 slots of A
-    (..., max_lora_rank, in) and B (..., out, max_lora_rank) (`stack_factors`), `itemsize` bytes an element."""
-    features = sum(a.shape[:-2].numel() * (a.shape[-1] + b.shape[-2]) for a, b in factors.values())  # in + out
-    stack_bytes, free = (max_loras + 1) * max_lora_rank * features * itemsize, free_memory(device)
-    if stack_bytes > free:
+    """ConfigError where what the layers adapted by `factors` hold at this capacity (`capacity_bytes`), and the
+    largest layer's stacks once more as they are laid out, outgrow the memory free on `device` (torch's bare "can't
+    allocate memory" once the weights were read, or the kernel's kill): of field max_lora_rank or max_loras, whichever
+    is the more times its default. `itemsize`: bytes an element."""
+    held = [
+        capacity_bytes(config, name, pair, max_loras, max_lora_rank, itemsize) for (name, _), pair in factors.items()
+    ]
+    needed, free = (
+        sum(copies for copies, _ in held) + max((stacks for _, stacks in held), default=0),
+        free_memory(device),
+    )
+    if needed > free:
         asked = {"max_lora_rank": (max_lora_rank, DEFAULT_MAX_LORA_RANK), "max_loras": (max_loras, DEFAULT_MAX_LORAS)}
         field = max(asked, key=lambda name: asked[name][0] / asked[name][1])
         raise ConfigError(
             f"is {asked[field][0]}: the adapted layers' stacks at that capacity ({max_loras} + 1 slots x rank "
-            f"{max_lora_rank} x {features} in + out features x {itemsize} bytes) take {stack_bytes} bytes, more than "
-            f"the {free} bytes free on {device}: start the engine with a smaller value",
+            f"{max_lora_rank} of {len(held)} layers, with their copies for eager steps, x {itemsize} bytes) take "
+            f"{needed} bytes, more than the {free} bytes free on {device}: start the engine with a smaller value",
             field=field,
         )
+
+
+def capacity_bytes(
+    config: ModelConfig, module_name: str, factors: Factors, max_loras: int, max_lora_rank: int, itemsize: int
+) -> tuple[int, int]:
+    """(all it holds, its stacks) in bytes for the layer `module_name` adapted by `factors` at this capacity, every
+    slot loaded at the largest rank. Its stacks are max_loras + 1 slots of A (..., max_lora_rank, in) and B (..., out,
+    max_lora_rank) (`stack_factors`); a linear holds them twice, the second for the loaded extent eager steps read
+    (`MultiLoRALinear.loaded`), and MLA's kv_b_proj twice more, as `MultiLoRAAttention`'s layouts: its weight W
+    (H*(N+V), C), A's rows per head for keys and values (H, 2*S*r, C), and B again (H*(N+V), S*r)."""
+    lora_a, lora_b = factors
+    units = (max_loras + 1) * max_lora_rank  # S*r
+    stacks = units * lora_a.shape[:-2].numel() * (lora_a.shape[-1] + lora_b.shape[-2])  # in + out, each expert's
+    if lora_a.dim() > 2:  # routed experts: the stacks alone (`MultiLoRAExperts.set_factors`)
+        return stacks * itemsize, stacks * itemsize
+    held = stacks
+    if module_name.endswith("self_attn.kv_b_proj"):
+        heads, latent = config.num_attention_heads, config.kv_lora_rank
+        per_head = config.qk_nope_head_dim + config.v_head_dim
+        held += heads * per_head * latent + units * heads * (2 * latent + per_head)
+    return 2 * held * itemsize, stacks * itemsize
 
 
 def capacity(
@@ -435,7 +468,9 @@ def refuse_adapters_past_capacity(
         for name, read in weights.items():
             refuse_a_rank_beyond(max_lora_rank, name, read.folder, read.rank)
     factors = {target: pair for read in weights.values() for target, pair in read.factors.items()}  # each layer once
-    refuse_stacks_past_free_memory(factors, *capacity(weights, max_loras, max_lora_rank), device, FEWEST_STACK_BYTES)
+    refuse_stacks_past_free_memory(
+        config, factors, *capacity(weights, max_loras, max_lora_rank), device, FEWEST_STACK_BYTES
+    )
     return weights
 
 

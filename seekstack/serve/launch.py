@@ -8,7 +8,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -68,12 +69,10 @@ def build_server(
     # the checkpoint's files, its tokenizer loaded, before the database is opened: a failed start would leave a new one
     config, tokenizer = checkpoint_files(Path(model_dir), options.tokenizer)
     device = runtime_device(options.engine.device)
-    try:  # before the weights, as --max-loras is; named as the option (the engine's refusal names its keyword)
+    with capacity_named_as_its_options():  # before the weights, as --max-loras is
         adapters = refuse_adapters_past_capacity(
             config, options.adapters, options.max_loras, options.max_lora_rank, device
         )
-    except ConfigError as error:
-        raise ValueError(error.naming(option_name(error.field))) from None
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -85,10 +84,11 @@ def build_server(
     if policy is not None:
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     before_loading()
-    engine = Engine.from_pretrained(
-        model_dir, tokenizer=tokenizer, adapters=adapters, max_loras=options.max_loras,
-        max_lora_rank=options.max_lora_rank, **options.engine.engine_kwargs(model_dir),
-    )  # fmt: skip
+    with capacity_named_as_its_options():  # once the weights have loaded, in their dtype, in the memory they left
+        engine = Engine.from_pretrained(
+            model_dir, tokenizer=tokenizer, adapters=adapters, max_loras=options.max_loras,
+            max_lora_rank=options.max_lora_rank, **options.engine.engine_kwargs(model_dir),
+        )  # fmt: skip
     note = disk_parts_note(options.engine.device_map, engine.model)
     if note is not None:  # as generate and chat say it
         print(note, file=sys.stderr)
@@ -112,6 +112,18 @@ def build_server(
     if options.port == 0:  # the system picks a free port as uvicorn listens, after this line; uvicorn's line names it
         address = f'http://{host} (a free port: see "Uvicorn running on" below)'
     return app, f"serving {name!r} on {address}{page}; {access}"
+
+
+@contextmanager
+def capacity_named_as_its_options() -> Iterator[None]:
+    """The adapters' capacity refused (a ConfigError of max_loras or max_lora_rank, the engine's keywords) as a
+    ValueError naming the option (--max-loras, --max-lora-rank)."""
+    try:
+        yield
+    except ConfigError as error:
+        if error.field not in ("max_loras", "max_lora_rank"):
+            raise
+        raise ValueError(error.naming(option_name(error.field))) from None
 
 
 def load_policy(path: Path) -> Policy:

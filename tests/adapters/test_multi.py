@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seekstack
-from seekstack.adapters import peft_targets
+from seekstack.adapters import peft_targets, registry
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import is_adapter_parameter, load_adapter, merged_model, save_adapter
 from seekstack.adapters.multi import (
@@ -957,6 +957,22 @@ def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(se
     started = attach_adapters(seekstack.load_pretrained(base).eval(), adapters)  # defaults, raised to fit the start
     assert (started.max_loras, started.max_lora_rank) == (8, 16)
     assert attach_adapters(seekstack.load_pretrained(base).eval(), adapters, max_lora_rank=8).max_lora_rank == 8
+
+
+def test_the_capacity_check_counts_every_copy_an_adapted_layer_holds(served, monkeypatch):
+    """The check counted the stacks alone, (S + 1) x r x (in + out) per layer, where a linear also holds their copy of
+    the loaded extent, which eager steps read, and an adapted kv_b_proj MultiLoRAAttention's layouts of both (the base
+    weight and A once per head, for keys and values, and B): a capacity it let through could end in torch's bare
+    allocator error. At full capacity (one slot, at rank 8), a byte less than what attaching holds is refused."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    attach_adapters(model, {"attention": adapters["attention"]}, max_loras=1, max_lora_rank=8)
+    # what the capacity holds, not the merged copies of small layers (within MERGED_LINEAR_BYTES a layer)
+    held = sum(buffer.nbytes for name, buffer in model.named_buffers() if "merged" not in name.rsplit(".", 1)[-1])
+    held -= sum(buffer.nbytes for buffer in seekstack.load_pretrained(base).buffers())
+    monkeypatch.setattr(registry, "free_memory", lambda device: held - 1)
+    with pytest.raises(ConfigError, match=f"^field 'max_lora_rank' is 8: .* than the {held - 1} bytes free on cpu"):
+        attach_adapters(seekstack.load_pretrained(base).eval(), {"attention": adapters["attention"]}, 1, 8)
 
 
 def test_an_engine_takes_vllms_max_loras_and_max_lora_rank_and_refuses_a_load_past_them(served):

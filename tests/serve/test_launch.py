@@ -209,6 +209,19 @@ def test_serve_reads_each_adapter_once_and_checks_the_capacity_once_before_the_w
     assert app.state.server.engine.lora.folders == {"legal": adapter} and "with adapters 'legal'" in said
 
 
+def test_serve_refuses_a_capacity_the_weights_left_no_memory_for_naming_the_option(tmp_path, monkeypatch):
+    """A capacity that fit the memory free before the weights loaded but not what they left was refused by the
+    engine's load in its keyword's words, "field 'max_lora_rank' is 16: ...", where serve names its options."""
+    frees = iter([10**15])  # before the weights; 1000 bytes once they have loaded
+    monkeypatch.setattr(registry, "free_memory", lambda device: next(frees, 1000))
+    model_dir = make_model_dir(tmp_path, max_position_embeddings=256)
+    adapter = write_random_adapter(model_dir, tmp_path / "legal", seed=1)
+    options = dataclasses.replace(serve_options(tmp_path, 144), adapters={"legal": adapter})
+    refused = r"^--max-lora-rank is 16: the adapted layers' stacks at that capacity .* than the 1000 bytes free on cpu"
+    with pytest.raises(ValueError, match=refused):
+        build_server(model_dir, options)
+
+
 def test_serve_refuses_a_mistyped_adapter_folder_before_reading_the_model_or_making_the_database(tmp_path, monkeypatch):
     """`serve --adapter legal=TYPO` without --max-lora-rank read the adapters only once the weights had loaded (minutes
     for a large model), and left the new database behind."""
