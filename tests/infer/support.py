@@ -26,9 +26,10 @@ def micro_model(**overrides) -> seekstack.Transformer:
     return seekstack.Transformer(micro_config(vocab_size=VOCAB, **overrides)).eval()
 
 
-def model_dir(directory: Path) -> Path:
-    """A checkpoint directory as `seekstack generate --model` expects: config.json, safetensors, tokenizer.json."""
-    seekstack.save_pretrained(micro_model(), directory)
+def model_dir(directory: Path, **overrides) -> Path:
+    """A checkpoint directory as `seekstack generate --model` expects: config.json, safetensors, tokenizer.json; the
+    model `micro_model(**overrides)`."""
+    seekstack.save_pretrained(micro_model(**overrides), directory)
     tiny_tokenizer(directory)
     return directory
 
