@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekstack.infer.packed import DecodeLatentAttention
 from seekstack.model import cpu_kernels
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Routing, _expert_load, swiglu
@@ -568,10 +569,12 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
 
     @classmethod
     def adapt(cls, attention: MultiHeadLatentAttention) -> MultiLoRAAttention:
-        """Turn `attention`, whose kv_b_proj is a MultiLoRALinear, into one in place, with its factors' layout."""
-        if not isinstance(attention, cls):
+        """Turn `attention`, whose kv_b_proj is a MultiLoRALinear, into one in place, with its factors' layout; one
+        packed for decode keeps its one-call query (`MultiLoRADecodeAttention`)."""
+        if not isinstance(attention, MultiLoRAAttention):
             attention.unadapted = type(attention)
-        attention.__class__ = cls
+        packed = issubclass(attention.unadapted, DecodeLatentAttention)
+        attention.__class__ = MultiLoRADecodeAttention if packed else MultiLoRAAttention
         assert isinstance(attention, MultiLoRAAttention)
         attention.set_factors()
         return attention
@@ -660,6 +663,11 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         finally:
             self.nope_dim, self.v_dim = held
             self.kv_b_proj.absorbed_weight = None
+
+
+class MultiLoRADecodeAttention(MultiLoRAAttention, DecodeLatentAttention):
+    """A MultiLoRAAttention packed for decode: its low-rank query, which kv_b_proj's update leaves as it is, stays one
+    kernel call (`DecodeLatentAttention.project_query`) where q_a_proj and q_b_proj are not adapted."""
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

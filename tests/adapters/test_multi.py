@@ -31,6 +31,7 @@ from seekstack.adapters.registry import (
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.packed import DecodeFeedForward, DecodeLatentAttention, pack_for_decode
+from seekstack.model import cpu_kernels
 from seekstack.model.moe import Routing
 from seekstack.schema import ConfigError
 from tests.adapters.support import TINY, write_base, write_random_adapter
@@ -141,6 +142,32 @@ def test_unloading_every_adapter_gives_each_layer_back_its_class_an_engines_pack
     loaded.remove("full")
     loaded.remove("attention")
     assert [type(module) for module in model.modules()] == before
+
+
+def test_an_adapter_of_kv_b_proj_keeps_the_packed_query_of_an_engines_attention(served, tmp_path, monkeypatch):
+    """MultiLoRAAttention took over the attention's class, so an engine's one-call low-rank query
+    (DecodeLatentAttention: q_a_proj, its norm and q_b_proj in one kernel call) was lost in every layer whose kv_b_proj
+    an adapter adapts, though that update leaves the query as it is; it stays, and the logits are the unpacked
+    model's."""
+    assert cpu_kernels.available()
+    base, _ = served
+    only_kv_b = AdapterConfig(rank=4, attention=("kv_b_proj",), feed_forward=(), experts=())
+    adapter = write_random_adapter(base, tmp_path / "kv_b", seed=3, config=only_kv_b)
+    fused, one_call = [], torch.ops.seekstack.latent_query_rows
+    monkeypatch.setattr(torch.ops.seekstack, "latent_query_rows", lambda *args: fused.append(1) or one_call(*args))
+    ids = torch.randint(2, 96, (2, 4), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for packed in (True, False):
+        model = seekstack.load_pretrained(base).eval()
+        if packed:
+            pack_for_decode(model)
+        loaded = attach_adapters(model, {"kv_b": adapter})
+        loaded.select([0, loaded.slot("kv_b")], torch.device("cpu"))
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert len(fused) == len(model.layers)  # the packed model's, each layer's query in one call
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=ATOL)
+    assert (logits[0][1] - seekstack.load_pretrained(base)(ids[1:]).logits[0]).abs().max() > 100 * ATOL  # adapted
 
 
 def test_an_unload_keeps_the_layers_adapted_with_zeros_while_another_adapter_is_loaded(served):
