@@ -65,7 +65,7 @@ def sensitivities(
     `measured(i, n, choice)` hears of the i-th of n layers as it is done. `model` is float and is left as it was."""
     names = layers if layers is not None else measured_layers(model)
     work = copy.deepcopy(model)  # the trials swap layers in a copy, so `model` is left as it was
-    base_assignment = quantize_model(work, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
+    quantize_model(work, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))  # kept where refused
     base_kl = kl_of(work)
     choices = []
     for i, name in enumerate(names, 1):
@@ -74,7 +74,7 @@ def sensitivities(
         at_base = work.get_submodule(name)
         kl = {}
         for option in bits:
-            if option == BASE_OPTION and not base_assignment[name].startswith("kept"):
+            if option == BASE_OPTION:  # its shapes take it (`option_bits`), so `work` holds it so already
                 kl[option] = base_kl
                 continue
             work.set_submodule(name, _quantized(original, option))
