@@ -76,9 +76,14 @@ class DecodeHead(nn.Linear):
             self.register_buffer("weight_t", self.weight.detach().t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd)."""
+        """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd). A compiled
+        step takes `rows_linear` where the kernels are built, an op of its graph for every row count (past 16 it calls
+        F.linear itself): through `decode_head`, a Python op, the graph called back into Python (`small`, float32,
+        batch 1, one thread, Zen 4: decode 1.085x, 8 of 8 alternating rounds, the same tokens)."""
         if torch.is_grad_enabled():
             return F.linear(x, self.weight)
+        if torch.compiler.is_compiling() and cpu_kernels.usable(x, self.weight):
+            return cpu_kernels.rows_linear(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
         return decode_head(x.reshape(-1, x.shape[-1]), self.weight, self.weight_t).view(*x.shape[:-1], -1)
 
 

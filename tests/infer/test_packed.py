@@ -102,6 +102,24 @@ def test_decode_linear_compiled_over_several_rows_gives_the_linear_products(shap
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_compiled_head_runs_the_kernel_in_the_graph_not_a_python_op(rows):
+    """decode_head is a Python op: a compiled step that calls it leaves its graph for Python at every step."""
+    assert cpu_kernels.available()
+    ops = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    head = DecodeHead.adapt(nn.Linear(48, 300, bias=False))
+    x = torch.randn(1, rows, 48)
+    with torch.no_grad():
+        out = torch.compile(head, backend=recording, dynamic=True)(x)
+        torch.testing.assert_close(out, F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    assert "seekstack.rows_linear" in ops and not any("decode_head" in op for op in ops)
+
+
 def test_decode_linear_runs_the_kernel_for_up_to_16_rows_without_gradients_only(monkeypatch):
     assert cpu_kernels.available()
     calls = []
