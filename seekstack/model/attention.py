@@ -115,14 +115,14 @@ class MultiHeadLatentAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in (_pad_last(query, width), _pad_last(key, width), value))
         # The flash kernel's forward, as torch picks it, unless the user turned it off (sdpa_kernel(SDPBackend.MATH))
         flash = torch.backends.cuda.flash_sdp_enabled()  # (the switch is torch's for every device, despite its name)
-        # and the fused backward (_CausalAttention) in bfloat16 only: there 1.5-1.9x torch's fused forward + backward
-        # (AMX products), in float32 0.6-0.96x from 256 tokens on (tiny's 8 x 256 to 2 x 1024, small's 4 x 512).
+        # and the fused causal attention in training (_CausalAttention): in bfloat16 1.5-1.9x torch's fused forward +
+        # backward (AMX products), in float32 1.5-1.9x (tiny's 8 x 256 and 2 x 1024, small's 4 x 512; one EPYC thread).
         # Inference in bfloat16 takes the causal forward kernel: each query block's keys up to the diagonal, v at its
         # own width, out as (B, T, H, V); 1.2-1.3x torch's flash forward at 4 x 6 heads x 512 (cpu_kernels.cpp).
-        fused = query.dtype == torch.bfloat16 and cpu_kernels.elementwise_takes(query, key, value)
-        if mask is None and flash and fused:
-            if torch.is_grad_enabled():
-                return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
+        fused = mask is None and flash and cpu_kernels.elementwise_takes(query, key, value)
+        if fused and torch.is_grad_enabled():
+            return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
+        if fused and query.dtype == torch.bfloat16:
             return torch.ops.seekstack.causal_attention(query, key, value, self.softmax_scale)
         out = F.scaled_dot_product_attention(
             query, key, _pad_last(value, width), attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
@@ -240,15 +240,22 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class _CausalAttention(torch.autograd.Function):
-    """Causal SDPA of bfloat16 q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU: torch's fused kernel forward (v
-    zero-padded to W), which keeps the rows' log-sum-exp, and `causal_attention_backward` (cpu_kernels.cpp) from it,
-    2.2x faster than torch's fused backward at `small`'s shapes."""
+    """Causal attention of q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU, keeping the rows' log-sum-exp for the
+    backward (cpu_kernels.cpp). bfloat16: torch's fused kernel forward (v zero-padded to W) and
+    `causal_attention_backward`, 2.2x faster than torch's fused backward at `small`'s shapes. float32:
+    `causal_attention_training` and its backward, each query block over its keys up to the diagonal only."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        padded = _pad_last(v, q.shape[-1])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, padded, is_causal=True, scale=scale)
-        out = out[..., : v.shape[-1]]
+        if q.dtype == torch.float32:
+            out, lse = torch.ops.seekstack.causal_attention_training(q, k, v, scale)
+            out = out.transpose(1, 2)  # a view of (B, T, H, V), o_proj's layout
+        else:
+            padded = _pad_last(v, q.shape[-1])
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, padded, is_causal=True, scale=scale
+            )
+            out = out[..., : v.shape[-1]]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -257,7 +264,12 @@ class _CausalAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
         refuse_create_graph("the fused causal attention", "run the model under sdpa_kernel(SDPBackend.MATH)")
         q, k, v, out, lse = ctx.saved_tensors
-        return (*torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, ctx.scale), None)
+        fused_backward = (
+            torch.ops.seekstack.causal_attention_training_backward
+            if q.dtype == torch.float32
+            else torch.ops.seekstack.causal_attention_backward
+        )
+        return (*fused_backward(grad, q, k, v, out, lse, ctx.scale), None)
 
 
 class ContiguousLatentCache:
