@@ -152,8 +152,10 @@ def _array_items(path: str | Path) -> list[tuple[int, Any]]:
         ) from None
     try:
         items, end = _decoded_array(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: a JSON array that is not valid JSON ({json_error_reason(error)})") from None
+    except json.JSONDecodeError as fault:
+        raise ValueError(
+            f"{path}: a JSON array that is not valid JSON ({json_error_reason(_as_json_says_it(text, fault))})"
+        ) from None
     if is_chat_messages([item for _, item in items]):  # as data build tells it
         line = text.count("\n", 0, text.index("[")) + 1
         raise ValueError(f"{path}:{line}: {CHAT_MESSAGES_NO_OBJECT.format('an object')}")
@@ -167,9 +169,19 @@ def _array_items(path: str | Path) -> list[tuple[int, Any]]:
     return items
 
 
+def _as_json_says_it(text: str, fault: json.JSONDecodeError) -> json.JSONDecodeError:
+    """The error json.loads raises for `text`, which `fault` found not valid JSON: its message and place as this
+    Python's json says them (3.13's names a trailing comma at the comma, 3.11's expects a value after it)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return error
+    return fault
+
+
 def _decoded_array(text: str) -> tuple[list[tuple[int, Any]], int]:
     """((line it starts on, item) of each item, the index past its "]") of the JSON array opening `text`, decoded
-    once; json's JSONDecodeError, with json's message and place, where the array is not valid JSON."""
+    once; a JSONDecodeError where the array is not valid JSON."""
     decoder, items = json.JSONDecoder(), []
     position = _WHITESPACE.match(text).end()
     if not text.startswith("[", position):

@@ -154,6 +154,26 @@ def test_an_array_that_is_not_json_is_refused_where_and_as_json_refuses_it(text,
     )
 
 
+def test_an_arrays_fault_is_said_as_the_running_pythons_json_says_it(tmp_path, monkeypatch):
+    """Python 3.13's json says a trailing comma where 3.11's expects a value after it: the reason given is the
+    running json's, not a wording of 3.11's kept beside it (json here worded as 3.13's, at the comma)."""
+    loads = json.loads
+
+    def loads_as_python_3_13(text, **kwargs):
+        if text.rstrip().endswith(",]"):
+            raise json.JSONDecodeError("Illegal trailing comma before end of array", text, text.rindex(","))
+        return loads(text, **kwargs)
+
+    monkeypatch.setattr(json, "loads", loads_as_python_3_13)
+    path = tmp_path / "chats.json"
+    path.write_text('[{"a": 1},]')
+    with pytest.raises(ValueError) as refused:
+        list(jsonl_records(path))
+    assert str(refused.value) == (
+        f"{path}: a JSON array that is not valid JSON (Illegal trailing comma before end of array at column 10)"
+    )
+
+
 def test_json_lines_of_bare_chat_message_arrays_are_refused_as_data_build_refuses_them(tmp_path):
     """`sft` said 'FILE:3: more JSON after the array that opens the file ...' where `lora train` on text and data build
     say 'FILE:2: a JSON array of chat messages, not an object with a 'text' field ...' of the same file."""
