@@ -8,6 +8,7 @@ from seekstack.lazy import lazy_attributes
 
 _EXPORTS = {
     "Completion": "seekstack.infer.outputs",
+    "CompletionOutput": "seekstack.infer.outputs",
     "Engine": "seekstack.infer.engine",
     "EngineStats": "seekstack.infer.outputs",
     "Logprob": "seekstack.infer.outputs",

@@ -97,6 +97,23 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()  # those of waiting requests
 
 
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One sample of a prompt as vLLM's CompletionOutput: what `Completion.outputs` lists."""
+
+    index: int  # which of its prompt's n samples it is
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None  # the sum of its tokens' log-probabilities; None without logprobs=True
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None  # the stop token id or stop string that ended it; None for EOS and other ends
+
+    def finished(self) -> bool:
+        """vLLM's CompletionOutput.finished(), a method (RequestOutput.finished is a bool): whether it has ended."""
+        return self.finish_reason is not None
+
+
 @dataclass
 class Completion:
     """A finished request, as `Engine.generate` returns it."""
@@ -122,10 +139,15 @@ class Completion:
     stop_reason: int | str | None = None
 
     @property
-    def outputs(self) -> list[Completion]:
-        """The prompt's n samples, this one first, as vLLM's RequestOutput.outputs: each with .text, .token_ids,
-        .finish_reason, .logprobs, .cumulative_logprob and .index."""
-        return [self, *self.others]
+    def outputs(self) -> list[CompletionOutput]:
+        """The prompt's n samples, this one first, as vLLM's RequestOutput.outputs (its `others` as Completions)."""
+        return [
+            CompletionOutput(
+                sample.index, sample.text, sample.token_ids, sample.cumulative_logprob, sample.logprobs,
+                sample.finish_reason, sample.stop_reason,
+            )
+            for sample in (self, *self.others)
+        ]  # fmt: skip
 
     @property
     def finished(self) -> bool:

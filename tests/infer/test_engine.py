@@ -222,8 +222,9 @@ def test_n_samples_of_each_prompt_come_back_as_its_outputs_as_vllm_returns_them(
     for completion, prompt in zip(completions, prompt_list, strict=True):
         alone = [engine.generate([prompt], dataclasses.replace(params, n=1, seed=7 + i))[0] for i in range(3)]
         assert [output.token_ids for output in completion.outputs] == [sample.token_ids for sample in alone]
-        assert [output.index for output in completion.outputs] == [0, 1, 2] and completion.outputs[0] is completion
-        assert all(output.prompt_token_ids == prompt and output.logprobs for output in completion.outputs)
+        assert [output.index for output in completion.outputs] == [0, 1, 2]
+        assert completion.prompt_token_ids == prompt and all(output.logprobs for output in completion.outputs)
+        assert [other.prompt_token_ids for other in completion.others] == [prompt, prompt]
     assert engine.generate(prompt_list[0], dataclasses.replace(params, n=1))[0].outputs[0].index == 0
     with pytest.raises(
         ConfigError,
@@ -985,6 +986,20 @@ def test_every_completion_generate_returns_is_finished_as_vllms_request_output_s
     assert failed.finished is True and done.finished is True
 
 
+def test_each_sample_in_outputs_is_vllms_completion_output_whose_finished_is_a_method(model, tokenizer):
+    """vLLM's CompletionOutput.finished() is a method where RequestOutput.finished is a bool: outputs held the
+    completion itself, so `out.outputs[0].finished()` called a bool (TypeError)."""
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=5, n=2, ignore_eos=True, logprobs=True)
+    [completion] = Engine(model, tokenizer).generate(prompts([6]), params)
+    samples = (completion, *completion.others)
+    assert [output.finished() for output in completion.outputs] == [True, True]
+    assert [
+        (output.index, output.text, output.token_ids, output.cumulative_logprob, output.finish_reason)
+        for output in completion.outputs
+    ] == [(s.index, s.text, s.token_ids, s.cumulative_logprob, s.finish_reason) for s in samples]
+    assert [output.logprobs for output in completion.outputs] == [s.logprobs for s in samples]
+
+
 def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writing_the_last_id(model, tokenizer):
     """A repetition_penalty of 1e-40 sends the prompt's positive logits to +inf, as a float16 model's overflow sends
     its own: softmax then holds NaN, and every draw gave the vocabulary's last id (511 here, each step)."""
@@ -1293,7 +1308,7 @@ def test_a_completion_carries_its_prompts_text_as_vllms_request_output_prompt(mo
     completions = engine.generate(["def f", ids, {"prompt": "def g"}, {"prompt_token_ids": ids}], GREEDY)
     assert [c.prompt for c in completions] == ["def f", None, "def g", None]
     [sampled] = engine.generate("def f", SamplingParams(max_new_tokens=2, n=2, seed=0))
-    assert [c.prompt for c in sampled.outputs] == ["def f", "def f"]
+    assert [c.prompt for c in (sampled, *sampled.others)] == ["def f", "def f"]
     messages = [{"role": "user", "content": "hi"}]
     [reply] = engine.chat(messages, GREEDY)
     assert (
