@@ -17,7 +17,7 @@ import itertools
 import os
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import free_memory, refuse_a_non_count
 from seekstack.infer.packed import WeightVersions
+from seekstack.infer.placement import planned_devices
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.model.transformer import Transformer
@@ -221,9 +222,9 @@ class LoadedAdapters:
         refuse_a_rank_beyond(self.max_lora_rank, name, folder, weights.rank)
         adapted = {target for loaded in self.weights.values() for target in loaded.factors}  # their stacks exist
         new_layers = {target: factors for target, factors in weights.factors.items() if target not in adapted}
-        weight = next(self.model.parameters())
+        itemsize = next(self.model.parameters()).itemsize
         refuse_stacks_past_free_memory(
-            self.model.config, new_layers, self.max_loras, self.max_lora_rank, weight.device, weight.itemsize
+            self.model.config, new_layers, self.max_loras, self.max_lora_rank, self._device_of, itemsize
         )
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
@@ -241,6 +242,11 @@ class LoadedAdapters:
             self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
             self.folders = {**self.folders, name: Path(folder)}
             self._restack()
+
+    def _device_of(self, module_name: str) -> torch.device:
+        """Where the stacks of layer `module_name` are made: beside its weight (the CPU for a part placed on disk, whose
+        weights are memory-mapped)."""
+        return next(self.model.get_submodule(module_name).parameters()).device
 
     def remove(self, name: str, requests_in_flight: int = 0) -> None:
         """Stop serving adapter `name`; AdapterInUse while `requests_in_flight` (unfinished ones using it) > 0."""
@@ -376,21 +382,23 @@ def refuse_stacks_past_free_memory(
     factors: Mapping[Target, Factors],
     max_loras: int,
     max_lora_rank: int,
-    device: torch.device,
+    device_of: Callable[[str], torch.device],
     itemsize: int,
 ) -> None:
     """ConfigError where what the layers adapted by `factors` hold at this capacity (`capacity_bytes`), and the
-    largest layer's stacks once more as they are laid out, outgrow the memory free on `device` (torch's bare "can't
-    allocate memory" once the weights were read, or the kernel's kill): of field max_lora_rank or max_loras, whichever
-    is the more times its default. `itemsize`: bytes an element."""
-    held = [
-        capacity_bytes(config, name, pair, max_loras, max_lora_rank, itemsize) for (name, _), pair in factors.items()
-    ]
-    needed, free = (
-        sum(copies for copies, _ in held) + max((stacks for _, stacks in held), default=0),
-        free_memory(device),
-    )
-    if needed > free:
+    largest layer's stacks once more as they are laid out, outgrow the memory free on the device they are made on
+    (`device_of` a layer's module name: a placed model's are on several; torch's bare "can't allocate memory" once the
+    weights were read, or the kernel's kill): of field max_lora_rank or max_loras, whichever is the more times its
+    default. `itemsize`: bytes an element."""
+    per_device: dict[torch.device, list[tuple[int, int]]] = {}
+    for (name, _), pair in factors.items():
+        held = capacity_bytes(config, name, pair, max_loras, max_lora_rank, itemsize)
+        per_device.setdefault(device_of(name), []).append(held)
+    for device, held in per_device.items():
+        needed = sum(copies for copies, _ in held) + max(stacks for _, stacks in held)
+        free = free_memory(device)
+        if needed <= free:
+            continue
         asked = {"max_lora_rank": (max_lora_rank, DEFAULT_MAX_LORA_RANK), "max_loras": (max_loras, DEFAULT_MAX_LORAS)}
         field = max(asked, key=lambda name: asked[name][0] / asked[name][1])
         raise ConfigError(
@@ -459,17 +467,23 @@ def refuse_adapters_past_capacity(
     max_loras: int | None,
     max_lora_rank: int | None,
     device: torch.device,
+    device_map: str | None = None,
 ) -> CheckedAdapters:
     """Before the weights load: `adapters` read on a weightless model with `config` (`read_adapters`: a mistyped
     folder or another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None
-    (the largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device`."""
+    (the largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device` or, for a model
+    placed by `device_map` (seekstack.infer.placement's text), on each layer's device (an `auto:` plan's are known
+    once the weights have loaded, when each load checks them)."""
     weights = CheckedAdapters(read_adapters(config, adapters))
     if max_lora_rank is not None:
         for name, read in weights.items():
             refuse_a_rank_beyond(max_lora_rank, name, read.folder, read.rank)
+    device_of = planned_devices(config, device_map) if device_map is not None else lambda module_name: device
+    if device_of is None:
+        return weights
     factors = {target: pair for read in weights.values() for target, pair in read.factors.items()}  # each layer once
     refuse_stacks_past_free_memory(
-        config, factors, *capacity(weights, max_loras, max_lora_rank), device, FEWEST_STACK_BYTES
+        config, factors, *capacity(weights, max_loras, max_lora_rank), device_of, FEWEST_STACK_BYTES
     )
     return weights
 

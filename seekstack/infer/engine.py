@@ -583,7 +583,7 @@ class Engine:
 
             if not isinstance(adapters, CheckedAdapters):  # else read and checked by the caller (serve), as asked
                 kwargs["adapters"] = refuse_adapters_past_capacity(
-                    config, adapters, kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device
+                    config, adapters, kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device, device_map
                 )
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.

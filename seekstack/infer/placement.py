@@ -386,6 +386,25 @@ def device_map_for(model: Transformer, text: str) -> dict[str, str]:
     return parse_device_map(text, list(units(model)))
 
 
+def planned_devices(config: ModelConfig, device_map: str) -> Callable[[str], torch.device] | None:
+    """Before the weights load, the device each module of a model with `config` placed by `device_map` will hold its
+    weights on, by module name: its unit's (the CPU for a unit on disk, whose weights are memory-mapped, and for a
+    module of no unit, or of an MTP module, which a load without drafts leaves out); None for an `auto:` map, planned
+    from the loaded weights' bytes."""
+    if device_map.startswith("auto:"):
+        return None
+    with torch.device("meta"):
+        names = [name for name in units(Transformer(config)) if not name.startswith("mtp.")]
+    placement = parse_device_map(device_map, names)
+
+    def device_of(module_name: str) -> torch.device:
+        unit = next((name for name in placement if module_name == name or module_name.startswith(name + ".")), None)
+        device = placement.get(unit, "cpu") if unit is not None else "cpu"
+        return torch.device("cpu" if device == DISK else device)
+
+    return device_of
+
+
 # ---------------------------------------------------------------------------------------- applying
 def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path | None = None) -> Transformer:
     """Move each unit of `model` to its device (`disk`: its weights memory-mapped, from the checkpoint where they

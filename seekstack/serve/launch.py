@@ -71,7 +71,7 @@ def build_server(
     device = runtime_device(options.engine.device)
     with capacity_named_as_its_options():  # before the weights, as --max-loras is
         adapters = refuse_adapters_past_capacity(
-            config, options.adapters, options.max_loras, options.max_lora_rank, device
+            config, options.adapters, options.max_loras, options.max_lora_rank, device, options.engine.device_map
         )
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()

@@ -27,6 +27,7 @@ from seekstack.adapters.registry import (
     UnknownAdapter,
     attach_adapters,
     read_factors,
+    refuse_adapters_past_capacity,
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
@@ -1000,6 +1001,31 @@ def test_the_capacity_check_counts_every_copy_an_adapted_layer_holds(served, mon
     monkeypatch.setattr(registry, "free_memory", lambda device: held - 1)
     with pytest.raises(ConfigError, match=f"^field 'max_lora_rank' is 8: .* than the {held - 1} bytes free on cpu"):
         attach_adapters(seekstack.load_pretrained(base).eval(), {"attention": adapters["attention"]}, 1, 8)
+
+
+def test_a_device_maps_capacity_is_checked_on_the_devices_its_layers_go_to_before_the_weights(served, monkeypatch):
+    """With a device map, the check before the weights looked at the CPU's free memory (the engine's device) even for
+    layers the map puts on a GPU, whose stacks are made beside their weights; the map's devices are checked (no GPU
+    needed: nothing is allocated)."""
+    base, adapters = served
+    config = seekstack.load_pretrained(base).config
+    monkeypatch.setattr(registry, "free_memory", lambda device: 1000 if device.type == "cuda" else 10**15)
+    cpu = torch.device("cpu")
+    assert (
+        refuse_adapters_past_capacity(config, adapters, None, None, cpu, "*=cpu,layers.1=disk").keys()
+        == adapters.keys()
+    )
+    with pytest.raises(ConfigError, match=r"^field 'max_lora_rank' is 16: .* than the 1000 bytes free on cuda:1: st"):
+        refuse_adapters_past_capacity(config, adapters, None, None, cpu, "*=cpu,layers.1.self_attn=cuda:1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="places layers on a GPU")
+def test_a_load_on_a_placed_model_checks_the_free_memory_of_its_layers_gpu(served, monkeypatch):
+    base, adapters = served
+    engine = Engine.from_pretrained(base, device_map="*=cpu,layers.*=cuda:0")
+    monkeypatch.setattr(registry, "free_memory", lambda device: 1000 if device.type == "cuda" else 10**15)
+    with pytest.raises(ConfigError, match=r"^field 'max_lora_rank' is 16: .* than the 1000 bytes free on cuda:0: st"):
+        engine.load_adapter("full", adapters["full"])
 
 
 def test_an_engine_takes_vllms_max_loras_and_max_lora_rank_and_refuses_a_load_past_them(served):
