@@ -124,6 +124,16 @@ def test_a_nan_or_infinite_scale_is_refused_naming_the_file_and_the_key(tmp_path
     assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} holds 1 NaN or infinite scale(s) of "), message
 
 
+def test_a_nan_e8m0_scale_is_refused_though_torch_counts_it_finite(tmp_path):
+    """e8m0 (DeepSeek-V3.1's ue8m0 scales, as transformers stores them) has a NaN, 0xFF, and no infinity, and
+    torch.isfinite on e8m0 itself calls every value finite: the scales are checked as float32."""
+    directory = save_fp8(tmp_path / "fp8")
+    key = f"{Q_B}.weight_scale_inv"
+    damage(directory / SINGLE_FILE, replace(key, lambda scale: with_one(float("nan"))(scale).to(torch.float8_e8m0fnu)))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} holds 1 NaN or infinite scale(s) of "), message
+
+
 INT_DAMAGES = {
     "int8-weight-row-short": ("int8", f"{Q_B}.weight_packed", lambda words: words[:-1]),
     "int8-scale-row-short": ("int8", f"{Q_B}.weight_scale", lambda scale: scale[:-1]),

@@ -765,7 +765,7 @@ class CheckpointReader:
     def _get(self, key: str) -> torch.Tensor:
         tensor = self._from_file(key, lambda handle: handle.get_tensor(key))
         if key.endswith((".weight_scale", ".weight_scale_inv")):  # small: a pass over them is cheap
-            bad = tensor.numel() - int(torch.isfinite(tensor.float()).sum())
+            bad = tensor.numel() - int(torch.isfinite(tensor.float()).sum())  # float: isfinite calls e8m0's NaN finite
             if bad:
                 raise CheckpointError(
                     f"{self.file_of(key)}: key {key!r} holds {bad:,} NaN or infinite scale(s) of {tensor.numel():,}, "
