@@ -376,8 +376,7 @@ def prune_command(
             "(`seekstack quantize PRUNED --out ...`)",
         )
         config = read_config(model)  # fractions that leave too few, or none, are refused before calibrating
-        has_moe = has_moe_layers(config)  # the MTP module's experts are pruned too
-        if experts and has_moe:
+        if experts:  # a model without MoE layers is refused nothing (`refuse_too_few_kept`)
             refuse_too_few_kept(config, experts)
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
@@ -390,6 +389,7 @@ def prune_command(
             str(data), config.max_position_embeddings, batches=calibration_batches, split=TRAIN_SPLIT
         )
         before = network.config
+        has_moe = has_moe_layers(config)  # the MTP module's experts are pruned too
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
         notes += transformers_head_count_notes(before, network.config)
