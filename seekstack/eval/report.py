@@ -30,7 +30,7 @@ from seekstack.config import ModelConfig
 from seekstack.posttrain.conversations import Conversation, held_out_conversations, read_conversations
 from seekstack.posttrain.plot import logs_rewards, plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
-from seekstack.schema import ConfigError, load_config
+from seekstack.schema import ConfigError, load_config, option_name
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import METRICS_FILE, column, step_tokens
 from seekstack.train.mfu import flops_text
@@ -575,7 +575,7 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
         return f"`seekstack eval {run_dir} --tasks {','.join(results['results'])}` (with the options it ran with)"
     words = ["seekstack", "eval", str(run_dir)]
     for key in EVAL_OPTIONS:
-        value, flag = options.get(key), f"--{key.replace('_', '-')}"
+        value, flag = options.get(key), option_name(key)
         if value is True:
             words.append(flag)
         elif value is False and key == "fewshot_as_multiturn":  # --no-...: its default (None) is not False
