@@ -72,7 +72,7 @@ def gguf_tensors(model: Transformer) -> Iterator[tuple[str, str, tuple[torch.Ten
                 yield f"{prefix}.ffn_{name}.weight", *_matrix(getattr(mlp, f"{name}_proj"))
             continue
         yield f"{prefix}.ffn_gate_inp.weight", "f32", (mlp.gate.weight,)
-        if mlp.gate.topk_method == "noaux_tc":  # the selection bias b (V3 eq. 16), which llama.cpp adds where present
+        if mlp.gate.aux_free:  # the selection bias b (V3 eq. 16), which llama.cpp adds where present
             yield f"{prefix}.exp_probs_b.bias", "f32", (mlp.gate.e_score_correction_bias,)
         experts = mlp.experts
         if not isinstance(experts, QuantizedExperts) or experts.gate_up_proj.scheme != "int8":
