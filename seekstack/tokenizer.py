@@ -653,11 +653,8 @@ class Tokenizer:
             ):
                 raise ValueError(f"tools[{index}] must be {TOOL_SHAPE}, OpenAI's tool definition, got {tool!r:.80}")
         self.check_tool_use(messages, tools)
-        forged = (
-            self.special_token_in(json.dumps([listed_tool(t) for t in tools], ensure_ascii=False)) if tools else None
-        )
-        if forged:
-            raise ValueError(f"the tools offered contain the special token {forged!r}")
+        if tools:
+            self.refuse_forged_turn(json.dumps([listed_tool(t) for t in tools], ensure_ascii=False), "tools")
         return messages
 
     def check_tool_use(self, messages: list[dict], tools: list[dict] | None) -> None:
@@ -777,8 +774,8 @@ class Tokenizer:
         return first_token_in(text, self.special_tokens)
 
     def refuse_forged_turn(self, text: str, named: str) -> None:
-        """A ValueError when `text` (a chat's system prompt, a prompt, a message's field: `named`) holds a special
-        token, which would forge a turn of the chat it goes into."""
+        """A ValueError when `text` (a chat's system prompt, a prompt, a message's field, the tools offered: `named`)
+        holds a special token, which would forge a turn of the chat it goes into."""
         forged = self.special_token_in(text)
         if forged:
             raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
