@@ -187,11 +187,7 @@ constexpr int kStreamRows = 2;
 
 // outputs[r][j + s * part] = dot(weight[j + s * part, :], inputs[r]) for s < kStreams: one load of each token row
 // serves kStreams weight rows, each from its own part of W, so that kStreams sequential streams are in flight
-// (one core reads several streams faster than one: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s on a Zen 3). A pass of
-// kStreamRows rows, bound by its products, fetches each stream's next weight row ahead of its loads, which the
-// hardware's prefetcher left to the loads themselves (Zen 4, one thread, `small` at 8 rows: its linears 1.13x, its
-// head 1.25x, the compiled float32 step 1.05x, bfloat16 1.02x; at 4 rows, one pass, even). A pass of fewer rows,
-// bound by the reads, does not: the experts' passes of 1-3 rows lost with it (0.88x).
+// (one core reads several streams faster than one: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s on a Zen 3).
 template <int R, typename W, typename X>
 inline void dot_streams(const W* weight, int64_t part, int64_t in_features, const X* const* inputs,
                         float* const* outputs, int64_t j) {
@@ -208,7 +204,6 @@ inline void dot_streams(const W* weight, int64_t part, int64_t in_features, cons
       typename V::Operand xs[R];
       for (int r = 0; r < R; ++r) xs[r] = V::load_input(inputs[r] + d);
       for (int s = 0; s < kStreams; ++s) {
-        if constexpr (R == kStreamRows) __builtin_prefetch(w[s] + in_features + d);  // this stream's next weight row
         const auto ws = V::load(w[s] + d);
         for (int r = 0; r < R; ++r) acc[s][r] = V::fma(ws, xs[r], acc[s][r]);
       }
@@ -828,11 +823,9 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // straight into their rows; the softmax runs along a key row's query columns, a vector of queries at a time. Products
 // by torch's brgemm (oneDNN, float32); out (B, T, H, V) and the gradients (B, T, H, W or V): o_proj's layout.
 
-// x (rows, cols), rows ld apart -> x^T (cols, rows) contiguous, into `t`.
-void transpose_into(const float* x, int64_t ld, int64_t rows, int64_t cols, float* t) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = x[r * ld + c];
-  }
+// x (rows, cols), rows ld apart -> x^T (cols, rows), its rows ld_t apart, into `t` (16 x 16 tiles in AVX-512).
+void transpose_into(const float* x, int64_t ld, int64_t rows, int64_t cols, float* t, int64_t ld_t) {
+  at::vec::transpose_mxn<float>(x, ld, t, ld_t, static_cast<int>(rows), static_cast<int>(cols));
 }
 
 // scores^T (width, rows) = keys[:width] queries^T, then -inf where a key j lies after query i (j > first + i).
@@ -876,8 +869,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const HeadOf Q(q, b, h), K(k, b, h), Vh(v, b, h);
-      transpose_into(Q.data, Q.ld, T_, W, queries_t.data());
-      transpose_into(Vh.data, Vh.ld, T_, V, values_t.data());
+      transpose_into(Q.data, Q.ld, T_, W, queries_t.data(), T_);
+      transpose_into(Vh.data, Vh.ld, T_, V, values_t.data(), T_);
       for (int64_t first = 0; first < T_; first += kQueriesPerBlock) {
         const int64_t rows = std::min(kQueriesPerBlock, T_ - first), width = first + rows;
         causal_scores_t(K.data, K.ld, queries_t.data(), T_, W, first, rows, scores_t.data());
@@ -919,11 +912,23 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
                                     scores_t.data(), out_t.data());
         float* L = lse.mutable_data_ptr<float>() + (b * H + h) * T_ + first;
         for (int64_t i = 0; i < rows; ++i) {
-          float* row = out.mutable_data_ptr<float>() + ((b * T_ + first + i) * H + h) * V;
-          const float inverse = 1.f / total[i];
-          for (int64_t c = 0; c < V; ++c) row[c] = out_t[c * kQueriesPerBlock + i] * inverse;
           L[i] = top[i] * scale_f + std::log(total[i]);
+          total[i] = 1.f / total[i];
         }
+        for (int64_t c = 0; c < V; ++c) {  // O^T's columns divided by the row sums
+          float* o = out_t.data() + c * kQueriesPerBlock;
+          over_row(
+              rows,
+              [&](int64_t i) {
+                FloatVector o0, o1, t0, t1;
+                load_step(o + i, o0, o1);
+                load_step(total.data() + i, t0, t1);
+                store_step(o + i, o0 * t0, o1 * t1);
+              },
+              [&](int64_t i) { o[i] *= total[i]; });
+        }
+        transpose_into(out_t.data(), kQueriesPerBlock, V, rows,
+                       out.mutable_data_ptr<float>() + ((b * T_ + first) * H + h) * V, H * V);
       }
     }
   });
@@ -955,9 +960,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const HeadOf Q(q, b, h), K(k, b, h), Vh(v, b, h), dOh(dO, b, h), O(out, b, h);
-      transpose_into(Q.data, Q.ld, T_, W, queries_t.data());
-      transpose_into(K.data, K.ld, T_, W, keys_t.data());
-      transpose_into(dOh.data, dOh.ld, T_, V, grad_out_t.data());
+      transpose_into(Q.data, Q.ld, T_, W, queries_t.data(), T_);
+      transpose_into(K.data, K.ld, T_, W, keys_t.data(), T_);
+      transpose_into(dOh.data, dOh.ld, T_, V, grad_out_t.data(), T_);
       for (int64_t i = 0; i < T_; ++i) {  // rowsum(dO O) = sum_j P_ij dP_ij
         float sum = 0.f;
         for (int64_t c = 0; c < V; ++c) sum += dOh.data[i * dOh.ld + c] * O.data[i * O.ld + c];
@@ -1005,9 +1010,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
                                     Q.data + first * Q.ld, dK);
         at::native::cpublas::brgemm(W, rows, width, T_, kQueriesPerBlock, kQueriesPerBlock, false, keys_t.data(),
                                     grad_t.data(), grad_q_t.data());
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t c = 0; c < W; ++c) dQ[(first + i) * H * W + c] = grad_q_t[c * kQueriesPerBlock + i];
-        }
+        transpose_into(grad_q_t.data(), kQueriesPerBlock, W, rows, dQ + first * H * W, H * W);
       }
     }
   });
