@@ -222,6 +222,22 @@ def test_serve_refuses_a_capacity_the_weights_left_no_memory_for_naming_the_opti
         build_server(model_dir, options)
 
 
+def test_serve_with_a_device_map_refuses_a_capacity_the_gpu_a_layer_goes_to_has_no_memory_for(tmp_path, monkeypatch):
+    """`serve --device-map ... --adapter` checked the capacity before the weights against the CPU's free memory for
+    every layer, so a layer the map puts on a GPU without room for its stacks went on to the load; refused naming the
+    option and the GPU (no GPU needed: the refusal comes before anything is placed)."""
+    monkeypatch.setattr(registry, "free_memory", lambda device: 1000 if device.type == "cuda" else 10**15)
+    model_dir = make_model_dir(tmp_path, max_position_embeddings=256)
+    adapter = write_random_adapter(model_dir, tmp_path / "legal", seed=1)
+    options = serve_options(tmp_path, 144)
+    engine = dataclasses.replace(options.engine, device_map="*=cpu,layers.1.self_attn=cuda:1")
+    options = dataclasses.replace(options, engine=engine, adapters={"legal": adapter})
+    refused = r"^--max-lora-rank is 16: the adapted layers' stacks .* than the 1000 bytes free on cuda:1: start"
+    with pytest.raises(ValueError, match=refused):
+        build_server(model_dir, options)
+    assert not (tmp_path / "serve.db").exists()
+
+
 def test_serve_refuses_a_mistyped_adapter_folder_before_reading_the_model_or_making_the_database(tmp_path, monkeypatch):
     """`serve --adapter legal=TYPO` without --max-lora-rank read the adapters only once the weights had loaded (minutes
     for a large model), and left the new database behind."""
