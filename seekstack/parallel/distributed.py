@@ -378,7 +378,7 @@ def _neighbours(ranks: Ranks) -> dict[int, int]:
 
 def ranks_cpus(ranks: Ranks) -> list[tuple[str, frozenset[int]]]:
     """Each rank's machine (its process space) and the CPUs its affinity mask lets it run on, by rank."""
-    own = (_process_space(), _own_cpus())
+    own = (_process_space(), own_cpus())
     if not ranks.distributed:
         return [own]
     everyone: list[tuple[str, frozenset[int]] | None] = [None] * ranks.world_size
@@ -386,7 +386,7 @@ def ranks_cpus(ranks: Ranks) -> list[tuple[str, frozenset[int]]]:
     return everyone
 
 
-def _own_cpus() -> frozenset[int]:
+def own_cpus() -> frozenset[int]:
     """The CPUs this process may run on: its affinity mask (Linux), else all of the machine's."""
     if hasattr(os, "sched_getaffinity"):
         return frozenset(os.sched_getaffinity(0))

@@ -8,13 +8,18 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
   67, A100 19.5), or its TF32 tensor-core rate (H100 494.5, A100 156) where torch is allowed TF32
   (`torch.backends.cuda.matmul.allow_tf32`, `torch.set_float32_matmul_precision("high")`). A card not in the table is
   given an A100's, and its source says so.
-- CPU: measured, the median rate of blocks of square `torch.mm`s in the training dtype on torch's threads after a
-  warm-up (once per process, dtype and thread count), in the fastest of the operand layouts a training step uses:
-  the rate this machine's matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs
-  3x slower than float32, on others 2x faster) and whichever layout it is fastest in. The benchmarks report against
-  it too. A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
-  the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak; under
-  torchrun every rank probes again once any rank's MFU is above 100%, one rank after another (`probed_in_turns`).
+- CPU: measured, one core's rate times the cores torch's threads keep busy (`thread_cores`): the median rate of blocks
+  of square `torch.mm`s in the training dtype on one thread after a warm-up (once per process and dtype), timed on
+  that thread's CPU clock, in the fastest of the operand layouts a training step uses: the rate this machine's matmul
+  library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32, on others
+  2x faster) and whichever layout it is fastest in, and one that other processes holding the cores do not lower (they
+  stop the thread's clock, where a wall clock runs on: at load 18 on 2 cores torch's 2 threads read 11.4 GFLOP/s by
+  the wall clock, one thread 88.7 by its CPU clock, and the demo's MFU read 61%). Cores run matmuls side by side:
+  threads times one core's rate is the peak of as many cores, a step's wall-clock rate set against it the share of
+  them the run got to use. A probe can still read low (a core shared with another process's hyperthread), and a
+  step's MFU then comes out above 100%: the trainer probes again at that step (`core_matmul_flops`) and keeps the
+  higher peak; under torchrun every rank probes again once any rank's MFU is above 100%, one rank after another
+  (`probed_in_turns`).
   CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
   masks (`shared_cpu_peak_flops`), where a card's peak counts once per rank.
 """
@@ -30,7 +35,8 @@ from typing import TypeVar
 
 import torch
 
-from seekstack.parallel.distributed import Ranks, barrier
+from seekstack.infer.threads import running_on
+from seekstack.parallel.distributed import Ranks, barrier, own_cpus
 
 MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
 LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this small: a slow one costs little
@@ -85,8 +91,8 @@ class Peak:
 
 def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
     """Peak FLOP/s of one `device`: by card name on CUDA, its spec in the precision `dtype` multiplies in (float32:
-    TF32 where torch is allowed it, `torch.get_float32_matmul_precision()` not "highest"), the measured `dtype` matmul
-    rate on a CPU."""
+    TF32 where torch is allowed it, `torch.get_float32_matmul_precision()` not "highest"), on a CPU one core's measured
+    `dtype` matmul rate times the cores torch's threads keep busy."""
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         if dtype == torch.bfloat16:
@@ -94,10 +100,9 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
         else:  # torch multiplies float32 on the tensor cores only as TF32, and only where allowed
             precision = "float32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
         return card_peak_flops(torch.cuda.get_device_name(device), precision)
-    threads = torch.get_num_threads()
-    probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
-    on_threads = f"{threads} CPU thread" + ("s" if threads != 1 else "")
-    return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {on_threads}")
+    cores = thread_cores(torch.get_num_threads())
+    probe = f"a {MATMUL_PROBE_SIZE}^3 {dtype_name} matmul measured on one CPU thread's clock"
+    return Peak(cores * measured_core_matmul_flops(dtype), f"{probe}, times {cores} core" + "s" * (cores > 1))
 
 
 @functools.cache
@@ -128,11 +133,22 @@ def measured_matmul_rates(
     return tuple(matmul_rates(dtype, clock))
 
 
-def measured_matmul_flops(
-    dtype: torch.dtype = torch.float32, threads: int = 0, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    """The median of `measured_matmul_rates`: this machine's peak, probed once per process."""
-    return statistics.median(measured_matmul_rates(dtype, threads, clock))
+def core_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """One CPU core's matmul FLOP/s in `dtype`, probed anew: `matmul_flops` on one thread, timed on that thread's CPU
+    clock, which stops while other processes hold the core."""
+    with running_on(1):
+        return matmul_flops(dtype, time.thread_time)
+
+
+def thread_cores(threads: int) -> int:
+    """The cores `threads` intra-op threads keep busy: at most the CPUs this process may run on."""
+    return min(threads, len(own_cpus()))
+
+
+@functools.cache
+def measured_core_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """`core_matmul_flops(dtype)`, probed once per process."""
+    return core_matmul_flops(dtype)
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> float:

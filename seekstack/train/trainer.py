@@ -83,13 +83,14 @@ from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, is_evaluation, read_metrics_file
 from seekstack.train.mfu import (
     Peak,
+    core_matmul_flops,
     default_peak_flops,
     flops_text,
-    matmul_flops,
     mfu_text,
     model_flops_utilisation,
     probed_in_turns,
     shared_cpu_peak_flops,
+    thread_cores,
 )
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
@@ -963,8 +964,8 @@ class _Run:
                 # costs a step's time
                 self.peak_probes_left -= 1
                 dtype = self.autocast_dtype or torch.float32
-                with configured_threads(self.threads.most):
-                    probe = self._ranks_peak(probed_in_turns(lambda: matmul_flops(dtype), self.ranks))
+                core_peaks = probed_in_turns(lambda: core_matmul_flops(dtype), self.ranks)
+                probe = self._ranks_peak(thread_cores(self.threads.most) * core_peaks)
                 if probe > self.peak_flops:
                     self.peak_flops = probe
                     self.peak_source = f"{self.peak_origin}, measured again at step {self.step + 1}"

@@ -19,6 +19,7 @@ from seekstack.train.mfu import (
     default_peak_flops,
     matmul_flops,
     matmul_rates,
+    measured_core_matmul_flops,
     probed_in_turns,
     shared_cpu_peak_flops,
 )
@@ -51,16 +52,34 @@ def test_one_process_keeps_its_measured_peak_and_threads_beyond_its_cores_add_no
     assert shared_cpu_peak_flops(20e9, 8, [("host", TWO_CORES)]) == pytest.approx(20e9)  # 8 threads ran on 2 cores
 
 
-@pytest.mark.parametrize(("threads", "named"), [(1, "1 CPU thread"), (2, "2 CPU threads")])
-def test_the_cpu_peak_names_the_threads_it_was_measured_on_in_the_singular_for_one(threads, named):
-    """The MFU line said "measured on 1 CPU threads" on one thread."""
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_the_cpu_peak_is_one_cores_rate_on_its_cpu_clock_times_the_cores_torchs_threads_keep_busy(monkeypatch, threads):
+    """Probed on torch's 2 threads by the wall clock on a busy 2-core machine the peak read 11.4 GFLOP/s where one core
+    multiplies at 88.7, and the demo's MFU read 61%. Each matmul here takes 1 ms of its thread's CPU time and 3 ms
+    more off the core (another process holding it): the peak is one core's CPU-clock rate, on one thread, times the
+    cores torch's threads keep busy (8 threads on 2 CPUs: 2), and says so (in the singular for one)."""
+    seen_threads = set()
+
+    def mm_beside_a_busy_process(lhs, rhs):
+        seen_threads.add(torch.get_num_threads())
+        start = time.thread_time()
+        while time.thread_time() - start < 1e-3:
+            pass
+        time.sleep(3e-3)
+
+    monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process)
+    measured_core_matmul_flops.cache_clear()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        source = default_peak_flops(torch.device("cpu")).source
+        peak = default_peak_flops(torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
-    assert source == f"a 1024^3 float32 matmul measured on {named}"
+        measured_core_matmul_flops.cache_clear()
+    one_core, cores = 2 * MATMUL_PROBE_SIZE**3 / 1e-3, min(threads, len(distributed.own_cpus()))
+    assert seen_threads == {1} and 0.8 * cores * one_core < peak.flops <= cores * one_core
+    named = f"{cores} core" + "s" * (cores > 1)
+    assert peak.source == f"a 1024^3 float32 matmul measured on one CPU thread's clock, times {named}"
 
 
 def test_a_single_process_reads_its_own_affinity_mask():
@@ -216,7 +235,7 @@ def _rank_training_on_a_busy_machine(rank: int, world_size: int, port: int, conf
         return 1e18  # the machine is free again: no step beats this
 
     trainer.default_peak_flops = lambda device, dtype: Peak(1e6 if rank == 0 else 1e18, "a probe on a busy machine")
-    trainer.matmul_flops = probe
+    trainer.core_matmul_flops = probe
     _rank_main(rank, world_size, port, config)
 
 

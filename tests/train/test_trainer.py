@@ -1063,7 +1063,7 @@ def test_a_run_resumed_with_auto_dtype_goes_on_in_the_dtype_its_checkpoint_compu
 
 def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_path, capsys):
     from seekstack.accounting import training_flops_per_token
-    from seekstack.train.mfu import default_peak_flops, flops_text, measured_matmul_flops
+    from seekstack.train.mfu import default_peak_flops, flops_text, measured_core_matmul_flops, thread_cores
 
     config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0)
     train(config)
@@ -1077,10 +1077,10 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     assert (
         progress[-1].startswith("step 2/2  loss ") and " tok/s  MFU " in progress[-1] and "ETA 00:00:00" in progress[-1]
     )
-    assert peak.flops == measured_matmul_flops(torch.float32, torch.get_num_threads()) > 1e9  # measured, not assumed
+    cores = thread_cores(torch.get_num_threads())
+    assert peak.flops == cores * measured_core_matmul_flops(torch.float32) > 1e9  # measured, not assumed
     # the peak and where it comes from are told at the start and logged with the first step (the report names them)
-    threads = torch.get_num_threads()
-    source = f"a 1024^3 float32 matmul measured on {threads} CPU thread" + ("s" if threads != 1 else "")
+    source = "a 1024^3 float32 matmul measured on one CPU thread's clock, times " + f"{cores} core" + "s" * (cores > 1)
     assert peak.source == source and steps[0]["peak_source"] == source and "peak_source" not in steps[1]
     assert f"MFU against a peak of {flops_text(steps[0]['peak_flops'])}: {source}" in progress
     train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
@@ -1119,7 +1119,7 @@ def test_a_machine_busy_through_every_probe_is_probed_again_a_few_times_only(dat
 
     probes = []
     monkeypatch.setattr(trainer, "default_peak_flops", lambda device, dtype: Peak(1e6, "a probe on a busy machine"))
-    monkeypatch.setattr(trainer, "matmul_flops", lambda dtype: probes.append(dtype) or 1e6)
+    monkeypatch.setattr(trainer, "core_matmul_flops", lambda dtype: probes.append(dtype) or 1e6)
     train(run_config(data_dir, tmp_path, max_steps=6, eval_every=0, save_every=0))
     assert len(probes) == trainer.PEAK_PROBES < 6
     # an MFU above 100% is shown as what it is, not as a utilisation (it read "MFU 1234567.0%")
