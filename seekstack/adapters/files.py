@@ -454,14 +454,14 @@ def _check_base_layer_copy(layer: torch.nn.Module, key: str, stored: torch.Tenso
 
 def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
     """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight, each
-    merged weight a new tensor (peft's safe_merge), never the memory-mapped checkpoint pages changed in place (which
+    merged weight a new tensor (`_merged_whole`), never the memory-mapped checkpoint pages changed in place (which
     a device map would take for weights still on disk). A head tied to the embedding (tie_word_embeddings) is merged
     apart from it, and left untied where the adapter makes the two differ (a LoRA on either). All or nothing: an
     adapter refused, or whose merge fails (`_merged_whole`), leaves `model` as it was given."""
     config = _fitting_lora_config(model, adapter)  # a refused adapter leaves the model as it was, its head tied
     tied, given = model.config.tie_word_embeddings, (model.lm_head.weight, model.config)
-    if tied:  # one matrix: merged in place, the embedding's LoRA would change the head too
-        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())
+    if tied:  # one Parameter: the embedding's merged tensor would be the head's too
+        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach())
         model.config = model.config.replace()  # peft's merge unties the config it finds, in place
     try:
         merged = _merged_whole(_wrapped(model, Path(adapter), config, weightless=False), Path(adapter))
@@ -477,14 +477,17 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
 
 
 def _merged_whole(peft_model: PeftModel, folder: Path) -> Transformer:
-    """peft's merge_and_unload(safe_merge=True) of `peft_model`, all or nothing: safe_merge gives each merged weight a
-    new tensor, so when a merged weight comes out NaN or infinite (finite factors whose alpha/r B A overflows) the
-    weights merged before it are given their tensors back and peft's layers taken out, and CheckpointError names the
-    module and the adapter's weights file (peft's ValueError names neither)."""
+    """peft's merge_and_unload(safe_merge=True) of `peft_model`, all or nothing: each weight it merges into is first
+    given a new tensor of its own (peft >= 0.22's safe_merge copies the merged weight back into the tensor it had),
+    so when a merged weight comes out NaN or infinite (finite factors whose alpha/r B A overflows) the weights merged
+    before it are given their tensors back and peft's layers taken out, and CheckpointError names the module and the
+    adapter's weights file (peft's ValueError names neither)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = peft_model.get_base_model()
     tensors = [(parameter, parameter.data) for parameter in base.parameters()]
+    for parameter in _merged_into(base):
+        parameter.data = parameter.data.clone()
     try:
         return peft_model.merge_and_unload(safe_merge=True)
     except BaseException as error:
@@ -500,6 +503,24 @@ def _merged_whole(peft_model: PeftModel, folder: Path) -> Transformer:
                 "lower lr)"
             ) from None
         raise
+
+
+def _merged_into(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of `model` that peft's merge writes, once each: an adapted layer's weight and bias, or the
+    parameter a target_parameters layer (ParamWrapper) adapts."""
+    from peft.tuners.lora import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    written: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            layer = module.get_base_layer()
+            if isinstance(module, ParamWrapper):
+                parameters = [getattr(layer, module.parameter_name)]
+            else:
+                parameters = list(layer.parameters(recurse=False))
+            written.update((id(parameter), parameter) for parameter in parameters)
+    return list(written.values())
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
