@@ -389,9 +389,9 @@ def device_map_for(model: Transformer, text: str) -> dict[str, str]:
 def planned_devices(config: ModelConfig, device_map: str) -> Callable[[str], torch.device] | None:
     """Before the weights load, the device each module of a model with `config` placed by `device_map` will hold its
     weights on, by module name: its unit's (the CPU for a unit on disk, whose weights are memory-mapped, and for a
-    module of no unit); None for an `auto:` map, planned from the loaded weights' bytes. MTP modules are left out (a load
-    without drafts has none, and no adapter adapts one: seekstack.adapters.peft_targets): the CPU is said of them even
-    where a load with drafts places them elsewhere."""
+    module of no unit); None for an `auto:` map, planned from the loaded weights' bytes. MTP modules are left out (a
+    load without drafts has none, and no adapter adapts one: seekstack.adapters.peft_targets): the CPU is said of them
+    even where a load with drafts places them elsewhere."""
     if device_map.startswith("auto:"):
         return None
     with torch.device("meta"):
