@@ -179,14 +179,23 @@ def test_the_decode_attention_kernel_reads_a_partly_filled_caches_keys_in_place(
         assert copied == (keys.stride(2) != 1)
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
 @pytest.mark.parametrize("logit_std", [1, 4])
 @pytest.mark.parametrize(("T", "W"), [(37, 23), (600, 24)], ids=["one-group-odd-width", "groups-of-heads"])
-def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W, logit_std):
-    """torch's fused forward and causal_attention_backward (cpu_kernels.cpp) in bfloat16, a value narrower than q and
-    k, against softmax(scale q k^T, causal) v and its autograd in float64, logits of std 1 and 4; at 600 tokens the
-    backward takes the 3 heads in groups of 2 and 1, an odd width brgemm's unpacked path. Within 1.5x the error of
-    torch's fused SDPA (the training attention without the kernels) on the same inputs: S and dP stay float32."""
+def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W, logit_std, amx, monkeypatch):
+    """bfloat16 training attention, a value narrower than q and k, against softmax(scale q k^T, causal) v and its
+    autograd in float64, logits of std 1 and 4. With AMX: torch's fused forward and causal_attention_backward
+    (cpu_kernels.cpp); at 600 tokens the backward takes the 3 heads in groups of 2 and 1, an odd width brgemm's
+    unpacked path. Without AMX: causal_attention_training and its backward on q, k, v cast to float32, gradients
+    back in bfloat16. Within 1.5x the error of torch's fused SDPA (the training attention without the kernels) on the
+    same inputs: S and dP stay float32."""
     assert cpu_kernels.available()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    in_float32 = []
+    training = torch.ops.seekstack.causal_attention_training
+    monkeypatch.setattr(
+        torch.ops.seekstack, "causal_attention_training", lambda *args: in_float32.append(1) or training(*args)
+    )
     torch.manual_seed(0)
     B, H, V, dtype = 2, 3, 16, torch.bfloat16
     scale = logit_std / W**0.5  # scale q.k has std logit_std for q, k of std 1
@@ -211,6 +220,7 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
     ):
         assert got.dtype == dtype and got.shape == want.shape
         assert (got.double() - want).abs().max() <= 1.5 * (peer.double() - want).abs().max()
+    assert len(in_float32) == (0 if amx else 1)
 
 
 @pytest.mark.parametrize(
@@ -220,10 +230,10 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
 )
 def test_float32_training_attention_and_its_gradients_match_the_float64_formula_as_torchs_sdpa(T, W, V):
     """causal_attention_training and its backward (cpu_kernels.cpp, float32 training attention in blocks of 64 query
-    rows over the keys up to the diagonal): a last block of one row, T ragged against the blocks, an odd width, a value narrower
-    than q and k (a view into a wider row) or wider. Out (B, T, H, V), the log-sum-exp, dq, dk and dv against
-    softmax(scale q k^T, causal) v and its autograd in float64 (logits of std 4), within 1.5x the error of torch's
-    fused float32 SDPA on the same inputs, plus float32's rounding of the largest value."""
+    rows over the keys up to the diagonal): a last block of one row, T ragged against the blocks, an odd width, a
+    value narrower than q and k (a view into a wider row) or wider. Out (B, T, H, V), the log-sum-exp, dq, dk and dv
+    against softmax(scale q k^T, causal) v and its autograd in float64 (logits of std 4), within 1.5x the error of
+    torch's fused float32 SDPA on the same inputs, plus float32's rounding of the largest value."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     B, H = 2, 3
@@ -255,8 +265,8 @@ def test_float32_training_attention_and_its_gradients_match_the_float64_formula_
 
 
 def test_the_float32_training_attention_refuses_bfloat16_naming_the_dtype_it_takes():
-    """bfloat16 training attention takes torch's fused forward and causal_attention_backward: a bfloat16 call to the
-    float32 op is refused, not computed."""
+    """bfloat16 training attention casts to float32 before the float32 op (or, with AMX, takes torch's fused forward
+    and causal_attention_backward): a bfloat16 call to the float32 op is refused, not computed."""
     assert cpu_kernels.available()
     q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
     with pytest.raises(RuntimeError, match=r"causal_attention_training: q, k and v must be float32, not BFloat16"):
