@@ -13,7 +13,7 @@ import torch
 from options import positive_int
 
 from seekstack.allocator import keep_freed_memory
-from seekstack.train.mfu import measured_matmul_rates
+from seekstack.train.mfu import measured_core_matmul_rates, thread_cores
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PEAK_DTYPES = (torch.float32, torch.bfloat16)
@@ -44,19 +44,25 @@ def prepare_machine(args: argparse.Namespace) -> None:
 
 
 def matmul_peaks(clock: str = "wall") -> dict[str, float]:
-    """Measure and print this machine's float32 and bfloat16 matmul FLOP/s on torch's threads (train/mfu.py's probe:
-    the median of its timed blocks, printed with their spread), the yardstick every result of the run is also given as
-    a fraction of, timed on `clock` (CLOCKS: --clock's), as those results are."""
+    """Measure and print this machine's float32 and bfloat16 matmul FLOP/s (train/mfu.py's probe: one core's, on one
+    thread timed on its CPU clock, the median of its timed blocks, printed with their spread), the yardstick every
+    result of the run is also given as a fraction of, in the seconds of `clock` (CLOCKS: --clock's) those results are
+    timed on: on the wall clock the cores torch's threads keep busy multiply side by side, and a CPU second is one
+    core's. Probed on torch's 2 threads by the wall clock on a busy 2-core machine it read 11 GFLOP/s float32, where
+    one core multiplies at 89."""
     threads = torch.get_num_threads()
+    cores = thread_cores(threads) if clock == "wall" else 1
     rates = {
-        str(dtype).removeprefix("torch."): measured_matmul_rates(dtype, threads, CLOCKS[clock]) for dtype in PEAK_DTYPES
+        str(dtype).removeprefix("torch."): [cores * rate for rate in measured_core_matmul_rates(dtype)]
+        for dtype in PEAK_DTYPES
     }
     measured = ", ".join(
         f"{name} {statistics.median(blocks) / 1e9:,.0f} GFLOP/s ({min(blocks) / 1e9:,.0f}-{max(blocks) / 1e9:,.0f} "
         f"in {len(blocks)} blocks)"
         for name, blocks in rates.items()
     )
-    print(f"measured matmul peak on {threads} threads, {clock} clock: {measured}", flush=True)
+    per = f"{cores} core" + "s" * (cores > 1)
+    print(f"measured matmul peak of {per} ({threads} threads, {clock} clock): {measured}", flush=True)
     return {name: statistics.median(blocks) for name, blocks in rates.items()}
 
 

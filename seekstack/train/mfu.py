@@ -19,7 +19,7 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
   them the run got to use. A probe can still read low (a core shared with another process's hyperthread), and a
   step's MFU then comes out above 100%: the trainer probes again at that step (`core_matmul_flops`) and keeps the
   higher peak; under torchrun every rank probes again once any rank's MFU is above 100%, one rank after another
-  (`probed_in_turns`).
+  (`probed_in_turns`). The benchmarks report against the same probe.
   CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
   masks (`shared_cpu_peak_flops`), where a card's peak counts once per rank.
 """
@@ -102,7 +102,8 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
         return card_peak_flops(torch.cuda.get_device_name(device), precision)
     cores = thread_cores(torch.get_num_threads())
     probe = f"a {MATMUL_PROBE_SIZE}^3 {dtype_name} matmul measured on one CPU thread's clock"
-    return Peak(cores * measured_core_matmul_flops(dtype), f"{probe}, times {cores} core" + "s" * (cores > 1))
+    core = statistics.median(measured_core_matmul_rates(dtype))
+    return Peak(cores * core, f"{probe}, times {cores} core" + "s" * (cores > 1))
 
 
 @functools.cache
@@ -124,31 +125,27 @@ def card_peak_flops(name: str, precision: str = "bf16") -> Peak:
     return Peak(flops[precision], f"{name}: the {label}'s dense {precision} spec")
 
 
-@functools.cache
-def measured_matmul_rates(
-    dtype: torch.dtype = torch.float32, threads: int = 0, clock: Callable[[], float] = time.perf_counter
-) -> tuple[float, ...]:
-    """`matmul_rates(dtype, clock)`, once per process: `threads` only keys the cache (call it with
-    `torch.get_num_threads()`, the threads the probe runs on)."""
-    return tuple(matmul_rates(dtype, clock))
+def core_matmul_rates(dtype: torch.dtype = torch.float32) -> list[float]:
+    """One CPU core's matmul FLOP/s in `dtype`, probed anew: `matmul_rates` on one thread, timed on that thread's CPU
+    clock, which stops while other processes hold the core."""
+    with running_on(1):
+        return matmul_rates(dtype, time.thread_time)
 
 
 def core_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
-    """One CPU core's matmul FLOP/s in `dtype`, probed anew: `matmul_flops` on one thread, timed on that thread's CPU
-    clock, which stops while other processes hold the core."""
-    with running_on(1):
-        return matmul_flops(dtype, time.thread_time)
+    """The median of `core_matmul_rates(dtype)`, probed anew."""
+    return statistics.median(core_matmul_rates(dtype))
+
+
+@functools.cache
+def measured_core_matmul_rates(dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+    """`core_matmul_rates(dtype)`, probed once per process."""
+    return tuple(core_matmul_rates(dtype))
 
 
 def thread_cores(threads: int) -> int:
     """The cores `threads` intra-op threads keep busy: at most the CPUs this process may run on."""
     return min(threads, len(own_cpus()))
-
-
-@functools.cache
-def measured_core_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
-    """`core_matmul_flops(dtype)`, probed once per process."""
-    return core_matmul_flops(dtype)
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> float:

@@ -19,7 +19,7 @@ from seekstack.train.mfu import (
     default_peak_flops,
     matmul_flops,
     matmul_rates,
-    measured_core_matmul_flops,
+    measured_core_matmul_rates,
     probed_in_turns,
     shared_cpu_peak_flops,
 )
@@ -68,14 +68,14 @@ def test_the_cpu_peak_is_one_cores_rate_on_its_cpu_clock_times_the_cores_torchs_
         time.sleep(3e-3)
 
     monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process)
-    measured_core_matmul_flops.cache_clear()
+    measured_core_matmul_rates.cache_clear()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         peak = default_peak_flops(torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
-        measured_core_matmul_flops.cache_clear()
+        measured_core_matmul_rates.cache_clear()
     one_core, cores = 2 * MATMUL_PROBE_SIZE**3 / 1e-3, min(threads, len(distributed.own_cpus()))
     assert seen_threads == {1} and 0.8 * cores * one_core < peak.flops <= cores * one_core
     named = f"{cores} core" + "s" * (cores > 1)
