@@ -108,8 +108,6 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, N+R)
         key = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
-        if _query_blocks_take(query, mask):
-            return causal_attention_blocks(query, key, value, self.softmax_scale)
         # Zero-pad to one width: torch's fused CPU kernels need it; padded q/k add 0 to scores, padded v gives 0s.
         width = max(query.shape[-1], self.v_dim)
         query, key, value = (t.transpose(1, 2) for t in (_pad_last(query, width), _pad_last(key, width), value))
@@ -194,46 +192,6 @@ def causal_within(segments: torch.Tensor) -> torch.Tensor:
     T = segments.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
-
-
-# Query rows a block of `causal_attention_blocks` computes at once, against the keys up to its own last row.
-QUERY_BLOCK = 128
-
-
-def causal_attention_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax(scale q k^T) v of q, k (B, T, H, W) and v (B, T, H, V) -> (B, T, H, V) in v's dtype, computed
-    in float32 in blocks of QUERY_BLOCK query rows, each over the keys up to its own last row. Inference in bfloat16
-    on a CPU without AMX takes it: there torch's brgemm cannot pack, and the C++ `causal_attention` hands over to
-    torch's flash SDPA, which computes every score of its 512-key blocks (above the diagonal too) and multiplies P by
-    v zero-padded to q's width."""
-    B, T, H, V = value.shape
-    q, k, v = (t.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key, value))
-    above_diagonal = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=query.device).triu(1)
-    out = value.new_empty(B, T, H, V)
-    for first in range(0, T, QUERY_BLOCK):
-        last = min(T, first + QUERY_BLOCK)
-        rows = last - first
-        scores = torch.matmul(q[:, :, first:last] * scale, k[:, :, :last].transpose(-1, -2))  # (B, H, rows, last)
-        scores[..., first:].masked_fill_(above_diagonal[:rows, :rows], float("-inf"))
-        out[:, first:last] = torch.matmul(scores.softmax(dim=-1), v[:, :, :last]).transpose(1, 2)
-    return out
-
-
-def _query_blocks_take(query: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether `causal_attention_blocks` is the faster forward for `query` (B, T, H, W): causal (no `mask`) bfloat16
-    inference on a CPU without AMX, over more than one block (one block computes the whole masked square, as SDPA
-    does), unless the user turned torch's fused kernels off (sdpa_kernel(SDPBackend.MATH)). `small`, 4 x 512, one
-    thread, avx512_bf16 EPYC: 27 ms a layer against the C++ kernel's SDPA 35."""
-    return (
-        mask is None
-        and not torch.is_grad_enabled()
-        and torch.backends.cuda.flash_sdp_enabled()
-        and query.dtype == torch.bfloat16
-        and query.is_cpu
-        and query.shape[1] > QUERY_BLOCK
-        and not torch.compiler.is_compiling()
-        and not torch.cpu._is_amx_tile_supported()
-    )
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -704,11 +704,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 // only, S = Q K^T in float32 (torch's brgemm, AMX, as causal_scores), one pass a row into P = exp(scale S - max)
 // rounded to bfloat16 (as FlashAttention rounds it), O = P V / rowsum(P) in float32, written as (B, T, H, V): the rows
 // o_proj takes. torch's flash CPU kernel computes every score of a 512-key block (the whole row up to T = 512, half of
-// them masked) and multiplies P by v zero-padded to q's width. Where the CPU cannot pack bfloat16 for brgemm, torch's.
+// them masked) and multiplies P by v zero-padded to q's width. Where the CPU cannot pack bfloat16 for brgemm (no AMX)
+// or W is odd, `causal_attention_training`'s forward (below) on float32 copies, its log-sum-exp unused.
 // A packed B is at most kKeysPerTile columns wide, in steps of 16 (oneDNN's), so P V runs on v's columns in blocks of
 // 64, v zero-padded to 16 columns (DeepSeek-V3's 128 is two blocks).
 constexpr int64_t kQueriesPerBlock = 64;
 constexpr int64_t kPackedColumns = 16;
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, double scale);
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
@@ -722,9 +726,8 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "causal_attention: q, k and v must be read along stride 1");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
   if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0) {
-    const at::Tensor padded = at::constant_pad_nd(v, {0, W - V});
-    return at::scaled_dot_product_attention(q, k, padded, std::nullopt, 0.0, true, scale).narrow(-1, 0, V)
-        .transpose(1, 2).contiguous();
+    const auto [out, lse] = causal_attention_training(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale);
+    return out.to(at::kBFloat16);
   }
   at::Tensor out = at::empty({B, T_, H, V}, v.options());
   const int64_t tiles = (T_ + kKeysPerTile - 1) / kKeysPerTile, padded = tiles * kKeysPerTile;

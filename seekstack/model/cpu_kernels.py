@@ -43,8 +43,9 @@ registered where torch carries it: its x86 builds); and `causal_attention_backwa
 `_CausalAttention`): causal training attention's backward in bfloat16 from torch's fused forward's log-sum-exp,
 FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score row;
 `causal_attention`: bfloat16 inference's causal forward (no log-sum-exp kept), each block of 64 query rows over its keys
-up to the diagonal only, written in o_proj's (B, T, H, V) layout; `causal_attention_training` and its backward: float32
-training attention, forward and backward in those blocks of query rows (torch's brgemm products, float32).
+up to the diagonal only, written in o_proj's (B, T, H, V) layout (on a CPU without AMX, where brgemm cannot pack
+bfloat16, `causal_attention_training`'s forward on float32 copies); `causal_attention_training` and its backward:
+float32 training attention, forward and backward in those blocks of query rows (torch's brgemm products, float32).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
@@ -101,12 +102,12 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; `causal_attention` and its backward:
-    bfloat16 only) take these tensors: float32 or bfloat16 in one dtype on the CPU, contiguous along a row (the
-    kernels' rows; a transposed input takes torch's ops), none sharded, outside a compiled region (inductor fuses its
-    own); builds the kernels on the first call. Asked before each RMSNorm and SwiGLU of a decode step, so its checks
-    are the cheapest torch offers (`is_cpu` in a loop: 1.1 us, where `device.type` in a generator took 2.3 us of a
-    1-row norm's 12)."""
+    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; `causal_attention` and its backward
+    in bfloat16, `causal_attention_training` and its backward in float32) take these tensors: float32 or bfloat16 in
+    one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's ops), none
+    sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call. Asked before
+    each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu` in a loop: 1.1 us,
+    where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
     first = tensors[0]
     if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
         return False

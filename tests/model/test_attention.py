@@ -282,8 +282,9 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     """causal_attention (cpu_kernels.cpp, the bfloat16 inference forward): query blocks of 64 rows over the keys up to
     the diagonal, T ragged against the blocks and the 64-key tiles, q and k strided as attention.py passes them, a
     value narrower than q and k (a view into a wider row), wider than one packed block (DeepSeek-V3's 192 / 128) or
-    not in 16s; an odd width takes torch's SDPA. Out is (B, T, H, V), within 1.5x the error of torch's fused SDPA
-    against softmax(scale q k^T, causal) v in float64 (logits of std 4)."""
+    not in 16s. Out is (B, T, H, V), within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal)
+    v in float64 (logits of std 4). At an odd width or on a CPU without AMX (no bfloat16 packing for brgemm) it is
+    causal_attention_training's float32 forward on float32 copies, rounded to bfloat16: the same bits."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     B, H, dtype = 2, 3, torch.bfloat16
@@ -298,6 +299,9 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     torchs = torch.nn.functional.scaled_dot_product_attention(q, k, padded, is_causal=True, scale=scale)[..., :V]
     assert out.dtype == dtype and out.shape == (B, T, H, V) and out.is_contiguous()
     assert (out.double() - expected).abs().max() <= 1.5 * (torchs.transpose(1, 2).double() - expected).abs().max()
+    if W % 2 or not torch.cpu._is_amx_tile_supported():
+        in_float32, _ = torch.ops.seekstack.causal_attention_training(q.float(), k.float(), v.float(), scale)
+        assert torch.equal(out, in_float32.to(dtype))
 
 
 def test_bfloat16_inference_attention_takes_the_causal_forward_only_without_a_mask_and_matches_torchs_sdpa(monkeypatch):
@@ -326,62 +330,6 @@ def test_bfloat16_inference_attention_takes_the_causal_forward_only_without_a_ma
     error, sdpas = ((got - float32).abs() for got in (with_kernel, with_mask))
     assert error.max() <= 1.5 * sdpas.max() and error.mean() <= 1.25 * sdpas.mean()
     torch.testing.assert_close(as_math, with_mask, rtol=0.05, atol=0.05 * with_mask.abs().max().item())
-
-
-@pytest.mark.parametrize("T", [1, 129, 300], ids=["one-row", "one-past-a-block", "ragged-blocks"])
-def test_causal_attention_in_query_blocks_matches_the_float64_formula(T):
-    """causal_attention_blocks (bfloat16 inference on a CPU without AMX): blocks of 128 query rows over the keys up to
-    each block's last row, q and k strided, a value narrower than q (a view into a wider
-    row), out (B, T, H, V): within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal) v in
-    float64 (logits of std 4)."""
-    torch.manual_seed(0)
-    B, H, W, V, dtype = 2, 3, 24, 16, torch.bfloat16
-    scale = 4 / W**0.5
-    q, k = (torch.randn(B, H, T, W, dtype=dtype).transpose(1, 2) for _ in range(2))  # (B, T, H, W), strided
-    v = torch.randn(B, T, H, 8 + V, dtype=dtype)[..., 8:]
-    out = attention.causal_attention_blocks(q, k, v, scale)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    q64, k64, v64 = (t.transpose(1, 2).double() for t in (q, k, v))
-    scores = (q64 @ k64.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
-    expected = (torch.softmax(scores, dim=-1) @ v64).transpose(1, 2)
-    padded = torch.nn.functional.pad(v, (0, W - V)).transpose(1, 2)
-    torchs = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), padded, is_causal=True, scale=scale
-    )[..., :V].transpose(1, 2)
-    assert out.dtype == dtype and out.shape == (B, T, H, V)
-    assert (out.double() - expected).abs().max() <= 1.5 * (torchs.double() - expected).abs().max()
-
-
-def test_bfloat16_inference_past_one_query_block_takes_the_query_blocks_only_without_amx(monkeypatch):
-    """Without AMX a bfloat16 forward without gradients or a mask over more than 128 tokens runs
-    causal_attention_blocks, one call a layer; at 128 tokens or fewer, with a mask, with gradients, with AMX or
-    under sdpa_kernel(SDPBackend.MATH) it does not. Its logits are as near the float32 model's as those of the
-    masked path (torch's SDPA)."""
-    assert cpu_kernels.available()
-    torch.manual_seed(0)
-    model = Transformer(micro_config(num_nextn_predict_layers=0)).eval()
-    ids = torch.randint(128, (2, 150))
-    amx = [False]
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx[0])
-    calls = []
-    blocks = attention.causal_attention_blocks
-    monkeypatch.setattr(attention, "causal_attention_blocks", lambda *args: calls.append(1) or blocks(*args))
-    with torch.no_grad():
-        float32 = model(ids).logits
-        model.to(torch.bfloat16)
-        got = model(ids).logits.float()
-        assert len(calls) == 3  # one a layer
-        model(ids[:, :128])
-        with_mask = model(ids, attention_mask=torch.ones(2, 150, dtype=torch.long)).logits.float()
-        with sdpa_kernel(SDPBackend.MATH):
-            model(ids)
-        amx[0] = True
-        model(ids)
-    amx[0] = False
-    model(ids)  # gradients: the fused backward's forward
-    assert len(calls) == 3
-    error, sdpas = ((logits - float32).abs() for logits in (got, with_mask))
-    assert error.max() <= 1.5 * sdpas.max() and error.mean() <= 1.25 * sdpas.mean()
 
 
 def test_the_causal_forward_refuses_a_value_wider_than_q_naming_the_shapes():
