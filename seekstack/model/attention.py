@@ -117,7 +117,8 @@ class MultiHeadLatentAttention(nn.Module):
         # backward (AMX products), in float32 1.5-1.9x (tiny's 8 x 256 and 2 x 1024, small's 4 x 512; one EPYC thread);
         # bfloat16 without AMX cast to float32, 1.46x its bfloat16 path (small's 4 x 512, avx512_bf16 EPYC thread).
         # Inference in bfloat16 takes the causal forward kernel: each query block's keys up to the diagonal, v at its
-        # own width, out as (B, T, H, V); 1.2-1.3x torch's flash forward at 4 x 6 heads x 512 (cpu_kernels.cpp).
+        # own width, out as (B, T, H, V); 1.2-1.3x torch's flash forward at 4 x 6 heads x 512 (AMX products; without
+        # AMX the float32 training kernel's forward on float32 copies: cpu_kernels.cpp).
         fused = mask is None and flash and cpu_kernels.elementwise_takes(query, key, value)
         if fused and torch.is_grad_enabled():
             return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
