@@ -980,7 +980,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
       float* dQ = grad_q.mutable_data_ptr<float>() + (b * T_ * H + h) * W;
       float* dK = grad_k.mutable_data_ptr<float>() + (b * T_ * H + h) * W;
       float* dV = grad_v.mutable_data_ptr<float>() + (b * T_ * H + h) * V;
-      const int64_t last = (T_ - 1) / kQueriesPerBlock * kQueriesPerBlock;
+      const int64_t last = ((T_ + kQueriesPerBlock - 1) / kQueriesPerBlock - 1) * kQueriesPerBlock;  // -64 at T = 0
       for (int64_t first = last; first >= 0; first -= kQueriesPerBlock) {
         const int64_t rows = std::min(kQueriesPerBlock, T_ - first), width = first + rows;
         causal_scores_t(K.data, K.ld, queries_t.data(), T_, W, first, rows, scores_t.data());

@@ -264,6 +264,17 @@ def test_float32_training_attention_and_its_gradients_match_the_float64_formula_
         assert (got.double() - want).abs().max() <= 1.5 * (peer.double() - want).abs().max() + 4 * rounding
 
 
+def test_the_float32_training_attention_of_no_tokens_gives_empty_outputs_and_gradients():
+    """T = 0 (a batch of empty rows), as torch's SDPA takes it: empty out, log-sum-exp and gradients, where the
+    backward's last query block began at row 0 and called brgemm on no rows (std::bad_alloc)."""
+    assert cpu_kernels.available()
+    q, k, v, grad = (torch.randn(2, 3, 0, 16) for _ in range(4))
+    out, lse = torch.ops.seekstack.causal_attention_training(q, k, v, 0.25)
+    grads = torch.ops.seekstack.causal_attention_training_backward(grad, q, k, v, out.transpose(1, 2), lse, 0.25)
+    assert out.shape == (2, 0, 3, 16) and lse.shape == (2, 3, 0)
+    assert [g.shape for g in grads] == [q.shape] * 3
+
+
 def test_the_float32_training_attention_refuses_bfloat16_naming_the_dtype_it_takes():
     """bfloat16 training attention casts to float32 before the float32 op (or, with AMX, takes torch's fused forward
     and causal_attention_backward): a bfloat16 call to the float32 op is refused, not computed."""
