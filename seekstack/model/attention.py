@@ -118,11 +118,15 @@ class MultiHeadLatentAttention(nn.Module):
         # bfloat16 without AMX cast to float32, 1.46x its bfloat16 path (small's 4 x 512, avx512_bf16 EPYC thread).
         # Inference in bfloat16 takes the causal forward kernel: each query block's keys up to the diagonal, v at its
         # own width, out as (B, T, H, V); 1.2-1.3x torch's flash forward at 4 x 6 heads x 512 (AMX products; without
-        # AMX the float32 training kernel's forward on float32 copies: cpu_kernels.cpp).
+        # AMX the float32 training kernel's forward on float32 copies: cpu_kernels.cpp). Inference in float32 takes
+        # that training forward itself: tiny's whole prefill of 1 x 512 and 1 x 1024 1.2x SDPA's (one EPYC thread).
         fused = mask is None and flash and cpu_kernels.elementwise_takes(query, key, value)
         if fused and torch.is_grad_enabled():
             return _CausalAttention.apply(query, key, value, self.softmax_scale).transpose(1, 2)
-        if fused and query.dtype == torch.bfloat16:
+        if fused and query.dtype == torch.float32:
+            out, _ = torch.ops.seekstack.causal_attention_training(query, key, value, self.softmax_scale)
+            return out
+        if fused:
             return torch.ops.seekstack.causal_attention(query, key, value, self.softmax_scale)
         out = F.scaled_dot_product_attention(
             query, key, _pad_last(value, width), attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale

@@ -343,6 +343,31 @@ def test_bfloat16_inference_attention_takes_the_causal_forward_only_without_a_ma
     torch.testing.assert_close(as_math, with_mask, rtol=0.05, atol=0.05 * with_mask.abs().max().item())
 
 
+def test_float32_inference_takes_the_float32_training_forward_only_without_a_mask(monkeypatch):
+    """A float32 forward without gradients or a mask runs causal_attention_training, one call a layer, its logits
+    those of torch's SDPA (the masked path) to float32's rounding; with a mask, under sdpa_kernel(SDPBackend.MATH) or
+    in bfloat16 (causal_attention's) it is not called from Python."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    model = Transformer(micro_config(num_nextn_predict_layers=0)).eval()
+    ids = torch.randint(128, (1, 150))
+    ones = torch.ones(1, 150, dtype=torch.long)
+    calls = []
+    training = torch.ops.seekstack.causal_attention_training
+    monkeypatch.setattr(
+        torch.ops.seekstack, "causal_attention_training", lambda *args: calls.append(1) or training(*args)
+    )
+    with torch.no_grad():
+        got = model(ids).logits
+        assert len(calls) == 3  # one a layer
+        torch.testing.assert_close(got, model(ids, attention_mask=ones).logits, rtol=1e-5, atol=1e-5)
+        with sdpa_kernel(SDPBackend.MATH):
+            model(ids)
+        model.to(torch.bfloat16)
+        model(ids)
+    assert len(calls) == 3
+
+
 def test_the_causal_forward_refuses_a_value_wider_than_q_naming_the_shapes():
     """causal_attention writes V <= W columns (attention.py pads q and k to the value's width first): a wider v is
     refused naming the shapes, not cut by a negative pad into torch's narrow error."""
