@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 T = TypeVar("T")
@@ -103,3 +104,18 @@ def _rank_as_spawned(rank: int, rank_main: Callable[..., None], args: tuple, out
     os.environ.update(environ)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where each thread is, to the test's stderr, on a hang
     rank_main(rank, *args)
+
+
+def mm_beside_a_busy_process(off_core_seconds: float, threads_seen: set[int] | None = None) -> Callable[..., None]:
+    """A stand-in for torch.mm that takes 1 ms of its thread's CPU time and `off_core_seconds` more off the core (as
+    when another process holds it), noting in `threads_seen` the torch thread count it ran under."""
+
+    def mm(lhs: torch.Tensor, rhs: torch.Tensor) -> None:
+        if threads_seen is not None:
+            threads_seen.add(torch.get_num_threads())
+        start = time.thread_time()
+        while time.thread_time() - start < 1e-3:
+            pass
+        time.sleep(off_core_seconds)
+
+    return mm

@@ -2,12 +2,12 @@
 the spread of the blocks it timed, in the seconds of the clock the results are timed on."""
 
 import sys
-import time
 
 import torch
 
 from seekstack.train.mfu import MATMUL_PROBE_SIZE, measured_core_matmul_rates, thread_cores
 from tests.bench.support import BENCH
+from tests.support import mm_beside_a_busy_process
 
 sys.path.insert(0, str(BENCH))  # its siblings (options.py), as when run
 from bench import machine  # noqa: E402
@@ -34,13 +34,7 @@ def test_the_wall_clock_peak_is_one_cores_cpu_clock_rate_times_the_cores_the_thr
     GFLOP/s", where one core multiplies at 89. Each matmul here takes 1 ms of its thread's CPU time and 2 ms more off
     the core (another process holding it)."""
 
-    def mm_beside_a_busy_process(lhs, rhs):
-        start = time.thread_time()
-        while time.thread_time() - start < 1e-3:
-            pass
-        time.sleep(2e-3)
-
-    monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process)
+    monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process(2e-3))
     measured_core_matmul_rates.cache_clear()
     try:
         peak = machine.matmul_peaks("wall")["float32"]

@@ -23,7 +23,7 @@ from seekstack.train.mfu import (
     probed_in_turns,
     shared_cpu_peak_flops,
 )
-from tests.support import spawn
+from tests.support import mm_beside_a_busy_process, spawn
 from tests.train.test_distributed import _rank_main, free_port
 from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
@@ -58,16 +58,8 @@ def test_the_cpu_peak_is_one_cores_rate_on_its_cpu_clock_times_the_cores_torchs_
     multiplies at 88.7, and the demo's MFU read 61%. Each matmul here takes 1 ms of its thread's CPU time and 3 ms
     more off the core (another process holding it): the peak is one core's CPU-clock rate, on one thread, times the
     cores torch's threads keep busy (8 threads on 2 CPUs: 2), and says so (in the singular for one)."""
-    seen_threads = set()
-
-    def mm_beside_a_busy_process(lhs, rhs):
-        seen_threads.add(torch.get_num_threads())
-        start = time.thread_time()
-        while time.thread_time() - start < 1e-3:
-            pass
-        time.sleep(3e-3)
-
-    monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process)
+    seen_threads: set[int] = set()
+    monkeypatch.setattr(torch, "mm", mm_beside_a_busy_process(3e-3, seen_threads))
     measured_core_matmul_rates.cache_clear()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
