@@ -23,7 +23,7 @@ from pathlib import Path
 
 FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities() names
 # Without these, float16 runs slower than float32 on a CPU (torch widens it around each op): `small` decoded at 0.68x
-# float32's speed at batch 1 and 0.44x at batch 8 (eager, one thread, 2-core Zen 5 with avx512_bf16 alone).
+# float32's speed at batch 1 and 0.44x at batch 8 (eager, one thread, 2-core Zen 4 with avx512_bf16 alone).
 FAST_FP16_CPU_FEATURES = ("avx512_fp16", "amx_fp16")
 MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
 

@@ -406,8 +406,9 @@ def test_training_attention_takes_the_fused_attention_when_causal_and_matches_to
     monkeypatch, dtype, tolerance
 ):
     """A training forward without a mask, float32 or bfloat16 (autocast), runs the fused causal attention; with an
-    attention_mask, with the kernels switched off, under sdpa_kernel(SDPBackend.MATH), or without gradients it runs
-    torch's SDPA, and the gradients agree (within 0.01% of each gradient's largest value in float32, 2% in bfloat16)."""
+    attention_mask, with the kernels switched off or under sdpa_kernel(SDPBackend.MATH) it runs torch's SDPA, and the
+    gradients agree (within 0.01% of each gradient's largest value in float32, 2% in bfloat16); without gradients it
+    runs inference's forward kernels instead (test_float32_inference_takes_the_float32_training_forward_only_...)."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
