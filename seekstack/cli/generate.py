@@ -27,6 +27,7 @@ from seekstack.cli.common import (
 )
 from seekstack.infer.params import EngineOptions, SamplingParams
 from seekstack.interrupts import INTERRUPTED
+from seekstack.schema import option_name
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -470,7 +471,7 @@ def refuse_drafting_without_speculation(ctx: typer.Context) -> None:
         return
     for name in DRAFTING_OPTIONS:
         if ctx.get_parameter_source(name).name != "DEFAULT":
-            option = "--" + "no-" * (ctx.params[name] is False) + name.replace("_", "-")  # as typed
+            option = option_name("no_" * (ctx.params[name] is False) + name)  # as typed
             raise usage_error(f"{option} sets how speculative decoding drafts, which is off: add --speculative, or "
                               f"leave {option} out")  # fmt: skip
 
