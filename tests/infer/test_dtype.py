@@ -53,7 +53,7 @@ def test_a_model_that_fits_the_cache_stays_in_float32_on_the_cpu_but_not_on_a_gp
 
 
 def test_a_dtype_asked_for_is_told_where_it_can_run_slower_than_float32():
-    """float16 on a CPU without fp16 arithmetic (`small` decoded at 0.44-0.68x float32's speed on a Zen 5), bfloat16
+    """float16 on a CPU without fp16 arithmetic (`small` decoded at 0.44-0.68x float32's speed on a Zen 4), bfloat16
     where `auto` would not take it; nothing against float32, or against either where the hardware computes it."""
     large = MIN_BF16_CPU_PARAMETERS
     assert asked_dtype_caveat("float16", ["cpu"], large, ZEN5) == "this CPU has none of avx512_fp16, amx_fp16"
