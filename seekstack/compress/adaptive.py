@@ -74,7 +74,7 @@ def sensitivities(
         at_base = work.get_submodule(name)
         kl = {}
         for option in bits:
-            if option == BASE_OPTION:  # its shapes take it (`option_bits`), so `work` holds it so already
+            if option == BASE_OPTION:  # its shapes take it (`option_bits`), so `work` holds it already
                 kl[option] = base_kl
                 continue
             work.set_submodule(name, _quantized(original, option))
