@@ -1928,8 +1928,8 @@ def token_id(token: Any) -> int:
 def refuse_adapters_not_served(
     adapters: Mapping[str, str | Path | AdapterWeights] | None, max_loras: int | None, max_lora_rank: int | None
 ) -> None:
-    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders (or adapters read
-    from them: a list, a folder alone), ValueError for a max_loras or max_lora_rank that is no count
+    """Before any weights are read: TypeError for `adapters` that are no mapping of names to folders or to adapters read
+    from them (a list, a folder alone), ValueError for a max_loras or max_lora_rank that is no count
     (`refuse_a_non_count`), and ConfigError naming max_loras where it is fewer than the adapters given, each loaded
     from the start."""
     from seekstack.adapters.registry import AdapterWeights
