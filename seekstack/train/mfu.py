@@ -148,11 +148,6 @@ def thread_cores(threads: int) -> int:
     return min(threads, len(own_cpus()))
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> float:
-    """The median of `matmul_rates(dtype, clock)`, probed anew."""
-    return statistics.median(matmul_rates(dtype, clock))
-
-
 def matmul_rates(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """FLOP/s of each timed block (`block_rates`) of (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), in
     the fastest (by median) of the layouts a training step multiplies in (`MATMUL_LAYOUTS`), picked on small matrices:
