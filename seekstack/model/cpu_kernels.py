@@ -40,12 +40,13 @@ takes a float32 weight beside bfloat16 rows too); `cross_entropy_rows` (head_los
 autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them, and
 `add_weight_grad`: a chunk's dL/dW = G^T h, bf16 products summed in float32 straight into dL/dW (MKL's GEMM, the op
 registered where torch carries it: its x86 builds); and `causal_attention_backward` (attention.py's
-`_CausalAttention`): causal training attention's backward in bfloat16 from torch's fused forward's log-sum-exp,
+`_CausalAttention`): causal training attention's backward in bfloat16 with AMX from torch's fused forward's log-sum-exp,
 FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score row;
 `causal_attention`: bfloat16 inference's causal forward (no log-sum-exp kept), each block of 64 query rows over its keys
 up to the diagonal only, written in o_proj's (B, T, H, V) layout (on a CPU without AMX, where brgemm cannot pack
 bfloat16, `causal_attention_training`'s forward on float32 copies); `causal_attention_training` and its backward:
-float32 training attention, forward and backward in those blocks of query rows (torch's brgemm products, float32).
+float32 training attention (and bfloat16's on a CPU without AMX, on float32 copies; the forward alone: float32
+inference's), forward and backward in those blocks of query rows (torch's brgemm products, float32).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
