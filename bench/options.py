@@ -65,7 +65,8 @@ def check_task(parser: argparse.ArgumentParser, task: str, difficulty: int | Non
     try:
         require_task(task, difficulty=difficulty)
     except ConfigError as error:  # "field 'difficulty': difficulty 5000: at most 1000 ..."
-        parser.error(error.naming(f"--task {task} --difficulty {difficulty}"))
+        given = f"--task {task}" + (f" --difficulty {difficulty}" if difficulty is not None else "")
+        parser.error(error.naming(given))
 
 
 def config_number(cls: type, field: str) -> Callable[[str], float]:

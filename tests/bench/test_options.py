@@ -15,7 +15,7 @@ from tests.bench.support import BENCH, run_in_process
 sys.path.insert(0, str(BENCH))  # its siblings (ctrl_c.py), as when run
 import ctrl_c  # noqa: E402
 
-from bench.options import checkpoint_folder, non_negative_int, positive_int  # noqa: E402
+from bench.options import check_task, checkpoint_folder, non_negative_int, positive_int  # noqa: E402
 from tests.bench.test_peers import micro_checkpoint
 from tests.train.test_trainer import write_split
 
@@ -357,6 +357,14 @@ def test_a_difficulty_the_task_refuses_is_refused_naming_the_options(
     run = run_in_process(script, *options, "--difficulty", "5000", monkeypatch=monkeypatch, capsys=capsys)
     assert run.returncode == 2, run.stderr[-500:]
     assert "error: --task addition --difficulty 5000: difficulty 5000: at most 1000" in run.stderr.splitlines()[-1]
+
+
+def test_a_task_there_is_none_of_is_refused_naming_the_task_alone_when_no_difficulty_was_given(capsys):
+    """check_task named "--task nothing --difficulty None" for a --difficulty never typed."""
+    with pytest.raises(SystemExit):
+        check_task(argparse.ArgumentParser(prog="dr_grpo.py"), "nothing", None)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("dr_grpo.py: error: --task nothing: ") and "None" not in last
 
 
 @pytest.mark.parametrize("script", ["eval_parity.py", "distill.py", "sft_tools.py"])
