@@ -13,7 +13,7 @@ import torch
 from options import positive_int
 
 from seekstack.allocator import keep_freed_memory
-from seekstack.train.mfu import measured_core_matmul_rates, thread_cores
+from seekstack.train.mfu import cores_named, measured_core_matmul_rates, thread_cores
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PEAK_DTYPES = (torch.float32, torch.bfloat16)
@@ -48,8 +48,7 @@ def matmul_peaks(clock: str = "wall") -> dict[str, float]:
     thread timed on its CPU clock, the median of its timed blocks, printed with their spread), the yardstick every
     result of the run is also given as a fraction of, in the seconds of `clock` (CLOCKS: --clock's) those results are
     timed on: on the wall clock the cores torch's threads keep busy multiply side by side, and a CPU second is one
-    core's. Probed on torch's 2 threads by the wall clock on a busy 2-core machine it read 11 GFLOP/s float32, where
-    one core multiplies at 89."""
+    core's."""
     threads = torch.get_num_threads()
     cores = thread_cores(threads) if clock == "wall" else 1
     rates = {
@@ -61,8 +60,7 @@ def matmul_peaks(clock: str = "wall") -> dict[str, float]:
         f"in {len(blocks)} blocks)"
         for name, blocks in rates.items()
     )
-    per = f"{cores} core" + "s" * (cores > 1)
-    print(f"measured matmul peak of {per} ({threads} threads, {clock} clock): {measured}", flush=True)
+    print(f"measured matmul peak of {cores_named(cores)} ({threads} threads, {clock} clock): {measured}", flush=True)
     return {name: statistics.median(blocks) for name, blocks in rates.items()}
 
 

@@ -103,7 +103,7 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     cores = thread_cores(torch.get_num_threads())
     probe = f"a {MATMUL_PROBE_SIZE}^3 {dtype_name} matmul measured on one CPU thread's clock"
     core = statistics.median(measured_core_matmul_rates(dtype))
-    return Peak(cores * core, f"{probe}, times {cores} core" + "s" * (cores > 1))
+    return Peak(cores * core, f"{probe}, times {cores_named(cores)}")
 
 
 @functools.cache
@@ -146,6 +146,11 @@ def measured_core_matmul_rates(dtype: torch.dtype = torch.float32) -> tuple[floa
 def thread_cores(threads: int) -> int:
     """The cores `threads` intra-op threads keep busy: at most the CPUs this process may run on."""
     return min(threads, len(own_cpus()))
+
+
+def cores_named(cores: int) -> str:
+    """`cores` as a peak's source says it: "1 core", "2 cores"."""
+    return f"{cores} core" + "s" * (cores > 1)
 
 
 def matmul_rates(dtype: torch.dtype = torch.float32, clock: Callable[[], float] = time.perf_counter) -> list[float]:
