@@ -389,7 +389,8 @@ def prune_command(
             str(data), config.max_position_embeddings, batches=calibration_batches, split=TRAIN_SPLIT
         )
         before = network.config
-        has_moe = has_moe_layers(config)  # the MTP module's experts are pruned too
+        has_moe = has_moe_layers(config)
+        # the MTP module's experts are pruned too
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
         notes += transformers_head_count_notes(before, network.config)

@@ -103,12 +103,12 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
-    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; `causal_attention` and its backward
-    in bfloat16, `causal_attention_training` and its backward in float32) take these tensors: float32 or bfloat16 in
-    one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's ops), none
-    sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call. Asked before
-    each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu` in a loop: 1.1 us,
-    where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
+    """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; bfloat16 `causal_attention` and
+    `causal_attention_backward`, float32 `causal_attention_training` and its backward) take these tensors: float32
+    or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's
+    ops), none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call.
+    Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu` in a
+    loop: 1.1 us, where `device.type` in a generator took 2.3 us of a 1-row norm's 12)."""
     first = tensors[0]
     if not _switch["on"] or torch.compiler.is_compiling() or first.dtype not in FUSED_DTYPES or not first.is_cpu:
         return False
@@ -181,7 +181,7 @@ def _build() -> bool:
         # torch's "Could not load this library: PATH" keeps the loader's reason (an undefined symbol) as its cause
         reason = f"{error} ({error.__cause__})" if error.__cause__ else error
         warnings.warn(
-            f"seekstack: {SOURCE.name} did not build, decode, SwiGLU, RMSNorm, the loss and the attention backward "
+            f"seekstack: {SOURCE.name} did not build, decode, SwiGLU, RMSNorm, the loss and causal attention "
             f"run without it: {reason}",
             stacklevel=3,
         )

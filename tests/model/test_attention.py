@@ -453,7 +453,7 @@ def test_without_a_compiler_the_warning_names_the_attention_backward_and_trainin
     monkeypatch.setattr(attention._CausalAttention, "apply", lambda *args: pytest.fail("the fused attention ran"))
     model = Transformer(micro_config(num_nextn_predict_layers=0)).train()
     ids = torch.randint(128, (2, 12))
-    with pytest.warns(UserWarning, match="did not build, .* and the attention backward run without it: Ninja"):
+    with pytest.warns(UserWarning, match="did not build, .* and causal attention run without it: Ninja"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(ids, labels=ids).loss
         loss.backward()
