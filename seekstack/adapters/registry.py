@@ -205,14 +205,13 @@ class LoadedAdapters:
                 self._restack()
         self.rows.select(slots, device)
 
-    def add(
-        self, name: str, folder: str | Path, weights: AdapterWeights, replace: bool = False, requests_in_flight: int = 0
-    ) -> None:
-        """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot. `replace` (vLLM's
+    def add(self, name: str, weights: AdapterWeights, replace: bool = False, requests_in_flight: int = 0) -> None:
+        """Serve `weights` (`read_factors`) as adapter `name` in the lowest free slot. `replace` (vLLM's
         load_inplace): a loaded `name` takes these weights in its own slot, AdapterInUse while
         `requests_in_flight` (unfinished ones using it) > 0, as for `remove`."""
         if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"adapter name {shown_value(name)}: use letters, digits and . _ - : @ / + only")
+        folder = weights.folder
         refuse_quantized_base(self.model, folder)
         if name in self.slots and not replace:
             raise AdapterConflict(
@@ -240,7 +239,7 @@ class LoadedAdapters:
             self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
             self.salts = {**self.salts, slot: f"{name}#{next(self._loads)}"}
             self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
-            self.folders = {**self.folders, name: Path(folder)}
+            self.folders = {**self.folders, name: folder}
             self._restack()
 
     def _device_of(self, module_name: str) -> torch.device:
@@ -503,7 +502,7 @@ def attach_adapters(
     loaded = LoadedAdapters(model, max_loras=max_loras, max_lora_rank=max_lora_rank)
     try:
         for name, read in weights.items():
-            loaded.add(name, read.folder, read)
+            loaded.add(name, read)
     except BaseException:
         for name in loaded.names:  # the model plain again, as given: the caller's next engine on it is not refused
             loaded.remove(name)

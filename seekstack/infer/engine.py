@@ -821,7 +821,7 @@ class Engine:
         folder = adapter_folder(folder)
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
-            self.lora.add(name, folder, factors, replace, self._requests_on_adapter(name))
+            self.lora.add(name, factors, replace, self._requests_on_adapter(name))
             self._model_changes += 1
             self._requested_adapters.pop(name, None)  # the caller's now: never unloaded for a lora_request's
 
@@ -1684,7 +1684,7 @@ class Engine:
             if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
                 unloaded = self._unload_least_recent(keep)
                 try:
-                    self.lora.add(name, folder, factors)
+                    self.lora.add(name, factors)
                 except Exception:
                     if unloaded is not None:
                         self.lora.add(*unloaded)
@@ -1702,15 +1702,15 @@ class Engine:
         if name in self._requested_adapters:
             self._requested_adapters[name] = self._requested_adapters.pop(name)
 
-    def _unload_least_recent(self, keep: set[str | None]) -> tuple[str, Path, Any] | None:
+    def _unload_least_recent(self, keep: set[str | None]) -> tuple[str, Any] | None:
         """Where every adapter slot is taken, unload the least recently asked for adapter that lora_request loaded, no
-        unfinished request uses, no generate call holds and `keep` does not name, if any: its name, folder and
-        weights; under the lock."""
+        unfinished request uses, no generate call holds and `keep` does not name, if any: its name and weights;
+        under the lock."""
         if len(self.lora.slots) < self.lora.max_loras:
             return None
         for name in list(self._requested_adapters):
             if name not in keep and not self._held_adapters[name] and not self._requests_on_adapter(name):
-                unloaded = name, self.lora.folders[name], self.lora.weights[name]
+                unloaded = name, self.lora.weights[name]
                 self.lora.remove(name)
                 del self._requested_adapters[name]
                 return unloaded

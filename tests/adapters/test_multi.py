@@ -104,13 +104,13 @@ def test_an_adapter_name_of_thousands_of_characters_is_cut_in_the_error_that_ref
     with pytest.raises(UnknownAdapter, match=rf"^no adapter {re.escape(shown)}; loaded: full, attention$"):
         loaded.remove("x" * 3000)
     with pytest.raises(ValueError, match=rf"^adapter name {re.escape(shown)}: use letters"):
-        loaded.add("x" * 2999 + " ", adapters["full"], read_factors(model.config, adapters["full"]))
+        loaded.add("x" * 2999 + " ", read_factors(model.config, adapters["full"]))
     long = attach_adapters(seekstack.load_pretrained(base), {"x" * 3000: adapters["full"]}, max_loras=1)
     listed = re.escape(f"{'x' * 80}... (3,000 characters)")  # a long name loaded is listed by its start
     with pytest.raises(UnknownAdapter, match=rf"^no adapter 'other'; loaded: {listed}$"):
         long.slot("other")
     with pytest.raises(ValueError, match=rf"'other' cannot load \(loaded: {listed}\); unload one first"):
-        long.add("other", adapters["full"], read_factors(model.config, adapters["full"]))
+        long.add("other", read_factors(model.config, adapters["full"]))
     with pytest.raises(AdapterInUse, match=rf"^adapter {re.escape(shown)} serves 1 unfinished request"):
         long.remove("x" * 3000, requests_in_flight=1)
 
@@ -935,12 +935,12 @@ def test_a_load_that_fails_to_restack_leaves_the_loaded_adapters_serving_as_befo
     unreadable = read_factors(model.config, adapters["attention"])
     unreadable.factors = {target: (a.to("meta"), b.to("meta")) for target, (a, b) in unreadable.factors.items()}
     with pytest.raises(NotImplementedError, match="meta tensor"):
-        loaded.add("broken", adapters["attention"], unreadable)
+        loaded.add("broken", unreadable)
     assert loaded.names == ["full"] and loaded.slots == {"full": 1} and list(loaded.weights) == ["full"]
     loaded.select([0, loaded.slot("full")], torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
-    loaded.add("attention", adapters["attention"], read_factors(model.config, adapters["attention"]))
+    loaded.add("attention", read_factors(model.config, adapters["attention"]))
     assert loaded.slot("attention") == 2
 
 
@@ -977,9 +977,9 @@ def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(se
     attention = read_factors(model.config, adapters["attention"])
     assert attention.rank == 8
     with pytest.raises(ValueError, match=r"lora_rank' is 4, less than the rank 8 of adapter 'attention' \(.*n\)"):
-        loaded.add("attention", adapters["attention"], attention)
+        loaded.add("attention", attention)
     with pytest.raises(ValueError, match=r"'max_loras': all 1 adapter slots are taken, .* 'again' .* \(loaded: full\)"):
-        loaded.add("again", adapters["full"], read_factors(model.config, adapters["full"]))
+        loaded.add("again", read_factors(model.config, adapters["full"]))
     assert loaded.slots == {"full": 1} and loaded.rows.slot_count == 2
     assert model.layers[0].self_attn.q_a_proj.down.shape == (model.config.hidden_size, 2 * 4)  # (in, S*r)
     started = attach_adapters(seekstack.load_pretrained(base).eval(), adapters)  # defaults, raised to fit the start
@@ -1061,5 +1061,5 @@ def test_a_capacity_past_the_free_memory_is_refused_naming_it_before_the_weights
         Engine.from_pretrained(base, adapters={"full": adapters["full"]}, **{field: 10**12})
     loaded = attach_adapters(seekstack.load_pretrained(base).eval(), {}, **{field: 10**12})
     with pytest.raises(ConfigError, match=stacks):
-        loaded.add("full", adapters["full"], read_factors(loaded.model.config, adapters["full"]))
+        loaded.add("full", read_factors(loaded.model.config, adapters["full"]))
     assert loaded.slots == {}
