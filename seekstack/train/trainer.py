@@ -41,7 +41,7 @@ from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
-from seekstack.infer.precision import auto_dtype, runs_bf16_fast
+from seekstack.infer.precision import asked_dtype_caveat, auto_dtype
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -317,13 +317,13 @@ def step_dtype(
     started: str | None = None,
 ) -> tuple[str, str]:
     """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype` (why: '' unless it is bfloat16 on
-    a device without native bf16, where it can run slower than float32), or for `auto` on a CPU generate's rule
-    (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's, default detected);
-    float32 on other devices, where no default other than float32 has been measured. `auto` decides at a run's
-    start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
+    a device without native bf16, where it can run slower than float32: `asked_dtype_caveat`), or for `auto` on a CPU
+    generate's rule (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's,
+    default detected); float32 on other devices, where no default other than float32 has been measured. `auto`
+    decides at a run's start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
     if dtype == "bfloat16":
-        fast, why = runs_bf16_fast(str(device), None, features)
-        return dtype, "" if fast else f"given, but {why}: bf16 can run slower there than float32"
+        caveat = asked_dtype_caveat(dtype, [str(device)], None, features)
+        return dtype, "" if caveat is None else f"given, but {caveat}: bf16 can run slower there than float32"
     if dtype != "auto":
         return dtype, ""
     if device.type != "cpu":
