@@ -141,13 +141,8 @@ class Completion:
     @property
     def outputs(self) -> list[CompletionOutput]:
         """The prompt's n samples, this one first, as vLLM's RequestOutput.outputs (its `others` as Completions)."""
-        return [
-            CompletionOutput(
-                sample.index, sample.text, sample.token_ids, sample.cumulative_logprob, sample.logprobs,
-                sample.finish_reason, sample.stop_reason,
-            )
-            for sample in (self, *self.others)
-        ]  # fmt: skip
+        names = [output_field.name for output_field in dataclasses.fields(CompletionOutput)]
+        return [CompletionOutput(**{name: getattr(sample, name) for name in names}) for sample in (self, *self.others)]
 
     @property
     def finished(self) -> bool:
