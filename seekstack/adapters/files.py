@@ -354,7 +354,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
         if base_copy:
             hf_module, lora = base_copy["module"] or base_copy["whole"], ""
         else:
-            hf_module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+            hf_module, lora = _split(key, weights)
         if hf_module not in ours and hf_module in names:  # keys of peft's save_pretrained on seekstack's model
             theirs = checkpoint_key(f"{hf_module}.weight", layers).removesuffix(".weight")
             raise CheckpointError(
@@ -612,16 +612,18 @@ def is_adapter_parameter(name: str) -> bool:
 def _file_key(key: str, layers: int, folder: Path) -> str:
     """The key in the adapter file of the tensor peft keys `key` on our model of `layers` main layers
     (`base_model.model.layers.0.mlp.down_proj.lora_A.weight` -> `base_model.model.model.layers.0...`)."""
-    module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+    module, lora = _split(key, folder)
     return f"{PEFT_PREFIX}{checkpoint_key(f'{module}.weight', layers).removesuffix('.weight')}{lora}"
 
 
-def _split(key: str, folder: Path) -> tuple[str, str]:
-    """`layers.0.mlp.experts.base_layer.lora_A.weight` -> (`layers.0.mlp.experts`, `.base_layer.lora_A.weight`)."""
-    match = ADAPTER_KEY.fullmatch(key)
+def _split(key: str, source: Path) -> tuple[str, str]:
+    """`base_model.model.layers.0.mlp.experts.base_layer.lora_A.weight` -> (`layers.0.mlp.experts`,
+    `.base_layer.lora_A.weight`); CheckpointError naming `source` (the file or folder the key came from) and the
+    whole key when it is no adapter weight's."""
+    match = ADAPTER_KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
     if match is None:
         raise CheckpointError(
-            f"{folder}: {key!r} is not an adapter weight key (...lora_A.weight / ...lora_B.weight / "
+            f"{source}: {key!r} is not an adapter weight key (...lora_A.weight / ...lora_B.weight / "
             "...token_adapter.trainable_tokens_delta)"
         )
     return match["module"], match["lora"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 
@@ -346,6 +347,20 @@ def test_a_folder_without_an_adapter_config_is_refused_saying_so(base, adapter, 
     (tmp_path / "bare" / ADAPTER_CONFIG_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"no {ADAPTER_CONFIG_FILE}; an adapter folder holds it"):
         load_adapter(seekstack.load_pretrained(base), tmp_path / "bare")
+
+
+def test_a_key_that_is_no_adapter_weight_is_refused_naming_the_weights_file_and_the_whole_key(base, adapter, tmp_path):
+    """A damaged key was refused naming the folder alone and the key without its `base_model.model.` prefix, a key
+    the file does not hold."""
+    shutil.copytree(adapter, tmp_path / "damaged")
+    weights = tmp_path / "damaged" / ADAPTER_WEIGHTS_FILE
+    tensors = load_safetensors(weights.read_bytes())
+    key = next(key for key in sorted(tensors) if "lora_A" in key)
+    tensors[key.replace("lora_A", "lora_Q")] = tensors.pop(key)
+    weights.write_bytes(save_safetensors(tensors))
+    damaged = re.escape(f"{weights}: {key.replace('lora_A', 'lora_Q')!r} is not an adapter weight key")
+    with pytest.raises(CheckpointError, match=damaged):
+        load_adapter(seekstack.load_pretrained(base), tmp_path / "damaged")
 
 
 def test_an_adapter_peft_saved_pickled_is_refused_saying_how_to_re_save_it(base, adapter, tmp_path):
