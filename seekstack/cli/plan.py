@@ -101,10 +101,11 @@ def _refuse_unstored_keys(directory: Path, config: ModelConfig) -> None:
 def plan(
     model: Model,
     memory: Annotated[
-        str,
+        list[str],
         typer.Option(
             help="Budgets per device, e.g. cuda:0=80GiB,cpu=20GiB (a GPU also as its number, 0=80GiB, as "
-            "accelerate's max_memory), filled GPUs first (in the order given), then the CPU; the rest goes to disk."
+            "accelerate's max_memory), filled GPUs first (in the order given), then the CPU; the rest goes to disk. "
+            "Repeat it to give them one by one (--memory cuda:0=80GiB --memory cpu=20GiB)."
         ),
     ],
     weights: Annotated[
@@ -124,7 +125,7 @@ def plan(
     if weights is not None and weights not in BYTES_PER_PARAM:  # option values: usage errors, before the model
         raise typer.BadParameter(f"{weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}", param_hint="'--weights'")
     try:
-        budgets = parse_budgets(memory)
+        budgets = parse_budgets(",".join(memory))
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="'--memory'") from None
     with user_errors():

@@ -182,3 +182,13 @@ def test_plan_refuses_a_configs_dtype_that_names_no_float_dtype_naming_the_key(t
         f"error: {tmp_path / 'config.json'}: {key} is {value!r}, no float dtype a model loads in: state one of "
         "float32, bfloat16, float16, float64 (or its name in torch: half, double), or remove it\n"
     )
+
+
+def test_plan_takes_memory_repeated_as_one_budget_list_refusing_a_device_given_twice():
+    """`--memory cuda:0=80GiB --memory cpu=1500GiB` planned with the last budget alone, the GPU's dropped silently."""
+    repeated = run("plan", "deepseek-v3", "--memory", "cuda:0=80GiB", "--memory", "cpu=1500GiB")
+    joined = run("plan", "deepseek-v3", "--memory", "cuda:0=80GiB,cpu=1500GiB")
+    assert repeated.exit_code == 0, repeated.output
+    assert "\ncuda:0 " in repeated.output and repeated.output == joined.output
+    twice = run("plan", "deepseek-v3", "--memory", "cpu=1GiB", "--memory", "cpu=2GiB")
+    assert twice.exit_code == 2 and "cpu named twice" in twice.output
