@@ -17,7 +17,7 @@ import itertools
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from seekstack.adapters.config import ADAPTER_NAME
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, read_lora_config, refuse_quantized_base, weightless_adapter
 from seekstack.adapters.multi import (
     FEED_FORWARD,
+    MERGED_EXPERTS_BYTES,
+    MERGED_LINEAR_BYTES,
     AdapterRows,
     Factors,
     MultiLoRAAttention,
@@ -223,7 +225,7 @@ class LoadedAdapters:
         new_layers = {target: factors for target, factors in weights.factors.items() if target not in adapted}
         itemsize = next(self.model.parameters()).itemsize
         refuse_stacks_past_free_memory(
-            self.model.config, new_layers, self.max_loras, self.max_lora_rank, self._device_of, itemsize
+            self.model.config, new_layers, self.max_loras, self.max_lora_rank, self._device_of, itemsize, adapted
         )
         if name in self.slots:
             _refuse_in_flight(name, requests_in_flight)
@@ -383,18 +385,21 @@ def refuse_stacks_past_free_memory(
     max_lora_rank: int,
     device_of: Callable[[str], torch.device],
     itemsize: int,
+    adapted: Collection[Target] = (),
 ) -> None:
-    """ConfigError where what the layers adapted by `factors` hold at this capacity (`capacity_bytes`), and the
-    largest layer's stacks once more as they are laid out, outgrow the memory free on the device they are made on
-    (`device_of` a layer's module name: a placed model's are on several; torch's bare "can't allocate memory" once the
-    weights were read, or the kernel's kill): of field max_lora_rank or max_loras, whichever is the more times its
-    default. `itemsize`: bytes an element."""
+    """ConfigError where what the layers adapted by `factors` hold at this capacity (`capacity_bytes`, and the merged
+    copies `merged_copy_bytes` counts, none of those the layers in `adapted` hold already), and the largest layer's
+    stacks once more as they are laid out, outgrow the memory free on the device they are made on (`device_of` a
+    layer's module name: a placed model's are on several; torch's bare "can't allocate memory" once the weights were
+    read, or the kernel's kill): of field max_lora_rank or max_loras, whichever is the more times its default.
+    `itemsize`: bytes an element."""
     per_device: dict[torch.device, list[tuple[int, int]]] = {}
     for (name, _), pair in factors.items():
         held = capacity_bytes(config, name, pair, max_loras, max_lora_rank, itemsize)
         per_device.setdefault(device_of(name), []).append(held)
+    merged = merged_copy_bytes(config, factors, max_loras + 1, device_of, itemsize, adapted)
     for device, held in per_device.items():
-        needed = sum(copies for copies, _ in held) + max(stacks for _, stacks in held)
+        needed = sum(copies for copies, _ in held) + max(stacks for _, stacks in held) + merged.get(device, 0)
         free = free_memory(device)
         if needed <= free:
             continue
@@ -402,10 +407,53 @@ def refuse_stacks_past_free_memory(
         field = max(asked, key=lambda name: asked[name][0] / asked[name][1])
         raise ConfigError(
             f"is {asked[field][0]}: the adapted layers' stacks at that capacity ({max_loras} + 1 slots x rank "
-            f"{max_lora_rank} of {len(held)} layers, with their copies for eager steps, x {itemsize} bytes) take "
-            f"{needed} bytes, more than the {free} bytes free on {device}: start the engine with a smaller value",
+            f"{max_lora_rank} of {len(held)} layers, with their copies for eager steps, merged ones included, x "
+            f"{itemsize} bytes) take {needed} bytes, more than the {free} bytes free on {device}: start the engine "
+            "with a smaller value",
             field=field,
         )
+
+
+def merged_copy_bytes(
+    config: ModelConfig,
+    factors: Mapping[Target, Factors],
+    slot_count: int,
+    device_of: Callable[[str], torch.device],
+    itemsize: int,
+    adapted: Collection[Target] = (),
+) -> dict[torch.device, int]:
+    """Bytes per device of the merged copies W + B_s A_s (seekstack.adapters.multi) that the layers adapted by
+    `factors` may hold for eager decode steps, with up to `slot_count` slots in use, those the layers in `adapted`
+    hold already left out: a linear's own (`MultiLoRALinear.loaded_merged`; kv_b_proj's twice, as
+    `MultiLoRAAttention.merged_absorbed` too; an embedding holds none), and on the CPU, where the experts kernel runs,
+    a dense FFN's or shared expert's (`MultiLoRAFeedForward`: its three linears, 3 x in x out) and a MoE layer's routed
+    experts' (`MultiLoRAExperts`: E x 3 x I x D). A layer holds s copies while s x its weight fits its bound, none
+    past it, so at most min(slot_count, bound // weight) x weight."""
+    held_already = {owner for name, _ in adapted for owner in (name, _feed_forward_of(name))}
+    merged: dict[str, tuple[int, int, int, bool]] = {}  # owner -> (copies a slot, weight bytes, bound, CPU alone)
+    for (name, _), (lora_a, lora_b) in factors.items():
+        if lora_a.dim() > 2:  # routed experts
+            experts = (config.n_routed_experts or 0) * 3 * config.moe_intermediate_size * config.hidden_size
+            merged[name] = (1, experts * itemsize, MERGED_EXPERTS_BYTES, True)
+            continue
+        weight = lora_a.shape[-1] * lora_b.shape[-2] * itemsize  # in x out
+        if not name.endswith("embed_tokens"):
+            merged[name] = (2 if name.endswith("kv_b_proj") else 1, weight, MERGED_LINEAR_BYTES, False)
+        feed_forward = _feed_forward_of(name)
+        if feed_forward is not None:
+            merged[feed_forward] = (1, 3 * weight, MERGED_EXPERTS_BYTES, True)
+    per_device: dict[torch.device, int] = {}
+    for owner, (copies, weight, bound, cpu_alone) in merged.items():
+        device = device_of(owner)
+        if owner not in held_already and (device.type == "cpu" or not cpu_alone):
+            per_device[device] = per_device.get(device, 0) + copies * min(slot_count, bound // weight) * weight
+    return per_device
+
+
+def _feed_forward_of(module_name: str) -> str | None:
+    """The dense FFN or shared expert whose linear `module_name` is, None for any other layer."""
+    parent, _, leaf = module_name.rpartition(".")
+    return parent if leaf in FEED_FORWARD else None
 
 
 def capacity_bytes(

@@ -990,14 +990,14 @@ def test_an_adapter_past_the_capacity_is_refused_naming_its_rank_or_the_slots(se
 def test_the_capacity_check_counts_every_copy_an_adapted_layer_holds(served, monkeypatch):
     """The check counted the stacks alone, (S + 1) x r x (in + out) per layer, where a linear also holds their copy of
     the loaded extent, which eager steps read, and an adapted kv_b_proj MultiLoRAAttention's layouts of both (the base
-    weight and A once per head, for keys and values, and B): a capacity it let through could end in torch's bare
-    allocator error. At full capacity (one slot, at rank 8), what attaching holds and the largest layer's stacks once
-    more (made before they are laid out) is taken, and a byte less refused."""
+    weight and A once per head, for keys and values, and B), and the merged copies of small layers eager decode steps
+    run on (within MERGED_LINEAR_BYTES a layer; kv_b_proj's twice): a capacity it let through could end in torch's
+    bare allocator error. At full capacity (one slot, at rank 8), what attaching holds and the largest layer's stacks
+    once more (made before they are laid out) is taken, and a byte less refused."""
     base, adapters = served
     model = seekstack.load_pretrained(base).eval()
     attach_adapters(model, {"attention": adapters["attention"]}, max_loras=1, max_lora_rank=8)
-    # what the capacity holds, not the merged copies of small layers (within MERGED_LINEAR_BYTES a layer)
-    held = sum(buffer.nbytes for name, buffer in model.named_buffers() if "merged" not in name.rsplit(".", 1)[-1])
+    held = sum(buffer.nbytes for buffer in model.buffers())
     held -= sum(buffer.nbytes for buffer in seekstack.load_pretrained(base).buffers())
     stacks = max(m.down.nbytes + m.up.nbytes for m in model.modules() if isinstance(m, MultiLoRALinear))
     needed = held + stacks
@@ -1008,6 +1008,25 @@ def test_the_capacity_check_counts_every_copy_an_adapted_layer_holds(served, mon
         attach_adapters(seekstack.load_pretrained(base).eval(), {"attention": adapters["attention"]}, 1, 8)
     monkeypatch.setattr(registry, "free_memory", lambda device: needed)
     assert attach_adapters(seekstack.load_pretrained(base).eval(), {"attention": adapters["attention"]}, 1, 8)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the FFNs' and experts' merged copies need the CPU kernels")
+def test_the_capacity_check_counts_the_merged_copies_of_ffns_and_experts_as_held(served):
+    """The merged copies W + B_s A_s eager decode steps run on (a linear's, a dense FFN's or shared expert's, a MoE
+    layer's routed experts', up to 64 MiB a layer) were left out of the capacity check; it counts, per device, the
+    bytes attaching then holds in them, and on a GPU, where the experts kernel does not run, a linear's alone."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    factors = read_factors(model.config, adapters["full"]).factors
+    attach_adapters(model, {"full": adapters["full"]}, max_loras=1, max_lora_rank=8)
+    merged = {name: buffer.nbytes for name, buffer in model.named_buffers() if "merged" in name.rsplit(".", 1)[-1]}
+    assert any(".experts." in name for name in merged) and any(".shared_experts." in name for name in merged)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert registry.merged_copy_bytes(model.config, factors, 2, lambda name: cpu, 4) == {cpu: sum(merged.values())}
+    linears = sum(nbytes for name, nbytes in merged.items() if not name.endswith(("merged_gate_up", "merged_down"))
+                  and ".experts." not in name)  # fmt: skip
+    assert registry.merged_copy_bytes(model.config, factors, 2, lambda name: gpu, 4) == {gpu: linears}
+    assert registry.merged_copy_bytes(model.config, factors, 2, lambda name: cpu, 4, adapted=factors) == {}
 
 
 def test_a_device_maps_capacity_is_checked_on_the_devices_its_layers_go_to_before_the_weights(served, monkeypatch):
