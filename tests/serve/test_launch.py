@@ -199,7 +199,7 @@ def test_serve_reads_each_adapter_once_and_checks_the_capacity_once_before_the_w
     read, check = registry.read_factors, registry.refuse_stacks_past_free_memory
     monkeypatch.setattr(registry, "read_factors", lambda config, folder: reads.append(folder) or read(config, folder))
     monkeypatch.setattr(
-        registry, "refuse_stacks_past_free_memory", lambda *args: checks.append(args[-1]) or check(*args)
+        registry, "refuse_stacks_past_free_memory", lambda *args: checks.append(args[5]) or check(*args)
     )
     model_dir = make_model_dir(tmp_path, max_position_embeddings=256)
     adapter = write_random_adapter(model_dir, tmp_path / "legal", seed=1)
