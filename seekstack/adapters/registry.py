@@ -494,8 +494,13 @@ FEWEST_STACK_BYTES = 2
 
 
 class CheckedAdapters(dict[str, AdapterWeights]):
-    """Adapters by name, read from their folders and checked against the capacity asked before the weights load
-    (`refuse_adapters_past_capacity`): an engine given these (serve's) reads and checks none of them again."""
+    """Adapters by name, read from their folders and checked before the weights load for `checked_for`: the config,
+    capacity and devices `refuse_adapters_past_capacity` was asked about, which given these again for the same reads
+    and checks none of them again (serve checks before opening its database, then builds the engine, which checks)."""
+
+    def __init__(self, weights: Mapping[str, AdapterWeights], checked_for: tuple[object, ...]):
+        super().__init__(weights)
+        self.checked_for = checked_for
 
 
 def read_adapters(
@@ -520,8 +525,12 @@ def refuse_adapters_past_capacity(
     folder or another base's adapter is told then too), `refuse_a_rank_beyond` for each unless `max_lora_rank` is None
     (the largest rank given), and `refuse_stacks_past_free_memory` at the capacity asked, on `device` or, for a model
     placed by `device_map` (seekstack.infer.placement's text), on each layer's device (an `auto:` plan's are known
-    once the weights have loaded, when each load checks them)."""
-    weights = CheckedAdapters(read_adapters(config, adapters))
+    once the weights have loaded, when each load checks them). Adapters this returned, asked about again for the same,
+    are returned as they are."""
+    asked = (config, max_loras, max_lora_rank, device, device_map)
+    if isinstance(adapters, CheckedAdapters) and adapters.checked_for == asked:
+        return adapters
+    weights = CheckedAdapters(read_adapters(config, adapters), asked)
     if max_lora_rank is not None:
         for name, read in weights.items():
             refuse_a_rank_beyond(max_lora_rank, name, read.folder, read.rank)

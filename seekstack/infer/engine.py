@@ -579,12 +579,11 @@ class Engine:
         kwargs["device"] = device = runtime_device(asked)
         adapters = kwargs.get("adapters")
         if adapters:  # before the weights: a mistyped folder, another base's adapter, past capacity
-            from seekstack.adapters.registry import CheckedAdapters, refuse_adapters_past_capacity
+            from seekstack.adapters.registry import refuse_adapters_past_capacity
 
-            if not isinstance(adapters, CheckedAdapters):  # else read and checked by the caller (serve), as asked
-                kwargs["adapters"] = refuse_adapters_past_capacity(
-                    config, adapters, kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device, device_map
-                )
+            kwargs["adapters"] = refuse_adapters_past_capacity(
+                config, adapters, kwargs.get("max_loras"), kwargs.get("max_lora_rank"), device, device_map
+            )
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

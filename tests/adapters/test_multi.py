@@ -1073,6 +1073,20 @@ def test_from_pretrained_refuses_an_adapter_past_max_lora_rank_before_reading_th
         Engine.from_pretrained(base, adapters=adapters, max_lora_rank=4)
 
 
+def test_from_pretrained_checks_adapters_checked_for_another_capacity_before_the_weights(served, monkeypatch):
+    """Engine.from_pretrained given adapters refuse_adapters_past_capacity had checked (serve's) checked none of them,
+    whatever capacity it was asked for: max_loras=10**12 read every weight first. It checks them unless they were
+    checked for the same config, capacity and devices, and then reads and checks none again."""
+    base, adapters = served
+    config, cpu = seekstack.load_pretrained(base).config, torch.device("cpu")
+    checked = refuse_adapters_past_capacity(config, {"full": adapters["full"]}, None, None, cpu)
+    monkeypatch.setattr("seekstack.infer.engine.load_pretrained", lambda *args, **kw: pytest.fail("weights read"))
+    with pytest.raises(ConfigError, match=r"^field 'max_loras' is 1000000000000: the adapted layers' stacks at that"):
+        Engine.from_pretrained(base, adapters=checked, max_loras=10**12)
+    monkeypatch.setattr(registry, "refuse_stacks_past_free_memory", lambda *args: pytest.fail("checked again"))
+    assert refuse_adapters_past_capacity(config, checked, None, None, cpu) is checked
+
+
 @pytest.mark.parametrize("field", ["max_lora_rank", "max_loras"])
 def test_a_capacity_past_the_free_memory_is_refused_naming_it_before_the_weights_or_at_the_load(
     served, field, monkeypatch
