@@ -214,12 +214,18 @@ def _bad_value(option: str, problem: str) -> BadParameter:
 def _print_assignment(assignment: dict[str, str]) -> None:
     """The layers per scheme, then the reasons layers were kept or took a smaller int4 group than asked, each with
     how many it concerns."""
-    counts = Counter(value.split(":")[0] for value in assignment.values())
-    typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
-    explained = [value.partition(": ") for value in assignment.values() if value == "kept" or ": " in value]
-    reasons = Counter((what, reason or "always kept, kept by default or by --keep") for what, _, reason in explained)
-    for (what, reason), n in sorted(reasons.items()):
-        typer.echo(f"  {n} {what}{'' if what == 'kept' else ' instead'}: {reason}")
+    from seekstack.compress.quantize import KEPT, read_assigned
+
+    entries = [read_assigned(value) for value in assignment.values()]
+    counts = Counter(layer_format for layer_format, _ in entries)
+    typer.echo("layers: " + ", ".join(f"{n} {layer_format}" for layer_format, n in sorted(counts.items())))
+    reasons = Counter(
+        (layer_format, reason or "always kept, kept by default or by --keep")
+        for layer_format, reason in entries
+        if layer_format == KEPT or reason
+    )
+    for (layer_format, reason), n in sorted(reasons.items()):
+        typer.echo(f"  {n} {layer_format}{'' if layer_format == KEPT else ' instead'}: {reason}")
 
 
 def _progressive(

@@ -42,13 +42,28 @@ from seekstack.schema import ConfigError, Positive, counted, recheck, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
-ABSORBED_IN_FP8 = "kept: fp8 values on disk, expanded in memory (absorbed by MLA)"  # kv_b_proj's assignment in fp8
+KEPT = "kept"  # the format an assignment gives a layer stored in float
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("lm_head", "mtp.*.eh_proj")  # float in DeepSeek's FP8 release, and where vLLM, transformers read them
 FP8_SCALE_BYTES = 4  # an fp8 block's float32 weight_scale_inv
 INT4_GROUPS = (32, 64, 128, 256)  # QuantConfig.group_size's values, as torch's int4 CPU kernel takes them
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
+
+
+def assigned(layer_format: str, reason: str = "") -> str:
+    """One layer's entry in an assignment (as the report's JSON gives it): the format it is stored in (KEPT: float),
+    then why, where it was kept or took another format than asked ("int4 g16: 48 input features are ...")."""
+    return f"{layer_format}: {reason}" if reason else layer_format
+
+
+def read_assigned(entry: str) -> tuple[str, str]:
+    """An assignment entry's format and reason ("" where it gives none): `assigned` read back."""
+    layer_format, _, reason = entry.partition(": ")
+    return layer_format, reason
+
+
+ABSORBED_IN_FP8 = assigned(KEPT, "fp8 values on disk, expanded in memory (absorbed by MLA)")  # kv_b_proj's in fp8
 
 
 @dataclass
@@ -164,14 +179,14 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
             assignment[name] = ABSORBED_IN_FP8
             continue
         if scheme is None:
-            assignment[name] = "kept"
+            assignment[name] = KEPT
             continue
         scheme, _, group_text = scheme.partition("-g")
         group = int(group_text) if group_text else config.group_size
         problem = unsupported_reason(module, scheme, group)
         fallback = _fallback_group(module, group) if problem and scheme == "int4" and not group_text else None
         if problem and fallback is None:
-            assignment[name] = f"kept: {problem}"
+            assignment[name] = assigned(KEPT, problem)
             continue
         group = fallback or group
         label = scheme if scheme != "int4" else f"int4 g{group}"
@@ -180,7 +195,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         else:
             _refuse_non_finite(module, names[name])
             model.set_submodule(name, quantized_module(module, scheme, config, group))
-        assignment[name] = f"{label}: {problem}" if fallback else label
+        assignment[name] = assigned(label, problem if fallback else "")
     use_quantized_feed_forwards(model)
     return assignment
 
@@ -389,16 +404,16 @@ def _refuse_nothing_quantized(assignment: dict[str, str], config: QuantConfig, n
     """A quantization of a float checkpoint that leaves every layer in float would write a copy of it: ConfigError
     naming the `layers` "none" (else `keep`) patterns that kept layers the scheme would quantize, or, where none did,
     ValueError with the reasons no layer could be quantized. `names`: our layer names -> the checkpoint's."""
-    if any(not value.startswith("kept") for value in assignment.values()):
+    if any(read_assigned(value)[0] != KEPT for value in assignment.values()):
         return
     unpatterned = QuantConfig(scheme=config.scheme, keep=[])
     by_pattern = [
         names[name]
         for name, value in assignment.items()
-        if value == "kept" and unpatterned.scheme_of(name, names[name]) is not None
+        if value == KEPT and unpatterned.scheme_of(name, names[name]) is not None
     ]
     if not by_pattern:
-        reasons = Counter(value.partition(": ")[2] or "always kept" for value in assignment.values())
+        reasons = Counter(read_assigned(value)[1] or "always kept" for value in assignment.values())
         listed = "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
         raise ValueError(f"nothing to quantize: no layer can be quantized to {config.scheme} ({listed})")
     unquantized = [pattern for pattern, scheme in config.layers.items() if scheme == "none"]
@@ -423,19 +438,19 @@ def _requantized_notes(
     of those loaded in float from their dequantized weights (`quantized_in_float`), which are never kept as stored,
     but an fp8 kv_b_proj an fp8 quantization stores in fp8 again."""
     changed = Counter(
-        (stored_format(module), assignment[name].split(":")[0])
+        (stored_format(module), read_assigned(assignment[name])[0])
         for name, module in stored.items()
         if model.get_submodule(name) is not module
     )
     changed.update(
-        (before, assignment[name].split(":")[0])
+        (before, read_assigned(assignment[name])[0])
         for name, before in in_float.items()
         if assignment[name] != ABSORBED_IN_FP8
     )
     notes = []
     for (before, after), count in sorted(changed.items()):
         layers = f"{counted(count, 'layer')} stored {before} {'was' if count == 1 else 'were'}"
-        if after == "kept":
+        if after == KEPT:
             notes.append(
                 f"{layers} written in float from the dequantized weights: {before}'s rounding error stays, in more "
                 f"bytes than {before}; keep such layers from the float checkpoint instead where you have it"
