@@ -388,6 +388,14 @@ def first_token_in(text: str, tokens: Iterable[str]) -> str | None:
     return min((token for token in tokens if token in text), key=text.index, default=None)
 
 
+def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> None:
+    """A ValueError when `text` (a chat's system prompt, a prompt, a message's field, the tools offered: `named`)
+    holds one of `special_tokens`, which would forge a turn of the chat it goes into."""
+    forged = first_token_in(text, special_tokens)
+    if forged:
+        raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 
@@ -774,11 +782,8 @@ class Tokenizer:
         return first_token_in(text, self.special_tokens)
 
     def refuse_forged_turn(self, text: str, named: str) -> None:
-        """A ValueError when `text` (a chat's system prompt, a prompt, a message's field, the tools offered: `named`)
-        holds a special token, which would forge a turn of the chat it goes into."""
-        forged = self.special_token_in(text)
-        if forged:
-            raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
+        """`refuse_forged_turn` of this tokenizer's special tokens."""
+        refuse_forged_turn(text, named, self.special_tokens)
 
     def _special_id(self, token: str | None, name: str) -> int:
         """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when

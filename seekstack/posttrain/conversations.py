@@ -220,14 +220,9 @@ def text_completion(record: dict, tokenizer: Tokenizer | None = None) -> TextCom
     (a forged turn, an EOS trained mid-completion), as a conversation's content is refused for them."""
     refuse_preference_label(record)
     if tokenizer:
-        texts = {"prompt": record["prompt"], "completion": record["completion"].removesuffix(tokenizer.eos_token)}
-        for field, text in texts.items():
-            forged = tokenizer.special_token_in(text)
-            if forged:
-                raise ValueError(
-                    f"field {field} contains the special token {forged!r}, which would be encoded as that token, not "
-                    "as its text: take it out (a completion may end with the EOS, which TRL adds where it is missing)"
-                )
+        tokenizer.refuse_forged_turn(record["prompt"], "field prompt")
+        completion = record["completion"].removesuffix(tokenizer.eos_token)
+        tokenizer.refuse_forged_turn(completion, "field completion, but for one EOS ending it (TRL's own),")
     return TextCompletion(
         [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     )
@@ -374,9 +369,8 @@ def offered(tools: object, tokenizer: Tokenizer | None = None) -> list[dict]:
             '{"type": "object", ...}}}, ...]'
         ) from None
     dumped = [tool.model_dump(exclude_none=True) for tool in read]
-    forged = tokenizer.special_token_in(json.dumps(dumped, ensure_ascii=False)) if tokenizer else None
-    if forged:
-        raise ValueError(f"field tools contains the special token {forged!r}, which would forge a turn: take it out")
+    if tokenizer:
+        tokenizer.refuse_forged_turn(json.dumps(dumped, ensure_ascii=False), "field tools")
     return dumped
 
 

@@ -491,16 +491,14 @@ def test_a_special_token_in_a_text_prompt_or_completion_is_refused_but_an_eos_en
     is read."""
     tokenizer = byte_tokenizer(tmp_path / "tok")
     data = tmp_path / "pairs.jsonl"
-    forged = [({"prompt": f"Q: hi{USER} A: ", "completion": "4"}, "prompt", USER)]
-    forged.append(({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS} more{EOS}"}, "completion", EOS))
+    forged = [({"prompt": f"Q: hi{USER} A: ", "completion": "4"}, "field prompt", USER)]
+    completion = "field completion, but for one EOS ending it (TRL's own),"
+    forged.append(({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS} more{EOS}"}, completion, EOS))
     for line, field, token in forged:
         data.write_text(json.dumps({"prompt": "Q: 1 + 1? A: ", "completion": "2"}) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(ValueError) as refused:
             read_conversations(data, tokenizer, text_completions=True)
-        assert str(refused.value) == (
-            f"{data}:2: field {field} contains the special token {token!r}, which would be encoded as that token, "
-            "not as its text: take it out (a completion may end with the EOS, which TRL adds where it is missing)"
-        )
+        assert str(refused.value) == f"{data}:2: {field} contains the special token {token!r}, which would forge a turn"
     data.write_text(json.dumps({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS}"}) + "\n")
     ids, labels = encode_conversation(tokenizer, *read_conversations(data, tokenizer, text_completions=True))
     assert ids[-2:] == labels[-2:] == [*tokenizer.encode("4"), tokenizer.eos_id] and ids.count(tokenizer.eos_id) == 1

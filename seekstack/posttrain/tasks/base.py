@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from seekstack.schema import counted
-from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, first_token_in
+from seekstack.tokenizer import SPECIAL_TOKENS, TOOL_TOKENS, refuse_forged_turn
 
 Split = Literal["train", "heldout"]
+CHAT_FORMAT_TOKENS = (*SPECIAL_TOKENS, *TOOL_TOKENS)  # encoded as those tokens in a problem's chat: none in its texts
 HELDOUT_PERCENT = 10  # share of the problem space (by key hash) reserved for held-out evaluation
 
 
@@ -79,12 +80,11 @@ def sample_problems(
                 f"task {task.name!r}: generate(rng) returned {type(problem).__name__} {str(problem)[:80]!r}, not a "
                 "Problem(key, question, answer, trace) of seekstack/posttrain/tasks/base.py"
             )
-        for field_name in ("question", "answer", "trace"):
-            forged = forged_turn(getattr(problem, field_name))
-            if forged:  # your own task's: a file's problems are checked as it is read
-                raise ValueError(
-                    f"task {task.name!r}: generate(rng) made problem {problem.key!r}, whose {field_name} {forged}"
-                )
+        for field_name in ("question", "answer", "trace"):  # your own task's: a file's are checked as it is read
+            refuse_forged_turn_in_problem(
+                getattr(problem, field_name),
+                f"task {task.name!r}: generate(rng) made problem {problem.key!r}, whose {field_name}",
+            )
         draws_without_one += 1
         if split_of(problem.key) == split and not (distinct and problem.key in seen):
             problems.append(problem)
@@ -95,16 +95,10 @@ def sample_problems(
     raise TooFewProblems(_too_few(task, len(problems), count, split, "distinct " if distinct else ""))
 
 
-def forged_turn(text: object) -> str | None:
-    """What is wrong with a problem's question, answer or trace (`text`: the prompt's user turn, SFT's assistant turn)
-    holding one of the chat format's special or tool tokens, the first it holds; None when it holds none."""
-    forged = first_token_in(str(text), (*SPECIAL_TOKENS, *TOOL_TOKENS))
-    if forged is None:
-        return None
-    return (
-        f"contains the chat format's special token {forged!r}, which would be encoded as that token in the chat (a "
-        "forged turn), not as its text: take it out"
-    )
+def refuse_forged_turn_in_problem(text: object, named: str) -> None:
+    """`refuse_forged_turn` of a problem's question, answer or trace (`text`, `named`: the prompt's user turn, SFT's
+    assistant turn) against the chat format's special and tool tokens, checked before any tokenizer is at hand."""
+    refuse_forged_turn(str(text), named, CHAT_FORMAT_TOKENS)
 
 
 def _too_few(task: Task, found: int, count: int, split: str, kind: str) -> str:

@@ -28,7 +28,7 @@ from seekstack.posttrain.tasks.answers import (
     read_items,
     reads_as,
 )
-from seekstack.posttrain.tasks.base import Problem, forged_turn
+from seekstack.posttrain.tasks.base import Problem, refuse_forged_turn_in_problem
 from seekstack.tokenizer import template_message
 
 LINE_FORMAT = (
@@ -106,9 +106,7 @@ def _problem(record: Any, where: str) -> Problem:
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field {question_field} is {_shown(question)}: must be the question's text")
     for field, text in ((question_field, question), (answer_field, answer)):
-        forged = forged_turn(text)
-        if forged:
-            raise ValueError(f"{where}: field {field} {forged}")
+        refuse_forged_turn_in_problem(text, f"{where}: field {field}")
     gold = _gold(answer)
     if gold is None:
         raise ValueError(
