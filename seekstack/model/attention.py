@@ -205,15 +205,15 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 
 class _CausalAttention(torch.autograd.Function):
     """Causal attention of q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU, keeping the rows' log-sum-exp for the
-    backward (cpu_kernels.cpp). float32, and bfloat16 on a CPU without AMX (cast to float32 and back: there torch's
-    brgemm cannot pack bfloat16): `causal_attention_training` and its backward, each query block over its keys up
-    to the diagonal only. bfloat16 with AMX: torch's fused kernel forward (v zero-padded to W) and
+    backward (cpu_kernels.cpp). float32, and bfloat16 where torch's brgemm cannot pack it (`packs_bfloat16`: no AMX,
+    or an odd width; cast to float32 and back): `causal_attention_training` and its backward, each query block over
+    its keys up to the diagonal only. bfloat16 where it packs: torch's fused kernel forward (v zero-padded to W) and
     `causal_attention_backward`, 2.2x faster than torch's fused backward at `small`'s shapes."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
         ctx.dtype = q.dtype
-        ctx.in_float32 = q.dtype == torch.float32 or not torch.cpu._is_amx_tile_supported()
+        ctx.in_float32 = q.dtype == torch.float32 or not cpu_kernels.packs_bfloat16(q.shape[-1])
         if ctx.in_float32:
             q, k, v = (t.to(torch.float32) for t in (q, k, v))
             out, lse = torch.ops.seekstack.causal_attention_training(q, k, v, scale)

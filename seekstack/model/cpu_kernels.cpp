@@ -587,13 +587,19 @@ void pack_key_tile(const c10::BFloat16* b, int64_t ld_b, int64_t keys, int64_t K
   }
 }
 
+// Whether torch's brgemm multiplies bfloat16 operands `width` wide packed to VNNI (oneDNN's ukernel: a CPU with AMX,
+// pairs of columns: an even width). The one decision of bfloat16 causal attention's path: where it holds, the bfloat16
+// kernels (causal_attention, causal_attention_backward); where not, the float32 kernels on float32 copies
+// (causal_attention here, attention.py's training attention through the `packs_bfloat16` op).
+bool packs_bfloat16(int64_t width) { return at::native::cpublas::could_pack(at::kBFloat16) && width % 2 == 0; }
+
 // scores (n, T, T) float32 = a (n, T, K) b (n, T, K)^T for bfloat16 a and b read along stride 1, in the rows i >= j of
 // each key j (the causal half; the rest left unwritten). torch's brgemm (oneDNN, AMX), as its flash CPU kernel calls
 // it: b^T in tiles of 64 keys packed to VNNI (`pack_key_tile`), times the rows from the tile's first key down. Where
-// the CPU cannot pack bfloat16 or K is odd, the same call takes b^T unpacked and runs a plain gemm.
+// it cannot pack them (`packs_bfloat16`), the same call takes b^T unpacked and runs a plain gemm.
 void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores) {
   const int64_t n = a.size(0), T_ = a.size(1), K = a.size(2), ld_a = a.stride(1), ld_b = b.stride(1);
-  const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && K % 2 == 0;
+  const bool vnni = packs_bfloat16(K);
   const c10::BFloat16* a_data = a.const_data_ptr<c10::BFloat16>();
   const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
   float* s_data = scores.mutable_data_ptr<float>();
@@ -615,6 +621,22 @@ void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores)
     }
     if (vnni) at::native::cpublas::brgemm_release();
   });
+}
+
+// The inputs of the causal attention kernels: q, k (B, H, T, W) and v (B, H, T, V) of `dtype`, read along stride 1;
+// V <= W where `value_within_width` (causal_attention writes v's columns into q's width). `other_dtype` names the
+// kernel of the other dtype.
+void check_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype,
+                            bool value_within_width, const char* op, const char* other_dtype) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
+                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3) && (!value_within_width || v.size(3) <= q.size(3)),
+              op, ": q, k must be (B, H, T, W) and v (B, H, T, V)", value_within_width ? " with V <= W" : "", ", not q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype, op,
+              ": q, k and v must be ", dtype == at::kFloat ? "float32" : "bfloat16", " (", other_dtype, "), not ",
+              q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1, op,
+              ": q, k and v must be read along stride 1");
 }
 
 // P and dS (bfloat16) from float32 S and dP into `probs` and `grad_scores`.
@@ -669,12 +691,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                          const at::Tensor& k, const at::Tensor& v,
                                                                          const at::Tensor& out, const at::Tensor& lse,
                                                                          double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kBFloat16 && lse.scalar_type() == at::kFloat,
-              "causal_attention_backward: q must be (B, H, T, D) bfloat16 (float32 takes "
-              "causal_attention_training_backward), lse float32, not q ", q.scalar_type(), " of ", q.dim(), " dimensions, lse ",
-              lse.scalar_type());
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1 && out.stride(-1) == 1,
-              "causal_attention_backward: q, k, v and out must be read along stride 1");
+  check_causal_attention(q, k, v, at::kBFloat16, false, "causal_attention_backward",
+                         "float32: causal_attention_training_backward");
+  TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && out.scalar_type() == at::kBFloat16 &&
+                  out.stride(-1) == 1 && lse.scalar_type() == at::kFloat && lse.sizes() == q.sizes().slice(0, 3),
+              "causal_attention_backward: grad and out must be of v's shape ", v.sizes(), ", out bfloat16 read along "
+              "stride 1, lse float32 (B, H, T), not grad ", grad.sizes(), ", out ", out.scalar_type(), out.sizes(),
+              ", lse ", lse.scalar_type(), lse.sizes());
   const at::Tensor dO = grad.to(q.scalar_type()).contiguous();
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2);
   at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
@@ -715,17 +738,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
                                                              const at::Tensor& v, double scale);
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
-                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3) && v.size(3) <= q.size(3),
-              "causal_attention: q, k must be (B, H, T, W) and v (B, H, T, V) with V <= W, not q ", q.sizes(), ", k ",
-              k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "causal_attention: q, k and v must be bfloat16, not ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
-              "causal_attention: q, k and v must be read along stride 1");
+  check_causal_attention(q, k, v, at::kBFloat16, true, "causal_attention", "float32: causal_attention_training");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
-  if (!at::native::cpublas::could_pack(at::kBFloat16) || W % 2 != 0) {
+  if (!packs_bfloat16(W)) {
     const auto [out, lse] = causal_attention_training(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale);
     return out.to(at::kBFloat16);
   }
@@ -854,20 +869,10 @@ struct HeadOf {  // (b, h)'s rows of a (B, H, T, D) tensor read along stride 1
       : data(t.const_data_ptr<float>() + b * t.stride(0) + h * t.stride(1)), ld(t.stride(2)) {}
 };
 
-void check_training_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              op, ": q, k must be (B, H, T, W) and v (B, H, T, V), not q ", q.sizes(), ", k ", k.sizes(), ", v ",
-              v.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, op,
-              ": q, k and v must be float32, not ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1, op,
-              ": q, k and v must be read along stride 1");
-}
-
 // q, k (B, H, T, W), v (B, H, T, V) float32 -> out (B, T, H, V), L (B, H, T) = scale m + log(sum_j exp(scale S_ij - scale m)).
 std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, double scale) {
-  check_training_attention(q, k, v, "causal_attention_training");
+  check_causal_attention(q, k, v, at::kFloat, false, "causal_attention_training", "bfloat16: causal_attention");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
   at::Tensor out = at::empty({B, T_, H, V}, v.options()), lse = at::empty({B, H, T_}, q.options());
   const float scale_f = static_cast<float>(scale);
@@ -949,7 +954,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
-  check_training_attention(q, k, v, "causal_attention_training_backward");
+  check_causal_attention(q, k, v, at::kFloat, false, "causal_attention_training_backward",
+                         "bfloat16: causal_attention_backward");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
   TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && grad.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
@@ -1456,6 +1462,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def(
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def("packs_bfloat16(int width) -> bool", packs_bfloat16);  // no tensor to dispatch on: one kernel for all
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("causal_attention_training(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def(

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -116,6 +117,14 @@ def elementwise_takes(*tensors: torch.Tensor) -> bool:
         if tensor.dtype != first.dtype or not tensor.is_cpu or tensor.stride(-1) != 1 or isinstance(tensor, DTensor):
             return False
     return available()
+
+
+@functools.cache
+def packs_bfloat16(width: int) -> bool:
+    """Whether torch's brgemm multiplies bfloat16 operands `width` wide packed to VNNI (a CPU with AMX, an even width):
+    bfloat16 causal attention takes its bfloat16 kernels where it does, float32 copies where not. cpu_kernels.cpp's
+    own answer, which its `causal_attention` takes too. Ask it after `available()`."""
+    return torch.ops.seekstack.packs_bfloat16(width)
 
 
 def set_enabled(on: bool) -> None:

@@ -190,7 +190,7 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
     back in bfloat16. Within 1.5x the error of torch's fused SDPA (the training attention without the kernels) on the
     same inputs: S and dP stay float32."""
     assert cpu_kernels.available()
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(cpu_kernels, "packs_bfloat16", lambda width: amx)
     in_float32 = []
     training = torch.ops.seekstack.causal_attention_training
     monkeypatch.setattr(
@@ -221,6 +221,63 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
         assert got.dtype == dtype and got.shape == want.shape
         assert (got.double() - want).abs().max() <= 1.5 * (peer.double() - want).abs().max()
     assert len(in_float32) == (0 if amx else 1)
+
+
+@pytest.mark.parametrize("W", [23, 24], ids=["odd-width", "even-width"])
+def test_bfloat16_training_attention_takes_float32_copies_exactly_where_the_kernels_cannot_pack_bfloat16(
+    W, monkeypatch
+):
+    """Whether bfloat16 causal attention runs on float32 copies is decided once, by cpu_kernels.cpp's packs_bfloat16
+    (torch's brgemm packs bfloat16: a CPU with AMX, an even width), which causal_attention asks in C++ and the
+    training attention through the op: torch's own AMX probe, which the training attention asked (yes at an odd
+    width, where the inference forward went to float32), is not asked, here made to say the opposite."""
+    assert cpu_kernels.available()
+    packs = cpu_kernels.packs_bfloat16(W)
+    assert packs == (torch.ops.seekstack.packs_bfloat16(W) and W % 2 == 0)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not packs)
+    in_float32 = []
+    training = torch.ops.seekstack.causal_attention_training
+    monkeypatch.setattr(
+        torch.ops.seekstack, "causal_attention_training", lambda *args: in_float32.append(1) or training(*args)
+    )
+    q, k, v = (torch.randn(1, 2, 40, W, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    attention._CausalAttention.apply(q, k, v, 0.25).sum().backward()
+    assert len(in_float32) == (0 if packs else 1)
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("op", "dtype", "other", "within"),
+    [
+        ("causal_attention", torch.bfloat16, "float32: causal_attention_training", True),
+        ("causal_attention_training", torch.float32, "bfloat16: causal_attention", False),
+    ],
+)
+def test_the_causal_attention_kernels_refuse_a_key_of_another_shape_and_the_other_dtype_naming_both(
+    op, dtype, other, within
+):
+    """The forward kernels share one check of their inputs: a key of other tokens than the query's is refused naming
+    the shapes, and a dtype not theirs naming the kernel that takes it."""
+    assert cpu_kernels.available()
+    kernel = getattr(torch.ops.seekstack, op)
+    q, v = torch.randn(1, 2, 8, 16, dtype=dtype), torch.randn(1, 2, 8, 16, dtype=dtype)
+    shapes = r"q \[1, 2, 8, 16\], k \[1, 2, 9, 16\], v \[1, 2, 8, 16\]"
+    with pytest.raises(RuntimeError, match=rf"{op}: q, k must be .*{' with V <= W' if within else ''}, not {shapes}"):
+        kernel(q, torch.randn(1, 2, 9, 16, dtype=dtype), v, 0.25)
+    wrong = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match=rf"{op}: q, k and v must be \w+ \({other}\), not"):
+        kernel(q.to(wrong), q.to(wrong), v.to(wrong), 0.25)
+
+
+def test_the_fused_attention_backward_refuses_a_key_of_another_shape_naming_the_shapes():
+    """causal_attention_backward checked q's dtype alone: a key of more tokens than the query's was read as if of
+    T tokens, its gradient of the query's shape returned silently. It is refused naming the shapes."""
+    assert cpu_kernels.available()
+    q, v, grad = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, v, is_causal=True, scale=0.25)
+    k = torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"q \[1, 2, 8, 16\], k \[1, 2, 16, 16\], v \[1, 2, 8, 16\]"):
+        torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, 0.25)
 
 
 @pytest.mark.parametrize(
@@ -275,15 +332,6 @@ def test_the_float32_training_attention_of_no_tokens_gives_empty_outputs_and_gra
     assert [g.shape for g in grads] == [q.shape] * 3
 
 
-def test_the_float32_training_attention_refuses_bfloat16_naming_the_dtype_it_takes():
-    """bfloat16 training attention casts to float32 before the float32 op (or, with AMX, takes torch's fused forward
-    and causal_attention_backward): a bfloat16 call to the float32 op is refused, not computed."""
-    assert cpu_kernels.available()
-    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
-    with pytest.raises(RuntimeError, match=r"causal_attention_training: q, k and v must be float32, not BFloat16"):
-        torch.ops.seekstack.causal_attention_training(q, k, v, 0.25)
-
-
 @pytest.mark.parametrize(
     ("T", "W", "V"),
     [(1, 24, 16), (37, 24, 16), (200, 24, 16), (37, 23, 16), (70, 192, 128), (37, 24, 22)],
@@ -294,8 +342,8 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     the diagonal, T ragged against the blocks and the 64-key tiles, q and k strided as attention.py passes them, a
     value narrower than q and k (a view into a wider row), wider than one packed block (DeepSeek-V3's 192 / 128) or
     not in 16s. Out is (B, T, H, V), within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal)
-    v in float64 (logits of std 4). At an odd width or on a CPU without AMX (no bfloat16 packing for brgemm) it is
-    causal_attention_training's float32 forward on float32 copies, rounded to bfloat16: the same bits."""
+    v in float64 (logits of std 4). Where brgemm cannot pack bfloat16 (`packs_bfloat16`: an odd width, a CPU without
+    AMX) it is causal_attention_training's float32 forward on float32 copies, rounded to bfloat16: the same bits."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     B, H, dtype = 2, 3, torch.bfloat16
@@ -310,7 +358,7 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     torchs = torch.nn.functional.scaled_dot_product_attention(q, k, padded, is_causal=True, scale=scale)[..., :V]
     assert out.dtype == dtype and out.shape == (B, T, H, V) and out.is_contiguous()
     assert (out.double() - expected).abs().max() <= 1.5 * (torchs.transpose(1, 2).double() - expected).abs().max()
-    if W % 2 or not torch.cpu._is_amx_tile_supported():
+    if not cpu_kernels.packs_bfloat16(W):
         in_float32, _ = torch.ops.seekstack.causal_attention_training(q.float(), k.float(), v.float(), scale)
         assert torch.equal(out, in_float32.to(dtype))
 
@@ -383,7 +431,9 @@ def test_the_fused_attention_backward_refuses_float32_naming_the_dtype_it_takes(
     assert cpu_kernels.available()
     q, k, v, grad = (torch.randn(1, 2, 8, 16) for _ in range(4))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=0.25)
-    with pytest.raises(RuntimeError, match=r"q must be \(B, H, T, D\) bfloat16 .* not q Float"):
+    with pytest.raises(
+        RuntimeError, match=r"must be bfloat16 \(float32: causal_attention_training_backward\), not Float"
+    ):
         torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, 0.25)
 
 
