@@ -112,15 +112,8 @@ class Router(Float32Buffers):
         loop (the same ties, the same order): eager, they are a dozen ops of ~1-3 us each, ~25 of a one-token MoE's
         ~110; compiled, inductor calls each topk out of its loops, three a layer (`small` float32 step 1.03x)."""
         bias = self.e_score_correction_bias if self.aux_free else None
-        if (
-            not scores.requires_grad
-            and scores.shape[0] <= cpu_kernels.MAX_TOKENS
-            and (
-                cpu_kernels.usable(scores, scores)
-                if torch.compiler.is_compiling()
-                else cpu_kernels.elementwise_takes(scores)
-            )
-        ):
+        few_rows = not scores.requires_grad and scores.shape[0] <= cpu_kernels.MAX_TOKENS
+        if few_rows and cpu_kernels.usable(scores, scores):  # eager or compiled: built by a block's first RMSNorm
             return torch.ops.seekstack.route_rows(
                 scores, bias, self.n_group, self.topk_group, self.aux_free, self.top_k
             )
