@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,7 +60,8 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
     documents = _held_out_documents(run or checkpoint, train_config, len(DEMO_PROMPTS))
     if all_python(documents):
         return DEMO_PROMPTS
-    openings = _fitting(checkpoint, lambda _: (_opening(document["text"]) for document in documents), len(documents))
+    tokenizer, context = _tokenizer_and_context(checkpoint)
+    openings = _fitting((_opening(document["text"]) for document in documents), tokenizer, context, len(documents))
     return openings or DEMO_PROMPTS  # each fills the context of a model of few positions
 
 
@@ -96,15 +97,20 @@ def _trained_chats(checkpoint: Path, run: Path, train_config: dict, count: int) 
         chats = [chat for chat in chats if chat]  # one that opens with its answer asks nothing
     else:
         return ()
-    return _fitting(checkpoint, lambda tokenizer: (_prompt(tokenizer, chat) for chat in chats), count)
+    tokenizer, context = _tokenizer_and_context(checkpoint)
+    return _fitting((_prompt(tokenizer, chat) for chat in chats), tokenizer, context, count)
 
 
-def _fitting(checkpoint: Path, prompts: Callable[[Tokenizer], Iterator[str]], count: int) -> tuple[str, ...]:
-    """The first `count` of the prompts written with `checkpoint`'s tokenizer (`prompts`) whose tokens leave its
-    model's context room for a new token; report leaves one that does not out."""
+def _tokenizer_and_context(checkpoint: Path) -> tuple[Tokenizer, int]:
+    """`checkpoint`'s tokenizer and its model's context (max_position_embeddings)."""
     folders = model_folders(checkpoint)
-    tokenizer, context = Tokenizer.from_file(folders.tokenizer), read_config(folders.weights).max_position_embeddings
-    return tuple(itertools.islice((p for p in prompts(tokenizer) if len(tokenizer.encode(p)) < context), count))
+    return Tokenizer.from_file(folders.tokenizer), read_config(folders.weights).max_position_embeddings
+
+
+def _fitting(prompts: Iterable[str], tokenizer: Tokenizer, context: int, count: int) -> tuple[str, ...]:
+    """The first `count` of `prompts` whose tokens (by `tokenizer`) leave a model's `context` room for a new token;
+    report leaves one that does not out."""
+    return tuple(itertools.islice((p for p in prompts if len(tokenizer.encode(p)) < context), count))
 
 
 def _asking(conversation: Conversation) -> Conversation:
