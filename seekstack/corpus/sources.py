@@ -656,8 +656,9 @@ def require_corpus_file(jsonl_path: Path) -> None:
 
 
 def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
-    """Each row of a JSON Lines file whole, with its text (`field`), for a command that writes the rows again with
-    more fields (`data select`); blank lines are skipped, and a row without a text is an error naming file:line."""
+    """Each row of a JSON Lines file whole, with its text (`field`), as the commands reading a corpus split take them
+    (tokenizer train, data tokenize, data select, which writes the rows again with more fields); blank lines are
+    skipped, and a row without a text, or a null one, is an error naming file:line."""
     path = Path(path)
     for _, where, value in _jsonl_values(path):
         record = _json_object(value, where, field)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from seekstack.corpus.sources import read_jsonl, require_corpus_file
+from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
 from seekstack.schema import counted
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import require_split_name, tokenize_corpus
@@ -85,7 +85,7 @@ def difficulty_buckets(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS
     jsonl_path = Path(jsonl_path)
     require_corpus_file(jsonl_path)
     scores, sizes = [], []
-    for _, text, _ in read_jsonl(jsonl_path, "text"):
+    for _, text in read_jsonl_rows(jsonl_path):
         scores.append(compression_ratio(text))
         sizes.append(len(text.encode("utf-8")))
     if len(scores) < buckets:

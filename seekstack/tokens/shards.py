@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from seekstack.atomic import StagedFiles, staged_files, write_atomic
-from seekstack.corpus.sources import read_jsonl, require_corpus_file
+from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
 from seekstack.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
@@ -118,7 +118,7 @@ def tokenize_corpus(
                 writer.add([*ids, tokenizer.eos_id])
 
         batch: list[str] = []
-        for _, text, _ in read_jsonl(jsonl_path, "text"):  # names file:line of a bad line; half characters: U+FFFD
+        for _, text in read_jsonl_rows(jsonl_path):  # names file:line of a bad or null row; half characters: U+FFFD
             if select is not None and not select(text):
                 continue
             text_bytes += len(text.encode("utf-8"))

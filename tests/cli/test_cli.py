@@ -707,6 +707,26 @@ def test_tokenizer_train_refuses_an_empty_corpus_as_tokenize_does(tmp_path):
     assert not (tmp_path / "tok").exists()
 
 
+def test_tokenizer_train_and_tokenize_name_a_corpus_row_whose_text_is_null(tmp_path):
+    """A row {"text": null} of a corpus split (a dataset export given as the corpus) was dropped unsaid: tokenize
+    printed one document fewer, tokenizer train learned from the rest; `data build` counts such rows in its report."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text('{"text": "def f(x):\\n    return x\\n"}\n{"text": null}\n')
+    (corpus / "val.jsonl").write_text('{"text": "x = 1\\n"}\n')
+    tokenizer = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    refused = run(*tokenizer)
+    assert refused.exit_code == 1 and f"{corpus / 'train.jsonl'}:2: field 'text' is null" in refused.stderr
+    assert not (tmp_path / "tok").exists()
+    (corpus / "train.jsonl").write_text('{"text": "def f(x):\\n    return x\\n"}\n')
+    assert run(*tokenizer).exit_code == 0
+    (corpus / "val.jsonl").write_text('{"text": "x = 1\\n"}\n{"text": null}\n')
+    tokenize = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok")]
+    refused = run(*tokenize, "--out", str(tmp_path / "tokens"))
+    assert refused.exit_code == 1 and f"{corpus / 'val.jsonl'}:2: field 'text' is null" in refused.stderr
+    assert not (tmp_path / "tokens").exists()
+
+
 def test_tokenizer_train_names_vocab_size_and_its_largest_value(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

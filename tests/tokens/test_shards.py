@@ -207,7 +207,11 @@ def test_shards_past_a_file_size_limit_are_a_write_refused_naming_them(tmp_path,
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("{broken", r"train.jsonl:2: not valid JSON"), ('{"id": "x"}', r"train.jsonl:2: no field 'text'")],
+    [
+        ("{broken", r"train.jsonl:2: not valid JSON"),
+        ('{"id": "x"}', r"train.jsonl:2: no field 'text'"),
+        ('{"id": "x", "text": null}', r"train.jsonl:2: field 'text' is null"),  # was skipped, counted nowhere
+    ],
 )
 def test_bad_corpus_lines_are_named_by_file_and_line(tmp_path, tokenizer, line, message):
     corpus = tmp_path / "train.jsonl"
