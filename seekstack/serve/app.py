@@ -35,7 +35,7 @@ from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestFailure, RequestGroup
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
-from seekstack.serve.errors import APIError, internal_error, invalid_body, invalid_value, parse_body
+from seekstack.serve.errors import APIError, internal_error, invalid_body, invalid_value, named_model, parse_body
 from seekstack.serve.keys import (
     ApiKey,
     KeyStore,
@@ -107,7 +107,9 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 # A request the server cut off as it stopped (past --shutdown-timeout, or a second Ctrl-C): its failure, at no cost
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
-RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
+# The ledger's model for a request naming one this server does not serve (a typo, a client's control characters or
+# megabytes): one row of `seekstack usage` a key and day, not one a name; the name sent goes to the log
+UNKNOWN_MODEL = "(unknown)"
 USAGE_REPORT_PARAMETERS = ("key", "since", "until", "model")  # /v1/admin/usage's query
 SHOULD_RETRY = "x-should-retry"  # OpenAI's clients read "false" as: do not send this request again
 # OpenAI's routes an OpenAI client may call that this server does not have: why, in the 404
@@ -185,6 +187,11 @@ class Server:
         self.max_token_chars = longest_token_chars(engine.tokenizer)
         self.safety = ContentSafety(policy, engine.tokenizer)
         self.model_name = model_name or engine.model_name
+        if self.model_name == UNKNOWN_MODEL:
+            raise ValueError(
+                f"the served model name {UNKNOWN_MODEL!r} is what the ledger records requests for models this server "
+                "does not serve under; give the model another name (--served-model-name)"
+            )
         self.keys = KeyStore(database)
         self.ledger = Ledger(database)
         self.limiter = RateLimiter(database)
@@ -275,6 +282,17 @@ class Server:
             return model
         raise self.unknown_model(model, key)
 
+    def recorded_model(self, named: object) -> str:
+        """The model the ledger records a request under, from the `model` its body names (None or "": the base's, as
+        vLLM's default): a name this server serves as it is, any other as UNKNOWN_MODEL, the name logged."""
+        if named is None or named == "":
+            return self.model_name
+        if isinstance(named, str) and (named == self.model_name or named in self.engine.lora.weights):
+            return named
+        log.warning("A request named the model %s, which is not served; its usage is recorded under the model %r",
+                    shown_value(named), UNKNOWN_MODEL)  # fmt: skip
+        return UNKNOWN_MODEL
+
     def unknown_model(self, model: str, key: ApiKey | None = None) -> APIError:
         """The 404, in OpenAI's shape, for a `model` this server does not have or `key` may not use, alike (a key
         learns nothing of the models it may not see), naming those it may use; a long `model` or model id is shown by
@@ -294,15 +312,16 @@ class Server:
             await asyncio.to_thread(self.refuse_over_budget, bill.key)  # before any work: a database read
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
-            body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
+            try:
+                body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
+            except APIError:  # recorded under the model it names, where a field beside it failed
+                bill.model = self.recorded_model(await asyncio.to_thread(named_model, raw))
+                raise
             take_body_request_id(request, body.request_id)
-            # the ledger records which model served, or the start of the name asked for: a refused request's row
-            # (not rate limited) is no place for a body-sized name
             model = body.model or self.model_name  # none named: the base model, as vLLM's
-            bill.model = model[:RECORDED_MODEL_CHARS]
+            bill.model = self.recorded_model(model)  # in the response too, where it is served
             refuse_unsupported(body)
             adapter = self.adapter_for(model, bill.key)
-            bill.model = model  # served: its whole name, as /v1/models lists it, in the response and the ledger
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
             parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
             start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning

@@ -74,6 +74,16 @@ def parse_body(schema: type[Model], raw: bytes) -> Model:
     return body
 
 
+def named_model(raw: bytes) -> object:
+    """The `model` a request body `raw` names, as sent (read where the body failed validation): None for a body that is
+    no JSON object (or nests deeper than Python's json reads) or names none."""
+    try:
+        body = json.loads(raw.removeprefix(codecs.BOM_UTF8))
+    except (ValueError, RecursionError):  # not JSON, or not UTF-8
+        return None
+    return body.get("model") if isinstance(body, dict) else None
+
+
 def ignored_fields(model: BaseModel, path: str = "") -> list[str]:
     """The unknown fields `model` and the models of its fields kept (extra "allow"), each by its path from `model`."""
     ignored = [path + name for name in model.model_extra or ()]

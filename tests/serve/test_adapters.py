@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from seekstack.adapters.config import AdapterConfig
 from seekstack.infer.engine import Engine
-from seekstack.serve.app import create_app
+from seekstack.serve.app import UNKNOWN_MODEL, create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
@@ -134,7 +134,18 @@ def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served
     message = "'medical' does not exist or you do not have access to it; you may use 'model', 'legal', 'poem'"
     assert message in str(refused.value)
     row = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 1").fetchone()
-    assert row == ("medical", 404)
+    assert row == (UNKNOWN_MODEL, 404)  # 'medical' in the log
+
+
+def test_a_request_failing_validation_is_recorded_under_the_adapter_it_names(served):
+    """A body that failed schema validation (n "many") was recorded under the base model whatever model it named;
+    it is recorded under the adapter it names, or UNKNOWN_MODEL for a model not served."""
+    api, database, _ = served
+    for model in ("legal", "medical"):
+        with pytest.raises(openai.BadRequestError):
+            api.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"n": "many"})
+    rows = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 2").fetchall()
+    assert rows[::-1] == [("legal", 400), (UNKNOWN_MODEL, 400)]
 
 
 def test_a_request_whose_adapter_is_unloaded_while_it_is_admitted_gets_404_model_not_found(tmp_path):

@@ -22,8 +22,8 @@ import pytest
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.schema import SHOWN_VALUE_CHARS
-from seekstack.serve.app import ABSENT_ROUTES, create_app
+from seekstack.schema import SHOWN_VALUE_CHARS, shown_value
+from seekstack.serve.app import ABSENT_ROUTES, UNKNOWN_MODEL, create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import Budget, KeyStore, Plan
 from seekstack.serve.ledger import Ledger, UsageRecord
@@ -640,21 +640,33 @@ def test_refused_requests_and_moderations_count_against_the_requests_per_minute(
         assert error_of(refused, 429)["code"] == "rate_limit_exceeded" and "Retry-After" in refused.headers
 
 
-def test_a_refused_requests_ledger_row_and_404_keep_only_the_start_of_an_overlong_model_name(engine, tmp_path):
+def test_requests_naming_a_model_not_served_are_recorded_under_one_model_the_names_logged(engine, tmp_path, caplog):
+    """A refused request's ledger row kept the model it named as sent, cut to 256 characters: a client's control
+    characters went into `seekstack usage`'s table, and each name sent made a row of it a key and day. They are
+    recorded under UNKNOWN_MODEL, one row a key and day, each name sent in the log, cut to its start; the 404 names
+    the start of an overlong one."""
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("filler", rpm=100)
     app = create_app(engine, database)
-    asked = "m" * 500_000  # each 404 a row
+    asked = ["m" * 500_000, "gpt\x1b[2J\nERROR: forged", "gpt-4", 7]
 
     async def scenario(client):
-        body, headers = {**COMPLETION, "model": asked}, {"Authorization": f"Bearer {key}"}
-        return [await client.post("/v1/completions", json=body, headers=headers) for _ in range(2)]
+        headers = {"Authorization": f"Bearer {key}"}
+        return [await client.post("/v1/completions", json={**COMPLETION, "model": model}, headers=headers)
+                for model in asked]  # fmt: skip
 
-    errors = [error_of(answer, 404) for answer in run(app, scenario)]
-    assert [error["code"] for error in errors] == ["model_not_found"] * 2
-    assert errors[0]["message"].startswith(f"the model '{'m' * 79}... (500,000 characters) does not exist")
-    rows = Ledger(database).records("filler")
-    assert [row["model"] for row in rows] == ["m" * 256] * 2  # was: the 500,000 characters, each time
+    answers = run(app, scenario)
+    assert [answer.status_code for answer in answers] == [404, 404, 404, 400]  # 7: no model name
+    assert error_of(answers[0], 404)["message"].startswith(f"the model '{'m' * 79}... (500,000 characters) does not")
+    assert [row["model"] for row in Ledger(database).records("filler")] == [UNKNOWN_MODEL] * 4
+    [day] = Ledger(database).daily("filler")
+    assert (day.model, day.requests) == (UNKNOWN_MODEL, 4)
+    logged = [record.getMessage() for record in caplog.records if "which is not served" in record.getMessage()]
+    assert logged == [
+        f"A request named the model {shown_value(model)}, which is not served; its usage is recorded under the model "
+        "'(unknown)'"
+        for model in asked
+    ]
 
 
 def test_a_key_sent_without_bearer_is_told_so_not_called_missing(engine, tmp_path):
