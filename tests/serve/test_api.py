@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app as cli
 from seekstack.infer.engine import Engine
-from seekstack.serve.app import create_app, sse
+from seekstack.serve.app import UNKNOWN_MODEL, create_app, sse
 from seekstack.serve.billing import BILL_EVERY_TOKENS
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
@@ -494,9 +494,9 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
     report = httpx.get(
         f"{base_url}/v1/admin/usage", params={"key": "metered"}, headers={"Authorization": f"Bearer {admin}"}
     )
-    day, unknown_model = report.json()["data"]  # a row per model asked for: the 404 for 'nope' is its own, free
+    unknown_model, day = report.json()["data"]  # a row per model: the 404 for 'nope' is the models not served', free
     assert [(d["key_name"], d["model"], d["requests"]) for d in (day, unknown_model)] == [
-        ("metered", MODEL, 3), ("metered", "nope", 1),
+        ("metered", MODEL, 3), ("metered", UNKNOWN_MODEL, 1),
     ]  # fmt: skip
     assert unknown_model["cost"] == 0
     for model, rows_read in ((MODEL, [day]), ("another", [])):  # ?model= reads one model's (the base, an adapter)
