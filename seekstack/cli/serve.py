@@ -54,7 +54,7 @@ def refuse_empty_database(ctx: typer.Context, param: typer.CallbackParam, value:
     return refuse_empty_path(ctx, param, value)
 
 
-USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
+USAGE_NAMES_FOLDED_TO = 16  # the narrowest a usage table folds names to; narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
     typer.Option(

@@ -1310,13 +1310,28 @@ def test_an_80_column_terminal_shows_every_number_and_day_whole(tmp_path):
     Ledger(open_database(db)).record(usage("analytics", 1_234_567, 7_654_321))
     listed = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "80"})
     assert "rpm 600, tpm 200000," in listed.stdout  # was: '2000…'
-    report = runner.invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"})
+    report = runner.invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"}).stdout
+    day = dt.datetime.now(dt.UTC).date().isoformat()  # was: '2026-12-…'
+    assert f"{day}  analytics\n" in report and "prompt tokens 1,234,567, completion tokens" in report
+    assert "7,654,321, cost 30246.912500" in report and max(len(line) for line in report.splitlines()) <= 80
+
+
+def test_a_usage_table_folds_no_name_to_a_few_letters_a_line(tmp_path):
+    """In 80 columns a usage table of three models folded each key and model to 3 letters a line ('dee', 'pse',
+    'ek-', 'v3-', 'bas', 'e'): names fold to no fewer than 16, else each row is a block naming them whole."""
+    db = str(tmp_path / "cli.db")
+    for model in ("deepseek-v3-base", "legal-adapter", "a-long-adapter-name-for-legal-work"):
+        Ledger(open_database(db)).record(usage("analytics-team", 12, 12, model=model))
+    narrow = CliRunner().invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"}).stdout
     day = dt.datetime.now(dt.UTC).date().isoformat()
-    lines = [cells(line, "│") for line in report.stdout.splitlines() if line.startswith("│")]
-    first, folded, total = lines[0], lines[1:-1], lines[-1]
-    assert first[0] == day and first[2:] == ["1", "0", "1,234,567", "7,654,321", "30246.912500"]  # was: '2026-12-…'
-    assert "".join([first[1], *(line[1] for line in folded)]) == "analytics"  # a name folds, and is whole too
-    assert total[-1] == "30246.912500" and max(len(line) for line in report.stdout.splitlines()) <= 80
+    for model in ("deepseek-v3-base", "legal-adapter", "a-long-adapter-name-for-legal-work"):
+        assert f"{day}  analytics-team  {model}\n" in narrow
+    wide = CliRunner().invoke(app, ["usage", "--db", db], env={"COLUMNS": "110"}).stdout
+    lines = [cells(line, "│") for line in wide.splitlines() if line.startswith("│")]
+    assert [(line[1], line[2]) for line in lines] == [
+        ("analytics-team", "a-long-adapter-name-for"), ("", "-legal-work"), ("analytics-team", "deepseek-v3-base"),
+        ("analytics-team", "legal-adapter"), ("", ""),
+    ]  # fmt: skip
 
 
 def test_a_usage_table_too_narrow_for_its_names_gives_a_block_per_row_naming_its_key_and_model(tmp_path):
