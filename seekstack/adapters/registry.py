@@ -151,10 +151,9 @@ class LoadedAdapters:
     max_loras: int = DEFAULT_MAX_LORAS
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     rows: AdapterRows = field(default_factory=AdapterRows)
-    folders: dict[str, Path] = field(default_factory=dict)  # replaced, never changed: other threads read it
-    loaded_at: dict[str, int] = field(default_factory=dict)  # Unix seconds of each load; replaced as `folders`
+    loaded_at: dict[str, int] = field(default_factory=dict)  # Unix seconds of each load; replaced as `weights`
     slots: dict[str, int] = field(default_factory=dict)
-    weights: dict[str, AdapterWeights] = field(default_factory=dict)
+    weights: dict[str, AdapterWeights] = field(default_factory=dict)  # replaced, never changed: other threads read it
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
     _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
     _base_versions: WeightVersions = field(init=False)  # the model's weights, as the last restack read them
@@ -181,7 +180,12 @@ class LoadedAdapters:
 
     @property
     def names(self) -> list[str]:
-        return list(self.folders)
+        return list(self.weights)
+
+    @property
+    def folders(self) -> dict[str, Path]:
+        """Each loaded adapter's folder, by name in the order they loaded."""
+        return {name: read.folder for name, read in self.weights.items()}
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` (None: the base); UnknownAdapter naming the loaded ones."""
@@ -217,8 +221,8 @@ class LoadedAdapters:
         refuse_quantized_base(self.model, folder)
         if name in self.slots and not replace:
             raise AdapterConflict(
-                f"an adapter named {shown_value(name)} is already loaded (from {self.folders[name]}); to replace its "
-                "weights, load it with load_inplace=true"
+                f"an adapter named {shown_value(name)} is already loaded (from {self.weights[name].folder}); to "
+                "replace its weights, load it with load_inplace=true"
             )
         refuse_a_rank_beyond(self.max_lora_rank, name, folder, weights.rank)
         adapted = {target for loaded in self.weights.values() for target in loaded.factors}  # their stacks exist
@@ -238,10 +242,9 @@ class LoadedAdapters:
                 field="max_loras",
             )
         with self._undone_on_error():
-            self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
             self.salts = {**self.salts, slot: f"{name}#{next(self._loads)}"}
-            self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
-            self.folders = {**self.folders, name: folder}
+            self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `weights`, which readers go by
+            self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
             self._restack()
 
     def _device_of(self, module_name: str) -> torch.device:
@@ -253,8 +256,8 @@ class LoadedAdapters:
         """Stop serving adapter `name`; AdapterInUse while `requests_in_flight` (unfinished ones using it) > 0."""
         self.slot(name)
         _refuse_in_flight(name, requests_in_flight)
-        del self.salts[self.slots[name]], self.slots[name], self.weights[name]
-        self.folders = {key: value for key, value in self.folders.items() if key != name}
+        del self.salts[self.slots[name]], self.slots[name]
+        self.weights = {key: value for key, value in self.weights.items() if key != name}
         self.loaded_at = {key: value for key, value in self.loaded_at.items() if key != name}
         self._restack()
 
@@ -263,11 +266,11 @@ class LoadedAdapters:
         """The adapters as they were, their factors laid out again, when what runs inside raises (a failed load must
         leave no entry that every later restack would fail on); what runs inside replaces the dicts, never changes
         them."""
-        before = self.slots, self.weights, self.salts, self.loaded_at, self.folders
+        before = self.slots, self.weights, self.salts, self.loaded_at
         try:
             yield
         except BaseException:
-            self.slots, self.weights, self.salts, self.loaded_at, self.folders = before
+            self.slots, self.weights, self.salts, self.loaded_at = before
             self._restack()
             raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import threading
 
@@ -127,6 +128,19 @@ def test_unloading_every_adapter_leaves_the_plain_base_model(served):
     assert set(model.state_dict()) == set(plain.state_dict())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_the_loaded_adapters_folders_are_their_weights_folders_through_loads_replacements_and_unloads(served):
+    """LoadedAdapters kept `folders` beside `weights`, whose every entry holds its folder: two records of one fact,
+    each replaced by hand at each load, replacement and unload. The folders are read from the weights."""
+    base, adapters = served
+    loaded = attach_adapters(seekstack.load_pretrained(base).eval(), {"full": adapters["full"]})
+    assert "folders" not in {field.name for field in dataclasses.fields(loaded)}
+    loaded.add("full", read_factors(loaded.model.config, adapters["attention"]), replace=True)
+    loaded.add("again", read_factors(loaded.model.config, adapters["full"]))
+    assert loaded.folders == {"full": adapters["attention"], "again": adapters["full"]}
+    loaded.remove("full")
+    assert loaded.folders == {"again": adapters["full"]} and loaded.names == ["again"]
 
 
 def test_unloading_every_adapter_gives_each_layer_back_its_class_an_engines_packed_decode_classes_too(served):
