@@ -669,6 +669,12 @@ def test_requests_naming_a_model_not_served_are_recorded_under_one_model_the_nam
     ]
 
 
+def test_a_base_served_under_the_ledgers_name_for_models_not_served_is_refused(engine, tmp_path):
+    """--served-model-name '(unknown)' would mix the base's usage with that of requests for models not served."""
+    with pytest.raises(ValueError, match=r"^the served model name '\(unknown\)' is what the ledger records requests"):
+        create_app(engine, open_database(tmp_path / "db"), UNKNOWN_MODEL)
+
+
 def test_a_key_sent_without_bearer_is_told_so_not_called_missing(engine, tmp_path):
     """An Authorization header holding the key alone (or "Token KEY", "Bearer" without a key) was answered "missing
     API key", though a key was sent: the caller looked for a key their code had set."""
