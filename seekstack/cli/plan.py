@@ -137,6 +137,10 @@ def plan(
     for device, resident in result.resident_bytes.items():
         parts = sum(1 for placed in result.placement.values() if placed == device)
         typer.echo(f"{device:<10}{parts:>7}  {size(resident):<32}{size(result.active_bytes[device])}")
+    typer.echo(
+        f"cpu's resident and read per token include {size(result.unplaced_bytes)} of norms and routers, in no part: "
+        "they stay on the CPU whatever the budgets"
+    )
     typer.echo(f"--device-map {result.device_map()}")
     for device, over in result.overruns(budgets).items():
         typer.echo(

@@ -250,6 +250,7 @@ class Plan:
     placement: dict[str, str]
     resident_bytes: dict[str, int]
     active_bytes: dict[str, int]  # weight bytes one token reads (routed experts: K of E)
+    unplaced_bytes: int  # of the CPU's both, the norms and routers no unit holds: on the CPU whatever the budgets
 
     def device_map(self) -> str:
         return format_device_map(self.placement)
@@ -300,7 +301,7 @@ def plan_placement(config: ModelConfig, budgets: dict[str, int], tensor_bytes: d
         active[device] += sized[name][1]
     resident["cpu"] += rest
     active["cpu"] += rest
-    return Plan(placement, resident, active)
+    return Plan(placement, resident, active, rest)
 
 
 def _owner(key: str, owners: dict[str, str]) -> str | None:

@@ -362,6 +362,7 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     from typer.testing import CliRunner
 
     from seekstack.cli import app
+    from seekstack.cli.common import size
 
     result = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1MiB", "--weights", "float32"])
     assert result.exit_code == 0, result.output
@@ -371,10 +372,14 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     with torch.device("meta"):
         names = list(units(seekstack.Transformer(config)))
     assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
-    header, *rows = result.output.splitlines()[1:-1]  # the table's rows ended in spaces padding the last column
+    header, *rows, unplaced = result.output.splitlines()[1:-1]  # the rows ended in spaces padding the last column
     assert header == "device      parts  resident                        read per token"
     assert [row.split("  ")[0] for row in rows] == ["cpu", "disk"]
     assert [row for row in [header, *rows] if row != row.rstrip()] == []
+    assert unplaced == (
+        f"cpu's resident and read per token include {size(expected.unplaced_bytes)} of norms and routers, in no part: "
+        "they stay on the CPU whatever the budgets"
+    )
     for option, value, message in (
         ("--memory", "cpu=lots", "memory entry 'cpu=lots': size 'lots': expected a number with an optional unit"),
         ("--memory", "cpu=0", "memory entry 'cpu=0': size '0' must be at least one byte"),
@@ -384,6 +389,22 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
         bad = CliRunner().invoke(app, ["plan", "nope", *budget, option, value])
         assert (bad.exit_code, bad.stdout) == (2, ""), bad.output
         assert f"Error: Invalid value for '{option}': {message}" in bad.stderr, bad.stderr
+
+
+def test_the_plan_says_which_of_the_cpus_bytes_are_the_norms_and_routers_no_part_holds(model):
+    """The CPU's row counted the norms and routers, which no part holds and which stay on the CPU, among its resident
+    bytes and those read per token without saying so: with every part on disk, it held bytes and no part."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+    from seekstack.cli.common import size
+
+    config = seekstack.preset("tiny")
+    expected = plan_placement(config, {"cpu": 1024}, tensor_bytes_at_width(config, 2.0))
+    assert expected.resident_bytes["cpu"] == expected.active_bytes["cpu"] == expected.unplaced_bytes > 0
+    lines = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1KiB"]).stdout.splitlines()
+    assert lines[2].split() == ["cpu", "0", *size(expected.unplaced_bytes).split() * 2]
+    assert f"include {size(expected.unplaced_bytes)} of norms and routers, in no part: they stay on" in lines[-2]
 
 
 def test_the_plan_warns_by_how_much_the_norms_and_routers_overrun_a_cpu_budget_too_small_for_them(model):
