@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,6 +319,23 @@ def test_an_adapter_whose_merge_overflows_leaves_the_model_it_was_merged_into_as
     assert after.keys() == before.keys() and all(torch.equal(after[n], p) for n, p in before.items())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)
+
+
+def test_peft_is_required_within_the_versions_the_merge_was_tested_on():
+    """The project asked for peft>=0.21, unbounded, and peft 0.22.0 changed safe_merge (the merged weight copied
+    back into the tensor it had), which broke the all-or-nothing merge until _merged_whole gave each weight a tensor
+    of its own: the overflow test above and tests/infer/test_placement.py's
+    test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_merged_model caught it. The requirement
+    is bounded to the versions they ran on, 0.21 and 0.22, and this environment's peft is one of them."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(seekstack.__file__).parents[1] / "pyproject.toml").read_text())
+    [peft] = [req for req in map(Requirement, pyproject["project"]["dependencies"]) if req.name == "peft"]
+    tried = ("0.20.1", "0.21.0", "0.22.0", "0.22.9", "0.23.0", "1.0.0")
+    assert [release for release in tried if release in peft.specifier] == ["0.21.0", "0.22.0", "0.22.9"]
+    assert version("peft") in peft.specifier
 
 
 def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_loses_nothing(base, adapter, tmp_path):
