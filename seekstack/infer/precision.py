@@ -7,11 +7,13 @@ dot-product instructions; without them torch widens bf16 to float32 around each 
 than float32. CUDA GPUs with native bf16 (compute capability 8.0 and later) run it at least as fast as float32.
 Other CPUs (ARM's bf16 included, unmeasured here) stay in float32.
 
-Even with the instructions, a CPU bf16 matmul costs ~11 us more per call than float32's (measured on a 2-core Zen 5
-with avx512_bf16 and no AMX, one thread: a 256x256 GEMV 14.6 us against 4.2). A model whose float32 weights fit in
-the last-level cache makes hundreds of such small calls per token and gains nothing from fewer bytes: the 2.8M-
-parameter `tiny` (the demo model's size) decodes at 0.51x float32's speed in bf16 (compiled, batch 1). Past
-MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes win: `small` (58M) at 1.40x.
+Even with the instructions, torch's bf16 matmul costs ~15 us more per call than float32's (2-core Zen 4 EPYC with
+avx512_bf16 and no AMX, one thread, torch 2.13: a 256x256 GEMV 21.5 us against 6.7). seekstack's kernels take a
+decode step's 1-16-row products without that cost, yet a model whose float32 weights fit in the last-level cache gains
+little from fewer bytes: on that CPU the 2.8M-parameter `tiny` (the demo model's size) decodes in bf16 at 1.00x
+float32's speed eager and 1.06x compiled (batch 1, CPU clock, 7 and 9 alternating rounds under load), where bf16 also
+moves greedy output at near-ties. Past MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes
+win: `small` (58M) at 1.23x compiled (batch 1, 5 of 5 rounds).
 
 A dtype asked for by name is run as asked; `asked_dtype_caveat` says why it may run slower there than float32.
 """
@@ -25,7 +27,7 @@ FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabiliti
 # Without these, float16 runs slower than float32 on a CPU (torch widens it around each op): `small` decoded at 0.68x
 # float32's speed at batch 1 and 0.44x at batch 8 (eager, one thread, 2-core Zen 4 with avx512_bf16 alone).
 FAST_FP16_CPU_FEATURES = ("avx512_fp16", "amx_fp16")
-MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
+MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on that Zen 4)
 
 
 def map_devices(device_map: str | None) -> list[str]:

@@ -6,10 +6,9 @@ descheduled, a whole time slice per op: with a competing process `tiny` decodes 
 1 (bench/decode.py --busy). Steps whose forward is below `min_parallel_flops` therefore run on one thread; torch's
 setting is restored after each step, so prefill and whatever else the process runs keep every thread.
 
-The same holds in bfloat16, although a bf16 GEMV alone runs ~1.8x faster on 2 threads than on 1 on a quiet 2-core
-Zen 5: `small`'s compiled bf16 decode on 2 threads made 11 tok/s against 70 on 1 at batch 1 (65 against 220 at batch
-8) with other jobs on the machine (load ~6), and 1.4 against 32 beside a busy process; so the threshold is one for
-every dtype.
+The same holds in bfloat16: on a 2-core Zen 4 EPYC (avx512_bf16, no AMX) with other jobs on the machine (load 5-9),
+`small`'s compiled bf16 decode made 2-20 tok/s on 2 threads against 67-140 on 1 at batch 1, and 16-55 against 191-629
+at batch 8 (4 alternating rounds each); so the threshold is one for every dtype.
 
 Where a caller can use more threads when nothing else runs (RL's training half: its matmuls are wide enough to gain
 from a second thread, and a barrier that waits on a busy machine costs it 20x), `IdleCores` says how many cores the
