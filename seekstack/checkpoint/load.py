@@ -280,13 +280,16 @@ def config_of_weights(
 def loaded_config(directory: str | Path) -> ModelConfig:
     """The config of the model `load_pretrained(directory)` builds (`config_of_weights`), without reading the weights
     but to compare a stored head with the embedding: config.json's as it is for a folder whose weights cannot be
-    read (a config and shard index downloaded to plan before the weights, Git LFS pointers), as it describes them."""
+    read (a config and shard index downloaded to plan before the weights, Git LFS pointers), as it describes them,
+    with a warning naming what loading would refuse where the folder holds safetensors files (pointers, damaged)."""
     config = read_config(directory)
     try:
         with CheckpointReader(Path(directory), None) as reader, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # loading warns of what it changes, once; describing the model does not
             return config_of_weights(config, reader, Path(directory) / CONFIG_FILE)
-    except CheckpointError:  # no weights yet, pointers or damaged ones: loading names what is wrong
+    except CheckpointError as error:
+        if any(Path(directory).glob("*.safetensors")):
+            warnings.warn(f"{error}; described as its {CONFIG_FILE} states", stacklevel=2)
         return config
 
 

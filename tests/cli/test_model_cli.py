@@ -90,6 +90,30 @@ def test_info_and_plan_read_a_clone_without_git_lfs_by_its_config_even_where_loa
     assert info_params(info.output)["params, main model"] == sum(p.numel() for p in tied.parameters())
 
 
+def test_info_warns_of_weights_that_loading_would_not_get_past_but_not_of_a_config_alone(tmp_path, recwarn):
+    """info on a truncated safetensors file or a sharded folder missing a shard printed its table and nothing else,
+    as for a sound checkpoint; generate then refused it."""
+    single = save_pretrained(Transformer(preset("tiny")), tmp_path / "truncated")
+    (single / SINGLE_FILE).write_bytes((single / SINGLE_FILE).read_bytes()[:-1000])
+    sharded = save_pretrained(Transformer(preset("tiny")), tmp_path / "sharded", max_shard_bytes=2**20)
+    missing = sorted(sharded.glob("*.safetensors"))[1]
+    missing.unlink()
+    for directory, problem in (
+        (single, f"{single / SINGLE_FILE}: not a valid safetensors file"),
+        (sharded, f"names shard '{missing.name}', which is missing from {sharded}"),
+    ):
+        recwarn.clear()
+        result = run("info", str(directory))
+        assert result.exit_code == 0 and "params, main model" in result.stdout, result.output
+        [warning] = [str(w.message) for w in recwarn]
+        assert problem in warning and warning.endswith("; described as its config.json states")
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text((single / "config.json").read_text())
+    recwarn.clear()
+    result = run("info", str(tmp_path / "config_only"))  # a config downloaded to plan before the weights
+    assert result.exit_code == 0 and not recwarn
+
+
 def test_forward_warns_once_of_a_config_its_weights_change(tmp_path, recwarn):
     directory = save_pretrained(Transformer(preset("tiny")), tmp_path / "every_layer_moe")
     config = json.loads((directory / "config.json").read_text())  # transformers' layout: it ignores moe_layer_freq
