@@ -488,11 +488,11 @@ class Engine:
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
         self._model_changes = 0  # adapter loads and unloads, head repacks: part of `_graph_state`
-        # The `_graph_state` the compiled decode step's last fully guarded calls ran under, and their input shapes:
-        # `_decode_step` skips the guard check for those alone.
+        # The `_graph_state` the compiled decode steps' last fully guarded calls ran under, and what picked their
+        # graphs (input shapes, a speculative step's draft count): `_unguarded` skips the guard check for those alone.
         self._guarded_state: tuple[int, int, bool] | None = None
-        self._guarded_shapes: set[torch.Size] = set()
-        # The one thread whose compiled decode steps may skip the guard check (`_decode_step`): torch's stance is
+        self._guarded_calls: set[tuple] = set()
+        # The one thread whose compiled decode steps may skip the guard check (`_unguarded`): torch's stance is
         # process-wide, so a skip is sound only while no other thread calls compiled code. The main thread by default
         # (`generate`, `chat`, the benches); `serve`'s engine thread, the only one that calls compiled code in its
         # process, names itself (serve/bridge.py); None: no thread skips.
@@ -1099,8 +1099,13 @@ class Engine:
         sampling = self._sampling_batch(batch)
         next_drafts = None
         if sampling.raw_argmax:  # p is one-hot on the logits' argmax: accept exactly when it agrees
-            logits, chosen, accepted, next_drafts = self._greedy_speculation(
-                self.model, input_ids, positions, self.cache, next_count, fill_cache, self._draft_vocabulary()
+            vocabulary = self._draft_vocabulary()
+            arguments = (self.model, input_ids, positions, self.cache, next_count, fill_cache, vocabulary)
+            call = ("speculative", input_ids.shape, next_count, fill_cache, vocabulary is None)
+            logits, chosen, accepted, next_drafts = (
+                self._unguarded(call, self._greedy_speculation, *arguments)
+                if self.decode_compiled
+                else self._greedy_speculation(*arguments)
             )
             _fail_rows_without_distribution(batch, logits, chosen, accepted)
             kept = accepted + 1
@@ -1169,11 +1174,19 @@ class Engine:
         return out.logits, out.hidden_states
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
-        """The compiled decode step on the planned cache. Dynamo's guard check (~0.7 ms of a `small` step once the
-        step's weights have pushed the Python objects it reads out of the CPU caches) is skipped where the engine
-        knows its answer:
-        - the input shape of a fully guarded call under the same `_graph_state` (the model unchanged here, no graph
-          compiled in the process since, the same `cpu_kernels.set_enabled`);
+        """The compiled decode step on the planned cache, its guard check skipped where the engine knows its answer
+        (`_unguarded`)."""
+        return self._unguarded(
+            ("plain", input_ids.shape), self._decode_model, input_ids, cache=self.cache, positions=positions
+        )
+
+    def _unguarded(self, call: tuple, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """compiled(*args, **kwargs), a compiled decode step on the planned cache. Dynamo's guard check (~0.7 ms of a
+        `small` step once the step's weights have pushed the Python objects it reads out of the CPU caches) is skipped
+        where the engine knows its answer:
+        - `call` (what picks the graph beyond the cache: the input shape, a speculative step's draft count) of a fully
+          guarded call under the same `_graph_state` (the model unchanged here, no graph compiled in the process
+          since, the same `cpu_kernels.set_enabled`);
         - no adapter loaded (its rows' selection is a branch of the graph);
         - on `guard_skip_thread`: the skip is torch's process-wide stance, under which another thread's compiled call
           skips its check too and one that needs a compile raises (a GRPO run's compiled training blocks on the main
@@ -1187,19 +1200,19 @@ class Engine:
             threading.current_thread() is self.guard_skip_thread
             and not self.lora.slots
             and self._graph_state() == self._guarded_state
-            and input_ids.shape in self._guarded_shapes
+            and call in self._guarded_calls
         ):
             try:
                 with _COMPILED_CALLS, torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._decode_model(input_ids, cache=self.cache, positions=positions)
+                    return compiled(*args, **kwargs)
             except RuntimeError as error:  # no cached graph's differentiating guards passed
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
-        out = self._decode_model(input_ids, cache=self.cache, positions=positions)
+        out = compiled(*args, **kwargs)
         state = self._graph_state()  # after the call: a compile in it counts
         if state != self._guarded_state:
-            self._guarded_state, self._guarded_shapes = state, set()
-        self._guarded_shapes.add(input_ids.shape)
+            self._guarded_state, self._guarded_calls = state, set()
+        self._guarded_calls.add(call)
         return out
 
     def _graph_state(self) -> tuple[int, int, bool]:
