@@ -10,10 +10,10 @@ Other CPUs (ARM's bf16 included, unmeasured here) stay in float32.
 Even with the instructions, torch's bf16 matmul costs ~15 us more per call than float32's (2-core Zen 4 EPYC with
 avx512_bf16 and no AMX, one thread, torch 2.13: a 256x256 GEMV 21.5 us against 6.7). seekstack's kernels take a
 decode step's 1-16-row products without that cost, yet a model whose float32 weights fit in the last-level cache gains
-little from fewer bytes: on that CPU the 2.8M-parameter `tiny` (the demo model's size) decodes in bf16 at 1.00x
-float32's speed eager and 1.06x compiled (batch 1, CPU clock, 7 and 9 alternating rounds under load), where bf16 also
-moves greedy output at near-ties. Past MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes
-win: `small` (58M) at 1.23x compiled (batch 1, 5 of 5 rounds).
+nothing from fewer bytes: on that CPU the 2.8M-parameter `tiny` (the demo model's size) decodes in bf16 at 1.00x
+float32's speed eager and 1.06x compiled at batch 1, and 0.89x eager at batch 8 (CPU clock, 7-9 alternating rounds
+under load; 8 rows slower in 7 of 7). Past MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved
+bytes win: `small` (58M) at 1.23x compiled (batch 1, 5 of 5 rounds).
 
 A dtype asked for by name is run as asked; `asked_dtype_caveat` says why it may run slower there than float32.
 """
