@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model, unsupported_reason
+from seekstack.compress.quantize import (
+    QuantConfig,
+    quantizable_layers,
+    quantize_model,
+    split_layer_scheme,
+    unsupported_reason,
+)
 
 OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8")
 BASE_OPTION = "int4-g32"
@@ -40,9 +46,8 @@ class LayerChoice:
 
 def bits_per_weight(option: str, in_features: int) -> float:
     """Storage bits per weight: codes plus bf16 scales (one per row for int8, per group for int4)."""
-    if option == "int8":
-        return 8 + 16 / in_features
-    return 4 + 16 / int(option.split("-g")[1])
+    group = split_layer_scheme(option)[1]
+    return 8 + 16 / in_features if group is None else 4 + 16 / group
 
 
 SMALLEST_BITS = bits_per_weight(OPTIONS[0], 1)  # 4.125: no assignment fits a smaller budget
@@ -51,7 +56,7 @@ SMALLEST_BITS = bits_per_weight(OPTIONS[0], 1)  # 4.125: no assignment fits a sm
 def option_config(option: str) -> QuantConfig:
     if option == "int8":
         return QuantConfig(scheme="int8", keep=[])
-    return QuantConfig(scheme="int4", group_size=int(option.split("-g")[1]), keep=[])  # type: ignore[arg-type]
+    return QuantConfig(scheme="int4", group_size=split_layer_scheme(option)[1], keep=[])  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -95,8 +100,8 @@ def option_bits(layer: nn.Module) -> tuple[int, dict[str, float]]:
     count = sum(int(torch.Size(s).numel()) for s in shapes)
     bits = {}
     for option in OPTIONS:
-        scheme, _, group = option.partition("-g")
-        if unsupported_reason(layer, scheme, int(group or 0)) is None:
+        scheme, group = split_layer_scheme(option)
+        if unsupported_reason(layer, scheme, group or 0) is None:
             bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
     return count, bits
 

@@ -63,6 +63,12 @@ def read_assigned(entry: str) -> tuple[str, str]:
     return layer_format, reason
 
 
+def split_layer_scheme(layer_scheme: str) -> tuple[str, int | None]:
+    """A `layers` value ("int8", "int4", "int4-g64") as its scheme and its int4 group, None where it names none."""
+    scheme, _, group = layer_scheme.partition("-g")
+    return scheme, int(group) if group else None
+
+
 ABSORBED_IN_FP8 = assigned(KEPT, "fp8 values on disk, expanded in memory (absorbed by MLA)")  # kv_b_proj's in fp8
 
 
@@ -88,7 +94,7 @@ class QuantConfig:
                 recheck(self)
             finally:
                 _RECHECKING.reset(token)
-        schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
+        schemes = {self.scheme, *(split_layer_scheme(v)[0] for v in self.layers.values())} - {"none"}
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
 
     def refuse_growing_fp8_block(self, dtype: torch.dtype) -> None:
@@ -181,15 +187,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         if scheme is None:
             assignment[name] = KEPT
             continue
-        scheme, _, group_text = scheme.partition("-g")
-        group = int(group_text) if group_text else config.group_size
+        scheme, named_group = split_layer_scheme(scheme)
+        group = named_group or config.group_size
         problem = unsupported_reason(module, scheme, group)
-        fallback = _fallback_group(module, group) if problem and scheme == "int4" and not group_text else None
+        fallback = _fallback_group(module, group) if problem and scheme == "int4" and not named_group else None
         if problem and fallback is None:
             assignment[name] = assigned(KEPT, problem)
             continue
         group = fallback or group
-        label = scheme if scheme != "int4" else f"int4 g{group}"
+        label = int4_format(group) if scheme == "int4" else scheme
         if name in stored and stored_format(stored[name]) == _target_format(label, config):
             model.set_submodule(name, stored[name])
         else:
@@ -229,10 +235,15 @@ def stored_format(layer: nn.Module) -> str:
     """The format of a quantized layer: `int8`, `int4 gN` or `fp8 RxC` (its block)."""
     weight = layer_weight(layer)
     if isinstance(weight, Int4Weight):
-        return f"int4 g{weight.group}"
+        return int4_format(weight.group)
     if isinstance(weight, Fp8Weight):
         return fp8_format(weight.block)
     return weight.scheme
+
+
+def int4_format(group: int) -> str:
+    """An int4 layer's format as assignments and `stored_format` name it: `int4 gN`."""
+    return f"int4 g{group}"
 
 
 def _target_format(label: str, config: QuantConfig) -> str:
