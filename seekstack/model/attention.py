@@ -115,10 +115,10 @@ class MultiHeadLatentAttention(nn.Module):
         flash = torch.backends.cuda.flash_sdp_enabled()  # (the switch is torch's for every device, despite its name)
         # and the fused causal attention in training (_CausalAttention): in bfloat16 1.5-1.9x torch's fused forward +
         # backward (AMX products), in float32 1.5-1.9x (tiny's 8 x 256 and 2 x 1024, small's 4 x 512; one EPYC thread);
-        # bfloat16 without AMX cast to float32, 1.46x its bfloat16 path (small's 4 x 512, avx512_bf16 EPYC thread).
+        # bfloat16 without AMX by float32 math, 1.46x its bfloat16 path (small's 4 x 512, avx512_bf16 EPYC thread).
         # Inference in bfloat16 takes the causal forward kernel: each query block's keys up to the diagonal, v at its
         # own width, out as (B, T, H, V); 1.2-1.3x torch's flash forward at 4 x 6 heads x 512 (AMX products; without
-        # AMX the float32 training kernel's forward on float32 copies: cpu_kernels.cpp). Inference in float32 takes
+        # AMX the training kernel's forward, float32 math: cpu_kernels.cpp). Inference in float32 takes
         # that training forward itself: tiny's whole prefill of 1 x 512 and 1 x 1024 1.2x SDPA's (one EPYC thread).
         fused = mask is None and flash and cpu_kernels.elementwise_takes(query, key, value)
         if fused and torch.is_grad_enabled():
@@ -206,16 +206,14 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 class _CausalAttention(torch.autograd.Function):
     """Causal attention of q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU, keeping the rows' log-sum-exp for the
     backward (cpu_kernels.cpp). float32, and bfloat16 where torch's brgemm cannot pack it (`packs_bfloat16`: no AMX,
-    or an odd width; cast to float32 and back): `causal_attention_training` and its backward, each query block over
-    its keys up to the diagonal only. bfloat16 where it packs: torch's fused kernel forward (v zero-padded to W) and
-    `causal_attention_backward`, 2.2x faster than torch's fused backward at `small`'s shapes."""
+    or an odd width; each head widened to float32 in the kernel): `causal_attention_training` and its backward, each
+    query block over its keys up to the diagonal only. bfloat16 where it packs: torch's fused kernel forward (v
+    zero-padded to W) and `causal_attention_backward`, 2.2x faster than torch's fused backward at `small`'s shapes."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.dtype = q.dtype
         ctx.in_float32 = q.dtype == torch.float32 or not cpu_kernels.packs_bfloat16(q.shape[-1])
         if ctx.in_float32:
-            q, k, v = (t.to(torch.float32) for t in (q, k, v))
             out, lse = torch.ops.seekstack.causal_attention_training(q, k, v, scale)
             out = out.transpose(1, 2)  # a view of (B, T, H, V), o_proj's layout
         else:
@@ -226,16 +224,18 @@ class _CausalAttention(torch.autograd.Function):
             out = out[..., : v.shape[-1]]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
-        return out.to(ctx.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
         refuse_create_graph("the fused causal attention", "run the model under sdpa_kernel(SDPBackend.MATH)")
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.in_float32:
-            grads = torch.ops.seekstack.causal_attention_training_backward(grad.float(), q, k, v, out, lse, ctx.scale)
-            return (*(g.to(ctx.dtype) for g in grads), None)
-        return (*torch.ops.seekstack.causal_attention_backward(grad, q, k, v, out, lse, ctx.scale), None)
+        backward = (
+            torch.ops.seekstack.causal_attention_training_backward
+            if ctx.in_float32
+            else torch.ops.seekstack.causal_attention_backward
+        )
+        return (*backward(grad, q, k, v, out, lse, ctx.scale), None)
 
 
 class ContiguousLatentCache:

@@ -589,7 +589,7 @@ void pack_key_tile(const c10::BFloat16* b, int64_t ld_b, int64_t keys, int64_t K
 
 // Whether torch's brgemm multiplies bfloat16 operands `width` wide packed to VNNI (oneDNN's ukernel: a CPU with AMX,
 // pairs of columns: an even width). The one decision of bfloat16 causal attention's path: where it holds, the bfloat16
-// kernels (causal_attention, causal_attention_backward); where not, the float32 kernels on float32 copies
+// kernels (causal_attention, causal_attention_backward); where not, the float32-math training kernels
 // (causal_attention here, attention.py's training attention through the `packs_bfloat16` op).
 bool packs_bfloat16(int64_t width) { return at::native::cpublas::could_pack(at::kBFloat16) && width % 2 == 0; }
 
@@ -623,18 +623,20 @@ void causal_scores(const at::Tensor& a, const at::Tensor& b, at::Tensor& scores)
   });
 }
 
-// The inputs of the causal attention kernels: q, k (B, H, T, W) and v (B, H, T, V) of `dtype`, read along stride 1;
-// V <= W where `value_within_width` (causal_attention writes v's columns into q's width). `other_dtype` names the
-// kernel of the other dtype.
-void check_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype,
+// The inputs of the causal attention kernels: q, k (B, H, T, W) and v (B, H, T, V) of one dtype, bfloat16 (or float32
+// where `takes_float32`; else `other_dtype` names the kernel for it), read along stride 1; V <= W where
+// `value_within_width` (causal_attention writes v's columns into q's width).
+void check_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool takes_float32,
                             bool value_within_width, const char* op, const char* other_dtype) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
                   v.sizes().slice(0, 3) == q.sizes().slice(0, 3) && (!value_within_width || v.size(3) <= q.size(3)),
               op, ": q, k must be (B, H, T, W) and v (B, H, T, V)", value_within_width ? " with V <= W" : "", ", not q ",
               q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype, op,
-              ": q, k and v must be ", dtype == at::kFloat ? "float32" : "bfloat16", " (", other_dtype, "), not ",
-              q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  const at::ScalarType dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype &&
+                  (dtype == at::kBFloat16 || (takes_float32 && dtype == at::kFloat)),
+              op, ": q, k and v must be ", takes_float32 ? "float32 or bfloat16, one dtype" : "bfloat16", other_dtype,
+              ", not ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1, op,
               ": q, k and v must be read along stride 1");
 }
@@ -691,8 +693,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                          const at::Tensor& k, const at::Tensor& v,
                                                                          const at::Tensor& out, const at::Tensor& lse,
                                                                          double scale) {
-  check_causal_attention(q, k, v, at::kBFloat16, false, "causal_attention_backward",
-                         "float32: causal_attention_training_backward");
+  check_causal_attention(q, k, v, false, false, "causal_attention_backward",
+                         " (float32: causal_attention_training_backward)");
   TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && out.scalar_type() == at::kBFloat16 &&
                   out.stride(-1) == 1 && lse.scalar_type() == at::kFloat && lse.sizes() == q.sizes().slice(0, 3),
               "causal_attention_backward: grad and out must be of v's shape ", v.sizes(), ", out bfloat16 read along "
@@ -728,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 // rounded to bfloat16 (as FlashAttention rounds it), O = P V / rowsum(P) in float32, written as (B, T, H, V): the rows
 // o_proj takes. torch's flash CPU kernel computes every score of a 512-key block (the whole row up to T = 512, half of
 // them masked) and multiplies P by v zero-padded to q's width. Where the CPU cannot pack bfloat16 for brgemm (no AMX)
-// or W is odd, `causal_attention_training`'s forward (below) on float32 copies, its log-sum-exp unused.
+// or W is odd, `causal_attention_training`'s forward (below), float32 math, its log-sum-exp unused.
 // A packed B is at most kKeysPerTile columns wide, in steps of 16 (oneDNN's), so P V runs on v's columns in blocks of
 // 64, v zero-padded to 16 columns (DeepSeek-V3's 128 is two blocks).
 constexpr int64_t kQueriesPerBlock = 64;
@@ -738,11 +740,10 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
                                                              const at::Tensor& v, double scale);
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check_causal_attention(q, k, v, at::kBFloat16, true, "causal_attention", "float32: causal_attention_training");
+  check_causal_attention(q, k, v, false, true, "causal_attention", " (float32: causal_attention_training)");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
   if (!packs_bfloat16(W)) {
-    const auto [out, lse] = causal_attention_training(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale);
-    return out.to(at::kBFloat16);
+    return std::get<0>(causal_attention_training(q, k, v, scale));
   }
   at::Tensor out = at::empty({B, T_, H, V}, v.options());
   const int64_t tiles = (T_ + kKeysPerTile - 1) / kKeysPerTile, padded = tiles * kKeysPerTile;
@@ -838,8 +839,10 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// Causal attention for float32 training (the forward, keeping each query row's log-sum-exp L, and its backward; the
-// same equations as above, float32 throughout): per head, blocks of kQueriesPerBlock query rows over the keys up to
+// Causal attention for training (the forward, keeping each query row's log-sum-exp L, and its backward; the same
+// equations as above, float32 math throughout, on float32 or bfloat16 tensors: a bfloat16 head widened to float32 rows
+// once, the results narrowed as they are written, where a cast of the whole q, k, v, out and gradients cost 13 ms a
+// `small` 4 x 512 layer beside the kernels' ~52 on an avx512_bf16 EPYC without AMX): per head, blocks of kQueriesPerBlock query rows over the keys up to
 // the block's last row only (forward + backward 1.5-1.9x torch's flash SDPA's at `tiny`'s and `small`'s shapes, one
 // EPYC thread). A block works on the transposed scores S^T = K Q^T (keys x queries), so that each of its
 // products reads K, V, Q and dO as they lie, or transposed once a head (Q^T, K^T, V^T, dO^T), and dK, dV accumulate
@@ -862,26 +865,78 @@ void causal_scores_t(const float* keys, int64_t ld_keys, const float* queries_t,
   }
 }
 
-struct HeadOf {  // (b, h)'s rows of a (B, H, T, D) tensor read along stride 1
+// n values from `from` into `to`, float32 <-> bfloat16 (rounded to nearest even, as torch's casts).
+template <typename From, typename To>
+void convert_row(const From* from, int64_t n, To* to) {
+  over_row(
+      n,
+      [&](int64_t d) {
+        FloatVector low, high;
+        load_step(from + d, low, high);
+        store_step(to + d, low, high);
+      },
+      [&](int64_t d) { to[d] = static_cast<To>(static_cast<float>(from[d])); });
+}
+
+struct HeadOf {  // (b, h)'s T rows of a (B, H, T, D) tensor read along stride 1, in float32
   const float* data;
   int64_t ld;
-  HeadOf(const at::Tensor& t, int64_t b, int64_t h)
-      : data(t.const_data_ptr<float>() + b * t.stride(0) + h * t.stride(1)), ld(t.stride(2)) {}
+  // A float32 tensor's own rows; a bfloat16 tensor's widened into `rows` (T x D, D apart).
+  HeadOf(const at::Tensor& t, int64_t b, int64_t h, std::vector<float>& rows) {
+    const int64_t offset = b * t.stride(0) + h * t.stride(1), T_ = t.size(2), D = t.size(3);
+    if (t.scalar_type() == at::kFloat) {
+      data = t.const_data_ptr<float>() + offset;
+      ld = t.stride(2);
+      return;
+    }
+    rows.resize(T_ * D);
+    const c10::BFloat16* from = t.const_data_ptr<c10::BFloat16>() + offset;
+    for (int64_t i = 0; i < T_; ++i) convert_row(from + i * t.stride(2), D, rows.data() + i * D);
+    data = rows.data();
+    ld = D;
+  }
 };
 
-// q, k (B, H, T, W), v (B, H, T, V) float32 -> out (B, T, H, V), L (B, H, T) = scale m + log(sum_j exp(scale S_ij - scale m)).
+// `rows` float32 rows of `cols` values, ld apart, into `to`'s rows from `offset`, ld_to apart: float32 or bfloat16.
+void store_rows(const float* from, int64_t ld, int64_t rows, int64_t cols, at::Tensor& to, int64_t offset,
+                int64_t ld_to) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (to.scalar_type() == at::kFloat) {
+      std::memcpy(to.mutable_data_ptr<float>() + offset + i * ld_to, from + i * ld, cols * sizeof(float));
+    } else {
+      convert_row(from + i * ld, cols, to.mutable_data_ptr<c10::BFloat16>() + offset + i * ld_to);
+    }
+  }
+}
+
+// x (rows, cols) transposed into `to`'s rows from `offset`, ld_to apart: straight into a float32 tensor, through
+// `buffer` into a bfloat16 one.
+void transpose_to(const float* x, int64_t ld, int64_t rows, int64_t cols, at::Tensor& to, int64_t offset,
+                  int64_t ld_to, std::vector<float>& buffer) {
+  if (to.scalar_type() == at::kFloat) {
+    transpose_into(x, ld, rows, cols, to.mutable_data_ptr<float>() + offset, ld_to);
+    return;
+  }
+  buffer.resize(cols * rows);
+  transpose_into(x, ld, rows, cols, buffer.data(), rows);
+  store_rows(buffer.data(), rows, cols, rows, to, offset, ld_to);
+}
+
+// q, k (B, H, T, W), v (B, H, T, V) float32 or bfloat16 -> out (B, T, H, V) of their dtype, L (B, H, T) float32
+// = scale m + log(sum_j exp(scale S_ij - scale m)).
 std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, double scale) {
-  check_causal_attention(q, k, v, at::kFloat, false, "causal_attention_training", "bfloat16: causal_attention");
+  check_causal_attention(q, k, v, true, false, "causal_attention_training", "");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
-  at::Tensor out = at::empty({B, T_, H, V}, v.options()), lse = at::empty({B, H, T_}, q.options());
+  at::Tensor out = at::empty({B, T_, H, V}, v.options()), lse = at::empty({B, H, T_}, q.options().dtype(at::kFloat));
   const float scale_f = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries_t(W * T_), values_t(V * T_), scores_t(T_ * kQueriesPerBlock);
     std::vector<float> out_t(V * kQueriesPerBlock), top(kQueriesPerBlock), total(kQueriesPerBlock);
+    std::vector<float> q_rows, k_rows, v_rows, out_rows;  // a bfloat16 head's, in float32
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const HeadOf Q(q, b, h), K(k, b, h), Vh(v, b, h);
+      const HeadOf Q(q, b, h, q_rows), K(k, b, h, k_rows), Vh(v, b, h, v_rows);
       transpose_into(Q.data, Q.ld, T_, W, queries_t.data(), T_);
       transpose_into(Vh.data, Vh.ld, T_, V, values_t.data(), T_);
       for (int64_t first = 0; first < T_; first += kQueriesPerBlock) {
@@ -940,29 +995,27 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_training(const at::Tensor& q
               },
               [&](int64_t i) { o[i] *= total[i]; });
         }
-        transpose_into(out_t.data(), kQueriesPerBlock, V, rows,
-                       out.mutable_data_ptr<float>() + ((b * T_ + first) * H + h) * V, H * V);
+        transpose_to(out_t.data(), kQueriesPerBlock, V, rows, out, ((b * T_ + first) * H + h) * V, H * V, out_rows);
       }
     }
   });
   return {out, lse};
 }
 
-// grad, out (B, H, T, V), lse (B, H, T) of causal_attention_training -> dq, dk (B, H, T, W), dv (B, H, T, V), views
-// of (B, T, H, *) tensors. Query blocks from the last, whose keys are all T: its products write dK and dV, the others'
+// grad, out (B, H, T, V), lse (B, H, T) of causal_attention_training -> dq, dk (B, H, T, W), dv (B, H, T, V) in q's
+// dtype, views of (B, T, H, *) tensors; a bfloat16 head's dK and dV summed in float32 rows, narrowed once. Query blocks from the last, whose keys are all T: its products write dK and dV, the others'
 // add to them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
-  check_causal_attention(q, k, v, at::kFloat, false, "causal_attention_training_backward",
-                         "bfloat16: causal_attention_backward");
+  check_causal_attention(q, k, v, true, false, "causal_attention_training_backward", "");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), W = q.size(3), V = v.size(3);
-  TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && grad.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+  TORCH_CHECK(grad.sizes() == v.sizes() && out.sizes() == v.sizes() && grad.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == q.sizes().slice(0, 3),
-              "causal_attention_training_backward: grad and out must be float32 of v's shape ", v.sizes(),
-              ", lse contiguous float32 (B, H, T), not grad ", grad.scalar_type(), grad.sizes(), ", out ",
-              out.scalar_type(), out.sizes(), ", lse ", lse.scalar_type(), lse.sizes());
+              "causal_attention_training_backward: grad and out must be of v's shape ", v.sizes(), " and q's dtype ",
+              q.scalar_type(), ", lse contiguous float32 (B, H, T), not grad ", grad.scalar_type(), grad.sizes(),
+              ", out ", out.scalar_type(), out.sizes(), ", lse ", lse.scalar_type(), lse.sizes());
   const at::Tensor dO = grad.stride(-1) == 1 ? grad : grad.contiguous();
   TORCH_CHECK(out.stride(-1) == 1, "causal_attention_training_backward: out must be read along stride 1");
   at::Tensor grad_q = at::empty({B, T_, H, W}, q.options()), grad_k = at::empty({B, T_, H, W}, q.options()),
@@ -971,9 +1024,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries_t(W * T_), keys_t(W * T_), grad_out_t(V * T_), delta(T_);
     std::vector<float> scores_t(T_ * kQueriesPerBlock), grad_t(T_ * kQueriesPerBlock), grad_q_t(W * kQueriesPerBlock);
+    std::vector<float> q_rows, k_rows, v_rows, grad_out_rows, out_rows, grad_q_rows;  // a bfloat16 head's, in float32
+    const bool in_float32 = q.scalar_type() == at::kFloat;
+    std::vector<float> grad_k_sums(in_float32 ? 0 : T_ * W), grad_v_sums(in_float32 ? 0 : T_ * V);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const HeadOf Q(q, b, h), K(k, b, h), Vh(v, b, h), dOh(dO, b, h), O(out, b, h);
+      const HeadOf Q(q, b, h, q_rows), K(k, b, h, k_rows), Vh(v, b, h, v_rows), dOh(dO, b, h, grad_out_rows),
+          O(out, b, h, out_rows);
       transpose_into(Q.data, Q.ld, T_, W, queries_t.data(), T_);
       transpose_into(K.data, K.ld, T_, W, keys_t.data(), T_);
       transpose_into(dOh.data, dOh.ld, T_, V, grad_out_t.data(), T_);
@@ -983,9 +1040,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
         delta[i] = sum;
       }
       const float* L = lse.const_data_ptr<float>() + (b * H + h) * T_;
-      float* dQ = grad_q.mutable_data_ptr<float>() + (b * T_ * H + h) * W;
-      float* dK = grad_k.mutable_data_ptr<float>() + (b * T_ * H + h) * W;
-      float* dV = grad_v.mutable_data_ptr<float>() + (b * T_ * H + h) * V;
+      const int64_t dq_offset = (b * T_ * H + h) * W, dv_offset = (b * T_ * H + h) * V;
+      // dK, dV summed over the query blocks in float32: a float32 tensor's own rows, else the head's sums
+      float* dK = in_float32 ? grad_k.mutable_data_ptr<float>() + dq_offset : grad_k_sums.data();
+      float* dV = in_float32 ? grad_v.mutable_data_ptr<float>() + dv_offset : grad_v_sums.data();
+      const int64_t ld_dk = in_float32 ? H * W : W, ld_dv = in_float32 ? H * V : V;
       const int64_t last = ((T_ + kQueriesPerBlock - 1) / kQueriesPerBlock - 1) * kQueriesPerBlock;  // -64 at T = 0
       for (int64_t first = last; first >= 0; first -= kQueriesPerBlock) {
         const int64_t rows = std::min(kQueriesPerBlock, T_ - first), width = first + rows;
@@ -1018,13 +1077,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_training_backwar
         }
         const bool add = first != last;
         // dV[:width] (+)= P^T dO, dK[:width] (+)= dS^T Q, dQ^T = K^T[:, :width] dS^T
-        at::native::cpublas::brgemm(width, V, rows, kQueriesPerBlock, dOh.ld, H * V, add, scores_t.data(),
+        at::native::cpublas::brgemm(width, V, rows, kQueriesPerBlock, dOh.ld, ld_dv, add, scores_t.data(),
                                     dOh.data + first * dOh.ld, dV);
-        at::native::cpublas::brgemm(width, W, rows, kQueriesPerBlock, Q.ld, H * W, add, grad_t.data(),
+        at::native::cpublas::brgemm(width, W, rows, kQueriesPerBlock, Q.ld, ld_dk, add, grad_t.data(),
                                     Q.data + first * Q.ld, dK);
         at::native::cpublas::brgemm(W, rows, width, T_, kQueriesPerBlock, kQueriesPerBlock, false, keys_t.data(),
                                     grad_t.data(), grad_q_t.data());
-        transpose_into(grad_q_t.data(), kQueriesPerBlock, W, rows, dQ + first * H * W, H * W);
+        transpose_to(grad_q_t.data(), kQueriesPerBlock, W, rows, grad_q, dq_offset + first * H * W, H * W,
+                     grad_q_rows);
+      }
+      if (!in_float32) {
+        store_rows(dK, ld_dk, T_, W, grad_k, dq_offset, H * W);
+        store_rows(dV, ld_dv, T_, V, grad_v, dv_offset, H * V);
       }
     }
   });

@@ -43,10 +43,11 @@ registered where torch carries it: its x86 builds); and `causal_attention_backwa
 `_CausalAttention`): causal training attention's backward in bfloat16 with AMX from torch's fused forward's log-sum-exp,
 FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score row;
 `causal_attention`: bfloat16 inference's causal forward (no log-sum-exp kept), each block of 64 query rows over its keys
-up to the diagonal only, written in o_proj's (B, T, H, V) layout (on a CPU without AMX, where brgemm cannot pack
-bfloat16, `causal_attention_training`'s forward on float32 copies); `causal_attention_training` and its backward:
-float32 training attention (and bfloat16's on a CPU without AMX, on float32 copies; the forward alone: float32
-inference's), forward and backward in those blocks of query rows (torch's brgemm products, float32).
+up to the diagonal only, written in o_proj's (B, T, H, V) layout (where brgemm cannot pack bfloat16,
+`packs_bfloat16`, `causal_attention_training`'s forward); `causal_attention_training` and its backward: float32
+training attention (and bfloat16's where brgemm cannot pack it, each head widened to float32 rows in the kernel,
+the results narrowed as written; the forward alone: float32 inference's), forward and backward in those blocks of
+query rows (torch's brgemm products, float32).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
@@ -122,8 +123,8 @@ def elementwise_takes(*tensors: torch.Tensor) -> bool:
 @functools.cache
 def packs_bfloat16(width: int) -> bool:
     """Whether torch's brgemm multiplies bfloat16 operands `width` wide packed to VNNI (a CPU with AMX, an even width):
-    bfloat16 causal attention takes its bfloat16 kernels where it does, float32 copies where not. cpu_kernels.cpp's
-    own answer, which its `causal_attention` takes too. Ask it after `available()`."""
+    bfloat16 causal attention takes its bfloat16 kernels where it does, the float32-math ones where not.
+    cpu_kernels.cpp's own answer, which its `causal_attention` takes too. Ask it after `available()`."""
     return torch.ops.seekstack.packs_bfloat16(width)
 
 
