@@ -259,7 +259,7 @@ def generate_command(
             raise UsageError(f"Missing argument {hint}: give the text to continue, or pipe it in", ctx)
         from_stdin = prompt in (None, "-")
         if from_stdin:  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
-            _read_stdin_as_utf8()  # a byte not UTF-8 is named below
+            _read_stdin_as_text()  # a byte not UTF-8 is named below
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
             # the line end echo or a file closes it with is no part of the text, as llama-cli's -f drops it: the text
             # goes on where its last line ends
@@ -600,7 +600,7 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
     """What reads the user's lines: `input` with line editing and history (readline) at a terminal, else the
     lines of stdin; both raise EOFError at the end."""
     if not interactive:
-        _read_stdin_as_utf8()  # a message holding a byte not UTF-8 is named by the chat, which goes on
+        _read_stdin_as_text()  # a message holding a byte not UTF-8 is named by the chat, which goes on
         return _read_piped_line
     try:
         import readline  # noqa: F401  (importing it gives `input` line editing and history)
@@ -609,12 +609,17 @@ def line_reader(interactive: bool) -> Callable[[str], str]:
     return input
 
 
-def _read_stdin_as_utf8() -> None:
+def _read_stdin_as_text() -> None:
     """Read standard input as UTF-8, skipping the byte order mark that opens a file Windows' Notepad (before 2019) or
-    PowerShell's Out-File -Encoding utf8 saved (`generate --model M < prompt.txt`), as the JSON Lines and config
-    readers decode theirs, and keeping a byte that is not UTF-8 as a C locale does (surrogateescape), for
+    PowerShell's Out-File -Encoding utf8 saved (`generate --model M < prompt.txt`), or as UTF-16 or UTF-32 where it
+    opens with their mark (Windows PowerShell 5's `>` and Out-File write UTF-16), as the JSON Lines and config readers
+    decode theirs; a byte that is not UTF-8 is kept as a C locale keeps it (surrogateescape), for
     `lone_surrogate_error` to name rather than a UnicodeDecodeError's traceback."""
-    sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape")
+    from seekstack.jsonl import marked_encoding
+
+    peek = getattr(sys.stdin.buffer, "peek", None)  # a pipe's or a file's reader; not a test's BytesIO
+    marked = marked_encoding(peek(4)[:4]) if peek is not None else None
+    sys.stdin.reconfigure(encoding=marked or "utf-8-sig", errors="surrogateescape")
 
 
 def _read_piped_line(prompt: str) -> str:

@@ -188,6 +188,23 @@ def test_chat_piped_from_a_file_opening_with_a_byte_order_mark_reads_its_first_m
     assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
 
 
+def test_generate_and_chat_read_a_prompt_file_windows_powershell_saved_in_utf16(checkpoint, engine, monkeypatch):
+    """`generate --model M - < prompt.txt` of a file PowerShell 5's `>` saved (UTF-16 with its byte order mark) was
+    refused as "not valid UTF-8: it holds the byte 0xff", advising iconv from Latin-1; data build reads such files."""
+    # standard input's bytes through a buffered reader, as a process reads a pipe or file (the runner's: a BytesIO)
+    monkeypatch.setattr(typer.testing, "make_input_stream", lambda given, charset: io.BufferedReader(io.BytesIO(given)))
+    args = ["generate", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos", "-"]
+    [plain] = engine.generate(["def main():"], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    for encoding in ("utf-16", "utf-16-be", "utf-32"):  # utf-16: little-endian with its mark, as PowerShell writes
+        text = ("\ufeff" if encoding == "utf-16-be" else "") + "def main():\r\n"  # utf-16 and utf-32 write the mark
+        generated = runner.invoke(app, args, input=text.encode(encoding))
+        assert generated.exit_code == 0 and generated.stdout == plain.text + "\n", (encoding, generated.output)
+    chat = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "4"]
+    chatted = runner.invoke(app, chat, input="hi\r\n".encode("utf-16"))
+    [reply] = engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, temperature=0))
+    assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
+
+
 def test_chat_piped_a_line_that_is_not_utf8_names_its_byte_and_answers_the_next(checkpoint, engine):
     """`chat --model M < latin1.txt` ended on the first byte that is not UTF-8 with UnicodeDecodeError's traceback."""
     args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "4"]
