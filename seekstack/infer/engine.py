@@ -1096,19 +1096,19 @@ class Engine:
         # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups).
         lookahead = max(next_count - 1, 0)
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
-        sampling = self._sampling_batch(batch)
         next_drafts = None
-        if sampling.raw_argmax:  # p is one-hot on the logits' argmax: accept exactly when it agrees
+        if self._raw_argmax(batch):  # p is one-hot on the logits' argmax: accept exactly when it agrees
             vocabulary = self._draft_vocabulary()
             arguments = (self.model, input_ids, positions, self.cache, next_count, fill_cache, vocabulary)
             call = ("speculative", input_ids.shape, next_count, fill_cache, vocabulary is None)
-            logits, chosen, accepted, next_drafts = (
+            logits, largest, chosen, accepted, next_drafts = (
                 self._unguarded(call, self._greedy_speculation, *arguments)
                 if self.decode_compiled
                 else self._greedy_speculation(*arguments)
             )
-            _fail_rows_without_distribution(batch, logits, chosen, accepted)
-            kept = accepted + 1
+            accepted_list = accepted.tolist()
+            kept_list = [count + 1 for count in accepted_list]
+            _fail_rows_without_distribution(batch, has_distribution(largest).tolist(), kept_list)
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
@@ -1118,7 +1118,8 @@ class Engine:
                 failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long),
                             torch.zeros(1, dtype=torch.long)),  # it keeps no token: its error ends it
             )  # fmt: skip
-        chosen_list, accepted_list, kept_list = chosen.tolist(), accepted.tolist(), kept.tolist()
+            accepted_list, kept_list = accepted.tolist(), kept.tolist()
+        chosen_list = chosen.tolist()
         model_seconds = time.perf_counter() - model_started
         self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
@@ -1279,13 +1280,18 @@ class Engine:
             [r.params.min_tokens - len(r.output_ids) for r in batch],
         )  # fmt: skip
 
+    def _raw_argmax(self, batch: list[_Request]) -> bool:
+        """Whether every row's token is its logits' argmax as the model gave them (`SamplingBatch.raw_argmax`: no
+        padded ids, no min_tokens' bans left), read off the requests without making the SamplingBatch."""
+        return self._token_count is None and all(
+            r.raw_argmax and len(r.output_ids) >= r.params.min_tokens for r in batch
+        )
+
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per request from logits (B, V), with log-probabilities for the requests that ask for them; a
         request whose sampling raises gets token 0 and ends alone at its output (`_isolated`). A batch of rows whose
         token is the raw argmax takes it without a SamplingBatch (3% of a compiled `tiny` 1-row step, 5% at 8 rows)."""
-        raw = self._token_count is None and all(
-            r.raw_argmax and len(r.output_ids) >= r.params.min_tokens for r in batch
-        )
+        raw = self._raw_argmax(batch)
         (tokens,) = self._isolated(
             batch,
             lambda rows: (
@@ -1969,17 +1975,12 @@ def refuse_adapters_not_served(
         )
 
 
-def _fail_rows_without_distribution(
-    batch: list[_Request], logits: torch.Tensor, chosen: torch.Tensor, accepted: torch.Tensor
-) -> None:
-    """Set the error of each request of a greedy speculative step whose new tokens, the argmaxes (B, K+1) of logits
-    (B, K+1, V) up to its `accepted` (B,) drafts and one, include one of a column without a distribution (a NaN or
-    all -inf, `has_distribution`): it ends as `SamplingBatch.sample` ends a plain step's. Reads B x (K+1) values."""
-    largest = logits.gather(-1, chosen[..., None])[..., 0]
-    kept = torch.arange(chosen.shape[1], device=chosen.device) <= accepted[:, None]
-    failed = (kept & ~has_distribution(largest)).any(dim=-1)
-    for request, fails in zip(batch, failed.tolist(), strict=True):
-        if fails:
+def _fail_rows_without_distribution(batch: list[_Request], distributed: list[list[bool]], kept: list[int]) -> None:
+    """Set the error of each request of a greedy speculative step whose `kept` new tokens, the argmaxes of its first
+    columns, include one of a column without a distribution (`distributed`: `has_distribution` of each column's
+    largest logit, (B, K+1)): it ends as `SamplingBatch.sample` ends a plain step's."""
+    for request, columns, count in zip(batch, distributed, kept, strict=True):
+        if not all(columns[:count]):
             request.error = ValueError(NO_DISTRIBUTION)
 
 

@@ -89,19 +89,20 @@ def greedy_speculation(
     count: int,
     fill_cache: bool = True,
     vocabulary: DraftVocabulary | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy speculative step in one call: verify each row's [pending, K drafts] (B, K+1) and draft again.
 
-    Returns logits (B, K+1, V), the argmaxes (B, K+1), how many drafts each row accepted (B,) — those up to the
-    first that differs from the argmax before it — and the next K drafts (B, K). The first accepted + 1
-    argmaxes are the new tokens: the accepted drafts and the token after them (a replacement or a bonus).
-    `count`, `fill_cache` and `vocabulary` are those of `mtp_drafts`.
+    Returns logits (B, K+1, V), their largest values and argmaxes (B, K+1) as a plain greedy step takes them
+    (`greedy_tokens`), how many drafts each row accepted (B,) — those up to the first that differs from the argmax
+    before it — and the next K drafts (B, K). The first accepted + 1 argmaxes are the new tokens: the accepted
+    drafts and the token after them (a replacement or a bonus). `count`, `fill_cache` and `vocabulary` are those
+    of `mtp_drafts`.
     """
     out = model(input_ids, cache=cache, positions=positions)
-    best = out.logits.argmax(dim=-1)
+    largest, best = out.logits.max(dim=-1)
     accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
     next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count, fill_cache, vocabulary)
-    return out.logits, best, accepted, next_drafts
+    return out.logits, largest, best, accepted, next_drafts
 
 
 def verify_drafts(
