@@ -611,7 +611,7 @@ def test_generate_caps_max_new_tokens_to_the_context_with_a_notice(checkpoint, e
     ],
 )
 def test_generate_tells_why_a_dtype_asked_for_can_run_slower_here(checkpoint, monkeypatch, dtype, caveat):
-    monkeypatch.setattr(precision, "cpu_features", lambda: {"avx512_f": True, "avx512_bf16": True})  # a Zen 5
+    monkeypatch.setattr(precision, "cpu_features", lambda: {"avx512_f": True, "avx512_bf16": True})  # a Zen 4
     args = ["generate", "--model", str(checkpoint), "def f(", "--max-new-tokens", "2"]
     result = runner.invoke(app, [*args, "--dtype", dtype])
     assert result.exit_code == 0, result.output
