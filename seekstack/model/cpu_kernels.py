@@ -39,9 +39,10 @@ with its backward in one pass, float32 math on float32 or bfloat16 rows (`elemen
 takes a float32 weight beside bfloat16 rows too); `cross_entropy_rows` (head_loss.py): a chunk of logits, bf16 under
 autocast, turned into each row's loss and, where autograd wants it, the logits' gradient, written over them, and
 `add_weight_grad`: a chunk's dL/dW = G^T h, bf16 products summed in float32 straight into dL/dW (MKL's GEMM, the op
-registered where torch carries it: its x86 builds); and `causal_attention_backward` (attention.py's
-`_CausalAttention`): causal training attention's backward in bfloat16 with AMX from torch's fused forward's log-sum-exp,
-FlashAttention-2's products over groups of heads (S and dP float32, by AMX) with one fused pass a score row;
+registered where torch carries it: its x86 builds; taken where brgemm packs bfloat16, AMX); and
+`causal_attention_backward` (attention.py's `_CausalAttention`): causal training attention's backward in bfloat16 with
+AMX from torch's fused forward's log-sum-exp, FlashAttention-2's products over groups of heads (S and dP float32, by
+AMX) with one fused pass a score row;
 `causal_attention`: bfloat16 inference's causal forward (no log-sum-exp kept), each block of 64 query rows over its keys
 up to the diagonal only, written in o_proj's (B, T, H, V) layout (where brgemm cannot pack bfloat16,
 `packs_bfloat16`, `causal_attention_training`'s forward); `causal_attention_training` and its backward: float32
@@ -106,7 +107,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def elementwise_takes(*tensors: torch.Tensor) -> bool:
     """Whether the fused row ops (`swiglu`, `rms_norm`, `cross_entropy_rows`; bfloat16 `causal_attention` and
-    `causal_attention_backward`, float32 `causal_attention_training` and its backward) take these tensors: float32
+    `causal_attention_backward`, `causal_attention_training` and its backward) take these tensors: float32
     or bfloat16 in one dtype on the CPU, contiguous along a row (the kernels' rows; a transposed input takes torch's
     ops), none sharded, outside a compiled region (inductor fuses its own); builds the kernels on the first call.
     Asked before each RMSNorm and SwiGLU of a decode step, so its checks are the cheapest torch offers (`is_cpu` in a
