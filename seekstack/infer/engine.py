@@ -65,7 +65,7 @@ from seekstack.infer.outputs import (
     UndecodedTokenLogprob,
     joined_completion,
 )
-from seekstack.infer.packed import WeightVersions, pack_for_decode, repack
+from seekstack.infer.packed import WeightVersions, copied_linears, pack_for_decode, repack
 from seekstack.infer.params import (
     DRAFT_TOKENS_LIMIT,
     MAX_DRAFT_TOKENS,
@@ -433,6 +433,8 @@ class Engine:
         drafting = speculative and not placed
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
         self._head_versions = WeightVersions(self.model.lm_head)  # the head's copies follow it (`_follow_head`)
+        # the linears' panels, read by steps of 3 rows or more, follow their weights there
+        self._panel_versions = WeightVersions(*copied_linears(self.model))
         costs = None
         if drafting and adaptive_drafts:
             with evaluating(self.model):
@@ -856,11 +858,12 @@ class Engine:
             self._follow_head()
 
     def _follow_head(self) -> None:
-        """Copy the output head's weight again into the copies laid out from it: the decode layout's
-        (seekstack.infer.packed) and the drafts' rows."""
+        """Copy the weights again into the copies laid out from them: the decode layout's (seekstack.infer.packed: the
+        head's, the linears' panels) and the drafts' rows of the head."""
         repack(self.model)
         refresh_draft_vocabulary(self.model, self.draft_vocabulary)
         self._head_versions.mark()
+        self._panel_versions.mark()
         self._model_changes += 1
 
     def stats(self) -> EngineStats:
@@ -1234,8 +1237,9 @@ class Engine:
         need); the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
-        if self._head_versions.changed():  # in place since (a load_state_dict, an RL weight sync)
-            self._follow_head()
+        panels_read = len(rows) * width >= cpu_kernels.PANEL_MIN_ROWS
+        if self._head_versions.changed() or (panels_read and self._panel_versions.changed()):
+            self._follow_head()  # the weights changed in place since (a load_state_dict, an RL weight sync)
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)

@@ -8,9 +8,14 @@ On a CPU, float32 (MKL, 1 thread, AMD Zen 3, micro-benches of these calls on the
 - more rows (prefill chunks) keep F.linear, the call not measured against the others there.
 So the head keeps W^T beside W (`weight_t`, outside the state dict): V x D more bytes, 25 MB on `small`.
 The block's own bias-free linears (attention projections, dense FFNs, shared experts) run 1-16 rows of inference
-through `rows_linear`, compiled or eager (`DecodeLinear`), with no copy; without the kernel, compiled steps take the
-weight-first form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops
-(engine.py `_compiled`).
+through `rows_linear`, compiled or eager (`DecodeLinear`); without the kernel, compiled steps take the weight-first
+form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops (engine.py
+`_compiled`). Where the kernels are built, every float32 one, the head too, also keeps its weight as panels
+(`lay_out_panels`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it reads W itself, faster
+there): the weight's bytes again, 50 MB on `small` (25 MB the block's, 25 MB the head's). The engine copies the
+weights into them again when they change in place (`repack`, `WeightVersions`). `small` float32, compiled engines
+with and without the panels alternating in one process, batch 8, one thread, CPU clock: decode 1.14x (10 of 10
+rounds), the same tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ WEIGHT_FIRST_MAX_ROWS = 16  # up to here (W x^T)^T; beyond it F.linear (measured
 
 
 @torch.library.custom_op("seekstack::decode_head", mutates_args=())
-def decode_head(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+def decode_head(
+    x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None
+) -> torch.Tensor:
     """x (M, D) W^T -> (M, V) in the BLAS call fastest for M rows. An op of its own, so that a compiled decode step,
     whose batch size is unbacked (one graph for every batch), still picks the call by the rows it runs on."""
     rows = x.shape[0]
@@ -39,13 +46,13 @@ def decode_head(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -
         return x @ weight_t
     if rows <= WEIGHT_FIRST_MAX_ROWS:
         if cpu_kernels.available() and cpu_kernels.usable(x, weight):
-            return cpu_kernels.rows_linear(x, weight)
+            return cpu_kernels.rows_linear(x, weight, panels)
         return (weight @ x.t()).t().contiguous()
     return F.linear(x, weight)
 
 
 @decode_head.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -74,6 +81,7 @@ class DecodeHead(nn.Linear):
             packed.copy_(self.weight.t())
         else:
             self.register_buffer("weight_t", self.weight.detach().t().contiguous(), persistent=False)
+        lay_out_panels(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd). A compiled
@@ -83,15 +91,40 @@ class DecodeHead(nn.Linear):
         if torch.is_grad_enabled():
             return F.linear(x, self.weight)
         if torch.compiler.is_compiling() and cpu_kernels.usable(x, self.weight):
-            return cpu_kernels.rows_linear(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-        return decode_head(x.reshape(-1, x.shape[-1]), self.weight, self.weight_t).view(*x.shape[:-1], -1)
+            return cpu_kernels.rows_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_panels).view(
+                *x.shape[:-1], -1
+            )
+        flat = x.reshape(-1, x.shape[-1])
+        return decode_head(flat, self.weight, self.weight_t, self.weight_panels).view(*x.shape[:-1], -1)
+
+
+def lay_out_panels(linear: nn.Linear) -> None:
+    """Copy a float32 linear's weight into `weight_panels`, `rows_linear`'s layout for 3-16 rows (outside the state
+    dict; in place once it exists: a compiled step keeps reading the same buffer); None for other weights, or where the
+    kernels are not built."""
+    weight = linear.weight.detach()
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not cpu_kernels.available():
+        linear.register_buffer("weight_panels", None, persistent=False)
+        return
+    panels = cpu_kernels.weight_panels(weight)
+    held = linear._buffers.get("weight_panels")
+    if held is not None and held.shape == panels.shape:
+        held.copy_(panels)
+    else:
+        linear.register_buffer("weight_panels", panels, persistent=False)
 
 
 class DecodeLinear(nn.Linear):
     """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 1-16 rows of inference through the
-    `rows_linear` kernel, or, compiled and without the kernel, 2-16 rows as (W x^T)^T (`small`, one thread, `bench/
-    decode_options.py --rows N --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 /
-    8 rows, -1% at 16 (noise), same tokens, before the kernel)."""
+    `rows_linear` kernel, 3-16 of them over the copy of its float32 weight in `weight_panels` (`lay_out_panels`), or,
+    compiled and without the kernel, 2-16 rows as (W x^T)^T (`small`, one thread, `bench/decode_options.py --rows N
+    --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 / 8 rows, -1% at 16 (noise),
+    same tokens, before the kernel)."""
+
+    @property
+    def panels(self) -> torch.Tensor | None:
+        """The weight's `weight_panels` copy, None where `lay_out_panels` made none (or was not called)."""
+        return self._buffers.get("weight_panels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -100,12 +133,12 @@ class DecodeLinear(nn.Linear):
         flat = x.reshape(rows, -1)
         if torch.compiler.is_compiling():  # rows_linear passes more than MAX_TOKENS rows on to F.linear itself
             if cpu_kernels.usable(x, self.weight):
-                return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)
+                return cpu_kernels.rows_linear(flat, self.weight, self.panels).view(*x.shape[:-1], -1)
             if rows == 1:
                 return F.linear(x, self.weight)
             return (self.weight @ flat.t()).t().view(*x.shape[:-1], -1)
         if rows <= cpu_kernels.MAX_TOKENS and cpu_kernels.available() and cpu_kernels.usable(x, self.weight):
-            return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)
+            return cpu_kernels.rows_linear(flat, self.weight, self.panels).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
 
@@ -130,7 +163,9 @@ class DecodeFeedForward(FeedForward):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not _one_call(x, gate, up, down):
             return super().forward(x)
-        return torch.ops.seekstack.feed_forward_rows(x, gate.weight, up.weight, down.weight)
+        return torch.ops.seekstack.feed_forward_rows(
+            x, gate.weight, up.weight, down.weight, gate.panels, up.panels, down.panels
+        )
 
 
 class DecodeLatentAttention(MultiHeadLatentAttention):
@@ -142,7 +177,9 @@ class DecodeLatentAttention(MultiHeadLatentAttention):
         if hasattr(self, "q_proj") or not _one_call(x, self.q_a_proj, self.q_b_proj, norm=self.q_a_layernorm):
             return super().project_query(x)  # a plain q_proj (q_lora_rank null), or the modules' calls
         down, norm, up = self.q_a_proj, self.q_a_layernorm, self.q_b_proj
-        return torch.ops.seekstack.latent_query_rows(x, down.weight, norm.weight, norm.eps, up.weight)
+        return torch.ops.seekstack.latent_query_rows(
+            x, down.weight, norm.weight, norm.eps, up.weight, down.panels, up.panels
+        )
 
 
 def pack_for_decode(model: Transformer) -> int:
@@ -161,9 +198,12 @@ def pack_for_decode(model: Transformer) -> int:
             continue
         if module is model.lm_head and dtype == torch.float32:
             DecodeHead.adapt(module)
-            extra = module.weight_t.numel() * module.weight_t.element_size()
+            extra += module.weight_t.numel() * module.weight_t.element_size()
         else:
             module.__class__ = DecodeLinear
+            lay_out_panels(module)
+        panels = module._buffers["weight_panels"]
+        extra += 0 if panels is None else panels.numel() * panels.element_size()
     for module in model.modules():  # after the linears: these read their linears' classes at each call
         if type(module) is FeedForward:
             module.__class__ = DecodeFeedForward
@@ -173,14 +213,14 @@ def pack_for_decode(model: Transformer) -> int:
 
 
 class WeightVersions:
-    """Tells whether `module`'s weights changed since `mark`, for the copies laid out from them: in place (an
+    """Tells whether the weights of `modules` changed since `mark`, for the copies laid out from them: in place (an
     optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or replaced
     (load_state_dict(assign=True), a Parameter set in a weight's place: `module.weight = ...`). A write through `.data`
     grows no counter and is not seen, nor is an in-place change to an inference tensor (a base loaded under
     torch.inference_mode), which keeps none."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
         self.mark()
 
     def mark(self) -> None:
@@ -189,7 +229,8 @@ class WeightVersions:
         # tensors keep no version counter
         self._weights = [
             (weakref.ref(module), name, weakref.ref(weight), not weight.is_inference())
-            for module in self.module.modules()
+            for held in self.modules
+            for module in held.modules()
             for name, weight in module._parameters.items()
             if weight is not None
         ]
@@ -211,7 +252,15 @@ class WeightVersions:
 
 
 def repack(model: nn.Module) -> None:
-    """Refresh every `DecodeHead` copy in `model` from its weight (after the weights changed in place)."""
+    """Refresh every copy of a weight in `model` (`DecodeHead`'s, `DecodeLinear`'s panels) after the weights changed
+    in place."""
     for module in model.modules():
         if isinstance(module, DecodeHead):
             module.repack()
+        elif isinstance(module, DecodeLinear) and module.panels is not None:
+            lay_out_panels(module)
+
+
+def copied_linears(model: nn.Module) -> list[nn.Module]:
+    """The linears of `model` holding a copy of their weight for 3-16 rows (`weight_panels`)."""
+    return [module for module in model.modules() if module._buffers.get("weight_panels") is not None]

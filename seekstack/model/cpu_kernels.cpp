@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +37,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -190,8 +192,9 @@ constexpr int kStreamRows = 2;
 // (one core reads several streams faster than one: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s on a Zen 3). A pass of
 // kStreamRows rows, bound by its products, fetches each stream's next weight row ahead of its loads, which the
 // hardware's prefetcher left to the loads themselves (Zen 4, one thread, `small` at 8 rows: its linears 1.13x, its
-// head 1.25x, the compiled float32 step 1.05x, bfloat16 1.02x; at 4 rows, one pass, even). A pass of fewer rows,
-// bound by the reads, does not: the experts' passes of 1-3 rows lost with it (0.88x).
+// head 1.25x, the compiled float32 step 1.05x, bfloat16 1.02x; at 4 rows, one pass, even). A pass of fewer rows is
+// bound by the reads themselves, its loads already keeping the streams' requests in flight, so a fetch ahead there
+// only adds requests to the same bytes: it is left out (R == kStreamRows).
 template <int R, typename W, typename X>
 inline void dot_streams(const W* weight, int64_t part, int64_t in_features, const X* const* inputs,
                         float* const* outputs, int64_t j) {
@@ -281,6 +284,90 @@ void rows_linear_into(const at::Tensor& x, const at::Tensor& weight, at::Tensor&
   });
 }
 
+// A float32 weight W (out, in) as panels (cpu_kernels.py `weight_panels`): the (in, width) blocks W[j : j + width, :]^T
+// one after the other, width kPanelWidth (the last out % kPanelWidth). A panel is one sequential stream; a pass over it
+// keeps kPanelRows token rows' outputs of its columns in registers for the whole input, each weight vector loaded once
+// and multiplied by each row's input broadcast, no horizontal sums (`small`'s linears at 8 rows, weights flushed, one
+// thread, Zen 4: 15-19 GB/s where the 4-stream dot products read 11-12).
+constexpr int64_t kPanelWidth = 32;
+using PanelVector = at::vec::Vectorized<float>;
+constexpr int kPanelVectors = kPanelWidth / PanelVector::size();
+// Accumulators kPanelRows x kPanelVectors: 16 of AVX-512's 32 registers, 8 of AVX2's 16.
+#ifdef CPU_CAPABILITY_AVX512
+constexpr int kPanelRows = 8;
+#else
+constexpr int kPanelRows = 2;
+#endif
+
+// outputs[r][c] = sum_d panel[d, c] inputs[r][d] for c < width, r < R; Full: width == kPanelWidth.
+template <int R, bool Full>
+inline void panel_rows(const float* panel, int64_t in_features, int64_t width, const float* const* inputs,
+                       float* const* outputs) {
+  PanelVector acc[R][kPanelVectors];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVectors; ++v) acc[r][v] = PanelVector(0.f);
+  int64_t lanes[kPanelVectors];  // each vector's columns in a partial panel
+  for (int v = 0; v < kPanelVectors; ++v)
+    lanes[v] = std::clamp<int64_t>(width - v * PanelVector::size(), 0, PanelVector::size());
+  for (int64_t d = 0; d < in_features; ++d, panel += width) {
+    PanelVector w[kPanelVectors];
+    for (int v = 0; v < kPanelVectors; ++v)
+      w[v] = Full ? PanelVector::loadu(panel + v * PanelVector::size())
+                  : PanelVector::loadu(panel + v * PanelVector::size(), lanes[v]);
+    for (int r = 0; r < R; ++r) {
+      const PanelVector x(inputs[r][d]);
+      for (int v = 0; v < kPanelVectors; ++v) acc[r][v] = at::vec::fmadd(w[v], x, acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVectors; ++v) {
+      float* out = outputs[r] + v * PanelVector::size();
+      if (Full) acc[r][v].store(out);
+      else if (lanes[v] > 0) acc[r][v].store(out, lanes[v]);
+    }
+}
+
+// panel_rows over all `rows`, kPanelRows at a time: the passes after the first find the panel in L1 or L2.
+template <bool Full>
+void panel_times_rows(const float* panel, int64_t in_features, int64_t width, const float* const* inputs,
+                      float* const* outputs, int64_t rows) {
+  using Pass = void (*)(const float*, int64_t, int64_t, const float* const*, float* const*);
+  static constexpr auto passes = []<int... R>(std::integer_sequence<int, R...>) {
+    return std::array<Pass, sizeof...(R)>{&panel_rows<R + 1, Full>...};
+  }(std::make_integer_sequence<int, kPanelRows>{});
+  for (int64_t row = 0; row < rows; row += kPanelRows) {
+    const int64_t count = std::min<int64_t>(kPanelRows, rows - row);
+    passes[count - 1](panel, in_features, width, inputs + row, outputs + row);
+  }
+}
+
+// y = x W^T for float32 x (N, in) and the panels of W (out_features, in): panels split over threads.
+at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
+  const int64_t N = x.size(0), in_features = x.size(1);
+  const at::Tensor x_c = x.contiguous();
+  at::Tensor y = at::empty({N, out_features}, x.options());
+  const float* x_data = x_c.const_data_ptr<float>();
+  const float* w = panels.const_data_ptr<float>();
+  float* y_data = y.data_ptr<float>();
+  std::vector<const float*> inputs(N);
+  for (int64_t r = 0; r < N; ++r) inputs[r] = x_data + r * in_features;
+  const int64_t count = (out_features + kPanelWidth - 1) / kPanelWidth;
+  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float*> outputs(N);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t first = p * kPanelWidth, width = std::min(kPanelWidth, out_features - first);
+      for (int64_t r = 0; r < N; ++r) outputs[r] = y_data + r * out_features + first;
+      const float* panel = w + first * in_features;
+      if (width == kPanelWidth) {
+        panel_times_rows<true>(panel, in_features, width, inputs.data(), outputs.data(), N);
+      } else {
+        panel_times_rows<false>(panel, in_features, width, inputs.data(), outputs.data(), N);
+      }
+    }
+  });
+  return y;
+}
+
 // y = x W^T for W (out, in), in x's dtype (float32 or bfloat16; y rounded last).
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
   check_rows(x, weight, "rows_linear");
@@ -295,6 +382,29 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
     rows_linear_into<float, float>(x.contiguous(), weight_c, y);
   }
   return y.to(x.scalar_type());
+}
+
+// Rows from which a float32 weight's panels are read instead of its rows: at 1-2 rows the 4 streams of rows_times_weight
+// read faster than one panel at a time (`small`'s linears, weights flushed: panels 0.76x at 1 row, 0.95x at 2, 1.48x at
+// 4, 1.55x at 8, 1.30x at 16).
+constexpr int64_t kPanelMinRows = 3;
+
+// rows_linear(x, weight) for float32 x and W, through W's panels (cpu_kernels.py `weight_panels`) at 3-16 rows.
+at::Tensor rows_linear_panels(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& panels) {
+  check_rows(x, weight, "rows_linear_panels");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == at::kFloat,
+              "rows_linear_panels: weight ", weight.sizes(), " (", weight.scalar_type(),
+              ") is no float32 weight taking rows of ", x.size(1));
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.numel() == weight.numel(),
+              "rows_linear_panels: panels (", panels.scalar_type(), ", ", panels.numel(),
+              " values) are not those of the weight ", weight.sizes());
+  if (x.size(0) < kPanelMinRows || x.size(0) > kMostRows) return rows_linear(x, weight);
+  return panels_linear(x, panels, weight.size(0));
+}
+
+// DecodeLinear's product (infer/packed.py): rows_linear, through W's panels where it holds them.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& panels) {
+  return panels ? rows_linear_panels(x, weight, *panels) : rows_linear(x, weight);
 }
 
 // y_t = sum_k g_{t,k} W_down[e_{t,k}] (SiLU(W_gate[e] x_t) * W_up[e] x_t), DeepSeek-V3 eq. 12-13: the pairs grouped
@@ -540,12 +650,14 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optio
 }
 
 // W_down (SiLU(W_gate x) * W_up x) for x (..., D): a dense FFN or shared expert (moe.py FeedForward) in one call, the
-// three rows_linear and the swiglu an eager step would make one by one on x's rows, so bitwise theirs.
+// three decode_linear and the swiglu an eager step would make one by one on x's rows, so bitwise theirs.
 at::Tensor feed_forward_rows(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
-                             const at::Tensor& down_proj) {
+                             const at::Tensor& down_proj, const std::optional<at::Tensor>& gate_panels,
+                             const std::optional<at::Tensor>& up_panels, const std::optional<at::Tensor>& down_panels) {
   const at::Tensor rows = x.reshape({-1, x.size(-1)});
-  const at::Tensor hidden = swiglu(rows_linear(rows, gate_proj), rows_linear(rows, up_proj), std::nullopt);
-  return rows_linear(hidden, down_proj).view(x.sizes());
+  const at::Tensor hidden = swiglu(decode_linear(rows, gate_proj, gate_panels), decode_linear(rows, up_proj, up_panels),
+                                   std::nullopt);
+  return decode_linear(hidden, down_proj, down_panels).view(x.sizes());
 }
 
 // dgate, dup (n, I) contiguous and dweights (n,) float32 (empty without weights).
@@ -1215,12 +1327,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   return {y, rstd};
 }
 
-// W^UQ RMSNorm(W^DQ x) for x (..., D): MLA's low-rank query (attention.py project_query) in one call, the rows_linear,
-// rms_norm and rows_linear an eager step would make one by one on x's rows, so bitwise theirs.
+// W^UQ RMSNorm(W^DQ x) for x (..., D): MLA's low-rank query (attention.py project_query) in one call, the
+// decode_linear, rms_norm and decode_linear an eager step would make one by one on x's rows, so bitwise theirs.
 at::Tensor latent_query_rows(const at::Tensor& x, const at::Tensor& down_proj, const at::Tensor& norm_weight,
-                             double eps, const at::Tensor& up_proj) {
-  const at::Tensor latent = rows_linear(x.reshape({-1, x.size(-1)}), down_proj);
-  const at::Tensor query = rows_linear(std::get<0>(rms_norm(latent, norm_weight, eps)), up_proj);
+                             double eps, const at::Tensor& up_proj, const std::optional<at::Tensor>& down_panels,
+                             const std::optional<at::Tensor>& up_panels) {
+  const at::Tensor latent = decode_linear(x.reshape({-1, x.size(-1)}), down_proj, down_panels);
+  const at::Tensor query = decode_linear(std::get<0>(rms_norm(latent, norm_weight, eps)), up_proj, up_panels);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = query.size(1);
   return query.view(shape);
@@ -1515,12 +1628,17 @@ void add_weight_grad(at::Tensor& grad_weight, const at::Tensor& grad_out, const 
 
 TORCH_LIBRARY_FRAGMENT(seekstack, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("rows_linear_panels(Tensor x, Tensor weight, Tensor panels) -> Tensor");
   m.def("grouped_experts(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor");
   m.def("swiglu(Tensor gate, Tensor up, Tensor? weights) -> Tensor");
-  m.def("feed_forward_rows(Tensor x, Tensor gate_proj, Tensor up_proj, Tensor down_proj) -> Tensor");
+  m.def(
+      "feed_forward_rows(Tensor x, Tensor gate_proj, Tensor up_proj, Tensor down_proj, Tensor? gate_panels, "
+      "Tensor? up_panels, Tensor? down_panels) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up, Tensor? weights) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("latent_query_rows(Tensor x, Tensor down_proj, Tensor norm_weight, float eps, Tensor up_proj) -> Tensor");
+  m.def(
+      "latent_query_rows(Tensor x, Tensor down_proj, Tensor norm_weight, float eps, Tensor up_proj, Tensor? "
+      "down_panels, Tensor? up_panels) -> Tensor");
   m.def("latent_attention_rows(Tensor query, Tensor keys, Tensor? mask, float scale, int value_width) -> Tensor");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor)");
   m.def(
@@ -1541,6 +1659,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
 
 TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
   m.impl("rows_linear", rows_linear);
+  m.impl("rows_linear_panels", rows_linear_panels);
   m.impl("grouped_experts", grouped_experts);
   m.impl("swiglu", swiglu);
   m.impl("feed_forward_rows", feed_forward_rows);

@@ -8,7 +8,12 @@ side (its rows in 4 equal parts, one row of each per step): one core keeps more 
 than over one (a plain sum over 128 MB, one Zen 3 core, under load: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s).
 - `rows_linear`: x W^T for 1-16 rows of x, W row-major (out, in), split over threads by output rows. `small`'s
   block and head shapes, weights flushed from the L3, one thread, against the one-stream kernel before it: 1.8x at 1
-  row, 1.4-1.6x at 2-4, 1.1x at 8, even at 16 (where the dot products, not the reads, bound it).
+  row, 1.4-1.6x at 2-4, 1.1x at 8, even at 16 (where the dot products, not the reads, bound it). At 3-16 rows of a
+  float32 W it reads the panels `weight_panels` lays W out in, where given (`rows_linear_panels`): each block of 32
+  output columns with its whole input, W[j : j + 32, :]^T, one sequential stream, 8 rows' outputs of it in
+  registers (AVX2: 2), each weight vector times each row's input broadcast: no horizontal sums. `small`'s block and
+  head shapes, weights flushed, one thread, Zen 4: 1.48x the rows' 4-stream kernel at 4 rows, 1.55x at 8, 1.30x at 16
+  (0.76x at 1 row, 0.95x at 2, which keep W's rows).
 - `grouped_experts`: the routed experts of few tokens. Each (token, expert) pair gathering its expert
   (`RoutedExperts.forward_pairs`, what inductor fuses) reads N*K expert weight sets; `small`'s 8 tokens x 4 choices
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
@@ -135,9 +140,24 @@ def set_enabled(on: bool) -> None:
     _switch["on"] = on
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (N, in) W^T for W (out, in) -> (N, out)."""
-    return torch.ops.seekstack.rows_linear(x, weight)
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, panels: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) W^T for W (out, in) -> (N, out); at 3-16 rows through `panels`, a float32 W's `weight_panels`,
+    where given."""
+    if panels is None:
+        return torch.ops.seekstack.rows_linear(x, weight)
+    return torch.ops.seekstack.rows_linear_panels(x, weight, panels)
+
+
+PANEL_WIDTH = 32  # cpu_kernels.cpp kPanelWidth
+PANEL_MIN_ROWS = 3  # cpu_kernels.cpp kPanelMinRows: rows_linear reads the panels from here to MAX_TOKENS rows
+
+
+def weight_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 W (out, in) laid out for `rows_linear`'s few-row passes (1-D, out * in values): the blocks
+    W[j : j + PANEL_WIDTH, :]^T one after the other, the last of out % PANEL_WIDTH columns."""
+    whole = weight.shape[0] // PANEL_WIDTH * PANEL_WIDTH
+    blocks = weight[:whole].view(-1, PANEL_WIDTH, weight.shape[1]).transpose(1, 2)
+    return torch.cat([blocks.reshape(-1), weight[whole:].t().reshape(-1)])
 
 
 def grouped_experts(
@@ -199,6 +219,7 @@ def _build() -> bool:
         return False
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
+    torch.library.register_fake("seekstack::rows_linear_panels")(_rows_linear_shape)
     torch.library.register_fake("seekstack::latent_attention_rows")(_latent_attention_rows_shape)
     torch.library.register_fake("seekstack::route_rows")(_route_rows_shape)
     return True
@@ -281,7 +302,7 @@ def _grouped_experts_shape(
     return x.new_empty(x.shape)
 
 
-def _rows_linear_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _rows_linear_shape(x: torch.Tensor, weight: torch.Tensor, panels: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -67,6 +67,35 @@ def test_rows_linear_kernel_gives_the_linear_products(rows, threads, outputs):
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 16, 17])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("outputs", "inputs"), [(700, 37), (33, 17), (31, 5), (3, 1)])
+def test_rows_linear_over_weight_panels_gives_the_linear_products_within_float32_rounding(
+    rows, threads, outputs, inputs
+):
+    """Panels of 32 columns, the last of outputs % 32 (700: 28, 33: 1; 31 and 3: one partial panel); token rows 8
+    (AVX-512) or 2 a pass, 1-7 left over; 1-2 and past 16 rows the weight's own product. Checked against float64."""
+    assert cpu_kernels.available()
+    x, weight = torch.randn(rows, inputs), torch.randn(outputs, inputs)
+    panels = cpu_kernels.weight_panels(weight)
+    assert panels.shape == (outputs * inputs,)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = cpu_kernels.rows_linear(x, weight, panels)
+    finally:
+        torch.set_num_threads(before)
+    exact = x.double() @ weight.double().t()
+    bound = (x.double().abs() @ weight.double().abs().t()) * inputs * 2**-24  # `inputs` rounded products summed
+    assert out.shape == (rows, outputs) and bool(((out.double() - exact).abs() <= bound).all())
+
+
+def test_rows_linear_refuses_panels_of_another_weight_naming_both():
+    weight = torch.randn(64, 48)
+    with pytest.raises(RuntimeError, match=r"panels \(Float, 3000 values\) are not those of the weight \[64, 48\]"):
+        cpu_kernels.rows_linear(torch.randn(4, 48), weight, torch.randn(3000))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16, 17])
 @pytest.mark.parametrize("columns", [37, 101])
 def test_rows_linear_kernel_takes_bfloat16_weights_and_rows(rows, columns):
@@ -117,14 +146,14 @@ def test_a_compiled_head_runs_the_kernel_in_the_graph_not_a_python_op(rows):
     with torch.no_grad():
         out = torch.compile(head, backend=recording, dynamic=True)(x)
         torch.testing.assert_close(out, F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
-    assert "seekstack.rows_linear" in ops and not any("decode_head" in op for op in ops)
+    assert "seekstack.rows_linear_panels" in ops and not any("decode_head" in op for op in ops)
 
 
 def test_decode_linear_runs_the_kernel_for_up_to_16_rows_without_gradients_only(monkeypatch):
     assert cpu_kernels.available()
     calls = []
     kernel = cpu_kernels.rows_linear
-    monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, weight: calls.append(x.shape[0]) or kernel(x, weight))
+    monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, *weights: calls.append(x.shape[0]) or kernel(x, *weights))
     linear = nn.Linear(48, 30, bias=False)
     linear.__class__ = DecodeLinear
     few, many = torch.randn(4, 48), torch.randn(cpu_kernels.MAX_TOKENS + 1, 48)
@@ -154,7 +183,7 @@ def test_packed_modules_run_up_to_16_rows_in_one_kernel_call_bitwise_as_their_li
     assert len(modules) > 1 and all(type(m) is packed for m in modules)  # the MTP block's too
     calls = []
     kernel = cpu_kernels.rows_linear
-    monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, weight: calls.append(x.shape[0]) or kernel(x, weight))
+    monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, *weights: calls.append(x.shape[0]) or kernel(x, *weights))
     fused, one_call = [], getattr(torch.ops.seekstack, op)
     monkeypatch.setattr(torch.ops.seekstack, op, lambda *args: fused.append(1) or one_call(*args))
     module, most, D = modules[-1], cpu_kernels.MAX_TOKENS, model.config.hidden_size
@@ -255,6 +284,30 @@ def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_withou
         packed.model.load_state_dict({k: v.clone() for k, v in reference.model.state_dict().items()}, assign=True)
     else:
         packed.model.lm_head.weight = nn.Parameter(-packed.model.lm_head.weight.detach())
+    expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
+    assert expected != before
+    assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
+
+
+@pytest.mark.parametrize("change", ["in place", "assign"])
+def test_the_linears_panels_follow_weights_changed_after_the_engine_was_built(checkpoint, tokenizer, change):
+    """Steps of 3 rows or more read the block linears' panels, copies of their float32 weights: every o_proj negated
+    in place, or a state dict with them negated loaded with assign=True, and the next 3-row step reads the new
+    weights, as the plain model does."""
+    packed = Engine.from_pretrained(checkpoint)
+    reference = Engine(load_pretrained(checkpoint, mtp=False), tokenizer)
+    assert packed.model.layers[0].self_attn.o_proj.panels is not None
+    batch = prompts(3)
+    before = [completion.token_ids for completion in packed.generate(batch, GREEDY)]
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.self_attn.o_proj.weight.neg_()
+    if change == "in place":
+        with torch.no_grad():
+            for layer in packed.model.layers:
+                layer.self_attn.o_proj.weight.neg_()
+    else:
+        packed.model.load_state_dict({k: v.clone() for k, v in reference.model.state_dict().items()}, assign=True)
     expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
     assert expected != before
     assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
