@@ -107,7 +107,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import ModelOutput, Transformer
-from seekstack.schema import ConfigError, for_command, known_fields, refuse_a_non_bool, shown_value
+from seekstack.schema import ConfigError, counted, for_command, known_fields, refuse_a_non_bool, shown_value
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 if TYPE_CHECKING:
@@ -650,18 +650,14 @@ class Engine:
             context = f"the context of {self.max_model_len}"
         else:
             context = f"the {self.context_len} tokens the cache holds (--kv-cache-memory, kv_cache_memory=, for more)"
+        prompt = f"prompt is {counted(prompt_len, 'token')}"
         if room < 1:
-            raise ValueError(
-                f"prompt is {prompt_len} tokens; {context} leaves no room for a new token: shorten the prompt"
-            )
+            raise ValueError(f"{prompt}; {context} leaves no room for a new token: shorten the prompt")
         if params.max_new_tokens is None:
             return dataclasses.replace(params, max_new_tokens=room), None
         if params.max_new_tokens <= room:
             return params, None
-        notice = (
-            f"prompt is {prompt_len} tokens; max_new_tokens capped from {params.max_new_tokens} to {room} to fit "
-            f"{context}"
-        )
+        notice = f"{prompt}; max_new_tokens capped from {params.max_new_tokens} to {room} to fit {context}"
         return dataclasses.replace(params, max_new_tokens=room), notice
 
     # ------------------------------------------------------------------ requests

@@ -1713,6 +1713,10 @@ def test_max_new_tokens_is_capped_to_what_fits_the_context_with_a_notice(model, 
     for prompt_len in (64, 70):
         with pytest.raises(ValueError, match=f"prompt is {prompt_len} tokens; the context of 64 leaves no room"):
             engine.fit_max_new_tokens(prompt_len, params)
+    _, notice = engine.fit_max_new_tokens(1, params)  # was "prompt is 1 tokens"
+    assert notice == "prompt is 1 token; max_new_tokens capped from 100 to 63 to fit the context of 64"
+    with pytest.raises(ValueError, match="^prompt is 1 token; the context of 1 leaves no room"):
+        Engine(model, tokenizer, max_model_len=1).fit_max_new_tokens(1, params)
 
 
 def test_max_new_tokens_is_capped_to_what_the_cache_budget_holds_with_a_notice(model, tokenizer):
