@@ -1109,7 +1109,10 @@ class Engine:
             kept_list = [count + 1 for count in accepted_list]
             _fail_rows_without_distribution(batch, has_distribution(largest).tolist(), kept_list)
         else:
-            out = self._decode_model(input_ids, cache=self.cache, positions=positions)
+            if self.decode_compiled:
+                out = self._decode_step(input_ids, positions)
+            else:
+                out = self.model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
             accepted, chosen, kept = self._isolated(
                 batch,
@@ -1177,7 +1180,7 @@ class Engine:
         """The compiled decode step on the planned cache, its guard check skipped where the engine knows its answer
         (`_unguarded`)."""
         return self._unguarded(
-            ("plain", input_ids.shape), self._decode_model, input_ids, cache=self.cache, positions=positions
+            ("forward", input_ids.shape), self._decode_model, input_ids, cache=self.cache, positions=positions
         )
 
     def _unguarded(self, call: tuple, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -1255,10 +1258,12 @@ class Engine:
         width = hidden.shape[1]
         next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
         last = torch.tensor(counts, device=self.device) - 1
-        draft = mtp_drafts if prefill else self._decode_drafts
-        positions = self.cache.positions()
-        vocabulary = self._draft_vocabulary()
-        return draft(self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache, vocabulary).tolist()
+        positions, vocabulary = self.cache.positions(), self._draft_vocabulary()
+        arguments = (self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache, vocabulary)
+        if prefill or not self.decode_compiled:
+            return mtp_drafts(*arguments).tolist()
+        call = ("drafts", hidden.shape, count, fill_cache, vocabulary is None)
+        return self._unguarded(call, self._decode_drafts, *arguments).tolist()
 
     def _draft_vocabulary(self) -> DraftVocabulary | None:
         """The drafts' vocabulary, unless a served adapter replaces the output head (its rows are the adapter's)."""

@@ -112,33 +112,45 @@ def test_a_plain_step_of_a_speculative_engine_gathers_the_keys_of_a_plain_engine
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on the traced step
-def test_a_compiled_greedy_speculative_step_skips_the_guard_check_as_a_plain_step_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("temperature", "compiled_calls"),
+    [(0.0, ("_greedy_speculation",)), (0.8, ("_decode_model", "_decode_drafts"))],
+    ids=["greedy", "sampled"],
+)
+def test_a_compiled_speculative_step_skips_the_guard_check_as_a_plain_step_does(
+    tmp_path, monkeypatch, temperature, compiled_calls
+):
     """A compiled plain step whose input shape was guarded skips dynamo's guard check (`Engine._unguarded`), and so
-    does now the greedy speculative step (the verification and the next drafts, one compiled call) whose shape and
-    draft count were: it ran every step guarded, so a compiled speculative engine gained 1.04x over a compiled
-    plain one where the plain one skipped (demo checkpoint, batch 1, 3 drafts). Its tokens stay eager decoding's."""
+    do now a speculative step's compiled calls whose shapes and draft count were: greedy, the verification and the
+    next drafts in one call; sampled, the verification and then the drafts. They ran every step guarded (demo
+    checkpoint, batch 1, 3 drafts: a compiled greedy speculative engine 1.07x a compiled plain one where the plain
+    one skipped). The tokens stay eager decoding's."""
     from torch._dynamo import eval_frame
 
     import seekstack.infer.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_compiled", lambda f: torch.compile(f, dynamic=True, backend="eager"))
     model, tokenizer = micro_model(num_hidden_layers=1), tiny_tokenizer(tmp_path)
-    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=3, ignore_eos=True)
     eager, compiled = (
         Engine(model, tokenizer, max_batch_size=1, speculative=True, draft_tokens=2, adaptive_drafts=False, compile=on)
         for on in (False, True)
     )
-    speculate, skipped = compiled._greedy_speculation, []  # whether each compiled step ran with the check skipped
+    skipped: list[bool] = []  # whether each compiled call of a decode step ran with the check skipped
 
-    def recording(*args, **kwargs):
-        skipped.append(eval_frame._stance.skip_guard_eval_unsafe)
-        return speculate(*args, **kwargs)
+    def recording(call):
+        def run(*args, **kwargs):
+            skipped.append(eval_frame._stance.skip_guard_eval_unsafe)
+            return call(*args, **kwargs)
 
-    compiled._greedy_speculation = recording
+        return run
+
+    for name in compiled_calls:
+        setattr(compiled, name, recording(getattr(compiled, name)))
     prompt = [[5, 6, 7, 8]]
-    [expected] = [completion.token_ids for completion in eager.generate(prompt, greedy)]
-    assert [completion.token_ids for completion in compiled.generate(prompt, greedy)] == [expected]
-    assert skipped[0] is False  # the first step of its shape and count is guarded
+    [expected] = [completion.token_ids for completion in eager.generate(prompt, params)]
+    assert [completion.token_ids for completion in compiled.generate(prompt, params)] == [expected]
+    assert not any(skipped[: len(compiled_calls)])  # the first step of its shapes and count is guarded
     guarded_run = len(skipped)
-    assert [completion.token_ids for completion in compiled.generate(prompt, greedy)] == [expected]
-    assert len(skipped) > guarded_run and all(skipped[guarded_run:])  # every step: was none
+    assert [completion.token_ids for completion in compiled.generate(prompt, params)] == [expected]
+    assert len(skipped) > guarded_run and all(skipped[guarded_run:])  # every call: was none
