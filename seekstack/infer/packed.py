@@ -12,10 +12,10 @@ through `rows_linear`, compiled or eager (`DecodeLinear`); without the kernel, c
 form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops (engine.py
 `_compiled`). Where the kernels are built, every float32 one, the head too, also keeps its weight as panels
 (`lay_out_panels`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it reads W itself, faster
-there): the weight's bytes again, 50 MB on `small` (25 MB the block's, 25 MB the head's). The engine copies the
-weights into them again when they change in place (`repack`, `WeightVersions`). `small` float32, compiled engines
-with and without the panels alternating in one process, batch 8, one thread, CPU clock: decode 1.14x (10 of 10
-rounds), the same tokens.
+there): the weight's bytes again, 53 MB on `small` (27.5 MB the block's, 25.2 MB the head's; with the head's W^T,
+78 MB beside its 210 MB of weights). The engine copies the weights into them again when they change in place
+(`repack`, `WeightVersions`). `small` float32, compiled engines with and without the panels alternating in one
+process, batch 8, one thread, CPU clock: decode 1.14x (10 of 10 rounds), the same tokens.
 """
 
 from __future__ import annotations
