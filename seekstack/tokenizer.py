@@ -23,6 +23,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -92,6 +93,19 @@ PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\
 
 
 MOST_REPEATS = 100_000  # the largest {1,N} Oniguruma, the regex engine of tokenizers' Split, compiles
+# A long document is encoded in pieces of about this many characters, and pieces in groups of about
+# ENCODE_GROUP_CHARS: tokenizers holds ~185 bytes per character while it encodes (a 20 MB document took 3.7 GB whole)
+DOCUMENT_PIECE_CHARS = 1 << 18
+ENCODE_GROUP_CHARS = 1 << 21
+# Where a document may be cut: after a letter that whitespace follows (the letter checked with str.isalpha, as Python's
+# \w also takes digits beyond \d). A run of letters ends there, and the pre-tokenizer's scan from the whitespace on
+# reads nothing before it, so the pieces' ids are the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern).
+LETTER_BEFORE_WHITESPACE = re.compile(r"[^\W\d_]\s")
+# Texts around a cut of that kind, on which a tokenizer's pre-tokenizer must split alike whole and in halves
+CUT_PROBES = (
+    ("it's", " 12 days\n"), ("a.b", "\r\n  c"), ("中文", " 日本"), ("e\u0301", "\t\u0301x"), ("x", "   \n\nY"),
+    ("The", " \U0001F600!"), ("ab", "\u3000'll"),
+)  # fmt: skip
 
 
 def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
@@ -396,6 +410,24 @@ def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> 
         raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
 
 
+def document_pieces(text: str, piece_chars: int) -> list[str]:
+    """`text` cut into pieces of `piece_chars` characters or a few more, each cut after the first letter that
+    whitespace follows (LETTER_BEFORE_WHITESPACE) past the piece's length; the rest whole where no such letter is."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = None
+        for match in LETTER_BEFORE_WHITESPACE.finditer(text, start + piece_chars):
+            if text[match.start()].isalpha():
+                cut = match.start() + 1
+                break
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 
@@ -497,26 +529,79 @@ class Tokenizer:
         except TypeError as error:
             raise lone_surrogate_error([text], "the text") or _not_text_error([text], "the text") or error from None
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], add_bos: bool = False, piece_chars: int = DOCUMENT_PIECE_CHARS
+    ) -> list[list[int]]:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
         string in them is encoded as the plain text it is: a document quoting `<｜end▁of▁sentence｜>` or
-        `<｜User｜>` gets no false document boundary or chat turn in the training data. ValueError naming the
-        document (its position in `texts`) that holds a lone surrogate, as `encode`."""
+        `<｜User｜>` gets no false document boundary or chat turn in the training data. A document longer than
+        `piece_chars` is encoded in pieces cut where its ids stay the same (`cuts_keep_ids`), so memory holds a few
+        pieces' encodings, not a whole book's. ValueError naming the document (its position in `texts`) that holds a
+        lone surrogate, as `encode`."""
+        if isinstance(texts, str):
+            raise TypeError(
+                f"encode_batch takes a list of texts, not one text ({texts[:40]!r}): encode_batch([text]), or "
+                "encode(text)"
+            )
+        which = f"document {{}} of the {len(texts)} given"
+        error = _not_text_error(texts, which)
+        if error is not None:
+            raise error
         backend = self._corpus_backend
         if not backend.encode_special_tokens:  # set here, as a pickled backend (a worker process's) comes without it
             backend.encode_special_tokens = True
-        try:
-            # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
-            encodings = interruptible(lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
-        except TypeError as error:
-            if isinstance(texts, str):
-                raise TypeError(
-                    f"encode_batch takes a list of texts, not one text ({texts[:40]!r}): encode_batch([text]), or "
-                    "encode(text)"
-                ) from None
-            which = f"document {{}} of the {len(texts)} given"
-            raise lone_surrogate_error(texts, which) or _not_text_error(texts, which) or error from None
-        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
+        documents_ids: list[list[int]] = [[self.bos_id] if add_bos else [] for _ in texts]
+        for group in self._piece_groups(texts, piece_chars):
+            try:
+                # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
+                pieces = [piece for _, piece in group]
+                encodings = interruptible(
+                    functools.partial(backend.encode_batch_fast, pieces, add_special_tokens=False)
+                )
+            except TypeError as error:
+                raise lone_surrogate_error(texts, which) or error from None
+            for (document, _), encoding in zip(group, encodings, strict=True):
+                documents_ids[document].extend(encoding.ids)
+        return documents_ids
+
+    def _piece_groups(self, texts: list[str], piece_chars: int) -> Iterator[list[tuple[int, str]]]:
+        """The pieces of `texts` (`document_pieces`, when `cuts_keep_ids`), each with its document's position, in
+        groups of about ENCODE_GROUP_CHARS characters: what one call of the backend's threads holds at once."""
+        group: list[tuple[int, str]] = []
+        group_chars = 0
+        for document, text in enumerate(texts):
+            for piece in document_pieces(text, piece_chars) if self.cuts_keep_ids else [text]:
+                group.append((document, piece))
+                group_chars += len(piece)
+                if group_chars >= ENCODE_GROUP_CHARS:
+                    yield group
+                    group, group_chars = [], 0
+        if group:
+            yield group
+
+    @functools.cached_property
+    def cuts_keep_ids(self) -> bool:
+        """Whether a text cut where `document_pieces` cuts encodes, piece by piece, to the ids of the whole: no
+        normalizer (which may write a prefix at each piece's start, as Llama's "▁"), no added token the corpus encoding
+        splits on that holds or strips whitespace (it could span the cut), and a pre-tokenizer that splits each of
+        CUT_PROBES whole as in its two halves (a byte-level regex split does: ours, GPT-2's, DeepSeek-V3's)."""
+        backend = self._corpus_backend
+        if json.loads(backend.to_str()).get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}):
+            return False
+        for token in backend.get_added_tokens_decoder().values():
+            if not token.special and (token.lstrip or token.rstrip or any(c.isspace() for c in token.content)):
+                return False
+        pre_tokenizer = backend.pre_tokenizer
+        if pre_tokenizer is None:
+            return False
+        for left, right in CUT_PROBES:
+            whole = [piece for piece, _ in pre_tokenizer.pre_tokenize_str(left + right)]
+            halves = [
+                piece for piece, _ in pre_tokenizer.pre_tokenize_str(left) + pre_tokenizer.pre_tokenize_str(right)
+            ]
+            if whole != halves:
+                return False
+        return True
 
     @functools.cached_property
     def _corpus_backend(self) -> BackendTokenizer:

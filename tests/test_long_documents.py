@@ -1,0 +1,107 @@
+"""A long document is encoded in pieces, cut where the ids of the pieces are the ids of the whole document."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+
+from seekstack.tokenizer import EOS, USER, Tokenizer, document_pieces, train_tokenizer
+
+# DeepSeek-V3's pre-tokenizer, as its release's tokenizer.json writes it: digits in threes, CJK runs, then its pattern
+DEEPSEEK_V3_PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": "[一-龥぀-ゟ゠-ヿ]+"}, "behavior": "Isolated", "invert": False},
+        {
+            "type": "Split",
+            "pattern": {
+                "Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|"
+                "[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"
+            },
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
+# Stretches a document is built of, each an edge of the cut: whitespace runs after a letter, CRLF, digits, CJK, emoji,
+# combining marks, contractions, punctuation, a quoted special token, a line with no newline
+STRETCHES = (
+    "word", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "12345", " 678", "中文", "日本語", "😀", "❤️", "e\u0301",
+    "नमस्ते", "'s", "'ll", ".", "!?", EOS, USER, "\u3000", "x", " y", "\u00a0", "\x1c", "ab\r\n\r\n  cd",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory) -> Tokenizer:
+    texts = ["".join(random.Random(seed).choices(STRETCHES, k=400)) for seed in range(20)]
+    return train_tokenizer(texts, vocab_size=400, out_path=tmp_path_factory.mktemp("tokenizer"), split_digits=3)
+
+
+def with_pre_tokenizer(tokenizer: Tokenizer, pre_tokenizer: dict | None) -> Tokenizer:
+    """`tokenizer`'s vocabulary and merges behind another pre-tokenizer."""
+    layout = json.loads(tokenizer.backend.to_str())
+    layout["pre_tokenizer"] = pre_tokenizer
+    return Tokenizer(BackendTokenizer.from_str(json.dumps(layout)))
+
+
+def document(seed: int, stretches: int = 300) -> str:
+    return "".join(random.Random(seed).choices(STRETCHES, k=stretches))
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["ours", "deepseek_v3"])
+def test_a_document_encoded_in_pieces_has_the_ids_of_the_whole(ours, pre_tokenizer):
+    tokenizer = ours if pre_tokenizer == "ours" else with_pre_tokenizer(ours, DEEPSEEK_V3_PRE_TOKENIZER)
+    assert tokenizer.cuts_keep_ids
+    documents = [document(seed) for seed in range(30)]
+    whole = tokenizer.encode_batch(documents, add_bos=True, piece_chars=10**9)
+    assert tokenizer.encode_batch(documents, add_bos=True, piece_chars=3) == whole
+    assert all(len(document_pieces(text, 3)) > 20 for text in documents)  # cut, and often
+
+
+def test_a_long_document_reaches_the_tokenizer_in_pieces(ours):
+    """A 20 MB document went to tokenizers whole: 3.7 GB at its peak while encoding."""
+    text = "The model reads\r\nwords, 12345 digits and 中文 text. " * 40
+
+    class Recording:
+        def __init__(self, backend: BackendTokenizer):
+            self.backend, self.lengths = backend, []
+
+        def __getattr__(self, name: str):
+            return getattr(self.backend, name)
+
+        def encode_batch_fast(self, texts: list[str], add_special_tokens: bool):
+            self.lengths += [len(text) for text in texts]
+            return self.backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+    whole = ours.encode(text)
+    ours.cuts_keep_ids  # noqa: B018  (asked of the real backend, before the recording one stands in)
+    recording = ours.__dict__["_corpus_backend"] = Recording(ours._corpus_backend)
+    try:
+        assert ours.encode_batch([text, "short"], piece_chars=100) == [whole, ours.encode("short")]
+    finally:
+        del ours.__dict__["_corpus_backend"]
+    assert (
+        sum(recording.lengths) == len(text) + len("short") and max(recording.lengths) <= 100 + 30
+    )  # a letter before a space in 30
+    assert len(recording.lengths) > 15
+
+
+def test_a_document_with_no_letter_before_whitespace_stays_whole():
+    for text in ["中文日本語" * 50, "1 2 3 4 5 " * 50, "x" * 500, ". " * 250]:
+        assert document_pieces(text, 10) == [text]
+    assert document_pieces("ab cd", 1) == ["ab", " cd"]  # the first such letter past the piece's length
+
+
+def test_a_tokenizer_whose_pieces_could_encode_otherwise_is_never_cut(ours):
+    """With no pre-tokenizer BPE merges across any cut; a Metaspace one writes "▁" at each piece's start."""
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    text = document(0)
+    for pre_tokenizer in (None, metaspace):
+        tokenizer = with_pre_tokenizer(ours, pre_tokenizer)
+        assert not tokenizer.cuts_keep_ids
+        assert tokenizer.encode_batch([text], piece_chars=3) == tokenizer.encode_batch([text], piece_chars=10**9)
