@@ -61,6 +61,7 @@ from transformers import AutoModelForCausalLM
 import seekstack
 from seekstack.accounting import forward_flops_per_token
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.packed import pack_for_decode
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
@@ -83,16 +84,20 @@ def build(
     ours = Engine.from_pretrained(directory, **replace(options, compile=False).engine_kwargs(directory))
     ours_default = Engine.from_pretrained(directory, **options.engine_kwargs(directory))
     print(f"ours in {dtype_name(ours)}: dtype {options.resolved_dtype(directory)[1]}", flush=True)
-    head_t = getattr(ours.model.lm_head, "weight_t", None)  # seekstack/infer/packed.py: W^T for one-row products
-    if head_t is not None:
-        extra_mb = head_t.numel() * head_t.element_size() / 1e6
-        print(f"ours: the output head's decode layout (W^T copy) holds {extra_mb:.1f} MB more")
+    extra_mb = decode_layout_bytes(directory, ours.model.embed_tokens.weight.dtype) / 1e6
+    print(f"ours: the decode layout (pack_for_decode: head's W^T, linears' weight panels) holds {extra_mb:.1f} MB more")
     theirs = {}
     for name in THEIR_DTYPES:
         theirs[name] = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, name)).eval()
         # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
         theirs[name].generation_config.eos_token_id = None
     return ours, ours_default, theirs
+
+
+def decode_layout_bytes(directory: Path, dtype: torch.dtype) -> int:
+    """The bytes `pack_for_decode` lays out beside the weights of `directory` in `dtype`, as `Engine.from_pretrained`
+    packs them (which keeps no count): counted on a copy of the weights loaded for it, then dropped."""
+    return pack_for_decode(seekstack.load_pretrained(directory, dtype=dtype))
 
 
 def dtype_name(engine: Engine) -> str:
