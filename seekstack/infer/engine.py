@@ -1873,8 +1873,11 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     )
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        # set and restored by hand at each call: the configs' patch() context costs ~0.1-0.3 ms a call, a decode step
+        # set and restored by hand at each call: the configs' patch() context costs ~0.1-0.3 ms a call, a decode step;
+        # not in this thread's step that skips the guard check (`_decode_step`): a call that needs a trace raises there
         with _COMPILED_CALLS:
+            if torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe:
+                return compiled(*args, **kwargs)
             saved = [getattr(config, name) for config, name, _ in settings]
             for config, name, value in settings:
                 setattr(config, name, value)
