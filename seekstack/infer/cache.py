@@ -170,6 +170,8 @@ class PagedLatentCache:
         devices = layer_devices or [self.device] * self.layers
         refuse_pools_past_free_memory(config, num_blocks, devices, block_size, dtype, f"num_blocks={num_blocks}")
         self.pools = [torch.zeros(num_blocks * block_size, width, dtype=dtype, device=device) for device in devices]
+        for pool in self.pools:  # the model's width, one graph's constant: a compiled step takes no size for it
+            torch._dynamo.mark_static(pool, 1)
         self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # never registered; pop() gives low ids first
         self.tables: dict[str, list[int]] = {}
         self.slots: dict[str, torch.Tensor] = {}  # per sequence, the slot of each of its token positions

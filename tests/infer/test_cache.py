@@ -58,6 +58,30 @@ def test_rows_of_different_lengths_each_match_their_own_full_forward(model):
         torch.testing.assert_close(torch.cat((ours, decoded[row])), full, atol=1e-5, rtol=1e-4)
 
 
+@torch.inference_mode()
+def test_a_compiled_step_takes_the_pools_width_as_a_constant_and_their_slots_as_a_size():
+    """The pools' width is the model's (C + R): a compiled step's graph holds it as a constant, so each call hands
+    dynamo's and inductor's wrappers one size fewer a layer; their slots stay a size, so engines whose caches differ
+    in blocks share the graph."""
+    graphs = []
+
+    def record(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    model = Transformer(micro_config(num_hidden_layers=2)).eval()  # a dense layer and a MoE one
+    cache = PagedLatentCache(model.config, num_blocks=8, block_size=4)
+    cache.allocate("a", 6)
+    forward_planned(torch.compile(model, dynamic=True, backend=record), cache, ["a"], [[3, 4, 5]], [0])
+    [graph] = graphs
+    inputs = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    pools = [node.meta["example_value"] for node in inputs if "pools" in node.name]
+    assert len(pools) == model.config.num_hidden_layers  # the MTP layer's pool is not read by a plain step
+    width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    assert all(type(pool.shape[1]) is int and pool.shape[1] == width for pool in pools), [p.shape for p in pools]
+    assert all(isinstance(pool.shape[0], torch.SymInt) for pool in pools)
+
+
 def test_cache_stores_only_latent_and_rope_key_per_token():
     config = micro_config()
     cache = PagedLatentCache(config, num_blocks=4, block_size=8, dtype=torch.bfloat16)
