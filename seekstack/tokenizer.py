@@ -1288,7 +1288,11 @@ def train_tokenizer(
                 error = _not_text_error([text], which) or lone_surrogate_error([text], which)
                 if error is not None:
                     raise error
-            yield item
+            # a long text in pieces that pre-tokenize as it does (`document_pieces`, which our pattern keeps): the
+            # trainer's word counts are the same, its memory that of a piece (a 20 MB text took 2.1 GB whole)
+            yield [
+                piece for text in (item if batched else [item]) for piece in document_pieces(text, DOCUMENT_PIECE_CHARS)
+            ]
 
     interruptible(lambda: backend.train_from_iterator(checked(texts), trainer=trainer))  # Ctrl-C lands mid-training
 

@@ -8,6 +8,7 @@ import random
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 
+from seekstack import tokenizer as tokenizer_module
 from seekstack.tokenizer import EOS, USER, Tokenizer, document_pieces, train_tokenizer
 
 # DeepSeek-V3's pre-tokenizer, as its release's tokenizer.json writes it: digits in threes, CJK runs, then its pattern
@@ -105,3 +106,20 @@ def test_a_tokenizer_whose_pieces_could_encode_otherwise_is_never_cut(ours):
         tokenizer = with_pre_tokenizer(ours, pre_tokenizer)
         assert not tokenizer.cuts_keep_ids
         assert tokenizer.encode_batch([text], piece_chars=3) == tokenizer.encode_batch([text], piece_chars=10**9)
+
+
+def test_a_tokenizer_trained_on_long_texts_reads_them_in_pieces_and_learns_the_same_merges(tmp_path, monkeypatch):
+    """The BPE trainer pre-tokenized each text whole: 2.1 GB at its peak for a 20 MB text."""
+    texts = [document(seed, stretches=2000) for seed in range(3)]
+    whole = train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "whole", split_digits=3)
+    cut, read = tokenizer_module.document_pieces, []
+
+    def recorded_pieces(text: str, piece_chars: int) -> list[str]:
+        read.extend(cut(text, piece_chars))
+        return read[len(read) - len(cut(text, piece_chars)) :]
+
+    monkeypatch.setattr(tokenizer_module, "DOCUMENT_PIECE_CHARS", 50)
+    monkeypatch.setattr(tokenizer_module, "document_pieces", recorded_pieces)
+    pieced = train_tokenizer([texts[0], texts[1:]], vocab_size=400, out_path=tmp_path / "pieces", split_digits=3)
+    assert pieced.backend.to_str() == whole.backend.to_str()
+    assert "".join(read) == "".join(texts) and len(read) > 100 and max(map(len, read)) < 500
