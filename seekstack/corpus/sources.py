@@ -655,17 +655,33 @@ def require_corpus_file(jsonl_path: Path) -> None:
     raise FileNotFoundError(f"{jsonl_path}: no such file; {build} writes a corpus's train.jsonl and val.jsonl")
 
 
-def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
-    """Each row of a JSON Lines file whole, with its text (`field`), as the commands reading a corpus split take them
-    (tokenizer train, data tokenize, data select, which writes the rows again with more fields); blank lines are
-    skipped, and a row without a text, or a null one, is an error naming file:line."""
+class CorpusRow(NamedTuple):
+    """A row of a corpus split: the JSON object whole, its text, and its id: the value of its "id" field as text, or
+    `file:line` where it has none (`_row_id`), as `data build` names a row of a JSON Lines source without ids."""
+
+    record: dict[str, Any]
+    text: str
+    doc_id: str
+
+
+def read_corpus_rows(path: str | Path, field: str = "text") -> Iterator[CorpusRow]:
+    """Each row of a JSON Lines file, as every command reading a corpus split takes it (tokenizer train, data
+    tokenize, data select, which writes the rows again with more fields; eval and explain, which name documents by
+    id): blank lines are skipped, a row without a text, or a null one, is an error naming file:line, an id is not
+    required."""
     path = Path(path)
-    for _, where, value in _jsonl_values(path):
+    name = _as_text(path.name)
+    for number, where, value in _jsonl_values(path):
         record = _json_object(value, where, field)
         text = _text_field(record, where, field)
         if text is None:
             raise DataSourceError(f"{where}: field {field!r} is null, not a string")
-        yield record, LONE_SURROGATE.sub("\ufffd", text)
+        yield CorpusRow(record, LONE_SURROGATE.sub("\ufffd", text), _row_id(record.get("id"), f"{name}:{number}"))
+
+
+def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
+    """Each row of a JSON Lines file whole, with its text (`field`): `read_corpus_rows` without the ids."""
+    return ((row.record, row.text) for row in read_corpus_rows(path, field))
 
 
 def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from seekstack.jsonl import jsonl_records
+from seekstack.corpus.sources import read_corpus_rows
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import extract_answer, verified
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
@@ -63,25 +63,15 @@ def is_local_task(name: str) -> bool:
 
 def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
     """The validation documents ({"id", "text", "kind"}; kind "" where a row has none) of a corpus folder, in file
-    order, blank lines skipped; ValueError naming val.jsonl:line for a line that is not JSON, not an object, or lacks
-    a string "id" or "text"."""
+    order, read as `data tokenize` reads them (`read_corpus_rows`: an id where a row has none is `val.jsonl:line`);
+    a ValueError naming val.jsonl:line for a line that is not JSON, not an object, or holds no string "text"."""
     path = Path(corpus) / "val.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass --corpus the folder `seekstack data build` wrote")
     modules = []
-    for number, doc in jsonl_records(path):
-        wrong = None if isinstance(doc, dict) else f"holds {json.dumps(doc)[:40]}, not a JSON object"
-        for field in ("id", "text") if wrong is None else ():
-            if not isinstance(doc.get(field), str):
-                wrong = f"field {field!r} " + (f"holds {json.dumps(doc[field])[:40]}" if field in doc else "is missing")
-                break
-        if wrong is not None:
-            raise ValueError(
-                f'{path}:{number}: {wrong}; each line of val.jsonl is an object with string "id" and "text" (as '
-                "`seekstack data build` writes): mend or delete that line"
-            )
-        kind = doc.get("kind")
-        modules.append({"id": doc["id"], "text": doc["text"], "kind": kind if isinstance(kind, str) else ""})
+    for row in read_corpus_rows(path):
+        kind = row.record.get("kind")
+        modules.append({"id": row.doc_id, "text": row.text, "kind": kind if isinstance(kind, str) else ""})
     return modules
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from seekstack.corpus.sources import read_jsonl_rows
 from seekstack.eval.tasks import (
     CHOICES,
     CONTEXT_LINES,
@@ -93,14 +94,23 @@ def test_held_out_modules_skip_blank_lines_and_name_the_line_of_a_damaged_one(tm
     path.write_text(path.read_text() + "\n  \n")  # trailing blank lines, as an editor leaves them
     assert [module["id"] for module in held_out_modules(corpus)] == ["m0.py", "m1.py"]
     for line, message in [
-        ('{"text": "x = 1"}', "field 'id' is missing"),
-        ('{"id": "m.py", "text": 3}', "field 'text' holds 3"),
-        ('["m.py", "x = 1"]', re.escape('holds ["m.py", "x = 1"], not a JSON object')),
+        ('{"id": "m.py"}', "no field 'text', only 'id'"),
+        ('{"id": "m.py", "text": 3}', "field 'text' is int, not a string"),
+        ('["m.py", "x = 1"]', "a JSON array, not an object with a 'text' field"),
         ('{"id": "m.py", "text": "x', "not valid JSON"),
     ]:
         path.write_text(json.dumps({"id": "m0.py", "text": MODULE}) + "\n" + line + "\n")
         with pytest.raises(ValueError, match=f"{re.escape(str(path))}:2: {message}"):
             held_out_modules(corpus)
+
+
+def test_held_out_modules_take_a_corpus_that_tokenize_takes_rows_without_an_id_named_by_their_line(tmp_path):
+    # a hand-made val.jsonl of texts alone: `data tokenize` and `tokenizer train` read it, so eval and explain do
+    path = tmp_path / "val.jsonl"
+    rows = [{"text": MODULE}, {"id": 7, "text": "x = 1"}, {"id": " ", "text": "y = 2"}, {"id": "m.py", "text": ""}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    assert [module["id"] for module in held_out_modules(tmp_path)] == ["val.jsonl:1", "7", "val.jsonl:3", "m.py"]
+    assert [text for _, text in read_jsonl_rows(path)] == [module["text"] for module in held_out_modules(tmp_path)]
 
 
 def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplexity_still_runs(tmp_path):
