@@ -20,6 +20,7 @@ from seekstack.infer.packed import (
     DecodeHead,
     DecodeLatentAttention,
     DecodeLinear,
+    lay_out_panels,
     pack_for_decode,
 )
 from seekstack.model import cpu_kernels
@@ -162,6 +163,27 @@ def test_decode_linear_runs_the_kernel_for_up_to_16_rows_without_gradients_only(
             torch.testing.assert_close(linear(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
     trained = linear(few)
     assert calls == [4, 1] and trained.requires_grad
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("kind", ["linear", "head"])
+def test_a_packed_linear_reads_its_weight_panels_at_3_to_16_rows_and_its_weight_below(kind, rows):
+    """The panels are the copy of the weight that eager 3-16 row products read (and only they): zeroed, those rows
+    come out zero, while 1-2 rows still give the weight's products."""
+    assert cpu_kernels.available()
+    linear = nn.Linear(48, 40, bias=False)
+    if kind == "head":
+        DecodeHead.adapt(linear)
+    else:
+        linear.__class__ = DecodeLinear
+        lay_out_panels(linear)
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        linear.weight_panels.zero_()
+        out = linear(x)
+    reads_panels = cpu_kernels.PANEL_MIN_ROWS <= rows <= cpu_kernels.MAX_TOKENS
+    expected = torch.zeros(rows, 40) if reads_panels else F.linear(x, linear.weight).detach()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
