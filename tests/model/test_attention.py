@@ -186,9 +186,9 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
     """bfloat16 training attention, a value narrower than q and k, against softmax(scale q k^T, causal) v and its
     autograd in float64, logits of std 1 and 4. With AMX: torch's fused forward and causal_attention_backward
     (cpu_kernels.cpp); at 600 tokens the backward takes the 3 heads in groups of 2 and 1, an odd width brgemm's
-    unpacked path. Without AMX: causal_attention_training and its backward on q, k, v cast to float32, gradients
-    back in bfloat16. Within 1.5x the error of torch's fused SDPA (the training attention without the kernels) on the
-    same inputs: S and dP stay float32."""
+    unpacked path. Without AMX: causal_attention_training and its backward, each bfloat16 head widened to float32 in
+    the kernel, the results narrowed as written. Within 1.5x the error of torch's fused SDPA (the training attention
+    without the kernels) on the same inputs: S and dP stay float32."""
     assert cpu_kernels.available()
     monkeypatch.setattr(cpu_kernels, "packs_bfloat16", lambda width: amx)
     in_float32 = []
@@ -224,12 +224,12 @@ def test_fused_causal_attention_and_its_gradients_match_the_float64_formula(T, W
 
 
 @pytest.mark.parametrize("W", [23, 24], ids=["odd-width", "even-width"])
-def test_bfloat16_training_attention_takes_float32_copies_exactly_where_the_kernels_cannot_pack_bfloat16(
+def test_bfloat16_training_attention_takes_the_float32_math_kernels_exactly_where_they_cannot_pack_bfloat16(
     W, monkeypatch
 ):
-    """Whether bfloat16 causal attention runs on float32 copies is decided once, by cpu_kernels.cpp's packs_bfloat16
-    (torch's brgemm packs bfloat16: a CPU with AMX, an even width), which causal_attention asks in C++ and the
-    training attention through the op: torch's own AMX probe, which the training attention asked (yes at an odd
+    """Whether bfloat16 causal attention runs on the float32-math kernels is decided once, by cpu_kernels.cpp's
+    packs_bfloat16 (torch's brgemm packs bfloat16: a CPU with AMX, an even width), which causal_attention asks in C++
+    and the training attention through the op: torch's own AMX probe, which the training attention asked (yes at an odd
     width, where the inference forward went to float32), is not asked, here made to say the opposite."""
     assert cpu_kernels.available()
     packs = cpu_kernels.packs_bfloat16(W)
@@ -392,7 +392,7 @@ def test_bfloat16_causal_attention_forward_matches_the_float64_formula_in_o_proj
     value narrower than q and k (a view into a wider row), wider than one packed block (DeepSeek-V3's 192 / 128) or
     not in 16s. Out is (B, T, H, V), within 1.5x the error of torch's fused SDPA against softmax(scale q k^T, causal)
     v in float64 (logits of std 4). Where brgemm cannot pack bfloat16 (`packs_bfloat16`: an odd width, a CPU without
-    AMX) it is causal_attention_training's float32 forward on float32 copies, rounded to bfloat16: the same bits."""
+    AMX) it gives causal_attention_training's float32 forward on float32 copies, rounded to bfloat16, bit for bit."""
     assert cpu_kernels.available()
     torch.manual_seed(0)
     B, H, dtype = 2, 3, torch.bfloat16
