@@ -581,6 +581,7 @@ class _Run:
         generation_config = Path(config.init_from).glob(GENERATION_CONFIG_FILE) if config.init_from else ()
         self.checkpoint_files = [*self.tokenizer_files, *generation_config]
         self.val_byte_lengths = self._val_byte_lengths()
+        self._note_a_short_val_split()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
         self.progress_anchor: ProgressAnchor | None = None  # where it continues its mixture phases and MTP weight
@@ -1055,6 +1056,22 @@ class _Run:
         val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
         windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
         return [self._rank_rows(w) for w in windows]
+
+    def _note_a_short_val_split(self) -> None:
+        """Say once, at the start, when the val split holds fewer windows than `eval_batches` asks of each evaluation
+        (`_validation_batches` then scores all it holds, and the tokens past its last window): not per evaluation."""
+        config = self.config
+        if self.source is not None or not config.eval_every:
+            return
+        asked = config.eval_batches * config.grad_accum_steps * config.batch_size
+        held = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len).num_windows
+        if held < asked:
+            self._say(
+                f"note: eval_batches={config.eval_batches} asks {asked:,} validation windows of {config.seq_len} "
+                f"tokens per evaluation ({config.eval_batches} x batch_size {config.batch_size} x grad_accum_steps "
+                f"{config.grad_accum_steps}); the val split of {config.data_dir} holds {held:,}: each evaluation "
+                "scores those and the tokens after them"
+            )
 
     def _rank_rows(self, windows: torch.Tensor) -> ValidationBatch:
         """This rank's rows of a batch of validation windows; all of a short last batch the ranks do not divide,

@@ -376,6 +376,20 @@ def test_val_loss_and_bpb_score_the_tokens_after_the_last_whole_window(tmp_path,
     assert evaluation["val_bpb"] == pytest.approx(sum(nats) / (math.log(2) * (len(stream) - 1) * 4), rel=1e-5)
 
 
+def test_a_val_split_shorter_than_eval_batches_asks_is_said_once_naming_the_numbers(tmp_path, capsys):
+    write_split(tmp_path / "tokens", "train", 2_000, seed=1)
+    write_split(tmp_path / "tokens", "val", 5 * 32 + 1, seed=2)
+    train(run_config(tmp_path / "tokens", tmp_path / "run", batch_size=2, grad_accum_steps=1, max_steps=2,
+                     eval_every=1, eval_batches=10, save_every=0))  # fmt: skip
+    assert len([m for m in read_metrics(tmp_path / "run") if "val_loss" in m]) == 2
+    notes = [line for line in capsys.readouterr().err.splitlines() if "eval_batches" in line]
+    assert notes == [
+        "note: eval_batches=10 asks 20 validation windows of 32 tokens per evaluation (10 x batch_size 2 x "
+        f"grad_accum_steps 1); the val split of {tmp_path / 'tokens'} holds 5: each evaluation scores those and the "
+        "tokens after them"
+    ]
+
+
 def test_a_resume_on_shards_of_another_tokenizer_is_refused_naming_both(tmp_path):
     """The checkpoint's model reads ids of its tokenizer: on another's it would train on other text, and its next
     checkpoints would carry that tokenizer as theirs."""
