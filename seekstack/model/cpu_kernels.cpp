@@ -1348,6 +1348,7 @@ void latent_attention_into(const at::Tensor& query, const at::Tensor& keys, cons
                            at::Tensor& out) {
   const int64_t T_ = query.size(2), D = query.size(3), S = keys.size(1), V = out.size(3);
   const int64_t rows = query.size(1) * T_;  // row h T + t: query t of head h
+  if (rows == 0) return;  // no query rows (T or H of 0): nothing to write, and a group of 0 rows would divide by 0
   const X* q_data = reinterpret_cast<const X*>(query.const_data_ptr());
   const K* k_data = weight_data<K>(keys);
   float* out_data = out.mutable_data_ptr<float>();

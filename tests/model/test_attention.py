@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.utils.cpp_extension
@@ -160,6 +163,27 @@ def test_the_decode_attention_kernel_gives_sdpas_output_over_the_cached_keys(dty
             expected = expected[..., :30]
             tolerance = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance, msg=f"S={S} H={H} T={T}")
+
+
+ZERO_QUERY_ROWS = """
+import torch
+from seekstack.model import cpu_kernels
+assert cpu_kernels.available()
+for dtype in (torch.float32, torch.bfloat16):
+    for H, T in ((4, 0), (0, 2)):
+        query, keys = torch.randn(2, H, T, 40, dtype=dtype), torch.randn(2, 5, 40, dtype=dtype)
+        for mask in (None, torch.ones(2, T, 5, dtype=torch.bool)):
+            out = cpu_kernels.latent_attention_rows(query, keys, mask, 0.1, 32)
+            assert out.shape == (2, H, T, 32) and out.dtype == dtype, (out.shape, out.dtype)
+"""
+
+
+def test_the_decode_attention_kernel_takes_no_query_rows_without_killing_the_process():
+    """latent_attention_rows at T = 0 tokens or H = 0 heads returns its empty (B, H, T, V): its group of rows divided
+    by zero (SIGFPE) and took the whole process, a server with every request in flight. In a subprocess, so the crash
+    shows as its signal."""
+    run = subprocess.run([sys.executable, "-c", ZERO_QUERY_ROWS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
 
 
 def test_the_decode_attention_kernel_reads_a_partly_filled_caches_keys_in_place():
