@@ -420,6 +420,7 @@ at::Tensor grouped_experts_of(const at::Tensor& x, const at::Tensor& experts, co
   TORCH_CHECK(gate_up_proj.size(1) == 2 * I && gate_up_proj.size(2) == D && down_proj.size(0) == E &&
                   down_proj.size(1) == D,
               "grouped_experts: expert weight shapes do not match x");
+  if (K == 0) return at::empty_like(x).zero_();  // no expert chosen: the sum over no pairs, none read past its end
   const at::Tensor x_c = x.to(input_dtype<X>()).contiguous(), experts_c = experts.contiguous();
   const at::Tensor weights_c = weights.contiguous();
   const at::Tensor gate_up_c = gate_up_proj.contiguous(), down_c = down_proj.contiguous();

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,6 +196,27 @@ def test_grouped_experts_kernel_refuses_an_expert_id_out_of_range_by_value():
     routing = Routing(torch.ones(2, 2), torch.tensor([[0, 1], [3, 8]]), torch.zeros(2, 8))
     with torch.no_grad(), pytest.raises(RuntimeError, match="expert id 8 out of range"):
         moe.experts.forward_kernel(flat, routing)
+
+
+NO_CHOICES = """
+import torch
+from seekstack.model import cpu_kernels
+assert cpu_kernels.available()
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(3, 16, dtype=dtype)
+    experts, weights = torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0)
+    gate_up, down = torch.randn(4, 64, 16, dtype=dtype), torch.randn(4, 16, 32, dtype=dtype)
+    out = cpu_kernels.grouped_experts(x, experts, weights, gate_up, down)
+    assert out.dtype == dtype and out.shape == (3, 16) and not out.any(), out
+    assert cpu_kernels.grouped_experts(x[:0], experts[:0], weights[:0], gate_up, down).shape == (0, 16)
+"""
+
+
+def test_grouped_experts_kernel_with_no_expert_chosen_gives_zeros_without_killing_the_process():
+    """Tokens routed to no expert (K = 0 choices) sum no expert outputs: zeros, where the kernel read the first pair's
+    output past its empty buffer (SIGSEGV). In a subprocess, so the crash shows as its signal."""
+    run = subprocess.run([sys.executable, "-c", NO_CHOICES], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
 
 
 def test_eager_inference_of_few_tokens_runs_the_kernel_and_training_the_grouped_matmul():
