@@ -61,7 +61,7 @@ from transformers import AutoModelForCausalLM
 import seekstack
 from seekstack.accounting import forward_flops_per_token
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from seekstack.infer.packed import pack_for_decode
+from seekstack.infer.packed import decode_layout_bytes
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
@@ -84,7 +84,7 @@ def build(
     ours = Engine.from_pretrained(directory, **replace(options, compile=False).engine_kwargs(directory))
     ours_default = Engine.from_pretrained(directory, **options.engine_kwargs(directory))
     print(f"ours in {dtype_name(ours)}: dtype {options.resolved_dtype(directory)[1]}", flush=True)
-    extra_mb = decode_layout_bytes(directory, ours.model.embed_tokens.weight.dtype) / 1e6
+    extra_mb = decode_layout_bytes(ours.model) / 1e6
     print(f"ours: the decode layout (pack_for_decode: head's W^T, linears' weight panels) holds {extra_mb:.1f} MB more")
     theirs = {}
     for name in THEIR_DTYPES:
@@ -92,12 +92,6 @@ def build(
         # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
         theirs[name].generation_config.eos_token_id = None
     return ours, ours_default, theirs
-
-
-def decode_layout_bytes(directory: Path, dtype: torch.dtype) -> int:
-    """The bytes `pack_for_decode` lays out beside the weights of `directory` in `dtype`, as `Engine.from_pretrained`
-    packs them (which keeps no count): counted on a copy of the weights loaded for it, then dropped."""
-    return pack_for_decode(seekstack.load_pretrained(directory, dtype=dtype))
 
 
 def dtype_name(engine: Engine) -> str:

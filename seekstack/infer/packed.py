@@ -189,7 +189,6 @@ def pack_for_decode(model: Transformer) -> int:
     its 1-16 rows through `rows_linear` (`DecodeLinear`): it streams half float32's bytes, where the BLAS call at a few
     bfloat16 rows ran no faster than float32 (`small`, batch 1, one thread, a CPU with avx512_bf16). Other layers are
     left as they are: quantized, biased or adapter-wrapped ones keep their own forward."""
-    extra = 0
     for module in model.modules():
         if not (type(module) is nn.Linear and module.bias is None) or module.weight.device.type != "cpu":
             continue
@@ -198,18 +197,26 @@ def pack_for_decode(model: Transformer) -> int:
             continue
         if module is model.lm_head and dtype == torch.float32:
             DecodeHead.adapt(module)
-            extra += module.weight_t.numel() * module.weight_t.element_size()
         else:
             module.__class__ = DecodeLinear
             lay_out_panels(module)
-        panels = module._buffers["weight_panels"]
-        extra += 0 if panels is None else panels.numel() * panels.element_size()
     for module in model.modules():  # after the linears: these read their linears' classes at each call
         if type(module) is FeedForward:
             module.__class__ = DecodeFeedForward
         elif type(module) is MultiHeadLatentAttention:
             module.__class__ = DecodeLatentAttention
-    return extra
+    return decode_layout_bytes(model)
+
+
+def decode_layout_bytes(model: nn.Module) -> int:
+    """The bytes the decode layout holds beside `model`'s weights: the head's W^T (`weight_t`), the float32 linears'
+    and head's `weight_panels`."""
+    return sum(
+        copy.numel() * copy.element_size()
+        for module in model.modules()
+        for name in ("weight_t", "weight_panels")
+        if (copy := module._buffers.get(name)) is not None
+    )
 
 
 class WeightVersions:

@@ -188,18 +188,3 @@ def test_llama_cpp_tokens_are_compared_with_ours_in_float32_not_with_the_timed_e
     decode.llama_cpp_rows(timed, timed, tmp_path / "exact", args, flops_per_token=1.0, peak=1.0)
     printed = capsys.readouterr().out
     assert "llama.cpp f32" in printed and "greedy agree 100%" in printed.split("llama.cpp f32")[1], printed
-
-
-def test_the_decode_layouts_memory_is_all_pack_for_decode_holds_not_the_heads_w_t_alone(tmp_path):
-    torch.manual_seed(0)
-    seekstack.save_pretrained(seekstack.Transformer(micro_config(vocab_size=300, num_nextn_predict_layers=0)), tmp_path)
-    train_tokenizer([SCRIPT.read_text()], vocab_size=300, out_path=tmp_path)
-    engine = Engine.from_pretrained(tmp_path, **EngineOptions(dtype="float32", compile=False).engine_kwargs(None))
-    held = sum(
-        buffer.numel() * buffer.element_size()
-        for name, buffer in engine.model.named_buffers()
-        if name.endswith(("weight_t", "weight_panels"))
-    )
-    head_t = engine.model.lm_head.weight_t
-    assert decode.decode_layout_bytes(tmp_path, torch.float32) == held
-    assert held > head_t.numel() * head_t.element_size() or not seekstack.model.cpu_kernels.available()

@@ -20,6 +20,7 @@ from seekstack.infer.packed import (
     DecodeHead,
     DecodeLatentAttention,
     DecodeLinear,
+    decode_layout_bytes,
     lay_out_panels,
     pack_for_decode,
 )
@@ -251,6 +252,16 @@ def test_from_pretrained_packs_the_head_and_keeps_the_state_dict(checkpoint):
     assert list(ours) == list(theirs)  # weight_t is not saved
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
     assert head.weight_t.shape == (head.in_features, head.out_features) and head.weight_t.is_contiguous()
+
+
+def test_the_decode_layouts_bytes_are_the_heads_w_t_and_a_panel_copy_of_each_packed_float32_weight():
+    assert cpu_kernels.available()
+    model = micro_model()
+    held = pack_for_decode(model)
+    packed = [m for m in model.modules() if isinstance(m, DecodeLinear | DecodeHead)]
+    assert len(packed) > 1 and model.lm_head in packed
+    head_t = model.lm_head.weight.numel() * 4
+    assert held == head_t + sum(m.weight.numel() * 4 for m in packed) == decode_layout_bytes(model)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
