@@ -433,7 +433,7 @@ class Engine:
         drafting = speculative and not placed
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
         self._head_versions = WeightVersions(self.model.lm_head)  # the head's copies follow it (`_follow_head`)
-        # the linears' panels, read by steps of 3 rows or more, follow their weights there
+        # the block linears' panels, read by steps of 3 rows or more, follow their weights there
         self._panel_versions = WeightVersions(*copied_linears(self.model))
         costs = None
         if drafting and adaptive_drafts:

@@ -268,6 +268,7 @@ def repack(model: nn.Module) -> None:
             lay_out_panels(module)
 
 
-def copied_linears(model: nn.Module) -> list[nn.Module]:
-    """The linears of `model` holding a copy of their weight for 3-16 rows (`weight_panels`)."""
-    return [module for module in model.modules() if module._buffers.get("weight_panels") is not None]
+def copied_linears(model: nn.Module) -> list[DecodeLinear]:
+    """The block linears of `model` holding a copy of their weight for 3-16 rows (`weight_panels`); the head's copies,
+    its panels among them, are the `DecodeHead`'s."""
+    return [module for module in model.modules() if isinstance(module, DecodeLinear) and module.panels is not None]

@@ -20,6 +20,7 @@ from seekstack.infer.packed import (
     DecodeHead,
     DecodeLatentAttention,
     DecodeLinear,
+    copied_linears,
     decode_layout_bytes,
     lay_out_panels,
     pack_for_decode,
@@ -262,6 +263,16 @@ def test_the_decode_layouts_bytes_are_the_heads_w_t_and_a_panel_copy_of_each_pac
     assert len(packed) > 1 and model.lm_head in packed
     head_t = model.lm_head.weight.numel() * 4
     assert held == head_t + sum(m.weight.numel() * 4 for m in packed) == decode_layout_bytes(model)
+
+
+def test_the_panels_followed_apart_from_the_head_are_the_block_linears_alone():
+    """The head's copies, its panels among them, follow the head's own weight versions (engine `_head_versions`)."""
+    assert cpu_kernels.available()
+    model = micro_model()
+    pack_for_decode(model)
+    linears = copied_linears(model)
+    assert model.lm_head not in linears and model.lm_head.weight_panels is not None
+    assert linears and all(type(m) is DecodeLinear and m.panels is not None for m in linears)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
