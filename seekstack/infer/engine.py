@@ -432,7 +432,7 @@ class Engine:
         ranking = draft_ranking if draft_ranking is not None else torch.arange(self.config.vocab_size)
         drafting = speculative and not placed
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
-        self._head_versions = WeightVersions(self.model.lm_head)  # the head's copies follow it (`_follow_head`)
+        self._head_versions = WeightVersions(self.model.lm_head)  # the head's copies follow it (`_follow_weights`)
         # the block linears' panels, read by steps of 3 rows or more, follow their weights there
         self._panel_versions = WeightVersions(*copied_linears(self.model))
         costs = None
@@ -851,9 +851,9 @@ class Engine:
         or later requests would share prefix values computed by the old weights."""
         with self.lock:
             self.cache.reset_prefix_cache()
-            self._follow_head()
+            self._follow_weights()
 
-    def _follow_head(self) -> None:
+    def _follow_weights(self) -> None:
         """Copy the weights again into the copies laid out from them: the decode layout's (seekstack.infer.packed: the
         head's, the linears' panels) and the drafts' rows of the head."""
         repack(self.model)
@@ -1238,7 +1238,7 @@ class Engine:
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
         panels_read = len(rows) * width >= cpu_kernels.PANEL_MIN_ROWS
         if self._head_versions.changed() or (panels_read and self._panel_versions.changed()):
-            self._follow_head()  # the weights changed in place since (a load_state_dict, an RL weight sync)
+            self._follow_weights()  # the weights changed in place since (a load_state_dict, an RL weight sync)
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)
@@ -1843,7 +1843,7 @@ DECODE_COMPILE_OPTIONS: dict[str, Any] = {
 
 
 # Held around each compiled call of the engines in this process and around a decode step that skips dynamo's guard
-# check (`_decode_step`): torch's stance is process-wide, so another thread's compiled call during the skip would skip
+# check (`_unguarded`): torch's stance is process-wide, so another thread's compiled call during the skip would skip
 # its guards too (a graph whose guards no longer hold, or a raise where it needs a compile), and two threads' skips
 # ending out of order would leave the stance skipping for the whole process; `_compiled`'s settings are process-wide
 # too.
@@ -1874,7 +1874,7 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         # set and restored by hand at each call: the configs' patch() context costs ~0.1-0.3 ms a call, a decode step;
-        # not in this thread's step that skips the guard check (`_decode_step`): a call that needs a trace raises there
+        # not in this thread's step that skips the guard check (`_unguarded`): a call that needs a trace raises there
         with _COMPILED_CALLS:
             if torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe:
                 return compiled(*args, **kwargs)
