@@ -274,20 +274,20 @@ class Server:
     def adapter_for(self, model: str, key: ApiKey | None = None) -> str | None:
         """The adapter a request's `model` names (None: the base model); `unknown_model`'s 404 for one this server
         does not have or `key` may not use."""
-        if key is not None and not key.may_use(model):
+        if (key is not None and not key.may_use(model)) or not self.serves(model):
             raise self.unknown_model(model, key)
-        if model == self.model_name:
-            return None
-        if model in self.engine.lora.folders:
-            return model
-        raise self.unknown_model(model, key)
+        return None if model == self.model_name else model
+
+    def serves(self, model: object) -> bool:
+        """Whether `model` names the base model or a LoRA adapter loaded on it."""
+        return isinstance(model, str) and (model == self.model_name or model in self.engine.lora.weights)
 
     def recorded_model(self, named: object) -> str:
         """The model the ledger records a request under, from the `model` its body names (None or "": the base's, as
         vLLM's default): a name this server serves as it is, any other as UNKNOWN_MODEL, the name logged."""
         if named is None or named == "":
             return self.model_name
-        if isinstance(named, str) and (named == self.model_name or named in self.engine.lora.weights):
+        if self.serves(named):
             return named
         log.warning("A request named the model %s, which is not served; its usage is recorded under the model %r",
                     shown_value(named), UNKNOWN_MODEL)  # fmt: skip
