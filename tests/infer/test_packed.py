@@ -325,8 +325,7 @@ def test_the_head_copy_follows_weights_changed_after_the_engine_was_built_withou
         with torch.no_grad():
             packed.model.lm_head.weight.neg_()
     elif change == "assign":
-        negated = {k: v.clone() for k, v in reference.model.state_dict().items() if k.endswith("o_proj.weight")}
-        assert packed.model.load_state_dict(negated, assign=True, strict=False).unexpected_keys == []
+        packed.model.load_state_dict({k: v.clone() for k, v in reference.model.state_dict().items()}, assign=True)
     else:
         packed.model.lm_head.weight = nn.Parameter(-packed.model.lm_head.weight.detach())
     expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
