@@ -264,8 +264,8 @@ def repack(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, DecodeHead):
             module.repack()
-        elif isinstance(module, DecodeLinear) and module.panels is not None:
-            lay_out_panels(module)
+    for linear in copied_linears(model):
+        lay_out_panels(linear)
 
 
 def copied_linears(model: nn.Module) -> list[DecodeLinear]:
