@@ -1100,19 +1100,12 @@ class Engine:
             vocabulary = self._draft_vocabulary()
             arguments = (self.model, input_ids, positions, self.cache, next_count, fill_cache, vocabulary)
             call = ("speculative", input_ids.shape, next_count, fill_cache, vocabulary is None)
-            logits, largest, chosen, accepted, next_drafts = (
-                self._unguarded(call, self._greedy_speculation, *arguments)
-                if self.decode_compiled
-                else self._greedy_speculation(*arguments)
-            )
+            logits, largest, chosen, accepted, next_drafts = self._unguarded(call, self._greedy_speculation, *arguments)
             accepted_list = accepted.tolist()
             kept_list = [count + 1 for count in accepted_list]
             _fail_rows_without_distribution(batch, has_distribution(largest).tolist(), kept_list)
         else:
-            if self.decode_compiled:
-                out = self._decode_step(input_ids, positions)
-            else:
-                out = self.model(input_ids, cache=self.cache, positions=positions)
+            out = self._decode_step(input_ids, positions)
             logits, hidden = out.logits, out.hidden_states
             accepted, chosen, kept = self._isolated(
                 batch,
@@ -1177,16 +1170,16 @@ class Engine:
         return out.logits, out.hidden_states
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
-        """The compiled decode step on the planned cache, its guard check skipped where the engine knows its answer
-        (`_unguarded`)."""
+        """The decode step on the planned cache, compiled once `decode_compiled`, its guard check skipped where the
+        engine knows its answer (`_unguarded`)."""
         return self._unguarded(
             ("forward", input_ids.shape), self._decode_model, input_ids, cache=self.cache, positions=positions
         )
 
     def _unguarded(self, call: tuple, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """compiled(*args, **kwargs), a compiled decode step on the planned cache. Dynamo's guard check (~0.7 ms of a
-        `small` step once the step's weights have pushed the Python objects it reads out of the CPU caches) is skipped
-        where the engine knows its answer:
+        """compiled(*args, **kwargs), a decode step on the planned cache (eager until `_compile_decode`: run as it is).
+        Dynamo's guard check (~0.7 ms of a `small` step once the step's weights have pushed the Python objects it reads
+        out of the CPU caches) is skipped where the engine knows its answer:
         - `call` (what picks the graph beyond the cache: the input shape, a speculative step's draft count) of a fully
           guarded call under the same `_graph_state` (the model unchanged here, no graph compiled in the process
           since, the same `cpu_kernels.set_enabled`);
@@ -1199,6 +1192,8 @@ class Engine:
         shape, dtype and device, the size guards, any guard that ever failed) and raises, before running anything,
         where none passes: the step then runs guarded. What the engine does not see (a hook or an attribute set on a
         module by hand) reaches a skipped step unchecked: give such a model a new engine."""
+        if not self.decode_compiled:
+            return compiled(*args, **kwargs)
         if (
             threading.current_thread() is self.guard_skip_thread
             and not self.lora.slots
@@ -1260,7 +1255,7 @@ class Engine:
         last = torch.tensor(counts, device=self.device) - 1
         positions, vocabulary = self.cache.positions(), self._draft_vocabulary()
         arguments = (self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache, vocabulary)
-        if prefill or not self.decode_compiled:
+        if prefill:
             return mtp_drafts(*arguments).tolist()
         call = ("drafts", hidden.shape, count, fill_cache, vocabulary is None)
         return self._unguarded(call, self._decode_drafts, *arguments).tolist()
