@@ -182,13 +182,13 @@ class DecodeLatentAttention(MultiHeadLatentAttention):
         )
 
 
-def pack_for_decode(model: Transformer) -> int:
+def pack_for_decode(model: Transformer) -> None:
     """Give a float32 CPU model's output head its decode layout (`DecodeHead`) and its other bias-free linears the
-    weight-first product (`DecodeLinear`); the extra bytes it holds then (the head's W^T copy, the float32 linears'
-    and head's `weight_panels`). In bfloat16, where the kernels are built, every bias-free linear, the head too, runs
-    its 1-16 rows through `rows_linear` (`DecodeLinear`): it streams half float32's bytes, where the BLAS call at a few
-    bfloat16 rows ran no faster than float32 (`small`, batch 1, one thread, a CPU with avx512_bf16). Other layers are
-    left as they are: quantized, biased or adapter-wrapped ones keep their own forward."""
+    weight-first product (`DecodeLinear`); `decode_layout_bytes` counts the copies they hold. In bfloat16, where the
+    kernels are built, every bias-free linear, the head too, runs its 1-16 rows through `rows_linear` (`DecodeLinear`):
+    it streams half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32 (`small`,
+    batch 1, one thread, a CPU with avx512_bf16). Other layers are left as they are: quantized, biased or
+    adapter-wrapped ones keep their own forward."""
     for module in model.modules():
         if not (type(module) is nn.Linear and module.bias is None) or module.weight.device.type != "cpu":
             continue
@@ -205,7 +205,6 @@ def pack_for_decode(model: Transformer) -> int:
             module.__class__ = DecodeFeedForward
         elif type(module) is MultiHeadLatentAttention:
             module.__class__ = DecodeLatentAttention
-    return decode_layout_bytes(model)
 
 
 def decode_layout_bytes(model: nn.Module) -> int:
