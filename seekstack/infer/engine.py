@@ -1050,7 +1050,7 @@ class Engine:
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
             rows = [r.draft_checks for r in itertools.chain(self.running, self.prefilling)]
-            count, _ = self.draft_count.choose(rows, self._seeded())
+            count, _ = self.draft_count.choose(rows)
             # follow-up drafts reach count - 1 slots past each row's last position (start + count - 1)
             count = min(count, self._draft_room(s + c for s, c in zip(starts, counts, strict=True)) + 1)
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
@@ -1069,7 +1069,7 @@ class Engine:
         starts = [len(r.ids) - 1 for r in batch]
         if self.speculative:
             drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
-            next_count, fill_cache = self.draft_count.choose([r.draft_checks for r in batch], self._seeded())
+            next_count, fill_cache = self.draft_count.choose([r.draft_checks for r in batch])
             # verification writes `drafted` slots past the pending token, the next drafts next_count - 1 further
             room = self._draft_room(len(r.ids) for r in batch)
             drafted = min(drafted, room)
@@ -1139,12 +1139,6 @@ class Engine:
         step_seconds = time.perf_counter() - self._step_started
         self.draft_count.observe_step(len(batch), drafted, next_count, fill_cache, step_seconds, model_seconds)
         return outputs
-
-    def _seeded(self) -> bool:
-        """Whether a seeded request that samples is running or prefilling: drafting then keeps to a fixed count."""
-        return any(
-            r.params.seed is not None and not r.params.greedy for r in itertools.chain(self.running, self.prefilling)
-        )
 
     # ------------------------------------------------------------------ model calls
     def _forward(

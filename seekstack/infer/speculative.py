@@ -105,51 +105,42 @@ def greedy_speculation(
     return out.logits, largest, best, accepted, next_drafts
 
 
-def verify_drafts(
-    sampling: SamplingBatch, target: torch.Tensor, drafts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept each draft (B,) against the target distribution (B, V); return accepted (B,) and replacements (B,).
-
-    The drafts are the MTP module's argmax (over the draft vocabulary when there is one: q is the distribution over
-    that subset, as in FR-Spec), so the draft distribution q is one-hot: accept with probability
-    min(1, p/q) = p(draft), else draw from norm(max(0, p - q)) = p without the draft. Either way the token
-    follows p exactly. A replacement is drawn for every row (it is used only where the draft is rejected),
-    so each request's generator advances the same way whatever happens to the others.
-    """
-    accepted = sampling.uniform() < target.gather(1, drafts[:, None])[:, 0]
-    residual = target.scatter(1, drafts[:, None], 0.0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)  # p one-hot on the draft: never used
-    return accepted, sampling.draw(residual)
-
-
 def accept_drafts(
     sampling: SamplingBatch, logits: torch.Tensor, drafts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculative sampling over K drafts per row (B, K) from the target's logits (B, K+1, V) at [pending, drafts].
 
+    The drafts are the MTP module's argmax (over the draft vocabulary when there is one, as in FR-Spec), so the draft
+    distribution q is one-hot, and Leviathan et al.'s rule (accept with min(1, p/q) = p(draft), else draw from
+    norm(max(0, p - q)), p without the draft) is the same as drawing the token from p and accepting the draft where
+    that token is the draft. So each column draws its token from its target p as plain sampling draws it
+    (`SamplingBatch.draw`: the row's next uniform), and a row keeps the tokens up to its first that differs from its
+    draft, that one included: accepted + 1, fewer where a constraint leaves a column no token
+    (`SamplingBatch.before_dead_columns`). Its generator then stands one draw on per token kept, so a request's n-th
+    token takes its n-th draw, drafts or none: a seeded request samples the tokens plain decoding samples (but for the
+    verification forward's rounding) whatever the draft count and whatever else shares the batch.
+
     Draft t is judged under the distribution after the drafts before it (`SamplingBatch.adjust`: the logit bias, then
-    penalties that count those drafts as generated) and accepted while all before it were; the first rejected one is
-    replaced from its residual, and when all K pass, a bonus token is drawn from the last column. Returns how many
-    drafts each row accepted (B,), the tokens (B, K+1) and how many of them each row keeps (B,): accepted + 1, fewer
-    where a constraint leaves a column no token (`SamplingBatch.before_dead_columns`). Every row draws at
-    every column, so a request's generator advances the same way whatever the others do. A row's token constraint
-    (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`); no row keeps a column
-    where it leaves none of the row's allowed_token_ids.
+    penalties that count those drafts as generated); when all K pass, the last column gives a bonus token. A row's
+    token constraint (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`); no
+    row keeps a column where it leaves none of the row's allowed_token_ids. Returns how many drafts each row
+    accepted (B,), the tokens (B, K+1) and how many of them each row keeps (B,).
     """
     logits = sampling.constrain(logits, drafts)
-    count = drafts.shape[1]
-    passed, tokens = [], []
-    for t in range(count):
-        target = sampling.probabilities(sampling.adjust(logits[:, t], extra_tokens=drafts[:, :t]))
-        accepted, replacement = verify_drafts(sampling, target, drafts[:, t])
-        passed.append(accepted)
-        tokens.append(torch.where(accepted, drafts[:, t], replacement))
-    tokens.append(sampling.draw(sampling.probabilities(sampling.adjust(logits[:, count], extra_tokens=drafts))))
-    # With no drafts (the count chose none) the step is a plain draw: nothing to accept.
-    checks = torch.stack(passed, dim=1) if passed else torch.zeros_like(drafts, dtype=torch.bool)
-    accepted, kept = sampling.before_dead_columns(accepted_prefix(checks))
-    return accepted, torch.stack(tokens, dim=1), kept
+    draws = [numbers.get_state() for numbers in sampling.uniforms]
+    columns = range(drafts.shape[1] + 1)
+    tokens = torch.stack(
+        [
+            sampling.draw(sampling.probabilities(sampling.adjust(logits[:, t], extra_tokens=drafts[:, :t])))
+            for t in columns
+        ],
+        dim=1,
+    )
+    accepted, kept = sampling.before_dead_columns(accepted_prefix(tokens[:, :-1] == drafts))
+    for numbers, params, before, count in zip(sampling.uniforms, sampling.params, draws, kept.tolist(), strict=True):
+        if not params.greedy:  # a greedy row draws no numbers
+            numbers.set_state(before + count)
+    return accepted, tokens, kept
 
 
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
@@ -379,11 +370,9 @@ class DraftCount:
             return (1 + overhead) / (1 + draft / 2 + overhead) if self.drafting_can_pay(batch) else 1.0
         return self.expected_tokens(count, rates) * (1 + overhead) / (count * draft + verify[count] + overhead)
 
-    def choose(self, rows: list[DraftChecks], seeded: bool = False) -> tuple[int, bool]:
-        """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache; the
-        most when `seeded` (a seeded sampled request runs: its generator's draws depend on the counts, which must then
-        not depend on the other requests in the batch)."""
-        if not self.adaptive or seeded:
+    def choose(self, rows: list[DraftChecks]) -> tuple[int, bool]:
+        """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache."""
+        if not self.adaptive:
             return self.most, True
         if not self.drafting_can_pay(len(rows)):
             return 0, False

@@ -184,7 +184,6 @@ def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_
     assert draft_count(0.95).choose(rows(2)) == (1, True)  # 2 rows verify 2 tokens each for free, 3 each cost more
     assert draft_count(0.95).choose(rows(4)) == (0, False)  # verifying would widen all 4 rows: plain steps
     assert draft_count(0.1, adaptive=False).choose(rows(16)) == (6, True)  # fixed: always the most
-    assert draft_count(0.1).choose(rows(16), seeded=True) == (6, True)  # a seeded sampled request: counts fixed too
 
 
 def test_a_weak_depth_is_not_drafted_though_the_depths_before_it_pass():
@@ -231,15 +230,18 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
 
 
-def test_adaptive_engine_samples_a_seeded_request_as_a_fixed_count_does(tmp_path):
+def test_a_seeded_request_samples_the_plain_engines_tokens_whatever_the_draft_count(tmp_path):
+    """A seeded request's n-th token takes its n-th number, drafts or none (`accept_drafts`), so the adaptive count
+    drafts for it as for any other request: it kept to the most drafts, where sampled drafts rarely pay."""
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=20, seed=7, ignore_eos=True)
+    expected = Engine(model, tokenizer).generate([[5, 6, 7]], params)[0].token_ids
     fixed = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=False)
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
     adaptive.draft_count.passed, adaptive.draft_count.checked = [0.0] * 2, [1000.0] * 2  # alone: drafts off
-    expected = fixed.generate([[5, 6, 7]], params)[0].token_ids
+    assert fixed.generate([[5, 6, 7]], params)[0].token_ids == expected
     assert adaptive.generate([[5, 6, 7]], params)[0].token_ids == expected
-    assert adaptive.stats().spec_drafted == fixed.stats().spec_drafted > 0
+    assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
 
 
 def test_a_busy_batch_of_the_adaptive_engine_decodes_as_the_plain_engine_does(tmp_path):

@@ -20,7 +20,7 @@ from seekstack.infer.sampling import (
     SeededUniforms,
     token_logprobs,
 )
-from seekstack.infer.speculative import accept_drafts, verify_drafts
+from seekstack.infer.speculative import accept_drafts
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import BOS, EOS, Tokenizer
 
@@ -450,13 +450,25 @@ def test_speculative_rule_with_a_one_hot_draft_samples_the_target_distribution()
     target = torch.tensor([0.1, 0.5, 0.3, 0.1])
     rows = 20_000
     sampling = batch_of(*[SamplingParams()] * rows)
-    drafts = torch.full((rows,), 2)  # the draft model always guesses token 2
-    accepted, replacement = verify_drafts(sampling, target.expand(rows, -1), drafts)
-    tokens = torch.where(accepted, drafts, replacement)
-    frequencies = torch.bincount(tokens, minlength=4) / rows
+    drafts = torch.full((rows, 1), 2)  # the draft model always guesses token 2
+    accepted, tokens, _ = accept_drafts(sampling, target.log().expand(rows, 2, -1), drafts)
+    frequencies = torch.bincount(tokens[:, 0], minlength=4) / rows
     assert accepted.float().mean().item() == pytest.approx(0.3, abs=0.015)  # p(draft)
     torch.testing.assert_close(frequencies, target, atol=0.015, rtol=0)
-    assert not (replacement[~accepted] == 2).any()  # a rejected draft is never drawn again
+    assert not (tokens[accepted == 0, 0] == 2).any()  # a rejected draft is never the token drawn instead
+
+
+def test_a_seeded_rows_speculative_tokens_are_its_plain_draws_one_number_a_token_kept():
+    """Draws were two a column (the acceptance test, then the replacement), all columns drawn: a seeded request's
+    tokens hung on how many drafts each step made. Now the n-th token takes the row's n-th number, drafted or not."""
+    logits = torch.randn(1, 4, 50, generator=torch.Generator().manual_seed(0)) * 0.5
+    plain, speculative = batch_of(SamplingParams(seed=3)), batch_of(SamplingParams(seed=3))
+    expected = [plain.sample(logits[:, t])[0].item() for t in range(4)]
+    drafts = torch.tensor([[expected[0], expected[1] + 1, 7]])  # the first draft passes, the second fails
+    accepted, tokens, kept = accept_drafts(speculative, logits, drafts)
+    assert (accepted.item(), kept.item()) == (1, 2) and tokens[0, :2].tolist() == expected[:2]
+    assert speculative.uniforms[0].get_state() == 2  # one number a token kept: the next step draws the third
+    assert speculative.sample(logits[:, 2])[0].item() == expected[2]
 
 
 def test_speculative_rule_over_several_drafts_samples_each_position_from_its_target():
@@ -484,11 +496,11 @@ def test_speculative_penalties_count_the_drafts_before_each_position():
 
 
 def test_greedy_verification_accepts_only_the_argmax():
-    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
-    sampling = batch_of(SamplingParams(temperature=0), SamplingParams(temperature=0))
-    accepted, replacement = verify_drafts(sampling, target, torch.tensor([1, 2]))
-    assert accepted.tolist() == [True, False]
-    assert replacement[1].item() == 1
+    logits = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    sampling = batch_of(SamplingParams(temperature=0, logit_bias={0: 0.5}), SamplingParams(temperature=0))
+    accepted, tokens, kept = accept_drafts(sampling, logits, torch.tensor([[1], [2]]))
+    assert accepted.tolist() == [1, 0] and kept.tolist() == [2, 1]
+    assert tokens[1, 0].item() == 1 and [numbers.get_state() for numbers in sampling.uniforms] == [0, 0]
 
 
 def test_streamed_text_is_always_valid_utf8_for_emoji_and_cjk(tokenizer):
