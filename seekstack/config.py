@@ -21,6 +21,7 @@ from seekstack.schema import (
     Positive,
     PositiveFloat,
     check,
+    check_set_fields,
     known_fields,
     recheck,
     require,
@@ -186,38 +187,46 @@ class ModelConfig:
         return float(scaling.get("factor", 1.0))
 
     # ----------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        """ConfigError naming the first field no DeepSeek model can have, and its value, as the config is built (a
+        dataclass built in Python checks nothing): each set field against its type and range, then the rules
+        across fields."""
+        check_set_fields(self)
+        self._check_rules()
+
     def validate(self) -> ModelConfig:
-        """This config checked: each field's type and range, then the rules across fields; ConfigError names
-        the first field no DeepSeek model can have."""
-        config = recheck(self)
-        require(config.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
+        """This config checked again, as a config file's values are (its types made those of the annotations):
+        a field changed in place since it was built is refused by name as one given to the constructor."""
+        return recheck(self)
+
+    def _check_rules(self) -> None:
+        require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
         require(
-            config.model_type != "deepseek_v2" or not config.extra.get("mlp_bias"),
+            self.model_type != "deepseek_v2" or not self.extra.get("mlp_bias"),
             "mlp_bias",
             "false: transformers' deepseek_v2 then adds a bias to the dense and shared-expert FFNs, which seekstack's "
             "have not (no DeepSeek release sets it)",
         )
-        if config.n_routed_experts:
-            config._validate_moe()
-        if config.rope_type not in ROPE_TYPES:
+        if self.n_routed_experts:
+            self._validate_moe()
+        if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
-                f"rope_scaling.rope_type={config.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
             )
-        if config.rope_scaling is not None:
-            config._validate_scaling_numbers()
-            scaling = config.rope_scaling
+        if self.rope_scaling is not None:
+            self._validate_scaling_numbers()
+            scaling = self.rope_scaling
             inferred = (
-                config.rope_type == "yarn" and "factor" in scaling and "original_max_position_embeddings" in scaling
+                self.rope_type == "yarn" and "factor" in scaling and "original_max_position_embeddings" in scaling
             )
             require(
                 scaling.get("factor") is not None or inferred,
                 "rope_scaling.factor",
-                f"given under {config.rope_type}: the ratio the context was extended by (40 in DeepSeek-V3's "
-                f"config.json); transformers refuses a {config.rope_type} config without it too (a yarn "
+                f"given under {self.rope_type}: the ratio the context was extended by (40 in DeepSeek-V3's "
+                f"config.json); transformers refuses a {self.rope_type} config without it too (a yarn "
                 "`factor: null` beside original_max_position_embeddings is max_position_embeddings over it)",
             )
-            require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
-        return config
+            require(self.rope_factor >= 1, "rope_scaling.factor", ">= 1")
 
     def _validate_scaling_numbers(self) -> None:
         """ConfigError naming the `rope_scaling` field that holds no number where the scaling computes with one (a
@@ -240,17 +249,18 @@ class ModelConfig:
         require(self.moe_intermediate_size > 0, "moe_intermediate_size", "a positive integer")
         if k is None:
             raise ConfigError("num_experts_per_tok is required when n_routed_experts is set")
-        require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
+        require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}", k)
         groups, topk_group = self.routing_groups  # (1, 1) for greedy: its group fields go unchecked
-        require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
-        require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
+        require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}", groups)
+        require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}", topk_group)
         reachable = topk_group * (experts // groups)
-        require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}")
+        require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}", k)
         if self.topk_method == "noaux_tc":
             require(
                 experts // groups >= 2,
                 "n_group",
                 "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)",
+                groups,
             )
 
     # ----------------------------------------------------------------- (de)serialisation
@@ -290,7 +300,7 @@ class ModelConfig:
                 source=source,
             )
         try:
-            return check(cls, {**values, "extra": extra}).validate()
+            return check(cls, {**values, "extra": extra})
         except ConfigError as error:
             raise error.at(source) from None
 

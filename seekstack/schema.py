@@ -89,10 +89,11 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def require(ok: bool, name: str, expectation: str) -> None:
-    """A rule across fields: raise ConfigError naming `name` unless `ok`."""
+def require(ok: bool, name: str, expectation: str, value: Any = dataclasses.MISSING) -> None:
+    """A rule across fields: raise ConfigError naming `name`, and its `value` where given, unless `ok`."""
     if not ok:
-        raise ConfigError(f"must be {expectation}", field=name)
+        given = "" if value is dataclasses.MISSING else f"has value {shown_value(value)}: "
+        raise ConfigError(f"{given}must be {expectation}", field=name)
 
 
 def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) -> T:

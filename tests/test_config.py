@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import re
 
@@ -107,12 +108,37 @@ def test_yarn_softmax_scale_uses_mscale_all_dim():
         ({"model_type": "deepseek_v3", "qk_rope_head_dim": 63}, "'qk_rope_head_dim'"),
         ({"model_type": "deepseek_v3", "scoring_func": "relu"}, "'scoring_func'"),
         ({"model_type": "deepseek_v3", "rope_scaling": {"type": "longrope"}}, "longrope"),
-        ({"model_type": "deepseek_v3", "num_experts_per_tok": 300}, "'num_experts_per_tok'"),
+        ({"model_type": "deepseek_v3", "num_experts_per_tok": 300}, "'num_experts_per_tok' has value 300"),
     ],
 )
 def test_impossible_configs_are_rejected_by_name(raw, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(raw, source="cfg.json")
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        (dict(num_experts_per_tok=0), "field 'num_experts_per_tok' has value 0: input should be greater than 0"),
+        (dict(num_experts_per_tok=-1), "field 'num_experts_per_tok' has value -1: input should be greater than 0"),
+        (dict(num_experts_per_tok=9),
+         "field 'num_experts_per_tok' has value 9: must be between 1 and n_routed_experts=8"),
+        (dict(num_experts_per_tok=None), "num_experts_per_tok is required when n_routed_experts is set"),
+        (dict(n_group=3), "field 'n_group' has value 3: must be a divisor of n_routed_experts=8"),
+        (dict(topk_group=3), "field 'topk_group' has value 3: must be between 1 and n_group=2"),
+        (dict(n_group=8, topk_group=2), "field 'n_group' has value 8: must be small enough that each group has >= 2"),
+    ],
+)  # fmt: skip
+def test_a_config_built_in_python_with_impossible_routing_is_refused_at_once_naming_the_field_and_value(
+    change, refusal
+):
+    """The router read num_experts_per_tok=0 or a topk_group past n_group from a ModelConfig built in Python, which
+    checked nothing until a model was built on it."""
+    tiny = preset("tiny")
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        dataclasses.replace(tiny, **change)
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        ModelConfig(**{**{f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)}, **change})
 
 
 def test_errors_name_the_file(tmp_path):

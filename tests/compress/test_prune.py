@@ -70,20 +70,22 @@ def test_gate_mass_sums_the_combine_weights_each_expert_received():
     "routing, fraction, message",
     [
         (dict(n_group=1, topk_group=1, num_experts_per_tok=4), 0.75,
-         "leaves 2 of 8 per layer, too few for the model's routing (field 'num_experts_per_tok' must be between 1 "
-         "and n_routed_experts=2): prune 0.5 of them or less"),
+         "leaves 2 of 8 per layer, too few for the model's routing (field 'num_experts_per_tok' has value 4: must "
+         "be between 1 and n_routed_experts=2): prune 0.5 of them or less"),
         (dict(n_group=2, topk_group=1, num_experts_per_tok=1), 0.75,
-         "leaves 1 of 4 in each of the 2 routing groups, too few for the model's routing (field 'n_group' must be "
-         "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)): prune 0.5 of them or less"),
+         "leaves 1 of 4 in each of the 2 routing groups, too few for the model's routing (field 'n_group' has value 2: "
+         "must be small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)): prune 0.5 of them "
+         "or less"),
         (dict(n_group=2, topk_group=1, num_experts_per_tok=3), 0.5,
          "leaves 2 of 4 in each of the 2 routing groups, too few for the model's routing (field "
-         "'num_experts_per_tok' must be <= topk_group x experts per group = 2): prune 0.25 of them or less"),
+         "'num_experts_per_tok' has value 3: must be <= topk_group x experts per group = 2): prune 0.25 of them or "
+         "less"),
         (dict(n_group=2, topk_group=1, num_experts_per_tok=2), 1.0,
          "leaves 0 of 4 in each of the 2 routing groups, too few for the model's routing (none left): prune 0.5 of "
          "them or less"),
         (dict(n_group=1, topk_group=1, num_experts_per_tok=8), 0.25,
-         "leaves 6 of 8 per layer, too few for the model's routing (field 'num_experts_per_tok' must be between 1 and "
-         "n_routed_experts=6): its routing takes every one of them, so none can go (--experts 0)"),
+         "leaves 6 of 8 per layer, too few for the model's routing (field 'num_experts_per_tok' has value 8: must "
+         "be between 1 and n_routed_experts=6): its routing takes every one of them, so none can go (--experts 0)"),
     ],
 )  # fmt: skip
 def test_pruning_refuses_to_leave_fewer_experts_than_routing_takes_and_names_the_largest_fraction(
