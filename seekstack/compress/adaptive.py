@@ -53,12 +53,6 @@ def bits_per_weight(option: str, in_features: int) -> float:
 SMALLEST_BITS = bits_per_weight(OPTIONS[0], 1)  # 4.125: no assignment fits a smaller budget
 
 
-def option_config(option: str) -> QuantConfig:
-    if option == "int8":
-        return QuantConfig(scheme="int8", keep=[])
-    return QuantConfig(scheme="int4", group_size=split_layer_scheme(option)[1], keep=[])  # type: ignore[arg-type]
-
-
 @torch.no_grad()
 def sensitivities(
     model: nn.Module,
@@ -157,7 +151,7 @@ def _quantized(layer: nn.Module, option: str) -> nn.Module:
     """A quantized copy of float `layer` at `option`, one its shapes allow (`option_bits`)."""
     holder = nn.Module()
     holder.add_module("layer", copy.deepcopy(layer))
-    quantize_model(holder, option_config(option))
+    quantize_model(holder, QuantConfig(keep=[], layers={"layer": option}))  # type: ignore[dict-item]
     return holder.layer
 
 
