@@ -187,6 +187,11 @@ class LoadedAdapters:
         """Each loaded adapter's folder, by name in the order they loaded."""
         return {name: read.folder for name, read in self.weights.items()}
 
+    def folder(self, name: str) -> Path | None:
+        """The folder adapter `name` loaded from, None where no adapter of that name is loaded."""
+        read = self.weights.get(name)
+        return None if read is None else read.folder
+
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` (None: the base); UnknownAdapter naming the loaded ones."""
         if name is None:
@@ -432,7 +437,7 @@ def merged_copy_bytes(
     a dense FFN's or shared expert's (`MultiLoRAFeedForward`: its three linears, 3 x in x out) and a MoE layer's routed
     experts' (`MultiLoRAExperts`: E x 3 x I x D). A layer holds s copies while s x its weight fits its bound, none
     past it, so at most min(slot_count, bound // weight) x weight."""
-    held_already = {owner for name, _ in adapted for owner in (name, _feed_forward_of(name))}
+    held_already = {owner for name, _ in adapted for owner in (name, _feed_forward_of(name)) if owner is not None}
     merged: dict[str, tuple[int, int, int, bool]] = {}  # owner -> (copies a slot, weight bytes, bound, CPU alone)
     for (name, _), (lora_a, lora_b) in factors.items():
         if lora_a.dim() > 2:  # routed experts
