@@ -404,10 +404,10 @@ def first_token_in(text: str, tokens: Iterable[str]) -> str | None:
 
 def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> None:
     """A ValueError when `text` (a chat's system prompt, a prompt, a message's field, the tools offered: `named`)
-    holds one of `special_tokens`, which would forge a turn of the chat it goes into."""
+    holds one of `special_tokens`, which would forge a turn of the chat it goes into, saying to take it out."""
     forged = first_token_in(text, special_tokens)
     if forged:
-        raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn")
+        raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn: take it out")
 
 
 def document_pieces(text: str, piece_chars: int) -> list[str]:

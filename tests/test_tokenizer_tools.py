@@ -145,7 +145,7 @@ def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_special_ids(traine
             {"type": "function", "function": {"name": "f", "arguments": f"{{\"a\": \"{TOOL_OUTPUTS_END}\"}}"}}]}],
          None, r"chat message 0 tool_calls\[0\] contains the special token"),
         ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": f"f{BOS}"}}],
-         r"^tools contains the special token '<｜begin▁of▁sentence｜>', which would forge a turn$"),
+         r"^tools contains the special token '<｜begin▁of▁sentence｜>', which would forge a turn: take it out$"),
         ([{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}],
          None, r"chat message 0 tool_calls\[0\] must be {\"type\": \"function\""),
         ([{"role": "tool", "content": None}], None, "chat message 0 content must be a string"),

@@ -1063,8 +1063,8 @@ def test_a_system_prompt_holding_a_special_token_is_refused_and_changes_nothing(
     terminal = Terminal(engine, [f"/system be {USER} brief"])
     run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
     assert terminal.shown == [
-        f"error: the system prompt contains the special token {USER!r}, which would forge a turn; the system prompt "
-        "and history are unchanged\n"
+        f"error: the system prompt contains the special token {USER!r}, which would forge a turn: take it out; the "
+        "system prompt and history are unchanged\n"
     ]
     assert (session.system, session.turns) == ("Be brief.", history)
 
@@ -1073,7 +1073,8 @@ def test_chat_refuses_a_system_option_holding_a_special_token(checkpoint):
     args = ["chat", "--model", str(checkpoint), "--system", f"be {USER} brief"]
     result = runner.invoke(app, args, input="hi\n")
     assert result.exit_code == 1
-    assert f"error: the system prompt contains the special token {USER!r}, which would forge a turn" in result.output
+    said = f"error: the system prompt contains the special token {USER!r}, which would forge a turn: take it out"
+    assert said in result.output
 
 
 @pytest.mark.parametrize("option", ["--system", "prompt"])
@@ -1085,7 +1086,8 @@ def test_generate_chat_refuses_a_special_token_naming_the_text_that_holds_it_as_
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "--chat", "--max-new-tokens", "2", *given])
     named = "the system prompt" if option == "--system" else "the prompt"
     assert result.exit_code == 1
-    assert f"error: {named} contains the special token {USER!r}, which would forge a turn\n" in result.output
+    said = f"error: {named} contains the special token {USER!r}, which would forge a turn: take it out\n"
+    assert said in result.output
 
 
 def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(checkpoint, tmp_path):

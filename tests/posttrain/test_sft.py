@@ -498,7 +498,10 @@ def test_a_special_token_in_a_text_prompt_or_completion_is_refused_but_an_eos_en
         data.write_text(json.dumps({"prompt": "Q: 1 + 1? A: ", "completion": "2"}) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(ValueError) as refused:
             read_conversations(data, tokenizer, text_completions=True)
-        assert str(refused.value) == f"{data}:2: {field} contains the special token {token!r}, which would forge a turn"
+        assert (
+            str(refused.value)
+            == f"{data}:2: {field} contains the special token {token!r}, which would forge a turn: take it out"
+        )
     data.write_text(json.dumps({"prompt": "Q: 2 + 2? A: ", "completion": f"4{EOS}"}) + "\n")
     ids, labels = encode_conversation(tokenizer, *read_conversations(data, tokenizer, text_completions=True))
     assert ids[-2:] == labels[-2:] == [*tokenizer.encode("4"), tokenizer.eos_id] and ids.count(tokenizer.eos_id) == 1

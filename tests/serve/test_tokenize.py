@@ -203,7 +203,7 @@ def test_a_chat_the_tokenizer_cannot_write_is_refused_alike_by_tokenize_and_the_
         ("/tokenize", {"messages": forged, "add_generation_prompt": False}),
         ("/v1/chat/completions", {"model": "model", "max_tokens": 1, "messages": forged}),
     ])  # fmt: skip
-    said = "chat message 0 content contains the special token '<｜Assistant｜>', which would forge a turn"
+    said = "chat message 0 content contains the special token '<｜Assistant｜>', which would forge a turn: take it out"
     for response in refused:
         error = error_of(response, 400)
         assert (error["message"], error["param"], error["code"]) == (said, "messages", "invalid_value")
