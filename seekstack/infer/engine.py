@@ -1669,7 +1669,7 @@ class Engine:
                 "adapters="
             )
         with self.lock:
-            loaded = self.lora.folders.get(name)  # not loaded and no folder: add_request names the loaded ones
+            loaded = self.lora.folder(name)  # not loaded and no folder: add_request names the loaded ones
             if loaded is not None:
                 self._hold_adapter(name, held)
         if folder is not None and loaded is None:
@@ -1693,7 +1693,7 @@ class Engine:
 
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
-            if name not in self.lora.folders:  # else another thread's request loaded it meanwhile
+            if self.lora.folder(name) is None:  # else another thread's request loaded it meanwhile
                 unloaded = self._unload_least_recent(keep)
                 try:
                     self.lora.add(name, factors)
@@ -1704,7 +1704,7 @@ class Engine:
                     raise
                 self._requested_adapters[name] = None
             self._hold_adapter(name, held)
-            return self.lora.folders[name]
+            return self.lora.weights[name].folder
 
     def _hold_adapter(self, name: str, held: list[str]) -> None:
         """Hold loaded adapter `name` for a generate call (`held`, its holds) and make it the most recently asked for
