@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -69,36 +69,49 @@ TASK_HELP = (
 SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 
-def sft_command(
-    config: ConfigArg = None,
-    overrides: OverridesArg = None,
-    config_option: ConfigOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    write_config: WriteConfigOpt = None,
-) -> None:
-    """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
-    `task`; the loss counts the assistant's tokens only."""
+def stage_command(stage: Callable[[], tuple[type, Callable]], summary: str) -> Callable[..., None]:
+    """A command that runs the training stage `stage()` gives (its config class and run function, imported as the
+    command runs) from a config file and key=value overrides, as `run_stage` does; `summary` is its help."""
+
+    def command(
+        config: ConfigArg = None,
+        overrides: OverridesArg = None,
+        config_option: ConfigOpt = None,
+        resume: ResumeOpt = False,
+        resume_from: ResumeFromOpt = None,
+        write_config: WriteConfigOpt = None,
+    ) -> None:
+        cls, run = stage()
+        run_stage(cls, run, config, overrides, resume, resume_from, write_config, config_option)
+
+    command.__doc__ = summary
+    return command
+
+
+def _sft_stage() -> tuple[type, Callable]:
     from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
 
-    run_stage(SFTConfig, run_sft, config, overrides, resume, resume_from, write_config, config_option)
+    return SFTConfig, run_sft
 
 
-def rl_command(
-    config: ConfigArg = None,
-    overrides: OverridesArg = None,
-    config_option: ConfigOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    write_config: WriteConfigOpt = None,
-) -> None:
-    """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
-    trained, rule-based rewards (correctness, format), loss_type grpo | dr_grpo | dapo."""
+def _rl_stage() -> tuple[type, Callable]:
     from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
 
-    run_stage(GRPOConfig, run_rl, config, overrides, resume, resume_from, write_config, config_option)
+    return GRPOConfig, run_rl
+
+
+sft_command = stage_command(
+    _sft_stage,
+    """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
+    `task`; the loss counts the assistant's tokens only.""",
+)
+rl_command = stage_command(
+    _rl_stage,
+    """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
+    trained, rule-based rewards (correctness, format), loss_type grpo | dr_grpo | dapo.""",
+)
 
 
 def pass_at_k_command(
