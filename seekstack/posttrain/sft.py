@@ -163,12 +163,23 @@ class SFTSource:
             )
         if config.eval_every and not rows:
             print(
-                f"note: no held-out conversations (a share of {config.held_out_fraction:g} of "
-                f"{config.data or f'{config.examples} examples'}), so the run logs no val_loss; "
+                f"note: no held-out conversations ({self._held_out_from()}), so the run logs no val_loss; "
                 f"{config.held_out_advice}",
                 file=sys.stderr,
             )
         return scored
+
+    def _held_out_from(self) -> str:
+        """Where the held-out conversations come from: the val_data file, or a share of the data."""
+        config = self.config
+        if config.val_data:
+            return f"val_data {config.val_data}"
+        return f"a share of {config.held_out_fraction:g} of {config.data or f'{config.examples} examples'}"
+
+    def validation_rows(self) -> tuple[int, str, str]:
+        """How many rows `validation_batches` scores at most (the held-out conversations with an assistant token
+        within seq_len), what they are and where from: the trainer's note of fewer than eval_batches asks."""
+        return len(self.validation), "held-out conversations", f"the held-out set ({self._held_out_from()})"
 
     def validation_batches(self, batch_size: int, count: int) -> list[ValidationBatch] | None:
         """The first `count` batches of the held-out rows, in a fixed order; None when none are held out. With

@@ -215,7 +215,9 @@ class BatchSource(Protocol):
     position for an exact resume. One process only. A source with `chooses_threads` true sets torch's threads itself
     (RL: from how idle the machine left the cores during its rollouts) instead of the run's `LoadAwareThreads`. A
     source with a `validation_batches(batch_size, count)` method (SFT) is evaluated on what it returns, the same
-    `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL). A source with a
+    `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL); its
+    `validation_rows()` gives how many rows those hold, what they are and where from, which the run says at its start
+    when they are fewer than `eval_batches` asks. A source with a
     `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
     per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with a
     `sequences(batch)` method (SFT) weighs each micro-batch's balance loss, a mean over its sequences, by their share of
@@ -581,7 +583,7 @@ class _Run:
         generation_config = Path(config.init_from).glob(GENERATION_CONFIG_FILE) if config.init_from else ()
         self.checkpoint_files = [*self.tokenizer_files, *generation_config]
         self.val_byte_lengths = self._val_byte_lengths()
-        self._note_a_short_val_split()
+        self._note_a_short_validation_set()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
         self.progress_anchor: ProgressAnchor | None = None  # where it continues its mixture phases and MTP weight
@@ -1057,20 +1059,28 @@ class _Run:
         windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
         return [self._rank_rows(w) for w in windows]
 
-    def _note_a_short_val_split(self) -> None:
-        """Say once, at the start, when the val split holds fewer windows than `eval_batches` asks of each evaluation
-        (`_validation_batches` then scores all it holds, and the tokens past its last window): not per evaluation."""
+    def _note_a_short_validation_set(self) -> None:
+        """Say once, at the start, when the validation set holds fewer rows than `eval_batches` asks of each
+        evaluation (`_validation_batches` then scores all it holds): the val split's token windows (and the tokens
+        past its last window), or a batch source's held-out rows (`validation_rows`); not per evaluation."""
         config = self.config
-        if self.source is not None or not config.eval_every:
+        if not config.eval_every:
+            return
+        if self.source is None:
+            held = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len).num_windows
+            rows, holder = f"validation windows of {config.seq_len} tokens", f"the val split of {config.data_dir}"
+            scored = "those and the tokens after them"
+        elif hasattr(self.source, "validation_rows"):
+            held, rows, holder = self.source.validation_rows()
+            scored = "those"
+        else:
             return
         asked = config.eval_batches * config.grad_accum_steps * config.batch_size
-        held = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len).num_windows
-        if held < asked:
+        if 0 < held < asked:  # none held: the source said so, and no evaluation runs
             self._say(
-                f"note: eval_batches={config.eval_batches} asks {asked:,} validation windows of {config.seq_len} "
-                f"tokens per evaluation ({config.eval_batches} x batch_size {config.batch_size} x grad_accum_steps "
-                f"{config.grad_accum_steps}); the val split of {config.data_dir} holds {held:,}: each evaluation "
-                "scores those and the tokens after them"
+                f"note: eval_batches={config.eval_batches} asks {asked:,} {rows} per evaluation ({config.eval_batches} "
+                f"x batch_size {config.batch_size} x grad_accum_steps {config.grad_accum_steps}); {holder} holds "
+                f"{held:,}: each evaluation scores {scored}"
             )
 
     def _rank_rows(self, windows: torch.Tensor) -> ValidationBatch:

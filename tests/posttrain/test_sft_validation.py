@@ -123,6 +123,20 @@ def test_a_val_data_file_holds_the_held_out_conversations_and_data_is_trained_wh
     assert sum(b.text_bytes for b in batches) == sum(len(c[1]["content"].encode()) for c in SUMS[30:38])
 
 
+def test_held_out_conversations_fewer_than_eval_batches_asks_are_said_once_naming_the_numbers(tmp_path, capsys):
+    """The note of a val split shorter than eval_batches asks was said of token shards alone: an SFT (or conversation
+    distillation) run scored fewer held-out conversations than asked, untold."""
+    data = write_conversations(SUMS[:30], tmp_path / "train.jsonl")
+    val_data = write_conversations(SUMS[30:], tmp_path / "val.jsonl")
+    run = ["max_steps=2", "eval_every=1", "eval_batches=5", "save_every=0", f"out_dir={tmp_path / 'run'}"]
+    run_sft(sft_config(tmp_path, f"data={data}", f"val_data={val_data}", *run))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "eval_batches" in line]
+    assert notes == [
+        "note: eval_batches=5 asks 20 held-out conversations per evaluation (5 x batch_size 4 x grad_accum_steps 1); "
+        f"the held-out set (val_data {val_data}) holds 10: each evaluation scores those"
+    ]
+
+
 def test_a_task_run_holds_out_problems_of_the_tasks_held_out_split(tmp_path):
     source = SFTSource(
         sft_config(tmp_path, "task=addition", "difficulty=2", "examples=200", "val_fraction=0.05"), holds_out=True
