@@ -43,6 +43,11 @@ def linear_cross_entropy(
                                      grads and weight.requires_grad, keep_logits)  # fmt: skip
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX's bfloat16 tiles (torch's reading of it), where MKL's bf16 GEMM outruns torch's mm."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, grad_hidden: bool, grad_weight: bool, keep_logits: bool):  # type: ignore[override]
@@ -68,13 +73,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = counted / count
             fused = cpu_kernels.elementwise_takes(h_matmul)  # torch's ops where the kernel does not take the logits
             # bf16 products summed in float32 straight into dL/dW: MKL's GEMM, registered where torch carries it, and
-            # taken where brgemm packs bfloat16 (AMX; 7.6 ms a `small` chunk against mm + add_'s 17): on an avx512_bf16
-            # EPYC without AMX MKL's bf16 GEMM runs at float32's pace (54 ms against oneDNN's mm + add_'s 28)
+            # taken on a CPU with AMX (7.6 ms a `small` chunk against mm + add_'s 17): on an avx512_bf16 EPYC
+            # without AMX MKL's bf16 GEMM runs at float32's pace (54 ms against oneDNN's mm + add_'s 28)
             float32_sums = (
                 fused
                 and matmul_dtype == torch.bfloat16
                 and hasattr(torch.ops.seekstack, "add_weight_grad")
-                and cpu_kernels.packs_bfloat16(h.shape[1])
+                and cpu_has_amx_bf16()
             )
             for part in _chunks(rows, _chunk_rows(hidden, vocab, grad_weight)):
                 logits = h_matmul[part] @ w_matmul.t()  # (n, V)

@@ -120,16 +120,16 @@ def test_fused_head_loss_under_bfloat16_autocast_multiplies_in_bfloat16_and_sums
         torch.testing.assert_close(grad, expected_grad.float(), rtol=0.02, atol=1e-3)  # bf16 keeps 8 bits
 
 
-@pytest.mark.parametrize("packs", [True, False], ids=["amx", "no-amx"])
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
 @pytest.mark.parametrize(("autocast", "tolerance"), [(False, 1e-5), (True, 0.02)])  # bf16 keeps 8 bits
 def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_formula(
-    monkeypatch, autocast, tolerance, packs
+    monkeypatch, autocast, tolerance, amx
 ):
     """cpu_kernels' cross_entropy_rows turns each chunk's logits into the loss and dL/dlogits in one kernel, bf16
     logits read and written as they are, and under autocast every matmul takes bf16, dL/dW's too: each chunk's logits
     were widened to float32 and their gradient narrowed back, each a fresh (n, V) copy, and dL/dW multiplied in float32
     (together ~0.25 s of `small`'s ~2.4 s step). Switched off: torch's ops. dL/dW's bf16 products are summed in
-    float32 by MKL's GEMM (add_weight_grad) only where brgemm packs bfloat16 (AMX): without, that GEMM ran at half
+    float32 by MKL's GEMM (add_weight_grad) only on a CPU with AMX: without, that GEMM ran at half
     the pace of torch's mm + add_ (an avx512_bf16 EPYC)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -148,7 +148,7 @@ def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_
             return out
 
     assert cpu_kernels.available()
-    monkeypatch.setattr(cpu_kernels, "packs_bfloat16", lambda width: packs)
+    monkeypatch.setattr(head_loss, "cpu_has_amx_bf16", lambda: amx)
     monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", 300)  # chunks of 40 rows (D): 70 rows, a ragged last one
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(70, 40, generator=generator), torch.randn(50, 40, generator=generator) / 4
@@ -167,7 +167,7 @@ def test_fused_cross_entropy_kernel_and_its_switched_off_path_match_the_float64_
         finally:
             cpu_kernels.set_enabled(True)
         assert ("seekstack.cross_entropy_rows.default" in ops.names) == fused
-        float32_sums = fused and autocast and packs and hasattr(torch.ops.seekstack, "add_weight_grad")  # in MKL
+        float32_sums = fused and autocast and amx and hasattr(torch.ops.seekstack, "add_weight_grad")  # in MKL
         assert ("seekstack.add_weight_grad.default" in ops.names) == float32_sums  # else torch's mm + add_
         if autocast:
             assert ops.matmul_dtypes == {torch.bfloat16}
