@@ -88,10 +88,16 @@ LARGEST_VOCAB = 2**20
 # GPT-2's pre-tokenizer pattern with combining marks (\p{M}) kept in the run of letters they belong to, as DeepSeek-V3's
 # own pattern keeps them (`[\p{L}\p{M}]+`): GPT-2's splits Hindi नमस्ते into नमस ् त े, Thai ไม่ into ไม ่ and an NFD é
 # from its e, pieces BPE never merges back; a run of symbols keeps its marks as GPT-2's does (❤️ is ❤ and the
-# variation selector U+FE0F, a mark)
-PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
+# variation selector U+FE0F, a mark). Each run is at most LONGEST_PRE_TOKEN characters, a longer one cut into runs of
+# that many from its start. tokenizers' BPE trainer updates a word at each merge in time that grows with the square
+# of its length: one 400,000-character CJK document without punctuation or spaces, a single run, was still training
+# after 200 s, and trains in 1.9 s cut at 256. Words of any language are far shorter (the demo corpus's longest run
+# is 96), so ordinary text splits as before.
+LONGEST_PRE_TOKEN = 256
+RUN_REPEAT = f"{{1,{LONGEST_PRE_TOKEN}}}"
+PRE_TOKENIZER_PATTERN = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]{1,N}| ?\p{N}{1,N}| ?[^\s\p{L}\p{N}]{1,N}|\s{1,N}(?!\S)|\s{1,N}"
+).replace("{1,N}", RUN_REPEAT)
 MOST_REPEATS = 100_000  # the largest {1,N} Oniguruma, the regex engine of tokenizers' Split, compiles
 # A long document is encoded in pieces of about this many characters, and pieces in groups of about
 # ENCODE_GROUP_CHARS: tokenizers holds ~185 bytes per character while it encodes (a 20 MB document took 3.7 GB whole)
@@ -110,17 +116,20 @@ CUT_PROBES = (
 
 def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     """PRE_TOKENIZER_PATTERN, its runs of digits cut into pieces of at most `split_digits` when given (GPT-4's and
-    DeepSeek-V3's patterns cut at 3, nanochat's at 2), so no token holds more; None keeps a run whole, as GPT-2's."""
+    DeepSeek-V3's patterns cut at 3, nanochat's at 2), so no token holds more; None keeps a run whole up to
+    LONGEST_PRE_TOKEN, as every other run."""
     if split_digits is None:
         return PRE_TOKENIZER_PATTERN
     split_digits = _whole_number(split_digits, "split_digits")  # 2.5 made "{1,2.5}", a literal: no run was cut
     if not 1 <= split_digits <= MOST_REPEATS:  # past it, Oniguruma's "too big number for repeat range" traceback
         raise ConfigError(
             f"has value {split_digits}; a run of digits is cut into pieces of 1 digit or more, and at most "
-            f"{MOST_REPEATS:,} (the regex engine's largest repeat; leave it out to keep a run whole)",
+            f"{MOST_REPEATS:,} (the regex engine's largest repeat; leave it out to cut runs of digits only past "
+            f"{LONGEST_PRE_TOKEN}, as every other run)",
             "split_digits",
         )
-    return PRE_TOKENIZER_PATTERN.replace(r" ?\p{N}+", rf" ?\p{{N}}{{1,{split_digits}}}")
+    digits_repeat = f"{{1,{min(split_digits, LONGEST_PRE_TOKEN)}}}"
+    return PRE_TOKENIZER_PATTERN.replace(rf" ?\p{{N}}{RUN_REPEAT}", rf" ?\p{{N}}{digits_repeat}")
 
 
 def _whole_number(value: object, field: str) -> int:

@@ -218,10 +218,26 @@ def test_pre_tokenization_keeps_combining_marks_with_their_letters(trained):
     ]
 
 
+@pytest.mark.parametrize(
+    ("run", "lengths"),
+    [("中" * 600, [256, 256, 88]), (" " + "a" * 600, [257, 256, 88]), ("=" * 600, [256, 256, 88]),
+     ("7" * 600, [256, 256, 88]), ("\n" * 600 + "x", [256, 256, 87, 1, 1]), ("नमस्ते" * 100, [256, 256, 88])],
+)  # fmt: skip
+def test_a_run_longer_than_the_longest_pre_token_is_cut_into_runs_of_that_length(trained, run, lengths):
+    """tokenizers' BPE trainer updates a word at each merge in time growing with the square of its length: one
+    400,000-character CJK document with no space or punctuation, a single run, was still training after 200 s (1.9 s
+    cut at LONGEST_PRE_TOKEN). The cut is in the pattern saved in tokenizer.json, so encoding cuts alike."""
+    tokenizer, _ = trained
+    pieces = [
+        decoders.ByteLevel().decode([piece]) for piece, _ in tokenizer.backend.pre_tokenizer.pre_tokenize_str(run)
+    ]
+    assert [len(piece) for piece in pieces] == lengths and "".join(pieces) == run
+
+
 def test_split_digits_cuts_runs_of_digits_into_tokens_of_at_most_that_many(tmp_path):
     """GPT-2's pattern keeps a run of digits whole, so BPE learns numbers as tokens of any length (` 12345`);
     `split_digits` (`tokenizer train --split-digits`) cuts them as GPT-4's, DeepSeek-V3's (3) and nanochat's (2)
-    patterns do. Left out, runs stay whole: the default tokenizer (and the demo's figures) unchanged."""
+    patterns do. Left out, runs are kept whole up to LONGEST_PRE_TOKEN: the demo's tokenizer and figures unchanged."""
     from typer.testing import CliRunner
 
     from seekstack.cli import app
