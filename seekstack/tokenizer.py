@@ -23,10 +23,10 @@ import hashlib
 import json
 import operator
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import regex
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import __version__ as tokenizers_version
@@ -103,14 +103,16 @@ MOST_REPEATS = 100_000  # the largest {1,N} Oniguruma, the regex engine of token
 # ENCODE_GROUP_CHARS: tokenizers holds ~185 bytes per character while it encodes (a 20 MB document took 3.7 GB whole)
 DOCUMENT_PIECE_CHARS = 1 << 18
 ENCODE_GROUP_CHARS = 1 << 21
-# Where a document may be cut: after a letter that whitespace follows (the letter checked with str.isalpha, as Python's
-# \w also takes digits beyond \d). A run of letters ends there, and the pre-tokenizer's scan from the whitespace on
-# reads nothing before it, so the pieces' ids are the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern).
-LETTER_BEFORE_WHITESPACE = re.compile(r"[^\W\d_]\s")
+# Where a document may be cut: after a letter (\p{L}) that neither a letter nor a combining mark follows (whitespace,
+# a digit, punctuation: base64, minified code and CJK prose have such cuts where whitespace is rare). A run of letters
+# ends there, and the pre-tokenizer's scan from the next character on reads nothing before it, so the pieces' ids are
+# the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern).
+LETTER_END = regex.compile(r"\p{L}(?=[^\p{L}\p{M}])")
 # Texts around a cut of that kind, on which a tokenizer's pre-tokenizer must split alike whole and in halves
 CUT_PROBES = (
     ("it's", " 12 days\n"), ("a.b", "\r\n  c"), ("中文", " 日本"), ("e\u0301", "\t\u0301x"), ("x", "   \n\nY"),
-    ("The", " \U0001F600!"), ("ab", "\u3000'll"),
+    ("The", " \U0001F600!"), ("ab", "\u3000'll"), ("aGVsbG", "8+/=ZQ"), ("f", "(x){return x.y};"),
+    ("中文", "。日本語，"), ("カナ", "「かな」"), ("ok", "'s"),
 )  # fmt: skip
 
 
@@ -420,19 +422,15 @@ def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> 
 
 
 def document_pieces(text: str, piece_chars: int) -> list[str]:
-    """`text` cut into pieces of `piece_chars` characters or a few more, each cut after the first letter that
-    whitespace follows (LETTER_BEFORE_WHITESPACE) past the piece's length; the rest whole where no such letter is."""
+    """`text` cut into pieces of `piece_chars` characters or a few more, each cut at the first LETTER_END past the
+    piece's length; the rest whole where there is none."""
     pieces, start = [], 0
     while len(text) - start > piece_chars:
-        cut = None
-        for match in LETTER_BEFORE_WHITESPACE.finditer(text, start + piece_chars):
-            if text[match.start()].isalpha():
-                cut = match.start() + 1
-                break
-        if cut is None:
+        letter_end = LETTER_END.search(text, start + piece_chars)
+        if letter_end is None:
             break
-        pieces.append(text[start:cut])
-        start = cut
+        pieces.append(text[start : letter_end.end()])
+        start = letter_end.end()
     pieces.append(text[start:])
     return pieces
 

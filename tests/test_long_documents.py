@@ -7,9 +7,11 @@ import random
 
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import trainers
+from tokenizers.pre_tokenizers import ByteLevel
 
 from seekstack import tokenizer as tokenizer_module
-from seekstack.tokenizer import EOS, USER, Tokenizer, document_pieces, train_tokenizer
+from seekstack.tokenizer import EOS, SPECIAL_TOKENS, TOOL_TOKENS, USER, Tokenizer, document_pieces, train_tokenizer
 
 # DeepSeek-V3's pre-tokenizer, as its release's tokenizer.json writes it: digits in threes, CJK runs, then its pattern
 DEEPSEEK_V3_PRE_TOKENIZER = {
@@ -30,10 +32,12 @@ DEEPSEEK_V3_PRE_TOKENIZER = {
     ],
 }
 # Stretches a document is built of, each an edge of the cut: whitespace runs after a letter, CRLF, digits, CJK, emoji,
-# combining marks, contractions, punctuation, a quoted special token, a line with no newline
+# combining marks, contractions, punctuation, a quoted special token, a line with no newline, base64, minified code,
+# CJK and full-width punctuation, kana and the symbols in its range (which DeepSeek-V3 isolates in a run of CJK)
 STRETCHES = (
     "word", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "12345", " 678", "中文", "日本語", "😀", "❤️", "e\u0301",
     "नमस्ते", "'s", "'ll", ".", "!?", EOS, USER, "\u3000", "x", " y", "\u00a0", "\x1c", "ab\r\n\r\n  cd",
+    "aGVsbG8+d29y/bGQ=", "f(a){return a.b+1};", "。", "，", "「", "カタカナ", "・", "゠", "ー", "ひらがな゛",
 )  # fmt: skip
 
 
@@ -54,9 +58,21 @@ def document(seed: int, stretches: int = 300) -> str:
     return "".join(random.Random(seed).choices(STRETCHES, k=stretches))
 
 
+@pytest.fixture(scope="module")
+def deepseek_v3(ours) -> Tokenizer:
+    """A BPE trained behind DeepSeek-V3's pre-tokenizer, so its merges are those of what that one keeps together."""
+    backend = with_pre_tokenizer(ours, DEEPSEEK_V3_PRE_TOKENIZER).backend
+    texts = [document(seed, stretches=400) for seed in range(20)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[*SPECIAL_TOKENS, *TOOL_TOKENS], initial_alphabet=ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend)
+
+
 @pytest.mark.parametrize("pre_tokenizer", ["ours", "deepseek_v3"])
-def test_a_document_encoded_in_pieces_has_the_ids_of_the_whole(ours, pre_tokenizer):
-    tokenizer = ours if pre_tokenizer == "ours" else with_pre_tokenizer(ours, DEEPSEEK_V3_PRE_TOKENIZER)
+def test_a_document_encoded_in_pieces_has_the_ids_of_the_whole(request, pre_tokenizer):
+    tokenizer = request.getfixturevalue(pre_tokenizer)
     assert tokenizer.cuts_keep_ids
     documents = [document(seed) for seed in range(30)]
     whole = tokenizer.encode_batch(documents, add_bos=True, piece_chars=10**9)
@@ -92,10 +108,20 @@ def test_a_long_document_reaches_the_tokenizer_in_pieces(ours):
     assert len(recording.lengths) > 15
 
 
-def test_a_document_with_no_letter_before_whitespace_stays_whole():
+def test_a_document_is_cut_after_a_letter_that_no_letter_or_mark_follows():
+    """A document with no letter before whitespace (unbroken base64, minified code, CJK prose) went whole to the
+    tokenizer: 185 bytes a character while it encodes."""
+    assert document_pieces("ab cd", 1) == ["ab", " cd"]  # the first such letter past the piece's length
+    assert document_pieces("aGVsbG8+d29y/bGQ=", 4) == ["aGVsbG", "8+d29y", "/bGQ="]
+    assert document_pieces("f(a){return a.b};", 3) == ["f(a){return", " a.b", "};"]
+    assert document_pieces("中文。日本語，了", 1) == ["中文", "。日本語", "，了"]
+    assert document_pieces("e\u0301x y", 1) == ["e\u0301x", " y"]  # not between a letter and its mark
+    assert document_pieces("カナ・カナ ok", 1) == ["カナ", "・カナ", " ok"]
+
+
+def test_a_document_with_no_letter_that_a_non_letter_follows_stays_whole():
     for text in ["中文日本語" * 50, "1 2 3 4 5 " * 50, "x" * 500, ". " * 250]:
         assert document_pieces(text, 10) == [text]
-    assert document_pieces("ab cd", 1) == ["ab", " cd"]  # the first such letter past the piece's length
 
 
 def test_a_tokenizer_whose_pieces_could_encode_otherwise_is_never_cut(ours):
