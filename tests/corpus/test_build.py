@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.corpus import build
 from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
+from seekstack.corpus.kinds import SAMPLE_CHARS
 from seekstack.corpus.pii import scrub_pii
-from seekstack.corpus.rules import CJKRules, CleaningConfig, CodeRules, ProseRules
+from seekstack.corpus.rules import CJKRules, CleaningConfig, CodeRules, ProseRules, normalise
 from seekstack.corpus.sources import DataSourceError, Document, expanded_inputs, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
@@ -110,29 +111,41 @@ def test_a_build_of_html_pages_fails_saying_to_extract_their_text_not_to_loosen_
     assert "(html_page: extract the pages' text first, with trafilatura as datatrove does)" in str(error.value)
 
 
-def test_a_text_longer_than_every_kinds_max_chars_is_removed_before_it_is_scrubbed(
+def test_a_text_longer_than_every_kinds_max_chars_is_removed_before_it_is_normalised_or_scrubbed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An 18 MB one-line log was scrubbed whole (16 s, at ~1 MB/s) before max_chars dropped it; only its report
-    snippet is scrubbed now, and the address in it is still replaced."""
+    """An 18 MB one-line log was scrubbed whole (16 s, at ~1 MB/s) before max_chars dropped it, and a 50 MB one-line
+    file normalised whole (49 s, 1.1 GB: ftfy mends mojibake at ~0.4 MB/s); only the start its kind is detected from
+    is normalised now, and the address in its snippet is still replaced. A text under the limit but for its CRLF line
+    endings' CRs, which normalising drops, is kept."""
     scrubbed_lengths: list[int] = []
+    normalised_lengths: list[int] = []
 
     def measured_scrub(text: str) -> tuple[str, dict[str, int]]:
         scrubbed_lengths.append(len(text))
         return scrub_pii(text)
 
+    def measured_normalise(text: str) -> str:
+        normalised_lengths.append(len(text))
+        return normalise(text)
+
     monkeypatch.setattr(build, "scrub_pii", measured_scrub)
+    monkeypatch.setattr(build, "normalise", measured_normalise)
     config = CleaningConfig(
         code=CodeRules(max_chars=5_000), prose=ProseRules(max_chars=5_000), cjk=CJKRules(max_chars=5_000)
     )
+    windows_lines = prose(2, words=670).replace("\n", "\r\n")
     documents = [
-        Document("log.txt", "mail ann@example.com now " + prose(0) * 200, "logs"),
+        Document("log.txt", "mail ann@example.com now " + prose(0) * 400, "logs"),
         Document("a.txt", prose(1), "a"),
+        Document("windows.txt", windows_lines, "b"),
     ]
+    assert len(windows_lines.replace("\r", "")) <= 5_000 < len(windows_lines)
     report = build_corpus([documents], tmp_path / "out", config, show_progress=False)
-    assert report.removed["max_chars"] == 1 and report.documents_kept == 1
+    assert report.removed["max_chars"] == 1 and report.documents_kept == 2
     assert report.examples["max_chars"][0]["snippet"].startswith("mail <EMAIL> now")
-    assert max(scrubbed_lengths) < 5_000 < len(documents[0].text)
+    assert max(scrubbed_lengths) <= 5_000 < len(documents[0].text)
+    assert normalised_lengths == [SAMPLE_CHARS, len(documents[1].text), len(documents[2].text)]
 
 
 def test_empty_input_is_an_error(tmp_path: Path) -> None:
