@@ -41,7 +41,7 @@ def evaluate_task(
     return {
         "pass@1": sum(pass_at_k(samples, int(c), 1) for c in correct) / problems,
         f"pass@{samples}": sum(pass_at_k(samples, int(c), samples) for c in correct) / problems,
-        "greedy": float(greedy.terms["correctness"].mean()),
-        "format": float(sampled.terms["format"].mean()),
-        "completion_length": float(sampled.completion_lengths.float().mean()),
+        "greedy": float(greedy.terms["correctness"].double().mean()),
+        "format": float(sampled.terms["format"].double().mean()),
+        "completion_length": float(sampled.completion_lengths.double().mean()),
     }

@@ -122,6 +122,18 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert re.search(r"512 tokens; at most 4\d\d\b", too_long.output), too_long.output  # the context less a prompt
 
 
+def test_pass_at_k_rates_are_the_exact_shares_of_their_counts(teacher_model):
+    """greedy, format and completion_length were float32 means: 1 right of 10 printed 0.10000000149011612."""
+    args = ["pass-at-k", str(teacher_model), "--difficulty", "1", "--problems", "5", "--samples", "2"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    counts = {"greedy": 5, "format": 10, "completion_length": 10}  # problems, then problems x samples
+    for name, count in counts.items():
+        assert scores[name] == round(scores[name] * count) / count, (name, scores[name])
+    assert torch.tensor(scores["completion_length"]).item() != scores["completion_length"]  # float32 cannot hold it
+
+
 def test_pass_at_k_interrupted_says_which_model_it_was_scoring(tmp_path, monkeypatch):
     """Ctrl-C in pass-at-k exited 130 without a word, where the commands that write print one line."""
     model = micro_checkpoint(tmp_path / "model")
