@@ -1225,8 +1225,9 @@ class Engine:
         need); the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
-        panels_read = len(rows) * width >= cpu_kernels.PANEL_MIN_ROWS
-        if self._head_versions.changed() or (panels_read and self._panel_versions.changed()):
+        if self._head_versions.changed() or (
+            cpu_kernels.reads_panels(len(rows) * width) and self._panel_versions.changed()
+        ):
             self._follow_weights()  # the weights changed in place since (a load_state_dict, an RL weight sync)
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead

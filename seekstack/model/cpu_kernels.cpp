@@ -50,6 +50,13 @@
 namespace {
 
 constexpr int64_t kRowsPerLoad = 4;  // token rows that share each load of a weight row (8 measured no faster)
+// Whether the few-row kernels keep their accumulators in AVX-512's 32 vector registers (else AVX2's 16): where at::vec
+// runs AVX-512 (CPU_CAPABILITY_AVX512 above), the one test both rows_times_weight and panels_linear size their passes by.
+#ifdef CPU_CAPABILITY_AVX512
+constexpr bool kAvx512Registers = true;
+#else
+constexpr bool kAvx512Registers = false;
+#endif
 
 using bf16_bits = uint16_t;  // a bfloat16 value as stored
 
@@ -181,11 +188,7 @@ constexpr int kStreams = 4;  // weight rows read side by side from far-apart par
 // Token rows per pass over those weight rows: kStreams x kStreamRows accumulators and kStreamRows rows stay in
 // registers, 16 + 4 of AVX-512's 32 (AVX2 has 16: 2 rows). At 8-16 rows the products, not the reads, bound a pass, and
 // each extra row a weight load serves pays (float32 `small` batch-8 decode step 1.08x with AVX-512's 16 lanes).
-#ifdef __AVX512F__
-constexpr int kStreamRows = 4;
-#else
-constexpr int kStreamRows = 2;
-#endif
+constexpr int kStreamRows = kAvx512Registers ? 4 : 2;
 
 // outputs[r][j + s * part] = dot(weight[j + s * part, :], inputs[r]) for s < kStreams: one load of each token row
 // serves kStreams weight rows, each from its own part of W, so that kStreams sequential streams are in flight
@@ -293,11 +296,7 @@ constexpr int64_t kPanelWidth = 32;
 using PanelVector = at::vec::Vectorized<float>;
 constexpr int kPanelVectors = kPanelWidth / PanelVector::size();
 // Accumulators kPanelRows x kPanelVectors: 16 of AVX-512's 32 registers, 8 of AVX2's 16.
-#ifdef CPU_CAPABILITY_AVX512
-constexpr int kPanelRows = 8;
-#else
-constexpr int kPanelRows = 2;
-#endif
+constexpr int kPanelRows = kAvx512Registers ? 8 : 2;
 
 // outputs[r][c] = sum_d panel[d, c] inputs[r][d] for c < width, r < R; Full: width == kPanelWidth.
 template <int R, bool Full>
@@ -368,12 +367,17 @@ at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   return y;
 }
 
-// y = x W^T for W (out, in), in x's dtype (float32 or bfloat16; y rounded last).
-at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
-  check_rows(x, weight, "rows_linear");
-  if (x.size(0) > kMostRows) return at::linear(x, weight);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "rows_linear: weight ", weight.sizes(),
+// check_rows, and W (out, in) taking x's rows: what rows_linear and rows_linear_panels both ask, once a call.
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  check_rows(x, weight, op);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight ", weight.sizes(),
               " does not take rows of ", x.size(1));
+}
+
+// y = x W^T over W's rows for x and W that passed check_linear, in x's dtype (float32 or bfloat16; y rounded last);
+// past kMostRows rows torch's linear.
+at::Tensor linear_over_weight_rows(const at::Tensor& x, const at::Tensor& weight) {
+  if (x.size(0) > kMostRows) return at::linear(x, weight);
   const at::Tensor weight_c = weight.contiguous();
   at::Tensor y = at::empty({x.size(0), weight_c.size(0)}, x.options().dtype(at::kFloat));
   if (weight_c.scalar_type() == at::kBFloat16) {
@@ -384,21 +388,29 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
   return y.to(x.scalar_type());
 }
 
+// y = x W^T for W (out, in), in x's dtype.
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_linear(x, weight, "rows_linear");
+  return linear_over_weight_rows(x, weight);
+}
+
 // Rows from which a float32 weight's panels are read instead of its rows: at 1-2 rows the 4 streams of rows_times_weight
 // read faster than one panel at a time (`small`'s linears, weights flushed: panels 0.76x at 1 row, 0.95x at 2, 1.48x at
 // 4, 1.55x at 8, 1.30x at 16).
 constexpr int64_t kPanelMinRows = 3;
 
+// cpu_kernels.py's `panel_layout`: the panels' width, as weight_panels lays them out, and the rows that read them.
+std::vector<int64_t> panel_layout() { return {kPanelWidth, kPanelMinRows}; }
+
 // rows_linear(x, weight) for float32 x and W, through W's panels (cpu_kernels.py `weight_panels`) at 3-16 rows.
 at::Tensor rows_linear_panels(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& panels) {
-  check_rows(x, weight, "rows_linear_panels");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == at::kFloat,
-              "rows_linear_panels: weight ", weight.sizes(), " (", weight.scalar_type(),
-              ") is no float32 weight taking rows of ", x.size(1));
+  check_linear(x, weight, "rows_linear_panels");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "rows_linear_panels: panels are float32 copies, the weight ",
+              weight.sizes(), " is ", weight.scalar_type());
   TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.numel() == weight.numel(),
               "rows_linear_panels: panels (", panels.scalar_type(), ", ", panels.numel(),
               " values) are not those of the weight ", weight.sizes());
-  if (x.size(0) < kPanelMinRows || x.size(0) > kMostRows) return rows_linear(x, weight);
+  if (x.size(0) < kPanelMinRows || x.size(0) > kMostRows) return linear_over_weight_rows(x, weight);
   return panels_linear(x, panels, weight.size(0));
 }
 
@@ -1647,6 +1659,7 @@ TORCH_LIBRARY_FRAGMENT(seekstack, m) {
       "causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> "
       "(Tensor, Tensor, Tensor)");
   m.def("packs_bfloat16(int width) -> bool", packs_bfloat16);  // no tensor to dispatch on: one kernel for all
+  m.def("panel_layout() -> int[]", panel_layout);
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("causal_attention_training(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def(

@@ -75,6 +75,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -148,15 +149,30 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, panels: torch.Tensor | No
     return torch.ops.seekstack.rows_linear_panels(x, weight, panels)
 
 
-PANEL_WIDTH = 32  # cpu_kernels.cpp kPanelWidth
-PANEL_MIN_ROWS = 3  # cpu_kernels.cpp kPanelMinRows: rows_linear reads the panels from here to MAX_TOKENS rows
+class PanelLayout(NamedTuple):
+    """`rows_linear`'s panels as cpu_kernels.cpp lays them out and reads them (its kPanelWidth, kPanelMinRows)."""
+
+    width: int  # output columns a panel holds
+    min_rows: int  # token rows from which rows_linear reads a weight's panels, up to MAX_TOKENS
+
+
+@functools.cache
+def panel_layout() -> PanelLayout:
+    """The kernels' own panel layout (`PanelLayout`). Ask it after `available()`."""
+    return PanelLayout(*torch.ops.seekstack.panel_layout())
+
+
+def reads_panels(rows: int) -> bool:
+    """Whether `rows_linear` reads a weight's panels for `rows` token rows; False where the kernels are not built."""
+    return _built.get("ok", False) and panel_layout().min_rows <= rows <= MAX_TOKENS
 
 
 def weight_panels(weight: torch.Tensor) -> torch.Tensor:
     """A float32 W (out, in) laid out for `rows_linear`'s few-row passes (1-D, out * in values): the blocks
-    W[j : j + PANEL_WIDTH, :]^T one after the other, the last of out % PANEL_WIDTH columns."""
-    whole = weight.shape[0] // PANEL_WIDTH * PANEL_WIDTH
-    blocks = weight[:whole].view(-1, PANEL_WIDTH, weight.shape[1]).transpose(1, 2)
+    W[j : j + width, :]^T one after the other, the last of out % width columns (`panel_layout`)."""
+    width = panel_layout().width
+    whole = weight.shape[0] // width * width
+    blocks = weight[:whole].view(-1, width, weight.shape[1]).transpose(1, 2)
     return torch.cat([blocks.reshape(-1), weight[whole:].t().reshape(-1)])
 
 

@@ -115,10 +115,35 @@ def test_rows_linear_kernel_takes_bfloat16_weights_and_rows(rows, columns):
         cpu_kernels.rows_linear(x, weight.float())
 
 
-def test_rows_linear_kernel_refuses_a_weight_of_another_width_by_its_shape():
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("panels", [False, True])
+def test_rows_linear_kernel_refuses_a_weight_of_another_width_by_its_shape(rows, panels):
+    """Past 16 rows too, where torch's linear takes the rows (it named no weight, only 'mat1 and mat2 shapes')."""
     assert cpu_kernels.available()
-    with pytest.raises(RuntimeError, match=r"weight \[30, 40\] does not take rows of 48"):
-        cpu_kernels.rows_linear(torch.randn(3, 48), torch.randn(30, 40))
+    weight = torch.randn(30, 40)
+    op = "rows_linear_panels" if panels else "rows_linear"
+    with pytest.raises(RuntimeError, match=rf"{op}: weight \[30, 40\] does not take rows of 48"):
+        cpu_kernels.rows_linear(torch.randn(rows, 48), weight, cpu_kernels.weight_panels(weight) if panels else None)
+
+
+def test_rows_linear_panels_refuses_a_bfloat16_weight_naming_it():
+    assert cpu_kernels.available()
+    weight = torch.randn(30, 48, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"panels are float32 copies, the weight \[30, 48\] is BFloat16"):
+        cpu_kernels.rows_linear(torch.randn(3, 48, dtype=torch.bfloat16), weight, torch.randn(30 * 48))
+
+
+def test_weight_panels_are_laid_out_in_the_kernels_own_panel_width():
+    """cpu_kernels.cpp reports its layout (`panel_layout`), which `weight_panels` and `reads_panels` follow: panel p
+    holds W[p w : (p + 1) w, :]^T, and the rows read them from min_rows to MAX_TOKENS."""
+    assert cpu_kernels.available()
+    width, min_rows = cpu_kernels.panel_layout()
+    weight = torch.arange(70 * 5, dtype=torch.float32).view(70, 5)
+    panels = cpu_kernels.weight_panels(weight)
+    torch.testing.assert_close(panels[: width * 5].view(5, width), weight[:width].t())
+    torch.testing.assert_close(panels[2 * width * 5 :].view(5, 70 - 2 * width), weight[2 * width :].t())
+    reading = [rows for rows in range(1, 20) if cpu_kernels.reads_panels(rows)]
+    assert reading == list(range(min_rows, cpu_kernels.MAX_TOKENS + 1))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
@@ -183,8 +208,7 @@ def test_a_packed_linear_reads_its_weight_panels_at_3_to_16_rows_and_its_weight_
     with torch.no_grad():
         linear.weight_panels.zero_()
         out = linear(x)
-    reads_panels = cpu_kernels.PANEL_MIN_ROWS <= rows <= cpu_kernels.MAX_TOKENS
-    expected = torch.zeros(rows, 40) if reads_panels else F.linear(x, linear.weight).detach()
+    expected = torch.zeros(rows, 40) if cpu_kernels.reads_panels(rows) else F.linear(x, linear.weight).detach()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
