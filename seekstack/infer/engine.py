@@ -1050,7 +1050,7 @@ class Engine:
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
             rows = [r.draft_checks for r in itertools.chain(self.running, self.prefilling)]
-            count, _ = self.draft_count.choose(rows)
+            count = self.draft_count.choose(rows)
             # follow-up drafts reach count - 1 slots past each row's last position (start + count - 1)
             count = min(count, self._draft_room(s + c for s, c in zip(starts, counts, strict=True)) + 1)
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
@@ -1069,14 +1069,14 @@ class Engine:
         starts = [len(r.ids) - 1 for r in batch]
         if self.speculative:
             drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
-            next_count, fill_cache = self.draft_count.choose([r.draft_checks for r in batch])
+            next_count = self.draft_count.choose([r.draft_checks for r in batch])
             # verification writes `drafted` slots past the pending token, the next drafts next_count - 1 further
             room = self._draft_room(len(r.ids) for r in batch)
             drafted = min(drafted, room)
             next_count = min(next_count, room - drafted + 1)
-            if drafted or fill_cache:
-                return self._decode_speculative(batch, starts, drafted, next_count, fill_cache)
-            # Drafting is off at this batch size: a step as an engine without MTP runs it (the MTP cache not filled).
+            if drafted or next_count:
+                return self._decode_speculative(batch, starts, drafted, next_count)
+            # No drafts to verify or make: a step as an engine without MTP runs it (the MTP cache not filled).
         logits, _ = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
         tokens, logprobs = self._sample(batch, logits[:, 0])
         for request, token in zip(batch, tokens, strict=True):
@@ -1084,10 +1084,11 @@ class Engine:
         return self._emit_each(batch, tokens, logprobs)
 
     def _decode_speculative(
-        self, batch: list[_Request], starts: list[int], drafted: int, next_count: int, fill_cache: bool
+        self, batch: list[_Request], starts: list[int], drafted: int, next_count: int
     ) -> list[RequestOutput]:
         """Verify each request's `drafted` drafts with one forward over [pending, drafts]; keep the accepted ones plus
-        one; draft `next_count` for the next step (`DraftCount.choose`), the MTP cache filled when `fill_cache`."""
+        one; draft `next_count` for the next step (`DraftCount.choose`; with none, the MTP block does not run)."""
+        fill_cache = next_count > 0
         checks = [r.draft_checks for r in batch]
         width = drafted + 1
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
@@ -1137,7 +1138,7 @@ class Engine:
             request.drafts = drafts
         outputs = [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
         step_seconds = time.perf_counter() - self._step_started
-        self.draft_count.observe_step(len(batch), drafted, next_count, fill_cache, step_seconds, model_seconds)
+        self.draft_count.observe_step(len(batch), drafted, next_count, step_seconds, model_seconds)
         return outputs
 
     # ------------------------------------------------------------------ model calls

@@ -53,8 +53,9 @@ def mtp_drafts(
     enters the MTP layer's cache) and column last guesses the token after the next. Further drafts apply the
     same module again one position on, its own output standing in for the main model's hidden state there (as
     vLLM drafts past a model's MTP depth). The cache entries those write are guesses; the next step writes
-    over them before anything reads them. With `count` 0 (drafting off, `DraftCount`) depth 1 still fills the
-    MTP layer's cache when `fill_cache`, so that later drafts see every position. Drafts are among `vocabulary`'s
+    over them before anything reads them. With `count` 0 depth 1 still fills the MTP layer's cache when
+    `fill_cache` (a prompt's chunk, which the engine's drafts after it read; a decode step fills it only as it
+    drafts). Drafts are among `vocabulary`'s
     tokens when given (`draft_argmax`).
     """
     no_drafts = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
@@ -295,9 +296,8 @@ class DraftCount:
     did) and costs measured per batch size (`StepCosts`): gamma drafts of relative cost c each and a verification
     forward of relative cost v_gamma yield 1 + a_1 + a_1 a_2 + ... + a_1...a_gamma tokens for gamma c + v_gamma plain
     steps. Depths may differ: the MTP module is trained for depth 1 only (`mtp_drafts` reapplies it for the others).
-    At a batch size where drafts accepted at PRIOR_ACCEPTANCE would pay, a step without drafts still runs the MTP
-    block to keep its cache whole (half a draft's cost: the block without the head); elsewhere it is a plain step,
-    and the positions it skips stay out of the MTP cache. A depth not drafted takes the rate of the depth before,
+    A step without drafts is a plain step (speed-up 1): the MTP block does not run, and the positions it skips stay
+    out of the MTP cache. A depth not drafted takes the rate of the depth before,
     which undersells it (once a draft passes the next usually does: 0.97 at depth 2 after 0.57 at depth 1 on the demo
     checkpoint), so one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the
     first, with drafts off).
@@ -367,15 +367,15 @@ class DraftCount:
         draft, verify = self.costs.at(batch)
         overhead = self.overhead.get(self.costs.index(batch), 0.0)
         if count == 0:
-            return (1 + overhead) / (1 + draft / 2 + overhead) if self.drafting_can_pay(batch) else 1.0
+            return 1.0
         return self.expected_tokens(count, rates) * (1 + overhead) / (count * draft + verify[count] + overhead)
 
-    def choose(self, rows: list[DraftChecks]) -> tuple[int, bool]:
-        """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache."""
+    def choose(self, rows: list[DraftChecks]) -> int:
+        """The draft count of the next step for the running requests' `rows` (0: a plain step)."""
         if not self.adaptive:
-            return self.most, True
+            return self.most
         if not self.drafting_can_pay(len(rows)):
-            return 0, False
+            return 0
         batch, rates = len(rows), [self.acceptance(row) for row in rows]
         # Once drafting pays, counts within NEAR_BEST of the best speed-up count as equal and the most drafts among
         # them wins: the deeper depths stay measured, and the count (a graph each) does not flip on acceptance noise.
@@ -388,18 +388,15 @@ class DraftCount:
         if best < self.most:
             self.steps_below_most += 1
             if self.steps_below_most % PROBE_EVERY == 0:
-                return best + 1, True
-        return best, True
+                return best + 1
+        return best
 
-    def observe_step(
-        self, batch: int, verified: int, drafted: int, filled: bool, step_seconds: float, model_seconds: float
-    ) -> None:
+    def observe_step(self, batch: int, verified: int, drafted: int, step_seconds: float, model_seconds: float) -> None:
         """Count a step's overhead o: its `step_seconds` less the `model_seconds` of its model calls (a forward
-        verifying `verified` drafts per row of `batch` rows, then `drafted` drafts, or with none the MTP block when
-        `filled`), in plain forwards, whose seconds follow from the model calls' and their relative cost
-        (`StepCosts`)."""
+        verifying `verified` drafts per row of `batch` rows, then `drafted` drafts), in plain forwards, whose seconds
+        follow from the model calls' and their relative cost (`StepCosts`)."""
         draft, verify = self.costs.at(batch)
-        model_cost = verify[verified] + (drafted * draft if drafted else draft / 2 * filled)
+        model_cost = verify[verified] + drafted * draft
         overhead = max(step_seconds - model_seconds, 0.0) * model_cost / model_seconds
         index = self.costs.index(batch)
         before = self.overhead.get(index, overhead)
