@@ -539,12 +539,24 @@ class Tokenizer:
     def encode_batch(
         self, texts: list[str], add_bos: bool = False, piece_chars: int = DOCUMENT_PIECE_CHARS
     ) -> list[list[int]]:
-        """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
-        string in them is encoded as the plain text it is: a document quoting `<｜end▁of▁sentence｜>` or
-        `<｜User｜>` gets no false document boundary or chat turn in the training data. A document longer than
-        `piece_chars` is encoded in pieces cut where its ids stay the same (`cuts_keep_ids`), so memory holds a few
-        pieces' encodings, not a whole book's. ValueError naming the document (its position in `texts`) that holds a
-        lone surrogate, as `encode`."""
+        """Token ids of many documents (corpus text) at once, in parallel threads, as `encoded_pieces` encodes them:
+        a special-token string in them as the plain text it is."""
+        documents_ids: list[list[int]] = [[] for _ in texts]
+        for document, ids in self.encoded_pieces(texts, add_bos=add_bos, piece_chars=piece_chars):
+            documents_ids[document].extend(ids)
+        return documents_ids
+
+    def encoded_pieces(
+        self, texts: list[str], add_bos: bool = False, add_eos: bool = False, piece_chars: int = DOCUMENT_PIECE_CHARS
+    ) -> Iterator[tuple[int, list[int]]]:
+        """The token ids of each piece of many documents (corpus text) with its document's position in `texts`, in
+        order, the first piece of each led by BOS when `add_bos` and the last ended by EOS when `add_eos`. Unlike
+        `encode`, a special-token string in them is encoded as the plain text it is: a document quoting
+        `<｜end▁of▁sentence｜>` or `<｜User｜>` gets no false document boundary or chat turn in the training data. A
+        document longer than `piece_chars` is encoded in pieces cut where its ids stay the same (`cuts_keep_ids`),
+        groups of pieces in parallel threads, so memory holds a group's encodings and the ids of a piece, not a whole
+        book's (a 50 MB document's ids as Python ints were 1.4 GB). ValueError naming the document (its position in
+        `texts`) that holds a lone surrogate, as `encode`."""
         if isinstance(texts, str):
             raise TypeError(
                 f"encode_batch takes a list of texts, not one text ({texts[:40]!r}): encode_batch([text]), or "
@@ -557,28 +569,29 @@ class Tokenizer:
         backend = self._corpus_backend
         if not backend.encode_special_tokens:  # set here, as a pickled backend (a worker process's) comes without it
             backend.encode_special_tokens = True
-        documents_ids: list[list[int]] = [[self.bos_id] if add_bos else [] for _ in texts]
+        bos, eos = [self.bos_id] if add_bos else [], [self.eos_id] if add_eos else []
         for group in self._piece_groups(texts, piece_chars):
             try:
                 # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
-                pieces = [piece for _, piece in group]
+                pieces = [piece for _, piece, _, _ in group]
                 encodings = interruptible(
                     functools.partial(backend.encode_batch_fast, pieces, add_special_tokens=False)
                 )
             except TypeError as error:
                 raise lone_surrogate_error(texts, which) or error from None
-            for (document, _), encoding in zip(group, encodings, strict=True):
-                documents_ids[document].extend(encoding.ids)
-        return documents_ids
+            for (document, _, first, last), encoding in zip(group, encodings, strict=True):
+                yield document, (bos if first else []) + encoding.ids + (eos if last else [])
 
-    def _piece_groups(self, texts: list[str], piece_chars: int) -> Iterator[list[tuple[int, str]]]:
-        """The pieces of `texts` (`document_pieces`, when `cuts_keep_ids`), each with its document's position, in
-        groups of about ENCODE_GROUP_CHARS characters: what one call of the backend's threads holds at once."""
-        group: list[tuple[int, str]] = []
+    def _piece_groups(self, texts: list[str], piece_chars: int) -> Iterator[list[tuple[int, str, bool, bool]]]:
+        """The pieces of `texts` (`document_pieces`, when `cuts_keep_ids`), each with its document's position and
+        whether it is the document's first and last, in groups of about ENCODE_GROUP_CHARS characters: what one call
+        of the backend's threads holds at once."""
+        group: list[tuple[int, str, bool, bool]] = []
         group_chars = 0
         for document, text in enumerate(texts):
-            for piece in document_pieces(text, piece_chars) if self.cuts_keep_ids else [text]:
-                group.append((document, piece))
+            pieces = document_pieces(text, piece_chars) if self.cuts_keep_ids else [text]
+            for number, piece in enumerate(pieces):
+                group.append((document, piece, number == 0, number == len(pieces) - 1))
                 group_chars += len(piece)
                 if group_chars >= ENCODE_GROUP_CHARS:
                     yield group

@@ -99,7 +99,8 @@ def tokenize_corpus(
     (None) when the tokenizer frames a text with it (`Tokenizer.frames_with_bos`: a DeepSeek release's), as
     transformers' `tokenizer(text)` encodes each document and as prompts are encoded (`encode_prompt`).
 
-    Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
+    Streams: memory holds one shard buffer, one batch of documents and the ids of a piece of one
+    (`Tokenizer.encoded_pieces`), whatever the corpus and document size.
     """
     jsonl_path, out_dir = Path(jsonl_path), Path(out_dir)
     require_split_name(split_name, out_dir)
@@ -114,8 +115,8 @@ def tokenize_corpus(
         writer = _ShardWriter(staged, split_name, dtype, shard_tokens)
 
         def encode(batch: list[str]) -> None:
-            for ids in tokenizer.encode_batch(batch, add_bos=add_bos):
-                writer.add([*ids, tokenizer.eos_id])
+            for _, ids in tokenizer.encoded_pieces(batch, add_bos=add_bos, add_eos=True):
+                writer.add(ids)
 
         batch: list[str] = []
         for _, text in read_jsonl_rows(jsonl_path):  # names file:line of a bad or null row; half characters: U+FFFD

@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import WriteRefused
-from seekstack.tokenizer import Tokenizer, train_tokenizer
+from seekstack.tokenizer import DOCUMENT_PIECE_CHARS, Tokenizer, train_tokenizer
+from seekstack.tokens import shards as shards_module
 from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
 from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
 from tests.test_atomic import file_size_limit
@@ -144,6 +145,27 @@ def test_the_retokenize_command_for_shards_or_a_checkpoint_given_as_dot_names_a_
     monkeypatch.chdir(checkpoint)  # `init_from=.`
     with pytest.raises(ValueError, match=r"--out \.\./tokens_step_6`"):
         require_checkpoint_tokenizer(".", "../tokens", index["tokenizer"])
+
+
+def test_a_long_document_reaches_the_shards_a_piece_of_ids_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """A document's ids were held whole as Python ints (~36 bytes a token), then copied with its EOS: tokenizing a
+    corpus with a 50 MB document peaked 785 MB above the process's start (405 MB now, the text and one group of pieces'
+    encodings)."""
+    long_document = ("\n".join(stdlib_documents(60)) * 3)[: 2 * DOCUMENT_PIECE_CHARS + 1000]
+    added: list[int] = []
+    add = shards_module._ShardWriter.add
+
+    def recorded_add(writer, ids: list[int]) -> None:
+        added.append(len(ids))
+        add(writer, ids)
+
+    monkeypatch.setattr(shards_module._ShardWriter, "add", recorded_add)
+    corpus = write_corpus(tmp_path / "train.jsonl", [long_document, "short"])
+    tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train")
+    stream = read_stream(tmp_path / "out", "train")
+    whole = tokenizer.encode(long_document)
+    np.testing.assert_array_equal(stream, [*whole, tokenizer.eos_id, *tokenizer.encode("short"), tokenizer.eos_id])
+    assert len(added) == 4 and max(added) < len(whole)  # three pieces of the long document, then the short one
 
 
 def test_bos_is_written_before_each_document_when_asked(tmp_path, tokenizer, documents):
