@@ -134,6 +134,24 @@ def test_a_tokenizer_whose_pieces_could_encode_otherwise_is_never_cut(ours):
         assert tokenizer.encode_batch([text], piece_chars=3) == tokenizer.encode_batch([text], piece_chars=10**9)
 
 
+def test_a_tokenizer_that_keeps_a_contraction_with_the_word_before_it_is_never_cut(ours):
+    """GPT-4o's pattern (o200k, as transformers converts it) keeps "ok's" one pre-token, which a cut after the letter
+    before "'s" would split: only CUT_PROBES' contraction finds it, as every other probe splits alike."""
+    gpt_4o_pattern = (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+        r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    split = {"type": "Split", "pattern": {"Regex": gpt_4o_pattern}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    backend = with_pre_tokenizer(ours, {"type": "Sequence", "pretokenizers": [split, byte_level]}).backend
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["it's ok's. " * 50], trainer=trainer)  # "ok's" a token of its own
+    tokenizer, text = Tokenizer(backend), "it's ok's. " * 20
+    assert not tokenizer.cuts_keep_ids
+    assert tokenizer.encode_batch([text], piece_chars=1) == tokenizer.encode_batch([text], piece_chars=10**9)
+
+
 def test_a_tokenizer_trained_on_long_texts_reads_them_in_pieces_and_learns_the_same_merges(tmp_path, monkeypatch):
     """The BPE trainer pre-tokenized each text whole: 2.1 GB at its peak for a 20 MB text."""
     texts = [document(seed, stretches=2000) for seed in range(3)]
