@@ -231,7 +231,7 @@ def _task_data(train_config: dict[str, Any]) -> str:
 
 def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     data_dir = _from_run(run_dir, train_config["data_dir"])
-    rows, tokenizer = [], None
+    rows, order, tokenizer = [], [], None
     for index_path in sorted(data_dir.glob("*_index.json")):
         index = json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
         missing = [key for key in ("split", "documents", "total_tokens") if key not in index]
@@ -243,7 +243,9 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
         tokens, text_bytes = index["total_tokens"], index.get("text_bytes") or 0
         per_token = f"{text_bytes / tokens:.2f}" if tokens and text_bytes else "-"
         rows.append((index["split"], f"{index['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", per_token))
+        order.append(_split_order(index))
         tokenizer = tokenizer or index.get("tokenizer")
+    rows = [row for _, row in sorted(zip(order, rows, strict=True))]
     if not rows:  # moved or deleted since the run, or a folder without shards
         return f"## Data\n\nToken shards `{data_dir}`: no *_index.json there (moved or deleted since the run?)."
     text = f"## Data\n\nToken shards `{data_dir}`:\n\n"
@@ -262,6 +264,15 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
             f"{tokenizer['eos_id']}, `{tokenizer.get('path', '')}` (sha256 {tokenizer['sha256'][:16]}...)."
         )
     return text
+
+
+def _split_order(index: dict[str, Any]) -> tuple[str, float]:
+    """Where a shard index's split sits in the data table: each split (train, val), then its difficulty buckets
+    (`train_easy`, ...) from the easiest, by the lowest score each holds."""
+    difficulty = index.get("difficulty")
+    if not isinstance(difficulty, dict) or "bucket" not in difficulty:
+        return index["split"], -math.inf
+    return index["split"].removesuffix(f"_{difficulty['bucket']}"), difficulty.get("lowest_score", 0.0)
 
 
 def _corpus_report(data_dir: Path) -> dict[str, Any] | None:

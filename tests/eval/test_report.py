@@ -521,6 +521,22 @@ def test_reports_data_section_says_when_the_runs_shards_are_gone(tmp_path):
     assert f"Token shards `{tmp_path / 'tokens'}`: no *_index.json there" in section and "| split |" not in section
 
 
+def test_reports_data_table_gives_each_split_then_its_difficulty_buckets_easiest_first(tmp_path):
+    """The rows came in the index files' name order: train_easy, train_hard, train, train_medium, val."""
+    from seekstack.eval.report import _data
+
+    (tmp_path / "tokens").mkdir()
+    buckets = {"train_easy": ("easy", 0.18), "train_medium": ("medium", 0.23), "train_hard": ("hard", 0.27)}
+    for split in ("train", "val", *buckets):
+        index = {"split": split, "documents": 1, "total_tokens": 1}
+        if split in buckets:
+            index["difficulty"] = {"bucket": buckets[split][0], "lowest_score": buckets[split][1]}
+        (tmp_path / "tokens" / f"{split}_index.json").write_text(json.dumps(index))
+    section = _data(tmp_path / "run", {"data_dir": "../tokens"})
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in section.splitlines() if line.startswith("| ")]
+    assert rows == ["split", "train", "train_easy", "train_medium", "train_hard", "val"]
+
+
 def _step_checkpoint(root: Path, step: int, **fields) -> Path:
     """A checkpoint folder holding config.json (the tiny preset with `fields` changed) and empty weights."""
     from seekstack.config import preset
