@@ -85,7 +85,8 @@ def build(
     ours_default = Engine.from_pretrained(directory, **options.engine_kwargs(directory))
     print(f"ours in {dtype_name(ours)}: dtype {options.resolved_dtype(directory)[1]}", flush=True)
     extra_mb = decode_layout_bytes(ours.model) / 1e6
-    print(f"ours: the decode layout (pack_for_decode: head's W^T, linears' weight panels) holds {extra_mb:.1f} MB more")
+    layout = "pack_for_decode: the float32 weights' panels, or the head's W^T where the kernels are not built"
+    print(f"ours: the decode layout ({layout}) holds {extra_mb:.1f} MB more")
     theirs = {}
     for name in THEIR_DTYPES:
         theirs[name] = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, name)).eval()

@@ -1,21 +1,19 @@
-"""Decode-time layout of the output head: the BLAS call its few rows are fastest in, on a CPU.
+"""Decode-time layout of the bias-free linears: the calls their few rows of inference are fastest in, on a CPU.
 
-A decode step multiplies a few token rows x (M, D) by the head's weight W (V, D), the largest matrix the step reads.
-On a CPU, float32 (MKL, 1 thread, AMD Zen 3, micro-benches of these calls on the `small` head):
-- one row, x W^T with W row-major (F.linear) streams W at ~3 GB/s; x @ W_t, with W^T stored contiguous, at ~7-8 GB/s;
-- 2-16 rows, (W x^T)^T, the weight as the product's first operand, beats F.linear 1.3-2x, needing no copy, and
-  seekstack's `rows_linear` kernel (seekstack.model.cpu_kernels) beats that 1.2-1.45x, where it is built;
-- more rows (prefill chunks) keep F.linear, the call not measured against the others there.
-So the head keeps W^T beside W (`weight_t`, outside the state dict): V x D more bytes, 25 MB on `small`.
-The block's own bias-free linears (attention projections, dense FFNs, shared experts) run 1-16 rows of inference
-through `rows_linear`, compiled or eager (`DecodeLinear`); without the kernel, compiled steps take the weight-first
-form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops (engine.py
-`_compiled`). Where the kernels are built, every float32 one, the head too, also keeps its weight as panels
-(`lay_out_panels`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it reads W itself, faster
-there): the weight's bytes again, 53 MB on `small` (27.5 MB the block's, 25.2 MB the head's; with the head's W^T,
-78 MB beside its 210 MB of weights). The engine copies the weights into them again when they change in place
-(`repack`, `WeightVersions`). `small` float32, compiled engines with and without the panels alternating in one
-process, batch 8, one thread, CPU clock: decode 1.14x (10 of 10 rounds), the same tokens.
+A decode step multiplies a few token rows x (M, D) by each weight W (out, D), the output head's (V, D) the largest.
+Where seekstack's kernels are built (seekstack.model.cpu_kernels), every bias-free float32 or bfloat16 linear, the head
+too, runs 1-16 rows of inference through `rows_linear`, compiled or eager (`DecodeLinear`), and a float32 one also keeps
+its weight as panels (`lay_out_panels`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it
+reads W itself, faster there): the weight's bytes again, 53 MB on `small` (27.5 MB the block's, 25.2 MB the head's)
+beside its 210 MB of weights. `small` float32, compiled engines with and without the panels alternating in one process,
+batch 8, one thread, CPU clock: decode 1.14x (10 of 10 rounds), the same tokens. The head's one row through
+`rows_linear` over W, against MKL's x @ W^T over a contiguous W^T copy (25 MB more), batch 1, the same way: eager
+decode steps 1.07x as fast (10 of 12 rounds), compiled ones (which read W alone either way) 1.03x (8 of 12), the same
+tokens.
+Without the kernels, compiled steps take the weight-first form (W x^T)^T at 2-16 rows and x W^T at one, which
+inductor's `decompose_mm_pass` turns into its own loops (engine.py `_compiled`), and the head keeps W^T for its one-row
+products (`DecodeHead`; MKL, 1 thread, AMD Zen 3: x W^T with W row-major streams W at ~3 GB/s, x @ W^T at ~7-8 GB/s).
+The engine copies the weights into these copies again when they change in place (`repack`, `WeightVersions`).
 """
 
 from __future__ import annotations
@@ -36,28 +34,25 @@ WEIGHT_FIRST_MAX_ROWS = 16  # up to here (W x^T)^T; beyond it F.linear (measured
 
 
 @torch.library.custom_op("seekstack::decode_head", mutates_args=())
-def decode_head(
-    x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None
-) -> torch.Tensor:
+def decode_head(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x (M, D) W^T -> (M, V) in the BLAS call fastest for M rows. An op of its own, so that a compiled decode step,
     whose batch size is unbacked (one graph for every batch), still picks the call by the rows it runs on."""
     rows = x.shape[0]
     if rows == 1:
         return x @ weight_t
     if rows <= WEIGHT_FIRST_MAX_ROWS:
-        if cpu_kernels.available() and cpu_kernels.usable(x, weight):
-            return cpu_kernels.rows_linear(x, weight, panels)
         return (weight @ x.t()).t().contiguous()
     return F.linear(x, weight)
 
 
 @decode_head.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class DecodeHead(nn.Linear):
-    """The output head (an nn.Linear: same parameter, same state dict) with W^T kept contiguous for one-row products.
+    """The output head where the kernels are not built (an nn.Linear: same parameter, same state dict), with W^T kept
+    contiguous for one-row products (`weight_t`, a copy outside the state dict).
 
     `weight_t` is a copy: after changing the weight in place, call `repack` (the engine does at its next step, as
     `WeightVersions` tells it; after a write through `.data`, call Engine.reset_prefix_cache)."""
@@ -81,21 +76,13 @@ class DecodeHead(nn.Linear):
             packed.copy_(self.weight.t())
         else:
             self.register_buffer("weight_t", self.weight.detach().t().contiguous(), persistent=False)
-        lay_out_panels(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd). A compiled
-        step takes `rows_linear` where the kernels are built, an op of its graph for every row count (past 16 it calls
-        F.linear itself): through `decode_head`, a Python op, the graph called back into Python (`small`, float32,
-        batch 1, one thread, Zen 4: decode 1.085x, 8 of 8 alternating rounds, the same tokens)."""
+        """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd)."""
         if torch.is_grad_enabled():
             return F.linear(x, self.weight)
-        if torch.compiler.is_compiling() and cpu_kernels.usable(x, self.weight):
-            return cpu_kernels.rows_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_panels).view(
-                *x.shape[:-1], -1
-            )
         flat = x.reshape(-1, x.shape[-1])
-        return decode_head(flat, self.weight, self.weight_t, self.weight_panels).view(*x.shape[:-1], -1)
+        return decode_head(flat, self.weight, self.weight_t).view(*x.shape[:-1], -1)
 
 
 def lay_out_panels(linear: nn.Linear) -> None:
@@ -183,19 +170,20 @@ class DecodeLatentAttention(MultiHeadLatentAttention):
 
 
 def pack_for_decode(model: Transformer) -> None:
-    """Give a float32 CPU model's output head its decode layout (`DecodeHead`) and its other bias-free linears the
-    weight-first product (`DecodeLinear`); `decode_layout_bytes` counts the copies they hold. In bfloat16, where the
-    kernels are built, every bias-free linear, the head too, runs its 1-16 rows through `rows_linear` (`DecodeLinear`):
-    it streams half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32 (`small`,
-    batch 1, one thread, a CPU with avx512_bf16). Other layers are left as they are: quantized, biased or
-    adapter-wrapped ones keep their own forward."""
+    """Give a CPU model's bias-free float32 linears, and bfloat16 ones where the kernels are built, their decode
+    products (`DecodeLinear`), the head too where the kernels are built (`DecodeHead` where not);
+    `decode_layout_bytes` counts the copies they hold. bfloat16 runs its 1-16 rows through `rows_linear`: it streams
+    half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32 (`small`, batch 1, one
+    thread, a CPU with avx512_bf16). Other layers are left as they are: quantized, biased or adapter-wrapped ones keep
+    their own forward."""
+    kernels = cpu_kernels.available()
     for module in model.modules():
         if not (type(module) is nn.Linear and module.bias is None) or module.weight.device.type != "cpu":
             continue
         dtype = module.weight.dtype
-        if not (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_kernels.available())):
+        if not (dtype == torch.float32 or (dtype == torch.bfloat16 and kernels)):
             continue
-        if module is model.lm_head and dtype == torch.float32:
+        if module is model.lm_head and not kernels:
             DecodeHead.adapt(module)
         else:
             module.__class__ = DecodeLinear
@@ -208,8 +196,8 @@ def pack_for_decode(model: Transformer) -> None:
 
 
 def decode_layout_bytes(model: nn.Module) -> int:
-    """The bytes the decode layout holds beside `model`'s weights: the head's W^T (`weight_t`), the float32 linears'
-    and head's `weight_panels`."""
+    """The bytes the decode layout holds beside `model`'s weights: the float32 linears' `weight_panels`, or the head's
+    W^T (`weight_t`) where the kernels are not built."""
     return sum(
         copy.numel() * copy.element_size()
         for module in model.modules()
@@ -258,16 +246,20 @@ class WeightVersions:
 
 
 def repack(model: nn.Module) -> None:
-    """Refresh every copy of a weight in `model` (`DecodeHead`'s, `DecodeLinear`'s panels) after the weights changed
-    in place."""
+    """Refresh every copy of a weight in `model` (the head's W^T where the kernels are not built, the linears' panels,
+    the head's among them) after the weights changed in place."""
     for module in model.modules():
         if isinstance(module, DecodeHead):
             module.repack()
-    for linear in copied_linears(model):
-        lay_out_panels(linear)
+        elif isinstance(module, DecodeLinear) and module.panels is not None:
+            lay_out_panels(module)
 
 
-def copied_linears(model: nn.Module) -> list[DecodeLinear]:
-    """The block linears of `model` holding a copy of their weight for 3-16 rows (`weight_panels`); the head's copies,
-    its panels among them, are the `DecodeHead`'s."""
-    return [module for module in model.modules() if isinstance(module, DecodeLinear) and module.panels is not None]
+def copied_linears(model: Transformer) -> list[DecodeLinear]:
+    """The block linears of `model` holding a copy of their weight for 3-16 rows (`weight_panels`), the head apart:
+    its copies follow its own weight (engine `_head_versions`)."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, DecodeLinear) and module.panels is not None and module is not model.lm_head
+    ]

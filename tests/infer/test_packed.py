@@ -169,8 +169,9 @@ def test_a_compiled_head_runs_the_kernel_in_the_graph_not_a_python_op(rows):
         ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
         return graph.forward
 
-    head = DecodeHead.adapt(nn.Linear(48, 300, bias=False))
-    x = torch.randn(1, rows, 48)
+    pack_for_decode(model := micro_model())
+    head = model.lm_head
+    x = torch.randn(1, rows, head.in_features)
     with torch.no_grad():
         out = torch.compile(head, backend=recording, dynamic=True)(x)
         torch.testing.assert_close(out, F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
@@ -198,17 +199,18 @@ def test_a_packed_linear_reads_its_weight_panels_at_3_to_16_rows_and_its_weight_
     """The panels are the copy of the weight that eager 3-16 row products read (and only they): zeroed, those rows
     come out zero, while 1-2 rows still give the weight's products."""
     assert cpu_kernels.available()
-    linear = nn.Linear(48, 40, bias=False)
     if kind == "head":
-        DecodeHead.adapt(linear)
+        pack_for_decode(model := micro_model())
+        linear = model.lm_head
     else:
+        linear = nn.Linear(48, 40, bias=False)
         linear.__class__ = DecodeLinear
         lay_out_panels(linear)
-    x = torch.randn(rows, 48)
+    x = torch.randn(rows, linear.in_features)
     with torch.no_grad():
         linear.weight_panels.zero_()
         out = linear(x)
-    expected = torch.zeros(rows, 40) if cpu_kernels.reads_panels(rows) else F.linear(x, linear.weight).detach()
+    expected = torch.zeros(rows, linear.out_features) if cpu_kernels.reads_panels(rows) else F.linear(x, linear.weight)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -267,26 +269,42 @@ def test_gradients_reach_the_weight_not_the_copy():
     torch.testing.assert_close(torch.autograd.grad(head(x).square().sum(), head.weight)[0], expected)
 
 
-def test_from_pretrained_packs_the_head_and_keeps_the_state_dict(checkpoint):
+def test_from_pretrained_packs_the_head_as_the_other_linears_with_no_w_t_copy_and_keeps_the_state_dict(checkpoint):
+    """Where the kernels are built, the head's one row runs `rows_linear` over W itself (as compiled steps run it),
+    and it holds the panels alone: no W^T copy (25 MB on `small`)."""
+    assert cpu_kernels.available()
     engine = Engine.from_pretrained(checkpoint)
     plain = load_pretrained(checkpoint, mtp=False)  # an engine that does not draft has no MTP module
     head = engine.model.lm_head
-    assert isinstance(head, DecodeHead) and type(plain.lm_head) is nn.Linear
+    assert type(head) is DecodeLinear and type(plain.lm_head) is nn.Linear
+    assert "weight_t" not in head._buffers and torch.equal(head.panels, cpu_kernels.weight_panels(plain.lm_head.weight))
     assert type(engine.model.layers[0].self_attn.o_proj) is DecodeLinear
     ours, theirs = engine.model.state_dict(), plain.state_dict()
-    assert list(ours) == list(theirs)  # weight_t is not saved
+    assert list(ours) == list(theirs)  # the panels are not saved
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
-    assert head.weight_t.shape == (head.in_features, head.out_features) and head.weight_t.is_contiguous()
 
 
-def test_the_decode_layouts_bytes_are_the_heads_w_t_and_a_panel_copy_of_each_packed_float32_weight():
+def test_without_the_kernels_the_head_keeps_w_t_for_its_one_row_products(monkeypatch):
+    """No kernels built (no C++ compiler): MKL's x @ W^T over a contiguous copy is the fastest one-row call there."""
+    monkeypatch.setitem(cpu_kernels._built, "ok", False)
+    model, plain = micro_model(), micro_model()
+    pack_for_decode(model)
+    head = model.lm_head
+    assert type(head) is DecodeHead and torch.equal(head.weight_t, head.weight.t())
+    assert not any(isinstance(m, DecodeLinear) and m.panels is not None for m in model.modules())
+    assert decode_layout_bytes(model) == head.weight.numel() * 4
+    hidden = torch.randn(1, 1, head.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), plain.lm_head(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_the_decode_layouts_bytes_are_a_panel_copy_of_each_packed_float32_weight_the_heads_among_them():
     assert cpu_kernels.available()
     model = micro_model()
     pack_for_decode(model)
     packed = [m for m in model.modules() if isinstance(m, DecodeLinear | DecodeHead)]
     assert len(packed) > 1 and model.lm_head in packed
-    head_t = model.lm_head.weight.numel() * 4
-    assert decode_layout_bytes(model) == head_t + sum(m.weight.numel() * 4 for m in packed)
+    assert decode_layout_bytes(model) == sum(m.weight.numel() * 4 for m in packed)
 
 
 def test_the_panels_followed_apart_from_the_head_are_the_block_linears_alone():
@@ -303,7 +321,7 @@ def test_the_panels_followed_apart_from_the_head_are_the_block_linears_alone():
 def test_packed_engine_decodes_the_unpacked_tokens_with_logits_within_rounding(checkpoint, tokenizer, rows):
     packed = Engine.from_pretrained(checkpoint)
     unpacked = Engine(load_pretrained(checkpoint), tokenizer)
-    assert isinstance(packed.model.lm_head, DecodeHead) and type(unpacked.model.lm_head) is nn.Linear
+    assert type(packed.model.lm_head) is DecodeLinear and type(unpacked.model.lm_head) is nn.Linear
     batch = prompts(rows)
     expected = [completion.token_ids for completion in unpacked.generate(batch, GREEDY)]
     assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
