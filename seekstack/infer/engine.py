@@ -1226,6 +1226,11 @@ class Engine:
         need); the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        if (weights := self.model.embed_tokens.weight.dtype) != (pools := self.cache.pools[0].dtype):
+            raise RuntimeError(
+                f"the model's weights are {weights} but this engine's KV cache holds {pools}, their dtype when it was "
+                f"built: after converting the model (model.to({weights})), build a new Engine on it"
+            )
         if self._head_versions.changed() or (
             cpu_kernels.reads_panels(len(rows) * width) and self._panel_versions.changed()
         ):

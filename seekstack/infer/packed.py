@@ -19,6 +19,7 @@ The engine copies the weights into these copies again when they change in place 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,21 @@ class DecodeLinear(nn.Linear):
     def panels(self) -> torch.Tensor | None:
         """The weight's `weight_panels` copy, None where `lay_out_panels` made none (or was not called)."""
         return self._buffers.get("weight_panels")
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DecodeLinear:
+        """nn.Module's conversions (`.to(torch.bfloat16)`, `.float()`, ...) convert the weight alone; the panels are
+        then laid out for the weight they leave (none for a bfloat16 one), as nn.RNNBase flattens its weights again
+        after them: converted with the weight, float32 panels would reach `rows_linear` in another dtype."""
+        laid_out = "weight_panels" in self._buffers
+        panels = self._buffers.pop("weight_panels", None)
+        before = self.weight.dtype, self.weight.device, self.weight.data_ptr()
+        converted = super()._apply(fn, recurse)
+        if (self.weight.dtype, self.weight.device, self.weight.data_ptr()) == before:
+            if laid_out:  # the weight as it was (a conversion to its own dtype): the same panels, the same buffer
+                self._buffers["weight_panels"] = panels
+        elif laid_out:
+            lay_out_panels(self)
+        return converted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

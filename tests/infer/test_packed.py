@@ -431,3 +431,34 @@ def test_a_bfloat16_model_runs_every_linear_and_its_head_through_the_kernel_with
     with torch.no_grad():
         expected, got = plain(tokens).logits.float(), model(tokens).logits.float()
     assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()  # bfloat16 roundings apart
+
+
+def test_a_packed_model_converted_to_another_dtype_is_laid_out_as_one_packed_in_it():
+    """model.to(torch.bfloat16) after packing: the bfloat16 weights take no panels (converted with them, float32
+    panels reached rows_linear in bfloat16, refused); back in float32, they are laid out again; either way the logits
+    of 6 rows (read through the panels in float32) are bitwise those of the model packed in that dtype. A conversion
+    to the dtype it has keeps the same buffers."""
+    assert cpu_kernels.available()
+    model = micro_model()
+    pack_for_decode(model)
+    tokens = torch.randint(5, VOCAB, (1, 6))
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        fresh = micro_model().to(torch.bfloat16).to(dtype)
+        pack_for_decode(fresh)
+        linears = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+        assert linears and all((m.panels is None) == (dtype == torch.bfloat16) for m in linears)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, fresh(tokens).logits)
+    panels = model.lm_head.panels
+    model.float()
+    assert model.lm_head.panels is panels
+
+
+def test_an_engine_whose_model_was_converted_after_it_was_built_refuses_naming_both_dtypes(checkpoint):
+    engine = Engine.from_pretrained(checkpoint)
+    engine.model.to(torch.bfloat16)
+    with pytest.raises(
+        RuntimeError, match=r"weights are torch.bfloat16 but this engine's KV cache holds torch.float32"
+    ):
+        engine.generate(prompts(3), GREEDY)
