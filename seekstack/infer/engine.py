@@ -65,7 +65,7 @@ from seekstack.infer.outputs import (
     UndecodedTokenLogprob,
     joined_completion,
 )
-from seekstack.infer.packed import WeightVersions, copied_linears, pack_for_decode, repack
+from seekstack.infer.packed import WeightVersions, copied_linears, pack_for_decode, refresh_copies
 from seekstack.infer.params import (
     DRAFT_TOKENS_LIMIT,
     MAX_DRAFT_TOKENS,
@@ -851,13 +851,15 @@ class Engine:
         or later requests would share prefix values computed by the old weights."""
         with self.lock:
             self.cache.reset_prefix_cache()
-            self._follow_weights()
+            # every copy compared with its weight: a write through `.data`, or to an inference tensor, counts nowhere
+            self._follow_weights([self.model.lm_head, *copied_linears(self.model)])
 
-    def _follow_weights(self) -> None:
-        """Copy the weights again into the copies laid out from them: the decode layout's (seekstack.infer.packed: the
-        head's, the linears' panels) and the drafts' rows of the head."""
-        repack(self.model)
-        refresh_draft_vocabulary(self.model, self.draft_vocabulary)
+    def _follow_weights(self, linears: list[torch.nn.Module]) -> None:
+        """Copy the weights of `linears` again into the copies laid out from them that no longer hold them (the decode
+        layout's: seekstack.infer.packed), and the head into the drafts' rows of it where it is among them."""
+        refresh_copies(linears)
+        if self.model.lm_head in linears:
+            refresh_draft_vocabulary(self.model, self.draft_vocabulary)
         self._head_versions.mark()
         self._panel_versions.mark()
         self._model_changes += 1
@@ -1234,7 +1236,8 @@ class Engine:
         if self._head_versions.changed() or (
             cpu_kernels.reads_panels(len(rows) * width) and self._panel_versions.changed()
         ):
-            self._follow_weights()  # the weights changed in place since (a load_state_dict, an RL weight sync)
+            # the weights changed since (a load_state_dict, an RL weight sync): those the versions tell of
+            self._follow_weights(self._head_versions.changed_modules() + self._panel_versions.changed_modules())
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)

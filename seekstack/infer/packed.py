@@ -3,7 +3,7 @@
 A decode step multiplies a few token rows x (M, D) by each weight W (out, D), the output head's (V, D) the largest.
 Where seekstack's kernels are built (seekstack.model.cpu_kernels), every bias-free float32 or bfloat16 linear, the head
 too, runs 1-16 rows of inference through `rows_linear`, compiled or eager (`DecodeLinear`), and a float32 one also keeps
-its weight as panels (`lay_out_panels`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it
+its weight as panels (`DecodeLinear.lay_out`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it
 reads W itself, faster there): the weight's bytes again, 53 MB on `small` (27.5 MB the block's, 25.2 MB the head's)
 beside its 210 MB of weights. `small` float32, compiled engines with and without the panels alternating in one process,
 batch 8, one thread, CPU clock: decode 1.14x (10 of 10 rounds), the same tokens. The head's one row through
@@ -13,13 +13,13 @@ tokens.
 Without the kernels, compiled steps take the weight-first form (W x^T)^T at 2-16 rows and x W^T at one, which
 inductor's `decompose_mm_pass` turns into its own loops (engine.py `_compiled`), and the head keeps W^T for its one-row
 products (`DecodeHead`; MKL, 1 thread, AMD Zen 3: x W^T with W row-major streams W at ~3 GB/s, x @ W^T at ~7-8 GB/s).
-The engine copies the weights into these copies again when they change in place (`repack`, `WeightVersions`).
+The engine copies the weights into these copies again when they change (`refresh_copies`, `WeightVersions`).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -53,30 +53,31 @@ def _(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -> torch.Te
 
 class DecodeHead(nn.Linear):
     """The output head where the kernels are not built (an nn.Linear: same parameter, same state dict), with W^T kept
-    contiguous for one-row products (`weight_t`, a copy outside the state dict).
-
-    `weight_t` is a copy: after changing the weight in place, call `repack` (the engine does at its next step, as
-    `WeightVersions` tells it; after a write through `.data`, call Engine.reset_prefix_cache)."""
+    contiguous for one-row products (`weight_t`, a copy outside the state dict)."""
 
     weight_t: torch.Tensor
 
     @classmethod
     def adapt(cls, head: nn.Linear) -> DecodeHead:
-        """Turn `head` into a DecodeHead in place and pack its weight."""
+        """Turn `head` into a DecodeHead in place and lay out its W^T."""
         head.__class__ = cls
         assert isinstance(head, DecodeHead)
-        head.repack()
+        head.lay_out()
         return head
 
     @torch.no_grad()
-    def repack(self) -> None:
+    def lay_out(self) -> None:
         """Copy the weight's current values into `weight_t` (in, out), in place once it exists: a compiled step keeps
         reading the same buffer."""
-        packed = getattr(self, "weight_t", None)
-        if packed is not None and packed.shape == self.weight.t().shape:
-            packed.copy_(self.weight.t())
+        held = self._buffers.get("weight_t")
+        if held is not None and held.shape == self.weight.t().shape and held.dtype == self.weight.dtype:
+            held.copy_(self.weight.t())
         else:
             self.register_buffer("weight_t", self.weight.detach().t().contiguous(), persistent=False)
+
+    def holds_weight(self) -> bool:
+        """Whether `weight_t` holds the weight's current values (compared; the first difference ends it)."""
+        return torch.equal(self.weight_t, self.weight.detach().t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., V); F.linear where gradients flow (`weight_t` is a copy outside autograd)."""
@@ -86,33 +87,53 @@ class DecodeHead(nn.Linear):
         return decode_head(flat, self.weight, self.weight_t).view(*x.shape[:-1], -1)
 
 
-def lay_out_panels(linear: nn.Linear) -> None:
-    """Copy a float32 linear's weight into `weight_panels`, `rows_linear`'s layout for 3-16 rows (outside the state
-    dict; in place once it exists: a compiled step keeps reading the same buffer); None for other weights, or where the
-    kernels are not built."""
-    weight = linear.weight.detach()
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not cpu_kernels.available():
-        linear.register_buffer("weight_panels", None, persistent=False)
-        return
-    panels = cpu_kernels.weight_panels(weight)
-    held = linear._buffers.get("weight_panels")
-    if held is not None and held.shape == panels.shape:
-        held.copy_(panels)
-    else:
-        linear.register_buffer("weight_panels", panels, persistent=False)
+def takes_panels(weight: torch.Tensor) -> bool:
+    """Whether `rows_linear` reads a copy of this weight as panels: a float32 one on the CPU, the kernels built."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and cpu_kernels.available()
+
+
+def _panels_beside_weight(panels: torch.Tensor, weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each part of `panels` viewed as the part of `weight` it copies (`cpu_kernels.panel_parts`)."""
+    parts = cpu_kernels.panel_parts(weight)
+    copies = panels.split([part.numel() for part in parts])
+    return [(copy.view(part.shape), part) for copy, part in zip(copies, parts, strict=True)]
 
 
 class DecodeLinear(nn.Linear):
     """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 1-16 rows of inference through the
-    `rows_linear` kernel, 3-16 of them over the copy of its float32 weight in `weight_panels` (`lay_out_panels`), or,
+    `rows_linear` kernel, 3-16 of them over the copy of its float32 weight in `weight_panels` (`lay_out`), or,
     compiled and without the kernel, 2-16 rows as (W x^T)^T (`small`, one thread, `bench/decode_options.py --rows N
     --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 / 8 rows, -1% at 16 (noise),
     same tokens, before the kernel)."""
 
     @property
     def panels(self) -> torch.Tensor | None:
-        """The weight's `weight_panels` copy, None where `lay_out_panels` made none (or was not called)."""
+        """The weight's `weight_panels` copy, None where `lay_out` made none (or was not called)."""
         return self._buffers.get("weight_panels")
+
+    @torch.no_grad()
+    def lay_out(self) -> None:
+        """Copy a float32 weight into `weight_panels`, `rows_linear`'s layout for 3-16 rows (outside the state dict; in
+        place once it exists: a compiled step keeps reading the same buffer); None for other weights, or where the
+        kernels are not built."""
+        weight, held = self.weight.detach(), self.panels
+        if not takes_panels(weight):
+            self.register_buffer("weight_panels", None, persistent=False)
+        elif held is not None and held.dtype == weight.dtype and held.numel() == weight.numel():
+            for copy, part in _panels_beside_weight(held, weight):
+                copy.copy_(part)
+        else:
+            self.register_buffer("weight_panels", cpu_kernels.weight_panels(weight), persistent=False)
+
+    def holds_weight(self) -> bool:
+        """Whether `weight_panels` holds what `lay_out` lays out for the weight now: its current values
+        (compared; the first difference ends it), or None for a weight that takes no panels."""
+        held, weight = self.panels, self.weight.detach()
+        if held is None or not takes_panels(weight):
+            return held is None and not takes_panels(weight)
+        if held.dtype != weight.dtype or held.numel() != weight.numel():
+            return False
+        return all(torch.equal(copy, part) for copy, part in _panels_beside_weight(held, weight))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DecodeLinear:
         """nn.Module's conversions (`.to(torch.bfloat16)`, `.float()`, ...) convert the weight alone; the panels are
@@ -126,7 +147,7 @@ class DecodeLinear(nn.Linear):
             if laid_out:  # the weight as it was (a conversion to its own dtype): the same panels, the same buffer
                 self._buffers["weight_panels"] = panels
         elif laid_out:
-            lay_out_panels(self)
+            self.lay_out()
         return converted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +224,7 @@ def pack_for_decode(model: Transformer) -> None:
             DecodeHead.adapt(module)
         else:
             module.__class__ = DecodeLinear
-            lay_out_panels(module)
+            module.lay_out()
     for module in model.modules():  # after the linears: these read their linears' classes at each call
         if type(module) is FeedForward:
             module.__class__ = DecodeFeedForward
@@ -223,11 +244,11 @@ def decode_layout_bytes(model: nn.Module) -> int:
 
 
 class WeightVersions:
-    """Tells whether the weights of `modules` changed since `mark`, for the copies laid out from them: in place (an
-    optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or replaced
-    (load_state_dict(assign=True), a Parameter set in a weight's place: `module.weight = ...`). A write through `.data`
-    grows no counter and is not seen, nor is an in-place change to an inference tensor (a base loaded under
-    torch.inference_mode), which keeps none."""
+    """Tells whether the weights of `modules` changed since `mark`, and whose, for the copies laid out from them: in
+    place (an optimizer step, a copy_ under no_grad, a load_state_dict: each grows the tensor's version counter) or
+    replaced (load_state_dict(assign=True), a Parameter set in a weight's place: `module.weight = ...`). A write
+    through `.data` grows no counter and is not seen, nor is an in-place change to an inference tensor (a base loaded
+    under torch.inference_mode), which keeps none."""
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
@@ -237,38 +258,47 @@ class WeightVersions:
         """Take the weights as they are now for the unchanged ones."""
         # each weight where it is held, all weak: the weights a load replaces are not kept alive here; inference
         # tensors keep no version counter
-        self._weights = [
-            (weakref.ref(module), name, weakref.ref(weight), not weight.is_inference())
-            for held in self.modules
+        weights = [
+            (index, (weakref.ref(module), name, weakref.ref(weight), not weight.is_inference()))
+            for index, held in enumerate(self.modules)
             for module in held.modules()
             for name, weight in module._parameters.items()
             if weight is not None
         ]
-        self._version = self._version_now()
+        self._holders = [index for index, _ in weights]  # each weight's module among `modules`
+        self._weights = [weight for _, weight in weights]
+        self._versions = self._versions_now()
 
     def changed(self) -> bool:
-        return self._version != self._version_now()
+        return self._versions_now() != self._versions
 
-    def _version_now(self) -> int | None:
-        """The weights' summed version counters; None once one was replaced (its module holds another Parameter)."""
-        version = 0
-        for module, name, held, counted in self._weights:
-            weight = held()
-            owner = module()
-            if weight is None or owner is None or owner._parameters.get(name) is not weight:
-                return None
-            version += weight._version if counted else 0
-        return version
+    def changed_modules(self) -> list[nn.Module]:
+        """The modules, of those watched, whose weights changed since `mark`."""
+        now = self._versions_now()
+        changed = {holder for holder, old, new in zip(self._holders, self._versions, now, strict=True) if new != old}
+        return [self.modules[index] for index in sorted(changed)]
+
+    def _versions_now(self) -> list[int | None]:
+        """Each weight's version counter (0 where it keeps none); None once it was replaced (its module holds another
+        Parameter)."""
+        return [
+            (weight._version if counted else 0)
+            if (weight := held()) is not None
+            and (owner := module()) is not None
+            and owner._parameters.get(name) is weight
+            else None
+            for module, name, held, counted in self._weights
+        ]
 
 
-def repack(model: nn.Module) -> None:
-    """Refresh every copy of a weight in `model` (the head's W^T where the kernels are not built, the linears' panels,
-    the head's among them) after the weights changed in place."""
-    for module in model.modules():
-        if isinstance(module, DecodeHead):
-            module.repack()
-        elif isinstance(module, DecodeLinear) and module.panels is not None:
-            lay_out_panels(module)
+def refresh_copies(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Copy the weights again, in place, into the copies of those of `modules` that hold one (`DecodeLinear`,
+    `DecodeHead`) and no longer hold their weight's values (each compared: the first difference ends the comparison,
+    so a changed weight costs its copy alone, an unchanged one a read of both, no write); the modules rewritten."""
+    rewritten = [m for m in modules if isinstance(m, DecodeLinear | DecodeHead) and not m.holds_weight()]
+    for module in rewritten:
+        module.lay_out()
+    return rewritten
 
 
 def copied_linears(model: Transformer) -> list[DecodeLinear]:

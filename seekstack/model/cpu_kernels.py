@@ -168,12 +168,17 @@ def reads_panels(rows: int) -> bool:
 
 
 def weight_panels(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 W (out, in) laid out for `rows_linear`'s few-row passes (1-D, out * in values): the blocks
-    W[j : j + width, :]^T one after the other, the last of out % width columns (`panel_layout`)."""
+    """A float32 W (out, in) laid out for `rows_linear`'s few-row passes (1-D, out * in values): `panel_parts`."""
+    return torch.cat([part.reshape(-1) for part in panel_parts(weight)])
+
+
+def panel_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views of W (out, in) that `weight_panels` holds one after the other: the blocks W[j : j + width, :]^T
+    (out // width, in, width), then the last out % width columns, W[whole:]^T (in, out % width), the width the
+    kernels' (`panel_layout`): the panels are refreshed, and compared, through them in place."""
     width = panel_layout().width
     whole = weight.shape[0] // width * width
-    blocks = weight[:whole].view(-1, width, weight.shape[1]).transpose(1, 2)
-    return torch.cat([blocks.reshape(-1), weight[whole:].t().reshape(-1)])
+    return weight[:whole].view(-1, width, weight.shape[1]).transpose(1, 2), weight[whole:].t()
 
 
 def grouped_experts(

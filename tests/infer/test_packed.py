@@ -22,7 +22,6 @@ from seekstack.infer.packed import (
     DecodeLinear,
     copied_linears,
     decode_layout_bytes,
-    lay_out_panels,
     pack_for_decode,
 )
 from seekstack.model import cpu_kernels
@@ -205,7 +204,7 @@ def test_a_packed_linear_reads_its_weight_panels_at_3_to_16_rows_and_its_weight_
     else:
         linear = nn.Linear(48, 40, bias=False)
         linear.__class__ = DecodeLinear
-        lay_out_panels(linear)
+        linear.lay_out()
     x = torch.randn(rows, linear.in_features)
     with torch.no_grad():
         linear.weight_panels.zero_()
@@ -431,6 +430,35 @@ def test_a_bfloat16_model_runs_every_linear_and_its_head_through_the_kernel_with
     with torch.no_grad():
         expected, got = plain(tokens).logits.float(), model(tokens).logits.float()
     assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()  # bfloat16 roundings apart
+
+
+def test_the_engine_rewrites_the_copies_of_the_weights_that_changed_alone(checkpoint, tokenizer):
+    """One linear changed in place (an RL sync of one matrix): the next 3-row step rewrites its panels alone, in place
+    (a buffer's version counter counts the writes into it), and decodes as the plain model changed alike;
+    reset_prefix_cache then rewrites nothing (each copy compared with its weight); after a write through `.data`, which
+    no version counter sees, it rewrites that weight's copy alone."""
+    packed = Engine.from_pretrained(checkpoint)
+    reference = Engine(load_pretrained(checkpoint, mtp=False), tokenizer)
+    copies = [m for m in packed.model.modules() if isinstance(m, DecodeLinear) and m.panels is not None]
+    buffers = [m.panels for m in copies]
+    writes = lambda: [m.panels._version for m in copies]  # noqa: E731
+    data_neg = lambda m: m.weight.data.neg_()  # noqa: E731
+    batch = prompts(3)
+    packed.generate(batch, GREEDY)
+    for name, change in [("layers.0.self_attn.o_proj", lambda m: m.weight.neg_()), ("lm_head", data_neg)]:
+        before, changed = writes(), packed.model.get_submodule(name)
+        with torch.no_grad():
+            change(changed)
+            change(reference.model.get_submodule(name))
+        if name == "lm_head":
+            packed.reset_prefix_cache()
+        expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
+        assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
+        assert [m for m, old, new in zip(copies, before, writes(), strict=True) if new != old] == [changed]
+        unchanged = writes()
+        packed.reset_prefix_cache()
+        assert writes() == unchanged
+    assert all(m.panels is buffer for m, buffer in zip(copies, buffers, strict=True))
 
 
 def test_a_packed_model_converted_to_another_dtype_is_laid_out_as_one_packed_in_it():
