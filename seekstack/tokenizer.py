@@ -881,11 +881,6 @@ class Tokenizer:
             self.refuse_forged_turn(text, f"chat message {position} {field}")
         return templated
 
-    def special_token_in(self, text: str) -> str | None:
-        """The first of this tokenizer's special tokens in `text`, or None. Text holding one would be encoded with the
-        real token: in a chat message, a forged turn."""
-        return first_token_in(text, self.special_tokens)
-
     def refuse_forged_turn(self, text: str, named: str) -> None:
         """`refuse_forged_turn` of this tokenizer's special tokens."""
         refuse_forged_turn(text, named, self.special_tokens)

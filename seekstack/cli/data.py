@@ -281,13 +281,13 @@ def tokenizer_train(
     ] = None,
 ) -> None:
     """Train a byte-level BPE tokenizer on the training split."""
-    from seekstack.corpus.sources import read_jsonl_rows
+    from seekstack.corpus.sources import read_corpus_rows
     from seekstack.tokenizer import train_tokenizer
 
     with user_errors(), nothing_written_if_interrupted(out):
         _require_training_documents(corpus, "to train a tokenizer on")
         _refuse_a_folder_of_other_files(out)
-        texts = (text for _, text in read_jsonl_rows(corpus / "train.jsonl"))
+        texts = (row.text for row in read_corpus_rows(corpus / "train.jsonl"))
         with options_named():
             trained = train_tokenizer(texts, vocab_size, out, split_digits=split_digits)
     typer.echo(f"wrote {trained.source}: {trained.vocab_size} tokens")
@@ -303,7 +303,7 @@ def _require_training_documents(corpus: Path, purpose: str) -> None:
     """FileNotFoundError or ValueError naming the corpus's train.jsonl, before anything is written, when it is
     missing or holds no document but blank ones: what was made from it would be empty (`purpose`: what it holds none
     for)."""
-    from seekstack.corpus.sources import read_jsonl_rows
+    from seekstack.corpus.sources import read_corpus_rows
 
     if corpus.is_file():  # a file of documents, given for the folder `data build` writes them to
         fix = (
@@ -319,8 +319,8 @@ def _require_training_documents(corpus: Path, purpose: str) -> None:
     if not train.is_file():
         raise FileNotFoundError(f"{train}: no such file; {build}")
     blank = 0
-    for _, text in read_jsonl_rows(train):
-        if text.strip():
+    for row in read_corpus_rows(train):
+        if row.text.strip():
             return
         blank += 1
     raise ValueError(f"{train}: no documents {purpose}{f' ({blank:,}, all blank)' if blank else ''}; {build}")

@@ -24,7 +24,7 @@ import numpy as np
 
 from seekstack.atomic import refuse_a_file_in_the_way, staged_files, write_atomic
 from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, words, written_without_spaces
-from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
+from seekstack.corpus.sources import read_corpus_rows, require_corpus_file
 from seekstack.corpus.split import share_count
 from seekstack.schema import ConfigError
 
@@ -163,8 +163,8 @@ def select_corpus(
     train, held_out = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     require_corpus_file(train)
     require_corpus_file(held_out)  # known before every training document is scored
-    held_out_scores = [model.score(text) for _, text in read_jsonl_rows(held_out)]  # a bad row named before the rest
-    scores = [model.score(text) for _, text in read_jsonl_rows(train)]
+    held_out_scores = [model.score(row.text) for row in read_corpus_rows(held_out)]  # a bad row named before the rest
+    scores = [model.score(row.text) for row in read_corpus_rows(train)]
     if top_fraction is None:
         kept = {number for number, score in enumerate(scores) if score >= threshold}
     else:
@@ -173,13 +173,13 @@ def select_corpus(
     selected = 0
     with staged_files(out_dir) as staged:
         with open(staged.path("train.jsonl"), "w", encoding="utf-8") as out:
-            for number, ((row, _), score) in enumerate(zip(read_jsonl_rows(train), scores, strict=True)):
+            for number, (row, score) in enumerate(zip(read_corpus_rows(train), scores, strict=True)):
                 if number in kept:
-                    out.write(json.dumps({**row, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
+                    out.write(json.dumps({**row.record, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
                     selected += 1
         with open(staged.path("val.jsonl"), "w", encoding="utf-8") as out:
-            for (row, _), score in zip(read_jsonl_rows(held_out), held_out_scores, strict=True):
-                out.write(json.dumps({**row, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
+            for row, score in zip(read_corpus_rows(held_out), held_out_scores, strict=True):
+                out.write(json.dumps({**row.record, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
         summary = {
             "documents": len(scores),
             "selected": selected,

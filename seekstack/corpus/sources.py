@@ -679,11 +679,6 @@ def read_corpus_rows(path: str | Path, field: str = "text") -> Iterator[CorpusRo
         yield CorpusRow(record, LONE_SURROGATE.sub("\ufffd", text), _row_id(record.get("id"), f"{name}:{number}"))
 
 
-def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
-    """Each row of a JSON Lines file whole, with its text (`field`): `read_corpus_rows` without the ids."""
-    return ((row.record, row.text) for row in read_corpus_rows(path, field))
-
-
 def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
     """The text of a JSON object at `where`, in `field`: a string, or None for a null; an error naming it when the
     field is missing or holds another value."""

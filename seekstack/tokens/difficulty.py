@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
+from seekstack.corpus.sources import read_corpus_rows, require_corpus_file
 from seekstack.schema import counted
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import require_split_name, tokenize_corpus
@@ -85,9 +85,9 @@ def difficulty_buckets(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS
     jsonl_path = Path(jsonl_path)
     require_corpus_file(jsonl_path)
     scores, sizes = [], []
-    for _, text in read_jsonl_rows(jsonl_path):
-        scores.append(compression_ratio(text))
-        sizes.append(len(text.encode("utf-8")))
+    for row in read_corpus_rows(jsonl_path):
+        scores.append(compression_ratio(row.text))
+        sizes.append(len(row.text.encode("utf-8")))
     if len(scores) < buckets:
         raise ValueError(
             f"{jsonl_path} has {counted(len(scores), 'document')}, too few for {buckets} difficulty buckets; "

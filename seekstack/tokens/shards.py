@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from seekstack.atomic import StagedFiles, staged_files, write_atomic
-from seekstack.corpus.sources import read_jsonl_rows, require_corpus_file
+from seekstack.corpus.sources import read_corpus_rows, require_corpus_file
 from seekstack.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
@@ -119,12 +119,12 @@ def tokenize_corpus(
                 writer.add(ids)
 
         batch: list[str] = []
-        for _, text in read_jsonl_rows(jsonl_path):  # names file:line of a bad or null row; half characters: U+FFFD
-            if select is not None and not select(text):
+        for row in read_corpus_rows(jsonl_path):  # names file:line of a bad or null row; half characters: U+FFFD
+            if select is not None and not select(row.text):
                 continue
-            text_bytes += len(text.encode("utf-8"))
+            text_bytes += len(row.text.encode("utf-8"))
             documents += 1
-            batch.append(text)
+            batch.append(row.text)
             if len(batch) == ENCODE_BATCH_DOCUMENTS:
                 encode(batch)
                 batch = []

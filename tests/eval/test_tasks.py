@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from seekstack.corpus.sources import read_jsonl_rows
+from seekstack.corpus.sources import read_corpus_rows
 from seekstack.eval.tasks import (
     CHOICES,
     CONTEXT_LINES,
@@ -110,7 +110,7 @@ def test_held_out_modules_take_a_corpus_that_tokenize_takes_rows_without_an_id_n
     rows = [{"text": MODULE}, {"id": 7, "text": "x = 1"}, {"id": " ", "text": "y = 2"}, {"id": "m.py", "text": ""}]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     assert [module["id"] for module in held_out_modules(tmp_path)] == ["val.jsonl:1", "7", "val.jsonl:3", "m.py"]
-    assert [text for _, text in read_jsonl_rows(path)] == [module["text"] for module in held_out_modules(tmp_path)]
+    assert [row.text for row in read_corpus_rows(path)] == [module["text"] for module in held_out_modules(tmp_path)]
 
 
 def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplexity_still_runs(tmp_path):
