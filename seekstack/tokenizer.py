@@ -108,6 +108,10 @@ ENCODE_GROUP_CHARS = 1 << 21
 # ends there, and the pre-tokenizer's scan from the next character on reads nothing before it, so the pieces' ids are
 # the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern).
 LETTER_END = regex.compile(r"\p{L}(?=[^\p{L}\p{M}])")
+# The same rule in Oniguruma, tokenizers' regex engine, whose Unicode tables differ from the regex module's (1,518 code
+# points, Unicode 17's, are letters to the regex module and symbols to Oniguruma): a LETTER_END is a cut only where
+# this one removes its letter, so that each cut ends a run of letters of the pattern the tokenizer splits with.
+TOKENIZERS_LETTER_END = pre_tokenizers.Split(Regex(LETTER_END.pattern), behavior="removed")
 # Texts around a cut of that kind, on which a tokenizer's pre-tokenizer must split alike whole and in halves
 CUT_PROBES = (
     ("it's", " 12 days\n"), ("a.b", "\r\n  c"), ("中文", " 日本"), ("e\u0301", "\t\u0301x"), ("x", "   \n\nY"),
@@ -423,16 +427,26 @@ def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> 
 
 def document_pieces(text: str, piece_chars: int) -> list[str]:
     """`text` cut into pieces of `piece_chars` characters or a few more, each cut at the first LETTER_END past the
-    piece's length; the rest whole where there is none."""
+    piece's length that tokenizers' engine finds too (`_first_cut`); the rest whole where there is none."""
     pieces, start = [], 0
     while len(text) - start > piece_chars:
-        letter_end = LETTER_END.search(text, start + piece_chars)
-        if letter_end is None:
+        cut = _first_cut(text, start + piece_chars)
+        if cut is None:
             break
-        pieces.append(text[start : letter_end.end()])
-        start = letter_end.end()
+        pieces.append(text[start:cut])
+        start = cut
     pieces.append(text[start:])
     return pieces
+
+
+def _first_cut(text: str, position: int) -> int | None:
+    """The end of the first LETTER_END in `text` from `position` on that TOKENIZERS_LETTER_END finds too (its letter
+    removed, the character after it left); None where there is none."""
+    for letter_end in LETTER_END.finditer(text, position):
+        pair = text[letter_end.start() : letter_end.end() + 1]
+        if [piece for piece, _ in TOKENIZERS_LETTER_END.pre_tokenize_str(pair)] == [pair[1:]]:
+            return letter_end.end()
+    return None
 
 
 class Tokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -117,6 +118,17 @@ def test_a_document_is_cut_after_a_letter_that_no_letter_or_mark_follows():
     assert document_pieces("中文。日本語，了", 1) == ["中文", "。日本語", "，了"]
     assert document_pieces("e\u0301x y", 1) == ["e\u0301x", " y"]  # not between a letter and its mark
     assert document_pieces("カナ・カナ ok", 1) == ["カナ", "・カナ", " ok"]
+
+
+def test_a_document_is_cut_only_where_tokenizers_own_regex_engine_ends_a_run_of_letters(ours):
+    """The regex module's Unicode is newer than Oniguruma's, tokenizers' regex engine: 1,518 code points (Unicode 17's
+    Tangut supplement among them) are letters to it and symbols to Oniguruma, so a cut after one before "!" split a
+    run of symbols the whole document keeps together. Each cut must be a boundary of the whole's pre-tokens."""
+    text = "\U00018d1e!" * 40 + "ab, cd!" + "\U00018d1e!" * 40
+    pieces = document_pieces(text, 1)
+    cuts = set(itertools.accumulate(len(piece) for piece in pieces[:-1]))
+    boundaries = {end for _, (_, end) in ours.backend.pre_tokenizer.pre_tokenize_str(text)}
+    assert "".join(pieces) == text and len(pieces) > 1 and cuts <= boundaries
 
 
 def test_a_document_with_no_letter_that_a_non_letter_follows_stays_whole():
