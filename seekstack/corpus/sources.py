@@ -1050,7 +1050,31 @@ def expanded_inputs(specs: list[str]) -> list[str]:
             raise DataSourceError(f"{spec}: no file or folder matches this pattern")
         folders = {Path(match) for match in matches if Path(match).is_dir()}
         expanded += [match for match in matches if folders.isdisjoint(Path(match).parents)]
+    refuse_inputs_read_twice(expanded)
     return expanded
+
+
+def refuse_inputs_read_twice(inputs: list[str]) -> None:
+    """DataSourceError when two of `inputs` name the same file or folder (`raw/` and `raw`), or one lies inside a
+    folder another names: its documents would be read twice, every copy but the first removed as an exact duplicate."""
+    seen: dict[Path, str] = {}
+    for spec in inputs:
+        if spec != "stdlib" and not Path(spec).exists():  # refused by open_source, naming it
+            continue
+        path = Path(spec) if spec == "stdlib" else Path(spec).expanduser().resolve()
+        for earlier_path, earlier in seen.items():
+            if path == earlier_path:
+                raise DataSourceError(
+                    f"{earlier} and {spec} name the same input ({path}): its documents would be read twice; give it "
+                    "once"
+                )
+            if earlier_path in path.parents or path in earlier_path.parents:
+                inner, outer = (spec, earlier) if earlier_path in path.parents else (earlier, spec)
+                raise DataSourceError(
+                    f"{inner} is inside the folder {outer}, also given: its documents would be read twice; give one "
+                    "of them"
+                )
+        seen[path] = spec
 
 
 # The row formats read by seeking in the file (Parquet's footer, memory-mapped Arrow), by suffix: name and reader

@@ -455,6 +455,32 @@ def test_a_url_given_as_an_input_is_refused_saying_nothing_is_downloaded(tmp_pat
     assert str(library.value).startswith(f"{url}: a URL, and seekstack takes local files")
 
 
+@pytest.mark.parametrize(
+    ("inputs", "told"),
+    [
+        (["docs/", "docs"], "docs/ and docs name the same input ({root}/docs): its documents would be read twice"),
+        (["docs/a.txt", "./docs/a.txt"], "docs/a.txt and ./docs/a.txt name the same input ({root}/docs/a.txt)"),
+        (["docs/a.txt", "docs"], "docs/a.txt is inside the folder docs, also given: its documents would be read"),
+        (["docs", "docs/sub"], "docs/sub is inside the folder docs, also given"),
+        (["stdlib", "stdlib"], "stdlib and stdlib name the same input (stdlib)"),
+    ],
+)
+def test_an_input_given_twice_or_inside_a_folder_also_given_is_refused_before_any_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inputs: list[str], told: str
+) -> None:
+    """`data build raw/ raw` read each file twice, and removed every second copy as an exact duplicate, unsaid."""
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text(prose(0))
+    (tmp_path / "docs" / "sub" / "b.txt").write_text(prose(1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataSourceError) as refused:
+        expanded_inputs(inputs)
+    assert told.format(root=tmp_path.resolve()) in str(refused.value)
+    cli = CliRunner().invoke(app, ["data", "build", *inputs, "--out", str(tmp_path / "out")])
+    assert cli.exit_code != 0 and not (tmp_path / "out").exists()
+    assert expanded_inputs(["docs/a.txt", "docs/sub"]) == ["docs/a.txt", "docs/sub"]  # apart: each read once
+
+
 def test_a_glob_pattern_matching_a_folder_and_its_files_reads_each_file_once(tmp_path: Path) -> None:
     """`'docs/**'` matches docs/, its subfolders and their files, and each was read as an input: a file two folders
     down was read three times (14 documents in from 4 files), its copies removed as exact duplicates of itself."""
