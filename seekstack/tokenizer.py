@@ -106,8 +106,9 @@ ENCODE_GROUP_CHARS = 1 << 21
 # Where a document may be cut: after a letter (\p{L}) that neither a letter nor a combining mark follows (whitespace,
 # a digit, punctuation: base64, minified code and CJK prose have such cuts where whitespace is rare). A run of letters
 # ends there, and the pre-tokenizer's scan from the next character on reads nothing before it, so the pieces' ids are
-# the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern).
-LETTER_END = regex.compile(r"\p{L}(?=[^\p{L}\p{M}])")
+# the whole document's (`Tokenizer.cuts_keep_ids` checks the pattern). Not before half a character (a lone surrogate,
+# \p{Cs}), which only the encoding may read: it refuses the text naming it.
+LETTER_END = regex.compile(r"\p{L}(?=[^\p{L}\p{M}\p{Cs}])")
 # The same rule in Oniguruma, tokenizers' regex engine, whose Unicode tables differ from the regex module's (1,518 code
 # points, Unicode 17's, are letters to the regex module and symbols to Oniguruma): a LETTER_END is a cut only where
 # this one removes its letter, so that each cut ends a run of letters of the pattern the tokenizer splits with.

@@ -131,6 +131,13 @@ def test_a_document_is_cut_only_where_tokenizers_own_regex_engine_ends_a_run_of_
     assert "".join(pieces) == text and len(pieces) > 1 and cuts <= boundaries
 
 
+def test_a_lone_surrogate_after_a_letter_is_refused_naming_its_document(ours):
+    """A cut is confirmed by tokenizers' own engine, which takes no lone surrogate: one after a letter raised
+    UnicodeEncodeError, where the encoding names the document that holds it."""
+    with pytest.raises(ValueError, match=r"document 2 of the 2 given .*'\\ud800'"):
+        ours.encode_batch(["ok", "ab\ud800cd ef"], piece_chars=1)
+
+
 def test_a_document_with_no_letter_that_a_non_letter_follows_stays_whole():
     for text in ["中文日本語" * 50, "1 2 3 4 5 " * 50, "x" * 500, ". " * 250]:
         assert document_pieces(text, 10) == [text]
