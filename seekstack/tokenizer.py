@@ -1264,11 +1264,11 @@ def train_tokenizer(
     """Train a byte-level BPE on `texts`; write `tokenizer.json` and `tokenizer_config.json` to `out_path`.
 
     `out_path` is the directory, or the `tokenizer.json` path inside it; `split_digits` cuts runs of digits into
-    pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: whole runs). A `vocab_size` outside
-    [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 (or either no whole number) is a ConfigError and a
-    `.json` path of another name a ValueError, all raised before `texts` is read; one str, bytes, a mapping or a
-    non-iterable for `texts` is a TypeError, and a text that is no str or holds a lone surrogate a TypeError or
-    ValueError naming its position (tokenizers' own named neither).
+    pieces of at most that many before BPE (`pre_tokenizer_pattern`; None: runs whole up to LONGEST_PRE_TOKEN). A
+    `vocab_size` outside [SMALLEST_VOCAB, LARGEST_VOCAB] or a `split_digits` below 1 (or either no whole number) is
+    a ConfigError and a `.json` path of another name a ValueError, all raised before `texts` is read; one str,
+    bytes, a mapping or a non-iterable for `texts` is a TypeError, and a text that is no str or holds a lone
+    surrogate a TypeError or ValueError naming its position (tokenizers' own named neither).
     """
     check_vocab_size(vocab_size)
     pattern = pre_tokenizer_pattern(split_digits)

@@ -276,7 +276,7 @@ def tokenizer_train(
         int | None,
         typer.Option(
             help="Cut runs of digits into pieces of at most N before BPE, so no token holds more (GPT-4 and "
-            "DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece, as GPT-2's pattern keeps it",
+            "DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece up to 256 digits, as GPT-2's pattern keeps it",
         ),
     ] = None,
 ) -> None:
