@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.corpus import build
-from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
+from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, analyse, build_corpus, report_table
 from seekstack.corpus.kinds import SAMPLE_CHARS
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import CJKRules, CleaningConfig, CodeRules, ProseRules, normalise
@@ -146,6 +146,32 @@ def test_a_text_longer_than_every_kinds_max_chars_is_removed_before_it_is_normal
     assert report.examples["max_chars"][0]["snippet"].startswith("mail <EMAIL> now")
     assert max(scrubbed_lengths) <= 5_000 < len(documents[0].text)
     assert normalised_lengths == [SAMPLE_CHARS, len(documents[1].text), len(documents[2].text)]
+
+
+def test_a_build_into_a_new_folder_makes_it_only_when_the_corpus_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 during `data build` left an empty --out folder (created first, the files staged in it): a new one is
+    staged beside it, hidden, and takes its name once written; an existing one keeps its other files."""
+    seen: list[bool] = []
+
+    def watched_analyse(doc: Document, config: CleaningConfig) -> build.Analysed:
+        seen.append((tmp_path / "new" / "out").exists())
+        return analyse(doc, config)
+
+    monkeypatch.setattr(build, "analyse", watched_analyse)
+    documents = [Document(f"doc{i}", prose(i), "web") for i in range(3)]
+    build_corpus([documents], tmp_path / "new" / "out", show_progress=False)
+    assert seen == [False] * 3 and sorted(path.name for path in (tmp_path / "new").iterdir()) == ["out"]
+    assert sorted(path.name for path in (tmp_path / "new" / "out").iterdir()) == [
+        "report.json",
+        "train.jsonl",
+        "val.jsonl",
+    ]
+    (tmp_path / "new" / "out" / "notes.txt").write_text("mine")
+    build_corpus([documents[:2]], tmp_path / "new" / "out", show_progress=False)
+    assert (tmp_path / "new" / "out" / "notes.txt").read_text() == "mine"
+    assert len(read_rows(tmp_path / "new" / "out")["train"]) + len(read_rows(tmp_path / "new" / "out")["val"]) == 2
 
 
 def test_empty_input_is_an_error(tmp_path: Path) -> None:
