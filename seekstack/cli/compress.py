@@ -214,14 +214,14 @@ def _bad_value(option: str, problem: str) -> BadParameter:
 def _print_assignment(assignment: dict[str, str]) -> None:
     """The layers per scheme, then the reasons layers were kept or took a smaller int4 group than asked, each with
     how many it concerns."""
-    from seekstack.compress.quantize import KEPT, read_assigned
+    from seekstack.compress.quantize import ABSORBED_KEPT, KEPT, is_absorbed, read_assigned
 
-    entries = [read_assigned(value) for value in assignment.values()]
-    counts = Counter(layer_format for layer_format, _ in entries)
+    entries = {name: read_assigned(value) for name, value in assignment.items()}
+    counts = Counter(layer_format for layer_format, _ in entries.values())
     typer.echo("layers: " + ", ".join(f"{n} {layer_format}" for layer_format, n in sorted(counts.items())))
     reasons = Counter(
-        (layer_format, reason or "always kept, kept by default or by --keep")
-        for layer_format, reason in entries
+        (layer_format, reason or (ABSORBED_KEPT if is_absorbed(name) else "by default or by --keep"))
+        for name, (layer_format, reason) in entries.items()
         if layer_format == KEPT or reason
     )
     for (layer_format, reason), n in sorted(reasons.items()):

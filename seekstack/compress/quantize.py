@@ -42,6 +42,7 @@ from seekstack.schema import ConfigError, Positive, counted, recheck, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
+ABSORBED_KEPT = "kv_b_proj, which MLA's absorbed attention multiplies as a float matrix"  # ALWAYS_KEPT's reason
 KEPT = "kept"  # the format an assignment gives a layer stored in float
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("lm_head", "mtp.*.eh_proj")  # float in DeepSeek's FP8 release, and where vLLM, transformers read them
@@ -179,7 +180,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
     for name in layers:
         scheme = config.scheme_of(name, names[name])
         module = model.get_submodule(name)
-        if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
+        if scheme is None and config.scheme == "fp8" and is_absorbed(name):
             _refuse_non_finite(module, names[name])
             _round_through_fp8(module, tuple(config.fp8_block))
             assignment[name] = ABSORBED_IN_FP8
@@ -299,7 +300,8 @@ def quantized_module(module: nn.Module, scheme: str, config: QuantConfig, group:
     return QuantizedLinear(weight(module.weight), module.bias)
 
 
-def _is_absorbed(name: str) -> bool:
+def is_absorbed(name: str) -> bool:
+    """Whether layer `name` is one of ALWAYS_KEPT, which MLA's absorbed attention takes as a matrix."""
     return any(fnmatch(name, pattern) for pattern in ALWAYS_KEPT)
 
 

@@ -729,7 +729,8 @@ def test_quantize_text_output_gives_the_reasons_layers_were_kept_or_took_a_small
     assert result.exit_code == 0, result.output
     assert "layers: 7 int4 g32, 25 int4 g64, 5 kept\n" in result.output, result.output
     assert "  7 int4 g32 instead: 32 input features are not a multiple of the group size 64\n" in result.output
-    assert "  5 kept: always kept, kept by default or by --keep\n" in result.output  # kv_b_proj x 4, lm_head
+    assert "  4 kept: kv_b_proj, which MLA's absorbed attention multiplies as a float matrix\n" in result.output
+    assert "  1 kept: by default or by --keep\n" in result.output  # lm_head
 
 
 def test_progressive_names_the_stage_it_chose_and_writes_that_stage(tmp_path):
