@@ -206,8 +206,9 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 class _CausalAttention(torch.autograd.Function):
     """Causal attention of q, k (B, H, T, W) and v (B, H, T, V <= W) on a CPU, keeping the rows' log-sum-exp for the
     backward (cpu_kernels.cpp). float32, and bfloat16 where torch's brgemm cannot pack it (`packs_bfloat16`: no AMX,
-    or an odd width; each head widened to float32 in the kernel): `causal_attention_training` and its backward, each
-    query block over its keys up to the diagonal only. bfloat16 where it packs: torch's fused kernel forward (v
+    or an odd width; each head widened to float32 in the kernel, its S and dP multiplied in bfloat16 by vdpbf16ps where
+    the CPU has avx512_bf16): `causal_attention_training` and its backward, each query block over its keys up to the
+    diagonal only. bfloat16 where it packs: torch's fused kernel forward (v
     zero-padded to W) and `causal_attention_backward`, 2.2x faster than torch's fused backward at `small`'s shapes."""
 
     @staticmethod

@@ -53,7 +53,8 @@ up to the diagonal only, written in o_proj's (B, T, H, V) layout (where brgemm c
 `packs_bfloat16`, `causal_attention_training`'s forward); `causal_attention_training` and its backward: float32
 training attention (and bfloat16's where brgemm cannot pack it, each head widened to float32 rows in the kernel,
 the results narrowed as written; the forward alone: float32 inference's), forward and backward in those blocks of
-query rows (torch's brgemm products, float32).
+query rows (torch's brgemm products, float32; a bfloat16 head's S = Q K^T and dP = dO V^T by vdpbf16ps where the CPU
+has avx512_bf16).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
