@@ -1058,23 +1058,23 @@ def refuse_inputs_read_twice(inputs: list[str]) -> None:
     """DataSourceError when two of `inputs` name the same file or folder (`raw/` and `raw`), or one lies inside a
     folder another names: its documents would be read twice, every copy but the first removed as an exact duplicate."""
     seen: dict[Path, str] = {}
+    holding: dict[Path, str] = {}  # each folder above an input seen, and that input: a glob's thousands, not pairs
     for spec in inputs:
         if spec != "stdlib" and not Path(spec).exists():  # refused by open_source, naming it
             continue
         path = Path(spec) if spec == "stdlib" else Path(spec).expanduser().resolve()
-        for earlier_path, earlier in seen.items():
-            if path == earlier_path:
-                raise DataSourceError(
-                    f"{earlier} and {spec} name the same input ({path}): its documents would be read twice; give it "
-                    "once"
-                )
-            if earlier_path in path.parents or path in earlier_path.parents:
-                inner, outer = (spec, earlier) if earlier_path in path.parents else (earlier, spec)
-                raise DataSourceError(
-                    f"{inner} is inside the folder {outer}, also given: its documents would be read twice; give one "
-                    "of them"
-                )
+        if path in seen:
+            raise DataSourceError(
+                f"{seen[path]} and {spec} name the same input ({path}): its documents would be read twice; give it once"
+            )
+        outer = next((seen[folder] for folder in path.parents if folder in seen), None)
+        if outer is not None or path in holding:
+            inner, outer = (spec, outer) if outer is not None else (holding[path], spec)
+            raise DataSourceError(
+                f"{inner} is inside the folder {outer}, also given: its documents would be read twice; give one of them"
+            )
         seen[path] = spec
+        holding.update(dict.fromkeys(path.parents, spec))
 
 
 # The row formats read by seeking in the file (Parquet's footer, memory-mapped Arrow), by suffix: name and reader
