@@ -35,9 +35,13 @@ def eval_command(
             "for a post-training task of your own) or any lm_eval task name"
         ),
     ] = "code_cloze,code_next_line,code_perplexity",
-    corpus: Annotated[Path | None, typer.Option(help="Corpus folder whose val.jsonl the code tasks come from")] = Path(
-        "runs/demo/corpus"
-    ),
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Corpus folder whose val.jsonl the code tasks come from; default a run's own (the one its token "
+            "shards were encoded from), else runs/demo/corpus"
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option(help="seekstack, or hf: lm_eval's transformers backend")] = "seekstack",
     batch_size: Annotated[
         str, typer.Option(help="Requests per forward pass / per engine batch, or auto: the most the device holds")
@@ -141,6 +145,7 @@ def eval_command(
         if model.is_file():  # refused as no checkpoint, not as the folder of the default OUT in it ("afile/eval")
             read_config(model)
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
+        corpus = corpus or _run_corpus(folder) or DEMO_CORPUS
         path = Path(out) if out else folder / "eval" / "results"
         # a folder, or a path ending in a slash (one to make, which Path's parts drop): the files go into it, as
         # lm_eval's --output_path takes a folder
@@ -161,6 +166,19 @@ def eval_command(
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
     if samples_folder is not None:
         typer.echo(f"lm_eval's results and samples: {samples_folder}")
+
+
+DEMO_CORPUS = Path("runs/demo/corpus")  # `make demo`'s, from the repository's folder
+
+
+def _run_corpus(folder: Path) -> Path | None:
+    """The `data build` folder the token shards of the run in `folder` were encoded from, None where `folder` holds no
+    run or its shards record no corpus that is still there."""
+    from seekstack.tokens.provenance import corpus_folder
+    from seekstack.train.plot import json_object
+
+    data_dir = json_object(folder / "train_config.json", "give --corpus").get("data_dir")
+    return corpus_folder(folder / data_dir) if isinstance(data_dir, str) and data_dir else None
 
 
 def explain_command(

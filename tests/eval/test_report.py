@@ -422,6 +422,35 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
     assert not (checkpoint / "eval").exists()
 
 
+def test_eval_of_a_run_reads_the_code_tasks_from_the_corpus_its_shards_were_encoded_from(tmp_path, monkeypatch):
+    """Without --corpus, eval read ./runs/demo/corpus whatever corpus the run trained on: from any other folder
+    'runs/demo/corpus/val.jsonl: no such file', though `report` finds the run's corpus through its shards."""
+    import seekstack.eval.evaluate
+
+    read = []
+    measured = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "n-samples": {}}
+    monkeypatch.setattr(
+        seekstack.eval.evaluate, "evaluate", lambda model, tasks, corpus, *_: read.append(corpus) or measured
+    )
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    for name, content in (("config.json", MICRO_CONFIG), ("train_state.pt", ""), ("model.safetensors", "")):
+        (checkpoint / name).write_text(content)
+    (tmp_path / "run" / "train_config.json").write_text('{"data_dir": "../tokens"}')
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "train.jsonl").write_text("")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "train_index.json").write_text(
+        json.dumps({"source": str(tmp_path / "corpus" / "train.jsonl")})
+    )
+    for given in (tmp_path / "run", checkpoint):
+        run("eval", given, "--tasks", "t")
+    run("eval", tmp_path / "run", "--tasks", "t", "--corpus", tmp_path / "elsewhere")
+    (tmp_path / "run" / "train_config.json").unlink()  # no run: the demo's corpus, as before
+    run("eval", checkpoint, "--tasks", "t")
+    assert read == [tmp_path / "corpus", tmp_path / "corpus", tmp_path / "elsewhere", Path("runs/demo/corpus")]
+
+
 def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run, monkeypatch):
     from matplotlib.figure import Figure
 
