@@ -1838,6 +1838,7 @@ class Engine:
 DECODE_COMPILE_OPTIONS: dict[str, Any] = {
     "cpp_wrapper": True,
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
+    "size_asserts": False,
 }
 
 
@@ -1862,6 +1863,12 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     matrix-vector products with both weight sides <= 2048 into its own loops: they stream the weights faster than
     the BLAS call (`small`, batch 1, one thread: +12-30% decode tokens/s in four alternating runs; the output head,
     wider, stays the BLAS call of infer/packed.py, which measured 1.8x faster than inductor's loop there).
+    Inductor's size asserts are off (`size_asserts`: each input's and each fallback op's output's sizes and strides
+    checked at every call, 277 checks in `small`'s 1-row step, each reading a tensor the step's weights have pushed
+    out of the CPU caches): dynamo's guards check the inputs' shapes before a graph runs, skipped or not
+    (`Engine._unguarded`), and tests/model/test_cpu_kernels.py the kernels' registered output shapes. Compiled engines
+    without and with them alternating in one process, batch 1, one thread, CPU clock, load 9-11: `tiny` 1.135x and
+    1.169x (8 of 10 rounds each); `small` 1.034x (8 of 10), then 1.012x (5 of 10): within its rounds' spread.
     Not adopted: `memory_planning` (one pooled allocation for a step's buffers): `bench/decode_options.py`, `small`,
     one thread, five A/B runs at batch 1 and 8 moved decode tokens/s by -5% to +7%, the sign changing between runs;
     `aggressive_fusion`: -3% at batch 1."""

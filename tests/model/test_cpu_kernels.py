@@ -216,3 +216,28 @@ def test_two_installations_build_the_kernels_in_folders_of_their_own(tmp_path, m
     assert here.name.startswith(f"{cpu_kernels.NAME}-torch{torch.__version__}-")
     monkeypatch.undo()
     assert cpu_kernels._build_folder(tmp_path) == here  # the same installation finds its build again
+
+
+def _decode_op_arguments(name: str) -> tuple:
+    """Arguments of an op a compiled decode step calls, at odd shapes (3 rows, 37 columns, 5 of 6 experts, 11 keys)."""
+    x, weight = torch.randn(3, 37), torch.randn(70, 37)
+    experts, routing = torch.tensor([[0, 4], [2, 0], [5, 1]]), torch.rand(3, 2)
+    query, keys, mask = torch.randn(2, 3, 1, 24), torch.randn(2, 11, 24), torch.rand(2, 1, 11) < 0.8
+    return {
+        "rows_linear": (x, weight),
+        "rows_linear_panels": (x, weight, cpu_kernels.weight_panels(weight)),
+        "grouped_experts": (x, experts, routing, torch.randn(6, 16, 37), torch.randn(6, 37, 8)),
+        "latent_attention_rows": (query, keys, mask, 0.2, 16),
+        "route_rows": (torch.rand(3, 8), torch.randn(8), 4, 2, True, 3),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name", ["rows_linear", "rows_linear_panels", "grouped_experts", "latent_attention_rows", "route_rows"]
+)
+def test_the_decode_ops_registered_shapes_are_the_ones_they_return(name):
+    """Compiled decode steps plan their buffers by the ops' registered (fake) outputs and, without inductor's size
+    asserts (engine.py DECODE_COMPILE_OPTIONS), no longer check them at each call: torch's opcheck does here."""
+    assert cpu_kernels.available()
+    op = getattr(torch.ops.seekstack, name).default
+    torch.library.opcheck(op, _decode_op_arguments(name), test_utils=("test_schema", "test_faketensor"))
