@@ -3,7 +3,8 @@
 A reader (or a crash) sees the old contents or the new ones, never a part: the new contents go to a hidden
 temporary name in the same folder, are flushed to disk, and are renamed over the target in one step.
   write_atomic(path, data)      one file
-  staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
+  staged_files(folder)          several files that appear together once all are complete (a corpus, token shards),
+                                with their folder when it is new
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
   delete_directory(path)        a folder (an old checkpoint) gone whole at once: moved to a hidden name, then deleted
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
@@ -16,9 +17,10 @@ during a write deletes its temporaries too before it ends the process (`sigterm_
 new files are renamed into place waits for the last rename, so the target holds the old contents or the new ones.
 
 A writer holds an exclusive lock (flock) on its temporary while it writes; the kernel drops it when the writer dies,
-even killed outright (SIGKILL), so the first write of a process into a folder deletes the temporaries there that no
-one holds (`clear_killed_writes`), whatever their target; later writes there do not look again (a folder of 50,000
-files is read once, not once per write). Retired folders (`.NAME.old.*.tmp`, the only copy of a folder replaced by
+even killed outright (SIGKILL), so the first write of a process into a folder (for a new folder, into the one above
+it, where its hidden folder is staged) deletes the temporaries there that no one holds (`clear_killed_writes`),
+whatever their target; later writes there do not look again (a folder of 50,000 files is read once, not once per
+write). Retired folders (`.NAME.old.*.tmp`, the only copy of a folder replaced by
 `atomic_directory` when a crash came between its two renames) are never deleted; once the new folder is in place, the
 retired one is deleted as `delete_directory` deletes a folder. Where the cleanup works: local file
 systems; NFS, where Linux emulates flock with fcntl locks held on the server (so file temporaries are opened
@@ -66,19 +68,21 @@ class WriteRefused(OSError):
 
 
 class StagedFiles:
-    """Files being written under hidden names in one folder, renamed to their real names by `staged_files`."""
+    """Files being written under hidden names in folder `staging`, renamed to their real names in `folder` by
+    `staged_files`; `staging` is `folder` itself when it exists, else a hidden folder beside it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, staging: Path):
         self.folder = folder
+        self.staging = staging
         self.hidden: dict[str, Path] = {}  # real name -> hidden temporary file, in the order staged
         self.locks: list[int] = []  # descriptors holding the hidden files locked while they are written
 
     def path(self, name: str) -> Path:
-        """A new, empty hidden file in the folder, which becomes `folder / name` when the files are published."""
+        """A new, empty hidden file, which becomes `folder / name` when the files are published."""
         if name in self.hidden:
             raise ValueError(f"{self.folder / name} is already staged")
         with interrupts_deferred():  # an interrupt before the file is recorded here would leave it behind
-            self.hidden[name], lock = _create_locked(self.folder, name, lambda hidden: hidden.touch(exist_ok=False))
+            self.hidden[name], lock = _create_locked(self.staging, name, lambda hidden: hidden.touch(exist_ok=False))
             self.locks.append(lock)
         return self.hidden[name]
 
@@ -91,32 +95,67 @@ class StagedFiles:
 @contextmanager
 def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     """Write each file at `staged.path(name)`; when the block ends without error, every file is flushed to disk
-    and renamed to `folder / name` in the order staged. On an error the staged files are deleted, and so are the
-    folders this write created, when nothing else was put in them meanwhile (a refused build leaves no empty --out)."""
+    and renamed to `folder / name` in the order staged. A missing `folder` is made whole at that moment: the files
+    are staged in a hidden folder beside it (`.NAME.*.tmp`, held locked), which takes its name once they are in it,
+    so a write killed outright (SIGKILL, the out-of-memory killer) leaves no empty `folder`, only that hidden folder
+    for the next write there to clear; the missing folders above `folder` are made at the start and stay after such
+    a kill. On an error the staged files are deleted, and so are the folders this write created, when nothing else
+    was put in them meanwhile (a refused build leaves no empty --out)."""
     folder = Path(folder)
-    created = missing_folders(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _clear_killed_writes_once(folder)
-    staged = StagedFiles(folder)
-    published = False
-    with sigterm_cleaned_up():
+    created = missing_folders(folder.parent)
+    with sigterm_cleaned_up(), ExitStack() as cleanup:
         try:
+            if folder.is_dir():
+                staging = folder
+                _clear_killed_writes_once(folder)
+            else:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                _clear_killed_writes_once(folder.parent)
+                with interrupts_deferred():  # an interrupt before its cleanup is set would leave `staging` behind
+                    staging, lock = _create_locked(folder.parent, folder.name, Path.mkdir)
+                    cleanup.callback(os.close, lock)
+                    cleanup.callback(shutil.rmtree, staging, ignore_errors=True)
+            staged = StagedFiles(folder, staging)
+            cleanup.callback(_close_all, staged.locks)
+            cleanup.callback(_unlink_all, staged.hidden)
             with refusals_named(lambda: _files_named(folder, list(staged.hidden))):
                 yield staged
                 for hidden in staged.hidden.values():
                     _fsync(hidden)
             with interrupts_deferred():  # Ctrl-C between two renames would publish some files and delete the rest
                 for name, hidden in staged.hidden.items():
-                    os.replace(hidden, folder / name)
-                _fsync(folder)
-                published = True
-        finally:
-            for hidden in staged.hidden.values():
-                hidden.unlink(missing_ok=True)
-            for lock in staged.locks:
-                os.close(lock)
-            if not published:
-                remove_while_empty(created)
+                    os.replace(hidden, staging / name)
+                _fsync(staging)
+                if staging != folder:
+                    _publish_folder(staging, folder)
+                    _fsync(folder.parent)
+        except BaseException:
+            cleanup.close()
+            remove_while_empty(created)
+            raise
+
+
+def _publish_folder(staging: Path, folder: Path) -> None:
+    """Rename the hidden folder `staging`, holding the published files, to `folder`; when another writer made
+    `folder` meanwhile, the files move into it one by one instead, keeping what that writer put there."""
+    try:
+        os.rename(staging, folder)  # replaces an empty `folder` whole
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        for entry in list(staging.iterdir()):
+            os.replace(entry, folder / entry.name)
+        _fsync(folder)
+
+
+def _unlink_all(hidden: dict[str, Path]) -> None:
+    for path in hidden.values():
+        path.unlink(missing_ok=True)
+
+
+def _close_all(descriptors: list[int]) -> None:
+    for descriptor in descriptors:
+        os.close(descriptor)
 
 
 def missing_folders(folder: str | os.PathLike) -> list[Path]:

@@ -442,7 +442,7 @@ def test_writes_into_a_folder_read_it_once_not_once_per_file(tmp_path, monkeypat
     with staged_files(tmp_path / "shards") as staged:  # token shards
         for shard in range(20):
             staged.path(f"train_{shard:05d}.bin").write_bytes(b"z")
-    assert reads == [tmp_path, tmp_path / "shards"]
+    assert reads == [tmp_path]  # the new folder "shards" is staged beside it, and nothing is left to clear in it
 
 
 def test_killed_writes_are_cleared_where_an_exclusive_flock_needs_a_writable_descriptor_as_on_nfs(
@@ -505,9 +505,39 @@ def test_staged_files_that_fail_leave_no_folder_they_created(tmp_path):
     assert entries(tmp_path) == []
     (tmp_path / "kept").mkdir()
     with pytest.raises(DiskFull), staged_files(tmp_path / "kept" / "corpus"):
+        (tmp_path / "kept" / "corpus").mkdir()
         (tmp_path / "kept" / "corpus" / "a users file").write_text("theirs")
         raise DiskFull("no space left")
     assert entries(tmp_path / "kept" / "corpus") == ["a users file"]
+
+
+KILLED_STAGING = """
+import os, signal, sys
+from seekstack.atomic import staged_files
+with staged_files(sys.argv[1]) as staged:
+    staged.path("train.jsonl").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_staged_files_killed_outright_leave_no_folder_and_the_next_write_clears_their_hidden_one(tmp_path):
+    """kill -9 during `data select`, `data tokenize` or `tokenizer train` left an empty output folder: a new folder
+    is staged hidden beside it and takes its name once its files are written; the folders above it stay."""
+    corpus = tmp_path / "out" / "corpus"
+    killed = subprocess.run([sys.executable, "-c", KILLED_STAGING, str(corpus)], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert not corpus.exists() and len(hidden_of(corpus)) == 1
+    with staged_files(corpus) as staged:
+        staged.path("train.jsonl").write_text("whole")
+    assert entries(tmp_path / "out") == ["corpus"] and entries(corpus) == ["train.jsonl"]
+
+
+def test_staged_files_into_a_folder_another_writer_made_meanwhile_keep_its_files(tmp_path):
+    with staged_files(tmp_path / "corpus") as staged:
+        staged.path("train.jsonl").write_text("new")
+        (tmp_path / "corpus").mkdir()
+        (tmp_path / "corpus" / "notes.txt").write_text("theirs")
+    assert entries(tmp_path) == ["corpus"] and entries(tmp_path / "corpus") == ["notes.txt", "train.jsonl"]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ split.
 
 Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`, `kind`: the detected `kind/lang`) and
 `report.json` into the output folder. The three are written under hidden names and renamed together when complete,
-and a new output folder is made whole from a hidden one beside it (`staged_output`), so a crash, a kill or an error
+and a new output folder is made whole from a hidden one beside it (`staged_files`), so a crash, a kill or an error
 never leaves half a corpus, an empty output folder, nor a new split beside an old one.
 
 Work per document (normalise, PII scrubbing, detect, rules, hashes, MinHash signature) runs in `workers` processes on
@@ -17,7 +17,6 @@ kept documents, and the split scores of the first `EXACT_SPLIT_MAX_DOCUMENTS` ke
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -41,7 +40,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from seekstack.atomic import StagedFiles, atomic_directory, refuse_a_file_in_the_way, staged_files
+from seekstack.atomic import refuse_a_file_in_the_way, staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
 from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.kinds import KINDS, SAMPLE_CHARS
@@ -279,19 +278,6 @@ def _exit_status(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-@contextlib.contextmanager
-def staged_output(out_dir: Path) -> Iterator[StagedFiles]:
-    """Where a build stages BUILD_FILES: in `out_dir` when it exists (the files replace those of an earlier build
-    together, `staged_files`), else in a hidden folder beside it that takes its name once they are written
-    (`atomic_directory`), so a build killed outright (SIGKILL, the out-of-memory killer) leaves no empty `out_dir`."""
-    if out_dir.exists():
-        with staged_files(out_dir) as staged:
-            yield staged
-        return
-    with atomic_directory(out_dir) as staging, staged_files(staging) as staged:
-        yield staged
-
-
 def build_corpus(
     sources: Iterable[Iterable[Document]],
     out_dir: str | Path,
@@ -326,7 +312,7 @@ def build_corpus(
         disable=not show_progress,
         transient=True,
     )
-    with staged_output(out_dir) as staged, progress, tempfile.TemporaryFile("w+", encoding="utf-8") as kept:
+    with staged_files(out_dir) as staged, progress, tempfile.TemporaryFile("w+", encoding="utf-8") as kept:
         task = progress.add_task("build", total=None, kept=0, mib=0.0)
         for doc in analysed_documents(itertools.chain.from_iterable(sources), config, workers):
             doc = doc._replace(doc_id=ids.claim(doc.doc_id))  # after the analysis, which reads the file's suffix
