@@ -274,7 +274,7 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.bin*"))  # nothing left under a name a later run would read
     killed, writing = (tmp_path / "layers.1.mlp.experts" / f".{name}.0123456789abcdef.bin.89abcdef.tmp"
                        for name in ("gate_up_proj", "down_proj"))  # fmt: skip
-    killed.parent.mkdir()  # the interrupted write removed the folder it made; a SIGKILL-ed one leaves it
+    killed.parent.mkdir()  # the folder of an earlier, finished write
     killed.write_bytes(b"the part a SIGKILL-ed write left")
     writing.write_bytes(b"another process's write under way")
     with writing.open("rb") as writer:
