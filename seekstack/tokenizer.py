@@ -98,7 +98,6 @@ RUN_REPEAT = f"{{1,{LONGEST_PRE_TOKEN}}}"
 PRE_TOKENIZER_PATTERN = (
     r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]{1,N}| ?\p{N}{1,N}| ?[^\s\p{L}\p{N}]{1,N}|\s{1,N}(?!\S)|\s{1,N}"
 ).replace("{1,N}", RUN_REPEAT)
-MOST_REPEATS = 100_000  # the largest {1,N} Oniguruma, the regex engine of tokenizers' Split, compiles
 # A long document is encoded in pieces of about this many characters, and pieces in groups of about
 # ENCODE_GROUP_CHARS: tokenizers holds ~185 bytes per character while it encodes (a 20 MB document took 3.7 GB whole)
 DOCUMENT_PIECE_CHARS = 1 << 18
@@ -128,14 +127,13 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     if split_digits is None:
         return PRE_TOKENIZER_PATTERN
     split_digits = _whole_number(split_digits, "split_digits")  # 2.5 made "{1,2.5}", a literal: no run was cut
-    if not 1 <= split_digits <= MOST_REPEATS:  # past it, Oniguruma's "too big number for repeat range" traceback
+    if not 1 <= split_digits <= LONGEST_PRE_TOKEN:  # past it, the same pattern as LONGEST_PRE_TOKEN, or none
         raise ConfigError(
             f"has value {split_digits}; a run of digits is cut into pieces of 1 digit or more, and at most "
-            f"{MOST_REPEATS:,} (the regex engine's largest repeat; leave it out to cut runs of digits only past "
-            f"{LONGEST_PRE_TOKEN}, as every other run)",
+            f"{LONGEST_PRE_TOKEN}, the longest run of any kind (leave it out to cut runs of digits only there)",
             "split_digits",
         )
-    digits_repeat = f"{{1,{min(split_digits, LONGEST_PRE_TOKEN)}}}"
+    digits_repeat = f"{{1,{split_digits}}}"
     return PRE_TOKENIZER_PATTERN.replace(rf" ?\p{{N}}{RUN_REPEAT}", rf" ?\p{{N}}{digits_repeat}")
 
 

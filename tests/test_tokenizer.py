@@ -35,12 +35,14 @@ from seekstack.tokenizer import (
     ASSISTANT,
     BOS,
     EOS,
+    LONGEST_PRE_TOKEN,
     MAX_TOKEN_ID,
     PAD,
     SPECIAL_TOKENS,
     USER,
     Tokenizer,
     copy_tokenizer_config,
+    pre_tokenizer_pattern,
     special_token_names,
     train_tokenizer,
 )
@@ -271,6 +273,15 @@ def test_split_digits_cuts_runs_of_digits_into_tokens_of_at_most_that_many(tmp_p
     )
     with pytest.raises(ConfigError, match="split_digits"):
         train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "none", split_digits=0)
+
+
+def test_split_digits_past_the_longest_run_is_refused_by_name():
+    """Every run is cut at LONGEST_PRE_TOKEN, so split_digits from 257 to 100,000 silently made the pattern of 256
+    (and of leaving it out); refused, naming the field, the value and the bound."""
+    assert pre_tokenizer_pattern(LONGEST_PRE_TOKEN) == pre_tokenizer_pattern()
+    for value in (LONGEST_PRE_TOKEN + 1, 100_000):
+        with pytest.raises(ConfigError, match=rf"split_digits.*has value {value}; .*at most {LONGEST_PRE_TOKEN},"):
+            pre_tokenizer_pattern(value)
 
 
 def test_special_tokens_are_single_ids_and_never_split(trained):

@@ -275,8 +275,8 @@ def tokenizer_train(
     split_digits: Annotated[
         int | None,
         typer.Option(
-            help="Cut runs of digits into pieces of at most N before BPE, so no token holds more (GPT-4 and "
-            "DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece up to 256 digits, as GPT-2's pattern keeps it",
+            help="Cut runs of digits into pieces of at most N (1 to 256) before BPE, so no token holds more (GPT-4 "
+            "and DeepSeek-V3: 3, nanochat: 2); left out, a run is one piece up to 256 digits, as every other run",
         ),
     ] = None,
 ) -> None:
