@@ -587,6 +587,13 @@ def test_loraplus_moves_the_b_factors_ratio_times_the_lr(base, data_dir, tmp_pat
         assert moved == pytest.approx(lr * ratio, rel=1e-3)
 
 
+def test_a_new_run_trains_with_adams_beta1_at_half_unless_betas_are_given(base, data_dir, tmp_path):
+    config = lora_train_config(base, data_dir, tmp_path / "default", RUN).config
+    assert config.betas == (0.5, 0.95)  # bench/lora_domain.py: less momentum recovers more of a fine-tune's gain
+    given = lora_train_config(base, data_dir, tmp_path / "given", [*RUN, "betas=[0.9,0.99]"]).config
+    assert given.betas == (0.9, 0.99)
+
+
 def test_pissa_beside_experts_and_dora_beside_parameter_targets_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match="'init'.*experts"):
         AdapterConfig(init="pissa").validate()
