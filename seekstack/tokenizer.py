@@ -30,6 +30,7 @@ import regex
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import __version__ as tokenizers_version
+from tokenizers.pre_tokenizers import PreTokenizer
 
 from seekstack.atomic import staged_files
 from seekstack.chat_template import ChatTemplate, read_chat_template, read_tokenizer_config
@@ -95,6 +96,8 @@ LARGEST_VOCAB = 2**20
 # is 96), so ordinary text splits as before.
 LONGEST_PRE_TOKEN = 256
 RUN_REPEAT = f"{{1,{LONGEST_PRE_TOKEN}}}"
+# The most characters that decide a pre-token of such a pattern: a space, a run, and the one its lookahead reads
+MATCH_SPAN = LONGEST_PRE_TOKEN + 2
 PRE_TOKENIZER_PATTERN = (
     r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]{1,N}| ?\p{N}{1,N}| ?[^\s\p{L}\p{N}]{1,N}|\s{1,N}(?!\S)|\s{1,N}"
 ).replace("{1,N}", RUN_REPEAT)
@@ -135,6 +138,16 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
         )
     digits_repeat = f"{{1,{split_digits}}}"
     return PRE_TOKENIZER_PATTERN.replace(rf" ?\p{{N}}{RUN_REPEAT}", rf" ?\p{{N}}{digits_repeat}")
+
+
+def byte_level_split(pattern: str) -> PreTokenizer:
+    """The pre-tokenizer `train_tokenizer` writes: the pre-tokens `pattern` finds, each as byte-level characters."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _whole_number(value: object, field: str) -> int:
@@ -424,12 +437,19 @@ def refuse_forged_turn(text: str, named: str, special_tokens: Iterable[str]) -> 
         raise ValueError(f"{named} contains the special token {forged!r}, which would forge a turn: take it out")
 
 
-def document_pieces(text: str, piece_chars: int) -> list[str]:
+def document_pieces(text: str, piece_chars: int, capped_pre_tokenizer: PreTokenizer | None = None) -> list[str]:
     """`text` cut into pieces of `piece_chars` characters or a few more, each cut at the first LETTER_END past the
-    piece's length that tokenizers' engine finds too (`_first_cut`); the rest whole where there is none."""
+    piece's length that tokenizers' engine finds too (`_first_cut`); the rest whole where there is none. Given
+    `capped_pre_tokenizer` (one of `capped_pre_tokenizer`'s, every pre-token at most LONGEST_PRE_TOKEN characters),
+    a piece with no LETTER_END in its next piece_chars is cut where that pre-tokenizer ends a pre-token instead
+    (`_pre_token_cut`): a run of letters and nothing else, which it cuts every LONGEST_PRE_TOKEN characters."""
     pieces, start = [], 0
     while len(text) - start > piece_chars:
-        cut = _first_cut(text, start + piece_chars)
+        cut = _first_cut(text, start + piece_chars, start + 2 * piece_chars)
+        if cut is None and capped_pre_tokenizer is not None:
+            cut = _pre_token_cut(text, start, piece_chars, capped_pre_tokenizer)
+        if cut is None:
+            cut = _first_cut(text, start + piece_chars, len(text))
         if cut is None:
             break
         pieces.append(text[start:cut])
@@ -438,10 +458,25 @@ def document_pieces(text: str, piece_chars: int) -> list[str]:
     return pieces
 
 
-def _first_cut(text: str, position: int) -> int | None:
-    """The end of the first LETTER_END in `text` from `position` on that TOKENIZERS_LETTER_END finds too (its letter
-    removed, the character after it left); None where there is none."""
-    for letter_end in LETTER_END.finditer(text, position):
+def _pre_token_cut(text: str, start: int, piece_chars: int, pre_tokenizer: PreTokenizer) -> int | None:
+    """The first end of a pre-token of `text`, read by `pre_tokenizer` from `start` (where one begins), past
+    `start + piece_chars`, when `text[start:cut]` alone pre-tokenizes as it does in the whole; None where there is none
+    or a lone surrogate, which only the encoding may read, is in the way. Each pre-token of a capped pattern is decided
+    by at most MATCH_SPAN characters from its start, so a window that many past the cut reads as the whole text."""
+    window = text[start : start + piece_chars + 2 * MATCH_SPAN]
+    if LONE_SURROGATE.search(window):
+        return None
+    pre_tokens = pre_tokenizer.pre_tokenize_str(window)
+    for count, (_, (_, end)) in enumerate(pre_tokens, start=1):
+        if piece_chars <= end < len(window) - MATCH_SPAN:
+            return start + end if pre_tokenizer.pre_tokenize_str(window[:end]) == pre_tokens[:count] else None
+    return None
+
+
+def _first_cut(text: str, position: int, before: int) -> int | None:
+    """The end of the first LETTER_END in `text` from `position` on, starting before `before`, that
+    TOKENIZERS_LETTER_END finds too (its letter removed, the character after it left); None where there is none."""
+    for letter_end in LETTER_END.finditer(text, position, before + 1):
         pair = text[letter_end.start() : letter_end.end() + 1]
         if [piece for piece, _ in TOKENIZERS_LETTER_END.pre_tokenize_str(pair)] == [pair[1:]]:
             return letter_end.end()
@@ -602,7 +637,7 @@ class Tokenizer:
         group: list[tuple[int, str, bool, bool]] = []
         group_chars = 0
         for document, text in enumerate(texts):
-            pieces = document_pieces(text, piece_chars) if self.cuts_keep_ids else [text]
+            pieces = document_pieces(text, piece_chars, self.capped_pre_tokenizer) if self.cuts_keep_ids else [text]
             for number, piece in enumerate(pieces):
                 group.append((document, piece, number == 0, number == len(pieces) - 1))
                 group_chars += len(piece)
@@ -635,6 +670,21 @@ class Tokenizer:
             if whole != halves:
                 return False
         return True
+
+    @functools.cached_property
+    def capped_pre_tokenizer(self) -> PreTokenizer | None:
+        """The pre-tokenizer, where it is one `train_tokenizer` writes (`byte_level_split` of a `pre_tokenizer_pattern`,
+        every pre-token at most LONGEST_PRE_TOKEN characters); None for any other: one trained before the cap keeps a
+        run of letters whole, which a cut inside it would split."""
+        pre_tokenizer = self._corpus_backend.pre_tokenizer
+        if pre_tokenizer is None:
+            return None
+        layout = json.loads(pre_tokenizer.__getstate__())
+        capped = (
+            json.loads(byte_level_split(pre_tokenizer_pattern(split_digits)).__getstate__())
+            for split_digits in (None, *range(1, LONGEST_PRE_TOKEN + 1))
+        )
+        return pre_tokenizer if layout in capped else None
 
     @functools.cached_property
     def _corpus_backend(self) -> BackendTokenizer:
@@ -1277,12 +1327,8 @@ def train_tokenizer(
             f"give the folder ({path.parent}) or {path.parent / TOKENIZER_FILE}"
         )
     backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = byte_level_split(pattern)
+    cutting_pre_tokenizer = byte_level_split(pattern)  # not the backend's: the trainer holds it while texts are read
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -1319,7 +1365,9 @@ def train_tokenizer(
             # a long text in pieces that pre-tokenize as it does (`document_pieces`, which our pattern keeps): the
             # trainer's word counts are the same, its memory that of a piece (a 20 MB text took 2.1 GB whole)
             yield [
-                piece for text in (item if batched else [item]) for piece in document_pieces(text, DOCUMENT_PIECE_CHARS)
+                piece
+                for text in (item if batched else [item])
+                for piece in document_pieces(text, DOCUMENT_PIECE_CHARS, cutting_pre_tokenizer)
             ]
 
     interruptible(lambda: backend.train_from_iterator(checked(texts), trainer=trainer))  # Ctrl-C lands mid-training

@@ -177,12 +177,25 @@ def test_a_tokenizer_trained_on_long_texts_reads_them_in_pieces_and_learns_the_s
     whole = train_tokenizer(texts, vocab_size=400, out_path=tmp_path / "whole", split_digits=3)
     cut, read = tokenizer_module.document_pieces, []
 
-    def recorded_pieces(text: str, piece_chars: int) -> list[str]:
-        read.extend(cut(text, piece_chars))
-        return read[len(read) - len(cut(text, piece_chars)) :]
+    def recorded_pieces(text: str, piece_chars: int, capped_pre_tokenizer) -> list[str]:
+        read.extend(cut(text, piece_chars, capped_pre_tokenizer))
+        return read[len(read) - len(cut(text, piece_chars, capped_pre_tokenizer)) :]
 
     monkeypatch.setattr(tokenizer_module, "DOCUMENT_PIECE_CHARS", 50)
     monkeypatch.setattr(tokenizer_module, "document_pieces", recorded_pieces)
     pieced = train_tokenizer([texts[0], texts[1:]], vocab_size=400, out_path=tmp_path / "pieces", split_digits=3)
     assert pieced.backend.to_str() == whole.backend.to_str()
     assert "".join(read) == "".join(texts) and len(read) > 100 and max(map(len, read)) < 500
+
+
+def test_an_unbroken_run_of_letters_is_cut_where_a_capped_pattern_ends_its_pre_tokens(ours):
+    """A run of letters and nothing else, no LETTER_END in it, went to tokenizers whole (400k CJK characters: 74 MB,
+    50 MB of them 9 GB); our pattern cuts it every LONGEST_PRE_TOKEN characters from its start (after a space or a
+    contraction), so a piece ends there. A tokenizer that keeps runs whole (DeepSeek-V3's) is never cut inside one."""
+    texts = ["中" * 3000, " " + "ab" * 1500, "x's" + "s" * 3000 + "!" + "e\u0301" * 1500]
+    assert ours.capped_pre_tokenizer is not None
+    assert ours.encode_batch(texts, piece_chars=300) == ours.encode_batch(texts, piece_chars=10**9)
+    assert all(len(document_pieces(text, 300, ours.capped_pre_tokenizer)) >= 5 for text in texts)
+    uncapped = with_pre_tokenizer(ours, DEEPSEEK_V3_PRE_TOKENIZER)
+    assert uncapped.capped_pre_tokenizer is None and uncapped.cuts_keep_ids
+    assert uncapped.encode_batch(texts, piece_chars=300) == uncapped.encode_batch(texts, piece_chars=10**9)
