@@ -449,7 +449,7 @@ def document_pieces(text: str, piece_chars: int, capped_pre_tokenizer: PreTokeni
         if cut is None and capped_pre_tokenizer is not None:
             cut = _pre_token_cut(text, start, piece_chars, capped_pre_tokenizer)
         if cut is None:
-            cut = _first_cut(text, start + piece_chars, len(text))
+            cut = _first_cut(text, start + 2 * piece_chars, len(text))
         if cut is None:
             break
         pieces.append(text[start:cut])
