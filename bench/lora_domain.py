@@ -27,10 +27,10 @@ import torch
 from options import check_context, checkpoint_folder, learning_rate, non_negative_int, positive_int, token_shards
 
 import seekstack
-from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.config import LORA_BETAS, AdapterConfig
 from seekstack.adapters.data import frequent_tokens
 from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, apply_lora, is_adapter_parameter, load_adapter
-from seekstack.adapters.training import LORA_BETAS, lora_train_config, train_adapter
+from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.checkpoint import read_config
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import resolve_train_config
@@ -244,7 +244,7 @@ LORA_VARIANTS = {
     # 0.16-0.21, a third of the earlier bases' gain, and the recipe recovers 62.4% of it over seeds 0-2): beta1 0.9 /
     # 0.8 / 0.7 / 0.5 / 0.3 / 0 recover 63.7 / 70.6 / 73.5 / 74.7 / 74.0 / 73.6% on seed 0; beta1 0.5 74.7% over
     # seeds 0-8 (71.9-78.2) against 64.6% at 0.9 (paired +10.1 points, 5.3-15.1, better on all nine), the LoRA
-    # default since (adapters/training.py's LORA_BETAS; `_beta1_0.9` below is the recipe at 0.9). The full fine-tune
+    # default since (adapters/config.py's LORA_BETAS; `_beta1_0.9` below is the recipe at 0.9). The full fine-tune
     # gains more at beta1 0.5 too (3-12%, seeds 0-4; at 0.8 5%, seed 0) and trains with the LoRA's betas since
     # (full_fine_tune_settings): against it the recipe at beta1 0.5 recovers 69.9% over seeds 0-4 (65.1-75.1), at 0.9
     # 60.5%.

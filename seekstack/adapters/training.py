@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
+from seekstack.adapters.config import CONFIG_FILE, LORA_DEFAULTS, AdapterConfig
 from seekstack.adapters.data import (
     chat_source,
     first_batches,
@@ -66,12 +66,6 @@ if TYPE_CHECKING:
     import peft
 
 PREFIX = "lora."  # overrides of AdapterConfig fields on the command line: lora.rank=16
-# Where a LoRA run differs from pretraining's defaults: the routing biases belong to the frozen base (no bias
-# update), no weight decay on the low-rank factors, a short warmup, a higher learning rate (bench/lora_domain.py:
-# 1e-2 beat 3e-3) and less of Adam's momentum: beta1 0.5 where pretraining's is 0.9 (bench/lora_domain.py: its best
-# adapter under 2% recovers more of a full fine-tune's gain on every seed).
-LORA_BETAS = "betas=[0.5,0.95]"
-LORA_DEFAULTS = ("lr=1e-2", "min_lr=1e-3", "warmup_steps=10", "weight_decay=0.0", "bias_update_rate=0.0", LORA_BETAS)
 START_BATCHES = 16  # init=eva: the first training batches whose layer inputs give A (cycled until it settles)
 
 

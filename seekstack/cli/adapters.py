@@ -112,11 +112,14 @@ def _paths_and_overrides(arguments: list[str]) -> tuple[tuple[str | None, str | 
 
 
 def register(app: typer.Typer) -> None:
-    from seekstack.adapters.config import AdapterConfig
+    from seekstack.adapters.config import LORA_DEFAULTS, AdapterConfig
     from seekstack.schema import describe_fields
     from seekstack.train.config import TrainConfig
 
-    epilog = "Adapter keys (lora.FIELD=VALUE):\n\n" + describe_fields(AdapterConfig)
+    epilog = (
+        f"Training keys a LoRA run sets apart from `seekstack train`'s defaults: {' '.join(LORA_DEFAULTS)}\n\n"
+        "Adapter keys (lora.FIELD=VALUE):\n\n" + describe_fields(AdapterConfig)
+    )
     keyed = key_value_command((TrainConfig, ""), (AdapterConfig, "lora."))
     lora_app.command("train", epilog=epilog, cls=keyed)(train_command)
     lora_app.command("merge")(merge_command)

@@ -29,6 +29,16 @@ def test_lora_train_help_names_every_chat_form_it_reads():
     assert 'or TRL\'s {"prompt", "completion"} of text, read alike with no chat template, the loss on the' in said
 
 
+def test_lora_train_help_gives_the_training_defaults_a_lora_run_sets_apart_from_trains():
+    """OVERRIDES' help sent a user to `seekstack train --help` for the training keys, whose defaults (betas
+    [0.9, 0.95], lr, warmup_steps, ...) a LoRA run does not train with (LORA_DEFAULTS), and said none of its own."""
+    from seekstack.adapters.config import LORA_DEFAULTS
+
+    said = " ".join(invoke("lora", "train", "--help").split())
+    assert "Training keys a LoRA run sets apart from `seekstack train`'s defaults: " + " ".join(LORA_DEFAULTS) in said
+    assert "betas=[0.5,0.95]" in said
+
+
 def test_train_merge_and_generate_with_the_adapter(tmp_path):
     base = write_base(tmp_path / "base", with_tokenizer=True)
     corpus = tmp_path / "corpus"

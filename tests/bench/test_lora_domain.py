@@ -9,7 +9,7 @@ from bench.lora_domain import full_fine_tune_settings  # noqa: E402
 
 
 def test_the_full_fine_tune_trains_with_the_lora_runs_adam_betas(tmp_path):
-    """A LoRA run trains with Adam's beta1 at 0.5 (adapters/training.py's LORA_BETAS); the full fine-tune at
+    """A LoRA run trains with Adam's beta1 at 0.5 (adapters/config.py's LORA_BETAS); the full fine-tune at
     pretraining's 0.9 gained 9% less on the bench's shift, and each adapter's share of its gain was overstated."""
     from seekstack.adapters.training import lora_train_config
     from seekstack.train.config import resolve_train_config
