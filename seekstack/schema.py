@@ -361,7 +361,10 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
                 )
             annotation = _hints(nested)[rest]
         elif typing.get_origin(_strip(hints[head])) is not dict:
-            raise ConfigError(f"override {override!r}: field {head!r} is not a mapping")
+            raise ConfigError(
+                f"override {override!r}: field {head!r} ({_type_name(hints[head])}) is not a mapping of keys: "
+                f"give it whole, {head}=VALUE"
+            )
         values[head] = {**(values.get(head) or {}), rest: parse_value(text, annotation, key)}
     return values
 

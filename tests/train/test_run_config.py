@@ -44,6 +44,17 @@ def test_nested_override_of_an_unknown_model_field_names_it_and_the_known_ones()
         load_train_config(None, ["model.hidden_size=0"])
 
 
+def test_a_dotted_override_of_a_field_that_is_no_mapping_gives_its_type_and_how_to_set_it() -> None:
+    """`betas.1=0.99` was answered "field 'betas' is not a mapping", which said neither what betas is nor how to
+    set one of its values."""
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'betas.1=0.99': field 'betas' \(tuple\[float, float\]\) is not a mapping of keys: give it "
+        r"whole, betas=VALUE",
+    ):
+        load_train_config(None, ["betas.1=0.99"])
+
+
 def test_an_unknown_key_in_a_file_or_an_override_is_answered_with_the_closest_known_one(tmp_path: Path) -> None:
     config_file = tmp_path / "run.yaml"
     config_file.write_text("max_step: 5\n")
