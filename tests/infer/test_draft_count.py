@@ -268,6 +268,12 @@ def test_at_several_rows_a_batch_size_drafts_only_where_drafts_at_the_prior_prom
     assert count.choose(rows(2)) == 0
 
 
+def recording(function, calls: list[int]):
+    """`function`, still run, with each call noted in `calls`: a step that should not call it fails on `calls`, not
+    on a stand-in's return value."""
+    return lambda *args, **kwargs: calls.append(1) or function(*args, **kwargs)
+
+
 def test_where_drafting_is_off_a_speculative_engines_steps_are_plain_ones(tmp_path, monkeypatch):
     """4 rows whose drafts would not pay even at the prior: after the prefill's drafts are verified, every step is a
     plain step (no MTP call, the same tokens as an engine without speculation)."""
@@ -278,8 +284,8 @@ def test_where_drafting_is_off_a_speculative_engines_steps_are_plain_ones(tmp_pa
     engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=4)
     engine.draft_count.costs = costs(0.3, [3.0, 5.0], batches=(1, 4))
     mtp_calls = []
-    monkeypatch.setattr(engine, "_decode_drafts", lambda *args, **kwargs: mtp_calls.append(1))
-    monkeypatch.setattr(engine, "_greedy_speculation", lambda *args, **kwargs: mtp_calls.append(1))
+    for name in ("_decode_drafts", "_greedy_speculation"):
+        monkeypatch.setattr(engine, name, recording(getattr(engine, name), mtp_calls))
     assert [c.token_ids for c in engine.generate(batch, params)] == plain
     assert mtp_calls == [] and engine.stats().spec_drafted == 0
 
@@ -304,7 +310,7 @@ def test_a_lone_request_whose_drafts_do_not_pay_decodes_with_plain_steps(tmp_pat
     expected = Engine(model, tokenizer).generate([[5, 6, 7]], params)[0].token_ids
     engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
     engine.draft_count.passed, engine.draft_count.checked = [0.0] * 2, [1000.0] * 2  # drafts off from the start
-    mtp_calls, drafts = [], engine._decode_drafts
-    monkeypatch.setattr(engine, "_decode_drafts", lambda *args: mtp_calls.append(1) or drafts(*args))  # still runs
+    mtp_calls = []
+    monkeypatch.setattr(engine, "_decode_drafts", recording(engine._decode_drafts, mtp_calls))
     assert engine.generate([[5, 6, 7]], params)[0].token_ids == expected
     assert mtp_calls == [] and engine.stats().spec_drafted == 0
