@@ -27,7 +27,7 @@ import torch
 from options import check_context, checkpoint_folder, learning_rate, non_negative_int, positive_int, token_shards
 
 import seekstack
-from seekstack.adapters.config import LORA_BETAS, AdapterConfig
+from seekstack.adapters.config import LORA_DEFAULTS, AdapterConfig
 from seekstack.adapters.data import frequent_tokens
 from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, apply_lora, is_adapter_parameter, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
@@ -424,7 +424,10 @@ def full_fine_tune_settings(lr: float) -> list[str]:
     """The full fine-tune's training overrides at `lr`: the LoRA runs' Adam betas, so that the two differ in what
     they train (and in the schedule each has at its best), not in the optimizer. At pretraining's beta1 0.9 it gains
     9% less (seed 0), which inflated every adapter's share of its gain."""
-    return [f"lr={lr}", f"min_lr={lr / 10}", "weight_decay=0.0", "bias_update_rate=0.0", LORA_BETAS]
+    shared = [
+        setting for setting in LORA_DEFAULTS if setting.split("=")[0] in ("weight_decay", "bias_update_rate", "betas")
+    ]
+    return [f"lr={lr}", f"min_lr={lr / 10}", *shared]
 
 
 def measured(folder: Path, measure: Callable[[], dict]) -> dict:
