@@ -33,12 +33,14 @@ from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_reque
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestFailure, RequestGroup
+from seekstack.serve.budget import BudgetHolds, OverBudget, affordable_tokens
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, invalid_value, named_model, parse_body
 from seekstack.serve.keys import (
     ApiKey,
     KeyStore,
+    Plan,
     format_amount,
     format_cost,
     format_duration,
@@ -194,6 +196,7 @@ class Server:
             )
         self.keys = KeyStore(database)
         self.ledger = Ledger(database)
+        self.budgets = BudgetHolds(self.ledger)
         self.limiter = RateLimiter(database)
         self.metrics = ServerMetrics(self.model_name, engine.max_model_len)
         self.bridge = AsyncEngine(engine, self.metrics)
@@ -336,7 +339,9 @@ class Server:
                 prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
             requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
-            unasked_limit = await asyncio.to_thread(self.unasked_limit, body, bill.key, prompt_tokens, len(requests))
+            unasked_limit = await asyncio.to_thread(
+                self.unasked_limit, body, bill.key, bill.plan, prompt_tokens, len(requests)
+            )
             listed = 0  # of the prompt's tokens, those listing the tools, read where the prompt leaves no room
             if prompt_tokens >= min(self.engine.max_model_len, self.engine.context_len):
                 listed = await asyncio.to_thread(tools_tokens, body, self.engine.tokenizer, prompt_tokens)
@@ -356,6 +361,7 @@ class Server:
             if start is not None:  # stops match the answer
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
+            await asyncio.to_thread(self.hold_budget, bill, prompt_tokens, tokens - prompt_tokens)
             request.scope["state"][LEFT_HEADERS] = await in_write_thread(
                 self.reserve, bill.key, charge, tokens
             )  # headers
@@ -444,6 +450,7 @@ class Server:
         try:
             await bill.record_async(status)
         finally:
+            self.budgets.release(bill)
             await self.settle(charge, tokens, retry=status != SERVER_STOPPED)
 
     async def settle(self, charge: Charge | None, tokens: int, retry: bool) -> None:
@@ -459,13 +466,33 @@ class Server:
             log.warning("rate-limit charge %d keeps its admitted tokens, not the %d used: %s", charge.charge_id,
                         tokens, error)  # fmt: skip
 
-    def unasked_limit(self, body, key: ApiKey | None, prompt_tokens: int, requests: int) -> int | None:
+    def unasked_limit(self, body, key: ApiKey | None, plan: Plan, prompt_tokens: int, requests: int) -> int | None:
         """The most tokens each of a call's `requests` engine requests may generate when it gives no max_tokens: its
-        share of what is left of `key`'s tokens per minute (less what its window has charged) after the prompt; None
-        for a call with max_tokens or a key without that limit."""
-        if key is None or key.tpm is None or requested_max_tokens(body) is not None:
+        share of what is left of `key`'s tokens per minute (less what its window has charged) after the prompt, and of
+        what its budget leaves (at `plan`'s prices); None for a call with max_tokens or a key without either limit."""
+        if key is None or requested_max_tokens(body) is not None:
             return None
-        return (self.limiter.tokens_left(key.name, key.tpm) - prompt_tokens) // requests
+        limits = []
+        if key.tpm is not None:
+            limits.append((self.limiter.tokens_left(key.name, key.tpm) - prompt_tokens) // requests)
+        if key.budget is not None:
+            limits.append(affordable_tokens(plan, self.budgets.left_pico(key), prompt_tokens, requests))
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
+
+    def hold_budget(self, bill: Bill, prompt_tokens: int, completion_tokens: int) -> None:
+        """Hold the most `bill`'s request may cost (its `prompt_tokens` and at most `completion_tokens`) against its
+        key's budget while it runs; 429 `insufficient_quota` where that does not fit in what the budget leaves (told
+        not to retry unless requests under way may leave room)."""
+        if bill.key is None:
+            return
+        try:
+            self.budgets.hold(bill.key, bill, bill.plan.cost_pico(prompt_tokens, completion_tokens))
+        except OverBudget as error:
+            headers = None if error.retry_may_fit else {SHOULD_RETRY: "false"}
+            raise APIError(
+                429, str(error), "insufficient_quota", param="max_tokens", code="insufficient_quota", headers=headers
+            ) from None
 
     def refuse_over_budget(self, key: ApiKey | None) -> None:
         """429 `insufficient_quota`, as OpenAI's for an account out of credit, once the usage of `key`'s name has cost

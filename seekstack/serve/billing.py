@@ -44,6 +44,8 @@ class Bill:
     recorded: bool = False
     status: int | None = None  # the final row's HTTP status, once written
     row_id: int | None = None  # the stream's open row
+    most_pico: int = 0  # the most it may cost, held against its key's budget while under way (budget.BudgetHolds)
+    billed_pico: int = 0  # the cost its row holds so far, in 1e-12 of the currency
     _billed_tokens: int = 0
     _billed_at: float = 0.0
     _updating: asyncio.Future | None = field(default=None, repr=False)  # the update being written
@@ -69,14 +71,14 @@ class Bill:
         with self._lock:  # the event loop and a worker thread may both try; an update may be writing
             if self.recorded:
                 return
-            self.ledger.record(self.usage_record(status), self.row_id)
+            _, self.billed_pico = self.ledger.write(self.usage_record(status), self.row_id)
             self.recorded, self.status = True, status  # after the write: if it failed, the error path records it
 
     def open(self) -> None:
         """Write the row of a stream about to start, billed for its prompt."""
         with self._lock:
             if not self.recorded and self.row_id is None:
-                self.row_id = self.ledger.open(self.usage_record(IN_PROGRESS))
+                self.row_id, self.billed_pico = self.ledger.open(self.usage_record(IN_PROGRESS))
                 self._billed_at = time.perf_counter()
 
     def update_soon(self) -> None:
@@ -95,7 +97,7 @@ class Bill:
         with self._lock:
             if self.recorded or self.row_id is None:
                 return
-            self.ledger.record(self.usage_record(IN_PROGRESS), self.row_id)
+            _, self.billed_pico = self.ledger.write(self.usage_record(IN_PROGRESS), self.row_id)
 
     @property
     def total_tokens(self) -> int:

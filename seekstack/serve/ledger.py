@@ -118,20 +118,21 @@ class Ledger:
     def record(self, usage: UsageRecord, row_id: int | None = None) -> float:
         """Write one request's usage (durably, before returning): a new row, or the row `open` returned brought up to
         date; returns its cost."""
-        return cost_amount(self._write(usage, row_id)[1])
+        return cost_amount(self.write(usage, row_id)[1])
 
-    def open(self, usage: UsageRecord) -> int:
-        """Write the row of a request still running (status IN_PROGRESS, billed so far) and return its id for
-        `record`."""
-        return self._write(dataclasses.replace(usage, status=IN_PROGRESS), None)[0]
+    def open(self, usage: UsageRecord) -> tuple[int, int]:
+        """Write the row of a request still running (status IN_PROGRESS, billed so far); its id for `record`, and its
+        cost in 1e-12 of the currency."""
+        return self.write(dataclasses.replace(usage, status=IN_PROGRESS), None)
 
     def default_plan(self) -> Plan:
         """The prices a request of the open server (no keys yet) is billed at now; a key's come with it
         (`KeyStore.verify`)."""
         return Plan(**self.database.query("SELECT * FROM plans WHERE name = ?", (DEFAULT_PLAN,))[0])
 
-    def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, int]:
-        """`_write_once`, tried again while another connection holds the database (`retrying_while_busy`)."""
+    def write(self, usage: UsageRecord, row_id: int | None = None) -> tuple[int, int]:
+        """`record`, returning the row's id and its cost in 1e-12 of the currency; tried again while another
+        connection holds the database (`retrying_while_busy`)."""
         return retrying_while_busy(self.database, lambda: self._write_once(usage, row_id))
 
     def _write_once(self, usage: UsageRecord, row_id: int | None) -> tuple[int, int]:
@@ -173,9 +174,13 @@ class Ledger:
 
     def spent(self, key_name: str, since: float | None = None) -> float:
         """What the usage of the key named `key_name` has cost, that recorded after `since` (Unix seconds) or all."""
+        return cost_amount(self.spent_pico(key_name, since))
+
+    def spent_pico(self, key_name: str, since: float | None = None) -> int:
+        """`spent`, in 1e-12 of the currency."""
         after, parameters = ("AND created_at > ?", (key_name, since)) if since is not None else ("", (key_name,))
         rows = self.database.query(f"SELECT {COST_SUMS} FROM usage WHERE key_name = ? {after}", parameters)
-        return cost_amount(summed_pico(rows[0]))
+        return summed_pico(rows[0])
 
     def knows(self, key_name: str) -> bool:
         """Whether any usage is recorded for key `key_name`."""

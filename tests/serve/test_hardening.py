@@ -988,7 +988,7 @@ def test_a_key_that_has_spent_its_budget_is_refused_before_its_request_is_read(e
     database = open_database(tmp_path / "db")
     keys, ledger = KeyStore(database), Ledger(database)
     keys.set_plan("pricey", prompt_per_1k=500.0, completion_per_1k=500.0)  # a token costs 0.5
-    capped = keys.create("capped", plan="pricey", budget=Budget(COMPLETION["max_tokens"]))
+    capped = keys.create("capped", plan="pricey", budget=Budget(6.0))  # two requests of 2 + 4 tokens
     monthly = keys.create("monthly", budget=Budget(1.0, period_s=30 * 86400))
     ledger.record(UsageRecord("monthly", "model", "/v1/completions", 10**6, 0, 0.1, 200))  # 2.0, now
     with database.transaction() as connection:  # ... recorded 31 days ago, out of the period
@@ -996,17 +996,18 @@ def test_a_key_that_has_spent_its_budget_is_refused_before_its_request_is_read(e
 
     async def scenario(client):
         def post(key):
-            return client.post("/v1/completions", json=COMPLETION, headers={"Authorization": f"Bearer {key}"})
+            request = {**COMPLETION, "prompt": [5, 6]}
+            return client.post("/v1/completions", json=request, headers={"Authorization": f"Bearer {key}"})
 
         return [await post(capped) for _ in range(3)], await post(monthly)
 
     (first, second, refused), fresh_period = run(create_app(engine, database), scenario)
     assert first.status_code == second.status_code == fresh_period.status_code == 200
     spent = sum(row["cost"] for row in ledger.records("capped"))
-    assert spent >= COMPLETION["max_tokens"]  # was: served, and billed, without end
+    assert spent == 6.0  # was: served, and billed, without end
     error = error_of(refused, 429)
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
-    assert error["message"].startswith(f"key 'capped' has spent {spent:.6f}, its whole budget of 4: no request is")
+    assert error["message"].startswith("key 'capped' has spent 6.000000, its whole budget of 6: no request is")
     assert ledger.records("capped")[-1]["cost"] == 0 and ledger.records("capped")[-1]["status"] == 429
     assert refused.headers["x-should-retry"] == "false"  # was: the openai client sent it 3 times, 3 rows, 3 of the rpm
 

@@ -1,0 +1,90 @@
+"""A key's budget held at admission: each request holds the most it may cost until its final row is written, so that
+requests under way together, or one long completion, never carry a key's spend past its budget.
+
+A request is admitted only if what its key's name has spent (its usage rows over the budget's period, a stream's
+running row included), what the name's requests under way may still add, and the request's own most cost (its
+prompt and every choice's max_tokens at its plan's prices, none of it cached) fit within the budget. A chat request
+that leaves max_tokens to the server is given at most what the budget leaves it (`affordable_tokens`). The holds are
+this process's: servers sharing one database each hold their own requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from seekstack.serve.billing import Bill
+from seekstack.serve.database import cost_amount, cost_pico
+from seekstack.serve.keys import ApiKey, Plan, format_amount, format_cost, price_decimal
+from seekstack.serve.ledger import Ledger
+
+
+class OverBudget(Exception):
+    """A request whose most cost does not fit in what its key's budget leaves."""
+
+    def __init__(self, key: ApiKey, most_pico: int, spent_pico: int, held_pico: int):
+        self.retry_may_fit = held_pico > 0  # the requests under way may end costing less than they hold
+        period = "" if key.budget.period_s is None else " over its period"
+        super().__init__(
+            f"key {key.name!r} has spent {format_cost(cost_amount(spent_pico))}{period} of its budget of "
+            f"{format_amount(key.budget.amount)}, and its requests under way may cost up to "
+            f"{format_cost(cost_amount(held_pico))} more; this request may cost up to "
+            f"{format_cost(cost_amount(most_pico))} (its prompt and max_tokens at plan {key.plan!r}'s prices), more "
+            "than is left: lower max_tokens"
+            + (", or send it again once the requests under way have ended" if self.retry_may_fit else "")
+        )
+
+
+class BudgetHolds:
+    """The most the requests under way of each key name may still cost, held against the name's budget."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self._lock = threading.Lock()  # one admission at a time reads the spend and holds its own
+        self._under_way: dict[str, dict[int, Bill]] = {}  # key name -> the bills of its requests under way, by id
+
+    def hold(self, key: ApiKey, bill: Bill, most_pico: int) -> None:
+        """Hold `most_pico` (in 1e-12 of the currency) for `bill`'s request until `release`; OverBudget where it does
+        not fit in what `key`'s budget leaves. A key without a budget holds nothing."""
+        if key.budget is None:
+            return
+        with self._lock:
+            spent, held = self._spent_and_held(key)
+            if spent + held + most_pico > cost_pico(price_decimal(key.budget.amount)):
+                raise OverBudget(key, most_pico, spent, held)
+            bill.most_pico = most_pico
+            self._under_way.setdefault(key.name, {})[id(bill)] = bill
+
+    def release(self, bill: Bill) -> None:
+        """Stop holding for `bill`'s request, once its final row is written (or it was refused before any)."""
+        if bill.key is None:
+            return
+        with self._lock:
+            self._under_way.get(bill.key.name, {}).pop(id(bill), None)
+
+    def left_pico(self, key: ApiKey) -> int:
+        """What `key`'s budget leaves now for a new request, in 1e-12 of the currency (0 when spent)."""
+        with self._lock:
+            spent, held = self._spent_and_held(key)
+        return max(cost_pico(price_decimal(key.budget.amount)) - spent - held, 0)
+
+    def _spent_and_held(self, key: ApiKey) -> tuple[int, int]:
+        """What `key`'s name has spent over its budget's period, and what its requests under way may still add to it:
+        each the most it may cost less what its row has billed so far."""
+        since = None if key.budget.period_s is None else time.time() - key.budget.period_s
+        spent = self.ledger.spent_pico(key.name, since)
+        held = sum(max(bill.most_pico - bill.billed_pico, 0) for bill in self._under_way.get(key.name, {}).values())
+        return spent, held
+
+
+def affordable_tokens(plan: Plan, left_pico: int, prompt_tokens: int, requests: int) -> int | None:
+    """The most completion tokens each of a call's `requests` engine requests may generate so that its prompt and their
+    tokens cost at most `left_pico` at `plan`'s prices (0 when not even the prompt fits); None when completion tokens
+    are free."""
+    if plan.completion_per_1k == 0:
+        return None
+    per_token_pico = plan.cost_pico(0, 1000) / 1000  # the completion price per token, unrounded
+    tokens = max(int((left_pico - plan.cost_pico(prompt_tokens, 0)) / per_token_pico) // requests, 0)
+    while tokens > 0 and plan.cost_pico(prompt_tokens, tokens * requests) > left_pico:  # the cost's own rounding
+        tokens -= 1
+    return tokens

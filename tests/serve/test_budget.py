@@ -1,0 +1,103 @@
+"""A key's budget holds: each request holds the most it may cost while it runs, so concurrent requests, or one long
+completion, never carry a key's spend past its budget; a chat that leaves max_tokens to the server is given what the
+budget leaves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.budget import affordable_tokens
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import Budget, KeyStore, Plan
+from seekstack.serve.ledger import Ledger
+from tests.serve.server import error_of, make_model_dir, run
+
+# two prompt ids and four tokens, at 0.5 a token: each request may cost 3.0, and does (ignore_eos)
+REQUEST = {"model": "model", "prompt": [5, 6], "max_tokens": 4, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("budget")))
+
+
+def pricey_key(database, budget: float, prompt_per_1k: float = 500.0) -> str:
+    keys = KeyStore(database)
+    keys.set_plan("pricey", prompt_per_1k=prompt_per_1k, completion_per_1k=500.0)  # a completion token costs 0.5
+    return keys.create("capped", plan="pricey", budget=Budget(budget))
+
+
+def test_concurrent_requests_never_carry_a_key_past_its_budget(engine, tmp_path):
+    """Four requests at once on a budget of two: each passed the budget check before any was billed, all four were
+    served and billed 12.0 of a budget of 6. Two are served now, two refused with 429 insufficient_quota naming what
+    the requests under way hold (a retry may fit: no x-should-retry) or, sent after, what was spent."""
+    database = open_database(tmp_path / "db")
+    headers = {"Authorization": f"Bearer {pricey_key(database, budget=6.0)}"}
+
+    async def scenario(client):
+        return await asyncio.gather(*(client.post("/v1/completions", json=REQUEST, headers=headers) for _ in range(4)))
+
+    answers = run(create_app(engine, database), scenario)
+    assert sorted(answer.status_code for answer in answers) == [200, 200, 429, 429]
+    assert Ledger(database).spent("capped") == 6.0
+    for refused in (answer for answer in answers if answer.status_code == 429):
+        error = error_of(refused, 429)
+        assert (error["type"], error["code"], error["param"]) == (
+            "insufficient_quota",
+            "insufficient_quota",
+            "max_tokens",
+        )
+        assert "this request may cost up to 3.000000" in error["message"], error["message"]
+
+
+def test_a_request_that_may_cost_more_than_the_budget_leaves_is_refused_before_it_runs(engine, tmp_path):
+    """A budget of 4 and a request that may cost 3.0: the first was served, and so was the second, spent 3.0 < 4, then
+    billed to 6.0. The second is refused now, at no cost, told to lower max_tokens and not to send it again as it is."""
+    database = open_database(tmp_path / "db")
+    headers = {"Authorization": f"Bearer {pricey_key(database, budget=4.0)}"}
+
+    async def scenario(client):
+        return [await client.post("/v1/completions", json=REQUEST, headers=headers) for _ in range(2)]
+
+    served, refused = run(create_app(engine, database), scenario)
+    assert served.status_code == 200
+    error = error_of(refused, 429)
+    assert error["message"] == (
+        "key 'capped' has spent 3.000000 of its budget of 4, and its requests under way may cost up to 0.000000 more; "
+        "this request may cost up to 3.000000 (its prompt and max_tokens at plan 'pricey''s prices), more than is "
+        "left: lower max_tokens"
+    )
+    assert refused.headers["x-should-retry"] == "false"
+    assert [(row["status"], row["cost"]) for row in Ledger(database).records("capped")] == [(200, 3.0), (429, 0.0)]
+
+
+def test_a_chat_without_max_tokens_is_given_what_the_budget_leaves(engine, tmp_path):
+    """A chat that leaves max_tokens to the server may fill the context: on a key with 2.0 of its budget left it was
+    refused (or, before budgets held, served and billed past it). It is served the 4 tokens the budget pays for."""
+    database = open_database(tmp_path / "db")
+    headers = {"Authorization": f"Bearer {pricey_key(database, budget=2.0, prompt_per_1k=0.0)}"}
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hello"}], "ignore_eos": True}
+
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=chat, headers=headers)
+
+    answer = run(create_app(engine, database), scenario)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 4
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+    assert Ledger(database).spent("capped") == 2.0
+
+
+def test_affordable_tokens_fit_the_cost_as_the_ledger_rounds_it():
+    """The completion tokens each request may take so that the call costs at most what is left, its prompt first."""
+    plan = Plan("p", prompt_per_1k=1.0, completion_per_1k=3.0)  # a prompt token 0.001, a completion token 0.003
+    left = plan.cost_pico(10, 0) + plan.cost_pico(0, 7)  # the prompt and 7 tokens, exactly
+    assert affordable_tokens(plan, left, prompt_tokens=10, requests=1) == 7
+    assert affordable_tokens(plan, left - 1, prompt_tokens=10, requests=1) == 6
+    assert affordable_tokens(plan, left, prompt_tokens=10, requests=2) == 3
+    assert affordable_tokens(plan, plan.cost_pico(9, 0), prompt_tokens=10, requests=1) == 0
+    assert affordable_tokens(Plan("free", 1.0, 0.0), 0, prompt_tokens=10, requests=1) is None
