@@ -343,8 +343,10 @@ class ModelConfig:
         return out
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes).validate()
+        """A copy with some fields changed, checked once as it is built (`check`: a field no ModelConfig has is
+        refused by name)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return check(ModelConfig, {**values, **changes})
 
 
 def _is_number(value: Any) -> bool:

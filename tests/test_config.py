@@ -416,3 +416,20 @@ def test_transformers_other_name_of_a_field_is_read_as_that_field_and_refused_be
     assert getattr(ModelConfig.from_dict({**absent, alias: None}), field) == getattr(
         ModelConfig.from_dict(absent), field
     )
+
+
+def test_a_config_is_checked_once_where_it_is_built_not_again_by_replace_or_the_model(monkeypatch):
+    """replace built a copy (checked) and then checked it again (recheck builds a third), and Transformer checked
+    its config once more: the rules across fields ran three times on the path preset -> replace -> model."""
+    from seekstack.model.transformer import Transformer
+
+    tiny = preset("tiny")
+    checks = []
+    rules = ModelConfig._check_rules
+    monkeypatch.setattr(ModelConfig, "_check_rules", lambda config: checks.append(config) or rules(config))
+    shallow = tiny.replace(num_hidden_layers=2)
+    assert len(checks) == 1 and checks[0] is shallow
+    Transformer(shallow)
+    assert len(checks) == 1
+    with pytest.raises(ConfigError, match="unknown field 'hiden_size'"):
+        tiny.replace(hiden_size=64)

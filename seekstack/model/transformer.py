@@ -72,7 +72,7 @@ class Transformer(nn.Module):
                 f"Transformer takes a ModelConfig, got {type(config).__name__}: seekstack.preset(name) or "
                 "ModelConfig.from_dict(values) builds one; seekstack.load_pretrained(folder) loads a checkpoint"
             )
-        self.config = config.validate()
+        self.config = config  # checked as it was built (ModelConfig.__post_init__)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
