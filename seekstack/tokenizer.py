@@ -140,6 +140,12 @@ def pre_tokenizer_pattern(split_digits: int | None = None) -> str:
     return PRE_TOKENIZER_PATTERN.replace(rf" ?\p{{N}}{RUN_REPEAT}", rf" ?\p{{N}}{digits_repeat}")
 
 
+@functools.cache
+def _capped_patterns() -> frozenset[str]:
+    """The patterns `train_tokenizer` splits with: `pre_tokenizer_pattern` of each split_digits, and of none."""
+    return frozenset(pre_tokenizer_pattern(split_digits) for split_digits in (None, *range(1, LONGEST_PRE_TOKEN + 1)))
+
+
 def byte_level_split(pattern: str) -> PreTokenizer:
     """The pre-tokenizer `train_tokenizer` writes: the pre-tokens `pattern` finds, each as byte-level characters."""
     return pre_tokenizers.Sequence(
@@ -680,11 +686,11 @@ class Tokenizer:
         if pre_tokenizer is None:
             return None
         layout = json.loads(pre_tokenizer.__getstate__())
-        capped = (
-            json.loads(byte_level_split(pre_tokenizer_pattern(split_digits)).__getstate__())
-            for split_digits in (None, *range(1, LONGEST_PRE_TOKEN + 1))
-        )
-        return pre_tokenizer if layout in capped else None
+        first_step = next(iter(layout.get("pretokenizers", ())), {})
+        pattern = first_step.get("pattern", {}).get("Regex")
+        if pattern not in _capped_patterns():
+            return None
+        return pre_tokenizer if layout == json.loads(byte_level_split(pattern).__getstate__()) else None
 
     @functools.cached_property
     def _corpus_backend(self) -> BackendTokenizer:

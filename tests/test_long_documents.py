@@ -188,6 +188,22 @@ def test_a_tokenizer_trained_on_long_texts_reads_them_in_pieces_and_learns_the_s
     assert "".join(read) == "".join(texts) and len(read) > 100 and max(map(len, read)) < 500
 
 
+def test_a_capped_pre_tokenizer_is_told_apart_building_one_layout_not_one_per_split_digits(ours, monkeypatch):
+    """Each Tokenizer built the layouts of all 257 capped patterns (split_digits None, 1 to 256) to compare its own
+    with (34 ms on the demo's uncapped tokenizer); it builds the one its pattern names, and none for another."""
+    built = []
+    split = tokenizer_module.byte_level_split
+    monkeypatch.setattr(tokenizer_module, "byte_level_split", lambda pattern: built.append(pattern) or split(pattern))
+    longest_digits = json.loads(split(tokenizer_module.pre_tokenizer_pattern(256)).__getstate__())
+    assert with_pre_tokenizer(ours, longest_digits).capped_pre_tokenizer is not None
+    assert built == [tokenizer_module.pre_tokenizer_pattern(256)]
+    assert with_pre_tokenizer(ours, DEEPSEEK_V3_PRE_TOKENIZER).capped_pre_tokenizer is None
+    split_alone = {**longest_digits, "pretokenizers": longest_digits["pretokenizers"][:1]}  # no byte-level step
+    assert with_pre_tokenizer(ours, split_alone).capped_pre_tokenizer is None
+    assert with_pre_tokenizer(ours, longest_digits["pretokenizers"][1]).capped_pre_tokenizer is None
+    assert len(built) == 2
+
+
 def test_an_unbroken_run_of_letters_is_cut_where_a_capped_pattern_ends_its_pre_tokens(ours):
     """A run of letters and nothing else, no LETTER_END in it, went to tokenizers whole (400k CJK characters: 74 MB,
     50 MB of them 9 GB); our pattern cuts it every LONGEST_PRE_TOKEN characters from its start (after a space or a
