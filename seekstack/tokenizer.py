@@ -468,14 +468,24 @@ def _pre_token_cut(text: str, start: int, piece_chars: int, pre_tokenizer: PreTo
     """The first end of a pre-token of `text`, read by `pre_tokenizer` from `start` (where one begins), past
     `start + piece_chars`, when `text[start:cut]` alone pre-tokenizes as it does in the whole; None where there is none
     or a lone surrogate, which only the encoding may read, is in the way. Each pre-token of a capped pattern is decided
-    by at most MATCH_SPAN characters from its start, so a window that many past the cut reads as the whole text."""
+    by at most MATCH_SPAN characters from its start, so a window that many past the cut reads as the whole text, and
+    of the piece before the cut only the pre-tokens that start less than MATCH_SPAN before it may read otherwise: they
+    alone are read again, from the first one's start, ended at the cut."""
     window = text[start : start + piece_chars + 2 * MATCH_SPAN]
     if LONE_SURROGATE.search(window):
         return None
     pre_tokens = pre_tokenizer.pre_tokenize_str(window)
     for count, (_, (_, end)) in enumerate(pre_tokens, start=1):
         if piece_chars <= end < len(window) - MATCH_SPAN:
-            return start + end if pre_tokenizer.pre_tokenize_str(window[:end]) == pre_tokens[:count] else None
+            first = count - 1
+            while first > 0 and pre_tokens[first - 1][1][0] >= end - MATCH_SPAN:
+                first -= 1
+            tail_start = pre_tokens[first][1][0]
+            tail = [
+                (piece, (piece_start + tail_start, piece_end + tail_start))
+                for piece, (piece_start, piece_end) in pre_tokenizer.pre_tokenize_str(window[tail_start:end])
+            ]
+            return start + end if tail == pre_tokens[first:count] else None
     return None
 
 

@@ -204,6 +204,32 @@ def test_a_capped_pre_tokenizer_is_told_apart_building_one_layout_not_one_per_sp
     assert len(built) == 2
 
 
+class ReadLengths:
+    """A pre-tokenizer that notes the length of each text it is given, then pre-tokenizes it."""
+
+    def __init__(self, pre_tokenizer):
+        self.pre_tokenizer, self.lengths = pre_tokenizer, []
+
+    def pre_tokenize_str(self, text: str):
+        self.lengths.append(len(text))
+        return self.pre_tokenizer.pre_tokenize_str(text)
+
+
+def test_a_cut_inside_a_run_of_letters_reads_the_piece_once_and_its_last_pre_tokens_again():
+    """The cut's check pre-tokenized the whole piece before it a second time (2 x 4,000 characters here); only the
+    pre-tokens that start within MATCH_SPAN of the cut can read otherwise, so those alone are read again. A cut where
+    the piece alone pre-tokenizes otherwise is still refused: " " then "\t" before "b" in the whole, " \t" alone."""
+    capped = tokenizer_module.byte_level_split(tokenizer_module.pre_tokenizer_pattern())
+    span, piece_chars = tokenizer_module.MATCH_SPAN, 4000
+    read = ReadLengths(capped)
+    text = "x" * (piece_chars - 1) + " \tb" + "y" * 3000
+    assert tokenizer_module._pre_token_cut(text, 0, piece_chars, read) == piece_chars
+    window = piece_chars + 2 * span
+    assert read.lengths[0] == window and sum(read.lengths[1:]) <= span
+    assert tokenizer_module._pre_token_cut(text[1:], 0, piece_chars, capped) is None
+    assert capped.pre_tokenize_str(text[1 : piece_chars + 1])[-1][1] == (piece_chars - 2, piece_chars)  # " \t"
+
+
 def test_an_unbroken_run_of_letters_is_cut_where_a_capped_pattern_ends_its_pre_tokens(ours):
     """A run of letters and nothing else, no LETTER_END in it, went to tokenizers whole (400k CJK characters: 74 MB,
     50 MB of them 9 GB); our pattern cuts it every LONGEST_PRE_TOKEN characters from its start (after a space or a
