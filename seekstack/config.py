@@ -110,7 +110,7 @@ class ModelConfig:
         whatever the config's group fields say (they go unchecked for it)."""
         if self.topk_method == "greedy":
             return 1, 1
-        return self.n_group or 1, self.topk_group or 1
+        return self.n_group, self.topk_group
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` (MTP blocks continue the numbering) uses DeepSeekMoE."""
@@ -250,6 +250,17 @@ class ModelConfig:
         if k is None:
             raise ConfigError("num_experts_per_tok is required when n_routed_experts is set")
         require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}", k)
+        if self.topk_method != "greedy":
+            # null was read as 1 (all experts one group); transformers keeps it and its router fails on it
+            given = {"n_group": "8; 1 routes over all experts", "topk_group": "4; n_group routes over all"}
+            for name in ("n_group", "topk_group"):
+                require(
+                    getattr(self, name) is not None,
+                    name,
+                    f"a positive integer for {self.topk_method} routing, which picks topk_group of n_group groups of "
+                    f"experts (DeepSeek-V3's config.json gives {given[name]}); transformers' router fails on null too",
+                    None,
+                )
         groups, topk_group = self.routing_groups  # (1, 1) for greedy: its group fields go unchecked
         require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}", groups)
         require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}", topk_group)

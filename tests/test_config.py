@@ -433,3 +433,16 @@ def test_a_config_is_checked_once_where_it_is_built_not_again_by_replace_or_the_
     assert len(checks) == 1
     with pytest.raises(ConfigError, match="unknown field 'hiden_size'"):
         tiny.replace(hiden_size=64)
+
+
+@pytest.mark.parametrize("field", ["n_group", "topk_group"])
+def test_a_null_routing_group_field_is_refused_by_name_where_routing_uses_groups(field):
+    """A config.json's `"n_group": null` was read as 1 group, routing over all experts where the checkpoint's router
+    was trained on groups; transformers keeps the null and its router fails on it (int // None). Greedy routing reads
+    neither field, so a DeepSeek-V2-Lite config's nulls stay valid."""
+    with pytest.raises(ConfigError, match=rf"config.json: field '{field}' has value None: must be a positive integer "):
+        ModelConfig.from_dict({"model_type": "deepseek_v3", field: None}, source="config.json")
+    lite = ModelConfig.from_dict(
+        {"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_method": "greedy", field: None}
+    )
+    assert lite.routing_groups == (1, 1)
