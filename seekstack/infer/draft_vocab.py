@@ -65,8 +65,8 @@ def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequ
     """The `size` first ids of `ranking` (a tensor or list of token ids) with their rows of `model`'s output head (a
     copy, see `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers
     it; ValueError for a negative size (a slice from the end would take all ids but the last ones) and for a ranking
-    that is not token ids of the model's vocabulary or holds fewer than `size`, naming draft_ranking (torch's
-    IndexError named neither)."""
+    that is not token ids of the model's vocabulary, holds fewer than `size` or repeats one among its first `size`,
+    naming draft_ranking (torch's IndexError named neither)."""
     refuse_a_wrong_draft_vocab(size)
     if size == 0 or size >= model.config.vocab_size:
         return None
@@ -83,6 +83,12 @@ def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor | Sequ
     if len(outside):
         raise ValueError(
             f"draft_ranking holds token id {outside[0].item()}, outside the vocabulary [0, {model.config.vocab_size})"
+        )
+    chosen, repeats = ranked[:size].unique(return_counts=True)
+    if len(chosen) < size:  # a repeated id leaves fewer tokens to draft than draft_vocab says
+        raise ValueError(
+            f"draft_ranking holds token id {chosen[repeats > 1][0].item()} more than once among its first {size}: "
+            "it names each token once, most frequent first"
         )
     weight = model.lm_head.weight.detach()
     ids = ranked[:size].to(weight.device)

@@ -103,7 +103,8 @@ def test_a_draft_ranking_of_other_than_the_vocabularys_ids_is_refused_naming_it_
     "IndexError: index 600 is out of bounds for dimension 0 with size 512" (or "index out of range in self"), floats
     and a 2-D tensor with IndexError and RuntimeError, and a list of ids with "'list' object has no attribute 'to'"; an
     empty ranking failed at the first draft with "argmax(): Expected reduction dim 2 to have non-zero size", a list of
-    strings with torch's "too many dimensions 'str'"."""
+    strings with torch's "too many dimensions 'str'"; a ranking repeating an id drafted from fewer tokens than asked
+    (7, 5, 7 is two), unsaid."""
     assert draft_vocabulary(model, 3, [7, 5, 9, 1]).ids.tolist() == [7, 5, 9]
     for ranking, refusal in (
         (torch.tensor([600, 1, 2]), r"^draft_ranking holds token id 600, outside the vocabulary \[0, 512\)$"),
@@ -116,6 +117,7 @@ def test_a_draft_ranking_of_other_than_the_vocabularys_ids_is_refused_naming_it_
         ),
         ([], r"^draft_ranking holds 0 token ids; draft_vocab=3 needs at least that many$"),
         ([7, 5], r"^draft_ranking holds 2 token ids; draft_vocab=3 needs at least that many$"),
+        ([7, 5, 7, 1], r"^draft_ranking holds token id 7 more than once among its first 3: it names each token once"),
         (["a", "b", "c"], r"\(a 1-D tensor or list of ints\); got \['a', 'b', 'c'\]: too many dimensions 'str'$"),
     ):
         with pytest.raises(ValueError, match=refusal):
