@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -109,6 +110,7 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 # A request the server cut off as it stopped (past --shutdown-timeout, or a second Ctrl-C): its failure, at no cost
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
+STOP_NOW_POLL_S = 0.1  # how often a stopping server looks for a second Ctrl-C while it waits
 # The ledger's model for a request naming one this server does not serve (a typo, a client's control characters or
 # megabytes): one row of `seekstack usage` a key and day, not one a name; the name sent goes to the log
 UNKNOWN_MODEL = "(unknown)"
@@ -202,6 +204,8 @@ class Server:
         self.bridge = AsyncEngine(engine, self.metrics)
         self.created = int(time.time())
         self.calls: set[asyncio.Task] = set()  # the tasks answering generation calls, until each has its row
+        # set by a second Ctrl-C (launch.QuietCutOffs): the shutdown waits no longer for the calls and the engine
+        self.stop_now = threading.Event()
 
     def track_call(self) -> None:
         """Count the current task as answering a generation call until it ends (its row and charge written)."""
@@ -220,9 +224,21 @@ class Server:
             stats.cancel()
         # Calls still running past --shutdown-timeout were cancelled just before (uvicorn): each closes with the
         # engine thread's report of its abort, then writes its row and settles its charge; the thread stops after.
+        # A second Ctrl-C (`stop_now`) ends the wait: the process exits at once, the rows of the calls cut off left as a
+        # crash leaves them (a stream's billed so far, another's none)
+        waiting = asyncio.ensure_future(self.calls_and_engine_ended())
+        while not waiting.done():
+            if self.stop_now.is_set():
+                waiting.cancel()
+                log.warning("stopping now (a second Ctrl-C), not waiting for the requests cut off and the engine")
+                break
+            await asyncio.wait({waiting}, timeout=STOP_NOW_POLL_S)
+
+    async def calls_and_engine_ended(self) -> None:
+        """Wait for the generation calls to have their rows, then for the engine thread to end."""
         if self.calls:
             await asyncio.wait(self.calls)
-        self.bridge.stop()
+        await self.bridge.stop_async()
 
     async def log_stats_every_interval(self) -> None:
         """vLLM's stats line (throughput, requests running and waiting, cache usage) every STATS_INTERVAL_S seconds

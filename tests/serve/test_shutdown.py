@@ -5,14 +5,17 @@ cancellation's traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sqlite3
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 
@@ -23,6 +26,7 @@ from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import CUT_OFF, QuietCutOffs, cut_off_in_one_line
 from tests.serve.server import make_model_dir, running_server
+from tests.support import free_port
 
 STEP_S = 0.005  # each engine step is slowed down so that a request is still running when it is cut off
 
@@ -198,7 +202,7 @@ def test_a_request_cut_off_settles_its_charge_in_one_try_not_waiting_for_a_held_
 
 
 def test_a_stopping_server_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
-    server = QuietCutOffs(uvicorn.Config(app=None, log_config=None))
+    server = QuietCutOffs(uvicorn.Config(app=None, log_config=None), threading.Event())
     logger, records = logging.getLogger("uvicorn.error"), []
     handler = logging.Handler()
     handler.emit = records.append
@@ -262,3 +266,49 @@ def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown
     stopping = ("Shutting down", "Waiting for connections to close", CUT_OFF, "Finished server process")
     assert [log.index(line) for line in stopping] == sorted(log.index(line) for line in stopping)
     assert '"POST /v1/chat/completions HTTP/1.1" 200' not in log  # no access line per request
+
+
+def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tmp_path, caplog):
+    """A step that takes minutes (torch.compile's first decode step: 58 s on the tiny model, loaded machine): Ctrl-C
+    waited past --shutdown-timeout for it, the event loop held in the engine thread's join, and a second Ctrl-C went
+    unheard until the step ended. The log now says what the server waits for, and a second Ctrl-C ends it at once."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path))
+    in_step, step_may_end = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def compiling_step():
+        in_step.set()
+        step_may_end.wait(timeout=20)
+        return real_step()
+
+    engine.step = compiling_step
+    app = create_app(engine, open_database(tmp_path / "db"), log_stats=False)
+    port = free_port()
+    config = uvicorn.Config(app, port=port, log_config=None, timeout_graceful_shutdown=0.2)
+    server = QuietCutOffs(config, app.state.server.stop_now)
+    second_ctrl_c_at = []
+
+    def request() -> None:
+        body = {"model": "model", "prompt": "x", "max_tokens": 4, "stream": True}
+        with contextlib.suppress(httpx.RemoteProtocolError):  # cut off
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+
+    def user() -> None:
+        while not server.started:
+            time.sleep(0.01)
+        threading.Thread(target=request, daemon=True).start()
+        assert in_step.wait(timeout=30)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.6)  # past the shutdown timeout: the request is cut off, the engine still in its step
+        second_ctrl_c_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=user, daemon=True).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="seekstack.serve"), pytest.raises(KeyboardInterrupt):
+            server.run()  # uvicorn raises the Ctrl-C it held once it has stopped
+        ended_at = time.monotonic()
+    finally:
+        step_may_end.set()
+    assert ended_at - second_ctrl_c_at[0] < 2  # was: when the step ended, 20 s here
+    assert "stopping now (a second Ctrl-C)" in caplog.text
