@@ -105,9 +105,9 @@ class TrainConfig:
     keep_checkpoints: NonNegative = 3  # the newest kept, the older deleted; 0 keeps all (torchtitan's keep_latest_k)
     seed: Seed = 0
     # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32) | auto: bfloat16 on a CPU
-    # that runs the model faster in it, by generate's `--dtype auto` rule (infer/precision.py: avx512_bf16 or amx_bf16
-    # and a model of 16M+ parameters), else float32 (GPUs included), decided at the run's start: a resumed run goes on
-    # in the dtype its checkpoint computed in (train_state.pt's `dtype`), on any machine
+    # that trains the run faster in it (trainer.step_dtype: avx512_bf16 or amx_bf16 and micro-batches of 13+ GFLOP,
+    # batch_size x seq_len tokens), else float32 (GPUs included), decided at the run's start: a resumed run goes on in
+    # the dtype its checkpoint computed in (train_state.pt's `dtype`), on any machine
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU threads of the steps. "auto": torch's setting while the machine's other cores sit idle, fewer while other
     # processes keep them busy: a split op ends in a barrier that then waits a time slice for a descheduled thread

@@ -41,7 +41,7 @@ from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
-from seekstack.infer.precision import asked_dtype_caveat, auto_dtype
+from seekstack.infer.precision import FAST_BF16_CPU_FEATURES, asked_dtype_caveat, present_features
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -311,30 +311,53 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fast)
 
 
+# bf16 autocast speeds a training step on a CPU with native bf16 dot products only once a micro-batch multiplies
+# enough: below, the casts around each op and bf16's costlier small matmuls outweigh its faster multiplies. Measured
+# (whole steps, forward + backward + AdamW, bf16 and float32 alternating, one thread, CPU clock, an avx512_bf16 CPU
+# without AMX): bf16 faster for `tiny` at 4 x 256 tokens (14 GFLOP), `small` at 1 x 128 (24), a 1M-parameter `tiny`
+# at 16 x 256 (30) and the demo's `tiny` at 16 x 256 (58); even or slower for `tiny` at 16 x 64 (12.5) and 4 x 32, and
+# for the tests' 0.13M-parameter model at 16 x 256.
+MIN_BF16_TRAINING_FLOPS = 13e9  # training FLOPs of one rank's micro-batch (accounting.training_flops_per_token)
+
+
 def step_dtype(
     dtype: str,
     device: torch.device,
-    parameters: int,
+    micro_batch_flops: float,
     features: Mapping[str, object] | None = None,
     started: str | None = None,
 ) -> tuple[str, str]:
     """("float32" or "bfloat16", why) a run's steps compute in: the config's `dtype` (why: '' unless it is bfloat16 on
-    a device without native bf16, where it can run slower than float32: `asked_dtype_caveat`), or for `auto` on a CPU
-    generate's rule (`auto_dtype`): bfloat16 where it runs a model of `parameters` faster (`features`: the CPU's,
-    default detected); float32 on other devices, where no default other than float32 has been measured. `auto`
-    decides at a run's start: a resumed run goes on in the dtype its steps computed in (`started`), on any machine."""
+    a device without native bf16, where it can run slower than float32: `asked_dtype_caveat`), or for `auto` bfloat16
+    on a CPU with FAST_BF16_CPU_FEATURES (`features`: the CPU's, default detected) whose micro-batches multiply
+    `micro_batch_flops` of MIN_BF16_TRAINING_FLOPS or more, float32 elsewhere (on other devices, where no default other
+    than float32 has been measured). `auto` decides at a run's start: a resumed run goes on in the dtype its steps
+    computed in (`started`), on any machine."""
     if dtype == "bfloat16":
         caveat = asked_dtype_caveat(dtype, [str(device)], None, features)
         return dtype, "" if caveat is None else f"given, but {caveat}: bf16 can run slower there than float32"
     if dtype != "auto":
         return dtype, ""
-    if device.type != "cpu":
-        chosen, why = "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
-    else:
-        chosen, why = auto_dtype(["cpu"], parameters, features)
+    chosen, why = auto_training_dtype(device, micro_batch_flops, features)
     if started is None or started == chosen:
         return chosen, why
     return started, f"the run's since its start, which a resume keeps; a new run here would take {chosen}: {why}"
+
+
+def auto_training_dtype(
+    device: torch.device, micro_batch_flops: float, features: Mapping[str, object] | None = None
+) -> tuple[str, str]:
+    """("bfloat16" or "float32", why) `dtype=auto` trains in on `device` (MIN_BF16_TRAINING_FLOPS)."""
+    if device.type != "cpu":
+        return "float32", f"the default on {device.type} (bf16 autocast is chosen by default on CPUs only)"
+    present = present_features(FAST_BF16_CPU_FEATURES, features)
+    if not present:
+        return "float32", f"this CPU has none of {', '.join(FAST_BF16_CPU_FEATURES)}"
+    size = f"a micro-batch of {micro_batch_flops / 1e9:.1f} GFLOP"
+    if micro_batch_flops < MIN_BF16_TRAINING_FLOPS:
+        threshold = f"under {MIN_BF16_TRAINING_FLOPS / 1e9:.0f}"
+        return "float32", f"this CPU has {' and '.join(present)}, but {size} ({threshold}) trains faster in float32"
+    return "bfloat16", f"this CPU has {' and '.join(present)} and {size} trains faster in bf16"
 
 
 def build_model(config: TrainConfig, tokenizer_info: dict[str, Any]) -> Transformer:
@@ -653,7 +676,9 @@ class _Run:
         # recorded it) its config's, unless `auto`, whose choice such a checkpoint does not record
         started = None if train_state is None else train_state.get("dtype", train_state["config"].get("dtype"))
         started = started if started in ("float32", "bfloat16") else None
-        dtype, why = step_dtype(config.dtype, ranks.device, sum(p.numel() for p in model.parameters()), started=started)
+        rank_tokens = config.batch_size // ranks.world_size * config.seq_len  # rows divide evenly over the ranks
+        micro_batch_flops = training_flops_per_token(model.config, config.seq_len) * rank_tokens
+        dtype, why = step_dtype(config.dtype, ranks.device, micro_batch_flops, started=started)
         self.dtype, self.autocast_dtype = dtype, torch.bfloat16 if dtype == "bfloat16" else None
         if source is not None:
             source.attach(model)

@@ -1011,16 +1011,43 @@ def test_bfloat16_on_cpu_autocasts_but_keeps_float32_weights(data_dir, tmp_path)
     assert {p.dtype for p in weights.parameters()} == {torch.float32}
 
 
-def test_auto_dtype_trains_in_bfloat16_where_the_cpu_multiplies_it_natively_and_the_model_is_large():
-    """generate's rule: a CPU with avx512_bf16 or amx_bf16 (an AMX Xeon: `small` 4 x 512 steps faster under bf16
-    autocast) and a model of 16M+ parameters; the demo's `tiny` (2.8M) stays float32, as does a model on a GPU."""
+def test_auto_dtype_trains_in_bfloat16_where_the_cpu_multiplies_it_natively_and_the_micro_batch_is_large():
+    """A CPU with avx512_bf16 or amx_bf16 and micro-batches of MIN_BF16_TRAINING_FLOPS or more: the demo's `tiny` at
+    16 x 256 tokens trains in bf16, at 4 x 32 in float32, as does any micro-batch on a CPU without them or a GPU."""
+    import seekstack
+    from seekstack.accounting import training_flops_per_token
+    from seekstack.train.trainer import MIN_BF16_TRAINING_FLOPS
+
     cpu, amx, avx2 = torch.device("cpu"), {"avx512_bf16": True, "amx_bf16": True}, {"avx2": True}
-    assert step_dtype("auto", cpu, 58_000_000, amx) == ("bfloat16", "this CPU has avx512_bf16 and amx_bf16")
-    assert step_dtype("auto", cpu, 2_800_000, amx)[0] == "float32"
-    assert step_dtype("auto", cpu, 58_000_000, avx2) == ("float32", "this CPU has none of avx512_bf16, amx_bf16")
-    assert step_dtype("float32", cpu, 58_000_000, amx) == ("float32", "")  # given: nothing to tell
-    assert step_dtype("bfloat16", cpu, 2_800_000, amx) == ("bfloat16", "")
-    assert step_dtype("auto", torch.device("cuda", 0), 58_000_000, amx)[0] == "float32"  # measured on CPUs alone
+    demo = training_flops_per_token(seekstack.preset("tiny"), 256) * 16 * 256
+    assert step_dtype("auto", cpu, demo, {"avx512_bf16": True}) == (
+        "bfloat16",
+        "this CPU has avx512_bf16 and a micro-batch of 57.5 GFLOP trains faster in bf16",
+    )
+    small_batch = training_flops_per_token(seekstack.preset("tiny"), 32) * 4 * 32
+    assert step_dtype("auto", cpu, small_batch, amx) == (
+        "float32",
+        "this CPU has avx512_bf16 and amx_bf16, but a micro-batch of 1.5 GFLOP (under 13) trains faster in float32",
+    )
+    assert step_dtype("auto", cpu, MIN_BF16_TRAINING_FLOPS, amx)[0] == "bfloat16"
+    assert step_dtype("auto", cpu, demo, avx2) == ("float32", "this CPU has none of avx512_bf16, amx_bf16")
+    assert step_dtype("float32", cpu, demo, amx) == ("float32", "")  # given: nothing to tell
+    assert step_dtype("bfloat16", cpu, small_batch, amx) == ("bfloat16", "")
+    assert step_dtype("auto", torch.device("cuda", 0), demo, amx)[0] == "float32"  # measured on CPUs alone
+
+
+def test_auto_dtype_weighs_the_training_flops_of_a_micro_batch(data_dir, tmp_path, monkeypatch, capsys):
+    """The trainer gives the rule the model's training FLOPs per token times the tokens of a micro-batch (4 x 32)."""
+    import seekstack.train.trainer as trainer
+    from seekstack.accounting import training_flops_per_token
+
+    flops = training_flops_per_token(build_model(run_config(data_dir, tmp_path), TOKENIZER).config, 32) * 4 * 32
+    monkeypatch.setattr("seekstack.infer.precision.cpu_features", lambda: {"avx512_bf16": True})
+    for threshold, chosen in ((flops, "bfloat16"), (flops + 1, "float32")):
+        monkeypatch.setattr(trainer, "MIN_BF16_TRAINING_FLOPS", threshold)
+        train(run_config(data_dir, tmp_path / chosen, max_steps=1, eval_every=0, save_every=0, peak_flops=1e11))
+        told = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
+        assert len(told) == 1 and told[0].startswith(f"dtype {chosen} (auto: this CPU has avx512_bf16")
 
 
 def test_bfloat16_given_on_a_cpu_without_native_bf16_is_told_it_can_run_slower_than_float32():
@@ -1037,7 +1064,7 @@ def test_bfloat16_given_on_a_cpu_without_native_bf16_is_told_it_can_run_slower_t
 def test_a_run_in_the_default_dtype_says_which_it_chose_and_trains_as_that_dtype_given(data_dir, tmp_path, capsys):
     auto = train(run_config(data_dir, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0))
     told = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtype ")]
-    # the micro model is under 16M parameters: float32 on any CPU, with the way to bf16
+    # the micro model's micro-batches are far under MIN_BF16_TRAINING_FLOPS: float32 on any CPU, with the way to bf16
     assert len(told) == 1 and told[0].startswith("dtype float32 (auto: ")
     assert told[0].endswith("); dtype=bfloat16 to train in bfloat16")
     given = train(run_config(data_dir, tmp_path / "given", max_steps=2, eval_every=0, save_every=0, dtype="float32"))
@@ -1049,17 +1076,17 @@ def test_auto_dtype_decides_at_a_runs_start_and_a_resume_keeps_it_on_any_cpu():
     """A float32 run (the default before `auto`) resumed on an AMX CPU stays float32, a run that chose bf16 there stays
     bf16 on a CPU without: a precision switched mid-run changes its losses; the reason says what a new run takes."""
     cpu, amx, avx2 = torch.device("cpu"), {"avx512_bf16": True, "amx_bf16": True}, {"avx2": True}
-    dtype, why = step_dtype("auto", cpu, 58_000_000, amx, started="float32")
+    dtype, why = step_dtype("auto", cpu, 60e9, amx, started="float32")
     assert dtype == "float32" and why == (
         "the run's since its start, which a resume keeps; a new run here would take bfloat16: this CPU has "
-        "avx512_bf16 and amx_bf16"
+        "avx512_bf16 and amx_bf16 and a micro-batch of 60.0 GFLOP trains faster in bf16"
     )
-    assert step_dtype("auto", cpu, 58_000_000, avx2, started="bfloat16")[0] == "bfloat16"
-    assert step_dtype("auto", cpu, 58_000_000, amx, started="bfloat16") == (
+    assert step_dtype("auto", cpu, 60e9, avx2, started="bfloat16")[0] == "bfloat16"
+    assert step_dtype("auto", cpu, 60e9, amx, started="bfloat16") == (
         "bfloat16",
-        "this CPU has avx512_bf16 and amx_bf16",
+        "this CPU has avx512_bf16 and amx_bf16 and a micro-batch of 60.0 GFLOP trains faster in bf16",
     )
-    assert step_dtype("float32", cpu, 58_000_000, amx, started="bfloat16")[0] == "float32"  # given: a switch asked for
+    assert step_dtype("float32", cpu, 60e9, amx, started="bfloat16")[0] == "float32"  # given: a switch asked for
 
 
 def test_a_run_resumed_with_auto_dtype_goes_on_in_the_dtype_its_checkpoint_computed_in(data_dir, tmp_path, capsys):
