@@ -70,11 +70,11 @@ class BudgetHolds:
 
     def _spent_and_held(self, key: ApiKey) -> tuple[int, int]:
         """What `key`'s name has spent over its budget's period, and what its requests under way may still add to it:
-        each the most it may cost less what its row has billed so far."""
-        since = None if key.budget.period_s is None else time.time() - key.budget.period_s
-        spent = self.ledger.spent_pico(key.name, since)
+        each the most it may cost less what its row has billed so far. The holds are read first: a row written
+        meanwhile (its bill's `billed_pico` set once it is committed) is then counted twice, never missed."""
         held = sum(max(bill.most_pico - bill.billed_pico, 0) for bill in self._under_way.get(key.name, {}).values())
-        return spent, held
+        since = None if key.budget.period_s is None else time.time() - key.budget.period_s
+        return self.ledger.spent_pico(key.name, since), held
 
 
 def affordable_tokens(plan: Plan, left_pico: int, prompt_tokens: int, requests: int) -> int | None:

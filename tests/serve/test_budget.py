@@ -5,12 +5,14 @@ budget leaves."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
-from seekstack.serve.budget import affordable_tokens
+from seekstack.serve.billing import Bill
+from seekstack.serve.budget import BudgetHolds, OverBudget, affordable_tokens
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import Budget, KeyStore, Plan
 from seekstack.serve.ledger import Ledger
@@ -101,3 +103,31 @@ def test_affordable_tokens_fit_the_cost_as_the_ledger_rounds_it():
     assert affordable_tokens(plan, left, prompt_tokens=10, requests=2) == 3
     assert affordable_tokens(plan, plan.cost_pico(9, 0), prompt_tokens=10, requests=1) == 0
     assert affordable_tokens(Plan("free", 1.0, 0.0), 0, prompt_tokens=10, requests=1) is None
+
+
+def test_a_stream_billed_while_a_request_is_admitted_is_counted_not_missed(tmp_path):
+    """A stream's row brought up to date between the admission's read of the spend and its read of the holds was
+    missed: the spend read before the update, the stream's hold after it (less what the update billed), and a request
+    that passed the budget was admitted."""
+    database = open_database(tmp_path / "db")
+    keys = KeyStore(database)
+    keys.set_plan("unit", prompt_per_1k=1000.0, completion_per_1k=1000.0)  # a token costs 1
+    key = keys.verify(keys.create("capped", plan="unit", budget=Budget(10.0)))
+    ledger = Ledger(database)
+    holds = BudgetHolds(ledger)
+    stream = Bill(ledger, key, "model", "/v1/completions", time.perf_counter(), prompt_tokens=2, plan=key.prices)
+    holds.hold(key, stream, most_pico=key.prices.cost_pico(2, 4))  # may cost 6
+    stream.open()  # billed 2
+    read_spent = ledger.spent_pico
+
+    def spent_read_as_the_stream_is_billed(key_name: str, since: float | None = None) -> int:
+        spent = read_spent(key_name, since)
+        stream.completion_tokens = 3
+        stream.update()  # billed 5 once the spend was read: 1 more is held for it
+        return spent
+
+    ledger.spent_pico = spent_read_as_the_stream_is_billed
+    request = Bill(ledger, key, "model", "/v1/completions", time.perf_counter(), plan=key.prices)
+    with pytest.raises(OverBudget, match="has spent 2.000000 of its budget of 10, and its requests under way may cost "
+                                         "up to 4.000000 more"):  # fmt: skip
+        holds.hold(key, request, most_pico=key.prices.cost_pico(1, 4))  # 5 + 1 held + 5 > 10
