@@ -18,6 +18,17 @@ from seekstack.model import cpu_kernels
 from seekstack.model.precision import Float32Buffers
 
 
+def require_routed_experts(config: ModelConfig, part: str) -> None:
+    """ValueError naming the field, unless `config` routes each token to experts: `part` of an MoE layer needs them
+    (a check that stays under `python -O`, as an assert does not)."""
+    for name in ("n_routed_experts", "num_experts_per_tok"):
+        if not getattr(config, name):
+            raise ValueError(
+                f"{part} needs routed experts, and the config has {name}={getattr(config, name)!r}: a dense model's "
+                "layers are FeedForward; give n_routed_experts and num_experts_per_tok (>= 1) for an MoE layer"
+            )
+
+
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: W_down (SiLU(W_gate x) * W_up x). Dense layers and shared experts."""
 
@@ -80,7 +91,7 @@ class Router(Float32Buffers):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        assert config.n_routed_experts and config.num_experts_per_tok
+        require_routed_experts(config, "Router")
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.topk_method, self.scoring_func = config.topk_method, config.scoring_func
         self.n_group, self.topk_group = config.routing_groups
@@ -148,7 +159,7 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        assert config.n_routed_experts
+        require_routed_experts(config, "RoutedExperts")
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [W_gate; W_up] per expert
         self.down_proj = nn.Parameter(torch.empty(E, D, I))

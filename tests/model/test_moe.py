@@ -13,7 +13,7 @@ import torch.utils.cpp_extension
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seekstack.model import cpu_kernels
-from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss, swiglu
+from seekstack.model.moe import MoE, RoutedExperts, Router, Routing, sequence_balance_loss, swiglu
 from seekstack.model.transformer import Transformer
 from seekstack.train.balance import max_violation, update_expert_bias
 from tests.conftest import micro_config
@@ -614,3 +614,14 @@ def test_without_a_compiler_the_kernels_warn_once_and_the_experts_keep_their_gro
         routed, _ = moe.experts(flat, moe.gate(flat))
     expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
     assert (routed - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("part", [Router, RoutedExperts])
+def test_an_moe_part_built_on_a_dense_config_is_refused_naming_the_field(part):
+    """Router and RoutedExperts asserted that the config has routed experts: a bare AssertionError naming nothing,
+    and no check at all under `python -O`, which strips asserts (an empty router, failing later in its top-K)."""
+    dense = micro_config(n_routed_experts=0)
+    with pytest.raises(
+        ValueError, match=rf"^{part.__name__} needs routed experts, and the config has n_routed_experts=0"
+    ):
+        part(dense)
