@@ -1233,11 +1233,12 @@ class Engine:
                 f"the model's weights are {weights} but this engine's KV cache holds {pools}, their dtype when it was "
                 f"built: after converting the model (model.to({weights})), build a new Engine on it"
             )
-        if self._head_versions.changed() or (
-            cpu_kernels.reads_panels(len(rows) * width) and self._panel_versions.changed()
-        ):
-            # the weights changed since (a load_state_dict, an RL weight sync): those the versions tell of
-            self._follow_weights(self._head_versions.changed_modules() + self._panel_versions.changed_modules())
+        # the weights changed since (a load_state_dict, an RL weight sync): those the versions tell of, each read once
+        changed = self._head_versions.changed_modules()
+        if changed or cpu_kernels.reads_panels(len(rows) * width):
+            changed += self._panel_versions.changed_modules()
+        if changed:
+            self._follow_weights(changed)
         self.lora.select([r.adapter_slot for r in batch], self.device)
         lookahead = self.lookahead if lookahead is None else lookahead
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)

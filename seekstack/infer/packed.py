@@ -273,8 +273,10 @@ class WeightVersions:
         return self._versions_now() != self._versions
 
     def changed_modules(self) -> list[nn.Module]:
-        """The modules, of those watched, whose weights changed since `mark`."""
+        """The modules, of those watched, whose weights changed since `mark` (none: one comparison of the counters)."""
         now = self._versions_now()
+        if now == self._versions:
+            return []
         changed = {holder for holder, old, new in zip(self._holders, self._versions, now, strict=True) if new != old}
         return [self.modules[index] for index in sorted(changed)]
 

@@ -20,6 +20,7 @@ from seekstack.infer.packed import (
     DecodeHead,
     DecodeLatentAttention,
     DecodeLinear,
+    WeightVersions,
     copied_linears,
     decode_layout_bytes,
     pack_for_decode,
@@ -490,3 +491,28 @@ def test_an_engine_whose_model_was_converted_after_it_was_built_refuses_naming_b
         RuntimeError, match=r"weights are torch.bfloat16 but this engine's KV cache holds torch.float32"
     ):
         engine.generate(prompts(3), GREEDY)
+
+
+def test_a_step_after_a_weight_change_reads_the_version_counters_once(checkpoint, monkeypatch):
+    """A step asked the head's and the panels' versions whether they changed, then read them again to tell whose: a
+    change cost 2 more reads of every weight's counter. Now a step reads each once, changed or not, and the marks
+    taken after the copies are rewritten (one each) are all a change adds."""
+    engine = Engine.from_pretrained(checkpoint)
+    three_tokens = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    engine.generate(prompts(3), three_tokens)
+    reads = []
+    versions_now = WeightVersions._versions_now
+    monkeypatch.setattr(WeightVersions, "_versions_now", lambda self: reads.append(self) or versions_now(self))
+
+    def reads_in_generate(seed: int) -> int:
+        generator = torch.Generator().manual_seed(seed)  # no prefix shared with the others: the same steps
+        batch = [torch.randint(5, VOCAB, (3 + 4 * row,), generator=generator).tolist() for row in range(3)]
+        reads.clear()
+        engine.generate(batch, three_tokens)
+        return len(reads)
+
+    unchanged = reads_in_generate(1)
+    with torch.no_grad():
+        engine.model.get_submodule("layers.0.self_attn.o_proj").weight.neg_()
+    assert reads_in_generate(2) == unchanged + 2
+    assert reads_in_generate(3) == unchanged
