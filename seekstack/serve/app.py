@@ -111,6 +111,9 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
 STOP_NOW_POLL_S = 0.1  # how often a stopping server looks for a second Ctrl-C while it waits
+# How long a stopping server waits for the calls cut off and the engine before saying so: a step is milliseconds, but
+# torch.compile's first decode step takes minutes on a large model
+STOP_WAIT_NOTE_S = 1.0
 # The ledger's model for a request naming one this server does not serve (a typo, a client's control characters or
 # megabytes): one row of `seekstack usage` a key and day, not one a name; the name sent goes to the log
 UNKNOWN_MODEL = "(unknown)"
@@ -227,11 +230,16 @@ class Server:
         # A second Ctrl-C (`stop_now`) ends the wait: the process exits at once, the rows of the calls cut off left as a
         # crash leaves them (a stream's billed so far, another's none)
         waiting = asyncio.ensure_future(self.calls_and_engine_ended())
+        note_at = time.monotonic() + STOP_WAIT_NOTE_S
         while not waiting.done():
             if self.stop_now.is_set():
                 waiting.cancel()
                 log.warning("stopping now (a second Ctrl-C), not waiting for the requests cut off and the engine")
                 break
+            if note_at is not None and time.monotonic() >= note_at:
+                log.warning("stopping: waiting for the requests cut off and the engine's step in progress to end (a "
+                            "compile can take minutes); Ctrl-C again to exit without waiting")  # fmt: skip
+                note_at = None
             await asyncio.wait({waiting}, timeout=STOP_NOW_POLL_S)
 
     async def calls_and_engine_ended(self) -> None:

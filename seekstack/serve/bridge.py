@@ -29,9 +29,7 @@ from seekstack.serve.metrics import ServerMetrics
 log = logging.getLogger("seekstack.serve")
 IDLE_WAIT_S = 0.5
 ABORT_REPORT_S = 30.0  # the longest a closing request waits to learn whether the engine had started it
-# How long a stopping server waits for the engine's step in progress before saying so: a step is milliseconds, but
-# torch.compile's first decode step takes minutes on a large model
-STEP_WAIT_NOTE_S = 1.0
+ENGINE_END_POLL_S = 0.05  # how often a stopping server looks whether the engine thread has ended
 
 
 class EngineFailure(RuntimeError):
@@ -166,18 +164,12 @@ class AsyncEngine:
         self._stopped()
 
     async def stop_async(self) -> None:
-        """`stop`, the event loop going on while the engine thread ends its step in progress (said in the log after
-        STEP_WAIT_NOTE_S): a signal's handler, such as a second Ctrl-C, can act meanwhile."""
+        """`stop`, the event loop going on while the engine thread ends its step in progress (a compile's may take
+        minutes): a signal's handler, such as a second Ctrl-C, can act meanwhile."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            note_at = time.monotonic() + STEP_WAIT_NOTE_S
-            while self._thread.is_alive():
-                if note_at is not None and time.monotonic() >= note_at:
-                    log.warning("stopping: waiting for the engine's step in progress to end (a compile can take "
-                                "minutes); Ctrl-C again to exit without waiting")  # fmt: skip
-                    note_at = None
-                await asyncio.sleep(0.05)
+        while self._thread is not None and self._thread.is_alive():
+            await asyncio.sleep(ENGINE_END_POLL_S)
         self._stopped()
 
     def _stopped(self) -> None:

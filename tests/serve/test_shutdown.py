@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from seekstack.infer.engine import Engine
+from seekstack.serve import app as app_module
 from seekstack.serve import database as database_module
 from seekstack.serve.app import SERVER_STOPPED, create_app
 from seekstack.serve.database import Database, open_database
@@ -268,7 +269,7 @@ def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown
     assert '"POST /v1/chat/completions HTTP/1.1" 200' not in log  # no access line per request
 
 
-def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tmp_path, caplog):
+def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tmp_path, caplog, monkeypatch):
     """A step that takes minutes (torch.compile's first decode step: 58 s on the tiny model, loaded machine): Ctrl-C
     waited past --shutdown-timeout for it, the event loop held in the engine thread's join, and a second Ctrl-C went
     unheard until the step ended. The log now says what the server waits for, and a second Ctrl-C ends it at once."""
@@ -282,6 +283,7 @@ def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tm
         return real_step()
 
     engine.step = compiling_step
+    monkeypatch.setattr(app_module, "STOP_WAIT_NOTE_S", 0.0)  # said at once, not after a second
     app = create_app(engine, open_database(tmp_path / "db"), log_stats=False)
     port = free_port()
     config = uvicorn.Config(app, port=port, log_config=None, timeout_graceful_shutdown=0.2)
@@ -311,4 +313,5 @@ def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tm
     finally:
         step_may_end.set()
     assert ended_at - second_ctrl_c_at[0] < 2  # was: when the step ended, 20 s here
+    assert "waiting for the requests cut off and the engine's step in progress to end" in caplog.text
     assert "stopping now (a second Ctrl-C)" in caplog.text
