@@ -488,7 +488,7 @@ class Engine:
         self.lock = _StepLock()
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
-        self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
+        self._decode_model, self._decode_drafts, self._greedy_speculation = decode_step, mtp_drafts, greedy_speculation
         self._model_changes = 0  # adapter loads and unloads, head repacks: part of `_graph_state`
         # The `_graph_state` the compiled decode steps' last fully guarded calls ran under, and what picked their
         # graphs (input shapes, a speculative step's draft count): `_unguarded` skips the guard check for those alone.
@@ -614,7 +614,7 @@ class Engine:
     @property
     def decode_compiled(self) -> bool:
         """Whether decode steps run through torch.compile now (`compile`)."""
-        return self._decode_model is not self.model
+        return self._decode_model is not decode_step
 
     @property
     def longest_cached_request(self) -> int:
@@ -935,7 +935,7 @@ class Engine:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         cpu_kernels.available()  # built here, outside the graph that calls it
         # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
-        self._decode_model = _compiled(self.model)
+        self._decode_model = _compiled(decode_step)
         self._decode_drafts = _compiled(mtp_drafts)
         self._greedy_speculation = _compiled(greedy_speculation)
         self._eager_seconds_left = None
@@ -1028,7 +1028,7 @@ class Engine:
         computed_rows = [[values[row] for row in computed] for values in (batch, rows, starts, counts)]
         computed_batch, _, computed_starts, computed_counts = computed_rows
         every_position = any(r.params.prompt_logprobs is not None for r in computed_batch)
-        logits, hidden = self._forward(*computed_rows, prefill=True, every_position=every_position)
+        logits, hidden, _ = self._forward(*computed_rows, prefill=True, every_position=every_position)
         if every_position:  # a row asked for prompt_logprobs: the logits of every position, the last one's sampled
             self._record_prompt_logprobs(computed_batch, logits, computed_starts, computed_counts)
             last = torch.tensor(computed_counts, device=self.device) - 1
@@ -1079,8 +1079,8 @@ class Engine:
             if drafted or next_count:
                 return self._decode_speculative(batch, starts, drafted, next_count)
             # No drafts to verify or make: a step as an engine without MTP runs it (the MTP cache not filled).
-        logits, _ = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
-        tokens, logprobs = self._sample(batch, logits[:, 0])
+        logits, _, greedy = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
+        tokens, logprobs = self._sample(batch, logits[:, 0], greedy)
         for request, token in zip(batch, tokens, strict=True):
             request.ids.append(token)
         return self._emit_each(batch, tokens, logprobs)
@@ -1108,7 +1108,7 @@ class Engine:
             kept_list = [count + 1 for count in accepted_list]
             _fail_rows_without_distribution(batch, has_distribution(largest).tolist(), kept_list)
         else:
-            out = self._decode_step(input_ids, positions)
+            out, _, _ = self._decode_step(input_ids, positions)
             logits, hidden = out.logits, out.hidden_states
             accepted, chosen, kept = self._isolated(
                 batch,
@@ -1152,26 +1152,29 @@ class Engine:
         counts: list[int],
         prefill: bool = False,
         every_position: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Main model over each row's new tokens at their positions: logits (B, T, V) or, for `prefill`, (B, 1, V)
-        at each row's last real token (all T with `every_position`, for prompt_logprobs); hidden states (B, T, D).
+        at each row's last real token (all T with `every_position`, for prompt_logprobs); hidden states (B, T, D);
+        and a compiled decode step's greedy picks (`decode_step`), None where the step ran eagerly.
         A plain decode step drafts nothing after it, so it gathers no keys past its rows (no lookahead)."""
         input_ids, positions = self._inputs(batch, rows, starts, counts, None if prefill else 0)
         if prefill:
             logits_at = None if every_position else torch.tensor(counts, device=self.device) - 1
             out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
         elif self.decode_compiled and not (self.eager_lone_row and len(batch) == 1):
-            out = self._decode_step(input_ids, positions)
+            out, best, drawable = self._decode_step(input_ids, positions)
+            return out.logits, out.hidden_states, (best, drawable)
         else:
             out = self.model(input_ids, cache=self.cache, positions=positions)
-        return out.logits, out.hidden_states
+        return out.logits, out.hidden_states, None
 
-    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> ModelOutput:
-        """The decode step on the planned cache, compiled once `decode_compiled`, its guard check skipped where the
-        engine knows its answer (`_unguarded`)."""
-        return self._unguarded(
-            ("forward", input_ids.shape), self._decode_model, input_ids, cache=self.cache, positions=positions
-        )
+    def _decode_step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+        """The decode step on the planned cache (`decode_step`), compiled once `decode_compiled`, its guard check
+        skipped where the engine knows its answer (`_unguarded`)."""
+        call = ("forward", input_ids.shape)
+        return self._unguarded(call, self._decode_model, self.model, input_ids, self.cache, positions)
 
     def _unguarded(self, call: tuple, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """compiled(*args, **kwargs), a decode step on the planned cache (eager until `_compile_decode`: run as it is).
@@ -1292,18 +1295,24 @@ class Engine:
             r.raw_argmax and len(r.output_ids) >= r.params.min_tokens for r in batch
         )
 
-    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _sample(
+        self, batch: list[_Request], logits: torch.Tensor, greedy: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per request from logits (B, V), with log-probabilities for the requests that ask for them; a
         request whose sampling raises gets token 0 and ends alone at its output (`_isolated`). A batch of rows whose
-        token is the raw argmax takes it without a SamplingBatch (3% of a compiled `tiny` 1-row step, 5% at 8 rows)."""
+        token is the raw argmax takes it without a SamplingBatch (3% of a compiled `tiny` 1-row step, 5% at 8 rows),
+        and takes a compiled step's argmaxes (`greedy`, `decode_step`) where every row has a distribution."""
         raw = self._raw_argmax(batch)
-        (tokens,) = self._isolated(
-            batch,
-            lambda rows: (
-                greedy_tokens(logits[rows]) if raw else self._sampling_batch(batch[rows]).sample(logits[rows]),
-            ),
-            failed_row=(torch.zeros(1, dtype=torch.long),),
-        )
+        if raw and greedy is not None and bool(greedy[1]):
+            tokens = greedy[0]
+        else:
+            (tokens,) = self._isolated(
+                batch,
+                lambda rows: (
+                    greedy_tokens(logits[rows]) if raw else self._sampling_batch(batch[rows]).sample(logits[rows]),
+                ),
+                failed_row=(torch.zeros(1, dtype=torch.long),),
+            )
         logprobs = (
             self._logprobs(batch, logits, tokens) if any(r.params.logprobs for r in batch) else [None] * len(batch)
         )
@@ -1833,6 +1842,17 @@ class Engine:
             completion_with_calls(completion, self.tokenizer, p.skip_special_tokens)
             for completion, p in zip(completions, params_list, strict=True)
         ]
+
+
+def decode_step(
+    model: Transformer, input_ids: torch.Tensor, cache: PagedLatentCache, positions: torch.Tensor
+) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+    """A decode step's forward on the planned cache, each row's argmax at its last column (B,), and whether every row
+    has a distribution there (`has_distribution`, 0-d): the greedy pick `greedy_tokens` makes, inside the compiled
+    graph rather than as separate host ops after it."""
+    out = model(input_ids, cache=cache, positions=positions)
+    largest, best = out.logits[:, -1].max(dim=-1)
+    return out, best, has_distribution(largest).all()
 
 
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.

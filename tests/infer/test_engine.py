@@ -1057,6 +1057,39 @@ def test_a_greedy_request_whose_logits_turn_nan_fails_saying_why_instead_of_writ
     assert 0 < len(failed.token_ids) < len(clean) and failed.token_ids == clean[: len(failed.token_ids)]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on the traced step
+def test_a_compiled_greedy_step_takes_the_graphs_argmax_and_a_nan_row_still_fails_saying_why(tokenizer, monkeypatch):
+    """A compiled plain step computes each row's argmax inside its graph (`decode_step`), so a greedy batch takes its
+    tokens without the host's max over the logits (`greedy_tokens`, 129 us of a `small` 1-row step); the tokens stay
+    the eager engine's, and a row whose logits turn NaN still ends with the error eager decoding gives it."""
+    import seekstack.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_compiled", lambda f: torch.compile(f, dynamic=True, backend="eager"))
+    host_argmaxes = []
+    greedy_tokens = engine_module.greedy_tokens
+    monkeypatch.setattr(engine_module, "greedy_tokens", lambda logits: host_argmaxes.append(1) or greedy_tokens(logits))
+    # tensors the traced hook reads at each call: the head's logits turn NaN from call `clean_calls` + 1 on
+    calls, clean_calls = torch.zeros((), dtype=torch.long), torch.tensor(10**6)
+
+    def nan_after_clean_calls(module, inputs, output):
+        calls.add_(1)
+        return output.masked_fill(calls > clean_calls, math.nan)
+
+    eager, compiled = (
+        Engine(micro_model(num_hidden_layers=1), tokenizer, max_batch_size=1, compile=flag) for flag in (False, True)
+    )
+    for engine in (eager, compiled):
+        engine.model.lm_head.register_forward_hook(nan_after_clean_calls)
+    expected = eager.generate(prompts([9]), GREEDY)[0].token_ids
+    host_argmaxes.clear()
+    assert compiled.generate(prompts([9]), GREEDY)[0].token_ids == expected
+    assert host_argmaxes == [1]  # the prefill's token alone: its step runs eagerly
+    calls.zero_(), clean_calls.fill_(3)  # the prefill and two compiled steps
+    [failed] = compiled.generate(prompts([9]), GREEDY)
+    assert failed.finish_reason == "error" and "the logits hold an infinity or NaN" in failed.error
+    assert failed.token_ids == expected[:3]
+
+
 def test_an_adapter_whose_hidden_values_square_past_float32_ends_its_row_with_an_error_and_the_others_go_on(
     tokenizer, tmp_path
 ):
