@@ -1068,26 +1068,21 @@ def test_a_compiled_greedy_step_takes_the_graphs_argmax_and_a_nan_row_still_fail
     host_argmaxes = []
     greedy_tokens = engine_module.greedy_tokens
     monkeypatch.setattr(engine_module, "greedy_tokens", lambda logits: host_argmaxes.append(1) or greedy_tokens(logits))
-    # tensors the traced hook reads at each call: the head's logits turn NaN from call `clean_calls` + 1 on
-    calls, clean_calls = torch.zeros((), dtype=torch.long), torch.tensor(10**6)
-
-    def nan_after_clean_calls(module, inputs, output):
-        calls.add_(1)
-        return output.masked_fill(calls > clean_calls, math.nan)
-
     eager, compiled = (
         Engine(micro_model(num_hidden_layers=1), tokenizer, max_batch_size=1, compile=flag) for flag in (False, True)
     )
-    for engine in (eager, compiled):
-        engine.model.lm_head.register_forward_hook(nan_after_clean_calls)
     expected = eager.generate(prompts([9]), GREEDY)[0].token_ids
     host_argmaxes.clear()
     assert compiled.generate(prompts([9]), GREEDY)[0].token_ids == expected
     assert host_argmaxes == [1]  # the prefill's token alone: its step runs eagerly
-    calls.zero_(), clean_calls.fill_(3)  # the prefill and two compiled steps
-    [failed] = compiled.generate(prompts([9]), GREEDY)
-    assert failed.finish_reason == "error" and "the logits hold an infinity or NaN" in failed.error
-    assert failed.token_ids == expected[:3]
+    compiled.add_request(prompts([9])[0], GREEDY)
+    outputs = compiled.step() + compiled.step() + compiled.step()  # the prefill's token and two compiled steps'
+    with torch.no_grad():
+        compiled.model.lm_head.weight.fill_(math.nan)
+    while compiled.has_unfinished():
+        outputs += compiled.step()
+    assert [token for output in outputs for token in output.token_ids] == expected[:3]
+    assert outputs[-1].finish_reason == "error" and "the logits hold an infinity or NaN" in outputs[-1].error
 
 
 def test_an_adapter_whose_hidden_values_square_past_float32_ends_its_row_with_an_error_and_the_others_go_on(
