@@ -4,15 +4,12 @@ A decode step multiplies a few token rows x (M, D) by each weight W (out, D), th
 Where seekstack's kernels are built (seekstack.model.cpu_kernels), every bias-free float32 or bfloat16 linear, the head
 too, runs 1-16 rows of inference through `rows_linear`, compiled or eager (`DecodeLinear`), and a float32 one also keeps
 its weight as panels (`DecodeLinear.lay_out`, outside the state dict), which `rows_linear` reads at 3-16 rows (at 1-2 it
-reads W itself, faster there): the weight's bytes again, 53 MB on `small` (27.5 MB the block's, 25.2 MB the head's)
-beside its 210 MB of weights. `small` float32, compiled engines with and without the panels alternating in one process,
-batch 8, one thread, CPU clock: decode 1.14x (10 of 10 rounds), the same tokens. The head's one row through
-`rows_linear` over W, against MKL's x @ W^T over a contiguous W^T copy (25 MB more), batch 1, the same way: eager
-decode steps 1.07x as fast (10 of 12 rounds), compiled ones (which read W alone either way) 1.03x (8 of 12), the same
-tokens.
+reads W itself, faster there): the weight's bytes again (`decode_layout_bytes`), traded for decode steps of several rows
+that stream their weights faster. The head's one row reads W through `rows_linear` too, with no W^T copy: faster than
+MKL's x @ W^T over a contiguous copy, and the copy's bytes saved.
 Without the kernels, compiled steps take the weight-first form (W x^T)^T at 2-16 rows and x W^T at one, which
 inductor's `decompose_mm_pass` turns into its own loops (engine.py `_compiled`), and the head keeps W^T for its one-row
-products (`DecodeHead`; MKL, 1 thread, AMD Zen 3: x W^T with W row-major streams W at ~3 GB/s, x @ W^T at ~7-8 GB/s).
+products (`DecodeHead`: MKL's x W^T with W row-major streams W at under half the rate of x @ W^T).
 The engine copies the weights into these copies again when they change (`refresh_copies`, `WeightVersions`).
 """
 
@@ -102,9 +99,7 @@ def _panels_beside_weight(panels: torch.Tensor, weight: torch.Tensor) -> list[tu
 class DecodeLinear(nn.Linear):
     """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 1-16 rows of inference through the
     `rows_linear` kernel, 3-16 of them over the copy of its float32 weight in `weight_panels` (`lay_out`), or,
-    compiled and without the kernel, 2-16 rows as (W x^T)^T (`small`, one thread, `bench/decode_options.py --rows N
-    --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 / 8 rows, -1% at 16 (noise),
-    same tokens, before the kernel)."""
+    compiled and without the kernel, 2-16 rows as (W x^T)^T, which inductor streams faster than x W^T there."""
 
     @property
     def panels(self) -> torch.Tensor | None:
@@ -180,8 +175,8 @@ def _one_call(x: torch.Tensor, *linears: nn.Module, norm: nn.Module | None = Non
 class DecodeFeedForward(FeedForward):
     """A dense FFN or shared expert (a FeedForward: same modules, same state dict) whose 1-16 rows of eager inference,
     where its three linears are `DecodeLinear`s, run as one kernel call (`feed_forward_rows`: the same rows_linear,
-    swiglu and rows_linear, bitwise): 14.8 us at one row of the demo model, where the three modules and the SwiGLU
-    took 33-35 us, their Python calls and checks around ~5 us of products."""
+    swiglu and rows_linear, bitwise): at a few rows the three modules' and the SwiGLU's Python calls and checks
+    cost several times their products."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
@@ -195,7 +190,7 @@ class DecodeFeedForward(FeedForward):
 class DecodeLatentAttention(MultiHeadLatentAttention):
     """MLA (same modules, same state dict) whose low-rank query of 1-16 rows of eager inference, where its two
     projections are `DecodeLinear`s, is one kernel call (`latent_query_rows`: the same rows_linear, rms_norm and
-    rows_linear, bitwise), where the three modules took ~31 us at one row of the demo model."""
+    rows_linear, bitwise) instead of three modules' calls."""
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj") or not _one_call(x, self.q_a_proj, self.q_b_proj, norm=self.q_a_layernorm):
@@ -210,9 +205,8 @@ def pack_for_decode(model: Transformer) -> None:
     """Give a CPU model's bias-free float32 linears, and bfloat16 ones where the kernels are built, their decode
     products (`DecodeLinear`), the head too where the kernels are built (`DecodeHead` where not);
     `decode_layout_bytes` counts the copies they hold. bfloat16 runs its 1-16 rows through `rows_linear`: it streams
-    half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32 (`small`, batch 1, one
-    thread, a CPU with avx512_bf16). Other layers are left as they are: quantized, biased or adapter-wrapped ones keep
-    their own forward."""
+    half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32. Other layers are left
+    as they are: quantized, biased or adapter-wrapped ones keep their own forward."""
     kernels = cpu_kernels.available()
     for module in model.modules():
         if not (type(module) is nn.Linear and module.bias is None) or module.weight.device.type != "cpu":
