@@ -34,7 +34,7 @@ from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_reque
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestFailure, RequestGroup
-from seekstack.serve.budget import BudgetHolds, OverBudget, affordable_tokens
+from seekstack.serve.budget import BudgetHolds, OverBudget, affordable_tokens, most_cost_pico
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, invalid_value, named_model, parse_body
@@ -511,7 +511,7 @@ class Server:
         if bill.key is None:
             return
         try:
-            self.budgets.hold(bill.key, bill, bill.plan.cost_pico(prompt_tokens, completion_tokens))
+            self.budgets.hold(bill.key, bill, most_cost_pico(bill.plan, prompt_tokens, completion_tokens))
         except OverBudget as error:
             headers = None if error.retry_may_fit else {SHOULD_RETRY: "false"}
             raise APIError(

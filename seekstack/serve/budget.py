@@ -3,7 +3,7 @@ requests under way together, or one long completion, never carry a key's spend p
 
 A request is admitted only if what its key's name has spent (its usage rows over the budget's period, a stream's
 running row included), what the name's requests under way may still add, and the request's own most cost (its
-prompt and every choice's max_tokens at its plan's prices, none of it cached) fit within the budget. A chat request
+prompt and every choice's max_tokens at its plan's prices, `most_cost_pico`) fit within the budget. A chat request
 that leaves max_tokens to the server is given at most what the budget leaves it (`affordable_tokens`). The holds are
 this process's: servers sharing one database each hold their own requests.
 """
@@ -77,6 +77,13 @@ class BudgetHolds:
         return self.ledger.spent_pico(key.name, since), held
 
 
+def most_cost_pico(plan: Plan, prompt_tokens: int, completion_tokens: int) -> int:
+    """The most a request of `prompt_tokens` and at most `completion_tokens` may cost at `plan`'s prices, in 1e-12 of
+    the currency: its prompt at the dearer of the prompt and the cached prompt price (the cost is linear in the prompt
+    tokens read from the prefix cache, which the admission cannot know)."""
+    return max(plan.cost_pico(prompt_tokens, completion_tokens, cached) for cached in (0, prompt_tokens))
+
+
 def affordable_tokens(plan: Plan, left_pico: int, prompt_tokens: int, requests: int) -> int | None:
     """The most completion tokens each of a call's `requests` engine requests may generate so that its prompt and their
     tokens cost at most `left_pico` at `plan`'s prices (0 when not even the prompt fits); None when completion tokens
@@ -84,7 +91,7 @@ def affordable_tokens(plan: Plan, left_pico: int, prompt_tokens: int, requests: 
     if plan.completion_per_1k == 0:
         return None
     per_token_pico = plan.cost_pico(0, 1000) / 1000  # the completion price per token, unrounded
-    tokens = max(int((left_pico - plan.cost_pico(prompt_tokens, 0)) / per_token_pico) // requests, 0)
-    while tokens > 0 and plan.cost_pico(prompt_tokens, tokens * requests) > left_pico:  # the cost's own rounding
+    tokens = max(int((left_pico - most_cost_pico(plan, prompt_tokens, 0)) / per_token_pico) // requests, 0)
+    while tokens > 0 and most_cost_pico(plan, prompt_tokens, tokens * requests) > left_pico:  # the cost's rounding
         tokens -= 1
     return tokens

@@ -131,3 +131,22 @@ def test_a_stream_billed_while_a_request_is_admitted_is_counted_not_missed(tmp_p
     with pytest.raises(OverBudget, match="has spent 2.000000 of its budget of 10, and its requests under way may cost "
                                          "up to 4.000000 more"):  # fmt: skip
         holds.hold(key, request, most_pico=key.prices.cost_pico(1, 4))  # 5 + 1 held + 5 > 10
+
+
+def test_a_prompt_read_from_the_prefix_cache_at_a_dearer_cached_price_is_held_at_that_price(engine, tmp_path):
+    """A plan whose cached prompt price is above its prompt price: requests were held at the prompt price alone (0
+    here), their prompt then read from the prefix cache and billed 16.0 each, 32.0 of a budget of 20. Each is held at
+    the dearer price (20.0), and the third refused."""
+    database = open_database(tmp_path / "db")
+    keys = KeyStore(database)
+    keys.set_plan("cache-priced", prompt_per_1k=0.0, completion_per_1k=0.0, cached_prompt_per_1k=500.0)
+    headers = {"Authorization": f"Bearer {keys.create('capped', plan='cache-priced', budget=Budget(20.0))}"}
+    body = {"model": "model", "prompt": list(range(5, 45)), "max_tokens": 2}  # 40 tokens: 32 cached after the first
+
+    async def scenario(client):
+        return [await client.post("/v1/completions", json=body, headers=headers) for _ in range(3)]
+
+    *served, refused = run(create_app(engine, database), scenario)
+    assert [answer.status_code for answer in served] == [200, 200]
+    assert "this request may cost up to 20.000000" in error_of(refused, 429)["message"]
+    assert Ledger(database).spent("capped") == 16.0
