@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -226,7 +225,7 @@ def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, ke
         app, host=host, port=port, log_config=LOG_CONFIG, log_level="info", access_log=False,
         timeout_graceful_shutdown=shutdown_timeout_s, timeout_keep_alive=keep_alive_s,
     )  # fmt: skip
-    server = QuietCutOffs(config, app.state.server.stop_now)
+    server = QuietCutOffs(config)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
@@ -235,18 +234,14 @@ def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, ke
 class QuietCutOffs(uvicorn.Server):
     """uvicorn's server, which, once stopping, logs one line for each request it cuts off (past the shutdown timeout,
     or at a second Ctrl-C), not its cancellation's traceback, and nothing for the application shutdown a forced exit
-    skips. A second Ctrl-C sets `stop_now`, which the application's shutdown waits no longer after (a step in
+    skips. A second Ctrl-C sets the app's `Server.stop_now`, which its shutdown waits no longer after (a step in
     progress held it, and the second Ctrl-C went unheard, until the step ended: a compile's minutes)."""
-
-    def __init__(self, config: uvicorn.Config, stop_now: threading.Event):
-        super().__init__(config)
-        self.stop_now = stop_now
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         logging.getLogger("uvicorn.error").addFilter(cut_off_in_one_line)
         if self.force_exit:
-            self.stop_now.set()
+            self.config.app.state.server.stop_now.set()
 
 
 def cut_off_in_one_line(record: logging.LogRecord) -> bool:

@@ -203,7 +203,7 @@ def test_a_request_cut_off_settles_its_charge_in_one_try_not_waiting_for_a_held_
 
 
 def test_a_stopping_server_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
-    server = QuietCutOffs(uvicorn.Config(app=None, log_config=None), threading.Event())
+    server = QuietCutOffs(uvicorn.Config(app=None, log_config=None))
     logger, records = logging.getLogger("uvicorn.error"), []
     handler = logging.Handler()
     handler.emit = records.append
@@ -287,7 +287,7 @@ def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tm
     app = create_app(engine, open_database(tmp_path / "db"), log_stats=False)
     port = free_port()
     config = uvicorn.Config(app, port=port, log_config=None, timeout_graceful_shutdown=0.2)
-    server = QuietCutOffs(config, app.state.server.stop_now)
+    server = QuietCutOffs(config)
     second_ctrl_c_at = []
 
     def request() -> None:
