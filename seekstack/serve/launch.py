@@ -234,8 +234,8 @@ def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, ke
 class QuietCutOffs(uvicorn.Server):
     """uvicorn's server, which, once stopping, logs one line for each request it cuts off (past the shutdown timeout,
     or at a second Ctrl-C), not its cancellation's traceback, and nothing for the application shutdown a forced exit
-    skips. A second Ctrl-C sets the app's `Server.stop_now`, which its shutdown waits no longer after (a step in
-    progress held it, and the second Ctrl-C went unheard, until the step ended: a compile's minutes)."""
+    skips. A second Ctrl-C sets the app's `Server.stop_now`: its shutdown then waits no longer, not even for an engine
+    step in progress (a compile's, minutes)."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
