@@ -1053,8 +1053,9 @@ class Engine:
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
             rows = [r.draft_checks for r in itertools.chain(self.running, self.prefilling)]
             count = self.draft_count.choose(rows)
-            # follow-up drafts reach count - 1 slots past each row's last position (start + count - 1)
-            count = min(count, self._draft_room(s + c for s, c in zip(starts, counts, strict=True)) + 1)
+            # follow-up drafts reach count - 1 slots past each row's last position (start + count - 1); a chunk that
+            # finishes no prompt drafts nothing (no row would keep its drafts) and only fills the MTP layer's cache
+            count = min(count, self._draft_room(s + c for s, c in zip(starts, counts, strict=True)) + 1) if done else 0
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
             for row in done:
                 batch[row].drafts = drafts[row]

@@ -111,6 +111,27 @@ def test_a_plain_step_of_a_speculative_engine_gathers_the_keys_of_a_plain_engine
     assert lookaheads["speculative"] == lookaheads["plain"] == [0] * 5
 
 
+def test_a_prompt_chunk_that_finishes_no_prompt_fills_the_mtp_cache_without_drafting(tmp_path, monkeypatch):
+    """A 20-token prompt in chunks of 8: the first two chunks enter the MTP layer's cache and draft nothing (they
+    drafted 3 each, dropped, as no row of theirs had a token to draft after); the last drafts 3, and the tokens stay
+    plain greedy decoding's."""
+    import seekstack.infer.engine as engine_module
+
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    prompt, params = list(range(5, 25)), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    plain = Engine(model, tokenizer, prefill_chunk=8).generate([prompt], params)[0].token_ids
+    prefill_counts: list[int] = []
+
+    def recording_drafts(*arguments, drafts=engine_module.mtp_drafts):
+        prefill_counts.append(arguments[6])  # count: the eager prefill's calls (decode steps call _greedy_speculation)
+        return drafts(*arguments)
+
+    monkeypatch.setattr(engine_module, "mtp_drafts", recording_drafts)
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=3, adaptive_drafts=False)
+    assert engine.generate([prompt], params)[0].token_ids == plain
+    assert prefill_counts == [0, 0, 3]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on the traced step
 @pytest.mark.parametrize(
     ("temperature", "compiled_calls"),
