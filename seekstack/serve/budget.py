@@ -40,7 +40,10 @@ class BudgetHolds:
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self._lock = threading.Lock()  # one admission at a time reads the spend and holds its own
+        # one admission of a key name at a time reads its spend and holds its own; other names' go on meanwhile (a
+        # spend's read takes 0.1 s for 130k usage rows)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self._under_way: dict[str, dict[int, Bill]] = {}  # key name -> the bills of its requests under way, by id
 
     def hold(self, key: ApiKey, bill: Bill, most_pico: int) -> None:
@@ -48,7 +51,7 @@ class BudgetHolds:
         not fit in what `key`'s budget leaves. A key without a budget holds nothing."""
         if key.budget is None:
             return
-        with self._lock:
+        with self._lock_of(key.name):
             spent, held = self._spent_and_held(key)
             if spent + held + most_pico > cost_pico(price_decimal(key.budget.amount)):
                 raise OverBudget(key, most_pico, spent, held)
@@ -59,14 +62,18 @@ class BudgetHolds:
         """Stop holding for `bill`'s request, once its final row is written (or it was refused before any)."""
         if bill.key is None:
             return
-        with self._lock:
+        with self._lock_of(bill.key.name):
             self._under_way.get(bill.key.name, {}).pop(id(bill), None)
 
     def left_pico(self, key: ApiKey) -> int:
         """What `key`'s budget leaves now for a new request, in 1e-12 of the currency (0 when spent)."""
-        with self._lock:
+        with self._lock_of(key.name):
             spent, held = self._spent_and_held(key)
         return max(cost_pico(price_decimal(key.budget.amount)) - spent - held, 0)
+
+    def _lock_of(self, key_name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(key_name, threading.Lock())
 
     def _spent_and_held(self, key: ApiKey) -> tuple[int, int]:
         """What `key`'s name has spent over its budget's period, and what its requests under way may still add to it:

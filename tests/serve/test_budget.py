@@ -5,6 +5,7 @@ budget leaves."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -150,3 +151,31 @@ def test_a_prompt_read_from_the_prefix_cache_at_a_dearer_cached_price_is_held_at
     assert [answer.status_code for answer in served] == [200, 200]
     assert "this request may cost up to 20.000000" in error_of(refused, 429)["message"]
     assert Ledger(database).spent("capped") == 16.0
+
+
+def test_one_keys_admission_does_not_wait_for_anothers_read_of_its_spend(tmp_path):
+    """Admissions took one lock for all keys, so every budgeted request of the server waited for each other key's read
+    of its spend (0.1 s for 130k usage rows): one key's admission, held while it read, held up another key's."""
+    database = open_database(tmp_path / "db")
+    keys = KeyStore(database)
+    slow, quick = (keys.verify(keys.create(name, budget=Budget(10.0))) for name in ("slow", "quick"))
+    ledger = Ledger(database)
+    holds = BudgetHolds(ledger)
+    read_spent, quick_admitted = ledger.spent_pico, threading.Event()
+
+    def spent_read_slowly(key_name: str, since: float | None = None) -> int:
+        if key_name == "slow":
+            quick_admitted.wait(timeout=5)
+        return read_spent(key_name, since)
+
+    ledger.spent_pico = spent_read_slowly
+    slow_admission = threading.Thread(
+        target=holds.hold, args=(slow, Bill(ledger, slow, "model", "/v1/completions", 0.0), 1)
+    )
+    slow_admission.start()
+    time.sleep(0.1)  # the slow key's admission is reading its spend
+    started = time.monotonic()
+    holds.hold(quick, Bill(ledger, quick, "model", "/v1/completions", 0.0), 1)
+    quick_admitted.set()
+    slow_admission.join()
+    assert time.monotonic() - started < 2  # was: 5 s, the slow read's whole wait
