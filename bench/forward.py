@@ -13,7 +13,9 @@ else float32). theirs(default) is what `from_pretrained` picks unasked (float32)
 implementations, each in float32, and in bfloat16 too where this machine's measured bfloat16 matmul peak is above its
 float32 one or ours runs bfloat16 (screened with a few forwards each, then confirmed by the interleaved measurement),
 theirs(same dtype) is the fastest in ours' dtype, the like-for-like ratio, and theirs(any dtype) the fastest in any,
-what a user after speed would pick. Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
+what a user after speed would pick. A user after speed picks ours' dtype too: ours also runs in each other dtype
+transformers is timed in, in the same interleaved measurement, and ours(fastest) against theirs(any dtype) compares
+each side's fastest. Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
 max|dlogit| is ours against the transformers implementations in ours' dtype; each implementation's own is in the
 screening lines.
 
@@ -79,9 +81,11 @@ class Setting:
 
     preset: str
     config: seekstack.ModelConfig
-    ours: Contender
+    ours: Contender  # in `--dtype`
     theirs: dict[str, Contender]  # "experts+attention" -> model loaded with those implementations
     default: str  # the key transformers picks when not asked for anything
+    # ours in each other dtype transformers runs in, for ours(fastest)
+    ours_other_dtypes: list[Contender] = field(default_factory=list)
     fastest: dict[int, dict[str, str]] = field(default_factory=dict)  # T -> {"same dtype"/"any dtype": key}
 
 
@@ -94,14 +98,18 @@ def ours_dtype(config: seekstack.ModelConfig, asked: str) -> tuple[torch.dtype, 
 
 
 def build_setting(preset: str, directory: Path, dtype: torch.dtype, their_dtypes: list[torch.dtype]) -> Setting:
-    """Random weights saved once; ours (in `dtype`) and every transformers implementation in each of `their_dtypes`
-    load them from disk."""
+    """Random weights saved once; ours (in `dtype`, and in each other of `their_dtypes`) and every transformers
+    implementation in each of `their_dtypes` load them from disk."""
     # Forward without labels never runs MTP, and transformers does not load MTP layers: leave them out.
     config = seekstack.preset(preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
-    ours_model = seekstack.load_pretrained(directory).eval().to(dtype)
-    ours = Contender("ours", ours_model, lambda ids: ours_model(ids).logits, dtype)
+    ours = _ours_contender("ours", directory, dtype)
+    ours_other_dtypes = [
+        _ours_contender(f"ours {str(other).removeprefix('torch.')}", directory, other)
+        for other in their_dtypes
+        if other != dtype
+    ]
 
     theirs = {}
     default_model = _load_transformers(directory, torch.float32)
@@ -115,7 +123,12 @@ def build_setting(preset: str, directory: Path, dtype: torch.dtype, their_dtypes
                 if key not in theirs:
                     model = _load_transformers(directory, their_dtype, **implementations)
                     theirs[key] = _transformers_contender(key, model, their_dtype)
-    return Setting(preset, config, ours, theirs, default)
+    return Setting(preset, config, ours, theirs, default, ours_other_dtypes)
+
+
+def _ours_contender(name: str, directory: Path, dtype: torch.dtype) -> Contender:
+    model = seekstack.load_pretrained(directory).eval().to(dtype)
+    return Contender(name, model, lambda ids: model(ids).logits, dtype)
 
 
 def _load_transformers(directory: Path, dtype: torch.dtype, **implementations: str) -> nn.Module:
@@ -159,8 +172,9 @@ def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, r
     float32 = contender.dtype == setting.ours.dtype == torch.float32
     tolerance = PARITY_ATOL if float32 else BF16_PARITY_ATOL
     assert difference < tolerance, (
-        f"{setting.preset}, T={reference.shape[1]}: transformers {contender.name} logits differ from seekstack's "
-        f"by {difference:.2e} (> {tolerance}); the two models no longer compute the same function"
+        f"{setting.preset}, T={reference.shape[1]}: {contender.name}'s logits ({contender.dtype}) differ from "
+        f"seekstack's in {setting.ours.dtype} by {difference:.2e} (> {tolerance}); the two models no longer compute "
+        "the same function"
     )
     return difference
 
@@ -220,6 +234,12 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
     input_ids = torch.randint(0, setting.config.vocab_size, (batch, seq_len), generator=generator)
     for _ in range(warmup):
         reference = setting.ours.logits(input_ids)
+    for other in setting.ours_other_dtypes:
+        for _ in range(warmup):
+            logits = other.logits(input_ids)
+        print(
+            f"    {other.name}: max|dlogit| {check_parity(setting, other, logits, reference):.1e} to ours", flush=True
+        )
     print(f"  {setting.preset} T={seq_len}: screening transformers implementations", flush=True)
     best, differences = screen(setting, input_ids, reference, warmup, clock)
     # Like for like: a bfloat16 implementation's rounding and speed say nothing of ours in float32, and back.
@@ -227,25 +247,26 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
     default = setting.theirs[setting.default]
     picks = {"same dtype": same_dtype, "any dtype": list(best)}
     picks = {kind: min(names, key=best.__getitem__) for kind, names in picks.items() if names}
-    contenders = [setting.ours, default] + [
-        setting.theirs[n] for n in dict.fromkeys(picks.values()) if n != default.name
-    ]
-    medians = interleaved_medians(contenders, input_ids, reps, clock)
+    timed_theirs = [default] + [setting.theirs[n] for n in dict.fromkeys(picks.values()) if n != default.name]
+    ours_all = [setting.ours, *setting.ours_other_dtypes]
+    medians = interleaved_medians(ours_all + timed_theirs, input_ids, reps, clock)
     # The careful measurement has the last word over the screen: of the implementations it ran (the default and the
     # screen's picks), the fastest in ours' dtype and the fastest overall.
     picks = {
         kind: min(
-            (c.name for c in contenders[1:] if kind == "any dtype" or c.dtype == setting.ours.dtype),
+            (c.name for c in timed_theirs if kind == "any dtype" or c.dtype == setting.ours.dtype),
             key=medians.__getitem__,
         )
         for kind in picks
     }
     setting.fastest[seq_len] = picks
+    ours_fastest = min(ours_all, key=lambda contender: medians[contender.name])
     tokens = batch * seq_len
     return {
         "preset": setting.preset,
         "T": seq_len,
         "ours": tokens / medians["ours"],
+        "ours fastest": (str(ours_fastest.dtype).removeprefix("torch."), tokens / medians[ours_fastest.name]),
         "default": tokens / medians[default.name],
         **{kind: (name, tokens / medians[name]) for kind, name in picks.items()},
         "max_difference": max((differences[name] for name in same_dtype), default=float("nan")),
@@ -263,11 +284,12 @@ def print_table(rows: list[dict[str, object]], batch: int, settings: list[Settin
     print("transformers default per preset: " + ", ".join(f"{p}: {n}" for p, n in default_names.items()))
     print("max|dlogit|: ours against the transformers implementations in ours' dtype (nan: none ran in it)")
     print("theirs(same dtype): its fastest in ours' dtype (like for like); theirs(any dtype): its fastest overall")
+    print("ours(fastest): ours in its fastest dtype; its ratio is against theirs(any dtype), each side's fastest")
     kinds = ("same dtype", "any dtype")
     header = (
         f"{'preset':7s} {'T':>5s} {'ours tok/s':>11s} {'theirs(default)':>16s} {'ratio':>6s} "
         + "".join(f"{f'theirs({kind})':>18s} {'which':30s} {'ratio':>6s} " for kind in kinds)
-        + f"{'max|dlogit|':>11s}"
+        + f"{'ours(fastest)':>14s} {'dtype':9s} {'ratio':>6s} {'max|dlogit|':>11s}"
     )
     print(header)
     print("-" * len(header))
@@ -278,9 +300,12 @@ def print_table(rows: list[dict[str, object]], batch: int, settings: list[Settin
             else f"{'none ran':>18s} {'':30s} {'':>6s} "
             for kind in kinds
         )
+        fastest_dtype, fastest = row["ours fastest"]
+        against_fastest = f"{fastest / row['any dtype'][1]:6.2f}" if "any dtype" in row else f"{'':>6s}"
         print(
             f"{row['preset']:7s} {row['T']:5d} {row['ours']:11.0f} {row['default']:16.0f} "
-            f"{row['ours'] / row['default']:6.2f} {picks}{row['max_difference']:11.1e}"
+            f"{row['ours'] / row['default']:6.2f} {picks}{fastest:14.0f} {fastest_dtype:9s} {against_fastest} "
+            f"{row['max_difference']:11.1e}"
         )
     print("ours as matmul FLOP/s against the peak in its dtype (seekstack.accounting: all keys count, as PaLM's MFU):")
     for row in rows:

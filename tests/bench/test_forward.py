@@ -101,3 +101,25 @@ def test_a_sequence_past_a_presets_context_is_refused_naming_the_option_and_the_
     1024): refused before any model loads, and so is the profile's T."""
     run = run_in_process("forward.py", *options, monkeypatch=monkeypatch, capsys=capsys, limit_s=30)
     assert run.returncode == 2 and refusal in run.stderr
+
+
+def test_ours_also_runs_in_each_other_dtype_and_its_fastest_faces_theirs_fastest():
+    """Ours in float32 (auto at `tiny`) against transformers' fastest in bf16 compared a dtype ours did not pick for
+    speed with one theirs did: ours in bf16 is timed in the same interleaved measurement and the faster of the two
+    is reported."""
+    config = seekstack.preset("tiny")
+
+    def sleeping(name: str, seconds: float, dtype: torch.dtype) -> Contender:
+        logits = lambda ids: time.sleep(seconds) or torch.zeros(*ids.shape, config.vocab_size, dtype=dtype)  # noqa: E731
+        return Contender(name, nn.Identity(), logits, dtype)
+
+    theirs = {
+        "grouped_mm+sdpa": sleeping("grouped_mm+sdpa", 0.04, torch.float32),
+        "grouped_mm+eager bf16": sleeping("grouped_mm+eager bf16", 0.02, torch.bfloat16),
+    }
+    ours, ours_bf16 = sleeping("ours", 0.03, torch.float32), sleeping("ours bfloat16", 0.01, torch.bfloat16)
+    setting = Setting("tiny", config, ours, theirs, "grouped_mm+sdpa", ours_other_dtypes=[ours_bf16])
+    row = benchmark(setting, seq_len=4, batch=1, reps=3, warmup=1, clock="wall")
+    assert row["ours fastest"][0] == "bfloat16"
+    assert row["ours fastest"][1] > row["any dtype"][1] > row["ours"]
+    assert row["any dtype"][0] == "grouped_mm+eager bf16"
