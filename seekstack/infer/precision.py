@@ -13,7 +13,10 @@ decode step's 1-16-row products without that cost, yet a model whose float32 wei
 nothing from fewer bytes: on that CPU the 2.8M-parameter `tiny` (the demo model's size) decodes in bf16 at 1.00x
 float32's speed eager and 1.06x compiled at batch 1, and 0.89x eager at batch 8 (CPU clock, 7-9 alternating rounds
 under load; 8 rows slower in 7 of 7). Past MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved
-bytes win: `small` (58M) at 1.23x compiled (batch 1, 5 of 5 rounds).
+bytes win: `small` (58M) at 1.23x compiled (batch 1, 5 of 5 rounds). A prefill is bound by matmul FLOPs instead, so
+there the rule costs a small model speed: `tiny`'s 4 x 128 / 512 / 1,024-token forward runs 1.44x / 1.79x / 1.76x
+faster in bf16 on that CPU (4 of 4 alternating rounds each); `auto` weighs the decode steps, of which a generation
+has many, and bench/forward.py reports ours in both dtypes.
 
 A dtype asked for by name is run as asked; `asked_dtype_caveat` says why it may run slower there than float32.
 """
