@@ -44,6 +44,9 @@ class BudgetHolds:
         # spend's read takes 0.1 s for 130k usage rows)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # the holds' dicts, each read or change of them one step: a release (on the event loop) never waits for a read
+        # of the spend
+        self._holds_lock = threading.Lock()
         self._under_way: dict[str, dict[int, Bill]] = {}  # key name -> the bills of its requests under way, by id
 
     def hold(self, key: ApiKey, bill: Bill, most_pico: int) -> None:
@@ -56,13 +59,14 @@ class BudgetHolds:
             if spent + held + most_pico > cost_pico(price_decimal(key.budget.amount)):
                 raise OverBudget(key, most_pico, spent, held)
             bill.most_pico = most_pico
-            self._under_way.setdefault(key.name, {})[id(bill)] = bill
+            with self._holds_lock:
+                self._under_way.setdefault(key.name, {})[id(bill)] = bill
 
     def release(self, bill: Bill) -> None:
         """Stop holding for `bill`'s request, once its final row is written (or it was refused before any)."""
         if bill.key is None:
             return
-        with self._lock_of(bill.key.name):
+        with self._holds_lock:
             self._under_way.get(bill.key.name, {}).pop(id(bill), None)
 
     def left_pico(self, key: ApiKey) -> int:
@@ -79,7 +83,9 @@ class BudgetHolds:
         """What `key`'s name has spent over its budget's period, and what its requests under way may still add to it:
         each the most it may cost less what its row has billed so far. The holds are read first: a row written
         meanwhile (its bill's `billed_pico` set once it is committed) is then counted twice, never missed."""
-        held = sum(max(bill.most_pico - bill.billed_pico, 0) for bill in self._under_way.get(key.name, {}).values())
+        with self._holds_lock:
+            bills = list(self._under_way.get(key.name, {}).values())
+        held = sum(max(bill.most_pico - bill.billed_pico, 0) for bill in bills)
         since = None if key.budget.period_s is None else time.time() - key.budget.period_s
         return self.ledger.spent_pico(key.name, since), held
 

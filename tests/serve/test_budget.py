@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -14,7 +15,7 @@ from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.billing import Bill
 from seekstack.serve.budget import BudgetHolds, OverBudget, affordable_tokens
-from seekstack.serve.database import open_database
+from seekstack.serve.database import cost_pico, open_database
 from seekstack.serve.keys import Budget, KeyStore, Plan
 from seekstack.serve.ledger import Ledger
 from tests.serve.server import error_of, make_model_dir, run
@@ -179,3 +180,32 @@ def test_one_keys_admission_does_not_wait_for_anothers_read_of_its_spend(tmp_pat
     quick_admitted.set()
     slow_admission.join()
     assert time.monotonic() - started < 2  # was: 5 s, the slow read's whole wait
+
+
+def test_a_release_does_not_wait_for_an_admission_of_the_same_key_reading_its_spend(tmp_path):
+    """A request's release (on the event loop, as its row is written) took the admission lock of its key, so it waited
+    for an admission of the same key reading its spend (0.1 s for 130k usage rows), and the whole server with it."""
+    database = open_database(tmp_path / "db")
+    keys = KeyStore(database)
+    key = keys.verify(keys.create("capped", budget=Budget(10.0)))
+    ledger = Ledger(database)
+    holds = BudgetHolds(ledger)
+    ending = Bill(ledger, key, "model", "/v1/completions", 0.0)
+    holds.hold(key, ending, 1)
+    read_spent, released = ledger.spent_pico, threading.Event()
+
+    def spent_read_slowly(key_name: str, since: float | None = None) -> int:
+        released.wait(timeout=5)
+        return read_spent(key_name, since)
+
+    ledger.spent_pico = spent_read_slowly
+    admission = threading.Thread(target=holds.hold, args=(key, Bill(ledger, key, "model", "/v1/completions", 0.0), 1))
+    admission.start()
+    time.sleep(0.1)  # the admission is reading the spend
+    started = time.monotonic()
+    holds.release(ending)
+    released.set()
+    admission.join()
+    assert time.monotonic() - started < 2  # was: 5 s, the slow read's whole wait
+    ledger.spent_pico = read_spent
+    assert holds.left_pico(key) == cost_pico(Decimal(10)) - 1  # the admitted request's hold alone
