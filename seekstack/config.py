@@ -107,8 +107,9 @@ class ModelConfig:
     @property
     def routing_groups(self) -> tuple[int, int]:
         """(n_group, topk_group) as the router uses them: (1, 1) for greedy routing, which picks among all experts
-        whatever the config's group fields say (they go unchecked for it)."""
-        if self.topk_method == "greedy":
+        whatever the config's group fields say, and for a dense model, which routes nothing (they go unchecked for
+        both)."""
+        if self.topk_method == "greedy" or not self.n_routed_experts:
             return 1, 1
         return self.n_group, self.topk_group
 

@@ -10,7 +10,7 @@ import torch
 import seekstack
 from seekstack import Transformer
 from seekstack.compress.heads import heads_to_keep
-from seekstack.compress.prune import experts_to_keep, gate_mass, prune_experts, removed_count
+from seekstack.compress.prune import experts_to_keep, gate_mass, prune_experts, removed_count, rounding_notes
 from seekstack.model.moe import MoE
 from tests.conftest import micro_config
 
@@ -45,6 +45,17 @@ def test_a_model_without_moe_layers_has_none_pruned_and_none_refused(dense):
     experts = model.config.n_routed_experts
     for fraction in (0.5, 0.25, 0.0):
         assert prune_experts(model, {}, fraction) == {} and model.config.n_routed_experts == experts
+
+
+def test_a_dense_config_with_null_routing_groups_is_told_it_has_no_experts_to_prune():
+    """A dense model's group fields go unchecked, null included (a V3 config.json may give "n_group": null): its
+    routing groups read as the null, and pruning's notes failed dividing it (TypeError: unsupported operand type(s)
+    for /: 'NoneType' and 'int') where they say there are no experts to remove."""
+    config = micro_config(n_routed_experts=0, n_group=None, topk_group=None)
+    assert config.routing_groups == (1, 1)
+    assert rounding_notes(config, experts=0.5, heads=0.5) == [
+        "the model has no MoE layers; nothing for --experts to remove"
+    ]
 
 
 def test_half_an_expert_or_a_head_rounds_down_whichever_the_neighbours():
