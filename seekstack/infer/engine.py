@@ -103,6 +103,7 @@ from seekstack.infer.speculative import (
     greedy_speculation,
     measured_step_costs,
     mtp_drafts,
+    step_clock,
 )
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
@@ -504,7 +505,6 @@ class Engine:
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
         self.compile_s = 0.0  # seconds of the decode steps that compiled a new graph (`_decode_timer`)
         self.notify: Callable[[str], None] = _note_on_stderr  # what the engine has to tell its user (a compile)
-        self._step_started = 0.0
         if compile is True:
             self._compile_decode()
 
@@ -893,7 +893,6 @@ class Engine:
         """One step: grow (or preempt) running requests, admit waiting ones, decode all running ones together, prefill
         one chunk of prompts. The model runs in eval mode and is left in the mode it had (`evaluating`)."""
         with self.lock.for_step(), evaluating(self.model):
-            self._step_started = time.perf_counter()  # a speculative step's overhead counts from here (`DraftCount`)
             outputs, self.aborted = self.aborted, []
             self._grow()
             self._admit()
@@ -939,12 +938,13 @@ class Engine:
         self._decode_drafts = _compiled(mtp_drafts)
         self._greedy_speculation = _compiled(greedy_speculation)
         self._eager_seconds_left = None
+        self.draft_count.forget_step_times()  # eager steps' seconds say little of compiled ones
 
     @contextlib.contextmanager
     def _decode_timer(self) -> Iterator[None]:
         """Count an eager decode step's seconds towards compiling (`compile=None`); say on stderr how long a step
         that compiled a new graph took (inductor keeps the generated code on disk: a later run compiles faster)."""
-        graphs, sequences = torch._dynamo.utils.counters["stats"]["unique_graphs"], len(self.running)
+        graphs, sequences = _graphs_compiled(), len(self.running)
         drafts = min((len(r.drafts) for r in self.running), default=0)  # a graph of its own per draft count
         started = time.perf_counter()
         yield
@@ -953,7 +953,7 @@ class Engine:
             self._eager_seconds_left -= seconds
             if self._eager_seconds_left <= 0:
                 self._compile_decode()
-        elif torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
+        elif _graphs_compiled() > graphs:
             self.compile_s += seconds
             verifying = f", verifying {drafts} draft(s)," if self.speculative else ""
             self.notify(f"compiled the decode step for {sequences} sequence(s){verifying} in {seconds:.1f} s")
@@ -1070,16 +1070,26 @@ class Engine:
         """One token per running request, or with speculative decoding the verified draft plus one."""
         batch = list(self.running)
         starts = [len(r.ids) - 1 for r in batch]
-        if self.speculative:
-            drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
-            next_count = self.draft_count.choose([r.draft_checks for r in batch])
-            # verification writes `drafted` slots past the pending token, the next drafts next_count - 1 further
-            room = self._draft_room(len(r.ids) for r in batch)
-            drafted = min(drafted, room)
-            next_count = min(next_count, room - drafted + 1)
-            if drafted or next_count:
-                return self._decode_speculative(batch, starts, drafted, next_count)
-            # No drafts to verify or make: a step as an engine without MTP runs it (the MTP cache not filled).
+        if not self.speculative:
+            return self._decode_plain(batch, starts)
+        clock = step_clock(self.device)
+        started, graphs = clock(), _graphs_compiled()
+        drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
+        next_count = self.draft_count.choose([r.draft_checks for r in batch])
+        # verification writes `drafted` slots past the pending token, the next drafts next_count - 1 further
+        room = self._draft_room(len(r.ids) for r in batch)
+        drafted = min(drafted, room)
+        next_count = min(next_count, room - drafted + 1)
+        if drafted or next_count:
+            outputs = self._decode_speculative(batch, starts, drafted, next_count)
+        else:  # no drafts to verify or make: a step as an engine without MTP runs it (the MTP cache not filled)
+            outputs = self._decode_plain(batch, starts)
+        if _graphs_compiled() == graphs:  # a step that compiled a graph tells nothing of the steps after it
+            self.draft_count.observe_step(len(batch), drafted, next_count, clock() - started)
+        return outputs
+
+    def _decode_plain(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
+        """One token per request of `batch`, whose pending tokens stand at `starts`."""
         logits, _, greedy = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
         tokens, logprobs = self._sample(batch, logits[:, 0], greedy)
         for request, token in zip(batch, tokens, strict=True):
@@ -1095,7 +1105,6 @@ class Engine:
         checks = [r.draft_checks for r in batch]
         width = drafted + 1
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
-        model_started = time.perf_counter()  # the measured step costs include planning the cache
         # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups).
         lookahead = max(next_count - 1, 0)
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
@@ -1119,7 +1128,6 @@ class Engine:
             )  # fmt: skip
             accepted_list, kept_list = accepted.tolist(), kept.tolist()
         chosen_list = chosen.tolist()
-        model_seconds = time.perf_counter() - model_started
         self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
         self.draft_count.observe(drafted, accepted_list, checks, kept_list)
@@ -1132,17 +1140,12 @@ class Engine:
             request.ids.extend(tokens)
         if next_drafts is None:
             counts = [len(tokens) for tokens in new_tokens]
-            drafting_started = time.perf_counter()
             next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, next_count, fill_cache)
-            model_seconds += time.perf_counter() - drafting_started
         else:
             next_list = next_drafts.tolist()
         for request, drafts in zip(batch, next_list, strict=True):
             request.drafts = drafts
-        outputs = [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
-        step_seconds = time.perf_counter() - self._step_started
-        self.draft_count.observe_step(len(batch), drafted, next_count, step_seconds, model_seconds)
-        return outputs
+        return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
 
     # ------------------------------------------------------------------ model calls
     def _forward(
@@ -1870,6 +1873,11 @@ DECODE_COMPILE_OPTIONS: dict[str, Any] = {
 # ending out of order would leave the stance skipping for the whole process; `_compiled`'s settings are process-wide
 # too.
 _COMPILED_CALLS = threading.RLock()
+
+
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process: a step that raised it compiled one."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,9 @@ import bisect
 import functools
 import itertools
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -192,6 +194,12 @@ class StepCosts:
         return cls(batches, [1.5 / (config.num_hidden_layers + 1)] * len(batches), verify)
 
 
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """The clock a decode step on `device` is timed with, on the thread count set now: on one CPU thread its CPU time
+    (time that another process takes is then not counted), else the wall clock."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def measured_step_costs(
     model: Transformer,
     vocabulary: DraftVocabulary | None,
@@ -232,8 +240,7 @@ def measured_step_costs(
         hidden, _ = mtp(embedded, embedded, cos, sin, cache)
         draft_argmax(model, mtp.head_input(hidden), vocabulary)
 
-    # On as many threads as the engine's steps of each batch (seekstack.infer.threads); on one CPU thread, its CPU
-    # time: time that another process takes is then not counted.
+    # On as many threads as the engine's steps of each batch (seekstack.infer.threads), each timed on `step_clock`.
     threads = StepThreads(config, device)
     runs: dict[tuple[int, int | str], Callable[[], None]] = {}  # (batch, tokens per row or "draft"): the step
     for batch in batches:
@@ -247,8 +254,7 @@ def measured_step_costs(
                 break
             for (batch, name), run in runs.items():
                 with threads.running(batch * (most + 1)):
-                    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
-                    clock = time.thread_time if one_thread else time.perf_counter
+                    clock = step_clock(device)
                     start = clock()
                     run()
                     if device.type == "cuda":
@@ -263,7 +269,13 @@ def measured_step_costs(
     return StepCosts(batches, [fastest[batch, "draft"] / fastest[batch, 1] for batch in batches], verify)
 
 
-OVERHEAD_MEMORY = 0.9  # weight of the engine's overhead seen so far at each new step (`DraftCount.observe_step`)
+# A draft's cost at a batch size (`observe_step`): each plain step against the median of the last STEPS_TIMED steps
+# of the count drafted before it, the median of the last STEP_WINDOW such pairs once there are STEPS_TIMED of them. A
+# step slowed by something else (another process's use of the caches, a collection) moves it little; a pair's steps
+# run close in time, so another process's load, which moves every step by up to ~30% from one second to the next,
+# does not tell apart counts timed at different moments.
+STEP_WINDOW = 9
+STEPS_TIMED = 3
 ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each of its new steps (~20 steps of memory)
 # A depth's prior, worth PRIOR_CHECKS checks: at depth 1 the acceptance DeepSeek-V3 reports for its MTP module's
 # token (85-90%, tech report 5.4.3), so a fresh engine drafts the most and measures every depth at once; at deeper
@@ -271,7 +283,9 @@ ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each
 PRIOR_ACCEPTANCE = 0.85
 PRIOR_CHECKS = 2.0
 NEAR_BEST = 0.05  # draft counts whose expected speed-up is within this share of the best's tie; the most wins
-PROBE_EVERY = 32  # below the most drafts, one step in this many drafts one more, to measure the next depth
+# Below the most drafts, one step in this many drafts one more, to measure the next depth; while drafting, two steps in
+# this many draft none, so that one of them is a plain step (its step before verified drafts), timed.
+PROBE_EVERY = 32
 # At 2+ rows: the least speed-up drafts at the prior must promise for a batch size to draft at all. Rows that draft
 # finish unevenly (acceptance differs by text), and a batch's last rows then step with few others, each step costing
 # them its fixed part alone, the more so the more drafts a step makes: bench/speculative.py, eager, demo model, its 16
@@ -302,9 +316,12 @@ class DraftCount:
     checkpoint), so one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the
     first, with drafts off).
 
-    A step also costs the engine's own work outside the model (scheduling, planning the cache, sampling, output), o
-    plain forwards, paid once however many tokens the step makes; the engine measures it as it runs
-    (`observe_step`), so the speed-up over a plain step of 1 + o is E[tokens] (1 + o) / (gamma c + v_gamma + o).
+    The costs that decide come from the steps the engine takes (`observe_step`: the engine's own work outside the
+    model included, compiled steps as compiled, on `step_clock`): per batch size of `StepCosts`, a step of gamma
+    drafts costs 1 + gamma c plain steps, c timed as plain steps against the drafting steps before them; while
+    drafting, two steps in PROBE_EVERY draft none, so that plain steps keep being timed. Until c is timed, the
+    start-up measurement's costs decide (`StepCosts`: eager, and noisy on a busy machine, where a batch-1 draft read
+    0.33-0.64 of a plain step in five starts and the steps said 0.31).
 
     Acceptance is a property of the text as much as of the model: on the demo checkpoint one prompt passes every
     draft and the next none. So each request has its own rates (`DraftChecks`), starting from the engine's rates
@@ -322,8 +339,12 @@ class DraftCount:
         # As `measured_step_costs` finds them on this machine, else from the model's shapes.
         self.costs = costs or StepCosts.modelled(config, most, device)
         self.passed, self.checked = [0] * most, [0] * most  # per depth, over every request and step alike
-        self.steps_below_most = 0
-        self.overhead: dict[int, float] = {}  # o by `StepCosts.index`: work outside the model, in plain forwards
+        self.steps_below_most = self.steps_drafting = 0
+        # By `StepCosts.index`: the count drafted last and its last STEPS_TIMED steps' seconds; a draft's cost, in
+        # plain steps, from the last STEP_WINDOW plain steps; its median once timed (`observe_step`).
+        self.drafting_seconds: dict[int, tuple[int, deque[float]]] = {}
+        self.draft_costs: dict[int, deque[float]] = {}
+        self.timed_draft_cost: dict[int, float] = {}
 
     def acceptance(self, request: DraftChecks | None = None) -> list[float]:
         """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior;
@@ -351,24 +372,30 @@ class DraftCount:
                 drafts_passed += reach
         return 1 + drafts_passed / len(rows)
 
-    @staticmethod
-    def needed_gain(batch: int) -> float:
-        """The least expected speed-up that turns drafting on for steps of `batch` rows."""
-        return 1.0 if batch == 1 else UNEVEN_FINISH_GAIN
-
     def drafting_can_pay(self, batch: int) -> bool:
-        """Whether drafts accepted at PRIOR_ACCEPTANCE at every depth would speed up steps of `batch` rows enough."""
+        """Whether steps of `batch` rows draft at all: at one row always (its probes time what a draft costs, however
+        dear the start-up measurement read it), at more where drafts accepted at PRIOR_ACCEPTANCE at every depth would
+        speed them up by UNEVEN_FINISH_GAIN."""
         prior = [[PRIOR_ACCEPTANCE] * self.most]
-        return any(self.speedup(count, batch, prior) > self.needed_gain(batch) for count in range(1, self.most + 1))
+        return batch == 1 or any(
+            self.speedup(count, batch, prior) > UNEVEN_FINISH_GAIN for count in range(1, self.most + 1)
+        )
+
+    def step_cost(self, count: int, batch: int) -> float:
+        """A step of `batch` rows verifying `count` drafts per row and drafting as many, in plain steps: 1 + count c
+        with c timed (`observe_step`), else v_count + count d from the start-up costs."""
+        timed = self.timed_draft_cost.get(self.costs.index(batch))
+        if timed is not None:
+            return 1 + count * timed
+        draft, verify = self.costs.at(batch)
+        return verify[count] + count * draft
 
     def speedup(self, count: int, batch: int, rates: list[list[float]] | None = None) -> float:
         """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows (under each row's
         `rates`, or the engine's), against plain decoding."""
-        draft, verify = self.costs.at(batch)
-        overhead = self.overhead.get(self.costs.index(batch), 0.0)
         if count == 0:
             return 1.0
-        return self.expected_tokens(count, rates) * (1 + overhead) / (count * draft + verify[count] + overhead)
+        return self.expected_tokens(count, rates) / self.step_cost(count, batch)
 
     def choose(self, rows: list[DraftChecks]) -> int:
         """The draft count of the next step for the running requests' `rows` (0: a plain step)."""
@@ -385,22 +412,48 @@ class DraftCount:
             best = max(
                 count for count in range(best, self.most + 1) if speedups[count] >= speedups[best] * (1 - NEAR_BEST)
             )
+        if best > 0:
+            self.steps_drafting += 1
+            if self.steps_drafting % PROBE_EVERY in (PROBE_EVERY - 1, 0):  # the last two of each PROBE_EVERY
+                return 0
         if best < self.most:
             self.steps_below_most += 1
-            if self.steps_below_most % PROBE_EVERY == 0:
+            # With drafts off, the probe drafts for STEPS_TIMED steps and more, so that the plain step after them
+            # times a draft too (`observe_step`): a draft timed dear at start-up is not kept off for good.
+            probe_steps = 1 if best > 0 else STEPS_TIMED + 1
+            phase = self.steps_below_most % PROBE_EVERY
+            if phase == 0 or phase > PROBE_EVERY - probe_steps:
                 return best + 1
         return best
 
-    def observe_step(self, batch: int, verified: int, drafted: int, step_seconds: float, model_seconds: float) -> None:
-        """Count a step's overhead o: its `step_seconds` less the `model_seconds` of its model calls (a forward
-        verifying `verified` drafts per row of `batch` rows, then `drafted` drafts), in plain forwards, whose seconds
-        follow from the model calls' and their relative cost (`StepCosts`)."""
-        draft, verify = self.costs.at(batch)
-        model_cost = verify[verified] + drafted * draft
-        overhead = max(step_seconds - model_seconds, 0.0) * model_cost / model_seconds
+    def observe_step(self, batch: int, verified: int, drafted: int, seconds: float) -> None:
+        """Time a decode step of `batch` rows that verified `verified` drafts per row and drafted `drafted` (a step
+        between two counts costs neither's): a drafting step joins its count's last steps, and a plain step after
+        STEPS_TIMED of them times a draft, c = (their median / its seconds - 1) / count, at least 0."""
+        if verified != drafted:
+            return
         index = self.costs.index(batch)
-        before = self.overhead.get(index, overhead)
-        self.overhead[index] = OVERHEAD_MEMORY * before + (1 - OVERHEAD_MEMORY) * overhead
+        if drafted > 0:
+            count, recent = self.drafting_seconds.get(index, (0, deque()))
+            if count != drafted:
+                recent = deque(maxlen=STEPS_TIMED)
+                self.drafting_seconds[index] = drafted, recent
+            recent.append(seconds)
+            return
+        count, recent = self.drafting_seconds.get(index, (0, deque()))
+        if len(recent) < STEPS_TIMED:
+            return
+        costs = self.draft_costs.setdefault(index, deque(maxlen=STEP_WINDOW))
+        costs.append(max(statistics.median(recent) / seconds - 1, 0.0) / count)
+        recent.clear()  # one pair a stretch of drafting steps: later plain steps would repeat it
+        if len(costs) >= STEPS_TIMED:
+            self.timed_draft_cost[index] = statistics.median(costs)
+
+    def forget_step_times(self) -> None:
+        """Drop the steps timed so far: the steps from now on run otherwise (compiled)."""
+        self.drafting_seconds.clear()
+        self.draft_costs.clear()
+        self.timed_draft_cost.clear()
 
     def observe(
         self, drafted: int, accepted: list[int], rows: list[DraftChecks] | None = None, kept: list[int] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from seekstack.infer.engine import MAX_DRAFT_TOKENS
 from seekstack.infer.speculative import (
     PRIOR_ACCEPTANCE,
     PROBE_EVERY,
+    STEP_WINDOW,
+    STEPS_TIMED,
     UNEVEN_FINISH_GAIN,
     DraftChecks,
     DraftCount,
@@ -97,28 +101,91 @@ def test_each_batch_size_takes_the_costs_measured_at_the_next_size_up():
     assert count.speedup(1, 3) == pytest.approx((1 + PRIOR_ACCEPTANCE) / (0.3 + 1.5))
 
 
-def test_the_engines_own_work_per_step_makes_drafts_pay_where_the_model_costs_alone_do_not():
-    """At 60% acceptance a draft costing 0.5 of a plain forward and verification 1.4 lose against plain steps (1.6
-    tokens for 1.9); once the engine's work outside the model is seen to cost 2 plain forwards a step (3 s a step,
-    1 s of it in a plain forward), a step with a draft makes 1.6 tokens for 3.9 against 1 for 3: it pays."""
-    count = DraftCount(micro_config(), 1, True, CPU, costs(0.5, [1.4], batches=(1, 4)))
-    count.passed, count.checked = [0.6e6], [1e6]
-    assert count.choose(rows(1)) == 0
-    count.observe_step(1, 0, 0, step_seconds=3.0, model_seconds=1.0)
-    assert count.overhead == {0: pytest.approx(2.0)}
-    assert count.speedup(1, 1) == pytest.approx(1.6 * 3 / 3.9, rel=1e-4)
+def timed_pairs(count: DraftCount, drafts: int, drafting_seconds: float, plain_seconds: float, pairs: int) -> None:
+    """`pairs` times: STEPS_TIMED steps of `drafts` drafts at one row, then a plain one, each of the seconds given."""
+    for _ in range(pairs):
+        for _ in range(STEPS_TIMED):
+            count.observe_step(1, drafts, drafts, drafting_seconds)
+        count.observe_step(1, 0, 0, plain_seconds)
+
+
+def test_the_count_follows_the_draft_cost_the_steps_taken_show_not_the_one_measured_at_start_up():
+    """At 70% acceptance per depth, a start-up that read a draft at 0.6 of a plain step (a busy machine) picks one
+    draft; plain steps of 3.0 s after three-draft steps of 4.2 s (a draft 0.13 of a plain step) pick three; once
+    three-draft steps take 7.5 s (0.5), two."""
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, costs(0.6, [1.0] * 3))
+    count.passed, count.checked = [0.7e6] * 3, [1e6] * 3
     assert count.choose(rows(1)) == 1
-    assert count.choose(rows(4)) == 0  # batch 4 takes its own measured overhead: none seen yet
-    count.observe_step(1, 1, 1, step_seconds=1.9, model_seconds=1.9)  # a step with no work outside the model
-    assert count.overhead[0] == pytest.approx(0.9 * 2.0)  # the overhead follows the steps seen, recent ones most
+    timed_pairs(count, 3, 4.2, 3.0, pairs=STEPS_TIMED)
+    assert count.speedup(3, 1) == pytest.approx((1 + 0.7 + 0.7**2 + 0.7**3) / (4.2 / 3.0))  # 1 + 3 c plain steps
+    assert count.choose(rows(1)) == 3
+    timed_pairs(count, 3, 7.5, 3.0, pairs=STEP_WINDOW // 2 + 1)
+    assert count.choose(rows(1)) == 2
 
 
-def test_a_speculative_engine_measures_its_work_outside_the_model_as_it_decodes(tmp_path, monkeypatch):
+def test_a_lone_row_probes_drafts_its_start_up_read_too_dear_and_drafts_once_its_steps_show_them_cheap():
+    """A start-up that read a draft at 1.5 plain steps (a busy machine: no count pays even at the prior) kept a lone
+    row's steps plain for good, its probes included; the probes now draft, and once their steps time a draft at 0.3
+    of a plain step, the most drafts pay."""
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, costs(1.5, [1.0] * 3))
+    assert max(count.choose(rows(1)) for _ in range(PROBE_EVERY)) == 1
+    timed_pairs(count, 1, 1.3, 1.0, pairs=STEPS_TIMED)
+    assert count.choose(rows(1)) == 3
+
+
+def test_a_draft_is_timed_by_plain_steps_against_the_drafting_steps_just_before_them():
+    """A draft's cost c is timed from (the median of the last STEPS_TIMED steps drafting g / a plain step's seconds - 1)
+    / g, one pair a stretch of drafting steps, steps between two counts counting for neither; it decides once
+    STEPS_TIMED pairs give it (their median), each batch size of StepCosts its own."""
+    count = DraftCount(micro_config(), 3, True, CPU, costs(0.5, [1.1, 1.2, 1.3], batches=(1, 4)))
+    count.observe_step(1, 0, 0, 1.0)  # no drafting steps before it: nothing to pair
+    for seconds in (2.0, 40.0, 2.2, 2.4):  # the last three count, one slowed by something else
+        count.observe_step(1, 2, 2, seconds)
+    count.observe_step(1, 2, 0, 9.0)  # verified 2, drafted none: neither count's cost
+    count.observe_step(1, 0, 0, 2.0)
+    count.observe_step(1, 0, 0, 1.0)  # the drafting steps are paired already
+    assert list(count.draft_costs[0]) == [pytest.approx((2.4 / 2.0 - 1) / 2)]
+    assert count.step_cost(2, 1) == pytest.approx(1.2 + 2 * 0.5)  # one pair: the start-up costs still decide
+    timed_pairs(count, 1, 1.5, 1.0, pairs=2)
+    assert count.timed_draft_cost == {0: pytest.approx(0.5)}  # the median of 0.1, 0.5, 0.5
+    assert count.step_cost(2, 1) == pytest.approx(1 + 2 * 0.5)
+    assert count.step_cost(2, 4) == pytest.approx(1.2 + 2 * 0.5)  # batch 4 has timed nothing
+
+
+def test_while_drafting_two_steps_in_so_many_draft_none_so_that_plain_steps_stay_timed():
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU)
+    count.passed, count.checked = [0.95e6] * 3, [1e6] * 3  # the most drafts pay
+    choices = [count.choose(rows(1)) for _ in range(2 * PROBE_EVERY)]
+    plain = [step for step, choice in enumerate(choices) if choice == 0]
+    assert plain == [PROBE_EVERY - 2, PROBE_EVERY - 1, 2 * PROBE_EVERY - 2, 2 * PROBE_EVERY - 1]
+    assert set(choices) == {0, 3}
+
+
+def counting_clock(seconds_a_reading: float = 1.0):
+    """A step clock that moves `seconds_a_reading` at each reading: a step timed between two readings took that."""
+    readings = itertools.count()
+    return lambda device: lambda: next(readings) * seconds_a_reading
+
+
+def test_a_speculative_engine_times_its_decode_steps_on_the_step_clock_but_not_those_that_compiled(
+    tmp_path, monkeypatch
+):
+    """Drafts of 2 for the prompt and 4 steps, then none: the engine hands the steps' seconds on its step clock (0.25 s
+    a step here) to the count, which times a draft at 0 from the plain step after them; steps that compiled a graph
+    are not timed."""
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
-    given_step_costs(monkeypatch, UNLOADED_MICRO_MODEL_COSTS)  # alone, drafting pays
-    engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=2)
-    engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
-    assert list(engine.draft_count.overhead) == [0] and engine.draft_count.overhead[0] > 0
+    monkeypatch.setattr("seekstack.infer.engine.step_clock", counting_clock(0.25))
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    for compiling in (False, True):
+        engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=2)
+        script = itertools.chain([2] * 5, itertools.repeat(0))
+        monkeypatch.setattr(engine.draft_count, "choose", lambda rows, script=script: next(script))
+        if compiling:
+            graphs = itertools.count()  # every step compiles a graph
+            monkeypatch.setattr("seekstack.infer.engine._graphs_compiled", graphs.__next__)
+        engine.generate([[5, 6, 7]], params)
+        expected = {} if compiling else {0: [0.0]}
+        assert {index: list(costs) for index, costs in engine.draft_count.draft_costs.items()} == expected
 
 
 def test_a_draft_count_past_the_most_is_refused_before_the_engine_times_its_steps(tmp_path):
@@ -190,10 +257,13 @@ def test_a_weak_depth_is_not_drafted_though_the_depths_before_it_pass():
     assert draft_count(0.9, 0.9, 0.3).choose(rows(1)) == 2  # the third draft rarely passes: two a step
 
 
-def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_again():
+def test_with_drafts_off_a_few_steps_in_so_many_draft_once_to_measure_acceptance_and_a_drafts_cost_again():
+    """STEPS_TIMED + 1 steps in a row: the first makes the drafts the rest verify, and the plain step after them times
+    a draft against them (`observe_step`); a start-up that read drafts too dear then does not keep them off."""
     count = draft_count(0.05)
     choices = [count.choose(rows(1)) for _ in range(2 * PROBE_EVERY)]
-    assert choices.count(1) == 2 and choices[PROBE_EVERY - 1] == 1
+    probe = list(range(PROBE_EVERY - STEPS_TIMED - 1, PROBE_EVERY))
+    assert [step for step, choice in enumerate(choices) if choice] == probe + [step + PROBE_EVERY for step in probe]
     assert set(choices) == {0, 1}  # plain steps in between
 
 
@@ -208,8 +278,9 @@ def test_below_the_most_one_step_in_so_many_drafts_one_more_to_measure_the_next_
         choices.append(drafted)
         for step in range(5):
             count.observe(drafted, [drafted if step < 2 else 0])
-    assert choices[: PROBE_EVERY - 1] == [1] * (PROBE_EVERY - 1) and choices[PROBE_EVERY - 1] == 2
-    assert choices[-1] == 3 and count.acceptance()[1] > 0.8
+    drafting = [choice for choice in choices if choice > 0]  # not the plain steps taken to time them
+    assert drafting[: PROBE_EVERY - 1] == [1] * (PROBE_EVERY - 1) and drafting[PROBE_EVERY - 1] == 2
+    assert drafting[-1] == 3 and count.acceptance()[1] > 0.8
 
 
 def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path, monkeypatch):
@@ -306,7 +377,7 @@ def test_a_lone_request_whose_drafts_do_not_pay_decodes_with_plain_steps(tmp_pat
     of the model's top token) took steps without drafts that still ran the MTP block over the new token, half a
     draft's cost a step: 0.78x plain sampling on the demo checkpoint. Now those steps are plain ones."""
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
-    params = SamplingParams(max_new_tokens=PROBE_EVERY - 2, temperature=1.0, seed=3, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=PROBE_EVERY - STEPS_TIMED - 2, temperature=1.0, seed=3, ignore_eos=True)
     expected = Engine(model, tokenizer).generate([[5, 6, 7]], params)[0].token_ids
     engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
     engine.draft_count.passed, engine.draft_count.checked = [0.0] * 2, [1000.0] * 2  # drafts off from the start
