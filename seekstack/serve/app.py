@@ -241,6 +241,8 @@ class Server:
                             "compile can take minutes); Ctrl-C again to exit without waiting")  # fmt: skip
                 note_at = None
             await asyncio.wait({waiting}, timeout=STOP_NOW_POLL_S)
+        if waiting.done() and not waiting.cancelled():
+            waiting.result()  # the wait's error, the engine stop's included, fails the shutdown as it is raised
 
     async def calls_and_engine_ended(self) -> None:
         """Wait for the generation calls to have their rows, then for the engine thread to end."""

@@ -315,3 +315,23 @@ def test_a_second_ctrl_c_ends_a_server_whose_engine_is_in_a_long_step_at_once(tm
     assert ended_at - second_ctrl_c_at[0] < 2  # was: when the step ended, 20 s here
     assert "waiting for the requests cut off and the engine's step in progress to end" in caplog.text
     assert "stopping now (a second Ctrl-C)" in caplog.text
+
+
+def test_an_error_stopping_the_engine_fails_the_shutdown_not_lost_in_a_task(tmp_path):
+    """The shutdown waits for the calls and the engine in a task of its own (so that a second Ctrl-C is heard): an
+    error there was left in that task, never retrieved, and the shutdown ended as if the engine had stopped."""
+    server = create_app(Engine.from_pretrained(make_model_dir(tmp_path)), open_database(tmp_path / "db")).state.server
+    stop_engine = server.bridge.stop_async
+
+    async def engine_stop_failing() -> None:
+        await stop_engine()
+        raise RuntimeError("the engine thread's last aborts failed")
+
+    server.bridge.stop_async = engine_stop_failing
+
+    async def serve_and_stop() -> None:
+        async with server.lifespan(None):
+            pass
+
+    with pytest.raises(RuntimeError, match="the engine thread's last aborts failed"):
+        asyncio.run(serve_and_stop())
