@@ -35,8 +35,9 @@ def train_command(
             callback=refuse_empty_path,
             help="Token shards (from `data tokenize`); or text (a file, a folder of text files, .jsonl of "
             '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"}, of '
-            '{"prompt", "completion"} lists of messages or of TRL\'s from/value {"conversations"}; .jsonl.gz, .bz2, '
-            '.xz or .zst too), 5% of them held out for val_loss while eval_every > 0; or TRL\'s {"prompt", '
+            '{"prompt", "completion"} lists of messages or of TRL\'s from/value {"conversations"}; or .json of JSON '
+            "Lines, as datasets' to_json writes, or of one JSON array, as json.dump writes; .gz, .bz2, .xz or .zst "
+            'of either too), 5% of them held out for val_loss while eval_every > 0; or TRL\'s {"prompt", '
             '"completion"} of text, read alike with no chat template, the loss on the completion only',
         ),
     ] = None,

@@ -812,6 +812,16 @@ def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
     assert "mtp_loss_weight = 0.3" in keys and "model.FIELD=VALUE" in keys and 'parallel = "ddp"' in keys
 
 
+def test_lora_train_help_names_every_chat_file_form_it_reads() -> None:
+    """DATA's help lists the .json forms (JSON Lines, one JSON array) `lora train` reads as conversations, and every
+    compression it reads them through (seekstack.adapters.data.first_record, seekstack.compression)."""
+    from seekstack.compression import COMPRESSIONS
+
+    help_text = " ".join(CliRunner().invoke(app, ["lora", "train", "--help"], terminal_width=400).output.split())
+    assert ".json of JSON Lines" in help_text and "one JSON array" in help_text
+    assert all(suffix in help_text for suffix in COMPRESSIONS)
+
+
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
