@@ -375,20 +375,23 @@ class DraftCount:
     def drafting_can_pay(self, batch: int) -> bool:
         """Whether steps of `batch` rows draft at all: at one row always (its probes time what a draft costs, however
         dear the start-up measurement read it), at more where drafts accepted at PRIOR_ACCEPTANCE at every depth would
-        speed them up by UNEVEN_FINISH_GAIN."""
+        speed them up by UNEVEN_FINISH_GAIN at the start-up costs, against which that margin was found."""
         prior = [[PRIOR_ACCEPTANCE] * self.most]
         return batch == 1 or any(
-            self.speedup(count, batch, prior) > UNEVEN_FINISH_GAIN for count in range(1, self.most + 1)
+            self.expected_tokens(count, prior) / self.start_up_cost(count, batch) > UNEVEN_FINISH_GAIN
+            for count in range(1, self.most + 1)
         )
 
-    def step_cost(self, count: int, batch: int) -> float:
-        """A step of `batch` rows verifying `count` drafts per row and drafting as many, in plain steps: 1 + count c
-        with c timed (`observe_step`), else v_count + count d from the start-up costs."""
-        timed = self.timed_draft_cost.get(self.costs.index(batch))
-        if timed is not None:
-            return 1 + count * timed
+    def start_up_cost(self, count: int, batch: int) -> float:
+        """A step of `batch` rows verifying `count` drafts per row and drafting as many, in plain steps, from the
+        start-up costs: v_count + count d."""
         draft, verify = self.costs.at(batch)
         return verify[count] + count * draft
+
+    def step_cost(self, count: int, batch: int) -> float:
+        """A step as `start_up_cost`'s: 1 + count c with c timed (`observe_step`), else the start-up costs'."""
+        timed = self.timed_draft_cost.get(self.costs.index(batch))
+        return self.start_up_cost(count, batch) if timed is None else 1 + count * timed
 
     def speedup(self, count: int, batch: int, rates: list[list[float]] | None = None) -> float:
         """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows (under each row's
