@@ -31,7 +31,7 @@ FLUSH_FLOATS = 32 * 1024 * 1024  # 128 MB written before each step, beyond any L
 
 def step(moes: list[MoE], path: str, xs: list[torch.Tensor], routings: list[Routing]) -> torch.Tensor:
     """The routed experts of every MoE layer, one after another, summed (so no layer's work is dropped)."""
-    return sum(getattr(moe.experts, path)(x, routing)[0] for moe, x, routing in zip(moes, xs, routings, strict=True))
+    return sum(getattr(moe.experts, path)(x, routing) for moe, x, routing in zip(moes, xs, routings, strict=True))
 
 
 def main() -> None:

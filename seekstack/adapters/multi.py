@@ -48,7 +48,7 @@ from torch import nn
 from seekstack.infer.packed import DecodeLatentAttention
 from seekstack.model import cpu_kernels
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import FeedForward, RoutedExperts, Routing, _expert_load, swiglu
+from seekstack.model.moe import FeedForward, RoutedExperts, Routing, swiglu
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (..., r, in), B (..., out, r) with the scale folded into B
 TokenRows = tuple[torch.Tensor, torch.Tensor]  # token ids (n,), the trained rows that replace theirs (n, D)
@@ -411,7 +411,7 @@ class MultiLoRAExperts(RoutedExperts):
             weight = (weight.float() + update).to(weight.dtype)
         return weight.expand(-1, slots, -1, -1).flatten(0, 1).contiguous()
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)  # as RoutedExperts.forward does, before any dispatch work
         if self.matmuls_replaced():
@@ -430,14 +430,13 @@ class MultiLoRAExperts(RoutedExperts):
         few = not torch.is_grad_enabled() and x.shape[0] <= cpu_kernels.MAX_TOKENS
         return few and self.merged_down_proj is not None and cpu_kernels.usable(x, self.merged_down_proj)
 
-    def forward_merged(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_merged(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The experts kernel (`RoutedExperts.forward_kernel`, one op, as for base rows) over the merged weights, each
         (token, expert) pair reading row k = e*S' + s of them, W_e + B_{e,s} A_{e,s} (its expert merged with its
         token's adapter)."""
         slots = self.rows.slots_in_use
         keys = (routing.experts * slots).add_(self.rows.per_token(x.shape[0]).unsqueeze(1))  # (N, K)
-        merged = cpu_kernels.grouped_experts(x, keys, routing.weights, self.merged_gate_up_proj, self.merged_down_proj)
-        return merged, _expert_load(routing)
+        return cpu_kernels.grouped_experts(x, keys, routing.weights, self.merged_gate_up_proj, self.merged_down_proj)
 
     def matmuls_replaced(self) -> bool:
         """Only while a row uses an adapter and a loaded adapter has factors here: a batch of base rows, or any batch
@@ -446,7 +445,7 @@ class MultiLoRAExperts(RoutedExperts):
         adapters loaded, and cost ~5x the kernel to add zeros)."""
         return self.rows.active and self.holds_factors
 
-    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """RoutedExperts.forward_gathered (compiled decode: each pair gathers its expert's weights) plus each pair's
         update, gathered the same way: y_p = W_e x_p + B_k (A_k x_p)."""
         if not self.rows.active:
@@ -457,8 +456,7 @@ class MultiLoRAExperts(RoutedExperts):
         pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (P, 1, D)
         gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, keys).chunk(2, dim=-1)  # (P, 1, I) each
         hidden = swiglu(gate, up, routing.weights.view(N * K, 1))
-        combined = self._gathered_linear(hidden, "down_proj", experts, keys).view(N, K, -1).sum(dim=1)
-        return combined, _expert_load(routing)
+        return self._gathered_linear(hidden, "down_proj", experts, keys).view(N, K, -1).sum(dim=1)
 
     def _gathered_linear(self, x: torch.Tensor, name: str, experts: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x (P, 1, in) -> (P, 1, out): each pair times its expert's W^T, plus its own update where adapted."""

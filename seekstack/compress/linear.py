@@ -384,9 +384,8 @@ class QuantizedExperts(RoutedExperts):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no float parameters to allocate
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        combined, load = super().forward(self._modules["gate_up_proj"].lower(x), routing)
-        return combined.to(dtype=x.dtype), load
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return super().forward(self._modules["gate_up_proj"].lower(x), routing).to(dtype=x.dtype)
 
     def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
         """x (n, in) in the kernel's dtype, sorted by expert, load[e] rows for expert e -> (n, out): one kernel call
@@ -398,7 +397,7 @@ class QuantizedExperts(RoutedExperts):
                 start += rows
         return torch.cat(outputs)
 
-    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The compiled (sync-free) path: every expert on every token, combined with the routing weights as a dense
         (N, E) matrix (zero for experts not chosen). E/K times the FLOPs of the gathered path, on the low-bit kernel;
         meant for the few tokens of a decode step. Returns x's dtype."""
@@ -411,9 +410,7 @@ class QuantizedExperts(RoutedExperts):
             gate, up = self.gate_up_proj.matmul(lowered, e).chunk(2, dim=-1)
             out = self.down_proj.matmul(self.down_proj.lower(swiglu(gate, up)), e)
             combined = combined + out * dense_weights[:, e : e + 1]
-        experts = routing.experts.flatten()
-        load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
-        return combined.to(x.dtype), load
+        return combined.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.gate_up_proj.shape)}, {tuple(self.down_proj.shape)}, {self.gate_up_proj.scheme}"

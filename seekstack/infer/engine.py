@@ -1164,12 +1164,14 @@ class Engine:
         input_ids, positions = self._inputs(batch, rows, starts, counts, None if prefill else 0)
         if prefill:
             logits_at = None if every_position else torch.tensor(counts, device=self.device) - 1
-            out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
+            out = self.model(
+                input_ids, cache=self.cache, positions=positions, logits_at=logits_at, output_expert_load=False
+            )
         elif self.decode_compiled and not (self.eager_lone_row and len(batch) == 1):
             out, best, drawable = self._decode_step(input_ids, positions)
             return out.logits, out.hidden_states, (best, drawable)
         else:
-            out = self.model(input_ids, cache=self.cache, positions=positions)
+            out = self.model(input_ids, cache=self.cache, positions=positions, output_expert_load=False)
         return out.logits, out.hidden_states, None
 
     def _decode_step(
@@ -1854,7 +1856,7 @@ def decode_step(
     """A decode step's forward on the planned cache, each row's argmax at its last column (B,), and whether every row
     has a distribution there (`has_distribution`, 0-d): the greedy pick `greedy_tokens` makes, inside the compiled
     graph rather than as separate host ops after it."""
-    out = model(input_ids, cache=cache, positions=positions)
+    out = model(input_ids, cache=cache, positions=positions, output_expert_load=False)
     largest, best = out.logits[:, -1].max(dim=-1)
     return out, best, has_distribution(largest).all()
 

@@ -69,7 +69,7 @@ def mtp_drafts(
     # (a row's positions are consecutive): the follow-ups index it instead of computing their own.
     reach = positions[:, :1] + torch.arange(width + max(count - 1, 0), device=positions.device)  # (B, T + K - 1)
     cos, sin = model.rotary(reach)
-    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos[:, :width], sin[:, :width], cache)
+    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos[:, :width], sin[:, :width], cache, output_expert_load=False)
     if count == 0:
         return no_drafts
     hidden, column = out[rows, last][:, None], last  # (B, 1, D), (B,)
@@ -77,9 +77,8 @@ def mtp_drafts(
     for _ in range(count - 1):
         column = column + 1
         at = (rows, column)
-        hidden, _ = mtp(
-            hidden, model.embed_tokens(drafts[-1]), cos[at][:, None], sin[at][:, None], cache.follow(reach[at][:, None])
-        )
+        embedded, follow = model.embed_tokens(drafts[-1]), cache.follow(reach[at][:, None])
+        hidden, _ = mtp(hidden, embedded, cos[at][:, None], sin[at][:, None], follow, output_expert_load=False)
         drafts.append(draft_argmax(model, mtp.head_input(hidden), vocabulary))
     return torch.cat(drafts, dim=1)
 
@@ -101,7 +100,7 @@ def greedy_speculation(
     drafts and the token after them (a replacement or a bonus). `count`, `fill_cache` and `vocabulary` are those
     of `mtp_drafts`.
     """
-    out = model(input_ids, cache=cache, positions=positions)
+    out = model(input_ids, cache=cache, positions=positions, output_expert_load=False)
     largest, best = out.logits.max(dim=-1)
     accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
     next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count, fill_cache, vocabulary)
@@ -231,13 +230,13 @@ def measured_step_costs(
 
     def forward(batch: int, width: int) -> None:
         positions = cache.plan(rows[:batch], [MEASURED_CONTEXT] * batch, [width] * batch, width)
-        model(ids[:batch, :width], cache=cache, positions=positions)
+        model(ids[:batch, :width], cache=cache, positions=positions, output_expert_load=False)
 
     def draft(batch: int) -> None:
         positions = cache.plan(rows[:batch], [MEASURED_CONTEXT] * batch, [1] * batch, 1)
         embedded = model.embed_tokens(ids[:batch, :1])  # (B, 1, D), standing in for the main model's hidden state too
         cos, sin = model.rotary(positions)
-        hidden, _ = mtp(embedded, embedded, cos, sin, cache)
+        hidden, _ = mtp(embedded, embedded, cos, sin, cache, output_expert_load=False)
         draft_argmax(model, mtp.head_input(hidden), vocabulary)
 
     # On as many threads as the engine's steps of each batch (seekstack.infer.threads), each timed on `step_clock`.

@@ -37,12 +37,13 @@ class DecoderBlock(nn.Module):
         counted: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        output_expert_load: bool = True,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """`counted` (B, T): the tokens a MoE's routing statistics count (`MoE.forward`); `mask` (B, 1, T, T): the
         keys each query attends to (default: causal); `segments` (B, T): the sequences packed in each row, whose
-        balance losses a MoE averages (default: one per row)."""
+        balance losses a MoE averages (default: one per row); `output_expert_load`: whether a MoE counts its load."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, mask)
         if isinstance(self.mlp, MoE):
-            ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted, segments)
+            ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted, segments, output_expert_load)
             return x + ffn_out, stats
         return x + self.mlp(self.post_attention_layernorm(x)), None

@@ -164,8 +164,8 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [W_gate; W_up] per expert
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x (N, D) -> sum_k g_k FFN_{e_k}(x) (N, D)."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)
         if not torch.is_grad_enabled() and x.shape[0] <= cpu_kernels.MAX_TOKENS and self._kernel_takes(x, eager=True):
@@ -181,8 +181,7 @@ class RoutedExperts(nn.Module):
         gate, up = self.grouped_linear(tokens, "gate_up_proj", load).chunk(2, dim=-1)
         hidden = swiglu(gate, up, routing.weights.flatten()[order])  # g_k folded in before the down projection
         weighted = self.grouped_linear(hidden, "down_proj", load)
-        combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
-        return combined, load
+        return weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
 
     def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
         """x (n, in) sorted by expert, load[e] rows for expert e -> (n, out): each group times its expert's W^T.
@@ -202,7 +201,7 @@ class RoutedExperts(nn.Module):
         """x (n, in) @ W_expert^T for stacked weight `name`; the one step quantized experts replace (compress/)."""
         return F.linear(x, getattr(self, name)[expert])
 
-    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The same sum with no data-dependent shape, for compiled inference (the engine's decode step).
 
         `forward` splits tokens by expert counts it reads back from the device, which torch.compile cannot
@@ -220,11 +219,10 @@ class RoutedExperts(nn.Module):
             return self.forward_kernel(x, routing)
         return self.forward_pairs(x, routing)
 
-    def forward_kernel(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_kernel(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The pairs grouped by expert in a C++ kernel (seekstack.model.cpu_kernels): each chosen expert's weights
         read once, for float32 or bfloat16 on a CPU."""
-        combined = cpu_kernels.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
-        return combined, _expert_load(routing)
+        return cpu_kernels.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
 
     def _kernel_takes(self, x: torch.Tensor, eager: bool) -> bool:
         """Whether `forward_kernel` can stand in for this path. The compiled paths read the stacked weights as they are,
@@ -242,7 +240,7 @@ class RoutedExperts(nn.Module):
             RoutedExperts.expert_linear,
         )
 
-    def forward_pairs(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_pairs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Each (token, expert) pair gathers its expert's weights: N*K expert weight sets read, N*K GEMVs."""
         N, K = routing.experts.shape
         experts = routing.experts.flatten()  # (N*K,) one (token, expert) pair per row
@@ -250,9 +248,9 @@ class RoutedExperts(nn.Module):
         gate, up = torch.bmm(pairs, self.gate_up_proj[experts].transpose(1, 2)).chunk(2, dim=-1)  # (N*K, 1, I) each
         hidden = swiglu(gate, up, routing.weights.view(N * K, 1))
         weighted = torch.bmm(hidden, self.down_proj[experts].transpose(1, 2))  # (N*K, 1, D)
-        return weighted.view(N, K, -1).sum(dim=1), _expert_load(routing)
+        return weighted.view(N, K, -1).sum(dim=1)
 
-    def forward_dense(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_dense(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every expert on every token, weighted by the dense routing weights (zero where an expert was not chosen):
         each expert's weights read once, in one matmul per projection, for E/K times the pairs' FLOPs."""
         N, D = x.shape
@@ -261,7 +259,7 @@ class RoutedExperts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj.flatten(0, 1)).view(N, E, -1).chunk(2, dim=-1)  # (N, E, I) each
         hidden = swiglu(gate, up, dense_weights)
         weighted = torch.bmm(hidden.transpose(0, 1), self.down_proj.transpose(1, 2))  # (E, N, D)
-        return weighted.sum(dim=0), _expert_load(routing)
+        return weighted.sum(dim=0)
 
 
 def _expert_load(routing: Routing, counted: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,7 +287,7 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @dataclass
 class MoEStats:
-    expert_load: torch.Tensor  # (E,) tokens routed to each expert in this forward
+    expert_load: torch.Tensor | None  # (E,) tokens routed to each expert in this forward, unless not asked for
     balance_loss: torch.Tensor | None  # alpha * L_Bal for this layer, when enabled and training
 
 
@@ -305,23 +303,29 @@ class MoE(nn.Module):
         self.aux_loss_alpha = config.aux_loss_alpha
 
     def forward(
-        self, x: torch.Tensor, counted: torch.Tensor | None = None, segments: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        counted: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        output_expert_load: bool = True,
     ) -> tuple[torch.Tensor, MoEStats]:
         """`counted` (B, T) bool: the tokens the routing statistics (expert load, balance loss) count; padding is
         routed and computed like any token but counts in neither (default: every token counts). `segments` (B, T):
-        the sequences packed in each row (`packed_segments`), each a sequence of the balance loss (default: rows)."""
+        the sequences packed in each row (`packed_segments`), each a sequence of the balance loss (default: rows).
+        `output_expert_load=False` leaves the expert load uncounted (None): inference, which never reads it."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         routing = self.gate(flat)
-        out, load = self.experts(flat, routing)
+        out = self.experts(flat, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        if counted is not None:
-            load = _expert_load(routing, counted.reshape(B * T))
+        load = None
+        if output_expert_load:
+            load = _expert_load(routing, None if counted is None else counted.reshape(B * T))
         balance = None
         if self.training and self.aux_loss_alpha > 0:
             balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T, counted, segments)
-        return out.view(B, T, D), MoEStats(load.detach(), balance)
+        return out.view(B, T, D), MoEStats(load, balance)
 
 
 def sequence_balance_loss(

@@ -39,13 +39,15 @@ class MTPModule(nn.Module):
         counted: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        output_expert_load: bool = True,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})]  (V3 eq. 21), h^k = TRM_k(h').
 
         The paper writes [h; emb]; every released checkpoint concatenates the embedding first.
+        `output_expert_load=False`: a MoE block counts no expert load (drafting, which never reads it).
         """
         merged = self.eh_proj(torch.cat((self.enorm(next_embeddings), self.hnorm(previous_hidden)), dim=-1))
-        return self.block(merged, cos, sin, cache, counted, mask, segments)
+        return self.block(merged, cos, sin, cache, counted, mask, segments, output_expert_load)
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """The normalised state the shared output head reads (V3 eq. 22)."""

@@ -216,6 +216,7 @@ class Transformer(nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
+        output_expert_load: bool = True,
     ) -> ModelOutput | tuple[torch.Tensor, ...]:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
         Without a cache, (B, T) positions may pack several sequences in a row, each restarting its positions
@@ -237,6 +238,8 @@ class Transformer(nn.Module):
         peft's CAUSAL_LM wrapper passes on: the first three only unset (None or False), return_dict=False returns
         `ModelOutput.to_tuple()` as transformers returns a tuple. `use_cache=False` (TRL's SFTTrainer sets it, scripts
         pass it) is taken: no forward here returns a cache; True, asking for transformers' past_key_values, is refused.
+        `output_expert_load=False` counts no tokens per expert (`expert_load` None), for inference, which never reads
+        them (as transformers' `output_router_logits`): training, evaluation and rollouts read them.
         """
         if inputs_embeds is not None or output_attentions or output_hidden_states:
             raise ValueError(
@@ -302,7 +305,7 @@ class Transformer(nn.Module):
             ) from None
         stats: list[MoEStats] = []
         for layer in self.layers:
-            hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask, segments)
+            hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask, segments, output_expert_load)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
         if labels is not None:
@@ -317,7 +320,9 @@ class Transformer(nn.Module):
             output = ModelOutput(logits=logits, hidden_states=hidden, expert_load=_stack_load(stats))
             return output.to_tuple() if return_dict is False else output
 
-        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask, segments)
+        mtp_loss = self.mtp_loss(
+            hidden, input_ids, labels, cos, sin, stats, counted, attention_mask, segments, output_expert_load
+        )
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
         balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
@@ -340,10 +345,12 @@ class Transformer(nn.Module):
         counted: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        output_expert_load: bool = True,
     ) -> torch.Tensor | None:
         """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller.
         `attention_mask` (B, T): the tokens, as `forward` takes it; `segments` (B, T): the sequences packed in each
-        row (`packed_segments`), a position whose token i+k is another sequence's being none of its own."""
+        row (`packed_segments`), a position whose token i+k is another sequence's being none of its own;
+        `output_expert_load` is `forward`'s."""
         T = input_ids.shape[1]
         depths = [k for k in range(1, len(self.mtp) + 1) if T - k - 1 > 0]
         if not depths:
@@ -360,8 +367,9 @@ class Transformer(nn.Module):
             depth_cos, depth_sin = cos[..., :n, :], sin[..., :n, :]  # the first n positions, shared or per row
             embedded = self.embed_tokens(input_ids[:, k:])
             hidden, depth_stats = self.mtp[k - 1](
-                hidden[:, :n], embedded, depth_cos, depth_sin, None, depth_counted, depth_mask, depth_segments
-            )
+                hidden[:, :n], embedded, depth_cos, depth_sin, None, depth_counted, depth_mask, depth_segments,
+                output_expert_load,
+            )  # fmt: skip
             stats += [depth_stats] if depth_stats is not None else []
             depth_targets = _token_targets(labels, attention_mask, segments, k + 1)
             depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), depth_targets)
@@ -406,4 +414,6 @@ def _token_targets(
 
 
 def _stack_load(stats: list[MoEStats]) -> torch.Tensor | None:
-    return torch.stack([s.expert_load for s in stats]) if stats else None
+    """The MoE layers' expert loads as rows (None without a MoE layer, or where they were not counted)."""
+    loads = [s.expert_load for s in stats if s.expert_load is not None]
+    return torch.stack(loads) if loads else None

@@ -45,8 +45,8 @@ class ShardedExperts(nn.Module):
             whole = getattr(experts, name).detach()
             setattr(self, name, nn.Parameter(whole[self.first : self.first + self.local].clone()))
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,)), experts on their ranks."""
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x (N, D) -> sum_k g_k FFN_{e_k}(x) (N, D), experts on their ranks."""
         top_k = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()  # (N*K,)
         order = flat_experts.argsort(stable=True)  # by expert, hence by owning rank
@@ -72,8 +72,7 @@ class ShardedExperts(nn.Module):
         returned = torch.zeros_like(arrived).index_copy(0, by_expert, computed)  # back in arrival order
         results = all_to_all_single(returned, send, recv, dist.group.WORLD)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        combined = x.new_zeros(x.shape).index_add_(0, token_of, results * weights)
-        return combined, load
+        return x.new_zeros(x.shape).index_add_(0, token_of, results * weights)
 
     def _expert(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)

@@ -724,10 +724,9 @@ def test_quantized_experts_dispatch_equals_float_experts_with_the_dequantized_we
     with torch.no_grad():
         float_experts.gate_up_proj.copy_(quantized.gate_up_proj.dequantize())
         float_experts.down_proj.copy_(quantized.down_proj.dequantize())
-        expected, load = float_experts(x.bfloat16().float(), routing)
-        out, out_load = quantized(x, routing)
-        gathered, gathered_load = quantized.forward_gathered(x, routing)
-    assert torch.equal(load, out_load) and torch.equal(load, gathered_load)
+        expected = float_experts(x.bfloat16().float(), routing)
+        out = quantized(x, routing)
+        gathered = quantized.forward_gathered(x, routing)
     assert torch.allclose(out, expected, atol=2e-3, rtol=2e-2)
     assert torch.allclose(gathered, out, atol=2e-3, rtol=2e-2)
 

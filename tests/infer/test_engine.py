@@ -644,6 +644,23 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, pe
     assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
 
 
+def test_the_engines_forwards_count_no_expert_load_that_the_models_own_forward_counts(model, tokenizer, monkeypatch):
+    """Prefill, decode steps, verification and MTP drafts never read the MoE layers' tokens per expert (training,
+    evaluation and rollouts do, through the model's own forward): the engine's forwards do not count them."""
+    import seekstack.model.moe as moe_module
+
+    counted, count = [], moe_module._expert_load
+    monkeypatch.setattr(moe_module, "_expert_load", lambda *args: counted.append(1) or count(*args))
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    for options in ({}, {"speculative": True, "draft_tokens": 2, "adaptive_drafts": False}):
+        engine = Engine(model, tokenizer, prefill_chunk=8, **options)
+        assert all(len(c.token_ids) == 6 for c in engine.generate(prompts([5, 12]), params))
+    assert counted == []
+    with torch.no_grad():
+        out = model(torch.tensor(prompts([5])))
+    assert out.expert_load.shape == (len(counted), model.config.n_routed_experts) and len(counted) > 0
+
+
 def assert_accepts_correct_drafts_and_gives_plain_greedy(engine: Engine, params: SamplingParams, correct: int) -> None:
     """The random MTP module's drafts are all rejected; here each step's drafts are overwritten with the tokens plain
     greedy decoding produces next, the first `correct` of them right and the rest wrong. Each step then accepts
