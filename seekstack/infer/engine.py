@@ -608,7 +608,8 @@ class Engine:
             kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model.eval(), loaded_tokenizer, **kwargs)  # its own model: in eval mode once, not each step
         engine.model_dir = model_dir.resolve()
-        engine.model_name = engine.model_dir.name
+        # its weights are the base's with the adapter merged in: the name says both, as serve's banner does
+        engine.model_name = engine.model_dir.name + (f"+{adapter.name}" if adapter is not None else "")
         return engine
 
     @property

@@ -27,6 +27,13 @@ def adapter_folders(base, tmp_path_factory):
     return {seed: write_random_adapter(base, root / f"seed-{seed}", seed=seed) for seed in (1, 2)}
 
 
+def test_an_engine_loaded_with_an_adapter_merged_names_the_base_and_the_adapter(base, adapter_folders):
+    """`generate --json --adapter DIR` printed the base's folder name as the model, though its weights were the base's
+    with the adapter merged in; the name now says both (the base alone keeps its folder's name)."""
+    assert Engine.from_pretrained(base).model_name == base.name
+    assert Engine.from_pretrained(base, adapter=adapter_folders[1]).model_name == f"{base.name}+seed-1"
+
+
 def test_abort_of_a_list_of_ids_drops_each_as_vllms_abort_request_takes_them(model, tokenizer):
     """vLLM's abort_request takes one id or several; a list here was compared with each request's id as a whole, so
     engine.abort(["a", "b"]) matched none, dropped nothing and returned None (the answer for an unknown id)."""
