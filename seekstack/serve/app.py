@@ -387,7 +387,9 @@ class Server:
             if start is not None:  # stops match the answer
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            await asyncio.to_thread(self.hold_budget, bill, prompt_tokens, tokens - prompt_tokens)
+            await asyncio.to_thread(
+                self.hold_budget, bill, prompt_tokens, tokens - prompt_tokens, requested_max_tokens(body) is not None
+            )
             request.scope["state"][LEFT_HEADERS] = await in_write_thread(
                 self.reserve, bill.key, charge, tokens
             )  # headers
@@ -506,18 +508,21 @@ class Server:
         limits = [limit for limit in limits if limit is not None]
         return min(limits) if limits else None
 
-    def hold_budget(self, bill: Bill, prompt_tokens: int, completion_tokens: int) -> None:
+    def hold_budget(self, bill: Bill, prompt_tokens: int, completion_tokens: int, max_tokens_given: bool) -> None:
         """Hold the most `bill`'s request may cost (its `prompt_tokens` and at most `completion_tokens`) against its
         key's budget while it runs; 429 `insufficient_quota` where that does not fit in what the budget leaves (told
-        not to retry unless requests under way may leave room)."""
+        not to retry unless requests under way may leave room), naming max_tokens where the request gave it and its
+        prompt where it did not (it was given what the budget leaves, at least one token)."""
         if bill.key is None:
             return
         try:
-            self.budgets.hold(bill.key, bill, most_cost_pico(bill.plan, prompt_tokens, completion_tokens))
+            most = most_cost_pico(bill.plan, prompt_tokens, completion_tokens)
+            self.budgets.hold(bill.key, bill, most, max_tokens_given)
         except OverBudget as error:
             headers = None if error.retry_may_fit else {SHOULD_RETRY: "false"}
+            param = "max_tokens" if max_tokens_given else "messages"
             raise APIError(
-                429, str(error), "insufficient_quota", param="max_tokens", code="insufficient_quota", headers=headers
+                429, str(error), "insufficient_quota", param=param, code="insufficient_quota", headers=headers
             ) from None
 
     def refuse_over_budget(self, key: ApiKey | None) -> None:

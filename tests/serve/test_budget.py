@@ -96,6 +96,25 @@ def test_a_chat_without_max_tokens_is_given_what_the_budget_leaves(engine, tmp_p
     assert Ledger(database).spent("capped") == 2.0
 
 
+def test_a_chat_without_max_tokens_whose_prompt_does_not_fit_is_told_to_shorten_it_not_to_lower_max_tokens(
+    engine, tmp_path
+):
+    """A chat that gave no max_tokens, on a key whose budget does not pay even for its prompt, was asked for one token
+    and refused "lower max_tokens" (param max_tokens), a field the client never sent. It is told its prompt does not
+    fit (param messages)."""
+    database = open_database(tmp_path / "db")
+    headers = {"Authorization": f"Bearer {pricey_key(database, budget=0.5, prompt_per_1k=5000.0)}"}
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hello"}]}
+
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=chat, headers=headers)
+
+    error = error_of(run(create_app(engine, database), scenario), 429)
+    assert (error["param"], error["code"]) == ("messages", "insufficient_quota")
+    assert "(its prompt and one token at plan 'pricey''s prices)" in error["message"], error["message"]
+    assert error["message"].endswith("more than is left: shorten the prompt"), error["message"]
+
+
 def test_affordable_tokens_fit_the_cost_as_the_ledger_rounds_it():
     """The completion tokens each request may take so that the call costs at most what is left, its prompt first."""
     plan = Plan("p", prompt_per_1k=1.0, completion_per_1k=3.0)  # a prompt token 0.001, a completion token 0.003
