@@ -63,6 +63,7 @@ from seekstack.serve.protocol import (
     refuse_overlong_text,
     refuse_unsampleable,
     refuse_unsupported,
+    requested_length_name,
     requested_max_tokens,
     sampling_params,
     tools_tokens,
@@ -388,7 +389,7 @@ class Server:
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             await asyncio.to_thread(
-                self.hold_budget, bill, prompt_tokens, tokens - prompt_tokens, requested_max_tokens(body) is not None
+                self.hold_budget, bill, prompt_tokens, tokens - prompt_tokens, requested_length_name(body)
             )
             request.scope["state"][LEFT_HEADERS] = await in_write_thread(
                 self.reserve, bill.key, charge, tokens
@@ -508,19 +509,19 @@ class Server:
         limits = [limit for limit in limits if limit is not None]
         return min(limits) if limits else None
 
-    def hold_budget(self, bill: Bill, prompt_tokens: int, completion_tokens: int, max_tokens_given: bool) -> None:
+    def hold_budget(self, bill: Bill, prompt_tokens: int, completion_tokens: int, length_name: str | None) -> None:
         """Hold the most `bill`'s request may cost (its `prompt_tokens` and at most `completion_tokens`) against its
         key's budget while it runs; 429 `insufficient_quota` where that does not fit in what the budget leaves (told
-        not to retry unless requests under way may leave room), naming max_tokens where the request gave it and its
-        prompt where it did not (it was given what the budget leaves, at least one token)."""
+        not to retry unless requests under way may leave room), naming the length field where the request gave one
+        (`length_name`) and its prompt where it did not (it was given what the budget leaves, at least one token)."""
         if bill.key is None:
             return
         try:
             most = most_cost_pico(bill.plan, prompt_tokens, completion_tokens)
-            self.budgets.hold(bill.key, bill, most, max_tokens_given)
+            self.budgets.hold(bill.key, bill, most, length_name)
         except OverBudget as error:
             headers = None if error.retry_may_fit else {SHOULD_RETRY: "false"}
-            param = "max_tokens" if max_tokens_given else "messages"
+            param = length_name or "messages"
             raise APIError(
                 429, str(error), "insufficient_quota", param=param, code="insufficient_quota", headers=headers
             ) from None

@@ -22,11 +22,13 @@ from seekstack.serve.ledger import Ledger
 class OverBudget(Exception):
     """A request whose most cost does not fit in what its key's budget leaves."""
 
-    def __init__(self, key: ApiKey, most_pico: int, spent_pico: int, held_pico: int, max_tokens_given: bool = True):
+    def __init__(
+        self, key: ApiKey, most_pico: int, spent_pico: int, held_pico: int, length_name: str | None = "max_tokens"
+    ):
         self.retry_may_fit = held_pico > 0  # the requests under way may end costing less than they hold
         period = "" if key.budget.period_s is None else " over its period"
-        # a request without max_tokens was given what the budget leaves, at least one token: its prompt does not fit
-        length, advice = ("max_tokens", "lower max_tokens") if max_tokens_given else ("one token", "shorten the prompt")
+        # a request without a length was given what the budget leaves, at least one token: its prompt does not fit
+        length, advice = (length_name, f"lower {length_name}") if length_name else ("one token", "shorten the prompt")
         super().__init__(
             f"key {key.name!r} has spent {format_cost(cost_amount(spent_pico))}{period} of its budget of "
             f"{format_amount(key.budget.amount)}, and its requests under way may cost up to "
@@ -51,16 +53,16 @@ class BudgetHolds:
         self._holds_lock = threading.Lock()
         self._under_way: dict[str, dict[int, Bill]] = {}  # key name -> the bills of its requests under way, by id
 
-    def hold(self, key: ApiKey, bill: Bill, most_pico: int, max_tokens_given: bool = True) -> None:
+    def hold(self, key: ApiKey, bill: Bill, most_pico: int, length_name: str | None = "max_tokens") -> None:
         """Hold `most_pico` (in 1e-12 of the currency) for `bill`'s request until `release`; OverBudget where it does
-        not fit in what `key`'s budget leaves (its advice for a request that gave max_tokens or, if not
-        `max_tokens_given`, one given what the budget leaves). A key without a budget holds nothing."""
+        not fit in what `key`'s budget leaves (its advice for a request that gave its length in
+        `length_name`, or, where None, one given what the budget leaves). A key without a budget holds nothing."""
         if key.budget is None:
             return
         with self._lock_of(key.name):
             spent, held = self._spent_and_held(key)
             if spent + held + most_pico > cost_pico(price_decimal(key.budget.amount)):
-                raise OverBudget(key, most_pico, spent, held, max_tokens_given)
+                raise OverBudget(key, most_pico, spent, held, length_name)
             bill.most_pico = most_pico
             with self._holds_lock:
                 self._under_way.setdefault(key.name, {})[id(bill)] = bill

@@ -374,6 +374,14 @@ def requested_max_tokens(request: ChatCompletionRequest | CompletionRequest) -> 
     return request.max_tokens
 
 
+def requested_length_name(request: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The field a request asks for its completion tokens in (max_completion_tokens, else max_tokens: a completion's
+    default 16), None for a chat request that leaves the length to the server."""
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens:
+        return "max_completion_tokens"
+    return None if requested_max_tokens(request) is None else "max_tokens"
+
+
 def tools_tokens(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer, prompt_tokens: int) -> int:
     """Of a chat's `prompt_tokens`, those that list the tools it offers (the chat's prompt without them, tokenized
     again, is that many shorter); 0 for a request that offers none."""
@@ -410,9 +418,8 @@ def sampling_params(
         context += f", of which the server's cache holds {context_len} for one request"
         room = context_len - prompt_tokens
     requested = requested_max_tokens(request)
-    # the length named as the request gave it (max_completion_tokens, else max_tokens: a completion's default 16,
-    # a chat's unset length), not as SamplingParams' max_new_tokens, which no HTTP caller writes
-    length_name = "max_completion_tokens" if is_chat and request.max_completion_tokens else "max_tokens"
+    # the length named as the request gave it, not as SamplingParams' max_new_tokens, which no HTTP caller writes
+    length_name = requested_length_name(request)
     if room < least_room or (requested is not None and requested > room):
         fix, param, listing = "Shorten the prompt.", "messages" if is_chat else "prompt", ""
         if room >= least_room:  # the prompt fits: the length asked is at fault (alone, where it is over the context)

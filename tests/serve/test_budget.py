@@ -115,6 +115,22 @@ def test_a_chat_without_max_tokens_whose_prompt_does_not_fit_is_told_to_shorten_
     assert error["message"].endswith("more than is left: shorten the prompt"), error["message"]
 
 
+def test_a_chat_that_gave_max_completion_tokens_is_told_to_lower_that_field_not_max_tokens(engine, tmp_path):
+    """A chat that named its length in max_completion_tokens, refused for its cost, was told "lower max_tokens"
+    (param max_tokens), a field the client never sent: it is told to lower the one it sent."""
+    database = open_database(tmp_path / "db")
+    headers = {"Authorization": f"Bearer {pricey_key(database, budget=1.0)}"}
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4}
+
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=chat, headers=headers)
+
+    error = error_of(run(create_app(engine, database), scenario), 429)
+    assert (error["param"], error["code"]) == ("max_completion_tokens", "insufficient_quota")
+    assert "(its prompt and max_completion_tokens at plan 'pricey''s prices)" in error["message"], error["message"]
+    assert error["message"].endswith("more than is left: lower max_completion_tokens"), error["message"]
+
+
 def test_affordable_tokens_fit_the_cost_as_the_ledger_rounds_it():
     """The completion tokens each request may take so that the call costs at most what is left, its prompt first."""
     plan = Plan("p", prompt_per_1k=1.0, completion_per_1k=3.0)  # a prompt token 0.001, a completion token 0.003
