@@ -106,8 +106,8 @@ class TrainConfig:
     seed: Seed = 0
     # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32) | auto: bfloat16 on a CPU
     # that trains the run faster in it (trainer.step_dtype: avx512_bf16 or amx_bf16 and micro-batches of 13+ GFLOP,
-    # batch_size x seq_len tokens), else float32 (GPUs included), decided at the run's start: a resumed run goes on in
-    # the dtype its checkpoint computed in (train_state.pt's `dtype`), on any machine
+    # batch_size / ranks x seq_len tokens), else float32 (GPUs included), decided at the run's start: a resumed run
+    # goes on in the dtype its checkpoint computed in (train_state.pt's `dtype`), on any machine
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU threads of the steps. "auto": torch's setting while the machine's other cores sit idle, fewer while other
     # processes keep them busy: a split op ends in a barrier that then waits a time slice for a descheduled thread
