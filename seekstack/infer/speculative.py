@@ -319,8 +319,8 @@ class DraftCount:
     model included, compiled steps as compiled, on `step_clock`): per batch size of `StepCosts`, a step of gamma
     drafts costs 1 + gamma c plain steps, c timed as plain steps against the drafting steps before them; while
     drafting, two steps in PROBE_EVERY draft none, so that plain steps keep being timed. Until c is timed, the
-    start-up measurement's costs decide (`StepCosts`: eager, and noisy on a busy machine, where a batch-1 draft read
-    0.33-0.64 of a plain step in five starts and the steps said 0.31).
+    start-up measurement's costs decide (`StepCosts`: eager, and noisy on a busy machine, where it can read a draft
+    at twice the cost the steps time, or more).
 
     Acceptance is a property of the text as much as of the model: on the demo checkpoint one prompt passes every
     draft and the next none. So each request has its own rates (`DraftChecks`), starting from the engine's rates
