@@ -455,7 +455,7 @@ def sampling_params(
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built
-            require(request.min_tokens <= length, "min_tokens", min_tokens_limit(length_name, length))
+            require(request.min_tokens <= length, "min_tokens", min_tokens_limit(length_name or "max_tokens", length))
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
                 temperature=unless_set("temperature", 1.0),

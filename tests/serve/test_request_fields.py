@@ -221,6 +221,15 @@ def test_min_tokens_above_max_completion_tokens_is_refused_naming_max_completion
     assert error["param"] == "min_tokens"
 
 
+def test_min_tokens_above_the_length_a_chat_left_to_the_server_is_refused_naming_max_tokens(engine, tmp_path):
+    """A chat that gave no length: min_tokens above the length the server chose is refused naming max_tokens, where
+    a request's length field is looked up once for both refusals (it read "at most None")."""
+    body = {key: value for key, value in CHAT.items() if key != "max_tokens"} | {"min_tokens": 10**6}
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", body)])
+    error = error_of(refused, 400)
+    assert error["message"].startswith("field 'min_tokens' must be at most max_tokens ("), error["message"]
+
+
 @pytest.mark.parametrize("min_tokens", [1, 2])
 def test_min_tokens_of_an_echo_of_max_tokens_0_is_refused_naming_the_0_given(engine, tmp_path, min_tokens):
     """An echo of max_tokens 0 (the prompt alone, scored) is run as max_tokens 1 with that token hidden: min_tokens 2
