@@ -271,8 +271,8 @@ def measured_step_costs(
 # A draft's cost at a batch size (`observe_step`): each plain step against the median of the last STEPS_TIMED steps
 # of the count drafted before it, the median of the last STEP_WINDOW such pairs once there are STEPS_TIMED of them. A
 # step slowed by something else (another process's use of the caches, a collection) moves it little; a pair's steps
-# run close in time, so another process's load, which moves every step by up to ~30% from one second to the next,
-# does not tell apart counts timed at different moments.
+# run close in time, so another process's load, which moves every step's time from one second to the next, does not
+# tell apart counts timed at different moments.
 STEP_WINDOW = 9
 STEPS_TIMED = 3
 ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each of its new steps (~20 steps of memory)

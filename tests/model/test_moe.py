@@ -64,6 +64,9 @@ def test_grouped_dispatch_matches_per_token_loop(overrides):
     expected = reference_moe(moe, x)
     assert (out - expected).abs().max().item() < 1e-5
     assert stats.expert_load.sum().item() == 2 * 9 * 2  # every token sent to K=2 experts
+    # each expert's load is the tokens the router sent to it (bincount of its choices), not only the right total
+    chosen = moe.gate(x.detach().reshape(-1, 64)).experts.flatten()
+    assert stats.expert_load.tolist() == torch.bincount(chosen, minlength=moe.gate.num_experts).tolist()
 
     grad = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, x, grad)
