@@ -24,7 +24,8 @@ def test_lora_train_help_names_every_chat_form_it_reads():
     """DATA's help named .jsonl of messages and of prompt-completion alone, not the from/value conversations (read
     since ee0539c) nor a compressed file, nor that conversations are held out as text is."""
     said = " ".join(invoke("lora", "train", "--help").split())
-    assert 'TRL\'s from/value {"conversations"}; .jsonl.gz, .bz2, .xz or .zst too' in said
+    assert 'TRL\'s from/value {"conversations"}; or .json of JSON Lines' in said
+    assert ".gz, .bz2, .xz or .zst of either too" in said
     assert "5% of them held out for val_loss while eval_every > 0" in said
     assert 'or TRL\'s {"prompt", "completion"} of text, read alike with no chat template, the loss on the' in said
 
